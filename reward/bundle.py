@@ -1,0 +1,181 @@
+"""Bundles: the folder the trainer exports and the service loads unchanged.
+
+    bundle/
+      rlaifv.json      manifest: policy, reference, reward settings, provenance
+      policy/          full model folder, or a PEFT LoRA adapter over the reference
+      reference/       full model folder (holds the processor)
+
+Paths in the manifest are relative to the bundle folder (absolute paths work
+too, for bundles that point at shared model storage).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from reward.errors import BundleError
+from reward.scoring import Normalize, RewardConfig
+
+MANIFEST = "rlaifv.json"
+
+
+class BundleManifest(BaseModel):
+    """The contents of `rlaifv.json`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["rlaifv-bundle"] = "rlaifv-bundle"
+    version: Literal[1] = 1
+    name: str = Field("rlaifv", min_length=1, description="Model name the service advertises.")
+    policy: str = Field(min_length=1, description="Folder of the aligned model (or its LoRA adapter).")
+    policy_type: Literal["full", "lora"] = "full"
+    reference: str = Field(min_length=1, description="Folder of the reference model (the LoRA base when policy_type=lora).")
+    beta: float = Field(0.1, gt=0)
+    normalize: Normalize = "mean"
+    end_of_turn: str | None = Field(None, description="Token closing an assistant turn; the tokenizer's EOS when unset.")
+    provenance: dict[str, Any] = Field(default_factory=dict, description="How the policy was made: data hashes, settings, metrics.")
+
+    @property
+    def reward(self) -> RewardConfig:
+        return RewardConfig(beta=self.beta, normalize=self.normalize)
+
+
+def read_manifest(folder: str | Path) -> BundleManifest:
+    """Parse and validate `rlaifv.json`, naming the file and field on failure."""
+    path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise BundleError(f"bundle folder {folder} does not exist")
+    if not path.is_file():
+        raise BundleError(f"{path} is missing: a bundle folder needs an {MANIFEST} manifest")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from None
+    try:
+        return BundleManifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"field '{'.'.join(str(p) for p in e['loc'])}': {e['msg']}" for e in exc.errors())
+        raise BundleError(f"{path} is invalid: {problems}") from None
+
+
+def resolve(folder: str | Path, entry: str) -> Path:
+    path = Path(entry).expanduser()
+    return path if path.is_absolute() else Path(folder) / path
+
+
+def _vocab_fingerprint(folder: Path) -> dict[str, Any] | None:
+    """The tokenizer's vocabulary and special tokens, or None if the folder has no tokenizer."""
+    tok_file = folder / "tokenizer.json"
+    if not tok_file.is_file():
+        return None
+    data = json.loads(tok_file.read_text())
+    added = sorted((t["id"], t["content"]) for t in data.get("added_tokens", []))
+    return {"vocab": data.get("model", {}).get("vocab"), "added": added}
+
+
+def check_tokenizers_match(policy: Path, reference: Path) -> None:
+    """Policy and reference must tokenize identically, or their log-probs are not comparable."""
+    a, b = _vocab_fingerprint(policy), _vocab_fingerprint(reference)
+    if a is not None and b is not None and a != b:
+        raise BundleError(
+            f"tokenizers differ between policy ({policy}) and reference ({reference}): "
+            "the reward compares log-probs of the same tokens, so both must share one tokenizer"
+        )
+
+
+def write_manifest(folder: str | Path, manifest: BundleManifest) -> Path:
+    path = Path(folder) / MANIFEST
+    path.write_text(manifest.model_dump_json(indent=2) + "\n")
+    return path
+
+
+def load_bundle(
+    folder: str | Path,
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Validate a bundle and load it as a `ModelPair` (one base in memory for LoRA policies)."""
+    from reward.errors import ModelLoadError
+    from reward.models import check_model_folder, load_adapter, load_model, load_processor
+    from reward.pair import ModelPair
+
+    manifest = read_manifest(folder)
+    policy_path = resolve(folder, manifest.policy)
+    reference_path = resolve(folder, manifest.reference)
+    try:
+        check_model_folder(reference_path, what="reference")
+        check_model_folder(policy_path, what="policy")
+    except ModelLoadError as exc:
+        raise BundleError(f"bundle {folder}: {exc}") from None
+    has_adapter = (policy_path / "adapter_config.json").is_file()
+    if manifest.policy_type == "lora" and not has_adapter:
+        raise BundleError(f"bundle {folder}: policy_type is 'lora' but {policy_path} has no adapter_config.json")
+    if manifest.policy_type == "full" and has_adapter:
+        raise BundleError(f"bundle {folder}: {policy_path} is a LoRA adapter; set policy_type to 'lora'")
+    check_tokenizers_match(policy_path, reference_path)
+
+    processor = load_processor(reference_path, trust_remote_code=trust_remote_code)
+    reference = load_model(reference_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    if manifest.policy_type == "lora":
+        policy = load_adapter(reference, policy_path)
+        reference = None
+    else:
+        policy = load_model(policy_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    return ModelPair(
+        policy,
+        processor,
+        reference=reference,
+        reward=manifest.reward,
+        end_of_turn=manifest.end_of_turn,
+        name=manifest.name,
+        metadata={"bundle": str(Path(folder).resolve()), "manifest": manifest.model_dump()},
+    )
+
+
+def write_bundle(
+    folder: str | Path,
+    *,
+    policy: str | Path,
+    reference: str | Path,
+    policy_type: Literal["full", "lora"] = "full",
+    reward: RewardConfig | None = None,
+    name: str = "rlaifv",
+    end_of_turn: str | None = None,
+    provenance: dict[str, Any] | None = None,
+    copy: bool = True,
+) -> BundleManifest:
+    """Assemble a bundle folder from model folders (copied in as policy/ and reference/ by default)."""
+    import shutil
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    entries: dict[str, str] = {}
+    for key, source in (("policy", Path(policy)), ("reference", Path(reference))):
+        if copy:
+            target = folder / key
+            if target.resolve() != source.resolve():
+                if target.exists():
+                    shutil.rmtree(target)
+                shutil.copytree(source, target)
+            entries[key] = key
+        else:
+            entries[key] = str(source.resolve())
+    reward = reward or RewardConfig()
+    manifest = BundleManifest(
+        name=name,
+        policy=entries["policy"],
+        policy_type=policy_type,
+        reference=entries["reference"],
+        beta=reward.beta,
+        normalize=reward.normalize,
+        end_of_turn=end_of_turn,
+        provenance=provenance or {},
+    )
+    write_manifest(folder, manifest)
+    return manifest

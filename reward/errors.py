@@ -1,0 +1,47 @@
+"""Exceptions raised by the reward core.
+
+One root so callers can catch everything from this package at once::
+
+    RewardError
+    ├── ModelLoadError          a model/processor folder cannot be loaded
+    ├── BundleError             rlaifv.json missing, malformed or inconsistent
+    └── InvalidInputError       the caller's input is wrong (maps to HTTP 4xx)
+        ├── ImageError          not an image, truncated, too large, bad format
+        └── AnswerError         empty answer list, empty answer, too long
+
+The service maps these to HTTP responses in exactly one place.
+"""
+
+from __future__ import annotations
+
+
+class RewardError(Exception):
+    """Root of every error raised by `reward`."""
+
+
+class ModelLoadError(RewardError):
+    """A model or processor could not be loaded from its folder."""
+
+
+class BundleError(RewardError):
+    """A bundle folder or its `rlaifv.json` is invalid."""
+
+
+class InvalidInputError(RewardError, ValueError):
+    """The caller passed an input the reward core refuses.
+
+    `param` names the offending argument so the HTTP layer can report it.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class ImageError(InvalidInputError):
+    """An image could not be decoded or breaks a configured limit."""
+
+
+class AnswerError(InvalidInputError):
+    """An answer list or answer text is unusable."""

@@ -1,0 +1,114 @@
+"""Safe image decoding: size, pixel-count and format checks *before* pixels are decoded.
+
+A 30000x30000 PNG fits in a few kilobytes; decoding it would take gigabytes.
+PIL reads the header lazily, so the declared size is checked first and only
+then are the pixels loaded (which also surfaces truncated files).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from reward.errors import ImageError
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
+
+
+class ImageLimits(BaseModel):
+    """Limits applied to every decoded image; the service reads them from its settings."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(4096 * 4096, gt=0)
+    allowed_formats: frozenset[str] = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
+
+
+def decode_base64(text: str, param: str = "image") -> bytes:
+    """Bytes of a data URL (`data:image/png;base64,...`) or of bare base64."""
+    payload = text.strip()
+    if payload.startswith("data:"):
+        match = _DATA_URL.match(payload)
+        if match is None:
+            raise ImageError("malformed data URL", param=param)
+        if not match.group("b64"):
+            raise ImageError("only base64 data URLs are supported", param=param)
+        payload = match.group("data")
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError(f"not valid base64: {exc}", param=param) from None
+
+
+def decode_image(data: bytes, limits: ImageLimits | None = None, param: str = "image"):
+    """Decode image bytes into an RGB PIL image, enforcing `limits`."""
+    from PIL import Image, UnidentifiedImageError
+
+    limits = limits or ImageLimits()
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}", param=param)
+    if not data:
+        raise ImageError("image is empty", param=param)
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            fmt = probe.format or "?"
+            width, height = probe.size
+            if fmt not in limits.allowed_formats:
+                raise ImageError(
+                    f"image format {fmt} is not allowed (allowed: {', '.join(sorted(limits.allowed_formats))})",
+                    param=param,
+                )
+            if width * height > limits.max_pixels:
+                raise ImageError(
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}",
+                    param=param,
+                )
+            if getattr(probe, "n_frames", 1) > 1:
+                probe.seek(0)
+            probe.load()
+            return probe.convert("RGB")
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("data is not a recognised image", param=param) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"image could not be decoded: {exc}", param=param) from None
+
+
+def load_image(image: Any, limits: ImageLimits | None = None, param: str = "image"):
+    """The in-process API's image argument: a PIL image, bytes, a local path, or a (data URL) base64 string.
+
+    The HTTP service never calls this with paths: it decodes data URLs itself.
+    """
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        limits = limits or ImageLimits()
+        if image.width * image.height > limits.max_pixels:
+            raise ImageError(f"image is {image.width}x{image.height}, over the pixel limit", param=param)
+        return image.convert("RGB")
+    if isinstance(image, bytes | bytearray | memoryview):
+        return decode_image(bytes(image), limits, param)
+    if isinstance(image, Path):
+        return decode_image(_read_file(image, param), limits, param)
+    if isinstance(image, str):
+        if image.startswith("data:"):
+            return decode_image(decode_base64(image, param), limits, param)
+        if len(image) < 4096 and Path(image).is_file():
+            return decode_image(_read_file(Path(image), param), limits, param)
+        return decode_image(decode_base64(image, param), limits, param)
+    raise ImageError(f"unsupported image type {type(image).__name__}", param=param)
+
+
+def _read_file(path: Path, param: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read image file {path}: {exc.strerror}", param=param) from None

@@ -1,0 +1,176 @@
+"""Token log-probabilities of answers given an image+question prefix.
+
+This is the one log-prob primitive of the project: best-of-N sampling, the
+service's reward, and the trainer's DPO loss all call `answer_logprobs`, so a
+pair scored anywhere gets the same numbers.
+
+Shared-prefix evaluation: the B prefixes (image tokens + prompt) run once,
+left-padded into one batch; the KV cache is then gathered to one row per
+answer and a single forward scores all answers, right-padded. Naive
+equivalent, per answer a:  log_softmax(model(prefix ++ a).logits)[answer positions].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from reward.prompt import EncodedPrompt
+
+
+def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[..., labels] without materialising the (…, V) log-prob tensor.
+
+    logits (..., V), labels (...) -> (...) float32. Raw logits: temperature 1, no
+    top-p/top-k, whatever the sampling settings were.
+    """
+    logits = logits.float()
+    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+@dataclass
+class PrefixState:
+    """The model state after the prefixes: one row per (future) answer or sample.
+
+    cache: KV cache over the padded prefix, (rows, heads, L, d) per layer;
+    logits: (rows, V) next-token logits after the prefix;
+    mask: (rows, L) 1 for real prefix tokens, 0 for left padding;
+    next_position: (rows,) position id of the first answer token.
+    """
+
+    cache: Any
+    logits: torch.Tensor
+    mask: torch.Tensor
+    next_position: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> PrefixState:
+        """Keep/duplicate rows (index may repeat: that forks a prefix for N answers)."""
+        self.cache.batch_select_indices(index)
+        return PrefixState(self.cache, self.logits[index], self.mask[index], self.next_position[index])
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _stack_vision(prompts: Sequence[EncodedPrompt], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    keys = {key for p in prompts for key in p.vision}
+    vision: dict[str, torch.Tensor] = {}
+    for key in sorted(keys):
+        parts = [p.vision[key] for p in prompts if key in p.vision]
+        tensor = torch.cat(parts, dim=0).to(device)
+        vision[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return vision
+
+
+def prefill(model: Any, prompts: Sequence[EncodedPrompt], pad_id: int = 0) -> PrefixState:
+    """Run B prefixes in one left-padded forward; return their cache and last logits."""
+    device = model_device(model)
+    dtype = next(model.parameters()).dtype
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = prompt.input_ids.to(device)
+        mask[row, width - len(prompt) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **_stack_vision(prompts, device, dtype),
+    )
+    return PrefixState(out.past_key_values, out.logits[:, -1, :], mask, mask.sum(-1))
+
+
+def step(model: Any, state: PrefixState, tokens: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row (rows, 1) after `state`; returns next logits (rows, V). Mutates state."""
+    rows = tokens.shape[0]
+    state.mask = torch.cat([state.mask, state.mask.new_ones((rows, 1))], dim=1)
+    out = model(
+        input_ids=tokens,
+        attention_mask=state.mask,
+        position_ids=state.next_position.unsqueeze(1),
+        past_key_values=state.cache,
+        use_cache=True,
+    )
+    state.next_position = state.next_position + 1
+    state.cache = out.past_key_values
+    state.logits = out.logits[:, -1, :]
+    return state.logits
+
+
+def answer_logprobs(
+    model: Any,
+    prompts: Sequence[EncodedPrompt],
+    answers: Sequence[Sequence[Sequence[int]]],
+    pad_id: int = 0,
+) -> list[list[torch.Tensor]]:
+    """Per-token log-probs of answers[b][i] given prompts[b]; each result is (T_bi,).
+
+    Differentiable when grad is enabled (the trainer's DPO loss uses it). Every
+    answer must have at least one token.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError("one answer list per prompt")
+    counts = [len(group) for group in answers]
+    flat = [list(a) for group in answers for a in group]
+    if not flat:
+        return [[] for _ in prompts]
+    if any(len(a) == 0 for a in flat):
+        raise ValueError("every answer needs at least one token")
+    device = model_device(model)
+    keep = [b for b, c in enumerate(counts) if c > 0]
+    state = prefill(model, [prompts[b] for b in keep], pad_id)
+    rows = torch.repeat_interleave(torch.arange(len(keep), device=device), torch.tensor([counts[b] for b in keep], device=device))
+    state = state.select(rows)
+
+    lengths = torch.tensor([len(a) for a in flat], device=device)
+    width = int(lengths.max())
+    tokens = torch.full((len(flat), width), pad_id, dtype=torch.long, device=device)
+    for row, answer in enumerate(flat):
+        tokens[row, : len(answer)] = torch.tensor(answer, device=device)
+    answer_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
+
+    first = selective_log_softmax(state.logits, tokens[:, 0]).unsqueeze(1)  # (R, 1)
+    if width > 1:
+        # Feed tokens 0..T-2; their logits predict tokens 1..T-1 (the last token needs no forward).
+        out = model(
+            input_ids=tokens[:, :-1],
+            attention_mask=torch.cat([state.mask, answer_mask[:, :-1]], dim=1),
+            position_ids=state.next_position[:, None] + torch.arange(width - 1, device=device)[None, :],
+            past_key_values=state.cache,
+            use_cache=True,
+        )
+        rest = selective_log_softmax(out.logits, tokens[:, 1:])  # (R, T-1)
+        per_token = torch.cat([first, rest], dim=1)
+    else:
+        per_token = first
+    per_token = per_token * answer_mask
+
+    results: list[list[torch.Tensor]] = [[] for _ in prompts]
+    row = 0
+    for b, count in enumerate(counts):
+        for _ in range(count):
+            results[b].append(per_token[row, : int(lengths[row])])
+            row += 1
+    return results
+
+
+def full_forward_logprobs(model: Any, prompt: EncodedPrompt, answer: Sequence[int]) -> torch.Tensor:
+    """The naive equivalent of `answer_logprobs` for one answer: one forward over prefix ++ answer.
+
+    Kept as the ground truth for tests and the baseline of `rlaifv bench reward`.
+    """
+    device = model_device(model)
+    dtype = next(model.parameters()).dtype
+    ids = torch.cat([prompt.input_ids.to(device), torch.tensor(list(answer), device=device)]).unsqueeze(0)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **_stack_vision([prompt], device, dtype))
+    start = len(prompt)
+    return selective_log_softmax(out.logits[0, start - 1 : -1], ids[0, start:])

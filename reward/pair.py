@@ -1,0 +1,235 @@
+"""A policy and its reference, held together: the object that samples and scores.
+
+`ModelPair` is what `load_bundle` returns and what the service's engine
+drives. Batch methods take several prompts at once (the service micro-batches
+requests through them); `best_of_n` and `score` are the one-prompt
+conveniences of the in-process Python API.
+
+Model calls are not thread-safe (a LoRA pair toggles its adapter to get the
+reference), so callers run them from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from reward.errors import AnswerError, InvalidInputError
+from reward.images import ImageLimits, load_image
+from reward.logprobs import answer_logprobs
+from reward.prompt import EncodedPrompt, encode_answer, encode_prompt, end_of_turn_id
+from reward.results import Candidate, Ranking
+from reward.sampling import Sample, SamplingParams, sample_answers
+from reward.scoring import RewardConfig, implicit_reward, select_best
+
+
+@dataclass
+class GenerateJob:
+    """Sample `n` answers for one prompt and rank them."""
+
+    prompt: EncodedPrompt
+    n: int
+    sampling: SamplingParams
+    reward: RewardConfig
+
+
+@dataclass
+class ScoreJob:
+    """Rank given answers (token ids, end-of-turn appended) for one prompt."""
+
+    prompt: EncodedPrompt
+    answers: list[list[int]]
+    texts: list[str]
+    reward: RewardConfig
+
+
+def is_peft_model(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+class ModelPair:
+    """pi_theta and pi_ref sharing one processor; the reference may be the policy's base (LoRA)."""
+
+    def __init__(
+        self,
+        policy: Any,
+        processor: Any,
+        *,
+        reference: Any | None = None,
+        reward: RewardConfig | None = None,
+        end_of_turn: str | None = None,
+        name: str = "rlaifv",
+        image_limits: ImageLimits | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        if reference is None and not is_peft_model(policy):
+            raise ValueError("a reference model is required unless the policy is a LoRA adapter over it")
+        self.policy = policy
+        self.reference = reference
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.reward = reward or RewardConfig()
+        self.name = name
+        self.image_limits = image_limits or ImageLimits()
+        self.metadata = metadata or {}
+        self.eot_id = end_of_turn_id(self.tokenizer, end_of_turn)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.stop_ids = sorted({self.eot_id, *self._generation_eos_ids()})
+        self.blocked_ids = sorted(set(self.tokenizer.all_special_ids) - set(self.stop_ids))
+        config = getattr(policy, "config", None)
+        text_config = getattr(config, "text_config", config)
+        self.max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
+
+    @property
+    def is_lora(self) -> bool:
+        return self.reference is None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    def _generation_eos_ids(self) -> list[int]:
+        eos = getattr(getattr(self.policy, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            return []
+        return [int(e) for e in eos] if isinstance(eos, list | tuple) else [int(eos)]
+
+    @contextmanager
+    def reference_model(self) -> Iterator[Any]:
+        """The reference: a separate model, or the policy with its LoRA adapter disabled."""
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with self.policy.disable_adapter():
+                yield self.policy
+
+    # -- encoding -------------------------------------------------------------
+
+    def encode(
+        self,
+        images: Sequence[Any],
+        question: str | None = None,
+        *,
+        messages: Sequence[dict[str, Any]] | None = None,
+    ) -> EncodedPrompt:
+        pil = [load_image(image, self.image_limits, param=f"images[{i}]") for i, image in enumerate(images)]
+        return encode_prompt(self.processor, pil, question, messages=messages, max_length=self.max_positions)
+
+    def encode_answers(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
+        if not texts:
+            raise AnswerError("answers must be a non-empty list", param="answers")
+        return [encode_answer(self.tokenizer, text, eot_id=self.eot_id, max_tokens=max_tokens) for text in texts]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        ids = [t for t in token_ids if t not in self.stop_ids]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    # -- model work -----------------------------------------------------------
+
+    @torch.no_grad()
+    def sequence_logprobs(
+        self, prompts: Sequence[EncodedPrompt], answers: Sequence[Sequence[Sequence[int]]], *, reference: bool
+    ) -> list[list[float]]:
+        """Summed answer log-probs under the policy or the reference, shared prefix per prompt."""
+        if reference:
+            with self.reference_model() as model:
+                per_token = answer_logprobs(model, prompts, answers, self.pad_id)
+        else:
+            per_token = answer_logprobs(self.policy, prompts, answers, self.pad_id)
+        return [[float(t.double().sum()) for t in group] for group in per_token]
+
+    def sample(self, prompts: Sequence[EncodedPrompt], counts: Sequence[int], params: Sequence[SamplingParams]) -> list[list[Sample]]:
+        return sample_answers(
+            self.policy, prompts, counts, params, stop_ids=self.stop_ids, blocked_ids=self.blocked_ids, pad_id=self.pad_id
+        )
+
+    def generate_batch(self, jobs: Sequence[GenerateJob]) -> list[Ranking]:
+        """Best-of-N for several prompts: one sampling pass and one reference pass for all."""
+        for job in jobs:
+            if job.n < 1:
+                raise InvalidInputError("n must be at least 1", param="n")
+        start = time.perf_counter()
+        prompts = [job.prompt for job in jobs]
+        samples = self.sample(prompts, [job.n for job in jobs], [job.sampling for job in jobs])
+        sampled = time.perf_counter()
+        ref = self.sequence_logprobs(prompts, [[s.token_ids for s in group] for group in samples], reference=True)
+        scored = time.perf_counter()
+        rankings = []
+        for job, group, ref_group in zip(jobs, samples, ref, strict=True):
+            candidates = [
+                self._candidate(self.decode(s.token_ids), s.token_ids, float(s.logprobs.double().sum()), r, job.reward, s.finish_reason)
+                for s, r in zip(group, ref_group, strict=True)
+            ]
+            timings = {"generate_s": sampled - start, "score_s": scored - sampled}
+            rankings.append(Ranking(candidates=candidates, best_index=select_best([c.reward for c in candidates]), timings=timings))
+        return rankings
+
+    def score_batch(self, jobs: Sequence[ScoreJob]) -> list[Ranking]:
+        """Rank given answers for several prompts: one policy pass and one reference pass for all."""
+        start = time.perf_counter()
+        prompts = [job.prompt for job in jobs]
+        answers = [job.answers for job in jobs]
+        pol = self.sequence_logprobs(prompts, answers, reference=False)
+        ref = self.sequence_logprobs(prompts, answers, reference=True)
+        timings = {"score_s": time.perf_counter() - start}
+        rankings = []
+        for job, pol_group, ref_group in zip(jobs, pol, ref, strict=True):
+            candidates = [
+                self._candidate(text, ids, p, r, job.reward, "given")
+                for text, ids, p, r in zip(job.texts, job.answers, pol_group, ref_group, strict=True)
+            ]
+            rankings.append(Ranking(candidates=candidates, best_index=select_best([c.reward for c in candidates]), timings=timings))
+        return rankings
+
+    @staticmethod
+    def _candidate(text: str, ids: Sequence[int], policy: float, reference: float, config: RewardConfig, reason: str) -> Candidate:
+        return Candidate(
+            text=text,
+            reward=implicit_reward(policy, reference, len(ids), config),
+            policy_logprob=policy,
+            reference_logprob=reference,
+            num_tokens=len(ids),
+            finish_reason=reason,  # type: ignore[arg-type]
+            token_ids=list(ids),
+        )
+
+    # -- the in-process API ---------------------------------------------------
+
+    def best_of_n(
+        self,
+        image: Any,
+        question: str,
+        n: int = 8,
+        *,
+        sampling: SamplingParams | None = None,
+        reward: RewardConfig | None = None,
+        **sampling_kwargs: Any,
+    ) -> Ranking:
+        """Sample n answers to (image, question) and rank them by the RLAIF-V reward.
+
+        `image` is a PIL image, bytes, a path or a base64/data-URL string (or a
+        list of those). Extra keyword arguments build `SamplingParams`
+        (temperature, top_p, top_k, max_tokens, seed).
+        """
+        if not isinstance(n, int) or n < 1:
+            raise InvalidInputError(f"n must be a positive integer, got {n!r}", param="n")
+        params = sampling or SamplingParams(**sampling_kwargs)
+        job = GenerateJob(self.encode(_as_list(image), question), n, params, reward or self.reward)
+        return self.generate_batch([job])[0]
+
+    def score(self, image: Any, question: str, answers: Sequence[str], *, reward: RewardConfig | None = None) -> Ranking:
+        """Rank answers (e.g. written by another model) for (image, question) by the RLAIF-V reward."""
+        if isinstance(answers, str):
+            raise AnswerError("answers must be a list of strings, not one string", param="answers")
+        texts = list(answers)
+        job = ScoreJob(self.encode(_as_list(image), question), self.encode_answers(texts), texts, reward or self.reward)
+        return self.score_batch([job])[0]
+
+
+def _as_list(image: Any) -> list[Any]:
+    return list(image) if isinstance(image, list | tuple) else [image]

@@ -1,0 +1,111 @@
+"""Turning image(s) + question into model inputs, and answers into token ids.
+
+The prompt (image + question, rendered by the model's chat template) and each
+answer are tokenized *separately* and concatenated. Generation, service
+scoring and DPO training all go through these two functions, so the same
+answer text always becomes the same tokens wherever it is scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from reward.errors import AnswerError, InvalidInputError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL.Image import Image
+
+
+@dataclass
+class EncodedPrompt:
+    """An image+question prefix ready for the model.
+
+    `input_ids` is (L,) with image placeholders already expanded; `vision` holds
+    the processor's image tensors (e.g. pixel_values (n_images, 3, H, W)).
+    """
+
+    input_ids: torch.Tensor
+    vision: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def user_message(question: str, num_images: int) -> list[dict[str, Any]]:
+    """The LLaVA convention: images first, then the question, in one user turn."""
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
+    content.append({"type": "text", "text": question})
+    return [{"role": "user", "content": content}]
+
+
+def count_image_parts(messages: Sequence[dict[str, Any]]) -> int:
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            total += sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image")
+    return total
+
+
+def encode_prompt(
+    processor: Any,
+    images: Sequence[Image],
+    question: str | None = None,
+    *,
+    messages: Sequence[dict[str, Any]] | None = None,
+    max_length: int | None = None,
+) -> EncodedPrompt:
+    """Render the chat template (generation prompt appended) and run the processor.
+
+    Either `question` (one user turn, images first) or full `messages` in the
+    Hugging Face chat format with `{"type": "image"}` placeholders.
+    """
+    if (question is None) == (messages is None):
+        raise InvalidInputError("give exactly one of question or messages", param="question")
+    if messages is None:
+        if not question or not question.strip():
+            raise InvalidInputError("question must not be empty", param="question")
+        messages = user_message(question, len(images))
+    elif count_image_parts(messages) != len(images):
+        raise InvalidInputError(
+            f"messages have {count_image_parts(messages)} image parts but {len(images)} images were given",
+            param="messages",
+        )
+    text = processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    tokenizer = processor.tokenizer
+    has_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
+    batch = processor(
+        images=list(images) or None,
+        text=[text],
+        return_tensors="pt",
+        add_special_tokens=not has_bos,
+    )
+    input_ids = batch.pop("input_ids")[0]
+    batch.pop("attention_mask", None)
+    if max_length is not None and input_ids.shape[0] > max_length:
+        raise InvalidInputError(
+            f"prompt is {input_ids.shape[0]} tokens, over the model limit of {max_length}", param="question"
+        )
+    return EncodedPrompt(input_ids=input_ids, vision=dict(batch))
+
+
+def end_of_turn_id(tokenizer: Any, token: str | None = None) -> int:
+    """The token that closes an assistant turn (EOS unless the bundle names another)."""
+    token = token or tokenizer.eos_token
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise InvalidInputError(f"end-of-turn token {token!r} is not in the vocabulary")
+    return int(token_id)
+
+
+def encode_answer(tokenizer: Any, text: str, *, eot_id: int, max_tokens: int | None = None) -> list[int]:
+    """Answer text -> token ids, the end-of-turn token appended (a complete turn)."""
+    if not isinstance(text, str) or not text.strip():
+        raise AnswerError("answers must be non-empty strings", param="answers")
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [eot_id]
+    if max_tokens is not None and len(ids) > max_tokens:
+        raise AnswerError(f"an answer is {len(ids)} tokens, over the limit of {max_tokens}", param="answers")
+    return ids

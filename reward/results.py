@@ -1,0 +1,36 @@
+"""Typed results of scoring and best-of-N, shared by the Python API and the service."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Candidate(BaseModel):
+    """One answer with its reward and the terms the reward was computed from."""
+
+    text: str
+    reward: float = Field(description="The reward this candidate was ranked by.")
+    policy_logprob: float = Field(description="sum_t log pi_theta(y_t | x, y_<t), raw logits (temperature 1).")
+    reference_logprob: float = Field(description="sum_t log pi_ref(y_t | x, y_<t), raw logits (temperature 1).")
+    num_tokens: int = Field(description="T: answer tokens scored, end-of-turn included.")
+    finish_reason: Literal["stop", "length", "given"] = "given"
+    token_ids: list[int] = Field(default_factory=list, exclude=True)
+    claims: list[dict] | None = Field(None, description="Per-claim verdicts when the claims reward was used.")
+
+
+class Ranking(BaseModel):
+    """Candidates in their original order plus the index of the best one."""
+
+    candidates: list[Candidate]
+    best_index: int
+    timings: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[self.best_index]
+
+    @property
+    def rewards(self) -> list[float]:
+        return [c.reward for c in self.candidates]
