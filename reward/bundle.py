@@ -33,11 +33,17 @@ class BundleManifest(BaseModel):
     name: str = Field("rlaifv", min_length=1, description="Model name the service advertises.")
     policy: str = Field(min_length=1, description="Folder of the aligned model (or its LoRA adapter).")
     policy_type: Literal["full", "lora"] = "full"
-    reference: str = Field(min_length=1, description="Folder of the reference model (the LoRA base when policy_type=lora).")
+    reference: str = Field(
+        min_length=1, description="Folder of the reference model (the LoRA base when policy_type=lora)."
+    )
     beta: float = Field(0.1, gt=0)
     normalize: Normalize = "mean"
-    end_of_turn: str | None = Field(None, description="Token closing an assistant turn; the tokenizer's EOS when unset.")
-    provenance: dict[str, Any] = Field(default_factory=dict, description="How the policy was made: data hashes, settings, metrics.")
+    end_of_turn: str | None = Field(
+        None, description="Token closing an assistant turn; the tokenizer's EOS when unset."
+    )
+    provenance: dict[str, Any] = Field(
+        default_factory=dict, description="How the policy was made: data hashes, settings, metrics."
+    )
 
     @property
     def reward(self) -> RewardConfig:

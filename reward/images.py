@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from reward.errors import ImageError
 
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
+_DATA_URL = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S
+)
 
 
 class ImageLimits(BaseModel):
@@ -76,9 +78,11 @@ def decode_image(data: bytes, limits: ImageLimits | None = None, param: str = "i
             return probe.convert("RGB")
     except ImageError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image is over the pixel limit (decompression bomb): {exc}", param=param) from None
     except UnidentifiedImageError:
         raise ImageError("data is not a recognised image", param=param) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"image could not be decoded: {exc}", param=param) from None
 
 

@@ -57,7 +57,9 @@ def model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def _stack_vision(prompts: Sequence[EncodedPrompt], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _stack_vision(
+    prompts: Sequence[EncodedPrompt], device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     keys = {key for p in prompts for key in p.vision}
     vision: dict[str, torch.Tensor] = {}
     for key in sorted(keys):
@@ -128,7 +130,9 @@ def answer_logprobs(
     device = model_device(model)
     keep = [b for b, c in enumerate(counts) if c > 0]
     state = prefill(model, [prompts[b] for b in keep], pad_id)
-    rows = torch.repeat_interleave(torch.arange(len(keep), device=device), torch.tensor([counts[b] for b in keep], device=device))
+    rows = torch.repeat_interleave(
+        torch.arange(len(keep), device=device), torch.tensor([counts[b] for b in keep], device=device)
+    )
     state = state.select(rows)
 
     lengths = torch.tensor([len(a) for a in flat], device=device)
@@ -174,3 +178,49 @@ def full_forward_logprobs(model: Any, prompt: EncodedPrompt, answer: Sequence[in
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **_stack_vision([prompt], device, dtype))
     start = len(prompt)
     return selective_log_softmax(out.logits[0, start - 1 : -1], ids[0, start:])
+
+
+def continuation_logits(
+    model: Any,
+    prompts: Sequence[EncodedPrompt],
+    continuations: Sequence[Sequence[Sequence[int]]],
+    pad_id: int = 0,
+) -> list[torch.Tensor]:
+    """Next-token logits after prompts[b] ++ continuations[b][i], prefixes shared; returns (n_b, V) per prompt.
+
+    The yes/no judge uses it: the image+template prefix runs once and each
+    question is a continuation, so checking k claims costs one prefix pass.
+    """
+    counts = [len(group) for group in continuations]
+    flat = [list(c) for group in continuations for c in group]
+    if any(len(c) == 0 for c in flat):
+        raise ValueError("every continuation needs at least one token")
+    device = model_device(model)
+    vocab_out: list[torch.Tensor] = []
+    keep = [b for b, c in enumerate(counts) if c > 0]
+    if not keep:
+        return [torch.empty(0) for _ in prompts]
+    state = prefill(model, [prompts[b] for b in keep], pad_id)
+    rows = torch.repeat_interleave(
+        torch.arange(len(keep), device=device), torch.tensor([counts[b] for b in keep], device=device)
+    )
+    state = state.select(rows)
+    lengths = torch.tensor([len(c) for c in flat], device=device)
+    width = int(lengths.max())
+    tokens = torch.full((len(flat), width), pad_id, dtype=torch.long, device=device)
+    for row, cont in enumerate(flat):
+        tokens[row, : len(cont)] = torch.tensor(cont, device=device)
+    mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
+    out = model(
+        input_ids=tokens,
+        attention_mask=torch.cat([state.mask, mask], dim=1),
+        position_ids=state.next_position[:, None] + torch.arange(width, device=device)[None, :],
+        past_key_values=state.cache,
+        use_cache=True,
+    )
+    last = out.logits[torch.arange(len(flat), device=device), lengths - 1].float()  # (R, V)
+    row = 0
+    for count in counts:
+        vocab_out.append(last[row : row + count])
+        row += count
+    return vocab_out

@@ -14,28 +14,42 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from reward.claims import (
+    ClaimSplitter,
+    QuestionWriter,
+    RuleQuestionWriter,
+    SpacyClaimSplitter,
+    plan_claims,
+    score_plans,
+)
 from reward.errors import AnswerError, InvalidInputError
 from reward.images import ImageLimits, load_image
+from reward.judge import Labeler, YesNoJudge
 from reward.logprobs import answer_logprobs
 from reward.prompt import EncodedPrompt, encode_answer, encode_prompt, end_of_turn_id
-from reward.results import Candidate, Ranking
+from reward.results import Candidate, ClaimCheck, Ranking
 from reward.sampling import Sample, SamplingParams, sample_answers
 from reward.scoring import RewardConfig, implicit_reward, select_best
 
 
 @dataclass
 class GenerateJob:
-    """Sample `n` answers for one prompt and rank them."""
+    """Sample `n` answers for one prompt and rank them.
+
+    `images` (decoded PIL images of the prompt) are needed only by the
+    'claims' reward mode, which asks the labeler about them.
+    """
 
     prompt: EncodedPrompt
     n: int
     sampling: SamplingParams
     reward: RewardConfig
+    images: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -46,6 +60,7 @@ class ScoreJob:
     answers: list[list[int]]
     texts: list[str]
     reward: RewardConfig
+    images: list[Any] = field(default_factory=list)
 
 
 def is_peft_model(model: Any) -> bool:
@@ -66,6 +81,9 @@ class ModelPair:
         name: str = "rlaifv",
         image_limits: ImageLimits | None = None,
         metadata: dict[str, Any] | None = None,
+        labeler: Labeler | None = None,
+        splitter: ClaimSplitter | None = None,
+        question_writer: QuestionWriter | None = None,
     ) -> None:
         if reference is None and not is_peft_model(policy):
             raise ValueError("a reference model is required unless the policy is a LoRA adapter over it")
@@ -77,6 +95,9 @@ class ModelPair:
         self.name = name
         self.image_limits = image_limits or ImageLimits()
         self.metadata = metadata or {}
+        self._labeler = labeler
+        self._splitter = splitter
+        self.question_writer = question_writer or RuleQuestionWriter()
         self.eot_id = end_of_turn_id(self.tokenizer, end_of_turn)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.stop_ids = sorted({self.eot_id, *self._generation_eos_ids()})
@@ -99,6 +120,19 @@ class ModelPair:
             return []
         return [int(e) for e in eos] if isinstance(eos, list | tuple) else [int(eos)]
 
+    @property
+    def labeler(self) -> Labeler:
+        """The yes/no labeler of the 'claims' reward: the policy itself (self-feedback) unless one was given."""
+        if self._labeler is None:
+            self._labeler = YesNoJudge(self.policy, self.processor)
+        return self._labeler
+
+    @property
+    def splitter(self) -> ClaimSplitter:
+        if self._splitter is None:
+            self._splitter = SpacyClaimSplitter()
+        return self._splitter
+
     @contextmanager
     def reference_model(self) -> Iterator[Any]:
         """The reference: a separate model, or the policy with its LoRA adapter disabled."""
@@ -117,8 +151,13 @@ class ModelPair:
         *,
         messages: Sequence[dict[str, Any]] | None = None,
     ) -> EncodedPrompt:
-        pil = [load_image(image, self.image_limits, param=f"images[{i}]") for i, image in enumerate(images)]
-        return encode_prompt(self.processor, pil, question, messages=messages, max_length=self.max_positions)
+        return encode_prompt(
+            self.processor, self.load_images(images), question, messages=messages, max_length=self.max_positions
+        )
+
+    def load_images(self, images: Sequence[Any]) -> list[Any]:
+        """PIL images from any accepted form, limits enforced (PIL images pass through)."""
+        return [load_image(image, self.image_limits, param=f"images[{i}]") for i, image in enumerate(images)]
 
     def encode_answers(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
         if not texts:
@@ -143,9 +182,17 @@ class ModelPair:
             per_token = answer_logprobs(self.policy, prompts, answers, self.pad_id)
         return [[float(t.double().sum()) for t in group] for group in per_token]
 
-    def sample(self, prompts: Sequence[EncodedPrompt], counts: Sequence[int], params: Sequence[SamplingParams]) -> list[list[Sample]]:
+    def sample(
+        self, prompts: Sequence[EncodedPrompt], counts: Sequence[int], params: Sequence[SamplingParams]
+    ) -> list[list[Sample]]:
         return sample_answers(
-            self.policy, prompts, counts, params, stop_ids=self.stop_ids, blocked_ids=self.blocked_ids, pad_id=self.pad_id
+            self.policy,
+            prompts,
+            counts,
+            params,
+            stop_ids=self.stop_ids,
+            blocked_ids=self.blocked_ids,
+            pad_id=self.pad_id,
         )
 
     def generate_batch(self, jobs: Sequence[GenerateJob]) -> list[Ranking]:
@@ -158,16 +205,23 @@ class ModelPair:
         samples = self.sample(prompts, [job.n for job in jobs], [job.sampling for job in jobs])
         sampled = time.perf_counter()
         ref = self.sequence_logprobs(prompts, [[s.token_ids for s in group] for group in samples], reference=True)
-        scored = time.perf_counter()
-        rankings = []
-        for job, group, ref_group in zip(jobs, samples, ref, strict=True):
-            candidates = [
-                self._candidate(self.decode(s.token_ids), s.token_ids, float(s.logprobs.double().sum()), r, job.reward, s.finish_reason)
+        groups = [
+            [
+                self._candidate(
+                    self.decode(s.token_ids),
+                    s.token_ids,
+                    float(s.logprobs.double().sum()),
+                    r,
+                    job.reward,
+                    s.finish_reason,
+                )
                 for s, r in zip(group, ref_group, strict=True)
             ]
-            timings = {"generate_s": sampled - start, "score_s": scored - sampled}
-            rankings.append(Ranking(candidates=candidates, best_index=select_best([c.reward for c in candidates]), timings=timings))
-        return rankings
+            for job, group, ref_group in zip(jobs, samples, ref, strict=True)
+        ]
+        self._apply_claims(jobs, groups)
+        timings = {"generate_s": sampled - start, "score_s": time.perf_counter() - sampled}
+        return [_ranking(group, timings) for group in groups]
 
     def score_batch(self, jobs: Sequence[ScoreJob]) -> list[Ranking]:
         """Rank given answers for several prompts: one policy pass and one reference pass for all."""
@@ -176,21 +230,53 @@ class ModelPair:
         answers = [job.answers for job in jobs]
         pol = self.sequence_logprobs(prompts, answers, reference=False)
         ref = self.sequence_logprobs(prompts, answers, reference=True)
-        timings = {"score_s": time.perf_counter() - start}
-        rankings = []
-        for job, pol_group, ref_group in zip(jobs, pol, ref, strict=True):
-            candidates = [
+        groups = [
+            [
                 self._candidate(text, ids, p, r, job.reward, "given")
                 for text, ids, p, r in zip(job.texts, job.answers, pol_group, ref_group, strict=True)
             ]
-            rankings.append(Ranking(candidates=candidates, best_index=select_best([c.reward for c in candidates]), timings=timings))
-        return rankings
+            for job, pol_group, ref_group in zip(jobs, pol, ref, strict=True)
+        ]
+        self._apply_claims(jobs, groups)
+        timings = {"score_s": time.perf_counter() - start}
+        return [_ranking(group, timings) for group in groups]
+
+    def _apply_claims(self, jobs: Sequence[GenerateJob | ScoreJob], groups: list[list[Candidate]]) -> None:
+        """Replace the ranking reward by claim verification for jobs in 'claims' mode (one labeler batch)."""
+        todo = [i for i, job in enumerate(jobs) if job.reward.mode == "claims"]
+        if not todo:
+            return
+        for i in todo:
+            if not jobs[i].images:
+                raise InvalidInputError("the 'claims' reward needs the request's image", param="reward.mode")
+        plans, items = {}, []
+        for i in todo:
+            plan, questions = plan_claims([c.text for c in groups[i]], self.splitter, self.question_writer)
+            plans[i] = (plan, questions)
+            items.append((jobs[i].images, questions))
+        judge = self.labeler
+        if hasattr(judge, "p_yes_batch"):
+            answers = judge.p_yes_batch(items)
+        else:
+            answers = [judge.p_yes(images, questions) if questions else [] for images, questions in items]
+        for i, p_yes in zip(todo, answers, strict=True):
+            plan, questions = plans[i]
+            verdicts = score_plans(
+                plan, dict(zip(questions, p_yes, strict=True)), repeat_penalty=jobs[i].reward.repeat_penalty
+            )
+            for candidate, verdict in zip(groups[i], verdicts, strict=True):
+                candidate.reward = verdict.score
+                candidate.claims = [ClaimCheck(**vars(c)) for c in verdict.claims]
 
     @staticmethod
-    def _candidate(text: str, ids: Sequence[int], policy: float, reference: float, config: RewardConfig, reason: str) -> Candidate:
+    def _candidate(
+        text: str, ids: Sequence[int], policy: float, reference: float, config: RewardConfig, reason: str
+    ) -> Candidate:
+        value = implicit_reward(policy, reference, len(ids), config)
         return Candidate(
             text=text,
-            reward=implicit_reward(policy, reference, len(ids), config),
+            reward=value,
+            implicit_reward=value,
             policy_logprob=policy,
             reference_logprob=reference,
             num_tokens=len(ids),
@@ -219,17 +305,25 @@ class ModelPair:
         if not isinstance(n, int) or n < 1:
             raise InvalidInputError(f"n must be a positive integer, got {n!r}", param="n")
         params = sampling or SamplingParams(**sampling_kwargs)
-        job = GenerateJob(self.encode(_as_list(image), question), n, params, reward or self.reward)
+        images = self.load_images(_as_list(image))
+        job = GenerateJob(self.encode(images, question), n, params, reward or self.reward, images)
         return self.generate_batch([job])[0]
 
-    def score(self, image: Any, question: str, answers: Sequence[str], *, reward: RewardConfig | None = None) -> Ranking:
+    def score(
+        self, image: Any, question: str, answers: Sequence[str], *, reward: RewardConfig | None = None
+    ) -> Ranking:
         """Rank answers (e.g. written by another model) for (image, question) by the RLAIF-V reward."""
         if isinstance(answers, str):
             raise AnswerError("answers must be a list of strings, not one string", param="answers")
         texts = list(answers)
-        job = ScoreJob(self.encode(_as_list(image), question), self.encode_answers(texts), texts, reward or self.reward)
+        images = self.load_images(_as_list(image))
+        job = ScoreJob(self.encode(images, question), self.encode_answers(texts), texts, reward or self.reward, images)
         return self.score_batch([job])[0]
 
 
 def _as_list(image: Any) -> list[Any]:
     return list(image) if isinstance(image, list | tuple) else [image]
+
+
+def _ranking(candidates: list[Candidate], timings: dict[str, float]) -> Ranking:
+    return Ranking(candidates=candidates, best_index=select_best([c.reward for c in candidates]), timings=dict(timings))

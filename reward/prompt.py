@@ -105,7 +105,7 @@ def encode_answer(tokenizer: Any, text: str, *, eot_id: int, max_tokens: int | N
     """Answer text -> token ids, the end-of-turn token appended (a complete turn)."""
     if not isinstance(text, str) or not text.strip():
         raise AnswerError("answers must be non-empty strings", param="answers")
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [eot_id]
+    ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], eot_id]
     if max_tokens is not None and len(ids) > max_tokens:
         raise AnswerError(f"an answer is {len(ids)} tokens, over the limit of {max_tokens}", param="answers")
     return ids

@@ -7,17 +7,28 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 
+class ClaimCheck(BaseModel):
+    """One claim of an answer as the labeler judged it."""
+
+    claim: str
+    question: str
+    p_yes: float
+    accepted: bool
+    repeated: bool
+
+
 class Candidate(BaseModel):
     """One answer with its reward and the terms the reward was computed from."""
 
     text: str
-    reward: float = Field(description="The reward this candidate was ranked by.")
+    reward: float = Field(description="The reward this candidate was ranked by (depends on the reward mode).")
+    implicit_reward: float = Field(description="The RLAIF-V implicit reward beta/T * (policy - reference log-prob).")
     policy_logprob: float = Field(description="sum_t log pi_theta(y_t | x, y_<t), raw logits (temperature 1).")
     reference_logprob: float = Field(description="sum_t log pi_ref(y_t | x, y_<t), raw logits (temperature 1).")
     num_tokens: int = Field(description="T: answer tokens scored, end-of-turn included.")
     finish_reason: Literal["stop", "length", "given"] = "given"
     token_ids: list[int] = Field(default_factory=list, exclude=True)
-    claims: list[dict] | None = Field(None, description="Per-claim verdicts when the claims reward was used.")
+    claims: list[ClaimCheck] | None = Field(None, description="Per-claim verdicts when the 'claims' reward was used.")
 
 
 class Ranking(BaseModel):

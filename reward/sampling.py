@@ -42,7 +42,9 @@ class Sample:
     finish_reason: Literal["stop", "length"]
 
 
-def _choose(logits: torch.Tensor, params: SamplingParams, blocked: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _choose(
+    logits: torch.Tensor, params: SamplingParams, blocked: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """Pick next tokens (rows,) from raw logits (rows, V) under the sampling settings."""
     logits = logits.float().clone()
     if blocked.numel():
@@ -86,7 +88,9 @@ def sample_answers(
     """Sample counts[b] answers for prompts[b] with params[b]; returns samples grouped per prompt."""
     device = model_device(model)
     state = prefill(model, prompts, pad_id)
-    group_of_row = torch.repeat_interleave(torch.arange(len(prompts), device=device), torch.tensor(list(counts), device=device))
+    group_of_row = torch.repeat_interleave(
+        torch.arange(len(prompts), device=device), torch.tensor(list(counts), device=device)
+    )
     state = state.select(group_of_row)
     generators = [_generator(p.seed) for p in params]
     stops = torch.tensor(list(stop_ids), device=device)

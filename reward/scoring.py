@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Normalize = Literal["mean", "sum"]
+RewardMode = Literal["dpo", "claims"]
 
 
 class RewardConfig(BaseModel):
@@ -24,8 +25,14 @@ class RewardConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    mode: RewardMode = Field(
+        "dpo",
+        description="'dpo': the RLAIF-V implicit reward (policy vs reference log-ratio). 'claims': divide-and-conquer"
+        " claim verification by the yes/no labeler (reward = -rejected - repeat_penalty * repeated claims).",
+    )
     beta: float = Field(0.1, gt=0.0, description="DPO temperature; RLAIF-V trains with 0.1.")
     normalize: Normalize = Field("mean", description="'mean' divides by the answer's token count T; 'sum' does not.")
+    repeat_penalty: float = Field(1.0, ge=0.0, description="'claims' mode: penalty per repeated claim.")
 
 
 def implicit_reward(policy_logprob: float, reference_logprob: float, num_tokens: int, config: RewardConfig) -> float:

@@ -40,12 +40,61 @@ CHAT_TEMPLATE = (
 
 TEMPLATE_WORDS = ("USER", "ASSISTANT", ":")
 PUNCTUATION = (".", ",", "?", "!", ";", "'")
-DEFAULT_WORDS = (
-    "a an the is are there in on of and with yes no image picture what describe "
-    "this it left right top bottom red green blue yellow black white circle square "
-    "triangle star cat dog car tree house person sky grass small big one two three "
-    "please answer or shows see i can"
-).split()
+DEFAULT_WORDS = [
+    "a",
+    "an",
+    "the",
+    "is",
+    "are",
+    "there",
+    "in",
+    "on",
+    "of",
+    "and",
+    "with",
+    "yes",
+    "no",
+    "image",
+    "picture",
+    "what",
+    "describe",
+    "this",
+    "it",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "black",
+    "white",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cat",
+    "dog",
+    "car",
+    "tree",
+    "house",
+    "person",
+    "sky",
+    "grass",
+    "small",
+    "big",
+    "one",
+    "two",
+    "three",
+    "please",
+    "answer",
+    "or",
+    "shows",
+    "see",
+    "i",
+    "can",
+]
 
 
 @dataclass(frozen=True)
@@ -207,7 +256,9 @@ def perturb_copy(source: str | Path, target: str | Path, *, scale: float = 0.05,
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "language_model" in name or "lm_head" in name:
-                param.add_(torch.randn(param.shape, generator=gen) * scale * (param.std() if param.numel() > 1 else 1.0))
+                param.add_(
+                    torch.randn(param.shape, generator=gen) * scale * (param.std() if param.numel() > 1 else 1.0)
+                )
     model.save_pretrained(target, safe_serialization=True)
     return target
 
@@ -231,7 +282,9 @@ def random_lora(base_folder: str | Path, target: str | Path, *, rank: int = 4, s
     return Path(target)
 
 
-def build_tiny_bundle(folder: str | Path, *, lora: bool = False, spec: TinyVLMSpec | None = None, beta: float = 0.1) -> Path:
+def build_tiny_bundle(
+    folder: str | Path, *, lora: bool = False, spec: TinyVLMSpec | None = None, beta: float = 0.1
+) -> Path:
     """A complete bundle of random tiny models: reference, and a perturbed (or LoRA) policy."""
     from reward.bundle import write_bundle
     from reward.scoring import RewardConfig

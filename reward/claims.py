@@ -1,0 +1,200 @@
+"""Divide-and-conquer claim verification: split an answer into claims, ask yes/no, count rejections.
+
+Used twice with the same code: by the trainer to score sampled answers (AI
+feedback for preference pairs), and by the service as the `claims` reward
+mode (best-of-N by verification). An answer's score is
+
+    score = -(rejected claims) - repeat_penalty * (repeated claims)
+
+The repeat term matters: without it a policy learns to please the judge by
+restating true claims.
+
+Splitting and question writing are protocols, so a fine-tuned LLM (as the
+RLAIF-V code uses) can replace the spaCy rules without touching the scoring.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Protocol
+
+from reward.judge import Labeler
+
+YES_NO_SUFFIX = "Please answer yes or no."
+_EXISTENTIAL = re.compile(
+    r"^(?:there (?:is|are)|(?:the|this) (?:image|picture|photo) (?:shows|contains|depicts|has)|"
+    r"i (?:can )?see|it shows|(?:in the (?:image|picture),? )?there (?:is|are))\s+",
+    re.I,
+)
+_LIST_SEPARATOR = re.compile(r"\s*,\s*(?:and\s+)?|\s+and\s+|\s*;\s*", re.I)
+_BARE_LIST_START = re.compile(r"^(?:a|an|one|two|three|four|five|some|several)\s", re.I)
+_VERB = re.compile(
+    r"\b(?:is|are|was|were|has|have|had|does|do|did|shows?|contains?|sits?|stands?|holds?|looks?)\b", re.I
+)
+_DETERMINERS = {"a", "an", "the", "one", "some", "this", "that", "these", "those"}
+
+
+class ClaimSplitter(Protocol):
+    def split(self, answer: str) -> list[str]: ...
+
+
+class QuestionWriter(Protocol):
+    def question(self, claim: str) -> str: ...
+
+
+@lru_cache(maxsize=1)
+def english_pipeline() -> Any:
+    """A trained spaCy English pipeline when one is installed, else blank + sentencizer + lookup lemmatizer."""
+    import spacy
+
+    for name in ("en_core_web_trf", "en_core_web_lg", "en_core_web_md", "en_core_web_sm"):
+        try:
+            return spacy.load(name)
+        except OSError:
+            continue
+    nlp = spacy.blank("en")
+    nlp.add_pipe("sentencizer")
+    try:
+        nlp.add_pipe("lemmatizer", config={"mode": "lookup"}).initialize()
+    except Exception:  # spacy-lookups-data missing: claims still split, repeats match on lowercase words
+        if "lemmatizer" in nlp.pipe_names:
+            nlp.remove_pipe("lemmatizer")
+    return nlp
+
+
+class SpacyClaimSplitter:
+    """Rule-based splitter: sentences, then lists of objects into one claim per object.
+
+    "There is a red circle, a blue square and a cat." -> three "There is ..." claims;
+    a bare list ("a red circle and a blue square.") is read as existential too;
+    any other sentence is one claim.
+    """
+
+    def __init__(self, nlp: Any | None = None) -> None:
+        self.nlp = nlp or english_pipeline()
+
+    def split(self, answer: str) -> list[str]:
+        claims: list[str] = []
+        for sent in self.nlp(answer.strip()).sents:
+            text = sent.text.strip().rstrip(".!").strip()
+            if not text:
+                continue
+            match = _EXISTENTIAL.match(text)
+            if match:
+                body = text[match.end() :]
+            elif _BARE_LIST_START.match(text) and not _VERB.search(text):
+                body = text
+            else:
+                claims.append(text + ".")
+                continue
+            for item in _LIST_SEPARATOR.split(body):
+                item = item.strip()
+                if item:
+                    claims.append(f"There is {item}.")
+        return claims
+
+
+class RuleQuestionWriter:
+    """Claim -> general yes/no question, negations kept, suffixed as in RLAIF-V."""
+
+    def __init__(self, suffix: str = YES_NO_SUFFIX) -> None:
+        self.suffix = suffix
+
+    def question(self, claim: str) -> str:
+        text = claim.strip().rstrip(".!").strip()
+        lowered = text[:1].lower() + text[1:]
+        match = re.match(r"^there (is|are)\s+(.*)$", lowered, re.I)
+        if match:
+            core = f"{match.group(1).capitalize()} there {match.group(2)} in the image?"
+        else:
+            match = re.match(r"^(.+?)\s+(is|are|was|were)\s+(.*)$", lowered)
+            if match:
+                core = f"{match.group(2).capitalize()} {match.group(1)} {match.group(3)}?"
+            else:
+                core = f"Is it true that {lowered}?"
+        return f"{core} {self.suffix}".strip()
+
+
+def normalize_claim(claim: str, nlp: Any | None = None) -> str:
+    """Key for repeat detection: lowercase lemmas without determiners or punctuation."""
+    doc = (nlp or english_pipeline())(claim.lower())
+    words = [(tok.lemma_ or tok.text) for tok in doc if not tok.is_punct and tok.text not in _DETERMINERS]
+    return " ".join(words)
+
+
+@dataclass
+class ClaimVerdict:
+    claim: str
+    question: str
+    p_yes: float
+    accepted: bool
+    repeated: bool
+
+
+@dataclass
+class AnswerVerdict:
+    score: float
+    claims: list[ClaimVerdict] = field(default_factory=list)
+    rejected: int = 0
+    repeated: int = 0
+
+
+def plan_claims(
+    answers: Sequence[str], splitter: ClaimSplitter, writer: QuestionWriter
+) -> tuple[list[list[tuple[str, str, bool]]], list[str]]:
+    """Per answer: (claim, question, repeated) triples; plus the unique questions to ask."""
+    nlp = getattr(splitter, "nlp", None)
+    plans: list[list[tuple[str, str, bool]]] = []
+    unique: dict[str, None] = {}
+    for answer in answers:
+        seen: set[str] = set()
+        plan = []
+        for claim in splitter.split(answer):
+            key = normalize_claim(claim, nlp)
+            question = writer.question(claim)
+            plan.append((claim, question, key in seen))
+            seen.add(key)
+            unique.setdefault(question, None)
+        plans.append(plan)
+    return plans, list(unique)
+
+
+def score_plans(
+    plans: Sequence[Sequence[tuple[str, str, bool]]],
+    p_yes: dict[str, float],
+    *,
+    repeat_penalty: float = 1.0,
+    threshold: float = 0.5,
+) -> list[AnswerVerdict]:
+    """Turn judged questions into answer scores (every mention judged; repeats also penalised)."""
+    verdicts = []
+    for plan in plans:
+        claims = [
+            ClaimVerdict(claim, question, p_yes[question], p_yes[question] > threshold, repeated)
+            for claim, question, repeated in plan
+        ]
+        rejected = sum(not c.accepted for c in claims)
+        repeated = sum(c.repeated for c in claims)
+        verdicts.append(AnswerVerdict(-float(rejected) - repeat_penalty * repeated, claims, rejected, repeated))
+    return verdicts
+
+
+def verify_answers(
+    image: Any,
+    answers: Sequence[str],
+    labeler: Labeler,
+    splitter: ClaimSplitter | None = None,
+    writer: QuestionWriter | None = None,
+    *,
+    repeat_penalty: float = 1.0,
+    threshold: float = 0.5,
+) -> list[AnswerVerdict]:
+    """Score answers to one image by divide-and-conquer verification (each distinct question asked once)."""
+    splitter = splitter or SpacyClaimSplitter()
+    writer = writer or RuleQuestionWriter()
+    plans, questions = plan_claims(answers, splitter, writer)
+    p_yes = dict(zip(questions, labeler.p_yes(image, questions), strict=True)) if questions else {}
+    return score_plans(plans, p_yes, repeat_penalty=repeat_penalty, threshold=threshold)

@@ -1,0 +1,138 @@
+"""`create_app(settings)`: wires settings, lifespan, middleware, error handlers and routers. No logic here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI
+
+from service.auth import KeyRing
+from service.deps import enforce_limits
+from service.errors import install_error_handlers
+from service.logging import RequestContextMiddleware
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("rlaifv.service")
+
+DESCRIPTION = """Best-of-N selection and reranking for multimodal LLMs by the RLAIF-V self-reward
+r(x, y) = beta/T * sum_t [log pi_theta(y_t|x, y_<t) - log pi_ref(y_t|x, y_<t)].
+
+Log-probs are raw model log-probs (softmax of the logits at temperature 1, no top-p/top-k), whatever
+the sampling settings. Every error has the body `{"error": {"message", "type", "param", "code"}}`.
+When API keys are configured, /v1 routes need `Authorization: Bearer <key>` (401 missing, 403 wrong)."""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    from service.cache import RateLimiter, RewardCache
+    from service.engine import load_engine
+    from service.images import ImageLoader
+    from service.scheduler import Scheduler
+    from service.serving import Serving
+
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    if settings.bundle is None:
+        raise RuntimeError("no bundle configured (RLAIFV_BUNDLE or --bundle)")
+    redis = None
+    if settings.redis_url:
+        from redis.asyncio import Redis
+
+        redis = Redis.from_url(settings.redis_url)
+        app.state.redis = redis
+    engine, load_s = await asyncio.to_thread(
+        load_engine, str(settings.bundle), device=settings.device, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code
+    )
+    metrics.model_load.set(load_s)
+    if settings.warmup:
+        metrics.warmup.set(await engine.call(engine.warmup))
+    scheduler = Scheduler(
+        engine,
+        max_queue=settings.max_queue,
+        max_batch=settings.max_batch,
+        batch_window_s=settings.batch_window_ms / 1000.0,
+        retry_after_s=settings.retry_after_s,
+        metrics=metrics,
+    )
+    scheduler.start()
+    images = ImageLoader(settings)
+    cache = RewardCache(size=settings.cache_size, ttl_s=settings.cache_ttl_s, redis=redis) if settings.cache_size > 0 else None
+    if settings.rate_limit_per_minute > 0:
+        app.state.limiter = RateLimiter(per_minute=settings.rate_limit_per_minute, redis=redis)
+    app.state.serving = Serving(settings, engine, scheduler, images, metrics, cache)
+    jobs = None
+    if redis is not None and settings.jobs_workers > 0:
+        from service.jobs import JobWorkers
+
+        jobs = JobWorkers(redis, app.state.serving, settings, metrics)
+        jobs.start()
+    app.state.ready = True
+    metrics.ready.set(1)
+    log.info("ready", extra={"model": app.state.serving.model_name, "load_s": round(load_s, 3), "bundle": str(settings.bundle)})
+    try:
+        yield
+    finally:
+        app.state.ready = False
+        app.state.shutting_down = True
+        metrics.ready.set(0)
+        if jobs is not None:
+            await jobs.stop()
+        await scheduler.close(settings.shutdown_grace_s)
+        await images.aclose()
+        await asyncio.to_thread(engine.shutdown)
+        if redis is not None:
+            await redis.aclose()
+        log.info("stopped")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    from service.routes import best_of_n, chat, health, jobs, models, rewards
+
+    settings = settings or Settings()
+    app = FastAPI(
+        title="RLAIF-V reward service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses={},
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.keys = KeyRing(settings.api_key_hashes())
+    app.state.ready = False
+    app.state.shutting_down = False
+    app.state.redis = None
+    app.state.limiter = None
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
+    v1 = [Depends(enforce_limits)]
+    for module in (best_of_n, rewards, chat, models, jobs):
+        app.include_router(module.router, dependencies=v1)
+    app.include_router(health.router)
+    _tidy_openapi(app)
+    return app
+
+
+def _tidy_openapi(app: FastAPI) -> None:
+    """Validation errors answer 400 with the error envelope, so drop FastAPI's default 422 from the schema."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                if isinstance(operation, dict):
+                    operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

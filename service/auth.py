@@ -1,0 +1,71 @@
+"""Optional API keys: `Authorization: Bearer <key>` (what the OpenAI client sends) or `X-API-Key: <key>`.
+
+Keys are kept only as SHA-256 digests and compared in constant time against
+every configured digest. With no keys configured, everything is open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from service.errors import Forbidden, Unauthorized
+
+bearer = HTTPBearer(auto_error=False, description="API key as a bearer token (RLAIFV_API_KEYS).")
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key (RLAIFV_API_KEYS).")
+
+
+class KeyRing:
+    def __init__(self, digests: list[bytes]) -> None:
+        self._digests = list(digests)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def check(self, key: str) -> bool:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+        found = False
+        for known in self._digests:  # no early exit: timing does not depend on which key matched
+            found |= hmac.compare_digest(digest, known)
+        return found
+
+
+def _authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None, header_key: str | None) -> str | None:
+    keys: KeyRing = request.app.state.keys
+    if not keys.enabled:
+        return None
+    key = header_key or (credentials.credentials if credentials is not None else None)
+    if not key:
+        raise Unauthorized(
+            "an API key is required: send 'Authorization: Bearer <key>'", code="missing_api_key", headers={"WWW-Authenticate": "Bearer"}
+        )
+    if not keys.check(key):
+        raise Forbidden("the API key is not valid", code="invalid_api_key")
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+async def require_api_key(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    header_key: Annotated[str | None, Depends(api_key_header)],
+) -> str | None:
+    """Dependency of every /v1 route. Returns a short key fingerprint (for rate limits), or None when auth is off."""
+    request.state.key_id = _authenticate(request, credentials, header_key)
+    return request.state.key_id
+
+
+async def require_metrics_key(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    header_key: Annotated[str | None, Depends(api_key_header)],
+) -> None:
+    if request.app.state.settings.protect_metrics:
+        _authenticate(request, credentials, header_key)
+
+
+KeyDep = Annotated[str | None, Depends(require_api_key)]

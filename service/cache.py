@@ -1,0 +1,89 @@
+"""Reward cache and rate limits: in Redis when RLAIFV_REDIS_URL is set (shared by replicas), in memory otherwise.
+
+Only /v1/rewards results are cached: scoring given answers is deterministic,
+sampling is not. The key hashes everything the result depends on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from reward.scoring import RewardConfig
+
+
+class RewardCache:
+    def __init__(self, *, size: int, ttl_s: int, redis: Redis | None = None, prefix: str = "rlaifv:cache:") -> None:
+        self.size = size
+        self.ttl_s = ttl_s
+        self.redis = redis
+        self.prefix = prefix
+        self._memory: OrderedDict[str, tuple[float, str]] = OrderedDict()
+
+    @staticmethod
+    def key(model: str, config: RewardConfig, images: list[bytes], question: str | None, messages: Any, answers: list[str]) -> str:
+        h = hashlib.sha256()
+        for part in (model, config.model_dump_json(), question or "", json.dumps(messages, sort_keys=True), json.dumps(answers)):
+            h.update(part.encode("utf-8", "surrogatepass"))
+            h.update(b"\x00")
+        for image in images:
+            h.update(hashlib.sha256(image).digest())
+        return h.hexdigest()
+
+    async def get(self, key: str) -> str | None:
+        if self.redis is not None:
+            value = await self.redis.get(self.prefix + key)
+            return value.decode() if isinstance(value, bytes) else value
+        entry = self._memory.get(key)
+        if entry is None:
+            return None
+        expires, value = entry
+        if expires < time.monotonic():
+            del self._memory[key]
+            return None
+        self._memory.move_to_end(key)
+        return value
+
+    async def set(self, key: str, value: str) -> None:
+        if self.redis is not None:
+            await self.redis.set(self.prefix + key, value, ex=self.ttl_s)
+            return
+        self._memory[key] = (time.monotonic() + self.ttl_s, value)
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.size:
+            self._memory.popitem(last=False)
+
+
+class RateLimiter:
+    """Fixed one-minute windows per client (API key fingerprint, else address)."""
+
+    def __init__(self, *, per_minute: int, redis: Redis | None = None, prefix: str = "rlaifv:rate:") -> None:
+        self.per_minute = per_minute
+        self.redis = redis
+        self.prefix = prefix
+        self._memory: dict[str, tuple[int, int]] = {}
+
+    async def hit(self, client: str) -> int | None:
+        """Count one request; returns seconds to wait when over quota, else None."""
+        now = time.time()
+        window = int(now // 60)
+        retry = max(1, int(60 - now % 60))
+        if self.redis is not None:
+            key = f"{self.prefix}{client}:{window}"
+            pipe = self.redis.pipeline()
+            pipe.incr(key)
+            pipe.expire(key, 120)
+            count, _ = await pipe.execute()
+        else:
+            seen_window, count = self._memory.get(client, (window, 0))
+            count = count + 1 if seen_window == window else 1
+            self._memory[client] = (window, count)
+            if len(self._memory) > 100_000:
+                self._memory = {k: v for k, v in self._memory.items() if v[0] == window}
+        return retry if int(count) > self.per_minute else None

@@ -1,0 +1,79 @@
+"""The `rlaifv` command: serve, bench, train, feedback, demo.
+
+Subcommands import their heavy dependencies inside their bodies, so
+`rlaifv --help` answers instantly.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(name="rlaifv", help="RLAIF-V best-of-N reward service and trainer.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print side-by-side ratios measured in one run.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("reward")
+def bench_reward(
+    n: int = typer.Option(8, help="Candidates per prompt."),
+    answer_tokens: int = typer.Option(64, help="Tokens per candidate."),
+    repeats: int = typer.Option(3, help="Timed repetitions (median reported)."),
+    hidden: int = typer.Option(384, help="Decoder hidden size of the benchmark model."),
+    layers: int = typer.Option(4, help="Decoder layers of the benchmark model."),
+) -> None:
+    """Naive scoring (2N full forwards) vs shared-prefix scoring with generation log-probs reused."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from reward.benchmark import run_reward_benchmark
+
+    console = Console()
+    with console.status("building the benchmark model and timing both paths..."):
+        result = run_reward_benchmark(n=n, answer_tokens=answer_tokens, repeats=repeats, hidden=hidden, layers=layers)
+    table = Table(
+        title=f"Scoring best-of-{result['n']}: {result['prefix_tokens']} prefix tokens, "
+        f"{result['answer_tokens']}-token answers, {result['params_m']:.1f}M params, {result['threads']} threads"
+    )
+    table.add_column("path")
+    table.add_column("seconds", justify="right")
+    table.add_column("answer tokens/s", justify="right")
+    for key in ("naive", "shared"):
+        row = result[key]
+        table.add_row(row.name, f"{row.seconds:.3f}", f"{row.tokens_per_s:.0f}")
+    console.print(table)
+    console.print(
+        f"scoring speed-up: [bold]{result['speedup']:.2f}x[/bold]  (max |reward diff| {result['max_abs_diff']:.2e})"
+    )
+    console.print(
+        f"with generation ({result['generation_s']:.2f}s) included, "
+        f"end-to-end speed-up: {result['end_to_end_speedup']:.2f}x"
+    )
+
+
+def _register_optional() -> None:
+    """Mount the subcommands of the other parts (each module is import-light)."""
+    try:
+        from service.serve_cli import serve
+    except ImportError:
+        pass
+    else:
+        app.command("serve")(serve)
+    try:
+        from service.bench_service import bench_service
+    except ImportError:
+        pass
+    else:
+        bench_app.command("service")(bench_service)
+    try:
+        from trainer.cli import feedback, train_app
+    except ImportError:
+        pass
+    else:
+        app.add_typer(train_app, name="train")
+        app.command("feedback")(feedback)
+
+
+_register_optional()
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,157 @@
+"""The in-process `transformers` engine: a `ModelPair` driven from one dedicated worker thread.
+
+Model calls are not thread-safe, so every call (encoding included: the fast
+tokenizer is not re-entrant either) runs on the engine's single-thread
+executor, never on the event loop. `run_batch` takes several requests of one
+kind and runs them as one `generate_batch`/`score_batch` (one left-padded
+prefill, one decode/score pass); a request whose input the core refuses fails
+alone, the others still run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from reward.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from reward.pair import ModelPair
+    from reward.results import Ranking
+    from reward.sampling import SamplingParams
+    from reward.scoring import RewardConfig
+
+T = TypeVar("T")
+Kind = Literal["generate", "score"]
+
+
+@dataclass
+class GenerateRequest:
+    images: list[Any]
+    question: str | None
+    messages: list[dict[str, Any]] | None
+    n: int
+    sampling: SamplingParams
+    reward: RewardConfig
+    kind: Kind = field(default="generate", init=False)
+
+
+@dataclass
+class ScoreRequest:
+    images: list[Any]
+    question: str | None
+    messages: list[dict[str, Any]] | None
+    answers: list[str]
+    reward: RewardConfig
+    max_tokens: int
+    kind: Kind = field(default="score", init=False)
+
+
+@dataclass
+class EngineResult:
+    ranking: Ranking
+    prompt_tokens: int
+    batch_size: int
+
+
+class Engine:
+    """Owns the model pair and the one thread allowed to touch it."""
+
+    def __init__(self, pair: ModelPair) -> None:
+        self.pair = pair
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlaifv-model")
+
+    @property
+    def name(self) -> str:
+        return self.pair.name
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the model thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=False)
+
+    # -- runs on the model thread ------------------------------------------------
+
+    def run_batch(self, requests: Sequence[GenerateRequest | ScoreRequest]) -> list[EngineResult | Exception]:
+        """Encode each request, then run all valid ones in one batched pass."""
+        from reward.pair import GenerateJob, ScoreJob
+
+        results: list[EngineResult | Exception | None] = [None] * len(requests)
+        jobs: list[Any] = []
+        index: list[int] = []
+        lengths: list[int] = []
+        for i, request in enumerate(requests):
+            try:
+                prompt = self.pair.encode(request.images, request.question, messages=request.messages)
+                limit = self.pair.max_positions
+                if isinstance(request, GenerateRequest):
+                    if limit is not None and len(prompt) + request.sampling.max_tokens > limit:
+                        raise InvalidInputError(
+                            f"prompt ({len(prompt)} tokens) + max_tokens ({request.sampling.max_tokens}) exceeds the "
+                            f"model's {limit} positions",
+                            param="max_tokens",
+                        )
+                    jobs.append(GenerateJob(prompt, request.n, request.sampling, request.reward))
+                else:
+                    answers = self.pair.encode_answers(request.answers, max_tokens=request.max_tokens)
+                    if limit is not None and len(prompt) + max(len(a) for a in answers) > limit:
+                        raise InvalidInputError(f"prompt + answer exceed the model's {limit} positions", param="answers")
+                    jobs.append(ScoreJob(prompt, answers, list(request.answers), request.reward))
+            except InvalidInputError as exc:
+                results[i] = exc
+                continue
+            index.append(i)
+            lengths.append(len(prompt))
+        if jobs:
+            for i, outcome in zip(index, self._run_jobs(jobs), strict=True):
+                results[i] = outcome
+        prompt_len = dict(zip(index, lengths, strict=True))
+        return [
+            EngineResult(r, prompt_len[i], len(jobs)) if not isinstance(r, Exception) else r  # type: ignore[arg-type]
+            for i, r in enumerate(results)
+        ]
+
+    def _run_jobs(self, jobs: list[Any]) -> list[Ranking | Exception]:
+        from reward.pair import GenerateJob
+
+        run = self.pair.generate_batch if isinstance(jobs[0], GenerateJob) else self.pair.score_batch
+        try:
+            return list(run(jobs))
+        except InvalidInputError as exc:
+            if len(jobs) == 1:
+                return [exc]
+            return [self._run_jobs([job])[0] for job in jobs]  # isolate the culprit
+
+    def warmup(self) -> float:
+        """One tiny best-of-2 and one scoring pass, so the first request pays no first-call costs."""
+        from PIL import Image
+
+        from reward.sampling import SamplingParams
+
+        start = time.perf_counter()
+        image = Image.new("RGB", (32, 32), (200, 30, 30))
+        params = SamplingParams(temperature=1.0, max_tokens=2, seed=0)
+        batches = (
+            [GenerateRequest([image], "warm up", None, 2, params, self.pair.reward)],
+            [ScoreRequest([image], "warm up", None, ["warm up"], self.pair.reward, 8)],
+        )
+        for batch in batches:
+            for outcome in self.run_batch(batch):
+                if isinstance(outcome, Exception):
+                    raise outcome
+        return time.perf_counter() - start
+
+
+def load_engine(bundle: str, *, device: str | None, dtype: str, trust_remote_code: bool) -> tuple[Engine, float]:
+    """Load the bundle's pair; returns the engine and the load time in seconds."""
+    from reward.bundle import load_bundle
+
+    start = time.perf_counter()
+    pair = load_bundle(bundle, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    return Engine(pair), time.perf_counter() - start

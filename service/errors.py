@@ -1,0 +1,198 @@
+"""Errors of the HTTP layer and the one place every exception becomes an HTTP response.
+
+    ServiceError                (status, type, code, param)
+    ├── BadRequest              400 invalid_request_error
+    ├── Unauthorized            401 authentication_error
+    ├── Forbidden               403 permission_error
+    ├── NotFound                404 not_found_error
+    ├── PayloadTooLarge         413 invalid_request_error
+    ├── Overloaded              429 rate_limit_error (Retry-After)
+    ├── Unavailable             503 service_unavailable (Retry-After)
+    └── DeadlineExceeded        504 timeout_error
+
+`reward.InvalidInputError` (and its ImageError/AnswerError) map to 400 with
+their `param`; pydantic validation errors map to 400 naming the field; any
+other exception is a bug and becomes a sanitised 500 (logged with its traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from reward.errors import InvalidInputError, RewardError
+
+log = logging.getLogger("rlaifv.service")
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="Human-readable explanation.")
+    type: str = Field(description="Error class, e.g. invalid_request_error, authentication_error, rate_limit_error.")
+    param: str | None = Field(None, description="Dotted path of the offending request field, when one is to blame.")
+    code: str | None = Field(None, description="Machine-readable code, e.g. invalid_image, queue_full, invalid_api_key.")
+
+
+class ErrorResponse(BaseModel):
+    """The error envelope of every non-2xx response (the OpenAI API's shape)."""
+
+    error: ErrorDetail
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {"error": {"message": "n must be <= 16", "type": "invalid_request_error", "param": "n", "code": "invalid_value"}}
+            ]
+        }
+    }
+
+
+class ServiceError(Exception):
+    status = 500
+    type = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.code
+        self.headers = headers or {}
+
+
+class BadRequest(ServiceError):
+    status, type, code = 400, "invalid_request_error", "invalid_value"
+
+
+class Unauthorized(ServiceError):
+    status, type, code = 401, "authentication_error", "missing_api_key"
+
+
+class Forbidden(ServiceError):
+    status, type, code = 403, "permission_error", "invalid_api_key"
+
+
+class NotFound(ServiceError):
+    status, type, code = 404, "not_found_error", "not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    status, type, code = 413, "invalid_request_error", "body_too_large"
+
+
+class Overloaded(ServiceError):
+    status, type, code = 429, "rate_limit_error", "queue_full"
+
+
+class Unavailable(ServiceError):
+    status, type, code = 503, "service_unavailable", "not_ready"
+
+
+class DeadlineExceeded(ServiceError):
+    status, type, code = 504, "timeout_error", "deadline_exceeded"
+
+
+class ClientDisconnected(Exception):
+    """The client went away while its request waited; nobody reads the answer."""
+
+
+def error_body(status: int, type_: str, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(status: int, type_: str, message: str, param: str | None = None, code: str | None = None, headers=None) -> JSONResponse:
+    return JSONResponse(error_body(status, type_, message, param, code), status_code=status, headers=headers)
+
+
+def _field_path(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    if not parts:
+        return None
+    out = parts[0]
+    for part in parts[1:]:
+        out += f"[{part}]" if part.isdigit() else f".{part}"
+    return out
+
+
+def _validation_message(err: dict[str, Any]) -> str:
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        return f"request body is not valid JSON: {err.get('ctx', {}).get('error', 'parse error')}"
+    if kind == "extra_forbidden":
+        return f"unknown field '{_field_path(err.get('loc', ())) or '?'}'"
+    if kind == "missing":
+        return f"field '{_field_path(err.get('loc', ())) or '?'}' is required"
+    path = _field_path(err.get("loc", ()))
+    return f"{path}: {err.get('msg', 'invalid value')}" if path else str(err.get("msg", "invalid request"))
+
+
+async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    kind = first.get("type", "")
+    code = {"json_invalid": "invalid_json", "extra_forbidden": "unknown_field", "missing": "missing_field"}.get(kind, "invalid_value")
+    param = None if kind == "json_invalid" else _field_path(first.get("loc", ()))
+    message = _validation_message(first)
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return error_response(400, "invalid_request_error", _sanitise(message), param, code)
+
+
+def _sanitise(message: str, limit: int = 500) -> str:
+    text = message if len(message) <= limit else message[: limit - 3] + "..."
+    return text
+
+
+async def _service_error_handler(request: Request, exc: ServiceError) -> JSONResponse:
+    return error_response(exc.status, exc.type, _sanitise(exc.message), exc.param, exc.code, headers=exc.headers or None)
+
+
+async def _invalid_input_handler(request: Request, exc: InvalidInputError) -> JSONResponse:
+    from reward.errors import AnswerError, ImageError
+
+    code = "invalid_image" if isinstance(exc, ImageError) else "invalid_answer" if isinstance(exc, AnswerError) else "invalid_value"
+    return error_response(400, "invalid_request_error", _sanitise(exc.message), exc.param, code)
+
+
+async def _http_exception_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kinds = {404: ("not_found_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed"),
+        413: ("invalid_request_error", "body_too_large"),
+    }
+    type_, code = kinds.get(exc.status_code, ("invalid_request_error" if exc.status_code < 500 else "internal_error", None))
+    return error_response(exc.status_code, type_, _sanitise(str(exc.detail)), None, code, headers=getattr(exc, "headers", None))
+
+
+async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, RewardError):
+        log.error("reward core error", exc_info=exc)
+    else:
+        log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal_error", "internal server error", None, "internal_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(ServiceError, _service_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(InvalidInputError, _invalid_input_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_exception_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unhandled_handler)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting the error envelope for these statuses."""
+    text = {
+        400: "Invalid request: malformed JSON, unknown field, value out of bounds, bad image (the field is named in `param`).",
+        401: "API key missing.",
+        403: "API key wrong.",
+        404: "Not found.",
+        413: "Request body over the size limit.",
+        429: "Queue full or over quota; retry after `Retry-After` seconds.",
+        503: "Model not loaded yet or shutting down.",
+        504: "The request's deadline passed before it was served.",
+    }
+    return {s: {"model": ErrorResponse, "description": text.get(s, "Error.")} for s in statuses}

@@ -1,0 +1,107 @@
+"""Image references from requests -> decoded RGB images, with the operator's limits.
+
+A reference is a data URL, bare base64, or an http(s) URL. Remote URLs are
+refused unless their host is listed in RLAIFV_ALLOWED_IMAGE_HOSTS (no SSRF);
+allowed ones are fetched with a timeout and a byte cap, following redirects
+only to the same host. Pixel counts are checked from the header before any
+pixel is decoded (decompression bombs), by `reward.images.decode_image`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from reward.errors import ImageError
+from reward.images import ImageLimits, decode_base64, decode_image
+from service.settings import Settings
+
+MAX_REDIRECTS = 3
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    host = host.lower().rstrip(".")
+    for entry in allowed:
+        entry = entry.lower().rstrip(".")
+        if entry.startswith("*.") and host.endswith(entry[1:]):
+            return True
+        if host == entry:
+            return True
+    return False
+
+
+class ImageLoader:
+    """Turns image references into PIL images; owns the HTTP client for allowed remote hosts."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.limits = ImageLimits(
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            allowed_formats=frozenset(settings.allowed_image_formats),
+        )
+        self._client: httpx.AsyncClient | None = None
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def read(self, ref: str, param: str) -> bytes:
+        """The encoded bytes of one reference."""
+        text = ref.strip()
+        scheme = text.split(":", 1)[0].lower() if ":" in text[:10] else ""
+        if scheme in ("http", "https"):
+            return await self._fetch(text, param)
+        if scheme and scheme != "data":
+            raise ImageError(f"unsupported image URL scheme '{scheme}' (use a data URL)", param=param)
+        data = decode_base64(text, param)
+        if len(data) > self.limits.max_bytes:
+            raise ImageError(f"image is {len(data)} bytes, over the limit of {self.limits.max_bytes}", param=param)
+        return data
+
+    async def load(self, refs: list[tuple[str, str]]) -> tuple[list, list[bytes]]:
+        """Decoded images and their bytes, in order. Decoding runs off the event loop."""
+        raw = [await self.read(ref, param) for ref, param in refs]
+        images = []
+        for data, (_, param) in zip(raw, refs, strict=True):
+            images.append(await asyncio.to_thread(decode_image, data, self.limits, param))
+        return images, raw
+
+    async def _fetch(self, url: str, param: str) -> bytes:
+        allowed = self.settings.allowed_image_hosts
+        if not allowed:
+            raise ImageError("remote image URLs are not allowed on this server; send a data URL", param=param)
+        try:
+            origin = urlsplit(url).hostname or ""
+        except ValueError:
+            raise ImageError("malformed image URL", param=param) from None
+        if not host_allowed(origin, allowed):
+            raise ImageError(f"image host '{origin}' is not in the allowed hosts", param=param)
+        if self._client is None:
+            timeout = httpx.Timeout(self.settings.image_fetch_timeout_s)
+            self._client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                async with self._client.stream("GET", url) as response:
+                    if response.is_redirect:
+                        target = urljoin(url, response.headers.get("location", ""))
+                        if (urlsplit(target).hostname or "") != origin or urlsplit(target).scheme not in ("http", "https"):
+                            raise ImageError("image URL redirects to another host", param=param)
+                        url = target
+                        continue
+                    if response.status_code != 200:
+                        raise ImageError(f"image URL answered HTTP {response.status_code}", param=param)
+                    declared = response.headers.get("content-length")
+                    if declared and declared.isdigit() and int(declared) > self.limits.max_bytes:
+                        raise ImageError(f"image is {declared} bytes, over the limit of {self.limits.max_bytes}", param=param)
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > self.limits.max_bytes:
+                            raise ImageError(f"image is over the limit of {self.limits.max_bytes} bytes", param=param)
+                    return bytes(body)
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+                raise ImageError(f"cannot fetch image URL: {type(exc).__name__}", param=param) from None
+        raise ImageError("image URL redirects too many times", param=param)

@@ -1,0 +1,59 @@
+"""Prometheus metrics of the service, in one registry per app (tests run several apps in one process).
+
+Names follow Prometheus conventions: `rlaifv_` prefix, `_total` counters,
+`_seconds` durations, base units.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+REWARD_BUCKETS = (-5, -2, -1, -0.5, -0.2, -0.1, -0.05, -0.02, -0.01, 0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+MARGIN_BUCKETS = (0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "rlaifv_http_requests", "HTTP requests by route template, method and status.", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "rlaifv_http_request_duration_seconds",
+            "HTTP request latency by route template and status.",
+            ["route", "method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("rlaifv_queue_depth", "Requests waiting for the model.", registry=r)
+        self.batch_size = Histogram(
+            "rlaifv_batch_size", "Requests sharing one forward pass, by kind.", ["kind"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.rejected = Counter("rlaifv_requests_rejected", "Requests not served, by reason.", ["reason"], registry=r)
+        self.generated_tokens = Counter("rlaifv_generated_tokens", "Answer tokens sampled by the policy.", registry=r)
+        self.scored_tokens = Counter("rlaifv_scored_tokens", "Answer tokens whose reward terms were computed.", registry=r)
+        self.prompt_tokens = Counter("rlaifv_prompt_tokens", "Prompt tokens (image tokens included) processed.", registry=r)
+        self.reward = Histogram(
+            "rlaifv_reward", "RLAIF-V reward of every candidate, by endpoint.", ["endpoint"], buckets=REWARD_BUCKETS, registry=r
+        )
+        self.best_margin = Histogram(
+            "rlaifv_best_reward_margin",
+            "Best reward minus the mean reward of the candidates of one request.",
+            ["endpoint"],
+            buckets=MARGIN_BUCKETS,
+            registry=r,
+        )
+        self.model_load = Gauge("rlaifv_model_load_seconds", "Time to load the model pair.", registry=r)
+        self.warmup = Gauge("rlaifv_model_warmup_seconds", "Time of the warm-up pass.", registry=r)
+        self.ready = Gauge("rlaifv_ready", "1 when the model is loaded and warm.", registry=r)
+        self.cache = Counter("rlaifv_reward_cache", "Reward cache lookups by result.", ["result"], registry=r)
+        self.jobs = Counter("rlaifv_jobs_items", "Batch-job items processed, by outcome.", ["outcome"], registry=r)
+
+    def observe_ranking(self, endpoint: str, rewards: list[float]) -> None:
+        for value in rewards:
+            self.reward.labels(endpoint=endpoint).observe(value)
+        if rewards:
+            self.best_margin.labels(endpoint=endpoint).observe(max(rewards) - sum(rewards) / len(rewards))

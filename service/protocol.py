@@ -1,0 +1,369 @@
+"""Wire schemas of the HTTP API, and their conversion to the reward core's parameters.
+
+Requests forbid unknown fields. Bounds that depend on the operator's settings
+(max n, max_tokens, images per request) are checked in the `to_*` conversions,
+which raise `BadRequest` naming the field.
+
+Log-probs in responses are *raw* model log-probs: softmax of the logits at
+temperature 1, without top-p/top-k, whatever the sampling settings were.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from reward.sampling import SamplingParams
+from reward.scoring import RewardConfig
+from service.errors import BadRequest
+from service.settings import Settings
+
+PNG_1PX = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+MAX_SEED = 2**63 - 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- shared pieces ---------------------------------------------------------------
+
+
+class RewardOptions(Strict):
+    """How candidates are scored. Unset fields take the bundle's values."""
+
+    mode: Literal["dpo"] = Field(
+        "dpo",
+        description="Reward mode. 'dpo': the RLAIF-V self-reward beta/T * sum_t log(pi_theta/pi_ref) "
+        "(the only mode so far; 'claims' verification will follow).",
+    )
+    beta: float | None = Field(None, gt=0, le=1000, description="DPO temperature; the bundle's beta (usually 0.1) when unset.")
+    normalize: Literal["mean", "sum"] | None = Field(
+        None, description="'mean' divides by the answer's token count T (default), 'sum' does not."
+    )
+
+    def to_config(self, default: RewardConfig) -> RewardConfig:
+        return RewardConfig(beta=self.beta or default.beta, normalize=self.normalize or default.normalize)
+
+
+class SamplingOptions(Strict):
+    """Decoding settings, the same for all n samples of a request."""
+
+    temperature: float = Field(1.0, ge=0, le=5, description="0 means greedy (all samples identical).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, le=1_000_000, description="0 disables top-k.")
+    max_tokens: int | None = Field(None, ge=1, description="Most new tokens per answer, end-of-turn included (server limit applies).")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed for reproducible samples.")
+
+    def to_params(self, settings: Settings, param: str = "sampling.max_tokens") -> SamplingParams:
+        max_tokens = self.max_tokens or settings.default_max_tokens
+        if max_tokens > settings.max_tokens:
+            raise BadRequest(f"max_tokens must be <= {settings.max_tokens}, got {max_tokens}", param=param)
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_tokens=max_tokens, seed=self.seed)
+
+
+class ImageURL(Strict):
+    url: str = Field(
+        description="A data URL (data:image/png;base64,...), or an http(s) URL when the operator allows its host.",
+        max_length=64 * 1024 * 1024,
+    )
+    detail: Literal["auto", "low", "high"] | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart] = Field(description="Text, or OpenAI content parts (text and image_url).")
+    name: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+
+
+def convert_messages(messages: list[ChatMessage], param: str = "messages") -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """OpenAI messages -> Hugging Face chat messages with {"type": "image"} parts, plus (image ref, field path) in order."""
+    if not messages:
+        raise BadRequest("messages must not be empty", param=param)
+    if messages[-1].role != "user":
+        raise BadRequest("the last message must come from the user", param=f"{param}[{len(messages) - 1}].role")
+    out: list[dict[str, Any]] = []
+    images: list[tuple[str, str]] = []
+    for i, message in enumerate(messages):
+        if isinstance(message.content, str):
+            out.append({"role": message.role, "content": [{"type": "text", "text": message.content}]})
+            continue
+        parts: list[dict[str, Any]] = []
+        for j, part in enumerate(message.content):
+            if isinstance(part, TextPart):
+                parts.append({"type": "text", "text": part.text})
+            else:
+                if message.role != "user":
+                    raise BadRequest("only user messages may carry images", param=f"{param}[{i}].content[{j}]")
+                parts.append({"type": "image"})
+                images.append((part.image_url.url, f"{param}[{i}].content[{j}].image_url.url"))
+        out.append({"role": message.role, "content": parts})
+    if not any(part.get("type") == "text" and part["text"].strip() for m in out for part in m["content"]):
+        raise BadRequest("messages contain no text", param=param)
+    return out, images
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="Prompt tokens (image tokens included) of the request.")
+    completion_tokens: int = Field(description="Answer tokens generated (best-of-N: all samples) or scored.")
+    total_tokens: int
+
+
+class RewardInfo(BaseModel):
+    mode: str = Field(description="Reward mode used.")
+    beta: float
+    normalize: Literal["mean", "sum"]
+
+
+class Timings(BaseModel):
+    queue_s: float = Field(description="Time spent waiting for the model.")
+    generate_s: float = Field(0.0, description="Sampling time of the batch the request ran in.")
+    score_s: float = Field(description="Reward scoring time of the batch the request ran in.")
+    total_s: float = Field(description="Server time from arrival to response.")
+
+
+class CandidateOut(BaseModel):
+    index: int = Field(description="Position of the candidate (sampling order, or the order answers were given).")
+    text: str
+    reward: float = Field(description="r = beta/T * sum_t[log pi_theta - log pi_ref] (no 1/T with normalize='sum').")
+    policy_logprob: float = Field(description="sum_t log pi_theta(y_t | x, y_<t), raw logits at temperature 1.")
+    reference_logprob: float = Field(description="sum_t log pi_ref(y_t | x, y_<t), raw logits at temperature 1.")
+    num_tokens: int = Field(description="T: answer tokens scored, end-of-turn included.")
+    finish_reason: Literal["stop", "length", "given"] = Field(description="'given' for answers sent to /v1/rewards.")
+
+
+# -- /v1/best-of-n -----------------------------------------------------------------
+
+
+class PromptFields(Strict):
+    model: str | None = Field(None, description="Model name from /v1/models; the served model when omitted.")
+    images: list[Annotated[str, Field(max_length=64 * 1024 * 1024)]] = Field(
+        default_factory=list,
+        description="Images as data URLs or bare base64 (or http(s) URLs from allowed hosts). Used with `question`.",
+    )
+    question: str | None = Field(None, description="The question about the images. Give this or `messages`.")
+    messages: list[ChatMessage] | None = Field(
+        None, description="A conversation in the OpenAI format, images as image_url parts. Give this or `question`."
+    )
+    reward: RewardOptions = Field(default_factory=RewardOptions)
+
+    def prompt(self, settings: Settings) -> tuple[str | None, list[dict[str, Any]] | None, list[tuple[str, str]]]:
+        """(question, HF messages, [(image ref, field path)]) with the operator's limits applied."""
+        if (self.question is None) == (self.messages is None):
+            raise BadRequest("give exactly one of `question` or `messages`", param="question")
+        if self.messages is not None and self.images:
+            raise BadRequest("with `messages`, pass images as image_url parts, not in `images`", param="images")
+        if self.messages is not None:
+            messages, images = convert_messages(self.messages)
+            question = None
+        else:
+            question, messages = self.question, None
+            if question is None or not question.strip():
+                raise BadRequest("question must not be empty", param="question")
+            if len(question) > settings.max_question_chars:
+                raise BadRequest(f"question is over {settings.max_question_chars} characters", param="question")
+            images = [(ref, f"images[{i}]") for i, ref in enumerate(self.images)]
+        if len(images) > settings.max_images:
+            raise BadRequest(f"at most {settings.max_images} images per request, got {len(images)}", param="images")
+        return question, messages, images
+
+
+class BestOfNRequest(PromptFields):
+    """Sample n answers, score each with the RLAIF-V reward, return the best and all scores."""
+
+    n: int = Field(4, ge=1, description="Candidates to sample (server limit RLAIFV_MAX_N applies).")
+    sampling: SamplingOptions = Field(default_factory=SamplingOptions)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "images": [PNG_1PX],
+                    "question": "What is in the image?",
+                    "n": 4,
+                    "sampling": {"temperature": 1.0, "max_tokens": 16, "seed": 0},
+                    "reward": {"mode": "dpo", "beta": 0.1, "normalize": "mean"},
+                }
+            ]
+        },
+    )
+
+
+class BestOfNResponse(BaseModel):
+    id: str
+    object: Literal["best_of_n"] = "best_of_n"
+    created: int
+    model: str
+    best_index: int = Field(description="argmax of the rewards; ties go to the lower index.")
+    best: CandidateOut
+    candidates: list[CandidateOut]
+    reward: RewardInfo
+    usage: Usage
+    timings: Timings
+
+
+# -- /v1/rewards ---------------------------------------------------------------------
+
+
+class RewardsRequest(PromptFields):
+    """Score given answers (e.g. written by another model) for an image+question."""
+
+    answers: list[str] = Field(min_length=1, description="Answers to score; the end-of-turn token is appended to each.")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "images": [PNG_1PX],
+                    "question": "What is in the image?",
+                    "answers": ["a red circle.", "a blue square and a dog."],
+                }
+            ]
+        },
+    )
+
+
+class RewardsResponse(BaseModel):
+    id: str
+    object: Literal["rewards"] = "rewards"
+    created: int
+    model: str
+    rewards: list[float] = Field(description="Reward of each answer, in the order given.")
+    best_index: int
+    candidates: list[CandidateOut]
+    reward: RewardInfo
+    usage: Usage
+    timings: Timings
+    cached: bool = Field(False, description="True when the result came from the reward cache.")
+
+
+# -- /v1/chat/completions --------------------------------------------------------------
+
+
+class ChatCompletionRequest(Strict):
+    """OpenAI chat completions, plus `best_of`: sample best_of answers and return the n with the highest reward."""
+
+    model: str = Field(description="Model name from /v1/models.")
+    messages: list[ChatMessage] = Field(min_length=1)
+    n: int = Field(1, ge=1, description="Choices returned (the top n by reward).")
+    best_of: int | None = Field(None, ge=1, description="Extension: candidates sampled (>= n); n when omitted.")
+    temperature: float | None = Field(None, ge=0, le=5)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (newer OpenAI name).")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stream: bool | None = Field(None, description="Streaming is not supported; must be false or omitted.")
+    user: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    reward: RewardOptions | None = Field(None, description="Extension: reward options.")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "tiny-llava",
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "text", "text": "What is in the image?"},
+                                {"type": "image_url", "image_url": {"url": PNG_1PX}},
+                            ],
+                        }
+                    ],
+                    "n": 2,
+                    "best_of": 4,
+                    "max_tokens": 16,
+                }
+            ]
+        },
+    )
+
+    def candidates(self, settings: Settings) -> int:
+        best_of = self.best_of if self.best_of is not None else self.n
+        if best_of < self.n:
+            raise BadRequest(f"best_of ({best_of}) must be >= n ({self.n})", param="best_of")
+        if self.n > settings.max_n:
+            raise BadRequest(f"n must be <= {settings.max_n}, got {self.n}", param="n")
+        if best_of > settings.max_n:
+            raise BadRequest(f"best_of must be <= {settings.max_n}, got {best_of}", param="best_of")
+        if self.stream:
+            raise BadRequest("streaming is not supported", param="stream")
+        return best_of
+
+    def to_params(self, settings: Settings) -> SamplingParams:
+        if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
+            raise BadRequest("max_tokens and max_completion_tokens disagree", param="max_completion_tokens")
+        options = SamplingOptions(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            seed=self.seed,
+        )
+        return options.to_params(settings, param="max_tokens" if self.max_tokens is not None else "max_completion_tokens")
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+    reward: float = Field(description="Extension: the RLAIF-V reward of this answer.")
+    policy_logprob: float
+    reference_logprob: float
+    num_tokens: int
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice] = Field(description="The top n candidates by reward, best first.")
+    usage: Usage
+    best_of: int = Field(description="Candidates sampled.")
+    rewards: list[float] = Field(description="Rewards of all best_of candidates in sampling order.")
+    system_fingerprint: str | None = None
+
+
+# -- /v1/models, health ------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "rlaifv"
+    reward: RewardInfo
+    max_positions: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)

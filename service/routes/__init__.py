@@ -1,0 +1,1 @@
+"""HTTP routers: thin, one file per resource; logic lives in `service.serving`."""

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from service.deps import ServingDep
+from service.errors import error_responses
+from service.protocol import RewardsRequest, RewardsResponse
+
+router = APIRouter(tags=["reward"])
+
+
+@router.post(
+    "/v1/rewards",
+    response_model=RewardsResponse,
+    responses=error_responses(400, 401, 403, 404, 413, 429, 503, 504),
+    summary="Score given answers with the RLAIF-V reward",
+)
+async def rewards(body: RewardsRequest, request: Request, serving: ServingDep) -> RewardsResponse:
+    """Scores answers written by anyone (e.g. another model) for the image(s) and question, and
+    returns every reward and the best index. Deterministic, so results may come from the cache."""
+    return await serving.rewards(body, request)

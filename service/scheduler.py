@@ -1,0 +1,196 @@
+"""The asyncio scheduler between HTTP handlers and the engine's model thread.
+
+- Bounded queue: when `max_queue` requests already wait, `submit` raises
+  `Overloaded` (HTTP 429 with Retry-After) at once instead of queueing.
+- Micro-batching: the first waiting request opens a batch; requests of the same
+  kind arriving within `batch_window_s` (up to `max_batch`) join it and share
+  one forward pass. `max_batch=1` turns batching off.
+- Deadlines: each request carries one; a request whose deadline passes while it
+  waits is answered 504 and never reaches the model.
+- Cancellation: when the client goes away, its request is dropped from the
+  queue (a batch already running on the model finishes; its answer is discarded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.engine import Engine, EngineResult, GenerateRequest, ScoreRequest
+from service.errors import ClientDisconnected, DeadlineExceeded, Overloaded, Unavailable
+from service.metrics import Metrics
+
+log = logging.getLogger("rlaifv.service")
+
+
+@dataclass
+class _Item:
+    request: GenerateRequest | ScoreRequest
+    deadline: float
+    future: asyncio.Future = field(repr=False)
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None
+
+
+@dataclass
+class Outcome:
+    result: EngineResult
+    queue_s: float
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_queue: int,
+        max_batch: int,
+        batch_window_s: float,
+        retry_after_s: int,
+        metrics: Metrics,
+    ) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.batch_window_s = batch_window_s
+        self.retry_after_s = retry_after_s
+        self.metrics = metrics
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
+        self._held: _Item | None = None  # an item of another kind, first in the next batch
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self.in_flight = 0
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize() + (1 if self._held is not None else 0)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="rlaifv-scheduler")
+
+    async def close(self, grace_s: float) -> None:
+        """Refuse new work, let queued work finish within `grace_s`, then stop."""
+        self._closing = True
+        end = time.monotonic() + grace_s
+        while (self.depth or self.in_flight) and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(Unavailable("server is shutting down", code="shutting_down"))
+
+    async def submit(
+        self,
+        request: GenerateRequest | ScoreRequest,
+        *,
+        timeout_s: float,
+        disconnected: Callable[[], Awaitable[Any]] | None = None,
+    ) -> Outcome:
+        """Queue `request` and wait for its result, its deadline, or the client leaving."""
+        if self._closing:
+            raise Unavailable("server is shutting down", code="shutting_down", headers={"Retry-After": str(self.retry_after_s)})
+        loop = asyncio.get_running_loop()
+        item = _Item(request, time.monotonic() + timeout_s, loop.create_future())
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.metrics.rejected.labels(reason="queue_full").inc()
+            raise Overloaded(
+                f"server busy: {self._queue.maxsize} requests already waiting",
+                code="queue_full",
+                headers={"Retry-After": str(self.retry_after_s)},
+            ) from None
+        self.metrics.queue_depth.set(self.depth)
+        watcher = asyncio.create_task(disconnected()) if disconnected is not None else None
+        try:
+            waiters = {item.future} | ({watcher} if watcher else set())
+            done, _ = await asyncio.wait(waiters, timeout=max(0.0, item.deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
+            if item.future in done:
+                result = item.future.result()
+                return Outcome(result, (item.started or item.enqueued) - item.enqueued)
+            if watcher is not None and watcher in done:
+                self.metrics.rejected.labels(reason="client_disconnected").inc()
+                raise ClientDisconnected()
+            self.metrics.rejected.labels(reason="deadline").inc()
+            raise DeadlineExceeded(f"request not served within {timeout_s:g} s", code="deadline_exceeded")
+        finally:
+            if not item.future.done():
+                item.future.cancel()  # the batcher skips cancelled items
+            if watcher is not None:
+                watcher.cancel()
+
+    # -- the batching loop ---------------------------------------------------------
+
+    async def _next(self, timeout: float | None) -> _Item | None:
+        if self._held is not None:
+            item, self._held = self._held, None
+            return item
+        if timeout is None:
+            return await self._queue.get()
+        if timeout <= 0:
+            try:
+                return self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+    def _live(self, item: _Item) -> bool:
+        if item.future.done():
+            return False
+        if time.monotonic() > item.deadline:
+            item.future.set_exception(DeadlineExceeded("request deadline passed while queued"))
+            return False
+        return True
+
+    async def _collect(self) -> list[_Item]:
+        first = await self._next(None)
+        while not self._live(first):
+            first = await self._next(None)
+        batch = [first]
+        window_end = time.monotonic() + self.batch_window_s
+        while len(batch) < self.max_batch:
+            item = await self._next(window_end - time.monotonic())
+            if item is None:
+                break
+            if not self._live(item):
+                continue
+            if item.request.kind != first.request.kind:
+                self._held = item
+                break
+            batch.append(item)
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._collect()
+            self.metrics.queue_depth.set(self.depth)
+            now = time.monotonic()
+            for item in batch:
+                item.started = now
+            self.in_flight = len(batch)
+            self.metrics.batch_size.labels(kind=batch[0].request.kind).observe(len(batch))
+            try:
+                outcomes = await self.engine.call(self.engine.run_batch, [item.request for item in batch])
+            except Exception as exc:  # a bug in the engine: fail this batch, keep serving
+                log.exception("batch failed")
+                outcomes = [exc] * len(batch)
+            finally:
+                self.in_flight = 0
+            for item, outcome in zip(batch, outcomes, strict=True):
+                if item.future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    item.future.set_exception(outcome)
+                else:
+                    item.future.set_result(outcome)

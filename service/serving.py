@@ -1,0 +1,238 @@
+"""Serving classes: turn validated wire requests into engine requests, and rankings into wire responses.
+
+Routers stay thin: they fetch the `Serving` from `app.state` and call one method.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+
+from reward.scoring import top_k
+from service.engine import GenerateRequest, ScoreRequest
+from service.errors import BadRequest, NotFound
+from service.protocol import (
+    BestOfNRequest,
+    BestOfNResponse,
+    CandidateOut,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    RewardInfo,
+    RewardOptions,
+    RewardsRequest,
+    RewardsResponse,
+    Timings,
+    Usage,
+)
+from service.scheduler import Outcome
+
+if TYPE_CHECKING:
+    from reward.results import Ranking
+    from reward.scoring import RewardConfig
+    from service.cache import RewardCache
+    from service.engine import Engine
+    from service.images import ImageLoader
+    from service.metrics import Metrics
+    from service.scheduler import Scheduler
+    from service.settings import Settings
+
+
+def _candidates(ranking: Ranking) -> list[CandidateOut]:
+    return [
+        CandidateOut(
+            index=i,
+            text=c.text,
+            reward=c.reward,
+            policy_logprob=c.policy_logprob,
+            reference_logprob=c.reference_logprob,
+            num_tokens=c.num_tokens,
+            finish_reason=c.finish_reason,
+        )
+        for i, c in enumerate(ranking.candidates)
+    ]
+
+
+def _reward_info(options: RewardOptions, config: RewardConfig) -> RewardInfo:
+    return RewardInfo(mode=options.mode, beta=config.beta, normalize=config.normalize)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client has gone away (the request body is already read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class Serving:
+    """The request handlers' logic, shared by the native and OpenAI-compatible routes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        scheduler: Scheduler,
+        images: ImageLoader,
+        metrics: Metrics,
+        cache: RewardCache | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.scheduler = scheduler
+        self.images = images
+        self.metrics = metrics
+        self.cache = cache
+        self.model_name = settings.model_name or engine.name
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise NotFound(f"model '{model}' does not exist; this server serves '{self.model_name}'", param="model", code="model_not_found")
+
+    def _check_n(self, n: int, param: str = "n") -> None:
+        if n > self.settings.max_n:
+            raise BadRequest(f"{param} must be <= {self.settings.max_n}, got {n}", param=param)
+
+    async def _run(self, engine_request: GenerateRequest | ScoreRequest, request: Request) -> Outcome:
+        return await self.scheduler.submit(
+            engine_request, timeout_s=self.settings.request_timeout_s, disconnected=lambda: _wait_for_disconnect(request)
+        )
+
+    def _timings(self, outcome: Outcome, arrived: float) -> Timings:
+        t = outcome.result.ranking.timings
+        return Timings(
+            queue_s=outcome.queue_s,
+            generate_s=t.get("generate_s", 0.0),
+            score_s=t.get("score_s", 0.0),
+            total_s=time.perf_counter() - arrived,
+        )
+
+    # -- POST /v1/best-of-n ------------------------------------------------------------
+
+    async def best_of_n(self, body: BestOfNRequest, request: Request) -> BestOfNResponse:
+        arrived = time.perf_counter()
+        self.check_model(body.model)
+        self._check_n(body.n)
+        sampling = body.sampling.to_params(self.settings)
+        config = body.reward.to_config(self.engine.pair.reward)
+        question, messages, refs = body.prompt(self.settings)
+        images, _ = await self.images.load(refs)
+        outcome = await self._run(GenerateRequest(images, question, messages, body.n, sampling, config), request)
+        ranking = outcome.result.ranking
+        candidates = _candidates(ranking)
+        generated = sum(c.num_tokens for c in candidates)
+        self._account("best_of_n", outcome, generated=generated)
+        return BestOfNResponse(
+            id=f"bon-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.model_name,
+            best_index=ranking.best_index,
+            best=candidates[ranking.best_index],
+            candidates=candidates,
+            reward=_reward_info(body.reward, config),
+            usage=Usage(prompt_tokens=outcome.result.prompt_tokens, completion_tokens=generated, total_tokens=outcome.result.prompt_tokens + generated),
+            timings=self._timings(outcome, arrived),
+        )
+
+    # -- POST /v1/rewards ------------------------------------------------------------------
+
+    async def rewards(self, body: RewardsRequest, request: Request) -> RewardsResponse:
+        arrived = time.perf_counter()
+        self.check_model(body.model)
+        if len(body.answers) > self.settings.max_answers:
+            raise BadRequest(f"at most {self.settings.max_answers} answers per request", param="answers")
+        for i, answer in enumerate(body.answers):
+            if len(answer) > self.settings.max_answer_chars:
+                raise BadRequest(f"answer is over {self.settings.max_answer_chars} characters", param=f"answers[{i}]")
+            if not answer.strip():
+                raise BadRequest("answers must be non-empty strings", param=f"answers[{i}]")
+        config = body.reward.to_config(self.engine.pair.reward)
+        question, messages, refs = body.prompt(self.settings)
+        images, raw = await self.images.load(refs)
+        key = None
+        if self.cache is not None:
+            key = self.cache.key(self.model_name, config, raw, question, messages, body.answers)
+            hit = await self.cache.get(key)
+            self.metrics.cache.labels(result="hit" if hit else "miss").inc()
+            if hit is not None:
+                response = RewardsResponse.model_validate_json(hit)
+                return response.model_copy(update={"id": f"rwd-{uuid.uuid4().hex}", "cached": True, "created": int(time.time())})
+        score = ScoreRequest(images, question, messages, list(body.answers), config, self.settings.max_tokens)
+        outcome = await self._run(score, request)
+        ranking = outcome.result.ranking
+        candidates = _candidates(ranking)
+        scored = sum(c.num_tokens for c in candidates)
+        self._account("rewards", outcome, generated=0)
+        response = RewardsResponse(
+            id=f"rwd-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.model_name,
+            rewards=[c.reward for c in candidates],
+            best_index=ranking.best_index,
+            candidates=candidates,
+            reward=_reward_info(body.reward, config),
+            usage=Usage(prompt_tokens=outcome.result.prompt_tokens, completion_tokens=scored, total_tokens=outcome.result.prompt_tokens + scored),
+            timings=self._timings(outcome, arrived),
+        )
+        if self.cache is not None and key is not None:
+            await self.cache.set(key, response.model_dump_json())
+        return response
+
+    # -- POST /v1/chat/completions -------------------------------------------------------------
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> ChatCompletionResponse:
+        self.check_model(body.model)
+        best_of = body.candidates(self.settings)
+        sampling = body.to_params(self.settings)
+        options = body.reward or RewardOptions()
+        config = options.to_config(self.engine.pair.reward)
+        from service.protocol import convert_messages
+
+        messages, refs = convert_messages(body.messages)
+        if len(refs) > self.settings.max_images:
+            raise BadRequest(f"at most {self.settings.max_images} images per request, got {len(refs)}", param="messages")
+        images, _ = await self.images.load(refs)
+        outcome = await self._run(GenerateRequest(images, None, messages, best_of, sampling, config), request)
+        ranking = outcome.result.ranking
+        rewards = ranking.rewards
+        generated = sum(c.num_tokens for c in ranking.candidates)
+        self._account("chat", outcome, generated=generated)
+        choices = []
+        for rank, i in enumerate(top_k(rewards, body.n)):
+            c = ranking.candidates[i]
+            choices.append(
+                ChatChoice(
+                    index=rank,
+                    message=ChatMessageOut(content=c.text),
+                    finish_reason="stop" if c.finish_reason == "stop" else "length",
+                    reward=c.reward,
+                    policy_logprob=c.policy_logprob,
+                    reference_logprob=c.reference_logprob,
+                    num_tokens=c.num_tokens,
+                )
+            )
+        prompt_tokens = outcome.result.prompt_tokens
+        return ChatCompletionResponse(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.model_name,
+            choices=choices,
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated),
+            best_of=best_of,
+            rewards=rewards,
+        )
+
+    def _account(self, endpoint: str, outcome: Outcome, *, generated: int) -> None:
+        ranking = outcome.result.ranking
+        self.metrics.prompt_tokens.inc(outcome.result.prompt_tokens)
+        self.metrics.generated_tokens.inc(generated)
+        self.metrics.scored_tokens.inc(sum(c.num_tokens for c in ranking.candidates))
+        self.metrics.observe_ranking(endpoint, ranking.rewards)
+
+    def describe(self) -> dict[str, Any]:
+        pair = self.engine.pair
+        return {"name": self.model_name, "reward": pair.reward, "max_positions": pair.max_positions}

@@ -1,0 +1,130 @@
+"""Service settings: one object, read from `RLAIFV_*` environment variables (CLI flags override them).
+
+Every limit has a safe default. List-valued settings accept JSON (`["a","b"]`)
+or a comma-separated string (`a,b`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "password", "test", "apikey", "api-key", "xxx"}
+
+
+def _split(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Configuration of `rlaifv serve`. Environment names are the field names upper-cased with `RLAIFV_`."""
+
+    model_config = SettingsConfigDict(env_prefix="RLAIFV_", extra="ignore", validate_default=True)
+
+    # -- model ------------------------------------------------------------------
+    bundle: Path | None = Field(None, description="Bundle folder (rlaifv.json + policy/ + reference/).")
+    model_name: str | None = Field(None, description="Name advertised by /v1/models; the bundle's name when unset.")
+    device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1'...; auto when unset.")
+    dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16.")
+    trust_remote_code: bool = Field(False, description="Allow model folders to run their own code (off by default).")
+    warmup: bool = Field(True, description="Run one tiny best-of-N before reporting ready.")
+
+    # -- HTTP -------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+    shutdown_grace_s: float = Field(30.0, ge=0, description="Time in-flight requests get to finish on shutdown.")
+
+    # -- limits -----------------------------------------------------------------
+    max_n: int = Field(16, ge=1, description="Largest n (and best_of) a request may ask for.")
+    max_tokens: int = Field(256, ge=1, description="Largest max_tokens per answer.")
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens when the request gives none.")
+    max_answers: int = Field(64, ge=1, description="Most answers one /v1/rewards request may score.")
+    max_answer_chars: int = Field(20_000, ge=1, description="Longest answer text accepted by /v1/rewards.")
+    max_question_chars: int = Field(20_000, ge=1)
+    max_images: int = Field(4, ge=1, description="Most images per request.")
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest encoded image, in bytes.")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Largest declared width*height (checked before decoding).")
+    allowed_image_formats: CommaList = Field(list(DEFAULT_IMAGE_FORMATS), description="PIL format names accepted.")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Largest request body; 413 above it.")
+    allowed_image_hosts: CommaList = Field(
+        default_factory=list,
+        description="Hosts remote http(s) image URLs may come from ('*.example.com' for subdomains). Empty: none.",
+    )
+    image_fetch_timeout_s: float = Field(5.0, gt=0)
+
+    # -- scheduler --------------------------------------------------------------
+    max_queue: int = Field(64, ge=1, description="Requests waiting for the model before 429s are returned.")
+    max_batch: int = Field(16, ge=1, description="Most requests sharing one forward pass; 1 disables micro-batching.")
+    batch_window_ms: float = Field(5.0, ge=0, description="How long the first request of a batch waits for company.")
+    request_timeout_s: float = Field(120.0, gt=0, description="Deadline of a request, queueing included (504 after it).")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429 responses.")
+
+    # -- auth -------------------------------------------------------------------
+    api_keys: CommaList = Field(default_factory=list, description="API keys; when any is set, /v1 routes need one.")
+    api_keys_file: Path | None = Field(None, description="File with one API key per line (# comments allowed).")
+    protect_metrics: bool = Field(False, description="Require an API key for /metrics too.")
+    allow_placeholder_keys: bool = Field(False, description="Accept keys like 'changeme' (development only).")
+
+    # -- redis ------------------------------------------------------------------
+    redis_url: str | None = Field(None, description="redis://... for jobs, reward cache and rate limits; memory when unset.")
+    cache_size: int = Field(1024, ge=0, description="Entries of the in-memory reward cache; 0 disables caching.")
+    cache_ttl_s: int = Field(3600, ge=1, description="Lifetime of a cached reward.")
+    rate_limit_per_minute: int = Field(0, ge=0, description="Requests per minute per API key (or client address); 0: off.")
+    jobs_stream: str = Field("rlaifv:jobs", description="Redis stream holding batch-job work items.")
+    jobs_workers: int = Field(1, ge=0, description="Job consumers this replica runs (0: accept jobs, run none).")
+    jobs_claim_idle_ms: int = Field(60_000, ge=100, description="Idle time after which another worker reclaims a job.")
+    jobs_max_items: int = Field(256, ge=1, description="Most items in one batch job.")
+    jobs_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long job status and results are kept.")
+
+    @field_validator("allowed_image_formats", "allowed_image_hosts", "api_keys", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split(value)
+
+    @field_validator("allowed_image_formats")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [v.upper() for v in value]
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.default_max_tokens > self.max_tokens:
+            self.default_max_tokens = self.max_tokens
+        if not self.allow_placeholder_keys:
+            bad = [k for k in self.load_api_keys() if k.lower() in PLACEHOLDER_KEYS or len(k) < 8]
+            if bad:
+                raise ValueError(
+                    "API keys must be at least 8 characters and not a placeholder such as 'changeme' "
+                    "(set RLAIFV_ALLOW_PLACEHOLDER_KEYS=true for development)"
+                )
+        return self
+
+    def load_api_keys(self) -> list[str]:
+        """Keys from RLAIFV_API_KEYS plus the lines of RLAIFV_API_KEYS_FILE."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            try:
+                lines = self.api_keys_file.read_text().splitlines()
+            except OSError as exc:
+                raise ValueError(f"cannot read api_keys_file {self.api_keys_file}: {exc.strerror}") from None
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return keys
+
+    def api_key_hashes(self) -> list[bytes]:
+        return [hashlib.sha256(key.encode()).digest() for key in self.load_api_keys()]

@@ -1,0 +1,100 @@
+"""Claim splitting, question writing, scoring and the yes/no judge."""
+
+import pytest
+import torch
+from PIL import Image
+
+from reward.claims import RuleQuestionWriter, SpacyClaimSplitter, normalize_claim, verify_answers
+from reward.judge import YesNoJudge
+from reward.prompt import encode_prompt
+from reward.scoring import RewardConfig
+
+
+@pytest.mark.parametrize(
+    ("answer", "claims"),
+    [
+        (
+            "a red circle, a blue square and a green triangle.",
+            ["There is a red circle.", "There is a blue square.", "There is a green triangle."],
+        ),
+        ("There is a cat and a dog. The sky is blue.", ["There is a cat.", "There is a dog.", "The sky is blue."]),
+        ("The dog has a red collar.", ["The dog has a red collar."]),
+        ("", []),
+    ],
+)
+def test_splitter(answer, claims):
+    assert SpacyClaimSplitter().split(answer) == claims
+
+
+@pytest.mark.parametrize(
+    ("claim", "question"),
+    [
+        ("There is a red circle.", "Is there a red circle in the image? Please answer yes or no."),
+        ("There are two dogs.", "Are there two dogs in the image? Please answer yes or no."),
+        ("The sky is not blue.", "Is the sky not blue? Please answer yes or no."),
+        ("The dog has a collar.", "Is it true that the dog has a collar? Please answer yes or no."),
+    ],
+)
+def test_question_writer(claim, question):
+    assert RuleQuestionWriter().question(claim) == question
+
+
+def test_normalize_claim_matches_repeats():
+    assert normalize_claim("There is a red circle.") == normalize_claim("there is the red circle")
+    assert normalize_claim("There is a red circle.") != normalize_claim("There is a blue circle.")
+
+
+class ScriptedLabeler:
+    """Answers yes exactly for the objects it is told are present."""
+
+    def __init__(self, present):
+        self.present = present
+        self.asked = []
+
+    def p_yes(self, image, questions):
+        self.asked.extend(questions)
+        return [0.9 if any(f" {obj} " in q for obj in self.present) else 0.1 for q in questions]
+
+
+def test_verify_answers_scores_rejections_and_repeats():
+    labeler = ScriptedLabeler({"red circle", "blue square"})
+    answers = [
+        "a red circle and a blue square.",  # 0 rejected
+        "a red circle and a green star.",  # 1 rejected
+        "a red circle, a red circle and a cat.",  # 1 rejected + 1 repeat
+        "a green star, a yellow cat, a dog.",  # 3 rejected
+    ]
+    verdicts = verify_answers(None, answers, labeler)
+    assert [v.score for v in verdicts] == [0.0, -1.0, -2.0, -3.0]
+    assert [(v.rejected, v.repeated) for v in verdicts] == [(0, 0), (1, 0), (1, 1), (3, 0)]
+    assert len(labeler.asked) == len(set(labeler.asked))  # each distinct question asked once
+    assert verdicts[2].claims[1].repeated and verdicts[2].claims[1].accepted
+
+
+def test_judge_shares_the_image_prefix_and_matches_separate_forwards(tiny_pair):
+    judge = YesNoJudge(tiny_pair.policy, tiny_pair.processor)
+    image = Image.new("RGB", (32, 32), (255, 0, 0))
+    questions = ["Is there a red circle in the image? Please answer yes or no.", "Is there a cat?", "Is it true?"]
+    got = judge.p_yes(image, questions)
+    with torch.no_grad():
+        for question, value in zip(questions, got, strict=True):
+            prompt = encode_prompt(tiny_pair.processor, [image], question)
+            probs = tiny_pair.policy(input_ids=prompt.input_ids[None], **prompt.vision).logits[0, -1].softmax(-1)
+            yes, no = probs[judge.yes_ids].sum(), probs[judge.no_ids].sum()
+            assert value == pytest.approx(float(yes / (yes + no)), abs=1e-5)
+
+
+def test_claims_reward_mode_ranks_by_verification(tiny_bundle):
+    from reward import load_bundle
+
+    pair = load_bundle(tiny_bundle)
+    pair._labeler = ScriptedLabeler({"red circle"})
+    image = Image.new("RGB", (32, 32), (255, 0, 0))
+    answers = ["a cat and a dog.", "a red circle.", "a red circle and a cat."]
+    ranking = pair.score(image, "What is in the image?", answers, reward=RewardConfig(mode="claims"))
+    assert ranking.rewards == [-2.0, 0.0, -1.0]
+    assert ranking.best_index == 1
+    assert [c.accepted for c in ranking.best.claims] == [True]
+    # The implicit reward is still reported beside the ranking reward.
+    dpo = pair.score(image, "What is in the image?", answers)
+    assert [c.implicit_reward for c in ranking.candidates] == pytest.approx(dpo.rewards, abs=1e-9)

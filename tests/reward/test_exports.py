@@ -1,0 +1,34 @@
+import subprocess
+import sys
+
+import reward
+
+
+def test_public_api_is_pinned():
+    assert sorted(reward.__all__) == sorted(
+        [
+            "AnswerError",
+            "BundleError",
+            "BundleManifest",
+            "Candidate",
+            "ImageError",
+            "InvalidInputError",
+            "ModelLoadError",
+            "ModelPair",
+            "Ranking",
+            "RewardConfig",
+            "RewardError",
+            "SamplingParams",
+            "implicit_reward",
+            "load_bundle",
+            "select_best",
+        ]
+    )
+    for name in reward.__all__:
+        assert getattr(reward, name) is not None
+
+
+def test_importing_reward_does_not_import_torch():
+    code = "import sys, reward; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]

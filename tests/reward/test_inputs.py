@@ -1,0 +1,98 @@
+"""Bad inputs to the in-process API raise typed errors with clear messages."""
+
+import io
+
+import pytest
+from PIL import Image
+
+from reward import AnswerError, ImageError, InvalidInputError
+from reward.images import ImageLimits, decode_base64, decode_image, load_image
+
+
+def _png(size=(16, 16)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (1, 2, 3)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_empty_answer_list(tiny_pair, red_png):
+    with pytest.raises(AnswerError, match="non-empty list") as info:
+        tiny_pair.score(red_png, "What is in the image?", [])
+    assert info.value.param == "answers"
+
+
+@pytest.mark.parametrize("answers", [[""], ["   "], ["ok", None]])
+def test_empty_or_non_string_answers(tiny_pair, red_png, answers):
+    with pytest.raises(AnswerError, match="non-empty strings"):
+        tiny_pair.score(red_png, "What is in the image?", answers)
+
+
+def test_a_single_string_is_not_an_answer_list(tiny_pair, red_png):
+    with pytest.raises(AnswerError, match="list of strings"):
+        tiny_pair.score(red_png, "What is in the image?", "a red circle.")
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.5])
+def test_n_below_one(tiny_pair, red_png, n):
+    with pytest.raises(InvalidInputError, match="n must be a positive integer"):
+        tiny_pair.best_of_n(red_png, "What is in the image?", n=n)
+
+
+def test_non_image_bytes(tiny_pair):
+    with pytest.raises(ImageError, match="not a recognised image"):
+        tiny_pair.score(b"definitely not an image", "What?", ["a cat."])
+
+
+def test_empty_question(tiny_pair, red_png):
+    with pytest.raises(InvalidInputError, match="question must not be empty"):
+        tiny_pair.score(red_png, "  ", ["a cat."])
+
+
+def test_truncated_png():
+    data = _png((64, 64))
+    with pytest.raises(ImageError, match="could not be decoded"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_decompression_bomb_rejected_before_decoding():
+    # A 30000x30000 image declared in a tiny PNG header: rejected on the header alone.
+    bomb = io.BytesIO()
+    Image.new("1", (30000, 30000)).save(bomb, format="PNG")
+    assert len(bomb.getvalue()) < 200_000
+    with pytest.raises(ImageError, match="pixel limit"):
+        decode_image(bomb.getvalue())
+    # Below PIL's own guard, our configured limit still applies, naming the size.
+    big = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(big, format="PNG")
+    with pytest.raises(ImageError, match="5000x5000"):
+        decode_image(big.getvalue(), ImageLimits(max_pixels=1000 * 1000))
+
+
+def test_byte_limit_and_format_allow_list():
+    data = _png()
+    with pytest.raises(ImageError, match="over the limit"):
+        decode_image(data, ImageLimits(max_bytes=10))
+    with pytest.raises(ImageError, match="format PNG is not allowed"):
+        decode_image(data, ImageLimits(allowed_formats=frozenset({"JPEG"})))
+
+
+def test_data_urls_and_base64():
+    import base64
+
+    data = _png()
+    assert load_image("data:image/png;base64," + base64.b64encode(data).decode()).size == (16, 16)
+    assert load_image(base64.b64encode(data).decode()).size == (16, 16)
+    with pytest.raises(ImageError, match="not valid base64"):
+        decode_base64("data:image/png;base64,@@@")
+    with pytest.raises(ImageError, match="only base64"):
+        decode_base64("data:image/png,rawdata")
+
+
+def test_path_and_pil(tmp_path):
+    path = tmp_path / "x.png"
+    path.write_bytes(_png())
+    assert load_image(path).size == (16, 16)
+    assert load_image(str(path)).mode == "RGB"
+    assert load_image(Image.new("L", (4, 4))).mode == "RGB"
+    with pytest.raises(ImageError, match="unsupported image type"):
+        load_image(42)

@@ -1,0 +1,102 @@
+"""The log-prob primitive against plain full-sequence forwards (float32, 1e-4)."""
+
+import pytest
+import torch
+from PIL import Image
+
+from reward.logprobs import answer_logprobs, full_forward_logprobs
+from reward.sampling import SamplingParams
+
+TOL = 1e-4
+
+
+def _prompts(pair):
+    red = Image.new("RGB", (32, 32), (220, 20, 20))
+    blue = Image.new("RGB", (48, 40), (20, 20, 220))
+    return [
+        pair.encode([red], "What is in the image?"),
+        pair.encode([blue], "Describe this picture please, is there a blue square on the left?"),
+    ]
+
+
+def test_shared_prefix_equals_full_forward(tiny_pair):
+    prompts = _prompts(tiny_pair)
+    assert len(prompts[0]) != len(prompts[1])  # exercises left padding across prompts
+    answers = [
+        tiny_pair.encode_answers(["a red circle.", "there is a cat and a dog on the left.", "yes"]),
+        tiny_pair.encode_answers(["no.", "a blue square"]),
+    ]
+    with torch.no_grad():
+        shared = answer_logprobs(tiny_pair.policy, prompts, answers, tiny_pair.pad_id)
+        for prompt, group, results in zip(prompts, answers, shared, strict=True):
+            for answer, got in zip(group, results, strict=True):
+                want = full_forward_logprobs(tiny_pair.policy, prompt, answer)
+                assert got.shape == want.shape == (len(answer),)
+                assert torch.allclose(got, want, atol=TOL), (got - want).abs().max()
+
+
+def test_single_token_answer_and_empty_groups(tiny_pair):
+    prompts = _prompts(tiny_pair)
+    with torch.no_grad():
+        out = answer_logprobs(tiny_pair.policy, prompts, [[[tiny_pair.eot_id]], []], tiny_pair.pad_id)
+        want = full_forward_logprobs(tiny_pair.policy, prompts[0], [tiny_pair.eot_id])
+    assert out[1] == []
+    assert torch.allclose(out[0][0], want, atol=TOL)
+
+
+def test_generation_logprobs_equal_teacher_forced(tiny_pair):
+    prompts = _prompts(tiny_pair)
+    params = [
+        SamplingParams(temperature=1.3, top_p=0.9, max_tokens=12, seed=3),
+        SamplingParams(temperature=0.7, top_k=5, max_tokens=7, seed=4),
+    ]
+    samples = tiny_pair.sample(prompts, [4, 3], params)
+    assert [len(g) for g in samples] == [4, 3]
+    with torch.no_grad():
+        for prompt, group, p in zip(prompts, samples, params, strict=True):
+            for sample in group:
+                assert 1 <= len(sample.token_ids) <= p.max_tokens
+                want = full_forward_logprobs(tiny_pair.policy, prompt, sample.token_ids)
+                assert torch.allclose(sample.logprobs, want, atol=TOL), (sample.logprobs - want).abs().max()
+
+
+def test_sampling_is_reproducible_by_seed_and_never_emits_blocked_tokens(tiny_pair):
+    prompts = _prompts(tiny_pair)[:1]
+    params = [SamplingParams(temperature=1.5, max_tokens=16, seed=11)]
+    first = tiny_pair.sample(prompts, [6], params)[0]
+    again = tiny_pair.sample(prompts, [6], params)[0]
+    assert [s.token_ids for s in first] == [s.token_ids for s in again]
+    blocked = set(tiny_pair.blocked_ids)
+    assert tiny_pair.tokenizer.convert_tokens_to_ids("<image>") in blocked
+    for sample in first:
+        assert not blocked & set(sample.token_ids)
+        if sample.finish_reason == "stop":
+            assert sample.token_ids[-1] in tiny_pair.stop_ids
+
+
+def test_greedy_is_deterministic_without_seed(tiny_pair):
+    prompts = _prompts(tiny_pair)[:1]
+    params = [SamplingParams(temperature=0.0, max_tokens=8)]
+    a = tiny_pair.sample(prompts, [3], params)[0]
+    assert len({tuple(s.token_ids) for s in a}) == 1
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_best_of_n_is_argmax_and_terms_are_consistent(tiny_pair, n):
+    image = Image.new("RGB", (32, 32), (0, 200, 0))
+    ranking = tiny_pair.best_of_n(image, "What is in the image?", n=n, seed=5, max_tokens=10)
+    assert len(ranking.candidates) == n
+    rewards = ranking.rewards
+    assert ranking.best_index == max(range(n), key=lambda i: (rewards[i], -i))
+    for c in ranking.candidates:
+        expect = tiny_pair.reward.beta * (c.policy_logprob - c.reference_logprob) / c.num_tokens
+        assert c.reward == pytest.approx(expect, abs=1e-9)
+        assert c.num_tokens == len(c.token_ids)
+    # Rescoring the sampled tokens through the scoring path gives the same terms.
+    prompt = tiny_pair.encode([image], "What is in the image?")
+    answers = [[c.token_ids for c in ranking.candidates]]
+    pol = tiny_pair.sequence_logprobs([prompt], answers, reference=False)[0]
+    ref = tiny_pair.sequence_logprobs([prompt], answers, reference=True)[0]
+    for c, p, r in zip(ranking.candidates, pol, ref, strict=True):
+        assert c.policy_logprob == pytest.approx(p, abs=TOL)
+        assert c.reference_logprob == pytest.approx(r, abs=TOL)

@@ -1,0 +1,52 @@
+"""A LoRA policy over the reference (one base in memory) scores like two separate full models."""
+
+import pytest
+import torch
+from PIL import Image
+
+from reward import load_bundle
+from reward.bundle import write_bundle
+
+
+@pytest.fixture(scope="module")
+def merged_two_model_bundle(tiny_lora_bundle, tmp_path_factory):
+    """The same policy as tiny_lora_bundle, but merged into a full second model."""
+    pair = load_bundle(tiny_lora_bundle)
+    merged_dir = tmp_path_factory.mktemp("merged") / "policy"
+    merged = pair.policy.merge_and_unload()
+    merged.save_pretrained(merged_dir, safe_serialization=True)
+    pair.processor.save_pretrained(merged_dir)
+    folder = tmp_path_factory.mktemp("merged") / "bundle"
+    write_bundle(folder, policy=merged_dir, reference=tiny_lora_bundle / "reference")
+    return folder
+
+
+def test_lora_pair_keeps_one_base_and_matches_two_models(tiny_lora_bundle, merged_two_model_bundle):
+    lora = load_bundle(tiny_lora_bundle)
+    two = load_bundle(merged_two_model_bundle)
+    assert lora.is_lora and lora.reference is None
+    assert not two.is_lora
+    image = Image.new("RGB", (32, 32), (10, 120, 240))
+    answers = ["a blue circle.", "there is a red square and a cat.", "no"]
+    a = lora.score(image, "What is in the image?", answers)
+    b = two.score(image, "What is in the image?", answers)
+    for x, y in zip(a.candidates, b.candidates, strict=True):
+        assert x.policy_logprob == pytest.approx(y.policy_logprob, abs=1e-4)
+        assert x.reference_logprob == pytest.approx(y.reference_logprob, abs=1e-4)
+        assert x.reward == pytest.approx(y.reward, abs=1e-4)
+    # The adapter matters: policy and reference differ, so rewards are not all zero.
+    assert max(abs(c.reward) for c in a.candidates) > 1e-6
+
+
+def test_lora_reference_is_the_base_with_adapter_disabled(tiny_lora_bundle):
+    pair = load_bundle(tiny_lora_bundle)
+    base = load_bundle(tiny_lora_bundle).policy.get_base_model()  # noqa: F841 - a second load must not alter the first
+    image = Image.new("RGB", (32, 32), (10, 120, 240))
+    prompt = pair.encode([image], "What is in the image?")
+    answers = [pair.encode_answers(["a blue circle."])]
+    with torch.no_grad():
+        ref = pair.sequence_logprobs([prompt], answers, reference=True)[0][0]
+        pol = pair.sequence_logprobs([prompt], answers, reference=False)[0][0]
+        # Disabling is scoped: the policy is active again afterwards.
+        assert pair.sequence_logprobs([prompt], answers, reference=False)[0][0] == pytest.approx(pol, abs=1e-6)
+    assert ref != pytest.approx(pol, abs=1e-6)

@@ -1,0 +1,313 @@
+"""Reading preference data and prompts from local files.
+
+Two layouts:
+
+- RLAIF-V-Dataset parquet (`openbmb/RLAIF-V-Dataset`): columns
+  image{bytes, path}, question, chosen, rejected, ds_name, origin_dataset,
+  origin_split (a JSON string), idx (a string), image_path. Give one file or a
+  folder (every `*.parquet` below it, in sorted order).
+- JSONL: one object per line with `image` (a path, relative to the JSONL file's
+  folder, or base64), `question`, and for preference data `chosen`/`rejected`.
+
+Errors are `DataError`s naming the file, the 0-based data row and the column.
+Images are decoded once while reading (with the reward core's safe decoder),
+so an undecodable image fails here, not halfway through training.
+
+Prompt sources feed the sampling rounds of `rlaifv train iterate`: any object
+with `prompts(round_index, count, seed) -> list[PromptItem]` and
+`describe() -> dict` works (the shapes world passes its image generator).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from trainer.errors import DataError, EmptyAnswerError, ImageDecodeError, MissingColumnError
+
+RLAIFV_COLUMNS = (
+    "ds_name",
+    "image",
+    "question",
+    "chosen",
+    "rejected",
+    "origin_dataset",
+    "origin_split",
+    "idx",
+    "image_path",
+)
+REQUIRED_PREFERENCE = ("image", "question", "chosen", "rejected")
+REQUIRED_PROMPT = ("image", "question")
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One image + question to sample answers for. `image` is encoded bytes (PNG/JPEG...) or a PIL image."""
+
+    id: str
+    image: Any
+    question: str
+
+
+@dataclass(frozen=True)
+class PreferenceRow:
+    """One (image, question, chosen, rejected) preference; `meta` keeps the other dataset columns."""
+
+    id: str
+    image: bytes
+    question: str
+    chosen: str
+    rejected: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def prompt(self) -> PromptItem:
+        return PromptItem(self.id, self.image, self.question)
+
+
+@runtime_checkable
+class PromptSource(Protocol):
+    """Where a sampling round gets its prompts: disjoint ones per round when the source allows it."""
+
+    def prompts(self, round_index: int, count: int, seed: int) -> list[PromptItem]:
+        """`count` prompts for round `round_index` (0-based); the same arguments give the same prompts."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able description for provenance (e.g. file hashes, generator settings)."""
+        ...
+
+
+def image_bytes(image: Any) -> bytes:
+    """Encoded bytes of a PromptItem image (PIL images are stored as PNG)."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_files(path: str | Path, suffixes: Sequence[str] = (".parquet", ".jsonl")) -> list[Path]:
+    """The data files at `path`: the file itself, or every matching file below a folder, sorted."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
+        if files:
+            return files
+        raise DataError(f"no {' or '.join(suffixes)} files in folder", source=str(path))
+    raise DataError("no such file or folder", source=str(path))
+
+
+def describe_files(files: Sequence[Path]) -> list[dict[str, str]]:
+    return [{"path": str(p), "sha256": sha256_file(p)} for p in files]
+
+
+# -- validation helpers ------------------------------------------------------------------------
+
+
+def _text(value: Any, *, source: str, row: int, column: str) -> str:
+    if value is None or not isinstance(value, str) or not value.strip():
+        got = "missing" if value is None else ("empty" if isinstance(value, str) else f"a {type(value).__name__}")
+        raise EmptyAnswerError(f"must be non-empty text, got {got}", source=source, row=row, column=column)
+    return value
+
+
+def _check_image(data: bytes, *, source: str, row: int, column: str) -> bytes:
+    from reward.errors import ImageError
+    from reward.images import decode_image
+
+    try:
+        decode_image(data, param=column)
+    except ImageError as exc:
+        raise ImageDecodeError(f"undecodable image: {exc.message}", source=source, row=row, column=column) from None
+    return data
+
+
+def _read_image_ref(value: Any, base: Path, *, source: str, row: int, column: str) -> bytes:
+    """An image given as bytes, a {bytes, path} struct, a path (relative to `base`) or base64 text."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return _check_image(bytes(value["bytes"]), source=source, row=row, column=column)
+        value = value.get("path")
+    if isinstance(value, bytes | bytearray):
+        return _check_image(bytes(value), source=source, row=row, column=column)
+    if not isinstance(value, str) or not value.strip():
+        raise ImageDecodeError("no image bytes and no image path", source=source, row=row, column=column)
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base / path
+    if len(value) < 4096 and path.is_file():
+        return _check_image(path.read_bytes(), source=source, row=row, column=column)
+    if value.startswith("data:") or len(value) >= 256:
+        try:
+            payload = value.split(",", 1)[1] if value.startswith("data:") else value
+            return _check_image(base64.b64decode(payload, validate=True), source=source, row=row, column=column)
+        except ValueError:
+            pass
+    raise ImageDecodeError(f"image file {path} not found", source=source, row=row, column=column)
+
+
+# -- RLAIF-V parquet --------------------------------------------------------------------------
+
+
+def _parquet_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise DataError(f"not a readable parquet file: {exc}", source=str(path)) from None
+    names = parquet.schema_arrow.names
+    for column in required:
+        if column not in names:
+            raise MissingColumnError(
+                f"required column is missing (the file has: {', '.join(names)})", source=str(path), column=column
+            )
+    row = 0
+    for batch in parquet.iter_batches(batch_size=256):
+        for record in batch.to_pylist():
+            yield row, record
+            row += 1
+
+
+def _row_id(record: dict[str, Any], path: Path, row: int) -> str:
+    idx = record.get("idx")
+    return str(idx) if idx not in (None, "") else f"{path.stem}:{row}"
+
+
+def read_preferences(path: str | Path, *, limit: int | None = None) -> list[PreferenceRow]:
+    """Preference rows from RLAIF-V parquet file(s) or JSONL file(s) at `path` (file or folder)."""
+    rows: list[PreferenceRow] = []
+    for file in data_files(path):
+        reader = _parquet_preferences if file.suffix == ".parquet" else _jsonl_preferences
+        for item in reader(file):
+            rows.append(item)
+            if limit is not None and len(rows) >= limit:
+                return rows
+    if not rows:
+        raise DataError("no preference rows", source=str(path))
+    return rows
+
+
+def _preference(record: dict[str, Any], file: Path, row: int, row_id: str) -> PreferenceRow:
+    source = str(file)
+    image = _read_image_ref(record.get("image", record.get("image_path")), file.parent, source=source, row=row, column="image")
+    question = _text(record.get("question"), source=source, row=row, column="question")
+    chosen = _text(record.get("chosen"), source=source, row=row, column="chosen")
+    rejected = _text(record.get("rejected"), source=source, row=row, column="rejected")
+    meta = {k: v for k, v in record.items() if k not in REQUIRED_PREFERENCE and _jsonable(v)}
+    if isinstance(meta.get("origin_split"), str):
+        try:
+            meta["origin_split"] = json.loads(meta["origin_split"])
+        except json.JSONDecodeError:
+            pass
+    return PreferenceRow(row_id, image, question, chosen, rejected, meta)
+
+
+def _jsonable(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def _parquet_preferences(file: Path) -> Iterator[PreferenceRow]:
+    for row, record in _parquet_rows(file, REQUIRED_PREFERENCE):
+        yield _preference(record, file, row, _row_id(record, file, row))
+
+
+# -- JSONL ------------------------------------------------------------------------------------
+
+
+def _jsonl_records(file: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    with open(file, encoding="utf-8") as handle:
+        row = 0
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"line {lineno} is not valid JSON: {exc.msg}", source=str(file), row=row) from None
+            if not isinstance(record, dict):
+                raise DataError(f"line {lineno} is not a JSON object", source=str(file), row=row)
+            for column in required:
+                if column == "image" and "image" not in record and "image_path" in record:
+                    continue
+                if column not in record:
+                    raise MissingColumnError(f"required field is missing (line {lineno})", source=str(file), row=row, column=column)
+            yield row, record
+            row += 1
+
+
+def _jsonl_preferences(file: Path) -> Iterator[PreferenceRow]:
+    for row, record in _jsonl_records(file, REQUIRED_PREFERENCE):
+        yield _preference(record, file, row, str(record.get("id", record.get("idx", f"{file.stem}:{row}"))))
+
+
+# -- prompts ----------------------------------------------------------------------------------
+
+
+def read_prompts(path: str | Path, *, limit: int | None = None) -> list[PromptItem]:
+    """(image, question) prompts from parquet/JSONL; duplicate (image, question) pairs are kept once."""
+    items: list[PromptItem] = []
+    seen: set[str] = set()
+    for file in data_files(path):
+        if file.suffix == ".parquet":
+            records: Iterator[tuple[int, dict[str, Any]]] = _parquet_rows(file, REQUIRED_PROMPT)
+        else:
+            records = _jsonl_records(file, REQUIRED_PROMPT)
+        for row, record in records:
+            source = str(file)
+            image = _read_image_ref(record.get("image", record.get("image_path")), file.parent, source=source, row=row, column="image")
+            question = _text(record.get("question"), source=source, row=row, column="question")
+            key = hashlib.sha256(image + b"\0" + question.encode()).hexdigest()
+            if key in seen:
+                continue
+            seen.add(key)
+            items.append(PromptItem(str(record.get("id", record.get("idx", f"{file.stem}:{row}"))), image, question))
+            if limit is not None and len(items) >= limit:
+                return items
+    if not items:
+        raise DataError("no prompts", source=str(path))
+    return items
+
+
+class ListPromptSource:
+    """A fixed list of prompts, shuffled once by `seed`, handed out in disjoint slices per round.
+
+    When a round asks for more prompts than remain, it wraps around (prompts repeat
+    across rounds only when the list is too short for all rounds).
+    """
+
+    def __init__(self, items: Sequence[PromptItem], *, description: dict[str, Any] | None = None) -> None:
+        if not items:
+            raise DataError("a prompt source needs at least one prompt")
+        self.items = list(items)
+        self.description = description or {"kind": "list", "count": len(self.items)}
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> ListPromptSource:
+        files = data_files(path)
+        return cls(read_prompts(path), description={"kind": "files", "files": describe_files(files)})
+
+    def prompts(self, round_index: int, count: int, seed: int) -> list[PromptItem]:
+        order = list(range(len(self.items)))
+        random.Random(seed).shuffle(order)
+        start = round_index * count
+        return [self.items[order[(start + i) % len(order)]] for i in range(min(count, len(order)) if count > 0 else 0)]
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.description)

@@ -1,0 +1,480 @@
+"""DPO on (image, question, chosen, rejected) with the reward core's log-prob function.
+
+Why not TRL's `DPOTrainer`: (1) it refuses to precompute reference log-probs for
+vision data, so the frozen reference would run again on every step of every
+epoch; (2) it tokenizes prompt+answer its own way (`add_special_tokens=False`,
+its own truncation), so the log-probs it optimises would not be the ones the
+service scores. Here the policy and reference both go through
+`reward.logprobs.answer_logprobs` on prompts/answers encoded by
+`reward.prompt`, exactly as `ModelPair.score` does, so the implicit reward of a
+pair is the same number in training and in serving.
+
+    loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))  +  nll_weight * (-pi_c / T_c)
+
+pi/ref are *summed* answer log-probs (end-of-turn token included). Reference
+sums are computed once (no grad) and cached beside the pair data in
+`reference_logprobs.parquet`, keyed by the reference model and the pairs, so
+reruns and later epochs never recompute them.
+
+accelerate does device placement, gradient accumulation and multi-GPU/DeepSpeed
+(configure with `accelerate config` / `accelerate launch`; no code change). The
+model is wrapped in `PairScorer` so a data-parallel wrapper sees one forward per
+backward even though scoring runs the prefix and the answers separately.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trainer.data import PreferenceRow
+from trainer.dpo_config import DPOConfig
+from trainer.errors import DataError, RunStateError
+
+if TYPE_CHECKING:
+    import torch
+
+    from reward.prompt import EncodedPrompt
+
+REFERENCE_CACHE = "reference_logprobs.parquet"
+DPO_REPORT = "dpo_report.json"
+
+
+@dataclass
+class EncodedPair:
+    """A preference pair with answers tokenized as the service tokenizes them; reference sums once computed."""
+
+    id: str
+    image: bytes
+    question: str
+    chosen: str
+    rejected: str
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    ref_chosen: float | None = None
+    ref_rejected: float | None = None
+
+    def digest(self) -> str:
+        payload = json.dumps([self.question, self.chosen_ids, self.rejected_ids]).encode()
+        return hashlib.sha256(hashlib.sha256(self.image).digest() + payload).hexdigest()
+
+
+@dataclass
+class DPOTerms:
+    """Per-pair quantities of one batch, (B,) each; `loss` is the batch mean."""
+
+    loss: torch.Tensor
+    dpo_loss: torch.Tensor
+    nll: torch.Tensor
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+    @property
+    def margins(self) -> torch.Tensor:
+        return self.chosen_rewards - self.rejected_rewards
+
+
+@dataclass
+class DPOResult:
+    policy_dir: Path
+    policy_type: str
+    num_pairs: int
+    dropped_pairs: int
+    optimizer_steps: int
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    reference_cache: Path | None = None
+    reference_cache_hit: bool = False
+
+
+# -- encoding ---------------------------------------------------------------------------------
+
+
+def encode_pairs(
+    rows: Sequence[PreferenceRow], tokenizer: Any, *, eot_id: int, max_answer_tokens: int | None = None
+) -> tuple[list[EncodedPair], int]:
+    """Tokenize answers with `reward.prompt.encode_answer`; pairs over `max_answer_tokens` are dropped (counted)."""
+    from reward.prompt import encode_answer
+
+    pairs, dropped = [], 0
+    for row in rows:
+        chosen = encode_answer(tokenizer, row.chosen, eot_id=eot_id)
+        rejected = encode_answer(tokenizer, row.rejected, eot_id=eot_id)
+        if max_answer_tokens is not None and max(len(chosen), len(rejected)) > max_answer_tokens:
+            dropped += 1
+            continue
+        pairs.append(EncodedPair(row.id, row.image, row.question, row.chosen, row.rejected, chosen, rejected))
+    return pairs, dropped
+
+
+def encode_prompts(processor: Any, pairs: Sequence[EncodedPair], max_length: int | None = None) -> list[EncodedPrompt]:
+    """Image + question -> model prefix, via `reward.prompt.encode_prompt` (what `ModelPair.encode` does)."""
+    from reward.images import decode_image
+    from reward.prompt import encode_prompt
+
+    return [encode_prompt(processor, [decode_image(p.image)], p.question, max_length=max_length) for p in pairs]
+
+
+# -- the loss ---------------------------------------------------------------------------------
+
+
+def _pair_sums(model: Any, prompts: Sequence[EncodedPrompt], pairs: Sequence[EncodedPair], pad_id: int):
+    """Summed answer log-probs (B, 2) [chosen, rejected] and lengths (B, 2), prefix shared per pair."""
+    import torch
+
+    from reward.logprobs import answer_logprobs
+
+    per_token = answer_logprobs(model, prompts, [[p.chosen_ids, p.rejected_ids] for p in pairs], pad_id)
+    sums = torch.stack([torch.stack([group[0].sum(), group[1].sum()]) for group in per_token])
+    lengths = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs], device=sums.device)
+    return sums, lengths
+
+
+def _pair_scorer_class():
+    import torch
+
+    class PairScorer(torch.nn.Module):
+        """Wraps a model so one `forward` scores a batch of pairs (what DDP/DeepSpeed wrap)."""
+
+        def __init__(self, model: Any, pad_id: int) -> None:
+            super().__init__()
+            self.model = model
+            self.pad_id = pad_id
+
+        def forward(self, prompts: list, pairs: list) -> torch.Tensor:
+            sums, _ = _pair_sums(self.model, prompts, pairs, self.pad_id)
+            return sums
+
+    return PairScorer
+
+
+def dpo_terms(
+    policy_sums: torch.Tensor,
+    reference_sums: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    beta: float,
+    nll_weight: float = 0.0,
+) -> DPOTerms:
+    """The DPO loss from summed log-probs (B, 2) [chosen, rejected] of policy and reference.
+
+    chosen_rewards / rejected_rewards are beta * (pi - ref): the implicit reward
+    the service returns with `normalize="sum"` (divide by T for "mean").
+    """
+    import torch.nn.functional as F
+
+    reference_sums = reference_sums.to(policy_sums)
+    rewards = beta * (policy_sums - reference_sums)  # (B, 2)
+    logits = rewards[:, 0] - rewards[:, 1]
+    dpo_loss = -F.logsigmoid(logits)
+    nll = -policy_sums[:, 0] / lengths[:, 0].to(policy_sums)
+    loss = dpo_loss.mean() + nll_weight * nll.mean()
+    return DPOTerms(loss, dpo_loss, nll, policy_sums[:, 0], policy_sums[:, 1], rewards[:, 0], rewards[:, 1])
+
+
+def score_pairs(
+    model: Any, processor: Any, pairs: Sequence[EncodedPair], *, beta: float, nll_weight: float = 0.0, pad_id: int = 0
+) -> DPOTerms:
+    """The training computation for `pairs` under `model` (pairs must carry reference sums)."""
+    import torch
+
+    if any(p.ref_chosen is None or p.ref_rejected is None for p in pairs):
+        raise ValueError("pairs need reference log-probs; run compute_reference_logprobs first")
+    sums, lengths = _pair_sums(model, encode_prompts(processor, pairs), pairs, pad_id)
+    ref = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in pairs], dtype=torch.float64)
+    return dpo_terms(sums, ref, lengths, beta=beta, nll_weight=nll_weight)
+
+
+# -- reference log-probs, computed once -------------------------------------------------------
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """Identity of a model folder: its config and the names and sizes of its weight files."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.name in ("config.json", "adapter_config.json"):
+            digest.update(file.read_bytes())
+        elif file.suffix == ".safetensors" or file.name.endswith(".safetensors.index.json"):
+            digest.update(f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def reference_cache_key(reference_id: str, pairs: Sequence[EncodedPair]) -> str:
+    digest = hashlib.sha256(reference_id.encode())
+    for pair in pairs:
+        digest.update(pair.digest().encode())
+    return digest.hexdigest()
+
+
+def compute_reference_logprobs(
+    reference: Any, processor: Any, pairs: Sequence[EncodedPair], *, batch_size: int = 8, pad_id: int = 0, progress: bool = True
+) -> None:
+    """Fill `ref_chosen`/`ref_rejected` of every pair (no grad, same function as training and serving)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    was_training = reference.training
+    reference.eval()
+    with torch.no_grad():
+        for start in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", disable=not progress, unit="batch"):
+            batch = pairs[start : start + batch_size]
+            sums, _ = _pair_sums(reference, encode_prompts(processor, batch), batch, pad_id)
+            for pair, (chosen, rejected) in zip(batch, sums.double().tolist(), strict=True):
+                pair.ref_chosen, pair.ref_rejected = chosen, rejected
+    reference.train(was_training)
+
+
+def write_reference_cache(path: Path, pairs: Sequence[EncodedPair], key: str) -> None:
+    """Pairs with their reference sums: a self-contained parquet (images included), keyed in its metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "id": [p.id for p in pairs],
+            "image": pa.array([p.image for p in pairs], type=pa.binary()),
+            "question": [p.question for p in pairs],
+            "chosen": [p.chosen for p in pairs],
+            "rejected": [p.rejected for p in pairs],
+            "chosen_ids": pa.array([p.chosen_ids for p in pairs], type=pa.list_(pa.int32())),
+            "rejected_ids": pa.array([p.rejected_ids for p in pairs], type=pa.list_(pa.int32())),
+            "ref_chosen": pa.array([p.ref_chosen for p in pairs], type=pa.float64()),
+            "ref_rejected": pa.array([p.ref_rejected for p in pairs], type=pa.float64()),
+        }
+    ).replace_schema_metadata({"rlaifv_reference_key": key})
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def read_reference_cache(path: Path, key: str, pairs: Sequence[EncodedPair]) -> bool:
+    """Fill reference sums from the cache when it was made for this reference and these pairs."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return False
+    table = pq.read_table(path, columns=["ref_chosen", "ref_rejected"])
+    meta = table.schema.metadata or {}
+    if meta.get(b"rlaifv_reference_key", b"").decode() != key or table.num_rows != len(pairs):
+        return False
+    for pair, chosen, rejected in zip(pairs, table["ref_chosen"].to_pylist(), table["ref_rejected"].to_pylist(), strict=True):
+        pair.ref_chosen, pair.ref_rejected = chosen, rejected
+    return True
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+def _trainable_parameters(model: Any, config: DPOConfig) -> None:
+    if config.lora:
+        return
+    for name, param in model.named_parameters():
+        frozen = (config.freeze_vision and "vision_tower" in name) or (config.freeze_projector and "multi_modal_projector" in name)
+        param.requires_grad_(not frozen)
+
+
+def _optimizer(model: Any, config: DPOConfig):
+    import torch
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name or name.endswith(".bias") else decay).append(param)
+    if not decay and not no_decay:
+        raise RunStateError("no trainable parameters (check freeze_* settings and lora_targets)")
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+
+def _load_policy(config: DPOConfig, model_path: Path, device: Any, init_adapter: Path | None):
+    from reward.models import load_model
+
+    model = load_model(model_path, device=str(device), dtype=config.dtype)
+    if not config.lora:
+        if init_adapter is not None:
+            raise RunStateError("init_adapter needs lora=True")
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if init_adapter is not None:
+        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=config.lora_targets)
+    return get_peft_model(model, lora)
+
+
+def train_dpo(
+    config: DPOConfig,
+    rows: Sequence[PreferenceRow],
+    *,
+    model_path: str | Path,
+    output_dir: str | Path,
+    reference_path: str | Path | None = None,
+    init_adapter: str | Path | None = None,
+    progress: bool = True,
+) -> DPOResult:
+    """Train the model at `model_path` on `rows`; write `output_dir/policy` and `output_dir/dpo_report.json`.
+
+    Full fine-tune: the reference is the model at `reference_path` (default:
+    `model_path`), loaded only to precompute its log-probs and then freed.
+    LoRA: the reference is the base with the adapter disabled; `init_adapter`
+    continues training an existing adapter over the same base.
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from reward.models import load_model, load_processor
+    from reward.prompt import end_of_turn_id
+
+    started = time.time()
+    model_path, output_dir = Path(model_path), Path(output_dir)
+    reference_path = Path(reference_path) if reference_path is not None else model_path
+    init_adapter = Path(init_adapter) if init_adapter is not None else None
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision, cpu=config.cpu
+    )
+    show = progress and accelerator.is_local_main_process
+    set_seed(config.seed)
+
+    processor = load_processor(model_path)
+    tokenizer = processor.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pairs, dropped = encode_pairs(rows, tokenizer, eot_id=end_of_turn_id(tokenizer, config.end_of_turn), max_answer_tokens=config.max_answer_tokens)
+    if not pairs:
+        raise DataError(f"no usable pairs ({dropped} dropped over max_answer_tokens)")
+
+    policy = _load_policy(config, model_path, accelerator.device, init_adapter)
+    _trainable_parameters(policy, config)
+
+    # Reference log-probs: once, cached beside the pairs.
+    cache = output_dir / REFERENCE_CACHE
+    reference_id = model_fingerprint(reference_path if not config.lora else model_path)
+    key = reference_cache_key(reference_id, pairs)
+    hit = read_reference_cache(cache, key, pairs)
+    if not hit:
+        if config.lora:
+            with policy.disable_adapter():
+                compute_reference_logprobs(policy, processor, pairs, batch_size=config.ref_batch_size, pad_id=pad_id, progress=show)
+        else:
+            reference = load_model(reference_path, device=str(accelerator.device), dtype=config.dtype)
+            compute_reference_logprobs(reference, processor, pairs, batch_size=config.ref_batch_size, pad_id=pad_id, progress=show)
+            del reference
+        if accelerator.is_main_process:
+            write_reference_cache(cache, pairs, key)
+        accelerator.wait_for_everyone()
+
+    scorer = _pair_scorer_class()(policy, pad_id)
+    scorer.train()
+    optimizer = _optimizer(scorer, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = torch.utils.data.DataLoader(
+        list(range(len(pairs))), batch_size=config.batch_size, shuffle=True, generator=generator, collate_fn=list
+    )
+    updates_per_epoch = math.ceil(len(loader) / accelerator.num_processes / config.gradient_accumulation_steps)
+    total_updates = max(1, updates_per_epoch * config.epochs)
+    scheduler = get_scheduler(
+        config.lr_scheduler if config.lr_scheduler != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=math.ceil(config.warmup_ratio * total_updates) * accelerator.num_processes,
+        num_training_steps=total_updates * accelerator.num_processes,
+    )
+    scorer, optimizer, loader, scheduler = accelerator.prepare(scorer, optimizer, loader, scheduler)
+
+    history: list[dict[str, float]] = []
+    running: dict[str, list[float]] = {}
+    epoch_stats: dict[str, list[float]] = {}
+    updates = 0
+    bar = tqdm(total=total_updates, desc="DPO", disable=not show, unit="step")
+    for epoch in range(config.epochs):
+        epoch_stats = {}
+        for indices in loader:
+            batch = [pairs[int(i)] for i in indices]
+            prompts = encode_prompts(processor, batch)
+            with accelerator.accumulate(scorer):
+                sums = scorer(prompts, batch)
+                lengths = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in batch], device=sums.device)
+                ref = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in batch], dtype=sums.dtype, device=sums.device)
+                terms = dpo_terms(sums, ref, lengths, beta=config.beta, nll_weight=config.nll_weight)
+                accelerator.backward(terms.loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(scorer.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            stats = {
+                "loss": float(terms.loss.detach()),
+                "dpo_loss": float(terms.dpo_loss.detach().mean()),
+                "nll": float(terms.nll.detach().mean()),
+                "margin": float(terms.margins.detach().mean()),
+                "accuracy": float((terms.margins.detach() > 0).float().mean()),
+                "chosen_reward": float(terms.chosen_rewards.detach().mean()),
+                "rejected_reward": float(terms.rejected_rewards.detach().mean()),
+            }
+            for name, value in stats.items():
+                running.setdefault(name, []).append(value)
+                epoch_stats.setdefault(name, []).append(value)
+            if accelerator.sync_gradients:
+                updates += 1
+                bar.update(1)
+                if updates % config.log_every == 0 or updates == total_updates:
+                    means = {k: _mean(v) for k, v in running.items()}
+                    reduced = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean")) for k, v in means.items()}
+                    history.append({"step": updates, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **reduced})
+                    bar.set_postfix(loss=f"{reduced['loss']:.4f}", margin=f"{reduced['margin']:.3f}")
+                    running = {}
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    policy_dir = output_dir / "policy"
+    model = accelerator.unwrap_model(scorer).model
+    metrics = {f"train_{k}": _mean(v) for k, v in epoch_stats.items()}
+    if accelerator.is_main_process:
+        model.save_pretrained(policy_dir, safe_serialization=True)
+        if not config.lora:
+            processor.save_pretrained(policy_dir)
+        report = {
+            "kind": "dpo",
+            "config": config.to_dict(),
+            "model": str(model_path),
+            "reference": str(reference_path),
+            "init_adapter": str(init_adapter) if init_adapter else None,
+            "num_pairs": len(pairs),
+            "dropped_pairs": dropped,
+            "optimizer_steps": updates,
+            "num_processes": accelerator.num_processes,
+            "reference_cache": {"path": cache.name, "key": key, "hit": hit},
+            "metrics": metrics,
+            "history": history,
+            "seconds": time.time() - started,
+        }
+        (output_dir / DPO_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    return DPOResult(
+        policy_dir=policy_dir,
+        policy_type="lora" if config.lora else "full",
+        num_pairs=len(pairs),
+        dropped_pairs=dropped,
+        optimizer_steps=updates,
+        metrics=metrics,
+        history=history,
+        reference_cache=cache,
+        reference_cache_hit=hit,
+    )
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")

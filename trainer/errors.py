@@ -1,0 +1,55 @@
+"""Exceptions raised by the trainer.
+
+One root so callers (the CLI, the shapes world) can catch everything at once::
+
+    TrainerError
+    ├── ConfigError           a setting is out of range or inconsistent
+    ├── DataError             a data file is unusable; names the file, row and column
+    │   ├── MissingColumnError    a required column/field is absent
+    │   ├── ImageDecodeError      an image cannot be read or decoded
+    │   └── EmptyAnswerError      question/chosen/rejected is empty or not text
+    └── RunStateError         an output folder cannot be resumed (settings changed, files damaged)
+"""
+
+from __future__ import annotations
+
+
+class TrainerError(Exception):
+    """Root of every error raised by `trainer`."""
+
+
+class ConfigError(TrainerError, ValueError):
+    """A configuration value is invalid."""
+
+
+class DataError(TrainerError, ValueError):
+    """A data file cannot be used. `source`, `row` and `column` locate the problem when known."""
+
+    def __init__(self, message: str, *, source: str | None = None, row: int | None = None, column: str | None = None):
+        where = []
+        if source is not None:
+            where.append(str(source))
+        if row is not None:
+            where.append(f"row {row}")
+        if column is not None:
+            where.append(f"column '{column}'")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+        self.source = source
+        self.row = row
+        self.column = column
+
+
+class MissingColumnError(DataError):
+    """A required column (parquet) or field (JSONL) is missing."""
+
+
+class ImageDecodeError(DataError):
+    """An image could not be found, read or decoded."""
+
+
+class EmptyAnswerError(DataError):
+    """A question or answer is empty or not a string."""
+
+
+class RunStateError(TrainerError):
+    """An existing output folder does not match this run and cannot be resumed."""

@@ -1,0 +1,225 @@
+"""Divide-and-conquer AI feedback: sample candidates, verify their claims, score them.
+
+    prompt --policy, same SamplingParams for all N--> N candidates
+    candidate --splitter--> claims --writer--> yes/no questions --labeler--> p(yes)
+    score = -(rejected claims) - repeat_penalty * (repeated claims)
+
+Scoring is `reward.claims.verify_answers`, the function behind the service's
+`claims` reward mode, so feedback and serving score an answer identically.
+The labeler is the policy itself (self-feedback) or a separate model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trainer.data import PromptItem, image_bytes
+from trainer.errors import DataError
+from trainer.feedback_config import FeedbackConfig
+
+if TYPE_CHECKING:
+    from reward.claims import ClaimSplitter, QuestionWriter
+    from reward.judge import Labeler
+
+FEEDBACK_FILE = "feedback.parquet"
+
+
+@dataclass
+class ScoredAnswer:
+    text: str
+    score: float
+    rejected: int
+    repeated: int
+    claims: list[dict[str, Any]] = field(default_factory=list)
+    num_tokens: int = 0
+    finish_reason: str = "given"
+
+    @property
+    def num_claims(self) -> int:
+        return len(self.claims)
+
+
+@dataclass
+class PromptFeedback:
+    """Scored candidates for one prompt; `dropped` counts empty/truncated samples left out."""
+
+    id: str
+    image: bytes
+    question: str
+    answers: list[ScoredAnswer]
+    dropped: int = 0
+
+
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    """A per-prompt seed derived from the run seed and the prompt id (stable across resumes)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:4], "little")
+
+
+def make_splitter_and_writer(config: FeedbackConfig) -> tuple[ClaimSplitter, QuestionWriter]:
+    """The configured claim splitter and question writer (spaCy rules by default)."""
+    from reward.claims import RuleQuestionWriter, SpacyClaimSplitter
+
+    splitter: Any = SpacyClaimSplitter()
+    writer: Any = RuleQuestionWriter()
+    if "llm" in (config.splitter, config.question_writer):
+        from trainer.llm_rewriter import LLMClaimSplitter, LLMQuestionWriter, make_backend
+
+        backend = make_backend(model=config.llm_model, url=config.llm_url, name=config.llm_name)
+        if config.splitter == "llm":
+            splitter = LLMClaimSplitter(backend)
+        if config.question_writer == "llm":
+            writer = LLMQuestionWriter(backend)
+    return splitter, writer
+
+
+def make_labeler(config: FeedbackConfig, policy: Any, processor: Any, device: str | None = None) -> Labeler:
+    """Self-feedback (the policy judges) or a separate labeler model loaded from `config.labeler`."""
+    from reward.judge import YesNoJudge
+
+    if config.labeler == "self":
+        return YesNoJudge(policy, processor)
+    from reward.models import load_model, load_processor
+
+    return YesNoJudge(load_model(config.labeler, device=device), load_processor(config.labeler))
+
+
+def score_answers(
+    image: Any,
+    answers: Sequence[str],
+    labeler: Labeler,
+    splitter: ClaimSplitter,
+    writer: QuestionWriter,
+    config: FeedbackConfig,
+) -> list[ScoredAnswer]:
+    """Verify the answers to one image (a PIL image) and return their scores."""
+    from reward.claims import verify_answers
+
+    verdicts = verify_answers(
+        image, list(answers), labeler, splitter, writer, repeat_penalty=config.repeat_penalty, threshold=config.threshold
+    )
+    return [
+        ScoredAnswer(text=text, score=v.score, rejected=v.rejected, repeated=v.repeated, claims=[asdict(c) for c in v.claims])
+        for text, v in zip(answers, verdicts, strict=True)
+    ]
+
+
+def sample_candidates(pair: Any, prompts: Sequence[PromptItem], config: FeedbackConfig, *, seed: int) -> list[list[tuple[str, int, str]]]:
+    """N candidates per prompt as (text, num_tokens, finish_reason), one SamplingParams for all of a prompt's samples."""
+    from reward.sampling import SamplingParams
+
+    encoded = [pair.encode([image_bytes(p.image)], p.question) for p in prompts]
+    params = [
+        SamplingParams(
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k,
+            max_tokens=config.max_tokens,
+            seed=prompt_seed(seed, p.id),
+        )
+        for p in prompts
+    ]
+    samples = pair.sample(encoded, [config.num_samples] * len(prompts), params)
+    return [[(pair.decode(s.token_ids), len(s.token_ids), s.finish_reason) for s in group] for group in samples]
+
+
+def sampling_pair(policy: Any, processor: Any, end_of_turn: str | None = None) -> Any:
+    """A `ModelPair` used only to encode and sample (same stop/blocked tokens as the service)."""
+    from reward.pair import ModelPair, is_peft_model
+
+    return ModelPair(policy, processor, reference=None if is_peft_model(policy) else policy, end_of_turn=end_of_turn)
+
+
+def collect_feedback(
+    policy: Any,
+    processor: Any,
+    prompts: Sequence[PromptItem],
+    config: FeedbackConfig,
+    *,
+    labeler: Labeler | None = None,
+    splitter: ClaimSplitter | None = None,
+    writer: QuestionWriter | None = None,
+    seed: int | None = None,
+    end_of_turn: str | None = None,
+    progress: bool = True,
+) -> list[PromptFeedback]:
+    """Sample `config.num_samples` candidates per prompt from `policy` and score them by verification."""
+    from tqdm.auto import tqdm
+
+    from reward.images import decode_image
+
+    seed = config.seed if seed is None else seed
+    default_splitter, default_writer = make_splitter_and_writer(config) if splitter is None or writer is None else (None, None)
+    splitter = splitter or default_splitter
+    writer = writer or default_writer
+    labeler = labeler or make_labeler(config, policy, processor)
+    pair = sampling_pair(policy, processor, end_of_turn)
+    policy.eval()
+    results: list[PromptFeedback] = []
+    bar = tqdm(total=len(prompts), desc="feedback", unit="prompt", disable=not progress)
+    for start in range(0, len(prompts), config.prompt_batch):
+        batch = prompts[start : start + config.prompt_batch]
+        for item, candidates in zip(batch, sample_candidates(pair, batch, config, seed=seed), strict=True):
+            kept = [c for c in candidates if c[0].strip() and not (config.drop_truncated and c[2] == "length")]
+            data = image_bytes(item.image)
+            scored = score_answers(decode_image(data), [c[0] for c in kept], labeler, splitter, writer, config) if kept else []
+            for answer, (_, tokens, reason) in zip(scored, kept, strict=True):
+                answer.num_tokens, answer.finish_reason = tokens, reason
+            results.append(PromptFeedback(item.id, data, item.question, scored, dropped=len(candidates) - len(kept)))
+            bar.update(1)
+    bar.close()
+    return results
+
+
+def feedback_summary(feedback: Sequence[PromptFeedback]) -> dict[str, float]:
+    answers = [a for f in feedback for a in f.answers]
+    n = max(1, len(answers))
+    return {
+        "prompts": len(feedback),
+        "candidates": len(answers),
+        "dropped_candidates": sum(f.dropped for f in feedback),
+        "mean_score": sum(a.score for a in answers) / n,
+        "mean_rejected": sum(a.rejected for a in answers) / n,
+        "mean_repeated": sum(a.repeated for a in answers) / n,
+        "mean_claims": sum(a.num_claims for a in answers) / n,
+        "mean_words": sum(len(a.text.split()) for a in answers) / n,
+    }
+
+
+def write_feedback(path: str | Path, feedback: Sequence[PromptFeedback]) -> Path:
+    """Parquet: one row per prompt (id, image bytes, question, answers as JSON, dropped)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    table = pa.table(
+        {
+            "id": [f.id for f in feedback],
+            "image": pa.array([f.image for f in feedback], type=pa.binary()),
+            "question": [f.question for f in feedback],
+            "answers": [json.dumps([asdict(a) for a in f.answers]) for f in feedback],
+            "dropped": pa.array([f.dropped for f in feedback], type=pa.int32()),
+        }
+    )
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_feedback(path: str | Path) -> list[PromptFeedback]:
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    try:
+        records = pq.read_table(path).to_pylist()
+    except Exception as exc:
+        raise DataError(f"not a readable feedback file: {exc}", source=str(path)) from None
+    return [
+        PromptFeedback(r["id"], r["image"], r["question"], [ScoredAnswer(**a) for a in json.loads(r["answers"])], r["dropped"])
+        for r in records
+    ]

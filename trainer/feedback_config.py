@@ -1,0 +1,54 @@
+"""Settings of candidate sampling and divide-and-conquer feedback (`rlaifv feedback`, each iterate round)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from trainer.errors import ConfigError
+
+
+@dataclass
+class FeedbackConfig:
+    """Sample N answers per prompt with one decoding setting for all ("deconfounded"), then verify claims."""
+
+    num_samples: int = field(default=10, metadata={"help": "Candidates per prompt (RLAIF-V: 10)."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature, the same for every candidate."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling; 1 disables it."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 disables it."})
+    max_tokens: int = field(default=128, metadata={"help": "Maximum new tokens per candidate (RLAIF-V: 512)."})
+    drop_truncated: bool = field(default=True, metadata={"help": "Discard candidates that hit max_tokens without ending."})
+    labeler: str = field(default="self", metadata={"help": "'self' (the policy judges itself) or a model folder."})
+    splitter: Literal["spacy", "llm"] = field(default="spacy", metadata={"help": "Claim splitter: spaCy rules or an instruction LLM."})
+    question_writer: Literal["rules", "llm"] = field(default="rules", metadata={"help": "Claim -> yes/no question: rules or an LLM."})
+    llm_model: str | None = field(default=None, metadata={"help": "Instruction model folder for the LLM splitter/writer."})
+    llm_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible base URL (…/v1) for the LLM splitter/writer."})
+    llm_name: str = field(default="default", metadata={"help": "Model name sent to the OpenAI-compatible URL."})
+    repeat_penalty: float = field(default=1.0, metadata={"help": "Score penalty per repeated claim."})
+    threshold: float = field(default=0.5, metadata={"help": "A claim is accepted when p(yes) > threshold."})
+    prompt_batch: int = field(default=4, metadata={"help": "Prompts sampled together in one batch."})
+    seed: int = field(default=0, metadata={"help": "Base seed; each prompt gets its own derived seed."})
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_samples >= 2, "num_samples must be >= 2 (pairs need two answers)"),
+            (0.0 <= self.temperature <= 5.0, "temperature must be in [0, 5]"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (self.repeat_penalty >= 0, "repeat_penalty must be >= 0"),
+            (0.0 < self.threshold < 1.0, "threshold must be in (0, 1)"),
+            (self.prompt_batch >= 1, "prompt_batch must be >= 1"),
+            (self.splitter in ("spacy", "llm"), "splitter must be 'spacy' or 'llm'"),
+            (self.question_writer in ("rules", "llm"), "question_writer must be 'rules' or 'llm'"),
+            (bool(self.labeler), "labeler must be 'self' or a model folder"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        uses_llm = "llm" in (self.splitter, self.question_writer)
+        if uses_llm and (self.llm_model is None) == (self.llm_url is None):
+            raise ConfigError("the 'llm' splitter/question writer needs exactly one of llm_model or llm_url")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
