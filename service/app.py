@@ -46,7 +46,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = Redis.from_url(settings.redis_url)
         app.state.redis = redis
     engine, load_s = await asyncio.to_thread(
-        load_engine, str(settings.bundle), device=settings.device, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code
+        load_engine,
+        str(settings.bundle),
+        device=settings.device,
+        dtype=settings.dtype,
+        trust_remote_code=settings.trust_remote_code,
+        torch_threads=settings.torch_threads,
     )
     metrics.model_load.set(load_s)
     if settings.warmup:
@@ -61,19 +66,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     scheduler.start()
     images = ImageLoader(settings)
-    cache = RewardCache(size=settings.cache_size, ttl_s=settings.cache_ttl_s, redis=redis) if settings.cache_size > 0 else None
+    cache = (
+        RewardCache(size=settings.cache_size, ttl_s=settings.cache_ttl_s, redis=redis)
+        if settings.cache_size > 0
+        else None
+    )
     if settings.rate_limit_per_minute > 0:
         app.state.limiter = RateLimiter(per_minute=settings.rate_limit_per_minute, redis=redis)
     app.state.serving = Serving(settings, engine, scheduler, images, metrics, cache)
     jobs = None
-    if redis is not None and settings.jobs_workers > 0:
-        from service.jobs import JobWorkers
+    if redis is not None:
+        from service.jobs import JobStore, JobWorkers
 
-        jobs = JobWorkers(redis, app.state.serving, settings, metrics)
-        jobs.start()
+        app.state.job_store = JobStore(redis, settings)
+        if settings.jobs_workers > 0:
+            jobs = JobWorkers(app.state.job_store, app.state.serving, settings, metrics)
+            jobs.start()
     app.state.ready = True
     metrics.ready.set(1)
-    log.info("ready", extra={"model": app.state.serving.model_name, "load_s": round(load_s, 3), "bundle": str(settings.bundle)})
+    log.info(
+        "ready",
+        extra={"model": app.state.serving.model_name, "load_s": round(load_s, 3), "bundle": str(settings.bundle)},
+    )
     try:
         yield
     finally:
@@ -108,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.shutting_down = False
     app.state.redis = None
     app.state.limiter = None
+    app.state.job_store = None
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
     v1 = [Depends(enforce_limits)]

@@ -35,14 +35,18 @@ class KeyRing:
         return found
 
 
-def _authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None, header_key: str | None) -> str | None:
+def _authenticate(
+    request: Request, credentials: HTTPAuthorizationCredentials | None, header_key: str | None
+) -> str | None:
     keys: KeyRing = request.app.state.keys
     if not keys.enabled:
         return None
     key = header_key or (credentials.credentials if credentials is not None else None)
     if not key:
         raise Unauthorized(
-            "an API key is required: send 'Authorization: Bearer <key>'", code="missing_api_key", headers={"WWW-Authenticate": "Bearer"}
+            "an API key is required: send 'Authorization: Bearer <key>'",
+            code="missing_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
         )
     if not keys.check(key):
         raise Forbidden("the API key is not valid", code="invalid_api_key")

@@ -27,9 +27,17 @@ class RewardCache:
         self._memory: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
     @staticmethod
-    def key(model: str, config: RewardConfig, images: list[bytes], question: str | None, messages: Any, answers: list[str]) -> str:
+    def key(
+        model: str, config: RewardConfig, images: list[bytes], question: str | None, messages: Any, answers: list[str]
+    ) -> str:
         h = hashlib.sha256()
-        for part in (model, config.model_dump_json(), question or "", json.dumps(messages, sort_keys=True), json.dumps(answers)):
+        for part in (
+            model,
+            config.model_dump_json(),
+            question or "",
+            json.dumps(messages, sort_keys=True),
+            json.dumps(answers),
+        ):
             h.update(part.encode("utf-8", "surrogatepass"))
             h.update(b"\x00")
         for image in images:

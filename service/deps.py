@@ -27,7 +27,9 @@ async def enforce_limits(request: Request, key_id: Annotated[str | None, Depends
     retry = await limiter.hit(client)
     if retry is not None:
         request.app.state.metrics.rejected.labels(reason="rate_limited").inc()
-        raise Overloaded("rate limit exceeded for this API key", code="rate_limited", headers={"Retry-After": str(retry)})
+        raise Overloaded(
+            "rate limit exceeded for this API key", code="rate_limited", headers={"Retry-After": str(retry)}
+        )
 
 
 ServingDep = Annotated[Serving, Depends(get_serving)]

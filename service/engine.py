@@ -101,7 +101,9 @@ class Engine:
                 else:
                     answers = self.pair.encode_answers(request.answers, max_tokens=request.max_tokens)
                     if limit is not None and len(prompt) + max(len(a) for a in answers) > limit:
-                        raise InvalidInputError(f"prompt + answer exceed the model's {limit} positions", param="answers")
+                        raise InvalidInputError(
+                            f"prompt + answer exceed the model's {limit} positions", param="answers"
+                        )
                     jobs.append(ScoreJob(prompt, answers, list(request.answers), request.reward))
             except InvalidInputError as exc:
                 results[i] = exc
@@ -123,10 +125,10 @@ class Engine:
         run = self.pair.generate_batch if isinstance(jobs[0], GenerateJob) else self.pair.score_batch
         try:
             return list(run(jobs))
-        except InvalidInputError as exc:
+        except Exception as exc:
             if len(jobs) == 1:
                 return [exc]
-            return [self._run_jobs([job])[0] for job in jobs]  # isolate the culprit
+            return [self._run_jobs([job])[0] for job in jobs]  # isolate the culprit; the others still run
 
     def warmup(self) -> float:
         """One tiny best-of-2 and one scoring pass, so the first request pays no first-call costs."""
@@ -148,9 +150,16 @@ class Engine:
         return time.perf_counter() - start
 
 
-def load_engine(bundle: str, *, device: str | None, dtype: str, trust_remote_code: bool) -> tuple[Engine, float]:
+def load_engine(
+    bundle: str, *, device: str | None, dtype: str, trust_remote_code: bool, torch_threads: int | None = None
+) -> tuple[Engine, float]:
     """Load the bundle's pair; returns the engine and the load time in seconds."""
     from reward.bundle import load_bundle
+
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
 
     start = time.perf_counter()
     pair = load_bundle(bundle, device=device, dtype=dtype, trust_remote_code=trust_remote_code)

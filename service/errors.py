@@ -35,7 +35,9 @@ class ErrorDetail(BaseModel):
     message: str = Field(description="Human-readable explanation.")
     type: str = Field(description="Error class, e.g. invalid_request_error, authentication_error, rate_limit_error.")
     param: str | None = Field(None, description="Dotted path of the offending request field, when one is to blame.")
-    code: str | None = Field(None, description="Machine-readable code, e.g. invalid_image, queue_full, invalid_api_key.")
+    code: str | None = Field(
+        None, description="Machine-readable code, e.g. invalid_image, queue_full, invalid_api_key."
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -46,7 +48,14 @@ class ErrorResponse(BaseModel):
     model_config = {
         "json_schema_extra": {
             "examples": [
-                {"error": {"message": "n must be <= 16", "type": "invalid_request_error", "param": "n", "code": "invalid_value"}}
+                {
+                    "error": {
+                        "message": "n must be <= 16",
+                        "type": "invalid_request_error",
+                        "param": "n",
+                        "code": "invalid_value",
+                    }
+                }
             ]
         }
     }
@@ -57,7 +66,9 @@ class ServiceError(Exception):
     type = "internal_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
@@ -101,11 +112,15 @@ class ClientDisconnected(Exception):
     """The client went away while its request waited; nobody reads the answer."""
 
 
-def error_body(status: int, type_: str, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(
+    status: int, type_: str, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(status: int, type_: str, message: str, param: str | None = None, code: str | None = None, headers=None) -> JSONResponse:
+def error_response(
+    status: int, type_: str, message: str, param: str | None = None, code: str | None = None, headers=None
+) -> JSONResponse:
     return JSONResponse(error_body(status, type_, message, param, code), status_code=status, headers=headers)
 
 
@@ -135,7 +150,9 @@ async def _validation_handler(request: Request, exc: RequestValidationError) -> 
     errors = list(exc.errors())
     first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
     kind = first.get("type", "")
-    code = {"json_invalid": "invalid_json", "extra_forbidden": "unknown_field", "missing": "missing_field"}.get(kind, "invalid_value")
+    code = {"json_invalid": "invalid_json", "extra_forbidden": "unknown_field", "missing": "missing_field"}.get(
+        kind, "invalid_value"
+    )
     param = None if kind == "json_invalid" else _field_path(first.get("loc", ()))
     message = _validation_message(first)
     if len(errors) > 1:
@@ -149,22 +166,36 @@ def _sanitise(message: str, limit: int = 500) -> str:
 
 
 async def _service_error_handler(request: Request, exc: ServiceError) -> JSONResponse:
-    return error_response(exc.status, exc.type, _sanitise(exc.message), exc.param, exc.code, headers=exc.headers or None)
+    return error_response(
+        exc.status, exc.type, _sanitise(exc.message), exc.param, exc.code, headers=exc.headers or None
+    )
 
 
 async def _invalid_input_handler(request: Request, exc: InvalidInputError) -> JSONResponse:
     from reward.errors import AnswerError, ImageError
 
-    code = "invalid_image" if isinstance(exc, ImageError) else "invalid_answer" if isinstance(exc, AnswerError) else "invalid_value"
+    code = (
+        "invalid_image"
+        if isinstance(exc, ImageError)
+        else "invalid_answer"
+        if isinstance(exc, AnswerError)
+        else "invalid_value"
+    )
     return error_response(400, "invalid_request_error", _sanitise(exc.message), exc.param, code)
 
 
 async def _http_exception_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    kinds = {404: ("not_found_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed"),
+    kinds = {
+        404: ("not_found_error", "not_found"),
+        405: ("invalid_request_error", "method_not_allowed"),
         413: ("invalid_request_error", "body_too_large"),
     }
-    type_, code = kinds.get(exc.status_code, ("invalid_request_error" if exc.status_code < 500 else "internal_error", None))
-    return error_response(exc.status_code, type_, _sanitise(str(exc.detail)), None, code, headers=getattr(exc, "headers", None))
+    type_, code = kinds.get(
+        exc.status_code, ("invalid_request_error" if exc.status_code < 500 else "internal_error", None)
+    )
+    return error_response(
+        exc.status_code, type_, _sanitise(str(exc.detail)), None, code, headers=getattr(exc, "headers", None)
+    )
 
 
 async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -186,7 +217,7 @@ def install_error_handlers(app: FastAPI) -> None:
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` entries documenting the error envelope for these statuses."""
     text = {
-        400: "Invalid request: malformed JSON, unknown field, value out of bounds, bad image (the field is named in `param`).",
+        400: "Invalid request: malformed JSON, unknown field, value out of bounds, bad image (field in `param`).",
         401: "API key missing.",
         403: "API key wrong.",
         404: "Not found.",

@@ -66,7 +66,14 @@ class ImageLoader:
         raw = [await self.read(ref, param) for ref, param in refs]
         images = []
         for data, (_, param) in zip(raw, refs, strict=True):
-            images.append(await asyncio.to_thread(decode_image, data, self.limits, param))
+            image = await asyncio.to_thread(decode_image, data, self.limits, param)
+            long, short = max(image.size), max(1, min(image.size))
+            if long / short > self.settings.max_image_aspect:
+                raise ImageError(
+                    f"image is {image.width}x{image.height}: aspect ratio over {self.settings.max_image_aspect:g}",
+                    param=param,
+                )
+            images.append(image)
         return images, raw
 
     async def _fetch(self, url: str, param: str) -> bytes:
@@ -87,7 +94,10 @@ class ImageLoader:
                 async with self._client.stream("GET", url) as response:
                     if response.is_redirect:
                         target = urljoin(url, response.headers.get("location", ""))
-                        if (urlsplit(target).hostname or "") != origin or urlsplit(target).scheme not in ("http", "https"):
+                        if (urlsplit(target).hostname or "") != origin or urlsplit(target).scheme not in (
+                            "http",
+                            "https",
+                        ):
                             raise ImageError("image URL redirects to another host", param=param)
                         url = target
                         continue
@@ -95,13 +105,17 @@ class ImageLoader:
                         raise ImageError(f"image URL answered HTTP {response.status_code}", param=param)
                     declared = response.headers.get("content-length")
                     if declared and declared.isdigit() and int(declared) > self.limits.max_bytes:
-                        raise ImageError(f"image is {declared} bytes, over the limit of {self.limits.max_bytes}", param=param)
+                        raise ImageError(
+                            f"image is {declared} bytes, over the limit of {self.limits.max_bytes}", param=param
+                        )
                     body = bytearray()
                     async for chunk in response.aiter_bytes():
                         body += chunk
                         if len(body) > self.limits.max_bytes:
                             raise ImageError(f"image is over the limit of {self.limits.max_bytes} bytes", param=param)
                     return bytes(body)
+            except ImageError:
+                raise
             except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
                 raise ImageError(f"cannot fetch image URL: {type(exc).__name__}", param=param) from None
         raise ImageError("image URL redirects too many times", param=param)

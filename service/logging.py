@@ -104,7 +104,13 @@ class RequestContextMiddleware:
             self.metrics.latency.labels(route=template, method=method, status=str(status)).observe(elapsed)
             self.log.info(
                 "request",
-                extra={"method": method, "path": scope.get("path"), "route": template, "status": status, "duration_s": round(elapsed, 5)},
+                extra={
+                    "method": method,
+                    "path": scope.get("path"),
+                    "route": template,
+                    "status": status,
+                    "duration_s": round(elapsed, 5),
+                },
             )
             request_id_var.reset(token)
 
@@ -134,7 +140,13 @@ class RequestContextMiddleware:
 
     async def _reject_413(self, send: Send) -> None:
         body = json.dumps(
-            error_body(413, "invalid_request_error", f"request body is over the limit of {self.max_body_bytes} bytes", None, "body_too_large")
+            error_body(
+                413,
+                "invalid_request_error",
+                f"request body is over the limit of {self.max_body_bytes} bytes",
+                None,
+                "body_too_large",
+            )
         ).encode()
         await send(
             {

@@ -19,7 +19,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "rlaifv_http_requests", "HTTP requests by route template, method and status.", ["route", "method", "status"], registry=r
+            "rlaifv_http_requests",
+            "HTTP requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=r,
         )
         self.latency = Histogram(
             "rlaifv_http_request_duration_seconds",
@@ -30,14 +33,26 @@ class Metrics:
         )
         self.queue_depth = Gauge("rlaifv_queue_depth", "Requests waiting for the model.", registry=r)
         self.batch_size = Histogram(
-            "rlaifv_batch_size", "Requests sharing one forward pass, by kind.", ["kind"], buckets=BATCH_BUCKETS, registry=r
+            "rlaifv_batch_size",
+            "Requests sharing one forward pass, by kind.",
+            ["kind"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.rejected = Counter("rlaifv_requests_rejected", "Requests not served, by reason.", ["reason"], registry=r)
         self.generated_tokens = Counter("rlaifv_generated_tokens", "Answer tokens sampled by the policy.", registry=r)
-        self.scored_tokens = Counter("rlaifv_scored_tokens", "Answer tokens whose reward terms were computed.", registry=r)
-        self.prompt_tokens = Counter("rlaifv_prompt_tokens", "Prompt tokens (image tokens included) processed.", registry=r)
+        self.scored_tokens = Counter(
+            "rlaifv_scored_tokens", "Answer tokens whose reward terms were computed.", registry=r
+        )
+        self.prompt_tokens = Counter(
+            "rlaifv_prompt_tokens", "Prompt tokens (image tokens included) processed.", registry=r
+        )
         self.reward = Histogram(
-            "rlaifv_reward", "RLAIF-V reward of every candidate, by endpoint.", ["endpoint"], buckets=REWARD_BUCKETS, registry=r
+            "rlaifv_reward",
+            "RLAIF-V reward of every candidate, by endpoint.",
+            ["endpoint"],
+            buckets=REWARD_BUCKETS,
+            registry=r,
         )
         self.best_margin = Histogram(
             "rlaifv_best_reward_margin",

@@ -19,7 +19,9 @@ from reward.scoring import RewardConfig
 from service.errors import BadRequest
 from service.settings import Settings
 
-PNG_1PX = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+PNG_1PX = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+)
 MAX_SEED = 2**63 - 1
 
 
@@ -38,7 +40,9 @@ class RewardOptions(Strict):
         description="Reward mode. 'dpo': the RLAIF-V self-reward beta/T * sum_t log(pi_theta/pi_ref) "
         "(the only mode so far; 'claims' verification will follow).",
     )
-    beta: float | None = Field(None, gt=0, le=1000, description="DPO temperature; the bundle's beta (usually 0.1) when unset.")
+    beta: float | None = Field(
+        None, gt=0, le=1000, description="DPO temperature; the bundle's beta (usually 0.1) when unset."
+    )
     normalize: Literal["mean", "sum"] | None = Field(
         None, description="'mean' divides by the answer's token count T (default), 'sum' does not."
     )
@@ -53,14 +57,18 @@ class SamplingOptions(Strict):
     temperature: float = Field(1.0, ge=0, le=5, description="0 means greedy (all samples identical).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, le=1_000_000, description="0 disables top-k.")
-    max_tokens: int | None = Field(None, ge=1, description="Most new tokens per answer, end-of-turn included (server limit applies).")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most new tokens per answer, end-of-turn included (server limit applies)."
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed for reproducible samples.")
 
     def to_params(self, settings: Settings, param: str = "sampling.max_tokens") -> SamplingParams:
         max_tokens = self.max_tokens or settings.default_max_tokens
         if max_tokens > settings.max_tokens:
             raise BadRequest(f"max_tokens must be <= {settings.max_tokens}, got {max_tokens}", param=param)
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_tokens=max_tokens, seed=self.seed)
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_tokens=max_tokens, seed=self.seed
+        )
 
 
 class ImageURL(Strict):
@@ -68,7 +76,9 @@ class ImageURL(Strict):
         description="A data URL (data:image/png;base64,...), or an http(s) URL when the operator allows its host.",
         max_length=64 * 1024 * 1024,
     )
-    detail: Literal["auto", "low", "high"] | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    detail: Literal["auto", "low", "high"] | None = Field(
+        None, description="Accepted for OpenAI compatibility; ignored."
+    )
 
 
 class TextPart(Strict):
@@ -90,8 +100,10 @@ class ChatMessage(Strict):
     name: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
 
 
-def convert_messages(messages: list[ChatMessage], param: str = "messages") -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """OpenAI messages -> Hugging Face chat messages with {"type": "image"} parts, plus (image ref, field path) in order."""
+def convert_messages(
+    messages: list[ChatMessage], param: str = "messages"
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """OpenAI messages -> HF chat messages with {"type": "image"} parts, plus [(image ref, field path)] in order."""
     if not messages:
         raise BadRequest("messages must not be empty", param=param)
     if messages[-1].role != "user":
@@ -204,7 +216,39 @@ class BestOfNRequest(PromptFields):
     )
 
 
+_CANDIDATE_EXAMPLE = {
+    "index": 0,
+    "text": "a red circle.",
+    "reward": 0.0123,
+    "policy_logprob": -4.21,
+    "reference_logprob": -4.83,
+    "num_tokens": 5,
+    "finish_reason": "stop",
+}
+_USAGE_EXAMPLE = {"prompt_tokens": 26, "completion_tokens": 5, "total_tokens": 31}
+_TIMINGS_EXAMPLE = {"queue_s": 0.004, "generate_s": 0.05, "score_s": 0.01, "total_s": 0.07}
+
+
 class BestOfNResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "bon-3f1c...",
+                    "object": "best_of_n",
+                    "created": 1795377839,
+                    "model": "tiny-llava",
+                    "best_index": 0,
+                    "best": _CANDIDATE_EXAMPLE,
+                    "candidates": [_CANDIDATE_EXAMPLE],
+                    "reward": {"mode": "dpo", "beta": 0.1, "normalize": "mean"},
+                    "usage": _USAGE_EXAMPLE,
+                    "timings": _TIMINGS_EXAMPLE,
+                }
+            ]
+        }
+    )
+
     id: str
     object: Literal["best_of_n"] = "best_of_n"
     created: int
@@ -240,6 +284,26 @@ class RewardsRequest(PromptFields):
 
 
 class RewardsResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "rwd-9a0e...",
+                    "object": "rewards",
+                    "created": 1795377839,
+                    "model": "tiny-llava",
+                    "rewards": [0.0123],
+                    "best_index": 0,
+                    "candidates": [_CANDIDATE_EXAMPLE | {"finish_reason": "given"}],
+                    "reward": {"mode": "dpo", "beta": 0.1, "normalize": "mean"},
+                    "usage": _USAGE_EXAMPLE,
+                    "timings": _TIMINGS_EXAMPLE | {"generate_s": 0.0},
+                    "cached": False,
+                }
+            ]
+        }
+    )
+
     id: str
     object: Literal["rewards"] = "rewards"
     created: int
@@ -308,7 +372,11 @@ class ChatCompletionRequest(Strict):
         return best_of
 
     def to_params(self, settings: Settings) -> SamplingParams:
-        if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
             raise BadRequest("max_tokens and max_completion_tokens disagree", param="max_completion_tokens")
         options = SamplingOptions(
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -316,7 +384,9 @@ class ChatCompletionRequest(Strict):
             max_tokens=self.max_completion_tokens or self.max_tokens,
             seed=self.seed,
         )
-        return options.to_params(settings, param="max_tokens" if self.max_tokens is not None else "max_completion_tokens")
+        return options.to_params(
+            settings, param="max_tokens" if self.max_tokens is not None else "max_completion_tokens"
+        )
 
 
 class ChatMessageOut(BaseModel):
@@ -367,3 +437,63 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "loading", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+# -- /v1/jobs ----------------------------------------------------------------------------
+
+
+class JobRequest(Strict):
+    """A durable batch job: many best-of-n or rewards requests, run by workers from a Redis stream."""
+
+    kind: Literal["best_of_n", "rewards"] = Field(description="Which endpoint each item is a request for.")
+    items: list[dict[str, Any]] = Field(
+        min_length=1, description="Request bodies, each exactly as for POST /v1/best-of-n or /v1/rewards."
+    )
+    metadata: dict[str, str] = Field(default_factory=dict, description="Free-form labels stored with the job.")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "kind": "rewards",
+                    "items": [
+                        {"images": [PNG_1PX], "question": "What is in the image?", "answers": ["a dot.", "a cat."]}
+                    ],
+                    "metadata": {"run": "eval-7"},
+                }
+            ]
+        },
+    )
+
+
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class Job(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    kind: Literal["best_of_n", "rewards"]
+    status: JobStatusName = Field(description="succeeded when every item has a result (some items may have failed).")
+    created: int
+    updated: int
+    total: int = Field(description="Items in the job.")
+    completed: int = Field(description="Items answered successfully.")
+    failed: int = Field(description="Items answered with an error.")
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class JobItemResult(BaseModel):
+    index: int
+    status: Literal["succeeded", "failed"]
+    result: dict[str, Any] | None = Field(
+        None, description="The endpoint's response body (BestOfNResponse or RewardsResponse)."
+    )
+    error: dict[str, Any] | None = Field(None, description="The error envelope's `error` object when the item failed.")
+
+
+class JobResults(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    status: JobStatusName
+    data: list[JobItemResult] = Field(description="Results so far, by item index.")

@@ -96,7 +96,9 @@ class Scheduler:
     ) -> Outcome:
         """Queue `request` and wait for its result, its deadline, or the client leaving."""
         if self._closing:
-            raise Unavailable("server is shutting down", code="shutting_down", headers={"Retry-After": str(self.retry_after_s)})
+            raise Unavailable(
+                "server is shutting down", code="shutting_down", headers={"Retry-After": str(self.retry_after_s)}
+            )
         loop = asyncio.get_running_loop()
         item = _Item(request, time.monotonic() + timeout_s, loop.create_future())
         try:
@@ -112,7 +114,9 @@ class Scheduler:
         watcher = asyncio.create_task(disconnected()) if disconnected is not None else None
         try:
             waiters = {item.future} | ({watcher} if watcher else set())
-            done, _ = await asyncio.wait(waiters, timeout=max(0.0, item.deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                waiters, timeout=max(0.0, item.deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            )
             if item.future in done:
                 result = item.future.result()
                 return Outcome(result, (item.started or item.enqueued) - item.enqueued)

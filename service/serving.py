@@ -28,6 +28,7 @@ from service.protocol import (
     RewardsResponse,
     Timings,
     Usage,
+    convert_messages,
 )
 from service.scheduler import Outcome
 
@@ -91,16 +92,21 @@ class Serving:
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise NotFound(f"model '{model}' does not exist; this server serves '{self.model_name}'", param="model", code="model_not_found")
+            raise NotFound(
+                f"model '{model}' does not exist; this server serves '{self.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
 
     def _check_n(self, n: int, param: str = "n") -> None:
         if n > self.settings.max_n:
             raise BadRequest(f"{param} must be <= {self.settings.max_n}, got {n}", param=param)
 
-    async def _run(self, engine_request: GenerateRequest | ScoreRequest, request: Request) -> Outcome:
-        return await self.scheduler.submit(
-            engine_request, timeout_s=self.settings.request_timeout_s, disconnected=lambda: _wait_for_disconnect(request)
-        )
+    async def _run(self, engine_request: GenerateRequest | ScoreRequest, request: Request | None) -> Outcome:
+        """Through the scheduler; `request` (absent for batch-job items) lets a client's departure cancel the work."""
+        disconnected = (lambda: _wait_for_disconnect(request)) if request is not None else None
+        timeout = self.settings.request_timeout_s
+        return await self.scheduler.submit(engine_request, timeout_s=timeout, disconnected=disconnected)
 
     def _timings(self, outcome: Outcome, arrived: float) -> Timings:
         t = outcome.result.ranking.timings
@@ -113,7 +119,7 @@ class Serving:
 
     # -- POST /v1/best-of-n ------------------------------------------------------------
 
-    async def best_of_n(self, body: BestOfNRequest, request: Request) -> BestOfNResponse:
+    async def best_of_n(self, body: BestOfNRequest, request: Request | None) -> BestOfNResponse:
         arrived = time.perf_counter()
         self.check_model(body.model)
         self._check_n(body.n)
@@ -134,13 +140,17 @@ class Serving:
             best=candidates[ranking.best_index],
             candidates=candidates,
             reward=_reward_info(body.reward, config),
-            usage=Usage(prompt_tokens=outcome.result.prompt_tokens, completion_tokens=generated, total_tokens=outcome.result.prompt_tokens + generated),
+            usage=Usage(
+                prompt_tokens=outcome.result.prompt_tokens,
+                completion_tokens=generated,
+                total_tokens=outcome.result.prompt_tokens + generated,
+            ),
             timings=self._timings(outcome, arrived),
         )
 
     # -- POST /v1/rewards ------------------------------------------------------------------
 
-    async def rewards(self, body: RewardsRequest, request: Request) -> RewardsResponse:
+    async def rewards(self, body: RewardsRequest, request: Request | None) -> RewardsResponse:
         arrived = time.perf_counter()
         self.check_model(body.model)
         if len(body.answers) > self.settings.max_answers:
@@ -160,7 +170,9 @@ class Serving:
             self.metrics.cache.labels(result="hit" if hit else "miss").inc()
             if hit is not None:
                 response = RewardsResponse.model_validate_json(hit)
-                return response.model_copy(update={"id": f"rwd-{uuid.uuid4().hex}", "cached": True, "created": int(time.time())})
+                return response.model_copy(
+                    update={"id": f"rwd-{uuid.uuid4().hex}", "cached": True, "created": int(time.time())}
+                )
         score = ScoreRequest(images, question, messages, list(body.answers), config, self.settings.max_tokens)
         outcome = await self._run(score, request)
         ranking = outcome.result.ranking
@@ -175,7 +187,11 @@ class Serving:
             best_index=ranking.best_index,
             candidates=candidates,
             reward=_reward_info(body.reward, config),
-            usage=Usage(prompt_tokens=outcome.result.prompt_tokens, completion_tokens=scored, total_tokens=outcome.result.prompt_tokens + scored),
+            usage=Usage(
+                prompt_tokens=outcome.result.prompt_tokens,
+                completion_tokens=scored,
+                total_tokens=outcome.result.prompt_tokens + scored,
+            ),
             timings=self._timings(outcome, arrived),
         )
         if self.cache is not None and key is not None:
@@ -184,17 +200,17 @@ class Serving:
 
     # -- POST /v1/chat/completions -------------------------------------------------------------
 
-    async def chat(self, body: ChatCompletionRequest, request: Request) -> ChatCompletionResponse:
+    async def chat(self, body: ChatCompletionRequest, request: Request | None) -> ChatCompletionResponse:
         self.check_model(body.model)
         best_of = body.candidates(self.settings)
         sampling = body.to_params(self.settings)
         options = body.reward or RewardOptions()
         config = options.to_config(self.engine.pair.reward)
-        from service.protocol import convert_messages
-
         messages, refs = convert_messages(body.messages)
         if len(refs) > self.settings.max_images:
-            raise BadRequest(f"at most {self.settings.max_images} images per request, got {len(refs)}", param="messages")
+            raise BadRequest(
+                f"at most {self.settings.max_images} images per request, got {len(refs)}", param="messages"
+            )
         images, _ = await self.images.load(refs)
         outcome = await self._run(GenerateRequest(images, None, messages, best_of, sampling, config), request)
         ranking = outcome.result.ranking
@@ -221,7 +237,9 @@ class Serving:
             created=int(time.time()),
             model=self.model_name,
             choices=choices,
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated),
+            usage=Usage(
+                prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated
+            ),
             best_of=best_of,
             rewards=rewards,
         )

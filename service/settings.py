@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1'...; auto when unset.")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16.")
     trust_remote_code: bool = Field(False, description="Allow model folders to run their own code (off by default).")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads; torch's default when unset. 1 is often fastest on shared CPUs."
+    )
     warmup: bool = Field(True, description="Run one tiny best-of-N before reporting ready.")
 
     # -- HTTP -------------------------------------------------------------------
@@ -59,7 +62,12 @@ class Settings(BaseSettings):
     max_question_chars: int = Field(20_000, ge=1)
     max_images: int = Field(4, ge=1, description="Most images per request.")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest encoded image, in bytes.")
-    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Largest declared width*height (checked before decoding).")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="Largest declared width*height (checked before decoding)."
+    )
+    max_image_aspect: float = Field(
+        20.0, ge=1, description="Largest long/short side ratio (a 1x16M image would blow up when resized)."
+    )
     allowed_image_formats: CommaList = Field(list(DEFAULT_IMAGE_FORMATS), description="PIL format names accepted.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Largest request body; 413 above it.")
     allowed_image_hosts: CommaList = Field(
@@ -72,7 +80,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="Requests waiting for the model before 429s are returned.")
     max_batch: int = Field(16, ge=1, description="Most requests sharing one forward pass; 1 disables micro-batching.")
     batch_window_ms: float = Field(5.0, ge=0, description="How long the first request of a batch waits for company.")
-    request_timeout_s: float = Field(120.0, gt=0, description="Deadline of a request, queueing included (504 after it).")
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="Deadline of a request, queueing included (504 after it)."
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429 responses.")
 
     # -- auth -------------------------------------------------------------------
@@ -82,10 +92,14 @@ class Settings(BaseSettings):
     allow_placeholder_keys: bool = Field(False, description="Accept keys like 'changeme' (development only).")
 
     # -- redis ------------------------------------------------------------------
-    redis_url: str | None = Field(None, description="redis://... for jobs, reward cache and rate limits; memory when unset.")
+    redis_url: str | None = Field(
+        None, description="redis://... for jobs, reward cache and rate limits; memory when unset."
+    )
     cache_size: int = Field(1024, ge=0, description="Entries of the in-memory reward cache; 0 disables caching.")
     cache_ttl_s: int = Field(3600, ge=1, description="Lifetime of a cached reward.")
-    rate_limit_per_minute: int = Field(0, ge=0, description="Requests per minute per API key (or client address); 0: off.")
+    rate_limit_per_minute: int = Field(
+        0, ge=0, description="Requests per minute per API key (or client address); 0: off."
+    )
     jobs_stream: str = Field("rlaifv:jobs", description="Redis stream holding batch-job work items.")
     jobs_workers: int = Field(1, ge=0, description="Job consumers this replica runs (0: accept jobs, run none).")
     jobs_claim_idle_ms: int = Field(60_000, ge=100, description="Idle time after which another worker reclaims a job.")

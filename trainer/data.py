@@ -21,6 +21,7 @@ with `prompts(round_index, count, seed) -> list[PromptItem]` and
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -206,16 +207,16 @@ def read_preferences(path: str | Path, *, limit: int | None = None) -> list[Pref
 
 def _preference(record: dict[str, Any], file: Path, row: int, row_id: str) -> PreferenceRow:
     source = str(file)
-    image = _read_image_ref(record.get("image", record.get("image_path")), file.parent, source=source, row=row, column="image")
+    image = _read_image_ref(
+        record.get("image", record.get("image_path")), file.parent, source=source, row=row, column="image"
+    )
     question = _text(record.get("question"), source=source, row=row, column="question")
     chosen = _text(record.get("chosen"), source=source, row=row, column="chosen")
     rejected = _text(record.get("rejected"), source=source, row=row, column="rejected")
     meta = {k: v for k, v in record.items() if k not in REQUIRED_PREFERENCE and _jsonable(v)}
     if isinstance(meta.get("origin_split"), str):
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             meta["origin_split"] = json.loads(meta["origin_split"])
-        except json.JSONDecodeError:
-            pass
     return PreferenceRow(row_id, image, question, chosen, rejected, meta)
 
 
@@ -247,7 +248,9 @@ def _jsonl_records(file: Path, required: Sequence[str]) -> Iterator[tuple[int, d
                 if column == "image" and "image" not in record and "image_path" in record:
                     continue
                 if column not in record:
-                    raise MissingColumnError(f"required field is missing (line {lineno})", source=str(file), row=row, column=column)
+                    raise MissingColumnError(
+                        f"required field is missing (line {lineno})", source=str(file), row=row, column=column
+                    )
             yield row, record
             row += 1
 
@@ -271,7 +274,9 @@ def read_prompts(path: str | Path, *, limit: int | None = None) -> list[PromptIt
             records = _jsonl_records(file, REQUIRED_PROMPT)
         for row, record in records:
             source = str(file)
-            image = _read_image_ref(record.get("image", record.get("image_path")), file.parent, source=source, row=row, column="image")
+            image = _read_image_ref(
+                record.get("image", record.get("image_path")), file.parent, source=source, row=row, column="image"
+            )
             question = _text(record.get("question"), source=source, row=row, column="question")
             key = hashlib.sha256(image + b"\0" + question.encode()).hexdigest()
             if key in seen:
@@ -311,3 +316,33 @@ class ListPromptSource:
 
     def describe(self) -> dict[str, Any]:
         return dict(self.description)
+
+
+def write_preferences(
+    path: str | Path, rows: Sequence[PreferenceRow], *, ds_name: str = "rlaifv", origin: dict[str, Any] | None = None
+) -> Path:
+    """Write rows in the RLAIF-V-Dataset parquet layout (readable by `read_preferences`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table(
+        {
+            "ds_name": pa.array([ds_name] * len(rows), type=pa.string()),
+            "image": pa.array([{"bytes": r.image, "path": None} for r in rows], type=image_type),
+            "question": pa.array([r.question for r in rows], type=pa.string()),
+            "chosen": pa.array([r.chosen for r in rows], type=pa.string()),
+            "rejected": pa.array([r.rejected for r in rows], type=pa.string()),
+            "origin_dataset": pa.array([str(r.meta.get("origin_dataset", ds_name)) for r in rows], type=pa.string()),
+            "origin_split": pa.array(
+                [json.dumps(origin or r.meta.get("origin_split") or {}) for r in rows], type=pa.string()
+            ),
+            "idx": pa.array([r.id for r in rows], type=pa.string()),
+            "image_path": pa.array([str(r.meta.get("image_path", "")) for r in rows], type=pa.string()),
+        }
+    )
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path

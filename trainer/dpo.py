@@ -17,9 +17,17 @@ sums are computed once (no grad) and cached beside the pair data in
 reruns and later epochs never recompute them.
 
 accelerate does device placement, gradient accumulation and multi-GPU/DeepSpeed
-(configure with `accelerate config` / `accelerate launch`; no code change). The
-model is wrapped in `PairScorer` so a data-parallel wrapper sees one forward per
-backward even though scoring runs the prefix and the answers separately.
+by configuration, not code:
+
+    accelerate launch --config_file multi_gpu.yaml -m service.cli train dpo data/ --model sft/ -o out/
+    torchrun --standalone --nproc_per_node 8 -m service.cli train dpo ...
+
+Pairs are sharded across processes; metrics are averaged over them; rank 0
+writes the policy, the report and the bundle. The model is wrapped in
+`PairScorer` so a data-parallel wrapper sees one forward per backward even
+though scoring runs the prefix and the answers separately. (Each process
+computes the reference log-probs of all pairs once; the cache makes that a
+one-time cost.)
 """
 
 from __future__ import annotations
@@ -93,6 +101,7 @@ class DPOResult:
     history: list[dict[str, float]] = field(default_factory=list)
     reference_cache: Path | None = None
     reference_cache_hit: bool = False
+    is_main_process: bool = True
 
 
 # -- encoding ---------------------------------------------------------------------------------
@@ -216,7 +225,13 @@ def reference_cache_key(reference_id: str, pairs: Sequence[EncodedPair]) -> str:
 
 
 def compute_reference_logprobs(
-    reference: Any, processor: Any, pairs: Sequence[EncodedPair], *, batch_size: int = 8, pad_id: int = 0, progress: bool = True
+    reference: Any,
+    processor: Any,
+    pairs: Sequence[EncodedPair],
+    *,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    progress: bool = True,
 ) -> None:
     """Fill `ref_chosen`/`ref_rejected` of every pair (no grad, same function as training and serving)."""
     import torch
@@ -225,7 +240,9 @@ def compute_reference_logprobs(
     was_training = reference.training
     reference.eval()
     with torch.no_grad():
-        for start in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", disable=not progress, unit="batch"):
+        for start in tqdm(
+            range(0, len(pairs), batch_size), desc="reference log-probs", disable=not progress, unit="batch"
+        ):
             batch = pairs[start : start + batch_size]
             sums, _ = _pair_sums(reference, encode_prompts(processor, batch), batch, pad_id)
             for pair, (chosen, rejected) in zip(batch, sums.double().tolist(), strict=True):
@@ -266,7 +283,9 @@ def read_reference_cache(path: Path, key: str, pairs: Sequence[EncodedPair]) -> 
     meta = table.schema.metadata or {}
     if meta.get(b"rlaifv_reference_key", b"").decode() != key or table.num_rows != len(pairs):
         return False
-    for pair, chosen, rejected in zip(pairs, table["ref_chosen"].to_pylist(), table["ref_rejected"].to_pylist(), strict=True):
+    for pair, chosen, rejected in zip(
+        pairs, table["ref_chosen"].to_pylist(), table["ref_rejected"].to_pylist(), strict=True
+    ):
         pair.ref_chosen, pair.ref_rejected = chosen, rejected
     return True
 
@@ -278,7 +297,9 @@ def _trainable_parameters(model: Any, config: DPOConfig) -> None:
     if config.lora:
         return
     for name, param in model.named_parameters():
-        frozen = (config.freeze_vision and "vision_tower" in name) or (config.freeze_projector and "multi_modal_projector" in name)
+        frozen = (config.freeze_vision and "vision_tower" in name) or (
+            config.freeze_projector and "multi_modal_projector" in name
+        )
         param.requires_grad_(not frozen)
 
 
@@ -308,7 +329,12 @@ def _load_policy(config: DPOConfig, model_path: Path, device: Any, init_adapter:
 
     if init_adapter is not None:
         return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=config.lora_targets)
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_targets,
+    )
     return get_peft_model(model, lora)
 
 
@@ -344,7 +370,9 @@ def train_dpo(
     init_adapter = Path(init_adapter) if init_adapter is not None else None
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision, cpu=config.cpu
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        cpu=config.cpu,
     )
     show = progress and accelerator.is_local_main_process
     set_seed(config.seed)
@@ -352,7 +380,12 @@ def train_dpo(
     processor = load_processor(model_path)
     tokenizer = processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    pairs, dropped = encode_pairs(rows, tokenizer, eot_id=end_of_turn_id(tokenizer, config.end_of_turn), max_answer_tokens=config.max_answer_tokens)
+    pairs, dropped = encode_pairs(
+        rows,
+        tokenizer,
+        eot_id=end_of_turn_id(tokenizer, config.end_of_turn),
+        max_answer_tokens=config.max_answer_tokens,
+    )
     if not pairs:
         raise DataError(f"no usable pairs ({dropped} dropped over max_answer_tokens)")
 
@@ -367,10 +400,14 @@ def train_dpo(
     if not hit:
         if config.lora:
             with policy.disable_adapter():
-                compute_reference_logprobs(policy, processor, pairs, batch_size=config.ref_batch_size, pad_id=pad_id, progress=show)
+                compute_reference_logprobs(
+                    policy, processor, pairs, batch_size=config.ref_batch_size, pad_id=pad_id, progress=show
+                )
         else:
             reference = load_model(reference_path, device=str(accelerator.device), dtype=config.dtype)
-            compute_reference_logprobs(reference, processor, pairs, batch_size=config.ref_batch_size, pad_id=pad_id, progress=show)
+            compute_reference_logprobs(
+                reference, processor, pairs, batch_size=config.ref_batch_size, pad_id=pad_id, progress=show
+            )
             del reference
         if accelerator.is_main_process:
             write_reference_cache(cache, pairs, key)
@@ -379,9 +416,11 @@ def train_dpo(
     scorer = _pair_scorer_class()(policy, pad_id)
     scorer.train()
     optimizer = _optimizer(scorer, config)
-    generator = torch.Generator().manual_seed(config.seed)
     loader = torch.utils.data.DataLoader(
-        list(range(len(pairs))), batch_size=config.batch_size, shuffle=True, generator=generator, collate_fn=list
+        list(range(len(pairs))),
+        batch_size=config.batch_size,
+        sampler=EpochSampler(len(pairs), config.seed),
+        collate_fn=list,
     )
     updates_per_epoch = math.ceil(len(loader) / accelerator.num_processes / config.gradient_accumulation_steps)
     total_updates = max(1, updates_per_epoch * config.epochs)
@@ -397,8 +436,16 @@ def train_dpo(
     running: dict[str, list[float]] = {}
     epoch_stats: dict[str, list[float]] = {}
     updates = 0
-    bar = tqdm(total=total_updates, desc="DPO", disable=not show, unit="step")
-    for epoch in range(config.epochs):
+    start_epoch = 0
+    run_key = hashlib.sha256(json.dumps([key, config.to_dict(), accelerator.num_processes]).encode()).hexdigest()
+    if config.checkpoint_every_epoch:
+        resumed = _latest_checkpoint(output_dir, run_key)
+        if resumed is not None:
+            accelerator.load_state(str(resumed[0]))
+            start_epoch, updates, history = resumed[1]["epoch"], resumed[1]["updates"], resumed[1]["history"]
+    bar = tqdm(total=total_updates, initial=updates, desc="DPO", disable=not show, unit="step")
+    for epoch in range(start_epoch, config.epochs):
+        loader.set_epoch(epoch)
         epoch_stats = {}
         for indices in loader:
             batch = [pairs[int(i)] for i in indices]
@@ -406,7 +453,9 @@ def train_dpo(
             with accelerator.accumulate(scorer):
                 sums = scorer(prompts, batch)
                 lengths = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in batch], device=sums.device)
-                ref = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in batch], dtype=sums.dtype, device=sums.device)
+                ref = torch.tensor(
+                    [[p.ref_chosen, p.ref_rejected] for p in batch], dtype=sums.dtype, device=sums.device
+                )
                 terms = dpo_terms(sums, ref, lengths, beta=config.beta, nll_weight=config.nll_weight)
                 accelerator.backward(terms.loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
@@ -431,10 +480,17 @@ def train_dpo(
                 bar.update(1)
                 if updates % config.log_every == 0 or updates == total_updates:
                     means = {k: _mean(v) for k, v in running.items()}
-                    reduced = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean")) for k, v in means.items()}
+                    reduced = {
+                        k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
+                        for k, v in means.items()
+                    }
                     history.append({"step": updates, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **reduced})
                     bar.set_postfix(loss=f"{reduced['loss']:.4f}", margin=f"{reduced['margin']:.3f}")
                     running = {}
+        if config.checkpoint_every_epoch and epoch + 1 < config.epochs:
+            _save_checkpoint(
+                accelerator, output_dir, epoch + 1, {"key": run_key, "updates": updates, "history": history}
+            )
     bar.close()
 
     accelerator.wait_for_everyone()
@@ -448,12 +504,14 @@ def train_dpo(
         report = {
             "kind": "dpo",
             "config": config.to_dict(),
+            "effective_learning_rate": config.lr,
             "model": str(model_path),
             "reference": str(reference_path),
             "init_adapter": str(init_adapter) if init_adapter else None,
             "num_pairs": len(pairs),
             "dropped_pairs": dropped,
             "optimizer_steps": updates,
+            "resumed_from_epoch": start_epoch,
             "num_processes": accelerator.num_processes,
             "reference_cache": {"path": cache.name, "key": key, "hit": hit},
             "metrics": metrics,
@@ -473,7 +531,51 @@ def train_dpo(
         history=history,
         reference_cache=cache,
         reference_cache_hit=hit,
+        is_main_process=accelerator.is_main_process,
     )
+
+
+class EpochSampler:
+    """A fresh seeded permutation per epoch (seed + epoch), so a resumed run sees the same order."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+
+
+def _save_checkpoint(accelerator: Any, output_dir: Path, epoch: int, state: dict[str, Any]) -> None:
+    folder = output_dir / CHECKPOINTS / f"epoch-{epoch:03d}"
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        (folder / TRAINER_STATE).write_text(json.dumps(state | {"epoch": epoch}) + "\n")
+    accelerator.wait_for_everyone()
+
+
+def _latest_checkpoint(output_dir: Path, run_key: str) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete epoch checkpoint made by the same run settings (others are ignored)."""
+    root = output_dir / CHECKPOINTS
+    for folder in sorted(root.glob("epoch-*"), reverse=True) if root.is_dir() else []:
+        state_file = folder / TRAINER_STATE
+        if state_file.is_file():
+            state = json.loads(state_file.read_text())
+            if state.get("key") == run_key:
+                return folder, state
+    return None
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -18,36 +18,59 @@ class DPOConfig:
     loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) + nll_weight * (-pi_c / T_c)
     """
 
-    beta: float = field(default=0.1, metadata={"help": "DPO temperature (RLAIF-V: 0.1); also the bundle's reward beta."})
+    beta: float = field(
+        default=0.1, metadata={"help": "DPO temperature (RLAIF-V: 0.1); also the bundle's reward beta."}
+    )
     nll_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of the per-token NLL of the chosen answer (RLAIF-V's SFT weight); keeps recall up."},
     )
     learning_rate: float | None = field(
-        default=None, metadata={"help": "Peak learning rate; default 5e-7 for full fine-tuning, 1e-5 for LoRA (RLAIF-V)."}
+        default=None,
+        metadata={"help": "Peak learning rate; default 5e-7 for full fine-tuning, 1e-5 for LoRA (RLAIF-V)."},
     )
     epochs: int = field(default=1, metadata={"help": "Passes over the pairs."})
     batch_size: int = field(default=2, metadata={"help": "Pairs per forward per device."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Forwards per optimizer step."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Share of optimizer steps with linear warm-up."})
-    lr_scheduler: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata={"help": "Schedule after warm-up."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms)."})
+    lr_scheduler: Literal["cosine", "linear", "constant"] = field(
+        default="cosine", metadata={"help": "Schedule after warm-up."}
+    )
+    weight_decay: float = field(
+        default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms)."}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 disables clipping."})
-    lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter (reference = adapter disabled) instead of all weights."})
+    lora: bool = field(
+        default=False, metadata={"help": "Train a LoRA adapter (reference = adapter disabled) instead of all weights."}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_targets: str = field(default=DEFAULT_LORA_TARGETS, metadata={"help": "Regex of module names LoRA wraps."})
-    freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision tower (and projector) fixed in full fine-tuning."})
+    freeze_vision: bool = field(
+        default=True, metadata={"help": "Keep the vision tower (and projector) fixed in full fine-tuning."}
+    )
     freeze_projector: bool = field(default=False, metadata={"help": "Also keep the multimodal projector fixed."})
-    max_answer_tokens: int | None = field(default=None, metadata={"help": "Drop pairs with a longer answer (tokens, EOT included)."})
-    ref_batch_size: int = field(default=8, metadata={"help": "Pairs per no-grad forward when precomputing reference log-probs."})
+    max_answer_tokens: int | None = field(
+        default=None, metadata={"help": "Drop pairs with a longer answer (tokens, EOT included)."}
+    )
+    ref_batch_size: int = field(
+        default=8, metadata={"help": "Pairs per no-grad forward when precomputing reference log-probs."}
+    )
     dtype: str = field(default="float32", metadata={"help": "Weight dtype while training (float32, bfloat16)."})
-    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "accelerate mixed precision."})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(
+        default="no", metadata={"help": "accelerate mixed precision."}
+    )
     cpu: bool = field(default=False, metadata={"help": "Train on CPU even when a GPU is visible."})
     seed: int = field(default=0, metadata={"help": "Seed for initialisation of LoRA weights and the pair order."})
+    checkpoint_every_epoch: bool = field(
+        default=False,
+        metadata={"help": "Save model+optimizer+scheduler state after each epoch; a rerun resumes from the latest."},
+    )
     log_every: int = field(default=1, metadata={"help": "Log metrics every this many optimizer steps."})
-    end_of_turn: str | None = field(default=None, metadata={"help": "Token closing an answer; the tokenizer's EOS when unset."})
+    end_of_turn: str | None = field(
+        default=None, metadata={"help": "Token closing an answer; the tokenizer's EOS when unset."}
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -79,4 +102,4 @@ class DPOConfig:
         return 1e-5 if self.lora else 5e-7
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"learning_rate": self.lr}
+        return asdict(self)

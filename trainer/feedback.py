@@ -100,16 +100,26 @@ def score_answers(
     from reward.claims import verify_answers
 
     verdicts = verify_answers(
-        image, list(answers), labeler, splitter, writer, repeat_penalty=config.repeat_penalty, threshold=config.threshold
+        image,
+        list(answers),
+        labeler,
+        splitter,
+        writer,
+        repeat_penalty=config.repeat_penalty,
+        threshold=config.threshold,
     )
     return [
-        ScoredAnswer(text=text, score=v.score, rejected=v.rejected, repeated=v.repeated, claims=[asdict(c) for c in v.claims])
+        ScoredAnswer(
+            text=text, score=v.score, rejected=v.rejected, repeated=v.repeated, claims=[asdict(c) for c in v.claims]
+        )
         for text, v in zip(answers, verdicts, strict=True)
     ]
 
 
-def sample_candidates(pair: Any, prompts: Sequence[PromptItem], config: FeedbackConfig, *, seed: int) -> list[list[tuple[str, int, str]]]:
-    """N candidates per prompt as (text, num_tokens, finish_reason), one SamplingParams for all of a prompt's samples."""
+def sample_candidates(
+    pair: Any, prompts: Sequence[PromptItem], config: FeedbackConfig, *, seed: int
+) -> list[list[tuple[str, int, str]]]:
+    """N candidates per prompt as (text, num_tokens, finish_reason); one SamplingParams for all of a prompt."""
     from reward.sampling import SamplingParams
 
     encoded = [pair.encode([image_bytes(p.image)], p.question) for p in prompts]
@@ -153,7 +163,9 @@ def collect_feedback(
     from reward.images import decode_image
 
     seed = config.seed if seed is None else seed
-    default_splitter, default_writer = make_splitter_and_writer(config) if splitter is None or writer is None else (None, None)
+    default_splitter, default_writer = (
+        make_splitter_and_writer(config) if splitter is None or writer is None else (None, None)
+    )
     splitter = splitter or default_splitter
     writer = writer or default_writer
     labeler = labeler or make_labeler(config, policy, processor)
@@ -163,15 +175,61 @@ def collect_feedback(
     bar = tqdm(total=len(prompts), desc="feedback", unit="prompt", disable=not progress)
     for start in range(0, len(prompts), config.prompt_batch):
         batch = prompts[start : start + config.prompt_batch]
-        for item, candidates in zip(batch, sample_candidates(pair, batch, config, seed=seed), strict=True):
-            kept = [c for c in candidates if c[0].strip() and not (config.drop_truncated and c[2] == "length")]
-            data = image_bytes(item.image)
-            scored = score_answers(decode_image(data), [c[0] for c in kept], labeler, splitter, writer, config) if kept else []
-            for answer, (_, tokens, reason) in zip(scored, kept, strict=True):
+        sampled = sample_candidates(pair, batch, config, seed=seed)
+        kept = [
+            [c for c in candidates if c[0].strip() and not (config.drop_truncated and c[2] == "length")]
+            for candidates in sampled
+        ]
+        data = [image_bytes(item.image) for item in batch]
+        images = [decode_image(d) for d in data]
+        scored = score_batch(images, [[c[0] for c in group] for group in kept], labeler, splitter, writer, config)
+        for item, raw, answers, group, blob in zip(batch, sampled, scored, kept, data, strict=True):
+            for answer, (_, tokens, reason) in zip(answers, group, strict=True):
                 answer.num_tokens, answer.finish_reason = tokens, reason
-            results.append(PromptFeedback(item.id, data, item.question, scored, dropped=len(candidates) - len(kept)))
-            bar.update(1)
+            results.append(PromptFeedback(item.id, blob, item.question, answers, dropped=len(raw) - len(group)))
+        bar.update(len(batch))
     bar.close()
+    return results
+
+
+def score_batch(
+    images: Sequence[Any],
+    answers: Sequence[Sequence[str]],
+    labeler: Labeler,
+    splitter: ClaimSplitter,
+    writer: QuestionWriter,
+    config: FeedbackConfig,
+) -> list[list[ScoredAnswer]]:
+    """`score_answers` for several images at once: one labeler call when it has `p_yes_batch` (YesNoJudge).
+
+    Same plan/score functions as `reward.claims.verify_answers`, so the scores are identical.
+    """
+    from reward.claims import plan_claims, score_plans
+
+    if not hasattr(labeler, "p_yes_batch"):
+        return [
+            score_answers(image, list(group), labeler, splitter, writer, config) if group else []
+            for image, group in zip(images, answers, strict=True)
+        ]
+    planned = [plan_claims(list(group), splitter, writer) for group in answers]
+    asked = [(image, questions) for image, (_, questions) in zip(images, planned, strict=True) if questions]
+    replies = iter(labeler.p_yes_batch(asked) if asked else [])
+    results = []
+    for group, (plans, questions) in zip(answers, planned, strict=True):
+        p_yes = dict(zip(questions, next(replies), strict=True)) if questions else {}
+        verdicts = score_plans(plans, p_yes, repeat_penalty=config.repeat_penalty, threshold=config.threshold)
+        results.append(
+            [
+                ScoredAnswer(
+                    text=text,
+                    score=v.score,
+                    rejected=v.rejected,
+                    repeated=v.repeated,
+                    claims=[asdict(c) for c in v.claims],
+                )
+                for text, v in zip(group, verdicts, strict=True)
+            ]
+        )
     return results
 
 
@@ -220,6 +278,8 @@ def read_feedback(path: str | Path) -> list[PromptFeedback]:
     except Exception as exc:
         raise DataError(f"not a readable feedback file: {exc}", source=str(path)) from None
     return [
-        PromptFeedback(r["id"], r["image"], r["question"], [ScoredAnswer(**a) for a in json.loads(r["answers"])], r["dropped"])
+        PromptFeedback(
+            r["id"], r["image"], r["question"], [ScoredAnswer(**a) for a in json.loads(r["answers"])], r["dropped"]
+        )
         for r in records
     ]

@@ -17,12 +17,22 @@ class FeedbackConfig:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling; 1 disables it."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 disables it."})
     max_tokens: int = field(default=128, metadata={"help": "Maximum new tokens per candidate (RLAIF-V: 512)."})
-    drop_truncated: bool = field(default=True, metadata={"help": "Discard candidates that hit max_tokens without ending."})
+    drop_truncated: bool = field(
+        default=True, metadata={"help": "Discard candidates that hit max_tokens without ending."}
+    )
     labeler: str = field(default="self", metadata={"help": "'self' (the policy judges itself) or a model folder."})
-    splitter: Literal["spacy", "llm"] = field(default="spacy", metadata={"help": "Claim splitter: spaCy rules or an instruction LLM."})
-    question_writer: Literal["rules", "llm"] = field(default="rules", metadata={"help": "Claim -> yes/no question: rules or an LLM."})
-    llm_model: str | None = field(default=None, metadata={"help": "Instruction model folder for the LLM splitter/writer."})
-    llm_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible base URL (…/v1) for the LLM splitter/writer."})
+    splitter: Literal["spacy", "llm"] = field(
+        default="spacy", metadata={"help": "Claim splitter: spaCy rules or an instruction LLM."}
+    )
+    question_writer: Literal["rules", "llm"] = field(
+        default="rules", metadata={"help": "Claim -> yes/no question: rules or an LLM."}
+    )
+    llm_model: str | None = field(
+        default=None, metadata={"help": "Instruction model folder for the LLM splitter/writer."}
+    )
+    llm_url: str | None = field(
+        default=None, metadata={"help": "OpenAI-compatible base URL (…/v1) for the LLM splitter/writer."}
+    )
     llm_name: str = field(default="default", metadata={"help": "Model name sent to the OpenAI-compatible URL."})
     repeat_penalty: float = field(default=1.0, metadata={"help": "Score penalty per repeated claim."})
     threshold: float = field(default=0.5, metadata={"help": "A claim is accepted when p(yes) > threshold."})

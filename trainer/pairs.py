@@ -25,12 +25,20 @@ from trainer.feedback import PromptFeedback
 
 @dataclass
 class PairConfig:
-    min_score_gap: float = field(default=1.0, metadata={"help": "Minimum score difference between chosen and rejected."})
+    min_score_gap: float = field(
+        default=1.0, metadata={"help": "Minimum score difference between chosen and rejected."}
+    )
     max_pairs_per_prompt: int = field(default=2, metadata={"help": "Pairs kept per prompt (RLAIF-V: about 2)."})
-    length_balance: bool = field(default=True, metadata={"help": "Remove pairs until chosen answers are not shorter on average."})
-    length_tolerance: float = field(default=0.05, metadata={"help": "Allowed relative shortfall of mean chosen length."})
+    length_balance: bool = field(
+        default=True, metadata={"help": "Remove pairs until chosen answers are not shorter on average."}
+    )
+    length_tolerance: float = field(
+        default=0.05, metadata={"help": "Allowed relative shortfall of mean chosen length."}
+    )
     dedup_ngram: int = field(default=10, metadata={"help": "Word n-gram size of the near-duplicate test."})
-    dedup_threshold: float = field(default=0.9, metadata={"help": "Jaccard similarity at or above which a pair is a near duplicate."})
+    dedup_threshold: float = field(
+        default=0.9, metadata={"help": "Jaccard similarity at or above which a pair is a near duplicate."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed for tie-breaking among equal score gaps."})
 
     def __post_init__(self) -> None:
@@ -81,7 +89,9 @@ def ngram_jaccard(a: str, b: str, n: int = 10) -> float:
     return len(ga & gb) / len(ga | gb)
 
 
-def build_pairs(feedback: Sequence[PromptFeedback], config: PairConfig | None = None) -> tuple[list[PreferenceRow], PairStats]:
+def build_pairs(
+    feedback: Sequence[PromptFeedback], config: PairConfig | None = None
+) -> tuple[list[PreferenceRow], PairStats]:
     """Pairs (as `PreferenceRow`s ready for DPO) from scored candidates, and what was kept or removed."""
     config = config or PairConfig()
     rng = random.Random(config.seed)
@@ -95,7 +105,10 @@ def build_pairs(feedback: Sequence[PromptFeedback], config: PairConfig | None = 
                 if a.score - b.score < config.min_score_gap:
                     continue
                 stats.candidate_pairs += 1
-                if a.text.strip() == b.text.strip() or ngram_jaccard(a.text, b.text, config.dedup_ngram) >= config.dedup_threshold:
+                if (
+                    a.text.strip() == b.text.strip()
+                    or ngram_jaccard(a.text, b.text, config.dedup_ngram) >= config.dedup_threshold
+                ):
                     stats.near_duplicates += 1
                     continue
                 candidates.append((-(a.score - b.score), rng.random(), i, j))

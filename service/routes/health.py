@@ -43,7 +43,10 @@ async def readyz(request: Request) -> Response:
     "/metrics",
     response_class=Response,
     dependencies=[Depends(require_metrics_key)],
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}, **error_responses(401, 403)},
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text format."},
+        **error_responses(401, 403),
+    },
     summary="Prometheus metrics",
 )
 async def metrics(request: Request) -> Response:

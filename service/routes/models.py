@@ -12,8 +12,12 @@ router = APIRouter(tags=["openai"])
 _STARTED = int(time.time())
 
 
-@router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 403, 429, 503), summary="The served model")
+@router.get(
+    "/v1/models", response_model=ModelList, responses=error_responses(401, 403, 429, 503), summary="The served model"
+)
 async def list_models(serving: ServingDep) -> ModelList:
     info = serving.describe()
     reward = RewardInfo(mode="dpo", beta=info["reward"].beta, normalize=info["reward"].normalize)
-    return ModelList(data=[ModelCard(id=info["name"], created=_STARTED, reward=reward, max_positions=info["max_positions"])])
+    return ModelList(
+        data=[ModelCard(id=info["name"], created=_STARTED, reward=reward, max_positions=info["max_positions"])]
+    )

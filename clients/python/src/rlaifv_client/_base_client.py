@@ -1,0 +1,330 @@
+"""What `Client` and `AsyncClient` share, without I/O: configuration, request bodies, the retry
+schedule, response parsing and the error mapping. The two clients only send and sleep.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import os
+import platform
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+import httpx
+import pydantic
+
+from . import _constants as C
+from ._exceptions import APIConnectionError, APIError, APIStatusError, APITimeoutError, make_status_error
+from ._images import ImageInput, encode_images
+from ._version import __version__
+from .types import BaseType, Job
+
+log = logging.getLogger("rlaifv_client")
+
+T = TypeVar("T", bound=BaseType)
+JobKind = Literal["best_of_n", "rewards"]
+
+
+class NotGiven:
+    """Sentinel for "argument not given" where `None` means something (e.g. `timeout=None`: no timeout)."""
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+
+NOT_GIVEN = NotGiven()
+TimeoutTypes = float | httpx.Timeout | None
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """The retry schedule. Attempt k (0-based) waits `min(initial * 2**k, max)` times a random factor in
+    `[1 - jitter, 1]`. A `Retry-After` from the server is used instead, capped at `max_retry_after` and
+    lengthened by up to `jitter` of itself so a burst of rejected clients does not come back at once."""
+
+    initial: float = C.INITIAL_RETRY_DELAY
+    max: float = C.MAX_RETRY_DELAY
+    max_retry_after: float = C.MAX_RETRY_AFTER
+    jitter: float = C.RETRY_JITTER
+
+    def delay(self, attempt: int, retry_after: float | None = None, *, rand: float | None = None) -> float:
+        """Seconds to wait before retry number `attempt + 1`. `rand` in [0, 1) replaces the random draw (tests)."""
+        r = random.random() if rand is None else rand
+        if retry_after is not None and retry_after >= 0:
+            return min(retry_after, self.max_retry_after) * (1 + self.jitter * r)
+        return min(self.initial * 2.0**attempt, self.max) * (1 - self.jitter * r)
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds from `retry-after-ms`, or `Retry-After` as seconds or an HTTP date; None when absent or invalid."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, parsed.timestamp() - (time.time() if now is None else now))
+
+
+def should_retry(response: httpx.Response | None, *, error: Exception | None = None, idempotent: bool = True) -> bool:
+    """Whether an attempt that got `response` (None: it raised `error`) may be repeated.
+
+    Connection errors, 408, 429, 502, 503 and 504 are retried; other 4xx and 500 never. A call that must not run
+    twice (`idempotent=False`, e.g. submitting a job) is repeated only when the server surely did not act on it:
+    the connection was never made, or the answer was 429 or 503."""
+    if response is None:
+        return idempotent or isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+    return response.status_code in (C.RETRY_STATUSES if idempotent else C.NOT_PROCESSED_STATUSES)
+
+
+@dataclass
+class APICall(Generic[T]):
+    """One logical API call; its request id stays the same across retries."""
+
+    method: str
+    path: str
+    cast_to: type[T]
+    json: Any = None
+    params: Mapping[str, Any] | None = None
+    timeout: TimeoutTypes | NotGiven = NOT_GIVEN
+    headers: Mapping[str, str] | None = None
+    max_retries: int | None = None
+    ok_statuses: frozenset[int] = frozenset()
+    idempotent: bool = True
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+def _drop_none(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in mapping.items() if v is not None}
+
+
+def prompt_body(
+    *,
+    model: str | None,
+    image: ImageInput | None,
+    images: Iterable[ImageInput] | None,
+    question: str | None,
+    messages: list[dict[str, Any]] | None,
+    beta: float | None,
+    normalize: str | None,
+) -> dict[str, Any]:
+    """The fields /v1/best-of-n and /v1/rewards share. Only given fields are sent (the server has the defaults)."""
+    body: dict[str, Any] = {"model": model, "question": question, "messages": messages}
+    encoded = encode_images(image, list(images) if images is not None else None)
+    if encoded:
+        body["images"] = encoded
+    reward = _drop_none({"beta": beta, "normalize": normalize})
+    if reward:
+        body["reward"] = reward
+    return _drop_none(body)
+
+
+def best_of_n_body(
+    *,
+    model: str | None = None,
+    image: ImageInput | None = None,
+    images: Iterable[ImageInput] | None = None,
+    question: str | None = None,
+    messages: list[dict[str, Any]] | None = None,
+    n: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    max_tokens: int | None = None,
+    seed: int | None = None,
+    beta: float | None = None,
+    normalize: str | None = None,
+) -> dict[str, Any]:
+    """The JSON body of POST /v1/best-of-n."""
+    body = prompt_body(
+        model=model, image=image, images=images, question=question, messages=messages, beta=beta, normalize=normalize
+    )
+    if n is not None:
+        body["n"] = n
+    sampling = _drop_none(
+        {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_tokens": max_tokens, "seed": seed}
+    )
+    if sampling:
+        body["sampling"] = sampling
+    return body
+
+
+def score_body(
+    *,
+    answers: Iterable[str],
+    model: str | None = None,
+    image: ImageInput | None = None,
+    images: Iterable[ImageInput] | None = None,
+    question: str | None = None,
+    messages: list[dict[str, Any]] | None = None,
+    beta: float | None = None,
+    normalize: str | None = None,
+) -> dict[str, Any]:
+    """The JSON body of POST /v1/rewards."""
+    if isinstance(answers, str):
+        raise TypeError("answers= takes a list of strings, not one string")
+    body = prompt_body(
+        model=model, image=image, images=images, question=question, messages=messages, beta=beta, normalize=normalize
+    )
+    body["answers"] = list(answers)
+    return body
+
+
+def job_body(kind: JobKind, items: Iterable[Mapping[str, Any]], metadata: Mapping[str, str] | None) -> dict[str, Any]:
+    """The JSON body of POST /v1/jobs: each item holds the keyword arguments of `best_of_n` (kind 'best_of_n')
+    or of `score` (kind 'rewards'), and becomes that endpoint's request body."""
+    builders: dict[str, Callable[..., dict[str, Any]]] = {"best_of_n": best_of_n_body, "rewards": score_body}
+    if kind not in builders:
+        raise ValueError(f"kind must be 'best_of_n' or 'rewards', got {kind!r}")
+    bodies = []
+    for i, item in enumerate(items):
+        try:
+            bodies.append(builders[kind](**dict(item)))
+        except TypeError as exc:  # a keyword the method does not take
+            raise TypeError(f"items[{i}] of a {kind!r} job: {exc}") from None
+    body: dict[str, Any] = {"kind": kind, "items": bodies}
+    if metadata is not None:
+        body["metadata"] = dict(metadata)
+    return body
+
+
+def progress_line(job: Job, width: int = 30) -> str:
+    """A one-line text progress bar for a job, e.g. `job-1 [#######.......] 10/40 running`."""
+    filled = round(job.progress * width)
+    done = job.completed + job.failed
+    failed = f" ({job.failed} failed)" if job.failed else ""
+    return f"{job.id} [{'#' * filled}{'.' * (width - filled)}] {done}/{job.total} {job.status}{failed}"
+
+
+class BaseClient:
+    """Configuration and the no-I/O half of every call."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str | httpx.URL | None,
+        api_key: str | None,
+        timeout: TimeoutTypes,
+        max_retries: int,
+        backoff: Backoff | None,
+        default_headers: Mapping[str, str] | None,
+    ) -> None:
+        base_url = base_url or os.environ.get(C.BASE_URL_ENV) or C.DEFAULT_BASE_URL
+        self.base_url = httpx.URL(str(base_url).rstrip("/") + "/")
+        if self.base_url.scheme not in ("http", "https"):
+            raise ValueError(f"base_url must be an http(s) URL, got {str(base_url)!r}")
+        self.api_key = api_key if api_key is not None else os.environ.get(C.API_KEY_ENV) or None
+        self.timeout = timeout
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        self.max_retries = max_retries
+        self.backoff = backoff or Backoff()
+        self._default_headers = dict(default_headers or {})
+
+    # -- configuration --------------------------------------------------------------
+
+    @property
+    def user_agent(self) -> str:
+        """`rlaifv-client/<version> python/<version> httpx/<version>`, sent with every request."""
+        return f"{C.USER_AGENT_NAME}/{__version__} python/{platform.python_version()} httpx/{httpx.__version__}"
+
+    def _headers(self, call: APICall[Any], attempt: int) -> dict[str, str]:
+        headers = {
+            "Accept": "application/json",
+            "User-Agent": self.user_agent,
+            C.REQUEST_ID_HEADER: call.request_id,
+            C.RETRY_COUNT_HEADER: str(attempt),
+        }
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        headers.update(self._default_headers)
+        headers.update(call.headers or {})
+        return headers
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "base_url": self.base_url,
+            "api_key": self.api_key,
+            "timeout": self.timeout,
+            "max_retries": self.max_retries,
+            "backoff": self.backoff,
+            "default_headers": self._default_headers,
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={str(self.base_url)!r}, max_retries={self.max_retries})"
+
+    # -- one call -------------------------------------------------------------------
+
+    def _build_request(self, http: httpx.Client | httpx.AsyncClient, call: APICall[Any], attempt: int) -> httpx.Request:
+        """The request of attempt number `attempt` (0 first); every attempt carries the call's request id."""
+        url = self.base_url.join(call.path.lstrip("/"))
+        timeout = self.timeout if isinstance(call.timeout, NotGiven) else call.timeout
+        return http.build_request(
+            call.method, url, json=call.json, params=call.params, headers=self._headers(call, attempt), timeout=timeout
+        )
+
+    def _retry_delay(
+        self, call: APICall[Any], attempt: int, response: httpx.Response | None, error: Exception | None = None
+    ) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up (not retryable, or out of retries)."""
+        retries = self.max_retries if call.max_retries is None else call.max_retries
+        if attempt >= retries or not should_retry(response, error=error, idempotent=call.idempotent):
+            return None
+        retry_after = parse_retry_after(response.headers) if response is not None else None
+        delay = self.backoff.delay(attempt, retry_after)
+        reason = f"HTTP {response.status_code}" if response is not None else "connection error"
+        log.info(
+            "retrying %s %s in %.2fs after %s (retry %d/%d)",
+            call.method,
+            call.path,
+            delay,
+            reason,
+            attempt + 1,
+            retries,
+        )
+        return delay
+
+    @staticmethod
+    def _connection_error(exc: httpx.TransportError, request: httpx.Request) -> APIConnectionError:
+        if isinstance(exc, httpx.TimeoutException):
+            return APITimeoutError(f"request timed out: {exc}", request=request)
+        return APIConnectionError(f"connection error: {exc}", request=request)
+
+    @staticmethod
+    def _status_error(response: httpx.Response) -> APIStatusError:
+        return make_status_error(response)
+
+    @staticmethod
+    def _parse(call: APICall[T], response: httpx.Response) -> T:
+        try:
+            result = call.cast_to.model_validate(response.json())
+        except (ValueError, pydantic.ValidationError) as exc:
+            raise APIError(
+                f"unexpected response from {call.method} {call.path} (HTTP {response.status_code}): {exc}",
+                request=response.request,
+            ) from None
+        result._request_id = response.headers.get("x-request-id")
+        return result
+
+    def _is_final(self, call: APICall[Any], response: httpx.Response) -> bool:
+        return response.is_success or response.status_code in call.ok_statuses

@@ -1,0 +1,523 @@
+"""`Client` (blocking) and `AsyncClient` (asyncio): the I/O halves over `BaseClient`.
+
+Each public method builds an `APICall` with the shared helpers of `_base_client` and hands it to
+`_request`, the only place that sends, retries and sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import Any, Literal
+
+import httpx
+
+from . import _constants as C
+from ._base_client import (
+    NOT_GIVEN,
+    APICall,
+    Backoff,
+    BaseClient,
+    JobKind,
+    NotGiven,
+    T,
+    TimeoutTypes,
+    best_of_n_body,
+    job_body,
+    progress_line,
+    score_body,
+)
+from ._exceptions import WaitTimeoutError
+from ._images import ImageInput
+from .types import BestOfN, Health, Job, JobResult, JobResultList, ModelList, Rewards
+
+__all__ = ["AsyncClient", "Client"]
+
+ProgressCallback = Callable[[Job], Any]
+Normalize = Literal["mean", "sum"]
+
+
+def _job_path(job_id: str | Job, suffix: str = "") -> str:
+    job_id = job_id.id if isinstance(job_id, Job) else job_id
+    if not job_id or "/" in job_id:
+        raise ValueError(f"invalid job id {job_id!r}")
+    return f"/v1/jobs/{job_id}{suffix}"
+
+
+class _ProgressBar:
+    """`progress=True` of `jobs.wait`: one line on stderr, redrawn in place."""
+
+    def __init__(self) -> None:
+        self.stream = sys.stderr
+
+    def __call__(self, job: Job) -> None:
+        end = "\n" if job.done else ""
+        self.stream.write("\r" + progress_line(job) + end)
+        self.stream.flush()
+
+
+def _progress_callbacks(on_progress: ProgressCallback | None, progress: bool) -> list[ProgressCallback]:
+    return [cb for cb in (on_progress, _ProgressBar() if progress else None) if cb is not None]
+
+
+class Client(BaseClient):
+    """Blocking client of the RLAIF-V reward service.
+
+    Args:
+        base_url: Server root, e.g. ``http://localhost:8000``. Default: env ``RLAIFV_BASE_URL``, else
+            ``http://127.0.0.1:8000``.
+        api_key: Sent as ``Authorization: Bearer <key>``. Default: env ``RLAIFV_API_KEY``; none when unset.
+        timeout: Seconds (or an ``httpx.Timeout``) per attempt; ``None`` waits forever. Default 180 s, 5 s to connect.
+        max_retries: Retries after connection errors, 408, 429, 502, 503 and 504 (never other 4xx). Default 2.
+        backoff: The retry schedule (exponential with jitter; the server's Retry-After wins, capped).
+        default_headers: Extra headers sent with every request.
+        http_client: Your own ``httpx.Client`` (proxies, transports, event hooks); you close it.
+
+    Use it as a context manager, or call ``close()``::
+
+        with Client() as client:
+            result = client.best_of_n(image="cat.png", question="What is in the image?", n=8)
+            print(result.best.text, result.rewards)
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str | httpx.URL | None = None,
+        api_key: str | None = None,
+        timeout: TimeoutTypes = C.DEFAULT_TIMEOUT,
+        max_retries: int = C.DEFAULT_MAX_RETRIES,
+        backoff: Backoff | None = None,
+        default_headers: Mapping[str, str] | None = None,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        super().__init__(
+            base_url=base_url,
+            api_key=api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            backoff=backoff,
+            default_headers=default_headers,
+        )
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else httpx.Client(timeout=timeout)
+        self.jobs = Jobs(self)
+
+    def with_options(self, **options: Any) -> Client:
+        """A copy with some constructor options changed (e.g. ``timeout=10, max_retries=0``), sharing the connection
+        pool; closing the copy leaves the pool open."""
+        http_client = options.pop("http_client", self._http)
+        return Client(**(self._options() | options), http_client=http_client)
+
+    def close(self) -> None:
+        """Close the connection pool (unless you passed your own ``http_client``)."""
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _request(self, call: APICall[T]) -> T:
+        attempt = 0
+        while True:
+            request = self._build_request(self._http, call, attempt)
+            try:
+                response = self._http.send(request)
+            except httpx.TransportError as exc:
+                delay = self._retry_delay(call, attempt, None, exc)
+                if delay is None:
+                    raise self._connection_error(exc, request) from exc
+            else:
+                if self._is_final(call, response):
+                    return self._parse(call, response)
+                response.read()
+                delay = self._retry_delay(call, attempt, response)
+                if delay is None:
+                    raise self._status_error(response)
+                response.close()
+            time.sleep(delay)
+            attempt += 1
+
+    # -- the API ----------------------------------------------------------------------
+
+    def best_of_n(
+        self,
+        *,
+        image: ImageInput | None = None,
+        images: Iterable[ImageInput] | None = None,
+        question: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        n: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        max_tokens: int | None = None,
+        seed: int | None = None,
+        beta: float | None = None,
+        normalize: Normalize | None = None,
+        model: str | None = None,
+        timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> BestOfN:
+        """Sample ``n`` answers and return them all, scored by the RLAIF-V reward, the best one first in ``.best``.
+
+        Give ``image`` (or ``images``) with ``question``, or OpenAI-style ``messages`` with ``image_url`` parts.
+        An image is a path, bytes, a binary file, a PIL image, a ``data:`` URL, or an ``http(s)://`` URL
+        (fetched by the server when its operator allows the host). Arguments left ``None`` take the server's
+        defaults (n=4, temperature=1, the bundle's beta, normalize='mean').
+
+        Raises:
+            InvalidRequestError: bad input (``.param`` names the field). RateLimitError / ServerError after
+            retries. AuthenticationError / PermissionDeniedError. APIConnectionError / APITimeoutError.
+        """
+        body = best_of_n_body(
+            model=model,
+            image=image,
+            images=images,
+            question=question,
+            messages=messages,
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            max_tokens=max_tokens,
+            seed=seed,
+            beta=beta,
+            normalize=normalize,
+        )
+        return self._request(APICall("POST", "/v1/best-of-n", BestOfN, body, timeout=timeout, headers=extra_headers))
+
+    def score(
+        self,
+        *,
+        answers: Iterable[str],
+        image: ImageInput | None = None,
+        images: Iterable[ImageInput] | None = None,
+        question: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        beta: float | None = None,
+        normalize: Normalize | None = None,
+        model: str | None = None,
+        timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Rewards:
+        """Score given ``answers`` (e.g. from another model) for the image(s) and question; rerank by ``.rewards``.
+
+        Images and prompt as in ``best_of_n``. Deterministic: the server may answer from its cache (``.cached``).
+        """
+        body = score_body(
+            answers=answers,
+            model=model,
+            image=image,
+            images=images,
+            question=question,
+            messages=messages,
+            beta=beta,
+            normalize=normalize,
+        )
+        return self._request(APICall("POST", "/v1/rewards", Rewards, body, timeout=timeout, headers=extra_headers))
+
+    def models(self, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> ModelList:
+        """The served model(s) with their reward settings (``GET /v1/models``); iterate it for ``Model`` objects."""
+        return self._request(APICall("GET", "/v1/models", ModelList, timeout=timeout))
+
+    def health(self, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Health:
+        """Liveness (``GET /healthz``): the server process answers."""
+        return self._request(APICall("GET", "/healthz", Health, timeout=timeout))
+
+    def ready(self, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Health:
+        """Readiness (``GET /readyz``): model loaded and warm. Returns ``status='unavailable'`` instead of raising
+        when the server says 503, and does not retry."""
+        return self._request(
+            APICall("GET", "/readyz", Health, timeout=timeout, max_retries=0, ok_statuses=frozenset({503}))
+        )
+
+
+class Jobs:
+    """Durable batch jobs (``client.jobs``): submit many best-of-N or scoring requests, poll, read results."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def submit(
+        self,
+        items: Iterable[Mapping[str, Any]],
+        *,
+        kind: JobKind = "best_of_n",
+        metadata: Mapping[str, str] | None = None,
+        timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
+    ) -> Job:
+        """Submit a durable batch job and return it (status ``queued``). Each item holds the keyword arguments of
+        ``best_of_n`` (``kind='best_of_n'``, e.g. ``{"image": "cat.png", "question": "...", "n": 8}``) or of ``score``
+        (``kind='rewards'``); images are encoded here. ``metadata`` is stored with the job (string values)."""
+        body = job_body(kind, items, metadata)
+        return self._client._request(APICall("POST", "/v1/jobs", Job, body, timeout=timeout, idempotent=False))
+
+    def get(self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Job:
+        """The job's current status and counts."""
+        return self._client._request(APICall("GET", _job_path(job_id), Job, timeout=timeout))
+
+    def cancel(self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Job:
+        """Cancel the job (``DELETE /v1/jobs/{id}``); items already finished keep their results."""
+        return self._client._request(APICall("DELETE", _job_path(job_id), Job, timeout=timeout))
+
+    def wait(
+        self,
+        job_id: str | Job,
+        *,
+        poll_interval: float = C.DEFAULT_POLL_INTERVAL,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+        progress: bool = False,
+    ) -> Job:
+        """Poll until the job is succeeded, failed or cancelled, and return it (check ``.status``).
+
+        Args:
+            poll_interval: Seconds between polls (at most 10).
+            timeout: Give up after this many seconds with ``WaitTimeoutError`` (the job goes on); None: no limit.
+            on_progress: Called with the ``Job`` after every poll.
+            progress: Draw a progress bar on stderr.
+        """
+        callbacks = _progress_callbacks(on_progress, progress)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = min(poll_interval, C.MAX_POLL_INTERVAL)
+        while True:
+            job = self.get(job_id)
+            for callback in callbacks:
+                callback(job)
+            if job.done:
+                return job
+            if deadline is not None and time.monotonic() + interval > deadline:
+                raise WaitTimeoutError(f"job {job.id} not finished within {timeout:g} s ({job.status})", job=job)
+            time.sleep(interval)
+
+    def results(self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Iterator[JobResult]:
+        """Iterate over the job's results so far, by item index (each a ``BestOfN``/``Rewards`` or an error).
+        The results are fetched when iteration starts; call after ``wait`` for all of them."""
+        path = _job_path(job_id, "/results")
+        yield from self._client._request(APICall("GET", path, JobResultList, timeout=timeout)).data
+
+
+class AsyncClient(BaseClient):
+    """Asyncio client of the RLAIF-V reward service; the same API as ``Client`` with ``await``.
+
+    Args: as ``Client`` (``http_client`` is an ``httpx.AsyncClient``). Env fallbacks ``RLAIFV_BASE_URL``,
+    ``RLAIFV_API_KEY``. Use ``async with AsyncClient() as client:`` or ``await client.aclose()``.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str | httpx.URL | None = None,
+        api_key: str | None = None,
+        timeout: TimeoutTypes = C.DEFAULT_TIMEOUT,
+        max_retries: int = C.DEFAULT_MAX_RETRIES,
+        backoff: Backoff | None = None,
+        default_headers: Mapping[str, str] | None = None,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(
+            base_url=base_url,
+            api_key=api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            backoff=backoff,
+            default_headers=default_headers,
+        )
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else httpx.AsyncClient(timeout=timeout)
+        self.jobs = AsyncJobs(self)
+
+    def with_options(self, **options: Any) -> AsyncClient:
+        """A copy with some constructor options changed, sharing the connection pool."""
+        http_client = options.pop("http_client", self._http)
+        return AsyncClient(**(self._options() | options), http_client=http_client)
+
+    async def aclose(self) -> None:
+        """Close the connection pool (unless you passed your own ``http_client``)."""
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _request(self, call: APICall[T]) -> T:
+        attempt = 0
+        while True:
+            request = self._build_request(self._http, call, attempt)
+            try:
+                response = await self._http.send(request)
+            except httpx.TransportError as exc:
+                delay = self._retry_delay(call, attempt, None, exc)
+                if delay is None:
+                    raise self._connection_error(exc, request) from exc
+            else:
+                if self._is_final(call, response):
+                    return self._parse(call, response)
+                await response.aread()
+                delay = self._retry_delay(call, attempt, response)
+                if delay is None:
+                    raise self._status_error(response)
+                await response.aclose()
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    # -- the API ----------------------------------------------------------------------
+
+    async def best_of_n(
+        self,
+        *,
+        image: ImageInput | None = None,
+        images: Iterable[ImageInput] | None = None,
+        question: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        n: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        max_tokens: int | None = None,
+        seed: int | None = None,
+        beta: float | None = None,
+        normalize: Normalize | None = None,
+        model: str | None = None,
+        timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> BestOfN:
+        """Sample ``n`` answers, score them by the RLAIF-V reward, return all with the best in ``.best``.
+        See ``Client.best_of_n``."""
+        body = best_of_n_body(
+            model=model,
+            image=image,
+            images=images,
+            question=question,
+            messages=messages,
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            max_tokens=max_tokens,
+            seed=seed,
+            beta=beta,
+            normalize=normalize,
+        )
+        return await self._request(
+            APICall("POST", "/v1/best-of-n", BestOfN, body, timeout=timeout, headers=extra_headers)
+        )
+
+    async def score(
+        self,
+        *,
+        answers: Iterable[str],
+        image: ImageInput | None = None,
+        images: Iterable[ImageInput] | None = None,
+        question: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        beta: float | None = None,
+        normalize: Normalize | None = None,
+        model: str | None = None,
+        timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Rewards:
+        """Score given ``answers`` for the image(s) and question. See ``Client.score``."""
+        body = score_body(
+            answers=answers,
+            model=model,
+            image=image,
+            images=images,
+            question=question,
+            messages=messages,
+            beta=beta,
+            normalize=normalize,
+        )
+        return await self._request(
+            APICall("POST", "/v1/rewards", Rewards, body, timeout=timeout, headers=extra_headers)
+        )
+
+    async def models(self, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> ModelList:
+        """The served model(s) with their reward settings (``GET /v1/models``)."""
+        return await self._request(APICall("GET", "/v1/models", ModelList, timeout=timeout))
+
+    async def health(self, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Health:
+        """Liveness (``GET /healthz``)."""
+        return await self._request(APICall("GET", "/healthz", Health, timeout=timeout))
+
+    async def ready(self, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Health:
+        """Readiness (``GET /readyz``); ``status='unavailable'`` on 503, no retries."""
+        return await self._request(
+            APICall("GET", "/readyz", Health, timeout=timeout, max_retries=0, ok_statuses=frozenset({503}))
+        )
+
+
+class AsyncJobs:
+    """Durable batch jobs (``client.jobs``) for ``AsyncClient``. See ``Jobs``."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def submit(
+        self,
+        items: Iterable[Mapping[str, Any]],
+        *,
+        kind: JobKind = "best_of_n",
+        metadata: Mapping[str, str] | None = None,
+        timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
+    ) -> Job:
+        """Submit a durable batch job; each item holds the keyword arguments of ``best_of_n`` or ``score``
+        (``kind='best_of_n'`` or ``'rewards'``). See ``Jobs.submit``."""
+        body = job_body(kind, items, metadata)
+        return await self._client._request(APICall("POST", "/v1/jobs", Job, body, timeout=timeout, idempotent=False))
+
+    async def get(self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Job:
+        """The job's current status and counts."""
+        return await self._client._request(APICall("GET", _job_path(job_id), Job, timeout=timeout))
+
+    async def cancel(self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Job:
+        """Cancel the job; items already finished keep their results."""
+        return await self._client._request(APICall("DELETE", _job_path(job_id), Job, timeout=timeout))
+
+    async def wait(
+        self,
+        job_id: str | Job,
+        *,
+        poll_interval: float = C.DEFAULT_POLL_INTERVAL,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+        progress: bool = False,
+    ) -> Job:
+        """Poll until the job is done and return it. See ``Jobs.wait``; ``on_progress`` may be a coroutine function."""
+        callbacks = _progress_callbacks(on_progress, progress)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = min(poll_interval, C.MAX_POLL_INTERVAL)
+        while True:
+            job = await self.get(job_id)
+            for callback in callbacks:
+                outcome = callback(job)
+                if asyncio.iscoroutine(outcome):
+                    await outcome
+            if job.done:
+                return job
+            if deadline is not None and time.monotonic() + interval > deadline:
+                raise WaitTimeoutError(f"job {job.id} not finished within {timeout:g} s ({job.status})", job=job)
+            await asyncio.sleep(interval)
+
+    async def results(
+        self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN
+    ) -> AsyncIterator[JobResult]:
+        """Iterate (``async for``) over the job's results so far, by item index. See ``Jobs.results``."""
+        path = _job_path(job_id, "/results")
+        page = await self._client._request(APICall("GET", path, JobResultList, timeout=timeout))
+        for item in page.data:
+            yield item

@@ -1,0 +1,31 @@
+"""Client defaults, in one place."""
+
+from __future__ import annotations
+
+import httpx
+
+BASE_URL_ENV = "RLAIFV_BASE_URL"
+API_KEY_ENV = "RLAIFV_API_KEY"
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+
+# Best-of-N runs the model n times: reads may take long, connecting should not.
+DEFAULT_TIMEOUT = httpx.Timeout(timeout=180.0, connect=5.0)
+DEFAULT_MAX_RETRIES = 2
+
+# Retries: exponential backoff from INITIAL_RETRY_DELAY doubling up to MAX_RETRY_DELAY, each delay
+# multiplied by a random factor in [1 - RETRY_JITTER, 1]. A server's Retry-After is honoured up to
+# MAX_RETRY_AFTER seconds (plus up to RETRY_JITTER of itself, so a burst of rejected clients spreads out).
+INITIAL_RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 8.0
+MAX_RETRY_AFTER = 60.0
+RETRY_JITTER = 0.25
+RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
+NOT_PROCESSED_STATUSES = frozenset({429, 503})  # refused before any work: safe to repeat even non-idempotent calls
+
+# Jobs
+DEFAULT_POLL_INTERVAL = 1.0
+MAX_POLL_INTERVAL = 10.0
+
+REQUEST_ID_HEADER = "X-Request-ID"
+RETRY_COUNT_HEADER = "X-RLAIFV-Retry-Count"
+USER_AGENT_NAME = "rlaifv-client"

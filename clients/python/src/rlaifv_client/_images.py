@@ -1,0 +1,105 @@
+"""Image arguments -> what the server's `images` field takes (a data URL, or an http(s) URL passed through).
+
+Accepted: a path (str or os.PathLike), raw bytes, a binary file object, a PIL image (encoded as PNG;
+Pillow is never imported here, the image encodes itself), a `data:` URL, or an `http(s)://` URL that the
+server fetches itself when its operator allowed the host. `file://` URLs are read like paths.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+from io import BytesIO
+from pathlib import Path
+from typing import IO, Any, TypeAlias
+from urllib.parse import unquote, urlparse
+
+from ._exceptions import ImageInputError
+
+ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes] | Any"
+
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+)
+
+
+def sniff_mime(data: bytes) -> str:
+    """The image MIME type from magic bytes; `application/octet-stream` when unknown (the server decides)."""
+    for magic, mime in _MAGIC:
+        if data.startswith(magic):
+            return mime
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
+def data_url(data: bytes, mime: str | None = None) -> str:
+    """`data:<mime>;base64,<data>`."""
+    return f"data:{mime or sniff_mime(data)};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _is_pil_image(obj: Any) -> bool:
+    pil = sys.modules.get("PIL.Image")  # no Pillow loaded means obj cannot be a PIL image
+    return pil is not None and isinstance(obj, pil.Image)
+
+
+def _read_path(path: str | os.PathLike[str]) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except FileNotFoundError:
+        raise ImageInputError(f"image file not found: {os.fspath(path)!r}") from None
+    except OSError as exc:
+        raise ImageInputError(f"cannot read image file {os.fspath(path)!r}: {exc.strerror or exc}") from None
+
+
+def encode_image(image: ImageInput) -> str:
+    """One image argument -> a data URL (or an http(s) URL, unchanged). Raises `ImageInputError`."""
+    if isinstance(image, str):
+        scheme = image.split(":", 1)[0].lower() if ":" in image[:12] else ""
+        if scheme in ("http", "https", "data"):
+            return image
+        if scheme == "file":
+            return data_url(_read_path(unquote(urlparse(image).path)))
+        if not image.strip():
+            raise ImageInputError("image is an empty string")
+        return data_url(_read_path(image))
+    if isinstance(image, os.PathLike):
+        return data_url(_read_path(image))
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        if not data:
+            raise ImageInputError("image is empty (0 bytes)")
+        return data_url(data)
+    if _is_pil_image(image):
+        buffer = BytesIO()
+        try:
+            image.save(buffer, format="PNG")
+        except (OSError, ValueError) as exc:
+            raise ImageInputError(f"cannot encode PIL image as PNG: {exc}") from None
+        return data_url(buffer.getvalue(), "image/png")
+    if hasattr(image, "read"):
+        data = image.read()
+        if isinstance(data, (bytes, bytearray)):
+            return encode_image(bytes(data))
+        raise ImageInputError("file objects must be opened in binary mode ('rb')")
+    raise ImageInputError(
+        f"unsupported image type {type(image).__name__}: give a path, bytes, a binary file, a PIL image, "
+        "or a data:/http(s):// URL string"
+    )
+
+
+def encode_images(image: ImageInput | None, images: list[ImageInput] | tuple[ImageInput, ...] | None) -> list[str]:
+    """`image=` and/or `images=` -> the request's `images` list, in order."""
+    out: list[str] = []
+    if image is not None:
+        out.append(encode_image(image))
+    if images is not None:
+        if isinstance(images, (str, bytes, os.PathLike)) or not hasattr(images, "__iter__"):
+            raise ImageInputError("images= takes a list; use image= for a single image")
+        out.extend(encode_image(item) for item in images)
+    return out

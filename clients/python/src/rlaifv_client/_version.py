@@ -1,0 +1,2 @@
+__title__ = "rlaifv-client"
+__version__ = "0.1.0"

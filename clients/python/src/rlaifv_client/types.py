@@ -1,0 +1,218 @@
+"""Typed results: pydantic models mirroring the server's response schemas (service/protocol.py).
+
+`tests/clients/test_schema_drift.py` compares every model here with the running server's
+/openapi.json, so a field added, removed, renamed or retyped on either side fails CI.
+Unknown fields are kept (`extra="allow"`), so an older SDK still parses a newer server.
+Log-probs are raw model log-probs (temperature 1, no top-p/top-k), whatever the sampling settings.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+__all__ = [
+    "BestOfN",
+    "Candidate",
+    "ErrorDetail",
+    "Health",
+    "Job",
+    "JobResult",
+    "JobResultList",
+    "Model",
+    "ModelList",
+    "RewardInfo",
+    "Rewards",
+    "Timings",
+    "Usage",
+]
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_JOB_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class BaseType(BaseModel):
+    """Base of every result: keeps unknown fields; `request_id` is the X-Request-ID of the response."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    _request_id: str | None = PrivateAttr(default=None)
+
+    @property
+    def request_id(self) -> str | None:
+        """The server's request id (X-Request-ID) for this result, to quote in bug reports and logs."""
+        return self._request_id
+
+
+class Usage(BaseType):
+    prompt_tokens: int = Field(description="Prompt tokens (image tokens included) of the request.")
+    completion_tokens: int = Field(description="Answer tokens generated (best-of-N: all samples) or scored.")
+    total_tokens: int
+
+
+class RewardInfo(BaseType):
+    mode: str = Field(description="Reward mode used.")
+    beta: float
+    normalize: Literal["mean", "sum"]
+
+
+class Timings(BaseType):
+    queue_s: float = Field(description="Time spent waiting for the model.")
+    generate_s: float = Field(0.0, description="Sampling time of the batch the request ran in.")
+    score_s: float = Field(description="Reward scoring time of the batch the request ran in.")
+    total_s: float = Field(description="Server time from arrival to response.")
+
+
+class Candidate(BaseType):
+    index: int = Field(description="Position of the candidate (sampling order, or the order answers were given).")
+    text: str
+    reward: float = Field(description="r = beta/T * sum_t[log pi_theta - log pi_ref] (no 1/T with normalize='sum').")
+    policy_logprob: float = Field(description="sum_t log pi_theta(y_t | x, y_<t).")
+    reference_logprob: float = Field(description="sum_t log pi_ref(y_t | x, y_<t).")
+    num_tokens: int = Field(description="T: answer tokens scored, end-of-turn included.")
+    finish_reason: Literal["stop", "length", "given"] = Field(description="'given' for answers sent to score().")
+
+
+class BestOfN(BaseType):
+    """Result of `best_of_n`: the best candidate and every candidate's reward terms."""
+
+    id: str
+    object: Literal["best_of_n"] = "best_of_n"
+    created: int
+    model: str
+    best_index: int = Field(description="argmax of the rewards; ties go to the lower index.")
+    best: Candidate
+    candidates: list[Candidate]
+    reward: RewardInfo
+    usage: Usage
+    timings: Timings
+
+    @property
+    def text(self) -> str:
+        """The best answer's text."""
+        return self.best.text
+
+    @property
+    def rewards(self) -> list[float]:
+        """Every candidate's reward, in sampling order."""
+        return [c.reward for c in self.candidates]
+
+
+class Rewards(BaseType):
+    """Result of `score`: the reward of each given answer, in order, and the best index."""
+
+    id: str
+    object: Literal["rewards"] = "rewards"
+    created: int
+    model: str
+    rewards: list[float] = Field(description="Reward of each answer, in the order given.")
+    best_index: int
+    candidates: list[Candidate]
+    reward: RewardInfo
+    usage: Usage
+    timings: Timings
+    cached: bool = Field(False, description="True when the result came from the reward cache.")
+
+    @property
+    def best(self) -> Candidate:
+        """The highest-reward answer."""
+        return self.candidates[self.best_index]
+
+
+class Model(BaseType):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "rlaifv"
+    reward: RewardInfo
+    max_positions: int | None = None
+
+
+class ModelList(BaseType):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+    def __iter__(self):  # type: ignore[override]  # iterate the models, like a list
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+class Health(BaseType):
+    status: Literal["ok", "loading", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+class ErrorDetail(BaseType):
+    """The `error` object of the server's error envelope."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+# -- batch jobs ------------------------------------------------------------------------
+
+
+class Job(BaseType):
+    """A batch job: `status` moves queued -> running -> succeeded | failed | cancelled.
+
+    `succeeded` means every item has a result, though some items may have failed (see `failed`);
+    `failed` means every item failed."""
+
+    id: str
+    object: Literal["job"] = "job"
+    kind: Literal["best_of_n", "rewards"] = Field(description="Which endpoint each item is a request for.")
+    status: JobStatus
+    created: int
+    updated: int
+    total: int = Field(description="Items in the job.")
+    completed: int = Field(description="Items answered successfully.")
+    failed: int = Field(description="Items answered with an error.")
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        """True once the job is succeeded, failed or cancelled."""
+        return self.status in TERMINAL_JOB_STATUSES
+
+    @property
+    def progress(self) -> float:
+        """Fraction of items answered (successfully or not), 0..1."""
+        return (self.completed + self.failed) / self.total if self.total else (1.0 if self.done else 0.0)
+
+    def raise_for_status(self) -> Job:
+        """Raise `JobError` when the job failed or was cancelled; return the job otherwise (for chaining)."""
+        if self.status in ("failed", "cancelled"):
+            from ._exceptions import JobError
+
+            raise JobError(f"job {self.id} {self.status} ({self.failed} of {self.total} items failed)", job=self)
+        return self
+
+
+class JobResult(BaseType):
+    """One item of a job: its `result` (a `BestOfN` or `Rewards`, by the job's kind) or its `error`."""
+
+    index: int
+    status: Literal["succeeded", "failed"]
+    # The server declares these as free-form objects; the SDK parses them (narrowing checked by the drift test).
+    result: Annotated[BestOfN | Rewards, Field(discriminator="object")] | None = Field(
+        None, description="The endpoint's response body."
+    )
+    error: ErrorDetail | None = Field(None, description="The error envelope's `error` object when the item failed.")
+
+
+class JobResultList(BaseType):
+    """GET /v1/jobs/{id}/results: the results so far, by item index; `jobs.results()` iterates them."""
+
+    id: str
+    object: Literal["list"] = "list"
+    status: JobStatus
+    data: list[JobResult] = Field(description="Results so far, by item index.")

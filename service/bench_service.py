@@ -1,0 +1,299 @@
+"""`rlaifv bench service`: throughput and latency of best-of-N over HTTP, micro-batching off vs on.
+
+The benchmark starts one `python -m service.serve_cli` per mode on free ports
+(off: RLAIFV_MAX_BATCH=1; on: RLAIFV_MAX_BATCH=--max-batch with a --window-ms
+window), then at each concurrency level runs closed-loop clients against each
+server in turn (every client sends its next request as soon as the previous
+one is answered), so changes in machine load affect both modes alike.
+Reported per level: requests/s, answers/s (= requests/s * n), p50/p99 latency,
+and at concurrency 1 the HTTP + scheduler overhead: client latency minus the
+model time the server reports, over the model time. With `--url` it measures
+an already running server instead (one mode, as configured there).
+
+Heavy imports stay inside functions so `rlaifv --help` is instant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class LevelResult:
+    mode: str
+    concurrency: int
+    requests: int
+    seconds: float
+    latencies: list[float]
+    model_s: list[float]
+    n: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def answers_ps(self) -> float:
+        return self.rps * self.n
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    @property
+    def overhead(self) -> float:
+        """(client latency - server-reported model time) / model time, medians."""
+        model = statistics.median(self.model_s)
+        return (statistics.median(self.latencies) - model) / model
+
+
+def benchmark_bundle(folder: Path | None = None) -> Path:
+    """A random-weight LLaVA big enough for timings to mean something: hidden 256, 4 layers, 64 px / patch 8."""
+    from reward.tiny import TinyVLMSpec, build_tiny_bundle
+
+    folder = folder or Path.home() / ".cache" / "rlaifv" / "bench-256x4"
+    if not (folder / "rlaifv.json").is_file():
+        sizes = {"vision_hidden": 64, "vision_layers": 2, "text_heads": 4, "text_kv_heads": 4, "intermediate": 1024}
+        spec = TinyVLMSpec(image_size=64, patch_size=8, text_hidden=256, text_layers=4, **sizes)
+        build_tiny_bundle(folder, spec=spec)
+    return folder
+
+
+def _image_url() -> str:
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (64, 64), (255, 255, 255))
+    ImageDraw.Draw(img).ellipse((10, 10, 40, 40), fill=(220, 20, 20))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+async def _run_level(
+    url: str, mode: str, concurrency: int, total: int, n: int, max_tokens: int, headers: dict
+) -> LevelResult:
+    import httpx
+
+    image = _image_url()
+    latencies: list[float] = []
+    model_s: list[float] = []
+    counter = iter(range(total))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for i in counter:
+            body = {
+                "images": [image],
+                "question": "Describe the image.",
+                "n": n,
+                "sampling": {"temperature": 1.0, "max_tokens": max_tokens, "seed": i},
+            }
+            start = time.perf_counter()
+            r = await client.post("/v1/best-of-n", json=body)
+            latencies.append(time.perf_counter() - start)
+            r.raise_for_status()
+            timings = r.json()["timings"]
+            model_s.append(timings["generate_s"] + timings["score_s"])
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits, headers=headers) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    return LevelResult(mode, concurrency, total, seconds, latencies, model_s, n)
+
+
+async def _warm(url: str, n: int, max_tokens: int, headers: dict) -> None:
+    await _run_level(url, "warm", 2, 4, n, max_tokens, headers)
+
+
+def _start_server(bundle: Path, port: int, env_overrides: dict[str, str]) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")} | env_overrides
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.serve_cli",
+        "--bundle",
+        str(bundle),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("server not ready in time")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_benchmark(
+    *,
+    bundle: Path,
+    concurrency: list[int],
+    n: int,
+    max_tokens: int,
+    requests_per_client: int,
+    max_batch: int,
+    window_ms: float,
+    torch_threads: int | None,
+    url: str | None = None,
+    api_key: str | None = None,
+) -> list[LevelResult]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    modes: list[tuple[str, dict[str, str]]]
+    if url:
+        modes = [("server", {})]
+    else:
+        common = {
+            "RLAIFV_MAX_N": str(max(n, 16)),
+            "RLAIFV_MAX_TOKENS": str(max(max_tokens, 64)),
+            "RLAIFV_MAX_QUEUE": "1024",
+        }
+        if torch_threads:
+            common["RLAIFV_TORCH_THREADS"] = str(torch_threads)
+        modes = [
+            ("batching off", common | {"RLAIFV_MAX_BATCH": "1", "RLAIFV_BATCH_WINDOW_MS": "0"}),
+            ("batching on", common | {"RLAIFV_MAX_BATCH": str(max_batch), "RLAIFV_BATCH_WINDOW_MS": str(window_ms)}),
+        ]
+    results: list[LevelResult] = []
+    procs: list[subprocess.Popen] = []
+    targets: list[str] = []
+    try:
+        for _, env in modes:  # all servers up front; idle ones cost memory, not CPU
+            if url is not None:
+                targets.append(url)
+                continue
+            port = _free_port()
+            targets.append(f"http://127.0.0.1:{port}")
+            procs.append(_start_server(bundle, port, env))
+            _wait_ready(procs[-1], targets[-1])
+        for target in targets:
+            asyncio.run(_warm(target, n, max_tokens, headers))
+        # modes alternate at each level, so drift in machine load hits both alike
+        for c in concurrency:
+            total = max(8, requests_per_client * c)
+            for (mode, _), target in zip(modes, targets, strict=True):
+                r = asyncio.run(_run_level(target, mode, c, total, n, max_tokens, headers))
+                results.append(r)
+                p50, p99 = r.pct(0.5) * 1000, r.pct(0.99) * 1000
+                typer.echo(f"{mode:>13} c={c:<3} {r.rps:7.2f} req/s  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms")
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=60)
+    return sorted(results, key=lambda r: (r.mode, r.concurrency))
+
+
+def report(results: list[LevelResult], *, n: int, max_tokens: int) -> str:
+    lines = [
+        f"best-of-{n}, max_tokens {max_tokens}, closed-loop clients",
+        "",
+        "| mode | concurrency | requests | requests/s | answers/s | p50 ms | p99 ms | overhead vs model time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        overhead = f"{r.overhead * 100:.1f} %" if r.concurrency == 1 else ""
+        lines.append(
+            f"| {r.mode} | {r.concurrency} | {r.requests} | {r.rps:.2f} | {r.answers_ps:.1f} | "
+            f"{r.pct(0.5) * 1000:.1f} | {r.pct(0.99) * 1000:.1f} | {overhead} |"
+        )
+    by_mode: dict[str, dict[int, LevelResult]] = {}
+    for r in results:
+        by_mode.setdefault(r.mode, {})[r.concurrency] = r
+    if "batching off" in by_mode and "batching on" in by_mode:
+        lines += ["", "| concurrency | throughput on/off |", "|---:|---:|"]
+        for c, off in by_mode["batching off"].items():
+            on = by_mode["batching on"].get(c)
+            if on is not None:
+                lines.append(f"| {c} | {on.rps / off.rps:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_service(
+    bundle: Annotated[
+        Path | None, typer.Option(help="Bundle to serve; a 256-hidden 4-layer random LLaVA when absent.")
+    ] = None,
+    url: Annotated[str | None, typer.Option(help="Measure this running server instead of starting two.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="RLAIFV_API_KEY", help="API key for --url servers.")] = None,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated concurrency levels.")] = "1,4,16",
+    n: Annotated[int, typer.Option(help="Candidates per request (best-of-n).")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="max_tokens per answer.")] = 32,
+    requests_per_client: Annotated[
+        int, typer.Option(help="Requests per concurrent client (at least 8 per level).")
+    ] = 4,
+    max_batch: Annotated[int, typer.Option(help="RLAIFV_MAX_BATCH of the batching-on server.")] = 16,
+    window_ms: Annotated[float, typer.Option(help="RLAIFV_BATCH_WINDOW_MS of the batching-on server.")] = 5.0,
+    torch_threads: Annotated[int | None, typer.Option(help="RLAIFV_TORCH_THREADS of the servers.")] = 1,
+    output: Annotated[Path | None, typer.Option(help="Also write the markdown table (and raw JSON beside it).")] = None,
+) -> None:
+    """Throughput (requests/s, answers/s) and p50/p99 latency of best-of-N, micro-batching off vs on."""
+    levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    bundle = bundle or (None if url else benchmark_bundle())
+    results = run_benchmark(
+        bundle=bundle or Path("."),
+        concurrency=levels,
+        n=n,
+        max_tokens=max_tokens,
+        requests_per_client=requests_per_client,
+        max_batch=max_batch,
+        window_ms=window_ms,
+        torch_threads=torch_threads,
+        url=url,
+        api_key=api_key,
+    )
+    table = report(results, n=n, max_tokens=max_tokens)
+    typer.echo(table)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(table)
+        raw: list[dict[str, Any]] = [
+            {
+                "mode": r.mode,
+                "concurrency": r.concurrency,
+                "requests": r.requests,
+                "seconds": r.seconds,
+                "latencies": r.latencies,
+            }
+            for r in results
+        ]
+        output.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+
+
+if __name__ == "__main__":
+    typer.run(bench_service)

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Request
+
+from service.errors import NotFound, Unavailable, error_responses
+from service.jobs import JobStore
+from service.protocol import Job, JobRequest, JobResults
+
+router = APIRouter(tags=["jobs"])
+JobId = Annotated[str, Path(description="Job id returned by POST /v1/jobs.", max_length=64)]
+
+
+def get_store(request: Request) -> JobStore:
+    store = request.app.state.job_store
+    if store is None:
+        raise Unavailable("batch jobs need Redis: set RLAIFV_REDIS_URL", code="jobs_unavailable")
+    return store
+
+
+StoreDep = Annotated[JobStore, Depends(get_store)]
+
+
+async def _found(job: Job | JobResults | None, job_id: str):
+    if job is None:
+        raise NotFound(f"job '{job_id}' does not exist (or has expired)", param="job_id", code="job_not_found")
+    return job
+
+
+@router.post(
+    "/v1/jobs",
+    status_code=202,
+    response_model=Job,
+    responses=error_responses(400, 401, 403, 413, 429, 503),
+    summary="Submit a durable batch job (Redis Streams)",
+)
+async def create_job(body: JobRequest, store: StoreDep) -> Job:
+    """Queues every item (a /v1/best-of-n or /v1/rewards request body) on the job stream. Items are
+    checked against the request schema now; limits (n, max_tokens, images) are applied when an item
+    runs, and an item that breaks them gets an error result. Poll GET /v1/jobs/{id}."""
+    return await store.create(body)
+
+
+@router.get(
+    "/v1/jobs/{job_id}", response_model=Job, responses=error_responses(401, 403, 404, 429, 503), summary="Job status"
+)
+async def get_job(job_id: JobId, store: StoreDep) -> Job:
+    return await _found(await store.get(job_id), job_id)
+
+
+@router.get(
+    "/v1/jobs/{job_id}/results",
+    response_model=JobResults,
+    responses=error_responses(401, 403, 404, 429, 503),
+    summary="Results of a job so far, by item index",
+)
+async def get_job_results(job_id: JobId, store: StoreDep) -> JobResults:
+    return await _found(await store.results(job_id), job_id)
+
+
+@router.delete(
+    "/v1/jobs/{job_id}", response_model=Job, responses=error_responses(401, 403, 404, 429, 503), summary="Cancel a job"
+)
+async def cancel_job(job_id: JobId, store: StoreDep) -> Job:
+    """Items not yet started are skipped; results already stored are kept."""
+    return await _found(await store.cancel(job_id), job_id)

@@ -1,0 +1,112 @@
+"""`rlaifv serve`: run the reward service with uvicorn. Flags override `RLAIFV_*` environment variables.
+
+Heavy imports stay inside the function so `rlaifv --help` is instant.
+Also runnable as `python -m service.serve_cli`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+def fallback_bundle() -> Path:
+    """The model served when no bundle is given: `service.default_model.default_bundle()` (the shapes world,
+    built on first use); a tiny random-weight bundle if that module is unavailable."""
+    try:
+        from service.default_model import default_bundle  # type: ignore[import-not-found]
+    except ImportError:
+        pass
+    else:
+        return Path(default_bundle())
+    from reward.tiny import build_tiny_bundle
+
+    folder = Path.home() / ".cache" / "rlaifv" / "tiny"
+    if not (folder / "rlaifv.json").is_file():
+        build_tiny_bundle(folder)
+    return folder
+
+
+def build_settings(**overrides: Any):
+    """Settings from the environment, with the flags that were given on top."""
+    from service.settings import Settings
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**given)
+
+
+def serve(
+    bundle: Annotated[
+        Path | None,
+        typer.Option(help="Bundle folder (env RLAIFV_BUNDLE); the built-in shapes-world model when absent."),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (env RLAIFV_HOST, default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (env RLAIFV_PORT, default 8000).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (env RLAIFV_DEVICE, default auto).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16 (env RLAIFV_DTYPE).")] = None,
+    torch_threads: Annotated[
+        int | None, typer.Option(help="torch intra-op threads (env RLAIFV_TORCH_THREADS).")
+    ] = None,
+    max_n: Annotated[int | None, typer.Option(help="Largest n / best_of (env RLAIFV_MAX_N).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Largest max_tokens (env RLAIFV_MAX_TOKENS).")] = None,
+    max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 429 (env RLAIFV_MAX_QUEUE).")] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="Requests per forward pass; 1 = no batching (env RLAIFV_MAX_BATCH).")
+    ] = None,
+    batch_window_ms: Annotated[
+        float | None, typer.Option(help="Micro-batching window (env RLAIFV_BATCH_WINDOW_MS).")
+    ] = None,
+    request_timeout_s: Annotated[
+        float | None, typer.Option(help="Request deadline (env RLAIFV_REQUEST_TIMEOUT_S).")
+    ] = None,
+    api_keys_file: Annotated[
+        Path | None, typer.Option(help="File of API keys, one per line (env RLAIFV_API_KEYS_FILE).")
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis for jobs, cache, rate limits (env RLAIFV_REDIS_URL).")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning (env RLAIFV_LOG_LEVEL).")] = None,
+) -> None:
+    """Serve best-of-N and rewards over HTTP (FastAPI + uvicorn). Settings: RLAIFV_* environment variables."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.logging import configure_logging
+
+    settings = build_settings(
+        bundle=bundle,
+        host=host,
+        port=port,
+        device=device,
+        dtype=dtype,
+        torch_threads=torch_threads,
+        max_n=max_n,
+        max_tokens=max_tokens,
+        max_queue=max_queue,
+        max_batch=max_batch,
+        batch_window_ms=batch_window_ms,
+        request_timeout_s=request_timeout_s,
+        api_keys_file=api_keys_file,
+        redis_url=redis_url,
+        log_level=log_level,
+    )
+    configure_logging(settings.log_level)
+    if settings.bundle is None:
+        settings = settings.model_copy(update={"bundle": fallback_bundle()})
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        access_log=False,
+    )
+    uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+    typer.run(serve)

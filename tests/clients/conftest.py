@@ -1,0 +1,179 @@
+"""Fixtures for the SDK tests: the real server (uvicorn on a free port, tiny random-weight bundle),
+an image host the server may fetch from, and images in every form the SDK accepts."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+API_KEY = "sk-client-tests-0123456789"
+QUESTION = "What is in the image?"
+
+# Small limits keep the tiny model fast on a shared 2-core machine.
+LIMITS: dict[str, Any] = {
+    "max_n": 8,
+    "max_tokens": 16,
+    "default_max_tokens": 8,
+    "max_images": 2,
+    "max_image_pixels": 1024 * 1024,
+    "batch_window_ms": 2,
+    "request_timeout_s": 60,
+    "shutdown_grace_s": 2,
+    "warmup": False,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """`service.app.create_app(settings)` under uvicorn in a daemon thread, on a free port."""
+
+    def __init__(self, bundle: Path, **overrides: Any) -> None:
+        import uvicorn
+
+        from service.app import create_app
+        from service.settings import Settings
+
+        self.port = free_port()
+        self.settings = Settings(bundle=bundle, host="127.0.0.1", port=self.port, **(LIMITS | overrides))
+        self.app = create_app(self.settings)
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_config=None, access_log=False, timeout_graceful_shutdown=2
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name=f"uvicorn-{self.port}")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def openapi(self) -> dict[str, Any]:
+        return httpx.get(self.url + "/openapi.json", timeout=30).raise_for_status().json()
+
+
+def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (32, 32), fmt: str = "PNG") -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+class ImageHost:
+    """A plain HTTP server on 127.0.0.1 serving one PNG at /red.png (the server is allowed to fetch from it)."""
+
+    def __init__(self, data: bytes) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path != "/red.png":
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/red.png"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> ImageHost:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def red_png() -> bytes:
+    return png_bytes()
+
+
+@pytest.fixture(scope="session")
+def image_host(red_png: bytes) -> Iterator[ImageHost]:
+    with ImageHost(red_png) as host:
+        yield host
+
+
+@pytest.fixture(scope="session")
+def server(tiny_bundle: Path) -> Iterator[LiveServer]:
+    """The main test server: API key required on /v1, remote images allowed from 127.0.0.1."""
+    with LiveServer(tiny_bundle, api_keys=[API_KEY], allowed_image_hosts=["127.0.0.1"]) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def busy_server(tiny_bundle: Path) -> Iterator[LiveServer]:
+    """A server with a queue bound of 1 and no batching: concurrent requests get 429 + Retry-After: 1."""
+    with LiveServer(tiny_bundle, max_queue=1, max_batch=1, batch_window_ms=0, retry_after_s=1) as live:
+        yield live
+
+
+@pytest.fixture
+def client(server: LiveServer) -> Iterator[Any]:
+    from rlaifv_client import Client
+
+    with Client(base_url=server.url, api_key=API_KEY, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture
+async def async_client(server: LiveServer) -> Any:
+    from rlaifv_client import AsyncClient
+
+    async with AsyncClient(base_url=server.url, api_key=API_KEY, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(params=["path", "str-path", "bytes", "pil", "data-url", "http-url", "file-object"])
+def image_input(request: pytest.FixtureRequest, red_png: bytes, tmp_path: Path, image_host: ImageHost) -> Any:
+    """The same red PNG given every way the SDK accepts."""
+    import base64
+
+    path = tmp_path / "red.png"
+    path.write_bytes(red_png)
+    kind = request.param
+    if kind == "path":
+        return path
+    if kind == "str-path":
+        return str(path)
+    if kind == "bytes":
+        return red_png
+    if kind == "pil":
+        from PIL import Image
+
+        return Image.open(io.BytesIO(red_png))
+    if kind == "data-url":
+        return "data:image/png;base64," + base64.b64encode(red_png).decode()
+    if kind == "http-url":
+        return image_host.url
+    return io.BytesIO(red_png)

@@ -1,0 +1,358 @@
+"""The SDK without a server: exports, configuration, retry schedule, error mapping, image encoding, bodies."""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import io
+from pathlib import Path
+
+import httpx
+import pytest
+
+import rlaifv_client
+from rlaifv_client import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    Backoff,
+    Client,
+    ImageInputError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    RLAIFVError,
+    ServerError,
+)
+from rlaifv_client._base_client import best_of_n_body, job_body, parse_retry_after, score_body, should_retry
+from rlaifv_client._exceptions import make_status_error
+from rlaifv_client._images import encode_image, encode_images, sniff_mime
+
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")
+
+
+def test_public_api_is_pinned() -> None:
+    assert set(rlaifv_client.__all__) == {
+        "NOT_GIVEN", "APIConnectionError", "APIError", "APIStatusError", "APITimeoutError", "AsyncClient",
+        "AsyncJobs", "AuthenticationError", "Backoff", "BestOfN", "Candidate", "Client", "FieldError", "Health",
+        "ImageInputError", "InvalidRequestError", "Job", "JobError", "JobResult", "Jobs", "Model", "ModelList",
+        "NotFoundError", "NotGiven", "PermissionDeniedError", "RLAIFVError", "RateLimitError", "Rewards",
+        "ServerError", "TimeoutError", "WaitTimeoutError", "__version__", "data_url", "encode_image", "types",
+    }  # fmt: skip
+    for name in rlaifv_client.__all__:
+        assert getattr(rlaifv_client, name) is not None
+
+
+def test_public_methods_have_docstrings() -> None:
+    for cls in (rlaifv_client.Client, rlaifv_client.AsyncClient, rlaifv_client.Jobs, rlaifv_client.AsyncJobs):
+        assert cls.__doc__
+        for name, member in vars(cls).items():
+            if callable(member) and not name.startswith("_"):
+                assert member.__doc__, f"{cls.__name__}.{name} has no docstring"
+
+
+def test_exception_tree() -> None:
+    assert rlaifv_client.TimeoutError is APITimeoutError
+    assert issubclass(APITimeoutError, APIConnectionError) and issubclass(APITimeoutError, builtins.TimeoutError)
+    for cls in (InvalidRequestError, AuthenticationError, PermissionDeniedError, NotFoundError, RateLimitError):
+        assert issubclass(cls, APIStatusError) and issubclass(cls, RLAIFVError)
+    assert issubclass(ImageInputError, ValueError)
+
+
+def test_config_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RLAIFV_BASE_URL", "http://reward.internal:9000/")
+    monkeypatch.setenv("RLAIFV_API_KEY", "sk-from-env-123456")
+    with Client() as client:
+        assert str(client.base_url) == "http://reward.internal:9000/"
+        assert client.api_key == "sk-from-env-123456"
+    with Client(base_url="http://other:1", api_key="sk-arg") as client:  # arguments win over the environment
+        assert (str(client.base_url), client.api_key) == ("http://other:1/", "sk-arg")
+    monkeypatch.delenv("RLAIFV_BASE_URL")
+    monkeypatch.delenv("RLAIFV_API_KEY")
+    with Client() as client:
+        assert str(client.base_url) == "http://127.0.0.1:8000/" and client.api_key is None
+
+
+def test_constructor_is_keyword_only_and_validates() -> None:
+    with pytest.raises(TypeError):
+        Client("http://localhost:8000")  # type: ignore[misc]
+    with pytest.raises(ValueError, match="http"):
+        Client(base_url="ftp://x")
+    with pytest.raises(ValueError, match="max_retries"):
+        Client(max_retries=-1)
+
+
+def test_headers_user_agent_and_with_options() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"status": "ok", "checks": {}}, headers={"x-request-id": "abc"})
+
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    with Client(base_url="http://svc/prefix", api_key="sk-123456789", http_client=http) as client:
+        health = client.health()
+        assert health.ok and health.request_id == "abc"
+        quick = client.with_options(timeout=3, max_retries=0)
+        assert quick.max_retries == 0 and quick.timeout == 3 and quick.api_key == "sk-123456789"
+        quick.close()  # shares the pool: closing the copy must not close it
+        client.health()
+    request = seen[0]
+    assert str(request.url) == "http://svc/prefix/healthz"
+    assert request.headers["authorization"] == "Bearer sk-123456789"
+    assert request.headers["user-agent"].startswith(f"rlaifv-client/{rlaifv_client.__version__} ")
+    assert len(request.headers["x-request-id"]) == 32
+
+
+def test_per_call_timeout_and_extra_headers() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(503, json={"status": "unavailable", "checks": {"model": "loading"}})
+
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    fast = Backoff(initial=0.001, max=0.001)
+    with Client(base_url="http://svc", timeout=7.0, backoff=fast, http_client=http) as client:
+        assert client.ready().status == "unavailable"  # /readyz's 503 is an answer, not an error: no retries
+        assert seen[-1].extensions["timeout"]["read"] == 7.0
+        client.ready(timeout=None)
+        assert seen[-1].extensions["timeout"]["read"] is None
+        with pytest.raises(ServerError):
+            client.best_of_n(question="q", timeout=httpx.Timeout(2.0), extra_headers={"X-Team": "vision"})
+        assert seen[-1].extensions["timeout"]["read"] == 2.0 and seen[-1].headers["x-team"] == "vision"
+    assert len(seen) == 2 + 3  # best_of_n: 1 + 2 retries of the 503
+
+
+# -- the retry schedule ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attempt", "retry_after", "rand", "expected"),
+    [
+        (0, None, 0.0, 0.5),
+        (1, None, 0.0, 1.0),
+        (2, None, 0.0, 2.0),
+        (5, None, 0.0, 8.0),  # capped at max
+        (2, None, 1.0, 1.5),  # full jitter takes 25 % off
+        (0, 3.0, 0.0, 3.0),  # Retry-After wins over backoff...
+        (0, 3.0, 1.0, 3.75),  # ...plus up to 25 % so rejected clients spread out
+        (0, 600.0, 0.0, 60.0),  # ...capped
+        (3, 0.0, 0.0, 0.0),
+    ],
+)
+def test_backoff_schedule(attempt: int, retry_after: float | None, rand: float, expected: float) -> None:
+    assert Backoff().delay(attempt, retry_after, rand=rand) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({}, None),
+        ({"retry-after": "2"}, 2.0),
+        ({"retry-after": "0.5"}, 0.5),
+        ({"retry-after": "-4"}, 0.0),
+        ({"retry-after": "soon"}, None),
+        ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),
+        ({"retry-after": "Thu, 01 Jan 1970 00:00:10 GMT"}, 7.0),  # HTTP date, relative to now=3
+    ],
+)
+def test_parse_retry_after(headers: dict[str, str], expected: float | None) -> None:
+    assert parse_retry_after(httpx.Headers(headers), now=3.0) == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "retried"),
+    [(400, False), (401, False), (403, False), (404, False), (413, False), (422, False), (408, True), (429, True),
+     (500, False), (502, True), (503, True), (504, True)],
+)  # fmt: skip
+def test_which_statuses_are_retried(status: int, retried: bool) -> None:
+    assert should_retry(httpx.Response(status)) is retried
+    assert should_retry(None)  # connection errors
+
+
+def test_calls_that_must_not_run_twice_are_repeated_only_when_surely_not_processed() -> None:
+    request = httpx.Request("POST", "http://svc/v1/jobs")
+    assert should_retry(None, error=httpx.ConnectError("refused", request=request), idempotent=False)
+    assert not should_retry(None, error=httpx.ReadTimeout("slow", request=request), idempotent=False)
+    assert should_retry(None, error=httpx.ReadTimeout("slow", request=request))
+    assert [s for s in (408, 429, 500, 502, 503, 504) if should_retry(httpx.Response(s), idempotent=False)] == [
+        429,
+        503,
+    ]
+
+    attempts: list[httpx.Request] = []
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        attempts.append(request)
+        raise httpx.ReadTimeout("slow", request=request)
+
+    fast = Backoff(initial=0.001, max=0.001)
+    with Client(
+        base_url="http://svc", backoff=fast, http_client=httpx.Client(transport=httpx.MockTransport(slow))
+    ) as c:
+        with pytest.raises(APITimeoutError):
+            c.jobs.submit([{"question": "q"}])
+        assert len(attempts) == 1  # the job may exist already: submitting it again could run it twice
+        with pytest.raises(APITimeoutError):
+            c.jobs.get("job-1")
+        assert len(attempts) == 4  # reads are retried
+
+
+def test_retries_then_gives_up_with_the_same_request_id() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(503, json={"error": {"message": "not ready", "type": "service_unavailable"}})
+
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    client = Client(base_url="http://svc", max_retries=3, backoff=Backoff(initial=0.001, max=0.001), http_client=http)
+    with pytest.raises(ServerError) as info:
+        client.models()
+    assert info.value.status_code == 503 and info.value.type == "service_unavailable"
+    assert len(seen) == 4
+    assert len({r.headers["x-request-id"] for r in seen}) == 1
+    assert [r.headers["x-rlaifv-retry-count"] for r in seen] == ["0", "1", "2", "3"]
+
+
+# -- error mapping --------------------------------------------------------------------
+
+
+def _error(status: int, body: object = None, headers: dict[str, str] | None = None) -> httpx.Response:
+    request = httpx.Request("POST", "http://svc/v1/best-of-n")
+    if body is None:
+        return httpx.Response(status, text="upstream exploded", headers=headers, request=request)
+    return httpx.Response(status, json=body, headers=headers, request=request)
+
+
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [(400, InvalidRequestError), (401, AuthenticationError), (403, PermissionDeniedError), (404, NotFoundError),
+     (413, InvalidRequestError), (422, InvalidRequestError), (429, RateLimitError), (500, ServerError),
+     (503, ServerError), (504, ServerError), (409, APIStatusError)],
+)  # fmt: skip
+def test_status_error_mapping(status: int, cls: type[APIStatusError]) -> None:
+    body = {"error": {"message": "boom", "type": "t", "param": "n", "code": "c"}}
+    err = make_status_error(_error(status, body, {"x-request-id": "rid-1", "retry-after": "2"}))
+    assert type(err) is cls
+    assert (err.status_code, err.message, err.type, err.param, err.code, err.request_id) == (
+        status, "boom", "t", "n", "c", "rid-1",
+    )  # fmt: skip
+    assert "rid-1" in str(err)
+
+
+def test_invalid_request_error_field_errors() -> None:
+    err = make_status_error(_error(400, {"error": {"message": "n must be <= 8", "type": "x", "param": "n"}}))
+    assert isinstance(err, InvalidRequestError)
+    assert [(f.param, f.message) for f in err.field_errors] == [("n", "n must be <= 8")]
+    problems = [{"param": "n", "message": "too big"}, {"param": "sampling.top_p", "message": "0"}]
+    many = {"error": {"message": "2 problems", "param": "n", "errors": problems}}
+    err = make_status_error(_error(400, many))
+    assert [f.param for f in err.field_errors] == ["n", "sampling.top_p"]
+
+
+def test_rate_limit_error_carries_retry_after_and_non_json_bodies_survive() -> None:
+    err = make_status_error(_error(429, {"error": {"message": "busy"}}, {"retry-after": "3"}))
+    assert isinstance(err, RateLimitError) and err.retry_after == 3.0
+    err = make_status_error(_error(502))
+    assert isinstance(err, ServerError) and err.message == "upstream exploded" and err.type is None
+
+
+def test_connection_errors_map_to_api_connection_error() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    fast = Backoff(initial=0.001, max=0.001)
+    refusing = httpx.Client(transport=httpx.MockTransport(refuse))
+    with Client(base_url="http://svc", max_retries=1, backoff=fast, http_client=refusing) as c:
+        with pytest.raises(APIConnectionError) as info:
+            c.health()
+        assert not isinstance(info.value, APITimeoutError)
+    with (
+        Client(
+            base_url="http://svc", max_retries=0, http_client=httpx.Client(transport=httpx.MockTransport(slow))
+        ) as c,
+        pytest.raises(rlaifv_client.TimeoutError),
+    ):
+        c.health()
+
+
+def test_unexpected_response_shape_is_an_api_error() -> None:
+    http = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"nope": 1})))
+    with (
+        Client(base_url="http://svc", http_client=http) as client,
+        pytest.raises(rlaifv_client.APIError, match="unexpected"),
+    ):
+        client.models()
+
+
+# -- images ---------------------------------------------------------------------------
+
+
+def test_image_forms(tmp_path: Path) -> None:
+    from PIL import Image
+
+    path = tmp_path / "one.png"
+    path.write_bytes(PNG)
+    expected = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    assert encode_image(path) == expected
+    assert encode_image(str(path)) == expected
+    assert encode_image(path.as_uri()) == expected
+    assert encode_image(PNG) == expected
+    assert encode_image(bytearray(PNG)) == expected
+    assert encode_image(io.BytesIO(PNG)) == expected
+    assert encode_image(expected) == expected
+    assert encode_image("https://img.example.com/a.png") == "https://img.example.com/a.png"
+    pil = encode_image(Image.new("RGB", (3, 2), (1, 2, 3)))
+    assert pil.startswith("data:image/png;base64,")
+    decoded = Image.open(io.BytesIO(base64.b64decode(pil.split(",", 1)[1])))
+    assert decoded.size == (3, 2) and decoded.getpixel((0, 0)) == (1, 2, 3)
+    assert encode_images(PNG, [path, expected]) == [expected] * 3
+
+
+@pytest.mark.parametrize(
+    ("data", "mime"),
+    [(PNG, "image/png"), (b"\xff\xd8\xff\xe0rest", "image/jpeg"), (b"GIF89a..", "image/gif"),
+     (b"RIFF\0\0\0\0WEBPVP8 ", "image/webp"), (b"BM....", "image/bmp"), (b"hello", "application/octet-stream")],
+)  # fmt: skip
+def test_sniff_mime(data: bytes, mime: str) -> None:
+    assert sniff_mime(data) == mime
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [("/no/such/image.png", "not found"), ("", "empty"), (b"", "empty"), (12, "unsupported image type"),
+     (io.StringIO("text"), "binary mode")],
+)  # fmt: skip
+def test_bad_image_inputs(value: object, match: str) -> None:
+    with pytest.raises(ImageInputError, match=match):
+        encode_image(value)
+
+
+def test_images_must_be_a_list() -> None:
+    with pytest.raises(ImageInputError, match="list"):
+        encode_images(None, PNG)  # type: ignore[arg-type]
+
+
+# -- request bodies -------------------------------------------------------------------
+
+
+def test_bodies_send_only_given_fields() -> None:
+    assert best_of_n_body(question="q") == {"question": "q"}
+    body = best_of_n_body(image=PNG, question="q", n=3, temperature=0.7, seed=1, beta=0.2)
+    assert body["n"] == 3 and body["sampling"] == {"temperature": 0.7, "seed": 1} and body["reward"] == {"beta": 0.2}
+    assert body["images"][0].startswith("data:image/png;base64,")
+    assert score_body(answers=("a", "b"), question="q") == {"question": "q", "answers": ["a", "b"]}
+    with pytest.raises(TypeError, match="list of strings"):
+        score_body(answers="one answer", question="q")
+    job = job_body("rewards", [{"question": "q", "answers": ["a"]}], {"team": "x"})
+    assert job == {"kind": "rewards", "items": [{"question": "q", "answers": ["a"]}], "metadata": {"team": "x"}}
+    assert job_body("best_of_n", [{"image": PNG, "question": "q", "n": 2}], None)["items"][0]["n"] == 2
+    with pytest.raises(ValueError, match="kind"):
+        job_body("chat", [], None)  # type: ignore[arg-type]

@@ -1,0 +1,167 @@
+"""Fixtures for the service tests: a tiny bundle, real uvicorn servers on free ports, image helpers."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+
+@pytest.fixture(scope="session")
+def service_bundle(tiny_bundle: Path) -> Path:
+    """The tiny random-weight bundle of tests/conftest.py (policy = perturbed reference, name 'tiny-llava')."""
+    return tiny_bundle
+
+
+@pytest.fixture(scope="session")
+def in_process_pair(service_bundle: Path):
+    """The same bundle loaded in the test process: the in-process API the server must agree with."""
+    from reward.bundle import load_bundle
+
+    return load_bundle(service_bundle)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+TEST_LIMITS: dict[str, Any] = {
+    "max_n": 8,
+    "max_tokens": 16,
+    "default_max_tokens": 8,
+    "max_images": 2,
+    "max_image_pixels": 1024 * 1024,
+    "max_body_bytes": 1024 * 1024,
+    "batch_window_ms": 5,
+    "request_timeout_s": 60,
+    "shutdown_grace_s": 5,
+}
+
+
+class LiveServer:
+    """uvicorn serving `create_app(settings)` in a background thread, on a free port."""
+
+    def __init__(self, bundle: Path, **overrides: Any) -> None:
+        import uvicorn
+
+        from service.app import create_app
+        from service.settings import Settings
+
+        self.port = free_port()
+        self.settings = Settings(bundle=bundle, host="127.0.0.1", port=self.port, **(TEST_LIMITS | overrides))
+        self.app = create_app(self.settings)
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def live_server(service_bundle: Path) -> Iterator[LiveServer]:
+    """The default server: no auth, test limits."""
+    server = LiveServer(service_bundle).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_server(service_bundle: Path) -> Iterator:
+    """Start servers with settings overrides; stopped after the test."""
+    started: list[LiveServer] = []
+
+    def make(**overrides: Any) -> LiveServer:
+        server = LiveServer(service_bundle, **overrides).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def client(live_server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live_server.url, timeout=60) as c:
+        yield c
+
+
+def png_bytes(size: tuple[int, int] = (32, 32), color: tuple[int, int, int] = (220, 30, 30)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+@pytest.fixture(scope="session")
+def red_png() -> bytes:
+    return png_bytes()
+
+
+@pytest.fixture(scope="session")
+def red_url(red_png: bytes) -> str:
+    return data_url(red_png)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A private redis-server on a free port (the shared one on 6379 is left alone)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    import redis
+
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -1,0 +1,75 @@
+"""API keys: /v1 routes need one when configured (401 missing, 403 wrong); health stays open; metrics optional."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+KEY = "sk-test-0123456789abcdef"
+FILE_KEY = "sk-from-file-abcdef0123"
+
+
+@pytest.fixture(scope="module")
+def auth_server(service_bundle, tmp_path_factory):
+    from tests.service.conftest import LiveServer
+
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys_file.write_text(f"# operator keys\n{FILE_KEY}\n\n")
+    server = LiveServer(service_bundle, api_keys=[KEY], api_keys_file=keys_file, protect_metrics=True).start()
+    yield server
+    server.stop()
+
+
+ROUTES = [
+    ("GET", "/v1/models", None),
+    ("POST", "/v1/rewards", {"images": [], "question": "q", "answers": ["a"]}),
+    ("POST", "/v1/best-of-n", {"images": [], "question": "q", "n": 1}),
+    ("POST", "/v1/chat/completions", {"model": "tiny-llava", "messages": [{"role": "user", "content": "hi"}]}),
+    ("GET", "/metrics", None),
+]
+HEADERS = [
+    ("missing", {}, 401, "missing_api_key"),
+    ("wrong-bearer", {"Authorization": "Bearer sk-wrong-key-000000"}, 403, "invalid_api_key"),
+    ("wrong-x-api-key", {"X-API-Key": "sk-wrong-key-000000"}, 403, "invalid_api_key"),
+    ("not-bearer-scheme", {"Authorization": f"Basic {KEY}"}, 401, "missing_api_key"),
+    ("prefix-of-key", {"Authorization": f"Bearer {KEY[:-1]}"}, 403, "invalid_api_key"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES, ids=[r[1] for r in ROUTES])
+@pytest.mark.parametrize(("headers", "status", "code"), [h[1:] for h in HEADERS], ids=[h[0] for h in HEADERS])
+def test_bad_keys_refused(auth_server, method, path, body, headers, status, code) -> None:
+    r = httpx.request(method, auth_server.url + path, json=body, headers=headers)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    if status == 401:
+        assert r.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    "headers", [{"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY}, {"Authorization": f"Bearer {FILE_KEY}"}]
+)
+def test_good_keys_accepted(auth_server, headers, red_url) -> None:
+    assert httpx.get(auth_server.url + "/v1/models", headers=headers).status_code == 200
+    assert httpx.get(auth_server.url + "/metrics", headers=headers).status_code == 200
+    r = httpx.post(
+        auth_server.url + "/v1/rewards", json={"images": [red_url], "question": "q", "answers": ["a"]}, headers=headers
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_health_stays_open(auth_server) -> None:
+    assert httpx.get(auth_server.url + "/healthz").status_code == 200
+    assert httpx.get(auth_server.url + "/readyz").status_code == 200
+
+
+def test_keys_held_only_as_hashes(auth_server) -> None:
+    ring = auth_server.app.state.keys
+    assert KEY not in repr(vars(ring))
+    assert ring.check(KEY) and ring.check(FILE_KEY) and not ring.check(KEY + "x")
+
+
+def test_metrics_open_without_protect_setting(client: httpx.Client) -> None:
+    assert client.get("/metrics").status_code == 200

@@ -1,0 +1,242 @@
+"""Table-driven bad inputs: each gets its documented 4xx with the error envelope, and the server keeps serving."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.service.conftest import data_url, png_bytes
+
+pytestmark = pytest.mark.integration
+
+Q = "What is in the image?"
+OK_IMAGE = data_url(png_bytes())
+
+
+def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    """A valid PNG header declaring width x height, a few hundred bytes in all."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def truncated_png() -> bytes:
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(0)
+    img = Image.frombytes("RGB", (64, 64), bytes(rng.randrange(256) for _ in range(64 * 64 * 3)))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()[: len(buf.getvalue()) // 2]
+
+
+def tiff_image() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def bon(**fields: Any) -> dict[str, Any]:
+    return {"images": [OK_IMAGE], "question": Q, "n": 2} | fields
+
+
+def rwd(**fields: Any) -> dict[str, Any]:
+    return {"images": [OK_IMAGE], "question": Q, "answers": ["a red circle."]} | fields
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    content = [{"type": "text", "text": Q}, {"type": "image_url", "image_url": {"url": OK_IMAGE}}]
+    return {"model": "tiny-llava", "messages": [{"role": "user", "content": content}]} | fields
+
+
+# (id, path, json body or raw bytes, expected status, expected param (None: no field), expected code)
+CASES: list[tuple[str, str, Any, int, str | None, str]] = [
+    ("non-json", "/v1/best-of-n", b"{this is not json", 400, None, "invalid_json"),
+    ("json-not-object", "/v1/best-of-n", b"[1, 2, 3]", 400, None, "invalid_value"),
+    ("unknown-field", "/v1/best-of-n", bon(bogus=1), 400, "bogus", "unknown_field"),
+    (
+        "unknown-nested-field",
+        "/v1/best-of-n",
+        bon(sampling={"temprature": 1.0}),
+        400,
+        "sampling.temprature",
+        "unknown_field",
+    ),
+    ("n-zero", "/v1/best-of-n", bon(n=0), 400, "n", "invalid_value"),
+    ("n-above-max", "/v1/best-of-n", bon(n=9), 400, "n", "invalid_value"),
+    ("n-not-int", "/v1/best-of-n", bon(n="many"), 400, "n", "invalid_value"),
+    (
+        "negative-max-tokens",
+        "/v1/best-of-n",
+        bon(sampling={"max_tokens": -1}),
+        400,
+        "sampling.max_tokens",
+        "invalid_value",
+    ),
+    (
+        "max-tokens-above-max",
+        "/v1/best-of-n",
+        bon(sampling={"max_tokens": 17}),
+        400,
+        "sampling.max_tokens",
+        "invalid_value",
+    ),
+    (
+        "temperature-out-of-range",
+        "/v1/best-of-n",
+        bon(sampling={"temperature": 99}),
+        400,
+        "sampling.temperature",
+        "invalid_value",
+    ),
+    ("missing-question", "/v1/best-of-n", {"images": [OK_IMAGE], "n": 2}, 400, "question", "invalid_value"),
+    ("empty-question", "/v1/best-of-n", bon(question="  "), 400, "question", "invalid_value"),
+    (
+        "base64-not-image",
+        "/v1/best-of-n",
+        bon(images=[data_url(b"hello, I am not an image")]),
+        400,
+        "images[0]",
+        "invalid_image",
+    ),
+    (
+        "not-base64",
+        "/v1/best-of-n",
+        bon(images=["data:image/png;base64,@@@not base64@@@"]),
+        400,
+        "images[0]",
+        "invalid_image",
+    ),
+    ("truncated-png", "/v1/best-of-n", bon(images=[data_url(truncated_png())]), 400, "images[0]", "invalid_image"),
+    ("bomb-30000x30000", "/v1/best-of-n", bon(images=[data_url(bomb_png())]), 400, "images[0]", "invalid_image"),
+    ("aspect-1x600", "/v1/best-of-n", bon(images=[data_url(png_bytes((1, 600)))]), 400, "images[0]", "invalid_image"),
+    (
+        "format-not-allowed",
+        "/v1/best-of-n",
+        bon(images=[data_url(tiff_image(), "image/tiff")]),
+        400,
+        "images[0]",
+        "invalid_image",
+    ),
+    (
+        "bare-base64-ok-but-second-bad",
+        "/v1/best-of-n",
+        bon(images=[base64.b64encode(png_bytes()).decode(), "AAAA"]),
+        400,
+        "images[1]",
+        "invalid_image",
+    ),
+    (
+        "remote-url-not-allowed",
+        "/v1/best-of-n",
+        bon(images=["http://169.254.169.254/latest/meta-data/"]),
+        400,
+        "images[0]",
+        "invalid_image",
+    ),
+    ("file-url", "/v1/best-of-n", bon(images=["file:///etc/passwd"]), 400, "images[0]", "invalid_image"),
+    ("too-many-images", "/v1/best-of-n", bon(images=[OK_IMAGE] * 3), 400, "images", "invalid_value"),
+    ("reward-mode-unknown", "/v1/best-of-n", bon(reward={"mode": "claims"}), 400, "reward.mode", "invalid_value"),
+    ("reward-beta-negative", "/v1/best-of-n", bon(reward={"beta": -1}), 400, "reward.beta", "invalid_value"),
+    ("unknown-model", "/v1/best-of-n", bon(model="gpt-5"), 404, "model", "model_not_found"),
+    ("answers-empty", "/v1/rewards", rwd(answers=[]), 400, "answers", "invalid_value"),
+    ("answer-blank", "/v1/rewards", rwd(answers=["ok", "   "]), 400, "answers[1]", "invalid_value"),
+    ("answer-too-long", "/v1/rewards", rwd(answers=["red " * 40]), 400, "answers", "invalid_answer"),
+    ("answers-not-list", "/v1/rewards", rwd(answers="a red circle."), 400, "answers", "invalid_value"),
+    (
+        "question-and-messages",
+        "/v1/rewards",
+        rwd(messages=[{"role": "user", "content": "hi"}]),
+        400,
+        "question",
+        "invalid_value",
+    ),
+    ("chat-best-of-below-n", "/v1/chat/completions", chat(n=3, best_of=2), 400, "best_of", "invalid_value"),
+    ("chat-best-of-above-max", "/v1/chat/completions", chat(best_of=9), 400, "best_of", "invalid_value"),
+    ("chat-stream", "/v1/chat/completions", chat(stream=True), 400, "stream", "invalid_value"),
+    ("chat-negative-max-tokens", "/v1/chat/completions", chat(max_tokens=-5), 400, "max_tokens", "invalid_value"),
+    (
+        "chat-bad-part-type",
+        "/v1/chat/completions",
+        chat(messages=[{"role": "user", "content": [{"type": "audio", "x": 1}]}]),
+        400,
+        "messages[0].content",
+        "invalid_value",
+    ),
+    (
+        "chat-last-not-user",
+        "/v1/chat/completions",
+        chat(messages=[{"role": "assistant", "content": "hi"}]),
+        400,
+        "messages[0].role",
+        "invalid_value",
+    ),
+    (
+        "chat-missing-model",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}]},
+        400,
+        "model",
+        "missing_field",
+    ),
+    ("chat-unknown-model", "/v1/chat/completions", chat(model="nope"), 404, "model", "model_not_found"),
+    ("body-over-limit", "/v1/best-of-n", bon(images=["A" * (1024 * 1024 + 10)]), 413, None, "body_too_large"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param", "code"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_gets_documented_4xx(
+    client: httpx.Client, path: str, body: Any, status: int, param: str | None, code: str
+) -> None:
+    if isinstance(body, bytes):
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code, error
+    assert error["param"] == param or (param is not None and str(error["param"]).startswith(param)), error
+    assert error["message"] and "Traceback" not in error["message"]
+    assert r.headers["x-request-id"]
+    # ... and the server keeps serving.
+    ok = client.post("/v1/rewards", json=rwd(answers=["a red circle.", "a dog."]))
+    assert ok.status_code == 200, ok.text
+
+
+def test_chunked_body_over_limit_is_413(client: httpx.Client) -> None:
+    def chunks():
+        for _ in range(20):
+            yield b"x" * 65536
+
+    r = client.post("/v1/rewards", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/v1/nothing-here", 404, "not_found"),
+        ("GET", "/v1/best-of-n", 405, "method_not_allowed"),
+        ("DELETE", "/v1/models", 405, "method_not_allowed"),
+    ],
+)
+def test_unknown_routes_and_methods(client: httpx.Client, method: str, path: str, status: int, code: str) -> None:
+    r = client.request(method, path)
+    assert r.status_code == status
+    assert r.json()["error"]["code"] == code

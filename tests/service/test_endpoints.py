@@ -1,0 +1,178 @@
+"""Every endpoint against a real uvicorn server with the tiny bundle."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+QUESTION = "What is in the image?"
+
+
+def expected_reward(c: dict, beta: float = 0.1, normalize: str = "mean") -> float:
+    ratio = c["policy_logprob"] - c["reference_logprob"]
+    return beta * (ratio / c["num_tokens"] if normalize == "mean" else ratio)
+
+
+def test_best_of_n_returns_argmax_with_consistent_rewards(client: httpx.Client, red_url: str) -> None:
+    r = client.post(
+        "/v1/best-of-n",
+        json={"images": [red_url], "question": QUESTION, "n": 6, "sampling": {"seed": 3, "max_tokens": 12}},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    rewards = [c["reward"] for c in body["candidates"]]
+    assert len(rewards) == 6
+    assert body["best_index"] == max(range(6), key=lambda i: (rewards[i], -i))
+    assert body["best"] == body["candidates"][body["best_index"]]
+    for i, c in enumerate(body["candidates"]):
+        assert c["index"] == i
+        assert 1 <= c["num_tokens"] <= 12
+        assert c["finish_reason"] in ("stop", "length")
+        assert math.isclose(c["reward"], expected_reward(c), rel_tol=1e-9, abs_tol=1e-12)
+    assert body["usage"]["completion_tokens"] == sum(c["num_tokens"] for c in body["candidates"])
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    assert body["model"] == "tiny-llava"
+    assert body["reward"] == {"mode": "dpo", "beta": 0.1, "normalize": "mean"}
+
+
+def test_best_of_n_seed_reproducible_and_reward_options(client: httpx.Client, red_url: str) -> None:
+    req = {"images": [red_url], "question": QUESTION, "n": 3, "sampling": {"seed": 11}}
+    a = client.post("/v1/best-of-n", json=req).json()
+    b = client.post("/v1/best-of-n", json=req).json()
+    assert [c["text"] for c in a["candidates"]] == [c["text"] for c in b["candidates"]]
+    summed = client.post(
+        "/v1/best-of-n", json=req | {"reward": {"mode": "dpo", "beta": 0.5, "normalize": "sum"}}
+    ).json()
+    assert summed["reward"] == {"mode": "dpo", "beta": 0.5, "normalize": "sum"}
+    for c in summed["candidates"]:
+        assert math.isclose(c["reward"], expected_reward(c, 0.5, "sum"), rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_best_of_n_accepts_openai_style_messages(client: httpx.Client, red_url: str) -> None:
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": red_url}}, {"type": "text", "text": QUESTION}],
+        }
+    ]
+    r = client.post("/v1/best-of-n", json={"messages": messages, "n": 2})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["candidates"]) == 2
+
+
+def test_rewards_match_in_process_api(client: httpx.Client, in_process_pair, red_png: bytes, red_url: str) -> None:
+    answers = ["a red circle.", "a blue square and a dog.", "there is a big red square in the image."]
+    r = client.post("/v1/rewards", json={"images": [red_url], "question": QUESTION, "answers": answers})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    local = in_process_pair.score(red_png, QUESTION, answers)
+    assert len(body["rewards"]) == len(answers)
+    for got, want, cand in zip(body["rewards"], local.candidates, body["candidates"], strict=True):
+        assert abs(got - want.reward) < 1e-5
+        assert abs(cand["policy_logprob"] - want.policy_logprob) < 1e-4
+        assert abs(cand["reference_logprob"] - want.reference_logprob) < 1e-4
+        assert cand["num_tokens"] == want.num_tokens
+        assert cand["finish_reason"] == "given"
+    assert body["best_index"] == local.best_index
+    assert [c["text"] for c in body["candidates"]] == answers
+
+
+def test_rewards_cache_returns_identical_scores(client: httpx.Client, red_url: str) -> None:
+    req = {"images": [red_url], "question": "Is there a cat?", "answers": ["yes", "no"]}
+    first = client.post("/v1/rewards", json=req).json()
+    second = client.post("/v1/rewards", json=req).json()
+    assert second["cached"] is True
+    assert second["rewards"] == first["rewards"]
+    other = client.post("/v1/rewards", json=req | {"reward": {"beta": 0.2}}).json()
+    assert other["cached"] is False
+    assert other["rewards"] == pytest.approx([2 * x for x in first["rewards"]], rel=1e-6)
+
+
+def test_chat_completions_top_n_by_reward(client: httpx.Client, red_url: str) -> None:
+    content = [{"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": red_url}}]
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "tiny-llava",
+            "messages": [{"role": "user", "content": content}],
+            "n": 2,
+            "best_of": 5,
+            "max_tokens": 10,
+            "seed": 1,
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["best_of"] == 5 and len(body["rewards"]) == 5
+    top = sorted(body["rewards"], reverse=True)[:2]
+    assert [ch["reward"] for ch in body["choices"]] == top
+    assert [ch["index"] for ch in body["choices"]] == [0, 1]
+    for ch in body["choices"]:
+        assert ch["message"]["role"] == "assistant"
+        assert ch["finish_reason"] in ("stop", "length")
+        assert ch["num_tokens"] <= 10
+    assert body["usage"]["completion_tokens"] >= sum(ch["num_tokens"] for ch in body["choices"])
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+
+
+def test_models_health_ready_metrics(client: httpx.Client, red_url: str) -> None:
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == ["tiny-llava"]
+    assert models["data"][0]["reward"]["beta"] == 0.1
+    assert client.get("/healthz").json()["status"] == "ok"
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["model"] == "ok"
+    client.post("/v1/best-of-n", json={"images": [red_url], "question": QUESTION, "n": 2})
+    text = client.get("/metrics").text
+    for name in (
+        'rlaifv_http_requests_total{method="POST",route="/v1/best-of-n",status="200"}',
+        "rlaifv_http_request_duration_seconds_bucket",
+        "rlaifv_queue_depth",
+        "rlaifv_batch_size_bucket",
+        "rlaifv_generated_tokens_total",
+        "rlaifv_scored_tokens_total",
+        "rlaifv_reward_bucket",
+        "rlaifv_best_reward_margin_bucket",
+        "rlaifv_model_load_seconds",
+    ):
+        assert name in text, name
+
+
+def test_request_id_echoed(client: httpx.Client) -> None:
+    assert client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
+    generated = client.get("/healthz").headers["x-request-id"]
+    assert len(generated) == 32
+    assert (
+        client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"}).headers["x-request-id"]
+        != "bad id with spaces"
+    )
+
+
+def test_openapi_documents_every_route_with_error_models(client: httpx.Client) -> None:
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    for path in (
+        "/v1/best-of-n",
+        "/v1/rewards",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ):
+        assert path in paths, path
+    for path in ("/v1/best-of-n", "/v1/rewards", "/v1/chat/completions"):
+        op = paths[path]["post"]
+        assert "422" not in op["responses"]
+        for status in ("200", "400", "401", "403", "429"):
+            assert status in op["responses"], (path, status)
+        assert op["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    components = schema["components"]["schemas"]
+    assert components["BestOfNRequest"]["examples"]
+    assert "description" in components["SamplingOptions"]["properties"]["temperature"]

@@ -1,0 +1,123 @@
+"""Durable batch jobs on Redis Streams (real redis-server), and the Redis-backed cache and rate limits."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+QUESTION = "What is in the image?"
+
+
+@pytest.fixture
+def jobs_server(make_server, redis_url):
+    return make_server(redis_url=redis_url, jobs_claim_idle_ms=300, rate_limit_per_minute=1000)
+
+
+def wait_done(client: httpx.Client, job_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+
+
+def test_rewards_job_round_trip(jobs_server, in_process_pair, red_png, red_url) -> None:
+    answers = [["a red circle.", "a dog."], ["yes", "no"], ["two blue squares."]]
+    items = [{"images": [red_url], "question": QUESTION, "answers": a} for a in answers]
+    items.append({"images": [red_url], "question": QUESTION, "answers": ["red " * 40]})  # fails at run time
+    with httpx.Client(base_url=jobs_server.url, timeout=60) as client:
+        r = client.post("/v1/jobs", json={"kind": "rewards", "items": items, "metadata": {"run": "t1"}})
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["status"] in ("queued", "running") and job["total"] == 4 and job["metadata"] == {"run": "t1"}
+        done = wait_done(client, job["id"])
+        assert done["status"] == "succeeded" and done["completed"] == 3 and done["failed"] == 1
+        results = client.get(f"/v1/jobs/{job['id']}/results").json()
+    assert [item["index"] for item in results["data"]] == [0, 1, 2, 3]
+    for a, item in zip(answers, results["data"], strict=False):
+        assert item["status"] == "succeeded"
+        expected = in_process_pair.score(red_png, QUESTION, a).rewards
+        assert item["result"]["rewards"] == pytest.approx(expected, abs=1e-5)
+    assert results["data"][3]["status"] == "failed"
+    assert results["data"][3]["error"]["param"] == "answers"
+
+
+def test_best_of_n_job(jobs_server, red_url) -> None:
+    items = [{"images": [red_url], "question": QUESTION, "n": 3, "sampling": {"seed": i}} for i in range(3)]
+    with httpx.Client(base_url=jobs_server.url, timeout=60) as client:
+        job = client.post("/v1/jobs", json={"kind": "best_of_n", "items": items}).json()
+        assert wait_done(client, job["id"])["completed"] == 3
+        for item in client.get(f"/v1/jobs/{job['id']}/results").json()["data"]:
+            rewards = [c["reward"] for c in item["result"]["candidates"]]
+            assert item["result"]["best_index"] == max(range(3), key=lambda k: (rewards[k], -k))
+
+
+def test_dead_worker_items_are_reclaimed(make_server, redis_url, red_url) -> None:
+    """A consumer that read items and died (never acked) leaves them pending; a live worker takes them over."""
+    import redis
+
+    from service.jobs import GROUP
+
+    stream = "rlaifv:jobs:reclaim-test"
+    # a replica that accepts jobs but runs no workers
+    front = make_server(redis_url=redis_url, jobs_stream=stream, jobs_workers=0)
+    items = [{"images": [red_url], "question": QUESTION, "answers": ["a red circle."]} for _ in range(3)]
+    with httpx.Client(base_url=front.url, timeout=60) as client:
+        job = client.post("/v1/jobs", json={"kind": "rewards", "items": items}).json()
+    r = redis.Redis.from_url(redis_url)
+    taken = r.xreadgroup(GROUP, "worker-that-dies", {stream: ">"}, count=10)
+    assert len(taken[0][1]) == 3  # the dead worker holds every item
+    assert r.xpending(stream, GROUP)["pending"] == 3
+    # a replica with a worker: the items are idle for > 300 ms, so it claims and runs them
+    worker = make_server(redis_url=redis_url, jobs_stream=stream, jobs_workers=1, jobs_claim_idle_ms=300)
+    with httpx.Client(base_url=worker.url, timeout=60) as client:
+        done = wait_done(client, job["id"])
+        assert done["status"] == "succeeded" and done["completed"] == 3
+        assert len(client.get(f"/v1/jobs/{job['id']}/results").json()["data"]) == 3
+    assert r.xpending(stream, GROUP)["pending"] == 0
+
+
+def test_cancel_and_errors(make_server, redis_url, red_url) -> None:
+    server = make_server(redis_url=redis_url, jobs_stream="rlaifv:jobs:cancel-test", jobs_workers=0, jobs_max_items=4)
+    item = {"images": [red_url], "question": QUESTION, "answers": ["a"]}
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        job = client.post("/v1/jobs", json={"kind": "rewards", "items": [item]}).json()
+        cancelled = client.delete(f"/v1/jobs/{job['id']}")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        assert client.get(f"/v1/jobs/{job['id']}/results").json()["data"] == []
+        missing = client.get("/v1/jobs/job-0000")
+        assert missing.status_code == 404 and missing.json()["error"]["param"] == "job_id"
+        bad = client.post("/v1/jobs", json={"kind": "rewards", "items": [item, {"question": QUESTION, "answers": "x"}]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("items[1]")
+        too_many = client.post("/v1/jobs", json={"kind": "rewards", "items": [item] * 5})
+        assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "items"
+
+
+def test_jobs_need_redis(client: httpx.Client) -> None:
+    r = client.post("/v1/jobs", json={"kind": "rewards", "items": [{"question": "q", "answers": ["a"]}]})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "jobs_unavailable"
+
+
+def test_redis_cache_and_rate_limit_and_readiness(make_server, redis_url, red_url) -> None:
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()  # quota counters of earlier tests share the client address
+    a = make_server(redis_url=redis_url, jobs_workers=0, rate_limit_per_minute=3)
+    b = make_server(redis_url=redis_url, jobs_workers=0, rate_limit_per_minute=3)
+    body = {"images": [red_url], "question": "Is the cache shared?", "answers": ["yes", "no"]}
+    first = httpx.post(a.url + "/v1/rewards", json=body, timeout=60).json()
+    second = httpx.post(b.url + "/v1/rewards", json=body, timeout=60).json()  # another replica, same Redis
+    assert second["cached"] is True and second["rewards"] == first["rewards"]
+    assert httpx.get(a.url + "/readyz").json()["checks"] == {"model": "ok", "redis": "ok"}
+    # the quota (3/min per client) is shared too: a and b have used 2
+    assert httpx.get(a.url + "/v1/models").status_code == 200
+    limited = httpx.get(b.url + "/v1/models")
+    if limited.status_code == 200:  # the minute window rolled over between requests
+        limited = httpx.get(b.url + "/v1/models")
+    assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+    assert int(limited.headers["retry-after"]) >= 1

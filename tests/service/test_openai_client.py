@@ -1,0 +1,52 @@
+"""The official `openai` client pointed at the server."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_openai_client_chat_with_image_n_and_best_of(live_server, red_url: str) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=live_server.url + "/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    completion = client.chat.completions.create(
+        model=model,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is in the image?"},
+                    {"type": "image_url", "image_url": {"url": red_url}},
+                ],
+            }
+        ],
+        n=2,
+        max_tokens=8,
+        seed=5,
+        extra_body={"best_of": 4},
+    )
+    assert completion.object == "chat.completion"
+    assert len(completion.choices) == 2
+    rewards = [choice.model_extra["reward"] for choice in completion.choices]
+    assert rewards == sorted(rewards, reverse=True)
+    all_rewards = completion.model_extra["rewards"]
+    assert len(all_rewards) == 4 and completion.model_extra["best_of"] == 4
+    assert rewards == sorted(all_rewards, reverse=True)[:2]
+    assert all(isinstance(choice.message.content, str) for choice in completion.choices)
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+
+
+def test_openai_client_sees_errors_as_typed_exceptions(live_server) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=live_server.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="tiny-llava", messages=[{"role": "user", "content": "hi"}], n=3, extra_body={"best_of": 2}
+        )
+    assert info.value.body["param"] == "best_of"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])

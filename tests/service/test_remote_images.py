@@ -1,0 +1,105 @@
+"""Remote image URLs: refused by default; from allowed hosts fetched with a size cap and no cross-host redirects."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from tests.service.conftest import png_bytes
+
+pytestmark = pytest.mark.integration
+
+IMAGE = png_bytes((24, 24), (0, 0, 250))
+BIG = b"\x89PNG" + b"\x00" * 300_000
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        routes = {
+            "/red.png": (200, {"Content-Type": "image/png"}, IMAGE),
+            "/big.png": (200, {"Content-Type": "image/png"}, BIG),
+            "/missing.png": (404, {}, b"no"),
+            "/same-host-redirect": (302, {"Location": "/red.png"}, b""),
+            "/other-host-redirect": (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, b""),
+        }
+        status, headers, body = routes.get(self.path, (404, {}, b""))
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def remote_server(service_bundle, image_host):
+    from tests.service.conftest import LiveServer
+
+    server = LiveServer(service_bundle, allowed_image_hosts="127.0.0.1,*.example.org", max_image_bytes=200_000).start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "fragment"),
+    [
+        ("/red.png", 200, None),
+        ("/same-host-redirect", 200, None),
+        ("/other-host-redirect", 400, "redirects to another host"),
+        ("/big.png", 400, "over the limit"),
+        ("/missing.png", 400, "HTTP 404"),
+    ],
+)
+def test_allowed_host(remote_server, image_host, path, status, fragment) -> None:
+    body = {"images": [image_host + path], "question": "What is in the image?", "answers": ["a blue square."]}
+    r = httpx.post(remote_server.url + "/v1/rewards", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    if fragment:
+        assert fragment in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "images[0]"
+
+
+def test_remote_image_scores_like_inline(remote_server, image_host) -> None:
+    from tests.service.conftest import data_url
+
+    base = {"question": "What is in the image?", "answers": ["a blue square.", "a dog."]}
+    remote = httpx.post(
+        remote_server.url + "/v1/rewards", json=base | {"images": [image_host + "/red.png"]}, timeout=60
+    ).json()
+    inline = httpx.post(remote_server.url + "/v1/rewards", json=base | {"images": [data_url(IMAGE)]}, timeout=60).json()
+    assert remote["rewards"] == pytest.approx(inline["rewards"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://localhost/red.png", "http://10.0.0.1/x.png", "https://example.org.evil.com/a.png", "http://[::1/x"]
+)
+def test_host_not_in_list_refused(remote_server, url) -> None:
+    r = httpx.post(
+        remote_server.url + "/v1/rewards", json={"images": [url], "question": "q", "answers": ["a"]}, timeout=60
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "images[0]"
+
+
+def test_host_matching() -> None:
+    from service.images import host_allowed
+
+    assert host_allowed("img.example.org", ["*.example.org"])
+    assert host_allowed("EXAMPLE.org.", ["example.org"])
+    assert not host_allowed("example.org.evil.com", ["*.example.org", "example.org"])
+    assert not host_allowed("evilexample.org", ["*.example.org"])

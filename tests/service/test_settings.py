@@ -1,0 +1,48 @@
+"""Settings from RLAIFV_* environment variables."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+
+def test_env_vars_are_read(monkeypatch, tmp_path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# comment\nsk-file-key-123456\n")
+    monkeypatch.setenv("RLAIFV_BUNDLE", str(tmp_path))
+    monkeypatch.setenv("RLAIFV_MAX_N", "5")
+    monkeypatch.setenv("RLAIFV_ALLOWED_IMAGE_HOSTS", "a.example.com, *.b.org")
+    monkeypatch.setenv("RLAIFV_ALLOWED_IMAGE_FORMATS", '["png", "jpeg"]')
+    monkeypatch.setenv("RLAIFV_API_KEYS", "sk-env-key-123456")
+    monkeypatch.setenv("RLAIFV_API_KEYS_FILE", str(keys))
+    monkeypatch.setenv("RLAIFV_BATCH_WINDOW_MS", "2.5")
+    s = Settings()
+    assert s.bundle == tmp_path and s.max_n == 5 and s.batch_window_ms == 2.5
+    assert s.allowed_image_hosts == ["a.example.com", "*.b.org"]
+    assert s.allowed_image_formats == ["PNG", "JPEG"]
+    assert s.load_api_keys() == ["sk-env-key-123456", "sk-file-key-123456"]
+    assert len(s.api_key_hashes()) == 2
+
+
+def test_flags_override_env(monkeypatch) -> None:
+    from service.serve_cli import build_settings
+
+    monkeypatch.setenv("RLAIFV_PORT", "9000")
+    monkeypatch.setenv("RLAIFV_MAX_QUEUE", "3")
+    s = build_settings(port=9100, max_queue=None)
+    assert s.port == 9100 and s.max_queue == 3
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_n", 0), ("max_queue", 0), ("port", 70000), ("api_keys", "changeme"), ("api_keys", "short")],
+)
+def test_unsafe_or_invalid_settings_refused(field, value) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**{field: value})
+
+
+def test_placeholder_keys_allowed_only_when_asked() -> None:
+    assert Settings(api_keys="changeme", allow_placeholder_keys=True).load_api_keys() == ["changeme"]

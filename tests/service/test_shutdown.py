@@ -1,0 +1,71 @@
+"""`python -m service.serve_cli` (what `rlaifv serve` runs): starts, logs JSON, drains in-flight requests on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.conftest import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_sigterm_finishes_in_flight_requests(service_bundle, red_url: str, tmp_path) -> None:
+    port = free_port()
+    env = os.environ | {
+        "PYTHONPATH": str(ROOT),
+        "RLAIFV_MAX_BATCH": "1",
+        "RLAIFV_SHUTDOWN_GRACE_S": "30",
+        "RLAIFV_MAX_TOKENS": "16",
+        "RLAIFV_TORCH_THREADS": "1",
+    }
+    log = (tmp_path / "server.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.serve_cli", "--bundle", str(service_bundle), "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "server exited during start-up"
+            try:
+                if httpx.get(url + "/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server not ready in time"
+            await asyncio.sleep(0.1)
+
+        body = {"images": [red_url], "question": "What is in the image?", "n": 8, "sampling": {"max_tokens": 16}}
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            tasks = [asyncio.create_task(client.post("/v1/best-of-n", json=body)) for _ in range(12)]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            proc.send_signal(signal.SIGTERM)  # the other requests are queued or running
+            responses = await asyncio.gather(*tasks)
+        assert [r.status_code for r in responses] == [200] * 12
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log.seek(0)
+    lines = [json.loads(line) for line in log.read().splitlines() if line.startswith("{")]
+    messages = [entry["message"] for entry in lines]
+    assert "ready" in messages and "stopped" in messages
+    requests = [e for e in lines if e["message"] == "request" and e.get("route") == "/v1/best-of-n"]
+    assert len(requests) == 12 and all(e["status"] == 200 and len(e["request_id"]) == 32 for e in requests)

@@ -1,0 +1,90 @@
+"""The shapes world's generator, captions and metrics (fast, no model)."""
+
+import random
+
+import pytest
+
+from trainer.evaluation.chair import chair, yes_no
+from trainer.shapes.world import (
+    OBJECTS,
+    caption,
+    extract_objects,
+    noisy_caption,
+    sample_yes_no,
+    scenes,
+    yes_no_question,
+)
+
+
+def test_scenes_are_deterministic_and_valid():
+    a, b = scenes(3, 50), scenes(3, 50)
+    assert a == b
+    assert scenes(4, 50) != a
+    for scene in a:
+        assert 1 <= len(scene.objects) <= 3
+        assert len(set(scene.names)) == len(scene.names)
+        assert [o.x for o in scene.objects] == sorted(o.x for o in scene.objects)
+        assert set(scene.names) <= set(OBJECTS)
+    assert a[0].render().tobytes() == b[0].render().tobytes()
+
+
+def test_rendered_colours_match_ground_truth():
+    scene = scenes(0, 1)[0]
+    image = scene.render()
+    from trainer.shapes.world import COLOURS
+
+    for obj in scene.objects:
+        assert image.getpixel((obj.x, obj.y + 2)) == COLOURS[obj.colour]
+
+
+def test_captions_and_extraction_round_trip():
+    names = ["red circle", "blue square", "green triangle"]
+    text = caption(names)
+    assert text == "a red circle, a blue square and a green triangle."
+    assert extract_objects(text) == names
+    assert caption(["red circle"]) == "a red circle."
+
+
+def test_noisy_caption_inserts_exactly_one_absent_object():
+    scene = scenes(1, 1)[0]
+    rng = random.Random(0)
+    noisy = noisy_caption(scene, rng, hallucination_rate=1.0)
+    mentioned = extract_objects(noisy)
+    assert len(mentioned) == len(scene.names) + 1
+    assert len(set(mentioned) - set(scene.names)) == 1
+    assert noisy_caption(scene, rng, hallucination_rate=0.0) == caption(scene.names)
+
+
+def test_yes_no_questions_balance_and_near_misses():
+    rng = random.Random(0)
+    pool = scenes(2, 400)
+    asked = [(s, *sample_yes_no(s, rng)) for s in pool]
+    yes_share = sum(t for *_, t in asked) / len(asked)
+    assert 0.4 < yes_share < 0.6
+    for scene, question, answer, truth in asked:
+        obj = question.removeprefix("Is there a ").split(" in the image")[0]
+        assert (obj in scene.names) == truth == (answer == "yes")
+        assert question == yes_no_question(obj)
+
+
+def test_chair_definitions():
+    truths = [{"red circle"}, {"blue square", "green circle"}, {"yellow triangle"}]
+    answers = [
+        "a red circle.",  # clean
+        "a blue square, a red square and a blue square.",  # 1 hallucinated of 3 mentions, a repeat
+        "a green star.",  # no object mention at all (star is not a shape here)
+    ]
+    report = chair(answers, truths, extract_objects)
+    assert report.mentions == 4
+    assert report.chair_i == pytest.approx(1 / 4)
+    assert report.chair_s == pytest.approx(1 / 3)
+    assert report.recall == pytest.approx(2 / 4)
+    assert report.repeats == pytest.approx(1 / 3)
+
+
+def test_yes_no_metrics():
+    report = yes_no([True, True, False, False, True], [True, False, False, True, True])
+    assert report.accuracy == pytest.approx(3 / 5)
+    assert report.precision == pytest.approx(2 / 3)
+    assert report.recall == pytest.approx(2 / 3)
+    assert report.f1 == pytest.approx(2 / 3)

@@ -1,0 +1,19 @@
+"""Fixtures of the trainer tests: a tiny LLaVA built through the real save/load path."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests import their helpers from trainer_testkit.py beside this file (pytest runs with --import-mode=importlib).
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny LLaVA (word tokenizer over reward.tiny.DEFAULT_WORDS) saved with save_pretrained."""
+    from reward.tiny import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("models") / "tiny")

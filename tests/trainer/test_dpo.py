@@ -1,0 +1,279 @@
+"""DPO on the shared log-prob function: parity with the service's reward, direction of learning, caching."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_testkit import COLOURS, png, preference_rows, write_rlaifv_parquet
+
+from trainer.data import PreferenceRow
+from trainer.dpo import (
+    REFERENCE_CACHE,
+    compute_reference_logprobs,
+    dpo_terms,
+    encode_pairs,
+    score_pairs,
+    train_dpo,
+)
+from trainer.dpo_config import DPOConfig
+from trainer.errors import ConfigError
+from trainer.export import export_bundle
+
+# Chosen answers use one set of words, rejected ones another; held-out pairs recombine them.
+GOOD = ["red", "circle", "green", "tree", "big", "cat", "white", "house"]
+BAD = ["blue", "square", "black", "dog", "small", "car", "yellow", "star"]
+
+
+def _toy_rows(n: int, offset: int = 0) -> list[PreferenceRow]:
+    rows = []
+    for i in range(n):
+        k = i + offset
+        chosen = f"a {GOOD[k % 8]} {GOOD[(3 * k + 1) % 8]} ."
+        rejected = f"a {BAD[k % 8]} {BAD[(3 * k + 1) % 8]} ."
+        rows.append(PreferenceRow(f"r{k}", png(COLOURS[k % len(COLOURS)]), "describe the image", chosen, rejected))
+    return rows
+
+
+HELD_OUT = [
+    PreferenceRow("h0", png((90, 90, 90)), "what is this", "a green cat .", "a black star ."),
+    PreferenceRow("h1", png((10, 120, 60)), "describe the image", "the big house", "the small car"),
+    PreferenceRow("h2", png((160, 20, 90)), "what is this", "a white tree", "a yellow dog"),
+]
+
+
+def _margins(bundle: Path, rows: list[PreferenceRow]) -> list[float]:
+    from reward import load_bundle
+
+    pair = load_bundle(bundle)
+    margins = []
+    for row in rows:
+        ranking = pair.score(row.image, row.question, [row.chosen, row.rejected])
+        margins.append(ranking.candidates[0].reward - ranking.candidates[1].reward)
+    return margins
+
+
+def test_dpo_terms_math() -> None:
+    policy = torch.tensor([[-2.0, -5.0]])
+    reference = torch.tensor([[-3.0, -4.0]])
+    terms = dpo_terms(policy, reference, torch.tensor([[4, 2]]), beta=0.1, nll_weight=0.5)
+    logit = 0.1 * ((-2 + 3) - (-5 + 4))
+    assert terms.chosen_rewards.item() == pytest.approx(0.1) and terms.rejected_rewards.item() == pytest.approx(-0.1)
+    assert terms.dpo_loss.item() == pytest.approx(math.log1p(math.exp(-logit)))
+    assert terms.loss.item() == pytest.approx(math.log1p(math.exp(-logit)) + 0.5 * 2.0 / 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_trainer_implicit_reward_equals_the_service_reward(tiny_model: Path, tmp_path: Path, lora: bool) -> None:
+    """The DPO loss's beta*(pi - ref) for a pair == what reward/ returns (normalize='sum') for it."""
+    from reward import RewardConfig, load_bundle
+    from reward.models import load_processor
+
+    rows = _toy_rows(4)
+    config = DPOConfig(learning_rate=5e-3, epochs=1, batch_size=2, lora=lora, lora_r=4, cpu=True, beta=0.2)
+    result = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "dpo", progress=False)
+    bundle = export_bundle(
+        tmp_path / "bundle",
+        policy_dir=result.policy_dir,
+        reference_dir=tiny_model,
+        policy_type=result.policy_type,
+        beta=0.2,
+    )
+    pair = load_bundle(bundle)
+    processor = load_processor(tiny_model)
+    pairs, _ = encode_pairs(HELD_OUT, processor.tokenizer, eot_id=pair.eot_id)
+    with pair.reference_model() as reference:
+        compute_reference_logprobs(reference, processor, pairs, progress=False)
+    with torch.no_grad():
+        terms = score_pairs(pair.policy, processor, pairs, beta=0.2, pad_id=pair.pad_id)
+    for i, row in enumerate(HELD_OUT):
+        sum_reward = RewardConfig(beta=0.2, normalize="sum")
+        served = pair.score(row.image, row.question, [row.chosen, row.rejected], reward=sum_reward)
+        assert served.candidates[0].reward == pytest.approx(float(terms.chosen_rewards[i]), abs=1e-5)
+        assert served.candidates[1].reward == pytest.approx(float(terms.rejected_rewards[i]), abs=1e-5)
+        assert served.candidates[0].num_tokens == len(pairs[i].chosen_ids)
+    assert any(abs(float(r)) > 1e-4 for r in terms.chosen_rewards), "training should have moved the policy"
+
+
+@pytest.mark.slow
+def test_dpo_moves_the_held_out_margin_the_right_way(tiny_model: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    before = _margins(_bundle_of(tiny_model, tiny_model, tmp_path / "before"), HELD_OUT)
+    assert before == pytest.approx([0.0] * len(HELD_OUT), abs=1e-6)  # policy == reference: no reward yet
+    config = DPOConfig(learning_rate=2e-3, epochs=4, batch_size=4, warmup_ratio=0.0, cpu=True)
+    result = train_dpo(config, _toy_rows(16), model_path=tiny_model, output_dir=tmp_path / "dpo", progress=False)
+    # the first step sees policy == reference: loss exactly log 2, margin 0 (reference handled right)
+    assert result.history[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert result.history[0]["margin"] == pytest.approx(0.0, abs=1e-6)
+    assert result.history[-1]["margin"] > 0 and result.history[-1]["dpo_loss"] < math.log(2)
+    bundle = _bundle_of(result.policy_dir, tiny_model, tmp_path / "bundle")
+    after = _margins(bundle, HELD_OUT)
+    assert all(m > 0 for m in after), after
+    old, new = load_file(tiny_model / "model.safetensors"), load_file(result.policy_dir / "model.safetensors")
+    changed = [k for k in old if not torch.equal(old[k], new[k])]
+    assert any("language_model" in k for k in changed)
+    assert not any("vision_tower" in k for k in changed)  # frozen by default
+
+
+def _bundle_of(policy: Path, reference: Path, folder: Path) -> Path:
+    return export_bundle(folder, policy_dir=policy, reference_dir=reference, policy_type="full", beta=0.1)
+
+
+@pytest.mark.slow
+def test_lora_dpo_with_nll_and_accumulation(tiny_model: Path, tmp_path: Path) -> None:
+    config = DPOConfig(
+        learning_rate=1e-2,
+        epochs=3,
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        lora=True,
+        lora_r=4,
+        nll_weight=0.5,
+        cpu=True,
+    )
+    result = train_dpo(config, _toy_rows(8), model_path=tiny_model, output_dir=tmp_path / "dpo", progress=False)
+    assert result.optimizer_steps == 3 * 2  # 4 batches per epoch / 2 accumulation steps
+    assert (result.policy_dir / "adapter_config.json").is_file()
+    assert result.history[-1]["nll"] < result.history[0]["nll"]
+    folder = tmp_path / "b"
+    bundle = export_bundle(folder, policy_dir=result.policy_dir, reference_dir=tiny_model, policy_type="lora", beta=0.1)
+    assert sum(m > 0 for m in _margins(bundle, HELD_OUT)) >= 2
+
+
+@pytest.mark.slow
+def test_reference_logprobs_are_cached_and_reused(tiny_model: Path, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    rows = _toy_rows(4)
+    config = DPOConfig(learning_rate=1e-3, epochs=1, batch_size=2, cpu=True)
+    first = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path, progress=False)
+    assert not first.reference_cache_hit
+    cache = pq.read_table(tmp_path / REFERENCE_CACHE)
+    assert cache.num_rows == 4 and set(cache.column_names) >= {"image", "chosen_ids", "ref_chosen", "ref_rejected"}
+    second = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path, progress=False)
+    assert second.reference_cache_hit
+    report = json.loads((tmp_path / "dpo_report.json").read_text())
+    assert report["reference_cache"]["hit"] is True
+    # a different pair set does not reuse it
+    third = train_dpo(config, rows[:3], model_path=tiny_model, output_dir=tmp_path, progress=False)
+    assert not third.reference_cache_hit
+    # cached sums are the reference's sums (the initial model, via the shared function)
+    from reward.models import load_model, load_processor
+
+    processor = load_processor(tiny_model)
+    pairs, _ = encode_pairs(rows[:3], processor.tokenizer, eot_id=processor.tokenizer.eos_token_id)
+    compute_reference_logprobs(load_model(tiny_model), processor, pairs, progress=False)
+    cached = pq.read_table(tmp_path / REFERENCE_CACHE)["ref_chosen"].to_pylist()
+    assert cached == pytest.approx([p.ref_chosen for p in pairs], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_parquet_to_bundle_through_the_cli(tiny_model: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from reward import load_bundle
+    from trainer.cli import train_app
+
+    rows = preference_rows([(r.chosen, r.rejected) for r in _toy_rows(6)])
+    data = write_rlaifv_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", rows)
+    out = tmp_path / "run"
+    args = ["dpo", str(data), "--model", str(tiny_model), "-o", str(out), "--lr", "1e-3", "--batch-size", "2", "--cpu"]
+    result = CliRunner().invoke(train_app, [*args, "--no-progress", "--set", "dpo.nll_weight=0.1"])
+    assert result.exit_code == 0, result.output
+    pair = load_bundle(out / "bundle")
+    manifest = json.loads((out / "bundle" / "rlaifv.json").read_text())
+    assert manifest["provenance"]["data"][0]["sha256"] == __import__("hashlib").sha256(data.read_bytes()).hexdigest()
+    assert manifest["provenance"]["settings"]["nll_weight"] == 0.1
+    assert manifest["provenance"]["metrics"]["train_loss"] > 0
+    assert pair.score(png((1, 2, 3)), "describe the image", ["a red circle", "a blue dog"]).best_index in (0, 1)
+
+
+def test_cli_reports_bad_data_cleanly(tiny_model: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from trainer.cli import train_app
+
+    rows = preference_rows([("a red circle", "")])
+    data = write_rlaifv_parquet(tmp_path / "bad.parquet", rows)
+    result = CliRunner().invoke(train_app, ["dpo", str(data), "--model", str(tiny_model), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "row 0, column 'rejected'" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"beta": 0},
+        {"epochs": 0},
+        {"batch_size": 0},
+        {"warmup_ratio": 1.0},
+        {"lr_scheduler": "cyclic"},
+        {"nll_weight": -1},
+    ],
+)
+def test_dpo_config_validation(kwargs: dict) -> None:
+    with pytest.raises(ConfigError):
+        DPOConfig(**kwargs)
+
+
+def test_default_learning_rates_follow_rlaifv() -> None:
+    assert DPOConfig().lr == 5e-7 and DPOConfig(lora=True).lr == 1e-5 and DPOConfig(learning_rate=0.1).lr == 0.1
+
+
+@pytest.mark.slow
+def test_epoch_checkpoints_resume_to_the_same_weights(tiny_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file
+
+    config = DPOConfig(learning_rate=1e-3, epochs=2, batch_size=2, cpu=True, checkpoint_every_epoch=True)
+    rows = _toy_rows(4)
+    full = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "a", progress=False)
+    assert (tmp_path / "a" / "checkpoints" / "epoch-001" / "trainer_state.json").is_file()
+    expected = load_file(full.policy_dir / "model.safetensors")
+    # a run killed after epoch 1: only its checkpoint (and the reference cache) are on disk
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "policy")
+    (tmp_path / "b" / "dpo_report.json").unlink()
+    resumed = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)
+    report = json.loads((tmp_path / "b" / "dpo_report.json").read_text())
+    assert report["resumed_from_epoch"] == 1 and resumed.optimizer_steps == full.optimizer_steps == 4
+    assert resumed.history[:2] == full.history[:2]
+    got = load_file(resumed.policy_dir / "model.safetensors")
+    assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
+    # different settings do not pick up the checkpoint
+    other = DPOConfig(learning_rate=2e-3, epochs=2, batch_size=2, cpu=True, checkpoint_every_epoch=True)
+    train_dpo(other, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)
+    assert json.loads((tmp_path / "b" / "dpo_report.json").read_text())["resumed_from_epoch"] == 0
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_training_by_launcher_only(tiny_model: Path, tmp_path: Path) -> None:
+    """The same command under torchrun (2 CPU processes, gloo DDP): pairs sharded, rank 0 exports."""
+    import os
+    import subprocess
+    import sys
+
+    from reward import load_bundle
+
+    root = Path(__file__).resolve().parents[2]
+    rows = preference_rows([(r.chosen, r.rejected) for r in _toy_rows(8)])
+    data = write_rlaifv_parquet(tmp_path / "data.parquet", rows)
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "trainer.cli", "dpo", str(data), "--model", str(tiny_model), "-o", str(out)]
+    command += ["--lr", "1e-3", "--epochs", "2", "--batch-size", "2", "--cpu", "--no-progress"]
+    env = os.environ | {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "dpo" / "dpo_report.json").read_text())
+    assert report["num_processes"] == 2
+    assert report["optimizer_steps"] == 4  # 8 pairs / (2 per batch x 2 processes) x 2 epochs
+    assert report["history"][-1]["margin"] > 0
+    load_bundle(out / "bundle")

@@ -1,0 +1,214 @@
+"""Divide-and-conquer feedback with a controlled labeler, and pair building."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from trainer_testkit import ControlledLabeler, png
+
+from trainer.data import PromptItem, read_preferences
+from trainer.feedback import (
+    PromptFeedback,
+    ScoredAnswer,
+    collect_feedback,
+    read_feedback,
+    score_answers,
+    write_feedback,
+)
+from trainer.feedback_config import FeedbackConfig
+from trainer.pairs import PairConfig, build_pairs, ngram_jaccard
+
+ANSWERS = [
+    "There is a red circle and a blue square.",  # 2 claims, 1 false            -> -1
+    "There is a red circle.",  # 1 true claim                                   ->  0
+    "There is a red circle, a red circle and a green tree.",  # 1 false, 1 repeat -> -2
+    "There is a blue square.",  # 1 false                                        -> -1
+]
+
+
+def _score(labeler: ControlledLabeler, answers: list[str], **kwargs) -> list[ScoredAnswer]:
+    from reward.claims import RuleQuestionWriter, SpacyClaimSplitter
+
+    config = FeedbackConfig(**kwargs)
+    image = Image.new("RGB", (32, 32))
+    return score_answers(image, answers, labeler, SpacyClaimSplitter(), RuleQuestionWriter(), config)
+
+
+def test_scores_with_a_controlled_labeler_are_exact() -> None:
+    labeler = ControlledLabeler(lambda q: "red circle" in q)
+    scored = _score(labeler, ANSWERS)
+    assert [a.score for a in scored] == [-1.0, 0.0, -2.0, -1.0]
+    assert [(a.rejected, a.repeated, a.num_claims) for a in scored] == [(1, 0, 2), (0, 0, 1), (1, 1, 3), (1, 0, 1)]
+    assert [(c["accepted"], c["repeated"]) for c in scored[2].claims] == [(True, False), (True, True), (False, False)]
+    # every distinct question is asked once, in RLAIF-V's yes/no form
+    assert sorted(labeler.asked) == sorted(set(labeler.asked))
+    assert "Is there a red circle in the image? Please answer yes or no." in labeler.asked
+    assert len(labeler.asked) == 3
+
+
+def test_repeat_penalty_and_threshold_are_applied() -> None:
+    labeler = ControlledLabeler(lambda q: "red circle" in q)
+    assert [a.score for a in _score(labeler, ANSWERS, repeat_penalty=0.5)] == [-1.0, 0.0, -1.5, -1.0]
+    # p(yes) is 0.9 for accepted claims: a threshold above it rejects everything
+    assert [a.score for a in _score(labeler, ANSWERS, threshold=0.95)] == [-2.0, -1.0, -4.0, -1.0]
+
+
+def _feedback(labeler: ControlledLabeler) -> PromptFeedback:
+    return PromptFeedback("p0", png((0, 0, 0)), "describe the image", _score(labeler, ANSWERS))
+
+
+def test_pairs_from_hand_written_answers_are_exact() -> None:
+    feedback = _feedback(ControlledLabeler(lambda q: "red circle" in q))
+    rows, stats = build_pairs([feedback], PairConfig(max_pairs_per_prompt=10, length_balance=False))
+    got = {(r.chosen, r.rejected) for r in rows}
+    a = ANSWERS
+    assert got == {(a[1], a[0]), (a[1], a[3]), (a[1], a[2]), (a[0], a[2]), (a[3], a[2])}
+    assert stats.candidate_pairs == 5 and stats.selected == 5
+    best, _ = build_pairs([feedback], PairConfig(max_pairs_per_prompt=1, length_balance=False))
+    assert [(r.chosen, r.rejected) for r in best] == [(a[1], a[2])]  # the largest score gap
+    assert best[0].meta == {"chosen_score": 0.0, "rejected_score": -2.0, "prompt_id": "p0"}
+    two, _ = build_pairs([feedback], PairConfig(max_pairs_per_prompt=2, length_balance=False))
+    assert len(two) == 2 and (a[1], a[2]) == (two[0].chosen, two[0].rejected)
+
+
+def _answer(text: str, score: float) -> ScoredAnswer:
+    return ScoredAnswer(text=text, score=score, rejected=int(-score), repeated=0)
+
+
+def test_min_gap_and_near_duplicates() -> None:
+    long_text = "a red circle and a blue square on the left of the big green tree in the picture"
+    answers = [_answer(long_text, 0), _answer(long_text + " .", -1), _answer("a cat", -0.5)]
+    rows, stats = build_pairs([PromptFeedback("p", b"", "q", answers)], PairConfig(max_pairs_per_prompt=5))
+    assert rows == [] and stats.candidate_pairs == 1 and stats.near_duplicates == 1
+    assert ngram_jaccard(long_text, long_text + " .") >= 0.9
+    assert ngram_jaccard("a red circle", "a blue square") == 0.0
+
+
+def test_length_balancing_removes_pairs_where_chosen_is_much_shorter() -> None:
+    items = []
+    for i in range(4):
+        short, long = "a red circle", "there is a blue square and a black dog and a red circle"
+        items.append(PromptFeedback(f"s{i}", b"", "q", [_answer(short, 0), _answer(long, -1)]))
+    balanced = [_answer("a red circle and a green tree", 0), _answer("a blue square and a black dog", -2)]
+    even = PromptFeedback("e", b"", "q", balanced)
+    rows, stats = build_pairs([*items, even], PairConfig())
+    words = lambda t: len(t.split())  # noqa: E731
+    assert stats.length_removed == 4 and stats.length_threshold is not None
+    assert [(r.chosen, r.rejected) for r in rows] == [(even.answers[0].text, even.answers[1].text)]
+    assert sum(words(r.chosen) for r in rows) >= 0.95 * sum(words(r.rejected) for r in rows)
+    unbalanced, stats = build_pairs([*items, even], PairConfig(length_balance=False))
+    assert len(unbalanced) == 5 and stats.length_removed == 0
+
+
+def test_feedback_file_round_trip(tmp_path: Path) -> None:
+    feedback = [_feedback(ControlledLabeler(lambda q: "red" in q))]
+    again = read_feedback(write_feedback(tmp_path / "f.parquet", feedback))
+    assert again == feedback
+
+
+@pytest.mark.slow
+def test_collect_feedback_samples_deconfounded_and_reproducibly(tiny_model: Path) -> None:
+    from reward.models import load_model, load_processor
+
+    model, processor = load_model(tiny_model), load_processor(tiny_model)
+    prompts = [
+        PromptItem("a", png((200, 0, 0)), "describe the image"),
+        PromptItem("b", png((0, 0, 200)), "what is this"),
+    ]
+    config = FeedbackConfig(num_samples=4, max_tokens=8, drop_truncated=False, temperature=1.0, seed=5)
+    labeler = ControlledLabeler(lambda q: len(q) % 2 == 0)
+    first = collect_feedback(model, processor, prompts, config, labeler=labeler, progress=False)
+    second = collect_feedback(
+        model, processor, prompts, config, labeler=ControlledLabeler(labeler.accept), progress=False
+    )
+    assert [[a.text for a in f.answers] for f in first] == [[a.text for a in f.answers] for f in second]
+    assert all(len(f.answers) + f.dropped == 4 for f in first)
+    assert all(1 <= a.num_tokens <= 8 for f in first for a in f.answers)
+    # the scores are those of verify_answers on the sampled texts
+    for item in first:
+        texts = [a.text for a in item.answers]
+        expected = _score(ControlledLabeler(labeler.accept), texts) if texts else []
+        assert [a.score for a in item.answers] == [a.score for a in expected]
+    other_seed = collect_feedback(
+        model, processor, prompts, FeedbackConfig(**{**config.to_dict(), "seed": 6}), labeler=labeler, progress=False
+    )
+    assert [[a.text for a in f.answers] for f in other_seed] != [[a.text for a in f.answers] for f in first]
+
+
+@pytest.mark.slow
+def test_self_feedback_asks_the_policy(tiny_model: Path) -> None:
+    from reward.claims import verify_answers
+    from reward.images import decode_image
+    from reward.judge import YesNoJudge
+    from reward.models import load_model, load_processor
+
+    model, processor = load_model(tiny_model), load_processor(tiny_model)
+    prompts = [
+        PromptItem("a", png((200, 0, 0)), "describe the image"),
+        PromptItem("b", png((0, 90, 0)), "what is this"),
+    ]
+    config = FeedbackConfig(num_samples=3, max_tokens=10, drop_truncated=False, temperature=1.0)
+    result = collect_feedback(model, processor, prompts, config, progress=False)  # batched over both prompts
+    claims = [c for a in result[0].answers for c in a.claims]
+    assert claims, "the sampled answers should contain claims"
+    judge = YesNoJudge(model, processor)
+    image = decode_image(prompts[0].image)
+    for claim in claims[:3]:
+        assert claim["p_yes"] == pytest.approx(judge.p_yes(image, [claim["question"]])[0], abs=1e-5)
+    # batching the labeler across prompts scores exactly as verify_answers does prompt by prompt
+    for item, feedback in zip(prompts, result, strict=True):
+        texts = [a.text for a in feedback.answers]
+        one_by_one = verify_answers(decode_image(item.image), texts, judge)
+        assert [a.score for a in feedback.answers] == [v.score for v in one_by_one]
+
+
+@pytest.mark.slow
+def test_feedback_cli_writes_scored_candidates_and_a_report(tiny_model: Path, tmp_path: Path) -> None:
+    import json
+
+    from trainer_testkit import preference_rows, write_rlaifv_parquet
+    from typer import Typer
+    from typer.testing import CliRunner
+
+    from trainer.cli import feedback
+
+    app = Typer()
+    app.command()(feedback)
+    data = write_rlaifv_parquet(
+        tmp_path / "prompts.parquet", preference_rows([("a cat", "a dog"), ("a car", "a star")])
+    )
+    args = [str(data), "--model", str(tiny_model), "-o", str(tmp_path / "fb"), "--samples", "3", "--max-tokens", "6"]
+    result = CliRunner().invoke(app, [*args, "--no-progress", "--set", "feedback.drop_truncated=false"])
+    assert result.exit_code == 0, result.output
+    stored = read_feedback(tmp_path / "fb" / "feedback.parquet")
+    assert [f.question for f in stored] == ["describe the image", "describe the image"]
+    assert all(len(f.answers) == 3 for f in stored)
+    report = json.loads((tmp_path / "fb" / "report.json").read_text())
+    assert report["feedback"]["candidates"] == 6 and report["settings"]["feedback"]["labeler"] == "self"
+    pairs_file = tmp_path / "fb" / "pairs.parquet"
+    if report["pairs"]["selected"]:
+        assert len(read_preferences(pairs_file)) == report["pairs"]["selected"]
+    else:
+        assert not pairs_file.exists()
+
+
+def test_a_separate_labeler_model_is_loaded_from_its_folder(tiny_model: Path, tmp_path: Path) -> None:
+    from reward.judge import YesNoJudge
+    from reward.models import load_model, load_processor
+    from reward.tiny import perturb_copy
+    from trainer.feedback import make_labeler
+
+    judge_dir = perturb_copy(tiny_model, tmp_path / "judge", scale=0.5)
+    policy, processor = load_model(tiny_model), load_processor(tiny_model)
+    separate = make_labeler(FeedbackConfig(labeler=str(judge_dir)), policy, processor)
+    own = make_labeler(FeedbackConfig(), policy, processor)
+    assert isinstance(separate, YesNoJudge) and separate.model is not policy and own.model is policy
+    image, questions = (
+        Image.new("RGB", (32, 32), (9, 9, 9)),
+        ["Is there a red circle in the image? Please answer yes or no."],
+    )
+    direct = YesNoJudge(load_model(judge_dir), load_processor(judge_dir)).p_yes(image, questions)
+    assert separate.p_yes(image, questions) == pytest.approx(direct, abs=1e-6)
+    assert separate.p_yes(image, questions) != pytest.approx(own.p_yes(image, questions), abs=1e-6)

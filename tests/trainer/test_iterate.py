@@ -1,0 +1,179 @@
+"""`rlaifv train iterate`: rounds, interruption and resume, export, provenance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from trainer_testkit import COLOURS, ControlledLabeler, png
+
+from trainer.data import ListPromptSource, PromptItem
+from trainer.dpo_config import DPOConfig
+from trainer.errors import ConfigError, RunStateError, TrainerError
+from trainer.feedback_config import FeedbackConfig
+from trainer.iterate import RoundContext, run_iterate
+from trainer.iterate_config import IterateConfig, apply_overrides
+from trainer.pairs import PairConfig
+
+QUESTIONS = ["describe the image", "what is this", "what is in the picture"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _source() -> ListPromptSource:
+    items = [PromptItem(f"p{i}", png(COLOURS[i % len(COLOURS)]), QUESTIONS[i % 3]) for i in range(8)]
+    return ListPromptSource(items, description={"kind": "test", "count": 8})
+
+
+def _config(model: Path, out: Path, **kwargs) -> IterateConfig:
+    return IterateConfig(
+        model=str(model),
+        output_dir=str(out),
+        rounds=kwargs.pop("rounds", 2),
+        prompts_per_round=3,
+        progress=False,
+        feedback=FeedbackConfig(num_samples=5, max_tokens=10, drop_truncated=False, temperature=1.0),
+        pairs=PairConfig(max_pairs_per_prompt=3, length_balance=False),
+        dpo=kwargs.pop("dpo", DPOConfig(learning_rate=1e-3, batch_size=2, cpu=True)),
+        **kwargs,
+    )
+
+
+def _labeler() -> ControlledLabeler:
+    # A fixed, content-dependent verdict per question: sampled answers get differing scores.
+    return ControlledLabeler(lambda q: sum(map(ord, q)) % 3 != 0)
+
+
+def _eval(ctx: RoundContext) -> dict[str, float]:
+    from reward import load_bundle
+
+    pair = load_bundle(ctx.bundle_dir)
+    ranking = pair.score(png((5, 5, 5)), "describe the image", ["a red circle", "a blue square"])
+    return {"round": float(ctx.round), "reward_0": ranking.candidates[0].reward}
+
+
+@pytest.mark.slow
+def test_two_rounds_interrupted_between_rounds_resume_and_export(tiny_model: Path, tmp_path: Path) -> None:
+    from reward import load_bundle
+
+    out = tmp_path / "run"
+    config = _config(tiny_model, out, export_round="best", best_metric="round", best_mode="min")
+    seen: list[int] = []
+
+    def stop_after_first(report: dict) -> None:
+        seen.append(report["round"])
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_iterate(config, _source(), labeler=_labeler(), eval_hook=_eval, on_round_end=stop_after_first)
+    assert seen == [1] and (out / "round-01" / "DONE").is_file() and not (out / "round-02").exists()
+    assert not (out / "bundle").exists()
+    round1_mtime = (out / "round-01" / "dpo" / "policy" / "model.safetensors").stat().st_mtime_ns
+
+    result = run_iterate(config, _source(), labeler=_labeler(), eval_hook=_eval)
+    assert result.resumed_rounds == [1]
+    assert (out / "round-01" / "dpo" / "policy" / "model.safetensors").stat().st_mtime_ns == round1_mtime
+    assert [r["round"] for r in result.rounds] == [1, 2]
+    assert result.exported_round == 1  # 'best' by the eval metric (min of 'round')
+
+    pair = load_bundle(result.bundle_dir)
+    manifest = json.loads((result.bundle_dir / "rlaifv.json").read_text())
+    provenance = manifest["provenance"]
+    assert provenance["exported_round"] == 1 and len(provenance["rounds"]) == 2
+    assert all(len(r["pairs"]["sha256"]) == 64 and len(r["feedback"]["sha256"]) == 64 for r in provenance["rounds"])
+    assert provenance["settings"]["feedback"]["num_samples"] == 5
+    assert provenance["prompt_source"] == {"kind": "test", "count": 8}
+    assert provenance["rounds"][1]["eval"]["round"] == 2.0
+    # round 2 trained from round 1's policy on new prompts, and its reference was round 1's policy (RLAIF-V)
+    round2 = json.loads((out / "round-02" / "report.json").read_text())
+    assert round2["dpo"]["reference"].endswith("round-01/dpo/policy")
+    assert round2["dpo"]["optimizer_steps"] >= 1
+    ids1 = json.loads((out / "round-01" / "report.json").read_text())["feedback"]["prompts"]
+    assert ids1 == 3
+    assert pair.score(png((1, 1, 1)), "what is this", ["a cat", "a dog"]).candidates[0].num_tokens == 3
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_rounds"] == [1] and report["exported_round"] == 1
+
+    # a third run resumes everything and only re-exports; changing training settings is refused
+    again = run_iterate(config, _source(), labeler=_labeler(), eval_hook=_eval)
+    assert again.resumed_rounds == [1, 2]
+    changed = _config(tiny_model, out, dpo=DPOConfig(learning_rate=5e-3, batch_size=2, cpu=True))
+    with pytest.raises(RunStateError, match="dpo"):
+        run_iterate(changed, _source(), labeler=_labeler())
+
+
+@pytest.mark.slow
+def test_lora_rounds_continue_the_adapter_and_resume_inside_a_round(tiny_model: Path, tmp_path: Path) -> None:
+    from reward import load_bundle
+
+    out = tmp_path / "lora"
+    config = _config(tiny_model, out, dpo=DPOConfig(learning_rate=1e-2, batch_size=2, lora=True, lora_r=4, cpu=True))
+    calls: list[int] = []
+
+    def flaky_eval(ctx: RoundContext) -> dict[str, float]:
+        calls.append(ctx.round)
+        if ctx.round == 2 and calls.count(2) == 1:
+            raise Interrupt  # dies after round 2's DPO, before its DONE marker
+        return _eval(ctx)
+
+    with pytest.raises(Interrupt):
+        run_iterate(config, _source(), labeler=_labeler(), eval_hook=flaky_eval)
+    result = run_iterate(config, _source(), labeler=_labeler(), eval_hook=flaky_eval)
+    assert result.resumed_rounds == [1]
+    round2 = json.loads((out / "round-02" / "report.json").read_text())
+    assert round2["stages_reused"] == ["feedback", "dpo"]
+    manifest = json.loads((result.bundle_dir / "rlaifv.json").read_text())
+    assert manifest["policy_type"] == "lora" and result.exported_round == 2
+    pair = load_bundle(result.bundle_dir)
+    assert pair.is_lora
+
+
+def test_no_pairs_is_a_clear_error(tiny_model: Path, tmp_path: Path) -> None:
+    config = _config(tiny_model, tmp_path / "r", rounds=1)
+    with pytest.raises(TrainerError, match="round 1: no preference pairs"):
+        run_iterate(config, _source(), labeler=ControlledLabeler(lambda q: True))
+
+
+def test_iterate_config_validation_and_overrides(tmp_path: Path) -> None:
+    base = {"model": "m", "output_dir": "o"}
+    with pytest.raises(ConfigError, match="best_metric"):
+        IterateConfig.from_dict(base | {"export_round": "best"})
+    with pytest.raises(ConfigError, match="outside"):
+        IterateConfig.from_dict(base | {"export_round": "7", "rounds": 2})
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\): dpo.betta"):
+        IterateConfig.from_dict(base | {"dpo": {"betta": 1}})
+    with pytest.raises(ConfigError, match="num_samples"):
+        IterateConfig.from_dict(base | {"feedback": {"num_samples": 1}})
+    overrides = ["dpo.nll_weight=0.2", "rounds=3", "feedback.labeler=/x/judge"]
+    config = IterateConfig.from_dict(apply_overrides(base, overrides))
+    assert config.dpo.nll_weight == 0.2 and config.rounds == 3 and config.feedback.labeler == "/x/judge"
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config.to_dict()))
+    assert IterateConfig.from_file(path) == config
+
+
+def test_source_must_follow_the_protocol(tiny_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainerError, match="prompts"):
+        run_iterate(_config(tiny_model, tmp_path / "x"), object())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "exactly one of --prompts or --source"),
+        (["--source", "no_such_module_xyz:make"], "cannot import prompt source"),
+        (["--prompts", "x.parquet", "--eval", "nomodule_q:hook"], "cannot import eval hook"),
+        (["--prompts", "x.parquet", "--config", "missing.json"], "cannot read config missing.json"),
+        (["--source", "trainer_testkit:png", "--set", "dpo.betta=1"], "unknown setting(s): dpo.betta"),
+    ],
+)
+def test_iterate_cli_errors_are_one_line(tmp_path: Path, extra: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from trainer.cli import train_app
+
+    result = CliRunner().invoke(train_app, ["iterate", "--model", str(tmp_path), "-o", str(tmp_path / "o"), *extra])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output

@@ -1,0 +1,171 @@
+"""The trainer's public surface: pinned exports, cheap imports, CLI help, the LLM claim rewriter over HTTP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from trainer_testkit import ControlledLabeler
+
+import trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_exports_are_pinned_and_resolve() -> None:
+    assert trainer.__all__ == sorted(trainer.__all__)
+    assert set(trainer.__all__) == {
+        "ConfigError", "DPOConfig", "DPOResult", "DataError", "EmptyAnswerError", "EvalHook", "FeedbackConfig",
+        "ImageDecodeError", "IterateConfig", "IterateResult", "ListPromptSource", "MissingColumnError", "PairConfig",
+        "PreferenceRow", "PromptFeedback", "PromptItem", "PromptSource", "RoundContext", "RunStateError",
+        "ScoredAnswer", "TrainerError", "build_pairs", "collect_feedback", "export_bundle", "read_preferences",
+        "read_prompts", "run_iterate", "train_dpo",
+    }  # fmt: skip
+    for name in trainer.__all__:
+        assert getattr(trainer, name) is not None
+    assert issubclass(trainer.MissingColumnError, trainer.DataError)
+    assert issubclass(trainer.DataError, trainer.TrainerError)
+
+
+def test_cli_module_imports_without_torch() -> None:
+    code = "import sys, trainer, trainer.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
+
+
+def test_cli_help_and_options() -> None:
+    from typer.testing import CliRunner
+
+    from trainer.cli import train_app
+
+    runner = CliRunner()
+    result = runner.invoke(train_app, ["--help"])
+    assert result.exit_code == 0 and "dpo" in result.output and "iterate" in result.output
+    options = runner.invoke(train_app, ["options"])
+    assert options.exit_code == 0
+    assert "dpo.nll_weight" in options.output and "feedback.num_samples" in options.output
+    assert "pairs.min_score_gap" in options.output
+
+
+class _ChatHandler(BaseHTTPRequestHandler):
+    """A minimal OpenAI-compatible /v1/chat/completions endpoint with canned rewriting behaviour."""
+
+    requests: ClassVar[list[dict]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+        prompt = body["messages"][0]["content"]
+        if "Answer:" in prompt:
+            answer = prompt.split("Answer:", 1)[1].strip()
+            reply = "\n".join(f"- There is {part.strip().rstrip('.')}" for part in answer.split(" with "))
+        else:
+            claim = prompt.split("Claim:", 1)[1].strip().rstrip(".")
+            reply = f"Sure.\nIs there {claim.removeprefix('There is ')} in the image?"
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture()
+def chat_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _ChatHandler.requests = []
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+def test_llm_splitter_and_writer_over_an_openai_compatible_url(chat_server: str) -> None:
+    from PIL import Image
+
+    from reward.claims import verify_answers
+    from trainer.feedback import make_splitter_and_writer
+    from trainer.feedback_config import FeedbackConfig
+
+    config = FeedbackConfig(splitter="llm", question_writer="llm", llm_url=chat_server, llm_name="splitter-8b")
+    splitter, writer = make_splitter_and_writer(config)
+    assert splitter.split("a red circle with a blue square.") == ["There is a red circle.", "There is a blue square."]
+    assert writer.question("There is a red circle.") == "Is there a red circle in the image? Please answer yes or no."
+    labeler = ControlledLabeler(lambda q: "red" in q)
+    verdicts = verify_answers(Image.new("RGB", (8, 8)), ["a red circle with a blue square"], labeler, splitter, writer)
+    assert verdicts[0].score == -1.0 and verdicts[0].rejected == 1
+    assert all(
+        r["path"] == "/v1/chat/completions" and r["body"]["model"] == "splitter-8b" for r in _ChatHandler.requests
+    )
+    assert all(r["body"]["temperature"] == 0.0 for r in _ChatHandler.requests)
+
+
+def test_llm_backend_errors_are_trainer_errors() -> None:
+    from trainer.errors import TrainerError
+    from trainer.llm_rewriter import LLMClaimSplitter, OpenAIChatBackend
+
+    splitter = LLMClaimSplitter(OpenAIChatBackend("http://127.0.0.1:9/v1", timeout=2))
+    with pytest.raises(TrainerError, match="LLM request"):
+        splitter.split("a cat")
+
+
+def test_llm_settings_need_a_model_or_url() -> None:
+    from trainer.errors import ConfigError
+    from trainer.feedback_config import FeedbackConfig
+
+    with pytest.raises(ConfigError, match="llm_model or llm_url"):
+        FeedbackConfig(splitter="llm")
+    with pytest.raises(ConfigError, match="llm_model or llm_url"):
+        FeedbackConfig(question_writer="llm", llm_model="m", llm_url="http://x")
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Llama causal LM with a chat template, saved like any local instruction model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from reward.tiny import DEFAULT_WORDS, build_tokenizer
+
+    folder = tmp_path_factory.mktemp("llm") / "chat"
+    tokenizer = build_tokenizer(DEFAULT_WORDS)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_local_llm_backend_drives_the_splitter_and_writer(tiny_chat_lm: Path) -> None:
+    from trainer.feedback import make_splitter_and_writer
+    from trainer.feedback_config import FeedbackConfig
+    from trainer.llm_rewriter import LocalChatBackend
+
+    config = FeedbackConfig(splitter="llm", question_writer="llm", llm_model=str(tiny_chat_lm))
+    splitter, writer = make_splitter_and_writer(config)
+    backend = LocalChatBackend(tiny_chat_lm, max_new_tokens=12)
+    splitter.backend = writer.backend = backend
+    reply = backend.complete("Split: a red circle")
+    assert reply == backend.complete("Split: a red circle")  # greedy: deterministic
+    claims = splitter.split("a red circle")
+    assert claims == splitter.split("a red circle") and all(c.endswith((".", "!", "?")) for c in claims)
+    question = writer.question("There is a red circle.")
+    assert question.endswith("Please answer yes or no.") and "?" in question

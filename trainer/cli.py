@@ -1,0 +1,271 @@
+"""`rlaifv train dpo|iterate|options` and `rlaifv feedback`.
+
+The root `rlaifv` app (service/cli.py) mounts `train_app` and registers
+`feedback` as a command. Heavy libraries load inside the commands only, so
+`rlaifv --help` stays instant. Every setting of the config dataclasses can be
+set with `--set section.key=value` (see `rlaifv train options`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+train_app = typer.Typer(
+    help="Train policies: DPO on preference data, or the iterative RLAIF-V loop.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override any setting, e.g. --set dpo.nll_weight=0.2 (see `rlaifv train options`)."),
+]
+
+
+@contextmanager
+def _clean_errors() -> Iterator[None]:
+    """Known errors become one red line and exit code 1, not a traceback."""
+    from reward.errors import RewardError
+    from trainer.errors import TrainerError
+
+    try:
+        yield
+    except (TrainerError, RewardError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+
+
+def _import_object(spec: str, option: str, what: str) -> Any:
+    """`package.module:name` -> the object it names."""
+    from trainer.errors import ConfigError
+
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise ConfigError(f"{option} {spec!r} must look like package.module:name")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot import {what} {spec!r}: {exc}") from None
+
+
+def _load_source(spec: str) -> Any:
+    """`package.module:factory` -> factory() (a PromptSource, e.g. the shapes world's generator)."""
+    factory: Callable[[], Any] = _import_object(spec, "--source", "prompt source")
+    return factory()
+
+
+@train_app.command("dpo")
+def dpo_command(
+    data: Annotated[
+        Path, typer.Argument(help="RLAIF-V parquet file/folder or JSONL of (image, question, chosen, rejected).")
+    ],
+    model: Annotated[Path, typer.Option(help="Model folder to train (also the reference unless --reference).")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Output folder: dpo/ (policy, reference cache, report) and bundle/.")
+    ],
+    reference: Annotated[Path | None, typer.Option(help="Reference model folder (full fine-tune only).")] = None,
+    lora: Annotated[bool, typer.Option(help="Train a LoRA adapter instead of all weights.")] = False,
+    beta: Annotated[float, typer.Option(help="DPO beta (also the bundle's reward beta).")] = 0.1,
+    nll_weight: Annotated[float, typer.Option(help="Weight of the NLL term on chosen answers.")] = 0.0,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default 5e-7 full, 1e-5 LoRA).")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Pairs per step per device.")] = 2,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N rows.")] = None,
+    name: Annotated[str, typer.Option(help="Model name in the bundle.")] = "rlaifv",
+    cpu: Annotated[bool, typer.Option(help="Train on CPU even with a GPU.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    set_: SetOption = None,
+) -> None:
+    """DPO on a preference dataset, then export a bundle the service loads."""
+    with _clean_errors():
+        from trainer.data import data_files, describe_files, read_preferences
+        from trainer.dpo import train_dpo
+        from trainer.dpo_config import DPOConfig
+        from trainer.export import export_bundle
+        from trainer.iterate_config import _build, apply_overrides
+
+        settings = {
+            "beta": beta,
+            "nll_weight": nll_weight,
+            "learning_rate": lr,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "gradient_accumulation_steps": grad_accum,
+            "seed": seed,
+            "lora": lora,
+            "cpu": cpu,
+        }
+        overrides = [s.removeprefix("dpo.") for s in set_ or []]
+        config: DPOConfig = _build(DPOConfig, apply_overrides(settings, overrides), "dpo")
+        rows = read_preferences(data, limit=limit)
+        typer.echo(f"{len(rows)} preference rows from {data}")
+        result = train_dpo(
+            config, rows, model_path=model, output_dir=output / "dpo", reference_path=reference, progress=progress
+        )
+        if not result.is_main_process:  # under `accelerate launch`/torchrun only rank 0 exports
+            return
+        provenance = {
+            "trainer": "rlaifv train dpo",
+            "data": describe_files(data_files(data)),
+            "rows_used": len(rows),
+            "settings": config.to_dict() | {"effective_learning_rate": config.lr},
+            "metrics": result.metrics,
+            "initial_model": str(model.resolve()),
+        }
+        export_bundle(
+            output / "bundle",
+            policy_dir=result.policy_dir,
+            reference_dir=reference if reference is not None and not config.lora else model,
+            policy_type=result.policy_type,  # type: ignore[arg-type]
+            beta=config.beta,
+            name=name,
+            end_of_turn=config.end_of_turn,
+            provenance=provenance,
+        )
+        typer.echo(
+            json.dumps(
+                {"bundle": str(output / "bundle"), "optimizer_steps": result.optimizer_steps, **result.metrics},
+                indent=2,
+            )
+        )
+
+
+@train_app.command("iterate")
+def iterate_command(
+    model: Annotated[
+        Path, typer.Option(help="Initial (SFT) model folder: round 1's policy and the bundle's reference.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder; rerun the same command to resume.")],
+    prompts: Annotated[
+        Path | None, typer.Option(help="Prompts: parquet/JSONL file or folder with image and question.")
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option(help="Prompt source factory instead of --prompts: package.module:factory.")
+    ] = None,
+    eval_hook: Annotated[
+        str | None,
+        typer.Option("--eval", help="Eval hook run after each round: package.module:function(ctx) -> metrics."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="JSON file with IterateConfig settings (flags and --set override it).")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="Rounds (default 4).")] = None,
+    prompts_per_round: Annotated[int | None, typer.Option(help="Prompts per round.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Candidates per prompt.")] = None,
+    labeler: Annotated[str | None, typer.Option(help="'self' or a labeler model folder.")] = None,
+    lora: Annotated[bool | None, typer.Option(help="Train LoRA adapters.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Run seed.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    set_: SetOption = None,
+) -> None:
+    """k rounds of sample -> feedback -> pairs -> DPO, resumable, exported as a bundle."""
+    with _clean_errors():
+        from trainer.data import ListPromptSource
+        from trainer.errors import ConfigError
+        from trainer.iterate import run_iterate
+        from trainer.iterate_config import IterateConfig, apply_overrides, read_settings_file
+
+        if (prompts is None) == (source is None):
+            raise ConfigError("give exactly one of --prompts or --source")
+        data: dict[str, Any] = read_settings_file(config) if config is not None else {}
+        data |= {"model": str(model), "output_dir": str(output), "progress": progress}
+        flags = {"rounds": rounds, "prompts_per_round": prompts_per_round, "seed": seed}
+        data |= {k: v for k, v in flags.items() if v is not None}
+        nested = [("feedback", "num_samples", samples), ("feedback", "labeler", labeler), ("dpo", "lora", lora)]
+        for section, key, value in nested:
+            if value is not None:
+                data.setdefault(section, {})[key] = value
+        settings = IterateConfig.from_dict(apply_overrides(data, set_ or []))
+        hook = _import_object(eval_hook, "--eval", "eval hook") if eval_hook is not None else None
+        prompt_source = ListPromptSource.from_path(prompts) if prompts is not None else _load_source(source)  # type: ignore[arg-type]
+        result = run_iterate(settings, prompt_source, eval_hook=hook)
+        typer.echo(
+            json.dumps(
+                {
+                    "bundle": str(result.bundle_dir),
+                    "exported_round": result.exported_round,
+                    "resumed_rounds": result.resumed_rounds,
+                },
+                indent=2,
+            )
+        )
+
+
+@train_app.command("options")
+def options_command() -> None:
+    """List every setting usable with --set / --config, with defaults and help."""
+    from trainer.iterate_config import IterateConfig, describe_settings
+
+    for name, default, help_text in describe_settings(IterateConfig):
+        typer.echo(f"{name:34} {default:24} {help_text}")
+
+
+def feedback(
+    prompts: Annotated[Path, typer.Argument(help="Prompts: parquet/JSONL file or folder with image and question.")],
+    model: Annotated[Path, typer.Option(help="Policy model folder that samples the candidates.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Output folder: feedback.parquet, pairs.parquet, report.json.")
+    ],
+    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter over --model to sample from.")] = None,
+    samples: Annotated[int, typer.Option(help="Candidates per prompt.")] = 10,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (same for all candidates).")] = 0.7,
+    max_tokens: Annotated[int, typer.Option(help="Maximum new tokens per candidate.")] = 128,
+    labeler: Annotated[str, typer.Option(help="'self' or a labeler model folder.")] = "self",
+    limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    set_: SetOption = None,
+) -> None:
+    """Sample candidates, score them by divide-and-conquer verification, and build preference pairs."""
+    with _clean_errors():
+        from reward.models import load_adapter, load_model, load_processor
+        from trainer.data import data_files, describe_files, read_prompts, write_preferences
+        from trainer.feedback import collect_feedback, feedback_summary, write_feedback
+        from trainer.feedback_config import FeedbackConfig
+        from trainer.iterate_config import _build, apply_overrides
+        from trainer.pairs import PairConfig, build_pairs
+
+        base = {
+            "num_samples": samples,
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            "labeler": labeler,
+            "seed": seed,
+        }
+        data = apply_overrides({"feedback": base, "pairs": {"seed": seed}}, set_ or [])
+        config: FeedbackConfig = _build(FeedbackConfig, data["feedback"], "feedback")
+        pair_config: PairConfig = _build(PairConfig, data["pairs"], "pairs")
+        items = read_prompts(prompts, limit=limit)
+        processor = load_processor(model)
+        policy = load_model(model)
+        if adapter is not None:
+            policy = load_adapter(policy, adapter)
+        results = collect_feedback(policy, processor, items, config, progress=progress)
+        output.mkdir(parents=True, exist_ok=True)
+        write_feedback(output / "feedback.parquet", results)
+        rows, stats = build_pairs(results, pair_config)
+        origin = {"generator": str(model), "labeler": labeler, "type": "rlaifv-feedback"}
+        if rows:
+            write_preferences(output / "pairs.parquet", rows, origin=origin)
+        report = {
+            "kind": "feedback",
+            "prompts": describe_files(data_files(prompts)),
+            "settings": {"feedback": config.to_dict(), "pairs": pair_config.to_dict()},
+            "feedback": feedback_summary(results),
+            "pairs": stats.to_dict(),
+        }
+        (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(json.dumps({"feedback": report["feedback"], "pairs": report["pairs"]}, indent=2))
+
+
+if __name__ == "__main__":  # `python -m trainer.cli dpo ...` (e.g. under torchrun) without the service's CLI
+    train_app()

@@ -1,0 +1,346 @@
+"""The iterative RLAIF-V loop as one resumable command.
+
+    for round r = 1..k:
+        prompts   <- prompt source (round r's slice, seeded)
+        feedback  <- sample N candidates from the round's policy, verify claims    round-rr/feedback.parquet
+        pairs     <- score gap >= 1, <= k per prompt, length-balanced             round-rr/pairs.parquet
+        DPO       <- train from the round's policy (reference cached)             round-rr/dpo/
+        eval      <- optional hook on a bundle of this round                      round-rr/eval.json
+        DONE      <- round-rr/report.json + round-rr/DONE
+    export the chosen round as a bundle (reference = the initial model)          bundle/
+
+Rerunning the same command resumes: finished rounds (DONE) are skipped, and an
+interrupted round reuses whatever stage files it completed. Settings are
+stored in `run.json`; resuming with different training settings is refused
+(only the number of rounds and export choices may change).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.data import PromptSource, read_preferences, sha256_file, write_preferences
+from trainer.errors import RunStateError, TrainerError
+from trainer.iterate_config import RESUMABLE_CHANGES, IterateConfig
+
+RUN_FILE = "run.json"
+REPORT_FILE = "report.json"
+DONE_FILE = "DONE"
+
+
+@dataclass
+class RoundContext:
+    """What an eval hook gets after a round: `bundle_dir` loads with `reward.bundle.load_bundle`."""
+
+    round: int
+    round_dir: Path
+    bundle_dir: Path
+    policy_dir: Path
+    policy_type: str
+    reference_dir: Path
+
+
+EvalHook = Callable[[RoundContext], dict[str, float]]
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class IterateResult:
+    output_dir: Path
+    bundle_dir: Path
+    exported_round: int
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    resumed_rounds: list[int] = field(default_factory=list)
+
+
+def round_dir(output_dir: Path, index: int) -> Path:
+    return output_dir / f"round-{index:02d}"
+
+
+def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSource) -> bool:
+    """Write run.json, or compare with the existing one; returns True when resuming."""
+    path = output_dir / RUN_FILE
+    current = {"config": config.to_dict(), "prompt_source": source.describe()}
+    if not path.is_file():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(current, indent=2, default=str) + "\n")
+        return False
+    previous = json.loads(path.read_text())
+    old, new = dict(previous.get("config", {})), dict(current["config"])
+    for key in RESUMABLE_CHANGES:
+        old.pop(key, None)
+        new.pop(key, None)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if previous.get("prompt_source") != json.loads(json.dumps(current["prompt_source"], default=str)):
+        changed.append("prompt_source")
+    if changed:
+        raise RunStateError(
+            f"{output_dir} was started with different settings ({', '.join(changed)}); "
+            "use a new output folder to change them"
+        )
+    path.write_text(json.dumps(current, indent=2, default=str) + "\n")
+    return True
+
+
+def _free() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _load_policy(config: IterateConfig, initial: Path, previous: dict[str, Any] | None):
+    """The round's starting policy, for sampling and self-feedback."""
+    from reward.models import load_adapter, load_model
+
+    device = "cpu" if config.dpo.cpu else None
+    if previous is None:
+        return load_model(initial, device=device)
+    if previous["policy_type"] == "lora":
+        return load_adapter(load_model(initial, device=device), previous["policy_dir"])
+    return load_model(previous["policy_dir"], device=device)
+
+
+def run_round(
+    index: int,
+    config: IterateConfig,
+    source: PromptSource,
+    previous: dict[str, Any] | None,
+    *,
+    eval_hook: EvalHook | None = None,
+    labeler: Any = None,
+    splitter: Any = None,
+    writer: Any = None,
+) -> dict[str, Any]:
+    """Run (or finish) round `index` (1-based); returns its report. `previous` is the last round's report."""
+    from reward.models import load_processor
+    from trainer.dpo import DPO_REPORT, train_dpo
+    from trainer.export import export_bundle
+    from trainer.feedback import FEEDBACK_FILE, collect_feedback, feedback_summary, read_feedback, write_feedback
+    from trainer.pairs import build_pairs
+
+    started = time.time()
+    output_dir = Path(config.output_dir)
+    initial = Path(config.model)
+    rdir = round_dir(output_dir, index)
+    rdir.mkdir(parents=True, exist_ok=True)
+    seed = config.seed * 1000 + index
+    report: dict[str, Any] = {"round": index, "seed": seed, "stages_reused": []}
+
+    # 1-2. prompts and feedback
+    feedback_path = rdir / FEEDBACK_FILE
+    if feedback_path.is_file():
+        feedback = read_feedback(feedback_path)
+        report["stages_reused"].append("feedback")
+    else:
+        prompts = source.prompts(index - 1, config.prompts_per_round, config.seed)
+        if not prompts:
+            raise TrainerError(f"round {index}: the prompt source returned no prompts")
+        processor = load_processor(initial)
+        policy = _load_policy(config, initial, previous)
+        feedback = collect_feedback(
+            policy,
+            processor,
+            prompts,
+            dataclasses.replace(config.feedback, seed=seed),
+            labeler=labeler,
+            splitter=splitter,
+            writer=writer,
+            end_of_turn=config.dpo.end_of_turn,
+            progress=config.progress,
+        )
+        del policy
+        _free()
+        write_feedback(feedback_path, feedback)
+    report["feedback"] = feedback_summary(feedback) | {"sha256": sha256_file(feedback_path)}
+
+    # 3. pairs
+    pairs_path = rdir / "pairs.parquet"
+    rows, stats = build_pairs(feedback, dataclasses.replace(config.pairs, seed=seed))
+    if not rows:
+        raise TrainerError(
+            f"round {index}: no preference pairs ({stats.candidate_pairs} candidate pairs, "
+            f"{stats.near_duplicates} near duplicates); "
+            "sample more candidates or prompts, or raise the temperature"
+        )
+    labeler_name = "self" if labeler is None and config.feedback.labeler == "self" else str(config.feedback.labeler)
+    origin = {
+        "generator": f"round-{index - 1:02d}" if previous else "initial",
+        "labeler": labeler_name,
+        "type": "rlaifv-iterate",
+    }
+    write_preferences(pairs_path, rows, ds_name=config.bundle_name, origin=origin)
+    report["pairs"] = stats.to_dict() | {"sha256": sha256_file(pairs_path)}
+
+    # 4. DPO
+    dpo_dir = rdir / "dpo"
+    if (dpo_dir / DPO_REPORT).is_file() and (dpo_dir / "policy").is_dir():
+        dpo_report = json.loads((dpo_dir / DPO_REPORT).read_text())
+        report["stages_reused"].append("dpo")
+    else:
+        lora = config.dpo.lora
+        if lora or previous is None:
+            model_path, init_adapter = initial, (Path(previous["policy_dir"]) if lora and previous else None)
+        else:
+            model_path, init_adapter = Path(previous["policy_dir"]), None
+        reference_path = model_path if config.reference_mode == "previous" else initial
+        train_dpo(
+            dataclasses.replace(config.dpo, seed=seed),
+            read_preferences(pairs_path),
+            model_path=model_path,
+            output_dir=dpo_dir,
+            reference_path=reference_path,
+            init_adapter=init_adapter,
+            progress=config.progress,
+        )
+        _free()
+        dpo_report = json.loads((dpo_dir / DPO_REPORT).read_text())
+    report["dpo"] = {
+        k: dpo_report[k] for k in ("metrics", "optimizer_steps", "num_pairs", "reference", "reference_cache")
+    }
+    report["policy_dir"] = str((dpo_dir / "policy").resolve())
+    report["policy_type"] = "lora" if config.dpo.lora else "full"
+
+    # 5. a bundle of this round (manifest only: points at the round's policy and the initial model) + eval
+    bundle_dir = rdir / "bundle"
+    export_bundle(
+        bundle_dir,
+        policy_dir=dpo_dir / "policy",
+        reference_dir=initial,
+        policy_type=report["policy_type"],
+        beta=config.dpo.beta,
+        name=f"{config.bundle_name}-round-{index}",
+        normalize=config.normalize,
+        end_of_turn=config.dpo.end_of_turn,
+        provenance={"round": index},
+        copy=False,
+    )
+    eval_path = rdir / "eval.json"
+    if eval_hook is not None:
+        if eval_path.is_file():
+            metrics = json.loads(eval_path.read_text())
+            report["stages_reused"].append("eval")
+        else:
+            context = RoundContext(index, rdir, bundle_dir, dpo_dir / "policy", report["policy_type"], initial)
+            metrics = {k: float(v) for k, v in eval_hook(context).items()}
+            eval_path.write_text(json.dumps(metrics, indent=2) + "\n")
+            _free()
+        report["eval"] = metrics
+    report["seconds"] = time.time() - started
+    (rdir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (rdir / DONE_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
+    return report
+
+
+def choose_round(config: IterateConfig, reports: list[dict[str, Any]]) -> int:
+    if config.export_round == "last":
+        return reports[-1]["round"]
+    if config.export_round == "best":
+        scored = [
+            (r["eval"][config.best_metric], r["round"]) for r in reports if config.best_metric in r.get("eval", {})
+        ]
+        if not scored:
+            raise RunStateError(
+                f"export_round 'best': no round has eval metric {config.best_metric!r} (is an eval hook set?)"
+            )
+        sign = 1 if config.best_mode == "max" else -1
+        return max(scored, key=lambda s: (sign * s[0], -s[1]))[1]
+    return int(config.export_round)
+
+
+def run_iterate(
+    config: IterateConfig,
+    source: PromptSource,
+    *,
+    eval_hook: EvalHook | None = None,
+    on_round_end: RoundCallback | None = None,
+    labeler: Any = None,
+    splitter: Any = None,
+    writer: Any = None,
+) -> IterateResult:
+    """Run (or resume) all rounds and export the chosen one to `output_dir/bundle`.
+
+    `source` is any `PromptSource`; `eval_hook(ctx) -> {metric: value}` runs after
+    each round; `on_round_end(report)` after each round's DONE marker (it may raise
+    to stop the run; rerunning resumes). `labeler`/`splitter`/`writer` override
+    the configured ones (e.g. a labeler object the caller already holds).
+    """
+    from tqdm.auto import tqdm
+
+    from trainer.dpo import model_fingerprint
+    from trainer.export import export_bundle
+
+    output_dir = Path(config.output_dir)
+    if not isinstance(source, PromptSource):
+        raise TrainerError("source must have prompts(round_index, count, seed) and describe() methods")
+    started = time.time()
+    _check_run_file(output_dir, config, source)
+    reports: list[dict[str, Any]] = []
+    resumed: list[int] = []
+    previous: dict[str, Any] | None = None
+    for index in tqdm(range(1, config.rounds + 1), desc="rounds", unit="round", disable=not config.progress):
+        rdir = round_dir(output_dir, index)
+        if (rdir / DONE_FILE).is_file() and (rdir / REPORT_FILE).is_file():
+            report = json.loads((rdir / REPORT_FILE).read_text())
+            resumed.append(index)
+        else:
+            report = run_round(
+                index, config, source, previous, eval_hook=eval_hook, labeler=labeler, splitter=splitter, writer=writer
+            )
+            if on_round_end is not None:
+                on_round_end(report)
+        reports.append(report)
+        previous = report
+
+    exported = choose_round(config, reports)
+    chosen = reports[exported - 1]
+    bundle_dir = output_dir / "bundle"
+    provenance = {
+        "trainer": "rlaifv train iterate",
+        "initial_model": {"path": str(Path(config.model).resolve()), "fingerprint": model_fingerprint(config.model)},
+        "prompt_source": source.describe(),
+        "settings": config.to_dict(),
+        "exported_round": exported,
+        "rounds": [
+            {
+                "round": r["round"],
+                "feedback": r["feedback"],
+                "pairs": r["pairs"],
+                "dpo_metrics": r["dpo"]["metrics"],
+                "eval": r.get("eval"),
+            }
+            for r in reports
+        ],
+    }
+    export_bundle(
+        bundle_dir,
+        policy_dir=chosen["policy_dir"],
+        reference_dir=config.model,
+        policy_type=chosen["policy_type"],
+        beta=config.dpo.beta,
+        name=config.bundle_name,
+        normalize=config.normalize,
+        end_of_turn=config.dpo.end_of_turn,
+        provenance=json.loads(json.dumps(provenance, default=str)),
+    )
+    run_report = {
+        "kind": "iterate",
+        "rounds": reports,
+        "resumed_rounds": resumed,
+        "exported_round": exported,
+        "bundle": str(bundle_dir),
+        "seconds_this_run": time.time() - started,
+    }
+    (output_dir / REPORT_FILE).write_text(json.dumps(run_report, indent=2, default=str) + "\n")
+    return IterateResult(output_dir, bundle_dir, exported, reports, resumed)

@@ -1,0 +1,153 @@
+"""Settings of the iterative RLAIF-V loop (`rlaifv train iterate`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from trainer.dpo_config import DPOConfig
+from trainer.errors import ConfigError
+from trainer.feedback_config import FeedbackConfig
+from trainer.pairs import PairConfig
+
+# Settings that may change when resuming an output folder (everything else must match).
+RESUMABLE_CHANGES = ("rounds", "export_round", "best_metric", "best_mode", "bundle_name", "progress", "output_dir")
+
+
+@dataclass
+class IterateConfig:
+    """k rounds of sample -> feedback -> pairs -> DPO -> (eval), then export one round as a bundle."""
+
+    model: str = field(
+        metadata={"help": "Initial model folder (the SFT model): round 1's policy and the bundle's reference."}
+    )
+    output_dir: str = field(metadata={"help": "Run folder; rerunning with the same settings resumes it."})
+    rounds: int = field(default=4, metadata={"help": "Number of rounds (RLAIF-V: 4)."})
+    prompts_per_round: int = field(default=64, metadata={"help": "Prompts sampled per round (RLAIF-V: ~4k)."})
+    reference_mode: Literal["previous", "initial"] = field(
+        default="previous",
+        metadata={
+            "help": "DPO reference of round r: the round's starting policy (RLAIF-V) or the initial model. "
+            "LoRA: always the base."
+        },
+    )
+    export_round: str = field(
+        default="last", metadata={"help": "Round to export: 'last', 'best' (by best_metric) or a number."}
+    )
+    best_metric: str | None = field(default=None, metadata={"help": "Eval metric that picks the 'best' round."})
+    best_mode: Literal["max", "min"] = field(
+        default="max", metadata={"help": "Whether a higher or lower best_metric is better."}
+    )
+    bundle_name: str = field(default="rlaifv", metadata={"help": "Model name the service advertises for the bundle."})
+    normalize: Literal["mean", "sum"] = field(
+        default="mean", metadata={"help": "Reward normalisation stored in the bundle."}
+    )
+    seed: int = field(default=0, metadata={"help": "Run seed; rounds, prompts and samples derive theirs from it."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    pairs: PairConfig = field(default_factory=PairConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError("rounds must be >= 1")
+        if self.prompts_per_round < 1:
+            raise ConfigError("prompts_per_round must be >= 1")
+        if self.reference_mode not in ("previous", "initial"):
+            raise ConfigError("reference_mode must be 'previous' or 'initial'")
+        if self.best_mode not in ("max", "min"):
+            raise ConfigError("best_mode must be 'max' or 'min'")
+        if self.normalize not in ("mean", "sum"):
+            raise ConfigError("normalize must be 'mean' or 'sum'")
+        if self.export_round not in ("last", "best"):
+            try:
+                number = int(self.export_round)
+            except ValueError:
+                raise ConfigError("export_round must be 'last', 'best' or a round number") from None
+            if not 1 <= number <= self.rounds:
+                raise ConfigError(f"export_round {number} is outside 1..{self.rounds}")
+        if self.export_round == "best" and not self.best_metric:
+            raise ConfigError("export_round 'best' needs best_metric")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["dpo"] = self.dpo.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IterateConfig:
+        data = dict(data)
+        nested = {"feedback": FeedbackConfig, "pairs": PairConfig, "dpo": DPOConfig}
+        for key, kind in nested.items():
+            if isinstance(data.get(key), dict):
+                data[key] = _build(kind, data[key], key)
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> IterateConfig:
+        return cls.from_dict(read_settings_file(path))
+
+
+def read_settings_file(path: str | Path) -> dict[str, Any]:
+    """A JSON object of settings (possibly partial), with a ConfigError for unreadable files."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must hold a JSON object")
+    return data
+
+
+def _build(kind: type, data: dict[str, Any], prefix: str) -> Any:
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown setting(s): {', '.join(where + u for u in unknown)}")
+    try:
+        return kind(**data)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` / `section.key=value` strings (values parsed as JSON when they parse) to a config dict."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        target = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"override {key!r}: {part} is not a section")
+        target[parts[-1]] = value
+    return data
+
+
+def describe_settings(kind: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(name, default, help) for every field of a config dataclass, nested sections flattened."""
+    rows = []
+    for f in dataclasses.fields(kind):
+        if dataclasses.is_dataclass(f.type) or (f.name in ("feedback", "pairs", "dpo") and kind is IterateConfig):
+            sub = {"feedback": FeedbackConfig, "pairs": PairConfig, "dpo": DPOConfig}[f.name]
+            rows.extend(describe_settings(sub, f"{prefix}{f.name}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        rows.append((prefix + f.name, default, f.metadata.get("help", "")))
+    return rows

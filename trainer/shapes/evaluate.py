@@ -1,0 +1,112 @@
+"""Evaluating a shapes-world model pair: CHAIR at temperature 1, best-of-N by each reward, yes/no F1.
+
+For each held-out image, N captions are sampled once; every selection rule is
+applied to the *same* candidates, so the comparison is paired:
+
+- model:        all N samples (the model's own hallucination rate)
+- random-of-N:  the first sample (samples are i.i.d., so this is a random pick)
+- bon-implicit: argmax of the RLAIF-V implicit reward (mean-normalised, the pair's beta)
+- bon-implicit-sum: argmax of the sum-normalised implicit reward
+- bon-claims:   argmax of claim verification by the model's own yes/no answers
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from reward.pair import GenerateJob, ModelPair
+from reward.sampling import SamplingParams
+from reward.scoring import RewardConfig, select_best
+from trainer.evaluation.chair import chair, yes_no
+from trainer.shapes.world import CAPTION_QUESTION, Scene, extract_objects, sample_yes_no, scenes
+
+EVAL_SEED_OFFSET = 1_000_003  # held-out scenes never overlap training or feedback scenes
+
+
+@dataclass
+class EvalConfig:
+    images: int = field(default=200, metadata={"help": "Held-out images."})
+    n: int = field(default=8, metadata={"help": "Candidates per image for best-of-N."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the captions."})
+    max_tokens: int = field(default=32, metadata={"help": "Max caption tokens."})
+    yes_no_per_image: int = field(default=4, metadata={"help": "Yes/no questions per image."})
+    batch_images: int = field(default=25, metadata={"help": "Images per generation batch."})
+    scene_seed: int = field(default=0, metadata={"help": "Seed of the held-out scenes."})
+
+
+def evaluate_pair(
+    pair: ModelPair, config: EvalConfig | None = None, *, sample_seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Metrics per selection rule (CHAIRi, CHAIRs, recall, repeats) plus yes/no accuracy/F1."""
+    config = config or EvalConfig()
+    held_out = scenes(config.scene_seed + EVAL_SEED_OFFSET, config.images)
+    truths = [set(s.names) for s in held_out]
+    picks: dict[str, list[str]] = {
+        "model": [],
+        "random": [],
+        "bon_implicit": [],
+        "bon_implicit_sum": [],
+        "bon_claims": [],
+    }
+    model_truths: list[set[str]] = []
+    claims_mode = RewardConfig(mode="claims", beta=pair.reward.beta, normalize=pair.reward.normalize)
+    for start in tqdm(range(0, len(held_out), config.batch_images), desc="evaluating", leave=False):
+        chunk = held_out[start : start + config.batch_images]
+        jobs = []
+        for offset, scene in enumerate(chunk):
+            image = scene.render()
+            params = SamplingParams(
+                temperature=config.temperature,
+                max_tokens=config.max_tokens,
+                seed=sample_seed * 100_003 + start + offset,
+            )
+            jobs.append(GenerateJob(pair.encode([image], CAPTION_QUESTION), config.n, params, claims_mode, [image]))
+        for ranking, scene in zip(pair.generate_batch(jobs), chunk, strict=True):
+            texts = [c.text for c in ranking.candidates]
+            picks["model"].extend(texts)
+            model_truths.extend([set(scene.names)] * len(texts))
+            picks["random"].append(texts[0])
+            picks["bon_implicit"].append(texts[select_best([c.implicit_reward for c in ranking.candidates])])
+            sums = [pair.reward.beta * (c.policy_logprob - c.reference_logprob) for c in ranking.candidates]
+            picks["bon_implicit_sum"].append(texts[select_best(sums)])
+            picks["bon_claims"].append(texts[ranking.best_index])
+    report = {
+        name: chair(answers, model_truths if name == "model" else truths, extract_objects).as_dict()
+        for name, answers in picks.items()
+    }
+    report["yes_no"] = evaluate_yes_no(pair, held_out, config.yes_no_per_image, seed=sample_seed).as_dict()
+    return report
+
+
+def evaluate_yes_no(pair: ModelPair, held_out: Sequence[Scene], per_image: int, *, seed: int = 0):
+    """The policy as a yes/no labeler on held-out scenes (half present, half absent objects)."""
+    rng = random.Random(seed + 17)
+    items, truth = [], []
+    for scene in held_out:
+        asked = [sample_yes_no(scene, rng) for _ in range(per_image)]
+        items.append(([scene.render()], [q for q, _, _ in asked]))
+        truth.extend(t for _, _, t in asked)
+    predicted = [p > 0.5 for group in pair.labeler.p_yes_batch(items) for p in group]
+    return yes_no(predicted, truth)
+
+
+def summarize(runs: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Mean and standard deviation of every metric over evaluation seeds."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for rule in runs[0]:
+        out[rule] = {}
+        for metric in runs[0][rule]:
+            values = [run[rule][metric] for run in runs]
+            out[rule][metric] = (statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0)
+    return out
+
+
+def evaluate_seeds(pair: ModelPair, config: EvalConfig, seeds: Sequence[int]) -> dict[str, Any]:
+    runs = [evaluate_pair(pair, config, sample_seed=s) for s in seeds]
+    return {"seeds": list(seeds), "runs": runs, "summary": summarize(runs)}

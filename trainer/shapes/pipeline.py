@@ -1,0 +1,121 @@
+"""`rlaifv demo build`: the whole shapes-world RLAIF-V pipeline into one cache folder.
+
+    <cache>/reference/        SFT reference (vision pre-training + noisy captions + yes/no)
+    <cache>/run/round-NN/     the trainer's iterate rounds (self-feedback, pairs, DPO)
+    <cache>/run/bundle/       the exported bundle `rlaifv serve` loads
+
+Every stage is skipped when its output exists, so an interrupted build resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.shapes.reference import ReferenceConfig
+
+RECIPE_VERSION = 1
+
+
+@dataclass
+class DemoConfig:
+    """The shapes-world recipe: reference SFT, then RLAIF-V rounds with self-feedback."""
+
+    seed: int = field(default=0, metadata={"help": "Seed of the whole build (deterministic given it)."})
+    rounds: int = field(default=1, metadata={"help": "RLAIF-V rounds (a second gained little in the prototype)."})
+    prompts_per_round: int = field(default=500, metadata={"help": "New images per round."})
+    samples: int = field(default=8, metadata={"help": "Captions sampled per image for feedback."})
+    dpo_lr: float = field(default=2e-5, metadata={"help": "DPO learning rate (1e-4 collapsed recall)."})
+    dpo_epochs: int = field(default=4, metadata={"help": "Passes over the round's pairs."})
+    dpo_batch: int = field(default=32, metadata={"help": "Pairs per DPO step."})
+    nll_weight: float = field(default=1.0, metadata={"help": "NLL term on the chosen caption (keeps recall)."})
+    max_pairs_per_prompt: int = field(default=3, metadata={"help": "Pairs kept per image."})
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reference, dict):
+            self.reference = ReferenceConfig(**self.reference)
+        if self.rounds < 1 or self.prompts_per_round < 1 or self.samples < 2:
+            raise ValueError("rounds >= 1, prompts_per_round >= 1 and samples >= 2 are required")
+        self.reference.seed = self.seed
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> DemoConfig:
+        """A smaller recipe for tests: about a third of the default's compute."""
+        return cls(
+            seed=seed,
+            prompts_per_round=240,
+            dpo_epochs=4,
+            reference=ReferenceConfig(seed=seed, train_images=3000, vision_steps=200, sft_steps=600),
+        )
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        payload = json.dumps({"recipe": RECIPE_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def iterate_config(config: DemoConfig, reference_dir: Path, run_dir: Path, progress: bool = True):
+    from trainer.dpo_config import DPOConfig
+    from trainer.feedback_config import FeedbackConfig
+    from trainer.iterate_config import IterateConfig
+    from trainer.pairs import PairConfig
+
+    return IterateConfig(
+        model=str(reference_dir),
+        output_dir=str(run_dir),
+        rounds=config.rounds,
+        prompts_per_round=config.prompts_per_round,
+        reference_mode="previous",
+        bundle_name="shapes-rlaifv",
+        seed=config.seed,
+        progress=progress,
+        feedback=FeedbackConfig(
+            num_samples=config.samples,
+            temperature=1.0,
+            max_tokens=32,
+            labeler="self",
+            repeat_penalty=1.0,
+            prompt_batch=32,
+            seed=config.seed,
+        ),
+        pairs=PairConfig(max_pairs_per_prompt=config.max_pairs_per_prompt, seed=config.seed),
+        dpo=DPOConfig(
+            beta=0.1,
+            nll_weight=config.nll_weight,
+            learning_rate=config.dpo_lr,
+            epochs=config.dpo_epochs,
+            batch_size=config.dpo_batch,
+            freeze_vision=True,
+            cpu=True,
+            seed=config.seed,
+            ref_batch_size=64,
+        ),
+    )
+
+
+def build_demo(cache_dir: str | Path, config: DemoConfig | None = None, *, progress: bool = True) -> Path:
+    """Build (or resume) the shapes-world bundle; returns the bundle folder."""
+    from trainer.iterate import run_iterate
+    from trainer.shapes.reference import train_reference
+    from trainer.shapes.source import ShapesPromptSource
+
+    config = config or DemoConfig()
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, Any] = {}
+    reference_dir = cache / "reference"
+    if not (reference_dir / "DONE").is_file():
+        start = time.perf_counter()
+        metrics = train_reference(reference_dir, config.reference)
+        (reference_dir / "DONE").write_text(json.dumps(metrics) + "\n")
+        timings["reference_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    result = run_iterate(iterate_config(config, reference_dir, cache / "run", progress), ShapesPromptSource())
+    timings["rounds_s"] = time.perf_counter() - start
+    (cache / "build.json").write_text(json.dumps({"config": asdict(config), "timings": timings}, indent=2) + "\n")
+    return result.bundle_dir

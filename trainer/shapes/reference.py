@@ -1,0 +1,206 @@
+"""Training the shapes world's reference model: vision pre-training, then SFT on noisy captions + yes/no.
+
+Two stages, because a prototype showed the tiny model otherwise answers
+yes/no from colour alone and never binds shape to colour:
+
+1. the vision tower learns alone which of the 12 objects are present
+   (multi-label, a linear probe on its mean patch feature);
+2. with the vision tower frozen, the projector and language model learn to
+   caption (a fraction of captions name an absent object, as web captions do)
+   and to answer yes/no questions (many "no" questions are near misses).
+
+The SFT loss is the answer log-prob from `reward.logprobs.answer_logprobs`,
+the same function the service scores with.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from reward.logprobs import answer_logprobs
+from reward.prompt import EncodedPrompt, encode_answer, encode_prompt, end_of_turn_id
+from reward.tiny import TinyVLMSpec, build_model, build_processor
+from trainer.shapes.world import (
+    CAPTION_QUESTION,
+    OBJECTS,
+    Scene,
+    caption,
+    noisy_caption,
+    sample_yes_no,
+    scenes,
+    vocabulary,
+    yes_no_question,
+)
+
+
+def shapes_spec(seed: int = 0) -> TinyVLMSpec:
+    """~0.8M parameters: CLIP hidden 128 x 3 layers on 64x64 (64 image tokens), Llama hidden 128 x 2 layers."""
+    return TinyVLMSpec(
+        words=vocabulary(),
+        image_size=64,
+        patch_size=8,
+        vision_hidden=128,
+        vision_layers=3,
+        vision_heads=4,
+        text_hidden=128,
+        text_layers=2,
+        text_heads=4,
+        text_kv_heads=4,
+        intermediate=256,
+        max_positions=256,
+        seed=seed,
+    )
+
+
+@dataclass
+class ReferenceConfig:
+    """Recipe of the reference model (defaults: the prototype's, sized for 2 CPU cores)."""
+
+    seed: int = field(default=0, metadata={"help": "Seed for scenes, noise and initialisation."})
+    train_images: int = field(default=6000, metadata={"help": "Pool of training scenes."})
+    hallucination_rate: float = field(default=0.3, metadata={"help": "Share of captions with one absent object."})
+    vision_steps: int = field(default=350, metadata={"help": "Vision pre-training steps."})
+    vision_batch: int = field(default=128, metadata={"help": "Vision pre-training batch size."})
+    vision_lr: float = field(default=2e-3, metadata={"help": "Vision pre-training learning rate."})
+    sft_steps: int = field(default=1250, metadata={"help": "SFT steps (vision frozen)."})
+    sft_batch: int = field(default=64, metadata={"help": "SFT batch size (half captions, half yes/no)."})
+    sft_lr: float = field(default=2e-3, metadata={"help": "SFT peak learning rate (cosine, 5% warm-up)."})
+    near_miss: float = field(default=0.6, metadata={"help": "Share of 'no' questions sharing colour or shape."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.hallucination_rate < 1.0:
+            raise ValueError("hallucination_rate must be in [0, 1)")
+        if min(self.vision_steps, self.sft_steps, self.vision_batch, self.sft_batch, self.train_images) < 1:
+            raise ValueError("steps, batches and train_images must be positive")
+
+
+def pixel_values(processor: Any, images: list) -> torch.Tensor:
+    return processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+def _cosine(step: int, total: int, warmup: float = 0.05) -> float:
+    warm = max(1, int(total * warmup))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def pretrain_vision(model: Any, pixels: torch.Tensor, labels: torch.Tensor, config: ReferenceConfig) -> float:
+    """Multi-label object presence, max-pooled over per-patch logits; returns the final batch's exact-match rate.
+
+    Max pooling makes each patch's feature say which object it belongs to,
+    which is what the language model needs to attend to; a probe on the mean
+    patch feature reached a third of the exact-match rate in the same steps.
+    """
+    tower = model.model.vision_tower
+    head = torch.nn.Linear(tower.config.hidden_size, len(OBJECTS))
+    params = list(tower.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.vision_lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(config.seed)
+    tower.train()
+    accuracy = 0.0
+    for step in (bar := tqdm(range(config.vision_steps), desc="vision pre-training", leave=False)):
+        for group in optimizer.param_groups:
+            group["lr"] = config.vision_lr * _cosine(step, config.vision_steps)
+        idx = torch.randint(0, pixels.shape[0], (config.vision_batch,), generator=gen)
+        patches = tower(pixel_values=pixels[idx]).last_hidden_state[:, 1:]  # (B, P, H), CLS dropped as LLaVA does
+        logits = head(patches).max(dim=1).values  # (B, 12)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        accuracy = float(((logits > 0).float() == labels[idx]).all(-1).float().mean())
+        bar.set_postfix(loss=f"{loss.item():.3f}", exact=f"{accuracy:.2f}")
+    tower.eval()
+    return accuracy
+
+
+class SFTData:
+    """Pre-encoded prompts and answers, so each SFT step only indexes tensors."""
+
+    def __init__(self, processor: Any, scene_list: list[Scene], pixels: torch.Tensor, config: ReferenceConfig) -> None:
+        self.scenes = scene_list
+        self.pixels = pixels
+        self.config = config
+        self.tokenizer = processor.tokenizer
+        self.eot = end_of_turn_id(self.tokenizer)
+        blank = [scene_list[0].render()]
+        self.caption_ids = encode_prompt(processor, blank, CAPTION_QUESTION).input_ids
+        self.question_ids = {obj: encode_prompt(processor, blank, yes_no_question(obj)).input_ids for obj in OBJECTS}
+        self._answers: dict[str, list[int]] = {}
+
+    def answer(self, text: str) -> list[int]:
+        if text not in self._answers:
+            self._answers[text] = encode_answer(self.tokenizer, text, eot_id=self.eot)
+        return self._answers[text]
+
+    def batch(self, rng: random.Random, size: int) -> tuple[list[EncodedPrompt], list[list[list[int]]]]:
+        prompts, answers = [], []
+        for k in range(size):
+            i = rng.randrange(len(self.scenes))
+            vision = {"pixel_values": self.pixels[i : i + 1]}
+            if k % 2 == 0:
+                text = noisy_caption(self.scenes[i], rng, self.config.hallucination_rate)
+                prompts.append(EncodedPrompt(self.caption_ids, vision))
+            else:
+                question, text, _ = sample_yes_no(self.scenes[i], rng, self.config.near_miss)
+                obj = question.removeprefix("Is there a ").split(" in the image")[0]
+                prompts.append(EncodedPrompt(self.question_ids[obj], vision))
+            answers.append([self.answer(text)])
+        return prompts, answers
+
+
+def sft(model: Any, data: SFTData, config: ReferenceConfig, pad_id: int) -> float:
+    """Answer-token NLL with the vision tower frozen; returns the final loss."""
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.sft_lr, weight_decay=0.01)
+    rng = random.Random(config.seed + 1)
+    model.train()
+    loss_value = float("nan")
+    for step in (bar := tqdm(range(config.sft_steps), desc="reference SFT", leave=False)):
+        for group in optimizer.param_groups:
+            group["lr"] = config.sft_lr * _cosine(step, config.sft_steps)
+        prompts, answers = data.batch(rng, config.sft_batch)
+        per_token = answer_logprobs(model, prompts, answers, pad_id)
+        tokens = sum(t.numel() for group in per_token for t in group)
+        loss = -sum(t.sum() for group in per_token for t in group) / tokens
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        loss_value = float(loss)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return loss_value
+
+
+def train_reference(folder: str | Path, config: ReferenceConfig | None = None) -> dict[str, float]:
+    """Build, pre-train and SFT the reference model; save it (safetensors + processor) to `folder`."""
+    config = config or ReferenceConfig()
+    torch.manual_seed(config.seed)
+    spec = shapes_spec(config.seed)
+    processor = build_processor(spec)
+    model = build_model(spec, processor.tokenizer).train()
+    pool = scenes(config.seed, config.train_images)
+    pixels = pixel_values(processor, [s.render() for s in pool])
+    labels = torch.tensor([[float(o in s.names) for o in OBJECTS] for s in pool])
+    vision_acc = pretrain_vision(model, pixels, labels, config)
+    loss = sft(model, SFTData(processor, pool, pixels, config), config, processor.tokenizer.pad_token_id)
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return {"vision_exact_match": vision_acc, "sft_final_loss": loss}
+
+
+__all__ = ["ReferenceConfig", "caption", "shapes_spec", "train_reference"]

@@ -1,0 +1,127 @@
+"""Images of coloured shapes with exact ground truth, deterministic from a seed."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+OBJECTS = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
+BACKGROUND = (245, 245, 245)
+CAPTION_QUESTION = "Describe the image."
+
+
+@dataclass(frozen=True)
+class Placed:
+    colour: str
+    shape: str
+    x: int
+    y: int
+    size: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image's ground truth: objects left to right."""
+
+    objects: tuple[Placed, ...]
+    image_size: int = 64
+
+    @property
+    def names(self) -> list[str]:
+        return [o.name for o in self.objects]
+
+    def render(self) -> Image.Image:
+        image = Image.new("RGB", (self.image_size, self.image_size), BACKGROUND)
+        draw = ImageDraw.Draw(image)
+        for o in self.objects:
+            fill = COLOURS[o.colour]
+            half = o.size // 2
+            if o.shape == "circle":
+                draw.ellipse([o.x - half, o.y - half, o.x + half, o.y + half], fill=fill)
+            elif o.shape == "square":
+                draw.rectangle([o.x - half, o.y - half, o.x + half, o.y + half], fill=fill)
+            else:
+                h = int(o.size * math.sqrt(3) / 2)
+                draw.polygon([(o.x, o.y - h // 2), (o.x - half, o.y + h // 2), (o.x + half, o.y + h // 2)], fill=fill)
+        return image
+
+
+def random_scene(rng: random.Random, *, image_size: int = 64, max_objects: int = 3) -> Scene:
+    """1..max_objects distinct objects, 16-24 px, not overlapping, sorted left to right."""
+    count = rng.randint(1, max_objects)
+    names = rng.sample(OBJECTS, count)
+    placed: list[Placed] = []
+    for name in names:
+        colour, shape = name.split()
+        for _ in range(200):
+            size = rng.randint(16, 24)
+            x = rng.randint(size // 2 + 1, image_size - size // 2 - 2)
+            y = rng.randint(size // 2 + 1, image_size - size // 2 - 2)
+            if all(abs(x - p.x) > (size + p.size) // 2 + 1 or abs(y - p.y) > (size + p.size) // 2 + 1 for p in placed):
+                placed.append(Placed(colour, shape, x, y, size))
+                break
+    placed.sort(key=lambda p: p.x)
+    return Scene(tuple(placed), image_size)
+
+
+def scenes(seed: int, count: int, **kwargs) -> list[Scene]:
+    rng = random.Random(seed)
+    return [random_scene(rng, **kwargs) for _ in range(count)]
+
+
+def caption(names: list[str]) -> str:
+    """'a red circle, a blue square and a green triangle.'"""
+    items = [f"a {n}" for n in names]
+    text = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    return text + "."
+
+
+def noisy_caption(scene: Scene, rng: random.Random, hallucination_rate: float) -> str:
+    """The true caption, or (with probability `hallucination_rate`) one with an absent object inserted."""
+    names = scene.names
+    if rng.random() < hallucination_rate:
+        absent = [o for o in OBJECTS if o not in names]
+        names = list(names)
+        names.insert(rng.randint(0, len(names)), rng.choice(absent))
+    return caption(names)
+
+
+def yes_no_question(obj: str) -> str:
+    """The same wording the claim verifier asks (reward.claims.RuleQuestionWriter)."""
+    return f"Is there a {obj} in the image? Please answer yes or no."
+
+
+def sample_yes_no(scene: Scene, rng: random.Random, near_miss: float = 0.6) -> tuple[str, str, bool]:
+    """A yes/no question about the scene; half are 'no', most of those near misses (shared colour or shape)."""
+    names = scene.names
+    if rng.random() < 0.5:
+        obj = rng.choice(names)
+        return yes_no_question(obj), "yes", True
+    absent = [o for o in OBJECTS if o not in names]
+    near = [o for o in absent if any(o.split()[0] == n.split()[0] or o.split()[1] == n.split()[1] for n in names)]
+    pool = near if near and rng.random() < near_miss else absent
+    obj = rng.choice(pool)
+    return yes_no_question(obj), "no", False
+
+
+def vocabulary() -> tuple[str, ...]:
+    words = {"a", "and", "describe", "the", "image", "is", "there", "in", "yes", "no", "please", "answer", "or"}
+    words.update(COLOURS)
+    words.update(SHAPES)
+    return tuple(sorted(words))
+
+
+def extract_objects(text: str) -> list[str]:
+    """Object mentions ('colour shape') in order; the shapes world's object extractor for CHAIR."""
+    words = text.lower().replace(",", " ").replace(".", " ").split()
+    return [f"{a} {b}" for a, b in itertools.pairwise(words) if a in COLOURS and b in SHAPES]
