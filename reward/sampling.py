@@ -49,9 +49,10 @@ def _choose(
     logits = logits.float().clone()
     if blocked.numel():
         logits[:, blocked] = float("-inf")
-    if params.temperature == 0.0:
+    if params.temperature < 1e-5:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    # Shift before dividing so tiny temperatures give huge negative numbers, never inf - inf = NaN.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -101,30 +102,34 @@ def sample_answers(
     tokens: list[list[int]] = [[] for _ in range(total)]
     logps: list[list[torch.Tensor]] = [[] for _ in range(total)]
     reasons: list[str] = ["length"] * total
-    active = torch.arange(total, device=device)  # original row index of each live batch row
+    active = torch.arange(total, device=device)  # original row index of each batch row
+    alive = torch.ones(total, dtype=torch.bool, device=device)  # finished rows ride along until compaction
     logits = state.logits
     while True:
         raw = torch.log_softmax(logits.float(), dim=-1)
-        chosen = torch.empty(active.shape[0], dtype=torch.long, device=device)
+        chosen = torch.full((active.shape[0],), pad_id, dtype=torch.long, device=device)
         groups = group_of_row[active]
-        for g in torch.unique(groups).tolist():
-            rows = (groups == g).nonzero().squeeze(-1)
+        for g in torch.unique(groups[alive]).tolist():
+            rows = ((groups == g) & alive).nonzero().squeeze(-1)
             chosen[rows] = _choose(logits[rows], params[g], blocked, generators[g])
         picked = raw.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
         done = torch.isin(chosen, stops)
-        for i, row in enumerate(active.tolist()):
+        for i in alive.nonzero().squeeze(-1).tolist():
+            row = int(active[i])
             tokens[row].append(int(chosen[i]))
             logps[row].append(picked[i])
             if bool(done[i]):
                 reasons[row] = "stop"
         lengths = torch.tensor([len(tokens[r]) for r in active.tolist()], device=device)
-        live = ~done & (lengths < limits[active])
-        if not bool(live.any()):
+        alive = alive & ~done & (lengths < limits[active])
+        if not bool(alive.any()):
             break
-        if not bool(live.all()):
-            keep = live.nonzero().squeeze(-1)
+        # Dropping finished rows re-copies the whole KV cache, so do it only once a quarter of the batch is dead.
+        if int((~alive).sum()) * 4 >= alive.shape[0]:
+            keep = alive.nonzero().squeeze(-1)
             state = state.select(keep)
-            active, chosen = active[keep], chosen[keep]
+            active, chosen, alive = active[keep], chosen[keep], alive[keep]
+        chosen = chosen.masked_fill(~alive, pad_id)
         logits = step(model, state, chosen.unsqueeze(-1))
 
     grouped: list[list[Sample]] = [[] for _ in prompts]

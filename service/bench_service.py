@@ -207,7 +207,7 @@ def run_benchmark(
             asyncio.run(_warm(target, n, max_tokens, headers))
         # modes alternate at each level, so drift in machine load hits both alike
         for c in concurrency:
-            total = max(8, requests_per_client * c)
+            total = max(16, requests_per_client * c)
             for (mode, _), target in zip(modes, targets, strict=True):
                 r = asyncio.run(_run_level(target, mode, c, total, n, max_tokens, headers))
                 results.append(r)
@@ -255,7 +255,7 @@ def bench_service(
     n: Annotated[int, typer.Option(help="Candidates per request (best-of-n).")] = 8,
     max_tokens: Annotated[int, typer.Option(help="max_tokens per answer.")] = 32,
     requests_per_client: Annotated[
-        int, typer.Option(help="Requests per concurrent client (at least 8 per level).")
+        int, typer.Option(help="Requests per concurrent client (at least 16 per level).")
     ] = 4,
     max_batch: Annotated[int, typer.Option(help="RLAIFV_MAX_BATCH of the batching-on server.")] = 16,
     window_ms: Annotated[float, typer.Option(help="RLAIFV_BATCH_WINDOW_MS of the batching-on server.")] = 5.0,

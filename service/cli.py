@@ -71,6 +71,9 @@ def _register_optional() -> None:
     else:
         app.add_typer(train_app, name="train")
         app.command("feedback")(feedback)
+    from trainer.shapes.cli import demo_app
+
+    app.add_typer(demo_app, name="demo")
 
 
 _register_optional()

@@ -97,14 +97,14 @@ class Engine:
                             f"model's {limit} positions",
                             param="max_tokens",
                         )
-                    jobs.append(GenerateJob(prompt, request.n, request.sampling, request.reward))
+                    jobs.append(GenerateJob(prompt, request.n, request.sampling, request.reward, images=request.images))
                 else:
                     answers = self.pair.encode_answers(request.answers, max_tokens=request.max_tokens)
                     if limit is not None and len(prompt) + max(len(a) for a in answers) > limit:
                         raise InvalidInputError(
                             f"prompt + answer exceed the model's {limit} positions", param="answers"
                         )
-                    jobs.append(ScoreJob(prompt, answers, list(request.answers), request.reward))
+                    jobs.append(ScoreJob(prompt, answers, list(request.answers), request.reward, images=request.images))
             except InvalidInputError as exc:
                 results[i] = exc
                 continue

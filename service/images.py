@@ -66,7 +66,12 @@ class ImageLoader:
         raw = [await self.read(ref, param) for ref, param in refs]
         images = []
         for data, (_, param) in zip(raw, refs, strict=True):
-            image = await asyncio.to_thread(decode_image, data, self.limits, param)
+            try:
+                image = await asyncio.to_thread(decode_image, data, self.limits, param)
+            except ImageError:
+                raise
+            except Exception as exc:  # PIL raises many types on hostile files; none is a server fault
+                raise ImageError(f"image could not be decoded ({type(exc).__name__})", param=param) from None
             long, short = max(image.size), max(1, min(image.size))
             if long / short > self.settings.max_image_aspect:
                 raise ImageError(

@@ -252,23 +252,15 @@ class JobWorkers:
                 response = await self.serving.rewards(RewardsRequest.model_validate(body), None)
             return {"status": "succeeded", "result": response.model_dump(mode="json")}
         except ServiceError as exc:
-            return {
-                "status": "failed",
-                "error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code},
-            }
+            return _failed(exc.message, exc.param, exc.code, exc.type)
         except InvalidInputError as exc:
-            error = {
-                "message": exc.message,
-                "type": "invalid_request_error",
-                "param": exc.param,
-                "code": "invalid_value",
-            }
-            return {"status": "failed", "error": error}
+            return _failed(exc.message, exc.param, "invalid_value")
         except ValidationError as exc:
-            error = {
-                "message": str(exc.errors()[0]["msg"]),
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "invalid_value",
-            }
-            return {"status": "failed", "error": error}
+            return _failed(str(exc.errors()[0]["msg"]), None, "invalid_value")
+        except Exception:  # a bug must not leave a poison entry that is reclaimed forever
+            log.exception("job item failed")
+            return _failed("internal server error", None, "internal_error", "internal_error")
+
+
+def _failed(message: str, param: str | None, code: str | None, type_: str = "invalid_request_error") -> dict[str, Any]:
+    return {"status": "failed", "error": {"message": message, "type": type_, "param": param, "code": code}}

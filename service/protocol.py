@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from reward.sampling import SamplingParams
 from reward.scoring import RewardConfig
@@ -29,16 +29,28 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+MIN_TEMPERATURE = 0.01
+
+
+def _check_temperature(value: float | None) -> float | None:
+    """Temperatures just above 0 overflow the logits (inf/NaN probabilities): 0 means greedy, else >= 0.01."""
+    if value is not None and 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return value
+
+
 # -- shared pieces ---------------------------------------------------------------
 
 
 class RewardOptions(Strict):
     """How candidates are scored. Unset fields take the bundle's values."""
 
-    mode: Literal["dpo"] = Field(
+    mode: Literal["dpo", "claims"] = Field(
         "dpo",
-        description="Reward mode. 'dpo': the RLAIF-V self-reward beta/T * sum_t log(pi_theta/pi_ref) "
-        "(the only mode so far; 'claims' verification will follow).",
+        description="'dpo' (default): the RLAIF-V self-reward beta/T * sum_t log(pi_theta/pi_ref). 'claims': "
+        "divide-and-conquer verification: each answer is split into claims, the yes/no labeler (the policy) "
+        "judges each against the image, reward = -(rejected claims) - repeat_penalty * (repeated claims). "
+        "More forward passes. policy_logprob/reference_logprob are reported in both modes.",
     )
     beta: float | None = Field(
         None, gt=0, le=1000, description="DPO temperature; the bundle's beta (usually 0.1) when unset."
@@ -46,21 +58,31 @@ class RewardOptions(Strict):
     normalize: Literal["mean", "sum"] | None = Field(
         None, description="'mean' divides by the answer's token count T (default), 'sum' does not."
     )
+    repeat_penalty: float | None = Field(
+        None, ge=0, le=100, description="'claims' mode: penalty per repeated claim; the bundle's (1.0) when unset."
+    )
 
     def to_config(self, default: RewardConfig) -> RewardConfig:
-        return RewardConfig(beta=self.beta or default.beta, normalize=self.normalize or default.normalize)
+        return RewardConfig(
+            mode=self.mode,
+            beta=self.beta or default.beta,
+            normalize=self.normalize or default.normalize,
+            repeat_penalty=default.repeat_penalty if self.repeat_penalty is None else self.repeat_penalty,
+        )
 
 
 class SamplingOptions(Strict):
     """Decoding settings, the same for all n samples of a request."""
 
-    temperature: float = Field(1.0, ge=0, le=5, description="0 means greedy (all samples identical).")
+    temperature: float = Field(1.0, ge=0, le=5, description="0 means greedy (all samples identical); else >= 0.01.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, le=1_000_000, description="0 disables top-k.")
     max_tokens: int | None = Field(
         None, ge=1, description="Most new tokens per answer, end-of-turn included (server limit applies)."
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed for reproducible samples.")
+
+    _temperature = field_validator("temperature")(_check_temperature)
 
     def to_params(self, settings: Settings, param: str = "sampling.max_tokens") -> SamplingParams:
         max_tokens = self.max_tokens or settings.default_max_tokens
@@ -148,10 +170,27 @@ class Timings(BaseModel):
     total_s: float = Field(description="Server time from arrival to response.")
 
 
+class ClaimCheckOut(BaseModel):
+    """One claim of a candidate as the yes/no labeler judged it ('claims' reward mode)."""
+
+    claim: str
+    question: str = Field(description="The yes/no question put to the labeler.")
+    p_yes: float = Field(description="p(yes) / (p(yes) + p(no)) from the labeler's first answer token.")
+    accepted: bool = Field(description="p_yes > 0.5.")
+    repeated: bool = Field(description="The claim restates an earlier claim of the same answer (penalised).")
+
+
 class CandidateOut(BaseModel):
     index: int = Field(description="Position of the candidate (sampling order, or the order answers were given).")
     text: str
-    reward: float = Field(description="r = beta/T * sum_t[log pi_theta - log pi_ref] (no 1/T with normalize='sum').")
+    reward: float = Field(
+        description="The reward candidates are ranked by. 'dpo' mode: r = beta/T * sum_t[log pi_theta - log pi_ref]"
+        " (no 1/T with normalize='sum'). 'claims' mode: -(rejected claims) - repeat_penalty * (repeated claims)."
+    )
+    implicit_reward: float = Field(
+        description="The RLAIF-V implicit reward (the 'dpo' formula) in every mode, for comparison."
+    )
+    claims: list[ClaimCheckOut] | None = Field(None, description="Per-claim verdicts ('claims' mode only).")
     policy_logprob: float = Field(description="sum_t log pi_theta(y_t | x, y_<t), raw logits at temperature 1.")
     reference_logprob: float = Field(description="sum_t log pi_ref(y_t | x, y_<t), raw logits at temperature 1.")
     num_tokens: int = Field(description="T: answer tokens scored, end-of-turn included.")
@@ -335,6 +374,8 @@ class ChatCompletionRequest(Strict):
     stream: bool | None = Field(None, description="Streaming is not supported; must be false or omitted.")
     user: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     reward: RewardOptions | None = Field(None, description="Extension: reward options.")
+
+    _temperature = field_validator("temperature")(_check_temperature)
 
     model_config = ConfigDict(
         extra="forbid",

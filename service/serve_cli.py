@@ -6,6 +6,7 @@ Also runnable as `python -m service.serve_cli`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -102,7 +103,7 @@ def serve(
         port=settings.port,
         log_config=None,
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),  # None would wait forever
         access_log=False,
     )
     uvicorn.Server(config).run()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -22,6 +22,8 @@ from service.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessageOut,
+    ClaimCheckOut,
+    ModelCard,
     RewardInfo,
     RewardOptions,
     RewardsRequest,
@@ -49,6 +51,8 @@ def _candidates(ranking: Ranking) -> list[CandidateOut]:
             index=i,
             text=c.text,
             reward=c.reward,
+            implicit_reward=c.implicit_reward,
+            claims=None if c.claims is None else [ClaimCheckOut(**claim.model_dump()) for claim in c.claims],
             policy_logprob=c.policy_logprob,
             reference_logprob=c.reference_logprob,
             num_tokens=c.num_tokens,
@@ -251,6 +255,7 @@ class Serving:
         self.metrics.scored_tokens.inc(sum(c.num_tokens for c in ranking.candidates))
         self.metrics.observe_ranking(endpoint, ranking.rewards)
 
-    def describe(self) -> dict[str, Any]:
+    def model_card(self, created: int) -> ModelCard:
         pair = self.engine.pair
-        return {"name": self.model_name, "reward": pair.reward, "max_positions": pair.max_positions}
+        reward = RewardInfo(mode=pair.reward.mode, beta=pair.reward.beta, normalize=pair.reward.normalize)
+        return ModelCard(id=self.model_name, created=created, reward=reward, max_positions=pair.max_positions)

@@ -43,7 +43,10 @@ async def create_job(body: JobRequest, store: StoreDep) -> Job:
 
 
 @router.get(
-    "/v1/jobs/{job_id}", response_model=Job, responses=error_responses(401, 403, 404, 429, 503), summary="Job status"
+    "/v1/jobs/{job_id}",
+    response_model=Job,
+    responses=error_responses(400, 401, 403, 404, 429, 503),
+    summary="Job status",
 )
 async def get_job(job_id: JobId, store: StoreDep) -> Job:
     return await _found(await store.get(job_id), job_id)
@@ -52,7 +55,7 @@ async def get_job(job_id: JobId, store: StoreDep) -> Job:
 @router.get(
     "/v1/jobs/{job_id}/results",
     response_model=JobResults,
-    responses=error_responses(401, 403, 404, 429, 503),
+    responses=error_responses(400, 401, 403, 404, 429, 503),
     summary="Results of a job so far, by item index",
 )
 async def get_job_results(job_id: JobId, store: StoreDep) -> JobResults:
@@ -60,7 +63,10 @@ async def get_job_results(job_id: JobId, store: StoreDep) -> JobResults:
 
 
 @router.delete(
-    "/v1/jobs/{job_id}", response_model=Job, responses=error_responses(401, 403, 404, 429, 503), summary="Cancel a job"
+    "/v1/jobs/{job_id}",
+    response_model=Job,
+    responses=error_responses(400, 401, 403, 404, 429, 503),
+    summary="Cancel a job",
 )
 async def cancel_job(job_id: JobId, store: StoreDep) -> Job:
     """Items not yet started are skipped; results already stored are kept."""

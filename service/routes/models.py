@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from service.deps import ServingDep
 from service.errors import error_responses
-from service.protocol import ModelCard, ModelList, RewardInfo
+from service.protocol import ModelList
 
 router = APIRouter(tags=["openai"])
 _STARTED = int(time.time())
@@ -16,8 +16,5 @@ _STARTED = int(time.time())
     "/v1/models", response_model=ModelList, responses=error_responses(401, 403, 429, 503), summary="The served model"
 )
 async def list_models(serving: ServingDep) -> ModelList:
-    info = serving.describe()
-    reward = RewardInfo(mode="dpo", beta=info["reward"].beta, normalize=info["reward"].normalize)
-    return ModelList(
-        data=[ModelCard(id=info["name"], created=_STARTED, reward=reward, max_positions=info["max_positions"])]
-    )
+    """The one model this server serves, with its default reward settings."""
+    return ModelList(data=[serving.model_card(_STARTED)])

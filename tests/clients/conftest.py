@@ -4,16 +4,15 @@ an image host the server may fetch from, and images in every form the SDK accept
 from __future__ import annotations
 
 import io
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+
+from service.testing import LiveServer as _LiveServer
 
 API_KEY = "sk-client-tests-0123456789"
 QUESTION = "What is in the image?"
@@ -32,46 +31,11 @@ LIMITS: dict[str, Any] = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class LiveServer:
-    """`service.app.create_app(settings)` under uvicorn in a daemon thread, on a free port."""
+class LiveServer(_LiveServer):
+    """The real server with the SDK tests' limits."""
 
     def __init__(self, bundle: Path, **overrides: Any) -> None:
-        import uvicorn
-
-        from service.app import create_app
-        from service.settings import Settings
-
-        self.port = free_port()
-        self.settings = Settings(bundle=bundle, host="127.0.0.1", port=self.port, **(LIMITS | overrides))
-        self.app = create_app(self.settings)
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_config=None, access_log=False, timeout_graceful_shutdown=2
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True, name=f"uvicorn-{self.port}")
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    def openapi(self) -> dict[str, Any]:
-        return httpx.get(self.url + "/openapi.json", timeout=30).raise_for_status().json()
+        super().__init__(bundle, graceful_shutdown_s=2, **(LIMITS | overrides))
 
 
 def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (32, 32), fmt: str = "PNG") -> bytes:

@@ -36,7 +36,8 @@ PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4
 def test_public_api_is_pinned() -> None:
     assert set(rlaifv_client.__all__) == {
         "NOT_GIVEN", "APIConnectionError", "APIError", "APIStatusError", "APITimeoutError", "AsyncClient",
-        "AsyncJobs", "AuthenticationError", "Backoff", "BestOfN", "Candidate", "Client", "FieldError", "Health",
+        "AsyncJobs", "AuthenticationError", "Backoff", "BestOfN", "Candidate", "ClaimCheck", "Client", "FieldError",
+        "Health",
         "ImageInputError", "InvalidRequestError", "Job", "JobError", "JobResult", "Jobs", "Model", "ModelList",
         "NotFoundError", "NotGiven", "PermissionDeniedError", "RLAIFVError", "RateLimitError", "Rewards",
         "ServerError", "TimeoutError", "WaitTimeoutError", "__version__", "data_url", "encode_image", "types",

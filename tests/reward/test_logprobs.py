@@ -100,3 +100,14 @@ def test_best_of_n_is_argmax_and_terms_are_consistent(tiny_pair, n):
     for c, p, r in zip(ranking.candidates, pol, ref, strict=True):
         assert c.policy_logprob == pytest.approx(p, abs=TOL)
         assert c.reference_logprob == pytest.approx(r, abs=TOL)
+
+
+@pytest.mark.parametrize("temperature", [1e-9, 1e-3, 0.009])
+def test_tiny_temperatures_sample_without_nan(tiny_pair, temperature):
+    prompts = _prompts(tiny_pair)[:1]
+    greedy = tiny_pair.sample(prompts, [1], [SamplingParams(temperature=0.0, max_tokens=6)])[0][0]
+    tiny = tiny_pair.sample(prompts, [2], [SamplingParams(temperature=temperature, max_tokens=6, seed=1)])[0]
+    for sample in tiny:
+        assert torch.isfinite(sample.logprobs).all()
+    if temperature < 1e-5:
+        assert [s.token_ids for s in tiny] == [greedy.token_ids] * 2

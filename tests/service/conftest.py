@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import shutil
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
+
+from service.testing import LiveServer as _LiveServer
+from service.testing import free_port
 
 
 @pytest.fixture(scope="session")
@@ -31,12 +32,6 @@ def in_process_pair(service_bundle: Path):
     return load_bundle(service_bundle)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 TEST_LIMITS: dict[str, Any] = {
     "max_n": 8,
     "max_tokens": 16,
@@ -50,43 +45,11 @@ TEST_LIMITS: dict[str, Any] = {
 }
 
 
-class LiveServer:
-    """uvicorn serving `create_app(settings)` in a background thread, on a free port."""
+class LiveServer(_LiveServer):
+    """The real server with the service tests' limits."""
 
     def __init__(self, bundle: Path, **overrides: Any) -> None:
-        import uvicorn
-
-        from service.app import create_app
-        from service.settings import Settings
-
-        self.port = free_port()
-        self.settings = Settings(bundle=bundle, host="127.0.0.1", port=self.port, **(TEST_LIMITS | overrides))
-        self.app = create_app(self.settings)
-        config = uvicorn.Config(
-            self.app,
-            host="127.0.0.1",
-            port=self.port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=5,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        super().__init__(bundle, **(TEST_LIMITS | overrides))
 
 
 @pytest.fixture(scope="session")

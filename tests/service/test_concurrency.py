@@ -64,3 +64,34 @@ async def test_tiny_queue_overflow_gets_429_and_nothing_hangs(make_server, red_u
         after = await client.post("/v1/best-of-n", json=body)
         assert after.status_code == 200
     assert 'rlaifv_requests_rejected_total{reason="queue_full"}' in httpx.get(server.url + "/metrics").text
+
+
+def test_client_that_leaves_is_dropped_before_the_model(make_server, red_url: str) -> None:
+    """Batcher paused (so the request must wait), client gives up, batcher resumed: the request never runs."""
+    import time
+
+    server = make_server()
+    scheduler = server.app.state.serving.scheduler
+    loop = scheduler._task.get_loop()
+    loop.call_soon_threadsafe(scheduler._task.cancel)
+    deadline = time.monotonic() + 10
+    while not scheduler._task.done():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+    def sample(name: str) -> float:
+        return server.app.state.metrics.registry.get_sample_value(name, {"kind": "generate"}) or 0.0
+
+    before = sample("rlaifv_batch_size_count")
+    body = {"images": [red_url], "question": QUESTION, "n": 2}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/best-of-n", json=body, timeout=httpx.Timeout(10, read=0.5))
+    registry = server.app.state.metrics.registry
+    while not registry.get_sample_value("rlaifv_requests_rejected_total", {"reason": "client_disconnected"}):
+        assert time.monotonic() < deadline + 10, "the server did not notice the client leaving"
+        time.sleep(0.01)
+    loop.call_soon_threadsafe(scheduler.start)
+    r = httpx.post(server.url + "/v1/best-of-n", json=body, timeout=60)
+    assert r.status_code == 200
+    assert sample("rlaifv_batch_size_count") == before + 1  # only the second request reached the model
+    assert sample("rlaifv_batch_size_sum") == sample("rlaifv_batch_size_count")

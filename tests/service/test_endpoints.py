@@ -176,3 +176,34 @@ def test_openapi_documents_every_route_with_error_models(client: httpx.Client) -
     components = schema["components"]["schemas"]
     assert components["BestOfNRequest"]["examples"]
     assert "description" in components["SamplingOptions"]["properties"]["temperature"]
+
+
+def test_claims_reward_mode_matches_in_process(
+    client: httpx.Client, in_process_pair, red_png: bytes, red_url: str
+) -> None:
+    from reward.scoring import RewardConfig
+
+    answers = ["There is a red circle and a blue square.", "a dog.", "a dog. a dog."]
+    reward = {"mode": "claims", "repeat_penalty": 0.5}
+    r = client.post(
+        "/v1/rewards", json={"images": [red_url], "question": QUESTION, "answers": answers, "reward": reward}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["reward"]["mode"] == "claims"
+    local = in_process_pair.score(red_png, QUESTION, answers, reward=RewardConfig(mode="claims", repeat_penalty=0.5))
+    assert body["rewards"] == pytest.approx(local.rewards, abs=1e-9)
+    assert body["best_index"] == local.best_index
+    assert all(x <= 0 for x in body["rewards"])  # minus rejected claims, minus repeats
+    for cand, want in zip(body["candidates"], local.candidates, strict=True):
+        assert abs(cand["policy_logprob"] - want.policy_logprob) < 1e-4  # the implicit terms are still reported
+
+
+def test_claims_mode_best_of_n_and_needs_an_image(client: httpx.Client, red_url: str) -> None:
+    body = {"images": [red_url], "question": QUESTION, "n": 3, "sampling": {"seed": 2, "max_tokens": 8}}
+    r = client.post("/v1/best-of-n", json=body | {"reward": {"mode": "claims"}})
+    assert r.status_code == 200, r.text
+    rewards = [c["reward"] for c in r.json()["candidates"]]
+    assert r.json()["best_index"] == max(range(3), key=lambda i: (rewards[i], -i))
+    no_image = client.post("/v1/best-of-n", json=body | {"images": [], "reward": {"mode": "claims"}})
+    assert no_image.status_code == 400 and no_image.json()["error"]["param"] == "reward.mode"

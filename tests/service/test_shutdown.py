@@ -54,8 +54,17 @@ async def test_sigterm_finishes_in_flight_requests(service_bundle, red_url: str,
         body = {"images": [red_url], "question": "What is in the image?", "n": 8, "sampling": {"max_tokens": 16}}
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
             tasks = [asyncio.create_task(client.post("/v1/best-of-n", json=body)) for _ in range(12)]
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            proc.send_signal(signal.SIGTERM)  # the other requests are queued or running
+            depth = 0.0
+            async with httpx.AsyncClient(base_url=url, timeout=10) as probe:
+                while depth < 6 and not all(t.done() for t in tasks):
+                    metrics = (await probe.get("/metrics")).text
+                    depth = max(
+                        float(line.split()[-1])
+                        for line in metrics.splitlines()
+                        if line.startswith("rlaifv_queue_depth")
+                    )
+            assert depth >= 6, "the requests finished before the signal: nothing was in flight"
+            proc.send_signal(signal.SIGTERM)  # requests are queued and running
             responses = await asyncio.gather(*tasks)
         assert [r.status_code for r in responses] == [200] * 12
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown

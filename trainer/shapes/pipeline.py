@@ -33,6 +33,13 @@ class DemoConfig:
     dpo_batch: int = field(default=32, metadata={"help": "Pairs per DPO step."})
     nll_weight: float = field(default=1.0, metadata={"help": "NLL term on the chosen caption (keeps recall)."})
     max_pairs_per_prompt: int = field(default=3, metadata={"help": "Pairs kept per image."})
+    length_balance: bool = field(
+        default=False,
+        metadata={
+            "help": "RLAIF-V's length filter. Off here: a hallucinated caption is one with an extra object, so the"
+            " filter would drop exactly the informative pairs and teach 'longer is better'; recall guards brevity."
+        },
+    )
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def __post_init__(self) -> None:
@@ -83,7 +90,9 @@ def iterate_config(config: DemoConfig, reference_dir: Path, run_dir: Path, progr
             prompt_batch=32,
             seed=config.seed,
         ),
-        pairs=PairConfig(max_pairs_per_prompt=config.max_pairs_per_prompt, seed=config.seed),
+        pairs=PairConfig(
+            max_pairs_per_prompt=config.max_pairs_per_prompt, length_balance=config.length_balance, seed=config.seed
+        ),
         dpo=DPOConfig(
             beta=0.1,
             nll_weight=config.nll_weight,

@@ -66,7 +66,7 @@ class ReferenceConfig:
     seed: int = field(default=0, metadata={"help": "Seed for scenes, noise and initialisation."})
     train_images: int = field(default=6000, metadata={"help": "Pool of training scenes."})
     hallucination_rate: float = field(default=0.3, metadata={"help": "Share of captions with one absent object."})
-    vision_steps: int = field(default=350, metadata={"help": "Vision pre-training steps."})
+    vision_steps: int = field(default=800, metadata={"help": "Vision pre-training steps."})
     vision_batch: int = field(default=128, metadata={"help": "Vision pre-training batch size."})
     vision_lr: float = field(default=2e-3, metadata={"help": "Vision pre-training learning rate."})
     sft_steps: int = field(default=1250, metadata={"help": "SFT steps (vision frozen)."})

@@ -32,7 +32,7 @@ from ._exceptions import (
 )
 from ._images import data_url, encode_image
 from ._version import __version__
-from .types import BestOfN, Candidate, Health, Job, JobResult, Model, ModelList, Rewards
+from .types import BestOfN, Candidate, ClaimCheck, Health, Job, JobResult, Model, ModelList, Rewards
 
 __all__ = [
     "NOT_GIVEN",
@@ -46,6 +46,7 @@ __all__ = [
     "Backoff",
     "BestOfN",
     "Candidate",
+    "ClaimCheck",
     "Client",
     "FieldError",
     "Health",

@@ -64,10 +64,22 @@ class Timings(BaseType):
     total_s: float = Field(description="Server time from arrival to response.")
 
 
+class ClaimCheck(BaseType):
+    """One claim of a candidate as the yes/no labeler judged it ('claims' reward mode)."""
+
+    claim: str
+    question: str
+    p_yes: float
+    accepted: bool
+    repeated: bool
+
+
 class Candidate(BaseType):
     index: int = Field(description="Position of the candidate (sampling order, or the order answers were given).")
     text: str
-    reward: float = Field(description="r = beta/T * sum_t[log pi_theta - log pi_ref] (no 1/T with normalize='sum').")
+    reward: float = Field(description="The ranking reward: the RLAIF-V implicit reward ('dpo') or the claims score.")
+    implicit_reward: float = Field(description="r = beta/T * sum_t[log pi_theta - log pi_ref], in every mode.")
+    claims: list[ClaimCheck] | None = Field(None, description="Per-claim verdicts ('claims' mode only).")
     policy_logprob: float = Field(description="sum_t log pi_theta(y_t | x, y_<t).")
     reference_logprob: float = Field(description="sum_t log pi_ref(y_t | x, y_<t).")
     num_tokens: int = Field(description="T: answer tokens scored, end-of-turn included.")

@@ -1,0 +1,72 @@
+"""Run the real app under uvicorn in a background thread: for tests, notebooks and the benchmarks.
+
+    with LiveServer(bundle, max_queue=4) as server:
+        httpx.get(server.url + "/readyz")
+
+Keyword arguments are `Settings` fields; host and port are chosen here (a free loopback port).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """`service.app.create_app(settings)` under uvicorn in a daemon thread, on a free loopback port."""
+
+    def __init__(self, bundle: Path | None, *, graceful_shutdown_s: float = 5, **settings: Any) -> None:
+        import uvicorn
+
+        from service.app import create_app
+        from service.settings import Settings
+
+        self.port = free_port()
+        self.settings = Settings(bundle=bundle, host="127.0.0.1", port=self.port, **settings)
+        self.app = create_app(self.settings)
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=graceful_shutdown_s,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name=f"uvicorn-{self.port}")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 120) -> LiveServer:
+        """Start and wait until uvicorn accepts connections (the model is loaded and warm by then)."""
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout_s: float = 30) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=timeout_s)
+
+    def openapi(self) -> dict[str, Any]:
+        import httpx
+
+        return httpx.get(self.url + "/openapi.json", timeout=30).raise_for_status().json()
+
+    def __enter__(self) -> LiveServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
