@@ -14,20 +14,10 @@ import typer
 
 
 def fallback_bundle() -> Path:
-    """The model served when no bundle is given: `service.default_model.default_bundle()` (the shapes world,
-    built on first use); a tiny random-weight bundle if that module is unavailable."""
-    try:
-        from service.default_model import default_bundle  # type: ignore[import-not-found]
-    except ImportError:
-        pass
-    else:
-        return Path(default_bundle())
-    from reward.tiny import build_tiny_bundle
+    """The model served when no bundle is given: the shapes-world bundle, built on first use (~10 min on 2 cores)."""
+    from service.default_model import default_bundle
 
-    folder = Path.home() / ".cache" / "rlaifv" / "tiny"
-    if not (folder / "rlaifv.json").is_file():
-        build_tiny_bundle(folder)
-    return folder
+    return default_bundle()
 
 
 def build_settings(**overrides: Any):

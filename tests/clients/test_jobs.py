@@ -22,8 +22,9 @@ from rlaifv_client import (
     Rewards,
     WaitTimeoutError,
 )
+from service.testing import free_port
 
-from .conftest import API_KEY, QUESTION, LiveServer, free_port
+from .conftest import API_KEY, QUESTION, LiveServer
 
 pytestmark = pytest.mark.integration
 

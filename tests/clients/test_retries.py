@@ -30,8 +30,9 @@ from rlaifv_client import (
     RateLimitError,
     ServerError,
 )
+from service.testing import free_port
 
-from .conftest import API_KEY, QUESTION, free_port
+from .conftest import API_KEY, QUESTION
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import free_port
+from service.testing import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
