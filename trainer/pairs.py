@@ -20,7 +20,7 @@ from typing import Any
 
 from trainer.data import PreferenceRow
 from trainer.errors import ConfigError
-from trainer.feedback import PromptFeedback
+from trainer.feedback import PromptFeedback, ScoredAnswer
 
 
 @dataclass
@@ -38,6 +38,14 @@ class PairConfig:
     dedup_ngram: int = field(default=10, metadata={"help": "Word n-gram size of the near-duplicate test."})
     dedup_threshold: float = field(
         default=0.9, metadata={"help": "Jaccard similarity at or above which a pair is a near duplicate."}
+    )
+    keep_verified: bool = field(
+        default=False,
+        metadata={
+            "help": "Only pairs whose chosen answer keeps at least as many verified (accepted, non-repeated) claims"
+            " as the rejected one: the pair then teaches dropping false claims, not true ones. An alternative to"
+            " the length filter where hallucinations make answers longer."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed for tie-breaking among equal score gaps."})
 
@@ -63,6 +71,7 @@ class PairStats:
     prompts_with_pairs: int = 0
     candidate_pairs: int = 0
     near_duplicates: int = 0
+    verified_removed: int = 0
     selected: int = 0
     length_removed: int = 0
     length_threshold: float | None = None
@@ -89,6 +98,11 @@ def ngram_jaccard(a: str, b: str, n: int = 10) -> float:
     return len(ga & gb) / len(ga | gb)
 
 
+def verified_claims(answer: ScoredAnswer) -> int:
+    """Claims of an answer the labeler accepted, each counted once."""
+    return sum(bool(c.get("accepted")) and not c.get("repeated") for c in answer.claims)
+
+
 def build_pairs(
     feedback: Sequence[PromptFeedback], config: PairConfig | None = None
 ) -> tuple[list[PreferenceRow], PairStats]:
@@ -105,6 +119,9 @@ def build_pairs(
                 if a.score - b.score < config.min_score_gap:
                     continue
                 stats.candidate_pairs += 1
+                if config.keep_verified and verified_claims(a) < verified_claims(b):
+                    stats.verified_removed += 1
+                    continue
                 if (
                     a.text.strip() == b.text.strip()
                     or ngram_jaccard(a.text, b.text, config.dedup_ngram) >= config.dedup_threshold

@@ -80,6 +80,21 @@ def test_best_of_n_with_messages_and_reward_options(client: Client, red_png: byt
     assert (result.reward.beta, result.reward.normalize) == (0.5, "sum")
 
 
+def test_claims_mode_reports_verdicts_and_the_implicit_reward(client: Client, red_png: bytes) -> None:
+    result = client.score(
+        image=red_png, question=QUESTION, answers=["a red circle.", "a cat and a dog."], mode="claims"
+    )
+    assert result.reward.mode == "claims"
+    for candidate in result.candidates:
+        assert candidate.claims is not None and len(candidate.claims) >= 1
+        assert candidate.reward == -sum(not c.accepted for c in candidate.claims) - sum(
+            c.repeated for c in candidate.claims
+        )
+    plain = client.score(image=red_png, question=QUESTION, answers=["a red circle.", "a cat and a dog."])
+    assert [c.implicit_reward for c in result.candidates] == pytest.approx(plain.rewards, abs=1e-6)
+    assert all(c.claims is None for c in plain.candidates)
+
+
 def test_models_health_ready(client: Client) -> None:
     models = client.models()
     assert isinstance(models, ModelList) and len(models) == 1

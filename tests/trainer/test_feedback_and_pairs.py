@@ -212,3 +212,27 @@ def test_a_separate_labeler_model_is_loaded_from_its_folder(tiny_model: Path, tm
     direct = YesNoJudge(load_model(judge_dir), load_processor(judge_dir)).p_yes(image, questions)
     assert separate.p_yes(image, questions) == pytest.approx(direct, abs=1e-6)
     assert separate.p_yes(image, questions) != pytest.approx(own.p_yes(image, questions), abs=1e-6)
+
+
+def _claimed(text: str, verdicts: list[tuple[bool, bool]]) -> ScoredAnswer:
+    claims = [{"claim": f"c{i}", "accepted": ok, "repeated": rep} for i, (ok, rep) in enumerate(verdicts)]
+    rejected = sum(not ok for ok, _ in verdicts)
+    repeated = sum(rep for _, rep in verdicts)
+    score = -float(rejected + repeated)
+    return ScoredAnswer(text=text, score=score, rejected=rejected, repeated=repeated, claims=claims)
+
+
+def test_keep_verified_drops_pairs_whose_chosen_loses_true_claims() -> None:
+    full = _claimed("a red circle, a blue square and a cat.", [(True, False), (True, False), (False, False)])
+    terse = _claimed("a red circle.", [(True, False)])  # better score, but dropped a true object
+    clean = _claimed("a red circle and a blue square.", [(True, False), (True, False)])
+    repeat = _claimed("a red circle and a red circle.", [(True, False), (True, True)])
+    item = PromptFeedback("p", b"", "q", [full, terse, clean, repeat])
+    config = dict(max_pairs_per_prompt=10, length_balance=False)
+    everything, _ = build_pairs([item], PairConfig(**config))
+    kept, stats = build_pairs([item], PairConfig(keep_verified=True, **config))
+    pairs = {(r.chosen, r.rejected) for r in kept}
+    assert (terse.text, full.text) in {(r.chosen, r.rejected) for r in everything}
+    assert (terse.text, full.text) not in pairs
+    assert (clean.text, full.text) in pairs and (clean.text, repeat.text) in pairs
+    assert stats.verified_removed == len(everything) - len(kept) > 0

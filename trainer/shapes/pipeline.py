@@ -40,6 +40,9 @@ class DemoConfig:
             " filter would drop exactly the informative pairs and teach 'longer is better'; recall guards brevity."
         },
     )
+    keep_verified: bool = field(
+        default=True, metadata={"help": "Pairs whose chosen caption keeps every verified object of the rejected one."}
+    )
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def __post_init__(self) -> None:
@@ -56,7 +59,7 @@ class DemoConfig:
             seed=seed,
             prompts_per_round=240,
             dpo_epochs=4,
-            reference=ReferenceConfig(seed=seed, train_images=3000, vision_steps=200, sft_steps=600),
+            reference=ReferenceConfig(seed=seed, train_images=3000, vision_steps=400, sft_steps=600),
         )
 
     def fingerprint(self) -> str:
@@ -91,7 +94,10 @@ def iterate_config(config: DemoConfig, reference_dir: Path, run_dir: Path, progr
             seed=config.seed,
         ),
         pairs=PairConfig(
-            max_pairs_per_prompt=config.max_pairs_per_prompt, length_balance=config.length_balance, seed=config.seed
+            max_pairs_per_prompt=config.max_pairs_per_prompt,
+            length_balance=config.length_balance,
+            keep_verified=config.keep_verified,
+            seed=config.seed,
         ),
         dpo=DPOConfig(
             beta=0.1,

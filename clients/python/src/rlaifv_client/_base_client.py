@@ -126,13 +126,14 @@ def prompt_body(
     messages: list[dict[str, Any]] | None,
     beta: float | None,
     normalize: str | None,
+    mode: str | None = None,
 ) -> dict[str, Any]:
     """The fields /v1/best-of-n and /v1/rewards share. Only given fields are sent (the server has the defaults)."""
     body: dict[str, Any] = {"model": model, "question": question, "messages": messages}
     encoded = encode_images(image, list(images) if images is not None else None)
     if encoded:
         body["images"] = encoded
-    reward = _drop_none({"beta": beta, "normalize": normalize})
+    reward = _drop_none({"mode": mode, "beta": beta, "normalize": normalize})
     if reward:
         body["reward"] = reward
     return _drop_none(body)
@@ -153,10 +154,18 @@ def best_of_n_body(
     seed: int | None = None,
     beta: float | None = None,
     normalize: str | None = None,
+    mode: str | None = None,
 ) -> dict[str, Any]:
     """The JSON body of POST /v1/best-of-n."""
     body = prompt_body(
-        model=model, image=image, images=images, question=question, messages=messages, beta=beta, normalize=normalize
+        model=model,
+        image=image,
+        images=images,
+        question=question,
+        messages=messages,
+        beta=beta,
+        normalize=normalize,
+        mode=mode,
     )
     if n is not None:
         body["n"] = n
@@ -178,12 +187,20 @@ def score_body(
     messages: list[dict[str, Any]] | None = None,
     beta: float | None = None,
     normalize: str | None = None,
+    mode: str | None = None,
 ) -> dict[str, Any]:
     """The JSON body of POST /v1/rewards."""
     if isinstance(answers, str):
         raise TypeError("answers= takes a list of strings, not one string")
     body = prompt_body(
-        model=model, image=image, images=images, question=question, messages=messages, beta=beta, normalize=normalize
+        model=model,
+        image=image,
+        images=images,
+        question=question,
+        messages=messages,
+        beta=beta,
+        normalize=normalize,
+        mode=mode,
     )
     body["answers"] = list(answers)
     return body

@@ -38,6 +38,7 @@ __all__ = ["AsyncClient", "Client"]
 
 ProgressCallback = Callable[[Job], Any]
 Normalize = Literal["mean", "sum"]
+RewardMode = Literal["dpo", "claims"]
 
 
 def _job_path(job_id: str | Job, suffix: str = "") -> str:
@@ -163,6 +164,7 @@ class Client(BaseClient):
         seed: int | None = None,
         beta: float | None = None,
         normalize: Normalize | None = None,
+        mode: RewardMode | None = None,
         model: str | None = None,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
         extra_headers: Mapping[str, str] | None = None,
@@ -172,7 +174,8 @@ class Client(BaseClient):
         Give ``image`` (or ``images``) with ``question``, or OpenAI-style ``messages`` with ``image_url`` parts.
         An image is a path, bytes, a binary file, a PIL image, a ``data:`` URL, or an ``http(s)://`` URL
         (fetched by the server when its operator allows the host). Arguments left ``None`` take the server's
-        defaults (n=4, temperature=1, the bundle's beta, normalize='mean').
+        defaults (n=4, temperature=1, the bundle's beta, normalize='mean'). ``mode='claims'`` ranks by claim
+        verification (each candidate then carries ``claims``); ``implicit_reward`` is reported in both modes.
 
         Raises:
             InvalidRequestError: bad input (``.param`` names the field). RateLimitError / ServerError after
@@ -192,6 +195,7 @@ class Client(BaseClient):
             seed=seed,
             beta=beta,
             normalize=normalize,
+            mode=mode,
         )
         return self._request(APICall("POST", "/v1/best-of-n", BestOfN, body, timeout=timeout, headers=extra_headers))
 
@@ -205,6 +209,7 @@ class Client(BaseClient):
         messages: list[dict[str, Any]] | None = None,
         beta: float | None = None,
         normalize: Normalize | None = None,
+        mode: RewardMode | None = None,
         model: str | None = None,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
         extra_headers: Mapping[str, str] | None = None,
@@ -222,6 +227,7 @@ class Client(BaseClient):
             messages=messages,
             beta=beta,
             normalize=normalize,
+            mode=mode,
         )
         return self._request(APICall("POST", "/v1/rewards", Rewards, body, timeout=timeout, headers=extra_headers))
 
@@ -392,6 +398,7 @@ class AsyncClient(BaseClient):
         seed: int | None = None,
         beta: float | None = None,
         normalize: Normalize | None = None,
+        mode: RewardMode | None = None,
         model: str | None = None,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
         extra_headers: Mapping[str, str] | None = None,
@@ -412,6 +419,7 @@ class AsyncClient(BaseClient):
             seed=seed,
             beta=beta,
             normalize=normalize,
+            mode=mode,
         )
         return await self._request(
             APICall("POST", "/v1/best-of-n", BestOfN, body, timeout=timeout, headers=extra_headers)
@@ -427,6 +435,7 @@ class AsyncClient(BaseClient):
         messages: list[dict[str, Any]] | None = None,
         beta: float | None = None,
         normalize: Normalize | None = None,
+        mode: RewardMode | None = None,
         model: str | None = None,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
         extra_headers: Mapping[str, str] | None = None,
@@ -441,6 +450,7 @@ class AsyncClient(BaseClient):
             messages=messages,
             beta=beta,
             normalize=normalize,
+            mode=mode,
         )
         return await self._request(
             APICall("POST", "/v1/rewards", Rewards, body, timeout=timeout, headers=extra_headers)
