@@ -15,13 +15,12 @@ demo_app = typer.Typer(
 def build(
     cache_dir: Path | None = typer.Option(None, help="Output folder; default: the cache `rlaifv serve` uses."),
     seed: int = typer.Option(0, help="Seed of the whole build."),
-    quick: bool = typer.Option(False, help="The smaller test recipe (about a third of the compute)."),
 ) -> None:
     """SFT the reference, then run RLAIF-V rounds with self-feedback; prints the bundle path."""
     from service.default_model import cache_root
     from trainer.shapes.pipeline import DemoConfig, build_demo
 
-    config = DemoConfig.quick(seed) if quick else DemoConfig(seed=seed)
+    config = DemoConfig(seed=seed)
     folder = cache_dir or cache_root() / f"shapes-{config.fingerprint()}"
     typer.echo(build_demo(folder, config))
 

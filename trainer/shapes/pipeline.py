@@ -25,13 +25,13 @@ class DemoConfig:
     """The shapes-world recipe: reference SFT, then RLAIF-V rounds with self-feedback."""
 
     seed: int = field(default=0, metadata={"help": "Seed of the whole build (deterministic given it)."})
-    rounds: int = field(default=1, metadata={"help": "RLAIF-V rounds (a second gained little in the prototype)."})
+    rounds: int = field(default=2, metadata={"help": "RLAIF-V rounds (self-feedback each round)."})
     prompts_per_round: int = field(default=500, metadata={"help": "New images per round."})
     samples: int = field(default=8, metadata={"help": "Captions sampled per image for feedback."})
     dpo_lr: float = field(default=2e-5, metadata={"help": "DPO learning rate (1e-4 collapsed recall)."})
     dpo_epochs: int = field(default=4, metadata={"help": "Passes over the round's pairs."})
     dpo_batch: int = field(default=32, metadata={"help": "Pairs per DPO step."})
-    nll_weight: float = field(default=1.0, metadata={"help": "NLL term on the chosen caption (keeps recall)."})
+    nll_weight: float = field(default=2.0, metadata={"help": "NLL term on the chosen caption (keeps recall)."})
     max_pairs_per_prompt: int = field(default=3, metadata={"help": "Pairs kept per image."})
     length_balance: bool = field(
         default=False,
@@ -51,16 +51,6 @@ class DemoConfig:
         if self.rounds < 1 or self.prompts_per_round < 1 or self.samples < 2:
             raise ValueError("rounds >= 1, prompts_per_round >= 1 and samples >= 2 are required")
         self.reference.seed = self.seed
-
-    @classmethod
-    def quick(cls, seed: int = 0) -> DemoConfig:
-        """A smaller recipe for tests: about a third of the default's compute."""
-        return cls(
-            seed=seed,
-            prompts_per_round=240,
-            dpo_epochs=4,
-            reference=ReferenceConfig(seed=seed, train_images=3000, vision_steps=400, sft_steps=600),
-        )
 
     def fingerprint(self) -> str:
         import hashlib
