@@ -219,8 +219,11 @@ class ModelPair:
             ]
             for job, group, ref_group in zip(jobs, samples, ref, strict=True)
         ]
+        scored = time.perf_counter()
         self._apply_claims(jobs, groups)
-        timings = {"generate_s": sampled - start, "score_s": time.perf_counter() - sampled}
+        timings = {"generate_s": sampled - start, "score_s": scored - sampled}
+        if any(job.reward.mode == "claims" for job in jobs):
+            timings["claims_s"] = time.perf_counter() - scored
         return [_ranking(group, timings) for group in groups]
 
     def score_batch(self, jobs: Sequence[ScoreJob]) -> list[Ranking]:
@@ -237,8 +240,11 @@ class ModelPair:
             ]
             for job, pol_group, ref_group in zip(jobs, pol, ref, strict=True)
         ]
+        scored = time.perf_counter()
         self._apply_claims(jobs, groups)
-        timings = {"score_s": time.perf_counter() - start}
+        timings = {"score_s": scored - start}
+        if any(job.reward.mode == "claims" for job in jobs):
+            timings["claims_s"] = time.perf_counter() - scored
         return [_ranking(group, timings) for group in groups]
 
     def _apply_claims(self, jobs: Sequence[GenerateJob | ScoreJob], groups: list[list[Candidate]]) -> None:

@@ -166,7 +166,9 @@ class RewardInfo(BaseModel):
 class Timings(BaseModel):
     queue_s: float = Field(description="Time spent waiting for the model.")
     generate_s: float = Field(0.0, description="Sampling time of the batch the request ran in.")
-    score_s: float = Field(description="Reward scoring time of the batch the request ran in.")
+    score_s: float = Field(
+        description="Reward scoring time of the batch the request ran in (claim verification included)."
+    )
     total_s: float = Field(description="Server time from arrival to response.")
 
 

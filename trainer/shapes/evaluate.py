@@ -56,6 +56,7 @@ def evaluate_pair(
     }
     model_truths: list[set[str]] = []
     claims_mode = RewardConfig(mode="claims", beta=pair.reward.beta, normalize=pair.reward.normalize)
+    cost = {"sample_s": 0.0, "reference_s": 0.0, "claims_s": 0.0, "questions_per_image": 0.0}
     for start in tqdm(range(0, len(held_out), config.batch_images), desc="evaluating", leave=False):
         chunk = held_out[start : start + config.batch_images]
         jobs = []
@@ -67,7 +68,14 @@ def evaluate_pair(
                 seed=sample_seed * 100_003 + start + offset,
             )
             jobs.append(GenerateJob(pair.encode([image], CAPTION_QUESTION), config.n, params, claims_mode, [image]))
-        for ranking, scene in zip(pair.generate_batch(jobs), chunk, strict=True):
+        rankings = pair.generate_batch(jobs)
+        timings = rankings[0].timings  # per batch: every ranking of the batch carries the same numbers
+        cost["sample_s"] += timings["generate_s"]
+        cost["reference_s"] += timings["score_s"]
+        cost["claims_s"] += timings["claims_s"]
+        for ranking, scene in zip(rankings, chunk, strict=True):
+            questions = {claim.question for c in ranking.candidates for claim in c.claims or []}
+            cost["questions_per_image"] += len(questions) / len(held_out)
             texts = [c.text for c in ranking.candidates]
             picks["model"].extend(texts)
             model_truths.extend([set(scene.names)] * len(texts))
@@ -81,6 +89,7 @@ def evaluate_pair(
         for name, answers in picks.items()
     }
     report["yes_no"] = evaluate_yes_no(pair, held_out, config.yes_no_per_image, seed=sample_seed).as_dict()
+    report["cost"] = cost
     return report
 
 

@@ -91,4 +91,18 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{_cell(row['recall'], False)} | {_cell(row['repeats'], True)} | "
                 f"{_cell(yes_no['f1'], False)} | {_cell(yes_no['accuracy'], False)} |"
             )
+    lines += [
+        "",
+        "Cost of the rewards (seconds over the whole evaluation, mean over seeds): sampling 8 captions,",
+        "the reference pass of the implicit reward, and claim verification (distinct questions per image).",
+        "",
+        "| model | sampling s | implicit reward: reference pass s | claims: labeler s | questions / image |",
+        "|---|---|---|---|---|",
+    ]
+    for label, summary in report["models"].items():
+        c = summary["cost"]
+        lines.append(
+            f"| {label} | {c['sample_s'][0]:.2f} | {c['reference_s'][0]:.2f} | {c['claims_s'][0]:.2f} | "
+            f"{c['questions_per_image'][0]:.1f} |"
+        )
     return "\n".join(lines)
