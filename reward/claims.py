@@ -178,7 +178,8 @@ def score_plans(
         ]
         rejected = sum(not c.accepted for c in claims)
         repeated = sum(c.repeated for c in claims)
-        verdicts.append(AnswerVerdict(-float(rejected) - repeat_penalty * repeated, claims, rejected, repeated))
+        score = 0.0 - rejected - repeat_penalty * repeated  # 0.0 - ... never yields -0.0
+        verdicts.append(AnswerVerdict(score, claims, rejected, repeated))
     return verdicts
 
 
