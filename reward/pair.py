@@ -151,9 +151,13 @@ class ModelPair:
         *,
         messages: Sequence[dict[str, Any]] | None = None,
     ) -> EncodedPrompt:
-        return encode_prompt(
-            self.processor, self.load_images(images), question, messages=messages, max_length=self.max_positions
-        )
+        return self._encode_loaded(self.load_images(images), question, messages=messages)
+
+    def _encode_loaded(
+        self, images: list[Any], question: str | None, *, messages: Sequence[dict[str, Any]] | None = None
+    ) -> EncodedPrompt:
+        """`encode` for images `load_images` already returned (decoded once, kept for the claims labeler)."""
+        return encode_prompt(self.processor, images, question, messages=messages, max_length=self.max_positions)
 
     def load_images(self, images: Sequence[Any]) -> list[Any]:
         """PIL images from any accepted form, limits enforced (PIL images pass through)."""
@@ -312,7 +316,7 @@ class ModelPair:
             raise InvalidInputError(f"n must be a positive integer, got {n!r}", param="n")
         params = sampling or SamplingParams(**sampling_kwargs)
         images = self.load_images(_as_list(image))
-        job = GenerateJob(self.encode(images, question), n, params, reward or self.reward, images)
+        job = GenerateJob(self._encode_loaded(images, question), n, params, reward or self.reward, images)
         return self.generate_batch([job])[0]
 
     def score(
@@ -323,7 +327,8 @@ class ModelPair:
             raise AnswerError("answers must be a list of strings, not one string", param="answers")
         texts = list(answers)
         images = self.load_images(_as_list(image))
-        job = ScoreJob(self.encode(images, question), self.encode_answers(texts), texts, reward or self.reward, images)
+        prompt = self._encode_loaded(images, question)
+        job = ScoreJob(prompt, self.encode_answers(texts), texts, reward or self.reward, images)
         return self.score_batch([job])[0]
 
 
