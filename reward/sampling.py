@@ -2,8 +2,9 @@
 
 Why our own decode loop rather than `generate()`: `generate(num_return_sequences=N)`
 copies the prompt N times *before* prefill, so the image+prompt prefix would be
-encoded N times. Here each prefix runs once, its KV cache is forked N ways,
-finished rows are dropped from the batch, and the log-prob of every sampled
+encoded N times. Here each prefix runs once, its KV cache is forked N ways
+into buffers that grow in place (`reward.kv_cache`), finished rows are dropped
+from the batch, and the log-prob of every sampled
 token under the *raw* model distribution (temperature 1, no top-p/top-k) is
 kept, so the policy term of the reward needs no second pass.
 """
@@ -17,7 +18,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from reward.logprobs import model_device, prefill, step
+from reward.kv_cache import preallocate
+from reward.logprobs import model_device, prefill, selective_log_softmax, step
 from reward.prompt import EncodedPrompt
 
 
@@ -42,15 +44,8 @@ class Sample:
     finish_reason: Literal["stop", "length"]
 
 
-def _choose(
-    logits: torch.Tensor, params: SamplingParams, blocked: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
-    """Pick next tokens (rows,) from raw logits (rows, V) under the sampling settings."""
-    logits = logits.float().clone()
-    if blocked.numel():
-        logits[:, blocked] = float("-inf")
-    if params.temperature < 1e-5:
-        return logits.argmax(dim=-1)
+def _transform(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Raw logits (rows, V) -> sampling logits under temperature, top-k and top-p (-inf = excluded)."""
     # Shift before dividing so tiny temperatures give huge negative numbers, never inf - inf = NaN.
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
@@ -62,8 +57,54 @@ def _choose(
         drop_sorted = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the token that crosses top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    return logits
+
+
+class _Chooser:
+    """Picks next tokens for all rows of a batch in a few tensor ops, whatever the mix of prompts.
+
+    Rows with the same decoding settings are transformed together; each prompt's
+    own generator draws one uniform number per row of that prompt, and tokens
+    come from inverse-CDF sampling. A prompt's samples therefore depend only on
+    its seed, not on what else shares the batch.
+    """
+
+    def __init__(self, params: Sequence[SamplingParams], blocked: torch.Tensor) -> None:
+        self.params = list(params)
+        self.blocked = blocked
+        self.generators = [_generator(p.seed) for p in params]
+        keys: dict[tuple[float, float, int], int] = {}
+        self.setting_of_group = [keys.setdefault((p.temperature, p.top_p, p.top_k), len(keys)) for p in params]
+        self.settings = list(keys)
+
+    def __call__(self, logits: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """logits (rows, V) of live rows, groups (rows,) their prompt index, sorted ascending."""
+        logits = logits.float()
+        if self.blocked.numel():
+            logits = logits.index_fill(-1, self.blocked, float("-inf"))
+        counts = torch.bincount(groups, minlength=len(self.params)).tolist()
+        device = logits.device
+        if len(self.settings) == 1:
+            return self._pick(logits, self.params[0], counts, range(len(self.params)), device)
+        setting = torch.tensor(self.setting_of_group, device=device)[groups]
+        chosen = torch.empty(logits.shape[0], dtype=torch.long, device=device)
+        for s in range(len(self.settings)):
+            rows = (setting == s).nonzero().squeeze(-1)
+            if rows.numel():
+                members = [g for g, k in enumerate(self.setting_of_group) if k == s]
+                chosen[rows] = self._pick(logits[rows], self.params[members[0]], counts, members, device)
+        return chosen
+
+    def _pick(
+        self, logits: torch.Tensor, params: SamplingParams, counts: list[int], members: Any, device: torch.device
+    ) -> torch.Tensor:
+        if params.temperature < 1e-5:
+            return logits.argmax(dim=-1)
+        cdf = _transform(logits, params).softmax(-1).cumsum(-1)
+        draws = [torch.rand(counts[g], generator=self.generators[g]) for g in members if counts[g]]
+        uniform = torch.cat(draws).to(device).unsqueeze(-1) * cdf[:, -1:]
+        # right=True: the first token whose CDF exceeds u, so zero-probability tokens are never picked.
+        return torch.searchsorted(cdf, uniform, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 def _generator(seed: int | None) -> torch.Generator:
@@ -92,36 +133,35 @@ def sample_answers(
     group_of_row = torch.repeat_interleave(
         torch.arange(len(prompts), device=device), torch.tensor(list(counts), device=device)
     )
+    limits = torch.tensor([params[int(g)].max_tokens for g in group_of_row], device=device)
+    width = int(limits.max())
     state = state.select(group_of_row)
-    generators = [_generator(p.seed) for p in params]
+    preallocate(state.cache, width)
     stops = torch.tensor(list(stop_ids), device=device)
     blocked = torch.tensor(sorted(set(blocked_ids) - set(stop_ids)), dtype=torch.long, device=device)
-    limits = torch.tensor([params[int(g)].max_tokens for g in group_of_row], device=device)
+    choose = _Chooser(params, blocked)
 
     total = int(group_of_row.shape[0])
-    tokens: list[list[int]] = [[] for _ in range(total)]
-    logps: list[list[torch.Tensor]] = [[] for _ in range(total)]
-    reasons: list[str] = ["length"] * total
+    # Every live row gets one token per step, so step t writes column t; rows stop at different t.
+    token_buf = torch.full((total, width), pad_id, dtype=torch.long, device=device)
+    logp_buf = torch.zeros((total, width), device=device)
+    lengths = torch.zeros(total, dtype=torch.long, device=device)
+    stopped = torch.zeros(total, dtype=torch.bool, device=device)
     active = torch.arange(total, device=device)  # original row index of each batch row
     alive = torch.ones(total, dtype=torch.bool, device=device)  # finished rows ride along until compaction
     logits = state.logits
-    while True:
-        raw = torch.log_softmax(logits.float(), dim=-1)
+    for t in range(width):
+        live = alive.nonzero().squeeze(-1)
+        rows = active[live]
         chosen = torch.full((active.shape[0],), pad_id, dtype=torch.long, device=device)
-        groups = group_of_row[active]
-        for g in torch.unique(groups[alive]).tolist():
-            rows = ((groups == g) & alive).nonzero().squeeze(-1)
-            chosen[rows] = _choose(logits[rows], params[g], blocked, generators[g])
-        picked = raw.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+        chosen[live] = choose(logits[live], group_of_row[rows])
+        picked = selective_log_softmax(logits[live], chosen[live])
         done = torch.isin(chosen, stops)
-        for i in alive.nonzero().squeeze(-1).tolist():
-            row = int(active[i])
-            tokens[row].append(int(chosen[i]))
-            logps[row].append(picked[i])
-            if bool(done[i]):
-                reasons[row] = "stop"
-        lengths = torch.tensor([len(tokens[r]) for r in active.tolist()], device=device)
-        alive = alive & ~done & (lengths < limits[active])
+        token_buf[rows, t] = chosen[live]
+        logp_buf[rows, t] = picked
+        lengths[rows] = t + 1
+        stopped[rows] = done[live]
+        alive = alive & ~done & (t + 1 < limits[active])
         if not bool(alive.any()):
             break
         # Dropping finished rows re-copies the whole KV cache, so do it only once a quarter of the batch is dead.
@@ -132,8 +172,10 @@ def sample_answers(
         chosen = chosen.masked_fill(~alive, pad_id)
         logits = step(model, state, chosen.unsqueeze(-1))
 
+    token_lists = token_buf.tolist()
+    logp_rows = logp_buf.cpu()
     grouped: list[list[Sample]] = [[] for _ in prompts]
-    for row in range(total):
-        sample = Sample(tokens[row], torch.stack(logps[row]).cpu(), reasons[row])  # type: ignore[arg-type]
-        grouped[int(group_of_row[row])].append(sample)
+    for row, (n, stop, group) in enumerate(zip(lengths.tolist(), stopped.tolist(), group_of_row.tolist(), strict=True)):
+        sample = Sample(token_lists[row][:n], logp_rows[row, :n].clone(), "stop" if stop else "length")
+        grouped[group].append(sample)
     return grouped

@@ -61,6 +61,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_queue=settings.max_queue,
         max_batch=settings.max_batch,
         batch_window_s=settings.batch_window_ms / 1000.0,
+        batch_max_wait_s=settings.batch_max_wait_ms / 1000.0,
         retry_after_s=settings.retry_after_s,
         metrics=metrics,
     )

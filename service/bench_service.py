@@ -40,6 +40,7 @@ class LevelResult:
     latencies: list[float]
     model_s: list[float]
     n: int
+    mean_batch: float | None = None
 
     @property
     def rps(self) -> float:
@@ -120,6 +121,22 @@ async def _run_level(
 
 async def _warm(url: str, n: int, max_tokens: int, headers: dict) -> None:
     await _run_level(url, "warm", 2, 4, n, max_tokens, headers)
+
+
+def _batch_totals(url: str, headers: dict) -> tuple[float, float] | None:
+    """(sum, count) of the server's `rlaifv_batch_size` histogram for generate batches."""
+    import httpx
+
+    try:
+        text = httpx.get(url + "/metrics", headers=headers, timeout=10).text
+    except httpx.HTTPError:
+        return None
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        for suffix in ("_sum", "_count"):
+            if line.startswith(f"rlaifv_batch_size{suffix}{{") and 'kind="generate"' in line:
+                totals[suffix] = float(line.rsplit(" ", 1)[1])
+    return (totals["_sum"], totals["_count"]) if len(totals) == 2 else None
 
 
 def _start_server(bundle: Path, port: int, env_overrides: dict[str, str]) -> subprocess.Popen:
@@ -209,10 +226,17 @@ def run_benchmark(
         for c in concurrency:
             total = max(16, requests_per_client * c)
             for (mode, _), target in zip(modes, targets, strict=True):
+                before = _batch_totals(target, headers)
                 r = asyncio.run(_run_level(target, mode, c, total, n, max_tokens, headers))
+                after = _batch_totals(target, headers)
+                if before and after and after[1] > before[1]:
+                    r.mean_batch = (after[0] - before[0]) / (after[1] - before[1])
                 results.append(r)
                 p50, p99 = r.pct(0.5) * 1000, r.pct(0.99) * 1000
-                typer.echo(f"{mode:>13} c={c:<3} {r.rps:7.2f} req/s  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms")
+                typer.echo(
+                    f"{mode:>13} c={c:<3} {r.rps:7.2f} req/s  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms"
+                    f"  mean batch {r.mean_batch or 0:.1f}"
+                )
     finally:
         for proc in procs:
             proc.terminate()
@@ -224,14 +248,16 @@ def report(results: list[LevelResult], *, n: int, max_tokens: int) -> str:
     lines = [
         f"best-of-{n}, max_tokens {max_tokens}, closed-loop clients",
         "",
-        "| mode | concurrency | requests | requests/s | answers/s | p50 ms | p99 ms | overhead vs model time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | concurrency | requests | requests/s | answers/s | p50 ms | p99 ms | mean batch "
+        "| overhead vs model time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         overhead = f"{r.overhead * 100:.1f} %" if r.concurrency == 1 else ""
+        batch = f"{r.mean_batch:.1f}" if r.mean_batch is not None else ""
         lines.append(
             f"| {r.mode} | {r.concurrency} | {r.requests} | {r.rps:.2f} | {r.answers_ps:.1f} | "
-            f"{r.pct(0.5) * 1000:.1f} | {r.pct(0.99) * 1000:.1f} | {overhead} |"
+            f"{r.pct(0.5) * 1000:.1f} | {r.pct(0.99) * 1000:.1f} | {batch} | {overhead} |"
         )
     by_mode: dict[str, dict[int, LevelResult]] = {}
     for r in results:

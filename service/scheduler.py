@@ -3,8 +3,13 @@
 - Bounded queue: when `max_queue` requests already wait, `submit` raises
   `Overloaded` (HTTP 429 with Retry-After) at once instead of queueing.
 - Micro-batching: the first waiting request opens a batch; requests of the same
-  kind arriving within `batch_window_s` (up to `max_batch`) join it and share
-  one forward pass. `max_batch=1` turns batching off.
+  kind join it (up to `max_batch`) while each arrives within `batch_window_s`
+  of the previous one, for at most `batch_max_wait_s` in all; the batch shares
+  one forward pass. `max_batch=1` turns batching off. The window restarts at
+  every arrival because requests come in bursts (many clients answered by one
+  batch send their next requests together, spread over the time it takes to
+  parse them): a fixed window split such bursts into two half-size batches
+  that then alternated on the model for good.
 - Deadlines: each request carries one; a request whose deadline passes while it
   waits is answered 504 and never reaches the model.
 - Cancellation: when the client goes away, its request is dropped from the
@@ -52,11 +57,13 @@ class Scheduler:
         max_batch: int,
         batch_window_s: float,
         retry_after_s: int,
+        batch_max_wait_s: float | None = None,
         metrics: Metrics,
     ) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.batch_window_s = batch_window_s
+        self.batch_max_wait_s = max(batch_window_s, batch_window_s if batch_max_wait_s is None else batch_max_wait_s)
         self.retry_after_s = retry_after_s
         self.metrics = metrics
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
@@ -162,9 +169,10 @@ class Scheduler:
         while not self._live(first):
             first = await self._next(None)
         batch = [first]
-        window_end = time.monotonic() + self.batch_window_s
+        opened = time.monotonic()
         while len(batch) < self.max_batch:
-            item = await self._next(window_end - time.monotonic())
+            now = time.monotonic()
+            item = await self._next(min(self.batch_window_s, opened + self.batch_max_wait_s - now))
             if item is None:
                 break
             if not self._live(item):

@@ -47,7 +47,10 @@ def serve(
         int | None, typer.Option(help="Requests per forward pass; 1 = no batching (env RLAIFV_MAX_BATCH).")
     ] = None,
     batch_window_ms: Annotated[
-        float | None, typer.Option(help="Micro-batching window (env RLAIFV_BATCH_WINDOW_MS).")
+        float | None, typer.Option(help="Wait after each arrival for the next (env RLAIFV_BATCH_WINDOW_MS).")
+    ] = None,
+    batch_max_wait_ms: Annotated[
+        float | None, typer.Option(help="Longest wait of a forming batch (env RLAIFV_BATCH_MAX_WAIT_MS).")
     ] = None,
     request_timeout_s: Annotated[
         float | None, typer.Option(help="Request deadline (env RLAIFV_REQUEST_TIMEOUT_S).")
@@ -78,6 +81,7 @@ def serve(
         max_queue=max_queue,
         max_batch=max_batch,
         batch_window_ms=batch_window_ms,
+        batch_max_wait_ms=batch_max_wait_ms,
         request_timeout_s=request_timeout_s,
         api_keys_file=api_keys_file,
         redis_url=redis_url,

@@ -79,7 +79,12 @@ class Settings(BaseSettings):
     # -- scheduler --------------------------------------------------------------
     max_queue: int = Field(64, ge=1, description="Requests waiting for the model before 429s are returned.")
     max_batch: int = Field(16, ge=1, description="Most requests sharing one forward pass; 1 disables micro-batching.")
-    batch_window_ms: float = Field(5.0, ge=0, description="How long the first request of a batch waits for company.")
+    batch_window_ms: float = Field(
+        5.0, ge=0, description="A forming batch waits this long after each arrival for the next request."
+    )
+    batch_max_wait_ms: float = Field(
+        50.0, ge=0, description="At most this long in all between a batch's first request and its start."
+    )
     request_timeout_s: float = Field(
         120.0, gt=0, description="Deadline of a request, queueing included (504 after it)."
     )

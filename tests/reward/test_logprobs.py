@@ -74,6 +74,19 @@ def test_sampling_is_reproducible_by_seed_and_never_emits_blocked_tokens(tiny_pa
             assert sample.token_ids[-1] in tiny_pair.stop_ids
 
 
+def test_a_prompts_samples_do_not_depend_on_its_batch(tiny_pair):
+    """The service micro-batches requests: a seeded request must get the same answers alone or batched."""
+    prompts = _prompts(tiny_pair)
+    mine = SamplingParams(temperature=1.2, top_p=0.95, max_tokens=10, seed=21)
+    other = SamplingParams(temperature=0.8, top_k=7, max_tokens=14, seed=99)
+    alone = tiny_pair.sample(prompts[1:], [5], [mine])[0]
+    batched = tiny_pair.sample([prompts[0], prompts[1], prompts[0]], [3, 5, 2], [other, mine, mine])[1]
+    assert [s.token_ids for s in batched] == [s.token_ids for s in alone]
+    for a, b in zip(alone, batched, strict=True):
+        assert torch.allclose(a.logprobs, b.logprobs, atol=TOL)
+        assert a.finish_reason == b.finish_reason
+
+
 def test_greedy_is_deterministic_without_seed(tiny_pair):
     prompts = _prompts(tiny_pair)[:1]
     params = [SamplingParams(temperature=0.0, max_tokens=8)]

@@ -63,6 +63,33 @@ async def test_queued_requests_share_one_batch_and_match_unbatched(engine, in_pr
     await sched.close(1)
 
 
+async def _staggered(sched, pair, count: int, gap_s: float):
+    tasks = []
+    for i in range(count):
+        tasks.append(asyncio.create_task(sched.submit(score_request(pair, [f"answer {i}"]), timeout_s=30)))
+        await asyncio.sleep(gap_s)
+    return await asyncio.gather(*tasks)
+
+
+async def test_a_burst_spread_over_more_than_the_window_still_forms_one_batch(engine, in_process_pair) -> None:
+    """The window restarts at each arrival: 6 requests 20 ms apart (100 ms in all) join a 30 ms window."""
+    sched = make(engine, batch_window_s=0.03, batch_max_wait_s=1.0)
+    sched.start()
+    outcomes = await _staggered(sched, in_process_pair, 6, 0.02)
+    assert batch_sizes(sched.metrics, "score") == (1.0, 6.0)
+    assert {o.result.batch_size for o in outcomes} == {6}
+    await sched.close(1)
+
+
+async def test_the_longest_wait_caps_a_forming_batch(engine, in_process_pair) -> None:
+    sched = make(engine, batch_window_s=0.05, batch_max_wait_s=0.05)
+    sched.start()
+    await _staggered(sched, in_process_pair, 6, 0.02)
+    count, total = batch_sizes(sched.metrics, "score")
+    assert total == 6.0 and count >= 2  # 6 arrivals over 100 ms cannot all wait in one 50 ms batch
+    await sched.close(1)
+
+
 async def test_kinds_are_batched_separately(engine, in_process_pair) -> None:
     sched = make(engine)
     reqs = [
