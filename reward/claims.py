@@ -4,9 +4,14 @@ Used twice with the same code: by the trainer to score sampled answers (AI
 feedback for preference pairs), and by the service as the `claims` reward
 mode (best-of-N by verification). An answer's score is
 
-    score = -(rejected claims) - repeat_penalty * (repeated claims)
+    count:    score = -(rejected claims)               - repeat_penalty * (repeated claims)
+    expected: score = -(sum over claims of p(no))      - repeat_penalty * (repeated claims)
 
-The repeat term matters: without it a policy learns to please the judge by
+`count` is RLAIF-V's feedback score. `expected` (the expected number of
+hallucinated claims under the labeler's probabilities) breaks the ties that
+`count` leaves between most candidates by how sure the labeler is; for
+best-of-N in the shapes world it picked about half the hallucinations `count`
+did (docs/shapes-world.md). The repeat term matters: without it a policy learns to please the judge by
 restating true claims.
 
 Splitting and question writing are protocols, so a fine-tuned LLM (as the
@@ -22,6 +27,7 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 from reward.judge import Labeler
+from reward.scoring import ClaimScore
 
 YES_NO_SUFFIX = "Please answer yes or no."
 _EXISTENTIAL = re.compile(
@@ -168,6 +174,7 @@ def score_plans(
     *,
     repeat_penalty: float = 1.0,
     threshold: float = 0.5,
+    scoring: ClaimScore = "count",
 ) -> list[AnswerVerdict]:
     """Turn judged questions into answer scores (every mention judged; repeats also penalised)."""
     verdicts = []
@@ -178,7 +185,8 @@ def score_plans(
         ]
         rejected = sum(not c.accepted for c in claims)
         repeated = sum(c.repeated for c in claims)
-        score = 0.0 - rejected - repeat_penalty * repeated  # 0.0 - ... never yields -0.0
+        wrong = rejected if scoring == "count" else sum(1.0 - c.p_yes for c in claims)
+        score = 0.0 - wrong - repeat_penalty * repeated  # 0.0 - ... never yields -0.0
         verdicts.append(AnswerVerdict(score, claims, rejected, repeated))
     return verdicts
 
@@ -192,10 +200,11 @@ def verify_answers(
     *,
     repeat_penalty: float = 1.0,
     threshold: float = 0.5,
+    scoring: ClaimScore = "count",
 ) -> list[AnswerVerdict]:
     """Score answers to one image by divide-and-conquer verification (each distinct question asked once)."""
     splitter = splitter or SpacyClaimSplitter()
     writer = writer or RuleQuestionWriter()
     plans, questions = plan_claims(answers, splitter, writer)
     p_yes = dict(zip(questions, labeler.p_yes(image, questions), strict=True)) if questions else {}
-    return score_plans(plans, p_yes, repeat_penalty=repeat_penalty, threshold=threshold)
+    return score_plans(plans, p_yes, repeat_penalty=repeat_penalty, threshold=threshold, scoring=scoring)

@@ -272,7 +272,10 @@ class ModelPair:
         for i, p_yes in zip(todo, answers, strict=True):
             plan, questions = plans[i]
             verdicts = score_plans(
-                plan, dict(zip(questions, p_yes, strict=True)), repeat_penalty=jobs[i].reward.repeat_penalty
+                plan,
+                dict(zip(questions, p_yes, strict=True)),
+                repeat_penalty=jobs[i].reward.repeat_penalty,
+                scoring=jobs[i].reward.claim_score,
             )
             for candidate, verdict in zip(groups[i], verdicts, strict=True):
                 candidate.reward = verdict.score

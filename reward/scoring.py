@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Normalize = Literal["mean", "sum"]
 RewardMode = Literal["dpo", "claims"]
+ClaimScore = Literal["expected", "count"]
 
 
 class RewardConfig(BaseModel):
@@ -28,11 +29,18 @@ class RewardConfig(BaseModel):
     mode: RewardMode = Field(
         "dpo",
         description="'dpo': the RLAIF-V implicit reward (policy vs reference log-ratio). 'claims': divide-and-conquer"
-        " claim verification by the yes/no labeler (reward = -rejected - repeat_penalty * repeated claims).",
+        " claim verification by the yes/no labeler (see claim_score).",
     )
     beta: float = Field(0.1, gt=0.0, description="DPO temperature; RLAIF-V trains with 0.1.")
     normalize: Normalize = Field("mean", description="'mean' divides by the answer's token count T; 'sum' does not.")
     repeat_penalty: float = Field(1.0, ge=0.0, description="'claims' mode: penalty per repeated claim.")
+    claim_score: ClaimScore = Field(
+        "expected",
+        description="'claims' mode: 'expected' = -(sum over claims of the labeler's p(no)), the expected number of"
+        " hallucinated claims; 'count' = -(claims with p(yes) <= 0.5), RLAIF-V's feedback score. Both subtract"
+        " repeat_penalty * (repeated claims). 'expected' ranks candidates the count ties (most of them) by how sure"
+        " the labeler is, and picked half as many hallucinations in the shapes world.",
+    )
 
 
 def implicit_reward(policy_logprob: float, reference_logprob: float, num_tokens: int, config: RewardConfig) -> float:

@@ -49,7 +49,7 @@ class RewardOptions(Strict):
         "dpo",
         description="'dpo' (default): the RLAIF-V self-reward beta/T * sum_t log(pi_theta/pi_ref). 'claims': "
         "divide-and-conquer verification: each answer is split into claims, the yes/no labeler (the policy) "
-        "judges each against the image, reward = -(rejected claims) - repeat_penalty * (repeated claims). "
+        "judges each against the image; reward per claim_score, minus repeat_penalty * (repeated claims). "
         "More forward passes. policy_logprob/reference_logprob are reported in both modes.",
     )
     beta: float | None = Field(
@@ -62,12 +62,19 @@ class RewardOptions(Strict):
         None, ge=0, le=100, description="'claims' mode: penalty per repeated claim; the bundle's (1.0) when unset."
     )
 
+    claim_score: Literal["expected", "count"] | None = Field(
+        None,
+        description="'claims' mode: 'expected' (default) = -(sum of the labeler's p(no) over claims), the expected "
+        "number of hallucinated claims; 'count' = -(claims judged no), RLAIF-V's feedback score.",
+    )
+
     def to_config(self, default: RewardConfig) -> RewardConfig:
         return RewardConfig(
             mode=self.mode,
             beta=self.beta or default.beta,
             normalize=self.normalize or default.normalize,
             repeat_penalty=default.repeat_penalty if self.repeat_penalty is None else self.repeat_penalty,
+            claim_score=self.claim_score or default.claim_score,
         )
 
 
@@ -161,6 +168,9 @@ class RewardInfo(BaseModel):
     mode: str = Field(description="Reward mode used.")
     beta: float
     normalize: Literal["mean", "sum"]
+    claim_score: Literal["expected", "count"] | None = Field(
+        None, description="'claims' mode: how verdicts became the reward (see RewardOptions.claim_score)."
+    )
 
 
 class Timings(BaseModel):
@@ -187,7 +197,8 @@ class CandidateOut(BaseModel):
     text: str
     reward: float = Field(
         description="The reward candidates are ranked by. 'dpo' mode: r = beta/T * sum_t[log pi_theta - log pi_ref]"
-        " (no 1/T with normalize='sum'). 'claims' mode: -(rejected claims) - repeat_penalty * (repeated claims)."
+        " (no 1/T with normalize='sum'). 'claims' mode: -(sum of p(no) over claims) or -(rejected claims) (per"
+        " claim_score), minus repeat_penalty * (repeated claims)."
     )
     implicit_reward: float = Field(
         description="The RLAIF-V implicit reward (the 'dpo' formula) in every mode, for comparison."

@@ -63,7 +63,8 @@ def _candidates(ranking: Ranking) -> list[CandidateOut]:
 
 
 def _reward_info(options: RewardOptions, config: RewardConfig) -> RewardInfo:
-    return RewardInfo(mode=options.mode, beta=config.beta, normalize=config.normalize)
+    claim_score = config.claim_score if config.mode == "claims" else None
+    return RewardInfo(mode=options.mode, beta=config.beta, normalize=config.normalize, claim_score=claim_score)
 
 
 async def _wait_for_disconnect(request: Request) -> None:

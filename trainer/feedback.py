@@ -107,6 +107,7 @@ def score_answers(
         writer,
         repeat_penalty=config.repeat_penalty,
         threshold=config.threshold,
+        scoring=config.claim_score,
     )
     return [
         ScoredAnswer(
@@ -217,7 +218,9 @@ def score_batch(
     results = []
     for group, (plans, questions) in zip(answers, planned, strict=True):
         p_yes = dict(zip(questions, next(replies), strict=True)) if questions else {}
-        verdicts = score_plans(plans, p_yes, repeat_penalty=config.repeat_penalty, threshold=config.threshold)
+        verdicts = score_plans(
+            plans, p_yes, repeat_penalty=config.repeat_penalty, threshold=config.threshold, scoring=config.claim_score
+        )
         results.append(
             [
                 ScoredAnswer(

@@ -36,6 +36,10 @@ class FeedbackConfig:
     llm_name: str = field(default="default", metadata={"help": "Model name sent to the OpenAI-compatible URL."})
     repeat_penalty: float = field(default=1.0, metadata={"help": "Score penalty per repeated claim."})
     threshold: float = field(default=0.5, metadata={"help": "A claim is accepted when p(yes) > threshold."})
+    claim_score: Literal["count", "expected"] = field(
+        default="count",
+        metadata={"help": "'count': -(rejected claims), as RLAIF-V; 'expected': -(sum of p(no)) over claims."},
+    )
     prompt_batch: int = field(default=4, metadata={"help": "Prompts sampled together in one batch."})
     seed: int = field(default=0, metadata={"help": "Base seed; each prompt gets its own derived seed."})
 
@@ -51,6 +55,7 @@ class FeedbackConfig:
             (self.prompt_batch >= 1, "prompt_batch must be >= 1"),
             (self.splitter in ("spacy", "llm"), "splitter must be 'spacy' or 'llm'"),
             (self.question_writer in ("rules", "llm"), "question_writer must be 'rules' or 'llm'"),
+            (self.claim_score in ("count", "expected"), "claim_score must be 'count' or 'expected'"),
             (bool(self.labeler), "labeler must be 'self' or a model folder"),
         ]
         for ok, message in checks:

@@ -84,12 +84,11 @@ def test_claims_mode_reports_verdicts_and_the_implicit_reward(client: Client, re
     result = client.score(
         image=red_png, question=QUESTION, answers=["a red circle.", "a cat and a dog."], mode="claims"
     )
-    assert result.reward.mode == "claims"
+    assert result.reward.mode == "claims" and result.reward.claim_score == "expected"
     for candidate in result.candidates:
         assert candidate.claims is not None and len(candidate.claims) >= 1
-        assert candidate.reward == -sum(not c.accepted for c in candidate.claims) - sum(
-            c.repeated for c in candidate.claims
-        )
+        expected = sum(1 - c.p_yes for c in candidate.claims) + sum(c.repeated for c in candidate.claims)
+        assert candidate.reward == pytest.approx(-expected)
     plain = client.score(image=red_png, question=QUESTION, answers=["a red circle.", "a cat and a dog."])
     assert [c.implicit_reward for c in result.candidates] == pytest.approx(plain.rewards, abs=1e-6)
     assert all(c.claims is None for c in plain.candidates)

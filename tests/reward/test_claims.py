@@ -71,6 +71,24 @@ def test_verify_answers_scores_rejections_and_repeats():
     assert verdicts[2].claims[1].repeated and verdicts[2].claims[1].accepted
 
 
+def test_expected_scoring_sums_p_no_and_breaks_the_ties_of_counting():
+    class Graded:
+        def p_yes(self, image, questions):
+            sure = {"red circle": 0.99, "blue square": 0.6, "green star": 0.55, "cat": 0.1}
+            return [next(v for k, v in sure.items() if f" {k} " in q) for q in questions]
+
+    answers = [
+        "a red circle and a blue square.",
+        "a red circle and a green star.",
+        "a red circle, a red circle, a cat.",
+    ]
+    count = verify_answers(None, answers, Graded())
+    expected = verify_answers(None, answers, Graded(), scoring="expected")
+    assert [v.score for v in count] == [0.0, 0.0, -2.0]  # a tie the count cannot break
+    assert [v.score for v in expected] == pytest.approx([-(0.01 + 0.4), -(0.01 + 0.45), -(0.01 + 0.01 + 0.9) - 1])
+    assert [v.rejected for v in expected] == [0, 0, 1]  # verdicts are the same; only the score differs
+
+
 def test_judge_shares_the_image_prefix_and_matches_separate_forwards(tiny_pair):
     judge = YesNoJudge(tiny_pair.policy, tiny_pair.processor)
     image = Image.new("RGB", (32, 32), (255, 0, 0))
@@ -91,7 +109,9 @@ def test_claims_reward_mode_ranks_by_verification(tiny_bundle):
     pair._labeler = ScriptedLabeler({"red circle"})
     image = Image.new("RGB", (32, 32), (255, 0, 0))
     answers = ["a cat and a dog.", "a red circle.", "a red circle and a cat."]
-    ranking = pair.score(image, "What is in the image?", answers, reward=RewardConfig(mode="claims"))
+    ranking = pair.score(
+        image, "What is in the image?", answers, reward=RewardConfig(mode="claims", claim_score="count")
+    )
     assert ranking.rewards == [-2.0, 0.0, -1.0]
     assert ranking.best_index == 1
     assert [c.accepted for c in ranking.best.claims] == [True]

@@ -36,7 +36,7 @@ def test_best_of_n_returns_argmax_with_consistent_rewards(client: httpx.Client, 
     assert body["usage"]["completion_tokens"] == sum(c["num_tokens"] for c in body["candidates"])
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     assert body["model"] == "tiny-llava"
-    assert body["reward"] == {"mode": "dpo", "beta": 0.1, "normalize": "mean"}
+    assert body["reward"] == {"mode": "dpo", "beta": 0.1, "normalize": "mean", "claim_score": None}
 
 
 def test_best_of_n_seed_reproducible_and_reward_options(client: httpx.Client, red_url: str) -> None:
@@ -47,7 +47,7 @@ def test_best_of_n_seed_reproducible_and_reward_options(client: httpx.Client, re
     summed = client.post(
         "/v1/best-of-n", json=req | {"reward": {"mode": "dpo", "beta": 0.5, "normalize": "sum"}}
     ).json()
-    assert summed["reward"] == {"mode": "dpo", "beta": 0.5, "normalize": "sum"}
+    assert summed["reward"] == {"mode": "dpo", "beta": 0.5, "normalize": "sum", "claim_score": None}
     for c in summed["candidates"]:
         assert math.isclose(c["reward"], expected_reward(c, 0.5, "sum"), rel_tol=1e-9, abs_tol=1e-12)
 
@@ -178,20 +178,22 @@ def test_openapi_documents_every_route_with_error_models(client: httpx.Client) -
     assert "description" in components["SamplingOptions"]["properties"]["temperature"]
 
 
+@pytest.mark.parametrize("claim_score", ["expected", "count"])
 def test_claims_reward_mode_matches_in_process(
-    client: httpx.Client, in_process_pair, red_png: bytes, red_url: str
+    client: httpx.Client, in_process_pair, red_png: bytes, red_url: str, claim_score: str
 ) -> None:
     from reward.scoring import RewardConfig
 
     answers = ["There is a red circle and a blue square.", "a dog.", "a dog. a dog."]
-    reward = {"mode": "claims", "repeat_penalty": 0.5}
+    reward = {"mode": "claims", "repeat_penalty": 0.5, "claim_score": claim_score}
     r = client.post(
         "/v1/rewards", json={"images": [red_url], "question": QUESTION, "answers": answers, "reward": reward}
     )
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["reward"]["mode"] == "claims"
-    local = in_process_pair.score(red_png, QUESTION, answers, reward=RewardConfig(mode="claims", repeat_penalty=0.5))
+    assert body["reward"]["mode"] == "claims" and body["reward"]["claim_score"] == claim_score
+    config = RewardConfig(mode="claims", repeat_penalty=0.5, claim_score=claim_score)
+    local = in_process_pair.score(red_png, QUESTION, answers, reward=config)
     assert body["rewards"] == pytest.approx(local.rewards, abs=1e-9)
     assert body["best_index"] == local.best_index
     assert all(x <= 0 for x in body["rewards"])  # minus rejected claims, minus repeats

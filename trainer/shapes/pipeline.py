@@ -17,7 +17,7 @@ from typing import Any
 
 from trainer.shapes.reference import ReferenceConfig
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: dpo_lr 3e-5, feedback scored by expected hallucinated claims
 
 
 @dataclass
@@ -28,7 +28,7 @@ class DemoConfig:
     rounds: int = field(default=2, metadata={"help": "RLAIF-V rounds (self-feedback each round)."})
     prompts_per_round: int = field(default=500, metadata={"help": "New images per round."})
     samples: int = field(default=8, metadata={"help": "Captions sampled per image for feedback."})
-    dpo_lr: float = field(default=2e-5, metadata={"help": "DPO learning rate (1e-4 collapsed recall)."})
+    dpo_lr: float = field(default=3e-5, metadata={"help": "DPO learning rate (1e-4 collapsed recall)."})
     dpo_epochs: int = field(default=4, metadata={"help": "Passes over the round's pairs."})
     dpo_batch: int = field(default=32, metadata={"help": "Pairs per DPO step."})
     nll_weight: float = field(default=2.0, metadata={"help": "NLL term on the chosen caption (keeps recall)."})
@@ -39,6 +39,10 @@ class DemoConfig:
             "help": "RLAIF-V's length filter. Off here: a hallucinated caption is one with an extra object, so the"
             " filter would drop exactly the informative pairs and teach 'longer is better'; recall guards brevity."
         },
+    )
+    claim_score: str = field(
+        default="expected",
+        metadata={"help": "Feedback score: 'count' (RLAIF-V: -rejected claims) or 'expected' (-sum of p(no))."},
     )
     keep_verified: bool = field(
         default=True, metadata={"help": "Pairs whose chosen caption keeps every verified object of the rejected one."}
@@ -80,6 +84,7 @@ def iterate_config(config: DemoConfig, reference_dir: Path, run_dir: Path, progr
             max_tokens=32,
             labeler="self",
             repeat_penalty=1.0,
+            claim_score=config.claim_score,  # type: ignore[arg-type]
             prompt_batch=32,
             seed=config.seed,
         ),

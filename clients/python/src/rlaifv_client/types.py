@@ -55,6 +55,9 @@ class RewardInfo(BaseType):
     mode: str = Field(description="Reward mode used.")
     beta: float
     normalize: Literal["mean", "sum"]
+    claim_score: Literal["expected", "count"] | None = Field(
+        None, description="'claims' mode: how verdicts became the reward (see RewardOptions.claim_score)."
+    )
 
 
 class Timings(BaseType):
