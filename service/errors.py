@@ -104,6 +104,12 @@ class Unavailable(ServiceError):
     status, type, code = 503, "service_unavailable", "not_ready"
 
 
+class NotEnabled(ServiceError):
+    """A feature this deployment was not configured for: retrying cannot help, unlike 503."""
+
+    status, type, code = 501, "not_implemented_error", "not_enabled"
+
+
 class DeadlineExceeded(ServiceError):
     status, type, code = 504, "timeout_error", "deadline_exceeded"
 
@@ -223,6 +229,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         404: "Not found.",
         413: "Request body over the size limit.",
         429: "Queue full or over quota; retry after `Retry-After` seconds.",
+        501: "Not enabled on this deployment (e.g. jobs without RLAIFV_REDIS_URL); retrying will not help.",
         503: "Model not loaded yet or shutting down.",
         504: "The request's deadline passed before it was served.",
     }

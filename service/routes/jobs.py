@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request
 
-from service.errors import NotFound, Unavailable, error_responses
+from service.errors import NotEnabled, NotFound, error_responses
 from service.jobs import JobStore
 from service.protocol import Job, JobRequest, JobResults
 
@@ -15,7 +15,7 @@ JobId = Annotated[str, Path(description="Job id returned by POST /v1/jobs.", max
 def get_store(request: Request) -> JobStore:
     store = request.app.state.job_store
     if store is None:
-        raise Unavailable("batch jobs need Redis: set RLAIFV_REDIS_URL", code="jobs_unavailable")
+        raise NotEnabled("batch jobs need Redis: the operator sets RLAIFV_REDIS_URL", code="jobs_not_enabled")
     return store
 
 
@@ -32,7 +32,7 @@ async def _found(job: Job | JobResults | None, job_id: str):
     "/v1/jobs",
     status_code=202,
     response_model=Job,
-    responses=error_responses(400, 401, 403, 413, 429, 503),
+    responses=error_responses(400, 401, 403, 413, 429, 501, 503),
     summary="Submit a durable batch job (Redis Streams)",
 )
 async def create_job(body: JobRequest, store: StoreDep) -> Job:
@@ -45,7 +45,7 @@ async def create_job(body: JobRequest, store: StoreDep) -> Job:
 @router.get(
     "/v1/jobs/{job_id}",
     response_model=Job,
-    responses=error_responses(400, 401, 403, 404, 429, 503),
+    responses=error_responses(400, 401, 403, 404, 429, 501, 503),
     summary="Job status",
 )
 async def get_job(job_id: JobId, store: StoreDep) -> Job:
@@ -55,7 +55,7 @@ async def get_job(job_id: JobId, store: StoreDep) -> Job:
 @router.get(
     "/v1/jobs/{job_id}/results",
     response_model=JobResults,
-    responses=error_responses(400, 401, 403, 404, 429, 503),
+    responses=error_responses(400, 401, 403, 404, 429, 501, 503),
     summary="Results of a job so far, by item index",
 )
 async def get_job_results(job_id: JobId, store: StoreDep) -> JobResults:
@@ -65,7 +65,7 @@ async def get_job_results(job_id: JobId, store: StoreDep) -> JobResults:
 @router.delete(
     "/v1/jobs/{job_id}",
     response_model=Job,
-    responses=error_responses(400, 401, 403, 404, 429, 503),
+    responses=error_responses(400, 401, 403, 404, 429, 501, 503),
     summary="Cancel a job",
 )
 async def cancel_job(job_id: JobId, store: StoreDep) -> Job:

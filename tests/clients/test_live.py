@@ -183,3 +183,27 @@ async def test_async_errors(server: Any, red_png: bytes) -> None:
         with pytest.raises(InvalidRequestError) as info:
             await ok.best_of_n(image=red_png, question=QUESTION, n=100)
         assert info.value.param == "n"
+
+
+def test_jobs_on_a_server_without_redis_fail_once_with_501(client: Client, red_png: bytes) -> None:
+    """501 means 'not enabled here': the SDK raises at once instead of retrying as it would a 503."""
+    from rlaifv_client import ServerError
+
+    with pytest.raises(ServerError) as info:
+        client.jobs.submit([{"image": red_png, "question": QUESTION, "answers": ANSWERS}], kind="rewards")
+    assert info.value.status_code == 501 and info.value.code == "jobs_not_enabled"
+
+
+def test_claim_score_count_ranks_by_rejected_claims(client: Client, red_png: bytes) -> None:
+    result = client.score(
+        image=red_png,
+        question=QUESTION,
+        answers=["a red circle.", "a cat and a dog."],
+        mode="claims",
+        claim_score="count",
+    )
+    assert result.reward.claim_score == "count"
+    for candidate in result.candidates:
+        assert candidate.claims
+        rejected = sum(not c.accepted for c in candidate.claims) + sum(c.repeated for c in candidate.claims)
+        assert candidate.reward == -rejected

@@ -100,7 +100,7 @@ def test_cancel_and_errors(make_server, redis_url, red_url) -> None:
 
 def test_jobs_need_redis(client: httpx.Client) -> None:
     r = client.post("/v1/jobs", json={"kind": "rewards", "items": [{"question": "q", "answers": ["a"]}]})
-    assert r.status_code == 503 and r.json()["error"]["code"] == "jobs_unavailable"
+    assert r.status_code == 501 and r.json()["error"]["code"] == "jobs_not_enabled"  # not retryable, unlike 503
 
 
 def test_redis_cache_and_rate_limit_and_readiness(make_server, redis_url, red_url) -> None:

@@ -16,7 +16,8 @@ RULES = {
     "random": "random-of-N",
     "bon_implicit": "best-of-N, implicit reward (mean)",
     "bon_implicit_sum": "best-of-N, implicit reward (sum)",
-    "bon_claims": "best-of-N, claim verification",
+    "bon_claims_count": "best-of-N, claims (count rejected)",
+    "bon_claims": "best-of-N, claims (expected, default)",
 }
 METRICS = ("chair_i", "chair_s", "recall", "repeats")
 

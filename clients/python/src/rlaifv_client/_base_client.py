@@ -127,13 +127,14 @@ def prompt_body(
     beta: float | None,
     normalize: str | None,
     mode: str | None = None,
+    claim_score: str | None = None,
 ) -> dict[str, Any]:
     """The fields /v1/best-of-n and /v1/rewards share. Only given fields are sent (the server has the defaults)."""
     body: dict[str, Any] = {"model": model, "question": question, "messages": messages}
     encoded = encode_images(image, list(images) if images is not None else None)
     if encoded:
         body["images"] = encoded
-    reward = _drop_none({"mode": mode, "beta": beta, "normalize": normalize})
+    reward = _drop_none({"mode": mode, "beta": beta, "normalize": normalize, "claim_score": claim_score})
     if reward:
         body["reward"] = reward
     return _drop_none(body)
@@ -155,6 +156,7 @@ def best_of_n_body(
     beta: float | None = None,
     normalize: str | None = None,
     mode: str | None = None,
+    claim_score: str | None = None,
 ) -> dict[str, Any]:
     """The JSON body of POST /v1/best-of-n."""
     body = prompt_body(
@@ -166,6 +168,7 @@ def best_of_n_body(
         beta=beta,
         normalize=normalize,
         mode=mode,
+        claim_score=claim_score,
     )
     if n is not None:
         body["n"] = n
@@ -188,6 +191,7 @@ def score_body(
     beta: float | None = None,
     normalize: str | None = None,
     mode: str | None = None,
+    claim_score: str | None = None,
 ) -> dict[str, Any]:
     """The JSON body of POST /v1/rewards."""
     if isinstance(answers, str):
@@ -201,6 +205,7 @@ def score_body(
         beta=beta,
         normalize=normalize,
         mode=mode,
+        claim_score=claim_score,
     )
     body["answers"] = list(answers)
     return body

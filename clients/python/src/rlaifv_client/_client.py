@@ -39,6 +39,7 @@ __all__ = ["AsyncClient", "Client"]
 ProgressCallback = Callable[[Job], Any]
 Normalize = Literal["mean", "sum"]
 RewardMode = Literal["dpo", "claims"]
+ClaimScore = Literal["expected", "count"]
 
 
 def _job_path(job_id: str | Job, suffix: str = "") -> str:
@@ -165,6 +166,7 @@ class Client(BaseClient):
         beta: float | None = None,
         normalize: Normalize | None = None,
         mode: RewardMode | None = None,
+        claim_score: ClaimScore | None = None,
         model: str | None = None,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
         extra_headers: Mapping[str, str] | None = None,
@@ -175,7 +177,8 @@ class Client(BaseClient):
         An image is a path, bytes, a binary file, a PIL image, a ``data:`` URL, or an ``http(s)://`` URL
         (fetched by the server when its operator allows the host). Arguments left ``None`` take the server's
         defaults (n=4, temperature=1, the bundle's beta, normalize='mean'). ``mode='claims'`` ranks by claim
-        verification (each candidate then carries ``claims``); ``implicit_reward`` is reported in both modes.
+        verification (each candidate then carries ``claims``), scored by ``claim_score`` ('expected' hallucinated
+        claims, the server's default, or 'count' of rejected ones); ``implicit_reward`` is reported in both modes.
 
         Raises:
             InvalidRequestError: bad input (``.param`` names the field). RateLimitError / ServerError after
@@ -196,6 +199,7 @@ class Client(BaseClient):
             beta=beta,
             normalize=normalize,
             mode=mode,
+            claim_score=claim_score,
         )
         return self._request(APICall("POST", "/v1/best-of-n", BestOfN, body, timeout=timeout, headers=extra_headers))
 
@@ -210,6 +214,7 @@ class Client(BaseClient):
         beta: float | None = None,
         normalize: Normalize | None = None,
         mode: RewardMode | None = None,
+        claim_score: ClaimScore | None = None,
         model: str | None = None,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
         extra_headers: Mapping[str, str] | None = None,
@@ -228,6 +233,7 @@ class Client(BaseClient):
             beta=beta,
             normalize=normalize,
             mode=mode,
+            claim_score=claim_score,
         )
         return self._request(APICall("POST", "/v1/rewards", Rewards, body, timeout=timeout, headers=extra_headers))
 
@@ -399,6 +405,7 @@ class AsyncClient(BaseClient):
         beta: float | None = None,
         normalize: Normalize | None = None,
         mode: RewardMode | None = None,
+        claim_score: ClaimScore | None = None,
         model: str | None = None,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
         extra_headers: Mapping[str, str] | None = None,
@@ -420,6 +427,7 @@ class AsyncClient(BaseClient):
             beta=beta,
             normalize=normalize,
             mode=mode,
+            claim_score=claim_score,
         )
         return await self._request(
             APICall("POST", "/v1/best-of-n", BestOfN, body, timeout=timeout, headers=extra_headers)
@@ -436,6 +444,7 @@ class AsyncClient(BaseClient):
         beta: float | None = None,
         normalize: Normalize | None = None,
         mode: RewardMode | None = None,
+        claim_score: ClaimScore | None = None,
         model: str | None = None,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
         extra_headers: Mapping[str, str] | None = None,
@@ -451,6 +460,7 @@ class AsyncClient(BaseClient):
             beta=beta,
             normalize=normalize,
             mode=mode,
+            claim_score=claim_score,
         )
         return await self._request(
             APICall("POST", "/v1/rewards", Rewards, body, timeout=timeout, headers=extra_headers)
