@@ -92,6 +92,10 @@ class NotFound(ServiceError):
     status, type, code = 404, "not_found_error", "not_found"
 
 
+class Conflict(ServiceError):
+    status, type, code = 409, "invalid_request_error", "conflict"
+
+
 class PayloadTooLarge(ServiceError):
     status, type, code = 413, "invalid_request_error", "body_too_large"
 
@@ -227,6 +231,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         401: "API key missing.",
         403: "API key wrong.",
         404: "Not found.",
+        409: "Idempotency-Key already used with a different request body.",
         413: "Request body over the size limit.",
         429: "Queue full or over quota; retry after `Retry-After` seconds.",
         501: "Not enabled on this deployment (e.g. jobs without RLAIFV_REDIS_URL); retrying will not help.",

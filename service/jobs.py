@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from reward.errors import InvalidInputError
-from service.errors import BadRequest, ServiceError
+from service.errors import BadRequest, Conflict, ServiceError
 from service.protocol import BestOfNRequest, Job, JobItemResult, JobRequest, JobResults, RewardsRequest
 
 if TYPE_CHECKING:
@@ -67,7 +68,9 @@ class JobStore:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def create(self, request: JobRequest) -> Job:
+    async def create(self, request: JobRequest, *, idempotency_key: str | None = None, owner: str | None = None) -> Job:
+        """Queue a job. With an `idempotency_key`, a repeat of the same request (a client retrying after a
+        timeout) gets the job the first one created instead of a duplicate, for as long as jobs live."""
         if len(request.items) > self.max_items:
             raise BadRequest(f"at most {self.max_items} items per job, got {len(request.items)}", param="items")
         model = REQUEST_MODELS[request.kind]
@@ -79,6 +82,33 @@ class JobStore:
                 raise BadRequest(f"items[{i}]: {err['msg']}", param=f"items[{i}]{_error_path(err['loc'])}") from None
         await self.ensure_group()
         job_id = f"job-{uuid.uuid4().hex}"
+        claim = None
+        if idempotency_key is not None:
+            claim = f"{PREFIX}idem:{owner or '-'}:{idempotency_key}"
+            digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+            if not await self.redis.set(claim, f"{job_id} {digest}", nx=True, ex=self.ttl_s):
+                return await self._replay(claim, digest)
+        try:
+            return await self._enqueue(job_id, request)
+        except BaseException:
+            if claim is not None:
+                await self.redis.delete(claim)
+            raise
+
+    async def _replay(self, claim: str, digest: str) -> Job:
+        """The job an earlier request with the same Idempotency-Key created (it may still be being written)."""
+        raw = await self.redis.get(claim)
+        first_id, first_digest = raw.decode().split() if raw else ("", "")
+        if first_digest != digest:
+            raise Conflict("this Idempotency-Key was used for a different request body", param="Idempotency-Key")
+        for _ in range(100):
+            job = await self.get(first_id)
+            if job is not None:
+                return job
+            await asyncio.sleep(0.02)
+        raise Conflict("the request that first used this Idempotency-Key did not complete", param="Idempotency-Key")
+
+    async def _enqueue(self, job_id: str, request: JobRequest) -> Job:
         now = int(time.time())
         key = PREFIX + job_id
         meta = {

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Header, Path, Request
 
 from service.errors import NotEnabled, NotFound, error_responses
 from service.jobs import JobStore
@@ -32,14 +32,29 @@ async def _found(job: Job | JobResults | None, job_id: str):
     "/v1/jobs",
     status_code=202,
     response_model=Job,
-    responses=error_responses(400, 401, 403, 413, 429, 501, 503),
+    responses=error_responses(400, 401, 403, 409, 413, 429, 501, 503),
     summary="Submit a durable batch job (Redis Streams)",
 )
-async def create_job(body: JobRequest, store: StoreDep) -> Job:
+async def create_job(
+    body: JobRequest,
+    store: StoreDep,
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=128,
+            pattern=r"^[A-Za-z0-9._:-]+$",
+            description="Makes the submission safe to retry: a repeat with the same key and body returns the "
+            "job the first one created (same body required, else 409). The SDK sends one per submit.",
+        ),
+    ] = None,
+) -> Job:
     """Queues every item (a /v1/best-of-n or /v1/rewards request body) on the job stream. Items are
     checked against the request schema now; limits (n, max_tokens, images) are applied when an item
     runs, and an item that breaks them gets an error result. Poll GET /v1/jobs/{id}."""
-    return await store.create(body)
+    owner = getattr(request.state, "key_id", None)
+    return await store.create(body, idempotency_key=idempotency_key, owner=owner)
 
 
 @router.get(

@@ -196,10 +196,13 @@ def test_calls_that_must_not_run_twice_are_repeated_only_when_surely_not_process
     ) as c:
         with pytest.raises(APITimeoutError):
             c.jobs.submit([{"question": "q"}])
-        assert len(attempts) == 1  # the job may exist already: submitting it again could run it twice
+        # Retried like a read, with one Idempotency-Key on every attempt: the server creates the job once.
+        assert len(attempts) == 3
+        keys = {a.headers.get("Idempotency-Key") for a in attempts}
+        assert len(keys) == 1 and None not in keys
         with pytest.raises(APITimeoutError):
-            c.jobs.get("job-1")
-        assert len(attempts) == 4  # reads are retried
+            c.jobs.submit([{"question": "q"}])
+        assert len({a.headers.get("Idempotency-Key") for a in attempts}) == 2  # a new submission, a new key
 
 
 def test_retries_then_gives_up_with_the_same_request_id() -> None:

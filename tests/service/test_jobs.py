@@ -98,6 +98,27 @@ def test_cancel_and_errors(make_server, redis_url, red_url) -> None:
         assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "items"
 
 
+def test_idempotency_key_makes_a_retried_submission_return_the_first_job(make_server, redis_url, red_url) -> None:
+    import redis
+
+    stream = "rlaifv:jobs:idem-test"
+    server = make_server(redis_url=redis_url, jobs_stream=stream, jobs_workers=0)
+    item = {"images": [red_url], "question": QUESTION, "answers": ["a red circle."]}
+    body = {"kind": "rewards", "items": [item, item]}
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        first = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "submit-1"})
+        again = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "submit-1"})
+        assert first.status_code == again.status_code == 202
+        assert again.json()["id"] == first.json()["id"]
+        assert redis.Redis.from_url(redis_url).xlen(stream) == 2  # the items were queued once
+        other = client.post("/v1/jobs", json=body | {"items": [item]}, headers={"Idempotency-Key": "submit-1"})
+        assert other.status_code == 409 and other.json()["error"]["param"] == "Idempotency-Key"
+        fresh = client.post("/v1/jobs", json=body)
+        assert fresh.status_code == 202 and fresh.json()["id"] != first.json()["id"]
+        bad = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "spaces are not allowed"})
+        assert bad.status_code == 400
+
+
 def test_jobs_need_redis(client: httpx.Client) -> None:
     r = client.post("/v1/jobs", json={"kind": "rewards", "items": [{"question": "q", "answers": ["a"]}]})
     assert r.status_code == 501 and r.json()["error"]["code"] == "jobs_not_enabled"  # not retryable, unlike 503

@@ -211,6 +211,12 @@ def score_body(
     return body
 
 
+def submission_headers() -> dict[str, str]:
+    """One Idempotency-Key per job submission, the same on every retry: the server then creates the job once,
+    so submitting is safe to retry after a timeout (where the first attempt may have gone through)."""
+    return {"Idempotency-Key": uuid.uuid4().hex}
+
+
 def job_body(kind: JobKind, items: Iterable[Mapping[str, Any]], metadata: Mapping[str, str] | None) -> dict[str, Any]:
     """The JSON body of POST /v1/jobs: each item holds the keyword arguments of `best_of_n` (kind 'best_of_n')
     or of `score` (kind 'rewards'), and becomes that endpoint's request body."""

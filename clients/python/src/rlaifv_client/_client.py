@@ -29,6 +29,7 @@ from ._base_client import (
     job_body,
     progress_line,
     score_body,
+    submission_headers,
 )
 from ._exceptions import WaitTimeoutError
 from ._images import ImageInput
@@ -271,7 +272,8 @@ class Jobs:
         ``best_of_n`` (``kind='best_of_n'``, e.g. ``{"image": "cat.png", "question": "...", "n": 8}``) or of ``score``
         (``kind='rewards'``); images are encoded here. ``metadata`` is stored with the job (string values)."""
         body = job_body(kind, items, metadata)
-        return self._client._request(APICall("POST", "/v1/jobs", Job, body, timeout=timeout, idempotent=False))
+        call = APICall("POST", "/v1/jobs", Job, body, timeout=timeout, headers=submission_headers())
+        return self._client._request(call)
 
     def get(self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Job:
         """The job's current status and counts."""
@@ -498,7 +500,8 @@ class AsyncJobs:
         """Submit a durable batch job; each item holds the keyword arguments of ``best_of_n`` or ``score``
         (``kind='best_of_n'`` or ``'rewards'``). See ``Jobs.submit``."""
         body = job_body(kind, items, metadata)
-        return await self._client._request(APICall("POST", "/v1/jobs", Job, body, timeout=timeout, idempotent=False))
+        call = APICall("POST", "/v1/jobs", Job, body, timeout=timeout, headers=submission_headers())
+        return await self._client._request(call)
 
     async def get(self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Job:
         """The job's current status and counts."""
