@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from reward.sampling import SamplingParams
 from reward.scoring import RewardConfig
-from service.errors import BadRequest
+from service.errors import BadRequest, ErrorDetail
 from service.settings import Settings
 
 PNG_1PX = (
@@ -540,10 +540,10 @@ class Job(BaseModel):
 class JobItemResult(BaseModel):
     index: int
     status: Literal["succeeded", "failed"]
-    result: dict[str, Any] | None = Field(
-        None, description="The endpoint's response body (BestOfNResponse or RewardsResponse)."
+    result: Annotated[BestOfNResponse | RewardsResponse, Field(discriminator="object")] | None = Field(
+        None, description="The endpoint's response body, by the job's kind."
     )
-    error: dict[str, Any] | None = Field(None, description="The error envelope's `error` object when the item failed.")
+    error: ErrorDetail | None = Field(None, description="The error envelope's `error` object when the item failed.")
 
 
 class JobResults(BaseModel):

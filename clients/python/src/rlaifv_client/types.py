@@ -217,7 +217,6 @@ class JobResult(BaseType):
 
     index: int
     status: Literal["succeeded", "failed"]
-    # The server declares these as free-form objects; the SDK parses them (narrowing checked by the drift test).
     result: Annotated[BestOfN | Rewards, Field(discriminator="object")] | None = Field(
         None, description="The endpoint's response body."
     )
