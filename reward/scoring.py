@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Normalize = Literal["mean", "sum"]
 RewardMode = Literal["dpo", "claims"]
-ClaimScore = Literal["expected", "count"]
+ClaimScore = Literal["count", "expected"]
 
 
 class RewardConfig(BaseModel):
@@ -35,11 +35,11 @@ class RewardConfig(BaseModel):
     normalize: Normalize = Field("mean", description="'mean' divides by the answer's token count T; 'sum' does not.")
     repeat_penalty: float = Field(1.0, ge=0.0, description="'claims' mode: penalty per repeated claim.")
     claim_score: ClaimScore = Field(
-        "expected",
-        description="'claims' mode: 'expected' = -(sum over claims of the labeler's p(no)), the expected number of"
-        " hallucinated claims; 'count' = -(claims with p(yes) <= 0.5), RLAIF-V's feedback score. Both subtract"
-        " repeat_penalty * (repeated claims). 'expected' ranks candidates the count ties (most of them) by how sure"
-        " the labeler is, and picked half as many hallucinations in the shapes world.",
+        "count",
+        description="'claims' mode: 'count' = -(claims with p(yes) <= 0.5), RLAIF-V's feedback score; 'expected' ="
+        " -(sum over claims of the labeler's p(no)), the expected number of hallucinated claims, which also ranks"
+        " the candidates a count ties, but favours answers with fewer claims. Both subtract repeat_penalty *"
+        " (repeated claims). Shapes-world measurements of both: docs/shapes-world.md.",
     )
 
 

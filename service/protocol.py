@@ -62,10 +62,11 @@ class RewardOptions(Strict):
         None, ge=0, le=100, description="'claims' mode: penalty per repeated claim; the bundle's (1.0) when unset."
     )
 
-    claim_score: Literal["expected", "count"] | None = Field(
+    claim_score: Literal["count", "expected"] | None = Field(
         None,
-        description="'claims' mode: 'expected' (default) = -(sum of the labeler's p(no) over claims), the expected "
-        "number of hallucinated claims; 'count' = -(claims judged no), RLAIF-V's feedback score.",
+        description="'claims' mode: 'count' (default) = -(claims judged no), RLAIF-V's feedback score; 'expected' = "
+        "-(sum of the labeler's p(no) over claims), the expected number of hallucinated claims (breaks ties, "
+        "favours fewer claims).",
     )
 
     def to_config(self, default: RewardConfig) -> RewardConfig:
@@ -168,7 +169,7 @@ class RewardInfo(BaseModel):
     mode: str = Field(description="Reward mode used.")
     beta: float
     normalize: Literal["mean", "sum"]
-    claim_score: Literal["expected", "count"] | None = Field(
+    claim_score: Literal["count", "expected"] | None = Field(
         None, description="'claims' mode: how verdicts became the reward (see RewardOptions.claim_score)."
     )
 

@@ -84,11 +84,11 @@ def test_claims_mode_reports_verdicts_and_the_implicit_reward(client: Client, re
     result = client.score(
         image=red_png, question=QUESTION, answers=["a red circle.", "a cat and a dog."], mode="claims"
     )
-    assert result.reward.mode == "claims" and result.reward.claim_score == "expected"
+    assert result.reward.mode == "claims" and result.reward.claim_score == "count"
     for candidate in result.candidates:
         assert candidate.claims is not None and len(candidate.claims) >= 1
-        expected = sum(1 - c.p_yes for c in candidate.claims) + sum(c.repeated for c in candidate.claims)
-        assert candidate.reward == pytest.approx(-expected)
+        rejected = sum(not c.accepted for c in candidate.claims) + sum(c.repeated for c in candidate.claims)
+        assert candidate.reward == -rejected
     plain = client.score(image=red_png, question=QUESTION, answers=["a red circle.", "a cat and a dog."])
     assert [c.implicit_reward for c in result.candidates] == pytest.approx(plain.rewards, abs=1e-6)
     assert all(c.claims is None for c in plain.candidates)
@@ -194,16 +194,16 @@ def test_jobs_on_a_server_without_redis_fail_once_with_501(client: Client, red_p
     assert info.value.status_code == 501 and info.value.code == "jobs_not_enabled"
 
 
-def test_claim_score_count_ranks_by_rejected_claims(client: Client, red_png: bytes) -> None:
+def test_claim_score_expected_ranks_by_the_sum_of_p_no(client: Client, red_png: bytes) -> None:
     result = client.score(
         image=red_png,
         question=QUESTION,
         answers=["a red circle.", "a cat and a dog."],
         mode="claims",
-        claim_score="count",
+        claim_score="expected",
     )
-    assert result.reward.claim_score == "count"
+    assert result.reward.claim_score == "expected"
     for candidate in result.candidates:
         assert candidate.claims
-        rejected = sum(not c.accepted for c in candidate.claims) + sum(c.repeated for c in candidate.claims)
-        assert candidate.reward == -rejected
+        expected = sum(1 - c.p_yes for c in candidate.claims) + sum(c.repeated for c in candidate.claims)
+        assert candidate.reward == pytest.approx(-expected)

@@ -7,9 +7,9 @@ applied to the *same* candidates, so the comparison is paired:
 - random-of-N:  the first sample (samples are i.i.d., so this is a random pick)
 - bon-implicit: argmax of the RLAIF-V implicit reward (mean-normalised, the pair's beta)
 - bon-implicit-sum: argmax of the sum-normalised implicit reward
-- bon-claims:   argmax of claim verification by the model's own yes/no answers, scored by the expected
-                number of hallucinated claims (the service's default claim_score)
-- bon-claims-count: the same verdicts scored by counting rejected claims (RLAIF-V's feedback score)
+- bon-claims:   argmax of claim verification by the model's own yes/no answers, counting rejected claims
+                (RLAIF-V's feedback score, the service's default claim_score)
+- bon-claims-expected: the same verdicts scored by the expected number of hallucinated claims
 """
 
 from __future__ import annotations
@@ -55,11 +55,11 @@ def evaluate_pair(
         "bon_implicit": [],
         "bon_implicit_sum": [],
         "bon_claims": [],
-        "bon_claims_count": [],
+        "bon_claims_expected": [],
     }
     model_truths: list[set[str]] = []
     claims_mode = RewardConfig(
-        mode="claims", beta=pair.reward.beta, normalize=pair.reward.normalize, claim_score="expected"
+        mode="claims", beta=pair.reward.beta, normalize=pair.reward.normalize, claim_score="count"
     )
     cost = {"sample_s": 0.0, "reference_s": 0.0, "claims_s": 0.0, "questions_per_image": 0.0}
     for start in tqdm(range(0, len(held_out), config.batch_images), desc="evaluating", leave=False):
@@ -89,11 +89,11 @@ def evaluate_pair(
             sums = [pair.reward.beta * (c.policy_logprob - c.reference_logprob) for c in ranking.candidates]
             picks["bon_implicit_sum"].append(texts[select_best(sums)])
             picks["bon_claims"].append(texts[ranking.best_index])
-            counted = [
-                -sum(not k.accepted for k in c.claims or []) - sum(k.repeated for k in c.claims or [])
+            expected = [
+                -sum(1.0 - k.p_yes for k in c.claims or []) - sum(k.repeated for k in c.claims or [])
                 for c in ranking.candidates
             ]
-            picks["bon_claims_count"].append(texts[select_best(counted)])
+            picks["bon_claims_expected"].append(texts[select_best(expected)])
     report = {
         name: chair(answers, model_truths if name == "model" else truths, extract_objects).as_dict()
         for name, answers in picks.items()

@@ -16,8 +16,8 @@ RULES = {
     "random": "random-of-N",
     "bon_implicit": "best-of-N, implicit reward (mean)",
     "bon_implicit_sum": "best-of-N, implicit reward (sum)",
-    "bon_claims_count": "best-of-N, claims (count rejected)",
-    "bon_claims": "best-of-N, claims (expected, default)",
+    "bon_claims": "best-of-N, claims (count, default)",
+    "bon_claims_expected": "best-of-N, claims (expected)",
 }
 METRICS = ("chair_i", "chair_s", "recall", "repeats")
 

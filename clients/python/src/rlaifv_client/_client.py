@@ -40,7 +40,7 @@ __all__ = ["AsyncClient", "Client"]
 ProgressCallback = Callable[[Job], Any]
 Normalize = Literal["mean", "sum"]
 RewardMode = Literal["dpo", "claims"]
-ClaimScore = Literal["expected", "count"]
+ClaimScore = Literal["count", "expected"]
 
 
 def _job_path(job_id: str | Job, suffix: str = "") -> str:
@@ -178,8 +178,8 @@ class Client(BaseClient):
         An image is a path, bytes, a binary file, a PIL image, a ``data:`` URL, or an ``http(s)://`` URL
         (fetched by the server when its operator allows the host). Arguments left ``None`` take the server's
         defaults (n=4, temperature=1, the bundle's beta, normalize='mean'). ``mode='claims'`` ranks by claim
-        verification (each candidate then carries ``claims``), scored by ``claim_score`` ('expected' hallucinated
-        claims, the server's default, or 'count' of rejected ones); ``implicit_reward`` is reported in both modes.
+        verification (each candidate then carries ``claims``), scored by ``claim_score`` ('count' of rejected
+        claims, the server's default, or 'expected' hallucinated claims); ``implicit_reward`` is reported in both modes.
 
         Raises:
             InvalidRequestError: bad input (``.param`` names the field). RateLimitError / ServerError after

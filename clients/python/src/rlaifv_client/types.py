@@ -55,7 +55,7 @@ class RewardInfo(BaseType):
     mode: str = Field(description="Reward mode used.")
     beta: float
     normalize: Literal["mean", "sum"]
-    claim_score: Literal["expected", "count"] | None = Field(
+    claim_score: Literal["count", "expected"] | None = Field(
         None, description="'claims' mode: how verdicts became the reward (see RewardOptions.claim_score)."
     )
 
