@@ -323,10 +323,11 @@ def run_iterate(
             for r in reports
         ],
     }
+    reference_dir = chosen["dpo"]["reference"] if config.export_reference == "round" else config.model
     export_bundle(
         bundle_dir,
         policy_dir=chosen["policy_dir"],
-        reference_dir=config.model,
+        reference_dir=reference_dir,
         policy_type=chosen["policy_type"],
         beta=config.dpo.beta,
         name=config.bundle_name,

@@ -14,7 +14,16 @@ from trainer.feedback_config import FeedbackConfig
 from trainer.pairs import PairConfig
 
 # Settings that may change when resuming an output folder (everything else must match).
-RESUMABLE_CHANGES = ("rounds", "export_round", "best_metric", "best_mode", "bundle_name", "progress", "output_dir")
+RESUMABLE_CHANGES = (
+    "rounds",
+    "export_round",
+    "export_reference",
+    "best_metric",
+    "best_mode",
+    "bundle_name",
+    "progress",
+    "output_dir",
+)
 
 
 @dataclass
@@ -36,6 +45,14 @@ class IterateConfig:
     )
     export_round: str = field(
         default="last", metadata={"help": "Round to export: 'last', 'best' (by best_metric) or a number."}
+    )
+    export_reference: Literal["initial", "round"] = field(
+        default="initial",
+        metadata={
+            "help": "The bundle's reference: the initial (SFT) model, or the DPO reference of the exported round"
+            " (with reference_mode 'previous', the round before it), under which that round's implicit reward was"
+            " trained. Full fine-tuning only."
+        },
     )
     best_metric: str | None = field(default=None, metadata={"help": "Eval metric that picks the 'best' round."})
     best_mode: Literal["max", "min"] = field(
@@ -62,6 +79,10 @@ class IterateConfig:
             raise ConfigError("best_mode must be 'max' or 'min'")
         if self.normalize not in ("mean", "sum"):
             raise ConfigError("normalize must be 'mean' or 'sum'")
+        if self.export_reference not in ("initial", "round"):
+            raise ConfigError("export_reference must be 'initial' or 'round'")
+        if self.export_reference == "round" and self.dpo.lora:
+            raise ConfigError("export_reference 'round' needs full fine-tuning (a LoRA bundle's reference is its base)")
         if self.export_round not in ("last", "best"):
             try:
                 number = int(self.export_round)

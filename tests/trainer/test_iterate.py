@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from trainer_testkit import COLOURS, ControlledLabeler, png
 
 from trainer.data import ListPromptSource, PromptItem
@@ -58,6 +59,7 @@ def _eval(ctx: RoundContext) -> dict[str, float]:
 @pytest.mark.slow
 def test_two_rounds_interrupted_between_rounds_resume_and_export(tiny_model: Path, tmp_path: Path) -> None:
     from reward import load_bundle
+    from reward.models import load_model
 
     out = tmp_path / "run"
     config = _config(tiny_model, out, export_round="best", best_metric="round", best_mode="min")
@@ -100,6 +102,15 @@ def test_two_rounds_interrupted_between_rounds_resume_and_export(tiny_model: Pat
     # a third run resumes everything and only re-exports; changing training settings is refused
     again = run_iterate(config, _source(), labeler=_labeler(), eval_hook=_eval)
     assert again.resumed_rounds == [1, 2]
+    assert Path(json.loads((again.bundle_dir / "rlaifv.json").read_text())["reference"]).name != "policy"
+    # re-exporting round 2 with its own DPO reference (round 1's policy) as the bundle's reference
+    last = _config(tiny_model, out, export_round="2", export_reference="round")
+    exported = run_iterate(last, _source(), labeler=_labeler(), eval_hook=_eval)
+    assert exported.resumed_rounds == [1, 2] and exported.exported_round == 2
+    pair2 = load_bundle(exported.bundle_dir)
+    policy1 = load_model(out / "round-01" / "dpo" / "policy")
+    for a, b in zip(pair2.reference.state_dict().values(), policy1.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
     changed = _config(tiny_model, out, dpo=DPOConfig(learning_rate=5e-3, batch_size=2, cpu=True))
     with pytest.raises(RunStateError, match="dpo"):
         run_iterate(changed, _source(), labeler=_labeler())
@@ -147,6 +158,8 @@ def test_iterate_config_validation_and_overrides(tmp_path: Path) -> None:
         IterateConfig.from_dict(base | {"dpo": {"betta": 1}})
     with pytest.raises(ConfigError, match="num_samples"):
         IterateConfig.from_dict(base | {"feedback": {"num_samples": 1}})
+    with pytest.raises(ConfigError, match="full fine-tuning"):
+        IterateConfig.from_dict(base | {"export_reference": "round", "dpo": {"lora": True}})
     overrides = ["dpo.nll_weight=0.2", "rounds=3", "feedback.labeler=/x/judge"]
     config = IterateConfig.from_dict(apply_overrides(base, overrides))
     assert config.dpo.nll_weight == 0.2 and config.rounds == 3 and config.feedback.labeler == "/x/judge"
