@@ -5,11 +5,13 @@
 - Micro-batching: the first waiting request opens a batch; requests of the same
   kind join it (up to `max_batch`) while each arrives within `batch_window_s`
   of the previous one, for at most `batch_max_wait_s` in all; the batch shares
-  one forward pass. `max_batch=1` turns batching off. The window restarts at
-  every arrival because requests come in bursts (many clients answered by one
-  batch send their next requests together, spread over the time it takes to
-  parse them): a fixed window split such bursts into two half-size batches
-  that then alternated on the model for good.
+  one forward pass. `max_batch=1` turns batching off. Load comes in bursts:
+  the clients one batch answers send their next requests together, spread over
+  the time it takes to parse them. So the window restarts at every arrival, and
+  a batch that opens right after another waits (up to `batch_max_wait_s`) for
+  as many requests as were waiting plus the clients just answered: with a
+  fixed window, a burst was cut into two half-size batches that then took turns
+  on the model for good (mean batch 9-11 of 16 with 16 closed-loop clients).
 - Deadlines: each request carries one; a request whose deadline passes while it
   waits is answered 504 and never reaches the model.
 - Cancellation: when the client goes away, its request is dropped from the
@@ -68,6 +70,7 @@ class Scheduler:
         self.metrics = metrics
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
         self._held: _Item | None = None  # an item of another kind, first in the next batch
+        self._expected = 0  # how many requests the next batch may count on (see `_collect`)
         self._task: asyncio.Task | None = None
         self._closing = False
         self.in_flight = 0
@@ -170,9 +173,10 @@ class Scheduler:
             first = await self._next(None)
         batch = [first]
         opened = time.monotonic()
+        expected, self._expected = self._expected, 0
         while len(batch) < self.max_batch:
-            now = time.monotonic()
-            item = await self._next(min(self.batch_window_s, opened + self.batch_max_wait_s - now))
+            left = opened + self.batch_max_wait_s - time.monotonic()
+            item = await self._next(left if len(batch) < expected else min(self.batch_window_s, left))
             if item is None:
                 break
             if not self._live(item):
@@ -206,3 +210,5 @@ class Scheduler:
                     item.future.set_exception(outcome)
                 else:
                     item.future.set_result(outcome)
+            # Waiting requests plus the clients just answered, who usually send their next request soon.
+            self._expected = min(self.max_batch, self.depth + len(batch)) if self.max_batch > 1 else 0

@@ -90,6 +90,38 @@ async def test_the_longest_wait_caps_a_forming_batch(engine, in_process_pair) ->
     await sched.close(1)
 
 
+class SlowEngine(Engine):
+    """The real engine, plus 200 ms per batch: long enough for requests to queue behind a running batch."""
+
+    def run_batch(self, requests):
+        import time
+
+        time.sleep(0.2)
+        return super().run_batch(requests)
+
+
+async def test_a_batch_after_a_batch_waits_for_the_clients_just_answered(in_process_pair) -> None:
+    """Closed-loop clients answered by one batch come back after the requests queued meanwhile: the next batch
+    waits for both (3 returning + 2 queued = 5) instead of splitting into batches of 2 and 3 that alternate."""
+    engine = SlowEngine(in_process_pair)
+    sched = make(engine, batch_window_s=0.005, batch_max_wait_s=1.0)
+
+    async def client(i: int, rounds: int) -> None:
+        for _ in range(rounds):
+            await sched.submit(score_request(in_process_pair, [f"answer {i}"]), timeout_s=30)
+            await asyncio.sleep(0.03)  # the client reads the answer, then sends its next request
+
+    first = [asyncio.create_task(client(i, 2)) for i in range(3)]
+    await asyncio.sleep(0)
+    sched.start()
+    await asyncio.sleep(0.05)  # batch 1 (3 requests) is running; two more requests queue behind it
+    late = [asyncio.create_task(client(i, 1)) for i in range(3, 5)]
+    await asyncio.gather(*first, *late)
+    assert batch_sizes(sched.metrics, "score") == (2.0, 8.0)  # [3, 5], not [3, 2, 3]
+    await sched.close(1)
+    engine.shutdown()
+
+
 async def test_kinds_are_batched_separately(engine, in_process_pair) -> None:
     sched = make(engine)
     reqs = [
