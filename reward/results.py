@@ -8,13 +8,13 @@ from pydantic import BaseModel, Field
 
 
 class ClaimCheck(BaseModel):
-    """One claim of an answer as the labeler judged it."""
+    """One claim of an answer as the yes/no labeler judged it ('claims' reward mode); also the wire model."""
 
     claim: str
-    question: str
-    p_yes: float
-    accepted: bool
-    repeated: bool
+    question: str = Field(description="The yes/no question put to the labeler.")
+    p_yes: float = Field(description="p(yes) / (p(yes) + p(no)) from the labeler's first answer token.")
+    accepted: bool = Field(description="p_yes > 0.5.")
+    repeated: bool = Field(description="The claim restates an earlier claim of the same answer (penalised).")
 
 
 class Candidate(BaseModel):

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from reward.results import ClaimCheck
 from reward.sampling import SamplingParams
 from reward.scoring import RewardConfig
 from service.errors import BadRequest, ErrorDetail
@@ -183,16 +184,6 @@ class Timings(BaseModel):
     total_s: float = Field(description="Server time from arrival to response.")
 
 
-class ClaimCheckOut(BaseModel):
-    """One claim of a candidate as the yes/no labeler judged it ('claims' reward mode)."""
-
-    claim: str
-    question: str = Field(description="The yes/no question put to the labeler.")
-    p_yes: float = Field(description="p(yes) / (p(yes) + p(no)) from the labeler's first answer token.")
-    accepted: bool = Field(description="p_yes > 0.5.")
-    repeated: bool = Field(description="The claim restates an earlier claim of the same answer (penalised).")
-
-
 class CandidateOut(BaseModel):
     index: int = Field(description="Position of the candidate (sampling order, or the order answers were given).")
     text: str
@@ -204,7 +195,7 @@ class CandidateOut(BaseModel):
     implicit_reward: float = Field(
         description="The RLAIF-V implicit reward (the 'dpo' formula) in every mode, for comparison."
     )
-    claims: list[ClaimCheckOut] | None = Field(None, description="Per-claim verdicts ('claims' mode only).")
+    claims: list[ClaimCheck] | None = Field(None, description="Per-claim verdicts ('claims' mode only).")
     policy_logprob: float = Field(description="sum_t log pi_theta(y_t | x, y_<t), raw logits at temperature 1.")
     reference_logprob: float = Field(description="sum_t log pi_ref(y_t | x, y_<t), raw logits at temperature 1.")
     num_tokens: int = Field(description="T: answer tokens scored, end-of-turn included.")

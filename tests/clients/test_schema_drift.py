@@ -20,7 +20,7 @@ SCHEMAS: dict[type[pydantic.BaseModel], str] = {
     types.RewardInfo: "RewardInfo",
     types.Timings: "Timings",
     types.Candidate: "CandidateOut",
-    types.ClaimCheck: "ClaimCheckOut",
+    types.ClaimCheck: "ClaimCheck",
     types.BestOfN: "BestOfNResponse",
     types.Rewards: "RewardsResponse",
     types.Model: "ModelCard",

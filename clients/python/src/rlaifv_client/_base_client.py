@@ -119,13 +119,13 @@ def _drop_none(mapping: Mapping[str, Any]) -> dict[str, Any]:
 
 def prompt_body(
     *,
-    model: str | None,
-    image: ImageInput | None,
-    images: Iterable[ImageInput] | None,
-    question: str | None,
-    messages: list[dict[str, Any]] | None,
-    beta: float | None,
-    normalize: str | None,
+    model: str | None = None,
+    image: ImageInput | None = None,
+    images: Iterable[ImageInput] | None = None,
+    question: str | None = None,
+    messages: list[dict[str, Any]] | None = None,
+    beta: float | None = None,
+    normalize: str | None = None,
     mode: str | None = None,
     claim_score: str | None = None,
 ) -> dict[str, Any]:
@@ -142,34 +142,16 @@ def prompt_body(
 
 def best_of_n_body(
     *,
-    model: str | None = None,
-    image: ImageInput | None = None,
-    images: Iterable[ImageInput] | None = None,
-    question: str | None = None,
-    messages: list[dict[str, Any]] | None = None,
     n: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
     max_tokens: int | None = None,
     seed: int | None = None,
-    beta: float | None = None,
-    normalize: str | None = None,
-    mode: str | None = None,
-    claim_score: str | None = None,
+    **prompt: Any,
 ) -> dict[str, Any]:
-    """The JSON body of POST /v1/best-of-n."""
-    body = prompt_body(
-        model=model,
-        image=image,
-        images=images,
-        question=question,
-        messages=messages,
-        beta=beta,
-        normalize=normalize,
-        mode=mode,
-        claim_score=claim_score,
-    )
+    """The JSON body of POST /v1/best-of-n; `prompt` holds `prompt_body`'s arguments."""
+    body = prompt_body(**prompt)
     if n is not None:
         body["n"] = n
     sampling = _drop_none(
@@ -180,33 +162,11 @@ def best_of_n_body(
     return body
 
 
-def score_body(
-    *,
-    answers: Iterable[str],
-    model: str | None = None,
-    image: ImageInput | None = None,
-    images: Iterable[ImageInput] | None = None,
-    question: str | None = None,
-    messages: list[dict[str, Any]] | None = None,
-    beta: float | None = None,
-    normalize: str | None = None,
-    mode: str | None = None,
-    claim_score: str | None = None,
-) -> dict[str, Any]:
-    """The JSON body of POST /v1/rewards."""
+def score_body(*, answers: Iterable[str], **prompt: Any) -> dict[str, Any]:
+    """The JSON body of POST /v1/rewards; `prompt` holds `prompt_body`'s arguments."""
     if isinstance(answers, str):
         raise TypeError("answers= takes a list of strings, not one string")
-    body = prompt_body(
-        model=model,
-        image=image,
-        images=images,
-        question=question,
-        messages=messages,
-        beta=beta,
-        normalize=normalize,
-        mode=mode,
-        claim_score=claim_score,
-    )
+    body = prompt_body(**prompt)
     body["answers"] = list(answers)
     return body
 
