@@ -171,6 +171,18 @@ def plan_claims(
     return plans, list(unique)
 
 
+class JudgedClaim(Protocol):
+    p_yes: float
+    accepted: bool
+    repeated: bool
+
+
+def answer_score(claims: Sequence[JudgedClaim], *, scoring: ClaimScore = "count", repeat_penalty: float = 1.0) -> float:
+    """An answer's score from its judged claims (the formula in the module docstring)."""
+    wrong = sum(not c.accepted for c in claims) if scoring == "count" else sum(1.0 - c.p_yes for c in claims)
+    return 0.0 - wrong - repeat_penalty * sum(c.repeated for c in claims)  # 0.0 - ... never yields -0.0
+
+
 def score_plans(
     plans: Sequence[Sequence[tuple[str, str, bool]]],
     p_yes: dict[str, float],
@@ -186,11 +198,9 @@ def score_plans(
             ClaimVerdict(claim, question, p_yes[question], p_yes[question] > threshold, repeated)
             for claim, question, repeated in plan
         ]
+        score = answer_score(claims, scoring=scoring, repeat_penalty=repeat_penalty)
         rejected = sum(not c.accepted for c in claims)
-        repeated = sum(c.repeated for c in claims)
-        wrong = rejected if scoring == "count" else sum(1.0 - c.p_yes for c in claims)
-        score = 0.0 - wrong - repeat_penalty * repeated  # 0.0 - ... never yields -0.0
-        verdicts.append(AnswerVerdict(score, claims, rejected, repeated))
+        verdicts.append(AnswerVerdict(score, claims, rejected, sum(c.repeated for c in claims)))
     return verdicts
 
 

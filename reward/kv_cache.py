@@ -19,7 +19,10 @@ from transformers.cache_utils import DynamicLayer
 
 
 class PreallocatedLayer(DynamicLayer):
-    """A DynamicLayer whose keys/values are views into a buffer with room for `reserve` more tokens."""
+    """A DynamicLayer whose keys/values are views into a buffer with room for `reserve` more tokens.
+
+    Covers what the decode loop uses: `update` (one step) and `batch_select_indices` (fork, compaction).
+    """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, reserve: int) -> None:
         super().__init__()
@@ -57,12 +60,6 @@ class PreallocatedLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._key_buf = self._key_buf[indices]
         self._value_buf = self._value_buf[indices]
-        self._expose()
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative number of tokens to remove")
-        self._length -= abs(tokens_to_remove)
         self._expose()
 
 

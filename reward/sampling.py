@@ -73,9 +73,15 @@ class _Chooser:
         self.params = list(params)
         self.blocked = blocked
         self.generators = [_generator(p.seed) for p in params]
-        keys: dict[tuple[float, float, int], int] = {}
-        self.setting_of_group = [keys.setdefault((p.temperature, p.top_p, p.top_k), len(keys)) for p in params]
-        self.settings = list(keys)
+        members: dict[tuple[float, float, int], list[int]] = {}
+        for g, p in enumerate(params):
+            members.setdefault((p.temperature, p.top_p, p.top_k), []).append(g)
+        self.members = list(members.values())  # prompts sharing one decoding setting, per setting
+        setting_of_group = [0] * len(self.params)
+        for s, groups in enumerate(self.members):
+            for g in groups:
+                setting_of_group[g] = s
+        self.setting_of_group = torch.tensor(setting_of_group, device=blocked.device)
 
     def __call__(self, logits: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """logits (rows, V) of live rows, groups (rows,) their prompt index, sorted ascending."""
@@ -83,26 +89,23 @@ class _Chooser:
         if self.blocked.numel():
             logits = logits.index_fill(-1, self.blocked, float("-inf"))
         counts = torch.bincount(groups, minlength=len(self.params)).tolist()
-        device = logits.device
-        if len(self.settings) == 1:
-            return self._pick(logits, self.params[0], counts, range(len(self.params)), device)
-        setting = torch.tensor(self.setting_of_group, device=device)[groups]
-        chosen = torch.empty(logits.shape[0], dtype=torch.long, device=device)
-        for s in range(len(self.settings)):
+        if len(self.members) == 1:
+            return self._pick(logits, self.members[0], counts)
+        setting = self.setting_of_group[groups]
+        chosen = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        for s, members in enumerate(self.members):
             rows = (setting == s).nonzero().squeeze(-1)
             if rows.numel():
-                members = [g for g, k in enumerate(self.setting_of_group) if k == s]
-                chosen[rows] = self._pick(logits[rows], self.params[members[0]], counts, members, device)
+                chosen[rows] = self._pick(logits[rows], members, counts)
         return chosen
 
-    def _pick(
-        self, logits: torch.Tensor, params: SamplingParams, counts: list[int], members: Any, device: torch.device
-    ) -> torch.Tensor:
+    def _pick(self, logits: torch.Tensor, members: list[int], counts: list[int]) -> torch.Tensor:
+        params = self.params[members[0]]
         if params.temperature < 1e-5:
             return logits.argmax(dim=-1)
         cdf = _transform(logits, params).softmax(-1).cumsum(-1)
         draws = [torch.rand(counts[g], generator=self.generators[g]) for g in members if counts[g]]
-        uniform = torch.cat(draws).to(device).unsqueeze(-1) * cdf[:, -1:]
+        uniform = torch.cat(draws).to(logits.device).unsqueeze(-1) * cdf[:, -1:]
         # right=True: the first token whose CDF exceeds u, so zero-probability tokens are never picked.
         return torch.searchsorted(cdf, uniform, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
@@ -153,24 +156,25 @@ def sample_answers(
     for t in range(width):
         live = alive.nonzero().squeeze(-1)
         rows = active[live]
-        chosen = torch.full((active.shape[0],), pad_id, dtype=torch.long, device=device)
-        chosen[live] = choose(logits[live], group_of_row[rows])
-        picked = selective_log_softmax(logits[live], chosen[live])
-        done = torch.isin(chosen, stops)
-        token_buf[rows, t] = chosen[live]
-        logp_buf[rows, t] = picked
+        live_logits = logits[live]
+        new = choose(live_logits, group_of_row[rows])
+        stop = torch.isin(new, stops)
+        token_buf[rows, t] = new
+        logp_buf[rows, t] = selective_log_softmax(live_logits, new)
         lengths[rows] = t + 1
-        stopped[rows] = done[live]
-        alive = alive & ~done & (t + 1 < limits[active])
+        stopped[rows] = stop
+        alive[live] = ~stop & (t + 1 < limits[rows])
         if not bool(alive.any()):
             break
+        feed = torch.full((active.shape[0],), pad_id, dtype=torch.long, device=device)
+        feed[live] = new
+        feed = feed.masked_fill(~alive, pad_id)
         # Dropping finished rows re-copies the whole KV cache, so do it only once a quarter of the batch is dead.
         if int((~alive).sum()) * 4 >= alive.shape[0]:
             keep = alive.nonzero().squeeze(-1)
             state = state.select(keep)
-            active, chosen, alive = active[keep], chosen[keep], alive[keep]
-        chosen = chosen.masked_fill(~alive, pad_id)
-        logits = step(model, state, chosen.unsqueeze(-1))
+            active, feed, alive = active[keep], feed[keep], alive[keep]
+        logits = step(model, state, feed.unsqueeze(-1))
 
     token_lists = token_buf.tolist()
     logp_rows = logp_buf.cpu()

@@ -131,12 +131,18 @@ def _batch_totals(url: str, headers: dict) -> tuple[float, float] | None:
         text = httpx.get(url + "/metrics", headers=headers, timeout=10).text
     except httpx.HTTPError:
         return None
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        for suffix in ("_sum", "_count"):
-            if line.startswith(f"rlaifv_batch_size{suffix}{{") and 'kind="generate"' in line:
-                totals[suffix] = float(line.rsplit(" ", 1)[1])
-    return (totals["_sum"], totals["_count"]) if len(totals) == 2 else None
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "rlaifv_batch_size"
+        for sample in family.samples
+        if sample.labels.get("kind") == "generate"
+    }
+    if "rlaifv_batch_size_sum" not in totals:
+        return None
+    return totals["rlaifv_batch_size_sum"], totals["rlaifv_batch_size_count"]
 
 
 def _start_server(bundle: Path, port: int, env_overrides: dict[str, str]) -> subprocess.Popen:

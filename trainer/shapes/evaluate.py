@@ -22,6 +22,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from reward.claims import answer_score
 from reward.pair import GenerateJob, ModelPair
 from reward.sampling import SamplingParams
 from reward.scoring import RewardConfig, select_best
@@ -89,10 +90,7 @@ def evaluate_pair(
             sums = [pair.reward.beta * (c.policy_logprob - c.reference_logprob) for c in ranking.candidates]
             picks["bon_implicit_sum"].append(texts[select_best(sums)])
             picks["bon_claims"].append(texts[ranking.best_index])
-            expected = [
-                -sum(1.0 - k.p_yes for k in c.claims or []) - sum(k.repeated for k in c.claims or [])
-                for c in ranking.candidates
-            ]
+            expected = [answer_score(c.claims or [], scoring="expected") for c in ranking.candidates]
             picks["bon_claims_expected"].append(texts[select_best(expected)])
     report = {
         name: chair(answers, model_truths if name == "model" else truths, extract_objects).as_dict()

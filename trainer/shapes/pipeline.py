@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from trainer.shapes.reference import ReferenceConfig
 
@@ -40,7 +40,7 @@ class DemoConfig:
             " filter would drop exactly the informative pairs and teach 'longer is better'; recall guards brevity."
         },
     )
-    claim_score: str = field(
+    claim_score: Literal["count", "expected"] = field(
         default="expected",
         metadata={"help": "Feedback score: 'count' (RLAIF-V: -rejected claims) or 'expected' (-sum of p(no))."},
     )
@@ -84,7 +84,7 @@ def iterate_config(config: DemoConfig, reference_dir: Path, run_dir: Path, progr
             max_tokens=32,
             labeler="self",
             repeat_penalty=1.0,
-            claim_score=config.claim_score,  # type: ignore[arg-type]
+            claim_score=config.claim_score,
             prompt_batch=32,
             seed=config.seed,
         ),
