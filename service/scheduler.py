@@ -211,4 +211,4 @@ class Scheduler:
                 else:
                     item.future.set_result(outcome)
             # Waiting requests plus the clients just answered, who usually send their next request soon.
-            self._expected = min(self.max_batch, self.depth + len(batch)) if self.max_batch > 1 else 0
+            self._expected = min(self.max_batch, self.depth + len(batch))
