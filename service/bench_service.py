@@ -28,6 +28,8 @@ from typing import Annotated, Any
 
 import typer
 
+from service.testing import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -177,14 +179,6 @@ def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
     raise RuntimeError("server not ready in time")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_benchmark(
     *,
     bundle: Path,
@@ -222,7 +216,7 @@ def run_benchmark(
             if url is not None:
                 targets.append(url)
                 continue
-            port = _free_port()
+            port = free_port()
             targets.append(f"http://127.0.0.1:{port}")
             procs.append(_start_server(bundle, port, env))
             _wait_ready(procs[-1], targets[-1])
