@@ -108,8 +108,7 @@ def load_bundle(
 ):
     """Validate a bundle and load it as a `ModelPair` (one base in memory for LoRA policies)."""
     from reward.errors import ModelLoadError
-    from reward.models import check_model_folder, load_adapter, load_model, load_processor
-    from reward.pair import ModelPair
+    from reward.models import check_model_folder
 
     manifest = read_manifest(folder)
     policy_path = resolve(folder, manifest.policy)
@@ -125,22 +124,54 @@ def load_bundle(
     if manifest.policy_type == "full" and has_adapter:
         raise BundleError(f"bundle {folder}: {policy_path} is a LoRA adapter; set policy_type to 'lora'")
     check_tokenizers_match(policy_path, reference_path)
-
-    processor = load_processor(reference_path, trust_remote_code=trust_remote_code)
-    reference = load_model(reference_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    if manifest.policy_type == "lora":
-        policy = load_adapter(reference, policy_path)
-        reference = None
-    else:
-        policy = load_model(policy_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    return ModelPair(
-        policy,
-        processor,
-        reference=reference,
+    return load_pair(
+        policy_path,
+        reference_path,
+        policy_type=manifest.policy_type,
         reward=manifest.reward,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
         end_of_turn=manifest.end_of_turn,
         name=manifest.name,
         metadata={"bundle": str(Path(folder).resolve()), "manifest": manifest.model_dump()},
+    )
+
+
+def load_pair(
+    policy_path: str | Path,
+    reference_path: str | Path,
+    *,
+    policy_type: str = "full",
+    reward: Any = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    end_of_turn: str | None = None,
+    name: str | None = None,
+    metadata: dict[str, Any] | None = None,
+):
+    """The one place a `ModelPair` is built from model folders (bundles, evaluations, the trainer).
+
+    The processor comes from the reference; a LoRA policy is an adapter over the
+    reference's weights (one base in memory); a policy folder equal to the
+    reference folder shares the loaded model.
+    """
+    from reward.models import load_adapter, load_model, load_processor
+    from reward.pair import ModelPair
+
+    policy_path, reference_path = Path(policy_path), Path(reference_path)
+    processor = load_processor(reference_path, trust_remote_code=trust_remote_code)
+    reference = load_model(reference_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    if policy_type == "lora":
+        policy, reference = load_adapter(reference, policy_path), None
+    elif policy_path.resolve() == reference_path.resolve():
+        policy = reference
+    else:
+        policy = load_model(policy_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    extra = {"name": name} if name is not None else {}
+    return ModelPair(
+        policy, processor, reference=reference, reward=reward, end_of_turn=end_of_turn, metadata=metadata, **extra
     )
 
 

@@ -275,6 +275,7 @@ class ModelPair:
                 plan,
                 dict(zip(questions, p_yes, strict=True)),
                 repeat_penalty=jobs[i].reward.repeat_penalty,
+                threshold=jobs[i].reward.claim_threshold,
                 scoring=jobs[i].reward.claim_score,
             )
             for candidate, verdict in zip(groups[i], verdicts, strict=True):

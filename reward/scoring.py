@@ -34,11 +34,14 @@ class RewardConfig(BaseModel):
     beta: float = Field(0.1, gt=0.0, description="DPO temperature; RLAIF-V trains with 0.1.")
     normalize: Normalize = Field("mean", description="'mean' divides by the answer's token count T; 'sum' does not.")
     repeat_penalty: float = Field(1.0, ge=0.0, description="'claims' mode: penalty per repeated claim.")
+    claim_threshold: float = Field(
+        0.5, gt=0.0, lt=1.0, description="'claims' mode: a claim is accepted when the labeler's p(yes) exceeds this."
+    )
     claim_score: ClaimScore = Field(
         "count",
-        description="'claims' mode: 'count' = -(claims with p(yes) <= 0.5), RLAIF-V's feedback score; 'expected' ="
-        " -(sum over claims of the labeler's p(no)), the expected number of hallucinated claims, which also ranks"
-        " the candidates a count ties, but favours answers with fewer claims. Both subtract repeat_penalty *"
+        description="'claims' mode: 'count' = -(claims with p(yes) <= claim_threshold), RLAIF-V's feedback score;"
+        " 'expected' = -(sum over claims of the labeler's p(no)), the expected number of hallucinated claims, which"
+        " also ranks the candidates a count ties, but favours answers with fewer claims. Both subtract repeat_penalty *"
         " (repeated claims). Shapes-world measurements of both: docs/shapes-world.md.",
     )
 

@@ -30,7 +30,7 @@ When API keys are configured, /v1 routes need `Authorization: Bearer <key>` (401
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     from service.cache import RateLimiter, RewardCache
-    from service.engine import load_engine
+    from service.engines import load_engine
     from service.images import ImageLoader
     from service.scheduler import Scheduler
     from service.serving import Serving
@@ -45,17 +45,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         redis = Redis.from_url(settings.redis_url)
         app.state.redis = redis
-    engine, load_s = await asyncio.to_thread(
-        load_engine,
-        str(settings.bundle),
-        device=settings.device,
-        dtype=settings.dtype,
-        trust_remote_code=settings.trust_remote_code,
-        torch_threads=settings.torch_threads,
-    )
+    engine, load_s = await asyncio.to_thread(load_engine, settings)
     metrics.model_load.set(load_s)
     if settings.warmup:
-        metrics.warmup.set(await engine.call(engine.warmup))
+        metrics.warmup.set(await engine.warmup())
     scheduler = Scheduler(
         engine,
         max_queue=settings.max_queue,

@@ -1,27 +1,35 @@
-"""The embedded default model: the shapes-world bundle, built on first use into a cache folder."""
+"""The embedded default model: the shapes-world bundle that ships inside this package.
+
+`rlaifv demo build --ship` trains it (trainer/shapes) and writes it here with
+its provenance (`shipped.json`: recipe version and fingerprint, seed, command,
+build time, targets) and its evaluation report (`report.json`). The service
+only loads it, like any other bundle: nothing here imports the trainer.
+"""
 
 from __future__ import annotations
 
-import os
+import json
 from pathlib import Path
+from typing import Any
+
+SHIPPED_BUNDLE = Path(__file__).resolve().parent / "default_bundle"
+SHIPPED_FILE = "shipped.json"
 
 
-def cache_root() -> Path:
-    """RLAIFV_CACHE_DIR, else $XDG_CACHE_HOME/rlaifv, else ~/.cache/rlaifv."""
-    explicit = os.environ.get("RLAIFV_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "rlaifv"
+class MissingDefaultBundle(RuntimeError):
+    """The package was installed without its default bundle (or it was deleted)."""
 
 
-def default_bundle(seed: int = 0, *, progress: bool = True) -> Path:
-    """Path of the shapes-world bundle for `seed`, building it (about 10 minutes on 2 CPU cores) if absent."""
-    from trainer.shapes.pipeline import DemoConfig, build_demo
+def default_bundle() -> Path:
+    """The shipped shapes-world bundle; loads in seconds, no training."""
+    if not (SHIPPED_BUNDLE / "rlaifv.json").is_file():
+        raise MissingDefaultBundle(
+            f"no default bundle at {SHIPPED_BUNDLE}: pass --bundle (RLAIFV_BUNDLE), "
+            "or rebuild the shapes world with `rlaifv demo build --ship`"
+        )
+    return SHIPPED_BUNDLE
 
-    config = DemoConfig(seed=seed)
-    folder = cache_root() / f"shapes-{config.fingerprint()}"
-    bundle = folder / "run" / "bundle"
-    if (bundle / "rlaifv.json").is_file():
-        return bundle
-    return build_demo(folder, config, progress=progress)
+
+def shipped_provenance() -> dict[str, Any]:
+    """What `rlaifv demo build --ship` recorded about the shipped bundle."""
+    return json.loads((default_bundle() / SHIPPED_FILE).read_text())

@@ -77,6 +77,7 @@ class RewardOptions(Strict):
             normalize=self.normalize or default.normalize,
             repeat_penalty=default.repeat_penalty if self.repeat_penalty is None else self.repeat_penalty,
             claim_score=self.claim_score or default.claim_score,
+            claim_threshold=default.claim_threshold,
         )
 
 

@@ -23,24 +23,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.engine import Engine, EngineResult, GenerateRequest, ScoreRequest
+from service.engines import Engine, EngineResult, Request
 from service.errors import ClientDisconnected, DeadlineExceeded, Overloaded, Unavailable
 from service.metrics import Metrics
 
 log = logging.getLogger("rlaifv.service")
 
 
+def _now() -> float:
+    """The event loop's clock: what asyncio's own timeouts use, so a test loop with virtual time drives both."""
+    return asyncio.get_running_loop().time()
+
+
 @dataclass
 class _Item:
-    request: GenerateRequest | ScoreRequest
+    request: Request
     deadline: float
     future: asyncio.Future = field(repr=False)
-    enqueued: float = field(default_factory=time.monotonic)
+    enqueued: float = field(default_factory=_now)
     started: float | None = None
 
 
@@ -85,8 +89,8 @@ class Scheduler:
     async def close(self, grace_s: float) -> None:
         """Refuse new work, let queued work finish within `grace_s`, then stop."""
         self._closing = True
-        end = time.monotonic() + grace_s
-        while (self.depth or self.in_flight) and time.monotonic() < end:
+        end = _now() + grace_s
+        while (self.depth or self.in_flight) and _now() < end:
             await asyncio.sleep(0.02)
         if self._task is not None:
             self._task.cancel()
@@ -99,7 +103,7 @@ class Scheduler:
 
     async def submit(
         self,
-        request: GenerateRequest | ScoreRequest,
+        request: Request,
         *,
         timeout_s: float,
         disconnected: Callable[[], Awaitable[Any]] | None = None,
@@ -110,7 +114,7 @@ class Scheduler:
                 "server is shutting down", code="shutting_down", headers={"Retry-After": str(self.retry_after_s)}
             )
         loop = asyncio.get_running_loop()
-        item = _Item(request, time.monotonic() + timeout_s, loop.create_future())
+        item = _Item(request, _now() + timeout_s, loop.create_future())
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -125,7 +129,7 @@ class Scheduler:
         try:
             waiters = {item.future} | ({watcher} if watcher else set())
             done, _ = await asyncio.wait(
-                waiters, timeout=max(0.0, item.deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+                waiters, timeout=max(0.0, item.deadline - _now()), return_when=asyncio.FIRST_COMPLETED
             )
             if item.future in done:
                 result = item.future.result()
@@ -162,7 +166,7 @@ class Scheduler:
     def _live(self, item: _Item) -> bool:
         if item.future.done():
             return False
-        if time.monotonic() > item.deadline:
+        if _now() > item.deadline:
             item.future.set_exception(DeadlineExceeded("request deadline passed while queued"))
             return False
         return True
@@ -172,10 +176,10 @@ class Scheduler:
         while not self._live(first):
             first = await self._next(None)
         batch = [first]
-        opened = time.monotonic()
+        opened = _now()
         expected, self._expected = self._expected, 0
         while len(batch) < self.max_batch:
-            left = opened + self.batch_max_wait_s - time.monotonic()
+            left = opened + self.batch_max_wait_s - _now()
             item = await self._next(left if len(batch) < expected else min(self.batch_window_s, left))
             if item is None:
                 break
@@ -191,13 +195,13 @@ class Scheduler:
         while True:
             batch = await self._collect()
             self.metrics.queue_depth.set(self.depth)
-            now = time.monotonic()
+            now = _now()
             for item in batch:
                 item.started = now
             self.in_flight = len(batch)
             self.metrics.batch_size.labels(kind=batch[0].request.kind).observe(len(batch))
             try:
-                outcomes = await self.engine.call(self.engine.run_batch, [item.request for item in batch])
+                outcomes = await self.engine.run([item.request for item in batch])
             except Exception as exc:  # a bug in the engine: fail this batch, keep serving
                 log.exception("batch failed")
                 outcomes = [exc] * len(batch)

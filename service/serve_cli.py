@@ -14,10 +14,14 @@ import typer
 
 
 def fallback_bundle() -> Path:
-    """The model served when no bundle is given: the shapes-world bundle, built on first use (~10 min on 2 cores)."""
-    from service.default_model import default_bundle
+    """The model served when no bundle is given: the shapes-world bundle shipped in the package."""
+    from service.default_model import MissingDefaultBundle, default_bundle
 
-    return default_bundle()
+    try:
+        return default_bundle()
+    except MissingDefaultBundle as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
 
 
 def build_settings(**overrides: Any):
@@ -32,6 +36,9 @@ def serve(
     bundle: Annotated[
         Path | None,
         typer.Option(help="Bundle folder (env RLAIFV_BUNDLE); the built-in shapes-world model when absent."),
+    ] = None,
+    engine: Annotated[
+        str | None, typer.Option(help="What runs the model pair: transformers (env RLAIFV_ENGINE, the default).")
     ] = None,
     host: Annotated[str | None, typer.Option(help="Bind address (env RLAIFV_HOST, default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (env RLAIFV_PORT, default 8000).")] = None,
@@ -76,6 +83,7 @@ def serve(
         device=device,
         dtype=dtype,
         torch_threads=torch_threads,
+        engine=engine,
         max_n=max_n,
         max_tokens=max_tokens,
         max_queue=max_queue,

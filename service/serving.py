@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from reward.scoring import top_k
-from service.engine import GenerateRequest, ScoreRequest
+from service.engines import GenerateRequest, ScoreRequest
 from service.errors import BadRequest, NotFound
 from service.protocol import (
     BestOfNRequest,
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from reward.results import Ranking
     from reward.scoring import RewardConfig
     from service.cache import RewardCache
-    from service.engine import Engine
+    from service.engines import Engine
     from service.images import ImageLoader
     from service.metrics import Metrics
     from service.scheduler import Scheduler
@@ -128,7 +128,7 @@ class Serving:
         self.check_model(body.model)
         self._check_n(body.n)
         sampling = body.sampling.to_params(self.settings)
-        config = body.reward.to_config(self.engine.pair.reward)
+        config = body.reward.to_config(self.engine.reward)
         question, messages, refs = body.prompt(self.settings)
         images, _ = await self.images.load(refs)
         outcome = await self._run(GenerateRequest(images, question, messages, body.n, sampling, config), request)
@@ -164,7 +164,7 @@ class Serving:
                 raise BadRequest(f"answer is over {self.settings.max_answer_chars} characters", param=f"answers[{i}]")
             if not answer.strip():
                 raise BadRequest("answers must be non-empty strings", param=f"answers[{i}]")
-        config = body.reward.to_config(self.engine.pair.reward)
+        config = body.reward.to_config(self.engine.reward)
         question, messages, refs = body.prompt(self.settings)
         images, raw = await self.images.load(refs)
         key = None
@@ -209,7 +209,7 @@ class Serving:
         best_of = body.candidates(self.settings)
         sampling = body.to_params(self.settings)
         options = body.reward or RewardOptions()
-        config = options.to_config(self.engine.pair.reward)
+        config = options.to_config(self.engine.reward)
         messages, refs = convert_messages(body.messages)
         if len(refs) > self.settings.max_images:
             raise BadRequest(
@@ -256,6 +256,6 @@ class Serving:
         self.metrics.observe_ranking(endpoint, ranking.rewards)
 
     def model_card(self, created: int) -> ModelCard:
-        pair = self.engine.pair
-        reward = RewardInfo(mode=pair.reward.mode, beta=pair.reward.beta, normalize=pair.reward.normalize)
-        return ModelCard(id=self.model_name, created=created, reward=reward, max_positions=pair.max_positions)
+        default = self.engine.reward
+        reward = RewardInfo(mode=default.mode, beta=default.beta, normalize=default.normalize)
+        return ModelCard(id=self.model_name, created=created, reward=reward, max_positions=self.engine.max_positions)

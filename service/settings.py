@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -38,6 +38,9 @@ class Settings(BaseSettings):
 
     # -- model ------------------------------------------------------------------
     bundle: Path | None = Field(None, description="Bundle folder (rlaifv.json + policy/ + reference/).")
+    engine: Literal["transformers"] = Field(
+        "transformers", description="What runs the model pair: 'transformers' (in process, CPU or GPU)."
+    )
     model_name: str | None = Field(None, description="Name advertised by /v1/models; the bundle's name when unset.")
     device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1'...; auto when unset.")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16.")

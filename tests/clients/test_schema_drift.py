@@ -1,4 +1,4 @@
-"""The SDK's models against the running server's /openapi.json: a field added, removed, renamed, retyped or made
+"""The SDK's models against the server app's OpenAPI schema: a field added, removed, renamed, retyped or made
 (not) required on either side fails here. Request bodies the SDK builds must use only fields the server declares."""
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import pytest
 
 from rlaifv_client import types
 from rlaifv_client._base_client import best_of_n_body, job_body, score_body
-
-pytestmark = pytest.mark.integration
 
 # SDK model -> the server's component schema. Every model in `types` must be listed.
 SCHEMAS: dict[type[pydantic.BaseModel], str] = {
@@ -35,8 +33,12 @@ NAME_OF = {cls.__name__: name for cls, name in SCHEMAS.items()}
 
 
 @pytest.fixture(scope="module")
-def components(server: Any) -> dict[str, Any]:
-    return server.openapi()["components"]["schemas"]
+def components() -> dict[str, Any]:
+    """The server's schema as the app declares it: no model, no server needed."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    return create_app(Settings()).openapi()["components"]["schemas"]
 
 
 def _component(components: dict[str, Any], name: str) -> dict[str, Any] | None:

@@ -42,8 +42,13 @@ def test_public_api_is_pinned() -> None:
         "NotFoundError", "NotGiven", "PermissionDeniedError", "RLAIFVError", "RateLimitError", "Rewards",
         "ServerError", "TimeoutError", "WaitTimeoutError", "__version__", "data_url", "encode_image", "types",
     }  # fmt: skip
-    for name in rlaifv_client.__all__:
-        assert getattr(rlaifv_client, name) is not None
+    aliases = {"TimeoutError": "APITimeoutError"}  # openai-python's alias
+    for name in set(rlaifv_client.__all__) - {"NOT_GIVEN", "__version__", "types"}:
+        obj = getattr(rlaifv_client, name)
+        assert obj.__name__ == aliases.get(name, name) and obj.__module__.startswith("rlaifv_client"), (name, obj)
+    assert isinstance(rlaifv_client.NOT_GIVEN, rlaifv_client.NotGiven)
+    assert rlaifv_client.types.__name__ == "rlaifv_client.types"
+    assert rlaifv_client.__version__.count(".") >= 1
 
 
 def test_public_methods_have_docstrings() -> None:

@@ -118,3 +118,17 @@ def test_claims_reward_mode_ranks_by_verification(tiny_bundle):
     # The implicit reward is still reported beside the ranking reward.
     dpo = pair.score(image, "What is in the image?", answers)
     assert [c.implicit_reward for c in ranking.candidates] == pytest.approx(dpo.rewards, abs=1e-9)
+
+
+def test_claims_reward_honours_the_claim_threshold(tiny_bundle):
+    """The service's claims reward uses the same acceptance threshold setting as the trainer's feedback."""
+    from reward import load_bundle
+
+    pair = load_bundle(tiny_bundle)
+    pair._labeler = ScriptedLabeler({"red circle"})  # p(yes) 0.9 for the red circle, 0.1 otherwise
+    image = Image.new("RGB", (32, 32), (255, 0, 0))
+    answers = ["a red circle.", "a cat."]
+    strict = RewardConfig(mode="claims", claim_threshold=0.95)
+    assert pair.score(image, "What is in the image?", answers, reward=strict).rewards == [-1.0, -1.0]
+    lenient = RewardConfig(mode="claims", claim_threshold=0.05)
+    assert pair.score(image, "What is in the image?", answers, reward=lenient).rewards == [0.0, 0.0]

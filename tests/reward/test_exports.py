@@ -25,7 +25,10 @@ def test_public_api_is_pinned():
         ]
     )
     for name in reward.__all__:
-        assert getattr(reward, name) is not None
+        obj = getattr(reward, name)  # lazy names import their module here
+        assert obj.__name__ == name and obj.__module__.startswith("reward."), (name, obj)
+    assert issubclass(reward.ImageError, reward.InvalidInputError)
+    assert issubclass(reward.InvalidInputError, reward.RewardError)
 
 
 def test_importing_reward_does_not_import_torch():

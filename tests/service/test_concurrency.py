@@ -19,6 +19,7 @@ async def test_32_concurrent_requests_all_correct(live_server, in_process_pair, 
         ["no", "a big red star in the sky."],
     ]
     expected = [in_process_pair.score(red_png, QUESTION, a).rewards for a in answers]
+    before = _batch_totals(live_server.url)
 
     async with httpx.AsyncClient(base_url=live_server.url, timeout=120) as client:
 
@@ -41,9 +42,20 @@ async def test_32_concurrent_requests_all_correct(live_server, in_process_pair, 
             rewards = [c["reward"] for c in body["candidates"]]
             assert len(rewards) == 4
             assert body["best_index"] == max(range(4), key=lambda k: (rewards[k], -k))
-    metrics = httpx.get(live_server.url + "/metrics").text
-    sizes = [line for line in metrics.splitlines() if line.startswith("rlaifv_batch_size_sum")]
-    assert sizes
+    batches, batched = (a - b for a, b in zip(_batch_totals(live_server.url), before, strict=True))
+    assert batched == 32
+    assert batches < batched, "32 requests queued at once behind one model thread must share batches"
+
+
+def _batch_totals(url: str) -> tuple[float, float]:
+    """(batches run, requests in them) over both kinds, from the server's histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics").text
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    count = sum(s.value for s in samples if s.name == "rlaifv_batch_size_count")
+    total = sum(s.value for s in samples if s.name == "rlaifv_batch_size_sum")
+    return count, total
 
 
 async def test_tiny_queue_overflow_gets_429_and_nothing_hangs(make_server, red_url: str) -> None:

@@ -1,114 +1,151 @@
-"""The scheduler with the real engine: micro-batching, deadlines, cancellation, queue bound (no HTTP)."""
+"""The scheduler against a fake engine on a virtual clock: batching, waits, deadlines, cancellation, queue bound.
+
+The fake engine takes `batch_s` of *loop* time per batch and records each batch.
+Tests run under looptime: the event loop's clock jumps to the next timer when
+everything waits, so "20 ms apart" is exact and a test takes milliseconds.
+The real engine's batched results are checked in test_engine.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
-from service.engine import Engine, GenerateRequest, ScoreRequest
-from service.errors import ClientDisconnected, DeadlineExceeded, Overloaded
+from reward.results import Candidate, Ranking
+from reward.scoring import RewardConfig
+from service.engines import Engine, EngineResult, Request, ScoreRequest
+from service.errors import ClientDisconnected, DeadlineExceeded, Overloaded, Unavailable
 from service.metrics import Metrics
 from service.scheduler import Scheduler
 
-
-@pytest.fixture
-def engine(in_process_pair):
-    eng = Engine(in_process_pair)
-    yield eng
-    eng.shutdown()
+pytestmark = pytest.mark.looptime
 
 
-def image():
-    from PIL import Image
+class FakeEngine:
+    """Answers each request with one candidate per answer; `bad` answers fail their request alone."""
 
-    return Image.new("RGB", (32, 32), (10, 200, 10))
+    def __init__(self, batch_s: float = 0.0) -> None:
+        self.batch_s = batch_s
+        self.batches: list[list[str]] = []
+
+    name = "fake"
+    reward = RewardConfig()
+    max_positions = None
+
+    async def run(self, requests: Sequence[Request]) -> list[EngineResult | Exception]:
+        self.batches.append([r.answers[0] if isinstance(r, ScoreRequest) else "generate" for r in requests])
+        await asyncio.sleep(self.batch_s)
+        out: list[EngineResult | Exception] = []
+        for request in requests:
+            if isinstance(request, ScoreRequest) and "bad" in request.answers:
+                out.append(ValueError("bad answer"))
+                continue
+            texts = request.answers if isinstance(request, ScoreRequest) else ["x"] * request.n
+            candidates = [Candidate(text=t, reward=0.0, implicit_reward=0.0, policy_logprob=0.0,
+                                    reference_logprob=0.0, num_tokens=1) for t in texts]  # fmt: skip
+            out.append(EngineResult(Ranking(candidates=candidates, best_index=0), 1, len(requests)))
+        return out
+
+    async def warmup(self) -> float:
+        return 0.0
+
+    def shutdown(self) -> None:
+        pass
 
 
-def score_request(pair, answers):
-    return ScoreRequest([image()], "What is in the image?", None, answers, pair.reward, 16)
+def score(label: str) -> ScoreRequest:
+    return ScoreRequest([], "q", None, [label], RewardConfig(), 16)
 
 
-def generate_request(pair, n=3, seed=0):
+def generate() -> Request:
     from reward.sampling import SamplingParams
+    from service.engines import GenerateRequest
 
-    return GenerateRequest(
-        [image()], "What is in the image?", None, n, SamplingParams(max_tokens=6, seed=seed), pair.reward
-    )
+    return GenerateRequest([], "q", None, 2, SamplingParams(), RewardConfig())
 
 
-def make(engine, **kw) -> Scheduler:
+def make(engine: FakeEngine, **kw) -> Scheduler:
     opts = {"max_queue": 16, "max_batch": 8, "batch_window_s": 0.05, "retry_after_s": 1, "metrics": Metrics()} | kw
     return Scheduler(engine, **opts)
 
 
-def batch_sizes(metrics: Metrics, kind: str) -> tuple[float, float]:
-    count = metrics.registry.get_sample_value("rlaifv_batch_size_count", {"kind": kind})
-    total = metrics.registry.get_sample_value("rlaifv_batch_size_sum", {"kind": kind})
-    return count or 0.0, total or 0.0
-
-
-async def test_queued_requests_share_one_batch_and_match_unbatched(engine, in_process_pair) -> None:
-    sched = make(engine)
-    answers = [["a red circle."], ["a dog.", "two cats."], ["yes", "no", "a blue square."], ["a green tree."]]
-    tasks = [asyncio.create_task(sched.submit(score_request(in_process_pair, a), timeout_s=30)) for a in answers]
-    await asyncio.sleep(0)  # all four are queued before the batcher starts
-    sched.start()
-    outcomes = await asyncio.gather(*tasks)
-    assert batch_sizes(sched.metrics, "score") == (1.0, 4.0)
-    for a, outcome in zip(answers, outcomes, strict=True):
-        alone = in_process_pair.score(image(), "What is in the image?", a)
-        assert outcome.result.ranking.rewards == pytest.approx(alone.rewards, abs=1e-5)
-        assert outcome.result.batch_size == 4
-    await sched.close(1)
-
-
-async def _staggered(sched, pair, count: int, gap_s: float):
+async def staggered(sched: Scheduler, labels: list[str], gap_s: float):
     tasks = []
-    for i in range(count):
-        tasks.append(asyncio.create_task(sched.submit(score_request(pair, [f"answer {i}"]), timeout_s=30)))
+    for label in labels:
+        tasks.append(asyncio.create_task(sched.submit(score(label), timeout_s=30)))
         await asyncio.sleep(gap_s)
     return await asyncio.gather(*tasks)
 
 
-async def test_a_burst_spread_over_more_than_the_window_still_forms_one_batch(engine, in_process_pair) -> None:
+def test_the_fake_engine_is_an_engine() -> None:
+    assert isinstance(FakeEngine(), Engine)
+
+
+async def test_queued_requests_share_one_batch() -> None:
+    engine = FakeEngine()
+    sched = make(engine)
+    tasks = [asyncio.create_task(sched.submit(score(str(i)), timeout_s=30)) for i in range(4)]
+    await asyncio.sleep(0)
+    sched.start()
+    outcomes = await asyncio.gather(*tasks)
+    assert engine.batches == [["0", "1", "2", "3"]]
+    assert [o.result.ranking.candidates[0].text for o in outcomes] == ["0", "1", "2", "3"]
+    await sched.close(1)
+
+
+async def test_a_burst_spread_over_more_than_the_window_still_forms_one_batch() -> None:
     """The window restarts at each arrival: 6 requests 20 ms apart (100 ms in all) join a 30 ms window."""
+    engine = FakeEngine()
     sched = make(engine, batch_window_s=0.03, batch_max_wait_s=1.0)
     sched.start()
-    outcomes = await _staggered(sched, in_process_pair, 6, 0.02)
-    assert batch_sizes(sched.metrics, "score") == (1.0, 6.0)
+    outcomes = await staggered(sched, [str(i) for i in range(6)], 0.02)
+    assert engine.batches == [[str(i) for i in range(6)]]
     assert {o.result.batch_size for o in outcomes} == {6}
     await sched.close(1)
 
 
-async def test_the_longest_wait_caps_a_forming_batch(engine, in_process_pair) -> None:
-    sched = make(engine, batch_window_s=0.05, batch_max_wait_s=0.05)
+async def test_a_gap_longer_than_the_window_closes_the_batch() -> None:
+    engine = FakeEngine()
+    sched = make(engine, batch_window_s=0.03, batch_max_wait_s=1.0)
     sched.start()
-    await _staggered(sched, in_process_pair, 6, 0.02)
-    count, total = batch_sizes(sched.metrics, "score")
-    assert total == 6.0 and count >= 2  # 6 arrivals over 100 ms cannot all wait in one 50 ms batch
+    await staggered(sched, ["0", "1", "2"], 0.04)
+    assert engine.batches == [["0"], ["1"], ["2"]]
     await sched.close(1)
 
 
-class SlowEngine(Engine):
-    """The real engine, plus 200 ms per batch: long enough for requests to queue behind a running batch."""
+async def test_the_longest_wait_caps_a_forming_batch() -> None:
+    """Arrivals at 0, 20, ..., 100 ms with a 50 ms cap: the first batch closes at 50 ms with three."""
+    engine = FakeEngine()
+    sched = make(engine, batch_window_s=0.05, batch_max_wait_s=0.05)
+    sched.start()
+    await staggered(sched, [str(i) for i in range(6)], 0.02)
+    assert engine.batches[0] == ["0", "1", "2"]
+    assert sum(len(b) for b in engine.batches) == 6 and len(engine.batches) >= 2
+    await sched.close(1)
 
-    def run_batch(self, requests):
-        import time
 
-        time.sleep(0.2)
-        return super().run_batch(requests)
+async def test_max_batch_splits_a_burst() -> None:
+    engine = FakeEngine()
+    sched = make(engine, max_batch=3)
+    tasks = [asyncio.create_task(sched.submit(score(str(i)), timeout_s=30)) for i in range(7)]
+    await asyncio.sleep(0)
+    sched.start()
+    await asyncio.gather(*tasks)
+    assert [len(b) for b in engine.batches] == [3, 3, 1]
+    await sched.close(1)
 
 
-async def test_a_batch_after_a_batch_waits_for_the_clients_just_answered(in_process_pair) -> None:
+async def test_a_batch_after_a_batch_waits_for_the_clients_just_answered() -> None:
     """Closed-loop clients answered by one batch come back after the requests queued meanwhile: the next batch
     waits for both (3 returning + 2 queued = 5) instead of splitting into batches of 2 and 3 that alternate."""
-    engine = SlowEngine(in_process_pair)
+    engine = FakeEngine(batch_s=0.2)
     sched = make(engine, batch_window_s=0.005, batch_max_wait_s=1.0)
 
     async def client(i: int, rounds: int) -> None:
         for _ in range(rounds):
-            await sched.submit(score_request(in_process_pair, [f"answer {i}"]), timeout_s=30)
+            await sched.submit(score(f"c{i}"), timeout_s=30)
             await asyncio.sleep(0.03)  # the client reads the answer, then sends its next request
 
     first = [asyncio.create_task(client(i, 2)) for i in range(3)]
@@ -117,84 +154,143 @@ async def test_a_batch_after_a_batch_waits_for_the_clients_just_answered(in_proc
     await asyncio.sleep(0.05)  # batch 1 (3 requests) is running; two more requests queue behind it
     late = [asyncio.create_task(client(i, 1)) for i in range(3, 5)]
     await asyncio.gather(*first, *late)
-    assert batch_sizes(sched.metrics, "score") == (2.0, 8.0)  # [3, 5], not [3, 2, 3]
+    assert [len(b) for b in engine.batches] == [3, 5]  # not [3, 2, 3]
     await sched.close(1)
-    engine.shutdown()
 
 
-async def test_kinds_are_batched_separately(engine, in_process_pair) -> None:
+async def test_without_the_wait_for_returning_clients_batches_split() -> None:
+    """The same traffic with batch_max_wait_s = the window: the returning clients miss the second batch."""
+    engine = FakeEngine(batch_s=0.2)
+    sched = make(engine, batch_window_s=0.005, batch_max_wait_s=0.005)
+
+    async def client(i: int, rounds: int) -> None:
+        for _ in range(rounds):
+            await sched.submit(score(f"c{i}"), timeout_s=30)
+            await asyncio.sleep(0.03)
+
+    first = [asyncio.create_task(client(i, 2)) for i in range(3)]
+    await asyncio.sleep(0)
+    sched.start()
+    await asyncio.sleep(0.05)
+    late = [asyncio.create_task(client(i, 1)) for i in range(3, 5)]
+    await asyncio.gather(*first, *late)
+    assert [len(b) for b in engine.batches] == [3, 2, 3]
+    await sched.close(1)
+
+
+async def test_kinds_are_batched_separately() -> None:
+    engine = FakeEngine()
     sched = make(engine)
-    reqs = [
-        generate_request(in_process_pair, seed=1),
-        score_request(in_process_pair, ["a"]),
-        generate_request(in_process_pair, seed=2),
-    ]
-    tasks = [asyncio.create_task(sched.submit(r, timeout_s=30)) for r in reqs]
+    tasks = [asyncio.create_task(sched.submit(r, timeout_s=30)) for r in (generate(), score("a"), generate())]
     await asyncio.sleep(0)
     sched.start()
     outcomes = await asyncio.gather(*tasks)
-    assert [len(o.result.ranking.candidates) for o in outcomes] == [3, 1, 3]
-    assert batch_sizes(sched.metrics, "generate")[0] >= 1 and batch_sizes(sched.metrics, "score") == (1.0, 1.0)
+    assert [len(o.result.ranking.candidates) for o in outcomes] == [2, 1, 2]
+    assert engine.batches == [["generate"], ["a"], ["generate"]]
     await sched.close(1)
 
 
-async def test_bad_request_in_batch_fails_alone(engine, in_process_pair) -> None:
-    from reward.errors import AnswerError
-
+async def test_bad_request_in_batch_fails_alone() -> None:
+    engine = FakeEngine()
     sched = make(engine)
-    good = asyncio.create_task(sched.submit(score_request(in_process_pair, ["a red circle."]), timeout_s=30))
-    bad = asyncio.create_task(sched.submit(score_request(in_process_pair, ["red " * 40]), timeout_s=30))
+    good = asyncio.create_task(sched.submit(score("fine"), timeout_s=30))
+    bad = asyncio.create_task(sched.submit(score("bad"), timeout_s=30))
     await asyncio.sleep(0)
     sched.start()
-    assert len((await good).result.ranking.candidates) == 1
-    with pytest.raises(AnswerError):
+    assert (await good).result.batch_size == 2
+    with pytest.raises(ValueError, match="bad answer"):
         await bad
     await sched.close(1)
 
 
-async def test_queue_bound_raises_overloaded_at_once(engine, in_process_pair) -> None:
-    sched = make(engine, max_queue=1, retry_after_s=7)  # not started: nothing leaves the queue
-    first = asyncio.create_task(sched.submit(score_request(in_process_pair, ["a"]), timeout_s=30))
-    await asyncio.sleep(0)
-    with pytest.raises(Overloaded) as info:
-        await sched.submit(score_request(in_process_pair, ["b"]), timeout_s=30)
-    assert info.value.headers["Retry-After"] == "7"
-    first.cancel()
+async def test_an_engine_bug_fails_the_batch_and_serving_goes_on() -> None:
+    class Broken(FakeEngine):
+        async def run(self, requests):
+            if len(self.batches) == 0:
+                self.batches.append(["boom"])
+                raise RuntimeError("engine bug")
+            return await super().run(requests)
 
-
-async def test_deadline_passes_while_queued(engine, in_process_pair) -> None:
-    sched = make(engine)  # not started
-    with pytest.raises(DeadlineExceeded):
-        await sched.submit(score_request(in_process_pair, ["a"]), timeout_s=0.05)
-    sched.start()  # the expired item is dropped, the next one is served
-    outcome = await sched.submit(score_request(in_process_pair, ["b"]), timeout_s=30)
-    assert outcome.result.batch_size == 1
-    assert batch_sizes(sched.metrics, "score") == (1.0, 1.0)
+    sched = make(Broken())
+    sched.start()
+    with pytest.raises(RuntimeError, match="engine bug"):
+        await sched.submit(score("a"), timeout_s=30)
+    assert (await sched.submit(score("b"), timeout_s=30)).result.batch_size == 1
     await sched.close(1)
 
 
-async def test_client_gone_is_dropped_before_the_model(engine, in_process_pair) -> None:
+async def test_queue_bound_raises_overloaded_at_once() -> None:
+    sched = make(FakeEngine(), max_queue=1, retry_after_s=7)  # not started: nothing leaves the queue
+    first = asyncio.create_task(sched.submit(score("a"), timeout_s=30))
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as info:
+        await sched.submit(score("b"), timeout_s=30)
+    assert info.value.headers["Retry-After"] == "7"
+    assert sched.metrics.registry.get_sample_value("rlaifv_requests_rejected_total", {"reason": "queue_full"}) == 1
+    first.cancel()
+
+
+async def test_deadline_passes_while_queued_and_the_request_never_runs() -> None:
+    engine = FakeEngine()
+    sched = make(engine)  # not started
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(DeadlineExceeded):
+        await sched.submit(score("late"), timeout_s=0.05)
+    assert loop.time() - start == pytest.approx(0.05)
+    sched.start()
+    outcome = await sched.submit(score("on time"), timeout_s=30)
+    assert outcome.result.batch_size == 1
+    assert engine.batches == [["on time"]]
+
+
+async def test_deadline_counts_the_time_queued_behind_a_slow_batch() -> None:
+    engine = FakeEngine(batch_s=1.0)
+    sched = make(engine, batch_window_s=0.0)
+    sched.start()
+    running = asyncio.create_task(sched.submit(score("first"), timeout_s=30))
+    await asyncio.sleep(0.01)
+    with pytest.raises(DeadlineExceeded):
+        await sched.submit(score("second"), timeout_s=0.5)  # the model is busy for 1 s
+    await running
+    await asyncio.sleep(0)
+    assert engine.batches == [["first"]]
+    await sched.close(1)
+
+
+async def test_client_gone_is_dropped_before_the_model() -> None:
+    engine = FakeEngine()
     sched = make(engine)  # not started
     gone = asyncio.Event()
     gone.set()
     with pytest.raises(ClientDisconnected):
-        await sched.submit(score_request(in_process_pair, ["a"]), timeout_s=30, disconnected=gone.wait)
+        await sched.submit(score("a"), timeout_s=30, disconnected=gone.wait)
     sched.start()
-    outcome = await sched.submit(score_request(in_process_pair, ["b"]), timeout_s=30)
-    assert outcome.result.batch_size == 1
-    assert batch_sizes(sched.metrics, "score") == (1.0, 1.0)  # the abandoned request never ran
-    assert (
-        sched.metrics.registry.get_sample_value("rlaifv_requests_rejected_total", {"reason": "client_disconnected"})
-        == 1
-    )
+    await sched.submit(score("b"), timeout_s=30)
+    assert engine.batches == [["b"]]  # the abandoned request never ran
+    rejected = sched.metrics.registry.get_sample_value
+    assert rejected("rlaifv_requests_rejected_total", {"reason": "client_disconnected"}) == 1
     await sched.close(1)
 
 
-async def test_close_refuses_new_work(engine, in_process_pair) -> None:
-    from service.errors import Unavailable
-
-    sched = make(engine)
+async def test_close_lets_queued_work_finish_then_refuses_new_work() -> None:
+    engine = FakeEngine(batch_s=0.1)
+    sched = make(engine, max_batch=1)
     sched.start()
-    await sched.close(1)
+    tasks = [asyncio.create_task(sched.submit(score(str(i)), timeout_s=30)) for i in range(3)]
+    await asyncio.sleep(0)
+    await sched.close(10)
+    assert [len((await t).result.ranking.candidates) for t in tasks] == [1, 1, 1]
     with pytest.raises(Unavailable):
-        await sched.submit(score_request(in_process_pair, ["a"]), timeout_s=30)
+        await sched.submit(score("a"), timeout_s=30)
+
+
+async def test_close_fails_what_the_grace_period_cannot_finish() -> None:
+    engine = FakeEngine(batch_s=1.0)
+    sched = make(engine, max_batch=1)
+    sched.start()
+    tasks = [asyncio.create_task(sched.submit(score(str(i)), timeout_s=30)) for i in range(3)]
+    await asyncio.sleep(0)
+    await sched.close(1.5)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[-1], Unavailable)

@@ -1,4 +1,4 @@
-"""The shapes-world bundle `rlaifv serve` serves by default, built once per session (seed 0, ~8 min on 2 cores)."""
+"""The shapes-world bundle the package ships (`rlaifv serve` serves it by default): loaded, never rebuilt here."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def shapes_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.shapes.pipeline import DemoConfig, build_demo
+def shapes_bundle() -> Path:
+    from service.default_model import default_bundle
 
-    return build_demo(tmp_path_factory.mktemp("shapes"), DemoConfig(seed=0), progress=False)
+    return default_bundle()

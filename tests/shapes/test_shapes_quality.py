@@ -1,17 +1,30 @@
-"""The miniature RLAIF-V loop works: less hallucination at T=1, recall kept, claim-checked best-of-N beats random.
+"""The shipped shapes-world bundle meets the recipe's targets, and is the bundle the current recipe builds.
 
-Slow: builds the default shapes bundle (reference SFT + two self-feedback DPO rounds, seed 0) once per session.
-The thresholds say "clearly better", below the targets; docs/shapes-world.md reports the measured numbers.
+`rlaifv demo matrix` showed the targets for 3 training seeds x 1 and 2 torch
+threads (docs/shapes-world.md); here the shipped build is re-evaluated on this
+machine with one sampling seed, so the limits carry a margin for sampling noise
+and this CPU's rounding (they are the targets loosened, never one run's numbers).
 """
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from trainer.shapes.evaluate import EvalConfig, evaluate_pair
-from trainer.shapes.report import _pair, models_of_bundle
+from trainer.shapes.pipeline import RECIPE_VERSION, DemoConfig, demo_config
+from trainer.shapes.report import _pair
+from trainer.shapes.targets import Limits, check_targets
 
 pytestmark = pytest.mark.slow
+
+MARGIN = Limits(chair_ratio=0.6, recall_drop=0.05, f1_drop=0.02, claims_ratio=0.65, implicit_ratio=1.15)
+
+
+@pytest.fixture(scope="module")
+def shipped(shapes_bundle):
+    return json.loads((shapes_bundle / "shipped.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -20,31 +33,41 @@ def reports(shapes_bundle):
 
     manifest = read_manifest(shapes_bundle)
     reference = resolve(shapes_bundle, manifest.reference)
+    policy = resolve(shapes_bundle, manifest.policy)
     config = EvalConfig(images=200, n=8)
     out = {}
-    for label, policy_dir, policy_type in models_of_bundle(shapes_bundle):
-        pair = _pair(policy_dir, reference, policy_type, manifest.beta, manifest.normalize)
+    for label, folder in (("reference", reference), ("policy", policy)):
+        pair = _pair(folder, reference, manifest.policy_type, manifest.beta, manifest.normalize)
         out[label] = evaluate_pair(pair, config, sample_seed=0)
     return out
 
 
-def _aligned(reports):
-    return reports[[label for label in reports if label != "reference"][-1]]
+def test_shipped_bundle_is_what_the_current_recipe_builds(shipped):
+    """Change the recipe (RECIPE_VERSION or any setting) and this fails until `rlaifv demo build --ship` reruns."""
+    assert shipped["recipe_version"] == RECIPE_VERSION
+    assert shipped["fingerprint"] == demo_config(seed=shipped["seed"]).fingerprint(), (
+        "the shapes recipe changed since the shipped bundle was built: rebuild it with "
+        f"`rlaifv demo build --seed {shipped['seed']} --ship`"
+    )
+    assert DemoConfig(**shipped["config"]).fingerprint() == shipped["fingerprint"]
 
 
-def test_rlaifv_rounds_reduce_hallucination_and_keep_recall(reports):
-    ref, aligned = reports["reference"]["model"], _aligned(reports)["model"]
-    assert ref["chair_i"] > 0.08, "the reference must hallucinate at T=1 for the test to mean anything"
-    assert aligned["chair_i"] <= 0.65 * ref["chair_i"], (ref, aligned)
-    assert aligned["recall"] >= ref["recall"] - 0.06, (ref, aligned)
-    assert aligned["repeats"] <= ref["repeats"], (ref, aligned)
+def test_shipped_bundle_met_every_target_when_built(shipped):
+    missed = [c["name"] for c in shipped["targets"] if not c["ok"]]
+    assert not missed, shipped["targets"]
 
 
-def test_yes_no_judge_survives_alignment(reports):
-    assert reports["reference"]["yes_no"]["f1"] > 0.8
-    assert _aligned(reports)["yes_no"]["f1"] >= reports["reference"]["yes_no"]["f1"] - 0.05
+def test_reference_hallucinates_and_its_judge_binds_colour_and_shape(reports):
+    ref = reports["reference"]
+    assert ref["model"]["chair_i"] > 0.08, "the reference must hallucinate at T=1 for the targets to mean anything"
+    assert ref["yes_no"]["f1"] > 0.9, "a judge answering from colour alone scores 0.84"
 
 
-def test_claim_verification_best_of_n_beats_random(reports):
-    for label, rules in reports.items():
-        assert rules["bon_claims"]["chair_i"] <= 0.85 * rules["random"]["chair_i"], (label, rules)
+def test_targets_hold_on_this_machine(reports):
+    checks = check_targets(reports["reference"], reports["policy"], MARGIN)
+    missed = [c for c in checks if not c.ok]
+    assert not missed, [c.as_dict() for c in checks]
+
+
+def test_repeats_do_not_rise(reports):
+    assert reports["policy"]["model"]["repeats"] <= reports["reference"]["model"]["repeats"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections.abc
 import json
 import subprocess
 import sys
 import threading
+import typing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -27,8 +29,10 @@ def test_exports_are_pinned_and_resolve() -> None:
         "ScoredAnswer", "TrainerError", "build_pairs", "collect_feedback", "export_bundle", "read_preferences",
         "read_prompts", "run_iterate", "train_dpo",
     }  # fmt: skip
-    for name in trainer.__all__:
-        assert getattr(trainer, name) is not None
+    assert typing.get_origin(trainer.EvalHook) is collections.abc.Callable
+    for name in set(trainer.__all__) - {"EvalHook"}:
+        obj = getattr(trainer, name)
+        assert getattr(obj, "__name__", name) == name and obj.__module__.startswith("trainer."), (name, obj)
     assert issubclass(trainer.MissingColumnError, trainer.DataError)
     assert issubclass(trainer.DataError, trainer.TrainerError)
 
@@ -163,9 +167,33 @@ def test_local_llm_backend_drives_the_splitter_and_writer(tiny_chat_lm: Path) ->
     splitter, writer = make_splitter_and_writer(config)
     backend = LocalChatBackend(tiny_chat_lm, max_new_tokens=12)
     splitter.backend = writer.backend = backend
-    reply = backend.complete("Split: a red circle")
-    assert reply == backend.complete("Split: a red circle")  # greedy: deterministic
+    prompt = splitter.instruction.format(answer="a red circle")
+    reply = backend.complete(prompt)
+    assert reply.strip() and reply == _greedy(backend, prompt, 12)  # chat template, then plain greedy decoding
+    lines = [line.lstrip("-*0123456789.) ").strip() for line in reply.splitlines() if line.strip()]
     claims = splitter.split("a red circle")
-    assert claims == splitter.split("a red circle") and all(c.endswith((".", "!", "?")) for c in claims)
+    assert [c.rstrip(".") for c in claims] == [line.rstrip(".") for line in lines if line]
+    assert all(c.endswith((".", "!", "?")) for c in claims)
     question = writer.question("There is a red circle.")
     assert question.endswith("Please answer yes or no.") and "?" in question
+
+
+def _greedy(backend, prompt: str, max_new_tokens: int) -> str:
+    """Reference decoding, one argmax at a time, to check `LocalChatBackend.complete` against."""
+    import torch
+
+    tokenizer, model = backend.tokenizer, backend.model
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(
+                model(input_ids=torch.cat([ids, torch.tensor([new], dtype=torch.long)], dim=1)).logits[0, -1].argmax()
+            )
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+    return tokenizer.decode(new, skip_special_tokens=True)

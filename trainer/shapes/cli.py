@@ -1,8 +1,10 @@
-"""`rlaifv demo ...`: build and evaluate the shapes world."""
+"""`rlaifv demo ...`: build and evaluate the shapes world, one build or a seeds x threads matrix."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -10,36 +12,100 @@ demo_app = typer.Typer(
     help="The shapes world: the embedded default model, trained here on a CPU.", no_args_is_help=True
 )
 
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        help="torch threads (default: torch's choice). Different counts change floating-point reduction order,"
+        " a cheap stand-in for another CPU's kernels."
+    ),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe setting, e.g. --set dpo_lr=4e-5 --set reference.sft_steps=1200."),
+]
+
+
+def _threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
 
 @demo_app.command("build")
 def build(
-    cache_dir: Path | None = typer.Option(None, help="Output folder; default: the cache `rlaifv serve` uses."),
-    seed: int = typer.Option(0, help="Seed of the whole build."),
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Output folder; default: the cache `rlaifv serve` uses.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the whole build.")] = 0,
+    threads: ThreadsOption = None,
+    set_: SetOption = None,
+    ship: Annotated[
+        bool, typer.Option(help="Evaluate the build and make it the package's default bundle (a source checkout).")
+    ] = False,
 ) -> None:
     """SFT the reference, then run RLAIF-V rounds with self-feedback; prints the bundle path."""
-    from service.default_model import cache_root
-    from trainer.shapes.pipeline import DemoConfig, build_demo
+    import sys
 
-    config = DemoConfig(seed=seed)
+    import torch
+
+    from trainer.shapes.pipeline import build_demo, cache_root, demo_config
+
+    _threads(threads)
+    config = demo_config(seed=seed, overrides=set_ or [])
     folder = cache_dir or cache_root() / f"shapes-{config.fingerprint()}"
-    typer.echo(build_demo(folder, config))
+    bundle = build_demo(folder, config)
+    typer.echo(bundle)
+    if ship:
+        from service.default_model import SHIPPED_BUNDLE
+        from trainer.shapes.ship import ship as ship_build
+
+        command = "rlaifv demo " + " ".join(a for a in sys.argv[1:] if a != str(cache_dir))
+        shipped = ship_build(folder, config, SHIPPED_BUNDLE, threads=torch.get_num_threads(), command=command)
+        typer.echo(json.dumps({"shipped": str(SHIPPED_BUNDLE), "targets": shipped["targets"]}, indent=2))
 
 
 @demo_app.command("eval")
 def evaluate(
-    bundle: Path = typer.Argument(..., help="A shapes-world bundle (the run's reference is evaluated too)."),
-    seeds: str = typer.Option("0,1,2", help="Comma-separated sampling seeds."),
-    images: int = typer.Option(200, help="Held-out images."),
-    n: int = typer.Option(8, help="Candidates for best-of-N."),
-    output: Path | None = typer.Option(None, help="Write the JSON report here."),
+    bundle: Annotated[Path, typer.Argument(help="A shapes-world bundle (the run's reference is evaluated too).")],
+    seeds: Annotated[str, typer.Option(help="Comma-separated sampling seeds.")] = "0,1,2",
+    images: Annotated[int, typer.Option(help="Held-out images.")] = 200,
+    n: Annotated[int, typer.Option(help="Candidates for best-of-N.")] = 8,
+    threads: ThreadsOption = None,
+    output: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
 ) -> None:
     """CHAIR / recall / repeats / yes-no F1 for reference vs policy, best-of-N by each reward vs random."""
     from trainer.shapes.report import evaluate_bundle, render_markdown
 
+    _threads(threads)
     report = evaluate_bundle(bundle, seeds=[int(s) for s in seeds.split(",")], images=images, n=n)
-    text = render_markdown(report)
-    typer.echo(text)
+    typer.echo(render_markdown(report))
     if output is not None:
-        import json
-
         output.write_text(json.dumps(report, indent=2) + "\n")
+
+
+@demo_app.command("matrix")
+def matrix(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the builds, reports and matrix.json.")],
+    seeds: Annotated[str, typer.Option(help="Comma-separated training seeds.")] = "0,1,2",
+    threads: Annotated[str, typer.Option(help="Comma-separated torch thread counts.")] = "1,2",
+    eval_seeds: Annotated[str, typer.Option(help="Comma-separated sampling seeds of each evaluation.")] = "0,1,2",
+    cores: Annotated[int | None, typer.Option(help="Run cells side by side while their threads fit.")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Build and evaluate every seed x threads cell (resumable) and print the targets table."""
+    from trainer.shapes.matrix import render_matrix, run_matrix
+
+    result = run_matrix(
+        output,
+        seeds=[int(s) for s in seeds.split(",")],
+        threads=[int(t) for t in threads.split(",")],
+        eval_seeds=eval_seeds,
+        cores=cores,
+        overrides=set_ or [],
+    )
+    typer.echo(render_matrix(result))
+
+
+if __name__ == "__main__":  # `python -m trainer.shapes.cli ...`: what `rlaifv demo matrix` runs per cell
+    demo_app()

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from trainer.shapes.reference import ReferenceConfig
 
-RECIPE_VERSION = 2  # 2: dpo_lr 3e-5, feedback scored by expected hallucinated claims
+RECIPE_VERSION = 3  # 2: dpo_lr 3e-5, expected-claims feedback; 3: SFT yes/no mix binds colour and shape
 
 
 @dataclass
@@ -47,6 +47,10 @@ class DemoConfig:
     keep_verified: bool = field(
         default=True, metadata={"help": "Pairs whose chosen caption keeps every verified object of the rejected one."}
     )
+    bundle_reference: Literal["initial", "round"] = field(
+        default="initial",
+        metadata={"help": "The bundle's reference: the SFT model, or the last round's own DPO reference."},
+    )
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def __post_init__(self) -> None:
@@ -63,6 +67,26 @@ class DemoConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
+def cache_root() -> Path:
+    """Where `rlaifv demo build` puts builds: RLAIFV_CACHE_DIR, else $XDG_CACHE_HOME/rlaifv, else ~/.cache/rlaifv."""
+    import os
+
+    explicit = os.environ.get("RLAIFV_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "rlaifv"
+
+
+def demo_config(seed: int = 0, overrides: list[str] | None = None) -> DemoConfig:
+    """The default recipe for `seed`, with `key=value` / `reference.key=value` overrides (unknown keys refused)."""
+    from trainer.iterate_config import _build, apply_overrides
+
+    data = apply_overrides(asdict(DemoConfig(seed=seed)), overrides or [])
+    data["reference"] = _build(ReferenceConfig, data["reference"], "reference")
+    return _build(DemoConfig, data, "")
+
+
 def iterate_config(config: DemoConfig, reference_dir: Path, run_dir: Path, progress: bool = True):
     from trainer.dpo_config import DPOConfig
     from trainer.feedback_config import FeedbackConfig
@@ -75,6 +99,7 @@ def iterate_config(config: DemoConfig, reference_dir: Path, run_dir: Path, progr
         rounds=config.rounds,
         prompts_per_round=config.prompts_per_round,
         reference_mode="previous",
+        export_reference=config.bundle_reference,
         bundle_name="shapes-rlaifv",
         seed=config.seed,
         progress=progress,

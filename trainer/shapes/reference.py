@@ -7,7 +7,8 @@ yes/no from colour alone and never binds shape to colour:
    (multi-label, a linear probe on its mean patch feature);
 2. with the vision tower frozen, the projector and language model learn to
    caption (a fraction of captions name an absent object, as web captions do)
-   and to answer yes/no questions (many "no" questions are near misses).
+   and to answer yes/no questions (most "no" questions name an absent object
+   sharing a present object's colour, so colour alone cannot answer them).
 
 The SFT loss is the answer log-prob from `reward.logprobs.answer_logprobs`,
 the same function the service scores with.
@@ -33,7 +34,7 @@ from trainer.shapes.world import (
     Scene,
     caption,
     noisy_caption,
-    sample_yes_no,
+    sample_training_yes_no,
     scenes,
     vocabulary,
     yes_no_question,
@@ -70,13 +71,23 @@ class ReferenceConfig:
     vision_batch: int = field(default=128, metadata={"help": "Vision pre-training batch size."})
     vision_lr: float = field(default=2e-3, metadata={"help": "Vision pre-training learning rate."})
     sft_steps: int = field(default=1000, metadata={"help": "SFT steps (vision frozen)."})
-    sft_batch: int = field(default=64, metadata={"help": "SFT batch size (half captions, half yes/no)."})
+    sft_batch: int = field(default=64, metadata={"help": "SFT batch size (yes/no questions and captions)."})
     sft_lr: float = field(default=2e-3, metadata={"help": "SFT peak learning rate (cosine, 5% warm-up)."})
-    near_miss: float = field(default=0.6, metadata={"help": "Share of 'no' questions sharing colour or shape."})
+    yes_no_share: float = field(
+        default=2 / 3, metadata={"help": "Share of each SFT batch that is yes/no questions (the rest: captions)."}
+    )
+    colour_miss: float = field(
+        default=0.5, metadata={"help": "Share of 'no' questions about an absent object sharing a present colour."}
+    )
+    shape_miss: float = field(
+        default=0.25, metadata={"help": "Share of 'no' questions about an absent object sharing a present shape."}
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.hallucination_rate < 1.0:
             raise ValueError("hallucination_rate must be in [0, 1)")
+        if not 0.0 < self.yes_no_share < 1.0 or self.colour_miss + self.shape_miss > 1.0:
+            raise ValueError("yes_no_share must be in (0, 1) and colour_miss + shape_miss <= 1")
         if min(self.vision_steps, self.sft_steps, self.vision_batch, self.sft_batch, self.train_images) < 1:
             raise ValueError("steps, batches and train_images must be positive")
 
@@ -143,14 +154,16 @@ class SFTData:
 
     def batch(self, rng: random.Random, size: int) -> tuple[list[EncodedPrompt], list[list[list[int]]]]:
         prompts, answers = [], []
+        questions = round(size * self.config.yes_no_share)
         for k in range(size):
             i = rng.randrange(len(self.scenes))
             vision = {"pixel_values": self.pixels[i : i + 1]}
-            if k % 2 == 0:
+            if k >= questions:
                 text = noisy_caption(self.scenes[i], rng, self.config.hallucination_rate)
                 prompts.append(EncodedPrompt(self.caption_ids, vision))
             else:
-                question, text, _ = sample_yes_no(self.scenes[i], rng, self.config.near_miss)
+                config = self.config
+                question, text, _ = sample_training_yes_no(self.scenes[i], rng, config.colour_miss, config.shape_miss)
                 obj = question.removeprefix("Is there a ").split(" in the image")[0]
                 prompts.append(EncodedPrompt(self.question_ids[obj], vision))
             answers.append([self.answer(text)])
@@ -177,7 +190,7 @@ def sft(model: Any, data: SFTData, config: ReferenceConfig, pad_id: int) -> floa
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         bar.set_postfix(loss=f"{loss_value:.3f}")
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(True)

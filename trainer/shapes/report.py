@@ -23,17 +23,11 @@ METRICS = ("chair_i", "chair_s", "recall", "repeats")
 
 
 def _pair(policy_dir: Path, reference_dir: Path, policy_type: str, beta: float, normalize: str):
-    from reward.models import load_adapter, load_model, load_processor
-    from reward.pair import ModelPair
+    from reward.bundle import load_pair
     from reward.scoring import RewardConfig
 
-    processor = load_processor(reference_dir)
-    reference = load_model(reference_dir)
-    config = RewardConfig(beta=beta, normalize=normalize)
-    if policy_type == "lora":
-        return ModelPair(load_adapter(reference, policy_dir), processor, reward=config)
-    policy = reference if policy_dir == reference_dir else load_model(policy_dir)
-    return ModelPair(policy, processor, reference=reference, reward=config)
+    reward = RewardConfig(beta=beta, normalize=normalize)  # type: ignore[arg-type]
+    return load_pair(policy_dir, reference_dir, policy_type=policy_type, reward=reward)
 
 
 def models_of_bundle(bundle: Path) -> list[tuple[str, Path, str]]:

@@ -14,52 +14,21 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from reward.errors import InvalidInputError
+from service.engines.base import EngineResult, GenerateRequest, Request, ScoreRequest
 
 if TYPE_CHECKING:
     from reward.pair import ModelPair
     from reward.results import Ranking
-    from reward.sampling import SamplingParams
     from reward.scoring import RewardConfig
 
 T = TypeVar("T")
-Kind = Literal["generate", "score"]
 
 
-@dataclass
-class GenerateRequest:
-    images: list[Any]
-    question: str | None
-    messages: list[dict[str, Any]] | None
-    n: int
-    sampling: SamplingParams
-    reward: RewardConfig
-    kind: Kind = field(default="generate", init=False)
-
-
-@dataclass
-class ScoreRequest:
-    images: list[Any]
-    question: str | None
-    messages: list[dict[str, Any]] | None
-    answers: list[str]
-    reward: RewardConfig
-    max_tokens: int
-    kind: Kind = field(default="score", init=False)
-
-
-@dataclass
-class EngineResult:
-    ranking: Ranking
-    prompt_tokens: int
-    batch_size: int
-
-
-class Engine:
-    """Owns the model pair and the one thread allowed to touch it."""
+class TransformersEngine:
+    """Owns the model pair and the one thread allowed to touch it (implements `service.engines.base.Engine`)."""
 
     def __init__(self, pair: ModelPair) -> None:
         self.pair = pair
@@ -68,6 +37,20 @@ class Engine:
     @property
     def name(self) -> str:
         return self.pair.name
+
+    @property
+    def reward(self) -> RewardConfig:
+        return self.pair.reward
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.pair.max_positions
+
+    async def run(self, requests: Sequence[Request]) -> list[EngineResult | Exception]:
+        return await self.call(self.run_batch, requests)
+
+    async def warmup(self) -> float:
+        return await self.call(self.warmup_sync)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the model thread."""
@@ -78,7 +61,7 @@ class Engine:
 
     # -- runs on the model thread ------------------------------------------------
 
-    def run_batch(self, requests: Sequence[GenerateRequest | ScoreRequest]) -> list[EngineResult | Exception]:
+    def run_batch(self, requests: Sequence[Request]) -> list[EngineResult | Exception]:
         """Encode each request, then run all valid ones in one batched pass."""
         from reward.pair import GenerateJob, ScoreJob
 
@@ -130,7 +113,7 @@ class Engine:
                 return [exc]
             return [self._run_jobs([job])[0] for job in jobs]  # isolate the culprit; the others still run
 
-    def warmup(self) -> float:
+    def warmup_sync(self) -> float:
         """One tiny best-of-2 and one scoring pass, so the first request pays no first-call costs."""
         from PIL import Image
 
@@ -150,9 +133,9 @@ class Engine:
         return time.perf_counter() - start
 
 
-def load_engine(
+def load_transformers_engine(
     bundle: str, *, device: str | None, dtype: str, trust_remote_code: bool, torch_threads: int | None = None
-) -> tuple[Engine, float]:
+) -> tuple[TransformersEngine, float]:
     """Load the bundle's pair; returns the engine and the load time in seconds."""
     from reward.bundle import load_bundle
 
@@ -163,4 +146,4 @@ def load_engine(
 
     start = time.perf_counter()
     pair = load_bundle(bundle, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    return Engine(pair), time.perf_counter() - start
+    return TransformersEngine(pair), time.perf_counter() - start

@@ -1,0 +1,34 @@
+"""Engines: what runs the model pair behind the scheduler, chosen by `RLAIFV_ENGINE`.
+
+The scheduler and the serving layer see only the `Engine` protocol
+(`service.engines.base`); `load_engine` builds the configured one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from service.engines.base import Engine, EngineResult, GenerateRequest, Request, ScoreRequest
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+ENGINES = ("transformers",)
+
+
+def load_engine(settings: Settings) -> tuple[Engine, float]:
+    """The configured engine over `settings.bundle`; returns it and its load time in seconds."""
+    if settings.engine == "transformers":
+        from service.engines.transformers import load_transformers_engine
+
+        return load_transformers_engine(
+            str(settings.bundle),
+            device=settings.device,
+            dtype=settings.dtype,
+            trust_remote_code=settings.trust_remote_code,
+            torch_threads=settings.torch_threads,
+        )
+    raise ValueError(f"unknown engine {settings.engine!r}; one of {', '.join(ENGINES)}")
+
+
+__all__ = ["ENGINES", "Engine", "EngineResult", "GenerateRequest", "Request", "ScoreRequest", "load_engine"]

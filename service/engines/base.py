@@ -1,0 +1,88 @@
+"""The engine seam: what the scheduler and the serving layer need from whatever runs the model pair.
+
+An engine takes a batch of requests of one kind and answers each with a
+ranking or an exception of its own (one bad request never fails the others).
+The in-process `transformers` engine implements it today; a vLLM engine, or a
+fake one in tests, plugs in the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from reward.results import Ranking
+    from reward.sampling import SamplingParams
+    from reward.scoring import RewardConfig
+
+Kind = Literal["generate", "score"]
+
+
+@dataclass
+class GenerateRequest:
+    """Sample `n` answers to an image+question (or chat messages) and rank them."""
+
+    images: list[Any]
+    question: str | None
+    messages: list[dict[str, Any]] | None
+    n: int
+    sampling: SamplingParams
+    reward: RewardConfig
+    kind: Kind = field(default="generate", init=False)
+
+
+@dataclass
+class ScoreRequest:
+    """Rank given answers (e.g. another model's) to an image+question."""
+
+    images: list[Any]
+    question: str | None
+    messages: list[dict[str, Any]] | None
+    answers: list[str]
+    reward: RewardConfig
+    max_tokens: int
+    kind: Kind = field(default="score", init=False)
+
+
+Request = GenerateRequest | ScoreRequest
+
+
+@dataclass
+class EngineResult:
+    ranking: Ranking
+    prompt_tokens: int
+    batch_size: int
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Runs batches of requests against one policy/reference pair."""
+
+    @property
+    def name(self) -> str:
+        """The served model's name (the bundle's)."""
+        ...
+
+    @property
+    def reward(self) -> RewardConfig:
+        """The pair's default reward settings; requests override them field by field."""
+        ...
+
+    @property
+    def max_positions(self) -> int | None:
+        """Longest prompt + answer the model takes, if it has a limit."""
+        ...
+
+    async def run(self, requests: Sequence[Request]) -> list[EngineResult | Exception]:
+        """Run requests of one kind as one batch; one result or exception per request, in order."""
+        ...
+
+    async def warmup(self) -> float:
+        """Pay first-call costs before traffic; returns seconds spent."""
+        ...
+
+    def shutdown(self) -> None:
+        """Release the model and its threads (after the last `run`)."""
+        ...

@@ -1,0 +1,63 @@
+"""The transformers engine behind the scheduler: a batch gives each request what it gets alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.engines import Engine
+from service.engines.transformers import TransformersEngine
+from service.metrics import Metrics
+from service.scheduler import Scheduler
+
+
+@pytest.fixture
+def engine(in_process_pair):
+    eng = TransformersEngine(in_process_pair)
+    yield eng
+    eng.shutdown()
+
+
+def image():
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32), (10, 200, 10))
+
+
+def score_request(pair, answers):
+    from service.engines import ScoreRequest
+
+    return ScoreRequest([image()], "What is in the image?", None, answers, pair.reward, 16)
+
+
+def test_transformers_engine_is_an_engine(engine) -> None:
+    assert isinstance(engine, Engine)
+    assert engine.reward == engine.pair.reward and engine.max_positions == engine.pair.max_positions
+
+
+async def test_queued_requests_share_one_batch_and_match_unbatched(engine, in_process_pair) -> None:
+    sched = Scheduler(engine, max_queue=16, max_batch=8, batch_window_s=0.05, retry_after_s=1, metrics=Metrics())
+    answers = [["a red circle."], ["a dog.", "two cats."], ["yes", "no", "a blue square."], ["a green tree."]]
+    tasks = [asyncio.create_task(sched.submit(score_request(in_process_pair, a), timeout_s=30)) for a in answers]
+    await asyncio.sleep(0)
+    sched.start()
+    outcomes = await asyncio.gather(*tasks)
+    for a, outcome in zip(answers, outcomes, strict=True):
+        alone = in_process_pair.score(image(), "What is in the image?", a)
+        assert outcome.result.ranking.rewards == pytest.approx(alone.rewards, abs=1e-5)
+        assert outcome.result.batch_size == 4
+    await sched.close(1)
+
+
+async def test_a_bad_request_fails_alone_with_the_cores_error(engine, in_process_pair) -> None:
+    from reward.errors import AnswerError
+
+    good, bad = score_request(in_process_pair, ["a red circle."]), score_request(in_process_pair, ["red " * 40])
+    outcomes = await engine.run([good, bad])
+    assert len(outcomes[0].ranking.candidates) == 1 and outcomes[0].batch_size == 1
+    assert isinstance(outcomes[1], AnswerError)
+
+
+async def test_warmup_runs_both_kinds(engine) -> None:
+    assert await engine.warmup() > 0
