@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reward.errors import BundleError
 from reward.scoring import Normalize, RewardConfig
+
+if TYPE_CHECKING:
+    from reward.pair import ModelPair
 
 MANIFEST = "rlaifv.json"
 
@@ -105,7 +108,7 @@ def load_bundle(
     device: str | None = None,
     dtype: str = "auto",
     trust_remote_code: bool = False,
-):
+) -> ModelPair:
     """Validate a bundle and load it as a `ModelPair` (one base in memory for LoRA policies)."""
     from reward.errors import ModelLoadError
     from reward.models import check_model_folder
@@ -150,7 +153,7 @@ def load_pair(
     end_of_turn: str | None = None,
     name: str | None = None,
     metadata: dict[str, Any] | None = None,
-):
+) -> ModelPair:
     """The one place a `ModelPair` is built from model folders (bundles, evaluations, the trainer).
 
     The processor comes from the reference; a LoRA policy is an adapter over the
@@ -169,9 +172,14 @@ def load_pair(
         policy = reference
     else:
         policy = load_model(policy_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    extra = {"name": name} if name is not None else {}
     return ModelPair(
-        policy, processor, reference=reference, reward=reward, end_of_turn=end_of_turn, metadata=metadata, **extra
+        policy,
+        processor,
+        reference=reference,
+        reward=reward,
+        end_of_turn=end_of_turn,
+        metadata=metadata,
+        name=name if name is not None else "rlaifv",
     )
 
 

@@ -49,7 +49,7 @@ def decode_base64(text: str, param: str = "image") -> bytes:
         raise ImageError(f"not valid base64: {exc}", param=param) from None
 
 
-def decode_image(data: bytes, limits: ImageLimits | None = None, param: str = "image"):
+def decode_image(data: bytes, limits: ImageLimits | None = None, param: str = "image") -> Any:
     """Decode image bytes into an RGB PIL image, enforcing `limits`."""
     from PIL import Image, UnidentifiedImageError
 
@@ -86,7 +86,7 @@ def decode_image(data: bytes, limits: ImageLimits | None = None, param: str = "i
         raise ImageError(f"image could not be decoded: {exc}", param=param) from None
 
 
-def load_image(image: Any, limits: ImageLimits | None = None, param: str = "image"):
+def load_image(image: Any, limits: ImageLimits | None = None, param: str = "image") -> Any:
     """The in-process API's image argument: a PIL image, bytes, a local path, or a (data URL) base64 string.
 
     The HTTP service never calls this with paths: it decodes data URLs itself.

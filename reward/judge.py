@@ -75,7 +75,8 @@ class YesNoJudge:
 
     @torch.no_grad()
     def p_yes(self, image: Any, questions: Sequence[str]) -> list[float]:
-        return self.p_yes_batch([(image, list(questions))])[0]
+        scores: list[float] = self.p_yes_batch([(image, list(questions))])[0]
+        return scores
 
     @torch.no_grad()
     def p_yes_batch(self, items: Sequence[tuple[Any, Sequence[str]]]) -> list[list[float]]:

@@ -25,7 +25,7 @@ def pick_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def pick_dtype(device: str, dtype: DTypeName | str = "auto"):
+def pick_dtype(device: str, dtype: DTypeName | str = "auto") -> Any:
     """float32 on CPU (exact, and CPU bf16 matmuls are slow), bfloat16 on CUDA."""
     import torch
 

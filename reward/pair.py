@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -170,7 +170,7 @@ class ModelPair:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         ids = [t for t in token_ids if t not in self.stop_ids]
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()
 
     # -- model work -----------------------------------------------------------
 
@@ -189,7 +189,7 @@ class ModelPair:
     def sample(
         self, prompts: Sequence[EncodedPrompt], counts: Sequence[int], params: Sequence[SamplingParams]
     ) -> list[list[Sample]]:
-        return sample_answers(
+        samples: list[list[Sample]] = sample_answers(
             self.policy,
             prompts,
             counts,
@@ -198,6 +198,7 @@ class ModelPair:
             blocked_ids=self.blocked_ids,
             pad_id=self.pad_id,
         )
+        return samples
 
     def generate_batch(self, jobs: Sequence[GenerateJob]) -> list[Ranking]:
         """Best-of-N for several prompts: one sampling pass and one reference pass for all."""
@@ -284,7 +285,12 @@ class ModelPair:
 
     @staticmethod
     def _candidate(
-        text: str, ids: Sequence[int], policy: float, reference: float, config: RewardConfig, reason: str
+        text: str,
+        ids: Sequence[int],
+        policy: float,
+        reference: float,
+        config: RewardConfig,
+        reason: Literal["stop", "length", "given"],
     ) -> Candidate:
         value = implicit_reward(policy, reference, len(ids), config)
         return Candidate(
@@ -294,7 +300,7 @@ class ModelPair:
             policy_logprob=policy,
             reference_logprob=reference,
             num_tokens=len(ids),
-            finish_reason=reason,  # type: ignore[arg-type]
+            finish_reason=reason,
             token_ids=list(ids),
         )
 

@@ -77,8 +77,9 @@ def encode_image(image: ImageInput) -> str:
         return data_url(data)
     if _is_pil_image(image):
         buffer = BytesIO()
+        pil_image: Any = image
         try:
-            image.save(buffer, format="PNG")
+            pil_image.save(buffer, format="PNG")
         except (OSError, ValueError) as exc:
             raise ImageInputError(f"cannot encode PIL image as PNG: {exc}") from None
         return data_url(buffer.getvalue(), "image/png")

@@ -8,6 +8,7 @@ Log-probs are raw model log-probs (temperature 1, no top-p/top-k), whatever the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
@@ -148,7 +149,7 @@ class ModelList(BaseType):
     object: Literal["list"] = "list"
     data: list[Model]
 
-    def __iter__(self):  # type: ignore[override]  # iterate the models, like a list
+    def __iter__(self) -> Iterator[Model]:  # type: ignore[override]  # iterate the models, like a list
         return iter(self.data)
 
     def __len__(self) -> int:
