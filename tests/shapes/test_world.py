@@ -10,6 +10,8 @@ from trainer.shapes.world import (
     caption,
     extract_objects,
     noisy_caption,
+    BACKGROUND,
+    sample_training_yes_no,
     sample_yes_no,
     scenes,
     yes_no_question,
@@ -65,6 +67,34 @@ def test_yes_no_questions_balance_and_near_misses():
         obj = question.removeprefix("Is there a ").split(" in the image")[0]
         assert (obj in scene.names) == truth == (answer == "yes")
         assert question == yes_no_question(obj)
+
+
+def test_object_map_and_patch_labels_follow_the_rendered_pixels():
+    for scene in scenes(4, 30):
+        rgb, labels = scene.render().load(), scene.object_map().load()
+        for y in range(0, 64, 3):
+            for x in range(0, 64, 3):
+                label = labels[x, y]
+                assert (label == 0) == (rgb[x, y] == BACKGROUND)
+                if label:
+                    assert OBJECTS[label - 1] in scene.names
+        patches = scene.patch_labels(8)
+        assert len(patches) == 64
+        assert {OBJECTS[p - 1] for p in patches if p} == set(scene.names)  # every object owns a patch
+
+
+def test_training_questions_are_mostly_same_colour_misses():
+    rng = random.Random(1)
+    pool = scenes(5, 600)
+    asked = [(s, *sample_training_yes_no(s, rng, colour_miss=0.5, shape_miss=0.25)) for s in pool]
+    misses = [(s, q) for s, q, _, truth in asked if not truth]
+    assert 0.4 < len(misses) / len(asked) < 0.6
+    same_colour = 0
+    for scene, question in misses:
+        obj = question.removeprefix("Is there a ").split(" in the image")[0]
+        assert obj not in scene.names
+        same_colour += any(obj.split()[0] == n.split()[0] for n in scene.names)
+    assert same_colour / len(misses) > 0.45
 
 
 def test_chair_definitions():

@@ -44,16 +44,41 @@ class Scene:
         image = Image.new("RGB", (self.image_size, self.image_size), BACKGROUND)
         draw = ImageDraw.Draw(image)
         for o in self.objects:
-            fill = COLOURS[o.colour]
-            half = o.size // 2
-            if o.shape == "circle":
-                draw.ellipse([o.x - half, o.y - half, o.x + half, o.y + half], fill=fill)
-            elif o.shape == "square":
-                draw.rectangle([o.x - half, o.y - half, o.x + half, o.y + half], fill=fill)
-            else:
-                h = int(o.size * math.sqrt(3) / 2)
-                draw.polygon([(o.x, o.y - h // 2), (o.x - half, o.y + h // 2), (o.x + half, o.y + h // 2)], fill=fill)
+            _draw(draw, o, COLOURS[o.colour])
         return image
+
+    def object_map(self) -> Image.Image:
+        """Per pixel, 1 + the index in OBJECTS of the object drawn there (0: background); same geometry as render."""
+        image = Image.new("L", (self.image_size, self.image_size), 0)
+        draw = ImageDraw.Draw(image)
+        for o in self.objects:
+            _draw(draw, o, 1 + OBJECTS.index(o.name))
+        return image
+
+    def patch_labels(self, patch: int) -> list[int]:
+        """Per patch (row-major, as a ViT orders them), the label covering most of its pixels (0: background)."""
+        pixels = self.object_map().load()
+        labels = []
+        for top in range(0, self.image_size, patch):
+            for left in range(0, self.image_size, patch):
+                counts: dict[int, int] = {}
+                for y in range(top, top + patch):
+                    for x in range(left, left + patch):
+                        value = int(pixels[x, y])  # type: ignore[index]
+                        counts[value] = counts.get(value, 0) + 1
+                labels.append(max(counts, key=lambda k: (counts[k], -k)))
+        return labels
+
+
+def _draw(draw: ImageDraw.ImageDraw, o: Placed, fill: tuple[int, int, int] | int) -> None:
+    half = o.size // 2
+    if o.shape == "circle":
+        draw.ellipse([o.x - half, o.y - half, o.x + half, o.y + half], fill=fill)
+    elif o.shape == "square":
+        draw.rectangle([o.x - half, o.y - half, o.x + half, o.y + half], fill=fill)
+    else:
+        h = int(o.size * math.sqrt(3) / 2)
+        draw.polygon([(o.x, o.y - h // 2), (o.x - half, o.y + h // 2), (o.x + half, o.y + h // 2)], fill=fill)
 
 
 def random_scene(rng: random.Random, *, image_size: int = 64, max_objects: int = 3) -> Scene:
