@@ -6,11 +6,11 @@ import pytest
 
 from trainer.evaluation.chair import chair, yes_no
 from trainer.shapes.world import (
+    BACKGROUND,
     OBJECTS,
     caption,
     extract_objects,
     noisy_caption,
-    BACKGROUND,
     sample_training_yes_no,
     sample_yes_no,
     scenes,
