@@ -73,9 +73,12 @@ class ReferenceConfig:
     patch_labels: bool = field(
         default=True, metadata={"help": "Also teach each patch which object covers it (dense labels)."}
     )
-    sft_steps: int = field(default=1000, metadata={"help": "SFT steps (vision frozen)."})
+    sft_steps: int = field(default=1200, metadata={"help": "SFT steps."})
     sft_batch: int = field(default=64, metadata={"help": "SFT batch size (yes/no questions and captions)."})
     sft_lr: float = field(default=2e-3, metadata={"help": "SFT peak learning rate (cosine, 5% warm-up)."})
+    tower_lr_scale: float = field(
+        default=0.1, metadata={"help": "Vision tower learning rate during SFT, as a share of sft_lr (0: frozen)."}
+    )
     yes_no_share: float = field(
         default=2 / 3, metadata={"help": "Share of each SFT batch that is yes/no questions (the rest: captions)."}
     )
@@ -187,17 +190,24 @@ class SFTData:
 
 
 def sft(model: Any, data: SFTData, config: ReferenceConfig, pad_id: int) -> float:
-    """Answer-token NLL with the vision tower frozen; returns the final loss."""
-    for p in model.model.vision_tower.parameters():
-        p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.sft_lr, weight_decay=0.01)
+    """Answer-token NLL; the vision tower trains at `tower_lr_scale` x the rate (0: frozen). Returns the final loss."""
+    tower = list(model.model.vision_tower.parameters())
+    tower_ids = {id(p) for p in tower}
+    rest = [p for p in model.parameters() if id(p) not in tower_ids]
+    groups = [{"params": rest, "scale": 1.0}]
+    if config.tower_lr_scale > 0:
+        groups.append({"params": tower, "scale": config.tower_lr_scale})
+    else:
+        for p in tower:
+            p.requires_grad_(False)
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.sft_lr, weight_decay=0.01)
     rng = random.Random(config.seed + 1)
     model.train()
     loss_value = float("nan")
     for step in (bar := tqdm(range(config.sft_steps), desc="reference SFT", leave=False)):
         for group in optimizer.param_groups:
-            group["lr"] = config.sft_lr * _cosine(step, config.sft_steps)
+            group["lr"] = config.sft_lr * group["scale"] * _cosine(step, config.sft_steps)
         prompts, answers = data.batch(rng, config.sft_batch)
         per_token = answer_logprobs(model, prompts, answers, pad_id)
         tokens = sum(t.numel() for group in per_token for t in group)
@@ -208,7 +218,7 @@ def sft(model: Any, data: SFTData, config: ReferenceConfig, pad_id: int) -> floa
         optimizer.step()
         loss_value = float(loss.detach())
         bar.set_postfix(loss=f"{loss_value:.3f}")
-    for p in model.model.vision_tower.parameters():
+    for p in tower:
         p.requires_grad_(True)
     model.eval()
     return loss_value
