@@ -15,6 +15,7 @@ from rlaifv_client import (
     APIConnectionError,
     APIStatusError,
     APITimeoutError,
+    AsyncClient,
     AuthenticationError,
     Backoff,
     Client,
@@ -225,6 +226,53 @@ def test_retries_then_gives_up_with_the_same_request_id() -> None:
     assert len(seen) == 4
     assert len({r.headers["x-request-id"] for r in seen}) == 1
     assert [r.headers["x-rlaifv-retry-count"] for r in seen] == ["0", "1", "2", "3"]
+
+
+def _rate_limited_twice() -> tuple[list[httpx.Request], httpx.MockTransport]:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if len(seen) <= 2:
+            body = {"error": {"message": "busy", "type": "rate_limit_error", "code": "queue_full"}}
+            return httpx.Response(429, json=body, headers={"Retry-After": "2"})
+        return httpx.Response(200, json={"object": "list", "data": []})
+
+    return seen, httpx.MockTransport(handler)
+
+
+def test_429_waits_the_servers_retry_after_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No real waiting: the client's sleep is recorded. Retry-After (2 s) replaces the 1 ms backoff."""
+    import rlaifv_client._client as client_module
+
+    slept: list[float] = []
+    monkeypatch.setattr(client_module.time, "sleep", slept.append)
+    seen, transport = _rate_limited_twice()
+    backoff = Backoff(initial=0.001, max=0.001, jitter=0.25)
+    with Client(
+        base_url="http://svc", max_retries=3, backoff=backoff, http_client=httpx.Client(transport=transport)
+    ) as c:
+        assert c.models().data == []
+    assert len(seen) == 3 and len(slept) == 2
+    assert all(2.0 <= s <= 2.5 for s in slept), slept
+    assert [r.headers["x-rlaifv-retry-count"] for r in seen] == ["0", "1", "2"]
+
+
+async def test_429_waits_the_servers_retry_after_async(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rlaifv_client._client as client_module
+
+    slept: list[float] = []
+
+    async def record(delay: float) -> None:
+        slept.append(delay)
+
+    monkeypatch.setattr(client_module.asyncio, "sleep", record)
+    seen, transport = _rate_limited_twice()
+    backoff = Backoff(initial=0.001, max=0.001, jitter=0.25)
+    http = httpx.AsyncClient(transport=transport)
+    async with AsyncClient(base_url="http://svc", max_retries=3, backoff=backoff, http_client=http) as c:
+        assert (await c.models()).data == []
+    assert len(seen) == 3 and all(2.0 <= s <= 2.5 for s in slept) and len(slept) == 2
 
 
 # -- error mapping --------------------------------------------------------------------

@@ -43,7 +43,7 @@ async def test_32_concurrent_requests_all_correct(live_server, in_process_pair, 
             assert len(rewards) == 4
             assert body["best_index"] == max(range(4), key=lambda k: (rewards[k], -k))
     batches, batched = (a - b for a, b in zip(_batch_totals(live_server.url), before, strict=True))
-    assert batched == 32
+    assert 16 <= batched <= 32  # every best-of-n ran on the model; a repeated /v1/rewards body may hit the cache
     assert batches < batched, "32 requests queued at once behind one model thread must share batches"
 
 
