@@ -45,8 +45,6 @@ def build(
     ] = False,
 ) -> None:
     """SFT the reference, then run RLAIF-V rounds with self-feedback; prints the bundle path."""
-    import sys
-
     import torch
 
     from trainer.shapes.pipeline import build_demo, cache_root, demo_config
@@ -60,7 +58,8 @@ def build(
         from service.default_model import SHIPPED_BUNDLE
         from trainer.shapes.ship import ship as ship_build
 
-        command = "rlaifv demo " + " ".join(a for a in sys.argv[1:] if a != str(cache_dir))
+        sets = "".join(f" --set {item}" for item in set_ or [])
+        command = f"rlaifv demo build --seed {seed} --threads {torch.get_num_threads()}{sets} --ship"
         shipped = ship_build(folder, config, SHIPPED_BUNDLE, threads=torch.get_num_threads(), command=command)
         typer.echo(json.dumps({"shipped": str(SHIPPED_BUNDLE), "targets": shipped["targets"]}, indent=2))
 
