@@ -13,8 +13,8 @@ from fastapi import Depends, FastAPI
 from service.auth import KeyRing
 from service.deps import enforce_limits
 from service.errors import install_error_handlers
-from service.logging import RequestContextMiddleware
 from service.metrics import Metrics
+from service.middleware import RequestContextMiddleware
 from service.settings import Settings
 
 log = logging.getLogger("rlaifv.service")
@@ -29,9 +29,10 @@ When API keys are configured, /v1 routes need `Authorization: Bearer <key>` (401
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    from service.cache import RateLimiter, RewardCache
+    from service.cache import RewardCache
     from service.engines import load_engine
     from service.images import ImageLoader
+    from service.rate_limit import RateLimiter
     from service.scheduler import Scheduler
     from service.serving import Serving
 

@@ -1,4 +1,4 @@
-"""Reward cache and rate limits: in Redis when RLAIFV_REDIS_URL is set (shared by replicas), in memory otherwise.
+"""The reward cache: in Redis when RLAIFV_REDIS_URL is set (shared by replicas), in memory otherwise.
 
 Only /v1/rewards results are cached: scoring given answers is deterministic,
 sampling is not. The key hashes everything the result depends on.
@@ -66,32 +66,3 @@ class RewardCache:
         self._memory.move_to_end(key)
         while len(self._memory) > self.size:
             self._memory.popitem(last=False)
-
-
-class RateLimiter:
-    """Fixed one-minute windows per client (API key fingerprint, else address)."""
-
-    def __init__(self, *, per_minute: int, redis: Redis | None = None, prefix: str = "rlaifv:rate:") -> None:
-        self.per_minute = per_minute
-        self.redis = redis
-        self.prefix = prefix
-        self._memory: dict[str, tuple[int, int]] = {}
-
-    async def hit(self, client: str) -> int | None:
-        """Count one request; returns seconds to wait when over quota, else None."""
-        now = time.time()
-        window = int(now // 60)
-        retry = max(1, int(60 - now % 60))
-        if self.redis is not None:
-            key = f"{self.prefix}{client}:{window}"
-            pipe = self.redis.pipeline()
-            pipe.incr(key)
-            pipe.expire(key, 120)
-            count, _ = await pipe.execute()
-        else:
-            seen_window, count = self._memory.get(client, (window, 0))
-            count = count + 1 if seen_window == window else 1
-            self._memory[client] = (window, count)
-            if len(self._memory) > 100_000:
-                self._memory = {k: v for k, v in self._memory.items() if v[0] == window}
-        return retry if int(count) > self.per_minute else None

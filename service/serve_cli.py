@@ -74,7 +74,7 @@ def serve(
     import uvicorn
 
     from service.app import create_app
-    from service.logging import configure_logging
+    from service.log_format import configure_logging
 
     settings = build_settings(
         bundle=bundle,

@@ -1,55 +1,23 @@
-"""Structured JSON logs (one object per line) and the request-id / access-log / metrics middleware."""
+"""The request-context middleware: request ids (X-Request-ID), the body size limit (413), the access log
+line and the HTTP metrics, in one pure-ASGI pass."""
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import re
-import sys
 import time
 import uuid
-from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_body
+from service.log_format import request_id_var
 from service.metrics import Metrics
 
 REQUEST_ID_HEADER = "x-request-id"
-request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("rlaifv_request_id", default=None)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        request_id = request_id_var.get()
-        if request_id:
-            entry["request_id"] = request_id
-        entry.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")})
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-def configure_logging(level: str = "info") -> None:
-    """JSON lines on stderr for our logger and uvicorn's (its access log is replaced by ours)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    for name in ("rlaifv", "uvicorn", "uvicorn.error"):
-        logger = logging.getLogger(name)
-        logger.handlers = [handler]
-        logger.propagate = False
-        logger.setLevel(level.upper())
-    logging.getLogger("uvicorn.access").disabled = True
 
 
 class RequestContextMiddleware:

@@ -1,0 +1,39 @@
+"""Rate limits per client: fixed one-minute windows, counted in Redis when RLAIFV_REDIS_URL is set (shared by
+replicas: INCR + EXPIRE in one pipeline), in memory otherwise."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+
+class RateLimiter:
+    """Fixed one-minute windows per client (API key fingerprint, else address)."""
+
+    def __init__(self, *, per_minute: int, redis: Redis | None = None, prefix: str = "rlaifv:rate:") -> None:
+        self.per_minute = per_minute
+        self.redis = redis
+        self.prefix = prefix
+        self._memory: dict[str, tuple[int, int]] = {}
+
+    async def hit(self, client: str) -> int | None:
+        """Count one request; returns seconds to wait when over quota, else None."""
+        now = time.time()
+        window = int(now // 60)
+        retry = max(1, int(60 - now % 60))
+        if self.redis is not None:
+            key = f"{self.prefix}{client}:{window}"
+            pipe = self.redis.pipeline()
+            pipe.incr(key)
+            pipe.expire(key, 120)
+            count, _ = await pipe.execute()
+        else:
+            seen_window, count = self._memory.get(client, (window, 0))
+            count = count + 1 if seen_window == window else 1
+            self._memory[client] = (window, count)
+            if len(self._memory) > 100_000:
+                self._memory = {k: v for k, v in self._memory.items() if v[0] == window}
+        return retry if int(count) > self.per_minute else None
