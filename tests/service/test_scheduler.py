@@ -137,31 +137,8 @@ async def test_max_batch_splits_a_burst() -> None:
     await sched.close(1)
 
 
-async def test_a_batch_after_a_batch_waits_for_the_clients_just_answered() -> None:
-    """Closed-loop clients answered by one batch come back after the requests queued meanwhile: the next batch
-    waits for both (3 returning + 2 queued = 5) instead of splitting into batches of 2 and 3 that alternate."""
-    engine = FakeEngine(batch_s=0.2)
-    sched = make(engine, batch_window_s=0.005, batch_max_wait_s=1.0)
-
-    async def client(i: int, rounds: int) -> None:
-        for _ in range(rounds):
-            await sched.submit(score(f"c{i}"), timeout_s=30)
-            await asyncio.sleep(0.03)  # the client reads the answer, then sends its next request
-
-    first = [asyncio.create_task(client(i, 2)) for i in range(3)]
-    await asyncio.sleep(0)
-    sched.start()
-    await asyncio.sleep(0.05)  # batch 1 (3 requests) is running; two more requests queue behind it
-    late = [asyncio.create_task(client(i, 1)) for i in range(3, 5)]
-    await asyncio.gather(*first, *late)
-    assert [len(b) for b in engine.batches] == [3, 5]  # not [3, 2, 3]
-    await sched.close(1)
-
-
-async def test_without_the_wait_for_returning_clients_batches_split() -> None:
-    """The same traffic with batch_max_wait_s = the window: the returning clients miss the second batch."""
-    engine = FakeEngine(batch_s=0.2)
-    sched = make(engine, batch_window_s=0.005, batch_max_wait_s=0.005)
+async def closed_loop(sched: Scheduler) -> None:
+    """Three clients send two requests each (30 ms to read an answer); two more clients join while batch 1 runs."""
 
     async def client(i: int, rounds: int) -> None:
         for _ in range(rounds):
@@ -171,11 +148,25 @@ async def test_without_the_wait_for_returning_clients_batches_split() -> None:
     first = [asyncio.create_task(client(i, 2)) for i in range(3)]
     await asyncio.sleep(0)
     sched.start()
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # batch 1 (3 requests) is running; two more requests queue behind it
     late = [asyncio.create_task(client(i, 1)) for i in range(3, 5)]
     await asyncio.gather(*first, *late)
-    assert [len(b) for b in engine.batches] == [3, 2, 3]
     await sched.close(1)
+
+
+async def test_a_batch_after_a_batch_waits_for_the_clients_just_answered() -> None:
+    """Closed-loop clients answered by one batch come back after the requests queued meanwhile: the next batch
+    waits for both (3 returning + 2 queued = 5) instead of splitting into batches of 2 and 3 that alternate."""
+    engine = FakeEngine(batch_s=0.2)
+    await closed_loop(make(engine, batch_window_s=0.005, batch_max_wait_s=1.0))
+    assert [len(b) for b in engine.batches] == [3, 5]  # not [3, 2, 3]
+
+
+async def test_without_the_wait_for_returning_clients_batches_split() -> None:
+    """The same traffic with batch_max_wait_s = the window: the returning clients miss the second batch."""
+    engine = FakeEngine(batch_s=0.2)
+    await closed_loop(make(engine, batch_window_s=0.005, batch_max_wait_s=0.005))
+    assert [len(b) for b in engine.batches] == [3, 2, 3]
 
 
 async def test_kinds_are_batched_separately() -> None:
