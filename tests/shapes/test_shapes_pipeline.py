@@ -22,6 +22,7 @@ REDUCED = [
     "reference.vision_steps=120",
     "reference.sft_steps=160",
     "prompts_per_round=48",
+    "rounds=2",  # the shipped recipe runs one round; two prove the loop iterates (round 2 starts from round 1)
     "dpo_epochs=3",
 ]
 
