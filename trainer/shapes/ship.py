@@ -11,6 +11,7 @@ without a rebuild fails CI.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import time
@@ -62,7 +63,7 @@ def ship(
         "seed": config.seed,
         "threads": threads,
         "command": command,
-        "built_on": {"cpu": cpu_name(), "cores": _cores(), "date": time.strftime("%Y-%m-%d")},
+        "built_on": {"cpu": cpu_name(), "cores": os.cpu_count() or 1, "date": time.strftime("%Y-%m-%d")},
         "timings": build.get("timings", {}),
         "targets": [c.as_dict() for c in checks],
         "config": asdict(config),
@@ -70,9 +71,3 @@ def ship(
     (target / SHIPPED_FILE).write_text(json.dumps(shipped, indent=2) + "\n")
     (target / REPORT_FILE).write_text(json.dumps(report | {"bundle": "(shipped)"}, indent=2) + "\n")
     return shipped
-
-
-def _cores() -> int:
-    import os
-
-    return os.cpu_count() or 1

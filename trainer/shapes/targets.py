@@ -39,6 +39,13 @@ def _mean(entry: Any) -> float:
     return float(entry[0]) if isinstance(entry, list | tuple) else float(entry)
 
 
+def _ratio(value: float, base: float) -> float:
+    """value / base, with 0/0 = 0 (nothing to beat, nothing worse) and x/0 = inf."""
+    if base:
+        return value / base
+    return 0.0 if value == 0 else float("inf")
+
+
 def check_targets(reference: dict[str, Any], aligned: dict[str, Any], limits: Limits | None = None) -> list[Check]:
     """The targets for one build: `reference` and `aligned` are `evaluate_pair` results or their summaries."""
     limits = limits or Limits()
@@ -51,9 +58,9 @@ def check_targets(reference: dict[str, Any], aligned: dict[str, Any], limits: Li
     random_pick = _mean(aligned["random"]["chair_i"])
     claims = _mean(aligned["bon_claims"]["chair_i"])
     implicit = _mean(aligned["bon_implicit"]["chair_i"])
-    ratio = chair_i / ref_chair if ref_chair else float("inf")
-    claims_ratio = claims / random_pick if random_pick else (0.0 if claims == 0 else float("inf"))
-    implicit_ratio = implicit / random_pick if random_pick else (0.0 if implicit == 0 else float("inf"))
+    ratio = _ratio(chair_i, ref_chair)
+    claims_ratio = _ratio(claims, random_pick)
+    implicit_ratio = _ratio(implicit, random_pick)
     return [
         Check("chair_i_vs_reference", ratio, limits.chair_ratio, ratio <= limits.chair_ratio),
         Check("recall_change", recall - ref_recall, -limits.recall_drop, recall - ref_recall >= -limits.recall_drop),
