@@ -113,7 +113,7 @@ async def test_jobs_async(jobs_server: LiveServer, red_png: bytes) -> None:
         assert (await client.jobs.get(job)).completed == 2
 
         big = await client.jobs.submit(
-            [{"image": red_png, "question": QUESTION, "n": 4, "max_tokens": 8, "seed": i} for i in range(30)]
+            [{"image": red_png, "question": QUESTION, "n": 4, "max_tokens": 8, "seed": i} for i in range(250)]
         )
         with pytest.raises(WaitTimeoutError) as info:
             await client.jobs.wait(big, poll_interval=0.05, timeout=0.2)
