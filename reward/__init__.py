@@ -9,14 +9,14 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from reward.errors import AnswerError, BundleError, ImageError, InvalidInputError, ModelLoadError, RewardError
+from rlaifv.reward.errors import AnswerError, BundleError, ImageError, InvalidInputError, ModelLoadError, RewardError
 
 if TYPE_CHECKING:
-    from reward.bundle import BundleManifest, load_bundle
-    from reward.pair import ModelPair
-    from reward.results import Candidate, Ranking
-    from reward.sampling import SamplingParams
-    from reward.scoring import RewardConfig, implicit_reward, select_best
+    from rlaifv.reward.bundle import BundleManifest, load_bundle
+    from rlaifv.reward.model_pair import ModelPair
+    from rlaifv.reward.results import Candidate, Ranking
+    from rlaifv.reward.sampling import SamplingParams
+    from rlaifv.reward.scoring import RewardConfig, implicit_reward, select_best
 
 __all__ = [
     "AnswerError",
@@ -37,15 +37,15 @@ __all__ = [
 ]
 
 _LAZY = {
-    "BundleManifest": "reward.bundle",
-    "load_bundle": "reward.bundle",
-    "ModelPair": "reward.pair",
-    "Candidate": "reward.results",
-    "Ranking": "reward.results",
-    "SamplingParams": "reward.sampling",
-    "RewardConfig": "reward.scoring",
-    "implicit_reward": "reward.scoring",
-    "select_best": "reward.scoring",
+    "BundleManifest": "rlaifv.reward.bundle",
+    "load_bundle": "rlaifv.reward.bundle",
+    "ModelPair": "rlaifv.reward.model_pair",
+    "Candidate": "rlaifv.reward.results",
+    "Ranking": "rlaifv.reward.results",
+    "SamplingParams": "rlaifv.reward.sampling",
+    "RewardConfig": "rlaifv.reward.scoring",
+    "implicit_reward": "rlaifv.reward.scoring",
+    "select_best": "rlaifv.reward.scoring",
 }
 
 

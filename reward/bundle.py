@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from reward.errors import BundleError
-from reward.scoring import Normalize, RewardConfig
+from rlaifv.reward.errors import BundleError
+from rlaifv.reward.scoring import Normalize, RewardConfig
 
 if TYPE_CHECKING:
-    from reward.pair import ModelPair
+    from rlaifv.reward.model_pair import ModelPair
 
 MANIFEST = "rlaifv.json"
 
@@ -110,8 +110,8 @@ def load_bundle(
     trust_remote_code: bool = False,
 ) -> ModelPair:
     """Validate a bundle and load it as a `ModelPair` (one base in memory for LoRA policies)."""
-    from reward.errors import ModelLoadError
-    from reward.models import check_model_folder
+    from rlaifv.reward.errors import ModelLoadError
+    from rlaifv.reward.models import check_model_folder
 
     manifest = read_manifest(folder)
     policy_path = resolve(folder, manifest.policy)
@@ -160,8 +160,8 @@ def load_pair(
     reference's weights (one base in memory); a policy folder equal to the
     reference folder shares the loaded model.
     """
-    from reward.models import load_adapter, load_model, load_processor
-    from reward.pair import ModelPair
+    from rlaifv.reward.model_pair import ModelPair
+    from rlaifv.reward.models import load_adapter, load_model, load_processor
 
     policy_path, reference_path = Path(policy_path), Path(reference_path)
     processor = load_processor(reference_path, trust_remote_code=trust_remote_code)

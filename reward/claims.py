@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Protocol
 
-from reward.judge import Labeler
-from reward.scoring import ClaimScore
+from rlaifv.reward.scoring import ClaimScore
+from rlaifv.reward.yes_no import Labeler
 
 YES_NO_SUFFIX = "Please answer yes or no."
 _EXISTENTIAL = re.compile(

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from reward.prompt import EncodedPrompt
+from rlaifv.reward.prompt import EncodedPrompt
 
 
 def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

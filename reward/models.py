@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from reward.errors import ModelLoadError
+from rlaifv.reward.errors import ModelLoadError
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")

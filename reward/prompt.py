@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from reward.errors import AnswerError, InvalidInputError
+from rlaifv.reward.errors import AnswerError, InvalidInputError
 
 if TYPE_CHECKING:
     import torch

@@ -18,9 +18,9 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from reward.kv_cache import preallocate
-from reward.logprobs import model_device, prefill, selective_log_softmax, step
-from reward.prompt import EncodedPrompt
+from rlaifv.reward.kv_cache import preallocate
+from rlaifv.reward.logprobs import model_device, prefill, selective_log_softmax, step
+from rlaifv.reward.prompt import EncodedPrompt
 
 
 class SamplingParams(BaseModel):

@@ -10,12 +10,12 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from service.app import create_app
-    from service.settings import Settings
+    from rlaifv.service.app import create_app
+    from rlaifv.service.settings import Settings
 
 __all__ = ["Settings", "create_app"]
 
-_LAZY = {"create_app": "service.app", "Settings": "service.settings"}
+_LAZY = {"create_app": "rlaifv.service.app", "Settings": "rlaifv.service.settings"}
 
 
 def __getattr__(name: str) -> Any:

@@ -10,12 +10,12 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
-from service.auth import KeyRing
-from service.deps import enforce_limits
-from service.errors import install_error_handlers
-from service.metrics import Metrics
-from service.middleware import RequestContextMiddleware
-from service.settings import Settings
+from rlaifv.service.auth import KeyRing
+from rlaifv.service.deps import enforce_limits
+from rlaifv.service.errors import install_error_handlers
+from rlaifv.service.metrics import Metrics
+from rlaifv.service.middleware import RequestContextMiddleware
+from rlaifv.service.settings import Settings
 
 log = logging.getLogger("rlaifv.service")
 
@@ -29,12 +29,12 @@ When API keys are configured, /v1 routes need `Authorization: Bearer <key>` (401
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    from service.cache import RewardCache
-    from service.engines import load_engine
-    from service.images import ImageLoader
-    from service.rate_limit import RateLimiter
-    from service.scheduler import Scheduler
-    from service.serving import Serving
+    from rlaifv.service.cache import RewardCache
+    from rlaifv.service.engines import load_engine
+    from rlaifv.service.images import ImageLoader
+    from rlaifv.service.rate_limit import RateLimiter
+    from rlaifv.service.scheduler import Scheduler
+    from rlaifv.service.serving import Serving
 
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
@@ -71,7 +71,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.serving = Serving(settings, engine, scheduler, images, metrics, cache)
     jobs = None
     if redis is not None:
-        from service.jobs import JobStore, JobWorkers
+        from rlaifv.service.jobs import JobStore, JobWorkers
 
         app.state.job_store = JobStore(redis, settings)
         if settings.jobs_workers > 0:
@@ -100,7 +100,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    from service.routes import best_of_n, chat, health, jobs, models, rewards
+    from rlaifv.service.routes import best_of_n, chat, health, jobs, models, rewards
 
     settings = settings or Settings()
     app = FastAPI(

@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from service.errors import Forbidden, Unauthorized
+from rlaifv.service.errors import Forbidden, Unauthorized
 
 bearer = HTTPBearer(auto_error=False, description="API key as a bearer token (RLAIFV_API_KEYS).")
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key (RLAIFV_API_KEYS).")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-    from reward.scoring import RewardConfig
+    from rlaifv.reward.scoring import RewardConfig
 
 
 class RewardCache:

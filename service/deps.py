@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.auth import require_api_key
-from service.errors import Overloaded, Unavailable
-from service.serving import Serving
+from rlaifv.service.auth import require_api_key
+from rlaifv.service.errors import Overloaded, Unavailable
+from rlaifv.service.serving import Serving
 
 
 def get_serving(request: Request) -> Serving:

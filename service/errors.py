@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from reward.errors import InvalidInputError, RewardError
+from rlaifv.reward.errors import InvalidInputError, RewardError
 
 log = logging.getLogger("rlaifv.service")
 
@@ -182,7 +182,7 @@ async def _service_error_handler(request: Request, exc: ServiceError) -> JSONRes
 
 
 async def _invalid_input_handler(request: Request, exc: InvalidInputError) -> JSONResponse:
-    from reward.errors import AnswerError, ImageError
+    from rlaifv.reward.errors import AnswerError, ImageError
 
     code = (
         "invalid_image"

@@ -14,9 +14,9 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from reward.errors import ImageError
-from reward.images import ImageLimits, decode_base64, decode_image
-from service.settings import Settings
+from rlaifv.reward.errors import ImageError
+from rlaifv.reward.images import ImageLimits, decode_base64, decode_image
+from rlaifv.service.settings import Settings
 
 MAX_REDIRECTS = 3
 

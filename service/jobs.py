@@ -28,16 +28,16 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from reward.errors import InvalidInputError
-from service.errors import BadRequest, Conflict, ServiceError
-from service.protocol import BestOfNRequest, Job, JobItemResult, JobRequest, JobResults, RewardsRequest
+from rlaifv.reward.errors import InvalidInputError
+from rlaifv.service.errors import BadRequest, Conflict, ServiceError
+from rlaifv.service.protocol import BestOfNRequest, Job, JobItemResult, JobRequest, JobResults, RewardsRequest
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-    from service.metrics import Metrics
-    from service.serving import Serving
-    from service.settings import Settings
+    from rlaifv.service.metrics import Metrics
+    from rlaifv.service.serving import Serving
+    from rlaifv.service.settings import Settings
 
 log = logging.getLogger("rlaifv.jobs")
 GROUP = "rlaifv-workers"

@@ -12,9 +12,9 @@ import uuid
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_body
-from service.log_format import request_id_var
-from service.metrics import Metrics
+from rlaifv.service.errors import error_body
+from rlaifv.service.log_format import request_id_var
+from rlaifv.service.metrics import Metrics
 
 REQUEST_ID_HEADER = "x-request-id"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

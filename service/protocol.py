@@ -14,11 +14,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from reward.results import ClaimCheck
-from reward.sampling import SamplingParams
-from reward.scoring import RewardConfig
-from service.errors import BadRequest, ErrorDetail
-from service.settings import Settings
+from rlaifv.reward.results import ClaimCheck
+from rlaifv.reward.sampling import SamplingParams
+from rlaifv.reward.scoring import RewardConfig
+from rlaifv.service.errors import BadRequest, ErrorDetail
+from rlaifv.service.settings import Settings
 
 PNG_1PX = (
     "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"

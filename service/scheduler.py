@@ -27,9 +27,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.engines import Engine, EngineResult, Request
-from service.errors import ClientDisconnected, DeadlineExceeded, Overloaded, Unavailable
-from service.metrics import Metrics
+from rlaifv.service.engines import Engine, EngineResult, Request
+from rlaifv.service.errors import ClientDisconnected, DeadlineExceeded, Overloaded, Unavailable
+from rlaifv.service.metrics import Metrics
 
 log = logging.getLogger("rlaifv.service")
 

@@ -15,7 +15,7 @@ import typer
 
 def fallback_bundle() -> Path:
     """The model served when no bundle is given: the shapes-world bundle shipped in the package."""
-    from service.default_model import MissingDefaultBundle, default_bundle
+    from rlaifv.service.default_model import MissingDefaultBundle, default_bundle
 
     try:
         return default_bundle()
@@ -26,7 +26,7 @@ def fallback_bundle() -> Path:
 
 def build_settings(**overrides: Any):
     """Settings from the environment, with the flags that were given on top."""
-    from service.settings import Settings
+    from rlaifv.service.settings import Settings
 
     given = {k: v for k, v in overrides.items() if v is not None}
     return Settings(**given)
@@ -73,8 +73,8 @@ def serve(
     """Serve best-of-N and rewards over HTTP (FastAPI + uvicorn). Settings: RLAIFV_* environment variables."""
     import uvicorn
 
-    from service.app import create_app
-    from service.log_format import configure_logging
+    from rlaifv.service.app import create_app
+    from rlaifv.service.log_format import configure_logging
 
     settings = build_settings(
         bundle=bundle,

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from reward.scoring import top_k
-from service.engines import GenerateRequest, ScoreRequest
-from service.errors import BadRequest, NotFound
-from service.protocol import (
+from rlaifv.reward.scoring import top_k
+from rlaifv.service.engines import GenerateRequest, ScoreRequest
+from rlaifv.service.errors import BadRequest, NotFound
+from rlaifv.service.protocol import (
     BestOfNRequest,
     BestOfNResponse,
     CandidateOut,
@@ -31,17 +31,17 @@ from service.protocol import (
     Usage,
     convert_messages,
 )
-from service.scheduler import Outcome
+from rlaifv.service.scheduler import Outcome
 
 if TYPE_CHECKING:
-    from reward.results import Ranking
-    from reward.scoring import RewardConfig
-    from service.cache import RewardCache
-    from service.engines import Engine
-    from service.images import ImageLoader
-    from service.metrics import Metrics
-    from service.scheduler import Scheduler
-    from service.settings import Settings
+    from rlaifv.reward.results import Ranking
+    from rlaifv.reward.scoring import RewardConfig
+    from rlaifv.service.cache import RewardCache
+    from rlaifv.service.engines import Engine
+    from rlaifv.service.images import ImageLoader
+    from rlaifv.service.metrics import Metrics
+    from rlaifv.service.scheduler import Scheduler
+    from rlaifv.service.settings import Settings
 
 
 def _candidates(ranking: Ranking) -> list[CandidateOut]:

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A full-model tiny bundle: random reference, perturbed policy."""
-    from reward.tiny import build_tiny_bundle
+    from rlaifv.trainer.shapes.tiny_vlm import build_tiny_bundle
 
     return build_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny")
 
@@ -24,14 +24,14 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lora_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny bundle whose policy is a random LoRA adapter over the reference."""
-    from reward.tiny import build_tiny_bundle
+    from rlaifv.trainer.shapes.tiny_vlm import build_tiny_bundle
 
     return build_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny-lora", lora=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_pair(tiny_bundle: Path):
-    from reward import load_bundle
+    from rlaifv.reward import load_bundle
 
     return load_bundle(tiny_bundle)
 

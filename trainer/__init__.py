@@ -3,7 +3,7 @@
 Heavy libraries (torch, transformers, accelerate) load inside the functions
 that need them, so importing `trainer` (and building the CLI) stays cheap.
 
-    from trainer import IterateConfig, run_iterate, ListPromptSource
+    from rlaifv.trainer import IterateConfig, run_iterate, ListPromptSource
     run_iterate(IterateConfig(model="sft/", output_dir="runs/a"), ListPromptSource.from_path("prompts.parquet"))
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from trainer.errors import (
+from rlaifv.trainer.errors import (
     ConfigError,
     DataError,
     EmptyAnswerError,
@@ -23,15 +23,22 @@ from trainer.errors import (
 )
 
 if TYPE_CHECKING:
-    from trainer.data import ListPromptSource, PreferenceRow, PromptItem, PromptSource, read_preferences, read_prompts
-    from trainer.dpo import DPOResult, train_dpo
-    from trainer.dpo_config import DPOConfig
-    from trainer.export import export_bundle
-    from trainer.feedback import PromptFeedback, ScoredAnswer, collect_feedback
-    from trainer.feedback_config import FeedbackConfig
-    from trainer.iterate import EvalHook, IterateResult, RoundContext, run_iterate
-    from trainer.iterate_config import IterateConfig
-    from trainer.pairs import PairConfig, build_pairs
+    from rlaifv.trainer.data import (
+        ListPromptSource,
+        PreferenceRow,
+        PromptItem,
+        PromptSource,
+        read_preferences,
+        read_prompts,
+    )
+    from rlaifv.trainer.dpo import DPOResult, train_dpo
+    from rlaifv.trainer.dpo_config import DPOConfig
+    from rlaifv.trainer.export import export_bundle
+    from rlaifv.trainer.feedback import PromptFeedback, ScoredAnswer, collect_feedback
+    from rlaifv.trainer.feedback_config import FeedbackConfig
+    from rlaifv.trainer.iterate import EvalHook, IterateResult, RoundContext, run_iterate
+    from rlaifv.trainer.iterate_config import IterateConfig
+    from rlaifv.trainer.preference_pairs import PairConfig, build_pairs
 
 __all__ = [
     "ConfigError",
@@ -65,27 +72,27 @@ __all__ = [
 ]
 
 _LAZY = {
-    "ListPromptSource": "trainer.data",
-    "PreferenceRow": "trainer.data",
-    "PromptItem": "trainer.data",
-    "PromptSource": "trainer.data",
-    "read_preferences": "trainer.data",
-    "read_prompts": "trainer.data",
-    "DPOResult": "trainer.dpo",
-    "train_dpo": "trainer.dpo",
-    "DPOConfig": "trainer.dpo_config",
-    "export_bundle": "trainer.export",
-    "PromptFeedback": "trainer.feedback",
-    "ScoredAnswer": "trainer.feedback",
-    "collect_feedback": "trainer.feedback",
-    "FeedbackConfig": "trainer.feedback_config",
-    "EvalHook": "trainer.iterate",
-    "IterateResult": "trainer.iterate",
-    "RoundContext": "trainer.iterate",
-    "run_iterate": "trainer.iterate",
-    "IterateConfig": "trainer.iterate_config",
-    "PairConfig": "trainer.pairs",
-    "build_pairs": "trainer.pairs",
+    "ListPromptSource": "rlaifv.trainer.data",
+    "PreferenceRow": "rlaifv.trainer.data",
+    "PromptItem": "rlaifv.trainer.data",
+    "PromptSource": "rlaifv.trainer.data",
+    "read_preferences": "rlaifv.trainer.data",
+    "read_prompts": "rlaifv.trainer.data",
+    "DPOResult": "rlaifv.trainer.dpo",
+    "train_dpo": "rlaifv.trainer.dpo",
+    "DPOConfig": "rlaifv.trainer.dpo_config",
+    "export_bundle": "rlaifv.trainer.export",
+    "PromptFeedback": "rlaifv.trainer.feedback",
+    "ScoredAnswer": "rlaifv.trainer.feedback",
+    "collect_feedback": "rlaifv.trainer.feedback",
+    "FeedbackConfig": "rlaifv.trainer.feedback_config",
+    "EvalHook": "rlaifv.trainer.iterate",
+    "IterateResult": "rlaifv.trainer.iterate",
+    "RoundContext": "rlaifv.trainer.iterate",
+    "run_iterate": "rlaifv.trainer.iterate",
+    "IterateConfig": "rlaifv.trainer.iterate_config",
+    "PairConfig": "rlaifv.trainer.preference_pairs",
+    "build_pairs": "rlaifv.trainer.preference_pairs",
 }
 
 

@@ -32,8 +32,8 @@ SetOption = Annotated[
 @contextmanager
 def _clean_errors() -> Iterator[None]:
     """Known errors become one red line and exit code 1, not a traceback."""
-    from reward.errors import RewardError
-    from trainer.errors import TrainerError
+    from rlaifv.reward.errors import RewardError
+    from rlaifv.trainer.errors import TrainerError
 
     try:
         yield
@@ -44,7 +44,7 @@ def _clean_errors() -> Iterator[None]:
 
 def _import_object(spec: str, option: str, what: str) -> Any:
     """`package.module:name` -> the object it names."""
-    from trainer.errors import ConfigError
+    from rlaifv.trainer.errors import ConfigError
 
     module_name, _, attr = spec.partition(":")
     if not attr:
@@ -87,11 +87,11 @@ def dpo_command(
 ) -> None:
     """DPO on a preference dataset, then export a bundle the service loads."""
     with _clean_errors():
-        from trainer.data import data_files, describe_files, read_preferences
-        from trainer.dpo import train_dpo
-        from trainer.dpo_config import DPOConfig
-        from trainer.export import export_bundle
-        from trainer.iterate_config import _build, apply_overrides
+        from rlaifv.trainer.data import data_files, describe_files, read_preferences
+        from rlaifv.trainer.dpo import train_dpo
+        from rlaifv.trainer.dpo_config import DPOConfig
+        from rlaifv.trainer.export import export_bundle
+        from rlaifv.trainer.iterate_config import _build, apply_overrides
 
         settings = {
             "beta": beta,
@@ -169,10 +169,10 @@ def iterate_command(
 ) -> None:
     """k rounds of sample -> feedback -> pairs -> DPO, resumable, exported as a bundle."""
     with _clean_errors():
-        from trainer.data import ListPromptSource
-        from trainer.errors import ConfigError
-        from trainer.iterate import run_iterate
-        from trainer.iterate_config import IterateConfig, apply_overrides, read_settings_file
+        from rlaifv.trainer.data import ListPromptSource
+        from rlaifv.trainer.errors import ConfigError
+        from rlaifv.trainer.iterate import run_iterate
+        from rlaifv.trainer.iterate_config import IterateConfig, apply_overrides, read_settings_file
 
         if (prompts is None) == (source is None):
             raise ConfigError("give exactly one of --prompts or --source")
@@ -203,7 +203,7 @@ def iterate_command(
 @train_app.command("options")
 def options_command() -> None:
     """List every setting usable with --set / --config, with defaults and help."""
-    from trainer.iterate_config import IterateConfig, describe_settings
+    from rlaifv.trainer.iterate_config import IterateConfig, describe_settings
 
     for name, default, help_text in describe_settings(IterateConfig):
         typer.echo(f"{name:34} {default:24} {help_text}")
@@ -227,12 +227,12 @@ def feedback(
 ) -> None:
     """Sample candidates, score them by divide-and-conquer verification, and build preference pairs."""
     with _clean_errors():
-        from reward.models import load_adapter, load_model, load_processor
-        from trainer.data import data_files, describe_files, read_prompts, write_preferences
-        from trainer.feedback import collect_feedback, feedback_summary, write_feedback
-        from trainer.feedback_config import FeedbackConfig
-        from trainer.iterate_config import _build, apply_overrides
-        from trainer.pairs import PairConfig, build_pairs
+        from rlaifv.reward.models import load_adapter, load_model, load_processor
+        from rlaifv.trainer.data import data_files, describe_files, read_prompts, write_preferences
+        from rlaifv.trainer.feedback import collect_feedback, feedback_summary, write_feedback
+        from rlaifv.trainer.feedback_config import FeedbackConfig
+        from rlaifv.trainer.iterate_config import _build, apply_overrides
+        from rlaifv.trainer.preference_pairs import PairConfig, build_pairs
 
         base = {
             "num_samples": samples,
@@ -267,5 +267,5 @@ def feedback(
         typer.echo(json.dumps({"feedback": report["feedback"], "pairs": report["pairs"]}, indent=2))
 
 
-if __name__ == "__main__":  # `python -m trainer.cli dpo ...` (e.g. under torchrun) without the service's CLI
+if __name__ == "__main__":  # `python -m rlaifv.trainer.cli dpo ...` (e.g. under torchrun) without the service's CLI
     train_app()

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from trainer.errors import DataError, EmptyAnswerError, ImageDecodeError, MissingColumnError
+from rlaifv.trainer.errors import DataError, EmptyAnswerError, ImageDecodeError, MissingColumnError
 
 RLAIFV_COLUMNS = (
     "ds_name",
@@ -130,8 +130,8 @@ def _text(value: Any, *, source: str, row: int, column: str) -> str:
 
 
 def _check_image(data: bytes, *, source: str, row: int, column: str) -> bytes:
-    from reward.errors import ImageError
-    from reward.images import decode_image
+    from rlaifv.reward.errors import ImageError
+    from rlaifv.reward.images import decode_image
 
     try:
         decode_image(data, param=column)

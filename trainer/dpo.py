@@ -19,8 +19,8 @@ reruns and later epochs never recompute them.
 accelerate does device placement, gradient accumulation and multi-GPU/DeepSpeed
 by configuration, not code:
 
-    accelerate launch --config_file multi_gpu.yaml -m service.cli train dpo data/ --model sft/ -o out/
-    torchrun --standalone --nproc_per_node 8 -m service.cli train dpo ...
+    accelerate launch --config_file multi_gpu.yaml -m rlaifv.cli.main train dpo data/ --model sft/ -o out/
+    torchrun --standalone --nproc_per_node 8 -m rlaifv.cli.main train dpo ...
 
 Pairs are sharded across processes; metrics are averaged over them; rank 0
 writes the policy, the report and the bundle. The model is wrapped in
@@ -41,14 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainer.data import PreferenceRow
-from trainer.dpo_config import DPOConfig
-from trainer.errors import DataError, RunStateError
+from rlaifv.trainer.data import PreferenceRow
+from rlaifv.trainer.dpo_config import DPOConfig
+from rlaifv.trainer.errors import DataError, RunStateError
 
 if TYPE_CHECKING:
     import torch
 
-    from reward.prompt import EncodedPrompt
+    from rlaifv.reward.prompt import EncodedPrompt
 
 REFERENCE_CACHE = "reference_logprobs.parquet"
 DPO_REPORT = "dpo_report.json"
@@ -111,7 +111,7 @@ def encode_pairs(
     rows: Sequence[PreferenceRow], tokenizer: Any, *, eot_id: int, max_answer_tokens: int | None = None
 ) -> tuple[list[EncodedPair], int]:
     """Tokenize answers with `reward.prompt.encode_answer`; pairs over `max_answer_tokens` are dropped (counted)."""
-    from reward.prompt import encode_answer
+    from rlaifv.reward.prompt import encode_answer
 
     pairs, dropped = [], 0
     for row in rows:
@@ -126,8 +126,8 @@ def encode_pairs(
 
 def encode_prompts(processor: Any, pairs: Sequence[EncodedPair], max_length: int | None = None) -> list[EncodedPrompt]:
     """Image + question -> model prefix, via `reward.prompt.encode_prompt` (what `ModelPair.encode` does)."""
-    from reward.images import decode_image
-    from reward.prompt import encode_prompt
+    from rlaifv.reward.images import decode_image
+    from rlaifv.reward.prompt import encode_prompt
 
     return [encode_prompt(processor, [decode_image(p.image)], p.question, max_length=max_length) for p in pairs]
 
@@ -139,7 +139,7 @@ def _pair_sums(model: Any, prompts: Sequence[EncodedPrompt], pairs: Sequence[Enc
     """Summed answer log-probs (B, 2) [chosen, rejected] and lengths (B, 2), prefix shared per pair."""
     import torch
 
-    from reward.logprobs import answer_logprobs
+    from rlaifv.reward.logprobs import answer_logprobs
 
     per_token = answer_logprobs(model, prompts, [[p.chosen_ids, p.rejected_ids] for p in pairs], pad_id)
     sums = torch.stack([torch.stack([group[0].sum(), group[1].sum()]) for group in per_token])
@@ -318,7 +318,7 @@ def _optimizer(model: Any, config: DPOConfig):
 
 
 def _load_policy(config: DPOConfig, model_path: Path, device: Any, init_adapter: Path | None):
-    from reward.models import load_model
+    from rlaifv.reward.models import load_model
 
     model = load_model(model_path, device=str(device), dtype=config.dtype)
     if not config.lora:
@@ -361,8 +361,8 @@ def train_dpo(
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from reward.models import load_model, load_processor
-    from reward.prompt import end_of_turn_id
+    from rlaifv.reward.models import load_model, load_processor
+    from rlaifv.reward.prompt import end_of_turn_id
 
     started = time.time()
     model_path, output_dir = Path(model_path), Path(output_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from trainer.errors import ConfigError
+from rlaifv.trainer.errors import ConfigError
 
 # The language model's attention and MLP projections of LLaVA-style models (vision tower excluded).
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from trainer.errors import RunStateError
+from rlaifv.trainer.errors import RunStateError
 
 
 def software_versions() -> dict[str, str]:
@@ -40,8 +40,8 @@ def export_bundle(
     The reference is the model the trained policy is compared against when
     serving: for the iterative loop, the initial (SFT) model.
     """
-    from reward.bundle import read_manifest, write_bundle
-    from reward.scoring import RewardConfig
+    from rlaifv.reward.bundle import read_manifest, write_bundle
+    from rlaifv.reward.scoring import RewardConfig
 
     policy_dir, reference_dir = Path(policy_dir), Path(reference_dir)
     for what, path in (("policy", policy_dir), ("reference", reference_dir)):

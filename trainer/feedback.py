@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainer.data import PromptItem, image_bytes
-from trainer.errors import DataError
-from trainer.feedback_config import FeedbackConfig
+from rlaifv.trainer.data import PromptItem, image_bytes
+from rlaifv.trainer.errors import DataError
+from rlaifv.trainer.feedback_config import FeedbackConfig
 
 if TYPE_CHECKING:
-    from reward.claims import ClaimSplitter, QuestionWriter
-    from reward.judge import Labeler
+    from rlaifv.reward.claims import ClaimSplitter, QuestionWriter
+    from rlaifv.reward.yes_no import Labeler
 
 FEEDBACK_FILE = "feedback.parquet"
 
@@ -62,12 +62,12 @@ def prompt_seed(seed: int, prompt_id: str) -> int:
 
 def make_splitter_and_writer(config: FeedbackConfig) -> tuple[ClaimSplitter, QuestionWriter]:
     """The configured claim splitter and question writer (spaCy rules by default)."""
-    from reward.claims import RuleQuestionWriter, SpacyClaimSplitter
+    from rlaifv.reward.claims import RuleQuestionWriter, SpacyClaimSplitter
 
     splitter: Any = SpacyClaimSplitter()
     writer: Any = RuleQuestionWriter()
     if "llm" in (config.splitter, config.question_writer):
-        from trainer.llm_rewriter import LLMClaimSplitter, LLMQuestionWriter, make_backend
+        from rlaifv.trainer.llm_rewriter import LLMClaimSplitter, LLMQuestionWriter, make_backend
 
         backend = make_backend(model=config.llm_model, url=config.llm_url, name=config.llm_name)
         if config.splitter == "llm":
@@ -79,11 +79,11 @@ def make_splitter_and_writer(config: FeedbackConfig) -> tuple[ClaimSplitter, Que
 
 def make_labeler(config: FeedbackConfig, policy: Any, processor: Any, device: str | None = None) -> Labeler:
     """Self-feedback (the policy judges) or a separate labeler model loaded from `config.labeler`."""
-    from reward.judge import YesNoJudge
+    from rlaifv.reward.yes_no import YesNoJudge
 
     if config.labeler == "self":
         return YesNoJudge(policy, processor)
-    from reward.models import load_model, load_processor
+    from rlaifv.reward.models import load_model, load_processor
 
     return YesNoJudge(load_model(config.labeler, device=device), load_processor(config.labeler))
 
@@ -97,7 +97,7 @@ def score_answers(
     config: FeedbackConfig,
 ) -> list[ScoredAnswer]:
     """Verify the answers to one image (a PIL image) and return their scores."""
-    from reward.claims import verify_answers
+    from rlaifv.reward.claims import verify_answers
 
     verdicts = verify_answers(
         image,
@@ -121,7 +121,7 @@ def sample_candidates(
     pair: Any, prompts: Sequence[PromptItem], config: FeedbackConfig, *, seed: int
 ) -> list[list[tuple[str, int, str]]]:
     """N candidates per prompt as (text, num_tokens, finish_reason); one SamplingParams for all of a prompt."""
-    from reward.sampling import SamplingParams
+    from rlaifv.reward.sampling import SamplingParams
 
     encoded = [pair.encode([image_bytes(p.image)], p.question) for p in prompts]
     params = [
@@ -140,7 +140,7 @@ def sample_candidates(
 
 def sampling_pair(policy: Any, processor: Any, end_of_turn: str | None = None) -> Any:
     """A `ModelPair` used only to encode and sample (same stop/blocked tokens as the service)."""
-    from reward.pair import ModelPair, is_peft_model
+    from rlaifv.reward.model_pair import ModelPair, is_peft_model
 
     return ModelPair(policy, processor, reference=None if is_peft_model(policy) else policy, end_of_turn=end_of_turn)
 
@@ -161,7 +161,7 @@ def collect_feedback(
     """Sample `config.num_samples` candidates per prompt from `policy` and score them by verification."""
     from tqdm.auto import tqdm
 
-    from reward.images import decode_image
+    from rlaifv.reward.images import decode_image
 
     seed = config.seed if seed is None else seed
     default_splitter, default_writer = (
@@ -205,7 +205,7 @@ def score_batch(
 
     Same plan/score functions as `reward.claims.verify_answers`, so the scores are identical.
     """
-    from reward.claims import plan_claims, score_plans
+    from rlaifv.reward.claims import plan_claims, score_plans
 
     if not hasattr(labeler, "p_yes_batch"):
         return [

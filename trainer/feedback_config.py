@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from trainer.errors import ConfigError
+from rlaifv.trainer.errors import ConfigError
 
 
 @dataclass

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.data import PromptSource, read_preferences, sha256_file, write_preferences
-from trainer.errors import RunStateError, TrainerError
-from trainer.iterate_config import RESUMABLE_CHANGES, IterateConfig
+from rlaifv.trainer.data import PromptSource, read_preferences, sha256_file, write_preferences
+from rlaifv.trainer.errors import RunStateError, TrainerError
+from rlaifv.trainer.iterate_config import RESUMABLE_CHANGES, IterateConfig
 
 RUN_FILE = "run.json"
 REPORT_FILE = "report.json"
@@ -102,7 +102,7 @@ def _free() -> None:
 
 def _load_policy(config: IterateConfig, initial: Path, previous: dict[str, Any] | None):
     """The round's starting policy, for sampling and self-feedback."""
-    from reward.models import load_adapter, load_model
+    from rlaifv.reward.models import load_adapter, load_model
 
     device = "cpu" if config.dpo.cpu else None
     if previous is None:
@@ -124,11 +124,11 @@ def run_round(
     writer: Any = None,
 ) -> dict[str, Any]:
     """Run (or finish) round `index` (1-based); returns its report. `previous` is the last round's report."""
-    from reward.models import load_processor
-    from trainer.dpo import DPO_REPORT, train_dpo
-    from trainer.export import export_bundle
-    from trainer.feedback import FEEDBACK_FILE, collect_feedback, feedback_summary, read_feedback, write_feedback
-    from trainer.pairs import build_pairs
+    from rlaifv.reward.models import load_processor
+    from rlaifv.trainer.dpo import DPO_REPORT, train_dpo
+    from rlaifv.trainer.export import export_bundle
+    from rlaifv.trainer.feedback import FEEDBACK_FILE, collect_feedback, feedback_summary, read_feedback, write_feedback
+    from rlaifv.trainer.preference_pairs import build_pairs
 
     started = time.time()
     output_dir = Path(config.output_dir)
@@ -278,8 +278,8 @@ def run_iterate(
     """
     from tqdm.auto import tqdm
 
-    from trainer.dpo import model_fingerprint
-    from trainer.export import export_bundle
+    from rlaifv.trainer.dpo import model_fingerprint
+    from rlaifv.trainer.export import export_bundle
 
     output_dir = Path(config.output_dir)
     if not isinstance(source, PromptSource):

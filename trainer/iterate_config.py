@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from trainer.dpo_config import DPOConfig
-from trainer.errors import ConfigError
-from trainer.feedback_config import FeedbackConfig
-from trainer.pairs import PairConfig
+from rlaifv.trainer.dpo_config import DPOConfig
+from rlaifv.trainer.errors import ConfigError
+from rlaifv.trainer.feedback_config import FeedbackConfig
+from rlaifv.trainer.preference_pairs import PairConfig
 
 # Settings that may change when resuming an output folder (everything else must match).
 RESUMABLE_CHANGES = (

@@ -17,8 +17,8 @@ import re
 from pathlib import Path
 from typing import Protocol
 
-from reward.claims import YES_NO_SUFFIX
-from trainer.errors import ConfigError, TrainerError
+from rlaifv.reward.claims import YES_NO_SUFFIX
+from rlaifv.trainer.errors import ConfigError, TrainerError
 
 SPLIT_INSTRUCTION = (
     "Split the answer below into short, self-contained factual claims about the image, one per line. "
@@ -81,7 +81,7 @@ class LocalChatBackend:
     def __init__(self, folder: str | Path, *, max_new_tokens: int = 256, device: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from reward.models import check_model_folder, pick_device
+        from rlaifv.reward.models import check_model_folder, pick_device
 
         check_model_folder(Path(folder), what="LLM")
         self.device = pick_device(device)

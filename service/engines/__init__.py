@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from service.engines.base import Engine, EngineResult, GenerateRequest, Request, ScoreRequest
+from rlaifv.service.engines.base import Engine, EngineResult, GenerateRequest, Request, ScoreRequest
 
 if TYPE_CHECKING:
-    from service.settings import Settings
+    from rlaifv.service.settings import Settings
 
 ENGINES = ("transformers",)
 
@@ -19,7 +19,7 @@ ENGINES = ("transformers",)
 def load_engine(settings: Settings) -> tuple[Engine, float]:
     """The configured engine over `settings.bundle`; returns it and its load time in seconds."""
     if settings.engine == "transformers":
-        from service.engines.transformers import load_transformers_engine
+        from rlaifv.service.engines.transformers import load_transformers_engine
 
         return load_transformers_engine(
             str(settings.bundle),

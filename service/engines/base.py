@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from reward.results import Ranking
-    from reward.sampling import SamplingParams
-    from reward.scoring import RewardConfig
+    from rlaifv.reward.results import Ranking
+    from rlaifv.reward.sampling import SamplingParams
+    from rlaifv.reward.scoring import RewardConfig
 
 Kind = Literal["generate", "score"]
 

@@ -16,13 +16,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from reward.errors import InvalidInputError
-from service.engines.base import EngineResult, GenerateRequest, Request, ScoreRequest
+from rlaifv.reward.errors import InvalidInputError
+from rlaifv.service.engines.base import EngineResult, GenerateRequest, Request, ScoreRequest
 
 if TYPE_CHECKING:
-    from reward.pair import ModelPair
-    from reward.results import Ranking
-    from reward.scoring import RewardConfig
+    from rlaifv.reward.model_pair import ModelPair
+    from rlaifv.reward.results import Ranking
+    from rlaifv.reward.scoring import RewardConfig
 
 T = TypeVar("T")
 
@@ -63,10 +63,10 @@ class TransformersEngine:
 
     def run_batch(self, requests: Sequence[Request]) -> list[EngineResult | Exception]:
         """Encode each request, then run all valid ones in one batched pass."""
-        from reward.pair import GenerateJob, ScoreJob
+        from rlaifv.reward.model_pair import GenerateTask, ScoreTask
 
         results: list[EngineResult | Exception | None] = [None] * len(requests)
-        jobs: list[Any] = []
+        tasks: list[Any] = []
         index: list[int] = []
         lengths: list[int] = []
         for i, request in enumerate(requests):
@@ -80,44 +80,48 @@ class TransformersEngine:
                             f"model's {limit} positions",
                             param="max_tokens",
                         )
-                    jobs.append(GenerateJob(prompt, request.n, request.sampling, request.reward, images=request.images))
+                    tasks.append(
+                        GenerateTask(prompt, request.n, request.sampling, request.reward, images=request.images)
+                    )
                 else:
                     answers = self.pair.encode_answers(request.answers, max_tokens=request.max_tokens)
                     if limit is not None and len(prompt) + max(len(a) for a in answers) > limit:
                         raise InvalidInputError(
                             f"prompt + answer exceed the model's {limit} positions", param="answers"
                         )
-                    jobs.append(ScoreJob(prompt, answers, list(request.answers), request.reward, images=request.images))
+                    tasks.append(
+                        ScoreTask(prompt, answers, list(request.answers), request.reward, images=request.images)
+                    )
             except InvalidInputError as exc:
                 results[i] = exc
                 continue
             index.append(i)
             lengths.append(len(prompt))
-        if jobs:
-            for i, outcome in zip(index, self._run_jobs(jobs), strict=True):
+        if tasks:
+            for i, outcome in zip(index, self._run_tasks(tasks), strict=True):
                 results[i] = outcome
         prompt_len = dict(zip(index, lengths, strict=True))
         return [
-            EngineResult(r, prompt_len[i], len(jobs)) if not isinstance(r, Exception) else r  # type: ignore[arg-type]
+            EngineResult(r, prompt_len[i], len(tasks)) if not isinstance(r, Exception) else r  # type: ignore[arg-type]
             for i, r in enumerate(results)
         ]
 
-    def _run_jobs(self, jobs: list[Any]) -> list[Ranking | Exception]:
-        from reward.pair import GenerateJob
+    def _run_tasks(self, tasks: list[Any]) -> list[Ranking | Exception]:
+        from rlaifv.reward.model_pair import GenerateTask
 
-        run = self.pair.generate_batch if isinstance(jobs[0], GenerateJob) else self.pair.score_batch
+        run = self.pair.generate_batch if isinstance(tasks[0], GenerateTask) else self.pair.score_batch
         try:
-            return list(run(jobs))
+            return list(run(tasks))
         except Exception as exc:
-            if len(jobs) == 1:
+            if len(tasks) == 1:
                 return [exc]
-            return [self._run_jobs([job])[0] for job in jobs]  # isolate the culprit; the others still run
+            return [self._run_tasks([task])[0] for task in tasks]  # isolate the culprit; the others still run
 
     def warmup_sync(self) -> float:
         """One tiny best-of-2 and one scoring pass, so the first request pays no first-call costs."""
         from PIL import Image
 
-        from reward.sampling import SamplingParams
+        from rlaifv.reward.sampling import SamplingParams
 
         start = time.perf_counter()
         image = Image.new("RGB", (32, 32), (200, 30, 30))
@@ -137,7 +141,7 @@ def load_transformers_engine(
     bundle: str, *, device: str | None, dtype: str, trust_remote_code: bool, torch_threads: int | None = None
 ) -> tuple[TransformersEngine, float]:
     """Load the bundle's pair; returns the engine and the load time in seconds."""
-    from reward.bundle import load_bundle
+    from rlaifv.reward.bundle import load_bundle
 
     if torch_threads:
         import torch

@@ -4,9 +4,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.auth import require_metrics_key
-from service.errors import error_responses
-from service.protocol import Health
+from rlaifv.service.auth import require_metrics_key
+from rlaifv.service.errors import error_responses
+from rlaifv.service.protocol import Health
 
 router = APIRouter(tags=["operations"])
 

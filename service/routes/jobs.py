@@ -4,9 +4,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Request
 
-from service.errors import NotEnabled, NotFound, error_responses
-from service.jobs import JobStore
-from service.protocol import Job, JobRequest, JobResults
+from rlaifv.service.errors import NotEnabled, NotFound, error_responses
+from rlaifv.service.jobs import JobStore
+from rlaifv.service.protocol import Job, JobRequest, JobResults
 
 router = APIRouter(tags=["jobs"])
 JobId = Annotated[str, Path(description="Job id returned by POST /v1/jobs.", max_length=64)]

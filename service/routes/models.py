@@ -4,9 +4,9 @@ import time
 
 from fastapi import APIRouter
 
-from service.deps import ServingDep
-from service.errors import error_responses
-from service.protocol import ModelList
+from rlaifv.service.deps import ServingDep
+from rlaifv.service.errors import error_responses
+from rlaifv.service.protocol import ModelList
 
 router = APIRouter(tags=["openai"])
 _STARTED = int(time.time())

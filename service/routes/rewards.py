@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from service.deps import ServingDep
-from service.errors import error_responses
-from service.protocol import RewardsRequest, RewardsResponse
+from rlaifv.service.deps import ServingDep
+from rlaifv.service.errors import error_responses
+from rlaifv.service.protocol import RewardsRequest, RewardsResponse
 
 router = APIRouter(tags=["reward"])
 

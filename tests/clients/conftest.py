@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from service.testing import LiveServer as _LiveServer
+from rlaifv.testing.server import LiveServer as _LiveServer
 
 API_KEY = "sk-client-tests-0123456789"
 QUESTION = "What is in the image?"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from rlaifv.testing.server import free_port
 from rlaifv_client import (
     AsyncClient,
     BestOfN,
@@ -22,7 +23,6 @@ from rlaifv_client import (
     Rewards,
     WaitTimeoutError,
 )
-from service.testing import free_port
 
 from .conftest import API_KEY, QUESTION, LiveServer
 

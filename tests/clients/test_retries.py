@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from rlaifv.testing.server import free_port
 from rlaifv_client import (
     APIConnectionError,
     APITimeoutError,
@@ -30,7 +31,6 @@ from rlaifv_client import (
     RateLimitError,
     ServerError,
 )
-from service.testing import free_port
 
 from .conftest import API_KEY, QUESTION
 
@@ -147,20 +147,27 @@ def test_503_while_the_model_is_away_is_retried(busy_server: Any, red_png: bytes
     state = busy_server.app.state
     serving = state.serving
     log = AttemptLog()
+
+    def model_back_after_first_503(response: httpx.Response) -> None:
+        """The model comes back once the client has seen the 503: the retry, not a timer, decides the outcome."""
+        log.on_response(response)
+        if response.status_code == 503 and log.attempts[0].request_id == response.request.headers["x-request-id"]:
+            state.serving = serving
+
+    hooks = {"request": [log.on_request], "response": [model_back_after_first_503]}
     with Client(
         base_url=busy_server.url,
         max_retries=3,
         backoff=Backoff(initial=0.05, max=0.2, max_retry_after=1.0),
-        http_client=httpx.Client(event_hooks=log.sync_hooks(), timeout=60),
+        http_client=httpx.Client(event_hooks=hooks, timeout=60),
     ) as client:
         state.serving = None
         try:
             with pytest.raises(ServerError) as info:
                 client.with_options(max_retries=0).score(image=red_png, question=QUESTION, answers=["a"])
             assert (info.value.status_code, info.value.code) == (503, "not_ready")
+            state.serving = None
             log.attempts.clear()
-            timer = threading.Timer(0.4, lambda: setattr(state, "serving", serving))
-            timer.start()
             result = client.score(image=red_png, question=QUESTION, answers=["a"])
         finally:
             state.serving = serving

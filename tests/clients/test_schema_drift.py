@@ -35,8 +35,8 @@ NAME_OF = {cls.__name__: name for cls, name in SCHEMAS.items()}
 @pytest.fixture(scope="module")
 def components() -> dict[str, Any]:
     """The server's schema as the app declares it: no model, no server needed."""
-    from service.app import create_app
-    from service.settings import Settings
+    from rlaifv.service.app import create_app
+    from rlaifv.service.settings import Settings
 
     return create_app(Settings()).openapi()["components"]["schemas"]
 

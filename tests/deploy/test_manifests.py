@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from service.settings import Settings
+from rlaifv.service.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 

@@ -6,9 +6,9 @@ import shutil
 import pytest
 from PIL import Image
 
-from reward import BundleError, load_bundle
-from reward.bundle import MANIFEST, read_manifest
-from reward.tiny import TinyVLMSpec, build_tiny_vlm
+from rlaifv.reward import BundleError, load_bundle
+from rlaifv.reward.bundle import MANIFEST, read_manifest
+from rlaifv.trainer.shapes.tiny_vlm import TinyVLMSpec, build_tiny_vlm
 
 ANSWERS = ["a red circle.", "a blue square and a cat."]
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
-from reward.claims import RuleQuestionWriter, SpacyClaimSplitter, normalize_claim, verify_answers
-from reward.judge import YesNoJudge
-from reward.prompt import encode_prompt
-from reward.scoring import RewardConfig
+from rlaifv.reward.claims import RuleQuestionWriter, SpacyClaimSplitter, normalize_claim, verify_answers
+from rlaifv.reward.prompt import encode_prompt
+from rlaifv.reward.scoring import RewardConfig
+from rlaifv.reward.yes_no import YesNoJudge
 
 
 @pytest.mark.parametrize(
@@ -103,7 +103,7 @@ def test_judge_shares_the_image_prefix_and_matches_separate_forwards(tiny_pair):
 
 
 def test_claims_reward_mode_ranks_by_verification(tiny_bundle):
-    from reward import load_bundle
+    from rlaifv.reward import load_bundle
 
     pair = load_bundle(tiny_bundle)
     pair._labeler = ScriptedLabeler({"red circle"})
@@ -122,7 +122,7 @@ def test_claims_reward_mode_ranks_by_verification(tiny_bundle):
 
 def test_claims_reward_honours_the_claim_threshold(tiny_bundle):
     """The service's claims reward uses the same acceptance threshold setting as the trainer's feedback."""
-    from reward import load_bundle
+    from rlaifv.reward import load_bundle
 
     pair = load_bundle(tiny_bundle)
     pair._labeler = ScriptedLabeler({"red circle"})  # p(yes) 0.9 for the red circle, 0.1 otherwise

@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-import reward
+from rlaifv import reward
 
 
 def test_public_api_is_pinned():
@@ -26,12 +26,12 @@ def test_public_api_is_pinned():
     )
     for name in reward.__all__:
         obj = getattr(reward, name)  # lazy names import their module here
-        assert obj.__name__ == name and obj.__module__.startswith("reward."), (name, obj)
+        assert obj.__name__ == name and obj.__module__.startswith("rlaifv.reward."), (name, obj)
     assert issubclass(reward.ImageError, reward.InvalidInputError)
     assert issubclass(reward.InvalidInputError, reward.RewardError)
 
 
 def test_importing_reward_does_not_import_torch():
-    code = "import sys, reward; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, rlaifv.reward; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]

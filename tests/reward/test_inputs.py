@@ -5,8 +5,8 @@ import io
 import pytest
 from PIL import Image
 
-from reward import AnswerError, ImageError, InvalidInputError
-from reward.images import ImageLimits, decode_base64, decode_image, load_image
+from rlaifv.reward import AnswerError, ImageError, InvalidInputError
+from rlaifv.reward.images import ImageLimits, decode_base64, decode_image, load_image
 
 
 def _png(size=(16, 16)) -> bytes:

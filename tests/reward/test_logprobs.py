@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from reward.logprobs import answer_logprobs, full_forward_logprobs
-from reward.sampling import SamplingParams
+from rlaifv.reward.logprobs import answer_logprobs, full_forward_logprobs
+from rlaifv.reward.sampling import SamplingParams
 
 TOL = 1e-4
 

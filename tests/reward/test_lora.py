@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from reward import load_bundle
-from reward.bundle import write_bundle
+from rlaifv.reward import load_bundle
+from rlaifv.reward.bundle import write_bundle
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from reward.scoring import RewardConfig, implicit_reward, select_best, top_k
+from rlaifv.reward.scoring import RewardConfig, implicit_reward, select_best, top_k
 
 
 def test_mean_normalised_reward_matches_hand_computation():

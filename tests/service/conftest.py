@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.testing import LiveServer as _LiveServer
-from service.testing import free_port
+from rlaifv.testing.server import LiveServer as _LiveServer
+from rlaifv.testing.server import free_port
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,7 @@ def service_bundle(tiny_bundle: Path) -> Path:
 @pytest.fixture(scope="session")
 def in_process_pair(service_bundle: Path):
     """The same bundle loaded in the test process: the in-process API the server must agree with."""
-    from reward.bundle import load_bundle
+    from rlaifv.reward.bundle import load_bundle
 
     return load_bundle(service_bundle)
 

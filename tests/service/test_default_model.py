@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import service.default_model as default_model
+import rlaifv.service.default_model as default_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,9 +21,9 @@ def test_missing_shipped_bundle_names_the_fix(monkeypatch: pytest.MonkeyPatch, t
 
 def test_serve_without_a_bundle_fails_in_one_line_when_none_ships(tmp_path: Path) -> None:
     code = (
-        "import sys, pathlib, service.default_model as d\n"
+        "import sys, pathlib, rlaifv.service.default_model as d\n"
         f"d.SHIPPED_BUNDLE = pathlib.Path({str(tmp_path / 'absent')!r})\n"
-        "from service.cli import app\n"
+        "from rlaifv.cli.main import app\n"
         "sys.argv = ['rlaifv', 'serve']\n"
         "app()\n"
     )

@@ -182,7 +182,7 @@ def test_openapi_documents_every_route_with_error_models(client: httpx.Client) -
 def test_claims_reward_mode_matches_in_process(
     client: httpx.Client, in_process_pair, red_png: bytes, red_url: str, claim_score: str
 ) -> None:
-    from reward.scoring import RewardConfig
+    from rlaifv.reward.scoring import RewardConfig
 
     answers = ["There is a red circle and a blue square.", "a dog.", "a dog. a dog."]
     reward = {"mode": "claims", "repeat_penalty": 0.5, "claim_score": claim_score}

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from service.engines import Engine
-from service.engines.transformers import TransformersEngine
-from service.metrics import Metrics
-from service.scheduler import Scheduler
+from rlaifv.service.engines import Engine
+from rlaifv.service.engines.transformers import TransformersEngine
+from rlaifv.service.metrics import Metrics
+from rlaifv.service.scheduler import Scheduler
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def image():
 
 
 def score_request(pair, answers):
-    from service.engines import ScoreRequest
+    from rlaifv.service.engines import ScoreRequest
 
     return ScoreRequest([image()], "What is in the image?", None, answers, pair.reward, 16)
 
@@ -51,7 +51,7 @@ async def test_queued_requests_share_one_batch_and_match_unbatched(engine, in_pr
 
 
 async def test_a_bad_request_fails_alone_with_the_cores_error(engine, in_process_pair) -> None:
-    from reward.errors import AnswerError
+    from rlaifv.reward.errors import AnswerError
 
     good, bad = score_request(in_process_pair, ["a red circle."]), score_request(in_process_pair, ["red " * 40])
     outcomes = await engine.run([good, bad])

@@ -61,7 +61,7 @@ def test_dead_worker_items_are_reclaimed(make_server, redis_url, red_url) -> Non
     """A consumer that read items and died (never acked) leaves them pending; a live worker takes them over."""
     import redis
 
-    from service.jobs import GROUP
+    from rlaifv.service.jobs import GROUP
 
     stream = "rlaifv:jobs:reclaim-test"
     # a replica that accepts jobs but runs no workers

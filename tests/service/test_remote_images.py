@@ -97,7 +97,7 @@ def test_host_not_in_list_refused(remote_server, url) -> None:
 
 
 def test_host_matching() -> None:
-    from service.images import host_allowed
+    from rlaifv.service.images import host_allowed
 
     assert host_allowed("img.example.org", ["*.example.org"])
     assert host_allowed("EXAMPLE.org.", ["example.org"])

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 
 import pytest
 
-from reward.results import Candidate, Ranking
-from reward.scoring import RewardConfig
-from service.engines import Engine, EngineResult, Request, ScoreRequest
-from service.errors import ClientDisconnected, DeadlineExceeded, Overloaded, Unavailable
-from service.metrics import Metrics
-from service.scheduler import Scheduler
+from rlaifv.reward.results import Candidate, Ranking
+from rlaifv.reward.scoring import RewardConfig
+from rlaifv.service.engines import Engine, EngineResult, Request, ScoreRequest
+from rlaifv.service.errors import ClientDisconnected, DeadlineExceeded, Overloaded, Unavailable
+from rlaifv.service.metrics import Metrics
+from rlaifv.service.scheduler import Scheduler
 
 pytestmark = pytest.mark.looptime
 
@@ -60,8 +60,8 @@ def score(label: str) -> ScoreRequest:
 
 
 def generate() -> Request:
-    from reward.sampling import SamplingParams
-    from service.engines import GenerateRequest
+    from rlaifv.reward.sampling import SamplingParams
+    from rlaifv.service.engines import GenerateRequest
 
     return GenerateRequest([], "q", None, 2, SamplingParams(), RewardConfig())
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from rlaifv.service.settings import Settings
 
 
 def test_env_vars_are_read(monkeypatch, tmp_path) -> None:
@@ -27,7 +27,7 @@ def test_env_vars_are_read(monkeypatch, tmp_path) -> None:
 
 
 def test_flags_override_env(monkeypatch) -> None:
-    from service.serve_cli import build_settings
+    from rlaifv.service.serve_cli import build_settings
 
     monkeypatch.setenv("RLAIFV_PORT", "9000")
     monkeypatch.setenv("RLAIFV_MAX_QUEUE", "3")

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.testing import free_port
+from rlaifv.testing.server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,7 +32,7 @@ async def test_sigterm_finishes_in_flight_requests(service_bundle, red_url: str,
     }
     log = (tmp_path / "server.log").open("w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.serve_cli", "--bundle", str(service_bundle), "--port", str(port)],
+        [sys.executable, "-m", "rlaifv.service.serve_cli", "--bundle", str(service_bundle), "--port", str(port)],
         cwd=ROOT,
         env=env,
         stdout=log,

@@ -9,6 +9,6 @@ import pytest
 
 @pytest.fixture(scope="session")
 def shapes_bundle() -> Path:
-    from service.default_model import default_bundle
+    from rlaifv.service.default_model import default_bundle
 
     return default_bundle()

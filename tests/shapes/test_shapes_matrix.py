@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.shapes.matrix import render_matrix, run_matrix
+from rlaifv.trainer.shapes.matrix import render_matrix, run_matrix
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.shapes.pipeline import build_demo, demo_config
-from trainer.shapes.world import CAPTION_QUESTION, scenes
+from rlaifv.trainer.shapes.pipeline import build_demo, demo_config
+from rlaifv.trainer.shapes.world import CAPTION_QUESTION, scenes
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def test_rounds_train_on_their_own_feedback_and_export_a_bundle(build):
-    from reward.bundle import read_manifest
+    from rlaifv.reward.bundle import read_manifest
 
     folder, bundle = build
     manifest = read_manifest(bundle)
@@ -50,7 +50,7 @@ def test_rounds_train_on_their_own_feedback_and_export_a_bundle(build):
 
 
 def test_exported_policy_scores_and_samples_through_the_service_path(build):
-    from reward import load_bundle
+    from rlaifv.reward import load_bundle
 
     _, bundle = build
     pair = load_bundle(bundle)
@@ -71,8 +71,8 @@ def test_a_finished_build_resumes_without_training(build):
 
 
 def test_ship_writes_a_loadable_bundle_with_provenance(build, tmp_path):
-    from reward.bundle import read_manifest
-    from trainer.shapes.ship import ship
+    from rlaifv.reward.bundle import read_manifest
+    from rlaifv.trainer.shapes.ship import ship
 
     folder, _ = build
     config = demo_config(seed=3, overrides=REDUCED)

@@ -12,10 +12,10 @@ import json
 
 import pytest
 
-from trainer.shapes.evaluate import EvalConfig, evaluate_pair
-from trainer.shapes.pipeline import RECIPE_VERSION, DemoConfig, demo_config
-from trainer.shapes.report import _pair
-from trainer.shapes.targets import Limits, check_targets
+from rlaifv.trainer.shapes.evaluate import EvalConfig, evaluate_pair
+from rlaifv.trainer.shapes.pipeline import RECIPE_VERSION, DemoConfig, demo_config
+from rlaifv.trainer.shapes.report import _pair
+from rlaifv.trainer.shapes.targets import Limits, check_targets
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def shipped(shapes_bundle):
 
 @pytest.fixture(scope="module")
 def reports(shapes_bundle):
-    from reward.bundle import read_manifest, resolve
+    from rlaifv.reward.bundle import read_manifest, resolve
 
     manifest = read_manifest(shapes_bundle)
     reference = resolve(shapes_bundle, manifest.reference)

@@ -8,8 +8,8 @@ import io
 import httpx
 import pytest
 
-from service.testing import LiveServer
-from trainer.shapes.world import CAPTION_QUESTION, extract_objects, scenes
+from rlaifv.testing.server import LiveServer
+from rlaifv.trainer.shapes.world import CAPTION_QUESTION, extract_objects, scenes
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from trainer.evaluation.chair import chair, yes_no
-from trainer.shapes.world import (
+from rlaifv.trainer.evaluation.chair import chair, yes_no
+from rlaifv.trainer.shapes.world import (
     BACKGROUND,
     OBJECTS,
     caption,
@@ -33,7 +33,7 @@ def test_scenes_are_deterministic_and_valid():
 def test_rendered_colours_match_ground_truth():
     scene = scenes(0, 1)[0]
     image = scene.render()
-    from trainer.shapes.world import COLOURS
+    from rlaifv.trainer.shapes.world import COLOURS
 
     for obj in scene.objects:
         assert image.getpixel((obj.x, obj.y + 2)) == COLOURS[obj.colour]

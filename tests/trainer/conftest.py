@@ -14,6 +14,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny LLaVA (word tokenizer over reward.tiny.DEFAULT_WORDS) saved with save_pretrained."""
-    from reward.tiny import build_tiny_vlm
+    from rlaifv.trainer.shapes.tiny_vlm import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("models") / "tiny")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from trainer_testkit import COLOURS, png, preference_rows, write_rlaifv_parquet
 
-from trainer.data import PreferenceRow
-from trainer.dpo import (
+from rlaifv.trainer.data import PreferenceRow
+from rlaifv.trainer.dpo import (
     REFERENCE_CACHE,
     compute_reference_logprobs,
     dpo_terms,
@@ -19,9 +19,9 @@ from trainer.dpo import (
     score_pairs,
     train_dpo,
 )
-from trainer.dpo_config import DPOConfig
-from trainer.errors import ConfigError
-from trainer.export import export_bundle
+from rlaifv.trainer.dpo_config import DPOConfig
+from rlaifv.trainer.errors import ConfigError
+from rlaifv.trainer.export import export_bundle
 
 # Chosen answers use one set of words, rejected ones another; held-out pairs recombine them.
 GOOD = ["red", "circle", "green", "tree", "big", "cat", "white", "house"]
@@ -46,7 +46,7 @@ HELD_OUT = [
 
 
 def _margins(bundle: Path, rows: list[PreferenceRow]) -> list[float]:
-    from reward import load_bundle
+    from rlaifv.reward import load_bundle
 
     pair = load_bundle(bundle)
     margins = []
@@ -70,8 +70,8 @@ def test_dpo_terms_math() -> None:
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_trainer_implicit_reward_equals_the_service_reward(tiny_model: Path, tmp_path: Path, lora: bool) -> None:
     """The DPO loss's beta*(pi - ref) for a pair == what reward/ returns (normalize='sum') for it."""
-    from reward import RewardConfig, load_bundle
-    from reward.models import load_processor
+    from rlaifv.reward import RewardConfig, load_bundle
+    from rlaifv.reward.models import load_processor
 
     rows = _toy_rows(4)
     config = DPOConfig(learning_rate=5e-3, epochs=1, batch_size=2, lora=lora, lora_r=4, cpu=True, beta=0.2)
@@ -163,7 +163,7 @@ def test_reference_logprobs_are_cached_and_reused(tiny_model: Path, tmp_path: Pa
     third = train_dpo(config, rows[:3], model_path=tiny_model, output_dir=tmp_path, progress=False)
     assert not third.reference_cache_hit
     # cached sums are the reference's sums (the initial model, via the shared function)
-    from reward.models import load_model, load_processor
+    from rlaifv.reward.models import load_model, load_processor
 
     processor = load_processor(tiny_model)
     pairs, _ = encode_pairs(rows[:3], processor.tokenizer, eot_id=processor.tokenizer.eos_token_id)
@@ -176,8 +176,8 @@ def test_reference_logprobs_are_cached_and_reused(tiny_model: Path, tmp_path: Pa
 def test_parquet_to_bundle_through_the_cli(tiny_model: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from reward import load_bundle
-    from trainer.cli import train_app
+    from rlaifv.reward import load_bundle
+    from rlaifv.trainer.cli import train_app
 
     rows = preference_rows([(r.chosen, r.rejected) for r in _toy_rows(6)])
     data = write_rlaifv_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", rows)
@@ -196,7 +196,7 @@ def test_parquet_to_bundle_through_the_cli(tiny_model: Path, tmp_path: Path) -> 
 def test_cli_reports_bad_data_cleanly(tiny_model: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from trainer.cli import train_app
+    from rlaifv.trainer.cli import train_app
 
     rows = preference_rows([("a red circle", "")])
     data = write_rlaifv_parquet(tmp_path / "bad.parquet", rows)
@@ -260,14 +260,14 @@ def test_two_process_data_parallel_training_by_launcher_only(tiny_model: Path, t
     import subprocess
     import sys
 
-    from reward import load_bundle
+    from rlaifv.reward import load_bundle
 
     root = Path(__file__).resolve().parents[2]
     rows = preference_rows([(r.chosen, r.rejected) for r in _toy_rows(8)])
     data = write_rlaifv_parquet(tmp_path / "data.parquet", rows)
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "trainer.cli", "dpo", str(data), "--model", str(tiny_model), "-o", str(out)]
+    command += ["-m", "rlaifv.trainer.cli", "dpo", str(data), "--model", str(tiny_model), "-o", str(out)]
     command += ["--lr", "1e-3", "--epochs", "2", "--batch-size", "2", "--cpu", "--no-progress"]
     env = os.environ | {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=240)

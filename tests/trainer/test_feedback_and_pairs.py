@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from trainer_testkit import ControlledLabeler, png
 
-from trainer.data import PromptItem, read_preferences
-from trainer.feedback import (
+from rlaifv.trainer.data import PromptItem, read_preferences
+from rlaifv.trainer.feedback import (
     PromptFeedback,
     ScoredAnswer,
     collect_feedback,
@@ -17,8 +17,8 @@ from trainer.feedback import (
     score_answers,
     write_feedback,
 )
-from trainer.feedback_config import FeedbackConfig
-from trainer.pairs import PairConfig, build_pairs, ngram_jaccard
+from rlaifv.trainer.feedback_config import FeedbackConfig
+from rlaifv.trainer.preference_pairs import PairConfig, build_pairs, ngram_jaccard
 
 ANSWERS = [
     "There is a red circle and a blue square.",  # 2 claims, 1 false            -> -1
@@ -29,7 +29,7 @@ ANSWERS = [
 
 
 def _score(labeler: ControlledLabeler, answers: list[str], **kwargs) -> list[ScoredAnswer]:
-    from reward.claims import RuleQuestionWriter, SpacyClaimSplitter
+    from rlaifv.reward.claims import RuleQuestionWriter, SpacyClaimSplitter
 
     config = FeedbackConfig(**kwargs)
     image = Image.new("RGB", (32, 32))
@@ -110,7 +110,7 @@ def test_feedback_file_round_trip(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_collect_feedback_samples_deconfounded_and_reproducibly(tiny_model: Path) -> None:
-    from reward.models import load_model, load_processor
+    from rlaifv.reward.models import load_model, load_processor
 
     model, processor = load_model(tiny_model), load_processor(tiny_model)
     prompts = [
@@ -139,10 +139,10 @@ def test_collect_feedback_samples_deconfounded_and_reproducibly(tiny_model: Path
 
 @pytest.mark.slow
 def test_self_feedback_asks_the_policy(tiny_model: Path) -> None:
-    from reward.claims import verify_answers
-    from reward.images import decode_image
-    from reward.judge import YesNoJudge
-    from reward.models import load_model, load_processor
+    from rlaifv.reward.claims import verify_answers
+    from rlaifv.reward.images import decode_image
+    from rlaifv.reward.models import load_model, load_processor
+    from rlaifv.reward.yes_no import YesNoJudge
 
     model, processor = load_model(tiny_model), load_processor(tiny_model)
     prompts = [
@@ -172,7 +172,7 @@ def test_feedback_cli_writes_scored_candidates_and_a_report(tiny_model: Path, tm
     from typer import Typer
     from typer.testing import CliRunner
 
-    from trainer.cli import feedback
+    from rlaifv.trainer.cli import feedback
 
     app = Typer()
     app.command()(feedback)
@@ -195,10 +195,10 @@ def test_feedback_cli_writes_scored_candidates_and_a_report(tiny_model: Path, tm
 
 
 def test_a_separate_labeler_model_is_loaded_from_its_folder(tiny_model: Path, tmp_path: Path) -> None:
-    from reward.judge import YesNoJudge
-    from reward.models import load_model, load_processor
-    from reward.tiny import perturb_copy
-    from trainer.feedback import make_labeler
+    from rlaifv.reward.models import load_model, load_processor
+    from rlaifv.reward.yes_no import YesNoJudge
+    from rlaifv.trainer.feedback import make_labeler
+    from rlaifv.trainer.shapes.tiny_vlm import perturb_copy
 
     judge_dir = perturb_copy(tiny_model, tmp_path / "judge", scale=0.5)
     policy, processor = load_model(tiny_model), load_processor(tiny_model)

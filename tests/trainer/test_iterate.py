@@ -9,13 +9,13 @@ import pytest
 import torch
 from trainer_testkit import COLOURS, ControlledLabeler, png
 
-from trainer.data import ListPromptSource, PromptItem
-from trainer.dpo_config import DPOConfig
-from trainer.errors import ConfigError, RunStateError, TrainerError
-from trainer.feedback_config import FeedbackConfig
-from trainer.iterate import RoundContext, run_iterate
-from trainer.iterate_config import IterateConfig, apply_overrides
-from trainer.pairs import PairConfig
+from rlaifv.trainer.data import ListPromptSource, PromptItem
+from rlaifv.trainer.dpo_config import DPOConfig
+from rlaifv.trainer.errors import ConfigError, RunStateError, TrainerError
+from rlaifv.trainer.feedback_config import FeedbackConfig
+from rlaifv.trainer.iterate import RoundContext, run_iterate
+from rlaifv.trainer.iterate_config import IterateConfig, apply_overrides
+from rlaifv.trainer.preference_pairs import PairConfig
 
 QUESTIONS = ["describe the image", "what is this", "what is in the picture"]
 
@@ -49,7 +49,7 @@ def _labeler() -> ControlledLabeler:
 
 
 def _eval(ctx: RoundContext) -> dict[str, float]:
-    from reward import load_bundle
+    from rlaifv.reward import load_bundle
 
     pair = load_bundle(ctx.bundle_dir)
     ranking = pair.score(png((5, 5, 5)), "describe the image", ["a red circle", "a blue square"])
@@ -58,8 +58,8 @@ def _eval(ctx: RoundContext) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_two_rounds_interrupted_between_rounds_resume_and_export(tiny_model: Path, tmp_path: Path) -> None:
-    from reward import load_bundle
-    from reward.models import load_model
+    from rlaifv.reward import load_bundle
+    from rlaifv.reward.models import load_model
 
     out = tmp_path / "run"
     config = _config(tiny_model, out, export_round="best", best_metric="round", best_mode="min")
@@ -118,7 +118,7 @@ def test_two_rounds_interrupted_between_rounds_resume_and_export(tiny_model: Pat
 
 @pytest.mark.slow
 def test_lora_rounds_continue_the_adapter_and_resume_inside_a_round(tiny_model: Path, tmp_path: Path) -> None:
-    from reward import load_bundle
+    from rlaifv.reward import load_bundle
 
     out = tmp_path / "lora"
     config = _config(tiny_model, out, dpo=DPOConfig(learning_rate=1e-2, batch_size=2, lora=True, lora_r=4, cpu=True))
@@ -186,7 +186,7 @@ def test_source_must_follow_the_protocol(tiny_model: Path, tmp_path: Path) -> No
 def test_iterate_cli_errors_are_one_line(tmp_path: Path, extra: list[str], message: str) -> None:
     from typer.testing import CliRunner
 
-    from trainer.cli import train_app
+    from rlaifv.trainer.cli import train_app
 
     result = CliRunner().invoke(train_app, ["iterate", "--model", str(tmp_path), "-o", str(tmp_path / "o"), *extra])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output

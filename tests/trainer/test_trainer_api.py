@@ -15,7 +15,7 @@ from typing import ClassVar
 import pytest
 from trainer_testkit import ControlledLabeler
 
-import trainer
+from rlaifv import trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,20 +32,23 @@ def test_exports_are_pinned_and_resolve() -> None:
     assert typing.get_origin(trainer.EvalHook) is collections.abc.Callable
     for name in set(trainer.__all__) - {"EvalHook"}:
         obj = getattr(trainer, name)
-        assert getattr(obj, "__name__", name) == name and obj.__module__.startswith("trainer."), (name, obj)
+        assert getattr(obj, "__name__", name) == name and obj.__module__.startswith("rlaifv.trainer."), (name, obj)
     assert issubclass(trainer.MissingColumnError, trainer.DataError)
     assert issubclass(trainer.DataError, trainer.TrainerError)
 
 
 def test_cli_module_imports_without_torch() -> None:
-    code = "import sys, trainer, trainer.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = (
+        "import sys, rlaifv.trainer, rlaifv.trainer.cli\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
 
 
 def test_cli_help_and_options() -> None:
     from typer.testing import CliRunner
 
-    from trainer.cli import train_app
+    from rlaifv.trainer.cli import train_app
 
     runner = CliRunner()
     result = runner.invoke(train_app, ["--help"])
@@ -95,9 +98,9 @@ def chat_server():
 def test_llm_splitter_and_writer_over_an_openai_compatible_url(chat_server: str) -> None:
     from PIL import Image
 
-    from reward.claims import verify_answers
-    from trainer.feedback import make_splitter_and_writer
-    from trainer.feedback_config import FeedbackConfig
+    from rlaifv.reward.claims import verify_answers
+    from rlaifv.trainer.feedback import make_splitter_and_writer
+    from rlaifv.trainer.feedback_config import FeedbackConfig
 
     config = FeedbackConfig(splitter="llm", question_writer="llm", llm_url=chat_server, llm_name="splitter-8b")
     splitter, writer = make_splitter_and_writer(config)
@@ -113,8 +116,8 @@ def test_llm_splitter_and_writer_over_an_openai_compatible_url(chat_server: str)
 
 
 def test_llm_backend_errors_are_trainer_errors() -> None:
-    from trainer.errors import TrainerError
-    from trainer.llm_rewriter import LLMClaimSplitter, OpenAIChatBackend
+    from rlaifv.trainer.errors import TrainerError
+    from rlaifv.trainer.llm_rewriter import LLMClaimSplitter, OpenAIChatBackend
 
     splitter = LLMClaimSplitter(OpenAIChatBackend("http://127.0.0.1:9/v1", timeout=2))
     with pytest.raises(TrainerError, match="LLM request"):
@@ -122,8 +125,8 @@ def test_llm_backend_errors_are_trainer_errors() -> None:
 
 
 def test_llm_settings_need_a_model_or_url() -> None:
-    from trainer.errors import ConfigError
-    from trainer.feedback_config import FeedbackConfig
+    from rlaifv.trainer.errors import ConfigError
+    from rlaifv.trainer.feedback_config import FeedbackConfig
 
     with pytest.raises(ConfigError, match="llm_model or llm_url"):
         FeedbackConfig(splitter="llm")
@@ -137,7 +140,7 @@ def tiny_chat_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from reward.tiny import DEFAULT_WORDS, build_tokenizer
+    from rlaifv.trainer.shapes.tiny_vlm import DEFAULT_WORDS, build_tokenizer
 
     folder = tmp_path_factory.mktemp("llm") / "chat"
     tokenizer = build_tokenizer(DEFAULT_WORDS)
@@ -159,9 +162,9 @@ def tiny_chat_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_local_llm_backend_drives_the_splitter_and_writer(tiny_chat_lm: Path) -> None:
-    from trainer.feedback import make_splitter_and_writer
-    from trainer.feedback_config import FeedbackConfig
-    from trainer.llm_rewriter import LocalChatBackend
+    from rlaifv.trainer.feedback import make_splitter_and_writer
+    from rlaifv.trainer.feedback_config import FeedbackConfig
+    from rlaifv.trainer.llm_rewriter import LocalChatBackend
 
     config = FeedbackConfig(splitter="llm", question_writer="llm", llm_model=str(tiny_chat_lm))
     splitter, writer = make_splitter_and_writer(config)

@@ -10,8 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 from trainer_testkit import png, preference_rows, rlaifv_table, write_rlaifv_parquet
 
-from trainer.data import ListPromptSource, PromptItem, PromptSource, read_preferences, read_prompts, write_preferences
-from trainer.errors import DataError, EmptyAnswerError, ImageDecodeError, MissingColumnError
+from rlaifv.trainer.data import (
+    ListPromptSource,
+    PromptItem,
+    PromptSource,
+    read_preferences,
+    read_prompts,
+    write_preferences,
+)
+from rlaifv.trainer.errors import DataError, EmptyAnswerError, ImageDecodeError, MissingColumnError
 
 PAIRS = [("a red circle", "a blue square"), ("a green tree", "a black dog"), ("a white cat", "a yellow car")]
 

@@ -8,10 +8,6 @@ from typing import Annotated
 
 import typer
 
-demo_app = typer.Typer(
-    help="The shapes world: the embedded default model, trained here on a CPU.", no_args_is_help=True
-)
-
 ThreadsOption = Annotated[
     int | None,
     typer.Option(
@@ -32,7 +28,6 @@ def _threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-@demo_app.command("build")
 def build(
     cache_dir: Annotated[
         Path | None, typer.Option(help="Output folder; default: the cache `rlaifv serve` uses.")
@@ -40,31 +35,30 @@ def build(
     seed: Annotated[int, typer.Option(help="Seed of the whole build.")] = 0,
     threads: ThreadsOption = None,
     set_: SetOption = None,
-    ship: Annotated[
-        bool, typer.Option(help="Evaluate the build and make it the package's default bundle (a source checkout).")
-    ] = False,
+    ship_to: Annotated[
+        Path | None,
+        typer.Option(help="Evaluate the build and write it, with its provenance, to this folder.", hidden=True),
+    ] = None,
 ) -> None:
     """SFT the reference, then run RLAIF-V rounds with self-feedback; prints the bundle path."""
     import torch
 
-    from trainer.shapes.pipeline import build_demo, cache_root, demo_config
+    from rlaifv.trainer.shapes.pipeline import build_demo, cache_root, demo_config
 
     _threads(threads)
     config = demo_config(seed=seed, overrides=set_ or [])
     folder = cache_dir or cache_root() / f"shapes-{config.fingerprint()}"
     bundle = build_demo(folder, config)
     typer.echo(bundle)
-    if ship:
-        from service.default_model import SHIPPED_BUNDLE
-        from trainer.shapes.ship import ship as ship_build
+    if ship_to is not None:
+        from rlaifv.trainer.shapes.ship import ship as ship_build
 
         sets = "".join(f" --set {item}" for item in set_ or [])
         command = f"rlaifv demo build --seed {seed} --threads {torch.get_num_threads()}{sets} --ship"
-        shipped = ship_build(folder, config, SHIPPED_BUNDLE, threads=torch.get_num_threads(), command=command)
-        typer.echo(json.dumps({"shipped": str(SHIPPED_BUNDLE), "targets": shipped["targets"]}, indent=2))
+        shipped = ship_build(folder, config, ship_to, threads=torch.get_num_threads(), command=command)
+        typer.echo(json.dumps({"shipped": str(ship_to), "targets": shipped["targets"]}, indent=2))
 
 
-@demo_app.command("eval")
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="A shapes-world bundle (the run's reference is evaluated too).")],
     seeds: Annotated[str, typer.Option(help="Comma-separated sampling seeds.")] = "0,1,2",
@@ -74,7 +68,7 @@ def evaluate(
     output: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
 ) -> None:
     """CHAIR / recall / repeats / yes-no F1 for reference vs policy, best-of-N by each reward vs random."""
-    from trainer.shapes.report import evaluate_bundle, render_markdown
+    from rlaifv.trainer.shapes.report import evaluate_bundle, render_markdown
 
     _threads(threads)
     report = evaluate_bundle(bundle, seeds=[int(s) for s in seeds.split(",")], images=images, n=n)
@@ -83,7 +77,6 @@ def evaluate(
         output.write_text(json.dumps(report, indent=2) + "\n")
 
 
-@demo_app.command("matrix")
 def matrix(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the builds, reports and matrix.json.")],
     seeds: Annotated[str, typer.Option(help="Comma-separated training seeds.")] = "0,1,2",
@@ -93,7 +86,7 @@ def matrix(
     set_: SetOption = None,
 ) -> None:
     """Build and evaluate every seed x threads cell (resumable) and print the targets table."""
-    from trainer.shapes.matrix import render_matrix, run_matrix
+    from rlaifv.trainer.shapes.matrix import render_matrix, run_matrix
 
     result = run_matrix(
         output,
@@ -106,5 +99,35 @@ def matrix(
     typer.echo(render_matrix(result))
 
 
-if __name__ == "__main__":  # `python -m trainer.shapes.cli ...`: what `rlaifv demo matrix` runs per cell
-    demo_app()
+def demo_app(shipped_bundle: Path | None = None) -> typer.Typer:
+    """The `demo` command group; with `shipped_bundle`, `build --ship` writes the package's default bundle there.
+
+    The trainer does not know where the service keeps its default bundle: the
+    composition root (`rlaifv.cli.main`) passes the folder in.
+    """
+    app = typer.Typer(help="The shapes world: the embedded default model, trained here on a CPU.", no_args_is_help=True)
+    if shipped_bundle is None:
+        app.command("build")(build)
+    else:
+
+        @app.command("build", help=build.__doc__)
+        def build_or_ship(
+            cache_dir: Annotated[
+                Path | None, typer.Option(help="Output folder; default: the cache `rlaifv serve` uses.")
+            ] = None,
+            seed: Annotated[int, typer.Option(help="Seed of the whole build.")] = 0,
+            threads: ThreadsOption = None,
+            set_: SetOption = None,
+            ship: bool = typer.Option(
+                False, help=f"Evaluate the build and make it the package's default bundle ({shipped_bundle})."
+            ),
+        ) -> None:
+            build(cache_dir, seed, threads, set_, shipped_bundle if ship else None)
+
+    app.command("eval")(evaluate)
+    app.command("matrix")(matrix)
+    return app
+
+
+if __name__ == "__main__":  # `python -m rlaifv.trainer.shapes.cli ...`: what `rlaifv demo matrix` runs per cell
+    demo_app()()

@@ -22,12 +22,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from reward.claims import answer_score
-from reward.pair import GenerateJob, ModelPair
-from reward.sampling import SamplingParams
-from reward.scoring import RewardConfig, select_best
-from trainer.evaluation.chair import chair, yes_no
-from trainer.shapes.world import CAPTION_QUESTION, Scene, extract_objects, sample_yes_no, scenes
+from rlaifv.reward.claims import answer_score
+from rlaifv.reward.model_pair import GenerateTask, ModelPair
+from rlaifv.reward.sampling import SamplingParams
+from rlaifv.reward.scoring import RewardConfig, select_best
+from rlaifv.trainer.evaluation.chair import chair, yes_no
+from rlaifv.trainer.shapes.world import CAPTION_QUESTION, Scene, extract_objects, sample_yes_no, scenes
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out scenes never overlap training or feedback scenes
 
@@ -65,7 +65,7 @@ def evaluate_pair(
     cost = {"sample_s": 0.0, "reference_s": 0.0, "claims_s": 0.0, "questions_per_image": 0.0}
     for start in tqdm(range(0, len(held_out), config.batch_images), desc="evaluating", leave=False):
         chunk = held_out[start : start + config.batch_images]
-        jobs = []
+        tasks = []
         for offset, scene in enumerate(chunk):
             image = scene.render()
             params = SamplingParams(
@@ -73,8 +73,8 @@ def evaluate_pair(
                 max_tokens=config.max_tokens,
                 seed=sample_seed * 100_003 + start + offset,
             )
-            jobs.append(GenerateJob(pair.encode([image], CAPTION_QUESTION), config.n, params, claims_mode, [image]))
-        rankings = pair.generate_batch(jobs)
+            tasks.append(GenerateTask(pair.encode([image], CAPTION_QUESTION), config.n, params, claims_mode, [image]))
+        rankings = pair.generate_batch(tasks)
         timings = rankings[0].timings  # per batch: every ranking of the batch carries the same numbers
         cost["sample_s"] += timings["generate_s"]
         cost["reference_s"] += timings["score_s"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.shapes.targets import check_targets, served_label
+from rlaifv.trainer.shapes.targets import check_targets, served_label
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Cell:
 
 
 def _commands(folder: Path, cell: Cell, eval_seeds: str, overrides: list[str]) -> list[list[str]]:
-    base = [sys.executable, "-m", "trainer.shapes.cli"]
+    base = [sys.executable, "-m", "rlaifv.trainer.shapes.cli"]
     sets = [arg for item in overrides for arg in ("--set", item)]
     build = [
         *base,

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from trainer.shapes.reference import ReferenceConfig
+from rlaifv.trainer.shapes.reference import ReferenceConfig
 
 # 2: dpo_lr 3e-5, expected-claims feedback. 3: dense patch labels and a same-colour-heavy yes/no mix (the judge
 # binds colour and shape for every seed), one round of 1000 images, counted claims, NLL weight 8 (recall kept).
@@ -85,7 +85,7 @@ def cache_root() -> Path:
 
 def demo_config(seed: int = 0, overrides: list[str] | None = None) -> DemoConfig:
     """The default recipe for `seed`, with `key=value` / `reference.key=value` overrides (unknown keys refused)."""
-    from trainer.iterate_config import _build, apply_overrides
+    from rlaifv.trainer.iterate_config import _build, apply_overrides
 
     data = apply_overrides(asdict(DemoConfig(seed=seed)), overrides or [])
     data["reference"] = _build(ReferenceConfig, data["reference"], "reference")
@@ -93,10 +93,10 @@ def demo_config(seed: int = 0, overrides: list[str] | None = None) -> DemoConfig
 
 
 def iterate_config(config: DemoConfig, reference_dir: Path, run_dir: Path, progress: bool = True):
-    from trainer.dpo_config import DPOConfig
-    from trainer.feedback_config import FeedbackConfig
-    from trainer.iterate_config import IterateConfig
-    from trainer.pairs import PairConfig
+    from rlaifv.trainer.dpo_config import DPOConfig
+    from rlaifv.trainer.feedback_config import FeedbackConfig
+    from rlaifv.trainer.iterate_config import IterateConfig
+    from rlaifv.trainer.preference_pairs import PairConfig
 
     return IterateConfig(
         model=str(reference_dir),
@@ -140,9 +140,9 @@ def iterate_config(config: DemoConfig, reference_dir: Path, run_dir: Path, progr
 
 def build_demo(cache_dir: str | Path, config: DemoConfig | None = None, *, progress: bool = True) -> Path:
     """Build (or resume) the shapes-world bundle; returns the bundle folder."""
-    from trainer.iterate import run_iterate
-    from trainer.shapes.reference import train_reference
-    from trainer.shapes.source import ShapesPromptSource
+    from rlaifv.trainer.iterate import run_iterate
+    from rlaifv.trainer.shapes.reference import train_reference
+    from rlaifv.trainer.shapes.source import ShapesPromptSource
 
     config = config or DemoConfig()
     cache = Path(cache_dir)

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from reward.logprobs import answer_logprobs
-from reward.prompt import EncodedPrompt, encode_answer, encode_prompt, end_of_turn_id
-from reward.tiny import TinyVLMSpec, build_model, build_processor
-from trainer.shapes.world import (
+from rlaifv.reward.logprobs import answer_logprobs
+from rlaifv.reward.prompt import EncodedPrompt, encode_answer, encode_prompt, end_of_turn_id
+from rlaifv.trainer.shapes.tiny_vlm import TinyVLMSpec, build_model, build_processor
+from rlaifv.trainer.shapes.world import (
     CAPTION_QUESTION,
     OBJECTS,
     Scene,

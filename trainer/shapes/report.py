@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from trainer.shapes.evaluate import EvalConfig, evaluate_seeds
+from rlaifv.trainer.shapes.evaluate import EvalConfig, evaluate_seeds
 
 RULES = {
     "model": "all samples (T=1)",
@@ -23,8 +23,8 @@ METRICS = ("chair_i", "chair_s", "recall", "repeats")
 
 
 def _pair(policy_dir: Path, reference_dir: Path, policy_type: str, beta: float, normalize: str):
-    from reward.bundle import load_pair
-    from reward.scoring import RewardConfig
+    from rlaifv.reward.bundle import load_pair
+    from rlaifv.reward.scoring import RewardConfig
 
     reward = RewardConfig(beta=beta, normalize=normalize)  # type: ignore[arg-type]
     return load_pair(policy_dir, reference_dir, policy_type=policy_type, reward=reward)
@@ -32,7 +32,7 @@ def _pair(policy_dir: Path, reference_dir: Path, policy_type: str, beta: float, 
 
 def models_of_bundle(bundle: Path) -> list[tuple[str, Path, str]]:
     """(label, policy folder, policy type): the reference, every round recorded in provenance, the exported policy."""
-    from reward.bundle import read_manifest, resolve
+    from rlaifv.reward.bundle import read_manifest, resolve
 
     manifest = read_manifest(bundle)
     reference = resolve(bundle, manifest.reference)
@@ -50,7 +50,7 @@ def models_of_bundle(bundle: Path) -> list[tuple[str, Path, str]]:
 
 
 def evaluate_bundle(bundle: Path, *, seeds: Sequence[int], images: int = 200, n: int = 8) -> dict[str, Any]:
-    from reward.bundle import read_manifest, resolve
+    from rlaifv.reward.bundle import read_manifest, resolve
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle)

@@ -19,8 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from trainer.shapes.pipeline import RECIPE_VERSION, DemoConfig
-from trainer.shapes.targets import check_targets, served_label
+from rlaifv.trainer.shapes.pipeline import RECIPE_VERSION, DemoConfig
+from rlaifv.trainer.shapes.targets import check_targets, served_label
 
 SHIPPED_FILE = "shipped.json"
 REPORT_FILE = "report.json"
@@ -47,7 +47,7 @@ def ship(
     images: int = 200,
 ) -> dict[str, Any]:
     """Evaluate the build's bundle (`seeds` sampling seeds), then copy it to `target` with its provenance."""
-    from trainer.shapes.report import evaluate_bundle
+    from rlaifv.trainer.shapes.report import evaluate_bundle
 
     bundle = build_folder / "run" / "bundle"
     report = evaluate_bundle(bundle, seeds=list(seeds), images=images)

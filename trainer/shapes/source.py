@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.data import PromptItem
-from trainer.shapes.world import CAPTION_QUESTION, scenes
+from rlaifv.trainer.data import PromptItem
+from rlaifv.trainer.shapes.world import CAPTION_QUESTION, scenes
 
 ROUND_SEED_STRIDE = 7919  # scenes of different rounds (and the held-out set) never share a generator seed
 

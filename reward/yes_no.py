@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 import torch
 
-from reward.logprobs import continuation_logits
-from reward.prompt import EncodedPrompt, encode_prompt
+from rlaifv.reward.logprobs import continuation_logits
+from rlaifv.reward.prompt import EncodedPrompt, encode_prompt
 
 YES_FORMS = ("yes", "Yes", "YES")
 NO_FORMS = ("no", "No", "NO")

@@ -286,8 +286,8 @@ def build_tiny_bundle(
     folder: str | Path, *, lora: bool = False, spec: TinyVLMSpec | None = None, beta: float = 0.1
 ) -> Path:
     """A complete bundle of random tiny models: reference, and a perturbed (or LoRA) policy."""
-    from reward.bundle import write_bundle
-    from reward.scoring import RewardConfig
+    from rlaifv.reward.bundle import write_bundle
+    from rlaifv.reward.scoring import RewardConfig
 
     folder = Path(folder)
     reference = build_tiny_vlm(folder / "reference", spec)

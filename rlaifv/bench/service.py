@@ -28,7 +28,7 @@ from typing import Annotated, Any
 
 import typer
 
-from service.testing import free_port
+from rlaifv.testing.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ class LevelResult:
 
 def benchmark_bundle(folder: Path | None = None) -> Path:
     """A random-weight LLaVA big enough for timings to mean something: hidden 256, 4 layers, 64 px / patch 8."""
-    from reward.tiny import TinyVLMSpec, build_tiny_bundle
+    from rlaifv.trainer.shapes.tiny_vlm import TinyVLMSpec, build_tiny_bundle
 
     folder = folder or Path.home() / ".cache" / "rlaifv" / "bench-256x4"
     if not (folder / "rlaifv.json").is_file():
@@ -152,7 +152,7 @@ def _start_server(bundle: Path, port: int, env_overrides: dict[str, str]) -> sub
     cmd = [
         sys.executable,
         "-m",
-        "service.serve_cli",
+        "rlaifv.service.serve_cli",
         "--bundle",
         str(bundle),
         "--port",

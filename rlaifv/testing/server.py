@@ -27,8 +27,8 @@ class LiveServer:
     def __init__(self, bundle: Path | None, *, graceful_shutdown_s: float = 5, **settings: Any) -> None:
         import uvicorn
 
-        from service.app import create_app
-        from service.settings import Settings
+        from rlaifv.service.app import create_app
+        from rlaifv.service.settings import Settings
 
         self.port = free_port()
         self.settings = Settings(bundle=bundle, host="127.0.0.1", port=self.port, **settings)

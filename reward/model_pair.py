@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from reward.claims import (
+from rlaifv.reward.claims import (
     ClaimSplitter,
     QuestionWriter,
     RuleQuestionWriter,
@@ -27,18 +27,18 @@ from reward.claims import (
     plan_claims,
     score_plans,
 )
-from reward.errors import AnswerError, InvalidInputError
-from reward.images import ImageLimits, load_image
-from reward.judge import Labeler, YesNoJudge
-from reward.logprobs import answer_logprobs
-from reward.prompt import EncodedPrompt, encode_answer, encode_prompt, end_of_turn_id
-from reward.results import Candidate, ClaimCheck, Ranking
-from reward.sampling import Sample, SamplingParams, sample_answers
-from reward.scoring import RewardConfig, implicit_reward, select_best
+from rlaifv.reward.errors import AnswerError, InvalidInputError
+from rlaifv.reward.images import ImageLimits, load_image
+from rlaifv.reward.logprobs import answer_logprobs
+from rlaifv.reward.prompt import EncodedPrompt, encode_answer, encode_prompt, end_of_turn_id
+from rlaifv.reward.results import Candidate, ClaimCheck, Ranking
+from rlaifv.reward.sampling import Sample, SamplingParams, sample_answers
+from rlaifv.reward.scoring import RewardConfig, implicit_reward, select_best
+from rlaifv.reward.yes_no import Labeler, YesNoJudge
 
 
 @dataclass
-class GenerateJob:
+class GenerateTask:
     """Sample `n` answers for one prompt and rank them.
 
     `images` (decoded PIL images of the prompt) are needed only by the
@@ -53,7 +53,7 @@ class GenerateJob:
 
 
 @dataclass
-class ScoreJob:
+class ScoreTask:
     """Rank given answers (token ids, end-of-turn appended) for one prompt."""
 
     prompt: EncodedPrompt
@@ -200,14 +200,14 @@ class ModelPair:
         )
         return samples
 
-    def generate_batch(self, jobs: Sequence[GenerateJob]) -> list[Ranking]:
+    def generate_batch(self, tasks: Sequence[GenerateTask]) -> list[Ranking]:
         """Best-of-N for several prompts: one sampling pass and one reference pass for all."""
-        for job in jobs:
-            if job.n < 1:
+        for task in tasks:
+            if task.n < 1:
                 raise InvalidInputError("n must be at least 1", param="n")
         start = time.perf_counter()
-        prompts = [job.prompt for job in jobs]
-        samples = self.sample(prompts, [job.n for job in jobs], [job.sampling for job in jobs])
+        prompts = [task.prompt for task in tasks]
+        samples = self.sample(prompts, [task.n for task in tasks], [task.sampling for task in tasks])
         sampled = time.perf_counter()
         ref = self.sequence_logprobs(prompts, [[s.token_ids for s in group] for group in samples], reference=True)
         groups = [
@@ -217,54 +217,54 @@ class ModelPair:
                     s.token_ids,
                     float(s.logprobs.double().sum()),
                     r,
-                    job.reward,
+                    task.reward,
                     s.finish_reason,
                 )
                 for s, r in zip(group, ref_group, strict=True)
             ]
-            for job, group, ref_group in zip(jobs, samples, ref, strict=True)
+            for task, group, ref_group in zip(tasks, samples, ref, strict=True)
         ]
         scored = time.perf_counter()
-        self._apply_claims(jobs, groups)
+        self._apply_claims(tasks, groups)
         timings = {"generate_s": sampled - start, "score_s": scored - sampled}
-        if any(job.reward.mode == "claims" for job in jobs):
+        if any(task.reward.mode == "claims" for task in tasks):
             timings["claims_s"] = time.perf_counter() - scored
         return [_ranking(group, timings) for group in groups]
 
-    def score_batch(self, jobs: Sequence[ScoreJob]) -> list[Ranking]:
+    def score_batch(self, tasks: Sequence[ScoreTask]) -> list[Ranking]:
         """Rank given answers for several prompts: one policy pass and one reference pass for all."""
         start = time.perf_counter()
-        prompts = [job.prompt for job in jobs]
-        answers = [job.answers for job in jobs]
+        prompts = [task.prompt for task in tasks]
+        answers = [task.answers for task in tasks]
         pol = self.sequence_logprobs(prompts, answers, reference=False)
         ref = self.sequence_logprobs(prompts, answers, reference=True)
         groups = [
             [
-                self._candidate(text, ids, p, r, job.reward, "given")
-                for text, ids, p, r in zip(job.texts, job.answers, pol_group, ref_group, strict=True)
+                self._candidate(text, ids, p, r, task.reward, "given")
+                for text, ids, p, r in zip(task.texts, task.answers, pol_group, ref_group, strict=True)
             ]
-            for job, pol_group, ref_group in zip(jobs, pol, ref, strict=True)
+            for task, pol_group, ref_group in zip(tasks, pol, ref, strict=True)
         ]
         scored = time.perf_counter()
-        self._apply_claims(jobs, groups)
+        self._apply_claims(tasks, groups)
         timings = {"score_s": scored - start}
-        if any(job.reward.mode == "claims" for job in jobs):
+        if any(task.reward.mode == "claims" for task in tasks):
             timings["claims_s"] = time.perf_counter() - scored
         return [_ranking(group, timings) for group in groups]
 
-    def _apply_claims(self, jobs: Sequence[GenerateJob | ScoreJob], groups: list[list[Candidate]]) -> None:
-        """Replace the ranking reward by claim verification for jobs in 'claims' mode (one labeler batch)."""
-        todo = [i for i, job in enumerate(jobs) if job.reward.mode == "claims"]
+    def _apply_claims(self, tasks: Sequence[GenerateTask | ScoreTask], groups: list[list[Candidate]]) -> None:
+        """Replace the ranking reward by claim verification for tasks in 'claims' mode (one labeler batch)."""
+        todo = [i for i, task in enumerate(tasks) if task.reward.mode == "claims"]
         if not todo:
             return
         for i in todo:
-            if not jobs[i].images:
+            if not tasks[i].images:
                 raise InvalidInputError("the 'claims' reward needs the request's image", param="reward.mode")
         plans, items = {}, []
         for i in todo:
             plan, questions = plan_claims([c.text for c in groups[i]], self.splitter, self.question_writer)
             plans[i] = (plan, questions)
-            items.append((jobs[i].images, questions))
+            items.append((tasks[i].images, questions))
         judge = self.labeler
         if hasattr(judge, "p_yes_batch"):
             answers = judge.p_yes_batch(items)
@@ -275,9 +275,9 @@ class ModelPair:
             verdicts = score_plans(
                 plan,
                 dict(zip(questions, p_yes, strict=True)),
-                repeat_penalty=jobs[i].reward.repeat_penalty,
-                threshold=jobs[i].reward.claim_threshold,
-                scoring=jobs[i].reward.claim_score,
+                repeat_penalty=tasks[i].reward.repeat_penalty,
+                threshold=tasks[i].reward.claim_threshold,
+                scoring=tasks[i].reward.claim_score,
             )
             for candidate, verdict in zip(groups[i], verdicts, strict=True):
                 candidate.reward = verdict.score
@@ -326,8 +326,8 @@ class ModelPair:
             raise InvalidInputError(f"n must be a positive integer, got {n!r}", param="n")
         params = sampling or SamplingParams(**sampling_kwargs)
         images = self.load_images(_as_list(image))
-        job = GenerateJob(self._encode_loaded(images, question), n, params, reward or self.reward, images)
-        return self.generate_batch([job])[0]
+        task = GenerateTask(self._encode_loaded(images, question), n, params, reward or self.reward, images)
+        return self.generate_batch([task])[0]
 
     def score(
         self, image: Any, question: str, answers: Sequence[str], *, reward: RewardConfig | None = None
@@ -338,8 +338,8 @@ class ModelPair:
         texts = list(answers)
         images = self.load_images(_as_list(image))
         prompt = self._encode_loaded(images, question)
-        job = ScoreJob(prompt, self.encode_answers(texts), texts, reward or self.reward, images)
-        return self.score_batch([job])[0]
+        task = ScoreTask(prompt, self.encode_answers(texts), texts, reward or self.reward, images)
+        return self.score_batch([task])[0]
 
 
 def _as_list(image: Any) -> list[Any]:

@@ -25,7 +25,7 @@ def bench_reward(
     from rich.console import Console
     from rich.table import Table
 
-    from reward.benchmark import run_reward_benchmark
+    from rlaifv.bench.reward import run_reward_benchmark
 
     console = Console()
     with console.status("building the benchmark model and timing both paths..."):
@@ -53,27 +53,28 @@ def bench_reward(
 def _register_optional() -> None:
     """Mount the subcommands of the other parts (each module is import-light)."""
     try:
-        from service.serve_cli import serve
+        from rlaifv.service.serve_cli import serve
     except ImportError:
         pass
     else:
         app.command("serve")(serve)
     try:
-        from service.bench_service import bench_service
+        from rlaifv.bench.service import bench_service
     except ImportError:
         pass
     else:
         bench_app.command("service")(bench_service)
     try:
-        from trainer.cli import feedback, train_app
+        from rlaifv.trainer.cli import feedback, train_app
     except ImportError:
         pass
     else:
         app.add_typer(train_app, name="train")
         app.command("feedback")(feedback)
-    from trainer.shapes.cli import demo_app
+    from rlaifv.service.default_model import SHIPPED_BUNDLE
+    from rlaifv.trainer.shapes.cli import demo_app
 
-    app.add_typer(demo_app, name="demo")
+    app.add_typer(demo_app(SHIPPED_BUNDLE), name="demo")
 
 
 _register_optional()

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from trainer.data import PreferenceRow
-from trainer.errors import ConfigError
-from trainer.feedback import PromptFeedback, ScoredAnswer
+from rlaifv.trainer.data import PreferenceRow
+from rlaifv.trainer.errors import ConfigError
+from rlaifv.trainer.feedback import PromptFeedback, ScoredAnswer
 
 
 @dataclass

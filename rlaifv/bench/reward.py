@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from reward.logprobs import answer_logprobs, full_forward_logprobs
-from reward.pair import ModelPair
-from reward.sampling import SamplingParams
-from reward.tiny import TinyVLMSpec, build_tiny_bundle
+from rlaifv.reward.logprobs import answer_logprobs, full_forward_logprobs
+from rlaifv.reward.model_pair import ModelPair
+from rlaifv.reward.sampling import SamplingParams
+from rlaifv.trainer.shapes.tiny_vlm import TinyVLMSpec, build_tiny_bundle
 
 
 @dataclass
@@ -66,7 +66,7 @@ def run_reward_benchmark(
     """Return timings and ratios; also checks both paths give the same log-probs."""
     from PIL import Image
 
-    from reward.bundle import load_bundle
+    from rlaifv.reward.bundle import load_bundle
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,3 @@
+from rlaifv.cli.main import app
+
+app()
