@@ -21,6 +21,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_ready(url: str, process: Any = None, timeout_s: float = 120) -> None:
+    """Poll `url`/readyz until it answers 200 (the model is loaded and warm); fail fast if `process` exits."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited during start-up (code {process.returncode})")
+        try:
+            if httpx.get(url + "/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready after {timeout_s} s")
+        time.sleep(0.1)
+
+
 class LiveServer:
     """`service.app.create_app(settings)` under uvicorn in a daemon thread, on a free loopback port."""
 

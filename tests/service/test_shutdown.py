@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from rlaifv.testing.server import free_port
+from rlaifv.testing.server import free_port, wait_until_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,16 +39,7 @@ async def test_sigterm_finishes_in_flight_requests(service_bundle, red_url: str,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, "server exited during start-up"
-            try:
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready in time"
-            await asyncio.sleep(0.1)
+        await asyncio.to_thread(wait_until_ready, url, proc)
 
         body = {"images": [red_url], "question": "What is in the image?", "n": 8, "sampling": {"max_tokens": 16}}
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:

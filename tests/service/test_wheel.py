@@ -7,7 +7,6 @@ import io
 import os
 import subprocess
 import sys
-import time
 import venv
 import zipfile
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rlaifv.testing.server import free_port
+from rlaifv.testing.server import free_port, wait_until_ready
 from rlaifv.trainer.shapes.world import scenes
 
 pytestmark = pytest.mark.slow
@@ -109,16 +108,7 @@ def test_installed_wheel_serves_the_shipped_bundle(fresh_venv: Path, tmp_path: P
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, "server exited during start-up"
-            try:
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready in time"
-            time.sleep(0.1)
+        wait_until_ready(url, proc)
         image = io.BytesIO()
         scenes(7, 1)[0].render().save(image, "PNG")
         body = {

@@ -47,6 +47,9 @@ def test_rounds_train_on_their_own_feedback_and_export_a_bundle(build):
         assert item["dpo_metrics"]["train_accuracy"] > 0.5, item["dpo_metrics"]  # DPO ranks its own pairs
     timings = json.loads((folder / "build.json").read_text())["timings"]
     assert set(timings) == {"reference_s", "rounds_s"}
+    judge = json.loads((folder / "reference" / "DONE").read_text())["judge_accuracy"]
+    assert set(judge) == {"present", "colour_miss", "shape_miss", "other_miss"}
+    assert all(0.0 <= v <= 1.0 for v in judge.values())
 
 
 def test_exported_policy_scores_and_samples_through_the_service_path(build):

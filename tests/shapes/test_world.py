@@ -118,3 +118,32 @@ def test_yes_no_metrics():
     assert report.precision == pytest.approx(2 / 3)
     assert report.recall == pytest.approx(2 / 3)
     assert report.f1 == pytest.approx(2 / 3)
+
+
+def test_judge_probe_scores_a_judge_that_always_says_no() -> None:
+    """The probe asks every kind of question; a model that always answers "no" is right on misses only."""
+    import torch
+
+    from rlaifv.trainer.shapes.reference import ReferenceConfig, SFTData, judge_probe, pixel_values, shapes_spec
+    from rlaifv.trainer.shapes.tiny_vlm import build_model, build_processor
+
+    spec = shapes_spec(0)
+    processor = build_processor(spec)
+    model = build_model(spec, processor.tokenizer)
+    head = model.get_output_embeddings()
+    bias = torch.zeros(head.weight.shape[0])
+    bias[processor.tokenizer.convert_tokens_to_ids("no")] = 50.0
+    with torch.no_grad():
+        head.weight.zero_()
+    head.bias = torch.nn.Parameter(bias)
+    pool = scenes(4, 30)
+    data = SFTData(processor, pool, pixel_values(processor, [s.render() for s in pool]), ReferenceConfig())
+    accuracy = judge_probe(model, data, pool, data.pixels, per_kind=10)
+    assert accuracy == {"present": 0.0, "colour_miss": 1.0, "shape_miss": 1.0, "other_miss": 1.0}
+
+
+def test_reference_config_refuses_an_unknown_loss() -> None:
+    from rlaifv.trainer.shapes.reference import ReferenceConfig
+
+    with pytest.raises(ValueError, match="loss_per"):
+        ReferenceConfig(loss_per="sentence")  # type: ignore[arg-type]

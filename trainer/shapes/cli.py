@@ -29,19 +29,23 @@ def _threads(threads: int | None) -> None:
 
 
 def build(
+    ctx: typer.Context,
     cache_dir: Annotated[
         Path | None, typer.Option(help="Output folder; default: the cache `rlaifv serve` uses.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the whole build.")] = 0,
     threads: ThreadsOption = None,
     set_: SetOption = None,
-    ship_to: Annotated[
-        Path | None,
-        typer.Option(help="Evaluate the build and write it, with its provenance, to this folder.", hidden=True),
-    ] = None,
+    ship: Annotated[
+        bool, typer.Option(help="Evaluate the build and make it the package's default bundle (with its provenance).")
+    ] = False,
 ) -> None:
     """SFT the reference, then run RLAIF-V rounds with self-feedback; prints the bundle path."""
     import torch
+
+    ship_to: Path | None = (ctx.obj or {}).get("shipped_bundle")
+    if ship and ship_to is None:
+        raise typer.BadParameter("only the `rlaifv` command knows where the default bundle lives", param_hint="--ship")
 
     from rlaifv.trainer.shapes.pipeline import build_demo, cache_root, demo_config
 
@@ -50,7 +54,7 @@ def build(
     folder = cache_dir or cache_root() / f"shapes-{config.fingerprint()}"
     bundle = build_demo(folder, config)
     typer.echo(bundle)
-    if ship_to is not None:
+    if ship and ship_to is not None:
         from rlaifv.trainer.shapes.ship import ship as ship_build
 
         sets = "".join(f" --set {item}" for item in set_ or [])
@@ -105,25 +109,12 @@ def demo_app(shipped_bundle: Path | None = None) -> typer.Typer:
     The trainer does not know where the service keeps its default bundle: the
     composition root (`rlaifv.cli.main`) passes the folder in.
     """
-    app = typer.Typer(help="The shapes world: the embedded default model, trained here on a CPU.", no_args_is_help=True)
-    if shipped_bundle is None:
-        app.command("build")(build)
-    else:
-
-        @app.command("build", help=build.__doc__)
-        def build_or_ship(
-            cache_dir: Annotated[
-                Path | None, typer.Option(help="Output folder; default: the cache `rlaifv serve` uses.")
-            ] = None,
-            seed: Annotated[int, typer.Option(help="Seed of the whole build.")] = 0,
-            threads: ThreadsOption = None,
-            set_: SetOption = None,
-            ship: bool = typer.Option(
-                False, help=f"Evaluate the build and make it the package's default bundle ({shipped_bundle})."
-            ),
-        ) -> None:
-            build(cache_dir, seed, threads, set_, shipped_bundle if ship else None)
-
+    app = typer.Typer(
+        help="The shapes world: the embedded default model, trained here on a CPU.",
+        no_args_is_help=True,
+        context_settings={"obj": {"shipped_bundle": shipped_bundle}},
+    )
+    app.command("build")(build)
     app.command("eval")(evaluate)
     app.command("matrix")(matrix)
     return app

@@ -20,7 +20,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -39,6 +39,8 @@ from rlaifv.trainer.shapes.world import (
     vocabulary,
     yes_no_question,
 )
+
+HELD_OUT_SEED_OFFSET = 50_000  # the judge probe's scenes; the evaluation's held-out images use other seeds
 
 
 def shapes_spec(seed: int = 0) -> TinyVLMSpec:
@@ -88,12 +90,21 @@ class ReferenceConfig:
     shape_miss: float = field(
         default=0.25, metadata={"help": "Share of 'no' questions about an absent object sharing a present shape."}
     )
+    loss_per: Literal["token", "answer"] = field(
+        default="token",
+        metadata={
+            "help": "SFT loss averaged over answer tokens, or over answers (each answer's mean token NLL): a"
+            " one-word 'yes' then weighs as much as a twelve-token caption."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.hallucination_rate < 1.0:
             raise ValueError("hallucination_rate must be in [0, 1)")
         if not 0.0 < self.yes_no_share < 1.0 or self.colour_miss + self.shape_miss > 1.0:
             raise ValueError("yes_no_share must be in (0, 1) and colour_miss + shape_miss <= 1")
+        if self.loss_per not in ("token", "answer"):
+            raise ValueError("loss_per must be 'token' or 'answer'")
         if min(self.vision_steps, self.sft_steps, self.vision_batch, self.sft_batch, self.train_images) < 1:
             raise ValueError("steps, batches and train_images must be positive")
 
@@ -189,6 +200,43 @@ class SFTData:
         return prompts, answers
 
 
+JUDGE_KINDS = ("present", "colour_miss", "shape_miss", "other_miss")
+
+
+def judge_probe(model: Any, data: SFTData, held_out: list[Scene], pixels: torch.Tensor, per_kind: int = 100) -> dict:
+    """The yes/no judge's accuracy per kind of question on held-out scenes (seconds; for the build's record).
+
+    `colour_miss` ("a red square?" over a red circle) is the one a judge answering
+    from colour alone gets wrong: it says whether colour and shape are bound.
+    """
+    rng = random.Random(12345)
+    asked: dict[str, list[tuple[int, str]]] = {kind: [] for kind in JUDGE_KINDS}
+    for _ in range(100 * per_kind):
+        if min(len(v) for v in asked.values()) >= per_kind:
+            break
+        i = rng.randrange(len(held_out))
+        names = held_out[i].names
+        absent = [o for o in OBJECTS if o not in names]
+        colour = [o for o in absent if any(o.split()[0] == n.split()[0] for n in names)]
+        shape = [o for o in absent if any(o.split()[1] == n.split()[1] for n in names) and o not in colour]
+        other = [o for o in absent if o not in colour and o not in shape]
+        for kind, pool in zip(JUDGE_KINDS, (names, colour, shape, other), strict=True):
+            if pool and len(asked[kind]) < per_kind:
+                asked[kind].append((i, rng.choice(pool)))
+    yes, no = data.answer("yes"), data.answer("no")
+    was_training = model.training
+    model.eval()
+    accuracy = {}
+    with torch.no_grad():
+        for kind, items in asked.items():
+            prompts = [EncodedPrompt(data.question_ids[o], {"pixel_values": pixels[i : i + 1]}) for i, o in items]
+            scores = answer_logprobs(model, prompts, [[yes, no]] * len(prompts), data.tokenizer.pad_token_id)
+            says_yes = [float(y.sum()) > float(n.sum()) for y, n in scores]
+            accuracy[kind] = sum(said == (kind == "present") for said in says_yes) / max(1, len(says_yes))
+    model.train(was_training)
+    return accuracy
+
+
 def sft(model: Any, data: SFTData, config: ReferenceConfig, pad_id: int) -> float:
     """Answer-token NLL; the vision tower trains at `tower_lr_scale` x the rate (0: frozen). Returns the final loss."""
     tower = list(model.model.vision_tower.parameters())
@@ -209,9 +257,11 @@ def sft(model: Any, data: SFTData, config: ReferenceConfig, pad_id: int) -> floa
         for group in optimizer.param_groups:
             group["lr"] = config.sft_lr * group["scale"] * _cosine(step, config.sft_steps)
         prompts, answers = data.batch(rng, config.sft_batch)
-        per_token = answer_logprobs(model, prompts, answers, pad_id)
-        tokens = sum(t.numel() for group in per_token for t in group)
-        loss = -sum(t.sum() for group in per_token for t in group) / tokens
+        per_token = [t for group in answer_logprobs(model, prompts, answers, pad_id) for t in group]
+        if config.loss_per == "answer":
+            loss = -sum(t.mean() for t in per_token) / len(per_token)
+        else:
+            loss = -sum(t.sum() for t in per_token) / sum(t.numel() for t in per_token)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -236,11 +286,14 @@ def train_reference(folder: str | Path, config: ReferenceConfig | None = None) -
     labels = torch.tensor([[float(o in s.names) for o in OBJECTS] for s in pool])
     patch_labels = torch.tensor([s.patch_labels(spec.patch_size) for s in pool]) if config.patch_labels else None
     vision_acc = pretrain_vision(model, pixels, labels, config, patch_labels)
-    loss = sft(model, SFTData(processor, pool, pixels, config), config, processor.tokenizer.pad_token_id)
+    data = SFTData(processor, pool, pixels, config)
+    loss = sft(model, data, config, processor.tokenizer.pad_token_id)
+    held_out = scenes(HELD_OUT_SEED_OFFSET + config.seed, 400)
+    judge = judge_probe(model, data, held_out, pixel_values(processor, [s.render() for s in held_out]))
     folder = Path(folder)
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
-    return {"vision_exact_match": vision_acc, "sft_final_loss": loss}
+    return {"vision_exact_match": vision_acc, "sft_final_loss": loss, "judge_accuracy": judge}
 
 
 __all__ = ["ReferenceConfig", "caption", "shapes_spec", "train_reference"]
