@@ -12,6 +12,7 @@ TINY = [
     "reference.train_images=200",
     "reference.vision_steps=5",
     "reference.sft_steps=5",
+    "reference.judge_target=0",
     "prompts_per_round=32",
 ]
 

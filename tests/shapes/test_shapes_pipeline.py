@@ -21,6 +21,8 @@ REDUCED = [
     "reference.train_images=600",
     "reference.vision_steps=120",
     "reference.sft_steps=160",
+    "reference.sft_extra_steps=10",  # the judge of a reduced recipe is not bound: one extra chunk proves the loop
+    "reference.sft_extra_chunks=1",
     "prompts_per_round=48",
     "rounds=2",  # the shipped recipe runs one round; two prove the loop iterates (round 2 starts from round 1)
     "dpo_epochs=3",
@@ -47,9 +49,12 @@ def test_rounds_train_on_their_own_feedback_and_export_a_bundle(build):
         assert item["dpo_metrics"]["train_accuracy"] > 0.5, item["dpo_metrics"]  # DPO ranks its own pairs
     timings = json.loads((folder / "build.json").read_text())["timings"]
     assert set(timings) == {"reference_s", "rounds_s"}
-    judge = json.loads((folder / "reference" / "DONE").read_text())["judge_accuracy"]
+    reference = json.loads((folder / "reference" / "DONE").read_text())
+    judge = reference["judge_accuracy"]
     assert set(judge) == {"present", "colour_miss", "shape_miss", "other_miss"}
     assert all(0.0 <= v <= 1.0 for v in judge.values())
+    if min(reference["judge_checks"][0].values()) < 0.9:  # not bound after the schedule: SFT went on, once
+        assert reference["sft_extra_steps"] == 10 and len(reference["judge_checks"]) == 2
 
 
 def test_exported_policy_scores_and_samples_through_the_service_path(build):

@@ -114,10 +114,12 @@ def collect_matrix(output: Path, cells: list[Cell]) -> dict[str, Any]:
         report = json.loads((output / cell.name / "report.json").read_text())
         models = report["models"]
         times_path = output / cell.name / "times.json"
+        done = output / cell.name / "reference" / "DONE"
         result[cell.name] = {
             "seed": cell.seed,
             "threads": cell.threads,
             "times": json.loads(times_path.read_text()) if times_path.is_file() else {},
+            "judge": json.loads(done.read_text()).get("judge_accuracy", {}) if done.is_file() else {},
             "served": served_label(models),
             "summary": {label: _headline(summary) for label, summary in models.items()},
             "targets": [c.as_dict() for c in check_targets(models["reference"], models[served_label(models)])],
@@ -146,8 +148,9 @@ def render_matrix(result: dict[str, Any]) -> str:
     """One row per cell, the served model against the reference, then the spread of each target."""
     lines = [
         "| seed | threads | ref CHAIRi % | served CHAIRi % (ratio) | recall ref -> served | yes/no F1 ref -> served |"
-        " random-of-8 % | claims BoN-8 % (ratio) | implicit BoN-8 % (ratio) | build s | all met |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        " random-of-8 % | claims BoN-8 % (ratio) | implicit BoN-8 % (ratio) | judge on same-colour misses |"
+        " build s | all met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in result.values():
         ref, served = cell["summary"]["reference"], cell["summary"][cell["served"]]
@@ -159,6 +162,7 @@ def render_matrix(result: dict[str, Any]) -> str:
             f"{100 * served['random_chair_i']:.1f} | "
             f"{100 * served['claims_chair_i']:.1f} ({checks['claims_bon_vs_random']['value']:.2f}) | "
             f"{100 * served['implicit_chair_i']:.1f} ({checks['implicit_bon_vs_random']['value']:.2f}) | "
+            f"{cell.get('judge', {}).get('colour_miss', float('nan')):.2f} | "
             f"{cell['times'].get('build_s', float('nan')):.0f} | "
             f"{_verdict(checks)} |"
         )

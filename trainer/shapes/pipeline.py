@@ -19,7 +19,8 @@ from rlaifv.trainer.shapes.reference import ReferenceConfig
 
 # 2: dpo_lr 3e-5, expected-claims feedback. 3: dense patch labels and a same-colour-heavy yes/no mix (the judge
 # binds colour and shape for every seed), one round of 1000 images, counted claims, NLL weight 8 (recall kept).
-RECIPE_VERSION = 3
+# 4: the judge probed per kind of question after SFT, and SFT continued in chunks while any kind is below 0.9.
+RECIPE_VERSION = 4
 
 
 @dataclass

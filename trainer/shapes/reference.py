@@ -1,16 +1,16 @@
 """Training the shapes world's reference model: vision pre-training, then SFT on noisy captions + yes/no.
 
-Two stages, because a prototype showed the tiny model otherwise answers
-yes/no from colour alone and never binds shape to colour:
+1. The vision tower learns alone which of the 12 objects are present (max-pooled
+   per-patch logits) and which object covers each patch (dense labels).
+2. The projector and language model (and the tower, at a tenth of the rate)
+   learn to caption (30 % of captions name an absent object, as web captions do)
+   and to answer yes/no questions (half the "no" questions name an absent object
+   sharing a present one's colour, so colour alone cannot answer them).
+3. The judge is probed per kind of question; SFT goes on while it has not bound
+   colour and shape (a judge that answers from colour alone teaches the RLAIF-V
+   round nothing).
 
-1. the vision tower learns alone which of the 12 objects are present
-   (multi-label, a linear probe on its mean patch feature);
-2. with the vision tower frozen, the projector and language model learn to
-   caption (a fraction of captions name an absent object, as web captions do)
-   and to answer yes/no questions (most "no" questions name an absent object
-   sharing a present object's colour, so colour alone cannot answer them).
-
-The SFT loss is the answer log-prob from `reward.logprobs.answer_logprobs`,
+The SFT loss is the answer log-prob from `rlaifv.reward.logprobs.answer_logprobs`,
 the same function the service scores with.
 """
 
@@ -97,6 +97,15 @@ class ReferenceConfig:
             " one-word 'yes' then weighs as much as a twelve-token caption."
         },
     )
+    judge_target: float = field(
+        default=0.9,
+        metadata={"help": "After SFT, every kind of yes/no question must be answered this well (0: no check)."},
+    )
+    sft_extra_steps: int = field(default=200, metadata={"help": "SFT steps per extra chunk while below the target."})
+    sft_extra_chunks: int = field(default=3, metadata={"help": "At most this many extra chunks."})
+    sft_extra_lr_scale: float = field(
+        default=0.5, metadata={"help": "Constant rate of the extra chunks, as a share of sft_lr."}
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.hallucination_rate < 1.0:
@@ -105,6 +114,8 @@ class ReferenceConfig:
             raise ValueError("yes_no_share must be in (0, 1) and colour_miss + shape_miss <= 1")
         if self.loss_per not in ("token", "answer"):
             raise ValueError("loss_per must be 'token' or 'answer'")
+        if not 0.0 <= self.judge_target <= 1.0 or min(self.sft_extra_steps, self.sft_extra_chunks) < 0:
+            raise ValueError("judge_target must be in [0, 1]; sft_extra_steps and sft_extra_chunks >= 0")
         if min(self.vision_steps, self.sft_steps, self.vision_batch, self.sft_batch, self.train_images) < 1:
             raise ValueError("steps, batches and train_images must be positive")
 
@@ -237,8 +248,16 @@ def judge_probe(model: Any, data: SFTData, held_out: list[Scene], pixels: torch.
     return accuracy
 
 
-def sft(model: Any, data: SFTData, config: ReferenceConfig, pad_id: int) -> float:
-    """Answer-token NLL; the vision tower trains at `tower_lr_scale` x the rate (0: frozen). Returns the final loss."""
+def sft(model: Any, data: SFTData, config: ReferenceConfig, pad_id: int, probe: Any = None) -> dict[str, Any]:
+    """Answer NLL; the vision tower trains at `tower_lr_scale` x the rate (0: frozen).
+
+    After the cosine schedule, `probe(model)` (the judge's accuracy per kind of
+    question) is checked: while any kind is below `judge_target`, SFT goes on in
+    chunks of `sft_extra_steps` at a constant `sft_extra_lr_scale` x the rate
+    (the optimizer's state kept), at most `sft_extra_chunks` times. A judge that
+    has not bound colour and shape labels its own hallucinations as true, and
+    then the RLAIF-V round teaches nothing; this costs time only where it helps.
+    """
     tower = list(model.model.vision_tower.parameters())
     tower_ids = {id(p) for p in tower}
     rest = [p for p in model.parameters() if id(p) not in tower_ids]
@@ -251,30 +270,49 @@ def sft(model: Any, data: SFTData, config: ReferenceConfig, pad_id: int) -> floa
     params = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=config.sft_lr, weight_decay=0.01)
     rng = random.Random(config.seed + 1)
-    model.train()
     loss_value = float("nan")
-    for step in (bar := tqdm(range(config.sft_steps), desc="reference SFT", leave=False)):
-        for group in optimizer.param_groups:
-            group["lr"] = config.sft_lr * group["scale"] * _cosine(step, config.sft_steps)
-        prompts, answers = data.batch(rng, config.sft_batch)
-        per_token = [t for group in answer_logprobs(model, prompts, answers, pad_id) for t in group]
-        if config.loss_per == "answer":
-            loss = -sum(t.mean() for t in per_token) / len(per_token)
-        else:
-            loss = -sum(t.sum() for t in per_token) / sum(t.numel() for t in per_token)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        loss_value = float(loss.detach())
-        bar.set_postfix(loss=f"{loss_value:.3f}")
+
+    def run(steps: int, rate: Any, desc: str) -> None:
+        nonlocal loss_value
+        model.train()
+        for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
+            for group in optimizer.param_groups:
+                group["lr"] = config.sft_lr * group["scale"] * rate(step)
+            prompts, answers = data.batch(rng, config.sft_batch)
+            per_token = [t for group in answer_logprobs(model, prompts, answers, pad_id) for t in group]
+            if config.loss_per == "answer":
+                loss = -sum(t.mean() for t in per_token) / len(per_token)
+            else:
+                loss = -sum(t.sum() for t in per_token) / sum(t.numel() for t in per_token)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            loss_value = float(loss.detach())
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+        model.eval()
+
+    run(config.sft_steps, lambda step: _cosine(step, config.sft_steps), "reference SFT")
+    checks: list[dict[str, float]] = []
+    if probe is not None:
+        checks.append(probe(model))
+        while (
+            config.judge_target > 0
+            and min(checks[-1].values()) < config.judge_target
+            and len(checks) <= config.sft_extra_chunks
+        ):
+            run(config.sft_extra_steps, lambda step: config.sft_extra_lr_scale, "reference SFT (judge not bound)")
+            checks.append(probe(model))
     for p in tower:
         p.requires_grad_(True)
-    model.eval()
-    return loss_value
+    return {
+        "sft_final_loss": loss_value,
+        "judge_checks": checks,
+        "sft_extra_steps": (len(checks) - 1) * config.sft_extra_steps if checks else 0,
+    }
 
 
-def train_reference(folder: str | Path, config: ReferenceConfig | None = None) -> dict[str, float]:
+def train_reference(folder: str | Path, config: ReferenceConfig | None = None) -> dict[str, Any]:
     """Build, pre-train and SFT the reference model; save it (safetensors + processor) to `folder`."""
     config = config or ReferenceConfig()
     torch.manual_seed(config.seed)
@@ -287,13 +325,15 @@ def train_reference(folder: str | Path, config: ReferenceConfig | None = None) -
     patch_labels = torch.tensor([s.patch_labels(spec.patch_size) for s in pool]) if config.patch_labels else None
     vision_acc = pretrain_vision(model, pixels, labels, config, patch_labels)
     data = SFTData(processor, pool, pixels, config)
-    loss = sft(model, data, config, processor.tokenizer.pad_token_id)
     held_out = scenes(HELD_OUT_SEED_OFFSET + config.seed, 400)
-    judge = judge_probe(model, data, held_out, pixel_values(processor, [s.render() for s in held_out]))
+    held_out_pixels = pixel_values(processor, [s.render() for s in held_out])
+    result = sft(
+        model, data, config, processor.tokenizer.pad_token_id, lambda m: judge_probe(m, data, held_out, held_out_pixels)
+    )
     folder = Path(folder)
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
-    return {"vision_exact_match": vision_acc, "sft_final_loss": loss, "judge_accuracy": judge}
+    return {"vision_exact_match": vision_acc, **result, "judge_accuracy": result["judge_checks"][-1]}
 
 
 __all__ = ["ReferenceConfig", "caption", "shapes_spec", "train_reference"]
