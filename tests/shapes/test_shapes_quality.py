@@ -14,7 +14,7 @@ import pytest
 
 from rlaifv.trainer.shapes.evaluate import EvalConfig, evaluate_pair
 from rlaifv.trainer.shapes.pipeline import RECIPE_VERSION, DemoConfig, demo_config
-from rlaifv.trainer.shapes.report import _pair
+from rlaifv.trainer.shapes.report import pair_from_folders
 from rlaifv.trainer.shapes.targets import Limits, check_targets
 
 pytestmark = pytest.mark.slow
@@ -37,7 +37,7 @@ def reports(shapes_bundle):
     config = EvalConfig(images=200, n=8)
     out = {}
     for label, folder in (("reference", reference), ("policy", policy)):
-        pair = _pair(folder, reference, manifest.policy_type, manifest.beta, manifest.normalize)
+        pair = pair_from_folders(folder, reference, manifest.policy_type, manifest.beta, manifest.normalize)
         out[label] = evaluate_pair(pair, config, sample_seed=0)
     return out
 

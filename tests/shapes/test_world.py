@@ -147,3 +147,13 @@ def test_reference_config_refuses_an_unknown_loss() -> None:
 
     with pytest.raises(ValueError, match="loss_per"):
         ReferenceConfig(loss_per="sentence")  # type: ignore[arg-type]
+
+
+def test_a_setting_added_later_changes_the_fingerprint_only_when_active() -> None:
+    from rlaifv.trainer.shapes.pipeline import demo_config
+
+    base = demo_config(seed=2).fingerprint()
+    assert demo_config(seed=2, overrides=["reference.judge_target=0.0"]).fingerprint() == base
+    assert demo_config(seed=2, overrides=["reference.judge_target=0.9"]).fingerprint() != base
+    assert demo_config(seed=2, overrides=["reference.loss_per=answer"]).fingerprint() != base
+    assert demo_config(seed=3).fingerprint() != base

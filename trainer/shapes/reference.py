@@ -6,9 +6,9 @@
    learn to caption (30 % of captions name an absent object, as web captions do)
    and to answer yes/no questions (half the "no" questions name an absent object
    sharing a present one's colour, so colour alone cannot answer them).
-3. The judge is probed per kind of question; SFT goes on while it has not bound
-   colour and shape (a judge that answers from colour alone teaches the RLAIF-V
-   round nothing).
+3. The judge is probed per kind of question and the result kept with the build;
+   with `judge_target` set, SFT goes on while it has not bound colour and shape
+   (a judge that answers from colour alone teaches the RLAIF-V round nothing).
 
 The SFT loss is the answer log-prob from `rlaifv.reward.logprobs.answer_logprobs`,
 the same function the service scores with.
@@ -20,7 +20,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -98,14 +98,26 @@ class ReferenceConfig:
         },
     )
     judge_target: float = field(
-        default=0.9,
-        metadata={"help": "After SFT, every kind of yes/no question must be answered this well (0: no check)."},
+        default=0.0,
+        metadata={
+            "help": "After SFT, SFT goes on while any kind of yes/no question is answered below this (0: off;"
+            " 0.9 was measured: it bound seed 0 partly and unbound seed 2, docs/shapes-world.md)."
+        },
     )
     sft_extra_steps: int = field(default=200, metadata={"help": "SFT steps per extra chunk while below the target."})
     sft_extra_chunks: int = field(default=3, metadata={"help": "At most this many extra chunks."})
     sft_extra_lr_scale: float = field(
         default=0.5, metadata={"help": "Constant rate of the extra chunks, as a share of sft_lr."}
     )
+
+    # Settings added after recipe 3 shipped, with the value that reproduces it (left out of the fingerprint).
+    ADDED_NEUTRAL: ClassVar[dict[str, Any]] = {
+        "loss_per": "token",
+        "judge_target": 0.0,
+        "sft_extra_steps": 200,
+        "sft_extra_chunks": 3,
+        "sft_extra_lr_scale": 0.5,
+    }
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.hallucination_rate < 1.0:

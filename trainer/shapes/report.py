@@ -22,7 +22,8 @@ RULES = {
 METRICS = ("chair_i", "chair_s", "recall", "repeats")
 
 
-def _pair(policy_dir: Path, reference_dir: Path, policy_type: str, beta: float, normalize: str):
+def pair_from_folders(policy_dir: Path, reference_dir: Path, policy_type: str, beta: float, normalize: str):
+    """One evaluated model against the run's reference, with the bundle's reward settings."""
     from rlaifv.reward.bundle import load_pair
     from rlaifv.reward.scoring import RewardConfig
 
@@ -58,7 +59,7 @@ def evaluate_bundle(bundle: Path, *, seeds: Sequence[int], images: int = 200, n:
     config = EvalConfig(images=images, n=n)
     results: dict[str, Any] = {"bundle": str(bundle), "images": images, "n": n, "seeds": list(seeds), "models": {}}
     for label, policy_dir, policy_type in tqdm(models_of_bundle(bundle), desc="models", leave=False):
-        pair = _pair(policy_dir, reference, policy_type, manifest.beta, manifest.normalize)
+        pair = pair_from_folders(policy_dir, reference, policy_type, manifest.beta, manifest.normalize)
         results["models"][label] = evaluate_seeds(pair, config, seeds)["summary"]
     return results
 
