@@ -124,7 +124,7 @@ def test_judge_probe_scores_a_judge_that_always_says_no() -> None:
     """The probe asks every kind of question; a model that always answers "no" is right on misses only."""
     import torch
 
-    from rlaifv.trainer.shapes.reference import ReferenceConfig, SFTData, judge_probe, pixel_values, shapes_spec
+    from rlaifv.trainer.shapes.reference import judge_probe, shapes_spec
     from rlaifv.trainer.shapes.tiny_vlm import build_model, build_processor
 
     spec = shapes_spec(0)
@@ -136,10 +136,20 @@ def test_judge_probe_scores_a_judge_that_always_says_no() -> None:
     with torch.no_grad():
         head.weight.zero_()
     head.bias = torch.nn.Parameter(bias)
-    pool = scenes(4, 30)
-    data = SFTData(processor, pool, pixel_values(processor, [s.render() for s in pool]), ReferenceConfig())
-    accuracy = judge_probe(model, data, pool, data.pixels, per_kind=10)
+    accuracy = judge_probe(model, processor, scenes(4, 60), per_kind=10)
     assert accuracy == {"present": 0.0, "colour_miss": 1.0, "shape_miss": 1.0, "other_miss": 1.0}
+
+
+def test_question_kinds_split_the_absent_objects() -> None:
+    from rlaifv.trainer.shapes.world import OBJECTS, Placed, Scene, question_kinds
+
+    scene = Scene((Placed("red", "circle", 20, 20, 16), Placed("blue", "square", 44, 44, 16)))
+    kinds = question_kinds(scene)
+    assert kinds["present"] == ["red circle", "blue square"]
+    assert set(kinds["colour_miss"]) == {"red square", "red triangle", "blue circle", "blue triangle"}
+    assert set(kinds["shape_miss"]) == {"green circle", "yellow circle", "green square", "yellow square"}
+    assert set(kinds["other_miss"]) == {"green triangle", "yellow triangle"}
+    assert sorted(obj for pool in kinds.values() for obj in pool) == sorted(OBJECTS)
 
 
 def test_reference_config_refuses_an_unknown_loss() -> None:

@@ -34,6 +34,7 @@ from rlaifv.trainer.shapes.world import (
     Scene,
     caption,
     noisy_caption,
+    question_kinds,
     sample_training_yes_no,
     scenes,
     vocabulary,
@@ -223,39 +224,28 @@ class SFTData:
         return prompts, answers
 
 
-JUDGE_KINDS = ("present", "colour_miss", "shape_miss", "other_miss")
+def judge_probe(model: Any, processor: Any, held_out: list[Scene], per_kind: int = 100) -> dict[str, float]:
+    """The yes/no judge's accuracy per kind of question (`world.question_kinds`) on held-out scenes.
 
-
-def judge_probe(model: Any, data: SFTData, held_out: list[Scene], pixels: torch.Tensor, per_kind: int = 100) -> dict:
-    """The yes/no judge's accuracy per kind of question on held-out scenes (seconds; for the build's record).
-
-    `colour_miss` ("a red square?" over a red circle) is the one a judge answering
-    from colour alone gets wrong: it says whether colour and shape are bound.
+    Asked through `YesNoJudge`, the labeler the RLAIF-V round's self-feedback uses (p(yes) > 0.5), so it
+    measures what the round will get. `colour_miss` ("a red square?" over a red circle) is the kind a judge
+    answering from colour alone gets wrong: it says whether colour and shape are bound. Seconds.
     """
+    from rlaifv.reward.yes_no import YesNoJudge
+
     rng = random.Random(12345)
-    asked: dict[str, list[tuple[int, str]]] = {kind: [] for kind in JUDGE_KINDS}
-    for _ in range(100 * per_kind):
-        if min(len(v) for v in asked.values()) >= per_kind:
-            break
-        i = rng.randrange(len(held_out))
-        names = held_out[i].names
-        absent = [o for o in OBJECTS if o not in names]
-        colour = [o for o in absent if any(o.split()[0] == n.split()[0] for n in names)]
-        shape = [o for o in absent if any(o.split()[1] == n.split()[1] for n in names) and o not in colour]
-        other = [o for o in absent if o not in colour and o not in shape]
-        for kind, pool in zip(JUDGE_KINDS, (names, colour, shape, other), strict=True):
-            if pool and len(asked[kind]) < per_kind:
-                asked[kind].append((i, rng.choice(pool)))
-    yes, no = data.answer("yes"), data.answer("no")
+    asked: dict[str, list[tuple[Scene, str]]] = {}
+    for scene in held_out:
+        for kind, pool in question_kinds(scene).items():
+            if pool and len(asked.setdefault(kind, [])) < per_kind:
+                asked[kind].append((scene, rng.choice(pool)))
+    judge = YesNoJudge(model, processor)
     was_training = model.training
     model.eval()
     accuracy = {}
-    with torch.no_grad():
-        for kind, items in asked.items():
-            prompts = [EncodedPrompt(data.question_ids[o], {"pixel_values": pixels[i : i + 1]}) for i, o in items]
-            scores = answer_logprobs(model, prompts, [[yes, no]] * len(prompts), data.tokenizer.pad_token_id)
-            says_yes = [float(y.sum()) > float(n.sum()) for y, n in scores]
-            accuracy[kind] = sum(said == (kind == "present") for said in says_yes) / max(1, len(says_yes))
+    for kind, items in asked.items():
+        p_yes = judge.p_yes_batch([([scene.render()], [yes_no_question(obj)]) for scene, obj in items])
+        accuracy[kind] = sum((p[0] > 0.5) == (kind == "present") for p in p_yes) / len(items)
     model.train(was_training)
     return accuracy
 
@@ -338,10 +328,7 @@ def train_reference(folder: str | Path, config: ReferenceConfig | None = None) -
     vision_acc = pretrain_vision(model, pixels, labels, config, patch_labels)
     data = SFTData(processor, pool, pixels, config)
     held_out = scenes(HELD_OUT_SEED_OFFSET + config.seed, 400)
-    held_out_pixels = pixel_values(processor, [s.render() for s in held_out])
-    result = sft(
-        model, data, config, processor.tokenizer.pad_token_id, lambda m: judge_probe(m, data, held_out, held_out_pixels)
-    )
+    result = sft(model, data, config, processor.tokenizer.pad_token_id, lambda m: judge_probe(m, processor, held_out))
     folder = Path(folder)
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)

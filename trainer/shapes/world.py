@@ -166,6 +166,18 @@ def sample_training_yes_no(
     return yes_no_question(rng.choice(pool)), "no", False
 
 
+def question_kinds(scene: Scene) -> dict[str, list[str]]:
+    """The objects a yes/no question can name, by kind: present ones, and absent ones sharing a present object's
+    colour, sharing only a shape, or sharing neither (disjoint). Same-colour misses are what a judge answering
+    from colour alone gets wrong."""
+    names = scene.names
+    absent = [o for o in OBJECTS if o not in names]
+    colour = [o for o in absent if any(o.split()[0] == n.split()[0] for n in names)]
+    shape = [o for o in absent if o not in colour and any(o.split()[1] == n.split()[1] for n in names)]
+    other = [o for o in absent if o not in colour and o not in shape]
+    return {"present": names, "colour_miss": colour, "shape_miss": shape, "other_miss": other}
+
+
 def vocabulary() -> tuple[str, ...]:
     words = {"a", "and", "describe", "the", "image", "is", "there", "in", "yes", "no", "please", "answer", "or"}
     words.update(COLOURS)

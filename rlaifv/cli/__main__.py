@@ -1,3 +1,0 @@
-from rlaifv.cli.main import app
-
-app()
