@@ -18,6 +18,15 @@ from typing import Any
 
 import torch
 
+from rlaifv.reward.families import (
+    SEQUENCE_KEYS,
+    Family,
+    batch_groups,
+    continue_positions,
+    family_of,
+    prefix_positions,
+    stack_vision,
+)
 from rlaifv.reward.prompt import EncodedPrompt
 
 
@@ -39,56 +48,60 @@ class PrefixState:
     cache: KV cache over the padded prefix, (rows, heads, L, d) per layer;
     logits: (rows, V) next-token logits after the prefix;
     mask: (rows, L) 1 for real prefix tokens, 0 for left padding;
-    next_position: (rows,) position id of the first answer token.
+    next_position: (rows,) position id of the first answer token (on every rope axis);
+    family: the model family's rules (`reward.families`).
     """
 
     cache: Any
     logits: torch.Tensor
     mask: torch.Tensor
     next_position: torch.Tensor
+    family: Family
 
     def select(self, index: torch.Tensor) -> PrefixState:
         """Keep/duplicate rows (index may repeat: that forks a prefix for N answers)."""
         self.cache.batch_select_indices(index)
-        return PrefixState(self.cache, self.logits[index], self.mask[index], self.next_position[index])
+        return PrefixState(self.cache, self.logits[index], self.mask[index], self.next_position[index], self.family)
+
+    def positions(self, width: int) -> torch.Tensor:
+        """Position ids of the next `width` tokens of every row."""
+        return continue_positions(self.family, self.next_position, width)
 
 
 def model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def _stack_vision(
-    prompts: Sequence[EncodedPrompt], device: torch.device, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    keys = {key for p in prompts for key in p.vision}
-    vision: dict[str, torch.Tensor] = {}
-    for key in sorted(keys):
-        parts = [p.vision[key] for p in prompts if key in p.vision]
-        tensor = torch.cat(parts, dim=0).to(device)
-        vision[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    return vision
-
-
 def prefill(model: Any, prompts: Sequence[EncodedPrompt], pad_id: int = 0) -> PrefixState:
-    """Run B prefixes in one left-padded forward; return their cache and last logits."""
+    """Run B prefixes in one left-padded forward; return their cache and last logits.
+
+    The prompts must be batchable together (`families.batch_groups`).
+    """
     device = model_device(model)
     dtype = next(model.parameters()).dtype
+    family = family_of(model)
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         input_ids[row, width - len(prompt) :] = prompt.input_ids.to(device)
         mask[row, width - len(prompt) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    vision = stack_vision(prompts, width, device, dtype)
+    positions, next_position = prefix_positions(model, family, input_ids, mask, vision)
     out = model(
         input_ids=input_ids,
         attention_mask=mask,
         position_ids=positions,
         use_cache=True,
         logits_to_keep=1,
-        **_stack_vision(prompts, device, dtype),
+        **vision,
     )
-    return PrefixState(out.past_key_values, out.logits[:, -1, :], mask, mask.sum(-1))
+    return PrefixState(out.past_key_values, out.logits[:, -1, :], mask, next_position, family)
+
+
+def split_for_batching(model: Any, prompts: Sequence[EncodedPrompt]) -> list[list[int]]:
+    """Groups of prompt indices that share one forward (one group unless their image shapes cannot be padded)."""
+    return batch_groups(prompts, family_of(model))
 
 
 def step(model: Any, state: PrefixState, tokens: torch.Tensor) -> torch.Tensor:
@@ -98,7 +111,7 @@ def step(model: Any, state: PrefixState, tokens: torch.Tensor) -> torch.Tensor:
     out = model(
         input_ids=tokens,
         attention_mask=state.mask,
-        position_ids=state.next_position.unsqueeze(1),
+        position_ids=state.positions(1),
         past_key_values=state.cache,
         use_cache=True,
     )
@@ -121,6 +134,14 @@ def answer_logprobs(
     """
     if len(prompts) != len(answers):
         raise ValueError("one answer list per prompt")
+    groups = split_for_batching(model, prompts)
+    if len(groups) > 1:
+        results: list[list[torch.Tensor]] = [[] for _ in prompts]
+        for group in groups:
+            part = answer_logprobs(model, [prompts[i] for i in group], [answers[i] for i in group], pad_id)
+            for i, value in zip(group, part, strict=True):
+                results[i] = value
+        return results
     counts = [len(group) for group in answers]
     flat = [list(a) for group in answers for a in group]
     if not flat:
@@ -148,7 +169,7 @@ def answer_logprobs(
         out = model(
             input_ids=tokens[:, :-1],
             attention_mask=torch.cat([state.mask, answer_mask[:, :-1]], dim=1),
-            position_ids=state.next_position[:, None] + torch.arange(width - 1, device=device)[None, :],
+            position_ids=state.positions(width - 1),
             past_key_values=state.cache,
             use_cache=True,
         )
@@ -158,24 +179,29 @@ def answer_logprobs(
         per_token = first
     per_token = per_token * answer_mask
 
-    results: list[list[torch.Tensor]] = [[] for _ in prompts]
+    grouped: list[list[torch.Tensor]] = [[] for _ in prompts]
     row = 0
     for b, count in enumerate(counts):
         for _ in range(count):
-            results[b].append(per_token[row, : int(lengths[row])])
+            grouped[b].append(per_token[row, : int(lengths[row])])
             row += 1
-    return results
+    return grouped
 
 
 def full_forward_logprobs(model: Any, prompt: EncodedPrompt, answer: Sequence[int]) -> torch.Tensor:
     """The naive equivalent of `answer_logprobs` for one answer: one forward over prefix ++ answer.
 
-    Kept as the ground truth for tests and the baseline of `rlaifv bench reward`.
+    Kept as the ground truth for tests and the baseline of `rlaifv bench reward`: the model computes its own
+    positions (mrope included); sequence-aligned inputs are extended over the answer as text.
     """
     device = model_device(model)
     dtype = next(model.parameters()).dtype
     ids = torch.cat([prompt.input_ids.to(device), torch.tensor(list(answer), device=device)]).unsqueeze(0)
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **_stack_vision([prompt], device, dtype))
+    vision = stack_vision([prompt], len(prompt), device, dtype)
+    for key in SEQUENCE_KEYS & prompt.vision.keys():
+        values = prompt.vision[key].reshape(1, -1).to(device)
+        vision[key] = torch.cat([values, values.new_zeros((1, ids.shape[1] - values.shape[1]))], dim=1)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **vision)
     start = len(prompt)
     return selective_log_softmax(out.logits[0, start - 1 : -1], ids[0, start:])
 
@@ -191,6 +217,14 @@ def continuation_logits(
     The yes/no judge uses it: the image+template prefix runs once and each
     question is a continuation, so checking k claims costs one prefix pass.
     """
+    groups = split_for_batching(model, prompts)
+    if len(groups) > 1:
+        merged: list[torch.Tensor] = [torch.empty(0) for _ in prompts]
+        for group in groups:
+            part = continuation_logits(model, [prompts[i] for i in group], [continuations[i] for i in group], pad_id)
+            for i, value in zip(group, part, strict=True):
+                merged[i] = value
+        return merged
     counts = [len(group) for group in continuations]
     flat = [list(c) for group in continuations for c in group]
     if any(len(c) == 0 for c in flat):
@@ -214,7 +248,7 @@ def continuation_logits(
     out = model(
         input_ids=tokens,
         attention_mask=torch.cat([state.mask, mask], dim=1),
-        position_ids=state.next_position[:, None] + torch.arange(width, device=device)[None, :],
+        position_ids=state.positions(width),
         past_key_values=state.cache,
         use_cache=True,
     )

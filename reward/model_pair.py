@@ -28,6 +28,7 @@ from rlaifv.reward.claims import (
     score_plans,
 )
 from rlaifv.reward.errors import AnswerError, InvalidInputError
+from rlaifv.reward.families import family_of
 from rlaifv.reward.images import ImageLimits, load_image
 from rlaifv.reward.logprobs import answer_logprobs
 from rlaifv.reward.prompt import EncodedPrompt, encode_answer, encode_prompt, end_of_turn_id
@@ -87,6 +88,7 @@ class ModelPair:
     ) -> None:
         if reference is None and not is_peft_model(policy):
             raise ValueError("a reference model is required unless the policy is a LoRA adapter over it")
+        self.family = family_of(policy)  # refuses a family whose positions the engine would get wrong
         self.policy = policy
         self.reference = reference
         self.processor = processor

@@ -6,6 +6,7 @@ load), and `trust_remote_code` stays off unless the operator turns it on.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,12 +56,92 @@ def is_local(name_or_path: str | Path) -> bool:
 
 
 def load_processor(name_or_path: str | Path, *, trust_remote_code: bool = False) -> Any:
+    """The folder's processor; without torchvision, an image-only one for processors that also handle video.
+
+    Qwen-VL, SmolVLM, InternVL and Pixtral processors carry a video processor,
+    and transformers builds video processors only with torchvision. The service
+    sends images only, so where torchvision is missing the same processor class
+    is built without its video part (`image_only_processor`).
+    """
     from transformers import AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
+        if not has_torchvision() and Path(name_or_path).is_dir():
+            try:
+                return image_only_processor(Path(name_or_path))
+            except ModelLoadError as inner:
+                raise ModelLoadError(
+                    f"cannot load processor from {name_or_path}: {exc}; without torchvision: {inner}"
+                ) from exc
         raise ModelLoadError(f"cannot load processor from {name_or_path}: {exc}") from exc
+
+
+def has_torchvision() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def image_only_processor(folder: Path) -> Any:
+    """The folder's processor class built from its tokenizer, image processor and template, with no video part."""
+    import inspect
+
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer, ProcessorMixin
+
+    config_path = folder / "processor_config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{folder} has no processor_config.json naming its processor class")
+    config = json.loads(config_path.read_text())
+    class_name = str(config.get("processor_class"))
+    try:
+        base = getattr(transformers, class_name, None)
+        attributes = set(base.get_attributes()) if base is not None else set()
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"{class_name} cannot be built without torchvision ({exc}); install the torchvision release built for"
+            f" torch {_torch_version()} (on CPU: the CPU wheel from download.pytorch.org)"
+        ) from exc
+    if base is None:
+        raise ModelLoadError(f"unknown processor class {class_name!r} in {config_path}")
+    if attributes - {"image_processor", "tokenizer", "video_processor"}:
+        raise ModelLoadError(f"{class_name} needs {sorted(attributes)}; only image and video parts can be left out")
+
+    def check_argument_for_proper_class(self: Any, name: str, argument: Any) -> Any:
+        if argument is None and name == "video_processor":
+            return None
+        return base.check_argument_for_proper_class(self, name, argument)
+
+    def apply_chat_template(self: Any, conversation: Any, chat_template: str | None = None, **kwargs: Any) -> Any:
+        # Some families' own override reads video settings (SmolVLM: num_frames); images need only the template.
+        return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
+
+    methods: dict[str, Any] = {"check_argument_for_proper_class": check_argument_for_proper_class}
+    if "video_processor" in attributes:
+        methods["apply_chat_template"] = apply_chat_template
+    image_only = type(class_name, (base,), methods)  # the real name: what to_dict and logs show
+    template_file = folder / "chat_template.jinja"
+    template = template_file.read_text() if template_file.is_file() else config.get("chat_template")
+    accepted = set(inspect.signature(base.__init__).parameters) - {"self", "image_processor", "tokenizer"}
+    kwargs = {k: v for k, v in config.items() if k in accepted and k not in ("video_processor", "chat_template")}
+    try:
+        parts = {
+            "image_processor": AutoImageProcessor.from_pretrained(str(folder)),
+            "tokenizer": AutoTokenizer.from_pretrained(str(folder)),
+        }
+        if "video_processor" in attributes:
+            parts["video_processor"] = None
+        return image_only(**parts, chat_template=template, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
+        raise ModelLoadError(f"cannot build {class_name} without its video processor: {exc}") from exc
+
+
+def _torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
 
 
 def load_model(

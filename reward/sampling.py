@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from rlaifv.reward.kv_cache import preallocate
-from rlaifv.reward.logprobs import model_device, prefill, selective_log_softmax, step
+from rlaifv.reward.logprobs import model_device, prefill, selective_log_softmax, split_for_batching, step
 from rlaifv.reward.prompt import EncodedPrompt
 
 
@@ -131,6 +131,22 @@ def sample_answers(
     pad_id: int = 0,
 ) -> list[list[Sample]]:
     """Sample counts[b] answers for prompts[b] with params[b]; returns samples grouped per prompt."""
+    groups = split_for_batching(model, prompts)
+    if len(groups) > 1:
+        merged: list[list[Sample]] = [[] for _ in prompts]
+        for group in groups:
+            part = sample_answers(
+                model,
+                [prompts[i] for i in group],
+                [counts[i] for i in group],
+                [params[i] for i in group],
+                stop_ids=stop_ids,
+                blocked_ids=blocked_ids,
+                pad_id=pad_id,
+            )
+            for i, samples in zip(group, part, strict=True):
+                merged[i] = samples
+        return merged
     device = model_device(model)
     state = prefill(model, prompts, pad_id)
     group_of_row = torch.repeat_interleave(

@@ -1,4 +1,4 @@
-"""The `rlaifv` command: serve, bench, train, feedback, demo.
+"""The `rlaifv` command: serve, bench, bundle, convert, train, feedback, demo.
 
 Subcommands import their heavy dependencies inside their bodies, so
 `rlaifv --help` answers instantly.
@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import typer
 
+from rlaifv.cli.bundle import bundle_app
+from rlaifv.convert.cli import convert_app
+
 app = typer.Typer(name="rlaifv", help="RLAIF-V best-of-N reward service and trainer.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that print side-by-side ratios measured in one run.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(bundle_app, name="bundle")
+app.add_typer(convert_app, name="convert")
 
 
 @bench_app.command("reward")

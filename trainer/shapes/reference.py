@@ -7,8 +7,9 @@
    and to answer yes/no questions (half the "no" questions name an absent object
    sharing a present one's colour, so colour alone cannot answer them).
 3. The judge is probed per kind of question and the result kept with the build;
-   with `judge_target` set, SFT goes on while it has not bound colour and shape
-   (a judge that answers from colour alone teaches the RLAIF-V round nothing).
+   with `judge_target` set, SFT is run again (fresh language model, another
+   order of batches) while it has not bound colour and shape: a judge that
+   answers from colour alone teaches the RLAIF-V round nothing.
 
 The SFT loss is the answer log-prob from `rlaifv.reward.logprobs.answer_logprobs`,
 the same function the service scores with.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -101,23 +102,31 @@ class ReferenceConfig:
     judge_target: float = field(
         default=0.0,
         metadata={
-            "help": "After SFT, SFT goes on while any kind of yes/no question is answered below this (0: off;"
-            " 0.9 was measured: it bound seed 0 partly and unbound seed 2, docs/shapes-world.md)."
+            "help": "While the judge answers any kind of yes/no question below this after SFT, SFT is run again"
+            " (0: one run, recipe 3)."
         },
     )
-    sft_extra_steps: int = field(default=200, metadata={"help": "SFT steps per extra chunk while below the target."})
-    sft_extra_chunks: int = field(default=3, metadata={"help": "At most this many extra chunks."})
-    sft_extra_lr_scale: float = field(
-        default=0.5, metadata={"help": "Constant rate of the extra chunks, as a share of sft_lr."}
+    sft_attempts: int = field(
+        default=3,
+        metadata={
+            "help": "SFT runs at most: each from the same pre-trained tower with a freshly initialised language model"
+            " and another order of batches; the run whose judge is best is kept."
+        },
+    )
+    plateau_check: int = field(
+        default=700,
+        metadata={
+            "help": "At this SFT step a run whose judge still gives one answer to every question is given up (0:"
+            " never; the last allowed run always finishes)."
+        },
     )
 
     # Settings added after recipe 3 shipped, with the value that reproduces it (left out of the fingerprint).
     ADDED_NEUTRAL: ClassVar[dict[str, Any]] = {
         "loss_per": "token",
         "judge_target": 0.0,
-        "sft_extra_steps": 200,
-        "sft_extra_chunks": 3,
-        "sft_extra_lr_scale": 0.5,
+        "sft_attempts": 3,
+        "plateau_check": 700,
     }
 
     def __post_init__(self) -> None:
@@ -127,8 +136,8 @@ class ReferenceConfig:
             raise ValueError("yes_no_share must be in (0, 1) and colour_miss + shape_miss <= 1")
         if self.loss_per not in ("token", "answer"):
             raise ValueError("loss_per must be 'token' or 'answer'")
-        if not 0.0 <= self.judge_target <= 1.0 or min(self.sft_extra_steps, self.sft_extra_chunks) < 0:
-            raise ValueError("judge_target must be in [0, 1]; sft_extra_steps and sft_extra_chunks >= 0")
+        if not 0.0 <= self.judge_target <= 1.0 or self.sft_attempts < 1 or self.plateau_check < 0:
+            raise ValueError("judge_target must be in [0, 1], sft_attempts >= 1 and plateau_check >= 0")
         if min(self.vision_steps, self.sft_steps, self.vision_batch, self.sft_batch, self.train_images) < 1:
             raise ValueError("steps, batches and train_images must be positive")
 
@@ -250,15 +259,23 @@ def judge_probe(model: Any, processor: Any, held_out: list[Scene], per_kind: int
     return accuracy
 
 
-def sft(model: Any, data: SFTData, config: ReferenceConfig, pad_id: int, probe: Any = None) -> dict[str, Any]:
-    """Answer NLL; the vision tower trains at `tower_lr_scale` x the rate (0: frozen).
+def one_answer(accuracy: dict[str, float], margin: float = 0.02) -> bool:
+    """Whether the judge gives (nearly) the same answer to every kind of question: the plateau before it reads
+    the image. Its yes-rate is the accuracy on present objects and one minus it on absent ones."""
+    yes = [accuracy[k] if k == "present" else 1.0 - accuracy[k] for k in accuracy]
+    return all(y >= 1.0 - margin for y in yes) or all(y <= margin for y in yes)
 
-    After the cosine schedule, `probe(model)` (the judge's accuracy per kind of
-    question) is checked: while any kind is below `judge_target`, SFT goes on in
-    chunks of `sft_extra_steps` at a constant `sft_extra_lr_scale` x the rate
-    (the optimizer's state kept), at most `sft_extra_chunks` times. A judge that
-    has not bound colour and shape labels its own hallucinations as true, and
-    then the RLAIF-V round teaches nothing; this costs time only where it helps.
+
+def sft(
+    model: Any, data: SFTData, config: ReferenceConfig, pad_id: int, *, attempt: int = 0, probe: Any = None
+) -> dict[str, Any]:
+    """One SFT run: answer NLL, the vision tower at `tower_lr_scale` x the rate (0: frozen).
+
+    With `probe` (the judge's accuracy per kind of question) and `plateau_check`,
+    the run stops early when the judge still gives one answer to everything at
+    that step: its exit from that plateau comes at a random step, and one that
+    comes late leaves too little of the schedule to bind colour and shape.
+    Attempt 0 draws batches exactly as recipe 3 did.
     """
     tower = list(model.model.vision_tower.parameters())
     tower_ids = {id(p) for p in tower}
@@ -271,46 +288,76 @@ def sft(model: Any, data: SFTData, config: ReferenceConfig, pad_id: int, probe: 
             p.requires_grad_(False)
     params = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=config.sft_lr, weight_decay=0.01)
-    rng = random.Random(config.seed + 1)
+    rng = random.Random(config.seed + 1 + 7919 * attempt)
     loss_value = float("nan")
-
-    def run(steps: int, rate: Any, desc: str) -> None:
-        nonlocal loss_value
-        model.train()
-        for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
-            for group in optimizer.param_groups:
-                group["lr"] = config.sft_lr * group["scale"] * rate(step)
-            prompts, answers = data.batch(rng, config.sft_batch)
-            per_token = [t for group in answer_logprobs(model, prompts, answers, pad_id) for t in group]
-            if config.loss_per == "answer":
-                loss = -sum(t.mean() for t in per_token) / len(per_token)
-            else:
-                loss = -sum(t.sum() for t in per_token) / sum(t.numel() for t in per_token)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            loss_value = float(loss.detach())
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-        model.eval()
-
-    run(config.sft_steps, lambda step: _cosine(step, config.sft_steps), "reference SFT")
-    checks: list[dict[str, float]] = []
-    if probe is not None:
-        checks.append(probe(model))
-        while (
-            config.judge_target > 0
-            and min(checks[-1].values()) < config.judge_target
-            and len(checks) <= config.sft_extra_chunks
-        ):
-            run(config.sft_extra_steps, lambda step: config.sft_extra_lr_scale, "reference SFT (judge not bound)")
-            checks.append(probe(model))
+    result: dict[str, Any] = {"attempt": attempt, "steps": config.sft_steps, "gave_up": False}
+    model.train()
+    desc = "reference SFT" if attempt == 0 else f"reference SFT (attempt {attempt + 1})"
+    for step in (bar := tqdm(range(config.sft_steps), desc=desc, leave=False)):
+        if probe is not None and step > 0 and step == config.plateau_check:
+            result["judge_at_check"] = probe(model)
+            if one_answer(result["judge_at_check"]):
+                result.update(steps=step, gave_up=True)
+                break
+            model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = config.sft_lr * group["scale"] * _cosine(step, config.sft_steps)
+        prompts, answers = data.batch(rng, config.sft_batch)
+        per_token = [t for group in answer_logprobs(model, prompts, answers, pad_id) for t in group]
+        if config.loss_per == "answer":
+            loss = -sum(t.mean() for t in per_token) / len(per_token)
+        else:
+            loss = -sum(t.sum() for t in per_token) / sum(t.numel() for t in per_token)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        loss_value = float(loss.detach())
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+    model.eval()
     for p in tower:
         p.requires_grad_(True)
-    return {
-        "sft_final_loss": loss_value,
-        "judge_checks": checks,
-        "sft_extra_steps": (len(checks) - 1) * config.sft_extra_steps if checks else 0,
+    if probe is not None and not result["gave_up"]:
+        result["judge"] = probe(model)
+    return result | {"final_loss": loss_value}
+
+
+def sft_until_bound(
+    make_model: Any, data: SFTData, config: ReferenceConfig, pad_id: int, probe: Any
+) -> tuple[Any, dict[str, Any]]:
+    """SFT runs until the judge answers every kind of question at `judge_target` (at most `sft_attempts`).
+
+    The yes/no judge sits on a plateau of one answer while captions are learned
+    and leaves it at a step that varies with seed, batch order and the CPU's
+    floating point from ~200 to past the schedule (docs/shapes-world.md);
+    longer SFT after the schedule did not fix a late exit (recipe 4). Runs are
+    independent draws, so a few of them make the miss rare; the best judge is
+    kept. `make_model(attempt)` gives a model with the pre-trained tower and a
+    language model initialised for that attempt.
+    """
+    attempts = config.sft_attempts if config.judge_target > 0 else 1
+    runs: list[dict[str, Any]] = []
+    best: tuple[float, Any] | None = None
+    for attempt in range(attempts):
+        model = make_model(attempt)
+        last = attempt == attempts - 1
+        run_config = config if not last else replace(config, plateau_check=0)
+        run = sft(model, data, run_config, pad_id, attempt=attempt, probe=probe)
+        runs.append(run)
+        if run["gave_up"]:
+            continue
+        score = min(run["judge"].values())
+        if best is None or score > best[0]:
+            best = (score, model)
+        if score >= config.judge_target:
+            break
+    assert best is not None  # the last run never gives up
+    chosen = next(r for r in runs if not r["gave_up"] and min(r["judge"].values()) == best[0])
+    return best[1], {
+        "sft_final_loss": chosen["final_loss"],
+        "sft_runs": runs,
+        "sft_chosen_attempt": chosen["attempt"],
+        "judge_accuracy": chosen["judge"],
     }
 
 
@@ -328,11 +375,23 @@ def train_reference(folder: str | Path, config: ReferenceConfig | None = None) -
     vision_acc = pretrain_vision(model, pixels, labels, config, patch_labels)
     data = SFTData(processor, pool, pixels, config)
     held_out = scenes(HELD_OUT_SEED_OFFSET + config.seed, 400)
-    result = sft(model, data, config, processor.tokenizer.pad_token_id, lambda m: judge_probe(m, processor, held_out))
+    tower_state = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
+
+    def make_model(attempt: int) -> Any:
+        if attempt == 0:
+            return model
+        fresh = build_model(replace(spec, seed=spec.seed + 7919 * attempt), processor.tokenizer)
+        fresh.model.vision_tower.load_state_dict(tower_state)
+        return fresh
+
+    def probe(m: Any) -> dict[str, float]:
+        return judge_probe(m, processor, held_out)
+
+    chosen, result = sft_until_bound(make_model, data, config, processor.tokenizer.pad_token_id, probe)
     folder = Path(folder)
-    model.save_pretrained(folder, safe_serialization=True)
+    chosen.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
-    return {"vision_exact_match": vision_acc, **result, "judge_accuracy": result["judge_checks"][-1]}
+    return {"vision_exact_match": vision_acc, **result}
 
 
 __all__ = ["ReferenceConfig", "caption", "shapes_spec", "train_reference"]

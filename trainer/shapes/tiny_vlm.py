@@ -274,7 +274,7 @@ def random_lora(base_folder: str | Path, target: str | Path, *, rank: int = 4, s
     config = LoraConfig(
         r=rank,
         lora_alpha=2 * rank,
-        target_modules=r".*language_model.*\.(q_proj|v_proj|o_proj)",
+        target_modules=r".*(language_model|text_model).*\.(q_proj|v_proj|o_proj)",  # Idefics3 names it text_model
         init_lora_weights=False,
     )
     peft_model = get_peft_model(base, config)

@@ -1,0 +1,471 @@
+"""Making a bundle from model folders one already has, and describing a bundle without loading weights.
+
+Everything is checked before anything is written: the reward compares the policy's and the
+reference's log-probs of the same tokens given the same image features, so a pair that disagrees
+on tokenizer or image preprocessing yields numbers that mean nothing, with no error at serving time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import tempfile
+from datetime import UTC, datetime
+from math import prod
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rlaifv.reward.bundle import BundleManifest, _vocab_fingerprint, read_manifest, resolve, write_bundle
+from rlaifv.reward.errors import BundleError, ModelLoadError
+from rlaifv.reward.scoring import Normalize, RewardConfig
+
+PolicyType = Literal["full", "lora"]
+CREATED_BY = "rlaifv bundle create"
+
+# Keys naming the class that wrote a config, not how images are prepared (a slow and a fast
+# image processor with equal settings prepare images alike).
+_IRRELEVANT_PROCESSOR_KEYS = frozenset(
+    {"image_processor_type", "processor_class", "_processor_class", "auto_map", "transformers_version"}
+)
+# Parts of processor_config.json compared on their own (image_processor) or not about images at all.
+_PROCESSOR_SUBCONFIGS = frozenset(
+    {"image_processor", "tokenizer", "video_processor", "feature_extractor", "audio_processor", "chat_template"}
+)
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_SHOWN = 5
+
+
+class TokenizerFacts(BaseModel):
+    """What decides how text becomes token ids: vocabulary, added tokens, merges and special-token roles."""
+
+    model_config = ConfigDict(frozen=True)
+
+    vocab: dict[str, int]
+    added: list[tuple[int, str]]
+    merges_sha256: str | None = None
+    special: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def tokens(self) -> set[str]:
+        return set(self.vocab) | {content for _, content in self.added}
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+
+def detect_policy_type(folder: Path) -> PolicyType:
+    """A PEFT adapter folder is recognised by its adapter_config.json, as `load_bundle` does."""
+    return "lora" if (folder / "adapter_config.json").is_file() else "full"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"cannot read {path}: {exc}") from None
+
+
+def _special_tokens(folder: Path) -> dict[str, str]:
+    special: dict[str, str] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        for key, value in _read_json(path).items():
+            if key.endswith("_token") or key in ("additional_special_tokens", "extra_special_tokens"):
+                content = value.get("content") if isinstance(value, dict) else value
+                if isinstance(content, str):
+                    special[key] = content
+                elif isinstance(content, list) and content:
+                    special[key] = json.dumps([t.get("content", t) if isinstance(t, dict) else t for t in content])
+    return special
+
+
+def tokenizer_facts(folder: Path) -> TokenizerFacts | None:
+    """The tokenizer in `folder` read from tokenizer.json, or None if the folder has none."""
+    try:
+        fingerprint = _vocab_fingerprint(folder)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"cannot read {folder / 'tokenizer.json'}: {exc}") from None
+    if fingerprint is None:
+        return None
+    raw_vocab = fingerprint["vocab"] or {}
+    # Unigram models store [piece, score] pairs whose index is the id.
+    vocab = {p[0]: i for i, p in enumerate(raw_vocab)} if isinstance(raw_vocab, list) else dict(raw_vocab)
+    merges = _read_json(folder / "tokenizer.json").get("model", {}).get("merges")
+    digest = hashlib.sha256(json.dumps(merges).encode()).hexdigest() if merges else None
+    return TokenizerFacts(
+        vocab=vocab,
+        added=[tuple(a) for a in fingerprint["added"]],
+        merges_sha256=digest,
+        special=_special_tokens(folder),
+    )
+
+
+def _sample(items: set[str] | list[str]) -> str:
+    shown = sorted(items)[:_SHOWN]
+    more = f" (+{len(items) - len(shown)} more)" if len(items) > len(shown) else ""
+    return ", ".join(repr(s) for s in shown) + more
+
+
+def tokenizer_differences(policy: TokenizerFacts, reference: TokenizerFacts) -> list[str]:
+    """Each way the two tokenizers differ, in words; empty when they tokenize alike."""
+    problems: list[str] = []
+    only_policy, only_reference = set(policy.vocab) - set(reference.vocab), set(reference.vocab) - set(policy.vocab)
+    if only_policy or only_reference:
+        problems.append(
+            f"vocabulary: policy has {len(policy.vocab)} tokens, reference {len(reference.vocab)}"
+            + (f"; only in policy: {_sample(only_policy)}" if only_policy else "")
+            + (f"; only in reference: {_sample(only_reference)}" if only_reference else "")
+        )
+    moved = sorted(t for t in set(policy.vocab) & set(reference.vocab) if policy.vocab[t] != reference.vocab[t])
+    if moved:
+        examples = ", ".join(f"{t!r}: {policy.vocab[t]} vs {reference.vocab[t]}" for t in moved[:_SHOWN])
+        problems.append(f"vocabulary: {len(moved)} tokens have different ids (policy vs reference: {examples})")
+    if policy.added != reference.added:
+        a, b = set(policy.added), set(reference.added)
+        problems.append(
+            f"added tokens: only in policy {sorted(a - b)[:_SHOWN]}, only in reference {sorted(b - a)[:_SHOWN]}"
+        )
+    if policy.merges_sha256 != reference.merges_sha256:
+        problems.append("BPE merges differ")
+    for key in sorted(set(policy.special) | set(reference.special)):
+        mine, theirs = policy.special.get(key), reference.special.get(key)
+        if mine != theirs:
+            problems.append(f"special token {key}: policy {mine!r}, reference {theirs!r}")
+    return problems
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}", inner, out)
+    else:
+        out[prefix] = value
+
+
+def image_settings(folder: Path) -> dict[str, Any] | None:
+    """How `folder` turns images into model inputs, flattened to dotted keys; None without an image processor.
+
+    transformers 5 keeps the image processor inside processor_config.json; older
+    checkpoints have preprocessor_config.json. Processor-level settings (patch size,
+    image token, feature strategy) decide how many image tokens the prompt gets, so
+    they are compared too.
+    """
+    image: dict[str, Any] | None = None
+    processor: dict[str, Any] = {}
+    if (folder / "processor_config.json").is_file():
+        processor = _read_json(folder / "processor_config.json")
+        if isinstance(processor.get("image_processor"), dict):
+            image = processor["image_processor"]
+    if image is None and (folder / "preprocessor_config.json").is_file():
+        image = _read_json(folder / "preprocessor_config.json")
+    if image is None:
+        return None
+    settings: dict[str, Any] = {}
+    for key, value in image.items():
+        if key not in _IRRELEVANT_PROCESSOR_KEYS:
+            _flatten(f"image_processor.{key}", value, settings)
+    for key, value in processor.items():
+        if key not in _IRRELEVANT_PROCESSOR_KEYS and key not in _PROCESSOR_SUBCONFIGS:
+            _flatten(f"processor.{key}", value, settings)
+    return settings
+
+
+def settings_differences(policy: dict[str, Any], reference: dict[str, Any]) -> list[str]:
+    return [
+        f"{key}: policy {policy.get(key, '(unset)')!r}, reference {reference.get(key, '(unset)')!r}"
+        for key in sorted(set(policy) | set(reference))
+        if policy.get(key) != reference.get(key)
+    ]
+
+
+def safetensors_headers(folder: Path) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {dtype, shape} from every safetensors file's header: no weights are read."""
+    tensors: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            if len(head) != 8:
+                raise BundleError(f"{path} is not a safetensors file (too short)")
+            (size,) = struct.unpack("<Q", head)
+            if size > _MAX_HEADER_BYTES:
+                raise BundleError(f"{path} is not a safetensors file (header of {size} bytes)")
+            try:
+                header = json.loads(handle.read(size))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise BundleError(f"{path} has an unreadable safetensors header: {exc}") from None
+        header.pop("__metadata__", None)
+        tensors.update(header)
+    return tensors
+
+
+def _module_key(name: str) -> str:
+    """A module path without the `model` / `base_model` wrappers whose nesting changes between
+    transformers versions (saved `language_model.model.layers` vs loaded `model.language_model.layers`)."""
+    return ".".join(part for part in name.split(".") if part not in ("model", "base_model"))
+
+
+def lora_shape_problems(adapter: Path, reference: Path) -> list[str]:
+    """LoRA matrices whose sizes do not fit the reference module they adapt (the adapter was made on another base).
+
+    Modules that cannot be matched by name are left to PEFT at load time.
+    """
+    base: dict[str, list[int] | None] = {}
+    for name, info in safetensors_headers(reference).items():
+        if name.endswith(".weight"):
+            key = _module_key(name.removesuffix(".weight"))
+            base[key] = None if key in base else info.get("shape")
+    problems = []
+    for name, info in sorted(safetensors_headers(adapter).items()):
+        # lora_A is (rank, in_features) and lora_B (out_features, rank); the base weight is (out, in).
+        for part, axis, side in ((".lora_A.weight", 1, "input"), (".lora_B.weight", 0, "output")):
+            if not name.endswith(part):
+                continue
+            module = name.removesuffix(part)
+            target = base.get(_module_key(module))
+            shape = info.get("shape") or []
+            if target is None or len(target) != 2 or len(shape) != 2 or shape[axis] == target[axis]:
+                continue
+            problems.append(
+                f"{module.removeprefix('base_model.model.')}: the adapter's {side} size is {shape[axis]}, "
+                f"the reference's is {target[axis]}"
+            )
+    if len(problems) > _SHOWN:
+        problems = [*problems[:_SHOWN], f"... and {len(problems) - _SHOWN} more LoRA matrices"]
+    return problems
+
+
+def _check_model(folder: Path, what: str) -> None:
+    from rlaifv.reward.models import check_model_folder
+
+    try:
+        check_model_folder(folder, what=what)
+    except ModelLoadError as exc:
+        raise BundleError(str(exc)) from None
+
+
+def check_compatible(policy: Path, reference: Path, *, end_of_turn: str | None = None) -> PolicyType:
+    """Refuse a policy/reference pair the reward cannot compare, naming every difference; return the policy type."""
+    _check_model(reference, "reference")
+    _check_model(policy, "policy")
+    if detect_policy_type(reference) == "lora":
+        raise BundleError(f"reference folder {reference} is a LoRA adapter: the reference must be a full model")
+    policy_type = detect_policy_type(policy)
+    ref_tok = tokenizer_facts(reference)
+    if ref_tok is None:
+        raise BundleError(
+            f"reference folder {reference} has no tokenizer.json: the bundle's tokenizer comes from the reference "
+            "(re-save it with AutoTokenizer.from_pretrained(path).save_pretrained(path) to write one)"
+        )
+    ref_images = image_settings(reference)
+    if ref_images is None:
+        raise BundleError(
+            f"reference folder {reference} has no image processor (processor_config.json or "
+            "preprocessor_config.json): the bundle's processor comes from the reference"
+        )
+    problems: list[str] = []
+    policy_tok = tokenizer_facts(policy)
+    if policy_tok is not None:
+        problems += [f"tokenizer {p}" for p in tokenizer_differences(policy_tok, ref_tok)]
+    policy_images = image_settings(policy)
+    if policy_images is not None:
+        problems += [f"image preprocessing {p}" for p in settings_differences(policy_images, ref_images)]
+    if policy_type == "lora":
+        problems += [f"LoRA base {p}" for p in lora_shape_problems(policy, reference)]
+    if problems:
+        kind = "LoRA adapter" if policy_type == "lora" else "model"
+        raise BundleError(
+            f"policy {kind} {policy} and reference {reference} are not compatible: the reward compares log-probs "
+            "of the same tokens for the same image features, so both must share tokenizer and image preprocessing "
+            "(and a LoRA adapter must fit the reference's weights)\n  - " + "\n  - ".join(problems)
+        )
+    if end_of_turn is not None and end_of_turn not in ref_tok.tokens:
+        raise BundleError(
+            f"end-of-turn token {end_of_turn!r} is not in the reference's vocabulary of {ref_tok.size} tokens "
+            f"(its special tokens: {', '.join(sorted(set(ref_tok.special.values())))})"
+        )
+    return policy_type
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _prepare_output(output: Path, sources: list[Path], *, copy: bool, force: bool) -> None:
+    for source in sources:
+        if _inside(output, source):
+            raise BundleError(f"output folder {output} is inside the model folder {source}: choose another output")
+        if _inside(source, output) and not copy:
+            raise BundleError(
+                f"model folder {source} is inside the output folder {output}: a linked bundle would point into "
+                "the folder it replaces; use --copy or another output"
+            )
+    if output.exists() and not output.is_dir():
+        raise BundleError(f"output {output} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise BundleError(f"output folder {output} is not empty: choose another output or pass --force to replace it")
+
+
+def _rlaifv_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rlaifv")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def create_bundle(
+    output: str | Path,
+    *,
+    policy: str | Path,
+    reference: str | Path,
+    beta: float = 0.1,
+    normalize: Normalize = "mean",
+    end_of_turn: str | None = None,
+    name: str = "rlaifv",
+    copy: bool = True,
+    force: bool = False,
+) -> BundleManifest:
+    """Validate a policy/reference pair and write it as a bundle, or write nothing and raise `BundleError`.
+
+    The bundle is assembled in a temporary sibling folder and moved into place only
+    when complete, so a failed copy never leaves a half-written bundle (or, with
+    `force`, destroys the old one). `copy=False` records absolute paths instead, for
+    models kept on shared storage.
+    """
+    output = Path(output).expanduser().absolute()
+    policy_path, reference_path = Path(policy).expanduser().resolve(), Path(reference).expanduser().resolve()
+    try:
+        BundleManifest(
+            name=name, policy="policy", reference="reference", beta=beta, normalize=normalize, end_of_turn=end_of_turn
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise BundleError(f"invalid bundle settings: {problems}") from None
+    policy_type = check_compatible(policy_path, reference_path, end_of_turn=end_of_turn)
+    _prepare_output(output, [policy_path, reference_path], copy=copy, force=force)
+    provenance = {
+        "created_by": CREATED_BY,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "policy_source": str(policy_path),
+        "reference_source": str(reference_path),
+        "rlaifv_version": _rlaifv_version(),
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        write_bundle(
+            staging,
+            policy=policy_path,
+            reference=reference_path,
+            policy_type=policy_type,
+            reward=RewardConfig(beta=beta, normalize=normalize),
+            name=name,
+            end_of_turn=end_of_turn,
+            provenance=provenance,
+            copy=copy,
+        )
+        manifest = read_manifest(staging)
+        if output.exists():
+            retired = output.with_name(staging.name + ".old")
+            output.rename(retired)
+            try:
+                staging.rename(output)
+            except OSError:
+                retired.rename(output)
+                raise
+            shutil.rmtree(retired)
+        else:
+            staging.rename(output)
+    except OSError as exc:
+        raise BundleError(f"cannot write bundle {output}: {exc}") from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+class ModelSummary(BaseModel):
+    """One model folder of a bundle, from its configs and safetensors headers."""
+
+    path: str
+    stored: Literal["copied", "linked"] = Field(description="'linked': the manifest holds an absolute path.")
+    kind: PolicyType
+    model_type: str | None = None
+    architecture: str | None = None
+    parameters: int | None = Field(
+        None, description="Tensor elements in the safetensors files (adapter only for LoRA)."
+    )
+    dtypes: list[str] = Field(default_factory=list)
+    tokenizer_vocab_size: int | None = None
+    lora_rank: int | None = None
+    lora_base: str | None = Field(None, description="base_model_name_or_path recorded by PEFT.")
+
+
+class BundleDescription(BaseModel):
+    """What `rlaifv bundle inspect` shows."""
+
+    folder: str
+    name: str
+    policy_type: PolicyType
+    beta: float
+    normalize: Normalize
+    end_of_turn: str | None
+    policy: ModelSummary
+    reference: ModelSummary
+    provenance: dict[str, Any]
+
+
+def summarize_model(folder: Path, *, linked: bool) -> ModelSummary:
+    kind = detect_policy_type(folder)
+    tensors = safetensors_headers(folder)
+    summary = ModelSummary(
+        path=str(folder),
+        stored="linked" if linked else "copied",
+        kind=kind,
+        parameters=sum(prod(t.get("shape") or []) for t in tensors.values()) if tensors else None,
+        dtypes=sorted({str(t.get("dtype")) for t in tensors.values()}),
+    )
+    if kind == "lora":
+        adapter = _read_json(folder / "adapter_config.json")
+        base_class = (adapter.get("auto_mapping") or {}).get("base_model_class")
+        summary.model_type = f"{str(adapter.get('peft_type', 'LORA')).lower()} adapter"
+        summary.architecture = f"LoRA over {base_class}" if base_class else "LoRA"
+        summary.lora_rank = adapter.get("r")
+        summary.lora_base = adapter.get("base_model_name_or_path")
+    elif (folder / "config.json").is_file():
+        config = _read_json(folder / "config.json")
+        summary.model_type = config.get("model_type")
+        summary.architecture = ", ".join(config.get("architectures") or []) or None
+    facts = tokenizer_facts(folder)
+    summary.tokenizer_vocab_size = facts.size if facts else None
+    return summary
+
+
+def describe_bundle(folder: str | Path) -> BundleDescription:
+    """A bundle's settings, models and provenance, without loading any weights."""
+    manifest = read_manifest(folder)
+    models: dict[str, ModelSummary] = {}
+    for role, entry in (("policy", manifest.policy), ("reference", manifest.reference)):
+        path = resolve(folder, entry)
+        if not path.is_dir():
+            raise BundleError(f"bundle {folder}: {role} folder {path} does not exist")
+        models[role] = summarize_model(path.resolve(), linked=Path(entry).expanduser().is_absolute())
+    return BundleDescription(
+        folder=str(Path(folder).resolve()),
+        name=manifest.name,
+        policy_type=manifest.policy_type,
+        beta=manifest.beta,
+        normalize=manifest.normalize,
+        end_of_turn=manifest.end_of_turn,
+        policy=models["policy"],
+        reference=models["reference"],
+        provenance=manifest.provenance,
+    )

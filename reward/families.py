@@ -1,0 +1,197 @@
+"""What each model family needs from the shared-prefix engine: positions and how its vision inputs batch.
+
+The engine runs B prompts' prefixes in one left-padded forward and then
+continues every answer from the prefix's KV cache, passing position ids itself.
+That is exact only when the engine follows the family's own rules:
+
+- positions: most families count 1-D positions over real tokens. Qwen-VL
+  families use 3-axis multimodal rope (mrope): image tokens get (t, h, w) grid
+  positions and text continues from the highest prefix position + 1, which is
+  fewer than the prefix's length. Those positions come from the model's own
+  `get_rope_index`, never from our arithmetic.
+- sequence-aligned inputs (`token_type_ids`, `mm_token_type_ids`) are padded
+  with the ids, on the same side.
+- vision tensors of different shapes (a wide image with more crops or patches
+  than a square one, images of different sizes): families whose model reads
+  the real extent from sizes or masks accept zero padding; for any other, the
+  micro-batch is split into groups of equal shapes, which is exact too.
+
+A model type with mrope that is not registered here is refused at load time:
+its rope-index function may take other inputs, and wrong positions give
+plausible but wrong log-probs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rlaifv.reward.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+
+    from rlaifv.reward.prompt import EncodedPrompt
+
+SEQUENCE_KEYS = frozenset({"token_type_ids", "mm_token_type_ids"})
+ROPE_INDEX_KEYS = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family's rules.
+
+    mrope: positions come from the model's `get_rope_index` (3 axes).
+    pad_vision: per-image tensors of different shapes may be zero-padded to one
+    shape (the model crops them back by `image_sizes` or drops all-zero crops
+    under a pixel mask), so prompts of any image shapes share a micro-batch.
+    verified: covered by the per-family tests (tests/reward/test_families.py).
+    """
+
+    name: str
+    mrope: bool = False
+    pad_vision: bool = False
+    verified: bool = True
+
+
+FAMILIES: dict[str, Family] = {
+    "llava": Family("LLaVA-1.5"),
+    "llava_next": Family("LLaVA-NeXT", pad_vision=True),
+    "qwen2_vl": Family("Qwen2-VL", mrope=True),
+    "qwen2_5_vl": Family("Qwen2.5-VL", mrope=True),
+    "qwen3_vl": Family("Qwen3-VL", mrope=True),
+    "gemma3": Family("Gemma3"),
+    "idefics3": Family("Idefics3", pad_vision=True),
+    "smolvlm": Family("SmolVLM", pad_vision=True),
+    "mistral3": Family("Mistral3 / Pixtral", pad_vision=True, verified=False),  # its processor needs torchvision
+    "internvl": Family("InternVL"),
+}
+
+
+def model_type(model: Any) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "model_type", "") or "")
+
+
+def rope_module(model: Any) -> Any | None:
+    """The module holding `get_rope_index` (the base model of a Qwen-VL), through a PEFT wrapper if any."""
+    candidates = [model, getattr(model, "model", None)]
+    if hasattr(model, "get_base_model"):
+        base = model.get_base_model()
+        candidates += [base, getattr(base, "model", None)]
+    for module in candidates:
+        if module is not None and callable(getattr(module, "get_rope_index", None)):
+            return module
+    return None
+
+
+def family_of(model: Any) -> Family:
+    """The rules for `model`; unknown 1-D families get the safe defaults, unknown mrope ones are refused."""
+    kind = model_type(model)
+    if kind in FAMILIES:
+        return FAMILIES[kind]
+    if rope_module(model) is not None:
+        known = ", ".join(sorted(k for k, f in FAMILIES.items() if f.mrope))
+        raise ModelLoadError(
+            f"model type {kind!r} uses multimodal rope positions that this engine has not been verified for"
+            f" (verified: {known}); serving it would give wrong log-probs"
+        )
+    return Family(kind or "unknown", verified=False)
+
+
+def vision_signature(prompt: EncodedPrompt) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Shapes of a prompt's per-image tensors past the first axis: prompts with equal signatures concatenate."""
+    return tuple(
+        sorted((key, tuple(value.shape[1:])) for key, value in prompt.vision.items() if key not in SEQUENCE_KEYS)
+    )
+
+
+def batch_groups(prompts: Sequence[EncodedPrompt], family: Family) -> list[list[int]]:
+    """Indices of prompts that can share one forward; one group unless shapes differ and padding is not allowed."""
+    if family.pad_vision or len(prompts) < 2:
+        return [list(range(len(prompts)))]
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        groups.setdefault(vision_signature(prompt), []).append(index)
+    return list(groups.values())
+
+
+def stack_vision(
+    prompts: Sequence[EncodedPrompt], width: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The prompts' processor outputs as one batch, the sequence-aligned ones left-padded to `width`.
+
+    Per-image tensors are concatenated on their first axis, zero-padded on the
+    others to the largest shape (callers group prompts whose family cannot take
+    that: `batch_groups`).
+    """
+    import torch
+
+    keys = sorted({key for p in prompts for key in p.vision})
+    vision: dict[str, torch.Tensor] = {}
+    for key in keys:
+        parts = [p.vision[key] for p in prompts if key in p.vision]
+        if key in SEQUENCE_KEYS:
+            padded = parts[0].new_zeros((len(prompts), width))
+            for row, prompt in enumerate(prompts):
+                values = prompt.vision.get(key)
+                if values is not None:
+                    padded[row, width - values.shape[-1] :] = values.reshape(-1)
+            vision[key] = padded.to(device)
+            continue
+        shape = [max(part.shape[d] for part in parts) for d in range(1, parts[0].dim())]
+        if any(list(part.shape[1:]) != shape for part in parts):
+            parts = [_zero_pad(part, shape) for part in parts]
+        tensor = torch.cat(parts, dim=0).to(device)
+        vision[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return vision
+
+
+def _zero_pad(tensor: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    if list(tensor.shape[1:]) == shape:
+        return tensor
+    out = tensor.new_zeros((tensor.shape[0], *shape))
+    out[(slice(None), *(slice(0, size) for size in tensor.shape[1:]))] = tensor
+    return out
+
+
+def prefix_positions(
+    model: Any, family: Family, input_ids: torch.Tensor, mask: torch.Tensor, vision: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids of a left-padded prefix batch, and each row's next position (the first answer token's).
+
+    1-D: (B, L) counting real tokens. mrope: (3, B, L) from the model's
+    `get_rope_index`; the next position is the highest one + 1.
+    """
+    if not family.mrope:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return positions, mask.sum(-1)
+    module = rope_module(model)
+    if module is None:  # pragma: no cover - registry says mrope, model disagrees
+        raise ModelLoadError(f"{family.name} model has no get_rope_index")
+    kwargs = {key: vision[key] for key in ROPE_INDEX_KEYS if key in vision}
+    if "mm_token_type_ids" not in kwargs:
+        kwargs["mm_token_type_ids"] = input_ids.new_zeros(input_ids.shape)
+    positions, _ = module.get_rope_index(input_ids=input_ids, attention_mask=mask, **kwargs)
+    positions = positions.to(input_ids.device)
+    return positions, positions.amax(dim=(0, 2)) + 1
+
+
+def continue_positions(family: Family, start: torch.Tensor, width: int) -> torch.Tensor:
+    """Positions of `width` tokens after the prefix, per row from `start` (rows,): (rows, T), or (3, rows, T)."""
+    import torch
+
+    positions = start[:, None] + torch.arange(width, device=start.device)[None, :]
+    return positions.unsqueeze(0).expand(3, -1, -1) if family.mrope else positions
+
+
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "batch_groups",
+    "continue_positions",
+    "family_of",
+    "prefix_positions",
+    "stack_vision",
+]

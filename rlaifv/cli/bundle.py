@@ -1,0 +1,135 @@
+"""`rlaifv bundle create|inspect`: bundles from one's own models, and what a bundle holds.
+
+The logic lives in `rlaifv.reward.bundle_create`; this module only parses options and prints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from rlaifv.reward.bundle import BundleManifest
+from rlaifv.reward.scoring import Normalize
+
+if TYPE_CHECKING:
+    from rlaifv.reward.bundle_create import BundleDescription, ModelSummary
+
+bundle_app = typer.Typer(
+    help="Make a bundle from a policy and a reference model folder, or inspect one.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+_DEFAULTS = BundleManifest.model_fields
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    return typer.Exit(1)
+
+
+@bundle_app.command("create")
+def create(
+    policy: Annotated[
+        Path, typer.Option(help="Policy: a full model folder, or a PEFT LoRA adapter folder (adapter_config.json).")
+    ],
+    reference: Annotated[Path, typer.Option(help="Reference model folder (the LoRA base; holds the processor).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to write.")],
+    beta: Annotated[float, typer.Option(help="Reward beta.")] = _DEFAULTS["beta"].default,
+    normalize: Annotated[
+        Normalize, typer.Option(help="'mean' divides the reward by the answer's token count; 'sum' does not.")
+    ] = _DEFAULTS["normalize"].default,
+    end_of_turn: Annotated[
+        str | None, typer.Option(help="Token closing an assistant turn (default: the tokenizer's EOS).")
+    ] = None,
+    name: Annotated[str, typer.Option(help="Model name the service advertises.")] = _DEFAULTS["name"].default,
+    copy: Annotated[
+        bool,
+        typer.Option(
+            "--copy/--link",
+            help="Copy the model folders into the bundle, or record their absolute paths (shared model storage).",
+        ),
+    ] = True,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+) -> None:
+    """Check that policy and reference share tokenizer and image preprocessing, then write the bundle."""
+    from rlaifv.reward.bundle_create import create_bundle, describe_bundle
+    from rlaifv.reward.errors import RewardError
+
+    try:
+        create_bundle(
+            output,
+            policy=policy,
+            reference=reference,
+            beta=beta,
+            normalize=normalize,
+            end_of_turn=end_of_turn,
+            name=name,
+            copy=copy,
+            force=force,
+        )
+        description = describe_bundle(output)
+    except RewardError as exc:
+        raise _fail(exc) from None
+    typer.secho(f"wrote bundle {output}", fg=typer.colors.GREEN)
+    typer.echo(render(description))
+
+
+@bundle_app.command("inspect")
+def inspect(
+    folder: Annotated[Path, typer.Argument(help="Bundle folder (holds rlaifv.json).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Show a bundle's settings, models (read from configs and safetensors headers, no weights loaded), provenance."""
+    from rlaifv.reward.bundle_create import describe_bundle
+    from rlaifv.reward.errors import RewardError
+
+    try:
+        description = describe_bundle(folder)
+    except RewardError as exc:
+        raise _fail(exc) from None
+    typer.echo(description.model_dump_json(indent=2) if as_json else render(description))
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n:,} ({n / size:.1f}{unit})"
+    return f"{n:,}"
+
+
+def _model_lines(role: str, model: ModelSummary) -> list[str]:
+    lines = [
+        f"{role}:",
+        f"  path          {model.path} ({model.stored})",
+        f"  model_type    {model.model_type or 'unknown'}",
+        f"  architecture  {model.architecture or 'unknown'}",
+        f"  parameters    {_count(model.parameters)}" + (f"  [{', '.join(model.dtypes)}]" if model.dtypes else ""),
+        f"  vocab size    {model.tokenizer_vocab_size if model.tokenizer_vocab_size is not None else '(no tokenizer)'}",
+    ]
+    if model.kind == "lora":
+        lines.append(f"  LoRA rank     {model.lora_rank}  (base recorded by PEFT: {model.lora_base})")
+    return lines
+
+
+def render(description: BundleDescription) -> str:
+    """The text form of `rlaifv bundle inspect`."""
+    lines = [
+        f"bundle        {description.folder}",
+        f"name          {description.name}",
+        f"policy type   {description.policy_type}",
+        f"beta          {description.beta}",
+        f"normalize     {description.normalize}",
+        f"end_of_turn   {description.end_of_turn or '(tokenizer EOS)'}",
+        *_model_lines("policy", description.policy),
+        *_model_lines("reference", description.reference),
+        "provenance:",
+    ]
+    provenance = json.dumps(description.provenance, indent=2, sort_keys=True, default=str)
+    lines += ["  " + line for line in provenance.splitlines()]
+    return "\n".join(lines)

@@ -1,0 +1,629 @@
+"""Tiny random-weight vision-language models of real Hugging Face families, built offline.
+
+Each builder assembles a family's own config, model and processor classes at toy sizes, with a
+word-level tokenizer that carries the family's real special tokens and a chat template in the
+family's real format, and saves everything to a folder that loads through `from_pretrained`.
+They exist so that the reward service's per-family code paths (prompt layout, image-token
+expansion, extra processor outputs) run in tests without hub access or real weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rlaifv.trainer.shapes.tiny_vlm import DEFAULT_WORDS, PUNCTUATION
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+FAMILIES: tuple[str, ...] = (
+    "qwen2_vl",
+    "llava_next",
+    "idefics3",
+    "gemma3",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "mistral3",
+    "smolvlm",
+    "internvl",
+    "llava",
+)
+
+SPACE = "▁"
+UNK_TOKEN = "<unk>"
+TEMPLATE_WORDS = ("user", "assistant", "system", "model", "you", "are", "helpful", "USER", "ASSISTANT")
+TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 1024,
+}
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+QWEN_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def build_word_tokenizer(
+    specials: Sequence[str],
+    *,
+    eos: str,
+    pad: str,
+    chat_template: str,
+    bos: str | None = None,
+    add_bos_token: bool = False,
+    named: Mapping[str, str] | None = None,
+    plain: Sequence[str] = ("\n",),
+) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer with a family's special tokens, never split and kept in order.
+
+    Every word exists bare and with the Metaspace "▁" prefix: after a special token the real
+    families tokenize a word without a leading space ("<|im_start|>user"), elsewhere with one, so
+    both forms keep `decode(encode(text))` readable. `plain` tokens (newlines, "[INST]") are added
+    as non-special tokens so that decoding with `skip_special_tokens` keeps them.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    named = dict(named or {})
+    ordered = [UNK_TOKEN, pad, *([bos] if bos else []), eos, *specials, *named.values()]
+    vocab: dict[str, int] = {}
+    for piece in [*ordered, *plain, SPACE, *PUNCTUATION, ":"]:
+        vocab.setdefault(piece, len(vocab))
+    for word in [*DEFAULT_WORDS, *TEMPLATE_WORDS]:
+        for variant in (word, word.capitalize()):
+            vocab.setdefault(variant, len(vocab))
+            vocab.setdefault(SPACE + variant, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first"), pre_tokenizers.Punctuation()]
+    )
+    tok.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="first")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(ordered)])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
+    extra = [t for t in dict.fromkeys(specials) if t not in named.values()]
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=UNK_TOKEN,
+        pad_token=pad,
+        add_bos_token=add_bos_token,
+        add_eos_token=False,
+        extra_special_tokens=named or extra,
+        model_max_length=4096,
+        padding_side="right",
+    )
+    if named and extra:
+        fast.add_special_tokens({"additional_special_tokens": extra})
+    fast.chat_template = chat_template
+    return fast
+
+
+def _ids(tokenizer, *tokens: str) -> list[int]:
+    """Token ids that must exist: a typo in a special token should fail the build, not yield unk."""
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    missing = [t for t, i in zip(tokens, ids, strict=True) if i is None or i == tokenizer.unk_token_id]
+    if missing:
+        raise ValueError(f"tokens missing from the tiny vocabulary: {missing}")
+    return ids
+
+
+def _text_ids(tokenizer) -> dict[str, int | None]:
+    """Text-config kwargs tying the decoder's vocabulary and bos/eos/pad ids to the tokenizer."""
+    return {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _image_only(processor_cls: type) -> type:
+    """`processor_cls` accepting `video_processor=None`: video processors need torchvision, absent here."""
+
+    def check_argument_for_proper_class(self, argument_name: str, argument: Any):
+        if argument is None and argument_name == "video_processor":
+            return None
+        return processor_cls.check_argument_for_proper_class(self, argument_name, argument)
+
+    return type(
+        processor_cls.__name__, (processor_cls,), {"check_argument_for_proper_class": check_argument_for_proper_class}
+    )
+
+
+def _save_pieces(folder: Path, tokenizer, image_processor, processor_class: str, **init_kwargs: Any) -> None:
+    """Save a processor piece by piece, for processors that cannot be built or saved here.
+
+    Their video processors (or, for Pixtral, the processor module itself) need torchvision and
+    SmolVLM's needs num2words; the files written are those `save_pretrained` would write.
+    """
+    tokenizer.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(tokenizer.chat_template)
+    (folder / "processor_config.json").write_text(
+        json.dumps({"processor_class": processor_class, **init_kwargs}, indent=2, sort_keys=True) + "\n"
+    )
+
+
+def _model(model_cls: type, config, tokenizer, seed: int):
+    """The model with weights fixed by `seed`, and generation stopping at the tokenizer's eos."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+    return model
+
+
+def _chatml(image: str, *, system: str | None = None) -> str:
+    """Qwen's ChatML template, image parts rendered as `image` and a default system turn if `system`."""
+    default_system = (
+        f"{{% if loop.first and message['role'] != 'system' %}}<|im_start|>system\n{system}<|im_end|>\n{{% endif %}}"
+        if system
+        else ""
+    )
+    return (
+        "{% for message in messages %}" + default_system + "<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for content in message['content'] %}"
+        "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+        + image
+        + "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+QWEN_VISION: dict[str, dict[str, Any]] = {
+    "qwen2_vl": {"embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "hidden_size": TEXT["hidden_size"]},
+    "qwen2_5_vl": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": TEXT["hidden_size"],
+        "window_size": 32,
+        "fullatt_block_indexes": [1],
+    },
+    "qwen3_vl": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": TEXT["hidden_size"],
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": [0],
+    },
+}
+
+
+def _qwen(family: str, folder: Path, seed: int):
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: ChatML prompts, 8 px patches merged 2x2, M-RoPE over a 16-wide head.
+
+    Only Qwen2-VL and Qwen2.5-VL templates add the default system turn. Qwen3-VL interleaves its
+    M-RoPE sections, which caps each spatial section at a third of the rotary half (8 here).
+    """
+    import transformers
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    prefix = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}[family]
+    config_cls, model_cls, processor_cls = (
+        getattr(transformers, prefix + suffix) for suffix in ("Config", "ForConditionalGeneration", "Processor")
+    )
+    system = None if family == "qwen3_vl" else "You are a helpful assistant."
+    tokenizer = build_word_tokenizer(
+        QWEN_SPECIALS,
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        chat_template=_chatml("<|vision_start|><|image_pad|><|vision_end|>", system=system),
+    )
+    normalize = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if family == "qwen3_vl" else {}
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=8, temporal_patch_size=2, merge_size=2, min_pixels=32 * 32, max_pixels=96 * 96, **normalize
+    )
+    processor = _image_only(processor_cls)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=tokenizer.chat_template,
+    )
+    rope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]}
+    if family == "qwen3_vl":
+        rope |= {"mrope_section": [4, 2, 2], "mrope_interleaved": True}
+    image, video, start, end = _ids(tokenizer, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    config = config_cls(
+        text_config={**TEXT, **_text_ids(tokenizer), "rope_parameters": rope},
+        vision_config={
+            "depth": 2,
+            "patch_size": 8,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            **QWEN_VISION[family],
+        },
+        image_token_id=image,
+        video_token_id=video,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+    )
+    model = _model(model_cls, config, tokenizer, seed)
+    _save_pieces(folder, tokenizer, image_processor, processor_cls.__name__)
+    return model, processor
+
+
+def _vision(image_size: int, patch_size: int) -> dict[str, Any]:
+    """Vision-tower kwargs shared by the ViT-style towers (CLIP, SigLIP, Idefics3, Pixtral, InternViT)."""
+    return {**VISION, "image_size": image_size, "patch_size": patch_size}
+
+
+LLAVA_NEXT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}[INST] "
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}<image>\n{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    " [/INST]"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ ' ' + content['text'] }}{% endfor %}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+
+def _llava_next(folder: Path, seed: int):
+    """llava-v1.6-mistral layout: "[INST] <image>\\n...[/INST]", the tokenizer (not the template) adds <s>."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+        MistralConfig,
+    )
+    from transformers.models.llava_next import LlavaNextImageProcessorPil
+
+    tokenizer = build_word_tokenizer(
+        (),
+        bos="<s>",
+        eos="</s>",
+        pad="<pad>",
+        add_bos_token=True,
+        named={"image_token": "<image>"},
+        plain=("\n", "[INST]", "[/INST]"),
+        chat_template=LLAVA_NEXT_TEMPLATE,
+    )
+    pinpoints = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
+    )
+    init_kwargs = {"patch_size": 8, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template, **init_kwargs
+    )
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**_vision(32, 8), projection_dim=32),
+        text_config=MistralConfig(**TEXT, **_text_ids(tokenizer)),
+        image_grid_pinpoints=pinpoints,
+        image_token_index=_ids(tokenizer, "<image>")[0],
+        image_seq_length=16,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    model = _model(LlavaNextForConditionalGeneration, config, tokenizer, seed)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}"
+    "{% if line['type'] == 'text' %}{{ line['text'] }}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}"
+    "{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+IDEFICS3_SPECIALS = (
+    "<|im_start|>",
+    "<fake_token_around_image>",
+    "<image>",
+    "<global-img>",
+    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+)
+
+
+def _idefics3(folder: Path, seed: int):
+    """Idefics3-8B-Llama3 layout; 32 px crops of a <=64 px image, 4 tokens per crop after pixel shuffle."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3 import Idefics3ImageProcessorPil
+
+    tokenizer = build_word_tokenizer(
+        IDEFICS3_SPECIALS,
+        bos="<|begin_of_text|>",
+        eos="<end_of_utterance>",
+        pad="<|end_of_text|>",
+        add_bos_token=True,
+        chat_template=IDEFICS3_TEMPLATE,
+    )
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=True, size={"longest_edge": 64}, max_image_size={"longest_edge": 32}
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=tokenizer.chat_template
+    )
+    config = Idefics3Config(
+        vision_config=_vision(32, 8),
+        text_config={"model_type": "llama", **TEXT, **_text_ids(tokenizer)},
+        image_token_id=_ids(tokenizer, "<image>")[0],
+        scale_factor=2,
+    )
+    model = _model(Idefics3ForConditionalGeneration, config, tokenizer, seed)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+def _gemma3(folder: Path, seed: int):
+    """Gemma 3 layout: a 32 px SigLIP image pooled to 4 soft tokens between <start_of_image>/<end_of_image>."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, SiglipVisionConfig
+    from transformers.models.gemma3 import Gemma3ImageProcessorPil
+
+    tokenizer = build_word_tokenizer(
+        ("<eos>", "<start_of_turn>"),
+        bos="<bos>",
+        eos="<end_of_turn>",
+        pad="<pad>",
+        add_bos_token=True,
+        named={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+        chat_template=GEMMA3_TEMPLATE,
+    )
+    image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, do_pan_and_scan=False)
+    processor = Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4, chat_template=tokenizer.chat_template
+    )
+    boi, eoi, image = _ids(tokenizer, "<start_of_image>", "<end_of_image>", "<image_soft_token>")
+    config = Gemma3Config(
+        vision_config=SiglipVisionConfig(**_vision(32, 8)),
+        text_config={
+            "model_type": "gemma3_text",
+            **TEXT,
+            **_text_ids(tokenizer),
+            "query_pre_attn_scalar": TEXT["head_dim"],
+            "sliding_window": 512,
+        },
+        mm_tokens_per_image=4,
+        boi_token_index=boi,
+        eoi_token_index=eoi,
+        image_token_index=image,
+    )
+    model = _model(Gemma3ForConditionalGeneration, config, tokenizer, seed)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+MISTRAL3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}[INST]"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}[IMG]{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}[/INST]"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}{{ content['text'] }}{% endfor %}{% endif %}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+
+PIXTRAL_PROCESSOR_KWARGS = {
+    "patch_size": 8,
+    "spatial_merge_size": 2,
+    "image_token": "[IMG]",
+    "image_break_token": "[IMG_BREAK]",
+    "image_end_token": "[IMG_END]",
+}
+
+
+def _mistral3(folder: Path, seed: int):
+    """Mistral-Small-3.1 layout: "<s>[INST][IMG]...[/INST]"; Pixtral rows of [IMG] ended by [IMG_BREAK]/[IMG_END].
+
+    The processor object is not built: `transformers.models.pixtral.processing_pixtral` imports
+    torchvision, so the folder gets its pieces and the builder returns no processor.
+    """
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig
+    from transformers.models.pixtral import PixtralImageProcessorPil
+
+    tokenizer = build_word_tokenizer(
+        ("[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"),
+        bos="<s>",
+        eos="</s>",
+        pad="<pad>",
+        add_bos_token=True,
+        chat_template=MISTRAL3_TEMPLATE,
+    )
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 8, "width": 8})
+    config = Mistral3Config(
+        vision_config={"model_type": "pixtral", **_vision(64, 8), "head_dim": 16},
+        text_config=MistralConfig(**TEXT, **_text_ids(tokenizer)),
+        image_token_index=_ids(tokenizer, "[IMG]")[0],
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    model = _model(Mistral3ForConditionalGeneration, config, tokenizer, seed)
+    _save_pieces(folder, tokenizer, image_processor, "PixtralProcessor", **PIXTRAL_PROCESSOR_KWARGS)
+    return model, None
+
+
+def _smolvlm(folder: Path, seed: int):
+    """SmolVLM-Instruct layout (Idefics3 prompt, SmolLM2 tokens: <|im_start|> is bos, nothing added by the tokenizer).
+
+    The processor object is not built: SmolVLMProcessor refuses to start without num2words.
+    """
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers.models.smolvlm import SmolVLMImageProcessorPil
+
+    tokenizer = build_word_tokenizer(
+        tuple(t for t in IDEFICS3_SPECIALS if t != "<|im_start|>"),
+        bos="<|im_start|>",
+        eos="<end_of_utterance>",
+        pad="<|im_end|>",
+        chat_template=IDEFICS3_TEMPLATE,
+    )
+    image_processor = SmolVLMImageProcessorPil(
+        do_image_splitting=True, size={"longest_edge": 64}, max_image_size={"longest_edge": 32}
+    )
+    config = SmolVLMConfig(
+        vision_config=_vision(32, 8),
+        text_config={"model_type": "llama", **TEXT, **_text_ids(tokenizer)},
+        image_token_id=_ids(tokenizer, "<image>")[0],
+        scale_factor=2,
+    )
+    model = _model(SmolVLMForConditionalGeneration, config, tokenizer, seed)
+    _save_pieces(folder, tokenizer, image_processor, "SmolVLMProcessor", image_seq_len=4)
+    return model, None
+
+
+def _internvl(folder: Path, seed: int):
+    """InternVL3-hf layout: ChatML with "<img><IMG_CONTEXT>*n</img>" per 32 px tile, 4 tokens a tile."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers.models.got_ocr2 import GotOcr2ImageProcessorPil
+
+    named = {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    }
+    tokenizer = build_word_tokenizer(
+        QWEN_SPECIALS,
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        named=named,
+        chat_template=_chatml("<IMG_CONTEXT>\n"),
+    )
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4
+    )
+    processor = _image_only(InternVLProcessor)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=None,
+        image_seq_length=4,
+        chat_template=tokenizer.chat_template,
+    )
+    config = InternVLConfig(
+        vision_config={**_vision(32, 8), "image_size": [32, 32], "patch_size": [8, 8]},
+        text_config={"model_type": "qwen2", **TEXT, **_text_ids(tokenizer)},
+        image_token_id=_ids(tokenizer, "<IMG_CONTEXT>")[0],
+        image_seq_length=4,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    model = _model(InternVLForConditionalGeneration, config, tokenizer, seed)
+    _save_pieces(folder, tokenizer, image_processor, "InternVLProcessor", image_seq_length=4)
+    return model, processor
+
+
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def _llava(folder: Path, seed: int):
+    """llava-1.5-hf layout: "USER: <image>\\n... ASSISTANT:", a 32 px CLIP tile = 16 tokens; <s> from the tokenizer."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    tokenizer = build_word_tokenizer(
+        (),
+        bos="<s>",
+        eos="</s>",
+        pad="<pad>",
+        add_bos_token=True,
+        named={"image_token": "<image>"},
+        chat_template=LLAVA_TEMPLATE,
+    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tokenizer.chat_template,
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**_vision(32, 8), projection_dim=32),
+        text_config=LlamaConfig(**TEXT, **_text_ids(tokenizer)),
+        image_token_index=_ids(tokenizer, "<image>")[0],
+        image_seq_length=16,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    model = _model(LlavaForConditionalGeneration, config, tokenizer, seed)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+BUILDERS: dict[str, Callable[[Path, int], tuple[Any, Any]]] = {
+    "qwen2_vl": partial(_qwen, "qwen2_vl"),
+    "qwen2_5_vl": partial(_qwen, "qwen2_5_vl"),
+    "qwen3_vl": partial(_qwen, "qwen3_vl"),
+    "llava_next": _llava_next,
+    "idefics3": _idefics3,
+    "gemma3": _gemma3,
+    "smolvlm": _smolvlm,
+    "mistral3": _mistral3,
+    "internvl": _internvl,
+    "llava": _llava,
+}
+
+
+def _build(name: str, folder: str | Path, *, seed: int = 0) -> tuple[Any, Any]:
+    """Build family `name` into `folder`; return the in-memory (model, processor) as well, for checks."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown tiny family {name!r}; known: {', '.join(BUILDERS)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model, processor = BUILDERS[name](folder, seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "tiny_family.json").write_text(json.dumps({"family": name, "seed": seed}) + "\n")
+    return model, processor
+
+
+def build_tiny_family(name: str, folder: str | Path, *, seed: int = 0) -> Path:
+    """Create tiny random-weight family `name` (one of `FAMILIES`) in `folder` and return its path."""
+    _build(name, folder, seed=seed)
+    return Path(folder)

@@ -1,0 +1,239 @@
+"""`rlaifv bundle create|inspect`: bundles from one's own folders load and score, incompatible pairs are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from rlaifv.reward import BundleError, load_bundle
+from rlaifv.reward.bundle import MANIFEST, load_pair, read_manifest
+from rlaifv.reward.bundle_create import create_bundle, describe_bundle
+from rlaifv.trainer.shapes.tiny_vlm import TinyVLMSpec, build_tiny_vlm, perturb_copy, random_lora
+
+QUESTION = "What is in the image?"
+ANSWERS = ["a red circle.", "a blue square and a cat."]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sources")
+    reference = build_tiny_vlm(root / "reference")
+    return {
+        "reference": reference,
+        "policy": perturb_copy(reference, root / "policy"),
+        "lora": random_lora(reference, root / "lora"),
+        "other_words": build_tiny_vlm(root / "other_words", TinyVLMSpec(words=("other", "words", "entirely"))),
+        "big_images": build_tiny_vlm(root / "big_images", TinyVLMSpec(image_size=64)),
+        "narrow": build_tiny_vlm(root / "narrow", TinyVLMSpec(text_hidden=32, text_heads=2, text_kv_heads=1)),
+    }
+
+
+def _image() -> Image.Image:
+    return Image.new("RGB", (32, 32), (200, 0, 0))
+
+
+def _rewards(pair) -> list[float]:
+    return pair.score(_image(), QUESTION, ANSWERS).rewards
+
+
+def _weights(folder: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            total += sum(handle.get_tensor(key).numel() for key in handle.keys())  # noqa: SIM118
+    return total
+
+
+def test_copied_bundle_scores_like_its_sources(models, tmp_path):
+    out = tmp_path / "bundle"
+    manifest = create_bundle(
+        out, policy=models["policy"], reference=models["reference"], beta=0.25, normalize="sum", name="mine"
+    )
+    assert (manifest.policy, manifest.reference, manifest.policy_type) == ("policy", "reference", "full")
+    assert (out / "policy" / "model.safetensors").read_bytes() == (models["policy"] / "model.safetensors").read_bytes()
+    assert read_manifest(out) == manifest
+    provenance = manifest.provenance
+    assert provenance["created_by"] == "rlaifv bundle create"
+    assert provenance["policy_source"] == str(models["policy"].resolve())
+    assert provenance["reference_source"] == str(models["reference"].resolve())
+    assert provenance["rlaifv_version"] and provenance["created_at"].startswith("20")
+
+    pair = load_bundle(out)
+    assert (pair.name, pair.reward.beta, pair.reward.normalize) == ("mine", 0.25, "sum")
+    direct = load_pair(models["policy"], models["reference"], reward=manifest.reward)
+    rewards = _rewards(pair)
+    assert rewards == pytest.approx(_rewards(direct), abs=1e-6)
+    assert rewards[0] != pytest.approx(0.0, abs=1e-6)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "the staging folder was left behind"
+
+
+def test_linked_bundle_points_at_the_sources(models, tmp_path):
+    out = tmp_path / "linked"
+    manifest = create_bundle(out, policy=models["policy"], reference=models["reference"], copy=False)
+    assert manifest.policy == str(models["policy"].resolve())
+    assert manifest.reference == str(models["reference"].resolve())
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST]
+    copied = create_bundle(tmp_path / "copied", policy=models["policy"], reference=models["reference"])
+    assert copied.provenance["policy_source"] == manifest.provenance["policy_source"]
+    assert _rewards(load_bundle(out)) == pytest.approx(_rewards(load_bundle(tmp_path / "copied")), abs=1e-7)
+    assert describe_bundle(out).policy.stored == "linked"
+
+
+def test_lora_policy_is_detected_and_scores(models, tmp_path):
+    out = tmp_path / "lora"
+    manifest = create_bundle(out, policy=models["lora"], reference=models["reference"], end_of_turn="</s>")
+    assert (manifest.policy_type, manifest.end_of_turn) == ("lora", "</s>")
+    assert (out / "policy" / "adapter_config.json").is_file()
+    rewards = _rewards(load_bundle(out))
+    assert len(rewards) == 2 and rewards[0] != pytest.approx(0.0, abs=1e-6)
+
+
+def _refusal(tmp_path: Path, **kwargs) -> str:
+    out = tmp_path / "refused"
+    with pytest.raises(BundleError) as info:
+        create_bundle(out, **kwargs)
+    assert not out.exists(), "a refused bundle must write nothing"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    return str(info.value)
+
+
+def test_refuses_a_different_tokenizer(models, tmp_path):
+    message = _refusal(tmp_path, policy=models["other_words"], reference=models["reference"])
+    assert "not compatible" in message
+    assert "tokenizer vocabulary: policy has 25 tokens, reference 125" in message
+    assert "'▁USER': 20 vs 120" in message
+    assert "'▁Other'" in message and "only in reference: '▁A'" in message
+
+
+def test_refuses_a_different_image_size(models, tmp_path):
+    message = _refusal(tmp_path, policy=models["big_images"], reference=models["reference"])
+    assert "image preprocessing image_processor.crop_size.height: policy 64, reference 32" in message
+    assert "image_processor.size.shortest_edge: policy 64, reference 32" in message
+    assert "tokenizer" not in message.split("\n", 1)[1]
+
+
+def test_refuses_a_lora_adapter_whose_tokenizer_differs(models, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(models["lora"], adapter)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(models["other_words"] / name, adapter / name)
+    message = _refusal(tmp_path, policy=adapter, reference=models["reference"])
+    assert "policy LoRA adapter" in message and "tokenizer vocabulary" in message
+
+
+def test_refuses_a_lora_adapter_made_on_another_base(models, tmp_path):
+    message = _refusal(tmp_path, policy=models["lora"], reference=models["narrow"])
+    assert "LoRA base model.language_model.layers.0.self_attn.q_proj: the adapter's input size is 64, " in message
+    assert "layers.0.self_attn.o_proj: the adapter's output size is 64, the reference's is 32" in message
+    assert "... and 7 more LoRA matrices" in message  # 2 layers x (q, v, o) x (A, B) = 12, 5 shown
+
+
+def test_refuses_an_unknown_end_of_turn(models, tmp_path):
+    message = _refusal(tmp_path, policy=models["policy"], reference=models["reference"], end_of_turn="<|im_end|>")
+    assert "end-of-turn token '<|im_end|>' is not in the reference's vocabulary of 125 tokens" in message
+
+
+def test_refuses_bad_settings(models, tmp_path):
+    message = _refusal(tmp_path, policy=models["policy"], reference=models["reference"], beta=0.0)
+    assert "beta" in message
+
+
+def test_refuses_a_non_empty_output_unless_forced(models, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(BundleError, match=r"is not empty: .* --force"):
+        create_bundle(out, policy=models["policy"], reference=models["reference"])
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    create_bundle(out, policy=models["policy"], reference=models["reference"], force=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, "policy", "reference"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_refuses_an_output_inside_a_source(models, tmp_path):
+    source = tmp_path / "policy"
+    shutil.copytree(models["policy"], source)
+    with pytest.raises(BundleError, match="is inside the model folder"):
+        create_bundle(source / "bundle", policy=source, reference=models["reference"])
+    assert not (source / "bundle").exists()
+
+
+def test_an_empty_output_folder_is_fine(models, tmp_path):
+    (tmp_path / "empty").mkdir()
+    create_bundle(tmp_path / "empty", policy=models["policy"], reference=models["reference"])
+    assert (tmp_path / "empty" / MANIFEST).is_file()
+
+
+def test_describe_counts_parameters_from_headers(models, tmp_path):
+    out = tmp_path / "described"
+    create_bundle(out, policy=models["lora"], reference=models["reference"])
+    description = describe_bundle(out)
+    assert description.reference.parameters == _weights(models["reference"])
+    assert description.policy.parameters == _weights(models["lora"])
+    assert (description.reference.model_type, description.reference.architecture) == (
+        "llava",
+        "LlavaForConditionalGeneration",
+    )
+    assert description.reference.tokenizer_vocab_size == 125
+    assert (description.policy.kind, description.policy.lora_rank) == ("lora", 4)
+    assert description.policy.tokenizer_vocab_size is None
+
+
+def test_cli_create_and_inspect(models, tmp_path):
+    from rlaifv.cli.main import app
+
+    runner = CliRunner()
+    out = tmp_path / "cli-bundle"
+    args = ["bundle", "create", "--policy", str(models["policy"]), "--reference", str(models["reference"])]
+    result = runner.invoke(
+        app, [*args, "-o", str(out), "--beta", "0.3", "--normalize", "sum", "--name", "cli", "--link"]
+    )
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert (manifest.beta, manifest.normalize, manifest.name) == (0.3, "sum", "cli")
+    assert manifest.policy == str(models["policy"].resolve())
+
+    text = runner.invoke(app, ["bundle", "inspect", str(out)])
+    assert text.exit_code == 0, text.output
+    params = _weights(models["reference"])
+    assert "name          cli" in text.output and "policy type   full" in text.output
+    assert f"parameters    {params:,}" in text.output
+    assert "vocab size    125" in text.output and "(linked)" in text.output
+    assert '"created_by": "rlaifv bundle create"' in text.output
+
+    as_json = runner.invoke(app, ["bundle", "inspect", str(out), "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    data = json.loads(as_json.output)
+    assert data["policy"]["parameters"] == _weights(models["policy"]) == params
+    assert (data["beta"], data["normalize"], data["policy_type"]) == (0.3, "sum", "full")
+    assert data["reference"]["path"] == str(models["reference"].resolve())
+    assert data["provenance"]["created_by"] == "rlaifv bundle create"
+
+
+def test_cli_refusals_exit_1_with_the_reason(models, tmp_path):
+    from rlaifv.cli.main import app
+
+    runner = CliRunner()
+    args = ["bundle", "create", "--policy", str(models["big_images"]), "--reference", str(models["reference"])]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "x")])
+    assert result.exit_code == 1
+    assert "image_processor.crop_size.height: policy 64, reference 32" in result.output
+    missing = runner.invoke(app, ["bundle", "inspect", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "does not exist" in missing.output

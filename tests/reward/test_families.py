@@ -1,0 +1,160 @@
+"""Every supported model family gives exact log-probs through the shared-prefix engine.
+
+Tiny random-weight models of each family, built offline from the family's own
+config and processor classes (`rlaifv.testing.tiny_families`), loaded through
+the same `load_model` / `load_processor` path as a real checkpoint. The ground
+truth is a plain `model(**inputs)` over prompt + answer, where the model
+computes its own positions (`full_forward_logprobs`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from rlaifv.reward.errors import ModelLoadError
+from rlaifv.reward.families import FAMILIES as RULES
+from rlaifv.reward.families import batch_groups, family_of
+from rlaifv.reward.logprobs import answer_logprobs, continuation_logits, full_forward_logprobs
+from rlaifv.reward.models import has_torchvision, load_model, load_processor
+from rlaifv.reward.prompt import EncodedPrompt, encode_answer, encode_prompt, end_of_turn_id
+from rlaifv.reward.sampling import SamplingParams, sample_answers
+from rlaifv.testing.tiny_families import FAMILIES, build_tiny_family
+
+TOLERANCE = 1e-4
+QUESTION = "Describe the image."
+NEEDS_TORCHVISION = ("mistral3",)  # transformers' Pixtral processor module imports torchvision
+SERVED = [name for name in FAMILIES if has_torchvision() or name not in NEEDS_TORCHVISION]
+
+
+def _images() -> list[list[Image.Image]]:
+    """One square image, one wide image, two images: different crop, patch and token counts in one batch."""
+    return [
+        [Image.new("RGB", (48, 48), (200, 30, 30))],
+        [Image.new("RGB", (96, 40), (30, 180, 60))],
+        [Image.new("RGB", (48, 48), (30, 60, 200)), Image.new("RGB", (56, 56), (220, 200, 30))],
+    ]
+
+
+@pytest.fixture(scope="module", params=SERVED)
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    folder = build_tiny_family(request.param, tmp_path_factory.mktemp(request.param))
+    model = load_model(folder, device="cpu")
+    processor = load_processor(folder)
+    prompts = [encode_prompt(processor, images, QUESTION) for images in _images()]
+    tokenizer = processor.tokenizer
+    eot = end_of_turn_id(tokenizer)
+    answers = [[encode_answer(tokenizer, text, eot_id=eot) for text in ("a red circle.", "two dogs")] for _ in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return {
+        "name": request.param,
+        "folder": folder,
+        "model": model,
+        "processor": processor,
+        "prompts": prompts,
+        "answers": answers,
+        "eot": eot,
+        "pad": pad,
+    }
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return float((a - b).abs().max())
+
+
+def test_the_family_is_registered_with_its_rules(family: dict[str, Any]) -> None:
+    rules = family_of(family["model"])
+    assert rules == RULES[family["name"]]
+    assert rules.mrope == (family["name"].startswith("qwen")), rules
+
+
+@torch.no_grad()
+def test_shared_prefix_batch_equals_a_plain_forward(family: dict[str, Any]) -> None:
+    model, prompts, answers = family["model"], family["prompts"], family["answers"]
+    batched = answer_logprobs(model, prompts, answers, family["pad"])
+    worst = 0.0
+    for b, prompt in enumerate(prompts):
+        alone = answer_logprobs(model, [prompt], [answers[b]], family["pad"])[0]
+        for i, answer in enumerate(answers[b]):
+            truth = full_forward_logprobs(model, prompt, answer)
+            worst = max(worst, _max_diff(batched[b][i], truth), _max_diff(alone[i], truth))
+    print(f"{family['name']}: max abs log-prob difference {worst:.1e}")  # pytest -s -k shared_prefix: the table
+    assert worst < TOLERANCE, f"{family['name']}: max abs log-prob difference {worst:.2e}"
+
+
+@torch.no_grad()
+def test_sampled_logprobs_equal_teacher_forcing_and_do_not_depend_on_the_batch(family: dict[str, Any]) -> None:
+    model, prompts = family["model"], family["prompts"]
+    params = [SamplingParams(seed=7 + b, max_tokens=6) for b in range(len(prompts))]
+    kwargs = {"stop_ids": [family["eot"]], "pad_id": family["pad"]}
+    batched = sample_answers(model, prompts, [2] * len(prompts), params, **kwargs)
+    for b, prompt in enumerate(prompts):
+        alone = sample_answers(model, [prompt], [2], [params[b]], **kwargs)[0]
+        assert [s.token_ids for s in alone] == [s.token_ids for s in batched[b]]
+        for sample in batched[b]:
+            truth = full_forward_logprobs(model, prompt, sample.token_ids)
+            assert _max_diff(sample.logprobs, truth) < TOLERANCE
+
+
+@torch.no_grad()
+def test_continuations_share_the_prefix_exactly(family: dict[str, Any]) -> None:
+    """The yes/no judge's path: next-token logits after prompt ++ continuation."""
+    model, prompts, answers = family["model"], family["prompts"], family["answers"]
+    logits = continuation_logits(model, prompts, answers, family["pad"])
+    probe = family["eot"]
+    for b, prompt in enumerate(prompts):
+        for i, answer in enumerate(answers[b]):
+            extended = EncodedPrompt(torch.cat([prompt.input_ids, torch.tensor(answer)]), prompt.vision)
+            truth = full_forward_logprobs(model, extended, [probe])
+            predicted = torch.log_softmax(logits[b][i], -1)[probe]
+            assert abs(float(predicted) - float(truth[0])) < TOLERANCE
+
+
+def test_prompts_of_different_image_shapes_batch_or_group(family: dict[str, Any]) -> None:
+    """Families that read real extents from sizes or masks pad; others split into groups of equal shapes."""
+    groups = batch_groups(family["prompts"], family_of(family["model"]))
+    if family_of(family["model"]).pad_vision:
+        assert groups == [[0, 1, 2]]
+    assert sorted(i for g in groups for i in g) == [0, 1, 2]
+
+
+def test_the_processor_loads_from_the_saved_folder(family: dict[str, Any]) -> None:
+    processor = load_processor(Path(family["folder"]))
+    again = encode_prompt(processor, _images()[1], QUESTION)
+    assert torch.equal(again.input_ids, family["prompts"][1].input_ids)
+
+
+@pytest.mark.skipif(has_torchvision(), reason="torchvision is installed: the family is served and tested above")
+@pytest.mark.parametrize("name", NEEDS_TORCHVISION)
+def test_a_family_whose_processor_needs_torchvision_is_refused_naming_the_fix(name: str, tmp_path: Path) -> None:
+    folder = build_tiny_family(name, tmp_path / name)
+    with pytest.raises(ModelLoadError, match="install the torchvision release built for torch"):
+        load_processor(folder)
+
+
+@torch.no_grad()
+def test_a_lora_policy_and_its_base_as_reference_are_exact(family: dict[str, Any], tmp_path: Path) -> None:
+    """A LoRA pair: the adapter on gives the policy, off the reference; both through the shared-prefix path."""
+    from rlaifv.reward.models import load_adapter
+    from rlaifv.trainer.shapes.tiny_vlm import random_lora
+
+    adapter = random_lora(family["folder"], tmp_path / "adapter")
+    policy = load_adapter(load_model(family["folder"], device="cpu"), adapter)
+    prompts, answers = family["prompts"], family["answers"]
+    with_adapter = answer_logprobs(policy, prompts, answers, family["pad"])
+    with policy.disable_adapter():
+        without = answer_logprobs(policy, prompts, answers, family["pad"])
+    moved = 0.0
+    for b, prompt in enumerate(prompts):
+        for i, answer in enumerate(answers[b]):
+            assert _max_diff(with_adapter[b][i], full_forward_logprobs(policy, prompt, answer)) < TOLERANCE
+            base = full_forward_logprobs(family["model"], prompt, answer)
+            assert _max_diff(without[b][i], base) < TOLERANCE
+            moved = max(moved, _max_diff(with_adapter[b][i], base))
+    assert moved > 1e-3, "the adapter must change the policy"
