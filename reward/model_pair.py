@@ -30,9 +30,9 @@ from rlaifv.reward.claims import (
 from rlaifv.reward.errors import AnswerError, InvalidInputError
 from rlaifv.reward.families import family_of
 from rlaifv.reward.images import ImageLimits, load_image
-from rlaifv.reward.logprobs import answer_logprobs
+from rlaifv.reward.logprobs import answer_logprobs, continuation_logits
 from rlaifv.reward.prompt import EncodedPrompt, encode_answer, encode_prompt, end_of_turn_id
-from rlaifv.reward.results import Candidate, ClaimCheck, Ranking
+from rlaifv.reward.results import Candidate, ClaimCheck, Ranking, TokenLogprob, TopToken
 from rlaifv.reward.sampling import Sample, SamplingParams, sample_answers
 from rlaifv.reward.scoring import RewardConfig, implicit_reward, select_best
 from rlaifv.reward.yes_no import Labeler, YesNoJudge
@@ -43,7 +43,9 @@ class GenerateTask:
     """Sample `n` answers for one prompt and rank them.
 
     `images` (decoded PIL images of the prompt) are needed only by the
-    'claims' reward mode, which asks the labeler about them.
+    'claims' reward mode, which asks the labeler about them. `top_logprobs`
+    (None: none) asks for each candidate's per-token log-probs with that many
+    alternatives (`Candidate.token_logprobs`).
     """
 
     prompt: EncodedPrompt
@@ -51,6 +53,18 @@ class GenerateTask:
     sampling: SamplingParams
     reward: RewardConfig
     images: list[Any] = field(default_factory=list)
+    top_logprobs: int | None = None
+
+
+@dataclass
+class _Answer:
+    """A sample as the client receives it: cut at a stop string, or the sampled tokens as they are."""
+
+    sample: Sample
+    text: str
+    ids: list[int]
+    truncated: bool
+    policy: torch.Tensor | None = None  # per-token policy log-probs of `ids`
 
 
 @dataclass
@@ -171,8 +185,19 @@ class ModelPair:
         return [encode_answer(self.tokenizer, text, eot_id=self.eot_id, max_tokens=max_tokens) for text in texts]
 
     def decode(self, token_ids: Sequence[int]) -> str:
+        return self.raw_text(token_ids).strip()
+
+    def raw_text(self, token_ids: Sequence[int]) -> str:
+        """The answer's text before stripping: what stop strings are searched in."""
         ids = [t for t in token_ids if t not in self.stop_ids]
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def check_logit_bias(self, bias: dict[int, float], param: str = "logit_bias") -> None:
+        """Biased token ids must be in the tokenizer's vocabulary."""
+        size = len(self.tokenizer)
+        for token in bias:
+            if not 0 <= token < size:
+                raise InvalidInputError(f"token id {token} is not in the vocabulary (0..{size - 1})", param=param)
 
     # -- model work -----------------------------------------------------------
 
@@ -189,8 +214,14 @@ class ModelPair:
         return [[float(t.double().sum()) for t in group] for group in per_token]
 
     def sample(
-        self, prompts: Sequence[EncodedPrompt], counts: Sequence[int], params: Sequence[SamplingParams]
+        self,
+        prompts: Sequence[EncodedPrompt],
+        counts: Sequence[int],
+        params: Sequence[SamplingParams],
+        top_logprobs: Sequence[int] | None = None,
     ) -> list[list[Sample]]:
+        for p in params:
+            self.check_logit_bias(p.logit_bias)
         samples: list[list[Sample]] = sample_answers(
             self.policy,
             prompts,
@@ -199,8 +230,99 @@ class ModelPair:
             stop_ids=self.stop_ids,
             blocked_ids=self.blocked_ids,
             pad_id=self.pad_id,
+            top_logprobs=top_logprobs,
+            decode=self.raw_text,
         )
         return samples
+
+    def _answer(self, sample: Sample, stop: Sequence[str]) -> _Answer:
+        """Cut the text before the first stop string, as OpenAI does; the reward then scores the cut text.
+
+        The cut text is re-tokenized with end-of-turn appended (a finished turn, exactly what /v1/rewards
+        scores for it): the sampled tokens may straddle the cut, so no token prefix spells the text.
+        """
+        raw = self.raw_text(sample.token_ids)
+        cuts = [i for i in (raw.find(s) for s in stop) if i >= 0]
+        if not cuts:
+            return _Answer(sample, raw.strip(), list(sample.token_ids), False, sample.logprobs)
+        text = raw[: min(cuts)].strip()
+        ids = [*self.tokenizer(text, add_special_tokens=False)["input_ids"], self.eot_id] if text else [self.eot_id]
+        return _Answer(sample, text, ids, True)
+
+    @torch.no_grad()
+    def _finish_answers(self, prompts: Sequence[EncodedPrompt], answers: list[list[_Answer]]) -> None:
+        """Policy log-probs of stop-truncated answers by teacher forcing (sampled ones were recorded)."""
+        cut = [[a for a in group if a.truncated] for group in answers]
+        if not any(cut):
+            return
+        forced = answer_logprobs(self.policy, prompts, [[a.ids for a in group] for group in cut], self.pad_id)
+        for group, values in zip(cut, forced, strict=True):
+            for answer, value in zip(group, values, strict=True):
+                answer.policy = value.float().cpu()
+
+    @torch.no_grad()
+    def _token_logprobs(self, prompt: EncodedPrompt, answers: list[_Answer], k: int) -> list[list[TokenLogprob]]:
+        """Per-token raw policy log-probs of each answer (end-of-turn excluded) with the top-k alternatives.
+
+        Alternatives come from the sampler where the answer's prefix is the sampled one (the same context);
+        at positions of a re-tokenized answer where it is not, from a teacher-forced pass.
+        """
+        content = [a.ids[:-1] if a.ids and a.ids[-1] in self.stop_ids else a.ids for a in answers]
+        forced: dict[tuple[int, int], int] = {}
+        continuations: list[list[int]] = []
+        if k:
+            for i, (answer, ids) in enumerate(zip(answers, content, strict=True)):
+                sampled = answer.sample.token_ids
+                for j in range(1, len(ids)):
+                    if not (j < len(sampled) and ids[:j] == sampled[:j]):
+                        forced[(i, j)] = len(continuations)
+                        continuations.append(ids[:j])
+        forced_top: tuple[torch.Tensor, torch.Tensor] | None = None
+        if continuations:
+            logits = continuation_logits(self.policy, [prompt], [continuations], self.pad_id)[0]
+            values, top_ids = logits.float().log_softmax(-1).topk(k, dim=-1)
+            forced_top = (values.cpu(), top_ids.cpu())
+        out = []
+        memo: dict[tuple[int, ...], str] = {}
+        for i, (answer, ids) in enumerate(zip(answers, content, strict=True)):
+            assert answer.policy is not None
+            tokens = []
+            for j, token in enumerate(ids):
+                top: list[TopToken] = []
+                if k:
+                    if (i, j) in forced and forced_top is not None:
+                        values, top_ids = forced_top[0][forced[(i, j)]], forced_top[1][forced[(i, j)]]
+                    else:
+                        assert answer.sample.top_ids is not None and answer.sample.top_logprobs is not None
+                        values, top_ids = answer.sample.top_logprobs[j], answer.sample.top_ids[j]
+                    top = [
+                        TopToken(token=self._token_text(ids, j, int(t), memo), token_id=int(t), logprob=float(v))
+                        for t, v in zip(top_ids.tolist(), values.tolist(), strict=True)
+                    ]
+                tokens.append(
+                    TokenLogprob(
+                        token=self._token_text(ids, j, token, memo),
+                        token_id=token,
+                        logprob=float(answer.policy[j]),
+                        top_logprobs=top,
+                    )
+                )
+            out.append(tokens)
+        return out
+
+    def _token_text(self, ids: Sequence[int], j: int, token: int, memo: dict[tuple[int, ...], str]) -> str:
+        """The text `token` adds at position j: decoded after its predecessor, so word-start spaces survive."""
+        alone = self._decode_one((token,), memo)
+        if j == 0:
+            return alone
+        before = self._decode_one((ids[j - 1],), memo)
+        both = self._decode_one((ids[j - 1], token), memo)
+        return both[len(before) :] if both.startswith(before) else alone
+
+    def _decode_one(self, ids: tuple[int, ...], memo: dict[tuple[int, ...], str]) -> str:
+        if ids not in memo:
+            memo[ids] = str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
+        return memo[ids]
 
     def generate_batch(self, tasks: Sequence[GenerateTask]) -> list[Ranking]:
         """Best-of-N for several prompts: one sampling pass and one reference pass for all."""
@@ -209,23 +331,33 @@ class ModelPair:
                 raise InvalidInputError("n must be at least 1", param="n")
         start = time.perf_counter()
         prompts = [task.prompt for task in tasks]
-        samples = self.sample(prompts, [task.n for task in tasks], [task.sampling for task in tasks])
+        samples = self.sample(
+            prompts,
+            [task.n for task in tasks],
+            [task.sampling for task in tasks],
+            top_logprobs=[task.top_logprobs or 0 for task in tasks],
+        )
         sampled = time.perf_counter()
-        ref = self.sequence_logprobs(prompts, [[s.token_ids for s in group] for group in samples], reference=True)
-        groups = [
-            [
-                self._candidate(
-                    self.decode(s.token_ids),
-                    s.token_ids,
-                    float(s.logprobs.double().sum()),
-                    r,
-                    task.reward,
-                    s.finish_reason,
-                )
-                for s, r in zip(group, ref_group, strict=True)
-            ]
-            for task, group, ref_group in zip(tasks, samples, ref, strict=True)
+        answers = [
+            [self._answer(s, task.sampling.stop) for s in group] for task, group in zip(tasks, samples, strict=True)
         ]
+        self._finish_answers(prompts, answers)
+        ref = self.sequence_logprobs(prompts, [[a.ids for a in group] for group in answers], reference=True)
+        groups = []
+        for task, group, ref_group in zip(tasks, answers, ref, strict=True):
+            candidates = []
+            for a, r in zip(group, ref_group, strict=True):
+                assert a.policy is not None
+                reason = "stop" if a.truncated else a.sample.finish_reason
+                candidates.append(
+                    self._candidate(a.text, a.ids, float(a.policy.double().sum()), r, task.reward, reason)
+                )
+            if task.top_logprobs is not None:
+                for candidate, tokens in zip(
+                    candidates, self._token_logprobs(task.prompt, group, task.top_logprobs), strict=True
+                ):
+                    candidate.token_logprobs = tokens
+            groups.append(candidates)
         scored = time.perf_counter()
         self._apply_claims(tasks, groups)
         timings = {"generate_s": sampled - start, "score_s": scored - sampled}

@@ -17,6 +17,20 @@ class ClaimCheck(BaseModel):
     repeated: bool = Field(description="The claim restates an earlier claim of the same answer (penalised).")
 
 
+class TopToken(BaseModel):
+    """One token of the raw (temperature 1) policy distribution at an answer position."""
+
+    token: str = Field(description="The token's text in context (leading space included).")
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(TopToken):
+    """An answer token with its raw policy log-prob (a term of the reward) and the most likely alternatives."""
+
+    top_logprobs: list[TopToken] = Field(default_factory=list)
+
+
 class Candidate(BaseModel):
     """One answer with its reward and the terms the reward was computed from."""
 
@@ -28,6 +42,9 @@ class Candidate(BaseModel):
     num_tokens: int = Field(description="T: answer tokens scored, end-of-turn included.")
     finish_reason: Literal["stop", "length", "given"] = "given"
     token_ids: list[int] = Field(default_factory=list, exclude=True)
+    token_logprobs: list[TokenLogprob] | None = Field(
+        None, exclude=True, description="Per answer token (end-of-turn excluded), when the task asked for them."
+    )
     claims: list[ClaimCheck] | None = Field(None, description="Per-claim verdicts when the 'claims' reward was used.")
 
 

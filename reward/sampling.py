@@ -5,13 +5,16 @@ copies the prompt N times *before* prefill, so the image+prompt prefix would be
 encoded N times. Here each prefix runs once, its KV cache is forked N ways
 into buffers that grow in place (`reward.kv_cache`), finished rows are dropped
 from the batch, and the log-prob of every sampled
-token under the *raw* model distribution (temperature 1, no top-p/top-k) is
-kept, so the policy term of the reward needs no second pass.
+token under the *raw* model distribution (temperature 1, no top-p/top-k, no
+penalties or logit bias) is kept, so the policy term of the reward needs no
+second pass. OpenAI's presence/frequency penalties and logit_bias shape only
+the distribution tokens are drawn from; stop strings end a row early (the
+caller cuts the text).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,15 +36,37 @@ class SamplingParams(BaseModel):
     top_k: int = Field(0, ge=0, description="0 disables top-k.")
     max_tokens: int = Field(64, ge=1, description="Maximum new tokens per answer, end-of-turn included.")
     seed: int | None = Field(None, description="Seed for reproducible samples; random when omitted.")
+    stop: tuple[str, ...] = Field(
+        (), description="Stop strings: a sample ends at the step whose text first contains one (OpenAI `stop`)."
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Subtracted from the logit of every token already sampled in this answer."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Subtracted from a token's logit once per time it was already sampled."
+    )
+    logit_bias: dict[int, float] = Field(
+        default_factory=dict, description="Token id -> added to its logit (-100 bans, +100 forces in practice)."
+    )
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties or biases change the sampling distribution (never the recorded log-probs)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass
 class Sample:
-    """One sampled answer: its tokens (end-of-turn included when generated) and raw log-probs (T,)."""
+    """One sampled answer: its tokens (end-of-turn included when generated) and raw log-probs (T,).
+
+    `top_ids`/`top_logprobs` (T, k): the k most likely tokens of the raw distribution at each step, when asked.
+    """
 
     token_ids: list[int]
     logprobs: torch.Tensor
     finish_reason: Literal["stop", "length"]
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
 
 
 def _transform(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -69,9 +94,16 @@ class _Chooser:
     its seed, not on what else shares the batch.
     """
 
-    def __init__(self, params: Sequence[SamplingParams], blocked: torch.Tensor) -> None:
+    def __init__(self, params: Sequence[SamplingParams], blocked: torch.Tensor, rows: int) -> None:
         self.params = list(params)
         self.blocked = blocked
+        self.rows = rows
+        self.adjusts = any(p.adjusts_logits for p in params)
+        self.counts: torch.Tensor | None = None  # (rows, V) times each token was sampled, for the penalties
+        self.bias: torch.Tensor | None = None  # (prompts, V) logit_bias
+        device = blocked.device
+        self.presence = torch.tensor([p.presence_penalty for p in params], device=device)
+        self.frequency = torch.tensor([p.frequency_penalty for p in params], device=device)
         self.generators = [_generator(p.seed) for p in params]
         members: dict[tuple[float, float, int], list[int]] = {}
         for g, p in enumerate(params):
@@ -83,11 +115,16 @@ class _Chooser:
                 setting_of_group[g] = s
         self.setting_of_group = torch.tensor(setting_of_group, device=blocked.device)
 
-    def __call__(self, logits: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        """logits (rows, V) of live rows, groups (rows,) their prompt index, sorted ascending."""
+    def __call__(self, logits: torch.Tensor, groups: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """logits (rows, V) of live rows, groups (rows,) their prompt index, sorted ascending, rows their row ids.
+
+        Works on a copy: the caller records log-probs from the raw logits it passed.
+        """
         logits = logits.float()
         if self.blocked.numel():
             logits = logits.index_fill(-1, self.blocked, float("-inf"))
+        if self.adjusts:
+            logits = self._adjust(logits, groups, rows)
         counts = torch.bincount(groups, minlength=len(self.params)).tolist()
         if len(self.members) == 1:
             return self._pick(logits, self.members[0], counts)
@@ -98,6 +135,31 @@ class _Chooser:
             if rows.numel():
                 chosen[rows] = self._pick(logits[rows], members, counts)
         return chosen
+
+    def _adjust(self, logits: torch.Tensor, groups: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """OpenAI's penalties: logit - frequency * count - presence * (count > 0) + bias."""
+        vocab = logits.shape[-1]
+        if self.counts is None:
+            self.counts = torch.zeros((self.rows, vocab), device=logits.device)
+            bias = torch.zeros((len(self.params), vocab), device=logits.device)
+            for g, p in enumerate(self.params):
+                if p.logit_bias:
+                    ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+                    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+                        raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+                    values = torch.tensor(list(p.logit_bias.values()), device=logits.device)
+                    bias[g] = bias[g].index_put((ids,), values)
+            self.bias = bias if any(p.logit_bias for p in self.params) else None
+        counts = self.counts[rows]
+        logits = logits - self.frequency[groups, None] * counts - self.presence[groups, None] * (counts > 0).float()
+        if self.bias is not None:
+            logits = logits + self.bias[groups]
+        return logits
+
+    def observe(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Count the tokens just sampled (the penalties' state)."""
+        if self.counts is not None:
+            self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=self.counts.dtype), accumulate=True)
 
     def _pick(self, logits: torch.Tensor, members: list[int], counts: list[int]) -> torch.Tensor:
         params = self.params[members[0]]
@@ -129,8 +191,18 @@ def sample_answers(
     stop_ids: Sequence[int],
     blocked_ids: Sequence[int] = (),
     pad_id: int = 0,
+    top_logprobs: Sequence[int] | None = None,
+    decode: Callable[[Sequence[int]], str] | None = None,
 ) -> list[list[Sample]]:
-    """Sample counts[b] answers for prompts[b] with params[b]; returns samples grouped per prompt."""
+    """Sample counts[b] answers for prompts[b] with params[b]; returns samples grouped per prompt.
+
+    top_logprobs[b] > 0 records that many most likely tokens (raw distribution) per step of prompt b's samples.
+    `decode` (token ids -> text) is needed when any params[b].stop is set: a row stops at the step whose
+    decoded text first contains one of its stop strings (the caller truncates the text).
+    """
+    tops = list(top_logprobs) if top_logprobs is not None else [0] * len(prompts)
+    if any(p.stop for p in params) and decode is None:
+        raise ValueError("stop strings need a decode function")
     groups = split_for_batching(model, prompts)
     if len(groups) > 1:
         merged: list[list[Sample]] = [[] for _ in prompts]
@@ -143,6 +215,8 @@ def sample_answers(
                 stop_ids=stop_ids,
                 blocked_ids=blocked_ids,
                 pad_id=pad_id,
+                top_logprobs=[tops[i] for i in group],
+                decode=decode,
             )
             for i, samples in zip(group, part, strict=True):
                 merged[i] = samples
@@ -158,9 +232,8 @@ def sample_answers(
     preallocate(state.cache, width)
     stops = torch.tensor(list(stop_ids), device=device)
     blocked = torch.tensor(sorted(set(blocked_ids) - set(stop_ids)), dtype=torch.long, device=device)
-    choose = _Chooser(params, blocked)
-
     total = int(group_of_row.shape[0])
+    choose = _Chooser(params, blocked, total)
     # Every live row gets one token per step, so step t writes column t; rows stop at different t.
     token_buf = torch.full((total, width), pad_id, dtype=torch.long, device=device)
     logp_buf = torch.zeros((total, width), device=device)
@@ -168,15 +241,32 @@ def sample_answers(
     stopped = torch.zeros(total, dtype=torch.bool, device=device)
     active = torch.arange(total, device=device)  # original row index of each batch row
     alive = torch.ones(total, dtype=torch.bool, device=device)  # finished rows ride along until compaction
+    k = min(max(tops, default=0), int(state.logits.shape[-1]))
+    top_ids = torch.zeros((total, width, k), dtype=torch.long, device=device) if k else None
+    top_vals = torch.zeros((total, width, k), device=device) if k else None
+    row_stops = [params[int(g)].stop for g in group_of_row.tolist()]
+    texts: list[list[int]] | None = [[] for _ in range(total)] if any(row_stops) else None
     logits = state.logits
     for t in range(width):
         live = alive.nonzero().squeeze(-1)
         rows = active[live]
         live_logits = logits[live]
-        new = choose(live_logits, group_of_row[rows])
+        new = choose(live_logits, group_of_row[rows], rows)
+        choose.observe(rows, new)
         stop = torch.isin(new, stops)
         token_buf[rows, t] = new
         logp_buf[rows, t] = selective_log_softmax(live_logits, new)
+        if top_ids is not None and top_vals is not None:
+            values, ids = live_logits.float().log_softmax(-1).topk(k, dim=-1)
+            top_ids[rows, t], top_vals[rows, t] = ids, values
+        if texts is not None and decode is not None:
+            hits = []
+            for row, token, ended in zip(rows.tolist(), new.tolist(), stop.tolist(), strict=True):
+                texts[row].append(token)
+                if row_stops[row] and not ended and any(s in decode(texts[row]) for s in row_stops[row]):
+                    hits.append(row)
+            if hits:
+                stop = stop | torch.isin(rows, torch.tensor(hits, device=device))
         lengths[rows] = t + 1
         stopped[rows] = stop
         alive[live] = ~stop & (t + 1 < limits[rows])
@@ -194,8 +284,13 @@ def sample_answers(
 
     token_lists = token_buf.tolist()
     logp_rows = logp_buf.cpu()
+    top_id_rows = top_ids.cpu() if top_ids is not None else None
+    top_val_rows = top_vals.cpu() if top_vals is not None else None
     grouped: list[list[Sample]] = [[] for _ in prompts]
     for row, (n, stop, group) in enumerate(zip(lengths.tolist(), stopped.tolist(), group_of_row.tolist(), strict=True)):
         sample = Sample(token_lists[row][:n], logp_rows[row, :n].clone(), "stop" if stop else "length")
+        if tops[group] and top_id_rows is not None and top_val_rows is not None:
+            sample.top_ids = top_id_rows[row, :n, : tops[group]].clone()
+            sample.top_logprobs = top_val_rows[row, :n, : tops[group]].clone()
         grouped[group].append(sample)
     return grouped

@@ -127,7 +127,9 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="'developer' (OpenAI's newer name for system instructions) is read as 'system'."
+    )
     content: str | list[ContentPart] = Field(description="Text, or OpenAI content parts (text and image_url).")
     name: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
 
@@ -143,8 +145,9 @@ def convert_messages(
     out: list[dict[str, Any]] = []
     images: list[tuple[str, str]] = []
     for i, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
         if isinstance(message.content, str):
-            out.append({"role": message.role, "content": [{"type": "text", "text": message.content}]})
+            out.append({"role": role, "content": [{"type": "text", "text": message.content}]})
             continue
         parts: list[dict[str, Any]] = []
         for j, part in enumerate(message.content):
@@ -155,7 +158,7 @@ def convert_messages(
                     raise BadRequest("only user messages may carry images", param=f"{param}[{i}].content[{j}]")
                 parts.append({"type": "image"})
                 images.append((part.image_url.url, f"{param}[{i}].content[{j}].image_url.url"))
-        out.append({"role": message.role, "content": parts})
+        out.append({"role": role, "content": parts})
     if not any(part.get("type") == "text" and part["text"].strip() for m in out for part in m["content"]):
         raise BadRequest("messages contain no text", param=param)
     return out, images
@@ -365,6 +368,38 @@ class RewardsResponse(BaseModel):
 # -- /v1/chat/completions --------------------------------------------------------------
 
 
+MAX_STOP = 4
+MAX_TOP_LOGPROBS = 20
+
+UNSUPPORTED: dict[str, str] = {
+    "tools": "this server generates plain text; it has no tool calling",
+    "tool_choice": "this server has no tool calling (only 'none' is accepted)",
+    "parallel_tool_calls": "this server has no tool calling",
+    "functions": "this server has no function calling",
+    "function_call": "this server has no function calling",
+    "audio": "the served model produces text only",
+    "prediction": "predicted outputs would bias best-of-N sampling; not supported",
+    "web_search_options": "this server has no web search",
+    "reasoning_effort": "the served model is not a reasoning model",
+    "verbosity": "the served model has no verbosity control",
+    "moderation": "this server runs no moderation model",
+}
+"""Fields of OpenAI's chat API this server refuses, with the reason given in the 400."""
+
+
+class StreamOptions(Strict):
+    include_usage: bool | None = Field(None, description="Send a last chunk with `usage` (and empty `choices`).")
+    include_obfuscation: bool | None = Field(None, description="Accepted; no obfuscation field is sent.")
+
+
+class ResponseFormat(BaseModel):
+    """Only {"type": "text"} can be honoured: sampling is not constrained to a grammar."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+
+
 class ChatCompletionRequest(Strict):
     """OpenAI chat completions, plus `best_of`: sample best_of answers and return the n with the highest reward."""
 
@@ -377,8 +412,52 @@ class ChatCompletionRequest(Strict):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (newer OpenAI name).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stream: bool | None = Field(None, description="Streaming is not supported; must be false or omitted.")
+    stop: str | list[str] | None = Field(
+        None,
+        description=f"Up to {MAX_STOP} stop strings: an answer's text is cut before the first one (finish_reason "
+        "'stop'), and the reward scores the cut text as a finished turn (re-tokenized, end-of-turn appended).",
+    )
+    logprobs: bool | None = Field(
+        None, description="Return each choice's raw policy log-probs per token (temperature 1: the reward's terms)."
+    )
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="Most likely alternatives per token (needs logprobs=true)."
+    )
+    presence_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Sampling only: never changes the log-probs the reward uses."
+    )
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Sampling only: never changes the log-probs the reward uses."
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (a decimal string) -> bias in [-100, 100] added to its logit; sampling only."
+    )
+    stream: bool | None = Field(
+        None,
+        description="Server-sent chat.completion.chunk events, sent once best-of-N has ranked complete answers.",
+    )
+    stream_options: StreamOptions | None = Field(None, description="Only with stream=true.")
+    response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'}.")
+    modalities: list[str] | None = Field(None, description="Only ['text'].")
+    metadata: dict[str, str] | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    store: bool | None = Field(None, description="Accepted; nothing is stored.")
     user: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    safety_identifier: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    service_tier: str | None = Field(None, description="Accepted; the response says 'default'.")
+    prompt_cache_key: str | None = Field(None, description="Accepted; ignored (no cross-request prompt cache).")
+    prompt_cache_retention: str | None = Field(None, description="Accepted; ignored.")
+    prompt_cache_options: dict[str, Any] | None = Field(None, description="Accepted; ignored.")
+    tools: list[Any] | None = Field(None, description="Refused unless empty: no tool calling.")
+    tool_choice: Any = Field(None, description="Refused unless 'none'.")
+    parallel_tool_calls: Any = Field(None, description="Refused: no tool calling.")
+    functions: Any = Field(None, description="Refused: no function calling.")
+    function_call: Any = Field(None, description="Refused: no function calling.")
+    audio: Any = Field(None, description="Refused: text only.")
+    prediction: Any = Field(None, description="Refused.")
+    web_search_options: Any = Field(None, description="Refused: no web search.")
+    reasoning_effort: Any = Field(None, description="Refused: not a reasoning model.")
+    verbosity: Any = Field(None, description="Refused.")
+    moderation: Any = Field(None, description="Refused: no moderation model.")
     reward: RewardOptions | None = Field(None, description="Extension: reward options.")
 
     _temperature = field_validator("temperature")(_check_temperature)
@@ -406,6 +485,27 @@ class ChatCompletionRequest(Strict):
         },
     )
 
+    def check_supported(self) -> None:
+        """Refuse, naming the field and why, what a best-of-N text server cannot honour."""
+        for name, reason in UNSUPPORTED.items():
+            value = getattr(self, name)
+            if value is None or (name == "tools" and value == []) or (name == "tool_choice" and value == "none"):
+                continue
+            raise BadRequest(f"'{name}' is not supported: {reason}", param=name, code="unsupported_parameter")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise BadRequest(
+                f"response_format '{self.response_format.type}' is not supported: sampling is not constrained to "
+                "JSON, so only {'type': 'text'} can be honoured",
+                param="response_format.type",
+                code="unsupported_value",
+            )
+        if self.modalities is not None and self.modalities != ["text"]:
+            raise BadRequest("only the 'text' modality is supported", param="modalities", code="unsupported_value")
+        if self.stream_options is not None and not self.stream:
+            raise BadRequest("stream_options is only allowed with stream=true", param="stream_options")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest("top_logprobs needs logprobs=true", param="top_logprobs")
+
     def candidates(self, settings: Settings) -> int:
         best_of = self.best_of if self.best_of is not None else self.n
         if best_of < self.n:
@@ -414,9 +514,33 @@ class ChatCompletionRequest(Strict):
             raise BadRequest(f"n must be <= {settings.max_n}, got {self.n}", param="n")
         if best_of > settings.max_n:
             raise BadRequest(f"best_of must be <= {settings.max_n}, got {best_of}", param="best_of")
-        if self.stream:
-            raise BadRequest("streaming is not supported", param="stream")
         return best_of
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP:
+            raise BadRequest(f"at most {MAX_STOP} stop strings, got {len(stops)}", param="stop")
+        for i, stop in enumerate(stops):
+            if not stop:
+                raise BadRequest(
+                    "stop strings must not be empty", param="stop" if isinstance(self.stop, str) else f"stop[{i}]"
+                )
+        return tuple(stops)
+
+    def token_bias(self) -> dict[int, float]:
+        """logit_bias with integer keys; whether the ids are in the vocabulary is the engine's check."""
+        bias: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise BadRequest(f"logit_bias keys must be token ids, got '{key}'", param="logit_bias")
+            if not -100 <= value <= 100:
+                raise BadRequest(f"logit_bias values must be in [-100, 100], got {value}", param=f"logit_bias.{key}")
+            bias[int(key)] = value
+        return bias
+
+    def top_logprobs_asked(self) -> int | None:
+        """None: no log-probs; else the number of alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def to_params(self, settings: Settings) -> SamplingParams:
         if (
@@ -431,21 +555,48 @@ class ChatCompletionRequest(Strict):
             max_tokens=self.max_completion_tokens or self.max_tokens,
             seed=self.seed,
         )
-        return options.to_params(
+        params = options.to_params(
             settings, param="max_tokens" if self.max_tokens is not None else "max_completion_tokens"
+        )
+        return params.model_copy(
+            update={
+                "stop": self.stop_strings(),
+                "presence_penalty": self.presence_penalty or 0.0,
+                "frequency_penalty": self.frequency_penalty or 0.0,
+                "logit_bias": self.token_bias(),
+            }
         )
 
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None
+
+
+class TopLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = Field(description="UTF-8 bytes of `token`.")
+
+
+class TokenLogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None = Field(
+        description="Answer tokens (end-of-turn excluded) with their raw policy log-probs: the terms of the reward's"
+        " policy sum (`policy_logprob` adds the end-of-turn token's when the answer finished with one)."
+    )
+    refusal: None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     reward: float = Field(description="Extension: the RLAIF-V reward of this answer.")
     policy_logprob: float
     reference_logprob: float
@@ -462,6 +613,33 @@ class ChatCompletionResponse(BaseModel):
     best_of: int = Field(description="Candidates sampled.")
     rewards: list[float] = Field(description="Rewards of all best_of candidates in sampling order.")
     system_fingerprint: str | None = None
+    service_tier: str | None = Field(None, description="'default' when the request named a tier.")
+
+
+class ChunkDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: ChoiceLogprobs | None = None
+    reward: float | None = Field(None, description="Extension, on the choice's last chunk: its reward.")
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion (OpenAI's `chat.completion.chunk`)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+    service_tier: str | None = None
 
 
 # -- /v1/models, health ------------------------------------------------------------------

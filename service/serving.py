@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -19,22 +20,28 @@ from rlaifv.service.protocol import (
     BestOfNResponse,
     CandidateOut,
     ChatChoice,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessageOut,
+    ChoiceLogprobs,
+    ChunkChoice,
+    ChunkDelta,
     ModelCard,
     RewardInfo,
     RewardOptions,
     RewardsRequest,
     RewardsResponse,
     Timings,
+    TokenLogprobOut,
+    TopLogprobOut,
     Usage,
     convert_messages,
 )
 from rlaifv.service.scheduler import Outcome
 
 if TYPE_CHECKING:
-    from rlaifv.reward.results import Ranking
+    from rlaifv.reward.results import Candidate, Ranking, TopToken
     from rlaifv.reward.scoring import RewardConfig
     from rlaifv.service.cache import RewardCache
     from rlaifv.service.engines import Engine
@@ -64,6 +71,41 @@ def _candidates(ranking: Ranking) -> list[CandidateOut]:
 def _reward_info(options: RewardOptions, config: RewardConfig) -> RewardInfo:
     claim_score = config.claim_score if config.mode == "claims" else None
     return RewardInfo(mode=options.mode, beta=config.beta, normalize=config.normalize, claim_score=claim_score)
+
+
+def _choice_logprobs(candidate: Candidate) -> ChoiceLogprobs:
+    def out(token: TopToken) -> TopLogprobOut:
+        return TopLogprobOut(token=token.token, logprob=token.logprob, bytes=list(token.token.encode()))
+
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprobOut(**out(t).model_dump(), top_logprobs=[out(top) for top in t.top_logprobs])
+            for t in candidate.token_logprobs or []
+        ]
+    )
+
+
+def chat_chunks(completion: ChatCompletionResponse, *, include_usage: bool) -> Iterator[ChatCompletionChunk]:
+    """A finished completion as OpenAI's stream: per choice a role, a content and a finish_reason chunk.
+
+    Best-of-N ranks complete answers, so nothing can be sent before the ranking; the stream exists for
+    clients that only speak streaming. With `include_usage`, a last chunk carries usage and no choices.
+    """
+    usage = {"usage": None} if include_usage else {}
+    base = {"id": completion.id, "created": completion.created, "model": completion.model}
+    base |= {"service_tier": completion.service_tier}
+    for choice in completion.choices:
+        deltas = (
+            ChunkChoice(index=choice.index, delta=ChunkDelta(role="assistant", content="")),
+            ChunkChoice(index=choice.index, delta=ChunkDelta(content=choice.message.content), logprobs=choice.logprobs),
+            ChunkChoice(
+                index=choice.index, delta=ChunkDelta(), finish_reason=choice.finish_reason, reward=choice.reward
+            ),
+        )
+        for delta in deltas:
+            yield ChatCompletionChunk(**base, choices=[delta], **usage)
+    if include_usage:
+        yield ChatCompletionChunk(**base, choices=[], usage=completion.usage)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -206,6 +248,7 @@ class Serving:
 
     async def chat(self, body: ChatCompletionRequest, request: Request | None) -> ChatCompletionResponse:
         self.check_model(body.model)
+        body.check_supported()
         best_of = body.candidates(self.settings)
         sampling = body.to_params(self.settings)
         options = body.reward or RewardOptions()
@@ -216,7 +259,10 @@ class Serving:
                 f"at most {self.settings.max_images} images per request, got {len(refs)}", param="messages"
             )
         images, _ = await self.images.load(refs)
-        outcome = await self._run(GenerateRequest(images, None, messages, best_of, sampling, config), request)
+        generate = GenerateRequest(
+            images, None, messages, best_of, sampling, config, top_logprobs=body.top_logprobs_asked()
+        )
+        outcome = await self._run(generate, request)
         ranking = outcome.result.ranking
         rewards = ranking.rewards
         generated = sum(c.num_tokens for c in ranking.candidates)
@@ -229,6 +275,7 @@ class Serving:
                     index=rank,
                     message=ChatMessageOut(content=c.text),
                     finish_reason="stop" if c.finish_reason == "stop" else "length",
+                    logprobs=_choice_logprobs(c) if body.logprobs else None,
                     reward=c.reward,
                     policy_logprob=c.policy_logprob,
                     reference_logprob=c.reference_logprob,
@@ -246,6 +293,7 @@ class Serving:
             ),
             best_of=best_of,
             rewards=rewards,
+            service_tier="default" if body.service_tier is not None else None,
         )
 
     def _account(self, endpoint: str, outcome: Outcome, *, generated: int) -> None:

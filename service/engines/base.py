@@ -22,7 +22,10 @@ Kind = Literal["generate", "score"]
 
 @dataclass
 class GenerateRequest:
-    """Sample `n` answers to an image+question (or chat messages) and rank them."""
+    """Sample `n` answers to an image+question (or chat messages) and rank them.
+
+    `top_logprobs` (None: none) asks for each candidate's per-token log-probs with that many alternatives.
+    """
 
     images: list[Any]
     question: str | None
@@ -30,6 +33,7 @@ class GenerateRequest:
     n: int
     sampling: SamplingParams
     reward: RewardConfig
+    top_logprobs: int | None = None
     kind: Kind = field(default="generate", init=False)
 
 

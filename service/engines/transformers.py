@@ -80,8 +80,16 @@ class TransformersEngine:
                             f"model's {limit} positions",
                             param="max_tokens",
                         )
+                    self.pair.check_logit_bias(request.sampling.logit_bias)
                     tasks.append(
-                        GenerateTask(prompt, request.n, request.sampling, request.reward, images=request.images)
+                        GenerateTask(
+                            prompt,
+                            request.n,
+                            request.sampling,
+                            request.reward,
+                            images=request.images,
+                            top_logprobs=request.top_logprobs,
+                        )
                     )
                 else:
                     answers = self.pair.encode_answers(request.answers, max_tokens=request.max_tokens)

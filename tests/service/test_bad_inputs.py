@@ -191,7 +191,14 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
     ),
     ("chat-best-of-below-n", "/v1/chat/completions", chat(n=3, best_of=2), 400, "best_of", "invalid_value"),
     ("chat-best-of-above-max", "/v1/chat/completions", chat(best_of=9), 400, "best_of", "invalid_value"),
-    ("chat-stream", "/v1/chat/completions", chat(stream=True), 400, "stream", "invalid_value"),
+    (
+        "chat-stream-options-without-stream",
+        "/v1/chat/completions",
+        chat(stream_options={"include_usage": True}),
+        400,
+        "stream_options",
+        "invalid_value",
+    ),
     ("chat-negative-max-tokens", "/v1/chat/completions", chat(max_tokens=-5), 400, "max_tokens", "invalid_value"),
     (
         "chat-bad-part-type",

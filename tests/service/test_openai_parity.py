@@ -1,0 +1,340 @@
+"""OpenAI chat parity: stop, logprobs, penalties and logit_bias, streaming, accepted and refused fields.
+
+The tiny model ends most answers at once, so requests bias its end-of-turn token away (`logit_bias`) to get
+answers long enough to cut, penalise and stream.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+QUESTION = "What is in the image?"
+
+
+@pytest.fixture(scope="module")
+def no_eot(in_process_pair) -> dict[str, int]:
+    return {str(in_process_pair.eot_id): -100}
+
+
+@pytest.fixture(scope="module")
+def messages(red_url: str) -> list[dict[str, Any]]:
+    content = [{"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": red_url}}]
+    return [{"role": "user", "content": content}]
+
+
+def chat(client: httpx.Client, messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    r = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": messages, **fields})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def openai_client(live_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=live_server.url + "/v1", api_key="unused", max_retries=0)
+
+
+# -- stop ---------------------------------------------------------------------------------------
+
+
+def test_stop_cuts_the_text_like_openai_and_the_reward_scores_the_cut_text(
+    client: httpx.Client, messages, no_eot
+) -> None:
+    one = {"n": 1, "best_of": 1, "max_tokens": 12, "seed": 11, "logit_bias": no_eot}
+    full = chat(client, messages, **one)["choices"][0]
+    assert full["finish_reason"] == "length"
+    words = full["message"]["content"].split(" ")
+    stop = " " + words[3]
+    expected = full["message"]["content"][: full["message"]["content"].find(stop)].strip()
+
+    cut = chat(client, messages, **one, stop=[stop, "never-sampled"])["choices"][0]
+    assert cut["finish_reason"] == "stop"
+    assert cut["message"]["content"] == expected
+    assert cut["num_tokens"] < full["num_tokens"]
+
+    rewards = client.post(
+        "/v1/rewards", json={"model": "tiny-llava", "messages": messages, "answers": [cut["message"]["content"]]}
+    ).json()
+    given = rewards["candidates"][0]
+    assert cut["reward"] == pytest.approx(given["reward"], abs=1e-5)
+    assert cut["policy_logprob"] == pytest.approx(given["policy_logprob"], abs=1e-4)
+    assert cut["reference_logprob"] == pytest.approx(given["reference_logprob"], abs=1e-4)
+    assert cut["num_tokens"] == given["num_tokens"]
+
+
+def test_a_single_stop_string_cuts_every_answer_that_contains_it(client: httpx.Client, messages, no_eot) -> None:
+    body = chat(client, messages, n=4, max_tokens=12, seed=2, logit_bias=no_eot, stop=" ")
+    for choice in body["choices"]:
+        assert " " not in choice["message"]["content"]
+        assert choice["finish_reason"] == "stop"
+
+
+# -- logprobs -----------------------------------------------------------------------------------
+
+
+def test_logprobs_have_openais_shape_and_are_the_rewards_policy_terms(live_server, messages, no_eot) -> None:
+    completion = openai_client(live_server).chat.completions.create(
+        model="tiny-llava",
+        messages=messages,
+        n=2,
+        max_tokens=8,
+        seed=4,
+        logprobs=True,
+        top_logprobs=3,
+        logit_bias=no_eot,
+    )
+    for choice in completion.choices:
+        assert choice.finish_reason == "length"
+        tokens = choice.logprobs.content
+        assert len(tokens) == choice.model_extra["num_tokens"] == 8
+        assert "".join(t.token for t in tokens).strip() == choice.message.content
+        assert sum(t.logprob for t in tokens) == pytest.approx(choice.model_extra["policy_logprob"], abs=1e-4)
+        for t in tokens:
+            assert t.bytes == list(t.token.encode())
+            assert len(t.top_logprobs) == 3
+            values = [top.logprob for top in t.top_logprobs]
+            assert values == sorted(values, reverse=True)
+            assert t.logprob <= values[0] + 1e-6
+            for top in t.top_logprobs:
+                if top.token == t.token:
+                    assert top.logprob == pytest.approx(t.logprob, abs=1e-5)
+
+
+def test_logprobs_of_a_cut_answer_are_teacher_forced_over_the_scored_tokens(
+    client: httpx.Client, messages, no_eot
+) -> None:
+    body = chat(
+        client, messages, n=1, max_tokens=12, seed=11, logit_bias=no_eot, stop=" ", logprobs=True, top_logprobs=2
+    )
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    tokens = choice["logprobs"]["content"]
+    assert len(tokens) == choice["num_tokens"] - 1  # the end-of-turn token is scored but not content
+    assert "".join(t["token"] for t in tokens).strip() == choice["message"]["content"]
+    assert all(len(t["top_logprobs"]) == 2 for t in tokens)
+    assert sum(t["logprob"] for t in tokens) > choice["policy_logprob"]  # plus log p(end-of-turn) < 0
+
+
+def test_without_logprobs_choices_carry_none(client: httpx.Client, messages) -> None:
+    body = chat(client, messages, max_tokens=4, seed=0)
+    assert body["choices"][0]["logprobs"] is None
+
+
+# -- penalties and logit_bias: the sampling distribution only ------------------------------------
+
+
+def _sample(pair, prompt, **params: Any):
+    from rlaifv.reward.sampling import SamplingParams
+
+    bias = {pair.eot_id: -100.0} | params.pop("logit_bias", {})
+    return pair.sample([prompt], [4], [SamplingParams(max_tokens=12, seed=7, logit_bias=bias, **params)])[0]
+
+
+def _assert_raw_logprobs(pair, prompt, samples) -> None:
+    from rlaifv.reward.logprobs import full_forward_logprobs
+
+    for sample in samples:
+        forced = full_forward_logprobs(pair.policy, prompt, sample.token_ids)
+        torch.testing.assert_close(sample.logprobs, forced.float().cpu(), atol=1e-4, rtol=0)
+
+
+def test_penalties_change_the_draws_but_not_the_recorded_logprobs(in_process_pair, red_png: bytes) -> None:
+    pair = in_process_pair
+    prompt = pair.encode([red_png], QUESTION)
+    plain = _sample(pair, prompt)
+    for penalties in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"presence_penalty": -2.0}):
+        penalised = _sample(pair, prompt, **penalties)
+        assert [s.token_ids for s in penalised] != [s.token_ids for s in plain], penalties
+        _assert_raw_logprobs(pair, prompt, penalised)
+    repeats = sum(len(s.token_ids) - len(set(s.token_ids)) for s in _sample(pair, prompt, frequency_penalty=2.0))
+    assert repeats <= sum(len(s.token_ids) - len(set(s.token_ids)) for s in plain)
+
+
+def test_logit_bias_forces_and_bans_tokens_but_not_the_recorded_logprobs(in_process_pair, red_png: bytes) -> None:
+    pair = in_process_pair
+    prompt = pair.encode([red_png], QUESTION)
+    plain = _sample(pair, prompt)
+    forced_token = plain[0].token_ids[1]
+    forced = _sample(pair, prompt, logit_bias={forced_token: 100.0})
+    assert all(set(s.token_ids) == {forced_token} for s in forced)
+    _assert_raw_logprobs(pair, prompt, forced)
+    assert all(float(s.logprobs.max()) < -0.5 for s in forced)  # raw: the +100 bias is not in them
+    banned = _sample(pair, prompt, logit_bias={forced_token: -100.0})
+    assert all(forced_token not in s.token_ids for s in banned)
+
+
+def test_penalties_over_http_change_the_answers(client: httpx.Client, messages, no_eot) -> None:
+    base = {"n": 4, "max_tokens": 12, "seed": 3, "logit_bias": no_eot}
+    plain = [c["message"]["content"] for c in chat(client, messages, **base)["choices"]]
+    penalised = [
+        c["message"]["content"]
+        for c in chat(client, messages, **base, frequency_penalty=2, presence_penalty=2)["choices"]
+    ]
+    assert sorted(plain) != sorted(penalised)
+
+
+# -- streaming ----------------------------------------------------------------------------------
+
+
+def test_official_client_streams_the_ranked_choices(live_server, messages) -> None:
+    client = openai_client(live_server)
+    request: dict[str, Any] = {
+        "model": "tiny-llava",
+        "messages": messages,
+        "n": 2,
+        "max_tokens": 8,
+        "seed": 9,
+        "extra_body": {"best_of": 3},
+    }
+    whole = client.chat.completions.create(**request)
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    assert len({chunk.id for chunk in chunks}) == 1
+    usage = chunks[-1]
+    assert usage.choices == [] and usage.usage is not None
+    assert usage.usage.model_dump() == whole.usage.model_dump()
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    text: dict[int, str] = {}
+    roles: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        if choice.delta.role:
+            roles[choice.index] = choice.delta.role
+        text[choice.index] = text.get(choice.index, "") + (choice.delta.content or "")
+        if choice.finish_reason:
+            finish[choice.index] = choice.finish_reason
+    assert roles == {0: "assistant", 1: "assistant"}
+    assert text == {c.index: c.message.content for c in whole.choices}
+    assert finish == {c.index: c.finish_reason for c in whole.choices}
+
+
+def test_raw_sse_stream(live_server, messages) -> None:
+    body = {"model": "tiny-llava", "messages": messages, "max_tokens": 6, "seed": 1, "stream": True}
+    with (
+        httpx.Client(base_url=live_server.url, timeout=60) as client,
+        client.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in events[:-1]]
+    assert len(chunks) == 3  # role, content, finish_reason
+    assert [c["object"] for c in chunks] == ["chat.completion.chunk"] * 3
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert isinstance(chunks[2]["choices"][0]["reward"], float)
+    assert all("usage" not in c or c["usage"] is None for c in chunks)
+
+
+def test_stream_errors_are_json_before_the_stream(live_server, messages) -> None:
+    body = {"model": "tiny-llava", "messages": messages, "stream": True, "n": 99}
+    r = httpx.post(live_server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "n"
+
+
+# -- accepted, refused and unknown fields -------------------------------------------------------
+
+
+def test_official_client_fields_that_are_accepted(live_server, messages) -> None:
+    completion = openai_client(live_server).chat.completions.create(
+        model="tiny-llava",
+        messages=[{"role": "developer", "content": "Answer briefly."}, *messages],
+        max_completion_tokens=4,
+        seed=0,
+        response_format={"type": "text"},
+        metadata={"run": "parity"},
+        store=False,
+        user="someone",
+        safety_identifier="someone-hashed",
+        service_tier="auto",
+        prompt_cache_key="k",
+        modalities=["text"],
+        tool_choice="none",
+        tools=[],
+        temperature=0.7,
+        top_p=0.9,
+    )
+    assert completion.service_tier == "default"
+    assert isinstance(completion.choices[0].message.content, str)
+
+
+REFUSED: list[tuple[str, Any, str]] = [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tools"),
+    ("tool_choice", "auto", "tool_choice"),
+    ("parallel_tool_calls", False, "parallel_tool_calls"),
+    ("functions", [{"name": "f"}], "functions"),
+    ("function_call", "auto", "function_call"),
+    ("audio", {"voice": "alloy", "format": "wav"}, "audio"),
+    ("modalities", ["text", "audio"], "modalities"),
+    ("prediction", {"type": "content", "content": "x"}, "prediction"),
+    ("web_search_options", {}, "web_search_options"),
+    ("reasoning_effort", "low", "reasoning_effort"),
+    ("verbosity", "low", "verbosity"),
+    ("moderation", {"model": "omni-moderation-latest"}, "moderation"),
+    ("response_format", {"type": "json_object"}, "response_format.type"),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}, "response_format.type"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "param"), REFUSED, ids=[f"{r[0]}-{i}" for i, r in enumerate(REFUSED)])
+def test_fields_that_cannot_be_honoured_get_400_naming_them(
+    client: httpx.Client, messages, field: str, value: Any, param: str
+) -> None:
+    r = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": messages, field: value})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param
+    assert error["code"] in ("unsupported_parameter", "unsupported_value")
+    assert "not supported" in error["message"] or "only" in error["message"]
+
+
+def test_official_client_sees_refusals_as_bad_request(live_server, messages) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client(live_server).chat.completions.create(
+            model="tiny-llava",
+            messages=messages,
+            tools=[{"type": "function", "function": {"name": "f"}}],
+        )
+    assert info.value.body["param"] == "tools"
+    assert "tool calling" in info.value.body["message"]
+
+
+BAD: list[tuple[dict[str, Any], str, str]] = [
+    ({"bogus": 1}, "bogus", "unknown_field"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
+    ({"stop": ["a", ""]}, "stop[1]", "invalid_value"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+    ({"top_logprobs": 2}, "top_logprobs", "invalid_value"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
+    ({"frequency_penalty": -3}, "frequency_penalty", "invalid_value"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias", "invalid_value"),
+    ({"logit_bias": {"5": 101}}, "logit_bias.5", "invalid_value"),
+    ({"logit_bias": {"999999": 1}}, "logit_bias", "invalid_value"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
+    ({"stream": True, "stream_options": {"bogus": True}}, "stream_options.bogus", "unknown_field"),
+]
+
+
+@pytest.mark.parametrize(("fields", "param", "code"), BAD, ids=[b[1] + f"-{i}" for i, b in enumerate(BAD)])
+def test_bad_values_get_400_naming_the_field(
+    client: httpx.Client, messages, fields: dict[str, Any], param: str, code: str
+) -> None:
+    r = client.post(
+        "/v1/chat/completions", json={"model": "tiny-llava", "messages": messages, "max_tokens": 2, **fields}
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert r.json()["error"]["code"] == code
