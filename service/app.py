@@ -100,7 +100,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    from rlaifv.service.routes import best_of_n, chat, health, jobs, models, rewards
+    from rlaifv.service.routes import best_of_n, chat, health, jobs, models, playground, rewards
 
     settings = settings or Settings()
     app = FastAPI(
@@ -124,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (best_of_n, rewards, chat, models, jobs):
         app.include_router(module.router, dependencies=v1)
     app.include_router(health.router)
+    app.include_router(playground.router)
     _tidy_openapi(app)
     return app
 
