@@ -50,3 +50,30 @@ def test_openai_client_sees_errors_as_typed_exceptions(live_server) -> None:
     assert info.value.body["param"] == "best_of"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_langchain_chat_openai_gets_an_answer(live_server, red_url: str) -> None:
+    """LangChain's `ChatOpenAI` (what many applications already use) against the server, image included."""
+    from langchain_core.messages import HumanMessage
+    from langchain_openai import ChatOpenAI
+
+    model = _model_id(live_server.url)
+    chat = ChatOpenAI(base_url=live_server.url + "/v1", api_key="unused", model=model, max_retries=0, max_tokens=8)
+    message = HumanMessage(
+        content=[
+            {"type": "text", "text": "What is in the image?"},
+            {"type": "image_url", "image_url": {"url": red_url}},
+        ]
+    )
+    reply = chat.invoke([message], seed=3)
+    assert isinstance(reply.content, str)  # a random-weight model may end its turn at once
+    assert reply.response_metadata["finish_reason"] in ("stop", "length")
+    assert reply.usage_metadata is not None and reply.usage_metadata["output_tokens"] > 0
+    streamed = "".join(str(chunk.content) for chunk in chat.stream([message], seed=3))
+    assert streamed == reply.content  # the same seed gives the same best answer, streamed or not
+
+
+def _model_id(url: str) -> str:
+    import httpx
+
+    return httpx.get(url + "/v1/models").json()["data"][0]["id"]
