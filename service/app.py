@@ -42,9 +42,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise RuntimeError("no bundle configured (RLAIFV_BUNDLE or --bundle)")
     redis = None
     if settings.redis_url:
-        from redis.asyncio import Redis
+        from rlaifv.service.redis_conn import connect
 
-        redis = Redis.from_url(settings.redis_url)
+        redis = connect(settings)
         app.state.redis = redis
     engine, load_s = await asyncio.to_thread(load_engine, settings)
     metrics.model_load.set(load_s)

@@ -1,21 +1,28 @@
 """The reward cache: in Redis when RLAIFV_REDIS_URL is set (shared by replicas), in memory otherwise.
 
-Only /v1/rewards results are cached: scoring given answers is deterministic,
+Redis failing is a cache miss (and a skipped write), never an error: the endpoints keep answering
+without the cache while Redis is down. Only /v1/rewards results are cached: scoring given answers is deterministic,
 sampling is not. The key hashes everything the result depends on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
+
+from rlaifv.service.redis_conn import REDIS_DOWN
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from rlaifv.reward.scoring import RewardConfig
+
+log = logging.getLogger("rlaifv.cache")
 
 
 class RewardCache:
@@ -46,7 +53,11 @@ class RewardCache:
 
     async def get(self, key: str) -> str | None:
         if self.redis is not None:
-            value = await self.redis.get(self.prefix + key)
+            try:
+                value = await self.redis.get(self.prefix + key)
+            except REDIS_DOWN as exc:
+                log.warning("reward cache skipped: redis unavailable (%s)", type(exc).__name__)
+                return None
             return value.decode() if isinstance(value, bytes) else value
         entry = self._memory.get(key)
         if entry is None:
@@ -60,7 +71,8 @@ class RewardCache:
 
     async def set(self, key: str, value: str) -> None:
         if self.redis is not None:
-            await self.redis.set(self.prefix + key, value, ex=self.ttl_s)
+            with contextlib.suppress(*REDIS_DOWN):
+                await self.redis.set(self.prefix + key, value, ex=self.ttl_s)
             return
         self._memory[key] = (time.monotonic() + self.ttl_s, value)
         self._memory.move_to_end(key)

@@ -8,6 +8,7 @@
     ├── PayloadTooLarge         413 invalid_request_error
     ├── Overloaded              429 rate_limit_error (Retry-After)
     ├── Unavailable             503 service_unavailable (Retry-After)
+    │   └── StoreUnavailable    503 redis_unavailable: Redis down while a job endpoint needs it
     └── DeadlineExceeded        504 timeout_error
 
 `reward.InvalidInputError` (and its ImageError/AnswerError) map to 400 with
@@ -108,6 +109,12 @@ class Unavailable(ServiceError):
     status, type, code = 503, "service_unavailable", "not_ready"
 
 
+class StoreUnavailable(Unavailable):
+    """Redis (which holds jobs) is unreachable or still loading; the request may be retried after Retry-After."""
+
+    code = "redis_unavailable"
+
+
 class NotEnabled(ServiceError):
     """A feature this deployment was not configured for: retrying cannot help, unlike 503."""
 
@@ -181,17 +188,17 @@ async def _service_error_handler(request: Request, exc: ServiceError) -> JSONRes
     )
 
 
-async def _invalid_input_handler(request: Request, exc: InvalidInputError) -> JSONResponse:
+def invalid_input_code(exc: InvalidInputError) -> str:
+    """The `code` of a reward-core input error, the same over HTTP and in a job item's result."""
     from rlaifv.reward.errors import AnswerError, ImageError
 
-    code = (
-        "invalid_image"
-        if isinstance(exc, ImageError)
-        else "invalid_answer"
-        if isinstance(exc, AnswerError)
-        else "invalid_value"
-    )
-    return error_response(400, "invalid_request_error", _sanitise(exc.message), exc.param, code)
+    if isinstance(exc, ImageError):
+        return "invalid_image"
+    return "invalid_answer" if isinstance(exc, AnswerError) else "invalid_value"
+
+
+async def _invalid_input_handler(request: Request, exc: InvalidInputError) -> JSONResponse:
+    return error_response(400, "invalid_request_error", _sanitise(exc.message), exc.param, invalid_input_code(exc))
 
 
 async def _http_exception_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -235,7 +242,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         413: "Request body over the size limit.",
         429: "Queue full or over quota; retry after `Retry-After` seconds.",
         501: "Not enabled on this deployment (e.g. jobs without RLAIFV_REDIS_URL); retrying will not help.",
-        503: "Model not loaded yet or shutting down.",
+        503: "Model not loaded yet, shutting down, or (job endpoints) Redis unreachable; retry after `Retry-After`.",
         504: "The request's deadline passed before it was served.",
     }
     return {s: {"model": ErrorResponse, "description": text.get(s, "Error.")} for s in statuses}

@@ -1,16 +1,23 @@
 """Durable batch jobs on Redis Streams with a consumer group.
 
     rlaifv:job:{id}            hash: kind, status, total, completed, failed, created, updated, metadata
-    rlaifv:job:{id}:items      hash: index -> request body (JSON)
-    rlaifv:job:{id}:results    hash: index -> {"status", "result" | "error"} (JSON)
+    rlaifv:job:{id}:items      hash: index -> {"custom_id"?, "body"} (JSON)
+    rlaifv:job:{id}:results    hash: index -> {"custom_id"?, "status", "result" | "error"} (JSON)
     {RLAIFV_JOBS_STREAM}       stream: one entry {job, index} per item; group "rlaifv-workers"
 
-Every replica may run workers (RLAIFV_JOBS_WORKERS). A worker reads entries
-with XREADGROUP, runs each through the same serving code as the HTTP routes
-(so items of many jobs share micro-batches), stores the result, then XACKs.
-A worker that dies leaves its entries pending; after RLAIFV_JOBS_CLAIM_IDLE_MS
-another worker takes them over with XAUTOCLAIM. Results are written with
-HSETNX, so an item processed twice is counted once.
+Workers run inside service replicas (RLAIFV_JOBS_WORKERS) and in standalone `rlaifv worker` processes.
+Processing is at-least-once, results exactly-once:
+
+- a worker reads entries with XREADGROUP and runs each through the same serving code as the HTTP routes
+  (so items of many jobs share micro-batches);
+- the result is stored with HSETNX in a Lua script that also bumps `completed`/`failed` and finishes the
+  job, so the counts change only together with a newly stored result and equal the results stored;
+- only then is the entry XACKed (and XDELed, so the stream stays small). A worker that dies leaves its
+  entries pending; after RLAIFV_JOBS_CLAIM_IDLE_MS another worker takes them over with XAUTOCLAIM, and an
+  item run twice is stored once.
+
+While Redis is unreachable, the store raises `StoreUnavailable` (503 with Retry-After at the HTTP edge) and
+workers back off up to RLAIFV_JOBS_BACKOFF_MAX_S, then resume by themselves.
 """
 
 from __future__ import annotations
@@ -24,13 +31,23 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
+from redis.exceptions import ResponseError
 
 from rlaifv.reward.errors import InvalidInputError
-from rlaifv.service.errors import BadRequest, Conflict, ServiceError
-from rlaifv.service.protocol import BestOfNRequest, Job, JobItemResult, JobRequest, JobResults, RewardsRequest
+from rlaifv.service.errors import (
+    BadRequest,
+    Conflict,
+    Overloaded,
+    ServiceError,
+    StoreUnavailable,
+    invalid_input_code,
+)
+from rlaifv.service.protocol import BestOfNRequest, Job, JobItem, JobRequest, RewardsRequest
+from rlaifv.service.redis_conn import REDIS_DOWN
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -43,6 +60,26 @@ log = logging.getLogger("rlaifv.jobs")
 GROUP = "rlaifv-workers"
 PREFIX = "rlaifv:job:"
 REQUEST_MODELS = {"best_of_n": BestOfNRequest, "rewards": RewardsRequest}
+ENQUEUE_CHUNK = 1000
+
+RECORD = """
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+end
+redis.call('HSET', KEYS[1], 'updated', ARGV[4])
+local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
+local completed = tonumber(redis.call('HGET', KEYS[1], 'completed'))
+local done = completed + tonumber(redis.call('HGET', KEYS[1], 'failed'))
+local status = redis.call('HGET', KEYS[1], 'status')
+if done >= total and status ~= 'cancelled' then
+  redis.call('HSET', KEYS[1], 'status', completed == 0 and 'failed' or 'succeeded')
+end
+return done
+"""
+MARK_RUNNING = (
+    "if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('HSET', KEYS[1], 'status', 'running') end"
+)
 
 
 def _error_path(loc: tuple[Any, ...]) -> str:
@@ -52,48 +89,107 @@ def _error_path(loc: tuple[Any, ...]) -> str:
     return out
 
 
+@contextlib.contextmanager
+def redis_guard(retry_after_s: int) -> Iterator[None]:
+    """Turn "Redis is down" into the typed `StoreUnavailable` that the HTTP edge answers with 503."""
+    try:
+        yield
+    except REDIS_DOWN as exc:
+        raise StoreUnavailable(
+            f"the job store (Redis) is unavailable: {type(exc).__name__}",
+            headers={"Retry-After": str(retry_after_s)},
+        ) from None
+
+
+def split_item(item: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """(custom_id, request body) of an item that is either a bare body or a `{"custom_id", "body"}` envelope."""
+    if "body" in item and "custom_id" in item:
+        envelope = JobItem.model_validate(item)
+        return envelope.custom_id, envelope.body
+    return None, item
+
+
+def parse_jsonl(lines: Iterable[bytes]) -> list[dict[str, Any]]:
+    """Items of an uploaded JSONL file: one JSON object per line, blank lines skipped."""
+    items: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            raise BadRequest(f"line {number} is not valid JSON: {exc}", param=f"items[{len(items)}]") from None
+        if not isinstance(item, dict):
+            raise BadRequest(f"line {number} is not a JSON object", param=f"items[{len(items)}]")
+        items.append(item)
+    if not items:
+        raise BadRequest("the upload holds no items", param="items", code="missing_field")
+    return items
+
+
 class JobStore:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.stream = settings.jobs_stream
         self.ttl_s = settings.jobs_ttl_s
         self.max_items = settings.jobs_max_items
+        self.page_size = settings.jobs_page_size
+        self.retry_after_s = settings.redis_retry_after_s
+
+    def guard(self) -> contextlib.AbstractContextManager[None]:
+        return redis_guard(self.retry_after_s)
 
     async def ensure_group(self) -> None:
-        from redis.exceptions import ResponseError
-
         try:
             await self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def create(self, request: JobRequest, *, idempotency_key: str | None = None, owner: str | None = None) -> Job:
-        """Queue a job. With an `idempotency_key`, a repeat of the same request (a client retrying after a
-        timeout) gets the job the first one created instead of a duplicate, for as long as jobs live."""
+    def validate(self, request: JobRequest) -> list[tuple[str | None, dict[str, Any]]]:
+        """Every item checked against its endpoint's request schema now (400 naming `items[i]`), so a typo
+        fails the submission rather than thousands of results."""
         if len(request.items) > self.max_items:
             raise BadRequest(f"at most {self.max_items} items per job, got {len(request.items)}", param="items")
         model = REQUEST_MODELS[request.kind]
+        out: list[tuple[str | None, dict[str, Any]]] = []
+        seen: set[str] = set()
         for i, item in enumerate(request.items):
             try:
-                model.model_validate(item)
+                custom_id, body = split_item(item)
+                model.model_validate(body)
             except ValidationError as exc:
                 err = exc.errors()[0]
                 raise BadRequest(f"items[{i}]: {err['msg']}", param=f"items[{i}]{_error_path(err['loc'])}") from None
-        await self.ensure_group()
-        job_id = f"job-{uuid.uuid4().hex}"
-        claim = None
-        if idempotency_key is not None:
-            claim = f"{PREFIX}idem:{owner or '-'}:{idempotency_key}"
-            digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
-            if not await self.redis.set(claim, f"{job_id} {digest}", nx=True, ex=self.ttl_s):
-                return await self._replay(claim, digest)
-        try:
-            return await self._enqueue(job_id, request)
-        except BaseException:
-            if claim is not None:
-                await self.redis.delete(claim)
-            raise
+            if custom_id is not None:
+                if custom_id in seen:
+                    raise BadRequest(
+                        f"items[{i}]: custom_id {custom_id!r} is used twice", param=f"items[{i}].custom_id"
+                    )
+                seen.add(custom_id)
+            out.append((custom_id, body))
+        return out
+
+    async def create(self, request: JobRequest, *, idempotency_key: str | None = None, owner: str | None = None) -> Job:
+        """Queue a job. With an `idempotency_key`, a repeat of the same request (a client retrying after a
+        timeout) gets the job the first one created instead of a duplicate, for as long as jobs live."""
+        items = self.validate(request)
+        with self.guard():
+            await self.ensure_group()
+            job_id = f"job-{uuid.uuid4().hex}"
+            claim = None
+            if idempotency_key is not None:
+                claim = f"{PREFIX}idem:{owner or '-'}:{idempotency_key}"
+                digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+                if not await self.redis.set(claim, f"{job_id} {digest}", nx=True, ex=self.ttl_s):
+                    return await self._replay(claim, digest)
+            try:
+                return await self._enqueue(job_id, request, items)
+            except BaseException:
+                if claim is not None:
+                    with contextlib.suppress(*REDIS_DOWN):
+                        await self.redis.delete(claim)
+                raise
 
     async def _replay(self, claim: str, digest: str) -> Job:
         """The job an earlier request with the same Idempotency-Key created (it may still be being written)."""
@@ -102,19 +198,31 @@ class JobStore:
         if first_digest != digest:
             raise Conflict("this Idempotency-Key was used for a different request body", param="Idempotency-Key")
         for _ in range(100):
-            job = await self.get(first_id)
+            job = await self._get(first_id)
             if job is not None:
                 return job
             await asyncio.sleep(0.02)
         raise Conflict("the request that first used this Idempotency-Key did not complete", param="Idempotency-Key")
 
-    async def _enqueue(self, job_id: str, request: JobRequest) -> Job:
+    async def _enqueue(self, job_id: str, request: JobRequest, items: list[tuple[str | None, dict[str, Any]]]) -> Job:
+        """Items first, then the job hash and every stream entry in one MULTI: a worker never sees an entry
+        without its item, and a submission cut short leaves no job (stray items expire with the TTL)."""
         now = int(time.time())
         key = PREFIX + job_id
+        for start in range(0, len(items), ENQUEUE_CHUNK):
+            chunk = items[start : start + ENQUEUE_CHUNK]
+            mapping = {
+                str(start + i): json.dumps({"custom_id": cid, "body": body} if cid is not None else {"body": body})
+                for i, (cid, body) in enumerate(chunk)
+            }
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(key + ":items", mapping=mapping)
+            pipe.expire(key + ":items", self.ttl_s)
+            await pipe.execute()
         meta = {
             "kind": request.kind,
             "status": "queued",
-            "total": len(request.items),
+            "total": len(items),
             "completed": 0,
             "failed": 0,
             "created": now,
@@ -123,15 +231,17 @@ class JobStore:
         }
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=meta)
-        pipe.hset(key + ":items", mapping={str(i): json.dumps(item) for i, item in enumerate(request.items)})
         pipe.expire(key, self.ttl_s)
-        pipe.expire(key + ":items", self.ttl_s)
-        for i in range(len(request.items)):
+        for i in range(len(items)):
             pipe.xadd(self.stream, {"job": job_id, "index": str(i)})
         await pipe.execute()
-        return await self.get(job_id)  # type: ignore[return-value]
+        return await self._get(job_id)  # type: ignore[return-value]
 
     async def get(self, job_id: str) -> Job | None:
+        with self.guard():
+            return await self._get(job_id)
+
+    async def _get(self, job_id: str) -> Job | None:
         raw = await self.redis.hgetall(PREFIX + job_id)
         if not raw:
             return None
@@ -148,83 +258,84 @@ class JobStore:
             metadata=json.loads(d.get("metadata", "{}")),
         )
 
-    async def results(self, job_id: str) -> JobResults | None:
-        job = await self.get(job_id)
-        if job is None:
-            return None
-        raw = await self.redis.hgetall(PREFIX + job_id + ":results")
-        items = sorted((int(k), json.loads(v)) for k, v in raw.items())
-        data = [JobItemResult(index=i, **entry) for i, entry in items]
-        return JobResults(id=job_id, status=job.status, data=data)
+    async def result_lines(self, job: Job) -> AsyncIterator[str]:
+        """The stored results as JSON texts (`{"index", "custom_id"?, "status", ...}`) in item order, read
+        `RLAIFV_JOBS_PAGE_SIZE` at a time with HMGET, so memory stays flat for any job size. Items without a
+        result yet are skipped. The first page is read before the caller starts a response (see routes/jobs)."""
+        key = PREFIX + job.id + ":results"
+        for start in range(0, job.total, self.page_size):
+            fields = [str(i) for i in range(start, min(start + self.page_size, job.total))]
+            with self.guard():
+                values = await self.redis.hmget(key, fields)
+            for i, raw in enumerate(values, start=start):
+                if raw is not None:
+                    yield f'{{"index":{i},{raw.decode()[1:]}'
 
     async def cancel(self, job_id: str) -> Job | None:
-        job = await self.get(job_id)
-        if job is None:
-            return None
-        if job.status in ("queued", "running"):
-            await self.redis.hset(PREFIX + job_id, mapping={"status": "cancelled", "updated": int(time.time())})
-        return await self.get(job_id)
+        with self.guard():
+            job = await self._get(job_id)
+            if job is None:
+                return None
+            if job.status in ("queued", "running"):
+                await self.redis.hset(PREFIX + job_id, mapping={"status": "cancelled", "updated": int(time.time())})
+            return await self._get(job_id)
 
-    async def item(self, job_id: str, index: int) -> dict[str, Any] | None:
-        raw = await self.redis.hget(PREFIX + job_id + ":items", str(index))
-        return json.loads(raw) if raw is not None else None
-
-    async def has_result(self, job_id: str, index: int) -> bool:
-        return bool(await self.redis.hexists(PREFIX + job_id + ":results", str(index)))
+    async def load(self, job_id: str, index: int) -> tuple[str | None, str | None, bool, dict[str, Any] | None]:
+        """(kind, status, has a result, item) of one stream entry, in one round trip."""
+        key = PREFIX + job_id
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(key, ["kind", "status"])
+        pipe.hexists(key + ":results", str(index))
+        pipe.hget(key + ":items", str(index))
+        (kind, status), has_result, raw = await pipe.execute()
+        return (
+            kind.decode() if kind else None,
+            status.decode() if status else None,
+            bool(has_result),
+            json.loads(raw) if raw is not None else None,
+        )
 
     async def mark_running(self, job_id: str) -> None:
-        key = PREFIX + job_id
-        script = """
-        if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('HSET', KEYS[1], 'status', 'running') end
-        """
-        await self.redis.eval(script, 1, key)
+        await self.redis.eval(MARK_RUNNING, 1, PREFIX + job_id)
 
     async def record(self, job_id: str, index: int, entry: dict[str, Any]) -> None:
         """Store one item's result once; finish the job when every item has one."""
         key = PREFIX + job_id
-        ok = entry["status"] == "succeeded"
-        script = """
-        if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
-          redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
-          redis.call('EXPIRE', KEYS[2], ARGV[5])
-        end
-        redis.call('HSET', KEYS[1], 'updated', ARGV[4])
-        local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
-        local completed = tonumber(redis.call('HGET', KEYS[1], 'completed'))
-        local done = completed + tonumber(redis.call('HGET', KEYS[1], 'failed'))
-        local status = redis.call('HGET', KEYS[1], 'status')
-        if done >= total and status ~= 'cancelled' then
-          if completed == 0 then
-            redis.call('HSET', KEYS[1], 'status', 'failed')
-          else
-            redis.call('HSET', KEYS[1], 'status', 'succeeded')
-          end
-        end
-        return done
-        """
-        field = "completed" if ok else "failed"
+        field = "completed" if entry["status"] == "succeeded" else "failed"
         await self.redis.eval(
-            script, 2, key, key + ":results", str(index), json.dumps(entry), field, int(time.time()), self.ttl_s
+            RECORD, 2, key, key + ":results", str(index), json.dumps(entry), field, int(time.time()), self.ttl_s
         )
+
+    async def ack(self, entry_id: bytes) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xack(self.stream, GROUP, entry_id)
+        pipe.xdel(self.stream, entry_id)
+        await pipe.execute()
 
 
 class JobWorkers:
-    """Consumers of the job stream inside one service replica."""
+    """Consumers of the job stream: inside a service replica, or the whole of an `rlaifv worker` process."""
 
     def __init__(self, store: JobStore, serving: Serving, settings: Settings, metrics: Metrics) -> None:
         self.store = store
         self.serving = serving
         self.count = settings.jobs_workers
         self.claim_idle_ms = settings.jobs_claim_idle_ms
+        self.backoff_max_s = settings.jobs_backoff_max_s
         self.metrics = metrics
         self.batch = max(1, min(settings.max_batch, 16))
-        self._tasks: list[asyncio.Task] = []
+        self.redis_ok = True
+        self._tasks: list[asyncio.Task[None]] = []
         self._base = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
-    def start(self) -> None:
+    def start(self, count: int | None = None) -> None:
         self._tasks = [
-            asyncio.create_task(self._consume(f"{self._base}-{i}"), name=f"rlaifv-jobs-{i}") for i in range(self.count)
+            asyncio.create_task(self._consume(f"{self._base}-{i}"), name=f"rlaifv-jobs-{i}")
+            for i in range(self.count if count is None else count)
         ]
+
+    async def wait(self) -> None:
+        await asyncio.gather(*self._tasks)
 
     async def stop(self) -> None:
         """Stop consuming; entries being processed stay pending and are reclaimed by another worker."""
@@ -234,28 +345,50 @@ class JobWorkers:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    async def _consume(self, consumer: str) -> None:
+    async def _next(self, consumer: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Stale entries of dead consumers first (XAUTOCLAIM), else new ones (XREADGROUP, blocking briefly)."""
         redis = self.store.redis
+        _, entries, *_ = await redis.xautoclaim(
+            self.store.stream, GROUP, consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=self.batch
+        )
+        entries = [e for e in entries if e and e[1]]
+        if entries:
+            return entries
+        reply = await redis.xreadgroup(GROUP, consumer, {self.store.stream: ">"}, count=self.batch, block=250)
+        return reply[0][1] if reply else []
+
+    async def _consume(self, consumer: str) -> None:
+        delay = 0.0
+        group_ready = False
         while True:
             try:
-                await self.store.ensure_group()
-                _, entries, *_ = await redis.xautoclaim(
-                    self.store.stream,
-                    GROUP,
-                    consumer,
-                    min_idle_time=self.claim_idle_ms,
-                    start_id="0-0",
-                    count=self.batch,
-                )
-                entries = [e for e in entries if e and e[1]]
-                if not entries:
-                    reply = await redis.xreadgroup(
-                        GROUP, consumer, {self.store.stream: ">"}, count=self.batch, block=250
-                    )
-                    entries = reply[0][1] if reply else []
-                await asyncio.gather(*(self._process(entry_id, fields) for entry_id, fields in entries))
+                if not group_ready:  # registering the consumer up front shows idle workers in XINFO CONSUMERS
+                    await self.store.ensure_group()
+                    await self.store.redis.xgroup_createconsumer(self.store.stream, GROUP, consumer)
+                    group_ready = True
+                entries = await self._next(consumer)
+                outcomes = await asyncio.gather(*(self._process(*entry) for entry in entries), return_exceptions=True)
+                for outcome in outcomes:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                if delay:
+                    log.warning("redis is reachable again; job worker %s resumes", consumer)
+                    delay = 0.0
+                    self.redis_ok = True
             except asyncio.CancelledError:
                 raise
+            except REDIS_DOWN as exc:
+                if not delay:
+                    log.warning("redis unreachable (%s); job worker %s backs off", type(exc).__name__, consumer)
+                self.redis_ok = False
+                delay = min(max(delay * 2, 0.05), self.backoff_max_s)
+                await asyncio.sleep(delay)
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):  # the stream was lost (a Redis without persistence restarted)
+                    group_ready = False
+                    continue
+                log.exception("job worker error; retrying")
+                await asyncio.sleep(1.0)
             except Exception:
                 log.exception("job worker error; retrying")
                 await asyncio.sleep(1.0)
@@ -263,33 +396,46 @@ class JobWorkers:
     async def _process(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         job_id = fields[b"job"].decode()
         index = int(fields[b"index"])
-        job = await self.store.get(job_id)
-        if job is not None and job.status != "cancelled" and not await self.store.has_result(job_id, index):
-            await self.store.mark_running(job_id)
-            body = await self.store.item(job_id, index)
-            entry = await self._run(job.kind, body)
+        kind, status, has_result, item = await self.store.load(job_id, index)
+        if kind is not None and status != "cancelled" and not has_result:
+            if status == "queued":
+                await self.store.mark_running(job_id)
+            entry = await self._run(kind, item)
             await self.store.record(job_id, index, entry)
             self.metrics.jobs.labels(outcome=entry["status"]).inc()
-        await self.store.redis.xack(self.store.stream, GROUP, entry_id)
+        await self.store.ack(entry_id)
 
-    async def _run(self, kind: str, body: dict[str, Any] | None) -> dict[str, Any]:
+    async def _run(self, kind: str, item: dict[str, Any] | None) -> dict[str, Any]:
+        entry: dict[str, Any] = {}
+        if item is not None and item.get("custom_id") is not None:
+            entry["custom_id"] = item["custom_id"]
         try:
-            if body is None:
+            if item is None:
                 raise BadRequest("job item is missing (expired?)")
-            if kind == "best_of_n":
-                response = await self.serving.best_of_n(BestOfNRequest.model_validate(body), None)
-            else:
-                response = await self.serving.rewards(RewardsRequest.model_validate(body), None)
-            return {"status": "succeeded", "result": response.model_dump(mode="json")}
+            response = await self._serve(kind, item["body"])
+            return entry | {"status": "succeeded", "result": response.model_dump(mode="json")}
         except ServiceError as exc:
-            return _failed(exc.message, exc.param, exc.code, exc.type)
+            return entry | _failed(exc.message, exc.param, exc.code, exc.type)
         except InvalidInputError as exc:
-            return _failed(exc.message, exc.param, "invalid_value")
+            return entry | _failed(exc.message, exc.param, invalid_input_code(exc))
         except ValidationError as exc:
-            return _failed(str(exc.errors()[0]["msg"]), None, "invalid_value")
+            return entry | _failed(str(exc.errors()[0]["msg"]), None, "invalid_value")
         except Exception:  # a bug must not leave a poison entry that is reclaimed forever
             log.exception("job item failed")
-            return _failed("internal server error", None, "internal_error", "internal_error")
+            return entry | _failed("internal server error", None, "internal_error", "internal_error")
+
+    async def _serve(self, kind: str, body: dict[str, Any]) -> Any:
+        """One item through the serving code. A full scheduler queue (HTTP traffic has the priority) is waited
+        out here instead of failing the item: jobs are the work that can wait."""
+        delay = 0.05
+        while True:
+            try:
+                if kind == "best_of_n":
+                    return await self.serving.best_of_n(BestOfNRequest.model_validate(body), None)
+                return await self.serving.rewards(RewardsRequest.model_validate(body), None)
+            except Overloaded:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
 
 def _failed(message: str, param: str | None, code: str | None, type_: str = "invalid_request_error") -> dict[str, Any]:

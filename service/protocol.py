@@ -667,12 +667,21 @@ class Health(BaseModel):
 # -- /v1/jobs ----------------------------------------------------------------------------
 
 
+class JobItem(Strict):
+    """An item with the client's own id, echoed in its result (`custom_id`), e.g. a row key of the dataset."""
+
+    custom_id: str = Field(min_length=1, max_length=256, description="The client's id of the item (unique in the job).")
+    body: dict[str, Any] = Field(description="The request body, exactly as for POST /v1/best-of-n or /v1/rewards.")
+
+
 class JobRequest(Strict):
     """A durable batch job: many best-of-n or rewards requests, run by workers from a Redis stream."""
 
     kind: Literal["best_of_n", "rewards"] = Field(description="Which endpoint each item is a request for.")
     items: list[dict[str, Any]] = Field(
-        min_length=1, description="Request bodies, each exactly as for POST /v1/best-of-n or /v1/rewards."
+        min_length=1,
+        description="Request bodies, each exactly as for POST /v1/best-of-n or /v1/rewards, or "
+        '`{"custom_id": "...", "body": {...}}` to carry the client\'s id into the result.',
     )
     metadata: dict[str, str] = Field(default_factory=dict, description="Free-form labels stored with the job.")
 
@@ -683,7 +692,11 @@ class JobRequest(Strict):
                 {
                     "kind": "rewards",
                     "items": [
-                        {"images": [PNG_1PX], "question": "What is in the image?", "answers": ["a dot.", "a cat."]}
+                        {"images": [PNG_1PX], "question": "What is in the image?", "answers": ["a dot.", "a cat."]},
+                        {
+                            "custom_id": "row-2",
+                            "body": {"images": [PNG_1PX], "question": "What colour?", "answers": ["black."]},
+                        },
                     ],
                     "metadata": {"run": "eval-7"},
                 }
@@ -709,7 +722,10 @@ class Job(BaseModel):
 
 
 class JobItemResult(BaseModel):
-    index: int
+    """One line of `GET /v1/jobs/{id}/results?format=jsonl` (and one element of `data` in the JSON form)."""
+
+    index: int = Field(description="Position of the item in the submission (0-based; the line number in an upload).")
+    custom_id: str | None = Field(None, description="The item's `custom_id`, when it had one.")
     status: Literal["succeeded", "failed"]
     result: Annotated[BestOfNResponse | RewardsResponse, Field(discriminator="object")] | None = Field(
         None, description="The endpoint's response body, by the job's kind."
@@ -721,4 +737,4 @@ class JobResults(BaseModel):
     id: str
     object: Literal["list"] = "list"
     status: JobStatusName
-    data: list[JobItemResult] = Field(description="Results so far, by item index.")
+    data: list[JobItemResult] = Field(description="Results so far, by item index (items without one are left out).")

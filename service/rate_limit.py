@@ -1,13 +1,19 @@
 """Rate limits per client: fixed one-minute windows, counted in Redis when RLAIFV_REDIS_URL is set (shared by
-replicas: INCR + EXPIRE in one pipeline), in memory otherwise."""
+replicas: INCR + EXPIRE in one pipeline), in memory otherwise. While Redis is unreachable each replica counts
+in memory: the limit then holds per replica instead of across them, and requests are never failed for it."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
 
+from rlaifv.service.redis_conn import REDIS_DOWN
+
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+
+log = logging.getLogger("rlaifv.rate_limit")
 
 
 class RateLimiter:
@@ -24,13 +30,17 @@ class RateLimiter:
         now = time.time()
         window = int(now // 60)
         retry = max(1, int(60 - now % 60))
+        count = None
         if self.redis is not None:
             key = f"{self.prefix}{client}:{window}"
             pipe = self.redis.pipeline()
             pipe.incr(key)
             pipe.expire(key, 120)
-            count, _ = await pipe.execute()
-        else:
+            try:
+                count, _ = await pipe.execute()
+            except REDIS_DOWN as exc:
+                log.warning("rate limit counted in memory: redis unavailable (%s)", type(exc).__name__)
+        if count is None:
             seen_window, count = self._memory.get(client, (window, 0))
             count = count + 1 if seen_window == window else 1
             self._memory[client] = (window, count)

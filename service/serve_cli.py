@@ -32,6 +32,28 @@ def build_settings(**overrides: Any):
     return Settings(**given)
 
 
+RedisUrl = Annotated[
+    str | None, typer.Option(help="Redis for jobs, cache, rate limits; rediss:// for TLS (env RLAIFV_REDIS_URL).")
+]
+RedisPassword = Annotated[
+    str | None,
+    typer.Option(
+        help="Redis password (env RLAIFV_REDIS_PASSWORD; prefer the env: flags show in `ps`).", show_default=False
+    ),
+]
+RedisUsername = Annotated[str | None, typer.Option(help="Redis ACL user (env RLAIFV_REDIS_USERNAME).")]
+RedisTls = Annotated[
+    bool | None, typer.Option("--redis-tls/--no-redis-tls", help="TLS to Redis (env RLAIFV_REDIS_TLS).")
+]
+RedisTlsCa = Annotated[Path | None, typer.Option(help="CA bundle for Redis TLS (env RLAIFV_REDIS_TLS_CA_FILE).")]
+RedisTlsCert = Annotated[Path | None, typer.Option(help="Client certificate (env RLAIFV_REDIS_TLS_CERT_FILE).")]
+RedisTlsKey = Annotated[Path | None, typer.Option(help="Client certificate key (env RLAIFV_REDIS_TLS_KEY_FILE).")]
+RedisConnectTimeout = Annotated[
+    float | None, typer.Option(help="Redis connect timeout, s (env RLAIFV_REDIS_CONNECT_TIMEOUT_S).")
+]
+RedisTimeout = Annotated[float | None, typer.Option(help="Redis command timeout, s (env RLAIFV_REDIS_TIMEOUT_S).")]
+
+
 def serve(
     bundle: Annotated[
         Path | None,
@@ -65,9 +87,15 @@ def serve(
     api_keys_file: Annotated[
         Path | None, typer.Option(help="File of API keys, one per line (env RLAIFV_API_KEYS_FILE).")
     ] = None,
-    redis_url: Annotated[
-        str | None, typer.Option(help="Redis for jobs, cache, rate limits (env RLAIFV_REDIS_URL).")
-    ] = None,
+    redis_url: RedisUrl = None,
+    redis_password: RedisPassword = None,
+    redis_username: RedisUsername = None,
+    redis_tls: RedisTls = None,
+    redis_tls_ca_file: RedisTlsCa = None,
+    redis_tls_cert_file: RedisTlsCert = None,
+    redis_tls_key_file: RedisTlsKey = None,
+    redis_connect_timeout_s: RedisConnectTimeout = None,
+    redis_timeout_s: RedisTimeout = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning (env RLAIFV_LOG_LEVEL).")] = None,
 ) -> None:
     """Serve best-of-N and rewards over HTTP (FastAPI + uvicorn). Settings: RLAIFV_* environment variables."""
@@ -93,6 +121,14 @@ def serve(
         request_timeout_s=request_timeout_s,
         api_keys_file=api_keys_file,
         redis_url=redis_url,
+        redis_password=redis_password,
+        redis_username=redis_username,
+        redis_tls=redis_tls,
+        redis_tls_ca_file=redis_tls_ca_file,
+        redis_tls_cert_file=redis_tls_cert_file,
+        redis_tls_key_file=redis_tls_key_file,
+        redis_connect_timeout_s=redis_connect_timeout_s,
+        redis_timeout_s=redis_timeout_s,
         log_level=log_level,
     )
     configure_logging(settings.log_level)

@@ -32,7 +32,8 @@ CommaList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
-    """Configuration of `rlaifv serve`. Environment names are the field names upper-cased with `RLAIFV_`."""
+    """Configuration of `rlaifv serve` and `rlaifv worker`. Environment names: the field names upper-cased,
+    prefixed with `RLAIFV_`."""
 
     model_config = SettingsConfigDict(env_prefix="RLAIFV_", extra="ignore", validate_default=True)
 
@@ -101,7 +102,21 @@ class Settings(BaseSettings):
 
     # -- redis ------------------------------------------------------------------
     redis_url: str | None = Field(
-        None, description="redis://... for jobs, reward cache and rate limits; memory when unset."
+        None, description="redis://... (rediss:// for TLS) for jobs, reward cache and rate limits; memory when unset."
+    )
+    redis_password: str | None = Field(None, description="Redis password (AUTH); overrides one in the URL.")
+    redis_username: str | None = Field(None, description="Redis ACL user name (with redis_password).")
+    redis_tls: bool = Field(False, description="Use TLS even when the URL says redis:// (rediss:// implies TLS).")
+    redis_tls_ca_file: Path | None = Field(None, description="CA bundle that signs the Redis server's certificate.")
+    redis_tls_cert_file: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    redis_tls_key_file: Path | None = Field(None, description="Key of the client certificate.")
+    redis_connect_timeout_s: float = Field(2.0, gt=0, description="Connecting to Redis gives up after this long.")
+    redis_timeout_s: float = Field(
+        5.0, gt=0, description="One Redis command gives up after this long (an outage then costs at most this)."
+    )
+    redis_retry_after_s: int = Field(5, ge=1, description="Retry-After of job endpoints' 503 while Redis is down.")
+    ready_requires_redis: bool = Field(
+        False, description="Make /readyz answer 503 while Redis is unreachable (off: Redis state is only reported)."
     )
     cache_size: int = Field(1024, ge=0, description="Entries of the in-memory reward cache; 0 disables caching.")
     cache_ttl_s: int = Field(3600, ge=1, description="Lifetime of a cached reward.")
@@ -111,7 +126,13 @@ class Settings(BaseSettings):
     jobs_stream: str = Field("rlaifv:jobs", description="Redis stream holding batch-job work items.")
     jobs_workers: int = Field(1, ge=0, description="Job consumers this replica runs (0: accept jobs, run none).")
     jobs_claim_idle_ms: int = Field(60_000, ge=100, description="Idle time after which another worker reclaims a job.")
-    jobs_max_items: int = Field(256, ge=1, description="Most items in one batch job.")
+    jobs_max_items: int = Field(10_000, ge=1, description="Most items in one batch job.")
+    jobs_page_size: int = Field(
+        500, ge=1, le=10_000, description="Results read from Redis per round trip while streaming a job's results."
+    )
+    jobs_backoff_max_s: float = Field(
+        5.0, gt=0, description="Longest pause of a job worker between attempts while Redis is unreachable."
+    )
     jobs_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long job status and results are kept.")
 
     @field_validator("allowed_image_formats", "allowed_image_hosts", "api_keys", mode="before")
@@ -147,6 +168,29 @@ class Settings(BaseSettings):
                 raise ValueError(f"cannot read api_keys_file {self.api_keys_file}: {exc.strerror}") from None
             keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         return keys
+
+    def redis_options(self) -> dict[str, Any]:
+        """Keyword arguments of `redis.asyncio.Redis.from_url` besides the URL (timeouts, auth, TLS)."""
+        options: dict[str, Any] = {
+            "socket_connect_timeout": self.redis_connect_timeout_s,
+            "socket_timeout": self.redis_timeout_s,
+            "health_check_interval": 10,
+        }
+        if self.redis_password is not None:
+            options["password"] = self.redis_password
+        if self.redis_username is not None:
+            options["username"] = self.redis_username
+        tls = self.redis_tls or (self.redis_url or "").startswith("rediss://")
+        if tls:
+            if not (self.redis_url or "").startswith("rediss://"):
+                options["ssl"] = True
+            if self.redis_tls_ca_file is not None:
+                options["ssl_ca_certs"] = str(self.redis_tls_ca_file)
+            if self.redis_tls_cert_file is not None:
+                options["ssl_certfile"] = str(self.redis_tls_cert_file)
+            if self.redis_tls_key_file is not None:
+                options["ssl_keyfile"] = str(self.redis_tls_key_file)
+        return options
 
     def api_key_hashes(self) -> list[bytes]:
         return [hashlib.sha256(key.encode()).digest() for key in self.load_api_keys()]

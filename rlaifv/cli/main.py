@@ -1,4 +1,4 @@
-"""The `rlaifv` command: serve, bench, bundle, convert, train, feedback, demo.
+"""The `rlaifv` command: serve, worker, bench, bundle, convert, train, feedback, demo.
 
 Subcommands import their heavy dependencies inside their bodies, so
 `rlaifv --help` answers instantly.
@@ -64,11 +64,23 @@ def _register_optional() -> None:
     else:
         app.command("serve")(serve)
     try:
+        from rlaifv.service.worker_cli import worker
+    except ImportError:
+        pass
+    else:
+        app.command("worker")(worker)
+    try:
         from rlaifv.bench.service import bench_service
     except ImportError:
         pass
     else:
         bench_app.command("service")(bench_service)
+    try:
+        from rlaifv.bench.soak import bench_soak
+    except ImportError:
+        pass
+    else:
+        bench_app.command("soak")(bench_soak)
     try:
         from rlaifv.trainer.cli import feedback, train_app
     except ImportError:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,22 +21,36 @@ async def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Health,
-    responses={503: {"model": Health, "description": "Not ready: loading, shutting down, or Redis unreachable."}},
-    summary="Readiness: model loaded and warm, Redis reachable when configured",
+    responses={
+        503: {
+            "model": Health,
+            "description": "Not ready: loading or shutting down (or, with "
+            "RLAIFV_READY_REQUIRES_REDIS, Redis unreachable).",
+        }
+    },
+    summary="Readiness: model loaded and warm; Redis state reported",
 )
 async def readyz(request: Request) -> Response:
+    """Ready means the model answers. Redis is checked and reported (`checks.redis`) but, unless
+    RLAIFV_READY_REQUIRES_REDIS is set, does not make the replica unready: every replica shares the one Redis,
+    so failing readiness on it would pull all of them out of the load balancer at once and turn an outage of
+    jobs (503 with Retry-After) into an outage of the synchronous endpoints, which work without Redis."""
     state = request.app.state
     checks = {"model": "ok" if getattr(state, "ready", False) else "loading"}
     if getattr(state, "shutting_down", False):
         checks["model"] = "shutting_down"
     redis = getattr(state, "redis", None)
+    required = ["model"]
     if redis is not None:
+        settings = state.settings
+        if settings.ready_requires_redis:
+            required.append("redis")
         try:
-            await redis.ping()
+            await asyncio.wait_for(redis.ping(), timeout=settings.redis_connect_timeout_s)
             checks["redis"] = "ok"
-        except Exception as exc:  # any failure means not ready
+        except Exception as exc:  # any failure means Redis is not usable now
             checks["redis"] = f"unreachable: {type(exc).__name__}"
-    ok = all(v == "ok" for v in checks.values())
+    ok = all(checks[name] == "ok" for name in required)
     body = Health(status="ok" if ok else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 

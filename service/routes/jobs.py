@@ -1,15 +1,30 @@
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Path, Request
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 
-from rlaifv.service.errors import NotEnabled, NotFound, error_responses
-from rlaifv.service.jobs import JobStore
+from rlaifv.service.errors import BadRequest, NotEnabled, NotFound, error_responses
+from rlaifv.service.jobs import JobStore, parse_jsonl
 from rlaifv.service.protocol import Job, JobRequest, JobResults
 
 router = APIRouter(tags=["jobs"])
 JobId = Annotated[str, Path(description="Job id returned by POST /v1/jobs.", max_length=64)]
+JSONL = "application/x-ndjson"
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._:-]+$",
+        description="Makes the submission safe to retry: a repeat with the same key and body returns the "
+        "job the first one created (same body required, else 409). The SDK sends one per submit.",
+    ),
+]
 
 
 def get_store(request: Request) -> JobStore:
@@ -22,7 +37,7 @@ def get_store(request: Request) -> JobStore:
 StoreDep = Annotated[JobStore, Depends(get_store)]
 
 
-async def _found(job: Job | JobResults | None, job_id: str):
+def _found(job: Job | None, job_id: str) -> Job:
     if job is None:
         raise NotFound(f"job '{job_id}' does not exist (or has expired)", param="job_id", code="job_not_found")
     return job
@@ -36,25 +51,48 @@ async def _found(job: Job | JobResults | None, job_id: str):
     summary="Submit a durable batch job (Redis Streams)",
 )
 async def create_job(
-    body: JobRequest,
-    store: StoreDep,
-    request: Request,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            min_length=1,
-            max_length=128,
-            pattern=r"^[A-Za-z0-9._:-]+$",
-            description="Makes the submission safe to retry: a repeat with the same key and body returns the "
-            "job the first one created (same body required, else 409). The SDK sends one per submit.",
-        ),
-    ] = None,
+    body: JobRequest, store: StoreDep, request: Request, idempotency_key: IdempotencyKey = None
 ) -> Job:
-    """Queues every item (a /v1/best-of-n or /v1/rewards request body) on the job stream. Items are
-    checked against the request schema now; limits (n, max_tokens, images) are applied when an item
-    runs, and an item that breaks them gets an error result. Poll GET /v1/jobs/{id}."""
+    """Queues every item (a /v1/best-of-n or /v1/rewards request body, optionally wrapped as
+    `{"custom_id", "body"}`) on the job stream. Items are checked against the request schema now; limits
+    (n, max_tokens, images) are applied when an item runs, and an item that breaks them gets an error
+    result. Poll GET /v1/jobs/{id}; read GET /v1/jobs/{id}/results."""
     owner = getattr(request.state, "key_id", None)
     return await store.create(body, idempotency_key=idempotency_key, owner=owner)
+
+
+@router.post(
+    "/v1/jobs/upload",
+    status_code=202,
+    response_model=Job,
+    responses=error_responses(400, 401, 403, 409, 413, 429, 501, 503),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {JSONL: {"schema": {"type": "string", "description": "One item per line."}}},
+        }
+    },
+    summary="Submit a batch job as a JSONL file",
+)
+async def upload_job(
+    request: Request,
+    store: StoreDep,
+    kind: Annotated[Literal["best_of_n", "rewards"], Query(description="Which endpoint each line is a request for.")],
+    metadata: Annotated[
+        str | None, Query(max_length=4096, description='Labels stored with the job, as a JSON object: {"run": "7"}.')
+    ] = None,
+    idempotency_key: IdempotencyKey = None,
+) -> Job:
+    """The body is a JSONL file: one item per line, as in the `items` of POST /v1/jobs (a request body, or
+    `{"custom_id": "...", "body": {...}}`). A line that is not a JSON object is a 400 naming `items[i]`."""
+    items = parse_jsonl((await request.body()).splitlines())
+    try:
+        labels = json.loads(metadata) if metadata else {}
+        job = JobRequest(kind=kind, items=items, metadata=labels)
+    except (ValueError, ValidationError):
+        raise BadRequest("metadata must be a JSON object of strings", param="metadata") from None
+    owner = getattr(request.state, "key_id", None)
+    return await store.create(job, idempotency_key=idempotency_key, owner=owner)
 
 
 @router.get(
@@ -64,17 +102,50 @@ async def create_job(
     summary="Job status",
 )
 async def get_job(job_id: JobId, store: StoreDep) -> Job:
-    return await _found(await store.get(job_id), job_id)
+    return _found(await store.get(job_id), job_id)
 
 
 @router.get(
     "/v1/jobs/{job_id}/results",
     response_model=JobResults,
-    responses=error_responses(400, 401, 403, 404, 429, 501, 503),
-    summary="Results of a job so far, by item index",
+    responses={
+        200: {
+            "description": "JSON (`JobResults`), or with `format=jsonl` / `Accept: application/x-ndjson` one "
+            "`JobItemResult` per line.",
+            "content": {JSONL: {"schema": {"type": "string"}}},
+        },
+        **error_responses(400, 401, 403, 404, 429, 501, 503),
+    },
+    summary="Results of a job so far, in item order (JSON or streamed JSONL)",
 )
-async def get_job_results(job_id: JobId, store: StoreDep) -> JobResults:
-    return await _found(await store.results(job_id), job_id)
+async def get_job_results(
+    job_id: JobId,
+    store: StoreDep,
+    request: Request,
+    format: Annotated[
+        Literal["json", "jsonl"] | None,
+        Query(description="jsonl: one result per line (also chosen by `Accept: application/x-ndjson`)."),
+    ] = None,
+) -> StreamingResponse:
+    """Both forms are streamed from Redis a page at a time, so a 10,000-item job costs the server one page of
+    memory. Items without a result yet are left out. Should Redis fail mid-stream the body ends early (a
+    JSON body is then invalid, a JSONL one short): compare the count with the job's `completed + failed`."""
+    job = _found(await store.get(job_id), job_id)
+    jsonl = format == "jsonl" or (format is None and JSONL in request.headers.get("accept", ""))
+    lines = store.result_lines(job)
+    first = await anext(lines, None)  # Redis failing here is still a 503, not a cut-off 200
+
+    async def body() -> AsyncIterator[str]:
+        if not jsonl:
+            yield json.dumps({"id": job.id, "object": "list", "status": job.status})[:-1] + ', "data": ['
+        if first is not None:
+            yield first + ("\n" if jsonl else "")
+            async for line in lines:
+                yield (line + "\n") if jsonl else ("," + line)
+        if not jsonl:
+            yield "]}"
+
+    return StreamingResponse(body(), media_type=JSONL if jsonl else "application/json")
 
 
 @router.delete(
@@ -85,4 +156,4 @@ async def get_job_results(job_id: JobId, store: StoreDep) -> JobResults:
 )
 async def cancel_job(job_id: JobId, store: StoreDep) -> Job:
     """Items not yet started are skipped; results already stored are kept."""
-    return await _found(await store.cancel(job_id), job_id)
+    return _found(await store.cancel(job_id), job_id)

@@ -1,38 +1,335 @@
-"""The Kubernetes manifests use the same setting names as the code, and probe real routes."""
+"""What the rendered overlays of deploy/k8s promise: the settings they set exist and parse, the probes hit real
+routes on the configured port, shutdown fits in the grace period, pods are locked down, GPUs, models, secrets,
+Redis, the worker, autoscaling and network policies are wired to each other. Rendering: tests/deploy/conftest.py."""
 
+from __future__ import annotations
+
+import os
+import re
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
+from deploy_helpers import GPU_OVERLAYS, K8S, OVERLAYS, find, one, workloads
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
+from rlaifv.service.app import create_app
+from rlaifv.service.default_model import default_bundle
 from rlaifv.service.settings import Settings
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+SETTINGS_ENV = {f"RLAIFV_{name.upper()}" for name in Settings.model_fields}
+# Env names the pods set that are not Settings fields, and why.
+OTHER_ENV = {"REDIS_PASSWORD": "expanded into RLAIFV_REDIS_URL ($(REDIS_PASSWORD)); Settings never reads it"}
+OUR_CONTAINERS = {"server", "worker"}
+# Ideas of "long enough" for the startup probe: a GPU pod loads a 7B pair from network storage.
+STARTUP_BUDGET_S = {"gpu": 600, "cpu": 120}
 
 
-def _docs(name: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d]
+def _pod(workload: dict[str, Any]) -> dict[str, Any]:
+    return workload["spec"]["template"]["spec"]
 
 
-def test_configmap_names_are_settings():
-    (configmap,) = _docs("configmap.yaml")
-    fields = {f"RLAIFV_{name.upper()}" for name in Settings.model_fields}
-    unknown = sorted(set(configmap["data"]) - fields)
-    assert not unknown, f"configmap names unknown to service.settings.Settings: {unknown}"
+def _containers(docs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(workload, container) of the server and the worker, which run our image."""
+    return [(w, c) for w in workloads(docs) for c in _pod(w)["containers"] if c["name"] in OUR_CONTAINERS]
 
 
-def test_probes_hit_health_routes_and_grace_outlasts_shutdown():
-    (deployment,) = _docs("deployment.yaml")
-    spec = deployment["spec"]["template"]["spec"]
-    container = spec["containers"][0]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    (configmap,) = _docs("configmap.yaml")
-    assert spec["terminationGracePeriodSeconds"] > float(configmap["data"]["RLAIFV_SHUTDOWN_GRACE_S"])
+def _env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str | None]:
+    """The container's environment as Kubernetes builds it: envFrom ConfigMaps, then env (secrets as None)."""
+    env: dict[str, str | None] = {}
+    for source in container.get("envFrom", []):
+        env.update(one(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    for item in container.get("env", []):
+        env[item["name"]] = item.get("value")
+    return env
 
 
-def test_kustomization_lists_existing_files():
-    (kustomization,) = _docs("kustomization.yaml")
-    for resource in kustomization["resources"]:
-        assert (DEPLOY / resource).is_file(), resource
+def _server(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    (pair,) = [(w, c) for w, c in _containers(docs) if c["name"] == "server"]
+    return pair
+
+
+def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        value = labels.get(expr["key"])
+        ok = {"In": value in expr.get("values", []), "NotIn": value not in expr.get("values", [])}.get(
+            expr["operator"], (value is not None) == (expr["operator"] == "Exists")
+        )
+        if not ok:
+            return False
+    return True
+
+
+def test_every_kustomization_lists_existing_files_and_every_component_is_used(rendered):
+    used = set()
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        spec = yaml.safe_load(kustomization.read_text())
+        for entry in spec.get("resources", []) + spec.get("components", []):
+            assert (kustomization.parent / entry).exists(), f"{kustomization}: {entry}"
+        used |= {(kustomization.parent / c).resolve() for c in spec.get("components", [])}
+    components = {p.parent.resolve() for p in (K8S / "components").glob("*/kustomization.yaml")}
+    assert components <= used, f"components no overlay uses (so never rendered here): {components - used}"
+    assert set(rendered) == set(OVERLAYS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_env_names_are_settings_and_values_parse(rendered, overlay, tmp_path, monkeypatch):
+    docs = rendered[overlay]
+    configmap = one(docs, "ConfigMap", "rlaifv")
+    unknown = sorted(set(configmap["data"]) - SETTINGS_ENV)
+    assert not unknown, f"{overlay}: ConfigMap names unknown to Settings: {unknown}"
+    for workload, container in _containers(docs):
+        env = _env(docs, container)
+        names = list(env)
+        unknown = sorted(n for n in names if n not in SETTINGS_ENV and n not in OTHER_ENV)
+        assert not unknown, f"{overlay} {workload['metadata']['name']}: not Settings fields: {unknown}"
+        defined: list[str] = []
+        for item in container.get("env", []):  # $(VAR) only expands names defined earlier in env
+            for ref in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", item.get("value", "")):
+                assert ref in defined, f"{overlay}: {item['name']} uses $({ref}) before it is defined"
+            defined.append(item["name"])
+        # The values parse as Settings (the API-keys file and the password are stand-ins for the mounted secrets).
+        keys = tmp_path / "keys"
+        keys.write_text("# one key per line\nk8s-test-key-0123456789\n")
+        for name in [n for n in os.environ if n.startswith("RLAIFV_")]:
+            monkeypatch.delenv(name)
+        for name, value in env.items():
+            value = (value or "").replace("$(REDIS_PASSWORD)", "hex0123")
+            monkeypatch.setenv(name, str(keys) if name == "RLAIFV_API_KEYS_FILE" else value)
+        settings = Settings()
+        assert settings.load_api_keys() == ["k8s-test-key-0123456789"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_hit_the_app_routes_on_the_configured_port(rendered, overlay):
+    docs = rendered[overlay]
+    workload, container = _server(docs)
+    env = _env(docs, container)
+    port = int(env.get("RLAIFV_PORT") or Settings.model_fields["port"].default)
+    (http,) = [p for p in container["ports"] if p["name"] == "http"]
+    assert http["containerPort"] == port
+    assert container["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert env["RLAIFV_HOST"] == "0.0.0.0", "the pod must listen beyond loopback"
+    service = one(docs, "Service", "rlaifv")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    assert _matches({"matchLabels": service["spec"]["selector"]}, workload["spec"]["template"]["metadata"]["labels"])
+
+
+def test_probe_routes_answer_as_the_probes_expect():
+    """Before the lifespan has loaded a model, /healthz is alive and /readyz is not ready; /metrics exists."""
+    app = create_app(Settings(bundle=default_bundle()))
+    client = TestClient(app)  # no `with`: the lifespan (model load) does not run
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 503
+    assert client.get("/metrics").status_code == 200
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_startup_probe_covers_model_loading(rendered, overlay):
+    _, container = _server(rendered[overlay])
+    probe = container["startupProbe"]
+    budget = probe["periodSeconds"] * probe["failureThreshold"]
+    assert budget >= STARTUP_BUDGET_S["gpu" if overlay in GPU_OVERLAYS else "cpu"], f"{overlay}: {budget} s"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_termination_grace_outlasts_the_drain(rendered, overlay):
+    docs = rendered[overlay]
+    for workload, container in _containers(docs):
+        env = _env(docs, container)
+        drain = float(env.get("RLAIFV_SHUTDOWN_GRACE_S") or Settings.model_fields["shutdown_grace_s"].default)
+        pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        sleep = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
+        grace = _pod(workload)["terminationGracePeriodSeconds"]
+        assert grace >= sleep + drain + 5, f"{overlay} {workload['metadata']['name']}: {grace} < {sleep} + {drain} + 5"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_are_locked_down(rendered, overlay):
+    for workload in workloads(rendered[overlay]):
+        name = workload["metadata"]["name"]
+        pod = _pod(workload)
+        assert pod["automountServiceAccountToken"] is False, name
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["runAsUser"] >= 10000, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        mounts_by_volume = {v["name"]: v for v in pod["volumes"]}
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            where = f"{overlay} {name}/{container['name']}"
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc.get("privileged") is False, where
+            assert sc["readOnlyRootFilesystem"] is True and sc["runAsNonRoot"] is True, where
+            assert sc["capabilities"] == {"drop": ["ALL"]}, where
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"][kind]), f"{where}: {kind}"
+            # With a read-only root, /tmp must be a volume.
+            assert any(m["mountPath"] == "/tmp" for m in container["volumeMounts"]), where
+            for mount in container["volumeMounts"]:
+                assert mount["name"] in mounts_by_volume or mount["name"] in {
+                    t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])
+                }, where
+
+
+def test_image_cache_paths_are_mounted_writable(rendered):
+    """HOME, HF_HOME and XDG_CACHE_HOME (set in the images) lie on an emptyDir mount of every rlaifv container."""
+    cache_env = {}
+    for dockerfile in ("Dockerfile", "Dockerfile.cpu"):
+        text = (K8S.parent / dockerfile).read_text()
+        cache_env.update(dict(re.findall(r"\b(HOME|HF_HOME|XDG_CACHE_HOME)=(\S+)", text)))
+    assert set(cache_env) == {"HOME", "HF_HOME", "XDG_CACHE_HOME"}
+    for overlay, docs in rendered.items():
+        for workload, container in _containers(docs):
+            volumes = {v["name"]: v for v in _pod(workload)["volumes"]}
+            writable = [
+                m["mountPath"]
+                for m in container["volumeMounts"]
+                if not m.get("readOnly") and "emptyDir" in volumes[m["name"]]
+            ]
+            for name, path in cache_env.items():
+                assert any(Path(path).is_relative_to(w) for w in writable), f"{overlay}: {name}={path} not writable"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gpu_resources_and_scheduling(rendered, overlay):
+    docs = rendered[overlay]
+    for workload, container in _containers(docs):
+        pod = _pod(workload)
+        env = _env(docs, container)
+        if overlay in GPU_OVERLAYS:
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+            assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+            assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+            assert env["RLAIFV_DEVICE"] == "cuda"
+        else:
+            assert "nvidia.com/gpu" not in str(pod)
+            assert env["RLAIFV_DEVICE"] == "cpu"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_model_weights_come_from_a_volume_never_the_image(rendered, overlay):
+    docs = rendered[overlay]
+    for workload, container in _containers(docs):
+        env = _env(docs, container)
+        pod = _pod(workload)
+        if overlay not in GPU_OVERLAYS:  # the CPU image serves the shapes bundle inside the package
+            assert "RLAIFV_BUNDLE" not in env
+            assert not find(docs, "PersistentVolumeClaim")
+            continue
+        bundle = Path(env["RLAIFV_BUNDLE"])
+        (mount,) = [m for m in container["volumeMounts"] if bundle.is_relative_to(m["mountPath"])]
+        assert mount["readOnly"] is True
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        if "persistentVolumeClaim" in volume:
+            claim = one(docs, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+            assert claim["spec"]["accessModes"] in (["ReadOnlyMany"], ["ReadWriteMany"]), "shared by replicas"
+        else:  # components/model-from-object-storage: an init container fills an emptyDir first
+            assert "emptyDir" in volume
+            (fetch,) = pod["initContainers"]
+            assert str(bundle) in " ".join(fetch["command"])
+            assert any(m["name"] == volume["name"] and not m.get("readOnly") for m in fetch["volumeMounts"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_secrets_are_referenced_never_shipped(rendered, overlay):
+    docs = rendered[overlay]
+    assert not find(docs, "Secret"), (
+        "secrets are created by the platform team (deploy/README.md), never applied from git"
+    )
+    for workload, container in _containers(docs):
+        env = _env(docs, container)
+        (password,) = [e for e in container["env"] if e["name"] == "REDIS_PASSWORD"]
+        assert password["valueFrom"]["secretKeyRef"] == {"name": "rlaifv-redis", "key": "password"}
+        assert "$(REDIS_PASSWORD)@" in env["RLAIFV_REDIS_URL"]
+        if container["name"] == "server":
+            keys = Path(env["RLAIFV_API_KEYS_FILE"])
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(keys.parent)]
+            (volume,) = [v for v in _pod(workload)["volumes"] if v["name"] == mount["name"]]
+            assert volume["secret"]["secretName"] == "rlaifv-api-keys"
+    redis = one(docs, "StatefulSet", "rlaifv-redis")
+    volumes = _pod(redis)["volumes"]
+    assert {"name": "redis-password", "secret": {"secretName": "rlaifv-redis", "defaultMode": 0o440}} in volumes
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_redis_is_persistent_and_is_what_the_pods_use(rendered, overlay):
+    docs = rendered[overlay]
+    redis = one(docs, "StatefulSet", "rlaifv-redis")
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    (container,) = _pod(redis)["containers"]
+    assert any(m["name"] == claim["metadata"]["name"] and m["mountPath"] == "/data" for m in container["volumeMounts"])
+    command = " ".join(container["command"] + container["args"])
+    assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
+    service = one(docs, "Service", "rlaifv-redis")
+    port = service["spec"]["ports"][0]["port"]
+    assert _matches({"matchLabels": service["spec"]["selector"]}, redis["spec"]["template"]["metadata"]["labels"])
+    for _, ours in _containers(docs):
+        url = _env(docs, ours)["RLAIFV_REDIS_URL"]
+        assert re.fullmatch(rf"redis://:\$\(REDIS_PASSWORD\)@rlaifv-redis:{port}/\d+", url), url
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_runs_jobs_and_the_server_does_not(rendered, overlay):
+    docs = rendered[overlay]
+    by_name = {c["name"]: (w, c) for w, c in _containers(docs)}
+    server, worker = by_name["server"][1], by_name["worker"][1]
+    assert server["command"] == ["rlaifv", "serve"]
+    assert worker["command"] == ["rlaifv", "worker"]
+    assert _env(docs, server)["RLAIFV_JOBS_WORKERS"] == "0"
+    assert int(_env(docs, worker)["RLAIFV_JOBS_WORKERS"] or 1) >= 1
+    assert server["image"] == worker["image"]
+
+
+def test_the_pods_commands_exist():
+    from rlaifv.cli.main import app
+
+    for command in ("serve", "worker"):
+        result = CliRunner().invoke(app, [command, "--help"])
+        assert result.exit_code == 0, f"rlaifv {command}: {result.output}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies(rendered, overlay):
+    docs = rendered[overlay]
+    pods = {w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"] for w in workloads(docs)}
+    policies = find(docs, "NetworkPolicy")
+    for name, labels in pods.items():
+        assert any(_matches(p["spec"]["podSelector"], labels) for p in policies), f"{name} has no NetworkPolicy"
+    redis_labels = pods["rlaifv-redis"]
+    (redis_policy,) = [p for p in policies if _matches(p["spec"]["podSelector"], redis_labels)]
+    allowed = set()
+    for rule in redis_policy["spec"]["ingress"]:
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"}, "no namespace or IP peers: only our own pods"
+            allowed |= {name for name, labels in pods.items() if _matches(peer["podSelector"], labels)}
+    assert allowed == {"rlaifv", "rlaifv-worker"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_autoscaling_disruption_and_monitoring(rendered, overlay):
+    docs = rendered[overlay]
+    server, _ = _server(docs)
+    labels = server["spec"]["template"]["metadata"]["labels"]
+    (pdb,) = find(docs, "PodDisruptionBudget")
+    assert _matches(pdb["spec"]["selector"], labels) and pdb["spec"]["maxUnavailable"] == 1
+    scalers = find(docs, "ScaledObject") + find(docs, "HorizontalPodAutoscaler")
+    if overlay not in GPU_OVERLAYS:
+        assert not scalers and server["spec"]["replicas"] == 1
+        return
+    (scaler,) = scalers  # never both: they would fight over the replica count
+    assert scaler["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "rlaifv"}
+    assert "replicas" not in server["spec"], "the autoscaler owns the replica count"
+    queries = str(scaler["spec"])
+    assert "rlaifv_queue_depth" in queries
+    assert create_app(Settings(bundle=default_bundle())).state.metrics.queue_depth._name == "rlaifv_queue_depth"
+    (monitor,) = find(docs, "ServiceMonitor")
+    service = one(docs, "Service", "rlaifv")
+    assert _matches(monitor["spec"]["selector"], service["metadata"]["labels"])
+    ports = {p["name"] for p in service["spec"]["ports"]}
+    assert all(e["port"] in ports and e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])

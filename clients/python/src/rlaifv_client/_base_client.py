@@ -22,12 +22,13 @@ from . import _constants as C
 from ._exceptions import APIConnectionError, APIError, APIStatusError, APITimeoutError, make_status_error
 from ._images import ImageInput, encode_images
 from ._version import __version__
-from .types import BaseType, Job
+from .types import BaseType, Job, JobResult
 
 log = logging.getLogger("rlaifv_client")
 
 T = TypeVar("T", bound=BaseType)
 JobKind = Literal["best_of_n", "rewards"]
+JSONL = "application/x-ndjson"
 
 
 class NotGiven:
@@ -105,6 +106,7 @@ class APICall(Generic[T]):
     cast_to: type[T]
     json: Any = None
     params: Mapping[str, Any] | None = None
+    content: bytes | None = None
     timeout: TimeoutTypes | NotGiven = NOT_GIVEN
     headers: Mapping[str, str] | None = None
     max_retries: int | None = None
@@ -179,20 +181,48 @@ def submission_headers() -> dict[str, str]:
 
 def job_body(kind: JobKind, items: Iterable[Mapping[str, Any]], metadata: Mapping[str, str] | None) -> dict[str, Any]:
     """The JSON body of POST /v1/jobs: each item holds the keyword arguments of `best_of_n` (kind 'best_of_n')
-    or of `score` (kind 'rewards'), and becomes that endpoint's request body."""
+    or of `score` (kind 'rewards'), and becomes that endpoint's request body; an item's `custom_id` (the
+    caller's id of it) comes back in its result."""
     builders: dict[str, Callable[..., dict[str, Any]]] = {"best_of_n": best_of_n_body, "rewards": score_body}
     if kind not in builders:
         raise ValueError(f"kind must be 'best_of_n' or 'rewards', got {kind!r}")
-    bodies = []
+    bodies: list[dict[str, Any]] = []
     for i, item in enumerate(items):
+        kwargs = dict(item)
+        custom_id = kwargs.pop("custom_id", None)
         try:
-            bodies.append(builders[kind](**dict(item)))
+            built = builders[kind](**kwargs)
         except TypeError as exc:  # a keyword the method does not take
             raise TypeError(f"items[{i}] of a {kind!r} job: {exc}") from None
+        bodies.append(built if custom_id is None else {"custom_id": str(custom_id), "body": built})
     body: dict[str, Any] = {"kind": kind, "items": bodies}
     if metadata is not None:
         body["metadata"] = dict(metadata)
     return body
+
+
+def upload_call(
+    path: str | os.PathLike[str] | bytes, kind: JobKind, metadata: Mapping[str, str] | None, timeout: Any
+) -> APICall[Job]:
+    """POST /v1/jobs/upload of a JSONL file (a path, or its bytes): one request body or `{"custom_id", "body"}`
+    per line, sent as is (images already encoded in the lines)."""
+    import json
+
+    if kind not in ("best_of_n", "rewards"):
+        raise ValueError(f"kind must be 'best_of_n' or 'rewards', got {kind!r}")
+    from pathlib import Path
+
+    data = path if isinstance(path, bytes) else Path(path).read_bytes()
+    params: dict[str, str] = {"kind": kind}
+    if metadata is not None:
+        params["metadata"] = json.dumps(dict(metadata))
+    headers = submission_headers() | {"Content-Type": JSONL}
+    return APICall("POST", "/v1/jobs/upload", Job, params=params, content=data, timeout=timeout, headers=headers)
+
+
+def results_call(path: str, timeout: Any) -> APICall[JobResult]:
+    """GET /v1/jobs/{id}/results as JSONL: read line by line, so no client holds a whole big job in memory."""
+    return APICall("GET", path, JobResult, params={"format": "jsonl"}, timeout=timeout, headers={"Accept": JSONL})
 
 
 def progress_line(job: Job, width: int = 30) -> str:
@@ -268,7 +298,13 @@ class BaseClient:
         url = self.base_url.join(call.path.lstrip("/"))
         timeout = self.timeout if isinstance(call.timeout, NotGiven) else call.timeout
         return http.build_request(
-            call.method, url, json=call.json, params=call.params, headers=self._headers(call, attempt), timeout=timeout
+            call.method,
+            url,
+            json=call.json,
+            content=call.content,
+            params=call.params,
+            headers=self._headers(call, attempt),
+            timeout=timeout,
         )
 
     def _retry_delay(
@@ -313,6 +349,14 @@ class BaseClient:
             ) from None
         result._request_id = response.headers.get("x-request-id")
         return result
+
+    @staticmethod
+    def _parse_line(call: APICall[T], line: str) -> T:
+        """One line of a JSONL response as `call.cast_to`."""
+        try:
+            return call.cast_to.model_validate_json(line)
+        except pydantic.ValidationError as exc:
+            raise APIError(f"unexpected line in the response of {call.method} {call.path}: {exc}") from None
 
     def _is_final(self, call: APICall[Any], response: httpx.Response) -> bool:
         return response.is_success or response.status_code in call.ok_statuses

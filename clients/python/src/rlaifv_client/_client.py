@@ -7,6 +7,7 @@ Each public method builds an `APICall` with the shared helpers of `_base_client`
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -28,12 +29,14 @@ from ._base_client import (
     best_of_n_body,
     job_body,
     progress_line,
+    results_call,
     score_body,
     submission_headers,
+    upload_call,
 )
 from ._exceptions import WaitTimeoutError
 from ._images import ImageInput
-from .types import BestOfN, Health, Job, JobResult, JobResultList, ModelList, Rewards
+from .types import BestOfN, Health, Job, JobResult, ModelList, Rewards
 
 __all__ = ["AsyncClient", "Client"]
 
@@ -146,6 +149,34 @@ class Client(BaseClient):
                 if delay is None:
                     raise self._status_error(response)
                 response.close()
+            time.sleep(delay)
+            attempt += 1
+
+    def _stream_lines(self, call: APICall[Any]) -> Iterator[str]:
+        """The response body's lines as they arrive; retried like `_request` until the response starts."""
+        attempt = 0
+        while True:
+            request = self._build_request(self._http, call, attempt)
+            try:
+                response = self._http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                delay = self._retry_delay(call, attempt, None, exc)
+                if delay is None:
+                    raise self._connection_error(exc, request) from exc
+            else:
+                if response.is_success:
+                    try:
+                        yield from response.iter_lines()
+                    except httpx.TransportError as exc:
+                        raise self._connection_error(exc, request) from exc
+                    finally:
+                        response.close()
+                    return
+                response.read()
+                response.close()
+                delay = self._retry_delay(call, attempt, response)
+                if delay is None:
+                    raise self._status_error(response)
             time.sleep(delay)
             attempt += 1
 
@@ -313,11 +344,26 @@ class Jobs:
                 raise WaitTimeoutError(f"job {job.id} not finished within {timeout:g} s ({job.status})", job=job)
             time.sleep(interval)
 
+    def submit_file(
+        self,
+        path: str | os.PathLike[str] | bytes,
+        *,
+        kind: JobKind = "best_of_n",
+        metadata: Mapping[str, str] | None = None,
+        timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
+    ) -> Job:
+        """Submit a JSONL file (a path, or its bytes) as a job: one request body per line, exactly as the server
+        takes it, or ``{"custom_id": "...", "body": {...}}``. Safe to retry, like ``submit``."""
+        return self._client._request(upload_call(path, kind, metadata, timeout))
+
     def results(self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Iterator[JobResult]:
-        """Iterate over the job's results so far, by item index (each a ``BestOfN``/``Rewards`` or an error).
-        The results are fetched when iteration starts; call after ``wait`` for all of them."""
-        path = _job_path(job_id, "/results")
-        yield from self._client._request(APICall("GET", path, JobResultList, timeout=timeout)).data
+        """Iterate over the job's results so far, in item order (each a ``BestOfN``/``Rewards`` or an error, with
+        the item's ``custom_id``). Streamed as JSONL and parsed line by line, so a job of any size costs the memory
+        of one result; items without a result yet are left out, so call after ``wait`` for all of them."""
+        call = results_call(_job_path(job_id, "/results"), timeout)
+        for line in self._client._stream_lines(call):
+            if line:
+                yield self._client._parse_line(call, line)
 
 
 class AsyncClient(BaseClient):
@@ -386,6 +432,35 @@ class AsyncClient(BaseClient):
                 if delay is None:
                     raise self._status_error(response)
                 await response.aclose()
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _stream_lines(self, call: APICall[Any]) -> AsyncIterator[str]:
+        """The response body's lines as they arrive; retried like `_request` until the response starts."""
+        attempt = 0
+        while True:
+            request = self._build_request(self._http, call, attempt)
+            try:
+                response = await self._http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                delay = self._retry_delay(call, attempt, None, exc)
+                if delay is None:
+                    raise self._connection_error(exc, request) from exc
+            else:
+                if response.is_success:
+                    try:
+                        async for line in response.aiter_lines():
+                            yield line
+                    except httpx.TransportError as exc:
+                        raise self._connection_error(exc, request) from exc
+                    finally:
+                        await response.aclose()
+                    return
+                await response.aread()
+                await response.aclose()
+                delay = self._retry_delay(call, attempt, response)
+                if delay is None:
+                    raise self._status_error(response)
             await asyncio.sleep(delay)
             attempt += 1
 
@@ -503,6 +578,17 @@ class AsyncJobs:
         call = APICall("POST", "/v1/jobs", Job, body, timeout=timeout, headers=submission_headers())
         return await self._client._request(call)
 
+    async def submit_file(
+        self,
+        path: str | os.PathLike[str] | bytes,
+        *,
+        kind: JobKind = "best_of_n",
+        metadata: Mapping[str, str] | None = None,
+        timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
+    ) -> Job:
+        """Submit a JSONL file (a path, or its bytes) as a job. See ``Jobs.submit_file``."""
+        return await self._client._request(upload_call(path, kind, metadata, timeout))
+
     async def get(self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Job:
         """The job's current status and counts."""
         return await self._client._request(APICall("GET", _job_path(job_id), Job, timeout=timeout))
@@ -539,8 +625,8 @@ class AsyncJobs:
     async def results(
         self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN
     ) -> AsyncIterator[JobResult]:
-        """Iterate (``async for``) over the job's results so far, by item index. See ``Jobs.results``."""
-        path = _job_path(job_id, "/results")
-        page = await self._client._request(APICall("GET", path, JobResultList, timeout=timeout))
-        for item in page.data:
-            yield item
+        """Iterate (``async for``) over the job's results so far, in item order, streamed. See ``Jobs.results``."""
+        call = results_call(_job_path(job_id, "/results"), timeout)
+        async for line in self._client._stream_lines(call):
+            if line:
+                yield self._client._parse_line(call, line)

@@ -216,7 +216,8 @@ class Job(BaseType):
 class JobResult(BaseType):
     """One item of a job: its `result` (a `BestOfN` or `Rewards`, by the job's kind) or its `error`."""
 
-    index: int
+    index: int = Field(description="Position of the item in the submission (0-based).")
+    custom_id: str | None = Field(None, description="The item's `custom_id`, when it was submitted with one.")
     status: Literal["succeeded", "failed"]
     result: Annotated[BestOfN | Rewards, Field(discriminator="object")] | None = Field(
         None, description="The endpoint's response body."

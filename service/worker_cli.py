@@ -1,0 +1,157 @@
+"""`rlaifv worker`: a job worker without the HTTP front, so batch capacity scales apart from the replicas.
+
+It loads the same bundle with the same settings as `rlaifv serve` (RLAIFV_* variables, same-named flags) and
+consumes the job stream with RLAIFV_JOBS_WORKERS consumers in the group every replica uses. SIGTERM/SIGINT stop
+it: items in flight stay pending and another worker reclaims them after RLAIFV_JOBS_CLAIM_IDLE_MS; a SIGKILL
+leaves the same state. While Redis is away the consumers back off and resume by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from rlaifv.service.serve_cli import (
+    RedisConnectTimeout,
+    RedisPassword,
+    RedisTimeout,
+    RedisTls,
+    RedisTlsCa,
+    RedisTlsCert,
+    RedisTlsKey,
+    RedisUrl,
+    RedisUsername,
+    build_settings,
+    fallback_bundle,
+)
+
+if TYPE_CHECKING:
+    from rlaifv.service.settings import Settings
+
+log = logging.getLogger("rlaifv.worker")
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Consume jobs until `stop` is set (or SIGTERM/SIGINT when no event is given)."""
+    from rlaifv.service.cache import RewardCache
+    from rlaifv.service.engines import load_engine
+    from rlaifv.service.images import ImageLoader
+    from rlaifv.service.jobs import JobStore, JobWorkers
+    from rlaifv.service.metrics import Metrics
+    from rlaifv.service.redis_conn import connect
+    from rlaifv.service.scheduler import Scheduler
+    from rlaifv.service.serving import Serving
+
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    metrics = Metrics()
+    redis = connect(settings)
+    engine, load_s = await asyncio.to_thread(load_engine, settings)
+    if settings.warmup:
+        await engine.warmup()
+    scheduler = Scheduler(
+        engine,
+        max_queue=settings.max_queue,
+        max_batch=settings.max_batch,
+        batch_window_s=settings.batch_window_ms / 1000.0,
+        batch_max_wait_s=settings.batch_max_wait_ms / 1000.0,
+        retry_after_s=settings.retry_after_s,
+        metrics=metrics,
+    )
+    scheduler.start()
+    images = ImageLoader(settings)
+    cache = (
+        RewardCache(size=settings.cache_size, ttl_s=settings.cache_ttl_s, redis=redis) if settings.cache_size else None
+    )
+    serving = Serving(settings, engine, scheduler, images, metrics, cache)
+    workers = JobWorkers(JobStore(redis, settings), serving, settings, metrics)
+    workers.start()
+    log.info(
+        "worker ready", extra={"consumers": workers.count, "load_s": round(load_s, 3), "stream": settings.jobs_stream}
+    )
+    try:
+        await stop.wait()
+    finally:
+        await workers.stop()
+        await scheduler.close(settings.shutdown_grace_s)
+        await images.aclose()
+        await asyncio.to_thread(engine.shutdown)
+        await redis.aclose()
+        log.info("worker stopped")
+
+
+def worker(
+    bundle: Annotated[
+        Path | None,
+        typer.Option(help="Bundle folder (env RLAIFV_BUNDLE); the built-in shapes-world model when absent."),
+    ] = None,
+    redis_url: RedisUrl = None,
+    redis_password: RedisPassword = None,
+    redis_username: RedisUsername = None,
+    redis_tls: RedisTls = None,
+    redis_tls_ca_file: RedisTlsCa = None,
+    redis_tls_cert_file: RedisTlsCert = None,
+    redis_tls_key_file: RedisTlsKey = None,
+    redis_connect_timeout_s: RedisConnectTimeout = None,
+    redis_timeout_s: RedisTimeout = None,
+    jobs_workers: Annotated[
+        int | None, typer.Option(help="Consumers in this process (env RLAIFV_JOBS_WORKERS, default 1).")
+    ] = None,
+    jobs_stream: Annotated[str | None, typer.Option(help="Job stream (env RLAIFV_JOBS_STREAM).")] = None,
+    jobs_claim_idle_ms: Annotated[
+        int | None,
+        typer.Option(help="Reclaim a dead consumer's items after this idle time (env RLAIFV_JOBS_CLAIM_IDLE_MS)."),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (env RLAIFV_DEVICE, default auto).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16 (env RLAIFV_DTYPE).")] = None,
+    torch_threads: Annotated[
+        int | None, typer.Option(help="torch intra-op threads (env RLAIFV_TORCH_THREADS).")
+    ] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Requests per forward pass (env RLAIFV_MAX_BATCH).")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning (env RLAIFV_LOG_LEVEL).")] = None,
+) -> None:
+    """Run batch-job workers only (no HTTP): same bundle and Redis settings as `rlaifv serve`."""
+    from rlaifv.service.log_format import configure_logging
+
+    settings = build_settings(
+        bundle=bundle,
+        redis_url=redis_url,
+        redis_password=redis_password,
+        redis_username=redis_username,
+        redis_tls=redis_tls,
+        redis_tls_ca_file=redis_tls_ca_file,
+        redis_tls_cert_file=redis_tls_cert_file,
+        redis_tls_key_file=redis_tls_key_file,
+        redis_connect_timeout_s=redis_connect_timeout_s,
+        redis_timeout_s=redis_timeout_s,
+        jobs_workers=jobs_workers,
+        jobs_stream=jobs_stream,
+        jobs_claim_idle_ms=jobs_claim_idle_ms,
+        device=device,
+        dtype=dtype,
+        torch_threads=torch_threads,
+        max_batch=max_batch,
+        log_level=log_level,
+    )
+    configure_logging(settings.log_level)
+    if not settings.redis_url:
+        typer.secho("error: a worker needs Redis (--redis-url or RLAIFV_REDIS_URL)", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    if settings.jobs_workers < 1:
+        typer.secho("error: --jobs-workers must be at least 1 for a worker", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    if settings.bundle is None:
+        settings = settings.model_copy(update={"bundle": fallback_bundle()})
+    asyncio.run(run_worker(settings))
+
+
+if __name__ == "__main__":
+    typer.run(worker)
