@@ -31,6 +31,7 @@ When API keys are configured, /v1 routes need `Authorization: Bearer <key>` (401
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     from rlaifv.service.cache import RewardCache
     from rlaifv.service.engines import load_engine
+    from rlaifv.service.generator import open_generator
     from rlaifv.service.images import ImageLoader
     from rlaifv.service.rate_limit import RateLimiter
     from rlaifv.service.scheduler import Scheduler
@@ -46,6 +47,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         redis = connect(settings)
         app.state.redis = redis
+    generator = await open_generator(settings, metrics)  # before the model: a wrong URL fails start-up at once
+    app.state.generator = generator
     engine, load_s = await asyncio.to_thread(load_engine, settings)
     metrics.model_load.set(load_s)
     if settings.warmup:
@@ -68,7 +71,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     if settings.rate_limit_per_minute > 0:
         app.state.limiter = RateLimiter(per_minute=settings.rate_limit_per_minute, redis=redis)
-    app.state.serving = Serving(settings, engine, scheduler, images, metrics, cache)
+    app.state.serving = Serving(settings, engine, scheduler, images, metrics, cache, generator)
     jobs = None
     if redis is not None:
         from rlaifv.service.jobs import JobStore, JobWorkers
@@ -93,6 +96,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await jobs.stop()
         await scheduler.close(settings.shutdown_grace_s)
         await images.aclose()
+        if generator is not None:
+            await generator.aclose()
         await asyncio.to_thread(engine.shutdown)
         if redis is not None:
             await redis.aclose()
@@ -118,6 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.redis = None
     app.state.limiter = None
     app.state.job_store = None
+    app.state.generator = None
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
     v1 = [Depends(enforce_limits)]

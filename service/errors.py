@@ -7,8 +7,10 @@
     ├── NotFound                404 not_found_error
     ├── PayloadTooLarge         413 invalid_request_error
     ├── Overloaded              429 rate_limit_error (Retry-After)
+    ├── BadGateway              502 upstream_error: the generator (RLAIFV_GENERATOR_URL) answered badly
     ├── Unavailable             503 service_unavailable (Retry-After)
-    │   └── StoreUnavailable    503 redis_unavailable: Redis down while a job endpoint needs it
+    │   ├── StoreUnavailable    503 redis_unavailable: Redis down while a job endpoint needs it
+    │   └── GeneratorUnavailable 503 generator_unavailable: the generator unreachable, timed out or overloaded
     └── DeadlineExceeded        504 timeout_error
 
 `reward.InvalidInputError` (and its ImageError/AnswerError) map to 400 with
@@ -113,6 +115,18 @@ class StoreUnavailable(Unavailable):
     """Redis (which holds jobs) is unreachable or still loading; the request may be retried after Retry-After."""
 
     code = "redis_unavailable"
+
+
+class GeneratorUnavailable(Unavailable):
+    """The generator is unreachable, timed out or overloaded: retrying later may help."""
+
+    code = "generator_unavailable"
+
+
+class BadGateway(ServiceError):
+    """The generator answered, but not usefully (a 5xx, our key refused, a malformed body): an operator's problem."""
+
+    status, type, code = 502, "upstream_error", "generator_error"
 
 
 class NotEnabled(ServiceError):
@@ -242,7 +256,9 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         413: "Request body over the size limit.",
         429: "Queue full or over quota; retry after `Retry-After` seconds.",
         501: "Not enabled on this deployment (e.g. jobs without RLAIFV_REDIS_URL); retrying will not help.",
-        503: "Model not loaded yet, shutting down, or (job endpoints) Redis unreachable; retry after `Retry-After`.",
+        502: "The generator (RLAIFV_GENERATOR_URL) failed or answered something unusable.",
+        503: "Model not loaded yet, shutting down, the generator unreachable, or (job endpoints) Redis unreachable; "
+        "retry after `Retry-After`.",
         504: "The request's deadline passed before it was served.",
     }
     return {s: {"model": ErrorResponse, "description": text.get(s, "Error.")} for s in statuses}

@@ -65,6 +65,19 @@ class Metrics:
         self.warmup = Gauge("rlaifv_model_warmup_seconds", "Time of the warm-up pass.", registry=r)
         self.ready = Gauge("rlaifv_ready", "1 when the model is loaded and warm.", registry=r)
         self.cache = Counter("rlaifv_reward_cache", "Reward cache lookups by result.", ["result"], registry=r)
+        self.generator_latency = Histogram(
+            "rlaifv_generator_request_duration_seconds",
+            "Requests to the generator (RLAIFV_GENERATOR_URL), failed ones included.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generator_errors = Counter(
+            "rlaifv_generator_errors",
+            "Failed requests to the generator, by reason (unreachable, timeout, overloaded, server_error, "
+            "bad_response, refused, rejected).",
+            ["reason"],
+            registry=r,
+        )
         self.jobs = Counter("rlaifv_jobs_items", "Batch-job items processed, by outcome.", ["outcome"], registry=r)
 
     def observe_ranking(self, endpoint: str, rewards: list[float]) -> None:

@@ -206,6 +206,20 @@ class CandidateOut(BaseModel):
     finish_reason: Literal["stop", "length", "given"] = Field(description="'given' for answers sent to /v1/rewards.")
 
 
+class GeneratorInfo(BaseModel):
+    """Which model wrote the candidates when they came from a generator (RLAIFV_GENERATOR_URL)."""
+
+    model: str = Field(description="The generator's model name.")
+    url: str = Field(description="The generator's host[:port] (no path, no credentials).")
+
+
+_GENERATOR_FIELD = (
+    "Extension: the model that wrote the candidates when a generator is configured (RLAIFV_GENERATOR_URL); "
+    "null when the served pair sampled them itself."
+)
+_SCORER_FIELD = "Extension: the model pair (bundle) whose log-probs gave the rewards."
+
+
 # -- /v1/best-of-n -----------------------------------------------------------------
 
 
@@ -307,6 +321,8 @@ class BestOfNResponse(BaseModel):
     reward: RewardInfo
     usage: Usage
     timings: Timings
+    generator: GeneratorInfo | None = Field(None, description=_GENERATOR_FIELD)
+    scorer: str | None = Field(None, description=_SCORER_FIELD)
 
 
 # -- /v1/rewards ---------------------------------------------------------------------
@@ -614,6 +630,8 @@ class ChatCompletionResponse(BaseModel):
     rewards: list[float] = Field(description="Rewards of all best_of candidates in sampling order.")
     system_fingerprint: str | None = None
     service_tier: str | None = Field(None, description="'default' when the request named a tier.")
+    generator: GeneratorInfo | None = Field(None, description=_GENERATOR_FIELD)
+    scorer: str | None = Field(None, description=_SCORER_FIELD)
 
 
 class ChunkDelta(BaseModel):

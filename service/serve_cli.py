@@ -51,6 +51,27 @@ RedisTlsKey = Annotated[Path | None, typer.Option(help="Client certificate key (
 RedisConnectTimeout = Annotated[
     float | None, typer.Option(help="Redis connect timeout, s (env RLAIFV_REDIS_CONNECT_TIMEOUT_S).")
 ]
+GeneratorUrl = Annotated[
+    str | None,
+    typer.Option(
+        help="OpenAI-compatible API writing best-of-N candidates, e.g. http://host:8000/v1 (env RLAIFV_GENERATOR_URL)."
+    ),
+]
+GeneratorModel = Annotated[
+    str | None, typer.Option(help="Generator model; the only one it lists when unset (env RLAIFV_GENERATOR_MODEL).")
+]
+GeneratorApiKey = Annotated[
+    str | None,
+    typer.Option(
+        help="Generator API key (env RLAIFV_GENERATOR_API_KEY; prefer the env: flags show in `ps`).", show_default=False
+    ),
+]
+GeneratorTimeout = Annotated[
+    float | None, typer.Option(help="Generator request timeout, s (env RLAIFV_GENERATOR_TIMEOUT_S).")
+]
+GeneratorMaxN = Annotated[
+    int | None, typer.Option(help="Most candidates per generator request (env RLAIFV_GENERATOR_MAX_N).")
+]
 RedisTimeout = Annotated[float | None, typer.Option(help="Redis command timeout, s (env RLAIFV_REDIS_TIMEOUT_S).")]
 
 
@@ -96,6 +117,11 @@ def serve(
     redis_tls_key_file: RedisTlsKey = None,
     redis_connect_timeout_s: RedisConnectTimeout = None,
     redis_timeout_s: RedisTimeout = None,
+    generator_url: GeneratorUrl = None,
+    generator_model: GeneratorModel = None,
+    generator_api_key: GeneratorApiKey = None,
+    generator_timeout_s: GeneratorTimeout = None,
+    generator_max_n: GeneratorMaxN = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning (env RLAIFV_LOG_LEVEL).")] = None,
 ) -> None:
     """Serve best-of-N and rewards over HTTP (FastAPI + uvicorn). Settings: RLAIFV_* environment variables."""
@@ -129,6 +155,11 @@ def serve(
         redis_tls_key_file=redis_tls_key_file,
         redis_connect_timeout_s=redis_connect_timeout_s,
         redis_timeout_s=redis_timeout_s,
+        generator_url=generator_url,
+        generator_model=generator_model,
+        generator_api_key=generator_api_key,
+        generator_timeout_s=generator_timeout_s,
+        generator_max_n=generator_max_n,
         log_level=log_level,
     )
     configure_logging(settings.log_level)

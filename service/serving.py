@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
 from rlaifv.reward.scoring import top_k
 from rlaifv.service.engines import GenerateRequest, ScoreRequest
-from rlaifv.service.errors import BadRequest, NotFound
+from rlaifv.service.errors import BadGateway, BadRequest, NotFound
+from rlaifv.service.generator import Generated, openai_messages
 from rlaifv.service.protocol import (
     BestOfNRequest,
     BestOfNResponse,
@@ -27,6 +28,7 @@ from rlaifv.service.protocol import (
     ChoiceLogprobs,
     ChunkChoice,
     ChunkDelta,
+    GeneratorInfo,
     ModelCard,
     RewardInfo,
     RewardOptions,
@@ -42,16 +44,23 @@ from rlaifv.service.scheduler import Outcome
 
 if TYPE_CHECKING:
     from rlaifv.reward.results import Candidate, Ranking, TopToken
+    from rlaifv.reward.sampling import SamplingParams
     from rlaifv.reward.scoring import RewardConfig
     from rlaifv.service.cache import RewardCache
     from rlaifv.service.engines import Engine
+    from rlaifv.service.generator import Generator
     from rlaifv.service.images import ImageLoader
     from rlaifv.service.metrics import Metrics
     from rlaifv.service.scheduler import Scheduler
     from rlaifv.service.settings import Settings
 
 
-def _candidates(ranking: Ranking) -> list[CandidateOut]:
+GENERATED_TOKEN_SLACK = 4
+"""A generator's answers are scored up to this many times RLAIFV_MAX_TOKENS of the pair's tokens: the generator
+stopped at max_tokens of its own tokenizer, which may split the same text into more tokens."""
+
+
+def _candidates(ranking: Ranking, finish_reasons: Sequence[str] | None = None) -> list[CandidateOut]:
     return [
         CandidateOut(
             index=i,
@@ -62,7 +71,7 @@ def _candidates(ranking: Ranking) -> list[CandidateOut]:
             policy_logprob=c.policy_logprob,
             reference_logprob=c.reference_logprob,
             num_tokens=c.num_tokens,
-            finish_reason=c.finish_reason,
+            finish_reason=finish_reasons[i] if finish_reasons else c.finish_reason,
         )
         for i, c in enumerate(ranking.candidates)
     ]
@@ -127,6 +136,7 @@ class Serving:
         images: ImageLoader,
         metrics: Metrics,
         cache: RewardCache | None = None,
+        generator: Generator | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -134,9 +144,19 @@ class Serving:
         self.images = images
         self.metrics = metrics
         self.cache = cache
+        self.generator = generator
         self.model_name = settings.model_name or engine.name
 
-    def check_model(self, model: str | None) -> None:
+    @property
+    def generator_info(self) -> GeneratorInfo | None:
+        if self.generator is None:
+            return None
+        return GeneratorInfo(model=self.generator.model, url=self.generator.host)
+
+    def check_model(self, model: str | None, *, generating: bool = False) -> None:
+        """`generating`: the generator's model name is accepted too, for clients that name the model writing."""
+        if generating and self.generator is not None and model == self.generator.model:
+            return
         if model is not None and model != self.model_name:
             raise NotFound(
                 f"model '{model}' does not exist; this server serves '{self.model_name}'",
@@ -154,11 +174,38 @@ class Serving:
         timeout = self.settings.request_timeout_s
         return await self.scheduler.submit(engine_request, timeout_s=timeout, disconnected=disconnected)
 
-    def _timings(self, outcome: Outcome, arrived: float) -> Timings:
+    async def _generate_elsewhere(
+        self,
+        images: list[Any],
+        raw: list[bytes],
+        question: str | None,
+        messages: list[dict[str, Any]] | None,
+        n: int,
+        sampling: SamplingParams,
+        config: RewardConfig,
+        request: Request | None,
+    ) -> tuple[Outcome, list[Generated], float]:
+        """The generator writes n answers; the pair scores them as /v1/rewards would (the same ScoreRequest).
+
+        Empty answers cannot be scored (T would count only the end-of-turn token) and are left out; the
+        outcome's candidates are the non-empty answers in the generator's order. Returns the generator's time too.
+        """
+        assert self.generator is not None
+        started = time.perf_counter()
+        written = await self.generator.generate(openai_messages(question, messages, raw), n, sampling)
+        generate_s = time.perf_counter() - started
+        answers = [a for a in written if a.text.strip()]
+        if not answers:
+            raise BadGateway(f"generator {self.generator.host} returned only empty answers", code="generator_empty")
+        max_tokens = self.settings.max_tokens * GENERATED_TOKEN_SLACK
+        score = ScoreRequest(images, question, messages, [a.text for a in answers], config, max_tokens)
+        return await self._run(score, request), answers, generate_s
+
+    def _timings(self, outcome: Outcome, arrived: float, generate_s: float | None = None) -> Timings:
         t = outcome.result.ranking.timings
         return Timings(
             queue_s=outcome.queue_s,
-            generate_s=t.get("generate_s", 0.0),
+            generate_s=t.get("generate_s", 0.0) if generate_s is None else generate_s,
             score_s=t.get("score_s", 0.0) + t.get("claims_s", 0.0),
             total_s=time.perf_counter() - arrived,
         )
@@ -167,17 +214,25 @@ class Serving:
 
     async def best_of_n(self, body: BestOfNRequest, request: Request | None) -> BestOfNResponse:
         arrived = time.perf_counter()
-        self.check_model(body.model)
+        self.check_model(body.model, generating=True)
         self._check_n(body.n)
         sampling = body.sampling.to_params(self.settings)
         config = body.reward.to_config(self.engine.reward)
         question, messages, refs = body.prompt(self.settings)
-        images, _ = await self.images.load(refs)
-        outcome = await self._run(GenerateRequest(images, question, messages, body.n, sampling, config), request)
+        images, raw = await self.images.load(refs)
+        generate_s: float | None = None
+        finish_reasons: list[str] | None = None
+        if self.generator is None:
+            outcome = await self._run(GenerateRequest(images, question, messages, body.n, sampling, config), request)
+        else:
+            outcome, answers, generate_s = await self._generate_elsewhere(
+                images, raw, question, messages, body.n, sampling, config, request
+            )
+            finish_reasons = [a.finish_reason for a in answers]
         ranking = outcome.result.ranking
-        candidates = _candidates(ranking)
+        candidates = _candidates(ranking, finish_reasons)
         generated = sum(c.num_tokens for c in candidates)
-        self._account("best_of_n", outcome, generated=generated)
+        self._account("best_of_n", outcome, generated=generated if self.generator is None else 0)
         return BestOfNResponse(
             id=f"bon-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -191,7 +246,9 @@ class Serving:
                 completion_tokens=generated,
                 total_tokens=outcome.result.prompt_tokens + generated,
             ),
-            timings=self._timings(outcome, arrived),
+            timings=self._timings(outcome, arrived, generate_s),
+            generator=self.generator_info,
+            scorer=self.model_name,
         )
 
     # -- POST /v1/rewards ------------------------------------------------------------------
@@ -247,8 +304,15 @@ class Serving:
     # -- POST /v1/chat/completions -------------------------------------------------------------
 
     async def chat(self, body: ChatCompletionRequest, request: Request | None) -> ChatCompletionResponse:
-        self.check_model(body.model)
+        self.check_model(body.model, generating=True)
         body.check_supported()
+        if self.generator is not None and body.logprobs:
+            raise BadRequest(
+                "logprobs are not available when a generator writes the answers (RLAIFV_GENERATOR_URL): the pair "
+                "only scores them; each choice's policy_logprob is the pair's sum",
+                param="logprobs",
+                code="unsupported_parameter",
+            )
         best_of = body.candidates(self.settings)
         sampling = body.to_params(self.settings)
         options = body.reward or RewardOptions()
@@ -258,23 +322,31 @@ class Serving:
             raise BadRequest(
                 f"at most {self.settings.max_images} images per request, got {len(refs)}", param="messages"
             )
-        images, _ = await self.images.load(refs)
-        generate = GenerateRequest(
-            images, None, messages, best_of, sampling, config, top_logprobs=body.top_logprobs_asked()
-        )
-        outcome = await self._run(generate, request)
+        images, raw = await self.images.load(refs)
+        finish_reasons: list[str] | None = None
+        if self.generator is None:
+            generate = GenerateRequest(
+                images, None, messages, best_of, sampling, config, top_logprobs=body.top_logprobs_asked()
+            )
+            outcome = await self._run(generate, request)
+        else:
+            outcome, answers, _ = await self._generate_elsewhere(
+                images, raw, None, messages, best_of, sampling, config, request
+            )
+            finish_reasons = [a.finish_reason for a in answers]
         ranking = outcome.result.ranking
         rewards = ranking.rewards
         generated = sum(c.num_tokens for c in ranking.candidates)
-        self._account("chat", outcome, generated=generated)
+        self._account("chat", outcome, generated=generated if self.generator is None else 0)
         choices = []
         for rank, i in enumerate(top_k(rewards, body.n)):
             c = ranking.candidates[i]
+            finish = finish_reasons[i] if finish_reasons else c.finish_reason
             choices.append(
                 ChatChoice(
                     index=rank,
                     message=ChatMessageOut(content=c.text),
-                    finish_reason="stop" if c.finish_reason == "stop" else "length",
+                    finish_reason="stop" if finish == "stop" else "length",
                     logprobs=_choice_logprobs(c) if body.logprobs else None,
                     reward=c.reward,
                     policy_logprob=c.policy_logprob,
@@ -294,6 +366,8 @@ class Serving:
             best_of=best_of,
             rewards=rewards,
             service_tier="default" if body.service_tier is not None else None,
+            generator=self.generator_info,
+            scorer=self.model_name,
         )
 
     def _account(self, endpoint: str, outcome: Outcome, *, generated: int) -> None:

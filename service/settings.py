@@ -10,7 +10,7 @@ import hashlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -50,6 +50,24 @@ class Settings(BaseSettings):
         None, ge=1, description="torch intra-op threads; torch's default when unset. 1 is often fastest on shared CPUs."
     )
     warmup: bool = Field(True, description="Run one tiny best-of-N before reporting ready.")
+
+    # -- generator: best-of-N over another model ---------------------------------
+    generator_url: str | None = Field(
+        None,
+        description="Base URL of an OpenAI-compatible API (e.g. http://host:8000/v1) whose /chat/completions writes "
+        "the best-of-N candidates; the model pair only scores them. Unset: the pair samples.",
+    )
+    generator_model: str | None = Field(
+        None, description="Model the generator is asked for; the only one its /models lists when unset."
+    )
+    generator_api_key: SecretStr | None = Field(None, description="Bearer key sent to the generator.")
+    generator_timeout_s: float = Field(60.0, gt=0, description="One generator request gives up after this long (503).")
+    generator_max_n: int | None = Field(
+        None,
+        ge=1,
+        description="Most candidates asked of the generator per request (its n); more are split into concurrent "
+        "requests. Unset: all in one.",
+    )
 
     # -- HTTP -------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -144,6 +162,16 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: list[str]) -> list[str]:
         return [v.upper() for v in value]
+
+    @field_validator("generator_url")
+    @classmethod
+    def _generator_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("generator_url must be an http(s) URL such as http://host:8000/v1")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

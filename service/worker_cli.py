@@ -40,6 +40,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     """Consume jobs until `stop` is set (or SIGTERM/SIGINT when no event is given)."""
     from rlaifv.service.cache import RewardCache
     from rlaifv.service.engines import load_engine
+    from rlaifv.service.generator import open_generator
     from rlaifv.service.images import ImageLoader
     from rlaifv.service.jobs import JobStore, JobWorkers
     from rlaifv.service.metrics import Metrics
@@ -54,6 +55,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             loop.add_signal_handler(sig, stop.set)
     metrics = Metrics()
     redis = connect(settings)
+    generator = await open_generator(settings, metrics)
     engine, load_s = await asyncio.to_thread(load_engine, settings)
     if settings.warmup:
         await engine.warmup()
@@ -71,7 +73,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     cache = (
         RewardCache(size=settings.cache_size, ttl_s=settings.cache_ttl_s, redis=redis) if settings.cache_size else None
     )
-    serving = Serving(settings, engine, scheduler, images, metrics, cache)
+    serving = Serving(settings, engine, scheduler, images, metrics, cache, generator)
     workers = JobWorkers(JobStore(redis, settings), serving, settings, metrics)
     workers.start()
     log.info(
@@ -83,6 +85,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         await workers.stop()
         await scheduler.close(settings.shutdown_grace_s)
         await images.aclose()
+        if generator is not None:
+            await generator.aclose()
         await asyncio.to_thread(engine.shutdown)
         await redis.aclose()
         log.info("worker stopped")

@@ -3,7 +3,8 @@
     with LiveServer(bundle, max_queue=4) as server:
         httpx.get(server.url + "/readyz")
 
-Keyword arguments are `Settings` fields; host and port are chosen here (a free loopback port).
+Keyword arguments are `Settings` fields; the host is loopback and the port a free one unless `port` is given
+(to bring a stopped server back at the same address).
 """
 
 from __future__ import annotations
@@ -42,13 +43,15 @@ def wait_until_ready(url: str, process: Any = None, timeout_s: float = 120) -> N
 class LiveServer:
     """`service.app.create_app(settings)` under uvicorn in a daemon thread, on a free loopback port."""
 
-    def __init__(self, bundle: Path | None, *, graceful_shutdown_s: float = 5, **settings: Any) -> None:
+    def __init__(
+        self, bundle: Path | None, *, graceful_shutdown_s: float = 5, port: int | None = None, **settings: Any
+    ) -> None:
         import uvicorn
 
         from rlaifv.service.app import create_app
         from rlaifv.service.settings import Settings
 
-        self.port = free_port()
+        self.port = port or free_port()
         self.settings = Settings(bundle=bundle, host="127.0.0.1", port=self.port, **settings)
         self.app = create_app(self.settings)
         config = uvicorn.Config(

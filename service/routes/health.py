@@ -25,7 +25,7 @@ async def healthz() -> Health:
         503: {
             "model": Health,
             "description": "Not ready: loading or shutting down (or, with "
-            "RLAIFV_READY_REQUIRES_REDIS, Redis unreachable).",
+            "RLAIFV_READY_REQUIRES_REDIS, Redis unreachable). A generator's state is reported in checks.generator.",
         }
     },
     summary="Readiness: model loaded and warm; Redis state reported",
@@ -34,7 +34,9 @@ async def readyz(request: Request) -> Response:
     """Ready means the model answers. Redis is checked and reported (`checks.redis`) but, unless
     RLAIFV_READY_REQUIRES_REDIS is set, does not make the replica unready: every replica shares the one Redis,
     so failing readiness on it would pull all of them out of the load balancer at once and turn an outage of
-    jobs (503 with Retry-After) into an outage of the synchronous endpoints, which work without Redis."""
+    jobs (503 with Retry-After) into an outage of the synchronous endpoints, which work without Redis.
+    A generator (RLAIFV_GENERATOR_URL) is reported (`checks.generator`) for the same reason: it was checked at
+    start-up, and while it is down best-of-N answers 503 but /v1/rewards still works."""
     state = request.app.state
     checks = {"model": "ok" if getattr(state, "ready", False) else "loading"}
     if getattr(state, "shutting_down", False):
@@ -50,6 +52,9 @@ async def readyz(request: Request) -> Response:
             checks["redis"] = "ok"
         except Exception as exc:  # any failure means Redis is not usable now
             checks["redis"] = f"unreachable: {type(exc).__name__}"
+    generator = getattr(state, "generator", None)
+    if generator is not None:
+        checks["generator"] = await generator.probe()
     ok = all(checks[name] == "ok" for name in required)
     body = Health(status="ok" if ok else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

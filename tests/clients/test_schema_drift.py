@@ -20,6 +20,7 @@ SCHEMAS: dict[type[pydantic.BaseModel], str] = {
     types.Candidate: "CandidateOut",
     types.ClaimCheck: "ClaimCheck",
     types.BestOfN: "BestOfNResponse",
+    types.GeneratorInfo: "GeneratorInfo",
     types.Rewards: "RewardsResponse",
     types.Model: "ModelCard",
     types.ModelList: "ModelList",

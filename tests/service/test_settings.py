@@ -46,3 +46,18 @@ def test_unsafe_or_invalid_settings_refused(field, value) -> None:
 
 def test_placeholder_keys_allowed_only_when_asked() -> None:
     assert Settings(api_keys="changeme", allow_placeholder_keys=True).load_api_keys() == ["changeme"]
+
+
+def test_generator_settings_from_env_and_flags(monkeypatch) -> None:
+    from rlaifv.service.serve_cli import build_settings
+
+    monkeypatch.setenv("RLAIFV_GENERATOR_URL", "http://vllm.internal:8000/v1/")
+    monkeypatch.setenv("RLAIFV_GENERATOR_API_KEY", "sk-generator-secret")
+    s = build_settings(generator_model="Qwen/Qwen2-VL-7B-Instruct", generator_max_n=4)
+    assert s.generator_url == "http://vllm.internal:8000/v1"
+    assert s.generator_model == "Qwen/Qwen2-VL-7B-Instruct" and s.generator_max_n == 4
+    assert s.generator_api_key is not None and s.generator_api_key.get_secret_value() == "sk-generator-secret"
+    assert "sk-generator-secret" not in repr(s)
+    assert Settings(generator_url="").generator_url is None
+    with pytest.raises(ValidationError, match="http"):
+        Settings(generator_url="vllm.internal:8000/v1")

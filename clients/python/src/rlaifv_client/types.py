@@ -17,6 +17,7 @@ __all__ = [
     "BestOfN",
     "Candidate",
     "ErrorDetail",
+    "GeneratorInfo",
     "Health",
     "Job",
     "JobResult",
@@ -90,6 +91,13 @@ class Candidate(BaseType):
     finish_reason: Literal["stop", "length", "given"] = Field(description="'given' for answers sent to score().")
 
 
+class GeneratorInfo(BaseType):
+    """Which model wrote the candidates, when the server has a generator (RLAIFV_GENERATOR_URL)."""
+
+    model: str = Field(description="The generator's model name.")
+    url: str = Field(description="The generator's host[:port].")
+
+
 class BestOfN(BaseType):
     """Result of `best_of_n`: the best candidate and every candidate's reward terms."""
 
@@ -103,6 +111,10 @@ class BestOfN(BaseType):
     reward: RewardInfo
     usage: Usage
     timings: Timings
+    generator: GeneratorInfo | None = Field(
+        None, description="The model that wrote the candidates when not the served pair (None: the pair sampled)."
+    )
+    scorer: str | None = Field(None, description="The model pair whose log-probs gave the rewards.")
 
     @property
     def text(self) -> str:
