@@ -19,8 +19,9 @@ from rlaifv.trainer.shapes.reference import ReferenceConfig
 
 # 2: dpo_lr 3e-5, expected-claims feedback. 3: dense patch labels and a same-colour-heavy yes/no mix (the judge
 # binds colour and shape for every seed), one round of 1000 images, counted claims, NLL weight 8 (recall kept).
-# The judge check after SFT (`reference.judge_target=0.9`) was measured as a recipe 4 and is not the default
-# (docs/shapes-world.md): with it off, the build is recipe 3's, bit for bit.
+# SFT reruns while the judge is unbound (`reference.judge_target=0.9`) were measured as recipe 5 (recipe 4:
+# extra SFT chunks, since replaced) and are not the default (docs/shapes-world.md): with them off, the build is
+# recipe 3's, bit for bit.
 RECIPE_VERSION = 3
 
 
