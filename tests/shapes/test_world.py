@@ -163,7 +163,8 @@ def test_a_setting_added_later_changes_the_fingerprint_only_when_active() -> Non
     from rlaifv.trainer.shapes.pipeline import demo_config
 
     base = demo_config(seed=2).fingerprint()
-    assert demo_config(seed=2, overrides=["reference.judge_target=0.0"]).fingerprint() == base
-    assert demo_config(seed=2, overrides=["reference.judge_target=0.9"]).fingerprint() != base
+    assert demo_config(seed=2, overrides=["reference.loss_per=token"]).fingerprint() == base  # the neutral value
     assert demo_config(seed=2, overrides=["reference.loss_per=answer"]).fingerprint() != base
+    assert demo_config(seed=2, overrides=["reference.sft_attempts=5"]).fingerprint() != base
+    assert demo_config(seed=2, overrides=["reference.judge_target=0.0"]).fingerprint() != base
     assert demo_config(seed=3).fingerprint() != base
