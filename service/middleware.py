@@ -68,8 +68,9 @@ class RequestContextMiddleware:
             template = getattr(route, "path", None) or "unmatched"
             elapsed = time.perf_counter() - start
             method = scope.get("method", "?")
-            self.metrics.requests.labels(route=template, method=method, status=str(status)).inc()
-            self.metrics.latency.labels(route=template, method=method, status=str(status)).observe(elapsed)
+            if getattr(route, "include_in_schema", True):  # static pages (the playground) are not API traffic
+                self.metrics.requests.labels(route=template, method=method, status=str(status)).inc()
+                self.metrics.latency.labels(route=template, method=method, status=str(status)).observe(elapsed)
             self.log.info(
                 "request",
                 extra={

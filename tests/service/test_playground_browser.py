@@ -196,3 +196,4 @@ def test_page_and_assets_are_open_and_locked_down(page_client: TestClient) -> No
         assert page_client.get(f"/playground/{bad}").status_code == 404, bad
     assert not any(path.startswith("/playground") for path in page_client.get("/openapi.json").json()["paths"])
     assert page_client.post("/v1/best-of-n", json={}).status_code == 401, "the API keeps its keys"
+    assert 'route="/playground' not in page_client.get("/metrics").text, "page loads are not API traffic"
