@@ -29,12 +29,9 @@ When API keys are configured, /v1 routes need `Authorization: Bearer <key>` (401
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    from rlaifv.service.cache import RewardCache
     from rlaifv.service.engines import load_engine
     from rlaifv.service.generator import open_generator
-    from rlaifv.service.images import ImageLoader
     from rlaifv.service.rate_limit import RateLimiter
-    from rlaifv.service.scheduler import Scheduler
     from rlaifv.service.serving import Serving
 
     settings: Settings = app.state.settings
@@ -53,25 +50,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics.model_load.set(load_s)
     if settings.warmup:
         metrics.warmup.set(await engine.warmup())
-    scheduler = Scheduler(
-        engine,
-        max_queue=settings.max_queue,
-        max_batch=settings.max_batch,
-        batch_window_s=settings.batch_window_ms / 1000.0,
-        batch_max_wait_s=settings.batch_max_wait_ms / 1000.0,
-        retry_after_s=settings.retry_after_s,
-        metrics=metrics,
-    )
-    scheduler.start()
-    images = ImageLoader(settings)
-    cache = (
-        RewardCache(size=settings.cache_size, ttl_s=settings.cache_ttl_s, redis=redis)
-        if settings.cache_size > 0
-        else None
-    )
     if settings.rate_limit_per_minute > 0:
         app.state.limiter = RateLimiter(per_minute=settings.rate_limit_per_minute, redis=redis)
-    app.state.serving = Serving(settings, engine, scheduler, images, metrics, cache, generator)
+    app.state.serving = Serving.open(settings, engine, metrics, redis=redis, generator=generator)
     jobs = None
     if redis is not None:
         from rlaifv.service.jobs import JobStore, JobWorkers
@@ -94,11 +75,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.ready.set(0)
         if jobs is not None:
             await jobs.stop()
-        await scheduler.close(settings.shutdown_grace_s)
-        await images.aclose()
-        if generator is not None:
-            await generator.aclose()
-        await asyncio.to_thread(engine.shutdown)
+        await app.state.serving.aclose()
         if redis is not None:
             await redis.aclose()
         log.info("stopped")

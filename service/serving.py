@@ -147,6 +147,51 @@ class Serving:
         self.generator = generator
         self.model_name = settings.model_name or engine.name
 
+    @classmethod
+    def open(
+        cls,
+        settings: Settings,
+        engine: Engine,
+        metrics: Metrics,
+        *,
+        redis: Any = None,
+        generator: Generator | None = None,
+    ) -> Serving:
+        """The request path over a loaded engine: a started scheduler, the image loader and the reward cache.
+
+        The service's lifespan and `rlaifv worker` both run requests through it; `aclose` undoes it.
+        """
+        from rlaifv.service.cache import RewardCache
+        from rlaifv.service.images import ImageLoader
+        from rlaifv.service.scheduler import Scheduler
+
+        scheduler = Scheduler(
+            engine,
+            max_queue=settings.max_queue,
+            max_batch=settings.max_batch,
+            batch_window_s=settings.batch_window_ms / 1000.0,
+            batch_max_wait_s=settings.batch_max_wait_ms / 1000.0,
+            retry_after_s=settings.retry_after_s,
+            metrics=metrics,
+        )
+        scheduler.start()
+        cache = (
+            RewardCache(size=settings.cache_size, ttl_s=settings.cache_ttl_s, redis=redis)
+            if settings.cache_size > 0
+            else None
+        )
+        return cls(settings, engine, scheduler, ImageLoader(settings), metrics, cache, generator)
+
+    async def aclose(self) -> None:
+        """Drain the queue (up to the shutdown grace), then release images, the generator and the engine."""
+        import asyncio
+
+        await self.scheduler.close(self.settings.shutdown_grace_s)
+        await self.images.aclose()
+        if self.generator is not None:
+            await self.generator.aclose()
+        await asyncio.to_thread(self.engine.shutdown)
+
     @property
     def generator_info(self) -> GeneratorInfo | None:
         if self.generator is None:

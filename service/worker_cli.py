@@ -38,14 +38,11 @@ log = logging.getLogger("rlaifv.worker")
 
 async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Consume jobs until `stop` is set (or SIGTERM/SIGINT when no event is given)."""
-    from rlaifv.service.cache import RewardCache
     from rlaifv.service.engines import load_engine
     from rlaifv.service.generator import open_generator
-    from rlaifv.service.images import ImageLoader
     from rlaifv.service.jobs import JobStore, JobWorkers
     from rlaifv.service.metrics import Metrics
     from rlaifv.service.redis_conn import connect
-    from rlaifv.service.scheduler import Scheduler
     from rlaifv.service.serving import Serving
 
     if stop is None:
@@ -59,21 +56,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     engine, load_s = await asyncio.to_thread(load_engine, settings)
     if settings.warmup:
         await engine.warmup()
-    scheduler = Scheduler(
-        engine,
-        max_queue=settings.max_queue,
-        max_batch=settings.max_batch,
-        batch_window_s=settings.batch_window_ms / 1000.0,
-        batch_max_wait_s=settings.batch_max_wait_ms / 1000.0,
-        retry_after_s=settings.retry_after_s,
-        metrics=metrics,
-    )
-    scheduler.start()
-    images = ImageLoader(settings)
-    cache = (
-        RewardCache(size=settings.cache_size, ttl_s=settings.cache_ttl_s, redis=redis) if settings.cache_size else None
-    )
-    serving = Serving(settings, engine, scheduler, images, metrics, cache, generator)
+    serving = Serving.open(settings, engine, metrics, redis=redis, generator=generator)
     workers = JobWorkers(JobStore(redis, settings), serving, settings, metrics)
     workers.start()
     log.info(
@@ -83,11 +66,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         await stop.wait()
     finally:
         await workers.stop()
-        await scheduler.close(settings.shutdown_grace_s)
-        await images.aclose()
-        if generator is not None:
-            await generator.aclose()
-        await asyncio.to_thread(engine.shutdown)
+        await serving.aclose()
         await redis.aclose()
         log.info("worker stopped")
 
