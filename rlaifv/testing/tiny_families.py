@@ -134,19 +134,6 @@ def _text_ids(tokenizer) -> dict[str, int | None]:
     }
 
 
-def _image_only(processor_cls: type) -> type:
-    """`processor_cls` accepting `video_processor=None`: video processors need torchvision, absent here."""
-
-    def check_argument_for_proper_class(self, argument_name: str, argument: Any):
-        if argument is None and argument_name == "video_processor":
-            return None
-        return processor_cls.check_argument_for_proper_class(self, argument_name, argument)
-
-    return type(
-        processor_cls.__name__, (processor_cls,), {"check_argument_for_proper_class": check_argument_for_proper_class}
-    )
-
-
 def _save_pieces(folder: Path, tokenizer, image_processor, processor_class: str, **init_kwargs: Any) -> None:
     """Save a processor piece by piece, for processors that cannot be built or saved here.
 
@@ -237,12 +224,6 @@ def _qwen(family: str, folder: Path, seed: int):
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=8, temporal_patch_size=2, merge_size=2, min_pixels=32 * 32, max_pixels=96 * 96, **normalize
     )
-    processor = _image_only(processor_cls)(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=None,
-        chat_template=tokenizer.chat_template,
-    )
     rope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]}
     if family == "qwen3_vl":
         rope |= {"mrope_section": [4, 2, 2], "mrope_interleaved": True}
@@ -263,7 +244,7 @@ def _qwen(family: str, folder: Path, seed: int):
     )
     model = _model(model_cls, config, tokenizer, seed)
     _save_pieces(folder, tokenizer, image_processor, processor_cls.__name__)
-    return model, processor
+    return model
 
 
 def _vision(image_size: int, patch_size: int) -> dict[str, Any]:
@@ -324,7 +305,7 @@ def _llava_next(folder: Path, seed: int):
     )
     model = _model(LlavaNextForConditionalGeneration, config, tokenizer, seed)
     processor.save_pretrained(folder)
-    return model, processor
+    return model
 
 
 IDEFICS3_TEMPLATE = (
@@ -371,7 +352,7 @@ def _idefics3(folder: Path, seed: int):
     )
     model = _model(Idefics3ForConditionalGeneration, config, tokenizer, seed)
     processor.save_pretrained(folder)
-    return model, processor
+    return model
 
 
 GEMMA3_TEMPLATE = (
@@ -422,7 +403,7 @@ def _gemma3(folder: Path, seed: int):
     )
     model = _model(Gemma3ForConditionalGeneration, config, tokenizer, seed)
     processor.save_pretrained(folder)
-    return model, processor
+    return model
 
 
 MISTRAL3_TEMPLATE = (
@@ -476,7 +457,7 @@ def _mistral3(folder: Path, seed: int):
     )
     model = _model(Mistral3ForConditionalGeneration, config, tokenizer, seed)
     _save_pieces(folder, tokenizer, image_processor, "PixtralProcessor", **PIXTRAL_PROCESSOR_KWARGS)
-    return model, None
+    return model
 
 
 def _smolvlm(folder: Path, seed: int):
@@ -505,12 +486,12 @@ def _smolvlm(folder: Path, seed: int):
     )
     model = _model(SmolVLMForConditionalGeneration, config, tokenizer, seed)
     _save_pieces(folder, tokenizer, image_processor, "SmolVLMProcessor", image_seq_len=4)
-    return model, None
+    return model
 
 
 def _internvl(folder: Path, seed: int):
     """InternVL3-hf layout: ChatML with "<img><IMG_CONTEXT>*n</img>" per 32 px tile, 4 tokens a tile."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
     from transformers.models.got_ocr2 import GotOcr2ImageProcessorPil
 
     named = {
@@ -529,13 +510,6 @@ def _internvl(folder: Path, seed: int):
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4
     )
-    processor = _image_only(InternVLProcessor)(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=None,
-        image_seq_length=4,
-        chat_template=tokenizer.chat_template,
-    )
     config = InternVLConfig(
         vision_config={**_vision(32, 8), "image_size": [32, 32], "patch_size": [8, 8]},
         text_config={"model_type": "qwen2", **TEXT, **_text_ids(tokenizer)},
@@ -546,7 +520,7 @@ def _internvl(folder: Path, seed: int):
     )
     model = _model(InternVLForConditionalGeneration, config, tokenizer, seed)
     _save_pieces(folder, tokenizer, image_processor, "InternVLProcessor", image_seq_length=4)
-    return model, processor
+    return model
 
 
 LLAVA_TEMPLATE = (
@@ -594,10 +568,10 @@ def _llava(folder: Path, seed: int):
     )
     model = _model(LlavaForConditionalGeneration, config, tokenizer, seed)
     processor.save_pretrained(folder)
-    return model, processor
+    return model
 
 
-BUILDERS: dict[str, Callable[[Path, int], tuple[Any, Any]]] = {
+BUILDERS: dict[str, Callable[[Path, int], Any]] = {
     "qwen2_vl": partial(_qwen, "qwen2_vl"),
     "qwen2_5_vl": partial(_qwen, "qwen2_5_vl"),
     "qwen3_vl": partial(_qwen, "qwen3_vl"),
@@ -611,19 +585,17 @@ BUILDERS: dict[str, Callable[[Path, int], tuple[Any, Any]]] = {
 }
 
 
-def _build(name: str, folder: str | Path, *, seed: int = 0) -> tuple[Any, Any]:
-    """Build family `name` into `folder`; return the in-memory (model, processor) as well, for checks."""
+def build_tiny_family(name: str, folder: str | Path, *, seed: int = 0) -> Path:
+    """Create tiny random-weight family `name` (one of `FAMILIES`) in `folder` and return its path.
+
+    Processors are saved as files and loaded back through `rlaifv.reward.models.load_processor`, the
+    service's own path (which builds video-capable ones without their video part here).
+    """
     if name not in BUILDERS:
         raise ValueError(f"unknown tiny family {name!r}; known: {', '.join(BUILDERS)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model, processor = BUILDERS[name](folder, seed)
+    model = BUILDERS[name](folder, seed)
     model.save_pretrained(folder, safe_serialization=True)
     (folder / "tiny_family.json").write_text(json.dumps({"family": name, "seed": seed}) + "\n")
-    return model, processor
-
-
-def build_tiny_family(name: str, folder: str | Path, *, seed: int = 0) -> Path:
-    """Create tiny random-weight family `name` (one of `FAMILIES`) in `folder` and return its path."""
-    _build(name, folder, seed=seed)
-    return Path(folder)
+    return folder
