@@ -107,6 +107,7 @@ class ModelPair:
         self.reference = reference
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.accepts_images: bool = getattr(processor, "accepts_images", True)  # False: a text-only pair
         self.reward = reward or RewardConfig()
         self.name = name
         self.image_limits = image_limits or ImageLimits()

@@ -63,10 +63,11 @@ def load_processor(name_or_path: str | Path, *, trust_remote_code: bool = False)
     sends images only, so where torchvision is missing the same processor class
     is built without its video part (`image_only_processor`).
     """
-    from transformers import AutoProcessor
+    from transformers import AutoProcessor, PreTrainedTokenizerBase
 
     try:
-        return AutoProcessor.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+        return TextProcessor(processor) if isinstance(processor, PreTrainedTokenizerBase) else processor
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
         if not has_torchvision() and Path(name_or_path).is_dir():
             try:
@@ -76,6 +77,32 @@ def load_processor(name_or_path: str | Path, *, trust_remote_code: bool = False)
                     f"cannot load processor from {name_or_path}: {exc}; without torchvision: {inner}"
                 ) from exc
         raise ModelLoadError(f"cannot load processor from {name_or_path}: {exc}") from exc
+
+
+class TextProcessor:
+    """A text-only model's tokenizer in the processor's shape (`.tokenizer`, `apply_chat_template`, `__call__`).
+
+    AutoProcessor returns the bare tokenizer for a folder without an image processor (a plain causal LM);
+    this lets such a model serve as a pair whose prompts are text only. Images are refused
+    (`reward.prompt.encode_prompt` names the field).
+    """
+
+    accepts_images = False
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    @property
+    def chat_template(self) -> Any:
+        return self.tokenizer.chat_template
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any:
+        return self.tokenizer.apply_chat_template(conversation, **kwargs)
+
+    def __call__(self, *, text: Any, images: Any = None, **kwargs: Any) -> Any:
+        if images:
+            raise ValueError("a text-only model takes no images")
+        return self.tokenizer(text, **kwargs)
 
 
 def has_torchvision() -> bool:
@@ -151,14 +178,22 @@ def load_model(
     dtype: DTypeName | str = "auto",
     trust_remote_code: bool = False,
 ) -> Any:
-    """An image-text-to-text model in eval mode on `device`, safetensors only."""
-    from transformers import AutoModelForImageTextToText
+    """An image-text-to-text model (or a text-only causal LM) in eval mode on `device`, safetensors only."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
     device = pick_device(device)
     if is_local(name_or_path):
         check_model_folder(Path(name_or_path).expanduser())
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
+        config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+        kind = config.model_type
+        text_only = kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        auto = AutoModelForCausalLM if text_only else AutoModelForImageTextToText  # a plain causal LM: text-only pair
+        model = auto.from_pretrained(
             str(name_or_path),
             dtype=pick_dtype(device, dtype),
             use_safetensors=True,

@@ -74,6 +74,11 @@ def encode_prompt(
             f"messages have {count_image_parts(messages)} image parts but {len(images)} images were given",
             param="messages",
         )
+    if images and not getattr(processor, "accepts_images", True):
+        raise InvalidInputError(
+            f"this model reads text only: send no images (got {len(images)})",
+            param="images" if question is not None else "messages",
+        )
     text = processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
     tokenizer = processor.tokenizer
     has_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)

@@ -46,7 +46,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.redis = redis
     generator = await open_generator(settings, metrics)  # before the model: a wrong URL fails start-up at once
     app.state.generator = generator
-    engine, load_s = await asyncio.to_thread(load_engine, settings)
+    engine, load_s = await asyncio.to_thread(load_engine, settings, metrics)
+    app.state.engine = engine
     metrics.model_load.set(load_s)
     if settings.warmup:
         metrics.warmup.set(await engine.warmup())
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.limiter = None
     app.state.job_store = None
     app.state.generator = None
+    app.state.engine = None
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
     v1 = [Depends(enforce_limits)]

@@ -10,7 +10,8 @@
     ├── BadGateway              502 upstream_error: the generator (RLAIFV_GENERATOR_URL) answered badly
     ├── Unavailable             503 service_unavailable (Retry-After)
     │   ├── StoreUnavailable    503 redis_unavailable: Redis down while a job endpoint needs it
-    │   └── GeneratorUnavailable 503 generator_unavailable: the generator unreachable, timed out or overloaded
+    │   ├── GeneratorUnavailable 503 generator_unavailable: the generator unreachable, timed out or overloaded
+    │   └── EngineUnavailable   503 engine_unavailable: a vLLM server of the pair (RLAIFV_ENGINE=vllm) is down
     └── DeadlineExceeded        504 timeout_error
 
 `reward.InvalidInputError` (and its ImageError/AnswerError) map to 400 with
@@ -121,6 +122,12 @@ class GeneratorUnavailable(Unavailable):
     """The generator is unreachable, timed out or overloaded: retrying later may help."""
 
     code = "generator_unavailable"
+
+
+class EngineUnavailable(Unavailable):
+    """A vLLM server of the pair (RLAIFV_ENGINE=vllm) is unreachable, timed out or overloaded: retry later."""
+
+    code = "engine_unavailable"
 
 
 class BadGateway(ServiceError):

@@ -78,6 +78,20 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.vllm_latency = Histogram(
+            "rlaifv_vllm_request_duration_seconds",
+            "Requests to the vLLM servers of the pair (RLAIFV_ENGINE=vllm), failed ones included, by server.",
+            ["server"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.vllm_errors = Counter(
+            "rlaifv_vllm_errors",
+            "Failed requests to the vLLM servers, by server (policy, reference) and reason (unreachable, timeout, "
+            "unavailable, refused, rejected, bad_response).",
+            ["server", "reason"],
+            registry=r,
+        )
         self.jobs = Counter("rlaifv_jobs_items", "Batch-job items processed, by outcome.", ["outcome"], registry=r)
 
     def observe_ranking(self, endpoint: str, rewards: list[float]) -> None:

@@ -72,6 +72,16 @@ GeneratorTimeout = Annotated[
 GeneratorMaxN = Annotated[
     int | None, typer.Option(help="Most candidates per generator request (env RLAIFV_GENERATOR_MAX_N).")
 ]
+VllmPolicyUrl = Annotated[
+    str | None, typer.Option(help="vLLM server of the policy, e.g. http://host:8000/v1 (env RLAIFV_VLLM_POLICY_URL).")
+]
+VllmReferenceUrl = Annotated[
+    str | None, typer.Option(help="vLLM server of the reference (env RLAIFV_VLLM_REFERENCE_URL).")
+]
+VllmTimeout = Annotated[float | None, typer.Option(help="vLLM request timeout, s (env RLAIFV_VLLM_TIMEOUT_S).")]
+VllmWait = Annotated[
+    float | None, typer.Option(help="Wait at start-up for the vLLM servers, s (env RLAIFV_VLLM_WAIT_S).")
+]
 RedisTimeout = Annotated[float | None, typer.Option(help="Redis command timeout, s (env RLAIFV_REDIS_TIMEOUT_S).")]
 
 
@@ -81,7 +91,8 @@ def serve(
         typer.Option(help="Bundle folder (env RLAIFV_BUNDLE); the built-in shapes-world model when absent."),
     ] = None,
     engine: Annotated[
-        str | None, typer.Option(help="What runs the model pair: transformers (env RLAIFV_ENGINE, the default).")
+        str | None,
+        typer.Option(help="What runs the model pair: transformers (the default) or vllm (env RLAIFV_ENGINE)."),
     ] = None,
     host: Annotated[str | None, typer.Option(help="Bind address (env RLAIFV_HOST, default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (env RLAIFV_PORT, default 8000).")] = None,
@@ -122,6 +133,10 @@ def serve(
     generator_api_key: GeneratorApiKey = None,
     generator_timeout_s: GeneratorTimeout = None,
     generator_max_n: GeneratorMaxN = None,
+    vllm_policy_url: VllmPolicyUrl = None,
+    vllm_reference_url: VllmReferenceUrl = None,
+    vllm_timeout_s: VllmTimeout = None,
+    vllm_wait_s: VllmWait = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning (env RLAIFV_LOG_LEVEL).")] = None,
 ) -> None:
     """Serve best-of-N and rewards over HTTP (FastAPI + uvicorn). Settings: RLAIFV_* environment variables."""
@@ -160,6 +175,10 @@ def serve(
         generator_api_key=generator_api_key,
         generator_timeout_s=generator_timeout_s,
         generator_max_n=generator_max_n,
+        vllm_policy_url=vllm_policy_url,
+        vllm_reference_url=vllm_reference_url,
+        vllm_timeout_s=vllm_timeout_s,
+        vllm_wait_s=vllm_wait_s,
         log_level=log_level,
     )
     configure_logging(settings.log_level)

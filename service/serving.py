@@ -190,6 +190,9 @@ class Serving:
         await self.images.aclose()
         if self.generator is not None:
             await self.generator.aclose()
+        aclose = getattr(self.engine, "aclose", None)  # an engine holding HTTP clients (vllm)
+        if aclose is not None:
+            await aclose()
         await asyncio.to_thread(self.engine.shutdown)
 
     @property

@@ -53,7 +53,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     metrics = Metrics()
     redis = connect(settings)
     generator = await open_generator(settings, metrics)
-    engine, load_s = await asyncio.to_thread(load_engine, settings)
+    engine, load_s = await asyncio.to_thread(load_engine, settings, metrics)
     if settings.warmup:
         await engine.warmup()
     serving = Serving.open(settings, engine, metrics, redis=redis, generator=generator)

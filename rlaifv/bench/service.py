@@ -5,6 +5,10 @@ The benchmark starts one `python -m service.serve_cli` per mode on free ports
 window), then at each concurrency level runs closed-loop clients against each
 server in turn (every client sends its next request as soon as the previous
 one is answered), so changes in machine load affect both modes alike.
+With `--engine transformers,vllm` the modes are engines instead (both batching on) over one text-only bundle
+(vLLM's multimodal models do not run on this CPU): the vllm mode starts two `vllm serve` processes (policy,
+reference; the venv of scripts/vllm-env) behind `RLAIFV_ENGINE=vllm`, and the report splits each request's
+model time into sampling and reference scoring (docs/vllm.md).
 Reported per level: requests/s, answers/s (= requests/s * n), p50/p99 latency,
 and at concurrency 1 the HTTP + scheduler overhead: client latency minus the
 model time the server reports, over the model time. With `--url` it measures
@@ -43,6 +47,8 @@ class LevelResult:
     model_s: list[float]
     n: int
     mean_batch: float | None = None
+    generate_s: list[float] | None = None
+    score_s: list[float] | None = None
 
     @property
     def rps(self) -> float:
@@ -89,40 +95,48 @@ def _image_url() -> str:
 
 
 async def _run_level(
-    url: str, mode: str, concurrency: int, total: int, n: int, max_tokens: int, headers: dict
+    url: str, mode: str, concurrency: int, total: int, n: int, max_tokens: int, headers: dict, text_only: bool = False
 ) -> LevelResult:
     import httpx
 
-    image = _image_url()
+    images = [] if text_only else [_image_url()]
     latencies: list[float] = []
     model_s: list[float] = []
+    generate_s: list[float] = []
+    score_s: list[float] = []
     counter = iter(range(total))
 
     async def worker(client: httpx.AsyncClient) -> None:
         for i in counter:
             body = {
-                "images": [image],
-                "question": "Describe the image.",
+                "images": images,
+                "question": "Describe the image." if images else TEXT_QUESTION,
                 "n": n,
                 "sampling": {"temperature": 1.0, "max_tokens": max_tokens, "seed": i},
             }
             start = time.perf_counter()
             r = await client.post("/v1/best-of-n", json=body)
             latencies.append(time.perf_counter() - start)
-            r.raise_for_status()
+            if r.status_code != 200:
+                raise RuntimeError(f"{mode}: HTTP {r.status_code} {r.text[:500]}")
             timings = r.json()["timings"]
             model_s.append(timings["generate_s"] + timings["score_s"])
+            generate_s.append(timings["generate_s"])
+            score_s.append(timings["score_s"])
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits, headers=headers) as client:
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         seconds = time.perf_counter() - start
-    return LevelResult(mode, concurrency, total, seconds, latencies, model_s, n)
+    return LevelResult(mode, concurrency, total, seconds, latencies, model_s, n, None, generate_s, score_s)
 
 
-async def _warm(url: str, n: int, max_tokens: int, headers: dict) -> None:
-    await _run_level(url, "warm", 2, 4, n, max_tokens, headers)
+TEXT_QUESTION = "Describe a red circle left of a blue square, and what is above the green triangle on the right."
+
+
+async def _warm(url: str, n: int, max_tokens: int, headers: dict, text_only: bool = False) -> None:
+    await _run_level(url, "warm", 2, 4, n, max_tokens, headers, text_only)
 
 
 def _batch_totals(url: str, headers: dict) -> tuple[float, float] | None:
@@ -191,11 +205,58 @@ def run_benchmark(
     torch_threads: int | None,
     url: str | None = None,
     api_key: str | None = None,
+    engines: list[str] | None = None,
 ) -> list[LevelResult]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     modes: list[tuple[str, dict[str, str]]]
+    vllm_servers: list[Any] = []
     if url:
         modes = [("server", {})]
+    elif engines:
+        common = {
+            "RLAIFV_MAX_N": str(max(n, 16)),
+            "RLAIFV_MAX_TOKENS": str(max(max_tokens, 64)),
+            "RLAIFV_MAX_QUEUE": "1024",
+            "RLAIFV_MAX_BATCH": str(max_batch),
+            "RLAIFV_BATCH_WINDOW_MS": str(window_ms),
+        }
+        if torch_threads:
+            common["RLAIFV_TORCH_THREADS"] = str(torch_threads)
+        modes = []
+        for engine in engines:
+            if engine == "transformers":
+                modes.append(("transformers", common))
+            elif engine == "vllm":
+                from rlaifv.testing.vllm_server import VllmServer
+
+                logs = Path(os.environ.get("TMPDIR", "/tmp"))
+                policy = VllmServer(
+                    bundle / "policy",
+                    name="policy",
+                    max_model_len=2048,
+                    threads=torch_threads or 1,
+                    log=logs / "rlaifv-bench-vllm-policy.log",
+                )
+                reference = VllmServer(
+                    bundle / "reference",
+                    name="reference",
+                    max_model_len=2048,
+                    threads=torch_threads or 1,
+                    log=logs / "rlaifv-bench-vllm-reference.log",
+                )
+                vllm_servers += [policy, reference]
+                for server in (policy, reference):
+                    server.launch()
+                for server in (policy, reference):
+                    server.wait_healthy(600)
+                vllm = {
+                    "RLAIFV_ENGINE": "vllm",
+                    "RLAIFV_VLLM_POLICY_URL": policy.url,
+                    "RLAIFV_VLLM_REFERENCE_URL": reference.url,
+                }
+                modes.append(("vllm", common | vllm))
+            else:
+                raise typer.BadParameter(f"unknown engine {engine!r}: transformers or vllm")
     else:
         common = {
             "RLAIFV_MAX_N": str(max(n, 16)),
@@ -220,14 +281,15 @@ def run_benchmark(
             targets.append(f"http://127.0.0.1:{port}")
             procs.append(_start_server(bundle, port, env))
             _wait_ready(procs[-1], targets[-1])
+        text_only = bool(engines)
         for target in targets:
-            asyncio.run(_warm(target, n, max_tokens, headers))
+            asyncio.run(_warm(target, n, max_tokens, headers, text_only))
         # modes alternate at each level, so drift in machine load hits both alike
         for c in concurrency:
             total = max(16, requests_per_client * c)
             for (mode, _), target in zip(modes, targets, strict=True):
                 before = _batch_totals(target, headers)
-                r = asyncio.run(_run_level(target, mode, c, total, n, max_tokens, headers))
+                r = asyncio.run(_run_level(target, mode, c, total, n, max_tokens, headers, text_only))
                 after = _batch_totals(target, headers)
                 if before and after and after[1] > before[1]:
                     r.mean_batch = (after[0] - before[0]) / (after[1] - before[1])
@@ -241,6 +303,8 @@ def run_benchmark(
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=60)
+        for server in vllm_servers:
+            server.stop()
     return sorted(results, key=lambda r: (r.mode, r.concurrency))
 
 
@@ -249,15 +313,17 @@ def report(results: list[LevelResult], *, n: int, max_tokens: int) -> str:
         f"best-of-{n}, max_tokens {max_tokens}, closed-loop clients",
         "",
         "| mode | concurrency | requests | requests/s | answers/s | p50 ms | p99 ms | mean batch "
-        "| overhead vs model time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| overhead vs model time | sampling p50 ms | scoring p50 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         overhead = f"{r.overhead * 100:.1f} %" if r.concurrency == 1 else ""
         batch = f"{r.mean_batch:.1f}" if r.mean_batch is not None else ""
+        sampling = f"{statistics.median(r.generate_s) * 1000:.1f}" if r.generate_s else ""
+        scoring = f"{statistics.median(r.score_s) * 1000:.1f}" if r.score_s else ""
         lines.append(
             f"| {r.mode} | {r.concurrency} | {r.requests} | {r.rps:.2f} | {r.answers_ps:.1f} | "
-            f"{r.pct(0.5) * 1000:.1f} | {r.pct(0.99) * 1000:.1f} | {batch} | {overhead} |"
+            f"{r.pct(0.5) * 1000:.1f} | {r.pct(0.99) * 1000:.1f} | {batch} | {overhead} | {sampling} | {scoring} |"
         )
     by_mode: dict[str, dict[int, LevelResult]] = {}
     for r in results:
@@ -287,9 +353,21 @@ def bench_service(
     window_ms: Annotated[float, typer.Option(help="RLAIFV_BATCH_WINDOW_MS of the batching-on server.")] = 5.0,
     torch_threads: Annotated[int | None, typer.Option(help="RLAIFV_TORCH_THREADS of the servers.")] = 1,
     output: Annotated[Path | None, typer.Option(help="Also write the markdown table (and raw JSON beside it).")] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="Compare engines instead of batching off/on, e.g. transformers,vllm (a text-only bundle; vllm "
+            "needs scripts/vllm-env)."
+        ),
+    ] = None,
 ) -> None:
-    """Throughput (requests/s, answers/s) and p50/p99 latency of best-of-N, micro-batching off vs on."""
+    """Throughput (requests/s, answers/s) and p50/p99 latency of best-of-N, micro-batching off vs on (or engines)."""
     levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    engines = [e.strip() for e in engine.split(",") if e.strip()] if engine else None
+    if engines and bundle is None:
+        from rlaifv.bench.vllm_scoring import bench_bundle
+
+        bundle = bench_bundle()
     bundle = bundle or (None if url else benchmark_bundle())
     results = run_benchmark(
         bundle=bundle or Path("."),
@@ -302,6 +380,7 @@ def bench_service(
         torch_threads=torch_threads,
         url=url,
         api_key=api_key,
+        engines=engines,
     )
     table = report(results, n=n, max_tokens=max_tokens)
     typer.echo(table)

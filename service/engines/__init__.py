@@ -11,13 +11,17 @@ from typing import TYPE_CHECKING
 from rlaifv.service.engines.base import Engine, EngineResult, GenerateRequest, Request, ScoreRequest
 
 if TYPE_CHECKING:
+    from rlaifv.service.metrics import Metrics
     from rlaifv.service.settings import Settings
 
-ENGINES = ("transformers",)
+ENGINES = ("transformers", "vllm")
 
 
-def load_engine(settings: Settings) -> tuple[Engine, float]:
-    """The configured engine over `settings.bundle`; returns it and its load time in seconds."""
+def load_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[Engine, float]:
+    """The configured engine over `settings.bundle`; returns it and its load time in seconds.
+
+    `vllm` checks its servers here (`VllmStartupError` when one cannot be used), so a wrong URL fails start-up.
+    """
     if settings.engine == "transformers":
         from rlaifv.service.engines.transformers import load_transformers_engine
 
@@ -28,6 +32,10 @@ def load_engine(settings: Settings) -> tuple[Engine, float]:
             trust_remote_code=settings.trust_remote_code,
             torch_threads=settings.torch_threads,
         )
+    if settings.engine == "vllm":
+        from rlaifv.service.engines.vllm import load_vllm_engine
+
+        return load_vllm_engine(str(settings.bundle), settings, metrics)
     raise ValueError(f"unknown engine {settings.engine!r}; one of {', '.join(ENGINES)}")
 
 

@@ -132,11 +132,11 @@ class TransformersEngine:
         from rlaifv.reward.sampling import SamplingParams
 
         start = time.perf_counter()
-        image = Image.new("RGB", (32, 32), (200, 30, 30))
+        images = [Image.new("RGB", (32, 32), (200, 30, 30))] if self.pair.accepts_images else []
         params = SamplingParams(temperature=1.0, max_tokens=2, seed=0)
         batches = (
-            [GenerateRequest([image], "warm up", None, 2, params, self.pair.reward)],
-            [ScoreRequest([image], "warm up", None, ["warm up"], self.pair.reward, 8)],
+            [GenerateRequest(images, "warm up", None, 2, params, self.pair.reward)],
+            [ScoreRequest(images, "warm up", None, ["warm up"], self.pair.reward, 8)],
         )
         for batch in batches:
             for outcome in self.run_batch(batch):

@@ -25,7 +25,8 @@ async def healthz() -> Health:
         503: {
             "model": Health,
             "description": "Not ready: loading or shutting down (or, with "
-            "RLAIFV_READY_REQUIRES_REDIS, Redis unreachable). A generator's state is reported in checks.generator.",
+            "RLAIFV_READY_REQUIRES_REDIS, Redis unreachable; with RLAIFV_ENGINE=vllm, a vLLM server of the pair "
+            "unhealthy: checks.engine). A generator's state is reported in checks.generator.",
         }
     },
     summary="Readiness: model loaded and warm; Redis state reported",
@@ -52,6 +53,10 @@ async def readyz(request: Request) -> Response:
             checks["redis"] = "ok"
         except Exception as exc:  # any failure means Redis is not usable now
             checks["redis"] = f"unreachable: {type(exc).__name__}"
+    engine = getattr(state, "engine", None)
+    if checks["model"] == "ok" and hasattr(engine, "probe"):  # the vLLM servers of the pair: the model itself
+        checks["engine"] = await engine.probe()
+        required.append("engine")
     generator = getattr(state, "generator", None)
     if generator is not None:
         checks["generator"] = await generator.probe()

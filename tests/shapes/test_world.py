@@ -167,4 +167,56 @@ def test_a_setting_added_later_changes_the_fingerprint_only_when_active() -> Non
     assert demo_config(seed=2, overrides=["reference.loss_per=answer"]).fingerprint() != base
     assert demo_config(seed=2, overrides=["reference.sft_attempts=5"]).fingerprint() != base
     assert demo_config(seed=2, overrides=["reference.judge_target=0.0"]).fingerprint() != base
+    assert demo_config(seed=2, overrides=["reference.object_tokens=false"]).fingerprint() == base
+    assert demo_config(seed=2, overrides=["reference.presence_aux=0.0"]).fingerprint() == base
+    assert demo_config(seed=2, overrides=["reference.object_tokens=true"]).fingerprint() != base
+    assert demo_config(seed=2, overrides=["reference.presence_aux=1.0"]).fingerprint() != base
     assert demo_config(seed=3).fingerprint() != base
+
+
+def test_object_tokens_make_each_object_name_one_token_that_decodes_back() -> None:
+    from rlaifv.trainer.shapes.tiny_vlm import build_tokenizer
+    from rlaifv.trainer.shapes.world import OBJECTS, vocabulary
+
+    tokenizer = build_tokenizer(vocabulary(), OBJECTS)
+    text = "a red circle, a blue square and a green triangle. Red circle? red, circle."
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.unk_token_id not in ids
+    for obj in OBJECTS:
+        assert len(tokenizer(" " + obj, add_special_tokens=False).input_ids) == 1
+    assert len(tokenizer(" red, circle", add_special_tokens=False).input_ids) == 3  # not an object name
+
+
+@pytest.mark.parametrize("object_tokens", [False, True])
+def test_presence_loss_reads_the_question_object_and_trains_the_lookup(object_tokens: bool) -> None:
+    """The probe reads the hidden state at the asked object's last token and sends a gradient into the decoder."""
+    import random
+
+    import torch
+
+    from rlaifv.trainer.shapes.reference import ReferenceConfig, SFTData, pixel_values, presence_loss, shapes_spec
+    from rlaifv.trainer.shapes.tiny_vlm import build_model, build_processor
+
+    spec = shapes_spec(0, object_tokens=object_tokens)
+    processor = build_processor(spec)
+    model = build_model(spec, processor.tokenizer)
+    pool = scenes(5, 8)
+    data = SFTData(processor, pool, pixel_values(processor, [s.render() for s in pool]), ReferenceConfig())
+    batch = data.batch(random.Random(0), 12)
+    assert batch.asked and all(
+        batch.prompts[i].input_ids.shape == batch.prompts[0].input_ids.shape for i, _, _ in batch.asked
+    )
+    tokenizer = processor.tokenizer
+    for index, position, present in batch.asked:
+        ids = batch.prompts[index].input_ids.tolist()
+        question = tokenizer.decode(ids[: position + 1]).split("Is there a ")[-1]
+        answer = tokenizer.decode(batch.answers[index][0][:-1])
+        assert question.split()[-1] in ("circle", "square", "triangle")
+        assert answer == ("yes" if present else "no")
+    head = torch.nn.Linear(spec.text_hidden, 1)
+    loss = presence_loss(model, head, batch, layer=1)
+    loss.backward()
+    assert loss.item() > 0
+    assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.model.language_model.layers[1].self_attn.q_proj.weight.grad is None  # layer 1's output only

@@ -21,7 +21,7 @@ import math
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -45,10 +45,14 @@ from rlaifv.trainer.shapes.world import (
 HELD_OUT_SEED_OFFSET = 50_000  # the judge probe's scenes; the evaluation's held-out images use other seeds
 
 
-def shapes_spec(seed: int = 0) -> TinyVLMSpec:
-    """~0.8M parameters: CLIP hidden 128 x 3 layers on 64x64 (64 image tokens), Llama hidden 128 x 2 layers."""
+def shapes_spec(seed: int = 0, *, object_tokens: bool = False) -> TinyVLMSpec:
+    """~0.8M parameters: CLIP hidden 128 x 3 layers on 64x64 (64 image tokens), Llama hidden 128 x 2 layers.
+
+    `object_tokens`: each object name ("red circle") is one token, as a BPE tokenizer merges a frequent bigram.
+    """
     return TinyVLMSpec(
         words=vocabulary(),
+        phrases=OBJECTS if object_tokens else (),
         image_size=64,
         patch_size=8,
         vision_hidden=128,
@@ -120,6 +124,19 @@ class ReferenceConfig:
             " never; the last allowed run always finishes)."
         },
     )
+    object_tokens: bool = field(
+        default=False,
+        metadata={"help": "One token per object name ('red circle'), so a yes/no question names its object once."},
+    )
+    presence_aux: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of an auxiliary loss during SFT: a linear probe on the hidden state at the yes/no"
+            " question's object token (after `presence_layer` layers) predicts whether the object is present;"
+            " it gives the judge's image lookup a gradient of its own (the probe is discarded). 0: off."
+        },
+    )
+    presence_layer: int = field(default=1, metadata={"help": "Decoder layer whose output the presence probe reads."})
 
     # Settings added after recipe 3 shipped, with the value that reproduces it (left out of the fingerprint).
     ADDED_NEUTRAL: ClassVar[dict[str, Any]] = {
@@ -127,6 +144,9 @@ class ReferenceConfig:
         "judge_target": 0.0,
         "sft_attempts": 3,
         "plateau_check": 700,
+        "object_tokens": False,
+        "presence_aux": 0.0,
+        "presence_layer": 1,
     }
 
     def __post_init__(self) -> None:
@@ -138,6 +158,8 @@ class ReferenceConfig:
             raise ValueError("loss_per must be 'token' or 'answer'")
         if not 0.0 <= self.judge_target <= 1.0 or self.sft_attempts < 1 or self.plateau_check < 0:
             raise ValueError("judge_target must be in [0, 1], sft_attempts >= 1 and plateau_check >= 0")
+        if self.presence_aux < 0 or self.presence_layer < 1:
+            raise ValueError("presence_aux must be >= 0 and presence_layer >= 1")
         if min(self.vision_steps, self.sft_steps, self.vision_batch, self.sft_batch, self.train_images) < 1:
             raise ValueError("steps, batches and train_images must be positive")
 
@@ -196,6 +218,40 @@ def pretrain_vision(
     return accuracy
 
 
+class SFTBatch(NamedTuple):
+    prompts: list[EncodedPrompt]
+    answers: list[list[list[int]]]
+    asked: list[tuple[int, int, bool]]  # yes/no items: (index in the batch, the object's last token, present)
+
+
+def _object_position(tokenizer: Any, input_ids: torch.Tensor, obj: str) -> int:
+    """Index of the last token of `obj`'s name in a prompt (the question names it once)."""
+    name = tokenizer(" " + obj, add_special_tokens=False).input_ids
+    ids = input_ids.tolist()
+    starts = [i for i in range(len(ids) - len(name) + 1) if ids[i : i + len(name)] == name]
+    if len(starts) != 1:
+        raise ValueError(f"the question names {obj!r} {len(starts)} times")
+    return starts[0] + len(name) - 1
+
+
+def presence_loss(model: Any, head: torch.nn.Module, batch: SFTBatch, layer: int) -> torch.Tensor:
+    """BCE of a linear probe on the hidden state at each yes/no question's object token: is the object there?
+
+    The judge's answer needs a two-step circuit (find the asked object, look it
+    up among the image tokens) whose steps get no gradient until both exist, so
+    it forms at a random step (docs/shapes-world.md). The probe trains the
+    lookup at the object token directly; reading its result at the answer is
+    then one step. Yes/no prompts all have one length, so they run as one batch.
+    """
+    rows = [batch.prompts[i] for i, _, _ in batch.asked]
+    ids = torch.stack([p.input_ids for p in rows])
+    vision = {key: torch.cat([p.vision[key] for p in rows]) for key in rows[0].vision}
+    hidden = model(input_ids=ids, **vision, output_hidden_states=True).hidden_states[layer]
+    at = hidden[torch.arange(len(rows)), torch.tensor([pos for _, pos, _ in batch.asked])]
+    target = torch.tensor([float(present) for _, _, present in batch.asked])
+    return torch.nn.functional.binary_cross_entropy_with_logits(head(at).squeeze(-1), target)
+
+
 class SFTData:
     """Pre-encoded prompts and answers, so each SFT step only indexes tensors."""
 
@@ -208,6 +264,7 @@ class SFTData:
         blank = [scene_list[0].render()]
         self.caption_ids = encode_prompt(processor, blank, CAPTION_QUESTION).input_ids
         self.question_ids = {obj: encode_prompt(processor, blank, yes_no_question(obj)).input_ids for obj in OBJECTS}
+        self.object_position = {obj: _object_position(self.tokenizer, q, obj) for obj, q in self.question_ids.items()}
         self._answers: dict[str, list[int]] = {}
 
     def answer(self, text: str) -> list[int]:
@@ -215,8 +272,8 @@ class SFTData:
             self._answers[text] = encode_answer(self.tokenizer, text, eot_id=self.eot)
         return self._answers[text]
 
-    def batch(self, rng: random.Random, size: int) -> tuple[list[EncodedPrompt], list[list[list[int]]]]:
-        prompts, answers = [], []
+    def batch(self, rng: random.Random, size: int) -> SFTBatch:
+        prompts, answers, asked = [], [], []
         questions = round(size * self.config.yes_no_share)
         for k in range(size):
             i = rng.randrange(len(self.scenes))
@@ -229,8 +286,9 @@ class SFTData:
                 question, text, _ = sample_training_yes_no(self.scenes[i], rng, config.colour_miss, config.shape_miss)
                 obj = question.removeprefix("Is there a ").split(" in the image")[0]
                 prompts.append(EncodedPrompt(self.question_ids[obj], vision))
+                asked.append((k, self.object_position[obj], text == "yes"))
             answers.append([self.answer(text)])
-        return prompts, answers
+        return SFTBatch(prompts, answers, asked)
 
 
 def judge_probe(model: Any, processor: Any, held_out: list[Scene], per_kind: int = 100) -> dict[str, float]:
@@ -286,6 +344,9 @@ def sft(
     else:
         for p in tower:
             p.requires_grad_(False)
+    head = torch.nn.Linear(model.config.text_config.hidden_size, 1) if config.presence_aux > 0 else None
+    if head is not None:
+        groups[0]["params"] = rest + list(head.parameters())
     params = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=config.sft_lr, weight_decay=0.01)
     rng = random.Random(config.seed + 1 + 7919 * attempt)
@@ -302,12 +363,14 @@ def sft(
             model.train()
         for group in optimizer.param_groups:
             group["lr"] = config.sft_lr * group["scale"] * _cosine(step, config.sft_steps)
-        prompts, answers = data.batch(rng, config.sft_batch)
-        per_token = [t for group in answer_logprobs(model, prompts, answers, pad_id) for t in group]
+        batch = data.batch(rng, config.sft_batch)
+        per_token = [t for group in answer_logprobs(model, batch.prompts, batch.answers, pad_id) for t in group]
         if config.loss_per == "answer":
             loss = -sum(t.mean() for t in per_token) / len(per_token)
         else:
             loss = -sum(t.sum() for t in per_token) / sum(t.numel() for t in per_token)
+        if head is not None and batch.asked:
+            loss = loss + config.presence_aux * presence_loss(model, head, batch, config.presence_layer)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -365,7 +428,7 @@ def train_reference(folder: str | Path, config: ReferenceConfig | None = None) -
     """Build, pre-train and SFT the reference model; save it (safetensors + processor) to `folder`."""
     config = config or ReferenceConfig()
     torch.manual_seed(config.seed)
-    spec = shapes_spec(config.seed)
+    spec = shapes_spec(config.seed, object_tokens=config.object_tokens)
     processor = build_processor(spec)
     model = build_model(spec, processor.tokenizer).train()
     pool = scenes(config.seed, config.train_images)

@@ -102,6 +102,7 @@ class TinyVLMSpec:
     """Sizes of a tiny LLaVA. Defaults give a ~0.3M-parameter model that loads in ms."""
 
     words: tuple[str, ...] = tuple(DEFAULT_WORDS)
+    phrases: tuple[str, ...] = ()
     image_size: int = 32
     patch_size: int = 8
     vision_hidden: int = 32
@@ -121,13 +122,19 @@ class TinyVLMSpec:
         return (self.image_size // self.patch_size) ** 2
 
 
-def build_tokenizer(words: tuple[str, ...] | list[str]):
+PHRASE_JOINER = "ˍ"  # U+02CD, a letter to the pre-tokenizer (an underscore is punctuation)
+
+
+def build_tokenizer(words: tuple[str, ...] | list[str], phrases: tuple[str, ...] | list[str] = ()):
     """A word-level fast tokenizer whose pieces decode back to readable text.
 
     Metaspace marks word starts ("▁red") and punctuation is split off, so
-    "a red circle." round-trips exactly through encode/decode.
+    "a red circle." round-trips exactly through encode/decode. Each of
+    `phrases` ("red circle") is one token, as a BPE tokenizer merges a frequent
+    bigram: a normalizer joins its words ("redˍcircle", same length, so offsets
+    hold) and the decoder splits them again.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
@@ -135,14 +142,24 @@ def build_tokenizer(words: tuple[str, ...] | list[str]):
         vocab[tok] = len(vocab)
     for piece in PUNCTUATION + tuple(TEMPLATE_WORDS):
         vocab.setdefault(piece, len(vocab))
-    for word in list(words) + list(TEMPLATE_WORDS):
+    joined = [phrase.replace(" ", PHRASE_JOINER) for phrase in phrases]
+    for word in list(words) + list(TEMPLATE_WORDS) + joined:
         for variant in (word, word.capitalize()):
             vocab.setdefault("▁" + variant, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    if phrases:
+        tok.normalizer = normalizers.Sequence(
+            [
+                normalizers.Replace(variant, variant.replace(" ", PHRASE_JOINER))
+                for phrase in phrases
+                for variant in (phrase, phrase.capitalize())
+            ]
+        )
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"), pre_tokenizers.Punctuation()]
     )
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    metaspace = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Sequence([decoders.Replace(PHRASE_JOINER, " "), metaspace]) if phrases else metaspace
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS_TOKEN,
@@ -170,7 +187,7 @@ def build_processor(spec: TinyVLMSpec):
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(spec.words),
+        tokenizer=build_tokenizer(spec.words, spec.phrases),
         patch_size=spec.patch_size,
         vision_feature_select_strategy="default",
         chat_template=CHAT_TEMPLATE,
@@ -235,7 +252,11 @@ def build_tiny_vlm(folder: str | Path, spec: TinyVLMSpec | None = None) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
     (folder / "tiny_spec.json").write_text(
-        json.dumps({k: v for k, v in spec.__dict__.items() if k != "words"} | {"words": list(spec.words)}, indent=1)
+        json.dumps(
+            {k: v for k, v in spec.__dict__.items() if k not in ("words", "phrases")}
+            | {"words": list(spec.words), "phrases": list(spec.phrases)},
+            indent=1,
+        )
     )
     return folder
 

@@ -1,0 +1,241 @@
+"""The vllm engine against real `vllm serve` processes on the CPU (the venv of scripts/vllm-env).
+
+A tiny random-weight text-only bundle (rlaifv.testing.tiny_text: vLLM's multimodal models need torchvision,
+which cannot be installed beside the CPU torch here) is served twice: by two vLLM servers (policy, reference)
+behind our service with RLAIFV_ENGINE=vllm, and by the transformers engine in process. float32 on both sides:
+rewards agree to 1e-5 and log-prob sums to 1e-4 (measured: ~2e-6 on 20-token answers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rlaifv.testing.server import LiveServer
+from rlaifv.testing.tiny_text import build_tiny_text_bundle
+from rlaifv.testing.vllm_server import VllmServer, vllm_python
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.integration,
+    pytest.mark.skipif(vllm_python() is None, reason="no vLLM venv (scripts/vllm-env; RLAIFV_VLLM_ENV=skip skips it)"),
+]
+
+REWARD_TOL = 1e-5
+LOGPROB_TOL = 1e-4
+QUESTION = "what is a red circle"
+LIMITS = {"max_tokens": 32, "max_n": 8, "request_timeout_s": 120, "batch_window_ms": 5, "shutdown_grace_s": 5}
+
+
+@dataclass
+class Stack:
+    bundle: Path
+    policy: VllmServer
+    reference: VllmServer
+    vllm: LiveServer  # our service, RLAIFV_ENGINE=vllm
+    transformers: LiveServer  # our service, the same bundle in process
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("vllm")
+    bundle = build_tiny_text_bundle(root / "bundle")
+    policy = VllmServer(bundle / "policy", name="tiny-policy", log=root / "policy.log")
+    reference = VllmServer(bundle / "reference", name="tiny-reference", log=root / "reference.log")
+    ours: list[LiveServer] = []
+    try:
+        for server in (policy, reference):
+            server.launch()  # both load at once
+        for server in (policy, reference):
+            server.wait_healthy(timeout_s=400)
+        vllm = LiveServer(
+            bundle, engine="vllm", vllm_policy_url=policy.url + "/v1", vllm_reference_url=reference.url, **LIMITS
+        ).start()
+        ours.append(vllm)
+        transformers = LiveServer(bundle, torch_threads=1, **LIMITS).start()
+        ours.append(transformers)
+        yield Stack(bundle, policy, reference, vllm, transformers)
+    finally:
+        for live in ours:
+            live.stop()
+        policy.stop()
+        reference.stop()
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=120) as c:
+        yield c
+
+
+def _close(a: float, b: float, tol: float) -> bool:
+    return math.isclose(a, b, rel_tol=0, abs_tol=tol)
+
+
+def test_rewards_equal_the_transformers_engine(stack: Stack, client: httpx.Client) -> None:
+    body = {"question": QUESTION, "answers": ["a red circle", "two blue squares on the left", "yes", "no"]}
+    got = client.post(stack.vllm.url + "/v1/rewards", json=body)
+    want = client.post(stack.transformers.url + "/v1/rewards", json=body)
+    assert got.status_code == 200, got.text
+    for a, b in zip(got.json()["candidates"], want.json()["candidates"], strict=True):
+        assert a["num_tokens"] == b["num_tokens"]
+        assert _close(a["reward"], b["reward"], REWARD_TOL), (a, b)
+        assert _close(a["policy_logprob"], b["policy_logprob"], LOGPROB_TOL)
+        assert _close(a["reference_logprob"], b["reference_logprob"], LOGPROB_TOL)
+    assert got.json()["best_index"] == want.json()["best_index"]
+
+
+def test_greedy_best_of_n_equals_the_transformers_engine(stack: Stack, client: httpx.Client) -> None:
+    body = {"question": QUESTION, "n": 2, "sampling": {"temperature": 0, "max_tokens": 24}}
+    got = client.post(stack.vllm.url + "/v1/best-of-n", json=body)
+    want = client.post(stack.transformers.url + "/v1/best-of-n", json=body)
+    assert got.status_code == 200, got.text
+    for a, b in zip(got.json()["candidates"], want.json()["candidates"], strict=True):
+        assert (a["text"], a["num_tokens"], a["finish_reason"]) == (b["text"], b["num_tokens"], b["finish_reason"])
+        assert _close(a["reward"], b["reward"], REWARD_TOL)
+        assert _close(a["policy_logprob"], b["policy_logprob"], LOGPROB_TOL)
+        assert _close(a["reference_logprob"], b["reference_logprob"], LOGPROB_TOL)
+    assert got.json()["generator"] is None
+
+
+def test_in_process_reference_scores_the_same(stack: Stack, client: httpx.Client) -> None:
+    """RLAIFV_VLLM_REFERENCE=inprocess: vLLM samples, the reference is scored here (shared prefix): same numbers."""
+    with LiveServer(
+        stack.bundle, engine="vllm", vllm_policy_url=stack.policy.url, vllm_reference="inprocess", **LIMITS
+    ) as server:
+        for path, body in (
+            ("/v1/rewards", {"question": QUESTION, "answers": ["a red circle", "yes"]}),
+            ("/v1/best-of-n", {"question": QUESTION, "n": 2, "sampling": {"temperature": 0, "max_tokens": 16}}),
+        ):
+            got = client.post(server.url + path, json=body)
+            want = client.post(stack.transformers.url + path, json=body)
+            assert got.status_code == 200, got.text
+            for a, b in zip(got.json()["candidates"], want.json()["candidates"], strict=True):
+                assert a["text"] == b["text"] and _close(a["reward"], b["reward"], REWARD_TOL)
+        assert client.get(server.url + "/readyz").json()["checks"]["engine"] == "ok"
+
+
+async def test_sampled_log_probs_are_raw_at_temperature_half_and_top_p(stack: Stack) -> None:
+    """vLLM's sampled-token log-probs (policy half of the reward) are the raw model's, not the processed ones."""
+    import torch
+
+    from rlaifv.reward.bundle import load_bundle
+    from rlaifv.reward.sampling import SamplingParams
+    from rlaifv.service.engines.base import GenerateRequest
+    from rlaifv.service.engines.vllm import load_vllm_engine
+
+    settings = stack.vllm.settings
+    engine, _ = load_vllm_engine(str(stack.bundle), settings)
+    pair = load_bundle(stack.bundle)
+    params = SamplingParams(temperature=0.5, top_p=0.8, max_tokens=24, seed=11)
+    try:
+        [result] = await engine.run([GenerateRequest([], QUESTION, None, 8, params, engine.reward)])
+    finally:
+        await engine.aclose()
+    assert not isinstance(result, Exception)
+    prompt = pair.encode([], QUESTION)
+    ids = prompt.input_ids.tolist()
+    gaps = []
+    for candidate in result.ranking.candidates:
+        answer = candidate.token_ids
+        with torch.no_grad():
+            logits = pair.policy(input_ids=torch.tensor([ids + answer])).logits[0, len(ids) - 1 : -1].float()
+        targets = torch.tensor(answer)
+        raw = logits.log_softmax(-1).gather(-1, targets[:, None]).sum().item()
+        scaled = logits / params.temperature  # what "processed" log-probs would be: temperature, then top-p
+        order = scaled.sort(-1, descending=True)
+        keep_sorted = order.values.softmax(-1).cumsum(-1) - order.values.softmax(-1) < params.top_p
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order.indices, keep_sorted)
+        processed = scaled.masked_fill(~keep, float("-inf")).log_softmax(-1).gather(-1, targets[:, None]).sum().item()
+        reference = pair.sequence_logprobs([prompt], [[answer]], reference=True)[0][0]
+        assert _close(candidate.policy_logprob, raw, LOGPROB_TOL), (candidate.policy_logprob, raw)
+        assert _close(candidate.reference_logprob, reference, LOGPROB_TOL)
+        gaps.append(abs(raw - processed))
+    assert max(gaps) > 1.0, gaps  # the processed values are far off: the server returned raw ones
+
+
+def test_chat_completions_through_the_vllm_engine(stack: Stack, client: httpx.Client) -> None:
+    body = {
+        "model": "tiny-text",
+        "messages": [{"role": "user", "content": QUESTION}],
+        "n": 2,
+        "best_of": 4,
+        "max_tokens": 12,
+        "seed": 5,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    response = client.post(stack.vllm.url + "/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert len(data["choices"]) == 2 and len(data["rewards"]) == 4
+    assert data["choices"][0]["reward"] >= data["choices"][1]["reward"] == sorted(data["rewards"])[-2]
+    for choice in data["choices"]:
+        content = choice["logprobs"]["content"]
+        assert content and all(len(token["top_logprobs"]) == 2 for token in content)
+        total = sum(token["logprob"] for token in content)
+        assert total >= choice["policy_logprob"] - LOGPROB_TOL  # the end-of-turn term, if any, is the rest
+
+
+def test_stop_strings_score_the_text_the_client_gets(stack: Stack, client: httpx.Client) -> None:
+    """A cut answer is scored as /v1/rewards scores its text (re-tokenized, end-of-turn appended), as in process."""
+    body = {
+        "model": "tiny-text",
+        "messages": [{"role": "user", "content": QUESTION}],
+        "n": 6,
+        "max_tokens": 24,
+        "seed": 1,
+        "stop": ["e"],
+    }
+    response = client.post(stack.vllm.url + "/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    cut = [c for c in response.json()["choices"] if c["message"]["content"] and c["finish_reason"] == "stop"]
+    assert cut and all("e" not in c["message"]["content"] for c in cut)
+    texts = [c["message"]["content"] for c in cut]
+    again = client.post(stack.transformers.url + "/v1/rewards", json={"question": QUESTION, "answers": texts})
+    for a, b in zip(cut, again.json()["candidates"], strict=True):
+        assert _close(a["reward"], b["reward"], REWARD_TOL)
+
+
+def test_best_of_n_over_another_model_served_by_vllm(stack: Stack, client: httpx.Client, tmp_path: Path) -> None:
+    """The generator is a vLLM server of another model than the pair; the pair (here in process) only scores."""
+    other = build_tiny_text_bundle(tmp_path / "other", seed=10, name="other-pair")
+    generator = stack.reference.url + "/v1"  # vLLM serving 'tiny-reference', not a model of the 'other-pair' pair
+    with LiveServer(other, generator_url=generator, torch_threads=1, **LIMITS) as server:
+        body = {"question": QUESTION, "n": 4, "sampling": {"max_tokens": 12, "seed": 2}}
+        response = client.post(server.url + "/v1/best-of-n", json=body)
+        assert response.status_code == 200, response.text
+        data = response.json()
+        assert data["generator"]["model"] == "tiny-reference" and data["model"] == "other-pair"
+        texts = [c["text"] for c in data["candidates"]]
+        scored = client.post(server.url + "/v1/rewards", json={"question": QUESTION, "answers": texts}).json()
+        for a, b in zip(data["candidates"], scored["candidates"], strict=True):
+            assert _close(a["reward"], b["reward"], 1e-9)
+
+
+def test_a_killed_vllm_server_gives_503_and_recovers(stack: Stack, client: httpx.Client) -> None:
+    url = stack.vllm.url
+    body = {"question": QUESTION, "n": 2, "sampling": {"max_tokens": 4}}
+    assert client.post(url + "/v1/best-of-n", json=body).status_code == 200
+    stack.policy.kill()
+    down = client.post(url + "/v1/best-of-n", json=body)
+    assert down.status_code == 503, down.text
+    assert down.json()["error"]["code"] == "engine_unavailable" and down.headers["Retry-After"].isdigit()
+    assert "policy" in down.json()["error"]["message"]
+    rewards = client.post(url + "/v1/rewards", json={"question": QUESTION, "answers": ["yes"]})
+    assert rewards.status_code == 503
+    ready = client.get(url + "/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["engine"].startswith("policy unavailable")
+    metrics = client.get(url + "/metrics").text
+    assert 'rlaifv_vllm_errors_total{reason="unreachable",server="policy"}' in metrics
+    assert 'rlaifv_vllm_request_duration_seconds_count{server="reference"}' in metrics
+
+    stack.policy.start(timeout_s=400)  # the same port: our service finds it again without a restart
+    assert client.get(url + "/readyz").status_code == 200
+    again = client.post(url + "/v1/best-of-n", json=body)
+    assert again.status_code == 200, again.text
