@@ -66,6 +66,7 @@ FAMILIES: dict[str, Family] = {
     "smolvlm": Family("SmolVLM", pad_vision=True),
     "mistral3": Family("Mistral3 / Pixtral", pad_vision=True, verified=False),  # its processor needs torchvision
     "internvl": Family("InternVL"),
+    "omnilmm": Family("OmniLMM / RLAIF-V-12B"),  # native implementation: reward/omnilmm/
 }
 
 

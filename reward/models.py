@@ -55,6 +55,13 @@ def is_local(name_or_path: str | Path) -> bool:
     return Path(name_or_path).exists() or str(name_or_path).startswith((".", "/", "~"))
 
 
+def register_native_families() -> None:
+    """Make the auto classes resolve the families implemented here (OmniLMM: `reward/omnilmm/`)."""
+    from rlaifv.reward.omnilmm import register
+
+    register()
+
+
 def load_processor(name_or_path: str | Path, *, trust_remote_code: bool = False) -> Any:
     """The folder's processor; without torchvision, an image-only one for processors that also handle video.
 
@@ -65,6 +72,7 @@ def load_processor(name_or_path: str | Path, *, trust_remote_code: bool = False)
     """
     from transformers import AutoProcessor, PreTrainedTokenizerBase
 
+    register_native_families()
     try:
         processor = AutoProcessor.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
         return TextProcessor(processor) if isinstance(processor, PreTrainedTokenizerBase) else processor
@@ -188,6 +196,7 @@ def load_model(
     device = pick_device(device)
     if is_local(name_or_path):
         check_model_folder(Path(name_or_path).expanduser())
+    register_native_families()
     try:
         config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
         kind = config.model_type

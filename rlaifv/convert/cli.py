@@ -1,6 +1,6 @@
-"""`rlaifv convert llava`: original-format LLaVA checkpoints (RLAIF-V-7B, llava-v1.5-7b) to transformers folders.
+"""`rlaifv convert llava|omnilmm`: checkpoints in their authors' layout (RLAIF-V-7B, RLAIF-V-12B) to servable folders.
 
-The logic lives in `rlaifv.convert.llava`; this module only parses options and prints.
+The logic lives in `rlaifv.convert.llava` and `rlaifv.convert.omnilmm`; this module only parses options and prints.
 """
 
 from __future__ import annotations
@@ -58,3 +58,29 @@ def llava(
     typer.echo(f"  conversion record: {written / CONVERSION_FILE}")
     typer.echo("next: convert the reference the same way, then make a bundle:")
     typer.echo(f"  rlaifv bundle create --policy {written} --reference <converted llava-v1.5-7b> -o <bundle>")
+
+
+@convert_app.command("omnilmm")
+def omnilmm(
+    original: Annotated[
+        Path, typer.Argument(help="Published OmniLMM folder (RLAIF-V-12B, OmniLMM-12B; model_type omnilmm).")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the servable model to.")],
+    force: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+) -> None:
+    """Add a fast tokenizer, the processor and the image-token ids; re-write the weights as safetensors shards."""
+    import json
+
+    from rlaifv.convert.omnilmm import CONVERSION_FILE, convert_omnilmm
+    from rlaifv.reward.errors import ModelLoadError
+
+    try:
+        written = convert_omnilmm(original, output, force=force)
+    except ModelLoadError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    record = json.loads((written / CONVERSION_FILE).read_text())
+    typer.secho(f"wrote {written}", fg=typer.colors.GREEN)
+    typer.echo(f"  {record['weights']['tensors']} tensors, image token ids {record['image_token_ids']}")
+    typer.echo("next: convert the reference (OmniLMM-12B) the same way, then make a bundle:")
+    typer.echo(f"  rlaifv bundle create --policy {written} --reference <converted OmniLMM-12B> -o <bundle>")

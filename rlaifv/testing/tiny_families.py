@@ -31,6 +31,7 @@ FAMILIES: tuple[str, ...] = (
     "smolvlm",
     "internvl",
     "llava",
+    "omnilmm",
 )
 
 SPACE = "▁"
@@ -69,13 +70,15 @@ def build_word_tokenizer(
     add_bos_token: bool = False,
     named: Mapping[str, str] | None = None,
     plain: Sequence[str] = ("\n",),
+    words: Sequence[str] = (),
 ) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer with a family's special tokens, never split and kept in order.
 
     Every word exists bare and with the Metaspace "▁" prefix: after a special token the real
     families tokenize a word without a leading space ("<|im_start|>user"), elsewhere with one, so
     both forms keep `decode(encode(text))` readable. `plain` tokens (newlines, "[INST]") are added
-    as non-special tokens so that decoding with `skip_special_tokens` keeps them.
+    as non-special tokens so that decoding with `skip_special_tokens` keeps them. `words` extends
+    the vocabulary (a family's fixed system prompt).
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -85,7 +88,7 @@ def build_word_tokenizer(
     vocab: dict[str, int] = {}
     for piece in [*ordered, *plain, SPACE, *PUNCTUATION, ":"]:
         vocab.setdefault(piece, len(vocab))
-    for word in [*DEFAULT_WORDS, *TEMPLATE_WORDS]:
+    for word in [*DEFAULT_WORDS, *TEMPLATE_WORDS, *words]:
         for variant in (word, word.capitalize()):
             vocab.setdefault(variant, len(vocab))
             vocab.setdefault(SPACE + variant, len(vocab))
@@ -571,6 +574,143 @@ def _llava(folder: Path, seed: int):
     return model
 
 
+# openbmb/RLAIF-V-12B config.json as published (hub commit 836cce5; OmniLMM-12B's differs only in the
+# name, transformers_version and the absent attention_dropout). The tiny instance keeps every key.
+OMNILMM_PUBLISHED_CONFIG: dict[str, Any] = {
+    "_name_or_path": "HaoyeZhang/RLAIF-V-12B",
+    "architectures": ["OmniLMMForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "fully_tune": True,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "image_size": 448,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "mm_use_im_start_end": True,
+    "mm_vision_tower": "eva02_enormous_patch14_clip_224.laion2b_plus",
+    "model_type": "omnilmm",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "num_query": 256,
+    "pad_token_id": 2,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.36.0",
+    "tune_CLIP": True,
+    "tune_mm_mlp_adapter": False,
+    "use_cache": False,
+    "use_mm_proj": True,
+    "vocab_size": 32009,
+}
+# Toy sizes. The resampler has hidden_size // 128 heads, as in the original, hence a 256-wide decoder.
+OMNILMM_TINY: dict[str, Any] = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "num_query": 16,  # a 4 x 4 query grid
+    "image_size": 32,  # an 8 x 8 patch grid: both position tables are resampled, as at 448 px
+    "torch_dtype": "float32",
+    "mm_vision_config": {
+        "img_size": 16,
+        "patch_size": 4,
+        "embed_dim": 32,
+        "depth": 3,
+        "num_heads": 2,
+        "mlp_ratio": 2.0,
+    },
+}
+OMNILMM_TOKENS = ("<im_patch>", "<im_start>", "<im_end>", "<box>", "</box>", "<ref>", "</ref>", "<quad>", "</quad>")
+OMNILMM_WORDS = (
+    "artificial", "intelligence", "which", "gives", "detailed", "polite", "answers", "to", "human", "s", "questions",
+)  # fmt: skip
+
+
+def omnilmm_tiny_parts(seed: int = 0) -> tuple[Any, Any]:
+    """A tiny random OmniLMM (published config keys and checkpoint layout) and its processor."""
+    from rlaifv.reward.omnilmm import register
+    from rlaifv.reward.omnilmm.configuration import OmniLMMConfig
+    from rlaifv.reward.omnilmm.modeling import OmniLMMForCausalLM
+    from rlaifv.reward.omnilmm.processing import OMNILMM_CHAT_TEMPLATE, OmniLMMImageProcessor, OmniLMMProcessor
+
+    register()
+    tokenizer = build_word_tokenizer(
+        OMNILMM_TOKENS,
+        bos="<s>",
+        eos="</s>",
+        pad=UNK_TOKEN,  # keeps the Llama ids <unk> 0, <s> 1, </s> 2
+        add_bos_token=True,
+        plain=("\n", "<|system|>", "<|user|>", "<|assistant|>"),
+        words=OMNILMM_WORDS,
+        chat_template=OMNILMM_CHAT_TEMPLATE,
+    )
+    patch, start, end = _ids(tokenizer, "<im_patch>", "<im_start>", "<im_end>")
+    config = OmniLMMConfig.from_dict(
+        {
+            **OMNILMM_PUBLISHED_CONFIG,
+            **OMNILMM_TINY,
+            **_text_ids(tokenizer),
+            "im_patch_token_id": patch,
+            "im_start_token_id": start,
+            "im_end_token_id": end,
+        }
+    )
+    image_processor = OmniLMMImageProcessor(image_size=config.image_size)
+    processor = OmniLMMProcessor(image_processor=image_processor, tokenizer=tokenizer, num_query=config.num_query)
+    return _model(OmniLMMForCausalLM, config, tokenizer, seed), processor
+
+
+# The chat template of Zephyr-7B-beta's tokenizer, which OmniLMM's tokenizer carries (OmniLMM renders prompts
+# with `tokenizer.apply_chat_template` after inserting its own system turn).
+ZEPHYR_TEMPLATE = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+
+
+def build_tiny_omnilmm_original(folder: str | Path, *, seed: int = 0, weights: str = "safetensors") -> Path:
+    """A tiny OmniLMM folder as the hub publishes one: config.json with the published keys only (plus the tiny
+    tower's `mm_vision_config`), weights under the published names (`model.safetensors`, or one pickled
+    `pytorch_model.bin` as OmniLMM-12B ships), a tokenizer with Zephyr's template, and no processor files."""
+    import torch
+
+    from rlaifv.reward.omnilmm.modeling import published_key
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model, processor = omnilmm_tiny_parts(seed)
+    tokenizer = processor.tokenizer
+    tokenizer.chat_template = ZEPHYR_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    if weights == "bin":
+        state = {published_key(key): value.contiguous() for key, value in model.state_dict().items()}
+        torch.save(state, folder / "pytorch_model.bin")
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+    model.generation_config.save_pretrained(folder)
+    config = {**OMNILMM_PUBLISHED_CONFIG, **OMNILMM_TINY, **_text_ids(tokenizer)}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def _omnilmm(folder: Path, seed: int):
+    """OmniLMM-12B / RLAIF-V-12B layout: Zephyr turns after OmniLMM's system turn; an image -> 16 resampled tokens."""
+    model, processor = omnilmm_tiny_parts(seed)
+    processor.save_pretrained(folder)
+    return model
+
+
 BUILDERS: dict[str, Callable[[Path, int], Any]] = {
     "qwen2_vl": partial(_qwen, "qwen2_vl"),
     "qwen2_5_vl": partial(_qwen, "qwen2_5_vl"),
@@ -582,6 +722,7 @@ BUILDERS: dict[str, Callable[[Path, int], Any]] = {
     "mistral3": _mistral3,
     "internvl": _internvl,
     "llava": _llava,
+    "omnilmm": _omnilmm,
 }
 
 

@@ -49,7 +49,7 @@ def _bundle(family: str, root: Path) -> Path:
     return root / "bundle"
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3", "omnilmm"])
 async def test_concurrent_best_of_n_equals_in_process(family: str, tmp_path: Path) -> None:
     bundle = _bundle(family, tmp_path)
     pair = load_bundle(bundle)
