@@ -1,4 +1,4 @@
-"""The `rlaifv` command: serve, worker, bench, bundle, convert, train, feedback, demo.
+"""The `rlaifv` command: serve, worker, bench, bundle, convert, train, feedback, demo, eval.
 
 Subcommands import their heavy dependencies inside their bodies, so
 `rlaifv --help` answers instantly.
@@ -92,6 +92,9 @@ def _register_optional() -> None:
     from rlaifv.trainer.shapes.cli import demo_app
 
     app.add_typer(demo_app(SHIPPED_BUNDLE), name="demo")
+    from rlaifv.cli.eval import eval_app
+
+    app.add_typer(eval_app, name="eval")
 
 
 _register_optional()

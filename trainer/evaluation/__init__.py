@@ -1,1 +1,2 @@
-"""Hallucination metrics: CHAIR (Object HalBench definitions) and yes/no accuracy/F1 (AMBER-style)."""
+"""Evaluation: CHAIR (one implementation, shared with the shapes world), Object HalBench, AMBER, MMHal-Bench,
+and the inference-time scaling curve of best-of-N. Reads local files in the benchmarks' published formats."""

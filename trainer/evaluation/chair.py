@@ -8,7 +8,10 @@
 
 The extractor maps an answer to canonical object mentions in order: the
 shapes world parses "colour shape" pairs; for the real Object HalBench it is
-spaCy lemmas + a synonym table onto the 80 COCO classes.
+spaCy lemmas + a synonym table onto the 80 COCO classes (`coco_objects.py`), or
+objects an LLM listed (`llm_objects.py`).
+`chair_items` gives the per-answer counts, `chair_totals` every number made of
+them (also RLAIF-V's response-level CHAIRs); `chair` is the shapes world's view.
 """
 
 from __future__ import annotations
@@ -32,29 +35,79 @@ class ChairReport:
         return asdict(self)
 
 
-def chair(answers: Sequence[str], truths: Sequence[set[str] | Sequence[str]], extract: ObjectExtractor) -> ChairReport:
+@dataclass(frozen=True)
+class ChairItem:
+    """One answer's objects: every mention in order, the hallucinated ones, and the true objects it found."""
+
+    mentions: tuple[str, ...]
+    hallucinated: tuple[str, ...]
+    found: frozenset[str]
+    truth: frozenset[str]
+
+    @property
+    def repeated(self) -> bool:
+        return len(self.mentions) != len(set(self.mentions))
+
+
+def chair_items(
+    answers: Sequence[str], truths: Sequence[set[str] | frozenset[str] | Sequence[str]], extract: ObjectExtractor
+) -> list[ChairItem]:
+    """The per-answer counts every CHAIR number is made of (one extractor call per answer)."""
     if len(answers) != len(truths):
         raise ValueError("one ground-truth object set per answer")
-    mentions = hallucinated = answers_with_hallucination = repeated = 0
-    found = total_true = 0
-    for answer, truth in zip(answers, truths, strict=True):
-        truth = set(truth)
-        objects = extract(answer)
-        bad = [o for o in objects if o not in truth]
-        mentions += len(objects)
-        hallucinated += len(bad)
-        answers_with_hallucination += bool(bad)
-        repeated += len(objects) != len(set(objects))
-        found += len(truth & set(objects))
-        total_true += len(truth)
-    n = max(len(answers), 1)
+    return items_from_mentions([extract(answer) for answer in answers], truths)
+
+
+def items_from_mentions(
+    mentions: Sequence[Sequence[str]], truths: Sequence[set[str] | frozenset[str] | Sequence[str]]
+) -> list[ChairItem]:
+    """Per-answer counts from mentions already extracted (e.g. listed by an LLM)."""
+    if len(mentions) != len(truths):
+        raise ValueError("one ground-truth object set per answer")
+    items = []
+    for objects, truth in zip(mentions, truths, strict=True):
+        truth = frozenset(truth)
+        objects = tuple(objects)
+        items.append(ChairItem(objects, tuple(o for o in objects if o not in truth), truth & frozenset(objects), truth))
+    return items
+
+
+def chair_totals(items: Sequence[ChairItem]) -> dict[str, float]:
+    """CHAIRi, CHAIRs, RLAIF-V's response-level CHAIRs, recall and repeats over per-answer counts.
+
+    `chair_s_object_answers` is what RLAIF-V reports as "Response Hall": answers with a hallucination over
+    answers that mention at least one object (`CHAIRs_refine` in its evaluation script); `chair_s`
+    divides by all answers.
+    """
+    mentions = sum(len(i.mentions) for i in items)
+    hallucinated = sum(len(i.hallucinated) for i in items)
+    bad_answers = sum(bool(i.hallucinated) for i in items)
+    with_objects = sum(bool(i.mentions) for i in items)
+    total_true = sum(len(i.truth) for i in items)
+    n = max(len(items), 1)
+    return {
+        "chair_i": hallucinated / mentions if mentions else 0.0,
+        "chair_s": bad_answers / n,
+        "chair_s_object_answers": bad_answers / with_objects if with_objects else 0.0,
+        "recall": sum(len(i.found) for i in items) / total_true if total_true else 0.0,
+        "repeats": sum(i.repeated for i in items) / n,
+        "answers": len(items),
+        "answers_with_objects": with_objects,
+        "mentions": mentions,
+        "hallucinated_mentions": hallucinated,
+    }
+
+
+def chair(answers: Sequence[str], truths: Sequence[set[str] | Sequence[str]], extract: ObjectExtractor) -> ChairReport:
+    """The shapes world's summary (CHAIRi, CHAIRs over all answers, recall, repeats)."""
+    totals = chair_totals(chair_items(answers, truths, extract))
     return ChairReport(
-        chair_i=hallucinated / mentions if mentions else 0.0,
-        chair_s=answers_with_hallucination / n,
-        recall=found / total_true if total_true else 0.0,
-        repeats=repeated / n,
-        answers=len(answers),
-        mentions=mentions,
+        chair_i=totals["chair_i"],
+        chair_s=totals["chair_s"],
+        recall=totals["recall"],
+        repeats=totals["repeats"],
+        answers=int(totals["answers"]),
+        mentions=int(totals["mentions"]),
     )
 
 

@@ -1,0 +1,441 @@
+"""`rlaifv eval objhal|amber|mmhal|shapes|compare`: the trustworthiness numbers the RLAIF-V paper reports.
+
+Each benchmark scores answers already written (`--answers`), or generates them from a bundle in this
+process (`--bundle PATH`, `default`: the shipped shapes world) or from a running `rlaifv serve`
+(`--service URL`): plain (`-n 1`), best-of-N by the self-reward (`-n 8 --select dpo|claims`) or a random
+pick of N (`--select random`). `--best-of 1,2,4,8,16,32` is the inference-time scaling mode: the
+largest N is sampled once per prompt and every smaller N reuses its first candidates; each reward mode
+and a random pick get a curve (`--plot FILE.png`, a table in the report). Every run writes a JSON report
+and a Markdown table; generations, LLM extractions and judgements are cached beside the report, so a
+rerun only redoes what changed. docs/evaluation.md has the formats and the differences from the originals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rlaifv.cli.eval_run import USER_ERRORS, Source, default_cache, fail, set_threads, write_scaling
+from rlaifv.trainer.evaluation.candidates import Sampling
+
+eval_app = typer.Typer(
+    help="Object HalBench, AMBER, MMHal-Bench and best-of-N scaling curves, on local benchmark files.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+Output = Annotated[Path, typer.Option("--output", "-o", help="JSON report (a .md table is written beside it).")]
+Name = Annotated[str, typer.Option(help="What is evaluated (the report's column name in `compare`).")]
+Bundle = Annotated[
+    str | None, typer.Option(help="Generate answers with this bundle in process ('default': the shipped shapes world).")
+]
+Service = Annotated[str | None, typer.Option(help="Generate answers with a running `rlaifv serve` at this URL.")]
+ApiKey = Annotated[str | None, typer.Option(envvar="RLAIFV_EVAL_API_KEY", help="The service's API key.")]
+ServiceMaxN = Annotated[int, typer.Option(help="Candidates per service request at most (its RLAIFV_MAX_N).")]
+N = Annotated[int, typer.Option("-n", help="Candidates sampled per prompt.")]
+Select = Annotated[str, typer.Option(help="Which candidate is the answer: first, random, dpo or claims.")]
+BestOf = Annotated[
+    str | None, typer.Option(help="Scaling mode: comma-separated N, e.g. 1,2,4,8,16,32 (replaces -n/--select).")
+]
+Modes = Annotated[str, typer.Option(help="Scaling mode: reward modes to select by (a random pick is always added).")]
+Plot = Annotated[Path | None, typer.Option(help="Scaling mode: write the curve here (PNG).")]
+RandomDraws = Annotated[
+    int, typer.Option(help="Scaling mode: random picks averaged per point (each costs a metric evaluation).")
+]
+Doc = Annotated[
+    Path | None,
+    typer.Option(help="Scaling mode: put the table and figure in this Markdown file's '<!-- begin: NAME -->' block."),
+]
+Temperature = Annotated[
+    float | None, typer.Option(help="Sampling temperature (default: 0 for one plain answer, else 0.7 as RLAIF-V).")
+]
+MaxTokens = Annotated[int, typer.Option(help="Most new tokens per answer.")]
+Seed = Annotated[int, typer.Option(help="Sampling seed (each prompt's own seed is made of it and the prompt id).")]
+Cache = Annotated[Path | None, typer.Option(help="Candidate cache (JSONL; default: <output>.candidates.jsonl).")]
+Batch = Annotated[int, typer.Option(help="Prompts per generation batch.")]
+Threads = Annotated[int | None, typer.Option(help="torch threads (default: RLAIFV_TORCH_THREADS, else torch's).")]
+Images = Annotated[Path | None, typer.Option(help="Folder of the benchmark's images (for generating answers).")]
+
+
+SOURCE_OPTIONS = (
+    "bundle", "service", "api_key", "service_max_n", "n", "select", "best_of", "modes", "temperature", "max_tokens",
+    "seed", "cache", "batch", "threads", "random_draws",
+)  # fmt: skip
+
+
+def _source(output: Path, options: dict[str, Any]) -> Source:
+    """The generation options a command received (its `locals()`) as a `Source`."""
+    o: dict[str, Any] = {"n": 1, "select": "first", "service_max_n": 16} | {
+        key: options[key] for key in SOURCE_OPTIONS if key in options
+    }
+    if o["select"] not in ("first", "random", "dpo", "claims"):
+        raise fail(f"--select takes first, random, dpo or claims, got {o['select']!r}")
+    temperature = o["temperature"]
+    if temperature is None:
+        temperature = 0.0 if o["n"] == 1 and not o["best_of"] else 0.7
+    set_threads(o["threads"])
+    return Source(
+        bundle=o.get("bundle"),
+        service=o.get("service"),
+        api_key=o.get("api_key"),
+        service_max_n=o["service_max_n"],
+        n=o["n"],
+        select=o["select"],
+        best_of=o["best_of"],
+        modes=o["modes"],
+        sampling=Sampling(temperature=temperature, max_tokens=o["max_tokens"], seed=o["seed"]),
+        cache=o["cache"] or default_cache(output),
+        batch=o["batch"],
+        random_draws=o.get("random_draws") or 1,
+    )
+
+
+def _check_answers(answers: Path | None, src: Source) -> None:
+    """Answers either come from a file or are generated (and --best-of always generates)."""
+    if answers is not None and (src.generates or src.best_of):
+        raise fail("--answers scores given answers: leave out --bundle, --service and --best-of")
+
+
+def _print(markdown: str) -> None:
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    Console().print(Markdown(markdown))
+
+
+def _finish(report: Any, output: Path, *, incomplete: int = 0) -> None:
+    from rlaifv.trainer.evaluation.report import report_markdown, write_report
+
+    json_path, md_path = write_report(report, output)
+    _print(report_markdown(report))
+    typer.echo(f"wrote {json_path} and {md_path}")
+    if incomplete:
+        raise fail(f"incomplete: {incomplete} item(s) failed (recorded in the report); rerun to retry them", code=2)
+
+
+@eval_app.command("objhal")
+def objhal(
+    output: Output,
+    coco: Annotated[
+        Path | None, typer.Option(help="COCO annotations folder (instances_*2014.json, captions_*2014.json).")
+    ] = None,
+    instances: Annotated[list[Path] | None, typer.Option(help="COCO instances JSON (instead of --coco).")] = None,
+    captions: Annotated[list[Path] | None, typer.Option(help="COCO captions JSON (instead of --coco).")] = None,
+    answers: Annotated[Path | None, typer.Option(help="Answers JSONL: image_id, question, answer (or text).")] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Prompts JSONL to generate for (e.g. obj_halbench_300_with_image.jsonl).")
+    ] = None,
+    images: Images = None,
+    extractor: Annotated[str, typer.Option(help="Object extraction: rules (spaCy + table) or llm.")] = "rules",
+    synonyms: Annotated[Path | None, typer.Option(help="Another synonym table (our format).")] = None,
+    llm_url: Annotated[str | None, typer.Option(help="--extractor llm: OpenAI-compatible base URL.")] = None,
+    llm_model: Annotated[str | None, typer.Option(help="--extractor llm: model name.")] = None,
+    llm_key: Annotated[str | None, typer.Option(envvar="RLAIFV_EVAL_LLM_KEY", help="--extractor llm: key.")] = None,
+    llm_concurrency: Annotated[int, typer.Option(help="--extractor llm: requests in flight.")] = 8,
+    llm_timeout: Annotated[float, typer.Option(help="--extractor llm: seconds per attempt.")] = 60.0,
+    llm_retries: Annotated[int, typer.Option(help="--extractor llm: retries per answer.")] = 3,
+    llm_backoff: Annotated[float, typer.Option(help="--extractor llm: seconds before the first retry.")] = 1.0,
+    name: Name = "",
+    bundle: Bundle = None,
+    service: Service = None,
+    api_key: ApiKey = None,
+    service_max_n: ServiceMaxN = 16,
+    n: N = 1,
+    select: Select = "first",
+    best_of: BestOf = None,
+    modes: Modes = "dpo,claims",
+    plot: Plot = None,
+    random_draws: RandomDraws = 1,
+    doc: Doc = None,
+    temperature: Temperature = None,
+    max_tokens: MaxTokens = 512,
+    seed: Seed = 0,
+    cache: Cache = None,
+    batch: Batch = 8,
+    threads: Threads = None,
+) -> None:
+    """Object HalBench: CHAIRi, CHAIRs and RLAIF-V's response-level CHAIRs from COCO 2014 annotations."""
+    from rlaifv.trainer.evaluation.coco_objects import CocoObjects
+    from rlaifv.trainer.evaluation.coco_truth import find_annotation_files, ground_truth
+    from rlaifv.trainer.evaluation.llm import ChatSettings
+    from rlaifv.trainer.evaluation.llm_objects import LLMObjectExtractor
+    from rlaifv.trainer.evaluation.objhal import (
+        Answer,
+        evaluate_objhal,
+        objhal_metric,
+        read_answers,
+        read_prompts,
+    )
+    from rlaifv.trainer.evaluation.report import Report
+
+    src = _source(output, locals())
+    _check_answers(answers, src)
+    try:
+        objects = CocoObjects(synonyms)
+        if coco is not None:
+            instances, captions = find_annotation_files(coco)
+        if not instances or not captions:
+            raise fail("give --coco DIR, or --instances and --captions files")
+        llm = None
+        if extractor == "llm":
+            if not llm_url or not llm_model:
+                raise fail("--extractor llm needs --llm-url and --llm-model")
+            settings = ChatSettings(
+                url=llm_url,
+                model=llm_model,
+                api_key=llm_key,
+                concurrency=llm_concurrency,
+                timeout_s=llm_timeout,
+                retries=llm_retries,
+                backoff_s=llm_backoff,
+            )
+            llm = LLMObjectExtractor(settings, objects, store=output.with_name(output.stem + ".objects.jsonl"))
+        elif extractor != "rules":
+            raise fail(f"--extractor takes rules or llm, got {extractor!r}")
+        if answers is not None:
+            rows = read_answers(answers)
+            truth = ground_truth({a.image_id for a in rows}, instances, captions, objects)
+            result = evaluate_objhal(rows, truth, objects=objects, llm=llm)
+            settings_out: dict[str, Any] = {"answers": str(answers)}
+        else:
+            if prompts is None:
+                raise fail("give --answers FILE, or --prompts FILE with --bundle or --service")
+            pairs = read_prompts(prompts, images)
+            truth = ground_truth({i for _, i in pairs}, instances, captions, objects)
+            settings_out = {"prompts": str(prompts), **src.settings()}
+            if best_of:
+                metric = objhal_metric(pairs, truth, objects=objects, llm=llm)
+                result = {"metrics": src.scaling([p for p, _ in pairs], metric)}
+            else:
+                texts = src.answers([p for p, _ in pairs])
+                rows = [
+                    Answer(image_id=i, question=p.question, answer=t) for (p, i), t in zip(pairs, texts, strict=True)
+                ]
+                result = evaluate_objhal(rows, truth, objects=objects, llm=llm)
+    except USER_ERRORS as exc:
+        raise fail(str(exc)) from None
+    settings_out["extractor"] = extractor
+    report = Report(benchmark="objhal", name=name or output.stem, settings=settings_out, **result)
+    if best_of:
+        metrics = ["chair_i", "chair_s_object_answers", "recall"]
+        title = f"Object HalBench vs N ({report.name})"
+        _print(write_scaling(report, output, metrics=metrics, percent=metrics[:2], plot=plot, doc=doc, title=title))
+        return
+    _finish(report, output, incomplete=int(result["metrics"].get("extraction_failed", 0)))
+
+
+@eval_app.command("amber")
+def amber(
+    output: Output,
+    annotations: Annotated[Path, typer.Option(help="AMBER data/annotations.json.")],
+    answers: Annotated[Path | None, typer.Option(help="Answers: JSON list (or JSONL) of {id, response}.")] = None,
+    queries: Annotated[
+        Path | None, typer.Option(help="Queries to generate for (data/query/query_discriminative.json).")
+    ] = None,
+    images: Images = None,
+    match: Annotated[str, typer.Option(help="'exact' (the official \"Yes\"/\"No\") or 'first-word'.")] = "exact",
+    name: Name = "",
+    bundle: Bundle = None,
+    service: Service = None,
+    api_key: ApiKey = None,
+    service_max_n: ServiceMaxN = 16,
+    n: N = 1,
+    select: Select = "first",
+    best_of: BestOf = None,
+    modes: Modes = "dpo,claims",
+    plot: Plot = None,
+    random_draws: RandomDraws = 1,
+    doc: Doc = None,
+    temperature: Temperature = None,
+    max_tokens: MaxTokens = 16,
+    seed: Seed = 0,
+    cache: Cache = None,
+    batch: Batch = 8,
+    threads: Threads = None,
+) -> None:
+    """AMBER discriminative accuracy, precision, recall and F1 ("no" positive), overall and per dimension."""
+    from rlaifv.trainer.evaluation.amber import (
+        Response,
+        amber_metric,
+        evaluate_amber,
+        read_annotations,
+        read_queries,
+        read_responses,
+    )
+    from rlaifv.trainer.evaluation.report import Report, flatten
+
+    if match not in ("exact", "first-word"):
+        raise fail(f"--match takes exact or first-word, got {match!r}")
+    src = _source(output, locals())
+    _check_answers(answers, src)
+    try:
+        truth = read_annotations(annotations)
+        if answers is not None:
+            result = evaluate_amber(read_responses(answers), truth, match=match)  # type: ignore[arg-type]
+            settings: dict[str, Any] = {"answers": str(answers)}
+        else:
+            if queries is None or images is None:
+                raise fail("give --answers FILE, or --queries FILE and --images DIR with --bundle or --service")
+            prompts = read_queries(queries, images)
+            settings = {"queries": str(queries), **src.settings()}
+            if best_of:
+                metric = amber_metric(prompts, truth, match)  # type: ignore[arg-type]
+                result = {"metrics": src.scaling(prompts, lambda texts: flatten(metric(texts)))}
+            else:
+                texts = src.answers(prompts)
+                rows = [Response(id=int(p.id), response=t) for p, t in zip(prompts, texts, strict=True)]
+                result = evaluate_amber(rows, truth, match=match)  # type: ignore[arg-type]
+    except USER_ERRORS as exc:
+        raise fail(str(exc)) from None
+    report = Report(benchmark="amber", name=name or output.stem, settings={**settings, "match": match}, **result)
+    if best_of:
+        metrics = ["overall.accuracy", "overall.f1"]
+        title = f"AMBER vs N ({report.name})"
+        _print(write_scaling(report, output, metrics=metrics, percent=metrics, plot=plot, doc=doc, title=title))
+        return
+    _finish(report, output)
+
+
+@eval_app.command("mmhal")
+def mmhal(
+    output: Output,
+    records: Annotated[Path, typer.Option(help="MMHal-Bench response file (JSON list of the 96 records).")],
+    judge_url: Annotated[str, typer.Option(help="Judge: OpenAI-compatible base URL, e.g. http://host:8001/v1.")],
+    judge_model: Annotated[str, typer.Option(help="Judge: model name.")],
+    judge_key: Annotated[str | None, typer.Option(envvar="RLAIFV_EVAL_JUDGE_KEY", help="Judge: API key.")] = None,
+    answers: Annotated[
+        Path | None, typer.Option(help="Answers JSONL in record order (else the records' model_answer).")
+    ] = None,
+    images: Images = None,
+    template: Annotated[
+        Path | None, typer.Option(help="Judge prompt with {contents} {question} {reference} {answer}.")
+    ] = None,
+    results: Annotated[
+        Path | None, typer.Option(help="Judgement store (JSONL; default <output>.judged.jsonl): makes reruns resume.")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="Judge requests in flight.")] = 4,
+    timeout: Annotated[float, typer.Option(help="Seconds per judge attempt.")] = 120.0,
+    retries: Annotated[int, typer.Option(help="Retries per item (timeouts, errors, no rating).")] = 3,
+    backoff: Annotated[float, typer.Option(help="Seconds before the first retry (doubles per retry).")] = 1.0,
+    name: Name = "",
+    bundle: Bundle = None,
+    service: Service = None,
+    api_key: ApiKey = None,
+    service_max_n: ServiceMaxN = 16,
+    n: N = 1,
+    select: Select = "first",
+    best_of: BestOf = None,
+    modes: Modes = "dpo,claims",
+    plot: Plot = None,
+    random_draws: RandomDraws = 1,
+    doc: Doc = None,
+    temperature: Temperature = None,
+    max_tokens: MaxTokens = 512,
+    seed: Seed = 0,
+    cache: Cache = None,
+    batch: Batch = 8,
+    threads: Threads = None,
+) -> None:
+    """MMHal-Bench: judge ratings 0-6, score, hallucination rate (< 3) and per question type."""
+    from rlaifv.trainer.evaluation.llm import ChatSettings
+    from rlaifv.trainer.evaluation.mmhal import (
+        RUBRIC,
+        evaluate_mmhal,
+        mmhal_metric,
+        mmhal_prompts,
+        read_records,
+        read_template,
+    )
+    from rlaifv.trainer.evaluation.report import Report
+
+    src = _source(output, locals())
+    _check_answers(answers, src)
+    store = results or output.with_name(output.stem + ".judged.jsonl")
+    try:
+        judge = ChatSettings(
+            url=judge_url, model=judge_model, api_key=judge_key, concurrency=concurrency, timeout_s=timeout,
+            retries=retries, backoff_s=backoff,
+        )  # fmt: skip
+        prompt = read_template(template) if template else RUBRIC
+        items = read_records(records, answers)
+        settings: dict[str, Any] = {"records": str(records), "judge": judge_model, "template": str(template or "ours")}
+        if src.generates:
+            if images is None:
+                raise fail("generating MMHal answers needs --images DIR (MMHal-Bench's images folder)")
+            prompts = mmhal_prompts(items, images)
+            settings |= src.settings()
+            if best_of:
+                metric = mmhal_metric(items, judge, store, template=prompt)
+                result = {"metrics": src.scaling(prompts, metric)}
+            else:
+                texts = src.answers(prompts)
+                items = [r.model_copy(update={"model_answer": t}) for r, t in zip(items, texts, strict=True)]
+                result = evaluate_mmhal(items, judge, store, template=prompt)
+        else:
+            if best_of:
+                raise fail("--best-of generates answers: give --bundle or --service")
+            result = evaluate_mmhal(items, judge, store, template=prompt)
+    except USER_ERRORS as exc:
+        raise fail(str(exc)) from None
+    report = Report(benchmark="mmhal", name=name or output.stem, settings=settings, **result)
+    if best_of:
+        metrics = ["score", "hallucination_rate"]
+        title = f"MMHal-Bench vs N ({report.name})"
+        _print(write_scaling(report, output, metrics=metrics, percent=metrics[1:], plot=plot, doc=doc, title=title))
+        return
+    _finish(report, output, incomplete=int(result["metrics"]["failed"]))
+
+
+@eval_app.command("shapes")
+def shapes(
+    output: Output,
+    bundle: Annotated[str, typer.Option(help="A shapes-world bundle ('default': the shipped one).")] = "default",
+    images: Annotated[int, typer.Option(help="Held-out images (prompts).")] = 200,
+    scene_seed: Annotated[int, typer.Option(help="Seed of the held-out scenes.")] = 0,
+    best_of: Annotated[str, typer.Option(help="Comma-separated N.")] = "1,2,4,8,16,32",
+    modes: Modes = "dpo,claims",
+    plot: Plot = None,
+    random_draws: RandomDraws = 16,
+    doc: Doc = None,
+    name: Name = "shapes-scaling",
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (the shapes-world reports use 1).")] = 1.0,
+    max_tokens: MaxTokens = 32,
+    seed: Seed = 0,
+    cache: Cache = None,
+    batch: Batch = 8,
+    threads: Threads = None,
+) -> None:
+    """The inference-time scaling curve in the shapes world: CHAIR and recall vs N on held-out scenes."""
+    from rlaifv.cli.eval_shapes import shapes_prompts
+    from rlaifv.trainer.evaluation.report import Report
+
+    src = _source(output, locals())
+    prompts, metric = shapes_prompts(images, scene_seed)
+    try:
+        result = src.scaling(prompts, metric)
+    except USER_ERRORS as exc:
+        raise fail(str(exc)) from None
+    settings = {"images": images, "scene_seed": scene_seed, **src.settings()}
+    report = Report(benchmark="shapes", name=name, settings=settings, metrics=result)
+    metrics = ["chair_i", "chair_s", "recall"]
+    title = f"Shapes world: best-of-N vs N ({images} held-out images, T={temperature:g})"
+    _print(write_scaling(report, output, metrics=metrics, percent=metrics[:2], plot=plot, doc=doc, title=title))
+
+
+@eval_app.command("compare")
+def compare(
+    reports: Annotated[list[Path], typer.Argument(help="Reports to put side by side.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also write the table here.")] = None,
+) -> None:
+    """Several reports in one Markdown table (e.g. reference vs aligned vs best-of-N)."""
+    from rlaifv.trainer.evaluation.report import compare as render
+
+    try:
+        table = render(reports)
+    except USER_ERRORS as exc:
+        raise fail(str(exc)) from None
+    typer.echo(table)
+    if output is not None:
+        output.write_text(table)

@@ -1,0 +1,183 @@
+"""What every `rlaifv eval` command shares: where answers come from, the scaling mode, writing results.
+
+The composition root's side of the evaluation harness (`rlaifv.trainer.evaluation`): it alone knows the
+service's default bundle and the shapes world, so the harness itself imports neither.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+from pydantic import ValidationError
+
+from rlaifv.reward.errors import RewardError
+from rlaifv.service.default_model import MissingDefaultBundle
+from rlaifv.trainer.errors import TrainerError
+from rlaifv.trainer.evaluation.candidates import CandidateCache, Generator, Prompt, Rule, Sampling, picked_texts
+from rlaifv.trainer.evaluation.report import Report, write_report
+from rlaifv.trainer.evaluation.scaling import Metric, curve_table, parse_ns, plot_curve, run_scaling
+
+# Mistakes in files, options or models: reported as one line, not a traceback.
+USER_ERRORS = (TrainerError, RewardError, MissingDefaultBundle, ValidationError)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def set_threads(threads: int | None) -> None:
+    """torch threads: the option, else RLAIFV_TORCH_THREADS (1 is often fastest on shared CPUs)."""
+    value = threads if threads is not None else os.environ.get("RLAIFV_TORCH_THREADS")
+    if value is not None:
+        import torch
+
+        torch.set_num_threads(int(value))
+
+
+def resolve_bundle(bundle: str) -> Path:
+    """'default' is the shipped shapes-world bundle."""
+    if bundle == "default":
+        from rlaifv.service.default_model import default_bundle
+
+        return default_bundle()
+    return Path(bundle)
+
+
+@dataclass
+class Source:
+    """Where candidate answers come from and how they are picked (the options of every eval command)."""
+
+    bundle: str | None
+    service: str | None
+    api_key: str | None
+    service_max_n: int
+    n: int
+    select: Rule
+    best_of: str | None
+    modes: str
+    sampling: Sampling
+    cache: Path | None
+    batch: int
+    random_draws: int = 1
+
+    @property
+    def generates(self) -> bool:
+        return self.bundle is not None or self.service is not None
+
+    def generator(self) -> Generator:
+        from rlaifv.trainer.evaluation.generators import BundleGenerator, ServiceGenerator
+
+        if self.bundle is not None and self.service is not None:
+            raise fail("give --bundle or --service, not both")
+        if self.bundle is not None:
+            return BundleGenerator.load(resolve_bundle(self.bundle))
+        if self.service is not None:
+            return ServiceGenerator(self.service, api_key=self.api_key, max_n=self.service_max_n)
+        raise fail("no answers: give an answers file, or --bundle / --service to generate them")
+
+    def settings(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"sampling": self.sampling.model_dump()}
+        if self.bundle is not None:
+            out["bundle"] = str(resolve_bundle(self.bundle))
+        if self.service is not None:
+            out["service"] = self.service
+        if self.best_of:
+            out |= {"best_of": parse_ns(self.best_of), "modes": self.mode_list()}
+        else:
+            out |= {"n": self.n, "select": self.select}
+        return out
+
+    def mode_list(self) -> list[str]:
+        modes = [m.strip() for m in self.modes.split(",") if m.strip()]
+        unknown = set(modes) - {"dpo", "claims"}
+        if unknown:
+            raise fail(f"--modes takes dpo and/or claims, got {sorted(unknown)}")
+        return modes
+
+    def answers(self, prompts: Sequence[Prompt]) -> list[str]:
+        """One answer per prompt: n candidates sampled (or cached), the one --select picks."""
+        from rlaifv.trainer.evaluation.candidates import sample_all
+
+        if self.n > 1 and self.select == "first":
+            raise fail("-n > 1 needs --select dpo, claims or random (first would ignore the other candidates)")
+        cache = CandidateCache(self.cache)
+        claims = self.select == "claims"
+        with _closing(self.generator()) as generator:
+            sampled, _ = sample_all(
+                generator, prompts, self.n, self.sampling, claims=claims, cache=cache, batch=self.batch
+            )
+        return picked_texts(prompts, sampled, self.select, self.n, seed=self.sampling.seed)
+
+    def scaling(self, prompts: Sequence[Prompt], metric: Metric) -> dict[str, Any]:
+        assert self.best_of is not None
+        try:
+            ns = parse_ns(self.best_of)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+        with _closing(self.generator()) as generator:
+            return run_scaling(
+                generator,
+                prompts,
+                ns,
+                metric,
+                self.sampling,
+                modes=self.mode_list(),
+                cache=CandidateCache(self.cache),
+                batch=self.batch,
+                random_draws=self.random_draws,
+            )
+
+
+@contextmanager
+def _closing(generator: Generator) -> Iterator[Generator]:
+    """Close a service generator's HTTP client when done (a bundle generator has nothing to close)."""
+    try:
+        yield generator
+    finally:
+        close = getattr(generator, "close", None)
+        if close is not None:
+            close()
+
+
+def default_cache(output: Path) -> Path:
+    return output.with_name(output.stem + ".candidates.jsonl")
+
+
+def replace_block(doc: Path, name: str, text: str) -> None:
+    """Replace what lies between `<!-- begin: name -->` and `<!-- end: name -->` in a Markdown file."""
+    source = doc.read_text()
+    pattern = re.compile(rf"(<!-- begin: {re.escape(name)} -->\n).*?(<!-- end: {re.escape(name)} -->)", re.DOTALL)
+    if not pattern.search(source):
+        raise fail(f"{doc} has no '<!-- begin: {name} -->' ... '<!-- end: {name} -->' block to fill")
+    doc.write_text(pattern.sub(lambda m: m.group(1) + text.rstrip("\n") + "\n" + m.group(2), source, count=1))
+
+
+def write_scaling(
+    report: Report,
+    output: Path,
+    *,
+    metrics: Sequence[str],
+    percent: Sequence[str],
+    plot: Path | None,
+    doc: Path | None,
+    title: str,
+) -> str:
+    """The scaling report (JSON + Markdown table), the PNG, and the table (+ figure link) in a doc's block."""
+    result = report.metrics
+    table = curve_table(result, metrics, percent=percent)
+    if plot is not None:
+        plot_curve(result, metrics, plot, title=title, percent=percent)
+    text = f"{report.created_at}, {report.machine}:\n\n```bash\n{report.command}\n```\n\n{table}"
+    write_report(report, output, markdown=f"## {title}\n\n{text}")
+    if doc is not None:
+        figure = f"\n![{title}]({os.path.relpath(plot, doc.parent)})\n" if plot is not None else ""
+        replace_block(doc, report.name, text + figure)
+    return table

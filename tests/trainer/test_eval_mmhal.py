@@ -1,0 +1,168 @@
+"""MMHal-Bench judging end to end against a real OpenAI-compatible chat server on loopback.
+
+mmhal_records.json holds 10 records (types by position, i % 8); each answer tells the server how to judge:
+ 0 attribute    rate=6          -> 6
+ 1 adversarial  rate=2          -> 2
+ 2 comparison   [two-ratings]   -> a reply with two ratings, every attempt: unparsed, counted as 0
+ 3 counting     rate=4          -> 4
+ 4 relation     [hang]          -> the judge never answers: timeouts, retried, failed
+ 5 environment  [garbage]       -> a body that is no chat completion: retried, failed
+ 6 holistic     [flaky] rate=4  -> 503 first, then 4
+ 7 other        rate=1          -> 1
+ 8 attribute    rate=5          -> 5
+ 9 adversarial  rate=3          -> 3
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from chat_server import ChatServer, Reply
+from typer.testing import CliRunner
+
+from rlaifv.cli.main import app
+from rlaifv.trainer.errors import DataError
+from rlaifv.trainer.evaluation.llm import ChatSettings
+from rlaifv.trainer.evaluation.mmhal import evaluate_mmhal, judge_prompt, parse_rating, read_records, read_template
+
+DATA = Path(__file__).parent / "data" / "eval"
+RECORDS = DATA / "mmhal_records.json"
+
+
+class Judge:
+    """The scripted judge; `healthy` turns the hanging and garbage judges into normal ones."""
+
+    def __init__(self) -> None:
+        self.healthy = False
+        self.server = ChatServer(self.reply)
+
+    def reply(self, prompt: str) -> Reply:
+        answer = prompt.split("### LMM Answer to Evaluate", 1)[1]
+        if "[hang]" in answer and not self.healthy:
+            return Reply(hang=True)
+        if "[garbage]" in answer and not self.healthy:
+            return Reply(raw="<html>upstream error</html>")
+        if "[flaky]" in answer and self.server.hits[prompt] == 1:
+            return Reply(status=503)
+        if "[two-ratings]" in answer:
+            return Reply("Rating: 2 at first sight, but on reflection Rating: 4.")
+        rating = re.search(r"rate=(\d)", answer)
+        assert rating is not None
+        return Reply(f"The answer matches the image.\nRating: {rating.group(1)}, as the rubric says")
+
+
+@pytest.fixture()
+def judge():
+    judge = Judge()
+    with judge.server:
+        yield judge
+
+
+def settings(url: str, **kw) -> ChatSettings:
+    return ChatSettings(url=url, model="judge-1", api_key="sk-test", timeout_s=0.3, retries=1, backoff_s=0, **kw)
+
+
+def test_parse_rating_as_the_original() -> None:
+    assert parse_rating("Clear.\nRating: 5, very informative") == 5
+    assert parse_rating("RATING: 3") == 3
+    assert parse_rating("rating: 4 ... as said, rating: 4") == 4  # one distinct rating
+    assert parse_rating("Rating: 2 or Rating: 4") is None
+    assert parse_rating("I give it a 5.") is None
+
+
+def test_judging_end_to_end(judge: Judge, tmp_path: Path) -> None:
+    records = read_records(RECORDS)
+    store = tmp_path / "judged.jsonl"
+    report = evaluate_mmhal(records, settings(judge.server.url), store, progress=False)
+    m = report["metrics"]
+    # counted (not failed): 0,1,2,3,6,7,8,9 -> 6, 2, 0 (unparsed), 4, 4, 1, 5, 3
+    assert m["score"] == 25 / 8
+    assert m["hallucination_rate"] == 3 / 8  # 2, 0, 1
+    assert m["informativeness"] == 100 * (3 + 2 + 0 + 1 + 1 + 1 + 2 + 0) / 3 / 8
+    assert (m["items"], m["rated"], m["unparsed"], m["failed"]) == (10, 7, 1, 2)
+    assert m["failed_items"] == [4, 5] and m["complete"] is False
+    assert m["by_type"] == {
+        "attribute": (6 + 5) / 2,
+        "adversarial": (2 + 3) / 2,
+        "comparison": 0,
+        "counting": 4,
+        "holistic": 4,
+        "other": 1,
+    }
+    items = report["items"]
+    assert [i["status"] for i in items] == ["rated"] * 2 + ["unparsed", "rated", "failed", "failed"] + ["rated"] * 4
+    assert items[2]["rating"] is None and len(items[2]["replies"]) == 2  # raw replies kept
+    assert items[4]["errors"] == ["timeout after 0.3 s"] * 2 and items[4]["review"] is None
+    assert items[5]["errors"][0].startswith("not a chat completion: <html>") and items[5]["attempts"] == 2
+    assert items[6]["rating"] == 4 and items[6]["attempts"] == 2 and items[6]["errors"][0].startswith("HTTP 503")
+    assert set(judge.server.auth) == {"Bearer sk-test"} and set(judge.server.models) == {"judge-1"}
+    assert len(store.read_text().splitlines()) == 10  # failures are recorded too
+
+    # Resume: only the two failed items are judged again.
+    judge.healthy = True
+    before = sum(judge.server.hits.values())
+    again = evaluate_mmhal(records, settings(judge.server.url), store, progress=False)["metrics"]
+    assert sum(judge.server.hits.values()) - before == 2
+    assert (again["failed"], again["complete"]) == (0, True)
+    assert again["score"] == (25 + 5 + 0) / 10 and again["hallucination_rate"] == 4 / 10
+
+
+def test_concurrency_limit(tmp_path: Path) -> None:
+    """Requests wait at the server until two are in flight together; the client never sends a third."""
+    records = read_records(RECORDS)[:1] * 6
+    records = [r.model_copy(update={"model_answer": f"answer {i}: rate=5"}) for i, r in enumerate(records)]
+    with ChatServer(lambda _: Reply("Rating: 5"), gate_at=2) as server:
+        report = evaluate_mmhal(records, settings(server.url, concurrency=2), tmp_path / "j.jsonl", progress=False)
+    assert report["metrics"]["rated"] == 6
+    assert server.max_in_flight == 2
+
+
+def test_answers_file_and_template(tmp_path: Path) -> None:
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"text": f"Assistant: answer {{{i}}}"}) + "\n" for i in range(10)))
+    records = read_records(RECORDS, answers)
+    assert records[3].model_answer == "answer {3}"
+    template = tmp_path / "template.txt"
+    template.write_text("C: {contents}\nQ: {question}\nR: {reference}\nA: {answer}\n")
+    assert judge_prompt(records[3], read_template(template)).endswith("A: answer {3}\n")
+    template.write_text("{question} {answer}")
+    with pytest.raises(DataError, match="contents"):
+        read_template(template)
+    answers.write_text('{"text": "one"}\n')
+    with pytest.raises(DataError, match="1 answers for the 10 records"):
+        read_records(RECORDS, answers)
+
+
+def test_cli_reports_failures_with_exit_code_2(judge: Judge, tmp_path: Path) -> None:
+    out = tmp_path / "mmhal.json"
+    args = ["eval", "mmhal", "--records", str(RECORDS), "--judge-url", judge.server.url, "--judge-model", "judge-1"]
+    args += ["--timeout", "0.3", "--retries", "1", "--backoff", "0", "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "2 item(s) failed" in result.output
+    report = json.loads(out.read_text())
+    assert report["metrics"]["failed"] == 2 and len(report["items"]) == 10
+    assert (tmp_path / "mmhal.judged.jsonl").is_file()
+    judge.healthy = True
+    assert CliRunner().invoke(app, args).exit_code == 0
+
+
+@pytest.mark.slow
+def test_cli_generates_answers_with_a_bundle(tmp_path: Path) -> None:
+    """Images named after image_src -> answers from the shipped bundle -> judged."""
+    from PIL import Image
+
+    for i in range(10):
+        Image.new("RGB", (64, 64), (200, 40 + 10 * i, 40)).save(tmp_path / f"img{i}.jpg")
+    with ChatServer(lambda _: Reply("Rating: 4")) as server:
+        out = tmp_path / "mmhal.json"
+        args = ["eval", "mmhal", "--records", str(RECORDS), "--judge-url", server.url, "--judge-model", "j"]
+        args += ["--images", str(tmp_path), "--bundle", "default", "--max-tokens", "8", "-o", str(out)]
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["metrics"]["score"] == 4 and report["settings"]["n"] == 1
+    assert all(not item["model_answer"].startswith("Answer ") for item in report["items"])  # generated, not given

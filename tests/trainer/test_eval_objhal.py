@@ -1,0 +1,217 @@
+"""Object HalBench on COCO-format fixtures: CHAIR computed by hand must match exactly.
+
+Fixture (tests/trainer/data/eval, the official COCO 2014 layouts):
+- image 101: instances person, person, dog; captions add frisbee      -> {person, dog, frisbee}
+- image 102: instances pizza, dining table, cup; captions add knife    -> {pizza, dining table, cup, knife}
+- image 103: instances cat, couch ("orange cat": orange is a colour)   -> {cat, couch}
+- image 104: instances train                                           -> {train}
+Answers (objhal_answers.jsonl), mentions by hand:
+1 (101) man->person, dog, man->person, frisbee, cat, bench    6 mentions, cat and bench hallucinated
+2 (102) pizza, dining table, cup, fork, knife                 5 mentions, fork hallucinated
+3 (103) cat, couch ("orange cat": a colour)                   2 mentions, none hallucinated
+4 (104) "train tracks", "bus stop" name no objects            0 mentions
+5 (104) "passenger train"->train, car, "baby elephant"->elephant  3 mentions, car and elephant hallucinated
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+from chat_server import ChatServer, Reply
+from typer.testing import CliRunner
+
+from rlaifv.cli.main import app
+from rlaifv.trainer.errors import DataError
+from rlaifv.trainer.evaluation.chair import chair, chair_items, chair_totals
+from rlaifv.trainer.evaluation.coco_objects import CocoObjects, read_table
+from rlaifv.trainer.evaluation.coco_truth import find_annotation_files, ground_truth
+from rlaifv.trainer.evaluation.llm import ChatSettings
+from rlaifv.trainer.evaluation.llm_objects import LLMObjectExtractor, parse_object_list
+from rlaifv.trainer.evaluation.objhal import Answer, evaluate_objhal, read_answers
+
+DATA = Path(__file__).parent / "data" / "eval"
+COCO = DATA / "coco"
+
+# By hand, from the module docstring.
+MENTIONS = 6 + 5 + 2 + 0 + 3
+HALLUCINATED = 2 + 1 + 0 + 0 + 2
+EXPECTED = {
+    "chair_i": 5 / 16,
+    "chair_s": 3 / 5,  # answers 1, 2 and 5 hallucinate, of 5 answers
+    "chair_s_object_answers": 3 / 4,  # of the 4 answers that mention a COCO object
+    "recall": 10 / 11,  # found 3 + 4 + 2 + 0 + 1 of 3 + 4 + 2 + 1 + 1 true objects
+    "repeats": 1 / 5,  # answer 1 names a person twice
+    "answers": 5,
+    "answers_with_objects": 4,
+    "mentions": 16,
+    "hallucinated_mentions": 5,
+}
+
+
+@pytest.fixture(scope="module")
+def objects() -> CocoObjects:
+    return CocoObjects()
+
+
+@pytest.fixture(scope="module")
+def truth(objects: CocoObjects) -> dict[int, frozenset[str]]:
+    instances, captions = find_annotation_files(COCO)
+    return ground_truth([101, 102, 103, 104], instances, captions, objects)
+
+
+def test_ground_truth_is_instances_plus_caption_objects(truth: dict[int, frozenset[str]]) -> None:
+    assert truth == {
+        101: {"person", "dog", "frisbee"},
+        102: {"pizza", "dining table", "cup", "knife"},
+        103: {"cat", "couch"},
+        104: {"train"},
+    }
+
+
+def test_unknown_image_ids_are_refused(objects: CocoObjects) -> None:
+    instances, captions = find_annotation_files(COCO)
+    with pytest.raises(DataError, match="999"):
+        ground_truth([101, 999], instances, captions, objects)
+
+
+def test_chair_matches_the_hand_count(objects: CocoObjects, truth: dict[int, frozenset[str]]) -> None:
+    answers = read_answers(DATA / "objhal_answers.jsonl")
+    assert answers[0].answer.startswith("A man")  # "Assistant:" removed, as the original does
+    report = evaluate_objhal(answers, truth, objects=objects)
+    metrics = report["metrics"]
+    assert {k: metrics[k] for k in EXPECTED} == EXPECTED
+    assert [item["hallucinated"] for item in report["items"]] == [
+        ["cat", "bench"],
+        ["fork"],
+        [],
+        [],
+        ["car", "elephant"],
+    ]
+    assert report["items"][0]["mentions"] == ["person", "dog", "person", "frisbee", "cat", "bench"]
+
+
+def test_answers_of_three_words_name_no_objects(objects: CocoObjects, truth: dict[int, frozenset[str]]) -> None:
+    answers = [Answer(image_id=101, answer="A cat, dog."), Answer(image_id=101, answer="A cat and dog.")]
+    items = evaluate_objhal(answers, truth, objects=objects)["items"]
+    assert [item["mentions"] for item in items] == [[], ["cat", "dog"]]
+
+
+def test_shapes_world_chair_uses_the_same_counts() -> None:
+    """`chair` (the shapes world's view) and `chair_totals` are one computation."""
+    answers = ["a red circle and a red circle.", "a blue square.", "nothing here."]
+    truths = [{"red circle"}, {"green square"}, {"red circle"}]
+
+    def extract(text: str) -> list[str]:
+        words = text.replace(".", "").split()
+        return [f"{a} {b}" for a, b in itertools.pairwise(words) if b in ("circle", "square")]
+
+    report = chair(answers, truths, extract)
+    totals = chair_totals(chair_items(answers, truths, extract))
+    assert report.chair_i == totals["chair_i"] == 1 / 3
+    assert report.chair_s == totals["chair_s"] == 1 / 3
+    assert totals["chair_s_object_answers"] == 1 / 2
+    assert report.recall == totals["recall"] == 1 / 3
+    assert report.repeats == 1 / 3
+
+
+@pytest.mark.parametrize(
+    ("text", "mentions"),
+    [
+        ("An orange cat next to an orange.", ["cat", "orange"]),
+        ("An orange and white cat.", ["cat"]),
+        ("A baseball player swings a baseball bat.", ["person", "baseball bat"]),
+        ("He caught the baseball.", ["sports ball"]),
+        ("People skiing down a ski slope.", ["person"]),
+        ("The cooked food and a trained dog.", ["dog"]),
+        ("Two knives, three geese and the children.", ["knife", "bird", "person"]),
+        ("A hot-dog and a teddy bear.", ["hot dog", "teddy bear"]),
+        ("A toilet seat near the bus station.", ["toilet"]),
+        ("The baby is asleep.", ["person"]),
+    ],
+)
+def test_rule_extractor(objects: CocoObjects, text: str, mentions: list[str]) -> None:
+    assert objects(text) == mentions
+
+
+def test_synonym_table_names_the_80_coco_categories() -> None:
+    table = read_table()
+    assert len(table.categories) == 80
+    categories = json.loads((COCO / "instances_val2014.json").read_text())["categories"]
+    assert {c["name"] for c in categories} <= set(table.categories)
+
+
+def test_synonym_table_refuses_a_word_of_two_categories(tmp_path: Path) -> None:
+    bad = tmp_path / "table.txt"
+    bad.write_text("dog: puppy\ncat: puppy\n")
+    with pytest.raises(DataError, match="puppy"):
+        read_table(bad)
+
+
+def test_listed_objects_map_by_their_head(objects: CocoObjects) -> None:
+    listed = ["red car", "cars", "cup of coffee", "dog leash", "man", "woman", "train tracks", "tennis rackets"]
+    assert objects.listed(listed) == ["car", "cup", "person", "person", "tennis racket"]
+
+
+def test_parse_object_list() -> None:
+    assert parse_object_list('Here:\n```json\n["dog", "ball"]\n```') == ["dog", "ball"]
+    assert parse_object_list('Objects:\n["dog"]') == ["dog"]
+    assert parse_object_list("[]") == []
+    assert parse_object_list("I see a dog.") is None
+
+
+def test_llm_extractor_against_a_real_chat_server(
+    tmp_path: Path, objects: CocoObjects, truth: dict[int, frozenset[str]]
+) -> None:
+    """Listed objects become mentions; <= 3 words need no call; a reply that never parses fails and is counted."""
+
+    def reply(prompt: str) -> Reply:
+        if "cat watches" in prompt:
+            return Reply('```json\n["man", "dog", "red frisbee", "cat"]\n```')
+        if "A pizza sits" in prompt:
+            return Reply("I would rather not.")  # never a list: retried, then failed
+        return Reply('["train", "car"]')
+
+    answers = read_answers(DATA / "objhal_answers.jsonl")
+    answers[2] = answers[2].model_copy(update={"answer": "A cat."})  # three words: no call, no objects
+    settings = ChatSettings(url="", model="lister", retries=1, backoff_s=0, timeout_s=10)
+    with ChatServer(reply) as server:
+        llm = LLMObjectExtractor(
+            settings.model_copy(update={"url": server.url}), objects, store=tmp_path / "objects.jsonl", progress=False
+        )
+        report = evaluate_objhal(answers, truth, objects=objects, llm=llm)
+        assert not any("A cat." in p for p in server.hits)
+        assert sum(1 for p in server.hits if "pizza" in p) == 1 and max(server.hits.values()) == 2
+        again = evaluate_objhal(answers, truth, objects=objects, llm=llm)  # listed answers come from the store
+        assert sum(server.hits.values()) == 5 + 2  # 5 calls, then only the failed answer again (twice)
+    metrics = report["metrics"]
+    assert metrics["extraction_failed"] == 1
+    # kept: 1 [person, dog, frisbee, cat], 3 [], 4 [train, car], 5 [train, car]
+    assert metrics["mentions"] == 8 and metrics["hallucinated_mentions"] == 1 + 1 + 1
+    assert metrics["chair_s_object_answers"] == 3 / 3
+    assert report["items"][1]["extraction"]["status"] == "failed"
+    assert report["items"][1]["extraction"]["replies"] == ["I would rather not."] * 2
+    assert again["metrics"] == metrics
+
+
+def test_cli_scores_an_answers_file(tmp_path: Path) -> None:
+    out = tmp_path / "objhal.json"
+    result = CliRunner().invoke(
+        app, ["eval", "objhal", "--coco", str(COCO), "--answers", str(DATA / "objhal_answers.jsonl"), "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "objhal"
+    assert {k: report["metrics"][k] for k in EXPECTED} == EXPECTED
+    assert "| chair_i | 0.3125 |" in out.with_suffix(".md").read_text()
+
+
+def test_cli_names_the_bad_row(tmp_path: Path) -> None:
+    bad = tmp_path / "answers.jsonl"
+    bad.write_text('{"image_id": 101, "answer": "A dog."}\n{"image_id": "x", "answer": "A dog."}\n')
+    out = str(tmp_path / "r.json")
+    result = CliRunner().invoke(app, ["eval", "objhal", "--coco", str(COCO), "--answers", str(bad), "-o", out])
+    assert result.exit_code == 1
+    assert "row 2" in result.output and "image_id" in result.output

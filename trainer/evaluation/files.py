@@ -1,0 +1,62 @@
+"""Reading the benchmarks' files: JSON lists or JSONL, each row validated by a pydantic model.
+
+Errors are `DataError`s naming the file, the row (1-based) and the field, so a malformed line in a
+300-line answers file is found without a debugger.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from rlaifv.trainer.errors import DataError
+
+Row = TypeVar("Row", bound=BaseModel)
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """A JSON list of objects, or JSONL (one object per line; blank lines skipped)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist") from None
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"not JSON: {exc}", source=str(path)) from None
+        rows = list(enumerate(data, 1)) if isinstance(data, list) else []
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"not JSON: {exc}", source=str(path), row=number) from None
+    for number, row in rows:
+        if not isinstance(row, dict):
+            raise DataError("expected a JSON object", source=str(path), row=number)
+    return [row for _, row in rows]
+
+
+def validate_rows(rows: Sequence[dict[str, Any]], model: type[Row], source: str | Path) -> list[Row]:
+    out = []
+    for number, row in enumerate(rows, 1):
+        try:
+            out.append(model.model_validate(row))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            column = ".".join(str(p) for p in first["loc"]) or None
+            raise DataError(first["msg"], source=str(source), row=number, column=column) from None
+    return out
+
+
+def read_models(path: str | Path, model: type[Row]) -> list[Row]:
+    return validate_rows(read_rows(path), model, path)

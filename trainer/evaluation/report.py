@@ -1,0 +1,105 @@
+"""Reports: one JSON file per evaluation, a Markdown table beside it, and side-by-side comparisons.
+
+A report names the benchmark, what was evaluated, when, on which machine and by which command, its
+settings, its metrics (nested dicts of numbers) and the per-item details. The Markdown table flattens the
+metrics to dotted rows (`attribute.f1`); `compare` puts several reports in one table (reference vs
+aligned vs best-of-N), one column each.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from rlaifv.trainer.errors import DataError
+
+
+def machine() -> str:
+    """The CPU and core count, e.g. "x86_64, AMD EPYC 7B13, 2 cores" (what the numbers were measured on)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}, {cpu}, {os.cpu_count()} cores"
+
+
+class Report(BaseModel):
+    benchmark: str
+    name: str = ""
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
+    machine: str = Field(default_factory=machine)
+    command: str = Field(default_factory=lambda: shlex.join(["rlaifv", *sys.argv[1:]]))
+    settings: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any]
+    items: list[dict[str, Any]] = Field(default_factory=list)
+
+
+def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested numbers -> {"a.b": value}; lists and other values are left out of tables."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, int | float | str | bool):
+            out[name] = value
+    return out
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown(report: Report) -> str:
+    head = f"## {report.benchmark}: {report.name}\n\n{report.created_at}, {report.machine}\n\n`{report.command}`\n\n"
+    return head + markdown_table(["metric", "value"], list(flatten(report.metrics).items()))
+
+
+def write_report(report: Report, path: str | Path, *, markdown: str | None = None) -> tuple[Path, Path]:
+    """`path` (JSON) and the same name with .md (the given Markdown, else the metrics table)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report.model_dump_json(indent=2) + "\n")
+    md = path.with_suffix(".md")
+    md.write_text(markdown or report_markdown(report))
+    return path, md
+
+
+def read_report(path: str | Path) -> Report:
+    try:
+        return Report.model_validate_json(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(f"report {path} does not exist") from None
+    except ValidationError as exc:
+        raise DataError(f"{path} is not an evaluation report: {exc.errors()[0]['msg']}") from None
+
+
+def compare(paths: Sequence[str | Path]) -> str:
+    """Reports side by side: one column per report, one row per metric any of them has."""
+    reports = [read_report(p) for p in paths]
+    flats = [flatten(r.metrics) for r in reports]
+    keys: list[str] = []
+    for flat in flats:
+        keys += [k for k in flat if k not in keys]
+    header = ["metric", *(f"{r.name or Path(p).stem} ({r.benchmark})" for r, p in zip(reports, paths, strict=True))]
+    return markdown_table(header, [[k, *(f.get(k, "") for f in flats)] for k in keys])
