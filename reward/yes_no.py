@@ -28,7 +28,9 @@ class Labeler(Protocol):
         ...
 
 
-def _first_token_ids(tokenizer: Any, forms: Sequence[str]) -> list[int]:
+def first_token_ids(tokenizer: Any, forms: Sequence[str]) -> list[int]:
+    """The first token ids of each form, with and without a leading space: the labeler's answer tokens (every
+    engine reads p(yes) vs p(no) over the same ids)."""
     ids: set[int] = set()
     for form in forms:
         for text in (form, " " + form):
@@ -64,8 +66,8 @@ class YesNoJudge:
         self.model = model
         self.processor = processor
         tokenizer = processor.tokenizer
-        self.yes_ids = _first_token_ids(tokenizer, YES_FORMS)
-        self.no_ids = _first_token_ids(tokenizer, NO_FORMS)
+        self.yes_ids = first_token_ids(tokenizer, YES_FORMS)
+        self.no_ids = first_token_ids(tokenizer, NO_FORMS)
         if not self.yes_ids or not self.no_ids:
             raise ValueError("the labeler's tokenizer has no token for 'yes' or 'no'")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

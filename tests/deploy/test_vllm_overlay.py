@@ -29,6 +29,7 @@ from deploy_helpers import (
 
 from rlaifv.service.engines.vllm import api_root
 from rlaifv.service.protocol import MAX_TOP_LOGPROBS
+from rlaifv.service.settings import Settings
 from rlaifv.testing.vllm_server import vllm_python
 
 ROLES = ("policy", "reference")
@@ -128,6 +129,9 @@ def test_vllm_args_carry_what_the_engine_needs(rendered, overlay):
         assert int(str(flags["--max-logprobs"])) >= MAX_TOP_LOGPROBS, f"{where}: the API allows top_logprobs 20"
         assert flags["--generation-config"] == "vllm", where
         assert flags.get("--enable-prefix-caching") is (True if role == "policy" else None), where
+        assert flags.get("--enable-scale-out") is True, f"{where}: image prompts use the token-in route"
+        images = json.loads(str(flags["--limit-mm-per-prompt"]))["image"]
+        assert images == int(env.get("RLAIFV_MAX_IMAGES", Settings().max_images)), f"{where}: = RLAIFV_MAX_IMAGES"
         assert "--api-key" not in flags and not any("api-key" in a or "API_KEY" in a for a in container["args"]), (
             f"{where}: the key comes from VLLM_API_KEY, never argv (ps shows argv to every user of the node)"
         )

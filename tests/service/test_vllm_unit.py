@@ -1,11 +1,13 @@
-"""The vllm engine without vLLM: settings, start-up failures, response parsing, the multimodal payload mapping,
-and text-only bundles on the transformers engine (the bundles the vLLM tests serve)."""
+"""The vllm engine without vLLM: settings, start-up failures, response parsing, the image path's payload, and, against
+recorded fakes of vLLM's answers, the token-in route with its prompt check, the claims judge and LoRA routing; text-only
+bundles on the transformers engine (the bundles the vLLM tests serve)."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import math
 from pathlib import Path
 
 import httpx
@@ -77,7 +79,14 @@ def test_api_root_and_token_ids() -> None:
     assert _logprob_of(entry, 6) is None and _logprob_of(None, 5) is None
 
 
-# -- the multimodal payload -------------------------------------------------------
+# -- the image path's payload -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vision_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rlaifv.testing.tiny_text import build_vision_model
+
+    return build_vision_model(tmp_path_factory.mktemp("vision") / "model")
 
 
 def _decode(url: str) -> Image.Image:
@@ -86,26 +95,13 @@ def _decode(url: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(data)))
 
 
-def test_images_become_data_url_parts_in_their_places() -> None:
+def test_images_become_data_url_parts_in_order() -> None:
     red, blue = Image.new("RGB", (8, 6), (255, 0, 0)), Image.new("RGB", (5, 5), (0, 0, 255))
-    out = vllm_payload.chat_messages("What is there?", None, [red, blue], max_images=4)
-    assert [p["type"] for p in out[0]["content"]] == ["image_url", "image_url", "text"]
-    assert out[0]["role"] == "user" and out[0]["content"][2]["text"] == "What is there?"
-    first, second = (_decode(p["image_url"]["url"]) for p in out[0]["content"][:2])
+    parts = vllm_payload.content_parts([red, blue])
+    assert [p["type"] for p in parts] == ["image_url", "image_url"]
+    first, second = (_decode(p["url"]) for p in parts)
     assert first.size == (8, 6) and first.getpixel((0, 0)) == (255, 0, 0)
     assert second.size == (5, 5) and second.getpixel((0, 0)) == (0, 0, 255)
-
-    messages = [
-        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-        {"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "image"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "Both red."}]},
-        {"role": "user", "content": "And now?"},
-    ]
-    out = vllm_payload.chat_messages(None, messages, [blue, red], max_images=2)
-    assert [m["role"] for m in out] == ["system", "user", "assistant", "user"]
-    assert [p["type"] for p in out[1]["content"]] == ["text", "image_url", "image_url"]
-    assert _decode(out[1]["content"][1]["image_url"]["url"]).getpixel((0, 0)) == (0, 0, 255)
-    assert out[3]["content"] == "And now?"
 
 
 def test_encoded_bytes_keep_their_format() -> None:
@@ -114,42 +110,42 @@ def test_encoded_bytes_keep_their_format() -> None:
     assert vllm_payload.image_url(buffer.getvalue()).startswith("data:image/jpeg;base64,")
 
 
-def test_per_prompt_image_limit_and_counts_name_the_field() -> None:
-    image = Image.new("RGB", (4, 4))
-    with pytest.raises(InvalidInputError, match="at most 1 images per prompt") as exc:
-        vllm_payload.chat_messages("q", None, [image, image], max_images=1)
-    assert exc.value.param == "images"
-    with pytest.raises(InvalidInputError, match="1 image parts but 2 images") as exc:
-        vllm_payload.chat_messages(
-            None, [{"role": "user", "content": [{"type": "image"}]}], [image, image], max_images=4
-        )
-    assert exc.value.param == "messages"
-    assert vllm_payload.serve_flags(3) == ["--limit-mm-per-prompt", json.dumps({"image": 3})]
+def test_prompt_ids_are_ours_with_one_placeholder_per_image(vision_model: Path) -> None:
+    """What vLLM gets: our rendering with each image's placeholder unexpanded (vLLM's processor expands it)."""
+    from rlaifv.reward.models import load_processor
+    from rlaifv.reward.prompt import encode_prompt
+
+    processor = load_processor(vision_model)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    images = [Image.new("RGB", (40, 28), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is"}, {"type": "image"}]}
+    ]
+    for question, turns in (("what is a red circle", None), (None, messages)):
+        ours = encode_prompt(processor, images, question, messages=turns).input_ids.tolist()
+        sent = vllm_payload.prompt_ids(processor, images, question, turns)
+        assert sent.count(image_id) == 2 and ours.count(image_id) > 2
+        assert sent[:2] == ours[:2] and sent[-4:] == ours[-4:]  # same template around the images
+    text_only = vllm_payload.prompt_ids(processor, [], "what is a red circle", None)
+    assert text_only == encode_prompt(processor, [], "what is a red circle").input_ids.tolist()
 
 
-def test_sampling_and_scoring_bodies() -> None:
-    messages = vllm_payload.chat_messages("q", None, [], max_images=1)
-    body = vllm_payload.sampling_body(
-        "policy",
-        messages,
-        n=8,
-        temperature=0.5,
-        top_p=0.8,
-        top_k=0,
-        max_tokens=32,
-        seed=3,
-        stop_ids=[2],
-        top_logprobs=2,
-    )
-    assert body["n"] == 8 and body["top_k"] == -1 and body["seed"] == 3 and body["stop_token_ids"] == [2]
-    assert body["logprobs"] is True and body["return_tokens_as_token_ids"] and body["return_token_ids"]
-    score = vllm_payload.scoring_body("reference", messages, "a red circle")
-    assert score["messages"][-1] == {"role": "assistant", "content": "a red circle"}
-    assert score["continue_final_message"] and not score["add_generation_prompt"]
-    assert score["prompt_logprobs"] == 0 and score["max_tokens"] == 1
+def test_generate_body_and_the_prompt_check() -> None:
+    parts = vllm_payload.content_parts([Image.new("RGB", (4, 4))])
+    body = vllm_payload.generate_body("policy", [1, 2, 3], parts, {"n": 2, "logprobs": 0})
+    assert body["token_ids"] == [1, 2, 3] and body["content_parts"] == parts and body["model"] == "policy"
+    assert body["return_token_ids"] and body["output_mode"] == "tokens" and body["sampling_params"]["n"] == 2
+    assert "content_parts" not in vllm_payload.generate_body("policy", [1], [], {})
     vllm_payload.check_prompt_ids([1, 2, 3], [1, 2, 3], server="policy")
     with pytest.raises(ValueError, match="first difference at position 1"):
         vllm_payload.check_prompt_ids([1, 2, 3], [1, 5, 3], server="policy")
+    with pytest.raises(ValueError, match="did not return the prompt"):
+        vllm_payload.check_prompt_ids([1], None, server="policy")
+    assert vllm_payload.serve_flags(3) == ["--enable-scale-out", "--limit-mm-per-prompt", json.dumps({"image": 3})]
+    from rlaifv.service.engines.vllm import Prompt
+
+    text = Prompt.of([1, 2])  # a text prompt's ids, as rlaifv.bench.vllm_scoring passes them
+    assert (text.ids, text.sent, text.has_images) == ([1, 2], [1, 2], False) and Prompt.of(text) is text
 
 
 # -- text-only bundles on the transformers engine -----------------------------------
@@ -191,20 +187,22 @@ def engine(text_bundle: Path):
     return VllmEngine(text_bundle, settings)
 
 
-def test_the_engine_refuses_images_and_the_claims_reward(engine) -> None:
+def test_a_text_only_bundle_refuses_images_and_claims_need_an_image(engine) -> None:
     from rlaifv.reward.sampling import SamplingParams
     from rlaifv.reward.scoring import RewardConfig
     from rlaifv.service.engines.base import GenerateRequest
 
     image = Image.new("RGB", (4, 4))
     params = SamplingParams(max_tokens=4)
-    with pytest.raises(InvalidInputError, match="text prompts only") as exc:
+    assert not engine.accepts_images
+    with pytest.raises(InvalidInputError, match="reads text only") as exc:
         engine._prompt(GenerateRequest([image], "q", None, 2, params, engine.reward))
     assert exc.value.param == "images"
-    with pytest.raises(InvalidInputError, match="in-process labeler") as exc:
+    with pytest.raises(InvalidInputError, match="needs the request's image") as exc:
         engine._prompt(GenerateRequest([], "q", None, 2, params, RewardConfig(mode="claims")))
     assert exc.value.param == "reward.mode"
-    assert engine._prompt(GenerateRequest([], "q", None, 2, params, engine.reward)).input_ids.numel() > 0
+    prompt = engine._prompt(GenerateRequest([], "q", None, 2, params, engine.reward))
+    assert prompt.ids == prompt.sent and not prompt.has_images and prompt.ids
 
 
 def test_a_vllm_choice_becomes_ids_raw_log_probs_and_a_finish_reason(engine) -> None:
@@ -276,3 +274,234 @@ async def test_server_failures_map_to_typed_errors(engine, answer, error: str, c
     assert (
         sum(s.value for m in server.metrics.vllm_errors.collect() for s in m.samples if s.name.endswith("_total")) == 1
     )
+
+
+# -- the token-in API (images), the claims judge and LoRA routing, against recorded fakes of vLLM ------------------
+
+
+class FakeVllm:
+    """Answers /v1/completions and /inference/v1/generate as vLLM 0.32 does (log-probs -1 per token, -2 for 'no'
+    labels), and records every request body: which model each half of the pair was asked for."""
+
+    def __init__(self, expand: dict[int, list[int]] | None = None) -> None:
+        self.bodies: list[tuple[str, dict]] = []
+        self.expand = expand or {}  # what the server's processor turns a placeholder id into
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        self.bodies.append((request.url.path, body))
+        if request.url.path.endswith("/completions"):
+            prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
+            if body.get("prompt_logprobs") is not None:
+                choices = [{"index": i, "prompt_logprobs": self._positions(p)} for i, p in enumerate(prompts)]
+            else:
+                choices = [
+                    {
+                        "index": i,
+                        "text": "",
+                        "stop_reason": None,
+                        "logprobs": {"tokens": ["token_id:7"], "token_logprobs": [-1.0], "top_logprobs": None},
+                    }
+                    for i in range(body["n"])
+                ]
+            return httpx.Response(200, json={"choices": choices})
+        ids = [t for token in body["token_ids"] for t in self.expand.get(token, [token])]
+        params = body["sampling_params"]
+        if params.get("logprob_token_ids"):
+            labels = params["logprob_token_ids"]
+            step = {
+                "token_id": labels[0],
+                "logprob": -1.0,
+                "top_logprobs": [
+                    {"token_id": t, "logprob": -1.0 if i < len(labels) // 2 else -2.0} for i, t in enumerate(labels)
+                ],
+            }
+            choices = [{"index": 0, "token_ids": [labels[0]], "logprobs": {"content": [step]}}]
+        elif params.get("prompt_logprobs") is not None:
+            choices = [{"index": 0, "token_ids": [7]}]
+            return httpx.Response(
+                200, json={"choices": choices, "prompt_token_ids": ids, "prompt_logprobs": self._positions(ids)}
+            )
+        else:
+            content = [{"token_id": 7, "logprob": -1.0, "top_logprobs": []}]
+            choices = [{"index": i, "token_ids": [7], "logprobs": {"content": content}} for i in range(params["n"])]
+        return httpx.Response(200, json={"choices": choices, "prompt_token_ids": ids})
+
+    @staticmethod
+    def _positions(ids: list[int]) -> list:
+        return [None, *({str(t): {"logprob": -1.0}} for t in ids[1:])]
+
+    def models(self) -> list[str]:
+        return [body.get("model") for _, body in self.bodies]
+
+
+def _fake_engine(bundle: Path, fake: FakeVllm, **settings):
+    from rlaifv.service.engines.vllm import VllmEngine
+    from rlaifv.service.metrics import Metrics
+
+    engine = VllmEngine(
+        bundle,
+        Settings(
+            bundle=bundle,
+            engine="vllm",
+            vllm_policy_url="http://policy:1/v1",
+            vllm_reference_url="http://ref:2/v1",
+            **settings,
+        ),
+        Metrics(),
+    )
+    for server, name in ((engine.policy, "adapter-or-policy"), (engine.reference, "base-or-reference")):
+        server.model = name
+        server.metrics = engine.policy.metrics
+        server._client = httpx.AsyncClient(transport=httpx.MockTransport(fake))
+    return engine
+
+
+@pytest.fixture(scope="module")
+def vision_bundle(tmp_path_factory: pytest.TempPathFactory, vision_model: Path) -> Path:
+    from rlaifv.reward.bundle import write_bundle
+
+    folder = tmp_path_factory.mktemp("vision-bundle")
+    write_bundle(folder, policy=vision_model, reference=vision_model, name="tiny-vision", copy=False)
+    return folder
+
+
+def _expansion(bundle: Path) -> dict[int, list[int]]:
+    """The placeholder -> expanded ids map of the bundle's processor for `_image()` (as vLLM's would expand it)."""
+    from rlaifv.reward.bundle import read_manifest, resolve
+    from rlaifv.reward.models import load_processor
+    from rlaifv.reward.prompt import encode_prompt
+
+    processor = load_processor(resolve(bundle, read_manifest(bundle).reference))
+    ours = encode_prompt(processor, [_image()], "q").input_ids.tolist()
+    sent = vllm_payload.prompt_ids(processor, [_image()], "q", None)
+    at = sent.index(processor.tokenizer.convert_tokens_to_ids("<image>"))
+    return {sent[at]: ours[at : len(ours) - (len(sent) - at - 1)]}
+
+
+def _image() -> Image.Image:
+    return Image.new("RGB", (40, 28), (255, 0, 0))
+
+
+async def test_images_go_to_the_token_in_api_and_drift_is_refused(vision_bundle: Path) -> None:
+    from rlaifv.reward.sampling import SamplingParams
+    from rlaifv.service.engines.base import GenerateRequest, ScoreRequest
+    from rlaifv.service.errors import BadGateway
+
+    fake = FakeVllm(_expansion(vision_bundle))
+    engine = _fake_engine(vision_bundle, fake)
+    params = SamplingParams(max_tokens=4, seed=1)
+    results = await engine.run(
+        [
+            GenerateRequest([_image()], "q", None, 3, params, engine.reward),
+            ScoreRequest([_image()], "q", None, ["a red circle", "yes"], engine.reward, 8),
+        ]
+    )
+    assert not any(isinstance(r, Exception) for r in results), results
+    generated, scored = (r.ranking for r in results)
+    assert [c.policy_logprob for c in generated.candidates] == [-1.0] * 3
+    assert [c.num_tokens for c in scored.candidates] == [4, 2]  # word tokens + end-of-turn, sliced from the end
+    assert all(c.reference_logprob == -c.num_tokens for c in scored.candidates)
+    paths = {path for path, _ in fake.bodies}
+    assert paths == {"/inference/v1/generate"}
+    sample = next(body for _, body in fake.bodies if body["sampling_params"].get("n") == 3)
+    assert sample["content_parts"][0]["url"].startswith("data:image/png;base64,")
+    assert sample["sampling_params"]["logit_bias"] and sample["sampling_params"]["seed"] == 1
+
+    drifting = FakeVllm({})  # a server that does not expand the placeholder the way our processor does
+    engine = _fake_engine(vision_bundle, drifting)
+    [result] = await engine.run([ScoreRequest([_image()], "q", None, ["yes"], engine.reward, 8)])
+    assert isinstance(result, BadGateway) and "expanded the prompt differently" in result.message
+    counted = {s.labels["reason"] for m in engine.policy.metrics.vllm_errors.collect() for s in m.samples}
+    assert "prompt_mismatch" in counted
+
+
+async def test_the_claims_judge_asks_the_policy_server_for_the_yes_no_tokens(vision_bundle: Path) -> None:
+    from rlaifv.reward.scoring import RewardConfig
+    from rlaifv.service.engines.base import ScoreRequest
+    from rlaifv.service.engines.vllm import p_yes
+
+    fake = FakeVllm(_expansion(vision_bundle))
+    engine = _fake_engine(vision_bundle, fake)
+    reward = RewardConfig(mode="claims")
+    answers = ["There is a red circle and a blue square.", "There is a cat."]
+    [result] = await engine.run([ScoreRequest([_image()], "q", None, answers, reward, 16)])
+    assert not isinstance(result, Exception), result
+    candidates = result.ranking.candidates
+    expected = p_yes(
+        {t: -1.0 for t in engine.yes_ids} | {t: -2.0 for t in engine.no_ids}, engine.yes_ids, engine.no_ids
+    )
+    assert [len(c.claims) for c in candidates] == [2, 1]
+    assert all(math.isclose(claim.p_yes, expected) for c in candidates for claim in c.claims)
+    assert [c.reward for c in candidates] == [0.0, 0.0] and "claims_s" in result.ranking.timings
+    judged = [body for _, body in fake.bodies if body["sampling_params"].get("logprob_token_ids")]
+    assert len(judged) == 3 and all(body["model"] == "adapter-or-policy" for body in judged)
+    assert judged[0]["sampling_params"]["logprob_token_ids"] == [*engine.yes_ids, *engine.no_ids]
+    assert p_yes({1: math.log(0.3), 2: math.log(0.1), 3: math.log(0.2)}, [1, 2], [3]) == pytest.approx(0.4 / 0.6)
+
+
+def test_lora_models_are_picked_and_checked() -> None:
+    from rlaifv.service.engines.vllm import VllmServer
+
+    models = {"base": {"parent": None}, "tiny-lora": {"parent": "base", "max_model_len": None}}
+    settings = Settings(engine="vllm", vllm_policy_url="http://p:1", vllm_reference_url="http://p:1")
+
+    def server(role: str, model: str | None = None) -> VllmServer:
+        return VllmServer(role, "http://p:1", model, settings, None)
+
+    policy, reference, full = server("policy"), server("reference"), server("reference")
+    policy._pick(models, "adapter")
+    reference._pick(models, "base")
+    full._pick(models, None)  # a full pair's reference on a server that also lists adapters: its base model
+    assert (policy.model, reference.model, full.model) == ("tiny-lora", "base", "base")
+    with pytest.raises(VllmStartupError, match="is a base model: serve the adapter with"):
+        server("policy", "base")._pick(models, "adapter")
+    with pytest.raises(VllmStartupError, match=r"0 LoRA models .* --enable-lora --lora-modules"):
+        server("policy")._pick({"base": {"parent": None}}, "adapter")
+    with pytest.raises(VllmStartupError, match="is a LoRA module"):
+        server("reference", "tiny-lora")._pick(models, "base")
+
+
+async def test_a_lora_bundle_sends_policy_requests_to_the_adapter(text_bundle: Path, tmp_path: Path) -> None:
+    from rlaifv.reward.bundle import write_bundle
+    from rlaifv.reward.sampling import SamplingParams
+    from rlaifv.service.engines.base import GenerateRequest, ScoreRequest
+    from rlaifv.testing.tiny_text import build_lora_adapter
+
+    adapter = build_lora_adapter(text_bundle / "reference", tmp_path / "adapter")
+    write_bundle(tmp_path, policy=adapter, reference=text_bundle / "reference", policy_type="lora", copy=False)
+    fake = FakeVllm()
+    engine = _fake_engine(tmp_path, fake)
+    assert engine.lora and engine.stop_ids == [engine.eot_id]
+    params = SamplingParams(max_tokens=4)
+    results = await engine.run(
+        [
+            GenerateRequest([], "q", None, 2, params, engine.reward),
+            ScoreRequest([], "q", None, ["a red circle"], engine.reward, 8),
+        ]
+    )
+    assert not any(isinstance(r, Exception) for r in results), results
+    sampling = [body["model"] for _, body in fake.bodies if "n" in body]
+    scoring = [body["model"] for _, body in fake.bodies if "prompt_logprobs" in body]
+    assert sampling == ["adapter-or-policy"]
+    assert sorted(scoring) == ["adapter-or-policy", "base-or-reference", "base-or-reference"]
+
+
+def test_start_up_names_the_flag_images_need(vision_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rlaifv.service.engines import vllm
+
+    listed = {"data": [{"id": "m", "parent": None, "max_model_len": 512}]}
+
+    def get(url: str, **kwargs) -> httpx.Response:
+        return httpx.Response(200, json=listed if url.endswith("/models") else {}, request=httpx.Request("GET", url))
+
+    def post(url: str, **kwargs) -> httpx.Response:
+        status = 404 if url.endswith("/inference/v1/generate") else 200
+        return httpx.Response(status, json={}, request=httpx.Request("POST", url))
+
+    monkeypatch.setattr(vllm.httpx, "get", get)
+    monkeypatch.setattr(vllm.httpx, "post", post)
+    engine = _fake_engine(vision_bundle, FakeVllm())
+    engine.policy.model = engine.reference.model = ""
+    with pytest.raises(VllmStartupError, match=r"policy server .* no /inference/v1/generate.*--enable-scale-out"):
+        engine.start()
