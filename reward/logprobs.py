@@ -5,14 +5,18 @@ service's reward, and the trainer's DPO loss all call `answer_logprobs`, so a
 pair scored anywhere gets the same numbers.
 
 Shared-prefix evaluation: the B prefixes (image tokens + prompt) run once,
-left-padded into one batch; the KV cache is then gathered to one row per
-answer and a single forward scores all answers, right-padded. Naive
-equivalent, per answer a:  log_softmax(model(prefix ++ a).logits)[answer positions].
+left-padded into one batch; the answers then continue from that cache, one
+row per answer, and a single forward scores all answers, right-padded. Where
+`reward.shared_prefix` applies (no gradient, plain full attention) the rows
+attend to one copy of their prompt's prefix; otherwise the cache is gathered
+to one copy per row. Naive equivalent, per answer a:
+log_softmax(model(prefix ++ a).logits)[answer positions].
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +32,7 @@ from rlaifv.reward.families import (
     stack_vision,
 )
 from rlaifv.reward.prompt import EncodedPrompt
+from rlaifv.reward.shared_prefix import eligible, share, shared_prefix_attention
 
 
 def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -35,7 +40,26 @@ def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 
     logits (..., V), labels (...) -> (...) float32. Raw logits: temperature 1, no
     top-p/top-k, whatever the sampling settings were.
+
+    On CPU without gradient, many rows (the reference pass: answers x positions x V) go through in
+    cache-sized chunks: each row's numbers are the same bit for bit, and the float32 copy and the
+    logsumexp temporaries stay in cache instead of streaming hundreds of MB (~3x faster here).
     """
+    vocab = logits.shape[-1]
+    rows = max(torch.get_num_threads(), _CHUNK_ELEMENTS // max(vocab, 1))
+    if logits.device.type != "cpu" or torch.is_grad_enabled() or logits.numel() <= rows * vocab:
+        return _selective_log_softmax(logits, labels)
+    flat, flat_labels = logits.reshape(-1, vocab), labels.reshape(-1)
+    parts = [
+        _selective_log_softmax(flat[i : i + rows], flat_labels[i : i + rows]) for i in range(0, flat.shape[0], rows)
+    ]
+    return torch.cat(parts).view(labels.shape)
+
+
+_CHUNK_ELEMENTS = 2**18  # 1 MB of float32 logits per chunk
+
+
+def _selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
@@ -49,7 +73,9 @@ class PrefixState:
     logits: (rows, V) next-token logits after the prefix;
     mask: (rows, L) 1 for real prefix tokens, 0 for left padding;
     next_position: (rows,) position id of the first answer token (on every rope axis);
-    family: the model family's rules (`reward.families`).
+    family: the model family's rules (`reward.families`);
+    shared: the cache holds each prompt's prefix once (`reward.shared_prefix`): model calls on it
+    go inside `attending`.
     """
 
     cache: Any
@@ -57,11 +83,14 @@ class PrefixState:
     mask: torch.Tensor
     next_position: torch.Tensor
     family: Family
+    shared: bool = False
 
     def select(self, index: torch.Tensor) -> PrefixState:
         """Keep/duplicate rows (index may repeat: that forks a prefix for N answers)."""
         self.cache.batch_select_indices(index)
-        return PrefixState(self.cache, self.logits[index], self.mask[index], self.next_position[index], self.family)
+        return PrefixState(
+            self.cache, self.logits[index], self.mask[index], self.next_position[index], self.family, self.shared
+        )
 
     def positions(self, width: int) -> torch.Tensor:
         """Position ids of the next `width` tokens of every row."""
@@ -97,6 +126,31 @@ def prefill(model: Any, prompts: Sequence[EncodedPrompt], pad_id: int = 0) -> Pr
         **vision,
     )
     return PrefixState(out.past_key_values, out.logits[:, -1, :], mask, next_position, family)
+
+
+def fork(model: Any, state: PrefixState, rows: torch.Tensor, reserve: int) -> PrefixState:
+    """One row per answer from a prefill's one row per prompt (`rows`: each answer's prompt, ascending).
+
+    With shared-prefix attention the prefix stays one copy per prompt and `reserve` answer tokens per row
+    are allocated; otherwise the cache rows are copied (`PrefixState.select`) and grow as before. Sharing
+    needs a prompt with two answers or more, and is skipped where its buffers would be the bigger: each
+    prompt reserves room for as many answers as the largest group (a batch of one n=16 request and many
+    n=1 requests is cheaper as copies).
+    """
+    prompts, length = state.mask.shape
+    slots = int(torch.bincount(rows).max())
+    smaller = prompts * (length + slots * reserve) < rows.shape[0] * (length + reserve)
+    if slots < 2 or not smaller or not eligible(model, state.cache, length + reserve):
+        return state.select(rows)
+    cache = share(state.cache, rows, state.mask, reserve)
+    return PrefixState(cache, state.logits[rows], state.mask[rows], state.next_position[rows], state.family, True)
+
+
+@contextmanager
+def attending(model: Any, state: PrefixState) -> Iterator[None]:
+    """The context model calls on `state`'s cache run in: shared-prefix attention when the cache is shared."""
+    with shared_prefix_attention(model) if state.shared else nullcontext():
+        yield
 
 
 def split_for_batching(model: Any, prompts: Sequence[EncodedPrompt]) -> list[list[int]]:
@@ -154,10 +208,10 @@ def answer_logprobs(
     rows = torch.repeat_interleave(
         torch.arange(len(keep), device=device), torch.tensor([counts[b] for b in keep], device=device)
     )
-    state = state.select(rows)
-
     lengths = torch.tensor([len(a) for a in flat], device=device)
     width = int(lengths.max())
+    state = fork(model, state, rows, width - 1)
+
     tokens = torch.full((len(flat), width), pad_id, dtype=torch.long, device=device)
     for row, answer in enumerate(flat):
         tokens[row, : len(answer)] = torch.tensor(answer, device=device)
@@ -166,13 +220,14 @@ def answer_logprobs(
     first = selective_log_softmax(state.logits, tokens[:, 0]).unsqueeze(1)  # (R, 1)
     if width > 1:
         # Feed tokens 0..T-2; their logits predict tokens 1..T-1 (the last token needs no forward).
-        out = model(
-            input_ids=tokens[:, :-1],
-            attention_mask=torch.cat([state.mask, answer_mask[:, :-1]], dim=1),
-            position_ids=state.positions(width - 1),
-            past_key_values=state.cache,
-            use_cache=True,
-        )
+        with attending(model, state):
+            out = model(
+                input_ids=tokens[:, :-1],
+                attention_mask=torch.cat([state.mask, answer_mask[:, :-1]], dim=1),
+                position_ids=state.positions(width - 1),
+                past_key_values=state.cache,
+                use_cache=True,
+            )
         rest = selective_log_softmax(out.logits, tokens[:, 1:])  # (R, T-1)
         per_token = torch.cat([first, rest], dim=1)
     else:
@@ -238,20 +293,21 @@ def continuation_logits(
     rows = torch.repeat_interleave(
         torch.arange(len(keep), device=device), torch.tensor([counts[b] for b in keep], device=device)
     )
-    state = state.select(rows)
     lengths = torch.tensor([len(c) for c in flat], device=device)
     width = int(lengths.max())
+    state = fork(model, state, rows, width)
     tokens = torch.full((len(flat), width), pad_id, dtype=torch.long, device=device)
     for row, cont in enumerate(flat):
         tokens[row, : len(cont)] = torch.tensor(cont, device=device)
     mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
-    out = model(
-        input_ids=tokens,
-        attention_mask=torch.cat([state.mask, mask], dim=1),
-        position_ids=state.positions(width),
-        past_key_values=state.cache,
-        use_cache=True,
-    )
+    with attending(model, state):
+        out = model(
+            input_ids=tokens,
+            attention_mask=torch.cat([state.mask, mask], dim=1),
+            position_ids=state.positions(width),
+            past_key_values=state.cache,
+            use_cache=True,
+        )
     last = out.logits[torch.arange(len(flat), device=device), lengths - 1].float()  # (R, V)
     row = 0
     for count in counts:

@@ -2,8 +2,9 @@
 
 Why our own decode loop rather than `generate()`: `generate(num_return_sequences=N)`
 copies the prompt N times *before* prefill, so the image+prompt prefix would be
-encoded N times. Here each prefix runs once, its KV cache is forked N ways
-into buffers that grow in place (`reward.kv_cache`), finished rows are dropped
+encoded N times. Here each prefix runs once and its N samples attend to that one
+copy (`reward.shared_prefix`; where that does not apply, the KV cache is forked N
+ways into buffers that grow in place, `reward.kv_cache`), finished rows are dropped
 from the batch, and the log-prob of every sampled
 token under the *raw* model distribution (temperature 1, no top-p/top-k, no
 penalties or logit bias) is kept, so the policy term of the reward needs no
@@ -22,7 +23,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from rlaifv.reward.kv_cache import preallocate
-from rlaifv.reward.logprobs import model_device, prefill, selective_log_softmax, split_for_batching, step
+from rlaifv.reward.logprobs import (
+    attending,
+    fork,
+    model_device,
+    prefill,
+    selective_log_softmax,
+    split_for_batching,
+    step,
+)
 from rlaifv.reward.prompt import EncodedPrompt
 
 
@@ -72,7 +81,9 @@ class Sample:
 def _transform(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Raw logits (rows, V) -> sampling logits under temperature, top-k and top-p (-inf = excluded)."""
     # Shift before dividing so tiny temperatures give huge negative numbers, never inf - inf = NaN.
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    if params.temperature != 1.0:  # x / 1.0 == x: skip a pass over (rows, V) at the default temperature
+        logits = logits / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -228,8 +239,9 @@ def sample_answers(
     )
     limits = torch.tensor([params[int(g)].max_tokens for g in group_of_row], device=device)
     width = int(limits.max())
-    state = state.select(group_of_row)
-    preallocate(state.cache, width)
+    state = fork(model, state, group_of_row, width)
+    if not state.shared:
+        preallocate(state.cache, width)
     stops = torch.tensor(list(stop_ids), device=device)
     blocked = torch.tensor(sorted(set(blocked_ids) - set(stop_ids)), dtype=torch.long, device=device)
     total = int(group_of_row.shape[0])
@@ -247,40 +259,52 @@ def sample_answers(
     row_stops = [params[int(g)].stop for g in group_of_row.tolist()]
     texts: list[list[int]] | None = [[] for _ in range(total)] if any(row_stops) else None
     logits = state.logits
-    for t in range(width):
-        live = alive.nonzero().squeeze(-1)
-        rows = active[live]
-        live_logits = logits[live]
-        new = choose(live_logits, group_of_row[rows], rows)
-        choose.observe(rows, new)
-        stop = torch.isin(new, stops)
-        token_buf[rows, t] = new
-        logp_buf[rows, t] = selective_log_softmax(live_logits, new)
-        if top_ids is not None and top_vals is not None:
-            values, ids = live_logits.float().log_softmax(-1).topk(k, dim=-1)
-            top_ids[rows, t], top_vals[rows, t] = ids, values
-        if texts is not None and decode is not None:
-            hits = []
-            for row, token, ended in zip(rows.tolist(), new.tolist(), stop.tolist(), strict=True):
-                texts[row].append(token)
-                if row_stops[row] and not ended and any(s in decode(texts[row]) for s in row_stops[row]):
-                    hits.append(row)
-            if hits:
-                stop = stop | torch.isin(rows, torch.tensor(hits, device=device))
-        lengths[rows] = t + 1
-        stopped[rows] = stop
-        alive[live] = ~stop & (t + 1 < limits[rows])
-        if not bool(alive.any()):
-            break
-        feed = torch.full((active.shape[0],), pad_id, dtype=torch.long, device=device)
-        feed[live] = new
-        feed = feed.masked_fill(~alive, pad_id)
-        # Dropping finished rows re-copies the whole KV cache, so do it only once a quarter of the batch is dead.
-        if int((~alive).sum()) * 4 >= alive.shape[0]:
-            keep = alive.nonzero().squeeze(-1)
-            state = state.select(keep)
-            active, feed, alive = active[keep], feed[keep], alive[keep]
-        logits = step(model, state, feed.unsqueeze(-1))
+    dead = 0  # finished rows still in the batch; while there are none, no gather and no index of live rows
+    with attending(model, state):
+        for t in range(width):
+            if dead:
+                live = alive.nonzero().squeeze(-1)
+                rows, live_logits = active[live], logits[live]
+            else:
+                rows, live_logits = active, logits
+            raw = live_logits.float()  # one conversion for the sampler, the log-probs and the top tokens
+            new = choose(raw, group_of_row[rows], rows)
+            choose.observe(rows, new)
+            stop = torch.isin(new, stops)
+            token_buf[rows, t] = new
+            logp_buf[rows, t] = selective_log_softmax(raw, new)
+            if top_ids is not None and top_vals is not None:
+                values, ids = raw.log_softmax(-1).topk(k, dim=-1)
+                top_ids[rows, t], top_vals[rows, t] = ids, values
+            if texts is not None and decode is not None:
+                hits = []
+                for row, token, ended in zip(rows.tolist(), new.tolist(), stop.tolist(), strict=True):
+                    texts[row].append(token)
+                    if row_stops[row] and not ended and any(s in decode(texts[row]) for s in row_stops[row]):
+                        hits.append(row)
+                if hits:
+                    stop = stop | torch.isin(rows, torch.tensor(hits, device=device))
+            lengths[rows] = t + 1
+            stopped[rows] = stop
+            going = ~stop & (t + 1 < limits[rows])
+            if dead:
+                alive[live] = going
+                feed = torch.full((active.shape[0],), pad_id, dtype=torch.long, device=device)
+                feed[live] = new
+            else:
+                alive, feed = going, new
+            dead = int((~alive).sum())  # read on the host once per step (was three reads)
+            if dead == alive.shape[0]:
+                break
+            feed = feed.masked_fill(~alive, pad_id)
+            # Dropping finished rows re-copies a forked KV cache, so do it only once a quarter of the batch is dead;
+            # a shared-prefix cache copies nothing (only its layout changes), so drop them at once.
+            if dead and (state.shared or dead * 4 >= alive.shape[0]):
+                keep = alive.nonzero().squeeze(-1)
+                state = state.select(keep)
+                active, feed, alive = active[keep], feed[keep], alive[keep]
+                dead = 0
+            logits = step(model, state, feed.unsqueeze(-1))
 
     token_lists = token_buf.tolist()
     logp_rows = logp_buf.cpu()

@@ -81,6 +81,9 @@ def _register_optional() -> None:
         pass
     else:
         bench_app.command("soak")(bench_soak)
+    from rlaifv.bench.engine import bench_engine
+
+    bench_app.command("engine")(bench_engine)
     try:
         from rlaifv.trainer.cli import feedback, train_app
     except ImportError:
