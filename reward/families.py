@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rlaifv.reward.errors import ModelLoadError
+from rlaifv.reward.prompt import EncodedPrompt
 
 if TYPE_CHECKING:
     import torch
-
-    from rlaifv.reward.prompt import EncodedPrompt
 
 SEQUENCE_KEYS = frozenset({"token_type_ids", "mm_token_type_ids"})
 ROPE_INDEX_KEYS = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
@@ -147,6 +146,13 @@ def stack_vision(
         tensor = torch.cat(parts, dim=0).to(device)
         vision[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return vision
+
+
+def truncate(prompt: EncodedPrompt, length: int) -> EncodedPrompt:
+    """The prompt's first `length` tokens, its sequence-aligned processor outputs cut alike (the per-image
+    tensors stay whole: the cut must keep every image token, as the yes/no judge's shared prefix does)."""
+    vision = {key: value[..., :length] if key in SEQUENCE_KEYS else value for key, value in prompt.vision.items()}
+    return EncodedPrompt(prompt.input_ids[:length], vision)
 
 
 def _zero_pad(tensor: torch.Tensor, shape: list[int]) -> torch.Tensor:

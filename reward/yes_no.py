@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
+from rlaifv.reward.families import truncate
 from rlaifv.reward.logprobs import continuation_logits
 from rlaifv.reward.prompt import EncodedPrompt, encode_prompt
 
@@ -94,11 +95,11 @@ class YesNoJudge:
                 continue
             cut = split_shared_prefix(prompts, self.image_token_id)
             if cut > 0:
-                prefixes.append(EncodedPrompt(prompts[0].input_ids[:cut], prompts[0].vision))
+                prefixes.append(truncate(prompts[0], cut))
                 suffixes.append([p.input_ids[cut:].tolist() for p in prompts])
             else:  # no shareable prefix: each question is its own prompt (the last token as continuation)
                 for p in prompts:
-                    prefixes.append(EncodedPrompt(p.input_ids[:-1], p.vision))
+                    prefixes.append(truncate(p, len(p) - 1))
                     suffixes.append([p.input_ids[-1:].tolist()])
         logits: list[torch.Tensor] = []
         for start in range(0, len(prefixes), self.max_batch):

@@ -158,3 +158,23 @@ def test_a_lora_policy_and_its_base_as_reference_are_exact(family: dict[str, Any
             assert _max_diff(without[b][i], base) < TOLERANCE
             moved = max(moved, _max_diff(with_adapter[b][i], base))
     assert moved > 1e-3, "the adapter must change the policy"
+
+
+@torch.no_grad()
+def test_the_yes_no_judge_equals_a_plain_forward_of_each_question(family: dict[str, Any]) -> None:
+    """The claims reward's labeler: one shared image prefix, the questions as continuations (the prefix is cut
+    with its sequence-aligned inputs, e.g. Qwen2-VL's mm_token_type_ids and Gemma3's token_type_ids)."""
+    from rlaifv.reward.yes_no import YesNoJudge
+
+    judge = YesNoJudge(family["model"], family["processor"])
+    questions = ["Is there a red circle in the image?", "Are there two dogs?"]
+    items = [(images, questions) for images in _images()]
+    got = judge.p_yes_batch(items)
+    ids = judge.yes_ids + judge.no_ids
+    for (images, _), scores in zip(items, got, strict=True):
+        for question, score in zip(questions, scores, strict=True):
+            prompt = encode_prompt(family["processor"], images, question)
+            logprobs = torch.stack([full_forward_logprobs(family["model"], prompt, [i])[0] for i in ids])
+            probs = logprobs.exp()
+            truth = float(probs[: len(judge.yes_ids)].sum() / probs.sum())
+            assert abs(score - truth) < TOLERANCE, (family["name"], question, score, truth)
