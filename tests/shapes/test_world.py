@@ -81,6 +81,20 @@ def test_object_map_and_patch_labels_follow_the_rendered_pixels():
         patches = scene.patch_labels(8)
         assert len(patches) == 64
         assert {OBJECTS[p - 1] for p in patches if p} == set(scene.names)  # every object owns a patch
+        coarse = scene.patch_labels(16, min_cover=0.15)  # recipe 6: 16 patches, objects preferred over background
+        assert len(coarse) == 16
+        assert {OBJECTS[p - 1] for p in coarse if p} == set(scene.names)
+
+
+def test_large_patches_prefer_an_object_over_the_background_only_above_min_cover():
+    from rlaifv.trainer.shapes.world import Placed, Scene
+
+    scene = Scene((Placed("red", "square", 16, 16, 16),))  # pixels 8..24: a quarter of each of patches 0, 1, 4, 5
+    red_square = 1 + OBJECTS.index("red square")
+    majority = scene.patch_labels(16)
+    assert majority[0] == 0  # background covers most of every patch: the object would own none
+    assert scene.patch_labels(16, min_cover=0.15)[:6] == [red_square, red_square, 0, 0, red_square, red_square]
+    assert set(scene.patch_labels(16, min_cover=0.5)) == {0}
 
 
 def test_training_questions_are_mostly_same_colour_misses():

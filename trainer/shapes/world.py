@@ -55,8 +55,14 @@ class Scene:
             _draw(draw, o, 1 + OBJECTS.index(o.name))
         return image
 
-    def patch_labels(self, patch: int) -> list[int]:
-        """Per patch (row-major, as a ViT orders them), the label covering most of its pixels (0: background)."""
+    def patch_labels(self, patch: int, min_cover: float = 0.0) -> list[int]:
+        """Per patch (row-major, as a ViT orders them), 1 + the index in OBJECTS of the object it shows (0: background).
+
+        `min_cover` 0: the label covering most of the patch's pixels, background included. Above 0: the object
+        covering most of the patch's object pixels when it covers at least that share of the patch, else
+        background. Large patches need the second rule: a 16 px object straddling four 16 px patches covers a
+        minority of each, and the first rule would leave it without a patch.
+        """
         pixels = self.object_map().load()
         labels = []
         for top in range(0, self.image_size, patch):
@@ -66,7 +72,12 @@ class Scene:
                     for x in range(left, left + patch):
                         value = int(pixels[x, y])  # type: ignore[index]
                         counts[value] = counts.get(value, 0) + 1
-                labels.append(max(counts, key=lambda k: (counts[k], -k)))
+                if min_cover > 0:
+                    objects = {k: v for k, v in counts.items() if k}
+                    best = max(objects, key=lambda k: (objects[k], -k)) if objects else 0
+                    labels.append(best if best and objects[best] >= min_cover * patch * patch else 0)
+                else:
+                    labels.append(max(counts, key=lambda k: (counts[k], -k)))
         return labels
 
 
