@@ -411,7 +411,9 @@ def train_dpo(
             del reference
         if accelerator.is_main_process:
             write_reference_cache(cache, pairs, key)
-        accelerator.wait_for_everyone()
+    # Every rank passes this barrier, hit or not: a rank that starts late can find the cache rank 0 has just
+    # written (a hit) while rank 0 computed (a miss), and a barrier inside the miss branch then waits forever.
+    accelerator.wait_for_everyone()
 
     scorer = _pair_scorer_class()(policy, pad_id)
     scorer.train()
