@@ -280,15 +280,9 @@ def attention(
     return out[layout.owner, layout.slot], None
 
 
-_registered = False
-
-
 def _register() -> None:
-    """Make `NAME` a valid attention implementation. No mask function is registered under it on purpose:
-    transformers then skips building the (unused) 4-D mask at every step."""
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
+    """Make `NAME` a valid attention implementation (registering again is a no-op overwrite). No mask function
+    is registered under it on purpose: transformers then skips building the (unused) 4-D mask at every step."""
+    from transformers import AttentionInterface
 
-        AttentionInterface.register(NAME, attention)
-        _registered = True
+    AttentionInterface.register(NAME, attention)

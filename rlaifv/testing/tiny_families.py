@@ -328,9 +328,10 @@ IDEFICS3_SPECIALS = (
 )
 
 
-def _idefics3(folder: Path, seed: int):
-    """Idefics3-8B-Llama3 layout; 32 px crops of a <=64 px image, 4 tokens per crop after pixel shuffle."""
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+def idefics3_parts(text: dict[str, Any], **config_kwargs: Any) -> tuple[Any, Any]:
+    """(processor, config) of the Idefics3-8B-Llama3 layout: 32 px crops of a <=64 px image, 4 tokens per crop
+    after pixel shuffle. `text` sizes the Llama (the families' tests use TEXT; vLLM needs head size >= 32)."""
+    from transformers import Idefics3Config, Idefics3Processor
     from transformers.models.idefics3 import Idefics3ImageProcessorPil
 
     tokenizer = build_word_tokenizer(
@@ -349,11 +350,19 @@ def _idefics3(folder: Path, seed: int):
     )
     config = Idefics3Config(
         vision_config=_vision(32, 8),
-        text_config={"model_type": "llama", **TEXT, **_text_ids(tokenizer)},
+        text_config={"model_type": "llama", **text, **_text_ids(tokenizer)},
         image_token_id=_ids(tokenizer, "<image>")[0],
         scale_factor=2,
+        **config_kwargs,
     )
-    model = _model(Idefics3ForConditionalGeneration, config, tokenizer, seed)
+    return processor, config
+
+
+def _idefics3(folder: Path, seed: int):
+    from transformers import Idefics3ForConditionalGeneration
+
+    processor, config = idefics3_parts(TEXT)
+    model = _model(Idefics3ForConditionalGeneration, config, processor.tokenizer, seed)
     processor.save_pretrained(folder)
     return model
 

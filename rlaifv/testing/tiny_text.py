@@ -72,9 +72,6 @@ def build_tiny_text_bundle(
     return folder
 
 
-VISION_TEXT: dict[str, Any] = {**TEXT_LLAMA, "model_type": "llama"}
-
-
 def build_vision_model(folder: str | Path, *, seed: int = 0) -> Path:
     """One tiny `Idefics3ForConditionalGeneration` (tiny_families' layout, head size 32 for vLLM) saved to `folder`.
 
@@ -83,34 +80,14 @@ def build_vision_model(folder: str | Path, *, seed: int = 0) -> Path:
     2 x 2 crops of 32 px plus a global view, 4 tokens each.
     """
     import torch
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-    from transformers.models.idefics3 import Idefics3ImageProcessorPil
+    from transformers import Idefics3ForConditionalGeneration
 
-    from rlaifv.testing.tiny_families import IDEFICS3_SPECIALS, IDEFICS3_TEMPLATE, VISION, _ids, _text_ids
+    from rlaifv.testing.tiny_families import idefics3_parts
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_word_tokenizer(
-        IDEFICS3_SPECIALS,
-        bos="<|begin_of_text|>",
-        eos="<end_of_utterance>",
-        pad="<|end_of_text|>",
-        add_bos_token=True,
-        chat_template=IDEFICS3_TEMPLATE,
-    )
-    image_processor = Idefics3ImageProcessorPil(
-        do_image_splitting=True, size={"longest_edge": 64}, max_image_size={"longest_edge": 32}
-    )
-    processor = Idefics3Processor(
-        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=tokenizer.chat_template
-    )
-    config = Idefics3Config(
-        vision_config={**VISION, "image_size": 32, "patch_size": 8},
-        text_config={**VISION_TEXT, **_text_ids(tokenizer)},
-        image_token_id=_ids(tokenizer, "<image>")[0],
-        scale_factor=2,
-        tie_word_embeddings=False,
-    )
+    processor, config = idefics3_parts(TEXT_LLAMA, tie_word_embeddings=False)
+    tokenizer = processor.tokenizer
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config).eval()
     with torch.no_grad():  # peaked distributions, as in build_text_model

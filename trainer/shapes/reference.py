@@ -47,7 +47,7 @@ HELD_OUT_SEED_OFFSET = 50_000  # the judge probe's scenes; the evaluation's held
 
 
 def shapes_spec(seed: int = 0, *, object_tokens: bool = False, patch_size: int = 16) -> TinyVLMSpec:
-    """~0.8M parameters: CLIP hidden 128 x 3 layers on 64x64 (16 image tokens of 16 px; recipe 5 and earlier: 64
+    """~1.1M parameters: CLIP hidden 128 x 3 layers on 64x64 (16 image tokens of 16 px; recipe 5 and earlier: 64
     of 8 px), Llama hidden 128 x 2 layers.
 
     `object_tokens`: each object name ("red circle") is one token, as a BPE tokenizer merges a frequent bigram.
