@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from rlaifv.trainer.data import PreferenceRow
 from rlaifv.trainer.errors import ConfigError
@@ -34,6 +34,15 @@ class PairConfig:
     )
     length_tolerance: float = field(
         default=0.05, metadata={"help": "Allowed relative shortfall of mean chosen length."}
+    )
+    length_drop: Literal["ratio", "random"] = field(
+        default="ratio",
+        metadata={
+            "help": "Which pairs the length filter drops: 'ratio' (RLAIF-V: the shortest chosen relative to its"
+            " rejected first, a threshold) or 'random' (any pair whose chosen is shorter, seeded). Where a"
+            " hallucination adds an object, 'ratio' drops every such pair and keeps those whose chosen names an"
+            " extra true object, so DPO may learn 'more objects is better'; 'random' keeps both kinds."
+        },
     )
     dedup_ngram: int = field(default=10, metadata={"help": "Word n-gram size of the near-duplicate test."})
     dedup_threshold: float = field(
@@ -56,6 +65,8 @@ class PairConfig:
             raise ConfigError("max_pairs_per_prompt must be >= 1")
         if not 0 <= self.length_tolerance < 1:
             raise ConfigError("length_tolerance must be in [0, 1)")
+        if self.length_drop not in ("ratio", "random"):
+            raise ConfigError("length_drop must be 'ratio' or 'random'")
         if self.dedup_ngram < 1:
             raise ConfigError("dedup_ngram must be >= 1")
         if not 0 < self.dedup_threshold <= 1:
@@ -145,7 +156,9 @@ def build_pairs(
         selected.extend((item, i, j) for i, j in chosen_pairs)
 
     if config.length_balance and selected:
-        selected, stats.length_removed, stats.length_threshold = _balance_lengths(selected, config.length_tolerance)
+        selected, stats.length_removed, stats.length_threshold = _balance_lengths(
+            selected, config.length_tolerance, rng if config.length_drop == "random" else None
+        )
 
     rows = []
     for item, i, j in selected:
@@ -161,17 +174,22 @@ def build_pairs(
 
 
 def _balance_lengths(
-    selected: list[tuple[PromptFeedback, int, int]], tolerance: float
+    selected: list[tuple[PromptFeedback, int, int]], tolerance: float, rng: random.Random | None = None
 ) -> tuple[list[tuple[PromptFeedback, int, int]], int, float | None]:
-    """Drop pairs with the smallest chosen/rejected length ratio until mean chosen >= (1 - tol) * mean rejected."""
+    """Drop pairs whose chosen answer is shorter until mean chosen >= (1 - tol) * mean rejected: the smallest
+    chosen/rejected length ratio first (the threshold is reported), or in `rng`'s order (no threshold)."""
 
     def lengths(entry: tuple[PromptFeedback, int, int]) -> tuple[int, int]:
         item, i, j = entry
         return len(_words(item.answers[i].text)), len(_words(item.answers[j].text))
 
-    ordered = sorted(selected, key=lambda e: lengths(e)[0] / max(1, lengths(e)[1]))
-    total_c = sum(lengths(e)[0] for e in ordered)
-    total_r = sum(lengths(e)[1] for e in ordered)
+    if rng is None:
+        ordered = sorted(selected, key=lambda e: lengths(e)[0] / max(1, lengths(e)[1]))
+    else:
+        ordered = [e for e in selected if lengths(e)[0] < lengths(e)[1]]
+        rng.shuffle(ordered)
+    total_c = sum(lengths(e)[0] for e in selected)
+    total_r = sum(lengths(e)[1] for e in selected)
     removed: set[int] = set()
     threshold = None
     for entry in ordered:
@@ -182,6 +200,6 @@ def _balance_lengths(
             break
         total_c, total_r = total_c - c, total_r - r
         removed.add(id(entry))
-        threshold = c / max(1, r)
+        threshold = c / max(1, r) if rng is None else None
     kept = [e for e in selected if id(e) not in removed]
     return kept, len(removed), threshold

@@ -19,7 +19,7 @@ from rlaifv.trainer.shapes.targets import Limits, check_targets
 
 pytestmark = pytest.mark.slow
 
-MARGIN = Limits(chair_ratio=0.6, recall_drop=0.05, f1_drop=0.02, claims_ratio=0.65, implicit_ratio=1.15)
+MARGIN = Limits(chair_ratio=0.45, recall_drop=0.05, f1_drop=0.02, claims_ratio=0.65, implicit_ratio=0.85)
 
 
 @pytest.fixture(scope="module")

@@ -185,6 +185,10 @@ def test_a_setting_added_later_changes_the_fingerprint_only_when_active() -> Non
     assert demo_config(seed=2, overrides=["reference.presence_aux=0.0"]).fingerprint() == base
     assert demo_config(seed=2, overrides=["reference.object_tokens=true"]).fingerprint() != base
     assert demo_config(seed=2, overrides=["reference.presence_aux=1.0"]).fingerprint() != base
+    assert demo_config(seed=2, overrides=["feedback_temperature=1.0"]).fingerprint() == base
+    assert demo_config(seed=2, overrides=["feedback_temperature=0.7"]).fingerprint() != base
+    assert demo_config(seed=2, overrides=["length_drop=random"]).fingerprint() == base  # recipe 8's default
+    assert demo_config(seed=2, overrides=["length_drop=ratio"]).fingerprint() != base
     assert demo_config(seed=3).fingerprint() != base
 
 
@@ -234,3 +238,18 @@ def test_presence_loss_reads_the_question_object_and_trains_the_lookup(object_to
     assert loss.item() > 0
     assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert model.model.language_model.layers[1].self_attn.q_proj.weight.grad is None  # layer 1's output only
+
+
+def test_well_formed_captions_are_the_worlds_own_caption_of_their_objects() -> None:
+    from rlaifv.trainer.shapes.world import caption, well_formed
+
+    assert well_formed(caption(["red square", "red square", "blue circle"]))  # a repeat is still grammatical
+    assert well_formed("a green triangle.")
+    for odd in (
+        "a red square and a red green circle.",
+        "a green, a green square and a blue triangle.",
+        "a red circle, a red circle and a blue Is a blue triangle.",
+        "a red square and a blue circle",
+        "",
+    ):
+        assert not well_formed(odd), odd

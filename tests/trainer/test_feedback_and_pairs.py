@@ -102,6 +102,32 @@ def test_length_balancing_removes_pairs_where_chosen_is_much_shorter() -> None:
     assert len(unbalanced) == 5 and stats.length_removed == 0
 
 
+def test_length_balancing_can_drop_random_shorter_chosen_pairs() -> None:
+    """'random' balances the means as 'ratio' does, but by dropping any pairs whose chosen answer is shorter, so the
+    pairs where a hallucination added a whole object (the smallest ratios) are not all gone."""
+
+    def item(name: str, chosen: str, rejected: str) -> PromptFeedback:
+        return PromptFeedback(name, b"", "q", [_answer(chosen, 0), _answer(rejected, -1)])
+
+    big = [item(f"b{i}", "a red circle here", "a red circle and a blue square here now") for i in range(6)]  # 4 vs 9
+    small = [item(f"s{i}", "a red circle and a blue square", "a red circle and a blue cat too") for i in range(6)]
+    longer = [item(f"l{i}", "a red circle and a blue square here", "a green tree") for i in range(4)]  # 8 vs 3
+    feedback = [*big, *small, *longer]
+    words = lambda t: len(t.split())  # noqa: E731
+
+    by_ratio, stats = build_pairs(feedback, PairConfig())
+    assert stats.length_threshold == 4 / 9 and stats.length_removed > 0  # only the smallest ratio went
+    assert sum(r.chosen == "a red circle and a blue square" for r in by_ratio) == 6
+    removed_small = set()
+    for seed in range(8):
+        rows, stats = build_pairs(feedback, PairConfig(length_drop="random", seed=seed))
+        assert stats.length_threshold is None and stats.length_removed > 0
+        assert sum(words(r.chosen) for r in rows) >= 0.95 * sum(words(r.rejected) for r in rows)
+        assert sum(r.rejected == "a green tree" for r in rows) == 4  # a longer chosen is never dropped
+        removed_small.add(6 - sum(r.chosen == "a red circle and a blue square" for r in rows))
+    assert max(removed_small) > 0  # some seeds drop a pair that 'ratio' keeps
+
+
 def test_feedback_file_round_trip(tmp_path: Path) -> None:
     feedback = [_feedback(ControlledLabeler(lambda q: "red" in q))]
     again = read_feedback(write_feedback(tmp_path / "f.parquet", feedback))

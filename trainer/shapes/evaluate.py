@@ -10,6 +10,9 @@ applied to the *same* candidates, so the comparison is paired:
 - bon-claims:   argmax of claim verification by the model's own yes/no answers, counting rejected claims
                 (RLAIF-V's feedback score, the service's default claim_score)
 - bon-claims-expected: the same verdicts scored by the expected number of hallucinated claims
+
+Besides CHAIR, `malformed` is the share of picks that are not the world's own caption of the objects they
+name (repeated or stray words, broken phrases).
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from rlaifv.reward.model_pair import GenerateTask, ModelPair
 from rlaifv.reward.sampling import SamplingParams
 from rlaifv.reward.scoring import RewardConfig, select_best
 from rlaifv.trainer.evaluation.chair import chair, yes_no
-from rlaifv.trainer.shapes.world import CAPTION_QUESTION, Scene, extract_objects, sample_yes_no, scenes
+from rlaifv.trainer.shapes.world import (
+    CAPTION_QUESTION,
+    Scene,
+    extract_objects,
+    sample_yes_no,
+    scenes,
+    well_formed,
+)
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out scenes never overlap training or feedback scenes
 
@@ -94,6 +104,7 @@ def evaluate_pair(
             picks["bon_claims_expected"].append(texts[select_best(expected)])
     report = {
         name: chair(answers, model_truths if name == "model" else truths, extract_objects).as_dict()
+        | {"malformed": sum(not well_formed(a) for a in answers) / max(len(answers), 1)}
         for name, answers in picks.items()
     }
     report["yes_no"] = evaluate_yes_no(pair, held_out, config.yes_no_per_image, seed=sample_seed).as_dict()

@@ -136,6 +136,7 @@ def _headline(summary: dict[str, Any]) -> dict[str, float]:
         "random_chair_i": summary["random"]["chair_i"][0],
         "claims_chair_i": summary["bon_claims"]["chair_i"][0],
         "implicit_chair_i": summary["bon_implicit"]["chair_i"][0],
+        "implicit_malformed": summary["bon_implicit"].get("malformed", [float("nan")])[0],
     }
 
 
@@ -148,9 +149,9 @@ def render_matrix(result: dict[str, Any]) -> str:
     """One row per cell, the served model against the reference, then the spread of each target."""
     lines = [
         "| seed | threads | ref CHAIRi % | served CHAIRi % (ratio) | recall ref -> served | yes/no F1 ref -> served |"
-        " random-of-8 % | claims BoN-8 % (ratio) | implicit BoN-8 % (ratio) | judge on same-colour misses |"
-        " build s | all met |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " random-of-8 % | claims BoN-8 % (ratio) | implicit BoN-8 % (ratio) | implicit picks malformed % |"
+        " judge on same-colour misses | build s | all met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in result.values():
         ref, served = cell["summary"]["reference"], cell["summary"][cell["served"]]
@@ -162,6 +163,7 @@ def render_matrix(result: dict[str, Any]) -> str:
             f"{100 * served['random_chair_i']:.1f} | "
             f"{100 * served['claims_chair_i']:.1f} ({checks['claims_bon_vs_random']['value']:.2f}) | "
             f"{100 * served['implicit_chair_i']:.1f} ({checks['implicit_bon_vs_random']['value']:.2f}) | "
+            f"{100 * served.get('implicit_malformed', float('nan')):.1f} | "
             f"{cell.get('judge', {}).get('colour_miss', float('nan')):.2f} | "
             f"{cell['times'].get('build_s', float('nan')):.0f} | "
             f"{_verdict(checks)} |"

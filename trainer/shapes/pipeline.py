@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from rlaifv.trainer.shapes.reference import ReferenceConfig
 
@@ -26,7 +26,12 @@ from rlaifv.trainer.shapes.reference import ReferenceConfig
 # pre-training 1500 steps, SFT at 1e-3: the judge binds colour and shape within a few hundred SFT steps on every
 # seed measured, where it used to plateau on answers from colour alone; RLAIF-V's length filter on, with 2500
 # images per round so that enough pairs survive it (docs/shapes-world.md "Recipe 6").
-RECIPE_VERSION = 6
+# 7 (never shipped): 16 feedback captions per image instead of 8 and 6 DPO epochs instead of 4: a stronger round,
+# and fewer malformed captions among the implicit reward's picks.
+# 8: the length filter drops pairs at random among those whose chosen caption is shorter, not the shortest first:
+# the ratio order dropped every pair where a hallucination added an object and kept those where the chosen
+# caption names one more true object (docs/shapes-world.md "Recipe 8").
+RECIPE_VERSION = 8
 
 
 @dataclass
@@ -42,9 +47,15 @@ class DemoConfig:
         default=2500,
         metadata={"help": "New images per round (2500: with the length filter, 1000 left too few pairs to bind)."},
     )
-    samples: int = field(default=8, metadata={"help": "Captions sampled per image for feedback."})
+    samples: int = field(
+        default=16,
+        metadata={"help": "Captions sampled per image for feedback (8: the implicit reward misranked odd captions)."},
+    )
+    feedback_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature of the feedback captions (RLAIF-V samples at 0.7)."}
+    )
     dpo_lr: float = field(default=3e-5, metadata={"help": "DPO learning rate (1e-4 collapsed recall)."})
-    dpo_epochs: int = field(default=4, metadata={"help": "Passes over the round's pairs."})
+    dpo_epochs: int = field(default=6, metadata={"help": "Passes over the round's pairs."})
     dpo_batch: int = field(default=32, metadata={"help": "Pairs per DPO step."})
     nll_weight: float = field(default=8.0, metadata={"help": "NLL term on the chosen caption (keeps recall)."})
     max_pairs_per_prompt: int = field(default=3, metadata={"help": "Pairs kept per image."})
@@ -53,6 +64,13 @@ class DemoConfig:
         metadata={
             "help": "RLAIF-V's length filter. A hallucinated caption here is one with an extra object, so without it"
             " DPO learns 'shorter is better' and the implicit reward ranks answers by length (measured, recipe 6)."
+        },
+    )
+    length_drop: Literal["ratio", "random"] = field(
+        default="random",
+        metadata={
+            "help": "Which pairs the length filter drops (`PairConfig.length_drop`); 'ratio' (RLAIF-V's threshold)"
+            " kept the pairs that teach 'name more objects' and dropped those that teach 'not an extra one'."
         },
     )
     claim_score: Literal["count", "expected"] = field(
@@ -67,6 +85,8 @@ class DemoConfig:
         metadata={"help": "The bundle's reference: the SFT model, or the last round's own DPO reference."},
     )
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+    ADDED_NEUTRAL: ClassVar[dict[str, Any]] = {"feedback_temperature": 1.0, "length_drop": "ratio"}
 
     def __post_init__(self) -> None:
         if isinstance(self.reference, dict):
@@ -84,6 +104,9 @@ class DemoConfig:
         for key, neutral in ReferenceConfig.ADDED_NEUTRAL.items():
             if data["reference"].get(key) == neutral:
                 del data["reference"][key]
+        for key, neutral in self.ADDED_NEUTRAL.items():
+            if data.get(key) == neutral:
+                del data[key]
         payload = json.dumps({"recipe": RECIPE_VERSION, **data}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
@@ -126,7 +149,7 @@ def iterate_config(config: DemoConfig, reference_dir: Path, run_dir: Path, progr
         progress=progress,
         feedback=FeedbackConfig(
             num_samples=config.samples,
-            temperature=1.0,
+            temperature=config.feedback_temperature,
             max_tokens=32,
             labeler="self",
             repeat_penalty=1.0,
@@ -137,6 +160,7 @@ def iterate_config(config: DemoConfig, reference_dir: Path, run_dir: Path, progr
         pairs=PairConfig(
             max_pairs_per_prompt=config.max_pairs_per_prompt,
             length_balance=config.length_balance,
+            length_drop=config.length_drop,
             keep_verified=config.keep_verified,
             seed=config.seed,
         ),

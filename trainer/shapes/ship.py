@@ -43,7 +43,7 @@ def ship(
     *,
     threads: int,
     command: str,
-    seeds: tuple[int, ...] = (0, 1, 2),
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5),
     images: int = 200,
 ) -> dict[str, Any]:
     """Evaluate the build's bundle (`seeds` sampling seeds), then copy it to `target` with its provenance."""

@@ -16,11 +16,11 @@ from typing import Any
 class Limits:
     """The thresholds; the quality tests loosen them by a margin for sampling noise."""
 
-    chair_ratio: float = 0.5  # aligned CHAIRi <= this x the reference's
+    chair_ratio: float = 0.35  # aligned CHAIRi <= this x the reference's (issue 14's raised target; was 0.5)
     recall_drop: float = 0.03  # aligned recall >= reference recall - this
     f1_drop: float = 0.01  # aligned yes/no F1 >= reference F1 - this
     claims_ratio: float = 0.5  # claims best-of-N CHAIRi <= this x random-of-N
-    implicit_ratio: float = 1.0  # implicit-reward best-of-N CHAIRi <= this x random-of-N
+    implicit_ratio: float = 0.6  # implicit-reward best-of-N CHAIRi <= this x random-of-N (issue 14; was 1.0)
 
 
 @dataclass(frozen=True)

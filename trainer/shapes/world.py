@@ -196,6 +196,13 @@ def vocabulary() -> tuple[str, ...]:
     return tuple(sorted(words))
 
 
+def well_formed(text: str) -> bool:
+    """The caption is the world's own caption of the objects it names: no repeated or stray words, no broken
+    phrases (what a sample at temperature 1 sometimes is, and where a DPO log-ratio is least reliable)."""
+    names = extract_objects(text)
+    return bool(names) and text.strip() == caption(names)
+
+
 def extract_objects(text: str) -> list[str]:
     """Object mentions ('colour shape') in order; the shapes world's object extractor for CHAIR."""
     words = text.lower().replace(",", " ").replace(".", " ").split()
