@@ -200,6 +200,6 @@ def _balance_lengths(
             break
         total_c, total_r = total_c - c, total_r - r
         removed.add(id(entry))
-        threshold = c / max(1, r) if rng is None else None
+        threshold = c / max(1, r)
     kept = [e for e in selected if id(e) not in removed]
-    return kept, len(removed), threshold
+    return kept, len(removed), threshold if rng is None else None

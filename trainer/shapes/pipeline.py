@@ -97,16 +97,15 @@ class DemoConfig:
 
     def fingerprint(self) -> str:
         """Hash of the recipe. Settings added later are left out while they hold the value that reproduces the
-        recipe as it was (`ReferenceConfig.ADDED_NEUTRAL`), so a new, inactive knob does not invalidate builds."""
+        recipe as it was (`ADDED_NEUTRAL` here and in `ReferenceConfig`), so a new, inactive knob does not
+        invalidate builds."""
         import hashlib
 
         data = asdict(self)
-        for key, neutral in ReferenceConfig.ADDED_NEUTRAL.items():
-            if data["reference"].get(key) == neutral:
-                del data["reference"][key]
-        for key, neutral in self.ADDED_NEUTRAL.items():
-            if data.get(key) == neutral:
-                del data[key]
+        for settings, added in ((data["reference"], ReferenceConfig.ADDED_NEUTRAL), (data, self.ADDED_NEUTRAL)):
+            for key, neutral in added.items():
+                if settings.get(key) == neutral:
+                    del settings[key]
         payload = json.dumps({"recipe": RECIPE_VERSION, **data}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
