@@ -186,13 +186,38 @@ def answer_logprobs(
     Differentiable when grad is enabled (the trainer's DPO loss uses it). Every
     answer must have at least one token.
     """
+    return _per_answer(model, prompts, answers, pad_id, full=False)
+
+
+def answer_distributions(
+    model: Any,
+    prompts: Sequence[EncodedPrompt],
+    answers: Sequence[Sequence[Sequence[int]]],
+    pad_id: int = 0,
+) -> list[list[torch.Tensor]]:
+    """The whole next-token log-distribution at every answer position: (T_bi, V) float32 per answer.
+
+    What a per-token KL between two models needs (the trainer's `token_kl` term); `answer_logprobs` is this
+    gathered at the answer's own tokens, without materialising (T, V) log-probs.
+    """
+    return _per_answer(model, prompts, answers, pad_id, full=True)
+
+
+def _per_answer(
+    model: Any,
+    prompts: Sequence[EncodedPrompt],
+    answers: Sequence[Sequence[Sequence[int]]],
+    pad_id: int,
+    *,
+    full: bool,
+) -> list[list[torch.Tensor]]:
     if len(prompts) != len(answers):
         raise ValueError("one answer list per prompt")
     groups = split_for_batching(model, prompts)
     if len(groups) > 1:
         results: list[list[torch.Tensor]] = [[] for _ in prompts]
         for group in groups:
-            part = answer_logprobs(model, [prompts[i] for i in group], [answers[i] for i in group], pad_id)
+            part = _per_answer(model, [prompts[i] for i in group], [answers[i] for i in group], pad_id, full=full)
             for i, value in zip(group, part, strict=True):
                 results[i] = value
         return results
@@ -217,7 +242,7 @@ def answer_logprobs(
         tokens[row, : len(answer)] = torch.tensor(answer, device=device)
     answer_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
 
-    first = selective_log_softmax(state.logits, tokens[:, 0]).unsqueeze(1)  # (R, 1)
+    logits = state.logits.unsqueeze(1)  # (R, 1, V): the prefix's last logits predict token 0
     if width > 1:
         # Feed tokens 0..T-2; their logits predict tokens 1..T-1 (the last token needs no forward).
         with attending(model, state):
@@ -228,17 +253,21 @@ def answer_logprobs(
                 past_key_values=state.cache,
                 use_cache=True,
             )
-        rest = selective_log_softmax(out.logits, tokens[:, 1:])  # (R, T-1)
-        per_token = torch.cat([first, rest], dim=1)
+    if full:
+        if width > 1:
+            logits = torch.cat([logits, out.logits], dim=1)
+        per_row = torch.log_softmax(logits.float(), dim=-1)
     else:
-        per_token = first
-    per_token = per_token * answer_mask
+        per_row = selective_log_softmax(logits, tokens[:, :1])
+        if width > 1:
+            per_row = torch.cat([per_row, selective_log_softmax(out.logits, tokens[:, 1:])], dim=1)
+        per_row = per_row * answer_mask
 
     grouped: list[list[torch.Tensor]] = [[] for _ in prompts]
     row = 0
     for b, count in enumerate(counts):
         for _ in range(count):
-            grouped[b].append(per_token[row, : int(lengths[row])])
+            grouped[b].append(per_row[row, : int(lengths[row])])
             row += 1
     return grouped
 

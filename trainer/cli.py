@@ -74,6 +74,9 @@ def dpo_command(
     lora: Annotated[bool, typer.Option(help="Train a LoRA adapter instead of all weights.")] = False,
     beta: Annotated[float, typer.Option(help="DPO beta (also the bundle's reward beta).")] = 0.1,
     nll_weight: Annotated[float, typer.Option(help="Weight of the NLL term on chosen answers.")] = 0.0,
+    token_kl: Annotated[
+        float, typer.Option(help="Weight of a per-token KL to the reference on both answers (dpo.token_kl).")
+    ] = 0.0,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default 5e-7 full, 1e-5 LoRA).")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Pairs per step per device.")] = 2,
@@ -96,6 +99,7 @@ def dpo_command(
         settings = {
             "beta": beta,
             "nll_weight": nll_weight,
+            "token_kl": token_kl,
             "learning_rate": lr,
             "epochs": epochs,
             "batch_size": batch_size,

@@ -16,6 +16,7 @@ class DPOConfig:
     """Sigmoid DPO on summed answer log-probs, optionally plus an NLL term on the chosen answer.
 
     loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) + nll_weight * (-pi_c / T_c)
+           + token_kl * mean over both answers' positions of KL(pi(.|context) || ref(.|context))
     """
 
     beta: float = field(
@@ -24,6 +25,15 @@ class DPOConfig:
     nll_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of the per-token NLL of the chosen answer (RLAIF-V's SFT weight); keeps recall up."},
+    )
+    token_kl: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a per-token KL(policy || reference) over the whole vocabulary at every answer "
+            "position of both answers; keeps DPO from moving probability onto tokens the reference finds "
+            "unlikely (stray words, where the implicit reward is least reliable). Costs a reference forward "
+            "per step."
+        },
     )
     learning_rate: float | None = field(
         default=None,
@@ -76,6 +86,7 @@ class DPOConfig:
         checks = [
             (self.beta > 0, "beta must be > 0"),
             (self.nll_weight >= 0, "nll_weight must be >= 0"),
+            (self.token_kl >= 0, "token_kl must be >= 0"),
             (self.learning_rate is None or self.learning_rate > 0, "learning_rate must be > 0"),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),

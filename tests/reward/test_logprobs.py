@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rlaifv.reward.logprobs import answer_logprobs, full_forward_logprobs
+from rlaifv.reward.logprobs import answer_distributions, answer_logprobs, full_forward_logprobs
 from rlaifv.reward.sampling import SamplingParams
 
 TOL = 1e-4
@@ -33,6 +33,22 @@ def test_shared_prefix_equals_full_forward(tiny_pair):
                 want = full_forward_logprobs(tiny_pair.policy, prompt, answer)
                 assert got.shape == want.shape == (len(answer),)
                 assert torch.allclose(got, want, atol=TOL), (got - want).abs().max()
+
+
+def test_answer_distributions_are_the_log_probs_before_the_gather(tiny_pair):
+    """Whole distributions per answer position: normalised, and at the answer's tokens the log-probs."""
+    prompts = _prompts(tiny_pair)
+    answers = [tiny_pair.encode_answers(["a red circle.", "yes"]), [[tiny_pair.eot_id]]]
+    with torch.no_grad():
+        picked = answer_logprobs(tiny_pair.policy, prompts, answers, tiny_pair.pad_id)
+        full = answer_distributions(tiny_pair.policy, prompts, answers, tiny_pair.pad_id)
+    vocab = tiny_pair.policy.get_output_embeddings().weight.shape[0]
+    for group, dists, logprobs in zip(answers, full, picked, strict=True):
+        for answer, dist, want in zip(group, dists, logprobs, strict=True):
+            assert dist.shape == (len(answer), vocab) and dist.dtype == torch.float32
+            assert torch.allclose(dist.exp().sum(-1), torch.ones(len(answer)), atol=1e-5)
+            got = dist.gather(-1, torch.tensor(answer)[:, None]).squeeze(-1)
+            assert torch.allclose(got, want, atol=TOL), (got - want).abs().max()
 
 
 def test_single_token_answer_and_empty_groups(tiny_pair):

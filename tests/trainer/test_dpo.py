@@ -13,9 +13,12 @@ from trainer_testkit import COLOURS, png, preference_rows, write_rlaifv_parquet
 from rlaifv.trainer.data import PreferenceRow
 from rlaifv.trainer.dpo import (
     REFERENCE_CACHE,
+    _pair_sums,
     compute_reference_logprobs,
     dpo_terms,
     encode_pairs,
+    encode_prompts,
+    reference_distributions,
     score_pairs,
     train_dpo,
 )
@@ -64,6 +67,76 @@ def test_dpo_terms_math() -> None:
     assert terms.chosen_rewards.item() == pytest.approx(0.1) and terms.rejected_rewards.item() == pytest.approx(-0.1)
     assert terms.dpo_loss.item() == pytest.approx(math.log1p(math.exp(-logit)))
     assert terms.loss.item() == pytest.approx(math.log1p(math.exp(-logit)) + 0.5 * 2.0 / 4)
+
+
+def test_token_kl_term_is_added_with_its_weight() -> None:
+    policy, reference, lengths = torch.tensor([[-2.0, -5.0]]), torch.tensor([[-3.0, -4.0]]), torch.tensor([[4, 2]])
+    plain = dpo_terms(policy, reference, lengths, beta=0.1, nll_weight=0.5)
+    kl = torch.tensor([[0.02, 0.06]])
+    terms = dpo_terms(policy, reference, lengths, beta=0.1, nll_weight=0.5, token_kl=kl, token_kl_weight=3.0)
+    assert plain.token_kl is None and terms.token_kl.item() == pytest.approx(0.04)
+    assert terms.loss.item() == pytest.approx(plain.loss.item() + 3.0 * 0.04)
+
+
+@pytest.mark.slow
+def test_token_kl_is_zero_against_itself_and_positive_against_another_model(tiny_model: Path, tmp_path: Path) -> None:
+    """The KL path's summed log-probs equal the plain path's; KL(model || model) = 0; KL to a trained model > 0."""
+    from rlaifv.reward.models import load_model, load_processor
+
+    processor = load_processor(tiny_model)
+    model = load_model(tiny_model)
+    pairs, _ = encode_pairs(HELD_OUT, processor.tokenizer, eot_id=processor.tokenizer.eos_token_id)
+    prompts = encode_prompts(processor, pairs)
+    pad = processor.tokenizer.pad_token_id or 0
+    with torch.no_grad():
+        plain, lengths, none = _pair_sums(model, prompts, pairs, pad)
+        own = reference_distributions(model, prompts, pairs, pad)
+        sums, _, kl_self = _pair_sums(model, prompts, pairs, pad, own)
+    assert none is None and lengths.tolist() == [[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs]
+    assert torch.allclose(sums, plain, atol=1e-4) and torch.allclose(kl_self, torch.zeros_like(kl_self), atol=1e-6)
+    config = DPOConfig(learning_rate=5e-3, epochs=2, batch_size=4, cpu=True)
+    result = train_dpo(config, _toy_rows(8), model_path=tiny_model, output_dir=tmp_path / "dpo", progress=False)
+    trained = load_model(result.policy_dir)
+    with torch.no_grad():
+        _, _, kl = _pair_sums(trained, prompts, pairs, pad, own)
+    assert kl.shape == (len(pairs), 2) and bool((kl > 1e-5).all()), kl
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_token_kl_holds_the_policy_nearer_the_reference(tiny_model: Path, tmp_path: Path, lora: bool) -> None:
+    """Same data and steps: with the KL term the trained policy's per-token KL to the reference is smaller, and the
+    report carries the term; the first step sees policy == reference, so its KL is 0."""
+    from rlaifv.reward.models import load_model, load_processor
+
+    processor = load_processor(tiny_model)
+    pairs, _ = encode_pairs(HELD_OUT, processor.tokenizer, eot_id=processor.tokenizer.eos_token_id)
+    prompts = encode_prompts(processor, pairs)
+    pad = processor.tokenizer.pad_token_id or 0
+    reference = load_model(tiny_model)
+    with torch.no_grad():
+        ref = reference_distributions(reference, prompts, pairs, pad)
+    kls = {}
+    for weight in (0.0, 5.0):
+        config = DPOConfig(
+            learning_rate=2e-2 if lora else 5e-3, epochs=3, batch_size=4, cpu=True, token_kl=weight, lora=lora
+        )
+        out = tmp_path / f"kl{weight}"
+        result = train_dpo(config, _toy_rows(8), model_path=tiny_model, output_dir=out, progress=False)
+        if weight:
+            assert result.history[0]["token_kl"] == pytest.approx(0.0, abs=1e-6)
+            assert "train_token_kl" in json.loads((out / "dpo_report.json").read_text())["metrics"]
+        else:
+            assert "token_kl" not in result.history[0]
+        if lora:
+            from peft import PeftModel
+
+            policy = PeftModel.from_pretrained(load_model(tiny_model), str(result.policy_dir))
+        else:
+            policy = load_model(result.policy_dir)
+        with torch.no_grad():
+            kls[weight] = float(_pair_sums(policy, prompts, pairs, pad, ref)[2].mean())
+    assert 0 < kls[5.0] < kls[0.0], kls
 
 
 @pytest.mark.slow
@@ -183,13 +256,14 @@ def test_parquet_to_bundle_through_the_cli(tiny_model: Path, tmp_path: Path) -> 
     data = write_rlaifv_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", rows)
     out = tmp_path / "run"
     args = ["dpo", str(data), "--model", str(tiny_model), "-o", str(out), "--lr", "1e-3", "--batch-size", "2", "--cpu"]
-    result = CliRunner().invoke(train_app, [*args, "--no-progress", "--set", "dpo.nll_weight=0.1"])
+    result = CliRunner().invoke(train_app, [*args, "--no-progress", "--token-kl", "0.5", "--set", "dpo.nll_weight=0.1"])
     assert result.exit_code == 0, result.output
     pair = load_bundle(out / "bundle")
     manifest = json.loads((out / "bundle" / "rlaifv.json").read_text())
     assert manifest["provenance"]["data"][0]["sha256"] == __import__("hashlib").sha256(data.read_bytes()).hexdigest()
     assert manifest["provenance"]["settings"]["nll_weight"] == 0.1
-    assert manifest["provenance"]["metrics"]["train_loss"] > 0
+    assert manifest["provenance"]["settings"]["token_kl"] == 0.5
+    assert manifest["provenance"]["metrics"]["train_loss"] > 0 and "train_token_kl" in manifest["provenance"]["metrics"]
     assert pair.score(png((1, 2, 3)), "describe the image", ["a red circle", "a blue dog"]).best_index in (0, 1)
 
 
@@ -215,6 +289,7 @@ def test_cli_reports_bad_data_cleanly(tiny_model: Path, tmp_path: Path) -> None:
         {"warmup_ratio": 1.0},
         {"lr_scheduler": "cyclic"},
         {"nll_weight": -1},
+        {"token_kl": -0.5},
     ],
 )
 def test_dpo_config_validation(kwargs: dict) -> None:
