@@ -30,13 +30,11 @@ from rlaifv.reward.claims import (
 from rlaifv.reward.errors import AnswerError, InvalidInputError
 from rlaifv.reward.families import family_of
 from rlaifv.reward.images import ImageLimits, load_image
-from rlaifv.reward.logprobs import answer_logprobs, continuation_logits, split_for_batching
+from rlaifv.reward.logprobs import answer_logprobs, continuation_logits
 from rlaifv.reward.prompt import EncodedPrompt, encode_answer, encode_prompt, end_of_turn_id
-from rlaifv.reward.reference_stream import ReferenceStream
 from rlaifv.reward.results import Candidate, ClaimCheck, Ranking, TokenLogprob, TopToken
 from rlaifv.reward.sampling import Sample, SamplingParams, sample_answers
 from rlaifv.reward.scoring import RewardConfig, implicit_reward, select_best
-from rlaifv.reward.shared_prefix import shares_attention_config
 from rlaifv.reward.yes_no import Labeler, YesNoJudge
 
 
@@ -101,7 +99,6 @@ class ModelPair:
         labeler: Labeler | None = None,
         splitter: ClaimSplitter | None = None,
         question_writer: QuestionWriter | None = None,
-        overlap_reference: bool = True,
     ) -> None:
         if reference is None and not is_peft_model(policy):
             raise ValueError("a reference model is required unless the policy is a LoRA adapter over it")
@@ -118,7 +115,6 @@ class ModelPair:
         self._labeler = labeler
         self._splitter = splitter
         self.question_writer = question_writer or RuleQuestionWriter()
-        self.overlap_reference = overlap_reference
         self.eot_id = end_of_turn_id(self.tokenizer, end_of_turn)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.stop_ids = sorted({self.eot_id, *self._generation_eos_ids()})
@@ -224,7 +220,6 @@ class ModelPair:
         counts: Sequence[int],
         params: Sequence[SamplingParams],
         top_logprobs: Sequence[int] | None = None,
-        observer: Any | None = None,
     ) -> list[list[Sample]]:
         for p in params:
             self.check_logit_bias(p.logit_bias)
@@ -238,7 +233,6 @@ class ModelPair:
             pad_id=self.pad_id,
             top_logprobs=top_logprobs,
             decode=self.raw_text,
-            observer=observer,
         )
         return samples
 
@@ -332,44 +326,24 @@ class ModelPair:
         return memo[ids]
 
     def generate_batch(self, tasks: Sequence[GenerateTask]) -> list[Ranking]:
-        """Best-of-N for several prompts: one sampling pass and one reference pass for all.
-
-        With two torch threads or more on a CPU, a full pair's reference scores the answers while they are
-        sampled (`reward.reference_stream`; `overlap_reference`), the threads split between the two models.
-        """
+        """Best-of-N for several prompts: one sampling pass and one reference pass for all."""
         for task in tasks:
             if task.n < 1:
                 raise InvalidInputError("n must be at least 1", param="n")
         start = time.perf_counter()
         prompts = [task.prompt for task in tasks]
-        counts = [task.n for task in tasks]
-        threads = torch.get_num_threads()
-        stream = self._reference_stream(prompts, counts, [task.sampling.max_tokens for task in tasks], threads)
-        try:
-            if stream is not None:
-                torch.set_num_threads(threads - threads // 2)
-            samples = self.sample(
-                prompts,
-                counts,
-                [task.sampling for task in tasks],
-                top_logprobs=[task.top_logprobs or 0 for task in tasks],
-                observer=stream.publish if stream is not None else None,
-            )
-        except BaseException:
-            if stream is not None:
-                stream.close()
-            raise
-        finally:
-            torch.set_num_threads(threads)
+        samples = self.sample(
+            prompts,
+            [task.n for task in tasks],
+            [task.sampling for task in tasks],
+            top_logprobs=[task.top_logprobs or 0 for task in tasks],
+        )
         sampled = time.perf_counter()
         answers = [
             [self._answer(s, task.sampling.stop) for s in group] for task, group in zip(tasks, samples, strict=True)
         ]
         self._finish_answers(prompts, answers)
-        if stream is None:
-            ref = self.sequence_logprobs(prompts, [[a.ids for a in group] for group in answers], reference=True)
-        else:
-            ref = self._streamed_reference(stream, prompts, samples, answers)
+        ref = self.sequence_logprobs(prompts, [[a.ids for a in group] for group in answers], reference=True)
         groups = []
         for task, group, ref_group in zip(tasks, answers, ref, strict=True):
             candidates = []
@@ -391,45 +365,6 @@ class ModelPair:
         if any(task.reward.mode == "claims" for task in tasks):
             timings["claims_s"] = time.perf_counter() - scored
         return [_ranking(group, timings) for group in groups]
-
-    def _reference_stream(
-        self, prompts: Sequence[EncodedPrompt], counts: Sequence[int], max_tokens: Sequence[int], threads: int
-    ) -> ReferenceStream | None:
-        """A reference stream where it can run beside sampling: two threads or more, CPU, two separate models,
-        prompts that batch together."""
-        if not self.overlap_reference or self.reference is None or threads < 2 or self.device.type != "cpu":
-            return None
-        if len(split_for_batching(self.policy, prompts)) > 1 or shares_attention_config(self.policy, self.reference):
-            return None
-        return ReferenceStream(
-            self.reference,
-            prompts,
-            counts,
-            width=max(max_tokens),
-            pad_id=self.pad_id,
-            threads=threads // 2,
-        )
-
-    def _streamed_reference(
-        self,
-        stream: ReferenceStream,
-        prompts: Sequence[EncodedPrompt],
-        samples: Sequence[Sequence[Sample]],
-        answers: list[list[_Answer]],
-    ) -> list[list[float]]:
-        """Summed reference log-probs from the stream; answers a stop string cut are re-scored (their tokens
-        changed)."""
-        rows = stream.finish([s.token_ids for group in samples for s in group])
-        sums = iter([float(values.double().sum()) for values in rows])
-        ref = [[next(sums) for _ in group] for group in answers]
-        cut = [[a for a in group if a.truncated] for group in answers]
-        if any(cut):
-            rescored = self.sequence_logprobs(prompts, [[a.ids for a in group] for group in cut], reference=True)
-            for group, values, group_ref in zip(answers, rescored, ref, strict=True):
-                where = [i for i, a in enumerate(group) if a.truncated]
-                for i, value in zip(where, values, strict=True):
-                    group_ref[i] = value
-        return ref
 
     def score_batch(self, tasks: Sequence[ScoreTask]) -> list[Ranking]:
         """Rank given answers for several prompts: one policy pass and one reference pass for all."""

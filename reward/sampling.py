@@ -204,13 +204,8 @@ def sample_answers(
     pad_id: int = 0,
     top_logprobs: Sequence[int] | None = None,
     decode: Callable[[Sequence[int]], str] | None = None,
-    observer: Callable[[torch.Tensor, torch.Tensor, int], None] | None = None,
 ) -> list[list[Sample]]:
     """Sample counts[b] answers for prompts[b] with params[b]; returns samples grouped per prompt.
-
-    `observer(tokens, lengths, ready)` is called after every step: columns < ready of the (rows, width) token
-    buffer are final (the reference's `ReferenceStream` reads them while sampling goes on); rows are the
-    prompts' answers in order. Only for prompts that batch together (one `split_for_batching` group).
 
     top_logprobs[b] > 0 records that many most likely tokens (raw distribution) per step of prompt b's samples.
     `decode` (token ids -> text) is needed when any params[b].stop is set: a row stops at the step whose
@@ -221,8 +216,6 @@ def sample_answers(
         raise ValueError("stop strings need a decode function")
     groups = split_for_batching(model, prompts)
     if len(groups) > 1:
-        if observer is not None:
-            raise ValueError("an observer needs prompts that batch together")
         merged: list[list[Sample]] = [[] for _ in prompts]
         for group in groups:
             part = sample_answers(
@@ -293,8 +286,6 @@ def sample_answers(
                     stop = stop | torch.isin(rows, torch.tensor(hits, device=device))
             lengths[rows] = t + 1
             stopped[rows] = stop
-            if observer is not None:
-                observer(token_buf, lengths, t + 1)
             going = ~stop & (t + 1 < limits[rows])
             if dead:
                 alive[live] = going

@@ -197,12 +197,6 @@ def attention_configs(model: Any) -> list[Any]:
     return list(configs.values())
 
 
-def shares_attention_config(a: Any, b: Any) -> bool:
-    """Whether two models hold one attention config object: then `shared_prefix_attention` on one switches the
-    other too, and they cannot run on two threads at once."""
-    return bool({id(c) for c in attention_configs(a)} & {id(c) for c in attention_configs(b)})
-
-
 def _full_attention(layer: Any, length: int) -> bool:
     """The layer attends to every earlier token of a `length`-token sequence: full attention, or a sliding
     window longer than the sequence (Mistral's 4096, OmniLMM / RLAIF-V-12B's: nothing ever slides out)."""

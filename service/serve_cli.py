@@ -101,13 +101,6 @@ def serve(
     torch_threads: Annotated[
         int | None, typer.Option(help="torch intra-op threads (env RLAIFV_TORCH_THREADS).")
     ] = None,
-    overlap_reference: Annotated[
-        bool | None,
-        typer.Option(
-            "--overlap-reference/--no-overlap-reference",
-            help="Reference scoring beside sampling on 2+ CPU threads (env RLAIFV_OVERLAP_REFERENCE, default on).",
-        ),
-    ] = None,
     max_n: Annotated[int | None, typer.Option(help="Largest n / best_of (env RLAIFV_MAX_N).")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Largest max_tokens (env RLAIFV_MAX_TOKENS).")] = None,
     max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 429 (env RLAIFV_MAX_QUEUE).")] = None,
@@ -159,7 +152,6 @@ def serve(
         device=device,
         dtype=dtype,
         torch_threads=torch_threads,
-        overlap_reference=overlap_reference,
         engine=engine,
         max_n=max_n,
         max_tokens=max_tokens,

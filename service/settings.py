@@ -51,11 +51,6 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; torch's default when unset. 1 is often fastest on shared CPUs."
     )
-    overlap_reference: bool = Field(
-        True,
-        description="With 2+ torch threads on a CPU, score with the reference while the policy samples (the "
-        "threads split between the two models; docs/performance.md). Rewards equal the sequential path's to ~1e-6.",
-    )
     warmup: bool = Field(True, description="Run one tiny best-of-N before reporting ready.")
 
     # -- generator: best-of-N over another model ---------------------------------

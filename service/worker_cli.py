@@ -98,13 +98,6 @@ def worker(
     torch_threads: Annotated[
         int | None, typer.Option(help="torch intra-op threads (env RLAIFV_TORCH_THREADS).")
     ] = None,
-    overlap_reference: Annotated[
-        bool | None,
-        typer.Option(
-            "--overlap-reference/--no-overlap-reference",
-            help="Reference scoring beside sampling on 2+ CPU threads (env RLAIFV_OVERLAP_REFERENCE, default on).",
-        ),
-    ] = None,
     max_batch: Annotated[int | None, typer.Option(help="Requests per forward pass (env RLAIFV_MAX_BATCH).")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning (env RLAIFV_LOG_LEVEL).")] = None,
 ) -> None:
@@ -128,7 +121,6 @@ def worker(
         device=device,
         dtype=dtype,
         torch_threads=torch_threads,
-        overlap_reference=overlap_reference,
         max_batch=max_batch,
         log_level=log_level,
     )

@@ -312,21 +312,11 @@ class EngineBench:
         }
         for n in self.ns:
             paths[f"best_of_{n}"] = PathResult(f"our engine, best-of-{n} (generate_batch)", tokens=n * t)
-        if self.overlaps():
-            paths[f"best_of_{h}_after"] = PathResult(
-                f"our engine, best-of-{h}, reference after sampling (overlap_reference off)", tokens=h * t
-            )
         paths["naive"] = PathResult(f"naive, {h} x generate + 2 full forwards each", tokens=h * t)
         if self.concurrency > 1:
             name = f"{self.concurrency} requests x best-of-{h} in one batch"
             paths["concurrent"] = PathResult(name, tokens=self.concurrency * h * t)
         return paths
-
-    def overlaps(self) -> bool:
-        """Whether the engine scores with the reference beside sampling here (`reward.reference_stream`)."""
-        import torch
-
-        return self.device == "cpu" and torch.get_num_threads() >= 2
 
     def _full_pair(self) -> dict[str, Any]:
         import torch
@@ -355,15 +345,6 @@ class EngineBench:
                         result.split.setdefault(key, []).append(value)
                     if n == self.headline:
                         headline = ranking
-                if f"best_of_{self.headline}_after" in paths:
-                    result = paths[f"best_of_{self.headline}_after"]
-                    pair.overlap_reference = False
-                    try:
-                        ranking = self._timed(result, lambda: self.best_of_n(pair, prompt, self.headline)[0], timer)
-                    finally:
-                        pair.overlap_reference = True
-                    for key, value in self._split(ranking.timings, timer.seconds).items():
-                        result.split.setdefault(key, []).append(value)
                 if round_ < self.naive_repeats:
                     self._timed(paths["naive"], lambda: self.naive(pair, prompt, self.headline))
                 if self.concurrency > 1:
@@ -488,10 +469,6 @@ def ratios(report: dict[str, Any]) -> dict[str, float]:
         "scoring_share": best["split"]["scoring_s"] / best["split"]["request_s"],
         "reference_answers_share": best["split"]["reference_answers_s"] / best["split"]["request_s"],
     }
-    if f"best_of_{h}_after" in paths:
-        after = paths[f"best_of_{h}_after"]
-        out["overlap_speedup"] = after["seconds"] / best["seconds"]
-        out["after_scoring_share"] = after["split"]["scoring_s"] / after["split"]["request_s"]
     cpu = {k: p.get("cpu_seconds") for k, p in paths.items()}
     if cpu.get(f"best_of_{h}") and cpu.get("single") and cpu.get("naive"):
         # With one thread, process CPU time is what a busy shared machine cannot inflate (time off the CPU).
@@ -552,17 +529,8 @@ def render(report: dict[str, Any]) -> str:
         f"- best-of-{h} vs naive: **{r['naive_over_best']:.2f}x** faster (target >= 8x)",
         f"- best-of-{h} / our single answer: **{r['best_over_single']:.2f}x** (target <= 1.6x); "
         f"/ our best-of-1 with scoring: {r['best_over_best_of_1']:.2f}x",
-        f"- reward scoring the request waits for after sampling (reference prefill + answer pass, or what the "
-        f"reference beside sampling has left): **{r['scoring_share']:.1%}** of the request (target <= 15 %); "
-        f"the answer pass alone: {r['reference_answers_share']:.1%}",
-        *(
-            [
-                f"- the reference beside sampling: best-of-{h} {r['overlap_speedup']:.2f}x faster than with the "
-                f"reference after sampling (scoring share then {r['after_scoring_share']:.1%})"
-            ]
-            if "overlap_speedup" in r
-            else []
-        ),
+        f"- reward scoring (reference prefill + answer pass) share of the request: **{r['scoring_share']:.1%}** "
+        f"(target <= 15 %); the answer pass alone: {r['reference_answers_share']:.1%}",
         f"- our single answer / HF generate: {r['single_over_hf_generate']:.2f}x",
         *(
             [

@@ -16,7 +16,6 @@ padded with filler words to the real vocabulary size (no hub access).
 
 from __future__ import annotations
 
-import copy
 import json
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -282,9 +281,7 @@ def built_pair(shape: Shape, device: str, dtype: Any, *, lora: bool = False) -> 
     config = _config(shape, processor.tokenizer)
     reference = _build_on_device(config, shape.family, device, dtype, seed=0)
     if not lora:
-        # A config of its own, as two loaded models have: the engine may run them side by side, each switching
-        # its own attention implementation (`reward.reference_stream`).
-        policy = _build_on_device(copy.deepcopy(config), shape.family, device, dtype, seed=1)
+        policy = _build_on_device(config, shape.family, device, dtype, seed=1)
         return ModelPair(policy, processor, reference=reference, name=f"bench-{shape.name}")
     from peft import LoraConfig, get_peft_model
 

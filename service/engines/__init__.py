@@ -31,7 +31,6 @@ def load_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[Eng
             dtype=settings.dtype,
             trust_remote_code=settings.trust_remote_code,
             torch_threads=settings.torch_threads,
-            overlap_reference=settings.overlap_reference,
         )
     if settings.engine == "vllm":
         from rlaifv.service.engines.vllm import load_vllm_engine

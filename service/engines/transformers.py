@@ -146,13 +146,7 @@ class TransformersEngine:
 
 
 def load_transformers_engine(
-    bundle: str,
-    *,
-    device: str | None,
-    dtype: str,
-    trust_remote_code: bool,
-    torch_threads: int | None = None,
-    overlap_reference: bool = True,
+    bundle: str, *, device: str | None, dtype: str, trust_remote_code: bool, torch_threads: int | None = None
 ) -> tuple[TransformersEngine, float]:
     """Load the bundle's pair; returns the engine and the load time in seconds."""
     from rlaifv.reward.bundle import load_bundle
@@ -164,5 +158,4 @@ def load_transformers_engine(
 
     start = time.perf_counter()
     pair = load_bundle(bundle, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    pair.overlap_reference = overlap_reference
     return TransformersEngine(pair), time.perf_counter() - start

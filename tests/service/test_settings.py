@@ -61,17 +61,3 @@ def test_generator_settings_from_env_and_flags(monkeypatch) -> None:
     assert Settings(generator_url="").generator_url is None
     with pytest.raises(ValidationError, match="http"):
         Settings(generator_url="vllm.internal:8000/v1")
-
-
-def test_overlap_reference_from_env_flag_and_into_the_engine(monkeypatch, tiny_bundle) -> None:
-    from rlaifv.service.engines.transformers import load_transformers_engine
-    from rlaifv.service.serve_cli import build_settings
-
-    assert Settings().overlap_reference is True
-    monkeypatch.setenv("RLAIFV_OVERLAP_REFERENCE", "false")
-    assert build_settings().overlap_reference is False
-    assert build_settings(overlap_reference=True).overlap_reference is True
-    engine, _ = load_transformers_engine(
-        str(tiny_bundle), device="cpu", dtype="float32", trust_remote_code=False, overlap_reference=False
-    )
-    assert engine.pair.overlap_reference is False
