@@ -172,12 +172,10 @@ def _pair_sums(
     dists = answer_distributions(model, prompts, answers, pad_id)
     sums_rows, kl_rows = [], []
     for group, ref_group, ids in zip(dists, reference, answers, strict=True):
-        index = [d.new_tensor(a, dtype=torch.long)[:, None] for d, a in zip(group, ids, strict=True)]
-        picked = [d.gather(-1, i).sum() for d, i in zip(group, index, strict=True)]
+        triples = list(zip(group, ref_group, ids, strict=True))
+        picked = [d.gather(-1, torch.tensor(a, device=d.device)[:, None]).sum() for d, _, a in triples]
         sums_rows.append(torch.stack(picked))
-        kl_rows.append(
-            torch.stack([(d.exp() * (d - r.to(d))).sum(-1).mean() for d, r in zip(group, ref_group, strict=True)])
-        )
+        kl_rows.append(torch.stack([(d.exp() * (d - r.to(d))).sum(-1).mean() for d, r, _ in triples]))
     sums = torch.stack(sums_rows)
     return sums, lengths.to(sums.device), torch.stack(kl_rows)
 
@@ -474,7 +472,10 @@ def train_dpo(
     # Every rank passes this barrier, hit or not: a rank that starts late can find the cache rank 0 has just
     # written (a hit) while rank 0 computed (a miss), and a barrier inside the miss branch then waits forever.
     accelerator.wait_for_everyone()
-    kl_reference = None  # the token-KL term's reference; a LoRA policy's is its base with the adapter off
+    # The token-KL term's reference (a LoRA policy's is its base with the adapter off). On a cache miss this loads
+    # the reference a second time: loading it once for both changed the trained weights' bits (measured: the
+    # shapes recipe's round no longer reproduced), so fold the two loads together with the next recipe change.
+    kl_reference = None
     if config.token_kl > 0 and not config.lora:
         kl_reference = load_model(reference_path, device=str(accelerator.device), dtype=config.dtype)
         kl_reference.requires_grad_(False)
