@@ -23,6 +23,10 @@ class ModelLoadError(RewardError):
     """A model or processor could not be loaded from its folder."""
 
 
+class PackingUnavailableError(ModelLoadError):
+    """Packed weights were asked for (`pack_weights=on`) where this CPU, torch build or model cannot have them."""
+
+
 class BundleError(RewardError):
     """A bundle folder or its `rlaifv.json` is invalid."""
 

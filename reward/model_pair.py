@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ from rlaifv.reward.errors import AnswerError, InvalidInputError
 from rlaifv.reward.families import family_of
 from rlaifv.reward.images import ImageLimits, load_image
 from rlaifv.reward.logprobs import answer_logprobs, continuation_logits
+from rlaifv.reward.packed_weights import PackedLinears, PackMode, pack_linears
 from rlaifv.reward.prompt import EncodedPrompt, encode_answer, encode_prompt, end_of_turn_id
 from rlaifv.reward.results import Candidate, ClaimCheck, Ranking, TokenLogprob, TopToken
 from rlaifv.reward.sampling import Sample, SamplingParams, sample_answers
@@ -122,6 +123,26 @@ class ModelPair:
         config = getattr(policy, "config", None)
         text_config = getattr(config, "text_config", config)
         self.max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
+        self.packed: list[PackedLinears] = []
+
+    def pack_weights(self, mode: PackMode = "auto") -> int:
+        """Serve the bfloat16 CPU linears from packed weights (`reward.packed_weights`); returns the layers packed.
+
+        For a pair that only serves: the trainer's gradient steps run plain either way, but the packed copies
+        cost memory it does not need.
+        """
+        for handle in self.packed:
+            handle.remove()
+        self.packed = pack_linears([self.policy, self.reference], mode)
+        return sum(handle.count for handle in self.packed)
+
+    @contextmanager
+    def plain_weights(self) -> Iterator[None]:
+        """Run both models on their plain weights inside (what a caller without this engine would run)."""
+        with ExitStack() as stack:
+            for handle in self.packed:
+                stack.enter_context(handle.suspend())
+            yield
 
     @property
     def is_lora(self) -> bool:

@@ -32,6 +32,10 @@ def build_settings(**overrides: Any):
     return Settings(**given)
 
 
+PackWeights = Annotated[
+    str | None,
+    typer.Option(help="auto, on, off: bf16 CPU linears on packed weights (env RLAIFV_PACK_WEIGHTS, default auto)."),
+]
 RedisUrl = Annotated[
     str | None, typer.Option(help="Redis for jobs, cache, rate limits; rediss:// for TLS (env RLAIFV_REDIS_URL).")
 ]
@@ -101,6 +105,7 @@ def serve(
     torch_threads: Annotated[
         int | None, typer.Option(help="torch intra-op threads (env RLAIFV_TORCH_THREADS).")
     ] = None,
+    pack_weights: PackWeights = None,
     max_n: Annotated[int | None, typer.Option(help="Largest n / best_of (env RLAIFV_MAX_N).")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Largest max_tokens (env RLAIFV_MAX_TOKENS).")] = None,
     max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 429 (env RLAIFV_MAX_QUEUE).")] = None,
@@ -152,6 +157,7 @@ def serve(
         device=device,
         dtype=dtype,
         torch_threads=torch_threads,
+        pack_weights=pack_weights,
         engine=engine,
         max_n=max_n,
         max_tokens=max_tokens,

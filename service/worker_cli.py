@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from rlaifv.service.serve_cli import (
+    PackWeights,
     RedisConnectTimeout,
     RedisPassword,
     RedisTimeout,
@@ -98,6 +99,7 @@ def worker(
     torch_threads: Annotated[
         int | None, typer.Option(help="torch intra-op threads (env RLAIFV_TORCH_THREADS).")
     ] = None,
+    pack_weights: PackWeights = None,
     max_batch: Annotated[int | None, typer.Option(help="Requests per forward pass (env RLAIFV_MAX_BATCH).")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning (env RLAIFV_LOG_LEVEL).")] = None,
 ) -> None:
@@ -121,6 +123,7 @@ def worker(
         device=device,
         dtype=dtype,
         torch_threads=torch_threads,
+        pack_weights=pack_weights,
         max_batch=max_batch,
         log_level=log_level,
     )

@@ -171,6 +171,7 @@ class EngineBench:
     claims: bool = True
     concurrency: int = 0
     compare_fp32: bool = True
+    pack_weights: str = "auto"
     log: Callable[[str], None] = print
 
     def sync(self) -> None:
@@ -181,7 +182,8 @@ class EngineBench:
 
     # -- set-up ---------------------------------------------------------------------------------------
 
-    def load(self, *, lora: bool, dtype: str | None = None) -> Any:
+    def load(self, *, lora: bool, dtype: str | None = None, pack: str | None = None) -> Any:
+        """The pair as the service would serve it (weights packed per `pack_weights`), end of sequence blocked."""
         dtype = dtype or self.dtype
         if self.device == "cpu" and self.shape.name == "cpu":
             from rlaifv.bench.engine_models import saved_bundles
@@ -198,6 +200,7 @@ class EngineBench:
         # Block end of sequence: every answer runs to answer_tokens, in every path.
         pair.stop_ids = [-1]
         pair.blocked_ids = sorted(set(pair.tokenizer.all_special_ids))
+        pair.pack_weights(pack or self.pack_weights)  # type: ignore[arg-type]
         return pair
 
     def image(self) -> Any:
@@ -232,6 +235,11 @@ class EngineBench:
         return out
 
     def hf_generate(self, pair: Any, prompt: Any, seed: int) -> list[int]:
+        """`generate` as a caller without this engine runs it: on the plain weights."""
+        with pair.plain_weights():
+            return self._hf_generate(pair, prompt, seed)
+
+    def _hf_generate(self, pair: Any, prompt: Any, seed: int) -> list[int]:
         import torch
 
         from rlaifv.reward.families import stack_vision
@@ -258,15 +266,22 @@ class EngineBench:
             )
         return [int(t) for t in out[0, ids.shape[1] :]]
 
-    def naive(self, pair: Any, prompt: Any, n: int) -> list[float]:
-        """N generate calls, then 2N full forwards: the reward as one would write it without this engine."""
+    def naive(self, pair: Any, prompt: Any, n: int, *, packed: bool = False) -> list[float]:
+        """N generate calls, then 2N full forwards: the reward as one would write it without this engine.
+
+        On the plain weights unless `packed` (the packed weights' share of the speed-up, apart from the engine's).
+        """
+        with contextlib.nullcontext() if packed else pair.plain_weights():
+            return self._naive(pair, prompt, n)
+
+    def _naive(self, pair: Any, prompt: Any, n: int) -> list[float]:
         import torch
 
         from rlaifv.reward.logprobs import full_forward_logprobs
 
         rewards = []
         for i in range(n):
-            answer = self.hf_generate(pair, prompt, seed=i)
+            answer = self._hf_generate(pair, prompt, seed=i)
             with torch.no_grad(), pair.reference_model() as reference:
                 ref = float(full_forward_logprobs(reference, prompt, answer).double().sum())
             with torch.no_grad():
@@ -313,6 +328,7 @@ class EngineBench:
         for n in self.ns:
             paths[f"best_of_{n}"] = PathResult(f"our engine, best-of-{n} (generate_batch)", tokens=n * t)
         paths["naive"] = PathResult(f"naive, {h} x generate + 2 full forwards each", tokens=h * t)
+        paths["naive_packed"] = PathResult("naive as above, on the packed weights (not the baseline)", tokens=h * t)
         if self.concurrency > 1:
             name = f"{self.concurrency} requests x best-of-{h} in one batch"
             paths["concurrent"] = PathResult(name, tokens=self.concurrency * h * t)
@@ -347,6 +363,9 @@ class EngineBench:
                         headline = ranking
                 if round_ < self.naive_repeats:
                     self._timed(paths["naive"], lambda: self.naive(pair, prompt, self.headline))
+                    if pair.packed:
+                        naive_packed = lambda: self.naive(pair, prompt, self.headline, packed=True)  # noqa: E731
+                        self._timed(paths["naive_packed"], naive_packed)
                 if self.concurrency > 1:
                     self._timed(
                         paths["concurrent"], lambda: self.best_of_n(pair, prompt, self.headline, self.concurrency)
@@ -362,6 +381,8 @@ class EngineBench:
             "headline_n": self.headline,
             "exactness": self._exactness(pair, prompt, headline),
             "model_mb": _param_mb(pair),
+            "packed_layers": sum(h.count for h in pair.packed),
+            "packed_mb": sum(h.extra_bytes for h in pair.packed) / 2**20,
         }
         if self.claims:
             claims = PathResult(f"best-of-{self.headline}, 'claims' reward", tokens=self.headline * self.answer_tokens)
@@ -400,9 +421,9 @@ class EngineBench:
 
         worst_pol = worst_ref = 0.0
         for c in ranking.candidates[:4]:
-            with torch.no_grad(), pair.reference_model() as reference:
+            with torch.no_grad(), pair.plain_weights(), pair.reference_model() as reference:
                 ref = float(full_forward_logprobs(reference, prompt, c.token_ids).double().sum())
-            with torch.no_grad():
+            with torch.no_grad(), pair.plain_weights():
                 pol = float(full_forward_logprobs(pair.policy, prompt, c.token_ids).double().sum())
             worst_pol = max(worst_pol, abs(pol - c.policy_logprob) / len(c.token_ids))
             worst_ref = max(worst_ref, abs(ref - c.reference_logprob) / len(c.token_ids))
@@ -410,7 +431,7 @@ class EngineBench:
 
     def _compare_fp32(self, prompt: Any, ranking: Any) -> dict[str, Any]:
         """Score the headline answers with the float32 pair: how far the reduced-precision reward moves."""
-        pair = self.load(lora=False, dtype="float32")
+        pair = self.load(lora=False, dtype="float32", pack="off")
         answers = [c.token_ids for c in ranking.candidates]
         pol = pair.sequence_logprobs([prompt], [answers], reference=False)[0]
         ref = pair.sequence_logprobs([prompt], [answers], reference=True)[0]
@@ -461,6 +482,11 @@ def ratios(report: dict[str, Any]) -> dict[str, float]:
     best = paths[f"best_of_{h}"]
     out = {
         "naive_over_best": paths["naive"]["seconds"] / best["seconds"] if "naive" in paths else float("nan"),
+        **(
+            {"naive_packed_over_best": paths["naive_packed"]["seconds"] / best["seconds"]}
+            if "naive_packed" in paths
+            else {}
+        ),
         "best_over_single": best["seconds"] / paths["single"]["seconds"],
         "best_over_best_of_1": best["seconds"] / paths["best_of_1"]["seconds"]
         if "best_of_1" in paths
@@ -534,6 +560,15 @@ def render(report: dict[str, Any]) -> str:
         f"- our single answer / HF generate: {r['single_over_hf_generate']:.2f}x",
         *(
             [
+                f"- weights packed for oneDNN: {report['packed_layers']} linear layers, "
+                f"{report['packed_mb']:.0f} MB more memory; the naive way on them too: "
+                f"{r['naive_packed_over_best']:.2f}x slower than best-of-{h}"
+            ]
+            if report.get("packed_layers") and "naive_packed_over_best" in r
+            else []
+        ),
+        *(
+            [
                 f"- in process CPU time: best-of-{h} vs naive {r['cpu_naive_over_best']:.2f}x, "
                 f"best-of-{h} / single answer {r['cpu_best_over_single']:.2f}x"
             ]
@@ -587,6 +622,9 @@ def bench_engine(
     concurrency: Annotated[
         int, typer.Option(help="Also time this many best-of-N requests in one batch (0: skip).")
     ] = 0,
+    pack_weights: Annotated[
+        str, typer.Option(help="auto, on, off: our engine's bf16 CPU linears on packed weights (RLAIFV_PACK_WEIGHTS).")
+    ] = "auto",
     output: Annotated[
         Path | None, typer.Option(help="Write the reports as JSON here (and Markdown beside it).")
     ] = None,
@@ -599,6 +637,8 @@ def bench_engine(
         dtype = "bfloat16" if on_cuda else "float32"
     if dtype not in ("float32", "bfloat16"):
         raise typer.BadParameter("float32 or bfloat16", param_hint="--dtype")
+    if pack_weights not in ("auto", "on", "off"):
+        raise typer.BadParameter("auto, on or off", param_hint="--pack-weights")
     torch.set_num_threads(threads)
     reports, texts = [], []
     for name in shape.split(","):
@@ -616,6 +656,7 @@ def bench_engine(
             lora=lora,
             claims=claims,
             concurrency=concurrency,
+            pack_weights=pack_weights,
             compare_fp32=not on_cuda,  # a float32 copy of a 7B pair costs more device time than it tells
             log=lambda s: print(s, flush=True),
         )

@@ -21,6 +21,7 @@ from rlaifv.service.engines.base import EngineResult, GenerateRequest, Request, 
 
 if TYPE_CHECKING:
     from rlaifv.reward.model_pair import ModelPair
+    from rlaifv.reward.packed_weights import PackMode
     from rlaifv.reward.results import Ranking
     from rlaifv.reward.scoring import RewardConfig
 
@@ -146,9 +147,16 @@ class TransformersEngine:
 
 
 def load_transformers_engine(
-    bundle: str, *, device: str | None, dtype: str, trust_remote_code: bool, torch_threads: int | None = None
+    bundle: str,
+    *,
+    device: str | None,
+    dtype: str,
+    trust_remote_code: bool,
+    torch_threads: int | None = None,
+    pack_weights: PackMode = "auto",
 ) -> tuple[TransformersEngine, float]:
-    """Load the bundle's pair; returns the engine and the load time in seconds."""
+    """Load the bundle's pair (its bf16 CPU weights packed as `pack_weights` says); returns the engine and the
+    load time in seconds."""
     from rlaifv.reward.bundle import load_bundle
 
     if torch_threads:
@@ -158,4 +166,5 @@ def load_transformers_engine(
 
     start = time.perf_counter()
     pair = load_bundle(bundle, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    pair.pack_weights(pack_weights)
     return TransformersEngine(pair), time.perf_counter() - start

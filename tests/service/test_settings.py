@@ -37,7 +37,14 @@ def test_flags_override_env(monkeypatch) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_n", 0), ("max_queue", 0), ("port", 70000), ("api_keys", "changeme"), ("api_keys", "short")],
+    [
+        ("max_n", 0),
+        ("max_queue", 0),
+        ("port", 70000),
+        ("api_keys", "changeme"),
+        ("api_keys", "short"),
+        ("pack_weights", "sometimes"),
+    ],
 )
 def test_unsafe_or_invalid_settings_refused(field, value) -> None:
     with pytest.raises(ValidationError):
@@ -61,3 +68,21 @@ def test_generator_settings_from_env_and_flags(monkeypatch) -> None:
     assert Settings(generator_url="").generator_url is None
     with pytest.raises(ValidationError, match="http"):
         Settings(generator_url="vllm.internal:8000/v1")
+
+
+def test_pack_weights_reaches_the_served_pair(tiny_bundle) -> None:
+    """RLAIFV_PACK_WEIGHTS: 'on' packs a bf16 pair's linears, refuses a float32 pair at start-up; 'off' never packs."""
+    from rlaifv.reward.errors import PackingUnavailableError
+    from rlaifv.reward.packed_weights import packing_supported
+    from rlaifv.service.engines import load_engine
+
+    def load(**overrides):
+        return load_engine(Settings(bundle=tiny_bundle, device="cpu", **overrides))[0]
+
+    assert load(dtype="bfloat16", pack_weights="off").pair.packed == []
+    with pytest.raises(PackingUnavailableError):
+        load(dtype="float32", pack_weights="on")
+    if packing_supported():
+        engine = load(dtype="bfloat16", pack_weights="on")
+        assert engine.pair.packed and all(handle.count for handle in engine.pair.packed)
+        engine.shutdown()
