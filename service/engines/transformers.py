@@ -11,6 +11,7 @@ alone, the others still run.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from rlaifv.reward.scoring import RewardConfig
 
 T = TypeVar("T")
+log = logging.getLogger("rlaifv.service")
 
 
 class TransformersEngine:
@@ -166,5 +168,7 @@ def load_transformers_engine(
 
     start = time.perf_counter()
     pair = load_bundle(bundle, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    pair.pack_weights(pack_weights)
+    if layers := pair.pack_weights(pack_weights):
+        extra_mb = sum(handle.extra_bytes for handle in pair.packed) / 2**20
+        log.info("packed weights", extra={"layers": layers, "extra_mb": round(extra_mb, 1)})
     return TransformersEngine(pair), time.perf_counter() - start
