@@ -84,7 +84,7 @@ class _PackedForward:
 
 
 class PackedLinears:
-    """The packed layers of one model: `suspended()` runs it plain for a while, `remove()` for good."""
+    """The packed layers of one model: `suspend()` runs it plain for a while, `remove()` for good."""
 
     def __init__(self, model: nn.Module) -> None:
         self.suspended = False

@@ -105,10 +105,19 @@ def test_modes() -> None:
 @needs_packing
 @pytest.mark.parametrize("lora", [False, True])
 def test_a_packed_pair_scores_and_samples_like_the_plain_one(
-    lora: bool, tiny_bundle: Path, tiny_lora_bundle: Path
+    lora: bool, tiny_bundle: Path, tiny_lora_bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from rlaifv.reward import load_bundle
     from rlaifv.reward.sampling import SamplingParams
+
+    packed_calls = []
+    current = _PackedForward.current
+
+    def counting(self: _PackedForward) -> torch.Tensor:
+        packed_calls.append(1)
+        return current(self)
+
+    monkeypatch.setattr(_PackedForward, "current", counting)
 
     pair = load_bundle(tiny_lora_bundle if lora else tiny_bundle, dtype="bfloat16")
     layers = pair.pack_weights("on")
@@ -119,13 +128,18 @@ def test_a_packed_pair_scores_and_samples_like_the_plain_one(
     prompt = pair.encode([Image.new("RGB", (32, 32), (0, 200, 0))], "What is in the image?")
     answers = [pair.encode_answers(["a green square.", "there is a cat", "no"])]
     for reference in (False, True):
+        packed_calls.clear()
         packed = pair.sequence_logprobs([prompt], answers, reference=reference)[0]
+        assert packed_calls, "scoring did not run on the packed weights"
+        packed_calls.clear()
         with pair.plain_weights():
             plain = pair.sequence_logprobs([prompt], answers, reference=reference)[0]
+        assert not packed_calls
         assert packed == pytest.approx(plain, abs=0.05)  # sums of ~10 bf16 log-probs
+    packed_calls.clear()
     ranking = pair.best_of_n(
         [Image.new("RGB", (32, 32), (0, 200, 0))], "What is in the image?", n=4, sampling=SamplingParams(seed=3)
     )
-    assert len(ranking.candidates) == 4
+    assert len(ranking.candidates) == 4 and packed_calls
     assert pair.pack_weights("off") == 0 and pair.packed == []
     assert all("forward" not in m.__dict__ for m in pair.policy.modules())
