@@ -48,13 +48,11 @@ class _PackedForward:
     def __init__(self, module: nn.Linear, owner: PackedLinears) -> None:
         self.module = module
         self.owner = owner
-        self.key: tuple[int, int] | None = None
-        self.packed: torch.Tensor | None = None
         self.repack()
 
     def repack(self) -> None:
         weight = self.module.weight
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _DECODE_ROWS)
+        self.packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _DECODE_ROWS)
         self.key = (weight.data_ptr(), weight._version)
 
     def current(self) -> torch.Tensor:
@@ -62,7 +60,6 @@ class _PackedForward:
         weight = self.module.weight
         if (weight.data_ptr(), weight._version) != self.key:
             self.repack()
-        assert self.packed is not None
         return self.packed
 
     def applies(self, x: torch.Tensor) -> bool:

@@ -47,7 +47,8 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,16 +185,24 @@ def reference_distributions(
     reference: Any, prompts: Sequence[EncodedPrompt], pairs: Sequence[EncodedPair], pad_id: int
 ) -> list[list[torch.Tensor]]:
     """The reference's next-token log-distributions over both answers of each pair (no grad, eval mode)."""
-    import torch
-
     from rlaifv.reward.logprobs import answer_distributions
 
-    was_training = reference.training
-    reference.eval()
-    with torch.no_grad():
-        dists = answer_distributions(reference, prompts, [[p.chosen_ids, p.rejected_ids] for p in pairs], pad_id)
-    reference.train(was_training)
-    return dists
+    with _inference(reference):
+        return answer_distributions(reference, prompts, [[p.chosen_ids, p.rejected_ids] for p in pairs], pad_id)
+
+
+@contextmanager
+def _inference(model: Any) -> Iterator[None]:
+    """Eval mode and no gradient inside; the model's training mode comes back after."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def _pair_scorer_class():
@@ -292,12 +301,9 @@ def compute_reference_logprobs(
     progress: bool = True,
 ) -> None:
     """Fill `ref_chosen`/`ref_rejected` of every pair (no grad, same function as training and serving)."""
-    import torch
     from tqdm.auto import tqdm
 
-    was_training = reference.training
-    reference.eval()
-    with torch.no_grad():
+    with _inference(reference):
         for start in tqdm(
             range(0, len(pairs), batch_size), desc="reference log-probs", disable=not progress, unit="batch"
         ):
@@ -305,7 +311,6 @@ def compute_reference_logprobs(
             sums, _, _ = _pair_sums(reference, encode_prompts(processor, batch), batch, pad_id)
             for pair, (chosen, rejected) in zip(batch, sums.double().tolist(), strict=True):
                 pair.ref_chosen, pair.ref_rejected = chosen, rejected
-    reference.train(was_training)
 
 
 def write_reference_cache(path: Path, pairs: Sequence[EncodedPair], key: str) -> None:
