@@ -1,9 +1,10 @@
-"""Linear layers on pre-packed bfloat16 weights, for inference on CPUs with bf16 matrix units.
+"""Linear layers on pre-packed bfloat16 weights, for inference on CPUs with bf16 matrix instructions.
 
 Why: oneDNN's bfloat16 matrix product takes the weight in the plain (out, in) layout on every
-call, and at decode sizes (1-16 rows) that costs 2-3x a product on a weight packed once in the
-layout its kernels read (Intel AMX, 2026-12-05: 1408 x 512 with 8 rows 104 us against 46 us, the
-31,999 x 512 output layer 4.7 ms against 1.5 ms; the same bits on every row count measured). This is
+call, and at decode sizes (1-16 rows) that costs 1.5-3x a product on a weight packed once in the
+layout its kernels read (one thread, 8 rows: Intel AMX, 2026-12-05, 1408 x 512 104 us against 46 us,
+the 31,999 x 512 output layer 4.7 ms against 1.5 ms; AMD Zen 5 (AVX512_BF16), 2026-12-06, 69 against
+46 us and 2.3 against 1.3 ms; the same bits on every row count measured on both). This is
 the weight prepacking of PyTorch's inductor (`freezing`) and of Intel's extension for PyTorch, done here
 without compiling anything: each plain `nn.Linear` keeps its parameters (training, `state_dict`,
 LoRA merges see nothing new) and gains an instance `forward` that uses a packed copy when no
@@ -35,11 +36,6 @@ def packing_supported() -> bool:
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
         and (cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
     )
-
-
-def packing_pays() -> bool:
-    """Where `auto` packs: CPUs with AMX tiles, the only ones measured faster (see docs/performance.md)."""
-    return packing_supported() and torch.cpu._is_amx_tile_supported()
 
 
 class _PackedForward:
@@ -132,9 +128,10 @@ def pack_linears(models: list[Any], mode: PackMode) -> list[PackedLinears]:
     """Pack the bfloat16 CPU linears of `models` (each model once) as `mode` says; [] when it says not to.
 
     `on` raises `PackingUnavailableError` where the CPU or torch cannot pack or no layer is bfloat16 on CPU;
-    `auto` packs only where it was measured to pay and silently does nothing elsewhere.
+    `auto` packs wherever the CPU can (measured faster on Intel AMX and AMD Zen 5; docs/performance.md) and
+    silently does nothing elsewhere.
     """
-    if mode == "off" or (mode == "auto" and not packing_pays()):
+    if mode == "off" or (mode == "auto" and not packing_supported()):
         return []
     if not packing_supported():
         raise PackingUnavailableError(

@@ -53,8 +53,9 @@ class Settings(BaseSettings):
     )
     pack_weights: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="Serve bfloat16 CPU linears from weights packed once for oneDNN (2-3x faster decode products; one "
-        "more copy of those weights in memory). auto: on CPUs with AMX; on: wherever AVX512_BF16 or AMX; off: never.",
+        description="Serve bfloat16 CPU linears from weights packed once for oneDNN (1.5-3x faster decode products; "
+        "one more copy of those weights in memory). auto: wherever the CPU has AVX512_BF16 or AMX; on: the same, and "
+        "start-up fails elsewhere; off: never.",
     )
     warmup: bool = Field(True, description="Run one tiny best-of-N before reporting ready.")
 

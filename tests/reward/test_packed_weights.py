@@ -97,9 +97,11 @@ def test_only_plain_bf16_cpu_linears_are_packed_and_each_model_once() -> None:
 def test_modes() -> None:
     float_model = nn.Sequential(nn.Linear(8, 8))
     assert pack_linears([float_model], "off") == []
-    assert pack_linears([float_model], "auto") == []  # nothing in bf16 (or no AMX): nothing to do, no error
+    assert pack_linears([float_model], "auto") == []  # nothing in bf16 (or no bf16 kernels): nothing to do, no error
     with pytest.raises(PackingUnavailableError):
         pack_linears([float_model], "on")  # asked for, and impossible: say so at start-up
+    bf16_model = nn.Sequential(_linear())
+    assert bool(pack_linears([bf16_model], "auto")) == packing_supported()  # auto: wherever oneDNN can
 
 
 @needs_packing
