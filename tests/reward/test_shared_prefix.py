@@ -180,14 +180,22 @@ def _per_row_attention(
 
 @pytest.mark.parametrize("rows", [[0, 0, 1, 1], [0, 0, 0, 1, 1]], ids=["every-slot-used", "uneven"])
 @pytest.mark.parametrize("drop", [False, True])
-def test_attention_over_shared_buffers_equals_per_row_attention(rows: list[int], drop: bool) -> None:
-    """Two prompts (one left-padded), GQA, multi-token and one-token steps, rows dropped midway, buffer growth."""
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "one-query-head-per-key-head"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_attention_over_shared_buffers_equals_per_row_attention(
+    rows: list[int], drop: bool, kv_heads: int, dtype: torch.dtype
+) -> None:
+    """Two prompts (one left-padded), with and without GQA, multi-token and one-token steps, rows dropped midway,
+    buffer growth. The first, multi-token step is the CPU cascade (prefix + own answer, merged; in bfloat16 on
+    CPUs without AMX), the rest one masked call each. bfloat16 against float64 on the same inputs: within the
+    output's rounding."""
     torch.manual_seed(0)
-    heads, kv_heads, dim, prefix = 4, 2, 8, 5
+    heads, dim, prefix = 4, 8, 5
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2
     prefix_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     owner = torch.tensor(rows)
     assert Layout.for_rows(owner, prefix_mask).canonical == (rows == [0, 0, 1, 1])
-    pk, pv = torch.randn(2, kv_heads, prefix, dim), torch.randn(2, kv_heads, prefix, dim)
+    pk, pv = torch.randn(2, kv_heads, prefix, dim, dtype=dtype), torch.randn(2, kv_heads, prefix, dim, dtype=dtype)
     layer = SharedPrefixLayer(pk, pv, Layout.for_rows(owner, prefix_mask), reserve=2)  # grows at step 3
     live_rows = torch.arange(owner.shape[0])  # original row of each live row
     history_k: list[list[torch.Tensor]] = [[] for _ in owner]
@@ -198,11 +206,11 @@ def test_attention_over_shared_buffers_equals_per_row_attention(rows: list[int],
             layer.batch_select_indices(keep)
             live_rows = live_rows[keep]
         live = live_rows.shape[0]
-        q = torch.randn(live, heads, width, dim)
-        k, v = torch.randn(live, kv_heads, width, dim), torch.randn(live, kv_heads, width, dim)
+        q = torch.randn(live, heads, width, dim, dtype=dtype)
+        k, v = (torch.randn(live, kv_heads, width, dim, dtype=dtype) for _ in range(2))
         keys, values = layer.update(k, v)
         out, _ = attention(None, q, keys, values, None, scaling=dim**-0.5)
-        assert out.shape == (live, width, heads, dim)
+        assert out.shape == (live, width, heads, dim) and out.dtype == dtype
         for r, row in enumerate(live_rows.tolist()):
             history_k[row].append(k[r])
             history_v[row].append(v[r])
@@ -212,6 +220,26 @@ def test_attention_over_shared_buffers_equals_per_row_attention(rows: list[int],
             steps = row_k.shape[1] - prefix
             causal = torch.arange(steps)[None, :] <= torch.arange(steps - width, steps)[:, None]
             mask = torch.cat([prefix_mask[b].bool()[None].expand(width, -1), causal], dim=1)
-            want = _per_row_attention(q[r], row_k, row_v, mask).transpose(0, 1)
-            assert torch.allclose(out[r], want, atol=1e-6), float((out[r] - want).abs().max())
+            want = _per_row_attention(q[r].double(), row_k.double(), row_v.double(), mask).transpose(0, 1)
+            error = float((out[r].double() - want).abs().max())
+            assert error < tolerance, (width, error)
     assert layer.get_seq_length() == prefix + 6
+
+
+def test_a_whole_answers_pass_on_cpu_runs_as_a_cascade(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Multi-token steps from the start of the answers take the cascade; decode steps the one masked call."""
+    assert shared_prefix._cascade_pays(torch.float32), "torch lost its CPU flash kernel with log-sum-exp"
+    calls: list[int] = []
+    cascade = shared_prefix._cascade
+
+    def spy(*args: Any) -> torch.Tensor:
+        calls.append(args[4])
+        return cascade(*args)
+
+    monkeypatch.setattr(shared_prefix, "_cascade", spy)
+    layout = Layout.for_rows(torch.tensor([0, 0]), torch.ones(1, 4, dtype=torch.long))
+    layer = SharedPrefixLayer(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), layout, reserve=4)
+    for width in (3, 1):
+        keys, values = layer.update(torch.randn(2, 2, width, 8), torch.randn(2, 2, width, 8))
+        attention(None, torch.randn(2, 2, width, 8), keys, values, None)
+    assert calls == [3]
