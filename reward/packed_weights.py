@@ -131,9 +131,11 @@ def pack_linears(models: list[Any], mode: PackMode) -> list[PackedLinears]:
     `auto` packs wherever the CPU can (measured faster on Intel AMX and AMD Zen 5; docs/performance.md) and
     silently does nothing elsewhere.
     """
-    if mode == "off" or (mode == "auto" and not packing_supported()):
+    if mode == "off":
         return []
     if not packing_supported():
+        if mode == "auto":
+            return []
         raise PackingUnavailableError(
             "pack_weights=on needs oneDNN's bfloat16 linear and a CPU with AVX512_BF16 or AMX; this one has neither"
         )

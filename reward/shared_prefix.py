@@ -61,6 +61,7 @@ class Layout:
         self._selected: tuple[torch.Tensor, Layout] | None = None
         self._mask: tuple[tuple[int, int, int, torch.dtype], torch.Tensor] | None = None
         self._index: tuple[tuple[int, int, int, int], tuple[torch.Tensor, ...]] | None = None
+        self._cascade: tuple[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
 
     @classmethod
     def for_rows(cls, owner: torch.Tensor, prefix_mask: torch.Tensor) -> Layout:
@@ -120,6 +121,25 @@ class Layout:
         mask = mask.unsqueeze(1)
         self._mask = (key, mask)
         return mask
+
+    def cascade_masks(self, width: int, groups: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The cascade's two float32 additive masks, None where none is needed (built once per forward):
+        the prefix's padding (B, 1, 1, L), and own-answer causality for GQA's (group, step) queries
+        (1, 1, groups * width, width); with one query head per key head the kernel's `is_causal` does that."""
+        key = (width, groups)
+        if self._cascade is not None and self._cascade[0] == key:
+            return self._cascade[1]
+        device = self.prefix_mask.device
+        padding = causal = None
+        if not bool(self.prefix_mask.all()):
+            padding = torch.zeros(self.prefix_mask.shape, device=device).masked_fill_(~self.prefix_mask, float("-inf"))
+            padding = padding[:, None, None, :]
+        if groups > 1:
+            steps = torch.arange(width, device=device)
+            allowed = (steps[None, :] <= steps[:, None]).repeat(groups, 1)
+            causal = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))[None, None]
+        self._cascade = (key, (padding, causal))
+        return self._cascade[1]
 
 
 class SharedPrefixLayer(DynamicLayer):
@@ -327,10 +347,7 @@ def _cascade(
     q, key, value = q.float(), key.float(), value.float()
     prompts, kv_heads, _, dim = key.shape
     slots, length = layout.slots, layout.prefix_length
-    padding = None
-    if not bool(layout.prefix_mask.all()):
-        padding = torch.zeros(layout.prefix_mask.shape, dtype=q.dtype, device=q.device)
-        padding = padding.masked_fill_(~layout.prefix_mask, float("-inf"))[:, None, None, :]
+    padding, causal = layout.cascade_masks(width, groups)
     out_prefix, lse_prefix = _FLASH_WITH_LSE(
         q, key[..., :length, :], value[..., :length, :], attn_mask=padding, scale=scale
     )[:2]
@@ -340,12 +357,6 @@ def _cascade(
         return states.reshape(prompts * slots, kv_heads, width, dim)
 
     per_slot = q.view(prompts, kv_heads, groups, slots, width, dim).permute(0, 3, 1, 2, 4, 5)
-    causal = None
-    if groups > 1:  # a key head's query heads are extra queries: (group, step) sees steps <= step
-        steps = torch.arange(width, device=q.device)
-        allowed = (steps[None, :] <= steps[:, None]).repeat(groups, 1)
-        causal = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-        causal = causal[None, None]
     out_own, lse_own = _FLASH_WITH_LSE(
         per_slot.reshape(prompts * slots, kv_heads, groups * width, dim),
         own_keys(key),

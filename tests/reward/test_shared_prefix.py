@@ -167,6 +167,12 @@ def test_the_mask_lets_a_query_see_the_real_prefix_and_its_own_earlier_steps() -
                             allowed = slot == s and step <= done + i
                         assert (mask[b, 0, q, k] == 0) == allowed, (b, q, k)
     assert layout.mask(done, width, groups, torch.float32) is mask  # built once per forward, shared by layers
+    padding, causal = masks = layout.cascade_masks(width, groups)
+    assert padding is not None and padding.shape == (2, 1, 1, 3)
+    assert (padding[:, 0, 0] == 0).tolist() == prefix_mask.bool().tolist()
+    assert causal is not None and (causal[0, 0] == 0).tolist() == [[True, False], [True, True]] * groups
+    assert layout.cascade_masks(width, groups) is masks
+    assert Layout.for_rows(torch.tensor([0, 0]), torch.ones(1, 3)).cascade_masks(width, 1) == (None, None)
 
 
 def _per_row_attention(
