@@ -128,7 +128,7 @@ def pack_linears(models: list[Any], mode: PackMode) -> list[PackedLinears]:
     """Pack the bfloat16 CPU linears of `models` (each model once) as `mode` says; [] when it says not to.
 
     `on` raises `PackingUnavailableError` where the CPU or torch cannot pack or no layer is bfloat16 on CPU;
-    `auto` packs wherever the CPU can (measured faster on Intel AMX and AMD Zen 5; docs/performance.md) and
+    `auto` packs wherever the CPU can (measured faster on Intel AMX, AMD Zen 4 and Zen 5; docs/performance.md) and
     silently does nothing elsewhere.
     """
     if mode == "off":
