@@ -15,8 +15,10 @@
     └── DeadlineExceeded        504 timeout_error
 
 `reward.InvalidInputError` (and its ImageError/AnswerError) map to 400 with
-their `param`; pydantic validation errors map to 400 naming the field; any
-other exception is a bug and becomes a sanitised 500 (logged with its traceback).
+their `param`; pydantic validation errors map to 400 naming the field, and when a
+request has several problems `error.errors` lists every one (so a client fixes
+them in one round trip, not one per retry); any other exception is a bug and
+becomes a sanitised 500 (logged with its traceback).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlaifv.reward.errors import InvalidInputError, RewardError
+from rlaifv.service.validation_errors import MAX_LISTED_PROBLEMS, FieldProblem, field_problems, summary
 
 log = logging.getLogger("rlaifv.service")
 
@@ -41,6 +44,11 @@ class ErrorDetail(BaseModel):
     param: str | None = Field(None, description="Dotted path of the offending request field, when one is to blame.")
     code: str | None = Field(
         None, description="Machine-readable code, e.g. invalid_image, queue_full, invalid_api_key."
+    )
+    errors: list[FieldProblem] | None = Field(
+        None,
+        description="Present when the request had two problems or more: every one (the first is the envelope's own "
+        f"message, param and code), at most {MAX_LISTED_PROBLEMS}.",
     )
 
 
@@ -71,13 +79,20 @@ class ServiceError(Exception):
     code: str | None = None
 
     def __init__(
-        self, message: str, *, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        errors: list[FieldProblem] | None = None,
     ):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code or self.code
         self.headers = headers or {}
+        self.errors = errors if errors and len(errors) > 1 else None
 
 
 class BadRequest(ServiceError):
@@ -151,51 +166,39 @@ class ClientDisconnected(Exception):
 
 
 def error_body(
-    status: int, type_: str, message: str, param: str | None = None, code: str | None = None
+    type_: str,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    errors: list[FieldProblem] | None = None,
 ) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    """The envelope; `errors` only when there are two problems or more (one problem: OpenAI's four keys)."""
+    error: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": code}
+    if errors and len(errors) > 1:
+        error["errors"] = [
+            {"message": _sanitise(e.message), "param": e.param, "code": e.code} for e in errors[:MAX_LISTED_PROBLEMS]
+        ]
+    return {"error": error}
 
 
 def error_response(
-    status: int, type_: str, message: str, param: str | None = None, code: str | None = None, headers=None
+    status: int,
+    type_: str,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers=None,
+    errors: list[FieldProblem] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(status, type_, message, param, code), status_code=status, headers=headers)
-
-
-def _field_path(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    if not parts:
-        return None
-    out = parts[0]
-    for part in parts[1:]:
-        out += f"[{part}]" if part.isdigit() else f".{part}"
-    return out
-
-
-def _validation_message(err: dict[str, Any]) -> str:
-    kind = err.get("type", "")
-    if kind == "json_invalid":
-        return f"request body is not valid JSON: {err.get('ctx', {}).get('error', 'parse error')}"
-    if kind == "extra_forbidden":
-        return f"unknown field '{_field_path(err.get('loc', ())) or '?'}'"
-    if kind == "missing":
-        return f"field '{_field_path(err.get('loc', ())) or '?'}' is required"
-    path = _field_path(err.get("loc", ()))
-    return f"{path}: {err.get('msg', 'invalid value')}" if path else str(err.get("msg", "invalid request"))
+    return JSONResponse(error_body(type_, message, param, code, errors), status_code=status, headers=headers)
 
 
 async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = list(exc.errors())
-    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
-    kind = first.get("type", "")
-    code = {"json_invalid": "invalid_json", "extra_forbidden": "unknown_field", "missing": "missing_field"}.get(
-        kind, "invalid_value"
+    problems = field_problems(exc.errors(), exc.body) or [FieldProblem(message="invalid request")]
+    first = problems[0]
+    return error_response(
+        400, "invalid_request_error", _sanitise(summary(problems)), first.param, first.code, errors=problems
     )
-    param = None if kind == "json_invalid" else _field_path(first.get("loc", ()))
-    message = _validation_message(first)
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return error_response(400, "invalid_request_error", _sanitise(message), param, code)
 
 
 def _sanitise(message: str, limit: int = 500) -> str:
@@ -204,9 +207,8 @@ def _sanitise(message: str, limit: int = 500) -> str:
 
 
 async def _service_error_handler(request: Request, exc: ServiceError) -> JSONResponse:
-    return error_response(
-        exc.status, exc.type, _sanitise(exc.message), exc.param, exc.code, headers=exc.headers or None
-    )
+    message = _sanitise(exc.message)
+    return error_response(exc.status, exc.type, message, exc.param, exc.code, exc.headers or None, exc.errors)
 
 
 def invalid_input_code(exc: InvalidInputError) -> str:

@@ -44,10 +44,12 @@ from rlaifv.service.errors import (
     Overloaded,
     ServiceError,
     StoreUnavailable,
+    error_body,
     invalid_input_code,
 )
 from rlaifv.service.protocol import BestOfNRequest, Job, JobItem, JobRequest, RewardsRequest
 from rlaifv.service.redis_conn import REDIS_DOWN
+from rlaifv.service.validation_errors import MAX_LISTED_PROBLEMS, FieldProblem, field_problems, summary
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -80,13 +82,6 @@ return done
 MARK_RUNNING = (
     "if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('HSET', KEYS[1], 'status', 'running') end"
 )
-
-
-def _error_path(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return out
 
 
 @contextlib.contextmanager
@@ -147,27 +142,43 @@ class JobStore:
                 raise
 
     def validate(self, request: JobRequest) -> list[tuple[str | None, dict[str, Any]]]:
-        """Every item checked against its endpoint's request schema now (400 naming `items[i]`), so a typo
-        fails the submission rather than thousands of results."""
+        """Every item checked against its endpoint's request schema now, so a typo fails the submission rather
+        than thousands of results: a 400 naming the first bad field (`items[3].n`) and, in `error.errors`, every
+        problem of every item (up to a bound), so one fix-up covers the whole file."""
         if len(request.items) > self.max_items:
             raise BadRequest(f"at most {self.max_items} items per job, got {len(request.items)}", param="items")
         model = REQUEST_MODELS[request.kind]
         out: list[tuple[str | None, dict[str, Any]]] = []
+        problems: list[FieldProblem] = []
         seen: set[str] = set()
         for i, item in enumerate(request.items):
+            if len(problems) >= MAX_LISTED_PROBLEMS:
+                break
+            where = f"items[{i}]"
             try:
                 custom_id, body = split_item(item)
+            except ValidationError as exc:
+                problems += field_problems(exc.errors(), item, where)
+                continue
+            try:
                 model.model_validate(body)
             except ValidationError as exc:
-                err = exc.errors()[0]
-                raise BadRequest(f"items[{i}]: {err['msg']}", param=f"items[{i}]{_error_path(err['loc'])}") from None
+                inside = where if custom_id is None else f"{where}.body"  # a bare body, or an envelope's
+                problems += field_problems(exc.errors(), body, inside)
             if custom_id is not None:
                 if custom_id in seen:
-                    raise BadRequest(
-                        f"items[{i}]: custom_id {custom_id!r} is used twice", param=f"items[{i}].custom_id"
+                    problems.append(
+                        FieldProblem(
+                            message=f"{where}: custom_id {custom_id!r} is used twice",
+                            param=f"{where}.custom_id",
+                            code="invalid_value",
+                        )
                     )
                 seen.add(custom_id)
             out.append((custom_id, body))
+        if problems:
+            first = problems[0]
+            raise BadRequest(summary(problems), param=first.param, code=first.code, errors=problems)
         return out
 
     async def create(self, request: JobRequest, *, idempotency_key: str | None = None, owner: str | None = None) -> Job:
@@ -415,11 +426,12 @@ class JobWorkers:
             response = await self._serve(kind, item["body"])
             return entry | {"status": "succeeded", "result": response.model_dump(mode="json")}
         except ServiceError as exc:
-            return entry | _failed(exc.message, exc.param, exc.code, exc.type)
+            return entry | _failed(exc.message, exc.param, exc.code, exc.type, exc.errors)
         except InvalidInputError as exc:
             return entry | _failed(exc.message, exc.param, invalid_input_code(exc))
-        except ValidationError as exc:
-            return entry | _failed(str(exc.errors()[0]["msg"]), None, "invalid_value")
+        except ValidationError as exc:  # checked at submission: only a schema changed since (an upgrade) gets here
+            problems = field_problems(exc.errors(), item["body"] if item else None)
+            return entry | _failed(summary(problems), problems[0].param, problems[0].code, errors=problems)
         except Exception:  # a bug must not leave a poison entry that is reclaimed forever
             log.exception("job item failed")
             return entry | _failed("internal server error", None, "internal_error", "internal_error")
@@ -438,5 +450,11 @@ class JobWorkers:
                 delay = min(delay * 2, 2.0)
 
 
-def _failed(message: str, param: str | None, code: str | None, type_: str = "invalid_request_error") -> dict[str, Any]:
-    return {"status": "failed", "error": {"message": message, "type": type_, "param": param, "code": code}}
+def _failed(
+    message: str,
+    param: str | None,
+    code: str | None,
+    type_: str = "invalid_request_error",
+    errors: list[FieldProblem] | None = None,
+) -> dict[str, Any]:
+    return {"status": "failed"} | error_body(type_, message, param, code, errors)

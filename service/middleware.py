@@ -110,7 +110,6 @@ class RequestContextMiddleware:
     async def _reject_413(self, send: Send) -> None:
         body = json.dumps(
             error_body(
-                413,
                 "invalid_request_error",
                 f"request body is over the limit of {self.max_body_bytes} bytes",
                 None,

@@ -154,6 +154,15 @@ def test_bad_input_names_the_field(client: Client, red_png: bytes, kwargs: dict,
     assert err.field_errors[0].param == param
 
 
+def test_every_problem_of_a_request_comes_back_at_once(client: Client, red_png: bytes) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        client.best_of_n(image=red_png, question=QUESTION, n=0, temperature=-1, top_p=0.0)
+    err = info.value
+    assert [f.param for f in err.field_errors] == ["n", "sampling.temperature", "sampling.top_p"], err.body
+    assert err.param == "n" and "(and 2 more problems)" in err.message
+    assert all(f.code == "invalid_value" and f.message for f in err.field_errors)
+
+
 def test_image_errors_are_raised_before_sending(client: Client) -> None:
     with pytest.raises(ImageInputError, match="not found"):
         client.score(image="/no/such/file.png", question=QUESTION, answers=["a"])

@@ -26,6 +26,7 @@ SCHEMAS: dict[type[pydantic.BaseModel], str] = {
     types.ModelList: "ModelList",
     types.Health: "Health",
     types.ErrorDetail: "ErrorDetail",
+    types.FieldProblem: "FieldProblem",
     types.Job: "Job",
     types.JobResult: "JobItemResult",
     types.JobResultList: "JobResults",

@@ -249,6 +249,38 @@ def test_bad_input_gets_documented_4xx(
     assert ok.status_code == 200, ok.text
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "expected"),
+    [
+        (
+            "/v1/best-of-n",
+            bon(n=0, sampling={"top_p": 2, "max_tokens": "many"}, bogus=True),
+            [
+                ("n", "invalid_value"),
+                ("sampling.max_tokens", "invalid_value"),
+                ("sampling.top_p", "invalid_value"),
+                ("bogus", "unknown_field"),
+            ],
+        ),
+        ("/v1/chat/completions", chat(n=0, temperature=-1), [("temperature", "invalid_value"), ("n", "invalid_value")]),
+        ("/v1/rewards", rwd(answers=[1, "ok", None], x=1), [("answers[0]", None), ("answers[2]", None), ("x", None)]),
+    ],
+    ids=["best-of-n", "chat", "rewards"],
+)
+def test_every_problem_is_listed(
+    client: httpx.Client, path: str, body: dict[str, Any], expected: list[tuple[str, str | None]]
+) -> None:
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    listed = [(e["param"], e["code"]) for e in error["errors"]]
+    assert sorted(p for p, _ in listed) == sorted(p for p, _ in expected), error
+    assert all(code == dict(listed)[param] for param, code in expected if code), error
+    assert (error["param"], error["code"]) == listed[0]
+    assert error["message"].startswith(error["errors"][0]["message"])
+    assert error["message"].endswith(f"(and {len(expected) - 1} more problem{'s' if len(expected) > 2 else ''})")
+
+
 def test_chunked_body_over_limit_is_413(client: httpx.Client) -> None:
     def chunks():
         for _ in range(20):

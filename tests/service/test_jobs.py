@@ -94,6 +94,20 @@ def test_cancel_and_errors(make_server, redis_url, red_url) -> None:
         assert missing.status_code == 404 and missing.json()["error"]["param"] == "job_id"
         bad = client.post("/v1/jobs", json={"kind": "rewards", "items": [item, {"question": QUESTION, "answers": "x"}]})
         assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("items[1]")
+        items = [
+            {"custom_id": "a", "body": item | {"answers": []}},
+            item,
+            {"question": QUESTION, "answers": ["x"], "bogus": 1},
+            {"custom_id": "a", "body": item},
+        ]
+        several = client.post("/v1/jobs", json={"kind": "rewards", "items": items}).json()["error"]
+        problems = [(e["param"], e["code"]) for e in several["errors"]]
+        assert problems == [
+            ("items[0].body.answers", "invalid_value"),
+            ("items[2].bogus", "unknown_field"),
+            ("items[3].custom_id", "invalid_value"),
+        ], several
+        assert several["param"] == "items[0].body.answers" and "(and 2 more problems)" in several["message"]
         too_many = client.post("/v1/jobs", json={"kind": "rewards", "items": [item] * 5})
         assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "items"
 

@@ -17,6 +17,7 @@ __all__ = [
     "BestOfN",
     "Candidate",
     "ErrorDetail",
+    "FieldProblem",
     "GeneratorInfo",
     "Health",
     "Job",
@@ -177,6 +178,14 @@ class Health(BaseType):
         return self.status == "ok"
 
 
+class FieldProblem(BaseType):
+    """One of several problems of a rejected request (`ErrorDetail.errors`)."""
+
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
 class ErrorDetail(BaseType):
     """The `error` object of the server's error envelope."""
 
@@ -184,6 +193,7 @@ class ErrorDetail(BaseType):
     type: str
     param: str | None = None
     code: str | None = None
+    errors: list[FieldProblem] | None = None
 
 
 # -- batch jobs ------------------------------------------------------------------------
