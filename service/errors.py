@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlaifv.reward.errors import InvalidInputError, RewardError
-from rlaifv.service.validation_errors import MAX_LISTED_PROBLEMS, FieldProblem, field_problems, summary
+from rlaifv.service.validation_errors import MAX_LISTED_PROBLEMS, FieldProblem, field_problems
 
 log = logging.getLogger("rlaifv.service")
 
@@ -92,7 +92,7 @@ class ServiceError(Exception):
         self.param = param
         self.code = code or self.code
         self.headers = headers or {}
-        self.errors = errors if errors and len(errors) > 1 else None
+        self.errors = errors
 
 
 class BadRequest(ServiceError):
@@ -187,18 +187,17 @@ def error_response(
     message: str,
     param: str | None = None,
     code: str | None = None,
-    headers=None,
+    headers: dict[str, str] | None = None,
     errors: list[FieldProblem] | None = None,
 ) -> JSONResponse:
     return JSONResponse(error_body(type_, message, param, code, errors), status_code=status, headers=headers)
 
 
 async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = field_problems(exc.errors(), exc.body) or [FieldProblem(message="invalid request")]
-    first = problems[0]
-    return error_response(
-        400, "invalid_request_error", _sanitise(summary(problems)), first.param, first.code, errors=problems
-    )
+    problems = field_problems(exc.errors(), exc.body, http=True)
+    first = problems.listed[0] if problems.listed else FieldProblem(message=problems.message)
+    message = _sanitise(problems.message)
+    return error_response(400, "invalid_request_error", message, first.param, first.code, errors=problems.listed)
 
 
 def _sanitise(message: str, limit: int = 500) -> str:

@@ -49,7 +49,7 @@ from rlaifv.service.errors import (
 )
 from rlaifv.service.protocol import BestOfNRequest, Job, JobItem, JobRequest, RewardsRequest
 from rlaifv.service.redis_conn import REDIS_DOWN
-from rlaifv.service.validation_errors import MAX_LISTED_PROBLEMS, FieldProblem, field_problems, summary
+from rlaifv.service.validation_errors import FieldProblem, Problems, field_problems
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -96,12 +96,9 @@ def redis_guard(retry_after_s: int) -> Iterator[None]:
         ) from None
 
 
-def split_item(item: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
-    """(custom_id, request body) of an item that is either a bare body or a `{"custom_id", "body"}` envelope."""
-    if "body" in item and "custom_id" in item:
-        envelope = JobItem.model_validate(item)
-        return envelope.custom_id, envelope.body
-    return None, item
+def is_envelope(item: dict[str, Any]) -> bool:
+    """An item is either a bare request body or a `{"custom_id", "body"}` envelope."""
+    return "body" in item and "custom_id" in item
 
 
 def parse_jsonl(lines: Iterable[bytes]) -> list[dict[str, Any]]:
@@ -149,36 +146,35 @@ class JobStore:
             raise BadRequest(f"at most {self.max_items} items per job, got {len(request.items)}", param="items")
         model = REQUEST_MODELS[request.kind]
         out: list[tuple[str | None, dict[str, Any]]] = []
-        problems: list[FieldProblem] = []
+        problems = Problems([])
         seen: set[str] = set()
         for i, item in enumerate(request.items):
-            if len(problems) >= MAX_LISTED_PROBLEMS:
-                break
             where = f"items[{i}]"
-            try:
-                custom_id, body = split_item(item)
-            except ValidationError as exc:
-                problems += field_problems(exc.errors(), item, where)
-                continue
-            try:
-                model.model_validate(body)
-            except ValidationError as exc:
-                inside = where if custom_id is None else f"{where}.body"  # a bare body, or an envelope's
-                problems += field_problems(exc.errors(), body, inside)
-            if custom_id is not None:
+            custom_id, body = None, item
+            if is_envelope(item):  # the envelope and its body both checked: one round trip shows every problem
+                try:
+                    JobItem.model_validate(item)
+                except ValidationError as exc:
+                    problems += _problems(problems, exc, item, where)
+                custom_id, body = item["custom_id"], item["body"]
+                where_body = f"{where}.body"
+            else:
+                where_body = where
+            if isinstance(body, dict):
+                try:
+                    model.model_validate(body)
+                except ValidationError as exc:
+                    problems += _problems(problems, exc, body, where_body)
+            if isinstance(custom_id, str):
                 if custom_id in seen:
-                    problems.append(
-                        FieldProblem(
-                            message=f"{where}: custom_id {custom_id!r} is used twice",
-                            param=f"{where}.custom_id",
-                            code="invalid_value",
-                        )
-                    )
+                    message = f"{where}.custom_id: {custom_id[:64]!r} is used twice"
+                    twice = FieldProblem(message=message, param=f"{where}.custom_id", code="invalid_value")
+                    problems += Problems([twice])
                 seen.add(custom_id)
-            out.append((custom_id, body))
-        if problems:
-            first = problems[0]
-            raise BadRequest(summary(problems), param=first.param, code=first.code, errors=problems)
+            out.append((custom_id if isinstance(custom_id, str) else None, body))
+        if problems.listed:
+            first = problems.listed[0]
+            raise BadRequest(problems.message, param=first.param, code=first.code, errors=problems.listed)
         return out
 
     async def create(self, request: JobRequest, *, idempotency_key: str | None = None, owner: str | None = None) -> Job:
@@ -423,31 +419,41 @@ class JobWorkers:
         try:
             if item is None:
                 raise BadRequest("job item is missing (expired?)")
-            response = await self._serve(kind, item["body"])
+            try:  # checked at submission; a schema changed since (an upgrade) fails the item as the client's
+                request = REQUEST_MODELS[kind].model_validate(item["body"])
+            except ValidationError as exc:
+                problems = field_problems(exc.errors(), item["body"])
+                first = problems.listed[0]
+                return entry | _failed(problems.message, first.param, first.code, errors=problems.listed)
+            response = await self._serve(request)
             return entry | {"status": "succeeded", "result": response.model_dump(mode="json")}
         except ServiceError as exc:
             return entry | _failed(exc.message, exc.param, exc.code, exc.type, exc.errors)
         except InvalidInputError as exc:
             return entry | _failed(exc.message, exc.param, invalid_input_code(exc))
-        except ValidationError as exc:  # checked at submission: only a schema changed since (an upgrade) gets here
-            problems = field_problems(exc.errors(), item["body"] if item else None)
-            return entry | _failed(summary(problems), problems[0].param, problems[0].code, errors=problems)
         except Exception:  # a bug must not leave a poison entry that is reclaimed forever
             log.exception("job item failed")
             return entry | _failed("internal server error", None, "internal_error", "internal_error")
 
-    async def _serve(self, kind: str, body: dict[str, Any]) -> Any:
+    async def _serve(self, request: BestOfNRequest | RewardsRequest) -> Any:
         """One item through the serving code. A full scheduler queue (HTTP traffic has the priority) is waited
         out here instead of failing the item: jobs are the work that can wait."""
         delay = 0.05
         while True:
             try:
-                if kind == "best_of_n":
-                    return await self.serving.best_of_n(BestOfNRequest.model_validate(body), None)
-                return await self.serving.rewards(RewardsRequest.model_validate(body), None)
+                if isinstance(request, BestOfNRequest):
+                    return await self.serving.best_of_n(request, None)
+                return await self.serving.rewards(request, None)
             except Overloaded:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def _problems(so_far: Problems, exc: ValidationError, data: Any, prefix: str) -> Problems:
+    """An item's problems, or only their count once the listed ones are full (a file of 10,000 typos)."""
+    if so_far.full:
+        return Problems([], exc.error_count())
+    return field_problems(exc.errors(include_url=False), data, prefix)
 
 
 def _failed(

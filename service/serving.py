@@ -5,12 +5,14 @@ Routers stay thin: they fetch the `Serving` from `app.state` and call one method
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
+from pydantic import ValidationError
 
 from rlaifv.reward.scoring import top_k
 from rlaifv.service.engines import GenerateRequest, ScoreRequest
@@ -58,6 +60,21 @@ if TYPE_CHECKING:
 GENERATED_TOKEN_SLACK = 4
 """A generator's answers are scored up to this many times RLAIFV_MAX_TOKENS of the pair's tokens: the generator
 stopped at max_tokens of its own tokenizer, which may split the same text into more tokens."""
+
+
+log = logging.getLogger("rlaifv.service")
+
+
+def _cached_response(hit: str | None) -> RewardsResponse | None:
+    """A cached response, or None when there is none or it no longer parses: the cache in Redis outlives a
+    rolling upgrade, and an entry an older version wrote is a miss, not a 500 for every such request."""
+    if hit is None:
+        return None
+    try:
+        return RewardsResponse.model_validate_json(hit)
+    except ValidationError:
+        log.warning("reward cache entry does not parse as this version's RewardsResponse; treated as a miss")
+        return None
 
 
 def _candidates(ranking: Ranking, finish_reasons: Sequence[str] | None = None) -> list[CandidateOut]:
@@ -317,11 +334,10 @@ class Serving:
         key = None
         if self.cache is not None:
             key = self.cache.key(self.model_name, config, raw, question, messages, body.answers)
-            hit = await self.cache.get(key)
-            self.metrics.cache.labels(result="hit" if hit else "miss").inc()
-            if hit is not None:
-                response = RewardsResponse.model_validate_json(hit)
-                return response.model_copy(
+            cached = _cached_response(await self.cache.get(key))
+            self.metrics.cache.labels(result="hit" if cached else "miss").inc()
+            if cached is not None:
+                return cached.model_copy(
                     update={"id": f"rwd-{uuid.uuid4().hex}", "cached": True, "created": int(time.time())}
                 )
         score = ScoreRequest(images, question, messages, list(body.answers), config, self.settings.max_tokens)

@@ -1,5 +1,5 @@
-"""Validation errors as the client's problems: paths through the request itself, union members sorted out, and the
-envelope's list of every problem."""
+"""Validation errors as the client's problems: paths through the request itself, union members sorted out, bounds,
+and the envelope's list of every problem."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rlaifv.service.errors import error_body
-from rlaifv.service.protocol import ChatCompletionRequest
-from rlaifv.service.validation_errors import MAX_LISTED_PROBLEMS, FieldProblem, field_problems, summary
+from rlaifv.service.jobs import REQUEST_MODELS
+from rlaifv.service.protocol import ChatCompletionRequest, JobItem, JobRequest
+from rlaifv.service.validation_errors import MAX_LISTED_PROBLEMS, TAG_KEYS, FieldProblem, Problems, field_problems
 
 
 class Strict(BaseModel):
@@ -31,72 +32,129 @@ class Body(Strict):
     n: int = Field(ge=1)
     parts: list[Annotated[Text | Picture, Field(discriminator="type")]] = []
     stop: str | list[str] | None = None
+    query: int = 0
 
 
-def problems(data: Any, prefix: str = "", *, walk: bool = True) -> list[tuple[str | None, str | None, str]]:
+def problems(data: Any, prefix: str = "", model: type[BaseModel] = Body, **kwargs: Any) -> Problems:
     with pytest.raises(ValidationError) as info:
-        Body.model_validate(data)
-    found = field_problems(info.value.errors(), data, prefix) if walk else field_problems(info.value.errors())
-    return [(p.param, p.code, p.message) for p in found]
+        model.model_validate(data)
+    return field_problems(info.value.errors(), data, prefix, **kwargs)
+
+
+def params(data: Any, prefix: str = "", model: type[BaseModel] = Body) -> list[tuple[str | None, str | None]]:
+    return [(p.param, p.code) for p in problems(data, prefix, model).listed]
 
 
 def test_paths_codes_and_messages() -> None:
     found = problems({"n": 0, "parts": [{"type": "text", "text": "a"}, {"type": "text", "text": 3, "x": 1}], "y": 2})
-    assert [(param, code) for param, code, _ in found] == [
+    assert [(p.param, p.code) for p in found.listed] == [
         ("n", "invalid_value"),
         ("parts[1].text", "invalid_value"),
         ("parts[1].x", "unknown_field"),
         ("y", "unknown_field"),
     ]
-    assert found[0][2].startswith("n: ") and found[3][2] == "unknown field 'y'"
-    assert problems({}) == [("n", "missing_field", "field 'n' is required")]
+    assert found.listed[0].message.startswith("n: ") and found.listed[3].message == "unknown field 'y'"
+    assert found.message == found.listed[0].message + " (and 3 more problems)"
+    assert [(p.param, p.message) for p in problems({}).listed] == [("n", "field 'n' is required")]
+    assert [p.message for p in problems([1, 2]).listed] == ["request body must be a JSON object"]
 
 
 def test_union_labels_and_tags_are_not_fields() -> None:
-    """Pydantic's loc for parts[0] here is (parts, 0, picture, picture, x): the tag, then the field."""
-    assert [p[:2] for p in problems({"n": 1, "parts": [{"type": "picture", "picture": {"x": "no"}}]})] == [
+    """Pydantic's loc for a part is (parts, 0, <tag>, <field>, ...); the tag may equal the field's name."""
+    assert params({"n": 1, "parts": [{"type": "picture", "picture": {"x": "no"}}]}) == [
         ("parts[0].picture.x", "invalid_value")
     ]
-    assert [p[:2] for p in problems({"n": 1, "parts": [{"type": "picture"}]})] == [
-        ("parts[0].picture", "missing_field")
+    assert params({"n": 1, "parts": [{"type": "picture"}]}) == [("parts[0].picture", "missing_field")]
+    # the same name one level down is a real key, not a tag
+    assert params({"n": 1, "parts": [{"type": "picture", "picture": {"picture": "no"}}]}) == [
+        ("parts[0].picture.picture", "invalid_value")
     ]
-    # Without the input to walk, the schema's labels stay (what the envelope said before).
-    assert problems({"n": 1, "parts": [{"type": "picture"}]}, walk=False)[0][0] == "parts[0].picture.picture"
+    assert params({"n": 1, "parts": [{"type": "text", "text": {"text": 1}}]}) == [("parts[0].text", "invalid_value")]
+    # without the input to walk, the schema's labels stay (what the envelope said before)
+    with pytest.raises(ValidationError) as info:
+        Body.model_validate({"n": 1, "parts": [{"type": "picture"}]})
+    assert field_problems(info.value.errors()).listed[0].param == "parts[0].picture.picture"
+
+
+def test_the_chat_request_blames_the_part_not_the_string_form() -> None:
+    def chat(*parts: dict[str, Any]) -> dict[str, Any]:
+        return {"model": "m", "messages": [{"role": "user", "content": list(parts)}]}
+
+    text = {"type": "text", "text": "q"}
+    assert params(chat(text, {"type": "image_url", "image_url": {"url": 5}}), model=ChatCompletionRequest) == [
+        ("messages[0].content[1].image_url.url", "invalid_value")
+    ]
+    both = chat({"type": "image_url", "image_url": {"url": "x", "text": 1}, "text": "hi"})
+    assert params(both, model=ChatCompletionRequest) == [
+        ("messages[0].content[0].image_url.text", "unknown_field"),
+        ("messages[0].content[0].text", "unknown_field"),
+    ]
+    assert params(chat(text) | {"logit_bias": {"50256": "x"}}, model=ChatCompletionRequest) == [
+        ("logit_bias.50256", "invalid_value")  # a digit key is a key (as `token_bias` names it), not an index
+    ]
 
 
 def test_union_members_the_input_was_not_of_are_dropped_or_merged() -> None:
-    deeper = problems({"n": 1, "stop": ["a", 5]})
-    assert deeper == [("stop[1]", "invalid_value", "stop[1]: Input should be a valid string")]
-    neither = problems({"n": 1, "stop": 5})
-    assert neither == [("stop", "invalid_value", "stop: Input should be a valid string or a valid list")]
+    assert [(p.param, p.message) for p in problems({"n": 1, "stop": ["a", 5]}).listed] == [
+        ("stop[1]", "stop[1]: Input should be a valid string")
+    ]
+    assert [(p.param, p.message) for p in problems({"n": 1, "stop": 5}).listed] == [
+        ("stop", "stop: Input should be a valid string or a valid list")
+    ]
+
+
+def test_request_parts_are_stripped_only_from_fastapi_errors() -> None:
+    """`body`, `query`... lead FastAPI's locs; in a plain model they are field names (a job item's `body`)."""
+    assert params({"n": 1, "query": "x"}) == [("query", "invalid_value")]
+    assert params({"custom_id": "a", "body": [1]}, "items[0]", JobItem) == [("items[0].body", "invalid_value")]
+    http = [{"type": "int_parsing", "loc": ("body", "n"), "msg": "bad"}, {"type": "missing", "loc": ("query", "k")}]
+    assert [p.param for p in field_problems(http, {"n": "x"}, http=True).listed] == ["n", "k"]
 
 
 def test_a_prefix_places_problems_inside_a_bigger_body() -> None:
     found = problems({"n": 1, "parts": [{"type": "text", "text": 1}]}, prefix="items[3].body")
-    assert [p[0] for p in found] == ["items[3].body.parts[0].text"]
-    assert found[0][2].startswith("items[3].body.parts[0].text: ")
+    assert [p.param for p in found.listed] == ["items[3].body.parts[0].text"]
+    assert found.listed[0].message.startswith("items[3].body.parts[0].text: ")
     invalid_json = field_problems([{"type": "json_invalid", "loc": ("body", 7), "ctx": {"error": "x"}}], None)
-    assert [(p.param, p.code) for p in invalid_json] == [(None, "invalid_json")]
+    assert [(p.param, p.code) for p in invalid_json.listed] == [(None, "invalid_json")]
 
 
-def test_the_chat_request_blames_the_part_not_the_string_form() -> None:
-    bad_url = {"type": "image_url", "image_url": {"url": 5}}
-    body = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "q"}, bad_url]}]}
-    with pytest.raises(ValidationError) as info:
-        ChatCompletionRequest.model_validate(body)
-    found = field_problems(info.value.errors(), body)
-    assert [(p.param, p.code) for p in found] == [("messages[0].content[1].image_url.url", "invalid_value")]
+def test_problems_are_bounded() -> None:
+    many = problems({"n": 1, "parts": [{"type": "text", "text": i} for i in range(1000)]})
+    assert len(many.listed) == MAX_LISTED_PROBLEMS and many.unlisted == 1000 - MAX_LISTED_PROBLEMS
+    assert many.message.endswith(f"(and 999 more problems; the first {MAX_LISTED_PROBLEMS} are listed)")
+    long_key = problems({"n": 1, "k" * 5000: 1}).listed[0]
+    assert long_key.param is not None and len(long_key.param) <= 200
+    assert params({"n": 1, "": 1}) == [("['']", "unknown_field")]
+    summed = Problems(many.listed[:30]) + Problems(many.listed[:30], 5)
+    assert len(summed.listed) == MAX_LISTED_PROBLEMS and summed.unlisted == 15
+
+
+def test_the_tag_keys_cover_every_discriminator_of_the_api() -> None:
+    def discriminators(schema: Any) -> set[str]:
+        found: set[str] = set()
+        if isinstance(schema, dict):
+            if schema.get("type") == "tagged-union":
+                found.add(str(schema["discriminator"]))
+            for value in schema.values():
+                found |= discriminators(value)
+        elif isinstance(schema, list):
+            for value in schema:
+                found |= discriminators(value)
+        return found
+
+    models = [ChatCompletionRequest, JobRequest, JobItem, *REQUEST_MODELS.values()]
+    used = set().union(*(discriminators(m.__pydantic_core_schema__) for m in models))
+    assert used and used <= set(TAG_KEYS)
 
 
 def test_the_envelope_lists_problems_only_when_there_are_several() -> None:
     one = [FieldProblem(message="n: bad", param="n", code="invalid_value")]
-    assert set(error_body("invalid_request_error", summary(one), "n", "invalid_value", one)["error"]) == {
+    assert set(error_body("invalid_request_error", "n: bad", "n", "invalid_value", one)["error"]) == {
         "message", "type", "param", "code",
     }  # fmt: skip
-    many = [FieldProblem(message=f"f{i}: bad", param=f"f{i}") for i in range(MAX_LISTED_PROBLEMS + 5)]
-    error = error_body("invalid_request_error", summary(many), "f0", None, many)["error"]
-    assert len(error["errors"]) == MAX_LISTED_PROBLEMS and error["errors"][1] == {
-        "message": "f1: bad", "param": "f1", "code": None,
-    }  # fmt: skip
-    assert error["message"] == f"f0: bad (and {MAX_LISTED_PROBLEMS + 4} more problems)"
-    assert summary(many[:2]).endswith("(and 1 more problem)")
+    many = [FieldProblem(message=f"f{i}: bad", param=f"f{i}") for i in range(3)]
+    error = error_body("invalid_request_error", Problems(many).message, "f0", None, many)["error"]
+    assert error["errors"][1] == {"message": "f1: bad", "param": "f1", "code": None}
+    assert error["message"] == "f0: bad (and 2 more problems)"
+    assert Problems(many[:2]).message.endswith("(and 1 more problem)")

@@ -96,18 +96,21 @@ def test_cancel_and_errors(make_server, redis_url, red_url) -> None:
         assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("items[1]")
         items = [
             {"custom_id": "a", "body": item | {"answers": []}},
-            item,
-            {"question": QUESTION, "answers": ["x"], "bogus": 1},
+            {"question": QUESTION, "answers": ["x"], "query": 1},
+            {"custom_id": "", "body": {"answers": "x"}, "x": 1},
             {"custom_id": "a", "body": item},
         ]
         several = client.post("/v1/jobs", json={"kind": "rewards", "items": items}).json()["error"]
         problems = [(e["param"], e["code"]) for e in several["errors"]]
         assert problems == [
             ("items[0].body.answers", "invalid_value"),
-            ("items[2].bogus", "unknown_field"),
-            ("items[3].custom_id", "invalid_value"),
+            ("items[1].query", "unknown_field"),  # a field named like a request part is still a field
+            ("items[2].custom_id", "invalid_value"),  # the envelope's problems, and then its body's
+            ("items[2].x", "unknown_field"),
+            ("items[2].body.answers", "invalid_value"),
+            ("items[3].custom_id", "invalid_value"),  # "a" twice
         ], several
-        assert several["param"] == "items[0].body.answers" and "(and 2 more problems)" in several["message"]
+        assert several["param"] == "items[0].body.answers" and "(and 5 more problems)" in several["message"]
         too_many = client.post("/v1/jobs", json={"kind": "rewards", "items": [item] * 5})
         assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "items"
 
@@ -156,3 +159,21 @@ def test_redis_cache_and_rate_limit_and_readiness(make_server, redis_url, red_ur
         limited = httpx.get(b.url + "/v1/models")
     assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
     assert int(limited.headers["retry-after"]) >= 1
+
+
+def test_a_cache_entry_an_older_version_wrote_is_a_miss(make_server, redis_url, red_url) -> None:
+    """The reward cache in Redis outlives a rolling upgrade: an entry that no longer parses is recomputed."""
+    import redis
+
+    store = redis.Redis.from_url(redis_url)
+    server = make_server(redis_url=redis_url, jobs_workers=0)
+    body = {"images": [red_url], "question": "Does a stale cache entry hurt?", "answers": ["yes", "no"]}
+    first = httpx.post(server.url + "/v1/rewards", json=body, timeout=60).json()
+    keys = list(store.scan_iter("rlaifv:cache:*"))
+    assert keys
+    for key in keys:
+        store.set(key, '{"object": "rewards", "written_by": "an older version"}')
+    again = httpx.post(server.url + "/v1/rewards", json=body, timeout=60)
+    assert again.status_code == 200, again.text
+    assert again.json()["cached"] is False and again.json()["rewards"] == first["rewards"]
+    assert httpx.post(server.url + "/v1/rewards", json=body, timeout=60).json()["cached"] is True

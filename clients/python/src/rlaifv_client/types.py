@@ -179,7 +179,10 @@ class Health(BaseType):
 
 
 class FieldProblem(BaseType):
-    """One of several problems of a rejected request (`ErrorDetail.errors`)."""
+    """One of several problems of a rejected request (`ErrorDetail.errors`, e.g. in a failed job item's result).
+
+    A raised `InvalidRequestError` carries the same list as `field_errors` (`FieldError`, a frozen dataclass that
+    predates this model and is kept as it is for code that builds or unpacks it)."""
 
     message: str
     param: str | None = None
