@@ -24,6 +24,8 @@ becomes a sanitised 500 (logged with its traceback).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,7 +35,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlaifv.reward.errors import InvalidInputError, RewardError
-from rlaifv.service.validation_errors import MAX_LISTED_PROBLEMS, FieldProblem, field_problems
+from rlaifv.service.validation_errors import MAX_LISTED_PROBLEMS, FieldProblem, Problems, field_problems
 
 log = logging.getLogger("rlaifv.service")
 
@@ -97,6 +99,35 @@ class ServiceError(Exception):
 
 class BadRequest(ServiceError):
     status, type, code = 400, "invalid_request_error", "invalid_value"
+
+
+class Checks:
+    """The independent checks of one request, each run whatever the others found, so one 400 lists them all.
+
+    Each `with checks.one():` block is one check (it stops at its own first problem); a `BadRequest` inside is
+    kept and the next check runs; `done()` raises what was kept as one `BadRequest`: the first problem's
+    message, param and code, and `errors` listing every one. Anything but a 400 propagates at once.
+    """
+
+    def __init__(self) -> None:
+        self.failed: list[BadRequest] = []
+
+    @contextmanager
+    def one(self) -> Iterator[None]:
+        try:
+            yield
+        except BadRequest as exc:
+            self.failed.append(exc)
+
+    def done(self) -> None:
+        if len(self.failed) == 1:
+            raise self.failed[0]
+        if self.failed:
+            problems = Problems([])
+            for exc in self.failed:
+                problems += Problems(exc.errors or [FieldProblem(message=exc.message, param=exc.param, code=exc.code)])
+            first = self.failed[0]
+            raise BadRequest(problems.message, param=first.param, code=first.code, errors=problems.listed)
 
 
 class Unauthorized(ServiceError):

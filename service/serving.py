@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from rlaifv.reward.scoring import top_k
 from rlaifv.service.engines import GenerateRequest, ScoreRequest
-from rlaifv.service.errors import BadGateway, BadRequest, NotFound
+from rlaifv.service.errors import BadGateway, BadRequest, Checks, NotFound
 from rlaifv.service.generator import Generated, openai_messages
 from rlaifv.service.protocol import (
     BestOfNRequest,
@@ -280,10 +280,16 @@ class Serving:
     async def best_of_n(self, body: BestOfNRequest, request: Request | None) -> BestOfNResponse:
         arrived = time.perf_counter()
         self.check_model(body.model, generating=True)
-        self._check_n(body.n)
-        sampling = body.sampling.to_params(self.settings)
-        config = body.reward.to_config(self.engine.reward)
-        question, messages, refs = body.prompt(self.settings)
+        checks = Checks()
+        with checks.one():
+            self._check_n(body.n)
+        with checks.one():
+            sampling = body.sampling.to_params(self.settings)
+        with checks.one():
+            config = body.reward.to_config(self.engine.reward)
+        with checks.one():
+            question, messages, refs = body.prompt(self.settings)
+        checks.done()
         images, raw = await self.images.load(refs)
         generate_s: float | None = None
         finish_reasons: list[str] | None = None
@@ -321,15 +327,23 @@ class Serving:
     async def rewards(self, body: RewardsRequest, request: Request | None) -> RewardsResponse:
         arrived = time.perf_counter()
         self.check_model(body.model)
+        checks = Checks()
         if len(body.answers) > self.settings.max_answers:
-            raise BadRequest(f"at most {self.settings.max_answers} answers per request", param="answers")
+            with checks.one():
+                raise BadRequest(f"at most {self.settings.max_answers} answers per request", param="answers")
         for i, answer in enumerate(body.answers):
-            if len(answer) > self.settings.max_answer_chars:
-                raise BadRequest(f"answer is over {self.settings.max_answer_chars} characters", param=f"answers[{i}]")
-            if not answer.strip():
-                raise BadRequest("answers must be non-empty strings", param=f"answers[{i}]")
-        config = body.reward.to_config(self.engine.reward)
-        question, messages, refs = body.prompt(self.settings)
+            with checks.one():
+                if len(answer) > self.settings.max_answer_chars:
+                    raise BadRequest(
+                        f"answer is over {self.settings.max_answer_chars} characters", param=f"answers[{i}]"
+                    )
+                if not answer.strip():
+                    raise BadRequest("answers must be non-empty strings", param=f"answers[{i}]")
+        with checks.one():
+            config = body.reward.to_config(self.engine.reward)
+        with checks.one():
+            question, messages, refs = body.prompt(self.settings)
+        checks.done()
         images, raw = await self.images.load(refs)
         key = None
         if self.cache is not None:
@@ -369,23 +383,30 @@ class Serving:
 
     async def chat(self, body: ChatCompletionRequest, request: Request | None) -> ChatCompletionResponse:
         self.check_model(body.model, generating=True)
-        body.check_supported()
+        checks = Checks()
+        with checks.one():
+            body.check_supported()
         if self.generator is not None and body.logprobs:
-            raise BadRequest(
-                "logprobs are not available when a generator writes the answers (RLAIFV_GENERATOR_URL): the pair "
-                "only scores them; each choice's policy_logprob is the pair's sum",
-                param="logprobs",
-                code="unsupported_parameter",
-            )
-        best_of = body.candidates(self.settings)
-        sampling = body.to_params(self.settings)
-        options = body.reward or RewardOptions()
-        config = options.to_config(self.engine.reward)
-        messages, refs = convert_messages(body.messages)
-        if len(refs) > self.settings.max_images:
-            raise BadRequest(
-                f"at most {self.settings.max_images} images per request, got {len(refs)}", param="messages"
-            )
+            with checks.one():
+                raise BadRequest(
+                    "logprobs are not available when a generator writes the answers (RLAIFV_GENERATOR_URL): the "
+                    "pair only scores them; each choice's policy_logprob is the pair's sum",
+                    param="logprobs",
+                    code="unsupported_parameter",
+                )
+        with checks.one():
+            best_of = body.candidates(self.settings)
+        with checks.one():
+            sampling = body.to_params(self.settings)
+        with checks.one():
+            config = (body.reward or RewardOptions()).to_config(self.engine.reward)
+        with checks.one():
+            messages, refs = convert_messages(body.messages)
+            if len(refs) > self.settings.max_images:
+                raise BadRequest(
+                    f"at most {self.settings.max_images} images per request, got {len(refs)}", param="messages"
+                )
+        checks.done()
         images, raw = await self.images.load(refs)
         finish_reasons: list[str] | None = None
         if self.generator is None:

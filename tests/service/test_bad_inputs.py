@@ -264,8 +264,20 @@ def test_bad_input_gets_documented_4xx(
         ),
         ("/v1/chat/completions", chat(n=0, temperature=-1), [("temperature", "invalid_value"), ("n", "invalid_value")]),
         ("/v1/rewards", rwd(answers=[1, "ok", None], x=1), [("answers[0]", None), ("answers[2]", None), ("x", None)]),
+        # the checks after the schema (the deployment's limits, ...) run to the end too
+        (
+            "/v1/best-of-n",
+            bon(n=9, sampling={"max_tokens": 10_000}, question=" "),
+            [("n", "invalid_value"), ("sampling.max_tokens", "invalid_value"), ("question", "invalid_value")],
+        ),
+        ("/v1/rewards", rwd(answers=["ok", " ", "  "]), [("answers[1]", "invalid_value"), ("answers[2]", None)]),
+        (
+            "/v1/chat/completions",
+            chat(n=3, best_of=2, stream_options={"include_usage": True}),
+            [("stream_options", "invalid_value"), ("best_of", "invalid_value")],
+        ),
     ],
-    ids=["best-of-n", "chat", "rewards"],
+    ids=["best-of-n", "chat", "rewards", "best-of-n-limits", "rewards-answers", "chat-checks"],
 )
 def test_every_problem_is_listed(
     client: httpx.Client, path: str, body: dict[str, Any], expected: list[tuple[str, str | None]]

@@ -158,3 +158,32 @@ def test_the_envelope_lists_problems_only_when_there_are_several() -> None:
     assert error["errors"][1] == {"message": "f1: bad", "param": "f1", "code": None}
     assert error["message"] == "f0: bad (and 2 more problems)"
     assert Problems(many[:2]).message.endswith("(and 1 more problem)")
+
+
+def test_checks_run_to_the_end_and_raise_one_400() -> None:
+    from rlaifv.service.errors import BadRequest, Checks, NotFound
+
+    checks = Checks()
+    with checks.one():
+        raise BadRequest("n must be <= 8, got 9", param="n")
+    with checks.one():
+        pass
+    with checks.one():
+        raise BadRequest("'tools' is not supported", param="tools", code="unsupported_parameter")
+    with pytest.raises(BadRequest) as info:
+        checks.done()
+    assert (info.value.param, info.value.code) == ("n", "invalid_value")
+    assert info.value.message == "n must be <= 8, got 9 (and 1 more problem)"
+    listed = [(e.param, e.code) for e in info.value.errors or []]
+    assert listed == [("n", "invalid_value"), ("tools", "unsupported_parameter")]
+
+    alone = Checks()
+    only = BadRequest("x", param="x", code="unsupported_value")
+    with alone.one():
+        raise only
+    with pytest.raises(BadRequest) as single:
+        alone.done()
+    assert single.value is only  # one problem: the very exception, its code and headers kept
+    Checks().done()  # nothing found: nothing raised
+    with pytest.raises(NotFound), Checks().one():  # anything but a 400 stops the request at once
+        raise NotFound("no such model", param="model")
