@@ -96,9 +96,19 @@ class ServiceError(Exception):
         self.headers = headers or {}
         self.errors = errors
 
+    def problems(self) -> Problems:
+        """What this error says, as the list a bigger 400 gathers (its own `errors`, or itself as one problem)."""
+        return Problems(self.errors or [FieldProblem(message=self.message, param=self.param, code=self.code)])
+
 
 class BadRequest(ServiceError):
     status, type, code = 400, "invalid_request_error", "invalid_value"
+
+    @classmethod
+    def listing(cls, problems: Problems) -> BadRequest:
+        """One 400 for several problems: the first's param and code, a message counting the rest, all listed."""
+        first = problems.listed[0] if problems.listed else FieldProblem(message=problems.message)
+        return cls(problems.message, param=first.param, code=first.code, errors=problems.listed)
 
 
 class Checks:
@@ -125,9 +135,8 @@ class Checks:
         if self.failed:
             problems = Problems([])
             for exc in self.failed:
-                problems += Problems(exc.errors or [FieldProblem(message=exc.message, param=exc.param, code=exc.code)])
-            first = self.failed[0]
-            raise BadRequest(problems.message, param=first.param, code=first.code, errors=problems.listed)
+                problems += exc.problems()
+            raise BadRequest.listing(problems)
 
 
 class Unauthorized(ServiceError):
@@ -225,10 +234,7 @@ def error_response(
 
 
 async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = field_problems(exc.errors(), exc.body, http=True)
-    first = problems.listed[0] if problems.listed else FieldProblem(message=problems.message)
-    message = _sanitise(problems.message)
-    return error_response(400, "invalid_request_error", message, first.param, first.code, errors=problems.listed)
+    return await _service_error_handler(request, BadRequest.listing(field_problems(exc.errors(), exc.body, http=True)))
 
 
 def _sanitise(message: str, limit: int = 500) -> str:

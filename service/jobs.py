@@ -171,10 +171,9 @@ class JobStore:
                     twice = FieldProblem(message=message, param=f"{where}.custom_id", code="invalid_value")
                     problems += Problems([twice])
                 seen.add(custom_id)
-            out.append((custom_id if isinstance(custom_id, str) else None, body))
+            out.append((custom_id, body))
         if problems.listed:
-            first = problems.listed[0]
-            raise BadRequest(problems.message, param=first.param, code=first.code, errors=problems.listed)
+            raise BadRequest.listing(problems)
         return out
 
     async def create(self, request: JobRequest, *, idempotency_key: str | None = None, owner: str | None = None) -> Job:
@@ -422,9 +421,7 @@ class JobWorkers:
             try:  # checked at submission; a schema changed since (an upgrade) fails the item as the client's
                 request = REQUEST_MODELS[kind].model_validate(item["body"])
             except ValidationError as exc:
-                problems = field_problems(exc.errors(), item["body"])
-                first = problems.listed[0]
-                return entry | _failed(problems.message, first.param, first.code, errors=problems.listed)
+                raise BadRequest.listing(field_problems(exc.errors(), item["body"])) from None
             response = await self._serve(request)
             return entry | {"status": "succeeded", "result": response.model_dump(mode="json")}
         except ServiceError as exc:
