@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from rlaifv.reward.decode_attention import decode_attention
+from rlaifv.reward.decode_attention import pays as decode_attention_pays
 from rlaifv.reward.families import (
     SEQUENCE_KEYS,
     Family,
@@ -41,9 +43,13 @@ def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     logits (..., V), labels (...) -> (...) float32. Raw logits: temperature 1, no
     top-p/top-k, whatever the sampling settings were.
 
+    One fused `log_softmax` kernel rather than `picked - logsumexp`: torch's CPU logsumexp runs as separate
+    passes with temporaries (max, subtract, exp, sum, log). Two Zen 4 threads, 2026-12-06: the reference
+    pass's 504 x 31,999 logits 12.6 -> 7.8 ms, 64 decode steps of 8 rows 11.2 -> 5.5 ms; the numbers differ
+    in rounding only (rewards within 1e-8).
     On CPU without gradient, many rows (the reference pass: answers x positions x V) go through in
     cache-sized chunks: each row's numbers are the same bit for bit, and the float32 copy and the
-    logsumexp temporaries stay in cache instead of streaming hundreds of MB (~3x faster here).
+    log-softmax output stay in cache instead of streaming hundreds of MB.
     """
     vocab = logits.shape[-1]
     rows = max(torch.get_num_threads(), _CHUNK_ELEMENTS // max(vocab, 1))
@@ -60,9 +66,7 @@ _CHUNK_ELEMENTS = 2**18  # 1 MB of float32 logits per chunk
 
 
 def _selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = logits.float()
-    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
 @dataclass
@@ -148,8 +152,15 @@ def fork(model: Any, state: PrefixState, rows: torch.Tensor, reserve: int) -> Pr
 
 @contextmanager
 def attending(model: Any, state: PrefixState) -> Iterator[None]:
-    """The context model calls on `state`'s cache run in: shared-prefix attention when the cache is shared."""
-    with shared_prefix_attention(model) if state.shared else nullcontext():
+    """The context model calls on `state`'s cache run in: shared-prefix attention when the cache is shared,
+    else one-token steps around the CPU kernel's slow cases (`reward.decode_attention`) where they apply."""
+    if state.shared:
+        context: Any = shared_prefix_attention(model)
+    elif decode_attention_pays(model):
+        context = decode_attention(model)
+    else:
+        context = nullcontext()
+    with context:
         yield
 
 
