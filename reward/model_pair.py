@@ -126,7 +126,7 @@ class ModelPair:
         self.packed: list[PackedLinears] = []
 
     def pack_weights(self, mode: PackMode = "auto") -> int:
-        """Serve the bfloat16 CPU linears from packed weights (`reward.packed_weights`); returns the layers packed.
+        """Serve the CPU linears from packed weights (`reward.packed_weights`); returns the layers packed.
 
         For a pair that only serves: the trainer's gradient steps run plain either way, but the packed copies
         cost memory it does not need.

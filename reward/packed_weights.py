@@ -1,20 +1,26 @@
-"""Linear layers on pre-packed bfloat16 weights, for inference on CPUs with bf16 matrix instructions.
+"""Linear layers on pre-packed weights (bfloat16 and float32), for inference on the CPU.
 
-Why: oneDNN's bfloat16 matrix product takes the weight in the plain (out, in) layout on every
-call, and at decode sizes (1-16 rows) that costs 1.5-3x a product on a weight packed once in the
-layout its kernels read (one thread, 8 rows: Intel AMX, 2026-12-05, 1408 x 512 104 us against 46 us,
-the 31,999 x 512 output layer 4.7 ms against 1.5 ms; AMD Zen 5 (AVX512_BF16), 2026-12-06, 69 against
-46 us and 2.3 against 1.3 ms; the same bits on every row count measured on both). This is
-the weight prepacking of PyTorch's inductor (`freezing`) and of Intel's extension for PyTorch, done here
-without compiling anything: each plain `nn.Linear` keeps its parameters (training, `state_dict`,
-LoRA merges see nothing new) and gains an instance `forward` that uses a packed copy when no
-gradient is needed. The price is one more copy of the linear weights in memory.
+Why: oneDNN's matrix product takes the weight in the plain (out, in) layout on every call, and at decode
+sizes (1-16 rows) that costs 1.5-3x a product on a weight packed once in the layout its kernels read.
+bfloat16 (one thread, 8 rows: Intel AMX, 2026-12-05, 1408 x 512 104 us against 46 us, the 31,999 x 512
+output layer 4.7 ms against 1.5 ms; AMD Zen 5 (AVX512_BF16), 2026-12-06, 69 against 46 us and 2.3 against
+1.3 ms; the same bits on every row count measured on both). float32 products go to MKL's GEMM by default,
+which takes a slow path on AMD CPUs: on Zen 4 (2 threads, 2026-12-06) oneDNN's packed product is 1.4-3x
+faster at 1-64 rows (the output layer at 8 rows 11.2 against 3.6 ms) and 1.1-1.7x at 595, float32 all
+through (summation order differs: ~1e-6 relative). This is the weight prepacking of PyTorch's inductor
+(`freezing`) and of Intel's extension for PyTorch, done here without compiling anything: each plain
+`nn.Linear` keeps its parameters (training, `state_dict`, LoRA merges see nothing new) and gains an
+instance `forward` that uses a packed copy when no gradient is needed. The price is one more copy of the
+linear weights in memory, so `auto` packs only where that copy fits in half the memory left.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import logging
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -23,19 +29,71 @@ from torch import nn
 from rlaifv.reward.errors import PackingUnavailableError
 
 PackMode = Literal["auto", "on", "off"]
+log = logging.getLogger(__name__)
 
+_PACKABLE = (torch.bfloat16, torch.float32)
 _DECODE_ROWS = 8  # oneDNN's layout hint; measured alike for 1..595 rows except a hint of 1 on big products
 
 
-def packing_supported() -> bool:
-    """This CPU and torch build have oneDNN's packed bfloat16 linear (AVX512_BF16 or AMX)."""
+def packing_supported(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """This CPU and torch build have oneDNN's packed linear for `dtype`: bfloat16 needs AVX512_BF16 or AMX,
+    float32 an x86 CPU with AVX2 or AVX-512."""
     cpu = torch.cpu
-    return (
+    onednn = (
         torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        and (cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
     )
+    if not onednn:
+        return False
+    if dtype == torch.bfloat16:
+        return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
+    if dtype == torch.float32:
+        return str(torch.backends.cpu.get_cpu_capability()).startswith(("AVX2", "AVX512"))
+    return False
+
+
+def packs_by_default(dtype: torch.dtype) -> bool:
+    """`auto`'s rule, where measured faster (docs/performance.md): bfloat16 wherever supported (Intel AMX, AMD
+    Zen 4 and Zen 5); float32 on AMD CPUs, whose float32 products otherwise take MKL's slow path (best-of-8
+    1.7x faster on Zen 4). Intel CPUs keep MKL's float32 GEMM, Intel's own, until measured there."""
+    if dtype == torch.float32:
+        return packing_supported(dtype) and _cpu_vendor() == "AuthenticAMD"
+    return packing_supported(dtype)
+
+
+@functools.cache
+def _cpu_vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: the machine's available memory, or less under a cgroup (v2 or v1)
+    limit, as in a Kubernetes pod (where /proc/meminfo shows the node); None where neither can be read."""
+    limits: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), Path(usage_file).read_text().strip()
+            if limit != "max" and int(limit) < 2**60:
+                limits.append(max(int(limit) - int(usage), 0))
+        except (OSError, ValueError):
+            continue
+    return min(limits) if limits else None
 
 
 class _PackedForward:
@@ -62,9 +120,9 @@ class _PackedForward:
         weight = self.module.weight
         return not (
             self.owner.suspended
-            or x.dtype != torch.bfloat16
+            or x.dtype != weight.dtype
             or x.device.type != "cpu"
-            or weight.dtype != torch.bfloat16
+            or weight.dtype not in _PACKABLE
             or weight.device.type != "cpu"
             or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
         )
@@ -79,15 +137,13 @@ class _PackedForward:
 class PackedLinears:
     """The packed layers of one model: `suspend()` runs it plain for a while, `remove()` for good."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, dtypes: Collection[torch.dtype] = _PACKABLE) -> None:
         self.suspended = False
         self.forwards: list[_PackedForward] = []
-        for module in model.modules():
-            # Exactly nn.Linear: subclasses (quantised layers, ...) compute something else with their weight.
-            if type(module) is nn.Linear and _packable(module) and "forward" not in module.__dict__:
-                forward = _PackedForward(module, self)
-                module.forward = forward
-                self.forwards.append(forward)
+        for module in _candidates(model, dtypes):
+            forward = _PackedForward(module, self)
+            module.forward = forward
+            self.forwards.append(forward)
 
     @property
     def count(self) -> int:
@@ -114,40 +170,52 @@ class PackedLinears:
         self.forwards = []
 
 
-def _packable(module: nn.Linear) -> bool:
+def _candidates(model: nn.Module, dtypes: Collection[torch.dtype]) -> list[nn.Linear]:
+    # Exactly nn.Linear: subclasses (quantised layers, ...) compute something else with their weight.
+    return [
+        module
+        for module in model.modules()
+        if type(module) is nn.Linear and _packable(module, dtypes) and "forward" not in module.__dict__
+    ]
+
+
+def _packable(module: nn.Linear, dtypes: Collection[torch.dtype]) -> bool:
     weight, bias = module.weight, module.bias
     return (
-        weight.dtype == torch.bfloat16
+        weight.dtype in dtypes
         and weight.device.type == "cpu"
         and weight.layout == torch.strided
-        and (bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu"))
+        and (bias is None or (bias.dtype == weight.dtype and bias.device.type == "cpu"))
     )
 
 
 def pack_linears(models: list[Any], mode: PackMode) -> list[PackedLinears]:
-    """Pack the bfloat16 CPU linears of `models` (each model once) as `mode` says; [] when it says not to.
+    """Pack the CPU linears of `models` (each model once) as `mode` says; [] when it says not to.
 
-    `on` raises `PackingUnavailableError` where the CPU or torch cannot pack or no layer is bfloat16 on CPU;
-    `auto` packs wherever the CPU can (measured faster on Intel AMX, AMD Zen 4 and Zen 5; docs/performance.md) and
-    silently does nothing elsewhere.
+    `auto` packs the dtypes `packs_by_default` names, and nothing (with a warning) where the packed copies
+    would take more than half the memory left (`available_memory`). `on` packs every dtype this CPU can
+    (`packing_supported`) whatever the memory, and raises `PackingUnavailableError` where no layer can be.
     """
     if mode == "off":
         return []
-    if not packing_supported():
-        if mode == "auto":
+    rule = packs_by_default if mode == "auto" else packing_supported
+    dtypes = tuple(d for d in _PACKABLE if rule(d))
+    unique = list({id(m): m for m in models if m is not None}.values())
+    extra = sum(m.weight.numel() * m.weight.element_size() for model in unique for m in _candidates(model, dtypes))
+    if mode == "auto" and extra:
+        available = available_memory()
+        if available is not None and 2 * extra > available:
+            log.warning(
+                "not packing weights: the packed copies (%.0f MB) would take more than half the memory left "
+                "(%.0f MB); RLAIFV_PACK_WEIGHTS=on packs anyway",
+                extra / 2**20,
+                available / 2**20,
+            )
             return []
-        raise PackingUnavailableError(
-            "pack_weights=on needs oneDNN's bfloat16 linear and a CPU with AVX512_BF16 or AMX; this one has neither"
-        )
-    handles: list[PackedLinears] = []
-    seen: set[int] = set()
-    for model in models:
-        if model is None or id(model) in seen:
-            continue
-        seen.add(id(model))
-        handle = PackedLinears(model)
-        if handle.count:
-            handles.append(handle)
+    handles = [handle for model in unique if (handle := PackedLinears(model, dtypes)).count] if extra else []
     if mode == "on" and not handles:
-        raise PackingUnavailableError("pack_weights=on packs bfloat16 weights on the CPU; this model has none")
+        raise PackingUnavailableError(
+            "pack_weights=on packs CPU linears in bfloat16 (needs oneDNN and AVX512_BF16 or AMX) or float32 (an "
+            "x86 CPU with AVX2 or AVX-512); this model has none that this CPU can pack"
+        )
     return handles

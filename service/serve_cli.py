@@ -34,7 +34,7 @@ def build_settings(**overrides: Any):
 
 PackWeights = Annotated[
     str | None,
-    typer.Option(help="auto, on, off: bf16 CPU linears on packed weights (env RLAIFV_PACK_WEIGHTS, default auto)."),
+    typer.Option(help="auto, on, off: CPU linears on packed weights (env RLAIFV_PACK_WEIGHTS, default auto)."),
 ]
 RedisUrl = Annotated[
     str | None, typer.Option(help="Redis for jobs, cache, rate limits; rediss:// for TLS (env RLAIFV_REDIS_URL).")

@@ -53,9 +53,10 @@ class Settings(BaseSettings):
     )
     pack_weights: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="Serve bfloat16 CPU linears from weights packed once for oneDNN (1.5-3x faster decode products; "
-        "one more copy of those weights in memory). auto: wherever the CPU has AVX512_BF16 or AMX; on: the same, and "
-        "start-up fails elsewhere; off: never.",
+        description="Serve CPU linears from weights packed once for oneDNN (1.5-3x faster decode products; one more "
+        "copy of those weights in memory). auto: bfloat16 wherever the CPU has AVX512_BF16 or AMX, float32 on AMD CPUs "
+        "(where MKL's float32 GEMM is slow), and only if the copies fit in half the memory left; on: every bfloat16 "
+        "or float32 linear this CPU can pack, and start-up fails where none can; off: never.",
     )
     warmup: bool = Field(True, description="Run one tiny best-of-N before reporting ready.")
 

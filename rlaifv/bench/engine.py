@@ -623,7 +623,7 @@ def bench_engine(
         int, typer.Option(help="Also time this many best-of-N requests in one batch (0: skip).")
     ] = 0,
     pack_weights: Annotated[
-        str, typer.Option(help="auto, on, off: our engine's bf16 CPU linears on packed weights (RLAIFV_PACK_WEIGHTS).")
+        str, typer.Option(help="auto, on, off: our engine's CPU linears on packed weights (RLAIFV_PACK_WEIGHTS).")
     ] = "auto",
     output: Annotated[
         Path | None, typer.Option(help="Write the reports as JSON here (and Markdown beside it).")

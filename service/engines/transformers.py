@@ -157,7 +157,7 @@ def load_transformers_engine(
     torch_threads: int | None = None,
     pack_weights: PackMode = "auto",
 ) -> tuple[TransformersEngine, float]:
-    """Load the bundle's pair (its bf16 CPU weights packed as `pack_weights` says); returns the engine and the
+    """Load the bundle's pair (its CPU linears packed as `pack_weights` says); returns the engine and the
     load time in seconds."""
     from rlaifv.reward.bundle import load_bundle
 

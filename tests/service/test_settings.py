@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from rlaifv.service.settings import Settings
@@ -71,9 +72,10 @@ def test_generator_settings_from_env_and_flags(monkeypatch) -> None:
 
 
 def test_pack_weights_reaches_the_served_pair(tiny_bundle) -> None:
-    """RLAIFV_PACK_WEIGHTS: 'on' packs a bf16 pair's linears, refuses a float32 pair at start-up; 'off' never packs."""
+    """RLAIFV_PACK_WEIGHTS: 'on' packs a pair's bf16 (and, on x86, float32) linears and refuses a float16 pair at
+    start-up; 'auto' packs float32 where measured faster (AMD); 'off' never packs."""
     from rlaifv.reward.errors import PackingUnavailableError
-    from rlaifv.reward.packed_weights import packing_supported
+    from rlaifv.reward.packed_weights import packing_supported, packs_by_default
     from rlaifv.service.engines import load_engine
 
     def load(**overrides):
@@ -81,8 +83,12 @@ def test_pack_weights_reaches_the_served_pair(tiny_bundle) -> None:
 
     assert load(dtype="bfloat16", pack_weights="off").pair.packed == []
     with pytest.raises(PackingUnavailableError):
-        load(dtype="float32", pack_weights="on")
-    if packing_supported():
-        engine = load(dtype="bfloat16", pack_weights="on")
-        assert engine.pair.packed and all(handle.count for handle in engine.pair.packed)
-        engine.shutdown()
+        load(dtype="float16", pack_weights="on")
+    engine = load(dtype="float32", pack_weights="auto")
+    assert bool(engine.pair.packed) == packs_by_default(torch.float32)
+    engine.shutdown()
+    for dtype in (torch.bfloat16, torch.float32):
+        if packing_supported(dtype):
+            engine = load(dtype=str(dtype).removeprefix("torch."), pack_weights="on")
+            assert engine.pair.packed and all(handle.count for handle in engine.pair.packed)
+            engine.shutdown()
