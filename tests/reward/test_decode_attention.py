@@ -21,6 +21,7 @@ from rlaifv.reward.logprobs import full_forward_logprobs
 from rlaifv.reward.models import load_model, load_processor
 from rlaifv.reward.prompt import encode_prompt, end_of_turn_id
 from rlaifv.reward.sampling import SamplingParams, sample_answers
+from rlaifv.reward.shared_prefix import attention_configs
 from rlaifv.testing.tiny_families import build_tiny_family
 
 BF16_ROUNDING = 2**-8  # of the largest output: bfloat16 inputs and outputs (and, for GQA, probabilities) rounded
@@ -123,7 +124,9 @@ def test_it_applies_to_bfloat16_cpu_models_without_gradient_only(tmp_path: Path)
         assert not decode_attention.pays(load_model(folder, device="cpu", dtype="float32"))
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl"], ids=["llava", "qwen2_vl-gqa"])
+# Llama (LLaVA), Qwen2-VL (GQA, mrope), Mistral with a sliding window (LLaVA-NeXT), Gemma3 (sliding layers, its
+# own scale), a Qwen2 decoder (InternVL), the native OmniLMM.
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "llava_next", "gemma3", "internvl", "omnilmm"])
 def bf16_family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     torch.set_num_threads(1)
     folder = build_tiny_family(request.param, tmp_path_factory.mktemp(request.param))
@@ -157,8 +160,10 @@ def test_one_answer_per_prompt_samples_through_it_like_a_plain_forward(
     monkeypatch.setattr(decode_attention, "_covered", spy)
     params = [SamplingParams(seed=5 + b, max_tokens=8) for b in range(2)]
     samples = sample_answers(model, prompts, [1, 1], params, stop_ids=[-1], pad_id=bf16_family["pad"])
-    layers = len(model.get_decoder().layers) if hasattr(model, "get_decoder") else None
-    assert sum(routed) == 7 * (layers or 1) and routed.count(0) == 0
+    layers = len(attention_configs(model)) and sum(
+        isinstance(getattr(m, "layer_idx", None), int) and getattr(m, "is_causal", False) for m in model.modules()
+    )
+    assert layers and routed == [1] * 7 * layers  # 7 one-token steps through every decoder layer
     for prompt, (sample,) in zip(prompts, samples, strict=True):
         assert len(sample.token_ids) == 8
         want = full_forward_logprobs(model, prompt, sample.token_ids)
