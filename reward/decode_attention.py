@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from rlaifv.reward.shared_prefix import attention_configs
+from rlaifv.reward.shared_prefix import attention_implementation, runs_sdpa
 
 NAME = "rlaifv_decode_sdpa"
 _UNCOVERED = ("softcap", "position_bias", "s_aux", "sinks", "cache")  # features left to transformers' function
@@ -41,25 +41,15 @@ def pays(model: Any) -> bool:
         weight = next(model.parameters())
     except StopIteration:
         return False
-    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
-        return False
-    configs = attention_configs(model)
-    return bool(configs) and all(getattr(c, "_attn_implementation", None) == "sdpa" for c in configs)
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and runs_sdpa(model)
 
 
 @contextmanager
 def decode_attention(model: Any) -> Iterator[None]:
     """Route the decoder's SDPA attention through `attention` for the duration (one model thread at a time)."""
     _register()
-    configs = attention_configs(model)
-    saved = [c._attn_implementation for c in configs]
-    for config in configs:
-        config._attn_implementation = NAME
-    try:
+    with attention_implementation(model, NAME):
         yield
-    finally:
-        for config, name in zip(configs, saved, strict=True):
-            config._attn_implementation = name
 
 
 def _covered(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float, kwargs: Any) -> bool:

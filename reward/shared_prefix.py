@@ -244,8 +244,7 @@ def eligible(model: Any, cache: Any, length: int) -> bool:
     layers = getattr(cache, "layers", None)
     if not layers or not all(_full_attention(layer, length) for layer in layers):
         return False
-    configs = attention_configs(model)
-    return bool(configs) and all(getattr(c, "_attn_implementation", None) == "sdpa" for c in configs)
+    return runs_sdpa(model)
 
 
 def share(cache: Any, owner: torch.Tensor, prefix_mask: torch.Tensor, reserve: int) -> Any:
@@ -257,18 +256,32 @@ def share(cache: Any, owner: torch.Tensor, prefix_mask: torch.Tensor, reserve: i
 
 
 @contextmanager
-def shared_prefix_attention(model: Any) -> Iterator[None]:
-    """Route the decoder's attention through `attention` for the duration (one model thread at a time)."""
-    _register()
+def attention_implementation(model: Any, name: str) -> Iterator[None]:
+    """The decoder's self-attention layers run the registered implementation `name` for the duration (one model
+    thread at a time); the previous ones come back after."""
     configs = attention_configs(model)
     saved = [c._attn_implementation for c in configs]
     for config in configs:
-        config._attn_implementation = NAME
+        config._attn_implementation = name
     try:
         yield
     finally:
-        for config, name in zip(configs, saved, strict=True):
-            config._attn_implementation = name
+        for config, previous in zip(configs, saved, strict=True):
+            config._attn_implementation = previous
+
+
+def runs_sdpa(model: Any) -> bool:
+    """Every decoder self-attention layer of `model` runs transformers' SDPA implementation."""
+    configs = attention_configs(model)
+    return bool(configs) and all(getattr(c, "_attn_implementation", None) == "sdpa" for c in configs)
+
+
+@contextmanager
+def shared_prefix_attention(model: Any) -> Iterator[None]:
+    """Route the decoder's attention through `attention` for the duration (one model thread at a time)."""
+    _register()
+    with attention_implementation(model, NAME):
+        yield
 
 
 def attention(
