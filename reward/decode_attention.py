@@ -57,7 +57,6 @@ def _covered(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, 
         query.device.type == "cpu"
         and query.dtype == torch.bfloat16
         and query.shape[2] == 1
-        and key.shape[1] > 0
         and query.shape[1] % key.shape[1] == 0
         and not dropout
         and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1))

@@ -212,7 +212,7 @@ def pack_linears(models: list[Any], mode: PackMode) -> list[PackedLinears]:
                 available / 2**20,
             )
             return []
-    handles = [handle for model in unique if (handle := PackedLinears(model, dtypes)).count] if extra else []
+    handles = [handle for model in unique if (handle := PackedLinears(model, dtypes)).count]
     if mode == "on" and not handles:
         raise PackingUnavailableError(
             "pack_weights=on packs CPU linears in bfloat16 (needs oneDNN and AVX512_BF16 or AMX) or float32 (an "

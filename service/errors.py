@@ -115,12 +115,16 @@ class Checks:
     """The independent checks of one request, each run whatever the others found, so one 400 lists them all.
 
     Each `with checks.one():` block is one check (it stops at its own first problem); a `BadRequest` inside is
-    kept and the next check runs; `done()` raises what was kept as one `BadRequest`: the first problem's
-    message, param and code, and `errors` listing every one. Anything but a 400 propagates at once.
+    kept and the next check runs; `add` keeps a problem found without a block. `done()` raises what was kept as
+    one `BadRequest`: the first problem's message, param and code, and `errors` listing every one. Anything but
+    a 400 propagates at once.
     """
 
     def __init__(self) -> None:
         self.failed: list[BadRequest] = []
+
+    def add(self, problem: BadRequest) -> None:
+        self.failed.append(problem)
 
     @contextmanager
     def one(self) -> Iterator[None]:

@@ -329,8 +329,7 @@ class Serving:
         self.check_model(body.model)
         checks = Checks()
         if len(body.answers) > self.settings.max_answers:
-            with checks.one():
-                raise BadRequest(f"at most {self.settings.max_answers} answers per request", param="answers")
+            checks.add(BadRequest(f"at most {self.settings.max_answers} answers per request", param="answers"))
         for i, answer in enumerate(body.answers):
             with checks.one():
                 if len(answer) > self.settings.max_answer_chars:
@@ -387,13 +386,14 @@ class Serving:
         with checks.one():
             body.check_supported()
         if self.generator is not None and body.logprobs:
-            with checks.one():
-                raise BadRequest(
+            checks.add(
+                BadRequest(
                     "logprobs are not available when a generator writes the answers (RLAIFV_GENERATOR_URL): the "
                     "pair only scores them; each choice's policy_logprob is the pair's sum",
                     param="logprobs",
                     code="unsupported_parameter",
                 )
+            )
         with checks.one():
             best_of = body.candidates(self.settings)
         with checks.one():

@@ -168,8 +168,7 @@ def test_checks_run_to_the_end_and_raise_one_400() -> None:
         raise BadRequest("n must be <= 8, got 9", param="n")
     with checks.one():
         pass
-    with checks.one():
-        raise BadRequest("'tools' is not supported", param="tools", code="unsupported_parameter")
+    checks.add(BadRequest("'tools' is not supported", param="tools", code="unsupported_parameter"))
     with pytest.raises(BadRequest) as info:
         checks.done()
     assert (info.value.param, info.value.code) == ("n", "invalid_value")
