@@ -313,7 +313,7 @@ def attention(
         grid[layout.owner, layout.slot] = query
     # (B, S, H, T, d) -> (B, Hkv, groups * S * T, d): a key head's query heads are extra queries of that head.
     q = grid.permute(0, 2, 1, 3, 4).reshape(prompts, kv_heads, groups * slots * width, dim)
-    if done == 0 and width > 1 and query.device.type == "cpu" and _cascade_pays(query.dtype):
+    if done == 0 and width > 1 and query.device.type == "cpu" and _cascade_pays(query.dtype, slots):
         out = _cascade(q, key, value, layout, width, groups, scaling)
     else:
         mask = layout.mask(done, width, groups, query.dtype)
@@ -328,14 +328,25 @@ def attention(
 _FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-@functools.cache
-def _cascade_pays(dtype: torch.dtype) -> bool:
+# From this many answers per prompt the cascade pays on AMX too: the masked call's work over the other answers' keys
+# grows with the square of their number (best-of-N's reference pass, bfloat16, Intel AMX, 2 threads, 2026-12-06:
+# N = 16 masked 0.271 s against the cascade's 0.281 s; N = 32 0.538 against 0.482 s).
+_CASCADE_SLOTS_ON_AMX = 32
+
+
+def _cascade_pays(dtype: torch.dtype, slots: int) -> bool:
     """The float32 cascade beats the one masked call wherever measured, except a reduced-precision model on a
-    CPU with AMX: there the masked call runs on the tiles in bf16 (4.8 ms per layer) and a float32 cascade
-    would not (8.3 ms; a bf16 cascade saved 4 %, for partial outputs rounded before the merge)."""
+    CPU with AMX with fewer than `_CASCADE_SLOTS_ON_AMX` answers per prompt: there the masked call runs on the
+    tiles in bf16 (4.8 ms per layer at N = 8) and a float32 cascade would not (8.3 ms; a bf16 cascade saved
+    4 %, for partial outputs rounded before the merge)."""
     if _FLASH_WITH_LSE is None:
         return False
-    return dtype == torch.float32 or not torch.cpu._is_amx_tile_supported()
+    return dtype == torch.float32 or slots >= _CASCADE_SLOTS_ON_AMX or not _has_amx_tiles()
+
+
+@functools.cache
+def _has_amx_tiles() -> bool:
+    return bool(torch.cpu._is_amx_tile_supported())
 
 
 def _cascade(

@@ -234,7 +234,7 @@ def test_attention_over_shared_buffers_equals_per_row_attention(
 
 def test_a_whole_answers_pass_on_cpu_runs_as_a_cascade(monkeypatch: pytest.MonkeyPatch) -> None:
     """Multi-token steps from the start of the answers take the cascade; decode steps the one masked call."""
-    assert shared_prefix._cascade_pays(torch.float32), "torch lost its CPU flash kernel with log-sum-exp"
+    assert shared_prefix._cascade_pays(torch.float32, 2), "torch lost its CPU flash kernel with log-sum-exp"
     calls: list[int] = []
     cascade = shared_prefix._cascade
 
@@ -249,3 +249,14 @@ def test_a_whole_answers_pass_on_cpu_runs_as_a_cascade(monkeypatch: pytest.Monke
         keys, values = layer.update(torch.randn(2, 2, width, 8), torch.randn(2, 2, width, 8))
         attention(None, torch.randn(2, 2, width, 8), keys, values, None)
     assert calls == [3]
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_the_cascade_rule_per_cpu(amx: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 always; bfloat16 without AMX tiles always, with them only from many answers per prompt on."""
+    monkeypatch.setattr(shared_prefix, "_has_amx_tiles", lambda: amx)
+    many = shared_prefix._CASCADE_SLOTS_ON_AMX
+    assert shared_prefix._cascade_pays(torch.float32, 2) and shared_prefix._cascade_pays(torch.float32, many)
+    assert shared_prefix._cascade_pays(torch.bfloat16, 8) is not amx
+    assert shared_prefix._cascade_pays(torch.bfloat16, many - 1) is not amx
+    assert shared_prefix._cascade_pays(torch.bfloat16, many)
