@@ -23,7 +23,6 @@ layers call `attention`, and the masks are SDPA's.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from rlaifv.reward.shared_prefix import attention_implementation, runs_sdpa
+from rlaifv.reward.shared_prefix import attention_implementation, has_amx_tiles, runs_sdpa
 
 NAME = "rlaifv_decode_sdpa"
 _UNCOVERED = ("softcap", "position_bias", "s_aux", "sinks", "cache")  # features left to transformers' function
@@ -57,10 +56,9 @@ def decode_attention(model: Any) -> Iterator[None]:
         yield
 
 
-@functools.cache
 def _single_query_is_slow() -> bool:
     """The CPU kernel's bfloat16 call with one query per head is the slow case without AMX tiles only."""
-    return not torch.cpu._is_amx_tile_supported()
+    return not has_amx_tiles()
 
 
 def _covered(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float, kwargs: Any) -> bool:

@@ -341,11 +341,12 @@ def _cascade_pays(dtype: torch.dtype, slots: int) -> bool:
     4 %, for partial outputs rounded before the merge)."""
     if _FLASH_WITH_LSE is None:
         return False
-    return dtype == torch.float32 or slots >= _CASCADE_SLOTS_ON_AMX or not _has_amx_tiles()
+    return dtype == torch.float32 or slots >= _CASCADE_SLOTS_ON_AMX or not has_amx_tiles()
 
 
 @functools.cache
-def _has_amx_tiles() -> bool:
+def has_amx_tiles() -> bool:
+    """This CPU has AMX tiles, where the CPU attention kernel runs bfloat16 on them (the fast case there)."""
     return bool(torch.cpu._is_amx_tile_supported())
 
 

@@ -254,7 +254,7 @@ def test_a_whole_answers_pass_on_cpu_runs_as_a_cascade(monkeypatch: pytest.Monke
 @pytest.mark.parametrize("amx", [False, True])
 def test_the_cascade_rule_per_cpu(amx: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """float32 always; bfloat16 without AMX tiles always, with them only from many answers per prompt on."""
-    monkeypatch.setattr(shared_prefix, "_has_amx_tiles", lambda: amx)
+    monkeypatch.setattr(shared_prefix, "has_amx_tiles", lambda: amx)
     many = shared_prefix._CASCADE_SLOTS_ON_AMX
     assert shared_prefix._cascade_pays(torch.float32, 2) and shared_prefix._cascade_pays(torch.float32, many)
     assert shared_prefix._cascade_pays(torch.bfloat16, 8) is not amx
