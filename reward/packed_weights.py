@@ -16,7 +16,6 @@ linear weights in memory, so `auto` packs only where that copy fits in half the 
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from rlaifv.reward.cpu_info import cpuinfo_field
 from rlaifv.reward.errors import PackingUnavailableError
 
 PackMode = Literal["auto", "on", "off"]
@@ -60,19 +60,8 @@ def packs_by_default(dtype: torch.dtype) -> bool:
     2026-12-06) oneDNN's packed product is slower at 1-8 rows on every product but the output layer, and the
     pipeline gained nothing measurable (best-of-8 2.16 against 2.22 s, one answer 1.42 against 1.39 s)."""
     if dtype == torch.float32:
-        return packing_supported(dtype) and _cpu_vendor() == "AuthenticAMD"
+        return packing_supported(dtype) and cpuinfo_field("vendor_id") == "AuthenticAMD"
     return packing_supported(dtype)
-
-
-@functools.cache
-def _cpu_vendor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def available_memory() -> int | None:

@@ -26,7 +26,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import statistics
 import threading
 import time
@@ -38,6 +37,7 @@ from typing import Annotated, Any
 import typer
 
 from rlaifv.bench.engine_models import SHAPES, Shape
+from rlaifv.reward.cpu_info import cpu_name
 
 
 @dataclass
@@ -599,14 +599,6 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def bench_engine(
     shape: Annotated[str, typer.Option(help=f"Model shape(s), comma-separated: {', '.join(SHAPES)}.")] = "cpu",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -662,7 +654,7 @@ def bench_engine(
         )
         report = bench.run()
         report["date"] = datetime.date.today().isoformat()
-        report["machine"] = torch.cuda.get_device_name() if on_cuda else machine()
+        report["machine"] = torch.cuda.get_device_name() if on_cuda else cpu_name()
         report["torch"] = torch.__version__
         import transformers
 

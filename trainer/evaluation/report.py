@@ -19,20 +19,13 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
+from rlaifv.reward.cpu_info import cpu_name
 from rlaifv.trainer.errors import DataError
 
 
 def machine() -> str:
     """The CPU and core count, e.g. "x86_64, AMD EPYC 7B13, 2 cores" (what the numbers were measured on)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()}, {cpu}, {os.cpu_count()} cores"
+    return f"{platform.machine()}, {cpu_name()}, {os.cpu_count()} cores"
 
 
 class Report(BaseModel):

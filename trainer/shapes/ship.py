@@ -12,28 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rlaifv.reward.cpu_info import cpu_name
 from rlaifv.trainer.shapes.pipeline import RECIPE_VERSION, DemoConfig
 from rlaifv.trainer.shapes.targets import check_targets, served_label
 
 SHIPPED_FILE = "shipped.json"
 REPORT_FILE = "report.json"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def ship(
