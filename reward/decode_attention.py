@@ -56,18 +56,13 @@ def decode_attention(model: Any) -> Iterator[None]:
         yield
 
 
-def _single_query_is_slow() -> bool:
-    """The CPU kernel's bfloat16 call with one query per head is the slow case without AMX tiles only."""
-    return not has_amx_tiles()
-
-
 def _covered(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float, kwargs: Any) -> bool:
     return (
         query.device.type == "cpu"
         and query.dtype == torch.bfloat16
         and query.shape[2] == 1
         and query.shape[1] % key.shape[1] == 0
-        and (query.shape[1] > key.shape[1] or _single_query_is_slow())
+        and (query.shape[1] > key.shape[1] or not has_amx_tiles())  # one query per head: slow without AMX only
         and not dropout
         and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1))
         and not any(kwargs.get(name) is not None for name in _UNCOVERED)

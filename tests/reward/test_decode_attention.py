@@ -63,7 +63,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, tuple[int, 
 def test_a_one_token_step_equals_float64_attention(
     kv_heads: int, mask: str, batch: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(decode_attention, "_single_query_is_slow", lambda: True)  # a CPU without AMX
+    monkeypatch.setattr(decode_attention, "has_amx_tiles", lambda: False)  # a CPU without AMX
     torch.manual_seed(0)
     heads, dim, keys = 4, 16, 37
     q = torch.randn(batch, heads, 1, dim).bfloat16()
@@ -93,7 +93,7 @@ def test_a_one_token_step_equals_float64_attention(
 )
 def test_other_calls_are_transformers_sdpa_unchanged(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Including one query per key head where the CPU has AMX tiles: its bfloat16 kernel is the fast one there."""
-    monkeypatch.setattr(decode_attention, "_single_query_is_slow", lambda: not case.endswith("-with-amx"))
+    monkeypatch.setattr(decode_attention, "has_amx_tiles", lambda: case.endswith("-with-amx"))
     torch.manual_seed(1)
     dtype = torch.float32 if case == "float32" else torch.bfloat16
     width = 3 if case == "several-tokens" else 1
@@ -152,7 +152,7 @@ def test_one_answer_per_prompt_samples_through_it_like_a_plain_forward(
     one-token steps take the routed attention in every decoder layer; each sampled token's log-prob agrees with a
     plain bfloat16 forward over prompt + answer (within bfloat16 rounding through the layers)."""
     model, prompts = bf16_family["model"], bf16_family["prompts"]
-    monkeypatch.setattr(decode_attention, "_single_query_is_slow", lambda: True)  # every family routed, any CPU
+    monkeypatch.setattr(decode_attention, "has_amx_tiles", lambda: False)  # every family routed, any CPU
     routed: list[int] = []
     covered = decode_attention._covered
 
