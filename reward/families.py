@@ -46,27 +46,46 @@ class Family:
     shape (the model crops them back by `image_sizes` or drops all-zero crops
     under a pixel mask), so prompts of any image shapes share a micro-batch.
     verified: covered by the per-family tests (tests/reward/test_families.py).
+    vision, projector: dotted module paths (as in parameter names) of the image encoder and of what maps its
+    features into the language model; the trainer freezes them by these (a projector inside the encoder, as
+    Qwen-VL's `visual.merger`, is the projector).
     """
 
     name: str
     mrope: bool = False
     pad_vision: bool = False
     verified: bool = True
+    vision: tuple[str, ...] = ("vision_tower",)
+    projector: tuple[str, ...] = ("multi_modal_projector",)
 
+
+_QWEN_VISION: dict[str, Any] = {"vision": ("visual",), "projector": ("visual.merger",)}
+_IDEFICS_VISION: dict[str, Any] = {"vision": ("vision_model",), "projector": ("connector",)}
 
 FAMILIES: dict[str, Family] = {
     "llava": Family("LLaVA-1.5"),
-    "llava_next": Family("LLaVA-NeXT", pad_vision=True),
-    "qwen2_vl": Family("Qwen2-VL", mrope=True),
-    "qwen2_5_vl": Family("Qwen2.5-VL", mrope=True),
-    "qwen3_vl": Family("Qwen3-VL", mrope=True),
+    "llava_next": Family("LLaVA-NeXT", pad_vision=True, projector=("multi_modal_projector", "image_newline")),
+    "qwen2_vl": Family("Qwen2-VL", mrope=True, **_QWEN_VISION),
+    "qwen2_5_vl": Family("Qwen2.5-VL", mrope=True, **_QWEN_VISION),
+    "qwen3_vl": Family(
+        "Qwen3-VL", mrope=True, vision=("visual",), projector=("visual.merger", "visual.deepstack_merger_list")
+    ),
     "gemma3": Family("Gemma3"),
-    "idefics3": Family("Idefics3", pad_vision=True),
-    "smolvlm": Family("SmolVLM", pad_vision=True),
+    "idefics3": Family("Idefics3", pad_vision=True, **_IDEFICS_VISION),
+    "smolvlm": Family("SmolVLM", pad_vision=True, **_IDEFICS_VISION),
     "mistral3": Family("Mistral3 / Pixtral", pad_vision=True, verified=False),  # its processor needs torchvision
     "internvl": Family("InternVL"),
-    "omnilmm": Family("OmniLMM / RLAIF-V-12B"),  # native implementation: reward/omnilmm/
+    "omnilmm": Family("OmniLMM / RLAIF-V-12B", projector=("resampler",)),  # native implementation: reward/omnilmm/
 }
+
+
+def module_part(family: Family, parameter: str) -> str | None:
+    """'projector', 'vision' or None: which image part a parameter name (`model.visual.blocks.0...`) is in."""
+    dotted = f".{parameter}."
+    for part, paths in (("projector", family.projector), ("vision", family.vision)):
+        if any(f".{path}." in dotted for path in paths):
+            return part
+    return None
 
 
 def model_type(model: Any) -> str:

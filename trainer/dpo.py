@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlaifv.trainer.data import PreferenceRow
 from rlaifv.trainer.dpo_config import DPOConfig
-from rlaifv.trainer.errors import DataError, RunStateError
+from rlaifv.trainer.errors import ConfigError, DataError, RunStateError
 
 if TYPE_CHECKING:
     import torch
@@ -357,13 +357,26 @@ def read_reference_cache(path: Path, key: str, pairs: Sequence[EncodedPair]) -> 
 
 
 def _trainable_parameters(model: Any, config: DPOConfig) -> None:
+    """Freeze the image encoder and/or projector by the family's module paths; a freeze that finds nothing
+    to freeze is an error, so a family with other names cannot train its encoder by surprise."""
     if config.lora:
         return
+    from rlaifv.reward.families import family_of, module_part
+
+    family = family_of(model)
+    wanted = {part for part, on in (("vision", config.freeze_vision), ("projector", config.freeze_projector)) if on}
+    found: set[str] = set()
     for name, param in model.named_parameters():
-        frozen = (config.freeze_vision and "vision_tower" in name) or (
-            config.freeze_projector and "multi_modal_projector" in name
+        part = module_part(family, name)
+        found.add(part or "")
+        param.requires_grad_(part not in wanted)
+    missing = wanted - found
+    if missing:
+        paths = {"vision": family.vision, "projector": family.projector}
+        raise ConfigError(
+            f"freeze_{sorted(missing)[0]} is set but model type {family.name!r} has no parameters under "
+            f"{', '.join(p for part in sorted(missing) for p in paths[part])}; set it to false for this model"
         )
-        param.requires_grad_(not frozen)
 
 
 def _optimizer(model: Any, config: DPOConfig):
@@ -458,19 +471,23 @@ def train_dpo(
     # Reference log-probs: once, cached beside the pairs.
     cache = output_dir / REFERENCE_CACHE
     reference_id = model_fingerprint(reference_path if not config.lora else model_path)
+    if (config.dtype, config.mixed_precision) != ("float32", "no"):
+        reference_id += f"|{config.dtype}|{config.mixed_precision}"
     key = reference_cache_key(reference_id, pairs)
     hit = read_reference_cache(cache, key, pairs)
     if not hit:
+        # Under the policy's autocast, so that both sides of the log-ratio round alike (a margin of 0 at step 0).
         if config.lora:
-            with policy.disable_adapter():
+            with policy.disable_adapter(), accelerator.autocast():
                 compute_reference_logprobs(
                     policy, processor, pairs, batch_size=config.ref_batch_size, pad_id=pad_id, progress=show
                 )
         else:
             reference = load_model(reference_path, device=str(accelerator.device), dtype=config.dtype)
-            compute_reference_logprobs(
-                reference, processor, pairs, batch_size=config.ref_batch_size, pad_id=pad_id, progress=show
-            )
+            with accelerator.autocast():
+                compute_reference_logprobs(
+                    reference, processor, pairs, batch_size=config.ref_batch_size, pad_id=pad_id, progress=show
+                )
             del reference
         if accelerator.is_main_process:
             write_reference_cache(cache, pairs, key)
@@ -525,7 +542,8 @@ def train_dpo(
             ref_dists = None
             if config.token_kl > 0:
                 unwrapped = accelerator.unwrap_model(scorer).model
-                ref_dists = _reference_for_kl(unwrapped, kl_reference, prompts, batch, pad_id)
+                with accelerator.autocast():
+                    ref_dists = _reference_for_kl(unwrapped, kl_reference, prompts, batch, pad_id)
             with accelerator.accumulate(scorer):
                 out = scorer(prompts, batch, ref_dists)
                 sums, kl = out[:, :2], (out[:, 2:] if ref_dists is not None else None)

@@ -58,16 +58,28 @@ class DPOConfig:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_targets: str = field(default=DEFAULT_LORA_TARGETS, metadata={"help": "Regex of module names LoRA wraps."})
     freeze_vision: bool = field(
-        default=True, metadata={"help": "Keep the vision tower (and projector) fixed in full fine-tuning."}
+        default=True,
+        metadata={
+            "help": "Keep the image encoder fixed in full fine-tuning (the family's module paths: "
+            "reward/families.py); the projector trains unless freeze_projector."
+        },
     )
-    freeze_projector: bool = field(default=False, metadata={"help": "Also keep the multimodal projector fixed."})
+    freeze_projector: bool = field(
+        default=False, metadata={"help": "Also keep the projector (image features -> language model) fixed."}
+    )
     max_answer_tokens: int | None = field(
         default=None, metadata={"help": "Drop pairs with a longer answer (tokens, EOT included)."}
     )
     ref_batch_size: int = field(
         default=8, metadata={"help": "Pairs per no-grad forward when precomputing reference log-probs."}
     )
-    dtype: str = field(default="float32", metadata={"help": "Weight dtype while training (float32, bfloat16)."})
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Weight dtype while training: float32 (full fine-tuning needs it: the optimizer's master"
+            " weights), or bfloat16/float16 for the frozen base of a LoRA run."
+        },
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = field(
         default="no", metadata={"help": "accelerate mixed precision."}
     )
@@ -100,6 +112,12 @@ class DPOConfig:
             (self.lr_scheduler in ("cosine", "linear", "constant"), "lr_scheduler must be cosine, linear or constant"),
             (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16"),
             (self.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16"),
+            (
+                self.lora or self.dtype == "float32",
+                f"dtype={self.dtype} with full fine-tuning: AdamW on {self.dtype} weights has no float32 master copy,"
+                " so updates at DPO's learning rates round away; use dtype=float32 with mixed_precision=bf16"
+                " (float32 master weights, as RLAIF-V's DeepSpeed runs keep) or lora=true",
+            ),
             (self.log_every >= 1, "log_every must be >= 1"),
         ]
         for ok, message in checks:

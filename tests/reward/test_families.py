@@ -18,7 +18,7 @@ from PIL import Image
 
 from rlaifv.reward.errors import ModelLoadError
 from rlaifv.reward.families import FAMILIES as RULES
-from rlaifv.reward.families import batch_groups, family_of
+from rlaifv.reward.families import batch_groups, family_of, module_part
 from rlaifv.reward.logprobs import answer_logprobs, continuation_logits, full_forward_logprobs
 from rlaifv.reward.models import has_torchvision, load_model, load_processor
 from rlaifv.reward.prompt import EncodedPrompt, encode_answer, encode_prompt, end_of_turn_id
@@ -130,6 +130,36 @@ def test_the_processor_loads_from_the_saved_folder(family: dict[str, Any]) -> No
     assert torch.equal(again.input_ids, family["prompts"][1].input_ids)
 
 
+TEXT_MODEL_PARTS = ("language_model", "text_model", "lm_head")
+
+
+def test_the_image_encoder_and_projector_paths_cover_every_non_text_parameter(family: dict[str, Any]) -> None:
+    """The trainer freezes by these paths: a family whose encoder were named otherwise would train it."""
+    rules = family_of(family["model"])
+    parts: dict[str | None, list[str]] = {"vision": [], "projector": [], None: []}
+    for name, _ in family["model"].named_parameters():
+        parts[module_part(rules, name)].append(name)
+    assert parts["vision"] and parts["projector"], {k: v[:3] for k, v in parts.items()}
+    assert all(any(p in name for p in TEXT_MODEL_PARTS) for name in parts[None]), parts[None]
+
+
+def test_full_fine_tuning_freezes_the_family_encoder_and_trains_its_projector(family: dict[str, Any]) -> None:
+    from rlaifv.trainer.dpo import _trainable_parameters
+    from rlaifv.trainer.dpo_config import DPOConfig
+
+    model, rules = family["model"], family_of(family["model"])
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        _trainable_parameters(model, DPOConfig(freeze_vision=True, freeze_projector=False))
+        for name, param in model.named_parameters():
+            assert param.requires_grad == (module_part(rules, name) != "vision"), name
+        _trainable_parameters(model, DPOConfig(freeze_vision=True, freeze_projector=True))
+        assert all(p.requires_grad == (module_part(rules, n) is None) for n, p in model.named_parameters())
+    finally:
+        for name, param in model.named_parameters():
+            param.requires_grad_(before[name])
+
+
 @pytest.mark.skipif(has_torchvision(), reason="torchvision is installed: the family is served and tested above")
 @pytest.mark.parametrize("name", NEEDS_TORCHVISION)
 def test_a_family_whose_processor_needs_torchvision_is_refused_naming_the_fix(name: str, tmp_path: Path) -> None:
@@ -178,3 +208,19 @@ def test_the_yes_no_judge_equals_a_plain_forward_of_each_question(family: dict[s
             probs = logprobs.exp()
             truth = float(probs[: len(judge.yes_ids)].sum() / probs.sum())
             assert abs(score - truth) < TOLERANCE, (family["name"], question, score, truth)
+
+
+def test_a_freeze_that_finds_no_encoder_is_refused_naming_the_setting() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlaifv.trainer.dpo import _trainable_parameters
+    from rlaifv.trainer.dpo_config import DPOConfig
+    from rlaifv.trainer.errors import ConfigError
+
+    model = LlamaForCausalLM(
+        LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    )
+    with pytest.raises(ConfigError, match="freeze_vision is set but model type 'llama' has no parameters under"):
+        _trainable_parameters(model, DPOConfig(freeze_vision=True))
+    _trainable_parameters(model, DPOConfig(freeze_vision=False))
+    assert all(p.requires_grad for p in model.parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -297,6 +298,14 @@ def test_dpo_config_validation(kwargs: dict) -> None:
         DPOConfig(**kwargs)
 
 
+def test_full_fine_tuning_needs_float32_master_weights() -> None:
+    """bf16 weights under plain AdamW lose DPO-sized updates to rounding: refused, naming the working setting."""
+    with pytest.raises(ConfigError, match="mixed_precision=bf16"):
+        DPOConfig(dtype="bfloat16")
+    assert DPOConfig(dtype="bfloat16", lora=True).dtype == "bfloat16"
+    assert DPOConfig(mixed_precision="bf16").dtype == "float32"
+
+
 def test_default_learning_rates_follow_rlaifv() -> None:
     assert DPOConfig().lr == 5e-7 and DPOConfig(lora=True).lr == 1e-5 and DPOConfig(learning_rate=0.1).lr == 0.1
 
@@ -352,3 +361,31 @@ def test_two_process_data_parallel_training_by_launcher_only(tiny_model: Path, t
     assert report["optimizer_steps"] == 4  # 8 pairs / (2 per batch x 2 processes) x 2 epochs
     assert report["history"][-1]["margin"] > 0
     load_bundle(out / "bundle")
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_reference_is_scored_under_the_runs_precision_and_cached_per_precision(
+    tiny_model: Path, tmp_path: Path, lora: bool
+) -> None:
+    """bf16 autocast scores the policy; the reference's sums must be made the same way, not reused from float32."""
+    import pyarrow.parquet as pq
+    from accelerate.state import AcceleratorState
+
+    rows = _toy_rows(4)
+    AcceleratorState._reset_state(reset_partial_state=True)  # one precision per process, as accelerate has it
+    fp32 = DPOConfig(learning_rate=1e-4, batch_size=4, warmup_ratio=0.0, cpu=True, lora=lora)
+    train_dpo(fp32, rows, model_path=tiny_model, output_dir=tmp_path, progress=False)
+    exact = pq.read_table(tmp_path / REFERENCE_CACHE)["ref_chosen"].to_pylist()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    mixed = train_dpo(
+        dataclasses.replace(fp32, mixed_precision="bf16"),
+        rows,
+        model_path=tiny_model,
+        output_dir=tmp_path,
+        progress=False,
+    )
+    assert not mixed.reference_cache_hit
+    rounded = pq.read_table(tmp_path / REFERENCE_CACHE)["ref_chosen"].to_pylist()
+    assert rounded != exact and rounded == pytest.approx(exact, abs=0.5)
+    assert mixed.history[0]["margin"] == pytest.approx(0.0, abs=1e-3)
+    AcceleratorState._reset_state(reset_partial_state=True)
