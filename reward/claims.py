@@ -34,12 +34,24 @@ from rlaifv.reward.yes_no import Labeler
 
 YES_NO_SUFFIX = "Please answer yes or no."
 _EXISTENTIAL = re.compile(
-    r"^(?:there (?:is|are)|(?:the|this) (?:image|picture|photo) (?:shows|contains|depicts|has)|"
-    r"i (?:can )?see|it shows|(?:in the (?:image|picture),? )?there (?:is|are))\s+",
+    r"^(?:there (?P<verb>is|are)|(?:the|this) (?:image|picture|photo) (?:shows|contains|depicts|has)|"
+    r"i (?:can )?see|it shows|(?:in the (?:image|picture),? )?there (?P<verb2>is|are))\s+",
     re.I,
 )
-_LIST_SEPARATOR = re.compile(r"\s*,\s*(?:and\s+)?|\s+and\s+|\s*;\s*", re.I)
+_LIST_SEPARATOR = re.compile(r"(\s*,\s*(?:and\s+)?|\s+and\s+|\s*;\s*)", re.I)
 _BARE_LIST_START = re.compile(r"^(?:a|an|one|two|three|four|five|some|several)\s", re.I)
+_SINGULAR_START = re.compile(r"^(?:a|an|one|the|this|that|another|each|every)\b", re.I)
+_PLURAL_START = re.compile(
+    r"^(?:two|three|four|five|six|seven|eight|nine|ten|[2-9]|\d\d+|several|many|multiple|both|few|a few|"
+    r"a couple|a group|these|those|numerous)\b",
+    re.I,
+)
+# "a black and white cat" is one object: a list item ending in one of these before an item without its own
+# determiner is an adjective of the next (a trained spaCy pipeline's parser would say so; the blank one cannot).
+_COLOURS = "black white red green blue yellow orange purple pink brown grey gray silver gold golden beige"
+_LOOKS = "dark light bright pale striped spotted big small large little tall short long old young new"
+_LEADING_ADJECTIVES = frozenset(f"{_COLOURS} {_LOOKS}".split())
+_IMAGE_PLACE = re.compile(r"\b(?:in|on|within) (?:the|this) (?:image|picture|photo|photograph|scene)\b", re.I)
 _VERB = re.compile(
     r"\b(?:is|are|was|were|has|have|had|does|do|did|shows?|contains?|sits?|stands?|holds?|looks?)\b", re.I
 )
@@ -93,17 +105,37 @@ class SpacyClaimSplitter:
                 continue
             match = _EXISTENTIAL.match(text)
             if match:
-                body = text[match.end() :]
+                body, verb = text[match.end() :], (match.group("verb") or match.group("verb2") or "is").lower()
             elif _BARE_LIST_START.match(text) and not _VERB.search(text):
-                body = text
+                body, verb = text, "is"
             else:
                 claims.append(text + ".")
                 continue
-            for item in _LIST_SEPARATOR.split(body):
-                item = item.strip()
-                if item:
-                    claims.append(f"There is {item}.")
+            claims += [f"There {_verb_for(item, verb)} {item}." for item in _list_items(body)]
         return claims
+
+
+def _list_items(body: str) -> list[str]:
+    """Split a list of objects at commas and "and", keeping "a black and white cat" whole."""
+    parts = _LIST_SEPARATOR.split(body)
+    items = [parts[0].strip()]
+    for separator, item in zip(parts[1::2], parts[2::2], strict=True):
+        item = item.strip()
+        last = items[-1].split()[-1].lower() if items[-1] else ""
+        if item and last in _LEADING_ADJECTIVES and not _SINGULAR_START.match(item) and not _PLURAL_START.match(item):
+            items[-1] += separator + item
+        else:
+            items.append(item)
+    return [item for item in items if item]
+
+
+def _verb_for(item: str, verb: str) -> str:
+    """The item's number where its first word says it ("two cats", "a cat"), else the sentence's verb."""
+    if _SINGULAR_START.match(item):
+        return "is"
+    if _PLURAL_START.match(item):
+        return "are"
+    return verb
 
 
 class RuleQuestionWriter:
@@ -117,7 +149,8 @@ class RuleQuestionWriter:
         lowered = text[:1].lower() + text[1:]
         match = re.match(r"^there (is|are)\s+(.*)$", lowered, re.I)
         if match:
-            core = f"{match.group(1).capitalize()} there {match.group(2)} in the image?"
+            place = "" if _IMAGE_PLACE.search(match.group(2)) else " in the image"
+            core = f"{match.group(1).capitalize()} there {match.group(2)}{place}?"
         else:
             match = re.match(r"^(.+?)\s+(is|are|was|were)\s+(.*)$", lowered)
             if match:

@@ -31,13 +31,15 @@ class Labeler(Protocol):
 
 def first_token_ids(tokenizer: Any, forms: Sequence[str]) -> list[int]:
     """The first token ids of each form, with and without a leading space: the labeler's answer tokens (every
-    engine reads p(yes) vs p(no) over the same ids)."""
+    engine reads p(yes) vs p(no) over the same ids). A token that is only whitespace (SentencePiece's bare "▁"
+    before " yes") is skipped: it would count for yes and for no alike."""
     ids: set[int] = set()
     for form in forms:
         for text in (form, " " + form):
             tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if tokens and tokens[0] != tokenizer.unk_token_id:
-                ids.add(int(tokens[0]))
+            word = next((int(t) for t in tokens if tokenizer.decode([t]).strip()), None)
+            if word is not None and word != tokenizer.unk_token_id:
+                ids.add(word)
     return sorted(ids)
 
 

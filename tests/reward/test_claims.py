@@ -20,6 +20,15 @@ from rlaifv.reward.yes_no import YesNoJudge
         ("There is a cat and a dog. The sky is blue.", ["There is a cat.", "There is a dog.", "The sky is blue."]),
         ("The dog has a red collar.", ["The dog has a red collar."]),
         ("", []),
+        ("There is a black and white cat.", ["There is a black and white cat."]),
+        ("a red and blue ball, a dog and cat.", ["There is a red and blue ball.", "There is a dog.", "There is cat."]),
+        (
+            "There are two dogs, a cat and several birds.",
+            ["There are two dogs.", "There is a cat.", "There are several birds."],
+        ),
+        ("There are cats and dogs.", ["There are cats.", "There are dogs."]),
+        ("There are no dogs in the image.", ["There are no dogs in the image."]),
+        ("The image shows a man and two children.", ["There is a man.", "There are two children."]),
     ],
 )
 def test_splitter(answer, claims):
@@ -33,10 +42,29 @@ def test_splitter(answer, claims):
         ("There are two dogs.", "Are there two dogs in the image? Please answer yes or no."),
         ("The sky is not blue.", "Is the sky not blue? Please answer yes or no."),
         ("The dog has a collar.", "Is it true that the dog has a collar? Please answer yes or no."),
+        ("There are no dogs in the image.", "Are there no dogs in the image? Please answer yes or no."),
+        ("There is a cat on the sofa.", "Is there a cat on the sofa in the image? Please answer yes or no."),
+        ("There is a cat in this picture.", "Is there a cat in this picture? Please answer yes or no."),
     ],
 )
 def test_question_writer(claim, question):
     assert RuleQuestionWriter().question(claim) == question
+
+
+def test_answer_tokens_skip_a_bare_space_token_that_would_count_for_yes_and_no():
+    """A SentencePiece-style tokenizer encodes " yes" as [space, yes]: the space is neither answer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from rlaifv.reward.yes_no import NO_FORMS, YES_FORMS, first_token_ids
+
+    vocab = {"<unk>": 0, " ": 1, "yes": 2, "Yes": 3, "YES": 4, "no": 5, "No": 6, "NO": 7}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    assert tokenizer(" yes", add_special_tokens=False)["input_ids"] == [1, 2]
+    assert first_token_ids(tokenizer, YES_FORMS) == [2, 3, 4]
+    assert first_token_ids(tokenizer, NO_FORMS) == [5, 6, 7]
 
 
 def test_normalize_claim_matches_repeats():
