@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rlaifv.reward.errors import ImageError
 
 _DATA_URL = re.compile(
-    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;base64)?,(?P<data>.*)$", re.S | re.I
 )
 
 
@@ -36,7 +36,7 @@ class ImageLimits(BaseModel):
 def decode_base64(text: str, param: str = "image") -> bytes:
     """Bytes of a data URL (`data:image/png;base64,...`) or of bare base64."""
     payload = text.strip()
-    if payload.startswith("data:"):
+    if payload[:5].lower() == "data:":  # URL schemes are case-insensitive (RFC 3986)
         match = _DATA_URL.match(payload)
         if match is None:
             raise ImageError("malformed data URL", param=param)
@@ -103,7 +103,7 @@ def load_image(image: Any, limits: ImageLimits | None = None, param: str = "imag
     if isinstance(image, Path):
         return decode_image(_read_file(image, param), limits, param)
     if isinstance(image, str):
-        if image.startswith("data:"):
+        if image[:5].lower() == "data:":
             return decode_image(decode_base64(image, param), limits, param)
         if len(image) < 4096 and Path(image).is_file():
             return decode_image(_read_file(Path(image), param), limits, param)

@@ -204,7 +204,10 @@ class ModelPair:
     def encode_answers(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
         if not texts:
             raise AnswerError("answers must be a non-empty list", param="answers")
-        return [encode_answer(self.tokenizer, text, eot_id=self.eot_id, max_tokens=max_tokens) for text in texts]
+        return [
+            encode_answer(self.tokenizer, text, eot_id=self.eot_id, max_tokens=max_tokens, param=f"answers[{i}]")
+            for i, text in enumerate(texts)
+        ]
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.raw_text(token_ids).strip()
@@ -219,7 +222,9 @@ class ModelPair:
         size = len(self.tokenizer)
         for token in bias:
             if not 0 <= token < size:
-                raise InvalidInputError(f"token id {token} is not in the vocabulary (0..{size - 1})", param=param)
+                raise InvalidInputError(
+                    f"token id {token} is not in the vocabulary (0..{size - 1})", param=f"{param}.{token}"
+                )
 
     # -- model work -----------------------------------------------------------
 

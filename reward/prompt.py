@@ -8,6 +8,7 @@ answer text always becomes the same tokens wherever it is scored.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,7 @@ def encode_prompt(
     """
     if (question is None) == (messages is None):
         raise InvalidInputError("give exactly one of question or messages", param="question")
+    text_param = "question" if question is not None else "messages"
     if messages is None:
         if not question or not question.strip():
             raise InvalidInputError("question must not be empty", param="question")
@@ -74,10 +76,11 @@ def encode_prompt(
             f"messages have {count_image_parts(messages)} image parts but {len(images)} images were given",
             param="messages",
         )
+    _refuse_reserved_text(processor, question, messages)
     if images and not getattr(processor, "accepts_images", True):
         raise InvalidInputError(
             f"this model reads text only: send no images (got {len(images)})",
-            param="images" if question is not None else "messages",
+            param="images" if question is not None else text_param,
         )
     text = processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
     tokenizer = processor.tokenizer
@@ -92,9 +95,48 @@ def encode_prompt(
     batch.pop("attention_mask", None)
     if max_length is not None and input_ids.shape[0] > max_length:
         raise InvalidInputError(
-            f"prompt is {input_ids.shape[0]} tokens, over the model limit of {max_length}", param="question"
+            f"prompt is {input_ids.shape[0]} tokens, over the model limit of {max_length}", param=text_param
         )
     return EncodedPrompt(input_ids=input_ids, vision=dict(batch))
+
+
+def reserved_strings(processor: Any) -> frozenset[str]:
+    """Text the model reads as markup, not words: the tokenizer's special tokens and the processor's image/video
+    placeholders. Typed by a user, "<image>" would stand for an image that is not there, and "</s>" would end a
+    turn. Cached on the processor (its tokens do not change once loaded)."""
+    cached = getattr(processor, "_rlaifv_reserved", None)
+    if cached is not None:
+        return cached
+    tokenizer = getattr(processor, "tokenizer", processor)
+    found = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+    found |= {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+    for owner in (processor, tokenizer):
+        found |= {v for k, v in vars(owner).items() if k.endswith("_token") and isinstance(v, str)}
+    reserved = frozenset(t for t in found if t.strip())
+    with contextlib.suppress(AttributeError):  # a processor that refuses new attributes: recomputed per prompt
+        processor._rlaifv_reserved = reserved
+    return reserved
+
+
+def _refuse_reserved_text(processor: Any, question: str | None, messages: Sequence[dict[str, Any]] | None) -> None:
+    reserved = reserved_strings(processor)
+    if not reserved:
+        return
+    texts: list[tuple[str, str]] = [("question", question)] if question is not None else []
+    for i, message in enumerate(messages or []):
+        content = message.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        texts += [
+            (f"messages[{i}].content", p["text"]) for p in parts if isinstance(p, dict) and p.get("type") == "text"
+        ]
+    for param, text in texts:
+        for token in reserved:
+            if token in text:
+                raise InvalidInputError(
+                    f"{param} contains {token!r}, which this model reads as markup (an image placeholder or a"
+                    " special token), not as text; remove it",
+                    param=param,
+                )
 
 
 def end_of_turn_id(tokenizer: Any, token: str | None = None) -> int:
@@ -106,11 +148,13 @@ def end_of_turn_id(tokenizer: Any, token: str | None = None) -> int:
     return int(token_id)
 
 
-def encode_answer(tokenizer: Any, text: str, *, eot_id: int, max_tokens: int | None = None) -> list[int]:
-    """Answer text -> token ids, the end-of-turn token appended (a complete turn)."""
+def encode_answer(
+    tokenizer: Any, text: str, *, eot_id: int, max_tokens: int | None = None, param: str = "answers"
+) -> list[int]:
+    """Answer text -> token ids, the end-of-turn token appended (a complete turn); `param` names it in errors."""
     if not isinstance(text, str) or not text.strip():
-        raise AnswerError("answers must be non-empty strings", param="answers")
+        raise AnswerError("answers must be non-empty strings", param=param)
     ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], eot_id]
     if max_tokens is not None and len(ids) > max_tokens:
-        raise AnswerError(f"an answer is {len(ids)} tokens, over the limit of {max_tokens}", param="answers")
+        raise AnswerError(f"{param} is {len(ids)} tokens, over the limit of {max_tokens}", param=param)
     return ids

@@ -216,13 +216,24 @@ def error_body(
     code: str | None = None,
     errors: list[FieldProblem] | None = None,
 ) -> dict[str, Any]:
-    """The envelope; `errors` only when there are two problems or more (one problem: OpenAI's four keys)."""
-    error: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": code}
+    """The envelope; `errors` only when there are two problems or more (one problem: OpenAI's four keys).
+
+    Texts that echo the request (a model name, a field path) are made encodable: a lone surrogate in them would
+    otherwise fail the JSON response itself."""
+    error: dict[str, Any] = {"message": _utf8(message), "type": type_, "param": _utf8(param), "code": code}
     if errors and len(errors) > 1:
         error["errors"] = [
-            {"message": _sanitise(e.message), "param": e.param, "code": e.code} for e in errors[:MAX_LISTED_PROBLEMS]
+            {"message": _utf8(_sanitise(e.message)), "param": _utf8(e.param), "code": e.code}
+            for e in errors[:MAX_LISTED_PROBLEMS]
         ]
     return {"error": error}
+
+
+def _utf8(text: str | None) -> str | None:
+    """Lone surrogates written as their escape (`\\ud800`), everything else unchanged."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(
@@ -278,12 +289,21 @@ async def _http_exception_handler(request: Request, exc: StarletteHTTPException)
     )
 
 
-async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
+def log_unhandled(exc: BaseException) -> None:
     if isinstance(exc, RewardError):
         log.error("reward core error", exc_info=exc)
     else:
         log.exception("unhandled error", exc_info=exc)
-    return error_response(500, "internal_error", "internal server error", None, "internal_error")
+
+
+def internal_error_body() -> dict[str, Any]:
+    return error_body("internal_error", "internal server error", None, "internal_error")
+
+
+async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
+    """The last resort behind the request middleware (which answers most 500s itself, keeping the connection)."""
+    log_unhandled(exc)
+    return JSONResponse(internal_error_body(), status_code=500)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -12,7 +12,7 @@ import uuid
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rlaifv.service.errors import error_body
+from rlaifv.service.errors import error_body, internal_error_body, log_unhandled
 from rlaifv.service.log_format import request_id_var
 from rlaifv.service.metrics import Metrics
 
@@ -63,6 +63,13 @@ class RequestContextMiddleware:
         except _BodyTooLarge:
             if not started:
                 await self._reject_413(send_wrapper)
+        except Exception as exc:
+            # Answered here rather than by Starlette's outermost handler, which re-raises after its 500: uvicorn
+            # then drops the keep-alive connection and the client's next request on it fails too.
+            if started:
+                raise
+            log_unhandled(exc)
+            await _send_json(send_wrapper, 500, internal_error_body())
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
@@ -108,22 +115,20 @@ class RequestContextMiddleware:
         return wrapped
 
     async def _reject_413(self, send: Send) -> None:
-        body = json.dumps(
-            error_body(
-                "invalid_request_error",
-                f"request body is over the limit of {self.max_body_bytes} bytes",
-                None,
-                "body_too_large",
-            )
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        message = f"request body is over the limit of {self.max_body_bytes} bytes"
+        await _send_json(send, 413, error_body("invalid_request_error", message, None, "body_too_large"))
+
+
+async def _send_json(send: Send, status: int, payload: dict[str, object]) -> None:
+    body = json.dumps(payload).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 class _BodyTooLarge(StarletteHTTPException):

@@ -10,9 +10,10 @@ temperature 1, without top-p/top-k, whatever the sampling settings were.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import re
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from rlaifv.reward.results import ClaimCheck
 from rlaifv.reward.sampling import SamplingParams
@@ -26,7 +27,36 @@ PNG_1PX = (
 MAX_SEED = 2**63 - 1
 
 
-class Strict(BaseModel):
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_TOKEN_ID = re.compile(r"[0-9]+")
+
+
+def _surrogate_in(value: Any) -> bool:
+    """Whether text anywhere in `value` holds a lone UTF-16 surrogate (JSON allows the escape; UTF-8 cannot carry
+    it, so the tokenizer and every JSON response would fail on it)."""
+    if isinstance(value, str):
+        return not value.isascii() and _LONE_SURROGATE.search(value) is not None
+    if isinstance(value, list | tuple):
+        return any(_surrogate_in(v) for v in value)
+    if isinstance(value, dict):
+        return any(_surrogate_in(k) or _surrogate_in(v) for k, v in value.items())
+    return False
+
+
+class ValidText(BaseModel):
+    """Every text field is valid Unicode: a lone surrogate is a 400 naming the field, before any work."""
+
+    _unchecked: ClassVar[frozenset[str]] = frozenset()
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_lone_surrogates(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name not in cls._unchecked and _surrogate_in(value):
+            raise ValueError("text must be valid Unicode, without lone UTF-16 surrogates (\\ud800-\\udfff)")
+        return value
+
+
+class Strict(ValidText):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -97,7 +127,7 @@ class SamplingOptions(Strict):
     def to_params(self, settings: Settings, param: str = "sampling.max_tokens") -> SamplingParams:
         max_tokens = self.max_tokens or settings.default_max_tokens
         if max_tokens > settings.max_tokens:
-            raise BadRequest(f"max_tokens must be <= {settings.max_tokens}, got {max_tokens}", param=param)
+            raise BadRequest(f"{param} must be <= {settings.max_tokens}, got {max_tokens}", param=param)
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_tokens=max_tokens, seed=self.seed
         )
@@ -135,9 +165,12 @@ class ChatMessage(Strict):
 
 
 def convert_messages(
-    messages: list[ChatMessage], param: str = "messages"
+    messages: list[ChatMessage], max_chars: int, param: str = "messages"
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """OpenAI messages -> HF chat messages with {"type": "image"} parts, plus [(image ref, field path)] in order."""
+    """OpenAI messages -> HF chat messages with {"type": "image"} parts, plus [(image ref, field path)] in order.
+
+    `max_chars` bounds the text of all messages together, as `max_question_chars` bounds a question: checked
+    before the tokenizer sees it, which would otherwise hold the model thread for seconds."""
     if not messages:
         raise BadRequest("messages must not be empty", param=param)
     if messages[-1].role != "user":
@@ -161,6 +194,9 @@ def convert_messages(
         out.append({"role": role, "content": parts})
     if not any(part.get("type") == "text" and part["text"].strip() for m in out for part in m["content"]):
         raise BadRequest("messages contain no text", param=param)
+    chars = sum(len(part["text"]) for m in out for part in m["content"] if part.get("type") == "text")
+    if chars > max_chars:
+        raise BadRequest(f"messages hold {chars} characters of text, over the limit of {max_chars}", param=param)
     return out, images
 
 
@@ -242,7 +278,7 @@ class PromptFields(Strict):
         if self.messages is not None and self.images:
             raise BadRequest("with `messages`, pass images as image_url parts, not in `images`", param="images")
         if self.messages is not None:
-            messages, images = convert_messages(self.messages)
+            messages, images = convert_messages(self.messages, settings.max_question_chars)
             question = None
         else:
             question, messages = self.question, None
@@ -408,7 +444,7 @@ class StreamOptions(Strict):
     include_obfuscation: bool | None = Field(None, description="Accepted; no obfuscation field is sent.")
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(ValidText):
     """Only {"type": "text"} can be honoured: sampling is not constrained to a grammar."""
 
     model_config = ConfigDict(extra="allow")
@@ -421,8 +457,14 @@ class ChatCompletionRequest(Strict):
 
     model: str = Field(description="Model name from /v1/models.")
     messages: list[ChatMessage] = Field(min_length=1)
-    n: int = Field(1, ge=1, description="Choices returned (the top n by reward).")
+    n: int = Field(1, ge=1, description="Choices returned (the top n by reward); null means 1, as in OpenAI's API.")
     best_of: int | None = Field(None, ge=1, description="Extension: candidates sampled (>= n); n when omitted.")
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _null_n(cls, value: Any) -> Any:
+        return 1 if value is None else value
+
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -547,7 +589,7 @@ class ChatCompletionRequest(Strict):
         """logit_bias with integer keys; whether the ids are in the vocabulary is the engine's check."""
         bias: dict[int, float] = {}
         for key, value in (self.logit_bias or {}).items():
-            if not key.strip().isdigit():
+            if not _TOKEN_ID.fullmatch(key.strip()):
                 raise BadRequest(f"logit_bias keys must be token ids, got '{key}'", param="logit_bias")
             if not -100 <= value <= 100:
                 raise BadRequest(f"logit_bias values must be in [-100, 100], got {value}", param=f"logit_bias.{key}")
@@ -557,6 +599,12 @@ class ChatCompletionRequest(Strict):
     def top_logprobs_asked(self) -> int | None:
         """None: no log-probs; else the number of alternatives per token."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def max_tokens_param(self) -> str | None:
+        """The field that set the answer length; None: the server's default (which may shrink to fit)."""
+        if self.max_tokens is not None:
+            return "max_tokens"
+        return "max_completion_tokens" if self.max_completion_tokens is not None else None
 
     def to_params(self, settings: Settings) -> SamplingParams:
         if (
@@ -702,6 +750,8 @@ class JobRequest(Strict):
         '`{"custom_id": "...", "body": {...}}` to carry the client\'s id into the result.',
     )
     metadata: dict[str, str] = Field(default_factory=dict, description="Free-form labels stored with the job.")
+
+    _unchecked = frozenset({"items"})  # each item is validated as its own request, its problems stored per item
 
     model_config = ConfigDict(
         extra="forbid",

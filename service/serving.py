@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -99,9 +99,9 @@ def _reward_info(options: RewardOptions, config: RewardConfig) -> RewardInfo:
     return RewardInfo(mode=options.mode, beta=config.beta, normalize=config.normalize, claim_score=claim_score)
 
 
-def _choice_logprobs(candidate: Candidate) -> ChoiceLogprobs:
+def _choice_logprobs(candidate: Candidate, token_bytes: Callable[[int, str], list[int]]) -> ChoiceLogprobs:
     def out(token: TopToken) -> TopLogprobOut:
-        return TopLogprobOut(token=token.token, logprob=token.logprob, bytes=list(token.token.encode()))
+        return TopLogprobOut(token=token.token, logprob=token.logprob, bytes=token_bytes(token.token_id, token.token))
 
     return ChoiceLogprobs(
         content=[
@@ -294,7 +294,9 @@ class Serving:
         generate_s: float | None = None
         finish_reasons: list[str] | None = None
         if self.generator is None:
-            outcome = await self._run(GenerateRequest(images, question, messages, body.n, sampling, config), request)
+            given = "sampling.max_tokens" if body.sampling.max_tokens is not None else None
+            generate = GenerateRequest(images, question, messages, body.n, sampling, config, max_tokens_param=given)
+            outcome = await self._run(generate, request)
         else:
             outcome, answers, generate_s = await self._generate_elsewhere(
                 images, raw, question, messages, body.n, sampling, config, request
@@ -401,7 +403,7 @@ class Serving:
         with checks.one():
             config = (body.reward or RewardOptions()).to_config(self.engine.reward)
         with checks.one():
-            messages, refs = convert_messages(body.messages)
+            messages, refs = convert_messages(body.messages, self.settings.max_question_chars)
             if len(refs) > self.settings.max_images:
                 raise BadRequest(
                     f"at most {self.settings.max_images} images per request, got {len(refs)}", param="messages"
@@ -411,7 +413,14 @@ class Serving:
         finish_reasons: list[str] | None = None
         if self.generator is None:
             generate = GenerateRequest(
-                images, None, messages, best_of, sampling, config, top_logprobs=body.top_logprobs_asked()
+                images,
+                None,
+                messages,
+                best_of,
+                sampling,
+                config,
+                top_logprobs=body.top_logprobs_asked(),
+                max_tokens_param=body.max_tokens_param(),
             )
             outcome = await self._run(generate, request)
         else:
@@ -432,7 +441,7 @@ class Serving:
                     index=rank,
                     message=ChatMessageOut(content=c.text),
                     finish_reason="stop" if finish == "stop" else "length",
-                    logprobs=_choice_logprobs(c) if body.logprobs else None,
+                    logprobs=_choice_logprobs(c, self.engine.token_bytes) if body.logprobs else None,
                     reward=c.reward,
                     policy_logprob=c.policy_logprob,
                     reference_logprob=c.reference_logprob,

@@ -123,7 +123,9 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when the request gives none.")
     max_answers: int = Field(64, ge=1, description="Most answers one /v1/rewards request may score.")
     max_answer_chars: int = Field(20_000, ge=1, description="Longest answer text accepted by /v1/rewards.")
-    max_question_chars: int = Field(20_000, ge=1)
+    max_question_chars: int = Field(
+        20_000, ge=1, description="Longest question, or text of all messages together, in characters."
+    )
     max_images: int = Field(4, ge=1, description="Most images per request.")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest encoded image, in bytes.")
     max_image_pixels: int = Field(

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from rlaifv.reward.errors import InvalidInputError
+
 if TYPE_CHECKING:
     from rlaifv.reward.results import Ranking
     from rlaifv.reward.sampling import SamplingParams
@@ -25,6 +27,8 @@ class GenerateRequest:
     """Sample `n` answers to an image+question (or chat messages) and rank them.
 
     `top_logprobs` (None: none) asks for each candidate's per-token log-probs with that many alternatives.
+    `max_tokens_param` names the request field that set `sampling.max_tokens`; None means the server's default,
+    which shrinks to fit a long prompt (as OpenAI and vLLM do) instead of failing the request.
     """
 
     images: list[Any]
@@ -34,7 +38,25 @@ class GenerateRequest:
     sampling: SamplingParams
     reward: RewardConfig
     top_logprobs: int | None = None
+    max_tokens_param: str | None = None
     kind: Kind = field(default="generate", init=False)
+
+    @property
+    def prompt_param(self) -> str:
+        return "question" if self.question is not None else "messages"
+
+    def fitted(self, prompt_tokens: int, limit: int | None, reserve: int = 0) -> SamplingParams:
+        """`sampling` with room for its answers in the model's `limit` positions (`reserve` more kept free)."""
+        room = None if limit is None else limit - prompt_tokens - reserve
+        if room is None or self.sampling.max_tokens <= room:
+            return self.sampling
+        if self.max_tokens_param is None and room >= 1:
+            return self.sampling.model_copy(update={"max_tokens": room})
+        raise InvalidInputError(
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({self.sampling.max_tokens}) exceeds the model's {limit}"
+            " positions",
+            param=self.max_tokens_param or self.prompt_param,
+        )
 
 
 @dataclass
@@ -81,6 +103,11 @@ class Engine(Protocol):
 
     async def run(self, requests: Sequence[Request]) -> list[EngineResult | Exception]:
         """Run requests of one kind as one batch; one result or exception per request, in order."""
+        ...
+
+    def token_bytes(self, token_id: int, text: str) -> list[int]:
+        """An answer token's bytes for OpenAI's log-probs (`text`: its text in context; a token ending inside a
+        character decodes to U+FFFD, its bytes come from the tokenizer)."""
         ...
 
     async def warmup(self) -> float:

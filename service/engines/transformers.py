@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from rlaifv.reward.errors import InvalidInputError
+from rlaifv.reward.token_bytes import TokenBytes
 from rlaifv.service.engines.base import EngineResult, GenerateRequest, Request, ScoreRequest
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class TransformersEngine:
     def __init__(self, pair: ModelPair) -> None:
         self.pair = pair
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlaifv-model")
+        self._bytes = TokenBytes(pair.tokenizer)
 
     @property
     def name(self) -> str:
@@ -51,6 +53,9 @@ class TransformersEngine:
 
     async def run(self, requests: Sequence[Request]) -> list[EngineResult | Exception]:
         return await self.call(self.run_batch, requests)
+
+    def token_bytes(self, token_id: int, text: str) -> list[int]:
+        return self._bytes.bytes_of(token_id, text)
 
     async def warmup(self) -> float:
         return await self.call(self.warmup_sync)
@@ -77,18 +82,13 @@ class TransformersEngine:
                 prompt = self.pair.encode(request.images, request.question, messages=request.messages)
                 limit = self.pair.max_positions
                 if isinstance(request, GenerateRequest):
-                    if limit is not None and len(prompt) + request.sampling.max_tokens > limit:
-                        raise InvalidInputError(
-                            f"prompt ({len(prompt)} tokens) + max_tokens ({request.sampling.max_tokens}) exceeds the "
-                            f"model's {limit} positions",
-                            param="max_tokens",
-                        )
-                    self.pair.check_logit_bias(request.sampling.logit_bias)
+                    sampling = request.fitted(len(prompt), limit)
+                    self.pair.check_logit_bias(sampling.logit_bias)
                     tasks.append(
                         GenerateTask(
                             prompt,
                             request.n,
-                            request.sampling,
+                            sampling,
                             request.reward,
                             images=request.images,
                             top_logprobs=request.top_logprobs,
@@ -104,6 +104,10 @@ class TransformersEngine:
                         ScoreTask(prompt, answers, list(request.answers), request.reward, images=request.images)
                     )
             except InvalidInputError as exc:
+                results[i] = exc
+                continue
+            except Exception as exc:  # a bug this input found: it fails this request only, the batch runs on
+                log.exception("encoding a request failed", exc_info=exc)
                 results[i] = exc
                 continue
             index.append(i)

@@ -33,6 +33,7 @@ runs on one worker thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import httpx
 
 from rlaifv.reward.errors import InvalidInputError
+from rlaifv.reward.token_bytes import TokenBytes
 from rlaifv.service.engines import vllm_payload
 from rlaifv.service.engines.base import EngineResult, GenerateRequest, Request, ScoreRequest
 from rlaifv.service.errors import BadGateway, BadRequest, EngineUnavailable, ServiceError
@@ -471,6 +473,7 @@ class VllmEngine:
         check_tokenizers_match(policy_path, reference_path)
         self.processor = load_processor(reference_path, trust_remote_code=settings.trust_remote_code)
         self.tokenizer = self.processor.tokenizer
+        self._bytes = TokenBytes(self.tokenizer)
         self.accepts_images = bool(getattr(self.processor, "accepts_images", True))
         self._name = manifest.name
         self._reward = manifest.reward
@@ -526,6 +529,9 @@ class VllmEngine:
     @property
     def max_positions(self) -> int | None:
         return self._max_positions
+
+    def token_bytes(self, token_id: int, text: str) -> list[int]:
+        return self._bytes.bytes_of(token_id, text)
 
     async def run(self, requests: Sequence[Request]) -> list[EngineResult | Exception]:
         """Every request concurrently: vLLM batches them itself (continuous batching)."""
@@ -626,8 +632,10 @@ class VllmEngine:
 
         def encode() -> list[list[int]]:
             return [
-                encode_answer(self.tokenizer, text, eot_id=self.eot_id, max_tokens=request.max_tokens)
-                for text in request.answers
+                encode_answer(
+                    self.tokenizer, text, eot_id=self.eot_id, max_tokens=request.max_tokens, param=f"answers[{i}]"
+                )
+                for i, text in enumerate(request.answers)
             ]
 
         answers = await self._cpu(encode)
@@ -691,7 +699,7 @@ class VllmEngine:
 
         if request.n < 1:
             raise InvalidInputError("n must be at least 1", param="n")
-        self._check_length(prompt, request.sampling.max_tokens, "max_tokens")
+        request = dataclasses.replace(request, sampling=request.fitted(len(prompt.ids), self._max_positions, reserve=1))
         start = time.perf_counter()
         if prompt.has_images:
             params = self._sampling_params(request)

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from rlaifv.service.deps import ServingDep
 from rlaifv.service.errors import error_responses
-from rlaifv.service.protocol import ModelList
+from rlaifv.service.protocol import ModelCard, ModelList
 
 router = APIRouter(tags=["openai"])
 _STARTED = int(time.time())
@@ -18,3 +18,15 @@ _STARTED = int(time.time())
 async def list_models(serving: ServingDep) -> ModelList:
     """The one model this server serves, with its default reward settings."""
     return ModelList(data=[serving.model_card(_STARTED)])
+
+
+@router.get(
+    "/v1/models/{model:path}",
+    response_model=ModelCard,
+    responses=error_responses(401, 403, 404, 429, 503),
+    summary="One model by name",
+)
+async def retrieve_model(model: str, serving: ServingDep) -> ModelCard:
+    """OpenAI's `models.retrieve`: the served model's card, or 404 `model_not_found` for any other name."""
+    serving.check_model(model)
+    return serving.model_card(_STARTED)

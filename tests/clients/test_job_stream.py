@@ -72,7 +72,7 @@ def test_custom_ids_and_file_upload(stream_server: LiveServer, red_png: bytes, t
         assert (done.completed, done.failed) == (1, 1)
         first, second = client.jobs.results(done)
         assert first.custom_id == "a" and second.custom_id is None
-        assert second.error is not None and second.error.param == "answers" and second.error.code == "invalid_answer"
+        assert second.error is not None and second.error.param == "answers[0]" and second.error.code == "invalid_answer"
         with pytest.raises(InvalidRequestError) as bad:
             client.jobs.submit_file(b'{"question": "q", "answers": ["a"]}\nnot json\n', kind="rewards")
         assert bad.value.param == "items[1]"

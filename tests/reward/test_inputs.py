@@ -21,10 +21,13 @@ def test_empty_answer_list(tiny_pair, red_png):
     assert info.value.param == "answers"
 
 
-@pytest.mark.parametrize("answers", [[""], ["   "], ["ok", None]])
-def test_empty_or_non_string_answers(tiny_pair, red_png, answers):
-    with pytest.raises(AnswerError, match="non-empty strings"):
+@pytest.mark.parametrize(
+    ("answers", "param"), [([""], "answers[0]"), (["   "], "answers[0]"), (["ok", None], "answers[1]")]
+)
+def test_empty_or_non_string_answers(tiny_pair, red_png, answers, param):
+    with pytest.raises(AnswerError, match="non-empty strings") as info:
         tiny_pair.score(red_png, "What is in the image?", answers)
+    assert info.value.param == param
 
 
 def test_a_single_string_is_not_an_answer_list(tiny_pair, red_png):
@@ -82,6 +85,7 @@ def test_data_urls_and_base64():
     data = _png()
     assert load_image("data:image/png;base64," + base64.b64encode(data).decode()).size == (16, 16)
     assert load_image(base64.b64encode(data).decode()).size == (16, 16)
+    assert load_image("DATA:Image/PNG;Base64," + base64.b64encode(data).decode()).size == (16, 16)  # RFC 3986
     with pytest.raises(ImageError, match="not valid base64"):
         decode_base64("data:image/png;base64,@@@")
     with pytest.raises(ImageError, match="only base64"):

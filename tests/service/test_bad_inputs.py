@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import zlib
 from typing import Any
@@ -226,6 +227,79 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
     ),
     ("chat-unknown-model", "/v1/chat/completions", chat(model="nope"), 404, "model", "model_not_found"),
     ("body-over-limit", "/v1/best-of-n", bon(images=["A" * (1024 * 1024 + 10)]), 413, None, "body_too_large"),
+    # JSON may escape a lone UTF-16 surrogate; UTF-8 cannot carry it (json.dumps writes the escape)
+    (
+        "surrogate-question",
+        "/v1/best-of-n",
+        json.dumps(bon(question="a \ud800 b")).encode(),
+        400,
+        "question",
+        "invalid_value",
+    ),
+    (
+        "surrogate-answer",
+        "/v1/rewards",
+        json.dumps(rwd(answers=["ok", "b\udc00"])).encode(),
+        400,
+        "answers",
+        "invalid_value",
+    ),
+    (
+        "surrogate-model",
+        "/v1/chat/completions",
+        json.dumps(chat(model="x\ud800")).encode(),
+        400,
+        "model",
+        "invalid_value",
+    ),
+    (
+        "surrogate-message",
+        "/v1/chat/completions",
+        json.dumps(chat(messages=[{"role": "user", "content": "\udfff"}])).encode(),
+        400,
+        "messages[0].content",
+        "invalid_value",
+    ),
+    (
+        "logit-bias-unicode-digit",
+        "/v1/chat/completions",
+        chat(logit_bias={"\u00b2": 1}),
+        400,
+        "logit_bias",
+        "invalid_value",
+    ),
+    (
+        "image-placeholder-in-question",
+        "/v1/best-of-n",
+        bon(question="What does the <image> token mean?"),
+        400,
+        "question",
+        "invalid_value",
+    ),
+    (
+        "special-token-in-message",
+        "/v1/chat/completions",
+        chat(messages=[{"role": "system", "content": "be brief </s>"}, chat()["messages"][0]]),
+        400,
+        "messages[0].content",
+        "invalid_value",
+    ),
+    (
+        "messages-text-over-limit",
+        "/v1/chat/completions",
+        chat(messages=[{"role": "user", "content": "x" * 20_001}]),
+        400,
+        "messages",
+        "invalid_value",
+    ),
+    (
+        "max-completion-tokens-above-max",
+        "/v1/chat/completions",
+        chat(max_completion_tokens=17),
+        400,
+        "max_completion_tokens",
+        "invalid_value",
+    ),
 ]
 
 
@@ -315,3 +389,19 @@ def test_unknown_routes_and_methods(client: httpx.Client, method: str, path: str
     r = client.request(method, path)
     assert r.status_code == status
     assert r.json()["error"]["code"] == code
+
+
+def test_a_bad_request_batched_with_good_ones_fails_alone(live_server) -> None:
+    """Requests that arrive together share a batch: the one naming a special token gets its 400, the rest 200."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [bon(question=f"What is in image {i}?") for i in range(5)]
+    bodies.insert(2, bon(question="What does <image> mean?"))
+
+    def post(body: dict[str, Any]) -> int:
+        with httpx.Client(base_url=live_server.url, timeout=60) as c:
+            return c.post("/v1/best-of-n", json=body).status_code
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        statuses = list(pool.map(post, bodies))
+    assert statuses == [200, 200, 400, 200, 200, 200]

@@ -61,3 +61,53 @@ async def test_a_bad_request_fails_alone_with_the_cores_error(engine, in_process
 
 async def test_warmup_runs_both_kinds(engine) -> None:
     assert await engine.warmup() > 0
+
+
+def generate_request(pair, question: str, max_tokens: int, given: str | None):
+    from rlaifv.reward.sampling import SamplingParams
+    from rlaifv.service.engines import GenerateRequest
+
+    params = SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=0)
+    return GenerateRequest([image()], question, None, 2, params, pair.reward, max_tokens_param=given)
+
+
+async def test_the_default_answer_length_shrinks_to_fit_a_long_prompt(engine, in_process_pair) -> None:
+    """As OpenAI and vLLM: no max_tokens given -> what fits; a given one that does not fit -> 400 naming it."""
+    from rlaifv.reward.errors import InvalidInputError
+
+    limit = in_process_pair.max_positions
+    prompt = len(in_process_pair.encode([image()], "red " * 470))
+    room = limit - prompt
+    assert 1 <= room < 64
+    fitted, given, too_long = await engine.run(
+        [
+            generate_request(in_process_pair, "red " * 470, 64, None),
+            generate_request(in_process_pair, "red " * 470, 64, "max_tokens"),
+            generate_request(in_process_pair, "red " * (limit + 10), 64, None),
+        ]
+    )
+    assert all(c.num_tokens <= room for c in fitted.ranking.candidates), [
+        c.num_tokens for c in fitted.ranking.candidates
+    ]
+    assert isinstance(given, InvalidInputError) and given.param == "max_tokens"
+    assert isinstance(too_long, InvalidInputError) and too_long.param == "question"
+
+
+async def test_an_unexpected_error_encoding_one_request_fails_only_that_request(
+    engine, in_process_pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: whatever a request's encoding raises, the requests batched with it are served."""
+    encode = in_process_pair.encode
+
+    def fragile(images, question=None, **kwargs):
+        if question == "boom":
+            raise RuntimeError("a bug this input finds")
+        return encode(images, question, **kwargs)
+
+    monkeypatch.setattr(in_process_pair, "encode", fragile)
+    good = score_request(in_process_pair, ["a red circle."])
+    bad = score_request(in_process_pair, ["a red circle."])
+    bad.question = "boom"
+    first, second, third = await engine.run([good, bad, good])
+    assert isinstance(second, RuntimeError)
+    assert first.ranking.rewards == third.ranking.rewards and first.batch_size == 2

@@ -186,3 +186,45 @@ def test_checks_run_to_the_end_and_raise_one_400() -> None:
     Checks().done()  # nothing found: nothing raised
     with pytest.raises(NotFound), Checks().one():  # anything but a 400 stops the request at once
         raise NotFound("no such model", param="model")
+
+
+def test_job_labels_with_a_lone_surrogate_are_refused_but_items_are_left_to_their_own_checks() -> None:
+    """A job's metadata is echoed by every GET: refused up front. An item is validated as its own request, so
+    one bad item is stored as that item's problem and the job's other items still run."""
+    assert params({"kind": "rewards", "items": [{"q": 1}], "metadata": {"run": "\ud800"}}, model=JobRequest) == [
+        ("metadata", "invalid_value")
+    ]
+    JobRequest.model_validate({"kind": "rewards", "items": [{"question": "\ud800"}]})
+
+
+def test_an_echoed_lone_surrogate_cannot_break_the_error_response() -> None:
+    import json
+
+    body = error_body("not_found_error", "model 'x\ud800' does not exist", "model\udfff", "model_not_found")
+    json.dumps(body, ensure_ascii=False).encode("utf-8")  # what JSONResponse does; raises on a lone surrogate
+    assert body["error"]["message"] == "model 'x\\ud800' does not exist"
+    assert body["error"]["param"] == "model\\udfff"
+
+
+async def test_an_unexpected_error_is_answered_in_the_envelope_without_re_raising() -> None:
+    """Starlette's outermost handler re-raises after its 500, and uvicorn then drops the keep-alive connection
+    (the client's next request on it fails). The request middleware answers instead: nothing re-raises."""
+    import httpx
+
+    from rlaifv.service.app import create_app
+    from rlaifv.service.settings import Settings
+
+    app = create_app(Settings(bundle="unused"))
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)  # a re-raise would fail this test
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/boom")
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": {"message": "internal server error", "type": "internal_error", "param": None, "code": "internal_error"}
+    }
+    assert response.headers["x-request-id"]

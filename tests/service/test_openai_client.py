@@ -12,6 +12,7 @@ def test_openai_client_chat_with_image_n_and_best_of(live_server, red_url: str) 
 
     client = OpenAI(base_url=live_server.url + "/v1", api_key="unused", max_retries=0)
     model = client.models.list().data[0].id
+    assert client.models.retrieve(model).id == model
     completion = client.chat.completions.create(
         model=model,
         messages=[
@@ -50,6 +51,9 @@ def test_openai_client_sees_errors_as_typed_exceptions(live_server) -> None:
     assert info.value.body["param"] == "best_of"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("openai/gpt-4o")
+    assert missing.value.body["code"] == "model_not_found"
 
 
 def test_langchain_chat_openai_gets_an_answer(live_server, red_url: str) -> None:

@@ -34,6 +34,9 @@ class FakeEngine:
     reward = RewardConfig()
     max_positions = None
 
+    def token_bytes(self, token_id: int, text: str) -> list[int]:
+        return list(text.encode())
+
     async def run(self, requests: Sequence[Request]) -> list[EngineResult | Exception]:
         self.batches.append([r.answers[0] if isinstance(r, ScoreRequest) else "generate" for r in requests])
         await asyncio.sleep(self.batch_s)
