@@ -229,6 +229,7 @@ class EngineBench:
             self.sync()
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         result.runs.append(seconds)
+        self.log(f"  {result.name}: {seconds:.3f} s")  # a run cut short still leaves what it measured
         if not self.device.startswith("cuda"):
             result.cpu_runs.append(cpu)
         result.peak_mb.append(memory.peak_mb)
@@ -301,12 +302,17 @@ class EngineBench:
 
     # -- the run --------------------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self, checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """All paths; `checkpoint` gets the report as it stands after the full pair (then whole), so a run cut
+        short (a time limit on a lent GPU) keeps the full pair's results."""
         import gc
 
         import torch
 
         report = self._full_pair()
+        report["ratios"] = ratios(report)
+        if checkpoint is not None:
+            checkpoint(report)
         gc.collect()  # the full pair is gone: on CUDA the LoRA pair's memory is measured alone
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -632,7 +638,7 @@ def bench_engine(
     if pack_weights not in ("auto", "on", "off"):
         raise typer.BadParameter("auto, on or off", param_hint="--pack-weights")
     torch.set_num_threads(threads)
-    reports, texts = [], []
+    reports: list[dict[str, Any]] = []
     for name in shape.split(","):
         if name not in SHAPES:
             raise typer.BadParameter(f"unknown shape {name!r}; known: {', '.join(SHAPES)}", param_hint="--shape")
@@ -652,21 +658,32 @@ def bench_engine(
             compare_fp32=not on_cuda,  # a float32 copy of a 7B pair costs more device time than it tells
             log=lambda s: print(s, flush=True),
         )
-        report = bench.run()
-        report["date"] = datetime.date.today().isoformat()
-        report["machine"] = torch.cuda.get_device_name() if on_cuda else cpu_name()
-        report["torch"] = torch.__version__
-        import transformers
-
-        report["transformers"] = transformers.__version__
-        text = render(report)
+        report = bench.run(checkpoint=lambda partial: _write(output, [*reports, _stamp(partial, on_cuda)]))
+        text = render(_stamp(report, on_cuda))
         print(f"\n{report['date']}, {report['machine']}\n{text}\n", flush=True)
         reports.append(report)
-        texts.append(text)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(reports, indent=1) + "\n")
-        output.with_suffix(".md").write_text("\n\n".join(texts) + "\n")
+        _write(output, reports)
+
+
+def _stamp(report: dict[str, Any], on_cuda: bool) -> dict[str, Any]:
+    """The report with when, where and with which versions it was measured."""
+    import torch
+    import transformers
+
+    report["date"] = datetime.date.today().isoformat()
+    report["machine"] = torch.cuda.get_device_name() if on_cuda else cpu_name()
+    report["torch"] = torch.__version__
+    report["transformers"] = transformers.__version__
+    return report
+
+
+def _write(output: Path | None, reports: list[dict[str, Any]]) -> None:
+    """The reports as JSON, and as Markdown beside it (rewritten whole after every checkpoint)."""
+    if output is None:
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(reports, indent=1) + "\n")
+    output.with_suffix(".md").write_text("\n\n".join(render(r) for r in reports) + "\n")
 
 
 if __name__ == "__main__":

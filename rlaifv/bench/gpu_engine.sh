@@ -18,10 +18,11 @@ PY=${PYTHON:-python3}
 # A pin without a version is installed only where the package is missing.
 PINNED=(transformers==5.23.0 huggingface_hub==1.33.0 tokenizers==0.23.3 safetensors==0.8.0 peft==0.21.2
         pydantic==2.14.4 pydantic-core==2.50.5 typing-extensions==4.16.0 typing-inspection annotated-types
-        typer==0.29.2 rich==15.0.0 click shellingham markdown-it-py mdurl pygments)
+        typer==0.29.2 rich==15.0.0 click shellingham markdown-it-py mdurl pygments annotated-doc accelerate)
 
 case "${1:-run}" in
 prepare)
+  rm -rf "$WHEELS"  # a changed pin must not leave two versions of a package for pip to choose between
   mkdir -p "$WHEELS"
   "$PY" -m pip download --no-deps -d "$WHEELS" "${PINNED[@]}"
   for v in 3.10 3.11 3.12 3.13; do  # compiled per Python version (tokenizers and safetensors are abi3)
@@ -60,12 +61,20 @@ if files:
     subprocess.check_call([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", site, *files])
 EOF
   export PYTHONPATH="$site:$PWD" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee -a "$out/setup.log"
+  # Everything the benchmark imports, from where the run will import it (the pinned transformers must win).
+  "$PY" - <<'EOF' 2>&1 | tee -a "$out/setup.log" || echo "WARNING: an import failed; measuring anyway" | tee -a "$out/setup.log"
+import peft, pydantic, PIL, torch, transformers, rlaifv.bench.engine
+if transformers.__version__ != "5.23.0":
+    print("WARNING: not the pinned transformers 5.23.0:", transformers.__file__)
+print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__,
+      "pydantic", pydantic.__version__, torch.cuda.get_device_name())
+EOF
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$out/setup.log" || true
   # One shape per process: a crash in one leaves the other's results. Budget: ~4 minutes each on an H100/H200.
   for shape in llava-7b qwen2-vl-7b; do
     timeout 270 "$PY" -m rlaifv.bench.engine --shape "$shape" --device cuda --repeats 2 --naive-repeats 1 \
-      --concurrency 8 --no-claims --output "$out/$shape.json" 2>&1 | grep -v "Loading weights" | tee "$out/$shape.log" || true
+      --concurrency 8 --no-claims --output "$out/$shape.json" 2>&1 | grep --line-buffered -v "Loading weights" \
+      | tee "$out/$shape.log" || true
   done
   ;;
 *)
