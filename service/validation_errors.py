@@ -175,7 +175,7 @@ def _problem(path: tuple[Any, ...], err: Mapping[str, Any], prefix: str) -> Fiel
     elif kind == "missing":
         message = f"field '{param}' is required" if param else "request body is required"
     elif kind in _NOT_AN_OBJECT and not path:
-        message = f"{where} must be a JSON object"
+        message = f"{where} must be a JSON object, sent as Content-Type: application/json"
     else:
         text = str(err.get("msg", "invalid value"))
         message = f"{param}: {text}" if param else text

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 from rlaifv.trainer.data import PromptItem, image_bytes
 from rlaifv.trainer.errors import DataError
 from rlaifv.trainer.feedback_config import FeedbackConfig
+
+TRUNCATED_WARNING = 0.2  # share of candidates dropped as truncated above which a run is warned
 
 if TYPE_CHECKING:
     from rlaifv.reward.claims import ClaimSplitter, QuestionWriter
@@ -173,10 +176,13 @@ def collect_feedback(
     pair = sampling_pair(policy, processor, end_of_turn)
     policy.eval()
     results: list[PromptFeedback] = []
+    truncated = sampled_total = 0
     bar = tqdm(total=len(prompts), desc="feedback", unit="prompt", disable=not progress)
     for start in range(0, len(prompts), config.prompt_batch):
         batch = prompts[start : start + config.prompt_batch]
         sampled = sample_candidates(pair, batch, config, seed=seed)
+        sampled_total += sum(len(candidates) for candidates in sampled)
+        truncated += sum(c[2] == "length" for candidates in sampled for c in candidates)
         kept = [
             [c for c in candidates if c[0].strip() and not (config.drop_truncated and c[2] == "length")]
             for candidates in sampled
@@ -190,6 +196,12 @@ def collect_feedback(
             results.append(PromptFeedback(item.id, blob, item.question, answers, dropped=len(raw) - len(group)))
         bar.update(len(batch))
     bar.close()
+    if config.drop_truncated and truncated > TRUNCATED_WARNING * max(1, sampled_total):
+        warnings.warn(
+            f"{truncated} of {sampled_total} candidates reached max_tokens={config.max_tokens} and were dropped:"
+            " the pairs then favour short answers; raise max_tokens (RLAIF-V: 512) or set drop_truncated=false",
+            stacklevel=2,
+        )
     return results
 
 

@@ -16,7 +16,13 @@ class FeedbackConfig:
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature, the same for every candidate."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling; 1 disables it."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 disables it."})
-    max_tokens: int = field(default=128, metadata={"help": "Maximum new tokens per candidate (RLAIF-V: 512)."})
+    max_tokens: int = field(
+        default=512,
+        metadata={
+            "help": "Maximum new tokens per candidate (RLAIF-V: 512); lower it only for models whose answers are"
+            " short, since truncated candidates are dropped (a bias towards short answers)."
+        },
+    )
     drop_truncated: bool = field(
         default=True, metadata={"help": "Discard candidates that hit max_tokens without ending."}
     )

@@ -56,7 +56,9 @@ def test_paths_codes_and_messages() -> None:
     assert found.listed[0].message.startswith("n: ") and found.listed[3].message == "unknown field 'y'"
     assert found.message == found.listed[0].message + " (and 3 more problems)"
     assert [(p.param, p.message) for p in problems({}).listed] == [("n", "field 'n' is required")]
-    assert [p.message for p in problems([1, 2]).listed] == ["request body must be a JSON object"]
+    assert [p.message for p in problems([1, 2]).listed] == [
+        "request body must be a JSON object, sent as Content-Type: application/json"
+    ]
 
 
 def test_union_labels_and_tags_are_not_fields() -> None:

@@ -163,6 +163,18 @@ def test_collect_feedback_samples_deconfounded_and_reproducibly(tiny_model: Path
     assert [[a.text for a in f.answers] for f in other_seed] != [[a.text for a in f.answers] for f in first]
 
 
+def test_a_run_that_drops_most_candidates_as_truncated_is_warned(tiny_model: Path) -> None:
+    """Dropping what hit max_tokens keeps only short answers: a run where that is most of them says so."""
+    from rlaifv.reward.models import load_model, load_processor
+
+    model, processor = load_model(tiny_model), load_processor(tiny_model)
+    prompts = [PromptItem("a", png((200, 0, 0)), "describe the image")]
+    config = FeedbackConfig(num_samples=4, max_tokens=1, temperature=1.0, seed=5)
+    with pytest.warns(UserWarning, match="reached max_tokens=1 and were dropped"):
+        feedback = collect_feedback(model, processor, prompts, config, labeler=ControlledLabeler(bool), progress=False)
+    assert feedback[0].dropped >= 1
+
+
 @pytest.mark.slow
 def test_self_feedback_asks_the_policy(tiny_model: Path) -> None:
     from rlaifv.reward.claims import verify_answers
