@@ -105,7 +105,7 @@ def reserved_strings(processor: Any) -> frozenset[str]:
     placeholders. Typed by a user, "<image>" would stand for an image that is not there, and "</s>" would end a
     turn. Cached on the processor (its tokens do not change once loaded)."""
     cached = getattr(processor, "_rlaifv_reserved", None)
-    if cached is not None:
+    if isinstance(cached, frozenset):
         return cached
     tokenizer = getattr(processor, "tokenizer", processor)
     found = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
