@@ -19,6 +19,7 @@ from rlaifv_client import (
     AuthenticationError,
     Backoff,
     Client,
+    ConflictError,
     ImageInputError,
     InvalidRequestError,
     NotFoundError,
@@ -37,7 +38,8 @@ PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4
 def test_public_api_is_pinned() -> None:
     assert set(rlaifv_client.__all__) == {
         "NOT_GIVEN", "APIConnectionError", "APIError", "APIStatusError", "APITimeoutError", "AsyncClient",
-        "AsyncJobs", "AuthenticationError", "Backoff", "BestOfN", "Candidate", "ClaimCheck", "Client", "FieldError",
+        "AsyncJobs", "AuthenticationError", "Backoff", "BestOfN", "Candidate", "ClaimCheck", "Client",
+        "ConflictError", "FieldError",
         "Health",
         "ImageInputError", "InvalidRequestError", "Job", "JobError", "JobResult", "Jobs", "Model", "ModelList",
         "NotFoundError", "NotGiven", "PermissionDeniedError", "RLAIFVError", "RateLimitError", "Rewards",
@@ -289,7 +291,7 @@ def _error(status: int, body: object = None, headers: dict[str, str] | None = No
     ("status", "cls"),
     [(400, InvalidRequestError), (401, AuthenticationError), (403, PermissionDeniedError), (404, NotFoundError),
      (413, InvalidRequestError), (422, InvalidRequestError), (429, RateLimitError), (500, ServerError),
-     (503, ServerError), (504, ServerError), (409, APIStatusError)],
+     (503, ServerError), (504, ServerError), (409, ConflictError), (418, APIStatusError)],
 )  # fmt: skip
 def test_status_error_mapping(status: int, cls: type[APIStatusError]) -> None:
     body = {"error": {"message": "boom", "type": "t", "param": "n", "code": "c"}}
@@ -338,6 +340,79 @@ def test_connection_errors_map_to_api_connection_error() -> None:
         pytest.raises(rlaifv_client.TimeoutError),
     ):
         c.health()
+
+
+def test_readiness_through_an_ingress_that_answers_html() -> None:
+    """An ingress with no ready pod answers its own 503 page: not ready, not an API error."""
+    page = "<html><body>503 Service Temporarily Unavailable</body></html>"
+    http = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(503, text=page)))
+    with Client(base_url="http://svc", http_client=http) as client:
+        assert client.ready().status == "unavailable"
+
+
+def test_api_keys_are_stripped_and_must_fit_a_header() -> None:
+    with Client(base_url="http://svc", api_key="sk-from-a-file\n") as client:
+        assert client.api_key == "sk-from-a-file"
+    with pytest.raises(ValueError, match="printable ASCII"):
+        Client(base_url="http://svc", api_key="sk-\u00e9")
+
+
+def test_a_request_httpx_cannot_even_send_is_not_retried() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        raise httpx.LocalProtocolError("Illegal header value")
+
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    with Client(base_url="http://svc", max_retries=3, http_client=http) as client, pytest.raises(APIConnectionError):
+        client.models()
+    assert len(seen) == 1
+
+
+def test_errors_survive_pickling() -> None:
+    """Errors cross process pools: keyword-only constructors must not break unpickling."""
+    import pickle
+
+    body = {"error": {"message": "used", "type": "invalid_request_error", "param": "Idempotency-Key", "code": "c"}}
+    error = pickle.loads(pickle.dumps(make_status_error(_error(409, body, {"x-request-id": "rid-9"}))))
+    assert type(error) is ConflictError and (error.status_code, error.param, error.request_id) == (
+        409, "Idempotency-Key", "rid-9",
+    )  # fmt: skip
+    assert str(pickle.loads(pickle.dumps(APIConnectionError("gone")))) == "gone"
+
+
+def test_jsonl_lines_split_at_newlines_only() -> None:
+    from rlaifv_client._base_client import split_lines
+
+    chunks = ['{"a": "x\u2028y"}\r\n{"b"', ': "\u0085"}\n', '{"c": 1}']
+    assert list(split_lines(chunks)) == ['{"a": "x\u2028y"}', '{"b": "\u0085"}', '{"c": 1}']
+
+
+def test_wait_sleeps_only_what_is_left_of_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timeout shorter than the poll interval still gets its last poll at the deadline (fake clock)."""
+    import types
+
+    import rlaifv_client._client as client_module
+
+    clock, slept = [100.0], []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(client_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep))
+    running = {"id": "j1", "kind": "rewards", "status": "running", "created": 1, "updated": 1, "total": 3}
+    polls: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        polls.append(clock[0])
+        return httpx.Response(200, json=running | {"completed": 1, "failed": 0})
+
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    with Client(base_url="http://svc", http_client=http) as client, pytest.raises(rlaifv_client.WaitTimeoutError):
+        client.jobs.wait("j1", poll_interval=10, timeout=5)
+    assert slept == [5.0] and polls == [100.0, 105.0]
 
 
 def test_unexpected_response_shape_is_an_api_error() -> None:
@@ -395,6 +470,22 @@ def test_bad_image_inputs(value: object, match: str) -> None:
 def test_images_must_be_a_list() -> None:
     with pytest.raises(ImageInputError, match="list"):
         encode_images(None, PNG)  # type: ignore[arg-type]
+    for one in ("cat.png", PNG):  # not read as a sequence of characters or of ints
+        with pytest.raises(ImageInputError, match="images= takes a list"):
+            best_of_n_body(images=one, question="q")  # type: ignore[arg-type]
+
+
+def test_a_pil_image_read_from_a_jpeg_stays_a_jpeg() -> None:
+    """As PNG a photo grows several-fold, past the server's image and body limits."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.effect_noise((256, 256), 64).convert("RGB").save(buffer, format="JPEG", quality=90)
+    photo = Image.open(io.BytesIO(buffer.getvalue()))
+    url = encode_image(photo)
+    assert url.startswith("data:image/jpeg;base64,")
+    assert len(base64.b64decode(url.split(",", 1)[1])) < 2 * len(buffer.getvalue())
+    assert encode_image(photo.convert("RGBA")).startswith("data:image/png;base64,")  # no format: lossless
 
 
 # -- request bodies -------------------------------------------------------------------

@@ -11,7 +11,7 @@ import platform
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
@@ -86,6 +86,30 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
     return max(0.0, parsed.timestamp() - (time.time() if now is None else now))
 
 
+def split_lines(chunks: Iterable[str]) -> Iterator[str]:
+    """JSONL lines: split at "\\n" only (httpx's line reader also splits at U+2028 and U+0085, which JSON text may
+    hold unescaped), a final "\\r" dropped."""
+    pending = ""
+    for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split("\n")
+        yield from (line.removesuffix("\r") for line in lines)
+    if pending:
+        yield pending.removesuffix("\r")
+
+
+async def asplit_lines(chunks: AsyncIterable[str]) -> AsyncIterator[str]:
+    """`split_lines` over an async stream."""
+    pending = ""
+    async for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if pending:
+        yield pending.removesuffix("\r")
+
+
 def should_retry(response: httpx.Response | None, *, error: Exception | None = None, idempotent: bool = True) -> bool:
     """Whether an attempt that got `response` (None: it raised `error`) may be repeated.
 
@@ -93,6 +117,8 @@ def should_retry(response: httpx.Response | None, *, error: Exception | None = N
     twice (`idempotent=False`, e.g. submitting a job) is repeated only when the server surely did not act on it:
     the connection was never made, or the answer was 429 or 503."""
     if response is None:
+        if isinstance(error, (httpx.LocalProtocolError, httpx.UnsupportedProtocol)):
+            return False  # our own request is malformed: every attempt would fail alike
         return idempotent or isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
     return response.status_code in (C.RETRY_STATUSES if idempotent else C.NOT_PROCESSED_STATUSES)
 
@@ -111,6 +137,8 @@ class APICall(Generic[T]):
     headers: Mapping[str, str] | None = None
     max_retries: int | None = None
     ok_statuses: frozenset[int] = frozenset()
+    # What an accepted non-2xx answer means when its body is not the API's (a proxy's HTML 503 page).
+    unparsed: Callable[[], T] | None = None
     idempotent: bool = True
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -133,7 +161,7 @@ def prompt_body(
 ) -> dict[str, Any]:
     """The fields /v1/best-of-n and /v1/rewards share. Only given fields are sent (the server has the defaults)."""
     body: dict[str, Any] = {"model": model, "question": question, "messages": messages}
-    encoded = encode_images(image, list(images) if images is not None else None)
+    encoded = encode_images(image, images)
     if encoded:
         body["images"] = encoded
     reward = _drop_none({"mode": mode, "beta": beta, "normalize": normalize, "claim_score": claim_score})
@@ -250,7 +278,10 @@ class BaseClient:
         self.base_url = httpx.URL(str(base_url).rstrip("/") + "/")
         if self.base_url.scheme not in ("http", "https"):
             raise ValueError(f"base_url must be an http(s) URL, got {str(base_url)!r}")
-        self.api_key = api_key if api_key is not None else os.environ.get(C.API_KEY_ENV) or None
+        key = api_key if api_key is not None else os.environ.get(C.API_KEY_ENV)
+        self.api_key = key.strip() or None if key is not None else None  # a key read from a file ends in "\\n"
+        if self.api_key is not None and not all(" " <= c <= "~" for c in self.api_key):
+            raise ValueError("api_key holds characters an HTTP header cannot carry (only printable ASCII)")
         self.timeout = timeout
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
@@ -343,6 +374,8 @@ class BaseClient:
         try:
             result = call.cast_to.model_validate(response.json())
         except (ValueError, pydantic.ValidationError) as exc:
+            if call.unparsed is not None and not response.is_success:
+                return call.unparsed()
             raise APIError(
                 f"unexpected response from {call.method} {call.path} (HTTP {response.status_code}): {exc}",
                 request=response.request,

@@ -26,11 +26,13 @@ from ._base_client import (
     NotGiven,
     T,
     TimeoutTypes,
+    asplit_lines,
     best_of_n_body,
     job_body,
     progress_line,
     results_call,
     score_body,
+    split_lines,
     submission_headers,
     upload_call,
 )
@@ -44,6 +46,11 @@ ProgressCallback = Callable[[Job], Any]
 Normalize = Literal["mean", "sum"]
 RewardMode = Literal["dpo", "claims"]
 ClaimScore = Literal["count", "expected"]
+
+
+def _unavailable() -> Health:
+    """A 503 whose body is not ours (an ingress with no ready pod): the server is not ready either."""
+    return Health(status="unavailable")
 
 
 def _job_path(job_id: str | Job, suffix: str = "") -> str:
@@ -166,7 +173,7 @@ class Client(BaseClient):
             else:
                 if response.is_success:
                     try:
-                        yield from response.iter_lines()
+                        yield from split_lines(response.iter_text())
                     except httpx.TransportError as exc:
                         raise self._connection_error(exc, request) from exc
                     finally:
@@ -281,7 +288,15 @@ class Client(BaseClient):
         """Readiness (``GET /readyz``): model loaded and warm. Returns ``status='unavailable'`` instead of raising
         when the server says 503, and does not retry."""
         return self._request(
-            APICall("GET", "/readyz", Health, timeout=timeout, max_retries=0, ok_statuses=frozenset({503}))
+            APICall(
+                "GET",
+                "/readyz",
+                Health,
+                timeout=timeout,
+                max_retries=0,
+                ok_statuses=frozenset({503}),
+                unparsed=_unavailable,
+            )
         )
 
 
@@ -340,9 +355,10 @@ class Jobs:
                 callback(job)
             if job.done:
                 return job
-            if deadline is not None and time.monotonic() + interval > deadline:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 raise WaitTimeoutError(f"job {job.id} not finished within {timeout:g} s ({job.status})", job=job)
-            time.sleep(interval)
+            time.sleep(interval if left is None else min(interval, left))
 
     def submit_file(
         self,
@@ -449,7 +465,7 @@ class AsyncClient(BaseClient):
             else:
                 if response.is_success:
                     try:
-                        async for line in response.aiter_lines():
+                        async for line in asplit_lines(response.aiter_text()):
                             yield line
                     except httpx.TransportError as exc:
                         raise self._connection_error(exc, request) from exc
@@ -554,7 +570,15 @@ class AsyncClient(BaseClient):
     async def ready(self, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Health:
         """Readiness (``GET /readyz``); ``status='unavailable'`` on 503, no retries."""
         return await self._request(
-            APICall("GET", "/readyz", Health, timeout=timeout, max_retries=0, ok_statuses=frozenset({503}))
+            APICall(
+                "GET",
+                "/readyz",
+                Health,
+                timeout=timeout,
+                max_retries=0,
+                ok_statuses=frozenset({503}),
+                unparsed=_unavailable,
+            )
         )
 
 
@@ -618,9 +642,10 @@ class AsyncJobs:
                     await outcome
             if job.done:
                 return job
-            if deadline is not None and time.monotonic() + interval > deadline:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 raise WaitTimeoutError(f"job {job.id} not finished within {timeout:g} s ({job.status})", job=job)
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval if left is None else min(interval, left))
 
     async def results(
         self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN

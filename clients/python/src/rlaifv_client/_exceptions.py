@@ -7,6 +7,7 @@ RLAIFVError
 └── APIError                    anything the server or the network did
     ├── APIStatusError          non-2xx answer: status_code, request_id, type, code, param, body
     │   ├── InvalidRequestError 400, 413, 422: bad input; `param` and `field_errors` name the field
+    │   │   └── ConflictError   409: the Idempotency-Key was used with another body
     │   ├── AuthenticationError 401: API key missing
     │   ├── PermissionDeniedError 403: API key wrong
     │   ├── NotFoundError       404: unknown route, model or job
@@ -30,6 +31,7 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "AuthenticationError",
+    "ConflictError",
     "FieldError",
     "ImageInputError",
     "InvalidRequestError",
@@ -45,7 +47,20 @@ __all__ = [
 
 
 class RLAIFVError(Exception):
-    """Root of every exception the SDK raises."""
+    """Root of every exception the SDK raises.
+
+    Picklable whatever a subclass's constructor takes (keyword-only arguments defeat the default), so errors
+    cross process pools and multiprocessing queues."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__.copy()))
+
+
+def _rebuild(cls: type[RLAIFVError], args: tuple[Any, ...], state: dict[str, Any]) -> RLAIFVError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class ImageInputError(RLAIFVError, ValueError):
@@ -109,7 +124,7 @@ class APIStatusError(APIError):
 
 
 class InvalidRequestError(APIStatusError):
-    """400/413/422: the request was refused as invalid. `param` is the dotted path of the offending field."""
+    """400/409/413/422: the request was refused as invalid. `param` is the dotted path of the offending field."""
 
     def __init__(self, message: str, *, response: httpx.Response, body: Any) -> None:
         super().__init__(message, response=response, body=body)
@@ -167,11 +182,17 @@ class APITimeoutError(APIConnectionError, builtins.TimeoutError):
 
 TimeoutError = APITimeoutError  # the name the issue uses; `except rlaifv_client.TimeoutError` reads naturally
 
+
+class ConflictError(InvalidRequestError):
+    """409: the Idempotency-Key was used before with a different request body."""
+
+
 _STATUS_ERRORS: dict[int, type[APIStatusError]] = {
     400: InvalidRequestError,
     401: AuthenticationError,
     403: PermissionDeniedError,
     404: NotFoundError,
+    409: ConflictError,
     413: InvalidRequestError,
     422: InvalidRequestError,
     429: RateLimitError,

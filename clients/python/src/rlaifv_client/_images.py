@@ -1,8 +1,9 @@
 """Image arguments -> what the server's `images` field takes (a data URL, or an http(s) URL passed through).
 
-Accepted: a path (str or os.PathLike), raw bytes, a binary file object, a PIL image (encoded as PNG;
-Pillow is never imported here, the image encodes itself), a `data:` URL, or an `http(s)://` URL that the
-server fetches itself when its operator allowed the host. `file://` URLs are read like paths.
+Accepted: a path (str or os.PathLike), raw bytes, a binary file object, a PIL image (encoded as PNG, or as JPEG
+when it was read from one; Pillow is never imported here, the image encodes itself), a `data:` URL, or an
+`http(s)://` URL that the server fetches itself when its operator allowed the host. `file://` URLs are read
+like paths.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import base64
 import os
 import sys
+from collections.abc import Iterable
 from io import BytesIO
 from pathlib import Path
 from typing import IO, Any, TypeAlias
@@ -78,11 +80,14 @@ def encode_image(image: ImageInput) -> str:
     if _is_pil_image(image):
         buffer = BytesIO()
         pil_image: Any = image
+        # A photo read from a JPEG stays a JPEG (as PNG it grows ~6x, past the server's limits); the rest is PNG.
+        jpeg = getattr(pil_image, "format", None) == "JPEG" and pil_image.mode in ("RGB", "L", "CMYK")
+        kind = "JPEG" if jpeg else "PNG"
         try:
-            pil_image.save(buffer, format="PNG")
+            pil_image.save(buffer, format=kind, **({"quality": 95} if jpeg else {}))
         except (OSError, ValueError) as exc:
-            raise ImageInputError(f"cannot encode PIL image as PNG: {exc}") from None
-        return data_url(buffer.getvalue(), "image/png")
+            raise ImageInputError(f"cannot encode PIL image as {kind}: {exc}") from None
+        return data_url(buffer.getvalue(), f"image/{kind.lower()}")
     if hasattr(image, "read"):
         data = image.read()
         if isinstance(data, (bytes, bytearray)):
@@ -94,8 +99,9 @@ def encode_image(image: ImageInput) -> str:
     )
 
 
-def encode_images(image: ImageInput | None, images: list[ImageInput] | tuple[ImageInput, ...] | None) -> list[str]:
-    """`image=` and/or `images=` -> the request's `images` list, in order."""
+def encode_images(image: ImageInput | None, images: Iterable[ImageInput] | None) -> list[str]:
+    """`image=` and/or `images=` -> the request's `images` list, in order (a lone path or bytes given as `images`
+    is refused by name, not read as a sequence of characters)."""
     out: list[str] = []
     if image is not None:
         out.append(encode_image(image))
