@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,6 +16,7 @@ from rlaifv.service.deps import enforce_limits
 from rlaifv.service.errors import install_error_handlers
 from rlaifv.service.metrics import Metrics
 from rlaifv.service.middleware import RequestContextMiddleware
+from rlaifv.service.redis_conn import Breaker
 from rlaifv.service.settings import Settings
 
 log = logging.getLogger("rlaifv.service")
@@ -53,7 +55,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if settings.warmup:
         metrics.warmup.set(await engine.warmup())
     if settings.rate_limit_per_minute > 0:
-        app.state.limiter = RateLimiter(per_minute=settings.rate_limit_per_minute, redis=redis)
+        app.state.limiter = RateLimiter(
+            per_minute=settings.rate_limit_per_minute, redis=redis, breaker=Breaker(settings.redis_retry_after_s)
+        )
     app.state.serving = Serving.open(settings, engine, metrics, redis=redis, generator=generator)
     jobs = None
     if redis is not None:
@@ -77,7 +81,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.ready.set(0)
         if jobs is not None:
             await jobs.stop()
-        await app.state.serving.aclose()
+        started = getattr(app.state, "shutdown_started", None)  # set by `rlaifv serve` when the signal came
+        spent = 0.0 if started is None else time.monotonic() - started
+        await app.state.serving.aclose(max(0.0, settings.shutdown_grace_s - spent))
         if redis is not None:
             await redis.aclose()
         log.info("stopped")

@@ -7,7 +7,6 @@ sampling is not. The key hashes everything the result depends on.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -15,7 +14,7 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from rlaifv.service.redis_conn import REDIS_DOWN
+from rlaifv.service.redis_conn import REDIS_DOWN, Breaker
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -26,11 +25,20 @@ log = logging.getLogger("rlaifv.cache")
 
 
 class RewardCache:
-    def __init__(self, *, size: int, ttl_s: int, redis: Redis | None = None, prefix: str = "rlaifv:cache:") -> None:
+    def __init__(
+        self,
+        *,
+        size: int,
+        ttl_s: int,
+        redis: Redis | None = None,
+        prefix: str = "rlaifv:cache:",
+        breaker: Breaker | None = None,
+    ) -> None:
         self.size = size
         self.ttl_s = ttl_s
         self.redis = redis
         self.prefix = prefix
+        self.breaker = breaker or Breaker(5.0)
         self._memory: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
     @staticmethod
@@ -53,10 +61,13 @@ class RewardCache:
 
     async def get(self, key: str) -> str | None:
         if self.redis is not None:
+            if self.breaker.open:
+                return None
             try:
                 value = await self.redis.get(self.prefix + key)
             except REDIS_DOWN as exc:
                 log.warning("reward cache skipped: redis unavailable (%s)", type(exc).__name__)
+                self.breaker.trip()
                 return None
             return value.decode() if isinstance(value, bytes) else value
         entry = self._memory.get(key)
@@ -71,8 +82,11 @@ class RewardCache:
 
     async def set(self, key: str, value: str) -> None:
         if self.redis is not None:
-            with contextlib.suppress(*REDIS_DOWN):
-                await self.redis.set(self.prefix + key, value, ex=self.ttl_s)
+            if not self.breaker.open:
+                try:
+                    await self.redis.set(self.prefix + key, value, ex=self.ttl_s)
+                except REDIS_DOWN:
+                    self.breaker.trip()
             return
         self._memory[key] = (time.monotonic() + self.ttl_s, value)
         self._memory.move_to_end(key)

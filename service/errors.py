@@ -171,6 +171,13 @@ class Unavailable(ServiceError):
     status, type, code = 503, "service_unavailable", "not_ready"
 
 
+class SubmissionPending(Unavailable):
+    """A job submission with this Idempotency-Key is still being written, or died before creating its job (its
+    claim then expires soon): retry after Retry-After, with the same key."""
+
+    code = "idempotency_pending"
+
+
 class StoreUnavailable(Unavailable):
     """Redis (which holds jobs) is unreachable or still loading; the request may be retried after Retry-After."""
 

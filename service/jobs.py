@@ -44,6 +44,7 @@ from rlaifv.service.errors import (
     Overloaded,
     ServiceError,
     StoreUnavailable,
+    SubmissionPending,
     error_body,
     invalid_input_code,
 )
@@ -64,24 +65,45 @@ PREFIX = "rlaifv:job:"
 REQUEST_MODELS = {"best_of_n": BestOfNRequest, "rewards": RewardsRequest}
 ENQUEUE_CHUNK = 1000
 
+# Returns 1 when this result was stored, 0 when the item had one (a rerun), -1 when the job is gone (expired, or
+# lost with a Redis restarted without persistence): then nothing is written, so no half job hash outlives it.
+# Results expire with their job; the items go once every item has a result (nothing is left to run).
 RECORD = """
-if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
+local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
+if not total then return -1 end
+local stored = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+if stored == 1 then
   redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
+  local ttl = redis.call('TTL', KEYS[1])
+  if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
 end
 redis.call('HSET', KEYS[1], 'updated', ARGV[4])
-local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
 local completed = tonumber(redis.call('HGET', KEYS[1], 'completed'))
 local done = completed + tonumber(redis.call('HGET', KEYS[1], 'failed'))
-local status = redis.call('HGET', KEYS[1], 'status')
-if done >= total and status ~= 'cancelled' then
-  redis.call('HSET', KEYS[1], 'status', completed == 0 and 'failed' or 'succeeded')
+if done >= total then
+  if redis.call('HGET', KEYS[1], 'status') ~= 'cancelled' then
+    redis.call('HSET', KEYS[1], 'status', completed == 0 and 'failed' or 'succeeded')
+  end
+  redis.call('DEL', KEYS[3])
 end
-return done
+return stored
+"""
+# One step, so a result stored meanwhile cannot be overwritten by 'cancelled' (a read, then a write, could).
+CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or not redis.call('HGET', KEYS[1], 'total') then return false end
+if status == 'queued' or status == 'running' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'updated', ARGV[1])
+  redis.call('DEL', KEYS[2])
+end
+return status
 """
 MARK_RUNNING = (
     "if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('HSET', KEYS[1], 'status', 'running') end"
 )
+# An Idempotency-Key is claimed for this long while its job is written (renewed per chunk), then for the jobs' TTL
+# in the same MULTI that creates the job: a submission that dies half-way frees its key instead of poisoning it.
+CLAIM_PENDING_S = 30
 
 
 @contextlib.contextmanager
@@ -183,24 +205,37 @@ class JobStore:
         with self.guard():
             await self.ensure_group()
             job_id = f"job-{uuid.uuid4().hex}"
-            claim = None
+            claim: tuple[str, str] | None = None
             if idempotency_key is not None:
-                claim = f"{PREFIX}idem:{owner or '-'}:{idempotency_key}"
+                key = f"{PREFIX}idem:{owner or '-'}:{idempotency_key}"
                 digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
-                if not await self.redis.set(claim, f"{job_id} {digest}", nx=True, ex=self.ttl_s):
-                    return await self._replay(claim, digest)
+                for _ in range(3):  # a claim that expires between SET NX and GET is claimed again
+                    if await self.redis.set(key, f"{job_id} {digest}", nx=True, ex=CLAIM_PENDING_S):
+                        claim = (key, f"{job_id} {digest}")
+                        break
+                    raw = await self.redis.get(key)
+                    if raw is not None:
+                        return await self._replay(key, raw.decode(), digest)
+                else:
+                    raise SubmissionPending(
+                        "this Idempotency-Key is being claimed by another request; retry",
+                        param="Idempotency-Key",
+                        headers={"Retry-After": "1"},
+                    )
             try:
-                return await self._enqueue(job_id, request, items)
+                return await self._enqueue(job_id, request, items, claim)
             except BaseException:
                 if claim is not None:
                     with contextlib.suppress(*REDIS_DOWN):
-                        await self.redis.delete(claim)
+                        await self.redis.delete(claim[0])
                 raise
 
-    async def _replay(self, claim: str, digest: str) -> Job:
-        """The job an earlier request with the same Idempotency-Key created (it may still be being written)."""
-        raw = await self.redis.get(claim)
-        first_id, first_digest = raw.decode().split() if raw else ("", "")
+    async def _replay(self, key: str, claimed: str, digest: str) -> Job:
+        """The job an earlier request with the same Idempotency-Key created (it may still be being written).
+
+        Its job not there yet: the first request is still writing it, or died doing so (its claim then expires
+        within `CLAIM_PENDING_S`): a 503 to retry after, never a 409 that would refuse the key for the TTL."""
+        first_id, first_digest = claimed.split()
         if first_digest != digest:
             raise Conflict("this Idempotency-Key was used for a different request body", param="Idempotency-Key")
         for _ in range(100):
@@ -208,11 +243,24 @@ class JobStore:
             if job is not None:
                 return job
             await asyncio.sleep(0.02)
-        raise Conflict("the request that first used this Idempotency-Key did not complete", param="Idempotency-Key")
+        wait = max(1, int(await self.redis.ttl(key)))
+        raise SubmissionPending(
+            "the request that first used this Idempotency-Key has not created its job (still writing it, or it"
+            f" failed); retry after {wait} s",
+            param="Idempotency-Key",
+            headers={"Retry-After": str(wait)},
+        )
 
-    async def _enqueue(self, job_id: str, request: JobRequest, items: list[tuple[str | None, dict[str, Any]]]) -> Job:
-        """Items first, then the job hash and every stream entry in one MULTI: a worker never sees an entry
-        without its item, and a submission cut short leaves no job (stray items expire with the TTL)."""
+    async def _enqueue(
+        self,
+        job_id: str,
+        request: JobRequest,
+        items: list[tuple[str | None, dict[str, Any]]],
+        claim: tuple[str, str] | None = None,
+    ) -> Job:
+        """Items first, then the job hash, every stream entry and the Idempotency-Key's claim for the jobs' TTL in
+        one MULTI: a worker never sees an entry without its item, and a submission cut short leaves no job (stray
+        items expire with the TTL) and a claim that expires in `CLAIM_PENDING_S`."""
         now = int(time.time())
         key = PREFIX + job_id
         for start in range(0, len(items), ENQUEUE_CHUNK):
@@ -224,6 +272,8 @@ class JobStore:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(key + ":items", mapping=mapping)
             pipe.expire(key + ":items", self.ttl_s)
+            if claim is not None:
+                pipe.expire(claim[0], CLAIM_PENDING_S)
             await pipe.execute()
         meta = {
             "kind": request.kind,
@@ -240,6 +290,8 @@ class JobStore:
         pipe.expire(key, self.ttl_s)
         for i in range(len(items)):
             pipe.xadd(self.stream, {"job": job_id, "index": str(i)})
+        if claim is not None:
+            pipe.set(claim[0], claim[1], ex=self.ttl_s)
         await pipe.execute()
         return await self._get(job_id)  # type: ignore[return-value]
 
@@ -249,9 +301,9 @@ class JobStore:
 
     async def _get(self, job_id: str) -> Job | None:
         raw = await self.redis.hgetall(PREFIX + job_id)
-        if not raw:
-            return None
         d = {k.decode(): v.decode() for k, v in raw.items()}
+        if not {"kind", "status", "total"} <= d.keys():  # absent, or a fragment a write left after the job expired
+            return None
         return Job(
             id=job_id,
             kind=d["kind"],  # type: ignore[arg-type]
@@ -278,12 +330,12 @@ class JobStore:
                     yield f'{{"index":{i},{raw.decode()[1:]}'
 
     async def cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued or running job (its items are dropped: none will run); a finished job is returned
+        as it is."""
+        key = PREFIX + job_id
         with self.guard():
-            job = await self._get(job_id)
-            if job is None:
+            if not await self.redis.eval(CANCEL, 2, key, key + ":items", int(time.time())):
                 return None
-            if job.status in ("queued", "running"):
-                await self.redis.hset(PREFIX + job_id, mapping={"status": "cancelled", "updated": int(time.time())})
             return await self._get(job_id)
 
     async def load(self, job_id: str, index: int) -> tuple[str | None, str | None, bool, dict[str, Any] | None]:
@@ -304,13 +356,14 @@ class JobStore:
     async def mark_running(self, job_id: str) -> None:
         await self.redis.eval(MARK_RUNNING, 1, PREFIX + job_id)
 
-    async def record(self, job_id: str, index: int, entry: dict[str, Any]) -> None:
-        """Store one item's result once; finish the job when every item has one."""
+    async def record(self, job_id: str, index: int, entry: dict[str, Any]) -> bool:
+        """Store one item's result once; finish the job when every item has one. True: this call stored it."""
         key = PREFIX + job_id
         field = "completed" if entry["status"] == "succeeded" else "failed"
-        await self.redis.eval(
-            RECORD, 2, key, key + ":results", str(index), json.dumps(entry), field, int(time.time()), self.ttl_s
+        stored = await self.redis.eval(
+            RECORD, 3, key, key + ":results", key + ":items", str(index), json.dumps(entry), field, int(time.time())
         )
+        return bool(stored == 1)
 
     async def ack(self, entry_id: bytes) -> None:
         pipe = self.redis.pipeline(transaction=True)
@@ -332,6 +385,7 @@ class JobWorkers:
         self.batch = max(1, min(settings.max_batch, 16))
         self.redis_ok = True
         self._tasks: list[asyncio.Task[None]] = []
+        self._draining = False
         self._base = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
     def start(self, count: int | None = None) -> None:
@@ -343,8 +397,13 @@ class JobWorkers:
     async def wait(self) -> None:
         await asyncio.gather(*self._tasks)
 
-    async def stop(self) -> None:
-        """Stop consuming; entries being processed stay pending and are reclaimed by another worker."""
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stop consuming. The items in hand get `grace_s` to finish (an `rlaifv worker` drains so; the
+        server's own consumers stop at once, its grace going to HTTP requests); whatever still runs then is
+        cancelled, and its entries stay pending until another worker reclaims them."""
+        self._draining = True
+        if grace_s > 0 and self._tasks:
+            await asyncio.wait(self._tasks, timeout=grace_s)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -366,7 +425,7 @@ class JobWorkers:
     async def _consume(self, consumer: str) -> None:
         delay = 0.0
         group_ready = False
-        while True:
+        while not self._draining:
             try:
                 if not group_ready:  # registering the consumer up front shows idle workers in XINFO CONSUMERS
                     await self.store.ensure_group()
@@ -407,8 +466,8 @@ class JobWorkers:
             if status == "queued":
                 await self.store.mark_running(job_id)
             entry = await self._run(kind, item)
-            await self.store.record(job_id, index, entry)
-            self.metrics.jobs.labels(outcome=entry["status"]).inc()
+            if await self.store.record(job_id, index, entry):  # a rerun of a reclaimed item is not counted again
+                self.metrics.jobs.labels(outcome=entry["status"]).inc()
         await self.store.ack(entry_id)
 
     async def _run(self, kind: str, item: dict[str, Any] | None) -> dict[str, Any]:

@@ -12,11 +12,12 @@ import uuid
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rlaifv.service.errors import error_body, internal_error_body, log_unhandled
+from rlaifv.service.errors import ClientDisconnected, error_body, internal_error_body, log_unhandled
 from rlaifv.service.log_format import request_id_var
 from rlaifv.service.metrics import Metrics
 
 REQUEST_ID_HEADER = "x-request-id"
+CLIENT_CLOSED = 499
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -63,6 +64,8 @@ class RequestContextMiddleware:
         except _BodyTooLarge:
             if not started:
                 await self._reject_413(send_wrapper)
+        except ClientDisconnected:
+            status = CLIENT_CLOSED  # nginx's 499: nobody to answer, and not a server error for the dashboards
         except Exception as exc:
             # Answered here rather than by Starlette's outermost handler, which re-raises after its 500: uvicorn
             # then drops the keep-alive connection and the client's next request on it fails too.

@@ -8,7 +8,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from rlaifv.service.redis_conn import REDIS_DOWN
+from rlaifv.service.redis_conn import REDIS_DOWN, Breaker
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -19,10 +19,18 @@ log = logging.getLogger("rlaifv.rate_limit")
 class RateLimiter:
     """Fixed one-minute windows per client (API key fingerprint, else address)."""
 
-    def __init__(self, *, per_minute: int, redis: Redis | None = None, prefix: str = "rlaifv:rate:") -> None:
+    def __init__(
+        self,
+        *,
+        per_minute: int,
+        redis: Redis | None = None,
+        prefix: str = "rlaifv:rate:",
+        breaker: Breaker | None = None,
+    ) -> None:
         self.per_minute = per_minute
         self.redis = redis
         self.prefix = prefix
+        self.breaker = breaker or Breaker(5.0)
         self._memory: dict[str, tuple[int, int]] = {}
 
     async def hit(self, client: str) -> int | None:
@@ -31,7 +39,7 @@ class RateLimiter:
         window = int(now // 60)
         retry = max(1, int(60 - now % 60))
         count = None
-        if self.redis is not None:
+        if self.redis is not None and not self.breaker.open:
             key = f"{self.prefix}{client}:{window}"
             pipe = self.redis.pipeline()
             pipe.incr(key)
@@ -40,6 +48,7 @@ class RateLimiter:
                 count, _ = await pipe.execute()
             except REDIS_DOWN as exc:
                 log.warning("rate limit counted in memory: redis unavailable (%s)", type(exc).__name__)
+                self.breaker.trip()
         if count is None:
             seen_window, count = self._memory.get(client, (window, 0))
             count = count + 1 if seen_window == window else 1

@@ -7,10 +7,25 @@ Also runnable as `python -m service.serve_cli`.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
+import uvicorn
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, noting on the app when the stop signal came: HTTP requests drain first, then the
+    lifespan drains the scheduler's queue in what is left of the same `RLAIFV_SHUTDOWN_GRACE_S`, so the whole
+    stop fits the pod's termination grace (two full graces in a row would not)."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state = getattr(self.config.app, "state", None)
+        if state is not None and getattr(state, "shutdown_started", None) is None:
+            state.shutdown_started = time.monotonic()
+        super().handle_exit(sig, frame)
 
 
 def fallback_bundle() -> Path:
@@ -145,8 +160,6 @@ def serve(
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning (env RLAIFV_LOG_LEVEL).")] = None,
 ) -> None:
     """Serve best-of-N and rewards over HTTP (FastAPI + uvicorn). Settings: RLAIFV_* environment variables."""
-    import uvicorn
-
     from rlaifv.service.app import create_app
     from rlaifv.service.log_format import configure_logging
 
@@ -200,7 +213,7 @@ def serve(
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),  # None would wait forever
         access_log=False,
     )
-    uvicorn.Server(config).run()
+    DrainingServer(config).run()
 
 
 if __name__ == "__main__":

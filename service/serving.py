@@ -42,6 +42,7 @@ from rlaifv.service.protocol import (
     Usage,
     convert_messages,
 )
+from rlaifv.service.redis_conn import Breaker
 from rlaifv.service.scheduler import Outcome
 
 if TYPE_CHECKING:
@@ -193,17 +194,23 @@ class Serving:
         )
         scheduler.start()
         cache = (
-            RewardCache(size=settings.cache_size, ttl_s=settings.cache_ttl_s, redis=redis)
+            RewardCache(
+                size=settings.cache_size,
+                ttl_s=settings.cache_ttl_s,
+                redis=redis,
+                breaker=Breaker(settings.redis_retry_after_s),
+            )
             if settings.cache_size > 0
             else None
         )
         return cls(settings, engine, scheduler, ImageLoader(settings), metrics, cache, generator)
 
-    async def aclose(self) -> None:
-        """Drain the queue (up to the shutdown grace), then release images, the generator and the engine."""
+    async def aclose(self, grace_s: float | None = None) -> None:
+        """Drain the queue (up to `grace_s`, the shutdown grace by default), then release images, the generator
+        and the engine."""
         import asyncio
 
-        await self.scheduler.close(self.settings.shutdown_grace_s)
+        await self.scheduler.close(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         await self.images.aclose()
         if self.generator is not None:
             await self.generator.aclose()

@@ -66,7 +66,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     try:
         await stop.wait()
     finally:
-        await workers.stop()
+        await workers.stop(settings.shutdown_grace_s)
         await serving.aclose()
         await redis.aclose()
         log.info("worker stopped")

@@ -102,6 +102,11 @@ def test_client_that_leaves_is_dropped_before_the_model(make_server, red_url: st
     while not registry.get_sample_value("rlaifv_requests_rejected_total", {"reason": "client_disconnected"}):
         assert time.monotonic() < deadline + 10, "the server did not notice the client leaving"
         time.sleep(0.01)
+    labels = {"route": "/v1/best-of-n", "method": "POST"}
+    while not registry.get_sample_value("rlaifv_http_requests_total", labels | {"status": "499"}):  # not a 500
+        assert time.monotonic() < deadline + 10, "the departure was not counted as 499"
+        time.sleep(0.01)
+    assert not registry.get_sample_value("rlaifv_http_requests_total", labels | {"status": "500"})
     loop.call_soon_threadsafe(scheduler.start)
     r = httpx.post(server.url + "/v1/best-of-n", json=body, timeout=60)
     assert r.status_code == 200

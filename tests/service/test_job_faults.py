@@ -176,7 +176,7 @@ def test_200_item_job_matches_the_synchronous_endpoint(make_server, make_redis, 
             assert line["result"]["rewards"] == pytest.approx(answer.json()["rewards"], abs=1e-5), i
         else:
             assert line["status"] == "failed" and line["error"] == answer.json()["error"], i
-    assert lines[100]["error"]["param"] == "answers" and lines[100]["error"]["type"] == "invalid_request_error"
+    assert lines[100]["error"]["param"] == "answers[0]" and lines[100]["error"]["type"] == "invalid_request_error"
 
 
 def _rlaifv() -> list[str]:
@@ -336,7 +336,7 @@ def test_a_10000_item_job_is_accepted_and_streamed_in_pages(make_server, make_re
         pipe = r.pipeline(transaction=False)
         for i in reversed(range(10_000)):
             entry = {"custom_id": f"k{i}", "status": "failed", "error": {"message": "m", "type": "t", "code": "c"}}
-            pipe.eval(RECORD, 2, key, key + ":results", str(i), json.dumps(entry), "failed", 0, 3600)
+            pipe.eval(RECORD, 3, key, key + ":results", key + ":items", str(i), json.dumps(entry), "failed", 0)
         pipe.execute()
         done = client.get(f"/v1/jobs/{job_id}").json()
         assert (done["status"], done["failed"]) == ("failed", 10_000)

@@ -44,7 +44,7 @@ def test_rewards_job_round_trip(jobs_server, in_process_pair, red_png, red_url) 
         expected = in_process_pair.score(red_png, QUESTION, a).rewards
         assert item["result"]["rewards"] == pytest.approx(expected, abs=1e-5)
     assert results["data"][3]["status"] == "failed"
-    assert results["data"][3]["error"]["param"] == "answers"
+    assert results["data"][3]["error"]["param"] == "answers[0]"
 
 
 def test_best_of_n_job(jobs_server, red_url) -> None:

@@ -322,7 +322,7 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"frequency_penalty": -3}, "frequency_penalty", "invalid_value"),
     ({"logit_bias": {"abc": 1}}, "logit_bias", "invalid_value"),
     ({"logit_bias": {"5": 101}}, "logit_bias.5", "invalid_value"),
-    ({"logit_bias": {"999999": 1}}, "logit_bias", "invalid_value"),
+    ({"logit_bias": {"999999": 1}}, "logit_bias.999999", "invalid_value"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
     ({"stream": True, "stream_options": {"bogus": True}}, "stream_options.bogus", "unknown_field"),
 ]

@@ -68,3 +68,20 @@ async def test_sigterm_finishes_in_flight_requests(service_bundle, red_url: str,
     assert "ready" in messages and "stopped" in messages
     requests = [e for e in lines if e["message"] == "request" and e.get("route") == "/v1/best-of-n"]
     assert len(requests) == 12 and all(e["status"] == 200 and len(e["request_id"]) == 32 for e in requests)
+
+
+def test_the_stop_signal_time_is_noted_so_the_queue_drains_in_what_is_left_of_the_grace() -> None:
+    """HTTP requests drain first (uvicorn), then the scheduler's queue: both within one RLAIFV_SHUTDOWN_GRACE_S."""
+    import uvicorn
+
+    from rlaifv.service.app import create_app
+    from rlaifv.service.serve_cli import DrainingServer
+    from rlaifv.service.settings import Settings
+
+    app = create_app(Settings(bundle="unused"))
+    server = DrainingServer(uvicorn.Config(app))
+    assert getattr(app.state, "shutdown_started", None) is None
+    server.handle_exit(signal.SIGTERM, None)
+    first = app.state.shutdown_started
+    server.handle_exit(signal.SIGTERM, None)  # a second signal (forced exit) keeps the first time
+    assert server.should_exit and app.state.shutdown_started == first

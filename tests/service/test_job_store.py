@@ -1,0 +1,166 @@
+"""The job store against a real redis-server: what is left behind when a job is gone, cancelled or finished,
+an Idempotency-Key whose first submission died, a Redis that refuses writes, and the cache's breaker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from rlaifv.service.errors import StoreUnavailable, SubmissionPending
+from rlaifv.service.jobs import CLAIM_PENDING_S, PREFIX, JobStore
+from rlaifv.service.protocol import JobRequest
+from rlaifv.service.settings import Settings
+
+pytestmark = pytest.mark.integration
+BODY = {"question": "What is in the image?", "answers": ["a red circle."]}
+OK = {"status": "succeeded", "result": {"rewards": [0.0]}}
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[JobStore]:
+    from rlaifv.service.redis_conn import connect
+
+    settings = Settings(bundle="unused", redis_url=redis_url, jobs_stream="rlaifv:jobs:store-test", jobs_ttl_s=3600)
+    redis = connect(settings)
+    yield JobStore(redis, settings)
+    await redis.aclose()
+
+
+def request(items: int = 2, **fields: Any) -> JobRequest:
+    return JobRequest(kind="rewards", items=[BODY] * items, **fields)
+
+
+async def test_a_result_for_a_job_that_is_gone_writes_nothing(store: JobStore) -> None:
+    """A job that expired (or was lost with a Redis restarted without persistence) while an item ran."""
+    job = await store.create(request())
+    await store.redis.delete(PREFIX + job.id)
+    assert await store.record(job.id, 0, OK) is False
+    assert not await store.redis.exists(PREFIX + job.id, PREFIX + job.id + ":results")
+    assert await store.get(job.id) is None
+
+
+async def test_a_fragment_of_a_job_hash_reads_as_no_job(store: JobStore) -> None:
+    await store.redis.hset(PREFIX + "job-fragment", mapping={"completed": 16, "updated": 1})
+    assert await store.get("job-fragment") is None
+    assert await store.cancel("job-fragment") is None
+
+
+async def test_a_finished_job_drops_its_items_and_its_results_expire_with_it(store: JobStore) -> None:
+    job = await store.create(request())
+    assert await store.record(job.id, 0, OK) is True
+    assert await store.record(job.id, 0, OK) is False  # a rerun is stored once, and counted once
+    assert await store.redis.exists(PREFIX + job.id + ":items")
+    assert await store.record(job.id, 1, OK) is True
+    done = await store.get(job.id)
+    assert done is not None and (done.status, done.completed) == ("succeeded", 2)
+    assert not await store.redis.exists(PREFIX + job.id + ":items")
+    assert 0 < await store.redis.ttl(PREFIX + job.id + ":results") <= await store.redis.ttl(PREFIX + job.id)
+
+
+async def test_cancel_drops_the_items_and_leaves_a_finished_job_as_it_is(store: JobStore) -> None:
+    job = await store.create(request())
+    cancelled = await store.cancel(job.id)
+    assert cancelled is not None and cancelled.status == "cancelled"
+    assert not await store.redis.exists(PREFIX + job.id + ":items")
+    finished = await store.create(request(1))
+    await store.record(finished.id, 0, OK)
+    again = await store.cancel(finished.id)
+    assert again is not None and again.status == "succeeded"
+
+
+async def test_an_idempotency_key_whose_submission_died_is_free_again_once_its_claim_lapses(store: JobStore) -> None:
+    """The claim of a submission that never created its job: a retryable 503 meanwhile, never a lasting 409."""
+    first = await store.create(request(), idempotency_key="k-died", owner="o")
+    claim = f"{PREFIX}idem:o:k-died"
+    assert await store.redis.ttl(claim) > CLAIM_PENDING_S  # the job exists: kept for the jobs' TTL
+    assert (await store.create(request(), idempotency_key="k-died", owner="o")).id == first.id
+    # a submission that died after its claim: the claim names a job that was never written
+    digest = (await store.redis.get(claim)).decode().split()[1]
+    await store.redis.set(claim, f"job-never-written {digest}", ex=CLAIM_PENDING_S)
+    with pytest.raises(SubmissionPending) as pending:
+        await store.create(request(), idempotency_key="k-died", owner="o")
+    assert pending.value.status == 503 and 1 <= int(pending.value.headers["Retry-After"]) <= CLAIM_PENDING_S
+    await store.redis.delete(claim)  # what the claim's expiry does
+    retried = await store.create(request(), idempotency_key="k-died", owner="o")
+    assert retried.id != first.id and await store.get(retried.id) is not None
+
+
+async def test_a_redis_that_refuses_writes_is_a_503_not_a_500(store: JobStore) -> None:
+    await store.redis.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(StoreUnavailable) as info:
+            await store.create(request())
+        assert info.value.headers["Retry-After"]
+    finally:
+        await store.redis.config_set("maxmemory", "0")
+
+
+async def test_the_cache_leaves_a_failing_redis_alone_for_a_while() -> None:
+    """While Redis hangs every call would wait out a timeout: after one failure the cache skips it."""
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from rlaifv.service.cache import RewardCache
+    from rlaifv.service.redis_conn import Breaker
+
+    class Hanging:
+        calls = 0
+
+        async def get(self, key: str) -> bytes:
+            Hanging.calls += 1
+            raise RedisTimeoutError("timed out")
+
+        async def set(self, *args: Any, **kwargs: Any) -> None:
+            Hanging.calls += 1
+            raise RedisTimeoutError("timed out")
+
+    now = [0.0]
+    cache = RewardCache(size=8, ttl_s=60, redis=Hanging(), breaker=Breaker(5.0, clock=lambda: now[0]))  # type: ignore[arg-type]
+    assert await cache.get("k") is None and Hanging.calls == 1
+    await cache.set("k", "v")
+    assert await cache.get("k") is None and Hanging.calls == 1  # left alone
+    now[0] = 5.1
+    assert await cache.get("k") is None and Hanging.calls == 2  # tried again after the pause
+
+
+async def test_a_stopping_worker_finishes_the_item_in_hand_within_its_grace(store: JobStore) -> None:
+    """`rlaifv worker` on SIGTERM: no new items, the running one completes and is stored (no rerun later)."""
+    import asyncio
+
+    from pydantic import BaseModel
+
+    from rlaifv.service.jobs import JobWorkers
+    from rlaifv.service.metrics import Metrics
+
+    class Scored(BaseModel):
+        rewards: list[float]
+
+    class Gated:
+        """Serving whose scoring waits for the test: the item is in hand while the worker is told to stop."""
+
+        def __init__(self) -> None:
+            self.started, self.release = asyncio.Event(), asyncio.Event()
+
+        async def rewards(self, request: Any, http_request: Any) -> Scored:
+            self.started.set()
+            await self.release.wait()
+            return Scored(rewards=[0.5])
+
+    serving = Gated()
+    settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=1)
+    workers = JobWorkers(store, serving, settings, Metrics())  # type: ignore[arg-type]
+    job = await store.create(request(3))
+    workers.start()
+    await serving.started.wait()
+    stopping = asyncio.create_task(workers.stop(grace_s=60))
+    await asyncio.sleep(0)
+    later = await store.create(request(1))  # arrives while the worker drains: left for another worker
+    assert not stopping.done()
+    serving.release.set()
+    await stopping
+    done, waiting = await store.get(job.id), await store.get(later.id)
+    assert done is not None and (done.status, done.completed) == ("succeeded", 3)  # the batch in hand finished
+    assert waiting is not None and (waiting.status, waiting.completed) == ("queued", 0)
+    pending = await store.redis.xpending(store.stream, "rlaifv-workers")
+    assert pending["pending"] == 0  # nothing in hand was left to be reclaimed and run again
