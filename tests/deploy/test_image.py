@@ -74,9 +74,16 @@ def test_key_rules(name):
             if word == "COPY" and "--from=" not in args:
                 sources = args.split()[:-1]
                 sources = [s for s in sources if not s.startswith("--")]
-                assert set(sources) <= {"pyproject.toml", "README.md", "rlaifv", "reward", "service", "trainer"}, (
-                    f"only the package source enters the build (never weights): {sources}"
-                )
+                allowed = {
+                    "pyproject.toml",
+                    "README.md",
+                    "rlaifv",
+                    "reward",
+                    "service",
+                    "trainer",
+                    "constraints/runtime.txt",
+                }
+                assert set(sources) <= allowed, f"only the package source enters the build (never weights): {sources}"
         users = [args for word, args in stage if word == "USER"]
         assert users and all(u not in ("root", "0") for u in users), "every stage builds or runs as non-root"
     runtime = stages[-1]
@@ -125,3 +132,20 @@ def test_versions_agree():
     from rlaifv.service.app import create_app
 
     assert create_app().version == VERSION
+
+
+def test_the_images_pin_the_versions_the_tests_ran_on():
+    """constraints/runtime.txt (scripts/lock) holds the run-time closure; scripts/bootstrap installs with it, so a
+    pin that drifted from the tested environment (a range changed without `scripts/lock`) fails here."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    lines = (ROOT / "constraints" / "runtime.txt").read_text().splitlines()
+    pins = [Requirement(line) for line in lines if line and not line.startswith("#")]
+    assert len(pins) > 40 and not any(p.name == "torch" for p in pins)
+    drifted = {p.name: (str(p.specifier), md.version(p.name)) for p in pins if md.version(p.name) not in p.specifier}
+    assert not drifted, f"run scripts/lock (pin, installed): {drifted}"
+    for name in DOCKERFILES:
+        text = (DEPLOY / name).read_text()
+        assert "COPY constraints/runtime.txt /tmp/constraints.txt" in text and "-c /tmp/constraints.txt" in text

@@ -33,7 +33,7 @@ from rlaifv.service.settings import Settings
 
 SETTINGS_ENV = {f"RLAIFV_{name.upper()}" for name in Settings.model_fields}
 # Env names the pods set that are not Settings fields, and why.
-OTHER_ENV = {"REDIS_PASSWORD": "expanded into RLAIFV_REDIS_URL ($(REDIS_PASSWORD)); Settings never reads it"}
+OTHER_ENV: dict[str, str] = {}
 OUR_CONTAINERS = {"server", "worker"}
 # Ideas of "long enough" for the startup probe: a GPU pod loads a 7B pair from network storage.
 STARTUP_BUDGET_S = {"gpu": 600, "cpu": 120}
@@ -61,6 +61,21 @@ def test_every_kustomization_lists_existing_files_and_every_component_is_used(re
     assert set(rendered) == set(OVERLAYS)
 
 
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_lands_in_the_overlays_namespace_with_the_projects_label(rendered, overlay):
+    """An object without a namespace goes wherever kubectl points (an HPA there scales nothing)."""
+    docs = rendered[overlay]
+    (namespace,) = [d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"]
+    for doc in docs:
+        meta = doc["metadata"]
+        if doc["kind"] not in CLUSTER_SCOPED:
+            assert meta.get("namespace") == namespace, f"{overlay}: {doc['kind']}/{meta['name']}"
+        assert meta.get("labels", {}).get("app.kubernetes.io/part-of") == "rlaifv", f"{doc['kind']}/{meta['name']}"
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_env_names_are_settings_and_values_parse(rendered, overlay, tmp_path, monkeypatch):
     docs = rendered[overlay]
@@ -83,7 +98,7 @@ def test_env_names_are_settings_and_values_parse(rendered, overlay, tmp_path, mo
         for name in [n for n in os.environ if n.startswith("RLAIFV_")]:
             monkeypatch.delenv(name)
         for name, value in env.items():
-            value = (value or "").replace("$(REDIS_PASSWORD)", "hex0123")
+            value = value if value is not None else "any pass:word/@#"  # from the Secret: any characters
             monkeypatch.setenv(name, str(keys) if name == "RLAIFV_API_KEYS_FILE" else value)
         settings = Settings()
         assert settings.load_api_keys() == ["k8s-test-key-0123456789"]
@@ -248,9 +263,9 @@ def test_secrets_are_referenced_never_shipped(rendered, overlay):
     )
     for workload, container in _containers(docs):
         env = container_env(docs, container)
-        (password,) = [e for e in container["env"] if e["name"] == "REDIS_PASSWORD"]
+        (password,) = [e for e in container["env"] if e["name"] == "RLAIFV_REDIS_PASSWORD"]
         assert password["valueFrom"]["secretKeyRef"] == {"name": "rlaifv-redis", "key": "password"}
-        assert "$(REDIS_PASSWORD)@" in env["RLAIFV_REDIS_URL"]
+        assert "@" not in env["RLAIFV_REDIS_URL"]  # the password never sits in the URL
         if container["name"] == "server":
             keys = Path(env["RLAIFV_API_KEYS_FILE"])
             (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(keys.parent)]
@@ -275,7 +290,7 @@ def test_redis_is_persistent_and_is_what_the_pods_use(rendered, overlay):
     assert matches({"matchLabels": service["spec"]["selector"]}, redis["spec"]["template"]["metadata"]["labels"])
     for _, ours in _containers(docs):
         url = container_env(docs, ours)["RLAIFV_REDIS_URL"]
-        assert re.fullmatch(rf"redis://:\$\(REDIS_PASSWORD\)@rlaifv-redis:{port}/\d+", url), url
+        assert re.fullmatch(rf"redis://rlaifv-redis:{port}/\d+", url), url
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
