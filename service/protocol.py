@@ -57,7 +57,7 @@ class ValidText(BaseModel):
 
 
 class Strict(ValidText):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON's NaN/Infinity: "a finite number"
 
 
 MIN_TEMPERATURE = 0.01

@@ -261,6 +261,14 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
         "invalid_value",
     ),
     (
+        "temperature-nan",
+        "/v1/best-of-n",
+        json.dumps(bon(sampling={"temperature": float("nan")})).encode(),  # JSON's NaN: "a finite number"
+        400,
+        "sampling.temperature",
+        "invalid_value",
+    ),
+    (
         "logit-bias-unicode-digit",
         "/v1/chat/completions",
         chat(logit_bias={"\u00b2": 1}),
