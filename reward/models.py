@@ -214,15 +214,50 @@ def load_model(
 
 
 def load_adapter(base: Any, adapter_path: str | Path) -> Any:
-    """Wrap `base` with a PEFT LoRA adapter; disabling the adapter gives back the base (the reference)."""
+    """Wrap `base` with a PEFT LoRA adapter; disabling the adapter gives back the base (the reference).
+
+    Every LoRA weight the adapter's modules need must come from the file: PEFT only warns about missing ones and
+    leaves them at their initial values (B = 0: a policy equal to its reference, every reward 0). An adapter saved
+    under an older transformers' module names (Qwen2-VL's `model.layers` before `model.language_model.layers`) is
+    read through the model's own checkpoint renamings; one that still does not fit is refused."""
     try:
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
     except ImportError as exc:  # pragma: no cover - peft is a core dependency
         raise ModelLoadError("a LoRA policy needs the 'peft' package") from exc
     path = Path(adapter_path)
     if is_local(path):
         check_model_folder(path, what="adapter")
     try:
-        return PeftModel.from_pretrained(base, str(path), is_trainable=False).eval()
-    except (OSError, ValueError, KeyError) as exc:
+        config = PeftConfig.from_pretrained(str(path))
+        config.inference_mode = True
+        model = PeftModel(base, config)
+        missing = model.load_adapter(str(path), adapter_name="default", is_trainable=False).missing_keys
+        renamings = _checkpoint_renamings(base)
+        if missing and renamings:
+            missing = model.load_adapter(
+                str(path), adapter_name="default", is_trainable=False, key_mapping=renamings
+            ).missing_keys
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load adapter from {adapter_path}: {exc}") from exc
+    if missing:
+        raise ModelLoadError(
+            f"adapter {adapter_path} lacks {len(missing)} of the LoRA weights its config asks for (e.g."
+            f" {', '.join(missing[:3])}): its module names do not match this model's (saved with another"
+            " transformers version or for another model?)"
+        )
+    return model.eval()
+
+
+def _checkpoint_renamings(model: Any) -> dict[str, str]:
+    """The model's renamings of old checkpoint keys (transformers' conversion mapping) as regex -> replacement,
+    for PEFT's `key_mapping`; only plain one-to-one renamings (weight merges and splits have no LoRA meaning)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:  # an older transformers: nothing to rename with
+        return {}
+    out: dict[str, str] = {}
+    for rule in get_model_conversion_mapping(model) or []:
+        sources, targets = getattr(rule, "source_patterns", None), getattr(rule, "target_patterns", None)
+        if type(rule).__name__ in ("WeightRenaming", "PrefixChange") and sources and targets and len(targets) == 1:
+            out |= {str(source): str(targets[0]) for source in sources}
+    return out

@@ -50,3 +50,35 @@ def test_lora_reference_is_the_base_with_adapter_disabled(tiny_lora_bundle):
         # Disabling is scoped: the policy is active again afterwards.
         assert pair.sequence_logprobs([prompt], answers, reference=False)[0][0] == pytest.approx(pol, abs=1e-6)
     assert ref != pytest.approx(pol, abs=1e-6)
+
+
+def test_an_adapter_saved_under_older_module_names_loads_and_a_mismatched_one_is_refused(tmp_path):
+    """PEFT only warns about LoRA weights it cannot place and leaves them at B = 0: a policy equal to its reference.
+    Qwen2-VL's decoder moved from `model.layers` to `model.language_model.layers` (transformers 4.52): such an
+    adapter is read through the model's own renamings; one whose names fit nothing is refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from rlaifv.reward.errors import ModelLoadError
+    from rlaifv.reward.models import load_adapter, load_model
+    from rlaifv.testing.tiny_families import build_tiny_family
+    from rlaifv.trainer.shapes.tiny_vlm import random_lora
+
+    base = build_tiny_family("qwen2_vl", tmp_path / "base")
+    adapter = random_lora(base, tmp_path / "adapter")
+    weights = load_file(adapter / "adapter_model.safetensors")
+
+    def renamed(folder: str, old: str, new: str):
+        shutil.copytree(adapter, tmp_path / folder)
+        moved = {k.replace(old, new): v for k, v in weights.items()}
+        assert set(moved) != set(weights)
+        save_file(moved, tmp_path / folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        return tmp_path / folder
+
+    older = renamed("older", "base_model.model.model.language_model.", "base_model.model.model.")
+    expected = {n: p for n, p in load_adapter(load_model(base), adapter).named_parameters() if "lora_" in n}
+    loaded = {n: p for n, p in load_adapter(load_model(base), older).named_parameters() if "lora_" in n}
+    assert expected.keys() == loaded.keys() and all(torch.equal(expected[n], loaded[n]) for n in expected)
+    with pytest.raises(ModelLoadError, match=r"lacks \d+ of the LoRA weights"):
+        load_adapter(load_model(base), renamed("elsewhere", "self_attn", "cross_attn"))
