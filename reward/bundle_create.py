@@ -71,18 +71,25 @@ def _read_json(path: Path) -> Any:
 
 
 def _special_tokens(folder: Path) -> dict[str, str]:
+    """Special-token roles. The list of extra special tokens is one entry, compared as a set: transformers 4
+    wrote it as `additional_special_tokens`, transformers 5 as `extra_special_tokens` (a list or a name -> token
+    map), and a tokenizer re-saved by either is the same tokenizer."""
     special: dict[str, str] = {}
+    extra: set[str] = set()
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = folder / name
         if not path.is_file():
             continue
         for key, value in _read_json(path).items():
-            if key.endswith("_token") or key in ("additional_special_tokens", "extra_special_tokens"):
+            if key in ("additional_special_tokens", "extra_special_tokens"):
+                items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+                extra |= {str(t.get("content", t)) if isinstance(t, dict) else str(t) for t in items}
+            elif key.endswith("_token"):
                 content = value.get("content") if isinstance(value, dict) else value
                 if isinstance(content, str):
                     special[key] = content
-                elif isinstance(content, list) and content:
-                    special[key] = json.dumps([t.get("content", t) if isinstance(t, dict) else t for t in content])
+    if extra:
+        special["extra_special_tokens"] = json.dumps(sorted(extra))
     return special
 
 
@@ -98,7 +105,9 @@ def tokenizer_facts(folder: Path) -> TokenizerFacts | None:
     # Unigram models store [piece, score] pairs whose index is the id.
     vocab = {p[0]: i for i, p in enumerate(raw_vocab)} if isinstance(raw_vocab, list) else dict(raw_vocab)
     merges = _read_json(folder / "tokenizer.json").get("model", {}).get("merges")
-    digest = hashlib.sha256(json.dumps(merges).encode()).hexdigest() if merges else None
+    # tokenizers < 0.20 wrote a merge as "a b", later ones as ["a", "b"]: the same merge either way.
+    pairs = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in merges or []]
+    digest = hashlib.sha256(json.dumps(pairs).encode()).hexdigest() if pairs else None
     return TokenizerFacts(
         vocab=vocab,
         added=[tuple(a) for a in fingerprint["added"]],
@@ -172,6 +181,28 @@ def image_settings(folder: Path) -> dict[str, Any] | None:
         if key not in _IRRELEVANT_PROCESSOR_KEYS:
             _flatten(f"image_processor.{key}", value, settings)
     for key, value in processor.items():
+        if key not in _IRRELEVANT_PROCESSOR_KEYS and key not in _PROCESSOR_SUBCONFIGS:
+            _flatten(f"processor.{key}", value, settings)
+    return settings
+
+
+def loaded_image_settings(folder: Path) -> dict[str, Any] | None:
+    """`image_settings` as the loaded processor has them (defaults filled in, old keys such as Qwen-VL's
+    min_pixels/max_pixels read into today's `size`), so a processor re-saved by another transformers version
+    compares equal; None when the folder's processor does not load here."""
+    from rlaifv.reward.models import load_processor
+
+    try:
+        processor = load_processor(folder)
+        image = processor.image_processor.to_dict()
+        outer = processor.to_dict()
+    except Exception:
+        return None
+    settings: dict[str, Any] = {}
+    for key, value in image.items():
+        if key not in _IRRELEVANT_PROCESSOR_KEYS:
+            _flatten(f"image_processor.{key}", value, settings)
+    for key, value in outer.items():
         if key not in _IRRELEVANT_PROCESSOR_KEYS and key not in _PROCESSOR_SUBCONFIGS:
             _flatten(f"processor.{key}", value, settings)
     return settings
@@ -275,6 +306,9 @@ def check_compatible(policy: Path, reference: Path, *, end_of_turn: str | None =
         problems += [f"tokenizer {p}" for p in tokenizer_differences(policy_tok, ref_tok)]
     policy_images = image_settings(policy)
     if policy_images is not None:
+        loaded_policy, loaded_reference = loaded_image_settings(policy), loaded_image_settings(reference)
+        if loaded_policy is not None and loaded_reference is not None:  # as the service will use them
+            policy_images, ref_images = loaded_policy, loaded_reference
         problems += [f"image preprocessing {p}" for p in settings_differences(policy_images, ref_images)]
     if policy_type == "lora":
         problems += [f"LoRA base {p}" for p in lora_shape_problems(policy, reference)]

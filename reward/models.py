@@ -75,16 +75,34 @@ def load_processor(name_or_path: str | Path, *, trust_remote_code: bool = False)
     register_native_families()
     try:
         processor = AutoProcessor.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
-        return TextProcessor(processor) if isinstance(processor, PreTrainedTokenizerBase) else processor
+        processor = TextProcessor(processor) if isinstance(processor, PreTrainedTokenizerBase) else processor
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
         if not has_torchvision() and Path(name_or_path).is_dir():
             try:
-                return image_only_processor(Path(name_or_path))
+                processor = image_only_processor(Path(name_or_path))
             except ModelLoadError as inner:
                 raise ModelLoadError(
                     f"cannot load processor from {name_or_path}: {exc}; without torchvision: {inner}"
                 ) from exc
-        raise ModelLoadError(f"cannot load processor from {name_or_path}: {exc}") from exc
+        else:
+            raise ModelLoadError(f"cannot load processor from {name_or_path}: {exc}") from exc
+    return _with_chat_template(processor, name_or_path)
+
+
+def _with_chat_template(processor: Any, name_or_path: str | Path) -> Any:
+    """Prompts are rendered with the chat template: one kept only in tokenizer_config.json (older checkpoints)
+    serves the processor too; none at all is refused now rather than at the first request."""
+    fallback = getattr(getattr(processor, "tokenizer", None), "chat_template", None)
+    if not getattr(processor, "chat_template", None) and fallback:
+        if isinstance(processor, TextProcessor):
+            return processor
+        processor.chat_template = fallback
+    if not getattr(processor, "chat_template", None):
+        raise ModelLoadError(
+            f"{name_or_path} has no chat template (chat_template.jinja, chat_template.json, or chat_template in"
+            " processor_config.json or tokenizer_config.json): prompts cannot be rendered"
+        )
+    return processor
 
 
 class TextProcessor:
@@ -127,10 +145,19 @@ def image_only_processor(folder: Path) -> Any:
     from transformers import AutoImageProcessor, AutoTokenizer, ProcessorMixin
 
     config_path = folder / "processor_config.json"
-    if not config_path.is_file():
-        raise ModelLoadError(f"{folder} has no processor_config.json naming its processor class")
-    config = json.loads(config_path.read_text())
-    class_name = str(config.get("processor_class"))
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    # A hub checkpoint saved before processor_config.json existed names its class in the other configs.
+    named = [config] + [
+        json.loads((folder / name).read_text())
+        for name in ("preprocessor_config.json", "tokenizer_config.json")
+        if (folder / name).is_file()
+    ]
+    class_name = next((str(c["processor_class"]) for c in named if c.get("processor_class")), "")
+    if not class_name:
+        raise ModelLoadError(
+            f"{folder} names no processor class (processor_class in processor_config.json, "
+            "preprocessor_config.json or tokenizer_config.json)"
+        )
     try:
         base = getattr(transformers, class_name, None)
         attributes = set(base.get_attributes()) if base is not None else set()
@@ -157,8 +184,10 @@ def image_only_processor(folder: Path) -> Any:
     if "video_processor" in attributes:
         methods["apply_chat_template"] = apply_chat_template
     image_only = type(class_name, (base,), methods)  # the real name: what to_dict and logs show
-    template_file = folder / "chat_template.jinja"
+    template_file, legacy = folder / "chat_template.jinja", folder / "chat_template.json"
     template = template_file.read_text() if template_file.is_file() else config.get("chat_template")
+    if template is None and legacy.is_file():
+        template = json.loads(legacy.read_text()).get("chat_template")
     accepted = set(inspect.signature(base.__init__).parameters) - {"self", "image_processor", "tokenizer"}
     kwargs = {k: v for k, v in config.items() if k in accepted and k not in ("video_processor", "chat_template")}
     try:

@@ -237,3 +237,82 @@ def test_cli_refusals_exit_1_with_the_reason(models, tmp_path):
     assert "image_processor.crop_size.height: policy 64, reference 32" in result.output
     missing = runner.invoke(app, ["bundle", "inspect", str(tmp_path / "nope")])
     assert missing.exit_code == 1 and "does not exist" in missing.output
+
+
+def _copy(folder: Path, target: Path) -> Path:
+    shutil.copytree(folder, target)
+    return target
+
+
+def test_files_another_library_version_wrote_describe_the_same_tokenizer(models, tmp_path):
+    """transformers 4 lists extra special tokens as additional_special_tokens, 5 as extra_special_tokens; tokenizers
+    before 0.20 wrote a BPE merge as "a b", later ones as ["a", "b"]: re-saving a tokenizer changes neither."""
+    from rlaifv.reward.bundle_create import tokenizer_differences, tokenizer_facts
+
+    old, new = _copy(models["reference"], tmp_path / "old"), _copy(models["reference"], tmp_path / "new")
+    for folder, key in ((old, "additional_special_tokens"), (new, "extra_special_tokens")):
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config.pop("extra_special_tokens", None)
+        config[key] = ["<image>", "<pad>"] if key == "extra_special_tokens" else ["<pad>", "<image>"]
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    for folder, merges in ((old, ["▁ a", "r e"]), (new, [["▁", "a"], ["r", "e"]])):
+        tokenizer = json.loads((folder / "tokenizer.json").read_text())
+        tokenizer["model"]["merges"] = merges
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert tokenizer_differences(tokenizer_facts(old), tokenizer_facts(new)) == []
+    other = _copy(new, tmp_path / "other")
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    tokenizer["model"]["merges"] = [["▁", "a"], ["e", "r"]]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert tokenizer_differences(tokenizer_facts(other), tokenizer_facts(new)) == ["BPE merges differ"]
+
+
+def test_a_hub_qwen_vl_preprocessor_and_its_re_saved_copy_preprocess_alike(tmp_path):
+    """The hub's Qwen2-VL preprocessor_config.json (min_pixels/max_pixels, defaults left out) against the same
+    processor re-saved by transformers 5 (size.shortest_edge/longest_edge, defaults written): compared as loaded."""
+    from transformers import AutoImageProcessor
+
+    from rlaifv.reward.bundle_create import check_compatible
+    from rlaifv.testing.tiny_families import build_tiny_family
+
+    reference = build_tiny_family("qwen2_vl", tmp_path / "reference")
+    policy = _copy(reference, tmp_path / "policy")
+    image = AutoImageProcessor.from_pretrained(str(reference))
+    hub = {
+        "min_pixels": image.size["shortest_edge"],
+        "max_pixels": image.size["longest_edge"],
+        "patch_size": image.patch_size,
+        "temporal_patch_size": image.temporal_patch_size,
+        "merge_size": image.merge_size,
+        "image_mean": image.image_mean,
+        "image_std": image.image_std,
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2VLProcessor",
+    }
+    processor = json.loads((reference / "processor_config.json").read_text())
+    processor.pop("image_processor", None)
+    (reference / "processor_config.json").write_text(json.dumps(processor))
+    (reference / "preprocessor_config.json").write_text(json.dumps(hub))
+    assert check_compatible(policy, reference) == "full"
+    hub["max_pixels"] //= 2  # a real difference is still one
+    (reference / "preprocessor_config.json").write_text(json.dumps(hub))
+    with pytest.raises(BundleError, match="longest_edge"):
+        check_compatible(policy, reference)
+
+
+def test_a_chat_template_kept_only_in_tokenizer_config_serves_and_none_is_refused_at_load(models, tmp_path):
+    from rlaifv.reward.errors import ModelLoadError
+    from rlaifv.reward.models import load_processor
+
+    folder = _copy(models["reference"], tmp_path / "old-style")
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    processor_config.pop("chat_template", None)
+    (folder / "processor_config.json").write_text(json.dumps(processor_config))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config | {"chat_template": template}))
+    assert load_processor(folder).chat_template == template
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    with pytest.raises(ModelLoadError, match="has no chat template"):
+        load_processor(folder)
