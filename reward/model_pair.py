@@ -27,7 +27,7 @@ from rlaifv.reward.claims import (
     plan_claims,
     score_plans,
 )
-from rlaifv.reward.errors import AnswerError, InvalidInputError
+from rlaifv.reward.errors import AnswerError, InvalidInputError, ModelLoadError
 from rlaifv.reward.families import family_of
 from rlaifv.reward.images import ImageLimits, load_image
 from rlaifv.reward.logprobs import answer_logprobs, continuation_logits
@@ -119,10 +119,19 @@ class ModelPair:
         self.eot_id = end_of_turn_id(self.tokenizer, end_of_turn)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.stop_ids = sorted({self.eot_id, *self._generation_eos_ids()})
-        self.blocked_ids = sorted(set(self.tokenizer.all_special_ids) - set(self.stop_ids))
         config = getattr(policy, "config", None)
         text_config = getattr(config, "text_config", config)
         self.max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
+        # Rows past the tokenizer (an embedding resized to a multiple of 64) are no token: never sampled, and a
+        # reference without them could not score one.
+        tokens, rows = len(self.tokenizer), _vocab_rows(policy)
+        reference_rows = _vocab_rows(reference) if reference is not None else rows
+        if reference_rows is not None and reference_rows < tokens:
+            raise ModelLoadError(
+                f"the reference's output layer has {reference_rows} rows for a tokenizer of {tokens} tokens"
+            )
+        padding = range(tokens, rows) if rows is not None else range(0)
+        self.blocked_ids = sorted((set(self.tokenizer.all_special_ids) - set(self.stop_ids)) | set(padding))
         self.packed: list[PackedLinears] = []
 
     def pack_weights(self, mode: PackMode = "auto") -> int:
@@ -501,6 +510,13 @@ class ModelPair:
         prompt = self._encode_loaded(images, question)
         task = ScoreTask(prompt, self.encode_answers(texts), texts, reward or self.reward, images)
         return self.score_batch([task])[0]
+
+
+def _vocab_rows(model: Any) -> int | None:
+    """Rows of the model's output layer (its logits' width), None when it has none to ask."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
 
 
 def _as_list(image: Any) -> list[Any]:

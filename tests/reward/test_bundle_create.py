@@ -316,3 +316,28 @@ def test_a_chat_template_kept_only_in_tokenizer_config_serves_and_none_is_refuse
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     with pytest.raises(ModelLoadError, match="has no chat template"):
         load_processor(folder)
+
+
+def test_a_policy_whose_embeddings_were_padded_never_samples_a_padding_row(models, tmp_path):
+    """resize_token_embeddings(pad_to_multiple_of=64) adds rows no token maps to: blocked in sampling (the
+    reference cannot score them)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    padded = tmp_path / "padded"
+    model = AutoModelForImageTextToText.from_pretrained(str(models["policy"]))
+    model.resize_token_embeddings(
+        len(json.loads((models["policy"] / "tokenizer.json").read_text())["model"]["vocab"]), pad_to_multiple_of=64
+    )
+    rows = model.get_output_embeddings().weight.shape[0]
+    with torch.no_grad():
+        model.get_output_embeddings().weight[-1].fill_(50.0)  # a padding row that would win every draw
+    model.save_pretrained(padded)
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
+        shutil.copy(models["policy"] / name, padded / name)
+    create_bundle(tmp_path / "bundle", policy=padded, reference=models["reference"])
+    pair = load_bundle(tmp_path / "bundle")
+    tokens = len(pair.tokenizer)
+    assert rows > tokens and set(range(tokens, rows)) <= set(pair.blocked_ids)
+    ranking = pair.best_of_n(_image(), QUESTION, n=2, max_tokens=4, seed=0)
+    assert all(c.num_tokens >= 1 for c in ranking.candidates)
