@@ -75,7 +75,7 @@ def decode_image(data: bytes, limits: ImageLimits | None = None, param: str = "i
             if getattr(probe, "n_frames", 1) > 1:
                 probe.seek(0)
             probe.load()
-            return probe.convert("RGB")
+            return to_rgb(probe)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -84,6 +84,19 @@ def decode_image(data: bytes, limits: ImageLimits | None = None, param: str = "i
         raise ImageError("data is not a recognised image", param=param) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"image could not be decoded: {exc}", param=param) from None
+
+
+def to_rgb(image: Any) -> Any:
+    """RGB, 8 bits a channel. PIL's convert clips 16-bit and 32-bit grey ("I;16", "I") at 255, which turns most of
+    a 16-bit PNG white; those are scaled to 8 bits first."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        import numpy as np
+        from PIL import Image
+
+        values = np.asarray(image, dtype=np.int64)
+        shift = 8 if image.mode.startswith("I;16") or int(values.max(initial=0)) <= 0xFFFF else 24
+        image = Image.fromarray(np.clip(values >> shift, 0, 255).astype(np.uint8))  # 2-D uint8: mode L
+    return image.convert("RGB")
 
 
 def load_image(image: Any, limits: ImageLimits | None = None, param: str = "image") -> Any:
@@ -97,7 +110,7 @@ def load_image(image: Any, limits: ImageLimits | None = None, param: str = "imag
         limits = limits or ImageLimits()
         if image.width * image.height > limits.max_pixels:
             raise ImageError(f"image is {image.width}x{image.height}, over the pixel limit", param=param)
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, bytes | bytearray | memoryview):
         return decode_image(bytes(image), limits, param)
     if isinstance(image, Path):
@@ -105,10 +118,18 @@ def load_image(image: Any, limits: ImageLimits | None = None, param: str = "imag
     if isinstance(image, str):
         if image[:5].lower() == "data:":
             return decode_image(decode_base64(image, param), limits, param)
-        if len(image) < 4096 and Path(image).is_file():
+        if len(image) < 4096 and _is_file(image):
             return decode_image(_read_file(Path(image), param), limits, param)
         return decode_image(decode_base64(image, param), limits, param)
     raise ImageError(f"unsupported image type {type(image).__name__}", param=param)
+
+
+def _is_file(text: str) -> bool:
+    """Whether `text` names a file; base64 text can be a "name" too long for the filesystem (OSError)."""
+    try:
+        return Path(text).is_file()
+    except OSError:
+        return False
 
 
 def _read_file(path: Path, param: str) -> bytes:

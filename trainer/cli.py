@@ -40,6 +40,10 @@ def _clean_errors() -> Iterator[None]:
     except (TrainerError, RewardError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
+    except (OSError, UnicodeError) as exc:  # a path that is a folder, a file that is not there or not text...
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        typer.secho(f"error: {exc.__class__.__name__}{where}: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
 
 
 def _import_object(spec: str, option: str, what: str) -> Any:
@@ -82,7 +86,7 @@ def dpo_command(
     batch_size: Annotated[int, typer.Option(help="Pairs per step per device.")] = 2,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    limit: Annotated[int | None, typer.Option(help="Use only the first N rows.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N rows.")] = None,
     name: Annotated[str, typer.Option(help="Model name in the bundle.")] = "rlaifv",
     cpu: Annotated[bool, typer.Option(help="Train on CPU even with a GPU.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -224,7 +228,7 @@ def feedback(
     temperature: Annotated[float, typer.Option(help="Sampling temperature (same for all candidates).")] = 0.7,
     max_tokens: Annotated[int, typer.Option(help="Maximum new tokens per candidate.")] = 128,
     labeler: Annotated[str, typer.Option(help="'self' or a labeler model folder.")] = "self",
-    limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N prompts.")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     set_: SetOption = None,
@@ -233,6 +237,7 @@ def feedback(
     with _clean_errors():
         from rlaifv.reward.models import load_adapter, load_model, load_processor
         from rlaifv.trainer.data import data_files, describe_files, read_prompts, write_preferences
+        from rlaifv.trainer.errors import ConfigError
         from rlaifv.trainer.feedback import collect_feedback, feedback_summary, write_feedback
         from rlaifv.trainer.feedback_config import FeedbackConfig
         from rlaifv.trainer.iterate_config import _build, apply_overrides
@@ -246,6 +251,10 @@ def feedback(
             "seed": seed,
         }
         data = apply_overrides({"feedback": base, "pairs": {"seed": seed}}, set_ or [])
+        for stray in set(data) - {"feedback", "pairs"}:
+            raise ConfigError(
+                f"--set {stray}...: feedback takes feedback.* and pairs.* settings (e.g. --set feedback.{stray}=...)"
+            )
         config: FeedbackConfig = _build(FeedbackConfig, data["feedback"], "feedback")
         pair_config: PairConfig = _build(PairConfig, data["pairs"], "pairs")
         items = read_prompts(prompts, limit=limit)
@@ -260,6 +269,9 @@ def feedback(
         origin = {"generator": str(model), "labeler": labeler, "type": "rlaifv-feedback"}
         if rows:
             write_preferences(output / "pairs.parquet", rows, origin=origin)
+        else:  # a rerun must not leave an earlier run's pairs looking like this one's
+            (output / "pairs.parquet").unlink(missing_ok=True)
+            typer.secho("no pairs selected: pairs.parquet not written", fg=typer.colors.YELLOW, err=True)
         report = {
             "kind": "feedback",
             "prompts": describe_files(data_files(prompts)),

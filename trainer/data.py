@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,17 +103,26 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def data_files(path: str | Path, suffixes: Sequence[str] = (".parquet", ".jsonl")) -> list[Path]:
+def data_files(path: str | Path, suffixes: Sequence[str] = (".parquet", ".parq", ".jsonl")) -> list[Path]:
     """The data files at `path`: the file itself, or every matching file below a folder, sorted."""
     path = Path(path)
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
         if files:
             return files
         raise DataError(f"no {' or '.join(suffixes)} files in folder", source=str(path))
     raise DataError("no such file or folder", source=str(path))
+
+
+def is_parquet(file: Path) -> bool:
+    """Parquet by its suffix (.parquet, .parq, any case) or, for any other name, by its magic bytes."""
+    if file.suffix.lower() in (".parquet", ".parq"):
+        return True
+    with contextlib.suppress(OSError), open(file, "rb") as handle:
+        return handle.read(4) == b"PAR1"
+    return False
 
 
 def describe_files(files: Sequence[Path]) -> list[dict[str, str]]:
@@ -140,27 +150,44 @@ def _check_image(data: bytes, *, source: str, row: int, column: str) -> bytes:
     return data
 
 
+_BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
+
+
 def _read_image_ref(value: Any, base: Path, *, source: str, row: int, column: str) -> bytes:
-    """An image given as bytes, a {bytes, path} struct, a path (relative to `base`) or base64 text."""
+    """An image given as bytes, a {bytes, path} struct (bytes or base64 text), a path (relative to `base`), a
+    data URL or bare base64 text. A path that exists wins; text that is not one but is base64 is decoded, and
+    an image that then fails says why (format, size), not "not found"."""
     if isinstance(value, dict):
-        if value.get("bytes"):
-            return _check_image(bytes(value["bytes"]), source=source, row=row, column=column)
-        value = value.get("path")
+        value = value["bytes"] if value.get("bytes") else value.get("path")
     if isinstance(value, bytes | bytearray):
         return _check_image(bytes(value), source=source, row=row, column=column)
     if not isinstance(value, str) or not value.strip():
         raise ImageDecodeError("no image bytes and no image path", source=source, row=row, column=column)
-    path = Path(value).expanduser()
+    text = value.strip()
+    if text[:5].lower() == "data:":
+        payload = text.split(",", 1)[1] if "," in text else ""
+        return _check_image(
+            _base64(payload, source=source, row=row, column=column), source=source, row=row, column=column
+        )
+    path = Path(text).expanduser()
     path = path if path.is_absolute() else base / path
-    if len(value) < 4096 and path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError:  # a name too long for the filesystem: not a path
+        is_file = False
+    if is_file:
         return _check_image(path.read_bytes(), source=source, row=row, column=column)
-    if value.startswith("data:") or len(value) >= 256:
-        try:
-            payload = value.split(",", 1)[1] if value.startswith("data:") else value
-            return _check_image(base64.b64decode(payload, validate=True), source=source, row=row, column=column)
-        except ValueError:
-            pass
-    raise ImageDecodeError(f"image file {path} not found", source=source, row=row, column=column)
+    if _BASE64.fullmatch(text) and len(text) >= 64 and "." not in text[-6:]:
+        return _check_image(_base64(text, source=source, row=row, column=column), source=source, row=row, column=column)
+    shown = text if len(text) <= 200 else text[:200] + "..."
+    raise ImageDecodeError(f"image file {shown} not found (in {base})", source=source, row=row, column=column)
+
+
+def _base64(text: str, *, source: str, row: int, column: str) -> bytes:
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except ValueError as exc:
+        raise ImageDecodeError(f"not valid base64: {exc}", source=source, row=row, column=column) from None
 
 
 # -- RLAIF-V parquet --------------------------------------------------------------------------
@@ -175,15 +202,18 @@ def _parquet_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, di
         raise DataError(f"not a readable parquet file: {exc}", source=str(path)) from None
     names = parquet.schema_arrow.names
     for column in required:
-        if column not in names:
+        if column not in names and not (column == "image" and "image_path" in names):
             raise MissingColumnError(
                 f"required column is missing (the file has: {', '.join(names)})", source=str(path), column=column
             )
     row = 0
-    for batch in parquet.iter_batches(batch_size=256):
-        for record in batch.to_pylist():
-            yield row, record
-            row += 1
+    try:
+        for batch in parquet.iter_batches(batch_size=256):
+            for record in batch.to_pylist():
+                yield row, record
+                row += 1
+    except OSError as exc:  # a damaged data page: name the file and where reading stopped
+        raise DataError(f"unreadable parquet data after row {row}: {exc}", source=str(path)) from None
 
 
 def _row_id(record: dict[str, Any], path: Path, row: int) -> str:
@@ -195,7 +225,7 @@ def read_preferences(path: str | Path, *, limit: int | None = None) -> list[Pref
     """Preference rows from RLAIF-V parquet file(s) or JSONL file(s) at `path` (file or folder)."""
     rows: list[PreferenceRow] = []
     for file in data_files(path):
-        reader = _parquet_preferences if file.suffix == ".parquet" else _jsonl_preferences
+        reader = _parquet_preferences if is_parquet(file) else _jsonl_preferences
         for item in reader(file):
             rows.append(item)
             if limit is not None and len(rows) >= limit:
@@ -207,9 +237,7 @@ def read_preferences(path: str | Path, *, limit: int | None = None) -> list[Pref
 
 def _preference(record: dict[str, Any], file: Path, row: int, row_id: str) -> PreferenceRow:
     source = str(file)
-    image = _read_image_ref(
-        record.get("image", record.get("image_path")), file.parent, source=source, row=row, column="image"
-    )
+    image = _read_image_ref(_image_field(record), file.parent, source=source, row=row, column="image")
     question = _text(record.get("question"), source=source, row=row, column="question")
     chosen = _text(record.get("chosen"), source=source, row=row, column="chosen")
     rejected = _text(record.get("rejected"), source=source, row=row, column="rejected")
@@ -218,6 +246,21 @@ def _preference(record: dict[str, Any], file: Path, row: int, row_id: str) -> Pr
         with contextlib.suppress(json.JSONDecodeError):
             meta["origin_split"] = json.loads(meta["origin_split"])
     return PreferenceRow(row_id, image, question, chosen, rejected, meta)
+
+
+def _image_field(record: dict[str, Any]) -> Any:
+    """The image, or where it is empty (null, a struct with neither bytes nor path) the `image_path` column."""
+    image = record.get("image")
+    empty = image is None or (isinstance(image, dict) and not image.get("bytes") and not image.get("path"))
+    return record.get("image_path") if empty and record.get("image_path") else image
+
+
+def _record_id(record: dict[str, Any], file: Path, row: int) -> str:
+    """`id`, else `idx`, else file:row; a null or empty id counts as none (every row would share "None")."""
+    for key in ("id", "idx"):
+        if record.get(key) not in (None, ""):
+            return str(record[key])
+    return f"{file.stem}:{row}"
 
 
 def _jsonable(value: Any) -> bool:
@@ -233,7 +276,14 @@ def _parquet_preferences(file: Path) -> Iterator[PreferenceRow]:
 
 
 def _jsonl_records(file: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(file, encoding="utf-8") as handle:
+    try:
+        yield from _jsonl_lines(file, required)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 text (byte {exc.start}): JSONL must be UTF-8", source=str(file)) from None
+
+
+def _jsonl_lines(file: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    with open(file, encoding="utf-8-sig") as handle:  # a byte-order mark is not part of the first line
         row = 0
         for lineno, line in enumerate(handle, start=1):
             if not line.strip():
@@ -257,7 +307,7 @@ def _jsonl_records(file: Path, required: Sequence[str]) -> Iterator[tuple[int, d
 
 def _jsonl_preferences(file: Path) -> Iterator[PreferenceRow]:
     for row, record in _jsonl_records(file, REQUIRED_PREFERENCE):
-        yield _preference(record, file, row, str(record.get("id", record.get("idx", f"{file.stem}:{row}"))))
+        yield _preference(record, file, row, _record_id(record, file, row))
 
 
 # -- prompts ----------------------------------------------------------------------------------
@@ -268,21 +318,19 @@ def read_prompts(path: str | Path, *, limit: int | None = None) -> list[PromptIt
     items: list[PromptItem] = []
     seen: set[str] = set()
     for file in data_files(path):
-        if file.suffix == ".parquet":
+        if is_parquet(file):
             records: Iterator[tuple[int, dict[str, Any]]] = _parquet_rows(file, REQUIRED_PROMPT)
         else:
             records = _jsonl_records(file, REQUIRED_PROMPT)
         for row, record in records:
             source = str(file)
-            image = _read_image_ref(
-                record.get("image", record.get("image_path")), file.parent, source=source, row=row, column="image"
-            )
+            image = _read_image_ref(_image_field(record), file.parent, source=source, row=row, column="image")
             question = _text(record.get("question"), source=source, row=row, column="question")
             key = hashlib.sha256(image + b"\0" + question.encode()).hexdigest()
             if key in seen:
                 continue
             seen.add(key)
-            items.append(PromptItem(str(record.get("id", record.get("idx", f"{file.stem}:{row}"))), image, question))
+            items.append(PromptItem(_record_id(record, file, row), image, question))
             if limit is not None and len(items) >= limit:
                 return items
     if not items:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -603,6 +604,8 @@ def train_dpo(
     model = accelerator.unwrap_model(scorer).model
     metrics = {f"train_{k}": _mean(v) for k, v in epoch_stats.items()}
     if accelerator.is_main_process:
+        if policy_dir.exists():  # an earlier run's files (a LoRA adapter beside a full model) must not mix in
+            shutil.rmtree(policy_dir)
         model.save_pretrained(policy_dir, safe_serialization=True)
         if not config.lora:
             processor.save_pretrained(policy_dir)

@@ -66,8 +66,14 @@ def round_dir(output_dir: Path, index: int) -> Path:
 
 def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSource) -> bool:
     """Write run.json, or compare with the existing one; returns True when resuming."""
+    from rlaifv.trainer.dpo import model_fingerprint
+
     path = output_dir / RUN_FILE
-    current = {"config": config.to_dict(), "prompt_source": source.describe()}
+    current = {
+        "config": config.to_dict(),
+        "prompt_source": source.describe(),
+        "model_fingerprint": model_fingerprint(config.model) if Path(config.model).is_dir() else None,
+    }
     if not path.is_file():
         output_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(current, indent=2, default=str) + "\n")
@@ -77,8 +83,12 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
     for key in RESUMABLE_CHANGES:
         old.pop(key, None)
         new.pop(key, None)
+    if current["model_fingerprint"] and previous.get("model_fingerprint") == current["model_fingerprint"]:
+        old.pop("model", None)
+        new.pop("model", None)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if previous.get("prompt_source") != json.loads(json.dumps(current["prompt_source"], default=str)):
+    same_source = json.loads(json.dumps(current["prompt_source"], default=str))
+    if _by_content(previous.get("prompt_source")) != _by_content(same_source):
         changed.append("prompt_source")
     if changed:
         raise RunStateError(
@@ -87,6 +97,17 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
         )
     path.write_text(json.dumps(current, indent=2, default=str) + "\n")
     return True
+
+
+def _by_content(description: Any) -> Any:
+    """A prompt source's description with file paths dropped where a hash names the content: the same file
+    reached by another path (relative, absolute, another working folder) is the same source."""
+    if isinstance(description, dict):
+        hashed = "sha256" in description
+        return {k: _by_content(v) for k, v in description.items() if not (hashed and k == "path")}
+    if isinstance(description, list):
+        return [_by_content(v) for v in description]
+    return description
 
 
 def _free() -> None:

@@ -100,3 +100,18 @@ def test_path_and_pil(tmp_path):
     assert load_image(Image.new("L", (4, 4))).mode == "RGB"
     with pytest.raises(ImageError, match="unsupported image type"):
         load_image(42)
+
+
+def test_a_16_bit_grey_png_keeps_its_tones():
+    """PIL's convert("RGB") clips 16-bit grey at 255 (most of the image white); it is scaled to 8 bits instead."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    gradient = (np.arange(64 * 256).reshape(64, 256) * 4).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(gradient).save(buffer, format="PNG")
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "I;16"
+    red = np.asarray(decode_image(buffer.getvalue()))[..., 0]
+    assert (red == gradient >> 8).all() and (red == 255).mean() < 0.01

@@ -389,3 +389,15 @@ def test_the_reference_is_scored_under_the_runs_precision_and_cached_per_precisi
     assert rounded != exact and rounded == pytest.approx(exact, abs=0.5)
     assert mixed.history[0]["margin"] == pytest.approx(0.0, abs=1e-3)
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_full_run_after_a_lora_run_in_one_folder_leaves_no_adapter_behind(tiny_model: Path, tmp_path: Path) -> None:
+    """The policy folder is written whole each run: adapter files beside a full model made a bundle no loader took."""
+    config = DPOConfig(learning_rate=1e-4, batch_size=2, warmup_ratio=0.0, cpu=True)
+    train_dpo(
+        dataclasses.replace(config, lora=True), _toy_rows(2), model_path=tiny_model, output_dir=tmp_path, progress=False
+    )
+    assert (tmp_path / "policy" / "adapter_config.json").is_file()
+    result = train_dpo(config, _toy_rows(2), model_path=tiny_model, output_dir=tmp_path, progress=False)
+    assert not (result.policy_dir / "adapter_config.json").exists()
+    assert _margins(_bundle_of(result.policy_dir, tiny_model, tmp_path / "bundle"), HELD_OUT[:1])

@@ -274,3 +274,23 @@ def test_keep_verified_drops_pairs_whose_chosen_loses_true_claims() -> None:
     assert (terse.text, full.text) not in pairs
     assert (clean.text, full.text) in pairs and (clean.text, repeat.text) in pairs
     assert stats.verified_removed == len(everything) - len(kept) > 0
+
+
+def test_feedback_cli_refuses_settings_it_would_ignore(tiny_model: Path, tmp_path: Path) -> None:
+    """`--set max_tokens=64` (no section) or `--set dpo.x=1` (another command's) used to be dropped silently."""
+    from trainer_testkit import preference_rows, write_rlaifv_parquet
+    from typer import Typer
+    from typer.testing import CliRunner
+
+    from rlaifv.trainer.cli import feedback
+
+    app = Typer()
+    app.command()(feedback)
+    data = write_rlaifv_parquet(tmp_path / "prompts.parquet", preference_rows([("a cat", "a dog")]))
+    for stray in ("max_tokens=64", "dpo.nll_weight=0.2"):
+        result = CliRunner().invoke(
+            app, [str(data), "--model", str(tiny_model), "-o", str(tmp_path / "fb"), "--set", stray]
+        )
+        assert result.exit_code == 1 and "feedback takes feedback.* and pairs.* settings" in result.output, (
+            result.output
+        )

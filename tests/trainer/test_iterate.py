@@ -190,3 +190,23 @@ def test_iterate_cli_errors_are_one_line(tmp_path: Path, extra: list[str], messa
 
     result = CliRunner().invoke(train_app, ["iterate", "--model", str(tmp_path), "-o", str(tmp_path / "o"), *extra])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_a_run_resumes_when_its_model_and_prompts_are_named_by_another_path(tiny_model: Path, tmp_path: Path) -> None:
+    """Relative against absolute, another working folder, a link: the same model (by fingerprint) and the same
+    prompts (by hash) resume; other prompts do not."""
+    from rlaifv.trainer.iterate import _check_run_file
+
+    items = [PromptItem("p0", png((1, 2, 3)), "describe")]
+
+    def source(path: str, sha: str) -> ListPromptSource:
+        return ListPromptSource(items, description={"kind": "files", "files": [{"path": path, "sha256": sha}]})
+
+    link = tmp_path / "model-link"
+    link.symlink_to(tiny_model, target_is_directory=True)
+    run = tmp_path / "run"
+    first = IterateConfig(model=str(tiny_model), output_dir=str(run))
+    assert _check_run_file(run, first, source("/a/p.parquet", "h")) is False
+    assert _check_run_file(run, IterateConfig(model=str(link), output_dir=str(run)), source("p.parquet", "h")) is True
+    with pytest.raises(RunStateError, match="prompt_source"):
+        _check_run_file(run, IterateConfig(model=str(link), output_dir=str(run)), source("p.parquet", "other"))

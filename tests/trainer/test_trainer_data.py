@@ -71,6 +71,56 @@ def test_write_preferences_round_trips_in_the_same_schema(tmp_path: Path) -> Non
     assert again[0].meta["origin_split"] == {"generator": "g", "labeler": "l", "type": "t"}
 
 
+def test_images_by_path_when_the_image_column_is_absent_or_null(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    for i, _ in enumerate(PAIRS):
+        (tmp_path / "images" / f"{i}.png").write_bytes(png((i, 2, 3)))
+    path = tmp_path / "paths.parquet"
+    pq.write_table(_drop_column(rlaifv_table(preference_rows(PAIRS)), "image"), path)
+    assert [r.image for r in read_preferences(path)] == [png((i, 2, 3)) for i in range(len(PAIRS))]
+    lines = [{"id": None, "image": None, "image_path": f"images/{i}.png", "question": "q", "chosen": c, "rejected": r}
+             for i, (c, r) in enumerate(PAIRS)]  # fmt: skip
+    jsonl = tmp_path / "nulls.jsonl"
+    jsonl.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    rows = read_preferences(jsonl)
+    assert [r.image for r in rows] == [png((i, 2, 3)) for i in range(len(PAIRS))]
+    assert len({r.id for r in rows}) == len(PAIRS) and "None" not in {r.id for r in rows}  # a null id is none
+
+
+def test_images_as_base64_text_of_any_length_and_bad_ones_say_why(tmp_path: Path) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    small = png((5, 6, 7), size=1)  # a 1x1 PNG: under 100 characters of base64
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="TIFF")
+    rows = preference_rows(PAIRS)
+    rows[0]["image"] = {"bytes": None, "path": base64.b64encode(small).decode()}
+    rows[1]["image"] = {"bytes": None, "path": base64.b64encode(png((1, 2, 3), size=64)).decode()}  # > 255 chars
+    rows[1]["image_path"] = None
+    rows[2]["image"] = {"bytes": None, "path": "data:image/png;base64," + base64.b64encode(small).decode()}
+    read = read_preferences(write_rlaifv_parquet(tmp_path / "b64.parquet", rows))
+    assert [r.image for r in read] == [small, png((1, 2, 3), size=64), small]
+    rows[0]["image"] = {"bytes": None, "path": base64.b64encode(buffer.getvalue()).decode()}
+    with pytest.raises(ImageDecodeError, match="TIFF is not allowed") as info:
+        read_preferences(write_rlaifv_parquet(tmp_path / "tiff.parquet", rows))
+    assert len(str(info.value)) < 500
+
+
+def test_jsonl_with_a_byte_order_mark_reads_and_non_utf8_is_named(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(png((9, 9, 9)))
+    line = json.dumps({"id": "q1", "image": "a.png", "question": "what", "chosen": "a cat", "rejected": "a dog"})
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + line.encode() + b"\n")
+    assert read_preferences(tmp_path / "bom.jsonl")[0].id == "q1"
+    (tmp_path / "latin1.jsonl").write_bytes(line.replace("a cat", "caf\u00e9").encode("latin-1") + b"\n")
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_preferences(tmp_path / "latin1.jsonl")
+    upper = write_rlaifv_parquet(tmp_path / "TRAIN.PARQUET", preference_rows(PAIRS))
+    assert len(read_preferences(upper)) == len(PAIRS)
+
+
 def _drop_column(table: pa.Table, name: str) -> pa.Table:
     return table.drop_columns([name])
 
@@ -78,7 +128,10 @@ def _drop_column(table: pa.Table, name: str) -> pa.Table:
 @pytest.mark.parametrize("column", ["image", "question", "chosen", "rejected"])
 def test_missing_column_is_named(tmp_path: Path, column: str) -> None:
     path = tmp_path / "bad.parquet"
-    pq.write_table(_drop_column(rlaifv_table(preference_rows(PAIRS)), column), path)
+    table = _drop_column(rlaifv_table(preference_rows(PAIRS)), column)
+    if column == "image":  # image_path alone would do (next test)
+        table = _drop_column(table, "image_path")
+    pq.write_table(table, path)
     with pytest.raises(MissingColumnError, match=f"column '{column}'") as info:
         read_preferences(path)
     assert info.value.column == column and str(path) in str(info.value)
@@ -122,7 +175,7 @@ def test_not_a_parquet_file_and_missing_paths(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no such file or folder"):
         read_preferences(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"no \.parquet or \.jsonl files"):
+    with pytest.raises(DataError, match=r"no \.parquet or \.parq or \.jsonl files"):
         read_preferences(tmp_path / "empty")
 
 
