@@ -319,12 +319,27 @@ def check_compatible(policy: Path, reference: Path, *, end_of_turn: str | None =
             "of the same tokens for the same image features, so both must share tokenizer and image preprocessing "
             "(and a LoRA adapter must fit the reference's weights)\n  - " + "\n  - ".join(problems)
         )
+    if end_of_turn is None and not _eos_token(reference):
+        raise BundleError(
+            f"the reference's tokenizer ({reference}) has no eos_token, so nothing marks the end of an answer:"
+            " name the end-of-turn token with --end-of-turn"
+        )
     if end_of_turn is not None and end_of_turn not in ref_tok.tokens:
         raise BundleError(
             f"end-of-turn token {end_of_turn!r} is not in the reference's vocabulary of {ref_tok.size} tokens "
             f"(its special tokens: {', '.join(sorted(set(ref_tok.special.values())))})"
         )
     return policy_type
+
+
+def _eos_token(folder: Path) -> str | None:
+    """The loaded tokenizer's eos_token (where the config files put it is the tokenizer's business)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder)).eos_token  # type: ignore[no-any-return]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"  # not loadable here: the load names the problem
 
 
 def _inside(child: Path, parent: Path) -> bool:

@@ -142,6 +142,11 @@ def _refuse_reserved_text(processor: Any, question: str | None, messages: Sequen
 def end_of_turn_id(tokenizer: Any, token: str | None = None) -> int:
     """The token that closes an assistant turn (EOS unless the bundle names another)."""
     token = token or tokenizer.eos_token
+    if token is None:
+        raise InvalidInputError(
+            "the tokenizer has no eos_token to close an answer: name the end-of-turn token"
+            " (rlaifv bundle create --end-of-turn TOKEN, or end_of_turn in rlaifv.json)"
+        )
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise InvalidInputError(f"end-of-turn token {token!r} is not in the vocabulary")

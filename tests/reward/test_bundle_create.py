@@ -341,3 +341,14 @@ def test_a_policy_whose_embeddings_were_padded_never_samples_a_padding_row(model
     assert rows > tokens and set(range(tokens, rows)) <= set(pair.blocked_ids)
     ranking = pair.best_of_n(_image(), QUESTION, n=2, max_tokens=4, seed=0)
     assert all(c.num_tokens >= 1 for c in ranking.candidates)
+
+
+def test_a_tokenizer_without_eos_needs_an_end_of_turn(models, tmp_path):
+    reference = _copy(models["reference"], tmp_path / "no-eos")
+    config = json.loads((reference / "tokenizer_config.json").read_text())
+    config.pop("eos_token", None)
+    (reference / "tokenizer_config.json").write_text(json.dumps(config))
+    message = _refusal(tmp_path, policy=reference, reference=reference)
+    assert "has no eos_token" in message and "--end-of-turn" in message
+    create_bundle(tmp_path / "bundle", policy=reference, reference=reference, end_of_turn="</s>")
+    assert len(load_bundle(tmp_path / "bundle").score(_image(), QUESTION, ANSWERS).rewards) == len(ANSWERS)
