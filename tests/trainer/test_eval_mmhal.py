@@ -166,3 +166,12 @@ def test_cli_generates_answers_with_a_bundle(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["metrics"]["score"] == 4 and report["settings"]["n"] == 1
     assert all(not item["model_answer"].startswith("Answer ") for item in report["items"])  # generated, not given
+
+
+def test_an_empty_model_answer_is_not_judged() -> None:
+    """The published template ships `model_answer: ""`: judging it would score a benchmark of empty answers."""
+    from rlaifv.trainer.evaluation.mmhal import Record
+
+    for answer in (None, "", "  "):
+        with pytest.raises(DataError, match="has no model_answer"):
+            judge_prompt(Record(question="What is it?", gt_answer="a cat", model_answer=answer))

@@ -137,8 +137,8 @@ def question_type(index: int) -> str:
 
 
 def judge_prompt(record: Record, template: str = RUBRIC) -> str:
-    if record.model_answer is None:
-        raise DataError(f"record {record.question!r} has no model_answer")
+    if record.model_answer is None or not record.model_answer.strip():  # the published template has ""
+        raise DataError(f"record {record.question!r} has no model_answer (generate answers, or pass --answers)")
     contents = record.image_content
     values = {
         "{contents}": ", ".join(contents) if isinstance(contents, list) else contents,
