@@ -207,7 +207,8 @@ def write_bundle(
             if target.resolve() != source.resolve():
                 if target.exists():
                     shutil.rmtree(target)
-                shutil.copytree(source, target)
+                # a git clone of a hub repository keeps a second copy of the weights under .git
+                shutil.copytree(source, target, ignore=shutil.ignore_patterns(".git", ".cache", ".gitattributes"))
             entries[key] = key
         else:
             entries[key] = str(source.resolve())
