@@ -129,10 +129,18 @@ def _refuse_reserved_text(processor: Any, question: str | None, messages: Sequen
         texts += [
             (f"messages[{i}].content", p["text"]) for p in parts if isinstance(p, dict) and p.get("type") == "text"
         ]
+    refuse_markup(processor, texts)
+
+
+def refuse_markup(
+    processor: Any, texts: Sequence[tuple[str, str]], error: type[InvalidInputError] = InvalidInputError
+) -> None:
+    """Raise `error` naming the first (param, text) that holds one of `reserved_strings(processor)`."""
+    reserved = reserved_strings(processor)
     for param, text in texts:
         for token in reserved:
             if token in text:
-                raise InvalidInputError(
+                raise error(
                     f"{param} contains {token!r}, which this model reads as markup (an image placeholder or a"
                     " special token), not as text; remove it",
                     param=param,

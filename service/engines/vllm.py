@@ -625,12 +625,18 @@ class VllmEngine:
             )
 
     async def _score(self, prompt: Prompt, request: ScoreRequest) -> Ranking:
-        from rlaifv.reward.prompt import encode_answer
+        from rlaifv.reward.errors import AnswerError
+        from rlaifv.reward.prompt import encode_answer, refuse_markup
 
         if not request.answers:
             raise InvalidInputError("answers must be a non-empty list", param="answers")
 
         def encode() -> list[list[int]]:
+            refuse_markup(
+                self.processor,
+                [(f"answers[{i}]", t) for i, t in enumerate(request.answers) if isinstance(t, str)],
+                AnswerError,
+            )
             return [
                 encode_answer(
                     self.tokenizer, text, eot_id=self.eot_id, max_tokens=request.max_tokens, param=f"answers[{i}]"
