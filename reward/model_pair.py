@@ -32,7 +32,7 @@ from rlaifv.reward.families import family_of
 from rlaifv.reward.images import ImageLimits, load_image
 from rlaifv.reward.logprobs import answer_logprobs, continuation_logits
 from rlaifv.reward.packed_weights import PackedLinears, PackMode, pack_linears
-from rlaifv.reward.prompt import EncodedPrompt, encode_answer, encode_prompt, end_of_turn_id, refuse_markup
+from rlaifv.reward.prompt import EncodedPrompt, encode_answers, encode_prompt, end_of_turn_id
 from rlaifv.reward.results import Candidate, ClaimCheck, Ranking, TokenLogprob, TopToken
 from rlaifv.reward.sampling import Sample, SamplingParams, sample_answers
 from rlaifv.reward.scoring import RewardConfig, implicit_reward, select_best
@@ -211,16 +211,7 @@ class ModelPair:
         return [load_image(image, self.image_limits, param=f"images[{i}]") for i, image in enumerate(images)]
 
     def encode_answers(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
-        if not texts:
-            raise AnswerError("answers must be a non-empty list", param="answers")
-        # Another model's answer holding "</s>" would be scored as two turns; refused like such a question.
-        refuse_markup(
-            self.processor, [(f"answers[{i}]", t) for i, t in enumerate(texts) if isinstance(t, str)], AnswerError
-        )
-        return [
-            encode_answer(self.tokenizer, text, eot_id=self.eot_id, max_tokens=max_tokens, param=f"answers[{i}]")
-            for i, text in enumerate(texts)
-        ]
+        return encode_answers(self.processor, texts, eot_id=self.eot_id, max_tokens=max_tokens)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.raw_text(token_ids).strip()

@@ -108,8 +108,8 @@ def reserved_strings(processor: Any) -> frozenset[str]:
     if isinstance(cached, frozenset):
         return cached
     tokenizer = getattr(processor, "tokenizer", processor)
+    # The declared special tokens only: tokenizers also flag plain added tokens (Gemma's HTML tags) as special.
     found = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
-    found |= {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
     for owner in (processor, tokenizer):
         found |= {v for k, v in vars(owner).items() if k.endswith("_token") and isinstance(v, str)}
     reserved = frozenset(t for t in found if t.strip())
@@ -136,7 +136,7 @@ def refuse_markup(
     processor: Any, texts: Sequence[tuple[str, str]], error: type[InvalidInputError] = InvalidInputError
 ) -> None:
     """Raise `error` naming the first (param, text) that holds one of `reserved_strings(processor)`."""
-    reserved = reserved_strings(processor)
+    reserved = sorted(reserved_strings(processor))  # sorted: the same text always names the same token
     for param, text in texts:
         for token in reserved:
             if token in text:
@@ -145,6 +145,29 @@ def refuse_markup(
                     " special token), not as text; remove it",
                     param=param,
                 )
+
+
+def without_markup(processor: Any, text: str) -> str:
+    """`text` with the model's markup removed: for text the engine wrote itself (a claim's yes/no question made
+    from a sampled answer), where refusing would blame a request for what the model said."""
+    for token in sorted(reserved_strings(processor), key=len, reverse=True):
+        text = text.replace(token, " ")
+    return text
+
+
+def encode_answers(
+    processor: Any, texts: Sequence[str], *, eot_id: int, max_tokens: int | None = None
+) -> list[list[int]]:
+    """Answers to score -> token ids each, named `answers[i]` in errors; markup in one is refused (another model's
+    answer holding "</s>" would be scored as two turns), as in a question."""
+    if not texts:
+        raise AnswerError("answers must be a non-empty list", param="answers")
+    refuse_markup(processor, [(f"answers[{i}]", t) for i, t in enumerate(texts) if isinstance(t, str)], AnswerError)
+    tokenizer = processor.tokenizer
+    return [
+        encode_answer(tokenizer, text, eot_id=eot_id, max_tokens=max_tokens, param=f"answers[{i}]")
+        for i, text in enumerate(texts)
+    ]
 
 
 def end_of_turn_id(tokenizer: Any, token: str | None = None) -> int:

@@ -15,7 +15,7 @@ import torch
 
 from rlaifv.reward.families import truncate
 from rlaifv.reward.logprobs import continuation_logits
-from rlaifv.reward.prompt import EncodedPrompt, encode_prompt
+from rlaifv.reward.prompt import EncodedPrompt, encode_prompt, without_markup
 
 YES_FORMS = ("yes", "Yes", "YES")
 NO_FORMS = ("no", "No", "NO")
@@ -90,7 +90,7 @@ class YesNoJudge:
         suffixes: list[list[list[int]]] = []
         for image, questions in items:
             images = list(image) if isinstance(image, list | tuple) else [image]
-            prompts = [encode_prompt(self.processor, images, q) for q in questions]
+            prompts = [encode_prompt(self.processor, images, without_markup(self.processor, q)) for q in questions]
             if not prompts:
                 prefixes.append(EncodedPrompt(torch.zeros(1, dtype=torch.long)))
                 suffixes.append([])

@@ -104,6 +104,13 @@ MARK_RUNNING = (
 # An Idempotency-Key is claimed for this long while its job is written (renewed per chunk), then for the jobs' TTL
 # in the same MULTI that creates the job: a submission that dies half-way frees its key instead of poisoning it.
 CLAIM_PENDING_S = 30
+KEEP_CLAIM = """
+local current = redis.call('GET', KEYS[1])
+if current == false or current == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+"""
+RELEASE_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('EXISTS', KEYS[2]) == 0 then redis.call('DEL', KEYS[1]) end
+"""
 
 
 @contextlib.contextmanager
@@ -223,12 +230,18 @@ class JobStore:
                         headers={"Retry-After": "1"},
                     )
             try:
-                return await self._enqueue(job_id, request, items, claim)
+                await self._enqueue(job_id, request, items, claim)
             except BaseException:
+                # Freed only while it is still ours and its job was not created: a lost EXEC reply (the job
+                # exists) must keep the key, or the client's retry would create the job twice.
                 if claim is not None:
                     with contextlib.suppress(*REDIS_DOWN):
-                        await self.redis.delete(claim[0])
+                        await self.redis.eval(RELEASE_CLAIM, 2, claim[0], PREFIX + job_id, claim[1])
                 raise
+            job = await self._get(job_id)
+            if job is None:  # expired at once: a TTL shorter than a round trip
+                raise StoreUnavailable("the job expired as it was created", headers={"Retry-After": "1"})
+            return job
 
     async def _replay(self, key: str, claimed: str, digest: str) -> Job:
         """The job an earlier request with the same Idempotency-Key created (it may still be being written).
@@ -257,7 +270,7 @@ class JobStore:
         request: JobRequest,
         items: list[tuple[str | None, dict[str, Any]]],
         claim: tuple[str, str] | None = None,
-    ) -> Job:
+    ) -> None:
         """Items first, then the job hash, every stream entry and the Idempotency-Key's claim for the jobs' TTL in
         one MULTI: a worker never sees an entry without its item, and a submission cut short leaves no job (stray
         items expire with the TTL) and a claim that expires in `CLAIM_PENDING_S`."""
@@ -290,10 +303,9 @@ class JobStore:
         pipe.expire(key, self.ttl_s)
         for i in range(len(items)):
             pipe.xadd(self.stream, {"job": job_id, "index": str(i)})
-        if claim is not None:
-            pipe.set(claim[0], claim[1], ex=self.ttl_s)
+        if claim is not None:  # ours still, or lapsed: then nobody's (a lapsed claim taken by another stays theirs)
+            pipe.eval(KEEP_CLAIM, 1, claim[0], claim[1], self.ttl_s)
         await pipe.execute()
-        return await self._get(job_id)  # type: ignore[return-value]
 
     async def get(self, job_id: str) -> Job | None:
         with self.guard():
@@ -389,6 +401,7 @@ class JobWorkers:
         self._base = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
     def start(self, count: int | None = None) -> None:
+        self._draining = False
         self._tasks = [
             asyncio.create_task(self._consume(f"{self._base}-{i}"), name=f"rlaifv-jobs-{i}")
             for i in range(self.count if count is None else count)

@@ -226,7 +226,7 @@ def feedback(
     adapter: Annotated[Path | None, typer.Option(help="LoRA adapter over --model to sample from.")] = None,
     samples: Annotated[int, typer.Option(help="Candidates per prompt.")] = 10,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (same for all candidates).")] = 0.7,
-    max_tokens: Annotated[int, typer.Option(help="Maximum new tokens per candidate.")] = 128,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Maximum new tokens per candidate (RLAIF-V: 512).")] = 512,
     labeler: Annotated[str, typer.Option(help="'self' or a labeler model folder.")] = "self",
     limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N prompts.")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,

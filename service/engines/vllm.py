@@ -625,24 +625,13 @@ class VllmEngine:
             )
 
     async def _score(self, prompt: Prompt, request: ScoreRequest) -> Ranking:
-        from rlaifv.reward.errors import AnswerError
-        from rlaifv.reward.prompt import encode_answer, refuse_markup
+        from rlaifv.reward.prompt import encode_answers
 
         if not request.answers:
             raise InvalidInputError("answers must be a non-empty list", param="answers")
 
         def encode() -> list[list[int]]:
-            refuse_markup(
-                self.processor,
-                [(f"answers[{i}]", t) for i, t in enumerate(request.answers) if isinstance(t, str)],
-                AnswerError,
-            )
-            return [
-                encode_answer(
-                    self.tokenizer, text, eot_id=self.eot_id, max_tokens=request.max_tokens, param=f"answers[{i}]"
-                )
-                for i, text in enumerate(request.answers)
-            ]
+            return encode_answers(self.processor, request.answers, eot_id=self.eot_id, max_tokens=request.max_tokens)
 
         answers = await self._cpu(encode)
         self._check_length(prompt, max(len(a) for a in answers), "answers")
@@ -792,7 +781,12 @@ class VllmEngine:
         plans, questions = await self._cpu(self._plan, texts)
         judged: dict[str, float] = {}
         if questions:
-            prompts = await self._cpu(lambda: [self._encode(request.images, q, None) for q in questions])
+            from rlaifv.reward.prompt import without_markup
+
+            # questions made from sampled answers: markup in them is the model's, not the request's
+            prompts = await self._cpu(
+                lambda: [self._encode(request.images, without_markup(self.processor, q), None) for q in questions]
+            )
             labels = await self.policy.label_logprobs(prompts, [*self.yes_ids, *self.no_ids])
             judged = {q: p_yes(lp, self.yes_ids, self.no_ids) for q, lp in zip(questions, labels, strict=True)}
         return score_plans(

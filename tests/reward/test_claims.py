@@ -130,6 +130,14 @@ def test_judge_shares_the_image_prefix_and_matches_separate_forwards(tiny_pair):
             assert value == pytest.approx(float(yes / (yes + no)), abs=1e-5)
 
 
+def test_markup_in_a_question_made_from_a_sampled_answer_is_dropped_not_refused(tiny_pair):
+    """Claims come from what the model wrote: a "</s>" or "<image>" in them is not the request's fault."""
+    judge = YesNoJudge(tiny_pair.policy, tiny_pair.processor)
+    image = Image.new("RGB", (32, 32), (255, 0, 0))
+    marked, plain = "Is there a </s> red <image> circle?", "Is there a   red   circle?"
+    assert judge.p_yes(image, [marked]) == pytest.approx(judge.p_yes(image, [plain]), abs=1e-6)
+
+
 def test_claims_reward_mode_ranks_by_verification(tiny_bundle):
     from rlaifv.reward import load_bundle
 

@@ -164,3 +164,27 @@ async def test_a_stopping_worker_finishes_the_item_in_hand_within_its_grace(stor
     assert waiting is not None and (waiting.status, waiting.completed) == ("queued", 0)
     pending = await store.redis.xpending(store.stream, "rlaifv-workers")
     assert pending["pending"] == 0  # nothing in hand was left to be reclaimed and run again
+
+
+async def test_a_lost_reply_after_the_job_was_created_keeps_its_idempotency_key(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's MULTI ran but its reply (or the read after it) was lost: the client gets a 503 and retries with
+    the same key, which must find that job, not create a second one."""
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    real_get, calls = store._get, []
+
+    async def flaky_get(job_id: str):
+        calls.append(job_id)
+        if len(calls) == 1:
+            raise RedisTimeoutError("reply lost")
+        return await real_get(job_id)
+
+    monkeypatch.setattr(store, "_get", flaky_get)
+    before = await store.redis.xlen(store.stream)
+    with pytest.raises(StoreUnavailable):
+        await store.create(request(), idempotency_key="k-lost", owner="o")
+    retried = await store.create(request(), idempotency_key="k-lost", owner="o")
+    assert retried.id == calls[0]  # the job the first attempt created
+    assert await store.redis.xlen(store.stream) == before + 2  # its two items, queued once

@@ -89,25 +89,28 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
 def split_lines(chunks: Iterable[str]) -> Iterator[str]:
     """JSONL lines: split at "\\n" only (httpx's line reader also splits at U+2028 and U+0085, which JSON text may
     hold unescaped), a final "\\r" dropped."""
-    pending = ""
+    pending: list[str] = []  # pieces of a line not ended yet: joined once, however many chunks it spans
     for chunk in chunks:
-        pending += chunk
-        *lines, pending = pending.split("\n")
-        yield from (line.removesuffix("\r") for line in lines)
-    if pending:
-        yield pending.removesuffix("\r")
+        *ended, rest = chunk.split("\n")
+        for piece in ended:
+            yield ("".join(pending) + piece).removesuffix("\r")
+            pending = []
+        pending.append(rest)
+    if "".join(pending):
+        yield "".join(pending).removesuffix("\r")
 
 
 async def asplit_lines(chunks: AsyncIterable[str]) -> AsyncIterator[str]:
     """`split_lines` over an async stream."""
-    pending = ""
+    pending: list[str] = []
     async for chunk in chunks:
-        pending += chunk
-        *lines, pending = pending.split("\n")
-        for line in lines:
-            yield line.removesuffix("\r")
-    if pending:
-        yield pending.removesuffix("\r")
+        *ended, rest = chunk.split("\n")
+        for piece in ended:
+            yield ("".join(pending) + piece).removesuffix("\r")
+            pending = []
+        pending.append(rest)
+    if "".join(pending):
+        yield "".join(pending).removesuffix("\r")
 
 
 def should_retry(response: httpx.Response | None, *, error: Exception | None = None, idempotent: bool = True) -> bool:
