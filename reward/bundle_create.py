@@ -174,16 +174,7 @@ def image_settings(folder: Path) -> dict[str, Any] | None:
             image = processor["image_processor"]
     if image is None and (folder / "preprocessor_config.json").is_file():
         image = _read_json(folder / "preprocessor_config.json")
-    if image is None:
-        return None
-    settings: dict[str, Any] = {}
-    for key, value in image.items():
-        if key not in _IRRELEVANT_PROCESSOR_KEYS:
-            _flatten(f"image_processor.{key}", value, settings)
-    for key, value in processor.items():
-        if key not in _IRRELEVANT_PROCESSOR_KEYS and key not in _PROCESSOR_SUBCONFIGS:
-            _flatten(f"processor.{key}", value, settings)
-    return settings
+    return None if image is None else _settings(image, processor)
 
 
 def loaded_image_settings(folder: Path) -> dict[str, Any] | None:
@@ -198,11 +189,16 @@ def loaded_image_settings(folder: Path) -> dict[str, Any] | None:
         outer = processor.to_dict()
     except Exception:
         return None
+    return _settings(image, outer)
+
+
+def _settings(image: dict[str, Any], processor: dict[str, Any]) -> dict[str, Any]:
+    """Image-processor and processor-level settings, flattened to dotted keys (what is compared)."""
     settings: dict[str, Any] = {}
     for key, value in image.items():
         if key not in _IRRELEVANT_PROCESSOR_KEYS:
             _flatten(f"image_processor.{key}", value, settings)
-    for key, value in outer.items():
+    for key, value in processor.items():
         if key not in _IRRELEVANT_PROCESSOR_KEYS and key not in _PROCESSOR_SUBCONFIGS:
             _flatten(f"processor.{key}", value, settings)
     return settings

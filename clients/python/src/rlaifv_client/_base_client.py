@@ -22,7 +22,7 @@ from . import _constants as C
 from ._exceptions import APIConnectionError, APIError, APIStatusError, APITimeoutError, make_status_error
 from ._images import ImageInput, encode_images
 from ._version import __version__
-from .types import BaseType, Job, JobResult
+from .types import BaseType, Health, Job, JobResult
 
 log = logging.getLogger("rlaifv_client")
 
@@ -86,31 +86,41 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
     return max(0.0, parsed.timestamp() - (time.time() if now is None else now))
 
 
-def split_lines(chunks: Iterable[str]) -> Iterator[str]:
-    """JSONL lines: split at "\\n" only (httpx's line reader also splits at U+2028 and U+0085, which JSON text may
-    hold unescaped), a final "\\r" dropped."""
-    pending: list[str] = []  # pieces of a line not ended yet: joined once, however many chunks it spans
-    for chunk in chunks:
+class LineSplitter:
+    """JSONL lines out of text chunks: split at "\\n" only (httpx's line reader also splits at U+2028 and U+0085,
+    which JSON text may hold unescaped), a final "\\r" dropped; a line spanning chunks is joined once."""
+
+    def __init__(self) -> None:
+        self._pending: list[str] = []
+
+    def feed(self, chunk: str) -> list[str]:
         *ended, rest = chunk.split("\n")
+        lines = []
         for piece in ended:
-            yield ("".join(pending) + piece).removesuffix("\r")
-            pending = []
-        pending.append(rest)
-    if "".join(pending):
-        yield "".join(pending).removesuffix("\r")
+            lines.append(("".join(self._pending) + piece).removesuffix("\r"))
+            self._pending = []
+        self._pending.append(rest)
+        return lines
+
+    def end(self) -> list[str]:
+        last = "".join(self._pending).removesuffix("\r")
+        return [last] if last else []
+
+
+def split_lines(chunks: Iterable[str]) -> Iterator[str]:
+    splitter = LineSplitter()
+    for chunk in chunks:
+        yield from splitter.feed(chunk)
+    yield from splitter.end()
 
 
 async def asplit_lines(chunks: AsyncIterable[str]) -> AsyncIterator[str]:
-    """`split_lines` over an async stream."""
-    pending: list[str] = []
+    splitter = LineSplitter()
     async for chunk in chunks:
-        *ended, rest = chunk.split("\n")
-        for piece in ended:
-            yield ("".join(pending) + piece).removesuffix("\r")
-            pending = []
-        pending.append(rest)
-    if "".join(pending):
-        yield "".join(pending).removesuffix("\r")
+        for line in splitter.feed(chunk):
+            yield line
+    for line in splitter.end():
+        yield line
 
 
 def should_retry(response: httpx.Response | None, *, error: Exception | None = None, idempotent: bool = True) -> bool:
@@ -254,6 +264,19 @@ def upload_call(
 def results_call(path: str, timeout: Any) -> APICall[JobResult]:
     """GET /v1/jobs/{id}/results as JSONL: read line by line, so no client holds a whole big job in memory."""
     return APICall("GET", path, JobResult, params={"format": "jsonl"}, timeout=timeout, headers={"Accept": JSONL})
+
+
+def readiness_call(timeout: Any) -> APICall[Health]:
+    """GET /readyz once (no retries): 503 means "not ready" (also when an ingress answers it with its own page)."""
+    return APICall(
+        "GET",
+        "/readyz",
+        Health,
+        timeout=timeout,
+        max_retries=0,
+        ok_statuses=frozenset({503}),
+        unparsed=lambda: Health(status="unavailable"),
+    )
 
 
 def progress_line(job: Job, width: int = 30) -> str:

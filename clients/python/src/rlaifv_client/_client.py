@@ -30,6 +30,7 @@ from ._base_client import (
     best_of_n_body,
     job_body,
     progress_line,
+    readiness_call,
     results_call,
     score_body,
     split_lines,
@@ -46,11 +47,6 @@ ProgressCallback = Callable[[Job], Any]
 Normalize = Literal["mean", "sum"]
 RewardMode = Literal["dpo", "claims"]
 ClaimScore = Literal["count", "expected"]
-
-
-def _unavailable() -> Health:
-    """A 503 whose body is not ours (an ingress with no ready pod): the server is not ready either."""
-    return Health(status="unavailable")
 
 
 def _job_path(job_id: str | Job, suffix: str = "") -> str:
@@ -287,17 +283,7 @@ class Client(BaseClient):
     def ready(self, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Health:
         """Readiness (``GET /readyz``): model loaded and warm. Returns ``status='unavailable'`` instead of raising
         when the server says 503, and does not retry."""
-        return self._request(
-            APICall(
-                "GET",
-                "/readyz",
-                Health,
-                timeout=timeout,
-                max_retries=0,
-                ok_statuses=frozenset({503}),
-                unparsed=_unavailable,
-            )
-        )
+        return self._request(readiness_call(timeout))
 
 
 class Jobs:
@@ -569,17 +555,7 @@ class AsyncClient(BaseClient):
 
     async def ready(self, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Health:
         """Readiness (``GET /readyz``); ``status='unavailable'`` on 503, no retries."""
-        return await self._request(
-            APICall(
-                "GET",
-                "/readyz",
-                Health,
-                timeout=timeout,
-                max_retries=0,
-                ok_statuses=frozenset({503}),
-                unparsed=_unavailable,
-            )
-        )
+        return await self._request(readiness_call(timeout))
 
 
 class AsyncJobs:
