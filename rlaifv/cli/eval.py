@@ -115,6 +115,21 @@ def _finish(report: Any, output: Path, *, incomplete: int = 0) -> None:
         raise fail(f"incomplete: {incomplete} item(s) failed (recorded in the report); rerun to retry them", code=2)
 
 
+def _fail_if_incomplete(result: dict[str, Any]) -> None:
+    """A scaling run whose judge or extractor failed on some items: its points average fewer answers than they
+    say, so the run exits 2 as a single evaluation would (the report records the failures per point)."""
+    failed = max(
+        (
+            float(point.get("failed", 0) or 0) + float(point.get("extraction_failed", 0) or 0)
+            for per_n in result.get("curve", {}).values()
+            for point in per_n.values()
+        ),
+        default=0.0,
+    )
+    if failed:
+        raise fail(f"incomplete: up to {failed:g} item(s) per point failed (recorded in the report); rerun", code=2)
+
+
 @eval_app.command("objhal")
 def objhal(
     output: Output,
@@ -222,6 +237,7 @@ def objhal(
         metrics = ["chair_i", "chair_s_object_answers", "recall"]
         title = f"Object HalBench vs N ({report.name})"
         _print(write_scaling(report, output, metrics=metrics, percent=metrics[:2], plot=plot, doc=doc, title=title))
+        _fail_if_incomplete(report.metrics)
         return
     _finish(report, output, incomplete=int(result["metrics"].get("extraction_failed", 0)))
 
@@ -294,6 +310,7 @@ def amber(
         metrics = ["overall.accuracy", "overall.f1"]
         title = f"AMBER vs N ({report.name})"
         _print(write_scaling(report, output, metrics=metrics, percent=metrics, plot=plot, doc=doc, title=title))
+        _fail_if_incomplete(report.metrics)
         return
     _finish(report, output)
 
@@ -384,6 +401,7 @@ def mmhal(
         metrics = ["score", "hallucination_rate"]
         title = f"MMHal-Bench vs N ({report.name})"
         _print(write_scaling(report, output, metrics=metrics, percent=metrics[1:], plot=plot, doc=doc, title=title))
+        _fail_if_incomplete(report.metrics)
         return
     _finish(report, output, incomplete=int(result["metrics"]["failed"]))
 
@@ -422,6 +440,7 @@ def shapes(
     metrics = ["chair_i", "chair_s", "recall"]
     title = f"Shapes world: best-of-N vs N ({images} held-out images, T={temperature:g})"
     _print(write_scaling(report, output, metrics=metrics, percent=metrics[:2], plot=plot, doc=doc, title=title))
+    _fail_if_incomplete(report.metrics)
 
 
 @eval_app.command("compare")

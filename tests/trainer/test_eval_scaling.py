@@ -177,3 +177,18 @@ def test_service_generator_and_objhal_generation(shapes_bundle: Path, tmp_path: 
     report = json.loads(out.read_text())
     assert report["metrics"]["answers"] == 2 and report["settings"]["select"] == "dpo"
     assert len(CandidateCache(tmp_path / "objhal.candidates.jsonl").store.rows) == 2
+
+
+def test_a_scaling_run_with_failed_judgements_exits_2() -> None:
+    """Each point of the curve records its failures; a run with any is incomplete, as a single evaluation is."""
+    import typer
+
+    from rlaifv.cli.eval import _fail_if_incomplete
+
+    clean = {"curve": {"dpo": {"1": {"score": 3.0, "failed": 0}, "2": {"score": 3.5, "failed": 0}}}}
+    _fail_if_incomplete(clean)
+    for key in ("failed", "extraction_failed"):
+        broken = {"curve": {"dpo": {"1": {"score": 0.0, key: 1.0}}, "random": {"1": {"score": 2.0}}}}
+        with pytest.raises(typer.Exit) as info:
+            _fail_if_incomplete(broken)
+        assert info.value.exit_code == 2
