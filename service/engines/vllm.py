@@ -717,11 +717,10 @@ class VllmEngine:
             would score it (re-tokenized, end-of-turn appended)."""
             ids, texts = [], []
             for s in samples:
-                if s.cut:
-                    ids.append(
-                        encode_answer(self.tokenizer, s.text, eot_id=self.eot_id) if s.text.strip() else [self.eot_id]
-                    )
-                    texts.append(s.text.strip())
+                if s.cut:  # stripped before it is tokenized, as in process: the text the client gets is what is scored
+                    text = s.text.strip()
+                    ids.append(encode_answer(self.tokenizer, text, eot_id=self.eot_id) if text else [self.eot_id])
+                    texts.append(text)
                 else:
                     ids.append(s.ids)
                     texts.append(self._decode(s.ids))

@@ -505,3 +505,45 @@ def test_start_up_names_the_flag_images_need(vision_bundle: Path, monkeypatch: p
     engine.policy.model = engine.reference.model = ""
     with pytest.raises(VllmStartupError, match=r"policy server .* no /inference/v1/generate.*--enable-scale-out"):
         engine.start()
+
+
+class CutAtWord(FakeVllm):
+    """Samples "<word> <word>" and reports a stop string met at the second word: the cut text ends in a space."""
+
+    def __init__(self, first: int, second: int, stop: str, text: str) -> None:
+        super().__init__()
+        self.ids, self.stop, self.text = [first, second], stop, text
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if request.url.path.endswith("/completions") and body.get("prompt_logprobs") is None:
+            self.bodies.append((request.url.path, body))
+            tokens = [f"token_id:{t}" for t in self.ids]
+            logprobs = {"tokens": tokens, "token_logprobs": [-1.0, -1.0], "top_logprobs": None}
+            choice = {"index": 0, "text": self.text, "stop_reason": self.stop, "logprobs": logprobs}
+            return httpx.Response(200, json={"choices": [choice] * body["n"]})
+        return super().__call__(request)
+
+
+async def test_a_stop_cut_answer_is_scored_stripped_as_in_process(text_bundle: Path) -> None:
+    """vLLM decodes "a red" and cuts before "red": "a " is returned as "a" and must be scored as "a" (+ end of
+    turn), as the in-process engine and /v1/rewards score it; the space token would change both log-prob sums."""
+    from rlaifv.reward.prompt import encode_answer
+    from rlaifv.reward.sampling import SamplingParams
+    from rlaifv.service.engines.base import GenerateRequest
+
+    probe = _fake_engine(text_bundle, FakeVllm())
+    tokenizer = probe.tokenizer
+    first, second = tokenizer("a red", add_special_tokens=False)["input_ids"][:2]
+    assert tokenizer.decode([first, second]).startswith(tokenizer.decode([first]) + " ")
+    cut_text = tokenizer.decode([first]) + " "  # what vLLM returns: the text up to the stop string
+    fake = CutAtWord(first, second, stop=tokenizer.decode([second]).strip(), text=cut_text)
+    engine = _fake_engine(text_bundle, fake)
+    (result,) = await engine.run([GenerateRequest([], "q", None, 1, SamplingParams(max_tokens=4), engine.reward)])
+    assert not isinstance(result, Exception), result
+    text = result.ranking.candidates[0].text
+    assert text == text.strip() and text
+    scored = [body["prompt"] for _, body in fake.bodies if body.get("prompt_logprobs") is not None]
+    expected = encode_answer(tokenizer, text, eot_id=engine.eot_id)
+    prompts = [p for batch in scored for p in (batch if isinstance(batch[0], list) else [batch])]
+    assert prompts and all(p[-len(expected) :] == expected for p in prompts)
