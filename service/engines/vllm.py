@@ -66,6 +66,9 @@ T = TypeVar("T")
 PROBE_TIMEOUT_S = 2.0
 TOKEN_PREFIX = "token_id:"
 BAN = -100.0  # logit_bias that keeps special tokens out of the samples, as the transformers sampler does
+# vLLM writes a log-prob of -inf as -9999.0; such an "alternative" is none (vLLM 0.32 fills a batch's alternatives
+# with them when one request of the batch asks for `logprob_token_ids`).
+NO_LOGPROB = -9999.0
 Served = Literal["base", "adapter"]  # what a server's model must be: a base model or a LoRA module (--lora-modules)
 
 
@@ -812,7 +815,10 @@ class VllmEngine:
                 "the vLLM policy server did not return token ids (needs vLLM >= 0.6: return_tokens_as_token_ids)"
             ) from None
         top = [
-            sorted(((_token_id(str(k)), float(v)) for k, v in (alts or {}).items()), key=lambda kv: -kv[1])
+            sorted(
+                ((_token_id(str(k)), float(v)) for k, v in (alts or {}).items() if float(v) > NO_LOGPROB),
+                key=lambda kv: -kv[1],
+            )
             for alts in (logprobs.get("top_logprobs") or [{}] * len(ids))
         ]
         stop_reason = choice.get("stop_reason")
@@ -831,7 +837,11 @@ class VllmEngine:
             values = [float(c["logprob"]) for c in content]
             top = [
                 sorted(
-                    ((int(a["token_id"]), float(a["logprob"])) for a in c.get("top_logprobs") or []),
+                    (
+                        (int(a["token_id"]), float(a["logprob"]))
+                        for a in c.get("top_logprobs") or []
+                        if float(a["logprob"]) > NO_LOGPROB
+                    ),
                     key=lambda kv: -kv[1],
                 )
                 for c in content

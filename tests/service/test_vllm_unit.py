@@ -225,6 +225,8 @@ def test_a_vllm_choice_becomes_ids_raw_log_probs_and_a_finish_reason(engine) -> 
     assert sampled.ids == [19, 111, eot] and sampled.logprobs == [-1.0, -2.0, -0.5]
     assert sampled.finish_reason == "stop" and not sampled.cut
     assert sampled.top[0] == [(7, -0.9), (19, -1.0)]
+    junk = {**choice["logprobs"], "top_logprobs": [{"token_id:19": -1.0, "token_id:0": -9999.0}, {}, {}]}
+    assert engine._sampled({**choice, "logprobs": junk}).top[0] == [(19, -1.0)]  # vLLM's -inf is no alternative
     cut = engine._sampled({**choice, "stop_reason": "red", "logprobs": {**choice["logprobs"], "top_logprobs": None}})
     assert cut.cut and cut.finish_reason == "stop"
     longest = engine._sampled({**choice, "logprobs": {**choice["logprobs"], "tokens": ["token_id:19"] * 3}})
