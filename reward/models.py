@@ -93,9 +93,7 @@ def _with_chat_template(processor: Any, name_or_path: str | Path) -> Any:
     """Prompts are rendered with the chat template: one kept only in tokenizer_config.json (older checkpoints)
     serves the processor too; none at all is refused now rather than at the first request."""
     fallback = getattr(getattr(processor, "tokenizer", None), "chat_template", None)
-    if not getattr(processor, "chat_template", None) and fallback:
-        if isinstance(processor, TextProcessor):
-            return processor
+    if not getattr(processor, "chat_template", None) and fallback:  # a TextProcessor reads its tokenizer's already
         processor.chat_template = fallback
     if not getattr(processor, "chat_template", None):
         raise ModelLoadError(
@@ -261,8 +259,7 @@ def load_adapter(base: Any, adapter_path: str | Path) -> Any:
         config.inference_mode = True
         model = PeftModel(base, config)
         missing = model.load_adapter(str(path), adapter_name="default", is_trainable=False).missing_keys
-        renamings = _checkpoint_renamings(base)
-        if missing and renamings:
+        if missing and (renamings := _checkpoint_renamings(base)):
             missing = model.load_adapter(
                 str(path), adapter_name="default", is_trainable=False, key_mapping=renamings
             ).missing_keys

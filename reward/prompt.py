@@ -100,28 +100,25 @@ def encode_prompt(
     return EncodedPrompt(input_ids=input_ids, vision=dict(batch))
 
 
-def reserved_strings(processor: Any) -> frozenset[str]:
+def reserved_strings(processor: Any) -> tuple[str, ...]:
     """Text the model reads as markup, not words: the tokenizer's special tokens and the processor's image/video
     placeholders. Typed by a user, "<image>" would stand for an image that is not there, and "</s>" would end a
     turn. Cached on the processor (its tokens do not change once loaded)."""
     cached = getattr(processor, "_rlaifv_reserved", None)
-    if isinstance(cached, frozenset):
+    if isinstance(cached, tuple):
         return cached
     tokenizer = getattr(processor, "tokenizer", processor)
     # The declared special tokens only: tokenizers also flag plain added tokens (Gemma's HTML tags) as special.
     found = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
     for owner in (processor, tokenizer):
         found |= {v for k, v in vars(owner).items() if k.endswith("_token") and isinstance(v, str)}
-    reserved = frozenset(t for t in found if t.strip())
+    reserved = tuple(sorted(t for t in found if t.strip()))  # sorted: a text always names the same token
     with contextlib.suppress(AttributeError):  # a processor that refuses new attributes: recomputed per prompt
         processor._rlaifv_reserved = reserved
     return reserved
 
 
 def _refuse_reserved_text(processor: Any, question: str | None, messages: Sequence[dict[str, Any]] | None) -> None:
-    reserved = reserved_strings(processor)
-    if not reserved:
-        return
     texts: list[tuple[str, str]] = [("question", question)] if question is not None else []
     for i, message in enumerate(messages or []):
         content = message.get("content")
@@ -136,9 +133,8 @@ def refuse_markup(
     processor: Any, texts: Sequence[tuple[str, str]], error: type[InvalidInputError] = InvalidInputError
 ) -> None:
     """Raise `error` naming the first (param, text) that holds one of `reserved_strings(processor)`."""
-    reserved = sorted(reserved_strings(processor))  # sorted: the same text always names the same token
     for param, text in texts:
-        for token in reserved:
+        for token in reserved_strings(processor):
             if token in text:
                 raise error(
                     f"{param} contains {token!r}, which this model reads as markup (an image placeholder or a"

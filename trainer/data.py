@@ -20,7 +20,6 @@ with `prompts(round_index, count, seed) -> list[PromptItem]` and
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import io
@@ -165,10 +164,7 @@ def _read_image_ref(value: Any, base: Path, *, source: str, row: int, column: st
         raise ImageDecodeError("no image bytes and no image path", source=source, row=row, column=column)
     text = value.strip()
     if text[:5].lower() == "data:":
-        payload = text.split(",", 1)[1] if "," in text else ""
-        return _check_image(
-            _base64(payload, source=source, row=row, column=column), source=source, row=row, column=column
-        )
+        return _check_image(_base64(text, source=source, row=row, column=column), source=source, row=row, column=column)
     path = Path(text).expanduser()
     path = path if path.is_absolute() else base / path
     try:
@@ -184,10 +180,14 @@ def _read_image_ref(value: Any, base: Path, *, source: str, row: int, column: st
 
 
 def _base64(text: str, *, source: str, row: int, column: str) -> bytes:
+    """A data URL's or bare base64 text's bytes, decoded as the service decodes them."""
+    from rlaifv.reward.errors import ImageError
+    from rlaifv.reward.images import decode_base64
+
     try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except ValueError as exc:
-        raise ImageDecodeError(f"not valid base64: {exc}", source=source, row=row, column=column) from None
+        return decode_base64(text, param=column)
+    except ImageError as exc:
+        raise ImageDecodeError(exc.message, source=source, row=row, column=column) from None
 
 
 # -- RLAIF-V parquet --------------------------------------------------------------------------
@@ -214,11 +214,6 @@ def _parquet_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, di
                 row += 1
     except OSError as exc:  # a damaged data page: name the file and where reading stopped
         raise DataError(f"unreadable parquet data after row {row}: {exc}", source=str(path)) from None
-
-
-def _row_id(record: dict[str, Any], path: Path, row: int) -> str:
-    idx = record.get("idx")
-    return str(idx) if idx not in (None, "") else f"{path.stem}:{row}"
 
 
 def read_preferences(path: str | Path, *, limit: int | None = None) -> list[PreferenceRow]:
@@ -255,9 +250,10 @@ def _image_field(record: dict[str, Any]) -> Any:
     return record.get("image_path") if empty and record.get("image_path") else image
 
 
-def _record_id(record: dict[str, Any], file: Path, row: int) -> str:
-    """`id`, else `idx`, else file:row; a null or empty id counts as none (every row would share "None")."""
-    for key in ("id", "idx"):
+def _record_id(record: dict[str, Any], file: Path, row: int, keys: Sequence[str] = ("id", "idx")) -> str:
+    """The first of `keys` the record has, else file:row; a null or empty id counts as none (every row would
+    share "None"). RLAIF-V's parquet names rows by `idx` only."""
+    for key in keys:
         if record.get(key) not in (None, ""):
             return str(record[key])
     return f"{file.stem}:{row}"
@@ -269,7 +265,7 @@ def _jsonable(value: Any) -> bool:
 
 def _parquet_preferences(file: Path) -> Iterator[PreferenceRow]:
     for row, record in _parquet_rows(file, REQUIRED_PREFERENCE):
-        yield _preference(record, file, row, _row_id(record, file, row))
+        yield _preference(record, file, row, _record_id(record, file, row, keys=("idx",)))
 
 
 # -- JSONL ------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +81,11 @@ def api_root(url: str) -> tuple[str, str]:
     url = url.rstrip("/")
     root = url[: -len("/v1")] if url.endswith("/v1") else url
     return root, root + "/v1"
+
+
+def _ranked(alternatives: Iterable[tuple[int, float]]) -> list[tuple[int, float]]:
+    """(token id, log-prob) alternatives, most likely first, without vLLM's -inf placeholders."""
+    return sorted(((t, v) for t, v in alternatives if v > NO_LOGPROB), key=lambda kv: -kv[1])
 
 
 def _token_id(key: str) -> int:
@@ -815,10 +820,7 @@ class VllmEngine:
                 "the vLLM policy server did not return token ids (needs vLLM >= 0.6: return_tokens_as_token_ids)"
             ) from None
         top = [
-            sorted(
-                ((_token_id(str(k)), float(v)) for k, v in (alts or {}).items() if float(v) > NO_LOGPROB),
-                key=lambda kv: -kv[1],
-            )
+            _ranked((_token_id(str(k)), float(v)) for k, v in (alts or {}).items())
             for alts in (logprobs.get("top_logprobs") or [{}] * len(ids))
         ]
         stop_reason = choice.get("stop_reason")
@@ -836,15 +838,7 @@ class VllmEngine:
                 raise ValueError("ids")
             values = [float(c["logprob"]) for c in content]
             top = [
-                sorted(
-                    (
-                        (int(a["token_id"]), float(a["logprob"]))
-                        for a in c.get("top_logprobs") or []
-                        if float(a["logprob"]) > NO_LOGPROB
-                    ),
-                    key=lambda kv: -kv[1],
-                )
-                for c in content
+                _ranked((int(a["token_id"]), float(a["logprob"])) for a in c.get("top_logprobs") or []) for c in content
             ]
         except (KeyError, TypeError, ValueError):
             raise BadGateway("the vLLM policy server returned log-probs that do not match its tokens") from None
