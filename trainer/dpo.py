@@ -525,19 +525,38 @@ def train_dpo(
     history: list[dict[str, float]] = []
     running: dict[str, list[float]] = {}
     epoch_stats: dict[str, list[float]] = {}
-    updates = 0
-    start_epoch = 0
-    run_key = hashlib.sha256(json.dumps([key, config.to_dict(), accelerator.num_processes]).encode()).hexdigest()
-    if config.checkpoint_every_epoch:
-        resumed = _latest_checkpoint(output_dir, run_key)
-        if resumed is not None:
-            accelerator.load_state(str(resumed[0]))
-            start_epoch, updates, history = resumed[1]["epoch"], resumed[1]["updates"], resumed[1]["history"]
+    updates = start_epoch = epoch_updates = 0
+    run_key = hashlib.sha256(
+        json.dumps([key, config.training_settings(), accelerator.num_processes]).encode()
+    ).hexdigest()
+    checkpoints = CheckpointStore(output_dir / CHECKPOINTS, run_key, keep=config.keep_checkpoints)
+    resumed = checkpoints.latest() if config.checkpoint_every_epoch or config.checkpoint_every_steps else None
+    if resumed is not None:
+        accelerator.load_state(str(resumed.folder))
+        state = resumed.state
+        start_epoch, updates, epoch_updates = state["epoch"], state["updates"], state.get("epoch_updates", 0)
+        history, running, epoch_stats = state["history"], state.get("running", {}), state.get("epoch_stats", {})
+
+    def save(epoch: int, epoch_updates: int) -> None:
+        state = {
+            "epoch": epoch,
+            "epoch_updates": epoch_updates,
+            "updates": updates,
+            "history": history,
+            "running": running,
+            "epoch_stats": epoch_stats if epoch_updates else {},
+        }
+        checkpoints.save(accelerator, updates, state)
+
+    batches_per_epoch = len(loader)
     bar = tqdm(total=total_updates, initial=updates, desc="DPO", disable=not show, unit="step")
     for epoch in range(start_epoch, config.epochs):
         loader.set_epoch(epoch)
-        epoch_stats = {}
-        for indices in loader:
+        skipped = epoch_updates * config.gradient_accumulation_steps if epoch == start_epoch else 0
+        batches = accelerator.skip_first_batches(loader, skipped) if skipped else loader
+        if epoch != start_epoch or not skipped:
+            epoch_stats, epoch_updates = {}, 0
+        for batch_index, indices in enumerate(batches, start=skipped):
             batch = [pairs[int(i)] for i in indices]
             prompts = encode_prompts(processor, batch)
             ref_dists = None
@@ -583,6 +602,7 @@ def train_dpo(
                 epoch_stats.setdefault(name, []).append(value)
             if accelerator.sync_gradients:
                 updates += 1
+                epoch_updates += 1
                 bar.update(1)
                 if updates % config.log_every == 0 or updates == total_updates:
                     means = {k: _mean(v) for k, v in running.items()}
@@ -593,10 +613,12 @@ def train_dpo(
                     history.append({"step": updates, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **reduced})
                     bar.set_postfix(loss=f"{reduced['loss']:.4f}", margin=f"{reduced['margin']:.3f}")
                     running = {}
-        if config.checkpoint_every_epoch and epoch + 1 < config.epochs:
-            _save_checkpoint(
-                accelerator, output_dir, epoch + 1, {"key": run_key, "updates": updates, "history": history}
-            )
+                every = config.checkpoint_every_steps
+                if every and updates % every == 0 and batch_index + 1 < batches_per_epoch:
+                    save(epoch, epoch_updates)
+        last_step_due = config.checkpoint_every_steps and updates % config.checkpoint_every_steps == 0
+        if epoch + 1 < config.epochs and (config.checkpoint_every_epoch or last_step_due):
+            save(epoch + 1, 0)
     bar.close()
 
     accelerator.wait_for_everyone()
@@ -620,6 +642,7 @@ def train_dpo(
             "dropped_pairs": dropped,
             "optimizer_steps": updates,
             "resumed_from_epoch": start_epoch,
+            "resumed_from_step": resumed.state["updates"] if resumed is not None else 0,
             "num_processes": accelerator.num_processes,
             "reference_cache": {"path": cache.name, "key": key, "hit": hit},
             "metrics": metrics,
@@ -674,24 +697,52 @@ CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 
 
-def _save_checkpoint(accelerator: Any, output_dir: Path, epoch: int, state: dict[str, Any]) -> None:
-    folder = output_dir / CHECKPOINTS / f"epoch-{epoch:03d}"
-    accelerator.save_state(str(folder))
-    if accelerator.is_main_process:
-        (folder / TRAINER_STATE).write_text(json.dumps(state | {"epoch": epoch}) + "\n")
-    accelerator.wait_for_everyone()
+@dataclass(frozen=True)
+class Checkpoint:
+    folder: Path
+    state: dict[str, Any]
 
 
-def _latest_checkpoint(output_dir: Path, run_key: str) -> tuple[Path, dict[str, Any]] | None:
-    """The newest complete epoch checkpoint made by the same run settings (others are ignored)."""
-    root = output_dir / CHECKPOINTS
-    for folder in sorted(root.glob("epoch-*"), reverse=True) if root.is_dir() else []:
-        state_file = folder / TRAINER_STATE
-        if state_file.is_file():
-            state = json.loads(state_file.read_text())
-            if state.get("key") == run_key:
-                return folder, state
-    return None
+class CheckpointStore:
+    """Training state saved by `accelerate` under `step-NNNNNNN/`, complete once its trainer_state.json is written.
+
+    Only a run with the same training settings (`run_key`) resumes from a checkpoint; older checkpoints of the
+    run are removed after a newer one is complete, so a crash while saving never leaves none.
+    """
+
+    def __init__(self, root: Path, run_key: str, *, keep: int) -> None:
+        self.root, self.run_key, self.keep = root, run_key, keep
+
+    def _complete(self) -> list[Checkpoint]:
+        found = []
+        for folder in sorted(self.root.glob("step-*")) if self.root.is_dir() else []:
+            state_file = folder / TRAINER_STATE
+            if not state_file.is_file():
+                continue
+            try:
+                state = json.loads(state_file.read_text())
+            except json.JSONDecodeError:
+                continue
+            if state.get("key") == self.run_key:
+                found.append(Checkpoint(folder, state))
+        return found
+
+    def latest(self) -> Checkpoint | None:
+        complete = self._complete()
+        return max(complete, key=lambda c: c.state["updates"]) if complete else None
+
+    def save(self, accelerator: Any, updates: int, state: dict[str, Any]) -> Path:
+        folder = self.root / f"step-{updates:07d}"
+        if accelerator.is_main_process:  # a folder being overwritten is incomplete until the new state is written
+            (folder / TRAINER_STATE).unlink(missing_ok=True)
+        accelerator.save_state(str(folder))
+        if accelerator.is_main_process:
+            (folder / TRAINER_STATE).write_text(json.dumps(state | {"key": self.run_key}) + "\n")
+            if self.keep:
+                for old in sorted(self._complete(), key=lambda c: c.state["updates"])[: -self.keep]:
+                    shutil.rmtree(old.folder, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return folder
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from rlaifv.trainer.errors import ConfigError
 
@@ -89,6 +89,20 @@ class DPOConfig:
         default=False,
         metadata={"help": "Save model+optimizer+scheduler state after each epoch; a rerun resumes from the latest."},
     )
+    checkpoint_every_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Also save that state every this many optimizer steps (0: off); a rerun resumes mid-epoch,"
+            " skipping the batches already trained on."
+        },
+    )
+    keep_checkpoints: int = field(
+        default=1,
+        metadata={
+            "help": "Newest checkpoints kept (0: all); an older one is removed only once a newer one is complete."
+            " A full 7B checkpoint with its AdamW state is ~84 GB."
+        },
+    )
     log_every: int = field(default=1, metadata={"help": "Log metrics every this many optimizer steps."})
     end_of_turn: str | None = field(
         default=None, metadata={"help": "Token closing an answer; the tokenizer's EOS when unset."}
@@ -119,6 +133,8 @@ class DPOConfig:
                 " (float32 master weights, as RLAIF-V's DeepSpeed runs keep) or lora=true",
             ),
             (self.log_every >= 1, "log_every must be >= 1"),
+            (self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0"),
+            (self.keep_checkpoints >= 0, "keep_checkpoints must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -132,3 +148,15 @@ class DPOConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    # How often state is saved or logged changes no trained weight: a run may resume with other values.
+    BOOKKEEPING: ClassVar[tuple[str, ...]] = (
+        "checkpoint_every_epoch",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "log_every",
+    )
+
+    def training_settings(self) -> dict[str, Any]:
+        """The settings that decide the trained weights (what a resumed run must share with the first)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.BOOKKEEPING}

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rlaifv.trainer.data import PromptSource, read_preferences, sha256_file, write_preferences
+from rlaifv.trainer.dpo_config import DPOConfig
 from rlaifv.trainer.errors import RunStateError, TrainerError
 from rlaifv.trainer.iterate_config import RESUMABLE_CHANGES, IterateConfig
 
@@ -80,9 +81,11 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
         return False
     previous = json.loads(path.read_text())
     old, new = dict(previous.get("config", {})), dict(current["config"])
-    for key in RESUMABLE_CHANGES:
-        old.pop(key, None)
-        new.pop(key, None)
+    for settings in (old, new):
+        for key in RESUMABLE_CHANGES:
+            settings.pop(key, None)
+        if isinstance(settings.get("dpo"), dict):
+            settings["dpo"] = {k: v for k, v in settings["dpo"].items() if k not in DPOConfig.BOOKKEEPING}
     if current["model_fingerprint"] and previous.get("model_fingerprint") == current["model_fingerprint"]:
         old.pop("model", None)
         new.pop("model", None)

@@ -291,6 +291,8 @@ def test_cli_reports_bad_data_cleanly(tiny_model: Path, tmp_path: Path) -> None:
         {"lr_scheduler": "cyclic"},
         {"nll_weight": -1},
         {"token_kl": -0.5},
+        {"checkpoint_every_steps": -1},
+        {"keep_checkpoints": -2},
     ],
 )
 def test_dpo_config_validation(kwargs: dict) -> None:
@@ -310,31 +312,91 @@ def test_default_learning_rates_follow_rlaifv() -> None:
     assert DPOConfig().lr == 5e-7 and DPOConfig(lora=True).lr == 1e-5 and DPOConfig(learning_rate=0.1).lr == 0.1
 
 
-@pytest.mark.slow
-def test_epoch_checkpoints_resume_to_the_same_weights(tiny_model: Path, tmp_path: Path) -> None:
+def _killed_after(run: Path, copy: Path, checkpoint: str) -> None:
+    """`copy` holds what a run killed right after saving `checkpoint` would have left: no later checkpoint,
+    no policy, no report."""
     import shutil
 
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "policy")
+    (copy / "dpo_report.json").unlink()
+    for folder in (copy / "checkpoints").iterdir():
+        if folder.name > checkpoint:
+            shutil.rmtree(folder)
+
+
+def _same_weights(a: Path, b: Path) -> bool:
     from safetensors.torch import load_file
 
+    got, expected = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return got.keys() == expected.keys() and all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
+
+
+@pytest.mark.slow
+def test_epoch_checkpoints_resume_to_the_same_weights(tiny_model: Path, tmp_path: Path) -> None:
     config = DPOConfig(learning_rate=1e-3, epochs=2, batch_size=2, cpu=True, checkpoint_every_epoch=True)
     rows = _toy_rows(4)
     full = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "a", progress=False)
-    assert (tmp_path / "a" / "checkpoints" / "epoch-001" / "trainer_state.json").is_file()
-    expected = load_file(full.policy_dir / "model.safetensors")
-    # a run killed after epoch 1: only its checkpoint (and the reference cache) are on disk
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(tmp_path / "b" / "policy")
-    (tmp_path / "b" / "dpo_report.json").unlink()
+    assert [f.name for f in (tmp_path / "a" / "checkpoints").iterdir()] == ["step-0000002"]
+    _killed_after(tmp_path / "a", tmp_path / "b", "step-0000002")
     resumed = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)
     report = json.loads((tmp_path / "b" / "dpo_report.json").read_text())
-    assert report["resumed_from_epoch"] == 1 and resumed.optimizer_steps == full.optimizer_steps == 4
-    assert resumed.history[:2] == full.history[:2]
-    got = load_file(resumed.policy_dir / "model.safetensors")
-    assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
-    # different settings do not pick up the checkpoint
+    assert report["resumed_from_epoch"] == 1 and report["resumed_from_step"] == 2
+    assert resumed.optimizer_steps == full.optimizer_steps == 4
+    assert resumed.history == full.history and resumed.metrics == full.metrics
+    assert _same_weights(resumed.policy_dir, full.policy_dir)
+    # different training settings do not pick up the checkpoint; other bookkeeping settings do
     other = DPOConfig(learning_rate=2e-3, epochs=2, batch_size=2, cpu=True, checkpoint_every_epoch=True)
     train_dpo(other, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)
-    assert json.loads((tmp_path / "b" / "dpo_report.json").read_text())["resumed_from_epoch"] == 0
+    assert json.loads((tmp_path / "b" / "dpo_report.json").read_text())["resumed_from_step"] == 0
+
+
+@pytest.mark.slow
+def test_step_checkpoints_resume_mid_epoch_under_accumulation_and_keep_the_newest(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """5 batches per epoch, 2 per step: steps end after batches 2, 4 and 5 (accelerate closes the epoch's short
+    step). A run killed after step 4 (mid-epoch 2) resumes by skipping the 2 batches of epoch 2 it trained on."""
+    rows = _toy_rows(5)
+    config = DPOConfig(
+        learning_rate=1e-3,
+        epochs=2,
+        batch_size=1,
+        gradient_accumulation_steps=2,
+        cpu=True,
+        checkpoint_every_steps=2,
+        keep_checkpoints=0,
+    )
+    full = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "a", progress=False)
+    assert full.optimizer_steps == 6
+    saved = sorted(f.name for f in (tmp_path / "a" / "checkpoints").iterdir())
+    assert saved == ["step-0000002", "step-0000004"]  # step 6 ends the run: the policy is its save
+    state = json.loads((tmp_path / "a" / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["epoch_updates"]) == (1, 1)
+
+    _killed_after(tmp_path / "a", tmp_path / "b", "step-0000004")
+    keep_one = dataclasses.replace(config, keep_checkpoints=1, checkpoint_every_steps=1, log_every=2)
+    resumed = train_dpo(keep_one, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)
+    report = json.loads((tmp_path / "b" / "dpo_report.json").read_text())
+    assert (report["resumed_from_epoch"], report["resumed_from_step"], report["optimizer_steps"]) == (1, 4, 6)
+    assert resumed.metrics == pytest.approx(full.metrics)
+    assert _same_weights(resumed.policy_dir, full.policy_dir)
+    # step 5 was saved (every step now) and only the newest checkpoint is kept
+    assert [f.name for f in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-0000005"]
+
+
+def test_an_incomplete_or_foreign_checkpoint_is_never_resumed(tmp_path: Path) -> None:
+    from rlaifv.trainer.dpo import CheckpointStore
+
+    root = tmp_path / "checkpoints"
+    for name, state in [("step-0000009", None), ("step-0000007", "{not json"), ("step-0000005", {"key": "other"})]:
+        (root / name).mkdir(parents=True)
+        if state is not None:
+            (root / name / "trainer_state.json").write_text(state if isinstance(state, str) else json.dumps(state))
+    (root / "step-0000003").mkdir()
+    (root / "step-0000003" / "trainer_state.json").write_text(json.dumps({"key": "run", "updates": 3}))
+    assert CheckpointStore(root, "run", keep=1).latest().folder.name == "step-0000003"
+    assert CheckpointStore(root, "another", keep=1).latest() is None
 
 
 @pytest.mark.slow

@@ -210,3 +210,25 @@ def test_a_run_resumes_when_its_model_and_prompts_are_named_by_another_path(tiny
     assert _check_run_file(run, IterateConfig(model=str(link), output_dir=str(run)), source("p.parquet", "h")) is True
     with pytest.raises(RunStateError, match="prompt_source"):
         _check_run_file(run, IterateConfig(model=str(link), output_dir=str(run)), source("p.parquet", "other"))
+
+
+def test_a_run_resumes_with_other_checkpoint_settings_but_not_other_dpo_settings(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """How often state is saved decides no weight; a run.json written before those settings existed resumes too."""
+    from rlaifv.trainer.iterate import RUN_FILE, _check_run_file
+
+    source = ListPromptSource([PromptItem("p0", png((1, 2, 3)), "describe")], description={"kind": "test"})
+    run = tmp_path / "run"
+
+    def config(**dpo) -> IterateConfig:
+        return IterateConfig(model=str(tiny_model), output_dir=str(run), dpo=DPOConfig(**dpo))
+
+    assert _check_run_file(run, config(), source) is False
+    written = json.loads((run / RUN_FILE).read_text())
+    for key in ("checkpoint_every_steps", "keep_checkpoints"):
+        del written["config"]["dpo"][key]
+    (run / RUN_FILE).write_text(json.dumps(written))
+    assert _check_run_file(run, config(checkpoint_every_steps=50, keep_checkpoints=3, log_every=10), source) is True
+    with pytest.raises(RunStateError, match="dpo"):
+        _check_run_file(run, config(beta=0.2), source)
