@@ -67,6 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.jobs_workers > 0:
             jobs = JobWorkers(app.state.job_store, app.state.serving, settings, metrics)
             jobs.start()
+            app.state.job_workers = jobs
     app.state.ready = True
     metrics.ready.set(1)
     log.info(
@@ -89,6 +90,35 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("stopped")
 
 
+def init_state(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """What the routes read from `app.state`, before the lifespan (or `rlaifv worker`) fills it in."""
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.keys = KeyRing(settings.api_key_hashes())
+    app.state.ready = False
+    app.state.shutting_down = False
+    app.state.redis = None
+    app.state.limiter = None
+    app.state.job_store = None
+    app.state.generator = None
+    app.state.engine = None
+    app.state.serving = None
+    app.state.job_workers = None
+
+
+def create_worker_app(settings: Settings, metrics: Metrics) -> FastAPI:
+    """`rlaifv worker`'s HTTP face: the operations routes only (/healthz, /readyz, /metrics), so Kubernetes can
+    restart a stuck worker and Prometheus can scrape its job metrics; it takes no requests."""
+    from rlaifv.service.routes import health
+
+    app = FastAPI(title="rlaifv worker", version="0.1.0", openapi_url=None, docs_url=None, redoc_url=None)
+    init_state(app, settings, metrics)
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.include_router(health.router)
+    return app
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     from rlaifv.service.routes import best_of_n, chat, health, jobs, models, playground, rewards
 
@@ -100,16 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         responses={},
     )
-    app.state.settings = settings
-    app.state.metrics = Metrics()
-    app.state.keys = KeyRing(settings.api_key_hashes())
-    app.state.ready = False
-    app.state.shutting_down = False
-    app.state.redis = None
-    app.state.limiter = None
-    app.state.job_store = None
-    app.state.generator = None
-    app.state.engine = None
+    init_state(app, settings, Metrics())
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
     v1 = [Depends(enforce_limits)]

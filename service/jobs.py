@@ -410,6 +410,13 @@ class JobWorkers:
     async def wait(self) -> None:
         await asyncio.gather(*self._tasks)
 
+    def liveness(self) -> str | None:
+        """A consumer that ended while not draining (each catches its own errors: only a bug ends one), or None."""
+        ended = sum(task.done() for task in self._tasks)
+        if ended and not self._draining:
+            return f"{ended} of {len(self._tasks)} job consumers stopped"
+        return None
+
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stop consuming. The items in hand get `grace_s` to finish (an `rlaifv worker` drains so; the
         server's own consumers stop at once, its grace going to HTTP requests); whatever still runs then is

@@ -77,6 +77,7 @@ class Scheduler:
         self._expected = 0  # how many requests the next batch may count on (see `_collect`)
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._batch_started: float | None = None
         self.in_flight = 0
 
     @property
@@ -85,6 +86,16 @@ class Scheduler:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="rlaifv-scheduler")
+
+    def stalled(self, stall_s: float) -> str | None:
+        """Why this scheduler can no longer serve (its loop ended, or one batch has run over `stall_s`), or None."""
+        if self._task is not None and self._task.done() and not self._closing:
+            error = None if self._task.cancelled() else self._task.exception()
+            return f"scheduler stopped ({type(error).__name__ if error else 'cancelled'})"
+        started = self._batch_started
+        if stall_s > 0 and started is not None and _now() - started > stall_s:
+            return f"one batch has run {_now() - started:.0f} s (limit {stall_s:g} s)"
+        return None
 
     async def close(self, grace_s: float) -> None:
         """Refuse new work, let queued work finish within `grace_s`, then stop."""
@@ -199,6 +210,7 @@ class Scheduler:
             for item in batch:
                 item.started = now
             self.in_flight = len(batch)
+            self._batch_started = now
             self.metrics.batch_size.labels(kind=batch[0].request.kind).observe(len(batch))
             try:
                 outcomes = await self.engine.run([item.request for item in batch])
@@ -207,6 +219,7 @@ class Scheduler:
                 outcomes = [exc] * len(batch)
             finally:
                 self.in_flight = 0
+                self._batch_started = None
             for item, outcome in zip(batch, outcomes, strict=True):
                 if item.future.done():
                     continue

@@ -28,6 +28,12 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+EngineStall = Annotated[
+    float | None,
+    typer.Option(help="/healthz fails once one engine batch has run this long (env RLAIFV_ENGINE_STALL_S; 0: never)."),
+]
+
+
 def fallback_bundle() -> Path:
     """The model served when no bundle is given: the shapes-world bundle shipped in the package."""
     from rlaifv.service.default_model import MissingDefaultBundle, default_bundle
@@ -157,6 +163,7 @@ def serve(
     vllm_reference_url: VllmReferenceUrl = None,
     vllm_timeout_s: VllmTimeout = None,
     vllm_wait_s: VllmWait = None,
+    engine_stall_s: EngineStall = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning (env RLAIFV_LOG_LEVEL).")] = None,
 ) -> None:
     """Serve best-of-N and rewards over HTTP (FastAPI + uvicorn). Settings: RLAIFV_* environment variables."""
@@ -198,6 +205,7 @@ def serve(
         vllm_reference_url=vllm_reference_url,
         vllm_timeout_s=vllm_timeout_s,
         vllm_wait_s=vllm_wait_s,
+        engine_stall_s=engine_stall_s,
         log_level=log_level,
     )
     configure_logging(settings.log_level)

@@ -205,6 +205,10 @@ class Serving:
         )
         return cls(settings, engine, scheduler, ImageLoader(settings), metrics, cache, generator)
 
+    def liveness(self) -> str | None:
+        """What keeps this process from serving until it restarts (see `Scheduler.stalled`), or None."""
+        return self.scheduler.stalled(self.settings.engine_stall_s)
+
     async def aclose(self, grace_s: float | None = None) -> None:
         """Drain the queue (up to `grace_s`, the shutdown grace by default), then release images, the generator
         and the engine."""

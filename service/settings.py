@@ -116,6 +116,15 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
     shutdown_grace_s: float = Field(30.0, ge=0, description="Time in-flight requests get to finish on shutdown.")
+    engine_stall_s: float = Field(
+        900.0,
+        ge=0,
+        description="/healthz fails once one engine batch has run this long (a model call hung in a driver never"
+        " returns; a restart frees it). Set above your longest batch; 0: never.",
+    )
+    worker_port: int = Field(
+        8001, ge=0, le=65535, description="`rlaifv worker`: port of its /healthz, /readyz and /metrics; 0: none."
+    )
 
     # -- limits -----------------------------------------------------------------
     max_n: int = Field(16, ge=1, description="Largest n (and best_of) a request may ask for.")

@@ -1,22 +1,28 @@
-"""`rlaifv worker`: a job worker without the HTTP front, so batch capacity scales apart from the replicas.
+"""`rlaifv worker`: a job worker without the API, so batch capacity scales apart from the replicas.
 
 It loads the same bundle with the same settings as `rlaifv serve` (RLAIFV_* variables, same-named flags) and
 consumes the job stream with RLAIFV_JOBS_WORKERS consumers in the group every replica uses. SIGTERM/SIGINT stop
 it: items in flight stay pending and another worker reclaims them after RLAIFV_JOBS_CLAIM_IDLE_MS; a SIGKILL
-leaves the same state. While Redis is away the consumers back off and resume by themselves.
+leaves the same state. While Redis is away the consumers back off and resume by themselves. Its only HTTP is
+/healthz, /readyz and /metrics on RLAIFV_WORKER_PORT.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+import uvicorn
 
 from rlaifv.service.serve_cli import (
+    EngineStall,
     PackWeights,
     RedisConnectTimeout,
     RedisPassword,
@@ -38,7 +44,11 @@ log = logging.getLogger("rlaifv.worker")
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Consume jobs until `stop` is set (or SIGTERM/SIGINT when no event is given)."""
+    """Consume jobs until `stop` is set (or SIGTERM/SIGINT when no event is given).
+
+    /healthz, /readyz and /metrics answer on RLAIFV_WORKER_PORT from before the model loads (alive while
+    loading, ready once consuming) until the items in hand have drained."""
+    from rlaifv.service.app import create_worker_app
     from rlaifv.service.engines import load_engine
     from rlaifv.service.generator import open_generator
     from rlaifv.service.jobs import JobStore, JobWorkers
@@ -52,24 +62,69 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     metrics = Metrics()
-    redis = connect(settings)
-    generator = await open_generator(settings, metrics)
-    engine, load_s = await asyncio.to_thread(load_engine, settings, metrics)
-    if settings.warmup:
-        await engine.warmup()
-    serving = Serving.open(settings, engine, metrics, redis=redis, generator=generator)
-    workers = JobWorkers(JobStore(redis, settings), serving, settings, metrics)
-    workers.start()
-    log.info(
-        "worker ready", extra={"consumers": workers.count, "load_s": round(load_s, 3), "stream": settings.jobs_stream}
-    )
+    app = create_worker_app(settings, metrics)
+    http = await OperationsServer.open(app, settings) if settings.worker_port else None
     try:
-        await stop.wait()
+        app.state.redis = redis = connect(settings)
+        app.state.generator = generator = await open_generator(settings, metrics)
+        engine, load_s = await asyncio.to_thread(load_engine, settings, metrics)
+        app.state.engine = engine
+        if settings.warmup:
+            await engine.warmup()
+        app.state.serving = serving = Serving.open(settings, engine, metrics, redis=redis, generator=generator)
+        app.state.job_workers = workers = JobWorkers(JobStore(redis, settings), serving, settings, metrics)
+        workers.start()
+        app.state.ready = True
+        metrics.ready.set(1)
+        log.info(
+            "worker ready",
+            extra={"consumers": workers.count, "load_s": round(load_s, 3), "stream": settings.jobs_stream},
+        )
+        try:
+            await stop.wait()
+        finally:
+            app.state.ready, app.state.shutting_down = False, True
+            metrics.ready.set(0)
+            await workers.stop(settings.shutdown_grace_s)
+            await serving.aclose()
+            await redis.aclose()
+            log.info("worker stopped")
     finally:
-        await workers.stop(settings.shutdown_grace_s)
-        await serving.aclose()
-        await redis.aclose()
-        log.info("worker stopped")
+        if http is not None:
+            await http.close()
+
+
+class OperationsServer(uvicorn.Server):
+    """uvicorn serving the worker's operations routes beside the consumers; the worker owns the signals."""
+
+    _task: asyncio.Task[None]
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    @classmethod
+    async def open(cls, app: Any, settings: Settings) -> OperationsServer:
+        """Bound before the model loads, so a taken port fails the worker at once, naming the setting."""
+        try:
+            sock = socket.create_server((settings.host, settings.worker_port))
+        except OSError as exc:
+            where = f"{settings.host}:{settings.worker_port}"
+            raise WorkerPortError(f"RLAIFV_WORKER_PORT: cannot listen on {where}: {exc.strerror}") from None
+        config = uvicorn.Config(
+            app, log_config=None, log_level=settings.log_level.lower(), access_log=False, lifespan="off"
+        )
+        server = cls(config)
+        server._task = asyncio.create_task(server.serve(sockets=[sock]), name="rlaifv-worker-http")
+        return server
+
+    async def close(self) -> None:
+        self.should_exit = True
+        await self._task
+
+
+class WorkerPortError(Exception):
+    """The operations port could not be bound."""
 
 
 def worker(
@@ -102,8 +157,14 @@ def worker(
     pack_weights: PackWeights = None,
     max_batch: Annotated[int | None, typer.Option(help="Requests per forward pass (env RLAIFV_MAX_BATCH).")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning (env RLAIFV_LOG_LEVEL).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address of the operations port (env RLAIFV_HOST).")] = None,
+    worker_port: Annotated[
+        int | None,
+        typer.Option(help="Port of /healthz, /readyz and /metrics (env RLAIFV_WORKER_PORT, default 8001; 0: none)."),
+    ] = None,
+    engine_stall_s: EngineStall = None,
 ) -> None:
-    """Run batch-job workers only (no HTTP): same bundle and Redis settings as `rlaifv serve`."""
+    """Run batch-job workers only (no API): same bundle and Redis settings as `rlaifv serve`."""
     from rlaifv.service.log_format import configure_logging
 
     settings = build_settings(
@@ -126,6 +187,9 @@ def worker(
         pack_weights=pack_weights,
         max_batch=max_batch,
         log_level=log_level,
+        host=host,
+        worker_port=worker_port,
+        engine_stall_s=engine_stall_s,
     )
     configure_logging(settings.log_level)
     if not settings.redis_url:
@@ -136,7 +200,11 @@ def worker(
         raise typer.Exit(2)
     if settings.bundle is None:
         settings = settings.model_copy(update={"bundle": fallback_bundle()})
-    asyncio.run(run_worker(settings))
+    try:
+        asyncio.run(run_worker(settings))
+    except WorkerPortError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

@@ -13,9 +13,25 @@ from rlaifv.service.protocol import Health
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
-async def healthz() -> Health:
-    return Health(status="ok")
+@router.get(
+    "/healthz",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "Stuck: restart me (checks say what stopped)."}},
+    summary="Liveness: the process answers and its work moves",
+)
+async def healthz(request: Request) -> Response:
+    """Fails only for what a restart mends: the scheduler's loop ended, a job consumer ended, or one engine batch
+    has run past RLAIFV_ENGINE_STALL_S (a model call hung in a driver never returns). Loading, draining, Redis or
+    a vLLM server being away are readiness matters, never liveness ones: restarting would not help."""
+    state = request.app.state
+    checks = {}
+    for name, part in (("engine", state.serving), ("jobs", state.job_workers)):
+        problem = part.liveness() if part is not None else None
+        if problem is not None:
+            checks[name] = problem
+    if checks:
+        return JSONResponse(Health(status="unavailable", checks=checks).model_dump(), status_code=503)
+    return JSONResponse(Health(status="ok").model_dump())
 
 
 @router.get(

@@ -121,27 +121,51 @@ def test_probes_hit_the_app_routes_on_the_configured_port(rendered, overlay):
     assert matches({"matchLabels": service["spec"]["selector"]}, workload["spec"]["template"]["metadata"]["labels"])
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_probes_hit_its_operations_port(rendered, overlay):
+    docs = rendered[overlay]
+    (workload, worker), *_ = [(w, c) for w, c in _containers(docs) if c["name"] == "worker"]
+    env = container_env(docs, worker)
+    port = int(env.get("RLAIFV_WORKER_PORT") or Settings.model_fields["worker_port"].default)
+    (ops,) = worker["ports"]
+    assert (ops["name"], ops["containerPort"]) == ("metrics", port)
+    assert worker["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert worker["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    service = one(docs, "Service", "rlaifv-worker")
+    assert service["spec"]["clusterIP"] == "None" and [p["targetPort"] for p in service["spec"]["ports"]] == ["metrics"]
+    assert matches({"matchLabels": service["spec"]["selector"]}, workload["spec"]["template"]["metadata"]["labels"])
+    (policy,) = [p for p in find(docs, "NetworkPolicy") if p["metadata"]["name"] == "rlaifv-worker"]
+    assert [port for rule in policy["spec"]["ingress"] for port in rule["ports"]] == [{"port": port, "protocol": "TCP"}]
+
+
 def test_probe_routes_answer_as_the_probes_expect():
-    """Before the lifespan has loaded a model, /healthz is alive and /readyz is not ready; /metrics exists."""
-    app = create_app(Settings(bundle=default_bundle()))
-    client = TestClient(app)  # no `with`: the lifespan (model load) does not run
-    assert client.get("/healthz").status_code == 200
-    assert client.get("/readyz").status_code == 503
-    assert client.get("/metrics").status_code == 200
+    """Before the lifespan has loaded a model, /healthz is alive and /readyz is not ready; /metrics exists. The
+    worker's operations app answers the same way before its model loads."""
+    from rlaifv.service.app import create_worker_app
+    from rlaifv.service.metrics import Metrics
+
+    settings = Settings(bundle=default_bundle())
+    for app in (create_app(settings), create_worker_app(settings, Metrics())):
+        client = TestClient(app)  # no `with`: the lifespan (model load) does not run
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/metrics").status_code == 200
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_startup_probe_covers_model_loading(rendered, overlay):
     docs = rendered[overlay]
-    _, container = _server(docs)
-    probe = container["startupProbe"]
-    budget = probe["periodSeconds"] * probe["failureThreshold"]
-    assert budget >= STARTUP_BUDGET_S["gpu" if overlay in GPU_OVERLAYS else "cpu"], f"{overlay}: {budget} s"
-    # The vllm engine waits up to RLAIFV_VLLM_WAIT_S for its servers before it warms up (port closed meanwhile).
-    env = container_env(docs, container)
-    if env.get("RLAIFV_ENGINE") == "vllm":
-        wait = float(env.get("RLAIFV_VLLM_WAIT_S") or Settings.model_fields["vllm_wait_s"].default)
-        assert budget >= wait + 60, f"{overlay}: startup budget {budget} s < RLAIFV_VLLM_WAIT_S {wait} s + 60 s"
+    for _, container in _containers(docs):  # the server and the worker load the same pair
+        name = f"{overlay} {container['name']}"
+        probe = container["startupProbe"]
+        budget = probe["periodSeconds"] * probe["failureThreshold"]
+        assert budget >= STARTUP_BUDGET_S["gpu" if overlay in GPU_OVERLAYS else "cpu"], f"{name}: {budget} s"
+        # The vllm engine waits up to RLAIFV_VLLM_WAIT_S for its servers before it warms up.
+        env = container_env(docs, container)
+        if env.get("RLAIFV_ENGINE") == "vllm":
+            wait = float(env.get("RLAIFV_VLLM_WAIT_S") or Settings.model_fields["vllm_wait_s"].default)
+            assert budget >= wait + 60, f"{name}: startup budget {budget} s < RLAIFV_VLLM_WAIT_S {wait} s + 60 s"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -347,8 +371,10 @@ def test_autoscaling_disruption_and_monitoring(rendered, overlay):
     queries = str(scaler["spec"])
     assert "rlaifv_queue_depth" in queries
     assert create_app(Settings(bundle=default_bundle())).state.metrics.queue_depth._name == "rlaifv_queue_depth"
-    (monitor,) = find(docs, "ServiceMonitor")
-    service = one(docs, "Service", "rlaifv")
-    assert matches(monitor["spec"]["selector"], service["metadata"]["labels"])
-    ports = {p["name"] for p in service["spec"]["ports"]}
-    assert all(e["port"] in ports and e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])
+    monitors = find(docs, "ServiceMonitor")
+    assert len(monitors) == 2
+    for name in ("rlaifv", "rlaifv-worker"):  # the server's and the workers' metrics
+        service = one(docs, "Service", name)
+        (monitor,) = [m for m in monitors if matches(m["spec"]["selector"], service["metadata"]["labels"])]
+        ports = {p["name"] for p in service["spec"]["ports"]}
+        assert all(e["port"] in ports and e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])

@@ -196,7 +196,9 @@ def test_a_worker_process_killed_mid_job(make_server, make_redis, service_bundle
     front = make_server(redis_url=redis.url, jobs_workers=0, jobs_stream=stream)
     args = [*_rlaifv(), "worker", "--bundle", str(service_bundle), "--redis-url", redis.url, "--jobs-stream", stream]
     args += ["--jobs-claim-idle-ms", "1000", "--max-batch", "8"]
-    workers = [subprocess.Popen(args, env=_env()) for _ in range(2)]
+    survivor_ops = f"http://127.0.0.1:{free_port()}"
+    ports = ["0", survivor_ops.rsplit(":", 1)[1]]  # the survivor serves /healthz, /readyz and /metrics
+    workers = [subprocess.Popen([*args, "--worker-port", port], env=_env()) for port in ports]
     r = redis.client()
     try:
         from rlaifv.service.jobs import GROUP
@@ -219,6 +221,17 @@ def test_a_worker_process_killed_mid_job(make_server, make_redis, service_bundle
             done = wait_for(job_done(client, job["id"]), "the survivor to finish the job", timeout=120)
             assert done["status"] == "succeeded" and done["completed"] == 200
             assert_exactly_once(client, done, r, stream)
+        with httpx.Client(base_url=survivor_ops, timeout=10) as ops:
+            assert ops.get("/healthz").json() == {"status": "ok", "checks": {}}
+            ready = ops.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["checks"] == {"model": "ok", "redis": "ok"}, ready.text
+            metrics = ops.get("/metrics").text
+            processed = [
+                line for line in metrics.splitlines() if line.startswith('rlaifv_jobs_items_total{outcome="succeeded"}')
+            ]
+            assert processed and float(processed[0].split()[-1]) > 0, "the survivor's job metrics are scraped"
+            assert "rlaifv_ready 1.0" in metrics
+            assert ops.get("/v1/models").status_code == 404  # operations only: a worker takes no requests
     finally:
         for proc in workers:
             proc.kill()
@@ -343,3 +356,16 @@ def test_a_10000_item_job_is_accepted_and_streamed_in_pages(make_server, make_re
         lines = results_jsonl(client, job_id)
     assert [line["index"] for line in lines] == list(range(10_000))
     assert [line["custom_id"] for line in lines] == [f"k{i}" for i in range(10_000)]
+
+
+def test_a_worker_whose_operations_port_is_taken_stops_at_once_naming_the_setting(service_bundle) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        args = [*_rlaifv(), "worker", "--bundle", str(service_bundle), "--redis-url", "redis://127.0.0.1:1/0"]
+        done = subprocess.run(
+            [*args, "--worker-port", str(port)], env=_env(), capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 2, done.stderr
+    assert f"RLAIFV_WORKER_PORT: cannot listen on 127.0.0.1:{port}" in done.stderr

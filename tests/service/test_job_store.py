@@ -188,3 +188,30 @@ async def test_a_lost_reply_after_the_job_was_created_keeps_its_idempotency_key(
     retried = await store.create(request(), idempotency_key="k-lost", owner="o")
     assert retried.id == calls[0]  # the job the first attempt created
     assert await store.redis.xlen(store.stream) == before + 2  # its two items, queued once
+
+
+async def test_a_job_consumer_that_ended_fails_the_workers_liveness(store: JobStore) -> None:
+    """Consumers catch their own errors, so one that ended is a bug only a restart mends: /healthz answers 503
+    naming it (a draining worker's ended consumers are fine)."""
+    import asyncio
+
+    import httpx
+
+    from rlaifv.service.app import create_worker_app
+    from rlaifv.service.jobs import JobWorkers
+    from rlaifv.service.metrics import Metrics
+
+    settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=2)
+    workers = JobWorkers(store, None, settings, Metrics())  # type: ignore[arg-type]
+    app = create_worker_app(settings, Metrics())
+    app.state.job_workers = workers
+    workers.start()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker") as client:
+        assert workers.liveness() is None and (await client.get("/healthz")).status_code == 200
+        workers._tasks[0].cancel()
+        await asyncio.wait([workers._tasks[0]])
+        health = await client.get("/healthz")
+        assert health.status_code == 503, health.text
+        assert health.json() == {"status": "unavailable", "checks": {"jobs": "1 of 2 job consumers stopped"}}
+        await workers.stop()
+        assert (await client.get("/healthz")).status_code == 200

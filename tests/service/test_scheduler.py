@@ -288,3 +288,33 @@ async def test_close_fails_what_the_grace_period_cannot_finish() -> None:
     await sched.close(1.5)
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert isinstance(results[-1], Unavailable)
+
+
+async def test_a_batch_running_past_the_stall_limit_fails_liveness_until_it_returns() -> None:
+    """A model call hung in a driver never returns: only a restart frees the replica, so /healthz says so."""
+    engine = FakeEngine(batch_s=100.0)
+    sched = make(engine, batch_window_s=0.0)
+    sched.start()
+    assert sched.stalled(60) is None  # idle is alive
+    running = asyncio.create_task(sched.submit(score("slow"), timeout_s=300))
+    await asyncio.sleep(59)
+    assert sched.stalled(60) is None
+    await asyncio.sleep(2)
+    assert sched.stalled(60) == "one batch has run 61 s (limit 60 s)"
+    assert sched.stalled(0) is None  # 0: never
+    await running
+    assert sched.stalled(60) is None
+    await sched.close(1)
+    assert sched.stalled(60) is None  # a closed scheduler is draining, not stuck
+
+
+async def test_a_scheduler_whose_loop_died_fails_liveness() -> None:
+    sched = make(FakeEngine())
+
+    async def broken() -> list:
+        raise RuntimeError("bug")
+
+    sched._collect = broken  # type: ignore[method-assign]
+    sched.start()
+    await asyncio.sleep(0.01)
+    assert sched.stalled(60) == "scheduler stopped (RuntimeError)"
