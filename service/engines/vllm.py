@@ -493,12 +493,16 @@ class VllmEngine:
             eos = None
         eos_ids = [] if eos is None else [int(e) for e in eos] if isinstance(eos, list | tuple) else [int(eos)]
         self.stop_ids = sorted({self.eot_id, *eos_ids})
-        self.blocked_ids = sorted(set(self.tokenizer.all_special_ids) - set(self.stop_ids))
         self.yes_ids = first_token_ids(self.tokenizer, YES_FORMS)  # the labeler's answer tokens, as in process
         self.no_ids = first_token_ids(self.tokenizer, NO_FORMS)
         config = json.loads((model_path / "config.json").read_text())
         text_config = config.get("text_config", config)
         self._max_positions: int | None = text_config.get("max_position_embeddings")
+        # As in process: rows of an embedding resized past the tokenizer (LLaVA-1.5: 32064 for 32002 tokens) are no
+        # token, so vLLM must never sample them (their text is empty and no reference could score one).
+        rows = text_config.get("vocab_size") or config.get("vocab_size")
+        padding = range(len(self.tokenizer), int(rows)) if isinstance(rows, int) else range(0)
+        self.blocked_ids = sorted((set(self.tokenizer.all_special_ids) - set(self.stop_ids)) | set(padding))
         assert settings.vllm_policy_url  # Settings checks it for engine=vllm
         self.policy = VllmServer("policy", settings.vllm_policy_url, settings.vllm_policy_model, settings, metrics)
         self.reference: VllmServer | InProcessReference

@@ -236,6 +236,29 @@ def test_a_vllm_choice_becomes_ids_raw_log_probs_and_a_finish_reason(engine) -> 
     assert body["logit_bias"]["19"] == 5.0 and all(body["logit_bias"][str(t)] == -100.0 for t in engine.blocked_ids)
 
 
+def test_rows_past_the_tokenizer_are_never_sampled(text_bundle: Path, tmp_path: Path) -> None:
+    """A model whose embedding was resized past its tokenizer (LLaVA-1.5: 32064 rows, 32002 tokens): vLLM samples
+    over every row, so the padding rows are banned as the in-process engine bans them."""
+    import shutil
+
+    from rlaifv.service.engines.vllm import VllmEngine
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(text_bundle, bundle)
+    config = json.loads((bundle / "policy" / "config.json").read_text())
+    tokens = config["vocab_size"]
+    (bundle / "policy" / "config.json").write_text(json.dumps(config | {"vocab_size": tokens + 6}))
+    settings = Settings(
+        bundle=bundle, engine="vllm", vllm_policy_url="http://p:1/v1", vllm_reference_url="http://r:2/v1"
+    )
+    engine = VllmEngine(bundle, settings)
+    assert set(range(tokens, tokens + 6)) <= set(engine.blocked_ids)
+    bias = engine._sampling_params(_generate_request(engine))["logit_bias"]
+    assert all(bias[str(t)] == -100.0 for t in range(tokens, tokens + 6))
+    with pytest.raises(InvalidInputError, match="not in the vocabulary"):  # a padding row is no token to bias
+        engine._sampling_params(_generate_request(engine, logit_bias={tokens + 1: 5.0}))
+
+
 def _generate_request(engine, **sampling):
     from rlaifv.reward.sampling import SamplingParams
     from rlaifv.service.engines.base import GenerateRequest
