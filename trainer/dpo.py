@@ -48,6 +48,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -119,6 +120,32 @@ class DPOResult:
 
 
 # -- encoding ---------------------------------------------------------------------------------
+
+
+def without_markup_rows(rows: Sequence[PreferenceRow], processor: Any) -> tuple[list[PreferenceRow], int]:
+    """Rows with the model's markup taken out of their texts (a row left with an empty text is dropped), and how
+    many held some.
+
+    Datasets in LLaVA's format put an `<image>` placeholder in the question (the image column is the image: the
+    family's chat template places it), and answers may hold a literal `</s>`. The service refuses such text from a
+    user; in training it would be an image placeholder without an image (a failure mid-run) or an end of turn
+    inside an answer, taught as one."""
+    import dataclasses
+
+    from rlaifv.reward.prompt import without_markup
+
+    out, changed = [], 0
+    for row in rows:
+        texts = {
+            name: without_markup(processor, getattr(row, name)).strip() for name in ("question", "chosen", "rejected")
+        }
+        if any(texts[name] != getattr(row, name).strip() for name in texts):
+            changed += 1
+            if not all(texts.values()):  # nothing but markup: no text left to learn from
+                continue
+            row = dataclasses.replace(row, **texts)
+        out.append(row)
+    return out, changed
 
 
 def encode_pairs(
@@ -457,6 +484,13 @@ def train_dpo(
     processor = load_processor(model_path)
     tokenizer = processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows, markup_rows = without_markup_rows(rows, processor)
+    if markup_rows and accelerator.is_main_process:
+        warnings.warn(
+            f"{markup_rows} rows held the model's markup (an image placeholder or a special token such as <image> or"
+            " </s>) in their question or answers; it was removed before training (rows left empty were dropped)",
+            stacklevel=2,
+        )
     pairs, dropped = encode_pairs(
         rows,
         tokenizer,
@@ -639,6 +673,7 @@ def train_dpo(
             "reference": str(reference_path),
             "init_adapter": str(init_adapter) if init_adapter else None,
             "num_pairs": len(pairs),
+            "markup_removed_rows": markup_rows,
             "dropped_pairs": dropped,
             "optimizer_steps": updates,
             "resumed_from_epoch": start_epoch,

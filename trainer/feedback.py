@@ -124,9 +124,11 @@ def sample_candidates(
     pair: Any, prompts: Sequence[PromptItem], config: FeedbackConfig, *, seed: int
 ) -> list[list[tuple[str, int, str]]]:
     """N candidates per prompt as (text, num_tokens, finish_reason); one SamplingParams for all of a prompt."""
+    from rlaifv.reward.prompt import without_markup
     from rlaifv.reward.sampling import SamplingParams
 
-    encoded = [pair.encode([image_bytes(p.image)], p.question) for p in prompts]
+    # A LLaVA-format question's `<image>` placeholder: the image is given apart (as DPO's `without_markup_rows`).
+    encoded = [pair.encode([image_bytes(p.image)], without_markup(pair.processor, p.question).strip()) for p in prompts]
     params = [
         SamplingParams(
             temperature=config.temperature,

@@ -463,3 +463,28 @@ def test_a_full_run_after_a_lora_run_in_one_folder_leaves_no_adapter_behind(tiny
     result = train_dpo(config, _toy_rows(2), model_path=tiny_model, output_dir=tmp_path, progress=False)
     assert not (result.policy_dir / "adapter_config.json").exists()
     assert _margins(_bundle_of(result.policy_dir, tiny_model, tmp_path / "bundle"), HELD_OUT[:1])
+
+
+@pytest.mark.slow
+def test_llava_format_placeholders_and_special_tokens_in_rows_are_removed_not_trained(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A LLaVA-format question ("<image>\\n...") used to fail mid-run (a placeholder without its image) and a literal
+    "</s>" in an answer was taught as an end of turn; both are removed up front, a row left empty is dropped."""
+    from rlaifv.reward.models import load_processor
+    from rlaifv.trainer.dpo import without_markup_rows
+
+    clean = _toy_rows(4)
+    marked = [
+        dataclasses.replace(clean[0], question="<image>\n" + clean[0].question),
+        dataclasses.replace(clean[1], chosen=clean[1].chosen + "</s>"),
+        clean[2],
+        dataclasses.replace(clean[3], rejected="</s>"),
+    ]
+    rows, changed = without_markup_rows(marked, load_processor(tiny_model))
+    assert changed == 3 and rows == clean[:3]
+    config = DPOConfig(learning_rate=1e-3, epochs=1, batch_size=2, cpu=True)
+    with pytest.warns(UserWarning, match="3 rows held the model's markup"):
+        result = train_dpo(config, marked, model_path=tiny_model, output_dir=tmp_path, progress=False)
+    report = json.loads((tmp_path / "dpo_report.json").read_text())
+    assert (result.num_pairs, report["markup_removed_rows"]) == (3, 3)

@@ -163,6 +163,19 @@ def test_collect_feedback_samples_deconfounded_and_reproducibly(tiny_model: Path
     assert [[a.text for a in f.answers] for f in other_seed] != [[a.text for a in f.answers] for f in first]
 
 
+def test_a_llava_format_question_samples_as_its_plain_text(tiny_model: Path) -> None:
+    """"<image>\ndescribe the image" (LLaVA's data format) is the question "describe the image" with its image given
+    apart: the same samples, where it used to fail the whole run (a placeholder without an image)."""
+    from rlaifv.reward.models import load_model, load_processor
+    from rlaifv.trainer.feedback import sample_candidates, sampling_pair
+
+    pair = sampling_pair(load_model(tiny_model), load_processor(tiny_model))
+    config = FeedbackConfig(num_samples=3, max_tokens=6, temperature=1.0)
+    plain = PromptItem("a", png((200, 0, 0)), "describe the image")
+    marked = PromptItem("a", plain.image, "<image>\ndescribe the image")
+    assert sample_candidates(pair, [marked], config, seed=1) == sample_candidates(pair, [plain], config, seed=1)
+
+
 def test_a_run_that_drops_most_candidates_as_truncated_is_warned(tiny_model: Path) -> None:
     """Dropping what hit max_tokens keeps only short answers: a run where that is most of them says so."""
     from rlaifv.reward.models import load_model, load_processor
