@@ -138,17 +138,23 @@ class ImageURL(Strict):
         description="A data URL (data:image/png;base64,...), or an http(s) URL when the operator allows its host.",
         max_length=64 * 1024 * 1024,
     )
-    detail: Literal["auto", "low", "high"] | None = Field(
+    detail: Literal["auto", "low", "high", "original"] | None = Field(
         None, description="Accepted for OpenAI compatibility; ignored."
     )
 
 
-class TextPart(Strict):
+class _Part(Strict):
+    prompt_cache_breakpoint: dict[str, Any] | None = Field(
+        None, description="Accepted (a prompt-cache hint, like the request's prompt_cache_*); ignored."
+    )
+
+
+class TextPart(_Part):
     type: Literal["text"]
     text: str
 
 
-class ImagePart(Strict):
+class ImagePart(_Part):
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -162,6 +168,17 @@ class ChatMessage(Strict):
     )
     content: str | list[ContentPart] = Field(description="Text, or OpenAI content parts (text and image_url).")
     name: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    # The fields of an OpenAI reply's `message`: the official client's multi-turn pattern appends that object to
+    # the next request's messages as it came, these fields included (null when they ask for nothing).
+    refusal: str | None = Field(None, description="Accepted, so that a reply's message can be sent back; ignored.")
+    annotations: list[Any] | None = Field(None, description="Accepted, as `refusal`; ignored.")
+    tool_calls: list[Any] | None = Field(None, description="Refused unless null or empty: no tool calling.")
+    function_call: Any = Field(None, description="Refused unless null: no function calling.")
+    audio: Any = Field(None, description="Refused unless null: the model produces text only.")
+
+
+MESSAGE_UNSUPPORTED = {"tool_calls": "tools", "function_call": "function_call", "audio": "audio"}
+"""Message fields refused when they ask for something, each with the reason of the request field in UNSUPPORTED."""
 
 
 def convert_messages(
@@ -178,6 +195,13 @@ def convert_messages(
     out: list[dict[str, Any]] = []
     images: list[tuple[str, str]] = []
     for i, message in enumerate(messages):
+        for name, reason in MESSAGE_UNSUPPORTED.items():
+            if getattr(message, name) not in (None, []):
+                raise BadRequest(
+                    f"'{name}' is not supported: {UNSUPPORTED[reason]}",
+                    param=f"{param}[{i}].{name}",
+                    code="unsupported_parameter",
+                )
         role = "system" if message.role == "developer" else message.role
         if isinstance(message.content, str):
             out.append({"role": role, "content": [{"type": "text", "text": message.content}]})

@@ -81,3 +81,19 @@ def _model_id(url: str) -> str:
     import httpx
 
     return httpx.get(url + "/v1/models").json()["data"][0]["id"]
+
+
+def test_openai_client_sends_a_reply_back_in_the_next_turn(live_server, red_url: str) -> None:
+    """The SDK's multi-turn pattern: the reply's `message` appended as it came (its refusal, annotations,
+    tool_calls, function_call and audio included, as null), whether as the object or its `model_dump()`."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=live_server.url + "/v1", api_key="unused", max_retries=0)
+    content = [{"type": "text", "text": "What is in the image?"}, {"type": "image_url", "image_url": {"url": red_url}}]
+    asked = [{"role": "user", "content": content}]
+    first = client.chat.completions.create(model="tiny-llava", messages=asked, max_tokens=4, seed=1)
+    reply = first.choices[0].message
+    for sent_back in (reply, reply.model_dump()):
+        follow_up = [*asked, sent_back, {"role": "user", "content": "And its colour?"}]
+        second = client.chat.completions.create(model="tiny-llava", messages=follow_up, max_tokens=4, seed=1)
+        assert isinstance(second.choices[0].message.content, str)

@@ -338,3 +338,33 @@ def test_bad_values_get_400_naming_the_field(
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
     assert r.json()["error"]["code"] == code
+
+
+def test_content_part_fields_of_the_official_client_are_accepted(client: httpx.Client, red_url: str) -> None:
+    """`detail: "original"` and per-part `prompt_cache_breakpoint` (hints, like the request's prompt_cache_*)."""
+    breakpoint_ = {"prompt_cache_breakpoint": {"mode": "explicit", "ttl": "30m"}}
+    content = [
+        {"type": "image_url", "image_url": {"url": red_url, "detail": "original"}, **breakpoint_},
+        {"type": "text", "text": QUESTION, **breakpoint_},
+    ]
+    chat(client, [{"role": "user", "content": content}], max_tokens=2)
+
+
+MESSAGE_REFUSED: list[tuple[str, Any]] = [
+    ("tool_calls", [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]),
+    ("function_call", {"name": "f", "arguments": "{}"}),
+    ("audio", {"id": "audio-1"}),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), MESSAGE_REFUSED, ids=[r[0] for r in MESSAGE_REFUSED])
+def test_assistant_turns_asking_for_tools_or_audio_get_400_naming_them(
+    client: httpx.Client, messages, field: str, value: Any
+) -> None:
+    """Null or empty, these fields of a reply sent back are accepted; with content they are refused, not ignored."""
+    turns = [*messages, {"role": "assistant", "content": "a dot", field: value}, {"role": "user", "content": "why?"}]
+    r = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": turns, "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == (f"messages[1].{field}", "unsupported_parameter")
+    assert "not supported" in error["message"]
