@@ -706,9 +706,16 @@ class ChatCompletionResponse(BaseModel):
     scorer: str | None = Field(None, description=_SCORER_FIELD)
 
 
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
 class ChunkDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+    """Only the keys a chunk carries, as OpenAI and vLLM send them (the last delta is `{}`): clients that read
+    `delta.get("content", "")` would otherwise get None."""
+
+    role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
+    content: str | None = Field(None, exclude_if=_is_none)
 
 
 class ChunkChoice(BaseModel):
@@ -716,7 +723,9 @@ class ChunkChoice(BaseModel):
     delta: ChunkDelta
     finish_reason: Literal["stop", "length"] | None = None
     logprobs: ChoiceLogprobs | None = None
-    reward: float | None = Field(None, description="Extension, on the choice's last chunk: its reward.")
+    reward: float | None = Field(
+        None, exclude_if=_is_none, description="Extension, on the choice's last chunk only: its reward."
+    )
 
 
 class ChatCompletionChunk(BaseModel):

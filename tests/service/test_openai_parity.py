@@ -368,3 +368,19 @@ def test_assistant_turns_asking_for_tools_or_audio_get_400_naming_them(
     error = r.json()["error"]
     assert (error["param"], error["code"]) == (f"messages[1].{field}", "unsupported_parameter")
     assert "not supported" in error["message"]
+
+
+def test_stream_deltas_carry_only_their_own_keys(live_server, messages) -> None:
+    """As OpenAI and vLLM stream: no `"content": null` (a client reading `delta.get("content", "")` would get
+    None), the last delta of a choice is `{}`, and the `reward` extension comes on that chunk only."""
+    body = {"model": "tiny-llava", "messages": messages, "max_tokens": 4, "seed": 1, "n": 2, "stream": True}
+    with httpx.Client(base_url=live_server.url, timeout=60) as client:
+        text = client.post("/v1/chat/completions", json=body).text
+    chunks = [json.loads(e.removeprefix("data: ")) for e in text.split("\n\n") if e and e != "data: [DONE]"]
+    for index in (0, 1):
+        role, content, last = (c["choices"][0] for c in chunks if c["choices"][0]["index"] == index)
+        assert role["delta"] == {"role": "assistant", "content": ""}
+        assert set(content["delta"]) == {"content"} and isinstance(content["delta"]["content"], str)
+        assert last["delta"] == {} and last["finish_reason"] in ("stop", "length")
+        assert "reward" not in role and "reward" not in content and isinstance(last["reward"], float)
+        assert role["finish_reason"] is None and content["finish_reason"] is None  # OpenAI sends the null
