@@ -7,7 +7,8 @@ One root so callers can catch everything from this package at once::
     ├── BundleError             rlaifv.json missing, malformed or inconsistent
     └── InvalidInputError       the caller's input is wrong (maps to HTTP 4xx)
         ├── ImageError          not an image, truncated, too large, bad format
-        └── AnswerError         empty answer list, empty answer, too long
+        ├── AnswerError         empty answer list, empty answer, too long
+        └── ContextLengthError  prompt (+ the answer length asked for) over the model's positions
 
 The service maps these to HTTP responses in exactly one place.
 """
@@ -49,3 +50,8 @@ class ImageError(InvalidInputError):
 
 class AnswerError(InvalidInputError):
     """An answer list or answer text is unusable."""
+
+
+class ContextLengthError(InvalidInputError):
+    """The prompt, or the prompt and the answer length asked for, does not fit the model's positions: its own
+    type so that the HTTP layer can give OpenAI's `context_length_exceeded`, which clients act on (trim, retry)."""

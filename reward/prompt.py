@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rlaifv.reward.errors import AnswerError, InvalidInputError
+from rlaifv.reward.errors import AnswerError, ContextLengthError, InvalidInputError
 
 if TYPE_CHECKING:
     import torch
@@ -94,8 +94,9 @@ def encode_prompt(
     input_ids = batch.pop("input_ids")[0]
     batch.pop("attention_mask", None)
     if max_length is not None and input_ids.shape[0] > max_length:
-        raise InvalidInputError(
-            f"prompt is {input_ids.shape[0]} tokens, over the model limit of {max_length}", param=text_param
+        raise ContextLengthError(
+            f"prompt is too long: {input_ids.shape[0]} tokens, over the model limit of {max_length}",
+            param=text_param,
         )
     return EncodedPrompt(input_ids=input_ids, vision=dict(batch))
 

@@ -14,7 +14,7 @@
     │   └── EngineUnavailable   503 engine_unavailable: a vLLM server of the pair (RLAIFV_ENGINE=vllm) is down
     └── DeadlineExceeded        504 timeout_error
 
-`reward.InvalidInputError` (and its ImageError/AnswerError) map to 400 with
+`reward.InvalidInputError` (and its ImageError/AnswerError/ContextLengthError) map to 400 with
 their `param`; pydantic validation errors map to 400 naming the field, and when a
 request has several problems `error.errors` lists every one (so a client fixes
 them in one round trip, not one per retry); any other exception is a bug and
@@ -271,10 +271,12 @@ async def _service_error_handler(request: Request, exc: ServiceError) -> JSONRes
 
 def invalid_input_code(exc: InvalidInputError) -> str:
     """The `code` of a reward-core input error, the same over HTTP and in a job item's result."""
-    from rlaifv.reward.errors import AnswerError, ImageError
+    from rlaifv.reward.errors import AnswerError, ContextLengthError, ImageError
 
     if isinstance(exc, ImageError):
         return "invalid_image"
+    if isinstance(exc, ContextLengthError):
+        return "context_length_exceeded"  # OpenAI's code: clients (LangChain's ContextOverflowError) act on it
     return "invalid_answer" if isinstance(exc, AnswerError) else "invalid_value"
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from rlaifv.reward.errors import InvalidInputError
+from rlaifv.reward.errors import ContextLengthError
 
 if TYPE_CHECKING:
     from rlaifv.reward.results import Ranking
@@ -52,7 +52,7 @@ class GenerateRequest:
             return self.sampling
         if self.max_tokens_param is None and room >= 1:
             return self.sampling.model_copy(update={"max_tokens": room})
-        raise InvalidInputError(
+        raise ContextLengthError(
             f"prompt ({prompt_tokens} tokens) + max_tokens ({self.sampling.max_tokens}) exceeds the model's {limit}"
             " positions",
             param=self.max_tokens_param or self.prompt_param,

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from rlaifv.reward.errors import InvalidInputError
+from rlaifv.reward.errors import ContextLengthError, InvalidInputError
 from rlaifv.reward.token_bytes import TokenBytes
 from rlaifv.service.engines.base import EngineResult, GenerateRequest, Request, ScoreRequest
 
@@ -97,7 +97,7 @@ class TransformersEngine:
                 else:
                     answers = self.pair.encode_answers(request.answers, max_tokens=request.max_tokens)
                     if limit is not None and len(prompt) + max(len(a) for a in answers) > limit:
-                        raise InvalidInputError(
+                        raise ContextLengthError(
                             f"prompt + answer exceed the model's {limit} positions", param="answers"
                         )
                     tasks.append(

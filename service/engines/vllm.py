@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import httpx
 
-from rlaifv.reward.errors import InvalidInputError
+from rlaifv.reward.errors import ContextLengthError, InvalidInputError
 from rlaifv.reward.token_bytes import TokenBytes
 from rlaifv.service.engines import vllm_payload
 from rlaifv.service.engines.base import EngineResult, GenerateRequest, Request, ScoreRequest
@@ -631,7 +631,7 @@ class VllmEngine:
     def _check_length(self, prompt: Prompt, answer_len: int, param: str) -> None:
         limit = self._max_positions
         if limit is not None and len(prompt.ids) + answer_len + 1 > limit:
-            raise InvalidInputError(
+            raise ContextLengthError(
                 f"prompt ({len(prompt.ids)} tokens) + answer ({answer_len}) exceeds the model's {limit} positions",
                 param=param,
             )

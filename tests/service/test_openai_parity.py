@@ -384,3 +384,28 @@ def test_stream_deltas_carry_only_their_own_keys(live_server, messages) -> None:
         assert last["delta"] == {} and last["finish_reason"] in ("stop", "length")
         assert "reward" not in role and "reward" not in content and isinstance(last["reward"], float)
         assert role["finish_reason"] is None and content["finish_reason"] is None  # OpenAI sends the null
+
+
+def test_context_overflow_has_openais_code_and_langchain_sees_it(live_server, in_process_pair, red_url: str) -> None:
+    """A prompt over the model's positions, or a max_tokens that does not fit after it: 400 with OpenAI's
+    `context_length_exceeded`; LangChain turns a prompt that is too long into its ContextOverflowError (what agents
+    trim and retry on: it reads the code in older `openai` clients, the words "prompt is too long" in newer ones)."""
+    import openai
+    from langchain_core.exceptions import ContextOverflowError
+    from langchain_core.messages import HumanMessage
+    from langchain_openai import ChatOpenAI
+
+    limit = in_process_pair.max_positions
+    too_long = [{"role": "user", "content": "red " * (limit + 10)}]
+    near = [{"role": "user", "content": "red " * (limit - 8)}]
+    with httpx.Client(base_url=live_server.url, timeout=60) as client:
+        for messages, fields, param in ((too_long, {}, "messages"), (near, {"max_tokens": 16}, "max_tokens")):
+            r = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": messages, **fields})
+            assert r.status_code == 400, r.text
+            assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("context_length_exceeded", param)
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client(live_server).chat.completions.create(model="tiny-llava", messages=too_long)
+    assert info.value.code == "context_length_exceeded"
+    chat = ChatOpenAI(base_url=live_server.url + "/v1", api_key="unused", model="tiny-llava", max_retries=0)
+    with pytest.raises(ContextOverflowError):
+        chat.invoke([HumanMessage(content="red " * (limit + 10))])
