@@ -260,19 +260,29 @@ class Serving:
         sampling: SamplingParams,
         config: RewardConfig,
         request: Request | None,
+        need: int = 1,
     ) -> tuple[Outcome, list[Generated], float]:
         """The generator writes n answers; the pair scores them as /v1/rewards would (the same ScoreRequest).
 
         Empty answers cannot be scored (T would count only the end-of-turn token) and are left out; the
-        outcome's candidates are the non-empty answers in the generator's order. Returns the generator's time too.
+        outcome's candidates are the non-empty answers in the generator's order. With fewer than `need` left (a
+        chat asking n choices), the generator is asked once more for the missing ones (with a seed, seeds it has
+        not used yet), so a response never has fewer choices than asked. Returns the generator's time too.
         """
         assert self.generator is not None
         started = time.perf_counter()
-        written = await self.generator.generate(openai_messages(question, messages, raw), n, sampling)
+        prompt = openai_messages(question, messages, raw)
+        answers = [a for a in await self.generator.generate(prompt, n, sampling) if a.text.strip()]
+        if len(answers) < need:
+            missing = n - len(answers)
+            again = sampling if sampling.seed is None else sampling.model_copy(update={"seed": sampling.seed + n})
+            answers += [a for a in await self.generator.generate(prompt, missing, again) if a.text.strip()][:missing]
         generate_s = time.perf_counter() - started
-        answers = [a for a in written if a.text.strip()]
-        if not answers:
-            raise BadGateway(f"generator {self.generator.host} returned only empty answers", code="generator_empty")
+        if len(answers) < need:
+            raise BadGateway(
+                f"generator {self.generator.host} returned {len(answers)} non-empty answers, {need} needed",
+                code="generator_empty",
+            )
         max_tokens = self.settings.max_tokens * GENERATED_TOKEN_SLACK
         score = ScoreRequest(images, question, messages, [a.text for a in answers], config, max_tokens)
         return await self._run(score, request), answers, generate_s
@@ -436,7 +446,7 @@ class Serving:
             outcome = await self._run(generate, request)
         else:
             outcome, answers, _ = await self._generate_elsewhere(
-                images, raw, None, messages, best_of, sampling, config, request
+                images, raw, None, messages, best_of, sampling, config, request, need=body.n
             )
             finish_reasons = [a.finish_reason for a in answers]
         ranking = outcome.result.ranking

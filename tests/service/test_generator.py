@@ -191,3 +191,72 @@ def test_start_up_fails_clearly_when_the_generator_is_unusable(service_bundle: P
     unknown = rf"does not serve model 'nope' \(its /models lists: {GENERATOR}\)"
     with pytest.raises(GeneratorStartupError, match=unknown), TestClient(app):
         pass
+
+
+class ScriptedGenerator:
+    """An OpenAI-compatible generator over real HTTP whose answers are scripted per request, in order (empty
+    answers included: what our own tiny generator cannot be made to write)."""
+
+    def __init__(self, script: list[list[str]]) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.script, self.requests = list(script), []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _reply(self, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._reply({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+
+            def do_POST(self) -> None:
+                request = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                outer.requests.append(request)
+                texts = outer.script.pop(0) if outer.script else [""] * request["n"]
+                choices = [
+                    {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+                    for i, t in enumerate(texts[: request["n"]])
+                ]
+                self._reply(
+                    {"id": "x", "object": "chat.completion", "created": 0, "model": "scripted", "choices": choices}
+                )
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> ScriptedGenerator:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_empty_answers_are_topped_up_so_a_chat_gets_its_n_choices(service_bundle: Path, red_url: str) -> None:
+    """A generator that writes empty answers (they cannot be scored): the scorer asks once more for the missing
+    ones, with seeds not used yet, so a chat with n choices gets n; still short, it is a 502 saying so."""
+    script = [["", "a red circle", ""], ["a red square", "a blue circle"], ["", ""]]
+    with ScriptedGenerator(script) as fake, LiveServer(service_bundle, generator_url=fake.url) as scorer:
+        body = {"model": "tiny-llava", "messages": user_turn(red_url), "n": 3, "seed": 11, "max_tokens": 8}
+        r = httpx.post(scorer.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        texts = sorted(c["message"]["content"] for c in r.json()["choices"])
+        assert texts == ["a blue circle", "a red circle", "a red square"]
+        assert [(q["n"], q["seed"]) for q in fake.requests] == [(3, 11), (2, 14)]
+        short = httpx.post(scorer.url + "/v1/chat/completions", json=body | {"n": 2}, timeout=60)
+        assert short.status_code == 502, short.text
+        assert short.json()["error"]["code"] == "generator_empty"
+        assert "returned 0 non-empty answers, 2 needed" in short.json()["error"]["message"]
