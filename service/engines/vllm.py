@@ -69,6 +69,8 @@ BAN = -100.0  # logit_bias that keeps special tokens out of the samples, as the 
 # vLLM writes a log-prob of -inf as -9999.0; such an "alternative" is none (vLLM 0.32 fills a batch's alternatives
 # with them when one request of the batch asks for `logprob_token_ids`).
 NO_LOGPROB = -9999.0
+# vLLM's default --max-logprobs, which docs/vllm.md's commands set: the most alternatives asked of a server.
+MAX_LOGPROBS = 20
 Served = Literal["base", "adapter"]  # what a server's model must be: a base model or a LoRA module (--lora-modules)
 
 
@@ -710,6 +712,10 @@ class VllmEngine:
         start = time.perf_counter()
         if prompt.has_images:
             params = self._sampling_params(request)
+            if params["logprobs"]:
+                # The token-in route sends each step's first k entries with the sampled token first: a sample
+                # outside the top k leaves only k - 1 of them. One more has them all (`_token_logprobs` keeps k).
+                params["logprobs"] = min(params["logprobs"] + 1, MAX_LOGPROBS)
             data = await self.policy.generate(prompt, params)
             wanted, parse = params["n"], self._sampled_tokens
         else:

@@ -348,7 +348,11 @@ class FakeVllm:
                 200, json={"choices": choices, "prompt_token_ids": ids, "prompt_logprobs": self._positions(ids)}
             )
         else:
-            content = [{"token_id": 7, "logprob": -1.0, "top_logprobs": []}]
+            # As vLLM's token-in route: the first `logprobs` entries of a step, the sampled token (7, ranked 4th)
+            # first, then the top ones.
+            step = [(7, -1.0), (3, -0.1), (4, -0.2), (5, -0.3), (6, -0.4)][: params.get("logprobs") or 0]
+            top = [{"token_id": t, "logprob": v} for t, v in step]
+            content = [{"token_id": 7, "logprob": -1.0, "top_logprobs": top}]
             choices = [{"index": i, "token_ids": [7], "logprobs": {"content": content}} for i in range(params["n"])]
         return httpx.Response(200, json={"choices": choices, "prompt_token_ids": ids})
 
@@ -432,6 +436,14 @@ async def test_images_go_to_the_token_in_api_and_drift_is_refused(vision_bundle:
     sample = next(body for _, body in fake.bodies if body["sampling_params"].get("n") == 3)
     assert sample["content_parts"][0]["url"].startswith("data:image/png;base64,")
     assert sample["sampling_params"]["logit_bias"] and sample["sampling_params"]["seed"] == 1
+
+    # Alternatives: the route sends [sampled, top1, ..., top(k-1)] for a sample outside the top k; one more asked
+    # gives the whole top k.
+    [asked] = await engine.run([GenerateRequest([_image()], "q", None, 1, params, engine.reward, top_logprobs=2)])
+    assert not isinstance(asked, Exception), asked
+    assert [b["sampling_params"]["logprobs"] for _, b in fake.bodies if b["sampling_params"].get("logprobs")] == [3]
+    [token] = asked.ranking.candidates[0].token_logprobs
+    assert [(t.token_id, t.logprob) for t in token.top_logprobs] == [(3, -0.1), (4, -0.2)]
 
     drifting = FakeVllm({})  # a server that does not expand the placeholder the way our processor does
     engine = _fake_engine(vision_bundle, drifting)
