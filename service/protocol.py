@@ -491,6 +491,9 @@ class ChatCompletionRequest(Strict):
 
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(
+        None, ge=-1, le=1_000_000, description="Extension (vLLM's): sample among the k likeliest tokens; 0 or -1: off."
+    )
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (newer OpenAI name).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -640,6 +643,7 @@ class ChatCompletionRequest(Strict):
         options = SamplingOptions(
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(0, self.top_k or 0),
             max_tokens=self.max_completion_tokens or self.max_tokens,
             seed=self.seed,
         )

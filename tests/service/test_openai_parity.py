@@ -180,6 +180,19 @@ def test_penalties_over_http_change_the_answers(client: httpx.Client, messages, 
     assert sorted(plain) != sorted(penalised)
 
 
+def test_top_k_is_vllms_extension(client: httpx.Client, messages, no_eot) -> None:
+    """`top_k` (vLLM's extra parameter, extra_body in the official client): 1 samples the greedy answer at any
+    temperature; 0 and -1 (vLLM's 'off') sample as without it."""
+    base = {"n": 3, "max_tokens": 8, "seed": 5, "logit_bias": no_eot, "temperature": 1.5}
+    greedy = chat(client, messages, **{**base, "n": 1, "temperature": 0})["choices"][0]["message"]["content"]
+    assert {c["message"]["content"] for c in chat(client, messages, **base, top_k=1)["choices"]} == {greedy}
+    plain = [c["message"]["content"] for c in chat(client, messages, **base)["choices"]]
+    for off in (0, -1):
+        assert [c["message"]["content"] for c in chat(client, messages, **base, top_k=off)["choices"]] == plain
+    bad = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": messages, "top_k": -2})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_k"
+
+
 # -- streaming ----------------------------------------------------------------------------------
 
 
