@@ -216,8 +216,11 @@ def convert_messages(
                 parts.append({"type": "image"})
                 images.append((part.image_url.url, f"{param}[{i}].content[{j}].image_url.url"))
         out.append({"role": role, "content": parts})
-    if not any(part.get("type") == "text" and part["text"].strip() for m in out for part in m["content"]):
-        raise BadRequest("messages contain no text", param=param)
+    # An image alone is a prompt (OpenAI and vLLM take it: the chat template places it); nothing at all is not.
+    if not images and not any(
+        part.get("type") == "text" and part["text"].strip() for m in out for part in m["content"]
+    ):
+        raise BadRequest("messages contain neither text nor an image", param=param)
     chars = sum(len(part["text"]) for m in out for part in m["content"] if part.get("type") == "text")
     if chars > max_chars:
         raise BadRequest(f"messages hold {chars} characters of text, over the limit of {max_chars}", param=param)

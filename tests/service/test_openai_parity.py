@@ -193,6 +193,16 @@ def test_top_k_is_vllms_extension(client: httpx.Client, messages, no_eot) -> Non
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_k"
 
 
+def test_an_image_alone_is_a_prompt_and_nothing_at_all_is_a_400(client: httpx.Client, red_url: str) -> None:
+    """OpenAI and vLLM take a user turn of one image part (a caption is asked by showing the image)."""
+    image_only = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": red_url}}]}]
+    answer = chat(client, image_only, n=2, max_tokens=6, seed=1)
+    assert len(answer["choices"]) == 2 and answer["usage"]["prompt_tokens"] > 0
+    empty = [{"role": "user", "content": [{"type": "text", "text": "  "}]}]
+    r = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": empty})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+
+
 # -- streaming ----------------------------------------------------------------------------------
 
 
