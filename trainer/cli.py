@@ -31,12 +31,15 @@ SetOption = Annotated[
 
 @contextmanager
 def _clean_errors() -> Iterator[None]:
-    """Known errors become one red line and exit code 1, not a traceback."""
+    """Known errors become one red line and exit code 1, not a traceback (a run stopped by SIGTERM: 143)."""
     from rlaifv.reward.errors import RewardError
-    from rlaifv.trainer.errors import TrainerError
+    from rlaifv.trainer.errors import TrainerError, TrainingInterrupted
 
     try:
         yield
+    except TrainingInterrupted as exc:  # asked for, not an error: 128 + SIGTERM, as if the signal had ended it
+        typer.secho(f"stopped: {exc}", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(143) from None
     except (TrainerError, RewardError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None

@@ -49,7 +49,7 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlaifv.trainer.data import PreferenceRow
 from rlaifv.trainer.dpo_config import DPOConfig
-from rlaifv.trainer.errors import ConfigError, DataError, RunStateError
+from rlaifv.trainer.errors import ConfigError, DataError, RunStateError, TrainingInterrupted
 
 if TYPE_CHECKING:
     import torch
@@ -564,7 +564,7 @@ def train_dpo(
         json.dumps([key, config.training_settings(), accelerator.num_processes]).encode()
     ).hexdigest()
     checkpoints = CheckpointStore(output_dir / CHECKPOINTS, run_key, keep=config.keep_checkpoints)
-    resumed = checkpoints.latest() if config.checkpoint_every_epoch or config.checkpoint_every_steps else None
+    resumed = checkpoints.latest()  # made by checkpoint_every_* or by a SIGTERM, with the same settings
     if resumed is not None:
         accelerator.load_state(str(resumed.folder))
         state = resumed.state
@@ -584,75 +584,91 @@ def train_dpo(
 
     batches_per_epoch = len(loader)
     bar = tqdm(total=total_updates, initial=updates, desc="DPO", disable=not show, unit="step")
-    for epoch in range(start_epoch, config.epochs):
-        loader.set_epoch(epoch)
-        skipped = epoch_updates * config.gradient_accumulation_steps if epoch == start_epoch else 0
-        batches = accelerator.skip_first_batches(loader, skipped) if skipped else loader
-        if epoch != start_epoch or not skipped:
-            epoch_stats, epoch_updates = {}, 0
-        for batch_index, indices in enumerate(batches, start=skipped):
-            batch = [pairs[int(i)] for i in indices]
-            prompts = encode_prompts(processor, batch)
-            ref_dists = None
-            if config.token_kl > 0:
-                unwrapped = accelerator.unwrap_model(scorer).model
-                with accelerator.autocast():
-                    ref_dists = _reference_for_kl(unwrapped, kl_reference, prompts, batch, pad_id)
-            with accelerator.accumulate(scorer):
-                out = scorer(prompts, batch, ref_dists)
-                sums, kl = out[:, :2], (out[:, 2:] if ref_dists is not None else None)
-                lengths = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in batch], device=sums.device)
-                ref = torch.tensor(
-                    [[p.ref_chosen, p.ref_rejected] for p in batch], dtype=sums.dtype, device=sums.device
-                )
-                terms = dpo_terms(
-                    sums,
-                    ref,
-                    lengths,
-                    beta=config.beta,
-                    nll_weight=config.nll_weight,
-                    token_kl=kl,
-                    token_kl_weight=config.token_kl,
-                )
-                accelerator.backward(terms.loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(scorer.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            stats = {
-                "loss": float(terms.loss.detach()),
-                "dpo_loss": float(terms.dpo_loss.detach().mean()),
-                "nll": float(terms.nll.detach().mean()),
-                "margin": float(terms.margins.detach().mean()),
-                "accuracy": float((terms.margins.detach() > 0).float().mean()),
-                "chosen_reward": float(terms.chosen_rewards.detach().mean()),
-                "rejected_reward": float(terms.rejected_rewards.detach().mean()),
-            }
-            if terms.token_kl is not None:
-                stats["token_kl"] = float(terms.token_kl.detach().mean())
-            for name, value in stats.items():
-                running.setdefault(name, []).append(value)
-                epoch_stats.setdefault(name, []).append(value)
-            if accelerator.sync_gradients:
-                updates += 1
-                epoch_updates += 1
-                bar.update(1)
-                if updates % config.log_every == 0 or updates == total_updates:
-                    means = {k: _mean(v) for k, v in running.items()}
-                    reduced = {
-                        k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
-                        for k, v in means.items()
-                    }
-                    history.append({"step": updates, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **reduced})
-                    bar.set_postfix(loss=f"{reduced['loss']:.4f}", margin=f"{reduced['margin']:.3f}")
-                    running = {}
-                every = config.checkpoint_every_steps
-                if every and updates % every == 0 and batch_index + 1 < batches_per_epoch:
-                    save(epoch, epoch_updates)
-        last_step_due = config.checkpoint_every_steps and updates % config.checkpoint_every_steps == 0
-        if epoch + 1 < config.epochs and (config.checkpoint_every_epoch or last_step_due):
-            save(epoch + 1, 0)
+    with _stop_on_sigterm() as stop_asked:
+        for epoch in range(start_epoch, config.epochs):
+            loader.set_epoch(epoch)
+            skipped = epoch_updates * config.gradient_accumulation_steps if epoch == start_epoch else 0
+            batches = accelerator.skip_first_batches(loader, skipped) if skipped else loader
+            if epoch != start_epoch or not skipped:
+                epoch_stats, epoch_updates = {}, 0
+            for batch_index, indices in enumerate(batches, start=skipped):
+                batch = [pairs[int(i)] for i in indices]
+                prompts = encode_prompts(processor, batch)
+                ref_dists = None
+                if config.token_kl > 0:
+                    unwrapped = accelerator.unwrap_model(scorer).model
+                    with accelerator.autocast():
+                        ref_dists = _reference_for_kl(unwrapped, kl_reference, prompts, batch, pad_id)
+                with accelerator.accumulate(scorer):
+                    out = scorer(prompts, batch, ref_dists)
+                    sums, kl = out[:, :2], (out[:, 2:] if ref_dists is not None else None)
+                    lengths = torch.tensor(
+                        [[len(p.chosen_ids), len(p.rejected_ids)] for p in batch], device=sums.device
+                    )
+                    ref = torch.tensor(
+                        [[p.ref_chosen, p.ref_rejected] for p in batch], dtype=sums.dtype, device=sums.device
+                    )
+                    terms = dpo_terms(
+                        sums,
+                        ref,
+                        lengths,
+                        beta=config.beta,
+                        nll_weight=config.nll_weight,
+                        token_kl=kl,
+                        token_kl_weight=config.token_kl,
+                    )
+                    accelerator.backward(terms.loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(scorer.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                stats = {
+                    "loss": float(terms.loss.detach()),
+                    "dpo_loss": float(terms.dpo_loss.detach().mean()),
+                    "nll": float(terms.nll.detach().mean()),
+                    "margin": float(terms.margins.detach().mean()),
+                    "accuracy": float((terms.margins.detach() > 0).float().mean()),
+                    "chosen_reward": float(terms.chosen_rewards.detach().mean()),
+                    "rejected_reward": float(terms.rejected_rewards.detach().mean()),
+                }
+                if terms.token_kl is not None:
+                    stats["token_kl"] = float(terms.token_kl.detach().mean())
+                for name, value in stats.items():
+                    running.setdefault(name, []).append(value)
+                    epoch_stats.setdefault(name, []).append(value)
+                if accelerator.sync_gradients:
+                    updates += 1
+                    epoch_updates += 1
+                    bar.update(1)
+                    if updates % config.log_every == 0 or updates == total_updates:
+                        means = {k: _mean(v) for k, v in running.items()}
+                        reduced = {
+                            k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
+                            for k, v in means.items()
+                        }
+                        history.append({"step": updates, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **reduced})
+                        bar.set_postfix(loss=f"{reduced['loss']:.4f}", margin=f"{reduced['margin']:.3f}")
+                        running = {}
+                    end_of_epoch = batch_index + 1 >= batches_per_epoch
+                    if updates < total_updates and _agreed(accelerator, stop_asked()):
+                        at = CheckpointStore.folder_name(updates)
+                        if end_of_epoch:
+                            save(epoch + 1, 0)
+                        else:
+                            save(epoch, epoch_updates)
+                        bar.close()
+                        raise TrainingInterrupted(
+                            f"stopped by SIGTERM after step {updates} of {total_updates}; state "
+                            f"saved in {output_dir / CHECKPOINTS / at}: rerun the same command to resume",
+                            step=updates,
+                        )
+                    every = config.checkpoint_every_steps
+                    if every and updates % every == 0 and not end_of_epoch:
+                        save(epoch, epoch_updates)
+            last_step_due = config.checkpoint_every_steps and updates % config.checkpoint_every_steps == 0
+            if epoch + 1 < config.epochs and (config.checkpoint_every_epoch or last_step_due):
+                save(epoch + 1, 0)
     bar.close()
 
     accelerator.wait_for_everyone()
@@ -699,6 +715,33 @@ def train_dpo(
         reference_cache_hit=hit,
         is_main_process=accelerator.is_main_process,
     )
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[Callable[[], bool]]:
+    """SIGTERM (a pod evicted, a preemptible node reclaimed) asks the run to stop at its next optimizer step with a
+    checkpoint instead of dying mid-step; rerunning the same command resumes there. SIGINT still stops at once."""
+    import signal
+    import threading
+
+    asked = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may take signals
+        yield asked.is_set
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: asked.set())
+    try:
+        yield asked.is_set
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _agreed(accelerator: Any, asked: bool) -> bool:
+    """Whether any process was asked to stop: every rank must save the same step (the launcher may signal one)."""
+    if accelerator.num_processes == 1:
+        return asked
+    import torch
+
+    return bool(accelerator.reduce(torch.tensor([float(asked)], device=accelerator.device), "sum").item() > 0)
 
 
 def _reference_for_kl(policy: Any, reference: Any | None, prompts: list, pairs: list, pad_id: int):
@@ -766,8 +809,12 @@ class CheckpointStore:
         complete = self._complete()
         return max(complete, key=lambda c: c.state["updates"]) if complete else None
 
+    @staticmethod
+    def folder_name(updates: int) -> str:
+        return f"step-{updates:07d}"
+
     def save(self, accelerator: Any, updates: int, state: dict[str, Any]) -> Path:
-        folder = self.root / f"step-{updates:07d}"
+        folder = self.root / self.folder_name(updates)
         if accelerator.is_main_process:  # a folder being overwritten is incomplete until the new state is written
             (folder / TRAINER_STATE).unlink(missing_ok=True)
         accelerator.save_state(str(folder))

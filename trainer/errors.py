@@ -8,7 +8,8 @@ One root so callers (the CLI, the shapes world) can catch everything at once::
     │   ├── MissingColumnError    a required column/field is absent
     │   ├── ImageDecodeError      an image cannot be read or decoded
     │   └── EmptyAnswerError      question/chosen/rejected is empty or not text
-    └── RunStateError         an output folder cannot be resumed (settings changed, files damaged)
+    ├── RunStateError         an output folder cannot be resumed (settings changed, files damaged)
+    └── TrainingInterrupted   SIGTERM stopped a run after it saved its state (a rerun resumes)
 """
 
 from __future__ import annotations
@@ -53,3 +54,11 @@ class EmptyAnswerError(DataError):
 
 class RunStateError(TrainerError):
     """An existing output folder does not match this run and cannot be resumed."""
+
+
+class TrainingInterrupted(TrainerError):
+    """SIGTERM stopped training at an optimizer step after saving a checkpoint; the same command resumes it."""
+
+    def __init__(self, message: str, *, step: int) -> None:
+        super().__init__(message)
+        self.step = step

@@ -488,3 +488,52 @@ def test_llava_format_placeholders_and_special_tokens_in_rows_are_removed_not_tr
         result = train_dpo(config, marked, model_path=tiny_model, output_dir=tmp_path, progress=False)
     report = json.loads((tmp_path / "dpo_report.json").read_text())
     assert (result.num_pairs, report["markup_removed_rows"]) == (3, 3)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_the_next_step_with_a_checkpoint_and_the_same_command_resumes(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod evicted mid-run: SIGTERM during step 2 of 6 stops the run once that step is done, with its state saved
+    (no checkpoint setting needed); the rerun ends at the weights of a run never stopped."""
+    import signal
+
+    from rlaifv.trainer import dpo as dpo_module
+    from rlaifv.trainer.errors import TrainingInterrupted
+
+    rows = _toy_rows(6)
+    config = DPOConfig(learning_rate=1e-3, epochs=2, batch_size=2, cpu=True)
+    full = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "a", progress=False)
+    assert full.optimizer_steps == 6 and not (tmp_path / "a" / "checkpoints").exists()
+
+    real, calls = dpo_module.dpo_terms, []
+
+    def terms(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)  # the handler only notes it: the step finishes
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dpo_module, "dpo_terms", terms)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="after step 2 of 6") as stopped:
+        train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)
+    assert stopped.value.step == 2 and signal.getsignal(signal.SIGTERM) is before
+    assert [f.name for f in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-0000002"]
+    monkeypatch.undo()
+    resumed = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)
+    assert json.loads((tmp_path / "b" / "dpo_report.json").read_text())["resumed_from_step"] == 2
+    assert resumed.history == full.history
+    assert _same_weights(resumed.policy_dir, full.policy_dir)
+
+
+def test_a_run_stopped_by_sigterm_exits_143_not_as_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    from rlaifv.trainer.cli import _clean_errors
+    from rlaifv.trainer.errors import TrainingInterrupted
+
+    with pytest.raises(typer.Exit) as stopped, _clean_errors():
+        raise TrainingInterrupted("stopped by SIGTERM after step 3 of 9", step=3)
+    assert stopped.value.exit_code == 143
+    assert capsys.readouterr().err.startswith("stopped: stopped by SIGTERM after step 3 of 9")

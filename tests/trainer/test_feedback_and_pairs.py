@@ -164,7 +164,7 @@ def test_collect_feedback_samples_deconfounded_and_reproducibly(tiny_model: Path
 
 
 def test_a_llava_format_question_samples_as_its_plain_text(tiny_model: Path) -> None:
-    """"<image>\ndescribe the image" (LLaVA's data format) is the question "describe the image" with its image given
+    """ "<image>\ndescribe the image" (LLaVA's data format) is the question "describe the image" with its image given
     apart: the same samples, where it used to fail the whole run (a placeholder without an image)."""
     from rlaifv.reward.models import load_model, load_processor
     from rlaifv.trainer.feedback import sample_candidates, sampling_pair
