@@ -36,9 +36,10 @@ class EncodedPrompt:
 
 
 def user_message(question: str, num_images: int) -> list[dict[str, Any]]:
-    """The LLaVA convention: images first, then the question, in one user turn."""
+    """The LLaVA convention: images first, then the question, in one user turn (images alone when it is empty)."""
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
-    content.append({"type": "text", "text": question})
+    if question:
+        content.append({"type": "text", "text": question})
     return [{"role": "user", "content": content}]
 
 
@@ -150,6 +151,13 @@ def without_markup(processor: Any, text: str) -> str:
     for token in sorted(reserved_strings(processor), key=len, reverse=True):
         text = text.replace(token, " ")
     return text
+
+
+def markup_free(processor: Any, text: str) -> str:
+    """`text` as words for this model: its markup removed and the ends trimmed where there was any; text without
+    markup comes back unchanged (data that had none trains and samples exactly as before)."""
+    cleaned = without_markup(processor, text)
+    return cleaned.strip() if cleaned != text else text
 
 
 def encode_answers(

@@ -69,9 +69,15 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         app.state.generator = generator = await open_generator(settings, metrics)
         engine, load_s = await asyncio.to_thread(load_engine, settings, metrics)
         app.state.engine = engine
-        if settings.warmup:
-            await engine.warmup()
+        metrics.model_load.set(load_s)
+        if settings.warmup and not stop.is_set():
+            metrics.warmup.set(await engine.warmup())
         app.state.serving = serving = Serving.open(settings, engine, metrics, redis=redis, generator=generator)
+        if stop.is_set():  # stopped while loading: nothing was taken, so nothing to drain
+            await serving.aclose(0)
+            await redis.aclose()
+            log.info("worker stopped before consuming")
+            return
         app.state.job_workers = workers = JobWorkers(JobStore(redis, settings), serving, settings, metrics)
         workers.start()
         app.state.ready = True
@@ -107,7 +113,8 @@ class OperationsServer(uvicorn.Server):
     async def open(cls, app: Any, settings: Settings) -> OperationsServer:
         """Bound before the model loads, so a taken port fails the worker at once, naming the setting."""
         try:
-            sock = socket.create_server((settings.host, settings.worker_port))
+            family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET  # "::" binds IPv6 (and v4-mapped)
+            sock = socket.create_server((settings.host, settings.worker_port), family=family)
         except OSError as exc:
             where = f"{settings.host}:{settings.worker_port}"
             raise WorkerPortError(f"RLAIFV_WORKER_PORT: cannot listen on {where}: {exc.strerror}") from None

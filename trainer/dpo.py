@@ -123,8 +123,8 @@ class DPOResult:
 
 
 def without_markup_rows(rows: Sequence[PreferenceRow], processor: Any) -> tuple[list[PreferenceRow], int]:
-    """Rows with the model's markup taken out of their texts (a row left with an empty text is dropped), and how
-    many held some.
+    """Rows with the model's markup taken out of their texts (a row left with an empty answer is dropped; one left
+    with an empty question is an image-only prompt), and how many held some.
 
     Datasets in LLaVA's format put an `<image>` placeholder in the question (the image column is the image: the
     family's chat template places it), and answers may hold a literal `</s>`. The service refuses such text from a
@@ -132,16 +132,14 @@ def without_markup_rows(rows: Sequence[PreferenceRow], processor: Any) -> tuple[
     inside an answer, taught as one."""
     import dataclasses
 
-    from rlaifv.reward.prompt import without_markup
+    from rlaifv.reward.prompt import markup_free
 
     out, changed = [], 0
     for row in rows:
-        texts = {
-            name: without_markup(processor, getattr(row, name)).strip() for name in ("question", "chosen", "rejected")
-        }
-        if any(texts[name] != getattr(row, name).strip() for name in texts):
+        texts = {name: markup_free(processor, getattr(row, name)) for name in ("question", "chosen", "rejected")}
+        if any(texts[name] != getattr(row, name) for name in texts):
             changed += 1
-            if not all(texts.values()):  # nothing but markup: no text left to learn from
+            if not (texts["chosen"] and texts["rejected"]):  # an answer of markup only: nothing to learn from
                 continue
             row = dataclasses.replace(row, **texts)
         out.append(row)
@@ -168,9 +166,16 @@ def encode_pairs(
 def encode_prompts(processor: Any, pairs: Sequence[EncodedPair], max_length: int | None = None) -> list[EncodedPrompt]:
     """Image + question -> model prefix, via `reward.prompt.encode_prompt` (what `ModelPair.encode` does)."""
     from rlaifv.reward.images import decode_image
-    from rlaifv.reward.prompt import encode_prompt
+    from rlaifv.reward.prompt import encode_prompt, user_message
 
-    return [encode_prompt(processor, [decode_image(p.image)], p.question, max_length=max_length) for p in pairs]
+    return [
+        encode_prompt(processor, [decode_image(p.image)], p.question, max_length=max_length)
+        if p.question.strip()
+        else encode_prompt(
+            processor, [decode_image(p.image)], None, messages=user_message("", 1), max_length=max_length
+        )
+        for p in pairs
+    ]
 
 
 # -- the loss ---------------------------------------------------------------------------------
@@ -488,7 +493,8 @@ def train_dpo(
     if markup_rows and accelerator.is_main_process:
         warnings.warn(
             f"{markup_rows} rows held the model's markup (an image placeholder or a special token such as <image> or"
-            " </s>) in their question or answers; it was removed before training (rows left empty were dropped)",
+            " </s>) in their question or answers; it was removed before training (rows left without an answer were"
+            " dropped)",
             stacklevel=2,
         )
     pairs, dropped = encode_pairs(
@@ -560,6 +566,7 @@ def train_dpo(
     running: dict[str, list[float]] = {}
     epoch_stats: dict[str, list[float]] = {}
     updates = start_epoch = epoch_updates = 0
+    rank = accelerator.process_index
     run_key = hashlib.sha256(
         json.dumps([key, config.training_settings(), accelerator.num_processes]).encode()
     ).hexdigest()
@@ -568,17 +575,22 @@ def train_dpo(
     if resumed is not None:
         accelerator.load_state(str(resumed.folder))
         state = resumed.state
-        start_epoch, updates, epoch_updates = state["epoch"], state["updates"], state.get("epoch_updates", 0)
-        history, running, epoch_stats = state["history"], state.get("running", {}), state.get("epoch_stats", {})
+        start_epoch, updates, epoch_updates = state["epoch"], state["updates"], state["epoch_updates"]
+        history = state["history"]
+        # Each rank's own running means (the logged history averages them across ranks).
+        running, epoch_stats = state["running"][rank], state["epoch_stats"][rank]
 
     def save(epoch: int, epoch_updates: int) -> None:
+        from accelerate.utils import gather_object
+
+        ranks = gather_object([(running, epoch_stats if epoch_updates else {})])
         state = {
             "epoch": epoch,
             "epoch_updates": epoch_updates,
             "updates": updates,
             "history": history,
-            "running": running,
-            "epoch_stats": epoch_stats if epoch_updates else {},
+            "running": [r for r, _ in ranks],
+            "epoch_stats": [e for _, e in ranks],
         }
         checkpoints.save(accelerator, updates, state)
 
@@ -818,6 +830,7 @@ class CheckpointStore:
         if accelerator.is_main_process:  # a folder being overwritten is incomplete until the new state is written
             (folder / TRAINER_STATE).unlink(missing_ok=True)
         accelerator.save_state(str(folder))
+        accelerator.wait_for_everyone()  # every rank's files (its RNG state) are written before the folder is complete
         if accelerator.is_main_process:
             (folder / TRAINER_STATE).write_text(json.dumps(state | {"key": self.run_key}) + "\n")
             if self.keep:

@@ -124,11 +124,18 @@ def sample_candidates(
     pair: Any, prompts: Sequence[PromptItem], config: FeedbackConfig, *, seed: int
 ) -> list[list[tuple[str, int, str]]]:
     """N candidates per prompt as (text, num_tokens, finish_reason); one SamplingParams for all of a prompt."""
-    from rlaifv.reward.prompt import without_markup
+    from rlaifv.reward.prompt import markup_free, user_message
     from rlaifv.reward.sampling import SamplingParams
 
-    # A LLaVA-format question's `<image>` placeholder: the image is given apart (as DPO's `without_markup_rows`).
-    encoded = [pair.encode([image_bytes(p.image)], without_markup(pair.processor, p.question).strip()) for p in prompts]
+    def encode(item: PromptItem) -> Any:
+        # A LLaVA-format question's `<image>` placeholder: the image is given apart (as in DPO's
+        # `without_markup_rows`); a question that was nothing else leaves the image alone as the prompt.
+        question = markup_free(pair.processor, item.question)
+        if question.strip():
+            return pair.encode([image_bytes(item.image)], question)
+        return pair.encode([image_bytes(item.image)], None, messages=user_message("", 1))
+
+    encoded = [encode(p) for p in prompts]
     params = [
         SamplingParams(
             temperature=config.temperature,

@@ -3,6 +3,7 @@ an Idempotency-Key whose first submission died, a Redis that refuses writes, and
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -215,3 +216,47 @@ async def test_a_job_consumer_that_ended_fails_the_workers_liveness(store: JobSt
         assert health.json() == {"status": "unavailable", "checks": {"jobs": "1 of 2 job consumers stopped"}}
         await workers.stop()
         assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_a_worker_stopped_while_its_model_loads_takes_no_job(redis_url: str) -> None:
+    """SIGTERM during the load: the worker never starts consuming (no consumer group appears), so an evicted pod
+    that was still loading leaves nothing to reclaim."""
+    import redis.asyncio as aioredis
+
+    from rlaifv.service.default_model import default_bundle
+    from rlaifv.service.worker_cli import run_worker
+
+    stream = "rlaifv:jobs:stopped-while-loading"
+    stop = asyncio.Event()
+    stop.set()
+    settings = Settings(bundle=default_bundle(), redis_url=redis_url, jobs_stream=stream, worker_port=0)
+    await run_worker(settings, stop)
+    client = aioredis.from_url(redis_url)
+    try:
+        assert not await client.exists(stream)
+    finally:
+        await client.aclose()
+
+
+async def test_the_workers_operations_port_binds_an_ipv6_host() -> None:
+    import socket
+
+    import httpx
+
+    from rlaifv.service.app import create_worker_app
+    from rlaifv.service.metrics import Metrics
+    from rlaifv.service.worker_cli import OperationsServer
+    from rlaifv.testing.server import free_port
+
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as exc:  # a machine without IPv6 loopback
+        pytest.skip(str(exc))
+    settings = Settings(bundle="unused", host="::1", worker_port=free_port())
+    server = await OperationsServer.open(create_worker_app(settings, Metrics()), settings)
+    try:
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"http://[::1]:{settings.worker_port}/healthz")
+        assert response.status_code == 200
+    finally:
+        await server.close()

@@ -415,6 +415,7 @@ def test_two_process_data_parallel_training_by_launcher_only(tiny_model: Path, t
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += ["-m", "rlaifv.trainer.cli", "dpo", str(data), "--model", str(tiny_model), "-o", str(out)]
     command += ["--lr", "1e-3", "--epochs", "2", "--batch-size", "2", "--cpu", "--no-progress"]
+    command += ["--set", "dpo.checkpoint_every_steps=1", "--set", "dpo.keep_checkpoints=0", "--set", "dpo.log_every=2"]
     env = os.environ | {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -423,6 +424,18 @@ def test_two_process_data_parallel_training_by_launcher_only(tiny_model: Path, t
     assert report["optimizer_steps"] == 4  # 8 pairs / (2 per batch x 2 processes) x 2 epochs
     assert report["history"][-1]["margin"] > 0
     load_bundle(out / "bundle")
+    # Every checkpoint holds both ranks' state; killed after step 3 (mid-epoch 2), the run resumes to the same
+    # weights and the same logged history (each rank's own running means are restored).
+    checkpoints = sorted((out / "dpo" / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step-0000001", "step-0000002", "step-0000003"]
+    assert all({"random_states_0.pkl", "random_states_1.pkl"} <= {f.name for f in c.iterdir()} for c in checkpoints)
+    _killed_after(out / "dpo", tmp_path / "again" / "dpo", "step-0000003")
+    again = [*command[: command.index("-o") + 1], str(tmp_path / "again"), *command[command.index("-o") + 2 :]]
+    done = subprocess.run(again, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = json.loads((tmp_path / "again" / "dpo" / "dpo_report.json").read_text())
+    assert resumed["resumed_from_step"] == 3 and resumed["history"] == report["history"]
+    assert _same_weights(tmp_path / "again" / "dpo" / "policy", out / "dpo" / "policy")
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -470,7 +483,8 @@ def test_llava_format_placeholders_and_special_tokens_in_rows_are_removed_not_tr
     tiny_model: Path, tmp_path: Path
 ) -> None:
     """A LLaVA-format question ("<image>\\n...") used to fail mid-run (a placeholder without its image) and a literal
-    "</s>" in an answer was taught as an end of turn; both are removed up front, a row left empty is dropped."""
+    "</s>" in an answer was taught as an end of turn; both are removed up front, a row left without an answer is
+    dropped, one left without a question has the image alone as its prompt."""
     from rlaifv.reward.models import load_processor
     from rlaifv.trainer.dpo import without_markup_rows
 
@@ -483,11 +497,16 @@ def test_llava_format_placeholders_and_special_tokens_in_rows_are_removed_not_tr
     ]
     rows, changed = without_markup_rows(marked, load_processor(tiny_model))
     assert changed == 3 and rows == clean[:3]
+    image_only, _ = without_markup_rows([dataclasses.replace(clean[0], question="<image>")], load_processor(tiny_model))
+    assert image_only[0].question == ""  # the image alone is the prompt
+    untouched = dataclasses.replace(clean[0], question=" describe the image ")
+    assert without_markup_rows([untouched], load_processor(tiny_model)) == ([untouched], 0)  # no markup: as it was
     config = DPOConfig(learning_rate=1e-3, epochs=1, batch_size=2, cpu=True)
-    with pytest.warns(UserWarning, match="3 rows held the model's markup"):
+    marked.append(dataclasses.replace(clean[2], id="only-image", question="<image>"))
+    with pytest.warns(UserWarning, match="4 rows held the model's markup"):
         result = train_dpo(config, marked, model_path=tiny_model, output_dir=tmp_path, progress=False)
     report = json.loads((tmp_path / "dpo_report.json").read_text())
-    assert (result.num_pairs, report["markup_removed_rows"]) == (3, 3)
+    assert (result.num_pairs, report["markup_removed_rows"]) == (4, 4)
 
 
 @pytest.mark.slow

@@ -174,6 +174,10 @@ def test_a_llava_format_question_samples_as_its_plain_text(tiny_model: Path) -> 
     plain = PromptItem("a", png((200, 0, 0)), "describe the image")
     marked = PromptItem("a", plain.image, "<image>\ndescribe the image")
     assert sample_candidates(pair, [marked], config, seed=1) == sample_candidates(pair, [plain], config, seed=1)
+    # a question that is nothing but the placeholder: the image alone is the prompt (it failed the whole batch)
+    only = sample_candidates(pair, [PromptItem("a", plain.image, "<image>\n")], config, seed=1)
+    assert len(only[0]) == 3
+    assert pair.encode([plain.image], None, messages=[{"role": "user", "content": [{"type": "image"}]}]).input_ids.shape
 
 
 def test_a_run_that_drops_most_candidates_as_truncated_is_warned(tiny_model: Path) -> None:
