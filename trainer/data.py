@@ -10,8 +10,12 @@ Two layouts:
   folder, or base64), `question`, and for preference data `chosen`/`rejected`.
 
 Errors are `DataError`s naming the file, the 0-based data row and the column.
-Images are decoded once while reading (with the reward core's safe decoder),
-so an undecodable image fails here, not halfway through training.
+Every image is checked while reading (`reward.images.check_image`: the service's
+limits, and the verdict of a full decode), so an undecodable image fails here, not
+halfway through training. Checks run on a few threads while later rows are read;
+rows keep file order and the first bad row in that order is the error raised.
+Identical image bytes are held once and checked once (a dataset with several
+pairs per prompt repeats the prompt's image in every row).
 
 Prompt sources feed the sampling rounds of `rlaifv train iterate`: any object
 with `prompts(round_index, count, seed) -> list[PromptItem]` and
@@ -24,14 +28,17 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
-from rlaifv.trainer.errors import DataError, EmptyAnswerError, ImageDecodeError, MissingColumnError
+from rlaifv.trainer.errors import ConfigError, DataError, EmptyAnswerError, ImageDecodeError, MissingColumnError
 
 RLAIFV_COLUMNS = (
     "ds_name",
@@ -138,33 +145,32 @@ def _text(value: Any, *, source: str, row: int, column: str) -> str:
     return value
 
 
-def _check_image(data: bytes, *, source: str, row: int, column: str) -> bytes:
+def _check_image(data: bytes, *, source: str, row: int, column: str) -> None:
     from rlaifv.reward.errors import ImageError
-    from rlaifv.reward.images import decode_image
+    from rlaifv.reward.images import check_image
 
     try:
-        decode_image(data, param=column)
+        check_image(data, param=column)
     except ImageError as exc:
         raise ImageDecodeError(f"undecodable image: {exc.message}", source=source, row=row, column=column) from None
-    return data
 
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
 
 
-def _read_image_ref(value: Any, base: Path, *, source: str, row: int, column: str) -> bytes:
+def _image_bytes(value: Any, base: Path, *, source: str, row: int, column: str) -> bytes:
     """An image given as bytes, a {bytes, path} struct (bytes or base64 text), a path (relative to `base`), a
-    data URL or bare base64 text. A path that exists wins; text that is not one but is base64 is decoded, and
-    an image that then fails says why (format, size), not "not found"."""
+    data URL or bare base64 text; not yet checked. A path that exists wins; text that is not one but is base64
+    is decoded, so that an image that then fails says why (format, size), not "not found"."""
     if isinstance(value, dict):
         value = value["bytes"] if value.get("bytes") else value.get("path")
     if isinstance(value, bytes | bytearray):
-        return _check_image(bytes(value), source=source, row=row, column=column)
+        return bytes(value)
     if not isinstance(value, str) or not value.strip():
         raise ImageDecodeError("no image bytes and no image path", source=source, row=row, column=column)
     text = value.strip()
     if text[:5].lower() == "data:":
-        return _check_image(_base64(text, source=source, row=row, column=column), source=source, row=row, column=column)
+        return _base64(text, source=source, row=row, column=column)
     path = Path(text).expanduser()
     path = path if path.is_absolute() else base / path
     try:
@@ -172,9 +178,9 @@ def _read_image_ref(value: Any, base: Path, *, source: str, row: int, column: st
     except OSError:  # a name too long for the filesystem: not a path
         is_file = False
     if is_file:
-        return _check_image(path.read_bytes(), source=source, row=row, column=column)
+        return path.read_bytes()
     if _BASE64.fullmatch(text) and len(text) >= 64 and "." not in text[-6:]:
-        return _check_image(_base64(text, source=source, row=row, column=column), source=source, row=row, column=column)
+        return _base64(text, source=source, row=row, column=column)
     shown = text if len(text) <= 200 else text[:200] + "..."
     raise ImageDecodeError(f"image file {shown} not found (in {base})", source=source, row=row, column=column)
 
@@ -196,43 +202,45 @@ def _base64(text: str, *, source: str, row: int, column: str) -> bytes:
 def _parquet_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     import pyarrow.parquet as pq
 
-    try:
-        parquet = pq.ParquetFile(path)
+    try:  # 1 MiB reads: pre-buffered, pyarrow holds a whole column chunk (a row group's images) on top of the rows
+        parquet = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
     except Exception as exc:  # pyarrow raises several types for damaged files
         raise DataError(f"not a readable parquet file: {exc}", source=str(path)) from None
-    names = parquet.schema_arrow.names
-    for column in required:
-        if column not in names and not (column == "image" and "image_path" in names):
-            raise MissingColumnError(
-                f"required column is missing (the file has: {', '.join(names)})", source=str(path), column=column
-            )
-    row = 0
-    try:
-        for batch in parquet.iter_batches(batch_size=256):
-            for record in batch.to_pylist():
-                yield row, record
-                row += 1
-    except OSError as exc:  # a damaged data page: name the file and where reading stopped
-        raise DataError(f"unreadable parquet data after row {row}: {exc}", source=str(path)) from None
+    with parquet:
+        names = parquet.schema_arrow.names
+        for column in required:
+            if column not in names and not (column == "image" and "image_path" in names):
+                raise MissingColumnError(
+                    f"required column is missing (the file has: {', '.join(names)})", source=str(path), column=column
+                )
+        row = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=256):
+                for record in batch.to_pylist():
+                    yield row, record
+                    row += 1
+        except OSError as exc:  # a damaged data page: name the file and where reading stopped
+            raise DataError(f"unreadable parquet data after row {row}: {exc}", source=str(path)) from None
 
 
-def read_preferences(path: str | Path, *, limit: int | None = None) -> list[PreferenceRow]:
-    """Preference rows from RLAIF-V parquet file(s) or JSONL file(s) at `path` (file or folder)."""
-    rows: list[PreferenceRow] = []
-    for file in data_files(path):
-        reader = _parquet_preferences if is_parquet(file) else _jsonl_preferences
-        for item in reader(file):
-            rows.append(item)
-            if limit is not None and len(rows) >= limit:
-                return rows
-    if not rows:
-        raise DataError("no preference rows", source=str(path))
-    return rows
+def _row_count(files: Sequence[Path]) -> int | None:
+    """Rows in `files` from parquet metadata; None when a file is JSONL or unreadable (reading says why)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for file in files:
+        if not is_parquet(file):
+            return None
+        try:
+            with pq.ParquetFile(file) as parquet:
+                total += parquet.metadata.num_rows
+        except Exception:  # pyarrow raises several types for damaged files
+            return None
+    return total
 
 
-def _preference(record: dict[str, Any], file: Path, row: int, row_id: str) -> PreferenceRow:
+def _preference(record: dict[str, Any], file: Path, row: int, image: bytes, parquet: bool) -> PreferenceRow:
     source = str(file)
-    image = _read_image_ref(_image_field(record), file.parent, source=source, row=row, column="image")
     question = _text(record.get("question"), source=source, row=row, column="question")
     chosen = _text(record.get("chosen"), source=source, row=row, column="chosen")
     rejected = _text(record.get("rejected"), source=source, row=row, column="rejected")
@@ -240,7 +248,13 @@ def _preference(record: dict[str, Any], file: Path, row: int, row_id: str) -> Pr
     if isinstance(meta.get("origin_split"), str):
         with contextlib.suppress(json.JSONDecodeError):
             meta["origin_split"] = json.loads(meta["origin_split"])
+    row_id = _record_id(record, file, row, keys=("idx",) if parquet else ("id", "idx"))
     return PreferenceRow(row_id, image, question, chosen, rejected, meta)
+
+
+def _prompt(record: dict[str, Any], file: Path, row: int, image: bytes, parquet: bool) -> PromptItem:
+    question = _text(record.get("question"), source=str(file), row=row, column="question")
+    return PromptItem(_record_id(record, file, row), image, question)
 
 
 def _image_field(record: dict[str, Any]) -> Any:
@@ -261,11 +275,6 @@ def _record_id(record: dict[str, Any], file: Path, row: int, keys: Sequence[str]
 
 def _jsonable(value: Any) -> bool:
     return value is None or isinstance(value, str | int | float | bool)
-
-
-def _parquet_preferences(file: Path) -> Iterator[PreferenceRow]:
-    for row, record in _parquet_rows(file, REQUIRED_PREFERENCE):
-        yield _preference(record, file, row, _record_id(record, file, row, keys=("idx",)))
 
 
 # -- JSONL ------------------------------------------------------------------------------------
@@ -301,37 +310,190 @@ def _jsonl_lines(file: Path, required: Sequence[str]) -> Iterator[tuple[int, dic
             row += 1
 
 
-def _jsonl_preferences(file: Path) -> Iterator[PreferenceRow]:
-    for row, record in _jsonl_records(file, REQUIRED_PREFERENCE):
-        yield _preference(record, file, row, _record_id(record, file, row))
+# -- reading in file order, images checked on threads -----------------------------------------
+
+T = TypeVar("T")
+_Seen = dict[bytes, tuple[bytes, Future[None] | None]]
+"""Each distinct image: its one bytes object and its check (None once passed)."""
+
+_READ_AHEAD = 8
+"""Rows read ahead of the oldest unchecked one, per checking thread: enough to keep the threads busy while
+the calling thread parses, few enough that the bytes in flight stay a few MB."""
 
 
-# -- prompts ----------------------------------------------------------------------------------
+@dataclass
+class _Pending(Generic[T]):
+    """A row read in file order whose image may still be under check. Its own error (a text column) waits for
+    that check: within a row the image is checked first, as it always was. A file that breaks off is an error
+    in this order too, after the rows read before it."""
+
+    value: T | None
+    error: Exception | None = None
+    image: bytes | None = None
+    check: Future[None] | None = None
 
 
-def read_prompts(path: str | Path, *, limit: int | None = None) -> list[PromptItem]:
-    """(image, question) prompts from parquet/JSONL; duplicate (image, question) pairs are kept once."""
+def _read_rows(
+    files: Sequence[Path],
+    required: Sequence[str],
+    build: Callable[[dict[str, Any], Path, int, bytes, bool], T],
+    workers: int,
+) -> Iterator[T]:
+    """Rows of `files` in order, built by `build` from each record and its image bytes. Images are checked
+    by `workers` threads (1: on this one) while later rows are read; the first bad row in file order raises,
+    whatever finished first. Identical images share one bytes object and one check."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="rlaifv-image-check") if workers > 1 else None
+    seen: _Seen = {}
+    pending: deque[_Pending[T]] = deque()
+    try:
+        for item in _pending_rows(files, required, build, seen, pool):
+            pending.append(item)
+            if len(pending) >= _READ_AHEAD * workers:
+                yield _settle(pending.popleft(), seen)
+        while pending:
+            yield _settle(pending.popleft(), seen)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _pending_rows(
+    files: Sequence[Path],
+    required: Sequence[str],
+    build: Callable[[dict[str, Any], Path, int, bytes, bool], T],
+    seen: _Seen,
+    pool: ThreadPoolExecutor | None,
+) -> Iterator[_Pending[T]]:
+    try:
+        for file in files:
+            parquet = is_parquet(file)
+            records = _parquet_rows(file, required) if parquet else _jsonl_records(file, required)
+            for row, record in records:
+                yield _pend(record, file, row, parquet, build, seen, pool)
+    except Exception as exc:  # a damaged file or line, a file that cannot be opened
+        yield _Pending(None, exc)
+
+
+def _pend(
+    record: dict[str, Any],
+    file: Path,
+    row: int,
+    parquet: bool,
+    build: Callable[[dict[str, Any], Path, int, bytes, bool], T],
+    seen: _Seen,
+    pool: ThreadPoolExecutor | None,
+) -> _Pending[T]:
+    source = str(file)
+    try:
+        image = _image_bytes(_image_field(record), file.parent, source=source, row=row, column="image")
+    except DataError as exc:
+        return _Pending(None, exc)
+    known = seen.get(image)
+    if known is None:
+        check = _submit(pool, image, source=source, row=row)
+        seen[image] = (image, check)
+    else:
+        image, check = known
+    try:
+        return _Pending(build(record, file, row, image, parquet), None, image, check)
+    except DataError as exc:
+        return _Pending(None, exc, image, check)
+
+
+def _submit(pool: ThreadPoolExecutor | None, image: bytes, *, source: str, row: int) -> Future[None]:
+    if pool is not None:
+        return pool.submit(_check_image, image, source=source, row=row, column="image")
+    done: Future[None] = Future()
+    try:
+        _check_image(image, source=source, row=row, column="image")
+    except DataError as exc:
+        done.set_exception(exc)
+    else:
+        done.set_result(None)
+    return done
+
+
+def _settle(item: _Pending[T], seen: _Seen) -> T:
+    """The row once its image passed, or its first error."""
+    if item.check is not None and item.image is not None:
+        item.check.result()
+        seen[item.image] = (item.image, None)  # checked: the future can go
+    if item.error is not None:
+        raise item.error
+    return cast(T, item.value)
+
+
+def _workers(workers: int | None) -> int:
+    if workers is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return min(4, cpus)
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    return workers
+
+
+def _progress_bar(total: int | None, desc: str, progress: bool) -> Any:
+    """Rows read, with rows/s; off when asked or when stderr is not a terminal (logs, CI)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="row", disable=None if progress else True)
+
+
+def read_preferences(
+    path: str | Path, *, limit: int | None = None, progress: bool = True, workers: int | None = None
+) -> list[PreferenceRow]:
+    """Preference rows from RLAIF-V parquet file(s) or JSONL file(s) at `path` (file or folder).
+
+    `workers` threads check images (default: up to 4, one per CPU); `progress` shows a bar on a terminal.
+    """
+    files = data_files(path)
+    total = _rows_to_read(_row_count(files), limit)
+    rows: list[PreferenceRow] = []
+    read = _read_rows(files, REQUIRED_PREFERENCE, _preference, _workers(workers))
+    with _progress_bar(total, "reading preferences", progress) as bar, contextlib.closing(read):
+        for item in read:
+            rows.append(item)
+            bar.update()
+            if limit is not None and len(rows) >= limit:
+                break
+    if not rows:
+        raise DataError("no preference rows", source=str(path))
+    return rows
+
+
+def read_prompts(
+    path: str | Path, *, limit: int | None = None, progress: bool = True, workers: int | None = None
+) -> list[PromptItem]:
+    """(image, question) prompts from parquet/JSONL; duplicate (image, question) pairs are kept once.
+
+    `workers` and `progress` as in `read_preferences`; the bar counts rows read, duplicates included.
+    """
+    files = data_files(path)
+    known = _row_count(files)
     items: list[PromptItem] = []
-    seen: set[str] = set()
-    for file in data_files(path):
-        if is_parquet(file):
-            records: Iterator[tuple[int, dict[str, Any]]] = _parquet_rows(file, REQUIRED_PROMPT)
-        else:
-            records = _jsonl_records(file, REQUIRED_PROMPT)
-        for row, record in records:
-            source = str(file)
-            image = _read_image_ref(_image_field(record), file.parent, source=source, row=row, column="image")
-            question = _text(record.get("question"), source=source, row=row, column="question")
-            key = hashlib.sha256(image + b"\0" + question.encode()).hexdigest()
+    seen: set[tuple[bytes, str]] = set()
+    read = _read_rows(files, REQUIRED_PROMPT, _prompt, _workers(workers))
+    with _progress_bar(_rows_to_read(known, limit), "reading prompts", progress) as bar, contextlib.closing(read):
+        for item in read:
+            bar.update()
+            key = (item.image, item.question)  # identical images share one object, so its hash is computed once
             if key in seen:
+                bar.total = _rows_to_read(known, limit, skipped=bar.n - len(items))
                 continue
             seen.add(key)
-            items.append(PromptItem(_record_id(record, file, row), image, question))
+            items.append(item)
             if limit is not None and len(items) >= limit:
-                return items
+                break
     if not items:
         raise DataError("no prompts", source=str(path))
     return items
+
+
+def _rows_to_read(known: int | None, limit: int | None, skipped: int = 0) -> int | None:
+    """The bar's total: every row, or up to `limit` kept rows plus the duplicates skipped on the way."""
+    if limit is None:
+        return known
+    return limit + skipped if known is None else min(known, limit + skipped)
 
 
 class ListPromptSource:
@@ -348,9 +510,9 @@ class ListPromptSource:
         self.description = description or {"kind": "list", "count": len(self.items)}
 
     @classmethod
-    def from_path(cls, path: str | Path) -> ListPromptSource:
+    def from_path(cls, path: str | Path, *, progress: bool = True) -> ListPromptSource:
         files = data_files(path)
-        return cls(read_prompts(path), description={"kind": "files", "files": describe_files(files)})
+        return cls(read_prompts(path, progress=progress), description={"kind": "files", "files": describe_files(files)})
 
     def prompts(self, round_index: int, count: int, seed: int) -> list[PromptItem]:
         order = list(range(len(self.items)))

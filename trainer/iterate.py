@@ -221,7 +221,7 @@ def run_round(
         reference_path = model_path if config.reference_mode == "previous" else initial
         train_dpo(
             dataclasses.replace(config.dpo, seed=seed),
-            read_preferences(pairs_path),
+            read_preferences(pairs_path, progress=config.progress),
             model_path=model_path,
             output_dir=dpo_dir,
             reference_path=reference_path,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from trainer_testkit import png, preference_rows, rlaifv_table, write_rlaifv_parquet
+from trainer_testkit import COLOURS, png, preference_rows, rlaifv_table, write_rlaifv_parquet
 
 from rlaifv.trainer.data import (
     ListPromptSource,
@@ -18,7 +18,7 @@ from rlaifv.trainer.data import (
     read_prompts,
     write_preferences,
 )
-from rlaifv.trainer.errors import DataError, EmptyAnswerError, ImageDecodeError, MissingColumnError
+from rlaifv.trainer.errors import ConfigError, DataError, EmptyAnswerError, ImageDecodeError, MissingColumnError
 
 PAIRS = [("a red circle", "a blue square"), ("a green tree", "a black dog"), ("a white cat", "a yellow car")]
 
@@ -194,3 +194,211 @@ def test_read_prompts_deduplicates_rlaifv_rows(tmp_path: Path) -> None:
     rows = preference_rows(PAIRS) + preference_rows(PAIRS[:1])  # the last row repeats image+question of row 0
     prompts = read_prompts(write_rlaifv_parquet(tmp_path / "p.parquet", rows))
     assert len(prompts) == 3
+
+
+# -- reading at scale: progress, checks on threads, shared images ---------------------------------
+
+
+def _distinct_rows(count: int) -> list[dict]:
+    """Rows whose images all differ, so that none shares a check."""
+    rows = preference_rows([(f"chosen {i}", f"rejected {i}") for i in range(count)])
+    for i, row in enumerate(rows):
+        row["image"] = {"bytes": png((i, 255 - i, 7)), "path": f"{i}.png"}
+    return rows
+
+
+class _Bar:
+    """Stands in for tqdm: what the reader asked for and counted."""
+
+    def __init__(self, kwargs: dict) -> None:
+        self.kwargs, self.total, self.n = kwargs, kwargs["total"], 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.fixture
+def bars(monkeypatch: pytest.MonkeyPatch) -> list[_Bar]:
+    made: list[_Bar] = []
+
+    def tqdm(**kwargs) -> _Bar:
+        made.append(_Bar(kwargs))
+        return made[-1]
+
+    monkeypatch.setattr("tqdm.auto.tqdm", tqdm)
+    return made
+
+
+def test_progress_on_or_off_reads_the_same_rows(tmp_path: Path, bars: list[_Bar]) -> None:
+    write_rlaifv_parquet(tmp_path / "data" / "a.parquet", _distinct_rows(5))
+    write_rlaifv_parquet(tmp_path / "data" / "b.parquet", _distinct_rows(4))
+    shown, hidden = read_preferences(tmp_path / "data"), read_preferences(tmp_path / "data", progress=False)
+    assert shown == hidden and len(shown) == 9
+    assert bars[0].kwargs["disable"] is None and bars[1].kwargs["disable"] is True  # None: off when not a TTY
+    assert (bars[0].total, bars[0].n) == (9, 9)  # parquet row counts from the metadata, before reading
+    assert len(read_preferences(tmp_path / "data", limit=6)) == 6 and (bars[2].total, bars[2].n) == (6, 6)
+    assert read_prompts(tmp_path / "data") == read_prompts(tmp_path / "data", progress=False)
+
+
+def test_the_prompt_bar_counts_duplicates_it_skips(tmp_path: Path, bars: list[_Bar]) -> None:
+    rows = preference_rows(PAIRS)
+    rows.insert(1, dict(rows[0]))  # row 1 repeats row 0's image and question
+    path = write_rlaifv_parquet(tmp_path / "p.parquet", rows)
+    assert [p.id for p in read_prompts(path, limit=3)] == ["0", "2", "3"]
+    assert (bars[0].total, bars[0].n) == (4, 4)
+    jsonl = tmp_path / "p.jsonl"
+    (tmp_path / "a.png").write_bytes(png((1, 2, 3)))
+    jsonl.write_text("".join(json.dumps({"image": "a.png", "question": f"q{i}"}) + "\n" for i in range(3)))
+    assert len(read_prompts(jsonl, limit=2)) == 2 and (bars[1].total, bars[1].n) == (2, 2)  # JSONL: the limit
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_rows_keep_file_order_with_checks_on_threads(tmp_path: Path, workers: int) -> None:
+    write_rlaifv_parquet(tmp_path / "data" / "a.parquet", _distinct_rows(37))
+    (tmp_path / "data" / "b.jsonl").write_text(
+        "".join(
+            json.dumps({"id": f"j{i}", "image": "../b.png", "question": "q", "chosen": "c", "rejected": "r"}) + "\n"
+            for i in range(5)
+        )
+    )
+    (tmp_path / "b.png").write_bytes(png((4, 5, 6)))
+    rows = read_preferences(tmp_path / "data", workers=workers)
+    assert [r.id for r in rows] == [str(i) for i in range(37)] + [f"j{i}" for i in range(5)]
+    assert [r.image for r in rows[:37]] == [png((i, 255 - i, 7)) for i in range(37)]
+    assert rows == read_preferences(tmp_path / "data", workers=1)
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_the_first_bad_row_in_file_order_fails_even_when_a_later_one_fails_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    import threading
+
+    from rlaifv.trainer import data
+
+    rows = _distinct_rows(40)
+    rows[13]["image"] = {"bytes": b"not an image at all", "path": "x.png"}
+    rows[13]["chosen"] = ""  # within a row the image is checked first
+    rows[20]["rejected"] = " "
+    rows[27]["image"] = {"bytes": png((1, 1, 1))[:40], "path": "y.png"}
+    path = write_rlaifv_parquet(tmp_path / "bad.parquet", rows)
+    later_failed, check = threading.Event(), data._check_image
+
+    def ordered_check(image: bytes, *, source: str, row: int, column: str) -> None:
+        if row == 13 and workers > 1:  # hold row 13 until row 27 has failed on another thread
+            assert later_failed.wait(timeout=10)
+        try:
+            check(image, source=source, row=row, column=column)
+        finally:
+            if row == 27:
+                later_failed.set()
+
+    monkeypatch.setattr(data, "_check_image", ordered_check)
+    with pytest.raises(ImageDecodeError) as info:
+        read_preferences(path, workers=workers)
+    assert str(info.value) == f"{path}, row 13, column 'image': undecodable image: data is not a recognised image"
+    assert (info.value.source, info.value.row, info.value.column) == (str(path), 13, "image")
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_a_broken_line_after_a_bad_row_comes_second_and_none_past_the_limit(tmp_path: Path, workers: int) -> None:
+    (tmp_path / "a.png").write_bytes(png((1, 2, 3)))
+    good = json.dumps({"image": "a.png", "question": "q", "chosen": "c", "rejected": "r"}) + "\n"
+    bad = json.dumps({"image": "a.png", "question": "q", "chosen": "", "rejected": "r"}) + "\n"
+    path = tmp_path / "p.jsonl"
+    path.write_text(good * 3 + bad + good + "{broken\n")
+    with pytest.raises(EmptyAnswerError, match="row 3, column 'chosen'"):
+        read_preferences(path, workers=workers)
+    assert len(read_preferences(path, limit=3, workers=workers)) == 3  # rows read ahead never raise
+    path.write_text(good + "{broken\n" + bad)
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
+        read_preferences(path, workers=workers)
+
+
+def test_identical_images_are_held_once_and_checked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rlaifv.trainer import data
+
+    checked: list[int] = []
+    check = data._check_image
+
+    def counting_check(image: bytes, *, source: str, row: int, column: str) -> None:
+        checked.append(row)
+        check(image, source=source, row=row, column=column)
+
+    monkeypatch.setattr(data, "_check_image", counting_check)
+    rows = preference_rows(PAIRS * 4)  # six colours: rows 0-5 differ, rows 6-11 repeat them
+    read = read_preferences(write_rlaifv_parquet(tmp_path / "p.parquet", rows), workers=2)
+    assert sorted(checked) == list(range(6))
+    assert read[0].image is read[6].image and read[0].image == png(COLOURS[0])
+
+
+def test_workers_must_be_positive(tmp_path: Path) -> None:
+    path = write_rlaifv_parquet(tmp_path / "p.parquet", preference_rows(PAIRS))
+    with pytest.raises(ConfigError, match="workers must be at least 1"):
+        read_preferences(path, workers=0)
+
+
+def test_the_image_check_fails_exactly_where_a_full_decode_fails() -> None:
+    """check_image decodes JPEGs at 1/8 scale; damaged files must fail it as they fail decode_image, alike."""
+    import io
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from rlaifv.reward.errors import ImageError
+    from rlaifv.reward.images import ImageLimits, check_image, decode_image
+
+    def jpeg(seed: int, **options) -> bytes:
+        noise = np.random.default_rng(seed).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(noise).resize((96, 72)).save(buffer, "JPEG", **options)
+        return buffer.getvalue()
+
+    def verdict(function, data: bytes, limits: ImageLimits | None = None) -> str | None:
+        try:
+            function(data, limits)
+        except ImageError as exc:
+            return exc.message
+        return None
+
+    bases = [jpeg(0, quality=90), jpeg(1, quality=80, progressive=True), jpeg(2, quality=85, subsampling=0)]
+    rng, failed = random.Random(0), 0
+    for case in range(240):
+        data = bytearray(rng.choice(bases))
+        if case % 4 == 0:
+            data = data[: rng.randrange(1, len(data))]
+        elif case % 4 == 1:
+            for _ in range(rng.randrange(1, 12)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        elif case % 4 == 2:
+            start = rng.randrange(len(data))
+            data[start : start + 64] = bytes(len(data[start : start + 64]))
+        else:
+            data.insert(rng.randrange(len(data)), 0xFF)
+        expected = verdict(decode_image, bytes(data))
+        assert verdict(check_image, bytes(data)) == expected, case
+        failed += expected is not None
+    assert 40 < failed < 200  # both kinds of outcome were exercised
+    small = ImageLimits(max_pixels=100, max_bytes=10_000)
+    for data in [b"", png((1, 2, 3), size=64), bases[0], b"GIF89a"]:
+        assert verdict(check_image, data, small) == verdict(decode_image, data, small) is not None
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_a_damaged_page_is_named_after_the_rows_before_it(tmp_path: Path, workers: int) -> None:
+    path = tmp_path / "damaged.parquet"
+    pq.write_table(rlaifv_table(preference_rows([(f"c{i}", f"r{i}") for i in range(600)])), path, row_group_size=100)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 200] = b"\xff" * 200
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"unreadable parquet data after row \d+") as info:
+        read_preferences(path, workers=workers)
+    assert str(path) in str(info.value)
+    assert len(read_preferences(path, limit=5, workers=workers)) == 5
