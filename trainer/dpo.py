@@ -346,26 +346,46 @@ def compute_reference_logprobs(
                 pair.ref_chosen, pair.ref_rejected = chosen, rejected
 
 
+REFERENCE_CACHE_ROWS = 512
+"""Pairs per row group of the reference cache: written a group at a time, so the images (GBs for RLAIF-V's 83k
+pairs) are never copied whole into one table beside the pairs that hold them."""
+
+
 def write_reference_cache(path: Path, pairs: Sequence[EncodedPair], key: str) -> None:
     """Pairs with their reference sums: a self-contained parquet (images included), keyed in its metadata."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table(
-        {
-            "id": [p.id for p in pairs],
-            "image": pa.array([p.image for p in pairs], type=pa.binary()),
-            "question": [p.question for p in pairs],
-            "chosen": [p.chosen for p in pairs],
-            "rejected": [p.rejected for p in pairs],
-            "chosen_ids": pa.array([p.chosen_ids for p in pairs], type=pa.list_(pa.int32())),
-            "rejected_ids": pa.array([p.rejected_ids for p in pairs], type=pa.list_(pa.int32())),
-            "ref_chosen": pa.array([p.ref_chosen for p in pairs], type=pa.float64()),
-            "ref_rejected": pa.array([p.ref_rejected for p in pairs], type=pa.float64()),
-        }
-    ).replace_schema_metadata({"rlaifv_reference_key": key})
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("image", pa.binary()),
+            ("question", pa.string()),
+            ("chosen", pa.string()),
+            ("rejected", pa.string()),
+            ("chosen_ids", pa.list_(pa.int32())),
+            ("rejected_ids", pa.list_(pa.int32())),
+            ("ref_chosen", pa.float64()),
+            ("ref_rejected", pa.float64()),
+        ],
+        metadata={"rlaifv_reference_key": key},
+    )
     tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for start in range(0, len(pairs), REFERENCE_CACHE_ROWS):
+            group = pairs[start : start + REFERENCE_CACHE_ROWS]
+            columns = {
+                "id": [p.id for p in group],
+                "image": [p.image for p in group],
+                "question": [p.question for p in group],
+                "chosen": [p.chosen for p in group],
+                "rejected": [p.rejected for p in group],
+                "chosen_ids": [p.chosen_ids for p in group],
+                "rejected_ids": [p.rejected_ids for p in group],
+                "ref_chosen": [p.ref_chosen for p in group],
+                "ref_rejected": [p.ref_rejected for p in group],
+            }
+            writer.write_table(pa.table(columns, schema=schema))
     tmp.replace(path)
 
 

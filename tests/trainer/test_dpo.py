@@ -556,3 +556,21 @@ def test_a_run_stopped_by_sigterm_exits_143_not_as_an_error(capsys: pytest.Captu
         raise TrainingInterrupted("stopped by SIGTERM after step 3 of 9", step=3)
     assert stopped.value.exit_code == 143
     assert capsys.readouterr().err.startswith("stopped: stopped by SIGTERM after step 3 of 9")
+
+
+def test_the_reference_cache_is_written_a_row_group_at_a_time_and_reads_back(tmp_path: Path) -> None:
+    """83k pairs of images: written in groups (never one table holding every image a second time)."""
+    import pyarrow.parquet as pq
+
+    from rlaifv.trainer.dpo import REFERENCE_CACHE_ROWS, EncodedPair, read_reference_cache, write_reference_cache
+
+    count = 2 * REFERENCE_CACHE_ROWS + 3
+    pairs = [EncodedPair(f"p{i}", bytes([i % 256]) * 3, "q", "c", "r", [i, 2], [3], -i / 7, -1.5) for i in range(count)]
+    write_reference_cache(tmp_path / "cache.parquet", pairs, "key")
+    assert pq.ParquetFile(tmp_path / "cache.parquet").metadata.num_row_groups == 3
+    fresh = [dataclasses.replace(p, ref_chosen=None, ref_rejected=None) for p in pairs]
+    assert not read_reference_cache(tmp_path / "cache.parquet", "other", fresh)
+    assert read_reference_cache(tmp_path / "cache.parquet", "key", fresh)
+    assert [(p.ref_chosen, p.ref_rejected) for p in fresh] == [(p.ref_chosen, p.ref_rejected) for p in pairs]
+    table = pq.read_table(tmp_path / "cache.parquet")
+    assert table["image"].to_pylist() == [p.image for p in pairs] and table["chosen_ids"][5].as_py() == [5, 2]
