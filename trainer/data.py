@@ -524,6 +524,10 @@ class ListPromptSource:
         return dict(self.description)
 
 
+WRITE_ROWS = 512
+"""Rows per row group of a written preference file."""
+
+
 def write_preferences(
     path: str | Path, rows: Sequence[PreferenceRow], *, ds_name: str = "rlaifv", origin: dict[str, Any] | None = None
 ) -> Path:
@@ -533,22 +537,34 @@ def write_preferences(
 
     path = Path(path)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    table = pa.table(
-        {
-            "ds_name": pa.array([ds_name] * len(rows), type=pa.string()),
-            "image": pa.array([{"bytes": r.image, "path": None} for r in rows], type=image_type),
-            "question": pa.array([r.question for r in rows], type=pa.string()),
-            "chosen": pa.array([r.chosen for r in rows], type=pa.string()),
-            "rejected": pa.array([r.rejected for r in rows], type=pa.string()),
-            "origin_dataset": pa.array([str(r.meta.get("origin_dataset", ds_name)) for r in rows], type=pa.string()),
-            "origin_split": pa.array(
-                [json.dumps(origin or r.meta.get("origin_split") or {}) for r in rows], type=pa.string()
-            ),
-            "idx": pa.array([r.id for r in rows], type=pa.string()),
-            "image_path": pa.array([str(r.meta.get("image_path", "")) for r in rows], type=pa.string()),
-        }
+    schema = pa.schema(
+        [
+            ("ds_name", pa.string()),
+            ("image", image_type),
+            ("question", pa.string()),
+            ("chosen", pa.string()),
+            ("rejected", pa.string()),
+            ("origin_dataset", pa.string()),
+            ("origin_split", pa.string()),
+            ("idx", pa.string()),
+            ("image_path", pa.string()),
+        ]
     )
     tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
+    with pq.ParquetWriter(tmp, schema) as writer:  # a row group at a time: the images are never copied all at once
+        for start in range(0, len(rows), WRITE_ROWS):
+            group = rows[start : start + WRITE_ROWS]
+            columns = {
+                "ds_name": [ds_name] * len(group),
+                "image": [{"bytes": r.image, "path": None} for r in group],
+                "question": [r.question for r in group],
+                "chosen": [r.chosen for r in group],
+                "rejected": [r.rejected for r in group],
+                "origin_dataset": [str(r.meta.get("origin_dataset", ds_name)) for r in group],
+                "origin_split": [json.dumps(origin or r.meta.get("origin_split") or {}) for r in group],
+                "idx": [r.id for r in group],
+                "image_path": [str(r.meta.get("image_path", "")) for r in group],
+            }
+            writer.write_table(pa.table(columns, schema=schema))
     tmp.replace(path)
     return path

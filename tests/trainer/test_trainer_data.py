@@ -402,3 +402,13 @@ def test_a_damaged_page_is_named_after_the_rows_before_it(tmp_path: Path, worker
         read_preferences(path, workers=workers)
     assert str(path) in str(info.value)
     assert len(read_preferences(path, limit=5, workers=workers)) == 5
+
+
+def test_a_large_preference_file_is_written_a_row_group_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    from rlaifv.trainer import data as data_module
+
+    monkeypatch.setattr(data_module, "WRITE_ROWS", 2)
+    rows = read_preferences(write_rlaifv_parquet(tmp_path / "in.parquet", preference_rows(PAIRS)))
+    out = write_preferences(tmp_path / "out.parquet", rows)
+    assert pq.ParquetFile(out).metadata.num_row_groups == -(-len(rows) // 2)
+    assert [(r.id, r.image, r.chosen) for r in read_preferences(out)] == [(r.id, r.image, r.chosen) for r in rows]
