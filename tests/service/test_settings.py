@@ -92,3 +92,14 @@ def test_pack_weights_reaches_the_served_pair(tiny_bundle) -> None:
             engine = load(dtype=str(dtype).removeprefix("torch."), pack_weights="on")
             assert engine.pair.packed and all(handle.count for handle in engine.pair.packed)
             engine.shutdown()
+
+
+def test_the_stall_limit_must_outlast_a_healthy_vllm_batch() -> None:
+    """A vllm batch makes up to three calls in a row, each allowed RLAIFV_VLLM_TIMEOUT_S: a liveness limit under
+    their sum would restart replicas that are only slow."""
+    urls = {"engine": "vllm", "vllm_policy_url": "http://p:1/v1", "vllm_reference_url": "http://r:1/v1"}
+    with pytest.raises(ValidationError, match=r"RLAIFV_ENGINE_STALL_S \(300\) must exceed 3 x RLAIFV_VLLM_TIMEOUT_S"):
+        Settings(**urls, engine_stall_s=300, vllm_timeout_s=120)
+    assert Settings(**urls, engine_stall_s=361, vllm_timeout_s=120).engine_stall_s == 361
+    assert Settings(**urls, engine_stall_s=0, vllm_timeout_s=120).engine_stall_s == 0  # never
+    assert Settings(engine_stall_s=30).engine_stall_s == 30  # in process: no HTTP calls to wait on
