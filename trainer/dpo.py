@@ -15,7 +15,8 @@ pair is the same number in training and in serving.
 pi/ref are *summed* answer log-probs (end-of-turn token included). Reference
 sums are computed once (no grad) and cached beside the pair data in
 `reference_logprobs.parquet`, keyed by the reference model and the pairs, so
-reruns and later epochs never recompute them.
+reruns and later epochs never recompute them; a pass cut short keeps the sums
+done so far in `reference_logprobs.partial.parquet` and the rerun goes on.
 
 KL_tokens (off by default) is the mean over both answers' positions of
 KL(pi(.|context) || ref(.|context)) over the whole vocabulary. DPO only says
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
     from rlaifv.reward.prompt import EncodedPrompt
 
 REFERENCE_CACHE = "reference_logprobs.parquet"
+REFERENCE_PARTIAL = "reference_logprobs.partial.parquet"
 DPO_REPORT = "dpo_report.json"
 
 
@@ -332,18 +334,64 @@ def compute_reference_logprobs(
     batch_size: int = 8,
     pad_id: int = 0,
     progress: bool = True,
-) -> None:
-    """Fill `ref_chosen`/`ref_rejected` of every pair (no grad, same function as training and serving)."""
+    start: int = 0,
+    stop: Callable[[], bool] | None = None,
+    keep: Callable[[int], None] | None = None,
+    keep_every: int = 64,
+) -> int:
+    """Fill `ref_chosen`/`ref_rejected` of `pairs[start:]` (no grad, same function as training and serving).
+
+    Returns how many pairs (from the first) have their sums: all of them, unless `stop` said so before a batch.
+    `keep(done)` is called every `keep_every` batches, so that a pass of hours can be resumed from its last keep.
+    """
     from tqdm.auto import tqdm
 
     with _inference(reference):
-        for start in tqdm(
-            range(0, len(pairs), batch_size), desc="reference log-probs", disable=not progress, unit="batch"
-        ):
-            batch = pairs[start : start + batch_size]
+        starts = range(start, len(pairs), batch_size)
+        for index, begin in enumerate(tqdm(starts, desc="reference log-probs", disable=not progress, unit="batch")):
+            if stop is not None and stop():
+                return begin
+            batch = pairs[begin : begin + batch_size]
             sums, _, _ = _pair_sums(reference, encode_prompts(processor, batch), batch, pad_id)
             for pair, (chosen, rejected) in zip(batch, sums.double().tolist(), strict=True):
                 pair.ref_chosen, pair.ref_rejected = chosen, rejected
+            if keep is not None and (index + 1) % keep_every == 0:
+                keep(begin + len(batch))
+    return len(pairs)
+
+
+def write_partial_reference(path: Path, pairs: Sequence[EncodedPair], key: str) -> None:
+    """The sums of a reference pass cut short (the first pairs only; no images: the full cache has them)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "ref_chosen": pa.array([p.ref_chosen for p in pairs], type=pa.float64()),
+            "ref_rejected": pa.array([p.ref_rejected for p in pairs], type=pa.float64()),
+        }
+    ).replace_schema_metadata({"rlaifv_reference_key": key})
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def read_partial_reference(path: Path, key: str, pairs: Sequence[EncodedPair]) -> int:
+    """Fill the first pairs' sums from a cut-short pass made for this reference and these pairs; how many."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return 0
+    table = pq.read_table(path)
+    meta = table.schema.metadata or {}
+    if meta.get(b"rlaifv_reference_key", b"").decode() != key or table.num_rows > len(pairs):
+        return 0
+    done = table.num_rows
+    for pair, chosen, rejected in zip(
+        pairs[:done], table["ref_chosen"].to_pylist(), table["ref_rejected"].to_pylist(), strict=True
+    ):
+        pair.ref_chosen, pair.ref_rejected = chosen, rejected
+    return done
 
 
 REFERENCE_CACHE_ROWS = 512
@@ -483,7 +531,34 @@ def train_dpo(
     `model_path`), loaded only to precompute its log-probs and then freed.
     LoRA: the reference is the base with the adapter disabled; `init_adapter`
     continues training an existing adapter over the same base.
+
+    SIGTERM stops the run where its work can be kept (between reference batches, after an optimizer step) and
+    raises `TrainingInterrupted`; the same call resumes.
     """
+    with _stop_on_sigterm() as stop_asked:
+        return _train_dpo(
+            config,
+            rows,
+            model_path=Path(model_path),
+            output_dir=Path(output_dir),
+            reference_path=reference_path,
+            init_adapter=init_adapter,
+            progress=progress,
+            stop_asked=stop_asked,
+        )
+
+
+def _train_dpo(
+    config: DPOConfig,
+    rows: Sequence[PreferenceRow],
+    *,
+    model_path: Path,
+    output_dir: Path,
+    reference_path: str | Path | None,
+    init_adapter: str | Path | None,
+    progress: bool,
+    stop_asked: Callable[[], bool],
+) -> DPOResult:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -537,21 +612,41 @@ def train_dpo(
     key = reference_cache_key(reference_id, pairs)
     hit = read_reference_cache(cache, key, pairs)
     if not hit:
+        partial = output_dir / REFERENCE_PARTIAL
+        start = read_partial_reference(partial, key, pairs)
+
+        def keep(done: int) -> None:
+            if accelerator.is_main_process:
+                write_partial_reference(partial, pairs[:done], key)
+
+        reference_pass = {
+            "batch_size": config.ref_batch_size,
+            "pad_id": pad_id,
+            "progress": show,
+            "start": start,
+            "stop": lambda: _agreed(accelerator, stop_asked()),
+            "keep": keep,
+        }
         # Under the policy's autocast, so that both sides of the log-ratio round alike (a margin of 0 at step 0).
         if config.lora:
             with policy.disable_adapter(), accelerator.autocast():
-                compute_reference_logprobs(
-                    policy, processor, pairs, batch_size=config.ref_batch_size, pad_id=pad_id, progress=show
-                )
+                done = compute_reference_logprobs(policy, processor, pairs, **reference_pass)
         else:
             reference = load_model(reference_path, device=str(accelerator.device), dtype=config.dtype)
             with accelerator.autocast():
-                compute_reference_logprobs(
-                    reference, processor, pairs, batch_size=config.ref_batch_size, pad_id=pad_id, progress=show
-                )
+                done = compute_reference_logprobs(reference, processor, pairs, **reference_pass)
             del reference
+        if done < len(pairs):
+            keep(done)
+            accelerator.wait_for_everyone()
+            raise TrainingInterrupted(
+                f"stopped by SIGTERM in the reference pass after {done} of {len(pairs)} pairs; their sums are saved"
+                f" in {partial}: rerun the same command to resume",
+                step=0,
+            )
         if accelerator.is_main_process:
             write_reference_cache(cache, pairs, key)
+            partial.unlink(missing_ok=True)
     # Every rank passes this barrier, hit or not: a rank that starts late can find the cache rank 0 has just
     # written (a hit) while rank 0 computed (a miss), and a barrier inside the miss branch then waits forever.
     accelerator.wait_for_everyone()
@@ -616,91 +711,88 @@ def train_dpo(
 
     batches_per_epoch = len(loader)
     bar = tqdm(total=total_updates, initial=updates, desc="DPO", disable=not show, unit="step")
-    with _stop_on_sigterm() as stop_asked:
-        for epoch in range(start_epoch, config.epochs):
-            loader.set_epoch(epoch)
-            skipped = epoch_updates * config.gradient_accumulation_steps if epoch == start_epoch else 0
-            batches = accelerator.skip_first_batches(loader, skipped) if skipped else loader
-            if epoch != start_epoch or not skipped:
-                epoch_stats, epoch_updates = {}, 0
-            for batch_index, indices in enumerate(batches, start=skipped):
-                batch = [pairs[int(i)] for i in indices]
-                prompts = encode_prompts(processor, batch)
-                ref_dists = None
-                if config.token_kl > 0:
-                    unwrapped = accelerator.unwrap_model(scorer).model
-                    with accelerator.autocast():
-                        ref_dists = _reference_for_kl(unwrapped, kl_reference, prompts, batch, pad_id)
-                with accelerator.accumulate(scorer):
-                    out = scorer(prompts, batch, ref_dists)
-                    sums, kl = out[:, :2], (out[:, 2:] if ref_dists is not None else None)
-                    lengths = torch.tensor(
-                        [[len(p.chosen_ids), len(p.rejected_ids)] for p in batch], device=sums.device
-                    )
-                    ref = torch.tensor(
-                        [[p.ref_chosen, p.ref_rejected] for p in batch], dtype=sums.dtype, device=sums.device
-                    )
-                    terms = dpo_terms(
-                        sums,
-                        ref,
-                        lengths,
-                        beta=config.beta,
-                        nll_weight=config.nll_weight,
-                        token_kl=kl,
-                        token_kl_weight=config.token_kl,
-                    )
-                    accelerator.backward(terms.loss)
-                    if accelerator.sync_gradients and config.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(scorer.parameters(), config.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                stats = {
-                    "loss": float(terms.loss.detach()),
-                    "dpo_loss": float(terms.dpo_loss.detach().mean()),
-                    "nll": float(terms.nll.detach().mean()),
-                    "margin": float(terms.margins.detach().mean()),
-                    "accuracy": float((terms.margins.detach() > 0).float().mean()),
-                    "chosen_reward": float(terms.chosen_rewards.detach().mean()),
-                    "rejected_reward": float(terms.rejected_rewards.detach().mean()),
-                }
-                if terms.token_kl is not None:
-                    stats["token_kl"] = float(terms.token_kl.detach().mean())
-                for name, value in stats.items():
-                    running.setdefault(name, []).append(value)
-                    epoch_stats.setdefault(name, []).append(value)
-                if accelerator.sync_gradients:
-                    updates += 1
-                    epoch_updates += 1
-                    bar.update(1)
-                    if updates % config.log_every == 0 or updates == total_updates:
-                        means = {k: _mean(v) for k, v in running.items()}
-                        reduced = {
-                            k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
-                            for k, v in means.items()
-                        }
-                        history.append({"step": updates, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **reduced})
-                        bar.set_postfix(loss=f"{reduced['loss']:.4f}", margin=f"{reduced['margin']:.3f}")
-                        running = {}
-                    end_of_epoch = batch_index + 1 >= batches_per_epoch
-                    if updates < total_updates and _agreed(accelerator, stop_asked()):
-                        at = CheckpointStore.folder_name(updates)
-                        if end_of_epoch:
-                            save(epoch + 1, 0)
-                        else:
-                            save(epoch, epoch_updates)
-                        bar.close()
-                        raise TrainingInterrupted(
-                            f"stopped by SIGTERM after step {updates} of {total_updates}; state "
-                            f"saved in {output_dir / CHECKPOINTS / at}: rerun the same command to resume",
-                            step=updates,
-                        )
-                    every = config.checkpoint_every_steps
-                    if every and updates % every == 0 and not end_of_epoch:
+    for epoch in range(start_epoch, config.epochs):
+        loader.set_epoch(epoch)
+        skipped = epoch_updates * config.gradient_accumulation_steps if epoch == start_epoch else 0
+        batches = accelerator.skip_first_batches(loader, skipped) if skipped else loader
+        if epoch != start_epoch or not skipped:
+            epoch_stats, epoch_updates = {}, 0
+        for batch_index, indices in enumerate(batches, start=skipped):
+            batch = [pairs[int(i)] for i in indices]
+            prompts = encode_prompts(processor, batch)
+            ref_dists = None
+            if config.token_kl > 0:
+                unwrapped = accelerator.unwrap_model(scorer).model
+                with accelerator.autocast():
+                    ref_dists = _reference_for_kl(unwrapped, kl_reference, prompts, batch, pad_id)
+            with accelerator.accumulate(scorer):
+                out = scorer(prompts, batch, ref_dists)
+                sums, kl = out[:, :2], (out[:, 2:] if ref_dists is not None else None)
+                lengths = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in batch], device=sums.device)
+                ref = torch.tensor(
+                    [[p.ref_chosen, p.ref_rejected] for p in batch], dtype=sums.dtype, device=sums.device
+                )
+                terms = dpo_terms(
+                    sums,
+                    ref,
+                    lengths,
+                    beta=config.beta,
+                    nll_weight=config.nll_weight,
+                    token_kl=kl,
+                    token_kl_weight=config.token_kl,
+                )
+                accelerator.backward(terms.loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(scorer.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            stats = {
+                "loss": float(terms.loss.detach()),
+                "dpo_loss": float(terms.dpo_loss.detach().mean()),
+                "nll": float(terms.nll.detach().mean()),
+                "margin": float(terms.margins.detach().mean()),
+                "accuracy": float((terms.margins.detach() > 0).float().mean()),
+                "chosen_reward": float(terms.chosen_rewards.detach().mean()),
+                "rejected_reward": float(terms.rejected_rewards.detach().mean()),
+            }
+            if terms.token_kl is not None:
+                stats["token_kl"] = float(terms.token_kl.detach().mean())
+            for name, value in stats.items():
+                running.setdefault(name, []).append(value)
+                epoch_stats.setdefault(name, []).append(value)
+            if accelerator.sync_gradients:
+                updates += 1
+                epoch_updates += 1
+                bar.update(1)
+                if updates % config.log_every == 0 or updates == total_updates:
+                    means = {k: _mean(v) for k, v in running.items()}
+                    reduced = {
+                        k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
+                        for k, v in means.items()
+                    }
+                    history.append({"step": updates, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **reduced})
+                    bar.set_postfix(loss=f"{reduced['loss']:.4f}", margin=f"{reduced['margin']:.3f}")
+                    running = {}
+                end_of_epoch = batch_index + 1 >= batches_per_epoch
+                if updates < total_updates and _agreed(accelerator, stop_asked()):
+                    at = CheckpointStore.folder_name(updates)
+                    if end_of_epoch:
+                        save(epoch + 1, 0)
+                    else:
                         save(epoch, epoch_updates)
-            last_step_due = config.checkpoint_every_steps and updates % config.checkpoint_every_steps == 0
-            if epoch + 1 < config.epochs and (config.checkpoint_every_epoch or last_step_due):
-                save(epoch + 1, 0)
+                    bar.close()
+                    raise TrainingInterrupted(
+                        f"stopped by SIGTERM after step {updates} of {total_updates}; state "
+                        f"saved in {output_dir / CHECKPOINTS / at}: rerun the same command to resume",
+                        step=updates,
+                    )
+                every = config.checkpoint_every_steps
+                if every and updates % every == 0 and not end_of_epoch:
+                    save(epoch, epoch_updates)
+        last_step_due = config.checkpoint_every_steps and updates % config.checkpoint_every_steps == 0
+        if epoch + 1 < config.epochs and (config.checkpoint_every_epoch or last_step_due):
+            save(epoch + 1, 0)
     bar.close()
 
     accelerator.wait_for_everyone()

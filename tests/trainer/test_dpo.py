@@ -241,7 +241,11 @@ def test_reference_logprobs_are_cached_and_reused(tiny_model: Path, tmp_path: Pa
 
     processor = load_processor(tiny_model)
     pairs, _ = encode_pairs(rows[:3], processor.tokenizer, eot_id=processor.tokenizer.eos_token_id)
-    compute_reference_logprobs(load_model(tiny_model), processor, pairs, progress=False)
+    kept: list[int] = []
+    done = compute_reference_logprobs(
+        load_model(tiny_model), processor, pairs, progress=False, batch_size=1, keep=kept.append, keep_every=2
+    )
+    assert (done, kept) == (3, [2])  # a long pass keeps its progress every keep_every batches
     cached = pq.read_table(tmp_path / REFERENCE_CACHE)["ref_chosen"].to_pylist()
     assert cached == pytest.approx([p.ref_chosen for p in pairs], abs=1e-5)
 
@@ -574,3 +578,39 @@ def test_the_reference_cache_is_written_a_row_group_at_a_time_and_reads_back(tmp
     assert [(p.ref_chosen, p.ref_rejected) for p in fresh] == [(p.ref_chosen, p.ref_rejected) for p in pairs]
     table = pq.read_table(tmp_path / "cache.parquet")
     assert table["image"].to_pylist() == [p.image for p in pairs] and table["chosen_ids"][5].as_py() == [5, 2]
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_reference_pass_keeps_the_sums_done_and_the_rerun_computes_only_the_rest(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reference pass over a large dataset takes hours: SIGTERM in batch 2 of 3 saves the first 2 batches' sums
+    and the rerun computes batch 3 only, to the weights of a run never stopped."""
+    import signal
+
+    from rlaifv.trainer import dpo as dpo_module
+    from rlaifv.trainer.dpo import REFERENCE_PARTIAL
+    from rlaifv.trainer.errors import TrainingInterrupted
+
+    rows = _toy_rows(6)
+    config = DPOConfig(learning_rate=1e-3, epochs=1, batch_size=3, ref_batch_size=2, cpu=True)
+    full = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "a", progress=False)
+
+    real, sizes = dpo_module.encode_prompts, []
+
+    def counting(processor, batch, *args, **kwargs):
+        sizes.append(len(batch))
+        if len(sizes) == 2 and signal_on[0]:
+            signal.raise_signal(signal.SIGTERM)
+        return real(processor, batch, *args, **kwargs)
+
+    signal_on = [True]
+    monkeypatch.setattr(dpo_module, "encode_prompts", counting)
+    with pytest.raises(TrainingInterrupted, match="after 4 of 6 pairs"):
+        train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)
+    assert (tmp_path / "b" / REFERENCE_PARTIAL).is_file() and sizes == [2, 2]
+    signal_on[0], sizes[:] = False, []
+    resumed = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)
+    assert sizes[0] == 2 and sizes[1:] == [3, 3]  # the last reference batch, then the two training batches
+    assert not (tmp_path / "b" / REFERENCE_PARTIAL).exists()
+    assert resumed.history == full.history and _same_weights(resumed.policy_dir, full.policy_dir)
