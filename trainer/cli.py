@@ -244,7 +244,13 @@ def feedback(
         from rlaifv.reward.models import load_adapter, load_model, load_processor
         from rlaifv.trainer.data import data_files, describe_files, read_prompts, write_preferences
         from rlaifv.trainer.errors import ConfigError
-        from rlaifv.trainer.feedback import collect_feedback, feedback_summary, write_feedback
+        from rlaifv.trainer.feedback import (
+            FeedbackShards,
+            collect_feedback,
+            feedback_key,
+            feedback_summary,
+            write_feedback,
+        )
         from rlaifv.trainer.feedback_config import FeedbackConfig
         from rlaifv.trainer.iterate_config import _build, apply_overrides
         from rlaifv.trainer.preference_pairs import PairConfig, build_pairs
@@ -268,9 +274,11 @@ def feedback(
         policy = load_model(model)
         if adapter is not None:
             policy = load_adapter(policy, adapter)
-        results = collect_feedback(policy, processor, items, config, progress=progress)
-        output.mkdir(parents=True, exist_ok=True)
+        models = [model] if adapter is None else [model, adapter]
+        shards = FeedbackShards(output / "feedback.partial", feedback_key(config, models, items))
+        results = collect_feedback(policy, processor, items, config, progress=progress, shards=shards)
         write_feedback(output / "feedback.parquet", results)
+        shards.clear()
         rows, stats = build_pairs(results, pair_config)
         origin = {"generator": str(model), "labeler": labeler, "type": "rlaifv-feedback"}
         if rows:

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 from rlaifv.trainer.data import PreferenceRow
 from rlaifv.trainer.dpo_config import DPOConfig
 from rlaifv.trainer.errors import ConfigError, DataError, RunStateError, TrainingInterrupted
+from rlaifv.trainer.interrupt import agreed, stop_on_sigterm
 
 if TYPE_CHECKING:
     import torch
@@ -535,7 +536,7 @@ def train_dpo(
     SIGTERM stops the run where its work can be kept (between reference batches, after an optimizer step) and
     raises `TrainingInterrupted`; the same call resumes.
     """
-    with _stop_on_sigterm() as stop_asked:
+    with stop_on_sigterm() as stop_asked:
         return _train_dpo(
             config,
             rows,
@@ -624,7 +625,7 @@ def _train_dpo(
             "pad_id": pad_id,
             "progress": show,
             "start": start,
-            "stop": lambda: _agreed(accelerator, stop_asked()),
+            "stop": lambda: agreed(accelerator, stop_asked()),
             "keep": keep,
         }
         # Under the policy's autocast, so that both sides of the log-ratio round alike (a margin of 0 at step 0).
@@ -775,7 +776,7 @@ def _train_dpo(
                     bar.set_postfix(loss=f"{reduced['loss']:.4f}", margin=f"{reduced['margin']:.3f}")
                     running = {}
                 end_of_epoch = batch_index + 1 >= batches_per_epoch
-                if updates < total_updates and _agreed(accelerator, stop_asked()):
+                if updates < total_updates and agreed(accelerator, stop_asked()):
                     at = CheckpointStore.folder_name(updates)
                     if end_of_epoch:
                         save(epoch + 1, 0)
@@ -839,33 +840,6 @@ def _train_dpo(
         reference_cache_hit=hit,
         is_main_process=accelerator.is_main_process,
     )
-
-
-@contextmanager
-def _stop_on_sigterm() -> Iterator[Callable[[], bool]]:
-    """SIGTERM (a pod evicted, a preemptible node reclaimed) asks the run to stop at its next optimizer step with a
-    checkpoint instead of dying mid-step; rerunning the same command resumes there. SIGINT still stops at once."""
-    import signal
-    import threading
-
-    asked = threading.Event()
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may take signals
-        yield asked.is_set
-        return
-    previous = signal.signal(signal.SIGTERM, lambda *_: asked.set())
-    try:
-        yield asked.is_set
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _agreed(accelerator: Any, asked: bool) -> bool:
-    """Whether any process was asked to stop: every rank must save the same step (the launcher may signal one)."""
-    if accelerator.num_processes == 1:
-        return asked
-    import torch
-
-    return bool(accelerator.reduce(torch.tensor([float(asked)], device=accelerator.device), "sum").item() > 0)
 
 
 def _reference_for_kl(policy: Any, reference: Any | None, prompts: list, pairs: list, pad_id: int):

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlaifv.trainer.data import PromptItem, image_bytes
-from rlaifv.trainer.errors import DataError
+from rlaifv.trainer.errors import DataError, TrainingInterrupted
 from rlaifv.trainer.feedback_config import FeedbackConfig
+from rlaifv.trainer.interrupt import stop_on_sigterm
 
 TRUNCATED_WARNING = 0.2  # share of candidates dropped as truncated above which a run is warned
 
@@ -169,8 +172,14 @@ def collect_feedback(
     seed: int | None = None,
     end_of_turn: str | None = None,
     progress: bool = True,
+    shards: FeedbackShards | None = None,
 ) -> list[PromptFeedback]:
-    """Sample `config.num_samples` candidates per prompt from `policy` and score them by verification."""
+    """Sample `config.num_samples` candidates per prompt from `policy` and score them by verification.
+
+    With `shards`, each batch of prompts is saved as it is done and a rerun goes on after the last saved one;
+    SIGTERM then stops between batches (`TrainingInterrupted`). The batches are the same in a resumed run, and
+    each prompt's samples depend on its seed only, so the result is that of a run never stopped.
+    """
     from tqdm.auto import tqdm
 
     from rlaifv.reward.images import decode_image
@@ -184,26 +193,38 @@ def collect_feedback(
     labeler = labeler or make_labeler(config, policy, processor)
     pair = sampling_pair(policy, processor, end_of_turn)
     policy.eval()
-    results: list[PromptFeedback] = []
+    results = shards.resume([p.id for p in prompts]) if shards is not None else []
     truncated = sampled_total = 0
-    bar = tqdm(total=len(prompts), desc="feedback", unit="prompt", disable=not progress)
-    for start in range(0, len(prompts), config.prompt_batch):
-        batch = prompts[start : start + config.prompt_batch]
-        sampled = sample_candidates(pair, batch, config, seed=seed)
-        sampled_total += sum(len(candidates) for candidates in sampled)
-        truncated += sum(c[2] == "length" for candidates in sampled for c in candidates)
-        kept = [
-            [c for c in candidates if c[0].strip() and not (config.drop_truncated and c[2] == "length")]
-            for candidates in sampled
-        ]
-        data = [image_bytes(item.image) for item in batch]
-        images = [decode_image(d) for d in data]
-        scored = score_batch(images, [[c[0] for c in group] for group in kept], labeler, splitter, writer, config)
-        for item, raw, answers, group, blob in zip(batch, sampled, scored, kept, data, strict=True):
-            for answer, (_, tokens, reason) in zip(answers, group, strict=True):
-                answer.num_tokens, answer.finish_reason = tokens, reason
-            results.append(PromptFeedback(item.id, blob, item.question, answers, dropped=len(raw) - len(group)))
-        bar.update(len(batch))
+    bar = tqdm(total=len(prompts), initial=len(results), desc="feedback", unit="prompt", disable=not progress)
+    with stop_on_sigterm() if shards is not None else nullcontext(_never) as stop_asked:
+        for start in range(len(results), len(prompts), config.prompt_batch):
+            if stop_asked():
+                bar.close()
+                raise TrainingInterrupted(
+                    f"stopped by SIGTERM after {start} of {len(prompts)} prompts; their feedback is saved in"
+                    f" {shards.folder if shards is not None else ''}: rerun the same command to resume",
+                    step=0,
+                )
+            batch = prompts[start : start + config.prompt_batch]
+            sampled = sample_candidates(pair, batch, config, seed=seed)
+            sampled_total += sum(len(candidates) for candidates in sampled)
+            truncated += sum(c[2] == "length" for candidates in sampled for c in candidates)
+            kept = [
+                [c for c in candidates if c[0].strip() and not (config.drop_truncated and c[2] == "length")]
+                for candidates in sampled
+            ]
+            data = [image_bytes(item.image) for item in batch]
+            images = [decode_image(d) for d in data]
+            scored = score_batch(images, [[c[0] for c in group] for group in kept], labeler, splitter, writer, config)
+            done = []
+            for item, raw, answers, group, blob in zip(batch, sampled, scored, kept, data, strict=True):
+                for answer, (_, tokens, reason) in zip(answers, group, strict=True):
+                    answer.num_tokens, answer.finish_reason = tokens, reason
+                done.append(PromptFeedback(item.id, blob, item.question, answers, dropped=len(raw) - len(group)))
+            if shards is not None:
+                shards.add(start, done)
+            results += done
+            bar.update(len(batch))
     bar.close()
     if config.drop_truncated and truncated > TRUNCATED_WARNING * max(1, sampled_total):
         warnings.warn(
@@ -307,3 +328,49 @@ def read_feedback(path: str | Path) -> list[PromptFeedback]:
         )
         for r in records
     ]
+
+
+def _never() -> bool:
+    return False
+
+
+class FeedbackShards:
+    """The feedback of a run in progress: one parquet per batch of prompts under `folder`, valid for the run whose
+    settings hash to `key` (its model, feedback settings, seed and prompts); another run's shards are cleared."""
+
+    KEY_FILE = "run_key"
+
+    def __init__(self, folder: str | Path, key: str) -> None:
+        self.folder, self.key = Path(folder), key
+
+    def resume(self, prompt_ids: Sequence[str]) -> list[PromptFeedback]:
+        """The saved feedback, when it is this run's and covers the first prompts in order; else none (cleared)."""
+        key_file = self.folder / self.KEY_FILE
+        if key_file.is_file() and key_file.read_text() == self.key:
+            done: list[PromptFeedback] = []
+            for shard in sorted(self.folder.glob("batch-*.parquet")):
+                done += read_feedback(shard)
+            if [f.id for f in done] == list(prompt_ids[: len(done)]):
+                return done
+        self.clear()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(self.key)
+        return []
+
+    def add(self, start: int, feedback: Sequence[PromptFeedback]) -> None:
+        write_feedback(self.folder / f"batch-{start:09d}.parquet", feedback)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def feedback_key(config: FeedbackConfig, models: Sequence[str | Path], prompts: Sequence[PromptItem]) -> str:
+    """What makes a run's feedback: its settings (seed included), the models sampled from (by fingerprint) and the
+    prompts (ids, questions and images)."""
+    from rlaifv.trainer.dpo import model_fingerprint
+
+    digest = hashlib.sha256(json.dumps([config.to_dict(), [model_fingerprint(m) for m in models]]).encode())
+    for item in prompts:
+        digest.update(json.dumps([item.id, item.question]).encode())
+        digest.update(hashlib.sha256(image_bytes(item.image)).digest())
+    return digest.hexdigest()

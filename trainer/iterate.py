@@ -151,7 +151,15 @@ def run_round(
     from rlaifv.reward.models import load_processor
     from rlaifv.trainer.dpo import DPO_REPORT, train_dpo
     from rlaifv.trainer.export import export_bundle
-    from rlaifv.trainer.feedback import FEEDBACK_FILE, collect_feedback, feedback_summary, read_feedback, write_feedback
+    from rlaifv.trainer.feedback import (
+        FEEDBACK_FILE,
+        FeedbackShards,
+        collect_feedback,
+        feedback_key,
+        feedback_summary,
+        read_feedback,
+        write_feedback,
+    )
     from rlaifv.trainer.preference_pairs import build_pairs
 
     started = time.time()
@@ -173,20 +181,25 @@ def run_round(
             raise TrainerError(f"round {index}: the prompt source returned no prompts")
         processor = load_processor(initial)
         policy = _load_policy(config, initial, previous)
+        feedback_config = dataclasses.replace(config.feedback, seed=seed)
+        starting = [initial] if previous is None else [initial, Path(previous["policy_dir"])]
+        shards = FeedbackShards(rdir / "feedback.partial", feedback_key(feedback_config, starting, prompts))
         feedback = collect_feedback(
             policy,
             processor,
             prompts,
-            dataclasses.replace(config.feedback, seed=seed),
+            feedback_config,
             labeler=labeler,
             splitter=splitter,
             writer=writer,
             end_of_turn=config.dpo.end_of_turn,
             progress=config.progress,
+            shards=shards,
         )
         del policy
         _free()
         write_feedback(feedback_path, feedback)
+        shards.clear()
     report["feedback"] = feedback_summary(feedback) | {"sha256": sha256_file(feedback_path)}
 
     # 3. pairs

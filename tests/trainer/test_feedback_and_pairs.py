@@ -311,3 +311,53 @@ def test_feedback_cli_refuses_settings_it_would_ignore(tiny_model: Path, tmp_pat
         assert result.exit_code == 1 and "feedback takes feedback.* and pairs.* settings" in result.output, (
             result.output
         )
+
+
+@pytest.mark.slow
+def test_feedback_stopped_by_sigterm_resumes_after_its_last_saved_batch(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sampling and judging thousands of prompts takes hours: SIGTERM in batch 1 of 3 keeps that batch, and the
+    rerun samples batches 2 and 3 only, to the feedback of a run never stopped; other settings start afresh."""
+    import dataclasses
+    import signal
+
+    from rlaifv.reward.models import load_model, load_processor
+    from rlaifv.trainer import feedback as feedback_module
+    from rlaifv.trainer.errors import TrainingInterrupted
+    from rlaifv.trainer.feedback import FeedbackShards, feedback_key
+
+    model, processor = load_model(tiny_model), load_processor(tiny_model)
+    prompts = [PromptItem(f"p{i}", png((40 * i, 0, 200)), "describe the image") for i in range(5)]
+    config = FeedbackConfig(num_samples=3, max_tokens=6, drop_truncated=False, temperature=1.0, seed=2, prompt_batch=2)
+    labeler = ControlledLabeler(lambda q: len(q) % 2 == 0)
+
+    def run(shards: FeedbackShards | None):
+        return collect_feedback(model, processor, prompts, config, labeler=labeler, progress=False, shards=shards)
+
+    expected = run(None)
+    shards = FeedbackShards(tmp_path / "partial", feedback_key(config, [tiny_model], prompts))
+    real, batches = feedback_module.sample_candidates, []
+
+    def sampling(pair, batch, *args, **kwargs):
+        batches.append([p.id for p in batch])
+        if len(batches) == 1:
+            signal.raise_signal(signal.SIGTERM)  # noted; the batch finishes and is saved
+        return real(pair, batch, *args, **kwargs)
+
+    monkeypatch.setattr(feedback_module, "sample_candidates", sampling)
+    with pytest.raises(TrainingInterrupted, match="after 2 of 5 prompts"):
+        run(shards)
+    assert [f.name for f in sorted((tmp_path / "partial").glob("batch-*"))] == ["batch-000000000.parquet"]
+    batches.clear()
+    batches.append(["(the signal is sent only once)"])
+    resumed = run(shards)
+    assert batches[1:] == [["p2", "p3"], ["p4"]]
+
+    def texts(feedback):
+        return [(f.id, [(a.text, a.score) for a in f.answers]) for f in feedback]
+
+    assert texts(resumed) == texts(expected)
+    other = dataclasses.replace(config, seed=3)
+    assert FeedbackShards(tmp_path / "partial", feedback_key(other, [tiny_model], prompts)).resume(["p0"]) == []
+    assert not list((tmp_path / "partial").glob("batch-*"))  # another run's shards are cleared
