@@ -611,6 +611,9 @@ def _train_dpo(
     if (config.dtype, config.mixed_precision) != ("float32", "no"):
         reference_id += f"|{config.dtype}|{config.mixed_precision}"
     key = reference_cache_key(reference_id, pairs)
+    # Every rank reads the cache (and a cut-short pass) before any rank can write one: they must agree on hit or
+    # miss and on where a pass resumes, since the pass checks for SIGTERM with a collective per batch.
+    accelerator.wait_for_everyone()
     hit = read_reference_cache(cache, key, pairs)
     if not hit:
         partial = output_dir / REFERENCE_PARTIAL
@@ -648,9 +651,7 @@ def _train_dpo(
         if accelerator.is_main_process:
             write_reference_cache(cache, pairs, key)
             partial.unlink(missing_ok=True)
-    # Every rank passes this barrier, hit or not: a rank that starts late can find the cache rank 0 has just
-    # written (a hit) while rank 0 computed (a miss), and a barrier inside the miss branch then waits forever.
-    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # the cache is written before any rank goes on
     # The token-KL term's reference (a LoRA policy's is its base with the adapter off). On a cache miss this loads
     # the reference a second time: loading it once for both changed the trained weights' bits (measured: the
     # shapes recipe's round no longer reproduced), so fold the two loads together with the next recipe change.
