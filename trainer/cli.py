@@ -245,6 +245,7 @@ def feedback(
         from rlaifv.trainer.data import data_files, describe_files, read_prompts, write_preferences
         from rlaifv.trainer.errors import ConfigError
         from rlaifv.trainer.feedback import (
+            FEEDBACK_PARTIAL,
             FeedbackShards,
             collect_feedback,
             feedback_key,
@@ -275,7 +276,7 @@ def feedback(
         if adapter is not None:
             policy = load_adapter(policy, adapter)
         models = [model] if adapter is None else [model, adapter]
-        shards = FeedbackShards(output / "feedback.partial", feedback_key(config, models, items))
+        shards = FeedbackShards(output / FEEDBACK_PARTIAL, feedback_key(config, models, items))
         results = collect_feedback(policy, processor, items, config, progress=progress, shards=shards)
         write_feedback(output / "feedback.parquet", results)
         shards.clear()

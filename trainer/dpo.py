@@ -711,6 +711,11 @@ def _train_dpo(
         }
         checkpoints.save(accelerator, updates, state)
 
+    if agreed(accelerator, stop_asked()):  # asked while loading or in the last reference batch: stop before a step
+        raise TrainingInterrupted(
+            f"stopped by SIGTERM before step {updates + 1} of {total_updates}: rerun the same command to resume",
+            step=updates,
+        )
     batches_per_epoch = len(loader)
     bar = tqdm(total=total_updates, initial=updates, desc="DPO", disable=not show, unit="step")
     for epoch in range(start_epoch, config.epochs):

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from rlaifv.reward.yes_no import Labeler
 
 FEEDBACK_FILE = "feedback.parquet"
+FEEDBACK_PARTIAL = "feedback.partial"
 
 
 @dataclass
@@ -193,8 +194,7 @@ def collect_feedback(
     labeler = labeler or make_labeler(config, policy, processor)
     pair = sampling_pair(policy, processor, end_of_turn)
     policy.eval()
-    results = shards.resume([p.id for p in prompts]) if shards is not None else []
-    truncated = sampled_total = 0
+    results, sampled_total, truncated = shards.resume([p.id for p in prompts]) if shards is not None else ([], 0, 0)
     bar = tqdm(total=len(prompts), initial=len(results), desc="feedback", unit="prompt", disable=not progress)
     with stop_on_sigterm() if shards is not None else nullcontext(_never) as stop_asked:
         for start in range(len(results), len(prompts), config.prompt_batch):
@@ -207,8 +207,11 @@ def collect_feedback(
                 )
             batch = prompts[start : start + config.prompt_batch]
             sampled = sample_candidates(pair, batch, config, seed=seed)
-            sampled_total += sum(len(candidates) for candidates in sampled)
-            truncated += sum(c[2] == "length" for candidates in sampled for c in candidates)
+            counts = (
+                sum(len(candidates) for candidates in sampled),
+                sum(c[2] == "length" for candidates in sampled for c in candidates),
+            )
+            sampled_total, truncated = sampled_total + counts[0], truncated + counts[1]
             kept = [
                 [c for c in candidates if c[0].strip() and not (config.drop_truncated and c[2] == "length")]
                 for candidates in sampled
@@ -222,7 +225,7 @@ def collect_feedback(
                     answer.num_tokens, answer.finish_reason = tokens, reason
                 done.append(PromptFeedback(item.id, blob, item.question, answers, dropped=len(raw) - len(group)))
             if shards is not None:
-                shards.add(start, done)
+                shards.add(start, done, *counts)
             results += done
             bar.update(len(batch))
     bar.close()
@@ -343,22 +346,29 @@ class FeedbackShards:
     def __init__(self, folder: str | Path, key: str) -> None:
         self.folder, self.key = Path(folder), key
 
-    def resume(self, prompt_ids: Sequence[str]) -> list[PromptFeedback]:
-        """The saved feedback, when it is this run's and covers the first prompts in order; else none (cleared)."""
+    def resume(self, prompt_ids: Sequence[str]) -> tuple[list[PromptFeedback], int, int]:
+        """The saved feedback with its candidates sampled and truncated, when it is this run's and covers the
+        first prompts in order; else nothing (the folder is cleared)."""
         key_file = self.folder / self.KEY_FILE
         if key_file.is_file() and key_file.read_text() == self.key:
             done: list[PromptFeedback] = []
+            sampled = truncated = 0
             for shard in sorted(self.folder.glob("batch-*.parquet")):
                 done += read_feedback(shard)
+                counts = json.loads(shard.with_suffix(".json").read_text())
+                sampled, truncated = sampled + counts["sampled"], truncated + counts["truncated"]
             if [f.id for f in done] == list(prompt_ids[: len(done)]):
-                return done
+                return done, sampled, truncated
         self.clear()
         self.folder.mkdir(parents=True, exist_ok=True)
         key_file.write_text(self.key)
-        return []
+        return [], 0, 0
 
-    def add(self, start: int, feedback: Sequence[PromptFeedback]) -> None:
-        write_feedback(self.folder / f"batch-{start:09d}.parquet", feedback)
+    def add(self, start: int, feedback: Sequence[PromptFeedback], sampled: int, truncated: int) -> None:
+        """The batch's counts first: its parquet, written last, is what makes it count as saved."""
+        shard = self.folder / f"batch-{start:09d}.parquet"
+        shard.with_suffix(".json").write_text(json.dumps({"sampled": sampled, "truncated": truncated}))
+        write_feedback(shard, feedback)
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -369,7 +379,10 @@ def feedback_key(config: FeedbackConfig, models: Sequence[str | Path], prompts: 
     prompts (ids, questions and images)."""
     from rlaifv.trainer.dpo import model_fingerprint
 
-    digest = hashlib.sha256(json.dumps([config.to_dict(), [model_fingerprint(m) for m in models]]).encode())
+    named = [*models, *([config.labeler] if config.labeler != "self" else [])]
+    # A local folder by its files (a model retrained in place is another model); a hub id by its name.
+    identities = [model_fingerprint(m) if Path(m).is_dir() else str(m) for m in named]
+    digest = hashlib.sha256(json.dumps([config.to_dict(), identities]).encode())
     for item in prompts:
         digest.update(json.dumps([item.id, item.question]).encode())
         digest.update(hashlib.sha256(image_bytes(item.image)).digest())

@@ -14,7 +14,9 @@ from typing import Any
 @contextmanager
 def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
     """While inside, SIGTERM sets a flag (the yielded function reads it) instead of ending the process; the
-    previous handler comes back on exit. Off the main thread (which alone may take signals) the flag stays unset."""
+    previous handler comes back on exit. A SIGTERM the work inside never acted on (it came during its last unit)
+    is sent again then, so the process still stops, with everything saved, before the next stage begins. Off the
+    main thread (which alone may take signals) the flag stays unset."""
     asked = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield asked.is_set
@@ -22,8 +24,12 @@ def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
     previous = signal.signal(signal.SIGTERM, lambda *_: asked.set())
     try:
         yield asked.is_set
-    finally:
+    except BaseException:
         signal.signal(signal.SIGTERM, previous)
+        raise
+    signal.signal(signal.SIGTERM, previous)
+    if asked.is_set():
+        signal.raise_signal(signal.SIGTERM)
 
 
 def agreed(accelerator: Any, asked: bool) -> bool:

@@ -153,6 +153,7 @@ def run_round(
     from rlaifv.trainer.export import export_bundle
     from rlaifv.trainer.feedback import (
         FEEDBACK_FILE,
+        FEEDBACK_PARTIAL,
         FeedbackShards,
         collect_feedback,
         feedback_key,
@@ -175,6 +176,7 @@ def run_round(
     if feedback_path.is_file():
         feedback = read_feedback(feedback_path)
         report["stages_reused"].append("feedback")
+        FeedbackShards(rdir / FEEDBACK_PARTIAL, "").clear()  # a run stopped between the file and clearing them
     else:
         prompts = source.prompts(index - 1, config.prompts_per_round, config.seed)
         if not prompts:
@@ -183,7 +185,7 @@ def run_round(
         policy = _load_policy(config, initial, previous)
         feedback_config = dataclasses.replace(config.feedback, seed=seed)
         starting = [initial] if previous is None else [initial, Path(previous["policy_dir"])]
-        shards = FeedbackShards(rdir / "feedback.partial", feedback_key(feedback_config, starting, prompts))
+        shards = FeedbackShards(rdir / FEEDBACK_PARTIAL, feedback_key(feedback_config, starting, prompts))
         feedback = collect_feedback(
             policy,
             processor,

@@ -614,3 +614,47 @@ def test_sigterm_in_the_reference_pass_keeps_the_sums_done_and_the_rerun_compute
     assert sizes[0] == 2 and sizes[1:] == [3, 3]  # the last reference batch, then the two training batches
     assert not (tmp_path / "b" / REFERENCE_PARTIAL).exists()
     assert resumed.history == full.history and _same_weights(resumed.policy_dir, full.policy_dir)
+
+
+def test_a_sigterm_the_last_unit_did_not_act_on_still_stops_the_process(tmp_path: Path) -> None:
+    """Asked during the last feedback batch or optimizer step, the work ends normally with everything saved; the
+    signal is then delivered again, so `train iterate` stops there instead of starting the next stage."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import signal; from rlaifv.trainer.interrupt import stop_on_sigterm\n"
+        "with stop_on_sigterm() as asked:\n"
+        "    signal.raise_signal(signal.SIGTERM)\n"
+        "    print('finished the unit', asked(), flush=True)\n"
+        "print('next stage')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGTERM and done.stdout == "finished the unit True\n"
+
+
+@pytest.mark.slow
+def test_sigterm_while_loading_stops_before_the_first_step(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the reference sums cached, nothing else checks before step 1: a SIGTERM while the models load stops
+    there, not after a step and a checkpoint."""
+    import signal
+
+    from rlaifv.trainer import dpo as dpo_module
+    from rlaifv.trainer.errors import TrainingInterrupted
+
+    rows = _toy_rows(4)
+    config = DPOConfig(learning_rate=1e-3, epochs=1, batch_size=2, cpu=True)
+    train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path, progress=False)  # the cache
+    real = dpo_module._load_policy
+
+    def loading(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dpo_module, "_load_policy", loading)
+    with pytest.raises(TrainingInterrupted, match="before step 1 of 2"):
+        train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists()

@@ -348,7 +348,10 @@ def test_feedback_stopped_by_sigterm_resumes_after_its_last_saved_batch(
     monkeypatch.setattr(feedback_module, "sample_candidates", sampling)
     with pytest.raises(TrainingInterrupted, match="after 2 of 5 prompts"):
         run(shards)
-    assert [f.name for f in sorted((tmp_path / "partial").glob("batch-*"))] == ["batch-000000000.parquet"]
+    assert [f.name for f in sorted((tmp_path / "partial").glob("batch-*"))] == [
+        "batch-000000000.json",
+        "batch-000000000.parquet",
+    ]
     batches.clear()
     batches.append(["(the signal is sent only once)"])
     resumed = run(shards)
@@ -359,5 +362,44 @@ def test_feedback_stopped_by_sigterm_resumes_after_its_last_saved_batch(
 
     assert texts(resumed) == texts(expected)
     other = dataclasses.replace(config, seed=3)
-    assert FeedbackShards(tmp_path / "partial", feedback_key(other, [tiny_model], prompts)).resume(["p0"]) == []
+    assert FeedbackShards(tmp_path / "partial", feedback_key(other, [tiny_model], prompts)).resume(["p0"]) == ([], 0, 0)
     assert not list((tmp_path / "partial").glob("batch-*"))  # another run's shards are cleared
+
+
+@pytest.mark.slow
+def test_the_truncation_warning_counts_the_batches_of_the_stopped_run_too(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    from rlaifv.reward.models import load_model, load_processor
+    from rlaifv.trainer import feedback as feedback_module
+    from rlaifv.trainer.errors import TrainingInterrupted
+    from rlaifv.trainer.feedback import FeedbackShards, feedback_key
+
+    model, processor = load_model(tiny_model), load_processor(tiny_model)
+    prompts = [PromptItem(f"p{i}", png((60 * i, 9, 9)), "describe the image") for i in range(4)]
+    config = FeedbackConfig(num_samples=4, max_tokens=1, temperature=1.0, seed=5, prompt_batch=2)
+    shards = FeedbackShards(tmp_path / "partial", feedback_key(config, [tiny_model], prompts))
+    real, calls = feedback_module.sample_candidates, []
+
+    def sampling(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(feedback_module, "sample_candidates", sampling)
+    with pytest.raises(TrainingInterrupted):
+        collect_feedback(model, processor, prompts, config, labeler=ControlledLabeler(bool), shards=shards)
+    with pytest.warns(UserWarning, match=r"of 16 candidates reached max_tokens=1"):  # all 4 prompts, not 2
+        collect_feedback(model, processor, prompts, config, labeler=ControlledLabeler(bool), shards=shards)
+    assert len(calls) == 2
+
+
+def test_a_hub_model_id_names_its_feedback_run() -> None:
+    from rlaifv.trainer.feedback import feedback_key
+
+    prompts = [PromptItem("p0", png((1, 2, 3)), "describe")]
+    config = FeedbackConfig()
+    assert feedback_key(config, ["llava-hf/llava-1.5-7b-hf"], prompts) != feedback_key(config, ["other/model"], prompts)

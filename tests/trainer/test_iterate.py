@@ -132,10 +132,14 @@ def test_lora_rounds_continue_the_adapter_and_resume_inside_a_round(tiny_model: 
 
     with pytest.raises(Interrupt):
         run_iterate(config, _source(), labeler=_labeler(), eval_hook=flaky_eval)
+    assert not (out / "round-02" / "feedback.partial").exists()  # cleared once feedback.parquet was written
+    (out / "round-02" / "feedback.partial").mkdir()  # as a run stopped between the two would leave it
+    (out / "round-02" / "feedback.partial" / "batch-000000000.parquet").write_bytes(b"a copy of every image")
     result = run_iterate(config, _source(), labeler=_labeler(), eval_hook=flaky_eval)
     assert result.resumed_rounds == [1]
     round2 = json.loads((out / "round-02" / "report.json").read_text())
     assert round2["stages_reused"] == ["feedback", "dpo"]
+    assert not (out / "round-02" / "feedback.partial").exists()
     manifest = json.loads((result.bundle_dir / "rlaifv.json").read_text())
     assert manifest["policy_type"] == "lora" and result.exported_round == 2
     pair = load_bundle(result.bundle_dir)
