@@ -236,12 +236,14 @@ class Settings(BaseSettings):
                 "RLAIFV_ENGINE=vllm needs RLAIFV_VLLM_POLICY_URL and RLAIFV_VLLM_REFERENCE_URL (the vLLM servers of "
                 "the bundle's policy and reference; docs/vllm.md), or RLAIFV_VLLM_REFERENCE=inprocess"
             )
-        # A vllm batch waits on up to three calls in a row (sampling, both scorings at once, the claims judge),
-        # each allowed RLAIFV_VLLM_TIMEOUT_S: a stall limit under that would restart healthy replicas.
-        if self.engine == "vllm" and 0 < self.engine_stall_s <= 3 * self.vllm_timeout_s:
+        # A vllm batch waits on up to three calls in a row (sampling, both scorings at once, the claims judge), each
+        # allowed RLAIFV_VLLM_TIMEOUT_S for a free connection and again for its answer: a stall limit under that
+        # would restart replicas that are only slow.
+        if self.engine == "vllm" and 0 < self.engine_stall_s <= 6 * self.vllm_timeout_s:
             raise ValueError(
-                f"RLAIFV_ENGINE_STALL_S ({self.engine_stall_s:g}) must exceed 3 x RLAIFV_VLLM_TIMEOUT_S "
-                f"({self.vllm_timeout_s:g}): a vllm batch makes up to three calls in a row, each allowed that long"
+                f"RLAIFV_ENGINE_STALL_S ({self.engine_stall_s:g}) must exceed 6 x RLAIFV_VLLM_TIMEOUT_S "
+                f"({self.vllm_timeout_s:g}): a vllm batch makes up to three calls in a row, each allowed that long to"
+                " get a connection and again to be answered"
             )
         if self.default_max_tokens > self.max_tokens:
             self.default_max_tokens = self.max_tokens

@@ -95,11 +95,11 @@ def test_pack_weights_reaches_the_served_pair(tiny_bundle) -> None:
 
 
 def test_the_stall_limit_must_outlast_a_healthy_vllm_batch() -> None:
-    """A vllm batch makes up to three calls in a row, each allowed RLAIFV_VLLM_TIMEOUT_S: a liveness limit under
-    their sum would restart replicas that are only slow."""
+    """A vllm batch makes up to three calls in a row, each allowed RLAIFV_VLLM_TIMEOUT_S to get a connection and
+    again to be answered: a liveness limit under their sum would restart replicas that are only slow."""
     urls = {"engine": "vllm", "vllm_policy_url": "http://p:1/v1", "vllm_reference_url": "http://r:1/v1"}
-    with pytest.raises(ValidationError, match=r"RLAIFV_ENGINE_STALL_S \(300\) must exceed 3 x RLAIFV_VLLM_TIMEOUT_S"):
-        Settings(**urls, engine_stall_s=300, vllm_timeout_s=120)
-    assert Settings(**urls, engine_stall_s=361, vllm_timeout_s=120).engine_stall_s == 361
+    with pytest.raises(ValidationError, match=r"RLAIFV_ENGINE_STALL_S \(720\) must exceed 6 x RLAIFV_VLLM_TIMEOUT_S"):
+        Settings(**urls, engine_stall_s=720, vllm_timeout_s=120)
+    assert Settings(**urls, engine_stall_s=721, vllm_timeout_s=120).engine_stall_s == 721
     assert Settings(**urls, engine_stall_s=0, vllm_timeout_s=120).engine_stall_s == 0  # never
     assert Settings(engine_stall_s=30).engine_stall_s == 30  # in process: no HTTP calls to wait on
