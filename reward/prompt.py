@@ -83,7 +83,12 @@ def encode_prompt(
             f"this model reads text only: send no images (got {len(images)})",
             param="images" if question is not None else text_param,
         )
-    text = processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    from jinja2 import TemplateError
+
+    try:
+        text = processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    except TemplateError as exc:  # the template's own rules (e.g. roles must alternate): the caller's input
+        raise InvalidInputError(f"the model's chat template refused these messages: {exc}", param=text_param) from None
     tokenizer = processor.tokenizer
     has_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
     batch = processor(

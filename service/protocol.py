@@ -186,12 +186,13 @@ def convert_messages(
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """OpenAI messages -> HF chat messages with {"type": "image"} parts, plus [(image ref, field path)] in order.
 
+    Any role may come last: as OpenAI and vLLM do, the answer is a new assistant turn after the conversation (a
+    chat template whose rules refuse the order is a 400 naming `messages`).
+
     `max_chars` bounds the text of all messages together, as `max_question_chars` bounds a question: checked
     before the tokenizer sees it, which would otherwise hold the model thread for seconds."""
     if not messages:
         raise BadRequest("messages must not be empty", param=param)
-    if messages[-1].role != "user":
-        raise BadRequest("the last message must come from the user", param=f"{param}[{len(messages) - 1}].role")
     out: list[dict[str, Any]] = []
     images: list[tuple[str, str]] = []
     for i, message in enumerate(messages):

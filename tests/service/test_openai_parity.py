@@ -203,6 +203,38 @@ def test_an_image_alone_is_a_prompt_and_nothing_at_all_is_a_400(client: httpx.Cl
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
 
 
+def test_a_conversation_ending_with_an_assistant_turn_gets_a_new_turn(client: httpx.Client, messages) -> None:
+    """As OpenAI and vLLM: the answer is a new assistant turn after the conversation, not a 400."""
+    turns = [*messages, {"role": "assistant", "content": "a red circle"}]
+    answer = chat(client, turns, n=2, max_tokens=6, seed=3)
+    assert len(answer["choices"]) == 2
+    assert answer["usage"]["prompt_tokens"] > chat(client, messages, n=1, max_tokens=1)["usage"]["prompt_tokens"]
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400_naming_them(in_process_pair, red_png: bytes) -> None:
+    """Templates enforce rules of their own (Mistral's: roles must alternate); a refusal is the caller's 400."""
+    from jinja2 import TemplateError
+    from PIL import Image
+
+    from rlaifv.reward.errors import InvalidInputError
+    from rlaifv.reward.prompt import encode_prompt
+
+    class Strict:
+        def __init__(self, processor) -> None:
+            self.processor, self.tokenizer = processor, processor.tokenizer
+
+        def apply_chat_template(self, *args, **kwargs):
+            raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    import io
+
+    image = Image.open(io.BytesIO(red_png))
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}] * 2
+    with pytest.raises(InvalidInputError, match="roles must alternate") as refused:
+        encode_prompt(Strict(in_process_pair.processor), [image, image], messages=turns)
+    assert refused.value.param == "messages"
+
+
 # -- streaming ----------------------------------------------------------------------------------
 
 
