@@ -132,6 +132,7 @@ def test_worker_probes_hit_its_operations_port(rendered, overlay):
     assert worker["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert worker["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert env["RLAIFV_HOST"] == "0.0.0.0", "the kubelet probes the pod's address, not its loopback"
     service = one(docs, "Service", "rlaifv-worker")
     assert service["spec"]["clusterIP"] == "None" and [p["targetPort"] for p in service["spec"]["ports"]] == ["metrics"]
     assert matches({"matchLabels": service["spec"]["selector"]}, workload["spec"]["template"]["metadata"]["labels"])
