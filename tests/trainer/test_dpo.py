@@ -658,3 +658,39 @@ def test_sigterm_while_loading_stops_before_the_first_step(
     with pytest.raises(TrainingInterrupted, match="before step 1 of 2"):
         train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path, progress=False)
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_real_process_evicted_mid_run_exits_143_and_the_same_command_finishes_the_run(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """End to end, as Kubernetes does it: `rlaifv train dpo` gets SIGTERM from outside once it has trained a
+    step, exits 143 with its state saved, and the same command run again resumes and exports the bundle."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    rows = preference_rows([(r.chosen, r.rejected) for r in _toy_rows(40)])
+    data = write_rlaifv_parquet(tmp_path / "data.parquet", rows)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "rlaifv.trainer.cli", "dpo", str(data), "--model", str(tiny_model), "-o", str(out)]
+    command += ["--lr", "1e-3", "--epochs", "3", "--batch-size", "1", "--cpu", "--no-progress"]
+    command += ["--set", "dpo.checkpoint_every_steps=1"]
+    env = os.environ | {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((out / "dpo" / "checkpoints").glob("step-*/trainer_state.json")):
+        assert first.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 143, stderr[-2000:]
+    assert "stopped: stopped by SIGTERM after step" in stderr and not (out / "bundle").exists()
+    second = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert second.returncode == 0, second.stderr[-2000:]
+    report = json.loads((out / "dpo" / "dpo_report.json").read_text())
+    assert report["resumed_from_step"] >= 1 and report["optimizer_steps"] == 120
+    assert (out / "bundle" / "rlaifv.json").is_file()
