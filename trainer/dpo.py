@@ -51,7 +51,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -524,6 +524,7 @@ def train_dpo(
     output_dir: str | Path,
     reference_path: str | Path | None = None,
     init_adapter: str | Path | None = None,
+    reference_is_start: bool = False,
     progress: bool = True,
 ) -> DPOResult:
     """Train the model at `model_path` on `rows`; write `output_dir/policy` and `output_dir/dpo_report.json`.
@@ -531,7 +532,9 @@ def train_dpo(
     Full fine-tune: the reference is the model at `reference_path` (default:
     `model_path`), loaded only to precompute its log-probs and then freed.
     LoRA: the reference is the base with the adapter disabled; `init_adapter`
-    continues training an existing adapter over the same base.
+    continues training an existing adapter over the same base, and with
+    `reference_is_start` the reference is that starting adapter instead (RLAIF-V's
+    round reference: the previous round's policy), its sums taken before step 1.
 
     SIGTERM stops the run where its work can be kept (between reference batches, after an optimizer step) and
     raises `TrainingInterrupted`; the same call resumes.
@@ -544,6 +547,7 @@ def train_dpo(
             output_dir=Path(output_dir),
             reference_path=reference_path,
             init_adapter=init_adapter,
+            reference_is_start=reference_is_start,
             progress=progress,
             stop_asked=stop_asked,
         )
@@ -557,6 +561,7 @@ def _train_dpo(
     output_dir: Path,
     reference_path: str | Path | None,
     init_adapter: str | Path | None,
+    reference_is_start: bool,
     progress: bool,
     stop_asked: Callable[[], bool],
 ) -> DPOResult:
@@ -573,6 +578,13 @@ def _train_dpo(
     model_path, output_dir = Path(model_path), Path(output_dir)
     reference_path = Path(reference_path) if reference_path is not None else model_path
     init_adapter = Path(init_adapter) if init_adapter is not None else None
+    if reference_is_start and (not config.lora or init_adapter is None):
+        raise ConfigError("reference_is_start needs lora=True and an init_adapter (the starting policy)")
+    if reference_is_start and config.token_kl > 0:
+        raise ConfigError(
+            "token_kl needs the reference's whole distribution at every step, which a LoRA run has only for the base:"
+            " use the base as reference (train iterate: reference_mode=initial) or token_kl=0"
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -608,6 +620,9 @@ def _train_dpo(
     # Reference log-probs: once, cached beside the pairs.
     cache = output_dir / REFERENCE_CACHE
     reference_id = model_fingerprint(reference_path if not config.lora else model_path)
+    if reference_is_start:
+        assert init_adapter is not None
+        reference_id += "|adapter:" + model_fingerprint(init_adapter)
     if (config.dtype, config.mixed_precision) != ("float32", "no"):
         reference_id += f"|{config.dtype}|{config.mixed_precision}"
     key = reference_cache_key(reference_id, pairs)
@@ -633,7 +648,8 @@ def _train_dpo(
         }
         # Under the policy's autocast, so that both sides of the log-ratio round alike (a margin of 0 at step 0).
         if config.lora:
-            with policy.disable_adapter(), accelerator.autocast():
+            # The base (adapter off), or the starting policy itself: before step 1 the adapter is the start's.
+            with nullcontext() if reference_is_start else policy.disable_adapter(), accelerator.autocast():
                 done = compute_reference_logprobs(policy, processor, pairs, **reference_pass)
         else:
             reference = load_model(reference_path, device=str(accelerator.device), dtype=config.dtype)
@@ -817,7 +833,7 @@ def _train_dpo(
             "config": config.to_dict(),
             "effective_learning_rate": config.lr,
             "model": str(model_path),
-            "reference": str(reference_path),
+            "reference": f"{init_adapter} over {model_path}" if reference_is_start else str(reference_path),
             "init_adapter": str(init_adapter) if init_adapter else None,
             "num_pairs": len(pairs),
             "markup_removed_rows": markup_rows,

@@ -234,6 +234,8 @@ def run_round(
         else:
             model_path, init_adapter = Path(previous["policy_dir"]), None
         reference_path = model_path if config.reference_mode == "previous" else initial
+        # LoRA rounds continue one adapter over the base: the previous round's policy is that starting adapter.
+        reference_is_start = lora and init_adapter is not None and config.reference_mode == "previous"
         train_dpo(
             dataclasses.replace(config.dpo, seed=seed),
             read_preferences(pairs_path, progress=config.progress),
@@ -241,6 +243,7 @@ def run_round(
             output_dir=dpo_dir,
             reference_path=reference_path,
             init_adapter=init_adapter,
+            reference_is_start=reference_is_start,
             progress=config.progress,
         )
         _free()

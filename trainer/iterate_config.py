@@ -40,7 +40,7 @@ class IterateConfig:
         default="previous",
         metadata={
             "help": "DPO reference of round r: the round's starting policy (RLAIF-V) or the initial model. "
-            "LoRA: always the base."
+            "LoRA: the round's starting adapter over the base, or the base (then token_kl needs 'initial')."
         },
     )
     export_round: str = field(
@@ -75,6 +75,11 @@ class IterateConfig:
             raise ConfigError("prompts_per_round must be >= 1")
         if self.reference_mode not in ("previous", "initial"):
             raise ConfigError("reference_mode must be 'previous' or 'initial'")
+        if self.dpo.lora and self.dpo.token_kl > 0 and self.reference_mode == "previous" and self.rounds > 1:
+            raise ConfigError(
+                "dpo.token_kl with LoRA needs reference_mode=initial: the per-token KL is taken against the base at"
+                " every step, while reference_mode=previous anchors round 2 on the previous round's adapter"
+            )
         if self.best_mode not in ("max", "min"):
             raise ConfigError("best_mode must be 'max' or 'min'")
         if self.normalize not in ("mean", "sum"):

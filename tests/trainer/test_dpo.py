@@ -694,3 +694,21 @@ def test_a_real_process_evicted_mid_run_exits_143_and_the_same_command_finishes_
     report = json.loads((out / "dpo" / "dpo_report.json").read_text())
     assert report["resumed_from_step"] >= 1 and report["optimizer_steps"] == 120
     assert (out / "bundle" / "rlaifv.json").is_file()
+
+
+def test_the_starting_adapter_as_reference_needs_a_lora_run_from_an_adapter_and_no_token_kl(tmp_path: Path) -> None:
+    rows = _toy_rows(2)
+    for config, adapter in [
+        (DPOConfig(cpu=True), tmp_path / "adapter"),
+        (DPOConfig(lora=True, cpu=True), None),
+        (DPOConfig(lora=True, token_kl=0.1, cpu=True), tmp_path / "adapter"),
+    ]:
+        with pytest.raises(ConfigError):
+            train_dpo(
+                config,
+                rows,
+                model_path=tmp_path,
+                output_dir=tmp_path / "o",
+                init_adapter=adapter,
+                reference_is_start=True,
+            )

@@ -140,10 +140,22 @@ def test_lora_rounds_continue_the_adapter_and_resume_inside_a_round(tiny_model: 
     round2 = json.loads((out / "round-02" / "report.json").read_text())
     assert round2["stages_reused"] == ["feedback", "dpo"]
     assert not (out / "round-02" / "feedback.partial").exists()
+    # RLAIF-V's round reference with one adapter over the base: round 2 is anchored to round 1's adapter, so
+    # its first step starts at margin 0 (against the base it starts at round 1's margins)
+    dpo2 = json.loads((out / "round-02" / "dpo" / "dpo_report.json").read_text())
+    assert dpo2["reference"].endswith(f"round-01/dpo/policy over {tiny_model}")
+    assert dpo2["history"][0]["margin"] == pytest.approx(0.0, abs=1e-4)
     manifest = json.loads((result.bundle_dir / "rlaifv.json").read_text())
     assert manifest["policy_type"] == "lora" and result.exported_round == 2
     pair = load_bundle(result.bundle_dir)
     assert pair.is_lora
+
+
+def test_lora_with_token_kl_needs_the_base_as_every_rounds_reference(tiny_model: Path) -> None:
+    lora_kl = DPOConfig(lora=True, token_kl=0.1, cpu=True)
+    with pytest.raises(ConfigError, match="reference_mode=initial"):
+        IterateConfig(model=str(tiny_model), output_dir="o", rounds=2, dpo=lora_kl)
+    assert IterateConfig(model=str(tiny_model), output_dir="o", rounds=2, dpo=lora_kl, reference_mode="initial")
 
 
 def test_no_pairs_is_a_clear_error(tiny_model: Path, tmp_path: Path) -> None:
