@@ -73,25 +73,23 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         if settings.warmup and not stop.is_set():
             metrics.warmup.set(await engine.warmup())
         app.state.serving = serving = Serving.open(settings, engine, metrics, redis=redis, generator=generator)
-        if stop.is_set():  # stopped while loading: nothing was taken, so nothing to drain
-            await serving.aclose(0)
-            await redis.aclose()
-            log.info("worker stopped before consuming")
-            return
-        app.state.job_workers = workers = JobWorkers(JobStore(redis, settings), serving, settings, metrics)
-        workers.start()
-        app.state.ready = True
-        metrics.ready.set(1)
-        log.info(
-            "worker ready",
-            extra={"consumers": workers.count, "load_s": round(load_s, 3), "stream": settings.jobs_stream},
-        )
+        workers = None
+        if not stop.is_set():  # stopped while loading: nothing is taken, so there is nothing to drain
+            app.state.job_workers = workers = JobWorkers(JobStore(redis, settings), serving, settings, metrics)
+            workers.start()
+            app.state.ready = True
+            metrics.ready.set(1)
+            log.info(
+                "worker ready",
+                extra={"consumers": workers.count, "load_s": round(load_s, 3), "stream": settings.jobs_stream},
+            )
         try:
             await stop.wait()
         finally:
             app.state.ready, app.state.shutting_down = False, True
             metrics.ready.set(0)
-            await workers.stop(settings.shutdown_grace_s)
+            if workers is not None:
+                await workers.stop(settings.shutdown_grace_s)
             await serving.aclose()
             await redis.aclose()
             log.info("worker stopped")

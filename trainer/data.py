@@ -92,6 +92,14 @@ class PromptSource(Protocol):
         ...
 
 
+def prompt_text(question: str) -> dict[str, Any]:
+    """`encode_prompt`'s question/messages for one row's image and question: the image alone when the question is
+    empty (a LLaVA-format question that was only its `<image>` placeholder)."""
+    from rlaifv.reward.prompt import user_message
+
+    return {"question": question} if question.strip() else {"question": None, "messages": user_message("", 1)}
+
+
 def image_bytes(image: Any) -> bytes:
     """Encoded bytes of a PromptItem image (PIL images are stored as PNG)."""
     if isinstance(image, bytes | bytearray | memoryview):

@@ -169,14 +169,11 @@ def encode_pairs(
 def encode_prompts(processor: Any, pairs: Sequence[EncodedPair], max_length: int | None = None) -> list[EncodedPrompt]:
     """Image + question -> model prefix, via `reward.prompt.encode_prompt` (what `ModelPair.encode` does)."""
     from rlaifv.reward.images import decode_image
-    from rlaifv.reward.prompt import encode_prompt, user_message
+    from rlaifv.reward.prompt import encode_prompt
+    from rlaifv.trainer.data import prompt_text
 
     return [
-        encode_prompt(processor, [decode_image(p.image)], p.question, max_length=max_length)
-        if p.question.strip()
-        else encode_prompt(
-            processor, [decode_image(p.image)], None, messages=user_message("", 1), max_length=max_length
-        )
+        encode_prompt(processor, [decode_image(p.image)], **prompt_text(p.question), max_length=max_length)
         for p in pairs
     ]
 
@@ -575,7 +572,6 @@ def _train_dpo(
     from rlaifv.reward.prompt import end_of_turn_id
 
     started = time.time()
-    model_path, output_dir = Path(model_path), Path(output_dir)
     reference_path = Path(reference_path) if reference_path is not None else model_path
     init_adapter = Path(init_adapter) if init_adapter is not None else None
     if reference_is_start and (not config.lora or init_adapter is None):
@@ -713,7 +709,7 @@ def _train_dpo(
         # Each rank's own running means (the logged history averages them across ranks).
         running, epoch_stats = state["running"][rank], state["epoch_stats"][rank]
 
-    def save(epoch: int, epoch_updates: int) -> None:
+    def save(epoch: int, epoch_updates: int) -> Path:
         from accelerate.utils import gather_object
 
         ranks = gather_object([(running, epoch_stats if epoch_updates else {})])
@@ -725,7 +721,7 @@ def _train_dpo(
             "running": [r for r, _ in ranks],
             "epoch_stats": [e for _, e in ranks],
         }
-        checkpoints.save(accelerator, updates, state)
+        return checkpoints.save(accelerator, updates, state)
 
     if agreed(accelerator, stop_asked()):  # asked while loading or in the last reference batch: stop before a step
         raise TrainingInterrupted(
@@ -799,15 +795,11 @@ def _train_dpo(
                     running = {}
                 end_of_epoch = batch_index + 1 >= batches_per_epoch
                 if updates < total_updates and agreed(accelerator, stop_asked()):
-                    at = CheckpointStore.folder_name(updates)
-                    if end_of_epoch:
-                        save(epoch + 1, 0)
-                    else:
-                        save(epoch, epoch_updates)
+                    folder = save(epoch + 1, 0) if end_of_epoch else save(epoch, epoch_updates)
                     bar.close()
                     raise TrainingInterrupted(
-                        f"stopped by SIGTERM after step {updates} of {total_updates}; state "
-                        f"saved in {output_dir / CHECKPOINTS / at}: rerun the same command to resume",
+                        f"stopped by SIGTERM after step {updates} of {total_updates}; state saved in {folder}:"
+                        " rerun the same command to resume",
                         step=updates,
                     )
                 every = config.checkpoint_every_steps
@@ -912,6 +904,7 @@ class CheckpointStore:
         self.root, self.run_key, self.keep = root, run_key, keep
 
     def _complete(self) -> list[Checkpoint]:
+        """This run's complete checkpoints, oldest first."""
         found = []
         for folder in sorted(self.root.glob("step-*")) if self.root.is_dir() else []:
             state_file = folder / TRAINER_STATE
@@ -923,18 +916,14 @@ class CheckpointStore:
                 continue
             if state.get("key") == self.run_key:
                 found.append(Checkpoint(folder, state))
-        return found
+        return sorted(found, key=lambda c: c.state["updates"])
 
     def latest(self) -> Checkpoint | None:
         complete = self._complete()
-        return max(complete, key=lambda c: c.state["updates"]) if complete else None
-
-    @staticmethod
-    def folder_name(updates: int) -> str:
-        return f"step-{updates:07d}"
+        return complete[-1] if complete else None
 
     def save(self, accelerator: Any, updates: int, state: dict[str, Any]) -> Path:
-        folder = self.root / self.folder_name(updates)
+        folder = self.root / f"step-{updates:07d}"
         if accelerator.is_main_process:  # a folder being overwritten is incomplete until the new state is written
             (folder / TRAINER_STATE).unlink(missing_ok=True)
         accelerator.save_state(str(folder))
@@ -942,7 +931,7 @@ class CheckpointStore:
         if accelerator.is_main_process:
             (folder / TRAINER_STATE).write_text(json.dumps(state | {"key": self.run_key}) + "\n")
             if self.keep:
-                for old in sorted(self._complete(), key=lambda c: c.state["updates"])[: -self.keep]:
+                for old in self._complete()[: -self.keep]:
                     shutil.rmtree(old.folder, ignore_errors=True)
         accelerator.wait_for_everyone()
         return folder

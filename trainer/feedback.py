@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlaifv.trainer.data import PromptItem, image_bytes
+from rlaifv.trainer.data import PromptItem, image_bytes, prompt_text
 from rlaifv.trainer.errors import DataError, TrainingInterrupted
 from rlaifv.trainer.feedback_config import FeedbackConfig
 from rlaifv.trainer.interrupt import stop_on_sigterm
@@ -128,18 +128,14 @@ def sample_candidates(
     pair: Any, prompts: Sequence[PromptItem], config: FeedbackConfig, *, seed: int
 ) -> list[list[tuple[str, int, str]]]:
     """N candidates per prompt as (text, num_tokens, finish_reason); one SamplingParams for all of a prompt."""
-    from rlaifv.reward.prompt import markup_free, user_message
+    from rlaifv.reward.prompt import markup_free
     from rlaifv.reward.sampling import SamplingParams
 
-    def encode(item: PromptItem) -> Any:
-        # A LLaVA-format question's `<image>` placeholder: the image is given apart (as in DPO's
-        # `without_markup_rows`); a question that was nothing else leaves the image alone as the prompt.
-        question = markup_free(pair.processor, item.question)
-        if question.strip():
-            return pair.encode([image_bytes(item.image)], question)
-        return pair.encode([image_bytes(item.image)], None, messages=user_message("", 1))
-
-    encoded = [encode(p) for p in prompts]
+    # A LLaVA-format question's `<image>` placeholder goes: the image is given apart (as in DPO's
+    # `without_markup_rows`).
+    encoded = [
+        pair.encode([image_bytes(p.image)], **prompt_text(markup_free(pair.processor, p.question))) for p in prompts
+    ]
     params = [
         SamplingParams(
             temperature=config.temperature,
@@ -198,11 +194,11 @@ def collect_feedback(
     bar = tqdm(total=len(prompts), initial=len(results), desc="feedback", unit="prompt", disable=not progress)
     with stop_on_sigterm() if shards is not None else nullcontext(_never) as stop_asked:
         for start in range(len(results), len(prompts), config.prompt_batch):
-            if stop_asked():
+            if shards is not None and stop_asked():
                 bar.close()
                 raise TrainingInterrupted(
                     f"stopped by SIGTERM after {start} of {len(prompts)} prompts; their feedback is saved in"
-                    f" {shards.folder if shards is not None else ''}: rerun the same command to resume",
+                    f" {shards.folder}: rerun the same command to resume",
                     step=0,
                 )
             batch = prompts[start : start + config.prompt_batch]
