@@ -290,7 +290,9 @@ def choose_round(config: IterateConfig, reports: list[dict[str, Any]]) -> int:
         return reports[-1]["round"]
     if config.export_round == "best":
         scored = [
-            (r["eval"][config.best_metric], r["round"]) for r in reports if config.best_metric in r.get("eval", {})
+            (r["eval"][config.best_metric], r["round"])
+            for r in reports
+            if (r.get("eval") or {}).get(config.best_metric) is not None  # None: the round's eval could not say
         ]
         if not scored:
             raise RunStateError(

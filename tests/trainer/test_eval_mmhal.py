@@ -175,3 +175,31 @@ def test_an_empty_model_answer_is_not_judged() -> None:
     for answer in (None, "", "  "):
         with pytest.raises(DataError, match="has no model_answer"):
             judge_prompt(Record(question="What is it?", gt_answer="a cat", model_answer=answer))
+
+
+def test_nothing_judged_is_no_score_and_leaves_a_gap_in_the_curve(tmp_path: Path) -> None:
+    """Every judgement failed: the three numbers are None (a 0.0 score would read as a model that hallucinates
+    everywhere); a scaling point averages only the draws that were judged; the table and plot show the gap."""
+    from rlaifv.trainer.evaluation.mmhal import Judged, summarize_mmhal
+    from rlaifv.trainer.evaluation.scaling import _mean, curve_table, plot_curve
+
+    failed = [Judged(index=i, question_type="attribute", status="failed", rating=None, review=None) for i in range(2)]
+    m = summarize_mmhal(failed)
+    assert (m["score"], m["hallucination_rate"], m["informativeness"]) == (None, None, None)
+    assert m["failed"] == 2 and m["complete"] is False
+
+    assert _mean([{"score": None, "n": 1}, {"score": 3.0, "n": 2}, {"score": 4.0, "n": 3}]) == {"score": 3.5, "n": 2}
+    assert _mean([{"score": None}, {"score": None}]) == {"score": None}
+    assert _mean([{"flag": True}, {"flag": False}]) == {"flag": True}
+
+    result = {
+        "ns": [1, 2],
+        "rules": ["dpo"],
+        "prompts": 2,
+        "curve": {
+            "dpo": {"1": {"score": None, "hallucination_rate": None}, "2": {"score": 3.5, "hallucination_rate": 0.25}}
+        },
+    }
+    table = curve_table(result, ["score", "hallucination_rate"], percent=["hallucination_rate"])
+    assert "| score | dpo | n/a | 3.5000 |" in table and "| hallucination_rate % | dpo | n/a | 25.0 |" in table
+    assert plot_curve(result, ["score", "hallucination_rate"], tmp_path / "c.png").stat().st_size > 0

@@ -248,3 +248,16 @@ def test_a_run_resumes_with_other_checkpoint_settings_but_not_other_dpo_settings
     assert _check_run_file(run, config(checkpoint_every_steps=50, keep_checkpoints=3, log_every=10), source) is True
     with pytest.raises(RunStateError, match="dpo"):
         _check_run_file(run, config(beta=0.2), source)
+
+
+def test_best_round_skips_rounds_whose_eval_could_not_say() -> None:
+    """A metric of None (e.g. MMHal with every judgement failed) is no evidence: such a round is never 'best'."""
+    from rlaifv.trainer.iterate import choose_round
+
+    config = IterateConfig.from_dict(
+        {"model": "m", "output_dir": "o", "rounds": 3, "export_round": "best", "best_metric": "score"}
+    )
+    reports = [{"round": 1, "eval": {"score": 2.0}}, {"round": 2, "eval": {"score": None}}, {"round": 3, "eval": None}]
+    assert choose_round(config, reports) == 1
+    with pytest.raises(RunStateError, match="no round has eval metric"):
+        choose_round(config, reports[1:])

@@ -217,7 +217,10 @@ async def judge_all(
 
 
 def summarize_mmhal(judged: Sequence[Judged]) -> dict[str, Any]:
-    """Score, hallucination rate, informativeness and per-type scores; unparsed count as 0, failed are left out."""
+    """Score, hallucination rate, informativeness and per-type scores; unparsed count as 0, failed are left out.
+
+    With nothing judged (every judgement failed) the three numbers are None, not 0: a 0.0 score would read as a
+    model that hallucinates everywhere."""
     counted = [j for j in judged if j.status != "failed"]
     ratings = [j.rating if j.rating is not None else 0 for j in counted]
     by_type: dict[str, list[int]] = {}
@@ -226,9 +229,9 @@ def summarize_mmhal(judged: Sequence[Judged]) -> dict[str, Any]:
     n = len(ratings)
     failed = [j.index for j in judged if j.status == "failed"]
     return {
-        "score": sum(ratings) / n if n else 0.0,
-        "hallucination_rate": sum(r < 3 for r in ratings) / n if n else 0.0,
-        "informativeness": 100 * sum(r - 3 if r >= 3 else r for r in ratings) / 3 / n if n else 0.0,
+        "score": sum(ratings) / n if n else None,
+        "hallucination_rate": sum(r < 3 for r in ratings) / n if n else None,
+        "informativeness": 100 * sum(r - 3 if r >= 3 else r for r in ratings) / 3 / n if n else None,
         "items": len(judged),
         "rated": sum(j.status == "rated" for j in judged),
         "unparsed": sum(j.status == "unparsed" for j in judged),

@@ -44,14 +44,17 @@ def parse_ns(text: str) -> list[int]:
 
 
 def _mean(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Key-wise mean of metric dicts (nested dicts averaged recursively; other values from the first run)."""
+    """Key-wise mean of metric dicts (nested dicts averaged recursively; other values from the first run).
+
+    A metric a run could not compute (None: nothing was judged) is left out of its mean; None if no run has it."""
     out: dict[str, Any] = {}
     for key, first in runs[0].items():
         values = [run[key] for run in runs]
+        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
         if isinstance(first, dict):
             out[key] = _mean(values)
-        elif isinstance(first, int | float) and not isinstance(first, bool):
-            out[key] = sum(values) / len(values)
+        elif numbers and len(numbers) == sum(v is not None for v in values):
+            out[key] = sum(numbers) / len(numbers)
         else:
             out[key] = first
     return out
@@ -117,7 +120,7 @@ def curve_table(result: dict[str, Any], metrics: Sequence[str], *, percent: Sequ
     for m in metrics:
         for rule in result["rules"]:
             values = [result["curve"][rule][str(n)][m] for n in ns]
-            cells = [f"{100 * v:.1f}" for v in values] if m in percent else [fmt(v) for v in values]
+            cells = [fmt(v) if v is None or m not in percent else f"{100 * v:.1f}" for v in values]
             rows.append([f"{m}{' %' if m in percent else ''}", rule, *cells])
     return markdown_table(["metric", "selection", *(f"N={n}" for n in ns)], rows)
 
@@ -140,7 +143,8 @@ def plot_curve(
     for ax, metric in zip(axes[0], metrics, strict=True):
         scale = 100 if metric in percent else 1
         for rule in result["rules"]:
-            values = [scale * result["curve"][rule][str(n)][metric] for n in ns]
+            points = [result["curve"][rule][str(n)][metric] for n in ns]
+            values = [float("nan") if v is None else scale * v for v in points]  # a gap where nothing was judged
             style = "--" if rule == "random" else "-"
             ax.plot(ns, values, style, marker="o", label=LABELS.get(rule, rule))
         ax.set_xscale("log", base=2)
