@@ -51,14 +51,14 @@ def decode_base64(text: str, param: str = "image") -> bytes:
         raise ImageError(f"not valid base64: {exc}", param=param) from None
 
 
-def decode_image(data: bytes, limits: ImageLimits | None = None, param: str = "image") -> Any:
+def decode_image(data: bytes | memoryview, limits: ImageLimits | None = None, param: str = "image") -> Any:
     """Decode image bytes into an RGB PIL image, enforcing `limits`."""
     with _opened(data, limits or ImageLimits(), param) as probe:
         probe.load()
         return to_rgb(probe)
 
 
-def check_image(data: bytes, limits: ImageLimits | None = None, param: str = "image") -> None:
+def check_image(data: bytes | memoryview, limits: ImageLimits | None = None, param: str = "image") -> None:
     """Raise the `ImageError` that `decode_image` would raise for `data`, at a fraction of its cost.
 
     The same limits apply, checked on the same header. A JPEG is decoded at 1/8 scale: libjpeg still
@@ -73,7 +73,7 @@ def check_image(data: bytes, limits: ImageLimits | None = None, param: str = "im
 
 
 @contextlib.contextmanager
-def _opened(data: bytes, limits: ImageLimits, param: str) -> Iterator[Any]:
+def _opened(data: bytes | memoryview, limits: ImageLimits, param: str) -> Iterator[Any]:
     """The image opened lazily, its size and format checked against `limits`; decoding errors inside the
     block become `ImageError`s."""
     from PIL import Image, UnidentifiedImageError

@@ -14,8 +14,11 @@ Every image is checked while reading (`reward.images.check_image`: the service's
 limits, and the verdict of a full decode), so an undecodable image fails here, not
 halfway through training. Checks run on a few threads while later rows are read;
 rows keep file order and the first bad row in that order is the error raised.
-Identical image bytes are held once and checked once (a dataset with several
-pairs per prompt repeats the prompt's image in every row).
+Identical image bytes are stored once and checked once (a dataset with several
+pairs per prompt repeats the prompt's image in every row). Rows hold their
+images as read-only `memoryview`s into a memory-mapped temporary file
+(`trainer.image_spill`), not in the process's memory: a dataset's images are
+read from disk when a batch needs them.
 
 Prompt sources feed the sampling rounds of `rlaifv train iterate`: any object
 with `prompts(round_index, count, seed) -> list[PromptItem]` and
@@ -39,6 +42,7 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from rlaifv.trainer.errors import ConfigError, DataError, EmptyAnswerError, ImageDecodeError, MissingColumnError
+from rlaifv.trainer.image_spill import ImageSpill
 
 RLAIFV_COLUMNS = (
     "ds_name",
@@ -57,7 +61,8 @@ REQUIRED_PROMPT = ("image", "question")
 
 @dataclass(frozen=True)
 class PromptItem:
-    """One image + question to sample answers for. `image` is encoded bytes (PNG/JPEG...) or a PIL image."""
+    """One image + question to sample answers for. `image` is encoded bytes (PNG/JPEG...; a read-only memoryview
+    when read from files) or a PIL image."""
 
     id: str
     image: Any
@@ -69,7 +74,7 @@ class PreferenceRow:
     """One (image, question, chosen, rejected) preference; `meta` keeps the other dataset columns."""
 
     id: str
-    image: bytes
+    image: bytes | memoryview
     question: str
     chosen: str
     rejected: str
@@ -321,8 +326,11 @@ def _jsonl_lines(file: Path, required: Sequence[str]) -> Iterator[tuple[int, dic
 # -- reading in file order, images checked on threads -----------------------------------------
 
 T = TypeVar("T")
-_Seen = dict[bytes, tuple[bytes, Future[None] | None]]
-"""Each distinct image: its one bytes object and its check (None once passed)."""
+_Seen = dict[int, Future[None] | None]
+"""Each distinct image's check, by its index in the spill (None once passed)."""
+
+_LATER = b""
+"""A row's image while reading: the view into the spill replaces it once every image is written (`_mapped`)."""
 
 _READ_AHEAD = 8
 """Rows read ahead of the oldest unchecked one, per checking thread: enough to keep the threads busy while
@@ -337,7 +345,7 @@ class _Pending(Generic[T]):
 
     value: T | None
     error: Exception | None = None
-    image: bytes | None = None
+    image: int | None = None
     check: Future[None] | None = None
 
 
@@ -346,15 +354,16 @@ def _read_rows(
     required: Sequence[str],
     build: Callable[[dict[str, Any], Path, int, bytes, bool], T],
     workers: int,
-) -> Iterator[T]:
-    """Rows of `files` in order, built by `build` from each record and its image bytes. Images are checked
-    by `workers` threads (1: on this one) while later rows are read; the first bad row in file order raises,
-    whatever finished first. Identical images share one bytes object and one check."""
+    spill: ImageSpill,
+) -> Iterator[tuple[T, int]]:
+    """Rows of `files` in order, built by `build` from each record (image `_LATER`), with their image's index in
+    `spill`. Images are checked by `workers` threads (1: on this one) while later rows are read; the first bad
+    row in file order raises, whatever finished first. Identical images are stored and checked once."""
     pool = ThreadPoolExecutor(workers, thread_name_prefix="rlaifv-image-check") if workers > 1 else None
     seen: _Seen = {}
     pending: deque[_Pending[T]] = deque()
     try:
-        for item in _pending_rows(files, required, build, seen, pool):
+        for item in _pending_rows(files, required, build, seen, pool, spill):
             pending.append(item)
             if len(pending) >= _READ_AHEAD * workers:
                 yield _settle(pending.popleft(), seen)
@@ -371,13 +380,14 @@ def _pending_rows(
     build: Callable[[dict[str, Any], Path, int, bytes, bool], T],
     seen: _Seen,
     pool: ThreadPoolExecutor | None,
+    spill: ImageSpill,
 ) -> Iterator[_Pending[T]]:
     try:
         for file in files:
             parquet = is_parquet(file)
             records = _parquet_rows(file, required) if parquet else _jsonl_records(file, required)
             for row, record in records:
-                yield _pend(record, file, row, parquet, build, seen, pool)
+                yield _pend(record, file, row, parquet, build, seen, pool, spill)
     except Exception as exc:  # a damaged file or line, a file that cannot be opened
         yield _Pending(None, exc)
 
@@ -390,22 +400,21 @@ def _pend(
     build: Callable[[dict[str, Any], Path, int, bytes, bool], T],
     seen: _Seen,
     pool: ThreadPoolExecutor | None,
+    spill: ImageSpill,
 ) -> _Pending[T]:
     source = str(file)
     try:
         image = _image_bytes(_image_field(record), file.parent, source=source, row=row, column="image")
     except DataError as exc:
         return _Pending(None, exc)
-    known = seen.get(image)
-    if known is None:
-        check = _submit(pool, image, source=source, row=row)
-        seen[image] = (image, check)
-    else:
-        image, check = known
+    index, new = spill.add(image)
+    if new:
+        seen[index] = _submit(pool, image, source=source, row=row)
+    check = seen[index]
     try:
-        return _Pending(build(record, file, row, image, parquet), None, image, check)
+        return _Pending(build(record, file, row, _LATER, parquet), None, index, check)
     except DataError as exc:
-        return _Pending(None, exc, image, check)
+        return _Pending(None, exc, index, check)
 
 
 def _submit(pool: ThreadPoolExecutor | None, image: bytes, *, source: str, row: int) -> Future[None]:
@@ -421,14 +430,34 @@ def _submit(pool: ThreadPoolExecutor | None, image: bytes, *, source: str, row: 
     return done
 
 
-def _settle(item: _Pending[T], seen: _Seen) -> T:
-    """The row once its image passed, or its first error."""
+def _settle(item: _Pending[T], seen: _Seen) -> tuple[T, int]:
+    """The row and its image's index once the image passed, or its first error."""
     if item.check is not None and item.image is not None:
         item.check.result()
-        seen[item.image] = (item.image, None)  # checked: the future can go
+        seen[item.image] = None  # checked: the future can go
     if item.error is not None:
         raise item.error
-    return cast(T, item.value)
+    return cast(T, item.value), cast(int, item.image)
+
+
+@contextlib.contextmanager
+def _closed_on_error(spill: ImageSpill) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        spill.close()
+        raise
+
+
+def _mapped(rows: Sequence[tuple[T, int]], spill: ImageSpill) -> list[T]:
+    """The rows with their images: views into the spill, mapped now that every image is written.
+
+    Arrow's allocator keeps what reading parquet used (~330 MB after a 48 MB file) for reuse that a training run
+    never makes: it goes back to the system here."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    return spill.attach(rows)
 
 
 def _workers(workers: int | None) -> int:
@@ -456,17 +485,24 @@ def read_preferences(
     """
     files = data_files(path)
     total = _rows_to_read(_row_count(files), limit)
-    rows: list[PreferenceRow] = []
-    read = _read_rows(files, REQUIRED_PREFERENCE, _preference, _workers(workers))
-    with _progress_bar(total, "reading preferences", progress) as bar, contextlib.closing(read):
+    rows: list[tuple[PreferenceRow, int]] = []
+    threads = _workers(workers)
+    spill = ImageSpill()
+    read = _read_rows(files, REQUIRED_PREFERENCE, _preference, threads, spill)
+    with (
+        _progress_bar(total, "reading preferences", progress) as bar,
+        _closed_on_error(spill),
+        contextlib.closing(read),
+    ):
         for item in read:
             rows.append(item)
             bar.update()
             if limit is not None and len(rows) >= limit:
                 break
     if not rows:
+        spill.close()
         raise DataError("no preference rows", source=str(path))
-    return rows
+    return _mapped(rows, spill)
 
 
 def read_prompts(
@@ -478,23 +514,30 @@ def read_prompts(
     """
     files = data_files(path)
     known = _row_count(files)
-    items: list[PromptItem] = []
-    seen: set[tuple[bytes, str]] = set()
-    read = _read_rows(files, REQUIRED_PROMPT, _prompt, _workers(workers))
-    with _progress_bar(_rows_to_read(known, limit), "reading prompts", progress) as bar, contextlib.closing(read):
-        for item in read:
+    items: list[tuple[PromptItem, int]] = []
+    seen: set[tuple[int, str]] = set()
+    threads = _workers(workers)
+    spill = ImageSpill()
+    read = _read_rows(files, REQUIRED_PROMPT, _prompt, threads, spill)
+    with (
+        _progress_bar(_rows_to_read(known, limit), "reading prompts", progress) as bar,
+        _closed_on_error(spill),
+        contextlib.closing(read),
+    ):
+        for item, image in read:
             bar.update()
-            key = (item.image, item.question)  # identical images share one object, so its hash is computed once
+            key = (image, item.question)  # identical images have one index
             if key in seen:
                 bar.total = _rows_to_read(known, limit, skipped=bar.n - len(items))
                 continue
             seen.add(key)
-            items.append(item)
+            items.append((item, image))
             if limit is not None and len(items) >= limit:
                 break
     if not items:
+        spill.close()
         raise DataError("no prompts", source=str(path))
-    return items
+    return _mapped(items, spill)
 
 
 def _rows_to_read(known: int | None, limit: int | None, skipped: int = 0) -> int | None:

@@ -76,7 +76,7 @@ class EncodedPair:
     """A preference pair with answers tokenized as the service tokenizes them; reference sums once computed."""
 
     id: str
-    image: bytes
+    image: bytes | memoryview
     question: str
     chosen: str
     rejected: str

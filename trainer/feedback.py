@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from rlaifv.trainer.data import PromptItem, image_bytes, prompt_text
 from rlaifv.trainer.errors import DataError, TrainingInterrupted
 from rlaifv.trainer.feedback_config import FeedbackConfig
+from rlaifv.trainer.image_spill import ImageSpill
 from rlaifv.trainer.interrupt import stop_on_sigterm
 
 TRUNCATED_WARNING = 0.2  # share of candidates dropped as truncated above which a run is warned
@@ -56,7 +57,7 @@ class PromptFeedback:
     """Scored candidates for one prompt; `dropped` counts empty/truncated samples left out."""
 
     id: str
-    image: bytes
+    image: bytes | memoryview
     question: str
     answers: list[ScoredAnswer]
     dropped: int = 0
@@ -317,16 +318,19 @@ def read_feedback(path: str | Path) -> list[PromptFeedback]:
     import pyarrow.parquet as pq
 
     path = Path(path)
+    spill = ImageSpill()  # images on disk, as the reader keeps a dataset's (trainer.image_spill)
+    rows: list[tuple[PromptFeedback, int]] = []
     try:
-        records = pq.read_table(path).to_pylist()
+        with pq.ParquetFile(path) as parquet:
+            for batch in parquet.iter_batches(batch_size=256):
+                for r in batch.to_pylist():
+                    answers = [ScoredAnswer(**a) for a in json.loads(r["answers"])]
+                    image, _ = spill.add(r["image"])
+                    rows.append((PromptFeedback(r["id"], b"", r["question"], answers, r["dropped"]), image))
     except Exception as exc:
+        spill.close()
         raise DataError(f"not a readable feedback file: {exc}", source=str(path)) from None
-    return [
-        PromptFeedback(
-            r["id"], r["image"], r["question"], [ScoredAnswer(**a) for a in json.loads(r["answers"])], r["dropped"]
-        )
-        for r in records
-    ]
+    return spill.attach(rows)
 
 
 def _never() -> bool:

@@ -9,6 +9,7 @@ from PIL import Image
 from trainer_testkit import ControlledLabeler, png
 
 from rlaifv.trainer.data import PromptItem, read_preferences
+from rlaifv.trainer.errors import DataError
 from rlaifv.trainer.feedback import (
     PromptFeedback,
     ScoredAnswer,
@@ -132,6 +133,9 @@ def test_feedback_file_round_trip(tmp_path: Path) -> None:
     feedback = [_feedback(ControlledLabeler(lambda q: "red" in q))]
     again = read_feedback(write_feedback(tmp_path / "f.parquet", feedback))
     assert again == feedback
+    assert all(isinstance(f.image, memoryview) for f in again)  # on disk, as the reader keeps a dataset's images
+    with pytest.raises(DataError, match="not a readable feedback file"):
+        read_feedback(tmp_path / "missing.parquet")
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pyarrow as pa
@@ -321,7 +322,7 @@ def test_a_broken_line_after_a_bad_row_comes_second_and_none_past_the_limit(tmp_
         read_preferences(path, workers=workers)
 
 
-def test_identical_images_are_held_once_and_checked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_identical_images_are_stored_once_and_checked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from rlaifv.trainer import data
 
     checked: list[int] = []
@@ -412,3 +413,80 @@ def test_a_large_preference_file_is_written_a_row_group_at_a_time(tmp_path: Path
     out = write_preferences(tmp_path / "out.parquet", rows)
     assert pq.ParquetFile(out).metadata.num_row_groups == -(-len(rows) // 2)
     assert [(r.id, r.image, r.chosen) for r in read_preferences(out)] == [(r.id, r.image, r.chosen) for r in rows]
+
+
+_HELD = """
+import ctypes, gc, sys
+import pyarrow as pa
+from rlaifv.trainer.data import read_preferences
+
+def anon_mb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon")) / 1024
+
+read_preferences(sys.argv[2], progress=False)  # warm-up: imports, threads, allocator arenas
+before = anon_mb()
+rows = read_preferences(sys.argv[1], progress=False)
+gc.collect()
+pa.default_memory_pool().release_unused()
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # what the rows hold, not what allocators keep for reuse
+print(anon_mb() - before, len(rows))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RssAnon from /proc")
+def test_images_are_read_from_disk_not_held_in_process_memory(tmp_path: Path) -> None:
+    """Rows hold their images as views into a memory-mapped temporary file (file-backed pages the kernel can
+    drop), so reading a dataset does not add its images to the process's anonymous memory."""
+    import io
+    import mmap
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    noise = np.random.default_rng(0)
+    images = []
+    for _ in range(100):  # incompressible: ~0.48 MB each as PNG, 46 MiB in all (allocators' noise: ~5 MiB)
+        buffer = io.BytesIO()
+        Image.fromarray(noise.integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    rows = preference_rows([(f"chosen {i}", f"rejected {i}") for i in range(200)])
+    for i, row in enumerate(rows):
+        row["image"] = {"bytes": images[i % 100], "path": None}  # every image twice
+    path = write_rlaifv_parquet(tmp_path / "big.parquet", rows)
+    small = write_rlaifv_parquet(tmp_path / "small.parquet", preference_rows(PAIRS))
+
+    read = read_preferences(path, progress=False)
+    assert all(isinstance(r.image, memoryview) and isinstance(r.image.obj, mmap.mmap) for r in read)
+    assert [r.image for r in read] == [images[i % 100] for i in range(200)]
+    assert read[0].image is read[100].image and hash(read[0].image) == hash(images[0])
+
+    held = subprocess.run(
+        [sys.executable, "-c", _HELD, str(path), str(small)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    image_mb = sum(map(len, images)) / 2**20
+    assert int(held[1]) == 200
+    assert float(held[0]) < image_mb / 4, f"{held[0]} MB held after reading {image_mb:.1f} MB of distinct images"
+
+
+def test_a_large_spill_on_a_memory_backed_filesystem_is_warned_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    from rlaifv.trainer import image_spill
+
+    if image_spill.filesystem_type("/dev/shm") != "tmpfs":
+        pytest.skip("no tmpfs at /dev/shm")
+    path = write_rlaifv_parquet(tmp_path / "p.parquet", preference_rows(PAIRS))
+    monkeypatch.setattr(image_spill, "WARN_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", "/dev/shm")
+    with pytest.warns(UserWarning, match="memory-backed filesystem.*Set TMPDIR"):
+        rows = read_preferences(path, progress=False)
+    assert rows[0].image == png(COLOURS[0])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_preferences(path, progress=False)  # a disk: no warning

@@ -1,0 +1,108 @@
+"""A dataset's distinct images kept on disk and read back through one read-only memory map.
+
+Images are most of a preference dataset's bytes (RLAIF-V: ~134 KB a row, ~11 GiB for its 83k rows) and a
+training run reads each one only when its batch comes. Held as `bytes` they stay in every process's anonymous
+memory for the whole run, once per rank of a multi-process run. Here each distinct image is written once to an
+unlinked temporary file and the rows get `memoryview`s into a map of it: file-backed pages, which the kernel
+reads on demand, shares between views, and drops under memory pressure instead of failing the run. The file goes
+when the last view does.
+
+The file is made in the temporary folder (`TMPDIR`): point that at a disk, not a memory-backed tmpfs, for the
+saving to hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import mmap
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+T = TypeVar("T")
+
+WARN_BYTES = 1 << 30
+"""Spilled bytes past which a spill on a memory-backed filesystem is worth a warning."""
+
+
+def filesystem_type(path: str | Path) -> str | None:
+    """The type of the filesystem `path` is on (its longest mount point in /proc/mounts); None off Linux."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target, best, kind = os.path.realpath(path), "", None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, fields[2]
+    return kind
+
+
+class ImageSpill:
+    """Append distinct images while reading (`add`), then map them once (`views`)."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="rlaifv-images-")  # noqa: SIM115 (closed by views or close)
+        self._spans: list[tuple[int, int]] = []
+        self._index: dict[bytes, int] = {}
+        self._size = 0
+        self._warned = False
+
+    def add(self, data: bytes) -> tuple[int, bool]:
+        """The image's index, and whether it is new (identical bytes get the index of their first copy)."""
+        key = hashlib.blake2b(data, digest_size=20).digest()
+        known = self._index.get(key)
+        if known is not None:
+            return known, False
+        self._file.write(data)
+        self._spans.append((self._size, len(data)))
+        self._size += len(data)
+        self._index[key] = len(self._spans) - 1
+        if self._size > WARN_BYTES and not self._warned:
+            self._warned = True
+            self._warn_if_in_memory()
+        return len(self._spans) - 1, True
+
+    def _warn_if_in_memory(self) -> None:
+        folder = tempfile.gettempdir()
+        if filesystem_type(folder) in ("tmpfs", "ramfs"):
+            warnings.warn(
+                f"the dataset's images are stored in {folder}, a memory-backed filesystem: they take memory"
+                " there as they would in the process. Set TMPDIR to a folder on a disk.",
+                stacklevel=3,
+            )
+
+    def attach(self, rows: Sequence[tuple[T, int]]) -> list[T]:
+        """Dataclass rows, each given with its image's index, with their `image` field set to its view (`views`)."""
+        views = self.views()
+        return [dataclasses.replace(cast(Any, row), image=views[index]) for row, index in rows]
+
+    def close(self) -> None:
+        """Give the file up without mapping it (reading failed); views already taken stay valid."""
+        self._file.close()
+        self._index.clear()
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def views(self) -> list[memoryview]:
+        """Read-only views of every image, by index (hashable, and equal to the bytes they hold). The spill is
+        done with after this: the views keep the map, and through it the file, alive."""
+        self._file.flush()
+        if self._size == 0:
+            self._file.close()
+            return [memoryview(b"") for _ in self._spans]
+        whole = memoryview(mmap.mmap(self._file.fileno(), self._size, access=mmap.ACCESS_READ))
+        self._file.close()  # the map holds its own reference to the (unlinked) file
+        views = [whole[offset : offset + length] for offset, length in self._spans]
+        self._index.clear()
+        return views
