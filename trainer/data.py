@@ -7,7 +7,10 @@ Two layouts:
   origin_split (a JSON string), idx (a string), image_path. Give one file or a
   folder (every `*.parquet` below it, in sorted order).
 - JSONL: one object per line with `image` (a path, relative to the JSONL file's
-  folder, or base64), `question`, and for preference data `chosen`/`rejected`.
+  folder, or base64), `question`, and for preference data `chosen`/`rejected`;
+  or a JSON file holding one array of such objects (as LLaVA-style datasets
+  ship), given as the file itself (a folder is searched for parquet and JSONL
+  only: its other JSON files are metadata).
 
 Errors are `DataError`s naming the file, the 0-based data row and the column.
 Every image is checked while reading (`reward.images.check_image`: the service's
@@ -294,10 +297,46 @@ def _jsonable(value: Any) -> bool:
 
 
 def _jsonl_records(file: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """JSONL, or a JSON file holding one array of records (LLaVA-style datasets), told apart by the first
+    character that is not white space."""
     try:
-        yield from _jsonl_lines(file, required)
+        if _first_char(file) == "[":
+            yield from _json_array(file, required)
+        else:
+            yield from _jsonl_lines(file, required)
     except UnicodeDecodeError as exc:
-        raise DataError(f"not UTF-8 text (byte {exc.start}): JSONL must be UTF-8", source=str(file)) from None
+        raise DataError(f"not UTF-8 text (byte {exc.start}): JSON and JSONL must be UTF-8", source=str(file)) from None
+
+
+def _first_char(file: Path) -> str:
+    with open(file, encoding="utf-8-sig") as handle:
+        while chunk := handle.read(4096):
+            if stripped := chunk.lstrip():
+                return stripped[0]
+    return ""
+
+
+def _checked(record: Any, required: Sequence[str], *, source: str, row: int, where: str) -> dict[str, Any]:
+    if not isinstance(record, dict):
+        raise DataError(f"{where} is not a JSON object", source=source, row=row)
+    for column in required:
+        if column == "image" and "image" not in record and "image_path" in record:
+            continue
+        if column not in record:
+            raise MissingColumnError(f"required field is missing ({where})", source=source, row=row, column=column)
+    return record
+
+
+def _json_array(file: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    with open(file, encoding="utf-8-sig") as handle:
+        try:
+            records = json.load(handle)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"not valid JSON (line {exc.lineno}): {exc.msg}", source=str(file)) from None
+    if not isinstance(records, list):
+        raise DataError("a JSON data file must hold one array of records", source=str(file))
+    for row, record in enumerate(records):
+        yield row, _checked(record, required, source=str(file), row=row, where=f"item {row} of the array")
 
 
 def _jsonl_lines(file: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -310,16 +349,7 @@ def _jsonl_lines(file: Path, required: Sequence[str]) -> Iterator[tuple[int, dic
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"line {lineno} is not valid JSON: {exc.msg}", source=str(file), row=row) from None
-            if not isinstance(record, dict):
-                raise DataError(f"line {lineno} is not a JSON object", source=str(file), row=row)
-            for column in required:
-                if column == "image" and "image" not in record and "image_path" in record:
-                    continue
-                if column not in record:
-                    raise MissingColumnError(
-                        f"required field is missing (line {lineno})", source=str(file), row=row, column=column
-                    )
-            yield row, record
+            yield row, _checked(record, required, source=str(file), row=row, where=f"line {lineno}")
             row += 1
 
 

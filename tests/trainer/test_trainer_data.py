@@ -61,6 +61,36 @@ def test_jsonl_with_image_paths(tmp_path: Path) -> None:
     assert prompts == [PromptItem("q1", png((9, 9, 9)), "what is this")]
 
 
+def test_a_json_file_holding_an_array_of_records(tmp_path: Path) -> None:
+    """LLaVA-style datasets ship one JSON array; its items are rows, numbered from 0, errors naming them."""
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(png((9, 9, 9)))
+    records = [
+        {"id": "q1", "image": "imgs/a.png", "question": "what is this", "chosen": "a cat", "rejected": "a dog"},
+        {"id": "q2", "image": "imgs/a.png", "question": "and this", "chosen": "a hat", "rejected": "a bat"},
+    ]
+    path = tmp_path / "prefs.json"
+    path.write_text("\ufeff\n  " + json.dumps(records, indent=2))
+    rows = read_preferences(path)
+    assert [(r.id, r.chosen) for r in rows] == [("q1", "a cat"), ("q2", "a hat")] and rows[1].image == png((9, 9, 9))
+    assert [p.question for p in read_prompts(path)] == ["what is this", "and this"]
+
+    del records[1]["rejected"]
+    path.write_text(json.dumps(records))
+    with pytest.raises(MissingColumnError, match=r"row 1, column 'rejected': required field is missing \(item 1 of"):
+        read_preferences(path)
+    path.write_text(json.dumps([records[0], "text"]))
+    with pytest.raises(DataError, match="row 1: item 1 of the array is not a JSON object"):
+        read_preferences(path)
+    path.write_text('[{"id": 1,\n "image": ]')
+    with pytest.raises(DataError, match=r"not valid JSON \(line 2\)"):
+        read_preferences(path)
+    (tmp_path / "meta.json").write_text('{"features": {}}')  # a folder's JSON files are metadata, not data
+    (tmp_path / "prefs.json").unlink()
+    with pytest.raises(DataError, match="no .parquet or .parq or .jsonl files in folder"):
+        read_preferences(tmp_path)
+
+
 def test_write_preferences_round_trips_in_the_same_schema(tmp_path: Path) -> None:
     rows = read_preferences(write_rlaifv_parquet(tmp_path / "in.parquet", preference_rows(PAIRS)))
     out = write_preferences(tmp_path / "out.parquet", rows, origin={"generator": "g", "labeler": "l", "type": "t"})
