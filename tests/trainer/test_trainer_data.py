@@ -87,7 +87,7 @@ def test_a_json_file_holding_an_array_of_records(tmp_path: Path) -> None:
         read_preferences(path)
     (tmp_path / "meta.json").write_text('{"features": {}}')  # a folder's JSON files are metadata, not data
     (tmp_path / "prefs.json").unlink()
-    with pytest.raises(DataError, match="no .parquet or .parq or .jsonl files in folder"):
+    with pytest.raises(DataError, match=r"no \.parquet or \.parq or \.jsonl files in folder"):
         read_preferences(tmp_path)
 
 
