@@ -15,6 +15,7 @@ caller cuts the text).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,6 +44,9 @@ class SamplingParams(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=5.0, description="0 means greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    min_p: float = Field(
+        0.0, ge=0.0, le=1.0, description="Drop tokens less likely than min_p x the likeliest one (after temperature)."
+    )
     max_tokens: int = Field(64, ge=1, description="Maximum new tokens per answer, end-of-turn included.")
     seed: int | None = Field(None, description="Seed for reproducible samples; random when omitted.")
     stop: tuple[str, ...] = Field(
@@ -79,7 +83,9 @@ class Sample:
 
 
 def _transform(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Raw logits (rows, V) -> sampling logits under temperature, top-k and top-p (-inf = excluded)."""
+    """Raw logits (rows, V) -> sampling logits under temperature, top-k, top-p and min-p (-inf = excluded).
+
+    The order is vLLM's and transformers': temperature, then the filters on the tempered distribution."""
     # Shift before dividing so tiny temperatures give huge negative numbers, never inf - inf = NaN. `amax`, not
     # `max(dim)`: the same values without the indices, 7x faster on the CPU (8 x 31,999: 20 against 144 us).
     logits = logits - logits.amax(dim=-1, keepdim=True)
@@ -94,6 +100,8 @@ def _transform(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         drop_sorted = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the token that crosses top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
+    if params.min_p > 0.0:  # the likeliest logit is 0 after the shift: p / p_max >= min_p <=> logit >= log(min_p)
+        logits = logits.masked_fill(logits < math.log(params.min_p), float("-inf"))
     return logits
 
 
@@ -117,9 +125,9 @@ class _Chooser:
         self.presence = torch.tensor([p.presence_penalty for p in params], device=device)
         self.frequency = torch.tensor([p.frequency_penalty for p in params], device=device)
         self.generators = [_generator(p.seed) for p in params]
-        members: dict[tuple[float, float, int], list[int]] = {}
+        members: dict[tuple[float, float, int, float], list[int]] = {}
         for g, p in enumerate(params):
-            members.setdefault((p.temperature, p.top_p, p.top_k), []).append(g)
+            members.setdefault((p.temperature, p.top_p, p.top_k, p.min_p), []).append(g)
         self.members = list(members.values())  # prompts sharing one decoding setting, per setting
         setting_of_group = [0] * len(self.params)
         for s, groups in enumerate(self.members):

@@ -250,6 +250,8 @@ class Generator:
             body["stop"] = list(params.stop)
         if params.top_k:
             body["top_k"] = params.top_k  # vLLM's extension; a generator without it says so in a 400
+        if params.min_p:
+            body["min_p"] = params.min_p  # vLLM's extension, as top_k
         if params.presence_penalty:
             body["presence_penalty"] = params.presence_penalty
         if params.frequency_penalty:

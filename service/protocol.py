@@ -117,6 +117,9 @@ class SamplingOptions(Strict):
     temperature: float = Field(1.0, ge=0, le=5, description="0 means greedy (all samples identical); else >= 0.01.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, le=1_000_000, description="0 disables top-k.")
+    min_p: float = Field(
+        0, ge=0, le=1, description="Drop tokens less likely than min_p x the likeliest one (after temperature); 0: off."
+    )
     max_tokens: int | None = Field(
         None, ge=1, description="Most new tokens per answer, end-of-turn included (server limit applies)."
     )
@@ -129,7 +132,12 @@ class SamplingOptions(Strict):
         if max_tokens > settings.max_tokens:
             raise BadRequest(f"{param} must be <= {settings.max_tokens}, got {max_tokens}", param=param)
         return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_tokens=max_tokens, seed=self.seed
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            max_tokens=max_tokens,
+            seed=self.seed,
         )
 
 
@@ -498,6 +506,12 @@ class ChatCompletionRequest(Strict):
     top_k: int | None = Field(
         None, ge=-1, le=1_000_000, description="Extension (vLLM's): sample among the k likeliest tokens; 0 or -1: off."
     )
+    min_p: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Extension (vLLM's): drop tokens less likely than min_p x the likeliest one; 0: off.",
+    )
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (newer OpenAI name).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -648,6 +662,7 @@ class ChatCompletionRequest(Strict):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=max(0, self.top_k or 0),
+            min_p=self.min_p or 0.0,
             max_tokens=self.max_completion_tokens or self.max_tokens,
             seed=self.seed,
         )

@@ -681,6 +681,7 @@ class VllmEngine:
             "temperature": params.temperature,
             "top_p": params.top_p,
             "top_k": params.top_k if params.top_k > 0 else -1,
+            "min_p": params.min_p,
             "logprobs": request.top_logprobs or 0,
             "stop_token_ids": self.stop_ids,
             "ignore_eos": False,

@@ -114,7 +114,7 @@ def _props(components: dict[str, Any], name: str) -> set[str]:
 def test_request_bodies_use_only_server_fields(components: dict[str, Any]) -> None:
     png = b"\x89PNG\r\n\x1a\nfake"
     prompt = {"image": png, "question": "q", "model": "m", "beta": 0.1, "normalize": "mean"}
-    body = best_of_n_body(**prompt, n=2, temperature=1.0, top_p=0.9, top_k=5, max_tokens=4, seed=1)
+    body = best_of_n_body(**prompt, n=2, temperature=1.0, top_p=0.9, top_k=5, min_p=0.05, max_tokens=4, seed=1)
     assert set(body) <= _props(components, "BestOfNRequest")
     assert set(body["sampling"]) == _props(components, "SamplingOptions")  # every sampling option is exposed
     assert set(body["reward"]) <= _props(components, "RewardOptions")

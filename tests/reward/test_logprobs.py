@@ -65,11 +65,12 @@ def test_generation_logprobs_equal_teacher_forced(tiny_pair):
     params = [
         SamplingParams(temperature=1.3, top_p=0.9, max_tokens=12, seed=3),
         SamplingParams(temperature=0.7, top_k=5, max_tokens=7, seed=4),
+        SamplingParams(temperature=1.5, min_p=0.1, max_tokens=9, seed=5),
     ]
-    samples = tiny_pair.sample(prompts, [4, 3], params)
-    assert [len(g) for g in samples] == [4, 3]
+    samples = tiny_pair.sample([*prompts, prompts[0]], [4, 3, 3], params)
+    assert [len(g) for g in samples] == [4, 3, 3]
     with torch.no_grad():
-        for prompt, group, p in zip(prompts, samples, params, strict=True):
+        for prompt, group, p in zip([*prompts, prompts[0]], samples, params, strict=True):
             for sample in group:
                 assert 1 <= len(sample.token_ids) <= p.max_tokens
                 want = full_forward_logprobs(tiny_pair.policy, prompt, sample.token_ids)
@@ -94,7 +95,7 @@ def test_a_prompts_samples_do_not_depend_on_its_batch(tiny_pair):
     """The service micro-batches requests: a seeded request must get the same answers alone or batched."""
     prompts = _prompts(tiny_pair)
     mine = SamplingParams(temperature=1.2, top_p=0.95, max_tokens=10, seed=21)
-    other = SamplingParams(temperature=0.8, top_k=7, max_tokens=14, seed=99)
+    other = SamplingParams(temperature=0.8, top_k=7, min_p=0.05, max_tokens=14, seed=99)
     alone = tiny_pair.sample(prompts[1:], [5], [mine])[0]
     batched = tiny_pair.sample([prompts[0], prompts[1], prompts[0]], [3, 5, 2], [other, mine, mine])[1]
     assert [s.token_ids for s in batched] == [s.token_ids for s in alone]

@@ -105,6 +105,17 @@ def test_best_of_n_candidates_are_the_generators_answers_scored_by_the_pair(
     assert "rlaifv_generator_request_duration_seconds_count" in metrics
 
 
+def test_sampling_filters_reach_the_generator(scorer: LiveServer, generator: LiveServer, red_url: str) -> None:
+    """top_k and min_p (vLLM's extensions) are forwarded: min_p=1 makes the generator answer greedily."""
+    sampling = {"seed": 3, "max_tokens": 8, "temperature": 1.5, "min_p": 1.0, "top_k": 50}
+    body = {"images": [red_url], "question": QUESTION, "n": 3, "sampling": sampling}
+    r = httpx.post(scorer.url + "/v1/best-of-n", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    direct = {"model": GENERATOR, "messages": user_turn(red_url), "n": 1, "max_tokens": 8, "temperature": 0}
+    greedy = httpx.post(generator.url + "/v1/chat/completions", json=direct, timeout=60).json()["choices"]
+    assert {c["text"] for c in r.json()["candidates"]} == {greedy[0]["message"]["content"]}
+
+
 def test_openai_chat_through_the_generator(scorer: LiveServer, generator: LiveServer, red_url: str) -> None:
     body = {"model": "tiny-llava", "messages": user_turn(red_url), "n": 2, "best_of": 3, "seed": 9, "max_tokens": 8}
     r = httpx.post(scorer.url + "/v1/chat/completions", json=body, timeout=60)

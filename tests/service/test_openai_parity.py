@@ -193,6 +193,21 @@ def test_top_k_is_vllms_extension(client: httpx.Client, messages, no_eot) -> Non
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_k"
 
 
+def test_min_p_is_vllms_extension(client: httpx.Client, messages, no_eot) -> None:
+    """`min_p` (vLLM's extra parameter): 1 keeps only the likeliest token, the greedy answer at any temperature;
+    0 samples as without it; the log-probs returned stay the raw policy's."""
+    base = {"n": 3, "max_tokens": 8, "seed": 5, "logit_bias": no_eot, "temperature": 1.5, "logprobs": True}
+    greedy = chat(client, messages, **{**base, "n": 1, "temperature": 0})["choices"][0]
+    only = chat(client, messages, **base, min_p=1)["choices"]
+    assert {c["message"]["content"] for c in only} == {greedy["message"]["content"]}
+    assert only[0]["logprobs"] == greedy["logprobs"]  # filtered sampling, raw log-probs
+    plain = [c["message"]["content"] for c in chat(client, messages, **base)["choices"]]
+    assert [c["message"]["content"] for c in chat(client, messages, **base, min_p=0)["choices"]] == plain
+    assert len(set(plain)) > 1
+    bad = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": messages, "min_p": 1.5})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "min_p"
+
+
 def test_an_image_alone_is_a_prompt_and_nothing_at_all_is_a_400(client: httpx.Client, red_url: str) -> None:
     """OpenAI and vLLM take a user turn of one image part (a caption is asked by showing the image)."""
     image_only = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": red_url}}]}]

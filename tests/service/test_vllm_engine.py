@@ -190,7 +190,7 @@ def test_in_process_reference_scores_the_same(stack: Stack, client: httpx.Client
         assert client.get(server.url + "/readyz").json()["checks"]["engine"] == "ok"
 
 
-async def test_sampled_log_probs_are_raw_at_temperature_half_and_top_p(stack: Stack) -> None:
+async def test_sampled_log_probs_are_raw_at_temperature_half_top_p_and_min_p(stack: Stack) -> None:
     """vLLM's sampled-token log-probs (policy half of the reward) are the raw model's, not the processed ones, and the
     ids scored are the ids sampled: for a text prompt (/v1/completions) and one with an image (the token-in API)."""
     import torch
@@ -203,7 +203,7 @@ async def test_sampled_log_probs_are_raw_at_temperature_half_and_top_p(stack: St
     settings = stack.vllm.settings
     engine, _ = load_vllm_engine(str(stack.bundle), settings)
     pair = load_bundle(stack.bundle)
-    params = SamplingParams(temperature=0.5, top_p=0.8, max_tokens=24, seed=11)
+    params = SamplingParams(temperature=0.5, top_p=0.8, min_p=0.05, max_tokens=24, seed=11)
     image = _image()
     requests = [
         GenerateRequest(images, QUESTION, None, n, params, engine.reward) for images, n in (([], 8), ([image], 4))

@@ -189,6 +189,7 @@ def best_of_n_body(
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
+    min_p: float | None = None,
     max_tokens: int | None = None,
     seed: int | None = None,
     **prompt: Any,
@@ -198,7 +199,14 @@ def best_of_n_body(
     if n is not None:
         body["n"] = n
     sampling = _drop_none(
-        {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_tokens": max_tokens, "seed": seed}
+        {
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "min_p": min_p,
+            "max_tokens": max_tokens,
+            "seed": seed,
+        }
     )
     if sampling:
         body["sampling"] = sampling

@@ -1,0 +1,51 @@
+"""The sampler's filters against transformers' logits warpers, which define them for Hugging Face models (vLLM
+applies them in the same order: temperature, then the filters on the tempered distribution)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from rlaifv.reward.sampling import SamplingParams, _transform
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"min_p": 0.05},
+        {"min_p": 0.3, "temperature": 0.7},
+        {"min_p": 0.1, "top_k": 40, "temperature": 1.5},
+        {"min_p": 0.02, "top_p": 0.9},
+        {"min_p": 1.0},
+        {"top_k": 5, "top_p": 0.8, "temperature": 0.5},
+    ],
+)
+def test_filters_keep_the_tokens_transformers_keeps(settings: dict) -> None:
+    params = SamplingParams(**settings)
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(0)) * 4
+    warpers = [TemperatureLogitsWarper(params.temperature)]
+    if params.top_k:
+        warpers.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1:
+        warpers.append(TopPLogitsWarper(params.top_p))
+    if params.min_p:
+        warpers.append(MinPLogitsWarper(params.min_p))
+    want = logits.clone()
+    for warp in warpers:
+        want = warp(None, want)
+    got = _transform(logits, params)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.allclose(got.softmax(-1), want.softmax(-1), atol=1e-6)
+    if params.min_p == 1.0:  # only the likeliest token is left in every row
+        assert torch.equal(torch.isfinite(got).sum(-1), torch.ones(6, dtype=torch.long))
+
+
+def test_min_p_is_a_probability() -> None:
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(min_p=1.5)
