@@ -16,9 +16,10 @@ tool_venv() {
       cat constraints/cpu.txt
     } | sha256sum | cut -c1-16
   )
-  cache=${RLAIFV_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rlaifv-tools}
-  venv=$cache/$name-$key
+  cache=${RLAIFV_TOOLS_CACHE:-${XDG_CACHE_HOME:-${HOME:-$PWD}/.cache}/rlaifv-tools}
   mkdir -p "$cache" "$(dirname "$link")"
+  cache=$(cd "$cache" && pwd)  # absolute: the link is read from inside .cache/
+  venv=$cache/$name-$key
   (
     flock 9
     if [ ! -f "$venv/.installed" ]; then
@@ -31,5 +32,6 @@ tool_venv() {
   if [ -d "$link" ] && [ ! -L "$link" ]; then
     rm -rf "$link"  # a venv an earlier version of these scripts made inside the checkout
   fi
-  ln -sfn "$venv" "$link"
+  ln -sfn "$venv" "$link.$$"
+  mv -Tf "$link.$$" "$link"  # a rename: two checkouts' runs never see a half-made link
 }

@@ -71,6 +71,9 @@ class PromptItem:
     image: Any
     question: str
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.id, _portable(self.image), self.question))
+
 
 @dataclass(frozen=True)
 class PreferenceRow:
@@ -85,6 +88,16 @@ class PreferenceRow:
 
     def prompt(self) -> PromptItem:
         return PromptItem(self.id, self.image, self.question)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        fields = (self.question, self.chosen, self.rejected, self.meta)
+        return (type(self), (self.id, _portable(self.image), *fields))
+
+
+def _portable(image: Any) -> Any:
+    """What pickling (multiprocessing, deepcopy) sends of a row's image: a view into the spill cannot travel, so
+    its bytes do."""
+    return bytes(image) if isinstance(image, memoryview) else image
 
 
 @runtime_checkable

@@ -314,22 +314,31 @@ def write_feedback(path: str | Path, feedback: Sequence[PromptFeedback]) -> Path
     return path
 
 
-def read_feedback(path: str | Path) -> list[PromptFeedback]:
+def read_feedback(*paths: str | Path) -> list[PromptFeedback]:
+    """The feedback in one file or several (a run's saved batches), in order.
+
+    Images go to one spill for all files (disk, as the reader keeps a dataset's: `trainer.image_spill`): one
+    map however many batches a long run saved."""
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    spill = ImageSpill()  # images on disk, as the reader keeps a dataset's (trainer.image_spill)
+    spill = ImageSpill()
     rows: list[tuple[PromptFeedback, int]] = []
     try:
-        with pq.ParquetFile(path) as parquet:
-            for batch in parquet.iter_batches(batch_size=256):
-                for r in batch.to_pylist():
-                    answers = [ScoredAnswer(**a) for a in json.loads(r["answers"])]
-                    image, _ = spill.add(r["image"])
-                    rows.append((PromptFeedback(r["id"], b"", r["question"], answers, r["dropped"]), image))
-    except Exception as exc:
+        for path in map(Path, paths):
+            try:
+                with pq.ParquetFile(path) as parquet:
+                    for batch in parquet.iter_batches(batch_size=256):
+                        for r in batch.to_pylist():
+                            answers = [ScoredAnswer(**a) for a in json.loads(r["answers"])]
+                            image, _ = spill.add(r["image"])
+                            rows.append((PromptFeedback(r["id"], b"", r["question"], answers, r["dropped"]), image))
+            except DataError:
+                raise
+            except Exception as exc:
+                raise DataError(f"not a readable feedback file: {exc}", source=str(path)) from None
+    except BaseException:
         spill.close()
-        raise DataError(f"not a readable feedback file: {exc}", source=str(path)) from None
+        raise
     return spill.attach(rows)
 
 
@@ -351,10 +360,10 @@ class FeedbackShards:
         first prompts in order; else nothing (the folder is cleared)."""
         key_file = self.folder / self.KEY_FILE
         if key_file.is_file() and key_file.read_text() == self.key:
-            done: list[PromptFeedback] = []
+            shards = sorted(self.folder.glob("batch-*.parquet"))
+            done = read_feedback(*shards) if shards else []
             sampled = truncated = 0
-            for shard in sorted(self.folder.glob("batch-*.parquet")):
-                done += read_feedback(shard)
+            for shard in shards:
                 counts = json.loads(shard.with_suffix(".json").read_text())
                 sampled, truncated = sampled + counts["sampled"], truncated + counts["truncated"]
             if [f.id for f in done] == list(prompt_ids[: len(done)]):

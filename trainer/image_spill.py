@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from rlaifv.trainer.errors import DataError
+
 T = TypeVar("T")
 
 WARN_BYTES = 1 << 30
@@ -63,7 +65,12 @@ class ImageSpill:
         known = self._index.get(key)
         if known is not None:
             return known, False
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:  # a full or read-only temporary folder
+            raise DataError(
+                f"cannot store the dataset's images in {tempfile.gettempdir()} (TMPDIR): {exc.strerror or exc}"
+            ) from None
         self._spans.append((self._size, len(data)))
         self._size += len(data)
         self._index[key] = len(self._spans) - 1

@@ -48,7 +48,8 @@ class RoundContext:
     reference_dir: Path
 
 
-EvalHook = Callable[[RoundContext], dict[str, float]]
+EvalHook = Callable[[RoundContext], dict[str, float | None]]
+"""A round's evaluation: metric -> value, None where it could not be measured (never the 'best' round by it)."""
 RoundCallback = Callable[[dict[str, Any]], None]
 
 
@@ -275,7 +276,7 @@ def run_round(
             report["stages_reused"].append("eval")
         else:
             context = RoundContext(index, rdir, bundle_dir, dpo_dir / "policy", report["policy_type"], initial)
-            metrics = {k: float(v) for k, v in eval_hook(context).items()}
+            metrics = {k: None if v is None else float(v) for k, v in eval_hook(context).items()}
             eval_path.write_text(json.dumps(metrics, indent=2) + "\n")
             _free()
         report["eval"] = metrics

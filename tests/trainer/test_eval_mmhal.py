@@ -191,6 +191,18 @@ def test_nothing_judged_is_no_score_and_leaves_a_gap_in_the_curve(tmp_path: Path
     assert _mean([{"score": None, "n": 1}, {"score": 3.0, "n": 2}, {"score": 4.0, "n": 3}]) == {"score": 3.5, "n": 2}
     assert _mean([{"score": None}, {"score": None}]) == {"score": None}
     assert _mean([{"flag": True}, {"flag": False}]) == {"flag": True}
+    by_type = [{"by_type": {"attribute": 4.0}}, {"by_type": {}}, {"by_type": {"attribute": 2.0, "other": 1.0}}]
+    assert _mean(by_type) == {"by_type": {"attribute": 3.0, "other": 1.0}}  # a type no judged item had: left out
+    assert _mean(by_type[1:]) == _mean(by_type[::-1][:2]) == {"by_type": {"attribute": 2.0, "other": 1.0}}
+
+    from rlaifv.trainer.evaluation.report import Report, compare, report_markdown, write_report
+
+    report = Report(benchmark="mmhal", name="all-failed", settings={}, metrics=m)
+    assert "| score | n/a |" in report_markdown(report)
+    judged = Report(benchmark="mmhal", name="judged", settings={}, metrics={"score": 3.0, "by_type": {"other": 3.0}})
+    paths = [write_report(r, tmp_path / f"{r.name}.json")[0] for r in (report, judged)]
+    table = compare(paths)
+    assert "| score | n/a | 3.0000 |" in table and "| by_type.other | n/a | 3.0000 |" in table
 
     result = {
         "ns": [1, 2],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,10 @@ def test_feedback_file_round_trip(tmp_path: Path) -> None:
     again = read_feedback(write_feedback(tmp_path / "f.parquet", feedback))
     assert again == feedback
     assert all(isinstance(f.image, memoryview) for f in again)  # on disk, as the reader keeps a dataset's images
+    second = [dataclasses.replace(f, id=f"{f.id}-2") for f in feedback]
+    both = read_feedback(tmp_path / "f.parquet", write_feedback(tmp_path / "g.parquet", second))
+    assert [f.id for f in both] == [f.id for f in feedback + second]
+    assert len({id(f.image.obj) for f in both}) == 1  # one map for every file (a resumed run's many batches)
     with pytest.raises(DataError, match="not a readable feedback file"):
         read_feedback(tmp_path / "missing.parquet")
 

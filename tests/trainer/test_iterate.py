@@ -53,7 +53,8 @@ def _eval(ctx: RoundContext) -> dict[str, float]:
 
     pair = load_bundle(ctx.bundle_dir)
     ranking = pair.score(png((5, 5, 5)), "describe the image", ["a red circle", "a blue square"])
-    return {"round": float(ctx.round), "reward_0": ranking.candidates[0].reward}
+    # "unjudged": a metric the round could not measure (MMHal with every judgement failed) is None, kept as such
+    return {"round": float(ctx.round), "reward_0": ranking.candidates[0].reward, "unjudged": None}
 
 
 @pytest.mark.slow
@@ -80,6 +81,7 @@ def test_two_rounds_interrupted_between_rounds_resume_and_export(tiny_model: Pat
     assert (out / "round-01" / "dpo" / "policy" / "model.safetensors").stat().st_mtime_ns == round1_mtime
     assert [r["round"] for r in result.rounds] == [1, 2]
     assert result.exported_round == 1  # 'best' by the eval metric (min of 'round')
+    assert all(r["eval"]["unjudged"] is None for r in result.rounds)
 
     pair = load_bundle(result.bundle_dir)
     manifest = json.loads((result.bundle_dir / "rlaifv.json").read_text())

@@ -492,6 +492,12 @@ def test_images_are_read_from_disk_not_held_in_process_memory(tmp_path: Path) ->
     assert all(isinstance(r.image, memoryview) and isinstance(r.image.obj, mmap.mmap) for r in read)
     assert [r.image for r in read] == [images[i % 100] for i in range(200)]
     assert read[0].image is read[100].image and hash(read[0].image) == hash(images[0])
+    import copy
+    import pickle
+
+    sent = pickle.loads(pickle.dumps(read[1]))  # multiprocessing: a view cannot travel, its bytes do
+    assert sent == read[1] and isinstance(sent.image, bytes) and copy.deepcopy(read[1]) == read[1]
+    assert pickle.loads(pickle.dumps(read[1].prompt())) == read[1].prompt()
 
     held = subprocess.run(
         [sys.executable, "-c", _HELD, str(path), str(small)], capture_output=True, text=True, check=True

@@ -79,8 +79,8 @@ class Generator(Protocol):
 
 def image_bytes(image: Any) -> bytes:
     """The image's bytes: read a path, decode base64 / a data URL, or save a PIL image as PNG."""
-    if isinstance(image, bytes):
-        return image
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image)
     if isinstance(image, Path) or (isinstance(image, str) and len(image) < 4096 and Path(image).is_file()):
         return Path(image).read_bytes()
     if isinstance(image, str):

@@ -46,7 +46,7 @@ def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flatten(value, name + "."))
-        elif isinstance(value, int | float | str | bool):
+        elif value is None or isinstance(value, int | float | str | bool):  # None: n/a (nothing to measure on)
             out[name] = value
     return out
 
@@ -97,4 +97,4 @@ def compare(paths: Sequence[str | Path]) -> str:
     for flat in flats:
         keys += [k for k in flat if k not in keys]
     header = ["metric", *(f"{r.name or Path(p).stem} ({r.benchmark})" for r, p in zip(reports, paths, strict=True))]
-    return markdown_table(header, [[k, *(f.get(k, "") for f in flats)] for k in keys])
+    return markdown_table(header, [[k, *(f.get(k) for f in flats)] for k in keys])

@@ -46,14 +46,20 @@ def parse_ns(text: str) -> list[int]:
 def _mean(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Key-wise mean of metric dicts (nested dicts averaged recursively; other values from the first run).
 
-    A metric a run could not compute (None: nothing was judged) is left out of its mean; None if no run has it."""
+    A metric a run could not compute (None, or missing: a question type no judged item had) is left out of its
+    mean; None if no run has it."""
     out: dict[str, Any] = {}
-    for key, first in runs[0].items():
-        values = [run[key] for run in runs]
+    keys = list(dict.fromkeys(key for run in runs for key in run))
+    for key in keys:
+        values = [run[key] for run in runs if run.get(key) is not None]
+        if not values:
+            out[key] = None
+            continue
+        first = values[0]
         numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
         if isinstance(first, dict):
-            out[key] = _mean(values)
-        elif numbers and len(numbers) == sum(v is not None for v in values):
+            out[key] = _mean([v for v in values if isinstance(v, dict)])
+        elif numbers and len(numbers) == len(values):
             out[key] = sum(numbers) / len(numbers)
         else:
             out[key] = first
