@@ -71,7 +71,10 @@ def _load_source(spec: str) -> Any:
 @train_app.command("dpo")
 def dpo_command(
     data: Annotated[
-        Path, typer.Argument(help="RLAIF-V parquet file/folder or JSONL of (image, question, chosen, rejected).")
+        Path,
+        typer.Argument(
+            help="RLAIF-V parquet file/folder, or JSONL (or a JSON array file) of (image, question, chosen, rejected)."
+        ),
     ],
     model: Annotated[Path, typer.Option(help="Model folder to train (also the reference unless --reference).")],
     output: Annotated[
@@ -157,7 +160,7 @@ def iterate_command(
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder; rerun the same command to resume.")],
     prompts: Annotated[
-        Path | None, typer.Option(help="Prompts: parquet/JSONL file or folder with image and question.")
+        Path | None, typer.Option(help="Prompts: parquet/JSONL/JSON-array file, or folder, with image and question.")
     ] = None,
     source: Annotated[
         str | None, typer.Option(help="Prompt source factory instead of --prompts: package.module:factory.")
@@ -224,7 +227,9 @@ def options_command() -> None:
 
 
 def feedback(
-    prompts: Annotated[Path, typer.Argument(help="Prompts: parquet/JSONL file or folder with image and question.")],
+    prompts: Annotated[
+        Path, typer.Argument(help="Prompts: parquet/JSONL/JSON-array file, or folder, with image and question.")
+    ],
     model: Annotated[Path, typer.Option(help="Policy model folder that samples the candidates.")],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Output folder: feedback.parquet, pairs.parquet, report.json.")
