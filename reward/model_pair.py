@@ -32,7 +32,14 @@ from rlaifv.reward.families import family_of
 from rlaifv.reward.images import ImageLimits, load_image
 from rlaifv.reward.logprobs import answer_logprobs, continuation_logits
 from rlaifv.reward.packed_weights import PackedLinears, PackMode, pack_linears
-from rlaifv.reward.prompt import EncodedPrompt, encode_answers, encode_prompt, end_of_turn_id
+from rlaifv.reward.prompt import (
+    CONTEXT_TOKENS,
+    EncodedPrompt,
+    decoded_after,
+    encode_answers,
+    encode_prompt,
+    end_of_turn_id,
+)
 from rlaifv.reward.results import Candidate, ClaimCheck, Ranking, TokenLogprob, TopToken
 from rlaifv.reward.sampling import Sample, SamplingParams, sample_answers
 from rlaifv.reward.scoring import RewardConfig, implicit_reward, select_best
@@ -55,6 +62,8 @@ class GenerateTask:
     reward: RewardConfig
     images: list[Any] = field(default_factory=list)
     top_logprobs: int | None = None
+    continue_final: bool = False
+    """The prompt ends inside an assistant message the answers continue: their text keeps its leading space."""
 
 
 @dataclass
@@ -197,14 +206,29 @@ class ModelPair:
         question: str | None = None,
         *,
         messages: Sequence[dict[str, Any]] | None = None,
+        continue_final: bool = False,
     ) -> EncodedPrompt:
-        return self._encode_loaded(self.load_images(images), question, messages=messages)
+        """The model's prompt (`reward.prompt.encode_prompt`); `continue_final`: answers continue the last
+        (assistant) message."""
+        return self._encode_loaded(self.load_images(images), question, messages=messages, continue_final=continue_final)
 
     def _encode_loaded(
-        self, images: list[Any], question: str | None, *, messages: Sequence[dict[str, Any]] | None = None
+        self,
+        images: list[Any],
+        question: str | None,
+        *,
+        messages: Sequence[dict[str, Any]] | None = None,
+        continue_final: bool = False,
     ) -> EncodedPrompt:
         """`encode` for images `load_images` already returned (decoded once, kept for the claims labeler)."""
-        return encode_prompt(self.processor, images, question, messages=messages, max_length=self.max_positions)
+        return encode_prompt(
+            self.processor,
+            images,
+            question,
+            messages=messages,
+            max_length=self.max_positions,
+            continue_final=continue_final,
+        )
 
     def load_images(self, images: Sequence[Any]) -> list[Any]:
         """PIL images from any accepted form, limits enforced (PIL images pass through)."""
@@ -216,10 +240,10 @@ class ModelPair:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.raw_text(token_ids).strip()
 
-    def raw_text(self, token_ids: Sequence[int]) -> str:
-        """The answer's text before stripping: what stop strings are searched in."""
-        ids = [t for t in token_ids if t not in self.stop_ids]
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+    def raw_text(self, token_ids: Sequence[int], context: Sequence[int] = ()) -> str:
+        """The answer's text before stripping: what stop strings are searched in; read after `context` when it
+        continues a message (`reward.prompt.decoded_after`)."""
+        return decoded_after(self.tokenizer, [t for t in token_ids if t not in self.stop_ids], context)
 
     def check_logit_bias(self, bias: dict[int, float], param: str = "logit_bias") -> None:
         """Biased token ids must be in the tokenizer's vocabulary."""
@@ -266,18 +290,22 @@ class ModelPair:
         )
         return samples
 
-    def _answer(self, sample: Sample, stop: Sequence[str]) -> _Answer:
+    def _answer(self, sample: Sample, stop: Sequence[str], context: Sequence[int] = ()) -> _Answer:
         """Cut the text before the first stop string, as OpenAI does; the reward then scores the cut text.
 
         The cut text is re-tokenized with end-of-turn appended (a finished turn, exactly what /v1/rewards
-        scores for it): the sampled tokens may straddle the cut, so no token prefix spells the text.
+        scores for it): the sampled tokens may straddle the cut, so no token prefix spells the text. A
+        continuation (`context`: the prompt's last tokens) keeps its leading space, as the message it joins
+        needs it.
         """
-        raw = self.raw_text(sample.token_ids)
+        raw = self.raw_text(sample.token_ids, context)
+        tidy = str.rstrip if context else str.strip
         cuts = [i for i in (raw.find(s) for s in stop) if i >= 0]
         if not cuts:
-            return _Answer(sample, raw.strip(), list(sample.token_ids), False, sample.logprobs)
-        text = raw[: min(cuts)].strip()
-        ids = [*self.tokenizer(text, add_special_tokens=False)["input_ids"], self.eot_id] if text else [self.eot_id]
+            return _Answer(sample, tidy(raw), list(sample.token_ids), False, sample.logprobs)
+        text = tidy(raw[: min(cuts)])
+        words = text.lstrip()
+        ids = [*self.tokenizer(words, add_special_tokens=False)["input_ids"], self.eot_id] if words else [self.eot_id]
         return _Answer(sample, text, ids, True)
 
     @torch.no_grad()
@@ -370,7 +398,8 @@ class ModelPair:
         )
         sampled = time.perf_counter()
         answers = [
-            [self._answer(s, task.sampling.stop) for s in group] for task, group in zip(tasks, samples, strict=True)
+            [self._answer(s, task.sampling.stop, _context(task)) for s in group]
+            for task, group in zip(tasks, samples, strict=True)
         ]
         self._finish_answers(prompts, answers)
         ref = self.sequence_logprobs(prompts, [[a.ids for a in group] for group in answers], reference=True)
@@ -520,3 +549,10 @@ def _as_list(image: Any) -> list[Any]:
 
 def _ranking(candidates: list[Candidate], timings: dict[str, float]) -> Ranking:
     return Ranking(candidates=candidates, best_index=select_best([c.reward for c in candidates]), timings=dict(timings))
+
+
+def _context(task: GenerateTask) -> list[int]:
+    """The prompt tokens a continuation's text is read after; none for a new turn."""
+    if not task.continue_final:
+        return []
+    return [int(t) for t in task.prompt.input_ids[-CONTEXT_TOKENS:].tolist()]

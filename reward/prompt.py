@@ -59,11 +59,14 @@ def encode_prompt(
     *,
     messages: Sequence[dict[str, Any]] | None = None,
     max_length: int | None = None,
+    continue_final: bool = False,
 ) -> EncodedPrompt:
     """Render the chat template (generation prompt appended) and run the processor.
 
     Either `question` (one user turn, images first) or full `messages` in the
-    Hugging Face chat format with `{"type": "image"}` placeholders.
+    Hugging Face chat format with `{"type": "image"}` placeholders. `continue_final`
+    (vLLM's `continue_final_message`): the answer continues the last message, an
+    assistant turn, instead of starting a new one (`render_chat`).
     """
     if (question is None) == (messages is None):
         raise InvalidInputError("give exactly one of question or messages", param="question")
@@ -83,12 +86,7 @@ def encode_prompt(
             f"this model reads text only: send no images (got {len(images)})",
             param="images" if question is not None else text_param,
         )
-    from jinja2 import TemplateError
-
-    try:
-        text = processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    except TemplateError as exc:  # the template's own rules (e.g. roles must alternate): the caller's input
-        raise InvalidInputError(f"the model's chat template refused these messages: {exc}", param=text_param) from None
+    text = render_chat(processor, messages, continue_final=continue_final, param=text_param)
     tokenizer = processor.tokenizer
     has_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
     batch = processor(
@@ -105,6 +103,59 @@ def encode_prompt(
             param=text_param,
         )
     return EncodedPrompt(input_ids=input_ids, vision=dict(batch))
+
+
+def render_chat(
+    processor: Any, messages: Sequence[dict[str, Any]], *, continue_final: bool = False, param: str = "messages"
+) -> str:
+    """The chat template's text for `messages`: a new assistant turn opened after them, or with `continue_final`
+    the last message (an assistant turn with text) left open so that the answer continues it (transformers'
+    `continue_final_message`, what vLLM does with the same request field). The template's own refusals are the
+    caller's input errors."""
+    from jinja2 import TemplateError
+
+    if continue_final:
+        last = messages[-1] if messages else {}
+        content = last.get("content")
+        texts = [content] if isinstance(content, str) else [p.get("text", "") for p in content or [] if p]
+        if last.get("role") != "assistant" or not any(str(t).strip() for t in texts):
+            raise InvalidInputError(
+                "continue_final_message needs the last message to be an assistant turn with text to continue",
+                param=f"{param}[{len(messages) - 1}]",
+            )
+    try:
+        return str(
+            processor.apply_chat_template(
+                list(messages),
+                add_generation_prompt=not continue_final,
+                continue_final_message=continue_final,
+                tokenize=False,
+            )
+        )
+    except TemplateError as exc:  # the template's own rules (e.g. roles must alternate): the caller's input
+        raise InvalidInputError(f"the model's chat template refused these messages: {exc}", param=param) from None
+    except ValueError as exc:  # transformers: a template that drops the text to continue
+        if not continue_final:
+            raise
+        raise InvalidInputError(f"the last message cannot be continued: {exc}", param=param) from None
+
+
+def decoded_after(tokenizer: Any, ids: Sequence[int], context: Sequence[int] = ()) -> str:
+    """`ids` decoded as they read after `context` (the prompt's last tokens), special tokens left out.
+
+    Without context, as the answer's own text. With it, the continuation of a message: SentencePiece and other
+    decoders drop a word's leading space at the start of a decode ("▁red" -> "red"), which joined to the message
+    would run two words together; decoding behind the context keeps it (" red"), as vLLM's detokenizer does."""
+    if not context:
+        return str(tokenizer.decode(list(ids), skip_special_tokens=True))
+    head = str(tokenizer.decode(list(context), skip_special_tokens=True))
+    both = str(tokenizer.decode([*context, *ids], skip_special_tokens=True))
+    return both[len(head) :] if both.startswith(head) else str(tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+CONTEXT_TOKENS = 4
+"""Prompt tokens decoded before a continuation (`decoded_after`): enough to settle a multi-byte character or
+a word split over tokens."""
 
 
 def reserved_strings(processor: Any) -> tuple[str, ...]:

@@ -197,8 +197,11 @@ class Generator:
             return f"unavailable: {exc}"
         return "ok" if self.model in models else f"model '{self.model}' no longer listed"
 
-    async def generate(self, messages: list[dict[str, Any]], n: int, params: SamplingParams) -> list[Generated]:
-        """`n` answers to `messages`, in the generator's order.
+    async def generate(
+        self, messages: list[dict[str, Any]], n: int, params: SamplingParams, continue_final: bool = False
+    ) -> list[Generated]:
+        """`n` answers to `messages`, in the generator's order; `continue_final`: answers that continue the last
+        (assistant) message, asked with vLLM's `continue_final_message` (a generator without it says so in a 400).
 
         One request with `n` (split by RLAIFV_GENERATOR_MAX_N). A generator that answers 400 to n > 1 while
         n = 1 works gets one request per answer, concurrently, from then on; with a seed, the i-th gets seed + i
@@ -206,12 +209,12 @@ class Generator:
         """
         size = 1 if self._one_per_request else min(n, self.max_n or n)
         try:
-            return await self._gather(messages, n, size, params)
+            return await self._gather(messages, n, size, params, continue_final)
         except _Refused as exc:
             if size == 1 or exc.status != 400:
                 raise self._rejected(exc) from None
         try:
-            answers = await self._gather(messages, n, 1, params)
+            answers = await self._gather(messages, n, 1, params, continue_final)
         except _Refused as exc:
             raise self._rejected(exc) from None
         self._one_per_request = True
@@ -222,9 +225,12 @@ class Generator:
         return BadRequest(f"generator {self.host} refused the request: {exc.message}", code="generator_rejected")
 
     async def _gather(
-        self, messages: list[dict[str, Any]], n: int, size: int, params: SamplingParams
+        self, messages: list[dict[str, Any]], n: int, size: int, params: SamplingParams, continue_final: bool
     ) -> list[Generated]:
-        calls = [self._complete(messages, min(size, n - offset), offset, params) for offset in range(0, n, size)]
+        calls = [
+            self._complete(messages, min(size, n - offset), offset, params, continue_final)
+            for offset in range(0, n, size)
+        ]
         results = await asyncio.gather(*calls, return_exceptions=True)
         answers: list[Generated] = []
         for result in results:
@@ -234,7 +240,12 @@ class Generator:
         return answers
 
     async def _complete(
-        self, messages: list[dict[str, Any]], count: int, offset: int, params: SamplingParams
+        self,
+        messages: list[dict[str, Any]],
+        count: int,
+        offset: int,
+        params: SamplingParams,
+        continue_final: bool = False,
     ) -> list[Generated]:
         body: dict[str, Any] = {
             "model": self.model,
@@ -252,6 +263,8 @@ class Generator:
             body["top_k"] = params.top_k  # vLLM's extension; a generator without it says so in a 400
         if params.min_p:
             body["min_p"] = params.min_p  # vLLM's extension, as top_k
+        if continue_final:
+            body |= {"continue_final_message": True, "add_generation_prompt": False}  # vLLM's extension
         if params.presence_penalty:
             body["presence_penalty"] = params.presence_penalty
         if params.frequency_penalty:

@@ -562,6 +562,16 @@ class ChatCompletionRequest(Strict):
     verbosity: Any = Field(None, description="Refused.")
     moderation: Any = Field(None, description="Refused: no moderation model.")
     reward: RewardOptions | None = Field(None, description="Extension: reward options.")
+    continue_final_message: bool = Field(
+        False,
+        description="Extension (vLLM's): the answers continue the last message, an assistant turn (a prefill), "
+        "instead of starting a new one; each choice holds the continuation. Needs add_generation_prompt=false.",
+    )
+    add_generation_prompt: bool | None = Field(
+        None,
+        description="Extension (vLLM's): open a new assistant turn after the messages (the default); false only "
+        "with continue_final_message.",
+    )
 
     _temperature = field_validator("temperature")(_check_temperature)
 
@@ -608,6 +618,17 @@ class ChatCompletionRequest(Strict):
             raise BadRequest("stream_options is only allowed with stream=true", param="stream_options")
         if self.top_logprobs is not None and not self.logprobs:
             raise BadRequest("top_logprobs needs logprobs=true", param="top_logprobs")
+        if self.continue_final_message and self.add_generation_prompt:  # vLLM refuses the two alike
+            raise BadRequest(
+                "continue_final_message and add_generation_prompt cannot both be true", param="add_generation_prompt"
+            )
+        if self.add_generation_prompt is False and not self.continue_final_message:
+            raise BadRequest(
+                "add_generation_prompt=false is supported only with continue_final_message=true: the answer must be"
+                " an assistant turn, new or continued",
+                param="add_generation_prompt",
+                code="unsupported_value",
+            )
 
     def candidates(self, settings: Settings) -> int:
         best_of = self.best_of if self.best_of is not None else self.n

@@ -261,6 +261,7 @@ class Serving:
         config: RewardConfig,
         request: Request | None,
         need: int = 1,
+        continue_final: bool = False,
     ) -> tuple[Outcome, list[Generated], float]:
         """The generator writes n answers; the pair scores them as /v1/rewards would (the same ScoreRequest).
 
@@ -272,11 +273,12 @@ class Serving:
         assert self.generator is not None
         started = time.perf_counter()
         prompt = openai_messages(question, messages, raw)
-        answers = [a for a in await self.generator.generate(prompt, n, sampling) if a.text.strip()]
+        answers = [a for a in await self.generator.generate(prompt, n, sampling, continue_final) if a.text.strip()]
         if len(answers) < need:
             missing = n - len(answers)
             again = sampling if sampling.seed is None else sampling.model_copy(update={"seed": sampling.seed + n})
-            answers += [a for a in await self.generator.generate(prompt, missing, again) if a.text.strip()][:missing]
+            more = await self.generator.generate(prompt, missing, again, continue_final)
+            answers += [a for a in more if a.text.strip()][:missing]
         generate_s = time.perf_counter() - started
         if len(answers) < need:
             raise BadGateway(
@@ -284,7 +286,7 @@ class Serving:
                 code="generator_empty",
             )
         max_tokens = self.settings.max_tokens * GENERATED_TOKEN_SLACK
-        score = ScoreRequest(images, question, messages, [a.text for a in answers], config, max_tokens)
+        score = ScoreRequest(images, question, messages, [a.text for a in answers], config, max_tokens, continue_final)
         return await self._run(score, request), answers, generate_s
 
     def _timings(self, outcome: Outcome, arrived: float, generate_s: float | None = None) -> Timings:
@@ -442,11 +444,12 @@ class Serving:
                 config,
                 top_logprobs=body.top_logprobs_asked(),
                 max_tokens_param=body.max_tokens_param(),
+                continue_final=body.continue_final_message,
             )
             outcome = await self._run(generate, request)
         else:
             outcome, answers, _ = await self._generate_elsewhere(
-                images, raw, None, messages, best_of, sampling, config, request, need=body.n
+                images, raw, None, messages, best_of, sampling, config, request, body.n, body.continue_final_message
             )
             finish_reasons = [a.finish_reason for a in answers]
         ranking = outcome.result.ranking

@@ -28,7 +28,8 @@ class GenerateRequest:
 
     `top_logprobs` (None: none) asks for each candidate's per-token log-probs with that many alternatives.
     `max_tokens_param` names the request field that set `sampling.max_tokens`; None means the server's default,
-    which shrinks to fit a long prompt (as OpenAI and vLLM do) instead of failing the request.
+    which shrinks to fit a long prompt (as OpenAI and vLLM do) instead of failing the request. `continue_final`:
+    the answers continue the last message, an assistant turn (vLLM's `continue_final_message`).
     """
 
     images: list[Any]
@@ -39,6 +40,7 @@ class GenerateRequest:
     reward: RewardConfig
     top_logprobs: int | None = None
     max_tokens_param: str | None = None
+    continue_final: bool = False
     kind: Kind = field(default="generate", init=False)
 
     @property
@@ -61,7 +63,7 @@ class GenerateRequest:
 
 @dataclass
 class ScoreRequest:
-    """Rank given answers (e.g. another model's) to an image+question."""
+    """Rank given answers (e.g. another model's) to an image+question; `continue_final` as in GenerateRequest."""
 
     images: list[Any]
     question: str | None
@@ -69,6 +71,7 @@ class ScoreRequest:
     answers: list[str]
     reward: RewardConfig
     max_tokens: int
+    continue_final: bool = False
     kind: Kind = field(default="score", init=False)
 
 

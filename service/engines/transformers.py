@@ -79,7 +79,9 @@ class TransformersEngine:
         lengths: list[int] = []
         for i, request in enumerate(requests):
             try:
-                prompt = self.pair.encode(request.images, request.question, messages=request.messages)
+                prompt = self.pair.encode(
+                    request.images, request.question, messages=request.messages, continue_final=request.continue_final
+                )
                 limit = self.pair.max_positions
                 if isinstance(request, GenerateRequest):
                     sampling = request.fitted(len(prompt), limit)
@@ -92,6 +94,7 @@ class TransformersEngine:
                             request.reward,
                             images=request.images,
                             top_logprobs=request.top_logprobs,
+                            continue_final=request.continue_final,
                         )
                     )
                 else:

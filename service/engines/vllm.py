@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import httpx
 
 from rlaifv.reward.errors import ContextLengthError, InvalidInputError
+from rlaifv.reward.prompt import CONTEXT_TOKENS, decoded_after
 from rlaifv.reward.token_bytes import TokenBytes
 from rlaifv.service.engines import vllm_payload
 from rlaifv.service.engines.base import EngineResult, GenerateRequest, Request, ScoreRequest
@@ -608,18 +609,31 @@ class VllmEngine:
     def _prompt(self, request: Request) -> Prompt:
         if request.reward.mode == "claims" and not request.images:
             raise InvalidInputError("the 'claims' reward needs the request's image", param="reward.mode")
-        return self._encode(request.images, request.question, request.messages)
+        return self._encode(request.images, request.question, request.messages, request.continue_final)
 
-    def _encode(self, images: Sequence[Any], question: str | None, messages: list[dict[str, Any]] | None) -> Prompt:
+    def _encode(
+        self,
+        images: Sequence[Any],
+        question: str | None,
+        messages: list[dict[str, Any]] | None,
+        continue_final: bool = False,
+    ) -> Prompt:
         """Our expanded prompt (validates the request: `encode_prompt` refuses images for a text-only bundle) and,
         with images, what vLLM's token-in API gets: the unexpanded ids and the images as data URLs."""
         from rlaifv.reward.prompt import encode_prompt
 
-        encoded = encode_prompt(self.processor, images, question, messages=messages, max_length=self._max_positions)
+        encoded = encode_prompt(
+            self.processor,
+            images,
+            question,
+            messages=messages,
+            max_length=self._max_positions,
+            continue_final=continue_final,
+        )
         ids = [int(t) for t in encoded.input_ids.tolist()]
         if not images:
             return Prompt(ids, ids, encoded)
-        sent = vllm_payload.prompt_ids(self.processor, images, question, messages)
+        sent = vllm_payload.prompt_ids(self.processor, images, question, messages, continue_final)
         return Prompt(ids, sent, encoded, vllm_payload.content_parts(images))
 
     async def _one(self, request: Request) -> EngineResult:
@@ -728,21 +742,24 @@ class VllmEngine:
             raise self.policy.bad_response(f"returned {len(choices)} choices for n={wanted}")
         if wanted != request.n:  # greedy: one answer, N times
             choices = choices * request.n
-        samples = await self._cpu(lambda: [parse(choice) for choice in choices])
+        context = prompt.ids[-CONTEXT_TOKENS:] if request.continue_final else []
+        samples = await self._cpu(lambda: [parse(choice, context) for choice in choices])
         sampled = time.perf_counter()
 
         def answers_of() -> tuple[list[list[int]], list[str]]:
             """The ids scored and the text returned; a stop-cut text is a finished turn, scored as /v1/rewards
             would score it (re-tokenized, end-of-turn appended)."""
             ids, texts = [], []
+            tidy = str.rstrip if context else str.strip  # a continuation keeps its leading space (in process too)
             for s in samples:
-                if s.cut:  # stripped before it is tokenized, as in process: the text the client gets is what is scored
-                    text = s.text.strip()
-                    ids.append(encode_answer(self.tokenizer, text, eot_id=self.eot_id) if text else [self.eot_id])
+                if s.cut:  # trimmed before it is tokenized, as in process: the text the client gets is what is scored
+                    text = tidy(s.text)
+                    words = text.lstrip()
+                    ids.append(encode_answer(self.tokenizer, words, eot_id=self.eot_id) if words else [self.eot_id])
                     texts.append(text)
                 else:
                     ids.append(s.ids)
-                    texts.append(self._decode(s.ids))
+                    texts.append(tidy(self._decode(s.ids, context)))
             return ids, texts
 
         answers, texts = await self._cpu(answers_of)
@@ -817,8 +834,8 @@ class VllmEngine:
 
     # -- reading vLLM's samples ---------------------------------------------------------
 
-    def _sampled(self, choice: dict[str, Any]) -> _Sampled:
-        """A /v1/completions choice (`return_tokens_as_token_ids`)."""
+    def _sampled(self, choice: dict[str, Any], context: Sequence[int] = ()) -> _Sampled:
+        """A /v1/completions choice (`return_tokens_as_token_ids`); its text is vLLM's, read after the prompt."""
         logprobs = choice.get("logprobs") or {}
         tokens = logprobs.get("tokens") or []
         values = logprobs.get("token_logprobs") or []
@@ -839,9 +856,9 @@ class VllmEngine:
         finish = "stop" if cut or (ids and ids[-1] in self.stop_ids) else "length"
         return _Sampled(ids, [float(v) for v in values], finish, str(choice.get("text") or ""), cut, top)
 
-    def _sampled_tokens(self, choice: dict[str, Any]) -> _Sampled:
-        """A /inference/v1/generate choice (tokens only: a stop-cut text is decoded here and cut at the stop string,
-        as vLLM cuts it)."""
+    def _sampled_tokens(self, choice: dict[str, Any], context: Sequence[int] = ()) -> _Sampled:
+        """A /inference/v1/generate choice (tokens only: a stop-cut text is decoded here, after `context` for a
+        continuation, and cut at the stop string, as vLLM cuts it)."""
         ids = [int(t) for t in choice.get("token_ids") or []]
         content = (choice.get("logprobs") or {}).get("content") or []
         try:
@@ -857,14 +874,15 @@ class VllmEngine:
         cut = isinstance(stop_reason, str)
         text = ""
         if cut:
-            raw = str(self.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True))
+            raw = self._decode(ids, context)
             at = raw.find(str(stop_reason))
             text = raw[:at] if at >= 0 else raw
         finish = "stop" if cut or (ids and ids[-1] in self.stop_ids) else "length"
         return _Sampled(ids, values, finish, text, cut, top)
 
-    def _decode(self, ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)).strip()
+    def _decode(self, ids: Sequence[int], context: Sequence[int] = ()) -> str:
+        """The untrimmed text of sampled ids (read after `context`: `reward.prompt.decoded_after`)."""
+        return decoded_after(self.tokenizer, [t for t in ids if t not in self.stop_ids], context)
 
     def _token_logprobs(self, sample: _Sampled, ids: list[int], policy: list[float], k: int) -> list[TokenLogprob]:
         """Per-token raw policy log-probs (end-of-turn excluded) with the server's top-k alternatives."""

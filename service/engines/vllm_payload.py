@@ -24,7 +24,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from rlaifv.reward.prompt import user_message
+from rlaifv.reward.prompt import render_chat, user_message
 
 GENERATE_PATH = "/inference/v1/generate"
 
@@ -50,13 +50,17 @@ def content_parts(images: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def prompt_ids(
-    processor: Any, images: Sequence[Any], question: str | None, messages: Sequence[dict[str, Any]] | None
+    processor: Any,
+    images: Sequence[Any],
+    question: str | None,
+    messages: Sequence[dict[str, Any]] | None,
+    continue_final: bool = False,
 ) -> list[int]:
     """The prompt `encode_prompt` renders, tokenized without image expansion (vLLM expands the placeholders).
 
     The caller has validated the request with `encode_prompt` first (question or messages, image counts)."""
     turns = list(messages) if messages is not None else user_message(question or "", len(images))
-    text = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    text = render_chat(processor, turns, continue_final=continue_final)
     tokenizer = processor.tokenizer
     has_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
     return [int(t) for t in tokenizer(text, add_special_tokens=not has_bos)["input_ids"]]

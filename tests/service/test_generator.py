@@ -116,6 +116,22 @@ def test_sampling_filters_reach_the_generator(scorer: LiveServer, generator: Liv
     assert {c["text"] for c in r.json()["candidates"]} == {greedy[0]["message"]["content"]}
 
 
+def test_a_continued_assistant_message_reaches_the_generator(
+    scorer: LiveServer, generator: LiveServer, red_url: str
+) -> None:
+    """continue_final_message (vLLM's extension) is forwarded: the generator continues the prefill and the pair
+    scores the continuation after the same open turn."""
+    turns = [*user_turn(red_url), {"role": "assistant", "content": "a red"}]
+    body = {"messages": turns, "n": 2, "seed": 4, "max_tokens": 8, "temperature": 1.0}
+    body |= {"continue_final_message": True, "add_generation_prompt": False}
+    through = httpx.post(scorer.url + "/v1/chat/completions", json={"model": "tiny-llava", **body}, timeout=60)
+    direct = httpx.post(generator.url + "/v1/chat/completions", json={"model": GENERATOR, **body}, timeout=60)
+    assert through.status_code == 200 and direct.status_code == 200, (through.text, direct.text)
+    got = sorted(c["message"]["content"] for c in through.json()["choices"])
+    assert got == sorted(c["message"]["content"] for c in direct.json()["choices"])
+    assert any(text.startswith(" ") for text in got)  # continuations, joined to "a red"
+
+
 def test_openai_chat_through_the_generator(scorer: LiveServer, generator: LiveServer, red_url: str) -> None:
     body = {"model": "tiny-llava", "messages": user_turn(red_url), "n": 2, "best_of": 3, "seed": 9, "max_tokens": 8}
     r = httpx.post(scorer.url + "/v1/chat/completions", json=body, timeout=60)

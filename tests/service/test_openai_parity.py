@@ -193,6 +193,48 @@ def test_top_k_is_vllms_extension(client: httpx.Client, messages, no_eot) -> Non
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_k"
 
 
+def test_continue_final_message_continues_the_assistant_prefill(
+    client: httpx.Client, messages, no_eot, in_process_pair, red_png: bytes
+) -> None:
+    """vLLM's extension: the answer continues the last (assistant) message instead of starting a new turn; the
+    choice holds the continuation with its leading space, so prefill + content reads as one text. It is what the
+    in-process pair samples after the prompt rendered with transformers' continue_final_message."""
+    from rlaifv.reward.sampling import SamplingParams
+
+    prefill = "a red"
+    turns = [*messages, {"role": "assistant", "content": prefill}]
+    fields = {"max_tokens": 6, "temperature": 0, "logit_bias": no_eot, "logprobs": True}
+    reply = chat(client, turns, **fields, continue_final_message=True, add_generation_prompt=False)
+    content = reply["choices"][0]["message"]["content"]
+
+    hf = [
+        {"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": prefill}]},
+    ]
+    pair = in_process_pair
+    prompt = pair.encode([red_png], messages=hf, continue_final=True)
+    assert pair.tokenizer.decode(prompt.input_ids[-2:].tolist()).endswith(prefill)  # the turn is left open
+    params = SamplingParams(temperature=0, max_tokens=6, logit_bias={pair.eot_id: -100.0})
+    ids = pair.sample([prompt], [1], [params])[0][0].token_ids
+    assert content == pair.raw_text(ids, prompt.input_ids[-4:].tolist()).rstrip()
+    assert content.startswith(" ") and not (prefill + content).startswith(prefill + "  ")
+    assert len(reply["choices"][0]["logprobs"]["content"]) == len(ids)  # the continuation's tokens, and only them
+    new_turn = chat(client, turns, **fields)["choices"][0]["message"]["content"]  # a new assistant turn instead
+    assert not new_turn.startswith(" ")
+
+    for bad, param in (
+        ({"continue_final_message": True, "add_generation_prompt": True}, "add_generation_prompt"),
+        ({"add_generation_prompt": False}, "add_generation_prompt"),
+    ):
+        r = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": turns, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = client.post(
+        "/v1/chat/completions", json={"model": "tiny-llava", "messages": messages, "continue_final_message": True}
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0]", r.text
+    assert "assistant turn with text" in r.json()["error"]["message"]
+
+
 def test_min_p_is_vllms_extension(client: httpx.Client, messages, no_eot) -> None:
     """`min_p` (vLLM's extra parameter): 1 keeps only the likeliest token, the greedy answer at any temperature;
     0 samples as without it; the log-probs returned stay the raw policy's."""

@@ -283,6 +283,35 @@ def test_stop_strings_score_the_text_the_client_gets(stack: Stack, client: httpx
         assert _close(a["reward"], b["reward"], REWARD_TOL)
 
 
+def test_a_continued_assistant_message_equals_the_transformers_engine(stack: Stack, client: httpx.Client) -> None:
+    """continue_final_message: both routes (text prompts by /v1/completions, image prompts by the token-in API)
+    continue the prefill as the in-process engine does: the same continuation text, leading space kept, and
+    rewards."""
+    texts: list[str] = []
+    for content in (
+        QUESTION,
+        [{"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": _image_url()}}],
+    ):
+        chat = {
+            "model": "tiny-vision",
+            "messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "The answer is"}],
+            "n": 2,
+            "max_tokens": 8,
+            "temperature": 0,
+            "continue_final_message": True,
+            "add_generation_prompt": False,
+        }
+        got, want = (
+            client.post(url + "/v1/chat/completions", json=chat) for url in (stack.vllm.url, stack.transformers.url)
+        )
+        assert got.status_code == 200, got.text
+        for a, b in zip(got.json()["choices"], want.json()["choices"], strict=True):
+            assert a["message"]["content"] == b["message"]["content"]
+            assert _close(a["reward"], b["reward"], REWARD_TOL)
+        texts.append(got.json()["choices"][0]["message"]["content"])
+    assert any(t.strip() for t in texts), texts  # something was continued
+
+
 def test_best_of_n_over_another_model_served_by_vllm(stack: Stack, client: httpx.Client, tmp_path: Path) -> None:
     """The generator is a vLLM server of another model than the pair; the pair (here in process) only scores."""
     other = build_tiny_text_bundle(tmp_path / "other", seed=10, name="other-pair")
