@@ -35,6 +35,7 @@ from rlaifv.reward.packed_weights import PackedLinears, PackMode, pack_linears
 from rlaifv.reward.prompt import (
     CONTEXT_TOKENS,
     EncodedPrompt,
+    continuation_ids,
     decoded_after,
     encode_answers,
     encode_prompt,
@@ -234,8 +235,11 @@ class ModelPair:
         """PIL images from any accepted form, limits enforced (PIL images pass through)."""
         return [load_image(image, self.image_limits, param=f"images[{i}]") for i, image in enumerate(images)]
 
-    def encode_answers(self, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
-        return encode_answers(self.processor, texts, eot_id=self.eot_id, max_tokens=max_tokens)
+    def encode_answers(
+        self, texts: Sequence[str], max_tokens: int | None = None, context: Sequence[int] = ()
+    ) -> list[list[int]]:
+        """Answers to score; `context`: they continue a message ending in these prompt tokens."""
+        return encode_answers(self.processor, texts, eot_id=self.eot_id, max_tokens=max_tokens, context=context)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.raw_text(token_ids).strip()
@@ -304,8 +308,7 @@ class ModelPair:
         if not cuts:
             return _Answer(sample, tidy(raw), list(sample.token_ids), False, sample.logprobs)
         text = tidy(raw[: min(cuts)])
-        words = text.lstrip()
-        ids = [*self.tokenizer(words, add_special_tokens=False)["input_ids"], self.eot_id] if words else [self.eot_id]
+        ids = [*continuation_ids(self.tokenizer, text, context), self.eot_id] if text.strip() else [self.eot_id]
         return _Answer(sample, text, ids, True)
 
     @torch.no_grad()
@@ -320,7 +323,9 @@ class ModelPair:
                 answer.policy = value.float().cpu()
 
     @torch.no_grad()
-    def _token_logprobs(self, prompt: EncodedPrompt, answers: list[_Answer], k: int) -> list[list[TokenLogprob]]:
+    def _token_logprobs(
+        self, prompt: EncodedPrompt, answers: list[_Answer], k: int, lead: Sequence[int] = ()
+    ) -> list[list[TokenLogprob]]:
         """Per-token raw policy log-probs of each answer (end-of-turn excluded) with the top-k alternatives.
 
         Alternatives come from the sampler where the answer's prefix is the sampled one (the same context);
@@ -355,12 +360,12 @@ class ModelPair:
                         assert answer.sample.top_ids is not None and answer.sample.top_logprobs is not None
                         values, top_ids = answer.sample.top_logprobs[j], answer.sample.top_ids[j]
                     top = [
-                        TopToken(token=self._token_text(ids, j, int(t), memo), token_id=int(t), logprob=float(v))
+                        TopToken(token=self._token_text(ids, j, int(t), memo, lead), token_id=int(t), logprob=float(v))
                         for t, v in zip(top_ids.tolist(), values.tolist(), strict=True)
                     ]
                 tokens.append(
                     TokenLogprob(
-                        token=self._token_text(ids, j, token, memo),
+                        token=self._token_text(ids, j, token, memo, lead),
                         token_id=token,
                         logprob=float(answer.policy[j]),
                         top_logprobs=top,
@@ -369,13 +374,17 @@ class ModelPair:
             out.append(tokens)
         return out
 
-    def _token_text(self, ids: Sequence[int], j: int, token: int, memo: dict[tuple[int, ...], str]) -> str:
-        """The text `token` adds at position j: decoded after its predecessor, so word-start spaces survive."""
+    def _token_text(
+        self, ids: Sequence[int], j: int, token: int, memo: dict[tuple[int, ...], str], lead: Sequence[int] = ()
+    ) -> str:
+        """The text `token` adds at position j: decoded after its predecessor (for the first token of a
+        continuation, the prompt's last token, `lead`), so word-start spaces survive."""
         alone = self._decode_one((token,), memo)
-        if j == 0:
+        previous = ids[j - 1] if j else (lead[-1] if lead else None)
+        if previous is None:
             return alone
-        before = self._decode_one((ids[j - 1],), memo)
-        both = self._decode_one((ids[j - 1], token), memo)
+        before = self._decode_one((previous,), memo)
+        both = self._decode_one((previous, token), memo)
         return both[len(before) :] if both.startswith(before) else alone
 
     def _decode_one(self, ids: tuple[int, ...], memo: dict[tuple[int, ...], str]) -> str:
@@ -414,7 +423,7 @@ class ModelPair:
                 )
             if task.top_logprobs is not None:
                 for candidate, tokens in zip(
-                    candidates, self._token_logprobs(task.prompt, group, task.top_logprobs), strict=True
+                    candidates, self._token_logprobs(task.prompt, group, task.top_logprobs, _context(task)), strict=True
                 ):
                     candidate.token_logprobs = tokens
             groups.append(candidates)

@@ -71,6 +71,8 @@ def encode_prompt(
     if (question is None) == (messages is None):
         raise InvalidInputError("give exactly one of question or messages", param="question")
     text_param = "question" if question is not None else "messages"
+    if continue_final and messages is None:
+        raise InvalidInputError("continuing a message needs messages ending with an assistant turn", param="question")
     if messages is None:
         if not question or not question.strip():
             raise InvalidInputError("question must not be empty", param="question")
@@ -153,6 +155,24 @@ def decoded_after(tokenizer: Any, ids: Sequence[int], context: Sequence[int] = (
     return both[len(head) :] if both.startswith(head) else str(tokenizer.decode(list(ids), skip_special_tokens=True))
 
 
+def continuation_ids(tokenizer: Any, text: str, context: Sequence[int] = ()) -> list[int]:
+    """`text`'s token ids; with `context` (the prompt's last tokens), as `text` tokenizes where it continues them.
+
+    A continuation's leading space belongs to its first token in some tokenizers (byte-level BPE: " red" is one
+    token) and is implied by a word-start marker in others (SentencePiece adds "▁" itself; a literal space there
+    becomes a token of its own). Tokenizing the context's text followed by `text`, and keeping what follows the
+    context's own tokens, is right for both; where the two disagree at the seam (a merge across it), `text` is
+    tokenized alone, its leading space left out."""
+    if not context:
+        return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    head = str(tokenizer.decode(list(context), skip_special_tokens=True))
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    both = tokenizer(head + text, add_special_tokens=False)["input_ids"]
+    if head and list(both[: len(head_ids)]) == list(head_ids):
+        return [int(t) for t in both[len(head_ids) :]]
+    return [int(t) for t in tokenizer(text.lstrip(), add_special_tokens=False)["input_ids"]]
+
+
 CONTEXT_TOKENS = 4
 """Prompt tokens decoded before a continuation (`decoded_after`): enough to settle a multi-byte character or
 a word split over tokens."""
@@ -217,16 +237,22 @@ def markup_free(processor: Any, text: str) -> str:
 
 
 def encode_answers(
-    processor: Any, texts: Sequence[str], *, eot_id: int, max_tokens: int | None = None
+    processor: Any,
+    texts: Sequence[str],
+    *,
+    eot_id: int,
+    max_tokens: int | None = None,
+    context: Sequence[int] = (),
 ) -> list[list[int]]:
     """Answers to score -> token ids each, named `answers[i]` in errors; markup in one is refused (another model's
-    answer holding "</s>" would be scored as two turns), as in a question."""
+    answer holding "</s>" would be scored as two turns), as in a question. `context`: the answers continue a
+    message ending in these prompt tokens (`continuation_ids`)."""
     if not texts:
         raise AnswerError("answers must be a non-empty list", param="answers")
     refuse_markup(processor, [(f"answers[{i}]", t) for i, t in enumerate(texts) if isinstance(t, str)], AnswerError)
     tokenizer = processor.tokenizer
     return [
-        encode_answer(tokenizer, text, eot_id=eot_id, max_tokens=max_tokens, param=f"answers[{i}]")
+        encode_answer(tokenizer, text, eot_id=eot_id, max_tokens=max_tokens, param=f"answers[{i}]", context=context)
         for i, text in enumerate(texts)
     ]
 
@@ -246,12 +272,19 @@ def end_of_turn_id(tokenizer: Any, token: str | None = None) -> int:
 
 
 def encode_answer(
-    tokenizer: Any, text: str, *, eot_id: int, max_tokens: int | None = None, param: str = "answers"
+    tokenizer: Any,
+    text: str,
+    *,
+    eot_id: int,
+    max_tokens: int | None = None,
+    param: str = "answers",
+    context: Sequence[int] = (),
 ) -> list[int]:
-    """Answer text -> token ids, the end-of-turn token appended (a complete turn); `param` names it in errors."""
+    """Answer text -> token ids, the end-of-turn token appended (a complete turn); `param` names it in errors;
+    `context` as in `continuation_ids`."""
     if not isinstance(text, str) or not text.strip():
         raise AnswerError("answers must be non-empty strings", param=param)
-    ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], eot_id]
+    ids = [*continuation_ids(tokenizer, text, context), eot_id]
     if max_tokens is not None and len(ids) > max_tokens:
         raise AnswerError(f"{param} is {len(ids)} tokens, over the limit of {max_tokens}", param=param)
     return ids

@@ -85,12 +85,15 @@ class Sample:
 def _transform(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Raw logits (rows, V) -> sampling logits under temperature, top-k, top-p and min-p (-inf = excluded).
 
-    The order is vLLM's and transformers': temperature, then the filters on the tempered distribution."""
+    The order is vLLM's (its V1 sampler: temperature, min-p, then top-k and top-p), so that both engines keep the
+    same tokens; transformers applies min-p last, which differs only when top-p is set too."""
     # Shift before dividing so tiny temperatures give huge negative numbers, never inf - inf = NaN. `amax`, not
     # `max(dim)`: the same values without the indices, 7x faster on the CPU (8 x 31,999: 20 against 144 us).
     logits = logits - logits.amax(dim=-1, keepdim=True)
     if params.temperature != 1.0:  # x / 1.0 == x: skip a pass over (rows, V) at the default temperature
         logits = logits / params.temperature
+    if params.min_p > 0.0:  # the likeliest logit is 0 after the shift: p / p_max >= min_p <=> logit >= log(min_p)
+        logits = logits.masked_fill(logits < math.log(params.min_p), float("-inf"))
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -100,8 +103,6 @@ def _transform(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         drop_sorted = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the token that crosses top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    if params.min_p > 0.0:  # the likeliest logit is 0 after the shift: p / p_max >= min_p <=> logit >= log(min_p)
-        logits = logits.masked_fill(logits < math.log(params.min_p), float("-inf"))
     return logits
 
 

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from rlaifv.reward.errors import ContextLengthError, InvalidInputError
+from rlaifv.reward.prompt import CONTEXT_TOKENS
 from rlaifv.reward.token_bytes import TokenBytes
 from rlaifv.service.engines.base import EngineResult, GenerateRequest, Request, ScoreRequest
 
@@ -98,7 +99,8 @@ class TransformersEngine:
                         )
                     )
                 else:
-                    answers = self.pair.encode_answers(request.answers, max_tokens=request.max_tokens)
+                    context = prompt.input_ids[-CONTEXT_TOKENS:].tolist() if request.continue_final else []
+                    answers = self.pair.encode_answers(request.answers, max_tokens=request.max_tokens, context=context)
                     if limit is not None and len(prompt) + max(len(a) for a in answers) > limit:
                         raise ContextLengthError(
                             f"prompt + answer exceed the model's {limit} positions", param="answers"

@@ -658,8 +658,12 @@ class VllmEngine:
         if not request.answers:
             raise InvalidInputError("answers must be a non-empty list", param="answers")
 
+        context = prompt.ids[-CONTEXT_TOKENS:] if request.continue_final else []
+
         def encode() -> list[list[int]]:
-            return encode_answers(self.processor, request.answers, eot_id=self.eot_id, max_tokens=request.max_tokens)
+            return encode_answers(
+                self.processor, request.answers, eot_id=self.eot_id, max_tokens=request.max_tokens, context=context
+            )
 
         answers = await self._cpu(encode)
         self._check_length(prompt, max(len(a) for a in answers), "answers")
@@ -754,8 +758,10 @@ class VllmEngine:
             for s in samples:
                 if s.cut:  # trimmed before it is tokenized, as in process: the text the client gets is what is scored
                     text = tidy(s.text)
-                    words = text.lstrip()
-                    ids.append(encode_answer(self.tokenizer, words, eot_id=self.eot_id) if words else [self.eot_id])
+                    eot = self.eot_id
+                    ids.append(
+                        encode_answer(self.tokenizer, text, eot_id=eot, context=context) if text.strip() else [eot]
+                    )
                     texts.append(text)
                 else:
                     ids.append(s.ids)
@@ -782,7 +788,7 @@ class VllmEngine:
                 reason = "stop" if s.cut or s.finish_reason == "stop" else "length"
                 candidate = _candidate(text, ids, sum(p), sum(r), request.reward, reason)
                 if request.top_logprobs is not None:
-                    candidate.token_logprobs = self._token_logprobs(s, ids, p, request.top_logprobs)
+                    candidate.token_logprobs = self._token_logprobs(s, ids, p, request.top_logprobs, context)
                 out.append(candidate)
             return out
 
@@ -884,8 +890,11 @@ class VllmEngine:
         """The untrimmed text of sampled ids (read after `context`: `reward.prompt.decoded_after`)."""
         return decoded_after(self.tokenizer, [t for t in ids if t not in self.stop_ids], context)
 
-    def _token_logprobs(self, sample: _Sampled, ids: list[int], policy: list[float], k: int) -> list[TokenLogprob]:
-        """Per-token raw policy log-probs (end-of-turn excluded) with the server's top-k alternatives."""
+    def _token_logprobs(
+        self, sample: _Sampled, ids: list[int], policy: list[float], k: int, lead: Sequence[int] = ()
+    ) -> list[TokenLogprob]:
+        """Per-token raw policy log-probs (end-of-turn excluded) with the server's top-k alternatives; `lead`: the
+        prompt tokens a continuation follows (its first token's text is read after them)."""
         from rlaifv.reward.results import TokenLogprob, TopToken
 
         content = ids[:-1] if ids and ids[-1] in self.stop_ids else ids
@@ -894,22 +903,24 @@ class VllmEngine:
             alternatives = sample.top[j][:k] if k and not sample.cut and j < len(sample.top) else []
             out.append(
                 TokenLogprob(
-                    token=self._token_text(content, j, token),
+                    token=self._token_text(content, j, token, lead),
                     token_id=token,
                     logprob=policy[j],
                     top_logprobs=[
-                        TopToken(token=self._token_text(content, j, t), token_id=t, logprob=v) for t, v in alternatives
+                        TopToken(token=self._token_text(content, j, t, lead), token_id=t, logprob=v)
+                        for t, v in alternatives
                     ],
                 )
             )
         return out
 
-    def _token_text(self, ids: Sequence[int], j: int, token: int) -> str:
+    def _token_text(self, ids: Sequence[int], j: int, token: int, lead: Sequence[int] = ()) -> str:
         alone = str(self.tokenizer.decode([token], skip_special_tokens=False))
-        if j == 0:
+        previous = ids[j - 1] if j else (lead[-1] if lead else None)
+        if previous is None:
             return alone
-        before = str(self.tokenizer.decode([ids[j - 1]], skip_special_tokens=False))
-        both = str(self.tokenizer.decode([ids[j - 1], token], skip_special_tokens=False))
+        before = str(self.tokenizer.decode([previous], skip_special_tokens=False))
+        both = str(self.tokenizer.decode([previous, token], skip_special_tokens=False))
         return both[len(before) :] if both.startswith(before) else alone
 
 

@@ -1,5 +1,5 @@
-"""The sampler's filters against transformers' logits warpers, which define them for Hugging Face models (vLLM
-applies them in the same order: temperature, then the filters on the tempered distribution)."""
+"""The sampler's filters against transformers' logits warpers, applied in vLLM's order (temperature, min-p, top-k,
+top-p: what the vLLM engine samples with; transformers itself puts min-p last)."""
 
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ def test_filters_keep_the_tokens_transformers_keeps(settings: dict) -> None:
     params = SamplingParams(**settings)
     logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(0)) * 4
     warpers = [TemperatureLogitsWarper(params.temperature)]
+    if params.min_p:
+        warpers.append(MinPLogitsWarper(params.min_p))
     if params.top_k:
         warpers.append(TopKLogitsWarper(params.top_k))
     if params.top_p < 1:
         warpers.append(TopPLogitsWarper(params.top_p))
-    if params.min_p:
-        warpers.append(MinPLogitsWarper(params.min_p))
     want = logits.clone()
     for warp in warpers:
         want = warp(None, want)

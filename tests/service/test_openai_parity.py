@@ -218,7 +218,8 @@ def test_continue_final_message_continues_the_assistant_prefill(
     ids = pair.sample([prompt], [1], [params])[0][0].token_ids
     assert content == pair.raw_text(ids, prompt.input_ids[-4:].tolist()).rstrip()
     assert content.startswith(" ") and not (prefill + content).startswith(prefill + "  ")
-    assert len(reply["choices"][0]["logprobs"]["content"]) == len(ids)  # the continuation's tokens, and only them
+    tokens = [t["token"] for t in reply["choices"][0]["logprobs"]["content"]]
+    assert len(tokens) == len(ids) and "".join(tokens) == content  # its tokens, the first one's space included
     new_turn = chat(client, turns, **fields)["choices"][0]["message"]["content"]  # a new assistant turn instead
     assert not new_turn.startswith(" ")
 

@@ -1,0 +1,48 @@
+"""A continuation of an assistant prefill, as text and as tokens, for the two ways tokenizers mark word starts:
+byte-level BPE (GPT-2, Qwen: the space is part of the next token) and SentencePiece-style metaspace (Llama,
+Gemma: "▁" starts a word and a decoder drops it at the start of a decode). Both tokenizers are trained here."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from rlaifv.reward.prompt import continuation_ids, decoded_after
+
+CORPUS = ["The image shows a red square and a blue circle.", "a red circle, two blue squares", "The answer is yes"] * 20
+
+
+def _tokenizer(kind: str) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if kind == "byte-level":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet = []
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"], initial_alphabet=alphabet)
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+@pytest.mark.parametrize("text", [" red square", " red square, a blue circle.", ", two blue squares", "s and a"])
+def test_a_continuation_reads_and_tokenizes_as_it_follows_the_prefill(kind: str, text: str) -> None:
+    tok = _tokenizer(kind)
+    context = tok("The image shows a", add_special_tokens=False)["input_ids"][-4:]
+    ids = continuation_ids(tok, text, context)
+    head = tok.decode(context)
+    assert tok.decode([*context, *ids]) == head + text  # scored tokens spell prefill + the text the client gets
+    assert decoded_after(tok, ids, context) == text  # and that text is what decoding the tokens behind it gives
+    if kind == "metaspace" and text.startswith(" "):
+        assert tok.decode(ids) == text.lstrip()  # what decoding alone would have lost
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_without_context_an_answer_tokenizes_alone(kind: str) -> None:
+    tok = _tokenizer(kind)
+    assert continuation_ids(tok, "a red square") == tok("a red square", add_special_tokens=False)["input_ids"]
+    assert decoded_after(tok, continuation_ids(tok, "a red square")) == "a red square"
