@@ -11,6 +11,7 @@ reference), so callers run them from one thread at a time.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -278,9 +279,13 @@ class ModelPair:
         counts: Sequence[int],
         params: Sequence[SamplingParams],
         top_logprobs: Sequence[int] | None = None,
+        contexts: Sequence[Sequence[int]] | None = None,
     ) -> list[list[Sample]]:
+        """Sample counts[b] answers for prompts[b]; `contexts[b]`: the prompt tokens prompt b's answers continue
+        (stop strings are then looked for in the text as it reads after them)."""
         for p in params:
             self.check_logit_bias(p.logit_bias)
+        readers = [functools.partial(self.raw_text, context=c) for c in contexts] if contexts else self.raw_text
         samples: list[list[Sample]] = sample_answers(
             self.policy,
             prompts,
@@ -290,7 +295,7 @@ class ModelPair:
             blocked_ids=self.blocked_ids,
             pad_id=self.pad_id,
             top_logprobs=top_logprobs,
-            decode=self.raw_text,
+            decode=readers,
         )
         return samples
 
@@ -404,6 +409,7 @@ class ModelPair:
             [task.n for task in tasks],
             [task.sampling for task in tasks],
             top_logprobs=[task.top_logprobs or 0 for task in tasks],
+            contexts=[_context(task) for task in tasks],
         )
         sampled = time.perf_counter()
         answers = [

@@ -35,6 +35,9 @@ from rlaifv.reward.logprobs import (
 )
 from rlaifv.reward.prompt import EncodedPrompt
 
+Decode = Callable[[Sequence[int]], str]
+"""Token ids -> text, for stop strings."""
+
 
 class SamplingParams(BaseModel):
     """Decoding settings; the same for all N samples of a prompt ("deconfounded")."""
@@ -213,16 +216,18 @@ def sample_answers(
     blocked_ids: Sequence[int] = (),
     pad_id: int = 0,
     top_logprobs: Sequence[int] | None = None,
-    decode: Callable[[Sequence[int]], str] | None = None,
+    decode: Decode | Sequence[Decode] | None = None,
 ) -> list[list[Sample]]:
     """Sample counts[b] answers for prompts[b] with params[b]; returns samples grouped per prompt.
 
     top_logprobs[b] > 0 records that many most likely tokens (raw distribution) per step of prompt b's samples.
-    `decode` (token ids -> text) is needed when any params[b].stop is set: a row stops at the step whose
-    decoded text first contains one of its stop strings (the caller truncates the text).
+    `decode` (token ids -> text; one for all prompts, or one per prompt, e.g. reading a continuation after its
+    prompt) is needed when any params[b].stop is set: a row stops at the step whose decoded text first contains
+    one of its stop strings (the caller truncates the text).
     """
+    decodes = [decode] * len(prompts) if decode is None or callable(decode) else list(decode)
     tops = list(top_logprobs) if top_logprobs is not None else [0] * len(prompts)
-    if any(p.stop for p in params) and decode is None:
+    if any(p.stop and d is None for p, d in zip(params, decodes, strict=True)):
         raise ValueError("stop strings need a decode function")
     groups = split_for_batching(model, prompts)
     if len(groups) > 1:
@@ -237,7 +242,7 @@ def sample_answers(
                 blocked_ids=blocked_ids,
                 pad_id=pad_id,
                 top_logprobs=[tops[i] for i in group],
-                decode=decode,
+                decode=[decodes[i] for i in group],
             )
             for i, samples in zip(group, part, strict=True):
                 merged[i] = samples
@@ -266,7 +271,8 @@ def sample_answers(
     k = min(max(tops, default=0), int(state.logits.shape[-1]))
     top_ids = torch.zeros((total, width, k), dtype=torch.long, device=device) if k else None
     top_vals = torch.zeros((total, width, k), device=device) if k else None
-    row_stops = [params[int(g)].stop for g in group_of_row.tolist()]
+    prompt_of_row = group_of_row.tolist()
+    row_stops = [params[g].stop for g in prompt_of_row]
     texts: list[list[int]] | None = [[] for _ in range(total)] if any(row_stops) else None
     logits = state.logits
     dead = 0  # finished rows still in the batch; while there are none, no gather and no index of live rows
@@ -286,11 +292,12 @@ def sample_answers(
             if top_ids is not None and top_vals is not None:
                 values, ids = raw.log_softmax(-1).topk(k, dim=-1)
                 top_ids[rows, t], top_vals[rows, t] = ids, values
-            if texts is not None and decode is not None:
+            if texts is not None:
                 hits = []
                 for row, token, ended in zip(rows.tolist(), new.tolist(), stop.tolist(), strict=True):
                     texts[row].append(token)
-                    if row_stops[row] and not ended and any(s in decode(texts[row]) for s in row_stops[row]):
+                    reader = decodes[prompt_of_row[row]]
+                    if row_stops[row] and not ended and reader and any(s in reader(texts[row]) for s in row_stops[row]):
                         hits.append(row)
                 if hits:
                     stop = stop | torch.isin(rows, torch.tensor(hits, device=device))

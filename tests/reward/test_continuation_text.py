@@ -46,3 +46,34 @@ def test_without_context_an_answer_tokenizes_alone(kind: str) -> None:
     tok = _tokenizer(kind)
     assert continuation_ids(tok, "a red square") == tok("a red square", add_special_tokens=False)["input_ids"]
     assert decoded_after(tok, continuation_ids(tok, "a red square")) == "a red square"
+
+
+def test_stop_strings_are_found_in_a_continuation_as_it_reads_after_the_prefill() -> None:
+    """A stop string with a leading space at the very start of a continuation stops sampling at once (the sampler
+    reads the continuation after the prompt's last tokens, as the client does)."""
+    from PIL import Image
+
+    from rlaifv.reward.bundle import load_bundle
+    from rlaifv.reward.model_pair import GenerateTask
+    from rlaifv.reward.sampling import SamplingParams
+    from rlaifv.service.default_model import default_bundle
+
+    pair = load_bundle(default_bundle())  # the shipped shapes-world pair: a tokenizer with "▁" word starts
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]},
+        {"role": "assistant", "content": "The image shows a"},
+    ]
+    prompt = pair.encode([Image.new("RGB", (64, 64), (200, 30, 30))], messages=messages, continue_final=True)
+    free = SamplingParams(temperature=0, max_tokens=8, logit_bias={pair.eot_id: -100.0})
+    first = pair.tokenizer.convert_ids_to_tokens(pair.sample([prompt], [1], [free])[0][0].token_ids[:1])[0]
+    stop = " " + first.lstrip("▁Ġ")[:2]  # how the greedy continuation begins, as the client reads it
+    params = free.model_copy(update={"stop": (stop,)})
+    seen: list = []
+    sample = pair.sample
+    pair.sample = lambda *args, **kw: seen.append(kw.get("contexts")) or sample(*args, **kw)  # type: ignore[method-assign]
+    [ranking] = pair.generate_batch([GenerateTask(prompt, 1, params, pair.reward, continue_final=True)])
+    del pair.sample
+    assert seen == [[prompt.input_ids[-4:].tolist()]]  # best-of-N samples with the prompt's context
+    [[sample]] = pair.sample([prompt], [1], [params], contexts=[prompt.input_ids[-4:].tolist()])
+    assert len(sample.token_ids) == 1  # stopped at the first token, not after max_tokens
+    assert ranking.candidates[0].finish_reason == "stop" and ranking.candidates[0].text == ""
