@@ -43,16 +43,25 @@ class RewardCache:
 
     @staticmethod
     def key(
-        model: str, config: RewardConfig, images: list[bytes], question: str | None, messages: Any, answers: list[str]
+        model: str,
+        config: RewardConfig,
+        images: list[bytes],
+        question: str | None,
+        messages: Any,
+        answers: list[str],
+        continue_final: bool = False,
     ) -> str:
         h = hashlib.sha256()
-        for part in (
+        parts = [
             model,
             config.model_dump_json(),
             question or "",
             json.dumps(messages, sort_keys=True),
             json.dumps(answers),
-        ):
+        ]
+        if continue_final:  # answers continuing the last message score differently; other keys stay as they were
+            parts.append("continue_final_message")
+        for part in parts:
             h.update(part.encode("utf-8", "surrogatepass"))
             h.update(b"\x00")
         for image in images:

@@ -305,6 +305,11 @@ class PromptFields(Strict):
     messages: list[ChatMessage] | None = Field(
         None, description="A conversation in the OpenAI format, images as image_url parts. Give this or `question`."
     )
+    continue_final_message: bool = Field(
+        False,
+        description="With `messages` ending in an assistant turn (a prefill): the answers continue it instead of "
+        "starting a new turn, as vLLM's chat API does with the same field.",
+    )
     reward: RewardOptions = Field(default_factory=RewardOptions)
 
     def prompt(self, settings: Settings) -> tuple[str | None, list[dict[str, Any]] | None, list[tuple[str, str]]]:
@@ -313,6 +318,10 @@ class PromptFields(Strict):
             raise BadRequest("give exactly one of `question` or `messages`", param="question")
         if self.messages is not None and self.images:
             raise BadRequest("with `messages`, pass images as image_url parts, not in `images`", param="images")
+        if self.continue_final_message and self.messages is None:
+            raise BadRequest(
+                "continue_final_message needs `messages` ending with an assistant turn", param="continue_final_message"
+            )
         if self.messages is not None:
             messages, images = convert_messages(self.messages, settings.max_question_chars)
             question = None

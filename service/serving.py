@@ -318,11 +318,20 @@ class Serving:
         finish_reasons: list[str] | None = None
         if self.generator is None:
             given = "sampling.max_tokens" if body.sampling.max_tokens is not None else None
-            generate = GenerateRequest(images, question, messages, body.n, sampling, config, max_tokens_param=given)
+            generate = GenerateRequest(
+                images,
+                question,
+                messages,
+                body.n,
+                sampling,
+                config,
+                max_tokens_param=given,
+                continue_final=body.continue_final_message,
+            )
             outcome = await self._run(generate, request)
         else:
             outcome, answers, generate_s = await self._generate_elsewhere(
-                images, raw, question, messages, body.n, sampling, config, request
+                images, raw, question, messages, body.n, sampling, config, request, 1, body.continue_final_message
             )
             finish_reasons = [a.finish_reason for a in answers]
         ranking = outcome.result.ranking
@@ -371,14 +380,24 @@ class Serving:
         images, raw = await self.images.load(refs)
         key = None
         if self.cache is not None:
-            key = self.cache.key(self.model_name, config, raw, question, messages, body.answers)
+            key = self.cache.key(
+                self.model_name, config, raw, question, messages, body.answers, body.continue_final_message
+            )
             cached = _cached_response(await self.cache.get(key))
             self.metrics.cache.labels(result="hit" if cached else "miss").inc()
             if cached is not None:
                 return cached.model_copy(
                     update={"id": f"rwd-{uuid.uuid4().hex}", "cached": True, "created": int(time.time())}
                 )
-        score = ScoreRequest(images, question, messages, list(body.answers), config, self.settings.max_tokens)
+        score = ScoreRequest(
+            images,
+            question,
+            messages,
+            list(body.answers),
+            config,
+            self.settings.max_tokens,
+            continue_final=body.continue_final_message,
+        )
         outcome = await self._run(score, request)
         ranking = outcome.result.ranking
         candidates = _candidates(ranking)

@@ -522,3 +522,34 @@ def test_context_overflow_has_openais_code_and_langchain_sees_it(live_server, in
     chat = ChatOpenAI(base_url=live_server.url + "/v1", api_key="unused", model="tiny-llava", max_retries=0)
     with pytest.raises(ContextOverflowError):
         chat.invoke([HumanMessage(content="red " * (limit + 10))])
+
+
+def test_best_of_n_and_rewards_continue_a_prefill_as_the_chat_does(
+    client: httpx.Client, messages, no_eot, red_url: str
+) -> None:
+    """`continue_final_message` on /v1/best-of-n and /v1/rewards: the same continuation as the chat's, and the
+    reward of that text continuing the prefill is the chat's (a new turn scores it otherwise); it needs messages."""
+    turns = [*messages, {"role": "assistant", "content": "a red"}]
+    fields = {"max_tokens": 8, "temperature": 0, "logit_bias": no_eot, "continue_final_message": True}
+    full = chat(client, turns, **fields, add_generation_prompt=False)["choices"][0]["message"]["content"]
+    last = full.rstrip().rsplit(" ", 1)[-1]  # cut before the last word: a finished turn, as /v1/rewards scores one
+    reply = chat(client, turns, **fields, add_generation_prompt=False, stop=[" " + last])["choices"][0]
+    text = reply["message"]["content"]
+    assert reply["finish_reason"] == "stop" and text.strip() and full.startswith(text)
+    sampling = {"temperature": 0, "max_tokens": 6}
+    bon = client.post(
+        "/v1/best-of-n",
+        json={"messages": turns, "continue_final_message": True, "n": 1, "sampling": sampling},
+    )
+    assert bon.status_code == 200, bon.text
+    assert full.startswith(bon.json()["best"]["text"])  # greedy: the chat's continuation up to its end of turn
+    scored = client.post("/v1/rewards", json={"messages": turns, "continue_final_message": True, "answers": [text]})
+    assert scored.status_code == 200, scored.text
+    assert scored.json()["rewards"][0] == pytest.approx(reply["reward"], abs=1e-5)
+    plain = client.post("/v1/rewards", json={"messages": turns, "answers": [text]})  # a new turn after the prefill
+    assert plain.json()["rewards"][0] != pytest.approx(reply["reward"], abs=1e-5)
+    bad = client.post(
+        "/v1/rewards",
+        json={"images": [red_url], "question": QUESTION, "continue_final_message": True, "answers": ["x"]},
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "continue_final_message"

@@ -167,6 +167,7 @@ def prompt_body(
     images: Iterable[ImageInput] | None = None,
     question: str | None = None,
     messages: list[dict[str, Any]] | None = None,
+    continue_final_message: bool | None = None,
     beta: float | None = None,
     normalize: str | None = None,
     mode: str | None = None,
@@ -174,6 +175,7 @@ def prompt_body(
 ) -> dict[str, Any]:
     """The fields /v1/best-of-n and /v1/rewards share. Only given fields are sent (the server has the defaults)."""
     body: dict[str, Any] = {"model": model, "question": question, "messages": messages}
+    body["continue_final_message"] = continue_final_message
     encoded = encode_images(image, images)
     if encoded:
         body["images"] = encoded

@@ -192,6 +192,7 @@ class Client(BaseClient):
         images: Iterable[ImageInput] | None = None,
         question: str | None = None,
         messages: list[dict[str, Any]] | None = None,
+        continue_final_message: bool | None = None,
         n: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
@@ -209,12 +210,13 @@ class Client(BaseClient):
     ) -> BestOfN:
         """Sample ``n`` answers and return them all, scored by the RLAIF-V reward, the best one first in ``.best``.
 
-        Give ``image`` (or ``images``) with ``question``, or OpenAI-style ``messages`` with ``image_url`` parts.
-        An image is a path, bytes, a binary file, a PIL image, a ``data:`` URL, or an ``http(s)://`` URL
-        (fetched by the server when its operator allows the host). Arguments left ``None`` take the server's
-        defaults (n=4, temperature=1, the bundle's beta, normalize='mean'). ``mode='claims'`` ranks by claim
-        verification (each candidate then carries ``claims``), scored by ``claim_score`` ('count' of rejected
-        claims, the server's default, or 'expected' hallucinated claims); ``implicit_reward`` is reported in both modes.
+        Give ``image`` (or ``images``) with ``question``, or OpenAI-style ``messages`` with ``image_url`` parts
+        (``continue_final_message=True``: the answers continue their last, assistant, message). An image is a
+        path, bytes, a binary file, a PIL image, a ``data:`` URL, or an ``http(s)://`` URL (fetched by the server
+        when its operator allows the host). Arguments left ``None`` take the server's defaults (n=4,
+        temperature=1, the bundle's beta, normalize='mean'). ``mode='claims'`` ranks by claim verification (each
+        candidate then carries ``claims``), scored by ``claim_score`` ('count' of rejected claims, the server's
+        default, or 'expected' hallucinated claims); ``implicit_reward`` is reported in both modes.
 
         Raises:
             InvalidRequestError: bad input (``.param`` names the field). RateLimitError / ServerError after
@@ -226,6 +228,7 @@ class Client(BaseClient):
             images=images,
             question=question,
             messages=messages,
+            continue_final_message=continue_final_message,
             n=n,
             temperature=temperature,
             top_p=top_p,
@@ -248,6 +251,7 @@ class Client(BaseClient):
         images: Iterable[ImageInput] | None = None,
         question: str | None = None,
         messages: list[dict[str, Any]] | None = None,
+        continue_final_message: bool | None = None,
         beta: float | None = None,
         normalize: Normalize | None = None,
         mode: RewardMode | None = None,
@@ -267,6 +271,7 @@ class Client(BaseClient):
             images=images,
             question=question,
             messages=messages,
+            continue_final_message=continue_final_message,
             beta=beta,
             normalize=normalize,
             mode=mode,
@@ -477,6 +482,7 @@ class AsyncClient(BaseClient):
         images: Iterable[ImageInput] | None = None,
         question: str | None = None,
         messages: list[dict[str, Any]] | None = None,
+        continue_final_message: bool | None = None,
         n: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
@@ -500,6 +506,7 @@ class AsyncClient(BaseClient):
             images=images,
             question=question,
             messages=messages,
+            continue_final_message=continue_final_message,
             n=n,
             temperature=temperature,
             top_p=top_p,
@@ -524,6 +531,7 @@ class AsyncClient(BaseClient):
         images: Iterable[ImageInput] | None = None,
         question: str | None = None,
         messages: list[dict[str, Any]] | None = None,
+        continue_final_message: bool | None = None,
         beta: float | None = None,
         normalize: Normalize | None = None,
         mode: RewardMode | None = None,
@@ -540,6 +548,7 @@ class AsyncClient(BaseClient):
             images=images,
             question=question,
             messages=messages,
+            continue_final_message=continue_final_message,
             beta=beta,
             normalize=normalize,
             mode=mode,
