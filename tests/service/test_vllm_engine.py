@@ -146,6 +146,18 @@ def _same(got: httpx.Response, want: httpx.Response, *, claims: bool = False) ->
     return [a for a, _ in pairs]
 
 
+def _same_chat(stack: Stack, client: httpx.Client, chat: dict[str, Any]) -> list[str]:
+    """Both engines answered a chat alike (contents and rewards); the contents."""
+    got, want = (
+        client.post(url + "/v1/chat/completions", json=chat) for url in (stack.vllm.url, stack.transformers.url)
+    )
+    assert got.status_code == 200, got.text
+    for a, b in zip(got.json()["choices"], want.json()["choices"], strict=True):
+        assert a["message"]["content"] == b["message"]["content"]
+        assert _close(a["reward"], b["reward"], REWARD_TOL)
+    return [c["message"]["content"] for c in got.json()["choices"]]
+
+
 def test_rewards_equal_the_transformers_engine(stack: Stack, client: httpx.Client) -> None:
     body = {"question": QUESTION, "answers": ["a red circle", "two blue squares on the left", "yes", "no"]}
     got = client.post(stack.vllm.url + "/v1/rewards", json=body)
@@ -301,14 +313,7 @@ def test_a_continued_assistant_message_equals_the_transformers_engine(stack: Sta
             "continue_final_message": True,
             "add_generation_prompt": False,
         }
-        got, want = (
-            client.post(url + "/v1/chat/completions", json=chat) for url in (stack.vllm.url, stack.transformers.url)
-        )
-        assert got.status_code == 200, got.text
-        for a, b in zip(got.json()["choices"], want.json()["choices"], strict=True):
-            assert a["message"]["content"] == b["message"]["content"]
-            assert _close(a["reward"], b["reward"], REWARD_TOL)
-        texts.append(got.json()["choices"][0]["message"]["content"])
+        texts.append(_same_chat(stack, client, chat)[0])
     assert any(t.strip() for t in texts), texts  # something was continued
 
 
@@ -355,13 +360,7 @@ def test_images_equal_the_transformers_engine(stack: Stack, client: httpx.Client
         "max_tokens": 8,
         "temperature": 0,
     }
-    got, want = (
-        client.post(url + "/v1/chat/completions", json=chat) for url in (stack.vllm.url, stack.transformers.url)
-    )
-    assert got.status_code == 200, got.text
-    for a, b in zip(got.json()["choices"], want.json()["choices"], strict=True):
-        assert a["message"]["content"] == b["message"]["content"]
-        assert _close(a["reward"], b["reward"], REWARD_TOL)
+    _same_chat(stack, client, chat)
 
 
 def test_claims_reward_equals_the_transformers_engine(stack: Stack, client: httpx.Client) -> None:
