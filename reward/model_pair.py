@@ -34,13 +34,14 @@ from rlaifv.reward.images import ImageLimits, load_image
 from rlaifv.reward.logprobs import answer_logprobs, continuation_logits
 from rlaifv.reward.packed_weights import PackedLinears, PackMode, pack_linears
 from rlaifv.reward.prompt import (
-    CONTEXT_TOKENS,
     EncodedPrompt,
+    continuation_context,
     continuation_ids,
     decoded_after,
     encode_answers,
     encode_prompt,
     end_of_turn_id,
+    token_text,
 )
 from rlaifv.reward.results import Candidate, ClaimCheck, Ranking, TokenLogprob, TopToken
 from rlaifv.reward.sampling import Sample, SamplingParams, sample_answers
@@ -384,13 +385,8 @@ class ModelPair:
     ) -> str:
         """The text `token` adds at position j: decoded after its predecessor (for the first token of a
         continuation, the prompt's last token, `lead`), so word-start spaces survive."""
-        alone = self._decode_one((token,), memo)
         previous = ids[j - 1] if j else (lead[-1] if lead else None)
-        if previous is None:
-            return alone
-        before = self._decode_one((previous,), memo)
-        both = self._decode_one((previous, token), memo)
-        return both[len(before) :] if both.startswith(before) else alone
+        return token_text(lambda t: self._decode_one(t, memo), previous, token)
 
     def _decode_one(self, ids: tuple[int, ...], memo: dict[tuple[int, ...], str]) -> str:
         if ids not in memo:
@@ -404,22 +400,23 @@ class ModelPair:
                 raise InvalidInputError("n must be at least 1", param="n")
         start = time.perf_counter()
         prompts = [task.prompt for task in tasks]
+        contexts = [continuation_context(task.prompt.input_ids, task.continue_final) for task in tasks]
         samples = self.sample(
             prompts,
             [task.n for task in tasks],
             [task.sampling for task in tasks],
             top_logprobs=[task.top_logprobs or 0 for task in tasks],
-            contexts=[_context(task) for task in tasks],
+            contexts=contexts,
         )
         sampled = time.perf_counter()
         answers = [
-            [self._answer(s, task.sampling.stop, _context(task)) for s in group]
-            for task, group in zip(tasks, samples, strict=True)
+            [self._answer(s, task.sampling.stop, context) for s in group]
+            for task, group, context in zip(tasks, samples, contexts, strict=True)
         ]
         self._finish_answers(prompts, answers)
         ref = self.sequence_logprobs(prompts, [[a.ids for a in group] for group in answers], reference=True)
         groups = []
-        for task, group, ref_group in zip(tasks, answers, ref, strict=True):
+        for task, group, ref_group, context in zip(tasks, answers, ref, contexts, strict=True):
             candidates = []
             for a, r in zip(group, ref_group, strict=True):
                 assert a.policy is not None
@@ -429,7 +426,7 @@ class ModelPair:
                 )
             if task.top_logprobs is not None:
                 for candidate, tokens in zip(
-                    candidates, self._token_logprobs(task.prompt, group, task.top_logprobs, _context(task)), strict=True
+                    candidates, self._token_logprobs(task.prompt, group, task.top_logprobs, context), strict=True
                 ):
                     candidate.token_logprobs = tokens
             groups.append(candidates)
@@ -564,10 +561,3 @@ def _as_list(image: Any) -> list[Any]:
 
 def _ranking(candidates: list[Candidate], timings: dict[str, float]) -> Ranking:
     return Ranking(candidates=candidates, best_index=select_best([c.reward for c in candidates]), timings=dict(timings))
-
-
-def _context(task: GenerateTask) -> list[int]:
-    """The prompt tokens a continuation's text is read after; none for a new turn."""
-    if not task.continue_final:
-        return []
-    return [int(t) for t in task.prompt.input_ids[-CONTEXT_TOKENS:].tolist()]

@@ -9,7 +9,7 @@ answer text always becomes the same tokens wherever it is scored.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -176,6 +176,23 @@ def continuation_ids(tokenizer: Any, text: str, context: Sequence[int] = ()) -> 
 CONTEXT_TOKENS = 4
 """Prompt tokens decoded before a continuation (`decoded_after`): enough to settle a multi-byte character or
 a word split over tokens."""
+
+
+def continuation_context(prompt_ids: Sequence[int] | Any, continue_final: bool) -> list[int]:
+    """The prompt tokens a continuation is read and tokenized after (a list or a 1-D tensor of ids); none when
+    the answers start a new turn."""
+    return [int(t) for t in prompt_ids[-CONTEXT_TOKENS:]] if continue_final else []
+
+
+def token_text(decode: Callable[[tuple[int, ...]], str], previous: int | None, token: int) -> str:
+    """The text `token` adds after `previous` (None: at the start), so that a word-start space survives;
+    `decode` renders ids with special tokens kept."""
+    alone = decode((token,))
+    if previous is None:
+        return alone
+    before = decode((previous,))
+    both = decode((previous, token))
+    return both[len(before) :] if both.startswith(before) else alone
 
 
 def reserved_strings(processor: Any) -> tuple[str, ...]:

@@ -483,22 +483,16 @@ def _settle(item: _Pending[T], seen: _Seen) -> tuple[T, int]:
     return cast(T, item.value), cast(int, item.image)
 
 
-@contextlib.contextmanager
-def _closed_on_error(spill: ImageSpill) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        spill.close()
-        raise
-
-
-def _mapped(rows: Sequence[tuple[T, int]], spill: ImageSpill) -> list[T]:
-    """The rows with their images: views into the spill, mapped now that every image is written.
+def _mapped(rows: Sequence[tuple[T, int]], spill: ImageSpill, empty: str, path: str | Path) -> list[T]:
+    """The rows with their images (views into the spill, mapped now that every image is written); `empty` is the
+    error when there are none.
 
     Arrow's allocator keeps what reading parquet used (~330 MB after a 48 MB file) for reuse that a training run
     never makes: it goes back to the system here."""
     import pyarrow as pa
 
+    if not rows:
+        raise DataError(empty, source=str(path))
     pa.default_memory_pool().release_unused()
     return spill.attach(rows)
 
@@ -530,22 +524,15 @@ def read_preferences(
     total = _rows_to_read(_row_count(files), limit)
     rows: list[tuple[PreferenceRow, int]] = []
     threads = _workers(workers)
-    spill = ImageSpill()
-    read = _read_rows(files, REQUIRED_PREFERENCE, _preference, threads, spill)
-    with (
-        _progress_bar(total, "reading preferences", progress) as bar,
-        _closed_on_error(spill),
-        contextlib.closing(read),
-    ):
-        for item in read:
-            rows.append(item)
-            bar.update()
-            if limit is not None and len(rows) >= limit:
-                break
-    if not rows:
-        spill.close()
-        raise DataError("no preference rows", source=str(path))
-    return _mapped(rows, spill)
+    with ImageSpill() as spill:
+        read = _read_rows(files, REQUIRED_PREFERENCE, _preference, threads, spill)
+        with _progress_bar(total, "reading preferences", progress) as bar, contextlib.closing(read):
+            for item in read:
+                rows.append(item)
+                bar.update()
+                if limit is not None and len(rows) >= limit:
+                    break
+        return _mapped(rows, spill, "no preference rows", path)
 
 
 def read_prompts(
@@ -560,27 +547,21 @@ def read_prompts(
     items: list[tuple[PromptItem, int]] = []
     seen: set[tuple[int, str]] = set()
     threads = _workers(workers)
-    spill = ImageSpill()
-    read = _read_rows(files, REQUIRED_PROMPT, _prompt, threads, spill)
-    with (
-        _progress_bar(_rows_to_read(known, limit), "reading prompts", progress) as bar,
-        _closed_on_error(spill),
-        contextlib.closing(read),
-    ):
-        for item, image in read:
-            bar.update()
-            key = (image, item.question)  # identical images have one index
-            if key in seen:
-                bar.total = _rows_to_read(known, limit, skipped=bar.n - len(items))
-                continue
-            seen.add(key)
-            items.append((item, image))
-            if limit is not None and len(items) >= limit:
-                break
-    if not items:
-        spill.close()
-        raise DataError("no prompts", source=str(path))
-    return _mapped(items, spill)
+    with ImageSpill() as spill:
+        read = _read_rows(files, REQUIRED_PROMPT, _prompt, threads, spill)
+        bar = _progress_bar(_rows_to_read(known, limit), "reading prompts", progress)
+        with bar, contextlib.closing(read):
+            for item, image in read:
+                bar.update()
+                key = (image, item.question)  # identical images have one index
+                if key in seen:
+                    bar.total = _rows_to_read(known, limit, skipped=bar.n - len(items))
+                    continue
+                seen.add(key)
+                items.append((item, image))
+                if limit is not None and len(items) >= limit:
+                    break
+        return _mapped(items, spill, "no prompts", path)
 
 
 def _rows_to_read(known: int | None, limit: int | None, skipped: int = 0) -> int | None:

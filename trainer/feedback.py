@@ -321,9 +321,8 @@ def read_feedback(*paths: str | Path) -> list[PromptFeedback]:
     map however many batches a long run saved."""
     import pyarrow.parquet as pq
 
-    spill = ImageSpill()
     rows: list[tuple[PromptFeedback, int]] = []
-    try:
+    with ImageSpill() as spill:
         for path in map(Path, paths):
             try:
                 with pq.ParquetFile(path) as parquet:
@@ -336,10 +335,7 @@ def read_feedback(*paths: str | Path) -> list[PromptFeedback]:
                 raise
             except Exception as exc:
                 raise DataError(f"not a readable feedback file: {exc}", source=str(path)) from None
-    except BaseException:
-        spill.close()
-        raise
-    return spill.attach(rows)
+        return spill.attach(rows)
 
 
 def _never() -> bool:

@@ -50,14 +50,21 @@ def filesystem_type(path: str | Path) -> str | None:
 
 
 class ImageSpill:
-    """Append distinct images while reading (`add`), then map them once (`views`)."""
+    """Append distinct images while reading (`add`), then map them once (`attach`). A context manager: leaving
+    it gives the file up (views already attached stay valid: the map holds the unlinked file)."""
 
     def __init__(self) -> None:
-        self._file = tempfile.TemporaryFile(prefix="rlaifv-images-")  # noqa: SIM115 (closed by views or close)
+        self._file = tempfile.TemporaryFile(prefix="rlaifv-images-")  # noqa: SIM115 (closed on leaving `with`)
         self._spans: list[tuple[int, int]] = []
         self._index: dict[bytes, int] = {}
         self._size = 0
-        self._warned = False
+
+    def __enter__(self) -> ImageSpill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+        self._index.clear()
 
     def add(self, data: bytes) -> tuple[int, bool]:
         """The image's index, and whether it is new (identical bytes get the index of their first copy)."""
@@ -71,11 +78,10 @@ class ImageSpill:
             raise DataError(
                 f"cannot store the dataset's images in {tempfile.gettempdir()} (TMPDIR): {exc.strerror or exc}"
             ) from None
-        self._spans.append((self._size, len(data)))
-        self._size += len(data)
+        before, self._size = self._size, self._size + len(data)
+        self._spans.append((before, len(data)))
         self._index[key] = len(self._spans) - 1
-        if self._size > WARN_BYTES and not self._warned:
-            self._warned = True
+        if before <= WARN_BYTES < self._size:
             self._warn_if_in_memory()
         return len(self._spans) - 1, True
 
@@ -89,27 +95,12 @@ class ImageSpill:
             )
 
     def attach(self, rows: Sequence[tuple[T, int]]) -> list[T]:
-        """Dataclass rows, each given with its image's index, with their `image` field set to its view (`views`)."""
-        views = self.views()
-        return [dataclasses.replace(cast(Any, row), image=views[index]) for row, index in rows]
-
-    def close(self) -> None:
-        """Give the file up without mapping it (reading failed); views already taken stay valid."""
-        self._file.close()
-        self._index.clear()
-
-    def __len__(self) -> int:
-        return len(self._spans)
-
-    def views(self) -> list[memoryview]:
-        """Read-only views of every image, by index (hashable, and equal to the bytes they hold). The spill is
-        done with after this: the views keep the map, and through it the file, alive."""
+        """Dataclass rows, each given with its image's index, with their `image` field set to a read-only view
+        of that image (hashable, and equal to the bytes it holds), all views into one map of the file."""
         self._file.flush()
         if self._size == 0:
-            self._file.close()
-            return [memoryview(b"") for _ in self._spans]
-        whole = memoryview(mmap.mmap(self._file.fileno(), self._size, access=mmap.ACCESS_READ))
-        self._file.close()  # the map holds its own reference to the (unlinked) file
-        views = [whole[offset : offset + length] for offset, length in self._spans]
-        self._index.clear()
-        return views
+            views = [memoryview(b"") for _ in self._spans]
+        else:
+            whole = memoryview(mmap.mmap(self._file.fileno(), self._size, access=mmap.ACCESS_READ))
+            views = [whole[offset : offset + length] for offset, length in self._spans]
+        return [dataclasses.replace(cast(Any, row), image=views[index]) for row, index in rows]

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from rlaifv.reward.errors import ContextLengthError, InvalidInputError
-from rlaifv.reward.prompt import CONTEXT_TOKENS
+from rlaifv.reward.prompt import continuation_context
 from rlaifv.reward.token_bytes import TokenBytes
 from rlaifv.service.engines.base import EngineResult, GenerateRequest, Request, ScoreRequest
 
@@ -99,7 +99,7 @@ class TransformersEngine:
                         )
                     )
                 else:
-                    context = prompt.input_ids[-CONTEXT_TOKENS:].tolist() if request.continue_final else []
+                    context = continuation_context(prompt.input_ids, request.continue_final)
                     answers = self.pair.encode_answers(request.answers, max_tokens=request.max_tokens, context=context)
                     if limit is not None and len(prompt) + max(len(a) for a in answers) > limit:
                         raise ContextLengthError(

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import httpx
 
 from rlaifv.reward.errors import ContextLengthError, InvalidInputError
-from rlaifv.reward.prompt import CONTEXT_TOKENS, decoded_after
+from rlaifv.reward.prompt import continuation_context, decoded_after, token_text
 from rlaifv.reward.token_bytes import TokenBytes
 from rlaifv.service.engines import vllm_payload
 from rlaifv.service.engines.base import EngineResult, GenerateRequest, Request, ScoreRequest
@@ -658,7 +658,7 @@ class VllmEngine:
         if not request.answers:
             raise InvalidInputError("answers must be a non-empty list", param="answers")
 
-        context = prompt.ids[-CONTEXT_TOKENS:] if request.continue_final else []
+        context = continuation_context(prompt.ids, request.continue_final)
 
         def encode() -> list[list[int]]:
             return encode_answers(
@@ -746,7 +746,7 @@ class VllmEngine:
             raise self.policy.bad_response(f"returned {len(choices)} choices for n={wanted}")
         if wanted != request.n:  # greedy: one answer, N times
             choices = choices * request.n
-        context = prompt.ids[-CONTEXT_TOKENS:] if request.continue_final else []
+        context = continuation_context(prompt.ids, request.continue_final)
         samples = await self._cpu(lambda: [parse(choice, context) for choice in choices])
         sampled = time.perf_counter()
 
@@ -915,13 +915,8 @@ class VllmEngine:
         return out
 
     def _token_text(self, ids: Sequence[int], j: int, token: int, lead: Sequence[int] = ()) -> str:
-        alone = str(self.tokenizer.decode([token], skip_special_tokens=False))
         previous = ids[j - 1] if j else (lead[-1] if lead else None)
-        if previous is None:
-            return alone
-        before = str(self.tokenizer.decode([previous], skip_special_tokens=False))
-        both = str(self.tokenizer.decode([previous, token], skip_special_tokens=False))
-        return both[len(before) :] if both.startswith(before) else alone
+        return token_text(lambda t: str(self.tokenizer.decode(list(t), skip_special_tokens=False)), previous, token)
 
 
 async def _gather(*calls: Awaitable[T]) -> list[T]:
