@@ -30,6 +30,7 @@ from rlaifv.reward.claims import (
 )
 from rlaifv.reward.errors import AnswerError, InvalidInputError, ModelLoadError
 from rlaifv.reward.families import family_of
+from rlaifv.reward.family_check import check_unverified_family
 from rlaifv.reward.images import ImageLimits, load_image
 from rlaifv.reward.logprobs import answer_logprobs, continuation_logits
 from rlaifv.reward.packed_weights import PackedLinears, PackMode, pack_linears
@@ -145,6 +146,9 @@ class ModelPair:
         padding = range(tokens, rows) if rows is not None else range(0)
         self.blocked_ids = sorted((set(self.tokenizer.all_special_ids) - set(self.stop_ids)) | set(padding))
         self.packed: list[PackedLinears] = []
+        check_unverified_family(
+            policy, processor, accepts_images=self.accepts_images, pad_id=self.pad_id, stop_ids=self.stop_ids
+        )
 
     def pack_weights(self, mode: PackMode = "auto") -> int:
         """Serve the CPU linears from packed weights (`reward.packed_weights`); returns the layers packed.

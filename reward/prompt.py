@@ -99,6 +99,7 @@ def encode_prompt(
     )
     input_ids = batch.pop("input_ids")[0]
     batch.pop("attention_mask", None)
+    batch.pop("labels", None)  # PaliGemma's processor adds training labels whenever it returns token_type_ids
     if max_length is not None and input_ids.shape[0] > max_length:
         raise ContextLengthError(
             f"prompt is too long: {input_ids.shape[0]} tokens, over the model limit of {max_length}",

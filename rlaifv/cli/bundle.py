@@ -1,4 +1,4 @@
-"""`rlaifv bundle create|inspect`: bundles from one's own models, and what a bundle holds.
+"""`rlaifv bundle create|inspect|check`: bundles from one's own models, what a bundle holds, whether it serves exactly.
 
 The logic lives in `rlaifv.reward.bundle_create`; this module only parses options and prints.
 """
@@ -6,6 +6,8 @@ The logic lives in `rlaifv.reward.bundle_create`; this module only parses option
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -92,6 +94,48 @@ def inspect(
     except RewardError as exc:
         raise _fail(exc) from None
     typer.echo(description.model_dump_json(indent=2) if as_json else render(description))
+
+
+@bundle_app.command("check")
+def check(
+    folder: Annotated[Path, typer.Argument(help="Bundle folder (holds rlaifv.json).")],
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")] = None,
+    dtype: Annotated[
+        str, typer.Option(help="auto, float32, bfloat16 or float16, as the service would load it.")
+    ] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Load the bundle as the service would and check the engine against each model's own `generate`.
+
+    Scoring and sampling log-probs on two synthetic prompts must match the model's own greedy generation within
+    the dtype's tolerance; exit status 1 when they do not. Families without rules in the engine are checked this
+    way at every load; this runs the check for any family, on your weights, device and transformers release."""
+    from rlaifv.reward.bundle import load_bundle
+    from rlaifv.reward.errors import RewardError
+    from rlaifv.reward.families import FAMILIES
+    from rlaifv.reward.family_check import check_pair
+
+    try:
+        results = check_pair(load_bundle(folder, device=device, dtype=dtype))
+    except RewardError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        report = {  # sampling null: the sampler picked other greedy tokens
+            role: {**asdict(r), "sampling": r.sampling if math.isfinite(r.sampling) else None, "exact": r.exact}
+            for role, r in results.items()
+        }
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        for role, result in results.items():
+            rules = f"{FAMILIES[result.model_type].name} rules" if result.model_type in FAMILIES else "no family rules"
+            sampling = "other greedy tokens" if result.sampling == float("inf") else f"{result.sampling:.2g}"
+            typer.secho(
+                f"{role:<10} {result.model_type} ({rules})  scoring {result.scoring:.2g}  sampling {sampling}"
+                f"  tolerance {result.tolerance:g}  {'exact' if result.exact else 'NOT EXACT'}",
+                fg=typer.colors.GREEN if result.exact else typer.colors.RED,
+            )
+    if not all(result.exact for result in results.values()):
+        raise typer.Exit(1)
 
 
 def _count(n: int | None) -> str:

@@ -401,7 +401,8 @@ class InProcessReference:
     role = "reference"
     max_model_len: int | None = None
 
-    def __init__(self, folder: Path, settings: Settings, tokenizer: Any) -> None:
+    def __init__(self, folder: Path, settings: Settings, processor: Any, stop_ids: Sequence[int]) -> None:
+        from rlaifv.reward.family_check import check_unverified_family
         from rlaifv.reward.models import load_model
 
         if settings.torch_threads:
@@ -410,7 +411,12 @@ class InProcessReference:
             torch.set_num_threads(settings.torch_threads)
         self.root = f"in process ({folder})"
         self.model = load_model(folder, device=settings.device, dtype=settings.dtype)
+        tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        accepts_images = bool(getattr(processor, "accepts_images", True))
+        check_unverified_family(
+            self.model, processor, accepts_images=accepts_images, pad_id=self.pad_id, stop_ids=stop_ids
+        )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlaifv-reference")
 
     def start(self, wait_s: float, *, serves: Served | None = None, images: bool = False) -> None:
@@ -510,7 +516,7 @@ class VllmEngine:
         self.policy = VllmServer("policy", settings.vllm_policy_url, settings.vllm_policy_model, settings, metrics)
         self.reference: VllmServer | InProcessReference
         if settings.vllm_reference == "inprocess":
-            self.reference = InProcessReference(reference_path, settings, self.tokenizer)
+            self.reference = InProcessReference(reference_path, settings, self.processor, self.stop_ids)
         else:
             assert settings.vllm_reference_url
             self.reference = VllmServer(
