@@ -110,16 +110,43 @@ def _opened(data: bytes | memoryview, limits: ImageLimits, param: str) -> Iterat
 
 
 def to_rgb(image: Any) -> Any:
-    """RGB, 8 bits a channel. PIL's convert clips 16-bit and 32-bit grey ("I;16", "I") at 255, which turns most of
-    a 16-bit PNG white; those are scaled to 8 bits first."""
+    """The image as viewers show it, in RGB with 8 bits a channel: what transformers' `load_image` and vLLM give
+    a model for the same file.
+
+    - EXIF orientation applied (phone photos are stored sideways with a rotation tag), as both do.
+    - Transparency laid over white, as vLLM does (`convert` alone keeps the colour under transparent pixels,
+      often black).
+    - 16-bit and 32-bit grey ("I;16", "I") scaled to 8 bits (PIL's `convert` clips them at 255, which turns most
+      of a 16-bit PNG white).
+    """
+    from PIL import Image
+
+    image = upright(image)
     if image.mode.startswith("I;16") or image.mode == "I":
         import numpy as np
-        from PIL import Image
 
         values = np.asarray(image, dtype=np.int64)
         shift = 8 if image.mode.startswith("I;16") or int(values.max(initial=0)) <= 0xFFFF else 24
         image = Image.fromarray(np.clip(values >> shift, 0, 255).astype(np.uint8))  # 2-D uint8: mode L
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
     return image.convert("RGB")
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(image: Any) -> Any:
+    """`image` turned by its EXIF orientation tag; the image itself (not a copy) without one. Pillow reads a
+    damaged EXIF block with a warning and an unknown orientation as none: both show the image as stored."""
+    from PIL import ImageOps
+
+    if image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def load_image(image: Any, limits: ImageLimits | None = None, param: str = "image") -> Any:

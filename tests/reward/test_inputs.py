@@ -115,3 +115,59 @@ def test_a_16_bit_grey_png_keeps_its_tones():
     assert Image.open(io.BytesIO(buffer.getvalue())).mode == "I;16"
     red = np.asarray(decode_image(buffer.getvalue()))[..., 0]
     assert (red == gradient >> 8).all() and (red == 255).mean() < 0.01
+
+
+def _jpeg_with_orientation(image: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+def test_a_photo_stored_sideways_is_turned_upright_by_its_exif_orientation():
+    """Phones store the sensor's pixels with a rotation tag; the model must see what viewers show (transformers'
+    `load_image` and vLLM apply the tag too)."""
+    import numpy as np
+    from PIL import ImageOps
+
+    stored = Image.new("RGB", (64, 32), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 16, 32))  # red on the stored left edge
+    data = _jpeg_with_orientation(stored, 6)  # 6: the viewer turns it 90 degrees clockwise
+    shown = decode_image(data)
+    assert shown.size == (32, 64)
+    pixels = np.asarray(shown).astype(int)
+    assert pixels[4, 16, 0] > 200 and pixels[60, 16, 2] > 200  # red now on top, blue below
+    assert load_image(data).size == (32, 64) and load_image(Image.open(io.BytesIO(data))).size == (32, 64)
+    assert np.array_equal(np.asarray(shown), np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data)))))
+    plain = _jpeg_with_orientation(stored, 1)
+    assert decode_image(plain).size == (64, 32)
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_a_damaged_exif_block_or_an_unknown_orientation_shows_the_image_as_stored():
+    stored = Image.new("RGB", (16, 8), (0, 128, 0))
+    damaged = bytearray(_jpeg_with_orientation(stored, 6))
+    start = damaged.find(b"Exif")
+    damaged[start + 10 : start + 30] = b"\xff" * 20  # the TIFF header and first entries overwritten
+    assert decode_image(bytes(damaged)).size == (16, 8)
+    assert decode_image(_jpeg_with_orientation(stored, 9)).size == (16, 8)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_laid_over_white(mode):
+    """vLLM's convention: a logo on a transparent background is seen on white, not on the black under it."""
+    import numpy as np
+
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgba.paste((200, 30, 30, 255), (0, 0, 4, 8))
+    image = (
+        rgba if mode == "RGBA" else rgba.convert(mode) if mode == "LA" else rgba.convert("P", palette=Image.ADAPTIVE)
+    )
+    if mode == "P":
+        image.info["transparency"] = image.getpixel((7, 7))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    pixels = np.asarray(decode_image(buffer.getvalue()))
+    assert (pixels[:, 4:] == 255).all()
+    assert (pixels[:, :4] != 255).any()
