@@ -9,8 +9,10 @@ That is exact only when the engine follows the family's own rules:
   positions and text continues from the highest prefix position + 1, which is
   fewer than the prefix's length. Those positions come from the model's own
   `get_rope_index`, never from our arithmetic.
-- sequence-aligned inputs (`token_type_ids`, `mm_token_type_ids`) are padded
-  with the ids, on the same side.
+- sequence-aligned inputs (`token_type_ids`, `mm_token_type_ids`, Mllama's
+  `cross_attention_mask`) are padded with the ids, on the same side; those a
+  family needs for every later token as well (`Family.continued`) go with each
+  answer token as the prompt's last row, as the family's `generate` does.
 - vision tensors of different shapes (a wide image with more crops or patches
   than a square one, images of different sizes): families whose model reads
   the real extent from sizes or masks accept zero padding; for any other, the
@@ -33,7 +35,7 @@ from rlaifv.reward.prompt import EncodedPrompt
 if TYPE_CHECKING:
     import torch
 
-SEQUENCE_KEYS = frozenset({"token_type_ids", "mm_token_type_ids"})
+SEQUENCE_KEYS = frozenset({"token_type_ids", "mm_token_type_ids", "cross_attention_mask"})
 ROPE_INDEX_KEYS = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
 
@@ -49,6 +51,11 @@ class Family:
     vision, projector: dotted module paths (as in parameter names) of the image encoder and of what maps its
     features into the language model; the trainer freezes them by these (a projector inside the encoder, as
     Qwen-VL's `visual.merger`, is the projector).
+    continued: sequence-aligned inputs every later token needs too (Mllama's `cross_attention_mask`: which
+    images a token reads); each answer token gets the prompt's last row.
+    share_prefix: the cache holds only the prefix's own keys and values, so answers may attend to one copy of
+    their prompt's (`reward.shared_prefix`). Mllama's cross-attention layers cache the image's instead: its
+    answers copy their prompt's rows.
     """
 
     name: str
@@ -57,6 +64,8 @@ class Family:
     verified: bool = True
     vision: tuple[str, ...] = ("vision_tower",)
     projector: tuple[str, ...] = ("multi_modal_projector",)
+    continued: tuple[str, ...] = ()
+    share_prefix: bool = True
 
 
 _QWEN_VISION: dict[str, Any] = {"vision": ("visual",), "projector": ("visual.merger",)}
@@ -76,6 +85,12 @@ FAMILIES: dict[str, Family] = {
     "mistral3": Family("Mistral3 / Pixtral", pad_vision=True, verified=False),  # its processor needs torchvision
     "internvl": Family("InternVL"),
     "omnilmm": Family("OmniLMM / RLAIF-V-12B", projector=("resampler",)),  # native implementation: reward/omnilmm/
+    "mllama": Family(
+        "Llama 3.2 Vision (Mllama)",
+        vision=("vision_model",),
+        continued=("cross_attention_mask",),
+        share_prefix=False,
+    ),
 }
 
 
@@ -152,11 +167,13 @@ def stack_vision(
     for key in keys:
         parts = [p.vision[key] for p in prompts if key in p.vision]
         if key in SEQUENCE_KEYS:
-            padded = parts[0].new_zeros((len(prompts), width))
+            rows = [as_sequence(part) for part in parts]  # (1, L, *rest): rest equal within a batch group
+            padded = rows[0].new_zeros((len(prompts), width, *rows[0].shape[2:]))
             for row, prompt in enumerate(prompts):
                 values = prompt.vision.get(key)
                 if values is not None:
-                    padded[row, width - values.shape[-1] :] = values.reshape(-1)
+                    values = as_sequence(values)
+                    padded[row, width - values.shape[1] :] = values[0]
             vision[key] = padded.to(device)
             continue
         shape = [max(part.shape[d] for part in parts) for d in range(1, parts[0].dim())]
@@ -170,8 +187,28 @@ def stack_vision(
 def truncate(prompt: EncodedPrompt, length: int) -> EncodedPrompt:
     """The prompt's first `length` tokens, its sequence-aligned processor outputs cut alike (the per-image
     tensors stay whole: the cut must keep every image token, as the yes/no judge's shared prefix does)."""
-    vision = {key: value[..., :length] if key in SEQUENCE_KEYS else value for key, value in prompt.vision.items()}
+    vision = {
+        key: as_sequence(value)[:, :length] if key in SEQUENCE_KEYS else value for key, value in prompt.vision.items()
+    }
     return EncodedPrompt(prompt.input_ids[:length], vision)
+
+
+def as_sequence(values: torch.Tensor) -> torch.Tensor:
+    """A sequence-aligned processor output as (1, L, *rest): token type ids come as (1, L) or (L,), Mllama's
+    cross-attention mask as (1, L, images, tiles)."""
+    return values.reshape(1, -1) if values.dim() < 2 else values
+
+
+def extended(values: torch.Tensor, width: int, continued: bool) -> torch.Tensor:
+    """A batch's sequence-aligned input (B, L, *rest) over `width` more tokens of text: zeros (text's id), or the
+    last row repeated for a `Family.continued` input."""
+    import torch
+
+    if continued:
+        more = values[:, -1:].expand(values.shape[0], width, *values.shape[2:])
+    else:
+        more = values.new_zeros((values.shape[0], width, *values.shape[2:]))
+    return torch.cat([values, more], dim=1)
 
 
 def _zero_pad(tensor: torch.Tensor, shape: list[int]) -> torch.Tensor:

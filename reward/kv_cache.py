@@ -63,15 +63,18 @@ class PreallocatedLayer(DynamicLayer):
         self._expose()
 
 
-def preallocate(cache: Any, reserve: int) -> Any:
+def preallocate(cache: Any, reserve: int, length: int | None = None) -> Any:
     """Swap each full-attention layer of a DynamicCache for a `PreallocatedLayer` with room for `reserve` tokens.
 
-    Layers of other types (sliding windows, linear attention) are left as they are.
+    Layers of other types (sliding windows, linear attention) are left as they are, and with `length` (the
+    prefix's) so are layers holding another number of tokens: Mllama's cross-attention layers hold the image's
+    keys, which never grow.
     """
     layers = getattr(cache, "layers", None)
     if layers is None:
         return cache
     for i, layer in enumerate(layers):
-        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.numel():
+        filled = type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.numel()
+        if filled and (length is None or layer.keys.shape[-2] == length):
             layers[i] = PreallocatedLayer(layer.keys, layer.values, reserve)
     return cache

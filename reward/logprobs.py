@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from rlaifv.reward.families import (
     Family,
     batch_groups,
     continue_positions,
+    extended,
     family_of,
     prefix_positions,
     stack_vision,
@@ -79,7 +80,9 @@ class PrefixState:
     next_position: (rows,) position id of the first answer token (on every rope axis);
     family: the model family's rules (`reward.families`);
     shared: the cache holds each prompt's prefix once (`reward.shared_prefix`): model calls on it
-    go inside `attending`.
+    go inside `attending`;
+    continued: (rows, 1, ...) the prompt's last row of each input the family needs for every later token
+    (`Family.continued`).
     """
 
     cache: Any
@@ -88,17 +91,27 @@ class PrefixState:
     next_position: torch.Tensor
     family: Family
     shared: bool = False
+    continued: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def select(self, index: torch.Tensor) -> PrefixState:
         """Keep/duplicate rows (index may repeat: that forks a prefix for N answers)."""
         self.cache.batch_select_indices(index)
+        return self.rows(self.cache, index, self.shared)
+
+    def rows(self, cache: Any, index: torch.Tensor, shared: bool) -> PrefixState:
+        """This state's rows `index` over `cache` (already laid out for them)."""
+        continued = {key: value[index] for key, value in self.continued.items()}
         return PrefixState(
-            self.cache, self.logits[index], self.mask[index], self.next_position[index], self.family, self.shared
+            cache, self.logits[index], self.mask[index], self.next_position[index], self.family, shared, continued
         )
 
     def positions(self, width: int) -> torch.Tensor:
         """Position ids of the next `width` tokens of every row."""
         return continue_positions(self.family, self.next_position, width)
+
+    def inputs(self, width: int) -> dict[str, torch.Tensor]:
+        """What a model call on the next `width` tokens of every row needs besides ids, mask and positions."""
+        return {key: value.expand(value.shape[0], width, *value.shape[2:]) for key, value in self.continued.items()}
 
 
 def model_device(model: Any) -> torch.device:
@@ -129,7 +142,8 @@ def prefill(model: Any, prompts: Sequence[EncodedPrompt], pad_id: int = 0) -> Pr
         logits_to_keep=1,
         **vision,
     )
-    return PrefixState(out.past_key_values, out.logits[:, -1, :], mask, next_position, family)
+    continued = {key: vision[key][:, -1:] for key in family.continued if key in vision}
+    return PrefixState(out.past_key_values, out.logits[:, -1, :], mask, next_position, family, continued=continued)
 
 
 def fork(model: Any, state: PrefixState, rows: torch.Tensor, reserve: int) -> PrefixState:
@@ -144,10 +158,9 @@ def fork(model: Any, state: PrefixState, rows: torch.Tensor, reserve: int) -> Pr
     prompts, length = state.mask.shape
     slots = int(torch.bincount(rows).max())
     smaller = prompts * (length + slots * reserve) < rows.shape[0] * (length + reserve)
-    if slots < 2 or not smaller or not eligible(model, state.cache, length + reserve):
+    if slots < 2 or not smaller or not state.family.share_prefix or not eligible(model, state.cache, length + reserve):
         return state.select(rows)
-    cache = share(state.cache, rows, state.mask, reserve)
-    return PrefixState(cache, state.logits[rows], state.mask[rows], state.next_position[rows], state.family, True)
+    return state.rows(share(state.cache, rows, state.mask, reserve), rows, True)
 
 
 @contextmanager
@@ -179,6 +192,7 @@ def step(model: Any, state: PrefixState, tokens: torch.Tensor) -> torch.Tensor:
         position_ids=state.positions(1),
         past_key_values=state.cache,
         use_cache=True,
+        **state.inputs(1),
     )
     state.next_position = state.next_position + 1
     state.cache = out.past_key_values
@@ -263,6 +277,7 @@ def _per_answer(
                 position_ids=state.positions(width - 1),
                 past_key_values=state.cache,
                 use_cache=True,
+                **state.inputs(width - 1),
             )
     if full:
         if width > 1:
@@ -287,15 +302,16 @@ def full_forward_logprobs(model: Any, prompt: EncodedPrompt, answer: Sequence[in
     """The naive equivalent of `answer_logprobs` for one answer: one forward over prefix ++ answer.
 
     Kept as the ground truth for tests and the baseline of `rlaifv bench reward`: the model computes its own
-    positions (mrope included); sequence-aligned inputs are extended over the answer as text.
+    positions (mrope included); sequence-aligned inputs are extended over the answer as text (those the family
+    continues, as its `generate` does).
     """
     device = model_device(model)
     dtype = next(model.parameters()).dtype
     ids = torch.cat([prompt.input_ids.to(device), torch.tensor(list(answer), device=device)]).unsqueeze(0)
     vision = stack_vision([prompt], len(prompt), device, dtype)
+    continued = family_of(model).continued
     for key in SEQUENCE_KEYS & prompt.vision.keys():
-        values = prompt.vision[key].reshape(1, -1).to(device)
-        vision[key] = torch.cat([values, values.new_zeros((1, ids.shape[1] - values.shape[1]))], dim=1)
+        vision[key] = extended(vision[key], len(answer), continued=key in continued)
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **vision)
     start = len(prompt)
     return selective_log_softmax(out.logits[0, start - 1 : -1], ids[0, start:])
@@ -347,6 +363,7 @@ def continuation_logits(
             position_ids=state.positions(width),
             past_key_values=state.cache,
             use_cache=True,
+            **state.inputs(width),
         )
     last = out.logits[torch.arange(len(flat), device=device), lengths - 1].float()  # (R, V)
     row = 0

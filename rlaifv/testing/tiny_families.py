@@ -32,6 +32,7 @@ FAMILIES: tuple[str, ...] = (
     "internvl",
     "llava",
     "omnilmm",
+    "mllama",
 )
 
 SPACE = "▁"
@@ -583,6 +584,62 @@ def _llava(folder: Path, seed: int):
     return model
 
 
+MLLAMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<|image|>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+MLLAMA_SPECIALS = ("<|start_header_id|>", "<|end_header_id|>", "<|image|>", "<|python_tag|>", "<|end_of_text|>")
+
+
+def _mllama(folder: Path, seed: int):
+    """Llama 3.2 Vision layout: one `<|image|>` token per image, read by cross-attention layers (here the second
+    of three) over up to 4 tiles of 32 px, 16 patches + 1 class token each; a wide image fills two tiles."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
+    from transformers.models.mllama import MllamaImageProcessorPil
+
+    tokenizer = build_word_tokenizer(
+        MLLAMA_SPECIALS,
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        pad="<|finetune_right_pad_id|>",
+        add_bos_token=True,
+        chat_template=MLLAMA_TEMPLATE,
+    )
+    image_processor = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=4)
+    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=MLLAMA_TEMPLATE)
+    config = MllamaConfig(
+        vision_config={
+            "hidden_size": VISION["hidden_size"],
+            "intermediate_size": VISION["intermediate_size"],
+            "num_hidden_layers": 2,
+            "num_global_layers": 1,
+            "attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+            "max_num_tiles": 4,
+            "vision_output_dim": 2 * VISION["hidden_size"],
+            "intermediate_layers_indices": [0],
+        },
+        text_config={**TEXT, **_text_ids(tokenizer), "num_hidden_layers": 3, "cross_attention_layers": [1]},
+        image_token_index=_ids(tokenizer, "<|image|>")[0],
+    )
+    model = _model(MllamaForConditionalGeneration, config, tokenizer, seed)
+    import torch
+
+    with torch.no_grad():  # the image's gates start closed (zero), which would make every text token blind to it
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate", ".gate")):
+                param.fill_(1.0)
+    processor.save_pretrained(folder)
+    return model
+
+
 # openbmb/RLAIF-V-12B config.json as published (hub commit 836cce5; OmniLMM-12B's differs only in the
 # name, transformers_version and the absent attention_dropout). The tiny instance keeps every key.
 OMNILMM_PUBLISHED_CONFIG: dict[str, Any] = {
@@ -732,6 +789,7 @@ BUILDERS: dict[str, Callable[[Path, int], Any]] = {
     "internvl": _internvl,
     "llava": _llava,
     "omnilmm": _omnilmm,
+    "mllama": _mllama,
 }
 
 

@@ -310,41 +310,6 @@ def _survey_blip2() -> tuple[Any, list[EncodedPrompt]]:
     )
 
 
-def _survey_mllama() -> tuple[Any, list[EncodedPrompt]]:
-    """Llama 3.2 Vision: cross-attention to one image of one 32 px tile (of 4), the `<|image|>` token once."""
-    import torch
-    from transformers import MllamaConfig, MllamaForConditionalGeneration
-
-    config = MllamaConfig(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_global_layers": 1,
-            "attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-            "max_num_tiles": 4,
-            "vision_output_dim": 64,
-            "intermediate_layers_indices": [0],
-        },
-        text_config={**SURVEY_TEXT, "num_hidden_layers": 3, "cross_attention_layers": [1]},
-        image_token_index=IMAGE_ID,
-    )
-
-    def vision(ids: Any) -> dict[str, Any]:
-        cross = torch.zeros(1, len(ids), 1, 4, dtype=torch.long)
-        cross[0, 2:, 0, 0] = 1  # text after the image token sees its one real tile
-        return {
-            "pixel_values": torch.randn(1, 1, 4, 3, 32, 32),
-            "aspect_ratio_ids": torch.tensor([[1]]),
-            "aspect_ratio_mask": torch.tensor([[[1, 0, 0, 0]]]),
-            "cross_attention_mask": cross,
-        }
-
-    return _finish(MllamaForConditionalGeneration(config)), _survey_prompts(1, vision)
-
-
 def _survey_lfm2_vl() -> tuple[Any, list[EncodedPrompt]]:
     """LFM2-VL: its language model mixes short convolutions (a cache of conv states) with attention."""
     import torch
@@ -379,13 +344,11 @@ SURVEY: dict[str, Callable[[], tuple[Any, list[EncodedPrompt]]]] = {
     "cohere2_vision": _survey_cohere2_vision,
     "idefics2": _survey_idefics2,
     "blip-2": _survey_blip2,
-    "mllama": _survey_mllama,
     "lfm2_vl": _survey_lfm2_vl,
 }
 SERVED_EXACTLY = ("paligemma", "llava_onevision", "vipllava", "aya_vision", "cohere2_vision", "idefics2")
-REFUSED = {  # what the engine trips on: no top-level cache in BLIP-2's output, Mllama's cross-attention cache
-    # layers (not shared-prefix layers), LFM2's cache of convolution states that the engine cannot fork
+REFUSED = {  # what the engine trips on: no top-level cache in BLIP-2's output, LFM2's cache of convolution states
+    # that the engine cannot fork
     "blip-2": "past_key_values",
-    "mllama": "not a SharedPrefixLayer",
     "lfm2_vl": "batch_select_indices",
 }

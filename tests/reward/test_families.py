@@ -18,7 +18,7 @@ from PIL import Image
 
 from rlaifv.reward.errors import ModelLoadError
 from rlaifv.reward.families import FAMILIES as RULES
-from rlaifv.reward.families import batch_groups, family_of, module_part
+from rlaifv.reward.families import SEQUENCE_KEYS, as_sequence, batch_groups, extended, family_of, module_part
 from rlaifv.reward.logprobs import answer_logprobs, continuation_logits, full_forward_logprobs
 from rlaifv.reward.models import has_torchvision, load_model, load_processor
 from rlaifv.reward.prompt import EncodedPrompt, encode_answer, encode_prompt, end_of_turn_id
@@ -110,10 +110,19 @@ def test_continuations_share_the_prefix_exactly(family: dict[str, Any]) -> None:
     probe = family["eot"]
     for b, prompt in enumerate(prompts):
         for i, answer in enumerate(answers[b]):
-            extended = EncodedPrompt(torch.cat([prompt.input_ids, torch.tensor(answer)]), prompt.vision)
-            truth = full_forward_logprobs(model, extended, [probe])
+            truth = full_forward_logprobs(model, _followed_by(model, prompt, answer), [probe])
             predicted = torch.log_softmax(logits[b][i], -1)[probe]
             assert abs(float(predicted) - float(truth[0])) < TOLERANCE
+
+
+def _followed_by(model: Any, prompt: EncodedPrompt, tokens: list[int]) -> EncodedPrompt:
+    """The prompt with `tokens` of text after it, its sequence-aligned inputs extended as the family's rules say."""
+    continued = family_of(model).continued
+    vision = {
+        key: extended(as_sequence(value), len(tokens), key in continued) if key in SEQUENCE_KEYS else value
+        for key, value in prompt.vision.items()
+    }
+    return EncodedPrompt(torch.cat([prompt.input_ids, torch.tensor(tokens)]), vision)
 
 
 def test_prompts_of_different_image_shapes_batch_or_group(family: dict[str, Any]) -> None:
