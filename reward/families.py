@@ -74,6 +74,7 @@ _IDEFICS_VISION: dict[str, Any] = {"vision": ("vision_model",), "projector": ("c
 FAMILIES: dict[str, Family] = {
     "llava": Family("LLaVA-1.5"),
     "llava_next": Family("LLaVA-NeXT", pad_vision=True, projector=("multi_modal_projector", "image_newline")),
+    "llava_onevision": Family("LLaVA-OneVision", pad_vision=True, projector=("multi_modal_projector", "image_newline")),
     "qwen2_vl": Family("Qwen2-VL", mrope=True, **_QWEN_VISION),
     "qwen2_5_vl": Family("Qwen2.5-VL", mrope=True, **_QWEN_VISION),
     "qwen3_vl": Family(

@@ -21,7 +21,8 @@ measured difference, instead of at the first request.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ import torch
 
 from rlaifv.reward.errors import ModelLoadError
 from rlaifv.reward.families import FAMILIES, model_type, stack_vision
-from rlaifv.reward.logprobs import answer_logprobs, model_device, selective_log_softmax
+from rlaifv.reward.logprobs import answer_logprobs, model_device
 from rlaifv.reward.prompt import EncodedPrompt, encode_prompt
 from rlaifv.reward.sampling import SamplingParams, sample_answers
 
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROBE_QUESTION = "Describe the image."
 PROBE_TOKENS = 6
 # Max |log-prob difference| allowed: float32 paths differ by reduction order only (~1e-6 seen); half precision
 # rounds activations differently in a padded batch than in `generate`'s own, so only a structural error (a wrong
@@ -67,81 +67,135 @@ def needs_probe(model: Any) -> bool:
 
 
 def probe_images() -> list[Any]:
-    """A square and a wide image: two prompts of different image shapes in one batch, as requests come."""
+    """Two square images and a wide one: with questions of different lengths (`PROBE_QUESTIONS`), the squares
+    share a batch group with left padding whatever the family's rules, and the wide one has another shape."""
     from PIL import Image
 
     square = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
+    other = Image.radial_gradient("L").resize((64, 64)).convert("RGB")
     wide = Image.radial_gradient("L").resize((96, 48)).convert("RGB")
-    return [square, wide]
+    return [square, other, wide]
+
+
+PROBE_QUESTIONS = ("Describe the image.", "What is in this picture? Answer in one short sentence.", "Describe it.")
 
 
 def probe_prompts(processor: Any, accepts_images: bool) -> list[EncodedPrompt]:
     if not accepts_images:
-        return [encode_prompt(processor, [], PROBE_QUESTION), encode_prompt(processor, [], "Say something short.")]
-    return [encode_prompt(processor, [image], PROBE_QUESTION) for image in probe_images()]
+        return [encode_prompt(processor, [], question) for question in PROBE_QUESTIONS]
+    return [encode_prompt(processor, [image], q) for image, q in zip(probe_images(), PROBE_QUESTIONS, strict=True)]
+
+
+@contextmanager
+def plain_generation_config(model: Any, pad_id: int) -> Iterator[None]:
+    """The model's generation config reduced to its special tokens for the duration: `generate` applies the
+    model's own decoding defaults (repetition penalty, n-gram blocking, beams) even to greedy calls, and the
+    engine's raw log-probs are compared with the raw greedy path."""
+    from transformers import GenerationConfig
+
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = owner.generation_config
+    ids = {key: getattr(saved, key, None) for key in ("bos_token_id", "eos_token_id", "decoder_start_token_id")}
+    owner.generation_config = GenerationConfig(**ids, pad_token_id=pad_id)
+    try:
+        yield
+    finally:
+        owner.generation_config = saved
 
 
 @torch.no_grad()
 def generate_truth(model: Any, prompt: EncodedPrompt, pad_id: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens of the model's own `generate` and their log-probs under its raw logits (float32)."""
+    """Greedy tokens of the model's own `generate` and the raw next-token log-distribution before each
+    ((T, V) float32)."""
     device = model_device(model)
     dtype = next(model.parameters()).dtype
     ids = prompt.input_ids.to(device).unsqueeze(0)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        **stack_vision([prompt], len(prompt), device, dtype),
-        do_sample=False,
-        max_new_tokens=PROBE_TOKENS,
-        output_logits=True,
-        return_dict_in_generate=True,
-        pad_token_id=pad_id,
-    )
+    with plain_generation_config(model, pad_id):
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            **stack_vision([prompt], len(prompt), device, dtype),
+            do_sample=False,
+            max_new_tokens=PROBE_TOKENS,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     tokens = out.sequences[0, ids.shape[1] :]
     logits = torch.stack(out.logits, dim=1)[0, : len(tokens)].float()
-    return tokens.tolist(), selective_log_softmax(logits, tokens)
+    return tokens.tolist(), torch.log_softmax(logits, dim=-1)
 
 
 def _worst(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    return max(
-        (float((x.float().cpu() - y.float().cpu()).abs().max()) for x, y in zip(a, b, strict=True) if len(x)),
-        default=0.0,
-    )
+    """The largest |a - b| over all pairs; infinite where either side is not finite (a NaN compares as nothing)."""
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        if not len(x):
+            continue
+        diff = (x.float().cpu() - y.float().cpu()).abs()
+        if not bool(torch.isfinite(diff).all()):
+            return float("inf")
+        worst = max(worst, float(diff.max()))
+    return worst
 
 
 def probe(model: Any, processor: Any, *, accepts_images: bool, pad_id: int, stop_ids: Sequence[int]) -> ProbeResult:
-    """Compare the engine's scoring and sampling with `generate` on two synthetic prompts (batched together)."""
+    """Compare the engine's scoring and sampling with `generate` on the synthetic prompts (batched together)."""
     prompts = probe_prompts(processor, accepts_images)
     result: ProbeResult = compare_with_generate(model, prompts, pad_id=pad_id, stop_ids=stop_ids)
     return result
+
+
+class GenerateFailed(RuntimeError):
+    """The model's own `generate` failed on the probe: there is no ground truth to compare with."""
 
 
 @torch.no_grad()
 def compare_with_generate(
     model: Any, prompts: Sequence[EncodedPrompt], *, pad_id: int, stop_ids: Sequence[int]
 ) -> ProbeResult:
-    """The engine on `prompts` (one batch) against the model's own greedy `generate` on each alone."""
+    """The engine on `prompts` (one batch) against the model's own greedy `generate` on each alone, in eval mode."""
     dtype = next(model.parameters()).dtype
     tolerance = TOLERANCE.get(dtype, HALF_TOLERANCE)
     kind = model_type(model) or "unknown"
-    truths = [generate_truth(model, prompt, pad_id) for prompt in prompts]
-    scored = answer_logprobs(model, prompts, [[tokens] for tokens, _ in truths], pad_id)
-    scoring = _worst([group[0] for group in scored], [truth for _, truth in truths])
-    # Two samples per prompt exercise the prefix fork; greedy with nothing blocked retraces `generate` up to the
-    # first stop token, so each sample's log-probs are a prefix of the truth.
-    params = [SamplingParams(temperature=0.0, max_tokens=PROBE_TOKENS, seed=0)] * len(prompts)
-    samples = sample_answers(model, prompts, [2] * len(prompts), params, stop_ids=stop_ids, pad_id=pad_id)
+    with evaluating(model):
+        try:
+            truths = [generate_truth(model, prompt, pad_id) for prompt in prompts]
+        except Exception as exc:
+            raise GenerateFailed(f"{type(exc).__name__}: {exc}") from exc
+        answers = [[tokens] for tokens, _ in truths]
+        scored = answer_logprobs(model, prompts, answers, pad_id)
+        scoring = _worst([group[0] for group in scored], [_gathered(rows, tokens) for (tokens, rows) in truths])
+        # Two greedy samples per prompt exercise the prefix fork. Up to the first token where a sample leaves
+        # `generate`'s path (a stop token, or in half precision a near tie) it sees the same context, so each of
+        # its log-probs up to and including that token is the truth's distribution at the token it picked.
+        params = [SamplingParams(temperature=0.0, max_tokens=PROBE_TOKENS, seed=0)] * len(prompts)
+        samples = sample_answers(model, prompts, [2] * len(prompts), params, stop_ids=stop_ids, pad_id=pad_id)
     got, want = [], []
-    for group, (tokens, truth) in zip(samples, truths, strict=True):
+    for group, (tokens, rows) in zip(samples, truths, strict=True):
         for sample in group:
             n = min(len(sample.token_ids), len(tokens))
             same = next((i for i in range(n) if sample.token_ids[i] != tokens[i]), n)
             if same < n and dtype in TOLERANCE:
                 return ProbeResult(kind, scoring, float("inf"), tolerance)
-            # in half precision a near tie may flip a greedy pick: the log-probs up to it must still agree
-            got.append(sample.logprobs[:same])
-            want.append(truth[:same])
+            seen = min(same + 1, n)
+            got.append(sample.logprobs[:seen])
+            want.append(_gathered(rows[:seen], sample.token_ids[:seen]))
     return ProbeResult(kind, scoring, _worst(got, want), tolerance)
+
+
+def _gathered(rows: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
+    return rows[torch.arange(len(tokens)), torch.tensor(list(tokens), dtype=torch.long)]
+
+
+@contextmanager
+def evaluating(model: Any) -> Iterator[None]:
+    """Eval mode for the duration (dropout off: a policy still in train mode is probed as it will serve)."""
+    training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
 
 
 def check_unverified_family(
@@ -166,35 +220,49 @@ def check_unverified_family(
 
 def refuse_unless_exact(model: Any, compare: Callable[[], ProbeResult]) -> ProbeResult:
     """`compare()`'s result; any failure in it, or a difference past the tolerance, is a `ModelLoadError`."""
-    kind = model_type(model) or "unknown"
-    unknown = f"model type {kind!r} has no rules in this engine (known: {', '.join(sorted(FAMILIES))})"
-    try:
-        result = compare()
-    except ModelLoadError:
-        raise
-    except Exception as exc:
-        raise ModelLoadError(
-            f"{unknown} and the load-time check could not run it through the shared-prefix engine:"
-            f" {type(exc).__name__}: {exc}"
-        ) from exc
+    result = compared(model, compare)
     if not result.exact:
         sampling = (
             "picks other greedy tokens" if result.sampling == float("inf") else f"differs by {result.sampling:.3g}"
         )
         raise ModelLoadError(
-            f"{unknown} and the shared-prefix engine disagrees with the model's own generate: scoring log-probs"
-            f" differ by {result.scoring:.3g}, sampling {sampling} (tolerance {result.tolerance:g}); serving it"
-            " would give wrong rewards"
+            f"{_unknown(model)} and the shared-prefix engine disagrees with the model's own generate: scoring"
+            f" log-probs differ by {result.scoring:.3g}, sampling {sampling} (tolerance {result.tolerance:g});"
+            " serving it would give wrong rewards"
         )
     return result
+
+
+def compared(model: Any, compare: Callable[[], ProbeResult]) -> ProbeResult:
+    """`compare()`'s result, whatever it says; a failure to run it is a `ModelLoadError` saying which side failed."""
+    try:
+        return compare()
+    except ModelLoadError:
+        raise
+    except GenerateFailed as exc:
+        raise ModelLoadError(
+            f"{_unknown(model)} and the load-time check could not run the model's own generate, its ground truth: {exc}"
+        ) from exc
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{_unknown(model)} and the load-time check could not run it through the shared-prefix engine:"
+            f" {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _unknown(model: Any) -> str:
+    kind = model_type(model) or "unknown"
+    if kind in FAMILIES:
+        return f"model type {kind!r} ({FAMILIES[kind].name} rules)"
+    return f"model type {kind!r} has no rules in this engine (known: {', '.join(sorted(FAMILIES))})"
 
 
 def check_pair(pair: ModelPair) -> dict[str, ProbeResult]:
     """Probe both models of a loaded pair, registered families included (`rlaifv bundle check`): one's own
     checkpoint, dtype, device and transformers release against the model's own generate."""
     kwargs: dict[str, Any] = {"accepts_images": pair.accepts_images, "pad_id": pair.pad_id, "stop_ids": pair.stop_ids}
-    results = {"policy": probe(pair.policy, pair.processor, **kwargs)}
+    results = {"policy": compared(pair.policy, lambda: probe(pair.policy, pair.processor, **kwargs))}
     if pair.reference is not pair.policy:
         with pair.reference_model() as reference:
-            results["reference"] = probe(reference, pair.processor, **kwargs)
+            results["reference"] = compared(reference, lambda: probe(reference, pair.processor, **kwargs))
     return results

@@ -127,7 +127,11 @@ def to_rgb(image: Any) -> Any:
 
         values = np.asarray(image, dtype=np.int64)
         shift = 8 if image.mode.startswith("I;16") or int(values.max(initial=0)) <= 0xFFFF else 24
-        image = Image.fromarray(np.clip(values >> shift, 0, 255).astype(np.uint8))  # 2-D uint8: mode L
+        grey = Image.fromarray(np.clip(values >> shift, 0, 255).astype(np.uint8))  # 2-D uint8: mode L
+        clear = image.info.get("transparency")  # a PNG's tRNS grey value, in the image's own 16 bits
+        if isinstance(clear, int):
+            grey.putalpha(Image.fromarray(np.where(values == clear, 0, 255).astype(np.uint8)))  # mode LA
+        image = grey
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -137,6 +141,9 @@ def to_rgb(image: Any) -> Any:
 
 
 EXIF_ORIENTATION = 0x0112
+# What `to_rgb` gives a model for the same bytes changed in version 2 (EXIF orientation, transparency over white):
+# cached rewards keyed by image bytes carry it.
+PREPROCESSING_VERSION = 2
 
 
 def upright(image: Any) -> Any:

@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from rlaifv.reward.images import PREPROCESSING_VERSION
 from rlaifv.service.redis_conn import REDIS_DOWN, Breaker
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class RewardCache:
     ) -> str:
         h = hashlib.sha256()
         parts = [
+            f"images-v{PREPROCESSING_VERSION}",
             model,
             config.model_dump_json(),
             question or "",

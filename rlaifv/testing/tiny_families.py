@@ -33,6 +33,7 @@ FAMILIES: tuple[str, ...] = (
     "llava",
     "omnilmm",
     "mllama",
+    "llava_onevision",
 )
 
 SPACE = "▁"
@@ -309,6 +310,42 @@ def _llava_next(folder: Path, seed: int):
     )
     model = _model(LlavaNextForConditionalGeneration, config, tokenizer, seed)
     processor.save_pretrained(folder)
+    return model
+
+
+def _llava_onevision(folder: Path, seed: int):
+    """llava-onevision-qwen2 layout: ChatML, a SigLIP tower over a 32 px base view plus 32 px crops of the
+    image's best pinpoint grid (the processor counts each crop's tokens and a newline per row). Its processor
+    cannot be built here (its video part needs torchvision): saved piece by piece."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision import LlavaOnevisionImageProcessorPil
+
+    tokenizer = build_word_tokenizer(
+        (*QWEN_SPECIALS, "<image>", "<video>"),
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        chat_template=_chatml("<image>\n", system="You are a helpful assistant."),
+    )
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
+    init_kwargs = {
+        "num_image_tokens": 16,
+        "vision_feature_select_strategy": "full",
+        "vision_aspect_ratio": "anyres_max_9",
+    }
+    image, video = _ids(tokenizer, "<image>", "<video>")
+    config = LlavaOnevisionConfig(
+        vision_config={"model_type": "siglip_vision_model", **_vision(32, 8)},
+        text_config={"model_type": "qwen2", **TEXT, **_text_ids(tokenizer)},
+        image_grid_pinpoints=pinpoints,
+        image_token_index=image,
+        video_token_index=video,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9",
+    )
+    model = _model(LlavaOnevisionForConditionalGeneration, config, tokenizer, seed)
+    _save_pieces(folder, tokenizer, image_processor, "LlavaOnevisionProcessor", **init_kwargs)
     return model
 
 
@@ -790,6 +827,7 @@ BUILDERS: dict[str, Callable[[Path, int], Any]] = {
     "llava": _llava,
     "omnilmm": _omnilmm,
     "mllama": _mllama,
+    "llava_onevision": _llava_onevision,
 }
 
 

@@ -184,23 +184,6 @@ def _survey_paligemma() -> tuple[Any, list[EncodedPrompt]]:
     return _finish(PaliGemmaForConditionalGeneration(config)), _survey_prompts(16, vision)
 
 
-def _survey_llava_onevision() -> tuple[Any, list[EncodedPrompt]]:
-    """Any-resolution: a base view and one 32 px crop, 36 tokens with the row-end newlines (pooled 2x2 crops)."""
-    import torch
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
-
-    config = LlavaOnevisionConfig(
-        vision_config=SIGLIP_32,
-        text_config={"model_type": "qwen2", **SURVEY_TEXT},
-        image_token_index=IMAGE_ID,
-        video_token_index=IMAGE_ID + 1,
-        image_grid_pinpoints=[[32, 32]],
-        vision_aspect_ratio="anyres_max_1",
-    )
-    vision = lambda ids: {"pixel_values": torch.randn(1, 2, 3, 32, 32), "image_sizes": torch.tensor([[32, 32]])}  # noqa: E731
-    return _finish(LlavaOnevisionForConditionalGeneration(config)), _survey_prompts(36, vision)
-
-
 def _survey_vipllava() -> tuple[Any, list[EncodedPrompt]]:
     import torch
     from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
@@ -338,7 +321,6 @@ def _survey_lfm2_vl() -> tuple[Any, list[EncodedPrompt]]:
 
 SURVEY: dict[str, Callable[[], tuple[Any, list[EncodedPrompt]]]] = {
     "paligemma": _survey_paligemma,
-    "llava_onevision": _survey_llava_onevision,
     "vipllava": _survey_vipllava,
     "aya_vision": _survey_aya_vision,
     "cohere2_vision": _survey_cohere2_vision,
@@ -346,7 +328,7 @@ SURVEY: dict[str, Callable[[], tuple[Any, list[EncodedPrompt]]]] = {
     "blip-2": _survey_blip2,
     "lfm2_vl": _survey_lfm2_vl,
 }
-SERVED_EXACTLY = ("paligemma", "llava_onevision", "vipllava", "aya_vision", "cohere2_vision", "idefics2")
+SERVED_EXACTLY = ("paligemma", "vipllava", "aya_vision", "cohere2_vision", "idefics2")
 REFUSED = {  # what the engine trips on: no top-level cache in BLIP-2's output, LFM2's cache of convolution states
     # that the engine cannot fork
     "blip-2": "past_key_values",

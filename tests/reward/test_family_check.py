@@ -163,3 +163,77 @@ def test_other_transformers_families_the_engine_cannot_run_are_refused_for_their
     with pytest.raises(ModelLoadError, match=f"{name}.*could not run it through the shared-prefix engine") as info:
         refuse_unless_exact(model, lambda: compare_with_generate(model, prompts, pad_id=0, stop_ids=[2]))
     assert REFUSED[name] in str(info.value)
+
+
+def _as(cls_body: dict, folder: Path, **kwargs):
+    """The tiny text Llama in `folder` loaded as a subclass with `cls_body` (a model with one flaw)."""
+    from transformers import LlamaForCausalLM
+
+    return type("Flawed", (LlamaForCausalLM,), cls_body).from_pretrained(str(folder), **kwargs).eval()
+
+
+def test_the_model_own_decoding_defaults_are_not_part_of_its_greedy_truth(text_llama: Path) -> None:
+    """Instruct checkpoints ship repetition penalties and the like; generate applies them even when greedy, the
+    engine's raw log-probs never do: the check compares the raw paths, and leaves the config as it was."""
+    model = load_model(text_llama, device="cpu")
+    config = model.generation_config
+    config.repetition_penalty, config.no_repeat_ngram_size, config.num_beams = 1.3, 2, 3
+    ModelPair(model, load_processor(text_llama), reference=model)
+    assert model.generation_config is config and config.num_beams == 3
+
+
+def test_probe_prompts_put_prompts_of_one_image_shape_and_different_lengths_in_one_padded_batch(
+    paligemma: Path, text_llama: Path
+) -> None:
+    from rlaifv.reward.families import vision_signature
+    from rlaifv.reward.family_check import probe_prompts
+
+    images = probe_prompts(load_processor(paligemma), accepts_images=True)
+    assert len(images[0]) != len(images[1]) and vision_signature(images[0]) == vision_signature(images[1])
+    assert vision_signature(images[2]) != vision_signature(images[0]) or len(images[2]) != len(images[0])
+    texts = probe_prompts(load_processor(text_llama), accepts_images=False)
+    assert len({len(p) for p in texts}) == len(texts)
+
+
+def test_a_model_that_attends_to_its_padding_is_refused(text_llama: Path) -> None:
+    def forward(self, *args, attention_mask=None, **kwargs):
+        return super(type(self), self).forward(*args, **kwargs)
+
+    model = _as({"forward": forward}, text_llama)
+    with pytest.raises(ModelLoadError, match="disagrees with the model's own generate"):
+        ModelPair(model, load_processor(text_llama), reference=model)
+
+
+def test_nan_log_probs_are_refused_not_ignored(text_llama: Path) -> None:
+    """bfloat16: a near tie may let a greedy sample leave generate's path, so NaN must not hide in a max."""
+
+    def forward(self, *args, **kwargs):
+        out = super(type(self), self).forward(*args, **kwargs)
+        if out.logits.shape[0] > 1:
+            out.logits[1:] = float("nan")
+        return out
+
+    model = _as({"forward": forward}, text_llama, dtype=torch.bfloat16)
+    with pytest.raises(ModelLoadError, match="disagrees"):
+        ModelPair(model, load_processor(text_llama), reference=model)
+
+
+def test_a_policy_still_in_train_mode_is_probed_as_it_will_serve(tmp_path: Path) -> None:
+    folder = build_text_model(tmp_path / "dropout")
+    model = load_model(folder, device="cpu")
+    model.config.attention_dropout = 0.5
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+    model.train()
+    ModelPair(model, load_processor(folder), reference=model)
+    assert model.training
+
+
+def test_a_model_whose_own_generate_fails_is_refused_saying_so(text_llama: Path) -> None:
+    def generate(self, *args, **kwargs):
+        raise TypeError("generate() got an unexpected keyword argument 'input_ids'")
+
+    model = _as({"generate": generate}, text_llama)
+    with pytest.raises(ModelLoadError, match="could not run the model's own generate, its ground truth: TypeError"):
+        ModelPair(model, load_processor(text_llama), reference=model)

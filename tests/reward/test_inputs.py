@@ -171,3 +171,15 @@ def test_transparent_pixels_are_laid_over_white(mode):
     pixels = np.asarray(decode_image(buffer.getvalue()))
     assert (pixels[:, 4:] == 255).all()
     assert (pixels[:, :4] != 255).any()
+
+
+def test_a_16_bit_grey_png_with_a_transparent_value_is_laid_over_white():
+    import numpy as np
+
+    values = np.full((4, 8), 1000, dtype=np.uint16)
+    values[:, 4:] = 40000  # the tRNS value: transparent
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG", transparency=40000)
+    assert Image.open(io.BytesIO(buffer.getvalue())).info.get("transparency") == 40000
+    pixels = np.asarray(decode_image(buffer.getvalue()))
+    assert (pixels[:, 4:] == 255).all() and (pixels[:, :4] == 1000 >> 8).all()

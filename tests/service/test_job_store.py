@@ -260,3 +260,14 @@ async def test_the_workers_operations_port_binds_an_ipv6_host() -> None:
         assert response.status_code == 200
     finally:
         await server.close()
+
+
+def test_cached_rewards_are_keyed_by_the_image_preprocessing_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rewards cached for the same bytes under an older decoding (sideways photos, black transparency) are misses."""
+    from rlaifv.reward.scoring import RewardConfig
+    from rlaifv.service import cache
+
+    args = ("m", RewardConfig(), [b"image"], "q", None, ["a"])
+    now = cache.RewardCache.key(*args)
+    monkeypatch.setattr(cache, "PREPROCESSING_VERSION", cache.PREPROCESSING_VERSION - 1)
+    assert cache.RewardCache.key(*args) != now
