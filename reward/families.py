@@ -81,6 +81,7 @@ FAMILIES: dict[str, Family] = {
         "Qwen3-VL", mrope=True, vision=("visual",), projector=("visual.merger", "visual.deepstack_merger_list")
     ),
     "gemma3": Family("Gemma3"),
+    "idefics2": Family("Idefics2", pad_vision=True, **_IDEFICS_VISION),
     "idefics3": Family("Idefics3", pad_vision=True, **_IDEFICS_VISION),
     "smolvlm": Family("SmolVLM", pad_vision=True, **_IDEFICS_VISION),
     "mistral3": Family("Mistral3 / Pixtral", pad_vision=True, verified=False),  # its processor needs torchvision

@@ -34,6 +34,7 @@ FAMILIES: tuple[str, ...] = (
     "omnilmm",
     "mllama",
     "llava_onevision",
+    "idefics2",
 )
 
 SPACE = "▁"
@@ -401,6 +402,42 @@ def _idefics3(folder: Path, seed: int):
 
     processor, config = idefics3_parts(TEXT)
     model = _model(Idefics3ForConditionalGeneration, config, processor.tokenizer, seed)
+    processor.save_pretrained(folder)
+    return model
+
+
+def _idefics2(folder: Path, seed: int):
+    """Idefics2-8B layout (Idefics3's template and tokens): a perceiver resampler turns each 32 px crop into 4
+    latents; a wide image is split into crops plus the whole image, a square one is not split."""
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor
+    from transformers.models.idefics2 import Idefics2ImageProcessorPil
+
+    tokenizer = build_word_tokenizer(
+        ("<fake_token_around_image>", "<image>"),
+        bos="<s>",
+        eos="<end_of_utterance>",
+        pad="<unk_pad>",
+        add_bos_token=True,
+        chat_template=IDEFICS3_TEMPLATE.replace("<|im_start|>", ""),
+    )
+    image_processor = Idefics2ImageProcessorPil(do_image_splitting=True, size={"longest_edge": 64, "shortest_edge": 32})
+    processor = Idefics2Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=tokenizer.chat_template
+    )
+    config = Idefics2Config(
+        vision_config=_vision(32, 8),
+        perceiver_config={
+            "hidden_size": TEXT["hidden_size"],
+            "resampler_n_latents": 4,
+            "resampler_depth": 1,
+            "resampler_n_heads": 2,
+            "resampler_head_dim": 8,
+            "num_key_value_heads": 1,
+        },
+        text_config={"model_type": "mistral", **TEXT, **_text_ids(tokenizer)},
+        image_token_id=_ids(tokenizer, "<image>")[0],
+    )
+    model = _model(Idefics2ForConditionalGeneration, config, tokenizer, seed)
     processor.save_pretrained(folder)
     return model
 
@@ -828,6 +865,7 @@ BUILDERS: dict[str, Callable[[Path, int], Any]] = {
     "omnilmm": _omnilmm,
     "mllama": _mllama,
     "llava_onevision": _llava_onevision,
+    "idefics2": _idefics2,
 }
 
 

@@ -235,34 +235,6 @@ def _survey_cohere2_vision() -> tuple[Any, list[EncodedPrompt]]:
     )
 
 
-def _survey_idefics2() -> tuple[Any, list[EncodedPrompt]]:
-    """A perceiver resampler of 4 latents per image."""
-    import torch
-    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
-
-    config = Idefics2Config(
-        vision_config={**VISION, "image_size": 32, "patch_size": 8},
-        perceiver_config={
-            "hidden_size": TEXT["hidden_size"],
-            "resampler_n_latents": 4,
-            "resampler_depth": 1,
-            "resampler_n_heads": 2,
-            "resampler_head_dim": 8,
-            "num_key_value_heads": 1,
-        },
-        text_config={"model_type": "mistral", **SURVEY_TEXT},
-        image_token_id=IMAGE_ID,
-    )
-
-    def vision(ids: Any) -> dict[str, Any]:
-        return {
-            "pixel_values": torch.randn(1, 1, 3, 32, 32),
-            "pixel_attention_mask": torch.ones(1, 1, 32, 32, dtype=torch.bool),
-        }
-
-    return _finish(Idefics2ForConditionalGeneration(config)), _survey_prompts(4, vision)
-
-
 def _survey_blip2() -> tuple[Any, list[EncodedPrompt]]:
     import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration
@@ -324,11 +296,10 @@ SURVEY: dict[str, Callable[[], tuple[Any, list[EncodedPrompt]]]] = {
     "vipllava": _survey_vipllava,
     "aya_vision": _survey_aya_vision,
     "cohere2_vision": _survey_cohere2_vision,
-    "idefics2": _survey_idefics2,
     "blip-2": _survey_blip2,
     "lfm2_vl": _survey_lfm2_vl,
 }
-SERVED_EXACTLY = ("paligemma", "vipllava", "aya_vision", "cohere2_vision", "idefics2")
+SERVED_EXACTLY = ("paligemma", "vipllava", "aya_vision", "cohere2_vision")
 REFUSED = {  # what the engine trips on: no top-level cache in BLIP-2's output, LFM2's cache of convolution states
     # that the engine cannot fork
     "blip-2": "past_key_values",
