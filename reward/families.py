@@ -5,7 +5,7 @@ continues every answer from the prefix's KV cache, passing position ids itself.
 That is exact only when the engine follows the family's own rules:
 
 - positions: most families count 1-D positions over real tokens. Qwen-VL
-  families use 3-axis multimodal rope (mrope): image tokens get (t, h, w) grid
+  families and GLM-4.1V use 3-axis multimodal rope (mrope): image tokens get (t, h, w) grid
   positions and text continues from the highest prefix position + 1, which is
   fewer than the prefix's length. Those positions come from the model's own
   `get_rope_index`, never from our arithmetic.
@@ -80,6 +80,10 @@ FAMILIES: dict[str, Family] = {
     "qwen3_vl": Family(
         "Qwen3-VL", mrope=True, vision=("visual",), projector=("visual.merger", "visual.deepstack_merger_list")
     ),
+    "qwen3_vl_moe": Family(
+        "Qwen3-VL-MoE", mrope=True, vision=("visual",), projector=("visual.merger", "visual.deepstack_merger_list")
+    ),
+    "glm4v": Family("GLM-4.1V", mrope=True, **_QWEN_VISION),
     "gemma3": Family("Gemma3"),
     "idefics2": Family("Idefics2", pad_vision=True, **_IDEFICS_VISION),
     "idefics3": Family("Idefics3", pad_vision=True, **_IDEFICS_VISION),

@@ -35,6 +35,8 @@ FAMILIES: tuple[str, ...] = (
     "mllama",
     "llava_onevision",
     "idefics2",
+    "qwen3_vl_moe",
+    "glm4v",
 )
 
 SPACE = "▁"
@@ -207,41 +209,46 @@ QWEN_VISION: dict[str, dict[str, Any]] = {
 
 
 def _qwen(family: str, folder: Path, seed: int):
-    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: ChatML prompts, 8 px patches merged 2x2, M-RoPE over a 16-wide head.
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense or MoE): ChatML prompts, 8 px patches merged 2x2, M-RoPE over a
+    16-wide head.
 
     Only Qwen2-VL and Qwen2.5-VL templates add the default system turn. Qwen3-VL interleaves its
-    M-RoPE sections, which caps each spatial section at a third of the rotary half (8 here).
+    M-RoPE sections, which caps each spatial section at a third of the rotary half (8 here). The MoE text
+    model routes each token to 2 of 4 experts; its processor is Qwen3-VL's.
     """
     import transformers
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
-    prefix = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}[family]
-    config_cls, model_cls, processor_cls = (
-        getattr(transformers, prefix + suffix) for suffix in ("Config", "ForConditionalGeneration", "Processor")
-    )
-    system = None if family == "qwen3_vl" else "You are a helpful assistant."
+    prefix = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL", "qwen3_vl_moe": "Qwen3VLMoe"}
+    config_cls, model_cls = (getattr(transformers, prefix[family] + s) for s in ("Config", "ForConditionalGeneration"))
+    processor_cls = getattr(transformers, prefix[family.removesuffix("_moe")] + "Processor")
+    qwen3 = family.startswith("qwen3_vl")
+    system = None if qwen3 else "You are a helpful assistant."
     tokenizer = build_word_tokenizer(
         QWEN_SPECIALS,
         eos="<|im_end|>",
         pad="<|endoftext|>",
         chat_template=_chatml("<|vision_start|><|image_pad|><|vision_end|>", system=system),
     )
-    normalize = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if family == "qwen3_vl" else {}
+    normalize = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if qwen3 else {}
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=8, temporal_patch_size=2, merge_size=2, min_pixels=32 * 32, max_pixels=96 * 96, **normalize
     )
     rope = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]}
-    if family == "qwen3_vl":
+    text: dict[str, Any] = {}
+    if qwen3:
         rope |= {"mrope_section": [4, 2, 2], "mrope_interleaved": True}
+    if family == "qwen3_vl_moe":
+        text = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "decoder_sparse_step": 1}
     image, video, start, end = _ids(tokenizer, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
     config = config_cls(
-        text_config={**TEXT, **_text_ids(tokenizer), "rope_parameters": rope},
+        text_config={**TEXT, **_text_ids(tokenizer), "rope_parameters": rope, **text},
         vision_config={
             "depth": 2,
             "patch_size": 8,
             "temporal_patch_size": 2,
             "spatial_merge_size": 2,
-            **QWEN_VISION[family],
+            **QWEN_VISION[family.removesuffix("_moe")],
         },
         image_token_id=image,
         video_token_id=video,
@@ -250,6 +257,75 @@ def _qwen(family: str, folder: Path, seed: int):
     )
     model = _model(model_cls, config, tokenizer, seed)
     _save_pieces(folder, tokenizer, image_processor, processor_cls.__name__)
+    return model
+
+
+GLM4V_TEMPLATE = (
+    "[gMASK]<sop>{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|begin_of_image|><|image|><|end_of_image|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+GLM4V_SPECIALS = (
+    "[gMASK]",
+    "<sop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|begin_of_image|>",
+    "<|image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|video|>",
+    "<|end_of_video|>",
+)
+
+
+def _glm4v(folder: Path, seed: int):
+    """GLM-4.1V layout: "[gMASK]<sop><|user|>\n<|begin_of_image|><|image|>...", 8 px patches merged 2x2 like
+    Qwen2-VL's, M-RoPE on half of each head (partial rotary), positions from the model's own get_rope_index."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+    from transformers.models.glm4v import Glm4vImageProcessorPil
+
+    tokenizer = build_word_tokenizer(GLM4V_SPECIALS, eos="<|endoftext|>", pad="<|pad|>", chat_template=GLM4V_TEMPLATE)
+    image_processor = Glm4vImageProcessorPil(
+        patch_size=8, temporal_patch_size=2, merge_size=2, size={"shortest_edge": 32 * 32, "longest_edge": 96 * 96}
+    )
+    image, video, start, end, video_start, video_end = _ids(
+        tokenizer,
+        "<|image|>",
+        "<|video|>",
+        "<|begin_of_image|>",
+        "<|end_of_image|>",
+        "<|begin_of_video|>",
+        "<|end_of_video|>",
+    )
+    rope = {"rope_type": "default", "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5}
+    config = Glm4vConfig(
+        text_config={**TEXT, **_text_ids(tokenizer), "rope_parameters": rope},
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": TEXT["hidden_size"],
+        },
+        image_token_id=image,
+        video_token_id=video,
+        image_start_token_id=start,
+        image_end_token_id=end,
+        video_start_token_id=video_start,
+        video_end_token_id=video_end,
+    )
+    model = _model(Glm4vForConditionalGeneration, config, tokenizer, seed)
+    _save_pieces(folder, tokenizer, image_processor, "Glm4vProcessor")
     return model
 
 
@@ -855,6 +931,8 @@ BUILDERS: dict[str, Callable[[Path, int], Any]] = {
     "qwen2_vl": partial(_qwen, "qwen2_vl"),
     "qwen2_5_vl": partial(_qwen, "qwen2_5_vl"),
     "qwen3_vl": partial(_qwen, "qwen3_vl"),
+    "qwen3_vl_moe": partial(_qwen, "qwen3_vl_moe"),
+    "glm4v": _glm4v,
     "llava_next": _llava_next,
     "idefics3": _idefics3,
     "gemma3": _gemma3,

@@ -18,7 +18,15 @@ from PIL import Image
 
 from rlaifv.reward.errors import ModelLoadError
 from rlaifv.reward.families import FAMILIES as RULES
-from rlaifv.reward.families import SEQUENCE_KEYS, as_sequence, batch_groups, extended, family_of, module_part
+from rlaifv.reward.families import (
+    SEQUENCE_KEYS,
+    as_sequence,
+    batch_groups,
+    extended,
+    family_of,
+    module_part,
+    rope_module,
+)
 from rlaifv.reward.logprobs import answer_logprobs, continuation_logits, full_forward_logprobs
 from rlaifv.reward.models import has_torchvision, load_model, load_processor
 from rlaifv.reward.prompt import EncodedPrompt, encode_answer, encode_prompt, end_of_turn_id
@@ -71,7 +79,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_the_family_is_registered_with_its_rules(family: dict[str, Any]) -> None:
     rules = family_of(family["model"])
     assert rules == RULES[family["name"]]
-    assert rules.mrope == (family["name"].startswith("qwen")), rules
+    assert rules.mrope == (rope_module(family["model"]) is not None), rules  # mrope: the model has get_rope_index
 
 
 @torch.no_grad()
