@@ -89,6 +89,61 @@ def load_processor(name_or_path: str | Path, *, trust_remote_code: bool = False)
     return _with_chat_template(processor, name_or_path)
 
 
+# A model folder's processor files (tokenizer, image/video preprocessing, chat template, remote processor code):
+# everything `AutoProcessor.from_pretrained` reads, nothing the weights or model config are in.
+PROCESSOR_FILE_PREFIXES = (
+    "tokenizer",
+    "special_tokens_map",
+    "added_tokens",
+    "vocab",
+    "merges",
+    "spiece",
+    "sentencepiece",
+    "preprocessor_config",
+    "processor_config",
+    "video_preprocessor_config",
+    "chat_template",
+    "processing_",
+    "image_processing_",
+    "video_processing_",
+    "tokenization_",
+)
+PROCESSOR_FILE_SUFFIXES = (".model", ".tiktoken")
+PROCESSOR_FOLDERS = ("additional_chat_templates",)
+
+
+def copy_processor_files(source: str | Path, target: str | Path) -> list[str]:
+    """Copy the processor files of model folder `source` into `target`; returns their names.
+
+    A trained model's processor is its starting model's: copying the files keeps what re-saving the loaded
+    processor would lose (a video processor built without torchvision cannot be saved at all; file names and
+    formats another transformers release reads)."""
+    import shutil
+
+    source, target = Path(source), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for path in sorted(source.iterdir()):
+        if path.is_dir() and path.name in PROCESSOR_FOLDERS:
+            shutil.copytree(path, target / path.name, dirs_exist_ok=True)
+        elif path.is_file() and (
+            path.name.startswith(PROCESSOR_FILE_PREFIXES) or path.suffix in PROCESSOR_FILE_SUFFIXES
+        ):
+            shutil.copy2(path, target / path.name)
+        else:
+            continue
+        copied.append(path.name)
+    return copied
+
+
+def save_processor(processor: Any, source: str | Path, target: str | Path) -> None:
+    """The processor of a model trained from `source`, written beside it in `target`: the source folder's files
+    where it is a folder with them, else `processor.save_pretrained`."""
+    if Path(source).is_dir() and copy_processor_files(source, target):
+        return
+    processor.save_pretrained(str(target))
+
+
 def _with_chat_template(processor: Any, name_or_path: str | Path) -> Any:
     """Prompts are rendered with the chat template: one kept only in tokenizer_config.json (older checkpoints)
     serves the processor too; none at all is refused now rather than at the first request."""

@@ -568,7 +568,7 @@ def _train_dpo(
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from rlaifv.reward.models import load_model, load_processor
+    from rlaifv.reward.models import load_model, load_processor, save_processor
     from rlaifv.reward.prompt import end_of_turn_id
 
     started = time.time()
@@ -819,7 +819,7 @@ def _train_dpo(
             shutil.rmtree(policy_dir)
         model.save_pretrained(policy_dir, safe_serialization=True)
         if not config.lora:
-            processor.save_pretrained(policy_dir)
+            save_processor(processor, model_path, policy_dir)
         report = {
             "kind": "dpo",
             "config": config.to_dict(),

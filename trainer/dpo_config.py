@@ -7,8 +7,11 @@ from typing import Any, ClassVar, Literal
 
 from rlaifv.trainer.errors import ConfigError
 
-# The language model's attention and MLP projections of LLaVA-style models (vision tower excluded).
-DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# The language model's attention and MLP projections (vision encoder excluded): under `language_model` in most
+# families, `text_model` in Idefics2/3 and SmolVLM; fused ones as GLM (gate_up_proj) and Phi-3 (qkv_proj) name them.
+DEFAULT_LORA_TARGETS = (
+    r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|qkv_proj|o_proj|gate_proj|up_proj|gate_up_proj|down_proj)"
+)
 
 
 @dataclass
