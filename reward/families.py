@@ -55,7 +55,9 @@ class Family:
     images a token reads); each answer token gets the prompt's last row.
     share_prefix: the cache holds only the prefix's own keys and values, so answers may attend to one copy of
     their prompt's (`reward.shared_prefix`). Mllama's cross-attention layers cache the image's instead: its
-    answers copy their prompt's rows.
+    answers copy their prompt's rows of the other layers.
+    image_cache_layers: the text config's list of layers whose cache holds the image's keys (Mllama's
+    `cross_attention_layers`): kept once per prompt (`reward.kv_cache.ImageKeysLayer`), never copied per answer.
     """
 
     name: str
@@ -66,6 +68,7 @@ class Family:
     projector: tuple[str, ...] = ("multi_modal_projector",)
     continued: tuple[str, ...] = ()
     share_prefix: bool = True
+    image_cache_layers: str | None = None
 
 
 _QWEN_VISION: dict[str, Any] = {"vision": ("visual",), "projector": ("visual.merger",)}
@@ -96,6 +99,7 @@ FAMILIES: dict[str, Family] = {
         vision=("vision_model",),
         continued=("cross_attention_mask",),
         share_prefix=False,
+        image_cache_layers="cross_attention_layers",
     ),
 }
 
@@ -107,6 +111,15 @@ def module_part(family: Family, parameter: str) -> str | None:
         if any(f".{path}." in dotted for path in paths):
             return part
     return None
+
+
+def image_cache_layers(model: Any, family: Family) -> list[int]:
+    """Indices of the layers whose cache holds the image's keys (`Family.image_cache_layers`), from the config."""
+    if family.image_cache_layers is None:
+        return []
+    config: Any = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [int(i) for i in getattr(text, family.image_cache_layers, None) or ()]
 
 
 def model_type(model: Any) -> str:

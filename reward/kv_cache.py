@@ -63,18 +63,75 @@ class PreallocatedLayer(DynamicLayer):
         self._expose()
 
 
-def preallocate(cache: Any, reserve: int, length: int | None = None) -> Any:
+def preallocate(cache: Any, reserve: int) -> Any:
     """Swap each full-attention layer of a DynamicCache for a `PreallocatedLayer` with room for `reserve` tokens.
 
-    Layers of other types (sliding windows, linear attention) are left as they are, and with `length` (the
-    prefix's) so are layers holding another number of tokens: Mllama's cross-attention layers hold the image's
-    keys, which never grow.
+    Layers of other types (sliding windows, linear attention, `ImageKeysLayer`) are left as they are.
     """
     layers = getattr(cache, "layers", None)
     if layers is None:
         return cache
     for i, layer in enumerate(layers):
-        filled = type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.numel()
-        if filled and (length is None or layer.keys.shape[-2] == length):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.numel():
             layers[i] = PreallocatedLayer(layer.keys, layer.values, reserve)
+    return cache
+
+
+class ImageKeysLayer(DynamicLayer):
+    """A cross-attention layer's cache (Mllama): the image's keys and values, one copy per prompt, never growing.
+
+    Answers fork and finished rows drop by re-indexing `owner` (row -> prompt), never by copying the image's
+    keys (at 11B, 4 tiles: ~210 MB per row in bfloat16). A reader gets one prompt's keys as a zero-copy view
+    for all rows, or rows gathered for the one attention call that reads them.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self._prompt_keys, self._prompt_values = keys, values
+        self.owner = torch.arange(keys.shape[0], device=keys.device)
+        self._identity = True  # row i is prompt i: no indexing at all
+
+    def _rows(self, states: torch.Tensor | None) -> torch.Tensor | None:
+        if states is None or self._identity:
+            return states
+        if states.shape[0] == 1:
+            return states.expand(self.owner.shape[0], *states.shape[1:])
+        return states.index_select(0, self.owner)
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._rows(getattr(self, "_prompt_keys", None))
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._prompt_keys = value
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._rows(getattr(self, "_prompt_values", None))
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._prompt_values = value
+
+    def update(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError("an image's cross-attention keys are set once, at the prefill")
+
+    def get_seq_length(self) -> int:
+        return int(self._prompt_keys.shape[-2]) if self._prompt_keys is not None else 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.owner = self.owner[indices]
+        prompts = self._prompt_keys.shape[0] if self._prompt_keys is not None else 0
+        self._identity = self.owner.shape[0] == prompts and bool((self.owner == torch.arange(prompts)).all())
+
+
+def keep_image_keys_once(cache: Any, layer_indices: Any) -> Any:
+    """Swap the cross-attention layers `layer_indices` of a prefill's cache for `ImageKeysLayer`s."""
+    layers = getattr(cache, "layers", None)
+    for i in layer_indices or ():
+        if layers is not None and i < len(layers) and type(layers[i]) is DynamicLayer and layers[i].is_initialized:
+            layers[i] = ImageKeysLayer(layers[i].keys, layers[i].values)
     return cache

@@ -31,9 +31,11 @@ from rlaifv.reward.families import (
     continue_positions,
     extended,
     family_of,
+    image_cache_layers,
     prefix_positions,
     stack_vision,
 )
+from rlaifv.reward.kv_cache import keep_image_keys_once
 from rlaifv.reward.prompt import EncodedPrompt
 from rlaifv.reward.shared_prefix import eligible, share, shared_prefix_attention
 
@@ -143,7 +145,8 @@ def prefill(model: Any, prompts: Sequence[EncodedPrompt], pad_id: int = 0) -> Pr
         **vision,
     )
     continued = {key: vision[key][:, -1:] for key in family.continued if key in vision}
-    return PrefixState(out.past_key_values, out.logits[:, -1, :], mask, next_position, family, continued=continued)
+    cache = keep_image_keys_once(out.past_key_values, image_cache_layers(model, family))
+    return PrefixState(cache, out.logits[:, -1, :], mask, next_position, family, continued=continued)
 
 
 def fork(model: Any, state: PrefixState, rows: torch.Tensor, reserve: int) -> PrefixState:

@@ -256,7 +256,7 @@ def sample_answers(
     width = int(limits.max())
     state = fork(model, state, group_of_row, width)
     if not state.shared:
-        preallocate(state.cache, width, length=int(state.mask.shape[1]))
+        preallocate(state.cache, width)
     stops = torch.tensor(list(stop_ids), device=device)
     blocked = torch.tensor(sorted(set(blocked_ids) - set(stop_ids)), dtype=torch.long, device=device)
     total = int(group_of_row.shape[0])

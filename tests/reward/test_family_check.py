@@ -237,3 +237,23 @@ def test_a_model_whose_own_generate_fails_is_refused_saying_so(text_llama: Path)
     model = _as({"generate": generate}, text_llama)
     with pytest.raises(ModelLoadError, match="could not run the model's own generate, its ground truth: TypeError"):
         ModelPair(model, load_processor(text_llama), reference=model)
+
+
+def test_half_precision_bound_comes_from_the_model_own_padding_noise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bfloat16: a model the engine serves right passes; the same model under rules missing one input (Mllama
+    without its continued cross-attention mask: 0.04 off) fails, where a fixed 0.25 bound let it through."""
+    import dataclasses
+
+    from rlaifv.reward import families
+    from rlaifv.reward.family_check import HALF_FLOOR
+
+    folder = build_tiny_family("mllama", tmp_path / "mllama")
+    model, processor = load_model(folder, device="cpu", dtype="bfloat16"), load_processor(folder)
+    kwargs = {"accepts_images": True, "pad_id": processor.tokenizer.pad_token_id, "stop_ids": [2]}
+    right = probe(model, processor, **kwargs)
+    assert right.exact and HALF_FLOOR <= right.tolerance < 0.25, right
+    monkeypatch.setitem(families.FAMILIES, "mllama", dataclasses.replace(families.FAMILIES["mllama"], continued=()))
+    wrong = probe(model, processor, **kwargs)
+    assert not wrong.exact, wrong
