@@ -5,12 +5,12 @@ tests. Any other image-text-to-text model is served with the default rules
 (1-D positions, per-image tensors batched by shape), which is right for most
 but not all: a model whose cache is not a plain KV cache (hybrid convolution
 or state-space layers), whose processor returns a sequence-aligned tensor the
-engine does not know (Mllama's `cross_attention_mask`), or whose mask depends
-on inputs it reads only on the first step would give an error on the first
-request, or worse, plausible but wrong rewards.
+engine does not know (Mllama's `cross_attention_mask`, before it got its
+rules), or whose mask depends on inputs it reads only on the first step would
+give an error on the first request, or worse, plausible but wrong rewards.
 
 So before serving such a model the engine is compared with the model's own
-`generate` on a synthetic image: the tokens `generate` picks greedily and the
+`generate` on synthetic prompts: the tokens `generate` picks greedily and the
 log-probs of its raw logits are the ground truth (each family's cache, masks,
 positions and sequence-aligned inputs are handled by its own generation code);
 the engine's scoring pass and its sampler must reproduce them within a

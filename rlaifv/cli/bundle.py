@@ -107,9 +107,10 @@ def check(
 ) -> None:
     """Load the bundle as the service would and check the engine against each model's own `generate`.
 
-    Scoring and sampling log-probs on two synthetic prompts must match the model's own greedy generation within
-    the dtype's tolerance; exit status 1 when they do not. Families without rules in the engine are checked this
-    way at every load; this runs the check for any family, on your weights, device and transformers release."""
+    Scoring and sampling log-probs on three synthetic prompts (batched, one group left-padded) must match the
+    model's own greedy generation: 1e-3 in float32, in half precision 8x the model's own padding noise; exit
+    status 1 when they do not. Families without rules in the engine are checked this way at every load; this
+    runs the check for any family, on your weights, device, dtype and transformers release."""
     from rlaifv.reward.bundle import load_bundle
     from rlaifv.reward.errors import RewardError
     from rlaifv.reward.families import FAMILIES
