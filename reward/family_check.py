@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlaifv.reward.errors import ModelLoadError
-from rlaifv.reward.families import FAMILIES, model_type, stack_vision
+from rlaifv.reward.families import FAMILIES, batch_groups, family_of, model_type, stack_vision
 from rlaifv.reward.logprobs import answer_logprobs, model_device
 from rlaifv.reward.prompt import EncodedPrompt, encode_prompt
 from rlaifv.reward.sampling import SamplingParams, sample_answers
@@ -112,22 +112,34 @@ def plain_generation_config(model: Any, pad_id: int) -> Iterator[None]:
 def generate_truth(model: Any, prompt: EncodedPrompt, pad_id: int) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens of the model's own `generate` and the raw next-token log-distribution before each
     ((T, V) float32)."""
+    return greedy_generate(model, [prompt], pad_id)[0]
+
+
+def greedy_generate(model: Any, prompts: Sequence[EncodedPrompt], pad_id: int) -> list[tuple[list[int], torch.Tensor]]:
+    """`generate_truth` for prompts batched in one left-padded `generate` call (the model's own padding)."""
     device = model_device(model)
-    dtype = next(model.parameters()).dtype
-    ids = prompt.input_ids.to(device).unsqueeze(0)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = prompt.input_ids.to(device)
+        mask[row, width - len(prompt) :] = 1
     with plain_generation_config(model, pad_id):
         out = model.generate(
             input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            **stack_vision([prompt], len(prompt), device, dtype),
+            attention_mask=mask,
+            **stack_vision(prompts, width, device, next(model.parameters()).dtype),
             do_sample=False,
             max_new_tokens=PROBE_TOKENS,
             output_logits=True,
             return_dict_in_generate=True,
         )
-    tokens = out.sequences[0, ids.shape[1] :]
-    logits = torch.stack(out.logits, dim=1)[0, : len(tokens)].float()
-    return tokens.tolist(), torch.log_softmax(logits, dim=-1)
+    logits = torch.stack(out.logits, dim=1).float()
+    results = []
+    for row in range(len(prompts)):
+        tokens = out.sequences[row, width:].tolist()
+        results.append((tokens, torch.log_softmax(logits[row, : len(tokens)], dim=-1)))
+    return results
 
 
 def _worst(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
@@ -194,36 +206,14 @@ def half_tolerance(
 ) -> float:
     """The bound for a half-precision model: its own `generate` on a left-padded batch of the first two prompts
     (one image shape, different lengths) against each prompt alone, times HALF_NOISE_FACTOR, clamped."""
-    from rlaifv.reward.families import batch_groups, family_of
-
     pair = list(prompts[:2])
     if len(pair) < 2 or len(batch_groups(pair, family_of(model))) > 1:
         return HALF_CEILING
-    device = model_device(model)
-    width = max(len(p) for p in pair)
-    ids = torch.full((2, width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(pair):
-        ids[row, width - len(prompt) :] = prompt.input_ids.to(device)
-        mask[row, width - len(prompt) :] = 1
-    with plain_generation_config(model, pad_id):
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            **stack_vision(pair, width, device, next(model.parameters()).dtype),
-            do_sample=False,
-            max_new_tokens=PROBE_TOKENS,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    logits = torch.stack(out.logits, dim=1).float()
     noise = 0.0
-    for row, (tokens, alone) in enumerate(truths[:2]):
-        batched = out.sequences[row, width:].tolist()
+    for (batched, rows), (tokens, alone) in zip(greedy_generate(model, pair, pad_id), truths[:2], strict=True):
         same = next((i for i in range(min(len(tokens), len(batched))) if batched[i] != tokens[i]), len(tokens))
-        seen = min(same + 1, len(tokens), logits.shape[1])
-        rows = torch.log_softmax(logits[row, :seen], dim=-1)
-        noise = max(noise, _worst([_gathered(rows, tokens[:seen])], [_gathered(alone[:seen], tokens[:seen])]))
+        seen = min(same + 1, len(tokens), len(rows))
+        noise = max(noise, _worst([_gathered(rows, tokens[:seen])], [_gathered(alone, tokens[:seen])]))
     return min(HALF_CEILING, max(HALF_FLOOR, HALF_NOISE_FACTOR * noise))
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,12 @@ def _survey_prompts(image_tokens: int, vision: Callable[[Any], dict[str, Any]]) 
     return prompts
 
 
+def _one_image(ids: Any) -> dict[str, Any]:
+    import torch
+
+    return {"pixel_values": torch.randn(1, 3, 32, 32)}
+
+
 def _finish(model: Any) -> Any:
     for key, value in (("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", 0)):
         setattr(model.generation_config, key, value)
@@ -185,7 +192,6 @@ def _survey_paligemma() -> tuple[Any, list[EncodedPrompt]]:
 
 
 def _survey_vipllava() -> tuple[Any, list[EncodedPrompt]]:
-    import torch
     from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
 
     config = VipLlavaConfig(
@@ -200,43 +206,28 @@ def _survey_vipllava() -> tuple[Any, list[EncodedPrompt]]:
         image_token_index=IMAGE_ID,
         vision_feature_layers=[-2, -1],
     )
-    return _finish(VipLlavaForConditionalGeneration(config)), _survey_prompts(
-        16, lambda ids: {"pixel_values": torch.randn(1, 3, 32, 32)}
-    )
+    return _finish(VipLlavaForConditionalGeneration(config)), _survey_prompts(16, _one_image)
 
 
-def _survey_aya_vision() -> tuple[Any, list[EncodedPrompt]]:
-    import torch
-    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration
+def _survey_downsampled(name: str) -> tuple[Any, list[EncodedPrompt]]:
+    """Aya Vision and Cohere2-Vision: a Cohere2 decoder over SigLIP features pixel-shuffled 2x2 (4 tokens)."""
+    import transformers
 
-    config = AyaVisionConfig(
+    prefix, image_key = {
+        "aya_vision": ("AyaVision", "image_token_index"),
+        "cohere2_vision": ("Cohere2Vision", "image_token_id"),
+    }[name]
+    config = getattr(transformers, prefix + "Config")(
         vision_config=SIGLIP_32,
         text_config={"model_type": "cohere2", **SURVEY_TEXT},
-        image_token_index=IMAGE_ID,
         downsample_factor=2,
+        **{image_key: IMAGE_ID},
     )
-    return _finish(AyaVisionForConditionalGeneration(config)), _survey_prompts(
-        4, lambda ids: {"pixel_values": torch.randn(1, 3, 32, 32)}
-    )
-
-
-def _survey_cohere2_vision() -> tuple[Any, list[EncodedPrompt]]:
-    import torch
-    from transformers import Cohere2VisionConfig, Cohere2VisionForConditionalGeneration
-
-    config = Cohere2VisionConfig(
-        vision_config=SIGLIP_32,
-        text_config={"model_type": "cohere2", **SURVEY_TEXT},
-        image_token_id=IMAGE_ID,
-        downsample_factor=2,
-    )
-    return _finish(Cohere2VisionForConditionalGeneration(config)), _survey_prompts(
-        4, lambda ids: {"pixel_values": torch.randn(1, 3, 32, 32)}
-    )
+    model = getattr(transformers, prefix + "ForConditionalGeneration")(config)
+    return _finish(model), _survey_prompts(4, _one_image)
 
 
 def _survey_blip2() -> tuple[Any, list[EncodedPrompt]]:
-    import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
     config = Blip2Config(
@@ -260,9 +251,7 @@ def _survey_blip2() -> tuple[Any, list[EncodedPrompt]]:
         num_query_tokens=4,
         image_token_index=IMAGE_ID,
     )
-    return _finish(Blip2ForConditionalGeneration(config)), _survey_prompts(
-        4, lambda ids: {"pixel_values": torch.randn(1, 3, 32, 32)}
-    )
+    return _finish(Blip2ForConditionalGeneration(config)), _survey_prompts(4, _one_image)
 
 
 def _survey_lfm2_vl() -> tuple[Any, list[EncodedPrompt]]:
@@ -294,8 +283,8 @@ def _survey_lfm2_vl() -> tuple[Any, list[EncodedPrompt]]:
 SURVEY: dict[str, Callable[[], tuple[Any, list[EncodedPrompt]]]] = {
     "paligemma": _survey_paligemma,
     "vipllava": _survey_vipllava,
-    "aya_vision": _survey_aya_vision,
-    "cohere2_vision": _survey_cohere2_vision,
+    "aya_vision": partial(_survey_downsampled, "aya_vision"),
+    "cohere2_vision": partial(_survey_downsampled, "cohere2_vision"),
     "blip-2": _survey_blip2,
     "lfm2_vl": _survey_lfm2_vl,
 }

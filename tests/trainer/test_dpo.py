@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_testkit import COLOURS, png, preference_rows, write_rlaifv_parquet
+from trainer_testkit import (
+    COLOURS,
+    check_served_reward_is_trained_reward,
+    png,
+    preference_rows,
+    write_rlaifv_parquet,
+)
 
 from rlaifv.trainer.data import PreferenceRow
 from rlaifv.trainer.dpo import (
@@ -20,7 +26,6 @@ from rlaifv.trainer.dpo import (
     encode_pairs,
     encode_prompts,
     reference_distributions,
-    score_pairs,
     train_dpo,
 )
 from rlaifv.trainer.dpo_config import DPOConfig
@@ -144,33 +149,7 @@ def test_token_kl_holds_the_policy_nearer_the_reference(tiny_model: Path, tmp_pa
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_trainer_implicit_reward_equals_the_service_reward(tiny_model: Path, tmp_path: Path, lora: bool) -> None:
     """The DPO loss's beta*(pi - ref) for a pair == what reward/ returns (normalize='sum') for it."""
-    from rlaifv.reward import RewardConfig, load_bundle
-    from rlaifv.reward.models import load_processor
-
-    rows = _toy_rows(4)
-    config = DPOConfig(learning_rate=5e-3, epochs=1, batch_size=2, lora=lora, lora_r=4, cpu=True, beta=0.2)
-    result = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "dpo", progress=False)
-    bundle = export_bundle(
-        tmp_path / "bundle",
-        policy_dir=result.policy_dir,
-        reference_dir=tiny_model,
-        policy_type=result.policy_type,
-        beta=0.2,
-    )
-    pair = load_bundle(bundle)
-    processor = load_processor(tiny_model)
-    pairs, _ = encode_pairs(HELD_OUT, processor.tokenizer, eot_id=pair.eot_id)
-    with pair.reference_model() as reference:
-        compute_reference_logprobs(reference, processor, pairs, progress=False)
-    with torch.no_grad():
-        terms = score_pairs(pair.policy, processor, pairs, beta=0.2, pad_id=pair.pad_id)
-    for i, row in enumerate(HELD_OUT):
-        sum_reward = RewardConfig(beta=0.2, normalize="sum")
-        served = pair.score(row.image, row.question, [row.chosen, row.rejected], reward=sum_reward)
-        assert served.candidates[0].reward == pytest.approx(float(terms.chosen_rewards[i]), abs=1e-5)
-        assert served.candidates[1].reward == pytest.approx(float(terms.rejected_rewards[i]), abs=1e-5)
-        assert served.candidates[0].num_tokens == len(pairs[i].chosen_ids)
-    assert any(abs(float(r)) > 1e-4 for r in terms.chosen_rewards), "training should have moved the policy"
+    check_served_reward_is_trained_reward(tiny_model, _toy_rows(4), HELD_OUT, tmp_path, lora=lora)
 
 
 @pytest.mark.slow

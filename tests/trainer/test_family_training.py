@@ -12,14 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_testkit import png
+from trainer_testkit import check_served_reward_is_trained_reward, png
 
 from rlaifv.reward.models import has_torchvision
 from rlaifv.testing.tiny_families import FAMILIES, build_tiny_family
 from rlaifv.trainer.data import PreferenceRow
-from rlaifv.trainer.dpo import compute_reference_logprobs, encode_pairs, score_pairs, train_dpo
-from rlaifv.trainer.dpo_config import DPOConfig
-from rlaifv.trainer.export import export_bundle
 
 NEEDS_TORCHVISION = ("mistral3",)  # its processor module imports torchvision (tests/reward/test_families.py)
 TRAINED = [name for name in FAMILIES if has_torchvision() or name not in NEEDS_TORCHVISION]
@@ -44,26 +41,5 @@ def _one_thread() -> None:
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("family", TRAINED)
 def test_a_trained_family_serves_the_reward_its_trainer_optimised(family: str, lora: bool, tmp_path: Path) -> None:
-    from rlaifv.reward import RewardConfig, load_bundle
-    from rlaifv.reward.models import load_processor
-
     model = build_tiny_family(family, tmp_path / family)
-    config = DPOConfig(learning_rate=5e-3, epochs=1, batch_size=2, lora=lora, lora_r=4, cpu=True, beta=0.2)
-    result = train_dpo(config, ROWS, model_path=model, output_dir=tmp_path / "dpo", progress=False)
-    bundle = export_bundle(
-        tmp_path / "bundle", policy_dir=result.policy_dir, reference_dir=model, policy_type=result.policy_type, beta=0.2
-    )
-    pair = load_bundle(bundle)
-    processor = load_processor(model)
-    pairs, _ = encode_pairs(HELD_OUT, processor.tokenizer, eot_id=pair.eot_id)
-    with pair.reference_model() as reference:
-        compute_reference_logprobs(reference, processor, pairs, progress=False)
-    with torch.no_grad():
-        terms = score_pairs(pair.policy, processor, pairs, beta=0.2, pad_id=pair.pad_id)
-    for i, row in enumerate(HELD_OUT):
-        served = pair.score(
-            row.image, row.question, [row.chosen, row.rejected], reward=RewardConfig(beta=0.2, normalize="sum")
-        )
-        assert served.candidates[0].reward == pytest.approx(float(terms.chosen_rewards[i]), abs=1e-5)
-        assert served.candidates[1].reward == pytest.approx(float(terms.rejected_rewards[i]), abs=1e-5)
-    assert any(abs(float(r)) > 1e-4 for r in terms.chosen_rewards), "training should have moved the policy"
+    check_served_reward_is_trained_reward(model, ROWS, HELD_OUT, tmp_path, lora=lora)

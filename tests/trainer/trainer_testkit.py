@@ -69,3 +69,39 @@ class ControlledLabeler:
     def p_yes(self, image: Any, questions: Sequence[str]) -> list[float]:
         self.asked.extend(questions)
         return [0.9 if self.accept(q) else 0.1 for q in questions]
+
+
+def check_served_reward_is_trained_reward(
+    model: Path, rows: Sequence[Any], held_out: Sequence[Any], folder: Path, *, lora: bool
+) -> None:
+    """One DPO run on `rows` from `model` (full or LoRA), exported as a bundle: for each held-out pair, the reward
+    the bundle serves (normalize='sum') equals the trainer's implicit reward beta * (pi - ref), and training moved
+    the policy."""
+    import pytest
+    import torch
+
+    from rlaifv.reward import RewardConfig, load_bundle
+    from rlaifv.reward.models import load_processor
+    from rlaifv.trainer.dpo import compute_reference_logprobs, encode_pairs, score_pairs, train_dpo
+    from rlaifv.trainer.dpo_config import DPOConfig
+    from rlaifv.trainer.export import export_bundle
+
+    config = DPOConfig(learning_rate=5e-3, epochs=1, batch_size=2, lora=lora, lora_r=4, cpu=True, beta=0.2)
+    result = train_dpo(config, rows, model_path=model, output_dir=folder / "dpo", progress=False)
+    bundle = export_bundle(
+        folder / "bundle", policy_dir=result.policy_dir, reference_dir=model, policy_type=result.policy_type, beta=0.2
+    )
+    pair = load_bundle(bundle)
+    processor = load_processor(model)
+    pairs, _ = encode_pairs(held_out, processor.tokenizer, eot_id=pair.eot_id)
+    with pair.reference_model() as reference:
+        compute_reference_logprobs(reference, processor, pairs, progress=False)
+    with torch.no_grad():
+        terms = score_pairs(pair.policy, processor, pairs, beta=0.2, pad_id=pair.pad_id)
+    for i, row in enumerate(held_out):
+        sums = RewardConfig(beta=0.2, normalize="sum")
+        served = pair.score(row.image, row.question, [row.chosen, row.rejected], reward=sums)
+        assert served.candidates[0].reward == pytest.approx(float(terms.chosen_rewards[i]), abs=1e-5)
+        assert served.candidates[1].reward == pytest.approx(float(terms.rejected_rewards[i]), abs=1e-5)
+        assert served.candidates[0].num_tokens == len(pairs[i].chosen_ids)
+    assert any(abs(float(r)) > 1e-4 for r in terms.chosen_rewards), "training should have moved the policy"
