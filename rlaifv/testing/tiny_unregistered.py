@@ -62,9 +62,36 @@ def build_tiny_paligemma(folder: str | Path, *, seed: int = 0) -> Path:
     return folder
 
 
+def blip2_config(text_ids: dict[str, Any], image_token: int) -> Any:
+    """BLIP-2's config at toy sizes: a 32 px ViT, a one-layer Q-Former of 4 queries, a two-layer OPT."""
+    from transformers import Blip2Config
+
+    return Blip2Config(
+        vision_config={**VISION, "image_size": 32, "patch_size": 8},
+        qformer_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "encoder_hidden_size": VISION["hidden_size"],
+        },
+        text_config={
+            "model_type": "opt",
+            "hidden_size": TEXT["hidden_size"],
+            "ffn_dim": TEXT["intermediate_size"],
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "word_embed_proj_dim": TEXT["hidden_size"],
+            **text_ids,
+        },
+        num_query_tokens=4,
+        image_token_index=image_token,
+    )
+
+
 def build_tiny_blip2(folder: str | Path, *, seed: int = 0) -> Path:
     """BLIP-2 over OPT: a Q-Former's 4 queries as image tokens, Gemma-style turns."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
 
     folder = Path(folder)
     tokenizer = build_word_tokenizer(
@@ -81,27 +108,7 @@ def build_tiny_blip2(folder: str | Path, *, seed: int = 0) -> Path:
         num_query_tokens=4,
         chat_template=tokenizer.chat_template,
     )
-    config = Blip2Config(
-        vision_config={**VISION, "image_size": 32, "patch_size": 8},
-        qformer_config={
-            "hidden_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "intermediate_size": 64,
-            "encoder_hidden_size": VISION["hidden_size"],
-        },
-        text_config={
-            "model_type": "opt",
-            "hidden_size": TEXT["hidden_size"],
-            "ffn_dim": TEXT["intermediate_size"],
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "word_embed_proj_dim": TEXT["hidden_size"],
-            **_text_ids(tokenizer),
-        },
-        num_query_tokens=4,
-        image_token_index=_ids(tokenizer, "<image>")[0],
-    )
+    config = blip2_config(_text_ids(tokenizer), _ids(tokenizer, "<image>")[0])
     model = _model(Blip2ForConditionalGeneration, config, tokenizer, seed)
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
@@ -228,29 +235,9 @@ def _survey_downsampled(name: str) -> tuple[Any, list[EncodedPrompt]]:
 
 
 def _survey_blip2() -> tuple[Any, list[EncodedPrompt]]:
-    from transformers import Blip2Config, Blip2ForConditionalGeneration
+    from transformers import Blip2ForConditionalGeneration
 
-    config = Blip2Config(
-        vision_config={**VISION, "image_size": 32, "patch_size": 8},
-        qformer_config={
-            "hidden_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "intermediate_size": 64,
-            "encoder_hidden_size": VISION["hidden_size"],
-        },
-        text_config={
-            "model_type": "opt",
-            "hidden_size": TEXT["hidden_size"],
-            "ffn_dim": TEXT["intermediate_size"],
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "word_embed_proj_dim": TEXT["hidden_size"],
-            "vocab_size": SURVEY_VOCAB,
-        },
-        num_query_tokens=4,
-        image_token_index=IMAGE_ID,
-    )
+    config = blip2_config({"vocab_size": SURVEY_VOCAB}, IMAGE_ID)
     return _finish(Blip2ForConditionalGeneration(config)), _survey_prompts(4, _one_image)
 
 
