@@ -21,6 +21,7 @@ from rlaifv.reward.errors import BundleError
 from rlaifv.reward.scoring import Normalize, RewardConfig
 
 if TYPE_CHECKING:
+    from rlaifv.reward.family_check import FamilyCheck
     from rlaifv.reward.model_pair import ModelPair
 
 MANIFEST = "rlaifv.json"
@@ -108,6 +109,7 @@ def load_bundle(
     device: str | None = None,
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    family_check: FamilyCheck = "refuse",
 ) -> ModelPair:
     """Validate a bundle and load it as a `ModelPair` (one base in memory for LoRA policies)."""
     from rlaifv.reward.errors import ModelLoadError
@@ -138,6 +140,7 @@ def load_bundle(
         end_of_turn=manifest.end_of_turn,
         name=manifest.name,
         metadata={"bundle": str(Path(folder).resolve()), "manifest": manifest.model_dump()},
+        family_check=family_check,
     )
 
 
@@ -153,6 +156,7 @@ def load_pair(
     end_of_turn: str | None = None,
     name: str | None = None,
     metadata: dict[str, Any] | None = None,
+    family_check: FamilyCheck = "refuse",
 ) -> ModelPair:
     """The one place a `ModelPair` is built from model folders (bundles, evaluations, the trainer).
 
@@ -180,6 +184,7 @@ def load_pair(
         end_of_turn=end_of_turn,
         metadata=metadata,
         name=name if name is not None else "rlaifv",
+        family_check=family_check,
     )
 
 

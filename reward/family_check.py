@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -232,15 +232,31 @@ def evaluating(model: Any) -> Iterator[None]:
         model.train(training)
 
 
+FamilyCheck = Literal["refuse", "warn"]
+
+
 def check_unverified_family(
-    model: Any, processor: Any, *, accepts_images: bool, pad_id: int, stop_ids: Sequence[int]
+    model: Any,
+    processor: Any,
+    *,
+    accepts_images: bool,
+    pad_id: int,
+    stop_ids: Sequence[int],
+    on_failure: FamilyCheck = "refuse",
 ) -> ProbeResult | None:
-    """Probe a model of a family without rules; refuse it (`ModelLoadError`) if the engine cannot serve it exactly."""
+    """Probe a model of a family without rules; refuse it (`ModelLoadError`) if the engine cannot serve it exactly,
+    or with `on_failure="warn"` log why and serve it (an operator who has checked the model otherwise)."""
     if not needs_probe(model):
         return None
-    result = refuse_unless_exact(
-        model, lambda: probe(model, processor, accepts_images=accepts_images, pad_id=pad_id, stop_ids=stop_ids)
-    )
+    try:
+        result = refuse_unless_exact(
+            model, lambda: probe(model, processor, accepts_images=accepts_images, pad_id=pad_id, stop_ids=stop_ids)
+        )
+    except ModelLoadError as exc:
+        if on_failure == "refuse":
+            raise
+        log.warning("serving a model the load-time check refused (family_check=warn): %s", exc)
+        return None
     log.info(
         "model type %r has no family rules; the load-time check found the engine exact"
         " (max |log-prob difference| scoring %.2g, sampling %.2g, tolerance %g)",

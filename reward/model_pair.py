@@ -30,7 +30,7 @@ from rlaifv.reward.claims import (
 )
 from rlaifv.reward.errors import AnswerError, InvalidInputError, ModelLoadError
 from rlaifv.reward.families import family_of
-from rlaifv.reward.family_check import check_unverified_family
+from rlaifv.reward.family_check import FamilyCheck, check_unverified_family
 from rlaifv.reward.images import ImageLimits, load_image
 from rlaifv.reward.logprobs import answer_logprobs, continuation_logits
 from rlaifv.reward.packed_weights import PackedLinears, PackMode, pack_linears
@@ -113,6 +113,7 @@ class ModelPair:
         labeler: Labeler | None = None,
         splitter: ClaimSplitter | None = None,
         question_writer: QuestionWriter | None = None,
+        family_check: FamilyCheck = "refuse",
     ) -> None:
         if reference is None and not is_peft_model(policy):
             raise ValueError("a reference model is required unless the policy is a LoRA adapter over it")
@@ -147,7 +148,12 @@ class ModelPair:
         self.blocked_ids = sorted((set(self.tokenizer.all_special_ids) - set(self.stop_ids)) | set(padding))
         self.packed: list[PackedLinears] = []
         check_unverified_family(
-            policy, processor, accepts_images=self.accepts_images, pad_id=self.pad_id, stop_ids=self.stop_ids
+            policy,
+            processor,
+            accepts_images=self.accepts_images,
+            pad_id=self.pad_id,
+            stop_ids=self.stop_ids,
+            on_failure=family_check,
         )
 
     def pack_weights(self, mode: PackMode = "auto") -> int:

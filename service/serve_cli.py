@@ -57,6 +57,13 @@ PackWeights = Annotated[
     str | None,
     typer.Option(help="auto, on, off: CPU linears on packed weights (env RLAIFV_PACK_WEIGHTS, default auto)."),
 ]
+FamilyCheckFlag = Annotated[
+    str | None,
+    typer.Option(
+        help="refuse, warn: a model type without engine rules that disagrees with its own generate at start-up "
+        "(env RLAIFV_FAMILY_CHECK, default refuse)."
+    ),
+]
 RedisUrl = Annotated[
     str | None, typer.Option(help="Redis for jobs, cache, rate limits; rediss:// for TLS (env RLAIFV_REDIS_URL).")
 ]
@@ -127,6 +134,7 @@ def serve(
         int | None, typer.Option(help="torch intra-op threads (env RLAIFV_TORCH_THREADS).")
     ] = None,
     pack_weights: PackWeights = None,
+    family_check: FamilyCheckFlag = None,
     max_n: Annotated[int | None, typer.Option(help="Largest n / best_of (env RLAIFV_MAX_N).")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Largest max_tokens (env RLAIFV_MAX_TOKENS).")] = None,
     max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 429 (env RLAIFV_MAX_QUEUE).")] = None,
@@ -178,6 +186,7 @@ def serve(
         dtype=dtype,
         torch_threads=torch_threads,
         pack_weights=pack_weights,
+        family_check=family_check,
         engine=engine,
         max_n=max_n,
         max_tokens=max_tokens,

@@ -58,6 +58,12 @@ class Settings(BaseSettings):
         "(where MKL's float32 GEMM is slow), and only if the copies fit in half the memory left; on: every bfloat16 "
         "or float32 linear this CPU can pack, and start-up fails where none can; off: never.",
     )
+    family_check: Literal["refuse", "warn"] = Field(
+        "refuse",
+        description="A model type without rules in the engine (reward/families.py) is compared at start-up with its "
+        "own generate (reward/family_check.py). refuse: start-up fails where they disagree; warn: log it and serve "
+        "(for a model checked otherwise).",
+    )
     warmup: bool = Field(True, description="Run one tiny best-of-N before reporting ready.")
 
     # -- generator: best-of-N over another model ---------------------------------

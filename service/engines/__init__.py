@@ -32,6 +32,7 @@ def load_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[Eng
             trust_remote_code=settings.trust_remote_code,
             torch_threads=settings.torch_threads,
             pack_weights=settings.pack_weights,
+            family_check=settings.family_check,
         )
     if settings.engine == "vllm":
         from rlaifv.service.engines.vllm import load_vllm_engine

@@ -23,6 +23,7 @@ from rlaifv.reward.token_bytes import TokenBytes
 from rlaifv.service.engines.base import EngineResult, GenerateRequest, Request, ScoreRequest
 
 if TYPE_CHECKING:
+    from rlaifv.reward.family_check import FamilyCheck
     from rlaifv.reward.model_pair import ModelPair
     from rlaifv.reward.packed_weights import PackMode
     from rlaifv.reward.results import Ranking
@@ -165,6 +166,7 @@ def load_transformers_engine(
     trust_remote_code: bool,
     torch_threads: int | None = None,
     pack_weights: PackMode = "auto",
+    family_check: FamilyCheck = "refuse",
 ) -> tuple[TransformersEngine, float]:
     """Load the bundle's pair (its CPU linears packed as `pack_weights` says); returns the engine and the
     load time in seconds."""
@@ -176,7 +178,9 @@ def load_transformers_engine(
         torch.set_num_threads(torch_threads)
 
     start = time.perf_counter()
-    pair = load_bundle(bundle, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    pair = load_bundle(
+        bundle, device=device, dtype=dtype, trust_remote_code=trust_remote_code, family_check=family_check
+    )
     if layers := pair.pack_weights(pack_weights):
         extra_mb = sum(handle.extra_bytes for handle in pair.packed) / 2**20
         log.info("packed weights", extra={"layers": layers, "extra_mb": round(extra_mb, 1)})

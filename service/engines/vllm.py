@@ -415,7 +415,12 @@ class InProcessReference:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         accepts_images = bool(getattr(processor, "accepts_images", True))
         check_unverified_family(
-            self.model, processor, accepts_images=accepts_images, pad_id=self.pad_id, stop_ids=stop_ids
+            self.model,
+            processor,
+            accepts_images=accepts_images,
+            pad_id=self.pad_id,
+            stop_ids=stop_ids,
+            on_failure=settings.family_check,
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlaifv-reference")
 

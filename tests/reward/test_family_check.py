@@ -257,3 +257,22 @@ def test_half_precision_bound_comes_from_the_model_own_padding_noise(
     monkeypatch.setitem(families.FAMILIES, "mllama", dataclasses.replace(families.FAMILIES["mllama"], continued=()))
     wrong = probe(model, processor, **kwargs)
     assert not wrong.exact, wrong
+
+
+def test_family_check_warn_logs_the_refusal_and_serves(
+    text_llama: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RLAIFV_FAMILY_CHECK=warn: an operator who has checked a model otherwise may serve it; the log says why
+    the check would have refused it."""
+    from rlaifv.reward.bundle import load_bundle
+    from rlaifv.reward.bundle_create import create_bundle
+
+    model = chunked_llama(text_llama)
+    with caplog.at_level("WARNING", logger="rlaifv.reward.family_check"):
+        ModelPair(model, load_processor(text_llama), reference=model, family_check="warn")
+    assert "family_check=warn" in caplog.text and "disagrees with the model's own generate" in caplog.text
+    blip2 = build_tiny_blip2(tmp_path / "blip2")
+    create_bundle(tmp_path / "bundle", policy=blip2, reference=blip2)
+    with pytest.raises(ModelLoadError):
+        load_bundle(tmp_path / "bundle")
+    assert load_bundle(tmp_path / "bundle", family_check="warn").policy is not None

@@ -103,3 +103,20 @@ def test_the_stall_limit_must_outlast_a_healthy_vllm_batch() -> None:
     assert Settings(**urls, engine_stall_s=721, vllm_timeout_s=120).engine_stall_s == 721
     assert Settings(**urls, engine_stall_s=0, vllm_timeout_s=120).engine_stall_s == 0  # never
     assert Settings(engine_stall_s=30).engine_stall_s == 30  # in process: no HTTP calls to wait on
+
+
+def test_rlaifv_family_check_reaches_the_model_load(tmp_path, monkeypatch) -> None:
+    """A bundle the load-time family check refuses fails start-up; RLAIFV_FAMILY_CHECK=warn serves it."""
+    from rlaifv.reward.bundle_create import create_bundle
+    from rlaifv.reward.errors import ModelLoadError
+    from rlaifv.service.engines import load_engine
+    from rlaifv.service.settings import Settings
+    from rlaifv.testing.tiny_unregistered import build_tiny_blip2
+
+    blip2 = build_tiny_blip2(tmp_path / "blip2")
+    create_bundle(tmp_path / "bundle", policy=blip2, reference=blip2)
+    with pytest.raises(ModelLoadError, match="'blip-2' has no rules"):
+        load_engine(Settings(bundle=tmp_path / "bundle", device="cpu"))
+    monkeypatch.setenv("RLAIFV_FAMILY_CHECK", "warn")
+    engine, _ = load_engine(Settings(bundle=tmp_path / "bundle", device="cpu"))
+    assert engine is not None
