@@ -1,9 +1,11 @@
 """A micro-batched server answers concurrent best-of-n requests correctly for other model families.
 
-Qwen2-VL (3-axis mrope positions) and Idefics3 (a wide image gets more crops:
-zero-padded crops under a pixel mask) are the two ways a micro-batch of
-different prompts can go wrong; each server's answers must equal the
-in-process pair's, request by request, while the requests share batches.
+Qwen2-VL and GLM-4.1V (3-axis mrope positions), Idefics3 and LLaVA-OneVision (a
+wide image gets more crops: zero-padded crops under a pixel mask or cropped
+back by image sizes), Mllama (cross-attention to the image, its mask sent with
+every answer token) and OmniLMM are the ways a micro-batch of different prompts
+can go wrong; each server's answers must equal the in-process pair's, request
+by request, while the requests share batches.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _bundle(family: str, root: Path) -> Path:
     return root / "bundle"
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3", "omnilmm"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3", "omnilmm", "mllama", "glm4v", "llava_onevision"])
 async def test_concurrent_best_of_n_equals_in_process(family: str, tmp_path: Path) -> None:
     bundle = _bundle(family, tmp_path)
     pair = load_bundle(bundle)
