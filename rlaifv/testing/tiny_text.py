@@ -57,6 +57,46 @@ def build_text_model(folder: str | Path, *, seed: int = 0, sizes: dict[str, Any]
     return folder
 
 
+# Text-only architectures whose attention differs from Llama's: sliding windows shorter than a prompt, logit
+# soft-capping, attention sinks, mixtures of experts, fused projections.
+TEXT_FAMILIES: dict[str, dict[str, Any]] = {
+    "gemma2": {"sliding_window": 8, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+    "mistral": {"sliding_window": 8},
+    "phi3": {},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8},
+}
+
+
+def build_text_family(kind: str, folder: str | Path, *, seed: int = 0) -> Path:
+    """A tiny random-weight causal LM of transformers' model type `kind` (4 layers) with the ChatML word tokenizer,
+    saved to `folder`; `TEXT_FAMILIES` gives the settings that make each one differ from a Llama."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_word_tokenizer(QWEN_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>", chat_template=_chatml(""))
+    sizes = {**TEXT_LLAMA, "head_dim": 16, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4}
+    config = AutoConfig.for_model(
+        kind,
+        **sizes,
+        **TEXT_FAMILIES.get(kind, {}),
+        vocab_size=len(tokenizer),
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # peaked distributions, as in build_text_model: a wrong mask or window shows
+        model.get_output_embeddings().weight.mul_(8.0)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(str(tokenizer.chat_template))
+    return folder
+
+
 def build_tiny_text_bundle(
     folder: str | Path, *, seed: int = 0, name: str = "tiny-text", sizes: dict[str, Any] | None = None
 ) -> Path:

@@ -25,7 +25,7 @@ from rlaifv.reward.model_pair import ModelPair
 from rlaifv.reward.models import load_model, load_processor
 from rlaifv.reward.sampling import SamplingParams
 from rlaifv.testing.tiny_families import build_tiny_family
-from rlaifv.testing.tiny_text import build_text_model
+from rlaifv.testing.tiny_text import TEXT_FAMILIES, build_text_family, build_text_model
 from rlaifv.testing.tiny_unregistered import (
     REFUSED,
     SERVED_EXACTLY,
@@ -276,3 +276,15 @@ def test_family_check_warn_logs_the_refusal_and_serves(
     with pytest.raises(ModelLoadError):
         load_bundle(tmp_path / "bundle")
     assert load_bundle(tmp_path / "bundle", family_check="warn").policy is not None
+
+
+@pytest.mark.parametrize("kind", sorted(TEXT_FAMILIES))
+def test_text_only_architectures_pass_the_check_and_serve(kind: str, tmp_path: Path) -> None:
+    """A text-only pair of another architecture loads through the check and ranks answers: sliding windows
+    shorter than the prompt, soft-capped logits, attention sinks, mixtures of experts."""
+    folder = build_text_family(kind, tmp_path / kind)
+    pair = _pair(folder)
+    result = probe(pair.policy, pair.processor, accepts_images=False, pad_id=pair.pad_id, stop_ids=pair.stop_ids)
+    assert result.model_type == kind and result.scoring < 1e-4 and result.sampling < 1e-4, result
+    ranking = pair.best_of_n([], "Say something short.", n=3, sampling=SamplingParams(seed=2, max_tokens=5))
+    assert len(ranking.candidates) == 3
