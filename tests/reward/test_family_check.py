@@ -288,3 +288,17 @@ def test_text_only_architectures_pass_the_check_and_serve(kind: str, tmp_path: P
     assert result.model_type == kind and result.scoring < 1e-4 and result.sampling < 1e-4, result
     ranking = pair.best_of_n([], "Say something short.", n=3, sampling=SamplingParams(seed=2, max_tokens=5))
     assert len(ranking.candidates) == 3
+
+
+def test_an_unknown_mrope_family_in_half_precision_is_refused_for_its_positions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's own refusal (positions it has no rules for) is not reported as generate failing."""
+    from rlaifv.reward import families
+
+    folder = build_tiny_family("glm4v", tmp_path / "glm4v")
+    monkeypatch.delitem(families.FAMILIES, "glm4v")
+    model, processor = load_model(folder, device="cpu", dtype="bfloat16"), load_processor(folder)
+    with pytest.raises(ModelLoadError, match="multimodal rope positions") as info:  # the vLLM engine's reference
+        check_unverified_family(model, processor, accepts_images=True, pad_id=0, stop_ids=[2])
+    assert "own generate" not in str(info.value)
