@@ -53,11 +53,9 @@ class Family:
     Qwen-VL's `visual.merger`, is the projector).
     continued: sequence-aligned inputs every later token needs too (Mllama's `cross_attention_mask`: which
     images a token reads); each answer token gets the prompt's last row.
-    share_prefix: the cache holds only the prefix's own keys and values, so answers may attend to one copy of
-    their prompt's (`reward.shared_prefix`). Mllama's cross-attention layers cache the image's instead: its
-    answers copy their prompt's rows of the other layers.
     image_cache_layers: the text config's list of layers whose cache holds the image's keys (Mllama's
-    `cross_attention_layers`): kept once per prompt (`reward.kv_cache.ImageKeysLayer`), never copied per answer.
+    `cross_attention_layers`): kept once per prompt (`reward.kv_cache.ImageKeysLayer`), never copied per answer;
+    such a cache is not one of prefix keys only, so the shared-prefix layout (`reward.shared_prefix`) passes it by.
     """
 
     name: str
@@ -67,7 +65,6 @@ class Family:
     vision: tuple[str, ...] = ("vision_tower",)
     projector: tuple[str, ...] = ("multi_modal_projector",)
     continued: tuple[str, ...] = ()
-    share_prefix: bool = True
     image_cache_layers: str | None = None
 
 
@@ -98,7 +95,6 @@ FAMILIES: dict[str, Family] = {
         "Llama 3.2 Vision (Mllama)",
         vision=("vision_model",),
         continued=("cross_attention_mask",),
-        share_prefix=False,
         image_cache_layers="cross_attention_layers",
     ),
 }

@@ -21,7 +21,7 @@ measured difference, instead of at the first request.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from rlaifv.reward.model_pair import ModelPair
 
 log = logging.getLogger(__name__)
+
+FamilyCheck = Literal["refuse", "warn"]
+"""What a failed check does at load: refuse the model, or warn and serve it."""
 
 PROBE_TOKENS = 6
 # Max |log-prob difference| allowed: float32 paths differ by reduction order only (~1e-6 seen). Half precision
@@ -162,33 +165,28 @@ def probe(model: Any, processor: Any, *, accepts_images: bool, pad_id: int, stop
     return result
 
 
-class GenerateFailed(RuntimeError):
-    """The model's own `generate` failed on the probe: there is no ground truth to compare with."""
-
-
 @torch.no_grad()
 def compare_with_generate(
     model: Any, prompts: Sequence[EncodedPrompt], *, pad_id: int, stop_ids: Sequence[int]
 ) -> ProbeResult:
-    """The engine on `prompts` (one batch) against the model's own greedy `generate` on each alone, in eval mode."""
+    """The engine on `prompts` (one batch) against the model's own greedy `generate` on each alone, in eval mode.
+
+    A failure to run either side is a `ModelLoadError` saying which side failed (the engine's own refusals, such
+    as an unknown mrope family, pass through as they are)."""
     dtype = next(model.parameters()).dtype
     kind = model_type(model) or "unknown"
     with evaluating(model):
-        try:
+        with _failures_named(model, "could not run the model's own generate, its ground truth"):
             truths = [generate_truth(model, prompt, pad_id) for prompt in prompts]
             tolerance = TOLERANCE[dtype] if dtype in TOLERANCE else half_tolerance(model, prompts, truths, pad_id)
-        except ModelLoadError:  # the engine's own refusal (an unknown mrope family), not generate's failure
-            raise
-        except Exception as exc:
-            raise GenerateFailed(f"{type(exc).__name__}: {exc}") from exc
-        answers = [[tokens] for tokens, _ in truths]
-        scored = answer_logprobs(model, prompts, answers, pad_id)
-        scoring = _worst([group[0] for group in scored], [_gathered(rows, tokens) for (tokens, rows) in truths])
-        # Two greedy samples per prompt exercise the prefix fork. Up to the first token where a sample leaves
-        # `generate`'s path (a stop token, or in half precision a near tie) it sees the same context, so each of
-        # its log-probs up to and including that token is the truth's distribution at the token it picked.
-        params = [SamplingParams(temperature=0.0, max_tokens=PROBE_TOKENS, seed=0)] * len(prompts)
-        samples = sample_answers(model, prompts, [2] * len(prompts), params, stop_ids=stop_ids, pad_id=pad_id)
+        with _failures_named(model, "could not run it through the shared-prefix engine"):
+            scored = answer_logprobs(model, prompts, [[tokens] for tokens, _ in truths], pad_id)
+            # Two greedy samples per prompt exercise the prefix fork. Up to the first token where a sample leaves
+            # `generate`'s path (a stop token, or in half precision a near tie) it sees the same context, so each
+            # of its log-probs up to and including that token is the truth's distribution at the token it picked.
+            params = [SamplingParams(temperature=0.0, max_tokens=PROBE_TOKENS, seed=0)] * len(prompts)
+            samples = sample_answers(model, prompts, [2] * len(prompts), params, stop_ids=stop_ids, pad_id=pad_id)
+    scoring = _worst([group[0] for group in scored], [_gathered(rows, tokens) for (tokens, rows) in truths])
     got, want = [], []
     for group, (tokens, rows) in zip(samples, truths, strict=True):
         for sample in group:
@@ -200,6 +198,16 @@ def compare_with_generate(
             got.append(sample.logprobs[:seen])
             want.append(_gathered(rows[:seen], sample.token_ids[:seen]))
     return ProbeResult(kind, scoring, _worst(got, want), tolerance)
+
+
+@contextmanager
+def _failures_named(model: Any, what: str) -> Iterator[None]:
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"{_unknown(model)} and the load-time check {what}: {type(exc).__name__}: {exc}") from exc
 
 
 @torch.no_grad()
@@ -234,9 +242,6 @@ def evaluating(model: Any) -> Iterator[None]:
         model.train(training)
 
 
-FamilyCheck = Literal["refuse", "warn"]
-
-
 def check_unverified_family(
     model: Any,
     processor: Any,
@@ -251,8 +256,8 @@ def check_unverified_family(
     if not needs_probe(model):
         return None
     try:
-        result = refuse_unless_exact(
-            model, lambda: probe(model, processor, accepts_images=accepts_images, pad_id=pad_id, stop_ids=stop_ids)
+        result = require_exact(
+            model, probe(model, processor, accepts_images=accepts_images, pad_id=pad_id, stop_ids=stop_ids)
         )
     except ModelLoadError as exc:
         if on_failure == "refuse":
@@ -270,9 +275,8 @@ def check_unverified_family(
     return result
 
 
-def refuse_unless_exact(model: Any, compare: Callable[[], ProbeResult]) -> ProbeResult:
-    """`compare()`'s result; any failure in it, or a difference past the tolerance, is a `ModelLoadError`."""
-    result = compared(model, compare)
+def require_exact(model: Any, result: ProbeResult) -> ProbeResult:
+    """`result`, if exact; else a `ModelLoadError` with the measured difference."""
     if not result.exact:
         sampling = (
             "picks other greedy tokens" if result.sampling == float("inf") else f"differs by {result.sampling:.3g}"
@@ -283,23 +287,6 @@ def refuse_unless_exact(model: Any, compare: Callable[[], ProbeResult]) -> Probe
             " serving it would give wrong rewards"
         )
     return result
-
-
-def compared(model: Any, compare: Callable[[], ProbeResult]) -> ProbeResult:
-    """`compare()`'s result, whatever it says; a failure to run it is a `ModelLoadError` saying which side failed."""
-    try:
-        return compare()
-    except ModelLoadError:
-        raise
-    except GenerateFailed as exc:
-        raise ModelLoadError(
-            f"{_unknown(model)} and the load-time check could not run the model's own generate, its ground truth: {exc}"
-        ) from exc
-    except Exception as exc:
-        raise ModelLoadError(
-            f"{_unknown(model)} and the load-time check could not run it through the shared-prefix engine:"
-            f" {type(exc).__name__}: {exc}"
-        ) from exc
 
 
 def _unknown(model: Any) -> str:
@@ -313,8 +300,8 @@ def check_pair(pair: ModelPair) -> dict[str, ProbeResult]:
     """Probe both models of a loaded pair, registered families included (`rlaifv bundle check`): one's own
     checkpoint, dtype, device and transformers release against the model's own generate."""
     kwargs: dict[str, Any] = {"accepts_images": pair.accepts_images, "pad_id": pair.pad_id, "stop_ids": pair.stop_ids}
-    results = {"policy": compared(pair.policy, lambda: probe(pair.policy, pair.processor, **kwargs))}
+    results = {"policy": probe(pair.policy, pair.processor, **kwargs)}
     if pair.reference is not pair.policy:
         with pair.reference_model() as reference:
-            results["reference"] = compared(reference, lambda: probe(reference, pair.processor, **kwargs))
+            results["reference"] = probe(reference, pair.processor, **kwargs)
     return results

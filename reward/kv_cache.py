@@ -12,6 +12,7 @@ answers' token budget; a step writes one column and hands attention a view.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -102,15 +103,15 @@ class ImageKeysLayer(DynamicLayer):
 
     @property
     def keys(self) -> torch.Tensor | None:
-        return self._rows(getattr(self, "_prompt_keys", None))
+        return self._rows(self._prompt_keys)
 
-    @keys.setter
+    @keys.setter  # DynamicLayer's __init__ sets None
     def keys(self, value: torch.Tensor | None) -> None:
         self._prompt_keys = value
 
     @property
     def values(self) -> torch.Tensor | None:
-        return self._rows(getattr(self, "_prompt_values", None))
+        return self._rows(self._prompt_values)
 
     @values.setter
     def values(self, value: torch.Tensor | None) -> None:
@@ -128,10 +129,11 @@ class ImageKeysLayer(DynamicLayer):
         self._identity = self.owner.shape[0] == prompts and bool((self.owner == torch.arange(prompts)).all())
 
 
-def keep_image_keys_once(cache: Any, layer_indices: Any) -> Any:
-    """Swap the cross-attention layers `layer_indices` of a prefill's cache for `ImageKeysLayer`s."""
-    layers = getattr(cache, "layers", None)
-    for i in layer_indices or ():
-        if layers is not None and i < len(layers) and type(layers[i]) is DynamicLayer and layers[i].is_initialized:
-            layers[i] = ImageKeysLayer(layers[i].keys, layers[i].values)
+def keep_image_keys_once(cache: Any, layer_indices: Sequence[int]) -> Any:
+    """Swap the cross-attention layers `layer_indices` of a prefill's cache for `ImageKeysLayer`s (those that hold
+    an image: a prompt without one leaves them empty)."""
+    for i in (i for i in layer_indices if i < len(cache.layers)):
+        layer = cache.layers[i]
+        if type(layer) is DynamicLayer and layer.is_initialized:
+            cache.layers[i] = ImageKeysLayer(layer.keys, layer.values)
     return cache

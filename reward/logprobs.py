@@ -161,7 +161,7 @@ def fork(model: Any, state: PrefixState, rows: torch.Tensor, reserve: int) -> Pr
     prompts, length = state.mask.shape
     slots = int(torch.bincount(rows).max())
     smaller = prompts * (length + slots * reserve) < rows.shape[0] * (length + reserve)
-    if slots < 2 or not smaller or not state.family.share_prefix or not eligible(model, state.cache, length + reserve):
+    if slots < 2 or not smaller or not eligible(model, state.cache, length + reserve):
         return state.select(rows)
     return state.rows(share(state.cache, rows, state.mask, reserve), rows, True)
 
