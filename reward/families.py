@@ -97,6 +97,8 @@ FAMILIES: dict[str, Family] = {
         continued=("cross_attention_mask",),
         image_cache_layers="cross_attention_layers",
     ),
+    "vipllava": Family("VipLLaVA"),
+    "aya_vision": Family("Aya Vision"),
 }
 
 

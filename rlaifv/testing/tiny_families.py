@@ -37,6 +37,8 @@ FAMILIES: tuple[str, ...] = (
     "idefics2",
     "qwen3_vl_moe",
     "glm4v",
+    "vipllava",
+    "aya_vision",
 )
 
 SPACE = "▁"
@@ -927,6 +929,114 @@ def _omnilmm(folder: Path, seed: int):
     return model
 
 
+VIPLLAVA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '###Human: ' }}{% elif message['role'] == 'assistant' %}"
+    "{{ '###Assistant: ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>\\n' }}{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '###Assistant:' }}{% endif %}"
+)
+
+
+def _vipllava(folder: Path, seed: int):
+    """VipLLaVA layout: "###Human: <image>\\n...###Assistant:", a CLIP tile read from several of its layers."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaProcessor,
+        VipLlavaConfig,
+        VipLlavaForConditionalGeneration,
+    )
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    tokenizer = build_word_tokenizer(
+        (),
+        bos="<s>",
+        eos="</s>",
+        pad="<pad>",
+        add_bos_token=True,
+        named={"image_token": "<image>"},
+        plain=("\n", "###Human:", "###Assistant:"),
+        chat_template=VIPLLAVA_TEMPLATE,
+    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tokenizer.chat_template,
+    )
+    config = VipLlavaConfig(
+        vision_config=CLIPVisionConfig(**{**_vision(32, 8), "num_hidden_layers": 4}, projection_dim=32),
+        text_config=LlamaConfig(**TEXT, **_text_ids(tokenizer)),
+        image_token_index=_ids(tokenizer, "<image>")[0],
+        image_seq_length=16,
+        vision_feature_layers=[-2, -4, 1],
+    )
+    model = _model(VipLlavaForConditionalGeneration, config, tokenizer, seed)
+    processor.save_pretrained(folder)
+    return model
+
+
+AYA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = {'user': '<|USER_TOKEN|>', 'assistant': '<|CHATBOT_TOKEN|>', 'system': '<|SYSTEM_TOKEN|>'}"
+    "[message['role']] %}"
+    "{{ '<|START_OF_TURN_TOKEN|>' + role }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>' }}{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|END_OF_TURN_TOKEN|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' }}{% endif %}"
+)
+AYA_TILES = ("TILE_1", "TILE_2", "TILE_3", "TILE_GLOBAL")
+
+
+def _aya_vision(folder: Path, seed: int):
+    """Aya Vision layout: Cohere turns; an image as up to 3 tiles of 32 px + a global view, each a SigLIP grid
+    pixel-shuffled 2x2 into 4 <|IMG_PATCH|> tokens, behind its tile marker; a Cohere2 decoder."""
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor
+    from transformers.models.got_ocr2 import GotOcr2ImageProcessorPil
+
+    image_tokens = ("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", *AYA_TILES)
+    tokenizer = build_word_tokenizer(
+        ("<|START_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>", *image_tokens),
+        bos="<BOS_TOKEN>",
+        eos="<|END_OF_TURN_TOKEN|>",
+        pad="<PAD>",
+        add_bos_token=True,
+        named={"image_token": "<image>"},
+        chat_template=AYA_TEMPLATE,
+    )
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=3
+    )
+    processor = AyaVisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        img_size=32,
+        downsample_factor=2,
+        chat_template=tokenizer.chat_template,
+    )
+    config = AyaVisionConfig(
+        vision_config={"model_type": "siglip_vision_model", **_vision(32, 8)},
+        text_config={"model_type": "cohere2", **TEXT, **_text_ids(tokenizer), "logit_scale": 1.0},
+        downsample_factor=2,
+        image_token_index=_ids(tokenizer, "<|IMG_PATCH|>")[0],
+    )
+    model = _model(AyaVisionForConditionalGeneration, config, tokenizer, seed)
+    processor.save_pretrained(folder)
+    return model
+
+
 BUILDERS: dict[str, Callable[[Path, int], Any]] = {
     "qwen2_vl": partial(_qwen, "qwen2_vl"),
     "qwen2_5_vl": partial(_qwen, "qwen2_5_vl"),
@@ -944,6 +1054,8 @@ BUILDERS: dict[str, Callable[[Path, int], Any]] = {
     "mllama": _mllama,
     "llava_onevision": _llava_onevision,
     "idefics2": _idefics2,
+    "vipllava": _vipllava,
+    "aya_vision": _aya_vision,
 }
 
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -198,40 +197,18 @@ def _survey_paligemma() -> tuple[Any, list[EncodedPrompt]]:
     return _finish(PaliGemmaForConditionalGeneration(config)), _survey_prompts(16, vision)
 
 
-def _survey_vipllava() -> tuple[Any, list[EncodedPrompt]]:
-    from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
+def _survey_cohere2_vision() -> tuple[Any, list[EncodedPrompt]]:
+    """Cohere2-Vision: a Cohere2 decoder over SigLIP features pixel-shuffled 2x2 (4 tokens). Aya Vision, the same
+    layout, is registered (its processor builds without torchvision, Cohere2-Vision's does not)."""
+    from transformers import Cohere2VisionConfig, Cohere2VisionForConditionalGeneration
 
-    config = VipLlavaConfig(
-        vision_config={
-            "model_type": "clip_vision_model",
-            **VISION,
-            "num_hidden_layers": 4,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        text_config={"model_type": "llama", **SURVEY_TEXT},
-        image_token_index=IMAGE_ID,
-        vision_feature_layers=[-2, -1],
-    )
-    return _finish(VipLlavaForConditionalGeneration(config)), _survey_prompts(16, _one_image)
-
-
-def _survey_downsampled(name: str) -> tuple[Any, list[EncodedPrompt]]:
-    """Aya Vision and Cohere2-Vision: a Cohere2 decoder over SigLIP features pixel-shuffled 2x2 (4 tokens)."""
-    import transformers
-
-    prefix, image_key = {
-        "aya_vision": ("AyaVision", "image_token_index"),
-        "cohere2_vision": ("Cohere2Vision", "image_token_id"),
-    }[name]
-    config = getattr(transformers, prefix + "Config")(
+    config = Cohere2VisionConfig(
         vision_config=SIGLIP_32,
         text_config={"model_type": "cohere2", **SURVEY_TEXT},
         downsample_factor=2,
-        **{image_key: IMAGE_ID},
+        image_token_id=IMAGE_ID,
     )
-    model = getattr(transformers, prefix + "ForConditionalGeneration")(config)
-    return _finish(model), _survey_prompts(4, _one_image)
+    return _finish(Cohere2VisionForConditionalGeneration(config)), _survey_prompts(4, _one_image)
 
 
 def _survey_blip2() -> tuple[Any, list[EncodedPrompt]]:
@@ -269,13 +246,11 @@ def _survey_lfm2_vl() -> tuple[Any, list[EncodedPrompt]]:
 
 SURVEY: dict[str, Callable[[], tuple[Any, list[EncodedPrompt]]]] = {
     "paligemma": _survey_paligemma,
-    "vipllava": _survey_vipllava,
-    "aya_vision": partial(_survey_downsampled, "aya_vision"),
-    "cohere2_vision": partial(_survey_downsampled, "cohere2_vision"),
+    "cohere2_vision": _survey_cohere2_vision,
     "blip-2": _survey_blip2,
     "lfm2_vl": _survey_lfm2_vl,
 }
-SERVED_EXACTLY = ("paligemma", "vipllava", "aya_vision", "cohere2_vision")
+SERVED_EXACTLY = ("paligemma", "cohere2_vision")
 REFUSED = {  # what the engine trips on: no top-level cache in BLIP-2's output, LFM2's cache of convolution states
     # that the engine cannot fork
     "blip-2": "past_key_values",
