@@ -415,6 +415,172 @@ def test_wait_sleeps_only_what_is_left_of_its_timeout(monkeypatch: pytest.Monkey
     assert slept == [5.0] and polls == [100.0, 105.0]
 
 
+def test_wait_ends_at_its_deadline_whatever_the_server_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each poll's timeout is cut to what is left of the wait's, a poll that fails (503, no connection) is polled
+    again instead of ending the wait, and the deadline's error says why the last poll failed (fake clock)."""
+    import types
+
+    import rlaifv_client._client as client_module
+
+    clock: list[float] = [100.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    monkeypatch.setattr(client_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep))
+    running = {"id": "j1", "kind": "rewards", "status": "running", "created": 1, "updated": 1, "total": 3}
+    read_timeouts: list[float] = []
+    answers = iter(["job", "503", "refused"])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        read_timeouts.append(request.extensions["timeout"]["read"])
+        answer = next(answers, "refused")
+        if answer == "refused":
+            raise httpx.ConnectError("refused", request=request)
+        if answer == "503":
+            return httpx.Response(503, json={"error": {"message": "draining", "type": "server_error"}})
+        return httpx.Response(200, json=running | {"completed": 1, "failed": 0})
+
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    with (
+        Client(base_url="http://svc", http_client=http, timeout=180) as client,
+        pytest.raises(rlaifv_client.WaitTimeoutError, match="last poll failed: connection error") as caught,
+    ):
+        client.jobs.wait("j1", poll_interval=2, timeout=5)
+    assert read_timeouts == [5.0, 3.0, 1.0, 1.0]  # never the client's 180 s; one attempt per poll, the last at 105
+    assert caught.value.job is not None and caught.value.job.status == "running"
+    assert clock[0] == 105.0
+
+
+async def test_async_wait_ends_at_its_deadline_whatever_the_server_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    import rlaifv_client._client as client_module
+
+    clock: list[float] = [100.0]
+
+    async def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    monkeypatch.setattr(client_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(client_module.asyncio, "sleep", sleep)
+    read_timeouts: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        read_timeouts.append(request.extensions["timeout"]["read"])
+        return httpx.Response(502, text="bad gateway")
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    async with AsyncClient(base_url="http://svc", http_client=http) as client:
+        with pytest.raises(rlaifv_client.WaitTimeoutError, match="last poll failed: 502 bad gateway") as caught:
+            await client.jobs.wait("j1", poll_interval=2, timeout=5)
+    assert read_timeouts == [5.0, 3.0, 1.0, 1.0] and caught.value.job is None and clock[0] == 105.0
+
+
+async def test_closing_async_results_early_releases_the_stream_at_once() -> None:
+    import contextlib
+    import json
+
+    closed: list[bool] = []
+    line = json.dumps({"index": 0, "status": "failed", "error": {"message": "m", "type": "t"}}) + "\n"
+
+    class Lines(httpx.AsyncByteStream):
+        async def __aiter__(self):  # type: ignore[override]
+            for _ in range(3):
+                yield line.encode()
+
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200, stream=Lines())))
+    async with AsyncClient(base_url="http://svc", http_client=http) as client:
+        async with contextlib.aclosing(client.jobs.results("j1")) as results:
+            async for item in results:
+                assert item.index == 0
+                break
+        assert closed == [True]  # before the client closes, with no event-loop turn in between
+
+
+def test_wait_without_a_deadline_raises_what_the_poll_raises() -> None:
+    http = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(404, json={"error": {"message": "x"}})))
+    with Client(base_url="http://svc", http_client=http) as client, pytest.raises(NotFoundError):
+        client.jobs.wait("j1", timeout=5)
+
+
+def test_values_a_newer_server_adds_parse() -> None:
+    """Open enums: a status, kind or finish reason this SDK does not know is kept as a string, not a failure."""
+    from rlaifv_client import types
+
+    job = types.Job.model_validate(
+        {"id": "j", "kind": "chat", "status": "paused", "created": 1, "updated": 1, "total": 1, "completed": 0,
+         "failed": 0}
+    )  # fmt: skip
+    assert (job.kind, job.status, job.done) == ("chat", "paused", False)
+    item = types.JobResult.model_validate({"index": 0, "status": "skipped", "result": {"object": "chat", "x": 1}})
+    assert type(item.result) is types.BaseType and item.result.model_extra == {"object": "chat", "x": 1}
+    known = types.JobResult.model_validate({"index": 0, "status": "failed", "error": {"message": "m", "type": "t"}})
+    assert known.result is None and known.error is not None
+    assert types.Health.model_validate({"status": "degraded"}).status == "degraded"
+    info = types.RewardInfo.model_validate({"mode": "dpo", "beta": 0.1, "normalize": "median", "claim_score": "x"})
+    assert (info.normalize, info.claim_score) == ("median", "x")
+
+
+def test_health_reports_a_503_instead_of_raising() -> None:
+    body = {"status": "unavailable", "checks": {"engine": "stalled for 900 s"}}
+    http = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(503, json=body)))
+    with Client(base_url="http://svc", http_client=http) as client:
+        health = client.health()
+    assert not health.ok and health.checks == {"engine": "stalled for 900 s"}
+    page = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(503, text="<html>bad gateway")))
+    with Client(base_url="http://svc", http_client=page, max_retries=0) as client:
+        assert client.health().status == "unavailable"
+
+
+def test_job_submission_takes_the_callers_idempotency_key() -> None:
+    seen: list[httpx.Request] = []
+    job = {"id": "j1", "kind": "rewards", "status": "queued", "created": 1, "updated": 1, "total": 1,
+           "completed": 0, "failed": 0}  # fmt: skip
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=job)
+
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    items = [{"question": "q", "answers": ["a"]}]
+    with Client(base_url="http://svc", http_client=http) as client:
+        client.jobs.submit(items, kind="rewards", idempotency_key="batch-7")
+        client.jobs.submit(items, kind="rewards", extra_headers={"idempotency-key": "batch-8", "X-Team": "vision"})
+        client.jobs.submit_file(b'{"question": "q", "answers": ["a"]}\n', kind="rewards", idempotency_key="up-1")
+        client.jobs.submit(items, kind="rewards")
+        client.jobs.submit(items, kind="rewards")
+        with pytest.raises(ValueError, match="idempotency_key"):
+            client.jobs.submit(items, kind="rewards", idempotency_key=" ")
+    keys = [r.headers["idempotency-key"] for r in seen]
+    assert keys[:3] == ["batch-7", "batch-8", "up-1"] and seen[1].headers["x-team"] == "vision"
+    assert keys[3] != keys[4]  # one fresh key per submission otherwise
+
+
+def test_prompt_bodies_carry_every_reward_option_and_encode_message_images(tmp_path: Path) -> None:
+    image = tmp_path / "cat.png"
+    image.write_bytes(PNG)
+    messages = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(image), "detail": "low"}},
+                                     {"type": "text", "text": "What is it?"}]},
+        {"role": "user", "content": [{"type": "image_url", "image_url": "https://example.org/a.png"}]},
+        {"role": "assistant", "content": "A"},
+    ]  # fmt: skip
+    body = score_body(answers=["a"], messages=messages, mode="claims", repeat_penalty=0.5)
+    assert body["reward"] == {"mode": "claims", "repeat_penalty": 0.5}
+    first = body["messages"][0]["content"][0]["image_url"]
+    assert first["url"].startswith("data:image/png;base64,") and first["detail"] == "low"
+    assert body["messages"][1]["content"][0]["image_url"] == {"url": "https://example.org/a.png"}
+    assert body["messages"][2] == {"role": "assistant", "content": "A"}
+    assert messages[0]["content"][0]["image_url"]["url"] == str(image)  # the caller's messages are left alone
+    with pytest.raises(ImageInputError, match=r"messages\[0\]\.content\[0\]\.image_url\.url: image file not found"):
+        score_body(answers=["a"], messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": str(tmp_path / "gone.png")}}]}])  # fmt: skip
+
+
 def test_unexpected_response_shape_is_an_api_error() -> None:
     http = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"nope": 1})))
     with (

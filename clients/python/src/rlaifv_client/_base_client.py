@@ -11,7 +11,7 @@ import platform
 import random
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
@@ -19,8 +19,15 @@ import httpx
 import pydantic
 
 from . import _constants as C
-from ._exceptions import APIConnectionError, APIError, APIStatusError, APITimeoutError, make_status_error
-from ._images import ImageInput, encode_images
+from ._exceptions import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    WaitTimeoutError,
+    make_status_error,
+)
+from ._images import ImageInput, encode_images, encode_message_images
 from ._version import __version__
 from .types import BaseType, Health, Job, JobResult
 
@@ -166,20 +173,30 @@ def prompt_body(
     image: ImageInput | None = None,
     images: Iterable[ImageInput] | None = None,
     question: str | None = None,
-    messages: list[dict[str, Any]] | None = None,
+    messages: Sequence[Mapping[str, Any]] | None = None,
     continue_final_message: bool | None = None,
     beta: float | None = None,
     normalize: str | None = None,
     mode: str | None = None,
     claim_score: str | None = None,
+    repeat_penalty: float | None = None,
 ) -> dict[str, Any]:
     """The fields /v1/best-of-n and /v1/rewards share. Only given fields are sent (the server has the defaults)."""
-    body: dict[str, Any] = {"model": model, "question": question, "messages": messages}
+    body: dict[str, Any] = {"model": model, "question": question}
+    body["messages"] = None if messages is None else encode_message_images(messages)
     body["continue_final_message"] = continue_final_message
     encoded = encode_images(image, images)
     if encoded:
         body["images"] = encoded
-    reward = _drop_none({"mode": mode, "beta": beta, "normalize": normalize, "claim_score": claim_score})
+    reward = _drop_none(
+        {
+            "mode": mode,
+            "beta": beta,
+            "normalize": normalize,
+            "claim_score": claim_score,
+            "repeat_penalty": repeat_penalty,
+        }
+    )
     if reward:
         body["reward"] = reward
     return _drop_none(body)
@@ -224,10 +241,19 @@ def score_body(*, answers: Iterable[str], **prompt: Any) -> dict[str, Any]:
     return body
 
 
-def submission_headers() -> dict[str, str]:
+def submission_headers(
+    idempotency_key: str | None = None, extra_headers: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """One Idempotency-Key per job submission, the same on every retry: the server then creates the job once,
-    so submitting is safe to retry after a timeout (where the first attempt may have gone through)."""
-    return {"Idempotency-Key": uuid.uuid4().hex}
+    so submitting is safe to retry after a timeout (where the first attempt may have gone through). Your own key
+    (`idempotency_key=`, or an Idempotency-Key in `extra_headers`; e.g. derived from the batch's name) also makes
+    a re-run of your program get the job it submitted before instead of a second one."""
+    headers = {k: v for k, v in (extra_headers or {}).items() if k.lower() != "idempotency-key"}
+    given = [v for k, v in (extra_headers or {}).items() if k.lower() == "idempotency-key"]
+    key = idempotency_key if idempotency_key is not None else (given[0] if given else uuid.uuid4().hex)
+    if not key.strip():
+        raise ValueError("idempotency_key must not be empty")
+    return headers | {"Idempotency-Key": key}
 
 
 def job_body(kind: JobKind, items: Iterable[Mapping[str, Any]], metadata: Mapping[str, str] | None) -> dict[str, Any]:
@@ -253,7 +279,11 @@ def job_body(kind: JobKind, items: Iterable[Mapping[str, Any]], metadata: Mappin
 
 
 def upload_call(
-    path: str | os.PathLike[str] | bytes, kind: JobKind, metadata: Mapping[str, str] | None, timeout: Any
+    path: str | os.PathLike[str] | bytes,
+    kind: JobKind,
+    metadata: Mapping[str, str] | None,
+    timeout: Any,
+    headers: Mapping[str, str],
 ) -> APICall[Job]:
     """POST /v1/jobs/upload of a JSONL file (a path, or its bytes): one request body or `{"custom_id", "body"}`
     per line, sent as is (images already encoded in the lines)."""
@@ -267,7 +297,7 @@ def upload_call(
     params: dict[str, str] = {"kind": kind}
     if metadata is not None:
         params["metadata"] = json.dumps(dict(metadata))
-    headers = submission_headers() | {"Content-Type": JSONL}
+    headers = dict(headers) | {"Content-Type": JSONL}
     return APICall("POST", "/v1/jobs/upload", Job, params=params, content=data, timeout=timeout, headers=headers)
 
 
@@ -287,6 +317,59 @@ def readiness_call(timeout: Any) -> APICall[Health]:
         ok_statuses=frozenset({503}),
         unparsed=lambda: Health(status="unavailable"),
     )
+
+
+def liveness_call(timeout: Any) -> APICall[Health]:
+    """GET /healthz, retried on connection errors; its 503 (a stuck worker, with the failed checks) is the answer,
+    not an error: a health probe reports the state it finds."""
+    return APICall(
+        "GET",
+        "/healthz",
+        Health,
+        timeout=timeout,
+        ok_statuses=frozenset({503}),
+        unparsed=lambda: Health(status="unavailable"),
+    )
+
+
+def poll_call(path: str, client_timeout: TimeoutTypes, left: float | None) -> APICall[Job]:
+    """One status poll of `jobs.wait`. Without a deadline it is `jobs.get` (retried as any call); with `left`
+    seconds to the deadline, one attempt whose timeout is cut to them (at least `MIN_POLL_TIMEOUT`, so the poll at
+    the deadline can still see a job that just finished), so the wait ends on time; the wait itself polls again
+    after a failure worth it (`worth_polling_again`)."""
+    if left is None:
+        return APICall("GET", path, Job)
+    left = max(left, C.MIN_POLL_TIMEOUT)
+    if isinstance(client_timeout, httpx.Timeout):
+        cut = {
+            name: left if value is None else min(value, left)
+            for name, value in (
+                ("connect", client_timeout.connect),
+                ("read", client_timeout.read),
+                ("write", client_timeout.write),
+                ("pool", client_timeout.pool),
+            )
+        }
+        timeout: TimeoutTypes = httpx.Timeout(**cut)
+    else:
+        timeout = left if client_timeout is None else min(float(client_timeout), left)
+    return APICall("GET", path, Job, timeout=timeout, max_retries=0)
+
+
+def worth_polling_again(exc: APIError) -> bool:
+    """A poll that got no answer, or an answer a retry may change (429, 502, 503, 504, a timeout)."""
+    return isinstance(exc, APIConnectionError) or (
+        isinstance(exc, APIStatusError) and exc.status_code in C.RETRY_STATUSES
+    )
+
+
+def wait_timed_out(job_id: str, timeout: float, job: Job | None, error: APIError | None) -> WaitTimeoutError:
+    """The error `jobs.wait` raises at its deadline: the job's last status, or why the last poll failed."""
+    if job is not None and error is None:
+        state = job.status
+    else:
+        state = f"last poll failed: {error}" if error is not None else "no poll answered"
+    return WaitTimeoutError(f"job {job_id} not finished within {timeout:g} s ({state})", job=job)
 
 
 def progress_line(job: Job, width: int = 30) -> str:

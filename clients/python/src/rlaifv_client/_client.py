@@ -7,10 +7,11 @@ Each public method builds an `APICall` with the shared helpers of `_base_client`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
@@ -29,6 +30,8 @@ from ._base_client import (
     asplit_lines,
     best_of_n_body,
     job_body,
+    liveness_call,
+    poll_call,
     progress_line,
     readiness_call,
     results_call,
@@ -36,8 +39,10 @@ from ._base_client import (
     split_lines,
     submission_headers,
     upload_call,
+    wait_timed_out,
+    worth_polling_again,
 )
-from ._exceptions import WaitTimeoutError
+from ._exceptions import APIError
 from ._images import ImageInput
 from .types import BestOfN, Health, Job, JobResult, ModelList, Rewards
 
@@ -191,7 +196,7 @@ class Client(BaseClient):
         image: ImageInput | None = None,
         images: Iterable[ImageInput] | None = None,
         question: str | None = None,
-        messages: list[dict[str, Any]] | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
         continue_final_message: bool | None = None,
         n: int | None = None,
         temperature: float | None = None,
@@ -204,6 +209,7 @@ class Client(BaseClient):
         normalize: Normalize | None = None,
         mode: RewardMode | None = None,
         claim_score: ClaimScore | None = None,
+        repeat_penalty: float | None = None,
         model: str | None = None,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
         extra_headers: Mapping[str, str] | None = None,
@@ -240,6 +246,7 @@ class Client(BaseClient):
             normalize=normalize,
             mode=mode,
             claim_score=claim_score,
+            repeat_penalty=repeat_penalty,
         )
         return self._request(APICall("POST", "/v1/best-of-n", BestOfN, body, timeout=timeout, headers=extra_headers))
 
@@ -250,12 +257,13 @@ class Client(BaseClient):
         image: ImageInput | None = None,
         images: Iterable[ImageInput] | None = None,
         question: str | None = None,
-        messages: list[dict[str, Any]] | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
         continue_final_message: bool | None = None,
         beta: float | None = None,
         normalize: Normalize | None = None,
         mode: RewardMode | None = None,
         claim_score: ClaimScore | None = None,
+        repeat_penalty: float | None = None,
         model: str | None = None,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
         extra_headers: Mapping[str, str] | None = None,
@@ -276,6 +284,7 @@ class Client(BaseClient):
             normalize=normalize,
             mode=mode,
             claim_score=claim_score,
+            repeat_penalty=repeat_penalty,
         )
         return self._request(APICall("POST", "/v1/rewards", Rewards, body, timeout=timeout, headers=extra_headers))
 
@@ -284,8 +293,9 @@ class Client(BaseClient):
         return self._request(APICall("GET", "/v1/models", ModelList, timeout=timeout))
 
     def health(self, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Health:
-        """Liveness (``GET /healthz``): the server process answers."""
-        return self._request(APICall("GET", "/healthz", Health, timeout=timeout))
+        """Liveness (``GET /healthz``): ``status='ok'``, or ``'unavailable'`` with the failed ``checks`` when the
+        server answers 503 (returned, not raised)."""
+        return self._request(liveness_call(timeout))
 
     def ready(self, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Health:
         """Readiness (``GET /readyz``): model loaded and warm. Returns ``status='unavailable'`` instead of raising
@@ -305,13 +315,16 @@ class Jobs:
         *,
         kind: JobKind = "best_of_n",
         metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> Job:
         """Submit a durable batch job and return it (status ``queued``). Each item holds the keyword arguments of
         ``best_of_n`` (``kind='best_of_n'``, e.g. ``{"image": "cat.png", "question": "...", "n": 8}``) or of ``score``
         (``kind='rewards'``); images are encoded here. ``metadata`` is stored with the job (string values)."""
         body = job_body(kind, items, metadata)
-        call = APICall("POST", "/v1/jobs", Job, body, timeout=timeout, headers=submission_headers())
+        headers = submission_headers(idempotency_key, extra_headers)
+        call = APICall("POST", "/v1/jobs", Job, body, timeout=timeout, headers=headers)
         return self._client._request(call)
 
     def get(self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Job:
@@ -335,22 +348,34 @@ class Jobs:
 
         Args:
             poll_interval: Seconds between polls (at most 10).
-            timeout: Give up after this many seconds with ``WaitTimeoutError`` (the job goes on); None: no limit.
+            timeout: Give up after this many seconds with ``WaitTimeoutError`` (the job goes on; the poll at the
+                deadline may take up to 1 s more); a poll that fails meanwhile (no answer, 429, 5xx but 500) is
+                polled again. None: no limit (polls retried as any call, then their error raised).
             on_progress: Called with the ``Job`` after every poll.
             progress: Draw a progress bar on stderr.
         """
         callbacks = _progress_callbacks(on_progress, progress)
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = min(poll_interval, C.MAX_POLL_INTERVAL)
+        path = _job_path(job_id)
+        job: Job | None = job_id if isinstance(job_id, Job) else None
         while True:
-            job = self.get(job_id)
-            for callback in callbacks:
-                callback(job)
-            if job.done:
-                return job
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise WaitTimeoutError(f"job {job.id} not finished within {timeout:g} s ({job.status})", job=job)
+            error: APIError | None = None
+            try:
+                job = self._client._request(poll_call(path, self._client.timeout, left))
+            except APIError as exc:
+                if left is None or not worth_polling_again(exc):
+                    raise
+                error = exc
+            else:
+                for callback in callbacks:
+                    callback(job)
+                if job.done:
+                    return job
+            left = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and left is not None and left <= 0:
+                raise wait_timed_out(path.rsplit("/", 1)[-1], timeout, job, error) from error
             time.sleep(interval if left is None else min(interval, left))
 
     def submit_file(
@@ -359,11 +384,15 @@ class Jobs:
         *,
         kind: JobKind = "best_of_n",
         metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> Job:
         """Submit a JSONL file (a path, or its bytes) as a job: one request body per line, exactly as the server
         takes it, or ``{"custom_id": "...", "body": {...}}``. Safe to retry, like ``submit``."""
-        return self._client._request(upload_call(path, kind, metadata, timeout))
+        return self._client._request(
+            upload_call(path, kind, metadata, timeout, submission_headers(idempotency_key, extra_headers))
+        )
 
     def results(self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Iterator[JobResult]:
         """Iterate over the job's results so far, in item order (each a ``BestOfN``/``Rewards`` or an error, with
@@ -444,7 +473,7 @@ class AsyncClient(BaseClient):
             await asyncio.sleep(delay)
             attempt += 1
 
-    async def _stream_lines(self, call: APICall[Any]) -> AsyncIterator[str]:
+    async def _stream_lines(self, call: APICall[Any]) -> AsyncGenerator[str, None]:
         """The response body's lines as they arrive; retried like `_request` until the response starts."""
         attempt = 0
         while True:
@@ -481,7 +510,7 @@ class AsyncClient(BaseClient):
         image: ImageInput | None = None,
         images: Iterable[ImageInput] | None = None,
         question: str | None = None,
-        messages: list[dict[str, Any]] | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
         continue_final_message: bool | None = None,
         n: int | None = None,
         temperature: float | None = None,
@@ -494,6 +523,7 @@ class AsyncClient(BaseClient):
         normalize: Normalize | None = None,
         mode: RewardMode | None = None,
         claim_score: ClaimScore | None = None,
+        repeat_penalty: float | None = None,
         model: str | None = None,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
         extra_headers: Mapping[str, str] | None = None,
@@ -518,6 +548,7 @@ class AsyncClient(BaseClient):
             normalize=normalize,
             mode=mode,
             claim_score=claim_score,
+            repeat_penalty=repeat_penalty,
         )
         return await self._request(
             APICall("POST", "/v1/best-of-n", BestOfN, body, timeout=timeout, headers=extra_headers)
@@ -530,12 +561,13 @@ class AsyncClient(BaseClient):
         image: ImageInput | None = None,
         images: Iterable[ImageInput] | None = None,
         question: str | None = None,
-        messages: list[dict[str, Any]] | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
         continue_final_message: bool | None = None,
         beta: float | None = None,
         normalize: Normalize | None = None,
         mode: RewardMode | None = None,
         claim_score: ClaimScore | None = None,
+        repeat_penalty: float | None = None,
         model: str | None = None,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
         extra_headers: Mapping[str, str] | None = None,
@@ -553,6 +585,7 @@ class AsyncClient(BaseClient):
             normalize=normalize,
             mode=mode,
             claim_score=claim_score,
+            repeat_penalty=repeat_penalty,
         )
         return await self._request(
             APICall("POST", "/v1/rewards", Rewards, body, timeout=timeout, headers=extra_headers)
@@ -563,8 +596,8 @@ class AsyncClient(BaseClient):
         return await self._request(APICall("GET", "/v1/models", ModelList, timeout=timeout))
 
     async def health(self, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Health:
-        """Liveness (``GET /healthz``)."""
-        return await self._request(APICall("GET", "/healthz", Health, timeout=timeout))
+        """Liveness (``GET /healthz``); ``status='unavailable'`` with the failed checks on 503."""
+        return await self._request(liveness_call(timeout))
 
     async def ready(self, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Health:
         """Readiness (``GET /readyz``); ``status='unavailable'`` on 503, no retries."""
@@ -583,12 +616,15 @@ class AsyncJobs:
         *,
         kind: JobKind = "best_of_n",
         metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> Job:
         """Submit a durable batch job; each item holds the keyword arguments of ``best_of_n`` or ``score``
         (``kind='best_of_n'`` or ``'rewards'``). See ``Jobs.submit``."""
         body = job_body(kind, items, metadata)
-        call = APICall("POST", "/v1/jobs", Job, body, timeout=timeout, headers=submission_headers())
+        headers = submission_headers(idempotency_key, extra_headers)
+        call = APICall("POST", "/v1/jobs", Job, body, timeout=timeout, headers=headers)
         return await self._client._request(call)
 
     async def submit_file(
@@ -597,10 +633,14 @@ class AsyncJobs:
         *,
         kind: JobKind = "best_of_n",
         metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
         timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> Job:
         """Submit a JSONL file (a path, or its bytes) as a job. See ``Jobs.submit_file``."""
-        return await self._client._request(upload_call(path, kind, metadata, timeout))
+        return await self._client._request(
+            upload_call(path, kind, metadata, timeout, submission_headers(idempotency_key, extra_headers))
+        )
 
     async def get(self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Job:
         """The job's current status and counts."""
@@ -623,24 +663,38 @@ class AsyncJobs:
         callbacks = _progress_callbacks(on_progress, progress)
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = min(poll_interval, C.MAX_POLL_INTERVAL)
+        path = _job_path(job_id)
+        job: Job | None = job_id if isinstance(job_id, Job) else None
         while True:
-            job = await self.get(job_id)
-            for callback in callbacks:
-                outcome = callback(job)
-                if asyncio.iscoroutine(outcome):
-                    await outcome
-            if job.done:
-                return job
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise WaitTimeoutError(f"job {job.id} not finished within {timeout:g} s ({job.status})", job=job)
+            error: APIError | None = None
+            try:
+                job = await self._client._request(poll_call(path, self._client.timeout, left))
+            except APIError as exc:
+                if left is None or not worth_polling_again(exc):
+                    raise
+                error = exc
+            else:
+                for callback in callbacks:
+                    outcome = callback(job)
+                    if asyncio.iscoroutine(outcome):
+                        await outcome
+                if job.done:
+                    return job
+            left = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and left is not None and left <= 0:
+                raise wait_timed_out(path.rsplit("/", 1)[-1], timeout, job, error) from error
             await asyncio.sleep(interval if left is None else min(interval, left))
 
     async def results(
         self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN
     ) -> AsyncIterator[JobResult]:
-        """Iterate (``async for``) over the job's results so far, in item order, streamed. See ``Jobs.results``."""
+        """Iterate (``async for``) over the job's results so far, in item order, streamed. See ``Jobs.results``.
+
+        To stop early, close it (``async with contextlib.aclosing(client.jobs.results(job)) as results:``): the
+        stream's connection is released at once, not when the event loop finalizes the abandoned generator."""
         call = results_call(_job_path(job_id, "/results"), timeout)
-        async for line in self._client._stream_lines(call):
-            if line:
-                yield self._client._parse_line(call, line)
+        async with contextlib.aclosing(self._client._stream_lines(call)) as lines:
+            async for line in lines:
+                if line:
+                    yield self._client._parse_line(call, line)

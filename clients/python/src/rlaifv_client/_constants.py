@@ -29,3 +29,4 @@ MAX_POLL_INTERVAL = 10.0
 REQUEST_ID_HEADER = "X-Request-ID"
 RETRY_COUNT_HEADER = "X-RLAIFV-Retry-Count"
 USER_AGENT_NAME = "rlaifv-client"
+MIN_POLL_TIMEOUT = 1.0  # seconds: the shortest timeout of a `jobs.wait` poll near its deadline

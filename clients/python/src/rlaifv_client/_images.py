@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from io import BytesIO
 from pathlib import Path
 from typing import IO, Any, TypeAlias
@@ -109,4 +109,35 @@ def encode_images(image: ImageInput | None, images: Iterable[ImageInput] | None)
         if isinstance(images, (str, bytes, os.PathLike)) or not hasattr(images, "__iter__"):
             raise ImageInputError("images= takes a list; use image= for a single image")
         out.extend(encode_image(item) for item in images)
+    return out
+
+
+def encode_message_images(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI-style `messages` with each `image_url` part's image encoded as `encode_image` does (a path, bytes, a
+    PIL image... as its `url`, or as the `image_url` itself); data: and http(s):// URLs pass as they are. The
+    caller's messages are not changed."""
+    if isinstance(messages, (str, bytes)) or not hasattr(messages, "__iter__"):
+        raise TypeError("messages= takes a list of messages (dicts with 'role' and 'content')")
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
+        content = message.get("content")
+        if not isinstance(content, list):
+            out.append(dict(message))
+            continue
+        parts: list[Any] = []
+        for j, part in enumerate(content):
+            if isinstance(part, Mapping) and part.get("type") == "image_url" and "image_url" in part:
+                image = part["image_url"]
+                fields = dict(image) if isinstance(image, Mapping) else {"url": image}
+                if "url" not in fields:
+                    raise ImageInputError(f"messages[{i}].content[{j}].image_url has no 'url'")
+                try:
+                    fields["url"] = encode_image(fields["url"])
+                except ImageInputError as exc:
+                    raise ImageInputError(f"messages[{i}].content[{j}].image_url.url: {exc}") from None
+                part = {**part, "image_url": fields}
+            parts.append(part)
+        out.append({**message, "content": parts})
     return out

@@ -9,9 +9,9 @@ Log-probs are raw model log-probs (temperature 1, no top-p/top-k), whatever the 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, WithJsonSchema
 
 __all__ = [
     "BestOfN",
@@ -31,8 +31,21 @@ __all__ = [
     "Usage",
 ]
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+def _known(*values: str) -> WithJsonSchema:
+    """An open enum: a string the server draws from `values` today. A value added by a newer server parses too (as
+    a plain str) instead of failing the whole response; the schema lists `values`, so the drift test compares them."""
+    return WithJsonSchema({"enum": list(values), "type": "string"})
+
+
+JobStatus: TypeAlias = Annotated[str, _known("queued", "running", "succeeded", "failed", "cancelled")]
 TERMINAL_JOB_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+FinishReason: TypeAlias = Annotated[str, _known("stop", "length", "given")]
+Normalize: TypeAlias = Annotated[str, _known("mean", "sum")]
+ClaimScore: TypeAlias = Annotated[str, _known("count", "expected")]
+HealthStatus: TypeAlias = Annotated[str, _known("ok", "loading", "unavailable")]
+JobKind: TypeAlias = Annotated[str, _known("best_of_n", "rewards")]
+ItemStatus: TypeAlias = Annotated[str, _known("succeeded", "failed")]
 
 
 class BaseType(BaseModel):
@@ -57,8 +70,8 @@ class Usage(BaseType):
 class RewardInfo(BaseType):
     mode: str = Field(description="Reward mode used.")
     beta: float
-    normalize: Literal["mean", "sum"]
-    claim_score: Literal["count", "expected"] | None = Field(
+    normalize: Normalize
+    claim_score: ClaimScore | None = Field(
         None, description="'claims' mode: how verdicts became the reward (see RewardOptions.claim_score)."
     )
 
@@ -89,7 +102,7 @@ class Candidate(BaseType):
     policy_logprob: float = Field(description="sum_t log pi_theta(y_t | x, y_<t).")
     reference_logprob: float = Field(description="sum_t log pi_ref(y_t | x, y_<t).")
     num_tokens: int = Field(description="T: answer tokens scored, end-of-turn included.")
-    finish_reason: Literal["stop", "length", "given"] = Field(description="'given' for answers sent to score().")
+    finish_reason: FinishReason = Field(description="'given' for answers sent to score().")
 
 
 class GeneratorInfo(BaseType):
@@ -170,7 +183,7 @@ class ModelList(BaseType):
 
 
 class Health(BaseType):
-    status: Literal["ok", "loading", "unavailable"]
+    status: HealthStatus
     checks: dict[str, str] = Field(default_factory=dict)
 
     @property
@@ -210,7 +223,7 @@ class Job(BaseType):
 
     id: str
     object: Literal["job"] = "job"
-    kind: Literal["best_of_n", "rewards"] = Field(description="Which endpoint each item is a request for.")
+    kind: JobKind = Field(description="Which endpoint each item is a request for.")
     status: JobStatus
     created: int
     updated: int
@@ -238,14 +251,25 @@ class Job(BaseType):
         return self
 
 
+def _result_kind(value: Any) -> str:
+    kind = value.get("object") if isinstance(value, dict) else getattr(value, "object", None)
+    return kind if kind in ("best_of_n", "rewards") else "other"
+
+
+JobItemBody = Annotated[
+    Annotated[BestOfN, Tag("best_of_n")] | Annotated[Rewards, Tag("rewards")] | Annotated[BaseType, Tag("other")],
+    Discriminator(_result_kind),
+]
+
+
 class JobResult(BaseType):
     """One item of a job: its `result` (a `BestOfN` or `Rewards`, by the job's kind) or its `error`."""
 
     index: int = Field(description="Position of the item in the submission (0-based).")
     custom_id: str | None = Field(None, description="The item's `custom_id`, when it was submitted with one.")
-    status: Literal["succeeded", "failed"]
-    result: Annotated[BestOfN | Rewards, Field(discriminator="object")] | None = Field(
-        None, description="The endpoint's response body."
+    status: ItemStatus
+    result: JobItemBody | None = Field(
+        None, description="The endpoint's response body (a `BaseType` for a job kind newer than this SDK)."
     )
     error: ErrorDetail | None = Field(None, description="The error envelope's `error` object when the item failed.")
 
