@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("rlaifv.jobs")
 GROUP = "rlaifv-workers"
 PREFIX = "rlaifv:job:"
+JOB_ID = re.compile(r"job-[0-9a-f]{32}")
+ANONYMOUS = "-"  # the owner of jobs submitted without API keys configured
 REQUEST_MODELS = {"best_of_n": BestOfNRequest, "rewards": RewardsRequest}
 ENQUEUE_CHUNK = 1000
 
@@ -222,7 +225,7 @@ class JobStore:
                         break
                     raw = await self.redis.get(key)
                     if raw is not None:
-                        return await self._replay(key, raw.decode(), digest)
+                        return await self._replay(key, raw.decode(), digest, owner)
                 else:
                     raise SubmissionPending(
                         "this Idempotency-Key is being claimed by another request; retry",
@@ -230,7 +233,7 @@ class JobStore:
                         headers={"Retry-After": "1"},
                     )
             try:
-                await self._enqueue(job_id, request, items, claim)
+                await self._enqueue(job_id, request, items, claim, owner)
             except BaseException:
                 # Freed only while it is still ours and its job was not created: a lost EXEC reply (the job
                 # exists) must keep the key, or the client's retry would create the job twice.
@@ -238,12 +241,12 @@ class JobStore:
                     with contextlib.suppress(*REDIS_DOWN):
                         await self.redis.eval(RELEASE_CLAIM, 2, claim[0], PREFIX + job_id, claim[1])
                 raise
-            job = await self._get(job_id)
+            job = await self._get(job_id, owner)
             if job is None:  # expired at once: a TTL shorter than a round trip
                 raise StoreUnavailable("the job expired as it was created", headers={"Retry-After": "1"})
             return job
 
-    async def _replay(self, key: str, claimed: str, digest: str) -> Job:
+    async def _replay(self, key: str, claimed: str, digest: str, owner: str | None) -> Job:
         """The job an earlier request with the same Idempotency-Key created (it may still be being written).
 
         Its job not there yet: the first request is still writing it, or died doing so (its claim then expires
@@ -252,7 +255,7 @@ class JobStore:
         if first_digest != digest:
             raise Conflict("this Idempotency-Key was used for a different request body", param="Idempotency-Key")
         for _ in range(100):
-            job = await self._get(first_id)
+            job = await self._get(first_id, owner)
             if job is not None:
                 return job
             await asyncio.sleep(0.02)
@@ -270,6 +273,7 @@ class JobStore:
         request: JobRequest,
         items: list[tuple[str | None, dict[str, Any]]],
         claim: tuple[str, str] | None = None,
+        owner: str | None = None,
     ) -> None:
         """Items first, then the job hash, every stream entry and the Idempotency-Key's claim for the jobs' TTL in
         one MULTI: a worker never sees an entry without its item, and a submission cut short leaves no job (stray
@@ -297,6 +301,7 @@ class JobStore:
             "created": now,
             "updated": now,
             "metadata": json.dumps(request.metadata),
+            "owner": owner or ANONYMOUS,
         }
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=meta)
@@ -307,14 +312,21 @@ class JobStore:
             pipe.eval(KEEP_CLAIM, 1, claim[0], claim[1], self.ttl_s)
         await pipe.execute()
 
-    async def get(self, job_id: str) -> Job | None:
+    async def get(self, job_id: str, owner: str | None = None) -> Job | None:
+        """The job, or None when there is none of this id, or it is another API key's (never told apart)."""
         with self.guard():
-            return await self._get(job_id)
+            return await self._get(job_id, owner)
 
-    async def _get(self, job_id: str) -> Job | None:
+    async def _get(self, job_id: str, owner: str | None = None) -> Job | None:
+        """None also for an id of another shape: only job ids name job hashes (an Idempotency-Key's record
+        shares the prefix)."""
+        if JOB_ID.fullmatch(job_id) is None:
+            return None
         raw = await self.redis.hgetall(PREFIX + job_id)
         d = {k.decode(): v.decode() for k, v in raw.items()}
         if not {"kind", "status", "total"} <= d.keys():  # absent, or a fragment a write left after the job expired
+            return None
+        if d.get("owner", ANONYMOUS) != (owner or ANONYMOUS):
             return None
         return Job(
             id=job_id,
@@ -341,14 +353,16 @@ class JobStore:
                 if raw is not None:
                     yield f'{{"index":{i},{raw.decode()[1:]}'
 
-    async def cancel(self, job_id: str) -> Job | None:
+    async def cancel(self, job_id: str, owner: str | None = None) -> Job | None:
         """Cancel a queued or running job (its items are dropped: none will run); a finished job is returned
-        as it is."""
+        as it is. None as `get` gives it."""
         key = PREFIX + job_id
         with self.guard():
+            if await self._get(job_id, owner) is None:
+                return None
             if not await self.redis.eval(CANCEL, 2, key, key + ":items", int(time.time())):
                 return None
-            return await self._get(job_id)
+            return await self._get(job_id, owner)
 
     async def load(self, job_id: str, index: int) -> tuple[str | None, str | None, bool, dict[str, Any] | None]:
         """(kind, status, has a result, item) of one stream entry, in one round trip."""

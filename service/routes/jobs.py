@@ -37,6 +37,11 @@ def get_store(request: Request) -> JobStore:
 StoreDep = Annotated[JobStore, Depends(get_store)]
 
 
+def _owner(request: Request) -> str | None:
+    """The API key (its id) that owns what this request creates or reads; None without keys configured."""
+    return getattr(request.state, "key_id", None)
+
+
 def _found(job: Job | None, job_id: str) -> Job:
     if job is None:
         raise NotFound(f"job '{job_id}' does not exist (or has expired)", param="job_id", code="job_not_found")
@@ -57,8 +62,7 @@ async def create_job(
     `{"custom_id", "body"}`) on the job stream. Items are checked against the request schema now; limits
     (n, max_tokens, images) are applied when an item runs, and an item that breaks them gets an error
     result. Poll GET /v1/jobs/{id}; read GET /v1/jobs/{id}/results."""
-    owner = getattr(request.state, "key_id", None)
-    return await store.create(body, idempotency_key=idempotency_key, owner=owner)
+    return await store.create(body, idempotency_key=idempotency_key, owner=_owner(request))
 
 
 @router.post(
@@ -91,8 +95,7 @@ async def upload_job(
         job = JobRequest(kind=kind, items=items, metadata=labels)
     except (ValueError, ValidationError):
         raise BadRequest("metadata must be a JSON object of strings", param="metadata") from None
-    owner = getattr(request.state, "key_id", None)
-    return await store.create(job, idempotency_key=idempotency_key, owner=owner)
+    return await store.create(job, idempotency_key=idempotency_key, owner=_owner(request))
 
 
 @router.get(
@@ -101,8 +104,9 @@ async def upload_job(
     responses=error_responses(400, 401, 403, 404, 429, 501, 503),
     summary="Job status",
 )
-async def get_job(job_id: JobId, store: StoreDep) -> Job:
-    return _found(await store.get(job_id), job_id)
+async def get_job(job_id: JobId, store: StoreDep, request: Request) -> Job:
+    """A job is seen only with the API key that submitted it (404 for any other)."""
+    return _found(await store.get(job_id, _owner(request)), job_id)
 
 
 @router.get(
@@ -130,7 +134,7 @@ async def get_job_results(
     """Both forms are streamed from Redis a page at a time, so a 10,000-item job costs the server one page of
     memory. Items without a result yet are left out. Should Redis fail mid-stream the body ends early (a
     JSON body is then invalid, a JSONL one short): compare the count with the job's `completed + failed`."""
-    job = _found(await store.get(job_id), job_id)
+    job = _found(await store.get(job_id, _owner(request)), job_id)
     jsonl = format == "jsonl" or (format is None and JSONL in request.headers.get("accept", ""))
     lines = store.result_lines(job)
     first = await anext(lines, None)  # Redis failing here is still a 503, not a cut-off 200
@@ -154,6 +158,6 @@ async def get_job_results(
     responses=error_responses(400, 401, 403, 404, 429, 501, 503),
     summary="Cancel a job",
 )
-async def cancel_job(job_id: JobId, store: StoreDep) -> Job:
+async def cancel_job(job_id: JobId, store: StoreDep, request: Request) -> Job:
     """Items not yet started are skipped; results already stored are kept."""
-    return _found(await store.cancel(job_id), job_id)
+    return _found(await store.cancel(job_id, _owner(request)), job_id)

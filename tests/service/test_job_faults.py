@@ -277,8 +277,8 @@ def test_redis_outage_degrades_jobs_only_and_heals(make_server, make_redis, red_
         assert client.post("/v1/rewards", json=item).status_code == 200  # the cache is skipped, not an error
         for response in (
             client.post("/v1/jobs", json={"kind": "rewards", "items": [item]}),
-            client.get("/v1/jobs/job-0000"),
-            client.get("/v1/jobs/job-0000/results", params={"format": "jsonl"}),
+            client.get(f"/v1/jobs/job-{'0' * 32}"),
+            client.get(f"/v1/jobs/job-{'0' * 32}/results", params={"format": "jsonl"}),
         ):
             assert response.status_code == 503, response.text
             assert int(response.headers["retry-after"]) >= 1 and response.json()["error"]["code"] == "redis_unavailable"

@@ -4,6 +4,7 @@ an Idempotency-Key whose first submission died, a Redis that refuses writes, and
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,7 +24,8 @@ OK = {"status": "succeeded", "result": {"rewards": [0.0]}}
 async def store(redis_url: str) -> AsyncIterator[JobStore]:
     from rlaifv.service.redis_conn import connect
 
-    settings = Settings(bundle="unused", redis_url=redis_url, jobs_stream="rlaifv:jobs:store-test", jobs_ttl_s=3600)
+    stream = f"rlaifv:jobs:store-test-{uuid.uuid4().hex}"  # each test's own: no test reads another's items
+    settings = Settings(bundle="unused", redis_url=redis_url, jobs_stream=stream, jobs_ttl_s=3600)
     redis = connect(settings)
     yield JobStore(redis, settings)
     await redis.aclose()
@@ -43,9 +45,37 @@ async def test_a_result_for_a_job_that_is_gone_writes_nothing(store: JobStore) -
 
 
 async def test_a_fragment_of_a_job_hash_reads_as_no_job(store: JobStore) -> None:
-    await store.redis.hset(PREFIX + "job-fragment", mapping={"completed": 16, "updated": 1})
-    assert await store.get("job-fragment") is None
-    assert await store.cancel("job-fragment") is None
+    fragment = "job-" + "0" * 32
+    await store.redis.hset(PREFIX + fragment, mapping={"completed": 16, "updated": 1})
+    assert await store.get(fragment) is None
+    assert await store.cancel(fragment) is None
+
+
+async def test_only_job_ids_name_jobs(store: JobStore) -> None:
+    """An Idempotency-Key's record shares the prefix: an id naming it reads as no job (it was a Redis WRONGTYPE
+    error, a 500, and told whether the key had been used)."""
+    job = await store.create(request(), idempotency_key="k-1")
+    for other in ("idem:-:k-1", "idem:-:k-2", job.id + ":results", job.id.upper(), "job-1"):
+        assert await store.get(other) is None, other
+        assert await store.cancel(other) is None, other
+    assert await store.get(job.id) is not None
+
+
+async def test_a_job_is_only_its_owners(store: JobStore) -> None:
+    """With API keys, a job is read and cancelled only with the key that submitted it; to any other it does not
+    exist (the same answer as for no job, so ids cannot be probed)."""
+    job = await store.create(request(), owner="key-a")
+    for stranger in ("key-b", None):
+        assert await store.get(job.id, stranger) is None
+        assert await store.cancel(job.id, stranger) is None
+    mine = await store.get(job.id, "key-a")
+    assert mine is not None and mine.status == "queued"
+    cancelled = await store.cancel(job.id, "key-a")
+    assert cancelled is not None and cancelled.status == "cancelled"
+    anonymous = await store.create(request())
+    assert await store.get(anonymous.id) is not None and await store.get(anonymous.id, "key-a") is None
+    again = await store.create(request(), owner="key-b", idempotency_key="k-owned")
+    assert (await store.create(request(), owner="key-b", idempotency_key="k-owned")).id == again.id
 
 
 async def test_a_finished_job_drops_its_items_and_its_results_expire_with_it(store: JobStore) -> None:
@@ -85,7 +115,7 @@ async def test_an_idempotency_key_whose_submission_died_is_free_again_once_its_c
     assert pending.value.status == 503 and 1 <= int(pending.value.headers["Retry-After"]) <= CLAIM_PENDING_S
     await store.redis.delete(claim)  # what the claim's expiry does
     retried = await store.create(request(), idempotency_key="k-died", owner="o")
-    assert retried.id != first.id and await store.get(retried.id) is not None
+    assert retried.id != first.id and await store.get(retried.id, "o") is not None
 
 
 async def test_a_redis_that_refuses_writes_is_a_503_not_a_500(store: JobStore) -> None:
@@ -176,11 +206,11 @@ async def test_a_lost_reply_after_the_job_was_created_keeps_its_idempotency_key(
 
     real_get, calls = store._get, []
 
-    async def flaky_get(job_id: str):
+    async def flaky_get(job_id: str, owner: str | None = None):
         calls.append(job_id)
         if len(calls) == 1:
             raise RedisTimeoutError("reply lost")
-        return await real_get(job_id)
+        return await real_get(job_id, owner)
 
     monkeypatch.setattr(store, "_get", flaky_get)
     before = await store.redis.xlen(store.stream)

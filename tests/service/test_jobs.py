@@ -177,3 +177,21 @@ def test_a_cache_entry_an_older_version_wrote_is_a_miss(make_server, redis_url, 
     assert again.status_code == 200, again.text
     assert again.json()["cached"] is False and again.json()["rewards"] == first["rewards"]
     assert httpx.post(server.url + "/v1/rewards", json=body, timeout=60).json()["cached"] is True
+
+
+def test_a_job_is_seen_only_with_the_key_that_submitted_it(make_server, redis_url, red_url) -> None:
+    alice, bob = "sk-alice-0123456789abcdef", "sk-bob-0123456789abcdef00"
+    server = make_server(redis_url=redis_url, api_keys=[alice, bob], jobs_workers=0, jobs_stream="rlaifv:jobs:owners")
+    items = [{"images": [red_url], "question": QUESTION, "answers": ["a red circle."]}]
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        as_alice, as_bob = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+        job = client.post("/v1/jobs", json={"kind": "rewards", "items": items}, headers=as_alice).json()
+        path = f"/v1/jobs/{job['id']}"
+        for method, url in (("GET", path), ("GET", path + "/results"), ("DELETE", path)):
+            r = client.request(method, url, headers=as_bob)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found", (method, url, r.text)
+        assert client.get(path, headers=as_alice).json()["status"] == "queued"  # bob's DELETE did nothing
+        assert client.delete(path, headers=as_alice).json()["status"] == "cancelled"
+        client.post("/v1/jobs", json={"kind": "rewards", "items": items}, headers=as_alice | {"Idempotency-Key": "k1"})
+        r = client.get("/v1/jobs/idem:" + "x" * 20 + ":k1", headers=as_alice)  # an id of another shape
+        assert r.status_code == 404, r.text
