@@ -284,6 +284,9 @@ async def _invalid_input_handler(request: Request, exc: InvalidInputError) -> JS
     return error_response(400, "invalid_request_error", _sanitise(exc.message), exc.param, invalid_input_code(exc))
 
 
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
 async def _http_exception_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     kinds = {
         404: ("not_found_error", "not_found"),
@@ -293,9 +296,12 @@ async def _http_exception_handler(request: Request, exc: StarletteHTTPException)
     type_, code = kinds.get(
         exc.status_code, ("invalid_request_error" if exc.status_code < 500 else "internal_error", None)
     )
-    return error_response(
-        exc.status_code, type_, _sanitise(str(exc.detail)), None, code, headers=getattr(exc, "headers", None)
-    )
+    message = str(exc.detail)
+    if exc.status_code == 400 and message == FASTAPI_BODY_ERROR and exc.__cause__ is not None:
+        # JSON that is not UTF-8, a compressed body, an integer past Python's digit limit: FastAPI's parse
+        # failures other than a JSONDecodeError, raised from the cause
+        code, message = "invalid_json", f"request body is not valid JSON (UTF-8 text): {exc.__cause__}"[:300]
+    return error_response(exc.status_code, type_, _sanitise(message), None, code, headers=getattr(exc, "headers", None))
 
 
 def log_unhandled(exc: BaseException) -> None:

@@ -14,6 +14,7 @@ import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from rlaifv.reward.results import ClaimCheck
 from rlaifv.reward.sampling import SamplingParams
@@ -31,28 +32,46 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _TOKEN_ID = re.compile(r"[0-9]+")
 
 
-def _surrogate_in(value: Any) -> bool:
-    """Whether text anywhere in `value` holds a lone UTF-16 surrogate (JSON allows the escape; UTF-8 cannot carry
-    it, so the tokenizer and every JSON response would fail on it)."""
-    if isinstance(value, str):
-        return not value.isascii() and _LONE_SURROGATE.search(value) is not None
-    if isinstance(value, list | tuple):
-        return any(_surrogate_in(v) for v in value)
-    if isinstance(value, dict):
-        return any(_surrogate_in(k) or _surrogate_in(v) for k, v in value.items())
-    return False
+def surrogate_path(value: Any) -> tuple[int | str, ...] | None:
+    """Where text in `value` first holds a lone UTF-16 surrogate (JSON allows the escape; UTF-8 cannot carry it,
+    so the tokenizer and every JSON response would fail on it): the list indices and keys down to it (to the
+    object, for a bad key), or None. Iterative: a client's free-form field may nest thousands of levels."""
+    stack: list[tuple[tuple[int | str, ...], Any]] = [((), value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _LONE_SURROGATE.search(item) is not None:
+                return path
+        elif isinstance(item, list | tuple):
+            stack.extend(((*path, i), v) for i, v in reversed(list(enumerate(item))))
+        elif isinstance(item, dict):
+            children: list[tuple[tuple[int | str, ...], Any]] = []
+            for key, v in item.items():
+                if isinstance(key, str) and not key.isascii() and _LONE_SURROGATE.search(key) is not None:
+                    return path
+                children.append(((*path, key), v))
+            stack.extend(reversed(children))
+    return None
 
 
 class ValidText(BaseModel):
-    """Every text field is valid Unicode: a lone surrogate is a 400 naming the field, before any work."""
+    """Every text field is valid Unicode: a lone surrogate is a 400 naming the field (down to the list item or
+    key: the error's `path`), before any work."""
 
     _unchecked: ClassVar[frozenset[str]] = frozenset()
 
     @field_validator("*", mode="after")
     @classmethod
     def _no_lone_surrogates(cls, value: Any, info: ValidationInfo) -> Any:
-        if info.field_name not in cls._unchecked and _surrogate_in(value):
-            raise ValueError("text must be valid Unicode, without lone UTF-16 surrogates (\\ud800-\\udfff)")
+        if info.field_name in cls._unchecked:
+            return value
+        path = surrogate_path(value)
+        if path is not None:
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "text must be valid Unicode, without lone UTF-16 surrogates (\\ud800-\\udfff)",
+                {"path": list(path)},
+            )
         return value
 
 

@@ -93,6 +93,9 @@ def field_problems(
         if err.get("type") == "json_invalid":
             found.append(((), None, err))
             continue
+        ctx = err.get("ctx")
+        if isinstance(ctx, Mapping) and isinstance(ctx.get("path"), list):  # a validator's path inside its field
+            loc += tuple(ctx["path"])
         path, union = _walk(loc, source, keep_last=err.get("type") == "missing", tags=tags)
         found.append((path, union, err))
     problems = _merge_unions(found, prefix)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import functools
+import gzip
 import io
 import json
 import struct
@@ -67,6 +69,9 @@ def chat(**fields: Any) -> dict[str, Any]:
 # (id, path, json body or raw bytes, expected status, expected param (None: no field), expected code)
 CASES: list[tuple[str, str, Any, int, str | None, str]] = [
     ("non-json", "/v1/best-of-n", b"{this is not json", 400, None, "invalid_json"),
+    ("latin-1-json", "/v1/best-of-n", '{"question": "caf\u00e9"}'.encode("latin-1"), 400, None, "invalid_json"),
+    ("gzip-body", "/v1/rewards", gzip.compress(b'{"question": "q"}'), 400, None, "invalid_json"),
+    ("integer-past-the-digit-limit", "/v1/best-of-n", b'{"n": ' + b"9" * 5000 + b"}", 400, None, "invalid_json"),
     ("json-not-object", "/v1/best-of-n", b"[1, 2, 3]", 400, None, "invalid_value"),
     ("unknown-field", "/v1/best-of-n", bon(bogus=1), 400, "bogus", "unknown_field"),
     (
@@ -233,8 +238,16 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
         "/v1/rewards",
         json.dumps(rwd(answers=["ok", "b\udc00"])).encode(),
         400,
-        "answers",
+        "answers[1]",
         "invalid_value",
+    ),
+    (  # a free-form field nested deeper than Python's recursion limit: the surrogate check walked it recursively
+        "deeply-nested-free-form-field",
+        "/v1/chat/completions",
+        json.dumps(chat(prediction=functools.reduce(lambda inner, _: [inner], range(900), []))).encode(),
+        400,
+        "prediction",
+        "unsupported_parameter",
     ),
     (
         "surrogate-model",

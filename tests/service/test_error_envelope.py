@@ -194,7 +194,10 @@ def test_job_labels_with_a_lone_surrogate_are_refused_but_items_are_left_to_thei
     """A job's metadata is echoed by every GET: refused up front. An item is validated as its own request, so
     one bad item is stored as that item's problem and the job's other items still run."""
     assert params({"kind": "rewards", "items": [{"q": 1}], "metadata": {"run": "\ud800"}}, model=JobRequest) == [
-        ("metadata", "invalid_value")
+        ("metadata.run", "invalid_value")
+    ]
+    assert params({"kind": "rewards", "items": [{"q": 1}], "metadata": {"r\ud800": "1"}}, model=JobRequest) == [
+        ("metadata", "invalid_value")  # a bad key: named by the object holding it, never echoed
     ]
     JobRequest.model_validate({"kind": "rewards", "items": [{"question": "\ud800"}]})
 
