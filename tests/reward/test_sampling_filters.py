@@ -49,3 +49,12 @@ def test_filters_keep_the_tokens_transformers_keeps(settings: dict) -> None:
 def test_min_p_is_a_probability() -> None:
     with pytest.raises(ValueError, match="min_p"):
         SamplingParams(min_p=1.5)
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 1e-30, 1e-300, 5e-324])
+def test_the_smallest_top_p_keeps_the_likeliest_token(top_p: float) -> None:
+    """A top_p that rounds to 0 in float32 dropped every token: NaN probabilities and an arbitrary pick."""
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(1)) * 3
+    got = _transform(logits, SamplingParams(top_p=top_p))
+    assert torch.equal(torch.isfinite(got).sum(-1), torch.ones(4, dtype=torch.long))
+    assert torch.equal(got.argmax(-1), logits.argmax(-1))
