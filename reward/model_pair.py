@@ -46,7 +46,7 @@ from rlaifv.reward.prompt import (
 )
 from rlaifv.reward.results import Candidate, ClaimCheck, Ranking, TokenLogprob, TopToken
 from rlaifv.reward.sampling import Sample, SamplingParams, sample_answers
-from rlaifv.reward.scoring import RewardConfig, implicit_reward, select_best
+from rlaifv.reward.scoring import RewardConfig, implicit_reward
 from rlaifv.reward.yes_no import Labeler, YesNoJudge
 
 
@@ -445,7 +445,7 @@ class ModelPair:
         timings = {"generate_s": sampled - start, "score_s": scored - sampled}
         if any(task.reward.mode == "claims" for task in tasks):
             timings["claims_s"] = time.perf_counter() - scored
-        return [_ranking(group, timings) for group in groups]
+        return [Ranking.of(group, timings) for group in groups]
 
     def score_batch(self, tasks: Sequence[ScoreTask]) -> list[Ranking]:
         """Rank given answers for several prompts: one policy pass and one reference pass for all."""
@@ -466,7 +466,7 @@ class ModelPair:
         timings = {"score_s": scored - start}
         if any(task.reward.mode == "claims" for task in tasks):
             timings["claims_s"] = time.perf_counter() - scored
-        return [_ranking(group, timings) for group in groups]
+        return [Ranking.of(group, timings) for group in groups]
 
     def _apply_claims(self, tasks: Sequence[GenerateTask | ScoreTask], groups: list[list[Candidate]]) -> None:
         """Replace the ranking reward by claim verification for tasks in 'claims' mode (one labeler batch)."""
@@ -567,7 +567,3 @@ def _vocab_rows(model: Any) -> int | None:
 
 def _as_list(image: Any) -> list[Any]:
     return list(image) if isinstance(image, list | tuple) else [image]
-
-
-def _ranking(candidates: list[Candidate], timings: dict[str, float]) -> Ranking:
-    return Ranking(candidates=candidates, best_index=select_best([c.reward for c in candidates]), timings=dict(timings))

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from rlaifv.reward.scoring import select_best
+
 
 class ClaimCheck(BaseModel):
     """One claim of an answer as the yes/no labeler judged it ('claims' reward mode); also the wire model."""
@@ -55,6 +57,22 @@ class Ranking(BaseModel):
     best_index: int
     timings: dict[str, float] = Field(default_factory=dict)
 
+    @classmethod
+    def of(cls, candidates: list[Candidate], timings: dict[str, float] | None = None) -> Ranking:
+        """The ranking of scored candidates: the highest reward, ties to the lower index.
+
+        An answer sampled or given twice (the same tokens, text and finish) gets its first copy's numbers: the
+        same tokens scored in two rows of a batch differ by float noise (~1e-8), which decided between equal
+        answers against the lower-index rule, and showed one answer with two rewards."""
+        first: dict[tuple[tuple[int, ...], str, str], Candidate] = {}
+        same: list[Candidate] = []
+        for candidate in candidates:
+            key = (tuple(candidate.token_ids), candidate.text, candidate.finish_reason)
+            original = first.setdefault(key, candidate)
+            same.append(candidate if original is candidate else _scored_as(candidate, original))
+        best = select_best([c.reward for c in same])
+        return cls(candidates=same, best_index=best, timings=dict(timings or {}))
+
     @property
     def best(self) -> Candidate:
         return self.candidates[self.best_index]
@@ -62,3 +80,9 @@ class Ranking(BaseModel):
     @property
     def rewards(self) -> list[float]:
         return [c.reward for c in self.candidates]
+
+
+def _scored_as(candidate: Candidate, original: Candidate) -> Candidate:
+    """`candidate` with `original`'s scores (the same answer)."""
+    scores = ("reward", "implicit_reward", "policy_logprob", "reference_logprob", "token_logprobs", "claims")
+    return candidate.model_copy(update={name: getattr(original, name) for name in scores})

@@ -48,6 +48,7 @@ import httpx
 
 from rlaifv.reward.errors import ContextLengthError, InvalidInputError
 from rlaifv.reward.prompt import continuation_context, decoded_after, token_text
+from rlaifv.reward.results import Ranking
 from rlaifv.reward.token_bytes import TokenBytes
 from rlaifv.service.engines import vllm_payload
 from rlaifv.service.engines.base import EngineResult, GenerateRequest, Request, ScoreRequest
@@ -56,7 +57,7 @@ from rlaifv.service.errors import BadGateway, BadRequest, EngineUnavailable, Ser
 if TYPE_CHECKING:
     from rlaifv.reward.claims import AnswerVerdict
     from rlaifv.reward.prompt import EncodedPrompt
-    from rlaifv.reward.results import Candidate, Ranking, TokenLogprob
+    from rlaifv.reward.results import Candidate, TokenLogprob
     from rlaifv.reward.scoring import RewardConfig
     from rlaifv.service.metrics import Metrics
     from rlaifv.service.settings import Settings
@@ -691,7 +692,7 @@ class VllmEngine:
         ]
         timings = {"score_s": scored - start}
         _apply_verdicts(candidates, verdicts, timings, judged - scored)
-        return _ranking(candidates, timings)
+        return Ranking.of(candidates, timings)
 
     def _sampling_params(self, request: GenerateRequest) -> dict[str, Any]:
         """vLLM `SamplingParams` fields for the request (the token-in API takes them as is)."""
@@ -806,7 +807,7 @@ class VllmEngine:
         candidates = await self._cpu(candidates_of)
         timings = {"generate_s": sampled - start, "score_s": scored - sampled}
         _apply_verdicts(candidates, verdicts, timings, judged - scored)
-        return _ranking(candidates, timings)
+        return Ranking.of(candidates, timings)
 
     # -- the 'claims' reward ----------------------------------------------------------
 
@@ -970,13 +971,6 @@ def _candidate(
         finish_reason=reason,
         token_ids=list(ids),
     )
-
-
-def _ranking(candidates: list[Candidate], timings: dict[str, float]) -> Ranking:
-    from rlaifv.reward.results import Ranking
-    from rlaifv.reward.scoring import select_best
-
-    return Ranking(candidates=candidates, best_index=select_best([c.reward for c in candidates]), timings=timings)
 
 
 def load_vllm_engine(bundle: str, settings: Settings, metrics: Metrics | None = None) -> tuple[VllmEngine, float]:

@@ -48,3 +48,29 @@ def test_zero_tokens_is_an_error():
         implicit_reward(0.0, 0.0, 0, RewardConfig())
     with pytest.raises(ValueError):
         select_best([])
+
+
+def test_the_same_answer_twice_gets_one_score_and_the_lower_index_wins():
+    """The same tokens scored in two rows of a batch differ by float noise; a later copy won on noise."""
+    from rlaifv.reward.results import Candidate, Ranking
+
+    def candidate(text, reward, ids, finish="stop"):
+        return Candidate(
+            text=text, reward=reward, implicit_reward=reward, policy_logprob=-1.0 + reward,
+            reference_logprob=-1.0, num_tokens=3, finish_reason=finish, token_ids=ids,
+        )  # fmt: skip
+
+    ranking = Ranking.of(
+        [
+            candidate("a red circle.", 0.5, [4, 5, 6]),
+            candidate("a dog.", 0.2, [7, 8]),
+            candidate("a red circle.", 0.5 + 1e-8, [4, 5, 6]),  # the same answer, noise above the first
+            candidate("a red circle.", 0.9, [4, 5, 6], finish="length"),  # the same text cut by the limit: another
+        ],
+        {"score_s": 1.0},
+    )
+    assert ranking.rewards == [0.5, 0.2, 0.5, 0.9] and ranking.best_index == 3
+    assert ranking.candidates[2].policy_logprob == ranking.candidates[0].policy_logprob
+    assert ranking.candidates[2].finish_reason == "stop" and ranking.timings == {"score_s": 1.0}
+    tie = Ranking.of([candidate("x", 0.1, [1]), candidate("x", 0.1 + 1e-9, [1])])
+    assert tie.best_index == 0 and tie.rewards == [0.1, 0.1]
