@@ -352,7 +352,8 @@ class PromptFields(Strict):
                 raise BadRequest(f"question is over {settings.max_question_chars} characters", param="question")
             images = [(ref, f"images[{i}]") for i, ref in enumerate(self.images)]
         if len(images) > settings.max_images:
-            raise BadRequest(f"at most {settings.max_images} images per request, got {len(images)}", param="images")
+            where = "messages" if self.messages is not None else "images"
+            raise BadRequest(f"at most {settings.max_images} images per request, got {len(images)}", param=where)
         return question, messages, images
 
 

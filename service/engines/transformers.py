@@ -102,9 +102,13 @@ class TransformersEngine:
                 else:
                     context = continuation_context(prompt.input_ids, request.continue_final)
                     answers = self.pair.encode_answers(request.answers, max_tokens=request.max_tokens, context=context)
-                    if limit is not None and len(prompt) + max(len(a) for a in answers) > limit:
+                    over = [k for k, a in enumerate(answers) if limit is not None and len(prompt) + len(a) > limit]
+                    if over:
+                        k = over[0]
                         raise ContextLengthError(
-                            f"prompt + answer exceed the model's {limit} positions", param="answers"
+                            f"prompt ({len(prompt)} tokens) + answer ({len(answers[k])} tokens) exceed the model's"
+                            f" {limit} positions",
+                            param=f"answers[{k}]",
                         )
                     tasks.append(
                         ScoreTask(prompt, answers, list(request.answers), request.reward, images=request.images)

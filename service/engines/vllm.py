@@ -678,7 +678,8 @@ class VllmEngine:
             )
 
         answers = await self._cpu(encode)
-        self._check_length(prompt, max(len(a) for a in answers), "answers")
+        for k, answer in enumerate(answers):
+            self._check_length(prompt, len(answer), f"answers[{k}]")
         start = time.perf_counter()
         ((policy, reference), scored), (verdicts, judged) = await asyncio.gather(
             _finished(

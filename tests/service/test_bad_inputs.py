@@ -166,6 +166,17 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
     ("file-url", "/v1/best-of-n", bon(images=["file:///etc/passwd"]), 400, "images[0]", "invalid_image"),
     ("too-many-images", "/v1/best-of-n", bon(images=[OK_IMAGE] * 3), 400, "images", "invalid_value"),
     (
+        "too-many-images-in-messages",
+        "/v1/rewards",
+        {
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": OK_IMAGE}}] * 3}],
+            "answers": ["a red circle."],
+        },
+        400,
+        "messages",
+        "invalid_value",
+    ),
+    (
         "reward-mode-unknown",
         "/v1/best-of-n",
         bon(reward={"mode": "majority-vote"}),
@@ -427,3 +438,16 @@ def test_a_bad_request_among_concurrent_good_ones_fails_alone(live_server) -> No
     with ThreadPoolExecutor(len(bodies)) as pool:
         statuses = list(pool.map(post, bodies))
     assert statuses == [200, 200, 400, 200, 200, 200]
+
+
+def test_the_answer_that_overflows_the_context_is_named(client: httpx.Client, in_process_pair) -> None:
+    """Prompt + one answer over the model's positions: the 400 names that answer, not the list."""
+    limit = in_process_pair.max_positions
+    overhead = len(in_process_pair.encode([], "red").input_ids) - 1  # the template's tokens around a word
+    question = "red " * (limit - overhead - 6)  # leaves 6 positions: "ok" + end of turn fits, 12 words do not
+    body = rwd(images=[], question=question, answers=["ok", "red " * 12, "ok"])
+    r = client.post("/v1/rewards", json=body)
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("answers[1]", "context_length_exceeded")
+    ok = client.post("/v1/rewards", json=rwd(images=[], question=question, answers=["ok"]))
+    assert ok.status_code == 200, ok.text
