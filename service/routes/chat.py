@@ -34,10 +34,11 @@ async def chat_completions(
     if not body.stream:
         return completion
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    leave_out = None if include_usage else {"usage"}  # OpenAI: no `usage` key at all unless it was asked for
 
     async def events() -> AsyncIterator[str]:
         for chunk in chat_chunks(completion, include_usage=include_usage):
-            yield f"data: {chunk.model_dump_json()}\n\n"
+            yield f"data: {chunk.model_dump_json(exclude=leave_out)}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -13,8 +13,9 @@ from rlaifv.service.protocol import Health
 router = APIRouter(tags=["operations"])
 
 
-@router.get(
+@router.api_route(  # HEAD too: load balancers and uptime checkers probe with it
     "/healthz",
+    methods=["GET", "HEAD"],
     response_model=Health,
     responses={503: {"model": Health, "description": "Stuck: restart me (checks say what stopped)."}},
     summary="Liveness: the process answers and its work moves",
@@ -34,8 +35,9 @@ async def healthz(request: Request) -> Response:
     return JSONResponse(Health(status="ok").model_dump())
 
 
-@router.get(
+@router.api_route(
     "/readyz",
+    methods=["GET", "HEAD"],
     response_model=Health,
     responses={
         503: {

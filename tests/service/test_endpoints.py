@@ -128,6 +128,9 @@ def test_models_health_ready_metrics(client: httpx.Client, red_url: str) -> None
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["checks"]["model"] == "ok"
+    for probe in ("/healthz", "/readyz"):  # HEAD, as load balancers probe: the status, no body
+        head = client.head(probe)
+        assert head.status_code == 200 and head.content == b"", probe
     client.post("/v1/best-of-n", json={"images": [red_url], "question": QUESTION, "n": 2})
     text = client.get("/metrics").text
     for name in (
