@@ -76,7 +76,9 @@ class ValidText(BaseModel):
 
 
 class Strict(ValidText):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON's NaN/Infinity: "a finite number"
+    # JSON types as sent: "n": "3", true or 2.0 is a 400, not n=3 or n=1 (OpenAI refuses them; lax coercion hid a
+    # client's bug). JSON's NaN/Infinity: "a finite number".
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 MIN_TEMPERATURE = 0.01

@@ -13,9 +13,9 @@ from rlaifv.service.protocol import Health
 router = APIRouter(tags=["operations"])
 
 
-@router.api_route(  # HEAD too: load balancers and uptime checkers probe with it
+@router.head("/healthz", include_in_schema=False)  # load balancers and uptime checkers probe with HEAD
+@router.get(
     "/healthz",
-    methods=["GET", "HEAD"],
     response_model=Health,
     responses={503: {"model": Health, "description": "Stuck: restart me (checks say what stopped)."}},
     summary="Liveness: the process answers and its work moves",
@@ -35,9 +35,9 @@ async def healthz(request: Request) -> Response:
     return JSONResponse(Health(status="ok").model_dump())
 
 
-@router.api_route(
+@router.head("/readyz", include_in_schema=False)
+@router.get(
     "/readyz",
-    methods=["GET", "HEAD"],
     response_model=Health,
     responses={
         503: {

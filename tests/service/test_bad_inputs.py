@@ -165,6 +165,20 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
     ),
     ("file-url", "/v1/best-of-n", bon(images=["file:///etc/passwd"]), 400, "images[0]", "invalid_image"),
     ("too-many-images", "/v1/best-of-n", bon(images=[OK_IMAGE] * 3), 400, "images", "invalid_value"),
+    # JSON types as sent, as OpenAI checks them: no "3" -> 3, true -> 1, 2.0 -> 2
+    ("n-as-a-string", "/v1/best-of-n", bon(n="2"), 400, "n", "invalid_value"),
+    ("n-as-a-boolean", "/v1/best-of-n", bon(n=True), 400, "n", "invalid_value"),
+    ("n-as-a-float", "/v1/best-of-n", bon(n=2.0), 400, "n", "invalid_value"),
+    (
+        "temperature-as-a-boolean",
+        "/v1/best-of-n",
+        bon(sampling={"temperature": True}),
+        400,
+        "sampling.temperature",
+        "invalid_value",
+    ),
+    ("stream-as-a-string", "/v1/chat/completions", chat(stream="false"), 400, "stream", "invalid_value"),
+    ("max-tokens-as-a-string", "/v1/chat/completions", chat(max_tokens="8"), 400, "max_tokens", "invalid_value"),
     (
         "too-many-images-in-messages",
         "/v1/rewards",
