@@ -125,12 +125,16 @@ def to_rgb(image: Any) -> Any:
     if image.mode.startswith("I;16") or image.mode == "I":
         import numpy as np
 
-        values = np.asarray(image, dtype=np.int64)
+        values = np.asarray(image)  # uint16 or int32, as stored: a 4096 x 4096 image in int64 took 384 MB to scale
         shift = 8 if image.mode.startswith("I;16") or int(values.max(initial=0)) <= 0xFFFF else 24
-        grey = Image.fromarray(np.clip(values >> shift, 0, 255).astype(np.uint8))  # 2-D uint8: mode L
+        scaled = values >> shift
+        np.clip(scaled, 0, 255, out=scaled)
+        grey = Image.fromarray(scaled.astype(np.uint8))  # 2-D uint8: mode L
+        del scaled
         clear = image.info.get("transparency")  # a PNG's tRNS grey value, in the image's own 16 bits
         if isinstance(clear, int):
-            grey.putalpha(Image.fromarray(np.where(values == clear, 0, 255).astype(np.uint8)))  # mode LA
+            opaque = np.where(values == clear, np.uint8(0), np.uint8(255))
+            grey.putalpha(Image.fromarray(opaque))  # mode LA
         image = grey
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")

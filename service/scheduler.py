@@ -1,7 +1,10 @@
 """The asyncio scheduler between HTTP handlers and the engine's model thread.
 
 - Bounded queue: when `max_queue` requests already wait, `submit` raises
-  `Overloaded` (HTTP 429 with Retry-After) at once instead of queueing.
+  `Overloaded` (HTTP 429 with Retry-After) at once instead of queueing; so it
+  does when the decoded images of the waiting and running requests would pass
+  `max_queued_pixels` (a few 4096x4096 images in each of 64 small requests
+  held gigabytes), unless nothing else holds any.
 - Micro-batching: the first waiting request opens a batch; requests of the same
   kind join it (up to `max_batch`) while each arrives within `batch_window_s`
   of the previous one, for at most `batch_max_wait_s` in all; the batch shares
@@ -64,9 +67,12 @@ class Scheduler:
         batch_window_s: float,
         retry_after_s: int,
         batch_max_wait_s: float | None = None,
+        max_queued_pixels: int = 0,
         metrics: Metrics,
     ) -> None:
         self.engine = engine
+        self.max_queued_pixels = max_queued_pixels
+        self.pixels_held = 0
         self.max_batch = max_batch
         self.batch_window_s = batch_window_s
         self.batch_max_wait_s = max(batch_window_s, batch_window_s if batch_max_wait_s is None else batch_max_wait_s)
@@ -124,6 +130,15 @@ class Scheduler:
             raise Unavailable(
                 "server is shutting down", code="shutting_down", headers={"Retry-After": str(self.retry_after_s)}
             )
+        pixels = sum(image.width * image.height for image in request.images)
+        if self.max_queued_pixels and self.pixels_held and self.pixels_held + pixels > self.max_queued_pixels:
+            self.metrics.rejected.labels(reason="queue_full").inc()
+            raise Overloaded(
+                f"server busy: the waiting requests hold {self.pixels_held / 1e6:.0f} M image pixels, and this one"
+                f" {pixels / 1e6:.1f} M more (limit {self.max_queued_pixels / 1e6:.0f} M)",
+                code="queue_full",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
         loop = asyncio.get_running_loop()
         item = _Item(request, _now() + timeout_s, loop.create_future())
         try:
@@ -135,6 +150,7 @@ class Scheduler:
                 code="queue_full",
                 headers={"Retry-After": str(self.retry_after_s)},
             ) from None
+        self.pixels_held += pixels
         self.metrics.queue_depth.set(self.depth)
         watcher = asyncio.create_task(disconnected()) if disconnected is not None else None
         try:
@@ -151,6 +167,7 @@ class Scheduler:
             self.metrics.rejected.labels(reason="deadline").inc()
             raise DeadlineExceeded(f"request not served within {timeout_s:g} s", code="deadline_exceeded")
         finally:
+            self.pixels_held -= pixels
             if not item.future.done():
                 item.future.cancel()  # the batcher skips cancelled items
             if watcher is not None:

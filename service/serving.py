@@ -186,6 +186,7 @@ class Serving:
         scheduler = Scheduler(
             engine,
             max_queue=settings.max_queue,
+            max_queued_pixels=settings.max_queued_image_pixels,
             max_batch=settings.max_batch,
             batch_window_s=settings.batch_window_ms / 1000.0,
             batch_max_wait_s=settings.batch_max_wait_ms / 1000.0,

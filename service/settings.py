@@ -159,6 +159,12 @@ class Settings(BaseSettings):
 
     # -- scheduler --------------------------------------------------------------
     max_queue: int = Field(64, ge=1, description="Requests waiting for the model before 429s are returned.")
+    max_queued_image_pixels: int = Field(
+        256_000_000,
+        ge=0,
+        description="Decoded image pixels (3 bytes each) the waiting and running requests may hold together; past it "
+        "a request with images is a 429 (one request is always let in). 0: no limit.",
+    )
     max_batch: int = Field(16, ge=1, description="Most requests sharing one forward pass; 1 disables micro-batching.")
     batch_window_ms: float = Field(
         5.0, ge=0, description="A forming batch waits this long after each arrival for the next request."

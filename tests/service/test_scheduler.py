@@ -224,6 +224,33 @@ async def test_queue_bound_raises_overloaded_at_once() -> None:
     first.cancel()
 
 
+async def test_the_images_waiting_requests_hold_are_bounded() -> None:
+    """Decoded images are held from arrival to answer: past the pixel budget a request with images is a 429,
+    one without is not, and the budget frees as requests finish; a lone request over it is still let in."""
+    from PIL import Image
+
+    def with_images(label: str, side: int, count: int = 1) -> ScoreRequest:
+        return ScoreRequest([Image.new("RGB", (side, side))] * count, "q", None, [label], RewardConfig(), 16)
+
+    engine = FakeEngine(batch_s=1.0)
+    sched = make(engine, max_queued_pixels=3 * 100 * 100, max_batch=1)
+    sched.start()
+    alone = await sched.submit(with_images("huge", 200), timeout_s=30)  # 4x the budget, but nothing else held
+    assert alone.result.ranking.best.text == "huge" and sched.pixels_held == 0
+    held = [asyncio.create_task(sched.submit(with_images(f"r{i}", 100), timeout_s=30)) for i in range(3)]
+    await asyncio.sleep(0)
+    assert sched.pixels_held == 3 * 100 * 100
+    with pytest.raises(Overloaded, match="image pixels") as info:
+        await sched.submit(with_images("one more", 10), timeout_s=30)
+    assert info.value.headers["Retry-After"] == "1"
+    text_only = await sched.submit(score("no images"), timeout_s=30)  # waits its turn behind the three
+    assert text_only.result.ranking.best.text == "no images"
+    await asyncio.gather(*held)
+    assert sched.pixels_held == 0
+    assert (await sched.submit(with_images("after", 100), timeout_s=30)).result.ranking.best.text == "after"
+    await sched.close(0)
+
+
 async def test_deadline_passes_while_queued_and_the_request_never_runs() -> None:
     engine = FakeEngine()
     sched = make(engine)  # not started
