@@ -62,6 +62,19 @@ def _import_object(spec: str, option: str, what: str) -> Any:
         raise ConfigError(f"cannot import {what} {spec!r}: {exc}") from None
 
 
+def _output_outside(data: Path, output: Path, option: str) -> None:
+    """The run's output folder must not be inside its data folder: its parquet files (the reference cache, pairs)
+    would be read as more data on the rerun that resumes it, doubling the rows and missing every cache."""
+    from rlaifv.trainer.errors import ConfigError
+
+    if data.is_dir() and output.resolve().is_relative_to(data.resolve()):
+        where = f"{option} {data}" if option else str(data)
+        raise ConfigError(
+            f"--output {output} is inside the data folder {where}: the run's own parquet files would be read as"
+            " data when it is rerun; put the output elsewhere"
+        )
+
+
 def _load_source(spec: str) -> Any:
     """`package.module:factory` -> factory() (a PromptSource, e.g. the shapes world's generator)."""
     factory: Callable[[], Any] = _import_object(spec, "--source", "prompt source")
@@ -101,10 +114,10 @@ def dpo_command(
     """DPO on a preference dataset, then export a bundle the service loads."""
     with _clean_errors():
         from rlaifv.trainer.data import data_files, describe_files, read_preferences
-        from rlaifv.trainer.dpo import train_dpo
+        from rlaifv.trainer.dpo import require_model_folder, train_dpo
         from rlaifv.trainer.dpo_config import DPOConfig
         from rlaifv.trainer.export import export_bundle
-        from rlaifv.trainer.iterate_config import _build, apply_overrides
+        from rlaifv.trainer.iterate_config import apply_overrides, build_config
 
         settings = {
             "beta": beta,
@@ -119,7 +132,11 @@ def dpo_command(
             "cpu": cpu,
         }
         overrides = [s.removeprefix("dpo.") for s in set_ or []]
-        config: DPOConfig = _build(DPOConfig, apply_overrides(settings, overrides), "dpo")
+        config: DPOConfig = build_config(DPOConfig, apply_overrides(settings, overrides), "dpo")
+        _output_outside(data, output, "")
+        require_model_folder(model, "--model")  # before reading the data, which may take minutes
+        if reference is not None:
+            require_model_folder(reference, "--reference")
         rows = read_preferences(data, limit=limit, progress=progress)
         typer.echo(f"{len(rows)} preference rows from {data}")
         result = train_dpo(
@@ -130,7 +147,8 @@ def dpo_command(
         provenance = {
             "trainer": "rlaifv train dpo",
             "data": describe_files(data_files(data)),
-            "rows_used": len(rows),
+            "rows_read": len(rows),
+            "pairs_trained": result.num_pairs,
             "settings": config.to_dict() | {"effective_learning_rate": config.lr},
             "metrics": result.metrics,
             "initial_model": str(model.resolve()),
@@ -201,6 +219,7 @@ def iterate_command(
         settings = IterateConfig.from_dict(apply_overrides(data, set_ or []))
         hook = _import_object(eval_hook, "--eval", "eval hook") if eval_hook is not None else None
         if prompts is not None:
+            _output_outside(prompts, output, "--prompts")
             prompt_source = ListPromptSource.from_path(prompts, progress=progress)
         else:
             prompt_source = _load_source(source)  # type: ignore[arg-type]
@@ -258,7 +277,7 @@ def feedback(
             write_feedback,
         )
         from rlaifv.trainer.feedback_config import FeedbackConfig
-        from rlaifv.trainer.iterate_config import _build, apply_overrides
+        from rlaifv.trainer.iterate_config import apply_overrides, build_config
         from rlaifv.trainer.preference_pairs import PairConfig, build_pairs
 
         base = {
@@ -273,8 +292,9 @@ def feedback(
             raise ConfigError(
                 f"--set {stray}...: feedback takes feedback.* and pairs.* settings (e.g. --set feedback.{stray}=...)"
             )
-        config: FeedbackConfig = _build(FeedbackConfig, data["feedback"], "feedback")
-        pair_config: PairConfig = _build(PairConfig, data["pairs"], "pairs")
+        config: FeedbackConfig = build_config(FeedbackConfig, data["feedback"], "feedback")
+        pair_config: PairConfig = build_config(PairConfig, data["pairs"], "pairs")
+        _output_outside(prompts, output, "")
         items = read_prompts(prompts, limit=limit, progress=progress)
         processor = load_processor(model)
         policy = load_model(model)

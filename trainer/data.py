@@ -37,6 +37,7 @@ import json
 import os
 import random
 import re
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -142,13 +143,28 @@ def data_files(path: str | Path, suffixes: Sequence[str] = (".parquet", ".parq",
     """The data files at `path`: the file itself, or every matching file below a folder, sorted."""
     path = Path(path)
     if path.is_file():
+        if path.suffix.lower() in (".csv", ".tsv", ".arrow"):
+            raise DataError(UNREAD_FORMATS[path.suffix.lower()], source=str(path))
         return [path]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
         if files:
             return files
-        raise DataError(f"no {' or '.join(suffixes)} files in folder", source=str(path))
+        hint = next(
+            (UNREAD_FORMATS[p.suffix.lower()] for p in path.rglob("*") if p.suffix.lower() in UNREAD_FORMATS), ""
+        )
+        raise DataError(
+            f"no {' or '.join(suffixes)} files in folder" + (f" ({hint})" if hint else ""), source=str(path)
+        )
     raise DataError("no such file or folder", source=str(path))
+
+
+UNREAD_FORMATS = {  # what a data file of another format needs, said instead of failing to parse it as JSON lines
+    ".csv": "CSV is not read (it cannot hold the images): write parquet or JSONL, e.g. pandas' to_parquet",
+    ".tsv": "TSV is not read (it cannot hold the images): write parquet or JSONL, e.g. pandas' to_parquet",
+    ".arrow": "a `datasets` save_to_disk folder is not read directly: export it with"
+    " `datasets.load_from_disk(folder).to_parquet('data.parquet')`",
+}
 
 
 def is_parquet(file: Path) -> bool:
@@ -546,6 +562,7 @@ def read_prompts(
     known = _row_count(files)
     items: list[tuple[PromptItem, int]] = []
     seen: set[tuple[int, str]] = set()
+    duplicates = 0
     threads = _workers(workers)
     with ImageSpill() as spill:
         read = _read_rows(files, REQUIRED_PROMPT, _prompt, threads, spill)
@@ -555,12 +572,15 @@ def read_prompts(
                 bar.update()
                 key = (image, item.question)  # identical images have one index
                 if key in seen:
-                    bar.total = _rows_to_read(known, limit, skipped=bar.n - len(items))
+                    duplicates += 1
+                    bar.total = _rows_to_read(known, limit, skipped=duplicates)
                     continue
                 seen.add(key)
                 items.append((item, image))
                 if limit is not None and len(items) >= limit:
                     break
+        if duplicates:
+            warnings.warn(f"{duplicates} rows of {path} repeat an (image, question) pair: kept once", stacklevel=2)
         return _mapped(items, spill, "no prompts", path)
 
 

@@ -45,6 +45,7 @@ one-time cost.)
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import shutil
@@ -151,16 +152,22 @@ def without_markup_rows(rows: Sequence[PreferenceRow], processor: Any) -> tuple[
 
 def encode_pairs(
     rows: Sequence[PreferenceRow], tokenizer: Any, *, eot_id: int, max_answer_tokens: int | None = None
-) -> tuple[list[EncodedPair], int]:
-    """Tokenize answers with `reward.prompt.encode_answer`; pairs over `max_answer_tokens` are dropped (counted)."""
+) -> tuple[list[EncodedPair], dict[str, int]]:
+    """Tokenize answers with `reward.prompt.encode_answer`. Dropped, and counted by reason: pairs with an answer
+    over `max_answer_tokens`, and pairs whose answers are the same tokens (their DPO margin is 0 whatever the
+    weights: no gradient, only a lower reported accuracy)."""
     from rlaifv.reward.prompt import encode_answer
 
-    pairs, dropped = [], 0
+    pairs: list[EncodedPair] = []
+    dropped = {"over_max_answer_tokens": 0, "identical_answers": 0}
     for row in rows:
         chosen = encode_answer(tokenizer, row.chosen, eot_id=eot_id)
         rejected = encode_answer(tokenizer, row.rejected, eot_id=eot_id)
         if max_answer_tokens is not None and max(len(chosen), len(rejected)) > max_answer_tokens:
-            dropped += 1
+            dropped["over_max_answer_tokens"] += 1
+            continue
+        if chosen == rejected:
+            dropped["identical_answers"] += 1
             continue
         pairs.append(EncodedPair(row.id, row.image, row.question, row.chosen, row.rejected, chosen, rejected))
     return pairs, dropped
@@ -336,11 +343,14 @@ def compute_reference_logprobs(
     stop: Callable[[], bool] | None = None,
     keep: Callable[[int], None] | None = None,
     keep_every: int = 64,
+    max_positions: int | None = None,
 ) -> int:
     """Fill `ref_chosen`/`ref_rejected` of `pairs[start:]` (no grad, same function as training and serving).
 
     Returns how many pairs (from the first) have their sums: all of them, unless `stop` said so before a batch.
     `keep(done)` is called every `keep_every` batches, so that a pass of hours can be resumed from its last keep.
+    A pair whose prompt + longer answer is over `max_positions` (the model's, which the service refuses past) is
+    not run: its sums are NaN, and `fitting` leaves it out of training.
     """
     from tqdm.auto import tqdm
 
@@ -350,12 +360,36 @@ def compute_reference_logprobs(
             if stop is not None and stop():
                 return begin
             batch = pairs[begin : begin + batch_size]
-            sums, _, _ = _pair_sums(reference, encode_prompts(processor, batch), batch, pad_id)
-            for pair, (chosen, rejected) in zip(batch, sums.double().tolist(), strict=True):
-                pair.ref_chosen, pair.ref_rejected = chosen, rejected
+            prompts = encode_prompts(processor, batch)
+            fit = [
+                max_positions is None or len(prompt) + max(len(p.chosen_ids), len(p.rejected_ids)) <= max_positions
+                for p, prompt in zip(batch, prompts, strict=True)
+            ]
+            for pair in itertools.compress(batch, [not f for f in fit]):
+                pair.ref_chosen = pair.ref_rejected = math.nan
+            runs = list(itertools.compress(batch, fit))
+            if runs:
+                sums, _, _ = _pair_sums(reference, list(itertools.compress(prompts, fit)), runs, pad_id)
+                for pair, (chosen, rejected) in zip(runs, sums.double().tolist(), strict=True):
+                    pair.ref_chosen, pair.ref_rejected = chosen, rejected
             if keep is not None and (index + 1) % keep_every == 0:
                 keep(begin + len(batch))
     return len(pairs)
+
+
+def fitting(pairs: Sequence[EncodedPair]) -> tuple[list[EncodedPair], list[EncodedPair]]:
+    """(pairs to train on, pairs over the model's positions: NaN reference sums, see `compute_reference_logprobs`)."""
+    long = [p for p in pairs if p.ref_chosen is not None and math.isnan(p.ref_chosen)]
+    if not long:
+        return list(pairs), []
+    return [p for p in pairs if p.ref_chosen is None or not math.isnan(p.ref_chosen)], long
+
+
+def max_positions_of(model: Any) -> int | None:
+    """The positions the model (or its text part) was built for: what the service refuses prompts + answers past."""
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "text_config", config)
+    return getattr(text_config, "max_position_embeddings", None)
 
 
 def write_partial_reference(path: Path, pairs: Sequence[EncodedPair], key: str) -> None:
@@ -568,11 +602,12 @@ def _train_dpo(
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
+    from rlaifv.reward.bundle import check_tokenizers_match
+    from rlaifv.reward.errors import BundleError
     from rlaifv.reward.models import load_model, load_processor, save_processor
     from rlaifv.reward.prompt import end_of_turn_id
 
     started = time.time()
-    reference_path = Path(reference_path) if reference_path is not None else model_path
     init_adapter = Path(init_adapter) if init_adapter is not None else None
     if reference_is_start and (not config.lora or init_adapter is None):
         raise ConfigError("reference_is_start needs lora=True and an init_adapter (the starting policy)")
@@ -581,6 +616,19 @@ def _train_dpo(
             "token_kl needs the reference's whole distribution at every step, which a LoRA run has only for the base:"
             " use the base as reference (train iterate: reference_mode=initial) or token_kl=0"
         )
+    if config.lora and reference_path is not None and Path(reference_path).resolve() != model_path.resolve():
+        raise ConfigError(
+            f"a LoRA run's reference is its base model ({model_path}) with the adapter off; a separate reference"
+            f" ({reference_path}) is for full fine-tuning only"
+        )
+    require_model_folder(model_path, "model")
+    reference_path = Path(reference_path) if reference_path is not None else model_path
+    if reference_path.resolve() != model_path.resolve():  # refused now, not after training as a bundle that won't load
+        require_model_folder(reference_path, "reference")
+        try:
+            check_tokenizers_match(model_path, reference_path)
+        except BundleError as exc:
+            raise ConfigError(str(exc)) from None
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -593,6 +641,7 @@ def _train_dpo(
     processor = load_processor(model_path)
     tokenizer = processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    read = len(rows)
     rows, markup_rows = without_markup_rows(rows, processor)
     if markup_rows and accelerator.is_main_process:
         warnings.warn(
@@ -607,11 +656,17 @@ def _train_dpo(
         eot_id=end_of_turn_id(tokenizer, config.end_of_turn),
         max_answer_tokens=config.max_answer_tokens,
     )
+    dropped = {"markup_only_answers": read - len(rows), **dropped}
+    if dropped["identical_answers"] and accelerator.is_main_process:
+        warnings.warn(
+            f"{dropped['identical_answers']} pairs with the same chosen and rejected answer dropped", stacklevel=2
+        )
     if not pairs:
-        raise DataError(f"no usable pairs ({dropped} dropped over max_answer_tokens)")
+        raise DataError(f"no usable pairs of {read} rows (dropped: {_dropped_text(dropped)})")
 
     policy = _load_policy(config, model_path, accelerator.device, init_adapter)
     _trainable_parameters(policy, config)
+    limit = max_positions_of(policy)
 
     # Reference log-probs: once, cached beside the pairs.
     cache = output_dir / REFERENCE_CACHE
@@ -641,6 +696,7 @@ def _train_dpo(
             "start": start,
             "stop": lambda: agreed(accelerator, stop_asked()),
             "keep": keep,
+            "max_positions": limit,
         }
         # Under the policy's autocast, so that both sides of the log-ratio round alike (a margin of 0 at step 0).
         if config.lora:
@@ -664,6 +720,16 @@ def _train_dpo(
             write_reference_cache(cache, pairs, key)
             partial.unlink(missing_ok=True)
     accelerator.wait_for_everyone()  # the cache is written before any rank goes on
+    pairs, too_long = fitting(pairs)
+    dropped["over_model_positions"] = len(too_long)
+    if too_long and accelerator.is_main_process:
+        warnings.warn(
+            f"{len(too_long)} pairs do not fit the model's {limit} positions (prompt + longer answer; the service"
+            f" refuses such answers) and were dropped, the first row {too_long[0].id!r}",
+            stacklevel=2,
+        )
+    if not pairs:
+        raise DataError(f"no usable pairs of {read} rows (dropped: {_dropped_text(dropped)})")
     # The token-KL term's reference (a LoRA policy's is its base with the adapter off). On a cache miss this loads
     # the reference a second time: loading it once for both changed the trained weights' bits (measured: the
     # shapes recipe's round no longer reproduced), so fold the two loads together with the next recipe change.
@@ -701,6 +767,14 @@ def _train_dpo(
     ).hexdigest()
     checkpoints = CheckpointStore(output_dir / CHECKPOINTS, run_key, keep=config.keep_checkpoints)
     resumed = checkpoints.latest()  # made by checkpoint_every_* or by a SIGTERM, with the same settings
+    stale = checkpoints.others()
+    if stale and accelerator.is_main_process:
+        warnings.warn(
+            f"{len(stale)} checkpoint(s) in {checkpoints.root} of a run with other settings (or never completed),"
+            f" {checkpoints.size_gb(stale):.1f} GB, are not resumed from and not removed: delete them if they are"
+            " not needed",
+            stacklevel=2,
+        )
     if resumed is not None:
         accelerator.load_state(str(resumed.folder))
         state = resumed.state
@@ -827,9 +901,11 @@ def _train_dpo(
             "model": str(model_path),
             "reference": f"{init_adapter} over {model_path}" if reference_is_start else str(reference_path),
             "init_adapter": str(init_adapter) if init_adapter else None,
+            "rows_read": read,
             "num_pairs": len(pairs),
             "markup_removed_rows": markup_rows,
-            "dropped_pairs": dropped,
+            "dropped_pairs": sum(dropped.values()),
+            "dropped": dropped,
             "optimizer_steps": updates,
             "resumed_from_epoch": start_epoch,
             "resumed_from_step": resumed.state["updates"] if resumed is not None else 0,
@@ -840,13 +916,21 @@ def _train_dpo(
             "seconds": time.time() - started,
         }
         (output_dir / DPO_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        kept = [c.folder for c in checkpoints.complete()]
+        if kept:  # what a rerun of this command would resume from (and train the steps after it again)
+            warnings.warn(
+                f"the run is done and its policy saved; {len(kept)} checkpoint(s) stay in {checkpoints.root}"
+                f" ({checkpoints.size_gb(kept):.1f} GB): a rerun of the same command resumes from the newest;"
+                " delete them when the policy is all you need",
+                stacklevel=2,
+            )
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     return DPOResult(
         policy_dir=policy_dir,
         policy_type="lora" if config.lora else "full",
         num_pairs=len(pairs),
-        dropped_pairs=dropped,
+        dropped_pairs=sum(dropped.values()),
         optimizer_steps=updates,
         metrics=metrics,
         history=history,
@@ -854,6 +938,20 @@ def _train_dpo(
         reference_cache_hit=hit,
         is_main_process=accelerator.is_main_process,
     )
+
+
+def require_model_folder(path: Path, what: str) -> None:
+    """A local model folder (models are never downloaded here): a typo was taken for a hub id and retried for
+    minutes before an unrelated network error."""
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        state = "has no config.json" if path.is_dir() else "does not exist"
+        raise ConfigError(
+            f"{what} folder {path} {state}: give a local model folder (a checkpoint saved by transformers)"
+        )
+
+
+def _dropped_text(dropped: dict[str, int]) -> str:
+    return ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in dropped.items() if count) or "none"
 
 
 def _reference_for_kl(policy: Any, reference: Any | None, prompts: list, pairs: list, pad_id: int):
@@ -903,7 +1001,7 @@ class CheckpointStore:
     def __init__(self, root: Path, run_key: str, *, keep: int) -> None:
         self.root, self.run_key, self.keep = root, run_key, keep
 
-    def _complete(self) -> list[Checkpoint]:
+    def complete(self) -> list[Checkpoint]:
         """This run's complete checkpoints, oldest first."""
         found = []
         for folder in sorted(self.root.glob("step-*")) if self.root.is_dir() else []:
@@ -919,8 +1017,16 @@ class CheckpointStore:
         return sorted(found, key=lambda c: c.state["updates"])
 
     def latest(self) -> Checkpoint | None:
-        complete = self._complete()
+        complete = self.complete()
         return complete[-1] if complete else None
+
+    def others(self) -> list[Path]:
+        """Checkpoint folders this run will not resume: another run's settings, or never completed."""
+        mine = {c.folder for c in self.complete()}
+        return [f for f in sorted(self.root.glob("step-*")) if f not in mine] if self.root.is_dir() else []
+
+    def size_gb(self, folders: Sequence[Path]) -> float:
+        return sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file()) / 1e9
 
     def save(self, accelerator: Any, updates: int, state: dict[str, Any]) -> Path:
         folder = self.root / f"step-{updates:07d}"
@@ -931,7 +1037,7 @@ class CheckpointStore:
         if accelerator.is_main_process:
             (folder / TRAINER_STATE).write_text(json.dumps(state | {"key": self.run_key}) + "\n")
             if self.keep:
-                for old in self._complete()[: -self.keep]:
+                for old in self.complete()[: -self.keep]:
                     shutil.rmtree(old.folder, ignore_errors=True)
         accelerator.wait_for_everyone()
         return folder

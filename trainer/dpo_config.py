@@ -103,7 +103,8 @@ class DPOConfig:
         default=1,
         metadata={
             "help": "Newest checkpoints kept (0: all); an older one is removed only once a newer one is complete."
-            " A full 7B checkpoint with its AdamW state is ~84 GB."
+            " They stay after the run (a warning says where and how large). A full 7B checkpoint with its AdamW"
+            " state is ~84 GB."
         },
     )
     log_every: int = field(default=1, metadata={"help": "Log metrics every this many optimizer steps."})

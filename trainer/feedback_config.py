@@ -37,7 +37,11 @@ class FeedbackConfig:
         default=None, metadata={"help": "Instruction model folder for the LLM splitter/writer."}
     )
     llm_url: str | None = field(
-        default=None, metadata={"help": "OpenAI-compatible base URL (…/v1) for the LLM splitter/writer."}
+        default=None,
+        metadata={
+            "help": "OpenAI-compatible base URL (…/v1) for the LLM splitter/writer; its API key from the environment"
+            " variable RLAIFV_LLM_API_KEY, if it needs one."
+        },
     )
     llm_name: str = field(default="default", metadata={"help": "Model name sent to the OpenAI-compatible URL."})
     repeat_penalty: float = field(default=1.0, metadata={"help": "Score penalty per repeated claim."})

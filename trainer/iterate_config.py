@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import pydantic
 
 from rlaifv.trainer.dpo_config import DPOConfig
 from rlaifv.trainer.errors import ConfigError
@@ -109,8 +113,8 @@ class IterateConfig:
         nested = {"feedback": FeedbackConfig, "pairs": PairConfig, "dpo": DPOConfig}
         for key, kind in nested.items():
             if isinstance(data.get(key), dict):
-                data[key] = _build(kind, data[key], key)
-        return _build(cls, data, "")
+                data[key] = build_config(kind, data[key], key)
+        return build_config(cls, data, "")
 
     @classmethod
     def from_file(cls, path: str | Path) -> IterateConfig:
@@ -128,20 +132,34 @@ def read_settings_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _build(kind: type, data: dict[str, Any], prefix: str) -> Any:
+def build_config(kind: type, data: dict[str, Any], prefix: str) -> Any:
+    """The config `kind` from `data`, each value checked against its field's type first: a dataclass takes any
+    value, and `"False"` (a string) turned LoRA on, `1.5` epochs failed mid-run."""
     names = {f.name for f in dataclasses.fields(kind)}
+    where = f"{prefix}." if prefix else ""
     unknown = sorted(set(data) - names)
     if unknown:
-        where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown setting(s): {', '.join(where + u for u in unknown)}")
+    hints = typing.get_type_hints(kind)
+    checked = dict(data)
+    for name, value in data.items():
+        if dataclasses.is_dataclass(hints[name]) and dataclasses.is_dataclass(value):
+            continue
+        try:
+            checked[name] = pydantic.TypeAdapter(hints[name]).validate_python(value, strict=True)  # 1 -> 1.0
+        except pydantic.ValidationError as exc:
+            problem = exc.errors()[0]["msg"]
+            raise ConfigError(f"setting {where}{name}: {problem}, got {value!r}") from None
     try:
-        return kind(**data)
-    except TypeError as exc:
+        return kind(**checked)
+    except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key=value` / `section.key=value` strings (values parsed as JSON when they parse) to a config dict."""
+    """Apply `key=value` / `section.key=value` strings to a config dict. A value is read as JSON (`false`, `null`,
+    `3e-7`), else as a Python literal (`False`, `None`: how `rlaifv train options` prints defaults), else taken as
+    text; `build_config` then checks it against the setting's type."""
     data = json.loads(json.dumps(data))
     for item in overrides:
         if "=" not in item:
@@ -150,7 +168,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
-            value = raw
+            try:
+                value = ast.literal_eval(raw.strip())
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                value = raw
         target = data
         parts = key.strip().split(".")
         for part in parts[:-1]:

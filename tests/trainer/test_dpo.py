@@ -265,6 +265,35 @@ def test_cli_reports_bad_data_cleanly(tiny_model: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "{tmp}/nope"], "--model folder {tmp}/nope does not exist"),
+        (["--model", "{model}", "--reference", "{tmp}"], "--reference folder {tmp} has no config.json"),
+        (["--model", "{model}", "--set", "dpo.epochs=1.5"], "setting dpo.epochs: Input should be a valid integer"),
+        (["--model", "{model}", "-o", "{tmp}/data/run"], "is inside the data folder {tmp}/data"),
+    ],
+)
+def test_cli_refuses_a_run_that_cannot_work_before_reading_data(
+    tiny_model: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    """Without reading the data first (minutes for a big dataset); a LoRA's ignored --reference is refused too."""
+    from typer.testing import CliRunner
+
+    from rlaifv.trainer.cli import train_app
+
+    (tmp_path / "data").mkdir()
+    write_rlaifv_parquet(tmp_path / "data" / "part.parquet", preference_rows([("a red circle", "a dog")]))
+    fill = {"tmp": str(tmp_path), "model": str(tiny_model)}
+    argv = ["dpo", str(tmp_path / "data"), *[a.format(**fill) for a in args]]
+    if "-o" not in argv:
+        argv += ["-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(train_app, argv)
+    assert result.exit_code == 1, result.output
+    assert message.format(**fill) in result.output and "Traceback" not in result.output
+    assert "preference rows" not in result.output  # refused before the data was read
+
+
+@pytest.mark.parametrize(
     "kwargs",
     [
         {"beta": 0},
@@ -319,7 +348,8 @@ def _same_weights(a: Path, b: Path) -> bool:
 def test_epoch_checkpoints_resume_to_the_same_weights(tiny_model: Path, tmp_path: Path) -> None:
     config = DPOConfig(learning_rate=1e-3, epochs=2, batch_size=2, cpu=True, checkpoint_every_epoch=True)
     rows = _toy_rows(4)
-    full = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "a", progress=False)
+    with pytest.warns(UserWarning, match=r"the run is done .* 1 checkpoint\(s\) stay in .*checkpoints \(0\.\d GB\)"):
+        full = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "a", progress=False)
     assert [f.name for f in (tmp_path / "a" / "checkpoints").iterdir()] == ["step-0000002"]
     _killed_after(tmp_path / "a", tmp_path / "b", "step-0000002")
     resumed = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)
@@ -330,7 +360,8 @@ def test_epoch_checkpoints_resume_to_the_same_weights(tiny_model: Path, tmp_path
     assert _same_weights(resumed.policy_dir, full.policy_dir)
     # different training settings do not pick up the checkpoint; other bookkeeping settings do
     other = DPOConfig(learning_rate=2e-3, epochs=2, batch_size=2, cpu=True, checkpoint_every_epoch=True)
-    train_dpo(other, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)
+    with pytest.warns(UserWarning, match=r"1 checkpoint\(s\) in .* of a run with other settings"):
+        train_dpo(other, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)
     assert json.loads((tmp_path / "b" / "dpo_report.json").read_text())["resumed_from_step"] == 0
 
 
@@ -691,3 +722,45 @@ def test_the_starting_adapter_as_reference_needs_a_lora_run_from_an_adapter_and_
                 init_adapter=adapter,
                 reference_is_start=True,
             )
+
+
+def test_runs_that_cannot_work_are_refused_before_any_work(tiny_model: Path, tmp_path: Path) -> None:
+    """A missing model folder (it was taken for a hub id, minutes of retries), a LoRA run given a reference it
+    would ignore, a reference whose tokenizer differs (a bundle that never loads, or an IndexError mid-pass)."""
+    from rlaifv.trainer.shapes.tiny_vlm import TinyVLMSpec, build_tiny_vlm
+
+    rows = _toy_rows(2)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"model folder .*nope does not exist"):
+        train_dpo(DPOConfig(cpu=True), rows, model_path=tmp_path / "nope", output_dir=out)
+    with pytest.raises(ConfigError, match="full fine-tuning only"):
+        train_dpo(DPOConfig(lora=True, cpu=True), rows, model_path=tiny_model, output_dir=out, reference_path=tmp_path)
+    other = build_tiny_vlm(tmp_path / "other-words", TinyVLMSpec(words=("zebra", "mango", "violet", "red")))
+    with pytest.raises(ConfigError, match="tokenizers differ"):
+        train_dpo(DPOConfig(cpu=True), rows, model_path=tiny_model, output_dir=out, reference_path=other)
+    assert not out.exists()  # nothing was started
+
+
+def test_pairs_that_cannot_be_trained_or_served_are_dropped_and_counted(tiny_model: Path, tmp_path: Path) -> None:
+    """Over the model's positions (the service refuses those answers), the same answer twice (no gradient), an
+    answer of markup only: each dropped with its count in the report, the rest trained."""
+    from rlaifv.reward.models import load_model
+
+    limit = load_model(tiny_model).config.text_config.max_position_embeddings
+    rows = _toy_rows(4)
+    rows.append(dataclasses.replace(rows[0], id="long", question="describe the image " * (limit // 3)))
+    rows.append(dataclasses.replace(rows[1], id="same", rejected=rows[1].chosen))
+    rows.append(dataclasses.replace(rows[2], id="markup", rejected="</s>"))
+    config = DPOConfig(learning_rate=1e-3, epochs=1, batch_size=2, cpu=True)
+    with pytest.warns(UserWarning, match=rf"1 pairs do not fit the model's {limit} positions .* row 'long'"):
+        result = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path, progress=False)
+    report = json.loads((tmp_path / "dpo_report.json").read_text())
+    assert result.num_pairs == 4 and (report["rows_read"], report["num_pairs"], report["dropped_pairs"]) == (7, 4, 3)
+    assert report["dropped"] == {
+        "markup_only_answers": 1,
+        "over_max_answer_tokens": 0,
+        "identical_answers": 1,
+        "over_model_positions": 1,
+    }
+    again = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path, progress=False)  # a cache hit
+    assert again.reference_cache_hit and again.num_pairs == 4

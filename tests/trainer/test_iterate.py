@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -184,6 +185,39 @@ def test_iterate_config_validation_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     path.write_text(json.dumps(config.to_dict()))
     assert IterateConfig.from_file(path) == config
+
+
+@pytest.mark.parametrize(
+    ("override", "read_as"),
+    [
+        ("dpo.lora=False", ("lora", False)),  # as `rlaifv train options` prints it: the string "False" was truthy
+        ("dpo.lora=false", ("lora", False)),
+        ("dpo.max_answer_tokens=None", ("max_answer_tokens", None)),
+        ("dpo.max_answer_tokens=null", ("max_answer_tokens", None)),
+        ("dpo.learning_rate=3e-7", ("learning_rate", 3e-7)),
+        ("dpo.learning_rate=1", ("learning_rate", 1.0)),
+    ],
+)
+def test_overrides_read_json_or_python_literals(override: str, read_as: tuple[str, Any]) -> None:
+    config = IterateConfig.from_dict(apply_overrides({"model": "m", "output_dir": "o"}, [override]))
+    name, value = read_as
+    assert getattr(config.dpo, name) == value and type(getattr(config.dpo, name)) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("dpo.lora=yes", r"setting dpo.lora: Input should be a valid boolean, got 'yes'"),
+        ("dpo.epochs=1.5", r"setting dpo.epochs: Input should be a valid integer, got 1.5"),
+        ("dpo.epochs=True", r"setting dpo.epochs: Input should be a valid integer, got True"),
+        ("dpo.max_answer_tokens=many", r"setting dpo.max_answer_tokens: .*, got 'many'"),
+        ("rounds=two", r"setting rounds: Input should be a valid integer, got 'two'"),
+        ("feedback.labeler=7", r"setting feedback.labeler: Input should be a valid string, got 7"),
+    ],
+)
+def test_overrides_of_the_wrong_type_are_refused_naming_the_setting(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        IterateConfig.from_dict(apply_overrides({"model": "m", "output_dir": "o"}, [override]))
 
 
 def test_source_must_follow_the_protocol(tiny_model: Path, tmp_path: Path) -> None:

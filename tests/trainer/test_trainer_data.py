@@ -91,6 +91,20 @@ def test_a_json_file_holding_an_array_of_records(tmp_path: Path) -> None:
         read_preferences(tmp_path)
 
 
+def test_formats_that_are_not_read_say_what_to_do(tmp_path: Path) -> None:
+    """A CSV was reported as "line 1 is not valid JSON", a `datasets` folder as no files at all."""
+    csv = tmp_path / "prefs.csv"
+    csv.write_text("image,question,chosen,rejected\n")
+    with pytest.raises(DataError, match=r"CSV is not read .*to_parquet"):
+        read_preferences(csv)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "data-00000-of-00001.arrow").write_bytes(b"")
+    (saved / "dataset_info.json").write_text("{}")
+    with pytest.raises(DataError, match=r"files in folder \(a `datasets` save_to_disk folder .*load_from_disk"):
+        read_preferences(saved)
+
+
 def test_write_preferences_round_trips_in_the_same_schema(tmp_path: Path) -> None:
     rows = read_preferences(write_rlaifv_parquet(tmp_path / "in.parquet", preference_rows(PAIRS)))
     out = write_preferences(tmp_path / "out.parquet", rows, origin={"generator": "g", "labeler": "l", "type": "t"})
@@ -223,7 +237,8 @@ def test_list_prompt_source_gives_disjoint_reproducible_rounds() -> None:
 
 def test_read_prompts_deduplicates_rlaifv_rows(tmp_path: Path) -> None:
     rows = preference_rows(PAIRS) + preference_rows(PAIRS[:1])  # the last row repeats image+question of row 0
-    prompts = read_prompts(write_rlaifv_parquet(tmp_path / "p.parquet", rows))
+    with pytest.warns(UserWarning, match=r"1 rows of .*p\.parquet repeat an \(image, question\) pair: kept once"):
+        prompts = read_prompts(write_rlaifv_parquet(tmp_path / "p.parquet", rows))
     assert len(prompts) == 3
 
 

@@ -133,11 +133,11 @@ def cache_root() -> Path:
 
 def demo_config(seed: int = 0, overrides: list[str] | None = None) -> DemoConfig:
     """The default recipe for `seed`, with `key=value` / `reference.key=value` overrides (unknown keys refused)."""
-    from rlaifv.trainer.iterate_config import _build, apply_overrides
+    from rlaifv.trainer.iterate_config import apply_overrides, build_config
 
     data = apply_overrides(asdict(DemoConfig(seed=seed)), overrides or [])
-    data["reference"] = _build(ReferenceConfig, data["reference"], "reference")
-    return _build(DemoConfig, data, "")
+    data["reference"] = build_config(ReferenceConfig, data["reference"], "reference")
+    return build_config(DemoConfig, data, "")
 
 
 def iterate_config(config: DemoConfig, reference_dir: Path, run_dir: Path, progress: bool = True):
