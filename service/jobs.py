@@ -326,7 +326,7 @@ class JobStore:
         d = {k.decode(): v.decode() for k, v in raw.items()}
         if not {"kind", "status", "total"} <= d.keys():  # absent, or a fragment a write left after the job expired
             return None
-        if d.get("owner", ANONYMOUS) != (owner or ANONYMOUS):
+        if d.get("owner", owner or ANONYMOUS) != (owner or ANONYMOUS):  # a job from before owners were kept: any
             return None
         return Job(
             id=job_id,

@@ -49,6 +49,7 @@ class _Item:
     future: asyncio.Future = field(repr=False)
     enqueued: float = field(default_factory=_now)
     started: float | None = None
+    pixels: int = 0  # decoded image pixels it holds, counted in `Scheduler.pixels_held` until the batcher is done
 
 
 @dataclass
@@ -115,6 +116,7 @@ class Scheduler:
                 await self._task
         while not self._queue.empty():
             item = self._queue.get_nowait()
+            self._release(item)
             if not item.future.done():
                 item.future.set_exception(Unavailable("server is shutting down", code="shutting_down"))
 
@@ -131,16 +133,21 @@ class Scheduler:
                 "server is shutting down", code="shutting_down", headers={"Retry-After": str(self.retry_after_s)}
             )
         pixels = sum(image.width * image.height for image in request.images)
-        if self.max_queued_pixels and self.pixels_held and self.pixels_held + pixels > self.max_queued_pixels:
+        if (
+            pixels
+            and self.max_queued_pixels
+            and self.pixels_held
+            and self.pixels_held + pixels > self.max_queued_pixels
+        ):
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise Overloaded(
-                f"server busy: the waiting requests hold {self.pixels_held / 1e6:.0f} M image pixels, and this one"
-                f" {pixels / 1e6:.1f} M more (limit {self.max_queued_pixels / 1e6:.0f} M)",
+                f"server busy: the waiting requests hold {self.pixels_held:,} decoded image pixels and this one"
+                f" {pixels:,} more, over the limit of {self.max_queued_pixels:,}",
                 code="queue_full",
                 headers={"Retry-After": str(self.retry_after_s)},
             )
         loop = asyncio.get_running_loop()
-        item = _Item(request, _now() + timeout_s, loop.create_future())
+        item = _Item(request, _now() + timeout_s, loop.create_future(), pixels=pixels)
         try:
             self._queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -150,7 +157,7 @@ class Scheduler:
                 code="queue_full",
                 headers={"Retry-After": str(self.retry_after_s)},
             ) from None
-        self.pixels_held += pixels
+        self.pixels_held += pixels  # until the batcher has run the item or dropped it (`_release`)
         self.metrics.queue_depth.set(self.depth)
         watcher = asyncio.create_task(disconnected()) if disconnected is not None else None
         try:
@@ -167,7 +174,6 @@ class Scheduler:
             self.metrics.rejected.labels(reason="deadline").inc()
             raise DeadlineExceeded(f"request not served within {timeout_s:g} s", code="deadline_exceeded")
         finally:
-            self.pixels_held -= pixels
             if not item.future.done():
                 item.future.cancel()  # the batcher skips cancelled items
             if watcher is not None:
@@ -191,11 +197,19 @@ class Scheduler:
         except TimeoutError:
             return None
 
+    def _release(self, item: _Item) -> None:
+        """The item's images are no longer the scheduler's: run, or dropped from the queue (a request that left
+        or timed out still holds its images while queued or in a running batch)."""
+        self.pixels_held -= item.pixels
+        item.pixels = 0
+
     def _live(self, item: _Item) -> bool:
         if item.future.done():
+            self._release(item)
             return False
         if _now() > item.deadline:
             item.future.set_exception(DeadlineExceeded("request deadline passed while queued"))
+            self._release(item)
             return False
         return True
 
@@ -238,6 +252,7 @@ class Scheduler:
                 self.in_flight = 0
                 self._batch_started = None
             for item, outcome in zip(batch, outcomes, strict=True):
+                self._release(item)
                 if item.future.done():
                     continue
                 if isinstance(outcome, Exception):

@@ -114,7 +114,7 @@ def dpo_command(
     """DPO on a preference dataset, then export a bundle the service loads."""
     with _clean_errors():
         from rlaifv.trainer.data import data_files, describe_files, read_preferences
-        from rlaifv.trainer.dpo import require_model_folder, train_dpo
+        from rlaifv.trainer.dpo import check_models, train_dpo
         from rlaifv.trainer.dpo_config import DPOConfig
         from rlaifv.trainer.export import export_bundle
         from rlaifv.trainer.iterate_config import apply_overrides, build_config
@@ -134,9 +134,7 @@ def dpo_command(
         overrides = [s.removeprefix("dpo.") for s in set_ or []]
         config: DPOConfig = build_config(DPOConfig, apply_overrides(settings, overrides), "dpo")
         _output_outside(data, output, "")
-        require_model_folder(model, "--model")  # before reading the data, which may take minutes
-        if reference is not None:
-            require_model_folder(reference, "--reference")
+        check_models(config, model, reference, names=("--model", "--reference"))  # before the data: minutes to read
         rows = read_preferences(data, limit=limit, progress=progress)
         typer.echo(f"{len(rows)} preference rows from {data}")
         result = train_dpo(

@@ -602,8 +602,6 @@ def _train_dpo(
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from rlaifv.reward.bundle import check_tokenizers_match
-    from rlaifv.reward.errors import BundleError
     from rlaifv.reward.models import load_model, load_processor, save_processor
     from rlaifv.reward.prompt import end_of_turn_id
 
@@ -616,19 +614,7 @@ def _train_dpo(
             "token_kl needs the reference's whole distribution at every step, which a LoRA run has only for the base:"
             " use the base as reference (train iterate: reference_mode=initial) or token_kl=0"
         )
-    if config.lora and reference_path is not None and Path(reference_path).resolve() != model_path.resolve():
-        raise ConfigError(
-            f"a LoRA run's reference is its base model ({model_path}) with the adapter off; a separate reference"
-            f" ({reference_path}) is for full fine-tuning only"
-        )
-    require_model_folder(model_path, "model")
-    reference_path = Path(reference_path) if reference_path is not None else model_path
-    if reference_path.resolve() != model_path.resolve():  # refused now, not after training as a bundle that won't load
-        require_model_folder(reference_path, "reference")
-        try:
-            check_tokenizers_match(model_path, reference_path)
-        except BundleError as exc:
-            raise ConfigError(str(exc)) from None
+    reference_path = check_models(config, model_path, reference_path)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -676,6 +662,7 @@ def _train_dpo(
         reference_id += "|adapter:" + model_fingerprint(init_adapter)
     if (config.dtype, config.mixed_precision) != ("float32", "no"):
         reference_id += f"|{config.dtype}|{config.mixed_precision}"
+    reference_id += f"|fits:{limit}"  # pairs over the positions are NaN in the cache: a cache without them is another
     key = reference_cache_key(reference_id, pairs)
     # Every rank reads the cache (and a cut-short pass) before any rank can write one: they must agree on hit or
     # miss and on where a pass resumes, since the pass checks for SIGTERM with a collective per batch.
@@ -938,6 +925,36 @@ def _train_dpo(
         reference_cache_hit=hit,
         is_main_process=accelerator.is_main_process,
     )
+
+
+def check_models(
+    config: DPOConfig,
+    model_path: Path,
+    reference_path: str | Path | None,
+    *,
+    names: tuple[str, str] = ("model", "reference"),
+) -> Path:
+    """The run's reference folder, once the models can make this run: local folders, no separate reference for a
+    LoRA run (its reference is the base with the adapter off: one given was ignored), and a reference that
+    tokenizes as the policy does (else the trained bundle would never load). `names` name them in errors."""
+    from rlaifv.reward.bundle import check_tokenizers_match
+    from rlaifv.reward.errors import BundleError
+
+    model_name, reference_name = names
+    if config.lora and reference_path is not None and Path(reference_path).resolve() != model_path.resolve():
+        raise ConfigError(
+            f"a LoRA run's reference is its base model ({model_path}) with the adapter off; a separate"
+            f" {reference_name} ({reference_path}) is for full fine-tuning only"
+        )
+    require_model_folder(model_path, model_name)
+    reference = Path(reference_path) if reference_path is not None else model_path
+    if reference.resolve() != model_path.resolve():
+        require_model_folder(reference, reference_name)
+        try:
+            check_tokenizers_match(model_path, reference)
+        except BundleError as exc:
+            raise ConfigError(str(exc)) from None
+    return reference
 
 
 def require_model_folder(path: Path, what: str) -> None:

@@ -47,7 +47,7 @@ class IterateConfig:
             "LoRA: the round's starting adapter over the base, or the base (then token_kl needs 'initial')."
         },
     )
-    export_round: str = field(
+    export_round: str | int = field(
         default="last", metadata={"help": "Round to export: 'last', 'best' (by best_metric) or a number."}
     )
     export_reference: Literal["initial", "round"] = field(

@@ -575,6 +575,11 @@ def test_prompt_bodies_carry_every_reward_option_and_encode_message_images(tmp_p
     assert first["url"].startswith("data:image/png;base64,") and first["detail"] == "low"
     assert body["messages"][1]["content"][0]["image_url"] == {"url": "https://example.org/a.png"}
     assert body["messages"][2] == {"role": "assistant", "content": "A"}
+    bare = base64.b64encode(PNG).decode()  # bare base64 and a padded data URL: the server reads them as they are
+    for url in (bare, " data:image/png;base64," + bare):
+        sent = score_body(answers=["a"], messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}]}])  # fmt: skip
+        assert sent["messages"][0]["content"][0]["image_url"]["url"] == url
     assert messages[0]["content"][0]["image_url"]["url"] == str(image)  # the caller's messages are left alone
     with pytest.raises(ImageInputError, match=r"messages\[0\]\.content\[0\]\.image_url\.url: image file not found"):
         score_body(answers=["a"], messages=[{"role": "user", "content": [

@@ -76,6 +76,11 @@ async def test_a_job_is_only_its_owners(store: JobStore) -> None:
     assert await store.get(anonymous.id) is not None and await store.get(anonymous.id, "key-a") is None
     again = await store.create(request(), owner="key-b", idempotency_key="k-owned")
     assert (await store.create(request(), owner="key-b", idempotency_key="k-owned")).id == again.id
+    # a job written before owners were kept: its key (and every other) still reads it; its key's retry replays it
+    legacy = await store.create(request(), owner="key-c", idempotency_key="k-legacy")
+    await store.redis.hdel(PREFIX + legacy.id, "owner")
+    assert await store.get(legacy.id, "key-c") is not None
+    assert (await store.create(request(), owner="key-c", idempotency_key="k-legacy")).id == legacy.id
 
 
 async def test_a_finished_job_drops_its_items_and_its_results_expire_with_it(store: JobStore) -> None:

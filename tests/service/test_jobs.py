@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import httpx
 import pytest
+import redis
 
 pytestmark = pytest.mark.integration
 QUESTION = "What is in the image?"
@@ -193,5 +195,7 @@ def test_a_job_is_seen_only_with_the_key_that_submitted_it(make_server, redis_ur
         assert client.get(path, headers=as_alice).json()["status"] == "queued"  # bob's DELETE did nothing
         assert client.delete(path, headers=as_alice).json()["status"] == "cancelled"
         client.post("/v1/jobs", json={"kind": "rewards", "items": items}, headers=as_alice | {"Idempotency-Key": "k1"})
-        r = client.get("/v1/jobs/idem:" + "x" * 20 + ":k1", headers=as_alice)  # an id of another shape
-        assert r.status_code == 404, r.text
+        owner = hashlib.sha256(alice.encode()).hexdigest()[:16]  # the key's id, as the auth layer names it
+        assert redis.Redis.from_url(redis_url).exists(f"rlaifv:job:idem:{owner}:k1")  # the record the id names
+        r = client.get(f"/v1/jobs/idem:{owner}:k1", headers=as_alice)  # was a WRONGTYPE 500
+        assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found", r.text

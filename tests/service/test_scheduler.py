@@ -240,14 +240,25 @@ async def test_the_images_waiting_requests_hold_are_bounded() -> None:
     held = [asyncio.create_task(sched.submit(with_images(f"r{i}", 100), timeout_s=30)) for i in range(3)]
     await asyncio.sleep(0)
     assert sched.pixels_held == 3 * 100 * 100
-    with pytest.raises(Overloaded, match="image pixels") as info:
+    with pytest.raises(Overloaded, match="hold 30,000 decoded image pixels and this one 100 more") as info:
         await sched.submit(with_images("one more", 10), timeout_s=30)
     assert info.value.headers["Retry-After"] == "1"
     text_only = await sched.submit(score("no images"), timeout_s=30)  # waits its turn behind the three
     assert text_only.result.ranking.best.text == "no images"
     await asyncio.gather(*held)
     assert sched.pixels_held == 0
-    assert (await sched.submit(with_images("after", 100), timeout_s=30)).result.ranking.best.text == "after"
+    # a request that timed out in a running batch holds its images until the batch ends
+    late = asyncio.create_task(sched.submit(with_images("late", 100), timeout_s=0.5))
+    await asyncio.sleep(0.6)
+    with pytest.raises(DeadlineExceeded):
+        await late
+    assert sched.pixels_held == 100 * 100
+    await asyncio.sleep(0.5)
+    assert sched.pixels_held == 0
+    huge = asyncio.create_task(sched.submit(with_images("huge again", 200), timeout_s=30))
+    await asyncio.sleep(0)
+    assert (await sched.submit(score("text"), timeout_s=30)).result.ranking.best.text == "text"  # never refused
+    await huge
     await sched.close(0)
 
 

@@ -269,6 +269,8 @@ def test_cli_reports_bad_data_cleanly(tiny_model: Path, tmp_path: Path) -> None:
     [
         (["--model", "{tmp}/nope"], "--model folder {tmp}/nope does not exist"),
         (["--model", "{model}", "--reference", "{tmp}"], "--reference folder {tmp} has no config.json"),
+        (["--model", "{model}", "--lora", "--reference", "{tmp}"], "a separate --reference ({tmp}) is for full"),
+        (["--model", "{model}", "--reference", "{other}"], "tokenizers differ"),
         (["--model", "{model}", "--set", "dpo.epochs=1.5"], "setting dpo.epochs: Input should be a valid integer"),
         (["--model", "{model}", "-o", "{tmp}/data/run"], "is inside the data folder {tmp}/data"),
     ],
@@ -283,7 +285,10 @@ def test_cli_refuses_a_run_that_cannot_work_before_reading_data(
 
     (tmp_path / "data").mkdir()
     write_rlaifv_parquet(tmp_path / "data" / "part.parquet", preference_rows([("a red circle", "a dog")]))
-    fill = {"tmp": str(tmp_path), "model": str(tiny_model)}
+    from rlaifv.trainer.shapes.tiny_vlm import TinyVLMSpec, build_tiny_vlm
+
+    other = build_tiny_vlm(tmp_path / "other", TinyVLMSpec(words=("zebra", "mango"))) if "{other}" in args else ""
+    fill = {"tmp": str(tmp_path), "model": str(tiny_model), "other": str(other)}
     argv = ["dpo", str(tmp_path / "data"), *[a.format(**fill) for a in args]]
     if "-o" not in argv:
         argv += ["-o", str(tmp_path / "out")]

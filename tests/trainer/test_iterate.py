@@ -196,12 +196,16 @@ def test_iterate_config_validation_and_overrides(tmp_path: Path) -> None:
         ("dpo.max_answer_tokens=null", ("max_answer_tokens", None)),
         ("dpo.learning_rate=3e-7", ("learning_rate", 3e-7)),
         ("dpo.learning_rate=1", ("learning_rate", 1.0)),
+        ("export_round=2", ("export_round", 2)),  # "a number", as the help says
+        ("export_round=best", ("export_round", "best")),
     ],
 )
 def test_overrides_read_json_or_python_literals(override: str, read_as: tuple[str, Any]) -> None:
-    config = IterateConfig.from_dict(apply_overrides({"model": "m", "output_dir": "o"}, [override]))
+    base = {"model": "m", "output_dir": "o", "rounds": 3, "best_metric": "f1"}
+    config = IterateConfig.from_dict(apply_overrides(base, [override]))
     name, value = read_as
-    assert getattr(config.dpo, name) == value and type(getattr(config.dpo, name)) is type(value)
+    owner = config if hasattr(config, name) else config.dpo
+    assert getattr(owner, name) == value and type(getattr(owner, name)) is type(value)
 
 
 @pytest.mark.parametrize(

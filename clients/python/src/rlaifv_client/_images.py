@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from io import BytesIO
@@ -134,10 +135,35 @@ def encode_message_images(messages: Iterable[Mapping[str, Any]]) -> list[dict[st
                 if "url" not in fields:
                     raise ImageInputError(f"messages[{i}].content[{j}].image_url has no 'url'")
                 try:
-                    fields["url"] = encode_image(fields["url"])
+                    fields["url"] = _message_image(fields["url"])
                 except ImageInputError as exc:
                     raise ImageInputError(f"messages[{i}].content[{j}].image_url.url: {exc}") from None
                 part = {**part, "image_url": fields}
             parts.append(part)
         out.append({**message, "content": parts})
     return out
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]{16,}")
+
+
+def _message_image(url: Any) -> Any:
+    """An image_url's `url`: encoded like `image=` when it is a local image (a path, bytes, a PIL image...); a
+    string the server reads as it is (a data: or http(s) URL, bare base64, as OpenAI-style clients send it) goes
+    unchanged."""
+    if isinstance(url, str):
+        text = url.strip()
+        scheme = text.split(":", 1)[0].lower() if ":" in text[:12] else ""
+        if scheme in ("http", "https", "data"):
+            return url
+        if not scheme and _BASE64.fullmatch(text) and "." not in text and not _is_file(text):
+            return url
+    return encode_image(url)
+
+
+def _is_file(text: str) -> bool:
+    """Whether `text` names a file (a name past the OS's limit, as a megabyte of base64 is, names none)."""
+    try:
+        return len(text) < 4096 and Path(text).expanduser().is_file()
+    except OSError:
+        return False
