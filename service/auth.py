@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from rlaifv.service.errors import Forbidden, Unauthorized
+from rlaifv.service.errors import Forbidden, ServiceError, Unauthorized
 
 bearer = HTTPBearer(auto_error=False, description="API key as a bearer token (RLAIFV_API_KEYS).")
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key (RLAIFV_API_KEYS).")
@@ -70,6 +70,23 @@ async def require_metrics_key(
 ) -> None:
     if request.app.state.settings.protect_metrics:
         _authenticate(request, credentials, header_key)
+
+
+def auth_refusal(request: Request) -> ServiceError | None:
+    """Why this /v1 request's key is refused (None: accepted, or keys are off). For errors raised before the
+    route's dependencies run (a body that is not JSON): a client without a valid key hears 401/403 whatever it
+    sent, as for any other body, not a 400 about a body it had no right to send."""
+    keys: KeyRing | None = getattr(request.app.state, "keys", None)
+    if keys is None or not keys.enabled or not request.url.path.startswith("/v1/"):
+        return None
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    bearer_key = token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    credentials = HTTPAuthorizationCredentials(scheme=scheme, credentials=bearer_key) if bearer_key else None
+    try:
+        _authenticate(request, credentials, request.headers.get("x-api-key"))
+    except ServiceError as exc:
+        return exc
+    return None
 
 
 KeyDep = Annotated[str | None, Depends(require_api_key)]

@@ -256,7 +256,16 @@ def error_response(
 
 
 async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    refused = _auth_refusal(request)  # a body that is not JSON fails before the route's auth dependency runs
+    if refused is not None:
+        return await _service_error_handler(request, refused)
     return await _service_error_handler(request, BadRequest.listing(field_problems(exc.errors(), exc.body, http=True)))
+
+
+def _auth_refusal(request: Request) -> ServiceError | None:
+    from rlaifv.service.auth import auth_refusal  # auth raises this module's errors
+
+    return auth_refusal(request)
 
 
 def _sanitise(message: str, limit: int = 500) -> str:
@@ -297,6 +306,8 @@ async def _http_exception_handler(request: Request, exc: StarletteHTTPException)
         exc.status_code, ("invalid_request_error" if exc.status_code < 500 else "internal_error", None)
     )
     message = str(exc.detail)
+    if exc.status_code == 400 and message == FASTAPI_BODY_ERROR and (refused := _auth_refusal(request)) is not None:
+        return await _service_error_handler(request, refused)
     if exc.status_code == 400 and message == FASTAPI_BODY_ERROR and exc.__cause__ is not None:
         # JSON that is not UTF-8, a compressed body, an integer past Python's digit limit: FastAPI's parse
         # failures other than a JSONDecodeError, raised from the cause

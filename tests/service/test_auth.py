@@ -73,3 +73,25 @@ def test_keys_held_only_as_hashes(auth_server) -> None:
 
 def test_metrics_open_without_protect_setting(client: httpx.Client) -> None:
     assert client.get("/metrics").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (b"{not json", {}),
+        ('{"question": "caf\u00e9"}'.encode("latin-1"), {}),  # not UTF-8: FastAPI's other parse failure
+        (b"{not json", {"Authorization": "Bearer sk-wrong-key-000000"}),
+    ],
+    ids=["malformed-no-key", "latin-1-no-key", "malformed-wrong-key"],
+)
+def test_a_body_that_is_not_json_is_refused_for_the_key_first(auth_server, body, headers) -> None:
+    """A client without a valid key hears 401/403 whatever it sent: the body parse failed before the route's auth
+    dependency ran, and answered 400 to anyone."""
+    r = httpx.post(
+        auth_server.url + "/v1/rewards", content=body, headers={"Content-Type": "application/json"} | headers
+    )
+    assert r.status_code == (403 if headers else 401), r.text
+    good = httpx.post(
+        auth_server.url + "/v1/rewards", content=body, headers={"Content-Type": "application/json", "X-API-Key": KEY}
+    )
+    assert good.status_code == 400 and good.json()["error"]["code"] == "invalid_json", good.text
