@@ -466,7 +466,10 @@ class JobWorkers:
                     await self.store.redis.xgroup_createconsumer(self.store.stream, GROUP, consumer)
                     group_ready = True
                 entries = await self._next(consumer)
-                outcomes = await asyncio.gather(*(self._process(*entry) for entry in entries), return_exceptions=True)
+                async with self._claimed(consumer, [entry_id for entry_id, _ in entries]):
+                    outcomes = await asyncio.gather(
+                        *(self._process(*entry) for entry in entries), return_exceptions=True
+                    )
                 for outcome in outcomes:
                     if isinstance(outcome, BaseException):
                         raise outcome
@@ -491,6 +494,26 @@ class JobWorkers:
             except Exception:
                 log.exception("job worker error; retrying")
                 await asyncio.sleep(1.0)
+
+    @contextlib.asynccontextmanager
+    async def _claimed(self, consumer: str, entry_ids: list[bytes]) -> AsyncIterator[None]:
+        """While a batch runs, its entries stay this consumer's: XCLAIM ... JUSTID resets their idle time every third
+        of `RLAIFV_JOBS_CLAIM_IDLE_MS`, so another worker's XAUTOCLAIM takes only the items of a consumer that
+        stopped, never those of one still running a long GPU batch (they ran twice)."""
+
+        async def renew() -> None:
+            while entry_ids:
+                await asyncio.sleep(self.claim_idle_ms / 3000)
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self.store.redis.xclaim(self.store.stream, GROUP, consumer, 0, entry_ids, justid=True)
+
+        renewing = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
 
     async def _process(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         job_id = fields[b"job"].decode()

@@ -49,15 +49,16 @@ class Metrics:
         )
         self.reward = Histogram(
             "rlaifv_reward",
-            "RLAIF-V reward of every candidate, by endpoint.",
-            ["endpoint"],
+            "RLAIF-V reward of every candidate, by API (best_of_n, rewards, chat). Not `endpoint`: the Prometheus"
+            " Operator sets that label itself (the scrape port) and would rename ours.",
+            ["api"],
             buckets=REWARD_BUCKETS,
             registry=r,
         )
         self.best_margin = Histogram(
             "rlaifv_best_reward_margin",
-            "Best reward minus the mean reward of the candidates of one request.",
-            ["endpoint"],
+            "Best reward minus the mean reward of the candidates of one request, by API.",
+            ["api"],
             buckets=MARGIN_BUCKETS,
             registry=r,
         )
@@ -96,6 +97,6 @@ class Metrics:
 
     def observe_ranking(self, endpoint: str, rewards: list[float]) -> None:
         for value in rewards:
-            self.reward.labels(endpoint=endpoint).observe(value)
+            self.reward.labels(api=endpoint).observe(value)
         if rewards:
-            self.best_margin.labels(endpoint=endpoint).observe(max(rewards) - sum(rewards) / len(rewards))
+            self.best_margin.labels(api=endpoint).observe(max(rewards) - sum(rewards) / len(rewards))

@@ -276,7 +276,13 @@ class Settings(BaseSettings):
                 lines = self.api_keys_file.read_text().splitlines()
             except OSError as exc:
                 raise ValueError(f"cannot read api_keys_file {self.api_keys_file}: {exc.strerror}") from None
-            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            in_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            if not in_file:  # a file given for keys, empty (a Secret created without its key): /v1 open to all
+                raise ValueError(
+                    f"api_keys_file {self.api_keys_file} holds no key: with it, /v1 would be open to anyone; write"
+                    " one key per line (or unset RLAIFV_API_KEYS_FILE to run without keys)"
+                )
+            keys += in_file
         return keys
 
     def redis_options(self) -> dict[str, Any]:

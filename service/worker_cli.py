@@ -88,9 +88,10 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         finally:
             app.state.ready, app.state.shutting_down = False, True
             metrics.ready.set(0)
-            if workers is not None:
+            end = asyncio.get_running_loop().time() + settings.shutdown_grace_s  # one drain for both, as the pod
+            if workers is not None:  # grants one (terminationGracePeriodSeconds), not one each
                 await workers.stop(settings.shutdown_grace_s)
-            await serving.aclose()
+            await serving.aclose(max(0.0, end - asyncio.get_running_loop().time()))
             await redis.aclose()
             log.info("worker stopped")
     finally:

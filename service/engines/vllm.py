@@ -533,8 +533,12 @@ class VllmEngine:
         self._claim_tools: tuple[Any, Any] | None = None
 
     def start(self) -> None:
+        """Both servers within one RLAIFV_VLLM_WAIT_S (they start together: a wait each doubled the worst case
+        past the startup probe's budget)."""
+        end = time.monotonic() + self.wait_s
         self.policy.start(self.wait_s, serves="adapter" if self.lora else None, images=self.accepts_images)
-        self.reference.start(self.wait_s, serves="base" if self.lora else None, images=self.accepts_images)
+        left = max(0.0, end - time.monotonic())
+        self.reference.start(left, serves="base" if self.lora else None, images=self.accepts_images)
         limits = [s.max_model_len for s in (self.policy, self.reference) if s.max_model_len]
         if limits:
             self._max_positions = min([*limits, *([self._max_positions] if self._max_positions else [])])

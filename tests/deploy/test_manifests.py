@@ -179,6 +179,8 @@ def test_termination_grace_outlasts_the_drain(rendered, overlay):
         sleep = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
         grace = pod_spec(workload)["terminationGracePeriodSeconds"]
         assert grace >= sleep + drain + 5, f"{overlay} {workload['metadata']['name']}: {grace} < {sleep} + {drain} + 5"
+        deadline = float(env.get("RLAIFV_REQUEST_TIMEOUT_S") or Settings.model_fields["request_timeout_s"].default)
+        assert drain >= deadline, f"{overlay}: a {drain} s drain cuts requests accepted with {deadline} s to run"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -291,10 +293,11 @@ def test_secrets_are_referenced_never_shipped(rendered, overlay):
         (password,) = [e for e in container["env"] if e["name"] == "RLAIFV_REDIS_PASSWORD"]
         assert password["valueFrom"]["secretKeyRef"] == {"name": "rlaifv-redis", "key": "password"}
         assert "@" not in env["RLAIFV_REDIS_URL"]  # the password never sits in the URL
-        if container["name"] == "server":
+        if "RLAIFV_API_KEYS_FILE" in env:  # every container Settings reads it in (the worker crashed without it)
             keys = Path(env["RLAIFV_API_KEYS_FILE"])
-            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(keys.parent)]
-            (volume,) = [v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"]]
+            mounts = [m for m in container["volumeMounts"] if m["mountPath"] == str(keys.parent)]
+            assert len(mounts) == 1, f"{overlay} {container['name']}: {keys} is not mounted"
+            (volume,) = [v for v in pod_spec(workload)["volumes"] if v["name"] == mounts[0]["name"]]
             assert volume["secret"]["secretName"] == "rlaifv-api-keys"
     redis = one(docs, "StatefulSet", "rlaifv-redis")
     volumes = pod_spec(redis)["volumes"]

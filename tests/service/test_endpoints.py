@@ -145,6 +145,8 @@ def test_models_health_ready_metrics(client: httpx.Client, red_url: str) -> None
         "rlaifv_model_load_seconds",
     ):
         assert name in text, name
+    # `api`, not `endpoint`: the Prometheus Operator's own label on every scraped series would rename ours
+    assert 'rlaifv_reward_count{api="best_of_n"}' in text and "endpoint=" not in text
 
 
 def test_request_id_echoed(client: httpx.Client) -> None:

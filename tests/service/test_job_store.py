@@ -306,3 +306,42 @@ def test_cached_rewards_are_keyed_by_the_image_preprocessing_version(monkeypatch
     now = cache.RewardCache.key(*args)
     monkeypatch.setattr(cache, "PREPROCESSING_VERSION", cache.PREPROCESSING_VERSION - 1)
     assert cache.RewardCache.key(*args) != now
+
+
+async def test_a_batch_running_longer_than_the_claim_idle_time_stays_its_workers(store: JobStore) -> None:
+    """Another worker reclaims items idle for RLAIFV_JOBS_CLAIM_IDLE_MS: a consumer still running a long batch
+    renews its claim, so its items are not taken and run twice (they were, past 60 s on a GPU)."""
+    from pydantic import BaseModel
+
+    from rlaifv.service.jobs import GROUP, JobWorkers
+    from rlaifv.service.metrics import Metrics
+
+    class Scored(BaseModel):
+        rewards: list[float]
+
+    class Gated:
+        def __init__(self) -> None:
+            self.started, self.release, self.calls = asyncio.Event(), asyncio.Event(), 0
+
+        async def rewards(self, request: Any, http_request: Any) -> Scored:
+            self.calls += 1
+            self.started.set()
+            await self.release.wait()
+            return Scored(rewards=[0.5])
+
+    settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=1, jobs_claim_idle_ms=150)
+    serving = Gated()
+    workers = JobWorkers(store, serving, settings, Metrics())  # type: ignore[arg-type]
+    job = await store.create(request(1))
+    workers.start()
+    await serving.started.wait()
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 0.6  # four claim-idle periods of wall time: what Redis's idle clock counts
+    while loop.time() < end:
+        taken = await store.redis.xautoclaim(store.stream, GROUP, "another-worker", min_idle_time=150, count=10)
+        assert not taken[1], "a running item was reclaimed by another consumer"
+        await asyncio.sleep(0.03)
+    serving.release.set()
+    await workers.stop(grace_s=5)
+    done = await store.get(job.id)
+    assert done is not None and done.completed == 1 and serving.calls == 1

@@ -27,6 +27,15 @@ def test_env_vars_are_read(monkeypatch, tmp_path) -> None:
     assert len(s.api_key_hashes()) == 2
 
 
+@pytest.mark.parametrize("content", ["", "\n\n", "# keys go here\n"])
+def test_a_keys_file_without_a_key_is_refused_not_an_open_api(tmp_path, content: str) -> None:
+    """A Secret created without its key mounts an empty file: the service ran with /v1 open to anyone."""
+    keys = tmp_path / "keys"
+    keys.write_text(content)
+    with pytest.raises(ValueError, match="holds no key: with it, /v1 would be open to anyone"):
+        Settings(api_keys_file=keys)
+
+
 def test_flags_override_env(monkeypatch) -> None:
     from rlaifv.service.serve_cli import build_settings
 

@@ -9,6 +9,7 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -584,3 +585,29 @@ async def test_a_stop_cut_answer_is_scored_stripped_as_in_process(text_bundle: P
     expected = encode_answer(tokenizer, text, eot_id=engine.eot_id)
     prompts = [p for batch in scored for p in (batch if isinstance(batch[0], list) else [batch])]
     assert prompts and all(p[-len(expected) :] == expected for p in prompts)
+
+
+def test_both_vllm_servers_share_one_start_up_wait(text_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RLAIFV_VLLM_WAIT_S bounds the whole start-up: a wait per server doubled the worst case, past the startup
+    probe's budget (fake clock: the policy server takes 700 s of a 900 s wait to come up)."""
+    import time
+    import types
+
+    from rlaifv.service.engines import load_engine
+    from rlaifv.service.engines import vllm as module
+
+    clock, waits = [1000.0], []
+
+    def start(server: Any, wait_s: float, **_: Any) -> None:
+        waits.append((server.role, wait_s))
+        clock[0] += 700.0
+
+    fake_time = types.SimpleNamespace(monotonic=lambda: clock[0], perf_counter=time.perf_counter, sleep=time.sleep)
+    monkeypatch.setattr(module, "time", fake_time)
+    monkeypatch.setattr(module.VllmServer, "start", start)
+    nowhere = f"http://127.0.0.1:{free_port()}/v1"
+    settings = Settings(
+        bundle=text_bundle, engine="vllm", vllm_policy_url=nowhere, vllm_reference_url=nowhere, vllm_wait_s=900
+    )
+    load_engine(settings)
+    assert waits == [("policy", 900.0), ("reference", 200.0)]
