@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
 import tempfile
@@ -228,6 +229,10 @@ def safetensors_headers(folder: Path) -> dict[str, dict[str, Any]]:
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise BundleError(f"{path} has an unreadable safetensors header: {exc}") from None
         header.pop("__metadata__", None)
+        ends = [t["data_offsets"][1] for t in header.values() if isinstance(t, dict) and "data_offsets" in t]
+        needed = 8 + size + max(ends, default=0)
+        if path.stat().st_size < needed:  # a copy cut short: loading it would fail
+            raise BundleError(f"{path} is truncated: {path.stat().st_size} bytes, its header describes {needed}")
         tensors.update(header)
     return tensors
 
@@ -291,17 +296,17 @@ def check_compatible(policy: Path, reference: Path, *, end_of_turn: str | None =
             "(re-save it with AutoTokenizer.from_pretrained(path).save_pretrained(path) to write one)"
         )
     ref_images = image_settings(reference)
-    if ref_images is None:
+    if ref_images is None and image_settings(policy) is not None:  # both without one: a text-only pair, served too
         raise BundleError(
             f"reference folder {reference} has no image processor (processor_config.json or "
-            "preprocessor_config.json): the bundle's processor comes from the reference"
+            "preprocessor_config.json) but the policy has one: the bundle's processor comes from the reference"
         )
     problems: list[str] = []
     policy_tok = tokenizer_facts(policy)
     if policy_tok is not None:
         problems += [f"tokenizer {p}" for p in tokenizer_differences(policy_tok, ref_tok)]
     policy_images = image_settings(policy)
-    if policy_images is not None:
+    if policy_images is not None and ref_images is not None:
         loaded_policy, loaded_reference = loaded_image_settings(policy), loaded_image_settings(reference)
         if loaded_policy is not None and loaded_reference is not None:  # as the service will use them
             policy_images, ref_images = loaded_policy, loaded_reference
@@ -405,6 +410,9 @@ def create_bundle(
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would stay the bundle's: unreadable to the serving user
     try:
         write_bundle(
             staging,
@@ -418,6 +426,7 @@ def create_bundle(
             copy=copy,
         )
         manifest = read_manifest(staging)
+        describe_bundle(staging)  # every weights file readable, before the bundle takes the output's place
         if output.exists():
             retired = output.with_name(staging.name + ".old")
             output.rename(retired)

@@ -121,8 +121,14 @@ def check(
     except RewardError as exc:
         raise _fail(exc) from None
     if as_json:
-        report = {  # sampling null: the sampler picked other greedy tokens
-            role: {**asdict(r), "sampling": r.sampling if math.isfinite(r.sampling) else None, "exact": r.exact}
+        report = {  # null: not finite (sampling: the sampler picked other greedy tokens; scoring: NaN weights)
+            role: {
+                **asdict(r),
+                "scoring": r.scoring if math.isfinite(r.scoring) else None,
+                "sampling": r.sampling if math.isfinite(r.sampling) else None,
+                "exact": r.exact,
+                "family_rules": FAMILIES[r.model_type].name if r.model_type in FAMILIES else None,
+            }
             for role, r in results.items()
         }
         typer.echo(json.dumps(report, indent=2))

@@ -352,3 +352,40 @@ def test_a_tokenizer_without_eos_needs_an_end_of_turn(models, tmp_path):
     assert "has no eos_token" in message and "--end-of-turn" in message
     create_bundle(tmp_path / "bundle", policy=reference, reference=reference, end_of_turn="</s>")
     assert len(load_bundle(tmp_path / "bundle").score(_image(), QUESTION, ANSWERS).rewards) == len(ANSWERS)
+
+
+def test_the_bundle_folder_is_readable_by_the_serving_user(models, tmp_path):
+    """mkdtemp's 0700 stayed the bundle's mode: unreadable to the images' non-root user (uid 10001)."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        create_bundle(tmp_path / "b", policy=models["policy"], reference=models["reference"])
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_text_only_pair_is_bundled_as_it_is_served(tmp_path):
+    """Neither model has an image processor: a text-only pair, which the service serves (it was refused)."""
+    from rlaifv.testing.tiny_text import build_tiny_text_bundle
+
+    source = build_tiny_text_bundle(tmp_path / "source")
+    manifest = read_manifest(source)
+    bundle = tmp_path / "b"
+    create_bundle(bundle, policy=source / manifest.policy, reference=source / manifest.reference)
+    pair = load_bundle(bundle)
+    assert len(pair.score([], "What is two and two?", ["four", "five"]).rewards) == 2
+
+
+def test_unreadable_weights_leave_no_bundle(models, tmp_path):
+    """A truncated or junk weights file is refused before the bundle takes the output's place (a truncated copy
+    was accepted, a junk one refused only after the bundle was written)."""
+    for name, damage in (("junk", lambda data: b"not a safetensors file"), ("truncated", lambda data: data[:-100])):
+        policy = _copy(models["policy"], tmp_path / f"policy-{name}")
+        weights = policy / "model.safetensors"
+        weights.write_bytes(damage(weights.read_bytes()))
+        with pytest.raises(BundleError, match=r"not a safetensors file|is truncated"):
+            create_bundle(tmp_path / f"b-{name}", policy=policy, reference=models["reference"])
+        assert not (tmp_path / f"b-{name}").exists()
+        assert not list(tmp_path.glob(f".b-{name}.*"))  # no staging folder left either
