@@ -7,6 +7,7 @@ Also runnable as `python -m service.serve_cli`.
 from __future__ import annotations
 
 import math
+import socket
 import time
 from pathlib import Path
 from types import FrameType
@@ -46,11 +47,51 @@ def fallback_bundle() -> Path:
 
 
 def build_settings(**overrides: Any):
-    """Settings from the environment, with the flags that were given on top."""
+    """Settings from the environment, with the flags that were given on top; a bad value exits 2 naming the flag
+    and the variable (a pydantic traceback named only the field)."""
+    from pydantic import ValidationError
+
     from rlaifv.service.settings import Settings
 
     given = {k: v for k, v in overrides.items() if v is not None}
-    return Settings(**given)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            where = f"--{field.replace('_', '-')} / RLAIFV_{field.upper()}: " if field else ""
+            message = error["msg"].removeprefix("Value error, ")
+            typer.secho(f"error: {where}{message}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+def check_bundle(bundle: Path) -> None:
+    """The bundle's manifest before the app starts: a missing or broken bundle exits 2 with its reason (it was
+    a traceback inside uvicorn's lifespan)."""
+    from rlaifv.reward.bundle import read_manifest
+    from rlaifv.reward.errors import BundleError
+
+    try:
+        read_manifest(bundle)
+    except BundleError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+def bind(host: str, port: int, what: str) -> socket.socket:
+    """The listening port, bound before the model loads: a port in use exits 2 at once (it was found after the
+    whole load and warm-up)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        typer.secho(f"error: {what}: cannot listen on {host}:{port}: {exc.strerror}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 PackWeights = Annotated[
@@ -220,6 +261,8 @@ def serve(
     configure_logging(settings.log_level)
     if settings.bundle is None:
         settings = settings.model_copy(update={"bundle": fallback_bundle()})
+    check_bundle(settings.bundle)
+    sock = bind(settings.host, settings.port, "--port / RLAIFV_PORT")
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -230,7 +273,7 @@ def serve(
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),  # None would wait forever
         access_log=False,
     )
-    DrainingServer(config).run()
+    DrainingServer(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

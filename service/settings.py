@@ -31,6 +31,9 @@ def _split(value: Any) -> Any:
 CommaList = Annotated[list[str], NoDecode]
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
 class Settings(BaseSettings):
     """Configuration of `rlaifv serve` and `rlaifv worker`. Environment names: the field names upper-cased,
     prefixed with `RLAIFV_`."""
@@ -120,7 +123,7 @@ class Settings(BaseSettings):
     # -- HTTP -------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    log_level: str = "info"
+    log_level: str = Field("info", description="critical, error, warning, info or debug.")
     shutdown_grace_s: float = Field(30.0, ge=0, description="Time in-flight requests get to finish on shutdown.")
     engine_stall_s: float = Field(
         900.0,
@@ -237,6 +240,22 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http(s) URL such as http://host:8000/v1")
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        return value.lower()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.strip().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// (TLS) or unix:// URL")
+        return value.strip()
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -34,6 +34,7 @@ from rlaifv.service.serve_cli import (
     RedisUrl,
     RedisUsername,
     build_settings,
+    check_bundle,
     fallback_bundle,
 )
 
@@ -206,6 +207,7 @@ def worker(
         raise typer.Exit(2)
     if settings.bundle is None:
         settings = settings.model_copy(update={"bundle": fallback_bundle()})
+    check_bundle(settings.bundle)
     try:
         asyncio.run(run_worker(settings))
     except WorkerPortError as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -54,6 +56,8 @@ def test_flags_override_env(monkeypatch) -> None:
         ("api_keys", "changeme"),
         ("api_keys", "short"),
         ("pack_weights", "sometimes"),
+        ("log_level", "bogus"),
+        ("redis_url", "http://x"),
     ],
 )
 def test_unsafe_or_invalid_settings_refused(field, value) -> None:
@@ -129,3 +133,51 @@ def test_rlaifv_family_check_reaches_the_model_load(tmp_path, monkeypatch) -> No
     monkeypatch.setenv("RLAIFV_FAMILY_CHECK", "warn")
     engine, _ = load_engine(Settings(bundle=tmp_path / "bundle", device="cpu"))
     assert engine is not None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "99999"], "--port / RLAIFV_PORT: Input should be less than or equal to 65535"),
+        (["--max-n", "0"], "--max-n / RLAIFV_MAX_N: Input should be greater than or equal to 1"),
+        (["--log-level", "bogus"], "--log-level / RLAIFV_LOG_LEVEL: must be one of critical"),
+        (["--redis-url", "http://x"], "--redis-url / RLAIFV_REDIS_URL: must be a redis://"),
+        (["--bundle", "{tmp}/missing"], "{tmp}/missing"),
+    ],
+)
+def test_serve_refuses_bad_settings_naming_the_flag_before_loading(args, message, tmp_path, monkeypatch) -> None:
+    """A clean exit 2 naming the flag and the variable (it was a pydantic traceback naming the field, and a bad
+    bundle a traceback from inside uvicorn's lifespan)."""
+    from typer.testing import CliRunner
+
+    from rlaifv.cli.main import app
+
+    for name in [n for n in os.environ if n.startswith("RLAIFV_")]:
+        monkeypatch.delenv(name)
+    result = CliRunner().invoke(app, ["serve", *[a.format(tmp=tmp_path) for a in args]])
+    assert result.exit_code == 2, result.output
+    assert message.format(tmp=tmp_path) in result.output and "Traceback" not in result.output
+
+
+def test_serve_finds_a_busy_port_before_loading_the_model(tmp_path, monkeypatch) -> None:
+    """The port is bound before the model loads (a busy port was found after the whole load and warm-up)."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from rlaifv.cli.main import app
+    from rlaifv.service import serve_cli
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    loaded: list[bool] = []
+    monkeypatch.setattr(serve_cli, "check_bundle", lambda bundle: None)
+    monkeypatch.setattr("rlaifv.service.app.create_app", lambda settings: loaded.append(True))
+    port = busy.getsockname()[1]
+    try:
+        result = CliRunner().invoke(app, ["serve", "--bundle", str(tmp_path), "--port", str(port)])
+    finally:
+        busy.close()
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output, result.output
+    assert not loaded
