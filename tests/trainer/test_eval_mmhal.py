@@ -203,6 +203,10 @@ def test_nothing_judged_is_no_score_and_leaves_a_gap_in_the_curve(tmp_path: Path
     paths = [write_report(r, tmp_path / f"{r.name}.json")[0] for r in (report, judged)]
     table = compare(paths)
     assert "| score | n/a | 3.0000 |" in table and "| by_type.other | n/a | 3.0000 |" in table
+    as_md = write_report(judged, tmp_path / "md" / "r.md")  # the Markdown was written over the JSON
+    assert as_md == (tmp_path / "md" / "r.json", tmp_path / "md" / "r.md") and compare([as_md[0]])
+    with pytest.raises(DataError, match="is a folder"):
+        write_report(judged, tmp_path / "md")
 
     result = {
         "ns": [1, 2],

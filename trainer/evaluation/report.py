@@ -71,8 +71,13 @@ def report_markdown(report: Report) -> str:
 
 
 def write_report(report: Report, path: str | Path, *, markdown: str | None = None) -> tuple[Path, Path]:
-    """`path` (JSON) and the same name with .md (the given Markdown, else the metrics table)."""
+    """`path` (JSON) and the same name with .md (the given Markdown, else the metrics table). A `path` ending in
+    .md is the Markdown's: the JSON goes beside it as .json (it was overwritten by the Markdown)."""
     path = Path(path)
+    if path.suffix.lower() == ".md":
+        path = path.with_suffix(".json")
+    if path.is_dir():
+        raise DataError(f"--output {path} is a folder: give the report's file name (e.g. {path / 'report.json'})")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(report.model_dump_json(indent=2) + "\n")
     md = path.with_suffix(".md")
