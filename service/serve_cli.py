@@ -6,12 +6,14 @@ Also runnable as `python -m service.serve_cli`.
 
 from __future__ import annotations
 
+import inspect
 import math
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
-from typing import Annotated, Any
+from types import FrameType, UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
 import uvicorn
@@ -33,6 +35,50 @@ EngineStall = Annotated[
     float | None,
     typer.Option(help="/healthz fails once one engine batch has run this long (env RLAIFV_ENGINE_STALL_S; 0: never)."),
 ]
+
+
+def with_settings_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` with a `--name` option for every Settings field it does not declare itself, passed in its
+    `**extra`: every `RLAIFV_*` setting is also the same-named flag (38 of 75 had none), whatever is added to
+    Settings later. Help comes from the field's description; lists are comma-separated."""
+    from rlaifv.service.settings import Settings
+
+    signature = inspect.signature(command)
+    declared = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    known = {p.name for p in declared}
+    generated = []
+    for name, field in Settings.model_fields.items():
+        if name in known:
+            continue
+        kind, note = _flag_type(field.annotation)
+        flag = "--" + name.replace("_", "-")
+        secret = name.endswith(("api_keys", "api_key", "password"))
+        help_text = (field.description or name.replace("_", " ")).rstrip(".") + note
+        help_text += f" (env RLAIFV_{name.upper()}" + ("; prefer the env: flags show in `ps`)" if secret else ")")
+        option = typer.Option(f"{flag}/--no-{flag[2:]}" if kind is bool else flag, help=help_text, show_default=False)
+        generated.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
+            )
+        )
+    command.__signature__ = signature.replace(parameters=[*declared, *generated])  # type: ignore[attr-defined]
+    return command
+
+
+def _flag_type(annotation: Any) -> tuple[type, str]:
+    """The type a flag takes for a Settings annotation, and what its help should add (the choices, the format)."""
+    args = (
+        [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (Union, UnionType) else []
+    )
+    if args:
+        annotation = args[0]
+    if get_origin(annotation) is Literal:
+        return str, f": {', '.join(map(str, get_args(annotation)))}"
+    if get_origin(annotation) is list:
+        return str, ", comma-separated"
+    if annotation in (bool, int, float, str, Path):
+        return annotation, ""
+    return str, ""
 
 
 def fallback_bundle() -> Path:
@@ -214,8 +260,10 @@ def serve(
     vllm_wait_s: VllmWait = None,
     engine_stall_s: EngineStall = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning (env RLAIFV_LOG_LEVEL).")] = None,
+    **extra: Any,
 ) -> None:
-    """Serve best-of-N and rewards over HTTP (FastAPI + uvicorn). Settings: RLAIFV_* environment variables."""
+    """Serve best-of-N and rewards over HTTP (FastAPI + uvicorn). Every setting is an RLAIFV_* environment variable
+    and the same-named flag (flags win)."""
     from rlaifv.service.app import create_app
     from rlaifv.service.log_format import configure_logging
 
@@ -257,6 +305,7 @@ def serve(
         vllm_wait_s=vllm_wait_s,
         engine_stall_s=engine_stall_s,
         log_level=log_level,
+        **extra,
     )
     configure_logging(settings.log_level)
     if settings.bundle is None:
@@ -275,6 +324,8 @@ def serve(
     )
     DrainingServer(config).run(sockets=[sock])
 
+
+with_settings_flags(serve)
 
 if __name__ == "__main__":
     typer.run(serve)

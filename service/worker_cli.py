@@ -36,6 +36,7 @@ from rlaifv.service.serve_cli import (
     build_settings,
     check_bundle,
     fallback_bundle,
+    with_settings_flags,
 )
 
 if TYPE_CHECKING:
@@ -170,8 +171,10 @@ def worker(
         typer.Option(help="Port of /healthz, /readyz and /metrics (env RLAIFV_WORKER_PORT, default 8001; 0: none)."),
     ] = None,
     engine_stall_s: EngineStall = None,
+    **extra: Any,
 ) -> None:
-    """Run batch-job workers only (no API): same bundle and Redis settings as `rlaifv serve`."""
+    """Run batch-job workers only (no API): same bundle and Redis settings as `rlaifv serve` (every setting an
+    RLAIFV_* variable and the same-named flag)."""
     from rlaifv.service.log_format import configure_logging
 
     settings = build_settings(
@@ -197,6 +200,7 @@ def worker(
         host=host,
         worker_port=worker_port,
         engine_stall_s=engine_stall_s,
+        **extra,
     )
     configure_logging(settings.log_level)
     if not settings.redis_url:
@@ -214,6 +218,8 @@ def worker(
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
 
+
+with_settings_flags(worker)
 
 if __name__ == "__main__":
     typer.run(worker)

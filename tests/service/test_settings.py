@@ -181,3 +181,34 @@ def test_serve_finds_a_busy_port_before_loading_the_model(tmp_path, monkeypatch)
         busy.close()
     assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output, result.output
     assert not loaded
+
+
+def test_every_setting_is_a_flag_of_serve_and_worker(monkeypatch) -> None:
+    """RLAIFV_X is also --x on both commands (38 of 75 settings had no flag); a generated flag reaches Settings."""
+    import inspect
+
+    import typer
+    from typer.testing import CliRunner
+
+    from rlaifv.cli.main import app
+    from rlaifv.service import serve_cli
+    from rlaifv.service.worker_cli import worker
+
+    for command in (serve_cli.serve, worker):
+        assert set(Settings.model_fields) <= set(inspect.signature(command).parameters), command.__name__
+    for name in [n for n in os.environ if n.startswith("RLAIFV_")]:
+        monkeypatch.delenv(name)
+    built: list[Settings] = []
+
+    def build(**given):
+        built.append(Settings(**{k: v for k, v in given.items() if v is not None}))
+        raise typer.Exit(0)
+
+    monkeypatch.setattr(serve_cli, "build_settings", build)
+    flags = ["--model-name", "m", "--no-warmup", "--allowed-image-hosts", "a.org,*.b.org", "--max-images", "3"]
+    result = CliRunner().invoke(app, ["serve", *flags, "--vllm-reference", "inprocess", "--cache-ttl-s", "60"])
+    assert result.exit_code == 0, result.output
+    (settings,) = built
+    assert (settings.model_name, settings.warmup, settings.max_images) == ("m", False, 3)
+    assert settings.allowed_image_hosts == ["a.org", "*.b.org"] and settings.vllm_reference == "inprocess"
+    assert settings.cache_ttl_s == 60
