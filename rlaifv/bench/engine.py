@@ -642,6 +642,14 @@ def bench_engine(
         raise typer.BadParameter("float32 or bfloat16", param_hint="--dtype")
     if pack_weights not in ("auto", "on", "off"):
         raise typer.BadParameter("auto, on or off", param_hint="--pack-weights")
+    try:
+        ns = tuple(int(x) for x in n.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"comma-separated counts, got {n!r}", param_hint="--n") from None
+    if min(ns) < 1 or headline < 1 or repeats < 1:
+        raise typer.BadParameter("--n, --headline and --repeats must be at least 1", param_hint="--n")
+    if headline not in ns:  # its run is the one the ratios, the exactness and the fp32 comparison read
+        raise typer.BadParameter(f"--headline {headline} must be one of --n {n}", param_hint="--headline")
     torch.set_num_threads(threads)
     reports: list[dict[str, Any]] = []
     for name in shape.split(","):
@@ -651,7 +659,7 @@ def bench_engine(
             SHAPES[name],
             device=device,
             dtype=dtype,
-            ns=tuple(int(x) for x in n.split(",")),
+            ns=ns,
             headline=headline,
             answer_tokens=answer_tokens or (128 if on_cuda else 64),
             repeats=repeats,

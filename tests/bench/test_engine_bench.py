@@ -47,3 +47,20 @@ def test_the_engine_benchmark_measures_every_path(pack: str) -> None:
     assert "lora" in report and report["ratios"]["lora_memory_share"] < 1
     text = render(report)
     assert "best-of-4 vs naive" in text and ("weights packed for oneDNN" in text) == (pack == "on")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--n", "1,2"], "--headline 8 must be one of --n 1,2"),  # crashed after every timing run
+        (["--n", "1,x"], "comma-separated counts"),
+        (["--n", "0,8"], "at least 1"),
+    ],
+)
+def test_flag_combinations_that_cannot_run_are_refused_first(args: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from rlaifv.cli.main import app
+
+    result = CliRunner().invoke(app, ["bench", "engine", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
