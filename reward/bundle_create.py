@@ -512,6 +512,11 @@ def describe_bundle(folder: str | Path) -> BundleDescription:
         if not path.is_dir():
             raise BundleError(f"bundle {folder}: {role} folder {path} does not exist")
         models[role] = summarize_model(path.resolve(), linked=Path(entry).expanduser().is_absolute())
+    if models["policy"].kind != manifest.policy_type:  # what loading the bundle refuses: say so here too
+        raise BundleError(
+            f"bundle {folder}: the manifest says policy_type {manifest.policy_type!r} but the policy folder holds"
+            f" a {'LoRA adapter' if models['policy'].kind == 'lora' else 'full model'}"
+        )
     return BundleDescription(
         folder=str(Path(folder).resolve()),
         name=manifest.name,

@@ -389,3 +389,12 @@ def test_unreadable_weights_leave_no_bundle(models, tmp_path):
             create_bundle(tmp_path / f"b-{name}", policy=policy, reference=models["reference"])
         assert not (tmp_path / f"b-{name}").exists()
         assert not list(tmp_path.glob(f".b-{name}.*"))  # no staging folder left either
+
+
+def test_inspect_refuses_a_manifest_whose_policy_type_is_not_its_folders(models, tmp_path):
+    """`bundle inspect` said OK where loading refuses: a manifest saying 'lora' over a full model."""
+    create_bundle(tmp_path / "b", policy=models["policy"], reference=models["reference"])
+    path = tmp_path / "b" / MANIFEST
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"policy_type": "lora"}))
+    with pytest.raises(BundleError, match="policy_type 'lora' but the policy folder holds a full model"):
+        describe_bundle(tmp_path / "b")
