@@ -501,18 +501,25 @@ class JobWorkers:
         of `RLAIFV_JOBS_CLAIM_IDLE_MS`, so another worker's XAUTOCLAIM takes only the items of a consumer that
         stopped, never those of one still running a long GPU batch (they ran twice)."""
 
+        redis, stream = self.store.redis, self.store.stream
+
         async def renew() -> None:
             while entry_ids:
                 await asyncio.sleep(self.claim_idle_ms / 3000)
-                with contextlib.suppress(*REDIS_DOWN):
-                    await self.store.redis.xclaim(self.store.stream, GROUP, consumer, 0, entry_ids, justid=True)
+                try:  # only the entries still ours: one another worker took (Redis was away) stays theirs
+                    pending = await redis.xpending_range(stream, GROUP, "-", "+", 4 * len(entry_ids) + 100, consumer)
+                    ours = [p["message_id"] for p in pending if p["message_id"] in entry_ids]
+                    if ours:
+                        await redis.xclaim(stream, GROUP, consumer, 0, ours, justid=True)
+                except Exception as exc:  # a lapse costs at most a rerun elsewhere; the batch goes on
+                    log.debug("claim renewal skipped: %s", type(exc).__name__)
 
         renewing = asyncio.create_task(renew())
         try:
             yield
         finally:
             renewing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await renewing
 
     async def _process(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:

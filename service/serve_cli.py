@@ -43,7 +43,7 @@ def with_settings_flags(command: Callable[..., None]) -> Callable[..., None]:
     Settings later. Help comes from the field's description; lists are comma-separated."""
     from rlaifv.service.settings import Settings
 
-    signature = inspect.signature(command)
+    signature = inspect.signature(command, eval_str=True)  # typer reads a given __signature__ as it is
     declared = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     known = {p.name for p in declared}
     generated = []
@@ -124,20 +124,32 @@ def check_bundle(bundle: Path) -> None:
         raise typer.Exit(2) from None
 
 
-def bind(host: str, port: int, what: str) -> socket.socket:
-    """The listening port, bound before the model loads: a port in use exits 2 at once (it was found after the
-    whole load and warm-up)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def bind(host: str, port: int, what: str) -> list[socket.socket]:
+    """The listening sockets, bound and listening before the model loads: a port in use exits 2 at once (it was
+    found after the whole load and warm-up). Every address `host` resolves to, as uvicorn binds them (`localhost`:
+    127.0.0.1 and ::1)."""
     try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        typer.secho(f"error: {what}: cannot listen on {host}:{port}: {exc.strerror}", fg=typer.colors.RED, err=True)
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        typer.secho(f"error: --host / RLAIFV_HOST: cannot resolve {host!r}: {exc.strerror}", fg="red", err=True)
         raise typer.Exit(2) from None
-    sock.set_inheritable(True)
-    return sock
+    sockets: list[socket.socket] = []
+    for family, kind, proto, _, address in dict.fromkeys(addresses):
+        sock = socket.socket(family, kind, proto)
+        sockets.append(sock)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(2048)  # bound alone, a second server could bind the same port while this one loads
+        except OSError as exc:
+            for opened in sockets:
+                opened.close()
+            typer.secho(f"error: {what}: cannot listen on {host}:{port}: {exc.strerror}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        sock.set_inheritable(True)
+    return sockets
 
 
 PackWeights = Annotated[
@@ -311,7 +323,7 @@ def serve(
     if settings.bundle is None:
         settings = settings.model_copy(update={"bundle": fallback_bundle()})
     check_bundle(settings.bundle)
-    sock = bind(settings.host, settings.port, "--port / RLAIFV_PORT")
+    sockets = bind(settings.host, settings.port, "--port / RLAIFV_PORT")
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -322,7 +334,7 @@ def serve(
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),  # None would wait forever
         access_log=False,
     )
-    DrainingServer(config).run(sockets=[sock])
+    DrainingServer(config).run(sockets=sockets)
 
 
 with_settings_flags(serve)

@@ -196,6 +196,9 @@ def test_every_setting_is_a_flag_of_serve_and_worker(monkeypatch) -> None:
 
     for command in (serve_cli.serve, worker):
         assert set(Settings.model_fields) <= set(inspect.signature(command).parameters), command.__name__
+    for name in ("serve", "worker"):  # declared options keep their own help beside the generated ones
+        shown = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "250"}).output
+        assert "Bundle folder (env RLAIFV_BUNDLE)" in shown and "Most images per request" in shown, name
     for name in [n for n in os.environ if n.startswith("RLAIFV_")]:
         monkeypatch.delenv(name)
     built: list[Settings] = []
@@ -212,3 +215,24 @@ def test_every_setting_is_a_flag_of_serve_and_worker(monkeypatch) -> None:
     assert (settings.model_name, settings.warmup, settings.max_images) == ("m", False, 3)
     assert settings.allowed_image_hosts == ["a.org", "*.b.org"] and settings.vllm_reference == "inprocess"
     assert settings.cache_ttl_s == 60
+
+
+def test_a_second_server_cannot_take_the_port_while_the_first_loads() -> None:
+    """bind() listens at once: a socket only bound (SO_REUSEADDR) let a second server bind the same port and load
+    the whole model before failing."""
+    import socket
+
+    import typer
+
+    from rlaifv.service.serve_cli import bind
+
+    first = bind("127.0.0.1", 0, "--port")
+    port = first[0].getsockname()[1]
+    try:
+        with pytest.raises(typer.Exit):
+            bind("127.0.0.1", port, "--port")
+        with socket.create_connection(("127.0.0.1", port), timeout=2):  # it accepts (the backlog) before serving
+            pass
+    finally:
+        for sock in first:
+            sock.close()
