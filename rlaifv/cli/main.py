@@ -6,12 +6,37 @@ Subcommands import their heavy dependencies inside their bodies, so
 
 from __future__ import annotations
 
+import os
+import sys
+from typing import Any
+
 import typer
 
 from rlaifv.cli.bundle import bundle_app
 from rlaifv.convert.cli import convert_app
 
-app = typer.Typer(name="rlaifv", help="RLAIF-V best-of-N reward service and trainer.", no_args_is_help=True)
+
+class Command(typer.Typer):
+    """The console script. The project's own errors, and a path the OS refuses, end as one `error:` line and exit
+    status 1 whatever subcommand raised them (several printed a traceback: an output under a file, a missing
+    template, a bad bundle for `demo eval`); `RLAIFV_TRACEBACK=1` shows the traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from rlaifv.reward.errors import RewardError
+        from rlaifv.trainer.errors import TrainerError
+
+        refused = (RewardError, TrainerError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+        try:
+            return super().__call__(*args, **kwargs)
+        except (*refused, PermissionError) as exc:
+            if os.environ.get("RLAIFV_TRACEBACK"):
+                raise
+            message = str(exc) if not isinstance(exc, OSError) else f"{exc.strerror}: {exc.filename}"
+            typer.secho(f"error: {message}", fg="red", err=True)
+            sys.exit(1)
+
+
+app = Command(name="rlaifv", help="RLAIF-V best-of-N reward service and trainer.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that print side-by-side ratios measured in one run.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(bundle_app, name="bundle")

@@ -398,3 +398,26 @@ def test_inspect_refuses_a_manifest_whose_policy_type_is_not_its_folders(models,
     path.write_text(json.dumps(json.loads(path.read_text()) | {"policy_type": "lora"}))
     with pytest.raises(BundleError, match="policy_type 'lora' but the policy folder holds a full model"):
         describe_bundle(tmp_path / "b")
+
+
+def test_the_console_script_ends_project_errors_with_one_line(models, tmp_path, capsys, monkeypatch):
+    """Whatever subcommand raises them: a traceback was printed for an output under a file, a bad bundle given to
+    `demo eval`, an unknown `demo build --set`."""
+    from rlaifv.cli.main import app
+
+    monkeypatch.delenv("RLAIFV_TRACEBACK", raising=False)
+    (tmp_path / "afile").write_text("")
+    cases = [
+        (["demo", "eval", str(tmp_path / "missing")], "error: bundle folder"),
+        (["demo", "build", "--set", "nosuch=1"], "error: unknown setting(s): nosuch"),
+        (
+            ["bundle", "create", "--policy", str(models["policy"]), "--reference", str(models["reference"]),
+             "-o", str(tmp_path / "afile" / "sub")],
+            "error: ",
+        ),
+    ]  # fmt: skip
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exited:
+            app(argv)
+        err = capsys.readouterr().err
+        assert exited.value.code == 1 and message in err and "Traceback" not in err, (argv, err)
