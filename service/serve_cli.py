@@ -31,12 +31,6 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-EngineStall = Annotated[
-    float | None,
-    typer.Option(help="/healthz fails once one engine batch has run this long (env RLAIFV_ENGINE_STALL_S; 0: never)."),
-]
-
-
 def with_settings_flags(command: Callable[..., None]) -> Callable[..., None]:
     """`command` with a `--name` option for every Settings field it does not declare itself, passed in its
     `**extra`: every `RLAIFV_*` setting is also the same-named flag (38 of 75 had none), whatever is added to
@@ -152,173 +146,13 @@ def bind(host: str, port: int, what: str) -> list[socket.socket]:
     return sockets
 
 
-PackWeights = Annotated[
-    str | None,
-    typer.Option(help="auto, on, off: CPU linears on packed weights (env RLAIFV_PACK_WEIGHTS, default auto)."),
-]
-FamilyCheckFlag = Annotated[
-    str | None,
-    typer.Option(
-        help="refuse, warn: a model type without engine rules that disagrees with its own generate at start-up "
-        "(env RLAIFV_FAMILY_CHECK, default refuse)."
-    ),
-]
-RedisUrl = Annotated[
-    str | None, typer.Option(help="Redis for jobs, cache, rate limits; rediss:// for TLS (env RLAIFV_REDIS_URL).")
-]
-RedisPassword = Annotated[
-    str | None,
-    typer.Option(
-        help="Redis password (env RLAIFV_REDIS_PASSWORD; prefer the env: flags show in `ps`).", show_default=False
-    ),
-]
-RedisUsername = Annotated[str | None, typer.Option(help="Redis ACL user (env RLAIFV_REDIS_USERNAME).")]
-RedisTls = Annotated[
-    bool | None, typer.Option("--redis-tls/--no-redis-tls", help="TLS to Redis (env RLAIFV_REDIS_TLS).")
-]
-RedisTlsCa = Annotated[Path | None, typer.Option(help="CA bundle for Redis TLS (env RLAIFV_REDIS_TLS_CA_FILE).")]
-RedisTlsCert = Annotated[Path | None, typer.Option(help="Client certificate (env RLAIFV_REDIS_TLS_CERT_FILE).")]
-RedisTlsKey = Annotated[Path | None, typer.Option(help="Client certificate key (env RLAIFV_REDIS_TLS_KEY_FILE).")]
-RedisConnectTimeout = Annotated[
-    float | None, typer.Option(help="Redis connect timeout, s (env RLAIFV_REDIS_CONNECT_TIMEOUT_S).")
-]
-GeneratorUrl = Annotated[
-    str | None,
-    typer.Option(
-        help="OpenAI-compatible API writing best-of-N candidates, e.g. http://host:8000/v1 (env RLAIFV_GENERATOR_URL)."
-    ),
-]
-GeneratorModel = Annotated[
-    str | None, typer.Option(help="Generator model; the only one it lists when unset (env RLAIFV_GENERATOR_MODEL).")
-]
-GeneratorApiKey = Annotated[
-    str | None,
-    typer.Option(
-        help="Generator API key (env RLAIFV_GENERATOR_API_KEY; prefer the env: flags show in `ps`).", show_default=False
-    ),
-]
-GeneratorTimeout = Annotated[
-    float | None, typer.Option(help="Generator request timeout, s (env RLAIFV_GENERATOR_TIMEOUT_S).")
-]
-GeneratorMaxN = Annotated[
-    int | None, typer.Option(help="Most candidates per generator request (env RLAIFV_GENERATOR_MAX_N).")
-]
-VllmPolicyUrl = Annotated[
-    str | None, typer.Option(help="vLLM server of the policy, e.g. http://host:8000/v1 (env RLAIFV_VLLM_POLICY_URL).")
-]
-VllmReferenceUrl = Annotated[
-    str | None, typer.Option(help="vLLM server of the reference (env RLAIFV_VLLM_REFERENCE_URL).")
-]
-VllmTimeout = Annotated[float | None, typer.Option(help="vLLM request timeout, s (env RLAIFV_VLLM_TIMEOUT_S).")]
-VllmWait = Annotated[
-    float | None, typer.Option(help="Wait at start-up for the vLLM servers, s (env RLAIFV_VLLM_WAIT_S).")
-]
-RedisTimeout = Annotated[float | None, typer.Option(help="Redis command timeout, s (env RLAIFV_REDIS_TIMEOUT_S).")]
-
-
-def serve(
-    bundle: Annotated[
-        Path | None,
-        typer.Option(help="Bundle folder (env RLAIFV_BUNDLE); the built-in shapes-world model when absent."),
-    ] = None,
-    engine: Annotated[
-        str | None,
-        typer.Option(help="What runs the model pair: transformers (the default) or vllm (env RLAIFV_ENGINE)."),
-    ] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address (env RLAIFV_HOST, default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (env RLAIFV_PORT, default 8000).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (env RLAIFV_DEVICE, default auto).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16 (env RLAIFV_DTYPE).")] = None,
-    torch_threads: Annotated[
-        int | None, typer.Option(help="torch intra-op threads (env RLAIFV_TORCH_THREADS).")
-    ] = None,
-    pack_weights: PackWeights = None,
-    family_check: FamilyCheckFlag = None,
-    max_n: Annotated[int | None, typer.Option(help="Largest n / best_of (env RLAIFV_MAX_N).")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Largest max_tokens (env RLAIFV_MAX_TOKENS).")] = None,
-    max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 429 (env RLAIFV_MAX_QUEUE).")] = None,
-    max_batch: Annotated[
-        int | None, typer.Option(help="Requests per forward pass; 1 = no batching (env RLAIFV_MAX_BATCH).")
-    ] = None,
-    batch_window_ms: Annotated[
-        float | None, typer.Option(help="Wait after each arrival for the next (env RLAIFV_BATCH_WINDOW_MS).")
-    ] = None,
-    batch_max_wait_ms: Annotated[
-        float | None, typer.Option(help="Longest wait of a forming batch (env RLAIFV_BATCH_MAX_WAIT_MS).")
-    ] = None,
-    request_timeout_s: Annotated[
-        float | None, typer.Option(help="Request deadline (env RLAIFV_REQUEST_TIMEOUT_S).")
-    ] = None,
-    api_keys_file: Annotated[
-        Path | None, typer.Option(help="File of API keys, one per line (env RLAIFV_API_KEYS_FILE).")
-    ] = None,
-    redis_url: RedisUrl = None,
-    redis_password: RedisPassword = None,
-    redis_username: RedisUsername = None,
-    redis_tls: RedisTls = None,
-    redis_tls_ca_file: RedisTlsCa = None,
-    redis_tls_cert_file: RedisTlsCert = None,
-    redis_tls_key_file: RedisTlsKey = None,
-    redis_connect_timeout_s: RedisConnectTimeout = None,
-    redis_timeout_s: RedisTimeout = None,
-    generator_url: GeneratorUrl = None,
-    generator_model: GeneratorModel = None,
-    generator_api_key: GeneratorApiKey = None,
-    generator_timeout_s: GeneratorTimeout = None,
-    generator_max_n: GeneratorMaxN = None,
-    vllm_policy_url: VllmPolicyUrl = None,
-    vllm_reference_url: VllmReferenceUrl = None,
-    vllm_timeout_s: VllmTimeout = None,
-    vllm_wait_s: VllmWait = None,
-    engine_stall_s: EngineStall = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning (env RLAIFV_LOG_LEVEL).")] = None,
-    **extra: Any,
-) -> None:
+def serve(**given: Any) -> None:
     """Serve best-of-N and rewards over HTTP (FastAPI + uvicorn). Every setting is an RLAIFV_* environment variable
     and the same-named flag (flags win)."""
     from rlaifv.service.app import create_app
     from rlaifv.service.log_format import configure_logging
 
-    settings = build_settings(
-        bundle=bundle,
-        host=host,
-        port=port,
-        device=device,
-        dtype=dtype,
-        torch_threads=torch_threads,
-        pack_weights=pack_weights,
-        family_check=family_check,
-        engine=engine,
-        max_n=max_n,
-        max_tokens=max_tokens,
-        max_queue=max_queue,
-        max_batch=max_batch,
-        batch_window_ms=batch_window_ms,
-        batch_max_wait_ms=batch_max_wait_ms,
-        request_timeout_s=request_timeout_s,
-        api_keys_file=api_keys_file,
-        redis_url=redis_url,
-        redis_password=redis_password,
-        redis_username=redis_username,
-        redis_tls=redis_tls,
-        redis_tls_ca_file=redis_tls_ca_file,
-        redis_tls_cert_file=redis_tls_cert_file,
-        redis_tls_key_file=redis_tls_key_file,
-        redis_connect_timeout_s=redis_connect_timeout_s,
-        redis_timeout_s=redis_timeout_s,
-        generator_url=generator_url,
-        generator_model=generator_model,
-        generator_api_key=generator_api_key,
-        generator_timeout_s=generator_timeout_s,
-        generator_max_n=generator_max_n,
-        vllm_policy_url=vllm_policy_url,
-        vllm_reference_url=vllm_reference_url,
-        vllm_timeout_s=vllm_timeout_s,
-        vllm_wait_s=vllm_wait_s,
-        engine_stall_s=engine_stall_s,
-        log_level=log_level,
-        **extra,
-    )
+    settings = build_settings(**given)
     configure_logging(settings.log_level)
     if settings.bundle is None:
         settings = settings.model_copy(update={"bundle": fallback_bundle()})

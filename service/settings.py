@@ -41,7 +41,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RLAIFV_", extra="ignore", validate_default=True)
 
     # -- model ------------------------------------------------------------------
-    bundle: Path | None = Field(None, description="Bundle folder (rlaifv.json + policy/ + reference/).")
+    bundle: Path | None = Field(
+        None,
+        description="Bundle folder (rlaifv.json + policy/ + reference/); the built-in shapes-world model when unset.",
+    )
     engine: Literal["transformers", "vllm"] = Field(
         "transformers",
         description="What runs the model pair: 'transformers' (in process, CPU or GPU) or 'vllm' (vLLM servers of the "
@@ -121,8 +124,8 @@ class Settings(BaseSettings):
     )
 
     # -- HTTP -------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="Address the API (or the worker's operations port) listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port of the API.")
     log_level: str = Field("info", description="critical, error, warning, info or debug.")
     shutdown_grace_s: float = Field(30.0, ge=0, description="Time in-flight requests get to finish on shutdown.")
     engine_stall_s: float = Field(
@@ -158,7 +161,7 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Hosts remote http(s) image URLs may come from ('*.example.com' for subdomains). Empty: none.",
     )
-    image_fetch_timeout_s: float = Field(5.0, gt=0)
+    image_fetch_timeout_s: float = Field(5.0, gt=0, description="Timeout of fetching a remote image URL.")
 
     # -- scheduler --------------------------------------------------------------
     max_queue: int = Field(64, ge=1, description="Requests waiting for the model before 429s are returned.")

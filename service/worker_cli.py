@@ -15,29 +15,12 @@ import logging
 import signal
 import socket
 from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 import uvicorn
 
-from rlaifv.service.serve_cli import (
-    EngineStall,
-    PackWeights,
-    RedisConnectTimeout,
-    RedisPassword,
-    RedisTimeout,
-    RedisTls,
-    RedisTlsCa,
-    RedisTlsCert,
-    RedisTlsKey,
-    RedisUrl,
-    RedisUsername,
-    build_settings,
-    check_bundle,
-    fallback_bundle,
-    with_settings_flags,
-)
+from rlaifv.service.serve_cli import build_settings, check_bundle, fallback_bundle, with_settings_flags
 
 if TYPE_CHECKING:
     from rlaifv.service.settings import Settings
@@ -135,73 +118,12 @@ class WorkerPortError(Exception):
     """The operations port could not be bound."""
 
 
-def worker(
-    bundle: Annotated[
-        Path | None,
-        typer.Option(help="Bundle folder (env RLAIFV_BUNDLE); the built-in shapes-world model when absent."),
-    ] = None,
-    redis_url: RedisUrl = None,
-    redis_password: RedisPassword = None,
-    redis_username: RedisUsername = None,
-    redis_tls: RedisTls = None,
-    redis_tls_ca_file: RedisTlsCa = None,
-    redis_tls_cert_file: RedisTlsCert = None,
-    redis_tls_key_file: RedisTlsKey = None,
-    redis_connect_timeout_s: RedisConnectTimeout = None,
-    redis_timeout_s: RedisTimeout = None,
-    jobs_workers: Annotated[
-        int | None, typer.Option(help="Consumers in this process (env RLAIFV_JOBS_WORKERS, default 1).")
-    ] = None,
-    jobs_stream: Annotated[str | None, typer.Option(help="Job stream (env RLAIFV_JOBS_STREAM).")] = None,
-    jobs_claim_idle_ms: Annotated[
-        int | None,
-        typer.Option(help="Reclaim a dead consumer's items after this idle time (env RLAIFV_JOBS_CLAIM_IDLE_MS)."),
-    ] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (env RLAIFV_DEVICE, default auto).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16, float16 (env RLAIFV_DTYPE).")] = None,
-    torch_threads: Annotated[
-        int | None, typer.Option(help="torch intra-op threads (env RLAIFV_TORCH_THREADS).")
-    ] = None,
-    pack_weights: PackWeights = None,
-    max_batch: Annotated[int | None, typer.Option(help="Requests per forward pass (env RLAIFV_MAX_BATCH).")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning (env RLAIFV_LOG_LEVEL).")] = None,
-    host: Annotated[str | None, typer.Option(help="Address of the operations port (env RLAIFV_HOST).")] = None,
-    worker_port: Annotated[
-        int | None,
-        typer.Option(help="Port of /healthz, /readyz and /metrics (env RLAIFV_WORKER_PORT, default 8001; 0: none)."),
-    ] = None,
-    engine_stall_s: EngineStall = None,
-    **extra: Any,
-) -> None:
+def worker(**given: Any) -> None:
     """Run batch-job workers only (no API): same bundle and Redis settings as `rlaifv serve` (every setting an
     RLAIFV_* variable and the same-named flag)."""
     from rlaifv.service.log_format import configure_logging
 
-    settings = build_settings(
-        bundle=bundle,
-        redis_url=redis_url,
-        redis_password=redis_password,
-        redis_username=redis_username,
-        redis_tls=redis_tls,
-        redis_tls_ca_file=redis_tls_ca_file,
-        redis_tls_cert_file=redis_tls_cert_file,
-        redis_tls_key_file=redis_tls_key_file,
-        redis_connect_timeout_s=redis_connect_timeout_s,
-        redis_timeout_s=redis_timeout_s,
-        jobs_workers=jobs_workers,
-        jobs_stream=jobs_stream,
-        jobs_claim_idle_ms=jobs_claim_idle_ms,
-        device=device,
-        dtype=dtype,
-        torch_threads=torch_threads,
-        pack_weights=pack_weights,
-        max_batch=max_batch,
-        log_level=log_level,
-        host=host,
-        worker_port=worker_port,
-        engine_stall_s=engine_stall_s,
-        **extra,
-    )
+    settings = build_settings(**given)
     configure_logging(settings.log_level)
     if not settings.redis_url:
         typer.secho("error: a worker needs Redis (--redis-url or RLAIFV_REDIS_URL)", fg=typer.colors.RED, err=True)

@@ -196,9 +196,9 @@ def test_every_setting_is_a_flag_of_serve_and_worker(monkeypatch) -> None:
 
     for command in (serve_cli.serve, worker):
         assert set(Settings.model_fields) <= set(inspect.signature(command).parameters), command.__name__
-    for name in ("serve", "worker"):  # declared options keep their own help beside the generated ones
+    for name in ("serve", "worker"):  # every option with its setting's help
         shown = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "250"}).output
-        assert "Bundle folder (env RLAIFV_BUNDLE)" in shown and "Most images per request" in shown, name
+        assert "Bundle folder (rlaifv.json" in shown and "Most images per request" in shown, name
     for name in [n for n in os.environ if n.startswith("RLAIFV_")]:
         monkeypatch.delenv(name)
     built: list[Settings] = []
