@@ -700,9 +700,9 @@ LLAVA_TEMPLATE = (
 )
 
 
-def _llava(folder: Path, seed: int):
-    """llava-1.5-hf layout: "USER: <image>\\n... ASSISTANT:", a 32 px CLIP tile = 16 tokens; <s> from the tokenizer."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+def _llava_processor(chat_template: str, plain: Sequence[str] = ("\n",)) -> tuple[Any, Any]:
+    """LLaVA-1.5's tokenizer and processor (VipLLaVA's too): <s>/</s>, "<image>" for a 32 px CLIP tile of 16 tokens."""
+    from transformers import LlavaProcessor
     from transformers.models.clip import CLIPImageProcessorPil
 
     tokenizer = build_word_tokenizer(
@@ -712,17 +712,25 @@ def _llava(folder: Path, seed: int):
         pad="<pad>",
         add_bos_token=True,
         named={"image_token": "<image>"},
-        chat_template=LLAVA_TEMPLATE,
+        plain=plain,
+        chat_template=chat_template,
     )
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
         tokenizer=tokenizer,
         patch_size=8,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=tokenizer.chat_template,
     )
+    return tokenizer, processor
+
+
+def _llava(folder: Path, seed: int):
+    """llava-1.5-hf layout: "USER: <image>\\n... ASSISTANT:", a 32 px CLIP tile = 16 tokens; <s> from the tokenizer."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer, processor = _llava_processor(LLAVA_TEMPLATE)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**_vision(32, 8), projection_dim=32),
         text_config=LlamaConfig(**TEXT, **_text_ids(tokenizer)),
@@ -948,31 +956,11 @@ def _vipllava(folder: Path, seed: int):
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
-        LlavaProcessor,
         VipLlavaConfig,
         VipLlavaForConditionalGeneration,
     )
-    from transformers.models.clip import CLIPImageProcessorPil
 
-    tokenizer = build_word_tokenizer(
-        (),
-        bos="<s>",
-        eos="</s>",
-        pad="<pad>",
-        add_bos_token=True,
-        named={"image_token": "<image>"},
-        plain=("\n", "###Human:", "###Assistant:"),
-        chat_template=VIPLLAVA_TEMPLATE,
-    )
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=tokenizer.chat_template,
-    )
+    tokenizer, processor = _llava_processor(VIPLLAVA_TEMPLATE, plain=("\n", "###Human:", "###Assistant:"))
     config = VipLlavaConfig(
         vision_config=CLIPVisionConfig(**{**_vision(32, 8), "num_hidden_layers": 4}, projection_dim=32),
         text_config=LlamaConfig(**TEXT, **_text_ids(tokenizer)),
