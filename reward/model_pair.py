@@ -33,6 +33,7 @@ from rlaifv.reward.families import family_of
 from rlaifv.reward.family_check import FamilyCheck, check_unverified_family
 from rlaifv.reward.images import ImageLimits, load_image
 from rlaifv.reward.logprobs import answer_logprobs, continuation_logits
+from rlaifv.reward.models import max_positions
 from rlaifv.reward.packed_weights import PackedLinears, PackMode, pack_linears
 from rlaifv.reward.prompt import (
     EncodedPrompt,
@@ -133,9 +134,7 @@ class ModelPair:
         self.eot_id = end_of_turn_id(self.tokenizer, end_of_turn)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.stop_ids = sorted({self.eot_id, *self._generation_eos_ids()})
-        config = getattr(policy, "config", None)
-        text_config = getattr(config, "text_config", config)
-        self.max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
+        self.max_positions: int | None = max_positions(policy)
         # Rows past the tokenizer (an embedding resized to a multiple of 64) are no token: never sampled, and a
         # reference without them could not score one.
         tokens, rows = len(self.tokenizer), _vocab_rows(policy)

@@ -51,6 +51,13 @@ def check_model_folder(path: Path, *, what: str = "model") -> None:
         raise ModelLoadError(f"{what} folder {path} has no safetensors weights{hint}")
 
 
+def max_positions(model: Any) -> int | None:
+    """The positions the model (its text part) was built for: what the service refuses prompt + answer past."""
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "text_config", config)
+    return getattr(text_config, "max_position_embeddings", None)
+
+
 def is_local(name_or_path: str | Path) -> bool:
     return Path(name_or_path).exists() or str(name_or_path).startswith((".", "/", "~"))
 

@@ -385,13 +385,6 @@ def fitting(pairs: Sequence[EncodedPair]) -> tuple[list[EncodedPair], list[Encod
     return [p for p in pairs if p.ref_chosen is None or not math.isnan(p.ref_chosen)], long
 
 
-def max_positions_of(model: Any) -> int | None:
-    """The positions the model (or its text part) was built for: what the service refuses prompts + answers past."""
-    config = getattr(model, "config", None)
-    text_config = getattr(config, "text_config", config)
-    return getattr(text_config, "max_position_embeddings", None)
-
-
 def write_partial_reference(path: Path, pairs: Sequence[EncodedPair], key: str) -> None:
     """The sums of a reference pass cut short (the first pairs only; no images: the full cache has them)."""
     import pyarrow as pa
@@ -602,7 +595,7 @@ def _train_dpo(
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from rlaifv.reward.models import load_model, load_processor, save_processor
+    from rlaifv.reward.models import load_model, load_processor, max_positions, save_processor
     from rlaifv.reward.prompt import end_of_turn_id
 
     started = time.time()
@@ -652,7 +645,7 @@ def _train_dpo(
 
     policy = _load_policy(config, model_path, accelerator.device, init_adapter)
     _trainable_parameters(policy, config)
-    limit = max_positions_of(policy)
+    limit = max_positions(policy)
 
     # Reference log-probs: once, cached beside the pairs.
     cache = output_dir / REFERENCE_CACHE
@@ -938,7 +931,14 @@ def check_models(
     LoRA run (its reference is the base with the adapter off: one given was ignored), and a reference that
     tokenizes as the policy does (else the trained bundle would never load). `names` name them in errors."""
     from rlaifv.reward.bundle import check_tokenizers_match
-    from rlaifv.reward.errors import BundleError
+    from rlaifv.reward.errors import BundleError, ModelLoadError
+    from rlaifv.reward.models import check_model_folder
+
+    def require_model_folder(path: Path, what: str) -> None:  # models are never downloaded: a typo was tried as
+        try:  # a hub id for minutes before an unrelated network error
+            check_model_folder(path, what=what)
+        except ModelLoadError as exc:
+            raise ConfigError(str(exc)) from None
 
     model_name, reference_name = names
     if config.lora and reference_path is not None and Path(reference_path).resolve() != model_path.resolve():
@@ -955,16 +955,6 @@ def check_models(
         except BundleError as exc:
             raise ConfigError(str(exc)) from None
     return reference
-
-
-def require_model_folder(path: Path, what: str) -> None:
-    """A local model folder (models are never downloaded here): a typo was taken for a hub id and retried for
-    minutes before an unrelated network error."""
-    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-        state = "has no config.json" if path.is_dir() else "does not exist"
-        raise ConfigError(
-            f"{what} folder {path} {state}: give a local model folder (a checkpoint saved by transformers)"
-        )
 
 
 def _dropped_text(dropped: dict[str, int]) -> str:
