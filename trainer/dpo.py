@@ -751,7 +751,7 @@ def _train_dpo(
     if stale and accelerator.is_main_process:
         warnings.warn(
             f"{len(stale)} checkpoint(s) in {checkpoints.root} of a run with other settings (or never completed),"
-            f" {checkpoints.size_gb(stale):.1f} GB, are not resumed from and not removed: delete them if they are"
+            f" {_size_gb(stale):.1f} GB, are not resumed from and not removed: delete them if they are"
             " not needed",
             stacklevel=2,
         )
@@ -900,7 +900,7 @@ def _train_dpo(
         if kept:  # what a rerun of this command would resume from (and train the steps after it again)
             warnings.warn(
                 f"the run is done and its policy saved; {len(kept)} checkpoint(s) stay in {checkpoints.root}"
-                f" ({checkpoints.size_gb(kept):.1f} GB): a rerun of the same command resumes from the newest;"
+                f" ({_size_gb(kept):.1f} GB): a rerun of the same command resumes from the newest;"
                 " delete them when the policy is all you need",
                 stacklevel=2,
             )
@@ -1032,9 +1032,6 @@ class CheckpointStore:
         mine = {c.folder for c in self.complete()}
         return [f for f in sorted(self.root.glob("step-*")) if f not in mine] if self.root.is_dir() else []
 
-    def size_gb(self, folders: Sequence[Path]) -> float:
-        return sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file()) / 1e9
-
     def save(self, accelerator: Any, updates: int, state: dict[str, Any]) -> Path:
         folder = self.root / f"step-{updates:07d}"
         if accelerator.is_main_process:  # a folder being overwritten is incomplete until the new state is written
@@ -1048,6 +1045,10 @@ class CheckpointStore:
                     shutil.rmtree(old.folder, ignore_errors=True)
         accelerator.wait_for_everyone()
         return folder
+
+
+def _size_gb(folders: Sequence[Path]) -> float:
+    return sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file()) / 1e9
 
 
 def _mean(values: Sequence[float]) -> float:
