@@ -27,7 +27,7 @@ r(x, y) = beta/T * sum_t [log pi_theta(y_t|x, y_<t) - log pi_ref(y_t|x, y_<t)].
 Log-probs are raw model log-probs (softmax of the logits at temperature 1, no top-p/top-k), whatever
 the sampling settings. Every error has the body `{"error": {"message", "type", "param", "code"}}`;
 a request with several problems also gets `error.errors`, every one as `{"message", "param", "code"}`.
-When API keys are configured, /v1 routes need `Authorization: Bearer <key>` (401 missing, 403 wrong)."""
+When API keys are configured, /v1 routes need `Authorization: Bearer <key>` (401 when missing or not valid)."""
 
 
 @asynccontextmanager

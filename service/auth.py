@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from rlaifv.service.errors import Forbidden, ServiceError, Unauthorized
+from rlaifv.service.errors import ServiceError, Unauthorized
 
 bearer = HTTPBearer(auto_error=False, description="API key as a bearer token (RLAIFV_API_KEYS).")
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key (RLAIFV_API_KEYS).")
@@ -49,7 +49,11 @@ def _authenticate(
             headers={"WWW-Authenticate": "Bearer"},
         )
     if not keys.check(key):
-        raise Forbidden("the API key is not valid", code="invalid_api_key")
+        raise Unauthorized(
+            "the API key is not valid",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
@@ -74,7 +78,7 @@ async def require_metrics_key(
 
 def auth_refusal(request: Request) -> ServiceError | None:
     """Why this /v1 request's key is refused (None: accepted, or keys are off). For errors raised before the
-    route's dependencies run (a body that is not JSON): a client without a valid key hears 401/403 whatever it
+    route's dependencies run (a body that is not JSON): a client without a valid key hears 401 whatever it
     sent, as for any other body, not a 400 about a body it had no right to send."""
     keys: KeyRing | None = getattr(request.app.state, "keys", None)
     if keys is None or not keys.enabled or not request.url.path.startswith("/v1/"):

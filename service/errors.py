@@ -2,8 +2,7 @@
 
     ServiceError                (status, type, code, param)
     ├── BadRequest              400 invalid_request_error
-    ├── Unauthorized            401 authentication_error
-    ├── Forbidden               403 permission_error
+    ├── Unauthorized            401 authentication_error: key missing or not valid (RFC 7235; what OpenAI answers)
     ├── NotFound                404 not_found_error
     ├── PayloadTooLarge         413 invalid_request_error
     ├── Overloaded              429 rate_limit_error (Retry-After)
@@ -145,10 +144,6 @@ class Checks:
 
 class Unauthorized(ServiceError):
     status, type, code = 401, "authentication_error", "missing_api_key"
-
-
-class Forbidden(ServiceError):
-    status, type, code = 403, "permission_error", "invalid_api_key"
 
 
 class NotFound(ServiceError):
@@ -344,8 +339,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` entries documenting the error envelope for these statuses."""
     text = {
         400: "Invalid request: malformed JSON, unknown field, value out of bounds, bad image (field in `param`).",
-        401: "API key missing.",
-        403: "API key wrong.",
+        401: "API key missing (`missing_api_key`) or not valid (`invalid_api_key`).",
         404: "Not found.",
         409: "Idempotency-Key already used with a different request body.",
         413: "Request body over the size limit.",

@@ -45,13 +45,17 @@ app.add_typer(convert_app, name="convert")
 
 @bench_app.command("reward")
 def bench_reward(
-    n: int = typer.Option(8, help="Candidates per prompt."),
-    answer_tokens: int = typer.Option(64, help="Tokens per candidate."),
-    repeats: int = typer.Option(3, help="Timed repetitions (median reported)."),
-    hidden: int = typer.Option(384, help="Decoder hidden size of the benchmark model."),
-    layers: int = typer.Option(4, help="Decoder layers of the benchmark model."),
+    n: int = typer.Option(8, min=1, help="Candidates per prompt."),
+    answer_tokens: int = typer.Option(64, min=1, help="Tokens per candidate."),
+    repeats: int = typer.Option(3, min=1, help="Timed repetitions (median reported)."),
+    hidden: int = typer.Option(
+        384, min=12, help="Decoder hidden size of the benchmark model: a multiple of 12 (6 heads of an even size)."
+    ),
+    layers: int = typer.Option(4, min=1, help="Decoder layers of the benchmark model."),
 ) -> None:
     """Naive scoring (2N full forwards) vs shared-prefix scoring with generation log-probs reused."""
+    if hidden % 12:
+        raise typer.BadParameter(f"{hidden} is not a multiple of 12 (6 heads of an even size)", param_hint="--hidden")
     from rich.console import Console
     from rich.table import Table
 

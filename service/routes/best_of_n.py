@@ -12,7 +12,7 @@ router = APIRouter(tags=["reward"])
 @router.post(
     "/v1/best-of-n",
     response_model=BestOfNResponse,
-    responses=error_responses(400, 401, 403, 404, 413, 429, 503, 504),
+    responses=error_responses(400, 401, 404, 413, 429, 503, 504),
     summary="Sample n answers and return the one with the highest RLAIF-V reward",
 )
 async def best_of_n(body: BestOfNRequest, request: Request, serving: ServingDep) -> BestOfNResponse:

@@ -17,7 +17,7 @@ router = APIRouter(tags=["openai"])
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
     responses={
-        **error_responses(400, 401, 403, 404, 413, 429, 503, 504),
+        **error_responses(400, 401, 404, 413, 429, 503, 504),
         200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent chunks with stream=true."},
     },
     summary="OpenAI-compatible chat completion, best-of-N by reward",

@@ -89,7 +89,7 @@ async def readyz(request: Request) -> Response:
     dependencies=[Depends(require_metrics_key)],
     responses={
         200: {"content": {"text/plain": {}}, "description": "Prometheus text format."},
-        **error_responses(401, 403),
+        **error_responses(401),
     },
     summary="Prometheus metrics",
 )

@@ -52,7 +52,7 @@ def _found(job: Job | None, job_id: str) -> Job:
     "/v1/jobs",
     status_code=202,
     response_model=Job,
-    responses=error_responses(400, 401, 403, 409, 413, 429, 501, 503),
+    responses=error_responses(400, 401, 409, 413, 429, 501, 503),
     summary="Submit a durable batch job (Redis Streams)",
 )
 async def create_job(
@@ -69,7 +69,7 @@ async def create_job(
     "/v1/jobs/upload",
     status_code=202,
     response_model=Job,
-    responses=error_responses(400, 401, 403, 409, 413, 429, 501, 503),
+    responses=error_responses(400, 401, 409, 413, 429, 501, 503),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -101,7 +101,7 @@ async def upload_job(
 @router.get(
     "/v1/jobs/{job_id}",
     response_model=Job,
-    responses=error_responses(400, 401, 403, 404, 429, 501, 503),
+    responses=error_responses(400, 401, 404, 429, 501, 503),
     summary="Job status",
 )
 async def get_job(job_id: JobId, store: StoreDep, request: Request) -> Job:
@@ -118,7 +118,7 @@ async def get_job(job_id: JobId, store: StoreDep, request: Request) -> Job:
             "`JobItemResult` per line.",
             "content": {JSONL: {"schema": {"type": "string"}}},
         },
-        **error_responses(400, 401, 403, 404, 429, 501, 503),
+        **error_responses(400, 401, 404, 429, 501, 503),
     },
     summary="Results of a job so far, in item order (JSON or streamed JSONL)",
 )
@@ -155,7 +155,7 @@ async def get_job_results(
 @router.delete(
     "/v1/jobs/{job_id}",
     response_model=Job,
-    responses=error_responses(400, 401, 403, 404, 429, 501, 503),
+    responses=error_responses(400, 401, 404, 429, 501, 503),
     summary="Cancel a job",
 )
 async def cancel_job(job_id: JobId, store: StoreDep, request: Request) -> Job:

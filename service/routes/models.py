@@ -13,7 +13,7 @@ _STARTED = int(time.time())
 
 
 @router.get(
-    "/v1/models", response_model=ModelList, responses=error_responses(401, 403, 429, 503), summary="The served model"
+    "/v1/models", response_model=ModelList, responses=error_responses(401, 429, 503), summary="The served model"
 )
 async def list_models(serving: ServingDep) -> ModelList:
     """The one model this server serves, with its default reward settings."""
@@ -23,7 +23,7 @@ async def list_models(serving: ServingDep) -> ModelList:
 @router.get(
     "/v1/models/{model:path}",
     response_model=ModelCard,
-    responses=error_responses(401, 403, 404, 429, 503),
+    responses=error_responses(401, 404, 429, 503),
     summary="One model by name",
 )
 async def retrieve_model(model: str, serving: ServingDep) -> ModelCard:

@@ -12,7 +12,7 @@ router = APIRouter(tags=["reward"])
 @router.post(
     "/v1/rewards",
     response_model=RewardsResponse,
-    responses=error_responses(400, 401, 403, 404, 413, 429, 503, 504),
+    responses=error_responses(400, 401, 404, 413, 429, 503, 504),
     summary="Score given answers with the RLAIF-V reward",
 )
 async def rewards(body: RewardsRequest, request: Request, serving: ServingDep) -> RewardsResponse:

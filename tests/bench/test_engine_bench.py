@@ -64,3 +64,21 @@ def test_flag_combinations_that_cannot_run_are_refused_first(args: list[str], me
 
     result = CliRunner().invoke(app, ["bench", "engine", *args])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--hidden", "32"], "not a multiple of 12"),  # a model with 6 heads of 5.33 dimensions crashed in torch
+        (["--hidden", "0"], "--hidden"),
+        (["--n", "0"], "--n"),
+        (["--repeats", "0"], "--repeats"),
+    ],
+)
+def test_reward_bench_refuses_a_model_it_cannot_build(args: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from rlaifv.cli.main import app
+
+    result = CliRunner().invoke(app, ["bench", "reward", *args])
+    assert result.exit_code == 2 and message in result.output, result.output

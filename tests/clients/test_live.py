@@ -16,7 +16,6 @@ from rlaifv_client import (
     InvalidRequestError,
     ModelList,
     NotFoundError,
-    PermissionDeniedError,
     Rewards,
 )
 
@@ -130,8 +129,9 @@ def test_missing_and_wrong_api_keys(server: Any, red_png: bytes, monkeypatch: py
         with pytest.raises(AuthenticationError) as info:
             anonymous.models()
     assert info.value.status_code == 401 and info.value.code == "missing_api_key" and info.value.request_id
-    with Client(base_url=server.url, api_key="sk-wrong-key-000000") as wrong, pytest.raises(PermissionDeniedError):
+    with Client(base_url=server.url, api_key="sk-wrong-key-000000") as wrong, pytest.raises(AuthenticationError) as bad:
         wrong.score(image=red_png, question=QUESTION, answers=["a"])
+    assert bad.value.status_code == 401 and bad.value.code == "invalid_api_key"
 
 
 @pytest.mark.parametrize(
@@ -186,7 +186,7 @@ async def test_async_score_models_health_ready(async_client: AsyncClient, red_pn
 
 async def test_async_errors(server: Any, red_png: bytes) -> None:
     async with AsyncClient(base_url=server.url, api_key="sk-wrong-key-000000") as wrong:
-        with pytest.raises(PermissionDeniedError):
+        with pytest.raises(AuthenticationError):
             await wrong.models()
         ok = wrong.with_options(api_key=API_KEY)
         with pytest.raises(InvalidRequestError) as info:

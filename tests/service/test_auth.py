@@ -1,4 +1,5 @@
-"""API keys: /v1 routes need one when configured (401 missing, 403 wrong); health stays open; metrics optional."""
+"""API keys: /v1 routes need one when configured (401 missing or wrong, as OpenAI and RFC 7235 answer); health
+stays open; metrics optional."""
 
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ ROUTES = [
 ]
 HEADERS = [
     ("missing", {}, 401, "missing_api_key"),
-    ("wrong-bearer", {"Authorization": "Bearer sk-wrong-key-000000"}, 403, "invalid_api_key"),
-    ("wrong-x-api-key", {"X-API-Key": "sk-wrong-key-000000"}, 403, "invalid_api_key"),
+    ("wrong-bearer", {"Authorization": "Bearer sk-wrong-key-000000"}, 401, "invalid_api_key"),
+    ("wrong-x-api-key", {"X-API-Key": "sk-wrong-key-000000"}, 401, "invalid_api_key"),
     ("not-bearer-scheme", {"Authorization": f"Basic {KEY}"}, 401, "missing_api_key"),
-    ("prefix-of-key", {"Authorization": f"Bearer {KEY[:-1]}"}, 403, "invalid_api_key"),
+    ("prefix-of-key", {"Authorization": f"Bearer {KEY[:-1]}"}, 401, "invalid_api_key"),
 ]
 
 
@@ -44,8 +45,8 @@ def test_bad_keys_refused(auth_server, method, path, body, headers, status, code
     r = httpx.request(method, auth_server.url + path, json=body, headers=headers)
     assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == code
-    if status == 401:
-        assert r.headers["www-authenticate"] == "Bearer"
+    challenge = "Bearer" if code == "missing_api_key" else 'Bearer error="invalid_token"'
+    assert r.headers["www-authenticate"] == challenge
 
 
 @pytest.mark.parametrize(
@@ -85,13 +86,29 @@ def test_metrics_open_without_protect_setting(client: httpx.Client) -> None:
     ids=["malformed-no-key", "latin-1-no-key", "malformed-wrong-key"],
 )
 def test_a_body_that_is_not_json_is_refused_for_the_key_first(auth_server, body, headers) -> None:
-    """A client without a valid key hears 401/403 whatever it sent: the body parse failed before the route's auth
+    """A client without a valid key hears 401 whatever it sent: the body parse failed before the route's auth
     dependency ran, and answered 400 to anyone."""
     r = httpx.post(
         auth_server.url + "/v1/rewards", content=body, headers={"Content-Type": "application/json"} | headers
     )
-    assert r.status_code == (403 if headers else 401), r.text
+    assert r.status_code == 401, r.text
+    assert r.json()["error"]["code"] == ("invalid_api_key" if headers else "missing_api_key")
     good = httpx.post(
         auth_server.url + "/v1/rewards", content=body, headers={"Content-Type": "application/json", "X-API-Key": KEY}
     )
     assert good.status_code == 400 and good.json()["error"]["code"] == "invalid_json", good.text
+
+
+@pytest.mark.parametrize("key", ["sk-wrong-key-000000", ""])
+def test_the_openai_client_hears_an_authentication_error(auth_server, key) -> None:
+    """A wrong key is 401, as OpenAI answers it: the client raises AuthenticationError (a 403 raised
+    PermissionDeniedError, which code written for OpenAI does not catch as a bad key)."""
+    import openai
+
+    client = openai.OpenAI(base_url=auth_server.url + "/v1", api_key=key or "unused", max_retries=0)
+    if not key:
+        client = client.with_options(default_headers={"Authorization": ""})
+    with pytest.raises(openai.AuthenticationError) as info:
+        client.models.list()
+    assert info.value.status_code == 401
+    assert info.value.code == ("invalid_api_key" if key else "missing_api_key")

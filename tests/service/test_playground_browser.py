@@ -1,6 +1,6 @@
 """GET /playground in headless Chromium (Debian's package, installed by scripts/browser) against the real server
-on the shipped shapes-world bundle: ranked candidates with the chosen one highlighted, and the API's 401, 403,
-413 and 429 errors shown on the page. Playwright drives /usr/bin/chromium; it never downloads a browser."""
+on the shipped shapes-world bundle: ranked candidates with the chosen one highlighted, and the API's 401 (no key,
+wrong key), 413 and 429 errors shown on the page. Playwright drives /usr/bin/chromium; it never downloads a browser."""
 
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def test_candidates_are_ranked_and_the_argmax_is_highlighted(page: Any, open_ser
     ("key", "image", "status", "message"),
     [
         ("", "sample", 401, "an API key is required"),
-        ("not-the-right-key", "sample", 403, "the API key is not valid"),
+        ("not-the-right-key", "sample", 401, "the API key is not valid"),
         (KEY, "large", 413, f"over the limit of {BODY_LIMIT} bytes"),
         (KEY, "sample", 429, "rate limit exceeded"),
     ],
@@ -175,6 +175,10 @@ def test_api_errors_are_shown(
     assert message in page.inner_text("#error-message")
     if status == 429:
         assert "Retry after" in page.inner_text("#error-hint")
+    if status == 401:  # one status for both: the hint follows the error's code
+        assert ("did not accept this API key" if key else "enter it in the API key field") in page.inner_text(
+            "#error-hint"
+        )
     assert page.locator("#results").is_hidden()
     assert page.locator("#submit").is_enabled()
 

@@ -17,7 +17,6 @@ const STATUS_TEXT = {
 };
 const HINTS = {
   401: "This server needs an API key: enter it in the API key field.",
-  403: "The server did not accept this API key.",
   413: "The request is over the server's size limit (RLAIFV_MAX_BODY_BYTES): send a smaller image.",
   503: "The model is not ready yet: try again in a few seconds.",
   504: "The request ran past the server's deadline (RLAIFV_REQUEST_TIMEOUT_S): try a smaller N or max tokens.",
@@ -96,6 +95,9 @@ function showError(status, message, detail) {
     status === null ? "Error" : `HTTP ${status} ${STATUS_TEXT[status] || ""}`.trim();
   $("error-message").textContent = message;
   let hint = status === null ? "" : HINTS[status] || "";
+  if (status === 401 && detail && detail.code === "invalid_api_key") {
+    hint = "The server did not accept this API key.";
+  }
   if (status === 429) {
     const wait = detail && detail.retryAfter ? ` Retry after ${detail.retryAfter} s.` : "";
     hint = `The server is busy or this client is over its rate limit.${wait}`;
