@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from typer.testing import CliRunner
 from rlaifv.service.app import create_app
 from rlaifv.service.default_model import default_bundle
 from rlaifv.service.settings import Settings
+from rlaifv.testing.server import free_port
 
 SETTINGS_ENV = {f"RLAIFV_{name.upper()}" for name in Settings.model_fields}
 # Env names the pods set that are not Settings fields, and why.
@@ -382,3 +386,61 @@ def test_autoscaling_disruption_and_monitoring(rendered, overlay):
         (monitor,) = [m for m in monitors if matches(m["spec"]["selector"], service["metadata"]["labels"])]
         ports = {p["name"] for p in service["spec"]["ports"]}
         assert all(e["port"] in ports and e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])
+
+
+def _redis_scripts(docs: list[dict[str, Any]]) -> tuple[str, str]:
+    (container,) = pod_spec(one(docs, "StatefulSet", "rlaifv-redis"))["containers"]
+    assert container["command"] == ["sh", "-c"]
+    (start,) = container["args"]
+    probe = container["readinessProbe"]["exec"]["command"]
+    assert probe[:2] == ["sh", "-c"]
+    return start, probe[2]
+
+
+@pytest.mark.skipif(not (shutil.which("redis-server") and shutil.which("od")), reason="needs redis-server and od")
+def test_redis_starts_with_the_secrets_password_byte_for_byte_and_never_in_its_argv(rendered, tmp_path):
+    """The Redis container's own start-up and readiness scripts, run by sh against a local redis-server: a
+    password of any characters (quotes, backslash, `$`, spaces, a trailing newline as `--from-file` leaves)
+    is what a client holding the same bytes (RLAIFV_REDIS_PASSWORD) authenticates with; it is never in
+    /proc/PID/cmdline (it was `--requirepass "$(cat ...)"`, and `$(...)` also dropped the newline); an empty
+    Secret is refused."""
+    import redis
+
+    scripts = {_redis_scripts(docs) for docs in rendered.values()}
+    assert len(scripts) == 1, "the overlays run different Redis scripts: test each"
+    ((start, probe),) = scripts
+    password = "p \"a\\s's $w0rd\tx\n"
+    secret = tmp_path / "password"
+    port = free_port()
+
+    def local(script: str) -> str:
+        assert "/secrets/redis/password" in script
+        script = script.replace("/secrets/redis/password", str(secret)).replace("--dir /data", f"--dir {tmp_path}")
+        script = script.replace("redis-server ", f"redis-server --port {port} --bind 127.0.0.1 ")
+        return script.replace("redis-cli ", f"redis-cli -p {port} ")
+
+    secret.write_text("")
+    empty = subprocess.run(["sh", "-c", local(start)], capture_output=True, text=True, timeout=30)
+    assert empty.returncode != 0 and "password is empty" in empty.stderr
+
+    secret.write_text(password)
+    proc = subprocess.Popen(["sh", "-c", local(start)], stdout=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        client = redis.Redis(port=port, password=password, socket_timeout=5)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert client.ping()
+                break
+            except redis.ConnectionError:
+                assert proc.poll() is None, "redis-server exited"
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port, password=password.rstrip("\n")).ping()
+        assert subprocess.run(["sh", "-c", local(probe)], timeout=30).returncode == 0
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        assert b"redis-server" in cmdline and b"w0rd" not in cmdline
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
