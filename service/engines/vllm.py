@@ -66,6 +66,9 @@ log = logging.getLogger("rlaifv.service")
 
 T = TypeVar("T")
 PROBE_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 5.0
+KEEPALIVE_S = 2.0
+MAX_CONNECTIONS = 64
 TOKEN_PREFIX = "token_id:"
 BAN = -100.0  # logit_bias that keeps special tokens out of the samples, as the transformers sampler does
 # vLLM writes a log-prob of -inf as -9999.0; such an "alternative" is none (vLLM 0.32 fills a batch's alternatives
@@ -90,6 +93,16 @@ def api_root(url: str) -> tuple[str, str]:
 def _ranked(alternatives: Iterable[tuple[int, float]]) -> list[tuple[int, float]]:
     """(token id, log-prob) alternatives, most likely first, without vLLM's -inf placeholders."""
     return sorted(((t, v) for t, v in alternatives if v > NO_LOGPROB), key=lambda kv: -kv[1])
+
+
+def _top_of(entries: Sequence[dict[str, Any]]) -> list[tuple[int, float]]:
+    """A token-in step's alternatives. vLLM lists the sampled token first, then the likeliest, `logprobs` entries in
+    all: a sample ranked past them takes the last place of one that belongs (its rank, past the list, shows it)."""
+    return _ranked(
+        (int(a["token_id"]), float(a["logprob"]))
+        for a in entries
+        if a.get("rank") is None or int(a["rank"]) <= len(entries)
+    )
 
 
 def _token_id(key: str) -> int:
@@ -146,19 +159,37 @@ class VllmServer:
         if settings.vllm_api_key is not None:
             self.headers["Authorization"] = f"Bearer {settings.vllm_api_key.get_secret_value()}"
         self._client: httpx.AsyncClient | None = None
+        self._probe_client: httpx.AsyncClient | None = None
 
     @property
     def client(self) -> httpx.AsyncClient:
-        if self._client is None:  # made on the serving loop (start-up runs in a worker thread)
+        """Made on the serving loop (start-up runs in a worker thread). Idle connections are dropped after 2 s, before
+        vLLM's uvicorn closes them at 5 s (`VLLM_HTTP_TIMEOUT_KEEP_ALIVE`): a request sent as the server closes an
+        idle connection fails with no answer (`_post` sends such a request once more)."""
+        if self._client is None:
             self._client = httpx.AsyncClient(
-                headers=self.headers, timeout=self.timeout_s, limits=httpx.Limits(max_connections=64)
+                headers=self.headers,
+                timeout=httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, CONNECT_TIMEOUT_S)),
+                limits=httpx.Limits(max_connections=MAX_CONNECTIONS, keepalive_expiry=KEEPALIVE_S),
+                transport=httpx.AsyncHTTPTransport(retries=1),  # connection attempts only; no request is sent twice
             )
         return self._client
 
+    @property
+    def probe_client(self) -> httpx.AsyncClient:
+        """Readiness has a client of its own: under load the requests hold every pooled connection, and a probe
+        waiting for one timed out, taking a busy replica out of the Service."""
+        if self._probe_client is None:
+            self._probe_client = httpx.AsyncClient(
+                headers=self.headers, timeout=PROBE_TIMEOUT_S, limits=httpx.Limits(max_connections=2)
+            )
+        return self._probe_client
+
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        for client in (self._client, self._probe_client):
+            if client is not None:
+                await client.aclose()
+        self._client = self._probe_client = None
 
     # -- start-up (sync: load_engine runs in a thread) --------------------------
 
@@ -251,7 +282,8 @@ class VllmServer:
             )
         except httpx.HTTPError as exc:
             raise self._unusable(f"unreachable ({type(exc).__name__})") from None
-        if response.status_code in (404, 405):
+        disabled = response.status_code == 403 and "scale-out" in response.text.lower()  # vLLM 0.32's answer
+        if response.status_code in (404, 405) or disabled:
             raise self._unusable(
                 f"it has no {vllm_payload.GENERATE_PATH}, which prompts with images need: start it with "
                 "--enable-scale-out (docs/vllm.md, Images)"
@@ -262,7 +294,7 @@ class VllmServer:
     async def probe(self) -> str:
         """'ok', or why the server is not usable now (readiness; not counted in the metrics)."""
         try:
-            response = await self.client.get(self.root + "/health", timeout=PROBE_TIMEOUT_S)
+            response = await self.probe_client.get(self.root + "/health")
         except httpx.HTTPError as exc:
             return f"unavailable: {self.root} unreachable ({type(exc).__name__})"
         return "ok" if response.status_code == 200 else f"unavailable: {self.root}/health HTTP {response.status_code}"
@@ -280,7 +312,10 @@ class VllmServer:
         started = time.perf_counter()
         retry = {"Retry-After": str(self.retry_after_s)}
         try:
-            response = await self.client.post(url, json=body)
+            try:
+                response = await self.client.post(url, json=body)
+            except httpx.RemoteProtocolError:  # closed with no answer (an idle connection the server just closed)
+                response = await self.client.post(url, json=body)
         except httpx.TimeoutException:
             message = f"the vLLM {self.role} server {self.root} did not answer within {self.timeout_s:g} s"
             raise self._fail("timeout", EngineUnavailable(message, headers=retry)) from None
@@ -633,9 +668,11 @@ class VllmEngine:
         question: str | None,
         messages: list[dict[str, Any]] | None,
         continue_final: bool = False,
+        parts: list[dict[str, Any]] | None = None,
     ) -> Prompt:
         """Our expanded prompt (validates the request: `encode_prompt` refuses images for a text-only bundle) and,
-        with images, what vLLM's token-in API gets: the unexpanded ids and the images as data URLs."""
+        with images, what vLLM's token-in API gets: the unexpanded ids and the images as data URLs (`parts`: the
+        same images already encoded, as every claim question of a request sends them)."""
         from rlaifv.reward.prompt import encode_prompt
 
         encoded = encode_prompt(
@@ -650,7 +687,7 @@ class VllmEngine:
         if not images:
             return Prompt(ids, ids, encoded)
         sent = vllm_payload.prompt_ids(self.processor, images, question, messages, continue_final)
-        return Prompt(ids, sent, encoded, vllm_payload.content_parts(images))
+        return Prompt(ids, sent, encoded, parts if parts is not None else vllm_payload.content_parts(images))
 
     async def _one(self, request: Request) -> EngineResult:
         prompt = await self._cpu(self._prompt, request)
@@ -722,15 +759,17 @@ class VllmEngine:
             "ignore_eos": False,
             "skip_special_tokens": True,
             "logit_bias": bias,
+            # Every sampling field is sent: vLLM fills a missing one from the model folder's generation_config.json
+            # (unless served with --generation-config vllm), e.g. a repetition_penalty of 1.05, or top_k 1 that
+            # makes the N samples one; the token-in route (images) applies none, so text and images would differ.
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+            "repetition_penalty": 1.0,
         }
         if params.seed is not None:
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
-        if params.presence_penalty:
-            body["presence_penalty"] = params.presence_penalty
-        if params.frequency_penalty:
-            body["frequency_penalty"] = params.frequency_penalty
         if request.sampling.temperature == 0:  # vLLM refuses n > 1 when greedy: the N answers are one answer
             body["n"] = 1
         return body
@@ -841,10 +880,15 @@ class VllmEngine:
         if questions:
             from rlaifv.reward.prompt import without_markup
 
-            # questions made from sampled answers: markup in them is the model's, not the request's
-            prompts = await self._cpu(
-                lambda: [self._encode(request.images, without_markup(self.processor, q), None) for q in questions]
-            )
+            def encode() -> list[Prompt]:
+                """Questions made from sampled answers: markup in them is the model's, not the request's."""
+                parts = vllm_payload.content_parts(request.images)
+                return [
+                    self._encode(request.images, without_markup(self.processor, q), None, parts=parts)
+                    for q in questions
+                ]
+
+            prompts = await self._cpu(encode)
             labels = await self.policy.label_logprobs(prompts, [*self.yes_ids, *self.no_ids])
             judged = {q: p_yes(lp, self.yes_ids, self.no_ids) for q, lp in zip(questions, labels, strict=True)}
         return score_plans(
@@ -888,9 +932,7 @@ class VllmEngine:
             if [int(c["token_id"]) for c in content] != ids:
                 raise ValueError("ids")
             values = [float(c["logprob"]) for c in content]
-            top = [
-                _ranked((int(a["token_id"]), float(a["logprob"])) for a in c.get("top_logprobs") or []) for c in content
-            ]
+            top = [_top_of(c.get("top_logprobs") or []) for c in content]
         except (KeyError, TypeError, ValueError):
             raise BadGateway("the vLLM policy server returned log-probs that do not match its tokens") from None
         stop_reason = choice.get("stop_reason")

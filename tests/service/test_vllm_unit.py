@@ -17,6 +17,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from rlaifv.reward.errors import InvalidInputError
+from rlaifv.service.engines import vllm as vllm_engine
 from rlaifv.service.engines import vllm_payload
 from rlaifv.service.engines.vllm import VllmStartupError, _logprob_of, _token_id, api_root
 from rlaifv.service.settings import Settings
@@ -235,6 +236,9 @@ def test_a_vllm_choice_becomes_ids_raw_log_probs_and_a_finish_reason(engine) -> 
     body = engine._sampling_body([1, 2, 3], _generate_request(engine, logit_bias={19: 5.0}))
     assert body["prompt"] == [1, 2, 3] and body["return_tokens_as_token_ids"] and body["stop_token_ids"] == [eot]
     assert body["logit_bias"]["19"] == 5.0 and all(body["logit_bias"][str(t)] == -100.0 for t in engine.blocked_ids)
+    # Every sampling field is sent, neutral ones too: vLLM fills a missing field from generation_config.json.
+    neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0}
+    assert {k: body[k] for k in neutral} == neutral and body["top_k"] == -1 and body["top_p"] == 1.0
 
 
 def test_rows_past_the_tokenizer_are_never_sampled(text_bundle: Path, tmp_path: Path) -> None:
@@ -302,6 +306,44 @@ async def test_server_failures_map_to_typed_errors(engine, answer, error: str, c
     )
 
 
+async def test_a_request_the_server_dropped_unanswered_is_sent_once_more(engine) -> None:
+    """vLLM closes idle connections after 5 s: a request sent as it closes one gets no answer at all."""
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1 or drop_all:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return httpx.Response(200, json={"choices": []})
+
+    server = engine.policy
+    for drop_all in (False, True):
+        calls.clear()
+        server._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        if drop_all:
+            with pytest.raises(Exception, match="unreachable") as exc:
+                await server.complete({"prompt": [1]})
+            assert type(exc.value).__name__ == "EngineUnavailable"
+        else:
+            assert await server.complete({"prompt": [1]}) == {"choices": []}
+        assert len(calls) == 2
+        await server.aclose()
+
+
+async def test_readiness_has_its_own_connections(engine) -> None:
+    """Requests holding every pooled connection do not make the replica look down."""
+
+    def busy(request: httpx.Request) -> httpx.Response:
+        raise httpx.PoolTimeout("every connection is taken")
+
+    server = engine.policy
+    server._client = httpx.AsyncClient(transport=httpx.MockTransport(busy))
+    server._probe_client = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200)))
+    assert await server.probe() == "ok"
+    await server.aclose()
+    assert server._client is None and server._probe_client is None
+
+
 # -- the token-in API (images), the claims judge and LoRA routing, against recorded fakes of vLLM ------------------
 
 
@@ -349,10 +391,10 @@ class FakeVllm:
                 200, json={"choices": choices, "prompt_token_ids": ids, "prompt_logprobs": self._positions(ids)}
             )
         else:
-            # As vLLM's token-in route: the first `logprobs` entries of a step, the sampled token (7, ranked 4th)
-            # first, then the top ones.
-            step = [(7, -1.0), (3, -0.1), (4, -0.2), (5, -0.3), (6, -0.4)][: params.get("logprobs") or 0]
-            top = [{"token_id": t, "logprob": v} for t, v in step]
+            # As vLLM's token-in route: the first `logprobs` entries of a step, the sampled token (7, ranked 5th)
+            # first, then the top ones, each with its rank.
+            step = [(7, -1.0, 5), (3, -0.1, 1), (4, -0.2, 2), (5, -0.3, 3), (6, -0.4, 4)][: params.get("logprobs") or 0]
+            top = [{"token_id": t, "logprob": v, "rank": r} for t, v, r in step]
             content = [{"token_id": 7, "logprob": -1.0, "top_logprobs": top}]
             choices = [{"index": i, "token_ids": [7], "logprobs": {"content": content}} for i in range(params["n"])]
         return httpx.Response(200, json={"choices": choices, "prompt_token_ids": ids})
@@ -445,6 +487,13 @@ async def test_images_go_to_the_token_in_api_and_drift_is_refused(vision_bundle:
     assert [b["sampling_params"]["logprobs"] for _, b in fake.bodies if b["sampling_params"].get("logprobs")] == [3]
     [token] = asked.ranking.candidates[0].token_logprobs
     assert [(t.token_id, t.logprob) for t in token.top_logprobs] == [(3, -0.1), (4, -0.2)]
+    # At the server's limit (20; 3 here) no more can be asked: the sampled token, ranked past the list, is not
+    # one of the top k (it was shown as the k-th).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vllm_engine, "MAX_LOGPROBS", 3)
+        [capped] = await engine.run([GenerateRequest([_image()], "q", None, 1, params, engine.reward, top_logprobs=3)])
+    [token] = capped.ranking.candidates[0].token_logprobs
+    assert [t.token_id for t in token.top_logprobs] == [3, 4]
 
     drifting = FakeVllm({})  # a server that does not expand the placeholder the way our processor does
     engine = _fake_engine(vision_bundle, drifting)
@@ -525,7 +574,27 @@ async def test_a_lora_bundle_sends_policy_requests_to_the_adapter(text_bundle: P
     assert sorted(scoring) == ["adapter-or-policy", "base-or-reference", "base-or-reference"]
 
 
-def test_start_up_names_the_flag_images_need(vision_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (404, {}),  # a server without the route
+        # vLLM 0.32 registers the route and refuses it without the flag
+        (
+            403,
+            {
+                "error": {
+                    "message": "Scale-out endpoints are disabled. Restart vllm serve with --enable-scale-out to "
+                    "enable them.",
+                    "type": "PermissionDeniedError",
+                    "code": 403,
+                }
+            },
+        ),
+    ],
+)
+def test_start_up_names_the_flag_images_need(
+    vision_bundle: Path, monkeypatch: pytest.MonkeyPatch, status: int, body: dict
+) -> None:
     from rlaifv.service.engines import vllm
 
     listed = {"data": [{"id": "m", "parent": None, "max_model_len": 512}]}
@@ -534,8 +603,9 @@ def test_start_up_names_the_flag_images_need(vision_bundle: Path, monkeypatch: p
         return httpx.Response(200, json=listed if url.endswith("/models") else {}, request=httpx.Request("GET", url))
 
     def post(url: str, **kwargs) -> httpx.Response:
-        status = 404 if url.endswith("/inference/v1/generate") else 200
-        return httpx.Response(status, json={}, request=httpx.Request("POST", url))
+        if not url.endswith("/inference/v1/generate"):
+            return httpx.Response(200, json={}, request=httpx.Request("POST", url))
+        return httpx.Response(status, json=body, request=httpx.Request("POST", url))
 
     monkeypatch.setattr(vllm.httpx, "get", get)
     monkeypatch.setattr(vllm.httpx, "post", post)
