@@ -236,3 +236,21 @@ def test_a_second_server_cannot_take_the_port_while_the_first_loads() -> None:
     finally:
         for sock in first:
             sock.close()
+
+
+def test_the_settings_table_of_the_service_docs_lists_every_setting() -> None:
+    """docs/service.md's table is where users look a setting up (two were missing from it)."""
+    import re
+    from pathlib import Path
+
+    docs = (Path(__file__).parents[2] / "docs" / "service.md").read_text()
+    table = docs[docs.index("## Settings") :]
+    rows = {
+        name
+        for line in table.splitlines()
+        if line.startswith("| `RLAIFV_")
+        for name in re.findall(r"`(RLAIFV_\w+)`", line.split("|")[1])
+    }
+    names = {f"RLAIFV_{name.upper()}" for name in Settings.model_fields}
+    assert names <= rows, f"not in docs/service.md's settings table: {sorted(names - rows)}"
+    assert rows <= names, f"in the table but not settings: {sorted(rows - names)}"
