@@ -29,6 +29,15 @@ SetOption = Annotated[
 ]
 
 
+def _report(output: Path) -> dict[str, Any]:
+    """An earlier run's report.json in `output` ({} when there is none, or it is unreadable)."""
+    try:
+        report = json.loads((output / "report.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
 @contextmanager
 def _clean_errors() -> Iterator[None]:
     """Known errors become one red line and exit code 1, not a traceback (a run stopped by SIGTERM: 143)."""
@@ -259,24 +268,37 @@ def feedback(
     limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N prompts.")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
-    set_: SetOption = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override a feedback.* or pairs.* setting, e.g. --set pairs.length_balance=false (see `rlaifv "
+            "train options`).",
+        ),
+    ] = None,
 ) -> None:
-    """Sample candidates, score them by divide-and-conquer verification, and build preference pairs."""
+    """Sample candidates, score them by divide-and-conquer verification, and build preference pairs.
+
+    A rerun with the same prompts, models and feedback settings goes on from the batches already saved; when
+    feedback.parquet is already this run's, only the pairs are built again (pairs.* settings may change)."""
     with _clean_errors():
         from rlaifv.reward.models import load_adapter, load_model, load_processor
         from rlaifv.trainer.data import data_files, describe_files, read_prompts, write_preferences
         from rlaifv.trainer.errors import ConfigError
         from rlaifv.trainer.feedback import (
+            FEEDBACK_FILE,
             FEEDBACK_PARTIAL,
             FeedbackShards,
             collect_feedback,
             feedback_key,
             feedback_summary,
+            prompts_digest,
+            read_feedback,
             write_feedback,
         )
         from rlaifv.trainer.feedback_config import FeedbackConfig
         from rlaifv.trainer.iterate_config import apply_overrides, build_config
-        from rlaifv.trainer.preference_pairs import PairConfig, build_pairs
+        from rlaifv.trainer.preference_pairs import PairConfig, build_pairs, why_no_pairs
 
         base = {
             "num_samples": samples,
@@ -286,32 +308,49 @@ def feedback(
             "seed": seed,
         }
         data = apply_overrides({"feedback": base, "pairs": {"seed": seed}}, set_ or [])
-        for stray in set(data) - {"feedback", "pairs"}:
+        for stray in sorted(set(data) - {"feedback", "pairs"}):
+            meant = [
+                f"{s}.{stray}"
+                for s, c in (("feedback", FeedbackConfig), ("pairs", PairConfig))
+                if stray in c.__dataclass_fields__
+            ]
             raise ConfigError(
-                f"--set {stray}...: feedback takes feedback.* and pairs.* settings (e.g. --set feedback.{stray}=...)"
+                f"--set {stray}...: feedback takes feedback.* and pairs.* settings"
+                + (f" (did you mean --set {meant[0]}=...?)" if meant else " only (see `rlaifv train options`)")
             )
         config: FeedbackConfig = build_config(FeedbackConfig, data["feedback"], "feedback")
         pair_config: PairConfig = build_config(PairConfig, data["pairs"], "pairs")
         _output_outside(prompts, output, "")
         items = read_prompts(prompts, limit=limit, progress=progress)
-        processor = load_processor(model)
-        policy = load_model(model)
-        if adapter is not None:
-            policy = load_adapter(policy, adapter)
         models = [model] if adapter is None else [model, adapter]
-        shards = FeedbackShards(output / FEEDBACK_PARTIAL, feedback_key(config, models, items))
-        results = collect_feedback(policy, processor, items, config, progress=progress, shards=shards)
-        write_feedback(output / "feedback.parquet", results)
-        shards.clear()
+        made = {"feedback_key": feedback_key(config, models), "prompts_digest": prompts_digest(items)}
+        if (output / FEEDBACK_FILE).is_file() and _report(output).get("made") == made:
+            results = read_feedback(output / FEEDBACK_FILE)
+            typer.secho(f"{output / FEEDBACK_FILE} is this run's feedback: only the pairs are built again", err=True)
+        else:
+            processor = load_processor(model)
+            policy = load_model(model)
+            if adapter is not None:
+                policy = load_adapter(policy, adapter)
+            shards = FeedbackShards(output / FEEDBACK_PARTIAL, made["feedback_key"], config.to_dict())
+            results = collect_feedback(policy, processor, items, config, progress=progress, shards=shards)
+            (output / "report.json").unlink(missing_ok=True)  # its `made` no longer names feedback.parquet
+            write_feedback(output / FEEDBACK_FILE, results)
+            shards.clear()
         rows, stats = build_pairs(results, pair_config)
         origin = {"generator": str(model), "labeler": labeler, "type": "rlaifv-feedback"}
         if rows:
             write_preferences(output / "pairs.parquet", rows, origin=origin)
         else:  # a rerun must not leave an earlier run's pairs looking like this one's
             (output / "pairs.parquet").unlink(missing_ok=True)
-            typer.secho("no pairs selected: pairs.parquet not written", fg=typer.colors.YELLOW, err=True)
+            typer.secho(
+                f"no pairs selected ({why_no_pairs(stats, pair_config)}): pairs.parquet not written",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
         report = {
             "kind": "feedback",
+            "made": made,
             "prompts": describe_files(data_files(prompts)),
             "settings": {"feedback": config.to_dict(), "pairs": pair_config.to_dict()},
             "feedback": feedback_summary(results),

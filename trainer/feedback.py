@@ -129,14 +129,9 @@ def sample_candidates(
     pair: Any, prompts: Sequence[PromptItem], config: FeedbackConfig, *, seed: int
 ) -> list[list[tuple[str, int, str]]]:
     """N candidates per prompt as (text, num_tokens, finish_reason); one SamplingParams for all of a prompt."""
-    from rlaifv.reward.prompt import markup_free
     from rlaifv.reward.sampling import SamplingParams
 
-    # A LLaVA-format question's `<image>` placeholder goes: the image is given apart (as in DPO's
-    # `without_markup_rows`).
-    encoded = [
-        pair.encode([image_bytes(p.image)], **prompt_text(markup_free(pair.processor, p.question))) for p in prompts
-    ]
+    encoded = [encode_prompt_item(pair, p) for p in prompts]
     params = [
         SamplingParams(
             temperature=config.temperature,
@@ -149,6 +144,40 @@ def sample_candidates(
     ]
     samples = pair.sample(encoded, [config.num_samples] * len(prompts), params)
     return [[(pair.decode(s.token_ids), len(s.token_ids), s.finish_reason) for s in group] for group in samples]
+
+
+def encode_prompt_item(pair: Any, item: PromptItem) -> Any:
+    """The model's prompt for an item. A LLaVA-format question's `<image>` placeholder goes: the image is given
+    apart (as in DPO's `without_markup_rows`)."""
+    from rlaifv.reward.prompt import markup_free
+
+    return pair.encode([image_bytes(item.image)], **prompt_text(markup_free(pair.processor, item.question)))
+
+
+def fitting_prompts(pair: Any, prompts: Sequence[PromptItem], *, progress: bool = False) -> list[PromptItem]:
+    """The prompts the model's positions hold. The others are left out with a warning naming them, before any
+    sampling: one over-long prompt stopped a run partway, naming no prompt."""
+    from tqdm.auto import tqdm
+
+    from rlaifv.reward.errors import ContextLengthError
+
+    fitting, over = [], []
+    for item in tqdm(prompts, desc="prompt lengths", unit="prompt", disable=None if progress else True):
+        try:
+            encode_prompt_item(pair, item)
+        except ContextLengthError as exc:
+            over.append((item.id, exc))
+        else:
+            fitting.append(item)
+    if not fitting:
+        raise DataError(f"no prompt fits the model: {over[0][1]}")
+    if over:
+        shown = ", ".join(repr(i) for i, _ in over[:5]) + (f" and {len(over) - 5} more" if len(over) > 5 else "")
+        warnings.warn(
+            f"{len(over)} of {len(prompts)} prompts left out: too long for the model ({over[0][1]}): {shown}",
+            stacklevel=3,
+        )
+    return fitting
 
 
 def sampling_pair(policy: Any, processor: Any, end_of_turn: str | None = None) -> Any:
@@ -191,7 +220,8 @@ def collect_feedback(
     labeler = labeler or make_labeler(config, policy, processor)
     pair = sampling_pair(policy, processor, end_of_turn)
     policy.eval()
-    results, sampled_total, truncated = shards.resume([p.id for p in prompts]) if shards is not None else ([], 0, 0)
+    prompts = fitting_prompts(pair, prompts, progress=progress)
+    results, sampled_total, truncated = ([], 0, 0) if shards is None else shards.resume(prompts, config.prompt_batch)
     bar = tqdm(total=len(prompts), initial=len(results), desc="feedback", unit="prompt", disable=not progress)
     with stop_on_sigterm() if shards is not None else nullcontext(_never) as stop_asked:
         for start in range(len(results), len(prompts), config.prompt_batch):
@@ -343,31 +373,64 @@ def _never() -> bool:
 
 
 class FeedbackShards:
-    """The feedback of a run in progress: one parquet per batch of prompts under `folder`, valid for the run whose
-    settings hash to `key` (its model, feedback settings, seed and prompts); another run's shards are cleared."""
+    """The feedback of a run in progress: one parquet per batch of prompts under `folder`, valid for runs whose
+    settings and models hash to `key`. A rerun goes on from the saved batches that hold its own first prompts
+    (a run with a raised `--limit` too); anything else is cleared with a warning that says why."""
 
     KEY_FILE = "run_key"
 
-    def __init__(self, folder: str | Path, key: str) -> None:
-        self.folder, self.key = Path(folder), key
+    def __init__(self, folder: str | Path, key: str, settings: dict[str, Any] | None = None) -> None:
+        self.folder, self.key, self.settings = Path(folder), key, settings or {}
 
-    def resume(self, prompt_ids: Sequence[str]) -> tuple[list[PromptFeedback], int, int]:
+    def resume(self, prompts: Sequence[PromptItem], batch: int) -> tuple[list[PromptFeedback], int, int]:
         """The saved feedback with its candidates sampled and truncated, when it is this run's and covers the
-        first prompts in order; else nothing (the folder is cleared)."""
-        key_file = self.folder / self.KEY_FILE
-        if key_file.is_file() and key_file.read_text() == self.key:
-            shards = sorted(self.folder.glob("batch-*.parquet"))
-            done = read_feedback(*shards) if shards else []
-            sampled = truncated = 0
-            for shard in shards:
-                counts = json.loads(shard.with_suffix(".json").read_text())
-                sampled, truncated = sampled + counts["sampled"], truncated + counts["truncated"]
-            if [f.id for f in done] == list(prompt_ids[: len(done)]):
+        first prompts in order; else nothing (the folder is cleared). A last batch shorter than `batch` is
+        sampled again when more prompts follow it now (a run never stopped would have sampled it whole)."""
+        shards = sorted(self.folder.glob("batch-*.parquet"))
+        why = self._other_run() if shards else None
+        if shards and why is None:
+            done = read_feedback(*shards)
+            last = read_feedback(shards[-1])
+            if len(last) < batch and len(done) < len(prompts):
+                shards, done = shards[:-1], done[: len(done) - len(last)]
+            why = _other_prompts(done, prompts)
+            if why is None:
+                sampled = truncated = 0
+                for shard in shards:
+                    counts = json.loads(shard.with_suffix(".json").read_text())
+                    sampled, truncated = sampled + counts["sampled"], truncated + counts["truncated"]
+                self._keep(len(shards))
                 return done, sampled, truncated
+        if why is not None:
+            warnings.warn(f"the feedback saved in {self.folder} was {why}: starting over", stacklevel=3)
         self.clear()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        key_file.write_text(self.key)
+        self._keep(0)
         return [], 0, 0
+
+    def _other_run(self) -> str | None:
+        """Why the saved batches are not this run's (None: they are)."""
+        key_file = self.folder / self.KEY_FILE
+        try:
+            saved = json.loads(key_file.read_text())
+        except (OSError, ValueError):
+            return "made by an earlier version of this program"
+        if not isinstance(saved, dict):
+            return "made by an earlier version of this program"
+        if saved.get("key") == self.key:
+            return None
+        old = saved.get("settings") or {}
+        changed = sorted(k for k in self.settings.keys() | old.keys() if self.settings.get(k) != old.get(k))
+        if changed:
+            return "made with other settings (" + ", ".join(f"feedback.{k}" for k in changed) + ")"
+        return "sampled from other models (or the models changed)"
+
+    def _keep(self, shards: int) -> None:
+        """Remove the saved batches past the first `shards` and mark the folder as this run's."""
+        for shard in sorted(self.folder.glob("batch-*.parquet"))[shards:]:
+            shard.with_suffix(".json").unlink(missing_ok=True)
+            shard.unlink()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / self.KEY_FILE).write_text(json.dumps({"key": self.key, "settings": self.settings}))
 
     def add(self, start: int, feedback: Sequence[PromptFeedback], sampled: int, truncated: int) -> None:
         """The batch's counts first: its parquet, written last, is what makes it count as saved."""
@@ -379,16 +442,32 @@ class FeedbackShards:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def feedback_key(config: FeedbackConfig, models: Sequence[str | Path], prompts: Sequence[PromptItem]) -> str:
-    """What makes a run's feedback: its settings (seed included), the models sampled from (by fingerprint) and the
-    prompts (ids, questions and images)."""
+def _other_prompts(done: Sequence[PromptFeedback], prompts: Sequence[PromptItem]) -> str | None:
+    """Why saved feedback is not that of the first prompts (None: it is): ids, questions and images."""
+    if len(done) > len(prompts):
+        return f"for {len(done)} prompts, more than the {len(prompts)} of this run"
+    for k, (saved, item) in enumerate(zip(done, prompts, strict=False)):
+        same_image = hashlib.sha256(saved.image).digest() == hashlib.sha256(image_bytes(item.image)).digest()
+        if saved.id != item.id or saved.question != item.question or not same_image:
+            return f"for other prompts (prompt {k + 1} was {saved.id!r}, is {item.id!r} now)"
+    return None
+
+
+def prompts_digest(prompts: Sequence[PromptItem]) -> str:
+    """The prompts' ids, questions and images, hashed."""
+    digest = hashlib.sha256()
+    for item in prompts:
+        digest.update(json.dumps([item.id, item.question]).encode())
+        digest.update(hashlib.sha256(image_bytes(item.image)).digest())
+    return digest.hexdigest()
+
+
+def feedback_key(config: FeedbackConfig, models: Sequence[str | Path]) -> str:
+    """What makes a run's feedback, besides its prompts (`FeedbackShards.resume` compares those one by one): its
+    settings (seed included) and the models sampled from (by fingerprint)."""
     from rlaifv.trainer.dpo import model_fingerprint
 
     named = [*models, *([config.labeler] if config.labeler != "self" else [])]
     # A local folder by its files (a model retrained in place is another model); a hub id by its name.
     identities = [model_fingerprint(m) if Path(m).is_dir() else str(m) for m in named]
-    digest = hashlib.sha256(json.dumps([config.to_dict(), identities]).encode())
-    for item in prompts:
-        digest.update(json.dumps([item.id, item.question]).encode())
-        digest.update(hashlib.sha256(image_bytes(item.image)).digest())
-    return digest.hexdigest()
+    return hashlib.sha256(json.dumps([config.to_dict(), identities]).encode()).hexdigest()

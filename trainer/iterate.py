@@ -162,7 +162,7 @@ def run_round(
         read_feedback,
         write_feedback,
     )
-    from rlaifv.trainer.preference_pairs import build_pairs
+    from rlaifv.trainer.preference_pairs import build_pairs, why_no_pairs
 
     started = time.time()
     output_dir = Path(config.output_dir)
@@ -186,7 +186,8 @@ def run_round(
         policy = _load_policy(config, initial, previous)
         feedback_config = dataclasses.replace(config.feedback, seed=seed)
         starting = [initial] if previous is None else [initial, Path(previous["policy_dir"])]
-        shards = FeedbackShards(rdir / FEEDBACK_PARTIAL, feedback_key(feedback_config, starting, prompts))
+        key = feedback_key(feedback_config, starting)
+        shards = FeedbackShards(rdir / FEEDBACK_PARTIAL, key, feedback_config.to_dict())
         feedback = collect_feedback(
             policy,
             processor,
@@ -209,11 +210,7 @@ def run_round(
     pairs_path = rdir / "pairs.parquet"
     rows, stats = build_pairs(feedback, dataclasses.replace(config.pairs, seed=seed))
     if not rows:
-        raise TrainerError(
-            f"round {index}: no preference pairs ({stats.candidate_pairs} candidate pairs, "
-            f"{stats.near_duplicates} near duplicates); "
-            "sample more candidates or prompts, or raise the temperature"
-        )
+        raise TrainerError(f"round {index}: no preference pairs: {why_no_pairs(stats, config.pairs)}")
     labeler_name = "self" if labeler is None and config.feedback.labeler == "self" else str(config.feedback.labeler)
     origin = {
         "generator": f"round-{index - 1:02d}" if previous else "initial",

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -94,8 +95,34 @@ class PairStats:
         return asdict(self)
 
 
+def why_no_pairs(stats: PairStats, config: PairConfig) -> str:
+    """What removed every pair, and which setting would keep some (it said "raise the temperature" when the
+    length filter had removed them)."""
+    if not stats.candidate_pairs:
+        return (
+            f"no two answers to one of the {stats.prompts} prompts differ in score by pairs.min_score_gap="
+            f"{config.min_score_gap:g}: sample more candidates or prompts, or raise the temperature"
+        )
+    removed = [
+        (stats.verified_removed, "dropped by pairs.keep_verified"),
+        (stats.near_duplicates, "near duplicates (pairs.dedup_threshold)"),
+        (
+            stats.length_removed,
+            "removed by length balancing, their chosen answers being shorter (pairs.length_balance=false keeps them)",
+        ),
+    ]
+    return f"{stats.candidate_pairs} candidate pairs: " + "; ".join(f"{n} {why}" for n, why in removed if n)
+
+
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f"
+_CJK_PUNCTUATION = "\u3000-\u303f\uff01-\uff0f\uff1a-\uff20"
+_WORD = re.compile(f"[{_CJK}]|[^\\s{_CJK}{_CJK_PUNCTUATION}]+")
+
+
 def _words(text: str) -> list[str]:
-    return text.lower().split()
+    """Whitespace-separated words; in Chinese and Japanese, which leave no spaces, each character counts as one
+    (the whole answer was one word: length balancing and the near-duplicate test saw nothing)."""
+    return _WORD.findall(text.lower())
 
 
 def ngram_jaccard(a: str, b: str, n: int = 10) -> float:

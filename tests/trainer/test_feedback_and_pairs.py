@@ -313,13 +313,17 @@ def test_feedback_cli_refuses_settings_it_would_ignore(tiny_model: Path, tmp_pat
     app = Typer()
     app.command()(feedback)
     data = write_rlaifv_parquet(tmp_path / "prompts.parquet", preference_rows([("a cat", "a dog")]))
-    for stray in ("max_tokens=64", "dpo.nll_weight=0.2"):
+    for stray, hint in (
+        ("max_tokens=64", "did you mean --set feedback.max_tokens=...?"),
+        ("dpo.nll_weight=0.2", "only"),
+    ):
         result = CliRunner().invoke(
             app, [str(data), "--model", str(tiny_model), "-o", str(tmp_path / "fb"), "--set", stray]
         )
         assert result.exit_code == 1 and "feedback takes feedback.* and pairs.* settings" in result.output, (
             result.output
         )
+        assert hint in result.output and "feedback.dpo" not in result.output, result.output
 
 
 @pytest.mark.slow
@@ -345,7 +349,7 @@ def test_feedback_stopped_by_sigterm_resumes_after_its_last_saved_batch(
         return collect_feedback(model, processor, prompts, config, labeler=labeler, progress=False, shards=shards)
 
     expected = run(None)
-    shards = FeedbackShards(tmp_path / "partial", feedback_key(config, [tiny_model], prompts))
+    shards = FeedbackShards(tmp_path / "partial", feedback_key(config, [tiny_model]), config.to_dict())
     real, batches = feedback_module.sample_candidates, []
 
     def sampling(pair, batch, *args, **kwargs):
@@ -371,7 +375,10 @@ def test_feedback_stopped_by_sigterm_resumes_after_its_last_saved_batch(
 
     assert texts(resumed) == texts(expected)
     other = dataclasses.replace(config, seed=3)
-    assert FeedbackShards(tmp_path / "partial", feedback_key(other, [tiny_model], prompts)).resume(["p0"]) == ([], 0, 0)
+    with pytest.warns(UserWarning, match=r"made with other settings \(feedback.seed\): starting over"):
+        assert FeedbackShards(tmp_path / "partial", feedback_key(other, [tiny_model]), other.to_dict()).resume(
+            prompts, 2
+        ) == ([], 0, 0)
     assert not list((tmp_path / "partial").glob("batch-*"))  # another run's shards are cleared
 
 
@@ -389,7 +396,7 @@ def test_the_truncation_warning_counts_the_batches_of_the_stopped_run_too(
     model, processor = load_model(tiny_model), load_processor(tiny_model)
     prompts = [PromptItem(f"p{i}", png((60 * i, 9, 9)), "describe the image") for i in range(4)]
     config = FeedbackConfig(num_samples=4, max_tokens=1, temperature=1.0, seed=5, prompt_batch=2)
-    shards = FeedbackShards(tmp_path / "partial", feedback_key(config, [tiny_model], prompts))
+    shards = FeedbackShards(tmp_path / "partial", feedback_key(config, [tiny_model]), config.to_dict())
     real, calls = feedback_module.sample_candidates, []
 
     def sampling(*args, **kwargs):
@@ -409,6 +416,128 @@ def test_the_truncation_warning_counts_the_batches_of_the_stopped_run_too(
 def test_a_hub_model_id_names_its_feedback_run() -> None:
     from rlaifv.trainer.feedback import feedback_key
 
-    prompts = [PromptItem("p0", png((1, 2, 3)), "describe")]
     config = FeedbackConfig()
-    assert feedback_key(config, ["llava-hf/llava-1.5-7b-hf"], prompts) != feedback_key(config, ["other/model"], prompts)
+    assert feedback_key(config, ["llava-hf/llava-1.5-7b-hf"]) != feedback_key(config, ["other/model"])
+
+
+@pytest.mark.slow
+def test_a_run_with_more_prompts_goes_on_from_the_saved_whole_batches(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A raised --limit kept nothing (the prompts were part of the run's key): the saved whole batches stay, a
+    last batch that was short is sampled again whole, and the result is that of one run over every prompt."""
+    from rlaifv.reward.models import load_model, load_processor
+    from rlaifv.trainer import feedback as feedback_module
+    from rlaifv.trainer.feedback import FeedbackShards, feedback_key
+
+    model, processor = load_model(tiny_model), load_processor(tiny_model)
+    prompts = [PromptItem(f"p{i}", png((40 * i, 0, 200)), "describe the image") for i in range(5)]
+    config = FeedbackConfig(num_samples=2, max_tokens=4, drop_truncated=False, temperature=1.0, seed=2, prompt_batch=2)
+    labeler = ControlledLabeler(lambda q: len(q) % 2 == 0)
+
+    def run(items: list[PromptItem], shards: FeedbackShards | None):
+        return collect_feedback(model, processor, items, config, labeler=labeler, progress=False, shards=shards)
+
+    def texts(feedback):
+        return [(f.id, [(a.text, a.score) for a in f.answers]) for f in feedback]
+
+    expected = run(prompts, None)
+    shards = FeedbackShards(tmp_path / "partial", feedback_key(config, [tiny_model]), config.to_dict())
+    run(prompts[:3], shards)  # batches [p0, p1] and [p2]
+    real, batches = feedback_module.sample_candidates, []
+
+    def sampling(pair, batch, *args, **kwargs):
+        batches.append([p.id for p in batch])
+        return real(pair, batch, *args, **kwargs)
+
+    monkeypatch.setattr(feedback_module, "sample_candidates", sampling)
+    assert texts(run(prompts, shards)) == texts(expected)
+    assert batches == [["p2", "p3"], ["p4"]]
+    batches.clear()
+    renamed = [dataclasses.replace(prompts[0], id="q0"), *prompts[1:]]
+    with pytest.warns(UserWarning, match=r"for other prompts \(prompt 1 was 'p0', is 'q0' now\): starting over"):
+        run(renamed, shards)
+    assert batches == [["q0", "p1"], ["p2", "p3"], ["p4"]]
+
+
+@pytest.mark.slow
+def test_a_prompt_too_long_for_the_model_is_left_out_before_sampling_and_named(tiny_model: Path) -> None:
+    from rlaifv.reward.models import load_model, load_processor
+
+    model, processor = load_model(tiny_model), load_processor(tiny_model)
+    long_question = "describe " + "the image very carefully " * 200
+    prompts = [
+        PromptItem("short", png((10, 0, 200)), "describe the image"),
+        PromptItem("long", png((90, 0, 200)), long_question),
+    ]
+    config = FeedbackConfig(num_samples=2, max_tokens=4, drop_truncated=False, temperature=1.0)
+    labeler = ControlledLabeler(bool)
+    with pytest.warns(UserWarning, match=r"1 of 2 prompts left out: too long for the model .*'long'"):
+        result = collect_feedback(model, processor, prompts, config, labeler=labeler, progress=False)
+    assert [f.id for f in result] == ["short"]
+    with pytest.raises(DataError, match="no prompt fits the model"):
+        collect_feedback(model, processor, prompts[1:], config, labeler=labeler, progress=False)
+
+
+def test_why_no_pairs_names_what_removed_them() -> None:
+    from rlaifv.trainer.preference_pairs import PairStats, why_no_pairs
+
+    config = PairConfig()
+    assert "raise the temperature" in why_no_pairs(PairStats(prompts=3), config)
+    said = why_no_pairs(PairStats(prompts=3, candidate_pairs=13, length_removed=6), config)
+    assert "6 removed by length balancing" in said and "pairs.length_balance=false" in said
+    assert "temperature" not in said
+
+
+def test_chinese_and_japanese_answers_are_counted_in_characters() -> None:
+    """Whitespace words made a two-sentence Chinese answer one word: length balancing never saw a shorter chosen
+    answer and near duplicates scored 0."""
+    from rlaifv.trainer.preference_pairs import _words
+
+    assert len(_words("一只猫在桌子上。它是红色的。")) == 12
+    assert _words("A red car,\tnext to a tree.") == ["a", "red", "car,", "next", "to", "a", "tree."]
+    assert _words("猫 and a cat") == ["猫", "and", "a", "cat"]
+    assert ngram_jaccard("一只红色的猫在桌子上", "一只红色的猫在桌子上", 10) == 1.0
+    assert ngram_jaccard("一只红色的猫在桌子上面", "一只红色的猫在桌子上方", 4) > 0.5
+
+
+@pytest.mark.slow
+def test_feedback_cli_rebuilds_only_the_pairs_when_its_feedback_is_already_there(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trying other pairs.* settings re-sampled every prompt from the start."""
+    import json
+
+    from trainer_testkit import preference_rows, write_rlaifv_parquet
+    from typer import Typer
+    from typer.testing import CliRunner
+
+    from rlaifv.trainer import feedback as feedback_module
+    from rlaifv.trainer.cli import feedback
+
+    app = Typer()
+    app.command()(feedback)
+    data = write_rlaifv_parquet(
+        tmp_path / "prompts.parquet", preference_rows([("a cat", "a dog"), ("a car", "a star")])
+    )
+    out = tmp_path / "fb"
+    args = [str(data), "--model", str(tiny_model), "-o", str(out), "--samples", "3", "--max-tokens", "6"]
+    args += ["--no-progress", "--set", "feedback.drop_truncated=false"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    stored = (out / "feedback.parquet").read_bytes()
+    real, sampled = feedback_module.sample_candidates, []
+
+    def sampling(*a, **k):
+        sampled.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(feedback_module, "sample_candidates", sampling)
+    result = CliRunner().invoke(app, [*args, "--set", "pairs.length_balance=false", "--set", "pairs.min_score_gap=2"])
+    assert result.exit_code == 0, result.output
+    assert "only the pairs are built again" in result.output and not sampled
+    assert (out / "feedback.parquet").read_bytes() == stored
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["pairs"]["min_score_gap"] == 2
+    result = CliRunner().invoke(app, [*args, "--samples", "2"])  # other feedback: sampled again
+    assert result.exit_code == 0, result.output
+    assert sampled and "only the pairs" not in result.output
