@@ -41,7 +41,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
@@ -197,10 +197,15 @@ def _check_image(data: bytes, *, source: str, row: int, column: str) -> None:
     try:
         check_image(data, param=column)
     except ImageError as exc:
-        raise ImageDecodeError(f"undecodable image: {exc.message}", source=source, row=row, column=column) from None
+        too_large = "over the limit" in exc.message
+        message = (
+            f"image too large: {exc.message}; downscale it first" if too_large else f"undecodable image: {exc.message}"
+        )
+        raise ImageDecodeError(message, source=source, row=row, column=column) from None
 
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
+_URLSAFE_BASE64 = re.compile(r"[A-Za-z0-9\-_\s]+={0,2}\s*")
 
 
 def _image_bytes(value: Any, base: Path, *, source: str, row: int, column: str) -> bytes:
@@ -211,11 +216,22 @@ def _image_bytes(value: Any, base: Path, *, source: str, row: int, column: str) 
         value = value["bytes"] if value.get("bytes") else value.get("path")
     if isinstance(value, bytes | bytearray):
         return bytes(value)
+    if isinstance(value, list | tuple) and value:
+        raise ImageDecodeError(
+            f"a list of {len(value)} images: a prompt here has one image", source=source, row=row, column=column
+        )
     if not isinstance(value, str) or not value.strip():
         raise ImageDecodeError("no image bytes and no image path", source=source, row=row, column=column)
     text = value.strip()
     if text[:5].lower() == "data:":
         return _base64(text, source=source, row=row, column=column)
+    if text.split("://")[0].lower() in ("http", "https", "s3", "gs"):
+        raise ImageDecodeError(
+            f"image URL {text[:200]}: images are not downloaded here; download them and give their paths",
+            source=source,
+            row=row,
+            column=column,
+        )
     path = Path(text).expanduser()
     path = path if path.is_absolute() else base / path
     try:
@@ -226,6 +242,8 @@ def _image_bytes(value: Any, base: Path, *, source: str, row: int, column: str) 
         return path.read_bytes()
     if _BASE64.fullmatch(text) and len(text) >= 64 and "." not in text[-6:]:
         return _base64(text, source=source, row=row, column=column)
+    if _URLSAFE_BASE64.fullmatch(text) and len(text) >= 64 and "." not in text[-6:]:
+        return _base64(text.translate(str.maketrans("-_", "+/")), source=source, row=row, column=column)
     shown = text if len(text) <= 200 else text[:200] + "..."
     raise ImageDecodeError(f"image file {shown} not found (in {base})", source=source, row=row, column=column)
 
@@ -284,7 +302,7 @@ def _row_count(files: Sequence[Path]) -> int | None:
     return total
 
 
-def _preference(record: dict[str, Any], file: Path, row: int, image: bytes, parquet: bool) -> PreferenceRow:
+def _preference(record: dict[str, Any], file: Path, name: str, row: int, image: bytes, parquet: bool) -> PreferenceRow:
     source = str(file)
     question = _text(record.get("question"), source=source, row=row, column="question")
     chosen = _text(record.get("chosen"), source=source, row=row, column="chosen")
@@ -293,13 +311,13 @@ def _preference(record: dict[str, Any], file: Path, row: int, image: bytes, parq
     if isinstance(meta.get("origin_split"), str):
         with contextlib.suppress(json.JSONDecodeError):
             meta["origin_split"] = json.loads(meta["origin_split"])
-    row_id = _record_id(record, file, row, keys=("idx",) if parquet else ("id", "idx"))
+    row_id = _record_id(record, name, row, keys=("idx",) if parquet else ("id", "idx"))
     return PreferenceRow(row_id, image, question, chosen, rejected, meta)
 
 
-def _prompt(record: dict[str, Any], file: Path, row: int, image: bytes, parquet: bool) -> PromptItem:
+def _prompt(record: dict[str, Any], file: Path, name: str, row: int, image: bytes, parquet: bool) -> PromptItem:
     question = _text(record.get("question"), source=str(file), row=row, column="question")
-    return PromptItem(_record_id(record, file, row), image, question)
+    return PromptItem(_record_id(record, name, row), image, question)
 
 
 def _image_field(record: dict[str, Any]) -> Any:
@@ -309,13 +327,22 @@ def _image_field(record: dict[str, Any]) -> Any:
     return record.get("image_path") if empty and record.get("image_path") else image
 
 
-def _record_id(record: dict[str, Any], file: Path, row: int, keys: Sequence[str] = ("id", "idx")) -> str:
-    """The first of `keys` the record has, else file:row; a null or empty id counts as none (every row would
-    share "None"). RLAIF-V's parquet names rows by `idx` only."""
+def _record_id(record: dict[str, Any], name: str, row: int, keys: Sequence[str] = ("id", "idx")) -> str:
+    """The first of `keys` the record has, else name:row (`_file_names`); a null or empty id counts as none (every
+    row would share "None"). RLAIF-V's parquet names rows by `idx` only."""
     for key in keys:
         if record.get(key) not in (None, ""):
             return str(record[key])
-    return f"{file.stem}:{row}"
+    return f"{name}:{row}"
+
+
+def _file_names(files: Sequence[Path]) -> dict[Path, str]:
+    """Each file's name in row ids: its stem, with the folders below the files' common folder (a/train and
+    b/train both named their rows train:0, one id for two prompts, hence one seed)."""
+    if len(files) == 1:
+        return {files[0]: files[0].stem}
+    common = Path(os.path.commonpath([f.parent for f in files]))
+    return {f: f.relative_to(common).with_suffix("").as_posix() for f in files}
 
 
 def _jsonable(value: Any) -> bool:
@@ -411,7 +438,7 @@ class _Pending(Generic[T]):
 def _read_rows(
     files: Sequence[Path],
     required: Sequence[str],
-    build: Callable[[dict[str, Any], Path, int, bytes, bool], T],
+    build: Callable[[dict[str, Any], Path, str, int, bytes, bool], T],
     workers: int,
     spill: ImageSpill,
 ) -> Iterator[tuple[T, int]]:
@@ -436,17 +463,18 @@ def _read_rows(
 def _pending_rows(
     files: Sequence[Path],
     required: Sequence[str],
-    build: Callable[[dict[str, Any], Path, int, bytes, bool], T],
+    build: Callable[[dict[str, Any], Path, str, int, bytes, bool], T],
     seen: _Seen,
     pool: ThreadPoolExecutor | None,
     spill: ImageSpill,
 ) -> Iterator[_Pending[T]]:
+    names = _file_names(files)
     try:
         for file in files:
             parquet = is_parquet(file)
             records = _parquet_rows(file, required) if parquet else _jsonl_records(file, required)
             for row, record in records:
-                yield _pend(record, file, row, parquet, build, seen, pool, spill)
+                yield _pend(record, file, names[file], row, parquet, build, seen, pool, spill)
     except Exception as exc:  # a damaged file or line, a file that cannot be opened
         yield _Pending(None, exc)
 
@@ -454,9 +482,10 @@ def _pending_rows(
 def _pend(
     record: dict[str, Any],
     file: Path,
+    name: str,
     row: int,
     parquet: bool,
-    build: Callable[[dict[str, Any], Path, int, bytes, bool], T],
+    build: Callable[[dict[str, Any], Path, str, int, bytes, bool], T],
     seen: _Seen,
     pool: ThreadPoolExecutor | None,
     spill: ImageSpill,
@@ -471,7 +500,7 @@ def _pend(
         seen[index] = _submit(pool, image, source=source, row=row)
     check = seen[index]
     try:
-        return _Pending(build(record, file, row, _LATER, parquet), None, index, check)
+        return _Pending(build(record, file, name, row, _LATER, parquet), None, index, check)
     except DataError as exc:
         return _Pending(None, exc, index, check)
 
@@ -554,7 +583,9 @@ def read_preferences(
 def read_prompts(
     path: str | Path, *, limit: int | None = None, progress: bool = True, workers: int | None = None
 ) -> list[PromptItem]:
-    """(image, question) prompts from parquet/JSONL; duplicate (image, question) pairs are kept once.
+    """(image, question) prompts from parquet/JSONL; duplicate (image, question) pairs are kept once. An id that
+    names another prompt already read gets a `#k` suffix, with a warning: the id seeds the prompt's samples and
+    names its pairs, so two prompts must not share one.
 
     `workers` and `progress` as in `read_preferences`; the bar counts rows read, duplicates included.
     """
@@ -562,6 +593,8 @@ def read_prompts(
     known = _row_count(files)
     items: list[tuple[PromptItem, int]] = []
     seen: set[tuple[int, str]] = set()
+    ids: set[str] = set()
+    renamed: list[str] = []
     duplicates = 0
     threads = _workers(workers)
     with ImageSpill() as spill:
@@ -576,11 +609,25 @@ def read_prompts(
                     bar.total = _rows_to_read(known, limit, skipped=duplicates)
                     continue
                 seen.add(key)
+                if item.id in ids:
+                    renamed.append(item.id)
+                    k = 2
+                    while f"{item.id}#{k}" in ids:
+                        k += 1
+                    item = replace(item, id=f"{item.id}#{k}")
+                ids.add(item.id)
                 items.append((item, image))
                 if limit is not None and len(items) >= limit:
                     break
         if duplicates:
             warnings.warn(f"{duplicates} rows of {path} repeat an (image, question) pair: kept once", stacklevel=2)
+        if renamed:
+            more = f" and {len(renamed) - 5} more" if len(renamed) > 5 else ""
+            shown = ", ".join(repr(i) for i in renamed[:5]) + more
+            warnings.warn(
+                f"{len(renamed)} prompts of {path} reuse the id of another prompt ({shown}): renamed id#2, id#3...",
+                stacklevel=2,
+            )
         return _mapped(items, spill, "no prompts", path)
 
 

@@ -541,3 +541,50 @@ def test_a_large_spill_on_a_memory_backed_filesystem_is_warned_about(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_preferences(path, progress=False)  # a disk: no warning
+
+
+def test_prompts_of_files_with_one_name_in_two_folders_get_their_own_ids(tmp_path: Path) -> None:
+    """a/train.jsonl and b/train.jsonl both named their first row train:0: one seed for two prompts."""
+    for folder, colour in (("a", (200, 0, 0)), ("b", (0, 200, 0))):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        (tmp_path / "data" / folder / "i.png").write_bytes(png(colour))
+        line = {"image": "i.png", "question": f"what is in {folder}?"}
+        (tmp_path / "data" / folder / "train.jsonl").write_text(json.dumps(line) + "\n")
+    assert [p.id for p in read_prompts(tmp_path / "data")] == ["a/train:0", "b/train:0"]
+    assert [p.id for p in read_prompts(tmp_path / "data" / "a" / "train.jsonl")] == ["train:0"]
+
+
+def test_an_id_shared_by_two_prompts_is_made_unique_with_a_warning(tmp_path: Path) -> None:
+    (tmp_path / "i.png").write_bytes(png((1, 2, 3)))
+    lines = [{"id": "x", "image": "i.png", "question": q} for q in ("one?", "two?", "three?")]
+    lines.append({"id": "x#2", "image": "i.png", "question": "four?"})
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.warns(UserWarning, match=r"3 prompts of .*p\.jsonl reuse the id of another prompt \('x', 'x', 'x#2'\)"):
+        prompts = read_prompts(path)
+    assert [p.id for p in prompts] == ["x", "x#2", "x#3", "x#2#2"]
+
+
+def test_image_values_that_cannot_be_read_say_what_they_are(tmp_path: Path) -> None:
+    """A URL, a list of images and a photo over the pixel limit were 'not found', 'no image bytes' and
+    'undecodable'; URL-safe base64 was 'not found'."""
+    import base64
+
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (4097, 4097)).save(big)
+    urlsafe = base64.urlsafe_b64encode(png((250, 251, 252), size=64)).decode()
+    assert "-" in urlsafe or "_" in urlsafe
+    cases = [
+        ("https://example.com/cat.jpg", "images are not downloaded here"),
+        (["a.png", "b.png"], "a list of 2 images"),
+        (str(big), "image too large: image is 4097x4097"),
+    ]
+    for value, message in cases:
+        path = tmp_path / "p.jsonl"
+        path.write_text(json.dumps({"image": value, "question": "q?"}) + "\n")
+        with pytest.raises(ImageDecodeError, match=message):
+            read_prompts(path)
+    path.write_text(json.dumps({"image": urlsafe, "question": "q?"}) + "\n")
+    assert read_prompts(path)[0].image == png((250, 251, 252), size=64)
