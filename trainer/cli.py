@@ -39,11 +39,16 @@ def _report(output: Path) -> dict[str, Any]:
 
 
 @contextmanager
-def _clean_errors() -> Iterator[None]:
-    """Known errors become one red line and exit code 1, not a traceback (a run stopped by SIGTERM: 143)."""
+def _clean_errors(progress: bool = True) -> Iterator[None]:
+    """Known errors become one red line and exit code 1, not a traceback (a run stopped by SIGTERM: 143).
+    `progress=False` also silences transformers' own bars (loading and saving weights)."""
     from rlaifv.reward.errors import RewardError
     from rlaifv.trainer.errors import TrainerError, TrainingInterrupted
 
+    if not progress:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         yield
     except TrainingInterrupted as exc:  # asked for, not an error: 128 + SIGTERM, as if the signal had ended it
@@ -121,7 +126,7 @@ def dpo_command(
     set_: SetOption = None,
 ) -> None:
     """DPO on a preference dataset, then export a bundle the service loads."""
-    with _clean_errors():
+    with _clean_errors(progress):
         from rlaifv.trainer.data import data_files, describe_files, read_preferences
         from rlaifv.trainer.dpo import check_models, train_dpo
         from rlaifv.trainer.dpo_config import DPOConfig
@@ -207,7 +212,7 @@ def iterate_command(
     set_: SetOption = None,
 ) -> None:
     """k rounds of sample -> feedback -> pairs -> DPO, resumable, exported as a bundle."""
-    with _clean_errors():
+    with _clean_errors(progress):
         from rlaifv.trainer.data import ListPromptSource
         from rlaifv.trainer.errors import ConfigError
         from rlaifv.trainer.iterate import run_iterate
@@ -281,7 +286,7 @@ def feedback(
 
     A rerun with the same prompts, models and feedback settings goes on from the batches already saved; when
     feedback.parquet is already this run's, only the pairs are built again (pairs.* settings may change)."""
-    with _clean_errors():
+    with _clean_errors(progress):
         from rlaifv.reward.models import load_adapter, load_model, load_processor
         from rlaifv.trainer.data import data_files, describe_files, read_prompts, write_preferences
         from rlaifv.trainer.errors import ConfigError

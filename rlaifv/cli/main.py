@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any
 
 import typer
@@ -27,13 +28,23 @@ class Command(typer.Typer):
 
         refused = (RewardError, TrainerError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
         try:
-            return super().__call__(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return super().__call__(*args, **kwargs)
         except (*refused, PermissionError) as exc:
             if os.environ.get("RLAIFV_TRACEBACK"):
                 raise
             message = str(exc) if not isinstance(exc, OSError) else f"{exc.strerror}: {exc.filename}"
             typer.secho(f"error: {message}", fg="red", err=True)
             sys.exit(1)
+
+
+def _show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    """A warning as one line for the people running the command, not Python's file:line and source line."""
+    kind = "" if category is UserWarning else f" ({category.__name__})"
+    print(f"warning{kind}: {message}", file=file or sys.stderr, flush=True)
 
 
 app = Command(name="rlaifv", help="RLAIF-V best-of-N reward service and trainer.", no_args_is_help=True)

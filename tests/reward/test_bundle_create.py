@@ -421,3 +421,34 @@ def test_the_console_script_ends_project_errors_with_one_line(models, tmp_path, 
             app(argv)
         err = capsys.readouterr().err
         assert exited.value.code == 1 and message in err and "Traceback" not in err, (argv, err)
+
+
+def test_the_command_shows_a_warning_as_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """Python printed file:line and the warning's source line after the message."""
+    import warnings
+
+    import typer
+
+    from rlaifv.cli.main import Command
+
+    app = Command()
+
+    @app.command()
+    def warn(kind: str = "user") -> None:
+        warnings.warn(
+            "3 rows repeat a prompt: kept once", UserWarning if kind == "user" else FutureWarning, stacklevel=1
+        )
+
+    @app.command()
+    def other() -> None:
+        typer.echo("no warning")
+
+    for kind, shown in (
+        ("user", "warning: 3 rows repeat a prompt: kept once"),
+        ("future", "warning (FutureWarning): "),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            app(["warn", "--kind", kind])
+        err = capsys.readouterr().err
+        assert exited.value.code == 0 and err.startswith(shown) and err.count("\n") == 1, err
+    assert warnings.showwarning.__name__ == "showwarning"  # restored after the command
