@@ -9,10 +9,13 @@ One root so callers (the CLI, the shapes world) can catch everything at once::
     │   ├── ImageDecodeError      an image cannot be read or decoded
     │   └── EmptyAnswerError      question/chosen/rejected is empty or not text
     ├── RunStateError         an output folder cannot be resumed (settings changed, files damaged)
+    ├── LLMReplyError         the feedback's LLM gave no usable reply for an answer or a claim
     └── TrainingInterrupted   SIGTERM stopped a run after it saved its state (a rerun resumes)
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 class TrainerError(Exception):
@@ -62,3 +65,13 @@ class TrainingInterrupted(TrainerError):
     def __init__(self, message: str, *, step: int) -> None:
         super().__init__(message)
         self.step = step
+
+
+class LLMReplyError(TrainerError):
+    """The LLM gave no usable reply for `text` (an answer to split, a claim to rewrite) after every attempt."""
+
+    def __init__(self, message: str, *, text: str, replies: Sequence[str] = (), errors: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.text = text
+        self.replies = list(replies)
+        self.errors = list(errors)

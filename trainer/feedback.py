@@ -71,18 +71,10 @@ def prompt_seed(seed: int, prompt_id: str) -> int:
 def make_splitter_and_writer(config: FeedbackConfig) -> tuple[ClaimSplitter, QuestionWriter]:
     """The configured claim splitter and question writer (spaCy rules by default)."""
     from rlaifv.reward.claims import RuleQuestionWriter, SpacyClaimSplitter
+    from rlaifv.trainer.llm_rewriter import make_llm_rewriters
 
-    splitter: Any = SpacyClaimSplitter()
-    writer: Any = RuleQuestionWriter()
-    if "llm" in (config.splitter, config.question_writer):
-        from rlaifv.trainer.llm_rewriter import LLMClaimSplitter, LLMQuestionWriter, make_backend
-
-        backend = make_backend(model=config.llm_model, url=config.llm_url, name=config.llm_name)
-        if config.splitter == "llm":
-            splitter = LLMClaimSplitter(backend)
-        if config.question_writer == "llm":
-            writer = LLMQuestionWriter(backend)
-    return splitter, writer
+    llm_splitter, llm_writer = make_llm_rewriters(config)
+    return llm_splitter or SpacyClaimSplitter(), llm_writer or RuleQuestionWriter()
 
 
 def make_labeler(config: FeedbackConfig, policy: Any, processor: Any, device: str | None = None) -> Labeler:
@@ -279,6 +271,8 @@ def score_batch(
     """
     from rlaifv.reward.claims import plan_claims, score_plans
 
+    if hasattr(splitter, "split_many"):  # an LLM splitter: the batch's distinct answers asked together, remembered
+        splitter.split_many([text for group in answers for text in group])
     if not hasattr(labeler, "p_yes_batch"):
         return [
             score_answers(image, list(group), labeler, splitter, writer, config) if group else []

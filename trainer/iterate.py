@@ -90,6 +90,7 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
     if current["model_fingerprint"] and previous.get("model_fingerprint") == current["model_fingerprint"]:
         old.pop("model", None)
         new.pop("model", None)
+    new = _without_added_defaults(old, new, config)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     same_source = json.loads(json.dumps(current["prompt_source"], default=str))
     if _by_content(previous.get("prompt_source")) != _by_content(same_source):
@@ -101,6 +102,21 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
         )
     path.write_text(json.dumps(current, indent=2, default=str) + "\n")
     return True
+
+
+def _without_added_defaults(old: dict[str, Any], new: dict[str, Any], config: Any) -> dict[str, Any]:
+    """`new` less the settings a newer version added at their defaults (absent from `old`, a run file written
+    before them): the run they describe is the same, so it resumes."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    kept = {}
+    for key, value in new.items():
+        section = getattr(config, key, None)
+        if isinstance(value, dict) and isinstance(old.get(key), dict) and dataclasses.is_dataclass(section):
+            value = _without_added_defaults(old[key], value, section)
+        elif key not in old and key in defaults and value == defaults[key]:
+            continue
+        kept[key] = value
+    return kept
 
 
 def _by_content(description: Any) -> Any:

@@ -290,6 +290,30 @@ def test_a_run_resumes_with_other_checkpoint_settings_but_not_other_dpo_settings
         _check_run_file(run, config(beta=0.2), source)
 
 
+def test_a_run_written_before_a_setting_existed_resumes_while_that_setting_keeps_its_default(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The feedback's llm_* settings came later: a run started before them stopped at its next round."""
+    from rlaifv.trainer.feedback_config import FeedbackConfig
+    from rlaifv.trainer.iterate import RUN_FILE, _check_run_file
+
+    source = ListPromptSource([PromptItem("p0", png((1, 2, 3)), "describe")], description={"kind": "test"})
+    run = tmp_path / "run"
+
+    def config(**feedback) -> IterateConfig:
+        return IterateConfig(model=str(tiny_model), output_dir=str(run), feedback=FeedbackConfig(**feedback))
+
+    assert _check_run_file(run, config(), source) is False
+    written = json.loads((run / RUN_FILE).read_text())
+    for key in ("llm_timeout_s", "llm_retries"):
+        del written["config"]["feedback"][key]
+    (run / RUN_FILE).write_text(json.dumps(written))
+    assert _check_run_file(run, config(), source) is True
+    (run / RUN_FILE).write_text(json.dumps(written))
+    with pytest.raises(RunStateError, match="feedback"):  # not at its default: another run
+        _check_run_file(run, config(llm_retries=7, question_writer="llm", llm_url="http://127.0.0.1:9/v1"), source)
+
+
 def test_best_round_skips_rounds_whose_eval_could_not_say() -> None:
     """A metric of None (e.g. MMHal with every judgement failed) is no evidence: such a round is never 'best'."""
     from rlaifv.trainer.iterate import choose_round
