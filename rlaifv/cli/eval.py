@@ -17,7 +17,19 @@ from typing import Annotated, Any
 
 import typer
 
-from rlaifv.cli.eval_run import USER_ERRORS, Source, default_cache, fail, set_threads, write_scaling
+from rlaifv.cli.eval_run import (
+    USER_ERRORS,
+    Source,
+    above_zero,
+    best_of_list,
+    default_cache,
+    fail,
+    http_url,
+    set_threads,
+    user_error,
+    warn,
+    write_scaling,
+)
 from rlaifv.trainer.evaluation.candidates import Sampling
 
 eval_app = typer.Typer(
@@ -31,31 +43,41 @@ Name = Annotated[str, typer.Option(help="What is evaluated (the report's column 
 Bundle = Annotated[
     str | None, typer.Option(help="Generate answers with this bundle in process ('default': the shipped shapes world).")
 ]
-Service = Annotated[str | None, typer.Option(help="Generate answers with a running `rlaifv serve` at this URL.")]
+Service = Annotated[
+    str | None, typer.Option(callback=http_url, help="Generate answers with a running `rlaifv serve` at this URL.")
+]
 ApiKey = Annotated[str | None, typer.Option(envvar="RLAIFV_EVAL_API_KEY", help="The service's API key.")]
-ServiceMaxN = Annotated[int, typer.Option(help="Candidates per service request at most (its RLAIFV_MAX_N).")]
-N = Annotated[int, typer.Option("-n", help="Candidates sampled per prompt.")]
+ServiceMaxN = Annotated[int, typer.Option(min=1, help="Candidates per service request at most (its RLAIFV_MAX_N).")]
+N = Annotated[int, typer.Option("-n", min=1, help="Candidates sampled per prompt.")]
 Select = Annotated[str, typer.Option(help="Which candidate is the answer: first, random, dpo or claims.")]
 BestOf = Annotated[
-    str | None, typer.Option(help="Scaling mode: comma-separated N, e.g. 1,2,4,8,16,32 (replaces -n/--select).")
+    str | None,
+    typer.Option(
+        callback=best_of_list, help="Scaling mode: comma-separated N, e.g. 1,2,4,8,16,32 (replaces -n/--select)."
+    ),
 ]
 Modes = Annotated[str, typer.Option(help="Scaling mode: reward modes to select by (a random pick is always added).")]
 Plot = Annotated[Path | None, typer.Option(help="Scaling mode: write the curve here (PNG).")]
 RandomDraws = Annotated[
-    int, typer.Option(help="Scaling mode: random picks averaged per point (each costs a metric evaluation).")
+    int, typer.Option(min=1, help="Scaling mode: random picks averaged per point (each costs a metric evaluation).")
 ]
 Doc = Annotated[
     Path | None,
     typer.Option(help="Scaling mode: put the table and figure in this Markdown file's '<!-- begin: NAME -->' block."),
 ]
 Temperature = Annotated[
-    float | None, typer.Option(help="Sampling temperature (default: 0 for one plain answer, else 0.7 as RLAIF-V).")
+    float | None,
+    typer.Option(min=0, max=5, help="Sampling temperature (default: 0 for one plain answer, else 0.7 as RLAIF-V)."),
 ]
-MaxTokens = Annotated[int, typer.Option(help="Most new tokens per answer.")]
-Seed = Annotated[int, typer.Option(help="Sampling seed (each prompt's own seed is made of it and the prompt id).")]
+MaxTokens = Annotated[int, typer.Option(min=1, help="Most new tokens per answer.")]
+Seed = Annotated[
+    int, typer.Option(min=0, help="Sampling seed (each prompt's own seed is made of it and the prompt id).")
+]
 Cache = Annotated[Path | None, typer.Option(help="Candidate cache (JSONL; default: <output>.candidates.jsonl).")]
-Batch = Annotated[int, typer.Option(help="Prompts per generation batch.")]
-Threads = Annotated[int | None, typer.Option(help="torch threads (default: RLAIFV_TORCH_THREADS, else torch's).")]
+Batch = Annotated[int, typer.Option(min=1, help="Prompts per generation batch.")]
+Threads = Annotated[
+    int | None, typer.Option(min=1, help="torch threads (default: RLAIFV_TORCH_THREADS, else torch's).")
+]
 Images = Annotated[Path | None, typer.Option(help="Folder of the benchmark's images (for generating answers).")]
 
 
@@ -105,17 +127,26 @@ def _print(markdown: str) -> None:
     Console().print(Markdown(markdown))
 
 
+def _cause(causes: list[str]) -> str:
+    """The first failure's error, so an unreachable judge or a bad key is named on the console."""
+    return f"; first error: {causes[0]}" if causes else ""
+
+
 def _finish(report: Any, output: Path, *, incomplete: int = 0) -> None:
-    from rlaifv.trainer.evaluation.report import report_markdown, write_report
+    from rlaifv.trainer.evaluation.report import failure_causes, report_markdown, write_report
 
     json_path, md_path = write_report(report, output)
     _print(report_markdown(report))
     typer.echo(f"wrote {json_path} and {md_path}")
     if incomplete:
-        raise fail(f"incomplete: {incomplete} item(s) failed (recorded in the report); rerun to retry them", code=2)
+        raise fail(
+            f"incomplete: {incomplete} item(s) failed (recorded in the report); rerun to retry them"
+            + _cause(failure_causes(report.items)),
+            code=2,
+        )
 
 
-def _fail_if_incomplete(result: dict[str, Any]) -> None:
+def _fail_if_incomplete(result: dict[str, Any], causes: list[str] | None = None) -> None:
     """A scaling run whose judge or extractor failed on some items: its points average fewer answers than they
     say, so the run exits 2 as a single evaluation would (the report records the failures per point)."""
     failed = max(
@@ -127,7 +158,34 @@ def _fail_if_incomplete(result: dict[str, Any]) -> None:
         default=0.0,
     )
     if failed:
-        raise fail(f"incomplete: up to {failed:g} item(s) per point failed (recorded in the report); rerun", code=2)
+        raise fail(
+            f"incomplete: up to {failed:g} item(s) per point failed (recorded in the report); rerun"
+            + _cause(causes or []),
+            code=2,
+        )
+
+
+def _check_unparsed(metrics: dict[str, Any], match: str, items: list[dict[str, Any]]) -> None:
+    """AMBER answers that are neither yes nor no count as wrong: warn about any, and fail when most are (the
+    wrong --match for the answers' wording, or a model that does not answer yes/no)."""
+    from rlaifv.trainer.evaluation.report import flatten
+
+    curve = metrics.get("curve")
+    points = [p for per_n in curve.values() for p in per_n.values()] if curve else [flatten(metrics)]
+    share, unparsed, questions = max(
+        (p["overall.unparsed"] / p["overall.questions"], p["overall.unparsed"], p["overall.questions"]) for p in points
+    )
+    if not unparsed:
+        return
+    example = next((f" (e.g. {i['response'][:60]!r})" for i in items if i.get("answer") is None), "")
+    hint = "try --match first-word" if match == "exact" else "the answers do not start with yes or no"
+    message = (
+        f"{unparsed:g} of {questions:g} answers ({share:.0%}) are neither yes nor no by --match {match}{example}"
+        f" and count as wrong; {hint}"
+    )
+    if share > 0.5:
+        raise fail(message)
+    warn(message)
 
 
 @eval_app.command("objhal")
@@ -145,13 +203,17 @@ def objhal(
     images: Images = None,
     extractor: Annotated[str, typer.Option(help="Object extraction: rules (spaCy + table) or llm.")] = "rules",
     synonyms: Annotated[Path | None, typer.Option(help="Another synonym table (our format).")] = None,
-    llm_url: Annotated[str | None, typer.Option(help="--extractor llm: OpenAI-compatible base URL.")] = None,
+    llm_url: Annotated[
+        str | None, typer.Option(callback=http_url, help="--extractor llm: OpenAI-compatible base URL.")
+    ] = None,
     llm_model: Annotated[str | None, typer.Option(help="--extractor llm: model name.")] = None,
     llm_key: Annotated[str | None, typer.Option(envvar="RLAIFV_EVAL_LLM_KEY", help="--extractor llm: key.")] = None,
-    llm_concurrency: Annotated[int, typer.Option(help="--extractor llm: requests in flight.")] = 8,
-    llm_timeout: Annotated[float, typer.Option(help="--extractor llm: seconds per attempt.")] = 60.0,
-    llm_retries: Annotated[int, typer.Option(help="--extractor llm: retries per answer.")] = 3,
-    llm_backoff: Annotated[float, typer.Option(help="--extractor llm: seconds before the first retry.")] = 1.0,
+    llm_concurrency: Annotated[int, typer.Option(min=1, help="--extractor llm: requests in flight.")] = 8,
+    llm_timeout: Annotated[
+        float, typer.Option(callback=above_zero, help="--extractor llm: seconds per attempt.")
+    ] = 60.0,
+    llm_retries: Annotated[int, typer.Option(min=0, help="--extractor llm: retries per answer.")] = 3,
+    llm_backoff: Annotated[float, typer.Option(min=0, help="--extractor llm: seconds before the first retry.")] = 1.0,
     name: Name = "",
     bundle: Bundle = None,
     service: Service = None,
@@ -187,6 +249,7 @@ def objhal(
 
     src = _source(output, locals())
     _check_answers(answers, src)
+    causes: list[str] = []
     try:
         objects = CocoObjects(synonyms)
         if coco is not None:
@@ -221,7 +284,7 @@ def objhal(
             truth = ground_truth({i for _, i in pairs}, instances, captions, objects)
             settings_out = {"prompts": str(prompts), **src.settings()}
             if best_of:
-                metric = objhal_metric(pairs, truth, objects=objects, llm=llm)
+                metric = objhal_metric(pairs, truth, objects=objects, llm=llm, errors=causes)
                 result = {"metrics": src.scaling([p for p, _ in pairs], metric)}
             else:
                 texts = src.answers([p for p, _ in pairs])
@@ -230,15 +293,17 @@ def objhal(
                 ]
                 result = evaluate_objhal(rows, truth, objects=objects, llm=llm)
     except USER_ERRORS as exc:
-        raise fail(str(exc)) from None
+        raise user_error(exc) from None
     settings_out["extractor"] = extractor
     report = Report(benchmark="objhal", name=name or output.stem, settings=settings_out, **result)
     if best_of:
         metrics = ["chair_i", "chair_s_object_answers", "recall"]
         title = f"Object HalBench vs N ({report.name})"
         _print(write_scaling(report, output, metrics=metrics, percent=metrics[:2], plot=plot, doc=doc, title=title))
-        _fail_if_incomplete(report.metrics)
+        _fail_if_incomplete(report.metrics, causes)
         return
+    if report.metrics["chair_i"] is None and report.metrics["answers"] and not report.metrics.get("extraction_failed"):
+        warn("no answer names a COCO object (answers of three words or fewer name none): CHAIR is n/a")
     _finish(report, output, incomplete=int(result["metrics"].get("extraction_failed", 0)))
 
 
@@ -251,7 +316,13 @@ def amber(
         Path | None, typer.Option(help="Queries to generate for (data/query/query_discriminative.json).")
     ] = None,
     images: Images = None,
-    match: Annotated[str, typer.Option(help="'exact' (the official \"Yes\"/\"No\") or 'first-word'.")] = "exact",
+    match: Annotated[
+        str | None,
+        typer.Option(
+            help='\'exact\' (the official "Yes"/"No") or \'first-word\' ("Yes, there is" is yes); default: exact'
+            " for --answers, first-word for answers generated here."
+        ),
+    ] = None,
     name: Name = "",
     bundle: Bundle = None,
     service: Service = None,
@@ -282,10 +353,11 @@ def amber(
     )
     from rlaifv.trainer.evaluation.report import Report, flatten
 
-    if match not in ("exact", "first-word"):
+    if match not in (None, "exact", "first-word"):
         raise fail(f"--match takes exact or first-word, got {match!r}")
     src = _source(output, locals())
     _check_answers(answers, src)
+    match = match or ("exact" if answers is not None else "first-word")
     try:
         truth = read_annotations(annotations)
         if answers is not None:
@@ -304,22 +376,24 @@ def amber(
                 rows = [Response(id=int(p.id), response=t) for p, t in zip(prompts, texts, strict=True)]
                 result = evaluate_amber(rows, truth, match=match)  # type: ignore[arg-type]
     except USER_ERRORS as exc:
-        raise fail(str(exc)) from None
+        raise user_error(exc) from None
     report = Report(benchmark="amber", name=name or output.stem, settings={**settings, "match": match}, **result)
     if best_of:
         metrics = ["overall.accuracy", "overall.f1"]
         title = f"AMBER vs N ({report.name})"
         _print(write_scaling(report, output, metrics=metrics, percent=metrics, plot=plot, doc=doc, title=title))
-        _fail_if_incomplete(report.metrics)
-        return
-    _finish(report, output)
+    else:
+        _finish(report, output)
+    _check_unparsed(report.metrics, match, report.items)
 
 
 @eval_app.command("mmhal")
 def mmhal(
     output: Output,
     records: Annotated[Path, typer.Option(help="MMHal-Bench response file (JSON list of the 96 records).")],
-    judge_url: Annotated[str, typer.Option(help="Judge: OpenAI-compatible base URL, e.g. http://host:8001/v1.")],
+    judge_url: Annotated[
+        str, typer.Option(callback=http_url, help="Judge: OpenAI-compatible base URL, e.g. http://host:8001/v1.")
+    ],
     judge_model: Annotated[str, typer.Option(help="Judge: model name.")],
     judge_key: Annotated[str | None, typer.Option(envvar="RLAIFV_EVAL_JUDGE_KEY", help="Judge: API key.")] = None,
     answers: Annotated[
@@ -332,10 +406,10 @@ def mmhal(
     results: Annotated[
         Path | None, typer.Option(help="Judgement store (JSONL; default <output>.judged.jsonl): makes reruns resume.")
     ] = None,
-    concurrency: Annotated[int, typer.Option(help="Judge requests in flight.")] = 4,
-    timeout: Annotated[float, typer.Option(help="Seconds per judge attempt.")] = 120.0,
-    retries: Annotated[int, typer.Option(help="Retries per item (timeouts, errors, no rating).")] = 3,
-    backoff: Annotated[float, typer.Option(help="Seconds before the first retry (doubles per retry).")] = 1.0,
+    concurrency: Annotated[int, typer.Option(min=1, help="Judge requests in flight.")] = 4,
+    timeout: Annotated[float, typer.Option(callback=above_zero, help="Seconds per judge attempt.")] = 120.0,
+    retries: Annotated[int, typer.Option(min=0, help="Retries per item (timeouts, errors, no rating).")] = 3,
+    backoff: Annotated[float, typer.Option(min=0, help="Seconds before the first retry (doubles per retry).")] = 1.0,
     name: Name = "",
     bundle: Bundle = None,
     service: Service = None,
@@ -364,12 +438,14 @@ def mmhal(
         mmhal_prompts,
         read_records,
         read_template,
+        require_answers,
     )
     from rlaifv.trainer.evaluation.report import Report
 
     src = _source(output, locals())
     _check_answers(answers, src)
     store = results or output.with_name(output.stem + ".judged.jsonl")
+    causes: list[str] = []
     try:
         judge = ChatSettings(
             url=judge_url, model=judge_model, api_key=judge_key, concurrency=concurrency, timeout_s=timeout,
@@ -384,7 +460,7 @@ def mmhal(
             prompts = mmhal_prompts(items, images)
             settings |= src.settings()
             if best_of:
-                metric = mmhal_metric(items, judge, store, template=prompt)
+                metric = mmhal_metric(items, judge, store, template=prompt, errors=causes)
                 result = {"metrics": src.scaling(prompts, metric)}
             else:
                 texts = src.answers(prompts)
@@ -393,16 +469,19 @@ def mmhal(
         else:
             if best_of:
                 raise fail("--best-of generates answers: give --bundle or --service")
+            require_answers(items, answers or records)
             result = evaluate_mmhal(items, judge, store, template=prompt)
     except USER_ERRORS as exc:
-        raise fail(str(exc)) from None
+        raise user_error(exc) from None
     report = Report(benchmark="mmhal", name=name or output.stem, settings=settings, **result)
     if best_of:
         metrics = ["score", "hallucination_rate"]
         title = f"MMHal-Bench vs N ({report.name})"
         _print(write_scaling(report, output, metrics=metrics, percent=metrics[1:], plot=plot, doc=doc, title=title))
-        _fail_if_incomplete(report.metrics)
+        _fail_if_incomplete(report.metrics, causes)
         return
+    if report.metrics["empty_answers"]:
+        warn(f"{report.metrics['empty_answers']} answer(s) are empty: judged as they are (usually rated 0)")
     _finish(report, output, incomplete=int(result["metrics"]["failed"]))
 
 
@@ -410,15 +489,17 @@ def mmhal(
 def shapes(
     output: Output,
     bundle: Annotated[str, typer.Option(help="A shapes-world bundle ('default': the shipped one).")] = "default",
-    images: Annotated[int, typer.Option(help="Held-out images (prompts).")] = 200,
+    images: Annotated[int, typer.Option(min=1, help="Held-out images (prompts).")] = 200,
     scene_seed: Annotated[int, typer.Option(help="Seed of the held-out scenes.")] = 0,
-    best_of: Annotated[str, typer.Option(help="Comma-separated N.")] = "1,2,4,8,16,32",
+    best_of: Annotated[str, typer.Option(callback=best_of_list, help="Comma-separated N.")] = "1,2,4,8,16,32",
     modes: Modes = "dpo,claims",
     plot: Plot = None,
     random_draws: RandomDraws = 16,
     doc: Doc = None,
     name: Name = "shapes-scaling",
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (the shapes-world reports use 1).")] = 1.0,
+    temperature: Annotated[
+        float, typer.Option(min=0, max=5, help="Sampling temperature (the shapes-world reports use 1).")
+    ] = 1.0,
     max_tokens: MaxTokens = 32,
     seed: Seed = 0,
     cache: Cache = None,
@@ -434,7 +515,7 @@ def shapes(
     try:
         result = src.scaling(prompts, metric)
     except USER_ERRORS as exc:
-        raise fail(str(exc)) from None
+        raise user_error(exc) from None
     settings = {"images": images, "scene_seed": scene_seed, **src.settings()}
     report = Report(benchmark="shapes", name=name, settings=settings, metrics=result)
     metrics = ["chair_i", "chair_s", "recall"]
@@ -454,7 +535,7 @@ def compare(
     try:
         table = render(reports)
     except USER_ERRORS as exc:
-        raise fail(str(exc)) from None
+        raise user_error(exc) from None
     typer.echo(table)
     if output is not None:
         output.write_text(table)

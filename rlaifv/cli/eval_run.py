@@ -33,6 +33,42 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def warn(message: str) -> None:
+    typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+
+
+def user_error(exc: Exception) -> typer.Exit:
+    """One `error:` line for a user mistake; a pydantic error names its first field instead of a listing."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        return fail(f"{exc.title}: {field + ': ' if field else ''}{first['msg']}")
+    return fail(str(exc))
+
+
+def best_of_list(value: str | None) -> str | None:
+    """--best-of checked before anything runs (typer shows a bad value as one usage error)."""
+    if value is not None:
+        try:
+            parse_ns(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def above_zero(value: float) -> float:
+    if value <= 0:
+        raise typer.BadParameter(f"must be above 0, got {value:g}")
+    return value
+
+
+def http_url(value: str | None) -> str | None:
+    """A URL httpx can call: anything else would fail item by item (every request) instead of once."""
+    if value is not None and not re.match(r"https?://[^/\s]+", value, re.IGNORECASE):
+        raise typer.BadParameter(f"must be an http:// or https:// URL, got {value!r}")
+    return value
+
+
 def set_threads(threads: int | None) -> None:
     """torch threads: the option, else RLAIFV_TORCH_THREADS (1 is often fastest on shared CPUs)."""
     value = threads if threads is not None else os.environ.get("RLAIFV_TORCH_THREADS")
@@ -118,10 +154,7 @@ class Source:
 
     def scaling(self, prompts: Sequence[Prompt], metric: Metric) -> dict[str, Any]:
         assert self.best_of is not None
-        try:
-            ns = parse_ns(self.best_of)
-        except ValueError as exc:
-            raise fail(str(exc)) from None
+        ns = parse_ns(self.best_of)  # checked by the option's callback
         with _closing(self.generator()) as generator:
             return run_scaling(
                 generator,

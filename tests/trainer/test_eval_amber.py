@@ -16,14 +16,18 @@ amber_annotations.json / amber_responses.json (question id: dimension, truth -> 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from rlaifv.cli.eval_run import Source
 from rlaifv.cli.main import app
 from rlaifv.trainer.errors import DataError
-from rlaifv.trainer.evaluation.amber import Response, evaluate_amber, read_annotations, read_responses
+from rlaifv.trainer.evaluation.amber import Response, evaluate_amber, read_annotations, read_responses, scores
+from rlaifv.trainer.evaluation.candidates import Prompt, Sampled, Sampling
+from rlaifv.trainer.evaluation.files import read_rows
 
 DATA = Path(__file__).parent / "data" / "eval"
 
@@ -102,7 +106,8 @@ def test_cli(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_cli_generates_with_a_bundle_in_scaling_mode(tmp_path: Path) -> None:
-    """Queries + images -> answers from the shipped bundle, best-of-1 and 2 by each rule, AMBER per point."""
+    """Queries + images -> answers from the shipped bundle, best-of-1 and 2 by each rule, AMBER per point. The
+    shapes world captions rather than says yes or no: the curve is written, and the run fails saying so."""
     from PIL import Image
 
     Image.new("RGB", (64, 64), (40, 80, 220)).save(tmp_path / "AMBER_1.jpg")
@@ -122,7 +127,121 @@ def test_cli_generates_with_a_bundle_in_scaling_mode(tmp_path: Path) -> None:
         str(tmp_path / "a.png"),
     ]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1 and "are neither yes nor no by --match first-word" in result.output, result.output
     curve = json.loads(out.read_text())["metrics"]["curve"]
     assert set(curve) == {"dpo", "claims", "random"}
     assert curve["dpo"]["2"]["overall.questions"] == 9 and 0 <= curve["dpo"]["2"]["overall.accuracy"] <= 1
+
+
+TRUTH = {2: "yes", 3: "no", 4: "no", 5: "yes", 6: "no", 7: "no", 8: "yes", 9: "no", 10: "yes"}  # the docstring's
+
+
+class SaysYesOrNo:
+    """A generator that answers every AMBER query correctly, in a model's words ("Yes." / "No, there is not.")."""
+
+    fingerprint = "fake:says-yes-or-no"
+
+    def sample(self, prompts: Sequence[Prompt], n: int, sampling: Sampling, claims: bool) -> list[Sampled]:
+        texts = ["Yes." if TRUTH[int(p.id)] == "yes" else "No, there is not." for p in prompts]
+        return [Sampled(texts=[t] * n, dpo=[0.0] * n, claims=[0.0] * n if claims else None) for t in texts]
+
+
+@pytest.fixture()
+def generate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The CLI's generation arguments, answered by `SaysYesOrNo` through the real sampling and caching path."""
+    monkeypatch.setattr(Source, "generator", lambda self: SaysYesOrNo())
+    (tmp_path / "AMBER_1.jpg").write_bytes(b"not decoded by the fake generator")
+    args = ["eval", "amber", "--annotations", str(DATA / "amber_annotations.json")]
+    return [*args, "--queries", str(DATA / "amber_queries.json"), "--images", str(tmp_path), "--service", "http://x"]
+
+
+def test_generated_answers_are_read_as_the_yes_or_no_they_say(generate: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "gen.json"
+    result = CliRunner().invoke(app, [*generate, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["settings"]["match"] == "first-word"
+    assert report["metrics"]["overall"]["accuracy"] == 1.0 and report["metrics"]["overall"]["unparsed"] == 0
+    result = CliRunner().invoke(app, [*generate, "--best-of", "1,2", "-o", str(tmp_path / "curve.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "curve.json").read_text())["metrics"]["curve"]["dpo"]["2"]["overall.accuracy"] == 1.0
+
+
+def test_mostly_unparsed_answers_fail_the_run(generate: list[str], tmp_path: Path) -> None:
+    """Asked for the official exact match, generated text is unparsed: the run says so and exits 1."""
+    out = tmp_path / "exact.json"
+    result = CliRunner().invoke(app, [*generate, "--match", "exact", "-o", str(out)])
+    assert result.exit_code == 1
+    assert "error: 9 of 9 answers (100%) are neither yes nor no by --match exact (e.g. 'Yes.')" in result.output
+    assert "--match first-word" in result.output
+    assert json.loads(out.read_text())["metrics"]["overall"]["accuracy"] == 0.0  # the report is still written
+    some = tmp_path / "some.json"  # two of nine unparsed: a warning
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "amber",
+            "--annotations",
+            str(DATA / "amber_annotations.json"),
+            "--answers",
+            str(DATA / "amber_responses.json"),
+            "-o",
+            str(some),
+        ],
+    )
+    assert result.exit_code == 0 and "warning: 2 of 9 answers (22%)" in result.output
+
+
+def test_nothing_to_divide_by_is_none_and_an_empty_file_is_refused(tmp_path: Path) -> None:
+    """No question, no "No" answer or no question whose truth is no: None, where the official script divides by
+    zero; a file with nothing to score is refused rather than reported as accuracy 0."""
+    truth = read_annotations(DATA / "amber_annotations.json")
+    m = evaluate_amber([Response(id=2, response="Yes"), Response(id=8, response="Yes")], truth)["metrics"]
+    assert m["overall"]["accuracy"] == 1.0 and m["overall"]["recall"] is None
+    assert (m["overall"]["precision"], m["overall"]["f1"]) == (None, None)
+    assert scores([])["accuracy"] is None and scores([])["yes_rate"] is None
+    with pytest.raises(DataError, match="no discriminative question"):
+        evaluate_amber([Response(id=1, response="A dog on grass.")], truth)
+    args = ["eval", "amber", "--annotations", str(DATA / "amber_annotations.json"), "-o", str(tmp_path / "r.json")]
+    for text in ("[]", "", '[{"id": 1, "response": "A dog on grass."}]'):
+        (tmp_path / "answers.json").write_text(text)
+        result = CliRunner().invoke(app, [*args, "--answers", str(tmp_path / "answers.json")])
+        assert result.exit_code == 1 and result.output.startswith("error: "), result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_json_object_is_not_read_as_one_row(tmp_path: Path) -> None:
+    """AMBER's files and answers are JSON lists (or JSONL): one object is a wrapper or a mistake, not one answer."""
+    path = tmp_path / "answers.json"
+    path.write_text('{"id": 2, "response": "Yes"}')
+    with pytest.raises(DataError, match="expected a JSON list or JSONL"):
+        read_responses(path)
+    path.write_text(json.dumps({"records": [{"id": 2, "response": "Yes"}]}, indent=1))
+    with pytest.raises(DataError, match=r"expected a JSON list or JSONL, .* under 'records'"):
+        read_rows(path)
+    one_row = tmp_path / "answers.jsonl"  # JSONL of one line is fine
+    one_row.write_text('{"id": 2, "response": "Yes"}\n')
+    assert read_responses(one_row) == [Response(id=2, response="Yes")]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--best-of", "0,2"],
+        ["--best-of", "1,abc"],
+        ["-n", "0"],
+        ["--temperature", "9"],
+        ["--max-tokens", "0"],
+        ["--batch", "0"],
+        ["--service", "localhost:8000"],
+    ],
+)
+def test_bad_options_are_one_usage_error(bad: list[str], generate: list[str], tmp_path: Path) -> None:
+    """Refused as usage errors before anything is read or sampled, even where sampling does not apply."""
+    answers = ["eval", "amber", "--annotations", str(DATA / "amber_annotations.json")]
+    answers += ["--answers", str(DATA / "amber_responses.json")]
+    for args in (answers, generate):
+        result = CliRunner().invoke(app, [*args, *bad, "-o", str(tmp_path / "r.json")])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert "Invalid value" in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "r.json").exists()

@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from chat_server import ChatServer, Reply
 from typer.testing import CliRunner
 
+from rlaifv.cli.eval_run import Source
 from rlaifv.cli.main import app
+from rlaifv.testing.server import free_port
 from rlaifv.trainer.errors import DataError
+from rlaifv.trainer.evaluation.candidates import Prompt, Sampled, Sampling
 from rlaifv.trainer.evaluation.llm import ChatSettings
 from rlaifv.trainer.evaluation.mmhal import evaluate_mmhal, judge_prompt, parse_rating, read_records, read_template
 
@@ -168,13 +172,75 @@ def test_cli_generates_answers_with_a_bundle(tmp_path: Path) -> None:
     assert all(not item["model_answer"].startswith("Answer ") for item in report["items"])  # generated, not given
 
 
-def test_an_empty_model_answer_is_not_judged() -> None:
-    """The published template ships `model_answer: ""`: judging it would score a benchmark of empty answers."""
-    from rlaifv.trainer.evaluation.mmhal import Record
+def _rate_or_zero(prompt: str) -> Reply:
+    """A judge that rates an empty answer 0 (as gpt-4 does) and others by their `rate=N`."""
+    answer = prompt.split("### LMM Answer to Evaluate", 1)[1].strip()
+    rating = re.search(r"rate=(\d)", answer)
+    return Reply(f"Rating: {rating.group(1) if rating else 0}")
 
-    for answer in (None, "", "  "):
-        with pytest.raises(DataError, match="has no model_answer"):
-            judge_prompt(Record(question="What is it?", gt_answer="a cat", model_answer=answer))
+
+def test_an_empty_answer_is_judged_and_an_unfilled_template_refused(tmp_path: Path) -> None:
+    """One empty answer is judged as the original judges it; a file whose every answer is empty (the published
+    template, `model_answer: ""`) is refused before any judge call."""
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"answer": "" if i == 3 else "rate=5"}) + "\n" for i in range(10)))
+    with ChatServer(_rate_or_zero) as server:
+        args = ["eval", "mmhal", "--records", str(RECORDS), "--judge-url", server.url, "--judge-model", "j"]
+        out = tmp_path / "mmhal.json"
+        result = CliRunner().invoke(app, [*args, "--answers", str(answers), "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        assert "warning: 1 answer(s) are empty" in result.output
+        report = json.loads(out.read_text())
+        assert report["metrics"]["score"] == 45 / 10 and report["metrics"]["empty_answers"] == 1
+        assert (report["items"][3]["status"], report["items"][3]["rating"]) == ("rated", 0)
+
+        template = tmp_path / "template.json"
+        rows = json.loads(RECORDS.read_text())
+        template.write_text(json.dumps([{**r, "model_answer": ""} for r in rows]))
+        calls = sum(server.hits.values())
+        result = CliRunner().invoke(app, ["eval", "mmhal", "--records", str(template), *args[4:], "-o", str(out)])
+        assert result.exit_code == 1 and "every model_answer is empty (the unfilled template)" in result.output
+        assert sum(server.hits.values()) == calls
+
+
+def test_an_empty_generated_answer_is_judged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that says nothing for one record: judged (rated 0 here), not a stop with "has no model_answer"."""
+
+    class Generator:
+        fingerprint = "fake:one-empty"
+
+        def sample(self, prompts: Sequence[Prompt], n: int, sampling: Sampling, claims: bool) -> list[Sampled]:
+            texts = ["" if p.id == "3" else "rate=4" for p in prompts]
+            return [Sampled(texts=[t] * n, dpo=[0.0] * n) for t in texts]
+
+    monkeypatch.setattr(Source, "generator", lambda self: Generator())
+    for i in range(10):
+        (tmp_path / f"img{i}.jpg").write_bytes(b"an image")
+    with ChatServer(_rate_or_zero) as server:
+        args = ["eval", "mmhal", "--records", str(RECORDS), "--judge-url", server.url, "--judge-model", "j"]
+        args += ["--images", str(tmp_path), "--service", "http://x", "-o", str(tmp_path / "mmhal.json")]
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "mmhal.json").read_text())
+    assert report["items"][3]["model_answer"] == "" and report["items"][3]["rating"] == 0
+    assert report["metrics"]["score"] == 36 / 10
+
+
+def test_a_failing_judge_is_named_on_the_console(tmp_path: Path) -> None:
+    """Every judgement fails: the first error's cause is printed; a URL httpx cannot call, and a bad option, are
+    usage errors before anything runs."""
+    args = ["eval", "mmhal", "--records", str(RECORDS), "--judge-model", "j", "--retries", "0", "--backoff", "0"]
+    with ChatServer(lambda _: Reply(status=404)) as server:
+        result = CliRunner().invoke(app, [*args, "--judge-url", server.url, "-o", str(tmp_path / "a.json")])
+    assert result.exit_code == 2 and "10 item(s) failed" in result.output
+    assert "first error: HTTP 404" in result.output
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    result = CliRunner().invoke(app, [*args, "--judge-url", closed, "-o", str(tmp_path / "b.json")])
+    assert result.exit_code == 2 and "first error: ConnectError" in result.output
+    for bad in (["--judge-url", "notaurl"], ["--judge-url", closed, "--concurrency", "0"]):
+        result = CliRunner().invoke(app, [*args, *bad, "-o", str(tmp_path / "c.json")])
+        assert result.exit_code == 2 and "Invalid value" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "c.json").exists()
 
 
 def test_nothing_judged_is_no_score_and_leaves_a_gap_in_the_curve(tmp_path: Path) -> None:

@@ -136,6 +136,56 @@ def test_rule_extractor(objects: CocoObjects, text: str, mentions: list[str]) ->
     assert objects(text) == mentions
 
 
+@pytest.mark.parametrize(
+    ("text", "mentions"),
+    [
+        # before a verb, a modifier word is the object itself
+        ("An orange sits on the table.", ["orange", "dining table"]),
+        ("A baby sleeps in a crib.", ["person"]),
+        ("Oranges fill the bowl.", ["orange", "bowl"]),
+        ("The football lies on the grass.", ["sports ball"]),
+        ("The skis lean against the wall.", ["skis"]),
+        ("A passenger waits for the train.", ["person", "train"]),
+        ("The orange sat on a plate.", ["orange"]),
+        # before a noun, it is not (COCO names and other nouns alike)
+        ("A glass of orange juice.", []),
+        ("A man in a baseball cap.", ["person"]),
+        ("A baby elephant and a baby stroller.", ["elephant"]),
+        ("The passenger seat of the car.", ["car"]),
+        ("Skiers on the ski slope.", ["person"]),
+    ],
+)
+def test_a_modifier_is_one_only_before_a_noun(objects: CocoObjects, text: str, mentions: list[str]) -> None:
+    assert objects(text) == mentions
+
+
+def test_reference_captions_are_read_by_the_same_rule(tmp_path: Path, objects: CocoObjects) -> None:
+    """An object a caption names before a verb is ground truth, so an answer naming it is no hallucination."""
+    instances, captions = tmp_path / "instances_val2014.json", tmp_path / "captions_val2014.json"
+    instances.write_text(json.dumps({"categories": [{"id": 67, "name": "dining table"}], "annotations": []}))
+    lines = ["An orange sits on the table.", "A baby sleeps nearby.", "The football lies on the floor."]
+    captions.write_text(json.dumps({"annotations": [{"image_id": 201, "caption": c} for c in lines]}))
+    truth = ground_truth([201], [instances], [captions], objects)
+    assert truth == {201: {"dining table", "orange", "person", "sports ball"}}
+
+
+@pytest.mark.parametrize(
+    ("text", "mentions"),
+    [
+        ("A rowing crew on the river.", []),  # lookup lemma: crow -> bird
+        ("A calf was born here; the film bore me.", ["cow"]),  # bear
+        ("A man pays his taxes.", ["person"]),  # taxis -> car
+        ("The boat sank, and the ship has sunk.", ["boat", "boat"]),  # sink
+        ("Two SUVs, limos, firetrucks and tugboats.", ["car", "car", "truck", "boat"]),
+        ("Jetliners, iPhones, loveseats and paddleboards.", ["airplane", "cell phone", "couch", "surfboard"]),
+        ("Two labradors in bowties.", ["dog", "tie"]),
+        ("Knives, geese, mice, buses and ponies.", ["knife", "bird", "mouse", "bus", "horse"]),
+    ],
+)
+def test_lemmas_are_only_a_nouns_singular(objects: CocoObjects, text: str, mentions: list[str]) -> None:
+    assert objects(text) == mentions
+
+
 def test_synonym_table_names_the_80_coco_categories() -> None:
     table = read_table()
     assert len(table.categories) == 80
@@ -206,6 +256,44 @@ def test_cli_scores_an_answers_file(tmp_path: Path) -> None:
     assert report["benchmark"] == "objhal"
     assert {k: report["metrics"][k] for k in EXPECTED} == EXPECTED
     assert "| chair_i | 0.3125 |" in out.with_suffix(".md").read_text()
+
+
+def test_nothing_to_divide_by_is_none_not_zero(objects: CocoObjects, truth: dict[int, frozenset[str]]) -> None:
+    """Answers of three words or fewer name no object: CHAIR is n/a, not 0.0 (which reads as perfect)."""
+    answers = [Answer(image_id=101, answer="Yes."), Answer(image_id=102, answer="A dog, maybe.")]
+    m = evaluate_objhal(answers, truth, objects=objects)["metrics"]
+    assert (m["chair_i"], m["chair_s"], m["chair_s_object_answers"]) == (None, None, None)
+    assert (m["answers"], m["mentions"], m["recall"]) == (2, 0, 0.0)
+    empty = chair_totals([])
+    assert all(empty[k] is None for k in ("chair_i", "chair_s", "chair_s_object_answers", "recall", "repeats"))
+
+
+def test_cli_refuses_an_empty_answers_file_and_reports_short_answers_as_na(tmp_path: Path) -> None:
+    answers, out = tmp_path / "answers.json", tmp_path / "r.json"
+    answers.write_text("[]")
+    args = ["eval", "objhal", "--coco", str(COCO), "--answers", str(answers), "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "error: " in result.output and "no rows" in result.output
+    assert not out.exists()
+    answers.write_text('[{"image_id": 101, "answer": "Yes."}]')
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "warning: no answer names a COCO object" in result.output
+    assert "| chair_i | n/a |" in out.with_suffix(".md").read_text()
+
+
+def test_cli_says_why_the_extractor_failed(tmp_path: Path) -> None:
+    """Every LLM call fails: the console names the first error, not only "rerun"; a URL httpx cannot call is
+    refused before anything runs."""
+    args = ["eval", "objhal", "--coco", str(COCO), "--answers", str(DATA / "objhal_answers.jsonl")]
+    args += ["--extractor", "llm", "--llm-model", "m", "--llm-retries", "0"]
+    with ChatServer(lambda _: Reply(status=401)) as server:
+        result = CliRunner().invoke(app, [*args, "--llm-url", server.url, "-o", str(tmp_path / "a.json")])
+    assert result.exit_code == 2, result.output
+    assert "first error: HTTP 401" in result.output
+    result = CliRunner().invoke(app, [*args, "--llm-url", "notaurl", "-o", str(tmp_path / "b.json")])
+    assert result.exit_code == 2 and "http:// or https://" in result.output
+    assert not (tmp_path / "b.json").exists()
 
 
 def test_cli_names_the_bad_row(tmp_path: Path) -> None:

@@ -10,7 +10,10 @@ Types: `discriminative-hallucination` (existence), `discriminative-attribute-{st
 "No" answers / "No" answers, recall = correct "No" answers / questions whose truth is "no", F1 = 2PR /
 (P + R + eps) with the official eps (1e-4; 1e-3 for existence, as the official script has it). The
 official script matches the exact strings "Yes" and "No"; that is the default (`match="exact"`), and any
-other response is wrong and counted as unparsed. `match="first-word"` reads "Yes, there is ..." as yes.
+other response is wrong and counted as unparsed. `match="first-word"` reads "Yes, there is ..." as yes
+(what the CLI uses for answers it generates: a model says "Yes." or "No, there is not."). A number with
+nothing to divide by (no question, no "No" answer, no question whose truth is no) is None, where the
+official script would divide by zero.
 
 The generative task (CHAIR, Cover, Hal, Cog) is not computed: the official one needs NLTK's POS tagger
 and spaCy `en_core_web_lg` word vectors (a 0.8-similarity synonym test), neither of which installs from
@@ -103,22 +106,26 @@ def parse_yes_no(response: str, match: Match = "exact") -> Literal["yes", "no"] 
     return first if first in ("yes", "no") else None  # type: ignore[return-value]
 
 
-def scores(rows: Sequence[tuple[str, str | None]], eps: float = 1e-4) -> dict[str, float]:
-    """(truth, parsed answer) pairs -> accuracy, precision, recall, F1 with "no" as the positive class."""
+def scores(rows: Sequence[tuple[str, str | None]], eps: float = 1e-4) -> dict[str, float | None]:
+    """(truth, parsed answer) pairs -> accuracy, precision, recall, F1 with "no" as the positive class.
+
+    Precision without a "No" answer, recall without a question whose truth is no, and F1 without both are
+    None: 0.0 would be a measured value, and the official script stops there with a division by zero."""
     n = len(rows)
     said_no = sum(a == "no" for _, a in rows)
     truly_no = sum(t == "no" for t, _ in rows)
     hits = sum(t == "no" and a == "no" for t, a in rows)
-    precision = hits / said_no if said_no else 0.0
-    recall = hits / truly_no if truly_no else 0.0
+    precision = hits / said_no if said_no else None
+    recall = hits / truly_no if truly_no else None
+    f1 = None if precision is None or recall is None else 2 * precision * recall / (precision + recall + eps)
     return {
-        "accuracy": sum(t == a for t, a in rows) / n if n else 0.0,
+        "accuracy": sum(t == a for t, a in rows) / n if n else None,
         "precision": precision,
         "recall": recall,
-        "f1": 2 * precision * recall / (precision + recall + eps),
+        "f1": f1,
         "questions": n,
         "unparsed": sum(a is None for _, a in rows),
-        "yes_rate": sum(a == "yes" for _, a in rows) / n if n else 0.0,
+        "yes_rate": sum(a == "yes" for _, a in rows) / n if n else None,
     }
 
 
@@ -144,6 +151,11 @@ def evaluate_amber(
         if kind is not None:
             groups.setdefault(f"attribute_{kind}", []).append(pair)
         items.append({"id": r.id, "type": ann.type, "truth": pair[0], "answer": pair[1], "response": r.response})
+    if not items:
+        raise DataError(
+            f"no discriminative question to score ({skipped} generative answer(s) skipped: AMBER's generative"
+            " task is not computed)"
+        )
     everything = [p for d in DIMENSIONS for p in groups.get(d, [])]
     metrics: dict[str, Any] = {"overall": scores(everything)}
     for name in (*DIMENSIONS, *(f"attribute_{k}" for k in ATTRIBUTE_KINDS)):
@@ -158,6 +170,7 @@ def amber_metric(prompts: Sequence[Prompt], annotations: dict[int, Annotation], 
 
     def metric(texts: Sequence[str]) -> dict[str, Any]:
         responses = [Response(id=int(p.id), response=t) for p, t in zip(prompts, texts, strict=True)]
-        return evaluate_amber(responses, annotations, match=match)["metrics"]
+        metrics: dict[str, Any] = evaluate_amber(responses, annotations, match=match)["metrics"]
+        return metrics
 
     return metric

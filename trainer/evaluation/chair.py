@@ -72,26 +72,28 @@ def items_from_mentions(
     return items
 
 
-def chair_totals(items: Sequence[ChairItem]) -> dict[str, float]:
+def chair_totals(items: Sequence[ChairItem]) -> dict[str, float | None]:
     """CHAIRi, CHAIRs, RLAIF-V's response-level CHAIRs, recall and repeats over per-answer counts.
 
     `chair_s_object_answers` is what RLAIF-V reports as "Response Hall": answers with a hallucination over
     answers that mention at least one object (`CHAIRs_refine` in its evaluation script); `chair_s`
-    divides by all answers.
+    divides by all answers. A number with nothing to measure on is None, not 0.0 (which reads as perfect):
+    no mention (CHAIRi, both CHAIRs: with no object named, nothing was checked), no true object (recall),
+    no answer (repeats).
     """
     mentions = sum(len(i.mentions) for i in items)
     hallucinated = sum(len(i.hallucinated) for i in items)
     bad_answers = sum(bool(i.hallucinated) for i in items)
     with_objects = sum(bool(i.mentions) for i in items)
     total_true = sum(len(i.truth) for i in items)
-    n = max(len(items), 1)
+    n = len(items)
     return {
-        "chair_i": hallucinated / mentions if mentions else 0.0,
-        "chair_s": bad_answers / n,
-        "chair_s_object_answers": bad_answers / with_objects if with_objects else 0.0,
-        "recall": sum(len(i.found) for i in items) / total_true if total_true else 0.0,
-        "repeats": sum(i.repeated for i in items) / n,
-        "answers": len(items),
+        "chair_i": hallucinated / mentions if mentions else None,
+        "chair_s": bad_answers / n if with_objects else None,
+        "chair_s_object_answers": bad_answers / with_objects if with_objects else None,
+        "recall": sum(len(i.found) for i in items) / total_true if total_true else None,
+        "repeats": sum(i.repeated for i in items) / n if n else None,
+        "answers": n,
         "answers_with_objects": with_objects,
         "mentions": mentions,
         "hallucinated_mentions": hallucinated,
@@ -99,15 +101,16 @@ def chair_totals(items: Sequence[ChairItem]) -> dict[str, float]:
 
 
 def chair(answers: Sequence[str], truths: Sequence[set[str] | Sequence[str]], extract: ObjectExtractor) -> ChairReport:
-    """The shapes world's summary (CHAIRi, CHAIRs over all answers, recall, repeats)."""
+    """The shapes world's summary (CHAIRi, CHAIRs over all answers, recall, repeats); its reports want numbers,
+    so a number with nothing to measure on is 0.0 there."""
     totals = chair_totals(chair_items(answers, truths, extract))
     return ChairReport(
-        chair_i=totals["chair_i"],
-        chair_s=totals["chair_s"],
-        recall=totals["recall"],
-        repeats=totals["repeats"],
-        answers=int(totals["answers"]),
-        mentions=int(totals["mentions"]),
+        chair_i=totals["chair_i"] or 0.0,
+        chair_s=totals["chair_s"] or 0.0,
+        recall=totals["recall"] or 0.0,
+        repeats=totals["repeats"] or 0.0,
+        answers=len(answers),
+        mentions=int(totals["mentions"] or 0),
     )
 
 

@@ -2,28 +2,30 @@
 
 RLAIF-V reads answers with spaCy's `en_core_web_trf` (lemmas, noun tags) and a synonym table onto the 80
 COCO classes. No trained spaCy pipeline can be downloaded here, so this uses what installs from PyPI:
-`spacy.blank("en")` (the rule tokenizer) and the lookup lemmatizer of `spacy-lookups-data`. The lookup
-table has no part of speech, so it lemmatises verbs into nouns ("cooked" -> "cook", "trained" -> "train",
-"bowling" -> "bowl"); lemmas are therefore used only for words that do not end in -ed/-ing (plurals such as
-"knives", "geese", "children" still get theirs). Without a tagger, "is this word right before a noun" is
-approximated by "the next word is not a function word, punctuation or an -ing form", which is all the
-table's `!modifier` words need ("orange cat", "baseball player", "baby elephant").
+`spacy.blank("en")` (the rule tokenizer) and the tables of `spacy-lookups-data` (`lexicon.py`). A word's
+lemma is used only when it is a noun's singular ("knives" -> "knife", "geese" -> "goose"): the lookup
+lemmatizer has no part of speech and turns verbs and other words into objects ("crew" -> crow, "born" ->
+bear, "taxes" -> taxis, "cooked" -> cook). A table `!modifier` word ("orange", "baby", "ski") names no object
+when it modifies the noun after it ("orange cat", "baby elephant", "ski slope"): the next word is a COCO
+name, or a WordNet noun that does not read as a verb ("An orange sits", "The baby sleeps" keep theirs).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from rlaifv.trainer.errors import DataError
+from rlaifv.trainer.evaluation.lexicon import lexicon
 
 TABLE = Path(__file__).parent / "data" / "coco_synonyms.txt"
 
-# Words after which a modifier word is the head of its phrase ("an orange on the table", "the baby is ...").
+# Words after which a modifier word is the head of its phrase ("an orange on the table", "the baby is ..."); many
+# are WordNet nouns too ("in", "he": indium, helium).
 FUNCTION_WORDS = frozenset(
     str.split(
         """a an the and or but nor of in on at with by for from to into onto upon near next beside besides behind
@@ -85,31 +87,30 @@ def read_table(path: str | Path = TABLE) -> SynonymTable:
 def _nlp() -> Any:
     import spacy
 
-    nlp = spacy.blank("en")
-    nlp.add_pipe("lemmatizer", config={"mode": "lookup"})
-    nlp.initialize()  # loads the lookup table from spacy-lookups-data
-    return nlp
+    return spacy.blank("en")
 
 
 @dataclass(frozen=True)
 class Word:
     text: str
-    forms: tuple[str, ...]  # the word, then its lemma when that is used
+    forms: tuple[str, ...]  # the word, then its singular when it is a plural noun
 
     @property
     def is_word(self) -> bool:
         return self.text[:1].isalpha()
 
 
-def words(text: str) -> list[Word]:
-    """Lowercased tokens with their usable forms; hyphens inside compounds are dropped ("hot-dog" = "hot dog")."""
+def words(text: str, known: Collection[str] = ()) -> list[Word]:
+    """Lowercased tokens with their usable forms; hyphens inside compounds are dropped ("hot-dog" = "hot dog").
+
+    `known` words count as nouns when a plural's singular is looked up ("suvs" -> "suv")."""
     out = []
+    lex = lexicon()
     for token in _nlp()(text.lower()):
         if token.is_space or token.text == "-":
             continue
-        raw, lemma = token.text, token.lemma_.lower()
-        use_lemma = lemma and lemma != raw and not raw.endswith(("ed", "ing"))
-        out.append(Word(raw, (raw, lemma) if use_lemma else (raw,)))
+        singular = lex.singular(token.text, known) if token.text[:1].isalpha() else None
+        out.append(Word(token.text, (token.text, singular) if singular else (token.text,)))
     return out
 
 
@@ -129,18 +130,26 @@ class CocoObjects:
     def _pairs(self, a: Word, b: Word) -> list[str]:
         return [f"{x} {y}" for x, y in itertools.product(a.forms, b.forms)]
 
+    def _words(self, text: str) -> list[Word]:
+        return words(text, self.table.names)
+
     def _before_noun(self, ws: Sequence[Word], i: int) -> bool:
-        """Whether ws[i] directly modifies a following noun (see the module docstring)."""
+        """Whether ws[i] directly modifies a following noun: a COCO name, or a noun that does not read as a verb."""
         if i + 1 >= len(ws):
             return False
         nxt = ws[i + 1]
         if ws[i].text in COLOURS and nxt.text in ("and", "or", ",") and i + 2 < len(ws):
             return ws[i + 2].text in COLOURS  # "orange and white cat"
-        return nxt.is_word and nxt.text not in FUNCTION_WORDS and not nxt.text.endswith("ing")
+        if not nxt.is_word or nxt.text in FUNCTION_WORDS:
+            return False
+        if self._single(nxt) is not None:
+            return True
+        lex = lexicon()
+        return lex.is_noun(nxt.text) and not lex.reads_as_verb(nxt.text)
 
     def mentions(self, text: str) -> list[str]:
         """Every COCO mention of `text`: `!no-object` phrases skipped, two-word names first, then single words."""
-        ws = words(text)
+        ws = self._words(text)
         out: list[str] = []
         i = 0
         while i < len(ws):
@@ -154,7 +163,7 @@ class CocoObjects:
                     out.append(found)
                     i += 2
                     continue
-            modifier = any(f in self.table.modifiers for f in ws[i].forms)
+            modifier = ws[i].text in self.table.modifiers
             if not (modifier and self._before_noun(ws, i)):
                 single = self._single(ws[i])
                 if single is not None:
@@ -189,7 +198,7 @@ class CocoObjects:
         out: list[str] = []
         for phrase in phrases:
             chunk: list[Word] = []
-            for word in [*words(str(phrase)), Word(",", (",",))]:
+            for word in [*self._words(str(phrase)), Word(",", (",",))]:
                 if word.is_word and word.text not in FUNCTION_WORDS:
                     chunk.append(word)
                     continue

@@ -19,12 +19,18 @@ Row = TypeVar("Row", bound=BaseModel)
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """A JSON list of objects, or JSONL (one object per line; blank lines skipped)."""
+    """A JSON list of objects, or JSONL (one object per line; blank lines skipped); never empty.
+
+    A file holding one JSON object is refused unless it is named .jsonl (then it is a one-row JSONL): no
+    benchmark file this reads is an object, so it is a wrapper (`{"records": [...]}`) or a mistake, and read
+    as a row it would fail on a missing field or, worse, be scored as one answer."""
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise DataError(f"{path} does not exist") from None
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not a text file: {exc}") from None
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -32,6 +38,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(f"not JSON: {exc}", source=str(path)) from None
         rows = list(enumerate(data, 1)) if isinstance(data, list) else []
     else:
+        _refuse_object(text, path)
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -40,10 +47,34 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
                 rows.append((number, json.loads(line)))
             except json.JSONDecodeError as exc:
                 raise DataError(f"not JSON: {exc}", source=str(path), row=number) from None
+    if not rows:
+        raise DataError("no rows: the file is empty or an empty list", source=str(path))
     for number, row in rows:
         if not isinstance(row, dict):
             raise DataError("expected a JSON object", source=str(path), row=number)
     return [row for _, row in rows]
+
+
+def _refuse_object(text: str, path: Path) -> None:
+    """A whole file that is one JSON object with a list of objects inside, or one object not named .jsonl."""
+    if not text.lstrip().startswith("{"):
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return  # several lines: JSONL
+    if not isinstance(data, dict):
+        return
+    inner = [k for k, v in data.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+    if inner:
+        raise DataError(
+            f"expected a JSON list or JSONL, got one JSON object with a list under {inner[0]!r}: give that list",
+            source=str(path),
+        )
+    if path.suffix.lower() != ".jsonl":
+        raise DataError(
+            "expected a JSON list or JSONL, got one JSON object (name a one-row JSONL file .jsonl)", source=str(path)
+        )
 
 
 def validate_rows(rows: Sequence[dict[str, Any]], model: type[Row], source: str | Path) -> list[Row]:

@@ -14,6 +14,9 @@ original's informativeness (mean of s - 3 for s >= 3 else s, over 3, in %).
 The default rubric is our wording of the original's (same 0-6 scale and labels, without its five worked
 examples); pass the original template as `template` to compare with published numbers.
 
+An empty answer is judged like any other, as the original judges it (a judge usually rates it 0); only a
+file whose every answer is empty (the published template, unfilled) is refused (`require_answers`).
+
 Judging is resumable and never drops an item: every judged item is appended at once to a JSONL store
 keyed by (judge model, prompt) with the judge's raw replies and errors; a rerun reuses them. An item whose
 every attempt timed out or got no chat completion back is recorded as *failed*: counted, reported, left
@@ -34,6 +37,7 @@ from rlaifv.trainer.errors import DataError
 from rlaifv.trainer.evaluation.candidates import Prompt
 from rlaifv.trainer.evaluation.files import read_models
 from rlaifv.trainer.evaluation.llm import ChatClient, ChatSettings, Sleep
+from rlaifv.trainer.evaluation.report import failure_causes
 from rlaifv.trainer.evaluation.store import JsonlStore, digest
 
 QUESTION_TYPES = ("attribute", "adversarial", "comparison", "counting", "relation", "environment", "holistic", "other")
@@ -136,15 +140,24 @@ def question_type(index: int) -> str:
     return QUESTION_TYPES[index % 8]
 
 
+def require_answers(records: Sequence[Record], source: str | Path) -> None:
+    """Refuse records whose every answer is empty: the published template (`model_answer: ""`) not filled in."""
+    if not any((r.model_answer or "").strip() for r in records):
+        raise DataError(
+            "every model_answer is empty (the unfilled template): pass --answers, or generate answers with"
+            " --images and --bundle or --service",
+            source=str(source),
+        )
+
+
 def judge_prompt(record: Record, template: str = RUBRIC) -> str:
-    if record.model_answer is None or not record.model_answer.strip():  # the published template has ""
-        raise DataError(f"record {record.question!r} has no model_answer (generate answers, or pass --answers)")
+    """The judge's prompt; an empty answer is put in as it is, as the original does."""
     contents = record.image_content
     values = {
         "{contents}": ", ".join(contents) if isinstance(contents, list) else contents,
         "{question}": record.question,
         "{reference}": record.gt_answer,
-        "{answer}": record.model_answer,
+        "{answer}": record.model_answer or "",
     }
     out = template
     for field, value in values.items():  # not str.format: answers may hold braces
@@ -256,7 +269,9 @@ def evaluate_mmhal(
         {"question": r.question, "model_answer": r.model_answer, **j.model_dump()}
         for r, j in zip(records, judged, strict=True)
     ]
-    return {"metrics": summarize_mmhal(judged), "items": items}
+    metrics = summarize_mmhal(judged)
+    metrics["empty_answers"] = sum(not (r.model_answer or "").strip() for r in records)
+    return {"metrics": metrics, "items": items}
 
 
 def mmhal_metric(
@@ -266,12 +281,18 @@ def mmhal_metric(
     *,
     template: str = RUBRIC,
     progress: bool = True,
+    errors: list[str] | None = None,
 ) -> Any:
-    """MMHal numbers of answers given in record order (the scaling curve): identical answers are judged once."""
+    """MMHal numbers of answers given in record order (the scaling curve): identical answers are judged once.
+    The last error of each failed judgement is appended to `errors`, so a caller can say why."""
     shared = JsonlStore(store)
 
     def metric(texts: Sequence[str]) -> dict[str, Any]:
         answered = [r.model_copy(update={"model_answer": t}) for r, t in zip(records, texts, strict=True)]
-        return evaluate_mmhal(answered, settings, shared, template=template, progress=progress)["metrics"]
+        result = evaluate_mmhal(answered, settings, shared, template=template, progress=progress)
+        if errors is not None:
+            errors.extend(failure_causes(result["items"]))
+        metrics: dict[str, Any] = result["metrics"]
+        return metrics
 
     return metric

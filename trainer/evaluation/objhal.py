@@ -28,6 +28,7 @@ from rlaifv.trainer.evaluation.chair import chair_totals, items_from_mentions
 from rlaifv.trainer.evaluation.coco_objects import CocoObjects
 from rlaifv.trainer.evaluation.files import read_models
 from rlaifv.trainer.evaluation.llm_objects import SHORT_ANSWER_WORDS, LLMObjectExtractor
+from rlaifv.trainer.evaluation.report import failure_causes
 
 
 class Answer(BaseModel):
@@ -130,7 +131,7 @@ def evaluate_objhal(
     used = [answers[i] for i in kept]
     items = items_from_mentions(mentions, [truth[a.image_id] for a in used])
     metrics: dict[str, Any] = dict(chair_totals(items))
-    metrics["avg_words"] = sum(len(a.answer.split()) for a in used) / max(len(used), 1)
+    metrics["avg_words"] = sum(len(a.answer.split()) for a in used) / len(used) if used else None
     position = {i: k for k, i in enumerate(kept)}
     details = []
     for i, answer in enumerate(answers):
@@ -156,11 +157,17 @@ def objhal_metric(
     *,
     objects: CocoObjects | None = None,
     llm: LLMObjectExtractor | None = None,
+    errors: list[str] | None = None,
 ) -> Callable[[Sequence[str]], dict[str, Any]]:
-    """CHAIR of answers given in prompt order: the metric of the inference-time scaling curve."""
+    """CHAIR of answers given in prompt order: the metric of the inference-time scaling curve. The last error of
+    each failed extraction is appended to `errors`, so a caller can say why a point is incomplete."""
 
     def metric(texts: Sequence[str]) -> dict[str, Any]:
         answers = [Answer(image_id=i, question=p.question, answer=t) for (p, i), t in zip(prompts, texts, strict=True)]
-        return evaluate_objhal(answers, truth, objects=objects, llm=llm)["metrics"]
+        result = evaluate_objhal(answers, truth, objects=objects, llm=llm)
+        if errors is not None:
+            errors.extend(failure_causes(result["items"]))
+        metrics: dict[str, Any] = result["metrics"]
+        return metrics
 
     return metric

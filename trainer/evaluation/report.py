@@ -70,6 +70,17 @@ def report_markdown(report: Report) -> str:
     return head + markdown_table(["metric", "value"], list(flatten(report.metrics).items()))
 
 
+def failure_causes(items: Sequence[dict[str, Any]]) -> list[str]:
+    """The last error of each item whose extraction (objhal) or judgement (MMHal) failed, in item order."""
+    causes = []
+    for item in items:
+        record = item.get("extraction", item)
+        if record.get("status") == "failed":
+            errors = record.get("errors") or ["no error recorded"]
+            causes.append(str(errors[-1]))
+    return causes
+
+
 def write_report(report: Report, path: str | Path, *, markdown: str | None = None) -> tuple[Path, Path]:
     """`path` (JSON) and the same name with .md (the given Markdown, else the metrics table). A `path` ending in
     .md is the Markdown's: the JSON goes beside it as .json (it was overwritten by the Markdown)."""

@@ -37,9 +37,9 @@ def parse_ns(text: str) -> list[int]:
     try:
         ns = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise ValueError(f"--best-of takes comma-separated integers, got {text!r}") from None
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
     if not ns or ns[0] < 1:
-        raise ValueError(f"--best-of takes positive integers, got {text!r}")
+        raise ValueError(f"expected positive integers, got {text!r}")
     return ns
 
 
