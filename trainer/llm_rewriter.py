@@ -38,8 +38,6 @@ from rlaifv.trainer.evaluation.llm import ChatClient, ChatResult, ChatSettings, 
 from rlaifv.trainer.feedback_config import check_llm_url
 
 if TYPE_CHECKING:
-    import httpx
-
     from rlaifv.trainer.feedback_config import FeedbackConfig
 
 SPLIT_INSTRUCTION = (
@@ -76,29 +74,6 @@ class ChatBackend(Protocol):
 
 class _Unusable(ValueError):
     """A reply not in the asked format; the message says how."""
-
-
-class _CutOff(Exception):
-    """A reply that stopped at max_tokens."""
-
-
-class _CutOffCheckingClient(ChatClient):
-    """The evaluation's client, with a reply cut at max_tokens raised rather than accepted: at temperature 0 a
-    retry is cut at the same place, and accepting it would drop the claims after the cut."""
-
-    async def _post(self, body: dict[str, Any]) -> httpx.Response:
-        response = await super()._post(body)
-        if response.status_code == 200:
-            try:
-                reason = response.json()["choices"][0].get("finish_reason")
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                return response  # the client reports it as no chat completion
-            if reason == "length":
-                raise _CutOff(
-                    f"reply cut off at max_tokens={body.get('max_tokens')} (finish_reason 'length'):"
-                    " raise feedback.llm_max_tokens"
-                )
-        return response
 
 
 def _run(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -138,6 +113,7 @@ class OpenAIChatBackend:
             backoff_s=backoff_s,
             concurrency=concurrency,
             max_tokens=max_tokens,
+            refuse_cut_off=True,
         )
         self.where = base_url.rstrip("/") + "/chat/completions"
         self._sleep = sleep
@@ -146,15 +122,14 @@ class OpenAIChatBackend:
         return _run(self._ask(list(prompts), accept))
 
     async def _ask(self, prompts: list[str], accept: Callable[[str], bool]) -> list[ChatResult]:
-        async with _CutOffCheckingClient(self.settings, sleep=self._sleep) as chat:
-
-            async def one(prompt: str) -> ChatResult:
-                try:
-                    return await chat.complete([{"role": "user", "content": prompt}], accept=accept)
-                except _CutOff as exc:
-                    return ChatResult(attempts=1, errors=[str(exc)])
-
-            return list(await asyncio.gather(*(one(p) for p in prompts)))
+        async with ChatClient(self.settings, sleep=self._sleep) as chat:
+            results = await asyncio.gather(
+                *(chat.complete([{"role": "user", "content": p}], accept=accept) for p in prompts)
+            )
+        for result in results:
+            if result.errors and "cut off at max_tokens" in result.errors[-1]:
+                result.errors[-1] += ": raise feedback.llm_max_tokens"
+        return list(results)
 
 
 class LocalChatBackend:

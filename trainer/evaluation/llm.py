@@ -33,6 +33,11 @@ class ChatSettings(BaseModel):
     concurrency: int = Field(8, ge=1, description="Requests in flight at most.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature (the originals judge at 0).")
     max_tokens: int | None = Field(None, ge=1, description="max_tokens sent (none: the server's default).")
+    refuse_cut_off: bool = Field(
+        False,
+        description="A reply that stopped at max_tokens (finish_reason 'length') fails the call at once: at "
+        "temperature 0 a retry stops at the same place, and a list read from it would lose its end.",
+    )
 
 
 class ChatResult(BaseModel):
@@ -105,6 +110,9 @@ class ChatClient:
                 result.errors.append(f"message content is not text: {content!r:.300}")
                 continue
             result.replies.append(content)
+            if s.refuse_cut_off and response.json()["choices"][0].get("finish_reason") == "length":
+                result.errors.append(f"reply cut off at max_tokens={s.max_tokens} (finish_reason 'length')")
+                return result
             if accept(content):
                 result.ok, result.content = True, content
                 return result
