@@ -17,16 +17,25 @@ shapes world it picked fewer hallucinations than `count` on 5 of 6 models, at
 The repeat term matters: without it a policy learns to please the judge by
 restating true claims.
 
+An answer with no claims (empty, or punctuation only) scores 0.0, the best
+score, in both modes. That is RLAIF-V's formula, kept on purpose: scores stay
+comparable with the paper's and with the shipped shapes-world results; a
+caller for whom such answers matter filters them before ranking.
+
 Splitting and question writing are protocols, so a fine-tuned LLM (as the
 RLAIF-V code uses) can replace the spaCy rules without touching the scoring.
+The rules are English rules; for other languages they only cut sentences
+(CJK sentence marks included) and each sentence is one claim.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import accumulate
 from typing import Any, Protocol
 
 from rlaifv.reward.scoring import ClaimScore
@@ -56,6 +65,17 @@ _VERB = re.compile(
     r"\b(?:is|are|was|were|has|have|had|does|do|did|shows?|contains?|sits?|stands?|holds?|looks?)\b", re.I
 )
 _DETERMINERS = {"a", "an", "the", "one", "some", "this", "that", "these", "those"}
+# An ASCII "?" stays on the claim: the shipped shapes-world bundle's recorded evaluation holds sampled captions
+# like "a green?", and stripping it changes their questions and so those numbers.
+_SENTENCE_END = ".!。．｡！？"
+# spaCy's English tokenizer cuts at whitespace first, and CJK text has none, so its sentencizer never sees these.
+_CJK_SENTENCE_END = re.compile(r"(?<=[。．｡！？])")
+_FULL_STOP_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA")
+_BULLET = re.compile(r"^[ \t]*[-*•‣◦][ \t]+", re.M)
+_NUMBER = re.compile(r"(?:^|(?<=\s))\(?(?P<n>\d{1,2})[.)](?=\s|$)")
+_RELATIVE_PRONOUNS = frozenset({"which", "who", "whom", "whose"})
+_CLAUSE_TAGS = frozenset({"VBG", "VBN", "WDT", "WP", "WP$"})
+_ATTRIBUTIVE_POS = frozenset({"DET", "ADJ", "NUM"})
 
 
 class ClaimSplitter(Protocol):
@@ -87,11 +107,16 @@ def english_pipeline() -> Any:
 
 
 class SpacyClaimSplitter:
-    """Rule-based splitter: sentences, then lists of objects into one claim per object.
+    """Rule-based English splitter: list items and sentences, then lists of objects into one claim per object.
 
     "There is a red circle, a blue square and a cat." -> three "There is ..." claims;
     a bare list ("a red circle and a blue square.") is read as existential too;
-    any other sentence is one claim.
+    a participial or relative clause after a comma stays with its object
+    ("a man wearing a hat, holding an umbrella" -> "There is a man wearing a hat.",
+    "There is a man holding an umbrella."); any other sentence is one claim.
+    Bulleted and numbered items are cut before sentences, and CJK sentence
+    marks end sentences; past that the rules are English only: a sentence in
+    another language is one claim.
     """
 
     def __init__(self, nlp: Any | None = None) -> None:
@@ -99,34 +124,110 @@ class SpacyClaimSplitter:
 
     def split(self, answer: str) -> list[str]:
         claims: list[str] = []
-        for sent in self.nlp(answer.strip()).sents:
-            text = sent.text.strip().rstrip(".!").strip()
-            if not text:
-                continue
-            match = _EXISTENTIAL.match(text)
-            if match:
-                body, verb = text[match.end() :], (match.group("verb") or match.group("verb2") or "is").lower()
-            elif _BARE_LIST_START.match(text) and not _VERB.search(text):
-                body, verb = text, "is"
-            else:
-                claims.append(text + ".")
-                continue
-            claims += [f"There {_verb_for(item, verb)} {item}." for item in _list_items(body)]
+        for segment in _segments(answer.strip()):
+            for sent in self.nlp(segment).sents:
+                claims += _sentence_claims(sent)
         return claims
 
 
-def _list_items(body: str) -> list[str]:
-    """Split a list of objects at commas and "and", keeping "a black and white cat" whole."""
+def _segments(answer: str) -> list[str]:
+    """The answer cut at list markers and CJK sentence marks (numbers count as markers only in sequence 1, 2, ...)."""
+    cuts = [(m.start(), m.end()) for m in _BULLET.finditer(answer)]
+    last = 0
+    for m in _NUMBER.finditer(answer):
+        line_start = answer[: m.start()].rsplit("\n", 1)[-1].strip() == ""
+        number = int(m.group("n"))
+        if (line_start and (number == 1 or last)) or (last and number == last + 1):
+            cuts.append((m.start(), m.end()))
+            last = number
+    if not cuts and not _CJK_SENTENCE_END.search(answer):
+        return [answer] if answer else []
+    pieces, position = [], 0
+    for start, end in sorted(cuts):
+        pieces.append(answer[position:start])
+        position = end
+    pieces.append(answer[position:])
+    return [part.strip() for piece in pieces for part in _CJK_SENTENCE_END.split(piece) if part.strip()]
+
+
+def _sentence_claims(sent: Any) -> list[str]:
+    """One sentence's claims; Chinese and Japanese ones end in their own full stop."""
+    lead = len(sent.text) - len(sent.text.lstrip())
+    text = sent.text.strip().rstrip(_SENTENCE_END).strip()
+    if not text:
+        return []
+    end = "。" if unicodedata.name(text[-1], "").startswith(_FULL_STOP_SCRIPTS) else "."
+    match = _EXISTENTIAL.match(text)
+    if match:
+        start, verb = match.end(), (match.group("verb") or match.group("verb2") or "is").lower()
+        body = text[start:]
+    elif _BARE_LIST_START.match(text) and not _VERB.search(text):
+        start, verb, body = 0, "is", text
+    else:
+        return [text + end]
+    items = _attach_clauses(_list_items(body), sent, sent.start_char + lead + start)
+    return [f"There {_verb_for(item, verb)} {item}{end}" for item in items]
+
+
+def _list_items(body: str) -> list[tuple[int, str]]:
+    """Split a list of objects at commas and "and", keeping "a black and white cat" whole; (offset, item) pairs."""
     parts = _LIST_SEPARATOR.split(body)
-    items = [parts[0].strip()]
-    for separator, item in zip(parts[1::2], parts[2::2], strict=True):
-        item = item.strip()
-        last = items[-1].split()[-1].lower() if items[-1] else ""
+    offsets = [0, *accumulate(len(part) for part in parts)]
+    items = [(offsets[0] + len(parts[0]) - len(parts[0].lstrip()), parts[0].strip())]
+    for k in range(2, len(parts), 2):
+        separator, item = parts[k - 1], parts[k].strip()
+        offset = offsets[k] + len(parts[k]) - len(parts[k].lstrip())
+        last = items[-1][1].split()[-1].lower() if items[-1][1] else ""
         if item and last in _LEADING_ADJECTIVES and not _SINGULAR_START.match(item) and not _PLURAL_START.match(item):
-            items[-1] += separator + item
+            items[-1] = (items[-1][0], items[-1][1] + separator + item)
         else:
-            items.append(item)
-    return [item for item in items if item]
+            items.append((offset, item))
+    return [(offset, item) for offset, item in items if item]
+
+
+def _attach_clauses(items: list[tuple[int, str]], sent: Any, base: int) -> list[str]:
+    """Give a list item that is a clause ("holding an umbrella", "which is red") the object it describes.
+
+    The clause belongs to the noun phrase before it: it completes a bare noun
+    phrase ("a car, parked here" -> "a car parked here") and otherwise makes
+    its own claim about that noun phrase, as an LLM splitter would.
+    """
+    by_start = {token.idx: token for token in sent}
+    out: list[str] = []
+    head = ""
+    for offset, item in items:
+        start = base + offset
+        first = by_start.get(start)
+        if out and first is not None and _opens_clause(first):
+            if out[-1] == head:
+                out[-1] = f"{head} {item}"
+            else:
+                out.append(f"{head} {item}")
+            continue
+        inner = [t for t in sent if start < t.idx < start + len(item) and _opens_clause(t) and not _attributive(t)]
+        head = item[: inner[0].idx - start].rstrip(" ,") if inner else item
+        out.append(item)
+    return out
+
+
+def _opens_clause(token: Any) -> bool:
+    """A participle or relative pronoun: by the tagger where the pipeline has one, else by the lookup lemma."""
+    if token.doc.has_annotation("TAG"):
+        return token.tag_ in _CLAUSE_TAGS
+    word = token.lower_
+    if word in _RELATIVE_PRONOUNS:
+        return True
+    return word.endswith(("ing", "ed")) and bool(token.lemma_) and token.lemma_.lower() != word
+
+
+def _attributive(token: Any) -> bool:
+    """A participle used as an adjective ("a parked car", "a big striped cat")."""
+    if token.i == 0:
+        return False
+    before = token.doc[token.i - 1]
+    if token.doc.has_annotation("POS"):
+        return before.pos_ in _ATTRIBUTIVE_POS
+    return before.lower_ in _DETERMINERS or before.lower_ in _LEADING_ADJECTIVES
 
 
 def _verb_for(item: str, verb: str) -> str:
@@ -145,7 +246,7 @@ class RuleQuestionWriter:
         self.suffix = suffix
 
     def question(self, claim: str) -> str:
-        text = claim.strip().rstrip(".!").strip()
+        text = claim.strip().rstrip(_SENTENCE_END).strip()
         lowered = text[:1].lower() + text[1:]
         match = re.match(r"^there (is|are)\s+(.*)$", lowered, re.I)
         if match:
@@ -187,16 +288,25 @@ class AnswerVerdict:
 def plan_claims(
     answers: Sequence[str], splitter: ClaimSplitter, writer: QuestionWriter
 ) -> tuple[list[list[tuple[str, str, bool]]], list[str]]:
-    """Per answer: (claim, question, repeated) triples; plus the unique questions to ask."""
+    """Per answer: (claim, question, repeated) triples; plus the unique questions to ask.
+
+    N samples often repeat an answer or a claim: each distinct answer is split
+    once and each distinct claim is normalised and rewritten once.
+    """
     nlp = getattr(splitter, "nlp", None)
+    splits: dict[str, list[str]] = {}
+    rewritten: dict[str, tuple[str, str]] = {}
     plans: list[list[tuple[str, str, bool]]] = []
     unique: dict[str, None] = {}
     for answer in answers:
+        if answer not in splits:
+            splits[answer] = splitter.split(answer)
         seen: set[str] = set()
         plan = []
-        for claim in splitter.split(answer):
-            key = normalize_claim(claim, nlp)
-            question = writer.question(claim)
+        for claim in splits[answer]:
+            if claim not in rewritten:
+                rewritten[claim] = (normalize_claim(claim, nlp), writer.question(claim))
+            key, question = rewritten[claim]
             plan.append((claim, question, key in seen))
             seen.add(key)
             unique.setdefault(question, None)

@@ -168,3 +168,111 @@ def test_claims_reward_honours_the_claim_threshold(tiny_bundle):
     assert pair.score(image, "What is in the image?", answers, reward=strict).rewards == [-1.0, -1.0]
     lenient = RewardConfig(mode="claims", claim_threshold=0.05)
     assert pair.score(image, "What is in the image?", answers, reward=lenient).rewards == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("answer", "claims"),
+    [
+        (
+            "The image shows a man wearing a hat, holding an umbrella, and standing next to a red car.",
+            [
+                "There is a man wearing a hat.",
+                "There is a man holding an umbrella.",
+                "There is a man standing next to a red car.",
+            ],
+        ),
+        (
+            "There is a red car, which is parked near a tree, and a man.",
+            ["There is a red car which is parked near a tree.", "There is a man."],
+        ),
+        ("a dog, sleeping on a sofa, and two cats.", ["There is a dog sleeping on a sofa.", "There are two cats."]),
+        ("a big striped cat, sitting on a mat.", ["There is a big striped cat sitting on a mat."]),
+        (
+            "There is a parked car, a striped cat and a dog.",
+            ["There is a parked car.", "There is a striped cat.", "There is a dog."],
+        ),
+    ],
+)
+def test_participial_and_relative_clauses_stay_with_their_object(answer, claims):
+    """A clause after a comma describes the object before it; alone it made "There is holding an umbrella."."""
+    assert SpacyClaimSplitter().split(answer) == claims
+
+
+@pytest.mark.parametrize(
+    ("answer", "claims"),
+    [
+        ("1. A cat is on the table 2. A dog is on the floor", ["A cat is on the table.", "A dog is on the floor."]),
+        ("- a cat\n- a dog\n- a bird", ["There is a cat.", "There is a dog.", "There is a bird."]),
+        ("1) a red ball\n2) The ball is big.", ["There is a red ball.", "The ball is big."]),
+        ("There are 2. The dog is brown.", ["There are 2.", "The dog is brown."]),  # no "1.": not a list
+    ],
+)
+def test_list_markers_cut_items_and_are_no_claims(answer, claims):
+    assert SpacyClaimSplitter().split(answer) == claims
+
+
+def test_cjk_sentence_marks_end_claims_and_are_stripped():
+    """The English tokenizer needs whitespace to see a sentence end; CJK text has none."""
+    splitter, writer = SpacyClaimSplitter(), RuleQuestionWriter()
+    claims = splitter.split("图片中有一只猫和一只狗。桌子上有一个红色的苹果！")
+    assert claims == ["图片中有一只猫和一只狗。", "桌子上有一个红色的苹果。"]
+    assert writer.question(claims[0]) == "Is it true that 图片中有一只猫和一只狗? Please answer yes or no."
+
+
+@pytest.mark.parametrize(
+    ("answer", "claims"),
+    [
+        (
+            "a red circle, a green triangle and a blue square.",
+            ["There is a red circle.", "There is a green triangle.", "There is a blue square."],
+        ),
+        (
+            "a red square in blue square and a blue square.",
+            ["There is a red square in blue square.", "There is a blue square."],
+        ),
+        (
+            "a red and a; a blue Square, there",
+            ["There is a red.", "There is a.", "There is a blue Square.", "There is there."],
+        ),
+        (
+            "a blue triangle, a blue square and a?",
+            ["There is a blue triangle.", "There is a blue square.", "There is a?."],
+        ),
+        ("a yellow triangle.?", ["There is a yellow triangle.?."]),
+        ("A Blue", ["There is A Blue."]),
+        ("Is yellow circle.", ["Is yellow circle."]),
+    ],
+)
+def test_shapes_world_samples_split_as_when_the_shipped_bundle_was_built(answer, claims):
+    """Captions the shipped shapes-world models sample (malformed ones included): their claims and questions are in
+    the bundle's feedback and recorded evaluation, so a splitter change must leave them alone."""
+    assert SpacyClaimSplitter().split(answer) == claims
+    assert (
+        RuleQuestionWriter().question("There is a green?.")
+        == "Is there a green? in the image? Please answer yes or no."
+    )
+
+
+def test_plan_claims_splits_each_distinct_answer_and_rewrites_each_distinct_claim_once():
+    from rlaifv.reward.claims import plan_claims
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.nlp, self.calls = inner, getattr(inner, "nlp", None), []
+
+        def split(self, answer):
+            self.calls.append(answer)
+            return self.inner.split(answer)
+
+        def question(self, claim):
+            self.calls.append(claim)
+            return self.inner.question(claim)
+
+    splitter, writer = Counting(SpacyClaimSplitter()), Counting(RuleQuestionWriter())
+    answers = ["a cat and a dog.", "a cat and a dog.", "a dog, a cat and a cat."]
+    plans, questions = plan_claims(answers, splitter, writer)
+    assert splitter.calls == ["a cat and a dog.", "a dog, a cat and a cat."]
+    assert writer.calls == ["There is a cat.", "There is a dog."]
+    assert plans[0] == plans[1] and plans[0] is not plans[1]
+    assert [repeated for _, _, repeated in plans[2]] == [False, False, True]
+    assert questions == [f"Is there a {x} in the image? Please answer yes or no." for x in ("cat", "dog")]
