@@ -5,6 +5,7 @@ One root so callers can catch everything from this package at once::
     RewardError
     ├── ModelLoadError          a model/processor folder cannot be loaded
     ├── BundleError             rlaifv.json missing, malformed or inconsistent
+    ├── Aborted                 the work was stopped (the server shutting down)
     └── InvalidInputError       the caller's input is wrong (maps to HTTP 4xx)
         ├── ImageError          not an image, truncated, too large, bad format
         ├── AnswerError         empty answer list, empty answer, too long
@@ -18,6 +19,11 @@ from __future__ import annotations
 
 class RewardError(Exception):
     """Root of every error raised by `reward`."""
+
+
+class Aborted(RewardError):
+    """Sampling stopped at a decoding step because its owner asked (`ModelPair.abort`): a server stopping after
+    its grace must not wait for a long batch whose answers nobody will receive."""
 
 
 class ModelLoadError(RewardError):

@@ -12,6 +12,7 @@ reference), so callers run them from one thread at a time.
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -119,6 +120,7 @@ class ModelPair:
         if reference is None and not is_peft_model(policy):
             raise ValueError("a reference model is required unless the policy is a LoRA adapter over it")
         self.family = family_of(policy)  # refuses a family whose positions the engine would get wrong
+        self.abort = threading.Event()  # set: sampling stops at its next step (a server stopping)
         self.policy = policy
         self.reference = reference
         self.processor = processor
@@ -306,6 +308,7 @@ class ModelPair:
             pad_id=self.pad_id,
             top_logprobs=top_logprobs,
             decode=readers,
+            abort=self.abort,
         )
         return samples
 

@@ -16,6 +16,7 @@ caller cuts the text).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from rlaifv.reward.errors import Aborted
 from rlaifv.reward.kv_cache import preallocate
 from rlaifv.reward.logprobs import (
     attending,
@@ -218,8 +220,11 @@ def sample_answers(
     pad_id: int = 0,
     top_logprobs: Sequence[int] | None = None,
     decode: Decode | Sequence[Decode] | None = None,
+    abort: threading.Event | None = None,
 ) -> list[list[Sample]]:
     """Sample counts[b] answers for prompts[b] with params[b]; returns samples grouped per prompt.
+
+    `abort`, once set, stops the sampling at its next step (`Aborted`).
 
     top_logprobs[b] > 0 records that many most likely tokens (raw distribution) per step of prompt b's samples.
     `decode` (token ids -> text; one for all prompts, or one per prompt, e.g. reading a continuation after its
@@ -244,6 +249,7 @@ def sample_answers(
                 pad_id=pad_id,
                 top_logprobs=[tops[i] for i in group],
                 decode=[decodes[i] for i in group],
+                abort=abort,
             )
             for i, samples in zip(group, part, strict=True):
                 merged[i] = samples
@@ -279,6 +285,8 @@ def sample_answers(
     dead = 0  # finished rows still in the batch; while there are none, no gather and no index of live rows
     with attending(model, state):
         for t in range(width):
+            if abort is not None and abort.is_set():
+                raise Aborted(f"sampling stopped at step {t} of {width}")
             if dead:
                 live = alive.nonzero().squeeze(-1)
                 rows, live_logits = active[live], logits[live]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,6 +35,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     from rlaifv.service.generator import open_generator
     from rlaifv.service.rate_limit import RateLimiter
     from rlaifv.service.serving import Serving
+    from rlaifv.service.shutdown import Drain
 
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
@@ -68,6 +68,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             jobs = JobWorkers(app.state.job_store, app.state.serving, settings, metrics)
             jobs.start()
             app.state.job_workers = jobs
+    app.state.drain = Drain(app.state, jobs)  # `rlaifv serve` begins it when the stop signal comes
     app.state.ready = True
     metrics.ready.set(1)
     log.info(
@@ -77,14 +78,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        app.state.ready = False
-        app.state.shutting_down = True
-        metrics.ready.set(0)
-        if jobs is not None:
-            await jobs.stop()
-        started = getattr(app.state, "shutdown_started", None)  # set by `rlaifv serve` when the signal came
-        spent = 0.0 if started is None else time.monotonic() - started
-        await app.state.serving.aclose(max(0.0, settings.shutdown_grace_s - spent))
+        await app.state.drain.finish()
         if redis is not None:
             await redis.aclose()
         log.info("stopped")
@@ -104,6 +98,7 @@ def init_state(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     app.state.engine = None
     app.state.serving = None
     app.state.job_workers = None
+    app.state.drain = None
 
 
 def create_worker_app(settings: Settings, metrics: Metrics) -> FastAPI:

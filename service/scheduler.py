@@ -17,8 +17,13 @@
   on the model for good (mean batch 9-11 of 16 with 16 closed-loop clients).
 - Deadlines: each request carries one; a request whose deadline passes while it
   waits is answered 504 and never reaches the model.
-- Cancellation: when the client goes away, its request is dropped from the
-  queue (a batch already running on the model finishes; its answer is discarded).
+- Cancellation: when the client goes away or its deadline passes, its request
+  leaves the queue at once, with its place and its images (a batch already
+  running on the model finishes; its answer is discarded).
+- Shutdown (`close`): new requests get 503 at once; queued and running work
+  gets the time given, then every request still waiting for an answer gets 503
+  `shutting_down` with Retry-After (`service/shutdown.py` closes it before the
+  HTTP server's own grace runs out: it then cancels handlers, a bare 500).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,8 +85,11 @@ class Scheduler:
         self.batch_max_wait_s = max(batch_window_s, batch_window_s if batch_max_wait_s is None else batch_max_wait_s)
         self.retry_after_s = retry_after_s
         self.metrics = metrics
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self._waiting: deque[_Item] = deque()
+        self._arrived = asyncio.Event()
         self._held: _Item | None = None  # an item of another kind, first in the next batch
+        self._running: list[_Item] = []
         self._expected = 0  # how many requests the next batch may count on (see `_collect`)
         self._task: asyncio.Task | None = None
         self._closing = False
@@ -89,7 +98,10 @@ class Scheduler:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize() + (1 if self._held is not None else 0)
+        return len(self._waiting) + (1 if self._held is not None else 0)
+
+    def _depth_changed(self) -> None:
+        self.metrics.queue_depth.set(self.depth)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="rlaifv-scheduler")
@@ -105,20 +117,29 @@ class Scheduler:
         return None
 
     async def close(self, grace_s: float) -> None:
-        """Refuse new work, let queued work finish within `grace_s`, then stop."""
+        """Refuse new work, let queued and running work finish within `grace_s`, then stop: every request still
+        without an answer gets 503 `shutting_down` (a running batch's answers are discarded when it returns)."""
         self._closing = True
         end = _now() + grace_s
         while (self.depth or self.in_flight) and _now() < end:
             await asyncio.sleep(0.02)
+        left = [*self._running, *([self._held] if self._held is not None else []), *self._waiting]
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
+        self._waiting.clear()
+        self._held, self._running = None, []
+        for item in left:
             self._release(item)
             if not item.future.done():
-                item.future.set_exception(Unavailable("server is shutting down", code="shutting_down"))
+                item.future.set_exception(self._shutting_down())
+        self._depth_changed()
+
+    def _shutting_down(self) -> Unavailable:
+        return Unavailable(
+            "server is shutting down", code="shutting_down", headers={"Retry-After": str(self.retry_after_s)}
+        )
 
     async def submit(
         self,
@@ -129,9 +150,7 @@ class Scheduler:
     ) -> Outcome:
         """Queue `request` and wait for its result, its deadline, or the client leaving."""
         if self._closing:
-            raise Unavailable(
-                "server is shutting down", code="shutting_down", headers={"Retry-After": str(self.retry_after_s)}
-            )
+            raise self._shutting_down()
         pixels = sum(image.width * image.height for image in request.images)
         if (
             pixels
@@ -146,19 +165,19 @@ class Scheduler:
                 code="queue_full",
                 headers={"Retry-After": str(self.retry_after_s)},
             )
-        loop = asyncio.get_running_loop()
-        item = _Item(request, _now() + timeout_s, loop.create_future(), pixels=pixels)
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
+        if len(self._waiting) >= self.max_queue:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise Overloaded(
-                f"server busy: {self._queue.maxsize} requests already waiting",
+                f"server busy: {self.max_queue} requests already waiting",
                 code="queue_full",
                 headers={"Retry-After": str(self.retry_after_s)},
-            ) from None
-        self.pixels_held += pixels  # until the batcher has run the item or dropped it (`_release`)
-        self.metrics.queue_depth.set(self.depth)
+            )
+        loop = asyncio.get_running_loop()
+        item = _Item(request, _now() + timeout_s, loop.create_future(), pixels=pixels)
+        self._waiting.append(item)
+        self._arrived.set()
+        self.pixels_held += pixels  # until the batcher has run the item or it left the queue (`_release`)
+        self._depth_changed()
         watcher = asyncio.create_task(disconnected()) if disconnected is not None else None
         try:
             waiters = {item.future} | ({watcher} if watcher else set())
@@ -175,27 +194,43 @@ class Scheduler:
             raise DeadlineExceeded(f"request not served within {timeout_s:g} s", code="deadline_exceeded")
         finally:
             if not item.future.done():
-                item.future.cancel()  # the batcher skips cancelled items
+                item.future.cancel()  # a batch being formed or running skips or discards it
             if watcher is not None:
                 watcher.cancel()
+            self._leave(item)
+
+    def _leave(self, item: _Item) -> None:
+        """A request that left before it was taken for a batch gives back its place and its images now (they
+        were held until the batcher came to it: live clients got 429 for requests no one waited for)."""
+        if item is self._held:
+            self._held = None
+        elif item.started is None and item in self._waiting:
+            self._waiting.remove(item)
+        else:
+            return
+        self._release(item)
+        self._depth_changed()
 
     # -- the batching loop ---------------------------------------------------------
 
     async def _next(self, timeout: float | None) -> _Item | None:
+        """The next waiting item, waiting up to `timeout` (None: for ever) for one to arrive."""
         if self._held is not None:
             item, self._held = self._held, None
             return item
-        if timeout is None:
-            return await self._queue.get()
-        if timeout <= 0:
-            try:
-                return self._queue.get_nowait()
-            except asyncio.QueueEmpty:
+        end = None if timeout is None else _now() + timeout
+        while not self._waiting:
+            left = None if end is None else end - _now()
+            if left is not None and left <= 0:
                 return None
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            return None
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                return None
+        item = self._waiting.popleft()
+        self._depth_changed()
+        return item
 
     def _release(self, item: _Item) -> None:
         """The item's images are no longer the scheduler's: run, or dropped from the queue (a request that left
@@ -235,11 +270,13 @@ class Scheduler:
 
     async def _loop(self) -> None:
         while True:
-            batch = await self._collect()
-            self.metrics.queue_depth.set(self.depth)
+            batch = [item for item in await self._collect() if self._live(item)]  # some left while it formed
+            if not batch:
+                continue
             now = _now()
             for item in batch:
                 item.started = now
+            self._running = batch
             self.in_flight = len(batch)
             self._batch_started = now
             self.metrics.batch_size.labels(kind=batch[0].request.kind).observe(len(batch))
@@ -250,6 +287,7 @@ class Scheduler:
                 outcomes = [exc] * len(batch)
             finally:
                 self.in_flight = 0
+                self._running = []
                 self._batch_started = None
             for item, outcome in zip(batch, outcomes, strict=True):
                 self._release(item)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import math
 import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, UnionType
@@ -20,14 +19,13 @@ import uvicorn
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, noting on the app when the stop signal came: HTTP requests drain first, then the
-    lifespan drains the scheduler's queue in what is left of the same `RLAIFV_SHUTDOWN_GRACE_S`, so the whole
-    stop fits the pod's termination grace (two full graces in a row would not)."""
+    """uvicorn's server, beginning the app's drain (`service.shutdown.Drain`) when the stop signal comes, beside
+    uvicorn's own HTTP drain: both end within `RLAIFV_SHUTDOWN_GRACE_S`, the pod's termination grace."""
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        state = getattr(self.config.app, "state", None)
-        if state is not None and getattr(state, "shutdown_started", None) is None:
-            state.shutdown_started = time.monotonic()
+        drain = getattr(getattr(self.config.app, "state", None), "drain", None)
+        if drain is not None:
+            drain.begin()
         super().handle_exit(sig, frame)
 
 

@@ -67,7 +67,13 @@ class TransformersEngine:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=False)
+        """Stops a batch still sampling at its next step (its requests were answered 503 already) and waits
+        for the model thread: a long batch held the process past its grace, into the pod's SIGKILL."""
+        self.pair.abort.set()
+        try:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        finally:
+            self.pair.abort.clear()  # the pair itself stays usable (another engine over it, in tests)
 
     # -- runs on the model thread ------------------------------------------------
 

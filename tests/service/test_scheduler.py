@@ -356,3 +356,58 @@ async def test_a_scheduler_whose_loop_died_fails_liveness() -> None:
     sched.start()
     await asyncio.sleep(0.01)
     assert sched.stalled(60) == "scheduler stopped (RuntimeError)"
+
+
+async def test_close_answers_the_running_batch_too_and_says_when_to_retry() -> None:
+    """A request on the model when the grace ran out waited until the HTTP server cancelled its handler: a bare
+    500 with a traceback, never the 503 the docs promise."""
+    engine = FakeEngine(batch_s=10.0)
+    sched = make(engine, max_batch=1, retry_after_s=3)
+    sched.start()
+    tasks = [asyncio.create_task(sched.submit(score(str(i)), timeout_s=30)) for i in range(2)]
+    await asyncio.sleep(0.1)
+    assert sched.in_flight == 1 and sched.depth == 1
+    await sched.close(1.0)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, Unavailable) and r.code == "shutting_down" for r in results), results
+    assert all(r.headers["Retry-After"] == "3" for r in results)
+    assert sched.depth == 0 and sched.pixels_held == 0
+
+
+@pytest.mark.parametrize("leaves", ["disconnects", "times_out"])
+async def test_a_request_that_leaves_the_queue_frees_its_place_its_images_and_the_gauge(leaves: str) -> None:
+    """Queued requests whose clients had left kept their place and their images until the batcher reached them:
+    live clients got 429 "4 requests already waiting" with nobody waiting, and the queue gauge stayed up."""
+    from PIL import Image
+
+    from rlaifv.service.engines import ScoreRequest
+
+    engine = FakeEngine(batch_s=5.0)
+    sched = make(engine, max_batch=1, max_queue=2, max_queued_pixels=3 * 100 * 100)
+    sched.start()
+    running = asyncio.create_task(sched.submit(score("running"), timeout_s=60))
+    await asyncio.sleep(0.1)
+    image = Image.new("RGB", (100, 100))
+    gone = asyncio.Event()
+    waiting = [
+        asyncio.create_task(
+            sched.submit(
+                ScoreRequest([image], "q", None, [f"w{i}"], RewardConfig(), 16),
+                timeout_s=1.0 if leaves == "times_out" else 60,
+                disconnected=gone.wait,
+            )
+        )
+        for i in range(2)
+    ]
+    await asyncio.sleep(0.1)
+    depth = sched.metrics.registry.get_sample_value
+    assert sched.depth == 2 and sched.pixels_held == 2 * 100 * 100 and depth("rlaifv_queue_depth") == 2
+    gone.set() if leaves == "disconnects" else await asyncio.sleep(1.0)
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(r, ClientDisconnected | DeadlineExceeded) for r in results), results
+    assert sched.depth == 0 and sched.pixels_held == 0 and depth("rlaifv_queue_depth") == 0  # while still running
+    assert not running.done()
+    accepted = asyncio.create_task(sched.submit(score("next"), timeout_s=60))  # was 429: the queue looked full
+    await asyncio.gather(running, accepted)
+    assert engine.batches == [["running"], ["next"]]
+    await sched.close(1)

@@ -70,18 +70,111 @@ async def test_sigterm_finishes_in_flight_requests(service_bundle, red_url: str,
     assert len(requests) == 12 and all(e["status"] == 200 and len(e["request_id"]) == 32 for e in requests)
 
 
-def test_the_stop_signal_time_is_noted_so_the_queue_drains_in_what_is_left_of_the_grace() -> None:
-    """HTTP requests drain first (uvicorn), then the scheduler's queue: both within one RLAIFV_SHUTDOWN_GRACE_S."""
-    import uvicorn
+async def test_what_the_grace_cannot_finish_is_answered_503_and_the_process_exits_within_it(
+    service_bundle, in_process_pair, red_url: str, tmp_path
+) -> None:
+    """A batch running past RLAIFV_SHUTDOWN_GRACE_S, and the requests queued behind it: each got a bare 500 with an
+    untagged traceback when uvicorn cancelled its handler, and the process waited for the batch to end (6 s with
+    a 2 s grace; a long GPU batch meets the pod's SIGKILL). Now: 503 `shutting_down` with Retry-After, and the
+    model thread stops at its next step."""
+    import time
 
-    from rlaifv.service.app import create_app
-    from rlaifv.service.serve_cli import DrainingServer
-    from rlaifv.service.settings import Settings
+    port = free_port()
+    env = os.environ | {
+        "PYTHONPATH": str(ROOT),
+        "RLAIFV_MAX_BATCH": "1",
+        "RLAIFV_MAX_N": "64",
+        "RLAIFV_MAX_TOKENS": "400",
+        "RLAIFV_SHUTDOWN_GRACE_S": "2",
+        "RLAIFV_TORCH_THREADS": "1",
+    }
+    log = (tmp_path / "server.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlaifv.service.serve_cli", "--bundle", str(service_bundle), "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    content = [{"type": "text", "text": "What is in the image?"}, {"type": "image_url", "image_url": {"url": red_url}}]
+    slow = {  # 64 answers of 400 tokens (end of turn banned): seconds on the model, longer than the grace
+        "model": "tiny-llava",
+        "messages": [{"role": "user", "content": content}],
+        "best_of": 64,
+        "max_tokens": 400,
+        "logit_bias": {str(in_process_pair.eot_id): -100},
+    }
+    quick = {"images": [red_url], "question": "What is in the image?", "answers": ["a red square"]}
+    try:
+        await asyncio.to_thread(wait_until_ready, url, proc)
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            running = asyncio.create_task(client.post("/v1/chat/completions", json=slow))
+            queued = []
+            async with httpx.AsyncClient(base_url=url, timeout=10) as probe:
+                while not running.done():
+                    metrics = (await probe.get("/metrics")).text
+                    if "rlaifv_batch_size_count" in metrics and len(queued) < 2:
+                        queued.append(asyncio.create_task(client.post("/v1/rewards", json=quick)))
+                    depth = [line for line in metrics.splitlines() if line.startswith("rlaifv_queue_depth ")]
+                    if depth and float(depth[0].split()[-1]) >= 2:
+                        break
+            assert not running.done(), "the slow request finished before the signal"
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            responses = await asyncio.gather(running, *queued)
+            answered = time.monotonic() - signalled
+        code = await asyncio.to_thread(proc.wait, 30)
+        exited = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for response in responses:
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "shutting_down" and response.headers["Retry-After"].isdigit()
+    assert answered < 2.0 and code in (0, -signal.SIGTERM)
+    assert exited < 4.0, f"exited {exited:.1f} s after SIGTERM with a 2 s grace"
+    log.seek(0)
+    text = log.read()
+    assert "Traceback" not in text and "Exception in ASGI application" not in text, text[-3000:]
 
-    app = create_app(Settings(bundle="unused"))
-    server = DrainingServer(uvicorn.Config(app))
-    assert getattr(app.state, "shutdown_started", None) is None
-    server.handle_exit(signal.SIGTERM, None)
-    first = app.state.shutdown_started
-    server.handle_exit(signal.SIGTERM, None)  # a second signal (forced exit) keeps the first time
-    assert server.should_exit and app.state.shutdown_started == first
+
+@pytest.mark.looptime
+async def test_the_signal_stops_the_job_consumers_at_once_and_answers_leftovers_before_the_grace_ends() -> None:
+    """The replica's own consumers took new job items during the whole HTTP drain (480 entries in one probe),
+    competing with the requests that had to finish in time."""
+    from types import SimpleNamespace
+
+    from rlaifv.service.metrics import Metrics
+    from rlaifv.service.shutdown import Drain
+
+    events: list[str] = []
+
+    class Jobs:
+        async def stop(self) -> None:
+            events.append("jobs stopped")
+
+    class Scheduler:
+        async def close(self, grace_s: float) -> None:
+            events.append(f"scheduler closed ({grace_s:g} s)")
+
+    class Serving:
+        scheduler = Scheduler()
+
+        async def aclose(self, grace_s: float) -> None:
+            events.append("engine released")
+
+    state = SimpleNamespace(
+        settings=SimpleNamespace(shutdown_grace_s=30.0), metrics=Metrics(), serving=Serving(), ready=True
+    )
+    drain = Drain(state, Jobs())
+    drain.begin()
+    await asyncio.sleep(0.01)  # the loop's virtual clock (looptime)
+    assert events == ["jobs stopped"] and state.ready is False and state.shutting_down is True
+    await asyncio.sleep(28.9)
+    assert events == ["jobs stopped"]
+    await asyncio.sleep(0.2)  # the grace less its margin (1 s) has passed
+    assert events[-1] == "scheduler closed (0 s)"
+    await drain.finish()
+    assert events[-1] == "engine released"
