@@ -109,7 +109,7 @@ def create_worker_app(settings: Settings, metrics: Metrics) -> FastAPI:
     app = FastAPI(title="rlaifv worker", version="0.1.0", openapi_url=None, docs_url=None, redoc_url=None)
     init_state(app, settings, metrics)
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, settings=settings)
     app.include_router(health.router)
     return app
 
@@ -127,7 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     init_state(app, settings, Metrics())
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics, settings=settings)
     v1 = [Depends(enforce_limits)]
     for module in (best_of_n, rewards, chat, models, jobs):
         app.include_router(module.router, dependencies=v1)

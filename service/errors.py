@@ -295,6 +295,7 @@ async def _http_exception_handler(request: Request, exc: StarletteHTTPException)
     kinds = {
         404: ("not_found_error", "not_found"),
         405: ("invalid_request_error", "method_not_allowed"),
+        408: ("invalid_request_error", "body_timeout"),
         413: ("invalid_request_error", "body_too_large"),
     }
     type_, code = kinds.get(

@@ -1,8 +1,9 @@
-"""The request-context middleware: request ids (X-Request-ID), the body size limit (413), the access log
-line and the HTTP metrics, in one pure-ASGI pass."""
+"""The request-context middleware: request ids (X-Request-ID), the body's size limit (413) and deadline (408),
+the access log line and the HTTP metrics, in one pure-ASGI pass."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -15,22 +16,26 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rlaifv.service.errors import ClientDisconnected, error_body, internal_error_body, log_unhandled
 from rlaifv.service.log_format import request_id_var
 from rlaifv.service.metrics import Metrics
+from rlaifv.service.settings import Settings
 
 REQUEST_ID_HEADER = "x-request-id"
+CLOSE = {"Connection": "close"}  # a refused body's connection: the rest of the upload is never read
 CLIENT_CLOSED = 499
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class RequestContextMiddleware:
-    """Request id (echoed in X-Request-ID), body size limit (413), access log line, HTTP metrics.
+    """Request id (echoed in X-Request-ID), body size limit (413) and deadline (408), access log line, HTTP metrics.
 
-    Pure ASGI, so `receive` reaches handlers unwrapped and disconnects are seen.
+    Pure ASGI, so `receive` reaches handlers unwrapped and disconnects are seen. A refused body's connection is
+    closed (`Connection: close`): kept open, the server read and threw away the rest of the upload.
     """
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, settings: Settings) -> None:
         self.app = app
         self.metrics = metrics
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = settings.max_body_bytes
+        self.body_timeout_s = settings.body_timeout_s
         self.log = logging.getLogger("rlaifv.access")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -60,10 +65,14 @@ class RequestContextMiddleware:
             if too_big:
                 await self._reject_413(send_wrapper)
             else:
-                await self.app(scope, self._limited(receive), send_wrapper)
+                await self.app(scope, self._limited(receive, start), send_wrapper)
         except _BodyTooLarge:
             if not started:
                 await self._reject_413(send_wrapper)
+        except _BodyTooSlow as exc:
+            if not started:
+                body = error_body("invalid_request_error", str(exc.detail), None, "body_timeout")
+                await _send_json(send_wrapper, 408, body, close=True)
         except ClientDisconnected:
             status = CLIENT_CLOSED  # nginx's 499: nobody to answer, and not a server error for the dashboards
         except Exception as exc:
@@ -102,35 +111,43 @@ class RequestContextMiddleware:
                     return False
         return False
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _limited(self, receive: Receive, start: float) -> Receive:
+        """`receive` with the body's limits: its size, and its deadline while it is incomplete (after it, a
+        handler waits on `receive` for the client's disconnect as long as the request runs)."""
         seen = 0
+        complete = False
         limit = self.max_body_bytes
+        deadline = start + self.body_timeout_s
 
         async def wrapped() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.perf_counter()))
+            except TimeoutError:
+                raise _BodyTooSlow(self.body_timeout_s) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise _BodyTooLarge(limit)
+                complete = not message.get("more_body", False)
             return message
 
         return wrapped
 
     async def _reject_413(self, send: Send) -> None:
         message = f"request body is over the limit of {self.max_body_bytes} bytes"
-        await _send_json(send, 413, error_body("invalid_request_error", message, None, "body_too_large"))
+        body = error_body("invalid_request_error", message, None, "body_too_large")
+        await _send_json(send, 413, body, close=True)
 
 
-async def _send_json(send: Send, status: int, payload: dict[str, object]) -> None:
+async def _send_json(send: Send, status: int, payload: dict[str, object], *, close: bool = False) -> None:
     body = json.dumps(payload).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -138,4 +155,12 @@ class _BodyTooLarge(StarletteHTTPException):
     """Raised from `receive` when a streamed body passes the limit; FastAPI re-raises HTTP exceptions as they are."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body is over the limit of {limit} bytes")
+        super().__init__(413, f"request body is over the limit of {limit} bytes", headers=CLOSE)
+
+
+class _BodyTooSlow(StarletteHTTPException):
+    """Raised from `receive` when the body is still incomplete at its deadline (RLAIFV_BODY_TIMEOUT_S)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        message = f"request body not received within {timeout_s:g} s (RLAIFV_BODY_TIMEOUT_S)"
+        super().__init__(408, message, headers=CLOSE)

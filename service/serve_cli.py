@@ -17,6 +17,13 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import typer
 import uvicorn
 
+MAX_HEADER_BYTES = 64 * 1024
+
+# uvicorn's HTTP/1.1 options for every server of ours: h11, whose request line and headers are bounded (the
+# httptools parser took a 100 MB header, some 200 MB of memory, while bodies were capped at RLAIFV_MAX_BODY_BYTES);
+# a request past the bound is refused (400) and its connection closed. The model, not HTTP parsing, is the cost.
+HTTP_OPTIONS: dict[str, Any] = {"http": "h11", "h11_max_incomplete_event_size": MAX_HEADER_BYTES}
+
 
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, beginning the app's drain (`service.shutdown.Drain`) when the stop signal comes, beside
@@ -165,6 +172,7 @@ def serve(**given: Any) -> None:
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),  # None would wait forever
         access_log=False,
+        **HTTP_OPTIONS,
     )
     DrainingServer(config).run(sockets=sockets)
 

@@ -157,6 +157,12 @@ class Settings(BaseSettings):
     )
     allowed_image_formats: CommaList = Field(list(DEFAULT_IMAGE_FORMATS), description="PIL format names accepted.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Largest request body; 413 above it.")
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A request body not fully received this long after the request began is refused (408) and"
+        " its connection closed: a client trickling its upload held a connection for as long as it liked.",
+    )
     allowed_image_hosts: CommaList = Field(
         default_factory=list,
         description="Hosts remote http(s) image URLs may come from ('*.example.com' for subdomains). Empty: none.",

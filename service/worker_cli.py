@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 import uvicorn
 
-from rlaifv.service.serve_cli import build_settings, check_bundle, fallback_bundle, with_settings_flags
+from rlaifv.service.serve_cli import HTTP_OPTIONS, build_settings, check_bundle, fallback_bundle, with_settings_flags
 
 if TYPE_CHECKING:
     from rlaifv.service.settings import Settings
@@ -103,7 +103,12 @@ class OperationsServer(uvicorn.Server):
             where = f"{settings.host}:{settings.worker_port}"
             raise WorkerPortError(f"RLAIFV_WORKER_PORT: cannot listen on {where}: {exc.strerror}") from None
         config = uvicorn.Config(
-            app, log_config=None, log_level=settings.log_level.lower(), access_log=False, lifespan="off"
+            app,
+            log_config=None,
+            log_level=settings.log_level.lower(),
+            access_log=False,
+            lifespan="off",
+            **HTTP_OPTIONS,
         )
         server = cls(config)
         server._task = asyncio.create_task(server.serve(sockets=[sock]), name="rlaifv-worker-http")

@@ -49,6 +49,7 @@ class LiveServer:
         import uvicorn
 
         from rlaifv.service.app import create_app
+        from rlaifv.service.serve_cli import HTTP_OPTIONS
         from rlaifv.service.settings import Settings
 
         self.port = port or free_port()
@@ -62,6 +63,7 @@ class LiveServer:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=graceful_shutdown_s,
+            **HTTP_OPTIONS,  # the HTTP stack `rlaifv serve` runs
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True, name=f"uvicorn-{self.port}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import gzip
 import io
@@ -465,3 +466,44 @@ def test_the_answer_that_overflows_the_context_is_named(client: httpx.Client, in
     assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("answers[1]", "context_length_exceeded")
     ok = client.post("/v1/rewards", json=rwd(images=[], question=question, answers=["ok"]))
     assert ok.status_code == 200, ok.text
+
+
+def _raw(server, request: bytes, then: bytes = b"", *, wait_s: float = 0.0) -> bytes:
+    """`request` sent on a raw socket (then `then` after `wait_s`), and everything the server sends until it
+    closes the connection (a kept-alive connection that never closes fails the test by its timeout)."""
+    import socket
+    import time
+
+    received = b""
+    closed = contextlib.suppress(ConnectionResetError, BrokenPipeError)  # before it read all we sent
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock, closed:
+        sock.sendall(request)
+        if then:
+            time.sleep(wait_s)
+            sock.sendall(then)
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def test_a_refused_body_closes_its_connection(live_server) -> None:
+    """413 kept the connection open, and the server read and threw away the rest of a 300 MB upload."""
+    head = b"POST /v1/rewards HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    answer = _raw(live_server, head + b"Content-Length: 300000000\r\n\r\n" + b"x" * 1000)
+    assert answer.startswith(b"HTTP/1.1 413") and b"connection: close" in answer.lower()
+
+
+def test_a_header_past_64_kib_is_refused(live_server) -> None:
+    """The httptools parser took a 100 MB header (~200 MB of memory) while bodies were capped."""
+    answer = _raw(live_server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1024 * 1024) + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 4") or answer == b""  # refused (h11: 400) and closed, never served
+    assert b"200 OK" not in answer
+
+
+def test_a_body_trickling_past_its_deadline_is_408_and_closed(make_server) -> None:
+    """A client sending one byte every few seconds held a connection (and a handler) as long as it liked."""
+    server = make_server(body_timeout_s=0.5)
+    head = b"POST /v1/rewards HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    answer = _raw(server, head + b"{", b'"', wait_s=1.0)
+    assert answer.startswith(b"HTTP/1.1 408") and b"connection: close" in answer.lower(), answer[:300]
+    assert b"body_timeout" in answer
