@@ -5,6 +5,7 @@ Routers stay thin: they fetch the `Serving` from `app.state` and call one method
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -164,6 +165,7 @@ class Serving:
         self.cache = cache
         self.generator = generator
         self.model_name = settings.model_name or engine.name
+        self._scoring: dict[str, asyncio.Future[RewardsResponse | None]] = {}  # cache key -> its scoring now
 
     @classmethod
     def open(
@@ -213,8 +215,6 @@ class Serving:
     async def aclose(self, grace_s: float | None = None) -> None:
         """Drain the queue (up to `grace_s`, the shutdown grace by default), then release images, the generator
         and the engine."""
-        import asyncio
-
         await self.scheduler.close(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         await self.images.aclose()
         if self.generator is not None:
@@ -385,11 +385,48 @@ class Serving:
                 self.model_name, config, raw, question, messages, body.answers, body.continue_final_message
             )
             cached = _cached_response(await self.cache.get(key))
+            if cached is None:
+                cached = await self._scored_meanwhile(key)
             self.metrics.cache.labels(result="hit" if cached else "miss").inc()
             if cached is not None:
                 return cached.model_copy(
                     update={"id": f"rwd-{uuid.uuid4().hex}", "cached": True, "created": int(time.time())}
                 )
+            self._scoring[key] = asyncio.get_running_loop().create_future()
+        try:
+            response = await self._score_rewards(body, request, arrived, images, question, messages, config)
+        except BaseException:
+            self._done_scoring(key, None)
+            raise
+        self._done_scoring(key, response)
+        if self.cache is not None and key is not None:
+            await self.cache.set(key, response.model_dump_json())
+        return response
+
+    async def _scored_meanwhile(self, key: str) -> RewardsResponse | None:
+        """The response of an identical request being scored now, once it is done (None: none is, or it failed):
+        16 identical concurrent requests were 16 scorings, all cache misses."""
+        while (leader := self._scoring.get(key)) is not None:
+            response = await asyncio.shield(leader)
+            if response is not None:
+                return response
+        return None
+
+    def _done_scoring(self, key: str | None, response: RewardsResponse | None) -> None:
+        future = self._scoring.pop(key, None) if key is not None else None
+        if future is not None and not future.done():
+            future.set_result(response)
+
+    async def _score_rewards(
+        self,
+        body: RewardsRequest,
+        request: Request | None,
+        arrived: float,
+        images: list[Any],
+        question: str | None,
+        messages: list[dict[str, Any]] | None,
+        config: RewardConfig,
+    ) -> RewardsResponse:
         score = ScoreRequest(
             images,
             question,
@@ -419,8 +456,6 @@ class Serving:
             ),
             timings=self._timings(outcome, arrived),
         )
-        if self.cache is not None and key is not None:
-            await self.cache.set(key, response.model_dump_json())
         return response
 
     # -- POST /v1/chat/completions -------------------------------------------------------------

@@ -92,6 +92,23 @@ def test_rewards_cache_returns_identical_scores(client: httpx.Client, red_url: s
     assert other["rewards"] == pytest.approx([2 * x for x in first["rewards"]], rel=1e-6)
 
 
+async def test_identical_concurrent_rewards_requests_are_scored_once(live_server, red_url: str) -> None:
+    """16 identical requests at once were 16 scorings, all cache misses: the first is scored, the others share
+    its response (marked cached)."""
+    import asyncio
+
+    registry = live_server.app.state.metrics.registry
+    batches = registry.get_sample_value("rlaifv_batch_size_count", {"kind": "score"}) or 0.0
+    req = {"images": [red_url], "question": "Is there a cat at once?", "answers": ["yes", "no", "maybe"]}
+    async with httpx.AsyncClient(base_url=live_server.url, timeout=60) as client:
+        responses = await asyncio.gather(*(client.post("/v1/rewards", json=req) for _ in range(16)))
+    bodies = [r.json() for r in responses]
+    assert all(r.status_code == 200 for r in responses)
+    assert sum(not b["cached"] for b in bodies) == 1 and len({b["id"] for b in bodies}) == 16
+    assert all(b["rewards"] == bodies[0]["rewards"] for b in bodies)
+    assert registry.get_sample_value("rlaifv_batch_size_count", {"kind": "score"}) == batches + 1
+
+
 def test_chat_completions_top_n_by_reward(client: httpx.Client, red_url: str) -> None:
     content = [{"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": red_url}}]
     r = client.post(
