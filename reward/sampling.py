@@ -254,6 +254,8 @@ def sample_answers(
             for i, samples in zip(group, part, strict=True):
                 merged[i] = samples
         return merged
+    if abort is not None and abort.is_set():
+        raise Aborted("sampling stopped before its prefill")
     device = model_device(model)
     state = prefill(model, prompts, pad_id)
     group_of_row = torch.repeat_interleave(

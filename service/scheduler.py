@@ -89,6 +89,7 @@ class Scheduler:
         self._waiting: deque[_Item] = deque()
         self._arrived = asyncio.Event()
         self._held: _Item | None = None  # an item of another kind, first in the next batch
+        self._forming: list[_Item] = []  # the batch being collected: out of the queue, not yet running
         self._running: list[_Item] = []
         self._expected = 0  # how many requests the next batch may count on (see `_collect`)
         self._task: asyncio.Task | None = None
@@ -121,15 +122,16 @@ class Scheduler:
         without an answer gets 503 `shutting_down` (a running batch's answers are discarded when it returns)."""
         self._closing = True
         end = _now() + grace_s
-        while (self.depth or self.in_flight) and _now() < end:
+        while (self.depth or self.in_flight or self._forming) and _now() < end:
             await asyncio.sleep(0.02)
-        left = [*self._running, *([self._held] if self._held is not None else []), *self._waiting]
+        held = [self._held] if self._held is not None else []
+        left = [*self._running, *self._forming, *held, *self._waiting]
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._waiting.clear()
-        self._held, self._running = None, []
+        self._held, self._forming, self._running = None, [], []
         for item in left:
             self._release(item)
             if not item.future.done():
@@ -217,6 +219,7 @@ class Scheduler:
         """The next waiting item, waiting up to `timeout` (None: for ever) for one to arrive."""
         if self._held is not None:
             item, self._held = self._held, None
+            self._depth_changed()
             return item
         end = None if timeout is None else _now() + timeout
         while not self._waiting:
@@ -252,7 +255,7 @@ class Scheduler:
         first = await self._next(None)
         while not self._live(first):
             first = await self._next(None)
-        batch = [first]
+        batch = self._forming = [first]  # seen by `close` while it forms
         opened = _now()
         expected, self._expected = self._expected, 0
         while len(batch) < self.max_batch:
@@ -264,6 +267,7 @@ class Scheduler:
                 continue
             if item.request.kind != first.request.kind:
                 self._held = item
+                self._depth_changed()
                 break
             batch.append(item)
         return batch
@@ -271,6 +275,7 @@ class Scheduler:
     async def _loop(self) -> None:
         while True:
             batch = [item for item in await self._collect() if self._live(item)]  # some left while it formed
+            self._forming = []
             if not batch:
                 continue
             now = _now()

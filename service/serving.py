@@ -393,14 +393,13 @@ class Serving:
                     update={"id": f"rwd-{uuid.uuid4().hex}", "cached": True, "created": int(time.time())}
                 )
             self._scoring[key] = asyncio.get_running_loop().create_future()
+        response = None
         try:
             response = await self._score_rewards(body, request, arrived, images, question, messages, config)
-        except BaseException:
-            self._done_scoring(key, None)
-            raise
-        self._done_scoring(key, response)
-        if self.cache is not None and key is not None:
-            await self.cache.set(key, response.model_dump_json())
+            if self.cache is not None and key is not None:
+                await self.cache.set(key, response.model_dump_json())
+        finally:  # after the cache has it: a request arriving in between found neither and scored it again
+            self._done_scoring(key, response)
         return response
 
     async def _scored_meanwhile(self, key: str) -> RewardsResponse | None:

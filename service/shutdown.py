@@ -15,10 +15,11 @@ drain, and nothing answered the requests the grace could not finish.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 from typing import Any
 
 MARGIN_S = 1.0  # of the grace, kept for the handlers to write their 503s; at most a fifth of it
+log = logging.getLogger("rlaifv.service")
 
 
 class Drain:
@@ -29,6 +30,7 @@ class Drain:
         self.grace_s: float = state.settings.shutdown_grace_s
         self._deadline: float | None = None  # the loop's time of the last answer, once a signal came
         self._task: asyncio.Task[None] | None = None
+        self._http_done = asyncio.Event()  # uvicorn's HTTP drain ended before the deadline
 
     def begin(self) -> None:
         """Start draining now; safe from a signal handler or another thread, and more than once."""
@@ -44,8 +46,10 @@ class Drain:
         if self.jobs is not None:
             await self.jobs.stop()
         assert self._deadline is not None
-        await asyncio.sleep(max(0.0, self._deadline - self.loop.time()))
-        await self.state.serving.scheduler.close(0.0)
+        try:
+            await asyncio.wait_for(self._http_done.wait(), max(0.0, self._deadline - self.loop.time()))
+        except TimeoutError:
+            await self.state.serving.scheduler.close(0.0)
 
     def _not_ready(self) -> None:
         self.state.ready = False
@@ -55,10 +59,12 @@ class Drain:
     async def finish(self) -> None:
         """After the HTTP drain: the scheduler closed in what is left of the grace, the engine released."""
         self._not_ready()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+        self._http_done.set()
+        if self._task is not None:
+            try:
                 await self._task
+            except Exception:  # the rest of the stop goes on: the engine must still be released
+                log.exception("drain failed")
         if self.jobs is not None:
             await self.jobs.stop()  # again if the signal's drain began it: stopping twice is stopping
         left = self.grace_s if self._deadline is None else max(0.0, self._deadline - self.loop.time())

@@ -38,7 +38,7 @@ import os
 import random
 import re
 import warnings
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -337,12 +337,17 @@ def _record_id(record: dict[str, Any], name: str, row: int, keys: Sequence[str] 
 
 
 def _file_names(files: Sequence[Path]) -> dict[Path, str]:
-    """Each file's name in row ids: its stem, with the folders below the files' common folder (a/train and
-    b/train both named their rows train:0, one id for two prompts, hence one seed)."""
-    if len(files) == 1:
-        return {files[0]: files[0].stem}
+    """Each file's name in row ids: its stem, or where files share a stem (a/train and b/train both named their
+    rows train:0, one id for two prompts, hence one seed) its path below the files' common folder, with its
+    suffix when that is what tells them apart (train.jsonl beside train.parquet). Stems that are unique keep the
+    ids they always had (a dataset without ids keeps its seeds and its resumable runs)."""
+    stems = Counter(f.stem for f in files)
+    if len(files) == 1 or max(stems.values()) == 1:
+        return {f: f.stem for f in files}
     common = Path(os.path.commonpath([f.parent for f in files]))
-    return {f: f.relative_to(common).with_suffix("").as_posix() for f in files}
+    names = {f: f.relative_to(common).with_suffix("").as_posix() if stems[f.stem] > 1 else f.stem for f in files}
+    twins = Counter(names.values())
+    return {f: f.relative_to(common).as_posix() if twins[name] > 1 else name for f, name in names.items()}
 
 
 def _jsonable(value: Any) -> bool:

@@ -378,15 +378,21 @@ class FeedbackShards:
 
     def resume(self, prompts: Sequence[PromptItem], batch: int) -> tuple[list[PromptFeedback], int, int]:
         """The saved feedback with its candidates sampled and truncated, when it is this run's and covers the
-        first prompts in order; else nothing (the folder is cleared). A last batch shorter than `batch` is
-        sampled again when more prompts follow it now (a run never stopped would have sampled it whole)."""
+        first prompts in order; else nothing (the folder is cleared). Only batches a run never stopped would have
+        made stay: whole ones within this run's prompts, and a short one only where this run's prompts end."""
         shards = sorted(self.folder.glob("batch-*.parquet"))
         why = self._other_run() if shards else None
         if shards and why is None:
-            done = read_feedback(*shards)
-            last = read_feedback(shards[-1])
-            if len(last) < batch and len(done) < len(prompts):
-                shards, done = shards[:-1], done[: len(done) - len(last)]
+            kept: list[Path] = []
+            done: list[PromptFeedback] = []
+            for shard in shards:
+                part = read_feedback(shard)
+                end = len(done) + len(part)
+                if end > len(prompts) or (len(part) < batch and end < len(prompts)):
+                    break  # past a lowered --limit, or a short last batch that more prompts follow now
+                kept.append(shard)
+                done += part
+            shards = kept
             why = _other_prompts(done, prompts)
             if why is None:
                 sampled = truncated = 0

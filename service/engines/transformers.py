@@ -138,11 +138,14 @@ class TransformersEngine:
         ]
 
     def _run_tasks(self, tasks: list[Any]) -> list[Ranking | Exception]:
+        from rlaifv.reward.errors import Aborted
         from rlaifv.reward.model_pair import GenerateTask
 
         run = self.pair.generate_batch if isinstance(tasks[0], GenerateTask) else self.pair.score_batch
         try:
             return list(run(tasks))
+        except Aborted as exc:  # stopping: no culprit to isolate (each alone would be prefilled, then aborted)
+            return [exc] * len(tasks)
         except Exception as exc:
             if len(tasks) == 1:
                 return [exc]

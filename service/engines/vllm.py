@@ -170,8 +170,11 @@ class VllmServer:
             self._client = httpx.AsyncClient(
                 headers=self.headers,
                 timeout=httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, CONNECT_TIMEOUT_S)),
-                limits=httpx.Limits(max_connections=MAX_CONNECTIONS, keepalive_expiry=KEEPALIVE_S),
-                transport=httpx.AsyncHTTPTransport(retries=1),  # connection attempts only; no request is sent twice
+                # httpx takes the pool's limits from the transport when one is given (the client's are ignored);
+                # retries: connection attempts only, no request is sent twice
+                transport=httpx.AsyncHTTPTransport(
+                    retries=1, limits=httpx.Limits(max_connections=MAX_CONNECTIONS, keepalive_expiry=KEEPALIVE_S)
+                ),
             )
         return self._client
 
@@ -314,8 +317,10 @@ class VllmServer:
         try:
             try:
                 response = await self.client.post(url, json=body)
-            except httpx.RemoteProtocolError:  # closed with no answer (an idle connection the server just closed)
-                response = await self.client.post(url, json=body)
+            except httpx.RemoteProtocolError as exc:
+                if "without sending a response" not in str(exc):  # dropped mid-answer: the work may be done
+                    raise
+                response = await self.client.post(url, json=body)  # an idle connection the server just closed
         except httpx.TimeoutException:
             message = f"the vLLM {self.role} server {self.root} did not answer within {self.timeout_s:g} s"
             raise self._fail("timeout", EngineUnavailable(message, headers=retry)) from None

@@ -411,3 +411,41 @@ async def test_a_request_that_leaves_the_queue_frees_its_place_its_images_and_th
     await asyncio.gather(running, accepted)
     assert engine.batches == [["running"], ["next"]]
     await sched.close(1)
+
+
+async def test_close_answers_a_batch_still_forming() -> None:
+    """A batch being collected (up to the batch wait) was in no list `close` read: it saw no work, stopped the
+    loop, and the request waited for its deadline (504), or for uvicorn to cancel it."""
+    engine = FakeEngine()
+    sched = make(engine, batch_window_s=2.0, max_batch=8)
+    sched.start()
+    task = asyncio.create_task(sched.submit(score("a"), timeout_s=30))
+    await asyncio.sleep(0.5)  # taken for a batch that waits 2 s for company
+    assert sched.depth == 0 and sched.in_flight == 0 and not task.done()
+    await sched.close(0.0)
+    with pytest.raises(Unavailable):
+        await task
+    assert engine.batches == []
+
+
+async def test_close_lets_a_forming_batch_run_within_the_grace() -> None:
+    engine = FakeEngine()
+    sched = make(engine, batch_window_s=2.0, max_batch=8)
+    sched.start()
+    task = asyncio.create_task(sched.submit(score("a"), timeout_s=30))
+    await asyncio.sleep(0.5)
+    await sched.close(5.0)
+    assert len((await task).result.ranking.candidates) == 1 and engine.batches == [["a"]]
+
+
+async def test_the_depth_gauge_counts_a_request_held_for_the_next_batch() -> None:
+    engine = FakeEngine(batch_s=1.0)
+    sched = make(engine)
+    sched.start()
+    tasks = [asyncio.create_task(sched.submit(r, timeout_s=30)) for r in (score("a"), generate())]
+    await asyncio.sleep(0.5)  # "a" runs; the generate request waits, held for the next batch
+    gauge = sched.metrics.registry.get_sample_value
+    assert sched.depth == 1 and gauge("rlaifv_queue_depth") == 1
+    await asyncio.gather(*tasks)
+    assert gauge("rlaifv_queue_depth") == 0
+    await sched.close(1)

@@ -115,7 +115,8 @@ async def test_what_the_grace_cannot_finish_is_answered_503_and_the_process_exit
                 while not running.done():
                     metrics = (await probe.get("/metrics")).text
                     if "rlaifv_batch_size_count" in metrics and len(queued) < 2:
-                        queued.append(asyncio.create_task(client.post("/v1/rewards", json=quick)))
+                        answer = {"answers": [f"a red square {len(queued)}"]}  # not identical: each is queued
+                        queued.append(asyncio.create_task(client.post("/v1/rewards", json=quick | answer)))
                     depth = [line for line in metrics.splitlines() if line.startswith("rlaifv_queue_depth ")]
                     if depth and float(depth[0].split()[-1]) >= 2:
                         break

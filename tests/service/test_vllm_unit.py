@@ -330,6 +330,17 @@ async def test_a_request_the_server_dropped_unanswered_is_sent_once_more(engine)
         await server.aclose()
 
 
+async def test_the_pool_drops_idle_connections_before_vllm_does(engine) -> None:
+    """Limits given to a client with a transport were ignored (httpx takes them from the transport): the pool kept
+    httpx's 5 s keep-alive, vLLM's own, and 100 connections."""
+    from rlaifv.service.engines.vllm import KEEPALIVE_S, MAX_CONNECTIONS
+
+    server = engine.policy
+    pool = server.client._transport._pool  # httpcore's pool: what the client really uses
+    assert (pool._max_connections, pool._keepalive_expiry) == (MAX_CONNECTIONS, KEEPALIVE_S) == (64, 2.0)
+    await server.aclose()
+
+
 async def test_readiness_has_its_own_connections(engine) -> None:
     """Requests holding every pooled connection do not make the replica look down."""
 

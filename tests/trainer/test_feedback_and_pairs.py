@@ -458,6 +458,9 @@ def test_a_run_with_more_prompts_goes_on_from_the_saved_whole_batches(
     with pytest.warns(UserWarning, match=r"for other prompts \(prompt 1 was 'p0', is 'q0' now\): starting over"):
         run(renamed, shards)
     assert batches == [["q0", "p1"], ["p2", "p3"], ["p4"]]
+    batches.clear()
+    fewer = run(renamed[:3], shards)  # a lowered --limit keeps the saved batches that end within it
+    assert batches == [["p2"]] and [f.id for f in fewer] == ["q0", "p1", "p2"]
 
 
 @pytest.mark.slow

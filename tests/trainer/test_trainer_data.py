@@ -552,6 +552,8 @@ def test_prompts_of_files_with_one_name_in_two_folders_get_their_own_ids(tmp_pat
         (tmp_path / "data" / folder / "train.jsonl").write_text(json.dumps(line) + "\n")
     assert [p.id for p in read_prompts(tmp_path / "data")] == ["a/train:0", "b/train:0"]
     assert [p.id for p in read_prompts(tmp_path / "data" / "a" / "train.jsonl")] == ["train:0"]
+    (tmp_path / "data" / "b" / "train.jsonl").rename(tmp_path / "data" / "b" / "val.jsonl")
+    assert [p.id for p in read_prompts(tmp_path / "data")] == ["train:0", "val:0"]  # unique stems keep their ids
 
 
 def test_an_id_shared_by_two_prompts_is_made_unique_with_a_warning(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ RLAIFVError
     ├── APIStatusError          non-2xx answer: status_code, request_id, type, code, param, body
     │   ├── InvalidRequestError 400, 413, 422: bad input; `param` and `field_errors` name the field
     │   │   └── ConflictError   409: the Idempotency-Key was used with another body
-    │   ├── AuthenticationError 401: API key missing
-    │   ├── PermissionDeniedError 403: API key wrong
+    │   ├── AuthenticationError 401: API key missing or not valid (`.code` says which)
+    │   ├── PermissionDeniedError 403: refused (a proxy in front of the service)
     │   ├── NotFoundError       404: unknown route, model or job
     │   ├── RateLimitError      429: queue full or over quota; `retry_after` in seconds
     │   └── ServerError         5xx
@@ -141,11 +141,12 @@ class InvalidRequestError(APIStatusError):
 
 
 class AuthenticationError(APIStatusError):
-    """401: no API key was sent (give `api_key=` or set RLAIFV_API_KEY)."""
+    """401: no API key was sent (`code` missing_api_key: give `api_key=` or set RLAIFV_API_KEY), or the key is not
+    valid (`code` invalid_api_key)."""
 
 
 class PermissionDeniedError(APIStatusError):
-    """403: the API key is not valid."""
+    """403: the call was refused (the service answers 401 for keys; a proxy or gateway in front may say 403)."""
 
 
 class NotFoundError(APIStatusError):
