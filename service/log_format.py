@@ -29,9 +29,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Whatever `sys.stderr` is when a record comes: a handler holding the stream of its creation wrote to a closed
+    file once a runner that had swapped stderr (click's CliRunner, pytest's capture) closed it."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure_logging(level: str = "info") -> None:
     """JSON lines on stderr for our logger and uvicorn's (its access log is replaced by ours)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setFormatter(JsonFormatter())
     for name in ("rlaifv", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
