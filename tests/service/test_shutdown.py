@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,24 +21,24 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def test_sigterm_finishes_in_flight_requests(service_bundle, red_url: str, tmp_path) -> None:
+def _serve(bundle: Path, log_file: Path, **settings: str) -> tuple[subprocess.Popen, str, Any]:
+    """`rlaifv serve` (its module) in a process of its own, on a free port, with these RLAIFV_* settings."""
     port = free_port()
-    env = os.environ | {
-        "PYTHONPATH": str(ROOT),
-        "RLAIFV_MAX_BATCH": "1",
-        "RLAIFV_SHUTDOWN_GRACE_S": "30",
-        "RLAIFV_MAX_TOKENS": "16",
-        "RLAIFV_TORCH_THREADS": "1",
-    }
-    log = (tmp_path / "server.log").open("w+")
+    env = os.environ | {"PYTHONPATH": str(ROOT), "RLAIFV_MAX_BATCH": "1", "RLAIFV_TORCH_THREADS": "1"}
+    env |= {f"RLAIFV_{name.upper()}": value for name, value in settings.items()}
+    log = log_file.open("w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rlaifv.service.serve_cli", "--bundle", str(service_bundle), "--port", str(port)],
+        [sys.executable, "-m", "rlaifv.service.serve_cli", "--bundle", str(bundle), "--port", str(port)],
         cwd=ROOT,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+async def test_sigterm_finishes_in_flight_requests(service_bundle, red_url: str, tmp_path) -> None:
+    proc, url, log = _serve(service_bundle, tmp_path / "server.log", shutdown_grace_s="30", max_tokens="16")
     try:
         await asyncio.to_thread(wait_until_ready, url, proc)
 
@@ -79,24 +80,7 @@ async def test_what_the_grace_cannot_finish_is_answered_503_and_the_process_exit
     model thread stops at its next step."""
     import time
 
-    port = free_port()
-    env = os.environ | {
-        "PYTHONPATH": str(ROOT),
-        "RLAIFV_MAX_BATCH": "1",
-        "RLAIFV_MAX_N": "64",
-        "RLAIFV_MAX_TOKENS": "400",
-        "RLAIFV_SHUTDOWN_GRACE_S": "2",
-        "RLAIFV_TORCH_THREADS": "1",
-    }
-    log = (tmp_path / "server.log").open("w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rlaifv.service.serve_cli", "--bundle", str(service_bundle), "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url, log = _serve(service_bundle, tmp_path / "server.log", max_n="64", max_tokens="400", shutdown_grace_s="2")
     content = [{"type": "text", "text": "What is in the image?"}, {"type": "image_url", "image_url": {"url": red_url}}]
     slow = {  # 64 answers of 400 tokens (end of turn banned): seconds on the model, longer than the grace
         "model": "tiny-llava",
