@@ -12,6 +12,7 @@ too, for bundles that point at shared model storage).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -188,6 +189,17 @@ def load_pair(
     )
 
 
+def _umask_modes(root: Path) -> None:
+    """Files and folders below `root` get the umask's modes: safetensors writes weights 0600 and copytree keeps
+    that, so a bundle trained as one user was unreadable to the service's (uid 10001 in the images)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def write_bundle(
     folder: str | Path,
     *,
@@ -204,6 +216,11 @@ def write_bundle(
     import shutil
 
     folder = Path(folder)
+    for source in (Path(policy), Path(reference)):
+        if copy and source.is_dir() and folder.resolve().is_relative_to(source.resolve()):
+            raise BundleError(  # copytree would copy the bundle into itself until the path is too long
+                f"the bundle folder {folder} is inside the model folder {source} it would copy: put it elsewhere"
+            )
     folder.mkdir(parents=True, exist_ok=True)
     entries: dict[str, str] = {}
     for key, source in (("policy", Path(policy)), ("reference", Path(reference))):
@@ -214,6 +231,7 @@ def write_bundle(
                     shutil.rmtree(target)
                 # a git clone of a hub repository keeps a second copy of the weights under .git
                 shutil.copytree(source, target, ignore=shutil.ignore_patterns(".git", ".cache", ".gitattributes"))
+                _umask_modes(target)
             entries[key] = key
         else:
             entries[key] = str(source.resolve())

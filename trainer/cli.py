@@ -89,6 +89,30 @@ def _output_outside(data: Path, output: Path, option: str) -> None:
         )
 
 
+def _output_outside_models(output: Path, *models: tuple[str, Path | None]) -> None:
+    """The output folder must not be inside a model folder: the bundle copies that folder into itself, level
+    after level (a full copy of the weights each), until the path is too long or the disk full."""
+    from rlaifv.trainer.errors import ConfigError
+
+    for option, model in models:
+        if model is not None and model.is_dir() and output.resolve().is_relative_to(model.resolve()):
+            raise ConfigError(f"--output {output} is inside the model folder {option} {model}: put it elsewhere")
+
+
+def _local_folders(*models: tuple[str, Path | None]) -> None:
+    """Each model a model folder here (models are never downloaded: a typo was tried as a hub id for minutes)."""
+    from rlaifv.reward.errors import ModelLoadError
+    from rlaifv.reward.models import check_model_folder
+    from rlaifv.trainer.errors import ConfigError
+
+    for option, model in models:
+        if model is not None:
+            try:
+                check_model_folder(model, what=option)
+            except ModelLoadError as exc:
+                raise ConfigError(str(exc)) from None
+
+
 def _load_source(spec: str) -> Any:
     """`package.module:factory` -> factory() (a PromptSource, e.g. the shapes world's generator)."""
     factory: Callable[[], Any] = _import_object(spec, "--source", "prompt source")
@@ -149,6 +173,7 @@ def dpo_command(
         config: DPOConfig = build_config(DPOConfig, apply_overrides(settings, overrides), "dpo")
         _output_outside(data, output, "")
         check_models(config, model, reference, names=("--model", "--reference"))  # before the data: minutes to read
+        _output_outside_models(output, ("--model", model), ("--reference", reference))
         rows = read_preferences(data, limit=limit, progress=progress)
         typer.echo(f"{len(rows)} preference rows from {data}")
         result = train_dpo(
@@ -229,6 +254,12 @@ def iterate_command(
             if value is not None:
                 data.setdefault(section, {})[key] = value
         settings = IterateConfig.from_dict(apply_overrides(data, set_ or []))
+        _output_outside_models(output, ("--model", model))
+        _local_folders(  # before run.json is written: a typo was tried as a hub id, then fixed only in a new folder
+            ("--model", model),
+            ("feedback.labeler", None if settings.feedback.labeler == "self" else Path(settings.feedback.labeler)),
+            ("feedback.llm_model", Path(settings.feedback.llm_model) if settings.feedback.llm_model else None),
+        )
         hook = _import_object(eval_hook, "--eval", "eval hook") if eval_hook is not None else None
         if prompts is not None:
             _output_outside(prompts, output, "--prompts")

@@ -312,6 +312,17 @@ def score_pairs(
 # -- reference log-probs, computed once -------------------------------------------------------
 
 
+def _where(path: str | Path | None) -> str:
+    """A folder as an absolute path (an export resolves the report's paths later, from another working folder:
+    a relative one found nothing there, or another model of the same name); a hub id as given."""
+    return str(Path(path).resolve()) if path is not None and Path(path).is_dir() else str(path)
+
+
+def _identity(path: str | Path) -> str:
+    """A local folder by its files (a model retrained in place is another model); a hub id by its name."""
+    return model_fingerprint(path) if Path(path).is_dir() else str(path)
+
+
 def model_fingerprint(path: str | Path) -> str:
     """Identity of a model folder: its config and the names and sizes of its weight files."""
     path = Path(path)
@@ -742,8 +753,11 @@ def _train_dpo(
     epoch_stats: dict[str, list[float]] = {}
     updates = start_epoch = epoch_updates = 0
     rank = accelerator.process_index
+    # The policy trained is part of the run: a checkpoint of another --model (the same output folder, the model
+    # corrected after a stop) resumed its weights under this model's name.
+    started_from = [_identity(model_path), _identity(init_adapter) if init_adapter else None]
     run_key = hashlib.sha256(
-        json.dumps([key, config.training_settings(), accelerator.num_processes]).encode()
+        json.dumps([key, config.training_settings(), accelerator.num_processes, started_from]).encode()
     ).hexdigest()
     checkpoints = CheckpointStore(output_dir / CHECKPOINTS, run_key, keep=config.keep_checkpoints)
     resumed = checkpoints.latest()  # made by checkpoint_every_* or by a SIGTERM, with the same settings
@@ -878,8 +892,10 @@ def _train_dpo(
             "kind": "dpo",
             "config": config.to_dict(),
             "effective_learning_rate": config.lr,
-            "model": str(model_path),
-            "reference": f"{init_adapter} over {model_path}" if reference_is_start else str(reference_path),
+            "model": _where(model_path),
+            "reference": (
+                f"{_where(init_adapter)} over {_where(model_path)}" if reference_is_start else _where(reference_path)
+            ),
             "init_adapter": str(init_adapter) if init_adapter else None,
             "rows_read": read,
             "num_pairs": len(pairs),

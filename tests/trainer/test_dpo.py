@@ -769,3 +769,69 @@ def test_pairs_that_cannot_be_trained_or_served_are_dropped_and_counted(tiny_mod
     }
     again = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path, progress=False)  # a cache hit
     assert again.reference_cache_hit and again.num_pairs == 4
+
+
+def test_a_checkpoint_of_another_policy_is_not_resumed(tiny_model: Path, tmp_path: Path) -> None:
+    """The same output folder with another --model (one corrected after a stop) resumed the first model's weights
+    under the second's name: the run's key named only the reference and the pairs."""
+    import shutil
+
+    rows = _toy_rows(4)
+    config = DPOConfig(learning_rate=1e-3, batch_size=1, cpu=True, checkpoint_every_steps=2, keep_checkpoints=0)
+    reference = tmp_path / "reference"
+    shutil.copytree(tiny_model, reference)
+    train_dpo(config, rows, model_path=tiny_model, reference_path=reference, output_dir=tmp_path / "a", progress=False)
+    _killed_after(tmp_path / "a", tmp_path / "b", "step-0000002")
+    other = tmp_path / "other-policy"
+    shutil.copytree(tiny_model, other)
+    (other / "config.json").write_text((other / "config.json").read_text().replace("}", ', "note": "other"}', 1))
+    with pytest.warns(UserWarning):
+        train_dpo(config, rows, model_path=other, reference_path=reference, output_dir=tmp_path / "b", progress=False)
+    report = json.loads((tmp_path / "b" / "dpo_report.json").read_text())
+    assert report["resumed_from_step"] == 0
+    assert report["model"] == str(other.resolve()) and report["reference"] == str(reference.resolve())  # absolute
+
+
+def test_an_output_inside_a_model_folder_is_refused_before_copying_it_into_itself(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """`-o` inside --model: the bundle copied the model folder into itself, level after level, until the path was
+    too long (a full copy of the weights each)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from rlaifv.reward.bundle import write_bundle
+    from rlaifv.reward.errors import BundleError
+    from rlaifv.trainer.cli import train_app
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    result = CliRunner().invoke(
+        train_app, ["dpo", str(tmp_path / "nodata"), "--model", str(model), "-o", str(model / "run")]
+    )
+    assert result.exit_code == 1 and "inside the model folder --model" in result.output, result.output
+    with pytest.raises(BundleError, match="inside the model folder"):
+        write_bundle(model / "bundle", policy=model, reference=model)
+    assert not (model / "bundle").exists()
+
+
+def test_bundle_weights_get_the_umask_modes(tiny_model: Path, tmp_path: Path) -> None:
+    """safetensors writes 0600 and copytree kept it: a bundle trained as one user was unreadable to the service's
+    (uid 10001 in the images)."""
+    import os
+    import shutil
+
+    from rlaifv.reward.bundle import write_bundle
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    for weights in model.glob("*.safetensors"):
+        weights.chmod(0o600)
+    umask = os.umask(0o022)
+    try:
+        write_bundle(tmp_path / "bundle", policy=model, reference=model)
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "bundle" / "policy").iterdir()}
+    assert modes and all(mode == 0o644 for mode in modes.values()), modes

@@ -239,12 +239,12 @@ def test_source_must_follow_the_protocol(tiny_model: Path, tmp_path: Path) -> No
         (["--source", "trainer_testkit:png", "--set", "dpo.betta=1"], "unknown setting(s): dpo.betta"),
     ],
 )
-def test_iterate_cli_errors_are_one_line(tmp_path: Path, extra: list[str], message: str) -> None:
+def test_iterate_cli_errors_are_one_line(tiny_model: Path, tmp_path: Path, extra: list[str], message: str) -> None:
     from typer.testing import CliRunner
 
     from rlaifv.trainer.cli import train_app
 
-    result = CliRunner().invoke(train_app, ["iterate", "--model", str(tmp_path), "-o", str(tmp_path / "o"), *extra])
+    result = CliRunner().invoke(train_app, ["iterate", "--model", str(tiny_model), "-o", str(tmp_path / "o"), *extra])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
 
 
@@ -325,3 +325,18 @@ def test_best_round_skips_rounds_whose_eval_could_not_say() -> None:
     assert choose_round(config, reports) == 1
     with pytest.raises(RunStateError, match="no round has eval metric"):
         choose_round(config, reports[1:])
+
+
+def test_iterate_refuses_a_model_that_is_no_folder_before_writing_its_run_file(tmp_path: Path) -> None:
+    """A typo in --model was tried as a hub id for minutes, after run.json was written: the corrected command was
+    then refused in that folder ("started with different settings (model)")."""
+    from typer.testing import CliRunner
+
+    from rlaifv.trainer.cli import train_app
+
+    (tmp_path / "p.jsonl").write_text("")
+    out = tmp_path / "run"
+    args = ["iterate", "--model", str(tmp_path / "m_lava"), "--prompts", str(tmp_path / "p.jsonl"), "-o", str(out)]
+    result = CliRunner().invoke(train_app, args)
+    assert result.exit_code == 1 and "--model folder" in result.output and "does not exist" in result.output
+    assert not (out / "run.json").exists()
