@@ -561,6 +561,7 @@ def train_dpo(
     init_adapter: str | Path | None = None,
     reference_is_start: bool = False,
     progress: bool = True,
+    clear_checkpoints: bool = False,
 ) -> DPOResult:
     """Train the model at `model_path` on `rows`; write `output_dir/policy` and `output_dir/dpo_report.json`.
 
@@ -572,7 +573,8 @@ def train_dpo(
     round reference: the previous round's policy), its sums taken before step 1.
 
     SIGTERM stops the run where its work can be kept (between reference batches, after an optimizer step) and
-    raises `TrainingInterrupted`; the same call resumes.
+    raises `TrainingInterrupted`; the same call resumes. A finished run keeps its checkpoints (a rerun resumes from
+    them) unless `clear_checkpoints`.
     """
     with stop_on_sigterm() as stop_asked:
         return _train_dpo(
@@ -584,6 +586,7 @@ def train_dpo(
             init_adapter=init_adapter,
             reference_is_start=reference_is_start,
             progress=progress,
+            clear_checkpoints=clear_checkpoints,
             stop_asked=stop_asked,
         )
 
@@ -599,6 +602,7 @@ def _train_dpo(
     reference_is_start: bool,
     progress: bool,
     stop_asked: Callable[[], bool],
+    clear_checkpoints: bool = False,
 ) -> DPOResult:
     import torch
     from accelerate import Accelerator
@@ -913,7 +917,9 @@ def _train_dpo(
         }
         (output_dir / DPO_REPORT).write_text(json.dumps(report, indent=2) + "\n")
         kept = [c.folder for c in checkpoints.complete()]
-        if kept:  # what a rerun of this command would resume from (and train the steps after it again)
+        if kept and clear_checkpoints:  # a caller that never reruns a finished run (iterate's DONE rounds)
+            shutil.rmtree(checkpoints.root, ignore_errors=True)
+        elif kept:  # what a rerun of this command would resume from (and train the steps after it again)
             warnings.warn(
                 f"the run is done and its policy saved; {len(kept)} checkpoint(s) stay in {checkpoints.root}"
                 f" ({_size_gb(kept):.1f} GB): a rerun of the same command resumes from the newest;"

@@ -259,6 +259,7 @@ def run_round(
             init_adapter=init_adapter,
             reference_is_start=reference_is_start,
             progress=config.progress,
+            clear_checkpoints=True,  # a finished round is never trained again: its checkpoints were kept for good
         )
         _free()
         dpo_report = json.loads((dpo_dir / DPO_REPORT).read_text())

@@ -340,3 +340,18 @@ def test_iterate_refuses_a_model_that_is_no_folder_before_writing_its_run_file(t
     result = CliRunner().invoke(train_app, args)
     assert result.exit_code == 1 and "--model folder" in result.output and "does not exist" in result.output
     assert not (out / "run.json").exists()
+
+
+def test_a_finished_round_keeps_no_dpo_checkpoints(tiny_model: Path, tmp_path: Path) -> None:
+    """A round that is DONE is never trained again, yet its checkpoints stayed (a full 7B's optimizer state each)
+    with a warning that a rerun would resume from them."""
+    import warnings
+
+    out = tmp_path / "run"
+    dpo = DPOConfig(learning_rate=1e-3, batch_size=1, cpu=True, checkpoint_every_steps=1, keep_checkpoints=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_iterate(_config(tiny_model, out, rounds=1, dpo=dpo), _source(), labeler=_labeler(), eval_hook=_eval)
+    assert (out / "round-01" / "dpo" / "dpo_report.json").is_file()
+    assert not (out / "round-01" / "dpo" / "checkpoints").exists()
+    assert not any("checkpoint(s) stay" in str(w.message) for w in caught)
