@@ -548,7 +548,10 @@ def _load_policy(config: DPOConfig, model_path: Path, device: Any, init_adapter:
         lora_dropout=config.lora_dropout,
         target_modules=config.lora_targets,
     )
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:  # peft: no module matches lora_targets, or one it cannot wrap (a vision tower's)
+        raise ConfigError(f"lora_targets {config.lora_targets!r}: {str(exc).splitlines()[0]}") from None
 
 
 def train_dpo(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -125,6 +126,8 @@ class DPOConfig:
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
             (self.lora_r >= 1, "lora_r must be >= 1"),
+            (self.lora_alpha > 0, "lora_alpha must be > 0 (0 scales the adapter to nothing: training changes nothing)"),
+            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
             (self.max_answer_tokens is None or self.max_answer_tokens >= 1, "max_answer_tokens must be >= 1"),
             (self.ref_batch_size >= 1, "ref_batch_size must be >= 1"),
             (self.lr_scheduler in ("cosine", "linear", "constant"), "lr_scheduler must be cosine, linear or constant"),
@@ -143,6 +146,10 @@ class DPOConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        try:
+            re.compile(self.lora_targets)
+        except re.error as exc:
+            raise ConfigError(f"lora_targets is not a regular expression: {exc}") from None
 
     @property
     def lr(self) -> float:

@@ -310,6 +310,9 @@ def test_cli_refuses_a_run_that_cannot_work_before_reading_data(
         {"token_kl": -0.5},
         {"checkpoint_every_steps": -1},
         {"keep_checkpoints": -2},
+        {"lora_alpha": 0},  # scaled the adapter to nothing: a run that trained nothing
+        {"lora_dropout": 1.5},
+        {"lora_targets": "["},  # were tracebacks after the data was read
     ],
 )
 def test_dpo_config_validation(kwargs: dict) -> None:
@@ -835,3 +838,9 @@ def test_bundle_weights_get_the_umask_modes(tiny_model: Path, tmp_path: Path) ->
         os.umask(umask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "bundle" / "policy").iterdir()}
     assert modes and all(mode == 0o644 for mode in modes.values()), modes
+
+
+def test_lora_targets_that_match_nothing_are_one_clear_error(tiny_model: Path, tmp_path: Path) -> None:
+    config = DPOConfig(lora=True, lora_targets="nomatch_xyz", cpu=True)
+    with pytest.raises(ConfigError, match="lora_targets 'nomatch_xyz'"):
+        train_dpo(config, _toy_rows(2), model_path=tiny_model, output_dir=tmp_path / "o", progress=False)
