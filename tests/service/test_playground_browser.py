@@ -1,10 +1,15 @@
 """GET /playground in headless Chromium (Debian's package, installed by scripts/browser) against the real server
 on the shipped shapes-world bundle: ranked candidates with the chosen one highlighted, and the API's 401 (no key,
-wrong key), 413 and 429 errors shown on the page. Playwright drives /usr/bin/chromium; it never downloads a browser."""
+wrong key), 413 and 429 errors shown on the page. Playwright drives /usr/bin/chromium; it never downloads a browser.
+
+The page's own behaviour (which image is sent, keyboard use, error shapes the server cannot easily produce, layout
+on a phone) is checked with answers mocked by `page.route`, on the same servers."""
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 import random
 import tempfile
@@ -29,6 +34,7 @@ KEY = "playground-test-key"
 BODY_LIMIT = 8 * 1024
 QUESTION = "Describe the image."
 WAIT_MS = 120_000
+FAST_MS = 10_000  # waits on mocked answers: nothing runs a model, so a broken page fails in seconds, not minutes
 
 
 @pytest.fixture(scope="module")
@@ -136,14 +142,20 @@ def test_candidates_are_ranked_and_the_argmax_is_highlighted(page: Any, open_ser
     for name in ("policy", "reference", "tokens"):
         assert best.locator(f".{name}-value").inner_text()
     assert "server" in page.inner_text("#summary") and "round trip" in page.inner_text("#summary")
+    # The button keeps the focus through the request (aria-disabled, never disabled, which would drop it to
+    # <body>), and the live status says how it ended.
+    assert page.evaluate("document.activeElement.id") == "submit"
+    assert page.inner_text("#status") == f"Ranked 4 candidates; chosen: sample {best_index}."
 
     if mode == "claims":
         for item, index in zip(items.all(), indices, strict=True):
             claims = payload["candidates"][index]["claims"]
             verdicts = item.locator("table.claims tbody td.verdict").all_inner_texts()
             assert len(verdicts) == len(claims) or (not claims and len(verdicts) == 0)
-            for claim, verdict in zip(claims, verdicts, strict=False):
+            shown_claims = item.locator("table.claims tbody td.claim").all_inner_texts()
+            for claim, verdict, cell in zip(claims, verdicts, shown_claims, strict=False):
                 assert ("accepted" if claim["accepted"] else "rejected") in verdict
+                assert claim["question"] in cell, "the yes/no question is on show, not only in a tooltip"
         shot = SCREENSHOT or Path(tempfile.mkdtemp()) / "playground.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
@@ -181,6 +193,447 @@ def test_api_errors_are_shown(
         )
     assert page.locator("#results").is_hidden()
     assert page.locator("#submit").is_enabled()
+
+
+# --- The page's own behaviour, with mocked answers where the model's output does not matter ---------------------
+
+
+def _candidate(index: int, text: str, reward: float, claims: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {
+        "index": index,
+        "text": text,
+        "reward": reward,
+        "implicit_reward": reward,
+        "policy_logprob": -12.5,
+        "reference_logprob": -13.25,
+        "num_tokens": 7,
+        "finish_reason": "stop",
+        "claims": claims,
+    }
+
+
+def _answer(
+    texts: list[str], claims: list[dict[str, Any]] | None = None, model: str = "shapes-rlaifv"
+) -> dict[str, Any]:
+    """A well-formed best-of-N answer (protocol.BestOfNResponse) for mocked requests; candidate 0 is the best."""
+    candidates = [_candidate(i, text, 1.0 - i / 4, claims) for i, text in enumerate(texts)]
+    return {
+        "id": "bon-test",
+        "object": "best_of_n",
+        "created": 0,
+        "model": model,
+        "best_index": 0,
+        "candidates": candidates,
+        "best": candidates[0],
+        "reward": {"mode": "claims" if claims else "dpo", "beta": 0.1, "normalize": "mean", "claim_score": None},
+        "usage": {"prompt_tokens": 12, "completion_tokens": 7 * len(texts), "total_tokens": 12 + 7 * len(texts)},
+        "timings": {"queue_s": 0.0, "generate_s": 0.1, "score_s": 0.1, "total_s": 0.2},
+    }
+
+
+def _mock(
+    page: Any,
+    status: int = 200,
+    body: Any = None,
+    *,
+    headers: dict[str, str] | None = None,
+    content_type: str = "application/json",
+) -> list[dict[str, Any]]:
+    """Answer POST /v1/best-of-n with `body` (JSON unless a str); returns the request bodies the page sent."""
+    sent: list[dict[str, Any]] = []
+    text = body if isinstance(body, str) else json.dumps(_answer(["a red circle."]) if body is None else body)
+
+    def answer(route: Any) -> None:
+        sent.append(json.loads(route.request.post_data or "null"))
+        route.fulfill(status=status, headers=headers or {}, content_type=content_type, body=text)
+
+    page.route("**/v1/best-of-n", answer)
+    return sent
+
+
+def _submit_for_error(page: Any) -> None:
+    """Submit and wait for the error box (submitting hides it first, so the wait sees the new error)."""
+    page.click("#submit")
+    page.wait_for_selector("#error:not([hidden])", timeout=FAST_MS)
+
+
+def _data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _files(page: Any) -> list[str]:
+    return page.eval_on_selector("#file", "input => [...input.files].map(f => f.name)")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_image_sent_is_the_image_shown(page: Any, open_server: LiveServer, tmp_path: Path) -> None:
+    """A refused file leaves no image (not the previous one), the file input names a file only while its image is
+    shown (so picking the same file again works), and a valid image clears an earlier client error."""
+    sent = _mock(page)
+    noise = _noise_png(tmp_path / "noise.png", side=16)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    _open(page, open_server)
+    _upload(page, noise)
+
+    page.set_input_files("#file", str(notes))
+    page.wait_for_selector('#error[data-status="client"]', timeout=FAST_MS)
+    assert "notes.txt is not an image" in page.inner_text("#error-message")
+    assert _files(page) == [], "the file input does not name the refused file"
+    assert page.locator("#preview").is_hidden()
+    _submit_for_error(page)
+    assert "image first" in page.inner_text("#error-message")
+    assert sent == [], "the previous image is not sent in its place"
+
+    page.set_input_files("#file", str(noise))
+    page.wait_for_function("() => document.getElementById('image-info').textContent.startsWith('noise.png')")
+    assert page.locator("#error").is_hidden(), "a valid image clears the old error"
+    page.click("#sample")
+    page.wait_for_function("() => document.getElementById('image-info').textContent.startsWith('sample scene')")
+    assert _files(page) == [], "the sample replaced the file"
+    page.set_input_files("#file", str(noise))  # the same file again: a change event only if the input was reset
+    page.wait_for_function(
+        "() => document.getElementById('image-info').textContent.startsWith('noise.png')", timeout=FAST_MS
+    )
+    page.evaluate(
+        """async () => {
+            const blob = await (await fetch('playground/sample.png')).blob();
+            const data = new DataTransfer();
+            data.items.add(new File([blob], 'clip.png', { type: 'image/png' }));
+            document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: data }));
+        }"""
+    )
+    page.wait_for_function(
+        "() => document.getElementById('image-info').textContent.startsWith('pasted image')", timeout=FAST_MS
+    )
+    assert _files(page) == [], "the pasted image replaced the file"
+    page.click("#submit")
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+    assert sent[-1]["images"] == [page.get_attribute("#preview", "src")] == [_data_url(SAMPLE)]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_back_navigation_shows_and_sends_the_restored_file(page: Any, open_server: LiveServer, tmp_path: Path) -> None:
+    """Chromium restores the file input after Back (without a change event): the page shows and sends that file."""
+    sent = _mock(page)
+    noise = _noise_png(tmp_path / "noise.png", side=16)
+    _open(page, open_server)
+    _upload(page, noise)
+    page.goto(open_server.url + "/healthz")
+    page.go_back()
+    page.wait_for_selector("body.ready")
+    assert _files(page) == ["noise.png"], "the browser restored the file input"
+    assert page.inner_text("#image-info").startswith("noise.png")
+    page.click("#submit")
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+    assert sent[-1]["images"] == [page.get_attribute("#preview", "src")] == [_data_url(noise)]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_slow_sample_does_not_replace_a_picked_file(page: Any, open_server: LiveServer, tmp_path: Path) -> None:
+    held: list[Any] = []
+    page.route("**/playground/sample.png", lambda route: held.append(route))  # held until released below
+    noise = _noise_png(tmp_path / "noise.png", side=16)
+    page.goto(open_server.url + "/playground")
+    _upload(page, noise)
+    assert held, "the sample was requested"
+    held[0].fulfill(path=str(SAMPLE))
+    page.wait_for_selector("body.ready", timeout=FAST_MS)
+    assert page.inner_text("#image-info").startswith("noise.png"), "the older load finished last but is dropped"
+    assert page.get_attribute("#preview", "src") == _data_url(noise)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_drop_zone_is_a_keyboard_button(page: Any, open_server: LiveServer) -> None:
+    page.on("filechooser", lambda _: None)  # intercept choosers from the start (the first expect can miss one)
+    _open(page, open_server)
+    assert page.locator("#drop").and_(page.get_by_role("button", name="Choose an image file")).count() == 1
+    page.focus("#drop")
+    for key in ("Enter", " "):
+        with page.expect_file_chooser(timeout=FAST_MS):
+            page.keyboard.press(key)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_submit_stays_focusable_and_ignores_repeats_while_busy(page: Any, open_server: LiveServer) -> None:
+    held: list[Any] = []
+    page.route("**/v1/best-of-n", lambda route: held.append(route))
+    _open(page, open_server)
+    page.focus("#submit")
+    page.keyboard.press("Enter")
+    page.wait_for_selector('#submit[aria-disabled="true"]', timeout=FAST_MS)
+    assert page.inner_text("#status").startswith("Sampling 4 candidates")
+    page.keyboard.press("Enter")  # ignored: a request is running
+    page.click("#submit", force=True)  # force: Playwright waits for aria-disabled buttons to be enabled
+    assert page.evaluate("document.activeElement.id") == "submit"
+    assert len(held) == 1
+    held[0].fulfill(status=200, content_type="application/json", body=json.dumps(_answer(["a", "b"])))
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+    assert page.get_attribute("#submit", "aria-disabled") == "false"
+    assert page.inner_text("#status") == "Ranked 2 candidates; chosen: sample 0."
+    assert len(held) == 1, "no second request"
+
+
+NGINX_502 = (
+    "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center><hr>"
+    "<center>nginx/1.25.3</center></body></html>"
+)
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("status", "body", "headers", "content_type", "shown", "title", "message", "hint"),
+    [
+        pytest.param(
+            503,
+            _error("generator_unavailable", "generator 10.0.0.5:8000 is unreachable"),
+            {"Retry-After": "7"},
+            "application/json",
+            "503",
+            "HTTP 503 Service unavailable",
+            "is unreachable",
+            "generator model",
+            id="503-generator",
+        ),
+        pytest.param(
+            503,
+            _error("not_ready", "the model is not loaded yet"),
+            {"Retry-After": "5"},
+            "application/json",
+            "503",
+            "HTTP 503 Service unavailable",
+            "not loaded",
+            "not ready yet",
+            id="503-not-ready",
+        ),
+        pytest.param(
+            502,
+            _error("generator_error", "generator answered HTTP 500"),
+            {},
+            "application/json",
+            "502",
+            "HTTP 502 Bad gateway",
+            "generator answered",
+            "operator",
+            id="502-generator",
+        ),
+        pytest.param(
+            502,
+            NGINX_502,
+            {},
+            "text/html",
+            "502",
+            "HTTP 502 Bad gateway",
+            "502 Bad Gateway",
+            "proxy",
+            id="502-proxy-html",
+        ),
+        pytest.param(
+            200,
+            "<html>captive portal</html>",
+            {},
+            "text/html",
+            "answer",
+            "Unexpected answer",
+            "HTTP 200, but not with JSON: captive portal",
+            "",
+            id="200-not-json",
+        ),
+        pytest.param(
+            200,
+            {"candidates": []},
+            {},
+            "application/json",
+            "answer",
+            "Unexpected answer",
+            "lists no candidates",
+            "",
+            id="200-no-candidates",
+        ),
+        pytest.param(
+            200,
+            {"candidates": [_candidate(0, "x", 0.5)], "best_index": 0},
+            {},
+            "application/json",
+            "answer",
+            "Unexpected answer",
+            "cannot be shown",
+            "",
+            id="200-partial",
+        ),
+    ],
+)
+def test_error_shapes_are_told_apart(
+    page: Any,
+    open_server: LiveServer,
+    status: int,
+    body: Any,
+    headers: dict[str, str],
+    content_type: str,
+    shown: str,
+    title: str,
+    message: str,
+    hint: str,
+) -> None:
+    """Hints follow the error's code (503 is not always "not ready"), Retry-After is shown for 503, a proxy's HTML
+    page is reduced to its title, and an answer the page cannot use is not "could not reach the server"."""
+    _mock(page, status, body, headers=headers, content_type=content_type)
+    _open(page, open_server)
+    _submit_for_error(page)
+    assert page.get_attribute("#error", "data-status") == shown
+    assert page.inner_text("#error-title") == title
+    assert message in page.inner_text("#error-message")
+    assert "<" not in page.inner_text("#error-message")
+    assert hint in page.inner_text("#error-hint")
+    if status == 503:
+        assert f"Retry after {headers['Retry-After']} s." in page.inner_text("#error-hint")
+    if "generator" in hint:
+        assert "not ready" not in page.inner_text("#error-hint")
+    assert page.locator("#results").is_hidden()
+    assert page.get_attribute("#submit", "aria-disabled") == "false"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_network_and_key_errors(page: Any, open_server: LiveServer) -> None:
+    sent: list[str] = []
+    page.route("**/v1/best-of-n", lambda route: (sent.append(route.request.url), route.abort("connectionreset")))
+    _open(page, open_server)
+    _submit_for_error(page)
+    assert page.get_attribute("#error", "data-status") == "network"
+    assert page.inner_text("#error-message").startswith("could not reach the server")
+    assert len(sent) == 1
+
+    page.fill("#api-key", "ключ-“key”")  # not Latin-1: fetch would throw, which read as "could not reach"
+    page.press("#api-key", "Tab")  # the change event: the model card is fetched with the new key
+    page.wait_for_selector('#error[data-status="client"]', timeout=FAST_MS)
+    assert "printable ASCII" in page.inner_text("#error-message")
+    _submit_for_error(page)
+    assert page.get_attribute("#error", "data-status") == "client"
+    assert "printable ASCII" in page.inner_text("#error-message")
+    assert len(sent) == 1, "nothing sent with a key that cannot be a header"
+    page.fill("#api-key", "")
+    page.press("#api-key", "Tab")
+    page.wait_for_selector("#error", state="hidden", timeout=FAST_MS)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_empty_fields_take_the_server_defaults_and_bad_ones_are_refused(page: Any, open_server: LiveServer) -> None:
+    sent = _mock(page)
+    _open(page, open_server)
+    for field in ("#n", "#temperature", "#max-tokens", "#seed"):
+        page.fill(field, "")
+    page.click("#submit")
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+    assert "n" not in sent[-1] and "sampling" not in sent[-1], sent[-1]
+
+    page.fill("#n", "3")
+    page.fill("#temperature", "0.5")
+    page.click("#submit")
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+    assert sent[-1]["n"] == 3 and sent[-1]["sampling"] == {"temperature": 0.5}
+
+    for field, text, message in (
+        ("#n", "-", "N must be a whole number"),
+        ("#n", "2.5", "N must be a whole number"),
+        ("#temperature", "9", "Temperature must be"),
+        ("#max-tokens", "0", "Max tokens must be"),
+    ):
+        page.fill("#n", "3")
+        page.fill(field, "")
+        page.type(field, text)  # typed, as fill refuses text a number field cannot hold
+        _submit_for_error(page)
+        assert page.get_attribute("#error", "data-status") == "client"
+        assert message in page.inner_text("#error-message")
+        assert page.get_attribute(field, "aria-invalid") == "true"
+        page.fill(field, "")
+    assert len(sent) == 2, "refused values are not sent"
+
+
+def _contrast(page: Any, script: str) -> float:
+    """WCAG contrast ratio of the two computed colours (rgb(...) strings) that `script` returns."""
+
+    def luminance(css: str) -> float:
+        channels = [int(v) / 255 for v in css[css.index("(") + 1 : css.index(")")].split(",")[:3]]
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    light, dark = sorted(map(luminance, page.evaluate(script)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_long_text_wraps_on_a_phone(page: Any, open_server: LiveServer) -> None:
+    """A 375 px viewport: long unbroken server text (a URL) never widens the page, an answer keeps its line
+    breaks, a stat's term stays beside its value, and text and control borders have enough contrast."""
+    width = 375
+    url = "https://example.com/" + "very_long_path_segment" * 14
+    claims = [
+        {
+            "claim": f"The page {url} exists.",
+            "question": f"Is {url} shown?",
+            "p_yes": 0.9,
+            "accepted": True,
+            "repeated": False,
+        }
+    ]
+    page.set_viewport_size({"width": width, "height": 800})
+    card = {"data": [{"id": "model-" + "m" * 300, "reward": {"mode": "dpo", "beta": 0.1}}]}
+    page.route("**/v1/models", lambda route: route.fulfill(content_type="application/json", body=json.dumps(card)))
+    _mock(page, body=_answer([f"See {url}\nsecond line", "a red circle."], claims, model="m" * 300))
+    _open(page, open_server)
+    page.click("#submit")
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+    assert page.inner_text("#model").startswith("model model-mmm")
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    text = page.locator("#candidates .candidate .text").first
+    assert text.evaluate("node => getComputedStyle(node).whiteSpace") == "pre-wrap"
+    assert "\nsecond line" in text.inner_text()
+    pairs = page.locator(".stats .stat").evaluate_all(
+        "groups => groups.map(g => [...g.children].map(c => Math.round(c.getBoundingClientRect().top)))"
+    )
+    assert pairs and all(len(set(tops)) == 1 for tops in pairs), pairs
+    assert (
+        _contrast(
+            page,
+            "() => { const s = getComputedStyle(document.querySelector('.badge')); "
+            "return [s.color, s.backgroundColor]; }",
+        )
+        >= 4.5
+    )
+    assert (
+        _contrast(
+            page,
+            "() => [getComputedStyle(document.querySelector('.claims .accepted .verdict')).color, "
+            "getComputedStyle(document.querySelector('.candidate')).backgroundColor]",
+        )
+        >= 4.5
+    )
+    assert (
+        _contrast(
+            page,
+            "() => [getComputedStyle(document.getElementById('question')).borderTopColor, "
+            "getComputedStyle(document.getElementById('ask')).backgroundColor]",
+        )
+        >= 3
+    )
+
+    page.unroute("**/v1/best-of-n")
+    _mock(page, 400, _error("invalid_image", "images[0] could not be decoded: " + "A" * 300))
+    _submit_for_error(page)
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
 
 
 @pytest.fixture(scope="module")

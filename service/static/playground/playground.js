@@ -12,17 +12,56 @@ const STATUS_TEXT = {
   429: "Too many requests",
   500: "Internal server error",
   501: "Not implemented",
+  502: "Bad gateway",
   503: "Service unavailable",
   504: "Gateway timeout",
 };
+// What to do, by status; CODE_HINTS (by the error's `code`, service/errors.py) win where one status has causes
+// that call for different advice.
 const HINTS = {
   401: "This server needs an API key: enter it in the API key field.",
   413: "The request is over the server's size limit (RLAIFV_MAX_BODY_BYTES): send a smaller image.",
-  503: "The model is not ready yet: try again in a few seconds.",
+  429: "The server is busy or this client is over its rate limit.",
+  502: "A proxy or gateway in front of the service got no valid answer from it: the service may be down or restarting.",
+  503: "The service cannot take requests right now: try again later.",
   504: "The request ran past the server's deadline (RLAIFV_REQUEST_TIMEOUT_S): try a smaller N or max tokens.",
 };
+const CODE_HINTS = {
+  invalid_api_key: "The server did not accept this API key.",
+  queue_full: "The server's queue is full: try again shortly.",
+  rate_limited: "This API key is over its rate limit (RLAIFV_RATE_LIMIT_PER_MINUTE).",
+  not_ready: "The model is not ready yet: try again in a few seconds.",
+  shutting_down: "The server is shutting down: try again in a moment.",
+  generator_unavailable:
+    "The generator model (RLAIFV_GENERATOR_URL) is unreachable, timed out or overloaded: try again later.",
+  engine_unavailable: "A vLLM server of the engine (RLAIFV_ENGINE=vllm) is unreachable or overloaded: try again later.",
+  redis_unavailable: "Redis (RLAIFV_REDIS_URL) is unreachable or still loading: try again later.",
+  generator_error: "The generator model answered, but not usefully: tell the server's operator.",
+  generator_auth: "The generator model refused this server's key: tell the server's operator.",
+};
+// Titles of the errors that carry no HTTP status: bad input (never sent), no answer at all, an answer the page
+// cannot use.
+const KIND_TITLES = { client: "Error", network: "Network error", answer: "Unexpected answer" };
+// An HTTP header value must be Latin-1, and a bearer token is printable ASCII: fetch would throw on anything else.
+const KEY_PATTERN = /^[\x21-\x7e]+$/;
+const KEY_MESSAGE =
+  "the API key may hold only printable ASCII characters, without spaces: check it for a pasted quote or a " +
+  "letter that is not ASCII.";
+const ENTITIES = { amp: "&", lt: "<", gt: ">", quot: '"', "#39": "'", nbsp: " " };
 
-let image = null;
+// Input the page refuses before sending anything; `field` is the id of the input to fix.
+class InputError extends Error {
+  constructor(message, field) {
+    super(message);
+    this.field = field;
+  }
+}
+
+let image = null; // the data URL #preview shows: the image a request sends, never another
+let loadSeq = 0; // number of the newest image load: an older one that finishes later is dropped
+let imageLoad = Promise.resolve(); // the newest image load, which a submit waits for
+let inputFile = null; // the file input's File whose image is shown, if the image came from the input
+let busy = false; // a request is running: the button stays focusable but submits are ignored
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -44,34 +83,94 @@ function setImage(dataUrl, label) {
   const bytes = (encoded.length * 3) / 4 - (encoded.match(/=*$/)[0].length || 0);
   const size = bytes < 1024 ? `${bytes} B` : `${(bytes / 1024).toFixed(1)} KiB`;
   $("image-info").textContent = `${label} · ${size}`;
+  clearError(); // an error about an earlier image (or request) no longer applies
 }
 
-function readImage(blob, label) {
-  if (!blob.type.startsWith("image/")) {
-    showError(null, `${label} is not an image (${blob.type || "unknown type"}).`);
-    return Promise.resolve();
-  }
-  return new Promise((resolve) => {
+// A load that failed or was refused leaves no image: a request never sends one the user meant to replace.
+function dropImage(message) {
+  image = null;
+  inputFile = null;
+  const preview = $("preview");
+  preview.hidden = true;
+  preview.removeAttribute("src");
+  $("image-info").textContent = "no image";
+  $("file").value = "";
+  showError("client", message);
+}
+
+function readDataUrl(blob) {
+  return new Promise((resolve, reject) => {
     const reader = new FileReader();
-    reader.onload = () => {
-      setImage(reader.result, label);
-      resolve();
-    };
-    reader.onerror = () => {
-      showError(null, `could not read ${label}.`);
-      resolve();
-    };
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error || new Error("read failed"));
     reader.readAsDataURL(blob);
   });
 }
 
-async function loadSample() {
+// Every image load (file, drop, paste, sample) goes through here: it takes a number, and applies its result
+// only if no newer load started meanwhile, so a slow sample never replaces a file picked after it. The file
+// input names a file only while that file's image is the one shown; clearing it otherwise also lets picking
+// the same file again fire a change event.
+function loadImage(source, label, fromInput) {
+  const seq = ++loadSeq;
+  inputFile = fromInput ? source : null;
+  if (!fromInput) $("file").value = "";
+  const task = (async () => {
+    let dataUrl;
+    try {
+      const blob = await source;
+      if (seq !== loadSeq) return;
+      if (!blob.type.startsWith("image/")) {
+        throw new InputError(`${label} is not an image (${blob.type || "unknown type"}).`);
+      }
+      dataUrl = await readDataUrl(blob);
+    } catch (exc) {
+      if (seq === loadSeq) {
+        dropImage(exc instanceof InputError ? exc.message : `could not read ${label}: ${exc.message}`);
+      }
+      return;
+    }
+    if (seq === loadSeq) setImage(dataUrl, label);
+  })();
+  imageLoad = task;
+  return task;
+}
+
+async function sampleBlob() {
   const res = await fetch("playground/sample.png");
-  if (res.ok) await readImage(await res.blob(), "sample scene (shapes world)");
+  if (!res.ok) throw new InputError(`could not load the sample scene (HTTP ${res.status}).`);
+  return res.blob();
+}
+
+function loadSample() {
+  return loadImage(sampleBlob(), "sample scene (shapes world)", false);
+}
+
+// The image once every load started so far has settled (a load may start while another is awaited).
+async function currentImage() {
+  let task;
+  do {
+    task = imageLoad;
+    await task;
+  } while (task !== imageLoad);
+  return image;
+}
+
+function readKey() {
+  const key = $("api-key").value.trim();
+  if (key && !KEY_PATTERN.test(key)) throw new InputError(KEY_MESSAGE, "api-key");
+  return key;
 }
 
 async function loadModel() {
-  const key = $("api-key").value.trim();
+  let key;
+  try {
+    key = readKey();
+  } catch (exc) {
+    showError("client", exc.message);
+    return;
+  }
+  if (!$("error").hidden && $("error-message").textContent === KEY_MESSAGE) clearError();
   try {
     const res = await fetch("v1/models", { headers: key ? { Authorization: `Bearer ${key}` } : {} });
     if (!res.ok) return;
@@ -88,82 +187,170 @@ function clearError() {
   delete box.dataset.status;
 }
 
+function retryHint(retryAfter) {
+  if (!retryAfter) return "";
+  return /^\d+$/.test(retryAfter.trim()) ? ` Retry after ${retryAfter.trim()} s.` : ` Retry after ${retryAfter}.`;
+}
+
+// `status` is the HTTP status, or a kind of error that has none (KIND_TITLES).
 function showError(status, message, detail) {
   const box = $("error");
-  box.dataset.status = status === null ? "client" : String(status);
-  $("error-title").textContent =
-    status === null ? "Error" : `HTTP ${status} ${STATUS_TEXT[status] || ""}`.trim();
+  const http = typeof status === "number";
+  box.dataset.status = String(status);
+  $("error-title").textContent = http ? `HTTP ${status} ${STATUS_TEXT[status] || ""}`.trim() : KIND_TITLES[status];
   $("error-message").textContent = message;
-  let hint = status === null ? "" : HINTS[status] || "";
-  if (status === 401 && detail && detail.code === "invalid_api_key") {
-    hint = "The server did not accept this API key.";
+  let hint = "";
+  if (http) {
+    const code = detail && detail.code;
+    hint = (code && CODE_HINTS[code]) || HINTS[status] || "";
+    if (status === 429 || status === 503) hint += retryHint(detail && detail.retryAfter);
+    if (code) hint = `${hint} (code: ${code})`;
   }
-  if (status === 429) {
-    const wait = detail && detail.retryAfter ? ` Retry after ${detail.retryAfter} s.` : "";
-    hint = `The server is busy or this client is over its rate limit.${wait}`;
-  }
-  if (detail && detail.code) hint = `${hint} (code: ${detail.code})`.trim();
-  $("error-hint").textContent = hint;
+  $("error-hint").textContent = hint.trim();
   box.hidden = false;
 }
 
-function requestBody() {
-  const sampling = { temperature: Number($("temperature").value || 1) };
-  const maxTokens = $("max-tokens").value;
-  const seed = $("seed").value;
-  if (maxTokens) sampling.max_tokens = Number(maxTokens);
-  if (seed) sampling.seed = Number(seed);
-  return {
-    images: [image],
-    question: $("question").value,
-    n: Number($("n").value || 1),
-    sampling,
-    reward: { mode: $("mode").value },
+// A body that is not the API's JSON (a proxy's HTML error page, say) is shown as short plain text: its <title>,
+// or its text without tags, whitespace collapsed, at most 200 characters; set with textContent like the rest.
+function plainText(text, contentType) {
+  let plain = text || "";
+  if (/html/i.test(contentType || "") || /^\s*</.test(plain)) {
+    const title = /<title[^>]*>([\s\S]*?)<\/title>/i.exec(plain);
+    plain =
+      title && title[1].trim()
+        ? title[1]
+        : plain.replace(/<(script|style)\b[\s\S]*?<\/\1\s*>/gi, " ").replace(/<[^>]*>/g, " ");
+    plain = plain.replace(/&(amp|lt|gt|quot|#39|nbsp);/g, (_, name) => ENTITIES[name]);
+  }
+  plain = plain.replace(/\s+/g, " ").trim();
+  return plain.length > 200 ? `${plain.slice(0, 199)}…` : plain;
+}
+
+// An empty field is left out of the request, so the server's default applies. A value the field cannot parse
+// (the browser then reports "" with validity.badInput) or one out of range is refused here, before sending.
+function numberField(id, name, rule, valid) {
+  const input = $(id);
+  const refuse = () => new InputError(`${name} must be ${rule}, or empty for the server's default.`, id);
+  if (input.validity.badInput) throw refuse();
+  if (input.value.trim() === "") return undefined;
+  const value = Number(input.value);
+  if (!Number.isFinite(value) || !valid(value)) throw refuse();
+  return value;
+}
+
+function requestBody(dataUrl) {
+  const whole = (min) => (v) => Number.isSafeInteger(v) && v >= min;
+  const n = numberField("n", "N", "a whole number of at least 1", whole(1));
+  const sampling = {
+    temperature: numberField(
+      "temperature",
+      "Temperature",
+      "0 (greedy) or between 0.01 and 5",
+      (v) => v === 0 || (v >= 0.01 && v <= 5),
+    ),
+    max_tokens: numberField("max-tokens", "Max tokens", "a whole number of at least 1", whole(1)),
+    seed: numberField("seed", "Seed", "a whole number of at least 0", whole(0)),
   };
+  for (const name of Object.keys(sampling)) if (sampling[name] === undefined) delete sampling[name];
+  const body = { images: [dataUrl], question: $("question").value };
+  if (n !== undefined) body.n = n;
+  if (Object.keys(sampling).length) body.sampling = sampling;
+  body.reward = { mode: $("mode").value };
+  return body;
+}
+
+function setBusy(on) {
+  busy = on;
+  // aria-disabled, not disabled: a disabled button drops the keyboard focus (to <body>) while the request runs.
+  $("submit").setAttribute("aria-disabled", String(on));
 }
 
 async function submit(event) {
   event.preventDefault();
+  if (busy) return;
+  setBusy(true);
   clearError();
+  for (const input of document.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
   $("results").hidden = true;
-  if (!image) {
-    showError(null, "choose, drop or paste an image first.");
-    return;
-  }
-  const body = requestBody();
-  const headers = { "Content-Type": "application/json" };
-  const key = $("api-key").value.trim();
-  if (key) headers.Authorization = `Bearer ${key}`;
-  const button = $("submit");
-  button.disabled = true;
-  $("status").textContent = `Sampling ${body.n} candidate${body.n === 1 ? "" : "s"}…`;
-  const started = performance.now();
   try {
-    const res = await fetch("v1/best-of-n", { method: "POST", headers, body: JSON.stringify(body) });
-    const text = await res.text();
-    let payload = null;
-    try {
-      payload = JSON.parse(text);
-    } catch {
-      payload = null;
-    }
-    if (!res.ok) {
-      const err = payload && payload.error ? payload.error : {};
-      showError(res.status, err.message || text || res.statusText, {
-        code: err.code,
-        retryAfter: res.headers.get("Retry-After"),
-      });
-      $("status").textContent = "";
-      return;
-    }
-    render(payload, (performance.now() - started) / 1000);
-    $("status").textContent = "";
+    await send();
   } catch (exc) {
-    showError(null, `could not reach the server: ${exc.message}`);
+    showError("client", `the page failed: ${exc.message}`);
     $("status").textContent = "";
   } finally {
-    button.disabled = false;
+    setBusy(false);
   }
+}
+
+async function send() {
+  let body;
+  const headers = { "Content-Type": "application/json" };
+  try {
+    const key = readKey();
+    if (key) headers.Authorization = `Bearer ${key}`;
+    const dataUrl = await currentImage();
+    if (!dataUrl) throw new InputError("choose, drop or paste an image first.");
+    body = requestBody(dataUrl);
+  } catch (exc) {
+    if (!(exc instanceof InputError)) throw exc;
+    showError("client", exc.message);
+    $("status").textContent = "";
+    if (exc.field) $(exc.field).setAttribute("aria-invalid", "true");
+    return;
+  }
+  $("status").textContent =
+    body.n === undefined
+      ? "Sampling the server's default number of candidates…"
+      : `Sampling ${body.n} candidate${body.n === 1 ? "" : "s"}…`;
+  const started = performance.now();
+  let res;
+  try {
+    res = await fetch("v1/best-of-n", { method: "POST", headers, body: JSON.stringify(body) });
+  } catch (exc) {
+    showError("network", `could not reach the server: ${exc.message}`);
+    $("status").textContent = "";
+    return;
+  }
+  $("status").textContent = "";
+  let text;
+  try {
+    text = await res.text();
+  } catch (exc) {
+    showError("answer", `the server answered HTTP ${res.status}, but the answer broke off: ${exc.message}`);
+    return;
+  }
+  let payload;
+  try {
+    payload = JSON.parse(text);
+  } catch {
+    payload = undefined;
+  }
+  const contentType = res.headers.get("Content-Type");
+  if (!res.ok) {
+    const err = payload && payload.error && typeof payload.error === "object" ? payload.error : {};
+    const message =
+      typeof err.message === "string" && err.message ? err.message : plainText(text, contentType) || res.statusText;
+    showError(res.status, message || "(no details)", {
+      code: typeof err.code === "string" ? err.code : undefined,
+      retryAfter: res.headers.get("Retry-After"),
+    });
+    return;
+  }
+  if (payload === undefined) {
+    const shown = plainText(text, contentType);
+    showError("answer", `the server answered HTTP ${res.status}, but not with JSON: ${shown || "(an empty body)"}`);
+    return;
+  }
+  try {
+    render(payload, (performance.now() - started) / 1000);
+  } catch (exc) {
+    $("results").hidden = true;
+    showError("answer", `the server answered HTTP ${res.status}, but its answer cannot be shown: ${exc.message}`);
+    return;
+  }
+  const count = payload.candidates.length;
+  $("status").textContent =
+    `Ranked ${count} candidate${count === 1 ? "" : "s"}; chosen: sample ${payload.best_index}.`;
 }
 
 function summaryItem(list, term, value) {
@@ -171,6 +358,9 @@ function summaryItem(list, term, value) {
 }
 
 function render(result, roundTrip) {
+  if (!result || !Array.isArray(result.candidates) || result.candidates.length === 0) {
+    throw new Error("it lists no candidates");
+  }
   const summary = $("summary");
   summary.replaceChildren();
   const info = result.reward;
@@ -224,8 +414,13 @@ function candidateItem(c, rank, chosen, low, high) {
   bar.append(fill);
   item.append(bar);
 
+  // Each term and its value in one group (a <div> in the <dl>) that does not wrap between them.
   const stats = el("dl", "stats");
-  const stat = (term, value, className) => stats.append(el("dt", "", term), el("dd", className || "", value));
+  const stat = (term, value, className) => {
+    const group = el("div", "stat");
+    group.append(el("dt", "", term), el("dd", className || "", value));
+    stats.append(group);
+  };
   stat("reward", fmt(c.reward, 4), "reward-value");
   stat("implicit", fmt(c.implicit_reward, 4), "implicit-value");
   stat("Σ log π", fmt(c.policy_logprob, 3), "policy-value");
@@ -252,8 +447,9 @@ function claimsTable(claims) {
   }
   for (const claim of claims) {
     const row = el("tr", claim.accepted ? "accepted" : "rejected");
-    const text = el("td", "claim", claim.claim);
-    text.title = claim.question;
+    const text = el("td", "claim");
+    text.append(el("span", "claim-text", claim.claim));
+    if (claim.question) text.append(el("span", "question", `asked: ${claim.question}`));
     const verdict = claim.accepted ? "✓ accepted" : "✗ rejected";
     row.append(
       text,
@@ -269,15 +465,15 @@ function init() {
   $("form").addEventListener("submit", submit);
   $("file").addEventListener("change", (event) => {
     const file = event.target.files[0];
-    if (file) readImage(file, file.name);
+    if (file) loadImage(file, file.name, true);
   });
-  $("sample").addEventListener("click", loadSample);
+  $("sample").addEventListener("click", () => loadSample());
   $("api-key").addEventListener("change", loadModel);
   document.addEventListener("paste", (event) => {
     for (const item of event.clipboardData ? event.clipboardData.items : []) {
       if (item.kind === "file" && item.type.startsWith("image/")) {
         event.preventDefault();
-        readImage(item.getAsFile(), "pasted image");
+        loadImage(item.getAsFile(), "pasted image", false);
         return;
       }
     }
@@ -292,11 +488,31 @@ function init() {
     event.preventDefault();
     drop.classList.remove("over");
     const file = event.dataTransfer.files[0];
-    if (file) readImage(file, file.name);
+    if (file) loadImage(file, file.name, false);
   });
   drop.addEventListener("click", () => $("file").click());
+  drop.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      $("file").click();
+    }
+  });
   loadModel();
-  loadSample().finally(() => document.body.classList.add("ready"));
+  if (!useRestoredFile()) loadSample();
+  // After Back, Chromium restores the file input (the other fields too) without a change event, and only
+  // after the load event: show and send that file, not the sample, so the preview, the file input and the
+  // request agree. `ready` (which the tests wait for) marks the first image settled.
+  window.addEventListener("pageshow", () => {
+    useRestoredFile();
+    currentImage().finally(() => document.body.classList.add("ready"));
+  });
+}
+
+function useRestoredFile() {
+  const file = $("file").files[0];
+  if (!file || file === inputFile) return false;
+  loadImage(file, file.name, true);
+  return true;
 }
 
 init();
