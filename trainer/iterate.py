@@ -91,7 +91,7 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
         old.pop("model", None)
         new.pop("model", None)
     new = _without_added_defaults(old, new, config)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = _changed(old, new)
     same_source = json.loads(json.dumps(current["prompt_source"], default=str))
     if _by_content(previous.get("prompt_source")) != _by_content(same_source):
         changed.append("prompt_source")
@@ -102,6 +102,19 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
         )
     path.write_text(json.dumps(current, indent=2, default=str) + "\n")
     return True
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """The settings that differ, by their full names (`feedback.llm_retries`, not `feedback`)."""
+    names = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+            names += _changed(old[key], new[key], f"{prefix}{key}.")
+        else:
+            names.append(prefix + key)
+    return names
 
 
 def _without_added_defaults(old: dict[str, Any], new: dict[str, Any], config: Any) -> dict[str, Any]:

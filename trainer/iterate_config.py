@@ -25,6 +25,7 @@ RESUMABLE_CHANGES = (
     "best_metric",
     "best_mode",
     "bundle_name",
+    "normalize",  # the exported bundle's reward only: no round depends on it
     "progress",
     "output_dir",
 )

@@ -310,7 +310,7 @@ def test_a_run_written_before_a_setting_existed_resumes_while_that_setting_keeps
     (run / RUN_FILE).write_text(json.dumps(written))
     assert _check_run_file(run, config(), source) is True
     (run / RUN_FILE).write_text(json.dumps(written))
-    with pytest.raises(RunStateError, match="feedback"):  # not at its default: another run
+    with pytest.raises(RunStateError, match=r"feedback\.llm_retries"):  # not at its default: another run, named
         _check_run_file(run, config(llm_retries=7, question_writer="llm", llm_url="http://127.0.0.1:9/v1"), source)
 
 
@@ -355,3 +355,14 @@ def test_a_finished_round_keeps_no_dpo_checkpoints(tiny_model: Path, tmp_path: P
     assert (out / "round-01" / "dpo" / "dpo_report.json").is_file()
     assert not (out / "round-01" / "dpo" / "checkpoints").exists()
     assert not any("checkpoint(s) stay" in str(w.message) for w in caught)
+
+
+def test_the_exported_rewards_normalisation_may_change_when_resuming(tiny_model: Path, tmp_path: Path) -> None:
+    """`normalize` shapes only the exported bundle's reward, yet it was refused on resume."""
+    from rlaifv.trainer.iterate import _check_run_file
+
+    source = ListPromptSource([PromptItem("p0", png((1, 2, 3)), "describe")], description={"kind": "test"})
+    run = tmp_path / "run"
+    assert _check_run_file(run, IterateConfig(model=str(tiny_model), output_dir=str(run)), source) is False
+    resumed = IterateConfig(model=str(tiny_model), output_dir=str(run), normalize="sum")
+    assert _check_run_file(run, resumed, source) is True
