@@ -189,9 +189,10 @@ def load_pair(
     )
 
 
-def _umask_modes(root: Path) -> None:
-    """Files and folders below `root` get the umask's modes: safetensors writes weights 0600 and copytree keeps
-    that, so a bundle trained as one user was unreadable to the service's (uid 10001 in the images)."""
+def umask_modes(root: Path) -> None:
+    """`root` and everything below it get the umask's modes: safetensors writes weights 0600, mkdtemp makes 0700
+    folders and copytree keeps both, so a bundle made by one user was unreadable to the service's (uid 10001 in
+    the images)."""
     umask = os.umask(0)
     os.umask(umask)
     root.chmod(0o777 & ~umask)
@@ -231,7 +232,7 @@ def write_bundle(
                     shutil.rmtree(target)
                 # a git clone of a hub repository keeps a second copy of the weights under .git
                 shutil.copytree(source, target, ignore=shutil.ignore_patterns(".git", ".cache", ".gitattributes"))
-                _umask_modes(target)
+                umask_modes(target)
             entries[key] = key
         else:
             entries[key] = str(source.resolve())

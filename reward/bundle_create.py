@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import struct
 import tempfile
@@ -20,7 +19,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rlaifv.reward.bundle import BundleManifest, _vocab_fingerprint, read_manifest, resolve, write_bundle
+from rlaifv.reward.bundle import (
+    BundleManifest,
+    _vocab_fingerprint,
+    read_manifest,
+    resolve,
+    umask_modes,
+    write_bundle,
+)
 from rlaifv.reward.errors import BundleError, ModelLoadError
 from rlaifv.reward.scoring import Normalize, RewardConfig
 
@@ -410,9 +416,7 @@ def create_bundle(
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would stay the bundle's: unreadable to the serving user
+    umask_modes(staging)  # mkdtemp's 0700 would stay the bundle's
     try:
         write_bundle(
             staging,

@@ -99,20 +99,6 @@ def _output_outside_models(output: Path, *models: tuple[str, Path | None]) -> No
             raise ConfigError(f"--output {output} is inside the model folder {option} {model}: put it elsewhere")
 
 
-def _local_folders(*models: tuple[str, Path | None]) -> None:
-    """Each model a model folder here (models are never downloaded: a typo was tried as a hub id for minutes)."""
-    from rlaifv.reward.errors import ModelLoadError
-    from rlaifv.reward.models import check_model_folder
-    from rlaifv.trainer.errors import ConfigError
-
-    for option, model in models:
-        if model is not None:
-            try:
-                check_model_folder(model, what=option)
-            except ModelLoadError as exc:
-                raise ConfigError(str(exc)) from None
-
-
 def _load_source(spec: str) -> Any:
     """`package.module:factory` -> factory() (a PromptSource, e.g. the shapes world's generator)."""
     factory: Callable[[], Any] = _import_object(spec, "--source", "prompt source")
@@ -255,11 +241,14 @@ def iterate_command(
                 data.setdefault(section, {})[key] = value
         settings = IterateConfig.from_dict(apply_overrides(data, set_ or []))
         _output_outside_models(output, ("--model", model))
-        _local_folders(  # before run.json is written: a typo was tried as a hub id, then fixed only in a new folder
-            ("--model", model),
-            ("feedback.labeler", None if settings.feedback.labeler == "self" else Path(settings.feedback.labeler)),
-            ("feedback.llm_model", Path(settings.feedback.llm_model) if settings.feedback.llm_model else None),
-        )
+        from rlaifv.trainer.dpo import require_model_folder
+
+        # before run.json is written: a typo was tried as a hub id, then fixed only in a new output folder
+        require_model_folder(model, "--model")
+        if settings.feedback.labeler != "self":
+            require_model_folder(Path(settings.feedback.labeler), "feedback.labeler")
+        if settings.feedback.llm_model:
+            require_model_folder(Path(settings.feedback.llm_model), "feedback.llm_model")
         hook = _import_object(eval_hook, "--eval", "eval hook") if eval_hook is not None else None
         if prompts is not None:
             _output_outside(prompts, output, "--prompts")

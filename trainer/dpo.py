@@ -312,13 +312,25 @@ def score_pairs(
 # -- reference log-probs, computed once -------------------------------------------------------
 
 
+def require_model_folder(path: Path, what: str) -> None:
+    """A model folder here, or a `ConfigError` naming `what` (models are never downloaded: a typo was tried as a
+    hub id for minutes before an unrelated network error)."""
+    from rlaifv.reward.errors import ModelLoadError
+    from rlaifv.reward.models import check_model_folder
+
+    try:
+        check_model_folder(path, what=what)
+    except ModelLoadError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _where(path: str | Path | None) -> str:
     """A folder as an absolute path (an export resolves the report's paths later, from another working folder:
     a relative one found nothing there, or another model of the same name); a hub id as given."""
     return str(Path(path).resolve()) if path is not None and Path(path).is_dir() else str(path)
 
 
-def _identity(path: str | Path) -> str:
+def model_identity(path: str | Path) -> str:
     """A local folder by its files (a model retrained in place is another model); a hub id by its name."""
     return model_fingerprint(path) if Path(path).is_dir() else str(path)
 
@@ -762,7 +774,7 @@ def _train_dpo(
     rank = accelerator.process_index
     # The policy trained is part of the run: a checkpoint of another --model (the same output folder, the model
     # corrected after a stop) resumed its weights under this model's name.
-    started_from = [_identity(model_path), _identity(init_adapter) if init_adapter else None]
+    started_from = [model_identity(model_path), model_identity(init_adapter) if init_adapter else None]
     run_key = hashlib.sha256(
         json.dumps([key, config.training_settings(), accelerator.num_processes, started_from]).encode()
     ).hexdigest()
@@ -956,14 +968,7 @@ def check_models(
     LoRA run (its reference is the base with the adapter off: one given was ignored), and a reference that
     tokenizes as the policy does (else the trained bundle would never load). `names` name them in errors."""
     from rlaifv.reward.bundle import check_tokenizers_match
-    from rlaifv.reward.errors import BundleError, ModelLoadError
-    from rlaifv.reward.models import check_model_folder
-
-    def require_model_folder(path: Path, what: str) -> None:  # models are never downloaded: a typo was tried as
-        try:  # a hub id for minutes before an unrelated network error
-            check_model_folder(path, what=what)
-        except ModelLoadError as exc:
-            raise ConfigError(str(exc)) from None
+    from rlaifv.reward.errors import BundleError
 
     model_name, reference_name = names
     if config.lora and reference_path is not None and Path(reference_path).resolve() != model_path.resolve():

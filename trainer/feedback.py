@@ -465,9 +465,8 @@ def prompts_digest(prompts: Sequence[PromptItem]) -> str:
 def feedback_key(config: FeedbackConfig, models: Sequence[str | Path]) -> str:
     """What makes a run's feedback, besides its prompts (`FeedbackShards.resume` compares those one by one): its
     settings (seed included) and the models sampled from (by fingerprint)."""
-    from rlaifv.trainer.dpo import model_fingerprint
+    from rlaifv.trainer.dpo import model_identity
 
     named = [*models, *([config.labeler] if config.labeler != "self" else [])]
-    # A local folder by its files (a model retrained in place is another model); a hub id by its name.
-    identities = [model_fingerprint(m) if Path(m).is_dir() else str(m) for m in named]
+    identities = [model_identity(m) for m in named]
     return hashlib.sha256(json.dumps([config.to_dict(), identities]).encode()).hexdigest()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlaifv.reward.bundle import umask_modes
 from rlaifv.reward.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -653,9 +654,7 @@ def _write_weights(plan: dict[str, _Source], folder: Path, dtype: Any, *, grow: 
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     index_file = folder / "model.safetensors.index.json"
     index_file.write_text(json.dumps(index, indent=2) + "\n")
-    mode = index_file.stat().st_mode & 0o777
-    for name in set(weight_map.values()):
-        (folder / name).chmod(mode)
+    umask_modes(folder)
 
 
 def _build_processor(tokenizer: Any, settings: dict[str, Any], vision_config: Any, config: dict[str, Any]) -> Any:
