@@ -76,27 +76,24 @@ def _import_object(spec: str, option: str, what: str) -> Any:
         raise ConfigError(f"cannot import {what} {spec!r}: {exc}") from None
 
 
-def _output_outside(data: Path, output: Path, option: str) -> None:
-    """The run's output folder must not be inside its data folder: its parquet files (the reference cache, pairs)
-    would be read as more data on the rerun that resumes it, doubling the rows and missing every cache."""
+OUTSIDE_DATA = (
+    "data folder",
+    # its parquet files (the reference cache, pairs) were read as more data on the rerun that resumed it
+    ": the run's own parquet files would be read as data when it is rerun; put the output elsewhere",
+)
+# the bundle copied the model folder into itself, level after level (a full copy of the weights each)
+OUTSIDE_MODEL = ("model folder", ": put it elsewhere")
+
+
+def _output_outside(output: Path, kind: tuple[str, str], *folders: tuple[str, Path | None]) -> None:
+    """The output folder must not be inside any of `folders` (option, folder): `kind` names them and says why."""
     from rlaifv.trainer.errors import ConfigError
 
-    if data.is_dir() and output.resolve().is_relative_to(data.resolve()):
-        where = f"{option} {data}" if option else str(data)
-        raise ConfigError(
-            f"--output {output} is inside the data folder {where}: the run's own parquet files would be read as"
-            " data when it is rerun; put the output elsewhere"
-        )
-
-
-def _output_outside_models(output: Path, *models: tuple[str, Path | None]) -> None:
-    """The output folder must not be inside a model folder: the bundle copies that folder into itself, level
-    after level (a full copy of the weights each), until the path is too long or the disk full."""
-    from rlaifv.trainer.errors import ConfigError
-
-    for option, model in models:
-        if model is not None and model.is_dir() and output.resolve().is_relative_to(model.resolve()):
-            raise ConfigError(f"--output {output} is inside the model folder {option} {model}: put it elsewhere")
+    what, why = kind
+    for option, folder in folders:
+        if folder is not None and folder.is_dir() and output.resolve().is_relative_to(folder.resolve()):
+            where = f"{option} {folder}" if option else str(folder)
+            raise ConfigError(f"--output {output} is inside the {what} {where}{why}")
 
 
 def _load_source(spec: str) -> Any:
@@ -157,9 +154,9 @@ def dpo_command(
         }
         overrides = [s.removeprefix("dpo.") for s in set_ or []]
         config: DPOConfig = build_config(DPOConfig, apply_overrides(settings, overrides), "dpo")
-        _output_outside(data, output, "")
+        _output_outside(output, OUTSIDE_DATA, ("", data))
         check_models(config, model, reference, names=("--model", "--reference"))  # before the data: minutes to read
-        _output_outside_models(output, ("--model", model), ("--reference", reference))
+        _output_outside(output, OUTSIDE_MODEL, ("--model", model), ("--reference", reference))
         rows = read_preferences(data, limit=limit, progress=progress)
         typer.echo(f"{len(rows)} preference rows from {data}")
         result = train_dpo(
@@ -240,7 +237,7 @@ def iterate_command(
             if value is not None:
                 data.setdefault(section, {})[key] = value
         settings = IterateConfig.from_dict(apply_overrides(data, set_ or []))
-        _output_outside_models(output, ("--model", model))
+        _output_outside(output, OUTSIDE_MODEL, ("--model", model))
         from rlaifv.trainer.dpo import require_model_folder
 
         # before run.json is written: a typo was tried as a hub id, then fixed only in a new output folder
@@ -251,7 +248,7 @@ def iterate_command(
             require_model_folder(Path(settings.feedback.llm_model), "feedback.llm_model")
         hook = _import_object(eval_hook, "--eval", "eval hook") if eval_hook is not None else None
         if prompts is not None:
-            _output_outside(prompts, output, "--prompts")
+            _output_outside(output, OUTSIDE_DATA, ("--prompts", prompts))
             prompt_source = ListPromptSource.from_path(prompts, progress=progress)
         else:
             prompt_source = _load_source(source)  # type: ignore[arg-type]
@@ -345,7 +342,7 @@ def feedback(
             )
         config: FeedbackConfig = build_config(FeedbackConfig, data["feedback"], "feedback")
         pair_config: PairConfig = build_config(PairConfig, data["pairs"], "pairs")
-        _output_outside(prompts, output, "")
+        _output_outside(output, OUTSIDE_DATA, ("", prompts))
         items = read_prompts(prompts, limit=limit, progress=progress)
         models = [model] if adapter is None else [model, adapter]
         made = {"feedback_key": feedback_key(config, models), "prompts_digest": prompts_digest(items)}
