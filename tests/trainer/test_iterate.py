@@ -268,23 +268,34 @@ def test_a_run_resumes_when_its_model_and_prompts_are_named_by_another_path(tiny
         _check_run_file(run, IterateConfig(model=str(link), output_dir=str(run)), source("p.parquet", "other"))
 
 
+def _one_prompt() -> ListPromptSource:
+    return ListPromptSource([PromptItem("p0", png((1, 2, 3)), "describe")], description={"kind": "test"})
+
+
+def _written_before(run: Path, section: str, *settings: str) -> None:
+    """run.json as a version without `settings` (of `section`) wrote it."""
+    from rlaifv.trainer.iterate import RUN_FILE
+
+    written = json.loads((run / RUN_FILE).read_text())
+    for key in settings:
+        written["config"][section].pop(key, None)
+    (run / RUN_FILE).write_text(json.dumps(written))
+
+
 def test_a_run_resumes_with_other_checkpoint_settings_but_not_other_dpo_settings(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     """How often state is saved decides no weight; a run.json written before those settings existed resumes too."""
-    from rlaifv.trainer.iterate import RUN_FILE, _check_run_file
+    from rlaifv.trainer.iterate import _check_run_file
 
-    source = ListPromptSource([PromptItem("p0", png((1, 2, 3)), "describe")], description={"kind": "test"})
+    source = _one_prompt()
     run = tmp_path / "run"
 
     def config(**dpo) -> IterateConfig:
         return IterateConfig(model=str(tiny_model), output_dir=str(run), dpo=DPOConfig(**dpo))
 
     assert _check_run_file(run, config(), source) is False
-    written = json.loads((run / RUN_FILE).read_text())
-    for key in ("checkpoint_every_steps", "keep_checkpoints"):
-        del written["config"]["dpo"][key]
-    (run / RUN_FILE).write_text(json.dumps(written))
+    _written_before(run, "dpo", "checkpoint_every_steps", "keep_checkpoints")
     assert _check_run_file(run, config(checkpoint_every_steps=50, keep_checkpoints=3, log_every=10), source) is True
     with pytest.raises(RunStateError, match="dpo"):
         _check_run_file(run, config(beta=0.2), source)
@@ -295,21 +306,18 @@ def test_a_run_written_before_a_setting_existed_resumes_while_that_setting_keeps
 ) -> None:
     """The feedback's llm_* settings came later: a run started before them stopped at its next round."""
     from rlaifv.trainer.feedback_config import FeedbackConfig
-    from rlaifv.trainer.iterate import RUN_FILE, _check_run_file
+    from rlaifv.trainer.iterate import _check_run_file
 
-    source = ListPromptSource([PromptItem("p0", png((1, 2, 3)), "describe")], description={"kind": "test"})
+    source = _one_prompt()
     run = tmp_path / "run"
 
     def config(**feedback) -> IterateConfig:
         return IterateConfig(model=str(tiny_model), output_dir=str(run), feedback=FeedbackConfig(**feedback))
 
     assert _check_run_file(run, config(), source) is False
-    written = json.loads((run / RUN_FILE).read_text())
-    for key in ("llm_timeout_s", "llm_retries"):
-        del written["config"]["feedback"][key]
-    (run / RUN_FILE).write_text(json.dumps(written))
+    _written_before(run, "feedback", "llm_timeout_s", "llm_retries")
     assert _check_run_file(run, config(), source) is True
-    (run / RUN_FILE).write_text(json.dumps(written))
+    _written_before(run, "feedback", "llm_timeout_s", "llm_retries")
     with pytest.raises(RunStateError, match=r"feedback\.llm_retries"):  # not at its default: another run, named
         _check_run_file(run, config(llm_retries=7, question_writer="llm", llm_url="http://127.0.0.1:9/v1"), source)
 
@@ -361,7 +369,7 @@ def test_the_exported_rewards_normalisation_may_change_when_resuming(tiny_model:
     """`normalize` shapes only the exported bundle's reward, yet it was refused on resume."""
     from rlaifv.trainer.iterate import _check_run_file
 
-    source = ListPromptSource([PromptItem("p0", png((1, 2, 3)), "describe")], description={"kind": "test"})
+    source = _one_prompt()
     run = tmp_path / "run"
     assert _check_run_file(run, IterateConfig(model=str(tiny_model), output_dir=str(run)), source) is False
     resumed = IterateConfig(model=str(tiny_model), output_dir=str(run), normalize="sum")
