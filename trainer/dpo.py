@@ -756,6 +756,9 @@ def _train_dpo(
         batch_size=config.batch_size,
         sampler=EpochSampler(len(pairs), config.seed),
         collate_fn=list,
+        # Each iterator draws a base seed; from the global RNG, a resumed epoch's second draw shifted every dropout
+        # mask after it (the checkpoint restores the global RNG as it was after the epoch's first draw).
+        generator=torch.Generator().manual_seed(config.seed),
     )
     updates_per_epoch = math.ceil(len(loader) / accelerator.num_processes / config.gradient_accumulation_steps)
     total_updates = max(1, updates_per_epoch * config.epochs)

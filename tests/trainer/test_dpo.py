@@ -407,6 +407,33 @@ def test_step_checkpoints_resume_mid_epoch_under_accumulation_and_keep_the_newes
     assert [f.name for f in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-0000005"]
 
 
+@pytest.mark.slow
+def test_a_mid_epoch_resume_under_dropout_draws_the_same_masks(tiny_model: Path, tmp_path: Path) -> None:
+    """Dropout draws from the global RNG, which the checkpoint restores: the resumed epoch's loader must not draw
+    from it again (a loader seeded from the global RNG shifted every later mask, and the weights differed)."""
+    import shutil
+
+    model = tmp_path / "dropout-model"
+    shutil.copytree(tiny_model, model)
+    config_file = model / "config.json"
+    settings = json.loads(config_file.read_text())
+    settings["text_config"]["attention_dropout"] = 0.5
+    config_file.write_text(json.dumps(settings))
+    rows = _toy_rows(4)
+    config = DPOConfig(learning_rate=1e-3, epochs=1, batch_size=1, cpu=True, checkpoint_every_steps=2)
+    full = train_dpo(config, rows, model_path=model, output_dir=tmp_path / "a", progress=False)
+    _killed_after(tmp_path / "a", tmp_path / "b", "step-0000002")
+    resumed = train_dpo(config, rows, model_path=model, output_dir=tmp_path / "b", progress=False)
+    assert json.loads((tmp_path / "b" / "dpo_report.json").read_text())["resumed_from_step"] == 2
+    assert resumed.metrics == pytest.approx(full.metrics)
+    assert _same_weights(resumed.policy_dir, full.policy_dir)
+    # the masks are drawn at all: another seed trains other weights
+    other = train_dpo(
+        dataclasses.replace(config, seed=1), rows, model_path=model, output_dir=tmp_path / "c", progress=False
+    )
+    assert not _same_weights(other.policy_dir, full.policy_dir)
+
+
 def test_an_incomplete_or_foreign_checkpoint_is_never_resumed(tmp_path: Path) -> None:
     from rlaifv.trainer.dpo import CheckpointStore
 
