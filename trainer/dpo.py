@@ -782,6 +782,8 @@ def _train_dpo(
         json.dumps([key, config.training_settings(), accelerator.num_processes, started_from]).encode()
     ).hexdigest()
     checkpoints = CheckpointStore(output_dir / CHECKPOINTS, run_key, keep=config.keep_checkpoints)
+    if config.lora:
+        _checkpoint_trainable_only(accelerator)
     resumed = checkpoints.latest()  # made by checkpoint_every_* or by a SIGTERM, with the same settings
     stale = checkpoints.others()
     if stale and accelerator.is_main_process:
@@ -792,7 +794,7 @@ def _train_dpo(
             stacklevel=2,
         )
     if resumed is not None:
-        accelerator.load_state(str(resumed.folder))
+        accelerator.load_state(str(resumed.folder), strict=not config.lora)
         state = resumed.state
         start_epoch, updates, epoch_updates = state["epoch"], state["updates"], state["epoch_updates"]
         history = state["history"]
@@ -1078,6 +1080,38 @@ class CheckpointStore:
                     shutil.rmtree(old.folder, ignore_errors=True)
         accelerator.wait_for_everyone()
         return folder
+
+
+def _checkpoint_trainable_only(accelerator: Any) -> None:
+    """A LoRA run's checkpoints hold the trainable weights only: the frozen base is the --model folder's, and
+    saving it too made every checkpoint of a 7B run 14 GB. Loading checks that each trainable weight is there
+    (the load is not strict), so a damaged checkpoint never resumes from an adapter's initial values."""
+    from safetensors import safe_open
+
+    def trainable(model: Any) -> set[str]:
+        return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+    def drop_frozen(models: list[Any], weights: list[dict[str, Any]], _folder: str) -> None:
+        for model, state in zip(models, weights, strict=True):
+            keep = trainable(model)
+            for name in [name for name in state if name not in keep]:
+                del state[name]
+
+    def require_trainable(models: list[Any], folder: str) -> None:
+        for index, model in enumerate(models):
+            file = Path(folder) / (f"model_{index}.safetensors" if index else "model.safetensors")
+            if not file.is_file():
+                raise RunStateError(f"checkpoint {Path(folder).name} lacks {file.name}: delete {folder} to start over")
+            with safe_open(str(file), "pt") as saved:
+                lacking = sorted(trainable(model) - set(saved.keys()))
+            if lacking:
+                raise RunStateError(
+                    f"checkpoint {Path(folder).name} lacks {len(lacking)} trainable weight(s), the first {lacking[0]}:"
+                    f" delete {folder} to resume from an earlier checkpoint or start over"
+                )
+
+    accelerator.register_save_state_pre_hook(drop_frozen)
+    accelerator.register_load_state_pre_hook(require_trainable)
 
 
 def _size_gb(folders: Sequence[Path]) -> float:

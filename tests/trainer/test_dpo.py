@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from rlaifv.trainer.dpo import (
     train_dpo,
 )
 from rlaifv.trainer.dpo_config import DPOConfig
-from rlaifv.trainer.errors import ConfigError
+from rlaifv.trainer.errors import ConfigError, RunStateError
 from rlaifv.trainer.export import export_bundle
 
 # Chosen answers use one set of words, rejected ones another; held-out pairs recombine them.
@@ -432,6 +433,46 @@ def test_a_mid_epoch_resume_under_dropout_draws_the_same_masks(tiny_model: Path,
         dataclasses.replace(config, seed=1), rows, model_path=model, output_dir=tmp_path / "c", progress=False
     )
     assert not _same_weights(other.policy_dir, full.policy_dir)
+
+
+@pytest.mark.slow
+def test_a_lora_checkpoint_holds_the_adapter_only_and_resumes_to_the_same_adapter(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The frozen base is the --model folder's: saving it in every checkpoint made a 7B LoRA run's checkpoints 14 GB."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    rows = _toy_rows(4)
+    config = DPOConfig(
+        learning_rate=1e-2, epochs=1, batch_size=1, lora=True, lora_r=4, cpu=True, checkpoint_every_steps=2
+    )
+    full = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "a", progress=False)
+    saved = tmp_path / "a" / "checkpoints" / "step-0000002" / "model.safetensors"
+    with safe_open(saved, "pt") as weights:
+        names = list(weights.keys())
+    assert names and all("lora_" in name for name in names), names
+    assert saved.stat().st_size < (tiny_model / "model.safetensors").stat().st_size / 4
+
+    _killed_after(tmp_path / "a", tmp_path / "b", "step-0000002")
+    resumed = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)
+    assert json.loads((tmp_path / "b" / "dpo_report.json").read_text())["resumed_from_step"] == 2
+    assert resumed.metrics == pytest.approx(full.metrics)
+    got = load_file(resumed.policy_dir / "adapter_model.safetensors")
+    expected = load_file(full.policy_dir / "adapter_model.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+    # a checkpoint that lacks an adapter weight is refused by name, never resumed from the adapter's initial values
+    from safetensors.torch import save_file
+
+    _killed_after(tmp_path / "a", tmp_path / "c", "step-0000002")
+    partial = tmp_path / "c" / "checkpoints" / "step-0000002" / "model.safetensors"
+    state = load_file(partial)
+    missing = sorted(state)[0]
+    del state[missing]
+    save_file(state, partial)
+    with pytest.raises(RunStateError, match=f"step-0000002 lacks .*{re.escape(missing)}"):
+        train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "c", progress=False)
 
 
 def test_an_incomplete_or_foreign_checkpoint_is_never_resumed(tmp_path: Path) -> None:
