@@ -305,7 +305,7 @@ def feedback(
     feedback.parquet is already this run's, only the pairs are built again (pairs.* settings may change)."""
     with _clean_errors(progress):
         from rlaifv.reward.models import load_adapter, load_model, load_processor
-        from rlaifv.trainer.data import data_files, describe_files, read_prompts, write_preferences
+        from rlaifv.trainer.data import data_files, describe_files, prompts_digest, read_prompts, write_preferences
         from rlaifv.trainer.errors import ConfigError
         from rlaifv.trainer.feedback import (
             FEEDBACK_FILE,
@@ -314,7 +314,6 @@ def feedback(
             collect_feedback,
             feedback_key,
             feedback_summary,
-            prompts_digest,
             read_feedback,
             write_feedback,
         )

@@ -131,6 +131,16 @@ def image_bytes(image: Any) -> bytes:
     return buffer.getvalue()
 
 
+def prompts_digest(prompts: Sequence[PromptItem]) -> str:
+    """The prompts' ids, questions and images, hashed: a prompt file names its images by path, so the file's own
+    hash does not say whether they changed."""
+    digest = hashlib.sha256()
+    for item in prompts:
+        digest.update(json.dumps([item.id, item.question]).encode())
+        digest.update(hashlib.sha256(image_bytes(item.image)).digest())
+    return digest.hexdigest()
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -659,7 +669,9 @@ class ListPromptSource:
     @classmethod
     def from_path(cls, path: str | Path, *, progress: bool = True) -> ListPromptSource:
         files = data_files(path)
-        return cls(read_prompts(path, progress=progress), description={"kind": "files", "files": describe_files(files)})
+        items = read_prompts(path, progress=progress)
+        description = {"kind": "files", "files": describe_files(files), "prompts": prompts_digest(items)}
+        return cls(items, description=description)
 
     def prompts(self, round_index: int, count: int, seed: int) -> list[PromptItem]:
         order = list(range(len(self.items)))

@@ -453,15 +453,6 @@ def _other_prompts(done: Sequence[PromptFeedback], prompts: Sequence[PromptItem]
     return None
 
 
-def prompts_digest(prompts: Sequence[PromptItem]) -> str:
-    """The prompts' ids, questions and images, hashed."""
-    digest = hashlib.sha256()
-    for item in prompts:
-        digest.update(json.dumps([item.id, item.question]).encode())
-        digest.update(hashlib.sha256(image_bytes(item.image)).digest())
-    return digest.hexdigest()
-
-
 def feedback_key(config: FeedbackConfig, models: Sequence[str | Path]) -> str:
     """What makes a run's feedback, besides its prompts (`FeedbackShards.resume` compares those one by one): its
     settings (seed included) and the models sampled from (by fingerprint)."""

@@ -93,6 +93,9 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
     new = _without_added_defaults(old, new, config)
     changed = _changed(old, new)
     same_source = json.loads(json.dumps(current["prompt_source"], default=str))
+    old_source = previous.get("prompt_source")
+    if isinstance(old_source, dict) and isinstance(same_source, dict) and "prompts" not in old_source:
+        same_source.pop("prompts", None)  # a run file written before the prompts' own hash was kept
     if _by_content(previous.get("prompt_source")) != _by_content(same_source):
         changed.append("prompt_source")
     if changed:

@@ -268,6 +268,30 @@ def test_a_run_resumes_when_its_model_and_prompts_are_named_by_another_path(tiny
         _check_run_file(run, IterateConfig(model=str(link), output_dir=str(run)), source("p.parquet", "other"))
 
 
+def test_prompts_whose_images_changed_behind_their_paths_are_another_source(tiny_model: Path, tmp_path: Path) -> None:
+    """A prompt file names its images by path: its own hash stays when an image is replaced, yet the run's rounds
+    would sample other prompts. A run file written before the prompts' hash was kept still resumes."""
+    from rlaifv.trainer.iterate import RUN_FILE, _check_run_file
+
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png((10, 20, 30)))
+    (folder / "p.jsonl").write_text(json.dumps({"id": "p0", "image": "a.png", "question": "describe"}) + "\n")
+    run = tmp_path / "run"
+    config = IterateConfig(model=str(tiny_model), output_dir=str(run))
+    assert _check_run_file(run, config, ListPromptSource.from_path(folder, progress=False)) is False
+    assert _check_run_file(run, config, ListPromptSource.from_path(folder / "p.jsonl", progress=False)) is True
+
+    written = json.loads((run / RUN_FILE).read_text())
+    del written["prompt_source"]["prompts"]
+    (run / RUN_FILE).write_text(json.dumps(written))
+    assert _check_run_file(run, config, ListPromptSource.from_path(folder, progress=False)) is True
+
+    (folder / "a.png").write_bytes(png((200, 20, 30)))
+    with pytest.raises(RunStateError, match="prompt_source"):
+        _check_run_file(run, config, ListPromptSource.from_path(folder, progress=False))
+
+
 def _one_prompt() -> ListPromptSource:
     return ListPromptSource([PromptItem("p0", png((1, 2, 3)), "describe")], description={"kind": "test"})
 
