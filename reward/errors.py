@@ -6,6 +6,7 @@ One root so callers can catch everything from this package at once::
     ├── ModelLoadError          a model/processor folder cannot be loaded
     ├── BundleError             rlaifv.json missing, malformed or inconsistent
     ├── Aborted                 the work was stopped (the server shutting down)
+    ├── Withdrawn               one task of a batch was given up by its owner (its client left)
     └── InvalidInputError       the caller's input is wrong (maps to HTTP 4xx)
         ├── ImageError          not an image, truncated, too large, bad format
         ├── AnswerError         empty answer list, empty answer, too long
@@ -24,6 +25,11 @@ class RewardError(Exception):
 class Aborted(RewardError):
     """Sampling stopped at a decoding step because its owner asked (`ModelPair.abort`): a server stopping after
     its grace must not wait for a long batch whose answers nobody will receive."""
+
+
+class Withdrawn(RewardError):
+    """A task's owner withdrew it while its batch ran (`GenerateTask.withdrawn` set: the client left, or its
+    deadline passed): its rows stopped taking decoding steps and it was not scored."""
 
 
 class ModelLoadError(RewardError):

@@ -29,7 +29,7 @@ from rlaifv.reward.claims import (
     plan_claims,
     score_plans,
 )
-from rlaifv.reward.errors import AnswerError, InvalidInputError, ModelLoadError
+from rlaifv.reward.errors import AnswerError, InvalidInputError, ModelLoadError, Withdrawn
 from rlaifv.reward.families import family_of
 from rlaifv.reward.family_check import FamilyCheck, check_unverified_family
 from rlaifv.reward.images import ImageLimits, load_image
@@ -70,6 +70,8 @@ class GenerateTask:
     top_logprobs: int | None = None
     continue_final: bool = False
     """The prompt ends inside an assistant message the answers continue: their text keeps its leading space."""
+    withdrawn: threading.Event | None = None
+    """Set by the task's owner (from any thread) when nobody waits for it any more: see `generate_or_withdraw`."""
 
 
 @dataclass
@@ -92,6 +94,12 @@ class ScoreTask:
     texts: list[str]
     reward: RewardConfig
     images: list[Any] = field(default_factory=list)
+    withdrawn: threading.Event | None = None
+    """As `GenerateTask.withdrawn`."""
+
+
+def _is_withdrawn(task: GenerateTask | ScoreTask) -> bool:
+    return task.withdrawn is not None and task.withdrawn.is_set()
 
 
 def is_peft_model(model: Any) -> bool:
@@ -292,9 +300,11 @@ class ModelPair:
         params: Sequence[SamplingParams],
         top_logprobs: Sequence[int] | None = None,
         contexts: Sequence[Sequence[int]] | None = None,
+        withdrawn: Sequence[threading.Event | None] | None = None,
     ) -> list[list[Sample]]:
         """Sample counts[b] answers for prompts[b]; `contexts[b]`: the prompt tokens prompt b's answers continue
-        (stop strings are then looked for in the text as it reads after them)."""
+        (stop strings are then looked for in the text as it reads after them); `withdrawn` as in
+        `sample_answers`."""
         for p in params:
             self.check_logit_bias(p.logit_bias)
         readers = [functools.partial(self.raw_text, context=c) for c in contexts] if contexts else self.raw_text
@@ -309,6 +319,7 @@ class ModelPair:
             top_logprobs=top_logprobs,
             decode=readers,
             abort=self.abort,
+            withdrawn=withdrawn,
         )
         return samples
 
@@ -407,20 +418,40 @@ class ModelPair:
 
     def generate_batch(self, tasks: Sequence[GenerateTask]) -> list[Ranking]:
         """Best-of-N for several prompts: one sampling pass and one reference pass for all."""
+        return _all_ranked(self.generate_or_withdraw(tasks))
+
+    def generate_or_withdraw(self, tasks: Sequence[GenerateTask]) -> list[Ranking | Withdrawn]:
+        """`generate_batch` for tasks their owners may withdraw while it runs (`GenerateTask.withdrawn`): such a
+        task's rows stop at the next decoding step, it is not scored, and its place holds `Withdrawn`."""
         for task in tasks:
             if task.n < 1:
                 raise InvalidInputError("n must be at least 1", param="n")
+        kept = [i for i, task in enumerate(tasks) if not _is_withdrawn(task)]
+        outcomes: list[Ranking | None] = [None] * len(tasks)
+        if kept:
+            for i, ranking in zip(kept, self._generate([tasks[i] for i in kept]), strict=True):
+                outcomes[i] = ranking
+        return _or_withdrawn(outcomes)
+
+    def _generate(self, tasks: Sequence[GenerateTask]) -> list[Ranking | None]:
+        """Rankings of the tasks still wanted once sampled (None for those withdrawn meanwhile)."""
         start = time.perf_counter()
-        prompts = [task.prompt for task in tasks]
-        contexts = [continuation_context(task.prompt.input_ids, task.continue_final) for task in tasks]
         samples = self.sample(
-            prompts,
+            [task.prompt for task in tasks],
             [task.n for task in tasks],
             [task.sampling for task in tasks],
             top_logprobs=[task.top_logprobs or 0 for task in tasks],
-            contexts=contexts,
+            contexts=[continuation_context(task.prompt.input_ids, task.continue_final) for task in tasks],
+            withdrawn=[task.withdrawn for task in tasks],
         )
         sampled = time.perf_counter()
+        rankings: list[Ranking | None] = [None] * len(tasks)
+        live = [i for i, task in enumerate(tasks) if not _is_withdrawn(task)]
+        if not live:
+            return rankings
+        tasks, samples = [tasks[i] for i in live], [samples[i] for i in live]
+        prompts = [task.prompt for task in tasks]
+        contexts = [continuation_context(task.prompt.input_ids, task.continue_final) for task in tasks]
         answers = [
             [self._answer(s, task.sampling.stop, context) for s in group]
             for task, group, context in zip(tasks, samples, contexts, strict=True)
@@ -447,10 +478,24 @@ class ModelPair:
         timings = {"generate_s": sampled - start, "score_s": scored - sampled}
         if any(task.reward.mode == "claims" for task in tasks):
             timings["claims_s"] = time.perf_counter() - scored
-        return [Ranking.of(group, timings) for group in groups]
+        for i, ranked in zip(live, groups, strict=True):
+            rankings[i] = Ranking.of(ranked, timings)
+        return rankings
 
     def score_batch(self, tasks: Sequence[ScoreTask]) -> list[Ranking]:
         """Rank given answers for several prompts: one policy pass and one reference pass for all."""
+        return _all_ranked(self.score_or_withdraw(tasks))
+
+    def score_or_withdraw(self, tasks: Sequence[ScoreTask]) -> list[Ranking | Withdrawn]:
+        """`score_batch` leaving out the tasks withdrawn before their passes (`ScoreTask.withdrawn`)."""
+        kept = [i for i, task in enumerate(tasks) if not _is_withdrawn(task)]
+        outcomes: list[Ranking | None] = [None] * len(tasks)
+        if kept:
+            for i, ranking in zip(kept, self._score([tasks[i] for i in kept]), strict=True):
+                outcomes[i] = ranking
+        return _or_withdrawn(outcomes)
+
+    def _score(self, tasks: Sequence[ScoreTask]) -> list[Ranking]:
         start = time.perf_counter()
         prompts = [task.prompt for task in tasks]
         answers = [task.answers for task in tasks]
@@ -565,6 +610,21 @@ def _vocab_rows(model: Any) -> int | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
     return int(weight.shape[0]) if weight is not None else None
+
+
+def _or_withdrawn(outcomes: Sequence[Ranking | None]) -> list[Ranking | Withdrawn]:
+    return [
+        outcome if outcome is not None else Withdrawn(f"task {i} of the batch was withdrawn while it ran")
+        for i, outcome in enumerate(outcomes)
+    ]
+
+
+def _all_ranked(outcomes: Sequence[Ranking | Withdrawn]) -> list[Ranking]:
+    """The batch methods' rankings: a task withdrawn there fails the call (its caller set the event)."""
+    for outcome in outcomes:
+        if isinstance(outcome, Withdrawn):
+            raise outcome
+    return [outcome for outcome in outcomes if isinstance(outcome, Ranking)]
 
 
 def _as_list(image: Any) -> list[Any]:

@@ -221,10 +221,13 @@ def sample_answers(
     top_logprobs: Sequence[int] | None = None,
     decode: Decode | Sequence[Decode] | None = None,
     abort: threading.Event | None = None,
+    withdrawn: Sequence[threading.Event | None] | None = None,
 ) -> list[list[Sample]]:
     """Sample counts[b] answers for prompts[b] with params[b]; returns samples grouped per prompt.
 
-    `abort`, once set, stops the sampling at its next step (`Aborted`).
+    `abort`, once set, stops the sampling at its next step (`Aborted`). `withdrawn[b]`, once set, ends prompt b's
+    rows at the step that sees it (their samples are cut short: the caller drops them), so a request whose client
+    left stops taking decode steps from the rest of its batch.
 
     top_logprobs[b] > 0 records that many most likely tokens (raw distribution) per step of prompt b's samples.
     `decode` (token ids -> text; one for all prompts, or one per prompt, e.g. reading a continuation after its
@@ -235,6 +238,7 @@ def sample_answers(
     tops = list(top_logprobs) if top_logprobs is not None else [0] * len(prompts)
     if any(p.stop and d is None for p, d in zip(params, decodes, strict=True)):
         raise ValueError("stop strings need a decode function")
+    withdrawals = list(withdrawn) if withdrawn is not None else [None] * len(prompts)
     groups = split_for_batching(model, prompts)
     if len(groups) > 1:
         merged: list[list[Sample]] = [[] for _ in prompts]
@@ -250,6 +254,7 @@ def sample_answers(
                 top_logprobs=[tops[i] for i in group],
                 decode=[decodes[i] for i in group],
                 abort=abort,
+                withdrawn=[withdrawals[i] for i in group],
             )
             for i, samples in zip(group, part, strict=True):
                 merged[i] = samples
@@ -285,6 +290,7 @@ def sample_answers(
     texts: list[list[int]] | None = [[] for _ in range(total)] if any(row_stops) else None
     logits = state.logits
     dead = 0  # finished rows still in the batch; while there are none, no gather and no index of live rows
+    watched = [b for b, event in enumerate(withdrawals) if event is not None]
     with attending(model, state):
         for t in range(width):
             if abort is not None and abort.is_set():
@@ -315,6 +321,9 @@ def sample_answers(
             lengths[rows] = t + 1
             stopped[rows] = stop
             going = ~stop & (t + 1 < limits[rows])
+            if watched and (gone := [b for b in watched if withdrawals[b].is_set()]):  # type: ignore[union-attr]
+                watched = [b for b in watched if b not in gone]
+                going &= ~torch.isin(group_of_row[rows], torch.tensor(gone, device=device))
             if dead:
                 alive[live] = going
                 feed = torch.full((active.shape[0],), pad_id, dtype=torch.long, device=device)

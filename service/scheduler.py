@@ -18,8 +18,9 @@
 - Deadlines: each request carries one; a request whose deadline passes while it
   waits is answered 504 and never reaches the model.
 - Cancellation: when the client goes away or its deadline passes, its request
-  leaves the queue at once, with its place and its images (a batch already
-  running on the model finishes; its answer is discarded).
+  leaves the queue at once, with its place and its images; in a batch already
+  running, its `Withdrawal` is set: its rows stop at the next decoding step
+  and it is not scored (the rest of the batch runs on).
 - Shutdown (`close`): new requests get 503 at once; queued and running work
   gets the time given, then every request still waiting for an answer gets 503
   `shutting_down` with Retry-After (`service/shutdown.py` closes it before the
@@ -196,7 +197,8 @@ class Scheduler:
             raise DeadlineExceeded(f"request not served within {timeout_s:g} s", code="deadline_exceeded")
         finally:
             if not item.future.done():
-                item.future.cancel()  # a batch being formed or running skips or discards it
+                item.future.cancel()  # a batch being formed skips it
+                item.request.withdrawal.set()  # a running batch stops sampling it and does not score it
             if watcher is not None:
                 watcher.cancel()
             self._leave(item)

@@ -8,7 +8,8 @@ fake one in tests, plugs in the same way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -20,6 +21,33 @@ if TYPE_CHECKING:
     from rlaifv.reward.scoring import RewardConfig
 
 Kind = Literal["generate", "score"]
+
+
+class Withdrawal:
+    """Set once nobody waits for a request any more (its client left, or its deadline passed) while an engine
+    runs it: a model thread reads `event` between decoding steps, an async engine cancels the request's own work
+    from an `on_set` callback (run on the thread that sets it: the event loop's)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._callbacks: list[Callable[[], object]] = []
+
+    def set(self) -> None:
+        if self.event.is_set():
+            return
+        self.event.set()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def on_set(self, callback: Callable[[], object]) -> None:
+        if self.event.is_set():
+            callback()
+        else:
+            self._callbacks.append(callback)
 
 
 @dataclass
@@ -41,6 +69,7 @@ class GenerateRequest:
     top_logprobs: int | None = None
     max_tokens_param: str | None = None
     continue_final: bool = False
+    withdrawal: Withdrawal = field(default_factory=Withdrawal, repr=False, compare=False)
     kind: Kind = field(default="generate", init=False)
 
     @property
@@ -72,6 +101,7 @@ class ScoreRequest:
     reward: RewardConfig
     max_tokens: int
     continue_final: bool = False
+    withdrawal: Withdrawal = field(default_factory=Withdrawal, repr=False, compare=False)
     kind: Kind = field(default="score", init=False)
 
 

@@ -103,6 +103,7 @@ class TransformersEngine:
                             images=request.images,
                             top_logprobs=request.top_logprobs,
                             continue_final=request.continue_final,
+                            withdrawn=request.withdrawal.event,
                         )
                     )
                 else:
@@ -117,7 +118,14 @@ class TransformersEngine:
                             param=f"answers[{k}]",
                         )
                     tasks.append(
-                        ScoreTask(prompt, answers, list(request.answers), request.reward, images=request.images)
+                        ScoreTask(
+                            prompt,
+                            answers,
+                            list(request.answers),
+                            request.reward,
+                            images=request.images,
+                            withdrawn=request.withdrawal.event,
+                        )
                     )
             except InvalidInputError as exc:
                 results[i] = exc
@@ -141,7 +149,7 @@ class TransformersEngine:
         from rlaifv.reward.errors import Aborted
         from rlaifv.reward.model_pair import GenerateTask
 
-        run = self.pair.generate_batch if isinstance(tasks[0], GenerateTask) else self.pair.score_batch
+        run = self.pair.generate_or_withdraw if isinstance(tasks[0], GenerateTask) else self.pair.score_or_withdraw
         try:
             return list(run(tasks))
         except Aborted as exc:  # stopping: no culprit to isolate (each alone would be prefilled, then aborted)

@@ -606,7 +606,7 @@ class VllmEngine:
 
     async def run(self, requests: Sequence[Request]) -> list[EngineResult | Exception]:
         """Every request concurrently: vLLM batches them itself (continuous batching)."""
-        outcomes = await asyncio.gather(*(self._one(r) for r in requests), return_exceptions=True)
+        outcomes = await asyncio.gather(*(self._unless_withdrawn(r) for r in requests), return_exceptions=True)
         out: list[EngineResult | Exception] = []
         for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
@@ -693,6 +693,21 @@ class VllmEngine:
             return Prompt(ids, ids, encoded)
         sent = vllm_payload.prompt_ids(self.processor, images, question, messages, continue_final)
         return Prompt(ids, sent, encoded, parts if parts is not None else vllm_payload.content_parts(images))
+
+    async def _unless_withdrawn(self, request: Request) -> EngineResult:
+        """The request's work as its own task, cancelled when its client withdraws it: its HTTP requests to vLLM
+        close, and vLLM aborts their sequences (it cancels a request whose client disconnects)."""
+        from rlaifv.reward.errors import Withdrawn
+
+        work = asyncio.ensure_future(self._one(request))
+        request.withdrawal.on_set(work.cancel)
+        try:
+            return await work
+        except asyncio.CancelledError:
+            this = asyncio.current_task()
+            if request.withdrawal.is_set() and work.cancelled() and not (this and this.cancelling()):
+                raise Withdrawn("withdrawn while vLLM ran it") from None
+            raise
 
     async def _one(self, request: Request) -> EngineResult:
         prompt = await self._cpu(self._prompt, request)

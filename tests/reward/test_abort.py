@@ -1,4 +1,5 @@
-"""A pair asked to stop (`ModelPair.abort`) ends its sampling at the next decoding step."""
+"""A pair asked to stop (`ModelPair.abort`) ends its sampling at the next decoding step; so do the rows of a task
+withdrawn by its owner (`GenerateTask.withdrawn`), while the rest of its batch runs on."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rlaifv.reward.errors import Aborted, RewardError
+from rlaifv.reward.errors import Aborted, RewardError, Withdrawn
 from rlaifv.reward.sampling import SamplingParams
 
 
@@ -47,8 +48,8 @@ def test_an_aborted_batch_is_not_rerun_request_by_request(tiny_bundle: Path, mon
     pair = load_bundle(tiny_bundle)
     engine = TransformersEngine(pair)
     calls = []
-    real = pair.generate_batch
-    monkeypatch.setattr(pair, "generate_batch", lambda tasks: calls.append(len(tasks)) or real(tasks))
+    real = pair.generate_or_withdraw
+    monkeypatch.setattr(pair, "generate_or_withdraw", lambda tasks: calls.append(len(tasks)) or real(tasks))
     image = Image.new("RGB", (32, 32), (200, 0, 0))
     requests = [
         GenerateRequest([image], f"question {i}?", None, 2, SamplingParams(max_tokens=4, seed=i), pair.reward)
@@ -57,3 +58,51 @@ def test_an_aborted_batch_is_not_rerun_request_by_request(tiny_bundle: Path, mon
     pair.abort.set()
     results = engine.run_batch(requests)
     assert all(isinstance(r, Aborted) for r in results) and calls == [4]
+
+
+def test_a_task_withdrawn_while_sampling_stops_its_rows_and_is_not_scored(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from rlaifv.reward import load_bundle, sampling
+    from rlaifv.reward.model_pair import GenerateTask
+
+    pair = load_bundle(tiny_bundle)
+    image = Image.new("RGB", (32, 32), (200, 0, 0))
+    params = SamplingParams(max_tokens=12, seed=0, logit_bias={i: -100 for i in pair.stop_ids})  # no early end
+    leaving, staying = threading.Event(), threading.Event()
+    tasks = [
+        GenerateTask(pair.encode([image], "What is in the image?"), 3, params, pair.reward, withdrawn=leaving),
+        GenerateTask(pair.encode([image], "What colour is it?"), 1, params, pair.reward, withdrawn=staying),
+    ]
+    real_step, rows = sampling.step, []
+
+    def step(model, state, feed):  # the first task's client leaves while the batch samples
+        rows.append(int(feed.shape[0]))
+        if len(rows) == 3:
+            leaving.set()
+        return real_step(model, state, feed)
+
+    scored = []
+    real_logprobs = pair.sequence_logprobs
+
+    def sequence_logprobs(prompts, answers, *, reference):
+        scored.append([len(group) for group in answers])
+        return real_logprobs(prompts, answers, reference=reference)
+
+    monkeypatch.setattr(sampling, "step", step)
+    monkeypatch.setattr(pair, "sequence_logprobs", sequence_logprobs)
+    withdrawn, ranking = pair.generate_or_withdraw(tasks)
+    assert isinstance(withdrawn, Withdrawn) and len(ranking.candidates) == 1
+    assert rows[:3] == [4, 4, 4] and set(rows[3:]) == {1}  # its 3 rows left at the step that saw it
+    assert scored == [[1]]  # only the task still wanted reached the reference pass
+    assert len(ranking.candidates[0].text.split()) >= 1
+
+    rows.clear(), scored.clear()
+    withdrawn, ranking = pair.generate_or_withdraw(tasks)  # withdrawn before its batch: never sampled
+    assert isinstance(withdrawn, Withdrawn) and rows and set(rows) == {1} and scored == [[1]]
+    with pytest.raises(Withdrawn):
+        pair.generate_batch(tasks)
+    staying.set()
+    assert all(isinstance(o, Withdrawn) for o in pair.generate_or_withdraw(tasks)) and rows

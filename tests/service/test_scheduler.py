@@ -449,3 +449,24 @@ async def test_the_depth_gauge_counts_a_request_held_for_the_next_batch() -> Non
     await asyncio.gather(*tasks)
     assert gauge("rlaifv_queue_depth") == 0
     await sched.close(1)
+
+
+@pytest.mark.parametrize("leaves", ["disconnects", "times_out"])
+async def test_a_request_that_leaves_a_running_batch_is_withdrawn_from_it(leaves: str) -> None:
+    """The batch ran its abandoned rows to the end (N samples, a reference pass) for nobody: the engine is told."""
+    engine = FakeEngine(batch_s=10.0)
+    sched = make(engine, max_batch=2, batch_window_s=0.01)
+    sched.start()
+    gone = asyncio.Event()
+    staying, leaving = score("stays"), score("leaves")
+    kept = asyncio.create_task(sched.submit(staying, timeout_s=30))
+    kwargs = {"timeout_s": 30.0, "disconnected": gone.wait} if leaves == "disconnects" else {"timeout_s": 1.0}
+    left = asyncio.create_task(sched.submit(leaving, **kwargs))
+    await asyncio.sleep(0.5)
+    assert sched.in_flight == 2 and not leaving.withdrawal.is_set()
+    gone.set()
+    with pytest.raises(ClientDisconnected if leaves == "disconnects" else DeadlineExceeded):
+        await left
+    assert leaving.withdrawal.is_set() and not staying.withdrawal.is_set()
+    assert (await kept).result.ranking.candidates[0].text == "stays"
+    await sched.close(1)

@@ -4,6 +4,7 @@ bundles on the transformers engine (the bundles the vLLM tests serve)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -692,3 +693,36 @@ def test_both_vllm_servers_share_one_start_up_wait(text_bundle: Path, monkeypatc
     )
     load_engine(settings)
     assert waits == [("policy", 900.0), ("reference", 200.0)]
+
+
+async def test_a_withdrawn_request_closes_its_vllm_requests_and_the_batch_runs_on(text_bundle: Path) -> None:
+    """A request whose client left kept its vLLM sequences running to the end: its HTTP request is now cancelled
+    (vLLM aborts a request whose connection closes) and the others of the batch are answered."""
+    from rlaifv.reward.errors import Withdrawn
+    from rlaifv.reward.sampling import SamplingParams
+    from rlaifv.service.engines.base import GenerateRequest
+
+    fake = FakeVllm()
+    arrived, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content).get("n") == 3:  # the leaving request's samples: vLLM still at work
+            arrived.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        return fake(request)
+
+    engine = _fake_engine(text_bundle, fake)
+    for server in (engine.policy, engine.reference):
+        server._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    staying, leaving = (GenerateRequest([], "q", None, n, SamplingParams(max_tokens=4), engine.reward) for n in (2, 3))
+    batch = asyncio.create_task(engine.run([staying, leaving]))
+    await arrived.wait()
+    leaving.withdrawal.set()
+    kept, withdrawn = await asyncio.wait_for(batch, timeout=30)  # a guard: without withdrawal it never ends
+    assert cancelled.is_set() and isinstance(withdrawn, Withdrawn)
+    assert not isinstance(kept, Exception) and len(kept.ranking.candidates) == 2
+    await engine.aclose()
