@@ -27,9 +27,8 @@ async def enforce_limits(request: Request, key_id: Annotated[str | None, Depends
     retry = await limiter.hit(client)
     if retry is not None:
         request.app.state.metrics.rejected.labels(reason="rate_limited").inc()
-        raise Overloaded(
-            "rate limit exceeded for this API key", code="rate_limited", headers={"Retry-After": str(retry)}
-        )
+        who = "this API key" if key_id else "this client address"
+        raise Overloaded(f"rate limit exceeded for {who}", code="rate_limited", headers={"Retry-After": str(retry)})
 
 
 ServingDep = Annotated[Serving, Depends(get_serving)]

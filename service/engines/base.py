@@ -84,8 +84,8 @@ class GenerateRequest:
         if self.max_tokens_param is None and room >= 1:
             return self.sampling.model_copy(update={"max_tokens": room})
         raise ContextLengthError(
-            f"prompt ({prompt_tokens} tokens) + max_tokens ({self.sampling.max_tokens}) exceeds the model's {limit}"
-            " positions",
+            f"prompt ({prompt_tokens} tokens) + {self.max_tokens_param or 'max_tokens'} ({self.sampling.max_tokens})"
+            f" exceeds the model's {limit} positions",
             param=self.max_tokens_param or self.prompt_param,
         )
 

@@ -90,6 +90,10 @@ async def test_the_default_answer_length_shrinks_to_fit_a_long_prompt(engine, in
         c.num_tokens for c in fitted.ranking.candidates
     ]
     assert isinstance(given, InvalidInputError) and given.param == "max_tokens"
+    renamed = generate_request(in_process_pair, "red " * 470, 64, "max_completion_tokens")
+    (named,) = await engine.run([renamed])  # the message names the field the client set, as `param` does
+    assert isinstance(named, InvalidInputError) and named.param == "max_completion_tokens"
+    assert "+ max_completion_tokens (64) exceeds" in named.message
     assert isinstance(too_long, InvalidInputError) and too_long.param == "question"
 
 

@@ -160,6 +160,7 @@ def test_redis_cache_and_rate_limit_and_readiness(make_server, redis_url, red_ur
     if limited.status_code == 200:  # the minute window rolled over between requests
         limited = httpx.get(b.url + "/v1/models")
     assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+    assert "for this client address" in limited.json()["error"]["message"]  # no API keys here: by address
     assert int(limited.headers["retry-after"]) >= 1
 
 
