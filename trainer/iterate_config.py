@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import json
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -102,6 +103,16 @@ class IterateConfig:
                 raise ConfigError(f"export_round {number} is outside 1..{self.rounds}")
         if self.export_round == "best" and not self.best_metric:
             raise ConfigError("export_round 'best' needs best_metric")
+        sections = {"feedback": self.feedback, "pairs": self.pairs, "dpo": self.dpo}
+        unused = [
+            f"{name}.seed={section.seed}" for name, section in sections.items() if section.seed not in (0, self.seed)
+        ]
+        if unused:
+            warnings.warn(
+                f"each round's seeds derive from the run's seed={self.seed} (seed * 1000 + round), so"
+                f" {', '.join(unused)} is not used: set seed instead",
+                stacklevel=3,
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

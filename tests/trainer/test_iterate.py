@@ -398,3 +398,15 @@ def test_the_exported_rewards_normalisation_may_change_when_resuming(tiny_model:
     assert _check_run_file(run, IterateConfig(model=str(tiny_model), output_dir=str(run)), source) is False
     resumed = IterateConfig(model=str(tiny_model), output_dir=str(run), normalize="sum")
     assert _check_run_file(run, resumed, source) is True
+
+
+def test_a_section_seed_iterate_replaces_is_named() -> None:
+    """Each round derives its feedback, pairs and DPO seeds from the run's seed: a dpo.seed given was dropped
+    without a word."""
+    with pytest.warns(UserWarning, match=r"dpo\.seed=5 is not used: set seed instead"):
+        IterateConfig.from_dict({"model": "m", "output_dir": "o", "seed": 1, "dpo": {"seed": 5}})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        IterateConfig.from_dict({"model": "m", "output_dir": "o", "seed": 3, "dpo": {"seed": 3}, "pairs": {"seed": 0}})
