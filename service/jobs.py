@@ -69,11 +69,13 @@ REQUEST_MODELS = {"best_of_n": BestOfNRequest, "rewards": RewardsRequest}
 ENQUEUE_CHUNK = 1000
 
 # Returns 1 when this result was stored, 0 when the item had one (a rerun), -1 when the job is gone (expired, or
-# lost with a Redis restarted without persistence): then nothing is written, so no half job hash outlives it.
+# lost with a Redis restarted without persistence): then nothing is written, so no half job hash outlives it;
+# -2 when the job was cancelled while the item ran: its results and counts stay as the cancel left them.
 # Results expire with their job; the items go once every item has a result (nothing is left to run).
 RECORD = """
 local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
 if not total then return -1 end
+if redis.call('HGET', KEYS[1], 'status') == 'cancelled' then return -2 end
 local stored = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
 if stored == 1 then
   redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
@@ -128,6 +130,12 @@ def redis_guard(retry_after_s: int) -> Iterator[None]:
         ) from None
 
 
+def _canonical(request: JobRequest) -> str:
+    """The body an Idempotency-Key is bound to, with object keys sorted: a client that re-serialises a map on
+    its retry sends the same body in another key order (it got 409)."""
+    return json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
 def is_envelope(item: dict[str, Any]) -> bool:
     """An item is either a bare request body or a `{"custom_id", "body"}` envelope."""
     return "body" in item and "custom_id" in item
@@ -140,7 +148,13 @@ def parse_jsonl(lines: Iterable[bytes]) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:  # json.loads(bytes) would guess UTF-16/32 from the first bytes
+            raise BadRequest(
+                f"line {number} is not UTF-8 (byte {exc.start + 1})", param=f"items[{len(items)}]"
+            ) from None
+        try:
+            item = json.loads(text)
         except ValueError as exc:
             raise BadRequest(f"line {number} is not valid JSON: {exc}", param=f"items[{len(items)}]") from None
         if not isinstance(item, dict):
@@ -218,7 +232,7 @@ class JobStore:
             claim: tuple[str, str] | None = None
             if idempotency_key is not None:
                 key = f"{PREFIX}idem:{owner or '-'}:{idempotency_key}"
-                digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+                digest = hashlib.sha256(_canonical(request).encode()).hexdigest()
                 for _ in range(3):  # a claim that expires between SET NX and GET is claimed again
                     if await self.redis.set(key, f"{job_id} {digest}", nx=True, ex=CLAIM_PENDING_S):
                         claim = (key, f"{job_id} {digest}")
@@ -229,7 +243,7 @@ class JobStore:
                 else:
                     raise SubmissionPending(
                         "this Idempotency-Key is being claimed by another request; retry",
-                        param="Idempotency-Key",
+                        param="idempotency-key",
                         headers={"Retry-After": "1"},
                     )
             try:
@@ -253,7 +267,7 @@ class JobStore:
         within `CLAIM_PENDING_S`): a 503 to retry after, never a 409 that would refuse the key for the TTL."""
         first_id, first_digest = claimed.split()
         if first_digest != digest:
-            raise Conflict("this Idempotency-Key was used for a different request body", param="Idempotency-Key")
+            raise Conflict("this Idempotency-Key was used for a different request body", param="idempotency-key")
         for _ in range(100):
             job = await self._get(first_id, owner)
             if job is not None:
@@ -263,7 +277,7 @@ class JobStore:
         raise SubmissionPending(
             "the request that first used this Idempotency-Key has not created its job (still writing it, or it"
             f" failed); retry after {wait} s",
-            param="Idempotency-Key",
+            param="idempotency-key",
             headers={"Retry-After": str(wait)},
         )
 
@@ -354,7 +368,8 @@ class JobStore:
                     yield f'{{"index":{i},{raw.decode()[1:]}'
 
     async def cancel(self, job_id: str, owner: str | None = None) -> Job | None:
-        """Cancel a queued or running job (its items are dropped: none will run); a finished job is returned
+        """Cancel a queued or running job: its items not started are dropped, and the results of those running
+        now are not stored (the job's results and counts stay as this returns them); a finished job is returned
         as it is. None as `get` gives it."""
         key = PREFIX + job_id
         with self.guard():
@@ -411,14 +426,15 @@ class JobWorkers:
         self.batch = max(1, min(settings.max_batch, 16))
         self.redis_ok = True
         self._tasks: list[asyncio.Task[None]] = []
+        self._consumers: list[str] = []
         self._draining = False
         self._base = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
     def start(self, count: int | None = None) -> None:
         self._draining = False
+        self._consumers = [f"{self._base}-{i}" for i in range(self.count if count is None else count)]
         self._tasks = [
-            asyncio.create_task(self._consume(f"{self._base}-{i}"), name=f"rlaifv-jobs-{i}")
-            for i in range(self.count if count is None else count)
+            asyncio.create_task(self._consume(name), name=f"rlaifv-jobs-{i}") for i, name in enumerate(self._consumers)
         ]
 
     async def wait(self) -> None:
@@ -443,6 +459,19 @@ class JobWorkers:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self._leave_group()
+
+    async def _leave_group(self) -> None:
+        """Remove this process's consumers that hold no entries from the group: stopped workers piled up in
+        XINFO CONSUMERS, where idle ones are looked for. One that still holds entries stays, so that another
+        worker reclaims them (deleting a consumer drops its pending entries)."""
+        redis, stream = self.store.redis, self.store.stream
+        for consumer in self._consumers:
+            try:
+                if not await redis.xpending_range(stream, GROUP, "-", "+", 1, consumer):
+                    await redis.xgroup_delconsumer(stream, GROUP, consumer)
+            except Exception as exc:  # Redis away: the entry stays, as a killed worker's does
+                log.debug("consumer %s left in the group: %s", consumer, type(exc).__name__)
 
     async def _next(self, consumer: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Stale entries of dead consumers first (XAUTOCLAIM), else new ones (XREADGROUP, blocking briefly)."""

@@ -848,6 +848,11 @@ class JobItem(Strict):
     body: dict[str, Any] = Field(description="The request body, exactly as for POST /v1/best-of-n or /v1/rewards.")
 
 
+MAX_METADATA_KEYS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+
+
 class JobRequest(Strict):
     """A durable batch job: many best-of-n or rewards requests, run by workers from a Redis stream."""
 
@@ -857,9 +862,26 @@ class JobRequest(Strict):
         description="Request bodies, each exactly as for POST /v1/best-of-n or /v1/rewards, or "
         '`{"custom_id": "...", "body": {...}}` to carry the client\'s id into the result.',
     )
-    metadata: dict[str, str] = Field(default_factory=dict, description="Free-form labels stored with the job.")
+    metadata: dict[str, str] = Field(
+        default_factory=dict,
+        description=f"Labels stored with the job and returned with it (as OpenAI's: at most {MAX_METADATA_KEYS} keys"
+        f" of up to {MAX_METADATA_KEY_CHARS} characters, values of up to {MAX_METADATA_VALUE_CHARS}).",
+    )
 
-    _unchecked = frozenset({"items"})  # each item is validated as its own request, its problems stored per item
+    _unchecked = frozenset({"items"})
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, labels: dict[str, str]) -> dict[str, str]:
+        """Every poll returns the labels: 2 MB of them made each status answer 2 MB."""
+        if len(labels) > MAX_METADATA_KEYS:
+            raise ValueError(f"at most {MAX_METADATA_KEYS} keys, got {len(labels)}")
+        for key, value in labels.items():
+            if len(key) > MAX_METADATA_KEY_CHARS:
+                raise ValueError(f"key {key[:20]!r}... is over {MAX_METADATA_KEY_CHARS} characters")
+            if len(value) > MAX_METADATA_VALUE_CHARS:
+                raise ValueError(f"the value of {key!r} is over {MAX_METADATA_VALUE_CHARS} characters")
+        return labels  # each item is validated as its own request, its problems stored per item
 
     model_config = ConfigDict(
         extra="forbid",

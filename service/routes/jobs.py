@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
@@ -8,11 +9,12 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from rlaifv.service.errors import BadRequest, NotEnabled, NotFound, error_responses
+from rlaifv.service.errors import BadRequest, NotEnabled, NotFound, StoreUnavailable, error_responses
 from rlaifv.service.jobs import JobStore, parse_jsonl
 from rlaifv.service.protocol import Job, JobRequest, JobResults
 
 router = APIRouter(tags=["jobs"])
+log = logging.getLogger("rlaifv.jobs")
 JobId = Annotated[str, Path(description="Job id returned by POST /v1/jobs.", max_length=64)]
 JSONL = "application/x-ndjson"
 IdempotencyKey = Annotated[
@@ -25,6 +27,23 @@ IdempotencyKey = Annotated[
         "job the first one created (same body required, else 409). The SDK sends one per submit.",
     ),
 ]
+
+
+def _prefers_jsonl(accept: str) -> bool:
+    """Whether an Accept header ranks JSONL at least as high as JSON (`application/x-ndjson;q=0` refuses it)."""
+    weights: dict[str, float] = {}
+    for entry in accept.split(","):
+        media, *params = (part.strip() for part in entry.split(";"))
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        weights[media.lower()] = max(weight, weights.get(media.lower(), 0.0))
+    return weights.get(JSONL, 0.0) > 0 and weights[JSONL] >= weights.get("application/json", 0.0)
 
 
 def get_store(request: Request) -> JobStore:
@@ -91,9 +110,13 @@ async def upload_job(
     `{"custom_id": "...", "body": {...}}`). A line that is not a JSON object is a 400 naming `items[i]`."""
     items = parse_jsonl((await request.body()).splitlines())
     try:
-        labels = json.loads(metadata) if metadata else {}
-        job = JobRequest(kind=kind, items=items, metadata=labels)
-    except (ValueError, ValidationError):
+        job = JobRequest(kind=kind, items=items, metadata=json.loads(metadata) if metadata else {})
+    except ValidationError as exc:  # only the metadata is checked here: each item is checked as its own request
+        bound = [e["ctx"]["error"] for e in exc.errors() if e["type"] == "value_error"]
+        raise BadRequest(
+            f"metadata: {bound[0]}" if bound else "metadata must be a JSON object of strings", param="metadata"
+        ) from None
+    except ValueError:
         raise BadRequest("metadata must be a JSON object of strings", param="metadata") from None
     return await store.create(job, idempotency_key=idempotency_key, owner=_owner(request))
 
@@ -135,7 +158,7 @@ async def get_job_results(
     memory. Items without a result yet are left out. Should Redis fail mid-stream the body ends early (a
     JSON body is then invalid, a JSONL one short): compare the count with the job's `completed + failed`."""
     job = _found(await store.get(job_id, _owner(request)), job_id)
-    jsonl = format == "jsonl" or (format is None and JSONL in request.headers.get("accept", ""))
+    jsonl = format == "jsonl" or (format is None and _prefers_jsonl(request.headers.get("accept", "")))
     lines = store.result_lines(job)
     first = await anext(lines, None)  # Redis failing here is still a 503, not a cut-off 200
 
@@ -144,8 +167,12 @@ async def get_job_results(
             yield json.dumps({"id": job.id, "object": "list", "status": job.status})[:-1] + ', "data": ['
         if first is not None:
             yield first + ("\n" if jsonl else "")
-            async for line in lines:
-                yield (line + "\n") if jsonl else ("," + line)
+            try:
+                async for line in lines:
+                    yield (line + "\n") if jsonl else ("," + line)
+            except StoreUnavailable as exc:  # the status line is sent: the body ends early, as documented
+                log.warning("job results cut short: %s", exc.message, extra={"job": job.id})
+                return
         if not jsonl:
             yield "]}"
 
@@ -159,5 +186,6 @@ async def get_job_results(
     summary="Cancel a job",
 )
 async def cancel_job(job_id: JobId, store: StoreDep, request: Request) -> Job:
-    """Items not yet started are skipped; results already stored are kept."""
+    """Items not yet started are skipped and those running are not stored: results already stored are kept,
+    and the job's counts stay as this answer gives them."""
     return _found(await store.cancel(job_id, _owner(request)), job_id)

@@ -106,6 +106,31 @@ async def test_cancel_drops_the_items_and_leaves_a_finished_job_as_it_is(store: 
     assert again is not None and again.status == "succeeded"
 
 
+async def test_a_result_finished_after_the_cancel_is_not_stored(store: JobStore) -> None:
+    """The cancel's answer is the job's last word: the in-flight batch's results changed it 3 s later."""
+    job = await store.create(request(3))
+    assert await store.record(job.id, 0, OK) is True
+    cancelled = await store.cancel(job.id)
+    assert cancelled is not None and (cancelled.status, cancelled.completed) == ("cancelled", 1)
+    assert await store.record(job.id, 1, OK) is False  # running when the cancel came
+    after = await store.get(job.id)
+    assert after is not None and (after.status, after.completed, after.updated) == ("cancelled", 1, cancelled.updated)
+    assert [line async for line in store.result_lines(after)] == [line async for line in store.result_lines(job)][:1]
+
+
+async def test_an_idempotency_key_binds_the_body_not_its_key_order(store: JobStore) -> None:
+    """A client that re-serialises a map on its retry sends the same body in another key order: it got 409."""
+    first = await store.create(
+        JobRequest(kind="rewards", items=[{"question": "q", "answers": ["a"]}], metadata={"x": "1", "y": "2"}),
+        idempotency_key="k-order",
+    )
+    again = await store.create(
+        JobRequest(kind="rewards", items=[{"answers": ["a"], "question": "q"}], metadata={"y": "2", "x": "1"}),
+        idempotency_key="k-order",
+    )
+    assert again.id == first.id
+
+
 async def test_an_idempotency_key_whose_submission_died_is_free_again_once_its_claim_lapses(store: JobStore) -> None:
     """The claim of a submission that never created its job: a retryable 503 meanwhile, never a lasting 409."""
     first = await store.create(request(), idempotency_key="k-died", owner="o")
@@ -200,6 +225,15 @@ async def test_a_stopping_worker_finishes_the_item_in_hand_within_its_grace(stor
     assert waiting is not None and (waiting.status, waiting.completed) == ("queued", 0)
     pending = await store.redis.xpending(store.stream, "rlaifv-workers")
     assert pending["pending"] == 0  # nothing in hand was left to be reclaimed and run again
+    assert await store.redis.xinfo_consumers(store.stream, "rlaifv-workers") == []  # stopped ones piled up there
+
+    # stopped at once with an item in hand: its consumer stays in the group, so that its entry is reclaimed
+    serving.started.clear(), serving.release.clear()
+    workers.start()
+    await serving.started.wait()
+    await workers.stop(grace_s=0)
+    held = await store.redis.xinfo_consumers(store.stream, "rlaifv-workers")
+    assert [c["pending"] for c in held] == [1]
 
 
 async def test_a_lost_reply_after_the_job_was_created_keeps_its_idempotency_key(
