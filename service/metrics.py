@@ -94,6 +94,13 @@ class Metrics:
             registry=r,
         )
         self.jobs = Counter("rlaifv_jobs_items", "Batch-job items processed, by outcome.", ["outcome"], registry=r)
+        self.jobs_backlog = Gauge(
+            "rlaifv_jobs_backlog",
+            "Batch-job items not yet done, queued or in hand (the job stream's length: a worker deletes an entry"
+            " once its result is stored), read from Redis at each scrape; every replica and worker reports the"
+            " same stream. What a worker pool scales on.",
+            registry=r,
+        )
 
     def observe_ranking(self, endpoint: str, rewards: list[float]) -> None:
         for value in rewards:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -10,7 +12,14 @@ from rlaifv.service.auth import require_metrics_key
 from rlaifv.service.errors import error_responses
 from rlaifv.service.protocol import Health
 
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from rlaifv.service.metrics import Metrics
+    from rlaifv.service.settings import Settings
+
 router = APIRouter(tags=["operations"])
+log = logging.getLogger("rlaifv.service")
 
 
 @router.head("/healthz", include_in_schema=False)  # load balancers and uptime checkers probe with HEAD
@@ -94,4 +103,18 @@ async def readyz(request: Request) -> Response:
     summary="Prometheus metrics",
 )
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    state = request.app.state
+    if state.redis is not None:
+        await _read_backlog(state.redis, state.settings, state.metrics)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _read_backlog(redis: Redis, settings: Settings, metrics: Metrics) -> None:
+    """The job stream's length now: a scrape is the only reader, so no loop polls Redis between scrapes. Redis
+    away: the last value stands (the items wait for it too) and the scrape still answers."""
+    try:
+        backlog = await asyncio.wait_for(redis.xlen(settings.jobs_stream), timeout=settings.redis_connect_timeout_s)
+    except Exception as exc:
+        log.debug("job backlog not read: %s", type(exc).__name__)
+        return
+    metrics.jobs_backlog.set(backlog)

@@ -373,12 +373,22 @@ def test_autoscaling_disruption_and_monitoring(rendered, overlay):
     if overlay not in GPU_OVERLAYS:
         assert not scalers and server["spec"]["replicas"] == 1
         return
-    (scaler,) = scalers  # never both: they would fight over the replica count
+    targets = [s["spec"]["scaleTargetRef"]["name"] for s in scalers]
+    assert sorted(targets) == sorted(set(targets)), "never two scalers of one Deployment: they would fight"
+    (scaler,) = [s for s in scalers if s["spec"]["scaleTargetRef"]["name"] == "rlaifv"]
     assert scaler["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "rlaifv"}
     assert "replicas" not in server["spec"], "the autoscaler owns the replica count"
     queries = str(scaler["spec"])
     assert "rlaifv_queue_depth" in queries
-    assert create_app(Settings(bundle=default_bundle())).state.metrics.queue_depth._name == "rlaifv_queue_depth"
+    metrics = create_app(Settings(bundle=default_bundle())).state.metrics
+    assert metrics.queue_depth._name == "rlaifv_queue_depth"
+    worker = one(docs, "Deployment", "rlaifv-worker")
+    if "rlaifv-worker" in targets:  # KEDA scales the workers on the job backlog, and owns their replica count
+        (by_backlog,) = [s for s in scalers if s["spec"]["scaleTargetRef"]["name"] == "rlaifv-worker"]
+        assert "max(rlaifv_jobs_backlog" in str(by_backlog["spec"]) and "replicas" not in worker["spec"]
+        assert metrics.jobs_backlog._name == "rlaifv_jobs_backlog"
+    else:
+        assert worker["spec"]["replicas"] == 1  # scaled by hand (deploy/README.md)
     monitors = find(docs, "ServiceMonitor")
     assert len(monitors) == 2
     for name in ("rlaifv", "rlaifv-worker"):  # the server's and the workers' metrics

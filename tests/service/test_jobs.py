@@ -200,3 +200,21 @@ def test_a_job_is_seen_only_with_the_key_that_submitted_it(make_server, redis_ur
         assert redis.Redis.from_url(redis_url).exists(f"rlaifv:job:idem:{owner}:k1")  # the record the id names
         r = client.get(f"/v1/jobs/idem:{owner}:k1", headers=as_alice)  # was a WRONGTYPE 500
         assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found", r.text
+
+
+def test_metrics_report_the_job_backlog_a_worker_pool_scales_on(make_server, redis_url, red_url) -> None:
+    """Items not yet done (queued or in hand) are the job stream's length, read at each scrape."""
+    server = make_server(redis_url=redis_url, jobs_workers=0, jobs_stream="rlaifv:jobs:backlog")
+    redis.Redis.from_url(redis_url).delete("rlaifv:jobs:backlog")
+    items = [{"images": [red_url], "question": QUESTION, "answers": ["a red circle."]}] * 3
+
+    def backlog(client: httpx.Client) -> float:
+        lines = client.get("/metrics").text.splitlines()
+        (line,) = [line for line in lines if line.startswith("rlaifv_jobs_backlog ")]
+        return float(line.split()[1])
+
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        assert backlog(client) == 0
+        client.post("/v1/jobs", json={"kind": "rewards", "items": items})
+        client.post("/v1/jobs", json={"kind": "rewards", "items": items[:1]})
+        assert backlog(client) == 4
