@@ -11,6 +11,7 @@ import time
 import uuid
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlaifv.service.errors import ClientDisconnected, error_body, internal_error_body, log_unhandled
@@ -83,7 +84,7 @@ class RequestContextMiddleware:
             log_unhandled(exc)
             await _send_json(send_wrapper, 500, internal_error_body())
         finally:
-            route = scope.get("route")
+            route = scope.get("route") or _matched_route(scope)
             template = getattr(route, "path", None) or "unmatched"
             elapsed = time.perf_counter() - start
             method = scope.get("method", "?")
@@ -140,6 +141,20 @@ class RequestContextMiddleware:
         message = f"request body is over the limit of {self.max_body_bytes} bytes"
         body = error_body("invalid_request_error", message, None, "body_too_large")
         await _send_json(send, 413, body, close=True)
+
+
+def _matched_route(scope: Scope) -> object | None:
+    """The route a request refused before routing (a 413 for its declared size) would have reached, so that its
+    metrics keep the route."""
+    routes = list(getattr(getattr(scope.get("app"), "router", None), "routes", []))
+    while routes:
+        route = routes.pop(0)
+        included = getattr(getattr(route, "original_router", None), "routes", None)
+        if included is not None:  # FastAPI keeps an included router's own routes behind a wrapper
+            routes[:0] = included
+        elif route.matches(scope)[0] == Match.FULL:
+            return route
+    return None
 
 
 async def _send_json(send: Send, status: int, payload: dict[str, object], *, close: bool = False) -> None:

@@ -922,7 +922,9 @@ class Job(BaseModel):
 class JobItemResult(BaseModel):
     """One line of `GET /v1/jobs/{id}/results?format=jsonl` (and one element of `data` in the JSON form)."""
 
-    index: int = Field(description="Position of the item in the submission (0-based; the line number in an upload).")
+    index: int = Field(
+        description="Position of the item in the submission (0-based; in an upload, the i-th non-blank line)."
+    )
     custom_id: str | None = Field(None, description="The item's `custom_id`, when it had one.")
     status: Literal["succeeded", "failed"]
     result: Annotated[BestOfNResponse | RewardsResponse, Field(discriminator="object")] | None = Field(

@@ -424,6 +424,16 @@ def test_chunked_body_over_limit_is_413(client: httpx.Client) -> None:
     assert r.json()["error"]["code"] == "body_too_large"
 
 
+def test_a_body_refused_for_its_declared_size_is_counted_under_its_route(client: httpx.Client) -> None:
+    """It was refused before routing and counted as route="unmatched": a dashboard lost which route it was."""
+    r = client.post("/v1/jobs/upload?kind=rewards", content=b"x" * (17 * 1024 * 1024))
+    assert r.status_code == 413
+    counted = [line for line in client.get("/metrics").text.splitlines() if 'status="413"' in line]
+    assert any(
+        'route="/v1/jobs/upload"' in line and line.startswith("rlaifv_http_requests_total") for line in counted
+    ), counted
+
+
 @pytest.mark.parametrize(
     ("method", "path", "status", "code"),
     [
