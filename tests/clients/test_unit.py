@@ -39,7 +39,7 @@ def test_public_api_is_pinned() -> None:
     assert set(rlaifv_client.__all__) == {
         "NOT_GIVEN", "APIConnectionError", "APIError", "APIStatusError", "APITimeoutError", "AsyncClient",
         "AsyncJobs", "AuthenticationError", "Backoff", "BestOfN", "Candidate", "ClaimCheck", "Client",
-        "ConflictError", "FieldError",
+        "ClientClosedError", "ConflictError", "FieldError", "RequestTimeoutError",
         "Health",
         "ImageInputError", "InvalidRequestError", "Job", "JobError", "JobResult", "Jobs", "Model", "ModelList",
         "NotFoundError", "NotGiven", "PermissionDeniedError", "RLAIFVError", "RateLimitError", "Rewards",
@@ -291,7 +291,8 @@ def _error(status: int, body: object = None, headers: dict[str, str] | None = No
     ("status", "cls"),
     [(400, InvalidRequestError), (401, AuthenticationError), (403, PermissionDeniedError), (404, NotFoundError),
      (413, InvalidRequestError), (422, InvalidRequestError), (429, RateLimitError), (500, ServerError),
-     (503, ServerError), (504, ServerError), (409, ConflictError), (418, APIStatusError)],
+     (503, ServerError), (504, ServerError), (409, ConflictError), (418, APIStatusError),
+     (408, rlaifv_client.RequestTimeoutError)],
 )  # fmt: skip
 def test_status_error_mapping(status: int, cls: type[APIStatusError]) -> None:
     body = {"error": {"message": "boom", "type": "t", "param": "n", "code": "c"}}
@@ -675,3 +676,233 @@ def test_bodies_send_only_given_fields() -> None:
     assert job_body("best_of_n", [{"image": PNG, "question": "q", "n": 2}], None)["items"][0]["n"] == 2
     with pytest.raises(ValueError, match="kind"):
         job_body("chat", [], None)  # type: ignore[arg-type]
+
+
+# -- headers, URLs and arguments ------------------------------------------------------------
+
+
+def _recording_client(seen: list[httpx.Request], body: dict[str, object] | None = None, **options: object) -> Client:
+    job = {"id": "j1", "kind": "rewards", "status": "queued", "created": 1, "updated": 1, "total": 1,
+           "completed": 0, "failed": 0}  # fmt: skip
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path.endswith("/results"):
+            return httpx.Response(200, text="")
+        return httpx.Response(200, json=body or job)
+
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    return Client(base_url="http://svc", api_key="sk-sdk", http_client=http, **options)  # type: ignore[arg-type]
+
+
+def test_callers_headers_replace_the_sdks_whatever_their_case() -> None:
+    """One header each: a user's `authorization` or `x-request-id` replaces the SDK's instead of going along."""
+    mine = {"authorization": "Bearer mine", "x-request-id": "rid-mine", "user-agent": "me/1", "accept": "text/x"}
+    names = ("authorization", "x-request-id", "user-agent", "accept")
+    seen: list[httpx.Request] = []
+    with _recording_client(seen, default_headers=mine) as client:
+        client.jobs.get("j1")
+    with _recording_client(seen) as client:
+        client.jobs.submit([{"question": "q", "answers": ["a"]}], kind="rewards", extra_headers=mine)
+        client.jobs.submit_file(b"{}\n", extra_headers={"content-type": "application/jsonl"})
+    for request in seen[:2]:
+        assert [request.headers.get_list(name) for name in names] == [[value] for value in mine.values()]
+    assert seen[2].headers.get_list("content-type") == ["application/jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("job_id", "path"),
+    [("j-1", "/v1/jobs/j-1"), ("a?b", "/v1/jobs/a%3Fb"), ("a#b", "/v1/jobs/a%23b"), ("a b", "/v1/jobs/a%20b"),
+     ("50%", "/v1/jobs/50%25"), ("a..b", "/v1/jobs/a..b")],
+)  # fmt: skip
+def test_job_ids_are_escaped_in_the_url(job_id: str, path: str) -> None:
+    seen: list[httpx.Request] = []
+    with _recording_client(seen) as client:
+        client.jobs.get(job_id)
+        list(client.jobs.results(job_id))
+    assert [r.url.raw_path.decode() for r in seen] == [path, path + "/results?format=jsonl"]
+
+
+@pytest.mark.parametrize("job_id", ["", ".", "..", "a/b"])
+def test_job_ids_that_would_leave_the_job_are_refused(job_id: str) -> None:
+    seen: list[httpx.Request] = []
+    with _recording_client(seen) as client:
+        for call in (client.jobs.get, client.jobs.cancel, client.jobs.wait, lambda j: list(client.jobs.results(j))):
+            with pytest.raises(ValueError, match="invalid job id"):
+                call(job_id)
+    assert seen == []
+
+
+@pytest.mark.parametrize(
+    ("base_url", "expected"),
+    [("http://h:8000/v1", "http://h:8000/"), ("http://h:8000/v1/", "http://h:8000/"),
+     ("http://h/prefix/v1", "http://h/prefix/"), ("http://h/v10", "http://h/v10/"), ("http://h", "http://h/")],
+)  # fmt: skip
+def test_a_base_url_ending_in_v1_means_the_server_root(base_url: str, expected: str) -> None:
+    """The OpenAI habit (`.../v1`) would request /v1/v1/models: the SDK's paths carry the /v1 themselves."""
+    seen: list[httpx.Request] = []
+    with _recording_client(seen, body={"object": "list", "data": []}) as client:
+        client = client.with_options(base_url=base_url)
+        assert str(client.base_url) == expected
+        client.models()
+    assert str(seen[0].url) == expected + "v1/models"
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({"jitter": 3}, "jitter"), ({"jitter": -0.1}, "jitter"), ({"jitter": float("nan")}, "jitter"),
+     ({"initial": -1}, "initial"), ({"initial": float("inf")}, "initial"), ({"max": -0.5}, "max"),
+     ({"max_retry_after": -1}, "max_retry_after"), ({"initial": float("nan")}, "initial")],
+)  # fmt: skip
+def test_backoff_refuses_settings_that_give_negative_or_no_delays(options: dict[str, float], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Backoff(**options)
+
+
+def test_backoff_takes_its_edge_settings() -> None:
+    assert Backoff(initial=0, max=0, jitter=1).delay(3, rand=0.99) == 0
+    assert Backoff(jitter=0).delay(0, rand=0.5) == 0.5
+    assert Backoff(max=float("inf"), max_retry_after=float("inf")).delay(0, 120.0, rand=0.0) == 120.0
+
+
+def test_a_408_is_a_request_timeout_error_after_its_retries() -> None:
+    from rlaifv_client import RequestTimeoutError
+
+    seen: list[httpx.Request] = []
+    body = {"error": {"message": "request body not received in time", "type": "invalid_request_error",
+                      "code": "body_timeout"}}  # fmt: skip
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(408, json=body)
+
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    fast = Backoff(initial=0.001, max=0.001)
+    with (
+        Client(base_url="http://svc", backoff=fast, http_client=http) as client,
+        pytest.raises(RequestTimeoutError) as caught,
+    ):
+        client.best_of_n(question="q")
+    assert len(seen) == 3 and caught.value.code == "body_timeout" and caught.value.status_code == 408
+    assert isinstance(caught.value, APIStatusError) and isinstance(caught.value, builtins.TimeoutError)
+
+
+def test_a_closed_client_says_so() -> None:
+    from rlaifv_client import ClientClosedError
+
+    seen: list[httpx.Request] = []
+    client = _recording_client(seen)
+    client.close()
+    for call in (client.health, lambda: client.jobs.get("j1"), lambda: list(client.jobs.results("j1"))):
+        with pytest.raises(ClientClosedError, match="client is closed"):
+            call()
+    with Client(base_url="http://svc") as owner:
+        copy = owner.with_options(max_retries=0)
+    with pytest.raises(ClientClosedError, match="closed"):
+        copy.models()  # its pool closed with the client it was copied from
+    assert seen == [] and issubclass(ClientClosedError, RLAIFVError)
+
+
+async def test_a_closed_async_client_says_so() -> None:
+    from rlaifv_client import ClientClosedError
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"status": "ok"})))
+    async with AsyncClient(base_url="http://svc", http_client=http) as client:
+        assert (await client.health()).ok
+    with pytest.raises(ClientClosedError, match="client is closed"):
+        await client.health()
+    with pytest.raises(ClientClosedError, match="client is closed"):
+        async for _ in client.jobs.results("j1"):
+            pass
+    owned = AsyncClient(base_url="http://svc")
+    await owned.aclose()
+    with pytest.raises(ClientClosedError, match="closed"):
+        await owned.with_options(max_retries=0).models()
+
+
+def test_messages_take_pydantic_models_such_as_an_openai_reply() -> None:
+    """Users pass an OpenAI reply's message back in: it is dumped without its unset (None) fields."""
+    import pydantic
+    from openai.types.chat import ChatCompletionMessage
+
+    class Message(pydantic.BaseModel):
+        role: str
+        content: str | list[dict[str, object]] | None = None
+        name: str | None = None
+
+    user = Message(role="user", content=[{"type": "image_url", "image_url": {"url": PNG}}])
+    reply = ChatCompletionMessage(role="assistant", content="A cat.")
+    body = best_of_n_body(messages=[user, reply, {"role": "user", "content": "Sure?"}])
+    expected = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    assert body["messages"] == [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": expected}}]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "Sure?"},
+    ]
+    with pytest.raises(TypeError, match=r"messages\[0\] must be a dict"):
+        best_of_n_body(messages=["hi"])  # type: ignore[list-item]
+
+
+# -- images: base64, schemes, long values, PIL modes ----------------------------------------
+
+
+def test_bare_base64_is_an_image_as_in_messages() -> None:
+    bare = base64.b64encode(PNG).decode()
+    assert encode_image(bare) == bare
+    assert best_of_n_body(image=bare, question="q")["images"] == [bare]
+    assert encode_image("\n" + bare[:20] + "\n" + bare[20:]) == "\n" + bare[:20] + "\n" + bare[20:]
+
+
+@pytest.mark.parametrize("value", ["ftp://example.org/a.png", "s3://bucket/a.png", "GS://bucket/a.png"])
+def test_unsupported_url_schemes_are_named(value: str) -> None:
+    scheme = value.split(":")[0].lower()
+    with pytest.raises(ImageInputError, match=f"unsupported image URL scheme '{scheme}'"):
+        encode_image(value)
+    with pytest.raises(ImageInputError, match=f"unsupported image URL scheme '{scheme}'"):
+        best_of_n_body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": value}}]}])
+
+
+def test_a_drive_letter_is_a_path_not_a_scheme() -> None:
+    with pytest.raises(ImageInputError, match="image file not found"):
+        encode_image("C:\\no\\such\\cat.png")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["/no/such/dir/" + "x" * 5000 + ".png", base64.b64encode(PNG * 20000).decode()[:-1], "?" * 10**6],
+)
+def test_image_errors_do_not_repeat_a_long_value(value: str) -> None:
+    with pytest.raises(ImageInputError) as caught:
+        encode_image(value)
+    assert len(str(caught.value)) < 200 and "…" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("mode", "color", "stored", "pixel"),
+    [("CMYK", (0, 0, 0, 0), "RGB", (255, 255, 255)), ("YCbCr", (255, 128, 128), "RGB", (255, 255, 255)),
+     ("HSV", (0, 0, 255), "RGB", (255, 255, 255)),
+     ("F", 200.7, "L", 200), ("F", -3.0, "L", 0), ("I", 1000, "I;16", 1000), ("I", -5, "I;16", 0),
+     ("I", 2**28, "L", 16), ("I;16L", 700, "I;16", 700), ("RGBa", (10, 20, 30, 255), "RGBA", (10, 20, 30, 255)),
+     ("La", (10, 255), "LA", (10, 255)), ("RGBX", (1, 2, 3, 0), "RGB", (1, 2, 3)),
+     ("I;16", 1234, "I;16", 1234), ("LA", (5, 6), "LA", (5, 6)), ("1", 1, "1", 255)],
+)  # fmt: skip
+def test_pil_images_in_modes_png_cannot_store_are_converted(
+    mode: str, color: object, stored: str, pixel: object
+) -> None:
+    """CMYK (not from a JPEG), float and 32-bit integer images become the PNG mode the server would read them as."""
+    from PIL import Image
+
+    url = encode_image(Image.new(mode, (2, 2), color))  # type: ignore[arg-type]
+    assert url.startswith("data:image/png;base64,")
+    decoded = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert (decoded.mode, decoded.getpixel((1, 1))) == (stored, pixel)
+
+
+def test_a_pa_image_keeps_its_alpha() -> None:
+    from PIL import Image
+
+    image = Image.new("PA", (2, 2))
+    image.putpalette([0, 0, 0, 9, 8, 7])
+    image.putpixel((0, 0), (1, 100))
+    decoded = Image.open(io.BytesIO(base64.b64decode(encode_image(image).split(",", 1)[1])))
+    assert decoded.convert("RGBA").getpixel((0, 0)) == (9, 8, 7, 100)

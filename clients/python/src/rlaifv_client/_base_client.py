@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import math
 import os
 import platform
 import random
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
@@ -24,10 +25,11 @@ from ._exceptions import (
     APIError,
     APIStatusError,
     APITimeoutError,
+    ClientClosedError,
     WaitTimeoutError,
     make_status_error,
 )
-from ._images import ImageInput, encode_images, encode_message_images
+from ._images import ImageInput, MessageInput, encode_images, encode_message_images
 from ._version import __version__
 from .types import BaseType, Health, Job, JobResult
 
@@ -62,6 +64,17 @@ class Backoff:
     max: float = C.MAX_RETRY_DELAY
     max_retry_after: float = C.MAX_RETRY_AFTER
     jitter: float = C.RETRY_JITTER
+
+    def __post_init__(self) -> None:
+        """Refuse at once what would give a negative, infinite or NaN wait at the first retry (where `time.sleep`
+        raises and `asyncio.sleep` does not wait at all)."""
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError(f"Backoff jitter must be in [0, 1], got {self.jitter!r}")
+        if not 0.0 <= self.initial < math.inf:
+            raise ValueError(f"Backoff initial must be a finite number of seconds >= 0, got {self.initial!r}")
+        for name in ("max", "max_retry_after"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"Backoff {name} must be >= 0 seconds, got {getattr(self, name)!r}")
 
     def delay(self, attempt: int, retry_after: float | None = None, *, rand: float | None = None) -> float:
         """Seconds to wait before retry number `attempt + 1`. `rand` in [0, 1) replaces the random draw (tests)."""
@@ -114,14 +127,14 @@ class LineSplitter:
         return [last] if last else []
 
 
-def split_lines(chunks: Iterable[str]) -> Iterator[str]:
+def split_lines(chunks: Iterable[str]) -> Generator[str, None, None]:
     splitter = LineSplitter()
     for chunk in chunks:
         yield from splitter.feed(chunk)
     yield from splitter.end()
 
 
-async def asplit_lines(chunks: AsyncIterable[str]) -> AsyncIterator[str]:
+async def asplit_lines(chunks: AsyncIterable[str]) -> AsyncGenerator[str, None]:
     splitter = LineSplitter()
     async for chunk in chunks:
         for line in splitter.feed(chunk):
@@ -173,7 +186,7 @@ def prompt_body(
     image: ImageInput | None = None,
     images: Iterable[ImageInput] | None = None,
     question: str | None = None,
-    messages: Sequence[Mapping[str, Any]] | None = None,
+    messages: Sequence[MessageInput] | None = None,
     continue_final_message: bool | None = None,
     beta: float | None = None,
     normalize: str | None = None,
@@ -283,10 +296,10 @@ def upload_call(
     kind: JobKind,
     metadata: Mapping[str, str] | None,
     timeout: Any,
-    headers: Mapping[str, str],
+    given_headers: Mapping[str, str],
 ) -> APICall[Job]:
     """POST /v1/jobs/upload of a JSONL file (a path, or its bytes): one request body or `{"custom_id", "body"}`
-    per line, sent as is (images already encoded in the lines)."""
+    per line, sent as is (images already encoded in the lines). A Content-Type in `given_headers` wins."""
     import json
 
     if kind not in ("best_of_n", "rewards"):
@@ -297,7 +310,8 @@ def upload_call(
     params: dict[str, str] = {"kind": kind}
     if metadata is not None:
         params["metadata"] = json.dumps(dict(metadata))
-    headers = dict(headers) | {"Content-Type": JSONL}
+    headers = httpx.Headers({"Content-Type": JSONL})
+    headers.update(given_headers)
     return APICall("POST", "/v1/jobs/upload", Job, params=params, content=data, timeout=timeout, headers=headers)
 
 
@@ -394,7 +408,9 @@ class BaseClient:
         default_headers: Mapping[str, str] | None,
     ) -> None:
         base_url = base_url or os.environ.get(C.BASE_URL_ENV) or C.DEFAULT_BASE_URL
-        self.base_url = httpx.URL(str(base_url).rstrip("/") + "/")
+        url = httpx.URL(str(base_url))
+        # The OpenAI habit, ".../v1", names the server root here: every API path of the SDK carries its own /v1.
+        self.base_url = url.copy_with(path=url.path.rstrip("/").removesuffix("/v1") + "/")
         if self.base_url.scheme not in ("http", "https"):
             raise ValueError(f"base_url must be an http(s) URL, got {str(base_url)!r}")
         key = api_key if api_key is not None else os.environ.get(C.API_KEY_ENV)
@@ -407,6 +423,7 @@ class BaseClient:
         self.max_retries = max_retries
         self.backoff = backoff or Backoff()
         self._default_headers = dict(default_headers or {})
+        self._closed = False
 
     # -- configuration --------------------------------------------------------------
 
@@ -415,17 +432,22 @@ class BaseClient:
         """`rlaifv-client/<version> python/<version> httpx/<version>`, sent with every request."""
         return f"{C.USER_AGENT_NAME}/{__version__} python/{platform.python_version()} httpx/{httpx.__version__}"
 
-    def _headers(self, call: APICall[Any], attempt: int) -> dict[str, str]:
-        headers = {
-            "Accept": "application/json",
-            "User-Agent": self.user_agent,
-            C.REQUEST_ID_HEADER: call.request_id,
-            C.RETRY_COUNT_HEADER: str(attempt),
-        }
+    def _headers(self, call: APICall[Any], attempt: int) -> httpx.Headers:
+        """The SDK's headers, then `default_headers`, then the call's: a later one replaces an earlier one of the
+        same name in any case (`authorization` replaces the SDK's Authorization; one X-Request-ID per call)."""
+        headers = httpx.Headers(
+            {
+                "Accept": "application/json",
+                "User-Agent": self.user_agent,
+                C.REQUEST_ID_HEADER: call.request_id,
+                C.RETRY_COUNT_HEADER: str(attempt),
+            }
+        )
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        headers.update(self._default_headers)
-        headers.update(call.headers or {})
+        for given in (self._default_headers, call.headers or {}):
+            for name, value in given.items():
+                headers[name] = value
         return headers
 
     def _options(self) -> dict[str, Any]:
@@ -445,6 +467,9 @@ class BaseClient:
 
     def _build_request(self, http: httpx.Client | httpx.AsyncClient, call: APICall[Any], attempt: int) -> httpx.Request:
         """The request of attempt number `attempt` (0 first); every attempt carries the call's request id."""
+        if self._closed or http.is_closed:
+            why = "close() was called" if self._closed else "its connection pool (http_client) was closed"
+            raise ClientClosedError(f"the client is closed ({why}): make a new {type(self).__name__}")
         url = self.base_url.join(call.path.lstrip("/"))
         timeout = self.timeout if isinstance(call.timeout, NotGiven) else call.timeout
         return http.build_request(

@@ -11,9 +11,10 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal
+from urllib.parse import quote
 
 import httpx
 
@@ -43,7 +44,7 @@ from ._base_client import (
     worth_polling_again,
 )
 from ._exceptions import APIError
-from ._images import ImageInput
+from ._images import ImageInput, MessageInput
 from .types import BestOfN, Health, Job, JobResult, ModelList, Rewards
 
 __all__ = ["AsyncClient", "Client"]
@@ -54,11 +55,17 @@ RewardMode = Literal["dpo", "claims"]
 ClaimScore = Literal["count", "expected"]
 
 
-def _job_path(job_id: str | Job, suffix: str = "") -> str:
-    job_id = job_id.id if isinstance(job_id, Job) else job_id
-    if not job_id or "/" in job_id:
+def _job_id(job: str | Job) -> str:
+    """The id of `job`; an id that would name another path ("", ".", "..", one with "/") is refused."""
+    job_id = job.id if isinstance(job, Job) else job
+    if job_id in ("", ".", "..") or "/" in job_id:
         raise ValueError(f"invalid job id {job_id!r}")
-    return f"/v1/jobs/{job_id}{suffix}"
+    return job_id
+
+
+def _job_path(job: str | Job, suffix: str = "") -> str:
+    """The job's URL path, its id percent-encoded: "a?b" is the job "a?b", not the job "a" with a query."""
+    return f"/v1/jobs/{quote(_job_id(job), safe='')}{suffix}"
 
 
 class _ProgressBar:
@@ -81,8 +88,8 @@ class Client(BaseClient):
     """Blocking client of the RLAIF-V reward service.
 
     Args:
-        base_url: Server root, e.g. ``http://localhost:8000``. Default: env ``RLAIFV_BASE_URL``, else
-            ``http://127.0.0.1:8000``.
+        base_url: Server root, e.g. ``http://localhost:8000`` (a final ``/v1``, as the ``openai`` client takes it, is
+            dropped: the SDK's paths carry it). Default: env ``RLAIFV_BASE_URL``, else ``http://127.0.0.1:8000``.
         api_key: Sent as ``Authorization: Bearer <key>``. Default: env ``RLAIFV_API_KEY``; none when unset.
         timeout: Seconds (or an ``httpx.Timeout``) per attempt; ``None`` waits forever. Default 180 s, 5 s to connect.
         max_retries: Retries after connection errors, 408, 429, 502, 503 and 504 (never other 4xx). Default 2.
@@ -127,7 +134,9 @@ class Client(BaseClient):
         return Client(**(self._options() | options), http_client=http_client)
 
     def close(self) -> None:
-        """Close the connection pool (unless you passed your own ``http_client``)."""
+        """Close the connection pool (unless you passed your own ``http_client``); later calls raise
+        ``ClientClosedError``."""
+        self._closed = True
         if self._owns_http:
             self._http.close()
 
@@ -160,7 +169,7 @@ class Client(BaseClient):
             time.sleep(delay)
             attempt += 1
 
-    def _stream_lines(self, call: APICall[Any]) -> Iterator[str]:
+    def _stream_lines(self, call: APICall[Any]) -> Generator[str, None, None]:
         """The response body's lines as they arrive; retried like `_request` until the response starts."""
         attempt = 0
         while True:
@@ -196,7 +205,7 @@ class Client(BaseClient):
         image: ImageInput | None = None,
         images: Iterable[ImageInput] | None = None,
         question: str | None = None,
-        messages: Sequence[Mapping[str, Any]] | None = None,
+        messages: Sequence[MessageInput] | None = None,
         continue_final_message: bool | None = None,
         n: int | None = None,
         temperature: float | None = None,
@@ -257,7 +266,7 @@ class Client(BaseClient):
         image: ImageInput | None = None,
         images: Iterable[ImageInput] | None = None,
         question: str | None = None,
-        messages: Sequence[Mapping[str, Any]] | None = None,
+        messages: Sequence[MessageInput] | None = None,
         continue_final_message: bool | None = None,
         beta: float | None = None,
         normalize: Normalize | None = None,
@@ -357,7 +366,8 @@ class Jobs:
         callbacks = _progress_callbacks(on_progress, progress)
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = min(poll_interval, C.MAX_POLL_INTERVAL)
-        path = _job_path(job_id)
+        name = _job_id(job_id)
+        path = _job_path(name)
         job: Job | None = job_id if isinstance(job_id, Job) else None
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -375,7 +385,7 @@ class Jobs:
                     return job
             left = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and left is not None and left <= 0:
-                raise wait_timed_out(path.rsplit("/", 1)[-1], timeout, job, error) from error
+                raise wait_timed_out(name, timeout, job, error) from error
             time.sleep(interval if left is None else min(interval, left))
 
     def submit_file(
@@ -394,10 +404,13 @@ class Jobs:
             upload_call(path, kind, metadata, timeout, submission_headers(idempotency_key, extra_headers))
         )
 
-    def results(self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Iterator[JobResult]:
+    def results(
+        self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN
+    ) -> Generator[JobResult, None, None]:
         """Iterate over the job's results so far, in item order (each a ``BestOfN``/``Rewards`` or an error, with
         the item's ``custom_id``). Streamed as JSONL and parsed line by line, so a job of any size costs the memory
-        of one result; items without a result yet are left out, so call after ``wait`` for all of them."""
+        of one result; items without a result yet are left out, so call after ``wait`` for all of them. A
+        generator: ``close()`` it (``contextlib.closing``) to release the stream when stopping early."""
         call = results_call(_job_path(job_id, "/results"), timeout)
         for line in self._client._stream_lines(call):
             if line:
@@ -440,7 +453,9 @@ class AsyncClient(BaseClient):
         return AsyncClient(**(self._options() | options), http_client=http_client)
 
     async def aclose(self) -> None:
-        """Close the connection pool (unless you passed your own ``http_client``)."""
+        """Close the connection pool (unless you passed your own ``http_client``); later calls raise
+        ``ClientClosedError``."""
+        self._closed = True
         if self._owns_http:
             await self._http.aclose()
 
@@ -510,7 +525,7 @@ class AsyncClient(BaseClient):
         image: ImageInput | None = None,
         images: Iterable[ImageInput] | None = None,
         question: str | None = None,
-        messages: Sequence[Mapping[str, Any]] | None = None,
+        messages: Sequence[MessageInput] | None = None,
         continue_final_message: bool | None = None,
         n: int | None = None,
         temperature: float | None = None,
@@ -561,7 +576,7 @@ class AsyncClient(BaseClient):
         image: ImageInput | None = None,
         images: Iterable[ImageInput] | None = None,
         question: str | None = None,
-        messages: Sequence[Mapping[str, Any]] | None = None,
+        messages: Sequence[MessageInput] | None = None,
         continue_final_message: bool | None = None,
         beta: float | None = None,
         normalize: Normalize | None = None,
@@ -663,7 +678,8 @@ class AsyncJobs:
         callbacks = _progress_callbacks(on_progress, progress)
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = min(poll_interval, C.MAX_POLL_INTERVAL)
-        path = _job_path(job_id)
+        name = _job_id(job_id)
+        path = _job_path(name)
         job: Job | None = job_id if isinstance(job_id, Job) else None
         while True:
             left = None if deadline is None else deadline - time.monotonic()
@@ -683,12 +699,12 @@ class AsyncJobs:
                     return job
             left = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and left is not None and left <= 0:
-                raise wait_timed_out(path.rsplit("/", 1)[-1], timeout, job, error) from error
+                raise wait_timed_out(name, timeout, job, error) from error
             await asyncio.sleep(interval if left is None else min(interval, left))
 
     async def results(
         self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN
-    ) -> AsyncIterator[JobResult]:
+    ) -> AsyncGenerator[JobResult, None]:
         """Iterate (``async for``) over the job's results so far, in item order, streamed. See ``Jobs.results``.
 
         To stop early, close it (``async with contextlib.aclosing(client.jobs.results(job)) as results:``): the

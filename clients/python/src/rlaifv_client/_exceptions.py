@@ -2,6 +2,7 @@
 
 RLAIFVError
 ├── ImageInputError             an image argument the SDK cannot read or encode (also a ValueError)
+├── ClientClosedError           a call on a client after its close() / aclose() (also a RuntimeError)
 ├── JobError                    `Job.raise_for_status()` on a failed or cancelled job
 ├── WaitTimeoutError            `jobs.wait` gave up before the job finished (also a builtin TimeoutError)
 └── APIError                    anything the server or the network did
@@ -11,6 +12,7 @@ RLAIFVError
     │   ├── AuthenticationError 401: API key missing or not valid (`.code` says which)
     │   ├── PermissionDeniedError 403: refused (a proxy in front of the service)
     │   ├── NotFoundError       404: unknown route, model or job
+    │   ├── RequestTimeoutError 408: the server did not get the request body in time (also a builtin TimeoutError)
     │   ├── RateLimitError      429: queue full or over quota; `retry_after` in seconds
     │   └── ServerError         5xx
     └── APIConnectionError      no answer: connection refused, reset, DNS...
@@ -31,6 +33,7 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "AuthenticationError",
+    "ClientClosedError",
     "ConflictError",
     "FieldError",
     "ImageInputError",
@@ -40,6 +43,7 @@ __all__ = [
     "PermissionDeniedError",
     "RLAIFVError",
     "RateLimitError",
+    "RequestTimeoutError",
     "ServerError",
     "TimeoutError",
     "WaitTimeoutError",
@@ -65,6 +69,11 @@ def _rebuild(cls: type[RLAIFVError], args: tuple[Any, ...], state: dict[str, Any
 
 class ImageInputError(RLAIFVError, ValueError):
     """An image argument could not be read or encoded on the client side (nothing was sent)."""
+
+
+class ClientClosedError(RLAIFVError, RuntimeError):
+    """A method was called on a client after its `close()` / `aclose()`, or after its connection pool was closed
+    (a `with_options()` copy whose original was closed, or your own `http_client` closed): make a new client."""
 
 
 class JobError(RLAIFVError):
@@ -153,6 +162,11 @@ class NotFoundError(APIStatusError):
     """404: unknown route, model or job."""
 
 
+class RequestTimeoutError(APIStatusError, builtins.TimeoutError):
+    """408: the server gave up waiting for the request's body (`code` body_timeout: a slow or stalled upload).
+    Retried like a 429; raised after the retries. A builtin TimeoutError, as every timeout of the SDK."""
+
+
 class RateLimitError(APIStatusError):
     """429: the server's queue is full or the key is over quota. `retry_after` is the server's hint in seconds."""
 
@@ -193,6 +207,7 @@ _STATUS_ERRORS: dict[int, type[APIStatusError]] = {
     401: AuthenticationError,
     403: PermissionDeniedError,
     404: NotFoundError,
+    408: RequestTimeoutError,
     409: ConflictError,
     413: InvalidRequestError,
     422: InvalidRequestError,

@@ -1,8 +1,8 @@
 """Image arguments -> what the server's `images` field takes (a data URL, or an http(s) URL passed through).
 
 Accepted: a path (str or os.PathLike), raw bytes, a binary file object, a PIL image (encoded as PNG, or as JPEG
-when it was read from one; Pillow is never imported here, the image encodes itself), a `data:` URL, or an
-`http(s)://` URL that the server fetches itself when its operator allowed the host. `file://` URLs are read
+when it was read from one; Pillow is never imported here, the image encodes itself), a `data:` URL, bare base64,
+or an `http(s)://` URL that the server fetches itself when its operator allowed the host. `file://` URLs are read
 like paths.
 """
 
@@ -15,12 +15,35 @@ import sys
 from collections.abc import Iterable, Mapping
 from io import BytesIO
 from pathlib import Path
-from typing import IO, Any, TypeAlias
+from typing import IO, Any, Protocol, TypeAlias
 from urllib.parse import unquote, urlparse
 
 from ._exceptions import ImageInputError
 
-ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes] | Any"
+
+class BinaryReader(Protocol):
+    """A binary file object (`open(path, "rb")`, `BytesIO`, an HTTP response...): its `read()` gives the image."""
+
+    def read(self) -> bytes: ...
+
+
+class PILImageLike(Protocol):
+    """What the SDK needs of a PIL image, typed without importing Pillow (optional, so not a dependency)."""
+
+    @property
+    def mode(self) -> str: ...
+
+    def save(self, fp: IO[bytes], format: str | None = None, **params: Any) -> None: ...
+
+
+class SupportsModelDump(Protocol):
+    """A pydantic (v2) model, such as an OpenAI chat completion's `message`, given as a message."""
+
+    def model_dump(self, *, exclude_none: bool = False) -> dict[str, Any]: ...
+
+
+ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryReader | PILImageLike"
+MessageInput: TypeAlias = "Mapping[str, Any] | SupportsModelDump"
 
 _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG\r\n\x1a\n", "image/png"),
@@ -51,25 +74,108 @@ def _is_pil_image(obj: Any) -> bool:
     return pil is not None and isinstance(obj, pil.Image)
 
 
+def _short(value: str, limit: int = 60) -> str:
+    """`value` quoted and cut to `limit` characters: an error must not repeat a megabyte of base64."""
+    return repr(value if len(value) <= limit else value[:limit] + "…")
+
+
 def _read_path(path: str | os.PathLike[str]) -> bytes:
     try:
         return Path(path).expanduser().read_bytes()
     except FileNotFoundError:
-        raise ImageInputError(f"image file not found: {os.fspath(path)!r}") from None
+        raise ImageInputError(f"image file not found: {_short(os.fspath(path))}") from None
     except OSError as exc:
-        raise ImageInputError(f"cannot read image file {os.fspath(path)!r}: {exc.strerror or exc}") from None
+        raise ImageInputError(f"cannot read image file {_short(os.fspath(path))}: {exc.strerror or exc}") from None
+
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")
+_PASSED_SCHEMES = ("http", "https", "data")
+
+
+def _scheme(text: str) -> str:
+    """The URL scheme `text` starts with, lowercased, or "". A name other than http(s), data or file counts only
+    before "//" ("s3://b/k"), so "C:\\cat.png" and a file named "a:b.png" stay paths."""
+    match = _SCHEME.match(text)
+    if match is None:
+        return ""
+    scheme = match.group(1).lower()
+    return scheme if scheme in (*_PASSED_SCHEMES, "file") or text[match.end() :].startswith("//") else ""
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+_WHITESPACE = re.compile(r"\s+")
+
+
+def _is_base64(text: str) -> bool:
+    """Whether `text` is bare base64, as OpenAI-style clients send an image (the server reads it as it is): whole
+    quads of the base64 alphabet, at least 16 characters, padded only at the end, and not the name of a file."""
+    payload = _WHITESPACE.sub("", text)
+    whole = len(payload) >= 16 and len(payload) % 4 == 0
+    return whole and _BASE64.fullmatch(payload) is not None and not _is_file(text.strip())
+
+
+def _is_file(text: str) -> bool:
+    """Whether `text` names a file (a name past the OS's limit, as a megabyte of base64 is, names none)."""
+    try:
+        return len(text) < 4096 and Path(text).expanduser().is_file()
+    except OSError:
+        return False
+
+
+_PNG_MODES = frozenset({"1", "L", "LA", "I;16", "I;16B", "P", "RGB", "RGBA"})
+
+
+def _png_storable(image: Any) -> Any:
+    """`image` in a mode PNG stores, as the server would read its pixels: CMYK, YCbCr, LAB, HSV... as RGB,
+    premultiplied alpha as plain alpha, float as 8-bit grey (clipped to 0-255), 32-bit integers as 16-bit grey
+    (as 8-bit grey of their top byte when past 65535, the server's scaling of such images)."""
+    mode = image.mode
+    if mode in _PNG_MODES:
+        return image
+    if mode in ("RGBa", "PA"):
+        return image.convert("RGBA")
+    if mode == "La":
+        return image.convert("LA")
+    if mode == "F":
+        return image.convert("L")
+    if mode == "I" or mode.startswith("I;"):
+        image = image if mode == "I" else image.convert("I")
+        if image.getextrema()[1] <= 0xFFFF:
+            return image.convert("I;16")
+        return image.point(lambda value: value * (1 / 2**24)).convert("L")
+    return image.convert("RGB")
+
+
+def _encode_pil(image: Any) -> str:
+    # A photo read from a JPEG stays a JPEG (as PNG it grows ~6x, past the server's limits); the rest is PNG.
+    jpeg = getattr(image, "format", None) == "JPEG" and image.mode in ("RGB", "L", "CMYK")
+    kind = "JPEG" if jpeg else "PNG"
+    buffer = BytesIO()
+    try:
+        (image if jpeg else _png_storable(image)).save(buffer, format=kind, **({"quality": 95} if jpeg else {}))
+    except (OSError, ValueError) as exc:
+        raise ImageInputError(f"cannot encode PIL image (mode {image.mode}) as {kind}: {exc}") from None
+    return data_url(buffer.getvalue(), f"image/{kind.lower()}")
 
 
 def encode_image(image: ImageInput) -> str:
-    """One image argument -> a data URL (or an http(s) URL, unchanged). Raises `ImageInputError`."""
+    """One image argument -> a data URL, or a string the server reads as it is (a data: or http(s) URL, bare
+    base64) unchanged. Raises `ImageInputError`."""
     if isinstance(image, str):
-        scheme = image.split(":", 1)[0].lower() if ":" in image[:12] else ""
-        if scheme in ("http", "https", "data"):
+        text = image.strip()
+        scheme = _scheme(text)
+        if scheme in _PASSED_SCHEMES:
             return image
         if scheme == "file":
-            return data_url(_read_path(unquote(urlparse(image).path)))
-        if not image.strip():
+            return data_url(_read_path(unquote(urlparse(text).path)))
+        if scheme:
+            raise ImageInputError(
+                f"unsupported image URL scheme {_short(scheme)}: give a path, bytes, or a data:/http(s):// URL"
+            )
+        if not text:
             raise ImageInputError("image is an empty string")
+        if _is_base64(text):
+            return image
         return data_url(_read_path(image))
     if isinstance(image, os.PathLike):
         return data_url(_read_path(image))
@@ -79,16 +185,7 @@ def encode_image(image: ImageInput) -> str:
             raise ImageInputError("image is empty (0 bytes)")
         return data_url(data)
     if _is_pil_image(image):
-        buffer = BytesIO()
-        pil_image: Any = image
-        # A photo read from a JPEG stays a JPEG (as PNG it grows ~6x, past the server's limits); the rest is PNG.
-        jpeg = getattr(pil_image, "format", None) == "JPEG" and pil_image.mode in ("RGB", "L", "CMYK")
-        kind = "JPEG" if jpeg else "PNG"
-        try:
-            pil_image.save(buffer, format=kind, **({"quality": 95} if jpeg else {}))
-        except (OSError, ValueError) as exc:
-            raise ImageInputError(f"cannot encode PIL image as {kind}: {exc}") from None
-        return data_url(buffer.getvalue(), f"image/{kind.lower()}")
+        return _encode_pil(image)
     if hasattr(image, "read"):
         data = image.read()
         if isinstance(data, (bytes, bytearray)):
@@ -113,16 +210,22 @@ def encode_images(image: ImageInput | None, images: Iterable[ImageInput] | None)
     return out
 
 
-def encode_message_images(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def encode_message_images(messages: Iterable[MessageInput]) -> list[dict[str, Any]]:
     """OpenAI-style `messages` with each `image_url` part's image encoded as `encode_image` does (a path, bytes, a
-    PIL image... as its `url`, or as the `image_url` itself); data: and http(s):// URLs pass as they are. The
-    caller's messages are not changed."""
+    PIL image... as its `url`, or as the `image_url` itself); data: and http(s):// URLs and bare base64 pass as they
+    are. A message may be a pydantic model (an OpenAI reply's `message`), sent as its fields that are not None.
+    The caller's messages are not changed."""
     if isinstance(messages, (str, bytes)) or not hasattr(messages, "__iter__"):
         raise TypeError("messages= takes a list of messages (dicts with 'role' and 'content')")
     out: list[dict[str, Any]] = []
-    for i, message in enumerate(messages):
+    for i, given in enumerate(messages):
+        dump = None if isinstance(given, Mapping) else getattr(given, "model_dump", None)
+        message = dump(exclude_none=True) if callable(dump) else given
         if not isinstance(message, Mapping):
-            raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
+            raise TypeError(
+                f"messages[{i}] must be a dict with 'role' and 'content' (or a pydantic model such as an OpenAI "
+                f"reply's message), got {type(given).__name__}"
+            )
         content = message.get("content")
         if not isinstance(content, list):
             out.append(dict(message))
@@ -135,35 +238,10 @@ def encode_message_images(messages: Iterable[Mapping[str, Any]]) -> list[dict[st
                 if "url" not in fields:
                     raise ImageInputError(f"messages[{i}].content[{j}].image_url has no 'url'")
                 try:
-                    fields["url"] = _message_image(fields["url"])
+                    fields["url"] = encode_image(fields["url"])
                 except ImageInputError as exc:
                     raise ImageInputError(f"messages[{i}].content[{j}].image_url.url: {exc}") from None
                 part = {**part, "image_url": fields}
             parts.append(part)
         out.append({**message, "content": parts})
     return out
-
-
-_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]{16,}")
-
-
-def _message_image(url: Any) -> Any:
-    """An image_url's `url`: encoded like `image=` when it is a local image (a path, bytes, a PIL image...); a
-    string the server reads as it is (a data: or http(s) URL, bare base64, as OpenAI-style clients send it) goes
-    unchanged."""
-    if isinstance(url, str):
-        text = url.strip()
-        scheme = text.split(":", 1)[0].lower() if ":" in text[:12] else ""
-        if scheme in ("http", "https", "data"):
-            return url
-        if not scheme and _BASE64.fullmatch(text) and "." not in text and not _is_file(text):
-            return url
-    return encode_image(url)
-
-
-def _is_file(text: str) -> bool:
-    """Whether `text` names a file (a name past the OS's limit, as a megabyte of base64 is, names none)."""
-    try:
-        return len(text) < 4096 and Path(text).expanduser().is_file()
-    except OSError:
-        return False
