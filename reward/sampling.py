@@ -243,6 +243,9 @@ def sample_answers(
     if len(groups) > 1:
         merged: list[list[Sample]] = [[] for _ in prompts]
         for group in groups:
+            group = [i for i in group if not (withdrawals[i] is not None and withdrawals[i].is_set())]  # type: ignore[union-attr]
+            if not group:
+                continue
             part = sample_answers(
                 model,
                 [prompts[i] for i in group],

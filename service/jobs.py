@@ -136,6 +136,12 @@ def _canonical(request: JobRequest) -> str:
     return json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
 
+def _legacy_digest(request: JobRequest) -> str:
+    """The body's hash as versions before `_canonical` stored it: a retry that reaches an upgraded replica during
+    a rolling upgrade (its first try created the job on an old one) must find that job, not a 409."""
+    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+
+
 def is_envelope(item: dict[str, Any]) -> bool:
     """An item is either a bare request body or a `{"custom_id", "body"}` envelope."""
     return "body" in item and "custom_id" in item
@@ -148,7 +154,7 @@ def parse_jsonl(lines: Iterable[bytes]) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            text = line.decode("utf-8")
+            text = line.decode("utf-8-sig" if number == 1 else "utf-8")  # Windows tools write a BOM
         except UnicodeDecodeError as exc:  # json.loads(bytes) would guess UTF-16/32 from the first bytes
             raise BadRequest(
                 f"line {number} is not UTF-8 (byte {exc.start + 1})", param=f"items[{len(items)}]"
@@ -239,11 +245,11 @@ class JobStore:
                         break
                     raw = await self.redis.get(key)
                     if raw is not None:
-                        return await self._replay(key, raw.decode(), digest, owner)
+                        return await self._replay(key, raw.decode(), {digest, _legacy_digest(request)}, owner)
                 else:
                     raise SubmissionPending(
                         "this Idempotency-Key is being claimed by another request; retry",
-                        param="idempotency-key",
+                        param="Idempotency-Key",
                         headers={"Retry-After": "1"},
                     )
             try:
@@ -260,14 +266,14 @@ class JobStore:
                 raise StoreUnavailable("the job expired as it was created", headers={"Retry-After": "1"})
             return job
 
-    async def _replay(self, key: str, claimed: str, digest: str, owner: str | None) -> Job:
+    async def _replay(self, key: str, claimed: str, digests: set[str], owner: str | None) -> Job:
         """The job an earlier request with the same Idempotency-Key created (it may still be being written).
 
         Its job not there yet: the first request is still writing it, or died doing so (its claim then expires
         within `CLAIM_PENDING_S`): a 503 to retry after, never a 409 that would refuse the key for the TTL."""
         first_id, first_digest = claimed.split()
-        if first_digest != digest:
-            raise Conflict("this Idempotency-Key was used for a different request body", param="idempotency-key")
+        if first_digest not in digests:
+            raise Conflict("this Idempotency-Key was used for a different request body", param="Idempotency-Key")
         for _ in range(100):
             job = await self._get(first_id, owner)
             if job is not None:
@@ -277,7 +283,7 @@ class JobStore:
         raise SubmissionPending(
             "the request that first used this Idempotency-Key has not created its job (still writing it, or it"
             f" failed); retry after {wait} s",
-            param="idempotency-key",
+            param="Idempotency-Key",
             headers={"Retry-After": str(wait)},
         )
 
@@ -422,6 +428,7 @@ class JobWorkers:
         self.count = settings.jobs_workers
         self.claim_idle_ms = settings.jobs_claim_idle_ms
         self.backoff_max_s = settings.jobs_backoff_max_s
+        self.redis_timeout_s = settings.redis_connect_timeout_s
         self.metrics = metrics
         self.batch = max(1, min(settings.max_batch, 16))
         self.redis_ok = True
@@ -466,12 +473,15 @@ class JobWorkers:
         XINFO CONSUMERS, where idle ones are looked for. One that still holds entries stays, so that another
         worker reclaims them (deleting a consumer drops its pending entries)."""
         redis, stream = self.store.redis, self.store.stream
-        for consumer in self._consumers:
-            try:
-                if not await redis.xpending_range(stream, GROUP, "-", "+", 1, consumer):
-                    await redis.xgroup_delconsumer(stream, GROUP, consumer)
-            except Exception as exc:  # Redis away: the entry stays, as a killed worker's does
-                log.debug("consumer %s left in the group: %s", consumer, type(exc).__name__)
+
+        async def leave(consumer: str) -> None:
+            if not await redis.xpending_range(stream, GROUP, "-", "+", 1, consumer):
+                await redis.xgroup_delconsumer(stream, GROUP, consumer)
+
+        try:  # one bound for all: a hung Redis must not eat the shutdown grace, consumer after consumer
+            await asyncio.wait_for(asyncio.gather(*map(leave, self._consumers)), self.redis_timeout_s)
+        except Exception as exc:  # Redis away: the entries stay, as a killed worker's do
+            log.debug("consumers left in the group: %s", type(exc).__name__)
 
     async def _next(self, consumer: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Stale entries of dead consumers first (XAUTOCLAIM), else new ones (XREADGROUP, blocking briefly)."""

@@ -19,8 +19,9 @@
   waits is answered 504 and never reaches the model.
 - Cancellation: when the client goes away or its deadline passes, its request
   leaves the queue at once, with its place and its images; in a batch already
-  running, its `Withdrawal` is set: its rows stop at the next decoding step
-  and it is not scored (the rest of the batch runs on).
+  running, its `Withdrawal` is set: its samples stop at the next decoding step
+  and it is not scored (the rest of the batch runs on; a scoring pass already
+  begun finishes).
 - Shutdown (`close`): new requests get 503 at once; queued and running work
   gets the time given, then every request still waiting for an answer gets 503
   `shutting_down` with Retry-After (`service/shutdown.py` closes it before the

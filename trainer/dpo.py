@@ -782,7 +782,9 @@ def _train_dpo(
         json.dumps([key, config.training_settings(), accelerator.num_processes, started_from]).encode()
     ).hexdigest()
     checkpoints = CheckpointStore(output_dir / CHECKPOINTS, run_key, keep=config.keep_checkpoints)
-    if config.lora:
+    # DeepSpeed and FSDP save and load the model themselves (accelerate's hooks see no weights there).
+    trainable_only = config.lora and accelerator.distributed_type not in _OWN_CHECKPOINTS
+    if trainable_only:
         _checkpoint_trainable_only(accelerator)
     resumed = checkpoints.latest()  # made by checkpoint_every_* or by a SIGTERM, with the same settings
     stale = checkpoints.others()
@@ -794,7 +796,7 @@ def _train_dpo(
             stacklevel=2,
         )
     if resumed is not None:
-        accelerator.load_state(str(resumed.folder), strict=not config.lora)
+        accelerator.load_state(str(resumed.folder), **({"strict": False} if trainable_only else {}))
         state = resumed.state
         start_epoch, updates, epoch_updates = state["epoch"], state["updates"], state["epoch_updates"]
         history = state["history"]
@@ -1080,6 +1082,10 @@ class CheckpointStore:
                     shutil.rmtree(old.folder, ignore_errors=True)
         accelerator.wait_for_everyone()
         return folder
+
+
+_OWN_CHECKPOINTS = ("DEEPSPEED", "FSDP", "MEGATRON_LM")
+"""accelerate's distributed types whose engines write and read the model's state themselves."""
 
 
 def _checkpoint_trainable_only(accelerator: Any) -> None:

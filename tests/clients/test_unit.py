@@ -862,6 +862,13 @@ def test_unsupported_url_schemes_are_named(value: str) -> None:
         best_of_n_body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": value}}]}])
 
 
+@pytest.mark.parametrize("value", ["/data/img/000001", "images/batch7/0001", "abcdefghijklmnop"])
+def test_a_missing_path_in_the_base64_alphabet_is_still_a_path(value: str) -> None:
+    """It was sent as base64, to fail on the server (once per job item) with no word of a missing file."""
+    with pytest.raises(ImageInputError, match="image file not found"):
+        encode_image(value)
+
+
 def test_a_drive_letter_is_a_path_not_a_scheme() -> None:
     with pytest.raises(ImageInputError, match="image file not found"):
         encode_image("C:\\no\\such\\cat.png")

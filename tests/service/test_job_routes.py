@@ -89,6 +89,14 @@ async def test_an_upload_line_that_is_not_utf8_is_named(client: httpx.AsyncClien
     assert error["message"].startswith("line 2 is not UTF-8")
 
 
+async def test_an_upload_that_starts_with_a_byte_order_mark_is_read(client: httpx.AsyncClient) -> None:
+    """Windows tools (PowerShell 5, Excel, Notepad) write UTF-8 with a BOM; json.loads(bytes) skipped it."""
+    body = "\ufeff".encode() + b'{"question": "q", "answers": ["a"]}\n{"question": "r", "answers": ["b"]}\n'
+    async with client:
+        response = await client.post("/v1/jobs/upload", params={"kind": "rewards"}, content=body)
+    assert response.status_code == 202, response.text
+
+
 @pytest.mark.parametrize(
     ("labels", "message"),
     [

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from rlaifv.service.errors import StoreUnavailable, SubmissionPending
+from rlaifv.service.errors import Conflict, StoreUnavailable, SubmissionPending
 from rlaifv.service.jobs import CLAIM_PENDING_S, PREFIX, JobStore
 from rlaifv.service.protocol import JobRequest
 from rlaifv.service.settings import Settings
@@ -129,6 +129,21 @@ async def test_an_idempotency_key_binds_the_body_not_its_key_order(store: JobSto
         idempotency_key="k-order",
     )
     assert again.id == first.id
+
+
+async def test_a_key_an_earlier_version_claimed_still_finds_its_job(store: JobStore) -> None:
+    """During a rolling upgrade a retry reaches a new replica while an old one created the job: the old version
+    hashed the body as `model_dump_json()`; a 409 there refused a job that exists (the SDK does not retry 409)."""
+    import hashlib
+
+    body = request()
+    first = await store.create(body, idempotency_key="k-legacy")
+    claim = f"{PREFIX}idem:-:k-legacy"
+    legacy = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    await store.redis.set(claim, f"{first.id} {legacy}", keepttl=True)  # as the old version wrote it
+    assert (await store.create(body, idempotency_key="k-legacy")).id == first.id
+    with pytest.raises(Conflict):
+        await store.create(request(3), idempotency_key="k-legacy")
 
 
 async def test_an_idempotency_key_whose_submission_died_is_free_again_once_its_claim_lapses(store: JobStore) -> None:

@@ -131,7 +131,7 @@ def test_idempotency_key_makes_a_retried_submission_return_the_first_job(make_se
         assert again.json()["id"] == first.json()["id"]
         assert redis.Redis.from_url(redis_url).xlen(stream) == 2  # the items were queued once
         other = client.post("/v1/jobs", json=body | {"items": [item]}, headers={"Idempotency-Key": "submit-1"})
-        assert other.status_code == 409 and other.json()["error"]["param"] == "idempotency-key"
+        assert other.status_code == 409 and other.json()["error"]["param"] == "Idempotency-Key"
         fresh = client.post("/v1/jobs", json=body)
         assert fresh.status_code == 202 and fresh.json()["id"] != first.json()["id"]
         bad = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "spaces are not allowed"})

@@ -54,6 +54,9 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
 )
 
 
+_TIFF = (b"II*\x00", b"MM\x00*")
+
+
 def sniff_mime(data: bytes) -> str:
     """The image MIME type from magic bytes; `application/octet-stream` when unknown (the server decides)."""
     for magic, mime in _MAGIC:
@@ -108,10 +111,14 @@ _WHITESPACE = re.compile(r"\s+")
 
 def _is_base64(text: str) -> bool:
     """Whether `text` is bare base64, as OpenAI-style clients send an image (the server reads it as it is): whole
-    quads of the base64 alphabet, at least 16 characters, padded only at the end, and not the name of a file."""
+    quads of the base64 alphabet, at least 16 characters, padded only at the end, decoding to an image's magic
+    bytes (a missing path such as "/data/img/000001" is in the alphabet too), and not the name of a file."""
     payload = _WHITESPACE.sub("", text)
     whole = len(payload) >= 16 and len(payload) % 4 == 0
-    return whole and _BASE64.fullmatch(payload) is not None and not _is_file(text.strip())
+    if not whole or _BASE64.fullmatch(payload) is None:
+        return False
+    head = base64.b64decode(payload[:16])
+    return (sniff_mime(head) != "application/octet-stream" or head[:4] in _TIFF) and not _is_file(text.strip())
 
 
 def _is_file(text: str) -> bool:
