@@ -15,7 +15,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from rlaifv.reward.images import PREPROCESSING_VERSION
-from rlaifv.service.redis_conn import REDIS_DOWN, Breaker
+from rlaifv.service.redis_conn import REDIS_FAILED, Breaker
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -76,8 +76,8 @@ class RewardCache:
                 return None
             try:
                 value = await self.redis.get(self.prefix + key)
-            except REDIS_DOWN as exc:
-                log.warning("reward cache skipped: redis unavailable (%s)", type(exc).__name__)
+            except REDIS_FAILED as exc:
+                log.warning("reward cache skipped: redis failed (%s: %s)", type(exc).__name__, str(exc)[:200])
                 self.breaker.trip()
                 return None
             return value.decode() if isinstance(value, bytes) else value
@@ -96,7 +96,7 @@ class RewardCache:
             if not self.breaker.open:
                 try:
                     await self.redis.set(self.prefix + key, value, ex=self.ttl_s)
-                except REDIS_DOWN:
+                except REDIS_FAILED:
                     self.breaker.trip()
             return
         self._memory[key] = (time.monotonic() + self.ttl_s, value)

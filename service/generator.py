@@ -19,13 +19,13 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
 from rlaifv.reward.prompt import user_message
 from rlaifv.service.errors import BadGateway, BadRequest, GeneratorUnavailable, ServiceError
+from rlaifv.service.urls import without_credentials
 
 if TYPE_CHECKING:
     from rlaifv.reward.sampling import SamplingParams
@@ -112,13 +112,6 @@ def openai_messages(
     return out
 
 
-def _display(url: str) -> tuple[str, str]:
-    """(host[:port], the URL without credentials): what messages and responses may show."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    return host, f"{parts.scheme}://{host}{parts.path}"
-
-
 def _error_message(response: httpx.Response) -> str:
     """The message of an error body in the shapes OpenAI, vLLM and FastAPI use; else the start of the text."""
     try:
@@ -144,7 +137,7 @@ class Generator:
         if settings.generator_url is None:
             raise ValueError("no generator_url configured")
         self.url = settings.generator_url
-        self.host, self.display_url = _display(self.url)
+        self.host, self.display_url = without_credentials(self.url)
         self.model = settings.generator_model or ""
         self.max_n = settings.generator_max_n
         self.timeout_s = settings.generator_timeout_s

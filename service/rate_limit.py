@@ -8,7 +8,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from rlaifv.service.redis_conn import REDIS_DOWN, Breaker
+from rlaifv.service.redis_conn import REDIS_FAILED, Breaker
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -46,8 +46,8 @@ class RateLimiter:
             pipe.expire(key, 120)
             try:
                 count, _ = await pipe.execute()
-            except REDIS_DOWN as exc:
-                log.warning("rate limit counted in memory: redis unavailable (%s)", type(exc).__name__)
+            except REDIS_FAILED as exc:
+                log.warning("rate limit counted in memory: redis failed (%s: %s)", type(exc).__name__, str(exc)[:200])
                 self.breaker.trip()
         if count is None:
             seen_window, count = self._memory.get(client, (window, 0))

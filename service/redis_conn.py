@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -31,6 +31,11 @@ REDIS_DOWN: tuple[type[Exception], ...] = (
 )
 
 
+REDIS_FAILED: tuple[type[Exception], ...] = (RedisError, OSError)
+"""What the optional users (the reward cache, rate limits) degrade on: any Redis error, a refused command too (an
+ACL user without write rights: every /v1/rewards was a 500, where the docs promise a cache miss)."""
+
+
 def connect(settings: Settings) -> Redis:
     from redis.asyncio import Redis
     from redis.asyncio.retry import Retry
@@ -39,7 +44,7 @@ def connect(settings: Settings) -> Redis:
     if not settings.redis_url:
         raise ValueError("no Redis configured (RLAIFV_REDIS_URL)")
     retry = Retry(ExponentialBackoff(cap=0.2, base=0.05), 1, supported_errors=(RedisConnectionError,))
-    return Redis.from_url(settings.redis_url, retry=retry, **settings.redis_options())
+    return Redis.from_url(settings.redis_connection_url(), retry=retry, **settings.redis_options())
 
 
 class Breaker:

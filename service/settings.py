@@ -17,6 +17,22 @@ DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "password", "test", "apikey", "api-key", "xxx"}
 
 
+def _check_netloc(url: str) -> None:
+    """A URL's host and port, read as the client will read them: a bad port ("abc", 99999) failed at start-up as a
+    traceback naming no setting."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL: {exc}") from None
+    if not parts.hostname:
+        raise ValueError("names no host")
+    if port == 0:
+        raise ValueError("port 0 is not a server's port")
+
+
 def _split(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()
@@ -32,13 +48,16 @@ CommaList = Annotated[list[str], NoDecode]
 
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+TEN_YEARS_S = 10 * 365 * 24 * 3600
+"""Bound of the TTL settings: Redis refuses an expiry past 2^63 ms, and every cache write then failed (500)."""
 
 
 class Settings(BaseSettings):
     """Configuration of `rlaifv serve` and `rlaifv worker`. Environment names: the field names upper-cased,
     prefixed with `RLAIFV_`."""
 
-    model_config = SettingsConfigDict(env_prefix="RLAIFV_", extra="ignore", validate_default=True)
+    # No float setting means anything at infinity (a grace of inf crashed `rlaifv serve`); NaN compares false.
+    model_config = SettingsConfigDict(env_prefix="RLAIFV_", extra="ignore", validate_default=True, allow_inf_nan=False)
 
     # -- model ------------------------------------------------------------------
     bundle: Path | None = Field(
@@ -52,10 +71,15 @@ class Settings(BaseSettings):
     )
     model_name: str | None = Field(None, description="Name advertised by /v1/models; the bundle's name when unset.")
     device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1'...; auto when unset.")
-    dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto | float32 | bfloat16 | float16."
+    )
     trust_remote_code: bool = Field(False, description="Allow model folders to run their own code (off by default).")
     torch_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads; torch's default when unset. 1 is often fastest on shared CPUs."
+        None,
+        ge=1,
+        le=1024,
+        description="torch intra-op threads; torch's default when unset. 1 is often fastest on shared CPUs.",
     )
     pack_weights: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -214,13 +238,15 @@ class Settings(BaseSettings):
         False, description="Make /readyz answer 503 while Redis is unreachable (off: Redis state is only reported)."
     )
     cache_size: int = Field(1024, ge=0, description="Entries of the in-memory reward cache; 0 disables caching.")
-    cache_ttl_s: int = Field(3600, ge=1, description="Lifetime of a cached reward.")
+    cache_ttl_s: int = Field(3600, ge=1, le=TEN_YEARS_S, description="Lifetime of a cached reward.")
     rate_limit_per_minute: int = Field(
         0, ge=0, description="Requests per minute per API key (or client address); 0: off."
     )
     jobs_stream: str = Field("rlaifv:jobs", description="Redis stream holding batch-job work items.")
     jobs_workers: int = Field(1, ge=0, description="Job consumers this replica runs (0: accept jobs, run none).")
-    jobs_claim_idle_ms: int = Field(60_000, ge=100, description="Idle time after which another worker reclaims a job.")
+    jobs_claim_idle_ms: int = Field(
+        60_000, ge=100, le=7 * 24 * 3600 * 1000, description="Idle time after which another worker reclaims a job."
+    )
     jobs_max_items: int = Field(10_000, ge=1, description="Most items in one batch job.")
     jobs_page_size: int = Field(
         500, ge=1, le=10_000, description="Results read from Redis per round trip while streaming a job's results."
@@ -228,7 +254,9 @@ class Settings(BaseSettings):
     jobs_backoff_max_s: float = Field(
         5.0, gt=0, description="Longest pause of a job worker between attempts while Redis is unreachable."
     )
-    jobs_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long job status and results are kept.")
+    jobs_ttl_s: int = Field(
+        7 * 24 * 3600, ge=60, le=TEN_YEARS_S, description="How long job status and results are kept."
+    )
 
     @field_validator("allowed_image_formats", "allowed_image_hosts", "api_keys", mode="before")
     @classmethod
@@ -237,8 +265,61 @@ class Settings(BaseSettings):
 
     @field_validator("allowed_image_formats")
     @classmethod
-    def _upper(cls, value: list[str]) -> list[str]:
-        return [v.upper() for v in value]
+    def _formats(cls, value: list[str]) -> list[str]:
+        """Pillow's format names: "JPG" matched no image (every JPEG was refused), an empty list every image."""
+        from PIL import Image
+
+        Image.init()
+        known = set(Image.OPEN)
+        formats = [v.upper() for v in value]
+        if not formats:
+            raise ValueError(f"must name at least one image format, e.g. {','.join(DEFAULT_IMAGE_FORMATS)}")
+        unknown = [f for f in formats if f not in known]
+        if unknown:
+            hint = " (Pillow calls it JPEG)" if "JPG" in unknown else ""
+            raise ValueError(
+                f"unknown image format(s) {', '.join(unknown)}{hint}; Pillow knows {', '.join(sorted(known))}"
+            )
+        return formats
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator(
+        "bundle", "api_keys_file", "redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file", mode="before"
+    )
+    @classmethod
+    def _empty_path(cls, value: Any) -> Any:
+        """An empty variable is unset (as for the URLs): it was the current folder."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
+    @classmethod
+    def _tls_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str | None) -> str | None:
+        """Refused here, before a model loads for minutes only to fail on the device."""
+        if value is None or not value.strip():
+            return None
+        value = value.strip().lower()
+        kind, _, index = value.partition(":")
+        if kind not in ("cpu", "cuda", "mps", "xpu") or (index and not index.isdigit()) or (kind == "cpu" and index):
+            raise ValueError(f"must be cpu, cuda, cuda:N, mps, xpu or xpu:N, got {value!r}")
+        if kind == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"{value}: this machine has no CUDA device (torch {torch.__version__})")
+            if index and int(index) >= torch.cuda.device_count():
+                raise ValueError(f"{value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return value
 
     @field_validator("generator_url", "vllm_policy_url", "vllm_reference_url")
     @classmethod
@@ -248,6 +329,7 @@ class Settings(BaseSettings):
         value = value.strip().rstrip("/")
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http(s) URL such as http://host:8000/v1")
+        _check_netloc(value)
         return value
 
     @field_validator("log_level")
@@ -262,9 +344,17 @@ class Settings(BaseSettings):
     def _redis_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
-        if not value.strip().startswith(("redis://", "rediss://", "unix://")):
+        value = value.strip()
+        if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis://, rediss:// (TLS) or unix:// URL")
-        return value.strip()
+        if value.startswith("unix://"):
+            from urllib.parse import urlsplit
+
+            if not urlsplit(value).path:
+                raise ValueError("a unix:// URL names the socket's path: unix:///run/redis/redis.sock")
+        else:
+            _check_netloc(value)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -285,6 +375,12 @@ class Settings(BaseSettings):
                 f"({self.vllm_timeout_s:g}): a vllm batch makes up to three calls in a row, each allowed that long to"
                 " get a connection and again to be answered"
             )
+        self._check_redis()
+        if self.protect_metrics and not self.load_api_keys():
+            raise ValueError(
+                "RLAIFV_PROTECT_METRICS needs API keys (RLAIFV_API_KEYS or RLAIFV_API_KEYS_FILE): without any, /metrics"
+                " would stay open"
+            )
         if self.default_max_tokens > self.max_tokens:
             self.default_max_tokens = self.max_tokens
         if not self.allow_placeholder_keys:
@@ -296,12 +392,48 @@ class Settings(BaseSettings):
                 )
         return self
 
+    def _check_redis(self) -> None:
+        """Redis settings that would be dropped without a word: TLS files without TLS (plaintext), TLS over a
+        socket, readiness on a Redis that is not configured."""
+        url = self.redis_url or ""
+        if self.ready_requires_redis and not url:
+            raise ValueError("RLAIFV_READY_REQUIRES_REDIS needs RLAIFV_REDIS_URL")
+        if self.redis_tls and url.startswith("unix://"):
+            raise ValueError("RLAIFV_REDIS_TLS needs a redis:// or rediss:// URL, not a unix:// socket")
+        tls = self.redis_tls or url.startswith("rediss://")
+        files = ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
+        given = [f"RLAIFV_{name.upper()}" for name in files if getattr(self, name) is not None]
+        if given and not tls:
+            raise ValueError(
+                f"{', '.join(given)} without TLS would be ignored (a plaintext connection): set RLAIFV_REDIS_TLS=true"
+                " or use a rediss:// URL"
+            )
+
+    def redis_connection_url(self) -> str:
+        """RLAIFV_REDIS_URL as the client gets it: rediss:// when RLAIFV_REDIS_TLS is on (redis-py takes no `ssl`
+        option with a redis:// URL: every command failed), and without the user or password that
+        RLAIFV_REDIS_USERNAME / RLAIFV_REDIS_PASSWORD override (redis-py lets the URL's win over its arguments)."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        url = self.redis_url or ""
+        if self.redis_tls and url.startswith("redis://"):
+            url = "rediss://" + url[len("redis://") :]
+        parts = urlsplit(url)
+        if url.startswith("unix://") or (self.redis_password is None and self.redis_username is None):
+            return url
+        if parts.username is None and parts.password is None:
+            return url
+        user = parts.username if self.redis_username is None else None  # the URL's user, with the password set
+        host = parts.netloc.rpartition("@")[2]
+        netloc = f"{user}@{host}" if user else host
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
     def load_api_keys(self) -> list[str]:
         """Keys from RLAIFV_API_KEYS plus the lines of RLAIFV_API_KEYS_FILE."""
         keys = list(self.api_keys)
         if self.api_keys_file is not None:
             try:
-                lines = self.api_keys_file.read_text().splitlines()
+                lines = self.api_keys_file.read_text(encoding="utf-8-sig").splitlines()
             except OSError as exc:
                 raise ValueError(f"cannot read api_keys_file {self.api_keys_file}: {exc.strerror}") from None
             in_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
@@ -325,9 +457,7 @@ class Settings(BaseSettings):
         if self.redis_username is not None:
             options["username"] = self.redis_username
         tls = self.redis_tls or (self.redis_url or "").startswith("rediss://")
-        if tls:
-            if not (self.redis_url or "").startswith("rediss://"):
-                options["ssl"] = True
+        if tls:  # the scheme says TLS: see `redis_connection_url`
             if self.redis_tls_ca_file is not None:
                 options["ssl_ca_certs"] = str(self.redis_tls_ca_file)
             if self.redis_tls_cert_file is not None:

@@ -53,6 +53,7 @@ from rlaifv.reward.token_bytes import TokenBytes
 from rlaifv.service.engines import vllm_payload
 from rlaifv.service.engines.base import EngineResult, GenerateRequest, Request, ScoreRequest
 from rlaifv.service.errors import BadGateway, BadRequest, EngineUnavailable, ServiceError
+from rlaifv.service.urls import without_credentials
 
 if TYPE_CHECKING:
     from rlaifv.reward.claims import AnswerVerdict
@@ -150,6 +151,7 @@ class VllmServer:
     def __init__(self, role: str, url: str, model: str | None, settings: Settings, metrics: Metrics | None) -> None:
         self.role = role
         self.root, self.api = api_root(url)
+        self.shown = without_credentials(self.root)[1]  # what messages, logs and /readyz show
         self.model = model or ""
         self.max_model_len: int | None = None
         self.timeout_s = settings.vllm_timeout_s
@@ -197,7 +199,7 @@ class VllmServer:
     # -- start-up (sync: load_engine runs in a thread) --------------------------
 
     def _unusable(self, problem: str) -> VllmStartupError:
-        return VllmStartupError(f"RLAIFV_ENGINE=vllm: the {self.role} server {self.root} is not usable: {problem}")
+        return VllmStartupError(f"RLAIFV_ENGINE=vllm: the {self.role} server {self.shown} is not usable: {problem}")
 
     def start(self, wait_s: float, *, serves: Served | None = None, images: bool = False) -> None:
         """Wait up to `wait_s` for /health, check /v1/models lists the model (resolving it when unset), and, when
@@ -216,7 +218,7 @@ class VllmServer:
                 problem = f"unreachable ({type(exc).__name__})"
             if time.monotonic() >= deadline:
                 raise VllmStartupError(
-                    f"RLAIFV_ENGINE=vllm: the {self.role} server {self.root} is not usable: {problem}; start it "
+                    f"RLAIFV_ENGINE=vllm: the {self.role} server {self.shown} is not usable: {problem}; start it "
                     f"(`vllm serve <bundle>/{self.role}`, docs/vllm.md) or fix RLAIFV_VLLM_{self.role.upper()}_URL"
                     + (f" (waited {wait_s:g} s, RLAIFV_VLLM_WAIT_S)" if wait_s else "")
                 )
@@ -251,7 +253,7 @@ class VllmServer:
                 fitting = [name for name, entry in models.items() if entry.get("parent") is None]
             if len(fitting) != 1:
                 raise VllmStartupError(
-                    f"the {self.role} server {self.root} serves {len(fitting)} {kind}models "
+                    f"the {self.role} server {self.shown} serves {len(fitting)} {kind}models "
                     f"({', '.join(fitting) or 'none'}; it lists {', '.join(models) or 'none'}); set {setting}"
                     + (
                         " and serve the adapter with --enable-lora --lora-modules NAME=<bundle>/policy"
@@ -262,18 +264,18 @@ class VllmServer:
             self.model = fitting[0]
         elif self.model not in models:
             raise VllmStartupError(
-                f"the {self.role} server {self.root} does not serve '{self.model}' (it lists {', '.join(models)})"
+                f"the {self.role} server {self.shown} does not serve '{self.model}' (it lists {', '.join(models)})"
             )
         is_adapter = models[self.model].get("parent") is not None
         if serves == "adapter" and not is_adapter:
             raise VllmStartupError(
-                f"the bundle's policy is a LoRA adapter but '{self.model}' on {self.root} is a base model: serve the "
+                f"the bundle's policy is a LoRA adapter but '{self.model}' on {self.shown} is a base model: serve the "
                 f"adapter with `vllm serve <bundle>/reference --enable-lora --lora-modules NAME=<bundle>/policy` and "
                 f"set {setting}=NAME (docs/vllm.md, LoRA policies)"
             )
         if serves == "base" and is_adapter:
             raise VllmStartupError(
-                f"the reference of a LoRA policy is its base model, but '{self.model}' on {self.root} is a LoRA "
+                f"the reference of a LoRA policy is its base model, but '{self.model}' on {self.shown} is a LoRA "
                 f"module; set {setting} to the base model's name"
             )
 
@@ -299,8 +301,8 @@ class VllmServer:
         try:
             response = await self.probe_client.get(self.root + "/health")
         except httpx.HTTPError as exc:
-            return f"unavailable: {self.root} unreachable ({type(exc).__name__})"
-        return "ok" if response.status_code == 200 else f"unavailable: {self.root}/health HTTP {response.status_code}"
+            return f"unavailable: {self.shown} unreachable ({type(exc).__name__})"
+        return "ok" if response.status_code == 200 else f"unavailable: {self.shown}/health HTTP {response.status_code}"
 
     def _fail(self, reason: str, exc: ServiceError) -> ServiceError:
         if self.metrics is not None:
@@ -322,10 +324,10 @@ class VllmServer:
                     raise
                 response = await self.client.post(url, json=body)  # an idle connection the server just closed
         except httpx.TimeoutException:
-            message = f"the vLLM {self.role} server {self.root} did not answer within {self.timeout_s:g} s"
+            message = f"the vLLM {self.role} server {self.shown} did not answer within {self.timeout_s:g} s"
             raise self._fail("timeout", EngineUnavailable(message, headers=retry)) from None
         except httpx.HTTPError as exc:
-            message = f"the vLLM {self.role} server {self.root} is unreachable ({type(exc).__name__})"
+            message = f"the vLLM {self.role} server {self.shown} is unreachable ({type(exc).__name__})"
             raise self._fail("unreachable", EngineUnavailable(message, headers=retry)) from None
         finally:
             if self.metrics is not None:
@@ -334,7 +336,7 @@ class VllmServer:
         if status >= 300:
             detail = f"HTTP {status}: {_error_message(response)}"
             if status in (408, 429) or status >= 500:
-                message = f"the vLLM {self.role} server {self.root} is overloaded or failing ({detail})"
+                message = f"the vLLM {self.role} server {self.shown} is overloaded or failing ({detail})"
                 raise self._fail("unavailable", EngineUnavailable(message, headers=retry))
             if status in (401, 403, 404):
                 raise self._fail("refused", BadGateway(f"the vLLM {self.role} server refused us ({detail})"))
@@ -450,7 +452,7 @@ class InProcessReference:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
-        self.root = f"in process ({folder})"
+        self.root = self.shown = f"in process ({folder})"
         self.model = load_model(folder, device=settings.device, dtype=settings.dtype)
         tokenizer = processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -394,3 +394,29 @@ async def test_a_batch_running_longer_than_the_claim_idle_time_stays_its_workers
     await workers.stop(grace_s=5)
     done = await store.get(job.id)
     assert done is not None and done.completed == 1 and serving.calls == 1
+
+
+async def test_credentials_in_settings_win_and_a_redis_refusing_writes_is_a_cache_miss(redis_url: str) -> None:
+    """The URL's password won over RLAIFV_REDIS_PASSWORD (redis-py lets the URL's options win); an ACL user
+    without write rights made every /v1/rewards a 500 (the cache caught only outages)."""
+    import redis as sync_redis
+
+    from rlaifv.service.cache import RewardCache
+    from rlaifv.service.rate_limit import RateLimiter
+    from rlaifv.service.redis_conn import Breaker, connect
+
+    admin = sync_redis.Redis.from_url(redis_url)
+    admin.execute_command("ACL", "SETUSER", "reader", "on", ">reader-pass-0123", "~*", "+@read", "+@connection")
+    url = redis_url.replace("redis://", "redis://reader:wrong-pass@")
+    settings = Settings(bundle="unused", redis_url=url, redis_password="reader-pass-0123")
+    reader = connect(settings)
+    try:
+        assert await reader.ping()
+        cache = RewardCache(size=8, ttl_s=60, redis=reader, breaker=Breaker(5.0))
+        await cache.set("k", "v")  # NOPERM: not stored, no error
+        assert await cache.get("k") is None
+        limiter = RateLimiter(per_minute=1, redis=connect(settings), breaker=Breaker(5.0))
+        assert await limiter.hit("c") is None and await limiter.hit("c") is not None  # counted in memory
+    finally:
+        await reader.aclose()
+        admin.execute_command("ACL", "DELUSER", "reader")

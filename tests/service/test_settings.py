@@ -58,11 +58,89 @@ def test_flags_override_env(monkeypatch) -> None:
         ("pack_weights", "sometimes"),
         ("log_level", "bogus"),
         ("redis_url", "http://x"),
+        ("redis_url", "redis://:pw@127.0.0.1:abc/0"),
+        ("redis_url", "redis://:pw@[::1/0"),
+        ("redis_url", "unix://"),
+        ("generator_url", "http://127.0.0.1:abc/v1"),
+        ("generator_url", "http://127.0.0.1:99999/v1"),
+        ("vllm_policy_url", "http:///v1"),
+        ("dtype", "float64"),
+        ("dtype", ""),
+        ("device", "tpu"),
+        ("device", "cpu:1"),
+        ("allowed_image_formats", ""),
+        ("allowed_image_formats", "PNG,JPG"),
+        ("shutdown_grace_s", float("inf")),
+        ("request_timeout_s", float("nan")),
+        ("cache_ttl_s", 10**17),
+        ("jobs_ttl_s", 10**20),
+        ("torch_threads", 100_000),
+        ("protect_metrics", True),
+        ("ready_requires_redis", True),
+        ("redis_tls_ca_file", "/no/such/ca.pem"),
     ],
 )
 def test_unsafe_or_invalid_settings_refused(field, value) -> None:
+    """Each was accepted and failed later: a traceback after the model loaded, 500s on every request (a TTL Redis
+    refuses), every JPEG refused ("JPG"), /metrics left open while "protected", a grace of inf crashing serve."""
     with pytest.raises(ValidationError):
         Settings(**{field: value})
+
+
+def test_a_device_without_cuda_is_refused_before_the_model_loads() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValidationError, match="no CUDA device"):
+        Settings(device="cuda")
+    assert Settings(device=" CPU ").device == "cpu" and Settings(dtype="BFloat16").dtype == "bfloat16"
+
+
+def test_redis_settings_that_would_be_dropped_are_refused(tmp_path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here")
+    with pytest.raises(ValidationError, match="RLAIFV_REDIS_TLS_CA_FILE without TLS"):
+        Settings(redis_url="redis://127.0.0.1:6379/0", redis_tls_ca_file=ca)
+    with pytest.raises(ValidationError, match="not a unix:// socket"):
+        Settings(redis_url="unix:///run/redis.sock", redis_tls=True)
+    assert Settings(redis_url="rediss://127.0.0.1:6379/0", redis_tls_ca_file=ca).redis_options()["ssl_ca_certs"] == str(
+        ca
+    )
+
+
+def test_tls_over_a_redis_url_reaches_the_client() -> None:
+    """`ssl=True` beside a redis:// URL made every command fail (redis-py's plain connection takes no `ssl`)."""
+    from redis.asyncio.connection import SSLConnection
+
+    from rlaifv.service.redis_conn import connect
+
+    settings = Settings(redis_url="redis://127.0.0.1:6390/0", redis_tls=True)
+    assert settings.redis_connection_url() == "rediss://127.0.0.1:6390/0"
+    assert connect(settings).connection_pool.connection_class is SSLConnection
+
+
+@pytest.mark.parametrize(
+    ("url", "settings", "expected"),
+    [
+        ("redis://:wrong@h:1/0", {"redis_password": "right"}, "redis://h:1/0"),
+        ("redis://bob:wrong@h:1/0", {"redis_password": "right"}, "redis://bob@h:1/0"),
+        ("redis://bob:wrong@h:1/0", {"redis_username": "ann", "redis_password": "right"}, "redis://h:1/0"),
+        ("redis://bob:pw@h:1/0", {}, "redis://bob:pw@h:1/0"),
+        ("redis://h:1/0", {"redis_password": "right"}, "redis://h:1/0"),
+    ],
+)
+def test_the_password_setting_overrides_one_in_the_url(url: str, settings: dict, expected: str) -> None:
+    assert Settings(redis_url=url, **settings).redis_connection_url() == expected
+
+
+def test_empty_path_variables_are_unset_and_a_keys_file_may_start_with_a_bom(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("RLAIFV_BUNDLE", "")
+    monkeypatch.setenv("RLAIFV_API_KEYS_FILE", "")
+    assert Settings().bundle is None and Settings().api_keys_file is None
+    keys = tmp_path / "keys"
+    keys.write_text("\ufeffsk-first-key-0123\nsk-second-key-456\n", encoding="utf-8")
+    assert Settings(api_keys_file=keys).load_api_keys() == ["sk-first-key-0123", "sk-second-key-456"]
 
 
 def test_placeholder_keys_allowed_only_when_asked() -> None:
@@ -172,7 +250,7 @@ def test_serve_finds_a_busy_port_before_loading_the_model(tmp_path, monkeypatch)
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     loaded: list[bool] = []
-    monkeypatch.setattr(serve_cli, "check_bundle", lambda bundle: None)
+    monkeypatch.setattr(serve_cli, "check_bundle", lambda bundle, **_: None)
     monkeypatch.setattr("rlaifv.service.app.create_app", lambda settings: loaded.append(True))
     port = busy.getsockname()[1]
     try:

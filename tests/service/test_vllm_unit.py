@@ -726,3 +726,20 @@ async def test_a_withdrawn_request_closes_its_vllm_requests_and_the_batch_runs_o
     assert cancelled.is_set() and isinstance(withdrawn, Withdrawn)
     assert not isinstance(kept, Exception) and len(kept.ranking.candidates) == 2
     await engine.aclose()
+
+
+async def test_credentials_in_a_vllm_url_are_never_shown(text_bundle: Path) -> None:
+    """The start-up log, /readyz (no key needed) and 503 messages showed http://user:password@host."""
+    from rlaifv.service.engines.vllm import VllmEngine
+
+    settings = Settings(
+        bundle=text_bundle,
+        engine="vllm",
+        vllm_policy_url="http://u:vllmS3CRET@127.0.0.1:9/v1",
+        vllm_reference_url="http://u:vllmS3CRET@127.0.0.1:9/v1",
+    )
+    engine = VllmEngine(text_bundle, settings)
+    assert "vllmS3CRET" not in str(engine.policy._unusable("down")) and "127.0.0.1:9" in engine.policy.shown
+    assert "vllmS3CRET" not in await engine.policy.probe()
+    assert "vllmS3CRET" in engine.policy.root  # the requests themselves still carry it
+    await engine.aclose()
