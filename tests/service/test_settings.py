@@ -92,8 +92,8 @@ def test_a_device_without_cuda_is_refused_before_the_model_loads() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(ValidationError, match="no CUDA device"):
-        Settings(device="cuda")
+    assert "no CUDA device" in (Settings(device="cuda").device_problem() or "")  # asked by serve and worker
+    assert Settings(device="cpu").device_problem() is None
     assert Settings(device=" CPU ").device == "cpu" and Settings(dtype="BFloat16").dtype == "bfloat16"
 
 
