@@ -73,7 +73,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics.ready.set(1)
     log.info(
         "ready",
-        extra={"model": app.state.serving.model_name, "load_s": round(load_s, 3), "bundle": str(settings.bundle)},
+        extra={
+            "model": app.state.serving.model_name,
+            "load_s": round(load_s, 3),
+            "bundle": str(settings.bundle),
+            "engine": settings.engine,
+            "device": settings.device or "auto",
+            "dtype": settings.dtype,
+            "api_keys": len(settings.load_api_keys()),  # 0: /v1 is open to anyone who reaches the port
+            "redis": redis is not None,
+            "job_workers": settings.jobs_workers if redis is not None else 0,
+        },
     )
     try:
         yield

@@ -67,6 +67,8 @@ async def test_sigterm_finishes_in_flight_requests(service_bundle, red_url: str,
     lines = [json.loads(line) for line in log.read().splitlines() if line.startswith("{")]
     messages = [entry["message"] for entry in lines]
     assert "ready" in messages and "stopped" in messages
+    (ready,) = [e for e in lines if e["message"] == "ready"]  # what an operator checks a rollout by
+    assert (ready["engine"], ready["dtype"], ready["api_keys"], ready["redis"]) == ("transformers", "auto", 0, False)
     requests = [e for e in lines if e["message"] == "request" and e.get("route") == "/v1/best-of-n"]
     assert len(requests) == 12 and all(e["status"] == 200 and len(e["request_id"]) == 32 for e in requests)
 
