@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rlaifv.reward.errors import BundleError
 from rlaifv.reward.scoring import Normalize, RewardConfig
@@ -41,7 +42,7 @@ class BundleManifest(BaseModel):
     reference: str = Field(
         min_length=1, description="Folder of the reference model (the LoRA base when policy_type=lora)."
     )
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(0.1, gt=0, allow_inf_nan=False)
     normalize: Normalize = "mean"
     end_of_turn: str | None = Field(
         None, description="Token closing an assistant turn; the tokenizer's EOS when unset."
@@ -49,6 +50,17 @@ class BundleManifest(BaseModel):
     provenance: dict[str, Any] = Field(
         default_factory=dict, description="How the policy was made: data hashes, settings, metrics."
     )
+
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, name: str) -> str:
+        """The name is the model id clients send back and logs show: blank or with control characters, it cannot
+        be typed or read."""
+        if not name.strip():
+            raise ValueError("must not be blank")
+        if any(unicodedata.category(c) == "Cc" for c in name):
+            raise ValueError("must not contain control characters (newlines, tabs)")
+        return name
 
     @property
     def reward(self) -> RewardConfig:
@@ -58,14 +70,20 @@ class BundleManifest(BaseModel):
 def read_manifest(folder: str | Path) -> BundleManifest:
     """Parse and validate `rlaifv.json`, naming the file and field on failure."""
     path = Path(folder) / MANIFEST
+    if Path(folder).is_file():
+        raise BundleError(f"{folder} is a file, not a bundle folder")
     if not Path(folder).is_dir():
         raise BundleError(f"bundle folder {folder} does not exist")
     if not path.is_file():
         raise BundleError(f"{path} is missing: a bundle folder needs an {MANIFEST} manifest")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{path} is not a JSON object")
     try:
         return BundleManifest.model_validate(raw)
     except ValidationError as exc:
@@ -78,12 +96,33 @@ def resolve(folder: str | Path, entry: str) -> Path:
     return path if path.is_absolute() else Path(folder) / path
 
 
+def read_tokenizer_json(folder: Path) -> dict[str, Any] | None:
+    """The folder's tokenizer.json, checked for the parts the bundle compares; None if the folder has none."""
+    from rlaifv.reward.errors import ModelLoadError
+    from rlaifv.reward.models import read_json_object
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        data = read_json_object(path)
+    except ModelLoadError as exc:
+        raise BundleError(str(exc)) from None
+    model, added = data.get("model", {}), data.get("added_tokens", [])
+    if not isinstance(model, dict) or not isinstance(model.get("vocab", {}), dict | list | None):
+        raise BundleError(f"{path} is not a tokenizer.json: 'model' is not an object with a vocab")
+    if not isinstance(added, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("id"), int) and isinstance(t.get("content"), str) for t in added
+    ):
+        raise BundleError(f"{path} is not a tokenizer.json: 'added_tokens' is not a list of {{id, content}} objects")
+    return data
+
+
 def _vocab_fingerprint(folder: Path) -> dict[str, Any] | None:
     """The tokenizer's vocabulary and special tokens, or None if the folder has no tokenizer."""
-    tok_file = folder / "tokenizer.json"
-    if not tok_file.is_file():
+    data = read_tokenizer_json(folder)
+    if data is None:
         return None
-    data = json.loads(tok_file.read_text())
     added = sorted((t["id"], t["content"]) for t in data.get("added_tokens", []))
     return {"vocab": data.get("model", {}).get("vocab"), "added": added}
 
@@ -104,6 +143,31 @@ def write_manifest(folder: str | Path, manifest: BundleManifest) -> Path:
     return path
 
 
+def check_bundle(folder: str | Path, *, weights: bool = True) -> BundleManifest:
+    """Everything about a bundle that is known without loading a model: the manifest, both model folders (their
+    configs and, with `weights`, their safetensors headers), the policy type, the shared tokenizer. `load_bundle`
+    runs it first; `rlaifv serve` runs it before starting, so a broken bundle is one line, not a traceback inside the
+    server's start-up. `weights=False` for engines that load no weights here (vLLM)."""
+    from rlaifv.reward.errors import ModelLoadError
+    from rlaifv.reward.models import check_model_folder
+
+    manifest = read_manifest(folder)
+    policy_path = resolve(folder, manifest.policy)
+    reference_path = resolve(folder, manifest.reference)
+    try:
+        check_model_folder(reference_path, what="reference", weights=weights)
+        check_model_folder(policy_path, what="policy", weights=weights)
+    except ModelLoadError as exc:
+        raise BundleError(f"bundle {folder}: {exc}") from None
+    has_adapter = (policy_path / "adapter_config.json").is_file()
+    if manifest.policy_type == "lora" and not has_adapter:
+        raise BundleError(f"bundle {folder}: policy_type is 'lora' but {policy_path} has no adapter_config.json")
+    if manifest.policy_type == "full" and has_adapter:
+        raise BundleError(f"bundle {folder}: {policy_path} is a LoRA adapter; set policy_type to 'lora'")
+    check_tokenizers_match(policy_path, reference_path)
+    return manifest
+
+
 def load_bundle(
     folder: str | Path,
     *,
@@ -113,23 +177,9 @@ def load_bundle(
     family_check: FamilyCheck = "refuse",
 ) -> ModelPair:
     """Validate a bundle and load it as a `ModelPair` (one base in memory for LoRA policies)."""
-    from rlaifv.reward.errors import ModelLoadError
-    from rlaifv.reward.models import check_model_folder
-
-    manifest = read_manifest(folder)
+    manifest = check_bundle(folder)
     policy_path = resolve(folder, manifest.policy)
     reference_path = resolve(folder, manifest.reference)
-    try:
-        check_model_folder(reference_path, what="reference")
-        check_model_folder(policy_path, what="policy")
-    except ModelLoadError as exc:
-        raise BundleError(f"bundle {folder}: {exc}") from None
-    has_adapter = (policy_path / "adapter_config.json").is_file()
-    if manifest.policy_type == "lora" and not has_adapter:
-        raise BundleError(f"bundle {folder}: policy_type is 'lora' but {policy_path} has no adapter_config.json")
-    if manifest.policy_type == "full" and has_adapter:
-        raise BundleError(f"bundle {folder}: {policy_path} is a LoRA adapter; set policy_type to 'lora'")
-    check_tokenizers_match(policy_path, reference_path)
     return load_pair(
         policy_path,
         reference_path,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
-import struct
 import tempfile
+import warnings
 from datetime import UTC, datetime
 from math import prod
 from pathlib import Path
@@ -23,11 +24,13 @@ from rlaifv.reward.bundle import (
     BundleManifest,
     _vocab_fingerprint,
     read_manifest,
+    read_tokenizer_json,
     resolve,
     umask_modes,
     write_bundle,
 )
 from rlaifv.reward.errors import BundleError, ModelLoadError
+from rlaifv.reward.models import read_json_object
 from rlaifv.reward.scoring import Normalize, RewardConfig
 
 PolicyType = Literal["full", "lora"]
@@ -42,8 +45,30 @@ _IRRELEVANT_PROCESSOR_KEYS = frozenset(
 _PROCESSOR_SUBCONFIGS = frozenset(
     {"image_processor", "tokenizer", "video_processor", "feature_extractor", "audio_processor", "chat_template"}
 )
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 _SHOWN = 5
+# Model-config keys that decide how many image tokens a prompt gets and where the model looks for them: the prompt
+# is built once, by the reference's processor, for both models. Read from the loaded configs (defaults filled in,
+# image_token_index and image_token_id one attribute); `vision_config.` keys from the vision tower's config.
+_IMAGE_CONFIG_KEYS = (
+    "model_type",
+    "image_token_id",
+    "image_seq_length",
+    "vision_feature_select_strategy",
+    "vision_feature_layer",
+    "mm_tokens_per_image",
+    "spatial_merge_size",
+    "downsample_ratio",
+    "scale_factor",
+    "vision_start_token_id",
+    "im_start_token_id",
+    "im_end_token_id",
+    "im_patch_token_id",
+    "num_query",
+    "vision_config.image_size",
+    "vision_config.patch_size",
+    "vision_config.spatial_merge_size",
+    "vision_config.temporal_patch_size",
+)
 
 
 class TokenizerFacts(BaseModel):
@@ -70,11 +95,11 @@ def detect_policy_type(folder: Path) -> PolicyType:
     return "lora" if (folder / "adapter_config.json").is_file() else "full"
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"cannot read {path}: {exc}") from None
+        return read_json_object(path)
+    except ModelLoadError as exc:
+        raise BundleError(str(exc)) from None
 
 
 def _special_tokens(folder: Path) -> dict[str, str]:
@@ -102,16 +127,14 @@ def _special_tokens(folder: Path) -> dict[str, str]:
 
 def tokenizer_facts(folder: Path) -> TokenizerFacts | None:
     """The tokenizer in `folder` read from tokenizer.json, or None if the folder has none."""
-    try:
-        fingerprint = _vocab_fingerprint(folder)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"cannot read {folder / 'tokenizer.json'}: {exc}") from None
-    if fingerprint is None:
+    fingerprint = _vocab_fingerprint(folder)
+    data = read_tokenizer_json(folder)
+    if fingerprint is None or data is None:
         return None
     raw_vocab = fingerprint["vocab"] or {}
     # Unigram models store [piece, score] pairs whose index is the id.
     vocab = {p[0]: i for i, p in enumerate(raw_vocab)} if isinstance(raw_vocab, list) else dict(raw_vocab)
-    merges = _read_json(folder / "tokenizer.json").get("model", {}).get("merges")
+    merges = data.get("model", {}).get("merges")
     # tokenizers < 0.20 wrote a merge as "a b", later ones as ["a", "b"]: the same merge either way.
     pairs = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in merges or []]
     digest = hashlib.sha256(json.dumps(pairs).encode()).hexdigest() if pairs else None
@@ -220,27 +243,13 @@ def settings_differences(policy: dict[str, Any], reference: dict[str, Any]) -> l
 
 
 def safetensors_headers(folder: Path) -> dict[str, dict[str, Any]]:
-    """Tensor name -> {dtype, shape} from every safetensors file's header: no weights are read."""
-    tensors: dict[str, dict[str, Any]] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with path.open("rb") as handle:
-            head = handle.read(8)
-            if len(head) != 8:
-                raise BundleError(f"{path} is not a safetensors file (too short)")
-            (size,) = struct.unpack("<Q", head)
-            if size > _MAX_HEADER_BYTES:
-                raise BundleError(f"{path} is not a safetensors file (header of {size} bytes)")
-            try:
-                header = json.loads(handle.read(size))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise BundleError(f"{path} has an unreadable safetensors header: {exc}") from None
-        header.pop("__metadata__", None)
-        ends = [t["data_offsets"][1] for t in header.values() if isinstance(t, dict) and "data_offsets" in t]
-        needed = 8 + size + max(ends, default=0)
-        if path.stat().st_size < needed:  # a copy cut short: loading it would fail
-            raise BundleError(f"{path} is truncated: {path.stat().st_size} bytes, its header describes {needed}")
-        tensors.update(header)
-    return tensors
+    """Tensor name -> {dtype, shape} from every safetensors file's header (the index's shards): no weights are read."""
+    from rlaifv.reward.models import safetensors_headers as headers
+
+    try:
+        return headers(folder)
+    except ModelLoadError as exc:
+        raise BundleError(str(exc)) from None
 
 
 def _module_key(name: str) -> str:
@@ -288,8 +297,84 @@ def _check_model(folder: Path, what: str) -> None:
         raise BundleError(str(exc)) from None
 
 
+def _check_weights_complete(folder: Path, what: str) -> None:
+    from rlaifv.reward.models import check_weights_complete
+
+    try:
+        check_weights_complete(folder, what=what)
+    except ModelLoadError as exc:
+        raise BundleError(str(exc)) from None
+
+
+def _needs_remote_code(folder: Path) -> bool:
+    """The folder's model or processor is code shipped with it: only a service with trust_remote_code loads it."""
+    names = ("config.json", "processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+    return any((folder / name).is_file() and "auto_map" in _read_json(folder / name) for name in names)
+
+
+def _check_processor(reference: Path) -> None:
+    """The service's processor is the reference's: one that does not load here (no chat template, a broken
+    image-processor config) makes a bundle that never serves. Processors that run their own code are left to the
+    service, which may trust it."""
+    from rlaifv.reward.models import load_processor
+
+    try:
+        load_processor(reference)
+    except ModelLoadError as exc:
+        if not _needs_remote_code(reference):
+            raise BundleError(f"the reference's processor, which the service uses, does not load: {exc}") from None
+
+
+def model_config_image_settings(folder: Path) -> dict[str, Any]:
+    """`_IMAGE_CONFIG_KEYS` as the loaded config has them (the raw config.json where it does not load here)."""
+    from transformers import AutoConfig
+
+    from rlaifv.reward.models import register_native_families
+
+    register_native_families()
+    raw = _read_json(folder / "config.json")
+    try:
+        config: Any = AutoConfig.from_pretrained(str(folder))
+    except Exception:  # remote code or a config this transformers cannot read: compare the files
+        config = None
+
+    def value(source: Any, key: str) -> Any:
+        for part in key.split("."):
+            if source is None:
+                return None
+            source = source.get(part) if isinstance(source, dict) else getattr(source, part, None)
+        return source
+
+    settings = {}
+    for key in _IMAGE_CONFIG_KEYS:
+        found = value(config, key) if config is not None else value(raw, key)
+        if found is None and key == "image_token_id" and config is None:
+            found = raw.get("image_token_index")
+        if found is not None:
+            settings[key] = found.to_dict() if hasattr(found, "to_dict") else found
+    return settings
+
+
+def lora_base_class_problem(adapter: Path, reference: Path) -> str | None:
+    """The model class PEFT recorded the adapter was made on, when the reference is not one (an adapter of another
+    model whose matrices happen to fit). An adapter naming no class is left to the shape check."""
+    mapping = _read_json(adapter / "adapter_config.json").get("auto_mapping")
+    recorded = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    architectures = _read_json(reference / "config.json").get("architectures")
+    if not isinstance(recorded, str) or not isinstance(architectures, list) or not architectures:
+        return None
+    if recorded in architectures:
+        return None
+    return f"the adapter was made for {recorded}; the reference is {', '.join(map(str, architectures))}"
+
+
 def check_compatible(policy: Path, reference: Path, *, end_of_turn: str | None = None) -> PolicyType:
-    """Refuse a policy/reference pair the reward cannot compare, naming every difference; return the policy type."""
+    """Refuse a policy/reference pair the reward cannot compare, naming every difference; return the policy type.
+
+    Everything here reads the source folders (configs, tokenizers, safetensors headers) before anything is copied,
+    and refuses what the service would refuse on loading the bundle."""
+    from rlaifv.reward.models import is_text_only
+
     _check_model(reference, "reference")
     _check_model(policy, "policy")
     if detect_policy_type(reference) == "lora":
@@ -307,6 +392,14 @@ def check_compatible(policy: Path, reference: Path, *, end_of_turn: str | None =
             f"reference folder {reference} has no image processor (processor_config.json or "
             "preprocessor_config.json) but the policy has one: the bundle's processor comes from the reference"
         )
+    model_type = _read_json(reference / "config.json").get("model_type")
+    if ref_images is None and not is_text_only(model_type) and not _needs_remote_code(reference):
+        raise BundleError(
+            f"reference folder {reference} holds a vision-language model (model_type {model_type!r}) but has no "
+            "image processor (processor_config.json or preprocessor_config.json): copy the processor files of the "
+            "model it was trained from"
+        )
+    _check_processor(reference)
     problems: list[str] = []
     policy_tok = tokenizer_facts(policy)
     if policy_tok is not None:
@@ -317,7 +410,12 @@ def check_compatible(policy: Path, reference: Path, *, end_of_turn: str | None =
         if loaded_policy is not None and loaded_reference is not None:  # as the service will use them
             policy_images, ref_images = loaded_policy, loaded_reference
         problems += [f"image preprocessing {p}" for p in settings_differences(policy_images, ref_images)]
+    if policy_type == "full" and ref_images is not None:
+        policy_config, reference_config = model_config_image_settings(policy), model_config_image_settings(reference)
+        problems += [f"model config {p}" for p in settings_differences(policy_config, reference_config)]
     if policy_type == "lora":
+        base_problem = lora_base_class_problem(policy, reference)
+        problems += [f"LoRA base: {base_problem}"] if base_problem else []
         problems += [f"LoRA base {p}" for p in lora_shape_problems(policy, reference)]
     if problems:
         kind = "LoRA adapter" if policy_type == "lora" else "model"
@@ -336,6 +434,9 @@ def check_compatible(policy: Path, reference: Path, *, end_of_turn: str | None =
             f"end-of-turn token {end_of_turn!r} is not in the reference's vocabulary of {ref_tok.size} tokens "
             f"(its special tokens: {', '.join(sorted(set(ref_tok.special.values())))})"
         )
+    _check_weights_complete(reference, "reference")
+    if policy_type == "full" and policy != reference:
+        _check_weights_complete(policy, "policy")
     return policy_type
 
 
@@ -350,10 +451,17 @@ def _eos_token(folder: Path) -> str | None:
 
 
 def _inside(child: Path, parent: Path) -> bool:
+    """Whether `child` is `parent` or below it, as folders on disk (links followed, `..` collapsed), not as text."""
+    child, parent = child.resolve(), parent.resolve()
     return child == parent or parent in child.parents
 
 
 def _prepare_output(output: Path, sources: list[Path], *, copy: bool, force: bool) -> None:
+    if output.exists() and _inside(Path.cwd(), output):
+        raise BundleError(
+            f"output folder {output} holds the current folder, which replacing it would delete: "
+            "choose another output or run from elsewhere"
+        )
     for source in sources:
         if _inside(output, source):
             raise BundleError(f"output folder {output} is inside the model folder {source}: choose another output")
@@ -396,7 +504,7 @@ def create_bundle(
     `force`, destroys the old one). `copy=False` records absolute paths instead, for
     models kept on shared storage.
     """
-    output = Path(output).expanduser().absolute()
+    output = Path(os.path.abspath(Path(output).expanduser()))  # `..` collapsed; a link as output stays one
     policy_path, reference_path = Path(policy).expanduser().resolve(), Path(reference).expanduser().resolve()
     try:
         BundleManifest(
@@ -407,6 +515,12 @@ def create_bundle(
         raise BundleError(f"invalid bundle settings: {problems}") from None
     policy_type = check_compatible(policy_path, reference_path, end_of_turn=end_of_turn)
     _prepare_output(output, [policy_path, reference_path], copy=copy, force=force)
+    if policy_path == reference_path:
+        warnings.warn(
+            f"the policy and the reference are the same folder ({policy_path}): every reward will be 0",
+            UserWarning,
+            stacklevel=2,
+        )
     provenance = {
         "created_by": CREATED_BY,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -430,7 +544,14 @@ def create_bundle(
             copy=copy,
         )
         manifest = read_manifest(staging)
-        describe_bundle(staging)  # every weights file readable, before the bundle takes the output's place
+        try:  # the sources were read before copying: a copy that does not read back was cut short
+            describe_bundle(staging)
+        except BundleError as exc:
+            raise BundleError(
+                f"cannot write bundle {output}: the copy does not read back ("
+                + str(exc).replace(str(staging), str(output))
+                + "); nothing was written"
+            ) from None
         if output.exists():
             retired = output.with_name(staging.name + ".old")
             output.rename(retired)
@@ -493,15 +614,19 @@ def summarize_model(folder: Path, *, linked: bool) -> ModelSummary:
     )
     if kind == "lora":
         adapter = _read_json(folder / "adapter_config.json")
-        base_class = (adapter.get("auto_mapping") or {}).get("base_model_class")
+        mapping = adapter.get("auto_mapping")
+        base_class = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+        rank, base = adapter.get("r"), adapter.get("base_model_name_or_path")
         summary.model_type = f"{str(adapter.get('peft_type', 'LORA')).lower()} adapter"
         summary.architecture = f"LoRA over {base_class}" if base_class else "LoRA"
-        summary.lora_rank = adapter.get("r")
-        summary.lora_base = adapter.get("base_model_name_or_path")
+        summary.lora_rank = rank if isinstance(rank, int) else None
+        summary.lora_base = str(base) if base is not None else None
     elif (folder / "config.json").is_file():
         config = _read_json(folder / "config.json")
-        summary.model_type = config.get("model_type")
-        summary.architecture = ", ".join(config.get("architectures") or []) or None
+        model_type, architectures = config.get("model_type"), config.get("architectures")
+        summary.model_type = str(model_type) if model_type is not None else None
+        summary.architecture = ", ".join(map(str, architectures)) if isinstance(architectures, list) else None
+        summary.architecture = summary.architecture or None
     facts = tokenizer_facts(folder)
     summary.tokenizer_vocab_size = facts.size if facts else None
     return summary

@@ -7,23 +7,51 @@ load), and `trust_remote_code` stays off unless the operator turns it on.
 from __future__ import annotations
 
 import json
+import os
+import struct
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from rlaifv.reward.errors import ModelLoadError
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin", "model.ckpt")
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Folders a bundle copy leaves out (shutil.ignore_patterns in reward.bundle.write_bundle).
+_SKIPPED_FOLDERS = (".git", ".cache")
+_SHOWN_MISSING = 5
+# safetensors dtype names -> torch's.
+_TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
 
 
 def pick_device(device: str | None = None) -> str:
-    """'cuda' when a GPU is visible, else 'cpu', unless the caller chose."""
-    if device and device != "auto":
-        return device
+    """'cuda' when a GPU is visible, else 'cpu', unless the caller chose: a device this machine lacks is refused
+    here, by name, rather than by torch in the middle of the load."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not device or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in _DEVICE_TYPES:
+        raise ModelLoadError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or xpu")
+    if parsed.type == "cpu":
+        return device
+    backend = getattr(torch, parsed.type)
+    if not backend.is_available():
+        build = "" if parsed.type != "cuda" or torch.version.cuda else f" (torch {torch.__version__} is a CPU build)"
+        raise ModelLoadError(f"{device!r} but {parsed.type.upper()} is not available on this machine{build}")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if parsed.index is not None and parsed.index >= count:
+        raise ModelLoadError(f"{device!r} but this machine has {count} {parsed.type} device(s)")
+    return device
 
 
 def pick_dtype(device: str, dtype: DTypeName | str = "auto") -> Any:
@@ -32,23 +60,135 @@ def pick_dtype(device: str, dtype: DTypeName | str = "auto") -> Any:
 
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in get_args(DTypeName):
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use {', '.join(get_args(DTypeName))}")
+    return getattr(torch, dtype)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object, refused naming the file (a list or a cut-off file was a traceback)."""
     try:
-        return getattr(torch, dtype)
-    except AttributeError:
-        raise ModelLoadError(f"unknown dtype {dtype!r}") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} is not a JSON object (it holds a {type(data).__name__})")
+    return data
 
 
-def check_model_folder(path: Path, *, what: str = "model") -> None:
-    """Fail early, naming the problem, for folders from_pretrained would reject obscurely."""
+def _broken_links(folder: Path) -> list[Path]:
+    """Links whose target is gone (a moved hub cache blob), anywhere a bundle copy would follow them."""
+    broken = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d not in _SKIPPED_FOLDERS]
+        for name in [*dirs, *files]:
+            path = Path(root) / name
+            if path.is_symlink() and not path.exists():
+                broken.append(path)
+    return sorted(broken)
+
+
+def check_model_folder(path: Path, *, what: str = "model", weights: bool = True) -> None:
+    """Fail early, naming the file, for folders from_pretrained would reject obscurely or with a traceback: no
+    folder, a broken link, a config that is not a JSON object, and (`weights`) no safetensors weights or one whose
+    header is unreadable, cut short, or a shard the index names that is not there. Headers only: no weights read."""
+    if path.is_file():
+        raise ModelLoadError(f"{what} folder {path} is a file, not a model folder")
     if not path.is_dir():
         raise ModelLoadError(f"{what} folder {path} does not exist")
+    broken = _broken_links(path)
+    if broken:
+        shown = ", ".join(f"{p.relative_to(path)} -> {os.readlink(p)}" for p in broken[:3])
+        more = f" (+{len(broken) - 3} more)" if len(broken) > 3 else ""
+        raise ModelLoadError(f"{what} folder {path} has a broken link: {shown}{more}")
     files = {p.name for p in path.iterdir()}
     if not files & {"config.json", "adapter_config.json"}:
         raise ModelLoadError(f"{what} folder {path} has no config.json")
+    for name in ("config.json", "adapter_config.json"):
+        if name in files:
+            read_json_object(path / name)
+    if not weights:
+        return
     if not files & set(SAFETENSORS_FILES) and not any(name.endswith(".safetensors") for name in files):
         pickles = sorted(files & set(PICKLE_FILES))
         hint = f" (found {', '.join(pickles)}; convert it to safetensors)" if pickles else ""
         raise ModelLoadError(f"{what} folder {path} has no safetensors weights{hint}")
+    safetensors_headers(path)
+
+
+def safetensors_headers(folder: Path) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {dtype, shape, data_offsets} from the folder's safetensors headers: no weights are read.
+
+    With a model.safetensors.index.json, the shards it names (every one must be there, holding the tensors the
+    index puts in it); without, every *.safetensors file. A header is checked as the loader would need it: a JSON
+    object of tensors, each with a dtype, a shape and offsets that the file is long enough to hold."""
+    index = folder / "model.safetensors.index.json"
+    placement: dict[str, str] = {}
+    if index.is_file():
+        weight_map = read_json_object(index).get("weight_map")
+        if (
+            not isinstance(weight_map, dict)
+            or not weight_map
+            or not all(isinstance(v, str) for v in weight_map.values())
+        ):
+            raise ModelLoadError(f"{index} has no weight_map of tensor names to shard files")
+        placement = weight_map
+        shards = sorted(set(placement.values()))
+        absent = [name for name in shards if not (folder / name).is_file()]
+        if absent:
+            raise ModelLoadError(f"{index} names missing shard(s): {', '.join(absent)}")
+        paths = [folder / name for name in shards]
+    else:
+        paths = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    tensors: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        header = _safetensors_header(path)
+        lost = sorted(name for name, shard in placement.items() if shard == path.name and name not in header)
+        if lost:
+            raise ModelLoadError(f"{index} puts {len(lost)} tensor(s) in {path.name} that it lacks: {lost[0]}")
+        tensors.update(header)
+    return tensors
+
+
+def _safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    def refuse(why: str) -> ModelLoadError:
+        return ModelLoadError(f"{path} is not a safetensors file: {why}")
+
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) != 8:
+            raise refuse("too short")
+        (size,) = struct.unpack("<Q", head)
+        if size > _MAX_HEADER_BYTES:
+            raise refuse(f"a header of {size} bytes")
+        try:
+            header = json.loads(handle.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise refuse(f"its header is unreadable ({exc})") from None
+    if not isinstance(header, dict):
+        raise refuse("its header is not a JSON object")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise refuse(f"tensor {name!r} is not described by an object")
+        offsets, shape = info.get("data_offsets"), info.get("shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)):
+            raise refuse(f"tensor {name!r} has no valid data_offsets")
+        if not (isinstance(shape, list) and all(_count(d) for d in shape)) or not isinstance(info.get("dtype"), str):
+            raise refuse(f"tensor {name!r} has no valid dtype and shape")
+        end = max(end, offsets[1])
+    needed = 8 + size + end
+    actual = path.stat().st_size
+    if actual < needed:  # a copy cut short: loading it would fail
+        raise ModelLoadError(f"{path} is truncated: {actual} bytes, its header describes {needed}")
+    return header
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def max_positions(model: Any) -> int | None:
@@ -276,11 +416,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> Any:
     """An image-text-to-text model (or a text-only causal LM) in eval mode on `device`, safetensors only."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-    )
+    from transformers import AutoConfig
 
     device = pick_device(device)
     if is_local(name_or_path):
@@ -288,18 +424,94 @@ def load_model(
     register_native_families()
     try:
         config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
-        kind = config.model_type
-        text_only = kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-        auto = AutoModelForCausalLM if text_only else AutoModelForImageTextToText  # a plain causal LM: text-only pair
-        model = auto.from_pretrained(
+        auto = _auto_class(config.model_type)
+        model, info = auto.from_pretrained(
             str(name_or_path),
             dtype=pick_dtype(device, dtype),
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load model from {name_or_path}: {exc}") from exc
+    _refuse_missing(name_or_path, info["missing_keys"], what="model")
     return model.to(device).eval()
+
+
+def is_text_only(model_type: str | None) -> bool:
+    """A plain causal LM (served as a text-only pair), as `load_model` decides which auto class loads a folder."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    return (
+        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    )
+
+
+def _auto_class(model_type: str | None) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForCausalLM if is_text_only(model_type) else AutoModelForImageTextToText
+
+
+def _refuse_missing(folder: str | Path, missing: Any, *, what: str) -> None:
+    """transformers fills the tensors a checkpoint lacks with random values and only logs it: a merged checkpoint
+    saved without its vision tower would serve random image features. `missing` is what transformers reports after
+    its own exceptions (tied weights, non-persistent buffers, the model's `_keys_to_ignore_on_load_missing`)."""
+    names = sorted(missing)
+    if names:
+        shown = ", ".join(names[:_SHOWN_MISSING]) + (
+            f" (+{len(names) - _SHOWN_MISSING} more)" if len(names) > _SHOWN_MISSING else ""
+        )
+        raise ModelLoadError(
+            f"{what} folder {folder} lacks {len(names)} of the tensors its config.json describes ({shown}): "
+            "they would be random. Was part of the model left out when it was saved or merged?"
+        )
+
+
+def missing_weights(folder: Path) -> list[str] | None:
+    """The tensors `load_model` would refuse as missing, found without reading any weights: the model is built on
+    the meta device and given meta tensors shaped as the safetensors headers say, so transformers' own renaming and
+    exception rules decide. None when that cannot be told here (a config only remote code reads, a quantized
+    checkpoint, an unknown dtype): the load itself then decides."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.models.auto.auto_factory import _get_model_class
+    from transformers.utils import logging as hf_logging
+
+    register_native_families()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the loading report lists what is missing again, in a table
+    hf_logging.disable_progress_bar()
+    try:
+        state = {
+            name: torch.empty(info["shape"], dtype=getattr(torch, _TORCH_DTYPES[info["dtype"]]), device="meta")
+            for name, info in safetensors_headers(folder).items()
+        }
+        config = AutoConfig.from_pretrained(str(folder))
+        auto = _auto_class(config.model_type)
+        model_class = _get_model_class(config, auto._model_mapping)
+        _, info = model_class.from_pretrained(
+            None, config=config, state_dict=state, device_map="meta", output_loading_info=True
+        )
+    except ModelLoadError:
+        raise
+    except Exception:  # an early check only; the load names whatever this could not read
+        return None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    return sorted(info["missing_keys"])
+
+
+def check_weights_complete(folder: Path, *, what: str = "model") -> None:
+    """Refuse, before any load, a full model folder whose safetensors lack tensors its config describes."""
+    missing = missing_weights(folder)
+    if missing:
+        _refuse_missing(folder, missing, what=what)
 
 
 def load_adapter(base: Any, adapter_path: str | Path) -> Any:

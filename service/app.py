@@ -31,6 +31,26 @@ When API keys are configured, /v1 routes need `Authorization: Bearer <key>` (401
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    try:
+        await _start(app)
+    except Exception as exc:
+        # uvicorn logs the start-up traceback as one message: the reason, first and alone, is what an operator
+        # reads in the pod's log (a vLLM server not usable, a generator unreachable...).
+        log.error("start-up failed: %s", exc, extra={"error_type": type(exc).__name__})
+        if app.state.redis is not None:
+            await app.state.redis.aclose()
+        raise
+    try:
+        yield
+    finally:
+        await app.state.drain.finish()
+        if app.state.redis is not None:
+            await app.state.redis.aclose()
+        log.info("stopped")
+
+
+async def _start(app: FastAPI) -> None:
+    """Everything the app holds, made and loaded in the order failures are cheapest to find."""
     from rlaifv.service.engines import load_engine
     from rlaifv.service.generator import open_generator
     from rlaifv.service.rate_limit import RateLimiter
@@ -85,13 +105,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "job_workers": settings.jobs_workers if redis is not None else 0,
         },
     )
-    try:
-        yield
-    finally:
-        await app.state.drain.finish()
-        if redis is not None:
-            await redis.aclose()
-        log.info("stopped")
 
 
 def init_state(app: FastAPI, settings: Settings, metrics: Metrics) -> None:

@@ -110,17 +110,26 @@ def build_settings(**overrides: Any):
         raise typer.Exit(2) from None
 
 
-def check_bundle(bundle: Path) -> None:
-    """The bundle's manifest before the app starts: a missing or broken bundle exits 2 with its reason (it was
-    a traceback inside uvicorn's lifespan)."""
-    from rlaifv.reward.bundle import read_manifest
-    from rlaifv.reward.errors import BundleError
+def check_bundle(bundle: Path, *, weights: bool = True, device: str | None = None) -> None:
+    """What can be known of the bundle before the app starts (`reward.bundle.check_bundle`: manifest, model folders,
+    configs, tokenizers and, with `weights`, safetensors headers) and, where the engine loads the weights here,
+    `device`: a missing or broken bundle, or a device this machine lacks, exits 2 with its reason (it was a traceback
+    inside uvicorn's lifespan, exit 3)."""
+    from rlaifv.reward.bundle import check_bundle as check_files
+    from rlaifv.reward.errors import ModelLoadError, RewardError
+    from rlaifv.reward.models import pick_device
 
     try:
-        read_manifest(bundle)
-    except BundleError as exc:
+        check_files(bundle, weights=weights)
+    except RewardError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    if weights:
+        try:
+            pick_device(device)
+        except ModelLoadError as exc:
+            typer.secho(f"error: --device / RLAIFV_DEVICE: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
 
 
 def bind(host: str, port: int, what: str) -> list[socket.socket]:
@@ -161,7 +170,7 @@ def serve(**given: Any) -> None:
     configure_logging(settings.log_level)
     if settings.bundle is None:
         settings = settings.model_copy(update={"bundle": fallback_bundle()})
-    check_bundle(settings.bundle)
+    check_bundle(settings.bundle, weights=settings.engine == "transformers", device=settings.device)
     sockets = bind(settings.host, settings.port, "--port / RLAIFV_PORT")
     app = create_app(settings)
     config = uvicorn.Config(

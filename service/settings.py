@@ -314,20 +314,6 @@ class Settings(BaseSettings):
             raise ValueError(f"must be cpu, cuda, cuda:N, mps, xpu or xpu:N, got {value!r}")
         return value
 
-    def device_problem(self) -> str | None:
-        """Why this machine cannot serve on RLAIFV_DEVICE (None: it can). Asked by `rlaifv serve` and `rlaifv
-        worker` before the model loads, not by Settings: a manifest's settings parse on any machine."""
-        kind, _, index = (self.device or "").partition(":")
-        if kind != "cuda":
-            return None
-        import torch
-
-        if not torch.cuda.is_available():
-            return f"RLAIFV_DEVICE={self.device}: this machine has no CUDA device (torch {torch.__version__})"
-        if index and int(index) >= torch.cuda.device_count():
-            return f"RLAIFV_DEVICE={self.device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-        return None
-
     @field_validator("generator_url", "vllm_policy_url", "vllm_reference_url")
     @classmethod
     def _generator_url(cls, value: str | None) -> str | None:

@@ -138,10 +138,13 @@ def worker(**given: Any) -> None:
         raise typer.Exit(2)
     if settings.bundle is None:
         settings = settings.model_copy(update={"bundle": fallback_bundle()})
-    check_bundle(settings.bundle)
+    check_bundle(settings.bundle, weights=settings.engine == "transformers", device=settings.device)
+    from rlaifv.service.engines.vllm import VllmStartupError
+    from rlaifv.service.generator import GeneratorStartupError
+
     try:
         asyncio.run(run_worker(settings))
-    except WorkerPortError as exc:
+    except (WorkerPortError, GeneratorStartupError, VllmStartupError) as exc:  # one line, not 85 of traceback
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
 

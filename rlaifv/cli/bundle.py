@@ -28,9 +28,23 @@ bundle_app = typer.Typer(
 _DEFAULTS = BundleManifest.model_fields
 
 
-def _fail(exc: Exception) -> typer.Exit:
+def _fail(exc: Exception | str) -> typer.Exit:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     return typer.Exit(1)
+
+
+def _option_problems(**values: object) -> str | None:
+    """The first manifest setting that is invalid, named by its option (`--beta inf` read as a float is valid for
+    typer but not for the manifest: it was refused as 'invalid bundle settings')."""
+    from pydantic import ValidationError
+
+    try:
+        BundleManifest.model_validate({"policy": "policy", "reference": "reference", **values})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else ""
+        return f"--{field.replace('_', '-')}: {error['msg'].removeprefix('Value error, ')}"
+    return None
 
 
 @bundle_app.command("create")
@@ -61,6 +75,9 @@ def create(
     from rlaifv.reward.bundle_create import create_bundle, describe_bundle
     from rlaifv.reward.errors import RewardError
 
+    problem = _option_problems(beta=beta, normalize=normalize, end_of_turn=end_of_turn, name=name)
+    if problem:
+        raise _fail(problem)
     try:
         create_bundle(
             output,
@@ -112,10 +129,16 @@ def check(
     status 1 when they do not. Families without rules in the engine are checked this way at every load; this
     runs the check for any family, on your weights, device, dtype and transformers release."""
     from rlaifv.reward.bundle import load_bundle
-    from rlaifv.reward.errors import RewardError
+    from rlaifv.reward.errors import ModelLoadError, RewardError
     from rlaifv.reward.families import FAMILIES
     from rlaifv.reward.family_check import check_pair
+    from rlaifv.reward.models import pick_device, pick_dtype
 
+    for option, check in (("--device", lambda: pick_device(device)), ("--dtype", lambda: pick_dtype("cpu", dtype))):
+        try:
+            check()
+        except ModelLoadError as exc:
+            raise _fail(f"{option}: {exc}") from None
     try:
         results = check_pair(load_bundle(folder, device=device, dtype=dtype))
     except RewardError as exc:

@@ -5,6 +5,7 @@ The logic lives in `rlaifv.convert.llava` and `rlaifv.convert.omnilmm`; this mod
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -57,7 +58,9 @@ def llava(
     )
     typer.echo(f"  conversion record: {written / CONVERSION_FILE}")
     typer.echo("next: convert the reference the same way, then make a bundle:")
-    typer.echo(f"  rlaifv bundle create --policy {written} --reference <converted llava-v1.5-7b> -o <bundle>")
+    typer.echo(
+        f"  rlaifv bundle create --policy {shlex.quote(str(written))} --reference <converted llava-v1.5-7b> -o <bundle>"
+    )
 
 
 @convert_app.command("omnilmm")
@@ -83,4 +86,6 @@ def omnilmm(
     typer.secho(f"wrote {written}", fg=typer.colors.GREEN)
     typer.echo(f"  {record['weights']['tensors']} tensors, image token ids {record['image_token_ids']}")
     typer.echo("next: convert the reference (OmniLMM-12B) the same way, then make a bundle:")
-    typer.echo(f"  rlaifv bundle create --policy {written} --reference <converted OmniLMM-12B> -o <bundle>")
+    typer.echo(
+        f"  rlaifv bundle create --policy {shlex.quote(str(written))} --reference <converted OmniLMM-12B> -o <bundle>"
+    )

@@ -149,7 +149,7 @@ def convert_llava(original: Path, vision: Path, output: Path, *, dtype: str = "a
     CLIP folder named by `mm_vision_tower` (a CLIPVisionModel or CLIPModel with its preprocessor_config.json).
     The folder is assembled beside `output` and moved in place at the end, so a failed run leaves nothing behind.
     """
-    original, vision, output = Path(original), Path(vision), Path(output)
+    original, vision, output = Path(original), Path(vision), _absolute(output)
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     _check_output(output, sources=(original, vision), force=force)
@@ -208,22 +208,39 @@ def convert_llava(original: Path, vision: Path, output: Path, *, dtype: str = "a
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if output.is_dir():
-        shutil.rmtree(output)
-    elif output.exists():
-        output.unlink()
-    os.replace(partial, output)
+    _replace(output, partial)
     return output
 
 
+def _absolute(output: str | Path) -> Path:
+    """The output as an absolute path with `..` collapsed: its partial folder, `.NAME.partial` beside it, must be a
+    sibling (for `-o .` it was `./..partial`, inside the folder that was then deleted)."""
+    return Path(os.path.abspath(Path(output).expanduser()))
+
+
+def _replace(output: Path, partial: Path) -> None:
+    """Put the finished `partial` folder in the output's place; an output that is a link is replaced, not followed
+    (rmtree refuses links)."""
+    if output.is_dir() and not output.is_symlink():
+        shutil.rmtree(output)
+    elif output.exists() or output.is_symlink():
+        output.unlink()
+    os.replace(partial, output)
+
+
 def _check_output(output: Path, *, sources: Iterable[Path], force: bool) -> None:
+    """Refuse an output that a replacement would delete with something in it that must stay: an input, or the
+    current folder (`-o . --force` emptied the folder one stood in)."""
     resolved = output.resolve()
     for source in sources:
         source = source.resolve()
         if resolved == source or resolved in source.parents or source in resolved.parents:
             raise ModelLoadError(f"output {output} overlaps the input folder {source}")
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise ModelLoadError(f"output {output} holds the current folder, which writing it would delete: choose another")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
-        raise ModelLoadError(f"output {output} exists and is not empty (pass force to replace it)")
+        raise ModelLoadError(f"output {output} exists and is not empty (pass --force to replace it)")
 
 
 def _read_json(path: Path, *, what: str) -> dict[str, Any]:

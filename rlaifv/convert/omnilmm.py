@@ -21,13 +21,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
-from rlaifv.convert.llava import _check_output, _has_module, _list_tensors, _read_json, _Source, _weight_files
+from rlaifv.convert.llava import (
+    _absolute,
+    _check_output,
+    _has_module,
+    _list_tensors,
+    _read_json,
+    _replace,
+    _Source,
+    _weight_files,
+)
 from rlaifv.reward.errors import ModelLoadError
 
 CONVERSION_FILE = "rlaifv_conversion.json"
@@ -46,7 +54,7 @@ def convert_omnilmm(original: str | Path, output: str | Path, *, force: bool = F
     from rlaifv.reward.omnilmm.modeling import published_layout
     from rlaifv.reward.omnilmm.processing import OmniLMMImageProcessor, OmniLMMProcessor
 
-    original, output = Path(original), Path(output)
+    original, output = Path(original), _absolute(output)
     _check_output(output, sources=(original,), force=force)
     raw = _read_json(original / "config.json", what="original")
     if raw.get("model_type") != "omnilmm":
@@ -91,11 +99,7 @@ def convert_omnilmm(original: str | Path, output: str | Path, *, force: bool = F
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if output.is_dir():
-        shutil.rmtree(output)
-    elif output.exists():
-        output.unlink()
-    os.replace(partial, output)
+    _replace(output, partial)
     return output
 
 

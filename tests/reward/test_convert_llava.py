@@ -399,3 +399,43 @@ def test_cli_converts_and_names_the_next_step(tmp_path: Path) -> None:
     again = CliRunner().invoke(convert_app, args)
     assert again.exit_code == 1
     assert "not empty" in again.output
+
+
+def test_an_output_holding_the_current_folder_is_refused_and_nothing_is_deleted(tmp_path: Path, monkeypatch) -> None:
+    """`-o . --force` deleted the current folder's contents and wrote nothing (the partial folder was inside it)."""
+    from typer.testing import CliRunner
+
+    from rlaifv.convert.cli import convert_app
+
+    _original_folder(tmp_path / "original")
+    _vision_folder(tmp_path / "clip", full_clip=False)
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(work / "sub")
+    for output in (".", "..", "../sub/."):
+        args = ["llava", str(tmp_path / "original"), "--vision", str(tmp_path / "clip"), "-o", output, "--force"]
+        result = CliRunner().invoke(convert_app, args)
+        assert result.exit_code == 1, result.output
+        assert "holds the current folder" in result.output, result.output
+    assert (work / "notes.txt").read_text() == "keep me" and (work / "sub").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip", "original", "work"]
+    out = convert_llava(tmp_path / "original", tmp_path / "clip", Path("../hf"))  # relative, beside the cwd
+    assert out == work / "hf" and (out / "config.json").is_file()
+    assert not list(work.glob(".*partial"))
+
+
+def test_cli_hints_name_the_flag_and_quote_paths(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from rlaifv.convert.cli import convert_app
+
+    _original_folder(tmp_path / "original")
+    _vision_folder(tmp_path / "clip", full_clip=False)
+    output = tmp_path / "hf llava"
+    args = ["llava", str(tmp_path / "original"), "--vision", str(tmp_path / "clip"), "-o", str(output)]
+    result = CliRunner().invoke(convert_app, args)
+    assert result.exit_code == 0, result.output
+    assert f"rlaifv bundle create --policy '{output}' --reference" in result.output
+    again = CliRunner().invoke(convert_app, args)
+    assert again.exit_code == 1 and "--force" in again.output, again.output

@@ -379,3 +379,25 @@ def test_a_slow_only_tokenizer_names_the_missing_packages(tmp_path: Path) -> Non
     (original / "tokenizer.model").write_bytes(b"not read: the packages are checked first")
     with pytest.raises(ModelLoadError, match="pip install sentencepiece"):
         convert_omnilmm(original, tmp_path / "out")
+
+
+def test_the_command_refuses_an_output_holding_the_current_folder(tmp_path: Path, monkeypatch) -> None:
+    """`-o . --force` deleted the current folder's contents and wrote nothing (the partial folder was inside it)."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from rlaifv.cli.main import app
+
+    original = build_tiny_omnilmm_original(tmp_path / "original")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    result = CliRunner().invoke(app, ["convert", "omnilmm", str(original), "-o", ".", "--force"])
+    assert result.exit_code == 1 and "holds the current folder" in result.output, result.output
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
+    converted = CliRunner().invoke(app, ["convert", "omnilmm", str(original), "-o", "../omni out"])
+    assert converted.exit_code == 0, converted.output
+    assert (tmp_path / "omni out" / "config.json").is_file() and not list(tmp_path.glob(".*partial"))
+    assert f"--policy {shlex.quote(str(tmp_path / 'omni out'))} " in converted.output
