@@ -7,6 +7,7 @@ Also runnable as `python -m service.serve_cli`.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import socket
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import typer
 import uvicorn
 
+log = logging.getLogger("rlaifv.service")
 MAX_HEADER_BYTES = 64 * 1024
 
 # uvicorn's HTTP/1.1 options for every server of ours: h11, whose request line and headers are bounded (the
@@ -149,6 +151,8 @@ def bind(host: str, port: int, what: str) -> list[socket.socket]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:  # port 0: the one the first address got, for every address
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
             sock.bind(address)
             sock.listen(2048)  # bound alone, a second server could bind the same port while this one loads
         except OSError as exc:
@@ -157,7 +161,13 @@ def bind(host: str, port: int, what: str) -> list[socket.socket]:
             typer.secho(f"error: {what}: cannot listen on {host}:{port}: {exc.strerror}", fg="red", err=True)
             raise typer.Exit(2) from None
         sock.set_inheritable(True)
+    log.info("listening", extra={"what": what, "addresses": [_shown(sock.getsockname()) for sock in sockets]})
     return sockets
+
+
+def _shown(address: tuple[Any, ...]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def serve(**given: Any) -> None:

@@ -325,6 +325,14 @@ class Settings(BaseSettings):
         _check_netloc(value)
         return value
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        """An empty host bound every interface without a word: that is said as 0.0.0.0 or ::."""
+        if not value.strip():
+            raise ValueError("is empty: name an address (0.0.0.0 or :: to listen on every interface)")
+        return value.strip()
+
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, value: str) -> str:
@@ -429,7 +437,9 @@ class Settings(BaseSettings):
                 lines = self.api_keys_file.read_text(encoding="utf-8-sig").splitlines()
             except OSError as exc:
                 raise ValueError(f"cannot read api_keys_file {self.api_keys_file}: {exc.strerror}") from None
-            in_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            # A comment after a key ("sk-... # prod") is the key's note, not part of it (keys hold no spaces).
+            in_file = [line.split(" #")[0].split("\t#")[0].strip() for line in lines]
+            in_file = [key for key in in_file if key and not key.startswith("#")]
             if not in_file:  # a file given for keys, empty (a Secret created without its key): /v1 open to all
                 raise ValueError(
                     f"api_keys_file {self.api_keys_file} holds no key: with it, /v1 would be open to anyone; write"

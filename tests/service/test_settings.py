@@ -342,3 +342,29 @@ def test_a_worker_whose_generator_is_unreachable_says_so_in_one_line(tiny_bundle
     assert result.exit_code == 2, result.output
     last = result.output.splitlines()[-1]
     assert last.startswith("error: generator") and "unreachable" in last and "Traceback" not in result.output
+
+
+def test_port_0_gives_every_address_one_port_and_says_which(caplog) -> None:
+    """`localhost` is 127.0.0.1 and ::1: with port 0 each got its own random port, and none was logged."""
+    import logging
+
+    from rlaifv.service.serve_cli import bind
+
+    with caplog.at_level(logging.INFO, logger="rlaifv.service"):
+        sockets = bind("localhost", 0, "--port / RLAIFV_PORT")
+    try:
+        ports = {sock.getsockname()[1] for sock in sockets}
+        assert len(ports) == 1 and 0 not in ports
+        (record,) = [r for r in caplog.records if r.getMessage() == "listening"]
+        assert all(address.endswith(f":{ports.pop()}") for address in record.addresses)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_an_empty_host_is_refused_and_a_keys_file_may_note_its_keys(tmp_path) -> None:
+    with pytest.raises(ValidationError, match=r"0\.0\.0\.0 or ::"):
+        Settings(host=" ")
+    keys = tmp_path / "keys"
+    keys.write_text("sk-first-key-0123  # prod\n# a comment\nsk-second-key-456\t# staging\n")
+    assert Settings(api_keys_file=keys).load_api_keys() == ["sk-first-key-0123", "sk-second-key-456"]
