@@ -85,9 +85,10 @@ MIN_TEMPERATURE = 0.01
 
 
 def _check_temperature(value: float | None) -> float | None:
-    """Temperatures just above 0 overflow the logits (inf/NaN probabilities): 0 means greedy, else >= 0.01."""
+    """Temperatures just above 0 overflow the logits (inf/NaN probabilities): one under 0.01 samples at 0.01, as
+    vLLM does (OpenAI accepts 0.001: a 400 here refused what clients send for "almost greedy"); 0 means greedy."""
     if value is not None and 0 < value < MIN_TEMPERATURE:
-        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return MIN_TEMPERATURE
     return value
 
 
@@ -135,7 +136,9 @@ class RewardOptions(Strict):
 class SamplingOptions(Strict):
     """Decoding settings, the same for all n samples of a request."""
 
-    temperature: float = Field(1.0, ge=0, le=5, description="0 means greedy (all samples identical); else >= 0.01.")
+    temperature: float = Field(
+        1.0, ge=0, le=5, description="0 means greedy (all samples identical); above 0 and under 0.01: 0.01 (as vLLM)."
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, le=1_000_000, description="0 disables top-k.")
     min_p: float = Field(

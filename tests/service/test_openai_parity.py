@@ -193,6 +193,17 @@ def test_top_k_is_vllms_extension(client: httpx.Client, messages, no_eot) -> Non
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_k"
 
 
+def test_a_temperature_under_0_01_samples_at_0_01_as_vllm(client: httpx.Client, messages, no_eot) -> None:
+    """OpenAI accepts 0.001 ("almost greedy"); it was a 400. vLLM raises it to 0.01: the logits overflow below."""
+    from rlaifv.service.protocol import BestOfNRequest, ChatCompletionRequest
+
+    assert ChatCompletionRequest(model="m", messages=messages, temperature=1e-9).temperature == 0.01
+    assert BestOfNRequest(question="q", sampling={"temperature": 1e-300}).sampling.temperature == 0.01
+    base = {"n": 2, "max_tokens": 8, "seed": 5, "logit_bias": no_eot}
+    tiny = [c["message"]["content"] for c in chat(client, messages, **base, temperature=0.001)["choices"]]
+    assert tiny == [c["message"]["content"] for c in chat(client, messages, **base, temperature=0.01)["choices"]]
+
+
 def test_continue_final_message_continues_the_assistant_prefill(
     client: httpx.Client, messages, no_eot, in_process_pair, red_png: bytes
 ) -> None:
