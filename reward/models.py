@@ -121,12 +121,15 @@ def check_model_folder(path: Path, *, what: str = "model", weights: bool = True)
 def safetensors_headers(folder: Path) -> dict[str, dict[str, Any]]:
     """Tensor name -> {dtype, shape, data_offsets} from the folder's safetensors headers: no weights are read.
 
-    With a model.safetensors.index.json, the shards it names (every one must be there, holding the tensors the
-    index puts in it); without, every *.safetensors file. A header is checked as the loader would need it: a JSON
-    object of tensors, each with a dtype, a shape and offsets that the file is long enough to hold."""
+    As transformers loads: model.safetensors when there is one (a re-save without shards leaves the old index
+    behind); else with a model.safetensors.index.json, the shards it names (every one must be there, holding the
+    tensors the index puts in it); else every *.safetensors file. A header is checked as the loader would need it:
+    a JSON object of tensors, each with a dtype, a shape and offsets that the file is long enough to hold."""
     index = folder / "model.safetensors.index.json"
     placement: dict[str, str] = {}
-    if index.is_file():
+    if (folder / "model.safetensors").is_file():
+        paths = [folder / "model.safetensors"]
+    elif index.is_file():
         weight_map = read_json_object(index).get("weight_map")
         if (
             not isinstance(weight_map, dict)
@@ -425,7 +428,7 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
         auto = _auto_class(config.model_type)
-        model, info = auto.from_pretrained(
+        loaded = auto.from_pretrained(
             str(name_or_path),
             dtype=pick_dtype(device, dtype),
             use_safetensors=True,
@@ -434,6 +437,8 @@ def load_model(
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load model from {name_or_path}: {exc}") from exc
+    # A remote-code class whose own from_pretrained returns the model alone says nothing of missing tensors.
+    model, info = loaded if isinstance(loaded, tuple) else (loaded, {"missing_keys": []})
     _refuse_missing(name_or_path, info["missing_keys"], what="model")
     return model.to(device).eval()
 

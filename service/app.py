@@ -100,7 +100,7 @@ async def _start(app: FastAPI) -> None:
             "engine": settings.engine,
             "device": settings.device or "auto",
             "dtype": settings.dtype,
-            "api_keys": len(settings.load_api_keys()),  # 0: /v1 is open to anyone who reaches the port
+            "api_keys": app.state.keys.count,  # 0: /v1 is open to anyone who reaches the port
             "redis": redis is not None,
             "job_workers": settings.jobs_workers if redis is not None else 0,
         },

@@ -27,6 +27,10 @@ class KeyRing:
     def enabled(self) -> bool:
         return bool(self._digests)
 
+    @property
+    def count(self) -> int:
+        return len(self._digests)
+
     def check(self, key: str) -> bool:
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
         found = False

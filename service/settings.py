@@ -25,8 +25,11 @@ def _check_netloc(url: str) -> None:
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"is not a valid URL: {exc}") from None
+    except ValueError:  # urllib's message quotes the netloc: a password's characters, in an unescaped URL
+        raise ValueError(
+            "has no valid host and port: percent-encode special characters (#, /, @, :) of a user or password in"
+            " the URL, or give the password in its own setting"
+        ) from None
     if not parts.hostname:
         raise ValueError("names no host")
     if port == 0:
@@ -57,7 +60,10 @@ class Settings(BaseSettings):
     prefixed with `RLAIFV_`."""
 
     # No float setting means anything at infinity (a grace of inf crashed `rlaifv serve`); NaN compares false.
-    model_config = SettingsConfigDict(env_prefix="RLAIFV_", extra="ignore", validate_default=True, allow_inf_nan=False)
+    # Errors never repeat the value given: it may be a password, a key, or a URL holding one.
+    model_config = SettingsConfigDict(
+        env_prefix="RLAIFV_", extra="ignore", validate_default=True, allow_inf_nan=False, hide_input_in_errors=True
+    )
 
     # -- model ------------------------------------------------------------------
     bundle: Path | None = Field(
@@ -270,7 +276,7 @@ class Settings(BaseSettings):
         from PIL import Image
 
         Image.init()
-        known = set(Image.OPEN)
+        known = set(Image.OPEN) | set(Image.SAVE) | {"MPO"}  # MPO (phones' JPEGs) opens through the JPEG plugin
         formats = [v.upper() for v in value]
         if not formats:
             raise ValueError(f"must name at least one image format, e.g. {','.join(DEFAULT_IMAGE_FORMATS)}")
@@ -306,12 +312,12 @@ class Settings(BaseSettings):
     @classmethod
     def _device(cls, value: str | None) -> str | None:
         """Refused here, before a model loads for minutes only to fail on the device."""
-        if value is None or not value.strip():
+        if value is None or not value.strip() or value.strip().lower() == "auto":
             return None
         value = value.strip().lower()
         kind, _, index = value.partition(":")
-        if kind not in ("cpu", "cuda", "mps", "xpu") or (index and not index.isdigit()) or (kind == "cpu" and index):
-            raise ValueError(f"must be cpu, cuda, cuda:N, mps, xpu or xpu:N, got {value!r}")
+        if kind not in ("cpu", "cuda", "mps", "xpu") or (index and not index.isdigit()):
+            raise ValueError(f"must be auto, cpu, cuda, cuda:N, mps, xpu or xpu:N, got {value!r}")
         return value
 
     @field_validator("generator_url", "vllm_policy_url", "vllm_reference_url")
@@ -420,13 +426,16 @@ class Settings(BaseSettings):
         if self.redis_tls and url.startswith("redis://"):
             url = "rediss://" + url[len("redis://") :]
         parts = urlsplit(url)
-        if url.startswith("unix://") or (self.redis_password is None and self.redis_username is None):
+        if url.startswith("unix://") or "@" not in parts.netloc:
             return url
-        if parts.username is None and parts.password is None:
-            return url
-        user = parts.username if self.redis_username is None else None  # the URL's user, with the password set
-        host = parts.netloc.rpartition("@")[2]
-        netloc = f"{user}@{host}" if user else host
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user, has_password, password = userinfo.partition(":")  # each part overridden alone, kept percent-encoded
+        if self.redis_username is not None:
+            user = ""
+        if self.redis_password is not None:
+            has_password, password = "", ""
+        kept = f"{user}{has_password}{password}"
+        netloc = f"{kept}@{host}" if kept else host
         return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
     def load_api_keys(self) -> list[str]:

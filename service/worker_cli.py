@@ -139,12 +139,13 @@ def worker(**given: Any) -> None:
     if settings.bundle is None:
         settings = settings.model_copy(update={"bundle": fallback_bundle()})
     check_bundle(settings.bundle, weights=settings.engine == "transformers", device=settings.device)
+    from rlaifv.reward.errors import RewardError
     from rlaifv.service.engines.vllm import VllmStartupError
     from rlaifv.service.generator import GeneratorStartupError
 
     try:
         asyncio.run(run_worker(settings))
-    except (WorkerPortError, GeneratorStartupError, VllmStartupError) as exc:  # one line, not 85 of traceback
+    except (WorkerPortError, GeneratorStartupError, VllmStartupError, RewardError) as exc:  # one line, not 85
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
 

@@ -382,3 +382,19 @@ def test_the_early_check_finds_nothing_missing_in_any_family_and_one_tensor_remo
     save_file({k: v for k, v in tensors.items() if k != victim}, str(weights), {"format": "pt"})
     missing = missing_weights(folder)
     assert missing is not None and len(missing) == 1 and missing[0].endswith(victim.split(".", 1)[1]), missing
+
+
+def test_a_single_file_beside_a_stale_shard_index_loads_as_transformers_loads_it(tmp_path):
+    """A re-save without shards leaves the old index behind (save_pretrained removes the shards, not the index):
+    transformers loads model.safetensors; the header check refused the folder for the index's missing shards."""
+    from rlaifv.reward.models import check_model_folder, load_model
+    from rlaifv.trainer.shapes.tiny_vlm import build_tiny_vlm
+
+    folder = build_tiny_vlm(tmp_path / "m")
+    model = load_model(folder, device="cpu")
+    model.save_pretrained(folder, max_shard_size="100KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    model.save_pretrained(folder)
+    assert (folder / "model.safetensors").is_file() and (folder / "model.safetensors.index.json").is_file()
+    check_model_folder(folder)
+    load_model(folder, device="cpu")

@@ -67,7 +67,6 @@ def test_flags_override_env(monkeypatch) -> None:
         ("dtype", "float64"),
         ("dtype", ""),
         ("device", "tpu"),
-        ("device", "cpu:1"),
         ("allowed_image_formats", ""),
         ("allowed_image_formats", "PNG,JPG"),
         ("shutdown_grace_s", float("inf")),
@@ -89,6 +88,14 @@ def test_unsafe_or_invalid_settings_refused(field, value) -> None:
 
 def test_device_and_dtype_names_are_read_loosely() -> None:
     assert Settings(device=" CPU ").device == "cpu" and Settings(dtype="BFloat16").dtype == "bfloat16"
+    assert Settings(device="auto").device is None and Settings(device="cpu:0").device == "cpu:0"
+    assert Settings(allowed_image_formats="JPEG,MPO").allowed_image_formats == ["JPEG", "MPO"]  # phones' JPEGs
+
+
+def test_a_url_that_does_not_parse_never_echoes_its_password() -> None:
+    with pytest.raises(ValidationError, match="percent-encode") as info:
+        Settings(redis_url="redis://app:Sup3r#Secret@redis:6379/0")
+    assert "Sup3r" not in str(info.value)
 
 
 def test_redis_settings_that_would_be_dropped_are_refused(tmp_path) -> None:
@@ -122,6 +129,9 @@ def test_tls_over_a_redis_url_reaches_the_client() -> None:
         ("redis://bob:wrong@h:1/0", {"redis_username": "ann", "redis_password": "right"}, "redis://h:1/0"),
         ("redis://bob:pw@h:1/0", {}, "redis://bob:pw@h:1/0"),
         ("redis://h:1/0", {"redis_password": "right"}, "redis://h:1/0"),
+        ("redis://:s3cret@h:1/0", {"redis_username": "app"}, "redis://:s3cret@h:1/0"),  # the user alone is set
+        ("redis://app:s3cret@h:1/0", {"redis_username": "ops"}, "redis://:s3cret@h:1/0"),
+        ("redis://app:p%40ss@h:1/0", {}, "redis://app:p%40ss@h:1/0"),
     ],
 )
 def test_the_password_setting_overrides_one_in_the_url(url: str, settings: dict, expected: str) -> None:
