@@ -8,5 +8,6 @@ from urllib.parse import urlsplit
 def without_credentials(url: str) -> tuple[str, str]:
     """(host[:port], the URL without its user and password)."""
     parts = urlsplit(url)
-    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    name = parts.hostname or ""
+    host = (f"[{name}]" if ":" in name else name) + (f":{parts.port}" if parts.port else "")  # IPv6 in brackets
     return host, f"{parts.scheme}://{host}{parts.path}"

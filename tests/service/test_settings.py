@@ -378,3 +378,10 @@ def test_an_empty_host_is_refused_and_a_keys_file_may_note_its_keys(tmp_path) ->
     keys = tmp_path / "keys"
     keys.write_text("sk-first-key-0123  # prod\n# a comment\nsk-second-key-456\t# staging\n")
     assert Settings(api_keys_file=keys).load_api_keys() == ["sk-first-key-0123", "sk-second-key-456"]
+
+
+def test_urls_are_shown_without_credentials_and_ipv6_hosts_in_brackets() -> None:
+    from rlaifv.service.urls import without_credentials
+
+    assert without_credentials("http://u:pw@[::1]:8000/v1") == ("[::1]:8000", "http://[::1]:8000/v1")
+    assert without_credentials("https://u:pw@gen.example:443/v1") == ("gen.example:443", "https://gen.example:443/v1")
