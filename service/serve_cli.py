@@ -112,11 +112,14 @@ def build_settings(**overrides: Any):
         raise typer.Exit(2) from None
 
 
-def check_bundle(bundle: Path, *, weights: bool = True, device: str | None = None) -> None:
+def check_bundle(
+    bundle: Path, *, weights: bool = True, device: str | None = None, loads_here: bool | None = None
+) -> None:
     """What can be known of the bundle before the app starts (`reward.bundle.check_bundle`: manifest, model folders,
     configs, tokenizers and, with `weights`, safetensors headers) and, where the engine loads the weights here,
-    `device`: a missing or broken bundle, or a device this machine lacks, exits 2 with its reason (it was a traceback
-    inside uvicorn's lifespan, exit 3)."""
+    `device` (`loads_here`: some model loads in this process; by default where its weights are checked): a missing or
+    broken bundle, or a device this machine lacks, exits 2 with its reason (it was a traceback inside uvicorn's
+    lifespan, exit 3)."""
     from rlaifv.reward.bundle import check_bundle as check_files
     from rlaifv.reward.errors import ModelLoadError, RewardError
     from rlaifv.reward.models import pick_device
@@ -126,12 +129,19 @@ def check_bundle(bundle: Path, *, weights: bool = True, device: str | None = Non
     except RewardError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
-    if weights:
+    if weights if loads_here is None else loads_here:
         try:
             pick_device(device)
         except ModelLoadError as exc:
             typer.secho(f"error: --device / RLAIFV_DEVICE: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
+
+
+def bundle_checks(settings: Any) -> dict[str, Any]:
+    """What `check_bundle` checks for these settings: the weights' headers where the transformers engine loads them,
+    the device wherever a model loads in this process (the vLLM engine's in-process reference too)."""
+    loads_here = settings.engine == "transformers" or settings.vllm_reference == "inprocess"
+    return {"weights": settings.engine == "transformers", "device": settings.device, "loads_here": loads_here}
 
 
 def bind(host: str, port: int, what: str) -> list[socket.socket]:
@@ -180,7 +190,7 @@ def serve(**given: Any) -> None:
     configure_logging(settings.log_level)
     if settings.bundle is None:
         settings = settings.model_copy(update={"bundle": fallback_bundle()})
-    check_bundle(settings.bundle, weights=settings.engine == "transformers", device=settings.device)
+    check_bundle(settings.bundle, **bundle_checks(settings))
     sockets = bind(settings.host, settings.port, "--port / RLAIFV_PORT")
     app = create_app(settings)
     config = uvicorn.Config(

@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 import typer
 import uvicorn
 
-from rlaifv.service.serve_cli import HTTP_OPTIONS, build_settings, check_bundle, fallback_bundle, with_settings_flags
+from rlaifv.service.serve_cli import (
+    HTTP_OPTIONS,
+    build_settings,
+    bundle_checks,
+    check_bundle,
+    fallback_bundle,
+    with_settings_flags,
+)
 
 if TYPE_CHECKING:
     from rlaifv.service.settings import Settings
@@ -138,7 +145,7 @@ def worker(**given: Any) -> None:
         raise typer.Exit(2)
     if settings.bundle is None:
         settings = settings.model_copy(update={"bundle": fallback_bundle()})
-    check_bundle(settings.bundle, weights=settings.engine == "transformers", device=settings.device)
+    check_bundle(settings.bundle, **bundle_checks(settings))
     from rlaifv.reward.errors import RewardError
     from rlaifv.service.engines.vllm import VllmStartupError
     from rlaifv.service.generator import GeneratorStartupError

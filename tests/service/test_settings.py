@@ -385,3 +385,13 @@ def test_urls_are_shown_without_credentials_and_ipv6_hosts_in_brackets() -> None
 
     assert without_credentials("http://u:pw@[::1]:8000/v1") == ("[::1]:8000", "http://[::1]:8000/v1")
     assert without_credentials("https://u:pw@gen.example:443/v1") == ("gen.example:443", "https://gen.example:443/v1")
+
+
+def test_the_device_is_checked_wherever_a_model_loads_in_the_process(tiny_bundle) -> None:
+    """The vLLM engine's in-process reference loads on RLAIFV_DEVICE: its device went unchecked before the load."""
+    from rlaifv.service.serve_cli import bundle_checks
+
+    served = Settings(engine="vllm", vllm_policy_url="http://p:1/v1", vllm_reference_url="http://r:2/v1")
+    inprocess = Settings(engine="vllm", vllm_policy_url="http://p:1/v1", vllm_reference="inprocess")
+    assert bundle_checks(served)["loads_here"] is False and bundle_checks(inprocess)["loads_here"] is True
+    assert bundle_checks(Settings()) == {"weights": True, "device": None, "loads_here": True}
