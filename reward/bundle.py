@@ -11,7 +11,6 @@ too, for bundles that point at shared model storage).
 
 from __future__ import annotations
 
-import json
 import os
 import unicodedata
 from pathlib import Path
@@ -76,14 +75,9 @@ def read_manifest(folder: str | Path) -> BundleManifest:
         raise BundleError(f"bundle folder {folder} does not exist")
     if not path.is_file():
         raise BundleError(f"{path} is missing: a bundle folder needs an {MANIFEST} manifest")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON: {exc}") from None
-    except OSError as exc:
-        raise BundleError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not isinstance(raw, dict):
-        raise BundleError(f"{path} is not a JSON object")
+    from rlaifv.reward.models import read_json_object
+
+    raw = read_json_object(path, BundleError)
     try:
         return BundleManifest.model_validate(raw)
     except ValidationError as exc:
@@ -98,16 +92,12 @@ def resolve(folder: str | Path, entry: str) -> Path:
 
 def read_tokenizer_json(folder: Path) -> dict[str, Any] | None:
     """The folder's tokenizer.json, checked for the parts the bundle compares; None if the folder has none."""
-    from rlaifv.reward.errors import ModelLoadError
     from rlaifv.reward.models import read_json_object
 
     path = folder / "tokenizer.json"
     if not path.is_file():
         return None
-    try:
-        data = read_json_object(path)
-    except ModelLoadError as exc:
-        raise BundleError(str(exc)) from None
+    data = read_json_object(path, BundleError)
     model, added = data.get("model", {}), data.get("added_tokens", [])
     if not isinstance(model, dict) or not isinstance(model.get("vocab", {}), dict | list | None):
         raise BundleError(f"{path} is not a tokenizer.json: 'model' is not an object with a vocab")

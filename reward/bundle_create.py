@@ -95,13 +95,6 @@ def detect_policy_type(folder: Path) -> PolicyType:
     return "lora" if (folder / "adapter_config.json").is_file() else "full"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return read_json_object(path)
-    except ModelLoadError as exc:
-        raise BundleError(str(exc)) from None
-
-
 def _special_tokens(folder: Path) -> dict[str, str]:
     """Special-token roles. The list of extra special tokens is one entry, compared as a set: transformers 4
     wrote it as `additional_special_tokens`, transformers 5 as `extra_special_tokens` (a list or a name -> token
@@ -112,7 +105,7 @@ def _special_tokens(folder: Path) -> dict[str, str]:
         path = folder / name
         if not path.is_file():
             continue
-        for key, value in _read_json(path).items():
+        for key, value in read_json_object(path, BundleError).items():
             if key in ("additional_special_tokens", "extra_special_tokens"):
                 items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
                 extra |= {str(t.get("content", t)) if isinstance(t, dict) else str(t) for t in items}
@@ -199,11 +192,11 @@ def image_settings(folder: Path) -> dict[str, Any] | None:
     image: dict[str, Any] | None = None
     processor: dict[str, Any] = {}
     if (folder / "processor_config.json").is_file():
-        processor = _read_json(folder / "processor_config.json")
+        processor = read_json_object(folder / "processor_config.json", BundleError)
         if isinstance(processor.get("image_processor"), dict):
             image = processor["image_processor"]
     if image is None and (folder / "preprocessor_config.json").is_file():
-        image = _read_json(folder / "preprocessor_config.json")
+        image = read_json_object(folder / "preprocessor_config.json", BundleError)
     return None if image is None else _settings(image, processor)
 
 
@@ -309,7 +302,9 @@ def _check_weights_complete(folder: Path, what: str) -> None:
 def _needs_remote_code(folder: Path) -> bool:
     """The folder's model or processor is code shipped with it: only a service with trust_remote_code loads it."""
     names = ("config.json", "processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
-    return any((folder / name).is_file() and "auto_map" in _read_json(folder / name) for name in names)
+    return any(
+        (folder / name).is_file() and "auto_map" in read_json_object(folder / name, BundleError) for name in names
+    )
 
 
 def _check_processor(reference: Path) -> None:
@@ -332,7 +327,7 @@ def model_config_image_settings(folder: Path) -> dict[str, Any]:
     from rlaifv.reward.models import register_native_families
 
     register_native_families()
-    raw = _read_json(folder / "config.json")
+    raw = read_json_object(folder / "config.json", BundleError)
     try:
         config: Any = AutoConfig.from_pretrained(str(folder))
     except Exception:  # remote code or a config this transformers cannot read: compare the files
@@ -358,9 +353,9 @@ def model_config_image_settings(folder: Path) -> dict[str, Any]:
 def lora_base_class_problem(adapter: Path, reference: Path) -> str | None:
     """The model class PEFT recorded the adapter was made on, when the reference is not one (an adapter of another
     model whose matrices happen to fit). An adapter naming no class is left to the shape check."""
-    mapping = _read_json(adapter / "adapter_config.json").get("auto_mapping")
+    mapping = read_json_object(adapter / "adapter_config.json", BundleError).get("auto_mapping")
     recorded = mapping.get("base_model_class") if isinstance(mapping, dict) else None
-    architectures = _read_json(reference / "config.json").get("architectures")
+    architectures = read_json_object(reference / "config.json", BundleError).get("architectures")
     if not isinstance(recorded, str) or not isinstance(architectures, list) or not architectures:
         return None
     if recorded in architectures:
@@ -392,7 +387,7 @@ def check_compatible(policy: Path, reference: Path, *, end_of_turn: str | None =
             f"reference folder {reference} has no image processor (processor_config.json or "
             "preprocessor_config.json) but the policy has one: the bundle's processor comes from the reference"
         )
-    model_type = _read_json(reference / "config.json").get("model_type")
+    model_type = read_json_object(reference / "config.json", BundleError).get("model_type")
     if ref_images is None and not is_text_only(model_type) and not _needs_remote_code(reference):
         raise BundleError(
             f"reference folder {reference} holds a vision-language model (model_type {model_type!r}) but has no "
@@ -613,7 +608,7 @@ def summarize_model(folder: Path, *, linked: bool) -> ModelSummary:
         dtypes=sorted({str(t.get("dtype")) for t in tensors.values()}),
     )
     if kind == "lora":
-        adapter = _read_json(folder / "adapter_config.json")
+        adapter = read_json_object(folder / "adapter_config.json", BundleError)
         mapping = adapter.get("auto_mapping")
         base_class = mapping.get("base_model_class") if isinstance(mapping, dict) else None
         rank, base = adapter.get("r"), adapter.get("base_model_name_or_path")
@@ -622,7 +617,7 @@ def summarize_model(folder: Path, *, linked: bool) -> ModelSummary:
         summary.lora_rank = rank if isinstance(rank, int) else None
         summary.lora_base = str(base) if base is not None else None
     elif (folder / "config.json").is_file():
-        config = _read_json(folder / "config.json")
+        config = read_json_object(folder / "config.json", BundleError)
         model_type, architectures = config.get("model_type"), config.get("architectures")
         summary.model_type = str(model_type) if model_type is not None else None
         summary.architecture = ", ".join(map(str, architectures)) if isinstance(architectures, list) else None

@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from rlaifv.reward.errors import ModelLoadError
+from rlaifv.reward.errors import ModelLoadError, RewardError
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
@@ -65,16 +65,17 @@ def pick_dtype(device: str, dtype: DTypeName | str = "auto") -> Any:
     return getattr(torch, dtype)
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON file that must hold an object, refused naming the file (a list or a cut-off file was a traceback)."""
+def read_json_object(path: Path, error: type[RewardError] = ModelLoadError) -> dict[str, Any]:
+    """A JSON file that must hold an object, refused with `error` naming the file (a list or a cut-off file was a
+    traceback)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+        raise error(f"{path} is not valid JSON: {exc}") from None
     except OSError as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} is not a JSON object (it holds a {type(data).__name__})")
+        raise error(f"{path} is not a JSON object (it holds a {type(data).__name__})")
     return data
 
 
