@@ -14,10 +14,10 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -96,6 +96,9 @@ class ScoreTask:
     images: list[Any] = field(default_factory=list)
     withdrawn: threading.Event | None = None
     """As `GenerateTask.withdrawn`."""
+
+
+TaskT = TypeVar("TaskT", GenerateTask, ScoreTask)
 
 
 def _is_withdrawn(task: GenerateTask | ScoreTask) -> bool:
@@ -426,12 +429,7 @@ class ModelPair:
         for task in tasks:
             if task.n < 1:
                 raise InvalidInputError("n must be at least 1", param="n")
-        kept = [i for i, task in enumerate(tasks) if not _is_withdrawn(task)]
-        outcomes: list[Ranking | None] = [None] * len(tasks)
-        if kept:
-            for i, ranking in zip(kept, self._generate([tasks[i] for i in kept]), strict=True):
-                outcomes[i] = ranking
-        return _or_withdrawn(outcomes)
+        return _unless_withdrawn(tasks, self._generate)
 
     def _generate(self, tasks: Sequence[GenerateTask]) -> list[Ranking | None]:
         """Rankings of the tasks still wanted once sampled (None for those withdrawn meanwhile)."""
@@ -488,12 +486,7 @@ class ModelPair:
 
     def score_or_withdraw(self, tasks: Sequence[ScoreTask]) -> list[Ranking | Withdrawn]:
         """`score_batch` leaving out the tasks withdrawn before their passes (`ScoreTask.withdrawn`)."""
-        kept = [i for i, task in enumerate(tasks) if not _is_withdrawn(task)]
-        outcomes: list[Ranking | None] = [None] * len(tasks)
-        if kept:
-            for i, ranking in zip(kept, self._score([tasks[i] for i in kept]), strict=True):
-                outcomes[i] = ranking
-        return _or_withdrawn(outcomes)
+        return _unless_withdrawn(tasks, self._score)
 
     def _score(self, tasks: Sequence[ScoreTask]) -> list[Ranking]:
         start = time.perf_counter()
@@ -612,7 +605,16 @@ def _vocab_rows(model: Any) -> int | None:
     return int(weight.shape[0]) if weight is not None else None
 
 
-def _or_withdrawn(outcomes: Sequence[Ranking | None]) -> list[Ranking | Withdrawn]:
+def _unless_withdrawn(
+    tasks: Sequence[TaskT], run: Callable[[list[TaskT]], Sequence[Ranking | None]]
+) -> list[Ranking | Withdrawn]:
+    """`run` over the tasks still wanted; the place of one withdrawn before (or, `run` giving None, during) it
+    holds `Withdrawn`."""
+    kept = [i for i, task in enumerate(tasks) if not _is_withdrawn(task)]
+    outcomes: list[Ranking | None] = [None] * len(tasks)
+    if kept:
+        for i, ranking in zip(kept, run([tasks[i] for i in kept]), strict=True):
+            outcomes[i] = ranking
     return [
         outcome if outcome is not None else Withdrawn(f"task {i} of the batch was withdrawn while it ran")
         for i, outcome in enumerate(outcomes)
