@@ -13,30 +13,20 @@ from typer.testing import CliRunner
 from rlaifv.reward import BundleError, load_bundle
 from rlaifv.reward.bundle import MANIFEST, load_pair, read_manifest
 from rlaifv.reward.bundle_create import create_bundle, describe_bundle
-from rlaifv.trainer.shapes.tiny_vlm import TinyVLMSpec, build_tiny_vlm, perturb_copy, random_lora
+from rlaifv.trainer.shapes.tiny_vlm import TinyVLMSpec, build_tiny_vlm
 
 QUESTION = "What is in the image?"
 ANSWERS = ["a red circle.", "a blue square and a cat."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sources")
-    reference = build_tiny_vlm(root / "reference")
+def models(bundle_sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("more-sources")
     return {
-        "reference": reference,
-        "policy": perturb_copy(reference, root / "policy"),
-        "lora": random_lora(reference, root / "lora"),
+        **bundle_sources,
         "other_words": build_tiny_vlm(root / "other_words", TinyVLMSpec(words=("other", "words", "entirely"))),
         "big_images": build_tiny_vlm(root / "big_images", TinyVLMSpec(image_size=64)),
         "narrow": build_tiny_vlm(root / "narrow", TinyVLMSpec(text_hidden=32, text_heads=2, text_kv_heads=1)),

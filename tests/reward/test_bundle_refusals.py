@@ -18,28 +18,14 @@ from rlaifv.reward import BundleError, load_bundle
 from rlaifv.reward.bundle import MANIFEST, read_manifest
 from rlaifv.reward.bundle_create import create_bundle, describe_bundle
 from rlaifv.reward.errors import ModelLoadError
-from rlaifv.trainer.shapes.tiny_vlm import build_tiny_vlm, perturb_copy, random_lora
+from rlaifv.trainer.shapes.tiny_vlm import build_tiny_vlm
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sources")
-    reference = build_tiny_vlm(root / "reference")
-    return {
-        "reference": reference,
-        "policy": perturb_copy(reference, root / "policy"),
-        "lora": random_lora(reference, root / "lora"),
-    }
+def models(bundle_sources: dict[str, Path]) -> dict[str, Path]:
+    return bundle_sources
 
 
 @pytest.fixture(scope="module")
@@ -388,7 +374,6 @@ def test_a_single_file_beside_a_stale_shard_index_loads_as_transformers_loads_it
     """A re-save without shards leaves the old index behind (save_pretrained removes the shards, not the index):
     transformers loads model.safetensors; the header check refused the folder for the index's missing shards."""
     from rlaifv.reward.models import check_model_folder, load_model
-    from rlaifv.trainer.shapes.tiny_vlm import build_tiny_vlm
 
     folder = build_tiny_vlm(tmp_path / "m")
     model = load_model(folder, device="cpu")

@@ -261,6 +261,12 @@ def _data_url(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
+def _submit_sends_the_image_shown(page: Any, sent: list[dict[str, Any]], image: Path) -> None:
+    page.click("#submit")
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+    assert sent[-1]["images"] == [page.get_attribute("#preview", "src")] == [_data_url(image)]
+
+
 def _files(page: Any) -> list[str]:
     return page.eval_on_selector("#file", "input => [...input.files].map(f => f.name)")
 
@@ -308,9 +314,7 @@ def test_the_image_sent_is_the_image_shown(page: Any, open_server: LiveServer, t
         "() => document.getElementById('image-info').textContent.startsWith('pasted image')", timeout=FAST_MS
     )
     assert _files(page) == [], "the pasted image replaced the file"
-    page.click("#submit")
-    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
-    assert sent[-1]["images"] == [page.get_attribute("#preview", "src")] == [_data_url(SAMPLE)]
+    _submit_sends_the_image_shown(page, sent, SAMPLE)
 
 
 @pytest.mark.slow
@@ -326,9 +330,7 @@ def test_back_navigation_shows_and_sends_the_restored_file(page: Any, open_serve
     page.wait_for_selector("body.ready")
     assert _files(page) == ["noise.png"], "the browser restored the file input"
     assert page.inner_text("#image-info").startswith("noise.png")
-    page.click("#submit")
-    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
-    assert sent[-1]["images"] == [page.get_attribute("#preview", "src")] == [_data_url(noise)]
+    _submit_sends_the_image_shown(page, sent, noise)
 
 
 @pytest.mark.slow
