@@ -494,7 +494,8 @@ MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
 
 UNSUPPORTED: dict[str, str] = {
-    "tools": "this server generates plain text; it has no tool calling",
+    "tools": "this server generates plain text; it has no tool calling (tools are accepted with tool_choice"
+    " 'none' only)",
     "tool_choice": "this server has no tool calling (only 'none' is accepted)",
     "parallel_tool_calls": "this server has no tool calling",
     "functions": "this server has no function calling",
@@ -520,6 +521,34 @@ class ResponseFormat(ValidText):
     model_config = ConfigDict(extra="allow")
 
     type: str
+
+
+class FunctionDefinition(Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="OpenAI's rule: letters, digits, _ and -.")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON Schema object.")
+    strict: bool | None = None
+
+
+class FunctionTool(Strict):
+    """A tool the client offers: accepted with tool_choice 'none' only, where the model must not call it."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class CustomToolDefinition(Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    format: dict[str, Any] | None = Field(None, description="Free text or a grammar; never used here.")
+
+
+class CustomTool(Strict):
+    type: Literal["custom"]
+    custom: CustomToolDefinition
+
+
+Tool = Annotated[FunctionTool | CustomTool, Field(discriminator="type")]
 
 
 class ChatCompletionRequest(Strict):
@@ -584,9 +613,14 @@ class ChatCompletionRequest(Strict):
     prompt_cache_key: str | None = Field(None, description="Accepted; ignored (no cross-request prompt cache).")
     prompt_cache_retention: str | None = Field(None, description="Accepted; ignored.")
     prompt_cache_options: dict[str, Any] | None = Field(None, description="Accepted; ignored.")
-    tools: list[Any] | None = Field(None, description="Refused unless empty: no tool calling.")
+    tools: list[Tool] | None = Field(
+        None,
+        max_length=128,
+        description="Accepted only with tool_choice 'none' (no tool calling); not shown to the model, as vLLM's"
+        " --exclude-tools-when-tool-choice-none.",
+    )
     tool_choice: Any = Field(None, description="Refused unless 'none'.")
-    parallel_tool_calls: Any = Field(None, description="Refused: no tool calling.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted with tools and tool_choice 'none'; no effect.")
     functions: Any = Field(None, description="Refused: no function calling.")
     function_call: Any = Field(None, description="Refused: no function calling.")
     audio: Any = Field(None, description="Refused: text only.")
@@ -637,6 +671,8 @@ class ChatCompletionRequest(Strict):
         for name, reason in UNSUPPORTED.items():
             value = getattr(self, name)
             if value is None or (name == "tools" and value == []) or (name == "tool_choice" and value == "none"):
+                continue
+            if name in ("tools", "parallel_tool_calls") and self.tool_choice == "none" and self.tools:
                 continue
             raise BadRequest(f"'{name}' is not supported: {reason}", param=name, code="unsupported_parameter")
         if self.response_format is not None and self.response_format.type != "text":

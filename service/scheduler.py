@@ -96,6 +96,7 @@ class Scheduler:
         self._expected = 0  # how many requests the next batch may count on (see `_collect`)
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._drained = asyncio.Event()  # set, once closing, when nothing waits, forms or runs (`close` awaits it)
         self._batch_started: float | None = None
         self.in_flight = 0
 
@@ -104,7 +105,13 @@ class Scheduler:
         return len(self._waiting) + (1 if self._held is not None else 0)
 
     def _depth_changed(self) -> None:
+        """Called wherever work enters, moves or leaves: the queue gauge, and `close`'s wait for the drain."""
         self.metrics.queue_depth.set(self.depth)
+        if self._closing and not self._busy():
+            self._drained.set()
+
+    def _busy(self) -> bool:
+        return bool(self.depth or self.in_flight or self._forming)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="rlaifv-scheduler")
@@ -124,8 +131,11 @@ class Scheduler:
         without an answer gets 503 `shutting_down` (a running batch's answers are discarded when it returns)."""
         self._closing = True
         end = _now() + grace_s
-        while (self.depth or self.in_flight or self._forming) and _now() < end:
-            await asyncio.sleep(0.02)
+        while self._busy() and _now() < end:  # the event may be set while an item moves from queue to batch
+            self._drained.clear()
+            self._depth_changed()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout=end - _now())
         held = [self._held] if self._held is not None else []
         left = [*self._running, *self._forming, *held, *self._waiting]
         if self._task is not None:
@@ -280,6 +290,7 @@ class Scheduler:
             batch = [item for item in await self._collect() if self._live(item)]  # some left while it formed
             self._forming = []
             if not batch:
+                self._depth_changed()
                 continue
             now = _now()
             for item in batch:
@@ -297,6 +308,7 @@ class Scheduler:
                 self.in_flight = 0
                 self._running = []
                 self._batch_started = None
+                self._depth_changed()
             for item, outcome in zip(batch, outcomes, strict=True):
                 self._release(item)
                 if item.future.done():

@@ -402,6 +402,7 @@ def test_official_client_fields_that_are_accepted(live_server, messages) -> None
 REFUSED: list[tuple[str, Any, str]] = [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tools"),
     ("tool_choice", "auto", "tool_choice"),
+    ("tool_choice", "required", "tool_choice"),
     ("parallel_tool_calls", False, "parallel_tool_calls"),
     ("functions", [{"name": "f"}], "functions"),
     ("function_call", "auto", "function_call"),
@@ -429,6 +430,33 @@ def test_fields_that_cannot_be_honoured_get_400_naming_them(
     assert "not supported" in error["message"] or "only" in error["message"]
 
 
+def test_tools_the_model_must_not_call_are_accepted(live_server, messages) -> None:
+    """Agent frameworks keep their tools in every request and turn calling off with tool_choice 'none' (OpenAI and
+    vLLM answer in plain text); the answer is a plain message."""
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city.",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+                "strict": True,
+            },
+        }
+    ]
+    tools.append({"type": "custom", "custom": {"name": "sql", "format": {"type": "text"}}})
+    completion = openai_client(live_server).chat.completions.create(
+        model="tiny-llava",
+        messages=messages,
+        tools=tools,  # type: ignore[arg-type]
+        tool_choice="none",
+        parallel_tool_calls=False,
+        max_completion_tokens=4,
+    )
+    assert completion.choices[0].message.tool_calls is None
+    assert completion.choices[0].finish_reason in ("stop", "length")
+
+
 def test_official_client_sees_refusals_as_bad_request(live_server, messages) -> None:
     import openai
 
@@ -454,6 +482,17 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"logit_bias": {"5": 101}}, "logit_bias.5", "invalid_value"),
     ({"logit_bias": {"999999": 1}}, "logit_bias.999999", "invalid_value"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
+    (
+        {"tool_choice": "none", "tools": [{"type": "function", "function": {"name": "a b"}}]},
+        "tools[0].function.name",
+        "invalid_value",
+    ),
+    ({"tool_choice": "none", "tools": [{"type": "mcp", "server_label": "x"}]}, "tools[0]", "invalid_value"),
+    (
+        {"tool_choice": "none", "tools": [{"type": "function", "function": {"name": "f", "bogus": 1}}]},
+        "tools[0].function.bogus",
+        "unknown_field",
+    ),
     ({"stream": True, "stream_options": {"bogus": True}}, "stream_options.bogus", "unknown_field"),
 ]
 

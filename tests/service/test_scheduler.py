@@ -317,6 +317,20 @@ async def test_close_lets_queued_work_finish_then_refuses_new_work() -> None:
         await sched.submit(score("a"), timeout_s=30)
 
 
+async def test_close_returns_when_the_last_batch_ends_not_at_a_later_tick() -> None:
+    """Shutdown waits on the drain itself (a polled wait ended up to one poll interval late)."""
+    engine = FakeEngine(batch_s=0.107)
+    sched = make(engine, max_batch=1)
+    sched.start()
+    tasks = [asyncio.create_task(sched.submit(score(str(i)), timeout_s=30)) for i in range(3)]
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await sched.close(10)
+    assert loop.time() - began == pytest.approx(3 * 0.107, abs=1e-6)
+    assert all(t.done() and not t.exception() for t in tasks)
+
+
 async def test_close_fails_what_the_grace_period_cannot_finish() -> None:
     engine = FakeEngine(batch_s=1.0)
     sched = make(engine, max_batch=1)
