@@ -857,6 +857,7 @@ def _train_dpo(
                 accelerator.backward(terms.loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(scorer.parameters(), config.max_grad_norm)
+                applied_lr = optimizer.param_groups[0]["lr"]  # this update's rate (the scheduler then moves on)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -884,7 +885,7 @@ def _train_dpo(
                         k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
                         for k, v in means.items()
                     }
-                    history.append({"step": updates, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **reduced})
+                    history.append({"step": updates, "epoch": epoch, "lr": applied_lr, **reduced})
                     bar.set_postfix(loss=f"{reduced['loss']:.4f}", margin=f"{reduced['margin']:.3f}")
                     running = {}
                 end_of_epoch = batch_index + 1 >= batches_per_epoch

@@ -165,6 +165,8 @@ def test_dpo_moves_the_held_out_margin_the_right_way(tiny_model: Path, tmp_path:
     assert result.history[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert result.history[0]["margin"] == pytest.approx(0.0, abs=1e-6)
     assert result.history[-1]["margin"] > 0 and result.history[-1]["dpo_loss"] < math.log(2)
+    # the rate each logged step was taken with: the full rate at once without warm-up, and not yet 0 at the last
+    assert result.history[0]["lr"] == pytest.approx(2e-3) and 0 < result.history[-1]["lr"] < 2e-3
     bundle = _bundle_of(result.policy_dir, tiny_model, tmp_path / "bundle")
     after = _margins(bundle, HELD_OUT)
     assert all(m > 0 for m in after), after
