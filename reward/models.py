@@ -91,15 +91,21 @@ def _broken_links(folder: Path) -> list[Path]:
     return sorted(broken)
 
 
+def _weight_file(name: str) -> bool:
+    return name in SAFETENSORS_FILES or name in PICKLE_FILES or name.endswith((".safetensors", ".bin"))
+
+
 def check_model_folder(path: Path, *, what: str = "model", weights: bool = True) -> None:
     """Fail early, naming the file, for folders from_pretrained would reject obscurely or with a traceback: no
     folder, a broken link, a config that is not a JSON object, and (`weights`) no safetensors weights or one whose
-    header is unreadable, cut short, or a shard the index names that is not there. Headers only: no weights read."""
+    header is unreadable, cut short, or a shard the index names that is not there. Headers only: no weights read.
+    Without `weights` (the vLLM engine: its servers load them, maybe from a volume only they mount) a weight file
+    may be a link that does not resolve here."""
     if path.is_file():
         raise ModelLoadError(f"{what} folder {path} is a file, not a model folder")
     if not path.is_dir():
         raise ModelLoadError(f"{what} folder {path} does not exist")
-    broken = _broken_links(path)
+    broken = [p for p in _broken_links(path) if weights or not _weight_file(p.name)]
     if broken:
         shown = ", ".join(f"{p.relative_to(path)} -> {os.readlink(p)}" for p in broken[:3])
         more = f" (+{len(broken) - 3} more)" if len(broken) > 3 else ""

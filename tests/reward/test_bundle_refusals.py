@@ -343,6 +343,25 @@ def test_a_dangling_link_in_a_model_folder_is_named(models, tmp_path):
     assert message == f"policy folder {policy} has a broken link: extra.json -> {tmp_path / 'gone.json'}"
 
 
+def test_weights_linked_to_where_only_the_vllm_servers_look_pass_the_check_without_weights(models, tmp_path):
+    """With the vLLM engine the service reads configs and tokenizer files; the weights are the servers'."""
+    from rlaifv.reward.bundle import check_bundle, write_bundle
+
+    bundle = tmp_path / "b"
+    write_bundle(bundle, policy=models["policy"], reference=models["reference"])
+    weights = next((bundle / "policy").glob("*.safetensors"))
+    weights.unlink()
+    weights.symlink_to(tmp_path / "on-the-vllm-volume.safetensors")
+    check_bundle(bundle, weights=False)
+    with pytest.raises(BundleError, match="broken link"):
+        check_bundle(bundle)
+    tokenizer = next(p for p in (bundle / "policy").iterdir() if p.name.startswith("tokenizer"))
+    tokenizer.unlink()
+    tokenizer.symlink_to(tmp_path / "gone.json")
+    with pytest.raises(BundleError, match="broken link"):  # the service reads these itself
+        check_bundle(bundle, weights=False)
+
+
 def _family_builders() -> dict[str, object]:
     from rlaifv.testing.tiny_families import FAMILIES, build_tiny_family
     from rlaifv.testing.tiny_text import build_text_model
