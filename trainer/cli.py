@@ -205,7 +205,11 @@ def iterate_command(
     ] = None,
     eval_hook: Annotated[
         str | None,
-        typer.Option("--eval", help="Eval hook run after each round: package.module:function(ctx) -> metrics."),
+        typer.Option(
+            "--eval",
+            help="Eval hook run after each round: package.module:function(ctx) -> metrics (added on a rerun, it"
+            " also measures the rounds finished without it).",
+        ),
     ] = None,
     config: Annotated[
         Path | None, typer.Option(help="JSON file with IterateConfig settings (flags and --set override it).")

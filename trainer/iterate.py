@@ -299,21 +299,27 @@ def run_round(
         provenance={"round": index},
         copy=False,
     )
-    eval_path = rdir / "eval.json"
     if eval_hook is not None:
-        if eval_path.is_file():
-            metrics = json.loads(eval_path.read_text())
-            report["stages_reused"].append("eval")
-        else:
-            context = RoundContext(index, rdir, bundle_dir, dpo_dir / "policy", report["policy_type"], initial)
-            metrics = {k: None if v is None else float(v) for k, v in eval_hook(context).items()}
-            eval_path.write_text(json.dumps(metrics, indent=2) + "\n")
-            _free()
-        report["eval"] = metrics
+        _evaluate(report, rdir, initial, eval_hook)
     report["seconds"] = time.time() - started
     (rdir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     (rdir / DONE_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
     return report
+
+
+def _evaluate(report: dict[str, Any], rdir: Path, initial: Path, eval_hook: EvalHook) -> None:
+    """The round's `eval` (its eval.json when an earlier run measured it)."""
+    eval_path = rdir / "eval.json"
+    if eval_path.is_file():
+        metrics = json.loads(eval_path.read_text())
+        report["stages_reused"].append("eval")
+    else:
+        policy = Path(report["policy_dir"])
+        context = RoundContext(report["round"], rdir, rdir / "bundle", policy, report["policy_type"], initial)
+        metrics = {k: None if v is None else float(v) for k, v in eval_hook(context).items()}
+        eval_path.write_text(json.dumps(metrics, indent=2) + "\n")
+        _free()
+    report["eval"] = metrics
 
 
 def choose_round(config: IterateConfig, reports: list[dict[str, Any]]) -> int:
@@ -369,6 +375,9 @@ def run_iterate(
         if (rdir / DONE_FILE).is_file() and (rdir / REPORT_FILE).is_file():
             report = json.loads((rdir / REPORT_FILE).read_text())
             resumed.append(index)
+            if eval_hook is not None and "eval" not in report:  # finished before the run had an eval hook
+                _evaluate(report, rdir, Path(config.model), eval_hook)
+                (rdir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         else:
             report = run_round(
                 index, config, source, previous, eval_hook=eval_hook, labeler=labeler, splitter=splitter, writer=writer

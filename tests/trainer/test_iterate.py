@@ -71,9 +71,10 @@ def test_two_rounds_interrupted_between_rounds_resume_and_export(tiny_model: Pat
         seen.append(report["round"])
         raise Interrupt
 
-    with pytest.raises(Interrupt):
-        run_iterate(config, _source(), labeler=_labeler(), eval_hook=_eval, on_round_end=stop_after_first)
+    with pytest.raises(Interrupt):  # no eval hook yet: it is added on resume, and round 1 is measured then
+        run_iterate(config, _source(), labeler=_labeler(), on_round_end=stop_after_first)
     assert seen == [1] and (out / "round-01" / "DONE").is_file() and not (out / "round-02").exists()
+    assert not (out / "round-01" / "eval.json").exists()
     assert not (out / "bundle").exists()
     round1_mtime = (out / "round-01" / "dpo" / "policy" / "model.safetensors").stat().st_mtime_ns
 
@@ -81,7 +82,8 @@ def test_two_rounds_interrupted_between_rounds_resume_and_export(tiny_model: Pat
     assert result.resumed_rounds == [1]
     assert (out / "round-01" / "dpo" / "policy" / "model.safetensors").stat().st_mtime_ns == round1_mtime
     assert [r["round"] for r in result.rounds] == [1, 2]
-    assert result.exported_round == 1  # 'best' by the eval metric (min of 'round')
+    assert result.exported_round == 1  # 'best' by the eval metric (min of 'round'): round 1 measured on resume
+    assert json.loads((out / "round-01" / "report.json").read_text())["eval"]["round"] == 1.0
     assert all(r["eval"]["unjudged"] is None for r in result.rounds)
 
     pair = load_bundle(result.bundle_dir)
