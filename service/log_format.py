@@ -43,7 +43,11 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def configure_logging(level: str = "info") -> None:
-    """JSON lines on stderr for our logger and uvicorn's (its access log is replaced by ours)."""
+    """JSON lines on stderr for our logger and uvicorn's (its access log is replaced by ours), and for the warnings
+    of the model libraries; their progress bars are off (a bar is not a JSON line: log shippers stored each redraw
+    as an unparsed record). Model loading time is in the `ready` line."""
+    from transformers.utils import logging as transformers_logging
+
     handler = _Stderr()
     handler.setFormatter(JsonFormatter())
     for name in ("rlaifv", "uvicorn", "uvicorn.error"):
@@ -52,3 +56,13 @@ def configure_logging(level: str = "info") -> None:
         logger.propagate = False
         logger.setLevel(level.upper())
     logging.getLogger("uvicorn.access").disabled = True
+    transformers_logging.disable_default_handler()  # its own plain-text handler, made on first use
+    transformers_logging.disable_progress_bar()
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+        logger.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+
+
+LIBRARY_LOGGERS = ("transformers", "accelerate", "peft", "huggingface_hub", "torch")

@@ -28,3 +28,31 @@ def test_log_lines_go_to_the_stderr_of_the_moment(monkeypatch: pytest.MonkeyPatc
     logging.getLogger("rlaifv.service").info("after the swap", extra={"request_id": "r1"})
     line = json.loads(now.getvalue())
     assert line["message"] == "after the swap" and line["level"] == "info"
+
+
+def test_model_libraries_log_json_and_draw_no_bars(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers drew "Loading weights" bars and wrote its warnings as plain text among the JSON lines."""
+    from transformers.utils import logging as transformers_logging
+
+    from rlaifv.service.log_format import LIBRARY_LOGGERS, configure_logging
+
+    for name in ("rlaifv", "uvicorn", "uvicorn.error", "uvicorn.access", *LIBRARY_LOGGERS):
+        logger = logging.getLogger(name)
+        for attribute in ("handlers", "propagate", "level", "disabled"):
+            value = getattr(logger, attribute)
+            monkeypatch.setattr(logger, attribute, list(value) if attribute == "handlers" else value)
+    bars = transformers_logging.is_progress_bar_enabled()
+    captured = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", captured)
+    try:
+        configure_logging("debug")
+        transformers_logging.get_logger("transformers.modeling_utils").warning("some weights were not used")
+        transformers_logging.get_logger("transformers.modeling_utils").info("chatter below warning")
+        for _ in transformers_logging.tqdm(range(3), desc="Loading weights"):
+            pass
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+    lines = captured.getvalue().splitlines()
+    assert [json.loads(line)["message"] for line in lines] == ["some weights were not used"]
+    assert json.loads(lines[0])["logger"] == "transformers.modeling_utils"
