@@ -3,6 +3,7 @@
     rlaifv:job:{id}            hash: kind, status, total, completed, failed, created, updated, metadata
     rlaifv:job:{id}:items      hash: index -> {"custom_id"?, "body"} (JSON)
     rlaifv:job:{id}:results    hash: index -> {"custom_id"?, "status", "result" | "error"} (JSON)
+    rlaifv:job:owner:{owner}   sorted set: the owner's job ids, score = creation time in ms (GET /v1/jobs)
     {RLAIFV_JOBS_STREAM}       stream: one entry {job, index} per item; group "rlaifv-workers"
 
 Workers run inside service replicas (RLAIFV_JOBS_WORKERS) and in standalone `rlaifv worker` processes.
@@ -65,6 +66,12 @@ GROUP = "rlaifv-workers"
 PREFIX = "rlaifv:job:"
 JOB_ID = re.compile(r"job-[0-9a-f]{32}")
 ANONYMOUS = "-"  # the owner of jobs submitted without API keys configured
+# Each owner's jobs, newest first (GET /v1/jobs): a sorted set of job ids scored by creation time in ms. "owner:" is
+# neither a job id (JOB_ID) nor an Idempotency-Key's "idem:" record, so no key of the prefix is named twice.
+OWNERS = PREFIX + "owner:"
+# Entries are trimmed once their job has expired for sure: the job hash's TTL runs from the MULTI that adds the
+# entry, on Redis's clock; the score is the writer's clock, which may lag Redis's by up to this much.
+INDEX_GRACE_MS = 60_000
 REQUEST_MODELS = {"best_of_n": BestOfNRequest, "rewards": RewardsRequest}
 ENQUEUE_CHUNK = 1000
 
@@ -116,6 +123,20 @@ if current == false or current == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1
 RELEASE_CLAIM = """
 if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('EXISTS', KEYS[2]) == 0 then redis.call('DEL', KEYS[1]) end
 """
+# One page of an owner's index after the job ARGV[1] ('' for the first page): its rank and the range after it read
+# in one step, so a job created meanwhile (it goes on top) shifts no page. Entries of jobs expired for sure (score
+# below ARGV[3]) go first. false: ARGV[1] is not in the index.
+PAGE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+local start = 0
+if ARGV[1] ~= '' then
+  local rank = redis.call('ZREVRANK', KEYS[1], ARGV[1])
+  if not rank then return false end
+  start = rank + 1
+end
+return redis.call('ZREVRANGE', KEYS[1], start, start + tonumber(ARGV[2]) - 1)
+"""
+PAGE_READ_MAX = 256  # ids read per round trip while skipping entries whose jobs are gone
 
 
 @contextlib.contextmanager
@@ -297,8 +318,8 @@ class JobStore:
     ) -> None:
         """Items first, then the job hash, every stream entry and the Idempotency-Key's claim for the jobs' TTL in
         one MULTI: a worker never sees an entry without its item, and a submission cut short leaves no job (stray
-        items expire with the TTL) and a claim that expires in `CLAIM_PENDING_S`."""
-        now = int(time.time())
+        items expire with the TTL) and a claim that expires in `CLAIM_PENDING_S`. The owner's index (`GET /v1/jobs`)
+        gets the job in that MULTI too, so a job listed exists and a job created is listed."""
         key = PREFIX + job_id
         for start in range(0, len(items), ENQUEUE_CHUNK):
             chunk = items[start : start + ENQUEUE_CHUNK]
@@ -312,6 +333,8 @@ class JobStore:
             if claim is not None:
                 pipe.expire(claim[0], CLAIM_PENDING_S)
             await pipe.execute()
+        now_ms = time.time_ns() // 1_000_000  # read at the MULTI: the job exists (and its TTL runs) from there
+        now = now_ms // 1000
         meta = {
             "kind": request.kind,
             "status": "queued",
@@ -323,9 +346,13 @@ class JobStore:
             "metadata": json.dumps(request.metadata),
             "owner": owner or ANONYMOUS,
         }
+        index = OWNERS + (owner or ANONYMOUS)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=meta)
         pipe.expire(key, self.ttl_s)
+        pipe.zadd(index, {job_id: now_ms})
+        pipe.zremrangebyscore(index, "-inf", f"({self._expired_before(now_ms)}")
+        pipe.expire(index, self.ttl_s + INDEX_GRACE_MS // 1000)  # outlives the newest job: the index goes with it
         for i in range(len(items)):
             pipe.xadd(self.stream, {"job": job_id, "index": str(i)})
         if claim is not None:  # ours still, or lapsed: then nobody's (a lapsed claim taken by another stays theirs)
@@ -337,28 +364,80 @@ class JobStore:
         with self.guard():
             return await self._get(job_id, owner)
 
+    def _expired_before(self, now_ms: int) -> int:
+        """Index entries scored below this are of jobs expired for sure."""
+        return now_ms - self.ttl_s * 1000 - INDEX_GRACE_MS
+
+    async def list_jobs(
+        self, owner: str | None = None, *, limit: int = 20, after: str | None = None
+    ) -> tuple[list[Job], bool]:
+        """The owner's jobs, newest first: up to `limit` of them after the job `after` (None: from the newest), and
+        whether more follow. Jobs created in the same millisecond come in a fixed order (by id, descending).
+
+        Reads the owner's index (a sorted set) by rank, never the keyspace. An entry whose job is gone (expired, or
+        lost by a Redis that restarted without its data) is skipped and removed. `after` must be one of the owner's
+        jobs that still exists (`BadRequest` naming it otherwise: unknown, expired, another key's)."""
+        index = OWNERS + (owner or ANONYMOUS)
+        with self.guard():
+            if after is not None and (JOB_ID.fullmatch(after) is None or await self._get(after, owner) is None):
+                if JOB_ID.fullmatch(after) is not None:
+                    await self._forget(index, [after])  # its job is gone (or never was the owner's: a no-op)
+                raise _bad_after(after)
+            for _ in range(3):
+                try:
+                    page = await self._page(index, owner, limit + 1, after)
+                except _AnchorGone:
+                    continue
+                if page is None:  # `after` is not in the owner's index (a job of theirs from before it), or left it
+                    raise _bad_after(after or "")
+                return page[:limit], len(page) > limit
+            raise StoreUnavailable("the job list kept changing while it was read; retry", headers={"Retry-After": "1"})
+
+    async def _page(self, index: str, owner: str | None, want: int, after: str | None) -> list[Job] | None:
+        """Up to `want` live jobs after `after` in the index; None when `after` is not in it.
+
+        Each round reads the ids after the last live job found (the anchor) in one step, fetches their hashes in one
+        pipeline, and removes the entries whose job is gone before the next round, so every round moves on. The
+        anchor is `after` or a job just seen alive (entries are removed only once their job is gone); should that
+        job expire and its entry go meanwhile, `_AnchorGone` makes the caller read the page again."""
+        jobs: list[Job] = []
+        anchor, size = after or "", want
+        while len(jobs) < want:
+            cutoff = self._expired_before(time.time_ns() // 1_000_000)
+            ids = await self.redis.eval(PAGE, 1, index, anchor, size, cutoff)
+            if ids is None:
+                if anchor == (after or ""):
+                    return None
+                raise _AnchorGone
+            if not ids:
+                break
+            pipe = self.redis.pipeline(transaction=False)
+            for raw_id in ids:
+                pipe.hgetall(PREFIX + raw_id.decode())
+            gone: list[str] = []
+            for raw_id, raw in zip(ids, await pipe.execute(), strict=True):
+                job = _job(raw_id.decode(), raw, owner)
+                if job is None:
+                    gone.append(raw_id.decode())
+                elif len(jobs) < want:
+                    jobs.append(job)
+                    anchor = job.id
+            await self._forget(index, gone)
+            if len(ids) < size:  # the index ends here (jobs created meanwhile go on top, not after the anchor)
+                break
+            size = max(want - len(jobs), min(2 * size, PAGE_READ_MAX))
+        return jobs
+
+    async def _forget(self, index: str, job_ids: list[str]) -> None:
+        if job_ids:
+            await self.redis.zrem(index, *job_ids)
+
     async def _get(self, job_id: str, owner: str | None = None) -> Job | None:
         """None also for an id of another shape: only job ids name job hashes (an Idempotency-Key's record
         shares the prefix)."""
         if JOB_ID.fullmatch(job_id) is None:
             return None
-        raw = await self.redis.hgetall(PREFIX + job_id)
-        d = {k.decode(): v.decode() for k, v in raw.items()}
-        if not {"kind", "status", "total"} <= d.keys():  # absent, or a fragment a write left after the job expired
-            return None
-        if d.get("owner", owner or ANONYMOUS) != (owner or ANONYMOUS):  # a job from before owners were kept: any
-            return None
-        return Job(
-            id=job_id,
-            kind=d["kind"],  # type: ignore[arg-type]
-            status=d["status"],  # type: ignore[arg-type]
-            created=int(d["created"]),
-            updated=int(d["updated"]),
-            total=int(d["total"]),
-            completed=int(d["completed"]),
-            failed=int(d["failed"]),
-            metadata=json.loads(d.get("metadata", "{}")),
-        )
+        return _job(job_id, await self.redis.hgetall(PREFIX + job_id), owner)
 
     async def result_lines(self, job: Job) -> AsyncIterator[str]:
         """The stored results as JSON texts (`{"index", "custom_id"?, "status", ...}`) in item order, read
@@ -606,6 +685,40 @@ class JobWorkers:
             except Overloaded:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def _job(job_id: str, raw: dict[bytes, bytes], owner: str | None) -> Job | None:
+    """The job of a job hash as HGETALL returns it; None when it is not the owner's or not a whole job."""
+    d = {k.decode(): v.decode() for k, v in raw.items()}
+    if not {"kind", "status", "total"} <= d.keys():  # absent, or a fragment a write left after the job expired
+        return None
+    if d.get("owner", owner or ANONYMOUS) != (owner or ANONYMOUS):  # a job from before owners were kept: any
+        return None
+    return Job(
+        id=job_id,
+        kind=d["kind"],  # type: ignore[arg-type]
+        status=d["status"],  # type: ignore[arg-type]
+        created=int(d["created"]),
+        updated=int(d["updated"]),
+        total=int(d["total"]),
+        completed=int(d["completed"]),
+        failed=int(d["failed"]),
+        metadata=json.loads(d.get("metadata", "{}")),
+    )
+
+
+class _AnchorGone(Exception):
+    """The job a page was being read after left the index meanwhile (it expired): the page is read again."""
+
+
+def _bad_after(after: str) -> BadRequest:
+    """OpenAI's wording for a cursor that names nothing in the list; the same for every reason, so another key's
+    job ids cannot be probed."""
+    return BadRequest(
+        f"Invalid 'after': {after[:64]!r} is not one of your jobs (it does not exist or has expired).",
+        param="after",
+        code="invalid_value",
+    )
 
 
 def _problems(so_far: Problems, exc: ValidationError, data: Any, prefix: str) -> Problems:

@@ -977,3 +977,15 @@ class JobResults(BaseModel):
     object: Literal["list"] = "list"
     status: JobStatusName
     data: list[JobItemResult] = Field(description="Results so far, by item index (items without one are left out).")
+
+
+class JobList(BaseModel):
+    """`GET /v1/jobs`: a page of the caller's jobs, newest first (OpenAI's `GET /v1/batches` page)."""
+
+    object: Literal["list"] = "list"
+    data: list[Job] = Field(description="The jobs of this page, newest first.")
+    first_id: str | None = Field(None, description="The id of the first job of `data` (None when it is empty).")
+    last_id: str | None = Field(
+        None, description="The id of the last job of `data`: pass it as `after` for the next page."
+    )
+    has_more: bool = Field(description="Whether older jobs follow this page.")

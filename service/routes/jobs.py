@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from rlaifv.service.errors import BadRequest, NotEnabled, NotFound, StoreUnavailable, error_responses
 from rlaifv.service.jobs import JobStore, parse_jsonl
-from rlaifv.service.protocol import Job, JobRequest, JobResults
+from rlaifv.service.protocol import Job, JobList, JobRequest, JobResults
 
 router = APIRouter(tags=["jobs"])
 log = logging.getLogger("rlaifv.jobs")
@@ -119,6 +119,37 @@ async def upload_job(
     except ValueError:
         raise BadRequest("metadata must be a JSON object of strings", param="metadata") from None
     return await store.create(job, idempotency_key=idempotency_key, owner=_owner(request))
+
+
+@router.get(
+    "/v1/jobs",
+    response_model=JobList,
+    responses=error_responses(400, 401, 429, 501, 503),
+    summary="List your jobs, newest first",
+)
+async def list_jobs(
+    store: StoreDep,
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=100, description="Jobs per page, 1 to 100.")] = 20,
+    after: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=64,
+            description="A job id (the previous page's `last_id`): the page starts with the job after it.",
+        ),
+    ] = None,
+) -> JobList:
+    """The jobs of the calling API key (all jobs without keys configured) that have not expired, newest first,
+    paginated as OpenAI's `GET /v1/batches`: follow `last_id` as `after` while `has_more`. An `after` that is not
+    one of the caller's jobs (unknown, expired, another key's) is a 400 naming `after`."""
+    jobs, has_more = await store.list_jobs(_owner(request), limit=limit, after=after)
+    return JobList(
+        data=jobs,
+        first_id=jobs[0].id if jobs else None,
+        last_id=jobs[-1].id if jobs else None,
+        has_more=has_more,
+    )
 
 
 @router.get(

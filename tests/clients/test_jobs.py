@@ -1,13 +1,15 @@
 """Batch jobs against the real server with a real Redis: `submit`, `get`, `wait` (callback and bar),
-`results` (iterator), `cancel`, sync and async. Skipped where the server has no /v1/jobs or no redis-server exists."""
+`results` (iterator), `cancel`, `list` (pages), sync and async. Skipped where the server has no /v1/jobs or no
+redis-server exists."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +25,7 @@ from rlaifv_client import (
     Rewards,
     WaitTimeoutError,
 )
+from rlaifv_client.types import JobList
 
 from .conftest import API_KEY, QUESTION, LiveServer
 
@@ -122,3 +125,69 @@ async def test_jobs_async(jobs_server: LiveServer, red_png: bytes) -> None:
         assert cancelled.status == "cancelled"
         with pytest.raises(JobError, match="cancelled"):
             (await client.jobs.wait(big, poll_interval=0.1, timeout=10)).raise_for_status()
+
+
+def _submit_in_a_row(client: Client, red_png: bytes, count: int, redis_url: str) -> list[Job]:
+    """`count` small jobs, cancelled at once (the listing is the point), at least a millisecond apart in the job
+    index: jobs submitted in a row may share one, which orders them by id instead."""
+    import hashlib
+
+    import redis
+
+    from rlaifv.service.jobs import OWNERS
+
+    item = {"image": red_png, "question": QUESTION, "answers": ["a red square."]}
+    jobs = [client.jobs.submit([item], kind="rewards", metadata={"list": str(i)}) for i in range(count)]
+    for job in jobs:
+        client.jobs.cancel(job)
+    index = OWNERS + hashlib.sha256(API_KEY.encode()).hexdigest()[:16]  # the key's id, as the auth layer names it
+    with redis.Redis.from_url(redis_url) as sync:
+        scores = [int(sync.zscore(index, job.id)) for job in jobs]
+        for i in range(1, count):
+            scores[i] = max(scores[i], scores[i - 1] + 1)
+        sync.zadd(index, {job.id: score for job, score in zip(jobs, scores, strict=True)}, xx=True)
+    return [client.jobs.get(job) for job in jobs]
+
+
+def _fields(jobs: Iterable[Job]) -> list[dict[str, Any]]:
+    """The jobs as data (a model's == also compares its request id)."""
+    return [job.model_dump() for job in jobs]
+
+
+def test_jobs_list_sync(jobs_server: LiveServer, red_png: bytes, redis_url: str) -> None:
+    with Client(base_url=jobs_server.url, api_key=API_KEY) as client:
+        mine = _submit_in_a_row(client, red_png, 3, redis_url)
+        page = client.jobs.list(limit=2)
+        assert isinstance(page, JobList) and page.request_id
+        assert _fields(page) == _fields(mine[:0:-1]) and len(page) == 2  # newest first, each as `get` has it
+        assert (page.first_id, page.last_id, page.has_more) == (mine[2].id, mine[1].id, True)
+        following = client.jobs.list(limit=2, after=page.last_id)
+        assert _fields(following.data[:1]) == _fields(mine[:1])  # the rest are the other tests' (older) jobs
+        assert [job.id for job in client.jobs.list(limit=1, after=page.data[-1])] == [mine[0].id]  # a Job cursor
+        assert [job.id for job in client.jobs.list().data][:3] == [job.id for job in mine[::-1]]
+        with pytest.raises(InvalidRequestError) as bad:
+            client.jobs.list(after="job-" + "0" * 32)
+        assert bad.value.param == "after" and "after" in str(bad.value)
+        with pytest.raises(InvalidRequestError) as bad:
+            client.jobs.list(limit=101)
+        assert bad.value.param == "limit"
+
+
+async def test_jobs_list_async(jobs_server: LiveServer, red_png: bytes, redis_url: str) -> None:
+    with Client(base_url=jobs_server.url, api_key=API_KEY) as sync_client:
+        mine = _submit_in_a_row(sync_client, red_png, 3, redis_url)
+    async with AsyncClient(base_url=jobs_server.url, api_key=API_KEY) as client:
+        seen: list[Job] = []
+        page = await client.jobs.list(limit=2)
+        while True:
+            assert isinstance(page, JobList) and len(page) <= 2
+            seen += page
+            if not page.has_more:
+                break
+            page = await client.jobs.list(limit=2, after=page.last_id)
+        assert page.last_id == seen[-1].id and len(seen) >= 3  # and the other tests' jobs, when they ran
+        assert _fields(seen[:3]) == _fields(mine[::-1]) and len({job.id for job in seen}) == len(seen)  # none twice
+        assert _fields(await client.jobs.list(limit=100)) == _fields(seen)  # the same jobs in one page
+        with pytest.raises(InvalidRequestError) as bad:
+            await client.jobs.list(limit=0)
+        assert bad.value.param == "limit"

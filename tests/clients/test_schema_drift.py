@@ -28,6 +28,7 @@ SCHEMAS: dict[type[pydantic.BaseModel], str] = {
     types.ErrorDetail: "ErrorDetail",
     types.FieldProblem: "FieldProblem",
     types.Job: "Job",
+    types.JobList: "JobList",
     types.JobResult: "JobItemResult",
     types.JobResultList: "JobResults",
 }

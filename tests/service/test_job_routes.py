@@ -122,3 +122,143 @@ async def test_a_jobs_labels_are_bounded(client: httpx.AsyncClient, labels: dict
         error = response.json()["error"]
         assert response.status_code == 400 and error["param"] == "metadata" and message in error["message"], error
     assert fine.status_code == 202
+
+
+# -- GET /v1/jobs against a real Redis: the app's routes and auth, no model -----------------------------------------
+
+
+@pytest.fixture
+async def keyed(redis_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str], dict[str, str]]]:
+    """The service app with two API keys of this test's own (the session's Redis holds every test's jobs) and a
+    real job store; no model is loaded (the job routes need none). Yields the client and each key's headers."""
+    import uuid
+
+    from rlaifv.service.app import create_app
+    from rlaifv.service.jobs import JobStore
+    from rlaifv.service.redis_conn import connect
+    from rlaifv.service.settings import Settings
+
+    alice, bob = f"sk-alice-{uuid.uuid4().hex}", f"sk-bob-{uuid.uuid4().hex}"
+    settings = Settings(redis_url=redis_url, api_keys=[alice, bob], jobs_stream=f"rlaifv:jobs:list-{uuid.uuid4().hex}")
+    app = create_app(settings)
+    redis = connect(settings)
+    app.state.job_store = JobStore(redis, settings)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        yield client, {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+    await redis.aclose()
+
+
+ITEM = {"question": "q", "answers": ["a"]}
+
+
+async def test_the_job_list_pages_a_keys_own_jobs_newest_first(keyed, redis_url: str) -> None:
+    import hashlib
+
+    import redis
+
+    from rlaifv.service.jobs import OWNERS
+
+    client, alice, bob = keyed
+    mine = []
+    for i in range(5):
+        r = await client.post(
+            "/v1/jobs", json={"kind": "rewards", "items": [ITEM], "metadata": {"i": str(i)}}, headers=alice
+        )
+        assert r.status_code == 202, r.text
+        mine.append(r.json())
+    theirs = (await client.post("/v1/jobs", json={"kind": "rewards", "items": [ITEM]}, headers=bob)).json()
+    # a second apart (jobs submitted in a row may share a millisecond, which orders them by id instead)
+    key_id = hashlib.sha256(alice["Authorization"].removeprefix("Bearer ").encode()).hexdigest()[:16]
+    with redis.Redis.from_url(redis_url) as sync:
+        first = int(sync.zscore(OWNERS + key_id, mine[0]["id"]))
+        sync.zadd(OWNERS + key_id, {job["id"]: first + 1000 * i for i, job in enumerate(mine)}, xx=True)
+    order = [job["id"] for job in reversed(mine)]
+
+    whole = await client.get("/v1/jobs", headers=alice)
+    assert whole.status_code == 200, whole.text
+    body = whole.json()
+    assert body.keys() == {"object", "data", "first_id", "last_id", "has_more"} and body["object"] == "list"
+    assert body["data"] == mine[::-1]  # newest first, whole jobs; bob's is not there
+    assert (body["first_id"], body["last_id"], body["has_more"]) == (order[0], order[-1], False)
+
+    pages, after = [], None
+    while True:
+        r = await client.get("/v1/jobs", params={"limit": 2} | ({"after": after} if after else {}), headers=alice)
+        page = r.json()
+        assert r.status_code == 200 and len(page["data"]) <= 2, r.text
+        pages.append([job["id"] for job in page["data"]])
+        assert (page["first_id"], page["last_id"]) == (pages[-1][0], pages[-1][-1])
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert pages == [order[:2], order[2:4], order[4:]]
+
+    r = await client.get("/v1/jobs", headers=bob)
+    assert [job["id"] for job in r.json()["data"]] == [theirs["id"]]
+    r = await client.get("/v1/jobs", params={"after": order[-1]}, headers=alice)  # after the oldest: an empty page
+    assert r.json() == {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
+    r = await client.get("/v1/jobs", params={"after": theirs["id"]}, headers=alice)  # bob's job: no cursor of alice's
+    assert r.status_code == 400 and r.json()["error"]["param"] == "after", r.text
+    assert (await client.get("/v1/jobs")).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": 101}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"after": ""}, "after"),
+        ({"after": "job-" + "0" * 61}, "after"),
+        ({"after": "job-" + "0" * 32}, "after"),  # well formed, no such job
+        ({"after": "idem:-:k1"}, "after"),
+    ],
+)
+async def test_a_bad_page_request_is_a_400_naming_the_field(keyed, params: dict[str, Any], param: str) -> None:
+    client, alice, _ = keyed
+    r = await client.get("/v1/jobs", params=params, headers=alice)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, "invalid_value"), error
+    assert param in error["message"], error  # "limit: Input should be ...", "Invalid 'after': ... is not one of ..."
+
+
+async def test_the_limits_bounds_are_accepted(keyed) -> None:
+    client, alice, _ = keyed
+    for limit in (1, 100):
+        r = await client.get("/v1/jobs", params={"limit": limit}, headers=alice)
+        assert r.status_code == 200 and r.json()["has_more"] is False, r.text
+
+
+async def test_the_job_list_answers_503_while_redis_is_down_and_501_without_it() -> None:
+    from rlaifv.service.app import create_app
+    from rlaifv.service.jobs import JobStore
+    from rlaifv.service.redis_conn import connect
+    from rlaifv.service.settings import Settings
+    from rlaifv.testing.server import free_port
+
+    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_retry_after_s=3)
+    app = create_app(settings)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.get("/v1/jobs")
+        assert r.status_code == 501 and r.json()["error"]["code"] == "jobs_not_enabled", r.text
+        redis = connect(settings)
+        app.state.job_store = JobStore(redis, settings)
+        try:
+            r = await client.get("/v1/jobs")
+        finally:
+            await redis.aclose()
+    assert r.status_code == 503 and r.headers["retry-after"] == "3", r.text
+    assert r.json()["error"]["code"] == "redis_unavailable"
+
+
+def test_the_job_list_is_in_the_schema() -> None:
+    from rlaifv.service.app import create_app
+    from rlaifv.service.settings import Settings
+
+    schema = create_app(Settings()).openapi()
+    op = schema["paths"]["/v1/jobs"]["get"]
+    assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/JobList")
+    assert {p["name"] for p in op["parameters"]} == {"limit", "after"} and "422" not in op["responses"]

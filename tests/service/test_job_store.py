@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from rlaifv.service.errors import Conflict, StoreUnavailable, SubmissionPending
+from rlaifv.service.errors import BadRequest, Conflict, StoreUnavailable, SubmissionPending
 from rlaifv.service.jobs import CLAIM_PENDING_S, PREFIX, JobStore
 from rlaifv.service.protocol import JobRequest
 from rlaifv.service.settings import Settings
@@ -420,3 +420,187 @@ async def test_credentials_in_settings_win_and_a_redis_refusing_writes_is_a_cach
     finally:
         await reader.aclose()
         admin.execute_command("ACL", "DELUSER", "reader")
+
+
+# -- GET /v1/jobs: the owner's index --------------------------------------------------------------------------------
+
+
+def owner_id() -> str:
+    """An owner of the test's own: the session's Redis holds every test's jobs."""
+    return uuid.uuid4().hex[:16]
+
+
+async def spread(store: JobStore, owner: str, ids: list[str]) -> None:
+    """Give the jobs (in creation order) a second each from the first one's creation time: jobs created in a row
+    may share a millisecond, which orders them by id instead."""
+    from rlaifv.service.jobs import OWNERS
+
+    first = int(await store.redis.zscore(OWNERS + owner, ids[0]))
+    await store.redis.zadd(OWNERS + owner, {job_id: first + 1_000 * i for i, job_id in enumerate(ids)}, xx=True)
+
+
+async def listed(store: JobStore, owner: str | None, limit: int = 100, after: str | None = None) -> list[str]:
+    jobs, _ = await store.list_jobs(owner, limit=limit, after=after)
+    return [job.id for job in jobs]
+
+
+async def test_jobs_are_listed_newest_first_a_page_at_a_time(store: JobStore) -> None:
+    from rlaifv.service.jobs import OWNERS
+
+    owner = owner_id()
+    ids = [(await store.create(request(1), owner=owner)).id for _ in range(5)]
+    index = OWNERS + owner
+    scores = [await store.redis.zscore(index, job_id) for job_id in ids]
+    assert scores == sorted(scores)  # scored by creation time, in ms
+    jobs = [await store.get(job_id, owner) for job_id in ids]
+    assert [int(score) // 1000 for score in scores] == [job.created for job in jobs if job is not None]
+    await spread(store, owner, ids)
+    newest_first = ids[::-1]
+    assert await listed(store, owner) == newest_first
+    pages, after, more = [], None, True
+    while more:
+        page, more = await store.list_jobs(owner, limit=2, after=after)
+        pages.append([job.id for job in page])
+        after = page[-1].id
+    assert pages == [newest_first[:2], newest_first[2:4], newest_first[4:]]
+    page, more = await store.list_jobs(owner, limit=5)
+    assert [job.id for job in page] == newest_first and more is False  # exactly full: no more
+    page, more = await store.list_jobs(owner, limit=4)
+    assert len(page) == 4 and more is True
+    assert await store.list_jobs(owner, limit=3, after=newest_first[-1]) == ([], False)
+    assert await store.list_jobs(owner_id()) == ([], False)  # an owner without jobs
+
+
+async def test_jobs_of_the_same_millisecond_are_paged_by_rank_without_gaps_or_repeats(store: JobStore) -> None:
+    """A cursor by score would skip or repeat jobs that share one; ranks give ties a fixed order (by id)."""
+    from rlaifv.service.jobs import OWNERS
+
+    owner = owner_id()
+    ids = [(await store.create(request(1), owner=owner)).id for _ in range(5)]
+    score = await store.redis.zscore(OWNERS + owner, ids[0])
+    await store.redis.zadd(OWNERS + owner, dict.fromkeys(ids, score), xx=True)
+    expected = sorted(ids, reverse=True)
+    assert await listed(store, owner) == expected
+    seen, after = [], None
+    for _ in range(5):
+        page = await listed(store, owner, limit=1, after=after)
+        seen += page
+        after = page[-1]
+    assert seen == expected
+
+
+async def test_a_caller_lists_only_its_own_jobs(store: JobStore) -> None:
+    alice, bob = owner_id(), owner_id()
+    mine = [(await store.create(request(1), owner=alice)).id for _ in range(2)]
+    theirs = (await store.create(request(1), owner=bob)).id
+    anonymous = (await store.create(request(1))).id
+    assert sorted(await listed(store, alice)) == sorted(mine)
+    assert await listed(store, bob) == [theirs]
+    assert anonymous in await listed(store, None) and not set(mine) & set(await listed(store, None))
+    for cursor in (theirs, anonymous):  # another owner's job is no cursor of alice's: the same 400 as no job
+        with pytest.raises(BadRequest) as info:
+            await store.list_jobs(alice, after=cursor)
+        assert info.value.param == "after" and info.value.status == 400
+        assert "is not one of your jobs" in info.value.message
+    assert await store.get(theirs, bob) is not None  # still there for its owner
+
+
+async def test_jobs_that_are_gone_are_not_listed_and_leave_the_index(store: JobStore) -> None:
+    """A job hash that expired (or a Redis restarted without its data lost) is skipped and its entry removed; the
+    next page and `has_more` count only jobs that exist."""
+    from rlaifv.service.jobs import OWNERS
+
+    owner = owner_id()
+    index = OWNERS + owner
+    ids = [(await store.create(request(1), owner=owner)).id for _ in range(5)]
+    await spread(store, owner, ids)
+    j1, j2, j3, j4, j5 = ids
+    await store.redis.delete(PREFIX + j4, PREFIX + j2)  # what their TTL does
+    page, more = await store.list_jobs(owner, limit=2)
+    assert [job.id for job in page] == [j5, j3] and more is True  # j2 skipped, j1 still there
+    assert await store.redis.zscore(index, j4) is None and await store.redis.zscore(index, j2) is None  # pruned
+    assert await store.list_jobs(owner, limit=2, after=j3) == ([(await store.get(j1, owner))], False)
+    await store.redis.delete(PREFIX + j1)
+    page, more = await store.list_jobs(owner, limit=2)
+    assert [job.id for job in page] == [j5, j3] and more is False  # the only job after the page is gone
+    assert await store.redis.zcard(index) == 2
+
+
+async def test_entries_older_than_the_ttl_are_trimmed_and_the_index_expires_with_the_jobs(store: JobStore) -> None:
+    """The index cannot grow without bound: entries of jobs past their TTL go when a job is created or the list is
+    read, and the index itself expires once its newest job has."""
+    import time
+
+    from rlaifv.service.jobs import INDEX_GRACE_MS, OWNERS
+
+    owner = owner_id()
+    index = OWNERS + owner
+    old, kept = (await store.create(request(1), owner=owner)).id, (await store.create(request(1), owner=owner)).id
+    assert 0 < await store.redis.ttl(PREFIX + kept) <= await store.redis.ttl(index) <= 3600 + INDEX_GRACE_MS // 1000
+    past = time.time_ns() // 1_000_000 - 3600 * 1000 - INDEX_GRACE_MS - 1_000  # created before the TTL (and grace)
+    await store.redis.zadd(index, {old: past}, xx=True)
+    await store.redis.delete(PREFIX + old)  # expired
+    await store.create(request(1), owner=owner)  # trimmed at write
+    assert await store.redis.zscore(index, old) is None and await store.redis.zcard(index) == 2
+    await store.create(request(1), owner=owner)  # three jobs: a page of one reads the two newest entries
+    await store.redis.zadd(index, {kept: past}, xx=True)
+    await store.redis.delete(PREFIX + kept)
+    assert len(await listed(store, owner, limit=1)) == 1  # a page that does not reach it...
+    assert await store.redis.zscore(index, kept) is None  # ...trims it at read
+
+
+async def test_a_cursor_that_is_not_the_callers_job_is_a_400_naming_after(store: JobStore) -> None:
+    from rlaifv.service.jobs import OWNERS
+
+    owner = owner_id()
+    expired, legacy, job = [(await store.create(request(1), owner=owner)).id for _ in range(3)]
+    await store.redis.delete(PREFIX + expired)
+    await store.redis.zrem(OWNERS + owner, legacy)  # a job created before the index existed
+    for cursor in ("nope", "job-" + "0" * 32, expired, legacy, job.upper(), "idem:-:k-1"):
+        with pytest.raises(BadRequest) as info:
+            await store.list_jobs(owner, after=cursor)
+        assert (info.value.status, info.value.param, info.value.code) == (400, "after", "invalid_value"), cursor
+    assert await store.redis.zscore(OWNERS + owner, expired) is None  # its entry is gone with it
+    assert await listed(store, owner, after=job) == []  # the oldest listed job (legacy is not listed)
+
+
+async def test_a_page_whose_anchor_expires_while_it_is_read_is_read_again(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page is read in rounds after the last job found alive; should that job expire and another reader remove
+    its entry between two rounds, the page is read again instead of restarting at the top or failing."""
+    from rlaifv.service.jobs import OWNERS
+
+    owner = owner_id()
+    ids = [(await store.create(request(1), owner=owner)).id for _ in range(6)]
+    await spread(store, owner, ids)
+    j1, j2, j3, j4, j5, j6 = ids
+    await store.redis.delete(PREFIX + j5)
+    real_forget, calls = store._forget, []
+
+    async def forget_while_j4_expires(index: str, job_ids: list[str]) -> None:
+        calls.append(job_ids)
+        if len(calls) == 1:  # after the first round (j6, j5 gone, j4: the anchor)
+            await store.redis.delete(PREFIX + j4)
+            await store.redis.zrem(index, j4)
+        await real_forget(index, job_ids)
+
+    monkeypatch.setattr(store, "_forget", forget_while_j4_expires)
+    page, more = await store.list_jobs(owner, limit=2)
+    assert [job.id for job in page] == [j6, j3] and more is True
+    assert calls[0] == [j5] and await store.redis.zcard(OWNERS + owner) == 4
+    assert await listed(store, owner, after=j3) == [j2, j1]
+
+
+async def test_listing_while_redis_is_down_is_a_503(redis_url: str) -> None:
+    from rlaifv.service.redis_conn import connect
+    from rlaifv.testing.server import free_port
+
+    settings = Settings(bundle="unused", redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_retry_after_s=7)
+    redis = connect(settings)
+    try:
+        with pytest.raises(StoreUnavailable) as info:
+            await JobStore(redis, settings).list_jobs("o", limit=5)
+        assert info.value.status == 503 and info.value.headers["Retry-After"] == "7"
+    finally:
+        await redis.aclose()

@@ -31,7 +31,7 @@ from ._exceptions import (
 )
 from ._images import ImageInput, MessageInput, encode_images, encode_message_images
 from ._version import __version__
-from .types import BaseType, Health, Job, JobResult
+from .types import BaseType, Health, Job, JobList, JobResult
 
 log = logging.getLogger("rlaifv_client")
 
@@ -313,6 +313,13 @@ def upload_call(
     headers = httpx.Headers({"Content-Type": JSONL})
     headers.update(given_headers)
     return APICall("POST", "/v1/jobs/upload", Job, params=params, content=data, timeout=timeout, headers=headers)
+
+
+def list_call(limit: int | None, after: str | Job | None, timeout: Any) -> APICall[JobList]:
+    """GET /v1/jobs: one page of the caller's jobs, newest first. Unset arguments take the server's defaults (20 jobs,
+    from the newest); `after` is a job (or its id) of the previous page, usually its `last_id`."""
+    params = {"limit": limit, "after": after.id if isinstance(after, Job) else after}
+    return APICall("GET", "/v1/jobs", JobList, params=_drop_none(params), timeout=timeout)
 
 
 def results_call(path: str, timeout: Any) -> APICall[JobResult]:

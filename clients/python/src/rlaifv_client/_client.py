@@ -31,6 +31,7 @@ from ._base_client import (
     asplit_lines,
     best_of_n_body,
     job_body,
+    list_call,
     liveness_call,
     poll_call,
     progress_line,
@@ -45,7 +46,7 @@ from ._base_client import (
 )
 from ._exceptions import APIError
 from ._images import ImageInput, MessageInput
-from .types import BestOfN, Health, Job, JobResult, ModelList, Rewards
+from .types import BestOfN, Health, Job, JobList, JobResult, ModelList, Rewards
 
 __all__ = ["AsyncClient", "Client"]
 
@@ -343,6 +344,23 @@ class Jobs:
     def cancel(self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Job:
         """Cancel the job (``DELETE /v1/jobs/{id}``); items already finished keep their results."""
         return self._client._request(APICall("DELETE", _job_path(job_id), Job, timeout=timeout))
+
+    def list(
+        self,
+        *,
+        limit: int | None = None,
+        after: str | Job | None = None,
+        timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
+    ) -> JobList:
+        """One page of your jobs (those of this API key), newest first: ``GET /v1/jobs``.
+
+        Args:
+            limit: Jobs per page, 1 to 100 (the server's default: 20).
+            after: A job (or its id) of the previous page, usually its ``last_id``: the page starts after it. One
+                that is not yours or has expired raises ``InvalidRequestError`` (``param='after'``).
+
+        While ``page.has_more``, ``jobs.list(after=page.last_id)`` is the next page."""
+        return self._client._request(list_call(limit, after, timeout))
 
     def wait(
         self,
@@ -664,6 +682,16 @@ class AsyncJobs:
     async def cancel(self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Job:
         """Cancel the job; items already finished keep their results."""
         return await self._client._request(APICall("DELETE", _job_path(job_id), Job, timeout=timeout))
+
+    async def list(
+        self,
+        *,
+        limit: int | None = None,
+        after: str | Job | None = None,
+        timeout: TimeoutTypes | NotGiven = NOT_GIVEN,
+    ) -> JobList:
+        """One page of your jobs, newest first (``GET /v1/jobs``). See ``Jobs.list``."""
+        return await self._client._request(list_call(limit, after, timeout))
 
     async def wait(
         self,

@@ -21,6 +21,7 @@ __all__ = [
     "GeneratorInfo",
     "Health",
     "Job",
+    "JobList",
     "JobResult",
     "JobResultList",
     "Model",
@@ -249,6 +250,24 @@ class Job(BaseType):
 
             raise JobError(f"job {self.id} {self.status} ({self.failed} of {self.total} items failed)", job=self)
         return self
+
+
+class JobList(BaseType):
+    """GET /v1/jobs: one page of your jobs, newest first (``jobs.list()``); iterate it for ``Job`` objects.
+
+    While ``has_more``, the next page is ``jobs.list(after=page.last_id)``."""
+
+    object: Literal["list"] = "list"
+    data: list[Job] = Field(description="The jobs of this page, newest first.")
+    first_id: str | None = Field(None, description="The id of the first job of `data` (None when it is empty).")
+    last_id: str | None = Field(None, description="The id of the last job of `data`: the next page's `after`.")
+    has_more: bool = Field(description="Whether older jobs follow this page.")
+
+    def __iter__(self) -> Iterator[Job]:  # type: ignore[override]  # iterate the jobs, like a list
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
 
 
 def _result_kind(value: Any) -> str:
