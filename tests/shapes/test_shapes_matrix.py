@@ -18,7 +18,7 @@ TINY = [
 
 
 def test_a_cell_builds_evaluates_and_is_not_redone(tmp_path):
-    result = run_matrix(tmp_path, seeds=[0], threads=[1], eval_seeds="0", cores=1, overrides=TINY)
+    result = run_matrix(tmp_path, seeds=[0], threads=[1], eval_seeds="0", eval_images=40, cores=1, overrides=TINY)
     cell = result["seed0-threads1"]
     assert (cell["seed"], cell["threads"], cell["served"]) == (0, 1, "round 1")
     assert {c["name"] for c in cell["targets"]} == {
@@ -27,7 +27,7 @@ def test_a_cell_builds_evaluates_and_is_not_redone(tmp_path):
     assert cell["times"]["build_s"] > 0 and cell["times"]["eval_s"] > 0
     report = tmp_path / "seed0-threads1" / "report.json"
     stamp = report.stat().st_mtime_ns
-    again = run_matrix(tmp_path, seeds=[0], threads=[1], eval_seeds="0", cores=1, overrides=TINY)
+    again = run_matrix(tmp_path, seeds=[0], threads=[1], eval_seeds="0", eval_images=40, cores=1, overrides=TINY)
     assert report.stat().st_mtime_ns == stamp and again == result
     table = render_matrix(result)
     assert table.splitlines()[2].startswith("| 0 | 1 |") and "| target | limit |" in table

@@ -18,12 +18,12 @@ from rlaifv.trainer.shapes.world import CAPTION_QUESTION, scenes
 pytestmark = pytest.mark.slow
 
 REDUCED = [
-    "reference.train_images=600",
-    "reference.vision_steps=120",
-    "reference.sft_steps=160",
+    "reference.train_images=400",
+    "reference.vision_steps=80",
+    "reference.sft_steps=100",
     "reference.judge_target=0.9",  # the judge of a reduced recipe is not bound: a second SFT run proves the loop
     "reference.sft_attempts=2",
-    "reference.plateau_check=80",
+    "reference.plateau_check=40",
     "prompts_per_round=48",
     "rounds=2",  # the shipped recipe runs one round; two prove the loop iterates (round 2 starts from round 1)
     "dpo_epochs=3",

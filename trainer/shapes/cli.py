@@ -86,6 +86,7 @@ def matrix(
     seeds: Annotated[str, typer.Option(help="Comma-separated training seeds.")] = "0,1,2",
     threads: Annotated[str, typer.Option(help="Comma-separated torch thread counts.")] = "1,2",
     eval_seeds: Annotated[str, typer.Option(help="Comma-separated sampling seeds of each evaluation.")] = "0,1,2",
+    eval_images: Annotated[int, typer.Option(min=1, help="Held-out images of each evaluation.")] = 200,
     cores: Annotated[int | None, typer.Option(help="Run cells side by side while their threads fit.")] = None,
     set_: SetOption = None,
 ) -> None:
@@ -97,6 +98,7 @@ def matrix(
         seeds=[int(s) for s in seeds.split(",")],
         threads=[int(t) for t in threads.split(",")],
         eval_seeds=eval_seeds,
+        eval_images=eval_images,
         cores=cores,
         overrides=set_ or [],
     )

@@ -34,7 +34,7 @@ class Cell:
         return f"seed{self.seed}-threads{self.threads}"
 
 
-def _commands(folder: Path, cell: Cell, eval_seeds: str, overrides: list[str]) -> list[list[str]]:
+def _commands(folder: Path, cell: Cell, eval_seeds: str, eval_images: int, overrides: list[str]) -> list[list[str]]:
     base = [sys.executable, "-m", "rlaifv.trainer.shapes.cli"]
     sets = [arg for item in overrides for arg in ("--set", item)]
     build = [
@@ -50,17 +50,18 @@ def _commands(folder: Path, cell: Cell, eval_seeds: str, overrides: list[str]) -
     ]
     bundle = folder / "run" / "bundle"
     report = folder / "report.json"
-    evaluate = [*base, "eval", str(bundle), "--seeds", eval_seeds, "--threads", str(cell.threads)]
+    evaluate = [*base, "eval", str(bundle), "--seeds", eval_seeds, "--images", str(eval_images)]
+    evaluate += ["--threads", str(cell.threads)]
     return [build, [*evaluate, "--output", str(report)]]
 
 
-def _run_cell(folder: Path, cell: Cell, eval_seeds: str, overrides: list[str]) -> subprocess.Popen:
+def _run_cell(folder: Path, cell: Cell, eval_seeds: str, eval_images: int, overrides: list[str]) -> subprocess.Popen:
     """Start the cell's build-then-eval as one shell-free process chain (logs in the cell folder)."""
     folder.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"OMP_NUM_THREADS": str(cell.threads), "MKL_NUM_THREADS": str(cell.threads)}
     script = (
         "import subprocess, sys, time, json\n"
-        f"cmds = {_commands(folder, cell, eval_seeds, overrides)!r}\n"
+        f"cmds = {_commands(folder, cell, eval_seeds, eval_images, overrides)!r}\n"
         "times = []\n"
         "for cmd in cmds:\n"
         "    start = time.perf_counter()\n"
@@ -78,6 +79,7 @@ def run_matrix(
     seeds: list[int],
     threads: list[int],
     eval_seeds: str = "0,1,2",
+    eval_images: int = 200,
     cores: int | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
@@ -92,7 +94,7 @@ def run_matrix(
         for cell in list(todo):
             busy = sum(c.threads for c in running)
             if not running or busy + cell.threads <= cores:
-                running[cell] = _run_cell(output / cell.name, cell, eval_seeds, overrides)
+                running[cell] = _run_cell(output / cell.name, cell, eval_seeds, eval_images, overrides)
                 todo.remove(cell)
         for cell, process in list(running.items()):
             if process.poll() is not None:
