@@ -71,6 +71,10 @@ class FakeServer:
             lines = [json.dumps({"index": i, "status": "succeeded", "result": _answer(kind, item)})
                      for i, item in enumerate(items)]  # fmt: skip
             return 200, "\n".join(lines) + "\n"
+        if path == "/v1/models":
+            reward = REWARD | {"repeat_penalty": 1.0}
+            return 200, {"object": "list", "data": [{"id": "tiny", "object": "model", "created": 1,
+                                                      "owned_by": "rlaifv", "reward": reward}]}  # fmt: skip
         if path == "/v1/chat/completions":
             choice = {"index": 0, "message": {"role": "assistant", "content": "A cat."}, "finish_reason": "stop"}
             return 200, {"id": "c1", "object": "chat.completion", "created": 1, "model": body["model"],

@@ -253,3 +253,14 @@ def test_well_formed_captions_are_the_worlds_own_caption_of_their_objects() -> N
         "",
     ):
         assert not well_formed(odd), odd
+
+
+def test_the_report_table_names_the_evaluations_own_n(shapes_bundle) -> None:
+    """The cost line said "sampling 8 captions" whatever --n was."""
+    import json
+
+    from rlaifv.trainer.shapes.report import render_markdown
+
+    report = json.loads((shapes_bundle / "report.json").read_text()) | {"n": 2}
+    text = render_markdown(report)
+    assert "N=2," in text and "sampling 2 captions" in text

@@ -89,7 +89,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "Cost of the rewards (seconds over the whole evaluation, mean over seeds): sampling 8 captions,",
+        f"Cost of the rewards (seconds over the whole evaluation, mean over seeds): sampling {report['n']} captions,",
         "the reference pass of the implicit reward, and claim verification (distinct questions per image).",
         "",
         "| model | sampling s | implicit reward: reference pass s | claims: labeler s | questions / image |",
