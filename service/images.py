@@ -94,6 +94,15 @@ class ImageLoader:
         if self._client is None:
             timeout = httpx.Timeout(self.settings.image_fetch_timeout_s)
             self._client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+        limit = self.settings.image_fetch_timeout_s
+        try:  # httpx's timeout bounds each read: a host sending a byte at a time held the request for ever
+            async with asyncio.timeout(limit):
+                return await self._follow(url, origin, param)
+        except TimeoutError:
+            raise ImageError(f"image URL not fetched within {limit:g} s", param=param) from None
+
+    async def _follow(self, url: str, origin: str, param: str) -> bytes:
+        assert self._client is not None
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 async with self._client.stream("GET", url) as response:

@@ -197,7 +197,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Hosts remote http(s) image URLs may come from ('*.example.com' for subdomains). Empty: none.",
     )
-    image_fetch_timeout_s: float = Field(5.0, gt=0, description="Timeout of fetching a remote image URL.")
+    image_fetch_timeout_s: float = Field(
+        5.0, gt=0, description="Time limit of fetching a remote image URL, redirects and all."
+    )
 
     # -- scheduler --------------------------------------------------------------
     max_queue: int = Field(64, ge=1, description="Requests waiting for the model before 429s are returned.")

@@ -14,10 +14,24 @@ pytestmark = pytest.mark.integration
 
 IMAGE = png_bytes((24, 24), (0, 0, 250))
 BIG = b"\x89PNG" + b"\x00" * 300_000
+STOP_TRICKLING = threading.Event()
 
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
+        if self.path == "/trickle.png":  # a host that sends one byte at a time: each read is quick, the whole never
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(IMAGE)))
+            self.end_headers()
+            for byte in IMAGE:
+                if STOP_TRICKLING.wait(0.05):
+                    return
+                try:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                except OSError:
+                    return
+            return
         routes = {
             "/red.png": (200, {"Content-Type": "image/png"}, IMAGE),
             "/big.png": (200, {"Content-Type": "image/png"}, BIG),
@@ -43,6 +57,7 @@ def image_host():
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    STOP_TRICKLING.set()
     httpd.shutdown()
 
 
@@ -103,3 +118,18 @@ def test_host_matching() -> None:
     assert host_allowed("EXAMPLE.org.", ["example.org"])
     assert not host_allowed("example.org.evil.com", ["*.example.org", "example.org"])
     assert not host_allowed("evilexample.org", ["*.example.org"])
+
+
+async def test_a_fetch_is_bounded_as_a_whole_not_per_read(image_host) -> None:
+    """httpx's timeout bounds each read: a host trickling bytes held a request ~16 s with a 5 s fetch timeout."""
+    from rlaifv.reward.errors import ImageError
+    from rlaifv.service.images import ImageLoader
+    from rlaifv.service.settings import Settings
+
+    loader = ImageLoader(Settings(allowed_image_hosts="127.0.0.1", image_fetch_timeout_s=0.4))
+    try:
+        with pytest.raises(ImageError, match=r"not fetched within 0\.4 s") as info:
+            await loader.read(f"{image_host}/trickle.png", "image")
+        assert info.value.param == "image"
+    finally:
+        await loader.aclose()
