@@ -184,6 +184,8 @@ def parse_jsonl(lines: Iterable[bytes]) -> list[dict[str, Any]]:
             item = json.loads(text)
         except ValueError as exc:
             raise BadRequest(f"line {number} is not valid JSON: {exc}", param=f"items[{len(items)}]") from None
+        except RecursionError:
+            raise BadRequest(f"line {number} is JSON nested too deeply", param=f"items[{len(items)}]") from None
         if not isinstance(item, dict):
             raise BadRequest(f"line {number} is not a JSON object", param=f"items[{len(items)}]")
         items.append(item)
@@ -211,14 +213,15 @@ class JobStore:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def validate(self, request: JobRequest) -> list[tuple[str | None, dict[str, Any]]]:
+    def validate(self, request: JobRequest) -> list[str]:
         """Every item checked against its endpoint's request schema now, so a typo fails the submission rather
         than thousands of results: a 400 naming the first bad field (`items[3].n`) and, in `error.errors`, every
-        problem of every item (up to a bound), so one fix-up covers the whole file."""
+        problem of every item (up to a bound), so one fix-up covers the whole file. Returns the items as stored
+        (JSON texts): an item nested too deeply to write back as JSON is a problem of its own, not a 500."""
         if len(request.items) > self.max_items:
             raise BadRequest(f"at most {self.max_items} items per job, got {len(request.items)}", param="items")
         model = REQUEST_MODELS[request.kind]
-        out: list[tuple[str | None, dict[str, Any]]] = []
+        out: list[str] = []
         problems = Problems([])
         seen: set[str] = set()
         for i, item in enumerate(request.items):
@@ -244,7 +247,12 @@ class JobStore:
                     twice = FieldProblem(message=message, param=f"{where}.custom_id", code="invalid_value")
                     problems += Problems([twice])
                 seen.add(custom_id)
-            out.append((custom_id, body))
+            try:
+                out.append(
+                    json.dumps({"custom_id": custom_id, "body": body} if custom_id is not None else {"body": body})
+                )
+            except RecursionError:
+                problems += Problems([_too_deep(where)])
         if problems.listed:
             raise BadRequest.listing(problems)
         return out
@@ -259,7 +267,10 @@ class JobStore:
             claim: tuple[str, str] | None = None
             if idempotency_key is not None:
                 key = f"{PREFIX}idem:{owner or '-'}:{idempotency_key}"
-                digest = hashlib.sha256(_canonical(request).encode()).hexdigest()
+                try:
+                    digest = hashlib.sha256(_canonical(request).encode()).hexdigest()
+                except RecursionError:  # two levels deeper than an item alone
+                    raise BadRequest.listing(Problems([_too_deep("items")])) from None
                 for _ in range(3):  # a claim that expires between SET NX and GET is claimed again
                     if await self.redis.set(key, f"{job_id} {digest}", nx=True, ex=CLAIM_PENDING_S):
                         claim = (key, f"{job_id} {digest}")
@@ -312,7 +323,7 @@ class JobStore:
         self,
         job_id: str,
         request: JobRequest,
-        items: list[tuple[str | None, dict[str, Any]]],
+        items: list[str],
         claim: tuple[str, str] | None = None,
         owner: str | None = None,
     ) -> None:
@@ -323,10 +334,7 @@ class JobStore:
         key = PREFIX + job_id
         for start in range(0, len(items), ENQUEUE_CHUNK):
             chunk = items[start : start + ENQUEUE_CHUNK]
-            mapping = {
-                str(start + i): json.dumps({"custom_id": cid, "body": body} if cid is not None else {"body": body})
-                for i, (cid, body) in enumerate(chunk)
-            }
+            mapping = {str(start + i): text for i, text in enumerate(chunk)}
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(key + ":items", mapping=mapping)
             pipe.expire(key + ":items", self.ttl_s)
@@ -709,6 +717,10 @@ def _job(job_id: str, raw: dict[bytes, bytes], owner: str | None) -> Job | None:
 
 class _AnchorGone(Exception):
     """The job a page was being read after left the index meanwhile (it expired): the page is read again."""
+
+
+def _too_deep(where: str) -> FieldProblem:
+    return FieldProblem(message=f"{where}: JSON nested too deeply", param=where, code="invalid_value")
 
 
 def _bad_after(after: str) -> BadRequest:

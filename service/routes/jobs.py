@@ -116,7 +116,7 @@ async def upload_job(
         raise BadRequest(
             f"metadata: {bound[0]}" if bound else "metadata must be a JSON object of strings", param="metadata"
         ) from None
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BadRequest("metadata must be a JSON object of strings", param="metadata") from None
     return await store.create(job, idempotency_key=idempotency_key, owner=_owner(request))
 

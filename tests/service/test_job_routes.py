@@ -89,6 +89,16 @@ async def test_an_upload_line_that_is_not_utf8_is_named(client: httpx.AsyncClien
     assert error["message"].startswith("line 2 is not UTF-8")
 
 
+async def test_upload_metadata_nested_too_deeply_is_a_400_naming_it(client: httpx.AsyncClient) -> None:
+    """Under the 4096-character bound, 2000 nested arrays made json.loads raise RecursionError: a 500."""
+    body = b'{"question": "q", "answers": ["a"]}\n'
+    async with client:
+        response = await client.post(
+            "/v1/jobs/upload", params={"kind": "rewards", "metadata": "[" * 2000 + "]" * 2000}, content=body
+        )
+    assert response.status_code == 400 and response.json()["error"]["param"] == "metadata", response.text
+
+
 async def test_an_upload_that_starts_with_a_byte_order_mark_is_read(client: httpx.AsyncClient) -> None:
     """Windows tools (PowerShell 5, Excel, Notepad) write UTF-8 with a BOM; json.loads(bytes) skipped it."""
     body = "\ufeff".encode() + b'{"question": "q", "answers": ["a"]}\n{"question": "r", "answers": ["b"]}\n'

@@ -4,6 +4,7 @@ an Idempotency-Key whose first submission died, a Redis that refuses writes, and
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -604,3 +605,28 @@ async def test_listing_while_redis_is_down_is_a_503(redis_url: str) -> None:
         assert info.value.status == 503 and info.value.headers["Retry-After"] == "7"
     finally:
         await redis.aclose()
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+async def test_an_item_nested_too_deeply_to_store_is_a_400_naming_it(store: JobStore) -> None:
+    """A field the endpoint ignores (a message's `annotations`) may nest deeper than JSON can be written back:
+    storing the item was a 500 (RecursionError)."""
+    deep = {"role": "user", "content": "q", "annotations": [_nested(5000)]}
+    item = BODY | {"messages": [deep], "question": None}
+    with pytest.raises(BadRequest) as info:
+        await store.create(JobRequest(kind="rewards", items=[BODY, item]), idempotency_key="deep-1")
+    assert info.value.param == "items[1]" and "nested too deeply" in info.value.message
+
+
+def test_upload_lines_and_metadata_nested_too_deeply_are_400s() -> None:
+    from rlaifv.service.jobs import parse_jsonl
+
+    with pytest.raises(BadRequest) as info:
+        parse_jsonl([json.dumps(BODY).encode(), b"[" * 100_000 + b"]" * 100_000])
+    assert info.value.param == "items[1]" and "nested too deeply" in info.value.message
