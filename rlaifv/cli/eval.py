@@ -12,6 +12,7 @@ rerun only redoes what changed. docs/evaluation.md has the formats and the diffe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -133,17 +134,23 @@ def _cause(causes: list[str]) -> str:
 
 
 def _finish(report: Any, output: Path, *, incomplete: int = 0) -> None:
-    from rlaifv.trainer.evaluation.report import failure_causes, report_markdown, write_report
+    from rlaifv.trainer.evaluation.report import report_markdown, write_report
 
     json_path, md_path = write_report(report, output)
     _print(report_markdown(report))
     typer.echo(f"wrote {json_path} and {md_path}")
     if incomplete:
-        raise fail(
-            f"incomplete: {incomplete} item(s) failed (recorded in the report); rerun to retry them"
-            + _cause(failure_causes(report.items)),
-            code=2,
-        )
+        raise _incomplete(report, incomplete)
+
+
+def _incomplete(report: Any, failed: int) -> typer.Exit:
+    from rlaifv.trainer.evaluation.report import failure_causes
+
+    return fail(
+        f"incomplete: {failed} item(s) failed (recorded in the report); rerun to retry them"
+        + _cause(failure_causes(report.items)),
+        code=2,
+    )
 
 
 def _fail_if_incomplete(result: dict[str, Any], causes: list[str] | None = None) -> None:
@@ -165,27 +172,58 @@ def _fail_if_incomplete(result: dict[str, Any], causes: list[str] | None = None)
         )
 
 
-def _check_unparsed(metrics: dict[str, Any], match: str, items: list[dict[str, Any]]) -> None:
-    """AMBER answers that are neither yes nor no count as wrong: warn about any, and fail when most are (the
-    wrong --match for the answers' wording, or a model that does not answer yes/no)."""
+def _points(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """A report's metrics flattened (`overall.unparsed`), or each point of its curve (already flat)."""
     from rlaifv.trainer.evaluation.report import flatten
 
     curve = metrics.get("curve")
-    points = [p for per_n in curve.values() for p in per_n.values()] if curve else [flatten(metrics)]
-    share, unparsed, questions = max(
-        (p["overall.unparsed"] / p["overall.questions"], p["overall.unparsed"], p["overall.questions"]) for p in points
-    )
-    if not unparsed:
+    return [p for per_n in curve.values() for p in per_n.values()] if curve else [flatten(metrics)]
+
+
+def _check_unread(counts: Sequence[tuple[float, float]], what: str, says: str) -> None:
+    """Answers (AMBER) or judge replies (MMHal) that the parser cannot read count as wrong or as 0: warn about any,
+    and fail (exit 1, after the report is written) when more than half are at any point of a curve: then the
+    number measures the parser, not the model (the wrong --match, a judge that writes its rating another way).
+    `counts` holds (unread, out of) per point; the message is "<n> of <m> <what> (<share>) <says>"."""
+    share, unread, total = max((u / t if t else 0.0, u, t) for u, t in counts)
+    if not unread:
         return
-    example = next((f" (e.g. {i['response'][:60]!r})" for i in items if i.get("answer") is None), "")
-    hint = "try --match first-word" if match == "exact" else "the answers do not start with yes or no"
-    message = (
-        f"{unparsed:g} of {questions:g} answers ({share:.0%}) are neither yes nor no by --match {match}{example}"
-        f" and count as wrong; {hint}"
-    )
+    message = f"{unread:g} of {total:g} {what} ({share:.0%}) {says}"
     if share > 0.5:
         raise fail(message)
     warn(message)
+
+
+def _check_unparsed(metrics: dict[str, Any], match: str, items: list[dict[str, Any]]) -> None:
+    """AMBER answers that are neither yes nor no count as wrong (the wrong --match for the answers' wording, or a
+    model that does not answer yes/no)."""
+    counts = [(p["overall.unparsed"], p["overall.questions"]) for p in _points(metrics)]
+    example = next((f" (e.g. {i['response'][:60]!r})" for i in items if i.get("answer") is None), "")
+    hint = "try --match first-word" if match == "exact" else "the answers do not start with yes or no"
+    _check_unread(counts, "answers", f"are neither yes nor no by --match {match}{example} and count as wrong; {hint}")
+
+
+def _check_unrated(metrics: dict[str, Any], items: list[dict[str, Any]]) -> None:
+    """MMHal judgements without a rating count as 0, as in the original (a judge that writes it another way, or
+    a --template that does not ask for "Rating: N")."""
+    counts = [(p["unparsed"], p["rated"] + p["unparsed"]) for p in _points(metrics)]
+    example = next((f" (e.g. {str(i['review'])[:60]!r})" for i in items if i.get("status") == "unparsed"), "")
+    _check_unread(
+        counts,
+        "judgements",
+        f"have no rating{example} and count as 0 (they are asked again on the next run); the judge must answer"
+        " 'Rating: N' (0-6) as the prompt asks: check --judge-model and --template",
+    )
+
+
+def _say_reused(count: int, path: Path) -> None:
+    """Judgements taken from an earlier run's store: said, so a score that does not move is not a mystery."""
+    if count:
+        typer.secho(
+            f"{count} judgement(s) taken from {path} (an earlier run, same judge and prompt); delete it or give"
+            " another --results to judge them again",
+            err=True,
+        )
 
 
 @eval_app.command("objhal")
@@ -245,7 +283,7 @@ def objhal(
         read_answers,
         read_prompts,
     )
-    from rlaifv.trainer.evaluation.report import Report
+    from rlaifv.trainer.evaluation.report import Report, report_name, sibling
 
     src = _source(output, locals())
     _check_answers(answers, src)
@@ -269,7 +307,7 @@ def objhal(
                 retries=llm_retries,
                 backoff_s=llm_backoff,
             )
-            llm = LLMObjectExtractor(settings, objects, store=output.with_name(output.stem + ".objects.jsonl"))
+            llm = LLMObjectExtractor(settings, objects, store=sibling(output, ".objects.jsonl"))
         elif extractor != "rules":
             raise fail(f"--extractor takes rules or llm, got {extractor!r}")
         if answers is not None:
@@ -295,7 +333,7 @@ def objhal(
     except USER_ERRORS as exc:
         raise user_error(exc) from None
     settings_out["extractor"] = extractor
-    report = Report(benchmark="objhal", name=name or output.stem, settings=settings_out, **result)
+    report = Report(benchmark="objhal", name=name or report_name(output), settings=settings_out, **result)
     if best_of:
         metrics = ["chair_i", "chair_s_object_answers", "recall"]
         title = f"Object HalBench vs N ({report.name})"
@@ -351,7 +389,7 @@ def amber(
         read_queries,
         read_responses,
     )
-    from rlaifv.trainer.evaluation.report import Report, flatten
+    from rlaifv.trainer.evaluation.report import Report, flatten, report_name
 
     if match not in (None, "exact", "first-word"):
         raise fail(f"--match takes exact or first-word, got {match!r}")
@@ -377,7 +415,9 @@ def amber(
                 result = evaluate_amber(rows, truth, match=match)  # type: ignore[arg-type]
     except USER_ERRORS as exc:
         raise user_error(exc) from None
-    report = Report(benchmark="amber", name=name or output.stem, settings={**settings, "match": match}, **result)
+    report = Report(
+        benchmark="amber", name=name or report_name(output), settings={**settings, "match": match}, **result
+    )
     if best_of:
         metrics = ["overall.accuracy", "overall.f1"]
         title = f"AMBER vs N ({report.name})"
@@ -440,11 +480,13 @@ def mmhal(
         read_template,
         require_answers,
     )
-    from rlaifv.trainer.evaluation.report import Report
+    from rlaifv.trainer.evaluation.report import Report, report_name, sibling
+    from rlaifv.trainer.evaluation.store import JsonlStore
 
     src = _source(output, locals())
     _check_answers(answers, src)
-    store = results or output.with_name(output.stem + ".judged.jsonl")
+    store_path = results or sibling(output, ".judged.jsonl")
+    store = JsonlStore(store_path)
     causes: list[str] = []
     try:
         judge = ChatSettings(
@@ -453,7 +495,8 @@ def mmhal(
         )  # fmt: skip
         prompt = read_template(template) if template else RUBRIC
         items = read_records(records, answers)
-        settings: dict[str, Any] = {"records": str(records), "judge": judge_model, "template": str(template or "ours")}
+        settings: dict[str, Any] = {"records": str(records), "judge": judge_model, "judge_url": judge_url}
+        settings["template"] = str(template or "ours")
         if src.generates:
             if images is None:
                 raise fail("generating MMHal answers needs --images DIR (MMHal-Bench's images folder)")
@@ -473,16 +516,21 @@ def mmhal(
             result = evaluate_mmhal(items, judge, store, template=prompt)
     except USER_ERRORS as exc:
         raise user_error(exc) from None
-    report = Report(benchmark="mmhal", name=name or output.stem, settings=settings, **result)
+    report = Report(benchmark="mmhal", name=name or report_name(output), settings=settings, **result)
+    _say_reused(len(store.reused), store_path)
     if best_of:
         metrics = ["score", "hallucination_rate"]
         title = f"MMHal-Bench vs N ({report.name})"
         _print(write_scaling(report, output, metrics=metrics, percent=metrics[1:], plot=plot, doc=doc, title=title))
+        _check_unrated(report.metrics, report.items)
         _fail_if_incomplete(report.metrics, causes)
         return
     if report.metrics["empty_answers"]:
         warn(f"{report.metrics['empty_answers']} answer(s) are empty: judged as they are (usually rated 0)")
-    _finish(report, output, incomplete=int(result["metrics"]["failed"]))
+    _finish(report, output)
+    _check_unrated(report.metrics, report.items)
+    if report.metrics["failed"]:
+        raise _incomplete(report, int(report.metrics["failed"]))
 
 
 @eval_app.command("shapes")

@@ -181,7 +181,9 @@ def _closing(generator: Generator) -> Iterator[Generator]:
 
 
 def default_cache(output: Path) -> Path:
-    return output.with_name(output.stem + ".candidates.jsonl")
+    from rlaifv.trainer.evaluation.report import sibling
+
+    return sibling(output, ".candidates.jsonl")
 
 
 def replace_block(doc: Path, name: str, text: str) -> None:

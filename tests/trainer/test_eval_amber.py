@@ -22,12 +22,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from rlaifv.cli.eval_run import Source
+from rlaifv.cli.eval_run import Source, default_cache
 from rlaifv.cli.main import app
 from rlaifv.trainer.errors import DataError
 from rlaifv.trainer.evaluation.amber import Response, evaluate_amber, read_annotations, read_responses, scores
 from rlaifv.trainer.evaluation.candidates import Prompt, Sampled, Sampling
 from rlaifv.trainer.evaluation.files import read_rows
+from rlaifv.trainer.evaluation.report import Report, report_name, sibling, write_report
 
 DATA = Path(__file__).parent / "data" / "eval"
 
@@ -245,3 +246,53 @@ def test_bad_options_are_one_usage_error(bad: list[str], generate: list[str], tm
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
         assert "Invalid value" in result.output and "Traceback" not in result.output
         assert not (tmp_path / "r.json").exists()
+
+
+def test_files_beside_the_report_are_named_after_its_whole_name(tmp_path: Path) -> None:
+    """`-o out/llava-v1.5` (a dot, no .json): the ".5" was cut as a suffix, so the runs of llava-v1.5 and llava-v1.6
+    wrote one llava-v1.md (and would share one cache), and both reports were named llava-v1 in `compare`."""
+    args = ["eval", "amber", "--annotations", str(DATA / "amber_annotations.json")]
+    args += ["--answers", str(DATA / "amber_responses.json")]
+    for version in ("1.5", "1.6"):
+        result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / f"llava-v{version}")])
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llava-v1.5", "llava-v1.5.md", "llava-v1.6", "llava-v1.6.md"]
+    assert json.loads((tmp_path / "llava-v1.5").read_text())["name"] == "llava-v1.5"
+    result = CliRunner().invoke(app, ["eval", "compare", str(tmp_path / "llava-v1.5"), str(tmp_path / "llava-v1.6")])
+    assert result.exit_code == 0 and "| metric | llava-v1.5 (amber) | llava-v1.6 (amber) |" in result.output
+
+    assert sibling("out/run.json", ".judged.jsonl") == Path("out/run.judged.jsonl")  # .json is replaced
+    assert sibling("out/run.JSON", ".md") == Path("out/run.md")
+    assert sibling("out/llava-v1.5", ".objects.jsonl") == Path("out/llava-v1.5.objects.jsonl")  # else appended to
+    assert default_cache(Path("out/llava-v1.5")) == Path("out/llava-v1.5.candidates.jsonl")
+    assert report_name("out/llava-v1.5.json") == report_name("out/llava-v1.5") == "llava-v1.5"
+    unnamed = Report(benchmark="amber", metrics={"x": 1.0})  # compare's column falls back to the file's name
+    written = write_report(unnamed, tmp_path / "md" / "llava-v1.5.md")  # the Markdown's name given
+    assert written == (tmp_path / "md" / "llava-v1.5.json", tmp_path / "md" / "llava-v1.5.md")
+    result = CliRunner().invoke(app, ["eval", "compare", str(written[0])])
+    assert "| metric | llava-v1.5 (amber) |" in result.output
+
+
+def test_compare_refuses_what_is_no_report_in_one_line(tmp_path: Path) -> None:
+    """A PNG given to `compare` printed a UnicodeDecodeError traceback; a folder an IsADirectoryError."""
+    png = tmp_path / "curve.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    for path in (png, tmp_path):
+        result = CliRunner().invoke(app, ["eval", "compare", str(path)])
+        assert result.exit_code == 1 and result.output.startswith("error: "), result.output
+        assert len(result.output.strip().splitlines()) == 1 and str(path) in result.output
+
+
+def test_a_byte_order_mark_is_read_as_utf8(tmp_path: Path) -> None:
+    """Files saved by Notepad or PowerShell start with a UTF-8 BOM: JSON lists and JSONL (CRLF too) are read, not
+    refused as "not JSON"."""
+    rows = [{"id": 2, "response": "Yes"}, {"id": 3, "response": "No"}]
+    listed, lines = tmp_path / "answers.json", tmp_path / "answers.jsonl"
+    listed.write_bytes(json.dumps(rows).encode("utf-8-sig"))
+    lines.write_bytes("".join(json.dumps(r) + "\r\n" for r in rows).encode("utf-8-sig"))
+    assert read_rows(listed) == read_rows(lines) == rows
+    out = tmp_path / "r.json"
+    args = ["eval", "amber", "--annotations", str(DATA / "amber_annotations.json"), "--answers", str(listed)]
+    result = CliRunner().invoke(app, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["metrics"]["overall"]["accuracy"] == 1.0

@@ -1,6 +1,7 @@
 """MMHal-Bench judging end to end against a real OpenAI-compatible chat server on loopback.
 
-mmhal_records.json holds 10 records (types by position, i % 8); each answer tells the server how to judge:
+mmhal_records.json holds 10 records (types in the original's order, i % 8); each answer tells the server how
+to judge:
  0 attribute    rate=6          -> 6
  1 adversarial  rate=2          -> 2
  2 comparison   [two-ratings]   -> a reply with two ratings, every attempt: unparsed, counted as 0
@@ -30,7 +31,15 @@ from rlaifv.testing.server import free_port
 from rlaifv.trainer.errors import DataError
 from rlaifv.trainer.evaluation.candidates import Prompt, Sampled, Sampling
 from rlaifv.trainer.evaluation.llm import ChatSettings
-from rlaifv.trainer.evaluation.mmhal import evaluate_mmhal, judge_prompt, parse_rating, read_records, read_template
+from rlaifv.trainer.evaluation.mmhal import (
+    evaluate_mmhal,
+    judge_key,
+    judge_prompt,
+    parse_rating,
+    read_records,
+    read_template,
+)
+from rlaifv.trainer.evaluation.store import JsonlStore, digest
 
 DATA = Path(__file__).parent / "data" / "eval"
 RECORDS = DATA / "mmhal_records.json"
@@ -77,6 +86,29 @@ def test_parse_rating_as_the_original() -> None:
     assert parse_rating("I give it a 5.") is None
 
 
+@pytest.mark.parametrize(
+    ("reply", "rating"),
+    [
+        ("**Rating:** 4", 4),  # Markdown bold, as chat models write it
+        ("**Rating: 5**, very informative", 5),
+        ("Rating: **3**", 3),
+        ("__Rating__ : 2", 2),
+        ("<think>Could be Rating: 2 or Rating: 5</think>\nFinal: Rating: 5", 5),  # the answer after the thinking
+        ("The answer is fine.</think>\n\nRating: 6", 6),  # a server that put <think> in the prompt
+        ("<think>Rating: 2 at first, Rating: 4 maybe", None),  # cut off while thinking: no final answer
+        ("<think>Surely Rating: 4.</think> I cannot judge this.", None),  # the final answer has no rating
+        ("Rating: 2 at first sight, but on reflection Rating: 4.", None),  # which one is meant: not guessed
+        ("Rating: 10", None),  # the original read these as 1 and 4
+        ("Rating: 4.5", None),
+        ("Rating: 4-5", None),
+        ("Rating: 5.", 5),
+        ("Score 5/6.", None),
+    ],
+)
+def test_parse_rating_reads_what_judges_write(reply: str, rating: int | None) -> None:
+    assert parse_rating(reply) == rating
+
+
 def test_judging_end_to_end(judge: Judge, tmp_path: Path) -> None:
     records = read_records(RECORDS)
     store = tmp_path / "judged.jsonl"
@@ -105,11 +137,11 @@ def test_judging_end_to_end(judge: Judge, tmp_path: Path) -> None:
     assert set(judge.server.auth) == {"Bearer sk-test"} and set(judge.server.models) == {"judge-1"}
     assert len(store.read_text().splitlines()) == 10  # failures are recorded too
 
-    # Resume: only the two failed items are judged again.
+    # Resume: the two failed items are judged again (one call each), and so is the unparsed one (two attempts).
     judge.healthy = True
     before = sum(judge.server.hits.values())
     again = evaluate_mmhal(records, settings(judge.server.url), store, progress=False)["metrics"]
-    assert sum(judge.server.hits.values()) - before == 2
+    assert sum(judge.server.hits.values()) - before == 1 + 1 + 2
     assert (again["failed"], again["complete"]) == (0, True)
     assert again["score"] == (25 + 5 + 0) / 10 and again["hallucination_rate"] == 4 / 10
 
@@ -285,3 +317,127 @@ def test_nothing_judged_is_no_score_and_leaves_a_gap_in_the_curve(tmp_path: Path
     table = curve_table(result, ["score", "hallucination_rate"], percent=["hallucination_rate"])
     assert "| score | dpo | n/a | 3.5000 |" in table and "| hallucination_rate % | dpo | n/a | 25.0 |" in table
     assert plot_curve(result, ["score", "hallucination_rate"], tmp_path / "c.png").stat().st_size > 0
+
+
+def test_a_judge_whose_replies_have_no_rating_fails_the_run(tmp_path: Path) -> None:
+    """Replies the parser cannot read count as 0 (as in the original): every one of them made a 0.0 score that
+    read as a model that hallucinates everywhere, with exit 0. As `eval amber` does for its unparsed answers:
+    more than half is an error (exit 1, the report still written), fewer a warning."""
+    args = ["eval", "mmhal", "--records", str(RECORDS), "--judge-model", "j", "--retries", "0"]
+    with ChatServer(lambda _: Reply("I think it's decent. Score 5/6.")) as server:
+        out = tmp_path / "none.json"
+        result = CliRunner().invoke(app, [*args, "--judge-url", server.url, "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    assert 'error: 10 of 10 judgements (100%) have no rating (e.g. "I think it\'s decent. Score 5/6.")' in result.output
+    assert "count as 0" in result.output and "--template" in result.output
+    assert json.loads(out.read_text())["metrics"]["unparsed"] == 10
+
+    def two_unread(prompt: str) -> Reply:
+        return Reply("Looks fine.") if re.search(r"Answer [12]:", prompt) else _rate_or_zero(prompt)
+
+    with ChatServer(two_unread) as server:
+        out = tmp_path / "some.json"
+        result = CliRunner().invoke(app, [*args, "--judge-url", server.url, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "warning: 2 of 10 judgements (20%) have no rating (e.g. 'Looks fine.')" in result.output
+
+
+def test_unparsed_items_are_asked_again_and_another_judge_is_asked_anew(tmp_path: Path) -> None:
+    """The store kept unparsed judgements and was keyed by the model name only: a fixed judge at another URL could
+    not change the score. Unparsed items are asked again (as failed ones are), a judge at another URL is another
+    judge, and ratings taken from the store are said on the console."""
+    out = tmp_path / "llava-v1.5"
+    args = ["eval", "mmhal", "--records", str(RECORDS), "--judge-model", "gpt-4", "--retries", "0", "-o", str(out)]
+    store = tmp_path / "llava-v1.5.judged.jsonl"
+
+    def run(url: str) -> tuple[str, dict]:
+        result = CliRunner().invoke(app, [*args, "--judge-url", url])
+        assert result.exit_code in (0, 1), result.output
+        return result.output, json.loads(out.read_text())
+
+    with (
+        ChatServer(lambda _: Reply("Rating: four")) as broken,
+        ChatServer(lambda _: Reply("**Rating:** 4")) as fixed,
+        ChatServer(lambda _: Reply("Rating: 2")) as other,
+    ):
+        run(broken.url)
+        output, report = run(broken.url)
+        assert sum(broken.hits.values()) == 20 and "taken from" not in output
+        assert report["metrics"]["unparsed"] == 10
+        output, report = run(fixed.url)  # same model name, another URL: nothing reused, every item asked
+        assert sum(fixed.hits.values()) == 10 and "taken from" not in output
+        assert (report["metrics"]["score"], report["metrics"]["unparsed"]) == (4, 0)
+        output, report = run(fixed.url)  # the same judge again: nothing asked, and the console says so
+        assert sum(fixed.hits.values()) == 10 and report["metrics"]["score"] == 4
+        assert f"10 judgement(s) taken from {store}" in output
+        assert all(item["stored"] for item in report["items"])
+        output, report = run(other.url)
+        assert sum(other.hits.values()) == 10 and report["metrics"]["score"] == 2
+    assert report["settings"]["judge_url"] == other.url and report["name"] == "llava-v1.5"
+
+
+def test_stored_replies_are_read_again_and_older_stores_are_not_reused(tmp_path: Path) -> None:
+    """A stored reply an older parser could not read is rated from the store without a call; a row of a store
+    written when the key was (model, prompt) is read without error but not reused: it does not say which URL
+    judged it."""
+    records = read_records(RECORDS)[:2]
+    prompts = [judge_prompt(r) for r in records]
+    path = tmp_path / "judged.jsonl"
+    with ChatServer(lambda _: Reply("Rating: 3")) as server:
+        judge = settings(server.url)
+        old = JsonlStore(path)
+        row = {"status": "rated", "rating": 6, "review": "Rating: 6", "replies": ["Rating: 6"], "attempts": 1}
+        old.put(digest("mmhal", judge.model, prompts[0]), row)
+        row = {"status": "unparsed", "rating": None, "review": "**Rating:** 4", "replies": ["**Rating:** 4"]}
+        old.put(judge_key(judge, prompts[1]), row)
+        report = evaluate_mmhal(records, judge, path, progress=False)
+    assert dict(server.hits) == {prompts[0]: 1}
+    assert [(i["rating"], i["status"], i["stored"]) for i in report["items"]] == [
+        (3, "rated", False),
+        (4, "rated", True),
+    ]
+
+
+def test_by_type_is_each_records_own_question_type(tmp_path: Path) -> None:
+    """A subset or reordered file keeps its records' types (the original reads the type from the position, i % 8,
+    which only the full file in its order gets right); a record without one falls back to its position, and a
+    type of its own is reported after the original's eight."""
+    rows = json.loads(RECORDS.read_text())
+    untyped = {k: v for k, v in rows[9].items() if k != "question_type"}  # position 3: counting
+    subset = [rows[3], rows[7], rows[0], untyped, {**rows[8], "question_type": "scenery"}]
+    path = tmp_path / "subset.json"
+    path.write_text(json.dumps(subset))
+    with ChatServer(_rate_or_zero) as server:
+        report = evaluate_mmhal(read_records(path), settings(server.url), None, progress=False)
+    by_type = report["metrics"]["by_type"]
+    assert by_type == {"attribute": 6, "counting": (4 + 3) / 2, "other": 1, "scenery": 5}
+    assert list(by_type) == ["attribute", "counting", "other", "scenery"]
+    assert [i["question_type"] for i in report["items"]] == ["counting", "other", "attribute", "counting", "scenery"]
+
+
+def test_a_curve_of_unrated_judgements_fails_and_a_rerun_says_where_ratings_come_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scaling mode checks every point as a single run does, and says which judgements came from the store."""
+
+    class Generator:
+        fingerprint = "fake:rate"
+
+        def sample(self, prompts: Sequence[Prompt], n: int, sampling: Sampling, claims: bool) -> list[Sampled]:
+            return [Sampled(texts=[f"rate={k % 7}" for k in range(n)], dpo=[0.0] * n) for _ in prompts]
+
+    monkeypatch.setattr(Source, "generator", lambda self: Generator())
+    for i in range(10):
+        (tmp_path / f"img{i}.jpg").write_bytes(b"an image")
+    args = ["eval", "mmhal", "--records", str(RECORDS), "--judge-model", "j", "--retries", "0", "--modes", "dpo"]
+    args += ["--images", str(tmp_path), "--service", "http://x", "--best-of", "1,2", "-o", str(tmp_path / "c.json")]
+    with ChatServer(lambda _: Reply("No idea.")) as server:
+        result = CliRunner().invoke(app, [*args, "--judge-url", server.url])
+    assert result.exit_code == 1 and "error: 10 of 10 judgements (100%) have no rating" in result.output
+    assert (tmp_path / "c.json").is_file()
+    with ChatServer(_rate_or_zero) as server:
+        assert CliRunner().invoke(app, [*args, "--judge-url", server.url]).exit_code == 0
+        judged = len(server.hits)  # the distinct answers the points picked, each judged once
+        result = CliRunner().invoke(app, [*args, "--judge-url", server.url])
+        assert sum(server.hits.values()) == judged
+    assert result.exit_code == 0 and f"{judged} judgement(s) taken from {tmp_path / 'c.judged.jsonl'}" in result.output

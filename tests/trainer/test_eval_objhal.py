@@ -30,7 +30,7 @@ from rlaifv.trainer.evaluation.coco_objects import CocoObjects, read_table
 from rlaifv.trainer.evaluation.coco_truth import find_annotation_files, ground_truth
 from rlaifv.trainer.evaluation.llm import ChatSettings
 from rlaifv.trainer.evaluation.llm_objects import LLMObjectExtractor, parse_object_list
-from rlaifv.trainer.evaluation.objhal import Answer, evaluate_objhal, read_answers
+from rlaifv.trainer.evaluation.objhal import Answer, evaluate_objhal, read_answers, read_prompts
 
 DATA = Path(__file__).parent / "data" / "eval"
 COCO = DATA / "coco"
@@ -130,6 +130,9 @@ def test_shapes_world_chair_uses_the_same_counts() -> None:
         ("A hot-dog and a teddy bear.", ["hot dog", "teddy bear"]),
         ("A toilet seat near the bus station.", ["toilet"]),
         ("The baby is asleep.", ["person"]),
+        # a missing space after a full stop: the tokenizer splits at the capital, lowercasing first hid it
+        ("There is a dog.There is a cat.", ["dog", "cat"]),
+        ("A TV. A DOG ON A BED.", ["tv", "dog", "bed"]),
     ],
 )
 def test_rule_extractor(objects: CocoObjects, text: str, mentions: list[str]) -> None:
@@ -303,3 +306,34 @@ def test_cli_names_the_bad_row(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["eval", "objhal", "--coco", str(COCO), "--answers", str(bad), "-o", out])
     assert result.exit_code == 1
     assert "row 2" in result.output and "image_id" in result.output
+
+
+def test_an_image_path_that_is_not_there_is_named_at_read_time(tmp_path: Path) -> None:
+    """ "img/cat1" is valid base64 too: read as such, it failed at generation with "data is not a recognised image",
+    naming neither the file nor the row. A value that looks like a path (a "/" or a file extension) and is no file
+    is a missing file; base64 of something that is no image is said as such; a path and a base64 image still read."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(buf, "PNG")
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "cat0.png").write_bytes(buf.getvalue())
+    prompts = tmp_path / "prompts.jsonl"
+    good = [{"image_id": 101, "question": "Describe.", "image": "img/cat0.png"}]
+    good.append({"image_id": 102, "question": "Describe.", "image": base64.b64encode(buf.getvalue()).decode()})
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in good))
+    [(first, _), (second, _)] = read_prompts(prompts)
+    assert first.image == tmp_path / "img" / "cat0.png" and second.image == buf.getvalue()
+    for image, message in [
+        ("img/cat1", "image file 'img/cat1' not found"),
+        ("cat1.jpg", "image file 'cat1.jpg' not found"),
+        (base64.b64encode(b"not an image").decode(), "is base64 of something that is no image"),
+        ("not base64!", "is neither a file nor base64"),
+    ]:
+        row = {"image_id": 101, "question": "Describe.", "image": image}
+        prompts.write_text(json.dumps(good[0]) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(DataError, match=f"{prompts}, row 2, column 'image': .*{message}"):
+            read_prompts(prompts)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +59,11 @@ def read_table(path: str | Path = TABLE) -> SynonymTable:
     names: dict[str, str] = {}
     specials: dict[str, set[str]] = {"!no-object": set(), "!modifier": set()}
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
         raise DataError(f"synonym table {path} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"synonym table {path} is not UTF-8 text: {exc}") from None
     for number, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -103,15 +105,26 @@ class Word:
 def words(text: str, known: Collection[str] = ()) -> list[Word]:
     """Lowercased tokens with their usable forms; hyphens inside compounds are dropped ("hot-dog" = "hot dog").
 
+    The text is tokenized as written, and each token again lowercased: the tokenizer splits "dog.There" (a
+    missing space after a full stop) at the capital letter, which lowercasing the text first would hide, and
+    only lowercased does it split a period off a word of mixed case ("BuS." -> "bus", "."), as it did before.
     `known` words count as nouns when a plural's singular is looked up ("suvs" -> "suv")."""
     out = []
     lex = lexicon()
-    for token in _nlp()(text.lower()):
-        if token.is_space or token.text == "-":
+    for token in _nlp()(text):
+        if token.is_space:
             continue
-        singular = lex.singular(token.text, known) if token.text[:1].isalpha() else None
-        out.append(Word(token.text, (token.text, singular) if singular else (token.text,)))
+        for word in _lower_tokens(token.text):
+            if word == "-":
+                continue
+            singular = lex.singular(word, known) if word[:1].isalpha() else None
+            out.append(Word(word, (word, singular) if singular else (word,)))
     return out
+
+
+@lru_cache(maxsize=65536)
+def _lower_tokens(token: str) -> tuple[str, ...]:
+    return tuple(t.text for t in _nlp().tokenizer(token.lower()) if not t.is_space)
 
 
 class CocoObjects:

@@ -48,10 +48,10 @@ class CocoCaptions(_Loose):
 
 def _load(path: str | Path, model: type[_Loose], what: str) -> Any:
     try:
-        raw = json.loads(Path(path).read_text())
+        raw = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise DataError(f"COCO {what} file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"COCO {what} file {path} is not JSON: {exc}") from None
     try:
         return model.model_validate(raw)

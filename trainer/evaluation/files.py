@@ -26,7 +26,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     as a row it would fail on a missing field or, worse, be scored as one answer."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad, PowerShell) is dropped
     except FileNotFoundError:
         raise DataError(f"{path} does not exist") from None
     except (IsADirectoryError, UnicodeDecodeError) as exc:

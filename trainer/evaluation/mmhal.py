@@ -5,11 +5,14 @@ Input: MMHal-Bench's response file, a JSON list of 96 records (`question_type`, 
 JSONL of answers in template order (`answer`/`text`/`model_answer`), as the original merges them.
 
 Scoring follows the original `eval_gpt_mmhal.py`: the judge reads a rubric prompt at temperature 0; the
-rating is the s in 0..6 for which "rating: s" occurs in the lowercased reply, exactly one such s. A reply
-with none or several is retried (a flaky endpoint may do better) and, if no attempt has one, recorded as
-*unparsed* and counted as 0 as the original counts it (and reported). Score = mean rating, hallucination
-rate = share of ratings < 3, per question type by position (i % 8, the original's order), and the
-original's informativeness (mean of s - 3 for s >= 3 else s, over 3, in %).
+rating is the s in 0..6 for which "rating: s" occurs in the lowercased reply, exactly one such s. Read
+more widely than the original's substring test, as judges write it today (`parse_rating`): Markdown
+markers around it (`**Rating:** 4`), and in a reasoning model's reply only the final answer after its
+closed `</think>` block counts. A reply with none or several is retried (a flaky endpoint may do better)
+and, if no attempt has one, recorded as *unparsed* and counted as 0 as the original counts it (and
+reported). Score = mean rating, hallucination rate = share of ratings < 3, per question type (each
+record's `question_type`; by position, i % 8 in the original's order, for a record without one), and
+the original's informativeness (mean of s - 3 for s >= 3 else s, over 3, in %).
 
 The default rubric is our wording of the original's (same 0-6 scale and labels, without its five worked
 examples); pass the original template as `template` to compare with published numbers.
@@ -18,14 +21,17 @@ An empty answer is judged like any other, as the original judges it (a judge usu
 file whose every answer is empty (the published template, unfilled) is refused (`require_answers`).
 
 Judging is resumable and never drops an item: every judged item is appended at once to a JSONL store
-keyed by (judge model, prompt) with the judge's raw replies and errors; a rerun reuses them. An item whose
-every attempt timed out or got no chat completion back is recorded as *failed*: counted, reported, left
-out of the score, and judged again on the next run.
+keyed by (judge URL, judge model, decoding settings, prompt) with the judge's raw replies and errors; a
+rerun reuses a stored judgement when one of its replies has a rating (read again by today's parser), so
+another judge, even one serving the same model name, never inherits these ratings. An item whose every
+reply lacked a rating (*unparsed*) or whose every attempt timed out or got no chat completion back
+(*failed*: counted, reported, left out of the score) is judged again on the next run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -107,13 +113,34 @@ class Judged(BaseModel):
     replies: list[str] = Field(default_factory=list)
     errors: list[str] = Field(default_factory=list)
     attempts: int = 0
+    stored: bool = Field(
+        False, description="Taken from the store (an earlier run's, or an identical prompt's), not asked now."
+    )
+
+
+# "rating: s" as the original matches it, with Markdown emphasis or code marks on either side of the colon
+# ("**Rating:** 4", "Rating: **4**") and any spacing; not a longer number ("rating: 10"), a decimal ("4.5") or a
+# range ("4-5"), where the original would read the first digit.
+RATING = re.compile(r"(?<![a-z])rating[ \t*_`]*:[ \t*_`]*([0-6])(?!\d|\.\d|\s*[-\u2013]\s*\d)")
+
+
+def final_answer(reply: str) -> str | None:
+    """What follows a reasoning model's last `</think>` (its answer; the thinking weighs ratings it then drops);
+    the whole reply when it has no such block; None when a `<think>` is never closed (cut off while thinking)."""
+    lower = reply.lower()
+    end = lower.rfind("</think>")
+    if end >= 0:
+        return reply[end + len("</think>") :]
+    return None if "<think>" in lower else reply
 
 
 def parse_rating(reply: str) -> int | None:
-    """The one s in 0..6 with "rating: s" in the lowercased reply; None when none or several are found."""
-    text = reply.lower()
-    found = [s for s in range(7) if f"rating: {s}" in text]
-    return found[0] if len(found) == 1 else None
+    """The one s in 0..6 the final answer gives as "rating: s" (case, spacing and Markdown marks aside); None when
+    it gives none or two different ones: the original counts those as 0, and guessing which one is meant would
+    turn "Rating: 2 at first, Rating: 4 on reflection" into either."""
+    answer = final_answer(reply)
+    found = {int(s) for s in RATING.findall(answer.lower())} if answer is not None else set()
+    return found.pop() if len(found) == 1 else None
 
 
 def read_records(path: str | Path, answers: str | Path | None = None) -> list[Record]:
@@ -129,15 +156,20 @@ def read_records(path: str | Path, answers: str | Path | None = None) -> list[Re
 
 
 def read_template(path: str | Path) -> str:
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"judge template {path} is not UTF-8 text: {exc}") from None
     missing = [f for f in FIELDS if f not in text]
     if missing:
         raise DataError(f"judge template {path} lacks {', '.join(missing)}")
     return text
 
 
-def question_type(index: int) -> str:
-    return QUESTION_TYPES[index % 8]
+def question_type(record: Record, index: int) -> str:
+    """The record's own `question_type`; by position (i % 8, the order of the original file, which the original
+    script relies on) only for a record without one: a subset or reordered file keeps its types."""
+    return (record.question_type or "").strip() or QUESTION_TYPES[index % 8]
 
 
 def require_answers(records: Sequence[Record], source: str | Path) -> None:
@@ -177,6 +209,27 @@ def mmhal_prompts(records: Sequence[Record], images: str | Path) -> list[Prompt]
     return prompts
 
 
+def judge_key(settings: ChatSettings, prompt: str) -> str:
+    """A judgement's store key: the judge (URL and model: two servers may serve different models under one
+    name), the settings that change its reply, and the prompt. Stores written when the key was (model,
+    prompt) stay readable, but their rows are never reused: they do not say which endpoint judged them."""
+    judge = [settings.url.rstrip("/"), settings.model, settings.temperature, settings.max_tokens]
+    return digest("mmhal-judge", judge, prompt)
+
+
+def stored_judgement(row: dict[str, Any] | None, index: int, kind: str) -> Judged | None:
+    """An earlier judgement to reuse: its first reply with a rating, read by today's parser (an item stored as
+    unparsed by an older parser may have one). None for failed and unparsed ones, which are judged again."""
+    if row is None:
+        return None
+    for reply in row.get("replies") or []:
+        rating = parse_rating(reply)
+        if rating is not None:
+            update = {"status": "rated", "rating": rating, "review": reply, "stored": True}
+            return Judged.model_validate({**row, "index": index, "question_type": kind, **update})
+    return None
+
+
 async def judge_all(
     records: Sequence[Record],
     settings: ChatSettings,
@@ -186,17 +239,15 @@ async def judge_all(
     progress: bool = True,
     sleep: Sleep = asyncio.sleep,
 ) -> list[Judged]:
-    """Judge every record the store has no rated/unparsed result for; one `Judged` per record, in order."""
+    """Judge every record the store has no rated result for; one `Judged` per record, in order."""
     store = store if isinstance(store, JsonlStore) else JsonlStore(store)
     out: list[Judged | None] = [None] * len(records)
     todo: list[tuple[int, str, str]] = []
     for i, record in enumerate(records):
         prompt = judge_prompt(record, template)
-        key = digest("mmhal", settings.model, prompt)
-        cached = store.get(key)
-        if cached is not None and cached["status"] != "failed":
-            out[i] = Judged.model_validate({**cached, "index": i, "question_type": question_type(i)})
-        else:
+        key = judge_key(settings, prompt)
+        out[i] = stored_judgement(store.get(key), i, question_type(record, i))
+        if out[i] is None:
             todo.append((i, key, prompt))
     with tqdm(total=len(todo), desc="judging", disable=not progress or not todo) as bar:
         async with ChatClient(settings, sleep=sleep) as chat:
@@ -213,7 +264,7 @@ async def judge_all(
                     status = "failed"
                 judged = Judged(
                     index=i,
-                    question_type=question_type(i),
+                    question_type=question_type(records[i], i),
                     status=status,
                     rating=parse_rating(result.content) if result.content is not None else None,
                     review=result.content if result.ok else (result.replies[-1] if result.replies else None),
@@ -221,7 +272,7 @@ async def judge_all(
                     errors=result.errors,
                     attempts=result.attempts,
                 )
-                store.put(key, judged.model_dump(exclude={"index", "question_type"}))
+                store.put(key, judged.model_dump(exclude={"index", "question_type", "stored"}))
                 out[i] = judged
                 bar.update(1)
 
@@ -251,8 +302,13 @@ def summarize_mmhal(judged: Sequence[Judged]) -> dict[str, Any]:
         "failed": len(failed),
         "failed_items": failed,
         "complete": not failed,
-        "by_type": {t: sum(by_type[t]) / len(by_type[t]) for t in QUESTION_TYPES if t in by_type},
+        "by_type": {t: sum(by_type[t]) / len(by_type[t]) for t in sorted(by_type, key=_type_order)},
     }
+
+
+def _type_order(kind: str) -> tuple[int, str]:
+    """The original's eight types in its order, then any other type a file has, by name."""
+    return (QUESTION_TYPES.index(kind), "") if kind in QUESTION_TYPES else (len(QUESTION_TYPES), kind)
 
 
 def evaluate_mmhal(
@@ -277,7 +333,7 @@ def evaluate_mmhal(
 def mmhal_metric(
     records: Sequence[Record],
     settings: ChatSettings,
-    store: str | Path | None,
+    store: str | Path | JsonlStore | None,
     *,
     template: str = RUBRIC,
     progress: bool = True,
@@ -285,7 +341,7 @@ def mmhal_metric(
 ) -> Any:
     """MMHal numbers of answers given in record order (the scaling curve): identical answers are judged once.
     The last error of each failed judgement is appended to `errors`, so a caller can say why."""
-    shared = JsonlStore(store)
+    shared = store if isinstance(store, JsonlStore) else JsonlStore(store)
 
     def metric(texts: Sequence[str]) -> dict[str, Any]:
         answered = [r.model_copy(update={"model_answer": t}) for r, t in zip(records, texts, strict=True)]

@@ -16,6 +16,8 @@ recall, answers with repeated objects, average words per answer, and per answer 
 from __future__ import annotations
 
 import base64
+import io
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,16 +69,47 @@ def coco_image(folder: Path, image_id: int) -> Path | None:
     return None
 
 
-def _image(value: str, roots: Sequence[Path]) -> Path | bytes | None:
-    """A file under one of `roots`, else the bytes of a base64 image (RLAIF-V's file embeds them), else None."""
-    if len(value) < 4096:
+# A value that names a file: a folder separator or a file extension (base64 has no ".", and an image's base64 that
+# holds "/" decodes to an image first).
+PATH_LIKE = re.compile(r"[/\\]|\.[A-Za-z][A-Za-z0-9]{1,4}$")
+
+
+def _image(value: str, roots: Sequence[Path]) -> Path | bytes:
+    """A file under one of `roots`, else the bytes of a base64 image (RLAIF-V's file embeds them).
+
+    A ValueError says what the value is instead: a path that is not there ("img/cat1" is valid base64 too, and
+    read as such it failed at generation as "data is not a recognised image", naming neither file nor row),
+    base64 of something that is no image, or neither."""
+    if not value.strip():
+        raise ValueError("image is empty")
+    short = len(value) < 4096
+    if short:
         found = next((root / value for root in roots if (root / value).is_file()), None)
         if found is not None:
             return found
+    encoded = value.split(",", 1)[1] if value.startswith("data:") else value
     try:
-        return base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
+        data: bytes | None = base64.b64decode(encoded, validate=True)
     except ValueError:
-        return None
+        data = None
+    if data is not None and _is_image(data):
+        return data
+    if short and PATH_LIKE.search(value):
+        raise ValueError(f"image file {value!r} not found (looked in {', '.join(str(r) for r in roots)})")
+    if data is not None:
+        raise ValueError(f"image {value[:60]!r} is base64 of something that is no image")
+    raise ValueError(f"image {value[:60]!r} is neither a file nor base64")
+
+
+def _is_image(data: bytes) -> bool:
+    """Whether Pillow recognises `data` as an image (it reads the header only; the generator decodes with it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)):
+            return True
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return False
 
 
 def read_prompts(path: str | Path, images: str | Path | None = None) -> list[tuple[Prompt, int]]:
@@ -87,9 +120,10 @@ def read_prompts(path: str | Path, images: str | Path | None = None) -> list[tup
     for number, row in enumerate(read_models(path, PromptRow), 1):
         image: Any
         if row.image is not None:
-            image = _image(row.image, roots)
-            if image is None:
-                raise DataError(f"image {row.image[:60]!r} is neither a file nor base64", source=str(path), row=number)
+            try:
+                image = _image(row.image, roots)
+            except ValueError as exc:
+                raise DataError(str(exc), source=str(path), row=number, column="image") from None
         else:
             image = coco_image(Path(images), row.image_id) if images else None
             if image is None:

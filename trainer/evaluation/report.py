@@ -81,26 +81,54 @@ def failure_causes(items: Sequence[dict[str, Any]]) -> list[str]:
     return causes
 
 
+def report_stem(output: str | Path) -> Path:
+    """The report's path without its .json (or .md, the Markdown's name given for the report's); any other name is
+    kept whole: in `llava-v1.5` the ".5" is part of the name, and cutting it made two runs share one .md, one
+    cache and one report name."""
+    path = Path(output)
+    for ending in (".json", ".md"):
+        if path.name.lower().endswith(ending) and len(path.name) > len(ending):
+            return path.with_name(path.name[: -len(ending)])
+    return path
+
+
+def sibling(output: str | Path, ending: str) -> Path:
+    """A file beside the report, named after it: `run.json` -> `run<ending>`, `llava-v1.5` -> `llava-v1.5<ending>`."""
+    stem = report_stem(output)
+    return stem.with_name(stem.name + ending)
+
+
+def report_name(output: str | Path) -> str:
+    """The default name of a report (its column in `compare`): `run.json` -> "run", `llava-v1.5` -> "llava-v1.5"."""
+    return report_stem(output).name
+
+
 def write_report(report: Report, path: str | Path, *, markdown: str | None = None) -> tuple[Path, Path]:
-    """`path` (JSON) and the same name with .md (the given Markdown, else the metrics table). A `path` ending in
+    """`path` (JSON) and `sibling(path, ".md")` (the given Markdown, else the metrics table). A `path` ending in
     .md is the Markdown's: the JSON goes beside it as .json (it was overwritten by the Markdown)."""
     path = Path(path)
-    if path.suffix.lower() == ".md":
-        path = path.with_suffix(".json")
+    if path.name.lower().endswith(".md"):
+        path = sibling(path, ".json")
     if path.is_dir():
         raise DataError(f"--output {path} is a folder: give the report's file name (e.g. {path / 'report.json'})")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report.model_dump_json(indent=2) + "\n")
-    md = path.with_suffix(".md")
-    md.write_text(markdown or report_markdown(report))
+    path.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    md = sibling(path, ".md")
+    md.write_text(markdown or report_markdown(report), encoding="utf-8")
     return path, md
 
 
 def read_report(path: str | Path) -> Report:
+    """A report `write_report` wrote; anything else (a PNG, a folder's name typed by mistake, another JSON) is a
+    `DataError` naming the file."""
     try:
-        return Report.model_validate_json(Path(path).read_text())
+        return Report.model_validate_json(Path(path).read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise DataError(f"report {path} does not exist") from None
+    except IsADirectoryError:
+        raise DataError(f"report {path} is a folder: give the report's JSON file") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not an evaluation report: not UTF-8 text (a JSON report is)") from None
     except ValidationError as exc:
         raise DataError(f"{path} is not an evaluation report: {exc.errors()[0]['msg']}") from None
 
@@ -112,5 +140,5 @@ def compare(paths: Sequence[str | Path]) -> str:
     keys: list[str] = []
     for flat in flats:
         keys += [k for k in flat if k not in keys]
-    header = ["metric", *(f"{r.name or Path(p).stem} ({r.benchmark})" for r, p in zip(reports, paths, strict=True))]
+    header = ["metric", *(f"{r.name or report_name(p)} ({r.benchmark})" for r, p in zip(reports, paths, strict=True))]
     return markdown_table(header, [[k, *(f.get(k) for f in flats)] for k in keys])

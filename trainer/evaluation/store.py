@@ -25,13 +25,18 @@ def digest(*parts: Any) -> str:
 
 
 class JsonlStore:
-    """`store.get(key)`, `store.put(key, row)`; with `path=None` it only lives in memory."""
+    """`store.get(key)`, `store.put(key, row)`; with `path=None` it only lives in memory.
+
+    `reused` holds the keys whose row, read from the file (an earlier run's), `get` returned and no `put` has
+    replaced since, so a command can say that results come from the store rather than from a new computation
+    (a score that does not move after the judge was fixed)."""
 
     def __init__(self, path: str | Path | None) -> None:
         self.path = Path(path) if path else None
         self.rows: dict[str, dict[str, Any]] = {}
+        self.reused: set[str] = set()
         if self.path and self.path.is_file():
-            text = self.path.read_text()
+            text = self.path.read_text(encoding="utf-8", errors="replace")  # a garbled line is skipped, as a cut one
             if text and not text.endswith("\n"):
                 with self.path.open("a") as f:
                     f.write("\n")  # close a line a crash cut short, so the next row starts on its own line
@@ -42,14 +47,19 @@ class JsonlStore:
                     continue
                 if isinstance(row, dict) and isinstance(row.get("key"), str):
                     self.rows[row["key"]] = row
+        self._earlier = set(self.rows)
 
     def get(self, key: str) -> dict[str, Any] | None:
+        if key in self._earlier:
+            self.reused.add(key)
         return self.rows.get(key)
 
     def put(self, key: str, row: dict[str, Any]) -> None:
         row = {"key": key, **row}
         self.rows[key] = row
+        self._earlier.discard(key)
+        self.reused.discard(key)
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as f:
+            with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
