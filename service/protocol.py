@@ -198,7 +198,11 @@ class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"] = Field(
         description="'developer' (OpenAI's newer name for system instructions) is read as 'system'."
     )
-    content: str | list[ContentPart] = Field(description="Text, or OpenAI content parts (text and image_url).")
+    content: str | list[ContentPart] | None = Field(
+        None,
+        description="Text, or OpenAI content parts (text and image_url). Null only in an assistant message with a"
+        " `refusal` (its text is the turn) or with `tool_calls` (refused).",
+    )
     name: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     # The fields of an OpenAI reply's `message`: the official client's multi-turn pattern appends that object to
     # the next request's messages as it came, these fields included (null when they ask for nothing).
@@ -236,11 +240,21 @@ def convert_messages(
                     code="unsupported_parameter",
                 )
         role = "system" if message.role == "developer" else message.role
-        if isinstance(message.content, str):
-            out.append({"role": role, "content": [{"type": "text", "text": message.content}]})
+        content = message.content
+        if content is None:
+            if message.role != "assistant" or not message.refusal:
+                needs = " (an assistant message may have a refusal instead)" if message.role == "assistant" else ""
+                raise BadRequest(
+                    f"a {message.role} message needs content{needs}",
+                    param=f"{param}[{i}].content",
+                    code="missing_field",
+                )
+            content = message.refusal  # what the assistant said, as OpenAI's reply object holds it
+        if isinstance(content, str):
+            out.append({"role": role, "content": [{"type": "text", "text": content}]})
             continue
         parts: list[dict[str, Any]] = []
-        for j, part in enumerate(message.content):
+        for j, part in enumerate(content):
             if isinstance(part, TextPart):
                 parts.append({"type": "text", "text": part.text})
             else:
@@ -494,9 +508,9 @@ MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
 
 UNSUPPORTED: dict[str, str] = {
+    "tool_choice": "this server has no tool calling (only 'none' is accepted)",
     "tools": "this server generates plain text; it has no tool calling (tools are accepted with tool_choice"
     " 'none' only)",
-    "tool_choice": "this server has no tool calling (only 'none' is accepted)",
     "parallel_tool_calls": "this server has no tool calling",
     "functions": "this server has no function calling",
     "function_call": "this server has no function calling",

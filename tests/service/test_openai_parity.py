@@ -526,12 +526,14 @@ MESSAGE_REFUSED: list[tuple[str, Any]] = [
 ]
 
 
+@pytest.mark.parametrize("content", ["a dot", None], ids=["with-content", "null-content"])
 @pytest.mark.parametrize(("field", "value"), MESSAGE_REFUSED, ids=[r[0] for r in MESSAGE_REFUSED])
 def test_assistant_turns_asking_for_tools_or_audio_get_400_naming_them(
-    client: httpx.Client, messages, field: str, value: Any
+    client: httpx.Client, messages, field: str, value: Any, content: str | None
 ) -> None:
-    """Null or empty, these fields of a reply sent back are accepted; with content they are refused, not ignored."""
-    turns = [*messages, {"role": "assistant", "content": "a dot", field: value}, {"role": "user", "content": "why?"}]
+    """Null or empty, these fields of a reply sent back are accepted; else refused, not ignored, and named: OpenAI's
+    tool-call turn has `content: null` (that was blamed on `content`)."""
+    turns = [*messages, {"role": "assistant", "content": content, field: value}, {"role": "user", "content": "why?"}]
     r = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": turns, "max_tokens": 2})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
@@ -609,3 +611,23 @@ def test_best_of_n_and_rewards_continue_a_prefill_as_the_chat_does(
         json={"images": [red_url], "question": QUESTION, "continue_final_message": True, "answers": ["x"]},
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "continue_final_message"
+
+
+def test_a_refusal_sent_back_with_null_content_is_the_assistants_turn(client: httpx.Client, messages) -> None:
+    turns = [*messages, {"role": "assistant", "content": None, "refusal": "I can't help with that."},
+             {"role": "user", "content": "What colour is it?"}]  # fmt: skip
+    r = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": turns, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    for turn, param in (({"role": "user", "content": None}, "messages[1].content"),
+                        ({"role": "assistant", "content": None}, "messages[1].content")):  # fmt: skip
+        r = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": [*messages, turn]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert r.json()["error"]["code"] == "missing_field"
+
+
+def test_tool_choice_other_than_none_is_named_even_with_tools(client: httpx.Client, messages) -> None:
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    for choice in ("auto", "required", {"type": "function", "function": {"name": "f"}}):
+        body = {"model": "tiny-llava", "messages": messages, "tools": tools, "tool_choice": choice}
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
