@@ -551,10 +551,26 @@ class FunctionTool(Strict):
     function: FunctionDefinition
 
 
+class TextFormat(Strict):
+    type: Literal["text"]
+
+
+class Grammar(Strict):
+    definition: str
+    syntax: Literal["lark", "regex"]
+
+
+class GrammarFormat(Strict):
+    type: Literal["grammar"]
+    grammar: Grammar
+
+
 class CustomToolDefinition(Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
-    format: dict[str, Any] | None = Field(None, description="Free text or a grammar; never used here.")
+    format: Annotated[TextFormat | GrammarFormat, Field(discriminator="type")] | None = Field(
+        None, description="Free text or a grammar (OpenAI's); never used here."
+    )
 
 
 class CustomTool(Strict):

@@ -81,8 +81,14 @@ class GenerateRequest:
         room = None if limit is None else limit - prompt_tokens - reserve
         if room is None or self.sampling.max_tokens <= room:
             return self.sampling
-        if self.max_tokens_param is None and room >= 1:
-            return self.sampling.model_copy(update={"max_tokens": room})
+        if self.max_tokens_param is None:
+            if room >= 1:
+                return self.sampling.model_copy(update={"max_tokens": room})
+            raise ContextLengthError(  # the client sent no max_tokens: the server's default is not theirs to fix
+                f"prompt ({prompt_tokens} tokens) leaves no room for an answer in the model's {limit} positions"
+                + (f" ({reserve} kept free)" if reserve else ""),
+                param=self.prompt_param,
+            )
         raise ContextLengthError(
             f"prompt ({prompt_tokens} tokens) + {self.max_tokens_param or 'max_tokens'} ({self.sampling.max_tokens})"
             f" exceeds the model's {limit} positions",

@@ -445,6 +445,8 @@ def test_tools_the_model_must_not_call_are_accepted(live_server, messages) -> No
         }
     ]
     tools.append({"type": "custom", "custom": {"name": "sql", "format": {"type": "text"}}})
+    grammar = {"type": "grammar", "grammar": {"definition": "start: WORD", "syntax": "lark"}}
+    tools.append({"type": "custom", "custom": {"name": "words", "format": grammar}})
     completion = openai_client(live_server).chat.completions.create(
         model="tiny-llava",
         messages=messages,
@@ -488,6 +490,22 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
         "invalid_value",
     ),
     ({"tool_choice": "none", "tools": [{"type": "mcp", "server_label": "x"}]}, "tools[0]", "invalid_value"),
+    (
+        {
+            "tool_choice": "none",
+            "tools": [
+                {
+                    "type": "custom",
+                    "custom": {
+                        "name": "g",
+                        "format": {"type": "grammar", "grammar": {"definition": "x", "syntax": "peg"}},
+                    },
+                }
+            ],
+        },
+        "tools[0].custom.format.grammar.syntax",
+        "invalid_value",
+    ),
     (
         {"tool_choice": "none", "tools": [{"type": "function", "function": {"name": "f", "bogus": 1}}]},
         "tools[0].function.bogus",
