@@ -74,6 +74,9 @@ OWNERS = PREFIX + "owner:"
 INDEX_GRACE_MS = 60_000
 REQUEST_MODELS = {"best_of_n": BestOfNRequest, "rewards": RewardsRequest}
 ENQUEUE_CHUNK = 1000
+# An item is stored as JSON and hashed with pydantic for its Idempotency-Key: past ~255 levels pydantic refuses,
+# past ~1000 json does (its limit moves with the recursion limit the process has). Requests nest ~10 levels.
+MAX_ITEM_DEPTH = 128
 
 # Returns 1 when this result was stored, 0 when the item had one (a rerun), -1 when the job is gone (expired, or
 # lost with a Redis restarted without persistence): then nothing is written, so no half job hash outlives it;
@@ -157,10 +160,13 @@ def _canonical(request: JobRequest) -> str:
     return json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
 
-def _legacy_digest(request: JobRequest) -> str:
+def _legacy_digest(request: JobRequest) -> str | None:
     """The body's hash as versions before `_canonical` stored it: a retry that reaches an upgraded replica during
     a rolling upgrade (its first try created the job on an old one) must find that job, not a 409."""
-    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+    try:
+        return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+    except ValueError:  # nested past pydantic's bound: that version could not have stored it
+        return None
 
 
 def is_envelope(item: dict[str, Any]) -> bool:
@@ -247,12 +253,11 @@ class JobStore:
                     twice = FieldProblem(message=message, param=f"{where}.custom_id", code="invalid_value")
                     problems += Problems([twice])
                 seen.add(custom_id)
-            try:
-                out.append(
-                    json.dumps({"custom_id": custom_id, "body": body} if custom_id is not None else {"body": body})
-                )
-            except RecursionError:
-                problems += Problems([_too_deep(where)])
+            depth = _depth(item)
+            if depth > MAX_ITEM_DEPTH:
+                problems += Problems([_too_deep(where, depth)])
+                continue
+            out.append(json.dumps({"custom_id": custom_id, "body": body} if custom_id is not None else {"body": body}))
         if problems.listed:
             raise BadRequest.listing(problems)
         return out
@@ -269,15 +274,16 @@ class JobStore:
                 key = f"{PREFIX}idem:{owner or '-'}:{idempotency_key}"
                 try:
                     digest = hashlib.sha256(_canonical(request).encode()).hexdigest()
-                except RecursionError:  # two levels deeper than an item alone
-                    raise BadRequest.listing(Problems([_too_deep("items")])) from None
+                except (RecursionError, ValueError):  # not with items within MAX_ITEM_DEPTH: a last guard
+                    raise BadRequest.listing(Problems([_too_deep("items", 0)])) from None
                 for _ in range(3):  # a claim that expires between SET NX and GET is claimed again
                     if await self.redis.set(key, f"{job_id} {digest}", nx=True, ex=CLAIM_PENDING_S):
                         claim = (key, f"{job_id} {digest}")
                         break
                     raw = await self.redis.get(key)
                     if raw is not None:
-                        return await self._replay(key, raw.decode(), {digest, _legacy_digest(request)}, owner)
+                        digests = {d for d in (digest, _legacy_digest(request)) if d is not None}
+                        return await self._replay(key, raw.decode(), digests, owner)
                 else:
                     raise SubmissionPending(
                         "this Idempotency-Key is being claimed by another request; retry",
@@ -384,20 +390,28 @@ class JobStore:
 
         Reads the owner's index (a sorted set) by rank, never the keyspace. An entry whose job is gone (expired, or
         lost by a Redis that restarted without its data) is skipped and removed. `after` must be one of the owner's
-        jobs that still exists (`BadRequest` naming it otherwise: unknown, expired, another key's)."""
+        jobs (`BadRequest` naming it otherwise: unknown, another key's); one that expired while the caller paged
+        (the last of a page is the oldest: the likeliest to) still marks the place, then leaves the index."""
         index = OWNERS + (owner or ANONYMOUS)
         with self.guard():
-            if after is not None and (JOB_ID.fullmatch(after) is None or await self._get(after, owner) is None):
-                if JOB_ID.fullmatch(after) is not None:
-                    await self._forget(index, [after])  # its job is gone (or never was the owner's: a no-op)
-                raise _bad_after(after)
+            gone = False
+            if after is not None:
+                if JOB_ID.fullmatch(after) is None:
+                    raise _bad_after(after)
+                gone = await self._get(after, owner) is None
+                if gone and await self.redis.zscore(index, after) is None:
+                    raise _bad_after(after)  # never the owner's (or from before the index): nothing marks a place
             for _ in range(3):
                 try:
                     page = await self._page(index, owner, limit + 1, after)
                 except _AnchorGone:
                     continue
-                if page is None:  # `after` is not in the owner's index (a job of theirs from before it), or left it
-                    raise _bad_after(after or "")
+                if gone:
+                    await self._forget(index, [after or ""])
+                if page is None:
+                    if gone:  # trimmed meanwhile as expired for sure: so is everything older
+                        return [], False
+                    raise _bad_after(after or "")  # a job of the owner's from before the index, or it left it
                 return page[:limit], len(page) > limit
             raise StoreUnavailable("the job list kept changing while it was read; retry", headers={"Retry-After": "1"})
 
@@ -719,8 +733,25 @@ class _AnchorGone(Exception):
     """The job a page was being read after left the index meanwhile (it expired): the page is read again."""
 
 
-def _too_deep(where: str) -> FieldProblem:
-    return FieldProblem(message=f"{where}: JSON nested too deeply", param=where, code="invalid_value")
+def _depth(value: Any) -> int:
+    """How deeply a JSON value nests (a scalar: 0), without recursion: any depth is measured."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((v, level + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, level + 1) for v in value)
+        else:
+            continue
+        deepest = max(deepest, level + 1)
+    return deepest
+
+
+def _too_deep(where: str, depth: int) -> FieldProblem:
+    found = f" ({depth} levels)" if depth else ""
+    message = f"{where}: JSON nested too deeply{found}; at most {MAX_ITEM_DEPTH} levels"
+    return FieldProblem(message=message, param=where, code="invalid_value")
 
 
 def _bad_after(after: str) -> BadRequest:

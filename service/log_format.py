@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -44,8 +45,10 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
 
 def configure_logging(level: str = "info") -> None:
     """JSON lines on stderr for our logger and uvicorn's (its access log is replaced by ours), and for the warnings
-    of the model libraries; their progress bars are off (a bar is not a JSON line: log shippers stored each redraw
-    as an unparsed record). Model loading time is in the `ready` line."""
+    of the model libraries, theirs and Python's `warnings` alike; their progress bars are off (a bar is not a JSON
+    line: log shippers stored each redraw as an unparsed record). Model loading time is in the `ready` line. The
+    libraries log at WARNING and above, or at the level `TRANSFORMERS_VERBOSITY` names for transformers."""
+    import torch  # noqa: F401  (it sets up its loggers on import: a later import would add its plain-text handler)
     from transformers.utils import logging as transformers_logging
 
     handler = _Stderr()
@@ -58,11 +61,14 @@ def configure_logging(level: str = "info") -> None:
     logging.getLogger("uvicorn.access").disabled = True
     transformers_logging.disable_default_handler()  # its own plain-text handler, made on first use
     transformers_logging.disable_progress_bar()
+    logging.captureWarnings(True)  # DeprecationWarning / UserWarning of torch and transformers, as log records
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers = [handler]
         logger.propagate = False
+        if name == "transformers" and os.environ.get("TRANSFORMERS_VERBOSITY"):
+            continue  # set from it by transformers (`disable_default_handler` configured it)
         logger.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
 
 
-LIBRARY_LOGGERS = ("transformers", "accelerate", "peft", "huggingface_hub", "torch")
+LIBRARY_LOGGERS = ("transformers", "accelerate", "peft", "huggingface_hub", "torch", "py.warnings")

@@ -206,7 +206,11 @@ class ChatMessage(Strict):
     name: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     # The fields of an OpenAI reply's `message`: the official client's multi-turn pattern appends that object to
     # the next request's messages as it came, these fields included (null when they ask for nothing).
-    refusal: str | None = Field(None, description="Accepted, so that a reply's message can be sent back; ignored.")
+    refusal: str | None = Field(
+        None,
+        description="Accepted, so that a reply's message can be sent back: the turn's text where `content` is null,"
+        " else ignored.",
+    )
     annotations: list[Any] | None = Field(None, description="Accepted, as `refusal`; ignored.")
     tool_calls: list[Any] | None = Field(None, description="Refused unless null or empty: no tool calling.")
     function_call: Any = Field(None, description="Refused unless null: no function calling.")

@@ -470,6 +470,7 @@ def mmhal(
     threads: Threads = None,
 ) -> None:
     """MMHal-Bench: judge ratings 0-6, score, hallucination rate (< 3) and per question type."""
+    from rlaifv.service.urls import without_credentials
     from rlaifv.trainer.evaluation.llm import ChatSettings
     from rlaifv.trainer.evaluation.mmhal import (
         RUBRIC,
@@ -495,7 +496,8 @@ def mmhal(
         )  # fmt: skip
         prompt = read_template(template) if template else RUBRIC
         items = read_records(records, answers)
-        settings: dict[str, Any] = {"records": str(records), "judge": judge_model, "judge_url": judge_url}
+        shown_url = without_credentials(judge_url)[1]  # reports are shared: no user, password or query key in them
+        settings: dict[str, Any] = {"records": str(records), "judge": judge_model, "judge_url": shown_url}
         settings["template"] = str(template or "ours")
         if src.generates:
             if images is None:

@@ -554,15 +554,34 @@ async def test_a_cursor_that_is_not_the_callers_job_is_a_400_naming_after(store:
     from rlaifv.service.jobs import OWNERS
 
     owner = owner_id()
-    expired, legacy, job = [(await store.create(request(1), owner=owner)).id for _ in range(3)]
-    await store.redis.delete(PREFIX + expired)
+    legacy, job = [(await store.create(request(1), owner=owner)).id for _ in range(2)]
+    others = (await store.create(request(1), owner=owner_id())).id
     await store.redis.zrem(OWNERS + owner, legacy)  # a job created before the index existed
-    for cursor in ("nope", "job-" + "0" * 32, expired, legacy, job.upper(), "idem:-:k-1"):
+    for cursor in ("nope", "job-" + "0" * 32, legacy, others, job.upper(), "idem:-:k-1"):
         with pytest.raises(BadRequest) as info:
             await store.list_jobs(owner, after=cursor)
         assert (info.value.status, info.value.param, info.value.code) == (400, "after", "invalid_value"), cursor
-    assert await store.redis.zscore(OWNERS + owner, expired) is None  # its entry is gone with it
     assert await listed(store, owner, after=job) == []  # the oldest listed job (legacy is not listed)
+
+
+async def test_a_cursor_that_expired_while_paging_still_marks_the_place(store: JobStore) -> None:
+    """`last_id` is the page's oldest job, the likeliest to expire before the next request: the SDK's paging loop
+    got a 400 it does not retry."""
+    from rlaifv.service.jobs import OWNERS
+
+    owner = owner_id()
+    ids = [(await store.create(request(1), owner=owner)).id for _ in range(4)]
+    await spread(store, owner, ids)
+    page, more = await store.list_jobs(owner, limit=2)
+    assert [job.id for job in page] == ids[:1:-1] and more
+    await store.redis.delete(PREFIX + page[-1].id)  # expired between the two requests
+    assert await listed(store, owner, after=page[-1].id) == [ids[1], ids[0]]
+    assert await store.redis.zscore(OWNERS + owner, page[-1].id) is None  # then it leaves the index
+    # a cursor trimmed as expired for sure while the caller paged: so is everything older, and the list ends
+    await store.redis.delete(PREFIX + ids[1])
+    old = store._expired_before(int(await store.redis.zscore(OWNERS + owner, ids[0]))) - 1
+    await store.redis.zadd(OWNERS + owner, {ids[0]: old - 1, ids[1]: old}, xx=True)
+    assert await store.list_jobs(owner, after=ids[1]) == ([], False)
 
 
 async def test_a_page_whose_anchor_expires_while_it_is_read_is_read_again(
@@ -621,7 +640,15 @@ async def test_an_item_nested_too_deeply_to_store_is_a_400_naming_it(store: JobS
     item = BODY | {"messages": [deep], "question": None}
     with pytest.raises(BadRequest) as info:
         await store.create(JobRequest(kind="rewards", items=[BODY, item]), idempotency_key="deep-1")
-    assert info.value.param == "items[1]" and "nested too deeply" in info.value.message
+    assert info.value.param == "items[1]" and "nested too deeply (5005 levels)" in info.value.message
+    # past pydantic's serialisation bound (~255 levels), within json's: the Idempotency-Key's digest failed (and
+    # json's own bound moves with the recursion limit: a test suite raised it)
+    shallower = BODY | {"messages": [deep | {"annotations": [_nested(300)]}], "question": None}
+    with pytest.raises(BadRequest) as info:
+        await store.create(JobRequest(kind="rewards", items=[BODY, shallower]), idempotency_key="deep-2")
+    assert info.value.param == "items[1]" and "at most 128 levels" in info.value.message
+    fine = BODY | {"messages": [deep | {"annotations": [_nested(100)]}], "question": None}
+    assert (await store.create(JobRequest(kind="rewards", items=[fine]), idempotency_key="deep-3")).total == 1
 
 
 def test_upload_lines_and_metadata_nested_too_deeply_are_400s() -> None:

@@ -6,8 +6,18 @@ import io
 import json
 import logging
 import sys
+import warnings
+from collections.abc import Iterator
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _release_warnings() -> Iterator[None]:
+    """`configure_logging` captures Python's warnings, once per process: each test starts and ends without."""
+    logging.captureWarnings(False)
+    yield
+    logging.captureWarnings(False)
 
 
 def test_log_lines_go_to_the_stderr_of_the_moment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,15 +54,23 @@ def test_model_libraries_log_json_and_draw_no_bars(monkeypatch: pytest.MonkeyPat
     bars = transformers_logging.is_progress_bar_enabled()
     captured = io.StringIO()
     monkeypatch.setattr(sys, "stderr", captured)
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
     try:
         configure_logging("debug")
         transformers_logging.get_logger("transformers.modeling_utils").warning("some weights were not used")
         transformers_logging.get_logger("transformers.modeling_utils").info("chatter below warning")
         for _ in transformers_logging.tqdm(range(3), desc="Loading weights"):
             pass
+        logging.getLogger("torch._subclasses").warning("a torch warning")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("a library's UserWarning", UserWarning, stacklevel=1)
     finally:
         if bars:
             transformers_logging.enable_progress_bar()
-    lines = captured.getvalue().splitlines()
-    assert [json.loads(line)["message"] for line in lines] == ["some weights were not used"]
-    assert json.loads(lines[0])["logger"] == "transformers.modeling_utils"
+    lines = [json.loads(line) for line in captured.getvalue().splitlines()]
+    assert [(line["logger"], line["message"]) for line in lines[:2]] == [
+        ("transformers.modeling_utils", "some weights were not used"),
+        ("torch._subclasses", "a torch warning"),
+    ]
+    assert len(lines) == 3 and lines[2]["logger"] == "py.warnings" and "a library's UserWarning" in lines[2]["message"]

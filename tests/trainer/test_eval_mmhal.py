@@ -81,6 +81,7 @@ def settings(url: str, **kw) -> ChatSettings:
 def test_parse_rating_as_the_original() -> None:
     assert parse_rating("Clear.\nRating: 5, very informative") == 5
     assert parse_rating("RATING: 3") == 3
+    assert parse_rating("Rating: 4\n\n- 2 objects are wrong") == 4  # a list below is not a range "4 - 2"
     assert parse_rating("rating: 4 ... as said, rating: 4") == 4  # one distinct rating
     assert parse_rating("Rating: 2 or Rating: 4") is None
     assert parse_rating("I give it a 5.") is None
@@ -433,6 +434,7 @@ def test_a_curve_of_unrated_judgements_fails_and_a_rerun_says_where_ratings_come
     args += ["--images", str(tmp_path), "--service", "http://x", "--best-of", "1,2", "-o", str(tmp_path / "c.json")]
     with ChatServer(lambda _: Reply("No idea.")) as server:
         result = CliRunner().invoke(app, [*args, "--judge-url", server.url])
+    assert sum(server.hits.values()) == len(server.hits)  # an unrated answer is not asked again at the next point
     assert result.exit_code == 1 and "error: 10 of 10 judgements (100%) have no rating" in result.output
     assert (tmp_path / "c.json").is_file()
     with ChatServer(_rate_or_zero) as server:

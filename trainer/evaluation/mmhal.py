@@ -121,7 +121,7 @@ class Judged(BaseModel):
 # "rating: s" as the original matches it, with Markdown emphasis or code marks on either side of the colon
 # ("**Rating:** 4", "Rating: **4**") and any spacing; not a longer number ("rating: 10"), a decimal ("4.5") or a
 # range ("4-5"), where the original would read the first digit.
-RATING = re.compile(r"(?<![a-z])rating[ \t*_`]*:[ \t*_`]*([0-6])(?!\d|\.\d|\s*[-\u2013]\s*\d)")
+RATING = re.compile(r"(?<![a-z])rating[ \t*_`]*:[ \t*_`]*([0-6])(?!\d|\.\d|[ \t]*[-\u2013][ \t]*\d)")
 
 
 def final_answer(reply: str) -> str | None:
@@ -217,11 +217,15 @@ def judge_key(settings: ChatSettings, prompt: str) -> str:
     return digest("mmhal-judge", judge, prompt)
 
 
-def stored_judgement(row: dict[str, Any] | None, index: int, kind: str) -> Judged | None:
-    """An earlier judgement to reuse: its first reply with a rating, read by today's parser (an item stored as
-    unparsed by an older parser may have one). None for failed and unparsed ones, which are judged again."""
+def stored_judgement(row: dict[str, Any] | None, index: int, kind: str, *, this_run: bool = False) -> Judged | None:
+    """A judgement to reuse. One of this run's whatever its status: the scaling curve asks for the same answer at
+    many points, and a judge that does not rate it now will not rate it at the next (at temperature 0). An earlier
+    run's: its first reply with a rating, read by today's parser (an item stored as unparsed by an older parser
+    may have one); None for failed and unparsed ones, which are judged again."""
     if row is None:
         return None
+    if this_run:
+        return Judged.model_validate({**row, "index": index, "question_type": kind, "stored": True})
     for reply in row.get("replies") or []:
         rating = parse_rating(reply)
         if rating is not None:
@@ -246,7 +250,7 @@ async def judge_all(
     for i, record in enumerate(records):
         prompt = judge_prompt(record, template)
         key = judge_key(settings, prompt)
-        out[i] = stored_judgement(store.get(key), i, question_type(record, i))
+        out[i] = stored_judgement(store.get(key), i, question_type(record, i), this_run=store.written_now(key))
         if out[i] is None:
             todo.append((i, key, prompt))
     with tqdm(total=len(todo), desc="judging", disable=not progress or not todo) as bar:

@@ -49,6 +49,10 @@ class JsonlStore:
                     self.rows[row["key"]] = row
         self._earlier = set(self.rows)
 
+    def written_now(self, key: str) -> bool:
+        """Whether this run computed the key's row (not read from an earlier run's file)."""
+        return key in self.rows and key not in self._earlier
+
     def get(self, key: str) -> dict[str, Any] | None:
         if key in self._earlier:
             self.reused.add(key)
