@@ -137,6 +137,7 @@ def dpo_command(
         from rlaifv.trainer.data import data_files, describe_files, read_preferences
         from rlaifv.trainer.dpo import check_models, train_dpo
         from rlaifv.trainer.dpo_config import DPOConfig
+        from rlaifv.trainer.errors import ConfigError
         from rlaifv.trainer.export import export_bundle
         from rlaifv.trainer.iterate_config import apply_overrides, build_config
 
@@ -152,6 +153,11 @@ def dpo_command(
             "lora": lora,
             "cpu": cpu,
         }
+        for item in set_ or []:
+            key = item.partition("=")[0].strip()
+            section, dot, _ = key.partition(".")
+            if dot and section != "dpo":  # it was read as the DPO setting `feedback` ("unknown setting dpo.feedback")
+                raise ConfigError(f"--set {key}: train dpo takes dpo.* settings only (see `rlaifv train options`)")
         overrides = [s.removeprefix("dpo.") for s in set_ or []]
         config: DPOConfig = build_config(DPOConfig, apply_overrides(settings, overrides), "dpo")
         _output_outside(output, OUTSIDE_DATA, ("", data))
@@ -310,6 +316,7 @@ def feedback(
     with _clean_errors(progress):
         from rlaifv.reward.models import load_adapter, load_model, load_processor
         from rlaifv.trainer.data import data_files, describe_files, prompts_digest, read_prompts, write_preferences
+        from rlaifv.trainer.dpo import require_model_folder
         from rlaifv.trainer.errors import ConfigError
         from rlaifv.trainer.feedback import (
             FEEDBACK_FILE,
@@ -345,6 +352,12 @@ def feedback(
             )
         config: FeedbackConfig = build_config(FeedbackConfig, data["feedback"], "feedback")
         pair_config: PairConfig = build_config(PairConfig, data["pairs"], "pairs")
+        # local folders, checked before the prompts are read: a typo was tried as a hub id (30 s of retries)
+        require_model_folder(model, "--model")
+        if adapter is not None:
+            require_model_folder(adapter, "--adapter")
+        if config.labeler != "self":
+            require_model_folder(Path(config.labeler), "--labeler")
         _output_outside(output, OUTSIDE_DATA, ("", prompts))
         items = read_prompts(prompts, limit=limit, progress=progress)
         models = [model] if adapter is None else [model, adapter]

@@ -275,6 +275,10 @@ def test_cli_reports_bad_data_cleanly(tiny_model: Path, tmp_path: Path) -> None:
         (["--model", "{model}", "--lora", "--reference", "{tmp}"], "a separate --reference ({tmp}) is for full"),
         (["--model", "{model}", "--reference", "{other}"], "tokenizers differ"),
         (["--model", "{model}", "--set", "dpo.epochs=1.5"], "setting dpo.epochs: Input should be a valid integer"),
+        (
+            ["--model", "{model}", "--set", "feedback.num_samples=3"],
+            "--set feedback.num_samples: train dpo takes dpo.*",
+        ),
         (["--model", "{model}", "-o", "{tmp}/data/run"], "is inside the data folder {tmp}/data"),
     ],
 )

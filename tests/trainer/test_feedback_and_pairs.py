@@ -326,6 +326,24 @@ def test_feedback_cli_refuses_settings_it_would_ignore(tiny_model: Path, tmp_pat
         assert hint in result.output and "feedback.dpo" not in result.output, result.output
 
 
+def test_feedback_cli_names_a_model_adapter_or_labeler_that_is_not_a_folder(tiny_model: Path, tmp_path: Path) -> None:
+    """`--adapter nosuch` was tried as a hub id: 30 s of retries before the error; checked before the prompts."""
+    from typer import Typer
+    from typer.testing import CliRunner
+
+    from rlaifv.trainer.cli import feedback
+
+    app = Typer()
+    app.command()(feedback)
+    absent = tmp_path / "prompts.parquet"  # never read: the models are checked first
+    for option, value in (("--model", "nosuch"), ("--adapter", "nosuch"), ("--labeler", "nosuch")):
+        model = ["--model", str(tiny_model)] if option != "--model" else []
+        args = [str(absent), *model, option, value, "-o", str(tmp_path / "fb")]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1, result.output
+        assert f"{option} folder nosuch does not exist" in result.output, result.output
+
+
 @pytest.mark.slow
 def test_feedback_stopped_by_sigterm_resumes_after_its_last_saved_batch(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
