@@ -363,6 +363,42 @@ def lora_base_class_problem(adapter: Path, reference: Path) -> str | None:
     return f"the adapter was made for {recorded}; the reference is {', '.join(map(str, architectures))}"
 
 
+def _weights_sample(folder: Path) -> list[tuple[str, int, str]]:
+    """(file, size, hash of three 1 MiB samples) of each safetensors file: two folders of one model's weights (a copy)
+    agree, two models of one architecture (a fine-tune and its base) differ, without reading gigabytes."""
+    import hashlib
+
+    chunk = 1 << 20
+    out = []
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for offset in sorted({0, max(0, size // 2 - chunk // 2), max(0, size - chunk)}):
+                f.seek(offset)
+                digest.update(f.read(chunk))
+        out.append((path.name, size, digest.hexdigest()))
+    return out
+
+
+def lora_base_mismatch(adapter: Path, reference: Path) -> str | None:
+    """Why the adapter was not trained over `reference`, when its adapter_config.json names a base folder found here
+    whose weights differ (the served policy would be the adapter over another model than it was trained on); None
+    when they agree or the base cannot be checked (a hub id, a folder moved away)."""
+    recorded = read_json_object(adapter / "adapter_config.json", BundleError).get("base_model_name_or_path")
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    base = Path(recorded).expanduser()
+    if not base.is_dir() or base.resolve() == reference.resolve():
+        return None
+    if _weights_sample(base) == _weights_sample(reference):
+        return None
+    return (
+        f"the LoRA adapter {adapter} was trained over {base} (its adapter_config.json), whose weights differ from"
+        f" the reference {reference}: the bundle's policy is the adapter over the reference, not the model trained"
+    )
+
+
 def check_compatible(policy: Path, reference: Path, *, end_of_turn: str | None = None) -> PolicyType:
     """Refuse a policy/reference pair the reward cannot compare, naming every difference; return the policy type.
 
@@ -516,6 +552,8 @@ def create_bundle(
             UserWarning,
             stacklevel=2,
         )
+    if policy_type == "lora" and (mismatch := lora_base_mismatch(policy_path, reference_path)):
+        warnings.warn(mismatch, UserWarning, stacklevel=2)
     provenance = {
         "created_by": CREATED_BY,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -442,3 +442,21 @@ def test_the_command_shows_a_warning_as_one_line(capsys: pytest.CaptureFixture[s
         err = capsys.readouterr().err
         assert exited.value.code == 0 and err.startswith(shown) and err.count("\n") == 1, err
     assert warnings.showwarning.__name__ == "showwarning"  # restored after the command
+
+
+def test_a_lora_trained_over_another_model_than_the_reference_is_named(models, tmp_path):
+    """The adapter's adapter_config.json names its base: served over another model of the same architecture, the
+    policy is not the model that was trained (bundle check passed it)."""
+    import warnings
+
+    from rlaifv.trainer.shapes.tiny_vlm import random_lora
+
+    over_policy = random_lora(models["policy"], tmp_path / "over-policy")
+    with pytest.warns(UserWarning, match="was trained over .*whose weights differ from the reference"):
+        create_bundle(tmp_path / "b1", policy=over_policy, reference=models["reference"])
+    copy = tmp_path / "reference-copy"
+    shutil.copytree(models["reference"], copy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same weights elsewhere, and the recorded base itself: no warning
+        create_bundle(tmp_path / "b2", policy=models["lora"], reference=copy)
+        create_bundle(tmp_path / "b3", policy=models["lora"], reference=models["reference"])
