@@ -781,7 +781,9 @@ def _train_dpo(
     run_key = hashlib.sha256(
         json.dumps([key, config.training_settings(), accelerator.num_processes, started_from]).encode()
     ).hexdigest()
-    checkpoints = CheckpointStore(output_dir / CHECKPOINTS, run_key, keep=config.keep_checkpoints)
+    checkpoints = CheckpointStore(
+        output_dir / CHECKPOINTS, run_key, keep=config.keep_checkpoints, settings=config.training_settings()
+    )
     # DeepSpeed and FSDP save and load the model themselves (accelerate's hooks see no weights there).
     trainable_only = config.lora and accelerator.distributed_type not in _OWN_CHECKPOINTS
     if trainable_only:
@@ -789,10 +791,12 @@ def _train_dpo(
     resumed = checkpoints.latest()  # made by checkpoint_every_* or by a SIGTERM, with the same settings
     stale = checkpoints.others()
     if stale and accelerator.is_main_process:
+        changed = checkpoints.changed_settings(stale)
+        why = f"settings changed: {', '.join(f'dpo.{k}' for k in changed)}" if changed else "other settings or model"
         warnings.warn(
-            f"{len(stale)} checkpoint(s) in {checkpoints.root} of a run with other settings (or never completed),"
-            f" {_size_gb(stale):.1f} GB, are not resumed from and not removed: delete them if they are"
-            " not needed",
+            f"{len(stale)} checkpoint(s) in {checkpoints.root} ({_size_gb(stale):.1f} GB) are not resumed from"
+            f" ({why}; or never completed): this run trains from step 0, and replaces those of the steps it saves"
+            " (delete the rest if not needed; rerun with the earlier settings to resume them)",
             stacklevel=2,
         )
     if resumed is not None:
@@ -1043,8 +1047,24 @@ class CheckpointStore:
     run are removed after a newer one is complete, so a crash while saving never leaves none.
     """
 
-    def __init__(self, root: Path, run_key: str, *, keep: int) -> None:
+    def __init__(self, root: Path, run_key: str, *, keep: int, settings: dict[str, Any] | None = None) -> None:
         self.root, self.run_key, self.keep = root, run_key, keep
+        self.settings = settings or {}
+
+    def changed_settings(self, folders: list[Path]) -> list[str]:
+        """The training settings in which the checkpoints in `folders` differ from this run's (those that record
+        theirs: checkpoints of older versions hold only the run's key)."""
+        changed: set[str] = set()
+        for folder in folders:
+            try:
+                recorded = json.loads((folder / TRAINER_STATE).read_text()).get("settings")
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(recorded, dict):
+                changed |= {
+                    k for k in recorded.keys() | self.settings.keys() if recorded.get(k) != self.settings.get(k)
+                }
+        return sorted(changed)
 
     def complete(self) -> list[Checkpoint]:
         """This run's complete checkpoints, oldest first."""
@@ -1077,7 +1097,8 @@ class CheckpointStore:
         accelerator.save_state(str(folder))
         accelerator.wait_for_everyone()  # every rank's files (its RNG state) are written before the folder is complete
         if accelerator.is_main_process:
-            (folder / TRAINER_STATE).write_text(json.dumps(state | {"key": self.run_key}) + "\n")
+            recorded = state | {"key": self.run_key, "settings": self.settings}
+            (folder / TRAINER_STATE).write_text(json.dumps(recorded, default=str) + "\n")
             if self.keep:
                 for old in self.complete()[: -self.keep]:
                     shutil.rmtree(old.folder, ignore_errors=True)

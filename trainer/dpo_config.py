@@ -166,6 +166,7 @@ class DPOConfig:
         "checkpoint_every_steps",
         "keep_checkpoints",
         "log_every",
+        "ref_batch_size",  # how many rows the reference pass scores at once (its cache is shared across sizes too)
     )
 
     def training_settings(self) -> dict[str, Any]:

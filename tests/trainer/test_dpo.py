@@ -375,7 +375,9 @@ def test_epoch_checkpoints_resume_to_the_same_weights(tiny_model: Path, tmp_path
     assert _same_weights(resumed.policy_dir, full.policy_dir)
     # different training settings do not pick up the checkpoint; other bookkeeping settings do
     other = DPOConfig(learning_rate=2e-3, epochs=2, batch_size=2, cpu=True, checkpoint_every_epoch=True)
-    with pytest.warns(UserWarning, match=r"1 checkpoint\(s\) in .* of a run with other settings"):
+    with pytest.warns(
+        UserWarning, match=r"1 checkpoint\(s\) in .* not resumed from \(settings changed: dpo.learning_rate"
+    ):
         train_dpo(other, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)
     assert json.loads((tmp_path / "b" / "dpo_report.json").read_text())["resumed_from_step"] == 0
 
@@ -918,3 +920,18 @@ def test_lora_targets_that_match_nothing_are_one_clear_error(tiny_model: Path, t
     config = DPOConfig(lora=True, lora_targets="nomatch_xyz", cpu=True)
     with pytest.raises(ConfigError, match="lora_targets 'nomatch_xyz'"):
         train_dpo(config, _toy_rows(2), model_path=tiny_model, output_dir=tmp_path / "o", progress=False)
+
+
+def test_checkpoints_of_other_settings_name_what_changed(tmp_path: Path) -> None:
+    """The warning said "a run with other settings" without naming one; a speed-only setting blocked the resume."""
+    from rlaifv.trainer.dpo import TRAINER_STATE, CheckpointStore
+
+    old, new = DPOConfig(learning_rate=1e-4, cpu=True), DPOConfig(learning_rate=2e-4, cpu=True, ref_batch_size=2)
+    assert "ref_batch_size" not in new.training_settings()  # how many rows score at once: resumable
+    root = tmp_path / "checkpoints"
+    for name, state in (("step-0000010", {"settings": old.training_settings()}), ("step-0000020", {})):
+        (root / name).mkdir(parents=True)
+        (root / name / TRAINER_STATE).write_text(json.dumps({"key": "another run", "updates": 10} | state))
+    store = CheckpointStore(root, "this run", keep=1, settings=new.training_settings())
+    assert store.latest() is None and len(store.others()) == 2
+    assert store.changed_settings(store.others()) == ["learning_rate"]  # the one without settings says nothing
