@@ -242,7 +242,10 @@ def run_round(
     pairs_path = rdir / "pairs.parquet"
     rows, stats = build_pairs(feedback, dataclasses.replace(config.pairs, seed=seed))
     if not rows:
-        raise TrainerError(f"round {index}: no preference pairs: {why_no_pairs(stats, config.pairs)}")
+        raise TrainerError(
+            f"round {index}: no preference pairs: {why_no_pairs(stats, config.pairs)} (this run's settings are fixed"
+            f" in {output_dir / RUN_FILE}: rerun with them changed in a new output folder)"
+        )
     labeler_name = "self" if labeler is None and config.feedback.labeler == "self" else str(config.feedback.labeler)
     origin = {
         "generator": f"round-{index - 1:02d}" if previous else "initial",

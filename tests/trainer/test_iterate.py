@@ -165,8 +165,9 @@ def test_lora_with_token_kl_needs_the_base_as_every_rounds_reference(tiny_model:
 
 def test_no_pairs_is_a_clear_error(tiny_model: Path, tmp_path: Path) -> None:
     config = _config(tiny_model, tmp_path / "r", rounds=1)
-    with pytest.raises(TrainerError, match="round 1: no preference pairs"):
+    with pytest.raises(TrainerError, match="round 1: no preference pairs") as info:
         run_iterate(config, _source(), labeler=ControlledLabeler(lambda q: True))
+    assert "rerun with them changed in a new output folder" in str(info.value)  # run.json refuses them here
 
 
 def test_iterate_config_validation_and_overrides(tmp_path: Path) -> None:
