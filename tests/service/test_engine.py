@@ -115,3 +115,21 @@ async def test_an_unexpected_error_encoding_one_request_fails_only_that_request(
     first, second, third = await engine.run([good, bad, good])
     assert isinstance(second, RuntimeError)
     assert first.ranking.rewards == third.ranking.rewards and first.batch_size == 2
+
+
+def test_a_prompt_that_fills_the_positions_names_no_max_tokens_the_client_never_sent() -> None:
+    """It said "prompt (256 tokens) + max_tokens (64) exceeds ..." with the server's default in place of a value."""
+    from rlaifv.reward.errors import ContextLengthError
+    from rlaifv.reward.sampling import SamplingParams
+    from rlaifv.reward.scoring import RewardConfig
+    from rlaifv.service.engines import GenerateRequest
+
+    request = GenerateRequest([], "q", None, 2, SamplingParams(max_tokens=64), RewardConfig())
+    assert request.fitted(250, 256).max_tokens == 6
+    with pytest.raises(ContextLengthError) as info:
+        request.fitted(256, 256)
+    assert info.value.param == "question" and "max_tokens" not in str(info.value)
+    assert "leaves no room for an answer in the model's 256 positions" in str(info.value)
+    request.max_tokens_param = "max_tokens"
+    with pytest.raises(ContextLengthError, match=r"\+ max_tokens \(64\)"):
+        request.fitted(250, 256)

@@ -305,12 +305,17 @@ async def test_client_gone_is_dropped_before_the_model() -> None:
     await sched.close(1)
 
 
-async def test_close_lets_queued_work_finish_then_refuses_new_work() -> None:
-    engine = FakeEngine(batch_s=0.1)
-    sched = make(engine, max_batch=1)
+async def three_queued(batch_s: float) -> tuple[Scheduler, list[asyncio.Task]]:
+    """A started scheduler running one request per batch, `batch_s` each, with three requests queued."""
+    sched = make(FakeEngine(batch_s=batch_s), max_batch=1)
     sched.start()
     tasks = [asyncio.create_task(sched.submit(score(str(i)), timeout_s=30)) for i in range(3)]
     await asyncio.sleep(0)
+    return sched, tasks
+
+
+async def test_close_lets_queued_work_finish_then_refuses_new_work() -> None:
+    sched, tasks = await three_queued(0.1)
     await sched.close(10)
     assert [len((await t).result.ranking.candidates) for t in tasks] == [1, 1, 1]
     with pytest.raises(Unavailable):
@@ -319,11 +324,7 @@ async def test_close_lets_queued_work_finish_then_refuses_new_work() -> None:
 
 async def test_close_returns_when_the_last_batch_ends_not_at_a_later_tick() -> None:
     """Shutdown waits on the drain itself (a polled wait ended up to one poll interval late)."""
-    engine = FakeEngine(batch_s=0.107)
-    sched = make(engine, max_batch=1)
-    sched.start()
-    tasks = [asyncio.create_task(sched.submit(score(str(i)), timeout_s=30)) for i in range(3)]
-    await asyncio.sleep(0)
+    sched, tasks = await three_queued(0.107)
     loop = asyncio.get_running_loop()
     began = loop.time()
     await sched.close(10)
@@ -332,11 +333,7 @@ async def test_close_returns_when_the_last_batch_ends_not_at_a_later_tick() -> N
 
 
 async def test_close_fails_what_the_grace_period_cannot_finish() -> None:
-    engine = FakeEngine(batch_s=1.0)
-    sched = make(engine, max_batch=1)
-    sched.start()
-    tasks = [asyncio.create_task(sched.submit(score(str(i)), timeout_s=30)) for i in range(3)]
-    await asyncio.sleep(0)
+    sched, tasks = await three_queued(1.0)
     await sched.close(1.5)
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert isinstance(results[-1], Unavailable)
@@ -484,20 +481,3 @@ async def test_a_request_that_leaves_a_running_batch_is_withdrawn_from_it(leaves
     assert leaving.withdrawal.is_set() and not staying.withdrawal.is_set()
     assert (await kept).result.ranking.candidates[0].text == "stays"
     await sched.close(1)
-
-
-def test_a_prompt_that_fills_the_positions_names_no_max_tokens_the_client_never_sent() -> None:
-    """It said "prompt (256 tokens) + max_tokens (64) exceeds ..." with the server's default in place of a value."""
-    from rlaifv.reward.errors import ContextLengthError
-    from rlaifv.reward.sampling import SamplingParams
-    from rlaifv.service.engines import GenerateRequest
-
-    request = GenerateRequest([], "q", None, 2, SamplingParams(max_tokens=64), RewardConfig())
-    assert request.fitted(250, 256).max_tokens == 6
-    with pytest.raises(ContextLengthError) as info:
-        request.fitted(256, 256)
-    assert info.value.param == "question" and "max_tokens" not in str(info.value)
-    assert "leaves no room for an answer in the model's 256 positions" in str(info.value)
-    request.max_tokens_param = "max_tokens"
-    with pytest.raises(ContextLengthError, match=r"\+ max_tokens \(64\)"):
-        request.fitted(250, 256)
