@@ -97,15 +97,14 @@ class ImageLoader:
         limit = self.settings.image_fetch_timeout_s
         try:  # httpx's timeout bounds each read: a host sending a byte at a time held the request for ever
             async with asyncio.timeout(limit):
-                return await self._follow(url, origin, param)
+                return await self._follow(self._client, url, origin, param)
         except TimeoutError:
             raise ImageError(f"image URL not fetched within {limit:g} s", param=param) from None
 
-    async def _follow(self, url: str, origin: str, param: str) -> bytes:
-        assert self._client is not None
+    async def _follow(self, client: httpx.AsyncClient, url: str, origin: str, param: str) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
             try:
-                async with self._client.stream("GET", url) as response:
+                async with client.stream("GET", url) as response:
                     if response.is_redirect:
                         target = urljoin(url, response.headers.get("location", ""))
                         if (urlsplit(target).hostname or "") != origin or urlsplit(target).scheme not in (
