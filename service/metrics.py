@@ -101,6 +101,18 @@ class Metrics:
             " same stream. What a worker pool scales on.",
             registry=r,
         )
+        # Jobs, results, the cache and the rate limits live in Redis, whose maxmemory-policy is noeviction: a full
+        # Redis refuses every write (job results are lost to retries) while the backlog makes KEDA add workers.
+        self.redis_used_memory = Gauge(
+            "rlaifv_redis_used_memory_bytes",
+            "Memory Redis uses (INFO memory: used_memory), read at each scrape.",
+            registry=r,
+        )
+        self.redis_maxmemory = Gauge(
+            "rlaifv_redis_maxmemory_bytes",
+            "Redis's maxmemory (INFO memory; 0: no limit), read at each scrape.",
+            registry=r,
+        )
 
     def observe_ranking(self, endpoint: str, rewards: list[float]) -> None:
         for value in rewards:

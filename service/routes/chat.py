@@ -7,10 +7,11 @@ from fastapi.responses import StreamingResponse
 
 from rlaifv.service.deps import ServingDep
 from rlaifv.service.errors import error_responses
+from rlaifv.service.json_body import JsonBodyRoute
 from rlaifv.service.protocol import ChatCompletionRequest, ChatCompletionResponse
 from rlaifv.service.serving import chat_chunks
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(route_class=JsonBodyRoute, tags=["openai"])
 
 
 @router.post(

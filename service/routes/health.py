@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -10,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rlaifv.service.auth import require_metrics_key
 from rlaifv.service.errors import error_responses
+from rlaifv.service.json_body import JsonBodyRoute
 from rlaifv.service.protocol import Health
 
 if TYPE_CHECKING:
@@ -18,8 +20,10 @@ if TYPE_CHECKING:
     from rlaifv.service.metrics import Metrics
     from rlaifv.service.settings import Settings
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(route_class=JsonBodyRoute, tags=["operations"])
 log = logging.getLogger("rlaifv.service")
+# A readiness check answers within this (kubelet gives up at the probe's timeoutSeconds: 5 in deploy/k8s).
+READY_PROBE_S = 3.0
 
 
 @router.head("/healthz", include_in_schema=False)  # load balancers and uptime checkers probe with HEAD
@@ -69,27 +73,43 @@ async def readyz(request: Request) -> Response:
     checks = {"model": "ok" if getattr(state, "ready", False) else "loading"}
     if getattr(state, "shutting_down", False):
         checks["model"] = "shutting_down"
-    redis = getattr(state, "redis", None)
+    settings = state.settings
     required = ["model"]
+    probes: dict[str, Awaitable[str]] = {}
+    redis = getattr(state, "redis", None)
     if redis is not None:
-        settings = state.settings
         if settings.ready_requires_redis:
             required.append("redis")
-        try:
-            await asyncio.wait_for(redis.ping(), timeout=settings.redis_connect_timeout_s)
-            checks["redis"] = "ok"
-        except Exception as exc:  # any failure means Redis is not usable now
-            checks["redis"] = f"unreachable: {type(exc).__name__}"
+        probes["redis"] = _ping(redis, settings.redis_connect_timeout_s)
     engine = getattr(state, "engine", None)
     if checks["model"] == "ok" and hasattr(engine, "probe"):  # the vLLM servers of the pair: the model itself
-        checks["engine"] = await engine.probe()
+        probes["engine"] = _bounded(engine.probe(), READY_PROBE_S)
         required.append("engine")
     generator = getattr(state, "generator", None)
     if generator is not None:
-        checks["generator"] = await generator.probe()
+        probes["generator"] = _bounded(generator.probe(), READY_PROBE_S)
+    # Side by side: one slow dependency costs its own bound, not the sum of all (kubelet's timeoutSeconds is 5).
+    checks.update(zip(probes, await asyncio.gather(*probes.values()), strict=True))
     ok = all(checks[name] == "ok" for name in required)
     body = Health(status="ok" if ok else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+async def _ping(redis: Redis, timeout_s: float) -> str:
+    try:
+        await asyncio.wait_for(redis.ping(), timeout=timeout_s)
+    except Exception as exc:  # any failure means Redis is not usable now
+        return f"unreachable: {type(exc).__name__}"
+    return "ok"
+
+
+async def _bounded(probe: Awaitable[str], timeout_s: float) -> str:
+    """A probe's answer within `timeout_s` as a whole (an HTTP client's timeout bounds each phase, not the sum)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await probe
+    except TimeoutError:
+        return f"unavailable: no answer within {timeout_s:g} s"
 
 
 @router.get(
@@ -105,16 +125,26 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state = request.app.state
     if state.redis is not None:
-        await _read_backlog(state.redis, state.settings, state.metrics)
+        await _read_redis(state.redis, state.settings, state.metrics)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-async def _read_backlog(redis: Redis, settings: Settings, metrics: Metrics) -> None:
-    """The job stream's length now: a scrape is the only reader, so no loop polls Redis between scrapes. Redis
-    away: the last value stands (the items wait for it too) and the scrape still answers."""
+async def _read_redis(redis: Redis, settings: Settings, metrics: Metrics) -> None:
+    """The job stream's length and Redis's memory now, in one round trip: a scrape is the only reader, so no loop
+    polls Redis between scrapes. Redis away (or INFO refused to an ACL user): the last values stand and the
+    scrape still answers."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.xlen(settings.jobs_stream)
+    pipe.info("memory")
     try:
-        backlog = await asyncio.wait_for(redis.xlen(settings.jobs_stream), timeout=settings.redis_connect_timeout_s)
+        backlog, memory = await asyncio.wait_for(
+            pipe.execute(raise_on_error=False), timeout=settings.redis_connect_timeout_s
+        )
     except Exception as exc:
-        log.debug("job backlog not read: %s", type(exc).__name__)
+        log.debug("Redis not read for the metrics: %s", type(exc).__name__)
         return
-    metrics.jobs_backlog.set(backlog)
+    if not isinstance(backlog, Exception):
+        metrics.jobs_backlog.set(backlog)
+    if isinstance(memory, dict) and "used_memory" in memory:
+        metrics.redis_used_memory.set(memory["used_memory"])
+        metrics.redis_maxmemory.set(memory.get("maxmemory", 0))

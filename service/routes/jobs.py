@@ -11,9 +11,10 @@ from pydantic import ValidationError
 
 from rlaifv.service.errors import BadRequest, NotEnabled, NotFound, StoreUnavailable, error_responses
 from rlaifv.service.jobs import JobStore, parse_jsonl
+from rlaifv.service.json_body import JsonBodyRoute
 from rlaifv.service.protocol import Job, JobList, JobRequest, JobResults
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(route_class=JsonBodyRoute, tags=["jobs"])
 log = logging.getLogger("rlaifv.jobs")
 JobId = Annotated[str, Path(description="Job id returned by POST /v1/jobs.", max_length=64)]
 JSONL = "application/x-ndjson"

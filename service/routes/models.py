@@ -6,9 +6,10 @@ from fastapi import APIRouter
 
 from rlaifv.service.deps import ServingDep
 from rlaifv.service.errors import error_responses
+from rlaifv.service.json_body import JsonBodyRoute
 from rlaifv.service.protocol import ModelCard, ModelList
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(route_class=JsonBodyRoute, tags=["openai"])
 _STARTED = int(time.time())
 
 

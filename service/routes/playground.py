@@ -15,6 +15,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
 from rlaifv.service.errors import NotFound
+from rlaifv.service.json_body import JsonBodyRoute
 
 STATIC = Path(__file__).resolve().parent.parent / "static" / "playground"
 ASSETS = {
@@ -31,7 +32,7 @@ HEADERS = {
     "Cache-Control": "no-cache",
 }
 
-router = APIRouter(tags=["playground"], include_in_schema=False)
+router = APIRouter(route_class=JsonBodyRoute, tags=["playground"], include_in_schema=False)
 
 
 @router.get("/playground")

@@ -4,9 +4,10 @@ from fastapi import APIRouter, Request
 
 from rlaifv.service.deps import ServingDep
 from rlaifv.service.errors import error_responses
+from rlaifv.service.json_body import JsonBodyRoute
 from rlaifv.service.protocol import RewardsRequest, RewardsResponse
 
-router = APIRouter(tags=["reward"])
+router = APIRouter(route_class=JsonBodyRoute, tags=["reward"])
 
 
 @router.post(

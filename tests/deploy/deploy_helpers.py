@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +85,42 @@ def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
 def vllm_containers(docs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(workload, container) of the vLLM servers (the official image, containers named "vllm")."""
     return [(w, c) for w in workloads(docs) for c in pod_spec(w)["containers"] if c["name"] == "vllm"]
+
+
+SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+
+
+@dataclass(frozen=True)
+class Series:
+    family: str
+    labels: frozenset[str]
+
+
+def exported_series() -> dict[str, Series]:
+    """Sample name -> its family and label names, from /metrics of the app built in process (no lifespan, so no
+    model is loaded; label names come from the registry, as a family with no samples yet shows none)."""
+    from fastapi.testclient import TestClient
+
+    from rlaifv.service.app import create_app
+    from rlaifv.service.default_model import default_bundle
+    from rlaifv.service.settings import Settings
+
+    app = create_app(Settings(bundle=default_bundle()))
+    text = TestClient(app).get("/metrics").raise_for_status().text
+    families = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, flags=re.MULTILINE))
+    labels = {
+        collector._name: frozenset(collector._labelnames)
+        for collector in vars(app.state.metrics).values()
+        if hasattr(collector, "_labelnames")
+    }
+    samples: dict[str, Series] = {}
+    for family, kind in families.items():
+        stem = family.removesuffix("_created")
+        if stem != family and {stem, stem + "_total"} & families.keys():
+            continue  # creation timestamps of unlabelled counters, exported as their own gauge family
+        assert kind in SUFFIXES, f"{family}: a {kind} metric; teach this test its sample names"
+        base = family.removesuffix("_total")
+        for suffix in SUFFIXES[kind]:
+            extra = {"le"} if suffix == "_bucket" else set()
+            samples[base + suffix] = Series(base, labels.get(base, frozenset()) | extra)
+    return samples

@@ -6,20 +6,14 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
-
-from rlaifv.service.app import create_app
-from rlaifv.service.default_model import default_bundle
-from rlaifv.service.settings import Settings
+from deploy_helpers import Series, exported_series
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "rlaifv-dashboard.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
 TARGET_LABELS = {"job", "instance"}
 METRIC = re.compile(r"\brlaifv_[A-Za-z0-9_:]+")
 GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
@@ -33,35 +27,9 @@ def dashboard() -> dict[str, Any]:
     return json.loads(DASHBOARD.read_text())
 
 
-@dataclass(frozen=True)
-class Series:
-    family: str
-    labels: frozenset[str]
-
-
 @pytest.fixture(scope="module")
 def exported() -> dict[str, Series]:
-    """Sample name -> its family and label names, from /metrics of the app built in process (no lifespan, so no
-    model is loaded; label names come from the registry, as a family with no samples yet shows none)."""
-    app = create_app(Settings(bundle=default_bundle()))
-    text = TestClient(app).get("/metrics").raise_for_status().text
-    families = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, flags=re.MULTILINE))
-    labels = {
-        collector._name: frozenset(collector._labelnames)
-        for collector in vars(app.state.metrics).values()
-        if hasattr(collector, "_labelnames")
-    }
-    samples: dict[str, Series] = {}
-    for family, kind in families.items():
-        stem = family.removesuffix("_created")
-        if stem != family and {stem, stem + "_total"} & families.keys():
-            continue  # creation timestamps of unlabelled counters, exported as their own gauge family
-        assert kind in SUFFIXES, f"{family}: a {kind} metric; teach this test its sample names"
-        base = family.removesuffix("_total")
-        for suffix in SUFFIXES[kind]:
-            extra = {"le"} if suffix == "_bucket" else set()
-            samples[base + suffix] = Series(base, labels.get(base, frozenset()) | extra)
-    return samples
+    return exported_series()
 
 
 def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from deploy_helpers import DEPLOY, OVERLAYS
 VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring.coreos.com-v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring.coreos.com-v1.json",
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda.sh-v1alpha1.json",
 }
 
@@ -80,3 +81,8 @@ def test_validation_is_strict(rendered):
     scaled = json.loads(json.dumps(docs["ScaledObject"]))
     scaled["spec"]["triggers"][0]["metadata"]["threshold"] = 4  # KEDA wants strings
     assert list(_crd_validator(scaled).iter_errors(scaled))
+    rules = docs["PrometheusRule"]
+    for mistake in ({"fro": "5m"}, {"for": "five minutes"}, {"record": "x"}, {"labels": {"severity": 1}}):
+        bad = json.loads(json.dumps(rules))
+        bad["spec"]["groups"][0]["rules"][0].update(mistake)
+        assert list(_crd_validator(bad).iter_errors(bad)), mistake

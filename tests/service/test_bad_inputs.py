@@ -73,6 +73,10 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
     ("latin-1-json", "/v1/best-of-n", '{"question": "caf\u00e9"}'.encode("latin-1"), 400, None, "invalid_json"),
     ("gzip-body", "/v1/rewards", gzip.compress(b'{"question": "q"}'), 400, None, "invalid_json"),
     ("integer-past-the-digit-limit", "/v1/best-of-n", b'{"n": ' + b"9" * 5000 + b"}", 400, None, "invalid_json"),
+    # json.loads(bytes) guesses UTF-16/32 and took these; RFC 8259 and every other OpenAI-compatible server want UTF-8
+    ("utf-16-json", "/v1/rewards", json.dumps(rwd()).encode("utf-16"), 400, None, "invalid_json"),
+    ("utf-16-le-json", "/v1/chat/completions", json.dumps(chat()).encode("utf-16-le"), 400, None, "invalid_json"),
+    ("utf-32-json", "/v1/best-of-n", json.dumps(bon()).encode("utf-32"), 400, None, "invalid_json"),
     ("json-not-object", "/v1/best-of-n", b"[1, 2, 3]", 400, None, "invalid_value"),
     ("unknown-field", "/v1/best-of-n", bon(bogus=1), 400, "bogus", "unknown_field"),
     (
@@ -359,6 +363,18 @@ def test_bad_input_gets_documented_4xx(
     # ... and the server keeps serving.
     ok = client.post("/v1/rewards", json=rwd(answers=["a red circle.", "a dog."]))
     assert ok.status_code == 200, ok.text
+
+
+def test_body_encoding_and_number_refusals_say_what_to_change(client: httpx.Client) -> None:
+    """Python's own wording advised calling sys.set_int_max_str_digits(), which only the server can."""
+    json_type = {"content-type": "application/json"}
+    r = client.post("/v1/rewards", content=json.dumps(rwd()).encode("utf-16"), headers=json_type)
+    assert "the body is UTF-16; JSON must be UTF-8" in r.json()["error"]["message"], r.text
+    r = client.post("/v1/best-of-n", content=b'{"n": ' + b"9" * 5000 + b"}", headers=json_type)
+    message = r.json()["error"]["message"]
+    assert "a number has more than 4300 digits" in message and "sys." not in message, message
+    bom = b"\xef\xbb\xbf" + json.dumps(rwd()).encode()  # a UTF-8 byte-order mark is UTF-8 still
+    assert client.post("/v1/rewards", content=bom, headers=json_type).status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -203,18 +203,25 @@ def test_a_job_is_seen_only_with_the_key_that_submitted_it(make_server, redis_ur
 
 
 def test_metrics_report_the_job_backlog_a_worker_pool_scales_on(make_server, redis_url, red_url) -> None:
-    """Items not yet done (queued or in hand) are the job stream's length, read at each scrape."""
+    """Items not yet done (queued or in hand) are the job stream's length, read at each scrape; Redis's memory
+    and its limit beside it (a full Redis under noeviction refuses every write: what the alerts watch)."""
     server = make_server(redis_url=redis_url, jobs_workers=0, jobs_stream="rlaifv:jobs:backlog")
     redis.Redis.from_url(redis_url).delete("rlaifv:jobs:backlog")
     items = [{"images": [red_url], "question": QUESTION, "answers": ["a red circle."]}] * 3
 
-    def backlog(client: httpx.Client) -> float:
+    def gauge(client: httpx.Client, name: str) -> float:
         lines = client.get("/metrics").text.splitlines()
-        (line,) = [line for line in lines if line.startswith("rlaifv_jobs_backlog ")]
+        (line,) = [line for line in lines if line.startswith(name + " ")]
         return float(line.split()[1])
+
+    def backlog(client: httpx.Client) -> float:
+        return gauge(client, "rlaifv_jobs_backlog")
 
     with httpx.Client(base_url=server.url, timeout=60) as client:
         assert backlog(client) == 0
         client.post("/v1/jobs", json={"kind": "rewards", "items": items})
         client.post("/v1/jobs", json={"kind": "rewards", "items": items[:1]})
         assert backlog(client) == 4
+        memory = redis.Redis.from_url(redis_url).info("memory")
+        assert gauge(client, "rlaifv_redis_maxmemory_bytes") == memory["maxmemory"]
+        assert 0 < gauge(client, "rlaifv_redis_used_memory_bytes") < 100 * memory["used_memory"]
