@@ -6,6 +6,7 @@ import base64
 import builtins
 import io
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -390,11 +391,20 @@ def test_jsonl_lines_split_at_newlines_only() -> None:
     assert list(split_lines(chunks)) == ['{"a": "x\u2028y"}', '{"b": "\u0085"}', '{"c": 1}']
 
 
-def test_wait_sleeps_only_what_is_left_of_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A timeout shorter than the poll interval still gets its last poll at the deadline (fake clock)."""
+def fake_clock(monkeypatch: pytest.MonkeyPatch, clock: list[float], sleep: Any = None) -> None:
+    """`jobs.wait` reads the clock where its loop lives (`Waiting`) and sleeps where it requests (the clients)."""
     import types
 
+    import rlaifv_client._base_client as base_module
     import rlaifv_client._client as client_module
+
+    fake = types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep, time=lambda: clock[0])
+    monkeypatch.setattr(client_module, "time", fake)
+    monkeypatch.setattr(base_module, "time", fake)
+
+
+def test_wait_sleeps_only_what_is_left_of_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timeout shorter than the poll interval still gets its last poll at the deadline (fake clock)."""
 
     clock, slept = [100.0], []
 
@@ -402,7 +412,7 @@ def test_wait_sleeps_only_what_is_left_of_its_timeout(monkeypatch: pytest.Monkey
         slept.append(seconds)
         clock[0] += seconds
 
-    monkeypatch.setattr(client_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep))
+    fake_clock(monkeypatch, clock, sleep)
     running = {"id": "j1", "kind": "rewards", "status": "running", "created": 1, "updated": 1, "total": 3}
     polls: list[float] = []
 
@@ -419,16 +429,13 @@ def test_wait_sleeps_only_what_is_left_of_its_timeout(monkeypatch: pytest.Monkey
 def test_wait_ends_at_its_deadline_whatever_the_server_does(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each poll's timeout is cut to what is left of the wait's, a poll that fails (503, no connection) is polled
     again instead of ending the wait, and the deadline's error says why the last poll failed (fake clock)."""
-    import types
-
-    import rlaifv_client._client as client_module
 
     clock: list[float] = [100.0]
 
     def sleep(seconds: float) -> None:
         clock[0] += seconds
 
-    monkeypatch.setattr(client_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep))
+    fake_clock(monkeypatch, clock, sleep)
     running = {"id": "j1", "kind": "rewards", "status": "running", "created": 1, "updated": 1, "total": 3}
     read_timeouts: list[float] = []
     answers = iter(["job", "503", "refused"])
@@ -454,7 +461,6 @@ def test_wait_ends_at_its_deadline_whatever_the_server_does(monkeypatch: pytest.
 
 
 async def test_async_wait_ends_at_its_deadline_whatever_the_server_does(monkeypatch: pytest.MonkeyPatch) -> None:
-    import types
 
     import rlaifv_client._client as client_module
 
@@ -463,7 +469,7 @@ async def test_async_wait_ends_at_its_deadline_whatever_the_server_does(monkeypa
     async def sleep(seconds: float) -> None:
         clock[0] += seconds
 
-    monkeypatch.setattr(client_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    fake_clock(monkeypatch, clock)
     monkeypatch.setattr(client_module.asyncio, "sleep", sleep)
     read_timeouts: list[float] = []
 
@@ -500,6 +506,89 @@ async def test_closing_async_results_early_releases_the_stream_at_once() -> None
                 assert item.index == 0
                 break
         assert closed == [True]  # before the client closes, with no event-loop turn in between
+
+
+RUNNING = {"id": "j1", "kind": "rewards", "status": "running", "created": 1, "updated": 1, "total": 1}
+
+
+def polled(answers: list[httpx.Response]) -> tuple[httpx.MockTransport, list[int]]:
+    """A transport answering the polls in turn (then the job done); the number of polls."""
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) <= len(answers):
+            return answers[len(calls) - 1]
+        return httpx.Response(200, json=RUNNING | {"status": "succeeded", "completed": 1, "failed": 0})
+
+    return httpx.MockTransport(handler), calls
+
+
+def limited(retry_after: str) -> httpx.Response:
+    return httpx.Response(429, headers={"Retry-After": retry_after}, json={"error": {"message": "over quota"}})
+
+
+def test_wait_pauses_as_long_as_a_refused_polls_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each poll counts against the key's rate limit: polling every second into a 30 s Retry-After only made more
+    429s (a wait of 20 s made 17 refused polls). A shorter Retry-After than the interval keeps the interval."""
+    clock, slept = [100.0], []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    fake_clock(monkeypatch, clock, sleep)
+    transport, calls = polled([limited("30"), limited("0.5")])
+    with Client(base_url="http://svc", http_client=httpx.Client(transport=transport)) as client:
+        assert client.jobs.wait("j1", poll_interval=1, timeout=100).status == "succeeded"
+    assert slept == [30.0, 1.0] and len(calls) == 3
+
+
+async def test_async_wait_pauses_as_long_as_a_refused_polls_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rlaifv_client._client as client_module
+
+    clock, slept = [100.0], []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    fake_clock(monkeypatch, clock)
+    monkeypatch.setattr(client_module.asyncio, "sleep", sleep)
+    transport, calls = polled([limited("30"), limited("0.5")])
+    async with AsyncClient(base_url="http://svc", http_client=httpx.AsyncClient(transport=transport)) as client:
+        assert (await client.jobs.wait("j1", poll_interval=1, timeout=100)).status == "succeeded"
+    assert slept == [30.0, 1.0] and len(calls) == 3
+
+
+def test_a_wait_without_a_deadline_waits_out_a_rate_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The poll's own retries spent, a 429 still ends in a finished job: a rate limit always lifts."""
+    clock, slept = [100.0], []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    fake_clock(monkeypatch, clock, sleep)
+    transport, calls = polled([limited("7")] * 3)
+    with Client(base_url="http://svc", http_client=httpx.Client(transport=transport), max_retries=2) as client:
+        assert client.jobs.wait("j1").status == "succeeded"
+    assert len(calls) == 4 and slept[-1] == 7.0
+
+
+@pytest.mark.parametrize("interval", [0, -1, float("nan"), float("inf"), "1"])
+async def test_a_poll_interval_that_is_no_pause_is_refused_before_any_poll(interval: Any) -> None:
+    """Sync slept a negative time (ValueError after a poll), async polled without pause (51 polls in 0.05 s)."""
+    transport, calls = polled([])
+    with (
+        Client(base_url="http://svc", http_client=httpx.Client(transport=transport)) as client,
+        pytest.raises(ValueError, match="poll_interval"),
+    ):
+        client.jobs.wait("j1", poll_interval=interval)
+    async with AsyncClient(base_url="http://svc", http_client=httpx.AsyncClient(transport=transport)) as aclient:
+        with pytest.raises(ValueError, match="poll_interval"):
+            await aclient.jobs.wait("j1", poll_interval=interval)
+    assert calls == []
 
 
 def test_wait_without_a_deadline_raises_what_the_poll_raises() -> None:

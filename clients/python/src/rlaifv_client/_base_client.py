@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
+from urllib.parse import quote
 
 import httpx
 import pydantic
@@ -375,6 +376,75 @@ def poll_call(path: str, client_timeout: TimeoutTypes, left: float | None) -> AP
     else:
         timeout = left if client_timeout is None else min(float(client_timeout), left)
     return APICall("GET", path, Job, timeout=timeout, max_retries=0)
+
+
+def _job_id(job: str | Job) -> str:
+    """The id of `job`; an id that would name another path ("", ".", "..", one with "/") is refused."""
+    job_id = job.id if isinstance(job, Job) else job
+    if job_id in ("", ".", "..") or "/" in job_id:
+        raise ValueError(f"invalid job id {job_id!r}")
+    return job_id
+
+
+def _job_path(job: str | Job, suffix: str = "") -> str:
+    """The job's URL path, its id percent-encoded: "a?b" is the job "a?b", not the job "a" with a query."""
+    return f"/v1/jobs/{quote(_job_id(job), safe='')}{suffix}"
+
+
+class Waiting:
+    """The loop of `jobs.wait`, shared by the sync and the async client (they differ only in how they request and
+    sleep): the next poll's call, what a failed poll means, and how long to pause before the next.
+
+    A pause is the poll interval, or the server's `Retry-After` when a failed poll carried a longer one (polling
+    sooner would only be refused again, and each poll counts against the key's rate limit)."""
+
+    def __init__(self, job_id: str | Job, poll_interval: float, timeout: float | None, client_timeout: Any) -> None:
+        if not (isinstance(poll_interval, (int, float)) and math.isfinite(poll_interval) and poll_interval > 0):
+            raise ValueError(f"poll_interval must be a number of seconds > 0, got {poll_interval!r}")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout >= 0):
+            raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
+        self.interval = min(float(poll_interval), C.MAX_POLL_INTERVAL)
+        self.timeout, self.client_timeout = timeout, client_timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.name = _job_id(job_id)
+        self.path = _job_path(self.name)
+        self.job: Job | None = job_id if isinstance(job_id, Job) else None
+        self.error: APIError | None = None
+
+    def left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def call(self) -> APICall[Job]:
+        self.error = None
+        return poll_call(self.path, self.client_timeout, self.left())
+
+    def answered(self, job: Job) -> bool:
+        """True when the job is done."""
+        self.job = job
+        return job.done
+
+    def failed(self, exc: APIError) -> None:
+        """Raises `exc` unless polling again may get another answer before the deadline (without one, a poll has
+        had the retries of any call, 429s apart: a rate limit always lifts)."""
+        rate_limited = isinstance(exc, APIStatusError) and exc.status_code == 429
+        if not worth_polling_again(exc) or (self.deadline is None and not rate_limited):
+            raise exc
+        self.error = exc
+
+    def pause(self) -> float:
+        """Seconds to sleep before the next poll; `WaitTimeoutError` once the deadline has passed."""
+        pause = self.interval
+        if isinstance(self.error, APIStatusError):
+            retry_after = parse_retry_after(self.error.response.headers)
+            if retry_after is not None:
+                pause = max(pause, min(retry_after, C.MAX_RETRY_AFTER))
+        left = self.left()
+        if left is None:
+            return pause
+        if left <= 0:
+            assert self.timeout is not None
+            raise wait_timed_out(self.name, self.timeout, self.job, self.error) from self.error
+        return min(pause, left)
 
 
 def worth_polling_again(exc: APIError) -> bool:

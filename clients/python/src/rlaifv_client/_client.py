@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal
-from urllib.parse import quote
 
 import httpx
 
@@ -28,12 +27,13 @@ from ._base_client import (
     NotGiven,
     T,
     TimeoutTypes,
+    Waiting,
+    _job_path,
     asplit_lines,
     best_of_n_body,
     job_body,
     list_call,
     liveness_call,
-    poll_call,
     progress_line,
     readiness_call,
     results_call,
@@ -41,8 +41,6 @@ from ._base_client import (
     split_lines,
     submission_headers,
     upload_call,
-    wait_timed_out,
-    worth_polling_again,
 )
 from ._exceptions import APIError
 from ._images import ImageInput, MessageInput
@@ -54,19 +52,6 @@ ProgressCallback = Callable[[Job], Any]
 Normalize = Literal["mean", "sum"]
 RewardMode = Literal["dpo", "claims"]
 ClaimScore = Literal["count", "expected"]
-
-
-def _job_id(job: str | Job) -> str:
-    """The id of `job`; an id that would name another path ("", ".", "..", one with "/") is refused."""
-    job_id = job.id if isinstance(job, Job) else job
-    if job_id in ("", ".", "..") or "/" in job_id:
-        raise ValueError(f"invalid job id {job_id!r}")
-    return job_id
-
-
-def _job_path(job: str | Job, suffix: str = "") -> str:
-    """The job's URL path, its id percent-encoded: "a?b" is the job "a?b", not the job "a" with a query."""
-    return f"/v1/jobs/{quote(_job_id(job), safe='')}{suffix}"
 
 
 class _ProgressBar:
@@ -374,37 +359,28 @@ class Jobs:
         """Poll until the job is succeeded, failed or cancelled, and return it (check ``.status``).
 
         Args:
-            poll_interval: Seconds between polls (at most 10).
+            poll_interval: Seconds between polls (> 0, at most 10); longer after a refused poll whose
+                ``Retry-After`` asks for longer (every poll counts against the key's rate limit).
             timeout: Give up after this many seconds with ``WaitTimeoutError`` (the job goes on; the poll at the
                 deadline may take up to 1 s more); a poll that fails meanwhile (no answer, 429, 5xx but 500) is
-                polled again. None: no limit (polls retried as any call, then their error raised).
+                polled again. None: no limit (polls retried as any call, then their error raised; a 429 is waited
+                out and polled again, as a rate limit always lifts).
             on_progress: Called with the ``Job`` after every poll.
             progress: Draw a progress bar on stderr.
         """
+        waiting = Waiting(job_id, poll_interval, timeout, self._client.timeout)
         callbacks = _progress_callbacks(on_progress, progress)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        interval = min(poll_interval, C.MAX_POLL_INTERVAL)
-        name = _job_id(job_id)
-        path = _job_path(name)
-        job: Job | None = job_id if isinstance(job_id, Job) else None
         while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            error: APIError | None = None
             try:
-                job = self._client._request(poll_call(path, self._client.timeout, left))
+                job = self._client._request(waiting.call())
             except APIError as exc:
-                if left is None or not worth_polling_again(exc):
-                    raise
-                error = exc
+                waiting.failed(exc)
             else:
                 for callback in callbacks:
                     callback(job)
-                if job.done:
+                if waiting.answered(job):
                     return job
-            left = None if deadline is None else deadline - time.monotonic()
-            if timeout is not None and left is not None and left <= 0:
-                raise wait_timed_out(name, timeout, job, error) from error
-            time.sleep(interval if left is None else min(interval, left))
+            time.sleep(waiting.pause())
 
     def submit_file(
         self,
@@ -703,32 +679,21 @@ class AsyncJobs:
         progress: bool = False,
     ) -> Job:
         """Poll until the job is done and return it. See ``Jobs.wait``; ``on_progress`` may be a coroutine function."""
+        waiting = Waiting(job_id, poll_interval, timeout, self._client.timeout)
         callbacks = _progress_callbacks(on_progress, progress)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        interval = min(poll_interval, C.MAX_POLL_INTERVAL)
-        name = _job_id(job_id)
-        path = _job_path(name)
-        job: Job | None = job_id if isinstance(job_id, Job) else None
         while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            error: APIError | None = None
             try:
-                job = await self._client._request(poll_call(path, self._client.timeout, left))
+                job = await self._client._request(waiting.call())
             except APIError as exc:
-                if left is None or not worth_polling_again(exc):
-                    raise
-                error = exc
+                waiting.failed(exc)
             else:
                 for callback in callbacks:
                     outcome = callback(job)
                     if asyncio.iscoroutine(outcome):
                         await outcome
-                if job.done:
+                if waiting.answered(job):
                     return job
-            left = None if deadline is None else deadline - time.monotonic()
-            if timeout is not None and left is not None and left <= 0:
-                raise wait_timed_out(name, timeout, job, error) from error
-            await asyncio.sleep(interval if left is None else min(interval, left))
+            await asyncio.sleep(waiting.pause())
 
     async def results(
         self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN
