@@ -15,6 +15,11 @@
   as many requests as were waiting plus the clients just answered: with a
   fixed window, a burst was cut into two half-size batches that then took turns
   on the model for good (mean batch 9-11 of 16 with 16 closed-loop clients).
+- Concurrent batches: an engine that batches by itself across calls (vLLM's continuous batching) runs up to
+  `concurrency` batches at once, so a short request never waits for a long best-of-N to finish (with one batch
+  at a time, n=1 / 1 token waited 4-6 s behind n=16 / 256 tokens). The transformers engine runs one: its batch
+  is one forward pass. A batch is collected only when a slot is free, so requests arriving meanwhile wait in
+  the queue (and batch together) as before.
 - Deadlines: each request carries one; a request whose deadline passes while it
   waits is answered 504 and never reaches the model.
 - Cancellation: when the client goes away or its deadline passes, its request
@@ -77,9 +82,13 @@ class Scheduler:
         retry_after_s: int,
         batch_max_wait_s: float | None = None,
         max_queued_pixels: int = 0,
+        concurrency: int = 1,
         metrics: Metrics,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.engine = engine
+        self.concurrency = concurrency
         self.max_queued_pixels = max_queued_pixels
         self.pixels_held = 0
         self.max_batch = max_batch
@@ -92,12 +101,12 @@ class Scheduler:
         self._arrived = asyncio.Event()
         self._held: _Item | None = None  # an item of another kind, first in the next batch
         self._forming: list[_Item] = []  # the batch being collected: out of the queue, not yet running
-        self._running: list[_Item] = []
+        self._batches: dict[asyncio.Task, tuple[float, list[_Item]]] = {}  # running: task -> (start, items)
+        self._slot_freed = asyncio.Event()
         self._expected = 0  # how many requests the next batch may count on (see `_collect`)
         self._task: asyncio.Task | None = None
         self._closing = False
         self._drained = asyncio.Event()  # set, once closing, when nothing waits, forms or runs (`close` awaits it)
-        self._batch_started: float | None = None
         self.in_flight = 0
 
     @property
@@ -121,7 +130,7 @@ class Scheduler:
         if self._task is not None and self._task.done() and not self._closing:
             error = None if self._task.cancelled() else self._task.exception()
             return f"scheduler stopped ({type(error).__name__ if error else 'cancelled'})"
-        started = self._batch_started
+        started = min((start for start, _ in self._batches.values()), default=None)
         if stall_s > 0 and started is not None and _now() - started > stall_s:
             return f"one batch has run {_now() - started:.0f} s (limit {stall_s:g} s)"
         return None
@@ -137,13 +146,15 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), timeout=end - _now())
         held = [self._held] if self._held is not None else []
-        left = [*self._running, *self._forming, *held, *self._waiting]
-        if self._task is not None:
-            self._task.cancel()
+        running = [item for _, items in self._batches.values() for item in items]
+        left = [*running, *self._forming, *held, *self._waiting]
+        for task in [*([self._task] if self._task is not None else []), *self._batches]:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         self._waiting.clear()
-        self._held, self._forming, self._running = None, [], []
+        self._held, self._forming = None, []
+        self._batches.clear()
         for item in left:
             self._release(item)
             if not item.future.done():
@@ -287,6 +298,9 @@ class Scheduler:
 
     async def _loop(self) -> None:
         while True:
+            while len(self._batches) >= self.concurrency:  # collect only with a slot free: the queue batches
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
             batch = [item for item in await self._collect() if self._live(item)]  # some left while it formed
             self._forming = []
             if not batch:
@@ -295,27 +309,32 @@ class Scheduler:
             now = _now()
             for item in batch:
                 item.started = now
-            self._running = batch
-            self.in_flight = len(batch)
-            self._batch_started = now
+            self.in_flight += len(batch)
             self.metrics.batch_size.labels(kind=batch[0].request.kind).observe(len(batch))
-            try:
-                outcomes = await self.engine.run([item.request for item in batch])
-            except Exception as exc:  # a bug in the engine: fail this batch, keep serving
-                log.exception("batch failed")
-                outcomes = [exc] * len(batch)
-            finally:
-                self.in_flight = 0
-                self._running = []
-                self._batch_started = None
-                self._depth_changed()
-            for item, outcome in zip(batch, outcomes, strict=True):
-                self._release(item)
-                if item.future.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    item.future.set_exception(outcome)
-                else:
-                    item.future.set_result(outcome)
-            # Waiting requests plus the clients just answered, who usually send their next request soon.
-            self._expected = min(self.max_batch, self.depth + len(batch))
+            task = asyncio.create_task(self._run(batch), name="rlaifv-batch")
+            self._batches[task] = (now, batch)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        if self._batches.pop(task, None) is not None:
+            self._slot_freed.set()
+
+    async def _run(self, batch: list[_Item]) -> None:
+        try:
+            outcomes = await self.engine.run([item.request for item in batch])
+        except Exception as exc:  # a bug in the engine: fail this batch, keep serving
+            log.exception("batch failed")
+            outcomes = [exc] * len(batch)
+        finally:
+            self.in_flight -= len(batch)
+            self._depth_changed()
+        for item, outcome in zip(batch, outcomes, strict=True):
+            self._release(item)
+            if item.future.done():
+                continue
+            if isinstance(outcome, Exception):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
+        # Waiting requests plus the clients just answered, who usually send their next request soon.
+        self._expected = min(self.max_batch, self.depth + len(batch))

@@ -189,6 +189,7 @@ class Serving:
             engine,
             max_queue=settings.max_queue,
             max_queued_pixels=settings.max_queued_image_pixels,
+            concurrency=engine.concurrent_batches,
             max_batch=settings.max_batch,
             batch_window_s=settings.batch_window_ms / 1000.0,
             batch_max_wait_s=settings.batch_max_wait_ms / 1000.0,
@@ -550,6 +551,15 @@ class Serving:
         self.metrics.observe_ranking(endpoint, ranking.rewards)
 
     def model_card(self, created: int) -> ModelCard:
+        """The served model; `input_modalities` from the engine's `accepts_images` (both engines answer it from
+        the bundle's processor; an engine without the attribute is taken to read images, as most bundles do)."""
         default = self.engine.reward
         reward = RewardInfo(mode=default.mode, beta=default.beta, normalize=default.normalize)
-        return ModelCard(id=self.model_name, created=created, reward=reward, max_positions=self.engine.max_positions)
+        images = bool(getattr(self.engine, "accepts_images", True))
+        return ModelCard(
+            id=self.model_name,
+            created=created,
+            reward=reward,
+            max_positions=self.engine.max_positions,
+            input_modalities=["text", "image"] if images else ["text"],
+        )

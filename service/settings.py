@@ -146,6 +146,12 @@ class Settings(BaseSettings):
     vllm_timeout_s: float = Field(
         120.0, gt=0, description="One request to a vLLM server gives up after this long (503)."
     )
+    vllm_concurrent_batches: int = Field(
+        8,
+        ge=1,
+        description="With RLAIFV_ENGINE=vllm: batches sent to the vLLM servers at once (vLLM batches them together"
+        " continuously): a short request is not held behind a long best-of-N. 1: one batch at a time.",
+    )
     vllm_wait_s: float = Field(
         0.0,
         ge=0,

@@ -140,6 +140,12 @@ class Engine(Protocol):
         """Longest prompt + answer the model takes, if it has a limit."""
         ...
 
+    @property
+    def concurrent_batches(self) -> int:
+        """How many `run` calls may be in progress at once: 1 for an engine whose batch is one forward pass; more
+        for one that batches across calls itself (vLLM), so a short request is not held behind a long batch."""
+        ...
+
     async def run(self, requests: Sequence[Request]) -> list[EngineResult | Exception]:
         """Run requests of one kind as one batch; one result or exception per request, in order."""
         ...

@@ -53,6 +53,15 @@ class TransformersEngine:
     def max_positions(self) -> int | None:
         return self.pair.max_positions
 
+    @property
+    def accepts_images(self) -> bool:
+        """False for a text-only pair (its requests take no images), as `VllmEngine.accepts_images`."""
+        return self.pair.accepts_images
+
+    @property
+    def concurrent_batches(self) -> int:
+        return 1  # one model thread: a batch is one forward pass; the next waits in the queue and batches there
+
     async def run(self, requests: Sequence[Request]) -> list[EngineResult | Exception]:
         return await self.call(self.run_batch, requests)
 

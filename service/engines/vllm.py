@@ -571,6 +571,7 @@ class VllmEngine:
                 "reference", settings.vllm_reference_url, settings.vllm_reference_model, settings, metrics
             )
         self.wait_s = settings.vllm_wait_s
+        self._concurrent_batches = settings.vllm_concurrent_batches
         self._cpu_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlaifv-vllm-cpu")
         self._claim_tools: tuple[Any, Any] | None = None
 
@@ -602,6 +603,10 @@ class VllmEngine:
     @property
     def max_positions(self) -> int | None:
         return self._max_positions
+
+    @property
+    def concurrent_batches(self) -> int:
+        return self._concurrent_batches
 
     def token_bytes(self, token_id: int, text: str) -> list[int]:
         return self._bytes.bytes_of(token_id, text)

@@ -29,17 +29,26 @@ class FakeEngine:
     def __init__(self, batch_s: float = 0.0) -> None:
         self.batch_s = batch_s
         self.batches: list[list[str]] = []
+        self.durations: dict[str, float] = {}  # a batch holding one of these answers takes at least this long
+        self.running = self.most_running = 0
 
     name = "fake"
     reward = RewardConfig()
     max_positions = None
+    concurrent_batches = 1
 
     def token_bytes(self, token_id: int, text: str) -> list[int]:
         return list(text.encode())
 
     async def run(self, requests: Sequence[Request]) -> list[EngineResult | Exception]:
-        self.batches.append([r.answers[0] if isinstance(r, ScoreRequest) else "generate" for r in requests])
-        await asyncio.sleep(self.batch_s)
+        labels = [r.answers[0] if isinstance(r, ScoreRequest) else "generate" for r in requests]
+        self.batches.append(labels)
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await asyncio.sleep(max(self.batch_s, *(self.durations.get(label, 0.0) for label in labels)))
+        finally:
+            self.running -= 1
         out: list[EngineResult | Exception] = []
         for request in requests:
             if isinstance(request, ScoreRequest) and "bad" in request.answers:
@@ -481,3 +490,70 @@ async def test_a_request_that_leaves_a_running_batch_is_withdrawn_from_it(leaves
     assert leaving.withdrawal.is_set() and not staying.withdrawal.is_set()
     assert (await kept).result.ranking.candidates[0].text == "stays"
     await sched.close(1)
+
+
+async def finished_at(task: asyncio.Task) -> float:
+    await task
+    return asyncio.get_running_loop().time()
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+async def test_an_engine_that_batches_across_calls_serves_a_short_request_beside_a_long_one(concurrency: int) -> None:
+    """vLLM batches continuously: with one batch at a time a 1-token request waited 4-6 s behind a best-of-16
+    of 256 tokens. With two, the short one runs beside it; with one (the transformers engine), it waits."""
+    engine = FakeEngine()
+    engine.durations = {"long": 10.0, "short": 0.1}
+    sched = make(engine, concurrency=concurrency)
+    sched.start()
+    start = asyncio.get_running_loop().time()
+    long = asyncio.create_task(sched.submit(score("long"), timeout_s=60))
+    await asyncio.sleep(0.2)
+    short = asyncio.create_task(finished_at(asyncio.create_task(sched.submit(score("short"), timeout_s=60))))
+    done = await short - start
+    await long
+    assert engine.batches == [["long"], ["short"]]
+    if concurrency == 2:
+        assert done == pytest.approx(0.35, abs=0.01) and engine.most_running == 2  # window 0.05 + 0.1
+    else:
+        assert done > 10.05 and engine.most_running == 1  # after the long batch
+    await sched.close(1)
+
+
+async def test_no_more_batches_run_at_once_than_the_engine_takes_and_the_queue_batches_meanwhile() -> None:
+    engine = FakeEngine(batch_s=5.0)
+    sched = make(engine, concurrency=2, batch_window_s=0.0)
+    sched.start()
+    first = []
+    for label in ("a", "b"):  # two batches (no window): both slots taken
+        first.append(asyncio.create_task(sched.submit(score(label), timeout_s=60)))
+        await asyncio.sleep(0.1)
+    rest = [asyncio.create_task(sched.submit(score(label), timeout_s=60)) for label in ("c", "d", "e")]
+    await asyncio.gather(*first, *rest)
+    assert engine.most_running == 2
+    assert engine.batches[:2] == [["a"], ["b"]] and sorted(label for b in engine.batches[2:] for label in b) == [
+        "c",
+        "d",
+        "e",
+    ]
+    assert len(engine.batches) == 3  # c, d and e waited for a slot together and ran as one batch
+    await sched.close(1)
+
+
+async def test_close_answers_every_running_batch_and_liveness_watches_the_oldest() -> None:
+    engine = FakeEngine(batch_s=100.0)
+    sched = make(engine, concurrency=3, batch_window_s=0.0, retry_after_s=2)
+    sched.start()
+    tasks = [asyncio.create_task(sched.submit(score(str(i)), timeout_s=300)) for i in range(2)]
+    await asyncio.sleep(30)
+    tasks.append(asyncio.create_task(sched.submit(score("2"), timeout_s=300)))
+    await asyncio.sleep(31)
+    assert sched.in_flight == 3 and sched.stalled(60) == "one batch has run 61 s (limit 60 s)"
+    await sched.close(1.0)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, Unavailable) and r.code == "shutting_down" for r in results), results
+    assert engine.running == 0  # the engine calls were cancelled, not left running
+
+
+def test_concurrency_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="concurrency"):
+        make(FakeEngine(), concurrency=0)
