@@ -370,7 +370,16 @@ def feedback(
             policy = load_model(model)
             if adapter is not None:
                 policy = load_adapter(policy, adapter)
-            shards = FeedbackShards(output / FEEDBACK_PARTIAL, made["feedback_key"], config.to_dict())
+            earlier = _report(output).get("made")
+            earlier = earlier if isinstance(earlier, dict) else {}
+            finished = output / FEEDBACK_FILE
+            same_run = finished.is_file() and earlier.get("feedback_key") == made["feedback_key"]
+            shards = FeedbackShards(
+                output / FEEDBACK_PARTIAL,
+                made["feedback_key"],
+                config.to_dict(),
+                finished=finished if same_run else None,
+            )
             results = collect_feedback(policy, processor, items, config, progress=progress, shards=shards)
             (output / "report.json").unlink(missing_ok=True)  # its `made` no longer names feedback.parquet
             write_feedback(output / FEEDBACK_FILE, results)

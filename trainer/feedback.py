@@ -369,18 +369,27 @@ def _never() -> bool:
 class FeedbackShards:
     """The feedback of a run in progress: one parquet per batch of prompts under `folder`, valid for runs whose
     settings and models hash to `key`. A rerun goes on from the saved batches that hold its own first prompts
-    (a run with a raised `--limit` too); anything else is cleared with a warning that says why."""
+    (a run with a raised `--limit` too); anything else is cleared with a warning that says why.
+
+    `finished`: the feedback file of a finished run with the same key, if any: with no batches saved, its whole
+    batches over this run's first prompts are taken as saved ones, so a rerun with another `--limit` samples only
+    the prompts it adds (it sampled every prompt again)."""
 
     KEY_FILE = "run_key"
 
-    def __init__(self, folder: str | Path, key: str, settings: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, folder: str | Path, key: str, settings: dict[str, Any] | None = None, *, finished: Path | None = None
+    ) -> None:
         self.folder, self.key, self.settings = Path(folder), key, settings or {}
+        self.finished = finished
 
     def resume(self, prompts: Sequence[PromptItem], batch: int) -> tuple[list[PromptFeedback], int, int]:
         """The saved feedback with its candidates sampled and truncated, when it is this run's and covers the
         first prompts in order; else nothing (the folder is cleared). Only batches a run never stopped would have
         made stay: whole ones within this run's prompts, and a short one only where this run's prompts end."""
         shards = sorted(self.folder.glob("batch-*.parquet"))
+        if not shards and self.finished is not None and self._seed(prompts, batch):
+            shards = sorted(self.folder.glob("batch-*.parquet"))
         why = self._other_run() if shards else None
         if shards and why is None:
             kept: list[Path] = []
@@ -406,6 +415,27 @@ class FeedbackShards:
         self.clear()
         self._keep(0)
         return [], 0, 0
+
+    def _seed(self, prompts: Sequence[PromptItem], batch: int) -> bool:
+        """Save the finished run's feedback as batches when it is that of this run's first prompts. Its counts are
+        what the file tells: every candidate sampled; truncated, the kept ones that were and, with drop_truncated,
+        the dropped ones (empty answers are dropped too, but rarely)."""
+        assert self.finished is not None
+        try:
+            finished = read_feedback(self.finished)
+        except DataError:
+            return False  # unreadable: sampled again, as without it
+        if _other_prompts(finished[: len(prompts)], prompts) is not None:
+            return False
+        self.clear()
+        self._keep(0)
+        for start in range(0, len(finished), batch):
+            part = finished[start : start + batch]
+            sampled = sum(len(f.answers) + f.dropped for f in part)
+            truncated = sum(a.finish_reason == "length" for f in part for a in f.answers)
+            truncated += sum(f.dropped for f in part) if self.settings.get("drop_truncated") else 0
+            self.add(start, part, sampled, truncated)
+        return True
 
     def _other_run(self) -> str | None:
         """Why the saved batches are not this run's (None: they are)."""

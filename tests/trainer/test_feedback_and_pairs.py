@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import pytest
@@ -479,6 +480,86 @@ def test_a_run_with_more_prompts_goes_on_from_the_saved_whole_batches(
     batches.clear()
     fewer = run(renamed[:3], shards)  # a lowered --limit keeps the saved batches that end within it
     assert batches == [["p2"]] and [f.id for f in fewer] == ["q0", "p1", "p2"]
+
+
+@pytest.mark.slow
+def test_a_finished_runs_feedback_is_taken_as_its_saved_batches(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished run clears its batches: `feedback --limit` raised (or lowered) on its output sampled every
+    prompt again. Its feedback file now stands for the batches, where it holds this run's first prompts."""
+    from rlaifv.reward.models import load_model, load_processor
+    from rlaifv.trainer import feedback as feedback_module
+    from rlaifv.trainer.feedback import FeedbackShards, feedback_key, write_feedback
+
+    model, processor = load_model(tiny_model), load_processor(tiny_model)
+    prompts = [PromptItem(f"p{i}", png((40 * i, 90, 20)), "describe the image") for i in range(5)]
+    config = FeedbackConfig(num_samples=2, max_tokens=4, drop_truncated=False, temperature=1.0, seed=4, prompt_batch=2)
+    labeler = ControlledLabeler(lambda q: len(q) % 3 == 0)
+    key = feedback_key(config, [tiny_model])
+
+    def run(items: list[PromptItem], finished: Path | None):
+        shards = FeedbackShards(tmp_path / "partial", key, config.to_dict(), finished=finished)
+        result = collect_feedback(model, processor, items, config, labeler=labeler, progress=False, shards=shards)
+        shards.clear()  # as the command does once feedback.parquet is written
+        return result
+
+    def texts(feedback):
+        return [(f.id, [(a.text, a.score) for a in f.answers]) for f in feedback]
+
+    expected = run(prompts, None)
+    finished = write_feedback(tmp_path / "feedback.parquet", run(prompts[:3], None))
+    real, batches = feedback_module.sample_candidates, []
+
+    def sampling(pair, batch, *args, **kwargs):
+        batches.append([p.id for p in batch])
+        return real(pair, batch, *args, **kwargs)
+
+    monkeypatch.setattr(feedback_module, "sample_candidates", sampling)
+    assert texts(run(prompts, finished)) == texts(expected)
+    assert batches == [["p2", "p3"], ["p4"]]  # [p0, p1] reused; the short [p2] is sampled again with p3
+    batches.clear()
+    assert texts(run(prompts[:2], finished)) == texts(expected[:2]) and batches == []  # a lowered --limit
+    batches.clear()
+    renamed = [dataclasses.replace(prompts[0], id="q0"), *prompts[1:]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(renamed, finished)  # other prompts: the file is not this run's, and no saved batches are talked of
+    assert batches == [["q0", "p1"], ["p2", "p3"], ["p4"]]
+    assert not [w for w in caught if "starting over" in str(w.message)]
+
+
+@pytest.mark.slow
+def test_feedback_with_a_raised_limit_samples_only_the_prompts_it_adds(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command's side: its finished output's feedback.parquet is handed on when made with the same settings."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from rlaifv.cli.main import app
+    from rlaifv.trainer import feedback as feedback_module
+
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(png((70 * i, 30, 30)))
+    lines = [json.dumps({"id": f"p{i}", "image": f"{i}.png", "question": "describe the image"}) for i in range(3)]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    real, batches = feedback_module.sample_candidates, []
+
+    def sampling(pair, batch, *args, **kwargs):
+        batches.append([p.id for p in batch])
+        return real(pair, batch, *args, **kwargs)
+
+    monkeypatch.setattr(feedback_module, "sample_candidates", sampling)
+    args = ["feedback", str(tmp_path / "prompts.jsonl"), "--model", str(tiny_model), "-o", str(tmp_path / "out")]
+    args += ["--samples", "2", "--max-tokens", "2", "--no-progress", "--set", "feedback.prompt_batch=1"]
+    for limit, sampled in (("2", [["p0"], ["p1"]]), ("3", [["p2"]])):
+        with pytest.warns(UserWarning, match=f" of {2 * int(limit)} candidates reached max_tokens"):
+            result = CliRunner().invoke(app, [*args, "--limit", limit])  # the reused batches' truncations count
+        assert result.exit_code == 0, result.output
+        assert batches == sampled, limit
+        batches.clear()
 
 
 @pytest.mark.slow
