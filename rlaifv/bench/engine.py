@@ -610,20 +610,32 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _batch_size(value: int) -> int:
+    """--concurrency: a batch of requests is 2 or more (1 or a negative count measured nothing, silently)."""
+    if value == 1 or value < 0:
+        raise typer.BadParameter(f"0 (skip) or at least 2, got {value}")
+    return value
+
+
 def bench_engine(
     shape: Annotated[str, typer.Option(help=f"Model shape(s), comma-separated: {', '.join(SHAPES)}.")] = "cpu",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA).")] = "",
-    threads: Annotated[int, typer.Option(help="torch threads (CPU).")] = 2,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads (CPU).")] = 2,
     n: Annotated[str, typer.Option(help="Best-of-N sizes, comma-separated.")] = "1,4,8,16",
     headline: Annotated[int, typer.Option(help="The N of the ratios, naive path and LoRA pair.")] = 8,
-    answer_tokens: Annotated[int, typer.Option(help="Tokens per answer (default 64 on CPU, 128 on CUDA).")] = 0,
+    answer_tokens: Annotated[int, typer.Option(min=0, help="Tokens per answer (0: 64 on CPU, 128 on CUDA).")] = 0,
     repeats: Annotated[int, typer.Option(help="Rounds of every path (medians reported).")] = 3,
-    naive_repeats: Annotated[int, typer.Option(help="Rounds that also run the naive path.")] = 3,
+    naive_repeats: Annotated[
+        int, typer.Option(min=0, help="Rounds that also run the naive path (0: skip it; at most --repeats run).")
+    ] = 3,
     lora: Annotated[bool, typer.Option(help="Also measure the LoRA pair.")] = True,
     claims: Annotated[bool, typer.Option(help="Also time the 'claims' reward once.")] = True,
     concurrency: Annotated[
-        int, typer.Option(help="Also time this many best-of-N requests in one batch (0: skip).")
+        int,
+        typer.Option(
+            callback=_batch_size, help="Also time this many (2 or more) best-of-N requests in one batch (0: skip)."
+        ),
     ] = 0,
     pack_weights: Annotated[
         str, typer.Option(help="auto, on, off: our engine's CPU linears on packed weights (RLAIFV_PACK_WEIGHTS).")
@@ -650,11 +662,12 @@ def bench_engine(
         raise typer.BadParameter("--n, --headline and --repeats must be at least 1", param_hint="--n")
     if headline not in ns:  # its run is the one the ratios, the exactness and the fp32 comparison read
         raise typer.BadParameter(f"--headline {headline} must be one of --n {n}", param_hint="--headline")
+    unknown = [name for name in shape.split(",") if name not in SHAPES]
+    if unknown:  # before the first shape's run, not after it
+        raise typer.BadParameter(f"unknown shape {unknown[0]!r}; known: {', '.join(SHAPES)}", param_hint="--shape")
     torch.set_num_threads(threads)
     reports: list[dict[str, Any]] = []
     for name in shape.split(","):
-        if name not in SHAPES:
-            raise typer.BadParameter(f"unknown shape {name!r}; known: {', '.join(SHAPES)}", param_hint="--shape")
         bench = EngineBench(
             SHAPES[name],
             device=device,

@@ -12,15 +12,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WHEELS=.cache/gpu-wheels
+MODE=${1:-run}
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] && [ "${1:-}" != run ] && PY=.venv/bin/python
+# The GPU machine's python runs `run` (its CUDA torch); prepare and check use ours where there is one.
+[ -x .venv/bin/python ] && [ "$MODE" != run ] && PY=.venv/bin/python
 # transformers 5.23 (ours; 5.17 lacks what the tiny families and processors here rely on) and a hub both accept.
 # A pin without a version is installed only where the package is missing.
 PINNED=(transformers==5.23.0 huggingface_hub==1.33.0 tokenizers==0.23.3 safetensors==0.8.0 peft==0.21.2
         pydantic==2.14.4 pydantic-core==2.50.5 typing-extensions==4.16.0 typing-inspection annotated-types
         typer==0.29.2 rich==15.0.0 click shellingham markdown-it-py mdurl pygments annotated-doc accelerate)
 
-case "${1:-run}" in
+case "$MODE" in
 prepare)
   rm -rf "$WHEELS"  # a changed pin must not leave two versions of a package for pip to choose between
   mkdir -p "$WHEELS"

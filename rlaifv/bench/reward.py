@@ -20,6 +20,7 @@ import torch
 from rlaifv.reward.logprobs import answer_logprobs, full_forward_logprobs
 from rlaifv.reward.model_pair import ModelPair
 from rlaifv.reward.sampling import SamplingParams
+from rlaifv.reward.scoring import implicit_reward
 from rlaifv.trainer.shapes.tiny_vlm import TinyVLMSpec, build_tiny_bundle
 
 
@@ -63,7 +64,8 @@ def _time(fn, repeats: int) -> float:
 def run_reward_benchmark(
     n: int = 8, answer_tokens: int = 64, repeats: int = 3, hidden: int = 384, layers: int = 4
 ) -> dict:
-    """Return timings and ratios; also checks both paths give the same log-probs."""
+    """Return timings and ratios, and how far apart the two paths' results are: the policy-minus-reference
+    log-prob sums, and the rewards they make at the bundle's beta and normalisation."""
     from PIL import Image
 
     from rlaifv.reward.bundle import load_bundle
@@ -94,7 +96,13 @@ def run_reward_benchmark(
         return [p - r for p, r in zip(pol, refs, strict=True)]
 
     a, b = naive(), shared()
-    max_diff = max(abs(x - y) for x, y in zip(a, b, strict=True))
+    max_sum_diff = max(abs(x - y) for x, y in zip(a, b, strict=True))
+    rewards = [
+        # each path gives log pi - log pi_ref already: the ratio goes in as the policy side, 0 as the reference
+        [implicit_reward(d, 0.0, len(t), pair.reward) for d, t in zip(path, answers, strict=True)]
+        for path in (a, b)
+    ]
+    max_reward_diff = max(abs(x - y) for x, y in zip(*rewards, strict=True))
     naive_s = _time(naive, repeats)
     shared_s = _time(shared, repeats)
     gen_s = _time(lambda: pair.sample([prompt], [n], [params]), 1)
@@ -108,6 +116,8 @@ def run_reward_benchmark(
         "speedup": naive_s / shared_s,
         "generation_s": gen_s,
         "end_to_end_speedup": (gen_s + naive_s) / (gen_s + shared_s),
-        "max_abs_diff": max_diff,
+        "max_abs_sum_diff": max_sum_diff,
+        "max_abs_reward_diff": max_reward_diff,
+        "reward": pair.reward,
         "threads": torch.get_num_threads(),
     }

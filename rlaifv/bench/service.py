@@ -20,6 +20,7 @@ Heavy imports stay inside functions so `rlaifv --help` is instant.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -35,6 +36,10 @@ import typer
 from rlaifv.testing.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ("transformers", "vllm")
+# The benchmark's requests are a few dozen tokens; a longer context than this only asks vLLM for KV cache to hold one
+# such sequence (`VLLM_CPU_KVCACHE_SPACE`, 1 GiB on the CPU: a real model's 32k positions would not start).
+VLLM_MAX_MODEL_LEN = 2048
 
 
 @dataclass
@@ -193,6 +198,59 @@ def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
     raise RuntimeError("server not ready in time")
 
 
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def _positions(folder: Path) -> int | None:
+    """A model folder's max_position_embeddings (a vision-language config's text_config's); None without a config
+    (a LoRA adapter)."""
+    file = folder / "config.json"
+    if not file.is_file():
+        return None
+    config = json.loads(file.read_text())
+    value = config.get("text_config", config).get("max_position_embeddings") or config.get("max_position_embeddings")
+    return value if isinstance(value, int) else None
+
+
+def vllm_max_model_len(bundle: Path) -> int:
+    """The --max-model-len of the bundle's `vllm serve`s: its models' own position limit (vLLM refuses a longer one:
+    the tiny text bundle has 1024), at most VLLM_MAX_MODEL_LEN."""
+    from rlaifv.reward.bundle import read_manifest, resolve
+
+    manifest = read_manifest(bundle)
+    limits = [p for entry in (manifest.policy, manifest.reference) if (p := _positions(resolve(bundle, entry)))]
+    return min([*limits, VLLM_MAX_MODEL_LEN])
+
+
+def _start_vllm_pair(bundle: Path, threads: int, running: contextlib.ExitStack) -> dict[str, str]:
+    """`vllm serve` of the bundle's policy and reference (loading side by side), as RLAIFV_* settings. Each server's
+    stop is on `running` before it is launched: they run in their own session, so a Ctrl-C here never reaches them,
+    and a start-up that fails or is interrupted must stop them itself."""
+    from rlaifv.reward.bundle import read_manifest, resolve
+    from rlaifv.testing.vllm_server import VllmServer
+
+    manifest = read_manifest(bundle)
+    length = vllm_max_model_len(bundle)
+    logs = Path(os.environ.get("TMPDIR", "/tmp"))
+    servers = []
+    for role, entry in (("policy", manifest.policy), ("reference", manifest.reference)):
+        log = logs / f"rlaifv-bench-vllm-{role}.log"
+        server = VllmServer(resolve(bundle, entry), name=role, max_model_len=length, threads=threads, log=log)
+        running.callback(server.stop)
+        server.launch()
+        servers.append(server)
+    for server in servers:
+        server.wait_healthy(600)
+    policy, reference = servers
+    return {"RLAIFV_ENGINE": "vllm", "RLAIFV_VLLM_POLICY_URL": policy.url, "RLAIFV_VLLM_REFERENCE_URL": reference.url}
+
+
 def run_benchmark(
     *,
     bundle: Path,
@@ -208,79 +266,53 @@ def run_benchmark(
     engines: list[str] | None = None,
 ) -> list[LevelResult]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    modes: list[tuple[str, dict[str, str]]]
-    vllm_servers: list[Any] = []
-    if url:
-        modes = [("server", {})]
-    elif engines:
-        common = {
-            "RLAIFV_MAX_N": str(max(n, 16)),
-            "RLAIFV_MAX_TOKENS": str(max(max_tokens, 64)),
-            "RLAIFV_MAX_QUEUE": "1024",
-            "RLAIFV_MAX_BATCH": str(max_batch),
-            "RLAIFV_BATCH_WINDOW_MS": str(window_ms),
-        }
-        if torch_threads:
-            common["RLAIFV_TORCH_THREADS"] = str(torch_threads)
-        modes = []
-        for engine in engines:
-            if engine == "transformers":
-                modes.append(("transformers", common))
-            elif engine == "vllm":
-                from rlaifv.testing.vllm_server import VllmServer
-
-                logs = Path(os.environ.get("TMPDIR", "/tmp"))
-                policy = VllmServer(
-                    bundle / "policy",
-                    name="policy",
-                    max_model_len=2048,
-                    threads=torch_threads or 1,
-                    log=logs / "rlaifv-bench-vllm-policy.log",
-                )
-                reference = VllmServer(
-                    bundle / "reference",
-                    name="reference",
-                    max_model_len=2048,
-                    threads=torch_threads or 1,
-                    log=logs / "rlaifv-bench-vllm-reference.log",
-                )
-                vllm_servers += [policy, reference]
-                for server in (policy, reference):
-                    server.launch()
-                for server in (policy, reference):
-                    server.wait_healthy(600)
-                vllm = {
-                    "RLAIFV_ENGINE": "vllm",
-                    "RLAIFV_VLLM_POLICY_URL": policy.url,
-                    "RLAIFV_VLLM_REFERENCE_URL": reference.url,
-                }
-                modes.append(("vllm", common | vllm))
-            else:
-                raise typer.BadParameter(f"unknown engine {engine!r}: transformers or vllm")
-    else:
-        common = {
-            "RLAIFV_MAX_N": str(max(n, 16)),
-            "RLAIFV_MAX_TOKENS": str(max(max_tokens, 64)),
-            "RLAIFV_MAX_QUEUE": "1024",
-        }
-        if torch_threads:
-            common["RLAIFV_TORCH_THREADS"] = str(torch_threads)
-        modes = [
-            ("batching off", common | {"RLAIFV_MAX_BATCH": "1", "RLAIFV_BATCH_WINDOW_MS": "0"}),
-            ("batching on", common | {"RLAIFV_MAX_BATCH": str(max_batch), "RLAIFV_BATCH_WINDOW_MS": str(window_ms)}),
-        ]
+    unknown = [e for e in engines or [] if e not in ENGINES]
+    if unknown:
+        raise typer.BadParameter(f"unknown engine {unknown[0]!r}: {' or '.join(ENGINES)}", param_hint="--engine")
     results: list[LevelResult] = []
-    procs: list[subprocess.Popen] = []
-    targets: list[str] = []
-    try:
+    with contextlib.ExitStack() as running:  # every server started is stopped on any way out: an error, Ctrl-C
+        modes: list[tuple[str, dict[str, str]]]
+        if url:
+            modes = [("server", {})]
+        elif engines:
+            common = {
+                "RLAIFV_MAX_N": str(max(n, 16)),
+                "RLAIFV_MAX_TOKENS": str(max(max_tokens, 64)),
+                "RLAIFV_MAX_QUEUE": "1024",
+                "RLAIFV_MAX_BATCH": str(max_batch),
+                "RLAIFV_BATCH_WINDOW_MS": str(window_ms),
+            }
+            if torch_threads:
+                common["RLAIFV_TORCH_THREADS"] = str(torch_threads)
+            modes = []
+            for engine in engines:
+                vllm = _start_vllm_pair(bundle, torch_threads or 1, running) if engine == "vllm" else {}
+                modes.append((engine, common | vllm))
+        else:
+            common = {
+                "RLAIFV_MAX_N": str(max(n, 16)),
+                "RLAIFV_MAX_TOKENS": str(max(max_tokens, 64)),
+                "RLAIFV_MAX_QUEUE": "1024",
+            }
+            if torch_threads:
+                common["RLAIFV_TORCH_THREADS"] = str(torch_threads)
+            modes = [
+                ("batching off", common | {"RLAIFV_MAX_BATCH": "1", "RLAIFV_BATCH_WINDOW_MS": "0"}),
+                (
+                    "batching on",
+                    common | {"RLAIFV_MAX_BATCH": str(max_batch), "RLAIFV_BATCH_WINDOW_MS": str(window_ms)},
+                ),
+            ]
+        targets: list[str] = []
         for _, env in modes:  # all servers up front; idle ones cost memory, not CPU
             if url is not None:
                 targets.append(url)
                 continue
             port = free_port()
             targets.append(f"http://127.0.0.1:{port}")
-            procs.append(_start_server(bundle, port, env))
-            _wait_ready(procs[-1], targets[-1])
+            proc = _start_server(bundle, port, env)
+            running.callback(_stop, proc)
+            _wait_ready(proc, targets[-1])
         text_only = bool(engines)
         for target in targets:
             asyncio.run(_warm(target, n, max_tokens, headers, text_only))
@@ -299,12 +331,6 @@ def run_benchmark(
                     f"{mode:>13} c={c:<3} {r.rps:7.2f} req/s  p50 {p50:7.1f} ms  p99 {p99:7.1f} ms"
                     f"  mean batch {r.mean_batch or 0:.1f}"
                 )
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=60)
-        for server in vllm_servers:
-            server.stop()
     return sorted(results, key=lambda r: (r.mode, r.concurrency))
 
 
@@ -337,33 +363,71 @@ def report(results: list[LevelResult], *, n: int, max_tokens: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _levels(value: str) -> str:
+    """--concurrency checked before any server starts (a typo failed with a traceback, a 0 ran no client)."""
+    try:
+        levels = [int(c) for c in value.split(",") if c.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"comma-separated counts, got {value!r}") from None
+    if not levels or min(levels) < 1:
+        raise typer.BadParameter(f"counts of at least 1, got {value!r}")
+    return value
+
+
+def _engines(value: str | None) -> str | None:
+    """--engine checked before a server starts (an unknown name once failed after vLLM's had)."""
+    if value is not None:
+        names = [e.strip() for e in value.split(",") if e.strip()]
+        if not names or any(e not in ENGINES for e in names):
+            raise typer.BadParameter(f"{', '.join(ENGINES)}, comma-separated; got {value!r}")
+    return value
+
+
+def output_paths(output: Path) -> tuple[Path, Path]:
+    """Where --output puts the Markdown table and the raw JSON beside it: with a .json --output the JSON goes there
+    and the table beside it as .md (the table was written there, then the JSON over it)."""
+    raw = output.with_suffix(".json")
+    return (output.with_suffix(".md") if raw == output else output), raw
+
+
 def bench_service(
     bundle: Annotated[
         Path | None, typer.Option(help="Bundle to serve; a 256-hidden 4-layer random LLaVA when absent.")
     ] = None,
     url: Annotated[str | None, typer.Option(help="Measure this running server instead of starting two.")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="RLAIFV_API_KEY", help="API key for --url servers.")] = None,
-    concurrency: Annotated[str, typer.Option(help="Comma-separated concurrency levels.")] = "1,4,16",
-    n: Annotated[int, typer.Option(help="Candidates per request (best-of-n).")] = 8,
-    max_tokens: Annotated[int, typer.Option(help="max_tokens per answer.")] = 32,
+    concurrency: Annotated[str, typer.Option(callback=_levels, help="Comma-separated concurrency levels.")] = "1,4,16",
+    n: Annotated[int, typer.Option(min=1, help="Candidates per request (best-of-n).")] = 8,
+    max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens per answer.")] = 32,
     requests_per_client: Annotated[
-        int, typer.Option(help="Requests per concurrent client (at least 16 per level).")
+        int, typer.Option(min=1, help="Requests per concurrent client (at least 16 per level).")
     ] = 4,
-    max_batch: Annotated[int, typer.Option(help="RLAIFV_MAX_BATCH of the batching-on server.")] = 16,
-    window_ms: Annotated[float, typer.Option(help="RLAIFV_BATCH_WINDOW_MS of the batching-on server.")] = 5.0,
-    torch_threads: Annotated[int | None, typer.Option(help="RLAIFV_TORCH_THREADS of the servers.")] = 1,
-    output: Annotated[Path | None, typer.Option(help="Also write the markdown table (and raw JSON beside it).")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="RLAIFV_MAX_BATCH of the batching-on server.")] = 16,
+    window_ms: Annotated[float, typer.Option(min=0, help="RLAIFV_BATCH_WINDOW_MS of the batching-on server.")] = 5.0,
+    torch_threads: Annotated[int | None, typer.Option(min=1, help="RLAIFV_TORCH_THREADS of the servers.")] = 1,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the markdown table here and the raw JSON beside it (.json; a .json path: the "
+            "table beside it as .md)."
+        ),
+    ] = None,
     engine: Annotated[
         str | None,
         typer.Option(
+            callback=_engines,
             help="Compare engines instead of batching off/on, e.g. transformers,vllm (a text-only bundle; vllm "
-            "needs scripts/vllm-env)."
+            "needs scripts/vllm-env).",
         ),
     ] = None,
 ) -> None:
     """Throughput (requests/s, answers/s) and p50/p99 latency of best-of-N, micro-batching off vs on (or engines)."""
     levels = [int(c) for c in concurrency.split(",") if c.strip()]
     engines = [e.strip() for e in engine.split(",") if e.strip()] if engine else None
+    if engines and url:
+        raise typer.BadParameter("starts its own servers: leave out --url", param_hint="--engine")
+    if output is not None:  # before the run: a folder that cannot be made fails now, not after it
+        output.parent.mkdir(parents=True, exist_ok=True)
     if engines and bundle is None:
         from rlaifv.bench.vllm_scoring import bench_bundle
 
@@ -385,8 +449,8 @@ def bench_service(
     table = report(results, n=n, max_tokens=max_tokens)
     typer.echo(table)
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(table)
+        table_path, raw_path = output_paths(output)
+        table_path.write_text(table)
         raw: list[dict[str, Any]] = [
             {
                 "mode": r.mode,
@@ -397,7 +461,8 @@ def bench_service(
             }
             for r in results
         ]
-        output.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+        raw_path.write_text(json.dumps(raw, indent=1))
+        typer.echo(f"wrote {table_path} and {raw_path}")
 
 
 if __name__ == "__main__":

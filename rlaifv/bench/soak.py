@@ -48,6 +48,8 @@ class SoakResult:
 
     @property
     def server_errors(self) -> int:
+        """5xx answers and what has no status code: transport errors, job time-outs, jobs that failed (an item of
+        the soak's valid jobs failing is the server's fault)."""
         return sum(n for code, n in self.errors.items() if code.startswith("5") or not code[:1].isdigit())
 
 
@@ -121,10 +123,32 @@ class Load:
             if status is None:
                 return False
             if status.json()["status"] in ("succeeded", "failed", "cancelled"):
-                results = await self.call("GET", f"/v1/jobs/{job_id}/results", params={"format": "jsonl"})
-                return results is not None and results.text.count("\n") == 4
+                return await self.job_results(job_id, status.json()["status"], len(items))
             await asyncio.sleep(0.05)
         self.codes["job_timeout"] += 1
+        return False
+
+    async def job_results(self, job_id: str, status: str, total: int) -> bool:
+        """Whether a finished job answered every item; if not, an error named by its first reason. Failed items
+        have result lines too, so a count of lines alone took a failed job for a success."""
+        results = await self.call("GET", f"/v1/jobs/{job_id}/results", params={"format": "jsonl"})
+        if results is None:
+            return False
+        lines = [json.loads(line) for line in results.text.splitlines() if line.strip()]
+        failed = [line for line in lines if line.get("status") != "succeeded"]
+        if status == "succeeded" and not failed and len(lines) == total:
+            return True
+        if failed:
+            error = failed[0].get("error") or {}
+            reason = str(error.get("code") or error.get("type") or "no error given")
+            if error.get("message"):
+                reason += f" ({str(error['message'])[:80]})"
+            what = f"job {'item failed' if status == 'succeeded' else status}: {reason}"
+        elif status != "succeeded":
+            what = f"job {status}"
+        else:
+            what = f"job results: {len(lines)} of {total} lines"
+        self.codes[what] += 1
         return False
 
 
@@ -236,14 +260,23 @@ def report(result: SoakResult) -> str:
     return "\n".join(lines)
 
 
+def _above_zero(value: float) -> float:
+    """--duration-s checked before the server starts (0 soaked nothing and reported success)."""
+    if value <= 0:
+        raise typer.BadParameter(f"must be above 0, got {value:g}")
+    return value
+
+
 def bench_soak(
-    duration_s: Annotated[float, typer.Option(help="Stop after this many seconds.")] = 120,
-    max_requests: Annotated[int, typer.Option(help="Stop after this many operations.")] = 100_000,
-    concurrency: Annotated[int, typer.Option(help="Closed-loop clients.")] = 8,
+    duration_s: Annotated[float, typer.Option(callback=_above_zero, help="Stop after this many seconds.")] = 120,
+    max_requests: Annotated[int, typer.Option(min=1, help="Stop after this many operations.")] = 100_000,
+    concurrency: Annotated[int, typer.Option(min=1, help="Closed-loop clients.")] = 8,
     bundle: Annotated[Path | None, typer.Option(help="Bundle; the shipped shapes-world bundle when absent.")] = None,
     output: Annotated[Path | None, typer.Option(help="Also write the result as JSON here.")] = None,
 ) -> None:
     """Mixed best-of-n / rewards / chat / jobs load on a private server: p50/p99, errors by code, RSS drift."""
+    if output is not None:  # before the soak: a folder that cannot be made fails now, not after minutes of load
+        output.parent.mkdir(parents=True, exist_ok=True)
     result = run_soak(duration_s=duration_s, max_requests=max_requests, concurrency=concurrency, bundle=bundle)
     typer.echo(report(result))
     if output is not None:

@@ -20,9 +20,9 @@ import asyncio
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -55,6 +55,36 @@ def _median_s(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+async def _median_async(fn: Callable[[], Awaitable[object]], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        await fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+async def _time_vllm(
+    client: Any, prompt: list[int], answers: list[list[int]], repeats: int
+) -> tuple[list[float], float, float]:
+    """The answers' log-prob sums from the server, and the median seconds of one batched request and of N requests.
+
+    One started client on one event loop, its connections opened by a warm-up: the timings hold the requests alone
+    (a client made and started per run timed its /health and /v1/models checks too)."""
+    try:
+        theirs = [sum(v) for v in await client.answer_logprobs(prompt, answers)]
+
+        def one_each() -> Awaitable[object]:
+            return asyncio.gather(*(client.answer_logprobs(prompt, [a]) for a in answers))
+
+        await one_each()  # warm: the N connections the concurrent requests use
+        batched_s = await _median_async(lambda: client.answer_logprobs(prompt, answers), repeats)
+        one_each_s = await _median_async(one_each, repeats)
+    finally:
+        await client.aclose()  # its httpx client belongs to this loop; the next prompt's loop makes its own
+    return theirs, batched_s, one_each_s
+
+
 def run(prompt_tokens: list[int], n: int, answer_tokens: int, repeats: int) -> list[dict[str, float]]:
     import torch
 
@@ -72,35 +102,19 @@ def run(prompt_tokens: list[int], n: int, answer_tokens: int, repeats: int) -> l
     rows = []
     with VllmServer(bundle / "reference", name="reference", max_model_len=2048) as server:
         settings = Settings(engine="vllm", vllm_policy_url=server.url, vllm_reference_url=server.url)
+        client = Client("reference", server.url, None, settings, None)
+        client.start(0)  # its synchronous /health and /v1/models checks: once, before any timing
         for p in prompt_tokens:
             prompt = [rng.choice(vocab) for _ in range(p)]
             answers = [[rng.choice(vocab) for _ in range(answer_tokens)] for _ in range(n)]
-
-            async def batched(prompt=prompt, answers=answers) -> list[list[float]]:
-                client = Client("reference", server.url, None, settings, None)
-                client.start(0)
-                try:
-                    return await client.answer_logprobs(prompt, answers)
-                finally:
-                    await client.aclose()
-
-            async def one_each(prompt=prompt, answers=answers) -> None:
-                client = Client("reference", server.url, None, settings, None)
-                client.start(0)
-                try:
-                    await asyncio.gather(*(client.answer_logprobs(prompt, [a]) for a in answers))
-                finally:
-                    await client.aclose()
-
             encoded = EncodedPrompt(torch.tensor(prompt))
             ours = pair.sequence_logprobs([encoded], [answers], reference=True)[0]
-            theirs = [sum(v) for v in asyncio.run(batched())]
+            theirs, batched_s, one_each_s = asyncio.run(_time_vllm(client, prompt, answers, repeats))
             gap = max(abs(a - b) for a, b in zip(ours, theirs, strict=True))
-            asyncio.run(batched())  # warm
             row = {
                 "prompt_tokens": p,
-                "vllm batched": _median_s(lambda: asyncio.run(batched()), repeats),
-                "vllm one per answer": _median_s(lambda: asyncio.run(one_each()), repeats),
+                "vllm batched": batched_s,
+                "vllm one per answer": one_each_s,
                 "in process": _median_s(
                     lambda e=encoded, a=answers: pair.sequence_logprobs([e], [a], reference=True), repeats
                 ),
@@ -113,9 +127,9 @@ def run(prompt_tokens: list[int], n: int, answer_tokens: int, repeats: int) -> l
 
 def main(
     prompt_tokens: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = "32,600",
-    n: Annotated[int, typer.Option(help="Answers scored.")] = 8,
-    answer_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 64,
-    repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = 5,
+    n: Annotated[int, typer.Option(min=1, help="Answers scored.")] = 8,
+    answer_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 64,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats (median).")] = 5,
 ) -> None:
     rows = run([int(p) for p in prompt_tokens.split(",")], n, answer_tokens, repeats)
     typer.echo("| prompt tokens | vllm batched s | vllm one per answer s | in process s | max abs diff of sums |")

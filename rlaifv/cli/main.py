@@ -86,8 +86,11 @@ def bench_reward(
         row = result[key]
         table.add_row(row.name, f"{row.seconds:.3f}", f"{row.tokens_per_s:.0f}")
     console.print(table)
+    reward = result["reward"]
     console.print(
-        f"scoring speed-up: [bold]{result['speedup']:.2f}x[/bold]  (max |reward diff| {result['max_abs_diff']:.2e})"
+        f"scoring speed-up: [bold]{result['speedup']:.2f}x[/bold]  (the paths differ by at most "
+        f"{result['max_abs_sum_diff']:.2e} in log-prob sums, policy minus reference, and "
+        f"{result['max_abs_reward_diff']:.2e} in reward at beta {reward.beta:g}, normalize {reward.normalize})"
     )
     console.print(
         f"with generation ({result['generation_s']:.2f}s) included, "
