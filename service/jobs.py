@@ -33,11 +33,11 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ReadOnlyError, ResponseError
 
 from rlaifv.reward.errors import InvalidInputError
 from rlaifv.service.errors import (
@@ -66,12 +66,13 @@ GROUP = "rlaifv-workers"
 PREFIX = "rlaifv:job:"
 JOB_ID = re.compile(r"job-[0-9a-f]{32}")
 ANONYMOUS = "-"  # the owner of jobs submitted without API keys configured
-# Each owner's jobs, newest first (GET /v1/jobs): a sorted set of job ids scored by creation time in ms. "owner:" is
-# neither a job id (JOB_ID) nor an Idempotency-Key's "idem:" record, so no key of the prefix is named twice.
+# Each owner's jobs, newest first (GET /v1/jobs): a sorted set of job ids scored by creation time in ms on Redis's
+# clock (TIME in the scripts: the replicas' clocks never enter). "owner:" is neither a job id (JOB_ID) nor an
+# Idempotency-Key's "idem:" record, so no key of the prefix is named twice.
 OWNERS = PREFIX + "owner:"
-# Entries are trimmed once their job has expired for sure: the job hash's TTL runs from the MULTI that adds the
-# entry, on Redis's clock; the score is the writer's clock, which may lag Redis's by up to this much.
-INDEX_GRACE_MS = 60_000
+# Entries are of jobs expired for sure once older than the TTL and this: the score is read in the MULTI that sets
+# the job hash's TTL, on the same clock (EXPIRE counts whole seconds from a moment a little before).
+INDEX_GRACE_MS = 1_000
 REQUEST_MODELS = {"best_of_n": BestOfNRequest, "rewards": RewardsRequest}
 ENQUEUE_CHUNK = 1000
 # An item is stored as JSON and hashed with pydantic for its Idempotency-Key: past ~255 levels pydantic refuses,
@@ -126,19 +127,39 @@ if current == false or current == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1
 RELEASE_CLAIM = """
 if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('EXISTS', KEYS[2]) == 0 then redis.call('DEL', KEYS[1]) end
 """
+# Redis's clock in ms, in a script (TIME: whole seconds and microseconds).
+_NOW_MS = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+# A job into its owner's index (ARGV[1]; ARGV[2]: the entries' lifetime in ms), and out with the entries of jobs
+# expired for sure, in the MULTI that creates the job.
+INDEX_ADD = (
+    _NOW_MS
+    + """redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[2])))
+"""
+)
+# The same trim alone, when a list is read; a reader without write access (a read-only ACL user) skips it.
+INDEX_TRIM = _NOW_MS + "return redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[1])))\n"
 # One page of an owner's index after the job ARGV[1] ('' for the first page): its rank and the range after it read
-# in one step, so a job created meanwhile (it goes on top) shifts no page. Entries of jobs expired for sure (score
-# below ARGV[3]) go first. false: ARGV[1] is not in the index.
-PAGE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
-local start = 0
+# in one step, so a job created meanwhile (it goes on top) shifts no page. It only reads: entries of jobs expired
+# for sure (older than ARGV[3] ms) end the page as the end of the index would. false: ARGV[1] is not in it.
+PAGE = (
+    _NOW_MS
+    + """local start = 0
 if ARGV[1] ~= '' then
   local rank = redis.call('ZREVRANK', KEYS[1], ARGV[1])
   if not rank then return false end
   start = rank + 1
 end
-return redis.call('ZREVRANGE', KEYS[1], start, start + tonumber(ARGV[2]) - 1)
+local cutoff = now - tonumber(ARGV[3])
+local found = redis.call('ZREVRANGE', KEYS[1], start, start + tonumber(ARGV[2]) - 1, 'WITHSCORES')
+local ids = {}
+for i = 1, #found, 2 do
+  if tonumber(found[i + 1]) < cutoff then break end
+  ids[#ids + 1] = found[i]
+end
+return ids
 """
+)
 PAGE_READ_MAX = 256  # ids read per round trip while skipping entries whose jobs are gone
 
 
@@ -347,8 +368,7 @@ class JobStore:
             if claim is not None:
                 pipe.expire(claim[0], CLAIM_PENDING_S)
             await pipe.execute()
-        now_ms = time.time_ns() // 1_000_000  # read at the MULTI: the job exists (and its TTL runs) from there
-        now = now_ms // 1000
+        now = int(time.time())
         meta = {
             "kind": request.kind,
             "status": "queued",
@@ -364,8 +384,7 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=meta)
         pipe.expire(key, self.ttl_s)
-        pipe.zadd(index, {job_id: now_ms})
-        pipe.zremrangebyscore(index, "-inf", f"({self._expired_before(now_ms)}")
+        pipe.eval(INDEX_ADD, 1, index, job_id, self.index_window_ms)
         pipe.expire(index, self.ttl_s + INDEX_GRACE_MS // 1000)  # outlives the newest job: the index goes with it
         for i in range(len(items)):
             pipe.xadd(self.stream, {"job": job_id, "index": str(i)})
@@ -378,9 +397,10 @@ class JobStore:
         with self.guard():
             return await self._get(job_id, owner)
 
-    def _expired_before(self, now_ms: int) -> int:
-        """Index entries scored below this are of jobs expired for sure."""
-        return now_ms - self.ttl_s * 1000 - INDEX_GRACE_MS
+    @property
+    def index_window_ms(self) -> int:
+        """Index entries older than this (on Redis's clock) are of jobs expired for sure."""
+        return self.ttl_s * 1000 + INDEX_GRACE_MS
 
     async def list_jobs(
         self, owner: str | None = None, *, limit: int = 20, after: str | None = None
@@ -401,6 +421,7 @@ class JobStore:
                 gone = await self._get(after, owner) is None
                 if gone and await self.redis.zscore(index, after) is None:
                     raise _bad_after(after)  # never the owner's (or from before the index): nothing marks a place
+            await self._best_effort(self.redis.eval(INDEX_TRIM, 1, index, self.index_window_ms))
             for _ in range(3):
                 try:
                     page = await self._page(index, owner, limit + 1, after)
@@ -425,8 +446,7 @@ class JobStore:
         jobs: list[Job] = []
         anchor, size = after or "", want
         while len(jobs) < want:
-            cutoff = self._expired_before(time.time_ns() // 1_000_000)
-            ids = await self.redis.eval(PAGE, 1, index, anchor, size, cutoff)
+            ids = await self.redis.eval(PAGE, 1, index, anchor, size, self.index_window_ms)
             if ids is None:
                 if anchor == (after or ""):
                     return None
@@ -452,7 +472,18 @@ class JobStore:
 
     async def _forget(self, index: str, job_ids: list[str]) -> None:
         if job_ids:
-            await self.redis.zrem(index, *job_ids)
+            await self._best_effort(self.redis.zrem(index, *job_ids))
+
+    @staticmethod
+    async def _best_effort(write: Awaitable[Any]) -> None:
+        """An index clean-up while reading: a reader allowed no writes (ACL, a read-only replica) lists all the
+        same, since pages skip what the clean-up would remove."""
+        try:
+            await write
+        except ResponseError as exc:
+            if not _write_refused(exc):
+                raise
+            log.debug("job index not cleaned up: %s", exc)
 
     async def _get(self, job_id: str, owner: str | None = None) -> Job | None:
         """None also for an id of another shape: only job ids name job hashes (an Idempotency-Key's record
@@ -707,6 +738,15 @@ class JobWorkers:
             except Overloaded:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def _write_refused(exc: ResponseError) -> bool:
+    """A write refused to this user or connection (ACL, a read-only replica), also from inside a script, where
+    Redis words it its own way ("The user executing the script can't run this command")."""
+    text = str(exc)
+    return isinstance(exc, NoPermissionError | ReadOnlyError) or any(
+        mark in text for mark in ("NOPERM", "can't run this command", "READONLY", "read only replica")
+    )
 
 
 def _job(job_id: str, raw: dict[bytes, bytes], owner: str | None) -> Job | None:

@@ -440,6 +440,11 @@ async def spread(store: JobStore, owner: str, ids: list[str]) -> None:
     await store.redis.zadd(OWNERS + owner, {job_id: first + 1_000 * i for i, job_id in enumerate(ids)}, xx=True)
 
 
+async def redis_ms(store: JobStore) -> int:
+    seconds, micros = await store.redis.time()
+    return seconds * 1000 + micros // 1000
+
+
 async def listed(store: JobStore, owner: str | None, limit: int = 100, after: str | None = None) -> list[str]:
     jobs, _ = await store.list_jobs(owner, limit=limit, after=after)
     return [job.id for job in jobs]
@@ -530,7 +535,6 @@ async def test_jobs_that_are_gone_are_not_listed_and_leave_the_index(store: JobS
 async def test_entries_older_than_the_ttl_are_trimmed_and_the_index_expires_with_the_jobs(store: JobStore) -> None:
     """The index cannot grow without bound: entries of jobs past their TTL go when a job is created or the list is
     read, and the index itself expires once its newest job has."""
-    import time
 
     from rlaifv.service.jobs import INDEX_GRACE_MS, OWNERS
 
@@ -538,7 +542,7 @@ async def test_entries_older_than_the_ttl_are_trimmed_and_the_index_expires_with
     index = OWNERS + owner
     old, kept = (await store.create(request(1), owner=owner)).id, (await store.create(request(1), owner=owner)).id
     assert 0 < await store.redis.ttl(PREFIX + kept) <= await store.redis.ttl(index) <= 3600 + INDEX_GRACE_MS // 1000
-    past = time.time_ns() // 1_000_000 - 3600 * 1000 - INDEX_GRACE_MS - 1_000  # created before the TTL (and grace)
+    past = await redis_ms(store) - 3600 * 1000 - INDEX_GRACE_MS - 1_000  # created before the TTL (and grace)
     await store.redis.zadd(index, {old: past}, xx=True)
     await store.redis.delete(PREFIX + old)  # expired
     await store.create(request(1), owner=owner)  # trimmed at write
@@ -579,7 +583,7 @@ async def test_a_cursor_that_expired_while_paging_still_marks_the_place(store: J
     assert await store.redis.zscore(OWNERS + owner, page[-1].id) is None  # then it leaves the index
     # a cursor trimmed as expired for sure while the caller paged: so is everything older, and the list ends
     await store.redis.delete(PREFIX + ids[1])
-    old = store._expired_before(int(await store.redis.zscore(OWNERS + owner, ids[0]))) - 1
+    old = int(await store.redis.zscore(OWNERS + owner, ids[0])) - store.index_window_ms - 1
     await store.redis.zadd(OWNERS + owner, {ids[0]: old - 1, ids[1]: old}, xx=True)
     assert await store.list_jobs(owner, after=ids[1]) == ([], False)
 
@@ -657,3 +661,58 @@ def test_upload_lines_and_metadata_nested_too_deeply_are_400s() -> None:
     with pytest.raises(BadRequest) as info:
         parse_jsonl([json.dumps(BODY).encode(), b"[" * 100_000 + b"]" * 100_000])
     assert info.value.param == "items[1]" and "nested too deeply" in info.value.message
+
+
+async def test_the_index_runs_on_redis_s_clock_not_the_replicas(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scores came from the writing replica's clock and the trim from the reader's: a replica whose clock ran
+    ahead hid every job from one whose clock was right (and trimmed early); both now read Redis's TIME."""
+    import time as real_time
+    import types
+
+    from rlaifv.service import jobs as jobs_module
+    from rlaifv.service.jobs import OWNERS
+
+    owner = owner_id()
+    ahead = types.SimpleNamespace(time=lambda: real_time.time() + 7200)
+    monkeypatch.setattr(jobs_module, "time", ahead)
+    job = (await store.create(request(1), owner=owner)).id
+    assert abs(await store.redis.zscore(OWNERS + owner, job) - await redis_ms(store)) < 60_000
+    behind = types.SimpleNamespace(time=lambda: real_time.time() - 7200)
+    monkeypatch.setattr(jobs_module, "time", behind)
+    assert await listed(store, owner) == [job]
+
+
+async def test_a_reader_without_write_access_lists_and_skips_expired_entries(store: JobStore, redis_url: str) -> None:
+    """The list trimmed the index while reading: a read-only ACL user (or a read-only replica) got a 500."""
+    import redis as sync_redis
+
+    from rlaifv.service.jobs import OWNERS
+    from rlaifv.service.redis_conn import connect
+
+    owner = owner_id()
+    ids = [(await store.create(request(1), owner=owner)).id for _ in range(3)]
+    await spread(store, owner, ids)
+    expired = await redis_ms(store) - store.index_window_ms - 1_000
+    await store.redis.zadd(OWNERS + owner, {ids[0]: expired}, xx=True)  # its job not yet removed by Redis
+    admin = sync_redis.Redis.from_url(redis_url)
+    user = f"lister-{owner}"
+    admin.execute_command(
+        "ACL", "SETUSER", user, "on", ">lister-pass-0123", "~*", "+@read", "+@connection", "+eval", "+time"
+    )
+    try:
+        settings = Settings(
+            bundle="unused", redis_url=redis_url, redis_username=user, redis_password="lister-pass-0123",
+            jobs_stream=store.stream, jobs_ttl_s=3600,
+        )  # fmt: skip
+        reader = JobStore(connect(settings), settings)
+        page, more = await reader.list_jobs(owner, limit=1)
+        assert [job.id for job in page] == [ids[2]] and more
+        assert await listed(reader, owner, after=ids[2]) == [ids[1]]  # ids[0] expired for sure: not listed
+        assert await store.redis.zscore(OWNERS + owner, ids[0]) is not None  # and not removed by this reader
+        await reader.redis.aclose()
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)
+    assert await listed(store, owner) == [ids[2], ids[1]]  # a writer trims it
+    assert await store.redis.zscore(OWNERS + owner, ids[0]) is None
