@@ -899,6 +899,12 @@ class ModelCard(BaseModel):
     owned_by: str = "rlaifv"
     reward: RewardInfo
     max_positions: int | None = None
+    input_modalities: list[Literal["text", "image"]] = Field(
+        default_factory=lambda: ["text", "image"],
+        description='What a prompt may hold: ["text", "image"], or ["text"] for a text-only model, whose requests '
+        "take no images (400 naming `images`). Images are optional either way, except for the `claims` reward, "
+        "which needs one (a text-only model cannot use it).",
+    )
 
 
 class ModelList(BaseModel):

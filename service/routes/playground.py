@@ -35,12 +35,15 @@ HEADERS = {
 router = APIRouter(route_class=JsonBodyRoute, tags=["playground"], include_in_schema=False)
 
 
+# HEAD as GET without the body (FileResponse sends only the headers), as /healthz: uptime checkers probe with HEAD.
 @router.get("/playground")
+@router.head("/playground")
 async def playground() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8", headers=HEADERS)
 
 
 @router.get("/playground/{asset}")
+@router.head("/playground/{asset}")
 async def playground_asset(asset: Annotated[str, PathParam(max_length=64)]) -> FileResponse:
     """Serves only the files listed in ASSETS, so no path can reach outside the folder."""
     media_type = ASSETS.get(asset)

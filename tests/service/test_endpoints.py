@@ -142,6 +142,7 @@ def test_models_health_ready_metrics(client: httpx.Client, red_url: str) -> None
     assert models["object"] == "list"
     assert [m["id"] for m in models["data"]] == ["tiny-llava"]
     assert models["data"][0]["reward"]["beta"] == 0.1
+    assert models["data"][0]["input_modalities"] == ["text", "image"]  # a text-only bundle's: ["text"]
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["checks"]["model"] == "ok"

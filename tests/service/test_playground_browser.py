@@ -24,6 +24,7 @@ from rlaifv.service.app import create_app
 from rlaifv.service.default_model import default_bundle
 from rlaifv.service.settings import Settings
 from rlaifv.testing.server import LiveServer
+from rlaifv.testing.tiny_text import build_tiny_text_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "service" / "static" / "playground" / "sample.png"
@@ -79,6 +80,14 @@ def strict_server() -> Iterator[LiveServer]:
 
     with LiveServer(default_bundle(), api_keys=[KEY], max_body_bytes=BODY_LIMIT, warmup=False) as server:
         server.app.state.limiter = RateLimiter(per_minute=0)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def text_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A text-only bundle (a plain causal LM): its requests take no images (400 "this model reads text only")."""
+    bundle = build_tiny_text_bundle(tmp_path_factory.mktemp("text") / "bundle")
+    with LiveServer(bundle, warmup=False) as server:
         yield server
 
 
@@ -339,7 +348,8 @@ def test_a_slow_sample_does_not_replace_a_picked_file(page: Any, open_server: Li
     held: list[Any] = []
     page.route("**/playground/sample.png", lambda route: held.append(route))  # held until released below
     noise = _noise_png(tmp_path / "noise.png", side=16)
-    page.goto(open_server.url + "/playground")
+    with page.expect_request("**/playground/sample.png", timeout=FAST_MS):  # after the model card: it reads images
+        page.goto(open_server.url + "/playground")
     _upload(page, noise)
     assert held, "the sample was requested"
     held[0].fulfill(path=str(SAMPLE))
@@ -563,6 +573,156 @@ def test_empty_fields_take_the_server_defaults_and_bad_ones_are_refused(page: An
     assert len(sent) == 2, "refused values are not sent"
 
 
+def _marks(page: Any) -> dict[str, str | None]:
+    """Each input marked aria-invalid, with the text its aria-describedby names (the problem it is told)."""
+    return page.evaluate(
+        """() => Object.fromEntries([...document.querySelectorAll('[aria-invalid="true"]')].map(input => [
+            input.id,
+            (document.getElementById(input.getAttribute('aria-describedby')) || {}).textContent || null,
+        ]))"""
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_every_problem_of_a_400_is_listed_and_its_input_marked(page: Any, open_server: LiveServer) -> None:
+    """The server's 400 for N and max tokens over its limits names both (`error.errors`): both are listed and
+    both inputs marked and described by their own problem; the next submit clears the marks."""
+    _open(page, open_server)
+    page.fill("#n", "100")
+    page.fill("#max-tokens", "100000")
+    with page.expect_response(lambda r: r.url.endswith("/v1/best-of-n")) as answer:
+        page.click("#submit")
+    assert answer.value.status == 400 and len(answer.value.json()["error"]["errors"]) == 2
+    page.wait_for_selector('#error[data-status="400"]', timeout=FAST_MS)
+    assert page.inner_text("#error-message") == "2 problems:"
+    problems = page.locator("#error-list li").all_inner_texts()
+    assert len(problems) == 2 and problems[0].startswith("n must be <=") and "max_tokens must be <=" in problems[1]
+    assert _marks(page) == {"n": problems[0], "max-tokens": problems[1]}
+
+    sent = _mock(page)
+    page.fill("#n", "2")
+    page.fill("#max-tokens", "")
+    page.click("#submit")
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+    assert _marks(page) == {} and len(sent) == 1
+    assert page.locator("[aria-describedby]").evaluate_all("nodes => nodes.map(n => n.id)") == ["drop"], (
+        "only the drop zone's own description is left"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_listed_problems_are_text_and_unknown_params_mark_nothing(page: Any, open_server: LiveServer) -> None:
+    """Problem texts are shown as text, never HTML; a param the page has no input for (or an Object key) marks
+    nothing; images[0] marks the file input; a list the server cut short says how many there were."""
+    errors = [
+        {"message": "<img src=x onerror=alert(1)> is not valid", "param": "images[0]", "code": "invalid_image"},
+        {"message": "reward.beta: must be > 0", "param": "reward.beta", "code": "invalid_value"},
+        {"message": "constructor: unknown field", "param": "constructor", "code": "unknown_field"},
+        {"message": "sampling.temperature: too hot", "param": "sampling.temperature", "code": "invalid_value"},
+    ]
+    body = _error("invalid_value", "<img src=x> is not valid (and 5 more problems; the first 4 are listed)")
+    body["error"]["errors"] = errors
+    _mock(page, 400, body)
+    _open(page, open_server)
+    _submit_for_error(page)
+    assert page.inner_text("#error-message") == "6 problems; the first 4:"
+    assert page.locator("#error-list li").all_inner_texts() == [e["message"] for e in errors]
+    assert page.locator("#error img").count() == 0
+    assert _marks(page) == {"file": errors[0]["message"], "temperature": errors[3]["message"]}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_an_empty_question_is_refused_on_the_page(page: Any, open_server: LiveServer) -> None:
+    """The form is novalidate: the page itself refuses an empty question (the server would say 400), marked as the
+    server's problems are; with a bad N as well, both are listed."""
+    sent = _mock(page)
+    _open(page, open_server)
+    page.fill("#question", "   ")
+    _submit_for_error(page)
+    assert page.get_attribute("#error", "data-status") == "client"
+    assert page.inner_text("#error-message") == "the question must not be empty."
+    assert page.locator("#error-list").is_hidden()
+    assert _marks(page) == {"question": "the question must not be empty."}
+
+    page.type("#n", "-")
+    _submit_for_error(page)
+    assert page.inner_text("#error-message") == "2 problems:"
+    problems = page.locator("#error-list li").all_inner_texts()
+    assert _marks(page) == {"question": problems[0], "n": problems[1]} and problems[1].startswith("N must be")
+    assert sent == [], "nothing is sent"
+
+    page.fill("#question", "What is red?")
+    page.fill("#n", "2")
+    page.click("#submit")
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+    assert _marks(page) == {} and sent[-1]["question"] == "What is red?"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_an_image_model_takes_a_question_without_an_image(page: Any, open_server: LiveServer) -> None:
+    """No image: the implicit reward is asked without one (the API takes it); the claims reward, which checks
+    claims against the image, is refused on the page, marked on the reward."""
+    _open(page, open_server)
+    page.click("#no-image")
+    assert page.locator("#preview").is_hidden() and page.inner_text("#image-info").startswith("no image")
+    page.fill("#n", "2")
+    page.fill("#max-tokens", "8")
+    with page.expect_response(lambda r: r.url.endswith("/v1/best-of-n")) as answer:
+        page.click("#submit")
+    assert answer.value.status == 200, answer.value.json()
+    assert "images" not in answer.value.request.post_data_json
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+
+    sent = _mock(page)
+    page.select_option("#mode", "claims")
+    _submit_for_error(page)
+    assert "claims reward checks each claim against the image" in page.inner_text("#error-message")
+    assert list(_marks(page)) == ["mode"] and sent == []
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_text_only_model_is_asked_without_an_image(page: Any, text_server: LiveServer) -> None:
+    """The model card says the model reads text only: no sample scene is loaded, the picker gives way to a note,
+    the claims reward (which needs an image) cannot be chosen, a pasted image is ignored, and the request sent to
+    the real server has no images and is answered."""
+    samples: list[str] = []
+    page.on("request", lambda request: samples.append(request.url) if "sample.png" in request.url else None)
+    _open(page, text_server)
+    assert page.locator("#image-picker").is_hidden() and page.locator("#text-only").is_visible()
+    assert page.locator('#mode option[value="claims"]').is_disabled()
+    page.evaluate(
+        """() => {
+            const data = new DataTransfer();
+            data.items.add(new File([new Uint8Array([137, 80, 78, 71])], 'clip.png', { type: 'image/png' }));
+            document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: data }));
+        }"""
+    )
+    page.fill("#question", "Name a shape.")
+    page.fill("#n", "2")
+    page.fill("#max-tokens", "4")
+    with page.expect_response(lambda r: r.url.endswith("/v1/best-of-n")) as answer:
+        page.click("#submit")
+    assert answer.value.status == 200, answer.value.json()
+    assert "images" not in answer.value.request.post_data_json
+    page.wait_for_selector("#results:not([hidden]) li.candidate", timeout=FAST_MS)
+    assert page.locator("#candidates li.candidate").count() == 2
+    assert samples == [], "the sample scene is not even fetched"
+    assert page.get_attribute("#preview", "src") is None
+
+
+def test_the_model_card_says_what_the_model_reads(text_server: LiveServer, open_server: LiveServer) -> None:
+    import httpx
+
+    for server, modalities in ((text_server, ["text"]), (open_server, ["text", "image"])):
+        card = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]
+        assert card["input_modalities"] == modalities, server.url
+
+
 def _contrast(page: Any, script: str) -> float:
     """WCAG contrast ratio of the two computed colours (rgb(...) strings) that `script` returns."""
 
@@ -655,5 +815,18 @@ def test_page_and_assets_are_open_and_locked_down(page_client: TestClient) -> No
     for bad in ("index.html", "nothing.js", "..%2F..%2Fsettings.py"):
         assert page_client.get(f"/playground/{bad}").status_code == 404, bad
     assert not any(path.startswith("/playground") for path in page_client.get("/openapi.json").json()["paths"])
+
     assert page_client.post("/v1/best-of-n", json={}).status_code == 401, "the API keeps its keys"
     assert 'route="/playground' not in page_client.get("/metrics").text, "page loads are not API traffic"
+
+
+def test_head_answers_like_get_without_a_body(page_client: TestClient) -> None:
+    """Uptime checkers probe with HEAD (405 before): the page's status and headers, no body, as /healthz."""
+    varying = {"date", "x-request-id"}
+    for path in ("/playground", "/playground/playground.js"):
+        head, get = page_client.head(path), page_client.get(path)
+        assert head.status_code == 200 and head.content == b"", path
+        assert {k: v for k, v in head.headers.items() if k not in varying} == {
+            k: v for k, v in get.headers.items() if k not in varying
+        }, path
+    assert page_client.head("/playground/nothing.js").status_code == 404

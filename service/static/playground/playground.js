@@ -49,6 +49,21 @@ const KEY_MESSAGE =
   "letter that is not ASCII.";
 const ENTITIES = { amp: "&", lt: "<", gt: ">", quot: '"', "#39": "'", nbsp: " " };
 
+// The inputs of the API's request fields, for the `param` of an error (`images[0]` goes by `images`). A Map, so
+// that a `param` such as "constructor" finds nothing.
+const PARAM_FIELDS = new Map([
+  ["images", "file"],
+  ["question", "question"],
+  ["n", "n"],
+  ["sampling.temperature", "temperature"],
+  ["sampling.max_tokens", "max-tokens"],
+  ["sampling.seed", "seed"],
+  ["reward.mode", "mode"],
+]);
+const NO_IMAGE_YET = "choose, drop or paste an image first, or press No image to ask without one.";
+const CLAIMS_NEED_AN_IMAGE =
+  "the claims reward checks each claim against the image: choose, drop or paste one, or pick the implicit reward.";
+
 // Input the page refuses before sending anything; `field` is the id of the input to fix.
 class InputError extends Error {
   constructor(message, field) {
@@ -62,6 +77,11 @@ let loadSeq = 0; // number of the newest image load: an older one that finishes 
 let imageLoad = Promise.resolve(); // the newest image load, which a submit waits for
 let inputFile = null; // the file input's File whose image is shown, if the image came from the input
 let busy = false; // a request is running: the button stays focusable but submits are ignored
+// What the model reads, from its card's `input_modalities`: images until the card says otherwise (a server with
+// keys shows the card only once the key is entered).
+let readsImages = true;
+let noImage = false; // the user chose to ask without an image (No image): only then is a missing image no error
+let modelLoad = Promise.resolve(); // the newest model card fetch, which a submit waits for
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -76,6 +96,7 @@ function fmt(value, digits) {
 
 function setImage(dataUrl, label) {
   image = dataUrl;
+  noImage = false;
   const preview = $("preview");
   preview.src = dataUrl;
   preview.hidden = false;
@@ -86,16 +107,46 @@ function setImage(dataUrl, label) {
   clearError(); // an error about an earlier image (or request) no longer applies
 }
 
-// A load that failed or was refused leaves no image: a request never sends one the user meant to replace.
-function dropImage(message) {
+// No image on show or sent; a load still running is dropped.
+function clearImage(info) {
+  loadSeq++;
   image = null;
   inputFile = null;
+  noImage = false;
   const preview = $("preview");
   preview.hidden = true;
   preview.removeAttribute("src");
-  $("image-info").textContent = "no image";
+  $("image-info").textContent = info;
   $("file").value = "";
-  showError("client", message);
+}
+
+// A load that failed or was refused leaves no image: a request never sends one the user meant to replace (nor
+// none at all: a missing image is an error until the user presses No image).
+function dropImage(message) {
+  clearImage("no image");
+  showError("client", message, undefined, [{ message, field: "file" }]);
+}
+
+// The No image button: ask without an image (image models take none with the implicit reward).
+function chooseNoImage() {
+  clearImage("no image: the question is asked without one");
+  noImage = true;
+  clearError();
+}
+
+// The page as the model's card says: a text-only model gets no image picker, no image and no claims reward (which
+// needs an image). A card without the field is a server from before it, which served image models.
+function applyModalities(card) {
+  const modalities = Array.isArray(card.input_modalities) ? card.input_modalities : ["text", "image"];
+  readsImages = modalities.includes("image");
+  $("image-picker").hidden = !readsImages;
+  $("text-only").hidden = readsImages;
+  const mode = $("mode");
+  mode.querySelector('option[value="claims"]').disabled = !readsImages;
+  if (!readsImages) {
+    if (mode.value === "claims") mode.value = "dpo";
+    clearImage(""); // and a load still running
+  }
 }
 
 function readDataUrl(blob) {
@@ -113,6 +164,7 @@ function readDataUrl(blob) {
 // the same file again fire a change event.
 function loadImage(source, label, fromInput) {
   const seq = ++loadSeq;
+  noImage = false;
   inputFile = fromInput ? source : null;
   if (!fromInput) $("file").value = "";
   const task = (async () => {
@@ -162,22 +214,51 @@ function readKey() {
   return key;
 }
 
-async function loadModel() {
+function loadModel() {
+  modelLoad = fetchModel();
+  return modelLoad;
+}
+
+async function fetchModel() {
   let key;
   try {
     key = readKey();
   } catch (exc) {
-    showError("client", exc.message);
+    showError("client", exc.message, undefined, [{ message: exc.message, field: exc.field }]);
     return;
   }
   if (!$("error").hidden && $("error-message").textContent === KEY_MESSAGE) clearError();
+  let card;
   try {
     const res = await fetch("v1/models", { headers: key ? { Authorization: `Bearer ${key}` } : {} });
     if (!res.ok) return;
-    const card = (await res.json()).data[0];
-    $("model").textContent = `model ${card.id} · default reward ${card.reward.mode}, β=${card.reward.beta}`;
+    card = (await res.json()).data[0];
   } catch {
-    // The model name is a nicety; the request itself reports any problem.
+    return; // the card is a nicety (name, what the model reads); the request itself reports any problem
+  }
+  if (!card || typeof card !== "object") return;
+  applyModalities(card);
+  const reward = card.reward || {};
+  $("model").textContent = `model ${card.id} · default reward ${reward.mode}, β=${reward.beta}`;
+}
+
+// The error box's problems marked on their inputs: aria-invalid, and aria-describedby naming the problem's text
+// (an input's own description, if it had one, is put back by clearMarks).
+function markField(id, describedBy) {
+  const input = id && $(id);
+  if (!input) return;
+  input.setAttribute("aria-invalid", "true");
+  if (input.dataset.describedBy === undefined) input.dataset.describedBy = input.getAttribute("aria-describedby") || "";
+  input.setAttribute("aria-describedby", describedBy);
+}
+
+function clearMarks() {
+  for (const input of document.querySelectorAll("[aria-invalid]")) {
+    input.removeAttribute("aria-invalid");
+    if (input.dataset.describedBy === undefined) continue;
+    if (input.dataset.describedBy) input.setAttribute("aria-describedby", input.dataset.describedBy);
+    else input.removeAttribute("aria-describedby");
+    delete input.dataset.describedBy;
   }
 }
 
@@ -185,6 +266,32 @@ function clearError() {
   const box = $("error");
   box.hidden = true;
   delete box.dataset.status;
+  $("error-list").replaceChildren();
+  clearMarks();
+}
+
+// The input of an API `param` ("sampling.max_tokens", "images[0]"), or null.
+function paramField(param) {
+  if (typeof param !== "string") return null;
+  return PARAM_FIELDS.get(/^images(\[|$)/.test(param) ? "images" : param) || null;
+}
+
+// The problems of an error answer: each of `error.errors` when the server listed several, else the one.
+function answerProblems(err, message) {
+  const listed = Array.isArray(err.errors) ? err.errors.filter((e) => e && typeof e === "object") : [];
+  if (listed.length < 2) return [{ message, field: paramField(err.param) }];
+  return listed.map((e) => ({
+    message: typeof e.message === "string" && e.message ? e.message : "(no details)",
+    field: paramField(e.param),
+  }));
+}
+
+// "N problems:" above the list; the server lists at most 50 and its message counts the rest ("(and 60 more
+// problems; the first 50 are listed)").
+function problemsHeading(count, message) {
+  const more = /\(and (\d+) more problems?; the first \d+ are listed\)$/.exec(message || "");
+  const total = more ? Number(more[1]) + 1 : count;
+  return total > count ? `${total} problems; the first ${count}:` : `${count} problems:`;
 }
 
 function retryHint(retryAfter) {
@@ -192,13 +299,28 @@ function retryHint(retryAfter) {
   return /^\d+$/.test(retryAfter.trim()) ? ` Retry after ${retryAfter.trim()} s.` : ` Retry after ${retryAfter}.`;
 }
 
-// `status` is the HTTP status, or a kind of error that has none (KIND_TITLES).
-function showError(status, message, detail) {
+// `status` is the HTTP status, or a kind of error that has none (KIND_TITLES). `problems` ({message, field}, field
+// the id of the input it is about, or null): two or more are listed one by one under `message`; each one's input
+// is marked (aria-invalid) and described by its text.
+function showError(status, message, detail, problems) {
   const box = $("error");
   const http = typeof status === "number";
+  clearMarks();
   box.dataset.status = String(status);
   $("error-title").textContent = http ? `HTTP ${status} ${STATUS_TEXT[status] || ""}`.trim() : KIND_TITLES[status];
   $("error-message").textContent = message;
+  const list = $("error-list");
+  const many = Boolean(problems) && problems.length > 1;
+  list.replaceChildren();
+  list.hidden = !many;
+  for (const [i, problem] of (problems || []).entries()) {
+    if (many) {
+      const item = el("li", "", problem.message);
+      item.id = `problem-${i}`;
+      list.append(item);
+    }
+    markField(problem.field, many ? `problem-${i}` : "error-message");
+  }
   let hint = "";
   if (http) {
     const code = detail && detail.code;
@@ -238,24 +360,46 @@ function numberField(id, name, rule, valid) {
   return value;
 }
 
-function requestBody(dataUrl) {
+// The request, or every problem of the form in its order (`problems` gets an InputError each), as the server
+// lists several: fixing one at a time would take a submit each.
+function requestBody(dataUrl, problems) {
+  const check = (fn) => {
+    try {
+      return fn();
+    } catch (exc) {
+      if (!(exc instanceof InputError)) throw exc;
+      problems.push(exc);
+      return undefined;
+    }
+  };
+  const mode = $("mode").value;
+  if (readsImages && !dataUrl) {
+    // Without an image the API takes only the implicit reward (claims are checked against the image).
+    if (mode === "claims") problems.push(new InputError(CLAIMS_NEED_AN_IMAGE, "mode"));
+    else if (!noImage) problems.push(new InputError(NO_IMAGE_YET, "file"));
+  }
+  const question = $("question").value;
+  if (!question.trim()) problems.push(new InputError("the question must not be empty.", "question"));
   const whole = (min) => (v) => Number.isSafeInteger(v) && v >= min;
-  const n = numberField("n", "N", "a whole number of at least 1", whole(1));
+  const n = check(() => numberField("n", "N", "a whole number of at least 1", whole(1)));
   const sampling = {
-    temperature: numberField(
-      "temperature",
-      "Temperature",
-      "0 (greedy) or between 0.01 and 5",
-      (v) => v === 0 || (v >= 0.01 && v <= 5),
+    temperature: check(() =>
+      numberField(
+        "temperature",
+        "Temperature",
+        "0 (greedy) or between 0.01 and 5",
+        (v) => v === 0 || (v >= 0.01 && v <= 5),
+      ),
     ),
-    max_tokens: numberField("max-tokens", "Max tokens", "a whole number of at least 1", whole(1)),
-    seed: numberField("seed", "Seed", "a whole number of at least 0", whole(0)),
+    max_tokens: check(() => numberField("max-tokens", "Max tokens", "a whole number of at least 1", whole(1))),
+    seed: check(() => numberField("seed", "Seed", "a whole number of at least 0", whole(0))),
   };
   for (const name of Object.keys(sampling)) if (sampling[name] === undefined) delete sampling[name];
-  const body = { images: [dataUrl], question: $("question").value };
+  const body = { question };
+  if (dataUrl && readsImages) body.images = [dataUrl];
   if (n !== undefined) body.n = n;
   if (Object.keys(sampling).length) body.sampling = sampling;
-  body.reward = { mode: $("mode").value };
+  body.reward = { mode };
   return body;
 }
 
@@ -269,8 +413,7 @@ async function submit(event) {
   event.preventDefault();
   if (busy) return;
   setBusy(true);
-  clearError();
-  for (const input of document.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
+  clearError(); // and the marks of the last request's problems
   $("results").hidden = true;
   try {
     await send();
@@ -283,19 +426,22 @@ async function submit(event) {
 }
 
 async function send() {
-  let body;
   const headers = { "Content-Type": "application/json" };
+  await modelLoad; // what the model reads decides whether an image goes with the question
+  const dataUrl = await currentImage();
+  const problems = [];
+  const body = requestBody(dataUrl, problems);
   try {
     const key = readKey();
     if (key) headers.Authorization = `Bearer ${key}`;
-    const dataUrl = await currentImage();
-    if (!dataUrl) throw new InputError("choose, drop or paste an image first.");
-    body = requestBody(dataUrl);
   } catch (exc) {
     if (!(exc instanceof InputError)) throw exc;
-    showError("client", exc.message);
+    problems.push(exc);
+  }
+  if (problems.length) {
+    const message = problems.length === 1 ? problems[0].message : `${problems.length} problems:`;
+    showError("client", message, undefined, problems);
     $("status").textContent = "";
-    if (exc.field) $(exc.field).setAttribute("aria-invalid", "true");
     return;
   }
   $("status").textContent =
@@ -330,10 +476,13 @@ async function send() {
     const err = payload && payload.error && typeof payload.error === "object" ? payload.error : {};
     const message =
       typeof err.message === "string" && err.message ? err.message : plainText(text, contentType) || res.statusText;
-    showError(res.status, message || "(no details)", {
-      code: typeof err.code === "string" ? err.code : undefined,
-      retryAfter: res.headers.get("Retry-After"),
-    });
+    const problems = answerProblems(err, message || "(no details)");
+    showError(
+      res.status,
+      problems.length > 1 ? problemsHeading(problems.length, message) : message || "(no details)",
+      { code: typeof err.code === "string" ? err.code : undefined, retryAfter: res.headers.get("Retry-After") },
+      problems,
+    );
     return;
   }
   if (payload === undefined) {
@@ -468,8 +617,10 @@ function init() {
     if (file) loadImage(file, file.name, true);
   });
   $("sample").addEventListener("click", () => loadSample());
+  $("no-image").addEventListener("click", chooseNoImage);
   $("api-key").addEventListener("change", loadModel);
   document.addEventListener("paste", (event) => {
+    if (!readsImages) return;
     for (const item of event.clipboardData ? event.clipboardData.items : []) {
       if (item.kind === "file" && item.type.startsWith("image/")) {
         event.preventDefault();
@@ -498,7 +649,11 @@ function init() {
     }
   });
   loadModel();
-  if (!useRestoredFile()) loadSample();
+  if (!useRestoredFile()) {
+    // The sample scene once the card says the model reads images, unless another image came first.
+    const seq = loadSeq;
+    imageLoad = modelLoad.then(() => (readsImages && seq === loadSeq ? loadSample() : undefined));
+  }
   // After Back, Chromium restores the file input (the other fields too) without a change event, and only
   // after the load event: show and send that file, not the sample, so the preview, the file input and the
   // request agree. `ready` (which the tests wait for) marks the first image settled.

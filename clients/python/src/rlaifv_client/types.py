@@ -170,6 +170,8 @@ class Model(BaseType):
     owned_by: str = "rlaifv"
     reward: RewardInfo
     max_positions: int | None = None
+    # ["text", "image"], or ["text"] for a text-only model (send no images). Servers older than the field omit it.
+    input_modalities: list[Annotated[str, _known("text", "image")]] = Field(default_factory=lambda: ["text", "image"])
 
 
 class ModelList(BaseType):
