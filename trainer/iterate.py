@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,12 +101,50 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
     if _by_content(previous.get("prompt_source")) != _by_content(same_source):
         changed.append("prompt_source")
     if changed:
-        raise RunStateError(
-            f"{output_dir} was started with different settings ({', '.join(changed)}); "
-            "use a new output folder to change them"
-        )
+        finished = sorted(p.parent.name for p in output_dir.glob(f"round-*/{DONE_FILE}"))
+        if finished:
+            raise RunStateError(
+                f"{output_dir} was started with different settings ({', '.join(changed)}) and {finished[0]} is"
+                " finished with them; use a new output folder to change them"
+            )
+        _discard_stale(output_dir, changed)
     path.write_text(json.dumps(current, indent=2, default=str) + "\n")
     return True
+
+
+# A round's stages in order, with what each leaves in the round's folder: a stage is built on those before it.
+_STAGES = (("feedback", ("feedback.parquet", "feedback.partial")), ("pairs", ("pairs.parquet",)), ("dpo", ("dpo",)))
+
+
+def _stale_from(changed: list[str]) -> int:
+    """The first stage (index in _STAGES) the changed settings decide: `dpo.*` (and the DPO reference) only DPO,
+    `pairs.*` the pairs on, anything else (feedback, model, prompts, seed) every stage."""
+    sections = {name.split(".", 1)[0] for name in changed}
+    if sections <= {"dpo", "reference_mode"}:
+        return 2
+    return 1 if sections <= {"pairs", "dpo", "reference_mode"} else 0
+
+
+def _discard_stale(output_dir: Path, changed: list[str]) -> None:
+    """Settings changed before any round finished: what the first round's stages made with the earlier settings
+    and the new ones decide is removed (named in a warning), so the run starts again in its folder instead of being
+    refused there: the feedback (hours of sampling) stays when only pairs or DPO settings changed."""
+    removed = []
+    for _, names in _STAGES[_stale_from(changed) :]:
+        for name in names:
+            target = round_dir(output_dir, 1) / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            else:
+                continue
+            removed.append(f"{target.parent.name}/{name}")
+    warnings.warn(
+        f"{output_dir}: settings changed before any round finished ({', '.join(changed)}): the run starts again"
+        " with them" + (f"; made with the earlier ones and removed: {', '.join(removed)}" if removed else ""),
+        stacklevel=3,
+    )
 
 
 def _changed(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -243,8 +283,14 @@ def run_round(
     rows, stats = build_pairs(feedback, dataclasses.replace(config.pairs, seed=seed))
     if not rows:
         raise TrainerError(
-            f"round {index}: no preference pairs: {why_no_pairs(stats, config.pairs)} (this run's settings are fixed"
-            f" in {output_dir / RUN_FILE}: rerun with them changed in a new output folder)"
+            f"round {index}: no preference pairs: {why_no_pairs(stats, config.pairs)}"
+            + (
+                " (rerun with the settings changed: before a round finishes a run takes new ones, and pairs.* keep"
+                " the feedback)"
+                if index == 1
+                else f" (this run's settings are fixed in {output_dir / RUN_FILE} since round 1 finished: rerun with"
+                " them changed in a new output folder)"
+            )
         )
     labeler_name = "self" if labeler is None and config.feedback.labeler == "self" else str(config.feedback.labeler)
     origin = {

@@ -267,6 +267,7 @@ def test_a_run_resumes_when_its_model_and_prompts_are_named_by_another_path(tiny
     first = IterateConfig(model=str(tiny_model), output_dir=str(run))
     assert _check_run_file(run, first, source("/a/p.parquet", "h")) is False
     assert _check_run_file(run, IterateConfig(model=str(link), output_dir=str(run)), source("p.parquet", "h")) is True
+    _finish_a_round(run)
     with pytest.raises(RunStateError, match="prompt_source"):
         _check_run_file(run, IterateConfig(model=str(link), output_dir=str(run)), source("p.parquet", "other"))
 
@@ -291,8 +292,17 @@ def test_prompts_whose_images_changed_behind_their_paths_are_another_source(tiny
     assert _check_run_file(run, config, ListPromptSource.from_path(folder, progress=False)) is True
 
     (folder / "a.png").write_bytes(png((200, 20, 30)))
+    _finish_a_round(run)
     with pytest.raises(RunStateError, match="prompt_source"):
         _check_run_file(run, config, ListPromptSource.from_path(folder, progress=False))
+
+
+def _finish_a_round(run: Path) -> None:
+    """A run whose first round is done: its settings are then fixed."""
+    from rlaifv.trainer.iterate import DONE_FILE
+
+    (run / "round-01").mkdir(parents=True, exist_ok=True)
+    (run / "round-01" / DONE_FILE).write_text("")
 
 
 def _one_prompt() -> ListPromptSource:
@@ -324,6 +334,7 @@ def test_a_run_resumes_with_other_checkpoint_settings_but_not_other_dpo_settings
     assert _check_run_file(run, config(), source) is False
     _written_before(run, "dpo", "checkpoint_every_steps", "keep_checkpoints")
     assert _check_run_file(run, config(checkpoint_every_steps=50, keep_checkpoints=3, log_every=10), source) is True
+    _finish_a_round(run)
     with pytest.raises(RunStateError, match="dpo"):
         _check_run_file(run, config(beta=0.2), source)
 
@@ -345,6 +356,7 @@ def test_a_run_written_before_a_setting_existed_resumes_while_that_setting_keeps
     _written_before(run, "feedback", "llm_timeout_s", "llm_retries")
     assert _check_run_file(run, config(), source) is True
     _written_before(run, "feedback", "llm_timeout_s", "llm_retries")
+    _finish_a_round(run)
     with pytest.raises(RunStateError, match=r"feedback\.llm_retries"):  # not at its default: another run, named
         _check_run_file(run, config(llm_retries=7, question_writer="llm", llm_url="http://127.0.0.1:9/v1"), source)
 
@@ -413,3 +425,38 @@ def test_a_section_seed_iterate_replaces_is_named() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         IterateConfig.from_dict({"model": "m", "output_dir": "o", "seed": 3, "dpo": {"seed": 3}, "pairs": {"seed": 0}})
+
+
+@pytest.mark.parametrize(
+    ("changes", "removed", "kept"),
+    [
+        ({"dpo": DPOConfig(beta=0.2)}, ["dpo"], ["feedback.parquet", "pairs.parquet"]),
+        ({"pairs": PairConfig(min_score_gap=0.5)}, ["pairs.parquet", "dpo"], ["feedback.parquet"]),
+        ({"seed": 3}, ["feedback.parquet", "feedback.partial", "pairs.parquet", "dpo"], []),
+    ],
+)
+def test_settings_may_change_until_a_round_finishes_and_only_what_they_decide_is_made_again(
+    tiny_model: Path, tmp_path: Path, changes: dict, removed: list[str], kept: list[str]
+) -> None:
+    """A first round that failed (no pairs with these settings, a DPO setting to mend) could not be retried in
+    its folder: every change was refused and the advice was a new folder, with the feedback sampled again."""
+    from rlaifv.trainer.iterate import RUN_FILE, _check_run_file
+
+    source = _one_prompt()
+    run = tmp_path / "run"
+    assert _check_run_file(run, IterateConfig(model=str(tiny_model), output_dir=str(run)), source) is False
+    round1 = run / "round-01"
+    for name in ("feedback.partial", "dpo"):
+        (round1 / name).mkdir(parents=True)
+        (round1 / name / "x").write_text("earlier")
+    for name in ("feedback.parquet", "pairs.parquet"):
+        (round1 / name).write_text("earlier")
+    config = IterateConfig(model=str(tiny_model), output_dir=str(run), **changes)
+    with pytest.warns(UserWarning, match="settings changed before any round finished") as caught:
+        assert _check_run_file(run, config, source) is True
+    message = str(caught[0].message)
+    assert all(f"round-01/{name}" in message for name in removed)
+    assert [name for name in removed if (round1 / name).exists()] == []
+    assert all((round1 / name).exists() for name in kept)
+    assert json.loads((run / RUN_FILE).read_text())["config"] == config.to_dict()  # the new settings are the run's
+    assert _check_run_file(run, config, source) is True  # and resume as they are
