@@ -89,7 +89,10 @@ def field_problems(
         source = data
         if http and loc and loc[0] in _LOCATIONS:
             source = data if loc[0] == "body" else _NO_INPUT
-            loc = loc[1:]
+            if loc[0] == "header":  # ASGI lower-cases header names: named as the docs and clients write them
+                loc = tuple("-".join(w.capitalize() for w in str(k).split("-")) for k in loc[1:2]) + loc[2:]
+            else:
+                loc = loc[1:]
         if err.get("type") == "json_invalid":
             found.append(((), None, err))
             continue

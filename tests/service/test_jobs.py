@@ -135,7 +135,7 @@ def test_idempotency_key_makes_a_retried_submission_return_the_first_job(make_se
         fresh = client.post("/v1/jobs", json=body)
         assert fresh.status_code == 202 and fresh.json()["id"] != first.json()["id"]
         bad = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "spaces are not allowed"})
-        assert bad.status_code == 400
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "Idempotency-Key"  # as sent, not lower-cased
 
 
 def test_jobs_need_redis(client: httpx.Client) -> None:
