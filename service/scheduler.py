@@ -150,8 +150,12 @@ class Scheduler:
         left = [*running, *self._forming, *held, *self._waiting]
         for task in [*([self._task] if self._task is not None else []), *self._batches]:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # a loop that had died (liveness said so): the requests left still get their 503
+                log.exception("scheduler task failed")
         self._waiting.clear()
         self._held, self._forming = None, []
         self._batches.clear()
@@ -320,9 +324,13 @@ class Scheduler:
             self._slot_freed.set()
 
     async def _run(self, batch: list[_Item]) -> None:
+        """Every request of the batch gets its outcome and gives back its images, whatever the engine does: a bug
+        (an exception, a result list of the wrong length) fails this batch only, and serving goes on."""
         try:
             outcomes = await self.engine.run([item.request for item in batch])
-        except Exception as exc:  # a bug in the engine: fail this batch, keep serving
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"the engine answered {len(outcomes)} of {len(batch)} requests")
+        except Exception as exc:
             log.exception("batch failed")
             outcomes = [exc] * len(batch)
         finally:

@@ -69,7 +69,7 @@ T = TypeVar("T")
 PROBE_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 5.0
 KEEPALIVE_S = 2.0
-MAX_CONNECTIONS = 64
+MIN_CONNECTIONS = 64
 TOKEN_PREFIX = "token_id:"
 BAN = -100.0  # logit_bias that keeps special tokens out of the samples, as the transformers sampler does
 # vLLM writes a log-prob of -inf as -9999.0; such an "alternative" is none (vLLM 0.32 fills a batch's alternatives
@@ -157,6 +157,10 @@ class VllmServer:
         self.timeout_s = settings.vllm_timeout_s
         self.retry_after_s = settings.retry_after_s
         self.metrics = metrics
+        # Each request of each batch in progress holds a connection for its whole decode (twice that for a claims
+        # judge's questions): a smaller pool queued a short request behind long ones, which the concurrent batches
+        # are there to avoid, and could fail it with a PoolTimeout having never reached vLLM.
+        self.max_connections = max(MIN_CONNECTIONS, 2 * settings.vllm_concurrent_batches * settings.max_batch)
         self.headers = {}
         if settings.vllm_api_key is not None:
             self.headers["Authorization"] = f"Bearer {settings.vllm_api_key.get_secret_value()}"
@@ -175,7 +179,7 @@ class VllmServer:
                 # httpx takes the pool's limits from the transport when one is given (the client's are ignored);
                 # retries: connection attempts only, no request is sent twice
                 transport=httpx.AsyncHTTPTransport(
-                    retries=1, limits=httpx.Limits(max_connections=MAX_CONNECTIONS, keepalive_expiry=KEEPALIVE_S)
+                    retries=1, limits=httpx.Limits(max_connections=self.max_connections, keepalive_expiry=KEEPALIVE_S)
                 ),
             )
         return self._client

@@ -222,6 +222,29 @@ async def test_an_engine_bug_fails_the_batch_and_serving_goes_on() -> None:
     await sched.close(1)
 
 
+async def test_an_engine_answering_too_few_requests_fails_its_batch_and_frees_its_images() -> None:
+    """With batches run as tasks, an error after the engine call ended the task: its requests waited until their
+    deadlines (504), their images stayed counted (later image requests got 429) and liveness saw nothing."""
+
+    class Short(FakeEngine):
+        async def run(self, requests):
+            first = not self.batches
+            outcomes = await super().run(requests)
+            return outcomes[:-1] if first else outcomes
+
+    from PIL import Image
+
+    sched = make(Short(), batch_window_s=0.05, max_queued_pixels=10_000)
+    sched.start()
+    image = Image.new("RGB", (50, 50))
+    first = [ScoreRequest([image], "q", None, [label], RewardConfig(), 16) for label in ("a", "b")]
+    outcomes = await asyncio.gather(*(sched.submit(r, timeout_s=30) for r in first), return_exceptions=True)
+    assert all(isinstance(o, RuntimeError) and "answered 1 of 2" in str(o) for o in outcomes), outcomes
+    assert sched.pixels_held == 0 and sched.in_flight == 0 and sched.stalled(60) is None
+    assert (await sched.submit(score("c"), timeout_s=30)).result.batch_size == 1
+    await sched.close(1)
+
+
 async def test_queue_bound_raises_overloaded_at_once() -> None:
     sched = make(FakeEngine(), max_queue=1, retry_after_s=7)  # not started: nothing leaves the queue
     first = asyncio.create_task(sched.submit(score("a"), timeout_s=30))

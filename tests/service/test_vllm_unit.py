@@ -334,12 +334,31 @@ async def test_a_request_the_server_dropped_unanswered_is_sent_once_more(engine)
 async def test_the_pool_drops_idle_connections_before_vllm_does(engine) -> None:
     """Limits given to a client with a transport were ignored (httpx takes them from the transport): the pool kept
     httpx's 5 s keep-alive, vLLM's own, and 100 connections."""
-    from rlaifv.service.engines.vllm import KEEPALIVE_S, MAX_CONNECTIONS
+    from rlaifv.service.engines.vllm import KEEPALIVE_S
 
     server = engine.policy
     pool = server.client._transport._pool  # httpcore's pool: what the client really uses
-    assert (pool._max_connections, pool._keepalive_expiry) == (MAX_CONNECTIONS, KEEPALIVE_S) == (64, 2.0)
+    # 8 concurrent batches of 16 (the defaults), each request holding a connection for its decode, twice for claims
+    assert (pool._max_connections, pool._keepalive_expiry) == (2 * 8 * 16, KEEPALIVE_S) == (256, 2.0)
     await server.aclose()
+
+
+def test_the_pool_holds_every_request_the_concurrent_batches_send(text_bundle: Path) -> None:
+    """64 connections for up to 8 x 16 requests in flight: a short request waited in the pool behind long ones."""
+    from rlaifv.service.engines.vllm import VllmServer
+
+    url = "http://127.0.0.1:9/v1"
+    settings = Settings(
+        bundle=text_bundle,
+        engine="vllm",
+        vllm_policy_url=url,
+        vllm_reference_url=url,
+        vllm_concurrent_batches=3,
+        max_batch=40,
+    )
+    assert VllmServer("policy", "http://127.0.0.1:9/v1", None, settings, None).max_connections == 240
+    small = settings.model_copy(update={"vllm_concurrent_batches": 1, "max_batch": 1})
+    assert VllmServer("policy", "http://127.0.0.1:9/v1", None, small, None).max_connections == 64
 
 
 async def test_readiness_has_its_own_connections(engine) -> None:
