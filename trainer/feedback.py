@@ -425,7 +425,9 @@ class FeedbackShards:
             finished = read_feedback(self.finished)
         except DataError:
             return False  # unreadable: sampled again, as without it
-        if _other_prompts(finished[: len(prompts)], prompts) is not None:
+        if len(finished) > len(prompts):  # a lowered --limit: its whole batches within this run's prompts, no more
+            finished = finished[: len(prompts) // batch * batch]
+        if not finished or _other_prompts(finished, prompts) is not None:
             return False
         self.clear()
         self._keep(0)
@@ -490,4 +492,4 @@ def feedback_key(config: FeedbackConfig, models: Sequence[str | Path]) -> str:
 
     named = [*models, *([config.labeler] if config.labeler != "self" else [])]
     identities = [model_identity(m) for m in named]
-    return hashlib.sha256(json.dumps([config.to_dict(), identities]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([config.result_settings(), identities]).encode()).hexdigest()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from rlaifv.trainer.errors import ConfigError
@@ -138,3 +138,12 @@ class FeedbackConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    # How the LLM URL is waited on and retried decides no answer's score: a run may resume with other values (a
+    # run stopped by "LLM reply failed" is rerun with more retries, keeping what it sampled).
+    BOOKKEEPING: ClassVar[tuple[str, ...]] = ("llm_timeout_s", "llm_retries", "llm_concurrency")
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings with the bookkeeping ones at their defaults: what decides the feedback (its run key)."""
+        defaults = {f.name: f.default for f in fields(self) if f.name in self.BOOKKEEPING}
+        return asdict(self) | defaults

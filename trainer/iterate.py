@@ -31,6 +31,7 @@ from typing import Any
 from rlaifv.trainer.data import PromptSource, read_preferences, sha256_file, write_preferences
 from rlaifv.trainer.dpo_config import DPOConfig
 from rlaifv.trainer.errors import RunStateError, TrainerError
+from rlaifv.trainer.feedback_config import FeedbackConfig
 from rlaifv.trainer.iterate_config import RESUMABLE_CHANGES, IterateConfig
 
 RUN_FILE = "run.json"
@@ -87,8 +88,9 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
     for settings in (old, new):
         for key in RESUMABLE_CHANGES:
             settings.pop(key, None)
-        if isinstance(settings.get("dpo"), dict):
-            settings["dpo"] = {k: v for k, v in settings["dpo"].items() if k not in DPOConfig.BOOKKEEPING}
+        for section, bookkeeping in (("dpo", DPOConfig.BOOKKEEPING), ("feedback", FeedbackConfig.BOOKKEEPING)):
+            if isinstance(settings.get(section), dict):
+                settings[section] = {k: v for k, v in settings[section].items() if k not in bookkeeping}
     if current["model_fingerprint"] and previous.get("model_fingerprint") == current["model_fingerprint"]:
         old.pop("model", None)
         new.pop("model", None)
@@ -112,34 +114,48 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
     return True
 
 
-# A round's stages in order, with what each leaves in the round's folder: a stage is built on those before it.
-_STAGES = (("feedback", ("feedback.parquet", "feedback.partial")), ("pairs", ("pairs.parquet",)), ("dpo", ("dpo",)))
+# A round's stages in order, with what each leaves in the round's folder that is reused without a settings check:
+# a stage is built on those before it. The saved feedback batches (feedback.partial) check their own settings and
+# prompts, and are kept when they still hold (a raised prompts_per_round goes on from them).
+_STAGES = (
+    ("feedback", ("feedback.parquet",)),
+    ("pairs", ("pairs.parquet",)),
+    ("dpo", ("dpo",)),
+    ("eval", ("eval.json", "bundle")),
+)
 
 
 def _stale_from(changed: list[str]) -> int:
-    """The first stage (index in _STAGES) the changed settings decide: `dpo.*` (and the DPO reference) only DPO,
-    `pairs.*` the pairs on, anything else (feedback, model, prompts, seed) every stage."""
-    sections = {name.split(".", 1)[0] for name in changed}
-    if sections <= {"dpo", "reference_mode"}:
-        return 2
-    return 1 if sections <= {"pairs", "dpo", "reference_mode"} else 0
+    """The first stage (index in _STAGES) the changed settings decide in round 1: DPO settings DPO on (but the
+    end-of-turn token, which also stops the sampling), pairs settings the pairs on, the reference mode only the
+    eval (round 1's DPO reference is the initial model either way), anything else (feedback, model, prompts, seed)
+    every stage."""
+    sections = {"feedback" if name == "dpo.end_of_turn" else name.split(".", 1)[0] for name in changed}
+    later: set[str] = set()
+    for stage, section in ((3, "reference_mode"), (2, "dpo"), (1, "pairs")):
+        later.add(section)
+        if sections <= later:
+            return stage
+    return 0
 
 
 def _discard_stale(output_dir: Path, changed: list[str]) -> None:
     """Settings changed before any round finished: what the first round's stages made with the earlier settings
     and the new ones decide is removed (named in a warning), so the run starts again in its folder instead of being
     refused there: the feedback (hours of sampling) stays when only pairs or DPO settings changed."""
+    names = [name for _, files in _STAGES[_stale_from(changed) :] for name in files]
+    if "dpo.end_of_turn" in changed:  # it stops the sampling but is not part of the saved batches' key
+        names.append("feedback.partial")
     removed = []
-    for _, names in _STAGES[_stale_from(changed) :]:
-        for name in names:
-            target = round_dir(output_dir, 1) / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-            else:
-                continue
-            removed.append(f"{target.parent.name}/{name}")
+    for name in names:
+        target = round_dir(output_dir, 1) / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        else:
+            continue
+        removed.append(f"{target.parent.name}/{name}")
     warnings.warn(
         f"{output_dir}: settings changed before any round finished ({', '.join(changed)}): the run starts again"
         " with them" + (f"; made with the earlier ones and removed: {', '.join(removed)}" if removed else ""),

@@ -10,6 +10,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
 
 from rlaifv.service import healthcheck
 from rlaifv.service.settings import Settings
@@ -48,18 +51,38 @@ def run(port: int, worker_port: int) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_the_api_or_the_worker_whichever_answers() -> None:
+def check(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, port: int, worker_port: int, *argv: str) -> str | None:
+    """The check in a container whose first process is `argv` (none: a command that says neither)."""
+    monkeypatch.setenv("RLAIFV_PORT", str(port))
+    monkeypatch.setenv("RLAIFV_WORKER_PORT", str(worker_port))
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_bytes(b"\0".join(arg.encode() for arg in argv or ("sh", "start.sh")) + b"\0")
+    return healthcheck.check(cmdline=cmdline)
+
+
+def test_the_api_or_the_worker_whichever_the_container_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     with answering(200) as up:
-        assert run(up, closed_port()).returncode == 0  # rlaifv serve
-        assert run(closed_port(), up).returncode == 0  # rlaifv worker: nothing on the API's port
-        assert run(closed_port(), 0).returncode == 1  # a worker without an operations port cannot be checked
+        assert check(monkeypatch, tmp_path, up, closed_port(), "/opt/venv/bin/rlaifv", "serve") is None
+        assert check(monkeypatch, tmp_path, closed_port(), up, "tini", "--", "rlaifv", "worker") is None
+        assert check(monkeypatch, tmp_path, up, closed_port()) is None  # a wrapper: the port that answers
+        assert check(monkeypatch, tmp_path, closed_port(), up) is None
+        assert check(monkeypatch, tmp_path, closed_port(), 0, "rlaifv", "worker") is None  # no port: not asked
 
 
-def test_a_503_fails_even_when_another_port_would_answer() -> None:
+def test_the_other_process_answering_does_not_stand_for_this_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With the host's network the API's port answered for a stuck worker (and the reverse)."""
+    with answering(200) as api:
+        problem = check(monkeypatch, tmp_path, api, closed_port(), "rlaifv", "worker")
+        assert problem is not None and "nothing answers" in problem
+        assert check(monkeypatch, tmp_path, closed_port(), api, "rlaifv", "serve") is not None
+
+
+def test_a_503_fails_even_when_another_port_would_answer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     with answering(503) as stuck, answering(200) as other:
-        result = run(stuck, other)
-    assert result.returncode == 1 and f"port {stuck}: /healthz HTTP 503" in result.stderr
-    result = run(closed_port(), closed_port())
+        assert check(monkeypatch, tmp_path, stuck, other) == f"port {stuck}: /healthz HTTP 503"
+    result = run(closed_port(), closed_port())  # the module as the image runs it
     assert result.returncode == 1 and "nothing answers /healthz" in result.stderr
 
 

@@ -167,7 +167,24 @@ def test_no_pairs_is_a_clear_error(tiny_model: Path, tmp_path: Path) -> None:
     config = _config(tiny_model, tmp_path / "r", rounds=1)
     with pytest.raises(TrainerError, match="round 1: no preference pairs") as info:
         run_iterate(config, _source(), labeler=ControlledLabeler(lambda q: True))
-    assert "rerun with them changed in a new output folder" in str(info.value)  # run.json refuses them here
+    assert "rerun with the settings changed" in str(info.value)
+
+
+def test_a_first_round_without_pairs_goes_on_in_its_folder_with_other_pair_settings(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """The advice was a new output folder (run.json refused the change), and the feedback was sampled again."""
+    import dataclasses
+
+    strict = _config(tiny_model, tmp_path / "r", rounds=1)
+    strict = dataclasses.replace(strict, pairs=dataclasses.replace(strict.pairs, min_score_gap=50.0))
+    with pytest.raises(TrainerError, match="round 1: no preference pairs"):
+        run_iterate(strict, _source(), labeler=_labeler())
+    with pytest.warns(UserWarning, match=r"settings changed before any round finished \(pairs.min_score_gap\)"):
+        result = run_iterate(_config(tiny_model, tmp_path / "r", rounds=1), _source(), labeler=_labeler())
+    report = json.loads((tmp_path / "r" / "round-01" / "report.json").read_text())
+    assert report["stages_reused"] == ["feedback"] and report["pairs"]["selected"] >= 1
+    assert result.exported_round == 1
 
 
 def test_iterate_config_validation_and_overrides(tmp_path: Path) -> None:
@@ -353,12 +370,37 @@ def test_a_run_written_before_a_setting_existed_resumes_while_that_setting_keeps
         return IterateConfig(model=str(tiny_model), output_dir=str(run), feedback=FeedbackConfig(**feedback))
 
     assert _check_run_file(run, config(), source) is False
-    _written_before(run, "feedback", "llm_timeout_s", "llm_retries")
+    _written_before(run, "feedback", "llm_timeout_s", "llm_max_tokens")
     assert _check_run_file(run, config(), source) is True
-    _written_before(run, "feedback", "llm_timeout_s", "llm_retries")
+    _written_before(run, "feedback", "llm_timeout_s", "llm_max_tokens")
     _finish_a_round(run)
-    with pytest.raises(RunStateError, match=r"feedback\.llm_retries"):  # not at its default: another run, named
-        _check_run_file(run, config(llm_retries=7, question_writer="llm", llm_url="http://127.0.0.1:9/v1"), source)
+    llm = {"question_writer": "llm", "llm_url": "http://127.0.0.1:9/v1"}
+    with pytest.raises(RunStateError, match=r"feedback\.llm_max_tokens"):  # not at its default: another run, named
+        _check_run_file(run, config(llm_max_tokens=7, **llm), source)
+
+
+def test_a_run_stopped_by_its_llm_goes_on_with_more_retries(tiny_model: Path, tmp_path: Path) -> None:
+    """How the LLM URL is waited on decides no score: a run stopped by "LLM reply failed" was refused in its folder
+    with more retries (or, before its first round finished, would have sampled its feedback again)."""
+    from rlaifv.trainer.feedback import feedback_key
+    from rlaifv.trainer.feedback_config import FeedbackConfig
+    from rlaifv.trainer.iterate import _check_run_file
+
+    source = _one_prompt()
+    run = tmp_path / "run"
+
+    def config(**llm) -> FeedbackConfig:
+        return FeedbackConfig(question_writer="llm", llm_url="http://127.0.0.1:9/v1", **llm)
+
+    def iterate(feedback: FeedbackConfig) -> IterateConfig:
+        return IterateConfig(model=str(tiny_model), output_dir=str(run), feedback=feedback)
+
+    assert _check_run_file(run, iterate(config()), source) is False
+    _finish_a_round(run)
+    patient = config(llm_retries=7, llm_timeout_s=300, llm_concurrency=2)
+    assert _check_run_file(run, iterate(patient), source) is True
+    assert feedback_key(patient, [tiny_model]) == feedback_key(config(), [tiny_model])  # its saved batches resume
+    assert feedback_key(config(llm_max_tokens=7), [tiny_model]) != feedback_key(config(), [tiny_model])
 
 
 def test_best_round_skips_rounds_whose_eval_could_not_say() -> None:
@@ -427,12 +469,17 @@ def test_a_section_seed_iterate_replaces_is_named() -> None:
         IterateConfig.from_dict({"model": "m", "output_dir": "o", "seed": 3, "dpo": {"seed": 3}, "pairs": {"seed": 0}})
 
 
+EVAL = ["eval.json", "bundle"]
+
+
 @pytest.mark.parametrize(
     ("changes", "removed", "kept"),
     [
-        ({"dpo": DPOConfig(beta=0.2)}, ["dpo"], ["feedback.parquet", "pairs.parquet"]),
-        ({"pairs": PairConfig(min_score_gap=0.5)}, ["pairs.parquet", "dpo"], ["feedback.parquet"]),
-        ({"seed": 3}, ["feedback.parquet", "feedback.partial", "pairs.parquet", "dpo"], []),
+        ({"reference_mode": "initial"}, EVAL, ["feedback.parquet", "pairs.parquet", "dpo"]),
+        ({"dpo": DPOConfig(beta=0.2)}, ["dpo", *EVAL], ["feedback.parquet", "pairs.parquet"]),
+        ({"pairs": PairConfig(min_score_gap=0.5)}, ["pairs.parquet", "dpo", *EVAL], ["feedback.parquet"]),
+        ({"seed": 3}, ["feedback.parquet", "pairs.parquet", "dpo", *EVAL], ["feedback.partial"]),
+        ({"dpo": DPOConfig(end_of_turn="</s>")}, ["feedback.parquet", "feedback.partial", "pairs.parquet"], []),
     ],
 )
 def test_settings_may_change_until_a_round_finishes_and_only_what_they_decide_is_made_again(
@@ -446,10 +493,10 @@ def test_settings_may_change_until_a_round_finishes_and_only_what_they_decide_is
     run = tmp_path / "run"
     assert _check_run_file(run, IterateConfig(model=str(tiny_model), output_dir=str(run)), source) is False
     round1 = run / "round-01"
-    for name in ("feedback.partial", "dpo"):
+    for name in ("feedback.partial", "dpo", "bundle"):
         (round1 / name).mkdir(parents=True)
         (round1 / name / "x").write_text("earlier")
-    for name in ("feedback.parquet", "pairs.parquet"):
+    for name in ("feedback.parquet", "pairs.parquet", "eval.json"):
         (round1 / name).write_text("earlier")
     config = IterateConfig(model=str(tiny_model), output_dir=str(run), **changes)
     with pytest.warns(UserWarning, match="settings changed before any round finished") as caught:
