@@ -40,7 +40,8 @@ def _report(output: Path) -> dict[str, Any]:
 
 @contextmanager
 def _clean_errors(progress: bool = True) -> Iterator[None]:
-    """Known errors become one red line and exit code 1, not a traceback (a run stopped by SIGTERM: 143).
+    """Known errors become one red line and exit code 1, not a traceback (a run stopped by SIGTERM: 143; by a first
+    Ctrl-C: 130).
     `progress=False` also silences transformers' own bars (loading and saving weights)."""
     from rlaifv.reward.errors import RewardError
     from rlaifv.trainer.errors import TrainerError, TrainingInterrupted
@@ -51,9 +52,9 @@ def _clean_errors(progress: bool = True) -> Iterator[None]:
         transformers_logging.disable_progress_bar()
     try:
         yield
-    except TrainingInterrupted as exc:  # asked for, not an error: 128 + SIGTERM, as if the signal had ended it
+    except TrainingInterrupted as exc:  # asked for, not an error: 128 + the signal, as if it had ended the process
         typer.secho(f"stopped: {exc}", fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(143) from None
+        raise typer.Exit(exc.exit_code) from None
     except (TrainerError, RewardError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None

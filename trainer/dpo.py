@@ -722,7 +722,7 @@ def _train_dpo(
             keep(done)
             accelerator.wait_for_everyone()
             raise TrainingInterrupted(
-                f"stopped by SIGTERM in the reference pass after {done} of {len(pairs)} pairs; their sums are saved"
+                f"in the reference pass after {done} of {len(pairs)} pairs; their sums are saved"
                 f" in {partial}: rerun the same command to resume",
                 step=0,
             )
@@ -823,7 +823,7 @@ def _train_dpo(
 
     if agreed(accelerator, stop_asked()):  # asked while loading or in the last reference batch: stop before a step
         raise TrainingInterrupted(
-            f"stopped by SIGTERM before step {updates + 1} of {total_updates}: rerun the same command to resume",
+            f"before step {updates + 1} of {total_updates}: rerun the same command to resume",
             step=updates,
         )
     batches_per_epoch = len(loader)
@@ -897,7 +897,7 @@ def _train_dpo(
                     folder = save(epoch + 1, 0) if end_of_epoch else save(epoch, epoch_updates)
                     bar.close()
                     raise TrainingInterrupted(
-                        f"stopped by SIGTERM after step {updates} of {total_updates}; state saved in {folder}:"
+                        f"after step {updates} of {total_updates}; state saved in {folder}:"
                         " rerun the same command to resume",
                         step=updates,
                     )

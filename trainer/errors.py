@@ -10,7 +10,7 @@ One root so callers (the CLI, the shapes world) can catch everything at once::
     │   └── EmptyAnswerError      question/chosen/rejected is empty or not text
     ├── RunStateError         an output folder cannot be resumed (settings changed, files damaged)
     ├── LLMReplyError         the feedback's LLM gave no usable reply for an answer or a claim
-    └── TrainingInterrupted   SIGTERM stopped a run after it saved its state (a rerun resumes)
+    └── TrainingInterrupted   SIGTERM or Ctrl-C stopped a run after it saved its state (a rerun resumes)
 """
 
 from __future__ import annotations
@@ -60,11 +60,17 @@ class RunStateError(TrainerError):
 
 
 class TrainingInterrupted(TrainerError):
-    """SIGTERM stopped training at an optimizer step after saving a checkpoint; the same command resumes it."""
+    """A stop asked for (SIGTERM, or a first Ctrl-C) ended training where its work is saved; the same command
+    resumes it. `message` says where ("after step 3 of 9; ..."); the signal and the exit code (128 + it) are set by
+    `interrupt.stop_on_sigterm`, which knows which one asked."""
 
-    def __init__(self, message: str, *, step: int) -> None:
+    def __init__(self, message: str, *, step: int, signal_name: str = "SIGTERM", exit_code: int = 143) -> None:
         super().__init__(message)
-        self.step = step
+        self.message, self.step = message, step
+        self.signal_name, self.exit_code = signal_name, exit_code
+
+    def __str__(self) -> str:
+        return f"stopped by {self.signal_name} {self.message}"
 
 
 class LLMReplyError(TrainerError):

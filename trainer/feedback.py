@@ -220,7 +220,7 @@ def collect_feedback(
             if shards is not None and stop_asked():
                 bar.close()
                 raise TrainingInterrupted(
-                    f"stopped by SIGTERM after {start} of {len(prompts)} prompts; their feedback is saved in"
+                    f"after {start} of {len(prompts)} prompts; their feedback is saved in"
                     f" {shards.folder}: rerun the same command to resume",
                     step=0,
                 )

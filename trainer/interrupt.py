@@ -1,35 +1,67 @@
-"""Stopping long trainer work where it can be kept: SIGTERM (a pod evicted, a preemptible node reclaimed) only
-asks; the work checks between units it can save (a batch of prompts, a reference batch, an optimizer step), saves
-and raises `TrainingInterrupted`, and the same command resumes. SIGINT still stops at once."""
+"""Stopping long trainer work where it can be kept: SIGTERM (a pod evicted, a preemptible node reclaimed) and a
+first Ctrl-C only ask; the work checks between units it can save (a batch of prompts, a reference batch, an
+optimizer step), saves and raises `TrainingInterrupted`, and the same command resumes. A second Ctrl-C stops at
+once, as Python's default does."""
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from rlaifv.trainer.errors import TrainingInterrupted
+
+NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
+
 
 @contextmanager
 def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
-    """While inside, SIGTERM sets a flag (the yielded function reads it) instead of ending the process; the
-    previous handler comes back on exit. A SIGTERM the work inside never acted on (it came during its last unit)
-    is sent again then, so the process still stops, with everything saved, before the next stage begins. Off the
-    main thread (which alone may take signals) the flag stays unset."""
+    """While inside, SIGTERM and a first SIGINT set a flag (the yielded function reads it) instead of ending the
+    process; a second SIGINT raises KeyboardInterrupt at once; the previous handlers come back on exit. The
+    `TrainingInterrupted` the work raises names the signal that asked and exits with 128 + it (a Ctrl-C lost the
+    steps since the last checkpoint). A stop the work inside never acted on (it came during its last unit) is
+    signalled again then, so the process still stops, with everything saved, before the next stage begins. Off
+    the main thread (which alone may take signals) the flag stays unset."""
     asked = threading.Event()
+    by: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield asked.is_set
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: asked.set())
+
+    def note(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in by:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            print(
+                "\nCtrl-C: stopping where the work is saved (the next step or batch); Ctrl-C again stops at once",
+                file=sys.stderr,
+                flush=True,
+            )
+        by.append(signum)
+        asked.set()
+
+    previous = {signum: signal.signal(signum, note) for signum in NAMES}
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
     try:
         yield asked.is_set
-    except BaseException:
-        signal.signal(signal.SIGTERM, previous)
+    except TrainingInterrupted as exc:
+        restore()
+        if by:
+            exc.signal_name, exc.exit_code = NAMES[by[0]], 128 + by[0]
         raise
-    signal.signal(signal.SIGTERM, previous)
-    if asked.is_set():
-        signal.raise_signal(signal.SIGTERM)
+    except BaseException:
+        restore()
+        raise
+    restore()
+    if by:
+        signal.raise_signal(by[0])
 
 
 def agreed(accelerator: Any, asked: bool) -> bool:

@@ -651,9 +651,33 @@ def test_a_run_stopped_by_sigterm_exits_143_not_as_an_error(capsys: pytest.Captu
     from rlaifv.trainer.errors import TrainingInterrupted
 
     with pytest.raises(typer.Exit) as stopped, _clean_errors():
-        raise TrainingInterrupted("stopped by SIGTERM after step 3 of 9", step=3)
+        raise TrainingInterrupted("after step 3 of 9", step=3)
     assert stopped.value.exit_code == 143
     assert capsys.readouterr().err.startswith("stopped: stopped by SIGTERM after step 3 of 9")
+
+
+def test_a_first_ctrl_c_stops_where_the_work_is_saved_and_a_second_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C stopped at once: a run typed at a terminal lost every step since its last checkpoint."""
+    import signal
+
+    import typer
+
+    from rlaifv.trainer.cli import _clean_errors
+    from rlaifv.trainer.errors import TrainingInterrupted
+    from rlaifv.trainer.interrupt import stop_on_sigterm
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(typer.Exit) as stopped, _clean_errors(), stop_on_sigterm() as stop_asked:
+        signal.raise_signal(signal.SIGINT)  # noted: the unit of work goes on
+        assert stop_asked()
+        raise TrainingInterrupted("after step 3 of 9; state saved", step=3)
+    assert stopped.value.exit_code == 130 and signal.getsignal(signal.SIGINT) is before
+    err = capsys.readouterr().err
+    assert "Ctrl-C again stops at once" in err and "stopped: stopped by Ctrl-C (SIGINT) after step 3 of 9" in err
+    with pytest.raises(KeyboardInterrupt), stop_on_sigterm():
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_the_reference_cache_is_written_a_row_group_at_a_time_and_reads_back(tmp_path: Path) -> None:
