@@ -559,6 +559,7 @@ class JobWorkers:
         self.serving = serving
         self.count = settings.jobs_workers
         self.claim_idle_ms = settings.jobs_claim_idle_ms
+        self.max_deliveries = settings.jobs_max_deliveries
         self.backoff_max_s = settings.jobs_backoff_max_s
         self.redis_timeout_s = settings.redis_connect_timeout_s
         self.metrics = metrics
@@ -602,12 +603,16 @@ class JobWorkers:
 
     async def _leave_group(self) -> None:
         """Remove this process's consumers that hold no entries from the group: stopped workers piled up in
-        XINFO CONSUMERS, where idle ones are looked for. One that still holds entries stays, so that another
-        worker reclaims them (deleting a consumer drops its pending entries)."""
+        XINFO CONSUMERS, where idle ones are looked for. One that still holds entries stays (deleting a consumer
+        drops its pending entries), and hands them back: another worker reclaims them at once, not after
+        `RLAIFV_JOBS_CLAIM_IDLE_MS`."""
         redis, stream = self.store.redis, self.store.stream
 
         async def leave(consumer: str) -> None:
-            if not await redis.xpending_range(stream, GROUP, "-", "+", 1, consumer):
+            held = await redis.xpending_range(stream, GROUP, "-", "+", 10 * self.batch, consumer)
+            if held:
+                await self._hand_back(consumer, [p["message_id"] for p in held])
+            else:
                 await redis.xgroup_delconsumer(stream, GROUP, consumer)
 
         try:  # one bound for all: a hung Redis must not eat the shutdown grace, consumer after consumer
@@ -615,17 +620,56 @@ class JobWorkers:
         except Exception as exc:  # Redis away: the entries stay, as a killed worker's do
             log.debug("consumers left in the group: %s", type(exc).__name__)
 
+    async def _hand_back(self, consumer: str, entry_ids: list[bytes]) -> None:
+        """Entries this consumer holds but will not run (it is stopping): still its own, but idle as long as
+        another worker's XAUTOCLAIM asks, so they are taken at once (JUSTID: their delivery count stays)."""
+        if entry_ids:
+            await self.store.redis.xclaim(
+                self.store.stream, GROUP, consumer, 0, entry_ids, idle=self.claim_idle_ms, justid=True
+            )
+
     async def _next(self, consumer: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """Stale entries of dead consumers first (XAUTOCLAIM), else new ones (XREADGROUP, blocking briefly)."""
+        """Stale entries of dead consumers first (XAUTOCLAIM), else new ones (XREADGROUP, blocking briefly). A
+        reclaimed entry delivered `RLAIFV_JOBS_MAX_DELIVERIES` times already fails instead of running again."""
         redis = self.store.redis
         _, entries, *_ = await redis.xautoclaim(
             self.store.stream, GROUP, consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=self.batch
         )
         entries = [e for e in entries if e and e[1]]
         if entries:
-            return entries
+            return await self._without_abandoned(consumer, entries)
         reply = await redis.xreadgroup(GROUP, consumer, {self.store.stream: ">"}, count=self.batch, block=250)
         return reply[0][1] if reply else []
+
+    async def _without_abandoned(
+        self, consumer: str, entries: list[tuple[bytes, dict[bytes, bytes]]]
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The entries to run; those every earlier delivery of which ended with its worker (a process killed while
+        running it, out of memory or by a crash the item itself causes) get a failed result and leave the stream:
+        reclaimed for ever, such an item took down worker after worker until its job expired."""
+        ids = {entry_id for entry_id, _ in entries}
+        pending = await self.store.redis.xpending_range(
+            self.store.stream, GROUP, "-", "+", 10 * len(ids) + 100, consumer
+        )
+        deliveries = {p["message_id"]: p["times_delivered"] for p in pending if p["message_id"] in ids}
+        kept = []
+        for entry_id, fields in entries:
+            times = deliveries.get(entry_id, 0)
+            if times <= self.max_deliveries:
+                kept.append((entry_id, fields))
+                continue
+            item = _parse_entry(entry_id, fields)
+            if item is not None:
+                message = (
+                    f"the item was taken {times - 1} times by workers that stopped while running it (killed: out of"
+                    " memory, or a crash it causes?); not tried again (RLAIFV_JOBS_MAX_DELIVERIES)"
+                )
+                entry = _failed(message, None, "item_abandoned", "internal_error")
+                log.error("job item abandoned", extra={"job": item[0], "index": item[1], "deliveries": times - 1})
+                if await self.store.record(*item, entry):
+                    self.metrics.jobs.labels(outcome="failed").inc()
+            await self.store.ack(entry_id)
+        return kept
 
     async def _consume(self, consumer: str) -> None:
         delay = 0.0
@@ -637,6 +681,9 @@ class JobWorkers:
                     await self.store.redis.xgroup_createconsumer(self.store.stream, GROUP, consumer)
                     group_ready = True
                 entries = await self._next(consumer)
+                if self._draining:  # told to stop while it read: no new items (another worker takes them now)
+                    await self._hand_back(consumer, [entry_id for entry_id, _ in entries])
+                    break
                 async with self._claimed(consumer, [entry_id for entry_id, _ in entries]):
                     outcomes = await asyncio.gather(
                         *(self._process(*entry) for entry in entries), return_exceptions=True
@@ -694,8 +741,11 @@ class JobWorkers:
                 await renewing
 
     async def _process(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        job_id = fields[b"job"].decode()
-        index = int(fields[b"index"])
+        item = _parse_entry(entry_id, fields)
+        if item is None:
+            await self.store.ack(entry_id)
+            return
+        job_id, index = item
         kind, status, has_result, item = await self.store.load(job_id, index)
         if kind is not None and status != "cancelled" and not has_result:
             if status == "queued":
@@ -738,6 +788,16 @@ class JobWorkers:
             except Overloaded:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def _parse_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[str, int] | None:
+    """The (job, item index) a stream entry names; None, logged, for an entry no version of this service wrote
+    (retried for ever, it kept the backlog above zero and workers busy)."""
+    try:
+        return fields[b"job"].decode(), int(fields[b"index"])
+    except (KeyError, ValueError, UnicodeDecodeError):
+        log.error("job stream entry %s names no job item (fields %s): dropped", entry_id.decode(), sorted(fields))
+        return None
 
 
 def _write_refused(exc: ResponseError) -> bool:

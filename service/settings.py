@@ -261,6 +261,12 @@ class Settings(BaseSettings):
     jobs_claim_idle_ms: int = Field(
         60_000, ge=100, le=7 * 24 * 3600 * 1000, description="Idle time after which another worker reclaims a job."
     )
+    jobs_max_deliveries: int = Field(
+        5,
+        ge=1,
+        description="An item taken this many times by workers that stopped while running it (killed: out of memory,"
+        " a crash it causes) fails with code item_abandoned instead of being taken again.",
+    )
     jobs_max_items: int = Field(10_000, ge=1, description="Most items in one batch job.")
     jobs_page_size: int = Field(
         500, ge=1, le=10_000, description="Results read from Redis per round trip while streaming a job's results."

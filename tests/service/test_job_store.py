@@ -250,6 +250,9 @@ async def test_a_stopping_worker_finishes_the_item_in_hand_within_its_grace(stor
     await workers.stop(grace_s=0)
     held = await store.redis.xinfo_consumers(store.stream, "rlaifv-workers")
     assert [c["pending"] for c in held] == [1]
+    # ... handed back: another worker takes it at once, not a claim-idle time (60 s) later
+    _, taken, *_ = await store.redis.xautoclaim(store.stream, "rlaifv-workers", "next", 60_000, count=10)
+    assert len(taken) == 1
 
 
 async def test_a_lost_reply_after_the_job_was_created_keeps_its_idempotency_key(
@@ -716,3 +719,117 @@ async def test_a_reader_without_write_access_lists_and_skips_expired_entries(sto
         admin.execute_command("ACL", "DELUSER", user)
     assert await listed(store, owner) == [ids[2], ids[1]]  # a writer trims it
     assert await store.redis.zscore(OWNERS + owner, ids[0]) is None
+
+
+class _Scored:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def rewards(self, request: Any, http_request: Any) -> Any:
+        from pydantic import BaseModel
+
+        class Scored(BaseModel):
+            rewards: list[float]
+
+        self.calls += 1
+        return Scored(rewards=[0.5])
+
+
+async def _until(condition: Any, what: str) -> None:
+    """Await `condition()` turning true, checking on each event-loop turn; fail after 30 s of wall time."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 30
+    while not await condition():
+        assert loop.time() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_stream_entry_that_names_no_item_is_dropped_not_retried_for_ever(store: JobStore) -> None:
+    """An entry without an index (written by hand, by another program) raised in the consumer, was reclaimed every
+    claim-idle period for ever and held the backlog (KEDA's signal) above zero."""
+    from rlaifv.service.jobs import GROUP, JobWorkers
+    from rlaifv.service.metrics import Metrics
+
+    await store.ensure_group()
+    for fields in ({"job": "job-0000"}, {"foo": "bar"}, {"job": "job-x", "index": "not a number"}):
+        await store.redis.xadd(store.stream, fields)
+    serving = _Scored()
+    settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=1)
+    workers = JobWorkers(store, serving, settings, Metrics())  # type: ignore[arg-type]
+    job = await store.create(request(1))
+    workers.start()
+
+    async def done() -> bool:
+        state = await store.get(job.id)
+        return state is not None and state.status == "succeeded"
+
+    await _until(done, "the job after the bad entries")
+    await workers.stop(grace_s=5)
+    assert (await store.redis.xpending(store.stream, GROUP))["pending"] == 0 and serving.calls == 1
+
+
+@pytest.mark.parametrize("deliveries", [2, 3])
+async def test_an_item_whose_workers_all_died_fails_after_the_most_deliveries(store: JobStore, deliveries: int) -> None:
+    """An item that kills its worker (out of memory, a crash in a driver) was reclaimed by worker after worker
+    until its job expired; after RLAIFV_JOBS_MAX_DELIVERIES takings it fails instead (and one under the bound
+    still runs)."""
+    from rlaifv.service.jobs import GROUP, JobWorkers
+    from rlaifv.service.metrics import Metrics
+
+    settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=1, jobs_claim_idle_ms=100)
+    settings = settings.model_copy(update={"jobs_max_deliveries": 3})
+    job = await store.create(request(1))
+    await store.ensure_group()
+    await store.redis.xreadgroup(GROUP, "dead-0", {store.stream: ">"}, count=10)  # delivery 1
+    (entry_id,) = [p["message_id"] for p in await store.redis.xpending_range(store.stream, GROUP, "-", "+", 10)]
+    for k in range(deliveries - 1):  # taken again by workers that died in turn
+        await store.redis.xclaim(store.stream, GROUP, f"dead-{k + 1}", 0, [entry_id], idle=100_000)
+    serving = _Scored()
+    workers = JobWorkers(store, serving, settings, Metrics())  # type: ignore[arg-type]
+    workers.start()  # its own taking makes deliveries + 1
+
+    async def finished() -> bool:
+        state = await store.get(job.id)
+        return state is not None and state.status in ("succeeded", "failed")
+
+    await _until(finished, "the reclaimed item's outcome")
+    await workers.stop(grace_s=5)
+    state = await store.get(job.id)
+    assert state is not None
+    if deliveries + 1 > 3:
+        assert (state.status, serving.calls) == ("failed", 0)
+        results = [json.loads(line) for line in [line async for line in store.result_lines(state)]]
+        assert results[0]["error"]["code"] == "item_abandoned" and "taken 3 times" in results[0]["error"]["message"]
+    else:
+        assert (state.status, serving.calls) == ("succeeded", 1)
+    assert (await store.redis.xpending(store.stream, GROUP))["pending"] == 0
+
+
+async def test_items_read_while_the_worker_is_told_to_stop_are_handed_back_not_run(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM came while the consumer waited in XREADGROUP: the draining worker ran the items it then got."""
+    from rlaifv.service.jobs import GROUP, JobWorkers
+    from rlaifv.service.metrics import Metrics
+
+    serving = _Scored()
+    settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=1)
+    workers = JobWorkers(store, serving, settings, Metrics())  # type: ignore[arg-type]
+    job = await store.create(request(2))
+    real_next, read = workers._next, asyncio.Event()
+
+    async def told_to_stop_meanwhile(consumer: str) -> Any:
+        entries = await real_next(consumer)
+        if entries:
+            workers._draining = True
+            read.set()
+        return entries
+
+    monkeypatch.setattr(workers, "_next", told_to_stop_meanwhile)
+    workers.start()
+    await read.wait()
+    await workers.stop(grace_s=5)
+    state = await store.get(job.id)
+    assert state is not None and (state.status, serving.calls) == ("queued", 0)
+    _, taken, *_ = await store.redis.xautoclaim(store.stream, GROUP, "next", settings.jobs_claim_idle_ms, count=10)
+    assert len(taken) == 2  # at once, by the next worker
