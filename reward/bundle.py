@@ -135,9 +135,12 @@ def write_manifest(folder: str | Path, manifest: BundleManifest) -> Path:
 
 def check_bundle(folder: str | Path, *, weights: bool = True) -> BundleManifest:
     """Everything about a bundle that is known without loading a model: the manifest, both model folders (their
-    configs and, with `weights`, their safetensors headers), the policy type, the shared tokenizer. `load_bundle`
-    runs it first; `rlaifv serve` runs it before starting, so a broken bundle is one line, not a traceback inside the
-    server's start-up. `weights=False` for engines that load no weights here (vLLM)."""
+    configs and, with `weights`, their safetensors headers), the policy type, the shared tokenizer, and what the
+    service's processor (the reference's) needs: an image processor for a vision-language model, a chat template,
+    the manifest's end_of_turn among its tokens. `load_bundle` runs it first; `rlaifv serve` runs it before
+    starting, so a broken bundle is one line, not a traceback inside the server's start-up. `weights=False` for
+    engines that load no weights here (vLLM)."""
+    from rlaifv.reward.bundle_create import check_served_files, end_of_turn_problem
     from rlaifv.reward.errors import ModelLoadError
     from rlaifv.reward.models import check_model_folder
 
@@ -154,7 +157,15 @@ def check_bundle(folder: str | Path, *, weights: bool = True) -> BundleManifest:
         raise BundleError(f"bundle {folder}: policy_type is 'lora' but {policy_path} has no adapter_config.json")
     if manifest.policy_type == "full" and has_adapter:
         raise BundleError(f"bundle {folder}: {policy_path} is a LoRA adapter; set policy_type to 'lora'")
+    if (reference_path / "adapter_config.json").is_file():
+        raise BundleError(f"bundle {folder}: reference folder {reference_path} is a LoRA adapter, not a full model")
     check_tokenizers_match(policy_path, reference_path)
+    try:
+        check_served_files(policy_path, reference_path)
+    except BundleError as exc:
+        raise BundleError(f"bundle {folder}: {exc}") from None
+    if manifest.end_of_turn is not None and (problem := end_of_turn_problem(reference_path, manifest.end_of_turn)):
+        raise BundleError(f"{Path(folder) / MANIFEST} is invalid: field 'end_of_turn': {problem}")
     return manifest
 
 
@@ -257,10 +268,20 @@ def write_bundle(
     import shutil
 
     folder = Path(folder)
-    for source in (Path(policy), Path(reference)):
+    for key, source in (("policy", Path(policy)), ("reference", Path(reference))):
         if copy and source.is_dir() and folder.resolve().is_relative_to(source.resolve()):
             raise BundleError(  # copytree would copy the bundle into itself until the path is too long
                 f"the bundle folder {folder} is inside the model folder {source} it would copy: put it elsewhere"
+            )
+        target = folder / key  # the copy replaces it (rmtree first): a source inside it would be deleted
+        if (
+            copy
+            and target.exists()
+            and source.resolve().is_relative_to(target.resolve())
+            and target.resolve() != source.resolve()
+        ):
+            raise BundleError(
+                f"the model folder {source} is inside {target}, which the bundle's copy replaces: put it elsewhere"
             )
     folder.mkdir(parents=True, exist_ok=True)
     entries: dict[str, str] = {}

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rlaifv.reward.bundle import (
+    MANIFEST,
     BundleManifest,
     _vocab_fingerprint,
     read_manifest,
@@ -393,10 +394,107 @@ def lora_base_mismatch(adapter: Path, reference: Path) -> str | None:
         return None
     if _weights_sample(base) == _weights_sample(reference):
         return None
-    return (
-        f"the LoRA adapter {adapter} was trained over {base} (its adapter_config.json), whose weights differ from"
-        f" the reference {reference}: the bundle's policy is the adapter over the reference, not the model trained"
+    # PEFT (AutoPeftModel) hands the recorded path to from_pretrained as it is: a relative one is read from the
+    # current folder, not the adapter's, so it is read here the same way, and the warning says so.
+    where = (
+        ""
+        if base.is_absolute()
+        else f", a relative path read from the current folder {Path.cwd()} as PEFT reads it, i.e. {base.resolve()}"
     )
+    return (
+        f"the LoRA adapter {adapter} was trained over {recorded} (its adapter_config.json{where}), whose weights"
+        f" differ from the reference {reference}: the bundle's policy is the adapter over the reference, not the"
+        " model trained"
+    )
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether the folder's files hold a chat template where transformers reads one (chat_template.jinja,
+    chat_template.json, additional_chat_templates/, or the chat_template of processor_config.json or
+    tokenizer_config.json), without loading the processor."""
+    jinja, extra = folder / "chat_template.jinja", folder / "additional_chat_templates"
+    if jinja.is_file() and jinja.read_text(errors="replace").strip():
+        return True
+    if extra.is_dir() and any(extra.glob("*.jinja")):
+        return True
+    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
+        path = folder / name
+        if path.is_file() and read_json_object(path, BundleError).get("chat_template"):
+            return True
+    return False
+
+
+def check_served_files(policy: Path, reference: Path) -> None:
+    """What the service's processor (the reference's) needs, read from the files without loading anything: an
+    image processor for a vision-language model, a chat template. `check_compatible` runs it before making a
+    bundle, `reward.bundle.check_bundle` before serving one. Processors that run their own code are left to the
+    service, which may trust it."""
+    from rlaifv.reward.models import is_text_only
+
+    remote = _needs_remote_code(reference)
+    ref_images = image_settings(reference)
+    if ref_images is None and image_settings(policy) is not None:  # both without one: a text-only pair, served too
+        raise BundleError(
+            f"reference folder {reference} has no image processor (processor_config.json or "
+            "preprocessor_config.json) but the policy has one: the bundle's processor comes from the reference"
+        )
+    config = reference / "config.json"
+    model_type = read_json_object(config, BundleError).get("model_type") if config.is_file() else None
+    if ref_images is None and not is_text_only(model_type) and not remote:
+        raise BundleError(
+            f"reference folder {reference} holds a vision-language model (model_type {model_type!r}) but has no "
+            "image processor (processor_config.json or preprocessor_config.json): copy the processor files of the "
+            "model it was trained from"
+        )
+    if not remote and not has_chat_template(reference):
+        raise BundleError(
+            f"reference folder {reference} has no chat template (chat_template.jinja, chat_template.json, or "
+            "chat_template in processor_config.json or tokenizer_config.json): prompts cannot be rendered"
+        )
+
+
+def end_of_turn_problem(reference: Path, token: str) -> str | None:
+    """Why `token` cannot close an answer with the reference's tokenizer (not one of its tokens); None when it can
+    or the folder has no tokenizer.json to tell (the load decides)."""
+    facts = tokenizer_facts(reference)
+    if facts is None or token in facts.tokens:
+        return None
+    special = {v for k, v in facts.special.items() if k != "extra_special_tokens"}
+    special |= set(json.loads(facts.special.get("extra_special_tokens", "[]")))
+    return (
+        f"end-of-turn token {token!r} is not in the reference's vocabulary of {facts.size} tokens "
+        f"({reference / 'tokenizer.json'}; its special tokens: {', '.join(sorted(special))})"
+    )
+
+
+def _refuse_unservable_source(folder: Path, what: str) -> None:
+    """Folders `bundle create` is given by mistake, named with the fix: a bundle (its model folders are the
+    sources) and checkpoints in their authors' layout, which `rlaifv convert` turns into servable folders."""
+    if (folder / MANIFEST).is_file():
+        try:
+            manifest = read_manifest(folder)
+            inner = f"its {what} folder, {resolve(folder, getattr(manifest, what))}"
+        except BundleError:
+            inner = "the model folders its manifest names"
+        raise BundleError(f"{what} folder {folder} is a bundle (it holds {MANIFEST}), not a model folder: use {inner}")
+    if not (folder / "config.json").is_file():
+        return
+    config = read_json_object(folder / "config.json", BundleError)
+    model_type = config.get("model_type")
+    original_llava = model_type == "llava_llama" or (
+        model_type == "llava" and "text_config" not in config and "mm_vision_tower" in config
+    )
+    if original_llava:
+        raise BundleError(
+            f"{what} folder {folder} is a LLaVA checkpoint in the original repository's format (model_type "
+            f"{model_type!r}), which transformers does not load: convert it first with "
+            f"`rlaifv convert llava {folder} --vision CLIP_FOLDER -o OUTPUT` and use OUTPUT"
+        )
+    if model_type == "omnilmm" and config.get("im_patch_token_id") is None:
+        raise BundleError(
+            f"{what} folder {folder} is a published OmniLMM folder (its config.json has no im_patch_token_id): "
+            f"convert it first with `rlaifv convert omnilmm {folder} -o OUTPUT` and use OUTPUT"
+        )
 
 
 def check_compatible(policy: Path, reference: Path, *, end_of_turn: str | None = None) -> PolicyType:
@@ -404,8 +502,8 @@ def check_compatible(policy: Path, reference: Path, *, end_of_turn: str | None =
 
     Everything here reads the source folders (configs, tokenizers, safetensors headers) before anything is copied,
     and refuses what the service would refuse on loading the bundle."""
-    from rlaifv.reward.models import is_text_only
-
+    _refuse_unservable_source(reference, "reference")
+    _refuse_unservable_source(policy, "policy")
     _check_model(reference, "reference")
     _check_model(policy, "policy")
     if detect_policy_type(reference) == "lora":
@@ -417,19 +515,8 @@ def check_compatible(policy: Path, reference: Path, *, end_of_turn: str | None =
             f"reference folder {reference} has no tokenizer.json: the bundle's tokenizer comes from the reference "
             "(re-save it with AutoTokenizer.from_pretrained(path).save_pretrained(path) to write one)"
         )
+    check_served_files(policy, reference)
     ref_images = image_settings(reference)
-    if ref_images is None and image_settings(policy) is not None:  # both without one: a text-only pair, served too
-        raise BundleError(
-            f"reference folder {reference} has no image processor (processor_config.json or "
-            "preprocessor_config.json) but the policy has one: the bundle's processor comes from the reference"
-        )
-    model_type = read_json_object(reference / "config.json", BundleError).get("model_type")
-    if ref_images is None and not is_text_only(model_type) and not _needs_remote_code(reference):
-        raise BundleError(
-            f"reference folder {reference} holds a vision-language model (model_type {model_type!r}) but has no "
-            "image processor (processor_config.json or preprocessor_config.json): copy the processor files of the "
-            "model it was trained from"
-        )
     _check_processor(reference)
     problems: list[str] = []
     policy_tok = tokenizer_facts(policy)
@@ -460,11 +547,8 @@ def check_compatible(policy: Path, reference: Path, *, end_of_turn: str | None =
             f"the reference's tokenizer ({reference}) has no eos_token, so nothing marks the end of an answer:"
             " name the end-of-turn token with --end-of-turn"
         )
-    if end_of_turn is not None and end_of_turn not in ref_tok.tokens:
-        raise BundleError(
-            f"end-of-turn token {end_of_turn!r} is not in the reference's vocabulary of {ref_tok.size} tokens "
-            f"(its special tokens: {', '.join(sorted(set(ref_tok.special.values())))})"
-        )
+    if end_of_turn is not None and (problem := end_of_turn_problem(reference, end_of_turn)):
+        raise BundleError(problem)
     _check_weights_complete(reference, "reference")
     if policy_type == "full" and policy != reference:
         _check_weights_complete(policy, "policy")
@@ -487,7 +571,18 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def _prepare_output(output: Path, sources: list[Path], *, copy: bool, force: bool) -> None:
+def _prepare_output(output: Path, sources: list[Path], *, force: bool) -> None:
+    """Refuse, before anything is read, written or removed, an output the bundle cannot take the place of: one that
+    overlaps a source (the copy would go into itself, or replacing the output would delete the source), one that
+    holds the current folder, and, even with `force`, a non-empty folder that is not a bundle (`--force` on a
+    project folder deleted the project). A link as output is replaced, never followed."""
+    for parent in output.parents:
+        if parent.is_symlink() and not parent.exists():
+            raise BundleError(f"output {output}: {parent} is a broken link")
+        if parent.exists():
+            if not parent.is_dir():
+                raise BundleError(f"output {output}: {parent} is a file, not a folder")
+            break
     if output.exists() and _inside(Path.cwd(), output):
         raise BundleError(
             f"output folder {output} holds the current folder, which replacing it would delete: "
@@ -495,16 +590,34 @@ def _prepare_output(output: Path, sources: list[Path], *, copy: bool, force: boo
         )
     for source in sources:
         if _inside(output, source):
-            raise BundleError(f"output folder {output} is inside the model folder {source}: choose another output")
-        if _inside(source, output) and not copy:
             raise BundleError(
-                f"model folder {source} is inside the output folder {output}: a linked bundle would point into "
-                "the folder it replaces; use --copy or another output"
+                f"output folder {output} is inside the model folder {source} (they overlap): choose another output"
             )
+        if _inside(source, output):
+            raise BundleError(
+                f"output folder {output} overlaps the model folder {source}, which is inside it: writing the bundle"
+                " there would replace the folder it is made from; choose another output"
+            )
+    if output.is_symlink():
+        if not force:
+            raise BundleError(
+                f"output {output} is a link: pass --force to replace the link (what it points to is kept) or choose"
+                " another output"
+            )
+        return
     if output.exists() and not output.is_dir():
         raise BundleError(f"output {output} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        raise BundleError(f"output folder {output} is not empty: choose another output or pass --force to replace it")
+    held = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
+    if held and not (output / MANIFEST).is_file():
+        raise BundleError(
+            f"output folder {output} is not empty and is not a bundle (no {MANIFEST}; it holds {_sample(held)}): "
+            "--force replaces only a bundle folder; choose another output or empty this one yourself"
+        )
+    if held and not force:
+        raise BundleError(
+            f"output folder {output} is not empty (it holds a bundle): choose another output or pass --force to "
+            "replace it"
+        )
 
 
 def _rlaifv_version() -> str:
@@ -532,8 +645,9 @@ def create_bundle(
 
     The bundle is assembled in a temporary sibling folder and moved into place only
     when complete, so a failed copy never leaves a half-written bundle (or, with
-    `force`, destroys the old one). `copy=False` records absolute paths instead, for
-    models kept on shared storage.
+    `force`, destroys the old one). `force` replaces only a bundle (a folder holding
+    rlaifv.json) or a link, never a folder of other files or one holding a source.
+    `copy=False` records absolute paths instead, for models kept on shared storage.
     """
     output = Path(os.path.abspath(Path(output).expanduser()))  # `..` collapsed; a link as output stays one
     policy_path, reference_path = Path(policy).expanduser().resolve(), Path(reference).expanduser().resolve()
@@ -544,8 +658,8 @@ def create_bundle(
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise BundleError(f"invalid bundle settings: {problems}") from None
+    _prepare_output(output, [policy_path, reference_path], force=force)
     policy_type = check_compatible(policy_path, reference_path, end_of_turn=end_of_turn)
-    _prepare_output(output, [policy_path, reference_path], copy=copy, force=force)
     if policy_path == reference_path:
         warnings.warn(
             f"the policy and the reference are the same folder ({policy_path}): every reward will be 0",
@@ -585,7 +699,16 @@ def create_bundle(
                 + str(exc).replace(str(staging), str(output))
                 + "); nothing was written"
             ) from None
-        if output.exists():
+        _prepare_output(output, [policy_path, reference_path], force=force)  # again: the copy may have taken long
+        if output.is_symlink():  # replaced, not followed: what it points to is kept
+            target = os.readlink(output)
+            output.unlink()
+            try:
+                staging.rename(output)
+            except OSError:
+                output.symlink_to(target)
+                raise
+        elif output.exists():
             retired = output.with_name(staging.name + ".old")
             output.rename(retired)
             try:
@@ -608,7 +731,9 @@ class ModelSummary(BaseModel):
     """One model folder of a bundle, from its configs and safetensors headers."""
 
     path: str
-    stored: Literal["copied", "linked"] = Field(description="'linked': the manifest holds an absolute path.")
+    stored: Literal["copied", "linked"] = Field(
+        description="'copied': inside the bundle folder; 'linked': outside it (an absolute path, `..` or a link)."
+    )
     kind: PolicyType
     model_type: str | None = None
     architecture: str | None = None
@@ -673,7 +798,8 @@ def describe_bundle(folder: str | Path) -> BundleDescription:
         path = resolve(folder, entry)
         if not path.is_dir():
             raise BundleError(f"bundle {folder}: {role} folder {path} does not exist")
-        models[role] = summarize_model(path.resolve(), linked=Path(entry).expanduser().is_absolute())
+        # linked: what the bundle does not hold, however the manifest reaches it (an absolute path, `..`, a link)
+        models[role] = summarize_model(path.resolve(), linked=not _inside(path, Path(folder)))
     if models["policy"].kind != manifest.policy_type:  # what loading the bundle refuses: say so here too
         raise BundleError(
             f"bundle {folder}: the manifest says policy_type {manifest.policy_type!r} but the policy folder holds"

@@ -69,7 +69,12 @@ def create(
             help="Copy the model folders into the bundle, or record their absolute paths (shared model storage).",
         ),
     ] = True,
-    force: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Replace an existing bundle (a folder holding rlaifv.json) or a link; never a folder of other files."
+        ),
+    ] = False,
 ) -> None:
     """Check that policy and reference share tokenizer and image preprocessing, then write the bundle."""
     from rlaifv.reward.bundle_create import create_bundle, describe_bundle

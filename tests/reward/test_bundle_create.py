@@ -147,14 +147,27 @@ def test_refuses_bad_settings(models, tmp_path):
 
 def test_refuses_a_non_empty_output_unless_forced(models, tmp_path):
     out = tmp_path / "taken"
-    out.mkdir()
-    (out / "notes.txt").write_text("keep me")
-    with pytest.raises(BundleError, match=r"is not empty: .* --force"):
+    create_bundle(out, policy=models["policy"], reference=models["reference"], beta=0.2)
+    with pytest.raises(BundleError, match=r"is not empty \(it holds a bundle\): .* --force"):
         create_bundle(out, policy=models["policy"], reference=models["reference"])
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert read_manifest(out).beta == 0.2
     create_bundle(out, policy=models["policy"], reference=models["reference"], force=True)
     assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, "policy", "reference"])
+    assert read_manifest(out).beta == 0.1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_force_never_replaces_a_folder_that_is_not_a_bundle(models, tmp_path):
+    """`--force` replaced any non-empty folder: `-o myproject --force` deleted the project."""
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / "src").mkdir()
+    for force in (False, True):
+        with pytest.raises(BundleError, match=r"is not a bundle \(no rlaifv.json; it holds 'notes.txt', 'src'\)"):
+            create_bundle(out, policy=models["policy"], reference=models["reference"], force=force)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]
 
 
 def test_refuses_an_output_inside_a_source(models, tmp_path):

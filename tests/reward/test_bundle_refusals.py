@@ -109,6 +109,21 @@ def _break(kind: str, folder: Path, tmp_path: Path) -> None:
         target = _copy(folder / "policy", tmp_path / "linked-policy")
         _edit_json(folder / MANIFEST, policy=str(target))
         shutil.rmtree(target)
+    elif kind == "end_of_turn":
+        _edit_json(folder / MANIFEST, end_of_turn="<nope>")
+    elif kind == "no chat template":
+        _drop_chat_template(folder / "reference")
+    elif kind == "no image processor":
+        for role in ("policy", "reference"):
+            (folder / role / "processor_config.json").unlink()
+
+
+def _drop_chat_template(folder: Path) -> None:
+    (folder / "chat_template.jinja").unlink()
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        config = json.loads((folder / name).read_text())
+        config.pop("chat_template", None)
+        (folder / name).write_text(json.dumps(config))
 
 
 BROKEN = {
@@ -117,6 +132,12 @@ BROKEN = {
     "truncated": r"policy/model.safetensors is truncated",
     "tokenizer.json": r"policy/tokenizer.json is not a JSON object",
     "moved link": r"linked-policy does not exist",
+    # what `bundle create` refuses, found by serve before loading (they were a traceback in uvicorn's lifespan, exit 3)
+    "end_of_turn": r"b/rlaifv.json is invalid: field 'end_of_turn': end-of-turn token '<nope>' is not in the "
+    r"reference's vocabulary of 125 tokens \(.*/reference/tokenizer.json; its special tokens: .*</s>",
+    "no chat template": r"reference folder .*/reference has no chat template",
+    "no image processor": r"reference folder .*/reference holds a vision-language model \(model_type 'llava'\) but "
+    r"has no image processor",
 }
 
 
@@ -152,11 +173,7 @@ def test_serve_refuses_a_broken_bundle_in_one_line_before_loading(kind, bundle, 
 
 def test_refuses_a_reference_without_a_chat_template(models, tmp_path):
     reference = _copy(models["reference"], tmp_path / "no-template")
-    (reference / "chat_template.jinja").unlink()
-    for name in ("processor_config.json", "tokenizer_config.json"):
-        config = json.loads((reference / name).read_text())
-        config.pop("chat_template", None)
-        (reference / name).write_text(json.dumps(config))
+    _drop_chat_template(reference)
     message = _refusal(tmp_path, policy=models["policy"], reference=reference)
     assert "has no chat template" in message and str(reference) in message
 
@@ -270,11 +287,14 @@ def test_bundle_check_ends_in_one_error_line(bundle, tmp_path):
 
     tokenizer = _copy(bundle, tmp_path / "tok")
     (tokenizer / "policy" / "tokenizer.json").write_text("{not json")
+    end_of_turn = _copy(bundle, tmp_path / "eot")
+    _edit_json(end_of_turn / MANIFEST, end_of_turn="<nope>")
     truncated = _copy(bundle, tmp_path / "trunc")
     weights = truncated / "reference" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     cases = [
         ([str(tokenizer)], "tok/policy/tokenizer.json is not valid JSON"),
+        ([str(end_of_turn)], "eot/rlaifv.json is invalid: field 'end_of_turn': end-of-turn token '<nope>' is not in"),
         ([str(truncated)], "trunc/reference/model.safetensors is truncated"),
         ([str(bundle), "--device", "tpu"], "error: --device: unknown device 'tpu'"),
         ([str(bundle), "--dtype", "int8"], "error: --dtype: unknown dtype 'int8'"),
@@ -402,3 +422,140 @@ def test_a_single_file_beside_a_stale_shard_index_loads_as_transformers_loads_it
     assert (folder / "model.safetensors").is_file() and (folder / "model.safetensors.index.json").is_file()
     check_model_folder(folder)
     load_model(folder, device="cpu")
+
+
+# -- 9: what an output may replace, what inspect calls linked, sources given by mistake --------------------------------
+
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("copy", [True, False])
+@pytest.mark.parametrize("force", [True, False])
+def test_an_output_holding_the_sources_is_refused_and_nothing_is_deleted(copy, force, models, tmp_path, monkeypatch):
+    """`-o zoo --force` with both sources inside zoo renamed zoo aside and deleted it: the sources and the user's
+    other files with it (refused only with --link)."""
+    zoo = tmp_path / "zoo"
+    _copy(models["policy"], zoo / "pol")
+    _copy(models["reference"], zoo / "ref")
+    (zoo / "notes.txt").write_text("keep me")
+    before = _tree(zoo)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        BundleError, match=r"output folder .*/zoo overlaps the model folder .*/zoo/pol, which is inside"
+    ):
+        create_bundle("zoo", policy="zoo/pol", reference="zoo/ref", copy=copy, force=force)
+    assert _tree(zoo) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo"]
+
+
+def test_force_replaces_a_linked_output_not_what_it_points_to(models, bundle, tmp_path):
+    kept = _copy(bundle, tmp_path / "kept")
+    link = tmp_path / "current"
+    link.symlink_to(kept)
+    with pytest.raises(BundleError, match="is a link: pass --force"):
+        create_bundle(link, policy=models["policy"], reference=models["reference"], beta=0.5)
+    create_bundle(link, policy=models["policy"], reference=models["reference"], beta=0.5, force=True)
+    assert not link.is_symlink() and read_manifest(link).beta == 0.5
+    assert _tree(kept) == _tree(bundle) and read_manifest(kept).beta == 0.1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "kept"]
+
+
+def test_write_bundle_refuses_a_source_inside_the_folder_its_copy_replaces(models, tmp_path):
+    from rlaifv.reward.bundle import write_bundle
+
+    inner = _copy(models["policy"], tmp_path / "b" / "policy" / "checkpoint")
+    with pytest.raises(BundleError, match=r"checkpoint is inside .*/b/policy, which the bundle's copy replaces"):
+        write_bundle(tmp_path / "b", policy=inner, reference=models["reference"])
+    assert (inner / "model.safetensors").is_file() and not (tmp_path / "b" / MANIFEST).exists()
+
+
+def test_an_output_below_a_file_is_named(models, tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(BundleError, match=r"output .*/afile/x: .*/afile is a file, not a folder"):
+        create_bundle(tmp_path / "afile" / "x", policy=models["policy"], reference=models["reference"])
+
+
+def test_inspect_calls_linked_what_lies_outside_the_bundle(models, bundle, tmp_path):
+    """Only an absolute path in the manifest was 'linked': `../` paths and linked folders showed as 'copied'."""
+    sources = _copy(bundle, tmp_path / "store")
+    dotdot = tmp_path / "deep" / "dotdot"
+    dotdot.mkdir(parents=True)
+    (dotdot / MANIFEST).write_text(
+        json.dumps({"policy": "../../store/policy", "reference": str(sources / "reference")})
+    )
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "policy").symlink_to(sources / "policy")
+    _copy(sources / "reference", linked / "reference")
+    (linked / MANIFEST).write_text(json.dumps({"policy": "policy", "reference": str(linked / "reference")}))
+    first, second = describe_bundle(dotdot), describe_bundle(linked)
+    assert (first.policy.stored, first.reference.stored) == ("linked", "linked")
+    assert (second.policy.stored, second.reference.stored) == ("linked", "copied")  # absolute but inside: copied
+    assert (describe_bundle(bundle).policy.stored, describe_bundle(bundle).reference.stored) == ("copied", "copied")
+
+
+def test_a_bundle_given_as_a_source_names_its_model_folders(models, bundle, tmp_path):
+    message = _refusal(tmp_path, policy=bundle, reference=models["reference"])
+    assert message == (
+        f"policy folder {bundle} is a bundle (it holds rlaifv.json), not a model folder: use its policy folder, "
+        f"{bundle / 'policy'}"
+    )
+    message = _refusal(tmp_path, policy=models["policy"], reference=bundle)
+    assert message.endswith(f"use its reference folder, {bundle / 'reference'}")
+
+
+@pytest.mark.parametrize(
+    ("config", "command"),
+    [
+        ({"model_type": "llava_llama", "mm_vision_tower": "openai/clip-vit-large-patch14-336"}, "rlaifv convert llava"),
+        ({"model_type": "llava", "mm_vision_tower": "openai/clip-vit-large-patch14-336"}, "rlaifv convert llava"),
+        ({"model_type": "omnilmm", "num_query": 4}, "rlaifv convert omnilmm"),
+    ],
+)
+def test_an_unconverted_original_checkpoint_names_the_converter(config, command, models, tmp_path):
+    original = tmp_path / "original"
+    original.mkdir()
+    (original / "config.json").write_text(json.dumps(config))
+    (original / "pytorch_model.bin").write_bytes(b"")
+    message = _refusal(tmp_path, policy=original, reference=models["reference"])
+    assert message.startswith(f"policy folder {original} is ") and f"`{command} {original}" in message, message
+
+
+def test_a_relative_lora_base_is_read_from_the_current_folder_as_peft_does(models, tmp_path, monkeypatch):
+    """PEFT hands base_model_name_or_path to from_pretrained unchanged: a relative one is read from the current
+    folder; the warning says so (it read as if it were where the adapter is)."""
+    from rlaifv.trainer.shapes.tiny_vlm import random_lora
+
+    adapter = random_lora(models["policy"], tmp_path / "adapter")
+    _copy(models["policy"], tmp_path / "cwd" / "base")
+    _edit_json(adapter / "adapter_config.json", base_model_name_or_path="base")
+    monkeypatch.chdir(tmp_path / "cwd")
+    with pytest.warns(UserWarning) as warned:
+        create_bundle(tmp_path / "out", policy=adapter, reference=models["reference"])
+    message = str(warned[0].message)
+    assert (
+        f"trained over base (its adapter_config.json, a relative path read from the current folder {tmp_path / 'cwd'}"
+        in message
+    )
+    assert f"i.e. {tmp_path / 'cwd' / 'base'}), whose weights differ from the reference" in message
+
+
+def test_the_output_is_checked_again_after_the_copy(models, tmp_path, monkeypatch):
+    """The copy of a large model takes minutes: files put in the (empty) output meanwhile are not replaced."""
+    from rlaifv.reward import bundle_create
+
+    out = tmp_path / "out"
+    out.mkdir()
+    write = bundle_create.write_bundle
+
+    def write_then_fill(*args, **kwargs):
+        manifest = write(*args, **kwargs)
+        (out / "notes.txt").write_text("written while the bundle was copied")
+        return manifest
+
+    monkeypatch.setattr(bundle_create, "write_bundle", write_then_fill)
+    with pytest.raises(BundleError, match=r"is not a bundle \(no rlaifv.json; it holds 'notes.txt'\)"):
+        create_bundle(out, policy=models["policy"], reference=models["reference"], force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and _tree(out) == ["notes.txt"]
