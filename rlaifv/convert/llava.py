@@ -11,7 +11,10 @@ the auto classes cannot load. The converter reproduces what the original code do
 
 The original splices features at a negative placeholder id (-200); the HF format needs a real `<image>` token, so
 one is appended to the vocabulary and the embedding and LM-head matrices grow by one row (the mean of the others:
-the row is overwritten by image features on input and the token is never a sampling target).
+the row is overwritten by image features on input and the token is never a sampling target). Its logit still
+enters the log-softmax's normaliser: being the mean of the other logits, it adds at most 1/V of the sum (Jensen),
+so every log-prob moves by at most log(1 + 1/V), 3e-5 nats per token for V = 32000, the same in the policy and
+the reference (the reward, their difference, moves by far less; the probe of 2026-12-07 measured 2.5e-6).
 
 Weights are streamed shard by shard, so converting a 7B model needs about one shard of memory.
 """
