@@ -74,11 +74,10 @@ async def _start(app: FastAPI) -> None:
     metrics.model_load.set(load_s)
     if settings.warmup:
         metrics.warmup.set(await engine.warmup())
+    breaker = Breaker(settings.redis_retry_after_s, settings.redis_optional_timeout_s)  # the cache's and limits'
     if settings.rate_limit_per_minute > 0:
-        app.state.limiter = RateLimiter(
-            per_minute=settings.rate_limit_per_minute, redis=redis, breaker=Breaker(settings.redis_retry_after_s)
-        )
-    app.state.serving = Serving.open(settings, engine, metrics, redis=redis, generator=generator)
+        app.state.limiter = RateLimiter(per_minute=settings.rate_limit_per_minute, redis=redis, breaker=breaker)
+    app.state.serving = Serving.open(settings, engine, metrics, redis=redis, generator=generator, breaker=breaker)
     jobs = None
     if redis is not None:
         from rlaifv.service.jobs import JobStore, JobWorkers

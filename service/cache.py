@@ -7,6 +7,7 @@ sampling is not. The key hashes everything the result depends on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from rlaifv.reward.images import PREPROCESSING_VERSION
-from rlaifv.service.redis_conn import REDIS_FAILED, Breaker
+from rlaifv.service.redis_conn import Breaker, RedisSkipped
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -72,13 +73,12 @@ class RewardCache:
 
     async def get(self, key: str) -> str | None:
         if self.redis is not None:
-            if self.breaker.open:
-                return None
+            redis = self.redis
             try:
-                value = await self.redis.get(self.prefix + key)
-            except REDIS_FAILED as exc:
-                log.warning("reward cache skipped: redis failed (%s: %s)", type(exc).__name__, str(exc)[:200])
-                self.breaker.trip()
+                value = await self.breaker.call(lambda: redis.get(self.prefix + key))
+            except RedisSkipped as exc:
+                if exc.__cause__ is not None:
+                    log.warning("reward cache skipped: redis failed (%s)", exc)
                 return None
             return value.decode() if isinstance(value, bytes) else value
         entry = self._memory.get(key)
@@ -93,11 +93,9 @@ class RewardCache:
 
     async def set(self, key: str, value: str) -> None:
         if self.redis is not None:
-            if not self.breaker.open:
-                try:
-                    await self.redis.set(self.prefix + key, value, ex=self.ttl_s)
-                except REDIS_FAILED:
-                    self.breaker.trip()
+            redis = self.redis
+            with contextlib.suppress(RedisSkipped):
+                await self.breaker.call(lambda: redis.set(self.prefix + key, value, ex=self.ttl_s))
             return
         self._memory[key] = (time.monotonic() + self.ttl_s, value)
         self._memory.move_to_end(key)

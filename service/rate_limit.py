@@ -8,7 +8,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from rlaifv.service.redis_conn import REDIS_FAILED, Breaker
+from rlaifv.service.redis_conn import Breaker, RedisSkipped
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -39,16 +39,16 @@ class RateLimiter:
         window = int(now // 60)
         retry = max(1, int(60 - now % 60))
         count = None
-        if self.redis is not None and not self.breaker.open:
+        if self.redis is not None:
             key = f"{self.prefix}{client}:{window}"
             pipe = self.redis.pipeline()
             pipe.incr(key)
             pipe.expire(key, 120)
             try:
-                count, _ = await pipe.execute()
-            except REDIS_FAILED as exc:
-                log.warning("rate limit counted in memory: redis failed (%s: %s)", type(exc).__name__, str(exc)[:200])
-                self.breaker.trip()
+                count, _ = await self.breaker.call(pipe.execute)
+            except RedisSkipped as exc:
+                if exc.__cause__ is not None:
+                    log.warning("rate limit counted in memory: redis failed (%s)", exc)
         if count is None:
             seen_window, count = self._memory.get(client, (window, 0))
             count = count + 1 if seen_window == window else 1

@@ -8,9 +8,10 @@ callers then degrade (cache, rate limits) or answer 503 (jobs) instead of hangin
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from rlaifv.service.settings import Settings
+
+T = TypeVar("T")
 
 REDIS_DOWN: tuple[type[Exception], ...] = (
     RedisConnectionError,
@@ -47,12 +50,20 @@ def connect(settings: Settings) -> Redis:
     return Redis.from_url(settings.redis_connection_url(), retry=retry, **settings.redis_options())
 
 
-class Breaker:
-    """For the optional users of Redis (the reward cache, rate limits): after a failure they leave Redis alone for
-    `pause_s`, so while it hangs each request does not wait out a timeout before degrading."""
+class RedisSkipped(Exception):
+    """Redis left alone (the breaker is open) or given up on: the optional user degrades (a cache miss, a rate
+    limit counted in memory)."""
 
-    def __init__(self, pause_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+
+class Breaker:
+    """For the optional users of Redis (the reward cache, rate limits; one breaker for both, as they share one
+    Redis): a call gives up after `timeout_s` (RLAIFV_REDIS_OPTIONAL_TIMEOUT_S), not RLAIFV_REDIS_TIMEOUT_S, and
+    after a failure Redis is left alone for `pause_s`. While Redis hung, every request arriving before the first
+    timeout ended waited it out (5 s, twice for /v1/rewards: the rate limit and the cache each had a breaker)."""
+
+    def __init__(self, pause_s: float, timeout_s: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
         self.pause_s = pause_s
+        self.timeout_s = timeout_s
         self.clock = clock
         self._until = float("-inf")
 
@@ -63,3 +74,14 @@ class Breaker:
 
     def trip(self) -> None:
         self._until = self.clock() + self.pause_s
+
+    async def call(self, make: Callable[[], Awaitable[T]]) -> T:
+        """`make()`'s result within `timeout_s`; `RedisSkipped` when the breaker is open or the call failed (which
+        opens it). `make` is called only when Redis is asked, so nothing is left unawaited."""
+        if self.open:
+            raise RedisSkipped("left alone after a failure")
+        try:
+            return await asyncio.wait_for(make(), self.timeout_s)
+        except REDIS_FAILED as exc:  # TimeoutError is an OSError
+            self.trip()
+            raise RedisSkipped(f"{type(exc).__name__}: {str(exc)[:200]}") from exc

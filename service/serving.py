@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from rlaifv.reward.scoring import top_k
 from rlaifv.service.engines import GenerateRequest, ScoreRequest
-from rlaifv.service.errors import BadGateway, BadRequest, Checks, NotFound
+from rlaifv.service.errors import BadGateway, BadRequest, Checks, ClientDisconnected, DeadlineExceeded, NotFound
 from rlaifv.service.generator import Generated, openai_messages
 from rlaifv.service.protocol import (
     BestOfNRequest,
@@ -176,8 +176,10 @@ class Serving:
         *,
         redis: Any = None,
         generator: Generator | None = None,
+        breaker: Breaker | None = None,
     ) -> Serving:
-        """The request path over a loaded engine: a started scheduler, the image loader and the reward cache.
+        """The request path over a loaded engine: a started scheduler, the image loader and the reward cache
+        (`breaker`: the one the rate limits use too, as they share the Redis).
 
         The service's lifespan and `rlaifv worker` both run requests through it; `aclose` undoes it.
         """
@@ -202,7 +204,7 @@ class Serving:
                 size=settings.cache_size,
                 ttl_s=settings.cache_ttl_s,
                 redis=redis,
-                breaker=Breaker(settings.redis_retry_after_s),
+                breaker=breaker or Breaker(settings.redis_retry_after_s, settings.redis_optional_timeout_s),
             )
             if settings.cache_size > 0
             else None
@@ -246,10 +248,13 @@ class Serving:
         if n > self.settings.max_n:
             raise BadRequest(f"{param} must be <= {self.settings.max_n}, got {n}", param=param)
 
-    async def _run(self, engine_request: GenerateRequest | ScoreRequest, request: Request | None) -> Outcome:
-        """Through the scheduler; `request` (absent for batch-job items) lets a client's departure cancel the work."""
+    async def _run(
+        self, engine_request: GenerateRequest | ScoreRequest, request: Request | None, timeout_s: float | None = None
+    ) -> Outcome:
+        """Through the scheduler; `request` (absent for batch-job items) lets a client's departure cancel the work.
+        `timeout_s`: what is left of the request's deadline (all of RLAIFV_REQUEST_TIMEOUT_S by default)."""
         disconnected = (lambda: _wait_for_disconnect(request)) if request is not None else None
-        timeout = self.settings.request_timeout_s
+        timeout = self.settings.request_timeout_s if timeout_s is None else timeout_s
         return await self.scheduler.submit(engine_request, timeout_s=timeout, disconnected=disconnected)
 
     async def _generate_elsewhere(
@@ -387,7 +392,7 @@ class Serving:
             )
             cached = _cached_response(await self.cache.get(key))
             if cached is None:
-                cached = await self._scored_meanwhile(key)
+                cached = await self._scored_meanwhile(key, arrived, request)
             self.metrics.cache.labels(result="hit" if cached else "miss").inc()
             if cached is not None:
                 return cached.model_copy(
@@ -403,11 +408,30 @@ class Serving:
             self._done_scoring(key, response)
         return response
 
-    async def _scored_meanwhile(self, key: str) -> RewardsResponse | None:
+    async def _scored_meanwhile(self, key: str, arrived: float, request: Request | None) -> RewardsResponse | None:
         """The response of an identical request being scored now, once it is done (None: none is, or it failed):
-        16 identical concurrent requests were 16 scorings, all cache misses."""
+        16 identical concurrent requests were 16 scorings, all cache misses. The wait is the request's own: within
+        its deadline and only while its client stays (a chain of identical requests each waited for the one before
+        with no deadline, then scored afresh with a whole one: the last of six answered a 2 s deadline at 12 s)."""
+        timeout = self.settings.request_timeout_s
         while (leader := self._scoring.get(key)) is not None:
-            response = await asyncio.shield(leader)
+            waiters: set[asyncio.Future[Any]] = {asyncio.shield(leader)}
+            gone = asyncio.ensure_future(_wait_for_disconnect(request)) if request is not None else None
+            try:
+                left = max(0.0, arrived + timeout - time.perf_counter())
+                done, _ = await asyncio.wait(
+                    waiters | ({gone} if gone else set()), timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                if gone is not None:
+                    gone.cancel()
+            if gone is not None and gone in done:
+                self.metrics.rejected.labels(reason="client_disconnected").inc()
+                raise ClientDisconnected()
+            if not done:
+                self.metrics.rejected.labels(reason="deadline").inc()
+                raise DeadlineExceeded(f"request not served within {timeout:g} s", code="deadline_exceeded")
+            response = next(iter(waiters)).result()
             if response is not None:
                 return response
         return None
@@ -436,7 +460,8 @@ class Serving:
             self.settings.max_tokens,
             continue_final=body.continue_final_message,
         )
-        outcome = await self._run(score, request)
+        left = arrived + self.settings.request_timeout_s - time.perf_counter()  # a wait for an identical one counts
+        outcome = await self._run(score, request, max(0.0, left))
         ranking = outcome.result.ranking
         candidates = _candidates(ranking)
         scored = sum(c.num_tokens for c in candidates)

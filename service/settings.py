@@ -248,6 +248,13 @@ class Settings(BaseSettings):
         5.0, gt=0, description="One Redis command gives up after this long (an outage then costs at most this)."
     )
     redis_retry_after_s: int = Field(5, ge=1, description="Retry-After of job endpoints' 503 while Redis is down.")
+    redis_optional_timeout_s: float = Field(
+        0.5,
+        gt=0,
+        description="The reward cache and rate limits give up on a Redis command after this long (a cache miss, a"
+        " count in memory) and leave Redis alone for RLAIFV_REDIS_RETRY_AFTER_S: a request never waits out"
+        " RLAIFV_REDIS_TIMEOUT_S for them.",
+    )
     ready_requires_redis: bool = Field(
         False, description="Make /readyz answer 503 while Redis is unreachable (off: Redis state is only reported)."
     )

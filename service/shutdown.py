@@ -43,13 +43,19 @@ class Drain:
 
     async def _run(self) -> None:
         self._not_ready()
-        if self.jobs is not None:
-            await self.jobs.stop()
+        # Beside the HTTP drain, never before it: stopping the job consumers waits on Redis (a hung one: its
+        # timeouts), which made the drain miss its deadline and uvicorn cancel the handlers (bare 500s).
+        stopping = self.loop.create_task(self.jobs.stop(), name="rlaifv-jobs-stop") if self.jobs is not None else None
         assert self._deadline is not None
         try:
             await asyncio.wait_for(self._http_done.wait(), max(0.0, self._deadline - self.loop.time()))
         except TimeoutError:
             await self.state.serving.scheduler.close(0.0)
+        if stopping is not None:
+            try:
+                await asyncio.wait_for(stopping, max(0.0, self._deadline - self.loop.time()))
+            except TimeoutError:  # their entries stay pending, reclaimed by another worker as a killed one's
+                log.warning("job consumers not stopped within the grace (Redis away?)")
 
     def _not_ready(self) -> None:
         self.state.ready = False
@@ -65,7 +71,7 @@ class Drain:
                 await self._task
             except Exception:  # the rest of the stop goes on: the engine must still be released
                 log.exception("drain failed")
-        if self.jobs is not None:
-            await self.jobs.stop()  # again if the signal's drain began it: stopping twice is stopping
+        if self.jobs is not None and self._task is None:  # no signal came (tests, a plain uvicorn): stop them now
+            await self.jobs.stop()
         left = self.grace_s if self._deadline is None else max(0.0, self._deadline - self.loop.time())
         await self.state.serving.aclose(left)

@@ -109,6 +109,32 @@ async def test_identical_concurrent_rewards_requests_are_scored_once(live_server
     assert registry.get_sample_value("rlaifv_batch_size_count", {"kind": "score"}) == batches + 1
 
 
+async def test_requests_waiting_for_an_identical_one_keep_their_own_deadline(make_server, red_url: str) -> None:
+    """Each of a chain of identical requests waited for the one before with no deadline, then scored afresh with a
+    whole one: with a 2 s deadline six answered 504 at 2, 4, 6... 12 s, the work repeated each time."""
+    import asyncio
+    import time
+
+    server = make_server(request_timeout_s=2)
+    engine = server.app.state.serving.scheduler.engine
+
+    async def never(requests):  # a scoring that outlasts every deadline
+        await asyncio.Event().wait()
+
+    engine.run = never
+    req = {"images": [red_url], "question": "Is there a cat, slowly?", "answers": ["yes", "no"]}
+
+    async def timed(client: httpx.AsyncClient) -> tuple[int, float]:
+        start = time.monotonic()
+        response = await client.post("/v1/rewards", json=req)
+        return response.status_code, time.monotonic() - start
+
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        answers = await asyncio.gather(*(timed(client) for _ in range(3)))
+    assert [status for status, _ in answers] == [504, 504, 504]
+    assert max(seconds for _, seconds in answers) < 3.5, answers  # each within its own 2 s (a second one: 4 s)
+
+
 def test_chat_completions_top_n_by_reward(client: httpx.Client, red_url: str) -> None:
     content = [{"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": red_url}}]
     r = client.post(

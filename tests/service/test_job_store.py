@@ -201,6 +201,48 @@ async def test_the_cache_leaves_a_failing_redis_alone_for_a_while() -> None:
     assert await cache.get("k") is None and Hanging.calls == 2  # tried again after the pause
 
 
+@pytest.mark.looptime
+async def test_a_hung_redis_costs_the_cache_and_the_rate_limits_one_short_wait() -> None:
+    """Every request arriving while the first Redis call hung waited out the 5 s command timeout, /v1/rewards twice
+    (the rate limit and the cache each had a breaker): 80 of 100 rewards requests took 5 or 10 s. Now a call gives
+    up after RLAIFV_REDIS_OPTIONAL_TIMEOUT_S, and one breaker serves both users (virtual time: looptime)."""
+    from rlaifv.service.cache import RewardCache
+    from rlaifv.service.rate_limit import RateLimiter
+    from rlaifv.service.redis_conn import Breaker
+
+    class Hung:
+        calls = 0
+
+        async def get(self, key: str) -> bytes:
+            Hung.calls += 1
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        def pipeline(self) -> Any:
+            class Pipe:
+                def incr(self, key: str) -> None: ...
+
+                def expire(self, key: str, seconds: int) -> None: ...
+
+                async def execute(self) -> list[int]:
+                    Hung.calls += 1
+                    await asyncio.Event().wait()
+                    raise AssertionError("unreachable")
+
+            return Pipe()
+
+    loop = asyncio.get_running_loop()
+    breaker = Breaker(5.0, timeout_s=0.5, clock=loop.time)
+    cache = RewardCache(size=8, ttl_s=60, redis=Hung(), breaker=breaker)  # type: ignore[arg-type]
+    limiter = RateLimiter(per_minute=100, redis=Hung(), breaker=breaker)  # type: ignore[arg-type]
+    start = loop.time()
+    results = await asyncio.gather(*(cache.get(f"k{i}") for i in range(10)))  # arrived while Redis hung
+    assert results == [None] * 10 and loop.time() - start == pytest.approx(0.5, abs=0.01)
+    calls = Hung.calls
+    assert await limiter.hit("client") is None and await cache.get("k") is None  # both left Redis alone
+    assert Hung.calls == calls and loop.time() - start == pytest.approx(0.5, abs=0.01)
+
+
 async def test_a_stopping_worker_finishes_the_item_in_hand_within_its_grace(store: JobStore) -> None:
     """`rlaifv worker` on SIGTERM: no new items, the running one completes and is stored (no rerun later)."""
     import asyncio

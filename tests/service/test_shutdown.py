@@ -165,3 +165,44 @@ async def test_the_signal_stops_the_job_consumers_at_once_and_answers_leftovers_
     assert events[-1] == "scheduler closed (0 s)"
     await drain.finish()
     assert events[-1] == "engine released"
+
+
+@pytest.mark.looptime
+async def test_a_hung_redis_does_not_push_the_503s_past_the_grace() -> None:
+    """The job consumers' stop waited on a hung Redis before the drain armed its deadline: the 503s came after
+    uvicorn's own timeout had cancelled the handlers (bare 500s), and the stop was waited on twice."""
+    from types import SimpleNamespace
+
+    from rlaifv.service.metrics import Metrics
+    from rlaifv.service.shutdown import Drain
+
+    events: list[str] = []
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    class HungJobs:
+        stops = 0
+
+        async def stop(self) -> None:
+            HungJobs.stops += 1
+            await asyncio.Event().wait()  # Redis never answers
+
+    class Scheduler:
+        async def close(self, grace_s: float) -> None:
+            events.append(f"scheduler closed at {loop.time() - start:.1f} s")
+
+    class Serving:
+        scheduler = Scheduler()
+
+        async def aclose(self, grace_s: float) -> None:
+            events.append(f"engine released at {loop.time() - start:.1f} s")
+
+    state = SimpleNamespace(
+        settings=SimpleNamespace(shutdown_grace_s=4.0), metrics=Metrics(), serving=Serving(), ready=True
+    )
+    drain = Drain(state, HungJobs())
+    drain.begin()
+    await asyncio.sleep(3.5)
+    assert events == ["scheduler closed at 3.2 s"]  # the grace less its margin (a fifth of 4 s), not later
+    await drain.finish()
+    assert events[-1] == "engine released at 3.5 s" and HungJobs.stops == 1
