@@ -5,8 +5,8 @@ once, as Python's default does."""
 
 from __future__ import annotations
 
+import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,6 +15,7 @@ from typing import Any
 from rlaifv.trainer.errors import TrainingInterrupted
 
 NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
+CTRL_C_NOTE = b"\nCtrl-C: stopping where the work is saved (the next step or batch); Ctrl-C again stops at once\n"
 
 
 @contextmanager
@@ -32,18 +33,16 @@ def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
         return
 
     def note(signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and signal.SIGINT in by:
+        if signal.SIGINT in by:  # a second stop after a Ctrl-C (a launcher forwards it as SIGTERM): at once
             raise KeyboardInterrupt
-        if signum == signal.SIGINT:
-            print(
-                "\nCtrl-C: stopping where the work is saved (the next step or batch); Ctrl-C again stops at once",
-                file=sys.stderr,
-                flush=True,
-            )
+        if signum == signal.SIGINT:  # os.write: a print here can re-enter a buffered write it interrupted
+            os.write(2, CTRL_C_NOTE)
         by.append(signum)
         asked.set()
 
-    previous = {signum: signal.signal(signum, note) for signum in NAMES}
+    # A SIGINT ignored by the caller (a job started in the background by a shell) stays ignored.
+    taken = [s for s in NAMES if s != signal.SIGINT or signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {signum: signal.signal(signum, note) for signum in taken}
 
     def restore() -> None:
         for signum, handler in previous.items():
@@ -60,6 +59,13 @@ def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
         restore()
         raise
     restore()
+    if by and by[0] == signal.SIGINT:  # came during the last unit: the work is whole, the next stage not begun
+        raise TrainingInterrupted(
+            "as the work finished, before the next stage: rerun the same command to go on",
+            step=-1,
+            signal_name=NAMES[signal.SIGINT],
+            exit_code=128 + signal.SIGINT,
+        )
     if by:
         signal.raise_signal(by[0])
 

@@ -656,8 +656,9 @@ def test_a_run_stopped_by_sigterm_exits_143_not_as_an_error(capsys: pytest.Captu
     assert capsys.readouterr().err.startswith("stopped: stopped by SIGTERM after step 3 of 9")
 
 
-def test_a_first_ctrl_c_stops_where_the_work_is_saved_and_a_second_at_once(capsys: pytest.CaptureFixture[str]) -> None:
-    """Ctrl-C stopped at once: a run typed at a terminal lost every step since its last checkpoint."""
+def test_a_first_ctrl_c_stops_where_the_work_is_saved_and_a_second_at_once(capfd: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C stopped at once: a run typed at a terminal lost every step since its last checkpoint. A second stop
+    of any kind after it (a launcher forwards one as SIGTERM) is at once; one in the last unit still says so."""
     import signal
 
     import typer
@@ -672,12 +673,34 @@ def test_a_first_ctrl_c_stops_where_the_work_is_saved_and_a_second_at_once(capsy
         assert stop_asked()
         raise TrainingInterrupted("after step 3 of 9; state saved", step=3)
     assert stopped.value.exit_code == 130 and signal.getsignal(signal.SIGINT) is before
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "Ctrl-C again stops at once" in err and "stopped: stopped by Ctrl-C (SIGINT) after step 3 of 9" in err
-    with pytest.raises(KeyboardInterrupt), stop_on_sigterm():
-        signal.raise_signal(signal.SIGINT)
-        signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before
+    for second in (signal.SIGINT, signal.SIGTERM):
+        with pytest.raises(KeyboardInterrupt), stop_on_sigterm():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(second)
+        assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(typer.Exit) as stopped, _clean_errors(), stop_on_sigterm():
+        signal.raise_signal(signal.SIGINT)  # in the last unit: the work finishes, then the stop is said
+    assert stopped.value.exit_code == 130
+    assert "stopped by Ctrl-C (SIGINT) as the work finished, before the next stage" in capfd.readouterr().err
+
+
+def test_a_ctrl_c_ignored_by_the_caller_stays_ignored() -> None:
+    """A run started in the background by a shell ignores SIGINT: the Ctrl-C meant for the shell's script did not
+    stop it before, and must not now."""
+    import signal
+
+    from rlaifv.trainer.interrupt import stop_on_sigterm
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stop_on_sigterm() as stop_asked:
+            signal.raise_signal(signal.SIGINT)
+            assert not stop_asked()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_the_reference_cache_is_written_a_row_group_at_a_time_and_reads_back(tmp_path: Path) -> None:
