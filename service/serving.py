@@ -385,6 +385,7 @@ class Serving:
             question, messages, refs = body.prompt(self.settings)
         checks.done()
         images, raw = await self.images.load(refs)
+        started = time.perf_counter()  # RLAIFV_REQUEST_TIMEOUT_S runs from here, after the images (docs/service.md)
         key = None
         if self.cache is not None:
             key = self.cache.key(
@@ -392,7 +393,7 @@ class Serving:
             )
             cached = _cached_response(await self.cache.get(key))
             if cached is None:
-                cached = await self._scored_meanwhile(key, arrived, request)
+                cached = await self._scored_meanwhile(key, started, request)
             self.metrics.cache.labels(result="hit" if cached else "miss").inc()
             if cached is not None:
                 return cached.model_copy(
@@ -401,14 +402,14 @@ class Serving:
             self._scoring[key] = asyncio.get_running_loop().create_future()
         response = None
         try:
-            response = await self._score_rewards(body, request, arrived, images, question, messages, config)
+            response = await self._score_rewards(body, request, arrived, started, images, question, messages, config)
             if self.cache is not None and key is not None:
                 await self.cache.set(key, response.model_dump_json())
         finally:  # after the cache has it: a request arriving in between found neither and scored it again
             self._done_scoring(key, response)
         return response
 
-    async def _scored_meanwhile(self, key: str, arrived: float, request: Request | None) -> RewardsResponse | None:
+    async def _scored_meanwhile(self, key: str, started: float, request: Request | None) -> RewardsResponse | None:
         """The response of an identical request being scored now, once it is done (None: none is, or it failed):
         16 identical concurrent requests were 16 scorings, all cache misses. The wait is the request's own: within
         its deadline and only while its client stays (a chain of identical requests each waited for the one before
@@ -418,7 +419,7 @@ class Serving:
             waiters: set[asyncio.Future[Any]] = {asyncio.shield(leader)}
             gone = asyncio.ensure_future(_wait_for_disconnect(request)) if request is not None else None
             try:
-                left = max(0.0, arrived + timeout - time.perf_counter())
+                left = max(0.0, started + timeout - time.perf_counter())
                 done, _ = await asyncio.wait(
                     waiters | ({gone} if gone else set()), timeout=left, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -446,6 +447,7 @@ class Serving:
         body: RewardsRequest,
         request: Request | None,
         arrived: float,
+        started: float,
         images: list[Any],
         question: str | None,
         messages: list[dict[str, Any]] | None,
@@ -460,7 +462,7 @@ class Serving:
             self.settings.max_tokens,
             continue_final=body.continue_final_message,
         )
-        left = arrived + self.settings.request_timeout_s - time.perf_counter()  # a wait for an identical one counts
+        left = started + self.settings.request_timeout_s - time.perf_counter()  # a wait for an identical one counts
         outcome = await self._run(score, request, max(0.0, left))
         ranking = outcome.result.ranking
         candidates = _candidates(ranking)

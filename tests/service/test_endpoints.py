@@ -135,6 +135,26 @@ async def test_requests_waiting_for_an_identical_one_keep_their_own_deadline(mak
     assert max(seconds for _, seconds in answers) < 3.5, answers  # each within its own 2 s (a second one: 4 s)
 
 
+async def test_the_rewards_deadline_starts_after_the_images_are_fetched(make_server, red_url: str) -> None:
+    """As docs/service.md says and best-of-N does: a slow image host does not eat the request's deadline (a
+    fetch of 2.5 s against a 2 s deadline was a 504 before any scoring)."""
+    import asyncio
+
+    server = make_server(request_timeout_s=2)
+    images = server.app.state.serving.images
+    real_load = images.load
+
+    async def slow_host(refs):
+        await asyncio.sleep(2.5)  # the remote host, not the test, is slow
+        return await real_load(refs)
+
+    images.load = slow_host
+    req = {"images": [red_url], "question": "Is there a slow cat?", "answers": ["yes", "no"]}
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        response = await client.post("/v1/rewards", json=req)
+    assert response.status_code == 200, response.text
+
+
 def test_chat_completions_top_n_by_reward(client: httpx.Client, red_url: str) -> None:
     content = [{"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": red_url}}]
     r = client.post(
