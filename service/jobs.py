@@ -622,24 +622,44 @@ class JobWorkers:
 
     async def _hand_back(self, consumer: str, entry_ids: list[bytes]) -> None:
         """Entries this consumer holds but will not run (it is stopping): still its own, but idle as long as
-        another worker's XAUTOCLAIM asks, so they are taken at once (JUSTID: their delivery count stays)."""
-        if entry_ids:
-            await self.store.redis.xclaim(
-                self.store.stream, GROUP, consumer, 0, entry_ids, idle=self.claim_idle_ms, justid=True
+        another worker's reclaim asks, so they are taken at once; their delivery count goes back by the one this
+        consumer used (a stop asked for is no crash: it must not bring an item nearer RLAIFV_JOBS_MAX_DELIVERIES)."""
+        if not entry_ids:
+            return
+        redis, stream = self.store.redis, self.store.stream
+        held = await redis.xpending_range(stream, GROUP, "-", "+", 10 * len(entry_ids) + 100, consumer)
+        counts = {p["message_id"]: p["times_delivered"] for p in held if p["message_id"] in set(entry_ids)}
+        for times in sorted(set(counts.values())):
+            ids = [entry_id for entry_id, n in counts.items() if n == times]
+            await redis.xclaim(
+                stream, GROUP, consumer, 0, ids, idle=self.claim_idle_ms, retrycount=max(0, times - 1), justid=True
             )
 
     async def _next(self, consumer: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """Stale entries of dead consumers first (XAUTOCLAIM), else new ones (XREADGROUP, blocking briefly). A
+        """Stale entries of dead consumers first (`_reclaim`), else new ones (XREADGROUP, blocking briefly). A
         reclaimed entry delivered `RLAIFV_JOBS_MAX_DELIVERIES` times already fails instead of running again."""
         redis = self.store.redis
-        _, entries, *_ = await redis.xautoclaim(
-            self.store.stream, GROUP, consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=self.batch
-        )
-        entries = [e for e in entries if e and e[1]]
+        entries = await self._reclaim(consumer)
         if entries:
             return await self._without_abandoned(consumer, entries)
         reply = await redis.xreadgroup(GROUP, consumer, {self.store.stream: ">"}, count=self.batch, block=250)
         return reply[0][1] if reply else []
+
+    async def _reclaim(self, consumer: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Entries idle past `RLAIFV_JOBS_CLAIM_IDLE_MS` (their consumer stopped), taken over with XCLAIM (which
+        checks the idle time again, so a live worker keeps its own). Those delivered once go as a batch; one
+        delivered more often goes alone: when an item kills its worker, the whole batch it ran in is reclaimed,
+        and run together again every entry of it would reach the delivery bound with the item that did it."""
+        redis, stream = self.store.redis, self.store.stream
+        stale = await redis.xpending_range(stream, GROUP, "-", "+", self.batch, idle=self.claim_idle_ms)
+        if not stale:
+            return []
+        if stale[0]["times_delivered"] > 1:
+            ids = [stale[0]["message_id"]]
+        else:
+            ids = [p["message_id"] for p in stale if p["times_delivered"] <= 1]
+        claimed = await redis.xclaim(stream, GROUP, consumer, self.claim_idle_ms, ids)
+        return [e for e in claimed if e and e[1]]
 
     async def _without_abandoned(
         self, consumer: str, entries: list[tuple[bytes, dict[bytes, bytes]]]

@@ -873,5 +873,32 @@ async def test_items_read_while_the_worker_is_told_to_stop_are_handed_back_not_r
     await workers.stop(grace_s=5)
     state = await store.get(job.id)
     assert state is not None and (state.status, serving.calls) == ("queued", 0)
+    pending = await store.redis.xpending_range(store.stream, GROUP, "-", "+", 10)
+    assert [p["times_delivered"] for p in pending] == [0, 0]  # a stop asked for is no crash: not counted
     _, taken, *_ = await store.redis.xautoclaim(store.stream, GROUP, "next", settings.jobs_claim_idle_ms, count=10)
     assert len(taken) == 2  # at once, by the next worker
+
+
+async def test_a_batch_whose_worker_died_twice_is_reclaimed_an_item_at_a_time(store: JobStore) -> None:
+    """An item that kills its worker takes its whole batch down with it: reclaimed together each time, all 16
+    items of the batch reached the delivery bound and failed as abandoned, not only the one that did it."""
+    from rlaifv.service.jobs import GROUP, JobWorkers
+    from rlaifv.service.metrics import Metrics
+
+    settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=1, jobs_claim_idle_ms=100)
+    workers = JobWorkers(store, None, settings, Metrics())  # type: ignore[arg-type]
+    await store.create(request(3))
+    await store.ensure_group()
+    await store.redis.xreadgroup(GROUP, "died-once", {store.stream: ">"}, count=10)
+    await store.redis.xclaim(store.stream, GROUP, "died-once", 0, await pending_ids(store), idle=100_000, justid=True)
+    first = await workers._reclaim("next")
+    assert len(first) == 3  # delivered once: the batch goes on together
+    await store.redis.xclaim(store.stream, GROUP, "died-twice", 0, await pending_ids(store), idle=100_000)
+    again = await workers._reclaim("next-2")
+    assert len(again) == 1  # delivered twice: each alone, so only the item that kills counts on
+
+
+async def pending_ids(store: JobStore) -> list[bytes]:
+    from rlaifv.service.jobs import GROUP
+
+    return [p["message_id"] for p in await store.redis.xpending_range(store.stream, GROUP, "-", "+", 100)]
