@@ -133,6 +133,8 @@ class RequestContextMiddleware:
                 if seen > limit:
                     raise _BodyTooLarge(limit)
                 complete = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect":
+                raise _BodyAbandoned()
             return message
 
         return wrapped
@@ -171,6 +173,14 @@ class _BodyTooLarge(StarletteHTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body is over the limit of {limit} bytes", headers=CLOSE)
+
+
+class _BodyAbandoned(StarletteHTTPException):
+    """Raised from `receive` when the client goes away before its body is whole: counted as nginx's 499 (it was a
+    400, the failed parse of half a body, on the client-error dashboards)."""
+
+    def __init__(self) -> None:
+        super().__init__(CLIENT_CLOSED, "the client closed the connection before sending its whole body")
 
 
 class _BodyTooSlow(StarletteHTTPException):

@@ -524,3 +524,26 @@ def test_a_body_trickling_past_its_deadline_is_408_and_closed(make_server) -> No
     answer = _raw(server, head + b"{", b'"', wait_s=1.0)
     assert answer.startswith(b"HTTP/1.1 408") and b"connection: close" in answer.lower(), answer[:300]
     assert b"body_timeout" in answer
+
+
+def test_a_body_abandoned_half_way_counts_as_client_closed(make_server) -> None:
+    """A client that sent half its body and went away was counted a 400 (the failed parse of half a body) on the
+    client-error dashboards; it is nginx's 499, as a client gone while its request waits."""
+    import socket
+    import time
+
+    server = make_server()
+    head = b"POST /v1/rewards HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head + b'{"question": "half')
+        sock.shutdown(socket.SHUT_WR)  # gone, its body unfinished
+        while sock.recv(65536):
+            pass
+    sample = ("rlaifv_http_requests_total", {"route": "/v1/rewards", "method": "POST", "status": "499"})
+    registry = server.app.state.metrics.registry
+    deadline = time.monotonic() + 30
+    while registry.get_sample_value(*sample) != 1.0:  # counted as the handler unwinds, just after the close
+        assert time.monotonic() < deadline, registry.get_sample_value(*sample)
+        time.sleep(0.02)
+    bad = ("rlaifv_http_requests_total", {"route": "/v1/rewards", "method": "POST", "status": "400"})
+    assert registry.get_sample_value(*bad) is None

@@ -661,6 +661,17 @@ def test_a_first_ctrl_c_stops_where_the_work_is_saved_and_a_second_at_once(capfd
     of any kind after it (a launcher forwards one as SIGTERM) is at once; one in the last unit still says so."""
     import signal
 
+    # as at a terminal: pytest-xdist's workers ignore SIGINT, and an ignored SIGINT stays ignored
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_twice_and_late(capfd)
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def _ctrl_c_twice_and_late(capfd: pytest.CaptureFixture[str]) -> None:
+    import signal
+
     import typer
 
     from rlaifv.trainer.cli import _clean_errors
