@@ -50,6 +50,7 @@ class RequestContextMiddleware:
         start = time.perf_counter()
         status = 500
         started = False
+        abandoned = asyncio.Event()
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, started
@@ -66,7 +67,7 @@ class RequestContextMiddleware:
             if too_big:
                 await self._reject_413(send_wrapper)
             else:
-                await self.app(scope, self._limited(receive, start), send_wrapper)
+                await self.app(scope, self._limited(receive, start, abandoned), send_wrapper)
         except _BodyTooLarge:
             if not started:
                 await self._reject_413(send_wrapper)
@@ -84,6 +85,8 @@ class RequestContextMiddleware:
             log_unhandled(exc)
             await _send_json(send_wrapper, 500, internal_error_body())
         finally:
+            if abandoned.is_set() and status == 400:
+                status = CLIENT_CLOSED
             route = scope.get("route") or _matched_route(scope)
             template = getattr(route, "path", None) or "unmatched"
             elapsed = time.perf_counter() - start
@@ -112,9 +115,11 @@ class RequestContextMiddleware:
                     return False
         return False
 
-    def _limited(self, receive: Receive, start: float) -> Receive:
+    def _limited(self, receive: Receive, start: float, abandoned: asyncio.Event) -> Receive:
         """`receive` with the body's limits: its size, and its deadline while it is incomplete (after it, a
-        handler waits on `receive` for the client's disconnect as long as the request runs)."""
+        handler waits on `receive` for the client's disconnect as long as the request runs). `abandoned` is set
+        when the client goes away with its body part-sent: the failed parse of half a body then counts as nginx's
+        499, not a 400 on the client-error dashboards."""
         seen = 0
         complete = False
         limit = self.max_body_bytes
@@ -133,8 +138,8 @@ class RequestContextMiddleware:
                 if seen > limit:
                     raise _BodyTooLarge(limit)
                 complete = not message.get("more_body", False)
-            elif message["type"] == "http.disconnect":
-                raise _BodyAbandoned()
+            elif message["type"] == "http.disconnect" and seen:  # gone with part of its body sent
+                abandoned.set()
             return message
 
         return wrapped
@@ -173,14 +178,6 @@ class _BodyTooLarge(StarletteHTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body is over the limit of {limit} bytes", headers=CLOSE)
-
-
-class _BodyAbandoned(StarletteHTTPException):
-    """Raised from `receive` when the client goes away before its body is whole: counted as nginx's 499 (it was a
-    400, the failed parse of half a body, on the client-error dashboards)."""
-
-    def __init__(self) -> None:
-        super().__init__(CLIENT_CLOSED, "the client closed the connection before sending its whole body")
 
 
 class _BodyTooSlow(StarletteHTTPException):
