@@ -16,8 +16,9 @@
   fixed window, a burst was cut into two half-size batches that then took turns
   on the model for good (mean batch 9-11 of 16 with 16 closed-loop clients).
 - Concurrent batches: an engine that batches by itself across calls (vLLM's continuous batching) runs up to
-  `concurrency` batches at once, so a short request never waits for a long best-of-N to finish (with one batch
-  at a time, n=1 / 1 token waited 4-6 s behind n=16 / 256 tokens). The transformers engine runs one: its batch
+  `concurrency` batches at once, each request of a batch as its own call answered when it is done, so a short
+  request never waits for a long best-of-N to finish (with one batch at a time, n=1 / 1 token waited 4-6 s
+  behind n=16 / 256 tokens). The transformers engine runs one: its batch
   is one forward pass. A batch is collected only when a slot is free, so requests arriving meanwhile wait in
   the queue (and batch together) as before.
 - Deadlines: each request carries one; a request whose deadline passes while it
@@ -324,6 +325,15 @@ class Scheduler:
             self._slot_freed.set()
 
     async def _run(self, batch: list[_Item]) -> None:
+        """An engine that batches across calls gets each request as its own call, answered as soon as it is done:
+        a short request that joined a long best-of-N's batch waited for the whole batch (vLLM had long finished
+        it). The batch still takes one slot of `concurrency`, so the queue batches as before."""
+        if self.concurrency > 1:
+            await asyncio.gather(*(self._run_items([item]) for item in batch))
+        else:
+            await self._run_items(batch)
+
+    async def _run_items(self, batch: list[_Item]) -> None:
         """Every request of the batch gets its outcome and gives back its images, whatever the engine does: a bug
         (an exception, a result list of the wrong length) fails this batch only, and serving goes on."""
         try:

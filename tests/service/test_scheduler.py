@@ -543,22 +543,22 @@ async def test_an_engine_that_batches_across_calls_serves_a_short_request_beside
 
 
 async def test_no_more_batches_run_at_once_than_the_engine_takes_and_the_queue_batches_meanwhile() -> None:
+    metrics = Metrics()
     engine = FakeEngine(batch_s=5.0)
-    sched = make(engine, concurrency=2, batch_window_s=0.0)
+    sched = make(engine, concurrency=2, batch_window_s=0.0, metrics=metrics)
     sched.start()
     first = []
     for label in ("a", "b"):  # two batches (no window): both slots taken
         first.append(asyncio.create_task(sched.submit(score(label), timeout_s=60)))
         await asyncio.sleep(0.1)
     rest = [asyncio.create_task(sched.submit(score(label), timeout_s=60)) for label in ("c", "d", "e")]
-    await asyncio.gather(*first, *rest)
-    assert engine.most_running == 2
-    assert engine.batches[:2] == [["a"], ["b"]] and sorted(label for b in engine.batches[2:] for label in b) == [
-        "c",
-        "d",
-        "e",
-    ]
-    assert len(engine.batches) == 3  # c, d and e waited for a slot together and ran as one batch
+    await asyncio.sleep(4.0)
+    assert engine.most_running == 2 and sched.depth == 3  # c, d and e wait for a slot
+    outcomes = await asyncio.gather(*first, *rest)
+    assert [o.queue_s for o in outcomes][2:] == [pytest.approx(4.8, abs=0.01)] * 3  # queued at 0.2 s, taken at 5.0 s
+    sizes = metrics.registry.get_sample_value("rlaifv_batch_size_sum", {"kind": "score"})
+    count = metrics.registry.get_sample_value("rlaifv_batch_size_count", {"kind": "score"})
+    assert (count, sizes) == (3, 5)  # a, b, then c + d + e as one batch (each request its own engine call)
     await sched.close(1)
 
 
@@ -580,3 +580,19 @@ async def test_close_answers_every_running_batch_and_liveness_watches_the_oldest
 def test_concurrency_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="concurrency"):
         make(FakeEngine(), concurrency=0)
+
+
+async def test_a_short_request_in_a_long_ones_batch_is_answered_when_it_is_done() -> None:
+    """Joining a long best-of-N's batch (it came within the batch window), a short request waited for the whole
+    batch, although vLLM had finished it at once: an engine batching across calls gets each request on its own."""
+    engine = FakeEngine()
+    engine.durations = {"long": 10.0, "short": 0.1}
+    sched = make(engine, concurrency=2, batch_window_s=0.05)
+    sched.start()
+    start = asyncio.get_running_loop().time()
+    long = asyncio.create_task(sched.submit(score("long"), timeout_s=60))
+    short = asyncio.create_task(finished_at(asyncio.create_task(sched.submit(score("short"), timeout_s=60))))
+    assert await short - start == pytest.approx(0.15, abs=0.01)  # the window, then its own 0.1 s
+    outcome = await long
+    assert engine.batches == [["long"], ["short"]] and outcome.queue_s == pytest.approx(0.05, abs=0.01)
+    await sched.close(1)
