@@ -609,9 +609,9 @@ class JobWorkers:
         redis, stream = self.store.redis, self.store.stream
 
         async def leave(consumer: str) -> None:
-            held = await redis.xpending_range(stream, GROUP, "-", "+", 10 * self.batch, consumer)
+            held = await self._held(consumer)
             if held:
-                await self._hand_back(consumer, [p["message_id"] for p in held])
+                await self._hand_back(consumer, held)
             else:
                 await redis.xgroup_delconsumer(stream, GROUP, consumer)
 
@@ -620,15 +620,20 @@ class JobWorkers:
         except Exception as exc:  # Redis away: the entries stay, as a killed worker's do
             log.debug("consumers left in the group: %s", type(exc).__name__)
 
-    async def _hand_back(self, consumer: str, entry_ids: list[bytes]) -> None:
-        """Entries this consumer holds but will not run (it is stopping): still its own, but idle as long as
-        another worker's reclaim asks, so they are taken at once; their delivery count goes back by the one this
-        consumer used (a stop asked for is no crash: it must not bring an item nearer RLAIFV_JOBS_MAX_DELIVERIES)."""
-        if not entry_ids:
-            return
+    async def _held(self, consumer: str, entry_ids: list[bytes] | None = None) -> dict[bytes, int]:
+        """The entries this consumer holds (of `entry_ids`, or all), with how often each was delivered."""
+        pending = await self.store.redis.xpending_range(
+            self.store.stream, GROUP, "-", "+", 10 * self.batch + len(entry_ids or ()), consumer
+        )
+        wanted = None if entry_ids is None else set(entry_ids)
+        return {p["message_id"]: p["times_delivered"] for p in pending if wanted is None or p["message_id"] in wanted}
+
+    async def _hand_back(self, consumer: str, counts: dict[bytes, int]) -> None:
+        """Entries this consumer holds but will not run (it is stopping; `counts`: their deliveries, `_held`): still
+        its own, but idle as long as another worker's reclaim asks, so they are taken at once; their delivery count
+        goes back by the one this consumer used (a stop asked for is no crash: it must not bring an item nearer
+        RLAIFV_JOBS_MAX_DELIVERIES)."""
         redis, stream = self.store.redis, self.store.stream
-        held = await redis.xpending_range(stream, GROUP, "-", "+", 10 * len(entry_ids) + 100, consumer)
-        counts = {p["message_id"]: p["times_delivered"] for p in held if p["message_id"] in set(entry_ids)}
         for times in sorted(set(counts.values())):
             ids = [entry_id for entry_id, n in counts.items() if n == times]
             await redis.xclaim(
@@ -639,42 +644,35 @@ class JobWorkers:
         """Stale entries of dead consumers first (`_reclaim`), else new ones (XREADGROUP, blocking briefly). A
         reclaimed entry delivered `RLAIFV_JOBS_MAX_DELIVERIES` times already fails instead of running again."""
         redis = self.store.redis
-        entries = await self._reclaim(consumer)
-        if entries:
-            return await self._without_abandoned(consumer, entries)
+        reclaimed = await self._reclaim(consumer)
+        if reclaimed:
+            return await self._without_abandoned(reclaimed)
         reply = await redis.xreadgroup(GROUP, consumer, {self.store.stream: ">"}, count=self.batch, block=250)
         return reply[0][1] if reply else []
 
-    async def _reclaim(self, consumer: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    async def _reclaim(self, consumer: str) -> list[tuple[bytes, dict[bytes, bytes], int]]:
         """Entries idle past `RLAIFV_JOBS_CLAIM_IDLE_MS` (their consumer stopped), taken over with XCLAIM (which
         checks the idle time again, so a live worker keeps its own). Those delivered once go as a batch; one
         delivered more often goes alone: when an item kills its worker, the whole batch it ran in is reclaimed,
-        and run together again every entry of it would reach the delivery bound with the item that did it."""
+        and run together again every entry of it would reach the delivery bound with the item that did it. Each
+        comes with its deliveries, this one included (XCLAIM counts one more than XPENDING said)."""
         redis, stream = self.store.redis, self.store.stream
         stale = await redis.xpending_range(stream, GROUP, "-", "+", self.batch, idle=self.claim_idle_ms)
         if not stale:
             return []
-        if stale[0]["times_delivered"] > 1:
-            ids = [stale[0]["message_id"]]
-        else:
-            ids = [p["message_id"] for p in stale if p["times_delivered"] <= 1]
-        claimed = await redis.xclaim(stream, GROUP, consumer, self.claim_idle_ms, ids)
-        return [e for e in claimed if e and e[1]]
+        taken = stale[:1] if stale[0]["times_delivered"] > 1 else [p for p in stale if p["times_delivered"] <= 1]
+        deliveries = {p["message_id"]: p["times_delivered"] + 1 for p in taken}
+        claimed = await redis.xclaim(stream, GROUP, consumer, self.claim_idle_ms, list(deliveries))
+        return [(e[0], e[1], deliveries[e[0]]) for e in claimed if e and e[1]]
 
     async def _without_abandoned(
-        self, consumer: str, entries: list[tuple[bytes, dict[bytes, bytes]]]
+        self, entries: list[tuple[bytes, dict[bytes, bytes], int]]
     ) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """The entries to run; those every earlier delivery of which ended with its worker (a process killed while
         running it, out of memory or by a crash the item itself causes) get a failed result and leave the stream:
         reclaimed for ever, such an item took down worker after worker until its job expired."""
-        ids = {entry_id for entry_id, _ in entries}
-        pending = await self.store.redis.xpending_range(
-            self.store.stream, GROUP, "-", "+", 10 * len(ids) + 100, consumer
-        )
-        deliveries = {p["message_id"]: p["times_delivered"] for p in pending if p["message_id"] in ids}
         kept = []
-        for entry_id, fields in entries:
-            times = deliveries.get(entry_id, 0)
+        for entry_id, fields, times in entries:
             if times <= self.max_deliveries:
                 kept.append((entry_id, fields))
                 continue
@@ -702,7 +700,7 @@ class JobWorkers:
                     group_ready = True
                 entries = await self._next(consumer)
                 if self._draining:  # told to stop while it read: no new items (another worker takes them now)
-                    await self._hand_back(consumer, [entry_id for entry_id, _ in entries])
+                    await self._hand_back(consumer, await self._held(consumer, [entry_id for entry_id, _ in entries]))
                     break
                 async with self._claimed(consumer, [entry_id for entry_id, _ in entries]):
                     outcomes = await asyncio.gather(
