@@ -391,20 +391,13 @@ def test_jsonl_lines_split_at_newlines_only() -> None:
     assert list(split_lines(chunks)) == ['{"a": "x\u2028y"}', '{"b": "\u0085"}', '{"c": 1}']
 
 
-def fake_clock(monkeypatch: pytest.MonkeyPatch, clock: list[float], sleep: Any = None) -> None:
-    """`jobs.wait` reads the clock where its loop lives (`Waiting`) and sleeps where it requests (the clients)."""
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> tuple[list[float], list[float]]:
+    """A clock at 100 s that only sleeps move, for both clients: `jobs.wait` reads it where its loop lives
+    (`Waiting`) and sleeps where it requests (time.sleep, asyncio.sleep). Returns the clock and the sleeps."""
     import types
 
     import rlaifv_client._base_client as base_module
     import rlaifv_client._client as client_module
-
-    fake = types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep, time=lambda: clock[0])
-    monkeypatch.setattr(client_module, "time", fake)
-    monkeypatch.setattr(base_module, "time", fake)
-
-
-def test_wait_sleeps_only_what_is_left_of_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A timeout shorter than the poll interval still gets its last poll at the deadline (fake clock)."""
 
     clock, slept = [100.0], []
 
@@ -412,7 +405,20 @@ def test_wait_sleeps_only_what_is_left_of_its_timeout(monkeypatch: pytest.Monkey
         slept.append(seconds)
         clock[0] += seconds
 
-    fake_clock(monkeypatch, clock, sleep)
+    async def async_sleep(seconds: float) -> None:
+        sleep(seconds)
+
+    fake = types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep, time=lambda: clock[0])
+    monkeypatch.setattr(client_module, "time", fake)
+    monkeypatch.setattr(base_module, "time", fake)
+    monkeypatch.setattr(client_module.asyncio, "sleep", async_sleep)
+    return clock, slept
+
+
+def test_wait_sleeps_only_what_is_left_of_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timeout shorter than the poll interval still gets its last poll at the deadline (fake clock)."""
+
+    clock, slept = fake_clock(monkeypatch)
     running = {"id": "j1", "kind": "rewards", "status": "running", "created": 1, "updated": 1, "total": 3}
     polls: list[float] = []
 
@@ -430,12 +436,7 @@ def test_wait_ends_at_its_deadline_whatever_the_server_does(monkeypatch: pytest.
     """Each poll's timeout is cut to what is left of the wait's, a poll that fails (503, no connection) is polled
     again instead of ending the wait, and the deadline's error says why the last poll failed (fake clock)."""
 
-    clock: list[float] = [100.0]
-
-    def sleep(seconds: float) -> None:
-        clock[0] += seconds
-
-    fake_clock(monkeypatch, clock, sleep)
+    clock, _ = fake_clock(monkeypatch)
     running = {"id": "j1", "kind": "rewards", "status": "running", "created": 1, "updated": 1, "total": 3}
     read_timeouts: list[float] = []
     answers = iter(["job", "503", "refused"])
@@ -462,15 +463,7 @@ def test_wait_ends_at_its_deadline_whatever_the_server_does(monkeypatch: pytest.
 
 async def test_async_wait_ends_at_its_deadline_whatever_the_server_does(monkeypatch: pytest.MonkeyPatch) -> None:
 
-    import rlaifv_client._client as client_module
-
-    clock: list[float] = [100.0]
-
-    async def sleep(seconds: float) -> None:
-        clock[0] += seconds
-
-    fake_clock(monkeypatch, clock)
-    monkeypatch.setattr(client_module.asyncio, "sleep", sleep)
+    clock, _ = fake_clock(monkeypatch)
     read_timeouts: list[float] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -531,13 +524,7 @@ def limited(retry_after: str) -> httpx.Response:
 def test_wait_pauses_as_long_as_a_refused_polls_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each poll counts against the key's rate limit: polling every second into a 30 s Retry-After only made more
     429s (a wait of 20 s made 17 refused polls). A shorter Retry-After than the interval keeps the interval."""
-    clock, slept = [100.0], []
-
-    def sleep(seconds: float) -> None:
-        slept.append(seconds)
-        clock[0] += seconds
-
-    fake_clock(monkeypatch, clock, sleep)
+    _, slept = fake_clock(monkeypatch)
     transport, calls = polled([limited("30"), limited("0.5")])
     with Client(base_url="http://svc", http_client=httpx.Client(transport=transport)) as client:
         assert client.jobs.wait("j1", poll_interval=1, timeout=100).status == "succeeded"
@@ -545,16 +532,8 @@ def test_wait_pauses_as_long_as_a_refused_polls_retry_after(monkeypatch: pytest.
 
 
 async def test_async_wait_pauses_as_long_as_a_refused_polls_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
-    import rlaifv_client._client as client_module
 
-    clock, slept = [100.0], []
-
-    async def sleep(seconds: float) -> None:
-        slept.append(seconds)
-        clock[0] += seconds
-
-    fake_clock(monkeypatch, clock)
-    monkeypatch.setattr(client_module.asyncio, "sleep", sleep)
+    _, slept = fake_clock(monkeypatch)
     transport, calls = polled([limited("30"), limited("0.5")])
     async with AsyncClient(base_url="http://svc", http_client=httpx.AsyncClient(transport=transport)) as client:
         assert (await client.jobs.wait("j1", poll_interval=1, timeout=100)).status == "succeeded"
@@ -563,13 +542,7 @@ async def test_async_wait_pauses_as_long_as_a_refused_polls_retry_after(monkeypa
 
 def test_a_wait_without_a_deadline_waits_out_a_rate_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     """The poll's own retries spent, a 429 still ends in a finished job: a rate limit always lifts."""
-    clock, slept = [100.0], []
-
-    def sleep(seconds: float) -> None:
-        slept.append(seconds)
-        clock[0] += seconds
-
-    fake_clock(monkeypatch, clock, sleep)
+    _, slept = fake_clock(monkeypatch)
     transport, calls = polled([limited("7")] * 3)
     with Client(base_url="http://svc", http_client=httpx.Client(transport=transport), max_retries=2) as client:
         assert client.jobs.wait("j1").status == "succeeded"

@@ -127,13 +127,31 @@ async def test_what_the_grace_cannot_finish_is_answered_503_and_the_process_exit
     assert "Traceback" not in text and "Exception in ASGI application" not in text, text[-3000:]
 
 
+def _serving_state(grace_s: float, note: Any) -> Any:
+    """The app state a Drain works on: `note(what, grace_s)` records the scheduler's close and the engine's release."""
+    from types import SimpleNamespace
+
+    from rlaifv.service.metrics import Metrics
+
+    class Scheduler:
+        async def close(self, grace_s: float) -> None:
+            note("scheduler closed", grace_s)
+
+    class Serving:
+        scheduler = Scheduler()
+
+        async def aclose(self, grace_s: float) -> None:
+            note("engine released", grace_s)
+
+    settings = SimpleNamespace(shutdown_grace_s=grace_s)
+    return SimpleNamespace(settings=settings, metrics=Metrics(), serving=Serving(), ready=True)
+
+
 @pytest.mark.looptime
 async def test_the_signal_stops_the_job_consumers_at_once_and_answers_leftovers_before_the_grace_ends() -> None:
     """The replica's own consumers took new job items during the whole HTTP drain (480 entries in one probe),
     competing with the requests that had to finish in time."""
-    from types import SimpleNamespace
 
-    from rlaifv.service.metrics import Metrics
     from rlaifv.service.shutdown import Drain
 
     events: list[str] = []
@@ -142,19 +160,10 @@ async def test_the_signal_stops_the_job_consumers_at_once_and_answers_leftovers_
         async def stop(self) -> None:
             events.append("jobs stopped")
 
-    class Scheduler:
-        async def close(self, grace_s: float) -> None:
-            events.append(f"scheduler closed ({grace_s:g} s)")
+    def note(what: str, grace_s: float) -> None:
+        events.append(f"scheduler closed ({grace_s:g} s)" if what == "scheduler closed" else what)
 
-    class Serving:
-        scheduler = Scheduler()
-
-        async def aclose(self, grace_s: float) -> None:
-            events.append("engine released")
-
-    state = SimpleNamespace(
-        settings=SimpleNamespace(shutdown_grace_s=30.0), metrics=Metrics(), serving=Serving(), ready=True
-    )
+    state = _serving_state(30.0, note)
     drain = Drain(state, Jobs())
     drain.begin()
     await asyncio.sleep(0.01)  # the loop's virtual clock (looptime)
@@ -171,9 +180,7 @@ async def test_the_signal_stops_the_job_consumers_at_once_and_answers_leftovers_
 async def test_a_hung_redis_does_not_push_the_503s_past_the_grace() -> None:
     """The job consumers' stop waited on a hung Redis before the drain armed its deadline: the 503s came after
     uvicorn's own timeout had cancelled the handlers (bare 500s), and the stop was waited on twice."""
-    from types import SimpleNamespace
 
-    from rlaifv.service.metrics import Metrics
     from rlaifv.service.shutdown import Drain
 
     events: list[str] = []
@@ -187,19 +194,7 @@ async def test_a_hung_redis_does_not_push_the_503s_past_the_grace() -> None:
             HungJobs.stops += 1
             await asyncio.Event().wait()  # Redis never answers
 
-    class Scheduler:
-        async def close(self, grace_s: float) -> None:
-            events.append(f"scheduler closed at {loop.time() - start:.1f} s")
-
-    class Serving:
-        scheduler = Scheduler()
-
-        async def aclose(self, grace_s: float) -> None:
-            events.append(f"engine released at {loop.time() - start:.1f} s")
-
-    state = SimpleNamespace(
-        settings=SimpleNamespace(shutdown_grace_s=4.0), metrics=Metrics(), serving=Serving(), ready=True
-    )
+    state = _serving_state(4.0, lambda what, grace_s: events.append(f"{what} at {loop.time() - start:.1f} s"))
     drain = Drain(state, HungJobs())
     drain.begin()
     await asyncio.sleep(3.5)

@@ -389,10 +389,7 @@ def test_feedback_stopped_by_sigterm_resumes_after_its_last_saved_batch(
     resumed = run(shards)
     assert batches[1:] == [["p2", "p3"], ["p4"]]
 
-    def texts(feedback):
-        return [(f.id, [(a.text, a.score) for a in f.answers]) for f in feedback]
-
-    assert texts(resumed) == texts(expected)
+    assert _answers(resumed) == _answers(expected)
     other = dataclasses.replace(config, seed=3)
     with pytest.warns(UserWarning, match=r"made with other settings \(feedback.seed\): starting over"):
         assert FeedbackShards(tmp_path / "partial", feedback_key(other, [tiny_model]), other.to_dict()).resume(
@@ -439,6 +436,24 @@ def test_a_hub_model_id_names_its_feedback_run() -> None:
     assert feedback_key(config, ["llava-hf/llava-1.5-7b-hf"]) != feedback_key(config, ["other/model"])
 
 
+def _sampled_batches(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The prompt ids of every batch sampled from now on (the batches a run did not reuse), in order."""
+    from rlaifv.trainer import feedback as feedback_module
+
+    real, batches = feedback_module.sample_candidates, []
+
+    def sampling(pair, batch, *args, **kwargs):
+        batches.append([p.id for p in batch])
+        return real(pair, batch, *args, **kwargs)
+
+    monkeypatch.setattr(feedback_module, "sample_candidates", sampling)
+    return batches
+
+
+def _answers(feedback):
+    return [(f.id, [(a.text, a.score) for a in f.answers]) for f in feedback]
+
+
 @pytest.mark.slow
 def test_a_run_with_more_prompts_goes_on_from_the_saved_whole_batches(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -446,7 +461,6 @@ def test_a_run_with_more_prompts_goes_on_from_the_saved_whole_batches(
     """A raised --limit kept nothing (the prompts were part of the run's key): the saved whole batches stay, a
     last batch that was short is sampled again whole, and the result is that of one run over every prompt."""
     from rlaifv.reward.models import load_model, load_processor
-    from rlaifv.trainer import feedback as feedback_module
     from rlaifv.trainer.feedback import FeedbackShards, feedback_key
 
     model, processor = load_model(tiny_model), load_processor(tiny_model)
@@ -457,20 +471,11 @@ def test_a_run_with_more_prompts_goes_on_from_the_saved_whole_batches(
     def run(items: list[PromptItem], shards: FeedbackShards | None):
         return collect_feedback(model, processor, items, config, labeler=labeler, progress=False, shards=shards)
 
-    def texts(feedback):
-        return [(f.id, [(a.text, a.score) for a in f.answers]) for f in feedback]
-
     expected = run(prompts, None)
     shards = FeedbackShards(tmp_path / "partial", feedback_key(config, [tiny_model]), config.to_dict())
     run(prompts[:3], shards)  # batches [p0, p1] and [p2]
-    real, batches = feedback_module.sample_candidates, []
-
-    def sampling(pair, batch, *args, **kwargs):
-        batches.append([p.id for p in batch])
-        return real(pair, batch, *args, **kwargs)
-
-    monkeypatch.setattr(feedback_module, "sample_candidates", sampling)
-    assert texts(run(prompts, shards)) == texts(expected)
+    batches = _sampled_batches(monkeypatch)
+    assert _answers(run(prompts, shards)) == _answers(expected)
     assert batches == [["p2", "p3"], ["p4"]]
     batches.clear()
     renamed = [dataclasses.replace(prompts[0], id="q0"), *prompts[1:]]
@@ -489,7 +494,6 @@ def test_a_finished_runs_feedback_is_taken_as_its_saved_batches(
     """A finished run clears its batches: `feedback --limit` raised (or lowered) on its output sampled every
     prompt again. Its feedback file now stands for the batches, where it holds this run's first prompts."""
     from rlaifv.reward.models import load_model, load_processor
-    from rlaifv.trainer import feedback as feedback_module
     from rlaifv.trainer.feedback import FeedbackShards, feedback_key, write_feedback
 
     model, processor = load_model(tiny_model), load_processor(tiny_model)
@@ -504,22 +508,13 @@ def test_a_finished_runs_feedback_is_taken_as_its_saved_batches(
         shards.clear()  # as the command does once feedback.parquet is written
         return result
 
-    def texts(feedback):
-        return [(f.id, [(a.text, a.score) for a in f.answers]) for f in feedback]
-
     expected = run(prompts, None)
     finished = write_feedback(tmp_path / "feedback.parquet", run(prompts[:3], None))
-    real, batches = feedback_module.sample_candidates, []
-
-    def sampling(pair, batch, *args, **kwargs):
-        batches.append([p.id for p in batch])
-        return real(pair, batch, *args, **kwargs)
-
-    monkeypatch.setattr(feedback_module, "sample_candidates", sampling)
-    assert texts(run(prompts, finished)) == texts(expected)
+    batches = _sampled_batches(monkeypatch)
+    assert _answers(run(prompts, finished)) == _answers(expected)
     assert batches == [["p2", "p3"], ["p4"]]  # [p0, p1] reused; the short [p2] is sampled again with p3
     batches.clear()
-    assert texts(run(prompts[:2], finished)) == texts(expected[:2]) and batches == []  # a lowered --limit
+    assert _answers(run(prompts[:2], finished)) == _answers(expected[:2]) and batches == []  # a lowered --limit
     batches.clear()
     renamed = [dataclasses.replace(prompts[0], id="q0"), *prompts[1:]]
     with warnings.catch_warnings(record=True) as caught:
@@ -539,19 +534,12 @@ def test_feedback_with_a_raised_limit_samples_only_the_prompts_it_adds(
     from typer.testing import CliRunner
 
     from rlaifv.cli.main import app
-    from rlaifv.trainer import feedback as feedback_module
 
     for i in range(3):
         (tmp_path / f"{i}.png").write_bytes(png((70 * i, 30, 30)))
     lines = [json.dumps({"id": f"p{i}", "image": f"{i}.png", "question": "describe the image"}) for i in range(3)]
     (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
-    real, batches = feedback_module.sample_candidates, []
-
-    def sampling(pair, batch, *args, **kwargs):
-        batches.append([p.id for p in batch])
-        return real(pair, batch, *args, **kwargs)
-
-    monkeypatch.setattr(feedback_module, "sample_candidates", sampling)
+    batches = _sampled_batches(monkeypatch)
     args = ["feedback", str(tmp_path / "prompts.jsonl"), "--model", str(tiny_model), "-o", str(tmp_path / "out")]
     args += ["--samples", "2", "--max-tokens", "2", "--no-progress", "--set", "feedback.prompt_batch=1"]
     for limit, sampled in (("2", [["p0"], ["p1"]]), ("3", [["p2"]])):
