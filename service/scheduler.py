@@ -42,13 +42,14 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from rlaifv.service.engines import Engine, EngineResult, Request
 from rlaifv.service.errors import ClientDisconnected, DeadlineExceeded, Overloaded, Unavailable
 from rlaifv.service.metrics import Metrics
 
 log = logging.getLogger("rlaifv.service")
+_T = TypeVar("_T")
 
 
 def _now() -> float:
@@ -70,6 +71,33 @@ class _Item:
 class Outcome:
     result: EngineResult
     queue_s: float
+
+
+async def wait_for_result(
+    future: asyncio.Future[_T],
+    *,
+    left_s: float,
+    limit_s: float,
+    disconnected: Callable[[], Awaitable[Any]] | None,
+    metrics: Metrics,
+) -> _T:
+    """`future`'s result, waited for within a request's deadline and only while its client stays: a queued request
+    and one waiting for an identical request's scores give up alike, counted alike. The future is left as it is."""
+    watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+    try:
+        done, _ = await asyncio.wait(
+            {future} | ({watcher} if watcher else set()), timeout=max(0.0, left_s), return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    if future in done:
+        return future.result()
+    if watcher is not None and watcher in done:
+        metrics.rejected.labels(reason="client_disconnected").inc()
+        raise ClientDisconnected()
+    metrics.rejected.labels(reason="deadline").inc()
+    raise DeadlineExceeded(f"request not served within {limit_s:g} s", code="deadline_exceeded")
 
 
 class Scheduler:
@@ -208,26 +236,19 @@ class Scheduler:
         self._arrived.set()
         self.pixels_held += pixels  # until the batcher has run the item or it left the queue (`_release`)
         self._depth_changed()
-        watcher = asyncio.create_task(disconnected()) if disconnected is not None else None
         try:
-            waiters = {item.future} | ({watcher} if watcher else set())
-            done, _ = await asyncio.wait(
-                waiters, timeout=max(0.0, item.deadline - _now()), return_when=asyncio.FIRST_COMPLETED
+            result = await wait_for_result(
+                item.future,
+                left_s=item.deadline - _now(),
+                limit_s=timeout_s,
+                disconnected=disconnected,
+                metrics=self.metrics,
             )
-            if item.future in done:
-                result = item.future.result()
-                return Outcome(result, (item.started or item.enqueued) - item.enqueued)
-            if watcher is not None and watcher in done:
-                self.metrics.rejected.labels(reason="client_disconnected").inc()
-                raise ClientDisconnected()
-            self.metrics.rejected.labels(reason="deadline").inc()
-            raise DeadlineExceeded(f"request not served within {timeout_s:g} s", code="deadline_exceeded")
+            return Outcome(result, (item.started or item.enqueued) - item.enqueued)
         finally:
             if not item.future.done():
                 item.future.cancel()  # a batch being formed skips it
                 item.request.withdrawal.set()  # a running batch stops sampling it and does not score it
-            if watcher is not None:
-                watcher.cancel()
             self._leave(item)
 
     def _leave(self, item: _Item) -> None:

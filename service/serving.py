@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from rlaifv.reward.scoring import top_k
 from rlaifv.service.engines import GenerateRequest, ScoreRequest
-from rlaifv.service.errors import BadGateway, BadRequest, Checks, ClientDisconnected, DeadlineExceeded, NotFound
+from rlaifv.service.errors import BadGateway, BadRequest, Checks, NotFound
 from rlaifv.service.generator import Generated, openai_messages
 from rlaifv.service.protocol import (
     BestOfNRequest,
@@ -44,7 +44,7 @@ from rlaifv.service.protocol import (
     convert_messages,
 )
 from rlaifv.service.redis_conn import Breaker
-from rlaifv.service.scheduler import Outcome
+from rlaifv.service.scheduler import Outcome, wait_for_result
 
 if TYPE_CHECKING:
     from rlaifv.reward.results import Candidate, Ranking, TopToken
@@ -142,6 +142,11 @@ async def _wait_for_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _departure(request: Request | None) -> Callable[[], Awaitable[None]] | None:
+    """What a wait watches for the client leaving (batch-job items have no client)."""
+    return (lambda: _wait_for_disconnect(request)) if request is not None else None
 
 
 class Serving:
@@ -253,9 +258,8 @@ class Serving:
     ) -> Outcome:
         """Through the scheduler; `request` (absent for batch-job items) lets a client's departure cancel the work.
         `timeout_s`: what is left of the request's deadline (all of RLAIFV_REQUEST_TIMEOUT_S by default)."""
-        disconnected = (lambda: _wait_for_disconnect(request)) if request is not None else None
         timeout = self.settings.request_timeout_s if timeout_s is None else timeout_s
-        return await self.scheduler.submit(engine_request, timeout_s=timeout, disconnected=disconnected)
+        return await self.scheduler.submit(engine_request, timeout_s=timeout, disconnected=_departure(request))
 
     async def _generate_elsewhere(
         self,
@@ -416,23 +420,13 @@ class Serving:
         with no deadline, then scored afresh with a whole one: the last of six answered a 2 s deadline at 12 s)."""
         timeout = self.settings.request_timeout_s
         while (leader := self._scoring.get(key)) is not None:
-            waiters: set[asyncio.Future[Any]] = {asyncio.shield(leader)}
-            gone = asyncio.ensure_future(_wait_for_disconnect(request)) if request is not None else None
-            try:
-                left = max(0.0, started + timeout - time.perf_counter())
-                done, _ = await asyncio.wait(
-                    waiters | ({gone} if gone else set()), timeout=left, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                if gone is not None:
-                    gone.cancel()
-            if gone is not None and gone in done:
-                self.metrics.rejected.labels(reason="client_disconnected").inc()
-                raise ClientDisconnected()
-            if not done:
-                self.metrics.rejected.labels(reason="deadline").inc()
-                raise DeadlineExceeded(f"request not served within {timeout:g} s", code="deadline_exceeded")
-            response = next(iter(waiters)).result()
+            response = await wait_for_result(
+                asyncio.shield(leader),
+                left_s=started + timeout - time.perf_counter(),
+                limit_s=timeout,
+                disconnected=_departure(request),
+                metrics=self.metrics,
+            )
             if response is not None:
                 return response
         return None
