@@ -14,7 +14,7 @@ Processing is at-least-once, results exactly-once:
 - the result is stored with HSETNX in a Lua script that also bumps `completed`/`failed` and finishes the
   job, so the counts change only together with a newly stored result and equal the results stored;
 - only then is the entry XACKed (and XDELed, so the stream stays small). A worker that dies leaves its
-  entries pending; after RLAIFV_JOBS_CLAIM_IDLE_MS another worker takes them over with XAUTOCLAIM, and an
+  entries pending; after RLAIFV_JOBS_CLAIM_IDLE_MS another worker takes them over (XPENDING + XCLAIM), and an
   item run twice is stored once.
 
 While Redis is unreachable, the store raises `StoreUnavailable` (503 with Retry-After at the HTTP edge) and
@@ -126,6 +126,20 @@ if current == false or current == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1
 """
 RELEASE_CLAIM = """
 if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('EXISTS', KEYS[2]) == 0 then redis.call('DEL', KEYS[1]) end
+"""
+# Consumers of the group (KEYS[1] the stream, ARGV[1] the group) that hold no entry and were not heard from for
+# ARGV[2] ms leave it; checked and deleted in one script, as deleting a consumer drops the entries it holds.
+FORGET_CONSUMERS = """
+local removed = 0
+for _, info in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local c = {}
+  for i = 1, #info, 2 do c[info[i]] = info[i + 1] end
+  if c['pending'] == 0 and c['idle'] >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], c['name'])
+    removed = removed + 1
+  end
+end
+return removed
 """
 # Redis's clock in ms, in a script (TIME: whole seconds and microseconds).
 _NOW_MS = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
@@ -569,6 +583,8 @@ class JobWorkers:
         self._consumers: list[str] = []
         self._draining = False
         self._base = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        # a live consumer asks for entries every 250 ms, or holds some: one idle and empty this long is gone
+        self.forget_after_ms = max(self.claim_idle_ms, 60_000)
 
     def start(self, count: int | None = None) -> None:
         self._draining = False
@@ -663,7 +679,16 @@ class JobWorkers:
         taken = stale[:1] if stale[0]["times_delivered"] > 1 else [p for p in stale if p["times_delivered"] <= 1]
         deliveries = {p["message_id"]: p["times_delivered"] + 1 for p in taken}
         claimed = await redis.xclaim(stream, GROUP, consumer, self.claim_idle_ms, list(deliveries))
+        await self._forget_dead_consumers()
         return [(e[0], e[1], deliveries[e[0]]) for e in claimed if e and e[1]]
+
+    async def _forget_dead_consumers(self) -> None:
+        """Remove the group's consumers that stopped without leaving it (killed: out of memory, a node lost) once
+        nothing they held is left with them: each crash added one to XINFO CONSUMERS for ever, and a group of
+        thousands of dead names hides the live ones. Run when a worker starts and after it reclaimed entries."""
+        removed = await self.store.redis.eval(FORGET_CONSUMERS, 1, self.store.stream, GROUP, self.forget_after_ms)
+        if removed:
+            log.info("removed %d stopped job consumers from the group", removed)
 
     async def _without_abandoned(
         self, entries: list[tuple[bytes, dict[bytes, bytes], int]]
@@ -697,6 +722,8 @@ class JobWorkers:
                 if not group_ready:  # registering the consumer up front shows idle workers in XINFO CONSUMERS
                     await self.store.ensure_group()
                     await self.store.redis.xgroup_createconsumer(self.store.stream, GROUP, consumer)
+                    if consumer == self._consumers[0]:
+                        await self._forget_dead_consumers()
                     group_ready = True
                 entries = await self._next(consumer)
                 if self._draining:  # told to stop while it read: no new items (another worker takes them now)
@@ -734,7 +761,7 @@ class JobWorkers:
     @contextlib.asynccontextmanager
     async def _claimed(self, consumer: str, entry_ids: list[bytes]) -> AsyncIterator[None]:
         """While a batch runs, its entries stay this consumer's: XCLAIM ... JUSTID resets their idle time every third
-        of `RLAIFV_JOBS_CLAIM_IDLE_MS`, so another worker's XAUTOCLAIM takes only the items of a consumer that
+        of `RLAIFV_JOBS_CLAIM_IDLE_MS`, so another worker's reclaim takes only the items of a consumer that
         stopped, never those of one still running a long GPU batch (they ran twice)."""
 
         redis, stream = self.store.redis, self.store.stream

@@ -898,6 +898,37 @@ async def test_a_batch_whose_worker_died_twice_is_reclaimed_an_item_at_a_time(st
     assert len(again) == 1  # delivered twice: each alone, so only the item that kills counts on
 
 
+async def test_consumers_that_died_leave_the_group_once_their_entries_are_reclaimed(store: JobStore) -> None:
+    """Each killed worker stayed in XINFO CONSUMERS for ever (a crash-looping pod added one per restart). A dead
+    consumer leaves once another worker took its entries; one that still holds entries stays, or they would be
+    lost (deleting a consumer drops its pending entries), and so does one heard from recently."""
+    from rlaifv.service.jobs import GROUP, JobWorkers
+    from rlaifv.service.metrics import Metrics
+
+    settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=1, jobs_claim_idle_ms=100)
+    workers = JobWorkers(store, None, settings, Metrics())  # type: ignore[arg-type]
+    assert workers.forget_after_ms == 60_000
+    await store.create(request(3))
+    await store.ensure_group()
+    await store.redis.xreadgroup(GROUP, "died", {store.stream: ">"}, count=2)
+    await store.redis.xreadgroup(GROUP, "busy", {store.stream: ">"}, count=1)
+    died = (await pending_ids(store))[:2]
+    await store.redis.xclaim(store.stream, GROUP, "died", 0, died, idle=100_000, justid=True)
+
+    async def names() -> list[str]:
+        return sorted(c["name"].decode() for c in await store.redis.xinfo_consumers(store.stream, GROUP))
+
+    assert len(await workers._reclaim("next")) == 2
+    assert await names() == ["busy", "died", "next"]  # "died" was heard from just now: not yet taken for dead
+    workers.forget_after_ms = 0
+    await store.redis.xclaim(store.stream, GROUP, "died-later", 0, died, idle=100_000, justid=True)
+    assert len(await workers._reclaim("next")) == 1  # delivered twice: one at a time
+    assert await names() == ["busy", "died-later", "next"]  # holds the other entry: it stays, the entry with it
+    assert len(await workers._reclaim("next")) == 1
+    assert await names() == ["busy", "next"]  # "busy" holds an entry: it stays too
+    assert len(await pending_ids(store)) == 3
+
+
 async def pending_ids(store: JobStore) -> list[bytes]:
     from rlaifv.service.jobs import GROUP
 
