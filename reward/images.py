@@ -12,6 +12,7 @@ import binascii
 import contextlib
 import io
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,21 @@ class ImageLimits(BaseModel):
 
     max_bytes: int = Field(10 * 1024 * 1024, gt=0)
     max_pixels: int = Field(4096 * 4096, gt=0)
+    # a 1 x 16M image is within the pixel limit and blew up when resized to the model's square (GBs)
+    max_aspect: float = Field(20.0, ge=1)
     allowed_formats: frozenset[str] = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
+
+    def check_size(self, width: int, height: int, param: str) -> None:
+        """The declared size against the limits, before any pixel is decoded."""
+        if width < 1 or height < 1:
+            raise ImageError(f"image is {width}x{height}: it has no pixels", param=param)
+        if width * height > self.max_pixels:
+            raise ImageError(
+                f"image is {width}x{height} = {width * height} pixels, over the limit of {self.max_pixels}",
+                param=param,
+            )
+        if max(width, height) / min(width, height) > self.max_aspect:
+            raise ImageError(f"image is {width}x{height}: aspect ratio over {self.max_aspect:g}", param=param)
 
 
 def decode_base64(text: str, param: str = "image") -> bytes:
@@ -67,7 +82,7 @@ def check_image(data: bytes | memoryview, limits: ImageLimits | None = None, par
     photos). `Image.verify()` would be no check at all: for JPEG it reads nothing past the header.
     """
     with _opened(data, limits or ImageLimits(), param) as probe:
-        if probe.format == "JPEG":
+        if probe.format in ("JPEG", "MPO"):
             probe.draft(probe.mode, (max(1, probe.width // 8), max(1, probe.height // 8)))
         probe.load()
 
@@ -85,27 +100,26 @@ def _opened(data: bytes | memoryview, limits: ImageLimits, param: str) -> Iterat
     try:
         with Image.open(io.BytesIO(data)) as probe:
             fmt = probe.format or "?"
-            width, height = probe.size
-            if fmt not in limits.allowed_formats:
+            # MPO: a JPEG with more images after the photo (phones' Ultra HDR and gain-map photos), read as one
+            if fmt not in limits.allowed_formats and not (fmt == "MPO" and "JPEG" in limits.allowed_formats):
                 raise ImageError(
                     f"image format {fmt} is not allowed (allowed: {', '.join(sorted(limits.allowed_formats))})",
                     param=param,
                 )
-            if width * height > limits.max_pixels:
-                raise ImageError(
-                    f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}",
-                    param=param,
-                )
+            limits.check_size(probe.width, probe.height, param)
             if getattr(probe, "n_frames", 1) > 1:
                 probe.seek(0)
             yield probe
     except ImageError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"image is over the pixel limit (decompression bomb): {exc}", param=param) from None
+    except Image.DecompressionBombError:  # Pillow's own bound (~179M pixels), met before the size is known
+        raise ImageError(
+            f"image is over the pixel limit of {limits.max_pixels} (its declared size is a decompression bomb)",
+            param=param,
+        ) from None
     except UnidentifiedImageError:
         raise ImageError("data is not a recognised image", param=param) from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, struct.error, ZeroDivisionError) as exc:
         raise ImageError(f"image could not be decoded: {exc}", param=param) from None
 
 
@@ -117,8 +131,17 @@ def to_rgb(image: Any) -> Any:
     - Transparency laid over white, as vLLM does (`convert` alone keeps the colour under transparent pixels,
       often black).
     - 16-bit and 32-bit grey ("I;16", "I") scaled to 8 bits (PIL's `convert` clips them at 255, which turns most
-      of a 16-bit PNG white).
+      of a 16-bit PNG white); an "I" image whose values fit 8 bits is taken as 8-bit grey.
+    - Metadata dropped: the result is plain pixels, so converting it again changes nothing (the service's
+      decoded images went through here twice, and an orientation Pillow reads but `exif_transpose` leaves in
+      the XMP turned them twice; a damaged EXIF block copied over failed the second pass).
     """
+    rgb = _as_rgb(image)
+    rgb.info = {}
+    return rgb
+
+
+def _as_rgb(image: Any) -> Any:
     from PIL import Image
 
     image = upright(image)
@@ -126,7 +149,8 @@ def to_rgb(image: Any) -> Any:
         import numpy as np
 
         values = np.asarray(image)  # uint16 or int32, as stored: a 4096 x 4096 image in int64 took 384 MB to scale
-        shift = 8 if image.mode.startswith("I;16") or int(values.max(initial=0)) <= 0xFFFF else 24
+        top = int(values.max(initial=0))
+        shift = 8 if image.mode.startswith("I;16") else 0 if top <= 0xFF else 8 if top <= 0xFFFF else 24
         scaled = values >> shift
         np.clip(scaled, 0, 255, out=scaled)
         grey = Image.fromarray(scaled.astype(np.uint8))  # 2-D uint8: mode L
@@ -145,19 +169,22 @@ def to_rgb(image: Any) -> Any:
 
 
 EXIF_ORIENTATION = 0x0112
-# What `to_rgb` gives a model for the same bytes changed in version 2 (EXIF orientation, transparency over white):
-# cached rewards keyed by image bytes carry it.
-PREPROCESSING_VERSION = 2
+# What `to_rgb` gives a model for the same bytes changed in version 2 (EXIF orientation, transparency over white)
+# and 3 (an orientation left in the XMP applied once, not twice): cached rewards keyed by image bytes carry it.
+PREPROCESSING_VERSION = 3
 
 
 def upright(image: Any) -> Any:
-    """`image` turned by its EXIF orientation tag; the image itself (not a copy) without one. Pillow reads a
-    damaged EXIF block with a warning and an unknown orientation as none: both show the image as stored."""
+    """`image` turned by its EXIF orientation tag; the image itself (not a copy) without one. A damaged EXIF
+    block and an unknown orientation show the image as stored (Pillow tolerates the first in JPEGs only)."""
     from PIL import ImageOps
 
-    if image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+    try:
+        if image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+            return image
+        return ImageOps.exif_transpose(image)
+    except (SyntaxError, ValueError, TypeError, KeyError, struct.error, OSError):
         return image
-    return ImageOps.exif_transpose(image)
 
 
 def load_image(image: Any, limits: ImageLimits | None = None, param: str = "image") -> Any:
@@ -168,10 +195,11 @@ def load_image(image: Any, limits: ImageLimits | None = None, param: str = "imag
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        limits = limits or ImageLimits()
-        if image.width * image.height > limits.max_pixels:
-            raise ImageError(f"image is {image.width}x{image.height}, over the pixel limit", param=param)
-        return to_rgb(image)
+        (limits or ImageLimits()).check_size(image.width, image.height, param)
+        try:
+            return to_rgb(image)
+        except (OSError, ValueError, SyntaxError, struct.error) as exc:  # a closed image, a mode PIL cannot convert
+            raise ImageError(f"image could not be converted to RGB: {exc}", param=param) from None
     if isinstance(image, bytes | bytearray | memoryview):
         return decode_image(bytes(image), limits, param)
     if isinstance(image, Path):
@@ -181,7 +209,11 @@ def load_image(image: Any, limits: ImageLimits | None = None, param: str = "imag
             return decode_image(decode_base64(image, param), limits, param)
         if len(image) < 4096 and _is_file(image):
             return decode_image(_read_file(Path(image), param), limits, param)
-        return decode_image(decode_base64(image, param), limits, param)
+        try:
+            return decode_image(decode_base64(image, param), limits, param)
+        except ImageError:
+            _refuse_missing_path(image, param)
+            raise
     raise ImageError(f"unsupported image type {type(image).__name__}", param=param)
 
 
@@ -191,6 +223,24 @@ def _is_file(text: str) -> bool:
         return Path(text).is_file()
     except OSError:
         return False
+
+
+def _refuse_missing_path(text: str, param: str) -> None:
+    """A string that is no image as base64 but reads as a path (one that exists but is no file, a name with an
+    image suffix, a folder that exists) is named as such: a mistyped path was "not valid base64"."""
+    if len(text) >= 4096:
+        return
+    path = Path(text)
+    try:
+        if path.exists():
+            raise ImageError(f"image path {text} is not a file", param=param)
+        if path.suffix.lower() in IMAGE_SUFFIXES or (path.parent != Path() and path.parent.is_dir()):
+            raise ImageError(f"image file {text} does not exist", param=param)
+    except OSError:
+        return
+
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".webp", ".gif", ".bmp", ".mpo", ".tif", ".tiff"})
 
 
 def _read_file(path: Path, param: str) -> bytes:

@@ -4,12 +4,15 @@ A reference is a data URL, bare base64, or an http(s) URL. Remote URLs are
 refused unless their host is listed in RLAIFV_ALLOWED_IMAGE_HOSTS (no SSRF);
 allowed ones are fetched with a timeout and a byte cap, following redirects
 only to the same host. Pixel counts are checked from the header before any
-pixel is decoded (decompression bombs), by `reward.images.decode_image`.
+pixel is decoded (decompression bombs), by `reward.images.decode_image`; a
+compressed HTTP body is inflated within the byte cap (a 590-byte body sent as
+`Content-Encoding: gzip, gzip` took 520 MB when inflated whole).
 """
 
 from __future__ import annotations
 
 import asyncio
+import zlib
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -19,6 +22,33 @@ from rlaifv.reward.images import ImageLimits, decode_base64, decode_image
 from rlaifv.service.settings import Settings
 
 MAX_REDIRECTS = 3
+# zlib's window bits: gzip or zlib header detected (32 + 15); raw deflate, which some servers send as "deflate"
+_INFLATE_WBITS = {"gzip": 47, "x-gzip": 47, "deflate": 47}
+
+
+def inflated(body: bytes, encodings: str, limit: int, param: str) -> bytes:
+    """`body` decoded by its Content-Encoding layers (last applied first), no layer ever holding more than
+    `limit` + 1 bytes, which is all it takes to know the image is over the cap."""
+    for encoding in reversed([e.strip().lower() for e in encodings.split(",") if e.strip()]):
+        if encoding == "identity":
+            continue
+        if encoding not in _INFLATE_WBITS:
+            raise ImageError(f"image URL answered with Content-Encoding '{encoding}', not supported", param=param)
+        try:
+            try:
+                inflater = zlib.decompressobj(_INFLATE_WBITS[encoding])
+                out = inflater.decompress(body, limit + 1)
+            except zlib.error:
+                if encoding != "deflate":
+                    raise
+                inflater = zlib.decompressobj(-15)
+                out = inflater.decompress(body, limit + 1)
+        except zlib.error as exc:
+            raise ImageError(f"image URL body is not valid {encoding}: {exc}", param=param) from None
+        if len(out) > limit:
+            raise ImageError(f"image is over the limit of {limit} bytes", param=param)
+        body = out
+    return body
 
 
 def host_allowed(host: str, allowed: list[str]) -> bool:
@@ -40,6 +70,7 @@ class ImageLoader:
         self.limits = ImageLimits(
             max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels,
+            max_aspect=settings.max_image_aspect,
             allowed_formats=frozenset(settings.allowed_image_formats),
         )
         self._client: httpx.AsyncClient | None = None
@@ -62,23 +93,19 @@ class ImageLoader:
         return data
 
     async def load(self, refs: list[tuple[str, str]]) -> tuple[list, list[bytes]]:
-        """Decoded images and their bytes, in order. Decoding runs off the event loop."""
-        raw = [await self.read(ref, param) for ref, param in refs]
-        images = []
-        for data, (_, param) in zip(raw, refs, strict=True):
+        """Decoded images and their bytes, in order, each decoded before the next is read: the first bad one
+        ends the request (and no later URL is fetched for nothing). Decoding runs off the event loop."""
+        images, raw = [], []
+        for ref, param in refs:
+            data = await self.read(ref, param)
             try:
                 image = await asyncio.to_thread(decode_image, data, self.limits, param)
             except ImageError:
                 raise
             except Exception as exc:  # PIL raises many types on hostile files; none is a server fault
                 raise ImageError(f"image could not be decoded ({type(exc).__name__})", param=param) from None
-            long, short = max(image.size), max(1, min(image.size))
-            if long / short > self.settings.max_image_aspect:
-                raise ImageError(
-                    f"image is {image.width}x{image.height}: aspect ratio over {self.settings.max_image_aspect:g}",
-                    param=param,
-                )
             images.append(image)
+            raw.append(data)
         return images, raw
 
     async def _fetch(self, url: str, param: str) -> bytes:
@@ -93,7 +120,12 @@ class ImageLoader:
             raise ImageError(f"image host '{origin}' is not in the allowed hosts", param=param)
         if self._client is None:
             timeout = httpx.Timeout(self.settings.image_fetch_timeout_s)
-            self._client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+            self._client = httpx.AsyncClient(
+                timeout=timeout,
+                follow_redirects=False,
+                trust_env=False,
+                headers={"Accept-Encoding": "identity"},  # images are compressed already; gzip is still taken
+            )
         limit = self.settings.image_fetch_timeout_s
         try:  # httpx's timeout bounds each read: a host sending a byte at a time held the request for ever
             async with asyncio.timeout(limit):
@@ -122,11 +154,12 @@ class ImageLoader:
                             f"image is {declared} bytes, over the limit of {self.limits.max_bytes}", param=param
                         )
                     body = bytearray()
-                    async for chunk in response.aiter_bytes():
+                    async for chunk in response.aiter_raw():  # as sent: httpx would inflate a whole chunk at once
                         body += chunk
                         if len(body) > self.limits.max_bytes:
                             raise ImageError(f"image is over the limit of {self.limits.max_bytes} bytes", param=param)
-                    return bytes(body)
+                    encodings = response.headers.get("content-encoding", "")
+                    return inflated(bytes(body), encodings, self.limits.max_bytes, param) if encodings else bytes(body)
             except ImageError:
                 raise
             except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:

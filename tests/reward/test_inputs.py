@@ -183,3 +183,102 @@ def test_a_16_bit_grey_png_with_a_transparent_value_is_laid_over_white():
     assert Image.open(io.BytesIO(buffer.getvalue())).info.get("transparency") == 40000
     pixels = np.asarray(decode_image(buffer.getvalue()))
     assert (pixels[:, 4:] == 255).all() and (pixels[:, :4] == 1000 >> 8).all()
+
+
+def _with_xmp_orientation(image: Image.Image, value: str) -> bytes:
+    """An orientation only in the XMP, in a form Pillow reads but `exif_transpose` leaves in place."""
+    xmp = (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        f'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/"><tiff:Orientation>{value}</tiff:Orientation>'
+        "</rdf:Description></rdf:RDF></x:xmpmeta>"
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, xmp=xmp.encode())
+    return buffer.getvalue()
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_a_decoded_image_is_plain_pixels_and_converting_it_again_changes_nothing():
+    """The service decodes an image, then the model pair converts what it got once more: an orientation left in
+    the XMP turned the image a second time (the model saw it 90 degrees off), and a damaged EXIF block carried
+    over raised a SyntaxError in the second pass (a 500 on every endpoint)."""
+    import numpy as np
+
+    stored = Image.new("RGB", (64, 32), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 16, 32))
+    once = decode_image(_with_xmp_orientation(stored, "6 "))
+    assert once.size == (32, 64) and not once.info
+    assert np.array_equal(np.asarray(load_image(once)), np.asarray(once))
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 8), (200, 30, 30)).save(buffer, "JPEG", exif=b"Exif\x00\x00" + b"\xff" * 60)
+    decoded = decode_image(buffer.getvalue())
+    assert load_image(decoded).size == (16, 8)
+    handed = Image.new("RGB", (16, 8))
+    handed.info["exif"] = b"Exif\x00\x00" + b"\xff" * 60  # a PIL image a caller made: shown as stored
+    assert load_image(handed).size == (16, 8)
+
+
+def test_a_png_with_a_damaged_exif_block_shows_the_image_as_stored():
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 8), (0, 128, 0)).save(buffer, "PNG", exif=b"Exif\x00\x00" + b"\xff" * 60)
+    assert decode_image(buffer.getvalue()).size == (16, 8)  # was "could not be decoded"
+
+
+def test_a_phone_photo_with_a_second_image_mpo_is_read_as_its_jpeg():
+    """Phones' Ultra HDR and gain-map photos are JPEGs with more images after the photo (Pillow: MPO); they were
+    refused as "format MPO is not allowed" wherever JPEG was."""
+    import numpy as np
+
+    photo, gain = Image.new("RGB", (40, 30), (250, 0, 0)), Image.new("RGB", (20, 15), (0, 0, 250))
+    buffer = io.BytesIO()
+    photo.save(buffer, "MPO", save_all=True, append_images=[gain], quality=95)
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    shown = decode_image(buffer.getvalue())
+    assert shown.size == (40, 30) and np.asarray(shown)[..., 0].mean() > 200
+    with pytest.raises(ImageError, match="MPO is not allowed"):
+        decode_image(buffer.getvalue(), ImageLimits(allowed_formats=frozenset({"PNG"})))
+
+
+@pytest.mark.parametrize(("size", "fragment"), [((1, 5000), "aspect ratio over 20"), ((21, 1), "aspect ratio")])
+def test_a_long_thin_image_is_refused_from_its_header(tmp_path, size, fragment):
+    """The Python API had no aspect bound: a 1 x 30000 PNG took 1.2 GB when resized to the model's square."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size).save(buffer, "PNG")
+    for image in (buffer.getvalue(), Image.new("RGB", size)):
+        with pytest.raises(ImageError, match=fragment):
+            load_image(image)
+    assert load_image(Image.new("RGB", (20, 1))).size == (20, 1)
+    assert decode_image(buffer.getvalue(), ImageLimits(max_aspect=6000)).size == size
+
+
+def test_odd_pil_images_are_image_errors_not_crashes():
+    with pytest.raises(ImageError, match="no pixels"):
+        load_image(Image.new("RGB", (0, 0)))
+    closed = Image.new("RGB", (8, 8))
+    closed.close()
+    with pytest.raises(ImageError, match="could not be converted") as info:
+        load_image(closed, param="images[2]")
+    assert info.value.param == "images[2]"
+
+
+def test_an_8_bit_grey_image_in_mode_i_keeps_its_tones():
+    """Mode "I" with 8-bit values was shifted as if 16-bit: scored as all black."""
+    import numpy as np
+
+    grey = Image.new("L", (8, 8), 200).convert("I")
+    assert np.asarray(load_image(grey))[..., 0].min() == 200
+
+
+def test_a_mistyped_path_is_named_as_a_path(tmp_path):
+    """A path that does not exist was reported as "not valid base64" (or "not a recognised image")."""
+    for text, fragment in (
+        (str(tmp_path / "missing.png"), "does not exist"),
+        ("photos/cat.jpg", "does not exist"),
+        (str(tmp_path / "missing"), "does not exist"),
+        (str(tmp_path), "is not a file"),
+    ):
+        with pytest.raises(ImageError, match=fragment):
+            load_image(text)
+    with pytest.raises(ImageError, match="base64"):
+        load_image("not an image at all")

@@ -152,6 +152,14 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
         "invalid_image",
     ),
     (
+        "first-truncated-second-not-base64",
+        "/v1/rewards",
+        rwd(images=[data_url(truncated_png()), "data:image/png;base64,@@@"]),
+        400,
+        "images[0]",
+        "invalid_image",
+    ),
+    (
         "remote-url-not-allowed",
         "/v1/best-of-n",
         bon(images=["http://169.254.169.254/latest/meta-data/"]),
@@ -453,6 +461,18 @@ def test_unknown_routes_and_methods(client: httpx.Client, method: str, path: str
     r = client.request(method, path)
     assert r.status_code == status
     assert r.json()["error"]["code"] == code
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_a_jpeg_with_a_damaged_exif_block_is_scored_as_stored(client: httpx.Client) -> None:
+    """The service's decoded image kept the damaged EXIF block, and converting it again on the model thread
+    raised a SyntaxError: a 500 on every image endpoint, where the Python API scored the file."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, "JPEG", exif=b"Exif\x00\x00" + b"\xff" * 60)
+    r = client.post("/v1/rewards", json=rwd(images=[data_url(buffer.getvalue())], answers=["a red square."]))
+    assert r.status_code == 200, r.text
 
 
 def test_a_bad_request_among_concurrent_good_ones_fails_alone(live_server) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import threading
+import tracemalloc
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -14,6 +17,7 @@ pytestmark = pytest.mark.integration
 
 IMAGE = png_bytes((24, 24), (0, 0, 250))
 BIG = b"\x89PNG" + b"\x00" * 300_000
+BOMB = gzip.compress(gzip.compress(b"\x00" * 50_000_000))  # 50 MB in about 1 KB
 STOP_TRICKLING = threading.Event()
 
 
@@ -34,6 +38,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         routes = {
             "/red.png": (200, {"Content-Type": "image/png"}, IMAGE),
+            "/gzipped.png": (200, {"Content-Encoding": "gzip"}, gzip.compress(IMAGE)),
+            "/gzip-bomb.png": (200, {"Content-Encoding": "gzip, gzip"}, BOMB),
+            "/brotli.png": (200, {"Content-Encoding": "br"}, IMAGE),
             "/big.png": (200, {"Content-Type": "image/png"}, BIG),
             "/missing.png": (404, {}, b"no"),
             "/same-host-redirect": (302, {"Location": "/red.png"}, b""),
@@ -78,6 +85,9 @@ def remote_server(service_bundle, image_host):
         ("/other-host-redirect", 400, "redirects to another host"),
         ("/big.png", 400, "over the limit"),
         ("/missing.png", 400, "HTTP 404"),
+        ("/gzipped.png", 200, None),
+        ("/gzip-bomb.png", 400, "over the limit"),
+        ("/brotli.png", 400, "Content-Encoding 'br'"),
     ],
 )
 def test_allowed_host(remote_server, image_host, path, status, fragment) -> None:
@@ -133,3 +143,25 @@ async def test_a_fetch_is_bounded_as_a_whole_not_per_read(image_host) -> None:
         assert info.value.param == "image"
     finally:
         await loader.aclose()
+
+
+def test_a_compressed_body_is_inflated_within_the_byte_cap() -> None:
+    """httpx inflated each network chunk whole before the cap was checked: a 590-byte body sent as
+    `Content-Encoding: gzip, gzip` took 520 MB of the server's memory to be refused."""
+    from rlaifv.reward.errors import ImageError
+    from rlaifv.service.images import inflated
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match="over the limit of 200000 bytes"):
+            inflated(BOMB, "gzip, gzip", 200_000, "images[0]")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000
+    assert inflated(gzip.compress(IMAGE), "gzip", 200_000, "images[0]") == IMAGE
+    raw_deflate = zlib.compressobj(wbits=-15)
+    assert inflated(raw_deflate.compress(IMAGE) + raw_deflate.flush(), "deflate", 200_000, "images[0]") == IMAGE
+    assert inflated(zlib.compress(IMAGE), "Deflate, identity", 200_000, "images[0]") == IMAGE
+    with pytest.raises(ImageError, match="not valid gzip"):
+        inflated(IMAGE, "gzip", 200_000, "images[0]")
