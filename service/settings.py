@@ -186,7 +186,10 @@ class Settings(BaseSettings):
     max_images: int = Field(4, ge=1, description="Most images per request.")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest encoded image, in bytes.")
     max_image_pixels: int = Field(
-        4096 * 4096, ge=1, description="Largest declared width*height (checked before decoding)."
+        4096 * 4096,
+        ge=1,
+        le=178_956_970,  # Pillow refuses larger images itself, as decompression bombs
+        description="Largest declared width*height (checked before decoding; at most 178956970, Pillow's own bound).",
     )
     max_image_aspect: float = Field(
         20.0, ge=1, description="Largest long/short side ratio (a 1x16M image would blow up when resized)."
