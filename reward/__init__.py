@@ -9,7 +9,15 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from rlaifv.reward.errors import AnswerError, BundleError, ImageError, InvalidInputError, ModelLoadError, RewardError
+from rlaifv.reward.errors import (
+    AnswerError,
+    BundleError,
+    ContextLengthError,
+    ImageError,
+    InvalidInputError,
+    ModelLoadError,
+    RewardError,
+)
 
 if TYPE_CHECKING:
     from rlaifv.reward.bundle import BundleManifest, load_bundle
@@ -23,6 +31,7 @@ __all__ = [
     "BundleError",
     "BundleManifest",
     "Candidate",
+    "ContextLengthError",
     "ImageError",
     "InvalidInputError",
     "ModelLoadError",

@@ -5,8 +5,10 @@ drives. Batch methods take several prompts at once (the service micro-batches
 requests through them); `best_of_n` and `score` are the one-prompt
 conveniences of the in-process Python API.
 
-Model calls are not thread-safe (a LoRA pair toggles its adapter to get the
-reference), so callers run them from one thread at a time.
+Model calls are serialised per pair (a lock): a LoRA pair toggles its adapter to get
+the reference, and shared-prefix attention switches the models' attention
+implementation for the length of a call, so two calls at once from two threads
+failed. Threads may share a pair; they take turns.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import torch
+from pydantic import ValidationError
 
 from rlaifv.reward.claims import (
     ClaimSplitter,
@@ -29,7 +32,7 @@ from rlaifv.reward.claims import (
     plan_claims,
     score_plans,
 )
-from rlaifv.reward.errors import AnswerError, InvalidInputError, ModelLoadError, Withdrawn
+from rlaifv.reward.errors import AnswerError, ContextLengthError, InvalidInputError, ModelLoadError, Withdrawn
 from rlaifv.reward.families import family_of
 from rlaifv.reward.family_check import FamilyCheck, check_unverified_family
 from rlaifv.reward.images import ImageLimits, load_image
@@ -99,6 +102,21 @@ class ScoreTask:
 
 
 TaskT = TypeVar("TaskT", GenerateTask, ScoreTask)
+CallT = TypeVar("CallT", bound=Callable[..., Any])
+# The N answers of one prompt attend to each other's rows through an N x N mask per step: past this, one call's
+# memory grows without a useful bound (n=10,000 took 1.2 GB, n=100,000 asked for 10 GB); call again for more.
+MAX_N = 1024
+
+
+def _serialised(method: CallT) -> CallT:
+    """`method` run under the pair's lock (see the module docstring)."""
+
+    @functools.wraps(method)
+    def locked(self: ModelPair, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
 
 
 def _is_withdrawn(task: GenerateTask | ScoreTask) -> bool:
@@ -132,6 +150,7 @@ class ModelPair:
             raise ValueError("a reference model is required unless the policy is a LoRA adapter over it")
         self.family = family_of(policy)  # refuses a family whose positions the engine would get wrong
         self.abort = threading.Event()  # set: sampling stops at its next step (a server stopping)
+        self._lock = threading.RLock()
         self.policy = policy
         self.reference = reference
         self.processor = processor
@@ -285,6 +304,7 @@ class ModelPair:
     # -- model work -----------------------------------------------------------
 
     @torch.no_grad()
+    @_serialised
     def sequence_logprobs(
         self, prompts: Sequence[EncodedPrompt], answers: Sequence[Sequence[Sequence[int]]], *, reference: bool
     ) -> list[list[float]]:
@@ -296,6 +316,7 @@ class ModelPair:
             per_token = answer_logprobs(self.policy, prompts, answers, self.pad_id)
         return [[float(t.double().sum()) for t in group] for group in per_token]
 
+    @_serialised
     def sample(
         self,
         prompts: Sequence[EncodedPrompt],
@@ -423,6 +444,7 @@ class ModelPair:
         """Best-of-N for several prompts: one sampling pass and one reference pass for all."""
         return _all_ranked(self.generate_or_withdraw(tasks))
 
+    @_serialised
     def generate_or_withdraw(self, tasks: Sequence[GenerateTask]) -> list[Ranking | Withdrawn]:
         """`generate_batch` for tasks their owners may withdraw while it runs (`GenerateTask.withdrawn`): such a
         task's rows stop at the next decoding step, it is not scored, and its place holds `Withdrawn`."""
@@ -484,6 +506,7 @@ class ModelPair:
         """Rank given answers for several prompts: one policy pass and one reference pass for all."""
         return _all_ranked(self.score_or_withdraw(tasks))
 
+    @_serialised
     def score_or_withdraw(self, tasks: Sequence[ScoreTask]) -> list[Ranking | Withdrawn]:
         """`score_batch` leaving out the tasks withdrawn before their passes (`ScoreTask.withdrawn`)."""
         return _unless_withdrawn(tasks, self._score)
@@ -569,7 +592,7 @@ class ModelPair:
         n: int = 8,
         *,
         sampling: SamplingParams | None = None,
-        reward: RewardConfig | None = None,
+        reward: RewardConfig | Mapping[str, Any] | None = None,
         **sampling_kwargs: Any,
     ) -> Ranking:
         """Sample n answers to (image, question) and rank them by the RLAIF-V reward.
@@ -578,24 +601,81 @@ class ModelPair:
         list of those). Extra keyword arguments build `SamplingParams`
         (temperature, top_p, top_k, max_tokens, seed).
         """
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InvalidInputError(f"n must be a positive integer, got {n!r}", param="n")
-        params = sampling or SamplingParams(**sampling_kwargs)
+        if n > MAX_N:
+            raise InvalidInputError(f"n must be at most {MAX_N} in one call, got {n}; call again for more", param="n")
+        if sampling is not None and sampling_kwargs:
+            raise InvalidInputError(
+                f"give sampling settings either as `sampling` or as keywords, not both ({', '.join(sampling_kwargs)})",
+                param=next(iter(sampling_kwargs)),
+            )
+        params = sampling or _sampling_params(sampling_kwargs)
+        config = self._reward_config(reward)
         images = self.load_images(_as_list(image))
-        task = GenerateTask(self._encode_loaded(images, question), n, params, reward or self.reward, images)
-        return self.generate_batch([task])[0]
+        prompt = self._encode_loaded(images, _question(question))
+        params = self._fitted(params, len(prompt))
+        self.check_logit_bias(params.logit_bias)
+        return self.generate_batch([GenerateTask(prompt, n, params, config, images)])[0]
 
     def score(
-        self, image: Any, question: str, answers: Sequence[str], *, reward: RewardConfig | None = None
+        self,
+        image: Any,
+        question: str,
+        answers: Sequence[str],
+        *,
+        reward: RewardConfig | Mapping[str, Any] | None = None,
     ) -> Ranking:
         """Rank answers (e.g. written by another model) for (image, question) by the RLAIF-V reward."""
         if isinstance(answers, str):
             raise AnswerError("answers must be a list of strings, not one string", param="answers")
         texts = list(answers)
+        config = self._reward_config(reward)
         images = self.load_images(_as_list(image))
-        prompt = self._encode_loaded(images, question)
-        task = ScoreTask(prompt, self.encode_answers(texts), texts, reward or self.reward, images)
-        return self.score_batch([task])[0]
+        prompt = self._encode_loaded(images, _question(question))
+        encoded = self.encode_answers(texts)
+        self.check_answer_room(len(prompt), encoded)
+        return self.score_batch([ScoreTask(prompt, encoded, texts, config, images)])[0]
+
+    def check_answer_room(self, prompt_tokens: int, answers: Sequence[Sequence[int]]) -> None:
+        """Each answer must fit the model's positions after its prompt: past them the model reads positions it
+        never learned, and its log-probs mean nothing (a 1602-token answer was scored on a 256-position model)."""
+        limit = self.max_positions
+        for k, answer in enumerate(answers):
+            if limit is not None and prompt_tokens + len(answer) > limit:
+                raise ContextLengthError(
+                    f"prompt ({prompt_tokens} tokens) + answer ({len(answer)} tokens) exceed the model's {limit}"
+                    " positions",
+                    param=f"answers[{k}]",
+                )
+
+    def _fitted(self, params: SamplingParams, prompt_tokens: int) -> SamplingParams:
+        """`params` with answers that fit the model's positions: a `max_tokens` the caller gave that does not fit
+        is refused (answers sampled past the positions are noise), the default is shortened to fit."""
+        limit = self.max_positions
+        room = None if limit is None else limit - prompt_tokens
+        if room is None or params.max_tokens <= room:
+            return params
+        if room >= 1 and "max_tokens" not in params.model_fields_set:
+            return params.model_copy(update={"max_tokens": room})
+        raise ContextLengthError(
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds the model's {limit} positions",
+            param="max_tokens" if room >= 1 else "question",
+        )
+
+    def _reward_config(self, reward: RewardConfig | Mapping[str, Any] | None) -> RewardConfig:
+        if reward is None:
+            return self.reward
+        if isinstance(reward, RewardConfig):
+            return reward
+        if isinstance(reward, Mapping):
+            try:
+                return RewardConfig.model_validate(dict(reward))
+            except ValidationError as exc:
+                raise InvalidInputError(f"reward: {_first_error(exc)}", param="reward") from None
+        raise InvalidInputError(
+            f"reward must be a RewardConfig or a dict of its fields, not {type(reward).__name__}", param="reward"
+        )
 
 
 def _vocab_rows(model: Any) -> int | None:
@@ -627,6 +707,27 @@ def _all_ranked(outcomes: Sequence[Ranking | Withdrawn]) -> list[Ranking]:
         if isinstance(outcome, Withdrawn):
             raise outcome
     return [outcome for outcome in outcomes if isinstance(outcome, Ranking)]
+
+
+def _question(question: Any) -> str:
+    if not isinstance(question, str):
+        raise InvalidInputError(f"question must be a string, not {type(question).__name__}", param="question")
+    return question
+
+
+def _sampling_params(fields: dict[str, Any]) -> SamplingParams:
+    """`SamplingParams` from the in-process API's keywords, a bad one named."""
+    try:
+        return SamplingParams(**fields)
+    except ValidationError as exc:
+        location = exc.errors()[0]["loc"]
+        raise InvalidInputError(_first_error(exc), param=str(location[0]) if location else None) from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else str(error["msg"])
 
 
 def _as_list(image: Any) -> list[Any]:

@@ -53,7 +53,9 @@ class SamplingParams(BaseModel):
         0.0, ge=0.0, le=1.0, description="Drop tokens less likely than min_p x the likeliest one (after temperature)."
     )
     max_tokens: int = Field(64, ge=1, description="Maximum new tokens per answer, end-of-turn included.")
-    seed: int | None = Field(None, description="Seed for reproducible samples; random when omitted.")
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="Seed for reproducible samples; random when omitted."
+    )
     stop: tuple[str, ...] = Field(
         (), description="Stop strings: a sample ends at the step whose text first contains one (OpenAI `stop`)."
     )

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from rlaifv.reward.errors import ContextLengthError, InvalidInputError
+from rlaifv.reward.errors import InvalidInputError
 from rlaifv.reward.prompt import continuation_context
 from rlaifv.reward.token_bytes import TokenBytes
 from rlaifv.service.engines.base import EngineResult, GenerateRequest, Request, ScoreRequest
@@ -99,9 +99,8 @@ class TransformersEngine:
                 prompt = self.pair.encode(
                     request.images, request.question, messages=request.messages, continue_final=request.continue_final
                 )
-                limit = self.pair.max_positions
                 if isinstance(request, GenerateRequest):
-                    sampling = request.fitted(len(prompt), limit)
+                    sampling = request.fitted(len(prompt), self.pair.max_positions)
                     self.pair.check_logit_bias(sampling.logit_bias)
                     tasks.append(
                         GenerateTask(
@@ -118,14 +117,7 @@ class TransformersEngine:
                 else:
                     context = continuation_context(prompt.input_ids, request.continue_final)
                     answers = self.pair.encode_answers(request.answers, max_tokens=request.max_tokens, context=context)
-                    over = [k for k, a in enumerate(answers) if limit is not None and len(prompt) + len(a) > limit]
-                    if over:
-                        k = over[0]
-                        raise ContextLengthError(
-                            f"prompt ({len(prompt)} tokens) + answer ({len(answers[k])} tokens) exceed the model's"
-                            f" {limit} positions",
-                            param=f"answers[{k}]",
-                        )
+                    self.pair.check_answer_room(len(prompt), answers)
                     tasks.append(
                         ScoreTask(
                             prompt,

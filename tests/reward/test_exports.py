@@ -11,6 +11,7 @@ def test_public_api_is_pinned():
             "BundleError",
             "BundleManifest",
             "Candidate",
+            "ContextLengthError",
             "ImageError",
             "InvalidInputError",
             "ModelLoadError",

@@ -7,6 +7,7 @@ from PIL import Image
 
 from rlaifv.reward import AnswerError, ImageError, InvalidInputError
 from rlaifv.reward.images import ImageLimits, decode_base64, decode_image, load_image
+from rlaifv.reward.sampling import SamplingParams
 
 
 def _png(size=(16, 16)) -> bytes:
@@ -282,3 +283,68 @@ def test_a_mistyped_path_is_named_as_a_path(tmp_path):
             load_image(text)
     with pytest.raises(ImageError, match="base64"):
         load_image("not an image at all")
+
+
+def test_threads_sharing_a_pair_take_turns(tiny_pair, red_png):
+    """Calls from several threads at once failed (26 of 48): shared-prefix attention switches the models'
+    attention implementation for the length of a call, and one call restored another's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    question, answers = "What is in the image?", ["a red square.", "a blue circle.", "two dogs."]
+    alone = tiny_pair.score(red_png, question, answers).rewards
+    sampled = tiny_pair.best_of_n(red_png, question, n=3, max_tokens=8, seed=5).rewards
+
+    def call(i: int) -> list[float]:
+        if i % 2:
+            return tiny_pair.best_of_n(red_png, question, n=3, max_tokens=8, seed=5).rewards
+        return tiny_pair.score(red_png, question, answers).rewards
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(call, range(16)))
+    for i, rewards in enumerate(results):
+        assert rewards == pytest.approx(sampled if i % 2 else alone, abs=1e-5)
+
+
+def test_answers_past_the_models_positions_are_refused_in_process(tiny_pair, red_png):
+    """The service refused them; the Python API scored a 1602-token answer on a 256-position model and sampled
+    600-token answers past the positions."""
+    from rlaifv.reward import ContextLengthError
+
+    assert tiny_pair.max_positions == 512
+    long = "square " * 600
+    with pytest.raises(ContextLengthError, match="exceed the model's 512 positions") as info:
+        tiny_pair.score(red_png, "What is in the image?", ["a red square.", long])
+    assert info.value.param == "answers[1]"
+    with pytest.raises(ContextLengthError, match=r"max_tokens \(600\)") as info:
+        tiny_pair.best_of_n(red_png, "What is in the image?", n=2, max_tokens=600)
+    assert info.value.param == "max_tokens"
+    fitted = tiny_pair.best_of_n(
+        red_png, "What is in the image?", n=1, sampling=SamplingParams(temperature=0.0, logit_bias={2: -100})
+    )
+    assert fitted.best.num_tokens <= 64  # the default max_tokens fits: shortened only if it had to be
+
+
+def test_in_process_arguments_are_checked_and_named(tiny_pair, red_png):
+    checks = [
+        (dict(n=True), "n"),
+        (dict(n=1025), "n"),
+        (dict(seed=2**70), "seed"),
+        (dict(seed=-1), "seed"),
+        (dict(sampling=SamplingParams(), temperature=0.0), "temperature"),
+        (dict(reward={"mode": "vibes"}), "reward"),
+        (dict(reward=3), "reward"),
+    ]
+    for kwargs, param in checks:
+        with pytest.raises(InvalidInputError) as info:
+            base = {"n": 1} if "sampling" in kwargs else {"n": 1, "max_tokens": 4}
+            tiny_pair.best_of_n(red_png, "What is in the image?", **base | kwargs)
+        assert info.value.param == param, kwargs
+    with pytest.raises(InvalidInputError, match="question must be a string") as info:
+        tiny_pair.score(red_png, 5, ["a red square."])
+    assert info.value.param == "question"
+    as_dict = tiny_pair.score(red_png, "What is in the image?", ["a red square."], reward={"normalize": "sum"})
+    assert as_dict.candidates[0].reward == pytest.approx(
+        tiny_pair.score(red_png, "What is in the image?", ["a red square."]).candidates[0].reward
+        * as_dict.candidates[0].num_tokens,
+        rel=1e-5,
+    )
