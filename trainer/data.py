@@ -580,7 +580,7 @@ def read_preferences(
 
     `workers` threads check images (default: up to 4, one per CPU); `progress` shows a bar on a terminal.
     """
-    files = data_files(path)
+    files = data_files(_feedback_pairs(Path(path)))
     total = _rows_to_read(_row_count(files), limit)
     rows: list[tuple[PreferenceRow, int]] = []
     threads = _workers(workers)
@@ -593,6 +593,20 @@ def read_preferences(
                 if limit is not None and len(rows) >= limit:
                     break
         return _mapped(rows, spill, "no preference rows", path)
+
+
+def _feedback_pairs(path: Path) -> Path:
+    """An `rlaifv feedback` output folder stands for its pairs.parquet: read whole, its feedback.parquet (scored
+    candidates, no pairs) failed as "column 'chosen': required column is missing"."""
+    if not (path.is_dir() and (path / "feedback.parquet").is_file()):
+        return path
+    if (path / "pairs.parquet").is_file():
+        return path / "pairs.parquet"
+    raise DataError(
+        "an `rlaifv feedback` output folder without pairs.parquet: that run selected no pairs (its report.json"
+        " says why)",
+        source=str(path),
+    )
 
 
 def read_prompts(

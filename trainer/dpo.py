@@ -13,7 +13,7 @@ pair is the same number in training and in serving.
            + token_kl * KL_tokens
 
 pi/ref are *summed* answer log-probs (end-of-turn token included). Reference
-sums are computed once (no grad) and cached beside the pair data in
+sums are computed once (no grad) and cached in the output folder, in
 `reference_logprobs.parquet`, keyed by the reference model and the pairs, so
 reruns and later epochs never recompute them; a pass cut short keeps the sums
 done so far in `reference_logprobs.partial.parquet` and the rerun goes on.
@@ -552,18 +552,20 @@ def _load_policy(config: DPOConfig, model_path: Path, device: Any, init_adapter:
         return model
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if init_adapter is not None:
-        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.lora_targets,
-    )
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as exc:  # peft: no module matches lora_targets, or one it cannot wrap (a vision tower's)
-        raise ConfigError(f"lora_targets {config.lora_targets!r}: {str(exc).splitlines()[0]}") from None
+    with warnings.catch_warnings():  # peft asks transformers 5 a deprecated property: nothing the user can change
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        if init_adapter is not None:
+            return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.lora_targets,
+        )
+        try:
+            return get_peft_model(model, lora)
+        except ValueError as exc:  # peft: no module matches lora_targets, or one it cannot wrap (a vision tower's)
+            raise ConfigError(f"lora_targets {config.lora_targets!r}: {str(exc).splitlines()[0]}") from None
 
 
 def train_dpo(
@@ -677,7 +679,7 @@ def _train_dpo(
     _trainable_parameters(policy, config)
     limit = max_positions(policy)
 
-    # Reference log-probs: once, cached beside the pairs.
+    # Reference log-probs: once, cached in the output folder.
     cache = output_dir / REFERENCE_CACHE
     reference_id = model_fingerprint(reference_path if not config.lora else model_path)
     if reference_is_start:

@@ -84,6 +84,7 @@ class PairStats:
     candidate_pairs: int = 0
     near_duplicates: int = 0
     verified_removed: int = 0
+    capped: int = 0  # left out by pairs.max_pairs_per_prompt
     selected: int = 0
     length_removed: int = 0
     length_threshold: float | None = None
@@ -106,6 +107,7 @@ def why_no_pairs(stats: PairStats, config: PairConfig) -> str:
     removed = [
         (stats.verified_removed, "dropped by pairs.keep_verified"),
         (stats.near_duplicates, "near duplicates (pairs.dedup_threshold)"),
+        (stats.capped, f"over pairs.max_pairs_per_prompt={config.max_pairs_per_prompt}"),
         (
             stats.length_removed,
             "removed by length balancing, their chosen answers being shorter (pairs.length_balance=false keeps them)",
@@ -178,6 +180,7 @@ def build_pairs(
                     continue
                 chosen_pairs.append((i, j))
                 used.update((i, j))
+        stats.capped += len(candidates) - len(chosen_pairs)
         if chosen_pairs:
             stats.prompts_with_pairs += 1
         selected.extend((item, i, j) for i, j in chosen_pairs)

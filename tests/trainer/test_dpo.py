@@ -993,3 +993,15 @@ def test_checkpoints_of_other_settings_name_what_changed(tmp_path: Path) -> None
     store = CheckpointStore(root, "this run", keep=1, settings=new.training_settings())
     assert store.latest() is None and len(store.others()) == 2
     assert store.changed_settings(store.others()) == ["learning_rate"]  # the one without settings says nothing
+
+
+def test_a_lora_policy_loads_without_a_library_warning_for_the_user(tiny_model: Path) -> None:
+    """peft asks transformers 5 for a deprecated property: `train dpo --lora` printed its FutureWarning."""
+    import warnings
+
+    from rlaifv.trainer.dpo import _load_policy
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _load_policy(DPOConfig(lora=True, cpu=True), tiny_model, "cpu", None)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]

@@ -72,8 +72,9 @@ def test_pairs_from_hand_written_answers_are_exact() -> None:
     best, _ = build_pairs([feedback], PairConfig(max_pairs_per_prompt=1, length_balance=False))
     assert [(r.chosen, r.rejected) for r in best] == [(a[1], a[2])]  # the largest score gap
     assert best[0].meta == {"chosen_score": 0.0, "rejected_score": -2.0, "prompt_id": "p0"}
-    two, _ = build_pairs([feedback], PairConfig(max_pairs_per_prompt=2, length_balance=False))
+    two, capped = build_pairs([feedback], PairConfig(max_pairs_per_prompt=2, length_balance=False))
     assert len(two) == 2 and (a[1], a[2]) == (two[0].chosen, two[0].rejected)
+    assert capped.capped == 3  # the other candidate pairs, counted where the reason for no pairs is told
 
 
 def _answer(text: str, score: float) -> ScoredAnswer:
@@ -577,6 +578,22 @@ def test_why_no_pairs_names_what_removed_them() -> None:
     said = why_no_pairs(PairStats(prompts=3, candidate_pairs=13, length_removed=6), config)
     assert "6 removed by length balancing" in said and "pairs.length_balance=false" in said
     assert "temperature" not in said
+    said = why_no_pairs(PairStats(prompts=1, candidate_pairs=4, capped=2, length_removed=2), config)
+    assert "2 over pairs.max_pairs_per_prompt=2" in said and "2 removed by length balancing" in said
+
+
+def test_a_feedback_output_folder_is_read_as_its_pairs(tmp_path) -> None:
+    """`train dpo feedback/` read feedback.parquet too and failed on its missing 'chosen' column."""
+    from rlaifv.trainer.data import read_preferences, write_preferences
+    from rlaifv.trainer.errors import DataError
+
+    feedback = _feedback(ControlledLabeler(lambda q: "red circle" in q))
+    rows, _ = build_pairs([feedback], PairConfig(max_pairs_per_prompt=2, length_balance=False))
+    write_feedback(tmp_path / "feedback.parquet", [feedback])
+    with pytest.raises(DataError, match="selected no pairs"):
+        read_preferences(tmp_path, progress=False)
+    write_preferences(tmp_path / "pairs.parquet", rows, origin={})
+    assert [r.chosen for r in read_preferences(tmp_path, progress=False)] == [r.chosen for r in rows]
 
 
 def test_chinese_and_japanese_answers_are_counted_in_characters() -> None:
