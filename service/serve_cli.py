@@ -38,10 +38,11 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def with_settings_flags(command: Callable[..., None]) -> Callable[..., None]:
+def with_settings_flags(command: Callable[..., None], hidden: frozenset[str] = frozenset()) -> Callable[..., None]:
     """`command` with a `--name` option for every Settings field it does not declare itself, passed in its
     `**extra`: every `RLAIFV_*` setting is also the same-named flag (38 of 75 had none), whatever is added to
-    Settings later. Help comes from the field's description; lists are comma-separated."""
+    Settings later. Help comes from the field's description, with the default; lists are comma-separated.
+    `hidden`: settings the command accepts but does not use (kept out of its --help)."""
     from rlaifv.service.settings import Settings
 
     signature = inspect.signature(command, eval_str=True)  # typer reads a given __signature__ as it is
@@ -55,8 +56,15 @@ def with_settings_flags(command: Callable[..., None]) -> Callable[..., None]:
         flag = "--" + name.replace("_", "-")
         secret = name.endswith(("api_keys", "api_key", "password"))
         help_text = (field.description or name.replace("_", " ")).rstrip(".") + note
-        help_text += f" (env RLAIFV_{name.upper()}" + ("; prefer the env: flags show in `ps`)" if secret else ")")
-        option = typer.Option(f"{flag}/--no-{flag[2:]}" if kind is bool else flag, help=help_text, show_default=False)
+        shown = _shown_default(field.get_default(call_default_factory=True))
+        help_text += (f" (default {shown}; " if shown else " (") + f"env RLAIFV_{name.upper()}"
+        help_text += "; prefer the env: flags show in `ps`)" if secret else ")"
+        option = typer.Option(
+            f"{flag}/--no-{flag[2:]}" if kind is bool else flag,
+            help=help_text,
+            show_default=False,
+            hidden=name in hidden,
+        )
         generated.append(
             inspect.Parameter(
                 name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
@@ -64,6 +72,17 @@ def with_settings_flags(command: Callable[..., None]) -> Callable[..., None]:
         )
     command.__signature__ = signature.replace(parameters=[*declared, *generated])  # type: ignore[attr-defined]
     return command
+
+
+def _shown_default(value: Any) -> str:
+    """A setting's default as one would type it ("" for none: unset means "decided at start-up")."""
+    if value is None or value == []:
+        return ""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list | tuple | frozenset | set):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _flag_type(annotation: Any) -> tuple[type, str]:

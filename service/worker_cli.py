@@ -157,7 +157,21 @@ def worker(**given: Any) -> None:
         raise typer.Exit(2) from None
 
 
-with_settings_flags(worker)
+# Settings of the API a worker does not have: accepted (one environment serves both), not shown in its --help.
+API_ONLY = frozenset(
+    {
+        "port",
+        "max_body_bytes",
+        "body_timeout_s",
+        "api_keys",
+        "api_keys_file",
+        "allow_placeholder_keys",
+        "rate_limit_per_minute",
+        "jobs_max_items",
+        "jobs_page_size",
+    }
+)
+with_settings_flags(worker, hidden=API_ONLY)
 
 if __name__ == "__main__":
     typer.run(worker)

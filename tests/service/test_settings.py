@@ -274,6 +274,7 @@ def test_every_setting_is_a_flag_of_serve_and_worker(monkeypatch) -> None:
 
     from rlaifv.cli.main import app
     from rlaifv.service import serve_cli
+    from rlaifv.service import worker_cli
     from rlaifv.service.worker_cli import worker
 
     for command in (serve_cli.serve, worker):
@@ -281,6 +282,8 @@ def test_every_setting_is_a_flag_of_serve_and_worker(monkeypatch) -> None:
     for name in ("serve", "worker"):  # every option with its setting's help
         shown = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "250"}).output
         assert "Bundle folder (rlaifv.json" in shown and "Most images per request" in shown, name
+        assert "(default 4; env RLAIFV_MAX_IMAGES)" in shown and "(default PNG,JPEG,WEBP,GIF,BMP;" in shown, name
+        assert ("--max-body-bytes" in shown) is (name == "serve")  # the worker has no API: not in its help
     for name in [n for n in os.environ if n.startswith("RLAIFV_")]:
         monkeypatch.delenv(name)
     built: list[Settings] = []
@@ -297,6 +300,10 @@ def test_every_setting_is_a_flag_of_serve_and_worker(monkeypatch) -> None:
     assert (settings.model_name, settings.warmup, settings.max_images) == ("m", False, 3)
     assert settings.allowed_image_hosts == ["a.org", "*.b.org"] and settings.vllm_reference == "inprocess"
     assert settings.cache_ttl_s == 60
+    monkeypatch.setattr(worker_cli, "build_settings", build)
+    result = CliRunner().invoke(app, ["worker", "--max-body-bytes", "1000"])  # one environment serves both
+    assert result.exit_code == 0, result.output
+    assert built[-1].max_body_bytes == 1000
 
 
 def test_a_second_server_cannot_take_the_port_while_the_first_loads() -> None:
