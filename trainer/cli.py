@@ -17,6 +17,11 @@ from typing import Annotated, Any
 
 import typer
 
+from rlaifv.trainer.iterate_config import IterateConfig, describe_settings
+
+# The loop's defaults as `rlaifv train options` lists them, for the flags' help (no torch is imported for them).
+_DEFAULTS = {name: default for name, default, _ in describe_settings(IterateConfig)}
+
 train_app = typer.Typer(
     help="Train policies: DPO on preference data, or the iterative RLAIF-V loop.",
     no_args_is_help=True,
@@ -221,12 +226,18 @@ def iterate_command(
     config: Annotated[
         Path | None, typer.Option(help="JSON file with IterateConfig settings (flags and --set override it).")
     ] = None,
-    rounds: Annotated[int | None, typer.Option(help="Rounds (default 4).")] = None,
-    prompts_per_round: Annotated[int | None, typer.Option(help="Prompts per round.")] = None,
-    samples: Annotated[int | None, typer.Option(help="Candidates per prompt.")] = None,
-    labeler: Annotated[str | None, typer.Option(help="'self' or a labeler model folder.")] = None,
-    lora: Annotated[bool | None, typer.Option(help="Train LoRA adapters.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Run seed.")] = None,
+    rounds: Annotated[int | None, typer.Option(help=f"Rounds (default {_DEFAULTS['rounds']}).")] = None,
+    prompts_per_round: Annotated[
+        int | None, typer.Option(help=f"Prompts per round (default {_DEFAULTS['prompts_per_round']}).")
+    ] = None,
+    samples: Annotated[
+        int | None, typer.Option(help=f"Candidates per prompt (default {_DEFAULTS['feedback.num_samples']}).")
+    ] = None,
+    labeler: Annotated[
+        str | None, typer.Option(help=f"'self' or a labeler model folder (default {_DEFAULTS['feedback.labeler']}).")
+    ] = None,
+    lora: Annotated[bool | None, typer.Option(help="Train LoRA adapters (default: full fine-tuning).")] = None,
+    seed: Annotated[int | None, typer.Option(help=f"Run seed (default {_DEFAULTS['seed']}).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     set_: SetOption = None,
 ) -> None:

@@ -507,3 +507,14 @@ def test_settings_may_change_until_a_round_finishes_and_only_what_they_decide_is
     assert all((round1 / name).exists() for name in kept)
     assert json.loads((run / RUN_FILE).read_text())["config"] == config.to_dict()  # the new settings are the run's
     assert _check_run_file(run, config, source) is True  # and resume as they are
+
+
+def test_iterate_help_states_each_flags_default() -> None:
+    """Only --rounds said its default; the others left the user to `rlaifv train options`."""
+    from typer.testing import CliRunner
+
+    from rlaifv.trainer.cli import train_app
+
+    shown = " ".join(CliRunner().invoke(train_app, ["iterate", "--help"], env={"COLUMNS": "250"}).output.split())
+    for said in ("Rounds (default 4)", "per round (default 64)", "per prompt (default 10)", "(default 'self')"):
+        assert said in shown, said
