@@ -18,7 +18,7 @@ from pathlib import Path
 import pydantic
 from PIL import Image
 
-from rlaifv_client import AsyncClient, Client, JobResult
+from rlaifv_client import AsyncClient, Client, Job, JobResult
 
 
 class Reply(pydantic.BaseModel):
@@ -46,6 +46,10 @@ def images(client: Client, path: Path, data: bytes) -> None:
     client.score(answers=["a"], images=[path, 5.0])  # type: ignore[list-item]
     with open(path) as text:
         client.score(answers=["a"], image=text)  # type: ignore[arg-type]
+
+
+def from_a_newer_server(job: Job) -> bool:
+    return job.object == "batch"  # a str, not Literal["job"]: no "non-overlapping equality" error
 
 
 def messages(client: Client) -> None:

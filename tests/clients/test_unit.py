@@ -22,6 +22,7 @@ from rlaifv_client import (
     Client,
     ConflictError,
     ImageInputError,
+    InvalidArgumentError,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
@@ -41,7 +42,7 @@ def test_public_api_is_pinned() -> None:
         "NOT_GIVEN", "APIConnectionError", "APIError", "APIStatusError", "APITimeoutError", "AsyncClient",
         "AsyncJobs", "AuthenticationError", "Backoff", "BestOfN", "Candidate", "ClaimCheck", "Client",
         "ClientClosedError", "ConflictError", "FieldError", "RequestTimeoutError",
-        "Health",
+        "Health", "InvalidArgumentError",
         "ImageInputError", "InvalidRequestError", "Job", "JobError", "JobResult", "Jobs", "Model", "ModelList",
         "NotFoundError", "NotGiven", "PermissionDeniedError", "RLAIFVError", "RateLimitError", "Rewards",
         "ServerError", "TimeoutError", "WaitTimeoutError", "__version__", "data_url", "encode_image", "types",
@@ -69,6 +70,8 @@ def test_exception_tree() -> None:
     for cls in (InvalidRequestError, AuthenticationError, PermissionDeniedError, NotFoundError, RateLimitError):
         assert issubclass(cls, APIStatusError) and issubclass(cls, RLAIFVError)
     assert issubclass(ImageInputError, ValueError)
+    assert issubclass(ImageInputError, InvalidArgumentError) and issubclass(InvalidArgumentError, RLAIFVError)
+    assert issubclass(InvalidArgumentError, ValueError)
 
 
 def test_config_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -975,3 +978,149 @@ def test_a_pa_image_keeps_its_alpha() -> None:
     image.putpixel((0, 0), (1, 100))
     decoded = Image.open(io.BytesIO(base64.b64decode(encode_image(image).split(",", 1)[1])))
     assert decoded.convert("RGBA").getpixel((0, 0)) == (9, 8, 7, 100)
+
+
+# -- copies ---------------------------------------------------------------------------------
+
+
+def test_a_shallow_copy_is_a_with_options_sibling() -> None:
+    """`copy.copy` shares the pool without owning it and has its own `jobs`: closing either leaves the other working."""
+    import copy
+
+    seen: list[httpx.Request] = []
+    original = _recording_client(seen, max_retries=0)
+    sibling = copy.copy(original)
+    assert type(sibling) is Client and sibling.max_retries == 0 and sibling.api_key == "sk-sdk"
+    original.close()
+    sibling.jobs.get("j1")  # through the sibling, not the closed original
+    assert sibling.jobs is not original.jobs and len(seen) == 1
+    with Client(base_url="http://svc") as owner:  # owns its pool: a copy's close() must leave it open
+        copy.copy(owner).close()
+        assert not owner._http.is_closed
+
+
+async def test_a_shallow_copy_of_an_async_client_is_a_with_options_sibling() -> None:
+    import copy
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"status": "ok"})))
+    original = AsyncClient(base_url="http://svc", http_client=http)
+    sibling = copy.copy(original)
+    assert type(sibling) is AsyncClient and sibling.jobs._client is sibling
+    await original.aclose()
+    assert (await sibling.health()).ok
+    async with AsyncClient(base_url="http://svc") as owner:
+        await copy.copy(owner).aclose()
+        assert not owner._http.is_closed
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: Client(base_url="http://svc"), lambda: AsyncClient(base_url="http://svc")], ids=["sync", "async"]
+)
+def test_pickling_or_deep_copying_a_client_says_what_to_do_instead(make: Any) -> None:
+    """A connection pool cannot cross processes, and a deep copy could only share it: refused by name."""
+    import copy
+    import pickle
+
+    client = make()
+    for attempt in (
+        lambda: pickle.dumps(client),
+        lambda: copy.deepcopy(client),
+        lambda: copy.deepcopy({"config": 1, "client": client}),
+        lambda: pickle.dumps(client.jobs),
+    ):
+        with pytest.raises(TypeError, match=rf"{type(client).__name__} cannot be pickled.*with_options\(\)"):
+            attempt()
+
+
+# -- arguments refused before sending ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "param"),
+    [({"temperature": float("inf")}, "sampling.temperature"), ({"beta": float("nan")}, "reward.beta"),
+     ({"top_p": float("-inf")}, "sampling.top_p"), ({"repeat_penalty": float("nan")}, "reward.repeat_penalty"),
+     ({"messages": [{"role": "user", "content": "q", "weight": float("nan")}]}, "messages[0].weight")],
+)  # fmt: skip
+async def test_numbers_json_cannot_carry_are_refused_by_name(arguments: dict[str, Any], param: str) -> None:
+    """NaN and infinity: httpx would fail at send time with "Out of range float values", naming no argument."""
+    seen: list[httpx.Request] = []
+    prompt = {"question": "q"} if "messages" not in arguments else {}
+    with _recording_client(seen) as client:
+        calls = [
+            (lambda: client.best_of_n(**prompt, **arguments), param, param),
+            (lambda: client.jobs.submit([{**prompt, "n": 2}, {**prompt, **arguments}]), f"items[1].{param}",
+             f"items[1] of a 'best_of_n' job: {param}"),
+        ]  # fmt: skip
+        if not param.startswith("sampling."):
+            calls.append((lambda: client.score(**prompt, **arguments, answers=["a"]), param, param))
+        for call, path, start in calls:
+            with pytest.raises(InvalidArgumentError, match="must be a finite number, got") as caught:
+                call()
+            assert caught.value.param == path and str(caught.value).startswith(start), caught.value
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: seen.append(r) or httpx.Response(500)))
+    async with AsyncClient(base_url="http://svc", http_client=http) as aclient:
+        with pytest.raises(InvalidArgumentError) as caught:
+            await aclient.best_of_n(**prompt, **arguments)
+        assert caught.value.param == param
+        with pytest.raises(InvalidArgumentError) as caught:
+            await aclient.jobs.submit([{**prompt, **arguments}])
+        assert caught.value.param == f"items[0].{param}"
+    assert seen == []
+
+
+def test_an_image_a_job_item_cannot_read_is_named_by_its_item(tmp_path: Path) -> None:
+    with pytest.raises(ImageInputError, match=r"^items\[1\] of a 'rewards' job: image file not found") as caught:
+        job_body("rewards", [{"answers": ["a"]}, {"image": tmp_path / "gone.png", "answers": ["a"]}], None)
+    assert caught.value.param == "items[1]"
+
+
+# -- job items -------------------------------------------------------------------------------
+
+
+def test_a_job_items_unknown_or_missing_keys_are_named_as_keys() -> None:
+    """Not as keyword arguments of an internal builder ("prompt_body() got an unexpected keyword argument")."""
+    with pytest.raises(TypeError, match=r"^items\[0\] of a 'best_of_n' job: unknown key 'bogus' \(known: ") as caught:
+        job_body("best_of_n", [{"question": "q", "bogus": 1}], None)
+    known = str(caught.value).split("(known: ", 1)[1].rstrip(")").split(", ")
+    assert {"question", "images", "temperature", "seed", "beta", "custom_id"} <= set(known) and known == sorted(known)
+    assert "answers" not in known and "timeout" not in known and "prompt_body" not in str(caught.value)
+    with pytest.raises(TypeError, match=r"^items\[1\] of a 'rewards' job: unknown keys 'n', 'timeout' \(known: "):
+        job_body("rewards", [{"question": "q", "answers": ["a"]}, {"answers": ["a"], "n": 2, "timeout": 3}], None)
+    with pytest.raises(TypeError, match=r"^items\[0\] of a 'rewards' job: missing key 'answers'$"):
+        job_body("rewards", [{"question": "q"}], None)
+    with pytest.raises(TypeError, match=r"^items\[0\] of a 'rewards' job: answers= takes a list of strings"):
+        job_body("rewards", [{"question": "q", "answers": "one"}], None)
+    body = job_body("rewards", [{"question": "q", "answers": ["a"], "custom_id": 7, "beta": 0.5}], None)
+    assert body["items"] == [{"custom_id": "7", "body": {"question": "q", "reward": {"beta": 0.5}, "answers": ["a"]}}]
+
+
+# -- object fields ----------------------------------------------------------------------------
+
+
+def test_an_object_name_a_newer_server_uses_parses() -> None:
+    """`object` is an open enum like the others: a renamed object type does not fail the whole response."""
+    from rlaifv_client import types
+
+    reward = {"mode": "dpo", "beta": 0.1, "normalize": "mean"}
+    candidate = {"index": 0, "text": "a", "reward": 0.0, "implicit_reward": 0.0, "policy_logprob": -1.0,
+                 "reference_logprob": -1.0, "num_tokens": 1, "finish_reason": "stop"}  # fmt: skip
+    common = {"id": "r", "created": 1, "model": "m", "best_index": 0, "candidates": [candidate], "reward": reward,
+              "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+              "timings": {"queue_s": 0, "score_s": 0, "total_s": 0}}  # fmt: skip
+    job = {"id": "j", "kind": "rewards", "status": "queued", "created": 1, "updated": 1, "total": 1, "completed": 0,
+           "failed": 0}  # fmt: skip
+    assert types.BestOfN.model_validate(common | {"object": "best_of_n.v2", "best": candidate}).object == "best_of_n.v2"
+    assert types.Rewards.model_validate(common | {"object": "rewards.v2", "rewards": [0.0]}).object == "rewards.v2"
+    model = {"id": "m", "object": "model.v2", "created": 1, "reward": reward}
+    models = types.ModelList.model_validate({"object": "page", "data": [model]})
+    assert (models.object, models.data[0].object) == ("page", "model.v2")
+    jobs = types.JobList.model_validate({"object": "page", "data": [job | {"object": "batch"}], "has_more": False})
+    assert (jobs.object, jobs.data[0].object) == ("page", "batch")
+    results = types.JobResultList.model_validate({"id": "j", "object": "page", "status": "running", "data": []})
+    assert results.object == "page"
+    assert types.Job.model_validate(job).object == "job" and types.Model.model_validate(model).object == "model.v2"
+    item = types.JobResult.model_validate({"index": 0, "status": "succeeded", "result": common | {"best": candidate}})
+    assert type(item.result) is types.BaseType  # no object name: a kind this SDK cannot tell
+    item = types.JobResult.model_validate({"index": 0, "status": "succeeded", "result": common | {
+        "object": "best_of_n", "best": candidate}})  # fmt: skip
+    assert type(item.result) is types.BestOfN

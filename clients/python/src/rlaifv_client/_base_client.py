@@ -5,6 +5,7 @@ schedule, response parsing and the error mapping. The two clients only send and 
 from __future__ import annotations
 
 import email.utils
+import inspect
 import logging
 import math
 import os
@@ -14,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, NoReturn, SupportsIndex, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -27,6 +28,7 @@ from ._exceptions import (
     APIStatusError,
     APITimeoutError,
     ClientClosedError,
+    InvalidArgumentError,
     WaitTimeoutError,
     make_status_error,
 )
@@ -181,6 +183,19 @@ def _drop_none(mapping: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in mapping.items() if v is not None}
 
 
+def _check_finite(value: Any, path: str = "") -> None:
+    """Refuse a NaN or infinity anywhere in a JSON body, by its path (`sampling.temperature`): JSON has no such
+    numbers, and httpx's encoder would otherwise fail at send time with a message naming no argument."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgumentError(f"{path} must be a finite number, got {value!r}", param=path)
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_finite(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{path}[{i}]")
+
+
 def prompt_body(
     *,
     model: str | None = None,
@@ -243,6 +258,7 @@ def best_of_n_body(
     )
     if sampling:
         body["sampling"] = sampling
+    _check_finite(body)
     return body
 
 
@@ -252,6 +268,7 @@ def score_body(*, answers: Iterable[str], **prompt: Any) -> dict[str, Any]:
         raise TypeError("answers= takes a list of strings, not one string")
     body = prompt_body(**prompt)
     body["answers"] = list(answers)
+    _check_finite(body)
     return body
 
 
@@ -270,21 +287,56 @@ def submission_headers(
     return headers | {"Idempotency-Key": key}
 
 
+def _keywords(*builders: Callable[..., Any], required: bool = False) -> frozenset[str]:
+    """The keyword-only arguments of `builders` (those without a default when `required`)."""
+    return frozenset(
+        p.name
+        for builder in builders
+        for p in inspect.signature(builder).parameters.values()
+        if p.kind is p.KEYWORD_ONLY and not (required and p.default is not p.empty)
+    )
+
+
+# kind -> (the body's builder, the keys an item may hold, the keys it must hold). Checked up front: a mistyped key
+# would otherwise be reported as a keyword argument of an internal builder (`prompt_body() got an unexpected...`).
+_JOB_ITEMS: dict[str, tuple[Callable[..., dict[str, Any]], frozenset[str], frozenset[str]]] = {
+    "best_of_n": (
+        best_of_n_body,
+        _keywords(prompt_body, best_of_n_body) | {"custom_id"},
+        _keywords(best_of_n_body, required=True),
+    ),
+    "rewards": (score_body, _keywords(prompt_body, score_body) | {"custom_id"}, _keywords(score_body, required=True)),
+}
+
+
 def job_body(kind: JobKind, items: Iterable[Mapping[str, Any]], metadata: Mapping[str, str] | None) -> dict[str, Any]:
     """The JSON body of POST /v1/jobs: each item holds the keyword arguments of `best_of_n` (kind 'best_of_n')
     or of `score` (kind 'rewards'), and becomes that endpoint's request body; an item's `custom_id` (the
-    caller's id of it) comes back in its result."""
-    builders: dict[str, Callable[..., dict[str, Any]]] = {"best_of_n": best_of_n_body, "rewards": score_body}
-    if kind not in builders:
+    caller's id of it) comes back in its result. An item's problem is named by its index, as the server does."""
+    if kind not in _JOB_ITEMS:
         raise ValueError(f"kind must be 'best_of_n' or 'rewards', got {kind!r}")
+    builder, known, required = _JOB_ITEMS[kind]
     bodies: list[dict[str, Any]] = []
     for i, item in enumerate(items):
+        where = f"items[{i}] of a {kind!r} job"
         kwargs = dict(item)
+        unknown = [str(key) for key in kwargs if key not in known]
+        if unknown:
+            names = ", ".join(map(repr, unknown))
+            raise TypeError(
+                f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {names} (known: {', '.join(sorted(known))})"
+            )
+        missing = sorted(required - kwargs.keys())
+        if missing:
+            raise TypeError(f"{where}: missing key {', '.join(map(repr, missing))}")
         custom_id = kwargs.pop("custom_id", None)
         try:
-            built = builders[kind](**kwargs)
-        except TypeError as exc:  # a keyword the method does not take
-            raise TypeError(f"items[{i}] of a {kind!r} job: {exc}") from None
+            built = builder(**kwargs)
+        except InvalidArgumentError as exc:  # e.g. a NaN, or an image that cannot be read: named within the job
+            param = f"items[{i}]" + (f".{exc.param}" if exc.param else "")
+            raise type(exc)(f"{where}: {exc}", param=param) from None
+        except TypeError as exc:
+            raise TypeError(f"{where}: {exc}") from None
         bodies.append(built if custom_id is None else {"custom_id": str(custom_id), "body": built})
     body: dict[str, Any] = {"kind": kind, "items": bodies}
     if metadata is not None:
@@ -539,6 +591,16 @@ class BaseClient:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={str(self.base_url)!r}, max_retries={self.max_retries})"
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        """Refuse pickling and `copy.deepcopy` (which falls back to this) by name, not with "cannot pickle
+        '_thread.RLock'": a client holds a connection pool, which another process cannot use and a deep copy could
+        only share (closing the original would then break the "independent" copy). `copy.copy` is `with_options()`."""
+        name = type(self).__name__
+        raise TypeError(
+            f"a {name} cannot be pickled or deep-copied (it holds a connection pool): use client.with_options() "
+            f"or copy.copy(client) for a client sharing the pool, or make a new {name} in the other process"
+        )
 
     # -- one call -------------------------------------------------------------------
 

@@ -119,6 +119,11 @@ class Client(BaseClient):
         http_client = options.pop("http_client", self._http)
         return Client(**(self._options() | options), http_client=http_client)
 
+    def __copy__(self) -> Client:
+        """`copy.copy(client)` is `with_options()`: a client sharing the pool without owning it, with its own
+        `jobs` (a plain copy would close the original's pool on `close()` and send `jobs` calls through it)."""
+        return self.with_options()
+
     def close(self) -> None:
         """Close the connection pool (unless you passed your own ``http_client``); later calls raise
         ``ClientClosedError``."""
@@ -445,6 +450,11 @@ class AsyncClient(BaseClient):
         """A copy with some constructor options changed, sharing the connection pool."""
         http_client = options.pop("http_client", self._http)
         return AsyncClient(**(self._options() | options), http_client=http_client)
+
+    def __copy__(self) -> AsyncClient:
+        """`copy.copy(client)` is `with_options()`: a client sharing the pool without owning it. See
+        ``Client.__copy__``."""
+        return self.with_options()
 
     async def aclose(self) -> None:
         """Close the connection pool (unless you passed your own ``http_client``); later calls raise

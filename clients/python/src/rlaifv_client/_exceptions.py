@@ -1,7 +1,8 @@
 """Exceptions of the SDK. They mirror the wire: one class per HTTP status family, built in one place.
 
 RLAIFVError
-├── ImageInputError             an image argument the SDK cannot read or encode (also a ValueError)
+├── InvalidArgumentError        an argument refused before anything is sent (also a ValueError); `param` names it
+│   └── ImageInputError         an image argument the SDK cannot read or encode
 ├── ClientClosedError           a call on a client after its close() / aclose() (also a RuntimeError)
 ├── JobError                    `Job.raise_for_status()` on a failed or cancelled job
 ├── WaitTimeoutError            `jobs.wait` gave up before the job finished (also a builtin TimeoutError)
@@ -37,6 +38,7 @@ __all__ = [
     "ConflictError",
     "FieldError",
     "ImageInputError",
+    "InvalidArgumentError",
     "InvalidRequestError",
     "JobError",
     "NotFoundError",
@@ -67,7 +69,18 @@ def _rebuild(cls: type[RLAIFVError], args: tuple[Any, ...], state: dict[str, Any
     return error
 
 
-class ImageInputError(RLAIFVError, ValueError):
+class InvalidArgumentError(RLAIFVError, ValueError):
+    """An argument refused on the client side, before anything was sent (e.g. a NaN that JSON cannot carry).
+
+    `param` is the field's path in the request body, as `InvalidRequestError.param` names it for the server's
+    refusals (e.g. ``sampling.temperature``, ``items[0].reward.beta``); None when no single field is to blame."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ImageInputError(InvalidArgumentError):
     """An image argument could not be read or encoded on the client side (nothing was sent)."""
 
 

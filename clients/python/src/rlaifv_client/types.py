@@ -9,7 +9,7 @@ Log-probs are raw model log-probs (temperature 1, no top-p/top-k), whatever the 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import Annotated, Any, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, WithJsonSchema
 
@@ -35,7 +35,8 @@ __all__ = [
 
 def _known(*values: str) -> WithJsonSchema:
     """An open enum: a string the server draws from `values` today. A value added by a newer server parses too (as
-    a plain str) instead of failing the whole response; the schema lists `values`, so the drift test compares them."""
+    a plain str) instead of failing the whole response; the schema lists `values`, so the drift test compares them.
+    Every `object` field is one, today's name its default (a job result named otherwise is then a `BaseType`)."""
     return WithJsonSchema({"enum": list(values), "type": "string"})
 
 
@@ -117,7 +118,7 @@ class BestOfN(BaseType):
     """Result of `best_of_n`: the best candidate and every candidate's reward terms."""
 
     id: str
-    object: Literal["best_of_n"] = "best_of_n"
+    object: Annotated[str, _known("best_of_n")] = "best_of_n"
     created: int
     model: str
     best_index: int = Field(description="argmax of the rewards; ties go to the lower index.")
@@ -146,7 +147,7 @@ class Rewards(BaseType):
     """Result of `score`: the reward of each given answer, in order, and the best index."""
 
     id: str
-    object: Literal["rewards"] = "rewards"
+    object: Annotated[str, _known("rewards")] = "rewards"
     created: int
     model: str
     rewards: list[float] = Field(description="Reward of each answer, in the order given.")
@@ -165,7 +166,7 @@ class Rewards(BaseType):
 
 class Model(BaseType):
     id: str
-    object: Literal["model"] = "model"
+    object: Annotated[str, _known("model")] = "model"
     created: int
     owned_by: str = "rlaifv"
     reward: RewardInfo
@@ -175,7 +176,7 @@ class Model(BaseType):
 
 
 class ModelList(BaseType):
-    object: Literal["list"] = "list"
+    object: Annotated[str, _known("list")] = "list"
     data: list[Model]
 
     def __iter__(self) -> Iterator[Model]:  # type: ignore[override]  # iterate the models, like a list
@@ -225,7 +226,7 @@ class Job(BaseType):
     `failed` means every item failed."""
 
     id: str
-    object: Literal["job"] = "job"
+    object: Annotated[str, _known("job")] = "job"
     kind: JobKind = Field(description="Which endpoint each item is a request for.")
     status: JobStatus
     created: int
@@ -259,7 +260,7 @@ class JobList(BaseType):
 
     While ``has_more``, the next page is ``jobs.list(after=page.last_id)``."""
 
-    object: Literal["list"] = "list"
+    object: Annotated[str, _known("list")] = "list"
     data: list[Job] = Field(description="The jobs of this page, newest first.")
     first_id: str | None = Field(None, description="The id of the first job of `data` (None when it is empty).")
     last_id: str | None = Field(None, description="The id of the last job of `data`: the next page's `after`.")
@@ -299,6 +300,6 @@ class JobResultList(BaseType):
     """GET /v1/jobs/{id}/results: the results so far, by item index; `jobs.results()` iterates them."""
 
     id: str
-    object: Literal["list"] = "list"
+    object: Annotated[str, _known("list")] = "list"
     status: JobStatus
     data: list[JobResult] = Field(description="Results so far, by item index.")
