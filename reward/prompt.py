@@ -92,7 +92,7 @@ def encode_prompt(
     tokenizer = processor.tokenizer
     has_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
     batch = processor(
-        images=list(images) or None,
+        images=[list(images)] if images else None,  # one prompt's images together: OneVision's multi-image mode
         text=[text],
         return_tensors="pt",
         add_special_tokens=not has_bos,

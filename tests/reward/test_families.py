@@ -76,6 +76,31 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
+def test_prompts_are_what_the_processors_own_chat_template_path_gives(family: dict[str, Any]) -> None:
+    """The ground truth of the other tests shares `encode_prompt`; this one does not. Two images went to the
+    processor as a flat list, which LLaVA-OneVision reads as two one-image samples (each tiled: 202 tokens, not
+    the 60 of its multi-image mode; rewards off by as much as the rewards themselves)."""
+    processor = family["processor"]
+    if getattr(processor, "accepts_images", True) is False:
+        pytest.skip("a text-only processor")
+    for images, prompt in zip(_images(), family["prompts"], strict=True):
+        content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": QUESTION}]
+        try:
+            own = processor.apply_chat_template(
+                [{"role": "user", "content": content}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+            )
+        except (TypeError, ValueError, KeyError) as exc:  # a template or processor without the one-call path
+            pytest.skip(f"{family['name']}: no apply_chat_template(tokenize=True) with images: {exc}")
+        assert own["input_ids"][0].tolist() == prompt.input_ids.tolist(), family["name"]
+        for key, value in prompt.vision.items():
+            if isinstance(value, torch.Tensor) and key in own:
+                assert torch.equal(torch.as_tensor(own[key]), value), (family["name"], key)
+
+
 def test_the_family_is_registered_with_its_rules(family: dict[str, Any]) -> None:
     rules = family_of(family["model"])
     assert rules == RULES[family["name"]]
