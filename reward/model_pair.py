@@ -47,6 +47,7 @@ from rlaifv.reward.prompt import (
     encode_answers,
     encode_prompt,
     end_of_turn_id,
+    markup_ids,
     token_text,
 )
 from rlaifv.reward.results import Candidate, ClaimCheck, Ranking, TokenLogprob, TopToken
@@ -176,7 +177,7 @@ class ModelPair:
                 f"the reference's output layer has {reference_rows} rows for a tokenizer of {tokens} tokens"
             )
         padding = range(tokens, rows) if rows is not None else range(0)
-        self.blocked_ids = sorted((set(self.tokenizer.all_special_ids) - set(self.stop_ids)) | set(padding))
+        self.blocked_ids = sorted((markup_ids(processor) - set(self.stop_ids)) | set(padding))
         self.packed: list[PackedLinears] = []
         check_unverified_family(
             policy,

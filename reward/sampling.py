@@ -120,7 +120,9 @@ class _Chooser:
     Rows with the same decoding settings are transformed together; each prompt's
     own generator draws one uniform number per row of that prompt, and tokens
     come from inverse-CDF sampling. A prompt's samples therefore depend only on
-    its seed, not on what else shares the batch.
+    its seed, not on what else shares the batch, as far as its logits do: exact in
+    float32; in bfloat16, padding changes the logits by rounding, and a near tie
+    can flip a token (the rewards move at the noise level, about 1e-4).
     """
 
     def __init__(self, params: Sequence[SamplingParams], blocked: torch.Tensor, rows: int) -> None:

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import httpx
 
 from rlaifv.reward.errors import ContextLengthError, InvalidInputError
-from rlaifv.reward.prompt import continuation_context, decoded_after, token_text
+from rlaifv.reward.prompt import continuation_context, decoded_after, markup_ids, token_text
 from rlaifv.reward.results import Ranking
 from rlaifv.reward.token_bytes import TokenBytes
 from rlaifv.service.engines import vllm_payload
@@ -563,7 +563,7 @@ class VllmEngine:
         # token, so vLLM must never sample them (their text is empty and no reference could score one).
         rows = text_config.get("vocab_size") or config.get("vocab_size")
         padding = range(len(self.tokenizer), int(rows)) if isinstance(rows, int) else range(0)
-        self.blocked_ids = sorted((set(self.tokenizer.all_special_ids) - set(self.stop_ids)) | set(padding))
+        self.blocked_ids = sorted((markup_ids(self.processor) - set(self.stop_ids)) | set(padding))
         assert settings.vllm_policy_url  # Settings checks it for engine=vllm
         self.policy = VllmServer("policy", settings.vllm_policy_url, settings.vllm_policy_model, settings, metrics)
         self.reference: VllmServer | InProcessReference

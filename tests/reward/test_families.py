@@ -101,6 +101,23 @@ def test_prompts_are_what_the_processors_own_chat_template_path_gives(family: di
                 assert torch.equal(torch.as_tensor(own[key]), value), (family["name"], key)
 
 
+def test_every_token_left_to_sample_is_text_its_answer_shows(family: dict[str, Any]) -> None:
+    """Only the declared special tokens were kept from sampling: Idefics2's `<image>` placeholder was sampled
+    (an answer no plain forward could score) and Idefics3's `<row_1_col_1>` layout tokens were, which the text
+    drops (rescored from its text, the answer got another reward)."""
+    from rlaifv.reward.prompt import markup_ids
+
+    processor = family["processor"]
+    tokenizer = processor.tokenizer
+    blocked = markup_ids(processor) - {family["eot"]}
+    image_id = getattr(processor, "image_token_id", None)
+    if isinstance(image_id, int):
+        assert image_id in blocked, family["name"]
+    added = [i for i in tokenizer.added_tokens_decoder if i not in blocked and i != family["eot"]]
+    dropped = [i for i in added if not tokenizer.decode([i], skip_special_tokens=True)]
+    assert not dropped, (family["name"], tokenizer.convert_ids_to_tokens(dropped[:10]))
+
+
 def test_the_family_is_registered_with_its_rules(family: dict[str, Any]) -> None:
     rules = family_of(family["model"])
     assert rules == RULES[family["name"]]
