@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -22,16 +22,18 @@ from rlaifv.cli.eval_run import (
     USER_ERRORS,
     Source,
     above_zero,
+    bad_option,
     best_of_list,
     default_cache,
     fail,
     http_url,
+    reward_modes,
     set_threads,
     user_error,
     warn,
     write_scaling,
 )
-from rlaifv.trainer.evaluation.candidates import Sampling
+from rlaifv.trainer.evaluation.candidates import Rule, Sampling
 
 eval_app = typer.Typer(
     help="Object HalBench, AMBER, MMHal-Bench and best-of-N scaling curves, on local benchmark files.",
@@ -50,14 +52,19 @@ Service = Annotated[
 ApiKey = Annotated[str | None, typer.Option(envvar="RLAIFV_EVAL_API_KEY", help="The service's API key.")]
 ServiceMaxN = Annotated[int, typer.Option(min=1, help="Candidates per service request at most (its RLAIFV_MAX_N).")]
 N = Annotated[int, typer.Option("-n", min=1, help="Candidates sampled per prompt.")]
-Select = Annotated[str, typer.Option(help="Which candidate is the answer: first, random, dpo or claims.")]
+Select = Annotated[Rule, typer.Option(help="Which candidate is the answer: first, random, dpo or claims.")]
 BestOf = Annotated[
     str | None,
     typer.Option(
         callback=best_of_list, help="Scaling mode: comma-separated N, e.g. 1,2,4,8,16,32 (replaces -n/--select)."
     ),
 ]
-Modes = Annotated[str, typer.Option(help="Scaling mode: reward modes to select by (a random pick is always added).")]
+Modes = Annotated[
+    str,
+    typer.Option(
+        callback=reward_modes, help="Scaling mode: reward modes to select by (a random pick is always added)."
+    ),
+]
 Plot = Annotated[Path | None, typer.Option(help="Scaling mode: write the curve here (PNG).")]
 RandomDraws = Annotated[
     int, typer.Option(min=1, help="Scaling mode: random picks averaged per point (each costs a metric evaluation).")
@@ -70,7 +77,17 @@ Temperature = Annotated[
     float | None,
     typer.Option(min=0, max=5, help="Sampling temperature (default: 0 for one plain answer, else 0.7 as RLAIF-V)."),
 ]
-MaxTokens = Annotated[int, typer.Option(min=1, help="Most new tokens per answer.")]
+# Only in process: sent to a service, 512 was a 400 from a default `rlaifv serve` (RLAIFV_MAX_TOKENS 256, and the
+# shipped model's 256 positions), so without --max-tokens a service answers with its own default.
+IN_PROCESS_MAX_TOKENS = 512
+MaxTokens = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help=f"Most new tokens per answer (default: {IN_PROCESS_MAX_TOKENS} with --bundle; with --service, the"
+        " service's own default, RLAIFV_DEFAULT_MAX_TOKENS; either way fitted to the model's context).",
+    ),
+]
 Seed = Annotated[
     int, typer.Option(min=0, help="Sampling seed (each prompt's own seed is made of it and the prompt id).")
 ]
@@ -88,18 +105,23 @@ SOURCE_OPTIONS = (
 )  # fmt: skip
 
 
-def _source(output: Path, options: dict[str, Any]) -> Source:
-    """The generation options a command received (its `locals()`) as a `Source`."""
-    o: dict[str, Any] = {"n": 1, "select": "first", "service_max_n": 16} | {
-        key: options[key] for key in SOURCE_OPTIONS if key in options
-    }
-    if o["select"] not in ("first", "random", "dpo", "claims"):
-        raise fail(f"--select takes first, random, dpo or claims, got {o['select']!r}")
+def _sampling(o: dict[str, Any]) -> Sampling:
+    """Decoding settings; no --max-tokens leaves the answer length to the service (None: its default, fitted),
+    or is `IN_PROCESS_MAX_TOKENS` in process."""
     temperature = o["temperature"]
     if temperature is None:
         temperature = 0.0 if o["n"] == 1 and not o["best_of"] else 0.7
-    set_threads(o["threads"])
-    return Source(
+    if o["max_tokens"] is None and o.get("service") is not None:
+        return Sampling(temperature=temperature, max_tokens=None, seed=o["seed"])
+    return Sampling(temperature=temperature, max_tokens=o["max_tokens"] or IN_PROCESS_MAX_TOKENS, seed=o["seed"])
+
+
+def _source(output: Path, options: dict[str, Any]) -> Source:
+    """The generation options a command received (its `locals()`) as a `Source`, checked before any work."""
+    o: dict[str, Any] = {"n": 1, "select": "first", "service_max_n": 16} | {
+        key: options[key] for key in SOURCE_OPTIONS if key in options
+    }
+    src = Source(
         bundle=o.get("bundle"),
         service=o.get("service"),
         api_key=o.get("api_key"),
@@ -108,17 +130,14 @@ def _source(output: Path, options: dict[str, Any]) -> Source:
         select=o["select"],
         best_of=o["best_of"],
         modes=o["modes"],
-        sampling=Sampling(temperature=temperature, max_tokens=o["max_tokens"], seed=o["seed"]),
+        sampling=_sampling(o),
         cache=o["cache"] or default_cache(output),
         batch=o["batch"],
         random_draws=o.get("random_draws") or 1,
     )
-
-
-def _check_answers(answers: Path | None, src: Source) -> None:
-    """Answers either come from a file or are generated (and --best-of always generates)."""
-    if answers is not None and (src.generates or src.best_of):
-        raise fail("--answers scores given answers: leave out --bundle, --service and --best-of")
+    src.check(answers=options.get("answers") is not None)
+    set_threads(o["threads"])
+    return src
 
 
 def _print(markdown: str) -> None:
@@ -239,7 +258,9 @@ def objhal(
         Path | None, typer.Option(help="Prompts JSONL to generate for (e.g. obj_halbench_300_with_image.jsonl).")
     ] = None,
     images: Images = None,
-    extractor: Annotated[str, typer.Option(help="Object extraction: rules (spaCy + table) or llm.")] = "rules",
+    extractor: Annotated[
+        Literal["rules", "llm"], typer.Option(help="Object extraction: rules (spaCy + table) or llm.")
+    ] = "rules",
     synonyms: Annotated[Path | None, typer.Option(help="Another synonym table (our format).")] = None,
     llm_url: Annotated[
         str | None, typer.Option(callback=http_url, help="--extractor llm: OpenAI-compatible base URL.")
@@ -265,7 +286,7 @@ def objhal(
     random_draws: RandomDraws = 1,
     doc: Doc = None,
     temperature: Temperature = None,
-    max_tokens: MaxTokens = 512,
+    max_tokens: MaxTokens = None,
     seed: Seed = 0,
     cache: Cache = None,
     batch: Batch = 8,
@@ -286,18 +307,20 @@ def objhal(
     from rlaifv.trainer.evaluation.report import Report, report_name, sibling
 
     src = _source(output, locals())
-    _check_answers(answers, src)
+    if coco is None and not (instances and captions):
+        raise bad_option("--coco", "give --coco DIR, or --instances and --captions files")
+    if extractor == "llm" and not (llm_url and llm_model):
+        raise bad_option("--extractor", "llm needs --llm-url and --llm-model")
+    if answers is None and (prompts is None or not src.generates):
+        raise bad_option("--answers", "give --answers FILE, or --prompts FILE with --bundle or --service")
     causes: list[str] = []
     try:
         objects = CocoObjects(synonyms)
         if coco is not None:
             instances, captions = find_annotation_files(coco)
-        if not instances or not captions:
-            raise fail("give --coco DIR, or --instances and --captions files")
         llm = None
         if extractor == "llm":
-            if not llm_url or not llm_model:
-                raise fail("--extractor llm needs --llm-url and --llm-model")
+            assert llm_url is not None and llm_model is not None  # checked above
             settings = ChatSettings(
                 url=llm_url,
                 model=llm_model,
@@ -308,16 +331,13 @@ def objhal(
                 backoff_s=llm_backoff,
             )
             llm = LLMObjectExtractor(settings, objects, store=sibling(output, ".objects.jsonl"))
-        elif extractor != "rules":
-            raise fail(f"--extractor takes rules or llm, got {extractor!r}")
         if answers is not None:
             rows = read_answers(answers)
             truth = ground_truth({a.image_id for a in rows}, instances, captions, objects)
             result = evaluate_objhal(rows, truth, objects=objects, llm=llm)
             settings_out: dict[str, Any] = {"answers": str(answers)}
         else:
-            if prompts is None:
-                raise fail("give --answers FILE, or --prompts FILE with --bundle or --service")
+            assert prompts is not None  # checked above
             pairs = read_prompts(prompts, images)
             truth = ground_truth({i for _, i in pairs}, instances, captions, objects)
             settings_out = {"prompts": str(prompts), **src.settings()}
@@ -355,7 +375,7 @@ def amber(
     ] = None,
     images: Images = None,
     match: Annotated[
-        str | None,
+        Literal["exact", "first-word"] | None,
         typer.Option(
             help='\'exact\' (the official "Yes"/"No") or \'first-word\' ("Yes, there is" is yes); default: exact'
             " for --answers, first-word for answers generated here."
@@ -374,7 +394,9 @@ def amber(
     random_draws: RandomDraws = 1,
     doc: Doc = None,
     temperature: Temperature = None,
-    max_tokens: MaxTokens = 16,
+    max_tokens: Annotated[
+        int, typer.Option(min=1, help="Most new tokens per answer (a yes or no; sent to a --service too).")
+    ] = 16,
     seed: Seed = 0,
     cache: Cache = None,
     batch: Batch = 8,
@@ -391,28 +413,28 @@ def amber(
     )
     from rlaifv.trainer.evaluation.report import Report, flatten, report_name
 
-    if match not in (None, "exact", "first-word"):
-        raise fail(f"--match takes exact or first-word, got {match!r}")
     src = _source(output, locals())
-    _check_answers(answers, src)
+    if answers is None and (queries is None or images is None or not src.generates):
+        raise bad_option(
+            "--answers", "give --answers FILE, or --queries FILE and --images DIR with --bundle or --service"
+        )
     match = match or ("exact" if answers is not None else "first-word")
     try:
         truth = read_annotations(annotations)
         if answers is not None:
-            result = evaluate_amber(read_responses(answers), truth, match=match)  # type: ignore[arg-type]
+            result = evaluate_amber(read_responses(answers), truth, match=match)
             settings: dict[str, Any] = {"answers": str(answers)}
         else:
-            if queries is None or images is None:
-                raise fail("give --answers FILE, or --queries FILE and --images DIR with --bundle or --service")
+            assert queries is not None and images is not None  # checked above
             prompts = read_queries(queries, images)
             settings = {"queries": str(queries), **src.settings()}
             if best_of:
-                metric = amber_metric(prompts, truth, match)  # type: ignore[arg-type]
+                metric = amber_metric(prompts, truth, match)
                 result = {"metrics": src.scaling(prompts, lambda texts: flatten(metric(texts)))}
             else:
                 texts = src.answers(prompts)
                 rows = [Response(id=int(p.id), response=t) for p, t in zip(prompts, texts, strict=True)]
-                result = evaluate_amber(rows, truth, match=match)  # type: ignore[arg-type]
+                result = evaluate_amber(rows, truth, match=match)
     except USER_ERRORS as exc:
         raise user_error(exc) from None
     report = Report(
@@ -463,7 +485,7 @@ def mmhal(
     random_draws: RandomDraws = 1,
     doc: Doc = None,
     temperature: Temperature = None,
-    max_tokens: MaxTokens = 512,
+    max_tokens: MaxTokens = None,
     seed: Seed = 0,
     cache: Cache = None,
     batch: Batch = 8,
@@ -485,7 +507,8 @@ def mmhal(
     from rlaifv.trainer.evaluation.store import JsonlStore
 
     src = _source(output, locals())
-    _check_answers(answers, src)
+    if src.generates and images is None:
+        raise bad_option("--images", "generating MMHal answers needs --images DIR (MMHal-Bench's images folder)")
     store_path = results or sibling(output, ".judged.jsonl")
     store = JsonlStore(store_path)
     causes: list[str] = []
@@ -500,8 +523,7 @@ def mmhal(
         settings: dict[str, Any] = {"records": str(records), "judge": judge_model, "judge_url": shown_url}
         settings["template"] = str(template or "ours")
         if src.generates:
-            if images is None:
-                raise fail("generating MMHal answers needs --images DIR (MMHal-Bench's images folder)")
+            assert images is not None  # checked above
             prompts = mmhal_prompts(items, images)
             settings |= src.settings()
             if best_of:
@@ -512,8 +534,6 @@ def mmhal(
                 items = [r.model_copy(update={"model_answer": t}) for r, t in zip(items, texts, strict=True)]
                 result = evaluate_mmhal(items, judge, store, template=prompt)
         else:
-            if best_of:
-                raise fail("--best-of generates answers: give --bundle or --service")
             require_answers(items, answers or records)
             result = evaluate_mmhal(items, judge, store, template=prompt)
     except USER_ERRORS as exc:
@@ -550,7 +570,7 @@ def shapes(
     temperature: Annotated[
         float, typer.Option(min=0, max=5, help="Sampling temperature (the shapes-world reports use 1).")
     ] = 1.0,
-    max_tokens: MaxTokens = 32,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most new tokens per caption.")] = 32,
     seed: Seed = 0,
     cache: Cache = None,
     batch: Batch = 8,

@@ -37,6 +37,12 @@ def warn(message: str) -> None:
     typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
 
 
+def bad_option(flag: str, message: str) -> typer.BadParameter:
+    """A mistake in the command line found in a command's body (options that do not go together, one that needs
+    another): a usage error as typer's own checks give, exit 2 before anything is read, loaded or sampled."""
+    return typer.BadParameter(message, param_hint=[flag])
+
+
 def user_error(exc: Exception) -> typer.Exit:
     """One `error:` line for a user mistake; a pydantic error names its first field instead of a listing."""
     if isinstance(exc, ValidationError):
@@ -53,6 +59,24 @@ def best_of_list(value: str | None) -> str | None:
             parse_ns(value)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def parse_modes(value: str) -> list[str]:
+    """`dpo,claims` -> ["dpo", "claims"]; a mode that is neither is a `ValueError`."""
+    modes = [m.strip() for m in value.split(",") if m.strip()]
+    unknown = sorted(set(modes) - {"dpo", "claims"})
+    if unknown:
+        raise ValueError(f"takes dpo and/or claims, got {', '.join(map(repr, unknown))}")
+    return modes
+
+
+def reward_modes(value: str) -> str:
+    """--modes checked before anything runs (an unknown mode was found after both models had loaded)."""
+    try:
+        parse_modes(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     return value
 
 
@@ -108,11 +132,22 @@ class Source:
     def generates(self) -> bool:
         return self.bundle is not None or self.service is not None
 
+    def check(self, *, answers: bool) -> None:
+        """Options that do not go together (`answers`: an answers file was given), refused as usage errors before
+        anything is read or loaded: they were found after the benchmark's files were read, some after a model
+        loaded."""
+        if self.bundle is not None and self.service is not None:
+            raise bad_option("--service", "give --bundle or --service, not both")
+        if answers and (self.generates or self.best_of):
+            raise bad_option("--answers", "scores given answers: leave out --bundle, --service and --best-of")
+        if self.best_of and not self.generates:
+            raise bad_option("--best-of", "generates answers: give --bundle or --service")
+        if self.n > 1 and self.select == "first" and not self.best_of:
+            raise bad_option("--select", "-n > 1 needs dpo, claims or random (first would ignore the other candidates)")
+
     def generator(self) -> Generator:
         from rlaifv.trainer.evaluation.generators import BundleGenerator, ServiceGenerator
 
-        if self.bundle is not None and self.service is not None:
-            raise fail("give --bundle or --service, not both")
         if self.bundle is not None:
             return BundleGenerator.load(resolve_bundle(self.bundle))
         if self.service is not None:
@@ -120,11 +155,14 @@ class Source:
         raise fail("no answers: give an answers file, or --bundle / --service to generate them")
 
     def settings(self) -> dict[str, Any]:
+        """What the report records; `sampling.max_tokens` null: the service's default."""
+        from rlaifv.service.urls import without_credentials
+
         out: dict[str, Any] = {"sampling": self.sampling.model_dump()}
         if self.bundle is not None:
             out["bundle"] = str(resolve_bundle(self.bundle))
         if self.service is not None:
-            out["service"] = self.service
+            out["service"] = without_credentials(self.service)[1]  # reports are shared
         if self.best_of:
             out |= {"best_of": parse_ns(self.best_of), "modes": self.mode_list()}
         else:
@@ -132,18 +170,12 @@ class Source:
         return out
 
     def mode_list(self) -> list[str]:
-        modes = [m.strip() for m in self.modes.split(",") if m.strip()]
-        unknown = set(modes) - {"dpo", "claims"}
-        if unknown:
-            raise fail(f"--modes takes dpo and/or claims, got {sorted(unknown)}")
-        return modes
+        return parse_modes(self.modes)  # checked by the option's callback
 
     def answers(self, prompts: Sequence[Prompt]) -> list[str]:
         """One answer per prompt: n candidates sampled (or cached), the one --select picks."""
         from rlaifv.trainer.evaluation.candidates import sample_all
 
-        if self.n > 1 and self.select == "first":
-            raise fail("-n > 1 needs --select dpo, claims or random (first would ignore the other candidates)")
         cache = CandidateCache(self.cache)
         claims = self.select == "claims"
         with _closing(self.generator()) as generator:

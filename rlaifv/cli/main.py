@@ -56,7 +56,7 @@ app.add_typer(convert_app, name="convert")
 
 @bench_app.command("reward")
 def bench_reward(
-    n: int = typer.Option(8, min=1, help="Candidates per prompt."),
+    n: int = typer.Option(8, "--n", "-n", min=1, help="Candidates per prompt."),
     answer_tokens: int = typer.Option(64, min=1, help="Tokens per candidate."),
     repeats: int = typer.Option(3, min=1, help="Timed repetitions (median reported)."),
     hidden: int = typer.Option(

@@ -273,8 +273,7 @@ def test_every_setting_is_a_flag_of_serve_and_worker(monkeypatch) -> None:
     from typer.testing import CliRunner
 
     from rlaifv.cli.main import app
-    from rlaifv.service import serve_cli
-    from rlaifv.service import worker_cli
+    from rlaifv.service import serve_cli, worker_cli
     from rlaifv.service.worker_cli import worker
 
     for command in (serve_cli.serve, worker):

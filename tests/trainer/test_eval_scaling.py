@@ -171,12 +171,16 @@ def test_service_generator_and_objhal_generation(shapes_bundle: Path, tmp_path: 
         assert generator.fingerprint == ServiceGenerator(server.url).fingerprint  # stable across calls
         out = tmp_path / "objhal.json"
         args = ["eval", "objhal", "--coco", str(DATA / "coco"), "--prompts", str(prompts), "--service", server.url]
-        args += ["-n", "3", "--select", "dpo", "--service-max-n", "2", "--max-tokens", "16", "-o", str(out)]
-        result = CliRunner().invoke(app, args)
+        options = ["-n", "3", "--select", "dpo", "--service-max-n", "2", "--max-tokens", "16"]
+        result = CliRunner().invoke(app, [*args, *options, "-o", str(out)])
+        # without --max-tokens, 512 was sent: over a default server's RLAIFV_MAX_TOKENS (256), every request a 400
+        plain = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "plain.json")])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["metrics"]["answers"] == 2 and report["settings"]["select"] == "dpo"
     assert len(CandidateCache(tmp_path / "objhal.candidates.jsonl").store.rows) == 2
+    assert plain.exit_code == 0, plain.output
+    assert json.loads((tmp_path / "plain.json").read_text())["settings"]["sampling"]["max_tokens"] is None
 
 
 def test_a_scaling_run_with_failed_judgements_exits_2() -> None:

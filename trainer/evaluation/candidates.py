@@ -48,7 +48,13 @@ class Sampling(BaseModel):
 
     temperature: float = Field(1.0, ge=0, le=5, description="0 is greedy (every candidate the same).")
     top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(64, ge=1, description="Most new tokens per answer.")
+    max_tokens: int | None = Field(
+        64,
+        ge=1,
+        description="Most new tokens per answer; None: the generator's own default (a service's"
+        " RLAIFV_DEFAULT_MAX_TOKENS, or what the prompt leaves of the model's positions in process), fitted to the"
+        " context.",
+    )
     seed: int = Field(0, ge=0, description="Base seed; each prompt samples with a seed made of it and its id.")
 
 

@@ -2,8 +2,9 @@
 
 Both report, per candidate, the RLAIF-V implicit reward and (when asked) the claims reward, so one
 sampling pass serves every selection rule. `BundleGenerator` drives a `ModelPair` directly (one
-generation batch per call); `ServiceGenerator` calls `POST /v1/best-of-n` (n split into requests of at
-most the server's RLAIFV_MAX_N, several prompts in flight so the server's micro-batching has work).
+generation batch per call, each answer's length fitted to the model's positions); `ServiceGenerator` calls
+`POST /v1/best-of-n` (n split into requests of at most the server's RLAIFV_MAX_N, several prompts in flight so
+the server's micro-batching has work; `max_tokens=None` sends none: the server's default, fitted).
 """
 
 from __future__ import annotations
@@ -66,13 +67,14 @@ class BundleGenerator:
         tasks = []
         for p in prompts:
             images = self.pair.load_images([p.image])
+            encoded = self.pair.encode(images, p.question)
             params = SamplingParams(
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
-                max_tokens=sampling.max_tokens,
+                max_tokens=self._fitted(sampling.max_tokens, len(encoded), p.id),
                 seed=prompt_seed(sampling.seed, p.id),
             )
-            tasks.append(GenerateTask(self.pair.encode(images, p.question), n, params, reward, images))
+            tasks.append(GenerateTask(encoded, n, params, reward, images))
         out = []
         for ranking in self.pair.generate_batch(tasks):
             c = ranking.candidates
@@ -84,6 +86,22 @@ class BundleGenerator:
                 )
             )
         return out
+
+    def _fitted(self, max_tokens: int | None, prompt_tokens: int, prompt_id: str) -> int:
+        """`max_tokens` (None: all the room left) cut to what the prompt leaves of the model's positions, as
+        `rlaifv serve` fits its default: sampling went on past them (512 tokens on the shipped 256-position
+        model), where the model was never trained."""
+        limit = self.pair.max_positions
+        if limit is None:
+            if max_tokens is None:
+                raise DataError("max_tokens=None needs a model whose positions are known: give max_tokens")
+            return max_tokens
+        if prompt_tokens >= limit:
+            raise DataError(
+                f"prompt {prompt_id} ({prompt_tokens} tokens) leaves no room for an answer in the model's"
+                f" {limit} positions"
+            )
+        return min(max_tokens or limit, limit - prompt_tokens)
 
 
 class ServiceGenerator:
@@ -142,16 +160,17 @@ class ServiceGenerator:
         dpo: list[float] = []
         reward: list[float] = []
         for part, start in enumerate(range(0, n, self.max_n)):
+            options = {
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "max_tokens": sampling.max_tokens,
+                "seed": prompt_seed(sampling.seed, f"{prompt.id}#{part}" if part else prompt.id),
+            }
             body = {
                 "images": [image],
                 "question": prompt.question,
                 "n": min(self.max_n, n - start),
-                "sampling": {
-                    "temperature": sampling.temperature,
-                    "top_p": sampling.top_p,
-                    "max_tokens": sampling.max_tokens,
-                    "seed": prompt_seed(sampling.seed, f"{prompt.id}#{part}" if part else prompt.id),
-                },
+                "sampling": {key: value for key, value in options.items() if value is not None},
                 "reward": {"mode": "claims" if claims else "dpo"},
             }
             reply = self._call("POST", "/v1/best-of-n", body)

@@ -1,21 +1,24 @@
 """Reports: one JSON file per evaluation, a Markdown table beside it, and side-by-side comparisons.
 
-A report names the benchmark, what was evaluated, when, on which machine and by which command, its
-settings, its metrics (nested dicts of numbers) and the per-item details. The Markdown table flattens the
-metrics to dotted rows (`attribute.f1`); `compare` puts several reports in one table (reference vs
-aligned vs best-of-N), one column each.
+A report names the benchmark, what was evaluated, when, on which machine and by which command (secret
+options' values and URLs' credentials shown as `***`: reports are shared), its settings, its metrics (nested
+dicts of numbers) and the per-item details. The Markdown table flattens the metrics to dotted rows
+(`attribute.f1`); `compare` puts several reports in one table (reference vs aligned vs best-of-N), one column
+each.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import re
 import shlex
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -28,12 +31,47 @@ def machine() -> str:
     return f"{platform.machine()}, {cpu_name()}, {os.cpu_count()} cores"
 
 
+# --judge-key, --api-key, --llm-key and any later --*-key/-token/-secret/-password (not --max-tokens).
+SECRET_OPTION = re.compile(r"--(?:[a-z0-9]+-)*(?:key|token|secret|password)", re.IGNORECASE)
+URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
+def shown_url(text: str) -> str:
+    """A URL without its user, password and query (where keys travel), each `***`; any other text as it is."""
+    if not URL.match(text):
+        return text
+    parts = urlsplit(text)
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"***@{host}" if "@" in parts.netloc else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", parts.fragment))
+
+
+def shown_command(argv: Sequence[str]) -> str:
+    """`rlaifv <argv>` as reports and their console header show it: the values of secret options (`--judge-key K`,
+    `--api-key=K`) and the credentials in URLs are `***`, since reports are shared (they held keys in plain text)."""
+    shown: list[str] = []
+    secret_next = False
+    for arg in argv:
+        flag, equals, value = arg.partition("=")
+        if secret_next:
+            shown.append("***")
+            secret_next = False
+        elif SECRET_OPTION.fullmatch(flag):
+            shown.append(f"{flag}=***" if equals else flag)
+            secret_next = not equals
+        elif equals and flag.startswith("--"):
+            shown.append(f"{flag}={shown_url(value)}")
+        else:
+            shown.append(shown_url(arg))
+    return shlex.join(["rlaifv", *shown])
+
+
 class Report(BaseModel):
     benchmark: str
     name: str = ""
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
     machine: str = Field(default_factory=machine)
-    command: str = Field(default_factory=lambda: shlex.join(["rlaifv", *sys.argv[1:]]))
+    command: str = Field(default_factory=lambda: shown_command(sys.argv[1:]))
     settings: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any]
     items: list[dict[str, Any]] = Field(default_factory=list)

@@ -11,8 +11,9 @@ import typer
 ThreadsOption = Annotated[
     int | None,
     typer.Option(
+        min=1,
         help="torch threads (default: torch's choice). Different counts change floating-point reduction order,"
-        " a cheap stand-in for another CPU's kernels."
+        " a cheap stand-in for another CPU's kernels.",
     ),
 ]
 SetOption = Annotated[
@@ -28,10 +29,35 @@ def _threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _integers(text: str, least: int) -> list[int]:
+    """`0,1,2` -> [0, 1, 2]; a word or a value under `least` is a usage error (it was a ValueError traceback)."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < least:
+        raise typer.BadParameter(f"comma-separated integers of at least {least}, got {text!r}")
+    return values
+
+
+def _seeds(value: str) -> str:
+    _integers(value, 0)
+    return value
+
+
+def _thread_counts(value: str) -> str:
+    _integers(value, 1)
+    return value
+
+
 def build(
     ctx: typer.Context,
     cache_dir: Annotated[
-        Path | None, typer.Option(help="Output folder; default: the cache `rlaifv serve` uses.")
+        Path | None,
+        typer.Option(
+            help="Output folder (default: shapes-<recipe hash> in RLAIFV_CACHE_DIR, else $XDG_CACHE_HOME/rlaifv,"
+            " else ~/.cache/rlaifv)."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the whole build.")] = 0,
     threads: ThreadsOption = None,
@@ -65,17 +91,17 @@ def build(
 
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="A shapes-world bundle (the run's reference is evaluated too).")],
-    seeds: Annotated[str, typer.Option(help="Comma-separated sampling seeds.")] = "0,1,2",
-    images: Annotated[int, typer.Option(help="Held-out images.")] = 200,
-    n: Annotated[int, typer.Option(help="Candidates for best-of-N.")] = 8,
+    seeds: Annotated[str, typer.Option(callback=_seeds, help="Comma-separated sampling seeds.")] = "0,1,2",
+    images: Annotated[int, typer.Option(min=1, help="Held-out images.")] = 200,
+    n: Annotated[int, typer.Option("--n", "-n", min=1, help="Candidates for best-of-N.")] = 8,
     threads: ThreadsOption = None,
-    output: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the JSON report here.")] = None,
 ) -> None:
     """CHAIR / recall / repeats / yes-no F1 for reference vs policy, best-of-N by each reward vs random."""
     from rlaifv.trainer.shapes.report import evaluate_bundle, render_markdown
 
     _threads(threads)
-    report = evaluate_bundle(bundle, seeds=[int(s) for s in seeds.split(",")], images=images, n=n)
+    report = evaluate_bundle(bundle, seeds=_integers(seeds, 0), images=images, n=n)
     typer.echo(render_markdown(report))
     if output is not None:
         output.write_text(json.dumps(report, indent=2) + "\n")
@@ -83,20 +109,28 @@ def evaluate(
 
 def matrix(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the builds, reports and matrix.json.")],
-    seeds: Annotated[str, typer.Option(help="Comma-separated training seeds.")] = "0,1,2",
-    threads: Annotated[str, typer.Option(help="Comma-separated torch thread counts.")] = "1,2",
-    eval_seeds: Annotated[str, typer.Option(help="Comma-separated sampling seeds of each evaluation.")] = "0,1,2",
+    seeds: Annotated[str, typer.Option(callback=_seeds, help="Comma-separated training seeds.")] = "0,1,2",
+    threads: Annotated[str, typer.Option(callback=_thread_counts, help="Comma-separated torch thread counts.")] = "1,2",
+    eval_seeds: Annotated[
+        str, typer.Option(callback=_seeds, help="Comma-separated sampling seeds of each evaluation.")
+    ] = "0,1,2",
     eval_images: Annotated[int, typer.Option(min=1, help="Held-out images of each evaluation.")] = 200,
-    cores: Annotated[int | None, typer.Option(help="Run cells side by side while their threads fit.")] = None,
+    cores: Annotated[
+        int | None, typer.Option(min=1, help="Run cells side by side while their threads fit (default: all cores).")
+    ] = None,
     set_: SetOption = None,
 ) -> None:
     """Build and evaluate every seed x threads cell (resumable) and print the targets table."""
     from rlaifv.trainer.shapes.matrix import render_matrix, run_matrix
+    from rlaifv.trainer.shapes.pipeline import demo_config
 
+    training_seeds = _integers(seeds, 0)
+    for seed in training_seeds:  # an unknown --set is refused as `demo build` refuses it, not by every cell
+        demo_config(seed=seed, overrides=set_ or [])
     result = run_matrix(
         output,
-        seeds=[int(s) for s in seeds.split(",")],
-        threads=[int(t) for t in threads.split(",")],
+        seeds=training_seeds,
+        threads=_integers(threads, 1),
         eval_seeds=eval_seeds,
         eval_images=eval_images,
         cores=cores,

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlaifv.trainer.errors import TrainerError
 from rlaifv.trainer.shapes.targets import check_targets, served_label
+
+
+class CellsFailed(TrainerError, RuntimeError):
+    """Cells whose build or evaluation exited with an error; each is named with its log (one `error:` line from
+    the CLI, not a traceback)."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,7 @@ def run_matrix(
         if running:
             time.sleep(1.0)  # polling child processes, not waiting for a timing
     if failed:
-        raise RuntimeError("cells failed: " + ", ".join(failed))
+        raise CellsFailed("cells failed: " + ", ".join(failed))
     result = collect_matrix(output, cells)
     (output / "matrix.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
