@@ -45,11 +45,12 @@ def _report(output: Path) -> dict[str, Any]:
 
 @contextmanager
 def _clean_errors(progress: bool = True) -> Iterator[None]:
-    """Known errors become one red line and exit code 1, not a traceback (a run stopped by SIGTERM: 143; by a first
-    Ctrl-C: 130).
+    """Known errors become one red line, not a traceback, and exit code 1; 2 for a setting or option that is wrong
+    (`ConfigError`: a usage error, as `rlaifv serve` and the eval commands say; a run stopped by SIGTERM: 143; by a
+    first Ctrl-C: 130).
     `progress=False` also silences transformers' own bars (loading and saving weights)."""
     from rlaifv.reward.errors import RewardError
-    from rlaifv.trainer.errors import TrainerError, TrainingInterrupted
+    from rlaifv.trainer.errors import ConfigError, TrainerError, TrainingInterrupted
 
     if not progress:
         from transformers.utils import logging as transformers_logging
@@ -62,7 +63,7 @@ def _clean_errors(progress: bool = True) -> Iterator[None]:
         raise typer.Exit(exc.exit_code) from None
     except (TrainerError, RewardError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2 if isinstance(exc, ConfigError) else 1) from None
     except (OSError, UnicodeError) as exc:  # a path that is a folder, a file that is not there or not text...
         where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
         typer.secho(f"error: {exc.__class__.__name__}{where}: {exc}", fg=typer.colors.RED, err=True)

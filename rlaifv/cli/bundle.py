@@ -142,8 +142,8 @@ def check(
     for option, check in (("--device", lambda: pick_device(device)), ("--dtype", lambda: pick_dtype("cpu", dtype))):
         try:
             check()
-        except ModelLoadError as exc:
-            raise _fail(f"{option}: {exc}") from None
+        except ModelLoadError as exc:  # a usage error: exit 2, as `rlaifv serve --dtype` says it
+            raise typer.BadParameter(str(exc), param_hint=[option]) from None
     try:
         results = check_pair(load_bundle(folder, device=device, dtype=dtype))
     except RewardError as exc:

@@ -300,7 +300,7 @@ def test_cli_refuses_a_run_that_cannot_work_before_reading_data(
     if "-o" not in argv:
         argv += ["-o", str(tmp_path / "out")]
     result = CliRunner().invoke(train_app, argv)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     assert message.format(**fill) in result.output and "Traceback" not in result.output
     assert "preference rows" not in result.output  # refused before the data was read
 
@@ -947,7 +947,7 @@ def test_an_output_inside_a_model_folder_is_refused_before_copying_it_into_itsel
     result = CliRunner().invoke(
         train_app, ["dpo", str(tmp_path / "nodata"), "--model", str(model), "-o", str(model / "run")]
     )
-    assert result.exit_code == 1 and "inside the model folder --model" in result.output, result.output
+    assert result.exit_code == 2 and "inside the model folder --model" in result.output, result.output
     with pytest.raises(BundleError, match="inside the model folder"):
         write_bundle(model / "bundle", policy=model, reference=model)
     assert not (model / "bundle").exists()

@@ -322,7 +322,7 @@ def test_feedback_cli_refuses_settings_it_would_ignore(tiny_model: Path, tmp_pat
         result = CliRunner().invoke(
             app, [str(data), "--model", str(tiny_model), "-o", str(tmp_path / "fb"), "--set", stray]
         )
-        assert result.exit_code == 1 and "feedback takes feedback.* and pairs.* settings" in result.output, (
+        assert result.exit_code == 2 and "feedback takes feedback.* and pairs.* settings" in result.output, (
             result.output
         )
         assert hint in result.output and "feedback.dpo" not in result.output, result.output
@@ -342,7 +342,7 @@ def test_feedback_cli_names_a_model_adapter_or_labeler_that_is_not_a_folder(tiny
         model = ["--model", str(tiny_model)] if option != "--model" else []
         args = [str(absent), *model, option, value, "-o", str(tmp_path / "fb")]
         result = CliRunner().invoke(app, args)
-        assert result.exit_code == 1, result.output
+        assert result.exit_code == 2, result.output
         assert f"{option} folder nosuch does not exist" in result.output, result.output
 
 

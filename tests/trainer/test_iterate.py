@@ -265,7 +265,7 @@ def test_iterate_cli_errors_are_one_line(tiny_model: Path, tmp_path: Path, extra
     from rlaifv.trainer.cli import train_app
 
     result = CliRunner().invoke(train_app, ["iterate", "--model", str(tiny_model), "-o", str(tmp_path / "o"), *extra])
-    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
 
 
 def test_a_run_resumes_when_its_model_and_prompts_are_named_by_another_path(tiny_model: Path, tmp_path: Path) -> None:
@@ -427,7 +427,7 @@ def test_iterate_refuses_a_model_that_is_no_folder_before_writing_its_run_file(t
     out = tmp_path / "run"
     args = ["iterate", "--model", str(tmp_path / "m_lava"), "--prompts", str(tmp_path / "p.jsonl"), "-o", str(out)]
     result = CliRunner().invoke(train_app, args)
-    assert result.exit_code == 1 and "--model folder" in result.output and "does not exist" in result.output
+    assert result.exit_code == 2 and "--model folder" in result.output and "does not exist" in result.output
     assert not (out / "run.json").exists()
 
 

@@ -175,7 +175,7 @@ def test_the_feedback_command_refuses_a_malformed_llm_url_before_reading_anythin
     result = CliRunner().invoke(
         app, [str(missing / "p.jsonl"), "--model", str(missing), "-o", str(tmp_path / "o"), *args]
     )
-    assert result.exit_code == 1 and "llm_url 'notaurl' is not an http(s) URL" in result.output, result.output
+    assert result.exit_code == 2 and "llm_url 'notaurl' is not an http(s) URL" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
 
 
