@@ -24,7 +24,7 @@ class Command(typer.Typer):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         from rlaifv.reward.errors import RewardError
-        from rlaifv.trainer.errors import TrainerError
+        from rlaifv.trainer.errors import ConfigError, TrainerError
 
         refused = (RewardError, TrainerError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
         try:
@@ -36,7 +36,7 @@ class Command(typer.Typer):
                 raise
             message = str(exc) if not isinstance(exc, OSError) else f"{exc.strerror}: {exc.filename}"
             typer.secho(f"error: {message}", fg="red", err=True)
-            sys.exit(1)
+            sys.exit(2 if isinstance(exc, ConfigError) else 1)  # a wrong setting is a usage error, as typer's
 
 
 def _show_warning(

@@ -411,19 +411,20 @@ def test_the_console_script_ends_project_errors_with_one_line(models, tmp_path, 
     monkeypatch.delenv("RLAIFV_TRACEBACK", raising=False)
     (tmp_path / "afile").write_text("")
     cases = [
-        (["demo", "eval", str(tmp_path / "missing")], "error: bundle folder"),
-        (["demo", "build", "--set", "nosuch=1"], "error: unknown setting(s): nosuch"),
+        (["demo", "eval", str(tmp_path / "missing")], "error: bundle folder", 1),
+        (["demo", "build", "--set", "nosuch=1"], "error: unknown setting(s): nosuch", 2),  # a usage error
         (
             ["bundle", "create", "--policy", str(models["policy"]), "--reference", str(models["reference"]),
              "-o", str(tmp_path / "afile" / "sub")],
             "error: ",
+            1,
         ),
     ]  # fmt: skip
-    for argv, message in cases:
+    for argv, message, code in cases:
         with pytest.raises(SystemExit) as exited:
             app(argv)
         err = capsys.readouterr().err
-        assert exited.value.code == 1 and message in err and "Traceback" not in err, (argv, err)
+        assert exited.value.code == code and message in err and "Traceback" not in err, (argv, err)
 
 
 def test_the_command_shows_a_warning_as_one_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -138,7 +138,7 @@ def test_matrix_settings_are_checked_before_any_cell(
     monkeypatch.delenv("RLAIFV_TRACEBACK", raising=False)
     with pytest.raises(SystemExit) as exited:
         app(["demo", "matrix", "-o", str(tmp_path / "m"), "--seeds", "0,1", "--set", "nope=1"])
-    assert exited.value.code == 1 and capsys.readouterr().err == "error: unknown setting(s): nope\n"
+    assert exited.value.code == 2 and capsys.readouterr().err == "error: unknown setting(s): nope\n"
     assert not (tmp_path / "m").exists()
 
     fails = [sys.executable, "-c", "raise SystemExit(3)"]
