@@ -531,7 +531,7 @@ def render(report: dict[str, Any]) -> str:
         f"{report['params_m']:.1f}M parameters per model, prompt {report['prompt_tokens']} tokens, "
         f"{report['answer_tokens']}-token answers (end of sequence blocked)",
         "",
-        "| path | s (median) | runs | CPU s (median) | answer tokens/s | peak MB |",
+        "| path | s (median) | each run, s | CPU s (median) | answer tokens/s | peak MB |",
         "|---|---:|---|---:|---:|---:|",
     ]
     rows = list(report["paths"].values()) + ([report["lora"]["path"]] if "lora" in report else [])
@@ -622,7 +622,7 @@ def bench_engine(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA).")] = "",
     threads: Annotated[int, typer.Option(min=1, help="torch threads (CPU).")] = 2,
-    n: Annotated[str, typer.Option(help="Best-of-N sizes, comma-separated.")] = "1,4,8,16",
+    n: Annotated[str, typer.Option("--n", "-n", help="Best-of-N sizes, comma-separated.")] = "1,4,8,16",
     headline: Annotated[int, typer.Option(help="The N of the ratios, naive path and LoRA pair.")] = 8,
     answer_tokens: Annotated[int, typer.Option(min=0, help="Tokens per answer (0: 64 on CPU, 128 on CUDA).")] = 0,
     repeats: Annotated[int, typer.Option(help="Rounds of every path (medians reported).")] = 3,

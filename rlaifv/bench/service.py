@@ -397,7 +397,7 @@ def bench_service(
     url: Annotated[str | None, typer.Option(help="Measure this running server instead of starting two.")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="RLAIFV_API_KEY", help="API key for --url servers.")] = None,
     concurrency: Annotated[str, typer.Option(callback=_levels, help="Comma-separated concurrency levels.")] = "1,4,16",
-    n: Annotated[int, typer.Option(min=1, help="Candidates per request (best-of-n).")] = 8,
+    n: Annotated[int, typer.Option("--n", "-n", min=1, help="Candidates per request (best-of-n).")] = 8,
     max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens per answer.")] = 32,
     requests_per_client: Annotated[
         int, typer.Option(min=1, help="Requests per concurrent client (at least 16 per level).")

@@ -127,7 +127,7 @@ def run(prompt_tokens: list[int], n: int, answer_tokens: int, repeats: int) -> l
 
 def main(
     prompt_tokens: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = "32,600",
-    n: Annotated[int, typer.Option(min=1, help="Answers scored.")] = 8,
+    n: Annotated[int, typer.Option("--n", "-n", min=1, help="Answers scored.")] = 8,
     answer_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 64,
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats (median).")] = 5,
 ) -> None:

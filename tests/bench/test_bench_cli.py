@@ -378,3 +378,10 @@ def test_gpu_engine_script_runs_the_machine_s_python_by_default(tmp_path: Path, 
     done = subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert set(used.read_text().split()) == {"system"}  # the default is `run`: not .venv's CPU interpreter
+
+
+@pytest.mark.parametrize("command", ["reward", "engine", "service"])
+def test_every_benchmark_takes_n_as_the_eval_commands_do(command: str) -> None:
+    """`rlaifv eval -n 8` but `rlaifv bench ... --n 8` only: the short form is the same everywhere."""
+    shown = CliRunner().invoke(app, ["bench", command, "--help"], env={"COLUMNS": "250"}).output
+    assert "--n" in shown and "-n " in shown.replace("--n", ""), shown
