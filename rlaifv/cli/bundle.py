@@ -28,9 +28,10 @@ bundle_app = typer.Typer(
 _DEFAULTS = BundleManifest.model_fields
 
 
-def _fail(exc: Exception | str) -> typer.Exit:
+def _fail(exc: Exception | str, code: int = 1) -> typer.Exit:
+    """One `error:` line; `code` 2 for a usage error (a wrong option), as `rlaifv serve` answers one."""
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    return typer.Exit(1)
+    return typer.Exit(code)
 
 
 def _option_problems(**values: object) -> str | None:
@@ -142,8 +143,8 @@ def check(
     for option, check in (("--device", lambda: pick_device(device)), ("--dtype", lambda: pick_dtype("cpu", dtype))):
         try:
             check()
-        except ModelLoadError as exc:  # a usage error: exit 2, as `rlaifv serve --dtype` says it
-            raise typer.BadParameter(str(exc), param_hint=[option]) from None
+        except ModelLoadError as exc:
+            raise _fail(f"{option}: {exc}", code=2) from None
     try:
         results = check_pair(load_bundle(folder, device=device, dtype=dtype))
     except RewardError as exc:

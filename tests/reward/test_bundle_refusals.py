@@ -303,7 +303,7 @@ def test_bundle_check_ends_in_one_error_line(bundle, tmp_path):
         cases.append(([str(bundle), "--device", "cuda"], "error: --device: 'cuda' but CUDA is not available"))
     for args, message in cases:
         result = CliRunner().invoke(app, ["bundle", "check", *args])
-        assert result.exit_code == 1, (args, result.output)
+        assert result.exit_code == (2 if "--device" in args or "--dtype" in args else 1), (args, result.output)
         assert message in result.output and result.output.count("\n") == 1, (args, result.output)
 
 
