@@ -225,7 +225,7 @@ class ModelPair:
     def labeler(self) -> Labeler:
         """The yes/no labeler of the 'claims' reward: the policy itself (self-feedback) unless one was given."""
         if self._labeler is None:
-            self._labeler = YesNoJudge(self.policy, self.processor)
+            self._labeler = YesNoJudge(self.policy, self.processor, lock=self._lock)
         return self._labeler
 
     @property

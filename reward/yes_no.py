@@ -8,7 +8,9 @@ policy itself (self-feedback) or any other loaded model.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import torch
@@ -65,9 +67,12 @@ def split_shared_prefix(prompts: Sequence[EncodedPrompt], image_token_id: int | 
 class YesNoJudge:
     """Scores yes/no questions about an image with one shared image+template prefix pass."""
 
-    def __init__(self, model: Any, processor: Any, *, max_batch: int = 64) -> None:
+    def __init__(
+        self, model: Any, processor: Any, *, max_batch: int = 64, lock: AbstractContextManager[Any] | None = None
+    ) -> None:
         self.model = model
         self.processor = processor
+        self.lock = lock or contextlib.nullcontext()  # a pair's own judge takes turns with the pair's other calls
         tokenizer = processor.tokenizer
         self.yes_ids = first_token_ids(tokenizer, YES_FORMS)
         self.no_ids = first_token_ids(tokenizer, NO_FORMS)
@@ -86,6 +91,10 @@ class YesNoJudge:
     @torch.no_grad()
     def p_yes_batch(self, items: Sequence[tuple[Any, Sequence[str]]]) -> list[list[float]]:
         """p(yes) for each question of each (image, questions) item."""
+        with self.lock:
+            return self._p_yes_batch(items)
+
+    def _p_yes_batch(self, items: Sequence[tuple[Any, Sequence[str]]]) -> list[list[float]]:
         prefixes: list[EncodedPrompt] = []
         suffixes: list[list[list[int]]] = []
         for image, questions in items:

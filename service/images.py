@@ -18,7 +18,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from rlaifv.reward.errors import ImageError
-from rlaifv.reward.images import ImageLimits, decode_base64, decode_image
+from rlaifv.reward.images import decode_base64, decode_image
 from rlaifv.service.settings import Settings
 
 MAX_REDIRECTS = 3
@@ -67,12 +67,7 @@ class ImageLoader:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.limits = ImageLimits(
-            max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels,
-            max_aspect=settings.max_image_aspect,
-            allowed_formats=frozenset(settings.allowed_image_formats),
-        )
+        self.limits = settings.image_limits()
         self._client: httpx.AsyncClient | None = None
 
     async def aclose(self) -> None:

@@ -685,8 +685,14 @@ class JobWorkers:
     async def _forget_dead_consumers(self) -> None:
         """Remove the group's consumers that stopped without leaving it (killed: out of memory, a node lost) once
         nothing they held is left with them: each crash added one to XINFO CONSUMERS for ever, and a group of
-        thousands of dead names hides the live ones. Run when a worker starts and after it reclaimed entries."""
-        removed = await self.store.redis.eval(FORGET_CONSUMERS, 1, self.store.stream, GROUP, self.forget_after_ms)
+        thousands of dead names hides the live ones. Run when a worker starts and after it reclaimed entries; best
+        effort: a failure here must not keep the claimed entries from running (they would wait another claim-idle
+        time, a delivery nearer the bound)."""
+        try:
+            removed = await self.store.redis.eval(FORGET_CONSUMERS, 1, self.store.stream, GROUP, self.forget_after_ms)
+        except (*REDIS_DOWN, ResponseError) as exc:
+            log.debug("stopped consumers not removed: %s", type(exc).__name__)
+            return
         if removed:
             log.info("removed %d stopped job consumers from the group", removed)
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from rlaifv.reward.images import ImageLimits
 
 DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "password", "test", "apikey", "api-key", "xxx"}
@@ -461,6 +464,18 @@ class Settings(BaseSettings):
         kept = f"{user}{has_password}{password}"
         netloc = f"{kept}@{host}" if kept else host
         return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    def image_limits(self) -> ImageLimits:
+        """The limits of every image, for the service's decoding and for the model pair's own check of what it is
+        given (the pair kept its defaults: a raised RLAIFV_MAX_IMAGE_ASPECT was refused there)."""
+        from rlaifv.reward.images import ImageLimits
+
+        return ImageLimits(
+            max_bytes=self.max_image_bytes,
+            max_pixels=self.max_image_pixels,
+            max_aspect=self.max_image_aspect,
+            allowed_formats=frozenset(self.allowed_image_formats),
+        )
 
     def load_api_keys(self) -> list[str]:
         """Keys from RLAIFV_API_KEYS plus the lines of RLAIFV_API_KEYS_FILE."""

@@ -207,10 +207,12 @@ def _check_image(data: bytes, *, source: str, row: int, column: str) -> None:
     try:
         check_image(data, param=column)
     except ImageError as exc:
-        too_large = "over the limit" in exc.message
-        message = (
-            f"image too large: {exc.message}; downscale it first" if too_large else f"undecodable image: {exc.message}"
-        )
+        if "over the limit" in exc.message or "pixel limit" in exc.message:
+            message = f"image too large: {exc.message}; downscale it first"
+        elif "aspect ratio" in exc.message or "no pixels" in exc.message:
+            message = f"image of an unusable shape: {exc.message}; crop or pad it first"
+        else:
+            message = f"undecodable image: {exc.message}"
         raise ImageDecodeError(message, source=source, row=row, column=column) from None
 
 

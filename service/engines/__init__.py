@@ -33,6 +33,7 @@ def load_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[Eng
             torch_threads=settings.torch_threads,
             pack_weights=settings.pack_weights,
             family_check=settings.family_check,
+            image_limits=settings.image_limits(),
         )
     if settings.engine == "vllm":
         from rlaifv.service.engines.vllm import load_vllm_engine

@@ -24,6 +24,7 @@ from rlaifv.service.engines.base import EngineResult, GenerateRequest, Request, 
 
 if TYPE_CHECKING:
     from rlaifv.reward.family_check import FamilyCheck
+    from rlaifv.reward.images import ImageLimits
     from rlaifv.reward.model_pair import ModelPair
     from rlaifv.reward.packed_weights import PackMode
     from rlaifv.reward.results import Ranking
@@ -189,6 +190,7 @@ def load_transformers_engine(
     torch_threads: int | None = None,
     pack_weights: PackMode = "auto",
     family_check: FamilyCheck = "refuse",
+    image_limits: ImageLimits | None = None,
 ) -> tuple[TransformersEngine, float]:
     """Load the bundle's pair (its CPU linears packed as `pack_weights` says); returns the engine and the
     load time in seconds."""
@@ -203,6 +205,8 @@ def load_transformers_engine(
     pair = load_bundle(
         bundle, device=device, dtype=dtype, trust_remote_code=trust_remote_code, family_check=family_check
     )
+    if image_limits is not None:  # the service's own, which its images were decoded with
+        pair.image_limits = image_limits
     if layers := pair.pack_weights(pack_weights):
         extra_mb = sum(handle.extra_bytes for handle in pair.packed) / 2**20
         log.info("packed weights", extra={"layers": layers, "extra_mb": round(extra_mb, 1)})

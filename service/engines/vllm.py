@@ -77,6 +77,13 @@ BAN = -100.0  # logit_bias that keeps special tokens out of the samples, as the 
 NO_LOGPROB = -9999.0
 # vLLM's default --max-logprobs, which docs/vllm.md's commands set: the most alternatives asked of a server.
 MAX_LOGPROBS = 20
+# Families whose several images in one prompt vLLM lays out otherwise than transformers: LLaVA-OneVision's
+# multi-image mode (one base-resolution crop per image) is transformers' and the model's; vLLM tiles each image
+# as if alone, so every such prompt would fail `check_prompt_ids` (a 502) instead of a clear 400.
+ONE_IMAGE_FAMILIES = {
+    "llava_onevision": "with RLAIFV_ENGINE=vllm this model takes one image per request: vLLM tiles each of several"
+    " images as if alone, not in LLaVA-OneVision's multi-image mode (the transformers engine takes several)",
+}
 Served = Literal["base", "adapter"]  # what a server's model must be: a base model or a LoRA module (--lora-modules)
 
 
@@ -557,6 +564,7 @@ class VllmEngine:
         self.yes_ids = first_token_ids(self.tokenizer, YES_FORMS)  # the labeler's answer tokens, as in process
         self.no_ids = first_token_ids(self.tokenizer, NO_FORMS)
         config = json.loads((model_path / "config.json").read_text())
+        self._model_type = str(config.get("model_type", ""))
         text_config = config.get("text_config", config)
         self._max_positions: int | None = text_config.get("max_position_embeddings")
         # As in process: rows of an embedding resized past the tokenizer (LLaVA-1.5: 32064 for 32002 tokens) are no
@@ -691,6 +699,8 @@ class VllmEngine:
         same images already encoded, as every claim question of a request sends them)."""
         from rlaifv.reward.prompt import encode_prompt
 
+        if len(images) > 1 and self._model_type in ONE_IMAGE_FAMILIES:
+            raise InvalidInputError(ONE_IMAGE_FAMILIES[self._model_type], param="images")
         encoded = encode_prompt(
             self.processor,
             images,

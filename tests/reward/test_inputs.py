@@ -303,6 +303,7 @@ def test_threads_sharing_a_pair_take_turns(tiny_pair, red_png):
         results = list(pool.map(call, range(16)))
     for i, rewards in enumerate(results):
         assert rewards == pytest.approx(sampled if i % 2 else alone, abs=1e-5)
+    assert tiny_pair.labeler.lock is tiny_pair._lock  # the claims judge, reachable as `pair.labeler`, takes turns too
 
 
 def test_answers_past_the_models_positions_are_refused_in_process(tiny_pair, red_png):

@@ -567,3 +567,14 @@ def test_a_body_abandoned_half_way_counts_as_client_closed(make_server) -> None:
         time.sleep(0.02)
     bad = ("rlaifv_http_requests_total", {"route": "/v1/rewards", "method": "POST", "status": "400"})
     assert registry.get_sample_value(*bad) is None
+
+
+def test_the_image_limits_set_hold_for_the_model_pair_too(make_server) -> None:
+    """The service decoded with its settings, then the model pair checked the images again with its defaults: a
+    raised RLAIFV_MAX_IMAGE_ASPECT let a 600x20 image through the first check and not the second."""
+    server = make_server(max_image_aspect=40)
+    body = rwd(images=[data_url(png_bytes((600, 20)))], answers=["a red circle."])
+    r = httpx.post(server.url + "/v1/rewards", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    r = httpx.post(server.url + "/v1/rewards", json=rwd(images=[data_url(png_bytes((900, 20)))]), timeout=60)
+    assert r.status_code == 400 and "aspect ratio over 40" in r.json()["error"]["message"], r.text

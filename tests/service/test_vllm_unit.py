@@ -762,3 +762,16 @@ async def test_credentials_in_a_vllm_url_are_never_shown(text_bundle: Path) -> N
     assert "vllmS3CRET" not in await engine.policy.probe()
     assert "vllmS3CRET" in engine.policy.root  # the requests themselves still carry it
     await engine.aclose()
+
+
+def test_several_images_for_a_family_vllm_lays_out_otherwise_are_a_400(engine) -> None:
+    """vLLM tiles each of LLaVA-OneVision's images as if alone, transformers uses its multi-image mode: such a
+    prompt failed the expansion check (a 502) instead of a 400 naming `images`."""
+    from rlaifv.reward.sampling import SamplingParams
+    from rlaifv.service.engines.base import GenerateRequest
+
+    engine._model_type = "llava_onevision"
+    images = [Image.new("RGB", (4, 4)), Image.new("RGB", (4, 4))]
+    with pytest.raises(InvalidInputError, match="one image per request") as exc:
+        engine._prompt(GenerateRequest(images, "q", None, 2, SamplingParams(max_tokens=4), engine.reward))
+    assert exc.value.param == "images"

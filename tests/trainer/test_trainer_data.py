@@ -590,3 +590,18 @@ def test_image_values_that_cannot_be_read_say_what_they_are(tmp_path: Path) -> N
             read_prompts(path)
     path.write_text(json.dumps({"image": urlsafe, "question": "q?"}) + "\n")
     assert read_prompts(path)[0].image == png((250, 251, 252), size=64)
+
+
+def test_an_image_of_an_unusable_shape_is_named_so_not_undecodable() -> None:
+    """The aspect bound the image limits gained was reported as "undecodable image"."""
+    import io
+
+    from PIL import Image
+
+    from rlaifv.trainer.data import _check_image
+    from rlaifv.trainer.errors import ImageDecodeError
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 100)).save(buffer, "PNG")
+    with pytest.raises(ImageDecodeError, match="unusable shape: image is 1x100: aspect ratio over 20"):
+        _check_image(buffer.getvalue(), source="d.jsonl", row=3, column="image")
