@@ -252,12 +252,25 @@ def _image_bytes(value: Any, base: Path, *, source: str, row: int, column: str) 
         is_file = False
     if is_file:
         return path.read_bytes()
-    if _BASE64.fullmatch(text) and len(text) >= 64 and "." not in text[-6:]:
-        return _base64(text, source=source, row=row, column=column)
-    if _URLSAFE_BASE64.fullmatch(text) and len(text) >= 64 and "." not in text[-6:]:
-        return _base64(text.translate(str.maketrans("-_", "+/")), source=source, row=row, column=column)
+    # A hashed file name (`images/<64 hex>`) is base64 too: a "/" and no image format in its bytes make it a path.
+    path_like = "/" in text and len(text) < 4096
+    data = None
+    try:
+        if _BASE64.fullmatch(text) and len(text) >= 64 and "." not in text[-6:]:
+            data = _base64(text, source=source, row=row, column=column)
+        elif _URLSAFE_BASE64.fullmatch(text) and len(text) >= 64 and "." not in text[-6:]:
+            data = _base64(text.translate(str.maketrans("-_", "+/")), source=source, row=row, column=column)
+    except ImageDecodeError:
+        if not path_like:
+            raise
+    if data is not None and not (path_like and not data.startswith(IMAGE_MAGIC)):
+        return data
     shown = text if len(text) <= 200 else text[:200] + "..."
     raise ImageDecodeError(f"image file {shown} not found (in {base})", source=source, row=row, column=column)
+
+
+# The first bytes of the formats images come in (PNG, JPEG, GIF, WebP/RIFF, BMP, TIFF both byte orders).
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
 
 
 def _base64(text: str, *, source: str, row: int, column: str) -> bytes:

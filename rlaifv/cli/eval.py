@@ -406,6 +406,7 @@ def amber(
     from rlaifv.trainer.evaluation.amber import (
         Response,
         amber_metric,
+        check_scorable,
         evaluate_amber,
         read_annotations,
         read_queries,
@@ -427,6 +428,7 @@ def amber(
         else:
             assert queries is not None and images is not None  # checked above
             prompts = read_queries(queries, images)
+            check_scorable([int(p.id) for p in prompts], truth)
             settings = {"queries": str(queries), **src.settings()}
             if best_of:
                 metric = amber_metric(prompts, truth, match)

@@ -296,3 +296,18 @@ def test_a_byte_order_mark_is_read_as_utf8(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [*args, "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["metrics"]["overall"]["accuracy"] == 1.0
+
+
+def test_queries_with_no_discriminative_question_are_refused_before_sampling() -> None:
+    """A generative query file was sampled whole (1,004 queries on a real model), then refused."""
+    from rlaifv.trainer.evaluation.amber import Annotation, check_scorable
+
+    truth = {
+        1: Annotation(id=1, type="generative", truth=["cat"]),
+        2: Annotation(id=2, type="discriminative-hallucination", truth="yes"),
+    }
+    with pytest.raises(DataError, match="no discriminative question among the 1 queries"):
+        check_scorable([1], truth)
+    with pytest.raises(DataError, match="question id 9 is not in the annotations"):
+        check_scorable([1, 9], truth)
+    check_scorable([1, 2], truth)

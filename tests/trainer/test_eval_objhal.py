@@ -337,3 +337,19 @@ def test_an_image_path_that_is_not_there_is_named_at_read_time(tmp_path: Path) -
         prompts.write_text(json.dumps(good[0]) + "\n" + json.dumps(row) + "\n")
         with pytest.raises(DataError, match=f"{prompts}, row 2, column 'image': .*{message}"):
             read_prompts(prompts)
+
+
+def test_answers_holding_a_unicode_line_separator_are_one_row_and_a_null_image_takes_image_path(tmp_path) -> None:
+    """`json.dumps(ensure_ascii=False)` writes U+2028 as is: `splitlines()` cut the row in two ("not JSON"); pandas
+    writes `"image": null` beside `image_path`, and the alias took the null."""
+    import json
+
+    from rlaifv.trainer.evaluation.files import read_rows
+    from rlaifv.trainer.evaluation.objhal import PromptRow
+
+    path = tmp_path / "answers.jsonl"
+    rows = [{"question_id": 1, "image_id": 5, "text": "a cat\u2028on a mat\u0085"}, {"question_id": 2, "text": "x"}]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    assert [r["text"] for r in read_rows(path)] == ["a cat\u2028on a mat\u0085", "x"]
+    row = PromptRow.model_validate({"image_id": 1, "question": "q", "image": None, "image_path": "COCO_1.jpg"})
+    assert row.image == "COCO_1.jpg"

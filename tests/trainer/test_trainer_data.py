@@ -605,3 +605,14 @@ def test_an_image_of_an_unusable_shape_is_named_so_not_undecodable() -> None:
     Image.new("RGB", (1, 100)).save(buffer, "PNG")
     with pytest.raises(ImageDecodeError, match="unusable shape: image is 1x100: aspect ratio over 20"):
         _check_image(buffer.getvalue(), source="d.jsonl", row=3, column="image")
+
+
+def test_a_hashed_image_name_that_is_not_there_is_named_as_a_missing_file(tmp_path: Path) -> None:
+    """`images/<65 hex>` is valid base64: it was decoded and reported as "undecodable image"."""
+    from rlaifv.trainer.data import _image_bytes
+
+    name = "images/" + "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881a"
+    with pytest.raises(ImageDecodeError, match=r"image file images/2d71.* not found"):
+        _image_bytes(name, tmp_path, source="d.jsonl", row=0, column="image")
+    with pytest.raises(ImageDecodeError, match="not valid base64"):  # base64 that is only broken stays so
+        _image_bytes("A" * 65, tmp_path, source="d.jsonl", row=0, column="image")

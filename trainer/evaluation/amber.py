@@ -129,6 +129,19 @@ def scores(rows: Sequence[tuple[str, str | None]], eps: float = 1e-4) -> dict[st
     }
 
 
+def check_scorable(ids: Sequence[int], annotations: dict[int, Annotation]) -> None:
+    """Refuse queries with no discriminative question among them before any is answered (a generative query file
+    was sampled whole, then refused: 1,004 queries for nothing on a real model)."""
+    unknown = [i for i in ids if i not in annotations]
+    if unknown:
+        raise DataError(f"question id {unknown[0]} is not in the annotations")
+    if ids and not any(group_of(annotations[i].type) is not None for i in ids):
+        raise DataError(
+            f"no discriminative question among the {len(ids)} queries (AMBER's generative task is not computed):"
+            " give query_discriminative.json or query_all.json"
+        )
+
+
 def evaluate_amber(
     responses: Sequence[Response], annotations: dict[int, Annotation], *, match: Match = "exact"
 ) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rlaifv.trainer.errors import DataError
 from rlaifv.trainer.evaluation.candidates import Prompt
@@ -56,6 +56,14 @@ class PromptRow(BaseModel):
     image_id: int
     question: str = Field(validation_alias=AliasChoices("question", "prompt"))
     image: str | None = Field(None, validation_alias=AliasChoices("image", "image_path"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_when_no_image(cls, data: Any) -> Any:
+        """pandas writes both columns, `"image": null` beside a valid `image_path`: the alias took the null."""
+        if isinstance(data, dict) and data.get("image") is None and data.get("image_path") is not None:
+            return {**data, "image": data["image_path"]}
+        return data
 
 
 def read_answers(path: str | Path) -> list[Answer]:
