@@ -413,7 +413,8 @@ def feedback(
             "made": made,
             "prompts": describe_files(data_files(prompts)),
             "settings": {"feedback": config.to_dict(), "pairs": pair_config.to_dict()},
-            "feedback": feedback_summary(results),
+            # prompts read (duplicates kept once) against those scored: the rest were too long for the model
+            "feedback": {"prompts_read": len(items), **feedback_summary(results)},
             "pairs": stats.to_dict(),
         }
         (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")

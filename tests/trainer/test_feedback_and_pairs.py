@@ -252,6 +252,7 @@ def test_feedback_cli_writes_scored_candidates_and_a_report(tiny_model: Path, tm
     assert [f.question for f in stored] == ["describe the image", "describe the image"]
     assert all(len(f.answers) == 3 for f in stored)
     report = json.loads((tmp_path / "fb" / "report.json").read_text())
+    assert report["feedback"]["prompts_read"] == 2 and report["feedback"]["prompts"] == 2
     assert report["feedback"]["candidates"] == 6 and report["settings"]["feedback"]["labeler"] == "self"
     pairs_file = tmp_path / "fb" / "pairs.parquet"
     if report["pairs"]["selected"]:
