@@ -164,7 +164,7 @@ class ModelPair:
         self._labeler = labeler
         self._splitter = splitter
         self.question_writer = question_writer or RuleQuestionWriter()
-        self.eot_id = end_of_turn_id(self.tokenizer, end_of_turn)
+        self.eot_id = end_of_turn_id(self.tokenizer, end_of_turn, processor)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.stop_ids = sorted({self.eot_id, *self._generation_eos_ids()})
         self.max_positions: int | None = max_positions(policy)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -543,7 +544,9 @@ def load_adapter(base: Any, adapter_path: str | Path) -> Any:
     try:
         config = PeftConfig.from_pretrained(str(path))
         config.inference_mode = True
-        model = PeftModel(base, config)
+        with warnings.catch_warnings():  # peft asks transformers 5 a deprecated property: nothing a user can change
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = PeftModel(base, config)
         missing = model.load_adapter(str(path), adapter_name="default", is_trainable=False).missing_keys
         if missing and (renamings := _checkpoint_renamings(base)):
             missing = model.load_adapter(

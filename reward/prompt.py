@@ -52,6 +52,16 @@ def count_image_parts(messages: Sequence[dict[str, Any]]) -> int:
     return total
 
 
+def _first_image_part(messages: Sequence[dict[str, Any]]) -> str:
+    """Where the first image part of `messages` is, as the request names it (`messages[1].content[0]`)."""
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            if isinstance(part, dict) and part.get("type") == "image":
+                return f"messages[{i}].content[{j}]"
+    return "messages"
+
+
 def encode_prompt(
     processor: Any,
     images: Sequence[Image],
@@ -86,7 +96,7 @@ def encode_prompt(
     if images and not getattr(processor, "accepts_images", True):
         raise InvalidInputError(
             f"this model reads text only: send no images (got {len(images)})",
-            param="images" if question is not None else text_param,
+            param="images" if question is not None else _first_image_part(messages),
         )
     text = render_chat(processor, messages, continue_final=continue_final, param=text_param)
     tokenizer = processor.tokenizer
@@ -292,9 +302,36 @@ def encode_answers(
     ]
 
 
-def end_of_turn_id(tokenizer: Any, token: str | None = None) -> int:
-    """The token that closes an assistant turn (EOS unless the bundle names another)."""
-    token = token or tokenizer.eos_token
+def template_end_of_turn(processor: Any) -> str | None:
+    """The special token the chat template writes right after an assistant message's text, if any: the token a
+    chat model ends its turns with. Gemma-3-it's EOS is `<eos>` but its turns end with `<end_of_turn>`, so given
+    answers closed by EOS scored otherwise than the same text sampled (which stops at either)."""
+    from jinja2 import TemplateError
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    marker = "Zq7 xylophone"
+    turns = [
+        {"role": "user", "content": [{"type": "text", "text": "Hi."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": marker}]},
+    ]
+    try:
+        text = str(processor.apply_chat_template(turns, add_generation_prompt=False, tokenize=False))
+    except (TemplateError, ValueError, TypeError, KeyError, AttributeError):  # no template, or one of its own rules
+        return None
+    at = text.rfind(marker)
+    if at < 0:
+        return None
+    ids = tokenizer(text[at + len(marker) :], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    if not ids or ids[0] not in special:
+        return None
+    return str(tokenizer.convert_ids_to_tokens(ids[0]))
+
+
+def end_of_turn_id(tokenizer: Any, token: str | None = None, processor: Any = None) -> int:
+    """The token that closes an assistant turn: the bundle's `end_of_turn`, else the one the chat template of
+    `processor` (or of the tokenizer) writes after an assistant message, else EOS."""
+    token = token or template_end_of_turn(processor if processor is not None else tokenizer) or tokenizer.eos_token
     if token is None:
         raise InvalidInputError(
             "the tokenizer has no eos_token to close an answer: name the end-of-turn token"

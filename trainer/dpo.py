@@ -664,7 +664,7 @@ def _train_dpo(
     pairs, dropped = encode_pairs(
         rows,
         tokenizer,
-        eot_id=end_of_turn_id(tokenizer, config.end_of_turn),
+        eot_id=end_of_turn_id(tokenizer, config.end_of_turn, processor),
         max_answer_tokens=config.max_answer_tokens,
     )
     dropped = {"markup_only_answers": read - len(rows), **dropped}

@@ -205,7 +205,7 @@ def render(description: BundleDescription) -> str:
         f"policy type   {description.policy_type}",
         f"beta          {description.beta}",
         f"normalize     {description.normalize}",
-        f"end_of_turn   {description.end_of_turn or '(tokenizer EOS)'}",
+        f"end_of_turn   {description.end_of_turn or '(what the chat template ends a turn with, else EOS)'}",
         *_model_lines("policy", description.policy),
         *_model_lines("reference", description.reference),
         "provenance:",

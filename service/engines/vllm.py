@@ -553,7 +553,7 @@ class VllmEngine:
         self.accepts_images = bool(getattr(self.processor, "accepts_images", True))
         self._name = manifest.name
         self._reward = manifest.reward
-        self.eot_id = end_of_turn_id(self.tokenizer, manifest.end_of_turn)
+        self.eot_id = end_of_turn_id(self.tokenizer, manifest.end_of_turn, self.processor)
         model_path = reference_path if self.lora else policy_path  # an adapter folder has no config of its own
         try:
             eos = GenerationConfig.from_pretrained(str(model_path)).eos_token_id

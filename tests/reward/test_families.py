@@ -286,3 +286,17 @@ def test_a_freeze_that_finds_no_encoder_is_refused_naming_the_setting() -> None:
         _trainable_parameters(model, DPOConfig(freeze_vision=True))
     _trainable_parameters(model, DPOConfig(freeze_vision=False))
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize(("name", "closer"), [("qwen2_vl", "<|im_end|>"), ("gemma3", "<end_of_turn>"), ("llava", None)])
+def test_an_answer_ends_with_what_the_chat_template_ends_a_turn_with(name: str, closer: str | None, tmp_path) -> None:
+    """Gemma-3-it's EOS is `<eos>` while its turns end with `<end_of_turn>`: given answers were closed with EOS,
+    so the same text scored otherwise given than sampled (sampling stops at either). The template decides; EOS
+    only where it writes no special token after an assistant message (LLaVA-1.5's template here)."""
+    processor = load_processor(build_tiny_family(name, tmp_path / name))
+    tokenizer = processor.tokenizer
+    others = [t for t in map(tokenizer.convert_ids_to_tokens, tokenizer.all_special_ids) if t not in (closer, "<unk>")]
+    tokenizer.eos_token = others[0]  # an EOS that is not the turn's end, as Gemma-3-it's
+    expected = closer if closer is not None else tokenizer.eos_token
+    assert end_of_turn_id(tokenizer, processor=processor) == tokenizer.convert_tokens_to_ids(expected)
+    assert end_of_turn_id(tokenizer, tokenizer.eos_token, processor) == tokenizer.eos_token_id  # the bundle's own

@@ -174,7 +174,7 @@ def test_a_text_only_bundle_serves_text_and_refuses_images(text_bundle: Path, re
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": red_url}}]}],
         }
         refused = client.post(server.url + "/v1/chat/completions", json=chat)
-        assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages[0].content[0]"
 
 
 # -- the engine without servers: what it refuses, how it reads vLLM, how failures map --------------------

@@ -284,7 +284,7 @@ class SFTData:
         self.pixels = pixels
         self.config = config
         self.tokenizer = processor.tokenizer
-        self.eot = end_of_turn_id(self.tokenizer)
+        self.eot = end_of_turn_id(self.tokenizer, processor=processor)
         blank = [scene_list[0].render()]
         self.caption_ids = encode_prompt(processor, blank, CAPTION_QUESTION).input_ids
         self.question_ids = {obj: encode_prompt(processor, blank, yes_no_question(obj)).input_ids for obj in OBJECTS}
