@@ -195,8 +195,9 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"] = Field(
-        description="'developer' (OpenAI's newer name for system instructions) is read as 'system'."
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
+        description="'developer' (OpenAI's newer name for system instructions) is read as 'system'; 'tool' and"
+        " 'function' (tool results) are refused: no tool calling."
     )
     content: str | list[ContentPart] | None = Field(
         None,
@@ -215,6 +216,7 @@ class ChatMessage(Strict):
     tool_calls: list[Any] | None = Field(None, description="Refused unless null or empty: no tool calling.")
     function_call: Any = Field(None, description="Refused unless null: no function calling.")
     audio: Any = Field(None, description="Refused unless null: the model produces text only.")
+    tool_call_id: str | None = Field(None, description="Of a 'tool' message, which is refused.")
 
 
 MESSAGE_UNSUPPORTED = {"tool_calls": "tools", "function_call": "function_call", "audio": "audio"}
@@ -236,6 +238,12 @@ def convert_messages(
     out: list[dict[str, Any]] = []
     images: list[tuple[str, str]] = []
     for i, message in enumerate(messages):
+        if message.role in ("tool", "function"):  # a replayed tool-calling conversation: say why, not "bad role"
+            raise BadRequest(
+                f"'{message.role}' messages are not supported: {UNSUPPORTED['tools']}",
+                param=f"{param}[{i}].role",
+                code="unsupported_value",
+            )
         for name, reason in MESSAGE_UNSUPPORTED.items():
             if getattr(message, name) not in (None, []):
                 raise BadRequest(

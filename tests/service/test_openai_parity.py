@@ -559,6 +559,20 @@ def test_assistant_turns_asking_for_tools_or_audio_get_400_naming_them(
     assert "not supported" in error["message"]
 
 
+@pytest.mark.parametrize("role", ["tool", "function"])
+def test_a_tool_result_message_is_refused_as_unsupported_naming_its_role(
+    client: httpx.Client, messages, role: str
+) -> None:
+    """A replayed tool-calling conversation got pydantic's "Input should be 'system', ..." and `tool_call_id`
+    called an unknown field (OpenAI has it): the refusal now says why, as the request's `tools` does."""
+    turns = [*messages, {"role": "assistant", "content": "a dot"}, {"role": role, "tool_call_id": "c1", "content": "1"}]
+    r = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": turns, "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == ("messages[2].role", "unsupported_value"), error
+    assert "tool calling" in error["message"] and "errors" not in error
+
+
 def test_stream_deltas_carry_only_their_own_keys(live_server, messages) -> None:
     """As OpenAI and vLLM stream: no `"content": null` (a client reading `delta.get("content", "")` would get
     None), the last delta of a choice is `{}`, and the `reward` extension comes on that chunk only."""
