@@ -36,7 +36,7 @@ def llava(
     dtype: Annotated[
         str, typer.Option(help="auto (keep the checkpoint's dtype), float32, float16 or bfloat16.")
     ] = "auto",
-    force: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an earlier conversion (never a folder of other files).")] = False,
 ) -> None:
     """Write a LlavaForConditionalGeneration folder with the llava_v1 chat template and pad-to-square images."""
     import json
@@ -69,7 +69,7 @@ def omnilmm(
         Path, typer.Argument(help="Published OmniLMM folder (RLAIF-V-12B, OmniLMM-12B; model_type omnilmm).")
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the servable model to.")],
-    force: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an earlier conversion (never a folder of other files).")] = False,
 ) -> None:
     """Add a fast tokenizer, the processor and the image-token ids; re-write the weights as safetensors shards."""
     import json

@@ -76,7 +76,7 @@ LLAVA_V1_CHAT_TEMPLATE = (
     {%- else -%}
         {%- for part in message['content'] -%}
             {%- if part['type'] == 'image' -%}
-                {{- '<image>\\n' -}}
+                {{- '<image> \\n' -}}
             {%- elif part['type'] == 'text' -%}
                 {{- part['text'] -}}
             {%- endif -%}
@@ -242,8 +242,14 @@ def _check_output(output: Path, *, sources: Iterable[Path], force: bool) -> None
     cwd = Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
         raise ModelLoadError(f"output {output} holds the current folder, which writing it would delete: choose another")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
-        raise ModelLoadError(f"output {output} exists and is not empty (pass --force to replace it)")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        if not force:
+            raise ModelLoadError(f"output {output} exists and is not empty (pass --force to replace it)")
+        if not (output / CONVERSION_FILE).is_file():  # --force deleted any folder, a user's own files included
+            raise ModelLoadError(
+                f"output {output} holds other files, not an earlier conversion (no {CONVERSION_FILE}): --force"
+                " replaces only a converted folder; choose another output"
+            )
 
 
 def _read_json(path: Path, *, what: str) -> dict[str, Any]:
@@ -303,7 +309,11 @@ def _read_vision_folder(vision: Path, config: dict[str, Any]) -> tuple[Any, dict
     from transformers import CLIPVisionConfig
 
     if not vision.is_dir():
-        raise ModelLoadError(f"vision folder {vision} does not exist")
+        raise ModelLoadError(
+            f"vision folder {vision} does not exist: --vision takes a local copy of the CLIP tower the checkpoint's"
+            f" mm_vision_tower names ({config.get('mm_vision_tower', 'openai/clip-vit-large-patch14-336')}),"
+            " downloaded beforehand (nothing is fetched here)"
+        )
     raw = _read_json(vision / "config.json", what="vision folder")
     if raw.get("model_type") not in ("clip", "clip_vision_model"):
         raise ModelLoadError(

@@ -325,10 +325,17 @@ def test_chat_template_renders_the_llava_v1_prompt(converted: Path) -> None:
     one_turn = processor.apply_chat_template(
         user_message("What is this?", 1), add_generation_prompt=True, tokenize=False
     )
-    assert one_turn == (
+    original = (
         "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
         "detailed, and polite answers to the human's questions. USER: <image>\nWhat is this? ASSISTANT:"
     )
+    assert one_turn == original.replace("<image>\n", "<image> \n")
+    # The ids the original repo's `tokenizer_image_token` gives (each text chunk tokenized alone, so the chunk after
+    # the image starts with SentencePiece's "▁"): rendered "<image>\n", the converted prompt lost that token.
+    tokenizer = processor.tokenizer
+    chunks = [tokenizer(chunk).input_ids for chunk in original.split("<image>")]
+    first, rest = chunks[0], chunks[1][1:] if chunks[1][:1] == [tokenizer.bos_token_id] else chunks[1]
+    assert tokenizer(one_turn).input_ids == [*first, processor.image_token_id, *rest]
     messages = [
         *user_message("What is this?", 1),
         {"role": "assistant", "content": [{"type": "text", "text": "A box."}]},
@@ -336,7 +343,7 @@ def test_chat_template_renders_the_llava_v1_prompt(converted: Path) -> None:
     ]
     two_turns = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert two_turns == _llava_v1_prompt(
-        [("USER", "<image>\nWhat is this?"), ("ASSISTANT", "A box."), ("USER", "Which colour?"), ("ASSISTANT", None)]
+        [("USER", "<image> \nWhat is this?"), ("ASSISTANT", "A box."), ("USER", "Which colour?"), ("ASSISTANT", None)]
     )
     custom = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, *user_message("Hi?", 0)]
     rendered = processor.apply_chat_template(custom, add_generation_prompt=True, tokenize=False)
@@ -439,3 +446,10 @@ def test_cli_hints_name_the_flag_and_quote_paths(tmp_path: Path) -> None:
     assert f"rlaifv bundle create --policy '{output}' --reference" in result.output
     again = CliRunner().invoke(convert_app, args)
     assert again.exit_code == 1 and "--force" in again.output, again.output
+    assert CliRunner().invoke(convert_app, [*args, "--force"]).exit_code == 0  # an earlier conversion: replaced
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes" / "todo.txt").write_text("keep me")
+    refused = CliRunner().invoke(convert_app, [*args[:-1], str(mine), "--force"])
+    assert refused.exit_code == 1 and "holds other files" in refused.output, refused.output
+    assert (mine / "notes" / "todo.txt").read_text() == "keep me"  # --force deleted a user's folder whole
