@@ -188,6 +188,8 @@ def convert_llava(original: Path, vision: Path, output: Path, *, dtype: str = "a
         llava_config.save_pretrained(str(partial))
         processor = _build_processor(tokenizer, image_settings, vision_config, config)
         processor.save_pretrained(str(partial))
+        if (original / "generation_config.json").is_file():  # its eos and sampling defaults, as OmniLMM's is kept
+            shutil.copyfile(original / "generation_config.json", partial / "generation_config.json")
         record = {
             "converter": "rlaifv.convert.llava",
             "source_format": "original LLaVA repo (LlavaLlamaForCausalLM)",

@@ -397,10 +397,12 @@ def test_cli_converts_and_names_the_next_step(tmp_path: Path) -> None:
     from rlaifv.convert.cli import convert_app
 
     _original_folder(tmp_path / "original")
+    (tmp_path / "original" / "generation_config.json").write_text('{"eos_token_id": 2, "max_length": 4096}')
     _vision_folder(tmp_path / "clip", full_clip=False)
     args = ["llava", str(tmp_path / "original"), "--vision", str(tmp_path / "clip"), "-o", str(tmp_path / "hf")]
     result = CliRunner().invoke(convert_app, [*args, "--dtype", "bfloat16"])
     assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["max_length"] == 4096  # was dropped
     assert "rlaifv bundle create --policy" in result.output
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
     again = CliRunner().invoke(convert_app, args)
