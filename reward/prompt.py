@@ -310,22 +310,19 @@ def template_end_of_turn(processor: Any) -> str | None:
 
     tokenizer = getattr(processor, "tokenizer", processor)
     marker = "Zq7 xylophone"
-    turns = [
-        {"role": "user", "content": [{"type": "text", "text": "Hi."}]},
-        {"role": "assistant", "content": [{"type": "text", "text": marker}]},
-    ]
-    try:
-        text = str(processor.apply_chat_template(turns, add_generation_prompt=False, tokenize=False))
-    except (TemplateError, ValueError, TypeError, KeyError, AttributeError):  # no template, or one of its own rules
-        return None
-    at = text.rfind(marker)
-    if at < 0:
-        return None
-    ids = tokenizer(text[at + len(marker) :], add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
-    if not ids or ids[0] not in special:
-        return None
-    return str(tokenizer.convert_ids_to_tokens(ids[0]))
+    for content in ([{"type": "text", "text": marker}], marker):  # parts (vision templates), or a plain string
+        first = [{"type": "text", "text": "Hi."}] if isinstance(content, list) else "Hi."
+        turns = [{"role": "user", "content": first}, {"role": "assistant", "content": content}]
+        try:
+            text = str(processor.apply_chat_template(turns, add_generation_prompt=False, tokenize=False))
+        except (TemplateError, ValueError, TypeError, KeyError, AttributeError):  # no template, or its own rules
+            continue
+        at = text.rfind(marker)
+        ids = tokenizer(text[at + len(marker) :], add_special_tokens=False)["input_ids"] if at >= 0 else []
+        if ids and ids[0] in special:
+            return str(tokenizer.convert_ids_to_tokens(ids[0]))
+    return None
 
 
 def end_of_turn_id(tokenizer: Any, token: str | None = None, processor: Any = None) -> int:

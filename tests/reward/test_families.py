@@ -300,3 +300,18 @@ def test_an_answer_ends_with_what_the_chat_template_ends_a_turn_with(name: str, 
     expected = closer if closer is not None else tokenizer.eos_token
     assert end_of_turn_id(tokenizer, processor=processor) == tokenizer.convert_tokens_to_ids(expected)
     assert end_of_turn_id(tokenizer, tokenizer.eos_token, processor) == tokenizer.eos_token_id  # the bundle's own
+
+
+def test_a_template_for_string_content_still_names_its_turn_end(tmp_path) -> None:
+    """A text model's template that prints `content` as it is rendered parts as a Python list after the answer,
+    so the turn's end was not found and EOS taken: plain string content is tried too."""
+    from rlaifv.reward.prompt import template_end_of_turn
+    from rlaifv.testing.tiny_text import build_text_model
+
+    processor = load_processor(build_text_model(tmp_path / "text"))
+    tokenizer = processor.tokenizer
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
+    tokenizer.eos_token = "<|im_start|>"
+    assert template_end_of_turn(processor) == "<|im_end|>"
