@@ -51,7 +51,7 @@ from rlaifv.reward.prompt import (
     token_text,
 )
 from rlaifv.reward.results import Candidate, ClaimCheck, Ranking, TokenLogprob, TopToken
-from rlaifv.reward.sampling import Sample, SamplingParams, sample_answers
+from rlaifv.reward.sampling import Sample, SamplingParams, fit_to_positions, sample_answers
 from rlaifv.reward.scoring import RewardConfig, implicit_reward
 from rlaifv.reward.yes_no import Labeler, YesNoJudge
 
@@ -615,7 +615,8 @@ class ModelPair:
         config = self._reward_config(reward)
         images = self.load_images(_as_list(image))
         prompt = self._encode_loaded(images, _question(question))
-        params = self._fitted(params, len(prompt))
+        given = "max_tokens" if "max_tokens" in params.model_fields_set else None
+        params = fit_to_positions(params, len(prompt), self.max_positions, given=given, prompt_param="question")
         self.check_logit_bias(params.logit_bias)
         return self.generate_batch([GenerateTask(prompt, n, params, config, images)])[0]
 
@@ -649,20 +650,6 @@ class ModelPair:
                     " positions",
                     param=f"answers[{k}]",
                 )
-
-    def _fitted(self, params: SamplingParams, prompt_tokens: int) -> SamplingParams:
-        """`params` with answers that fit the model's positions: a `max_tokens` the caller gave that does not fit
-        is refused (answers sampled past the positions are noise), the default is shortened to fit."""
-        limit = self.max_positions
-        room = None if limit is None else limit - prompt_tokens
-        if room is None or params.max_tokens <= room:
-            return params
-        if room >= 1 and "max_tokens" not in params.model_fields_set:
-            return params.model_copy(update={"max_tokens": room})
-        raise ContextLengthError(
-            f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds the model's {limit} positions",
-            param="max_tokens" if room >= 1 else "question",
-        )
 
     def _reward_config(self, reward: RewardConfig | Mapping[str, Any] | None) -> RewardConfig:
         if reward is None:

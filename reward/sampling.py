@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlaifv.reward.errors import Aborted
+from rlaifv.reward.errors import Aborted, ContextLengthError
 from rlaifv.reward.kv_cache import preallocate
 from rlaifv.reward.logprobs import (
     attending,
@@ -73,6 +73,36 @@ class SamplingParams(BaseModel):
     def adjusts_logits(self) -> bool:
         """Penalties or biases change the sampling distribution (never the recorded log-probs)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+
+def fit_to_positions(
+    params: SamplingParams,
+    prompt_tokens: int,
+    limit: int | None,
+    *,
+    given: str | None,
+    prompt_param: str,
+    reserve: int = 0,
+) -> SamplingParams:
+    """`params` with room for its answers in the model's `limit` positions (`reserve` more kept free). A max_tokens
+    the caller gave (`given`: the name they gave it by) that does not fit is refused, naming it: answers sampled
+    past the positions are noise. A default is shortened to fit; a prompt leaving no room is refused, naming
+    `prompt_param` (the default is not the caller's to fix)."""
+    room = None if limit is None else limit - prompt_tokens - reserve
+    if room is None or params.max_tokens <= room:
+        return params
+    if given is None:
+        if room >= 1:
+            return params.model_copy(update={"max_tokens": room})
+        raise ContextLengthError(
+            f"prompt ({prompt_tokens} tokens) leaves no room for an answer in the model's {limit} positions"
+            + (f" ({reserve} kept free)" if reserve else ""),
+            param=prompt_param,
+        )
+    raise ContextLengthError(
+        f"prompt ({prompt_tokens} tokens) + {given} ({params.max_tokens}) exceeds the model's {limit} positions",
+        param=given,
+    )
 
 
 @dataclass

@@ -13,8 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from rlaifv.reward.errors import ContextLengthError
-
 if TYPE_CHECKING:
     from rlaifv.reward.results import Ranking
     from rlaifv.reward.sampling import SamplingParams
@@ -78,21 +76,15 @@ class GenerateRequest:
 
     def fitted(self, prompt_tokens: int, limit: int | None, reserve: int = 0) -> SamplingParams:
         """`sampling` with room for its answers in the model's `limit` positions (`reserve` more kept free)."""
-        room = None if limit is None else limit - prompt_tokens - reserve
-        if room is None or self.sampling.max_tokens <= room:
-            return self.sampling
-        if self.max_tokens_param is None:
-            if room >= 1:
-                return self.sampling.model_copy(update={"max_tokens": room})
-            raise ContextLengthError(  # the client sent no max_tokens: the server's default is not theirs to fix
-                f"prompt ({prompt_tokens} tokens) leaves no room for an answer in the model's {limit} positions"
-                + (f" ({reserve} kept free)" if reserve else ""),
-                param=self.prompt_param,
-            )
-        raise ContextLengthError(
-            f"prompt ({prompt_tokens} tokens) + {self.max_tokens_param or 'max_tokens'} ({self.sampling.max_tokens})"
-            f" exceeds the model's {limit} positions",
-            param=self.max_tokens_param or self.prompt_param,
+        from rlaifv.reward.sampling import fit_to_positions  # torch: not at this module's import
+
+        return fit_to_positions(
+            self.sampling,
+            prompt_tokens,
+            limit,
+            given=self.max_tokens_param,
+            prompt_param=self.prompt_param,
+            reserve=reserve,
         )
 
 
