@@ -263,7 +263,7 @@ def _image_bytes(value: Any, base: Path, *, source: str, row: int, column: str) 
     except ImageDecodeError:
         if not path_like:
             raise
-    if data is not None and not (path_like and not data.startswith(IMAGE_MAGIC)):
+    if data is not None and (not path_like or data.startswith(IMAGE_MAGIC)):
         return data
     shown = text if len(text) <= 200 else text[:200] + "..."
     raise ImageDecodeError(f"image file {shown} not found (in {base})", source=source, row=row, column=column)
