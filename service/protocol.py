@@ -28,6 +28,27 @@ PNG_1PX = (
 MAX_SEED = 2**63 - 1
 
 
+MIN_SEED = -(2**63)
+MAX_METADATA_KEYS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+
+
+def _bounded_metadata(labels: dict[str, str] | None) -> dict[str, str] | None:
+    """OpenAI's bounds on metadata. A job's labels come back with every poll: 2 MB of them made each status
+    answer 2 MB."""
+    if labels is None:
+        return None
+    if len(labels) > MAX_METADATA_KEYS:
+        raise ValueError(f"at most {MAX_METADATA_KEYS} keys, got {len(labels)}")
+    for key, value in labels.items():
+        if len(key) > MAX_METADATA_KEY_CHARS:
+            raise ValueError(f"key {key[:20]!r}... is over {MAX_METADATA_KEY_CHARS} characters")
+        if len(value) > MAX_METADATA_VALUE_CHARS:
+            raise ValueError(f"the value of {key!r} is over {MAX_METADATA_VALUE_CHARS} characters")
+    return labels
+
+
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _TOKEN_ID = re.compile(r"[0-9]+")
 
@@ -607,7 +628,9 @@ class ChatCompletionRequest(Strict):
         return 1 if value is None else value
 
     temperature: float | None = Field(None, ge=0, le=5)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(
+        None, ge=0, le=1, description="Nucleus sampling mass; 0 keeps only the likeliest token (as top_k=1)."
+    )
     top_k: int | None = Field(
         None, ge=-1, le=1_000_000, description="Extension (vLLM's): sample among the k likeliest tokens; 0 or -1: off."
     )
@@ -619,7 +642,13 @@ class ChatCompletionRequest(Strict):
     )
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (newer OpenAI name).")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(
+        None,
+        ge=MIN_SEED,
+        le=MAX_SEED,
+        description="Any 64-bit integer, as OpenAI's; a negative seed is taken modulo 2^63 (so -1 samples as "
+        "2^63 - 1).",
+    )
     stop: str | list[str] | None = Field(
         None,
         description=f"Up to {MAX_STOP} stop strings: an answer's text is cut before the first one (finish_reason "
@@ -647,11 +676,17 @@ class ChatCompletionRequest(Strict):
     stream_options: StreamOptions | None = Field(None, description="Only with stream=true.")
     response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'}.")
     modalities: list[str] | None = Field(None, description="Only ['text'].")
-    metadata: dict[str, str] | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    metadata: dict[str, str] | None = Field(
+        None,
+        description=f"Accepted for OpenAI compatibility (at most {MAX_METADATA_KEYS} keys of up to "
+        f"{MAX_METADATA_KEY_CHARS} characters, values of up to {MAX_METADATA_VALUE_CHARS}); ignored.",
+    )
     store: bool | None = Field(None, description="Accepted; nothing is stored.")
     user: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     safety_identifier: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
-    service_tier: str | None = Field(None, description="Accepted; the response says 'default'.")
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = Field(
+        None, description="Accepted (OpenAI's tiers); one tier here: the response says 'default'."
+    )
     prompt_cache_key: str | None = Field(None, description="Accepted; ignored (no cross-request prompt cache).")
     prompt_cache_retention: str | None = Field(None, description="Accepted; ignored.")
     prompt_cache_options: dict[str, Any] | None = Field(None, description="Accepted; ignored.")
@@ -684,6 +719,7 @@ class ChatCompletionRequest(Strict):
     )
 
     _temperature = field_validator("temperature")(_check_temperature)
+    _metadata = field_validator("metadata")(_bounded_metadata)
 
     model_config = ConfigDict(
         extra="forbid",
@@ -793,11 +829,11 @@ class ChatCompletionRequest(Strict):
             raise BadRequest("max_tokens and max_completion_tokens disagree", param="max_completion_tokens")
         options = SamplingOptions(
             temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=max(0, self.top_k or 0),
+            top_p=1.0 if not self.top_p else self.top_p,
+            top_k=1 if self.top_p == 0 else max(0, self.top_k or 0),
             min_p=self.min_p or 0.0,
             max_tokens=self.max_completion_tokens or self.max_tokens,
-            seed=self.seed,
+            seed=None if self.seed is None else self.seed % (MAX_SEED + 1),
         )
         params = options.to_params(
             settings, param="max_tokens" if self.max_tokens is not None else "max_completion_tokens"
@@ -935,11 +971,6 @@ class JobItem(Strict):
     body: dict[str, Any] = Field(description="The request body, exactly as for POST /v1/best-of-n or /v1/rewards.")
 
 
-MAX_METADATA_KEYS = 16
-MAX_METADATA_KEY_CHARS = 64
-MAX_METADATA_VALUE_CHARS = 512
-
-
 class JobRequest(Strict):
     """A durable batch job: many best-of-n or rewards requests, run by workers from a Redis stream."""
 
@@ -957,18 +988,7 @@ class JobRequest(Strict):
 
     _unchecked = frozenset({"items"})
 
-    @field_validator("metadata")
-    @classmethod
-    def _bounded_metadata(cls, labels: dict[str, str]) -> dict[str, str]:
-        """Every poll returns the labels: 2 MB of them made each status answer 2 MB."""
-        if len(labels) > MAX_METADATA_KEYS:
-            raise ValueError(f"at most {MAX_METADATA_KEYS} keys, got {len(labels)}")
-        for key, value in labels.items():
-            if len(key) > MAX_METADATA_KEY_CHARS:
-                raise ValueError(f"key {key[:20]!r}... is over {MAX_METADATA_KEY_CHARS} characters")
-            if len(value) > MAX_METADATA_VALUE_CHARS:
-                raise ValueError(f"the value of {key!r} is over {MAX_METADATA_VALUE_CHARS} characters")
-        return labels  # each item is validated as its own request, its problems stored per item
+    _metadata = field_validator("metadata")(_bounded_metadata)
 
     model_config = ConfigDict(
         extra="forbid",

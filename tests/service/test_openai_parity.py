@@ -193,6 +193,22 @@ def test_top_k_is_vllms_extension(client: httpx.Client, messages, no_eot) -> Non
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_k"
 
 
+def test_top_p_0_keeps_the_likeliest_token_and_a_negative_seed_is_taken_modulo_2_63(
+    client: httpx.Client, messages, no_eot
+) -> None:
+    """OpenAI accepts top_p 0 and any 64-bit seed (both were 400s): top_p 0 samples as top_k 1 (vLLM refuses
+    0; the nucleus of mass 0 is the likeliest token), seed -1 as 2^63 - 1."""
+    base = {"n": 3, "max_tokens": 8, "seed": 5, "logit_bias": no_eot, "temperature": 1.5}
+    top_1 = [c["message"]["content"] for c in chat(client, messages, **base, top_k=1)["choices"]]
+    assert [c["message"]["content"] for c in chat(client, messages, **base, top_p=0)["choices"]] == top_1
+
+    def texts(seed: int) -> list[str]:
+        return [c["message"]["content"] for c in chat(client, messages, **{**base, "seed": seed})["choices"]]
+
+    assert texts(-1) == texts(2**63 - 1) != texts(5)
+    assert chat(client, messages, **{**base, "seed": -(2**63)})["choices"]
+
+
 def test_a_temperature_under_0_01_samples_at_0_01_as_vllm(client: httpx.Client, messages, no_eot) -> None:
     """OpenAI accepts 0.001 ("almost greedy"); it was a 400. vLLM raises it to 0.01: the logits overflow below."""
     from rlaifv.service.protocol import BestOfNRequest, ChatCompletionRequest
@@ -512,6 +528,11 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
         "unknown_field",
     ),
     ({"stream": True, "stream_options": {"bogus": True}}, "stream_options.bogus", "unknown_field"),
+    ({"service_tier": "fastest"}, "service_tier", "invalid_value"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", "invalid_value"),
+    ({"metadata": {"k": "v" * 513}}, "metadata", "invalid_value"),
+    ({"seed": 2**63}, "seed", "invalid_value"),
+    ({"top_p": -0.1}, "top_p", "invalid_value"),
 ]
 
 
