@@ -10,9 +10,11 @@ Two layouts:
   folder, or base64), `question`, and for preference data `chosen`/`rejected`;
   or a JSON file holding one array of such objects (as LLaVA-style datasets
   ship), given as the file itself (a folder is searched for parquet and JSONL
-  only: its other JSON files are metadata).
+  only: its other JSON files are metadata). Either may be gzip-compressed
+  (`train.jsonl.gz`).
 
-Errors are `DataError`s naming the file, the 0-based data row and the column.
+Errors are `DataError`s naming the file, the 0-based data row (and a JSONL
+row's line) and the column.
 Every image is checked while reading (`reward.images.check_image`: the service's
 limits, and the verdict of a full decode), so an undecodable image fails here, not
 halfway through training. Checks run on a few threads while later rows are read;
@@ -31,6 +33,7 @@ with `prompts(round_index, count, seed) -> list[PromptItem]` and
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import json
@@ -38,12 +41,13 @@ import os
 import random
 import re
 import warnings
+import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
+from typing import IO, Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from rlaifv.trainer.errors import ConfigError, DataError, EmptyAnswerError, ImageDecodeError, MissingColumnError
 from rlaifv.trainer.image_spill import ImageSpill
@@ -157,7 +161,7 @@ def data_files(path: str | Path, suffixes: Sequence[str] = (".parquet", ".parq",
             raise DataError(UNREAD_FORMATS[path.suffix.lower()], source=str(path))
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _data_suffix(p) in suffixes)
         if files:
             return files
         hint = next(
@@ -167,6 +171,25 @@ def data_files(path: str | Path, suffixes: Sequence[str] = (".parquet", ".parq",
             f"no {' or '.join(suffixes)} files in folder" + (f" ({hint})" if hint else ""), source=str(path)
         )
     raise DataError("no such file or folder", source=str(path))
+
+
+def _data_suffix(path: Path) -> str:
+    """The suffix that says the format, under a `.gz` (`train.jsonl.gz` is JSONL)."""
+    suffix = path.suffix.lower()
+    return Path(path.stem).suffix.lower() if suffix == ".gz" else suffix
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def open_text(file: Path) -> IO[str]:
+    """A UTF-8 text file, gzip-compressed or not (told by its first bytes, whatever its name); a byte-order mark
+    (Notepad, PowerShell) is not part of the text."""
+    with open(file, "rb") as handle:
+        compressed = handle.read(2) == GZIP_MAGIC
+    if compressed:
+        return gzip.open(file, "rt", encoding="utf-8-sig")
+    return open(file, encoding="utf-8-sig")
 
 
 UNREAD_FORMATS = {  # what a data file of another format needs, said instead of failing to parse it as JSON lines
@@ -200,7 +223,7 @@ def _text(value: Any, *, source: str, row: int, column: str) -> str:
     return value
 
 
-def _check_image(data: bytes, *, source: str, row: int, column: str) -> None:
+def _check_image(data: bytes, *, source: str, row: int, column: str, line: int | None = None) -> None:
     from rlaifv.reward.errors import ImageError
     from rlaifv.reward.images import check_image
 
@@ -213,7 +236,7 @@ def _check_image(data: bytes, *, source: str, row: int, column: str) -> None:
             message = f"image of an unusable shape: {exc.message}; crop or pad it first"
         else:
             message = f"undecodable image: {exc.message}"
-        raise ImageDecodeError(message, source=source, row=row, column=column) from None
+        raise ImageDecodeError(message, source=source, row=row, column=column, line=line) from None
 
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
@@ -287,7 +310,7 @@ def _base64(text: str, *, source: str, row: int, column: str) -> bytes:
 # -- RLAIF-V parquet --------------------------------------------------------------------------
 
 
-def _parquet_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+def _parquet_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, int | None, dict[str, Any]]]:
     import pyarrow.parquet as pq
 
     try:  # 1 MiB reads: pre-buffered, pyarrow holds a whole column chunk (a row group's images) on top of the rows
@@ -305,7 +328,7 @@ def _parquet_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, di
         try:
             for batch in parquet.iter_batches(batch_size=256):
                 for record in batch.to_pylist():
-                    yield row, record
+                    yield row, None, record
                     row += 1
         except OSError as exc:  # a damaged data page: name the file and where reading stopped
             raise DataError(f"unreadable parquet data after row {row}: {exc}", source=str(path)) from None
@@ -382,9 +405,10 @@ def _jsonable(value: Any) -> bool:
 # -- JSONL ------------------------------------------------------------------------------------
 
 
-def _jsonl_records(file: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+def _jsonl_records(file: Path, required: Sequence[str]) -> Iterator[tuple[int, int | None, dict[str, Any]]]:
     """JSONL, or a JSON file holding one array of records (LLaVA-style datasets), told apart by the first
-    character that is not white space."""
+    character that is not white space; either may be gzip-compressed. Each record comes with its row and its
+    JSONL line."""
     try:
         if _first_char(file) == "[":
             yield from _json_array(file, required)
@@ -392,10 +416,12 @@ def _jsonl_records(file: Path, required: Sequence[str]) -> Iterator[tuple[int, d
             yield from _jsonl_lines(file, required)
     except UnicodeDecodeError as exc:
         raise DataError(f"not UTF-8 text (byte {exc.start}): JSON and JSONL must be UTF-8", source=str(file)) from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"a damaged gzip file: {exc or 'it ends early'}", source=str(file)) from None
 
 
 def _first_char(file: Path) -> str:
-    with open(file, encoding="utf-8-sig") as handle:
+    with open_text(file) as handle:
         while chunk := handle.read(4096):
             if stripped := chunk.lstrip():
                 return stripped[0]
@@ -413,8 +439,8 @@ def _checked(record: Any, required: Sequence[str], *, source: str, row: int, whe
     return record
 
 
-def _json_array(file: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(file, encoding="utf-8-sig") as handle:
+def _json_array(file: Path, required: Sequence[str]) -> Iterator[tuple[int, int | None, dict[str, Any]]]:
+    with open_text(file) as handle:
         try:
             records = json.load(handle)
         except json.JSONDecodeError as exc:
@@ -422,11 +448,11 @@ def _json_array(file: Path, required: Sequence[str]) -> Iterator[tuple[int, dict
     if not isinstance(records, list):
         raise DataError("a JSON data file must hold one array of records", source=str(file))
     for row, record in enumerate(records):
-        yield row, _checked(record, required, source=str(file), row=row, where=f"item {row} of the array")
+        yield row, None, _checked(record, required, source=str(file), row=row, where=f"item {row} of the array")
 
 
-def _jsonl_lines(file: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(file, encoding="utf-8-sig") as handle:  # a byte-order mark is not part of the first line
+def _jsonl_lines(file: Path, required: Sequence[str]) -> Iterator[tuple[int, int | None, dict[str, Any]]]:
+    with open_text(file) as handle:
         row = 0
         for lineno, line in enumerate(handle, start=1):
             if not line.strip():
@@ -435,7 +461,7 @@ def _jsonl_lines(file: Path, required: Sequence[str]) -> Iterator[tuple[int, dic
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"line {lineno} is not valid JSON: {exc.msg}", source=str(file), row=row) from None
-            yield row, _checked(record, required, source=str(file), row=row, where=f"line {lineno}")
+            yield row, lineno, _checked(record, required, source=str(file), row=row, where=f"line {lineno}")
             row += 1
 
 
@@ -503,8 +529,8 @@ def _pending_rows(
         for file in files:
             parquet = is_parquet(file)
             records = _parquet_rows(file, required) if parquet else _jsonl_records(file, required)
-            for row, record in records:
-                yield _pend(record, file, names[file], row, parquet, build, seen, pool, spill)
+            for row, line, record in records:
+                yield _pend(record, file, names[file], row, line, parquet, build, seen, pool, spill)
     except Exception as exc:  # a damaged file or line, a file that cannot be opened
         yield _Pending(None, exc)
 
@@ -514,6 +540,7 @@ def _pend(
     file: Path,
     name: str,
     row: int,
+    line: int | None,
     parquet: bool,
     build: Callable[[dict[str, Any], Path, str, int, bytes, bool], T],
     seen: _Seen,
@@ -524,23 +551,23 @@ def _pend(
     try:
         image = _image_bytes(_image_field(record), file.parent, source=source, row=row, column="image")
     except DataError as exc:
-        return _Pending(None, exc)
+        return _Pending(None, exc.at_line(line))
     index, new = spill.add(image)
     if new:
-        seen[index] = _submit(pool, image, source=source, row=row)
+        seen[index] = _submit(pool, image, source=source, row=row, line=line)
     check = seen[index]
     try:
         return _Pending(build(record, file, name, row, _LATER, parquet), None, index, check)
     except DataError as exc:
-        return _Pending(None, exc, index, check)
+        return _Pending(None, exc.at_line(line), index, check)
 
 
-def _submit(pool: ThreadPoolExecutor | None, image: bytes, *, source: str, row: int) -> Future[None]:
+def _submit(pool: ThreadPoolExecutor | None, image: bytes, *, source: str, row: int, line: int | None) -> Future[None]:
     if pool is not None:
-        return pool.submit(_check_image, image, source=source, row=row, column="image")
+        return pool.submit(_check_image, image, source=source, row=row, column="image", line=line)
     done: Future[None] = Future()
     try:
-        _check_image(image, source=source, row=row, column="image")
+        _check_image(image, source=source, row=row, column="image", line=line)
     except DataError as exc:
         done.set_exception(exc)
     else:

@@ -29,18 +29,36 @@ class ConfigError(TrainerError, ValueError):
 class DataError(TrainerError, ValueError):
     """A data file cannot be used. `source`, `row` and `column` locate the problem when known."""
 
-    def __init__(self, message: str, *, source: str | None = None, row: int | None = None, column: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str | None = None,
+        row: int | None = None,
+        column: str | None = None,
+        line: int | None = None,
+    ):
         where = []
         if source is not None:
             where.append(str(source))
         if row is not None:
-            where.append(f"row {row}")
+            where.append(f"row {row}" + (f" (line {line})" if line is not None else ""))
+        elif line is not None:
+            where.append(f"line {line}")
         if column is not None:
             where.append(f"column '{column}'")
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
+        self.detail = message
         self.source = source
         self.row = row
         self.column = column
+        self.line = line
+
+    def at_line(self, line: int | None) -> DataError:
+        """The same error naming the text line its row came from (JSONL: blank lines make rows and lines differ)."""
+        if line is None or self.line is not None:
+            return self
+        return type(self)(self.detail, source=self.source, row=self.row, column=self.column, line=line)
 
 
 class MissingColumnError(DataError):

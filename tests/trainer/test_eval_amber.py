@@ -311,3 +311,22 @@ def test_queries_with_no_discriminative_question_are_refused_before_sampling() -
     with pytest.raises(DataError, match="question id 9 is not in the annotations"):
         check_scorable([1, 9], truth)
     check_scorable([1, 2], truth)
+
+
+def test_responses_gzip_compressed_read_alike_and_a_bad_value_is_named_by_its_line(tmp_path: Path) -> None:
+    """A JSONL row's error names the line an editor shows (blank lines included), not the row's place."""
+    import gzip
+
+    rows = [{"id": 2, "response": "Yes"}, {"id": 3, "response": "No"}]
+    lines = tmp_path / "answers.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    zipped = tmp_path / "answers.jsonl.gz"
+    zipped.write_bytes(gzip.compress(lines.read_bytes()))
+    assert read_responses(zipped) == read_responses(lines)
+    lines.write_text(json.dumps(rows[0]) + "\n\n\n" + json.dumps({"id": "three", "response": "No"}) + "\n")
+    with pytest.raises(DataError, match=r"answers.jsonl, row 4, column 'id'"):
+        read_responses(lines)
+    listed = tmp_path / "answers.json"
+    listed.write_text(json.dumps([rows[0], {"id": "three", "response": "No"}], indent=2))
+    with pytest.raises(DataError, match=r"answers.json, row 2, column 'id'"):
+        read_responses(listed)

@@ -213,6 +213,47 @@ def test_jsonl_errors_name_the_row(tmp_path: Path) -> None:
         read_preferences(path)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_jsonl_value_errors_name_the_line_past_blank_lines(tmp_path: Path, workers: int) -> None:
+    """Rows are counted without blank lines (as ids are): the line is what an editor jumps to."""
+    (tmp_path / "a.png").write_bytes(png((1, 2, 3)))
+    good = json.dumps({"image": "a.png", "question": "q", "chosen": "c", "rejected": "r"}) + "\n"
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        "\n" + good + "\n\n" + json.dumps({"image": "a.png", "question": "q", "chosen": "c", "rejected": ""})
+    )
+    with pytest.raises(EmptyAnswerError) as info:
+        read_preferences(path, workers=workers)
+    assert (info.value.row, info.value.line, info.value.column) == (1, 5, "rejected")
+    assert f"{path}, row 1 (line 5), column 'rejected': must be non-empty text" in str(info.value)
+    path.write_text(good + "\n" + json.dumps({"image": "b.png", "question": "q"}) + "\n")
+    with pytest.raises(ImageDecodeError, match=r"row 1 \(line 3\), column 'image': image file b.png not found"):
+        read_prompts(path, workers=workers)
+    (tmp_path / "b.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ImageDecodeError, match=r"row 1 \(line 3\), column 'image': undecodable image"):
+        read_prompts(path, workers=workers)
+
+
+def test_gzip_compressed_jsonl_and_json_read_as_the_plain_files(tmp_path: Path) -> None:
+    import gzip
+
+    (tmp_path / "a.png").write_bytes(png((1, 2, 3)))
+    records = [
+        {"id": f"q{i}", "image": "a.png", "question": f"q{i}?", "chosen": "c", "rejected": "r"} for i in range(3)
+    ]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "zipped").mkdir()
+    (tmp_path / "zipped" / "a.png").write_bytes(png((1, 2, 3)))
+    (tmp_path / "zipped" / "train.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    (tmp_path / "zipped" / "listed.json.gz").write_bytes(gzip.compress(json.dumps(records).encode()))
+    assert read_preferences(tmp_path / "zipped") == read_preferences(plain)  # a folder: .jsonl.gz, not .json.gz
+    assert read_preferences(tmp_path / "zipped" / "listed.json.gz") == read_preferences(plain)
+    (tmp_path / "zipped" / "cut.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes())[:-12])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz: a damaged gzip file"):
+        read_preferences(tmp_path / "zipped" / "cut.jsonl.gz")
+
+
 def test_not_a_parquet_file_and_missing_paths(tmp_path: Path) -> None:
     (tmp_path / "x.parquet").write_bytes(b"garbage")
     with pytest.raises(DataError, match="not a readable parquet file"):
@@ -336,7 +377,7 @@ def test_the_first_bad_row_in_file_order_fails_even_when_a_later_one_fails_first
     path = write_rlaifv_parquet(tmp_path / "bad.parquet", rows)
     later_failed, check = threading.Event(), data._check_image
 
-    def ordered_check(image: bytes, *, source: str, row: int, column: str) -> None:
+    def ordered_check(image: bytes, *, source: str, row: int, column: str, line: int | None = None) -> None:
         if row == 13 and workers > 1:  # hold row 13 until row 27 has failed on another thread
             assert later_failed.wait(timeout=10)
         try:
@@ -359,7 +400,7 @@ def test_a_broken_line_after_a_bad_row_comes_second_and_none_past_the_limit(tmp_
     bad = json.dumps({"image": "a.png", "question": "q", "chosen": "", "rejected": "r"}) + "\n"
     path = tmp_path / "p.jsonl"
     path.write_text(good * 3 + bad + good + "{broken\n")
-    with pytest.raises(EmptyAnswerError, match="row 3, column 'chosen'"):
+    with pytest.raises(EmptyAnswerError, match=r"row 3 \(line 4\), column 'chosen'"):
         read_preferences(path, workers=workers)
     assert len(read_preferences(path, limit=3, workers=workers)) == 3  # rows read ahead never raise
     path.write_text(good + "{broken\n" + bad)
@@ -373,9 +414,9 @@ def test_identical_images_are_stored_once_and_checked_once(tmp_path: Path, monke
     checked: list[int] = []
     check = data._check_image
 
-    def counting_check(image: bytes, *, source: str, row: int, column: str) -> None:
+    def counting_check(image: bytes, *, source: str, row: int, column: str, line: int | None = None) -> None:
         checked.append(row)
-        check(image, source=source, row=row, column=column)
+        check(image, source=source, row=row, column=column, line=line)
 
     monkeypatch.setattr(data, "_check_image", counting_check)
     rows = preference_rows(PAIRS * 4)  # six colours: rows 0-5 differ, rows 6-11 repeat them

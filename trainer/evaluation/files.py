@@ -1,36 +1,47 @@
 """Reading the benchmarks' files: JSON lists or JSONL, each row validated by a pydantic model.
 
-Errors are `DataError`s naming the file, the row (1-based) and the field, so a malformed line in a
-300-line answers file is found without a debugger.
+Errors are `DataError`s naming the file, the row (1-based: a JSONL file's line, a JSON list's item) and the
+field, so a malformed line in a 300-line answers file is found without a debugger. Files may be gzip-compressed.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from rlaifv.trainer.data import open_text
 from rlaifv.trainer.errors import DataError
 
 Row = TypeVar("Row", bound=BaseModel)
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """A JSON list of objects, or JSONL (one object per line; blank lines skipped); never empty.
+    """A JSON list of objects, or JSONL (one object per line; blank lines skipped); never empty."""
+    return [row for _, row in numbered_rows(path)]
+
+
+def numbered_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """`read_rows` with each row's number as errors give it: its JSONL line, or its 1-based item in a list.
 
     A file holding one JSON object is refused unless it is named .jsonl (then it is a one-row JSONL): no
     benchmark file this reads is an object, so it is a wrapper (`{"records": [...]}`) or a mistake, and read
     as a row it would fail on a missing field or, worse, be scored as one answer."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad, PowerShell) is dropped
+        with open_text(path) as handle:
+            text = handle.read()
     except FileNotFoundError:
         raise DataError(f"{path} does not exist") from None
     except (IsADirectoryError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not a text file: {exc}") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"a damaged gzip file: {exc or 'it ends early'}", source=str(path)) from None
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -52,7 +63,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     for number, row in rows:
         if not isinstance(row, dict):
             raise DataError("expected a JSON object", source=str(path), row=number)
-    return [row for _, row in rows]
+    return rows
 
 
 def _refuse_object(text: str, path: Path) -> None:
@@ -71,15 +82,19 @@ def _refuse_object(text: str, path: Path) -> None:
             f"expected a JSON list or JSONL, got one JSON object with a list under {inner[0]!r}: give that list",
             source=str(path),
         )
-    if path.suffix.lower() != ".jsonl":
+    if path.suffix.lower() != ".jsonl" and not path.name.lower().endswith(".jsonl.gz"):
         raise DataError(
             "expected a JSON list or JSONL, got one JSON object (name a one-row JSONL file .jsonl)", source=str(path)
         )
 
 
-def validate_rows(rows: Sequence[dict[str, Any]], model: type[Row], source: str | Path) -> list[Row]:
+def validate_rows(
+    rows: Sequence[dict[str, Any]], model: type[Row], source: str | Path, numbers: Sequence[int] | None = None
+) -> list[Row]:
+    """Each row as `model`; an error names the row by `numbers` (its line), else by its 1-based place."""
     out = []
-    for number, row in enumerate(rows, 1):
+    for i, row in enumerate(rows):
+        number = numbers[i] if numbers is not None else i + 1
         try:
             out.append(model.model_validate(row))
         except ValidationError as exc:
@@ -90,4 +105,5 @@ def validate_rows(rows: Sequence[dict[str, Any]], model: type[Row], source: str 
 
 
 def read_models(path: str | Path, model: type[Row]) -> list[Row]:
-    return validate_rows(read_rows(path), model, path)
+    numbered = numbered_rows(path)
+    return validate_rows([row for _, row in numbered], model, path, [number for number, _ in numbered])
