@@ -589,14 +589,26 @@ def _mapped(rows: Sequence[tuple[T, int]], spill: ImageSpill, empty: str, path: 
     """The rows with their images (views into the spill, mapped now that every image is written); `empty` is the
     error when there are none.
 
-    Arrow's allocator keeps what reading parquet used (~330 MB after a 48 MB file) for reuse that a training run
-    never makes: it goes back to the system here."""
+    Arrow's allocator keeps what reading parquet used (~330 MB after a 48 MB file), glibc's what parsing JSON
+    used, for reuse that a training run never makes: both go back to the system here."""
     import pyarrow as pa
 
     if not rows:
         raise DataError(empty, source=str(path))
     pa.default_memory_pool().release_unused()
+    _release_freed_heap()
     return spill.attach(rows)
+
+
+def _release_freed_heap() -> None:
+    """Hand glibc's freed heap back to the system. A JSON-array file is parsed whole: its strings, freed once
+    the rows are built, left about the file's size in the heap for the rest of a training run (285 MB after a
+    195 MB file). Elsewhere (musl, macOS) nothing to do."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
 def _workers(workers: int | None) -> int:
