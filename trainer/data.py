@@ -9,7 +9,8 @@ Two layouts:
 - JSONL: one object per line with `image` (a path, relative to the JSONL file's
   folder, or base64), `question`, and for preference data `chosen`/`rejected`;
   or a JSON file holding one array of such objects (as LLaVA-style datasets
-  ship), given as the file itself (a folder is searched for parquet and JSONL
+  ship: as prompts, a record's question may be the first human turn of its
+  LLaVA-format `conversations`), given as the file itself (a folder is searched for parquet and JSONL
   only: its other JSON files are metadata). Either may be gzip-compressed
   (`train.jsonl.gz`).
 
@@ -364,8 +365,26 @@ def _preference(record: dict[str, Any], file: Path, name: str, row: int, image: 
 
 
 def _prompt(record: dict[str, Any], file: Path, name: str, row: int, image: bytes, parquet: bool) -> PromptItem:
-    question = _text(record.get("question"), source=str(file), row=row, column="question")
+    if "question" not in record and "conversations" in record:
+        question = _first_human_turn(record["conversations"], source=str(file), row=row)
+    else:
+        question = _text(record.get("question"), source=str(file), row=row, column="question")
     return PromptItem(_record_id(record, name, row), image, question)
+
+
+def _first_human_turn(conversations: Any, *, source: str, row: int) -> str:
+    """A LLaVA-format record's question: its first human turn (later turns follow answers the policy did not
+    write, so they are no prompts of its own)."""
+    turns = conversations if isinstance(conversations, list) else []
+    for i, turn in enumerate(turns):
+        if isinstance(turn, dict) and str(turn.get("from", turn.get("role", ""))).lower() in ("human", "user"):
+            return _text(turn.get("value", turn.get("content")), source=source, row=row, column=f"conversations[{i}]")
+    raise DataError(
+        'no human turn: LLaVA-format conversations are [{"from": "human", "value": ...}, {"from": "gpt", ...}]',
+        source=source,
+        row=row,
+        column="conversations",
+    )
 
 
 def _image_field(record: dict[str, Any]) -> Any:
@@ -434,6 +453,16 @@ def _checked(record: Any, required: Sequence[str], *, source: str, row: int, whe
     for column in required:
         if column == "image" and "image" not in record and "image_path" in record:
             continue
+        if column == "question" and "question" not in record and "conversations" in record:
+            continue
+        if column == "image" and "image" not in record and "conversations" in record:
+            raise MissingColumnError(
+                f"a text-only conversation ({where}): a prompt here needs an image; leave such rows out, e.g."
+                " jq 'map(select(.image))' for a LLaVA-format JSON list",
+                source=source,
+                row=row,
+                column=column,
+            )
         if column not in record:
             raise MissingColumnError(f"required field is missing ({where})", source=source, row=row, column=column)
     return record

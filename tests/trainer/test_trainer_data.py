@@ -91,6 +91,45 @@ def test_a_json_file_holding_an_array_of_records(tmp_path: Path) -> None:
         read_preferences(tmp_path)
 
 
+def test_llava_format_conversations_are_prompts_of_their_first_human_turn(tmp_path: Path) -> None:
+    """LLaVA's instruction data (`llava_v1_5_mix665k.json` and the like): `conversations` alternate human and
+    gpt turns; the first human turn is the prompt (its `<image>` placeholder goes when the prompt is encoded)."""
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "coco" / "a.png").write_bytes(png((9, 9, 9)))
+    records = [
+        {
+            "id": "000000033471",
+            "image": "coco/a.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat are the colors of the bus in the image?"},
+                {"from": "gpt", "value": "The bus in the image is white and red."},
+                {"from": "human", "value": "What feature can be seen on the back of the bus?"},
+                {"from": "gpt", "value": "The back of the bus features an advertisement."},
+            ],
+        },
+        {"id": "x2", "image": "coco/a.png", "conversations": [{"role": "user", "content": "Describe it."}]},
+    ]
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(records))
+    prompts = read_prompts(path)
+    assert [(p.id, p.question) for p in prompts] == [
+        ("000000033471", "<image>\nWhat are the colors of the bus in the image?"),
+        ("x2", "Describe it."),
+    ]
+    records.append({"id": "t", "conversations": [{"from": "human", "value": "Tell me a joke."}]})
+    path.write_text(json.dumps(records))
+    with pytest.raises(MissingColumnError, match=r"row 2, column 'image': a text-only conversation.*jq"):
+        read_prompts(path)
+    records[2] = {"id": "t", "image": "coco/a.png", "conversations": [{"from": "gpt", "value": "Hi."}]}
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError, match=r"row 2, column 'conversations': no human turn"):
+        read_prompts(path)
+    records[2]["conversations"] = [{"from": "human", "value": ""}]
+    path.write_text(json.dumps(records))
+    with pytest.raises(EmptyAnswerError, match=r"row 2, column 'conversations\[0\]': must be non-empty text"):
+        read_prompts(path)
+
+
 def test_formats_that_are_not_read_say_what_to_do(tmp_path: Path) -> None:
     """A CSV was reported as "line 1 is not valid JSON", a `datasets` folder as no files at all."""
     csv = tmp_path / "prefs.csv"
