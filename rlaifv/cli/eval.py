@@ -49,7 +49,13 @@ Bundle = Annotated[
 Service = Annotated[
     str | None, typer.Option(callback=http_url, help="Generate answers with a running `rlaifv serve` at this URL.")
 ]
-ApiKey = Annotated[str | None, typer.Option(envvar="RLAIFV_EVAL_API_KEY", help="The service's API key.")]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        envvar=["RLAIFV_EVAL_API_KEY", "RLAIFV_API_KEY"],
+        help="The service's API key (else the Python client's RLAIFV_API_KEY).",
+    ),
+]
 ServiceMaxN = Annotated[int, typer.Option(min=1, help="Candidates per service request at most (its RLAIFV_MAX_N).")]
 N = Annotated[int, typer.Option("-n", min=1, help="Candidates sampled per prompt.")]
 Select = Annotated[Rule, typer.Option(help="Which candidate is the answer: first, random, dpo or claims.")]

@@ -330,3 +330,28 @@ def test_responses_gzip_compressed_read_alike_and_a_bad_value_is_named_by_its_li
     listed.write_text(json.dumps([rows[0], {"id": "three", "response": "No"}], indent=2))
     with pytest.raises(DataError, match=r"answers.json, row 2, column 'id'"):
         read_responses(listed)
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [({"RLAIFV_API_KEY": "sk-client"}, "sk-client"), ({"RLAIFV_API_KEY": "a", "RLAIFV_EVAL_API_KEY": "b"}, "b")],
+)
+def test_the_service_key_comes_from_the_python_clients_variable_too(
+    env: dict[str, str], key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user who set RLAIFV_API_KEY for the SDK got 401s from `eval --service` (it read only RLAIFV_EVAL_API_KEY)."""
+    keys: list[str | None] = []
+
+    def generator(self: Source) -> SaysYesOrNo:
+        keys.append(self.api_key)
+        return SaysYesOrNo()
+
+    monkeypatch.setattr(Source, "generator", generator)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "AMBER_1.jpg").write_bytes(b"not decoded by the fake generator")
+    args = ["eval", "amber", "--annotations", str(DATA / "amber_annotations.json"), "--service", "http://x"]
+    args += ["--queries", str(DATA / "amber_queries.json"), "--images", str(tmp_path), "-o", str(tmp_path / "r.json")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert keys == [key]
