@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rlaifv.reward.errors import AnswerError, ContextLengthError, InvalidInputError
+from rlaifv.reward.errors import AnswerError, ContextLengthError, ImageError, InvalidInputError
 
 if TYPE_CHECKING:
     import torch
@@ -101,12 +101,18 @@ def encode_prompt(
     text = render_chat(processor, messages, continue_final=continue_final, param=text_param)
     tokenizer = processor.tokenizer
     has_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
-    batch = processor(
-        images=[list(images)] if images else None,  # one prompt's images together: OneVision's multi-image mode
-        text=[text],
-        return_tensors="pt",
-        add_special_tokens=not has_bos,
-    )
+    try:
+        batch = processor(
+            images=[list(images)] if images else None,  # one prompt's images together: OneVision's multi-image mode
+            text=[text],
+            return_tensors="pt",
+            add_special_tokens=not has_bos,
+        )
+    except (ArithmeticError, ValueError, IndexError, RuntimeError) as exc:
+        if not images:
+            raise
+        param = "images" if question is not None else _first_image_part(messages)
+        raise _unprocessable(images, exc, param=param) from exc
     input_ids = batch.pop("input_ids")[0]
     batch.pop("attention_mask", None)
     batch.pop("labels", None)  # PaliGemma's processor adds training labels whenever it returns token_type_ids
@@ -116,6 +122,20 @@ def encode_prompt(
             param=text_param,
         )
     return EncodedPrompt(input_ids=input_ids, vision=dict(batch))
+
+
+def _unprocessable(images: Sequence[Image], exc: Exception, *, param: str) -> ImageError:
+    """The model's own image processor failed on images that passed the service's checks (Idefics2's divides by
+    zero on an image 1 px high): the request's images are what it cannot take, not a server fault."""
+    sizes = ", ".join(f"{image.width}x{image.height}" for image in images)
+    if len(images) == 1 and param == "images":
+        param = "images[0]"
+    return ImageError(
+        f"this model's image processor cannot take the image{'s' if len(images) > 1 else ''} ({sizes} px):"
+        f" {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no message'}; a larger image"
+        " may do",
+        param=param,
+    )
 
 
 def render_chat(

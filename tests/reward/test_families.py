@@ -186,6 +186,27 @@ def test_prompts_of_different_image_shapes_batch_or_group(family: dict[str, Any]
     assert sorted(i for g in groups for i in g) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("size", [(20, 1), (1, 20), (1, 1), (3, 40), (40, 3)])
+def test_a_thin_image_is_encoded_or_refused_as_an_image_error(family: dict[str, Any], size: tuple[int, int]) -> None:
+    """Images a pixel or three thin pass the service's checks; a processor that cannot take one (Idefics2 divides by
+    zero on 1 px high) is the request's image error naming it, not a server fault."""
+    from rlaifv.reward.errors import ImageError
+
+    image = Image.new("RGB", size, (200, 30, 30))
+    try:
+        encode_prompt(family["processor"], [image], QUESTION)
+    except ImageError as exc:
+        assert exc.param == "images[0]" and f"{size[0]}x{size[1]} px" in exc.message
+        assert family["name"] != "idefics2" or size[1] == 1, exc.message
+    else:
+        assert family["name"] != "idefics2" or size[1] != 1
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image"}]}]
+    if family["name"] == "idefics2" and size == (20, 1):
+        with pytest.raises(ImageError) as info:
+            encode_prompt(family["processor"], [image], messages=messages)
+        assert info.value.param == "messages[0].content[1]"
+
+
 def test_the_processor_loads_from_the_saved_folder(family: dict[str, Any]) -> None:
     processor = load_processor(Path(family["folder"]))
     again = encode_prompt(processor, _images()[1], QUESTION)
