@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI
 
@@ -19,6 +21,7 @@ from rlaifv.service.redis_conn import Breaker
 from rlaifv.service.settings import Settings
 
 log = logging.getLogger("rlaifv.service")
+T = TypeVar("T")
 
 DESCRIPTION = """Best-of-N selection and reranking for multimodal LLMs by the RLAIF-V self-reward
 r(x, y) = beta/T * sum_t [log pi_theta(y_t|x, y_<t) - log pi_ref(y_t|x, y_<t)].
@@ -31,6 +34,28 @@ When API keys are configured, /v1 routes need `Authorization: Bearer <key>` (401
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Loads the model before serving, or with `load_in_background` (`rlaifv serve`) while already answering:
+    /readyz says "loading" (503) and /v1 503 `not_ready` until it is ready, instead of a socket that accepts and
+    never answers for the minutes a 7B pair or a vLLM server takes (probes timed out, curl hung)."""
+    loading = None
+    if app.state.load_in_background:
+        loading = asyncio.create_task(_load(app), name="rlaifv-load")
+    else:
+        await _load(app)
+    try:
+        yield
+    finally:
+        if loading is not None and not loading.done():  # stopped while loading: the load thread is abandoned
+            loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+        if app.state.drain is not None:
+            await app.state.drain.finish()
+        if app.state.redis is not None:
+            await app.state.redis.aclose()
+        log.info("stopped")
+
+
+async def _load(app: FastAPI) -> None:
     try:
         await _start(app)
     except Exception as exc:
@@ -39,14 +64,38 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.error("start-up failed: %s", exc, extra={"error_type": type(exc).__name__})
         if app.state.redis is not None:
             await app.state.redis.aclose()
-        raise
-    try:
-        yield
-    finally:
-        await app.state.drain.finish()
-        if app.state.redis is not None:
-            await app.state.redis.aclose()
-        log.info("stopped")
+            app.state.redis = None
+        if not app.state.load_in_background:
+            raise
+        app.state.load_error = exc
+        app.state.on_load_failure()
+
+
+async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
+    """`asyncio.to_thread` on a daemon thread: a process stopped while a model loads exits at once (the executor's
+    threads are joined at exit: a stop during a 10-minute load waited for it)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # the awaiting task was cancelled
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = function(*args)
+        except BaseException as exc:  # handed to the awaiting task, as to_thread does
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, daemon=True, name="rlaifv-model-load").start()
+    return await future
 
 
 async def _start(app: FastAPI) -> None:
@@ -69,7 +118,7 @@ async def _start(app: FastAPI) -> None:
         app.state.redis = redis
     generator = await open_generator(settings, metrics)  # before the model: a wrong URL fails start-up at once
     app.state.generator = generator
-    engine, load_s = await asyncio.to_thread(load_engine, settings, metrics)
+    engine, load_s = await in_daemon_thread(load_engine, settings, metrics)
     app.state.engine = engine
     metrics.model_load.set(load_s)
     if settings.warmup:
@@ -121,6 +170,9 @@ def init_state(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     app.state.serving = None
     app.state.job_workers = None
     app.state.drain = None
+    app.state.load_in_background = False
+    app.state.load_error = None
+    app.state.on_load_failure = lambda: None
 
 
 def create_worker_app(settings: Settings, metrics: Metrics) -> FastAPI:
@@ -136,7 +188,9 @@ def create_worker_app(settings: Settings, metrics: Metrics) -> FastAPI:
     return app
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, load_in_background: bool = False) -> FastAPI:
+    """The service. `load_in_background`: answer (503 while loading) from the start, the model loading beside;
+    a failed load then sets `app.state.load_error` and calls `app.state.on_load_failure()` (the server stops)."""
     from rlaifv.service.routes import best_of_n, chat, health, jobs, models, playground, rewards
 
     settings = settings or Settings()
@@ -148,6 +202,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={},
     )
     init_state(app, settings, Metrics())
+    app.state.load_in_background = load_in_background
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics, settings=settings)
     v1 = [Depends(enforce_limits)]

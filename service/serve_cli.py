@@ -211,7 +211,7 @@ def serve(**given: Any) -> None:
         settings = settings.model_copy(update={"bundle": fallback_bundle()})
     check_bundle(settings.bundle, **bundle_checks(settings))
     sockets = bind(settings.host, settings.port, "--port / RLAIFV_PORT")
-    app = create_app(settings)
+    app = create_app(settings, load_in_background=True)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -222,7 +222,15 @@ def serve(**given: Any) -> None:
         access_log=False,
         **HTTP_OPTIONS,
     )
-    DrainingServer(config).run(sockets=sockets)
+    server = DrainingServer(config)
+
+    def stop_after_failed_load() -> None:
+        server.should_exit = True
+
+    app.state.on_load_failure = stop_after_failed_load
+    server.run(sockets=sockets)
+    if app.state.load_error is not None:
+        raise typer.Exit(3)  # as uvicorn exits when a lifespan start-up fails (the reason is logged)
 
 
 with_settings_flags(serve)
