@@ -107,6 +107,12 @@ def _opened(data: bytes | memoryview, limits: ImageLimits, param: str) -> Iterat
                     param=param,
                 )
             limits.check_size(probe.width, probe.height, param)
+            if fmt in ("JPEG", "MPO") and jpeg_scans(data) > MAX_JPEG_SCANS:
+                raise ImageError(
+                    f"JPEG with over {MAX_JPEG_SCANS} scans: each scan walks the whole image, so its decoding cost"
+                    " is unbounded (a progressive JPEG has about 10)",
+                    param=param,
+                )
             if getattr(probe, "n_frames", 1) > 1:
                 probe.seek(0)
             yield probe
@@ -121,6 +127,41 @@ def _opened(data: bytes | memoryview, limits: ImageLimits, param: str) -> Iterat
         raise ImageError("data is not a recognised image", param=param) from None
     except (OSError, SyntaxError, ValueError, struct.error, ZeroDivisionError) as exc:
         raise ImageError(f"image could not be decoded: {exc}", param=param) from None
+
+
+MAX_JPEG_SCANS = 100
+"""libjpeg-turbo's advice for untrusted input (its `-maxscans`): a 4096x4096 progressive JPEG repeating one
+~30-byte scan costs ~6 ms of CPU per scan, so 10 MB of them took about half an hour, within every byte and
+pixel limit."""
+
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # in entropy-coded data: not a stuffed 0xFF, not a restart
+
+
+def jpeg_scans(data: bytes | memoryview) -> int:
+    """The scans (SOS segments) of a JPEG's first image, counted from its markers without decoding; stops
+    counting past `MAX_JPEG_SCANS`. A damaged marker layout ends the count: the decoder names that damage."""
+    data = bytes(data)
+    i, scans, end = 2, 0, len(data)
+    while i + 4 <= end and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0xD9:  # end of the first image (an MPO's next images follow)
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length field
+            i += 2
+            continue
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+        if marker == 0xDA:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                break
+            found = _JPEG_MARKER.search(data, i)
+            if found is None:
+                break
+            i = found.start()
+    return scans
 
 
 def to_rgb(image: Any) -> Any:

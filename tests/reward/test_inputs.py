@@ -349,3 +349,57 @@ def test_in_process_arguments_are_checked_and_named(tiny_pair, red_png):
         * as_dict.candidates[0].num_tokens,
         rel=1e-5,
     )
+
+
+def _progressive_with_repeated_scans(extra: int, size: int = 256) -> bytes:
+    """A progressive JPEG whose last scan is repeated `extra` times: each repeat costs a pass over the image."""
+    import re
+
+    buffer = io.BytesIO()
+    Image.new("L", (size, size), 128).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    last = data.rindex(b"\xff\xda")
+    length = int.from_bytes(data[last + 2 : last + 4], "big")
+    following = re.compile(rb"\xff[^\x00\xd0-\xd7]").search(data, last + 2 + length)
+    assert following is not None
+    scan = data[last : following.start()]
+    eoi = data.rindex(b"\xff\xd9")
+    return data[:eoi] + scan * extra + data[eoi:]
+
+
+def test_jpeg_scans_are_counted_from_the_markers_as_libjpeg_writes_them():
+    """libjpeg's scripts: 1 scan baseline, 10 progressive in colour, 6 in grey; a segment holding a JPEG of its own
+    (an EXIF thumbnail; here an ICC block) is skipped by its length; an MPO's second image is not the first's."""
+    from rlaifv.reward.images import jpeg_scans
+
+    def jpeg(image: Image.Image, **options) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", **options)
+        return buffer.getvalue()
+
+    colour = Image.new("RGB", (64, 48), (200, 30, 30))
+    assert jpeg_scans(jpeg(colour)) == 1
+    assert jpeg_scans(jpeg(colour, progressive=True)) == 10
+    assert jpeg_scans(jpeg(colour.convert("L"), progressive=True)) == 6
+    inside = jpeg(colour, progressive=True)  # a segment's payload holding scan markers (as an EXIF thumbnail)
+    with_payload = jpeg(colour, icc_profile=inside)
+    assert inside in with_payload and jpeg_scans(with_payload) == 1
+    buffer = io.BytesIO()
+    colour.save(buffer, "MPO", save_all=True, append_images=[colour], progressive=True)
+    assert jpeg_scans(buffer.getvalue()) == 10
+    assert jpeg_scans(_progressive_with_repeated_scans(50)) == 56
+
+
+def test_a_jpeg_of_many_scans_is_refused_before_decoding():
+    """A few kilobytes of repeated scans kept a CPU busy for minutes at 4096x4096, within every byte and pixel limit:
+    over 100 scans is refused from the markers (libjpeg-turbo's advice for untrusted input)."""
+    from rlaifv.reward.images import check_image
+
+    fine = _progressive_with_repeated_scans(94)  # 6 + 94 = 100
+    assert decode_image(fine).size == (256, 256)
+    bomb = _progressive_with_repeated_scans(95)
+    assert Image.open(io.BytesIO(bomb)).size == (256, 256) and len(bomb) < 20_000
+    for check in (decode_image, check_image):
+        with pytest.raises(ImageError, match="JPEG with over 100 scans") as info:
+            check(bomb, param="images[0]")
+        assert info.value.param == "images[0]"
