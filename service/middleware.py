@@ -25,6 +25,15 @@ CLIENT_CLOSED = 499
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def metric_method(method: str) -> str:
+    """The method as a metric label: any token is a valid HTTP method, and each new one was a new time series
+    (30k invented methods, sent before auth, grew /metrics from 42 to 112 MB and each scrape to 9 s)."""
+    return method if method in HTTP_METHODS else "other"
+
+
 class RequestContextMiddleware:
     """Request id (echoed in X-Request-ID), body size limit (413) and deadline (408), access log line, HTTP metrics.
 
@@ -92,8 +101,9 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - start
             method = scope.get("method", "?")
             if getattr(route, "include_in_schema", True):  # static pages (the playground) are not API traffic
-                self.metrics.requests.labels(route=template, method=method, status=str(status)).inc()
-                self.metrics.latency.labels(route=template, method=method, status=str(status)).observe(elapsed)
+                labels = {"route": template, "method": metric_method(method), "status": str(status)}
+                self.metrics.requests.labels(**labels).inc()
+                self.metrics.latency.labels(**labels).observe(elapsed)
             self.log.info(
                 "request",
                 extra={

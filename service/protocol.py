@@ -50,7 +50,7 @@ def _bounded_metadata(labels: dict[str, str] | None) -> dict[str, str] | None:
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_TOKEN_ID = re.compile(r"[0-9]+")
+_TOKEN_ID = re.compile(r"[0-9]{1,18}")  # longer: no vocabulary has it, and int() refuses 4300 digits
 
 
 def surrogate_path(value: Any) -> tuple[int | str, ...] | None:

@@ -24,7 +24,18 @@ MAX_HEADER_BYTES = 64 * 1024
 # uvicorn's HTTP/1.1 options for every server of ours: h11, whose request line and headers are bounded (the
 # httptools parser took a 100 MB header, some 200 MB of memory, while bodies were capped at RLAIFV_MAX_BODY_BYTES);
 # a request past the bound is refused (400) and its connection closed. The model, not HTTP parsing, is the cost.
-HTTP_OPTIONS: dict[str, Any] = {"http": "h11", "h11_max_incomplete_event_size": MAX_HEADER_BYTES}
+HTTP_OPTIONS: dict[str, Any] = {
+    "http": "h11",
+    "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
+    "server_header": False,  # `server: uvicorn` told a scanner what to try
+}
+
+
+def proxy_options(settings: Any) -> dict[str, Any]:
+    """Which proxies' X-Forwarded-* headers name the client: uvicorn's default trusted any on 127.0.0.1, so a
+    local client (or a same-host sidecar passing the header on) chose its rate-limit bucket per request."""
+    trusted = ",".join(settings.forwarded_allow_ips)
+    return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted or None}
 
 
 class DrainingServer(uvicorn.Server):
@@ -221,6 +232,7 @@ def serve(**given: Any) -> None:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),  # None would wait forever
         access_log=False,
         **HTTP_OPTIONS,
+        **proxy_options(settings),
     )
     server = DrainingServer(config)
 

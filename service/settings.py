@@ -269,6 +269,11 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(
         0, ge=0, description="Requests per minute per API key (or client address); 0: off."
     )
+    forwarded_allow_ips: CommaList = Field(
+        default_factory=list,
+        description="Proxies (IPs, CIDRs, or * for any) whose X-Forwarded-For / X-Forwarded-Proto give the client"
+        " address (rate limits, logs); none: the connection's own address (a client could name any address).",
+    )
     jobs_stream: str = Field("rlaifv:jobs", description="Redis stream holding batch-job work items.")
     jobs_workers: int = Field(1, ge=0, description="Job consumers this replica runs (0: accept jobs, run none).")
     jobs_claim_idle_ms: int = Field(
@@ -291,7 +296,7 @@ class Settings(BaseSettings):
         7 * 24 * 3600, ge=60, le=TEN_YEARS_S, description="How long job status and results are kept."
     )
 
-    @field_validator("allowed_image_formats", "allowed_image_hosts", "api_keys", mode="before")
+    @field_validator("allowed_image_formats", "allowed_image_hosts", "api_keys", "forwarded_allow_ips", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split(value)

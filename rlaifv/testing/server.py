@@ -49,7 +49,7 @@ class LiveServer:
         import uvicorn
 
         from rlaifv.service.app import create_app
-        from rlaifv.service.serve_cli import HTTP_OPTIONS
+        from rlaifv.service.serve_cli import HTTP_OPTIONS, proxy_options
         from rlaifv.service.settings import Settings
 
         self.port = port or free_port()
@@ -64,6 +64,7 @@ class LiveServer:
             lifespan="on",
             timeout_graceful_shutdown=graceful_shutdown_s,
             **HTTP_OPTIONS,  # the HTTP stack `rlaifv serve` runs
+            **proxy_options(self.settings),
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True, name=f"uvicorn-{self.port}")

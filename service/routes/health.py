@@ -126,7 +126,8 @@ async def metrics(request: Request) -> Response:
     state = request.app.state
     if state.redis is not None:
         await _read_redis(state.redis, state.settings, state.metrics)
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    body = await asyncio.to_thread(generate_latest, state.metrics.registry)  # off the loop: probes share it
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 async def _read_redis(redis: Redis, settings: Settings, metrics: Metrics) -> None:

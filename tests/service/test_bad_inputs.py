@@ -578,3 +578,56 @@ def test_the_image_limits_set_hold_for_the_model_pair_too(make_server) -> None:
     assert r.status_code == 200, r.text
     r = httpx.post(server.url + "/v1/rewards", json=rwd(images=[data_url(png_bytes((900, 20)))]), timeout=60)
     assert r.status_code == 400 and "aspect ratio over 40" in r.json()["error"]["message"], r.text
+
+
+def test_invented_http_methods_share_one_metric_label(make_server) -> None:
+    """Any token is a method to HTTP: each invented one was a new time series, before auth (a scrape grew to 9 s)."""
+    server = make_server(api_keys=["sk-test-key-1234"])
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for method in ("BREW", "FOO1", "FOO2"):
+            assert client.request(method, "/v1/rewards").status_code in (401, 405)
+        assert client.request("GET", "/healthz").status_code == 200
+        scraped = client.get("/metrics").text
+    assert "BREW" not in scraped and "FOO1" not in scraped
+    registry = server.app.state.metrics.registry
+    labels = {"route": "/v1/rewards", "method": "other"}
+    assert (
+        sum(
+            registry.get_sample_value("rlaifv_http_requests_total", labels | {"status": s}) or 0 for s in ("401", "405")
+        )
+        == 3
+    )
+    assert registry.get_sample_value(
+        "rlaifv_http_requests_total", {"route": "/healthz", "method": "GET", "status": "200"}
+    )
+
+
+def test_answers_past_the_limit_are_one_problem_not_one_each(client: httpx.Client, red_url: str) -> None:
+    """Each of 5M empty answers past RLAIFV_MAX_ANSWERS was checked and kept as its own problem: 53 s on the event
+    loop for one 400. Answers past the limit are not looked at."""
+    body = {"images": [red_url], "question": "q", "answers": [""] * 200_000}
+    r = client.post("/v1/rewards", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "answers" and "at most 64 answers" in error["message"]
+    assert "(and 64 more problems" in error["message"], error["message"]  # answers[0..63] are empty too
+
+
+def test_a_client_cannot_pick_its_rate_limit_bucket_with_x_forwarded_for(make_server) -> None:
+    """uvicorn trusts X-Forwarded-For from 127.0.0.1 by default: a local client (or a sidecar passing the header
+    on) got a fresh quota per invented address. Only RLAIFV_FORWARDED_ALLOW_IPS's proxies are believed."""
+
+    def codes(server, count: int) -> list[int]:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            return [
+                client.get("/v1/models", headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code
+                for i in range(count)
+            ]
+
+    plain = codes(make_server(rate_limit_per_minute=2), 4)
+    if plain[2] == 200:  # the minute window rolled over between requests
+        plain = plain[1:]
+    assert plain[:3] == [200, 200, 429], plain
+    assert codes(make_server(rate_limit_per_minute=2, forwarded_allow_ips=["127.0.0.1"]), 4) == [200] * 4
+    response = httpx.get(make_server().url + "/healthz")
+    assert "server" not in response.headers

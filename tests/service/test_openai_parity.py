@@ -499,6 +499,7 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"logit_bias": {"abc": 1}}, "logit_bias", "invalid_value"),
     ({"logit_bias": {"5": 101}}, "logit_bias.5", "invalid_value"),
     ({"logit_bias": {"999999": 1}}, "logit_bias.999999", "invalid_value"),
+    ({"logit_bias": {"7" * 5000: 1}}, "logit_bias", "invalid_value"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
     (
         {"tool_choice": "none", "tools": [{"type": "function", "function": {"name": "a b"}}]},
