@@ -1,9 +1,9 @@
 """Image references from requests -> decoded RGB images, with the operator's limits.
 
 A reference is a data URL, bare base64, or an http(s) URL. Remote URLs are
-refused unless their host is listed in RLAIFV_ALLOWED_IMAGE_HOSTS (no SSRF);
-allowed ones are fetched with a timeout and a byte cap, following redirects
-only to the same host. Pixel counts are checked from the header before any
+refused unless their host and port are listed in RLAIFV_ALLOWED_IMAGE_HOSTS (no
+SSRF); allowed ones are fetched with a timeout and a byte cap, following
+redirects only to the same host on an allowed port. Pixel counts are checked from the header before any
 pixel is decoded (decompression bombs), by `reward.images.decode_image`; a
 compressed HTTP body is inflated within the byte cap (a 590-byte body sent as
 `Content-Encoding: gzip, gzip` took 520 MB when inflated whole).
@@ -13,15 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import Callable
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 
 from rlaifv.reward.errors import ImageError
 from rlaifv.reward.images import decode_base64, decode_image
+from rlaifv.service.errors import Overloaded
 from rlaifv.service.settings import Settings
 
 MAX_REDIRECTS = 3
+
+
+def _none() -> None:
+    return None
+
+
 # zlib's window bits: gzip or zlib header detected (32 + 15); raw deflate, which some servers send as "deflate"
 _INFLATE_WBITS = {"gzip": 47, "x-gzip": 47, "deflate": 47}
 
@@ -51,23 +59,79 @@ def inflated(body: bytes, encodings: str, limit: int, param: str) -> bytes:
     return body
 
 
-def host_allowed(host: str, allowed: list[str]) -> bool:
-    host = host.lower().rstrip(".")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _entry(entry: str) -> tuple[str, str | None]:
+    """An allowed-hosts entry as (host, port): `host`, `*.domain`, `host:8080`, `host:*`, `[::1]:8080`."""
+    entry = entry.strip().lower()
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else None
+    host, colon, port = entry.rpartition(":")
+    if colon and host and ":" not in host and (port.isdigit() or port == "*"):
+        return host, port
+    return entry, None
+
+
+def _names(host: str, name: str) -> bool:
+    """`name` (an entry's host: exact, or `*.domain` for its subdomains) names `host`."""
+    host, name = host.lower().rstrip("."), name.rstrip(".")
+    return host == name or (name.startswith("*.") and host.endswith(name[1:]))
+
+
+def host_allowed(host: str, allowed: list[str], port: int | None = None, scheme: str = "https") -> bool:
+    """`host` (and `port`, else the scheme's own) matched by an entry. An entry without a port allows the
+    scheme's default port only: any port of an allowed host was fetched, a redirect could move to another, and
+    the errors told open ports from closed ones."""
+    port = port if port is not None else DEFAULT_PORTS.get(scheme)
     for entry in allowed:
-        entry = entry.lower().rstrip(".")
-        if entry.startswith("*.") and host.endswith(entry[1:]):
+        name, entry_port = _entry(entry)
+        if not _names(host, name):
+            continue
+        if entry_port == "*" or (entry_port is None and port == DEFAULT_PORTS.get(scheme)):
             return True
-        if host == entry:
+        if entry_port is not None and entry_port.isdigit() and port == int(entry_port):
             return True
     return False
 
 
-class ImageLoader:
-    """Turns image references into PIL images; owns the HTTP client for allowed remote hosts."""
+def url_allowed(url: str, allowed: list[str]) -> bool:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme in DEFAULT_PORTS and host_allowed(parts.hostname or "", allowed, parts.port, scheme)
 
-    def __init__(self, settings: Settings) -> None:
+
+def declared_pixels(data: bytes) -> int:
+    """Width x height from the image's header (no pixel decoded); 0 where the header cannot be read (decoding then
+    says why)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            return int(probe.width) * int(probe.height)
+    except Exception:  # PIL raises many types on hostile headers; the decode names the problem
+        return 0
+
+
+class ImageLoader:
+    """Turns image references into PIL images; owns the HTTP client for allowed remote hosts.
+
+    Decoding is admitted against `RLAIFV_MAX_QUEUED_IMAGE_PIXELS` together with the pixels the scheduler holds
+    (`pixels_held`): checked only at the scheduler, after every image of a request was decoded, 24 concurrent
+    requests of four 4096x4096 images held 7 GB in decoding. Past the budget a request is a 429 before its next
+    image is decoded (one request is always let in, as the scheduler does)."""
+
+    def __init__(
+        self, settings: Settings, *, pixels_held: Callable[[], int] = lambda: 0, rejected: Callable[[], None] = _none
+    ) -> None:
         self.settings = settings
         self.limits = settings.image_limits()
+        self.pixels_held = pixels_held
+        self.rejected = rejected
+        self.decoding = 0  # pixels of the images being decoded or decoded and not yet handed to the scheduler
         self._client: httpx.AsyncClient | None = None
 
     async def aclose(self) -> None:
@@ -91,17 +155,37 @@ class ImageLoader:
         """Decoded images and their bytes, in order, each decoded before the next is read: the first bad one
         ends the request (and no later URL is fetched for nothing). Decoding runs off the event loop."""
         images, raw = [], []
-        for ref, param in refs:
-            data = await self.read(ref, param)
-            try:
-                image = await asyncio.to_thread(decode_image, data, self.limits, param)
-            except ImageError:
-                raise
-            except Exception as exc:  # PIL raises many types on hostile files; none is a server fault
-                raise ImageError(f"image could not be decoded ({type(exc).__name__})", param=param) from None
-            images.append(image)
-            raw.append(data)
+        reserved = 0
+        try:
+            for ref, param in refs:
+                data = await self.read(ref, param)
+                pixels = await asyncio.to_thread(declared_pixels, data)
+                self._admit(pixels, reserved)
+                self.decoding += pixels
+                reserved += pixels
+                try:
+                    image = await asyncio.to_thread(decode_image, data, self.limits, param)
+                except ImageError:
+                    raise
+                except Exception as exc:  # PIL raises many types on hostile files; none is a server fault
+                    raise ImageError(f"image could not be decoded ({type(exc).__name__})", param=param) from None
+                images.append(image)
+                raw.append(data)
+        finally:  # the scheduler counts them from here (or they are gone)
+            self.decoding -= reserved
         return images, raw
+
+    def _admit(self, pixels: int, reserved: int) -> None:
+        limit = self.settings.max_queued_image_pixels
+        others = self.pixels_held() + self.decoding - reserved
+        if limit and others and others + reserved + pixels > limit:
+            self.rejected()
+            raise Overloaded(
+                f"server busy: the requests in hand hold {others:,} decoded image pixels and this one"
+                f" {reserved + pixels:,} more, over the limit of {limit:,}",
+                code="queue_full",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
 
     async def _fetch(self, url: str, param: str) -> bytes:
         allowed = self.settings.allowed_image_hosts
@@ -109,9 +193,16 @@ class ImageLoader:
             raise ImageError("remote image URLs are not allowed on this server; send a data URL", param=param)
         try:
             origin = urlsplit(url).hostname or ""
+            allowed_url = url_allowed(url, allowed)
         except ValueError:
             raise ImageError("malformed image URL", param=param) from None
-        if not host_allowed(origin, allowed):
+        if not allowed_url:
+            if any(_names(origin, _entry(entry)[0]) for entry in allowed):
+                raise ImageError(
+                    f"image URL port not allowed for host '{origin}' (an entry without a port allows the scheme's"
+                    " default port; 'host:port' entries allow others)",
+                    param=param,
+                )
             raise ImageError(f"image host '{origin}' is not in the allowed hosts", param=param)
         if self._client is None:
             timeout = httpx.Timeout(self.settings.image_fetch_timeout_s)
@@ -134,11 +225,10 @@ class ImageLoader:
                 async with client.stream("GET", url) as response:
                     if response.is_redirect:
                         target = urljoin(url, response.headers.get("location", ""))
-                        if (urlsplit(target).hostname or "") != origin or urlsplit(target).scheme not in (
-                            "http",
-                            "https",
+                        if (urlsplit(target).hostname or "") != origin or not url_allowed(
+                            target, self.settings.allowed_image_hosts
                         ):
-                            raise ImageError("image URL redirects to another host", param=param)
+                            raise ImageError("image URL redirects to another host or port", param=param)
                         url = target
                         continue
                     if response.status_code != 200:

@@ -214,7 +214,12 @@ class Serving:
             if settings.cache_size > 0
             else None
         )
-        return cls(settings, engine, scheduler, ImageLoader(settings), metrics, cache, generator)
+        images = ImageLoader(
+            settings,
+            pixels_held=lambda: scheduler.pixels_held,
+            rejected=metrics.rejected.labels(reason="queue_full").inc,
+        )
+        return cls(settings, engine, scheduler, images, metrics, cache, generator)
 
     def liveness(self) -> str | None:
         """What keeps this process from serving until it restarts (see `Scheduler.stalled`), or None."""

@@ -207,7 +207,8 @@ class Settings(BaseSettings):
     )
     allowed_image_hosts: CommaList = Field(
         default_factory=list,
-        description="Hosts remote http(s) image URLs may come from ('*.example.com' for subdomains). Empty: none.",
+        description="Hosts remote http(s) image URLs may come from ('*.example.com' for subdomains; 'host:8080' or"
+        " 'host:*' for ports other than the scheme's own). Empty: none.",
     )
     image_fetch_timeout_s: float = Field(
         5.0, gt=0, description="Time limit of fetching a remote image URL, redirects and all."

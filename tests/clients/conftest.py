@@ -91,7 +91,7 @@ def image_host(red_png: bytes) -> Iterator[ImageHost]:
 @pytest.fixture(scope="session")
 def server(tiny_bundle: Path) -> Iterator[LiveServer]:
     """The main test server: API key required on /v1, remote images allowed from 127.0.0.1."""
-    with LiveServer(tiny_bundle, api_keys=[API_KEY], allowed_image_hosts=["127.0.0.1"]) as live:
+    with LiveServer(tiny_bundle, api_keys=[API_KEY], allowed_image_hosts=["127.0.0.1:*"]) as live:
         yield live
 
 

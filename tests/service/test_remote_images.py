@@ -45,6 +45,7 @@ class Handler(BaseHTTPRequestHandler):
             "/missing.png": (404, {}, b"no"),
             "/same-host-redirect": (302, {"Location": "/red.png"}, b""),
             "/other-host-redirect": (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, b""),
+            "/other-port-redirect": (302, {"Location": "http://127.0.0.1:6379/"}, b""),
         }
         status, headers, body = routes.get(self.path, (404, {}, b""))
         self.send_response(status)
@@ -72,7 +73,10 @@ def image_host():
 def remote_server(service_bundle, image_host):
     from tests.service.conftest import LiveServer
 
-    server = LiveServer(service_bundle, allowed_image_hosts="127.0.0.1,*.example.org", max_image_bytes=200_000).start()
+    port = image_host.rsplit(":", 1)[1]
+    server = LiveServer(
+        service_bundle, allowed_image_hosts=f"127.0.0.1:{port},*.example.org", max_image_bytes=200_000
+    ).start()
     yield server
     server.stop()
 
@@ -83,6 +87,7 @@ def remote_server(service_bundle, image_host):
         ("/red.png", 200, None),
         ("/same-host-redirect", 200, None),
         ("/other-host-redirect", 400, "redirects to another host"),
+        ("/other-port-redirect", 400, "redirects to another host or port"),
         ("/big.png", 400, "over the limit"),
         ("/missing.png", 400, "HTTP 404"),
         ("/gzipped.png", 200, None),
@@ -130,13 +135,38 @@ def test_host_matching() -> None:
     assert not host_allowed("evilexample.org", ["*.example.org"])
 
 
+def test_an_entry_without_a_port_allows_the_schemes_default_port_only() -> None:
+    """Any port of an allowed host was fetched (an internal service beside the image store; a redirect to another
+    port; open and closed ports told apart by the error)."""
+    from rlaifv.service.images import url_allowed
+
+    allowed = ["images.example.org", "store.internal:9000", "*.cdn.example.org:*", "[::1]:8080"]
+    assert url_allowed("https://images.example.org/a.png", allowed)
+    assert url_allowed("http://images.example.org:80/a.png", allowed)
+    assert not url_allowed("https://images.example.org:8443/a.png", allowed)
+    assert not url_allowed("http://images.example.org:6379/a.png", allowed)
+    assert url_allowed("http://store.internal:9000/a.png", allowed)
+    assert not url_allowed("http://store.internal/a.png", allowed)
+    assert url_allowed("https://x.cdn.example.org:7000/a.png", allowed)
+    assert url_allowed("http://[::1]:8080/a.png", allowed) and not url_allowed("http://[::1]/a.png", allowed)
+    assert not url_allowed("ftp://images.example.org/a.png", allowed)
+
+
+def test_a_port_the_list_does_not_name_is_refused_saying_so(remote_server, image_host) -> None:
+    other = image_host.rsplit(":", 1)[0] + ":1"
+    body = {"images": [other + "/red.png"], "question": "q", "answers": ["a"]}
+    r = httpx.post(remote_server.url + "/v1/rewards", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "images[0]"
+    assert "port not allowed for host '127.0.0.1'" in r.json()["error"]["message"]
+
+
 async def test_a_fetch_is_bounded_as_a_whole_not_per_read(image_host) -> None:
     """httpx's timeout bounds each read: a host trickling bytes held a request ~16 s with a 5 s fetch timeout."""
     from rlaifv.reward.errors import ImageError
     from rlaifv.service.images import ImageLoader
     from rlaifv.service.settings import Settings
 
-    loader = ImageLoader(Settings(allowed_image_hosts="127.0.0.1", image_fetch_timeout_s=0.4))
+    loader = ImageLoader(Settings(allowed_image_hosts="127.0.0.1:*", image_fetch_timeout_s=0.4))
     try:
         with pytest.raises(ImageError, match=r"not fetched within 0\.4 s") as info:
             await loader.read(f"{image_host}/trickle.png", "image")
@@ -165,3 +195,48 @@ def test_a_compressed_body_is_inflated_within_the_byte_cap() -> None:
     assert inflated(zlib.compress(IMAGE), "Deflate, identity", 200_000, "images[0]") == IMAGE
     with pytest.raises(ImageError, match="not valid gzip"):
         inflated(IMAGE, "gzip", 200_000, "images[0]")
+
+
+async def test_decoding_is_admitted_against_the_pixel_budget_with_what_the_scheduler_holds(monkeypatch) -> None:
+    """The budget was checked only at the scheduler, after a request's images were all decoded: 24 concurrent
+    requests of four 4096x4096 images held 7 GB in decoding. A request whose next image would take the pixels in
+    hand past RLAIFV_MAX_QUEUED_IMAGE_PIXELS is a 429 before that image is decoded; one request is always let in."""
+    import asyncio
+    import base64
+
+    from rlaifv.service import images as module
+    from rlaifv.service.errors import Overloaded
+    from rlaifv.service.settings import Settings
+
+    def ref(side: int) -> str:
+        return "data:image/png;base64," + base64.b64encode(png_bytes((side, side), (1, 2, 3))).decode()
+
+    entered, go, decode = threading.Event(), threading.Event(), module.decode_image
+
+    def held_decode(*args, **kwargs):
+        entered.set()
+        go.wait(timeout=30)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(module, "decode_image", held_decode)
+    held = [0]
+    rejected: list[int] = []
+    loader = module.ImageLoader(
+        Settings(max_queued_image_pixels=30_000),
+        pixels_held=lambda: held[0],
+        rejected=lambda: rejected.append(1),
+    )
+    first = asyncio.create_task(loader.load([(ref(100), "images[0]"), (ref(100), "images[1]")]))
+    await asyncio.to_thread(entered.wait, 30)
+    assert loader.decoding == 10_000
+    with pytest.raises(Overloaded, match="over the limit of 30,000") as info:
+        await loader.load([(ref(200), "images[0]")])  # 10,000 in hand + 40,000
+    assert info.value.code == "queue_full" and rejected == [1]
+    go.set()
+    images, _ = await first
+    assert len(images) == 2 and loader.decoding == 0
+    assert len((await loader.load([(ref(200), "images[0]")]))[0]) == 1  # alone: let in, over the budget or not
+    held[0] = 25_000  # the scheduler's waiting and running requests
+    with pytest.raises(Overloaded):
+        await loader.load([(ref(100), "images[0]")])
+    assert loader.decoding == 0
