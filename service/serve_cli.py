@@ -18,14 +18,17 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import typer
 import uvicorn
 
+from rlaifv.service.http_protocol import HeadDeadlineH11Protocol
+
 log = logging.getLogger("rlaifv.service")
 MAX_HEADER_BYTES = 64 * 1024
 
 # uvicorn's HTTP/1.1 options for every server of ours: h11, whose request line and headers are bounded (the
 # httptools parser took a 100 MB header, some 200 MB of memory, while bodies were capped at RLAIFV_MAX_BODY_BYTES);
-# a request past the bound is refused (400) and its connection closed. The model, not HTTP parsing, is the cost.
+# a request past the bound is refused (400) and its connection closed, and a head not complete within
+# RLAIFV_HEADER_TIMEOUT_S closes it too (`service.http_protocol`). The model, not HTTP parsing, is the cost.
 HTTP_OPTIONS: dict[str, Any] = {
-    "http": "h11",
+    "http": HeadDeadlineH11Protocol,
     "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
     "server_header": False,  # `server: uvicorn` told a scanner what to try
 }

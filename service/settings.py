@@ -205,6 +205,12 @@ class Settings(BaseSettings):
         description="A request body not fully received this long after the request began is refused (408) and"
         " its connection closed: a client trickling its upload held a connection for as long as it liked.",
     )
+    header_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A connection whose request head (line and headers) is not complete this long after it opened"
+        " or after its last response is closed: idle or trickling connections used up file descriptors.",
+    )
     allowed_image_hosts: CommaList = Field(
         default_factory=list,
         description="Hosts remote http(s) image URLs may come from ('*.example.com' for subdomains; 'host:8080' or"

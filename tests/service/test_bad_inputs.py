@@ -631,3 +631,26 @@ def test_a_client_cannot_pick_its_rate_limit_bucket_with_x_forwarded_for(make_se
     assert codes(make_server(rate_limit_per_minute=2, forwarded_allow_ips=["127.0.0.1"]), 4) == [200] * 4
     response = httpx.get(make_server().url + "/healthz")
     assert "server" not in response.headers
+
+
+def test_a_request_head_not_complete_in_time_closes_the_connection(make_server) -> None:
+    """uvicorn timed only the pause between requests: a connection sending nothing, or trickling its headers,
+    stayed open for ever (a few hundred used up the file descriptors). RLAIFV_HEADER_TIMEOUT_S closes them; a
+    kept-alive connection gets the deadline anew for its next head."""
+    import socket
+
+    server = make_server(header_timeout_s=0.5)
+
+    def closed_by_server(first: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            if first:
+                sock.sendall(first)
+            received = b""
+            while chunk := sock.recv(65536):  # the socket's 30 s timeout fails the test where nothing closes it
+                received += chunk
+            return received
+
+    assert closed_by_server(b"") == b""
+    assert closed_by_server(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ") == b""
+    answered = closed_by_server(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # answered, then idle: closed
+    assert answered.startswith(b"HTTP/1.1 200") and answered.count(b"HTTP/1.1") == 1
