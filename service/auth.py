@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from rlaifv.service.errors import ServiceError, Unauthorized
+from rlaifv.service.errors import Overloaded, ServiceError, Unauthorized
 
 bearer = HTTPBearer(auto_error=False, description="API key as a bearer token (RLAIFV_API_KEYS).")
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key (RLAIFV_API_KEYS).")
@@ -66,9 +66,30 @@ async def require_api_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     header_key: Annotated[str | None, Depends(api_key_header)],
 ) -> str | None:
-    """Dependency of every /v1 route. Returns a short key fingerprint (for rate limits), or None when auth is off."""
-    request.state.key_id = _authenticate(request, credentials, header_key)
+    """Dependency of every /v1 route. Returns a short key fingerprint (for rate limits), or None when auth is off.
+    With rate limits on, refused keys count against their client address's own quota: 300 wrong keys a second
+    were all answered 401, never slowed."""
+    try:
+        request.state.key_id = _authenticate(request, credentials, header_key)
+    except Unauthorized:
+        await _count_refusal(request)
+        raise
     return request.state.key_id
+
+
+async def _count_refusal(request: Request) -> None:
+    limiter = getattr(request.app.state, "limiter", None)
+    if limiter is None:
+        return
+    address = request.client.host if request.client else "unknown"
+    retry = await limiter.hit(f"refused-key:{address}")
+    if retry is not None:
+        request.app.state.metrics.rejected.labels(reason="rate_limited").inc()
+        raise Overloaded(
+            "too many requests without a valid API key from this client address",
+            code="rate_limited",
+            headers={"Retry-After": str(retry)},
+        )
 
 
 async def require_metrics_key(

@@ -112,3 +112,22 @@ def test_the_openai_client_hears_an_authentication_error(auth_server, key) -> No
         client.models.list()
     assert info.value.status_code == 401
     assert info.value.code == ("invalid_api_key" if key else "missing_api_key")
+
+
+def test_refused_keys_count_against_their_client_address(make_server) -> None:
+    """With rate limits on, a client guessing keys was answered 401 as fast as it asked (300 in 0.4 s); refused
+    keys now use up their address's quota (429 after it), while a valid key keeps its own."""
+    good = "sk-good-key-123456"
+    server = make_server(api_keys=[good], rate_limit_per_minute=3)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        codes = [
+            client.get("/v1/models", headers={"Authorization": f"Bearer sk-guess-{i:08d}"}).status_code
+            for i in range(5)
+        ]
+        if codes[3] == 401:  # the minute window rolled over between requests
+            codes = codes[1:]
+        assert codes[:4] == [401, 401, 401, 429], codes
+        refused = client.get("/v1/models", headers={"Authorization": "Bearer sk-guess-last"})
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {good}"}).status_code == 200
