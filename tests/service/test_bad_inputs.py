@@ -630,7 +630,7 @@ def test_a_client_cannot_pick_its_rate_limit_bucket_with_x_forwarded_for(make_se
     assert plain[:3] == [200, 200, 429], plain
     assert codes(make_server(rate_limit_per_minute=2, forwarded_allow_ips=["127.0.0.1"]), 4) == [200] * 4
     response = httpx.get(make_server().url + "/healthz")
-    assert "server" not in response.headers
+    assert "server" not in response.headers and response.headers["x-content-type-options"] == "nosniff"
 
 
 def test_a_request_head_not_complete_in_time_closes_the_connection(make_server) -> None:
