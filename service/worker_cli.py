@@ -14,8 +14,8 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 import uvicorn
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from rlaifv.service.settings import Settings
 
 log = logging.getLogger("rlaifv.worker")
+T = TypeVar("T")
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -40,7 +41,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
 
     /healthz, /readyz and /metrics answer on RLAIFV_WORKER_PORT from before the model loads (alive while
     loading, ready once consuming) until the items in hand have drained."""
-    from rlaifv.service.app import create_worker_app
+    from rlaifv.service.app import create_worker_app, in_daemon_thread
     from rlaifv.service.engines import load_engine
     from rlaifv.service.generator import open_generator
     from rlaifv.service.jobs import JobStore, JobWorkers
@@ -59,7 +60,12 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     try:
         app.state.redis = redis = connect(settings)
         app.state.generator = generator = await open_generator(settings, metrics)
-        engine, load_s = await asyncio.to_thread(load_engine, settings, metrics)
+        loaded = await _unless_stopped(in_daemon_thread(load_engine, settings, metrics), stop)
+        if loaded is None:  # stopped while loading: the load thread is abandoned, nothing was taken
+            await redis.aclose()
+            log.info("worker stopped while loading")
+            return
+        engine, load_s = loaded
         app.state.engine = engine
         metrics.model_load.set(load_s)
         if settings.warmup and not stop.is_set():
@@ -89,6 +95,22 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     finally:
         if http is not None:
             await http.close()
+
+
+async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """`work`'s result, or None once `stop` is set first (`work` cancelled): a worker told to stop during a
+    10-minute model load waited for the load."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return None
 
 
 class OperationsServer(uvicorn.Server):

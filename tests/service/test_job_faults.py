@@ -376,3 +376,35 @@ def test_a_worker_whose_operations_port_is_taken_stops_at_once_naming_the_settin
         )
     assert done.returncode == 2, done.stderr
     assert f"RLAIFV_WORKER_PORT: cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+async def test_a_worker_stopped_while_its_model_loads_stops_without_waiting_for_the_load(
+    service_bundle, monkeypatch
+) -> None:
+    """A worker told to stop during a 10-minute model load waited for the load; it now leaves the load behind
+    (a daemon thread) and stops, having taken nothing."""
+    import asyncio
+    import threading
+
+    from rlaifv.service import engines
+    from rlaifv.service.settings import Settings
+    from rlaifv.service.worker_cli import run_worker
+
+    entered, release = threading.Event(), threading.Event()
+
+    def endless_load(*_: Any) -> Any:
+        entered.set()
+        release.wait(timeout=120)
+        raise RuntimeError("released")
+
+    monkeypatch.setattr(engines, "load_engine", endless_load)
+    settings = Settings(bundle=service_bundle, redis_url="redis://127.0.0.1:1/0", worker_port=0)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(settings, stop))
+    try:
+        assert await asyncio.to_thread(entered.wait, 60)
+        stop.set()
+        await asyncio.wait_for(worker, timeout=60)  # returned, the load still going
+        assert not release.is_set()
+    finally:
+        release.set()
