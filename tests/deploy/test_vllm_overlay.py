@@ -36,6 +36,8 @@ ROLES = ("policy", "reference")
 OURS = ("rlaifv", "rlaifv-worker")
 # The vLLM servers' own environment: set by us for a read-only root, or read by vLLM, Hugging Face, Triton.
 CACHE_ENV = ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "HF_HOME")
+# Time allowed for pulling the vLLM image (several GB) onto a node before its startup budget starts counting.
+IMAGE_PULL_S = 600
 
 pytestmark = pytest.mark.parametrize("overlay", VLLM_OVERLAYS)
 
@@ -224,7 +226,7 @@ def test_weights_are_the_bundles_folders_on_our_read_only_volume(rendered, overl
 
     ours = claim_of(server_workload, server, bundle)
     claim = one(docs, "PersistentVolumeClaim", ours)
-    assert claim["spec"]["accessModes"] in (["ReadOnlyMany"], ["ReadWriteMany"]), "shared by every pod"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "shared by every pod, filled once (models-loader.yaml)"
     for role, (_, deployment, container) in _servers(docs).items():
         (model,) = _flags(container["args"])[0]
         assert Path(model) == bundle / role
@@ -241,6 +243,19 @@ def test_vllm_pods_probe_health_and_allow_for_loading(rendered, overlay):
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
         live = container["livenessProbe"]
         assert live["periodSeconds"] * live["failureThreshold"] >= 60
+
+
+def test_our_pods_wait_as_long_as_vllm_may_take_to_start(rendered, overlay):
+    """On a fresh install all pods start together, but a vLLM pod's startup budget starts only once its image (GBs)
+    is pulled, while ours starts at once: RLAIFV_VLLM_WAIT_S must cover vLLM's budget plus that pull, or our pods
+    give up (and restart) first. (test_manifests.py checks that our startup probes outlast the wait.)"""
+    docs = rendered[overlay]
+    budget = max(
+        c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] for _, c in vllm_containers(docs)
+    )
+    for name, (_, container) in _ours(docs).items():
+        wait = float(container_env(docs, container)["RLAIFV_VLLM_WAIT_S"] or 0)
+        assert wait >= budget + IMAGE_PULL_S, f"{name}: RLAIFV_VLLM_WAIT_S {wait} s < {budget} s + {IMAGE_PULL_S} s"
 
 
 def test_vllm_pods_have_writable_caches_on_a_read_only_root(rendered, overlay):
