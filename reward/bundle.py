@@ -128,8 +128,12 @@ def check_tokenizers_match(policy: Path, reference: Path) -> None:
 
 
 def write_manifest(folder: str | Path, manifest: BundleManifest) -> Path:
+    """Written whole or not at all (a temporary file renamed over it): a stop while writing left a cut-short
+    manifest, or, over an earlier one, a bundle that is neither."""
     path = Path(folder) / MANIFEST
-    path.write_text(manifest.model_dump_json(indent=2) + "\n")
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 
@@ -264,16 +268,21 @@ def write_bundle(
     provenance: dict[str, Any] | None = None,
     copy: bool = True,
 ) -> BundleManifest:
-    """Assemble a bundle folder from model folders (copied in as policy/ and reference/ by default)."""
+    """Assemble a bundle folder from model folders (copied in as policy/ and reference/ by default).
+
+    A bundle that copies is built in a sibling folder and renamed in place of the earlier one, so a folder the
+    service may load is always one whole bundle: an export stopped halfway left the earlier manifest beside the new
+    weights, which `check_bundle` passed. What a stopped export left beside it is removed by the next."""
     import shutil
 
     folder = Path(folder)
-    for key, source in (("policy", Path(policy)), ("reference", Path(reference))):
+    sources = {"policy": Path(policy), "reference": Path(reference)}
+    for key, source in sources.items():
         if copy and source.is_dir() and folder.resolve().is_relative_to(source.resolve()):
             raise BundleError(  # copytree would copy the bundle into itself until the path is too long
                 f"the bundle folder {folder} is inside the model folder {source} it would copy: put it elsewhere"
             )
-        target = folder / key  # the copy replaces it (rmtree first): a source inside it would be deleted
+        target = folder / key  # the copy replaces it: a source inside it would be deleted
         if (
             copy
             and target.exists()
@@ -283,30 +292,58 @@ def write_bundle(
             raise BundleError(
                 f"the model folder {source} is inside {target}, which the bundle's copy replaces: put it elsewhere"
             )
-    folder.mkdir(parents=True, exist_ok=True)
-    entries: dict[str, str] = {}
-    for key, source in (("policy", Path(policy)), ("reference", Path(reference))):
-        if copy:
-            target = folder / key
-            if target.resolve() != source.resolve():
-                if target.exists():
-                    shutil.rmtree(target)
-                # a git clone of a hub repository keeps a second copy of the weights under .git
-                shutil.copytree(source, target, ignore=shutil.ignore_patterns(".git", ".cache", ".gitattributes"))
-                umask_modes(target)
-            entries[key] = key
-        else:
-            entries[key] = str(source.resolve())
     reward = reward or RewardConfig()
+    in_place = {key: (folder / key).resolve() == source.resolve() for key, source in sources.items()}
     manifest = BundleManifest(
         name=name,
-        policy=entries["policy"],
+        policy=_entry("policy", sources["policy"], copy),
         policy_type=policy_type,
-        reference=entries["reference"],
+        reference=_entry("reference", sources["reference"], copy),
         beta=reward.beta,
         normalize=reward.normalize,
         end_of_turn=end_of_turn,
         provenance=provenance or {},
     )
-    write_manifest(folder, manifest)
+    if not copy or all(in_place.values()):  # nothing copied: the manifest alone changes
+        folder.mkdir(parents=True, exist_ok=True)
+        write_manifest(folder, manifest)
+        return manifest
+    if folder.is_dir() and not (folder / MANIFEST).is_file() and any(folder.iterdir()):
+        raise BundleError(  # it is replaced whole: files of the user's own would go with it
+            f"{folder} holds files but no bundle ({MANIFEST}): give an empty folder, a new one or an earlier bundle"
+        )
+    staging, retired = (folder.with_name(f".{folder.name}.{suffix}") for suffix in ("writing", "old"))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in (staging, retired):  # an export killed before it finished
+        _remove(leftover)
+    staging.mkdir()
+    try:
+        for key, source in sources.items():
+            # a git clone of a hub repository keeps a second copy of the weights under .git
+            shutil.copytree(source, staging / key, ignore=shutil.ignore_patterns(".git", ".cache", ".gitattributes"))
+        umask_modes(staging)
+        write_manifest(staging, manifest)
+        if folder.exists() or folder.is_symlink():
+            folder.rename(retired)  # a link is replaced, not followed: what it points to is kept
+        staging.rename(folder)
+    except BaseException:
+        if (retired.exists() or retired.is_symlink()) and not (folder.exists() or folder.is_symlink()):
+            retired.rename(folder)  # the earlier bundle back where the service looks
+        _remove(staging)
+        raise
+    _remove(retired)
     return manifest
+
+
+def _entry(key: str, source: Path, copy: bool) -> str:
+    """A manifest entry: the copy's folder name in the bundle, or the source's absolute path."""
+    return key if copy else str(source.resolve())
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)

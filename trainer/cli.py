@@ -43,6 +43,27 @@ def _report(output: Path) -> dict[str, Any]:
     return report if isinstance(report, dict) else {}
 
 
+def _feedback_made(output: Path) -> dict[str, Any]:
+    """What made the feedback.parquet in `output`: the record in its own metadata, or, in a file an earlier version
+    wrote, its report's ({} when there is no such file, or it cannot be read: it is made again)."""
+    import warnings
+
+    from rlaifv.trainer.errors import DataError
+    from rlaifv.trainer.feedback import FEEDBACK_FILE, feedback_made
+
+    path = output / FEEDBACK_FILE
+    if not path.is_file():
+        return {}
+    try:
+        made = feedback_made(path)
+    except DataError as exc:
+        warnings.warn(f"{exc}: the feedback is sampled again", stacklevel=2)
+        return {}
+    if made is None:
+        made = _report(output).get("made")
+    return made if isinstance(made, dict) else {}
+
+
 @contextmanager
 def _clean_errors(progress: bool = True) -> Iterator[None]:
     """Known errors become one red line, not a traceback, and exit code 1; 2 for a setting or option that is wrong
@@ -328,7 +349,14 @@ def feedback(
     feedback.parquet is already this run's, only the pairs are built again (pairs.* settings may change)."""
     with _clean_errors(progress):
         from rlaifv.reward.models import load_adapter, load_model, load_processor
-        from rlaifv.trainer.data import data_files, describe_files, prompts_digest, read_prompts, write_preferences
+        from rlaifv.trainer.data import (
+            data_files,
+            describe_files,
+            prompts_digest,
+            read_prompts,
+            write_json,
+            write_preferences,
+        )
         from rlaifv.trainer.dpo import require_model_folder
         from rlaifv.trainer.errors import ConfigError
         from rlaifv.trainer.feedback import (
@@ -375,18 +403,20 @@ def feedback(
         items = read_prompts(prompts, limit=limit, progress=progress)
         models = [model] if adapter is None else [model, adapter]
         made = {"feedback_key": feedback_key(config, models), "prompts_digest": prompts_digest(items)}
-        if (output / FEEDBACK_FILE).is_file() and _report(output).get("made") == made:
-            results = read_feedback(output / FEEDBACK_FILE)
-            typer.secho(f"{output / FEEDBACK_FILE} is this run's feedback: only the pairs are built again", err=True)
+        finished, pairs_file = output / FEEDBACK_FILE, output / "pairs.parquet"
+        earlier = _feedback_made(output)
+        # Built again below: an earlier run's pairs are never left beside other feedback (`train dpo` took them).
+        pairs_file.unlink(missing_ok=True)
+        if earlier == made:
+            results = read_feedback(finished)
+            typer.secho(f"{finished} is this run's feedback: only the pairs are built again", err=True)
         else:
+            (output / "report.json").unlink(missing_ok=True)  # it describes the feedback this run replaces
             processor = load_processor(model)
             policy = load_model(model)
             if adapter is not None:
                 policy = load_adapter(policy, adapter)
-            earlier = _report(output).get("made")
-            earlier = earlier if isinstance(earlier, dict) else {}
-            finished = output / FEEDBACK_FILE
-            same_run = finished.is_file() and earlier.get("feedback_key") == made["feedback_key"]
+            same_run = earlier.get("feedback_key") == made["feedback_key"]
             shards = FeedbackShards(
                 output / FEEDBACK_PARTIAL,
                 made["feedback_key"],
@@ -394,15 +424,12 @@ def feedback(
                 finished=finished if same_run else None,
             )
             results = collect_feedback(policy, processor, items, config, progress=progress, shards=shards)
-            (output / "report.json").unlink(missing_ok=True)  # its `made` no longer names feedback.parquet
-            write_feedback(output / FEEDBACK_FILE, results)
-            shards.clear()
+            write_feedback(finished, results, made=made)
         rows, stats = build_pairs(results, pair_config)
         origin = {"generator": str(model), "labeler": labeler, "type": "rlaifv-feedback"}
         if rows:
-            write_preferences(output / "pairs.parquet", rows, origin=origin)
-        else:  # a rerun must not leave an earlier run's pairs looking like this one's
-            (output / "pairs.parquet").unlink(missing_ok=True)
+            write_preferences(pairs_file, rows, origin=origin)
+        else:
             typer.secho(
                 f"no pairs selected ({why_no_pairs(stats, pair_config)}): pairs.parquet not written",
                 fg=typer.colors.YELLOW,
@@ -417,7 +444,9 @@ def feedback(
             "feedback": {"prompts_read": len(items), **feedback_summary(results)},
             "pairs": stats.to_dict(),
         }
-        (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(output / "report.json", report)
+        # Only now: until the report is written, a stop leaves the batches to go on from.
+        FeedbackShards(output / FEEDBACK_PARTIAL, made["feedback_key"]).clear()
         typer.echo(json.dumps({"feedback": report["feedback"], "pairs": report["pairs"]}, indent=2))
 
 

@@ -154,6 +154,19 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def write_json(path: str | Path, data: Any) -> None:
+    """A state file written whole or not at all (a temporary file renamed over it): one cut short by a kill or a full
+    disk was unreadable, and every rerun stopped on it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def data_files(path: str | Path, suffixes: Sequence[str] = (".parquet", ".parq", ".jsonl")) -> list[Path]:
     """The data files at `path`: the file itself, or every matching file below a folder, sorted."""
     path = Path(path)

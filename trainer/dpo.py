@@ -48,6 +48,8 @@ import hashlib
 import itertools
 import json
 import math
+import os
+import pickle
 import shutil
 import time
 import warnings
@@ -57,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlaifv.trainer.data import PreferenceRow
+from rlaifv.trainer.data import PreferenceRow, write_json
 from rlaifv.trainer.dpo_config import DPOConfig
 from rlaifv.trainer.errors import ConfigError, DataError, RunStateError, TrainingInterrupted
 from rlaifv.trainer.interrupt import agreed, stop_on_sigterm
@@ -335,8 +337,30 @@ def model_identity(path: str | Path) -> str:
     return model_fingerprint(path) if Path(path).is_dir() else str(path)
 
 
+FINGERPRINT_PREFIX = "content:"
+"""Begins a fingerprint of the files' bytes; a run file of an earlier version holds one of their sizes and mtimes."""
+
+
 def model_fingerprint(path: str | Path) -> str:
-    """Identity of a model folder: its config and the names and sizes of its weight files."""
+    """Identity of a model folder by content: its configs and the bytes of its weight files (and their names).
+
+    A copy that does not keep mtimes (gsutil, aws s3 cp) is the same model, so a run staged again resumes; a model
+    retrained in place is another. The cost is reading every weight file once per process: a 7B model's ~15 GB
+    take about 10 s at SHA-256's 1.5 GB/s, longer where the disk is slower. `_file_digest` keeps each file's hash
+    while its stat is unchanged, so the later calls of a run (reference cache, checkpoints, feedback) are free."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.name in ("config.json", "adapter_config.json"):
+            digest.update(file.read_bytes())
+        elif file.suffix == ".safetensors" or file.name.endswith(".safetensors.index.json"):
+            digest.update(f"{file.name}:{_file_digest(file)}".encode())
+    return FINGERPRINT_PREFIX + digest.hexdigest()
+
+
+def legacy_model_fingerprint(path: str | Path) -> str:
+    """The fingerprint of versions before `model_fingerprint` read the bytes (weight files by size and mtime):
+    what a run file of theirs holds, to tell whether the model is still the one it names."""
     path = Path(path)
     digest = hashlib.sha256()
     for file in sorted(path.iterdir()):
@@ -345,6 +369,30 @@ def model_fingerprint(path: str | Path) -> str:
         elif file.suffix == ".safetensors" or file.name.endswith(".safetensors.index.json"):
             digest.update(f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
     return digest.hexdigest()
+
+
+_DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}
+RACY_NS = 2_000_000_000
+"""A file changed this close to its hashing is hashed again next time: a write in the same clock tick as the one
+before it leaves the stat as it was (git's "racy" entries)."""
+
+
+def _file_digest(file: Path) -> str:
+    """SHA-256 of the file, kept for this process while its device, inode, size, mtime and ctime stay the same.
+    ctime cannot be set back (utime sets it to now), so bytes changed with the mtime restored are hashed again."""
+
+    def identity(stat: os.stat_result) -> tuple[str, int, int, int, int, int]:
+        return (str(file.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+    before = identity(file.stat())
+    if before in _DIGESTS:
+        return _DIGESTS[before]
+    started = time.time_ns()
+    with open(file, "rb") as handle:
+        value = hashlib.file_digest(handle, "sha256").hexdigest()
+    if identity(file.stat()) == before and max(before[4], before[5]) < started - RACY_NS:
+        _DIGESTS[before] = value
+    return value
 
 
 def reference_cache_key(reference_id: str, pairs: Sequence[EncodedPair]) -> str:
@@ -424,13 +472,25 @@ def write_partial_reference(path: Path, pairs: Sequence[EncodedPair], key: str) 
     tmp.replace(path)
 
 
-def read_partial_reference(path: Path, key: str, pairs: Sequence[EncodedPair]) -> int:
-    """Fill the first pairs' sums from a cut-short pass made for this reference and these pairs; how many."""
+def _readable_table(path: Path, columns: list[str] | None = None) -> Any:
+    """The parquet at `path`, or None when there is none or it cannot be read (warned: a file a disk lost the end
+    of stopped every rerun with a traceback; its sums are computed again instead)."""
     import pyarrow.parquet as pq
 
     if not path.is_file():
+        return None
+    try:
+        return pq.read_table(path, columns=columns)
+    except Exception as exc:  # pyarrow's ArrowInvalid, an OSError, a missing column: not this cache
+        warnings.warn(f"{path} cannot be read ({exc}): its reference sums are computed again", stacklevel=3)
+        return None
+
+
+def read_partial_reference(path: Path, key: str, pairs: Sequence[EncodedPair]) -> int:
+    """Fill the first pairs' sums from a cut-short pass made for this reference and these pairs; how many."""
+    table = _readable_table(path)
+    if table is None:
         return 0
-    table = pq.read_table(path)
     meta = table.schema.metadata or {}
     if meta.get(b"rlaifv_reference_key", b"").decode() != key or table.num_rows > len(pairs):
         return 0
@@ -487,11 +547,9 @@ def write_reference_cache(path: Path, pairs: Sequence[EncodedPair], key: str) ->
 
 def read_reference_cache(path: Path, key: str, pairs: Sequence[EncodedPair]) -> bool:
     """Fill reference sums from the cache when it was made for this reference and these pairs."""
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
+    table = _readable_table(path, columns=["ref_chosen", "ref_rejected"])
+    if table is None:
         return False
-    table = pq.read_table(path, columns=["ref_chosen", "ref_rejected"])
     meta = table.schema.metadata or {}
     if meta.get(b"rlaifv_reference_key", b"").decode() != key or table.num_rows != len(pairs):
         return False
@@ -689,6 +747,32 @@ def _train_dpo(
         reference_id += f"|{config.dtype}|{config.mixed_precision}"
     reference_id += f"|fits:{limit}"  # pairs over the positions are NaN in the cache: a cache without them is another
     key = reference_cache_key(reference_id, pairs)
+    # The policy trained is part of the run: a checkpoint of another --model (the same output folder, the model
+    # corrected after a stop) resumed its weights under this model's name.
+    started_from = [model_identity(model_path), model_identity(init_adapter) if init_adapter else None]
+    run_key = hashlib.sha256(
+        json.dumps([key, config.training_settings(), accelerator.num_processes, started_from]).encode()
+    ).hexdigest()
+    finished = _finished_run(output_dir, run_key)
+    if finished is not None:
+        if accelerator.is_main_process:
+            warnings.warn(
+                f"{output_dir / 'policy'} is this run's trained policy ({DPO_REPORT} names the same settings, data"
+                " and models): it is not trained again",
+                stacklevel=2,
+            )
+        return DPOResult(
+            policy_dir=output_dir / "policy",
+            policy_type="lora" if config.lora else "full",
+            num_pairs=finished["num_pairs"],
+            dropped_pairs=finished["dropped_pairs"],
+            optimizer_steps=finished["optimizer_steps"],
+            metrics=finished["metrics"],
+            history=finished["history"],
+            reference_cache=cache,
+            reference_cache_hit=True,
+            is_main_process=accelerator.is_main_process,
+        )
     # Every rank reads the cache (and a cut-short pass) before any rank can write one: they must agree on hit or
     # miss and on where a pass resumes, since the pass checks for SIGTERM with a collective per batch.
     accelerator.wait_for_everyone()
@@ -777,12 +861,6 @@ def _train_dpo(
     epoch_stats: dict[str, list[float]] = {}
     updates = start_epoch = epoch_updates = 0
     rank = accelerator.process_index
-    # The policy trained is part of the run: a checkpoint of another --model (the same output folder, the model
-    # corrected after a stop) resumed its weights under this model's name.
-    started_from = [model_identity(model_path), model_identity(init_adapter) if init_adapter else None]
-    run_key = hashlib.sha256(
-        json.dumps([key, config.training_settings(), accelerator.num_processes, started_from]).encode()
-    ).hexdigest()
     checkpoints = CheckpointStore(
         output_dir / CHECKPOINTS, run_key, keep=config.keep_checkpoints, settings=config.training_settings()
     )
@@ -802,7 +880,14 @@ def _train_dpo(
             stacklevel=2,
         )
     if resumed is not None:
-        accelerator.load_state(str(resumed.folder), **({"strict": False} if trainable_only else {}))
+        try:
+            accelerator.load_state(str(resumed.folder), **({"strict": False} if trainable_only else {}))
+        except (*_save_errors(), EOFError, ValueError, pickle.UnpicklingError) as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RunStateError(
+                f"checkpoint {resumed.folder} cannot be read ({detail}): delete it to resume from an earlier"
+                " checkpoint or start over"
+            ) from None
         state = resumed.state
         start_epoch, updates, epoch_updates = state["epoch"], state["updates"], state["epoch_updates"]
         history = state["history"]
@@ -916,13 +1001,18 @@ def _train_dpo(
     model = accelerator.unwrap_model(scorer).model
     metrics = {f"train_{k}": _mean(v) for k, v in epoch_stats.items()}
     if accelerator.is_main_process:
+        (output_dir / DPO_REPORT).unlink(missing_ok=True)  # it names a finished run: not until this policy is saved
         if policy_dir.exists():  # an earlier run's files (a LoRA adapter beside a full model) must not mix in
             shutil.rmtree(policy_dir)
-        model.save_pretrained(policy_dir, safe_serialization=True)
-        if not config.lora:
-            save_processor(processor, model_path, policy_dir)
+        try:
+            model.save_pretrained(policy_dir, safe_serialization=True)
+            if not config.lora:
+                save_processor(processor, model_path, policy_dir)
+        except _save_errors() as exc:
+            raise _save_failed(policy_dir, "policy", exc) from None
         report = {
             "kind": "dpo",
+            "run_key": run_key,  # the policy beside it is this run's, whole: a rerun of it goes on from here
             "config": config.to_dict(),
             "effective_learning_rate": config.lr,
             "model": _where(model_path),
@@ -944,15 +1034,15 @@ def _train_dpo(
             "history": history,
             "seconds": time.time() - started,
         }
-        (output_dir / DPO_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(output_dir / DPO_REPORT, report)
         kept = [c.folder for c in checkpoints.complete()]
         if kept and clear_checkpoints:  # a caller that never reruns a finished run (iterate's DONE rounds)
             shutil.rmtree(checkpoints.root, ignore_errors=True)
         elif kept:  # what a rerun of this command would resume from (and train the steps after it again)
             warnings.warn(
                 f"the run is done and its policy saved; {len(kept)} checkpoint(s) stay in {checkpoints.root}"
-                f" ({_size_gb(kept):.1f} GB): a rerun of the same command resumes from the newest;"
-                " delete them when the policy is all you need",
+                f" ({_size_gb(kept):.1f} GB): a rerun of the same command uses the saved policy, and resumes from"
+                " the newest only if the policy is removed; delete them when the policy is all you need",
                 stacklevel=2,
             )
     accelerator.wait_for_everyone()
@@ -969,6 +1059,19 @@ def _train_dpo(
         reference_cache_hit=hit,
         is_main_process=accelerator.is_main_process,
     )
+
+
+def _finished_run(output_dir: Path, run_key: str) -> dict[str, Any] | None:
+    """The report of this very run when it finished in `output_dir` (the report is removed before its policy is
+    written again, and written after it is whole): a stop after the last step (Ctrl-C in it, SIGTERM or a full disk
+    in the export that follows) trained the whole run again on the rerun."""
+    try:
+        report = json.loads((output_dir / DPO_REPORT).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("run_key") != run_key or not (output_dir / "policy").is_dir():
+        return None
+    return report
 
 
 def check_models(
@@ -1096,11 +1199,17 @@ class CheckpointStore:
         folder = self.root / f"step-{updates:07d}"
         if accelerator.is_main_process:  # a folder being overwritten is incomplete until the new state is written
             (folder / TRAINER_STATE).unlink(missing_ok=True)
-        accelerator.save_state(str(folder))
+        try:
+            accelerator.save_state(str(folder))
+        except _save_errors() as exc:
+            raise _save_failed(folder, "checkpoint", exc) from None
         accelerator.wait_for_everyone()  # every rank's files (its RNG state) are written before the folder is complete
         if accelerator.is_main_process:
             recorded = state | {"key": self.run_key, "settings": self.settings}
-            (folder / TRAINER_STATE).write_text(json.dumps(recorded, default=str) + "\n")
+            try:
+                write_json(folder / TRAINER_STATE, recorded)
+            except OSError as exc:
+                raise _save_failed(folder, "checkpoint", exc) from None
             if self.keep:
                 for old in self.complete()[: -self.keep]:
                     shutil.rmtree(old.folder, ignore_errors=True)
@@ -1142,6 +1251,24 @@ def _checkpoint_trainable_only(accelerator: Any) -> None:
 
     accelerator.register_save_state_pre_hook(drop_frozen)
     accelerator.register_load_state_pre_hook(require_trainable)
+
+
+def _save_errors() -> tuple[type[BaseException], ...]:
+    """What a save to a full disk or a read-only folder raises: torch's writer a RuntimeError, safetensors its own."""
+    from safetensors import SafetensorError
+
+    return (OSError, RuntimeError, SafetensorError)
+
+
+def _save_failed(folder: Path, what: str, exc: BaseException) -> RunStateError:
+    """The error of a save that failed, once the part it wrote is removed: a partial folder looked saved to a rerun,
+    and the traceback said nothing of where."""
+    shutil.rmtree(folder, ignore_errors=True)
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return RunStateError(
+        f"cannot save the {what} in {folder} ({detail}): is the disk full or the folder read-only? The part written"
+        " was removed; rerun the same command once there is room"
+    )
 
 
 def _size_gb(folders: Sequence[Path]) -> float:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlaifv.trainer.data import PromptItem, image_bytes, prompt_text
+from rlaifv.trainer.data import PromptItem, image_bytes, prompt_text, write_json
 from rlaifv.trainer.errors import DataError, TrainingInterrupted
 from rlaifv.trainer.feedback_config import FeedbackConfig
 from rlaifv.trainer.image_spill import ImageSpill
@@ -317,8 +317,12 @@ def feedback_summary(feedback: Sequence[PromptFeedback]) -> dict[str, float]:
     }
 
 
-def write_feedback(path: str | Path, feedback: Sequence[PromptFeedback]) -> Path:
-    """Parquet: one row per prompt (id, image bytes, question, answers as JSON, dropped)."""
+MADE_KEY = b"rlaifv_made"
+
+
+def write_feedback(path: str | Path, feedback: Sequence[PromptFeedback], *, made: dict[str, Any] | None = None) -> Path:
+    """Parquet: one row per prompt (id, image bytes, question, answers as JSON, dropped). `made` (what the feedback
+    was made from) goes in the file's metadata: written with it, it names it whatever else a stop left undone."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -332,10 +336,25 @@ def write_feedback(path: str | Path, feedback: Sequence[PromptFeedback]) -> Path
             "dropped": pa.array([f.dropped for f in feedback], type=pa.int32()),
         }
     )
+    if made is not None:
+        table = table.replace_schema_metadata({MADE_KEY: json.dumps(made)})
     tmp = path.with_suffix(".tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)
     return path
+
+
+def feedback_made(path: str | Path) -> dict[str, Any] | None:
+    """The `made` record of a feedback file, None when it has none (an earlier version wrote it); a `DataError`
+    when the file cannot be read."""
+    import pyarrow.parquet as pq
+
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(MADE_KEY)
+        made = json.loads(raw) if raw is not None else None
+    except Exception as exc:
+        raise DataError(f"not a readable feedback file: {exc}", source=str(path)) from None
+    return made if isinstance(made, dict) else None
 
 
 def read_feedback(*paths: str | Path) -> list[PromptFeedback]:
@@ -394,20 +413,27 @@ class FeedbackShards:
         if shards and why is None:
             kept: list[Path] = []
             done: list[PromptFeedback] = []
+            sampled = truncated = 0
             for shard in shards:
-                part = read_feedback(shard)
+                try:
+                    part = read_feedback(shard)
+                    counts = json.loads(shard.with_suffix(".json").read_text())
+                    more = int(counts["sampled"]), int(counts["truncated"])
+                except (DataError, OSError, ValueError, KeyError, TypeError) as exc:
+                    # damaged (a disk that lost its last writes): it blocked every rerun
+                    warnings.warn(
+                        f"{shard} cannot be read ({exc}): it and those after it are sampled again", stacklevel=3
+                    )
+                    break
                 end = len(done) + len(part)
                 if end > len(prompts) or (len(part) < batch and end < len(prompts)):
                     break  # past a lowered --limit, or a short last batch that more prompts follow now
                 kept.append(shard)
                 done += part
+                sampled, truncated = sampled + more[0], truncated + more[1]
             shards = kept
             why = _other_prompts(done, prompts)
             if why is None:
-                sampled = truncated = 0
-                for shard in shards:
-                    counts = json.loads(shard.with_suffix(".json").read_text())
-                    sampled, truncated = sampled + counts["sampled"], truncated + counts["truncated"]
                 self._keep(len(shards))
                 return done, sampled, truncated
         if why is not None:
@@ -462,12 +488,12 @@ class FeedbackShards:
             shard.with_suffix(".json").unlink(missing_ok=True)
             shard.unlink()
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / self.KEY_FILE).write_text(json.dumps({"key": self.key, "settings": self.settings}))
+        write_json(self.folder / self.KEY_FILE, {"key": self.key, "settings": self.settings})
 
     def add(self, start: int, feedback: Sequence[PromptFeedback], sampled: int, truncated: int) -> None:
         """The batch's counts first: its parquet, written last, is what makes it count as saved."""
         shard = self.folder / f"batch-{start:09d}.parquet"
-        shard.with_suffix(".json").write_text(json.dumps({"sampled": sampled, "truncated": truncated}))
+        write_json(shard.with_suffix(".json"), {"sampled": sampled, "truncated": truncated})
         write_feedback(shard, feedback)
 
     def clear(self) -> None:

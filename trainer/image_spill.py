@@ -54,7 +54,9 @@ class ImageSpill:
     it gives the file up (views already attached stay valid: the map holds the unlinked file)."""
 
     def __init__(self) -> None:
-        self._file = tempfile.TemporaryFile(prefix="rlaifv-images-")  # noqa: SIM115 (closed on leaving `with`)
+        # Unbuffered: a full disk fails the `add` of the image it cannot hold, as the DataError that names TMPDIR; a
+        # buffer failed later, in attach() or close(), as a bare OSError in place of whatever was going wrong then.
+        self._file = tempfile.TemporaryFile(prefix="rlaifv-images-", buffering=0)  # noqa: SIM115 (closed on leaving `with`)
         self._spans: list[tuple[int, int]] = []
         self._index: dict[bytes, int] = {}
         self._size = 0
@@ -62,9 +64,13 @@ class ImageSpill:
     def __enter__(self) -> ImageSpill:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._file.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         self._index.clear()
+        try:
+            self._file.close()
+        except OSError:
+            if kind is None:
+                raise  # else the error already on its way out is the one to tell
 
     def add(self, data: bytes) -> tuple[int, bool]:
         """The image's index, and whether it is new (identical bytes get the index of their first copy)."""
@@ -73,7 +79,9 @@ class ImageSpill:
         if known is not None:
             return known, False
         try:
-            self._file.write(data)
+            view = memoryview(data)
+            while view:  # an unbuffered write may take part of it (the last bytes a disk has room for)
+                view = view[self._file.write(view) :]
         except OSError as exc:  # a full or read-only temporary folder
             raise DataError(
                 f"cannot store the dataset's images in {tempfile.gettempdir()} (TMPDIR): {exc.strerror or exc}"

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlaifv.trainer.data import PromptSource, read_preferences, sha256_file, write_preferences
+from rlaifv.trainer.data import PromptSource, read_preferences, sha256_file, write_json, write_preferences
 from rlaifv.trainer.dpo_config import DPOConfig
 from rlaifv.trainer.errors import RunStateError, TrainerError
 from rlaifv.trainer.feedback_config import FeedbackConfig
@@ -81,9 +81,16 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
     }
     if not path.is_file():
         output_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(current, indent=2, default=str) + "\n")
+        write_json(path, current)
         return False
-    previous = json.loads(path.read_text())
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunStateError(
+            f"{path} cannot be read ({exc}): it records the run's settings; restore it, or use a new output folder"
+        ) from None
+    if not isinstance(previous, dict):
+        raise RunStateError(f"{path} is not a run file: restore it, or use a new output folder")
     old, new = dict(previous.get("config", {})), dict(current["config"])
     for settings in (old, new):
         for key in RESUMABLE_CHANGES:
@@ -91,11 +98,14 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
         for section, bookkeeping in (("dpo", DPOConfig.BOOKKEEPING), ("feedback", FeedbackConfig.BOOKKEEPING)):
             if isinstance(settings.get(section), dict):
                 settings[section] = {k: v for k, v in settings[section].items() if k not in bookkeeping}
-    if current["model_fingerprint"] and previous.get("model_fingerprint") == current["model_fingerprint"]:
+    same_model = _same_model(previous.get("model_fingerprint"), current["model_fingerprint"], Path(config.model))
+    if same_model:
         old.pop("model", None)
         new.pop("model", None)
     new = _without_added_defaults(old, new, config)
     changed = _changed(old, new)
+    if same_model is False and "model" not in changed:  # retrained or replaced in place: the path alone is the same
+        changed = sorted([*changed, "model"])
     same_source = json.loads(json.dumps(current["prompt_source"], default=str))
     old_source = previous.get("prompt_source")
     if isinstance(old_source, dict) and isinstance(same_source, dict) and "prompts" not in old_source:
@@ -110,8 +120,22 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
                 " finished with them; use a new output folder to change them"
             )
         _discard_stale(output_dir, changed)
-    path.write_text(json.dumps(current, indent=2, default=str) + "\n")
+    write_json(path, current)
     return True
+
+
+def _same_model(previous: Any, current: str | None, model: Path) -> bool | None:
+    """Whether the run's model folder holds the model it was started with (`model_identity`'s rule: a model
+    retrained or replaced at the same path is another model); None when either side has no fingerprint (a hub id,
+    a run file without one), where the path decides. A run file of a version that fingerprinted weight files by
+    size and mtime is compared by that rule (then rewritten with the content's fingerprint)."""
+    from rlaifv.trainer.dpo import FINGERPRINT_PREFIX, legacy_model_fingerprint
+
+    if not previous or not current:
+        return None
+    if not str(previous).startswith(FINGERPRINT_PREFIX):
+        return bool(previous == legacy_model_fingerprint(model))
+    return bool(previous == current)
 
 
 # A round's stages in order, with what each leaves in the round's folder that is reused without a settings check:
@@ -202,6 +226,27 @@ def _by_content(description: Any) -> Any:
     return description
 
 
+def _recorded(output_dir: Path, path: str | Path) -> str:
+    """How a round report records `path`: relative to the run folder when inside it, so that a moved run folder
+    (a resumable change) finds its own rounds' policies; absolute otherwise (the initial model)."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(output_dir.resolve()).as_posix()
+    except ValueError:
+        return str(resolved)
+
+
+def policy_of(output_dir: Path, report: dict[str, Any]) -> Path:
+    """A finished round's policy folder in the run folder as it is now. Reports written before paths were kept
+    relative hold an absolute one, of the folder the run had then: this run's own round is read when it is there
+    (the run was moved or copied since, and that path may now be another run's), else the path as written."""
+    recorded = Path(report["policy_dir"])
+    if not recorded.is_absolute():
+        return output_dir / recorded
+    own = round_dir(output_dir, report["round"]) / "dpo" / "policy"
+    return own if own.is_dir() else recorded
+
+
 def _free() -> None:
     gc.collect()
     try:
@@ -220,9 +265,29 @@ def _load_policy(config: IterateConfig, initial: Path, previous: dict[str, Any] 
     device = "cpu" if config.dpo.cpu else None
     if previous is None:
         return load_model(initial, device=device)
+    policy = policy_of(Path(config.output_dir), previous)
     if previous["policy_type"] == "lora":
-        return load_adapter(load_model(initial, device=device), previous["policy_dir"])
-    return load_model(previous["policy_dir"], device=device)
+        return load_adapter(load_model(initial, device=device), policy)
+    return load_model(policy, device=device)
+
+
+def _export_round_bundle(config: IterateConfig, rdir: Path, report: dict[str, Any]) -> None:
+    """The round's bundle for its eval: a manifest pointing at the round's policy and the initial model (made again
+    before each eval: it names them by absolute path, and the run folder may have moved since)."""
+    from rlaifv.trainer.export import export_bundle
+
+    export_bundle(
+        rdir / "bundle",
+        policy_dir=rdir / "dpo" / "policy",
+        reference_dir=Path(config.model),
+        policy_type=report["policy_type"],
+        beta=config.dpo.beta,
+        name=f"{config.bundle_name}-round-{report['round']}",
+        normalize=config.normalize,
+        end_of_turn=config.dpo.end_of_turn,
+        provenance={"round": report["round"]},
+        copy=False,
+    )
 
 
 def run_round(
@@ -239,7 +304,6 @@ def run_round(
     """Run (or finish) round `index` (1-based); returns its report. `previous` is the last round's report."""
     from rlaifv.reward.models import load_processor
     from rlaifv.trainer.dpo import DPO_REPORT, train_dpo
-    from rlaifv.trainer.export import export_bundle
     from rlaifv.trainer.feedback import (
         FEEDBACK_FILE,
         FEEDBACK_PARTIAL,
@@ -259,6 +323,7 @@ def run_round(
     rdir.mkdir(parents=True, exist_ok=True)
     seed = config.seed * 1000 + index
     report: dict[str, Any] = {"round": index, "seed": seed, "stages_reused": []}
+    previous_policy = policy_of(output_dir, previous) if previous is not None else None
 
     # 1-2. prompts and feedback
     feedback_path = rdir / FEEDBACK_FILE
@@ -273,7 +338,7 @@ def run_round(
         processor = load_processor(initial)
         policy = _load_policy(config, initial, previous)
         feedback_config = dataclasses.replace(config.feedback, seed=seed)
-        starting = [initial] if previous is None else [initial, Path(previous["policy_dir"])]
+        starting = [initial] if previous_policy is None else [initial, previous_policy]
         key = feedback_key(feedback_config, starting)
         shards = FeedbackShards(rdir / FEEDBACK_PARTIAL, key, feedback_config.to_dict())
         feedback = collect_feedback(
@@ -324,10 +389,10 @@ def run_round(
         report["stages_reused"].append("dpo")
     else:
         lora = config.dpo.lora
-        if lora or previous is None:
-            model_path, init_adapter = initial, (Path(previous["policy_dir"]) if lora and previous else None)
+        if lora or previous_policy is None:
+            model_path, init_adapter = initial, (previous_policy if lora else None)
         else:
-            model_path, init_adapter = Path(previous["policy_dir"]), None
+            model_path, init_adapter = previous_policy, None
         reference_path = model_path if config.reference_mode == "previous" else initial
         # LoRA rounds continue one adapter over the base: the previous round's policy is that starting adapter.
         reference_is_start = lora and init_adapter is not None and config.reference_mode == "previous"
@@ -347,29 +412,33 @@ def run_round(
     report["dpo"] = {
         k: dpo_report[k] for k in ("metrics", "optimizer_steps", "num_pairs", "reference", "reference_cache")
     }
-    report["policy_dir"] = str((dpo_dir / "policy").resolve())
+    if Path(report["dpo"]["reference"]).is_dir():  # not a LoRA round's "adapter over base"
+        report["dpo"]["reference"] = _recorded(output_dir, report["dpo"]["reference"])
+    report["policy_dir"] = _recorded(output_dir, dpo_dir / "policy")
     report["policy_type"] = "lora" if config.dpo.lora else "full"
 
-    # 5. a bundle of this round (manifest only: points at the round's policy and the initial model) + eval
-    bundle_dir = rdir / "bundle"
-    export_bundle(
-        bundle_dir,
-        policy_dir=dpo_dir / "policy",
-        reference_dir=initial,
-        policy_type=report["policy_type"],
-        beta=config.dpo.beta,
-        name=f"{config.bundle_name}-round-{index}",
-        normalize=config.normalize,
-        end_of_turn=config.dpo.end_of_turn,
-        provenance={"round": index},
-        copy=False,
-    )
+    # 5. a bundle of this round + eval
+    _export_round_bundle(config, rdir, report)
     if eval_hook is not None:
         _evaluate(report, rdir, initial, eval_hook)
     report["seconds"] = time.time() - started
-    (rdir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(rdir / REPORT_FILE, report)
     (rdir / DONE_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
     return report
+
+
+def _finished_report(rdir: Path) -> dict[str, Any] | None:
+    """A finished round's report; None when the round is not finished, or its report cannot be read (written in
+    place by earlier versions: a stop could cut it short, and every rerun stopped on it), warned: the round is then
+    finished again from its stage files."""
+    if not (rdir / DONE_FILE).is_file():
+        return None
+    try:
+        report = json.loads((rdir / REPORT_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"{rdir / REPORT_FILE} cannot be read ({exc}): the round is finished again", stacklevel=3)
+        return None
+    return report if isinstance(report, dict) else None
 
 
 def _evaluate(report: dict[str, Any], rdir: Path, initial: Path, eval_hook: EvalHook) -> None:
@@ -379,10 +448,10 @@ def _evaluate(report: dict[str, Any], rdir: Path, initial: Path, eval_hook: Eval
         metrics = json.loads(eval_path.read_text())
         report["stages_reused"].append("eval")
     else:
-        policy = Path(report["policy_dir"])
+        policy = policy_of(rdir.parent, report)
         context = RoundContext(report["round"], rdir, rdir / "bundle", policy, report["policy_type"], initial)
         metrics = {k: None if v is None else float(v) for k, v in eval_hook(context).items()}
-        eval_path.write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(eval_path, metrics)
         _free()
     report["eval"] = metrics
 
@@ -437,12 +506,14 @@ def run_iterate(
     previous: dict[str, Any] | None = None
     for index in tqdm(range(1, config.rounds + 1), desc="rounds", unit="round", disable=not config.progress):
         rdir = round_dir(output_dir, index)
-        if (rdir / DONE_FILE).is_file() and (rdir / REPORT_FILE).is_file():
-            report = json.loads((rdir / REPORT_FILE).read_text())
+        report = _finished_report(rdir)
+        if report is not None:
             resumed.append(index)
             if eval_hook is not None and "eval" not in report:  # finished before the run had an eval hook
+                if not (rdir / "eval.json").is_file():
+                    _export_round_bundle(config, rdir, report)
                 _evaluate(report, rdir, Path(config.model), eval_hook)
-                (rdir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+                write_json(rdir / REPORT_FILE, report)
         else:
             report = run_round(
                 index, config, source, previous, eval_hook=eval_hook, labeler=labeler, splitter=splitter, writer=writer
@@ -472,10 +543,12 @@ def run_iterate(
             for r in reports
         ],
     }
-    reference_dir = chosen["dpo"]["reference"] if config.export_reference == "round" else config.model
+    reference_dir: str | Path = config.model
+    if config.export_reference == "round" and config.reference_mode == "previous" and exported > 1:
+        reference_dir = policy_of(output_dir, reports[exported - 2])  # the round's DPO reference (full: no LoRA)
     export_bundle(
         bundle_dir,
-        policy_dir=chosen["policy_dir"],
+        policy_dir=policy_of(output_dir, chosen),
         reference_dir=reference_dir,
         policy_type=chosen["policy_type"],
         beta=config.dpo.beta,
@@ -492,5 +565,5 @@ def run_iterate(
         "bundle": str(bundle_dir),
         "seconds_this_run": time.time() - started,
     }
-    (output_dir / REPORT_FILE).write_text(json.dumps(run_report, indent=2, default=str) + "\n")
+    write_json(output_dir / REPORT_FILE, run_report)
     return IterateResult(output_dir, bundle_dir, exported, reports, resumed)

@@ -211,6 +211,7 @@ def test_reference_logprobs_are_cached_and_reused(tiny_model: Path, tmp_path: Pa
     assert not first.reference_cache_hit
     cache = pq.read_table(tmp_path / REFERENCE_CACHE)
     assert cache.num_rows == 4 and set(cache.column_names) >= {"image", "chosen_ids", "ref_chosen", "ref_rejected"}
+    (tmp_path / "dpo_report.json").unlink()  # stopped before its policy was saved whole: the rerun trains again
     second = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path, progress=False)
     assert second.reference_cache_hit
     report = json.loads((tmp_path / "dpo_report.json").read_text())
@@ -800,6 +801,7 @@ def test_sigterm_while_loading_stops_before_the_first_step(
     rows = _toy_rows(4)
     config = DPOConfig(learning_rate=1e-3, epochs=1, batch_size=2, cpu=True)
     train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path, progress=False)  # the cache
+    (tmp_path / "dpo_report.json").unlink()  # not a finished run: this one trains again
     real = dpo_module._load_policy
 
     def loading(*args, **kwargs):
@@ -1005,3 +1007,161 @@ def test_a_lora_policy_loads_without_a_library_warning_for_the_user(tiny_model: 
         warnings.simplefilter("always")
         _load_policy(DPOConfig(lora=True, cpu=True), tiny_model, "cpu", None)
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_a_run_stopped_after_its_last_step_goes_on_to_the_export(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (or SIGTERM, or a Ctrl-C in the last step) after the policy was saved: the rerun trained the
+    whole run again from step 0 before it reached the export."""
+    import errno
+
+    from typer.testing import CliRunner
+
+    from rlaifv.trainer import dpo as dpo_module
+    from rlaifv.trainer import export as export_module
+    from rlaifv.trainer.cli import train_app
+
+    rows = preference_rows([(r.chosen, r.rejected) for r in _toy_rows(4)])
+    data = write_rlaifv_parquet(tmp_path / "data" / "train.parquet", rows)
+    out = tmp_path / "run"
+    args = ["dpo", str(data), "--model", str(tiny_model), "-o", str(out), "--lr", "1e-3", "--cpu", "--no-progress"]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_module, "export_bundle", disk_full)
+    first = CliRunner().invoke(train_app, args)
+    assert first.exit_code == 1 and "No space left on device" in first.output, first.output
+    trained = json.loads((out / "dpo" / "dpo_report.json").read_text())
+    policy = (out / "dpo" / "policy" / "model.safetensors").read_bytes()
+    monkeypatch.undo()
+
+    def trained_again(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(dpo_module, "dpo_terms", trained_again)
+    with pytest.warns(UserWarning, match="is this run's trained policy .* it is not trained again"):
+        again = CliRunner().invoke(train_app, args)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output[again.output.index("{") :])["optimizer_steps"] == trained["optimizer_steps"]
+    assert (out / "bundle" / "policy" / "model.safetensors").read_bytes() == policy
+    monkeypatch.undo()
+
+    # the report goes before the policy is written again: one cut short is never taken for the finished run
+    from rlaifv.reward import models as models_module
+
+    monkeypatch.setattr(models_module, "save_processor", disk_full)
+    with pytest.raises((OSError, RunStateError)):
+        train_dpo(
+            DPOConfig(learning_rate=2e-3, cpu=True),
+            _toy_rows(4),
+            model_path=tiny_model,
+            output_dir=out / "dpo",
+            progress=False,
+        )
+    assert not (out / "dpo" / "dpo_report.json").exists()
+
+
+def test_a_model_is_known_by_its_bytes_not_its_file_times(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fingerprint named weight files by size and mtime: a model staged again by a copy that keeps no mtimes
+    (gsutil, aws s3 cp) was another model, and every reference cache, checkpoint and saved feedback batch of the run
+    was thrown away. Bytes changed with the mtime set back are still another model, hashed or remembered."""
+    import os
+    import shutil
+
+    from rlaifv.trainer import dpo as dpo_module
+    from rlaifv.trainer.dpo import model_fingerprint
+
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    for file in tiny_model.iterdir():
+        shutil.copyfile(file, staged / file.name)  # no times kept
+    assert model_fingerprint(staged) == model_fingerprint(tiny_model)
+
+    hashed: list[Path] = []
+    real = dpo_module.hashlib.file_digest
+
+    def counted(handle, name):
+        hashed.append(Path(handle.name))
+        return real(handle, name)
+
+    monkeypatch.setattr(dpo_module.hashlib, "file_digest", counted)
+    monkeypatch.setattr(dpo_module, "RACY_NS", -(10**12))  # the files were written just now: remembered anyway
+    weights = staged / "model.safetensors"
+    first = model_fingerprint(staged)
+    assert model_fingerprint(staged) == first and hashed == [weights]  # hashed once while unchanged
+
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime
+    assert weights.stat().st_mtime_ns == stat.st_mtime_ns
+    assert model_fingerprint(staged) != first and hashed == [weights, weights]
+
+
+def test_a_save_to_a_full_disk_names_the_folder_and_leaves_no_part_of_it(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk or a read-only folder while saving a checkpoint or the policy was a raw RuntimeError or
+    SafetensorError traceback, and left a partial folder behind."""
+    import accelerate.checkpointing
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    rows = _toy_rows(4)
+    config = DPOConfig(learning_rate=1e-3, batch_size=2, cpu=True, checkpoint_every_steps=1)
+    real_save, saves = accelerate.checkpointing.save, []
+
+    def full_after_the_weights(obj, path, *args, **kwargs):  # torch's writer on a full disk
+        saves.append(path)
+        if len(saves) == 2:
+            Path(path).write_bytes(b"PK\x03\x04 cut short")
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", full_after_the_weights)
+    with pytest.raises(RunStateError, match=r"cannot save the checkpoint in .*step-0000001 \(.*PytorchStreamWriter"):
+        train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "a", progress=False)
+    assert not (tmp_path / "a" / "checkpoints" / "step-0000001").exists()
+    monkeypatch.undo()
+
+    def read_only(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"\x08\x00\x00\x00")
+        raise SafetensorError("Error while serializing: I/O error: Read-only file system (os error 30)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", read_only)
+    with pytest.raises(RunStateError, match=r"cannot save the policy in .*policy \(.*Read-only file system"):
+        train_dpo(
+            dataclasses.replace(config, checkpoint_every_steps=0),
+            rows,
+            model_path=tiny_model,
+            output_dir=tmp_path / "b",
+            progress=False,
+        )
+    assert not (tmp_path / "b" / "policy").exists() and not (tmp_path / "b" / "dpo_report.json").exists()
+
+
+def test_a_damaged_reference_cache_is_computed_again_and_a_damaged_checkpoint_is_named(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A cache file a disk lost the end of stopped every rerun with pyarrow's traceback; a damaged checkpoint with
+    safetensors' ("incomplete metadata"), naming no file."""
+    rows = _toy_rows(4)
+    config = DPOConfig(learning_rate=1e-3, batch_size=1, cpu=True, checkpoint_every_steps=2)
+    full = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "a", progress=False)
+    cache = tmp_path / "a" / REFERENCE_CACHE
+    cache.write_bytes(cache.read_bytes()[:-100])
+    (tmp_path / "a" / "dpo_report.json").unlink()  # trained again: the cache is read
+    with pytest.warns(UserWarning, match=rf"{REFERENCE_CACHE} cannot be read .*: its reference sums are computed"):
+        again = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "a", progress=False)
+    assert not again.reference_cache_hit and again.history == full.history
+
+    _killed_after(tmp_path / "a", tmp_path / "b", "step-0000002")
+    weights = tmp_path / "b" / "checkpoints" / "step-0000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    with pytest.raises(RunStateError, match=r"checkpoint .*step-0000002 cannot be read \(.*\): delete it"):
+        train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)

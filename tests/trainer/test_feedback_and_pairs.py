@@ -649,3 +649,76 @@ def test_feedback_cli_rebuilds_only_the_pairs_when_its_feedback_is_already_there
     result = CliRunner().invoke(app, [*args, "--samples", "2"])  # other feedback: sampled again
     assert result.exit_code == 0, result.output
     assert sampled and "only the pairs" not in result.output
+
+
+class _Killed(Exception):
+    """A stop at the point under test (a kill leaves what this leaves, without the clean-up after it)."""
+
+
+@pytest.mark.slow
+def test_feedback_stopped_before_its_pairs_is_reused_and_never_left_beside_earlier_pairs(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped between feedback.parquet and the pairs: the report naming the file was deleted and the saved batches
+    cleared, so the rerun sampled everything again; with other settings, the earlier run's pairs.parquet stayed
+    beside the new feedback and `train dpo` trained on them."""
+    import json
+
+    from trainer_testkit import preference_rows, write_rlaifv_parquet
+    from typer import Typer
+    from typer.testing import CliRunner
+
+    from rlaifv.trainer import preference_pairs
+    from rlaifv.trainer.cli import feedback
+
+    app = Typer()
+    app.command()(feedback)
+    data = write_rlaifv_parquet(
+        tmp_path / "prompts.parquet", preference_rows([("a cat", "a dog"), ("a car", "a star")])
+    )
+    out = tmp_path / "fb"
+    args = [str(data), "--model", str(tiny_model), "-o", str(out), "--samples", "3", "--max-tokens", "6"]
+    args += ["--no-progress", "--set", "feedback.drop_truncated=false", "--set", "pairs.min_score_gap=0.01"]
+
+    def killed(*a, **k):
+        raise _Killed
+
+    monkeypatch.setattr(preference_pairs, "build_pairs", killed)
+    assert isinstance(CliRunner().invoke(app, args).exception, _Killed)
+    stored = (out / "feedback.parquet").read_bytes()
+    monkeypatch.undo()
+    sampled = _sampled_batches(monkeypatch)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sampled == [] and "only the pairs are built again" in result.output
+    assert (out / "feedback.parquet").read_bytes() == stored
+    assert (out / "pairs.parquet").is_file() and not (out / "feedback.partial").exists()
+    assert json.loads((out / "report.json").read_text())["pairs"]["selected"] >= 1
+
+    monkeypatch.setattr(preference_pairs, "build_pairs", killed)
+    assert isinstance(CliRunner().invoke(app, [*args, "--samples", "2"]).exception, _Killed)
+    assert sampled and (out / "feedback.parquet").read_bytes() != stored
+    assert not (out / "pairs.parquet").exists() and not (out / "report.json").exists()
+
+
+def test_a_damaged_saved_batch_is_sampled_again_not_a_stop_for_every_rerun(tmp_path: Path) -> None:
+    """A saved batch a disk lost the end of was a DataError on each rerun until the folder was found and cleared."""
+    from rlaifv.trainer.feedback import FeedbackShards
+
+    prompts = [PromptItem(f"p{i}", png((40 * i, 0, 200)), "describe the image") for i in range(6)]
+    shards = FeedbackShards(tmp_path / "partial", "key", {"num_samples": 2})
+    assert shards.resume(prompts, 2) == ([], 0, 0)
+    for start in (0, 2, 4):
+        feedback = [
+            PromptFeedback(p.id, p.image, p.question, [_answer(f"a {p.id}", 0.0)]) for p in prompts[start : start + 2]
+        ]
+        shards.add(start, feedback, sampled=4, truncated=1)
+    damaged = tmp_path / "partial" / "batch-000000002.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:-40])
+    with pytest.warns(UserWarning, match=r"batch-000000002.parquet cannot be read .* it and those after it are"):
+        done, sampled, truncated = shards.resume(prompts, 2)
+    assert [f.id for f in done] == ["p0", "p1"] and (sampled, truncated) == (4, 1)
+    assert [f.name for f in sorted((tmp_path / "partial").glob("batch-*"))] == [
+        "batch-000000000.json",
+        "batch-000000000.parquet",
+    ]

@@ -518,3 +518,161 @@ def test_iterate_help_states_each_flags_default() -> None:
     shown = " ".join(CliRunner().invoke(train_app, ["iterate", "--help"], env={"COLUMNS": "250"}).output.split())
     for said in ("Rounds (default 4)", "per round (default 64)", "per prompt (default 10)", "(default 'self')"):
         assert said in shown, said
+
+
+def _replace_weights_in_place(model: Path) -> None:
+    """The model retrained and saved over itself: other bytes at the same path."""
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+
+def test_a_model_replaced_at_the_same_path_is_another_model(tiny_model: Path, tmp_path: Path) -> None:
+    """The path was compared, not the model: a model retrained in place resumed the run silently (its rounds made
+    by the earlier model), and run.json took the new fingerprint so no later run could tell."""
+    import shutil
+    import warnings
+
+    from rlaifv.trainer.iterate import RUN_FILE, _check_run_file
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    source = _one_prompt()
+    run = tmp_path / "run"
+    config = IterateConfig(model=str(model), output_dir=str(run))
+    assert _check_run_file(run, config, source) is False
+    _finish_a_round(run)
+    written = (run / RUN_FILE).read_text()
+    _replace_weights_in_place(model)
+    with pytest.raises(RunStateError, match=r"different settings \(model\)"):
+        _check_run_file(run, config, source)
+    assert (run / RUN_FILE).read_text() == written
+    with pytest.raises(RunStateError, match=r"\(model\)"):  # refused again: the run file still names the first model
+        _check_run_file(run, config, source)
+
+    (run / "round-01" / "DONE").unlink()  # before a round finishes, the run starts again with the new model
+    (run / "round-01" / "feedback.parquet").write_text("made by the earlier model")
+    with pytest.warns(UserWarning, match=r"settings changed before any round finished \(model\)"):
+        assert _check_run_file(run, config, source) is True
+    assert not (run / "round-01" / "feedback.parquet").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _check_run_file(run, config, source) is True
+
+
+def test_a_moved_run_folder_resumes_from_its_own_policies(tiny_model: Path, tmp_path: Path) -> None:
+    """Round reports held absolute policy paths: a run folder moved (a change a run resumes from) loaded round 2's
+    starting policy and the exported reference from where it had been: gone, or another run's files by then."""
+    from rlaifv.trainer.iterate import policy_of
+
+    def stop(report: dict) -> None:
+        raise Interrupt
+
+    first = tmp_path / "first"
+    config = _config(tiny_model, first, export_round="2", export_reference="round")
+    with pytest.raises(Interrupt):
+        run_iterate(config, _source(), labeler=_labeler(), on_round_end=stop)
+    assert json.loads((first / "round-01" / "report.json").read_text())["policy_dir"] == "round-01/dpo/policy"
+    moved = first.rename(tmp_path / "moved")
+
+    result = run_iterate(
+        _config(tiny_model, moved, export_round="2", export_reference="round"), _source(), labeler=_labeler()
+    )
+    assert result.resumed_rounds == [1] and result.exported_round == 2
+    round2 = json.loads((moved / "round-02" / "report.json").read_text())
+    assert round2["dpo"]["reference"] == "round-01/dpo/policy" and round2["policy_dir"] == "round-02/dpo/policy"
+    round1_policy = (moved / "round-01" / "dpo" / "policy" / "model.safetensors").read_bytes()
+    assert (result.bundle_dir / "reference" / "model.safetensors").read_bytes() == round1_policy
+
+    # a report written before paths were relative: this run's own round, where the old absolute path is not it
+    old = {"round": 1, "policy_dir": str(first / "round-01" / "dpo" / "policy")}
+    assert policy_of(moved, old) == moved / "round-01" / "dpo" / "policy"
+    assert policy_of(tmp_path / "elsewhere", old) == first / "round-01" / "dpo" / "policy"
+
+
+def test_a_run_file_of_the_mtime_fingerprint_resumes_while_its_model_is_unchanged(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Run files written before models were known by their bytes hold a fingerprint of sizes and mtimes: such a run
+    resumes (and takes the new fingerprint) while those match, and is refused once its model was replaced."""
+    import shutil
+
+    from rlaifv.trainer.dpo import legacy_model_fingerprint, model_fingerprint
+    from rlaifv.trainer.iterate import RUN_FILE, _check_run_file
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    source = _one_prompt()
+    run = tmp_path / "run"
+    config = IterateConfig(model=str(model), output_dir=str(run))
+
+    def written_by_the_earlier_version() -> None:
+        written = json.loads((run / RUN_FILE).read_text())
+        written["model_fingerprint"] = legacy_model_fingerprint(model)
+        (run / RUN_FILE).write_text(json.dumps(written))
+
+    assert _check_run_file(run, config, source) is False
+    _finish_a_round(run)
+    written_by_the_earlier_version()
+    assert _check_run_file(run, config, source) is True
+    assert json.loads((run / RUN_FILE).read_text())["model_fingerprint"] == model_fingerprint(model)
+    written_by_the_earlier_version()
+    _replace_weights_in_place(model)
+    with pytest.raises(RunStateError, match=r"\(model\)"):
+        _check_run_file(run, config, source)
+
+
+def test_a_run_file_rewritten_on_a_full_disk_stays_whole(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run.json was written in place: cut short by a full disk (or a kill), it was unreadable to every rerun."""
+    import errno
+
+    from rlaifv.trainer.iterate import RUN_FILE, _check_run_file
+
+    source, run = _one_prompt(), tmp_path / "run"
+    assert _check_run_file(run, IterateConfig(model=str(tiny_model), output_dir=str(run)), source) is False
+    written = (run / RUN_FILE).read_text()
+    real = Path.write_text
+
+    def disk_full(self: Path, data: str, *args, **kwargs) -> int:
+        real(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _check_run_file(run, IterateConfig(model=str(tiny_model), output_dir=str(run), normalize="sum"), source)
+    monkeypatch.undo()
+    assert (run / RUN_FILE).read_text() == written and sorted(p.name for p in run.iterdir()) == [RUN_FILE]
+
+
+def test_the_shapes_report_finds_each_rounds_policy_by_its_path_in_the_run(tmp_path: Path) -> None:
+    """Round reports name their policy relative to the run folder: read from elsewhere, the report's models were
+    only the reference and the exported policy."""
+    from rlaifv.reward.bundle import BundleManifest, write_manifest
+    from rlaifv.trainer.shapes.report import models_of_bundle
+
+    run = tmp_path / "run"
+    (run / "round-01" / "dpo" / "policy").mkdir(parents=True)
+    (run / "round-01" / "report.json").write_text(
+        json.dumps({"round": 1, "policy_dir": "round-01/dpo/policy", "policy_type": "full"})
+    )
+    (run / "bundle").mkdir()
+    manifest = BundleManifest(policy="policy", reference="reference", provenance={"rounds": [{"round": 1}]})
+    write_manifest(run / "bundle", manifest)
+    labels = {label: path for label, path, _ in models_of_bundle(run / "bundle")}
+    assert labels["round 1"] == run / "round-01" / "dpo" / "policy"
+
+
+def test_a_damaged_round_report_is_made_again_and_a_damaged_run_file_is_named(tiny_model: Path, tmp_path: Path) -> None:
+    """Written in place by earlier versions, a report cut short stopped every rerun with a JSON traceback."""
+    out = tmp_path / "run"
+    config = _config(tiny_model, out, rounds=1)
+    first = run_iterate(config, _source(), labeler=_labeler())
+    (out / "round-01" / "report.json").write_text('{"round": 1, "feed')
+    with pytest.warns(UserWarning, match=r"round-01/report.json cannot be read .*: the round is finished again"):
+        again = run_iterate(config, _source(), labeler=_labeler())
+    assert again.rounds[0]["stages_reused"] == ["feedback", "dpo"]
+    assert again.rounds[0]["dpo"] == first.rounds[0]["dpo"]
+    (out / "run.json").write_text('{"config": {')
+    with pytest.raises(RunStateError, match=r"run.json cannot be read .*restore it, or use a new output folder"):
+        run_iterate(config, _source(), labeler=_labeler())

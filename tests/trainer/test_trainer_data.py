@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -742,3 +743,49 @@ def test_a_hashed_image_name_that_is_not_there_is_named_as_a_missing_file(tmp_pa
         _image_bytes(name, tmp_path, source="d.jsonl", row=0, column="image")
     with pytest.raises(ImageDecodeError, match="not valid base64"):  # base64 that is only broken stays so
         _image_bytes("A" * 65, tmp_path, source="d.jsonl", row=0, column="image")
+
+
+class _DiskWithRoom(io.RawIOBase):
+    """A temporary file on a disk with `room` bytes left: a write past them takes what fits, then fails ENOSPC."""
+
+    def __init__(self, room: int) -> None:
+        self.room, self.held = room, bytearray()
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[override]
+        import errno
+
+        fits = min(len(data), self.room - len(self.held))
+        if fits <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.held += bytes(data[:fits])
+        return fits
+
+
+def test_a_full_temporary_folder_fails_the_image_it_cannot_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spill's buffer took the images a full TMPDIR could not: the error came later, from close(), as a bare
+    OSError, and in place of the error the `with` was already raising."""
+    import tempfile
+
+    from rlaifv.trainer import image_spill
+
+    def on_a_full_disk(*args, buffering: int = -1, **kwargs):
+        disk = _DiskWithRoom(1000)
+        return disk if buffering == 0 else io.BufferedRandom(disk)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", on_a_full_disk)
+    full = pytest.raises(DataError, match=r"cannot store the dataset's images .*No space left on device")
+    with full, image_spill.ImageSpill() as spill:
+        for i in range(5):
+            spill.add(bytes([i]) * 300)
+    with pytest.raises(DataError, match="a row the reader refused"), image_spill.ImageSpill() as spill:
+        spill.add(b"x" * 300)  # the buffer's flush on close failed, in place of this error
+        raise DataError("a row the reader refused")

@@ -34,6 +34,7 @@ def pair_from_folders(policy_dir: Path, reference_dir: Path, policy_type: str, b
 def models_of_bundle(bundle: Path) -> list[tuple[str, Path, str]]:
     """(label, policy folder, policy type): the reference, every round recorded in provenance, the exported policy."""
     from rlaifv.reward.bundle import read_manifest, resolve
+    from rlaifv.trainer.iterate import policy_of
 
     manifest = read_manifest(bundle)
     reference = resolve(bundle, manifest.reference)
@@ -43,8 +44,9 @@ def models_of_bundle(bundle: Path) -> list[tuple[str, Path, str]]:
         report = run_dir / f"round-{int(item['round']):02d}" / "report.json"
         if report.is_file():
             data = json.loads(report.read_text())
-            if Path(data["policy_dir"]).is_dir():
-                entries.append((f"round {item['round']}", Path(data["policy_dir"]), data["policy_type"]))
+            policy = policy_of(run_dir, data)  # relative to the run folder, or absolute in reports made before
+            if policy.is_dir():
+                entries.append((f"round {item['round']}", policy, data["policy_type"]))
     if len(entries) == 1:
         entries.append(("policy", resolve(bundle, manifest.policy), manifest.policy_type))
     return entries
