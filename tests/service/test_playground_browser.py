@@ -74,12 +74,16 @@ def strict_server() -> Iterator[LiveServer]:
 
     The quota is 0 (a RateLimiter the settings cannot build, as they read 0 as "off") so that every request with
     the right key gets 429 whatever the minute: a quota of 1 would reset when a minute boundary falls between
-    two requests.
+    two requests. Refused keys, which count against their client address's own quota, get none: they stay 401.
     """
     from rlaifv.service.rate_limit import RateLimiter
 
+    class KeyedOut(RateLimiter):
+        async def hit(self, client: str) -> int | None:
+            return None if client.startswith("refused-key:") else await super().hit(client)
+
     with LiveServer(default_bundle(), api_keys=[KEY], max_body_bytes=BODY_LIMIT, warmup=False) as server:
-        server.app.state.limiter = RateLimiter(per_minute=0)
+        server.app.state.limiter = KeyedOut(per_minute=0)
         yield server
 
 
@@ -830,3 +834,335 @@ def test_head_answers_like_get_without_a_body(page_client: TestClient) -> None:
             k: v for k, v in get.headers.items() if k not in varying
         }, path
     assert page_client.head("/playground/nothing.js").status_code == 404
+
+
+# --- The model card, cancelling, time limits, image checks, what the results were for -------------------------
+
+
+def _card(modalities: list[str] | None = None, model: str = "shapes-rlaifv") -> dict[str, Any]:
+    card: dict[str, Any] = {"id": model, "object": "model", "reward": {"mode": "dpo", "beta": 0.1}}
+    if modalities is not None:
+        card["input_modalities"] = modalities
+    return {"object": "list", "data": [card]}
+
+
+NOT_READY = _error("not_ready", "the model is not loaded yet")
+
+
+def _cards(page: Any, answers: list[tuple[int, dict[str, Any], dict[str, str]]]) -> None:
+    """Answer GET /v1/models with each (status, body, headers) in turn, the last one from then on."""
+    left = list(answers)
+
+    def answer(route: Any) -> None:
+        status, body, headers = left.pop(0) if len(left) > 1 else left[0]
+        route.fulfill(status=status, headers=headers, content_type="application/json", body=json.dumps(body))
+
+    page.route("**/v1/models", answer)
+
+
+def _record_statuses(page: Any) -> None:
+    """Every text the live status is given, in `window.statuses` (some last only a moment)."""
+    page.add_init_script(
+        """document.addEventListener('DOMContentLoaded', () => {
+            window.statuses = [];
+            new MutationObserver((records) => {
+                for (const r of records) for (const n of r.addedNodes) window.statuses.push(n.textContent);
+            }).observe(document.getElementById('status'), { childList: true });
+        });"""
+    )
+
+
+def _wait_model(page: Any, name: str) -> None:
+    page.wait_for_function(
+        "name => document.getElementById('model').textContent.startsWith('model ' + name)", arg=name, timeout=FAST_MS
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_card_refused_while_the_server_loads_is_asked_again(page: Any, open_server: LiveServer) -> None:
+    """Opened while the server loads its model (503 not_ready), the page says so and asks for the card again after
+    Retry-After: a text-only model then loses the image picker and is asked without an image."""
+    _cards(page, [(503, NOT_READY, {"Retry-After": "1"}), (200, _card(["text"], "tiny-text"), {})])
+    _record_statuses(page)
+    sent = _mock(page)
+    _open(page, open_server)
+    _wait_model(page, "tiny-text")
+    assert "The server is loading the model: asking again in 1 s…" in page.evaluate("window.statuses")
+    assert page.inner_text("#status") == "The model is loaded."
+    assert page.locator("#image-picker").is_hidden() and page.locator('#mode option[value="claims"]').is_disabled()
+    page.click("#submit")
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+    assert "images" not in sent[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_submit_without_a_card_fetches_it_first(page: Any, open_server: LiveServer) -> None:
+    """A submit before any card came (the next try is minutes away) fetches it first, so a text-only model is never
+    sent the image it would refuse (400 "this model reads text only")."""
+    _cards(page, [(503, NOT_READY, {"Retry-After": "600"}), (200, _card(["text"], "tiny-text"), {})])
+    _record_statuses(page)
+    sent = _mock(page)
+    _open(page, open_server)
+    assert page.inner_text("#model") == "" and page.locator("#image-picker").is_visible()
+    page.click("#submit")
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+    assert "images" not in sent[-1]
+    assert page.locator("#image-picker").is_hidden() and page.inner_text("#model").startswith("model tiny-text")
+    assert "Loading the model card…" in page.evaluate("window.statuses")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_refused_key_is_told_by_the_key_field(page: Any, open_server: LiveServer) -> None:
+    """The card refused (401) puts a note under the key field, which it marks and describes; a key that works
+    clears both; switching to a wrong key clears the model line the right one showed. A submit's error leaves the
+    note's mark."""
+
+    def answer(route: Any) -> None:
+        key = route.request.headers.get("authorization")
+        status, body = (
+            (200, _card())
+            if key == f"Bearer {KEY}"
+            else (401, _error("invalid_api_key" if key else "missing_api_key", "refused"))
+        )
+        route.fulfill(status=status, content_type="application/json", body=json.dumps(body))
+
+    page.route("**/v1/models", answer)
+    _mock(page, 401, _error("invalid_api_key", "the API key is not valid"))
+    _open(page, open_server)
+    assert page.inner_text("#key-note") == "This server needs an API key."
+    assert _marks(page) == {"api-key": "This server needs an API key."}
+    assert page.inner_text("#model") == ""
+
+    page.fill("#api-key", KEY)
+    page.press("#api-key", "Tab")
+    _wait_model(page, "shapes-rlaifv")
+    assert page.locator("#key-note").is_hidden() and _marks(page) == {}
+
+    page.fill("#api-key", "not-the-right-key")
+    page.press("#api-key", "Tab")
+    page.wait_for_selector("#key-note:not([hidden])", timeout=FAST_MS)
+    assert page.inner_text("#key-note") == "This key is not valid."
+    assert page.inner_text("#model") == "", "the model line the right key showed is gone"
+    _submit_for_error(page)
+    assert page.get_attribute("#error", "data-status") == "401"
+    assert _marks(page) == {"api-key": "This key is not valid."}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_request_can_be_cancelled(page: Any, open_server: LiveServer) -> None:
+    """While busy, Cancel (a button, and Escape) stops waiting: no error, the button back, the focus kept; the next
+    submit works."""
+    held: list[Any] = []
+    page.route("**/v1/best-of-n", lambda route: held.append(route))
+    _open(page, open_server)
+    assert page.locator("#cancel").is_hidden()
+    for how in ("button", "Escape"):
+        page.click("#submit")
+        page.wait_for_selector("#cancel:not([hidden])", timeout=FAST_MS)
+        if how == "button":
+            page.click("#cancel", timeout=FAST_MS)
+        else:
+            page.keyboard.press("Escape")
+        page.wait_for_selector('#submit[aria-disabled="false"]', timeout=FAST_MS)
+        assert page.inner_text("#status") == "Cancelled: the page stopped waiting for the answer.", how
+        assert page.locator("#error").is_hidden() and page.locator("#results").is_hidden()
+        assert page.locator("#cancel").is_hidden()
+        assert page.evaluate("document.activeElement.id") == "submit", "the focus is not dropped to <body>"
+    assert len(held) == 2
+    page.click("#submit")
+    page.wait_for_selector("#cancel:not([hidden])", timeout=FAST_MS)
+    held[-1].fulfill(status=200, content_type="application/json", body=json.dumps(_answer(["a", "b"])))
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+    assert page.locator("#cancel").is_hidden()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_hung_card_and_a_hung_request_are_given_up(page: Any, open_server: LiveServer) -> None:
+    """With Playwright's clock: a submit waiting for a card that never comes says so and sends after the card's
+    limit; a request that never gets an answer ends as "Timed out" after the page's limit (past the server's own
+    504 deadline)."""
+    page.clock.install()
+    held: list[Any] = []
+    page.route("**/v1/models", lambda route: held.append(route))
+    page.route("**/v1/best-of-n", lambda route: held.append(route))
+    with page.expect_request("**/v1/models", timeout=FAST_MS):
+        page.goto(open_server.url + "/playground")
+    page.click("#submit")
+    page.wait_for_function(
+        "() => document.getElementById('status').textContent === 'Loading the model card…'", timeout=FAST_MS
+    )
+    assert page.locator("#cancel").is_visible()
+    with page.expect_request("**/v1/best-of-n", timeout=FAST_MS):
+        page.clock.run_for(page.evaluate("CARD_LIMIT_MS"))
+    page.wait_for_function(
+        "() => document.getElementById('status').textContent.startsWith('Sampling')", timeout=FAST_MS
+    )
+    limit = page.evaluate("REQUEST_LIMIT_MS")
+    assert limit > 120_000, "past the server's default deadline, so its 504 comes first"
+    page.clock.run_for(limit)
+    page.wait_for_selector('#error[data-status="timeout"]', timeout=FAST_MS)
+    assert page.inner_text("#error-title") == "Timed out"
+    assert page.inner_text("#error-message") == f"no answer within {limit // 1000} s, so the page stopped waiting."
+    assert "RLAIFV_REQUEST_TIMEOUT_S" in page.inner_text("#error-hint")
+    assert page.get_attribute("#submit", "aria-disabled") == "false" and page.locator("#cancel").is_hidden()
+
+
+def _image_file(path: Path, fmt: str) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (12, 10), (200, 30, 30)).save(path, fmt)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_images_are_decoded_and_typed_by_their_bytes(page: Any, open_server: LiveServer, tmp_path: Path) -> None:
+    """The file input offers the server's formats; a file is typed by its magic bytes (an image whose name gives the
+    browser no type is taken, with its real type in the data URL) and decoded before it is taken: SVG, TIFF and a
+    damaged PNG are refused on the page and leave no image."""
+    sent = _mock(page)
+    _open(page, open_server)
+    assert page.get_attribute("#file", "accept") == "image/png,image/jpeg,image/webp,image/gif,image/bmp"
+    for fmt, ext in (("JPEG", "jpg"), ("WEBP", "webp"), ("GIF", "gif"), ("BMP", "bmp")):
+        _upload(page, _image_file(tmp_path / f"scene.{ext}", fmt))
+        assert page.locator("#error").is_hidden(), fmt
+
+    svg = tmp_path / "vector.svg"
+    svg.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"><rect width="4" height="4"/></svg>')
+    damaged = tmp_path / "damaged.png"
+    damaged.write_bytes(SAMPLE.read_bytes()[:40] + b"\0" * 200)
+    for path, message in (
+        (svg, "vector.svg is image/svg+xml, which the server does not take: send PNG, JPEG, WebP, GIF or BMP."),
+        (_image_file(tmp_path / "scan.tiff", "TIFF"), "scan.tiff is image/tiff, which the server does not take"),
+        (damaged, "damaged.png could not be decoded as PNG"),
+    ):
+        page.set_input_files("#file", str(path))
+        page.wait_for_selector('#error[data-status="client"]', timeout=FAST_MS)
+        assert message in page.inner_text("#error-message")
+        assert page.locator("#preview").is_hidden() and page.inner_text("#image-info") == "no image"
+        assert _files(page) == [] and _marks(page) == {"file": page.inner_text("#error-message")}
+        page.click("#sample")
+        page.wait_for_selector("#error", state="hidden", timeout=FAST_MS)
+
+    page.evaluate(
+        """async () => {
+            const blob = await (await fetch('playground/sample.png')).blob();
+            const data = new DataTransfer();
+            data.items.add(new File([blob], 'IMG_0001', { type: '' }));
+            document.getElementById('drop').dispatchEvent(
+                new DragEvent('drop', { dataTransfer: data, bubbles: true, cancelable: true }));
+        }"""
+    )
+    page.wait_for_function(
+        "() => document.getElementById('image-info').textContent.startsWith('IMG_0001')", timeout=FAST_MS
+    )
+    _submit_sends_the_image_shown(page, sent, SAMPLE)  # data:image/png, not application/octet-stream
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_results_show_the_question_and_image_they_answer(page: Any, open_server: LiveServer, tmp_path: Path) -> None:
+    """Inputs changed while a request runs: the results still say which question and image they answer."""
+    held: list[Any] = []
+    page.route("**/v1/best-of-n", lambda route: held.append(route))
+    _open(page, open_server)
+    page.fill("#question", QUESTION)
+    page.click("#submit")
+    page.wait_for_selector("#cancel:not([hidden])", timeout=FAST_MS)
+    page.fill("#question", "Another question?")
+    _upload(page, _noise_png(tmp_path / "noise.png", side=16))
+    held[0].fulfill(status=200, content_type="application/json", body=json.dumps(_answer(["a red circle."])))
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+    assert page.inner_text("#summary .sent-question") == QUESTION
+    assert page.get_attribute("#summary .sent-image img", "src") == _data_url(SAMPLE)
+    assert page.inner_text("#summary .sent-image").startswith("sample scene")
+
+    sent = _mock(page)
+    page.click("#no-image")
+    page.click("#submit")
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+    assert "images" not in sent[-1] and page.inner_text("#summary .sent-image") == "none"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_question_keeps_its_lines(page: Any, open_server: LiveServer) -> None:
+    """The question is a textarea: Enter starts a new line, Ctrl+Enter sends, and the lines are sent and shown."""
+    sent = _mock(page)
+    _open(page, open_server)
+    page.fill("#question", "")
+    page.focus("#question")
+    page.keyboard.type("Line one.")
+    page.keyboard.press("Enter")
+    page.keyboard.type("Line two.")
+    assert page.input_value("#question") == "Line one.\nLine two."
+    with page.expect_request("**/v1/best-of-n", timeout=FAST_MS):
+        page.keyboard.press("Control+Enter")
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+    assert [body["question"] for body in sent] == ["Line one.\nLine two."], "Enter sent nothing"
+    assert page.inner_text("#summary .sent-question") == "Line one.\nLine two."
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_seeds_up_to_2_63_minus_1_are_sent_exactly(page: Any, open_server: LiveServer) -> None:
+    """A seed past 2^53 (which a JS number rounds) goes into the JSON as its digits, and the real server takes
+    2^63 - 1; past it, or not a whole number, the page says the real bound."""
+    top = 2**63 - 1
+    _open(page, open_server)
+    page.fill("#n", "2")
+    page.fill("#max-tokens", "4")
+    page.fill("#seed", str(top))
+    with page.expect_response(lambda r: r.url.endswith("/v1/best-of-n")) as answer:
+        page.click("#submit")
+    assert answer.value.status == 200, answer.value.json()
+    assert f'"seed":{top}' in (answer.value.request.post_data or "")
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+
+    sent = _mock(page)
+    for text, seed in ((" 0042 ", 42), (str(2**53 + 1), 2**53 + 1)):
+        page.fill("#seed", text)
+        page.click("#submit")
+        page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+        assert sent[-1]["sampling"] == {"temperature": 1, "max_tokens": 4, "seed": seed}
+    for text in (str(top + 1), "-1", "1.5", "1e3"):
+        page.fill("#seed", text)
+        _submit_for_error(page)
+        assert page.inner_text("#error-message") == (
+            f"Seed must be a whole number from 0 to {top} (2^63 - 1), or empty for a random one."
+        ), text
+        assert list(_marks(page)) == ["seed"]
+    assert len(sent) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_stray_file_drops_and_the_finish_reason(page: Any, open_server: LiveServer) -> None:
+    """A file dropped beside the drop zone does not replace the page (text still drops into the question); the
+    finish reason is named for screen readers."""
+    _mock(page)
+    _open(page, open_server)
+    prevented = page.evaluate(
+        """() => ['file', 'text'].map((kind) => {
+            const data = new DataTransfer();
+            if (kind === 'file') data.items.add(new File(['x'], 'a.png', { type: 'image/png' }));
+            else data.setData('text/plain', 'words');
+            return ['dragover', 'drop'].map((type) => {
+                const event = new DragEvent(type, { dataTransfer: data, bubbles: true, cancelable: true });
+                document.getElementById('question').dispatchEvent(event);
+                return event.defaultPrevented;
+            });
+        })"""
+    )
+    assert prevented == [[True, True], [False, False]]
+    page.click("#submit")
+    page.wait_for_selector("#results:not([hidden])", timeout=FAST_MS)
+    finish = page.locator("#candidates .finish").first
+    assert finish.text_content() == "finish reason: stop"
+    assert "finish reason: stop" in page.locator("#candidates li").first.aria_snapshot()
+    assert finish.locator(".visually-hidden").bounding_box()["width"] <= 1

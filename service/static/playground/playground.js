@@ -39,9 +39,30 @@ const CODE_HINTS = {
   generator_error: "The generator model answered, but not usefully: tell the server's operator.",
   generator_auth: "The generator model refused this server's key: tell the server's operator.",
 };
-// Titles of the errors that carry no HTTP status: bad input (never sent), no answer at all, an answer the page
-// cannot use.
-const KIND_TITLES = { client: "Error", network: "Network error", answer: "Unexpected answer" };
+// Titles of the errors that carry no HTTP status: bad input (never sent), no answer at all, no answer in time, an
+// answer the page cannot use.
+const KIND_TITLES = { client: "Error", network: "Network error", timeout: "Timed out", answer: "Unexpected answer" };
+// The server answers 504 itself after RLAIFV_REQUEST_TIMEOUT_S (120 s by default): the page waits a little longer,
+// so that answer comes first, and gives up only on a server or proxy that never answers.
+const REQUEST_LIMIT_MS = 150_000;
+// How long a submit waits for the model card (which decides whether an image goes with the question) before it
+// sends with what the page knows; a card fetch is given up after as long.
+const CARD_LIMIT_MS = 10_000;
+// While the server loads its model (/v1/models answers 503), the card is asked again after Retry-After seconds,
+// kept between these bounds, until it comes.
+const CARD_RETRY_S = { min: 1, max: 30, fallback: 5 };
+// The formats the server takes by default (RLAIFV_ALLOWED_IMAGE_FORMATS), with the magic bytes that tell them
+// apart when the browser gives a file no type (an unknown extension). SVG, TIFF, HEIC... are refused here.
+const IMAGE_TYPES = new Map([
+  ["image/png", { name: "PNG", magic: [[0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]] }],
+  ["image/jpeg", { name: "JPEG", magic: [[0xff, 0xd8, 0xff]] }],
+  ["image/gif", { name: "GIF", magic: [[0x47, 0x49, 0x46, 0x38]] }],
+  ["image/webp", { name: "WebP", magic: [[0x52, 0x49, 0x46, 0x46, -1, -1, -1, -1, 0x57, 0x45, 0x42, 0x50]] }],
+  ["image/bmp", { name: "BMP", magic: [[0x42, 0x4d]] }],
+]);
+const IMAGE_FORMATS = "PNG, JPEG, WebP, GIF or BMP";
+// What the server's seed takes: a 64-bit signed integer, at least 0 (2^63 - 1 is past a JS number's exact range).
+const MAX_SEED = 2n ** 63n - 1n;
 // An HTTP header value must be Latin-1, and a bearer token is printable ASCII: fetch would throw on anything else.
 const KEY_PATTERN = /^[\x21-\x7e]+$/;
 const KEY_MESSAGE =
@@ -73,15 +94,21 @@ class InputError extends Error {
 }
 
 let image = null; // the data URL #preview shows: the image a request sends, never another
+let imageLabel = ""; // what that image is called (its file name, "sample scene"...)
 let loadSeq = 0; // number of the newest image load: an older one that finishes later is dropped
 let imageLoad = Promise.resolve(); // the newest image load, which a submit waits for
 let inputFile = null; // the file input's File whose image is shown, if the image came from the input
 let busy = false; // a request is running: the button stays focusable but submits are ignored
 // What the model reads, from its card's `input_modalities`: images until the card says otherwise (a server with
-// keys shows the card only once the key is entered).
+// keys shows the card only once the key is entered; a loading server only once it is loaded).
 let readsImages = true;
+let cardApplied = false; // a card was applied, so readsImages is the model's; until then a submit fetches it first
 let noImage = false; // the user chose to ask without an image (No image): only then is a missing image no error
-let modelLoad = Promise.resolve(); // the newest model card fetch, which a submit waits for
+let modelLoad = Promise.resolve(); // the newest model card fetch
+let cardFetch = null; // the card fetch in flight, if any, which a submit without a card waits for
+let cardSeq = 0; // number of the newest card fetch: an older one (another key's) that ends later is dropped
+let cardRetry = 0; // the timer of the next card fetch while the server loads its model
+let request = null; // the AbortController of the running submit: Cancel, Escape and the time limit abort it
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -96,6 +123,7 @@ function fmt(value, digits) {
 
 function setImage(dataUrl, label) {
   image = dataUrl;
+  imageLabel = label;
   noImage = false;
   const preview = $("preview");
   preview.src = dataUrl;
@@ -111,6 +139,7 @@ function setImage(dataUrl, label) {
 function clearImage(info) {
   loadSeq++;
   image = null;
+  imageLabel = "";
   inputFile = null;
   noImage = false;
   const preview = $("preview");
@@ -149,6 +178,36 @@ function applyModalities(card) {
   }
 }
 
+// The allowed type whose magic bytes start `head` (a Uint8Array), or "".
+function sniffType(head) {
+  for (const [type, { magic }] of IMAGE_TYPES) {
+    if (magic.some((bytes) => bytes.length <= head.length && bytes.every((b, i) => b < 0 || head[i] === b))) {
+      return type;
+    }
+  }
+  return "";
+}
+
+// The blob as an image the server takes, typed by its content (the browser guesses by the file's extension:
+// a PNG named .heic is a PNG, a text file named .png is no image). A blob that does not decode is refused here,
+// not sent for the server's 400.
+async function checkedImage(blob, label) {
+  const sniffed = sniffType(new Uint8Array(await blob.slice(0, 16).arrayBuffer()));
+  const type = sniffed || blob.type;
+  if (!type.startsWith("image/")) throw new InputError(`${label} is not an image (${blob.type || "unknown type"}).`);
+  const known = IMAGE_TYPES.get(type);
+  if (!known) {
+    throw new InputError(`${label} is ${type}, which the server does not take: send ${IMAGE_FORMATS}.`);
+  }
+  const typed = blob.type === type ? blob : new Blob([blob], { type }); // the data URL then names the real type
+  try {
+    (await createImageBitmap(typed)).close();
+  } catch {
+    throw new InputError(`${label} could not be decoded as ${known.name}: the file is damaged or not an image.`);
+  }
+  return typed;
+}
+
 function readDataUrl(blob) {
   return new Promise((resolve, reject) => {
     const reader = new FileReader();
@@ -172,10 +231,7 @@ function loadImage(source, label, fromInput) {
     try {
       const blob = await source;
       if (seq !== loadSeq) return;
-      if (!blob.type.startsWith("image/")) {
-        throw new InputError(`${label} is not an image (${blob.type || "unknown type"}).`);
-      }
-      dataUrl = await readDataUrl(blob);
+      dataUrl = await readDataUrl(await checkedImage(blob, label));
     } catch (exc) {
       if (seq === loadSeq) {
         dropImage(exc instanceof InputError ? exc.message : `could not read ${label}: ${exc.message}`);
@@ -214,12 +270,44 @@ function readKey() {
   return key;
 }
 
+// Fetches the card (again: a new key, a submit without a card, the next try while the server loads).
 function loadModel() {
-  modelLoad = fetchModel();
-  return modelLoad;
+  clearTimeout(cardRetry);
+  const seq = ++cardSeq;
+  const task = fetchModel(seq).finally(() => {
+    if (cardFetch === task) cardFetch = null;
+  });
+  cardFetch = task;
+  modelLoad = task;
+  return task;
 }
 
-async function fetchModel() {
+// The live status beside the button; `fromCard` marks text about the card, which the card's arrival replaces
+// (and a request's own status never is).
+function setStatus(text, fromCard) {
+  const status = $("status");
+  status.textContent = text;
+  if (fromCard) status.dataset.card = "";
+  else delete status.dataset.card;
+}
+
+// The note under the API key field when the card is refused (401), the field marked and described by it; null
+// clears both.
+function setKeyNote(text) {
+  const note = $("key-note");
+  note.textContent = text || "";
+  note.hidden = !text;
+  const input = $("api-key");
+  if (text) markField("api-key", "key-note");
+  else if (input.getAttribute("aria-describedby") === "key-note") unmarkField(input);
+}
+
+function retrySeconds(retryAfter) {
+  const s = Number.parseInt(retryAfter || "", 10);
+  return Math.min(CARD_RETRY_S.max, Math.max(CARD_RETRY_S.min, Number.isFinite(s) ? s : CARD_RETRY_S.fallback));
+}
+
+async function fetchModel(seq) {
   let key;
   try {
     key = readKey();
@@ -228,18 +316,48 @@ async function fetchModel() {
     return;
   }
   if (!$("error").hidden && $("error-message").textContent === KEY_MESSAGE) clearError();
-  let card;
+  // A card fetch that hangs is given up, so that a submit waiting for it goes on.
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), CARD_LIMIT_MS);
+  let res;
+  let payload;
   try {
-    const res = await fetch("v1/models", { headers: key ? { Authorization: `Bearer ${key}` } : {} });
-    if (!res.ok) return;
-    card = (await res.json()).data[0];
+    res = await fetch("v1/models", {
+      headers: key ? { Authorization: `Bearer ${key}` } : {},
+      signal: controller.signal,
+    });
+    payload = await res.json();
   } catch {
-    return; // the card is a nicety (name, what the model reads); the request itself reports any problem
+    // the card is a nicety (name, what the model reads): the request itself reports any problem
+  } finally {
+    clearTimeout(timer);
   }
+  if (seq !== cardSeq || !res) return;
+  if (res.status === 401) {
+    // The model line was this server's under another key: the new one is refused, so it no longer holds.
+    $("model").textContent = "";
+    const code = payload && payload.error && payload.error.code;
+    setKeyNote(
+      code === "invalid_api_key" || (code !== "missing_api_key" && key)
+        ? "This key is not valid."
+        : "This server needs an API key.",
+    );
+    return;
+  }
+  if (res.status === 503 && !cardApplied) {
+    const wait = retrySeconds(res.headers.get("Retry-After"));
+    if (!busy) setStatus(`The server is loading the model: asking again in ${wait} s…`, true);
+    cardRetry = setTimeout(() => seq === cardSeq && loadModel(), wait * 1000);
+    return;
+  }
+  const card = res.ok && payload && Array.isArray(payload.data) ? payload.data[0] : undefined;
   if (!card || typeof card !== "object") return;
+  setKeyNote(null);
   applyModalities(card);
+  cardApplied = true;
   const reward = card.reward || {};
   $("model").textContent = `model ${card.id} · default reward ${reward.mode}, β=${reward.beta}`;
+  if ("card" in $("status").dataset) setStatus("The model is loaded.");
 }
 
 // The error box's problems marked on their inputs: aria-invalid, and aria-describedby naming the problem's text
@@ -252,14 +370,18 @@ function markField(id, describedBy) {
   input.setAttribute("aria-describedby", describedBy);
 }
 
+function unmarkField(input) {
+  input.removeAttribute("aria-invalid");
+  if (input.dataset.describedBy === undefined) return;
+  if (input.dataset.describedBy) input.setAttribute("aria-describedby", input.dataset.describedBy);
+  else input.removeAttribute("aria-describedby");
+  delete input.dataset.describedBy;
+}
+
+// The marks of the error box's problems; the key note's mark stays while the note does.
 function clearMarks() {
-  for (const input of document.querySelectorAll("[aria-invalid]")) {
-    input.removeAttribute("aria-invalid");
-    if (input.dataset.describedBy === undefined) continue;
-    if (input.dataset.describedBy) input.setAttribute("aria-describedby", input.dataset.describedBy);
-    else input.removeAttribute("aria-describedby");
-    delete input.dataset.describedBy;
-  }
+  for (const input of document.querySelectorAll("[aria-invalid]")) unmarkField(input);
+  if (!$("key-note").hidden) markField("api-key", "key-note");
 }
 
 function clearError() {
@@ -321,7 +443,7 @@ function showError(status, message, detail, problems) {
     }
     markField(problem.field, many ? `problem-${i}` : "error-message");
   }
-  let hint = "";
+  let hint = (!http && detail && detail.hint) || "";
   if (http) {
     const code = detail && detail.code;
     hint = (code && CODE_HINTS[code]) || HINTS[status] || "";
@@ -392,45 +514,127 @@ function requestBody(dataUrl, problems) {
       ),
     ),
     max_tokens: check(() => numberField("max-tokens", "Max tokens", "a whole number of at least 1", whole(1))),
-    seed: check(() => numberField("seed", "Seed", "a whole number of at least 0", whole(0))),
   };
+  const seed = check(seedField);
   for (const name of Object.keys(sampling)) if (sampling[name] === undefined) delete sampling[name];
   const body = { question };
   if (dataUrl && readsImages) body.images = [dataUrl];
   if (n !== undefined) body.n = n;
   if (Object.keys(sampling).length) body.sampling = sampling;
   body.reward = { mode };
-  return body;
+  return { body, seed };
+}
+
+// The seed as its decimal digits (bodyText writes them into the JSON as they are), or undefined when empty.
+function seedField() {
+  const text = $("seed").value.trim();
+  if (text === "") return undefined;
+  if (!/^\d{1,19}$/.test(text) || BigInt(text) > MAX_SEED) {
+    throw new InputError(
+      `Seed must be a whole number from 0 to ${MAX_SEED} (2^63 - 1), or empty for a random one.`,
+      "seed",
+    );
+  }
+  return BigInt(text).toString(); // without leading zeros, which JSON does not allow
 }
 
 function setBusy(on) {
   busy = on;
   // aria-disabled, not disabled: a disabled button drops the keyboard focus (to <body>) while the request runs.
   $("submit").setAttribute("aria-disabled", String(on));
+  const cancel = $("cancel");
+  if (!on && document.activeElement === cancel) $("submit").focus(); // not to <body> as Cancel hides
+  cancel.hidden = !on;
+}
+
+// Why a submit stopped waiting: the user cancelled (Cancel, Escape) or the page's time limit passed.
+class Stopped extends Error {
+  constructor(why) {
+    super(why === "timeout" ? "timed out" : "cancelled");
+    this.why = why;
+  }
+}
+
+function cancel() {
+  if (request) request.abort(new Stopped("cancel"));
+}
+
+// The promise, or the signal's reason once it aborts (a wait that fetch's own signal does not cover).
+function abortable(promise, signal) {
+  return new Promise((resolve, reject) => {
+    const stop = () => reject(signal.reason);
+    if (signal.aborted) {
+      stop();
+      return;
+    }
+    signal.addEventListener("abort", stop, { once: true });
+    promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", stop));
+  });
 }
 
 async function submit(event) {
   event.preventDefault();
   if (busy) return;
+  const controller = new AbortController();
+  request = controller;
+  const timer = setTimeout(() => controller.abort(new Stopped("timeout")), REQUEST_LIMIT_MS);
   setBusy(true);
   clearError(); // and the marks of the last request's problems
   $("results").hidden = true;
   try {
-    await send();
+    await send(controller.signal);
   } catch (exc) {
-    showError("client", `the page failed: ${exc.message}`);
-    $("status").textContent = "";
+    if (controller.signal.aborted) stopped(controller.signal.reason);
+    else {
+      showError("client", `the page failed: ${exc.message}`);
+      setStatus("");
+    }
   } finally {
+    clearTimeout(timer);
+    request = null;
     setBusy(false);
   }
 }
 
-async function send() {
+// The page stopped waiting (the connection is closed; the server may still finish the work, unseen).
+function stopped(reason) {
+  if (reason instanceof Stopped && reason.why === "timeout") {
+    setStatus("");
+    showError(
+      "timeout",
+      `no answer within ${REQUEST_LIMIT_MS / 1000} s, so the page stopped waiting.`,
+      {
+        hint:
+          "The service answers 504 itself after RLAIFV_REQUEST_TIMEOUT_S (120 s by default): no answer at all " +
+          "means it, or a proxy in front of it, is stuck or overloaded. Try again later, or a smaller N or max tokens.",
+      },
+    );
+  } else {
+    setStatus("Cancelled: the page stopped waiting for the answer.");
+  }
+}
+
+// The request's JSON text. The seed goes in as its digits: past 2^53 a JS number would round it.
+function bodyText(body, seed) {
+  if (seed === undefined) return JSON.stringify(body);
+  const { sampling, ...rest } = body;
+  const fields = JSON.stringify(sampling || {}).slice(1, -1);
+  return `${JSON.stringify(rest).slice(0, -1)},"sampling":{${fields ? `${fields},` : ""}"seed":${seed}}}`;
+}
+
+async function send(signal) {
   const headers = { "Content-Type": "application/json" };
-  await modelLoad; // what the model reads decides whether an image goes with the question
-  const dataUrl = await currentImage();
+  if (!cardApplied) {
+    // What the model reads decides whether an image goes with the question: the card first, if it can be had
+    // (the fetch gives up after CARD_LIMIT_MS; then the page sends with what it knows).
+    setStatus("Loading the model card…");
+    await abortable(cardFetch || loadModel(), signal);
+  }
+  setStatus("Reading the image…");
+  const dataUrl = await abortable(currentImage(), signal);
+  const sentImage = { dataUrl: readsImages ? dataUrl : null, label: imageLabel };
   const problems = [];
-  const body = requestBody(dataUrl, problems);
+  const { body, seed } = requestBody(dataUrl, problems);
   try {
     const key = readKey();
     if (key) headers.Authorization = `Bearer ${key}`;
@@ -441,30 +645,34 @@ async function send() {
   if (problems.length) {
     const message = problems.length === 1 ? problems[0].message : `${problems.length} problems:`;
     showError("client", message, undefined, problems);
-    $("status").textContent = "";
+    setStatus("");
     return;
   }
-  $("status").textContent =
+  setStatus(
     body.n === undefined
       ? "Sampling the server's default number of candidates…"
-      : `Sampling ${body.n} candidate${body.n === 1 ? "" : "s"}…`;
+      : `Sampling ${body.n} candidate${body.n === 1 ? "" : "s"}…`,
+  );
   const started = performance.now();
   let res;
   try {
-    res = await fetch("v1/best-of-n", { method: "POST", headers, body: JSON.stringify(body) });
+    res = await fetch("v1/best-of-n", { method: "POST", headers, body: bodyText(body, seed), signal });
   } catch (exc) {
+    if (signal.aborted) throw exc;
     showError("network", `could not reach the server: ${exc.message}`);
-    $("status").textContent = "";
+    setStatus("");
     return;
   }
-  $("status").textContent = "";
   let text;
   try {
     text = await res.text();
   } catch (exc) {
+    if (signal.aborted) throw exc;
+    setStatus("");
     showError("answer", `the server answered HTTP ${res.status}, but the answer broke off: ${exc.message}`);
     return;
   }
+  setStatus("");
   let payload;
   try {
     payload = JSON.parse(text);
@@ -491,22 +699,22 @@ async function send() {
     return;
   }
   try {
-    render(payload, (performance.now() - started) / 1000);
+    render(payload, (performance.now() - started) / 1000, body.question, sentImage);
   } catch (exc) {
     $("results").hidden = true;
     showError("answer", `the server answered HTTP ${res.status}, but its answer cannot be shown: ${exc.message}`);
     return;
   }
   const count = payload.candidates.length;
-  $("status").textContent =
-    `Ranked ${count} candidate${count === 1 ? "" : "s"}; chosen: sample ${payload.best_index}.`;
+  setStatus(`Ranked ${count} candidate${count === 1 ? "" : "s"}; chosen: sample ${payload.best_index}.`);
 }
 
 function summaryItem(list, term, value) {
   list.append(el("dt", "", term), el("dd", "", value));
 }
 
-function render(result, roundTrip) {
+// `question` and `sent` ({dataUrl, label}) are what the request sent: the inputs may have changed since.
+function render(result, roundTrip, question, sent) {
   if (!result || !Array.isArray(result.candidates) || result.candidates.length === 0) {
     throw new Error("it lists no candidates");
   }
@@ -516,6 +724,16 @@ function render(result, roundTrip) {
   const mode = info.mode === "dpo" ? "implicit" : info.mode;
   const extra = info.claim_score ? `, ${info.claim_score}` : "";
   const t = result.timings;
+  summaryItem(summary, "question", question);
+  summary.lastChild.classList.add("sent-question");
+  const shown = el("dd", "sent-image");
+  if (sent.dataUrl) {
+    const thumb = el("img", "thumb");
+    thumb.src = sent.dataUrl;
+    thumb.alt = "the image that was sent";
+    shown.append(thumb, el("span", "", sent.label));
+  } else shown.textContent = "none";
+  summary.append(el("dt", "", "image"), shown);
   summaryItem(summary, "model", result.model);
   summaryItem(summary, "reward", `${mode} (β=${info.beta}, ${info.normalize}${extra})`);
   summaryItem(summary, "chosen", `sample ${result.best_index} of ${result.candidates.length}`);
@@ -549,7 +767,9 @@ function candidateItem(c, rank, chosen, low, high) {
   const head = el("div", "head");
   head.append(el("span", "rank", `#${rank + 1}`), el("span", "sample", `sample ${c.index}`));
   if (chosen) head.append(el("span", "badge", "chosen"));
-  head.append(el("span", "finish muted", c.finish_reason));
+  const finish = el("span", "finish muted");
+  finish.append(el("span", "visually-hidden", "finish reason: "), String(c.finish_reason ?? "")); // "stop" alone says little
+  head.append(finish);
   item.append(head, el("p", "text", c.text));
 
   const bar = el("div", "bar");
@@ -612,6 +832,27 @@ function claimsTable(claims) {
 
 function init() {
   $("form").addEventListener("submit", submit);
+  $("cancel").addEventListener("click", cancel);
+  // In the question (a textarea) Enter is a new line: Ctrl+Enter (Cmd+Enter on a Mac) sends.
+  $("question").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      event.preventDefault();
+      $("form").requestSubmit();
+    }
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && busy) {
+      event.preventDefault();
+      cancel();
+    }
+  });
+  // A file dropped beside the drop zone would replace the page with the file: the browser's default is kept off
+  // for files (text dragged into the question still drops as text).
+  for (const type of ["dragover", "drop"]) {
+    document.addEventListener(type, (event) => {
+      if (event.dataTransfer && [...event.dataTransfer.types].includes("Files")) event.preventDefault();
+    });
+  }
   $("file").addEventListener("change", (event) => {
     const file = event.target.files[0];
     if (file) loadImage(file, file.name, true);
