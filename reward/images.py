@@ -139,10 +139,16 @@ _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # in entropy-coded data: no
 
 def jpeg_scans(data: bytes | memoryview) -> int:
     """The scans (SOS segments) of a JPEG's first image, counted from its markers without decoding; stops
-    counting past `MAX_JPEG_SCANS`. A damaged marker layout ends the count: the decoder names that damage."""
+    counting past `MAX_JPEG_SCANS`. Bytes between segments are skipped as libjpeg skips them (counting stopped
+    there, and the decoder went on through every scan after them)."""
     data = bytes(data)
     i, scans, end = 2, 0, len(data)
-    while i + 4 <= end and data[i] == 0xFF:
+    while i + 4 <= end:
+        if data[i] != 0xFF:  # bytes between segments: libjpeg skips them ("extraneous bytes before marker")
+            i = data.find(b"\xff", i)
+            if i < 0:
+                break
+            continue
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte before a marker
             i += 1

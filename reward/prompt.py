@@ -9,11 +9,14 @@ answer text always becomes the same tokens wherever it is scored.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rlaifv.reward.errors import AnswerError, ContextLengthError, ImageError, InvalidInputError
+
+log = logging.getLogger("rlaifv.reward")
 
 if TYPE_CHECKING:
     import torch
@@ -108,9 +111,10 @@ def encode_prompt(
             return_tensors="pt",
             add_special_tokens=not has_bos,
         )
-    except (ArithmeticError, ValueError, IndexError, RuntimeError) as exc:
+    except (ArithmeticError, ValueError) as exc:  # not RuntimeError: out of memory, a library fault stay 500s
         if not images:
             raise
+        log.warning("the image processor failed on %s", [image.size for image in images], exc_info=True)
         param = "images" if question is not None else _first_image_part(messages)
         raise _unprocessable(images, exc, param=param) from exc
     input_ids = batch.pop("input_ids")[0]
