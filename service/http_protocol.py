@@ -43,9 +43,15 @@ class HeadDeadlineH11Protocol(H11Protocol):
         self._stop_head_timer()
         super().connection_lost(exc)
 
+    def _owes(self) -> bool:
+        """The peer owes a request head (h11's IDLE), or a body that its answer no longer waits for (a 404 or 405
+        sent before the body was read: uvicorn's keep-alive timer, cancelled by each byte, let it trickle)."""
+        their = self.conn.their_state
+        return their is h11.IDLE or (self.conn.our_state is h11.DONE and their is h11.SEND_BODY)
+
     def _watch_head(self) -> None:
-        """Armed while the peer owes a request head (h11's IDLE), stopped once the head is in."""
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        """Armed while the peer owes what `_owes` says, stopped once it is in."""
+        if self._owes() and not self.transport.is_closing():
             if self._head_timer is None:
                 self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_expired)
         else:
@@ -58,5 +64,5 @@ class HeadDeadlineH11Protocol(H11Protocol):
 
     def _head_expired(self) -> None:
         self._head_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        if self._owes() and not self.transport.is_closing():
             self.transport.close()

@@ -638,6 +638,7 @@ def test_a_request_head_not_complete_in_time_closes_the_connection(make_server) 
     stayed open for ever (a few hundred used up the file descriptors). RLAIFV_HEADER_TIMEOUT_S closes them; a
     kept-alive connection gets the deadline anew for its next head."""
     import socket
+    import time
 
     server = make_server(header_timeout_s=0.5)
 
@@ -654,3 +655,26 @@ def test_a_request_head_not_complete_in_time_closes_the_connection(make_server) 
     assert closed_by_server(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ") == b""
     answered = closed_by_server(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # answered, then idle: closed
     assert answered.startswith(b"HTTP/1.1 200") and answered.count(b"HTTP/1.1") == 1
+    # Answered (404) before its body was read, then trickling that body: each byte cancelled uvicorn's keep-alive
+    # timer, so the connection lived as long as the bytes came.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nx")
+        sock.settimeout(0.2)
+        received, deadline = b"", time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                try:
+                    sock.sendall(b"x")  # the trickle: one byte per 0.2 s
+                except OSError:  # closed meanwhile
+                    break
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            received += chunk
+        else:
+            raise AssertionError("the trickling connection was never closed")
+    assert received.startswith(b"HTTP/1.1 404")
