@@ -270,9 +270,11 @@ def write_bundle(
 ) -> BundleManifest:
     """Assemble a bundle folder from model folders (copied in as policy/ and reference/ by default).
 
-    A bundle that copies is built in a sibling folder and renamed in place of the earlier one, so a folder the
-    service may load is always one whole bundle: an export stopped halfway left the earlier manifest beside the new
-    weights, which `check_bundle` passed. What a stopped export left beside it is removed by the next."""
+    While models are copied the folder holds no manifest, written (atomically) last: an export stopped halfway
+    left the earlier manifest beside the new weights, which `check_bundle` and the service took for a bundle.
+    Now such a folder is refused until an export completes. Only policy/, reference/ and the manifest are
+    touched: other files in the folder, a folder that is a link or a mount point, and a model already in place
+    stay as they are."""
     import shutil
 
     folder = Path(folder)
@@ -282,7 +284,7 @@ def write_bundle(
             raise BundleError(  # copytree would copy the bundle into itself until the path is too long
                 f"the bundle folder {folder} is inside the model folder {source} it would copy: put it elsewhere"
             )
-        target = folder / key  # the copy replaces it: a source inside it would be deleted
+        target = folder / key  # the copy replaces it (rmtree first): a source inside it would be deleted
         if (
             copy
             and target.exists()
@@ -293,7 +295,6 @@ def write_bundle(
                 f"the model folder {source} is inside {target}, which the bundle's copy replaces: put it elsewhere"
             )
     reward = reward or RewardConfig()
-    in_place = {key: (folder / key).resolve() == source.resolve() for key, source in sources.items()}
     manifest = BundleManifest(
         name=name,
         policy=_entry("policy", sources["policy"], copy),
@@ -304,46 +305,23 @@ def write_bundle(
         end_of_turn=end_of_turn,
         provenance=provenance or {},
     )
-    if not copy or all(in_place.values()):  # nothing copied: the manifest alone changes
-        folder.mkdir(parents=True, exist_ok=True)
-        write_manifest(folder, manifest)
-        return manifest
-    if folder.is_dir() and not (folder / MANIFEST).is_file() and any(folder.iterdir()):
-        raise BundleError(  # it is replaced whole: files of the user's own would go with it
-            f"{folder} holds files but no bundle ({MANIFEST}): give an empty folder, a new one or an earlier bundle"
-        )
-    staging, retired = (folder.with_name(f".{folder.name}.{suffix}") for suffix in ("writing", "old"))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in (staging, retired):  # an export killed before it finished
-        _remove(leftover)
-    staging.mkdir()
-    try:
-        for key, source in sources.items():
-            # a git clone of a hub repository keeps a second copy of the weights under .git
-            shutil.copytree(source, staging / key, ignore=shutil.ignore_patterns(".git", ".cache", ".gitattributes"))
-        umask_modes(staging)
-        write_manifest(staging, manifest)
-        if folder.exists() or folder.is_symlink():
-            folder.rename(retired)  # a link is replaced, not followed: what it points to is kept
-        staging.rename(folder)
-    except BaseException:
-        if (retired.exists() or retired.is_symlink()) and not (folder.exists() or folder.is_symlink()):
-            retired.rename(folder)  # the earlier bundle back where the service looks
-        _remove(staging)
-        raise
-    _remove(retired)
+    folder.mkdir(parents=True, exist_ok=True)
+    copied = [key for key, source in sources.items() if copy and (folder / key).resolve() != source.resolve()]
+    if copied:
+        (folder / MANIFEST).unlink(missing_ok=True)  # no bundle while its models change
+    for key in copied:
+        target = folder / key
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.exists():
+            shutil.rmtree(target)
+        # a git clone of a hub repository keeps a second copy of the weights under .git
+        shutil.copytree(sources[key], target, ignore=shutil.ignore_patterns(".git", ".cache", ".gitattributes"))
+        umask_modes(target)
+    write_manifest(folder, manifest)
     return manifest
 
 
 def _entry(key: str, source: Path, copy: bool) -> str:
     """A manifest entry: the copy's folder name in the bundle, or the source's absolute path."""
     return key if copy else str(source.resolve())
-
-
-def _remove(path: Path) -> None:
-    import shutil
-
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)

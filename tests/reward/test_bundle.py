@@ -104,15 +104,16 @@ def test_lora_type_mismatch(bundle_copy):
         load_bundle(bundle_copy)
 
 
-def test_a_re_export_stopped_halfway_leaves_the_earlier_bundle_whole(tiny_bundle, tmp_path, monkeypatch):
-    """The export replaced policy/ and reference/ in the live folder one after the other and wrote the manifest
-    last: stopped between them, the earlier manifest named the new policy beside the old reference, and
-    `rlaifv bundle check` passed it."""
+def test_a_re_export_stopped_halfway_leaves_no_bundle_until_one_completes(tiny_bundle, tmp_path, monkeypatch):
+    """The export replaced policy/ and reference/ one after the other and wrote the manifest last: stopped between
+    them, the earlier manifest named the new policy beside the old reference, and `rlaifv bundle check` passed it.
+    Now the folder holds no manifest until an export completes; files of the user's own stay."""
     from rlaifv.reward.bundle import check_bundle, write_bundle
 
     policy, reference = tiny_bundle / "policy", tiny_bundle / "reference"
     out = tmp_path / "bundle"
     write_bundle(out, policy=policy, reference=reference, name="first")
+    (out / "notes.md").write_text("mine")
     copies = []
     real_copytree = shutil.copytree
 
@@ -126,32 +127,27 @@ def test_a_re_export_stopped_halfway_leaves_the_earlier_bundle_whole(tiny_bundle
     with pytest.raises(KeyboardInterrupt):  # the re-export swaps the two models
         write_bundle(out, policy=reference, reference=policy, name="second")
     monkeypatch.undo()
-    assert check_bundle(out).name == "first"
-    for key, source in (("policy", policy), ("reference", reference)):
-        assert (out / key / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
-
-    for leftover in (".bundle.writing", ".bundle.old"):  # what a SIGKILL leaves: removed by the next export
-        (tmp_path / leftover / "policy").mkdir(parents=True)
+    with pytest.raises(BundleError):
+        check_bundle(out)
     write_bundle(out, policy=reference, reference=policy, name="second")
     assert check_bundle(out).name == "second"
     assert (out / "policy" / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    assert (out / "reference" / "model.safetensors").read_bytes() == (policy / "model.safetensors").read_bytes()
+    assert (out / "notes.md").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
-    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, "policy", "reference"])
 
 
-def test_a_folder_holding_other_files_is_not_replaced_by_a_bundle(tmp_path, tiny_bundle) -> None:
-    """A bundle is now written whole in place of the folder: one holding files of its own (no manifest) is refused,
-    not emptied."""
-    from rlaifv.reward.bundle import write_bundle
-    from rlaifv.reward.errors import BundleError
+def test_a_model_already_in_the_bundle_folder_stays_and_a_linked_folder_is_written_through(tiny_bundle, tmp_path):
+    """`rlaifv bench engine` puts the policy in the bundle folder, then writes the bundle around it; a bundle
+    folder that is a link is written where it points (the service reads it there)."""
+    from rlaifv.reward.bundle import check_bundle, write_bundle
 
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(BundleError, match="holds files but no bundle"):
-        write_bundle(mine, policy=tiny_bundle / "policy", reference=tiny_bundle / "reference")
-    assert (mine / "notes.txt").read_text() == "keep me"
-    (tmp_path / "empty").mkdir()
-    write_bundle(tmp_path / "empty", policy=tiny_bundle / "policy", reference=tiny_bundle / "reference")
-    assert (tmp_path / "empty" / "rlaifv.json").is_file()
+    out = tmp_path / "lora"
+    shutil.copytree(tiny_bundle / "policy", out / "policy")
+    write_bundle(out, policy=out / "policy", reference=tiny_bundle / "reference")
+    assert check_bundle(out).policy == "policy"
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    link.symlink_to(real)
+    write_bundle(link, policy=tiny_bundle / "policy", reference=tiny_bundle / "reference", name="linked")
+    assert link.is_symlink() and check_bundle(real).name == "linked"
