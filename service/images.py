@@ -12,14 +12,16 @@ compressed HTTP body is inflated within the byte cap (a 590-byte body sent as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 
 from rlaifv.reward.errors import ImageError
-from rlaifv.reward.images import decode_base64, decode_image
+from rlaifv.reward.images import ImageLimits, decode_base64, decode_image
 from rlaifv.service.errors import Overloaded
 from rlaifv.service.settings import Settings
 
@@ -102,37 +104,54 @@ def url_allowed(url: str, allowed: list[str]) -> bool:
     return scheme in DEFAULT_PORTS and host_allowed(parts.hostname or "", allowed, parts.port, scheme)
 
 
-def declared_pixels(data: bytes) -> int:
-    """Width x height from the image's header (no pixel decoded); 0 where the header cannot be read (decoding then
-    says why)."""
+def declared_pixels(data: bytes, limits: ImageLimits) -> int:
+    """Width x height from the image's header (no pixel decoded); 0 where the header cannot be read or the image
+    is refused anyway (format, size): decoding then says why, a 400, not a 429 to retry for ever."""
     import io
 
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as probe:
-            return int(probe.width) * int(probe.height)
+            width, height, fmt = int(probe.width), int(probe.height), probe.format or "?"
+        limits.check_size(width, height, "image")
     except Exception:  # PIL raises many types on hostile headers; the decode names the problem
         return 0
+    if fmt not in limits.allowed_formats and not (fmt == "MPO" and "JPEG" in limits.allowed_formats):
+        return 0
+    return width * height
+
+
+_HOLD: ContextVar[list[int] | None] = ContextVar("rlaifv_image_pixels_held", default=None)
 
 
 class ImageLoader:
     """Turns image references into PIL images; owns the HTTP client for allowed remote hosts.
 
-    Decoding is admitted against `RLAIFV_MAX_QUEUED_IMAGE_PIXELS` together with the pixels the scheduler holds
-    (`pixels_held`): checked only at the scheduler, after every image of a request was decoded, 24 concurrent
-    requests of four 4096x4096 images held 7 GB in decoding. Past the budget a request is a 429 before its next
-    image is decoded (one request is always let in, as the scheduler does)."""
+    Decoded pixels are counted against `RLAIFV_MAX_QUEUED_IMAGE_PIXELS` from before each image is decoded until
+    the request that holds them ends (`holding`): checked only at the scheduler, after every image of a request
+    was decoded, 24 concurrent requests of four 4096x4096 images held 7 GB, and a request waiting on a remote
+    generator or an identical request held its images uncounted. Past the budget a request is a 429 before its
+    next image is decoded (one request is always let in, as the scheduler does)."""
 
-    def __init__(
-        self, settings: Settings, *, pixels_held: Callable[[], int] = lambda: 0, rejected: Callable[[], None] = _none
-    ) -> None:
+    def __init__(self, settings: Settings, *, rejected: Callable[[], None] = _none) -> None:
         self.settings = settings
         self.limits = settings.image_limits()
-        self.pixels_held = pixels_held
         self.rejected = rejected
-        self.decoding = 0  # pixels of the images being decoded or decoded and not yet handed to the scheduler
+        self.in_hand = 0  # pixels of the images being decoded or held by requests not yet ended
         self._client: httpx.AsyncClient | None = None
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """The images `load` decodes inside stay counted until the block ends (the request's whole life); outside
+        one they are counted only while `load` runs."""
+        held: list[int] = []
+        token = _HOLD.set(held)
+        try:
+            yield
+        finally:
+            _HOLD.reset(token)
+            self.in_hand -= sum(held)
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -156,12 +175,13 @@ class ImageLoader:
         ends the request (and no later URL is fetched for nothing). Decoding runs off the event loop."""
         images, raw = [], []
         reserved = 0
+        held = _HOLD.get()
         try:
             for ref, param in refs:
                 data = await self.read(ref, param)
-                pixels = await asyncio.to_thread(declared_pixels, data)
+                pixels = await asyncio.to_thread(declared_pixels, data, self.limits)
                 self._admit(pixels, reserved)
-                self.decoding += pixels
+                self.in_hand += pixels
                 reserved += pixels
                 try:
                     image = await asyncio.to_thread(decode_image, data, self.limits, param)
@@ -171,13 +191,18 @@ class ImageLoader:
                     raise ImageError(f"image could not be decoded ({type(exc).__name__})", param=param) from None
                 images.append(image)
                 raw.append(data)
-        finally:  # the scheduler counts them from here (or they are gone)
-            self.decoding -= reserved
+        except BaseException:
+            self.in_hand -= reserved  # nothing decoded is kept
+            raise
+        if held is not None:
+            held.append(reserved)  # released when the request ends
+        else:
+            self.in_hand -= reserved
         return images, raw
 
     def _admit(self, pixels: int, reserved: int) -> None:
         limit = self.settings.max_queued_image_pixels
-        others = self.pixels_held() + self.decoding - reserved
+        others = self.in_hand - reserved
         if limit and others and others + reserved + pixels > limit:
             self.rejected()
             raise Overloaded(

@@ -6,11 +6,12 @@ Routers stay thin: they fetch the `Serving` from `app.state` and call one method
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 from pydantic import ValidationError
@@ -149,6 +150,20 @@ def _departure(request: Request | None) -> Callable[[], Awaitable[None]] | None:
     return (lambda: _wait_for_disconnect(request)) if request is not None else None
 
 
+T = TypeVar("T")
+
+
+def _holding_images(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """The request's decoded images count against the pixel budget until it ends (`ImageLoader.holding`)."""
+
+    @functools.wraps(method)
+    async def held(self: Serving, *args: Any, **kwargs: Any) -> T:
+        with self.images.holding():
+            return await method(self, *args, **kwargs)
+
+    return held
+
+
 class Serving:
     """The request handlers' logic, shared by the native and OpenAI-compatible routes."""
 
@@ -214,11 +229,7 @@ class Serving:
             if settings.cache_size > 0
             else None
         )
-        images = ImageLoader(
-            settings,
-            pixels_held=lambda: scheduler.pixels_held,
-            rejected=metrics.rejected.labels(reason="queue_full").inc,
-        )
+        images = ImageLoader(settings, rejected=metrics.rejected.labels(reason="queue_full").inc)
         return cls(settings, engine, scheduler, images, metrics, cache, generator)
 
     def liveness(self) -> str | None:
@@ -316,6 +327,7 @@ class Serving:
 
     # -- POST /v1/best-of-n ------------------------------------------------------------
 
+    @_holding_images
     async def best_of_n(self, body: BestOfNRequest, request: Request | None) -> BestOfNResponse:
         arrived = time.perf_counter()
         self.check_model(body.model, generating=True)
@@ -374,6 +386,7 @@ class Serving:
 
     # -- POST /v1/rewards ------------------------------------------------------------------
 
+    @_holding_images
     async def rewards(self, body: RewardsRequest, request: Request | None) -> RewardsResponse:
         arrived = time.perf_counter()
         self.check_model(body.model)
@@ -486,6 +499,7 @@ class Serving:
 
     # -- POST /v1/chat/completions -------------------------------------------------------------
 
+    @_holding_images
     async def chat(self, body: ChatCompletionRequest, request: Request | None) -> ChatCompletionResponse:
         self.check_model(body.model, generating=True)
         checks = Checks()

@@ -197,13 +197,16 @@ def test_a_compressed_body_is_inflated_within_the_byte_cap() -> None:
         inflated(IMAGE, "gzip", 200_000, "images[0]")
 
 
-async def test_decoding_is_admitted_against_the_pixel_budget_with_what_the_scheduler_holds(monkeypatch) -> None:
+async def test_decoded_pixels_are_counted_from_before_decoding_until_the_request_ends(monkeypatch) -> None:
     """The budget was checked only at the scheduler, after a request's images were all decoded: 24 concurrent
-    requests of four 4096x4096 images held 7 GB in decoding. A request whose next image would take the pixels in
-    hand past RLAIFV_MAX_QUEUED_IMAGE_PIXELS is a 429 before that image is decoded; one request is always let in."""
+    requests of four 4096x4096 images held 7 GB in decoding, and a request waiting on a remote generator held its
+    images uncounted. A request whose next image would take the pixels in hand past RLAIFV_MAX_QUEUED_IMAGE_PIXELS
+    is a 429 before that image is decoded; its pixels count until it ends; one request is always let in; an image
+    refused anyway (over the pixel limit) is its 400, not a 429."""
     import asyncio
     import base64
 
+    from rlaifv.reward.errors import ImageError
     from rlaifv.service import images as module
     from rlaifv.service.errors import Overloaded
     from rlaifv.service.settings import Settings
@@ -218,25 +221,33 @@ async def test_decoding_is_admitted_against_the_pixel_budget_with_what_the_sched
         go.wait(timeout=30)
         return decode(*args, **kwargs)
 
-    monkeypatch.setattr(module, "decode_image", held_decode)
-    held = [0]
     rejected: list[int] = []
     loader = module.ImageLoader(
-        Settings(max_queued_image_pixels=30_000),
-        pixels_held=lambda: held[0],
-        rejected=lambda: rejected.append(1),
+        Settings(max_queued_image_pixels=30_000, max_image_pixels=100_000), rejected=lambda: rejected.append(1)
     )
-    first = asyncio.create_task(loader.load([(ref(100), "images[0]"), (ref(100), "images[1]")]))
+    request_done = asyncio.Event()
+
+    async def request() -> int:
+        with loader.holding():
+            images, _ = await loader.load([(ref(100), "images[0]"), (ref(100), "images[1]")])
+            await request_done.wait()  # queued, or waiting on a remote generator: the images are still held
+            return len(images)
+
+    monkeypatch.setattr(module, "decode_image", held_decode)
+    first = asyncio.create_task(request())
     await asyncio.to_thread(entered.wait, 30)
-    assert loader.decoding == 10_000
+    assert loader.in_hand == 10_000
     with pytest.raises(Overloaded, match="over the limit of 30,000") as info:
         await loader.load([(ref(200), "images[0]")])  # 10,000 in hand + 40,000
     assert info.value.code == "queue_full" and rejected == [1]
     go.set()
-    images, _ = await first
-    assert len(images) == 2 and loader.decoding == 0
-    assert len((await loader.load([(ref(200), "images[0]")]))[0]) == 1  # alone: let in, over the budget or not
-    held[0] = 25_000  # the scheduler's waiting and running requests
+    while loader.in_hand < 20_000:  # both decoded, the request not ended
+        await asyncio.sleep(0)
     with pytest.raises(Overloaded):
-        await loader.load([(ref(100), "images[0]")])
-    assert loader.decoding == 0
+        await loader.load([(ref(110), "images[0]")])  # 20,000 held + 12,100
+    with pytest.raises(ImageError, match="over the limit"):
+        await loader.load([(ref(400), "images[0]")])  # over the pixel limit: its own 400, busy or not
+    request_done.set()
+    assert await first == 2 and loader.in_hand == 0
+    assert len((await loader.load([(ref(200), "images[0]")]))[0]) == 1  # alone: let in, over the budget or not
+    assert loader.in_hand == 0
