@@ -128,15 +128,19 @@ async def _start(app: FastAPI) -> None:
         app.state.limiter = RateLimiter(per_minute=settings.rate_limit_per_minute, redis=redis, breaker=breaker)
     app.state.serving = Serving.open(settings, engine, metrics, redis=redis, generator=generator, breaker=breaker)
     jobs = None
+    stopping = app.state.shutting_down  # a stop came while loading, and the load ended within the HTTP drain
     if redis is not None:
         from rlaifv.service.jobs import JobStore, JobWorkers
 
         app.state.job_store = JobStore(redis, settings)
-        if settings.jobs_workers > 0:
+        if settings.jobs_workers > 0 and not stopping:
             jobs = JobWorkers(app.state.job_store, app.state.serving, settings, metrics)
             jobs.start()
             app.state.job_workers = jobs
     app.state.drain = Drain(app.state, jobs)  # `rlaifv serve` begins it when the stop signal comes
+    if stopping:  # never ready: the lifespan's end releases what was loaded
+        log.info("loaded after the stop signal: not serving")
+        return
     app.state.ready = True
     metrics.ready.set(1)
     log.info(

@@ -46,9 +46,12 @@ class DrainingServer(uvicorn.Server):
     uvicorn's own HTTP drain: both end within `RLAIFV_SHUTDOWN_GRACE_S`, the pod's termination grace."""
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        drain = getattr(getattr(self.config.app, "state", None), "drain", None)
+        state = getattr(self.config.app, "state", None)
+        drain = getattr(state, "drain", None)
         if drain is not None:
             drain.begin()
+        elif state is not None:  # still loading: what the load would start next (job consumers) must not start
+            state.shutting_down = True
         super().handle_exit(sig, frame)
 
 

@@ -62,6 +62,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         app.state.generator = generator = await open_generator(settings, metrics)
         loaded = await _unless_stopped(in_daemon_thread(load_engine, settings, metrics), stop)
         if loaded is None:  # stopped while loading: the load thread is abandoned, nothing was taken
+            if generator is not None:
+                await generator.aclose()
             await redis.aclose()
             log.info("worker stopped while loading")
             return

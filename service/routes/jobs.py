@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from rlaifv.service.errors import BadRequest, NotEnabled, NotFound, StoreUnavailable, error_responses
+from rlaifv.service.errors import BadRequest, NotEnabled, NotFound, StoreUnavailable, Unavailable, error_responses
 from rlaifv.service.jobs import JobStore, parse_jsonl
 from rlaifv.service.json_body import JsonBodyRoute
 from rlaifv.service.protocol import Job, JobList, JobRequest, JobResults
@@ -48,8 +48,11 @@ def _prefers_jsonl(accept: str) -> bool:
 
 
 def get_store(request: Request) -> JobStore:
-    store = request.app.state.job_store
+    state = request.app.state
+    store = state.job_store
     if store is None:
+        if state.settings.redis_url and not state.ready:  # set up with the model (`rlaifv serve` answers meanwhile)
+            raise Unavailable("the model is not loaded yet", code="not_ready", headers={"Retry-After": "5"})
         raise NotEnabled("batch jobs need Redis: the operator sets RLAIFV_REDIS_URL", code="jobs_not_enabled")
     return store
 
