@@ -624,10 +624,14 @@ def test_a_client_cannot_pick_its_rate_limit_bucket_with_x_forwarded_for(make_se
                 for i in range(count)
             ]
 
-    plain = codes(make_server(rate_limit_per_minute=2), 4)
-    if plain[2] == 200:  # the minute window rolled over between requests
-        plain = plain[1:]
-    assert plain[:3] == [200, 200, 429], plain
+    import time
+
+    for attempt in range(2):  # quotas are per clock minute: a run across a minute boundary is run again
+        minute = int(time.time() // 60)
+        plain = codes(make_server(rate_limit_per_minute=2), 4)
+        if int(time.time() // 60) == minute or attempt:
+            break
+    assert plain == [200, 200, 429, 429], plain
     assert codes(make_server(rate_limit_per_minute=2, forwarded_allow_ips=["127.0.0.1"]), 4) == [200] * 4
     response = httpx.get(make_server().url + "/healthz")
     assert "server" not in response.headers and response.headers["x-content-type-options"] == "nosniff"
