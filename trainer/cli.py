@@ -364,7 +364,7 @@ def feedback(
             FEEDBACK_PARTIAL,
             FeedbackShards,
             collect_feedback,
-            feedback_key,
+            feedback_keys,
             feedback_summary,
             read_feedback,
             write_feedback,
@@ -402,12 +402,14 @@ def feedback(
         _output_outside(output, OUTSIDE_DATA, ("", prompts))
         items = read_prompts(prompts, limit=limit, progress=progress)
         models = [model] if adapter is None else [model, adapter]
-        made = {"feedback_key": feedback_key(config, models), "prompts_digest": prompts_digest(items)}
+        keys = feedback_keys(config, models)  # the first is saved; the others: an earlier version's (unchanged files)
+        made = {"feedback_key": keys[0], "prompts_digest": prompts_digest(items)}
         finished, pairs_file = output / FEEDBACK_FILE, output / "pairs.parquet"
         earlier = _feedback_made(output)
         # Built again below: an earlier run's pairs are never left beside other feedback (`train dpo` took them).
         pairs_file.unlink(missing_ok=True)
-        if earlier == made:
+        same_run = earlier.get("feedback_key") in keys
+        if earlier in [made | {"feedback_key": key} for key in keys]:
             results = read_feedback(finished)
             typer.secho(f"{finished} is this run's feedback: only the pairs are built again", err=True)
         else:
@@ -416,10 +418,9 @@ def feedback(
             policy = load_model(model)
             if adapter is not None:
                 policy = load_adapter(policy, adapter)
-            same_run = earlier.get("feedback_key") == made["feedback_key"]
             shards = FeedbackShards(
                 output / FEEDBACK_PARTIAL,
-                made["feedback_key"],
+                keys,
                 config.to_dict(),
                 finished=finished if same_run else None,
             )

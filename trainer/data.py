@@ -176,6 +176,11 @@ def data_files(path: str | Path, suffixes: Sequence[str] = (".parquet", ".parq",
         return [path]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and _data_suffix(p) in suffixes)
+        listed = set(files)
+        for file in files:  # its rows were read twice: a folder's file beside its own gzip
+            if file.suffix.lower() == ".gz" and file.with_suffix("") in listed:
+                plain, packed = (str(f.relative_to(path)) for f in (file.with_suffix(""), file))
+                raise DataError(f"{plain} and {packed}: the same data twice? keep one", source=str(path))
         if files:
             return files
         hint = next(

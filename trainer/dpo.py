@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlaifv.trainer.data import PreferenceRow, write_json
 from rlaifv.trainer.dpo_config import DPOConfig
-from rlaifv.trainer.errors import ConfigError, DataError, RunStateError, TrainingInterrupted
+from rlaifv.trainer.errors import ConfigError, DataError, RunStateError, TrainerError, TrainingInterrupted
 from rlaifv.trainer.interrupt import agreed, stop_on_sigterm
 
 if TYPE_CHECKING:
@@ -337,6 +337,23 @@ def model_identity(path: str | Path) -> str:
     return model_fingerprint(path) if Path(path).is_dir() else str(path)
 
 
+def saved_identities(paths: Sequence[str | Path | None]) -> list[list[str | None]]:
+    """The identities under which work on the models at `paths` (None stays None) may have been saved: each one's
+    `model_identity` (what saves use), then, where one is a folder, each one's identity by the rule of versions
+    before content fingerprints (`legacy_model_fingerprint`). A key made from the second list matches work saved by
+    such a version only while the folders' weight files keep the names, sizes and mtimes they had then (that rule's
+    limit: bytes rewritten with the mtime restored are not seen), so a run stopped before an upgrade resumes once
+    and its work is saved again under the first list's keys; weights changed since (new mtimes) match neither."""
+    current = [model_identity(p) if p is not None else None for p in paths]
+    legacy = [(legacy_model_fingerprint(p) if Path(p).is_dir() else str(p)) if p is not None else None for p in paths]
+    return [current, legacy] if legacy != current else [current]
+
+
+def _keys(key: str | Sequence[str]) -> tuple[str, ...]:
+    """A run's key or keys: the first is the one saves use; all are accepted (`saved_identities`)."""
+    return (key,) if isinstance(key, str) else tuple(key)
+
+
 FINGERPRINT_PREFIX = "content:"
 """Begins a fingerprint of the files' bytes; a run file of an earlier version holds one of their sizes and mtimes."""
 
@@ -345,9 +362,12 @@ def model_fingerprint(path: str | Path) -> str:
     """Identity of a model folder by content: its configs and the bytes of its weight files (and their names).
 
     A copy that does not keep mtimes (gsutil, aws s3 cp) is the same model, so a run staged again resumes; a model
-    retrained in place is another. The cost is reading every weight file once per process: a 7B model's ~15 GB
-    take about 10 s at SHA-256's 1.5 GB/s, longer where the disk is slower. `_file_digest` keeps each file's hash
-    while its stat is unchanged, so the later calls of a run (reference cache, checkpoints, feedback) are free."""
+    retrained in place is another. The cost is reading every weight file once per version of it on this machine:
+    a 7B model's ~15 GB take about 10 s at SHA-256's 1.5 GB/s, longer where the disk is slower. `_file_digest`
+    keeps each file's hash in this process and in the user's cache while its stat is unchanged, so the later calls
+    of a run (reference cache, checkpoints, feedback) and later runs read a 64-byte file instead; under
+    `accelerate launch`/torchrun `train_dpo` hashes on the main process only and sends the result to the others
+    (8 ranks read the model and reference once, not 8 times)."""
     path = Path(path)
     digest = hashlib.sha256()
     for file in sorted(path.iterdir()):
@@ -375,11 +395,27 @@ _DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}
 RACY_NS = 2_000_000_000
 """A file changed this close to its hashing is hashed again next time: a write in the same clock tick as the one
 before it leaves the stat as it was (git's "racy" entries)."""
+DIGEST_CACHE = "file-digests"
+"""The folder of `_file_digest`'s kept hashes in the user's cache (`_cache_root`): one file per weight file's
+version (its 64 hex characters, named by the hash of its stat identity), a few KB for all the models ever used."""
+
+
+def _cache_root() -> Path:
+    """The user's rlaifv cache (`rlaifv demo build`'s rule): RLAIFV_CACHE_DIR, else $XDG_CACHE_HOME/rlaifv, else
+    ~/.cache/rlaifv. Not the model folder (it may be read-only, or shared) nor the run's (later runs of other
+    output folders use the same models)."""
+    explicit = os.environ.get("RLAIFV_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "rlaifv"
 
 
 def _file_digest(file: Path) -> str:
-    """SHA-256 of the file, kept for this process while its device, inode, size, mtime and ctime stay the same.
-    ctime cannot be set back (utime sets it to now), so bytes changed with the mtime restored are hashed again."""
+    """SHA-256 of the file, kept while its device, inode, size, mtime and ctime stay the same: for this process,
+    and in the user's cache (`DIGEST_CACHE`) for the other processes and runs on this machine. ctime cannot be set
+    back (utime sets it to now), so bytes changed with the mtime restored are hashed again. The cache is written
+    atomically (a new file renamed over) and only helps: where it cannot be read or written the file is hashed."""
 
     def identity(stat: os.stat_result) -> tuple[str, int, int, int, int, int]:
         return (str(file.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
@@ -387,19 +423,41 @@ def _file_digest(file: Path) -> str:
     before = identity(file.stat())
     if before in _DIGESTS:
         return _DIGESTS[before]
+    kept = _cache_root() / DIGEST_CACHE / hashlib.sha256(json.dumps(before).encode()).hexdigest()
+    try:
+        value = kept.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        value = ""
+    if len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        _DIGESTS[before] = value
+        return value
     started = time.time_ns()
     with open(file, "rb") as handle:
         value = hashlib.file_digest(handle, "sha256").hexdigest()
     if identity(file.stat()) == before and max(before[4], before[5]) < started - RACY_NS:
         _DIGESTS[before] = value
+        try:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            tmp = kept.with_name(f"{kept.name}.{os.getpid()}.tmp")
+            tmp.write_text(value)
+            tmp.replace(kept)
+        except OSError:
+            pass  # a read-only or full cache: hashed again next time
     return value
 
 
 def reference_cache_key(reference_id: str, pairs: Sequence[EncodedPair]) -> str:
-    digest = hashlib.sha256(reference_id.encode())
+    return reference_cache_keys([reference_id], pairs)[0]
+
+
+def reference_cache_keys(reference_ids: Sequence[str], pairs: Sequence[EncodedPair]) -> list[str]:
+    """`reference_cache_key` of each reference id, the pairs (their images) hashed once for all."""
+    digests = [hashlib.sha256(reference_id.encode()) for reference_id in reference_ids]
     for pair in pairs:
-        digest.update(pair.digest().encode())
-    return digest.hexdigest()
+        value = pair.digest().encode()
+        for digest in digests:
+            digest.update(value)
+    return [digest.hexdigest() for digest in digests]
 
 
 def compute_reference_logprobs(
@@ -486,13 +544,19 @@ def _readable_table(path: Path, columns: list[str] | None = None) -> Any:
         return None
 
 
-def read_partial_reference(path: Path, key: str, pairs: Sequence[EncodedPair]) -> int:
-    """Fill the first pairs' sums from a cut-short pass made for this reference and these pairs; how many."""
+def _saved_key(table: Any, key: str | Sequence[str]) -> str | None:
+    """Which of the keys (`_keys`) the reference table was made under; None: none of them."""
+    saved = (table.schema.metadata or {}).get(b"rlaifv_reference_key", b"").decode()
+    return saved if saved in _keys(key) else None
+
+
+def read_partial_reference(path: Path, key: str | Sequence[str], pairs: Sequence[EncodedPair]) -> int:
+    """Fill the first pairs' sums from a cut-short pass made for this reference and these pairs (made under one of
+    the keys); how many."""
     table = _readable_table(path)
     if table is None:
         return 0
-    meta = table.schema.metadata or {}
-    if meta.get(b"rlaifv_reference_key", b"").decode() != key or table.num_rows > len(pairs):
+    if _saved_key(table, key) is None or table.num_rows > len(pairs):
         return 0
     done = table.num_rows
     for pair, chosen, rejected in zip(
@@ -545,19 +609,20 @@ def write_reference_cache(path: Path, pairs: Sequence[EncodedPair], key: str) ->
     tmp.replace(path)
 
 
-def read_reference_cache(path: Path, key: str, pairs: Sequence[EncodedPair]) -> bool:
-    """Fill reference sums from the cache when it was made for this reference and these pairs."""
+def read_reference_cache(path: Path, key: str | Sequence[str], pairs: Sequence[EncodedPair]) -> str | None:
+    """Fill reference sums from the cache when it was made for this reference and these pairs: the key (one of
+    `key`) it was made under, None when it was not."""
     table = _readable_table(path, columns=["ref_chosen", "ref_rejected"])
     if table is None:
-        return False
-    meta = table.schema.metadata or {}
-    if meta.get(b"rlaifv_reference_key", b"").decode() != key or table.num_rows != len(pairs):
-        return False
+        return None
+    saved = _saved_key(table, key)
+    if saved is None or table.num_rows != len(pairs):
+        return None
     for pair, chosen, rejected in zip(
         pairs, table["ref_chosen"].to_pylist(), table["ref_rejected"].to_pylist(), strict=True
     ):
         pair.ref_chosen, pair.ref_rejected = chosen, rejected
-    return True
+    return saved
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -739,20 +804,30 @@ def _train_dpo(
 
     # Reference log-probs: once, cached in the output folder.
     cache = output_dir / REFERENCE_CACHE
-    reference_id = model_fingerprint(reference_path if not config.lora else model_path)
-    if reference_is_start:
-        assert init_adapter is not None
-        reference_id += "|adapter:" + model_fingerprint(init_adapter)
-    if (config.dtype, config.mixed_precision) != ("float32", "no"):
-        reference_id += f"|{config.dtype}|{config.mixed_precision}"
-    reference_id += f"|fits:{limit}"  # pairs over the positions are NaN in the cache: a cache without them is another
-    key = reference_cache_key(reference_id, pairs)
+    # Keys under each rule that work may have been saved by (`saved_identities`): saves use the first.
+    models = [reference_path if not config.lora else model_path, init_adapter if reference_is_start else None]
+    identities = _on_main_process(accelerator, lambda: saved_identities([*models, model_path, init_adapter]))
+    reference_ids = []
+    for reference, adapter, *_ in identities:
+        reference_id = str(reference)
+        if reference_is_start:
+            reference_id += f"|adapter:{adapter}"
+        if (config.dtype, config.mixed_precision) != ("float32", "no"):
+            reference_id += f"|{config.dtype}|{config.mixed_precision}"
+        # pairs over the positions are NaN in the cache: a cache without them is another
+        reference_id += f"|fits:{limit}"
+        reference_ids.append(reference_id)
+    keys = reference_cache_keys(reference_ids, pairs)
+    key = keys[0]
     # The policy trained is part of the run: a checkpoint of another --model (the same output folder, the model
     # corrected after a stop) resumed its weights under this model's name.
-    started_from = [model_identity(model_path), model_identity(init_adapter) if init_adapter else None]
-    run_key = hashlib.sha256(
-        json.dumps([key, config.training_settings(), accelerator.num_processes, started_from]).encode()
-    ).hexdigest()
+    run_keys = [
+        hashlib.sha256(
+            json.dumps([k, config.training_settings(), accelerator.num_processes, ids[2:]]).encode()
+        ).hexdigest()
+        for k, ids in zip(keys, identities, strict=True)
+    ]
+    run_key = run_keys[0]
     finished = _finished_run(output_dir, run_key)
     if finished is not None:
         if accelerator.is_main_process:
@@ -776,10 +851,13 @@ def _train_dpo(
     # Every rank reads the cache (and a cut-short pass) before any rank can write one: they must agree on hit or
     # miss and on where a pass resumes, since the pass checks for SIGTERM with a collective per batch.
     accelerator.wait_for_everyone()
-    hit = read_reference_cache(cache, key, pairs)
+    saved_under = read_reference_cache(cache, keys, pairs)
+    hit = saved_under is not None
+    if saved_under not in (None, key) and accelerator.is_main_process:
+        write_reference_cache(cache, pairs, key)  # made by an earlier version: kept under this one's key from now on
     if not hit:
         partial = output_dir / REFERENCE_PARTIAL
-        start = read_partial_reference(partial, key, pairs)
+        start = read_partial_reference(partial, keys, pairs)
 
         def keep(done: int) -> None:
             if accelerator.is_main_process:
@@ -862,7 +940,7 @@ def _train_dpo(
     updates = start_epoch = epoch_updates = 0
     rank = accelerator.process_index
     checkpoints = CheckpointStore(
-        output_dir / CHECKPOINTS, run_key, keep=config.keep_checkpoints, settings=config.training_settings()
+        output_dir / CHECKPOINTS, run_keys, keep=config.keep_checkpoints, settings=config.training_settings()
     )
     # DeepSpeed and FSDP save and load the model themselves (accelerate's hooks see no weights there).
     trainable_only = config.lora and accelerator.distributed_type not in _OWN_CHECKPOINTS
@@ -1061,6 +1139,28 @@ def _train_dpo(
     )
 
 
+def _on_main_process(accelerator: Any, compute: Callable[[], Any]) -> Any:
+    """`compute()` on the main process only, its value (or its error) sent to the others: under torchrun each rank
+    fingerprinted the model and the reference itself (8 ranks x two 15 GB models read 240 GB at every start)."""
+    if accelerator.num_processes == 1:
+        return compute()
+    from accelerate.utils import broadcast_object_list
+
+    sent: list[Any] = [None, None]
+    failed: Exception | None = None
+    if accelerator.is_main_process:
+        try:
+            sent[0] = compute()
+        except Exception as exc:  # sent too: the others would wait for the value until the collective's timeout
+            failed, sent[1] = exc, f"{type(exc).__name__}: {exc}"
+    broadcast_object_list(sent)
+    if failed is not None:
+        raise failed
+    if sent[1] is not None:
+        raise TrainerError(f"the main process failed: {sent[1]}")
+    return sent[0]
+
+
 def _finished_run(output_dir: Path, run_key: str) -> dict[str, Any] | None:
     """The report of this very run when it finished in `output_dir` (the report is removed before its policy is
     written again, and written after it is whole): a stop after the last step (Ctrl-C in it, SIGTERM or a full disk
@@ -1152,8 +1252,11 @@ class CheckpointStore:
     run are removed after a newer one is complete, so a crash while saving never leaves none.
     """
 
-    def __init__(self, root: Path, run_key: str, *, keep: int, settings: dict[str, Any] | None = None) -> None:
-        self.root, self.run_key, self.keep = root, run_key, keep
+    def __init__(
+        self, root: Path, run_key: str | Sequence[str], *, keep: int, settings: dict[str, Any] | None = None
+    ) -> None:
+        self.root, self.run_keys, self.keep = root, _keys(run_key), keep
+        self.run_key = self.run_keys[0]  # what saves record; the others (`saved_identities`) are resumed from too
         self.settings = settings or {}
 
     def changed_settings(self, folders: list[Path]) -> list[str]:
@@ -1182,7 +1285,7 @@ class CheckpointStore:
                 state = json.loads(state_file.read_text())
             except json.JSONDecodeError:
                 continue
-            if state.get("key") == self.run_key:
+            if state.get("key") in self.run_keys:
                 found.append(Checkpoint(folder, state))
         return sorted(found, key=lambda c: c.state["updates"])
 

@@ -387,8 +387,9 @@ def _never() -> bool:
 
 class FeedbackShards:
     """The feedback of a run in progress: one parquet per batch of prompts under `folder`, valid for runs whose
-    settings and models hash to `key`. A rerun goes on from the saved batches that hold its own first prompts
-    (a run with a raised `--limit` too); anything else is cleared with a warning that says why.
+    settings and models hash to `key` (or to one of `key`, the first being the one saved: `feedback_keys`). A rerun
+    goes on from the saved batches that hold its own first prompts (a run with a raised `--limit` too); anything
+    else is cleared with a warning that says why.
 
     `finished`: the feedback file of a finished run with the same key, if any: with no batches saved, its whole
     batches over this run's first prompts are taken as saved ones, so a rerun with another `--limit` samples only
@@ -397,9 +398,15 @@ class FeedbackShards:
     KEY_FILE = "run_key"
 
     def __init__(
-        self, folder: str | Path, key: str, settings: dict[str, Any] | None = None, *, finished: Path | None = None
+        self,
+        folder: str | Path,
+        key: str | Sequence[str],
+        settings: dict[str, Any] | None = None,
+        *,
+        finished: Path | None = None,
     ) -> None:
-        self.folder, self.key, self.settings = Path(folder), key, settings or {}
+        self.keys = (key,) if isinstance(key, str) else tuple(key)
+        self.folder, self.key, self.settings = Path(folder), self.keys[0], settings or {}
         self.finished = finished
 
     def resume(self, prompts: Sequence[PromptItem], batch: int) -> tuple[list[PromptFeedback], int, int]:
@@ -474,7 +481,7 @@ class FeedbackShards:
             return "made by an earlier version of this program"
         if not isinstance(saved, dict):
             return "made by an earlier version of this program"
-        if saved.get("key") == self.key:
+        if saved.get("key") in self.keys:
             return None
         old = saved.get("settings") or {}
         changed = sorted(k for k in self.settings.keys() | old.keys() if self.settings.get(k) != old.get(k))
@@ -514,8 +521,16 @@ def _other_prompts(done: Sequence[PromptFeedback], prompts: Sequence[PromptItem]
 def feedback_key(config: FeedbackConfig, models: Sequence[str | Path]) -> str:
     """What makes a run's feedback, besides its prompts (`FeedbackShards.resume` compares those one by one): its
     settings (seed included) and the models sampled from (by fingerprint)."""
-    from rlaifv.trainer.dpo import model_identity
+    return feedback_keys(config, models)[0]
+
+
+def feedback_keys(config: FeedbackConfig, models: Sequence[str | Path]) -> list[str]:
+    """The keys a run's feedback may have been saved under: `feedback_key` (what saves use), then the key an
+    earlier version made while the models' files are as they were then (`saved_identities`)."""
+    from rlaifv.trainer.dpo import saved_identities
 
     named = [*models, *([config.labeler] if config.labeler != "self" else [])]
-    identities = [model_identity(m) for m in named]
-    return hashlib.sha256(json.dumps([config.result_settings(), identities]).encode()).hexdigest()
+    return [
+        hashlib.sha256(json.dumps([config.result_settings(), identities]).encode()).hexdigest()
+        for identities in saved_identities(named)
+    ]

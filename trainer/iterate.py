@@ -309,7 +309,7 @@ def run_round(
         FEEDBACK_PARTIAL,
         FeedbackShards,
         collect_feedback,
-        feedback_key,
+        feedback_keys,
         feedback_summary,
         read_feedback,
         write_feedback,
@@ -339,8 +339,9 @@ def run_round(
         policy = _load_policy(config, initial, previous)
         feedback_config = dataclasses.replace(config.feedback, seed=seed)
         starting = [initial] if previous_policy is None else [initial, previous_policy]
-        key = feedback_key(feedback_config, starting)
-        shards = FeedbackShards(rdir / FEEDBACK_PARTIAL, key, feedback_config.to_dict())
+        # an earlier version's saved batches too, while the models' files are as they were then
+        keys = feedback_keys(feedback_config, starting)
+        shards = FeedbackShards(rdir / FEEDBACK_PARTIAL, keys, feedback_config.to_dict())
         feedback = collect_feedback(
             policy,
             processor,

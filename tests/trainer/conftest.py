@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,3 +18,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from rlaifv.trainer.shapes.tiny_vlm import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _user_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The models' kept hashes (`dpo._file_digest`) go to a folder of this session, not the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RLAIFV_CACHE_DIR", str(tmp_path_factory.mktemp("user-cache")))
+        yield

@@ -733,6 +733,31 @@ def test_the_reference_cache_is_written_a_row_group_at_a_time_and_reads_back(tmp
     assert table["image"].to_pylist() == [p.image for p in pairs] and table["chosen_ids"][5].as_py() == [5, 2]
 
 
+def test_reference_sums_saved_under_any_of_the_runs_keys_are_read(tmp_path: Path) -> None:
+    """A cut-short pass or a cache an earlier version keyed (`saved_identities`) is read; the key it had is told."""
+    from rlaifv.trainer.dpo import (
+        EncodedPair,
+        read_partial_reference,
+        read_reference_cache,
+        write_partial_reference,
+        write_reference_cache,
+    )
+
+    pairs = [EncodedPair(f"p{i}", bytes([i]) * 3, "q", "c", "r", [i, 2], [3], -i / 7, -1.5) for i in range(4)]
+
+    def fresh() -> list[EncodedPair]:
+        return [dataclasses.replace(p, ref_chosen=None, ref_rejected=None) for p in pairs]
+
+    write_partial_reference(tmp_path / "partial.parquet", pairs[:2], "earlier")
+    assert read_partial_reference(tmp_path / "partial.parquet", ["content", "earlier"], fresh()) == 2
+    assert read_partial_reference(tmp_path / "partial.parquet", ["content"], fresh()) == 0
+    write_reference_cache(tmp_path / "cache.parquet", pairs, "earlier")
+    again = fresh()
+    assert read_reference_cache(tmp_path / "cache.parquet", ["content", "earlier"], again) == "earlier"
+    assert [p.ref_chosen for p in again] == [p.ref_chosen for p in pairs]
+    assert read_reference_cache(tmp_path / "cache.parquet", ["content"], fresh()) is None
+
+
 @pytest.mark.slow
 def test_sigterm_in_the_reference_pass_keeps_the_sums_done_and_the_rerun_computes_only_the_rest(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -1165,3 +1190,155 @@ def test_a_damaged_reference_cache_is_computed_again_and_a_damaged_checkpoint_is
     weights.write_bytes(weights.read_bytes()[:-64])
     with pytest.raises(RunStateError, match=r"checkpoint .*step-0000002 cannot be read \(.*\): delete it"):
         train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)
+
+
+def _rewritten(weights: Path) -> None:
+    """Other bytes (a mantissa bit of the last weights) and a later mtime: the model retrained in place."""
+    import os
+
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-4] ^= 0x01
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
+@pytest.mark.slow
+def test_a_run_stopped_before_content_fingerprints_resumes_while_its_models_files_are_unchanged(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoints and reference cache of an earlier version are keyed by its fingerprint (weight files by size
+    and mtime): after the upgrade a stopped run started over, its reference pass and steps lost. They are resumed
+    while that fingerprint still describes the files, and saved again under the content's; not once rewritten."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from rlaifv.trainer import dpo as dpo_module
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = DPOConfig(
+        learning_rate=1e-3, epochs=2, batch_size=2, cpu=True, checkpoint_every_steps=1, keep_checkpoints=0
+    )
+    rows = _toy_rows(4)
+    with monkeypatch.context() as earlier:  # the version before: its fingerprint in every key
+        earlier.setattr(dpo_module, "model_fingerprint", dpo_module.legacy_model_fingerprint)
+        with pytest.warns(UserWarning, match="the run is done"):
+            full = train_dpo(config, rows, model_path=model, output_dir=tmp_path / "full", progress=False)
+    _killed_after(tmp_path / "full", tmp_path / "stopped", "step-0000001")
+    legacy_key = pq.read_schema(tmp_path / "stopped" / REFERENCE_CACHE).metadata[b"rlaifv_reference_key"].decode()
+    shutil.copytree(tmp_path / "stopped", tmp_path / "resumed")
+
+    with pytest.warns(UserWarning, match="the run is done"):
+        resumed = train_dpo(config, rows, model_path=model, output_dir=tmp_path / "resumed", progress=False)
+    report = json.loads((tmp_path / "resumed" / "dpo_report.json").read_text())
+    assert report["resumed_from_step"] == 1 and resumed.reference_cache_hit
+    assert resumed.history == full.history and _same_weights(resumed.policy_dir, full.policy_dir)
+    # saved again under the content's keys: found after a copy that does not keep mtimes
+    key = pq.read_schema(tmp_path / "resumed" / REFERENCE_CACHE).metadata[b"rlaifv_reference_key"].decode()
+    assert key == report["reference_cache"]["key"] != legacy_key
+    newest = tmp_path / "resumed" / "checkpoints" / "step-0000002" / "trainer_state.json"
+    assert json.loads(newest.read_text())["key"] == report["run_key"]
+
+    _rewritten(model / "model.safetensors")
+    with pytest.warns(UserWarning, match=r"\d checkpoint\(s\) in .* are not resumed from \(other settings or model"):
+        again = train_dpo(config, rows, model_path=model, output_dir=tmp_path / "stopped", progress=False)
+    report = json.loads((tmp_path / "stopped" / "dpo_report.json").read_text())
+    assert report["resumed_from_step"] == 0 and not again.reference_cache_hit
+
+
+def test_saved_identities_are_the_contents_then_the_earlier_versions_while_the_files_are_as_they_were(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from rlaifv.trainer.dpo import legacy_model_fingerprint, model_fingerprint, saved_identities
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    legacy = legacy_model_fingerprint(model)
+    assert saved_identities([model, None, "org/hub-model"]) == [
+        [model_fingerprint(model), None, "org/hub-model"],
+        [legacy, None, "org/hub-model"],
+    ]
+    assert saved_identities(["org/hub-model"]) == [["org/hub-model"]]  # one rule only
+    _rewritten(model / "model.safetensors")
+    assert legacy not in saved_identities([model])[1]
+
+
+def test_a_model_files_hash_is_kept_for_other_processes_and_runs_while_its_stat_is_unchanged(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rank and every run hashed the whole model again (8 ranks x two 15 GB models: 240 GB read per resume):
+    a hash is kept in the user's cache, by the file's path, inode, size, mtime and ctime, and read instead."""
+    import shutil
+
+    from rlaifv.trainer import dpo as dpo_module
+    from rlaifv.trainer.dpo import DIGEST_CACHE, model_fingerprint
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RLAIFV_CACHE_DIR", str(cache))
+    monkeypatch.setattr(dpo_module, "RACY_NS", -(10**12))  # the files were written just now: kept anyway
+    monkeypatch.setattr(dpo_module, "_DIGESTS", {})
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    hashed: list[Path] = []
+    real = dpo_module.hashlib.file_digest
+
+    def counted(handle, name):
+        hashed.append(Path(handle.name))
+        return real(handle, name)
+
+    monkeypatch.setattr(dpo_module.hashlib, "file_digest", counted)
+    weights = model / "model.safetensors"
+    first = model_fingerprint(model)
+    assert hashed == [weights] and len(list((cache / DIGEST_CACHE).iterdir())) == 1
+    dpo_module._DIGESTS.clear()  # another process (a rank, a later run): nothing in its memory
+    assert model_fingerprint(model) == first and hashed == [weights]  # read from the cache, not hashed
+
+    _rewritten(weights)
+    dpo_module._DIGESTS.clear()
+    changed = model_fingerprint(model)
+    assert changed != first and hashed == [weights, weights]
+    dpo_module._DIGESTS.clear()
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("RLAIFV_CACHE_DIR", str(blocked))  # a cache that cannot be read or written: hashed
+    assert model_fingerprint(model) == changed and hashed == [weights] * 3
+
+
+def test_under_several_processes_only_the_main_one_fingerprints(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other ranks get the main process's value (or its error), computing nothing."""
+    import types
+
+    import accelerate.utils
+
+    from rlaifv.trainer.dpo import _on_main_process
+    from rlaifv.trainer.errors import TrainerError
+
+    sent: list[list] = []
+
+    def broadcast(values: list) -> list:  # the main process's values, as torch.distributed delivers them
+        if not sent:
+            sent.append(list(values))
+        values[:] = sent[0]
+        return values
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+    main = types.SimpleNamespace(num_processes=2, is_main_process=True)
+    other = types.SimpleNamespace(num_processes=2, is_main_process=False)
+    computed: list[str] = []
+    assert _on_main_process(main, lambda: computed.append("main") or ["id"]) == ["id"]
+    assert _on_main_process(other, lambda: computed.append("other") or ["wrong"]) == ["id"]
+    assert computed == ["main"]
+
+    sent.clear()
+
+    def fails() -> None:
+        raise FileNotFoundError("model.safetensors")
+
+    with pytest.raises(FileNotFoundError):
+        _on_main_process(main, fails)
+    with pytest.raises(TrainerError, match=r"the main process failed: FileNotFoundError: model\.safetensors"):
+        _on_main_process(other, lambda: "never")

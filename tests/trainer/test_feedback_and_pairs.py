@@ -722,3 +722,50 @@ def test_a_damaged_saved_batch_is_sampled_again_not_a_stop_for_every_rerun(tmp_p
         "batch-000000000.json",
         "batch-000000000.parquet",
     ]
+
+
+def test_feedback_batches_saved_before_content_fingerprints_go_on_while_the_models_files_are_unchanged(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An earlier version keyed the saved batches by its fingerprint (weight files by size and mtime): after the
+    upgrade a stopped run started over. They are taken while that fingerprint still describes the files, then
+    kept under the content's key; not once the weights were rewritten."""
+    import json
+    import os
+    import shutil
+
+    from rlaifv.trainer import dpo as dpo_module
+    from rlaifv.trainer.feedback import FeedbackShards, feedback_key, feedback_keys
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = FeedbackConfig(num_samples=2, seed=4, prompt_batch=2)
+    prompts = [PromptItem(f"p{i}", png((50 * i, 9, 9)), "describe the image") for i in range(3)]
+    answer = ScoredAnswer("a red circle", score=1.0, rejected=0, repeated=0)
+    saved = [PromptFeedback(p.id, p.image, p.question, [answer]) for p in prompts[:2]]
+
+    def stopped_before_the_upgrade(folder: Path) -> None:
+        with monkeypatch.context() as earlier:
+            earlier.setattr(dpo_module, "model_fingerprint", dpo_module.legacy_model_fingerprint)
+            shards = FeedbackShards(folder, feedback_key(config, [model]), config.to_dict())
+        shards.resume(prompts, 2)
+        shards.add(0, saved, 4, 1)
+
+    stopped_before_the_upgrade(tmp_path / "partial")
+    done, sampled, truncated = FeedbackShards(
+        tmp_path / "partial", feedback_keys(config, [model]), config.to_dict()
+    ).resume(prompts, 2)
+    assert [f.id for f in done] == ["p0", "p1"] and (sampled, truncated) == (4, 1)
+    assert json.loads((tmp_path / "partial" / "run_key").read_text())["key"] == feedback_key(config, [model])
+
+    stopped_before_the_upgrade(tmp_path / "other")
+    weights = model / "model.safetensors"
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-4] ^= 0x01
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    with pytest.warns(UserWarning, match=r"sampled from other models \(or the models changed\): starting over"):
+        assert FeedbackShards(tmp_path / "other", feedback_keys(config, [model]), config.to_dict()).resume(
+            prompts, 2
+        ) == ([], 0, 0)

@@ -789,3 +789,20 @@ def test_a_full_temporary_folder_fails_the_image_it_cannot_store(monkeypatch: py
     with pytest.raises(DataError, match="a row the reader refused"), image_spill.ImageSpill() as spill:
         spill.add(b"x" * 300)  # the buffer's flush on close failed, in place of this error
         raise DataError("a row the reader refused")
+
+
+def test_a_folder_holding_a_file_and_its_gzip_is_refused(tmp_path: Path) -> None:
+    """`train.jsonl` beside `train.jsonl.gz`: every row was read twice."""
+    import gzip
+
+    from rlaifv.trainer.data import data_files
+
+    folder = tmp_path / "data"
+    (folder / "more").mkdir(parents=True)
+    line = json.dumps({"id": "r0", "image": "a.png", "question": "q", "chosen": "c", "rejected": "r"}) + "\n"
+    (folder / "more" / "train.jsonl").write_text(line)
+    (folder / "more" / "other.jsonl.gz").write_bytes(gzip.compress(line.encode()))
+    assert len(data_files(folder)) == 2  # different files, one of them gzipped: both read
+    (folder / "more" / "train.jsonl.gz").write_bytes(gzip.compress(line.encode()))
+    with pytest.raises(DataError, match=r"more/train\.jsonl and more/train\.jsonl\.gz: the same data twice\? keep one"):
+        data_files(folder)
