@@ -82,7 +82,8 @@ MAX_ITEM_DEPTH = 128
 # Returns 1 when this result was stored, 0 when the item had one (a rerun), -1 when the job is gone (expired, or
 # lost with a Redis restarted without persistence): then nothing is written, so no half job hash outlives it;
 # -2 when the job was cancelled while the item ran: its results and counts stay as the cancel left them.
-# Results expire with their job; the items go once every item has a result (nothing is left to run).
+# Results expire with their job (in milliseconds: TTL's whole seconds read 0 in a job's last half second, and a
+# result stored then never expired); the items go once every item has a result (nothing is left to run).
 RECORD = """
 local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
 if not total then return -1 end
@@ -90,8 +91,8 @@ if redis.call('HGET', KEYS[1], 'status') == 'cancelled' then return -2 end
 local stored = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
 if stored == 1 then
   redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
-  local ttl = redis.call('TTL', KEYS[1])
-  if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 end
 redis.call('HSET', KEYS[1], 'updated', ARGV[4])
 local completed = tonumber(redis.call('HGET', KEYS[1], 'completed'))
@@ -771,10 +772,13 @@ class JobWorkers:
         stopped, never those of one still running a long GPU batch (they ran twice)."""
 
         redis, stream = self.store.redis, self.store.stream
+        done = asyncio.Event()
 
         async def renew() -> None:
-            while entry_ids:
+            while not done.is_set():
                 await asyncio.sleep(self.claim_idle_ms / 3000)
+                if done.is_set():
+                    return
                 try:  # only the entries still ours: one another worker took (Redis was away) stays theirs
                     pending = await redis.xpending_range(stream, GROUP, "-", "+", 4 * len(entry_ids) + 100, consumer)
                     ours = [p["message_id"] for p in pending if p["message_id"] in entry_ids]
@@ -787,9 +791,13 @@ class JobWorkers:
         try:
             yield
         finally:
+            # A flag as well as the cancel: redis-py loses a cancel that lands while Redis reloads its AOF (the
+            # call returns or raises BusyLoadingError instead), and the renewal looped on while the consumer waited
+            # for it for ever, its health checks green.
+            done.set()
             renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await renewing
+                await asyncio.wait_for(renewing, timeout=5.0)
 
     async def _process(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         item = _parse_entry(entry_id, fields)

@@ -424,22 +424,81 @@ async def test_a_batch_running_longer_than_the_claim_idle_time_stays_its_workers
             await self.release.wait()
             return Scored(rewards=[0.5])
 
-    settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=1, jobs_claim_idle_ms=150)
+    settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=1, jobs_claim_idle_ms=600)
     serving = Gated()
     workers = JobWorkers(store, serving, settings, Metrics())  # type: ignore[arg-type]
     job = await store.create(request(1))
     workers.start()
     await serving.started.wait()
     loop = asyncio.get_running_loop()
-    end = loop.time() + 0.6  # four claim-idle periods of wall time: what Redis's idle clock counts
+    end = loop.time() + 2.4  # four claim-idle periods of wall time: what Redis's idle clock counts
     while loop.time() < end:
-        taken = await store.redis.xautoclaim(store.stream, GROUP, "another-worker", min_idle_time=150, count=10)
+        taken = await store.redis.xautoclaim(store.stream, GROUP, "another-worker", min_idle_time=600, count=10)
         assert not taken[1], "a running item was reclaimed by another consumer"
         await asyncio.sleep(0.03)
     serving.release.set()
     await workers.stop(grace_s=5)
     done = await store.get(job.id)
     assert done is not None and done.completed == 1 and serving.calls == 1
+
+
+async def test_a_result_stored_in_its_jobs_last_half_second_expires_with_it(store: JobStore) -> None:
+    """TTL reads whole seconds: with under 500 ms left it read 0, no EXPIRE was set, and the results outlived the
+    job for ever."""
+    from rlaifv.service.jobs import PREFIX
+
+    job = await store.create(request(2))
+    key = PREFIX + job.id
+    await store.redis.pexpire(key, 300)  # the job's last moments (as after its week)
+    assert await store.record(job.id, 0, {"status": "succeeded", "result": {"rewards": [0.1]}})
+    assert 0 < await store.redis.pttl(key + ":results") <= 300
+
+
+async def test_a_claim_renewal_that_loses_its_cancel_does_not_hold_the_worker(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py loses a cancel that lands while Redis reloads its AOF (the call returns instead): the renewal
+    looped on, the consumer waited for it for ever with its health checks green, and the job stayed running."""
+    from pydantic import BaseModel
+
+    from rlaifv.service.jobs import JobWorkers
+    from rlaifv.service.metrics import Metrics
+
+    class Scored(BaseModel):
+        rewards: list[float]
+
+    renewing = asyncio.Event()
+    real = store.redis.xpending_range
+
+    async def swallowing_xpending(*args: Any, **kwargs: Any) -> Any:
+        if len(args) < 6 or renewing.is_set():  # not the renewal's first (it names the consumer): as Redis answers
+            return await real(*args, **kwargs)
+        renewing.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            return []  # the cancel lost, as redis-py does while Redis loads its AOF
+        return []
+
+    class Gated:
+        async def rewards(self, request: Any, http_request: Any) -> Scored:
+            await renewing.wait()  # the renewal is inside its Redis call when the batch ends
+            return Scored(rewards=[0.5])
+
+    monkeypatch.setattr(store.redis, "xpending_range", swallowing_xpending)
+    settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=1, jobs_claim_idle_ms=150)
+    workers = JobWorkers(store, Gated(), settings, Metrics())  # type: ignore[arg-type]
+    first = await store.create(request(1))
+    workers.start()
+
+    async def finished(job_id: str) -> None:
+        while (job := await store.get(job_id)) is None or job.completed < 1:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(finished(first.id), timeout=30)
+    second = await store.create(request(1))
+    await asyncio.wait_for(finished(second.id), timeout=30)  # the consumer went on to the next batch
+    await asyncio.wait_for(workers.stop(grace_s=5), timeout=30)
 
 
 async def test_credentials_in_settings_win_and_a_redis_refusing_writes_is_a_cache_miss(redis_url: str) -> None:
