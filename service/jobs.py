@@ -210,12 +210,15 @@ def is_envelope(item: dict[str, Any]) -> bool:
     return "body" in item and "custom_id" in item
 
 
-def parse_jsonl(lines: Iterable[bytes]) -> list[dict[str, Any]]:
-    """Items of an uploaded JSONL file: one JSON object per line, blank lines skipped."""
+def parse_jsonl(lines: Iterable[bytes], limit: int | None = None) -> list[dict[str, Any]]:
+    """Items of an uploaded JSONL file: one JSON object per line, blank lines skipped; past `limit` items a 400
+    before the rest is parsed (5.5M `{}` lines took 800 MB and 7 s to be refused)."""
     items: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        if limit is not None and len(items) >= limit:
+            raise BadRequest(f"at most {limit} items per job, got more", param="items")
         try:
             text = line.decode("utf-8-sig" if number == 1 else "utf-8")  # Windows tools write a BOM
         except UnicodeDecodeError as exc:  # json.loads(bytes) would guess UTF-16/32 from the first bytes

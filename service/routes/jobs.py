@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -112,7 +113,8 @@ async def upload_job(
 ) -> Job:
     """The body is a JSONL file: one item per line, as in the `items` of POST /v1/jobs (a request body, or
     `{"custom_id": "...", "body": {...}}`). A line that is not a JSON object is a 400 naming `items[i]`."""
-    items = parse_jsonl((await request.body()).splitlines())
+    body = await request.body()  # parsed off the loop: a large upload held /healthz for seconds
+    items = await asyncio.to_thread(parse_jsonl, body.splitlines(), store.max_items)
     try:
         job = JobRequest(kind=kind, items=items, metadata=json.loads(metadata) if metadata else {})
     except ValidationError as exc:  # only the metadata is checked here: each item is checked as its own request

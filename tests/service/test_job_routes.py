@@ -19,6 +19,8 @@ from rlaifv.service.routes import jobs as job_routes
 class FlakyStore:
     """Two results, then Redis goes away; `create` records what it was given."""
 
+    max_items = 10_000
+
     def __init__(self) -> None:
         now = int(time.time())
         self.job = Job(id="job-" + "0" * 32, kind="rewards", status="succeeded", created=now, updated=now,
@@ -87,6 +89,20 @@ async def test_an_upload_line_that_is_not_utf8_is_named(client: httpx.AsyncClien
     error = response.json()["error"]
     assert response.status_code == 400 and error["param"] == "items[1]"
     assert error["message"].startswith("line 2 is not UTF-8")
+
+
+def test_an_upload_past_the_item_limit_stops_parsing_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    """5.5M `{}` lines were parsed whole (800 MB, 7 s on the event loop) before the item limit refused them."""
+    from rlaifv.service import jobs
+    from rlaifv.service.errors import BadRequest
+
+    parsed: list[str] = []
+    real = jobs.json.loads
+    monkeypatch.setattr(jobs.json, "loads", lambda text, *a, **k: parsed.append(text) or real(text, *a, **k))
+    with pytest.raises(BadRequest, match="at most 3 items per job") as info:
+        jobs.parse_jsonl([b"{}"] * 1000, limit=3)
+    assert info.value.param == "items" and len(parsed) == 3
+    assert len(jobs.parse_jsonl([b"{}", b"", b"{}", b"{}"], limit=3)) == 3
 
 
 async def test_upload_metadata_nested_too_deeply_is_a_400_naming_it(client: httpx.AsyncClient) -> None:
