@@ -12,6 +12,7 @@
     │   ├── GeneratorUnavailable 503 generator_unavailable: the generator unreachable, timed out or overloaded
     │   └── EngineUnavailable   503 engine_unavailable: a vLLM server of the pair (RLAIFV_ENGINE=vllm) is down
     └── DeadlineExceeded        504 timeout_error
+        └── QueuedTooLong       504: the deadline passed while it was still queued (nothing ran)
 
 `reward.InvalidInputError` (and its ImageError/AnswerError/ContextLengthError) map to 400 with
 their `param`; pydantic validation errors map to 400 naming the field, and when a
@@ -205,6 +206,11 @@ class NotEnabled(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     status, type, code = 504, "timeout_error", "deadline_exceeded"
+
+
+class QueuedTooLong(DeadlineExceeded):
+    """The deadline passed before the request was taken for a batch: nothing of it ran, so sending it again is
+    safe (a batch job's item waits and goes again, as after a full queue)."""
 
 
 class ClientDisconnected(Exception):

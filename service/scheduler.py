@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from rlaifv.service.engines import Engine, EngineResult, Request
-from rlaifv.service.errors import ClientDisconnected, DeadlineExceeded, Overloaded, Unavailable
+from rlaifv.service.errors import ClientDisconnected, DeadlineExceeded, Overloaded, QueuedTooLong, Unavailable
 from rlaifv.service.metrics import Metrics
 
 log = logging.getLogger("rlaifv.service")
@@ -245,6 +245,10 @@ class Scheduler:
                 metrics=self.metrics,
             )
             return Outcome(result, (item.started or item.enqueued) - item.enqueued)
+        except DeadlineExceeded as exc:
+            if item.started is None and not isinstance(exc, QueuedTooLong):
+                raise QueuedTooLong(exc.message, code=exc.code) from None
+            raise
         finally:
             if not item.future.done():
                 item.future.cancel()  # a batch being formed skips it

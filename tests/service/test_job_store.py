@@ -442,6 +442,48 @@ async def test_a_batch_running_longer_than_the_claim_idle_time_stays_its_workers
     assert done is not None and done.completed == 1 and serving.calls == 1
 
 
+async def test_an_item_queued_past_its_deadline_goes_again_and_one_that_ran_past_it_fails(store: JobStore) -> None:
+    """Under HTTP load 29 of 48 items failed as deadline_exceeded though none had run: a deadline passed while
+    queued is waited out as a full queue is; one passed while running still fails (it would again)."""
+    from pydantic import BaseModel
+
+    from rlaifv.service.errors import DeadlineExceeded, QueuedTooLong
+    from rlaifv.service.jobs import JobWorkers
+    from rlaifv.service.metrics import Metrics
+
+    class Scored(BaseModel):
+        rewards: list[float]
+
+    class Busy:
+        def __init__(self, failures: list[Exception]) -> None:
+            self.failures, self.calls = failures, 0
+
+        async def rewards(self, request: Any, http_request: Any) -> Scored:
+            self.calls += 1
+            if self.failures:
+                raise self.failures.pop(0)
+            return Scored(rewards=[0.5])
+
+    async def run(serving: Busy) -> Any:
+        settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=1)
+        workers = JobWorkers(store, serving, settings, Metrics())  # type: ignore[arg-type]
+        job = await store.create(request(1))
+        workers.start()
+        try:
+            while (done := await store.get(job.id)) is None or done.completed + done.failed < 1:
+                await asyncio.sleep(0.01)
+        finally:
+            await workers.stop(grace_s=5)
+        return done
+
+    queued = Busy([QueuedTooLong("request deadline passed while queued"), QueuedTooLong("again")])
+    done = await asyncio.wait_for(run(queued), timeout=30)
+    assert (done.completed, done.failed, queued.calls) == (1, 0, 3)
+    ran = Busy([DeadlineExceeded("request not served within 1 s")])
+    done = await asyncio.wait_for(run(ran), timeout=30)
+    assert (done.completed, done.failed, ran.calls) == (0, 1, 1)
+
+
 async def test_a_result_stored_in_its_jobs_last_half_second_expires_with_it(store: JobStore) -> None:
     """TTL reads whole seconds: with under 500 ms left it read 0, no EXPIRE was set, and the results outlived the
     job for ever."""

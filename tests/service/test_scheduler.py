@@ -282,8 +282,9 @@ async def test_the_images_waiting_requests_hold_are_bounded() -> None:
     # a request that timed out in a running batch holds its images until the batch ends
     late = asyncio.create_task(sched.submit(with_images("late", 100), timeout_s=0.5))
     await asyncio.sleep(0.6)
-    with pytest.raises(DeadlineExceeded):
+    with pytest.raises(DeadlineExceeded) as ran:
         await late
+    assert type(ran.value) is DeadlineExceeded  # it ran: not "queued too long", a job would only rerun it
     assert sched.pixels_held == 100 * 100
     await asyncio.sleep(0.5)
     assert sched.pixels_held == 0
@@ -295,12 +296,17 @@ async def test_the_images_waiting_requests_hold_are_bounded() -> None:
 
 
 async def test_deadline_passes_while_queued_and_the_request_never_runs() -> None:
+    """Still queued at its deadline: `QueuedTooLong` (a 504 as any deadline), which tells a batch job's worker that
+    nothing ran and the item may go again."""
+    from rlaifv.service.errors import QueuedTooLong
+
     engine = FakeEngine()
     sched = make(engine)  # not started
     loop = asyncio.get_running_loop()
     start = loop.time()
-    with pytest.raises(DeadlineExceeded):
+    with pytest.raises(QueuedTooLong) as info:
         await sched.submit(score("late"), timeout_s=0.05)
+    assert info.value.status == 504 and info.value.code == "deadline_exceeded"
     assert loop.time() - start == pytest.approx(0.05)
     sched.start()
     outcome = await sched.submit(score("on time"), timeout_s=30)
