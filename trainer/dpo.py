@@ -59,10 +59,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlaifv.reward.models import write_text_atomically
 from rlaifv.trainer.data import PreferenceRow, write_json
 from rlaifv.trainer.dpo_config import DPOConfig
 from rlaifv.trainer.errors import ConfigError, DataError, RunStateError, TrainerError, TrainingInterrupted
 from rlaifv.trainer.interrupt import agreed, stop_on_sigterm
+from rlaifv.trainer.user_cache import cache_root
 
 if TYPE_CHECKING:
     import torch
@@ -368,26 +370,23 @@ def model_fingerprint(path: str | Path) -> str:
     of a run (reference cache, checkpoints, feedback) and later runs read a 64-byte file instead; under
     `accelerate launch`/torchrun `train_dpo` hashes on the main process only and sends the result to the others
     (8 ranks read the model and reference once, not 8 times)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    for file in sorted(path.iterdir()):
-        if file.name in ("config.json", "adapter_config.json"):
-            digest.update(file.read_bytes())
-        elif file.suffix == ".safetensors" or file.name.endswith(".safetensors.index.json"):
-            digest.update(f"{file.name}:{_file_digest(file)}".encode())
-    return FINGERPRINT_PREFIX + digest.hexdigest()
+    return FINGERPRINT_PREFIX + _folder_digest(Path(path), _file_digest)
 
 
 def legacy_model_fingerprint(path: str | Path) -> str:
     """The fingerprint of versions before `model_fingerprint` read the bytes (weight files by size and mtime):
     what a run file of theirs holds, to tell whether the model is still the one it names."""
-    path = Path(path)
+    return _folder_digest(Path(path), lambda file: f"{file.stat().st_size}:{file.stat().st_mtime_ns}")
+
+
+def _folder_digest(path: Path, weights: Callable[[Path], str]) -> str:
+    """The configs' bytes and, for each weight file, its name and what `weights` says of it."""
     digest = hashlib.sha256()
     for file in sorted(path.iterdir()):
         if file.name in ("config.json", "adapter_config.json"):
             digest.update(file.read_bytes())
         elif file.suffix == ".safetensors" or file.name.endswith(".safetensors.index.json"):
-            digest.update(f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
+            digest.update(f"{file.name}:{weights(file)}".encode())
     return digest.hexdigest()
 
 
@@ -396,19 +395,8 @@ RACY_NS = 2_000_000_000
 """A file changed this close to its hashing is hashed again next time: a write in the same clock tick as the one
 before it leaves the stat as it was (git's "racy" entries)."""
 DIGEST_CACHE = "file-digests"
-"""The folder of `_file_digest`'s kept hashes in the user's cache (`_cache_root`): one file per weight file's
+"""The folder of `_file_digest`'s kept hashes in the user's cache (`user_cache.cache_root`): one file per weight file's
 version (its 64 hex characters, named by the hash of its stat identity), a few KB for all the models ever used."""
-
-
-def _cache_root() -> Path:
-    """The user's rlaifv cache (`rlaifv demo build`'s rule): RLAIFV_CACHE_DIR, else $XDG_CACHE_HOME/rlaifv, else
-    ~/.cache/rlaifv. Not the model folder (it may be read-only, or shared) nor the run's (later runs of other
-    output folders use the same models)."""
-    explicit = os.environ.get("RLAIFV_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "rlaifv"
 
 
 def _file_digest(file: Path) -> str:
@@ -423,7 +411,7 @@ def _file_digest(file: Path) -> str:
     before = identity(file.stat())
     if before in _DIGESTS:
         return _DIGESTS[before]
-    kept = _cache_root() / DIGEST_CACHE / hashlib.sha256(json.dumps(before).encode()).hexdigest()
+    kept = cache_root() / DIGEST_CACHE / hashlib.sha256(json.dumps(before).encode()).hexdigest()
     try:
         value = kept.read_text().strip()
     except (OSError, UnicodeDecodeError):
@@ -438,9 +426,7 @@ def _file_digest(file: Path) -> str:
         _DIGESTS[before] = value
         try:
             kept.parent.mkdir(parents=True, exist_ok=True)
-            tmp = kept.with_name(f"{kept.name}.{os.getpid()}.tmp")
-            tmp.write_text(value)
-            tmp.replace(kept)
+            write_text_atomically(kept, value)
         except OSError:
             pass  # a read-only or full cache: hashed again next time
     return value

@@ -122,7 +122,7 @@ def test_demo_eval_short_options(evaluated: list[dict[str, Any]], tmp_path: Path
 
 
 def test_demo_build_help_says_where_builds_go() -> None:
-    """It said "the cache `rlaifv serve` uses"; builds go under `pipeline.cache_root()`."""
+    """It said "the cache `rlaifv serve` uses"; builds go under `user_cache.cache_root()`."""
     result = CliRunner().invoke(app, ["demo", "build", "--help"], env={"COLUMNS": "200"})
     assert "RLAIFV_CACHE_DIR, else $XDG_CACHE_HOME/rlaifv, else ~/.cache/rlaifv" in result.output
     assert "rlaifv serve" not in result.output

@@ -73,7 +73,8 @@ def build(
     if ship and ship_to is None:
         raise typer.BadParameter("only the `rlaifv` command knows where the default bundle lives", param_hint="--ship")
 
-    from rlaifv.trainer.shapes.pipeline import build_demo, cache_root, demo_config
+    from rlaifv.trainer.shapes.pipeline import build_demo, demo_config
+    from rlaifv.trainer.user_cache import cache_root
 
     _threads(threads)
     config = demo_config(seed=seed, overrides=set_ or [])

@@ -120,17 +120,6 @@ class DemoConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def cache_root() -> Path:
-    """Where `rlaifv demo build` puts builds: RLAIFV_CACHE_DIR, else $XDG_CACHE_HOME/rlaifv, else ~/.cache/rlaifv."""
-    import os
-
-    explicit = os.environ.get("RLAIFV_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "rlaifv"
-
-
 def demo_config(seed: int = 0, overrides: list[str] | None = None) -> DemoConfig:
     """The default recipe for `seed`, with `key=value` / `reference.key=value` overrides (unknown keys refused)."""
     from rlaifv.trainer.iterate_config import apply_overrides, build_config
