@@ -130,10 +130,10 @@ def check_tokenizers_match(policy: Path, reference: Path) -> None:
 def write_manifest(folder: str | Path, manifest: BundleManifest) -> Path:
     """Written whole or not at all (a temporary file renamed over it): a stop while writing left a cut-short
     manifest, or, over an earlier one, a bundle that is neither."""
+    from rlaifv.reward.models import write_text_atomically
+
     path = Path(folder) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, manifest.model_dump_json(indent=2) + "\n")
     return path
 
 

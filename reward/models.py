@@ -66,6 +66,19 @@ def pick_dtype(device: str, dtype: DTypeName | str = "auto") -> Any:
     return getattr(torch, dtype)
 
 
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """`text` in `path`, whole or not at all: written beside it (a name of this process's own) and renamed over it,
+    so a kill or a full disk never leaves a file cut short for the next reader."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def read_json_object(path: Path, error: type[RewardError] = ModelLoadError) -> dict[str, Any]:
     """A JSON file that must hold an object, refused with `error` naming the file (a list or a cut-off file was a
     traceback)."""

@@ -157,14 +157,9 @@ def sha256_file(path: str | Path) -> str:
 def write_json(path: str | Path, data: Any) -> None:
     """A state file written whole or not at all (a temporary file renamed over it): one cut short by a kill or a full
     disk was unreadable, and every rerun stopped on it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from rlaifv.reward.models import write_text_atomically
+
+    write_text_atomically(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def data_files(path: str | Path, suffixes: Sequence[str] = (".parquet", ".parq", ".jsonl")) -> list[Path]:
@@ -209,6 +204,15 @@ def open_text(file: Path) -> IO[str]:
     if compressed:
         return gzip.open(file, "rt", encoding="utf-8-sig")
     return open(file, encoding="utf-8-sig")
+
+
+@contextlib.contextmanager
+def damaged_gzip_named(file: Path) -> Iterator[None]:
+    """A gzip file that breaks off or is not gzip inside, read in the block, is a `DataError` naming it."""
+    try:
+        yield
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"a damaged gzip file: {exc or 'it ends early'}", source=str(file)) from None
 
 
 UNREAD_FORMATS = {  # what a data file of another format needs, said instead of failing to parse it as JSON lines
@@ -447,14 +451,13 @@ def _jsonl_records(file: Path, required: Sequence[str]) -> Iterator[tuple[int, i
     character that is not white space; either may be gzip-compressed. Each record comes with its row and its
     JSONL line."""
     try:
-        if _first_char(file) == "[":
-            yield from _json_array(file, required)
-        else:
-            yield from _jsonl_lines(file, required)
+        with damaged_gzip_named(file):
+            if _first_char(file) == "[":
+                yield from _json_array(file, required)
+            else:
+                yield from _jsonl_lines(file, required)
     except UnicodeDecodeError as exc:
         raise DataError(f"not UTF-8 text (byte {exc.start}): JSON and JSONL must be UTF-8", source=str(file)) from None
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise DataError(f"a damaged gzip file: {exc or 'it ends early'}", source=str(file)) from None
 
 
 def _first_char(file: Path) -> str:

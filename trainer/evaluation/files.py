@@ -6,16 +6,14 @@ field, so a malformed line in a 300-line answers file is found without a debugge
 
 from __future__ import annotations
 
-import gzip
 import json
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from rlaifv.trainer.data import open_text
+from rlaifv.trainer.data import damaged_gzip_named, open_text
 from rlaifv.trainer.errors import DataError
 
 Row = TypeVar("Row", bound=BaseModel)
@@ -34,14 +32,12 @@ def numbered_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     as a row it would fail on a missing field or, worse, be scored as one answer."""
     path = Path(path)
     try:
-        with open_text(path) as handle:
+        with damaged_gzip_named(path), open_text(path) as handle:
             text = handle.read()
     except FileNotFoundError:
         raise DataError(f"{path} does not exist") from None
     except (IsADirectoryError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not a text file: {exc}") from None
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise DataError(f"a damaged gzip file: {exc or 'it ends early'}", source=str(path)) from None
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
