@@ -1106,14 +1106,7 @@ def test_a_model_is_known_by_its_bytes_not_its_file_times(
         shutil.copyfile(file, staged / file.name)  # no times kept
     assert model_fingerprint(staged) == model_fingerprint(tiny_model)
 
-    hashed: list[Path] = []
-    real = dpo_module.hashlib.file_digest
-
-    def counted(handle, name):
-        hashed.append(Path(handle.name))
-        return real(handle, name)
-
-    monkeypatch.setattr(dpo_module.hashlib, "file_digest", counted)
+    hashed = _counting_hashes(monkeypatch)
     monkeypatch.setattr(dpo_module, "RACY_NS", -(10**12))  # the files were written just now: remembered anyway
     weights = staged / "model.safetensors"
     first = model_fingerprint(staged)
@@ -1190,6 +1183,21 @@ def test_a_damaged_reference_cache_is_computed_again_and_a_damaged_checkpoint_is
     weights.write_bytes(weights.read_bytes()[:-64])
     with pytest.raises(RunStateError, match=r"checkpoint .*step-0000002 cannot be read \(.*\): delete it"):
         train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)
+
+
+def _counting_hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files `dpo._file_digest` reads and hashes from now on, in order."""
+    from rlaifv.trainer import dpo as dpo_module
+
+    hashed: list[Path] = []
+    real = dpo_module.hashlib.file_digest
+
+    def counted(handle, name):
+        hashed.append(Path(handle.name))
+        return real(handle, name)
+
+    monkeypatch.setattr(dpo_module.hashlib, "file_digest", counted)
+    return hashed
 
 
 def _rewritten(weights: Path) -> None:
@@ -1283,14 +1291,7 @@ def test_a_model_files_hash_is_kept_for_other_processes_and_runs_while_its_stat_
     monkeypatch.setattr(dpo_module, "_DIGESTS", {})
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
-    hashed: list[Path] = []
-    real = dpo_module.hashlib.file_digest
-
-    def counted(handle, name):
-        hashed.append(Path(handle.name))
-        return real(handle, name)
-
-    monkeypatch.setattr(dpo_module.hashlib, "file_digest", counted)
+    hashed = _counting_hashes(monkeypatch)
     weights = model / "model.safetensors"
     first = model_fingerprint(model)
     assert hashed == [weights] and len(list((cache / DIGEST_CACHE).iterdir())) == 1

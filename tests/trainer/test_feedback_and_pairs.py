@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -609,18 +610,11 @@ def test_chinese_and_japanese_answers_are_counted_in_characters() -> None:
     assert ngram_jaccard("一只红色的猫在桌子上面", "一只红色的猫在桌子上方", 4) > 0.5
 
 
-@pytest.mark.slow
-def test_feedback_cli_rebuilds_only_the_pairs_when_its_feedback_is_already_there(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Trying other pairs.* settings re-sampled every prompt from the start."""
-    import json
-
+def _feedback_cli(tiny_model: Path, tmp_path: Path, *extra: str) -> tuple[Any, Path, list[str]]:
+    """`rlaifv feedback` as an app, its output folder and the arguments of a small run over two prompts."""
     from trainer_testkit import preference_rows, write_rlaifv_parquet
     from typer import Typer
-    from typer.testing import CliRunner
 
-    from rlaifv.trainer import feedback as feedback_module
     from rlaifv.trainer.cli import feedback
 
     app = Typer()
@@ -630,7 +624,22 @@ def test_feedback_cli_rebuilds_only_the_pairs_when_its_feedback_is_already_there
     )
     out = tmp_path / "fb"
     args = [str(data), "--model", str(tiny_model), "-o", str(out), "--samples", "3", "--max-tokens", "6"]
-    args += ["--no-progress", "--set", "feedback.drop_truncated=false"]
+    args += ["--no-progress", "--set", "feedback.drop_truncated=false", *extra]
+    return app, out, args
+
+
+@pytest.mark.slow
+def test_feedback_cli_rebuilds_only_the_pairs_when_its_feedback_is_already_there(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trying other pairs.* settings re-sampled every prompt from the start."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from rlaifv.trainer import feedback as feedback_module
+
+    app, out, args = _feedback_cli(tiny_model, tmp_path)
     assert CliRunner().invoke(app, args).exit_code == 0
     stored = (out / "feedback.parquet").read_bytes()
     real, sampled = feedback_module.sample_candidates, []
@@ -664,21 +673,11 @@ def test_feedback_stopped_before_its_pairs_is_reused_and_never_left_beside_earli
     beside the new feedback and `train dpo` trained on them."""
     import json
 
-    from trainer_testkit import preference_rows, write_rlaifv_parquet
-    from typer import Typer
     from typer.testing import CliRunner
 
     from rlaifv.trainer import preference_pairs
-    from rlaifv.trainer.cli import feedback
 
-    app = Typer()
-    app.command()(feedback)
-    data = write_rlaifv_parquet(
-        tmp_path / "prompts.parquet", preference_rows([("a cat", "a dog"), ("a car", "a star")])
-    )
-    out = tmp_path / "fb"
-    args = [str(data), "--model", str(tiny_model), "-o", str(out), "--samples", "3", "--max-tokens", "6"]
-    args += ["--no-progress", "--set", "feedback.drop_truncated=false", "--set", "pairs.min_score_gap=0.01"]
+    app, out, args = _feedback_cli(tiny_model, tmp_path, "--set", "pairs.min_score_gap=0.01")
 
     def killed(*a, **k):
         raise _Killed
