@@ -73,6 +73,13 @@ def decode_image(data: bytes | memoryview, limits: ImageLimits | None = None, pa
         return to_rgb(probe)
 
 
+def declared_pixels(data: bytes | memoryview, limits: ImageLimits | None = None, param: str = "image") -> int:
+    """Width x height from the header, no pixel decoded; the `ImageError` that `decode_image` would raise for
+    what the header shows (bytes, format, size, JPEG scans)."""
+    with _opened(data, limits or ImageLimits(), param) as probe:
+        return int(probe.width) * int(probe.height)
+
+
 def check_image(data: bytes | memoryview, limits: ImageLimits | None = None, param: str = "image") -> None:
     """Raise the `ImageError` that `decode_image` would raise for `data`, at a fraction of its cost.
 

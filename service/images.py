@@ -16,16 +16,18 @@ import contextlib
 import zlib
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 
 from rlaifv.reward.errors import ImageError
-from rlaifv.reward.images import ImageLimits, decode_base64, decode_image
+from rlaifv.reward.images import ImageLimits, declared_pixels, decode_base64, decode_image
 from rlaifv.service.errors import Overloaded
 from rlaifv.service.settings import Settings
 
 MAX_REDIRECTS = 3
+T = TypeVar("T")
 
 
 def _none() -> None:
@@ -104,24 +106,6 @@ def url_allowed(url: str, allowed: list[str]) -> bool:
     return scheme in DEFAULT_PORTS and host_allowed(parts.hostname or "", allowed, parts.port, scheme)
 
 
-def declared_pixels(data: bytes, limits: ImageLimits) -> int:
-    """Width x height from the image's header (no pixel decoded); 0 where the header cannot be read or the image
-    is refused anyway (format, size): decoding then says why, a 400, not a 429 to retry for ever."""
-    import io
-
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height, fmt = int(probe.width), int(probe.height), probe.format or "?"
-        limits.check_size(width, height, "image")
-    except Exception:  # PIL raises many types on hostile headers; the decode names the problem
-        return 0
-    if fmt not in limits.allowed_formats and not (fmt == "MPO" and "JPEG" in limits.allowed_formats):
-        return 0
-    return width * height
-
-
 _HOLD: ContextVar[list[int] | None] = ContextVar("rlaifv_image_pixels_held", default=None)
 
 
@@ -179,17 +163,11 @@ class ImageLoader:
         try:
             for ref, param in refs:
                 data = await self.read(ref, param)
-                pixels = await asyncio.to_thread(declared_pixels, data, self.limits)
+                pixels = await self._off_loop(declared_pixels, data, param)  # an image refused anyway: its 400
                 self._admit(pixels, reserved)
                 self.in_hand += pixels
                 reserved += pixels
-                try:
-                    image = await asyncio.to_thread(decode_image, data, self.limits, param)
-                except ImageError:
-                    raise
-                except Exception as exc:  # PIL raises many types on hostile files; none is a server fault
-                    raise ImageError(f"image could not be decoded ({type(exc).__name__})", param=param) from None
-                images.append(image)
+                images.append(await self._off_loop(decode_image, data, param))
                 raw.append(data)
         except BaseException:
             self.in_hand -= reserved  # nothing decoded is kept
@@ -199,6 +177,15 @@ class ImageLoader:
         else:
             self.in_hand -= reserved
         return images, raw
+
+    async def _off_loop(self, function: Callable[[bytes, ImageLimits, str], T], data: bytes, param: str) -> T:
+        """`function(data, limits, param)` on a thread; PIL raises many types on hostile files, none a server fault."""
+        try:
+            return await asyncio.to_thread(function, data, self.limits, param)
+        except ImageError:
+            raise
+        except Exception as exc:
+            raise ImageError(f"image could not be decoded ({type(exc).__name__})", param=param) from None
 
     def _admit(self, pixels: int, reserved: int) -> None:
         limit = self.settings.max_queued_image_pixels
