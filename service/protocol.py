@@ -936,6 +936,15 @@ class ChatCompletionChunk(BaseModel):
 # -- /v1/models, health ------------------------------------------------------------------
 
 
+class ImageLimitsInfo(BaseModel):
+    """The image limits of this server's requests, so that a client (the playground) refuses what would be a 400."""
+
+    formats: list[str] = Field(description="Image formats taken, by PIL name (RLAIFV_ALLOWED_IMAGE_FORMATS).")
+    max_bytes: int = Field(description="Largest encoded image, in bytes (RLAIFV_MAX_IMAGE_BYTES).")
+    max_pixels: int = Field(description="Largest width x height (RLAIFV_MAX_IMAGE_PIXELS).")
+    max_aspect: float = Field(description="Largest long side / short side ratio (RLAIFV_MAX_IMAGE_ASPECT).")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -948,6 +957,9 @@ class ModelCard(BaseModel):
         description='What a prompt may hold: ["text", "image"], or ["text"] for a text-only model, whose requests '
         "take no images (400 naming `images`). Images are optional either way, except for the `claims` reward, "
         "which needs one (a text-only model cannot use it).",
+    )
+    image_limits: ImageLimitsInfo | None = Field(
+        None, description="What an image may be, for a model that reads images (null for a text-only model)."
     )
 
 

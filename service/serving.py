@@ -33,6 +33,7 @@ from rlaifv.service.protocol import (
     ChunkChoice,
     ChunkDelta,
     GeneratorInfo,
+    ImageLimitsInfo,
     ModelCard,
     RewardInfo,
     RewardOptions,
@@ -592,14 +593,24 @@ class Serving:
 
     def model_card(self, created: int) -> ModelCard:
         """The served model; `input_modalities` from the engine's `accepts_images` (both engines answer it from
-        the bundle's processor; an engine without the attribute is taken to read images, as most bundles do)."""
+        the bundle's processor; an engine without the attribute is taken to read images, as most bundles do), and
+        the image limits, which the playground checks a file against before sending it."""
         default = self.engine.reward
         reward = RewardInfo(mode=default.mode, beta=default.beta, normalize=default.normalize)
         images = bool(getattr(self.engine, "accepts_images", True))
+        limits = self.images.limits
         return ModelCard(
             id=self.model_name,
             created=created,
             reward=reward,
             max_positions=self.engine.max_positions,
             input_modalities=["text", "image"] if images else ["text"],
+            image_limits=ImageLimitsInfo(
+                formats=sorted(limits.allowed_formats),
+                max_bytes=limits.max_bytes,
+                max_pixels=limits.max_pixels,
+                max_aspect=limits.max_aspect,
+            )
+            if images
+            else None,
         )

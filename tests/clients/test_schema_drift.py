@@ -22,6 +22,7 @@ SCHEMAS: dict[type[pydantic.BaseModel], str] = {
     types.BestOfN: "BestOfNResponse",
     types.GeneratorInfo: "GeneratorInfo",
     types.Rewards: "RewardsResponse",
+    types.ImageLimits: "ImageLimitsInfo",
     types.Model: "ModelCard",
     types.ModelList: "ModelList",
     types.Health: "Health",

@@ -725,6 +725,14 @@ def test_the_model_card_says_what_the_model_reads(text_server: LiveServer, open_
     for server, modalities in ((text_server, ["text"]), (open_server, ["text", "image"])):
         card = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]
         assert card["input_modalities"] == modalities, server.url
+    assert httpx.get(text_server.url + "/v1/models", timeout=30).json()["data"][0]["image_limits"] is None
+    defaults = Settings()
+    assert httpx.get(open_server.url + "/v1/models", timeout=30).json()["data"][0]["image_limits"] == {
+        "formats": sorted(defaults.allowed_image_formats),
+        "max_bytes": defaults.max_image_bytes,
+        "max_pixels": defaults.max_image_pixels,
+        "max_aspect": defaults.max_image_aspect,
+    }
 
 
 def _contrast(page: Any, script: str) -> float:
@@ -1062,6 +1070,49 @@ def test_images_are_decoded_and_typed_by_their_bytes(page: Any, open_server: Liv
         "() => document.getElementById('image-info').textContent.startsWith('IMG_0001')", timeout=FAST_MS
     )
     _submit_sends_the_image_shown(page, sent, SAMPLE)  # data:image/png, not application/octet-stream
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_cards_image_limits_decide_what_is_taken(page: Any, open_server: LiveServer, tmp_path: Path) -> None:
+    """A server taking PNG and TIFF only, with small bounds: the file input offers PNG alone, a JPEG is refused naming
+    PNG (and TIFF as the API's), and a PNG over each of the card's bounds is refused naming that bound."""
+    card = _card(["text", "image"], "picky")
+    limits = {"formats": ["PNG", "TIFF"], "max_bytes": 2000, "max_pixels": 400, "max_aspect": 3}
+    card["data"][0]["image_limits"] = limits
+    _cards(page, [(200, card, {})])
+    _mock(page)
+    _open(page, open_server)
+    _wait_model(page, "picky")
+    assert page.get_attribute("#file", "accept") == "image/png"
+
+    def png(name: str, size: tuple[int, int]) -> Path:
+        from PIL import Image
+
+        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / name, "PNG")
+        return tmp_path / name
+
+    noisy = _noise_png(tmp_path / "noisy.png", side=30)  # incompressible: over 2,000 bytes
+
+    _upload(page, png("fits.png", (20, 15)))
+    assert page.locator("#error").is_hidden()
+    for path, message in (
+        (
+            _image_file(tmp_path / "photo.jpg", "JPEG"),
+            "photo.jpg is image/jpeg, which the server does not take: send PNG (the server also takes TIFF, which"
+            " this page cannot show: use the API).",
+        ),
+        (
+            noisy,
+            f"noisy.png is {noisy.stat().st_size:,} bytes, over the server's limit of 2,000.",
+        ),
+        (png("large.png", (25, 25)), "large.png is 25x25 pixels, over the server's limit of 400 pixels."),
+        (png("thin.png", (40, 5)), "thin.png is 40x5: one side is over 3 times the other."),
+    ):
+        page.set_input_files("#file", str(path))
+        page.wait_for_selector('#error[data-status="client"]', timeout=FAST_MS)
+        assert message in page.inner_text("#error-message"), path.name
+        assert page.inner_text("#image-info") == "no image"
 
 
 @pytest.mark.slow

@@ -51,16 +51,21 @@ const CARD_LIMIT_MS = 10_000;
 // While the server loads its model (/v1/models answers 503), the card is asked again after Retry-After seconds,
 // kept between these bounds, until it comes.
 const CARD_RETRY_S = { min: 1, max: 30, fallback: 5 };
-// The formats the server takes by default (RLAIFV_ALLOWED_IMAGE_FORMATS), with the magic bytes that tell them
-// apart when the browser gives a file no type (an unknown extension). SVG, TIFF, HEIC... are refused here.
-const IMAGE_TYPES = new Map([
-  ["image/png", { name: "PNG", magic: [[0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]] }],
-  ["image/jpeg", { name: "JPEG", magic: [[0xff, 0xd8, 0xff]] }],
-  ["image/gif", { name: "GIF", magic: [[0x47, 0x49, 0x46, 0x38]] }],
-  ["image/webp", { name: "WebP", magic: [[0x52, 0x49, 0x46, 0x46, -1, -1, -1, -1, 0x57, 0x45, 0x42, 0x50]] }],
-  ["image/bmp", { name: "BMP", magic: [[0x42, 0x4d]] }],
+// The formats this page can send, by the server's (PIL) names, with the magic bytes that tell them apart when the
+// browser gives a file no type (an unknown extension); `type` is what the data URL says. A browser decodes these, so
+// a damaged file is refused here. What the server takes of them comes with the model card (`image_limits`);
+// until a card comes, the server's defaults. SVG, TIFF, HEIC... are never sent from here.
+const PAGE_FORMATS = new Map([
+  ["PNG", { type: "image/png", name: "PNG", magic: [[0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]] }],
+  ["JPEG", { type: "image/jpeg", name: "JPEG", magic: [[0xff, 0xd8, 0xff]] }],
+  [
+    "WEBP",
+    { type: "image/webp", name: "WebP", magic: [[0x52, 0x49, 0x46, 0x46, -1, -1, -1, -1, 0x57, 0x45, 0x42, 0x50]] },
+  ],
+  ["GIF", { type: "image/gif", name: "GIF", magic: [[0x47, 0x49, 0x46, 0x38]] }],
+  ["BMP", { type: "image/bmp", name: "BMP", magic: [[0x42, 0x4d]] }],
 ]);
-const IMAGE_FORMATS = "PNG, JPEG, WebP, GIF or BMP";
+const DEFAULT_LIMITS = { formats: ["PNG", "JPEG", "WEBP", "GIF", "BMP"], max_bytes: 0, max_pixels: 0, max_aspect: 0 };
 // What the server's seed takes: a 64-bit signed integer, at least 0 (2^63 - 1 is past a JS number's exact range).
 const MAX_SEED = 2n ** 63n - 1n;
 // An HTTP header value must be Latin-1, and a bearer token is printable ASCII: fetch would throw on anything else.
@@ -109,6 +114,10 @@ let cardFetch = null; // the card fetch in flight, if any, which a submit withou
 let cardSeq = 0; // number of the newest card fetch: an older one (another key's) that ends later is dropped
 let cardRetry = 0; // the timer of the next card fetch while the server loads its model
 let request = null; // the AbortController of the running submit: Cancel, Escape and the time limit abort it
+// The image limits of the served model's card (0: not known, checked by the server alone). `imageTypes`: the
+// data-URL types this page sends, those of the card's formats it can tell (see PAGE_FORMATS).
+let imageLimits = DEFAULT_LIMITS;
+let imageTypes = new Set(DEFAULT_LIMITS.formats.map((format) => PAGE_FORMATS.get(format).type));
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -178,9 +187,37 @@ function applyModalities(card) {
   }
 }
 
-// The allowed type whose magic bytes start `head` (a Uint8Array), or "".
+// The card's image limits applied: what the file input offers, and what a loaded image is checked against. A card
+// without them (a server from before them) is a server with the default formats.
+function applyImageLimits(card) {
+  const limits = card.image_limits && typeof card.image_limits === "object" ? card.image_limits : {};
+  const formats = Array.isArray(limits.formats) ? limits.formats.filter((f) => typeof f === "string") : [];
+  const number = (value) => (Number.isFinite(value) && value > 0 ? value : 0);
+  imageLimits = {
+    formats: formats.length ? formats : DEFAULT_LIMITS.formats,
+    max_bytes: number(limits.max_bytes),
+    max_pixels: number(limits.max_pixels),
+    max_aspect: number(limits.max_aspect),
+  };
+  imageTypes = new Set([...PAGE_FORMATS].filter(([f]) => imageLimits.formats.includes(f)).map(([, { type }]) => type));
+  $("file").setAttribute("accept", [...imageTypes].join(","));
+}
+
+// What to send instead, for the message about a file the server does not take (the formats the server takes
+// that this page cannot send are named as the API's), in the page's order: PNG first.
+function formatsToSend() {
+  const names = (list) => (list.length > 1 ? `${list.slice(0, -1).join(", ")} or ${list[list.length - 1]}` : list[0]);
+  const sendable = [...PAGE_FORMATS.values()].filter(({ type }) => imageTypes.has(type)).map(({ name }) => name);
+  const others = imageLimits.formats.filter((f) => !PAGE_FORMATS.has(f));
+  const api = others.length
+    ? ` (the server also takes ${names(others)}, which this page cannot show: use the API)`
+    : "";
+  return sendable.length ? `send ${names(sendable)}${api}.` : `this page can send none of them${api}.`;
+}
+
+// The type of the page's formats whose magic bytes start `head` (a Uint8Array), or "".
 function sniffType(head) {
-  for (const [type, { magic }] of IMAGE_TYPES) {
+  for (const { type, magic } of PAGE_FORMATS.values()) {
     if (magic.some((bytes) => bytes.length <= head.length && bytes.every((b, i) => b < 0 || head[i] === b))) {
       return type;
     }
@@ -188,22 +225,43 @@ function sniffType(head) {
   return "";
 }
 
+function formatOf(type) {
+  for (const format of PAGE_FORMATS.values()) if (format.type === type) return format;
+  return undefined;
+}
+
 // The blob as an image the server takes, typed by its content (the browser guesses by the file's extension:
-// a PNG named .heic is a PNG, a text file named .png is no image). A blob that does not decode is refused here,
-// not sent for the server's 400.
+// a PNG named .heic is a PNG, a text file named .png is no image), within the card's size limits. A blob that does
+// not decode is refused here, not sent for the server's 400.
 async function checkedImage(blob, label) {
   const sniffed = sniffType(new Uint8Array(await blob.slice(0, 16).arrayBuffer()));
   const type = sniffed || blob.type;
   if (!type.startsWith("image/")) throw new InputError(`${label} is not an image (${blob.type || "unknown type"}).`);
-  const known = IMAGE_TYPES.get(type);
-  if (!known) {
-    throw new InputError(`${label} is ${type}, which the server does not take: send ${IMAGE_FORMATS}.`);
+  const known = formatOf(type);
+  if (!known || !imageTypes.has(type)) {
+    throw new InputError(`${label} is ${type}, which the server does not take: ${formatsToSend()}`);
+  }
+  const { max_bytes: maxBytes, max_pixels: maxPixels, max_aspect: maxAspect } = imageLimits;
+  if (maxBytes && blob.size > maxBytes) {
+    const size = blob.size.toLocaleString("en");
+    throw new InputError(`${label} is ${size} bytes, over the server's limit of ${maxBytes.toLocaleString("en")}.`);
   }
   const typed = blob.type === type ? blob : new Blob([blob], { type }); // the data URL then names the real type
+  let width;
+  let height;
   try {
-    (await createImageBitmap(typed)).close();
+    const bitmap = await createImageBitmap(typed);
+    ({ width, height } = bitmap);
+    bitmap.close();
   } catch {
     throw new InputError(`${label} could not be decoded as ${known.name}: the file is damaged or not an image.`);
+  }
+  if (maxPixels && width * height > maxPixels) {
+    const limit = maxPixels.toLocaleString("en");
+    throw new InputError(`${label} is ${width}x${height} pixels, over the server's limit of ${limit} pixels.`);
+  }
+  if (maxAspect && Math.max(width, height) / Math.min(width, height) > maxAspect) {
+    throw new InputError(`${label} is ${width}x${height}: one side is over ${maxAspect} times the other.`);
   }
   return typed;
 }
@@ -354,6 +412,7 @@ async function fetchModel(seq) {
   if (!card || typeof card !== "object") return;
   setKeyNote(null);
   applyModalities(card);
+  applyImageLimits(card);
   cardApplied = true;
   const reward = card.reward || {};
   $("model").textContent = `model ${card.id} · default reward ${reward.mode}, β=${reward.beta}`;

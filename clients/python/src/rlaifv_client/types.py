@@ -164,6 +164,15 @@ class Rewards(BaseType):
         return self.candidates[self.best_index]
 
 
+class ImageLimits(BaseType):
+    """What an image sent to the served model may be: larger or other images are refused with a 400."""
+
+    formats: list[str]  # PIL names, e.g. "PNG", "JPEG"
+    max_bytes: int
+    max_pixels: int
+    max_aspect: float
+
+
 class Model(BaseType):
     id: str
     object: Annotated[str, _known("model")] = "model"
@@ -173,6 +182,8 @@ class Model(BaseType):
     max_positions: int | None = None
     # ["text", "image"], or ["text"] for a text-only model (send no images). Servers older than the field omit it.
     input_modalities: list[Annotated[str, _known("text", "image")]] = Field(default_factory=lambda: ["text", "image"])
+    # None for a text-only model, and from servers older than the field.
+    image_limits: ImageLimits | None = None
 
 
 class ModelList(BaseType):
