@@ -15,10 +15,12 @@ Processing is at-least-once, results exactly-once:
   job, so the counts change only together with a newly stored result and equal the results stored;
 - only then is the entry XACKed (and XDELed, so the stream stays small). A worker that dies leaves its
   entries pending; after RLAIFV_JOBS_CLAIM_IDLE_MS another worker takes them over (XPENDING + XCLAIM), and an
-  item run twice is stored once.
+  item run twice is stored once. An item delivered RLAIFV_JOBS_MAX_DELIVERIES times (XPENDING's count, which
+  XCLAIM raises) by workers that died running it fails instead of killing the next one.
 
 While Redis is unreachable, the store raises `StoreUnavailable` (503 with Retry-After at the HTTP edge) and
-workers back off up to RLAIFV_JOBS_BACKOFF_MAX_S, then resume by themselves.
+workers back off up to RLAIFV_JOBS_BACKOFF_MAX_S, then resume by themselves: first the entries they held, taken
+up as the deliveries they were (an outage ended them, not the item: it must not count towards the bound).
 """
 
 from __future__ import annotations
@@ -143,6 +145,35 @@ for _, info in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
 end
 return removed
 """
+# A consumer back from a Redis outage (KEYS[1] the stream; ARGV[1] the group, ARGV[2] the consumer, ARGV[3] how many
+# of its entries to read, ARGV[4] how many entry ids follow that it leaves alone, those ids, then pairs of (entry id,
+# deliveries) of the batch the outage interrupted). The outage ended its deliveries, not the items: it takes up
+# again the entries it still holds, each still on its delivery (XCLAIM with RETRYCOUNT as it was: no new one counted),
+# and an entry of that batch another worker took meanwhile gets back the delivery the taking counted (holder and
+# idle time kept), unless more takings followed. Idempotent, so a reply lost to another outage can be asked again.
+# Returns the entries taken up ({id, fields, deliveries}) and the ids left alone that it still holds.
+RESUME = """
+local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
+local leave, n = {}, tonumber(ARGV[4])
+for i = 5, 4 + n do leave[ARGV[i]] = true end
+for i = 5 + n, #ARGV, 2 do
+  local p = redis.call('XPENDING', stream, group, ARGV[i], ARGV[i], 1)[1]
+  local times = tonumber(ARGV[i + 1])
+  if p and p[2] ~= consumer and p[4] == times + 1 then
+    redis.call('XCLAIM', stream, group, p[2], 0, p[1], 'IDLE', p[3], 'RETRYCOUNT', times, 'JUSTID')
+  end
+end
+local taken, left = {}, {}
+for _, p in ipairs(redis.call('XPENDING', stream, group, '-', '+', tonumber(ARGV[3]), consumer)) do
+  if leave[p[1]] then
+    left[#left + 1] = p[1]
+  else
+    local e = redis.call('XCLAIM', stream, group, consumer, 0, p[1], 'RETRYCOUNT', p[4])[1]
+    if e then taken[#taken + 1] = {e[1], e[2], p[4]} end
+  end
+end
+return {taken, left}
+"""
 # Redis's clock in ms, in a script (TIME: whole seconds and microseconds).
 _NOW_MS = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 # A job into its owner's index (ARGV[1]; ARGV[2]: the entries' lifetime in ms), and out with the entries of jobs
@@ -177,6 +208,7 @@ return ids
 """
 )
 PAGE_READ_MAX = 256  # ids read per round trip while skipping entries whose jobs are gone
+Entry = tuple[bytes, dict[bytes, bytes], int]  # a stream entry as a worker holds it: id, fields, deliveries
 
 
 @contextlib.contextmanager
@@ -661,17 +693,41 @@ class JobWorkers:
                 stream, GROUP, consumer, 0, ids, idle=self.claim_idle_ms, retrycount=max(0, times - 1), justid=True
             )
 
-    async def _next(self, consumer: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """Stale entries of dead consumers first (`_reclaim`), else new ones (XREADGROUP, blocking briefly). A
-        reclaimed entry delivered `RLAIFV_JOBS_MAX_DELIVERIES` times already fails instead of running again."""
+    async def _next(self, consumer: str) -> list[Entry]:
+        """Stale entries of dead consumers first (`_reclaim`), else new ones (XREADGROUP, blocking briefly), each
+        with its deliveries. A reclaimed entry delivered `RLAIFV_JOBS_MAX_DELIVERIES` times already fails instead of
+        running again."""
         redis = self.store.redis
         reclaimed = await self._reclaim(consumer)
         if reclaimed:
             return await self._without_abandoned(reclaimed)
         reply = await redis.xreadgroup(GROUP, consumer, {self.store.stream: ">"}, count=self.batch, block=250)
-        return reply[0][1] if reply else []
+        return [(entry_id, fields, 1) for entry_id, fields in reply[0][1]] if reply else []
 
-    async def _reclaim(self, consumer: str) -> list[tuple[bytes, dict[bytes, bytes], int]]:
+    async def _resume(self, consumer: str, interrupted: _Interrupted) -> list[Entry]:
+        """After a Redis outage, the entries this consumer still holds, taken up again as the deliveries they were
+        (`RESUME`): an outage ended them, not the items, and counted as deliveries five outages abandoned an item
+        that was fine. Only a consumer that lives through the outage knows that; deliveries whose worker died
+        (the item killed it) still count. An entry of the interrupted batch that another worker took meanwhile (the
+        outage outlasted `RLAIFV_JOBS_CLAIM_IDLE_MS`) gets back the delivery the taking counted, for its next
+        reclaim: the taking itself judged it with that delivery. Not taken up: entries taken up
+        `RLAIFV_JOBS_MAX_DELIVERIES` times in a row (an item whose result Redis refuses, too large for its memory,
+        must not run for ever) and those whose run failed otherwise: the reclaim that takes them counts."""
+        leave = interrupted.leave(self.max_deliveries)
+        batch = {entry_id: times for entry_id, times in (interrupted.batch or {}).items() if entry_id not in leave}
+        pairs = [value for entry_id, times in batch.items() for value in (entry_id, times)]
+        limit = 10 * self.batch + len(batch)
+        taken, left = await self.store.redis.eval(
+            RESUME, 1, self.store.stream, GROUP, consumer, limit, len(leave), *leave, *pairs
+        )
+        entries = [(e, dict(zip(fields[::2], fields[1::2], strict=True)), int(times)) for e, fields, times in taken]
+        kept = await self._without_abandoned(entries)
+        interrupted.resumed([entry_id for entry_id, _, _ in entries], left, self.max_deliveries)
+        if entries:
+            log.info("job worker %s takes up %d items a Redis outage interrupted", consumer, len(entries))
+        return kept
+
+    async def _reclaim(self, consumer: str) -> list[Entry]:
         """Entries idle past `RLAIFV_JOBS_CLAIM_IDLE_MS` (their consumer stopped), taken over with XCLAIM (which
         checks the idle time again, so a live worker keeps its own). Those delivered once go as a batch; one
         delivered more often goes alone: when an item kills its worker, the whole batch it ran in is reclaimed,
@@ -701,16 +757,14 @@ class JobWorkers:
         if removed:
             log.info("removed %d stopped job consumers from the group", removed)
 
-    async def _without_abandoned(
-        self, entries: list[tuple[bytes, dict[bytes, bytes], int]]
-    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    async def _without_abandoned(self, entries: list[Entry]) -> list[Entry]:
         """The entries to run; those every earlier delivery of which ended with its worker (a process killed while
         running it, out of memory or by a crash the item itself causes) get a failed result and leave the stream:
         reclaimed for ever, such an item took down worker after worker until its job expired."""
         kept = []
         for entry_id, fields, times in entries:
             if times <= self.max_deliveries:
-                kept.append((entry_id, fields))
+                kept.append((entry_id, fields, times))
                 continue
             item = _parse_entry(entry_id, fields)
             if item is not None:
@@ -728,7 +782,9 @@ class JobWorkers:
     async def _consume(self, consumer: str) -> None:
         delay = 0.0
         group_ready = False
+        interrupted = _Interrupted()
         while not self._draining:
+            entries: list[Entry] = []
             try:
                 if not group_ready:  # registering the consumer up front shows idle workers in XINFO CONSUMERS
                     await self.store.ensure_group()
@@ -736,13 +792,18 @@ class JobWorkers:
                     if consumer == self._consumers[0]:
                         await self._forget_dead_consumers()
                     group_ready = True
-                entries = await self._next(consumer)
+                if interrupted.batch is not None:
+                    entries = await self._resume(consumer, interrupted)
+                    interrupted.batch = None
+                else:
+                    entries = await self._next(consumer)
+                ids = [entry_id for entry_id, _, _ in entries]
                 if self._draining:  # told to stop while it read: no new items (another worker takes them now)
-                    await self._hand_back(consumer, await self._held(consumer, [entry_id for entry_id, _ in entries]))
+                    await self._hand_back(consumer, await self._held(consumer, ids))
                     break
-                async with self._claimed(consumer, [entry_id for entry_id, _ in entries]):
+                async with self._claimed(consumer, ids):
                     outcomes = await asyncio.gather(
-                        *(self._process(*entry) for entry in entries), return_exceptions=True
+                        *(self._process(entry_id, fields) for entry_id, fields, _ in entries), return_exceptions=True
                     )
                 for outcome in outcomes:
                     if isinstance(outcome, BaseException):
@@ -754,6 +815,7 @@ class JobWorkers:
             except asyncio.CancelledError:
                 raise
             except REDIS_DOWN as exc:
+                interrupted.outage(entries)
                 if not delay:
                     log.warning("redis unreachable (%s); job worker %s backs off", type(exc).__name__, consumer)
                 self.redis_ok = False
@@ -763,9 +825,11 @@ class JobWorkers:
                 if "NOGROUP" in str(exc):  # the stream was lost (a Redis without persistence restarted)
                     group_ready = False
                     continue
+                interrupted.failed(entries, self.max_deliveries)
                 log.exception("job worker error; retrying")
                 await asyncio.sleep(1.0)
             except Exception:
+                interrupted.failed(entries, self.max_deliveries)
                 log.exception("job worker error; retrying")
                 await asyncio.sleep(1.0)
 
@@ -853,6 +917,40 @@ class JobWorkers:
             except (Overloaded, QueuedTooLong):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+class _Interrupted:
+    """What one consumer knows of the deliveries a Redis outage ended, to take them up again (`JobWorkers._resume`).
+
+    `batch`: the entries it was running when Redis went away, with their deliveries ({} when it knows none: a reply
+    lost with the connection), or None when no outage awaits taking up. `taken_up`: how often in a row each entry was
+    taken up again; one at the bound is left to another worker's reclaim, as is one whose run failed otherwise (a
+    bug, a refused command: that delivery counts, or such an item would go round for ever)."""
+
+    KEEP = 1000  # entries whose run failed otherwise, remembered until the next taking up reads what is left
+
+    def __init__(self) -> None:
+        self.batch: dict[bytes, int] | None = None
+        self.taken_up: dict[bytes, int] = {}
+
+    def outage(self, entries: list[Entry]) -> None:
+        self.batch = (self.batch or {}) | {entry_id: times for entry_id, _, times in entries}
+
+    def failed(self, entries: list[Entry], bound: int) -> None:
+        """A taking up that failed so is given up too: a consumer must not try it for ever instead of reading."""
+        self.batch = None
+        self.taken_up |= {entry_id: bound for entry_id, _, _ in entries}
+        while len(self.taken_up) > self.KEEP:
+            del self.taken_up[next(iter(self.taken_up))]
+
+    def leave(self, bound: int) -> set[bytes]:
+        return {entry_id for entry_id, times in self.taken_up.items() if times >= bound}
+
+    def resumed(self, taken: list[bytes], left: list[bytes], bound: int) -> None:
+        """Only entries still held stay counted: one finished, or taken by another worker, starts afresh."""
+        self.taken_up = {entry_id: self.taken_up.get(entry_id, 0) + 1 for entry_id in taken} | dict.fromkeys(
+            left, bound
+        )
 
 
 def _parse_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[str, int] | None:

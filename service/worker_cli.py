@@ -2,9 +2,11 @@
 
 It loads the same bundle with the same settings as `rlaifv serve` (RLAIFV_* variables, same-named flags) and
 consumes the job stream with RLAIFV_JOBS_WORKERS consumers in the group every replica uses. SIGTERM/SIGINT stop
-it: items in flight stay pending and another worker reclaims them after RLAIFV_JOBS_CLAIM_IDLE_MS; a SIGKILL
-leaves the same state. While Redis is away the consumers back off and resume by themselves. Its only HTTP is
-/healthz, /readyz and /metrics on RLAIFV_WORKER_PORT.
+it: items in flight get RLAIFV_SHUTDOWN_GRACE_S to finish, and the rest are handed back (another worker takes them
+at once, no delivery counted); a SIGKILL leaves them pending, reclaimed after RLAIFV_JOBS_CLAIM_IDLE_MS with a
+delivery counted (RLAIFV_JOBS_MAX_DELIVERIES). While Redis is away the consumers back off and resume by
+themselves, first taking up the items they held, with no delivery counted. Its only HTTP is /healthz, /readyz
+and /metrics on RLAIFV_WORKER_PORT.
 """
 
 from __future__ import annotations

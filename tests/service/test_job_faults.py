@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -408,3 +408,115 @@ async def test_a_worker_stopped_while_its_model_loads_stops_without_waiting_for_
         assert not release.is_set()
     finally:
         release.set()
+
+
+class _Gated:
+    """Serving whose scoring waits for the test at every call: the item is in hand while Redis is taken away."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.calls = 0
+        self.started, self.release = asyncio.Event(), asyncio.Event()
+
+    async def rewards(self, request: Any, http_request: Any) -> Any:
+        from pydantic import BaseModel
+
+        class Scored(BaseModel):
+            rewards: list[float]
+
+        self.calls += 1
+        self.started.set()
+        await self.release.wait()
+        self.release.clear()
+        return Scored(rewards=[0.5])
+
+
+async def until(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 30) -> None:
+    """Await `condition()` turning true, checking every 10 ms; fail naming `what` after `timeout` seconds."""
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_redis_outages_while_a_worker_holds_an_item_are_no_deliveries(make_redis, monkeypatch) -> None:
+    """Redis (appendfsync always) is SIGKILLed and restarted three times while the one worker holds the one item,
+    each time after the item ran and before its result could be stored. The worker takes its item up again, still
+    as its first delivery, and the item succeeds. Each outage counted a delivery before (the entry was reclaimed
+    with XCLAIM once idle): with RLAIFV_JOBS_MAX_DELIVERIES=3 the third outage failed the item as item_abandoned
+    though nothing was wrong with it."""
+    import asyncio
+    import uuid
+
+    from rlaifv.service.jobs import GROUP, JobStore, JobWorkers
+    from rlaifv.service.metrics import Metrics
+    from rlaifv.service.protocol import JobRequest
+    from rlaifv.service.redis_conn import connect
+    from rlaifv.service.settings import Settings
+
+    redis = make_redis(aof=True)
+    settings = Settings(
+        bundle="unused",
+        redis_url=redis.url,
+        jobs_stream=f"rlaifv:jobs:outages-{uuid.uuid4().hex}",
+        jobs_workers=1,
+        jobs_claim_idle_ms=100,
+        jobs_backoff_max_s=0.1,
+        jobs_max_deliveries=3,
+    )
+    store = JobStore(connect(settings), settings)
+    serving = _Gated()
+    workers = JobWorkers(store, serving, settings, Metrics())  # type: ignore[arg-type]
+    item = {"question": QUESTION, "answers": ["a red circle."]}
+    job = await store.create(JobRequest(kind="rewards", items=[item]))
+
+    async def finished() -> bool:
+        state = await store.get(job.id)
+        return state is not None and state.status in ("succeeded", "failed")
+
+    async def deliveries() -> list[int]:
+        return [p["times_delivered"] for p in await store.redis.xpending_range(store.stream, GROUP, "-", "+", 10)]
+
+    async def ran_or_finished() -> bool:
+        return serving.started.is_set() or await finished()
+
+    real_record, record_failed = store.record, asyncio.Event()
+
+    async def record(*args: Any) -> bool:
+        try:
+            return await real_record(*args)
+        except Exception:
+            record_failed.set()
+            raise
+
+    async def lost_redis() -> bool:
+        return record_failed.is_set()
+
+    monkeypatch.setattr(store, "record", record)
+    workers.start()
+    try:
+        for outage in range(3):
+            await until(ran_or_finished, f"the item to run before outage {outage + 1}")
+            lines = [line async for line in store.result_lines(job)]
+            assert serving.started.is_set(), f"the item was not run again after {outage} outages: {lines}"
+            assert await deliveries() == [1], f"outage {outage} counted a delivery"
+            serving.started.clear()
+            redis.kill()
+            serving.release.set()  # it ran; its result cannot be stored now
+            await until(lost_redis, "the worker to meet the outage")
+            record_failed.clear()
+            await asyncio.to_thread(redis.start)
+        await until(ran_or_finished, "the item to run after the last outage")
+        serving.release.set()
+        await until(finished, "the job to finish")
+        state = await store.get(job.id)
+        results = [json.loads(line) for line in [line async for line in store.result_lines(job)]]
+        assert state is not None and (state.status, state.completed, serving.calls) == ("succeeded", 1, 4), results
+        assert results == [{"index": 0, "status": "succeeded", "result": {"rewards": [0.5]}}]
+        assert (await store.redis.xpending(store.stream, GROUP))["pending"] == 0
+    finally:
+        await workers.stop()
+        await store.redis.aclose()

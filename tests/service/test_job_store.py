@@ -1034,3 +1034,74 @@ async def pending_ids(store: JobStore) -> list[bytes]:
     from rlaifv.service.jobs import GROUP
 
     return [p["message_id"] for p in await store.redis.xpending_range(store.stream, GROUP, "-", "+", 100)]
+
+
+async def pending_state(store: JobStore) -> dict[bytes, tuple[bytes, int]]:
+    from rlaifv.service.jobs import GROUP
+
+    pending = await store.redis.xpending_range(store.stream, GROUP, "-", "+", 100)
+    return {p["message_id"]: (p["consumer"], p["times_delivered"]) for p in pending}
+
+
+async def test_a_worker_back_from_a_redis_outage_takes_up_its_items_as_the_deliveries_they_were(
+    store: JobStore,
+) -> None:
+    """An outage ends the deliveries of the batch in hand, not its items: the consumer that lived through it takes up
+    the entries it still holds without a new delivery (they were reclaimed once idle, each outage counted one, and
+    five outages abandoned an item that was fine). One another worker took meanwhile (the outage outlasted the
+    claim-idle time) gets back the delivery that taking counted, its holder and idle time kept; one taken again
+    after that keeps its count. Asked twice (a reply lost to another outage), nothing changes."""
+    from rlaifv.service.jobs import GROUP, JobWorkers, _Interrupted
+    from rlaifv.service.metrics import Metrics
+
+    settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=1, jobs_claim_idle_ms=100)
+    workers = JobWorkers(store, None, settings, Metrics())  # type: ignore[arg-type]
+    await store.create(request(4))
+    await store.ensure_group()
+    await store.redis.xreadgroup(GROUP, "back", {store.stream: ">"}, count=10)  # delivery 1 of each
+    ids = await pending_ids(store)
+    await store.redis.xclaim(store.stream, GROUP, "other", 0, ids[:1], idle=50_000)  # delivery 2
+    for _ in range(2):
+        await store.redis.xclaim(store.stream, GROUP, "twice", 0, ids[1:2])  # deliveries 2 and 3
+    interrupted = _Interrupted()
+    for _ in range(2):
+        interrupted.outage([(entry_id, {}, 1) for entry_id in ids])
+        taken = await workers._resume("back", interrupted)
+        assert [(entry_id, fields[b"index"], times) for entry_id, fields, times in taken] == [
+            (ids[2], b"2", 1),
+            (ids[3], b"3", 1),
+        ]
+        assert await pending_state(store) == {
+            ids[0]: (b"other", 1),
+            ids[1]: (b"twice", 3),
+            ids[2]: (b"back", 1),
+            ids[3]: (b"back", 1),
+        }
+    (given_back,) = await store.redis.xpending_range(store.stream, GROUP, ids[0], ids[0], 1)
+    assert given_back["time_since_delivered"] >= 50_000  # still idle: its holder's state is as it was
+
+
+async def test_an_item_taken_up_after_outages_again_and_again_is_left_to_a_reclaim_that_counts(store: JobStore) -> None:
+    """An item whose result Redis refuses each time (a result too large for its memory reads as an outage) must not
+    run for ever in one worker: once taken up RLAIFV_JOBS_MAX_DELIVERIES times in a row it is left where it is, and
+    the reclaim that takes it once idle counts a delivery. So is at once an entry whose run failed otherwise."""
+    from rlaifv.service.jobs import GROUP, JobWorkers, _Interrupted
+    from rlaifv.service.metrics import Metrics
+
+    settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=1, jobs_claim_idle_ms=100)
+    settings = settings.model_copy(update={"jobs_max_deliveries": 2})
+    workers = JobWorkers(store, None, settings, Metrics())  # type: ignore[arg-type]
+    await store.create(request(2))
+    await store.ensure_group()
+    await store.redis.xreadgroup(GROUP, "back", {store.stream: ">"}, count=10)
+    refused, failed = await pending_ids(store)
+    interrupted = _Interrupted()
+    interrupted.outage([])
+    interrupted.failed([(failed, {}, 1)], settings.jobs_max_deliveries)
+    assert interrupted.batch is None  # a taking up that failed otherwise is given up, not tried for ever
+    for expected in ([refused], [refused], []):
+        interrupted.outage([(refused, {}, 1)])
+        assert [entry_id for entry_id, _, _ in await workers._resume("back", interrupted)] == expected
+    assert await pending_state(store) == {refused: (b"back", 1), failed: (b"back", 1)}
+    await store.redis.xclaim(store.stream, GROUP, "back", 0, [refused, failed], idle=100_000, justid=True)
+    assert [times for _, _, times in await workers._reclaim("next")] == [2, 2]
