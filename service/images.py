@@ -3,7 +3,11 @@
 A reference is a data URL, bare base64, or an http(s) URL. Remote URLs are
 refused unless their host and port are listed in RLAIFV_ALLOWED_IMAGE_HOSTS (no
 SSRF); allowed ones are fetched with a timeout and a byte cap, following
-redirects only to the same host on an allowed port. Pixel counts are checked from the header before any
+redirects only to the same host on an allowed port. An allowed name is resolved once per fetch, every address it
+has must pass `urls.address_refusal` (public, or allowed by the operator), and the connection goes to an address
+so checked (`PinnedBackend`): a name pointed at 127.0.0.1 or 169.254.169.254 was fetched, and a check made before
+httpx resolved the name again would lose to DNS rebinding. The URL keeps the name, so the Host header, TLS SNI and
+certificate checks are the name's. Pixel counts are checked from the header before any
 pixel is decoded (decompression bombs), by `reward.images.decode_image`; a
 compressed HTTP body is inflated within the byte cap (a 590-byte body sent as
 `Content-Encoding: gzip, gzip` took 520 MB when inflated whole).
@@ -13,18 +17,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import ssl
+import typing
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextvars import ContextVar
+from ipaddress import ip_address
 from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
+import httpcore
 import httpx
 
 from rlaifv.reward.errors import ImageError
 from rlaifv.reward.images import ImageLimits, declared_pixels, decode_base64, decode_image
 from rlaifv.service.errors import Overloaded
 from rlaifv.service.settings import Settings
+from rlaifv.service.urls import DEFAULT_PORTS, Address, address_refusal, as_address, host_listed, url_allowed
 
 MAX_REDIRECTS = 3
 T = TypeVar("T")
@@ -63,47 +73,138 @@ def inflated(body: bytes, encodings: str, limit: int, param: str) -> bytes:
     return body
 
 
-DEFAULT_PORTS = {"http": 80, "https": 443}
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 
 
-def _entry(entry: str) -> tuple[str, str | None]:
-    """An allowed-hosts entry as (host, port): `host`, `*.domain`, `host:8080`, `host:*`, `[::1]:8080`."""
-    entry = entry.strip().lower()
-    if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        return host, rest[1:] if rest.startswith(":") else None
-    host, colon, port = entry.rpartition(":")
-    if colon and host and ":" not in host and (port.isdigit() or port == "*"):
-        return host, port
-    return entry, None
+async def system_resolver(host: str, port: int) -> list[str]:
+    """`host`'s addresses as the operating system resolves them, on the loop's executor (never blocking the loop)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
 
 
-def _names(host: str, name: str) -> bool:
-    """`name` (an entry's host: exact, or `*.domain` for its subdomains) names `host`."""
-    host, name = host.lower().rstrip("."), name.rstrip(".")
-    return host == name or (name.startswith("*.") and host.endswith(name[1:]))
+# (host, port) as the connection pool names an origin -> the addresses checked for it by the fetch in hand
+_PINS: ContextVar[dict[tuple[str, int], tuple[str, ...]] | None] = ContextVar("rlaifv_image_pins", default=None)
+
+# httpcore's errors, which `PinnedTransport` passes on unmapped (httpx maps them in its own transport only)
+HTTPCORE_ERRORS = (
+    httpcore.TimeoutException,
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.UnsupportedProtocol,
+    httpcore.ProxyError,
+)
 
 
-def host_allowed(host: str, allowed: list[str], port: int | None = None, scheme: str = "https") -> bool:
-    """`host` (and `port`, else the scheme's own) matched by an entry. An entry without a port allows the
-    scheme's default port only: any port of an allowed host was fetched, a redirect could move to another, and
-    the errors told open ports from closed ones."""
-    port = port if port is not None else DEFAULT_PORTS.get(scheme)
-    for entry in allowed:
-        name, entry_port = _entry(entry)
-        if not _names(host, name):
-            continue
-        if entry_port == "*" or (entry_port is None and port == DEFAULT_PORTS.get(scheme)):
-            return True
-        if entry_port is not None and entry_port.isdigit() and port == int(entry_port):
-            return True
-    return False
+@contextlib.contextmanager
+def pinned() -> Iterator[dict[tuple[str, int], tuple[str, ...]]]:
+    """Pins to fill: connections opened in this block (in this task) go to `pins[(host, port)]`, to nothing else."""
+    pins: dict[tuple[str, int], tuple[str, ...]] = {}
+    token = _PINS.set(pins)
+    try:
+        yield pins
+    finally:
+        _PINS.reset(token)
 
 
-def url_allowed(url: str, allowed: list[str]) -> bool:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    return scheme in DEFAULT_PORTS and host_allowed(parts.hostname or "", allowed, parts.port, scheme)
+class PinnedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's AnyIO backend connecting to the addresses pinned for a host and port, never to the name itself
+    (a second resolution could answer differently). A host with no pin is refused: fails closed."""
+
+    def __init__(self) -> None:
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = (_PINS.get() or {}).get((host, port))
+        if not addresses:
+            raise httpcore.ConnectError(f"no checked address for {host}:{port}")
+        error: Exception | None = None
+        for address in addresses:
+            try:
+                return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("image fetches use TCP only")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, stream: typing.AsyncIterable[bytes]) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for part in self._stream:
+            yield part
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class PinnedTransport(httpx.AsyncBaseTransport):
+    """httpx's default transport (an httpcore connection pool, httpx's limits) over `PinnedBackend`: httpx's own
+    transport takes no network backend. httpcore's errors come out as they are (`HTTPCORE_ERRORS`)."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=ssl_context or httpx.create_ssl_context(trust_env=False),
+            max_connections=100,
+            max_keepalive_connections=20,
+            keepalive_expiry=5.0,
+            network_backend=PinnedBackend(),
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        url = httpcore.URL(
+            scheme=request.url.raw_scheme, host=request.url.raw_host, port=request.url.port, target=request.url.raw_path
+        )
+        response = await self._pool.handle_async_request(
+            httpcore.Request(
+                method=request.method,
+                url=url,
+                headers=request.headers.raw,
+                content=request.stream,
+                extensions=request.extensions,
+            )
+        )
+        assert isinstance(response.stream, typing.AsyncIterable)
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_Body(response.stream),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+
+def _origin(url: str, param: str) -> tuple[str, int, str]:
+    """(host, port, scheme) as the connection pool will name the URL's origin: IDNA-encoded, port filled in."""
+    try:
+        parsed = httpx.URL(url)
+        return parsed.raw_host.decode("ascii"), parsed.port or DEFAULT_PORTS[parsed.scheme], parsed.scheme
+    except (httpx.InvalidURL, UnicodeError, KeyError):
+        raise ImageError("malformed image URL", param=param) from None
 
 
 _HOLD: ContextVar[list[int] | None] = ContextVar("rlaifv_image_pixels_held", default=None)
@@ -116,12 +217,16 @@ class ImageLoader:
     the request that holds them ends (`holding`): checked only at the scheduler, after every image of a request
     was decoded, 24 concurrent requests of four 4096x4096 images held 7 GB, and a request waiting on a remote
     generator or an identical request held its images uncounted. Past the budget a request is a 429 before its
-    next image is decoded (one request is always let in, as the scheduler does)."""
+    next image is decoded (one request is always let in, as the scheduler does). `resolve` looks up an allowed host's
+    addresses (tests answer as a rebinding DNS server would)."""
 
-    def __init__(self, settings: Settings, *, rejected: Callable[[], None] = _none) -> None:
+    def __init__(
+        self, settings: Settings, *, rejected: Callable[[], None] = _none, resolve: Resolver = system_resolver
+    ) -> None:
         self.settings = settings
         self.limits = settings.image_limits()
         self.rejected = rejected
+        self.resolve = resolve
         self.in_hand = 0  # pixels of the images being decoded or held by requests not yet ended
         self._client: httpx.AsyncClient | None = None
 
@@ -209,7 +314,7 @@ class ImageLoader:
         except ValueError:
             raise ImageError("malformed image URL", param=param) from None
         if not allowed_url:
-            if any(_names(origin, _entry(entry)[0]) for entry in allowed):
+            if host_listed(origin, allowed):
                 raise ImageError(
                     f"image URL port not allowed for host '{origin}' (an entry without a port allows the scheme's"
                     " default port; 'host:port' entries allow others)",
@@ -222,17 +327,63 @@ class ImageLoader:
                 timeout=timeout,
                 follow_redirects=False,
                 trust_env=False,
+                transport=PinnedTransport(),
                 headers={"Accept-Encoding": "identity"},  # images are compressed already; gzip is still taken
             )
         limit = self.settings.image_fetch_timeout_s
         try:  # httpx's timeout bounds each read: a host sending a byte at a time held the request for ever
             async with asyncio.timeout(limit):
-                return await self._follow(self._client, url, origin, param)
+                addresses = await self._addresses(url, origin, param)
+                with pinned() as pins:
+                    return await self._follow(self._client, url, origin, addresses, pins, param)
         except TimeoutError:
             raise ImageError(f"image URL not fetched within {limit:g} s", param=param) from None
 
-    async def _follow(self, client: httpx.AsyncClient, url: str, origin: str, param: str) -> bytes:
+    async def _addresses(self, url: str, origin: str, param: str) -> tuple[Address, ...]:
+        """The URL host's addresses: looked up once for the whole fetch, redirects included."""
+        host, port, _ = _origin(url, param)
+        literal = as_address(host)
+        if literal is not None:
+            return (literal,)
+        try:
+            addresses = tuple(dict.fromkeys(ip_address(a) for a in await self.resolve(host, port)))
+        except (OSError, ValueError, UnicodeError) as exc:
+            reason = f" ({exc.strerror})" if isinstance(exc, OSError) and exc.strerror else ""
+            raise ImageError(f"image host '{origin}' could not be resolved{reason}", param=param) from None
+        if not addresses:
+            raise ImageError(f"image host '{origin}' could not be resolved", param=param)
+        return addresses
+
+    def _checked(
+        self, url: str, origin: str, addresses: tuple[Address, ...], param: str
+    ) -> dict[tuple[str, int], tuple[str, ...]]:
+        """{`url`'s origin: `addresses`}, each address checked for the URL's port and scheme: the pin its
+        connections use."""
+        host, port, scheme = _origin(url, param)
+        for address in addresses:
+            refusal = address_refusal(
+                origin,
+                address,
+                port,
+                scheme,
+                self.settings.allowed_image_hosts,
+                private_allowed=self.settings.allow_private_image_addresses,
+            )
+            if refusal:
+                raise ImageError(refusal, param=param)
+        return {(host, port): tuple(str(a) for a in addresses)}
+
+    async def _follow(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        origin: str,
+        addresses: tuple[Address, ...],
+        pins: dict[tuple[str, int], tuple[str, ...]],
+        param: str,
+    ) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
+            pins.update(self._checked(url, origin, addresses, param))
             try:
                 async with client.stream("GET", url) as response:
                     if response.is_redirect:
@@ -259,6 +410,6 @@ class ImageLoader:
                     return inflated(bytes(body), encodings, self.limits.max_bytes, param) if encodings else bytes(body)
             except ImageError:
                 raise
-            except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+            except (httpx.HTTPError, httpx.InvalidURL, *HTTPCORE_ERRORS, ValueError) as exc:
                 raise ImageError(f"cannot fetch image URL: {type(exc).__name__}", param=param) from None
         raise ImageError("image URL redirects too many times", param=param)

@@ -214,7 +214,15 @@ class Settings(BaseSettings):
     allowed_image_hosts: CommaList = Field(
         default_factory=list,
         description="Hosts remote http(s) image URLs may come from ('*.example.com' for subdomains; 'host:8080' or"
-        " 'host:*' for ports other than the scheme's own). Empty: none.",
+        " 'host:*' for ports other than the scheme's own; an IP address or CIDR network, e.g. '10.0.0.0/8:9000',"
+        " allows URLs naming it and allowed names resolving to it). An allowed name must resolve to public addresses"
+        " only, unless an IP or CIDR entry covers the address. Empty: none.",
+    )
+    allow_private_image_addresses: bool = Field(
+        False,
+        description="Allowed image host names may resolve to private addresses (10/8, 172.16/12, 192.168/16, CGNAT"
+        " 100.64/10, IPv6 fc00::/7): an in-cluster image store. Loopback, link-local and cloud metadata addresses"
+        " still need an IP or CIDR entry in RLAIFV_ALLOWED_IMAGE_HOSTS.",
     )
     image_fetch_timeout_s: float = Field(
         5.0, gt=0, description="Time limit of fetching a remote image URL, redirects and all."

@@ -75,7 +75,7 @@ def remote_server(service_bundle, image_host):
 
     port = image_host.rsplit(":", 1)[1]
     server = LiveServer(
-        service_bundle, allowed_image_hosts=f"127.0.0.1:{port},*.example.org", max_image_bytes=200_000
+        service_bundle, allowed_image_hosts=f"127.0.0.1:{port},localhost:*,*.example.org", max_image_bytes=200_000
     ).start()
     yield server
     server.stop()
@@ -126,8 +126,25 @@ def test_host_not_in_list_refused(remote_server, url) -> None:
     assert r.json()["error"]["param"] == "images[0]"
 
 
+def test_a_listed_name_resolving_to_a_loopback_address_is_refused(remote_server) -> None:
+    """`localhost` stands for any allowed name a caller can point at an internal address (a wildcard over names
+    anyone can register, e.g. `*.ngrok.app`): the server fetched from 127.0.0.1 or 169.254.169.254 through it. (The
+    list's `127.0.0.1:port` entry allows the other tests' host, on its port only.)"""
+    internal = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=internal.serve_forever, daemon=True).start()
+    try:
+        body = {"images": [f"http://localhost:{internal.server_address[1]}/red.png"], "question": "q", "answers": ["a"]}
+        r = httpx.post(remote_server.url + "/v1/rewards", json=body, timeout=60)
+    finally:
+        internal.shutdown()
+        internal.server_close()
+    assert r.status_code == 400 and r.json()["error"]["param"] == "images[0]"
+    assert "image host 'localhost' resolves to a non-public address (" in r.json()["error"]["message"]
+    assert "loopback" in r.json()["error"]["message"]
+
+
 def test_host_matching() -> None:
-    from rlaifv.service.images import host_allowed
+    from rlaifv.service.urls import host_allowed
 
     assert host_allowed("img.example.org", ["*.example.org"])
     assert host_allowed("EXAMPLE.org.", ["example.org"])
@@ -138,7 +155,7 @@ def test_host_matching() -> None:
 def test_an_entry_without_a_port_allows_the_schemes_default_port_only() -> None:
     """Any port of an allowed host was fetched (an internal service beside the image store; a redirect to another
     port; open and closed ports told apart by the error)."""
-    from rlaifv.service.images import url_allowed
+    from rlaifv.service.urls import url_allowed
 
     allowed = ["images.example.org", "store.internal:9000", "*.cdn.example.org:*", "[::1]:8080"]
     assert url_allowed("https://images.example.org/a.png", allowed)
