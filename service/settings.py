@@ -40,12 +40,18 @@ def _check_netloc(url: str) -> None:
 
 
 def _split(value: Any) -> Any:
+    """A comma-separated list, or a JSON array; a value that starts with '[' but is no JSON (an IPv6 host entry,
+    `[::1]:8080,images.example.com`) is a comma-separated list too."""
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
             import json
 
-            return json.loads(text)
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                if text.startswith(('["', "[]")):  # meant as JSON: its error says what is wrong
+                    raise
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
 
@@ -315,6 +321,16 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split(value)
+
+    @field_validator("allowed_image_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        from rlaifv.service.urls import entry_problem
+
+        problems = [problem for entry in value if (problem := entry_problem(entry))]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
     @field_validator("allowed_image_formats")
     @classmethod

@@ -41,6 +41,30 @@ def _entry(entry: str) -> tuple[str, str | None]:
     return entry, None
 
 
+def entry_problem(entry: str) -> str | None:
+    """What is wrong with an allowed-hosts entry, None if nothing: a URL, a bad port or CIDR network matched no
+    host at all, so a typo silently refused every image of that host (or `/33` allowed nothing)."""
+    text = entry.strip()
+    if "://" in text or text.startswith("/"):
+        return f"'{entry}' is a URL: list the host alone ('images.example.com', 'images.example.com:8080')"
+    if text.startswith("[") and "]" not in text:
+        return f"'{entry}' has no ']': write IPv6 entries as '[fd00::1]' or '[fd00::/8]:8080'"
+    host, port = _entry(text)
+    if port is None and host.count(":") == 1:
+        port = host.partition(":")[2]
+    if port is not None and port != "*" and not (port.isdigit() and 0 < int(port) < 65536):
+        return f"'{entry}' has port '{port}', not a number from 1 to 65535 or '*'"
+    if "/" in host or ":" in host or text.startswith("["):
+        if _network(host) is None:
+            return f"'{entry}' is not an IP address or CIDR network ('10.0.0.0/8', '[fd00::/8]:*')"
+        return None
+    name = host[2:] if host.startswith("*.") else host
+    labels = name.rstrip(".").split(".")
+    if not name or any(not label or not all(c.isalnum() or c in "-_" for c in label) for label in labels):
+        return f"'{entry}' is not a host name ('images.example.com', '*.example.com', 'host:8080', 'host:*')"
+    return None
+
+
 def as_address(host: str) -> Address | None:
     """`host` as an IP address, None for a name."""
     try:

@@ -401,3 +401,33 @@ def test_the_device_is_checked_wherever_a_model_loads_in_the_process(tiny_bundle
     inprocess = Settings(engine="vllm", vllm_policy_url="http://p:1/v1", vllm_reference="inprocess")
     assert bundle_checks(served)["loads_here"] is False and bundle_checks(inprocess)["loads_here"] is True
     assert bundle_checks(Settings()) == {"weights": True, "device": None, "loads_here": True}
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("https://images.example.com", "is a URL: list the host alone"),
+        ("images.example.com:99999", "has port '99999', not a number from 1 to 65535"),
+        ("images.example.com:abc", "has port 'abc'"),
+        ("10.0.0.0/33", "is not an IP address or CIDR network"),
+        ("[fd00::1", "has no ']'"),
+        ("images example.com", "is not a host name"),
+        ("*", "is not a host name"),
+    ],
+)
+def test_allowed_image_hosts_entries_that_match_nothing_are_refused(value: str, problem: str) -> None:
+    """A typo in an entry matched no host: every image of that host was refused, or a /33 network allowed nothing."""
+    with pytest.raises(ValidationError, match="allowed_image_hosts") as info:
+        Settings(allowed_image_hosts=value)
+    assert problem in str(info.value)
+
+
+def test_allowed_image_hosts_may_start_with_an_ipv6_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A value starting with '[' was read as JSON only: an IPv6 first entry failed the start-up."""
+    monkeypatch.setenv("RLAIFV_ALLOWED_IMAGE_HOSTS", "[::1]:8080, images.example.com,10.0.0.0/8:*")
+    assert Settings().allowed_image_hosts == ["[::1]:8080", "images.example.com", "10.0.0.0/8:*"]
+    monkeypatch.setenv("RLAIFV_ALLOWED_IMAGE_HOSTS", '["[::1]:8080", "images.example.com"]')
+    assert Settings().allowed_image_hosts == ["[::1]:8080", "images.example.com"]
+    monkeypatch.setenv("RLAIFV_ALLOWED_IMAGE_HOSTS", '["images.example.com"')
+    with pytest.raises(ValidationError, match="allowed_image_hosts\n  Value error, Expecting ',' delimiter"):
+        Settings()
