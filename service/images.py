@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 import typing
@@ -34,9 +35,18 @@ from rlaifv.reward.errors import ImageError
 from rlaifv.reward.images import ImageLimits, declared_pixels, decode_base64, decode_image
 from rlaifv.service.errors import Overloaded
 from rlaifv.service.settings import Settings
-from rlaifv.service.urls import DEFAULT_PORTS, Address, address_refusal, as_address, host_listed, url_allowed
+from rlaifv.service.urls import (
+    DEFAULT_PORTS,
+    Address,
+    address_kind,
+    address_refusal,
+    as_address,
+    host_listed,
+    url_allowed,
+)
 
 MAX_REDIRECTS = 3
+log = logging.getLogger("rlaifv.service")
 T = TypeVar("T")
 
 
@@ -369,6 +379,15 @@ class ImageLoader:
                 self.settings.allowed_image_hosts,
                 private_allowed=self.settings.allow_private_image_addresses,
             )
+            if refusal and as_address(host) is None:
+                # The caller named a host, not this address: where internal names point (split-horizon DNS behind
+                # a wildcard entry) is the operator's to read, in the log, not any caller's.
+                log.warning("remote image refused: %s", refusal)
+                raise ImageError(
+                    f"image host '{origin}' resolves to a non-public address ({address_kind(address)}); the server's"
+                    " operator can allow it (the server's log names the address and the entry to add)",
+                    param=param,
+                )
             if refusal:
                 raise ImageError(refusal, param=param)
         return {(host, port): tuple(str(a) for a in addresses)}
