@@ -23,8 +23,12 @@ but no weights are loaded: the policy runs in one `vllm serve <bundle>/policy`, 
   the policy server answers each question with `max_tokens` 1 and `logprob_token_ids` = the yes/no forms' first
   tokens, whose raw log-probs give p(yes) exactly as `reward.yes_no.YesNoJudge` computes it.
 - Failures: a server unreachable, timed out or answering 408/429/5xx -> `EngineUnavailable` (503, Retry-After),
-  a 4xx about the input -> 400, anything malformed -> 502; each counted in `rlaifv_vllm_errors_total`, every
-  request timed in `rlaifv_vllm_request_duration_seconds`. `probe` (each server's /health) feeds `/readyz`.
+  a 4xx about the input -> 400, anything malformed -> 502 `engine_error`; each counted in
+  `rlaifv_vllm_errors_total`, every request timed in `rlaifv_vllm_request_duration_seconds`. `probe` (each server's
+  /health) feeds `/readyz`. A server that stops answering without closing its connections (a stopped process, a
+  lost host) is found by /health: checked while requests are in flight, it ends them with 503 within seconds, and
+  requests to a server found down fail at once until /health answers again. When one call of a request fails,
+  its other calls are cancelled (`_all`): no vLLM work is left running for an answer no one reads.
 
 The tokenizer and processor are not re-entrant, so every call to them (prompts, answers, decoding, claim planning)
 runs on one worker thread, never on the event loop.
@@ -38,11 +42,12 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import httpx
 
@@ -66,7 +71,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("rlaifv.service")
 
 T = TypeVar("T")
+U = TypeVar("U")
 PROBE_TIMEOUT_S = 2.0
+# While requests are in flight each server's /health is checked this often; DOWN_AFTER failures in a row (the second
+# at once after the first) and the server is down: its requests end with 503 then, not at RLAIFV_VLLM_TIMEOUT_S.
+WATCH_S = 5.0
+DOWN_AFTER = 2
+RECHECK_S = 1.0  # a server found down gets one /health check at most this often, shared by the requests meanwhile
+ENGINE_ERROR = "engine_error"  # the code of a 502 from a vLLM server (BadGateway's own names the generator)
+# What reading a malformed answer raises (a field missing, null, or of another type): the server's fault, a 502.
+MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError)
 CONNECT_TIMEOUT_S = 5.0
 KEEPALIVE_S = 2.0
 MIN_CONNECTIONS = 64
@@ -133,6 +147,14 @@ def _error_message(response: httpx.Response) -> str:
     return str(body)[:300]
 
 
+@dataclass(eq=False)
+class _InFlight:
+    """One request to a server: its time limit, and why the health watch cut it short (None: it did not)."""
+
+    bound: asyncio.Timeout
+    cut: str | None = None
+
+
 @dataclass
 class Prompt:
     """One prompt as the servers get it, and as we score it."""
@@ -173,6 +195,11 @@ class VllmServer:
             self.headers["Authorization"] = f"Bearer {settings.vllm_api_key.get_secret_value()}"
         self._client: httpx.AsyncClient | None = None
         self._probe_client: httpx.AsyncClient | None = None
+        self._flights: set[_InFlight] = set()
+        self._down: str | None = None  # why the server was last found unusable; None while it answers
+        self._watcher: asyncio.Task[None] | None = None
+        self._check: asyncio.Task[str | None] | None = None  # the last /health check for requests while it was down
+        self._checked_at = -math.inf
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -202,6 +229,10 @@ class VllmServer:
         return self._probe_client
 
     async def aclose(self) -> None:
+        for task in (self._watcher, self._check):
+            if task is not None:
+                task.cancel()
+        self._watcher = self._check = None
         for client in (self._client, self._probe_client):
             if client is not None:
                 await client.aclose()
@@ -309,11 +340,78 @@ class VllmServer:
 
     async def probe(self) -> str:
         """'ok', or why the server is not usable now (readiness; not counted in the metrics)."""
+        problem = await self._health()
+        return "ok" if problem is None else f"unavailable: {self.shown} {problem}"
+
+    async def _health(self) -> str | None:
+        """Why /health says the server is not usable now, or None. Readiness, the watch of the requests in flight
+        and requests to a server found down ask it, and its answer is the server's state for the requests: a
+        problem makes the next request check /health before it is sent, None lets them through again."""
         try:
-            response = await self.probe_client.get(self.root + "/health")
+            async with asyncio.timeout(PROBE_TIMEOUT_S):  # the client's timeout bounds each phase, not the sum
+                response = await self.probe_client.get(self.root + "/health")
+        except (httpx.TimeoutException, TimeoutError):
+            self._down = f"no answer to /health within {PROBE_TIMEOUT_S:g} s"
         except httpx.HTTPError as exc:
-            return f"unavailable: {self.shown} unreachable ({type(exc).__name__})"
-        return "ok" if response.status_code == 200 else f"unavailable: {self.shown}/health HTTP {response.status_code}"
+            self._down = f"unreachable ({type(exc).__name__})"
+        else:
+            self._down = None if response.status_code == 200 else f"/health HTTP {response.status_code}"
+        return self._down
+
+    def _watch(self) -> None:
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_health(), name=f"vllm-{self.role}-watch")
+
+    async def _watch_health(self) -> None:
+        """While requests are in flight, /health every WATCH_S: a server that fails it DOWN_AFTER times in a row is
+        down (SIGSTOP, a lost host: its connections stay open and silent), and its requests end now with 503 instead
+        of each at RLAIFV_VLLM_TIMEOUT_S."""
+        failures = 0
+        while True:
+            await asyncio.sleep(0 if failures else WATCH_S)
+            if not self._flights:
+                self._watcher = None  # no await since the check: a request added meanwhile starts a new watch
+                return
+            problem = await self._health()
+            failures = 0 if problem is None else failures + 1
+            if problem is None or failures < DOWN_AFTER:
+                continue
+            failures = 0
+            now = asyncio.get_running_loop().time()
+            cut = [flight for flight in self._flights if not flight.bound.expired()]
+            for flight in cut:
+                flight.cut = problem
+                flight.bound.reschedule(now)
+            log.warning("vllm server down", extra={"server": self.role, "problem": problem, "requests_cut": len(cut)})
+
+    async def _usable(self) -> None:
+        """A server last found down gets a /health check before a request goes to it (one check shared by the
+        requests arriving meanwhile, at most every RECHECK_S): while it stays down they fail at once."""
+        if self._down is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._check is None or (self._check.done() and loop.time() - self._checked_at >= RECHECK_S):
+            self._checked_at = loop.time()
+            self._check = loop.create_task(self._health(), name=f"vllm-{self.role}-check")
+        problem = await asyncio.shield(self._check)
+        if problem is not None:
+            raise self._fail("down", self._unavailable(f"is down ({problem})"))
+
+    def _unavailable(self, what: str) -> EngineUnavailable:
+        return EngineUnavailable(
+            f"the vLLM {self.role} server {self.shown} {what}", headers={"Retry-After": str(self.retry_after_s)}
+        )
+
+    @contextmanager
+    def reading(self, what: str = "completion") -> Iterator[None]:
+        """Reading an answer of this server: a field missing, null or of another type is its fault (502), not a
+        bug of ours (a 500 with a traceback)."""
+        try:
+            yield
+        except InvalidInputError:
+            raise
+        except MALFORMED as exc:
+            raise self.bad_response(f"answered with a malformed {what} ({type(exc).__name__}: {exc})"[:300]) from None
 
     def _fail(self, reason: str, exc: ServiceError) -> ServiceError:
         if self.metrics is not None:
@@ -321,25 +419,39 @@ class VllmServer:
         return exc
 
     def bad_response(self, what: str, reason: str = "bad_response") -> ServiceError:
-        return self._fail(reason, BadGateway(f"the vLLM {self.role} server {what}"))
+        return self._fail(reason, BadGateway(f"the vLLM {self.role} server {what}", code=ENGINE_ERROR))
+
+    async def _send(self, url: str, body: dict[str, Any]) -> httpx.Response:
+        try:
+            return await self.client.post(url, json=body)
+        except httpx.RemoteProtocolError as exc:
+            if "without sending a response" not in str(exc):  # dropped mid-answer: the work may be done
+                raise
+            return await self.client.post(url, json=body)  # an idle connection the server just closed
 
     async def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST a request; any answer but a 2xx with a list of choices becomes a typed error naming this server."""
+        """POST a request; any answer but a 2xx with a list of choices becomes a typed error naming this server.
+        RLAIFV_VLLM_TIMEOUT_S bounds it as a whole (httpx's timeout bounds each phase: a server sending a byte now
+        and then held it for ever), and the health watch may end it sooner."""
+        await self._usable()
         started = time.perf_counter()
-        retry = {"Retry-After": str(self.retry_after_s)}
+        flight: _InFlight | None = None
         try:
-            try:
-                response = await self.client.post(url, json=body)
-            except httpx.RemoteProtocolError as exc:
-                if "without sending a response" not in str(exc):  # dropped mid-answer: the work may be done
-                    raise
-                response = await self.client.post(url, json=body)  # an idle connection the server just closed
-        except httpx.TimeoutException:
-            message = f"the vLLM {self.role} server {self.shown} did not answer within {self.timeout_s:g} s"
-            raise self._fail("timeout", EngineUnavailable(message, headers=retry)) from None
+            async with asyncio.timeout(self.timeout_s) as bound:
+                flight = _InFlight(bound)
+                self._flights.add(flight)
+                self._watch()
+                try:
+                    response = await self._send(url, body)
+                finally:
+                    self._flights.discard(flight)
+        except (TimeoutError, httpx.TimeoutException):
+            if flight is not None and flight.cut is not None:
+                raise self._fail("down", self._unavailable(f"stopped answering ({flight.cut})")) from None
+            raise self._fail("timeout", self._unavailable(f"did not answer within {self.timeout_s:g} s")) from None
         except httpx.HTTPError as exc:
-            message = f"the vLLM {self.role} server {self.shown} is unreachable ({type(exc).__name__})"
-            raise self._fail("unreachable", EngineUnavailable(message, headers=retry)) from None
+            self._down = f"unreachable ({type(exc).__name__})"  # the next request checks /health first
+            raise self._fail("unreachable", self._unavailable(f"is unreachable ({type(exc).__name__})")) from None
         finally:
             if self.metrics is not None:
                 self.metrics.vllm_latency.labels(server=self.role).observe(time.perf_counter() - started)
@@ -347,10 +459,10 @@ class VllmServer:
         if status >= 300:
             detail = f"HTTP {status}: {_error_message(response)}"
             if status in (408, 429) or status >= 500:
-                message = f"the vLLM {self.role} server {self.shown} is overloaded or failing ({detail})"
-                raise self._fail("unavailable", EngineUnavailable(message, headers=retry))
+                raise self._fail("unavailable", self._unavailable(f"is overloaded or failing ({detail})"))
             if status in (401, 403, 404):
-                raise self._fail("refused", BadGateway(f"the vLLM {self.role} server refused us ({detail})"))
+                refused = BadGateway(f"the vLLM {self.role} server refused us ({detail})", code=ENGINE_ERROR)
+                raise self._fail("refused", refused)
             raise self._fail(
                 "rejected",
                 BadRequest(f"the vLLM {self.role} server refused the input ({detail})", code="engine_rejected"),
@@ -376,9 +488,9 @@ class VllmServer:
         data = await self._post(self.root + vllm_payload.GENERATE_PATH, body)
         try:
             vllm_payload.check_prompt_ids([*prompt.ids, *answer], data.get("prompt_token_ids"), server=self.role)
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             log.error("vllm prompt drift", extra={"server": self.role, "detail": str(exc)})
-            raise self._fail("prompt_mismatch", BadGateway(str(exc))) from None
+            raise self._fail("prompt_mismatch", BadGateway(str(exc), code=ENGINE_ERROR)) from None
         return data
 
     async def answer_logprobs(
@@ -388,7 +500,7 @@ class VllmServer:
         prompt = Prompt.of(prompt)
         if prompt.has_images:  # the token-in API takes one prompt per request: N concurrent requests, batched by vLLM
             params = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
-            datas = await asyncio.gather(*(self.generate(prompt, params, answer) for answer in answers))
+            datas = await _all(*(self.generate(prompt, params, answer) for answer in answers))
             positions = [data.get("prompt_logprobs") or [] for data in datas]
         else:
             body = {
@@ -399,22 +511,24 @@ class VllmServer:
                 "return_tokens_as_token_ids": True,
             }
             data = await self.complete(body)
-            choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+            with self.reading("prompt_logprobs"):
+                choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+                positions = [choice.get("prompt_logprobs") or [] for choice in choices]
             if len(choices) != len(answers):
                 raise self.bad_response(f"returned {len(choices)} choices")
-            positions = [choice.get("prompt_logprobs") or [] for choice in choices]
         out = []
-        for answer, entries in zip(answers, positions, strict=True):
-            tail = entries[len(entries) - len(answer) :] if answer else []
-            values = []
-            for token, entry in zip(answer, tail, strict=False):
-                found = _logprob_of(entry, token)
-                if found is None:
-                    raise self.bad_response(f"gave no log-prob for token {token}")
-                values.append(found)
-            if len(values) != len(answer):
-                raise self.bad_response("returned too few positions")
-            out.append(values)
+        with self.reading("prompt_logprobs"):
+            for answer, entries in zip(answers, positions, strict=True):
+                tail = list(entries[len(entries) - len(answer) :]) if answer else []
+                values = []
+                for token, entry in zip(answer, tail, strict=False):
+                    found = _logprob_of(entry, token)
+                    if found is None:
+                        raise self.bad_response(f"gave no log-prob for token {token}")
+                    values.append(found)
+                if len(values) != len(answer):
+                    raise self.bad_response("returned too few positions")
+                out.append(values)
         return out
 
     async def label_logprobs(self, prompts: Sequence[Prompt], labels: Sequence[int]) -> list[dict[int, float]]:
@@ -431,7 +545,7 @@ class VllmServer:
             "logprob_token_ids": list(labels),
             "allowed_token_ids": list(labels),
         }
-        datas = await asyncio.gather(*(self.generate(prompt, params) for prompt in prompts))
+        datas = await _all(*(self.generate(prompt, params) for prompt in prompts))
         out = []
         for data in datas:
             try:
@@ -763,9 +877,9 @@ class VllmEngine:
         for k, answer in enumerate(answers):
             self._check_length(prompt, len(answer), f"answers[{k}]")
         start = time.perf_counter()
-        ((policy, reference), scored), (verdicts, judged) = await asyncio.gather(
+        ((policy, reference), scored), (verdicts, judged) = await _all(
             _finished(
-                _gather(self.policy.answer_logprobs(prompt, answers), self.reference.answer_logprobs(prompt, answers))
+                _all(self.policy.answer_logprobs(prompt, answers), self.reference.answer_logprobs(prompt, answers))
             ),
             _finished(self._judge(request, request.answers)),
         )
@@ -838,13 +952,15 @@ class VllmEngine:
             body = self._sampling_body(prompt.sent, request)
             data = await self.policy.complete(body)
             wanted, parse = body["n"], self._sampled
-        choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+        with self.policy.reading():
+            choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
         if len(choices) != wanted:
             raise self.policy.bad_response(f"returned {len(choices)} choices for n={wanted}")
         if wanted != request.n:  # greedy: one answer, N times
             choices = choices * request.n
         context = continuation_context(prompt.ids, request.continue_final)
-        samples = await self._cpu(lambda: [parse(choice, context) for choice in choices])
+        with self.policy.reading():
+            samples = await self._cpu(lambda: [parse(choice, context) for choice in choices])
         sampled = time.perf_counter()
 
         def answers_of() -> tuple[list[list[int]], list[str]]:
@@ -867,11 +983,11 @@ class VllmEngine:
 
         answers, texts = await self._cpu(answers_of)
         cut = [i for i, s in enumerate(samples) if s.cut]
-        scoring: list[Awaitable[list[list[float]]]] = [self.reference.answer_logprobs(prompt, answers)]
+        scoring: list[Coroutine[Any, Any, list[list[float]]]] = [self.reference.answer_logprobs(prompt, answers)]
         if cut:
             scoring.append(self.policy.answer_logprobs(prompt, [answers[i] for i in cut]))
-        (results, scored), (verdicts, judged) = await asyncio.gather(
-            _finished(_gather(*scoring)), _finished(self._judge(request, texts))
+        (results, scored), (verdicts, judged) = await _all(
+            _finished(_all(*scoring)), _finished(self._judge(request, texts))
         )
         reference = results[0]
         policy = [s.logprobs for s in samples]
@@ -948,12 +1064,12 @@ class VllmEngine:
         tokens = logprobs.get("tokens") or []
         values = logprobs.get("token_logprobs") or []
         if len(tokens) != len(values):
-            raise BadGateway("the vLLM policy server returned tokens and log-probs of different lengths")
+            raise self.policy.bad_response("returned tokens and log-probs of different lengths")
         try:
             ids = [_token_id(str(t)) for t in tokens]
         except ValueError:
-            raise BadGateway(
-                "the vLLM policy server did not return token ids (needs vLLM >= 0.6: return_tokens_as_token_ids)"
+            raise self.policy.bad_response(
+                "did not return token ids (needs vLLM >= 0.6: return_tokens_as_token_ids)"
             ) from None
         top = [
             _ranked((_token_id(str(k)), float(v)) for k, v in (alts or {}).items())
@@ -975,7 +1091,7 @@ class VllmEngine:
             values = [float(c["logprob"]) for c in content]
             top = [_top_of(c.get("top_logprobs") or []) for c in content]
         except (KeyError, TypeError, ValueError):
-            raise BadGateway("the vLLM policy server returned log-probs that do not match its tokens") from None
+            raise self.policy.bad_response("returned log-probs that do not match its tokens") from None
         stop_reason = choice.get("stop_reason")
         cut = isinstance(stop_reason, str)
         text = ""
@@ -1019,8 +1135,20 @@ class VllmEngine:
         return token_text(lambda t: str(self.tokenizer.decode(list(t), skip_special_tokens=False)), previous, token)
 
 
-async def _gather(*calls: Awaitable[T]) -> list[T]:
-    return list(await asyncio.gather(*calls))
+@overload
+async def _all(first: Coroutine[Any, Any, T], second: Coroutine[Any, Any, U], /) -> tuple[T, U]: ...
+@overload
+async def _all(*calls: Coroutine[Any, Any, T]) -> tuple[T, ...]: ...
+async def _all(*calls: Coroutine[Any, Any, Any]) -> tuple[Any, ...]:
+    """Every call's result, run concurrently. The first failure cancels the others (their HTTP requests close, and
+    vLLM drops their work) and is raised: with `asyncio.gather` they ran on, up to RLAIFV_VLLM_TIMEOUT_S, for an
+    answer no one would read."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(call) for call in calls]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return tuple(task.result() for task in tasks)
 
 
 async def _finished(call: Awaitable[T]) -> tuple[T, float]:

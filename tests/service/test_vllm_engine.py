@@ -12,6 +12,9 @@ LoRA policies are tested without a third server. float32 on both sides: rewards 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -441,5 +444,42 @@ def test_a_killed_vllm_server_gives_503_and_recovers(stack: Stack, client: httpx
 
     stack.policy.start(timeout_s=400)  # the same port: our service finds it again without a restart
     assert client.get(url + "/readyz").status_code == 200
+    again = client.post(url + "/v1/best-of-n", json=body)
+    assert again.status_code == 200, again.text
+
+
+def test_a_paused_vllm_server_is_found_down_in_seconds_and_used_again(
+    stack: Stack, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGSTOP (a hung process, a lost host): the connections stay open and nothing answers. Requests waited
+    RLAIFV_VLLM_TIMEOUT_S (120 s, or a 504 when the request's deadline came first); the health watch ends them with
+    503 within seconds, the next ones fail at once, and after SIGCONT the service answers again without a restart."""
+    from rlaifv.service.engines import vllm as vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "WATCH_S", 1.0)  # our service runs in this process: found in ~5 s, not ~9 s
+    assert stack.reference.process is not None
+    url, group = stack.vllm.url, stack.reference.process.pid
+    body = {"question": QUESTION, "n": 2, "sampling": {"max_tokens": 4}}
+    assert client.post(url + "/v1/best-of-n", json=body).status_code == 200
+    os.killpg(group, signal.SIGSTOP)  # the API server and its engine core
+    try:
+        start = time.monotonic()
+        down = client.post(url + "/v1/best-of-n", json=body)  # samples, then hangs in the reference's scoring
+        assert down.status_code == 503, down.text
+        assert down.json()["error"]["code"] == "engine_unavailable" and down.headers["Retry-After"].isdigit()
+        assert "reference server" in down.json()["error"]["message"]
+        assert time.monotonic() - start < 30
+        start = time.monotonic()
+        fast = client.post(url + "/v1/rewards", json={"question": QUESTION, "answers": ["while paused"]})
+        assert fast.status_code == 503 and "is down" in fast.json()["error"]["message"], fast.text
+        assert time.monotonic() - start < 10
+        ready = client.get(url + "/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["engine"].startswith("reference unavailable")
+    finally:
+        os.killpg(group, signal.SIGCONT)
+    deadline = time.monotonic() + 60
+    while client.get(url + "/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "not ready again after SIGCONT"
+        time.sleep(0.1)
     again = client.post(url + "/v1/best-of-n", json=body)
     assert again.status_code == 200, again.text
