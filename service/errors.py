@@ -6,7 +6,8 @@
     ├── NotFound                404 not_found_error
     ├── PayloadTooLarge         413 invalid_request_error
     ├── Overloaded              429 rate_limit_error (Retry-After)
-    ├── BadGateway              502 upstream_error: the generator (RLAIFV_GENERATOR_URL) answered badly
+    ├── BadGateway              502 upstream_error: the generator (RLAIFV_GENERATOR_URL) or a vLLM server (engine_error)
+    │                               answered badly
     ├── Unavailable             503 service_unavailable (Retry-After)
     │   ├── StoreUnavailable    503 redis_unavailable: Redis down while a job endpoint needs it
     │   ├── GeneratorUnavailable 503 generator_unavailable: the generator unreachable, timed out or overloaded
@@ -193,7 +194,8 @@ class EngineUnavailable(Unavailable):
 
 
 class BadGateway(ServiceError):
-    """The generator answered, but not usefully (a 5xx, our key refused, a malformed body): an operator's problem."""
+    """The generator or a vLLM server (`engine_error`) answered, but not usefully (a 5xx, our key refused, a
+    malformed body): an operator's problem."""
 
     status, type, code = 502, "upstream_error", "generator_error"
 
@@ -352,7 +354,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         413: "Request body over the size limit.",
         429: "Queue full or over quota; retry after `Retry-After` seconds.",
         501: "Not enabled on this deployment (e.g. jobs without RLAIFV_REDIS_URL); retrying will not help.",
-        502: "The generator (RLAIFV_GENERATOR_URL) failed or answered something unusable.",
+        502: "The generator (RLAIFV_GENERATOR_URL) or a vLLM server (`engine_error`) failed or answered something"
+        " unusable.",
         503: "Model not loaded yet, shutting down, the generator unreachable, or (job endpoints) Redis unreachable; "
         "retry after `Retry-After`.",
         504: "The request's deadline passed before it was served.",
