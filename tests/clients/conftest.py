@@ -1,10 +1,13 @@
-"""Fixtures for the SDK tests: the real server (uvicorn on a free port, tiny random-weight bundle),
-an image host the server may fetch from, and images in every form the SDK accepts."""
+"""Fixtures for the SDK tests: the real server (uvicorn on a free port, tiny random-weight bundle), a private
+Redis for jobs, an image host the server may fetch from, and images in every form the SDK accepts."""
 
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -13,6 +16,7 @@ from typing import Any
 import pytest
 
 from rlaifv.testing.server import LiveServer as _LiveServer
+from rlaifv.testing.server import free_port
 
 API_KEY = "sk-client-tests-0123456789"
 QUESTION = "What is in the image?"
@@ -100,6 +104,28 @@ def busy_server(tiny_bundle: Path) -> Iterator[LiveServer]:
     """A server with a queue bound of 1 and no batching: concurrent requests get 429 + Retry-After: 1."""
     with LiveServer(tiny_bundle, max_queue=1, max_batch=1, batch_window_ms=0, retry_after_s=1) as live:
         yield live
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server on a free port (skipped where none is installed)."""
+    redis_bin, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if redis_bin is None or cli is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)]
+    redis = subprocess.Popen([redis_bin, *args], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run([cli, "-p", str(port), "ping"], capture_output=True).stdout.strip() != b"PONG":
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        redis.terminate()
+        redis.wait(timeout=10)
 
 
 @pytest.fixture

@@ -13,10 +13,8 @@ import pytest
 from rlaifv_client import AsyncClient, Client, InvalidRequestError, Rewards
 
 from .conftest import API_KEY, QUESTION, LiveServer
-from .test_jobs import redis_url as _private_redis
 
 pytestmark = pytest.mark.integration
-redis_url = _private_redis  # the module-scoped redis-server fixture of the other job tests
 
 
 def _line(i: int) -> str:

@@ -4,16 +4,12 @@ redis-server exists."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from rlaifv.testing.server import free_port
 from rlaifv_client import (
     AsyncClient,
     BestOfN,
@@ -30,27 +26,6 @@ from rlaifv_client.types import JobList
 from .conftest import API_KEY, QUESTION, LiveServer
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    redis_bin, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-    if redis_bin is None or cli is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)]
-    redis = subprocess.Popen([redis_bin, *args], stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while subprocess.run([cli, "-p", str(port), "ping"], capture_output=True).stdout.strip() != b"PONG":
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        redis.terminate()
-        redis.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """clients/python/README.md is true: its Python blocks run as written, top to bottom as a reader goes, against a
-fake server (the default httpx transports answer), and its error tree names every exception the SDK exports."""
+fake server (the default httpx transports answer) and against the real one, and its error tree names every
+exception the SDK exports."""
 
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ class FakeServer:
             lines = [json.dumps({"index": i, "status": "succeeded", "result": _answer(kind, item)})
                      for i, item in enumerate(items)]  # fmt: skip
             return 200, "\n".join(lines) + "\n"
+        if path == "/readyz":
+            return 200, {"status": "ok", "checks": {"model": "ok"}}
         if path == "/v1/models":
             reward = REWARD | {"repeat_penalty": 1.0}
             return 200, {"object": "list", "data": [{"id": "tiny", "object": "model", "created": 1,
@@ -151,6 +154,7 @@ def test_readme_python_blocks_run_as_written(fake_server: FakeServer, capsys: py
     scored = [body for body in fake_server.bodies if "answers" in body and "messages" in body]
     assert scored[-1]["messages"][1] == {"role": "assistant", "content": "A cat."}  # the openai reply, as it is
     assert "POST /v1/chat/completions" in fake_server.paths and "GET /v1/jobs/job-0/results" in fake_server.paths
+    assert "GET /readyz" in fake_server.paths
 
 
 def test_readme_error_tree_names_every_exception() -> None:
@@ -162,3 +166,35 @@ def test_readme_error_tree_names_every_exception() -> None:
         if isinstance(getattr(rlaifv_client, name), type) and issubclass(getattr(rlaifv_client, name), Exception)
     }
     assert exported - {"TimeoutError"} <= named, exported - named
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_readme_python_blocks_run_against_the_real_server(
+    tiny_bundle: Path,
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The fake server answers what the README expects; the real one (jobs, the openai client, its limits) must too.
+    Only the address changes: the blocks' `localhost:8000` is this server's, and the README's key `sk-...` its key."""
+    pytest.importorskip("openai")
+    from .conftest import LiveServer, png_bytes
+
+    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cat.png").write_bytes(png_bytes((200, 120, 30)))
+    (tmp_path / "dog.png").write_bytes(png_bytes((90, 60, 30)))
+    settings = {"api_keys": ["sk-..."], "allow_placeholder_keys": True, "redis_url": redis_url, "jobs_workers": 1}
+    with LiveServer(tiny_bundle, **settings) as live:
+        monkeypatch.setenv("RLAIFV_BASE_URL", live.url)
+        monkeypatch.setenv("RLAIFV_API_KEY", "sk-...")
+        namespace: dict[str, Any] = {"__name__": "__readme__"}
+        for i, block in enumerate(_blocks("python")):
+            code = block.replace("http://localhost:8000", live.url)
+            exec(compile(code, f"README.md python block {i}", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "n must be <= 8, got 64" in out and "{'model': 'ok'" in out  # the server's limit, its readiness
+    assert out.rstrip().endswith("n must be <= 8, got 64") and ("Black." in out or "Orange." in out)

@@ -189,7 +189,9 @@ def test_connection_refused_is_retried_then_raises() -> None:
     assert len(log.by_call()) == 1
 
 
-async def test_timeout_is_retried_then_raises_timeout_error() -> None:
+async def test_a_timeout_ends_the_call_at_its_timeout() -> None:
+    """The call's timeout bounds it, retries included: the attempt that spent it is not retried past it (it was,
+    each retry taking the whole timeout again); a timeout with time left is retried (tests/clients/test_unit.py)."""
     import rlaifv_client
 
     with socket.socket() as silent:  # accepts connections (backlog) and never answers
@@ -203,7 +205,8 @@ async def test_timeout_is_retried_then_raises_timeout_error() -> None:
                 await client.models()
         await http.aclose()
     assert isinstance(info.value, TimeoutError) and isinstance(info.value, APIConnectionError)
-    assert [a.number for a in log.attempts] == [0, 1]
+    assert [a.number for a in log.attempts] == [0]
+    assert "past this call's timeout of 0.3 s" in str(info.value)
 
 
 def test_other_4xx_are_never_retried(server: Any, red_png: bytes) -> None:

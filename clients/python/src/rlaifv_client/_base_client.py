@@ -179,6 +179,80 @@ class APICall(Generic[T]):
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
+def is_not_ready(response: httpx.Response) -> bool:
+    """A 503 `not_ready`: the server answers while its model loads (`rlaifv serve`), and will serve once loaded."""
+    if response.status_code != 503:
+        return False
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(error, dict) and error.get("code") == "not_ready"
+
+
+class Retrying:
+    """The retries of one call (shared by `_request` and `_stream_lines` of both clients): each attempt's timeout,
+    and whether and when to try again.
+
+    The call's timeout (`call_budget`) bounds the call as a whole, retries and their waits included: each retry's
+    timeout is cut to what is left, and a retry whose wait would end past the deadline is not made, the error
+    raised at once saying so (a 429 asking for 30 s with 10 s left used to sleep through the caller's deadline).
+    A 503 `not_ready` is waited out up to the deadline without counting against `max_retries`: `rlaifv serve`
+    answers it for as long as its model loads (minutes), where it used to hold the connection until loaded, so a
+    call made during the load succeeded then within its timeout, and must still. `max_retries=0`, or no timeout,
+    keeps the count."""
+
+    def __init__(self, call: APICall[Any], timeout: TimeoutTypes, max_retries: int, backoff: Backoff) -> None:
+        self.call, self.timeout, self.backoff = call, timeout, backoff
+        self.max_retries = max_retries if call.max_retries is None else call.max_retries
+        self.budget = call_budget(timeout)
+        self.start = time.monotonic()
+        self.attempt = 0  # the number of the attempt being made (0: the first)
+        self.counted = 0  # the retries counted against max_retries
+        self.note: str | None = None  # why the last `delay` gave up, where that is not plain
+
+    def attempt_timeout(self) -> TimeoutTypes:
+        """The first attempt's timeout is the call's; a retry's is cut to what is left of it."""
+        if self.attempt == 0 or self.budget is None:
+            return self.timeout
+        return cut_timeout(self.timeout, max(self.budget - (time.monotonic() - self.start), 0.0))
+
+    def delay(self, response: httpx.Response | None, error: Exception | None = None) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up (`note` then says why, where not plain)."""
+        self.note = None
+        call = self.call
+        if not should_retry(response, error=error, idempotent=call.idempotent):
+            return None
+        elapsed = time.monotonic() - self.start
+        loading = response is not None and self.budget is not None and self.max_retries > 0 and is_not_ready(response)
+        if not loading and self.counted >= self.max_retries:
+            if self.attempt > 0:
+                self.note = f"gave up after {self.attempt + 1} attempts in {elapsed:.1f} s"
+            return None
+        retry_after = parse_retry_after(response.headers) if response is not None else None
+        delay = self.backoff.delay(self.counted, retry_after)
+        if self.budget is not None:
+            left = self.budget - elapsed
+            due = delay if retry_after is None else retry_after  # the server's own wait, not the capped one
+            if due >= left:
+                wait = "the next retry was due in" if retry_after is None else "the server asked to retry after"
+                header = "" if retry_after is None else " (Retry-After)"
+                self.note = (
+                    f"not retried: {wait} {due:.3g} s{header}, past this call's timeout of {self.budget:g} s "
+                    f"({max(left, 0.0):.1f} s left after {self.attempt + 1} attempt{'s' if self.attempt else ''})"
+                )
+                return None
+            if delay >= left:  # the jitter added to a Retry-After that fits: not past the deadline
+                delay = due
+        reason = f"HTTP {response.status_code}" if response is not None else "connection error"
+        if loading:
+            reason += " (the server's model is loading)"
+        self.attempt += 1
+        self.counted += 0 if loading else 1
+        log.info("retrying %s %s in %.2fs after %s (retry %d)", call.method, call.path, delay, reason, self.attempt)
+        return delay
+
+
 def _drop_none(mapping: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in mapping.items() if v is not None}
 
@@ -406,6 +480,22 @@ def liveness_call(timeout: Any) -> APICall[Health]:
     )
 
 
+def call_budget(timeout: TimeoutTypes) -> float | None:
+    """Seconds one call may take in all, its retries and their waits included: a number's, or an `httpx.Timeout`'s
+    `read` (the wait for the answer; its `connect` bounds each attempt's connecting too); None: no bound."""
+    if isinstance(timeout, httpx.Timeout):
+        return timeout.read
+    return None if timeout is None else float(timeout)
+
+
+def cut_timeout(timeout: TimeoutTypes, left: float) -> TimeoutTypes:
+    """`timeout` with no phase longer than `left` seconds (a phase without a bound gets `left`)."""
+    if isinstance(timeout, httpx.Timeout):
+        phases = {"connect": timeout.connect, "read": timeout.read, "write": timeout.write, "pool": timeout.pool}
+        return httpx.Timeout(**{name: left if value is None else min(value, left) for name, value in phases.items()})
+    return left if timeout is None else min(float(timeout), left)
+
+
 def poll_call(path: str, client_timeout: TimeoutTypes, left: float | None) -> APICall[Job]:
     """One status poll of `jobs.wait`. Without a deadline it is `jobs.get` (retried as any call); with `left`
     seconds to the deadline, one attempt whose timeout is cut to them (at least `MIN_POLL_TIMEOUT`, so the poll at
@@ -413,20 +503,7 @@ def poll_call(path: str, client_timeout: TimeoutTypes, left: float | None) -> AP
     after a failure worth it (`worth_polling_again`)."""
     if left is None:
         return APICall("GET", path, Job)
-    left = max(left, C.MIN_POLL_TIMEOUT)
-    if isinstance(client_timeout, httpx.Timeout):
-        cut = {
-            name: left if value is None else min(value, left)
-            for name, value in (
-                ("connect", client_timeout.connect),
-                ("read", client_timeout.read),
-                ("write", client_timeout.write),
-                ("pool", client_timeout.pool),
-            )
-        }
-        timeout: TimeoutTypes = httpx.Timeout(**cut)
-    else:
-        timeout = left if client_timeout is None else min(float(client_timeout), left)
+    timeout = cut_timeout(client_timeout, max(left, C.MIN_POLL_TIMEOUT))
     return APICall("GET", path, Job, timeout=timeout, max_retries=0)
 
 
@@ -443,6 +520,14 @@ def _job_path(job: str | Job, suffix: str = "") -> str:
     return f"/v1/jobs/{quote(_job_id(job), safe='')}{suffix}"
 
 
+def check_polling(poll_interval: float, timeout: float | None) -> None:
+    """The arguments of a polling wait (`jobs.wait`, `wait_until_ready`), refused before the first poll."""
+    if not (isinstance(poll_interval, (int, float)) and math.isfinite(poll_interval) and poll_interval > 0):
+        raise ValueError(f"poll_interval must be a number of seconds > 0, got {poll_interval!r}")
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout >= 0):
+        raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
+
+
 class Waiting:
     """The loop of `jobs.wait`, shared by the sync and the async client (they differ only in how they request and
     sleep): the next poll's call, what a failed poll means, and how long to pause before the next.
@@ -451,10 +536,7 @@ class Waiting:
     sooner would only be refused again, and each poll counts against the key's rate limit)."""
 
     def __init__(self, job_id: str | Job, poll_interval: float, timeout: float | None, client_timeout: Any) -> None:
-        if not (isinstance(poll_interval, (int, float)) and math.isfinite(poll_interval) and poll_interval > 0):
-            raise ValueError(f"poll_interval must be a number of seconds > 0, got {poll_interval!r}")
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout >= 0):
-            raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
+        check_polling(poll_interval, timeout)
         self.interval = min(float(poll_interval), C.MAX_POLL_INTERVAL)
         self.timeout, self.client_timeout = timeout, client_timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
@@ -497,6 +579,54 @@ class Waiting:
             assert self.timeout is not None
             raise wait_timed_out(self.name, self.timeout, self.job, self.error) from self.error
         return min(pause, left)
+
+
+class Readiness:
+    """The loop of `wait_until_ready`, shared by both clients: GET /readyz until it answers 200. A poll that finds
+    the server not ready (503: loading, shutting down), gets no answer (not started yet, restarting) or a 502/504
+    (an ingress without a ready pod) is polled again; another answer (a 404: no such route there) is raised."""
+
+    def __init__(self, base_url: httpx.URL, poll_interval: float, timeout: float | None, client_timeout: Any) -> None:
+        check_polling(poll_interval, timeout)
+        self.interval, self.timeout, self.client_timeout = float(poll_interval), timeout, client_timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.url = base_url
+        self.state = "no poll answered"
+
+    def left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def call(self) -> APICall[Health]:
+        """One poll, its timeout cut to what is left (at least `MIN_POLL_TIMEOUT`, so a poll at the deadline
+        can still find the server ready)."""
+        left = self.left()
+        timeout = (
+            self.client_timeout if left is None else cut_timeout(self.client_timeout, max(left, C.MIN_POLL_TIMEOUT))
+        )
+        return readiness_call(timeout)
+
+    def answered(self, health: Health) -> bool:
+        """True when the server is ready; else remembers what it is waiting for (`model: loading`)."""
+        if health.ok:
+            return True
+        waiting = [f"{name}: {value}" for name, value in health.checks.items() if value != "ok"]
+        self.state = ", ".join(waiting) or f"status {health.status}"
+        return False
+
+    def failed(self, exc: APIError) -> None:
+        if not worth_polling_again(exc):
+            raise exc
+        self.state = f"last poll failed: {exc}"
+
+    def pause(self) -> float:
+        """Seconds to sleep before the next poll; `WaitTimeoutError` once the deadline has passed."""
+        left = self.left()
+        if left is None:
+            return self.interval
+        if left <= 0:
+            assert self.timeout is not None
+            raise WaitTimeoutError(f"server {self.url} not ready within {self.timeout:g} s ({self.state})", job=None)
+        return min(self.interval, left)
 
 
 def worth_polling_again(exc: APIError) -> bool:
@@ -604,53 +734,42 @@ class BaseClient:
 
     # -- one call -------------------------------------------------------------------
 
-    def _build_request(self, http: httpx.Client | httpx.AsyncClient, call: APICall[Any], attempt: int) -> httpx.Request:
-        """The request of attempt number `attempt` (0 first); every attempt carries the call's request id."""
+    def _retrying(self, call: APICall[Any]) -> Retrying:
+        timeout = self.timeout if isinstance(call.timeout, NotGiven) else call.timeout
+        return Retrying(call, timeout, self.max_retries, self.backoff)
+
+    def _build_request(
+        self, http: httpx.Client | httpx.AsyncClient, call: APICall[Any], retrying: Retrying
+    ) -> httpx.Request:
+        """The request of the call's current attempt; every attempt carries the call's request id."""
         if self._closed or http.is_closed:
             why = "close() was called" if self._closed else "its connection pool (http_client) was closed"
             raise ClientClosedError(f"the client is closed ({why}): make a new {type(self).__name__}")
         url = self.base_url.join(call.path.lstrip("/"))
-        timeout = self.timeout if isinstance(call.timeout, NotGiven) else call.timeout
         return http.build_request(
             call.method,
             url,
             json=call.json,
             content=call.content,
             params=call.params,
-            headers=self._headers(call, attempt),
-            timeout=timeout,
+            headers=self._headers(call, retrying.attempt),
+            timeout=retrying.attempt_timeout(),
         )
-
-    def _retry_delay(
-        self, call: APICall[Any], attempt: int, response: httpx.Response | None, error: Exception | None = None
-    ) -> float | None:
-        """Seconds to wait before the next attempt, or None to give up (not retryable, or out of retries)."""
-        retries = self.max_retries if call.max_retries is None else call.max_retries
-        if attempt >= retries or not should_retry(response, error=error, idempotent=call.idempotent):
-            return None
-        retry_after = parse_retry_after(response.headers) if response is not None else None
-        delay = self.backoff.delay(attempt, retry_after)
-        reason = f"HTTP {response.status_code}" if response is not None else "connection error"
-        log.info(
-            "retrying %s %s in %.2fs after %s (retry %d/%d)",
-            call.method,
-            call.path,
-            delay,
-            reason,
-            attempt + 1,
-            retries,
-        )
-        return delay
 
     @staticmethod
-    def _connection_error(exc: httpx.TransportError, request: httpx.Request) -> APIConnectionError:
+    def _connection_error(
+        exc: httpx.TransportError, request: httpx.Request, note: str | None = None
+    ) -> APIConnectionError:
         if isinstance(exc, httpx.TimeoutException):
-            return APITimeoutError(f"request timed out: {exc}", request=request)
-        return APIConnectionError(f"connection error: {exc}", request=request)
+            error: APIConnectionError = APITimeoutError(f"request timed out: {exc}", request=request)
+        else:
+            error = APIConnectionError(f"connection error: {exc}", request=request)
+        error.note = note
+        return error
 
     @staticmethod
-    def _status_error(response: httpx.Response) -> APIStatusError:
-        return make_status_error(response)
+    def _status_error(response: httpx.Response, note: str | None = None) -> APIStatusError:
+        return make_status_error(response, note)
 
     @staticmethod
     def _parse(call: APICall[T], response: httpx.Response) -> T:

@@ -25,6 +25,7 @@ from ._base_client import (
     BaseClient,
     JobKind,
     NotGiven,
+    Readiness,
     T,
     TimeoutTypes,
     Waiting,
@@ -77,8 +78,10 @@ class Client(BaseClient):
         base_url: Server root, e.g. ``http://localhost:8000`` (a final ``/v1``, as the ``openai`` client takes it, is
             dropped: the SDK's paths carry it). Default: env ``RLAIFV_BASE_URL``, else ``http://127.0.0.1:8000``.
         api_key: Sent as ``Authorization: Bearer <key>``. Default: env ``RLAIFV_API_KEY``; none when unset.
-        timeout: Seconds (or an ``httpx.Timeout``) per attempt; ``None`` waits forever. Default 180 s, 5 s to connect.
-        max_retries: Retries after connection errors, 408, 429, 502, 503 and 504 (never other 4xx). Default 2.
+        timeout: Seconds (or an ``httpx.Timeout``: its ``read``) for a whole call, retries and their waits included;
+            ``None`` waits forever. Default 180 s, 5 s to connect. A retry that would start past it is not made.
+        max_retries: Retries after connection errors, 408, 429, 502, 503 and 504 (never other 4xx). Default 2. A
+            server still loading (503 ``not_ready``) is waited out within ``timeout`` without counting.
         backoff: The retry schedule (exponential with jitter; the server's Retry-After wins, capped).
         default_headers: Extra headers sent with every request.
         http_client: Your own ``httpx.Client`` (proxies, transports, event hooks); you close it.
@@ -140,37 +143,36 @@ class Client(BaseClient):
         self.close()
 
     def _request(self, call: APICall[T]) -> T:
-        attempt = 0
+        retrying = self._retrying(call)
         while True:
-            request = self._build_request(self._http, call, attempt)
+            request = self._build_request(self._http, call, retrying)
             try:
                 response = self._http.send(request)
             except httpx.TransportError as exc:
-                delay = self._retry_delay(call, attempt, None, exc)
+                delay = retrying.delay(None, exc)
                 if delay is None:
-                    raise self._connection_error(exc, request) from exc
+                    raise self._connection_error(exc, request, retrying.note) from exc
             else:
                 if self._is_final(call, response):
                     return self._parse(call, response)
                 response.read()
-                delay = self._retry_delay(call, attempt, response)
+                delay = retrying.delay(response)
                 if delay is None:
-                    raise self._status_error(response)
+                    raise self._status_error(response, retrying.note)
                 response.close()
             time.sleep(delay)
-            attempt += 1
 
     def _stream_lines(self, call: APICall[Any]) -> Generator[str, None, None]:
         """The response body's lines as they arrive; retried like `_request` until the response starts."""
-        attempt = 0
+        retrying = self._retrying(call)
         while True:
-            request = self._build_request(self._http, call, attempt)
+            request = self._build_request(self._http, call, retrying)
             try:
                 response = self._http.send(request, stream=True)
             except httpx.TransportError as exc:
-                delay = self._retry_delay(call, attempt, None, exc)
+                delay = retrying.delay(None, exc)
                 if delay is None:
-                    raise self._connection_error(exc, request) from exc
+                    raise self._connection_error(exc, request, retrying.note) from exc
             else:
                 if response.is_success:
                     try:
@@ -182,11 +184,10 @@ class Client(BaseClient):
                     return
                 response.read()
                 response.close()
-                delay = self._retry_delay(call, attempt, response)
+                delay = retrying.delay(response)
                 if delay is None:
-                    raise self._status_error(response)
+                    raise self._status_error(response, retrying.note)
             time.sleep(delay)
-            attempt += 1
 
     # -- the API ----------------------------------------------------------------------
 
@@ -299,8 +300,34 @@ class Client(BaseClient):
 
     def ready(self, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Health:
         """Readiness (``GET /readyz``): model loaded and warm. Returns ``status='unavailable'`` instead of raising
-        when the server says 503, and does not retry."""
+        when the server says 503, and does not retry (``wait_until_ready`` polls until ready)."""
         return self._request(readiness_call(timeout))
+
+    def wait_until_ready(
+        self, *, timeout: float | None = C.DEFAULT_READY_TIMEOUT, poll_interval: float = C.DEFAULT_POLL_INTERVAL
+    ) -> Health:
+        """Poll ``GET /readyz`` until the server is ready (its model loaded), and return its ``Health``.
+
+        Meanwhile the server answers 503 ``not_ready`` to API calls (``rlaifv serve`` answers while it loads, which
+        takes minutes for a 7B pair or vLLM servers). A poll that finds it loading or shutting down, gets no answer
+        (not listening yet, restarting) or a 502/504 (an ingress with no ready pod) is polled again; another error
+        (a 404: no such route at ``base_url``) is raised.
+
+        Args:
+            timeout: Give up after this many seconds with ``WaitTimeoutError`` naming what the server was waiting
+                for (``model: loading``) or why the last poll failed. None: no limit. Default 600.
+            poll_interval: Seconds between polls (> 0).
+        """
+        readiness = Readiness(self.base_url, poll_interval, timeout, self.timeout)
+        while True:
+            try:
+                health = self._request(readiness.call())
+            except APIError as exc:
+                readiness.failed(exc)
+            else:
+                if readiness.answered(health):
+                    return health
+            time.sleep(readiness.pause())
 
 
 class Jobs:
@@ -472,37 +499,36 @@ class AsyncClient(BaseClient):
         await self.aclose()
 
     async def _request(self, call: APICall[T]) -> T:
-        attempt = 0
+        retrying = self._retrying(call)
         while True:
-            request = self._build_request(self._http, call, attempt)
+            request = self._build_request(self._http, call, retrying)
             try:
                 response = await self._http.send(request)
             except httpx.TransportError as exc:
-                delay = self._retry_delay(call, attempt, None, exc)
+                delay = retrying.delay(None, exc)
                 if delay is None:
-                    raise self._connection_error(exc, request) from exc
+                    raise self._connection_error(exc, request, retrying.note) from exc
             else:
                 if self._is_final(call, response):
                     return self._parse(call, response)
                 await response.aread()
-                delay = self._retry_delay(call, attempt, response)
+                delay = retrying.delay(response)
                 if delay is None:
-                    raise self._status_error(response)
+                    raise self._status_error(response, retrying.note)
                 await response.aclose()
             await asyncio.sleep(delay)
-            attempt += 1
 
     async def _stream_lines(self, call: APICall[Any]) -> AsyncGenerator[str, None]:
         """The response body's lines as they arrive; retried like `_request` until the response starts."""
-        attempt = 0
+        retrying = self._retrying(call)
         while True:
-            request = self._build_request(self._http, call, attempt)
+            request = self._build_request(self._http, call, retrying)
             try:
                 response = await self._http.send(request, stream=True)
             except httpx.TransportError as exc:
-                delay = self._retry_delay(call, attempt, None, exc)
+                delay = retrying.delay(None, exc)
                 if delay is None:
-                    raise self._connection_error(exc, request) from exc
+                    raise self._connection_error(exc, request, retrying.note) from exc
             else:
                 if response.is_success:
                     try:
@@ -515,11 +541,10 @@ class AsyncClient(BaseClient):
                     return
                 await response.aread()
                 await response.aclose()
-                delay = self._retry_delay(call, attempt, response)
+                delay = retrying.delay(response)
                 if delay is None:
-                    raise self._status_error(response)
+                    raise self._status_error(response, retrying.note)
             await asyncio.sleep(delay)
-            attempt += 1
 
     # -- the API ----------------------------------------------------------------------
 
@@ -621,6 +646,22 @@ class AsyncClient(BaseClient):
     async def ready(self, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN) -> Health:
         """Readiness (``GET /readyz``); ``status='unavailable'`` on 503, no retries."""
         return await self._request(readiness_call(timeout))
+
+    async def wait_until_ready(
+        self, *, timeout: float | None = C.DEFAULT_READY_TIMEOUT, poll_interval: float = C.DEFAULT_POLL_INTERVAL
+    ) -> Health:
+        """Poll ``GET /readyz`` until the server is ready, and return its ``Health``. See
+        ``Client.wait_until_ready``."""
+        readiness = Readiness(self.base_url, poll_interval, timeout, self.timeout)
+        while True:
+            try:
+                health = await self._request(readiness.call())
+            except APIError as exc:
+                readiness.failed(exc)
+            else:
+                if readiness.answered(health):
+                    return health
+            await asyncio.sleep(readiness.pause())
 
 
 class AsyncJobs:

@@ -22,8 +22,9 @@ RETRY_JITTER = 0.25
 RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 NOT_PROCESSED_STATUSES = frozenset({429, 503})  # refused before any work: safe to repeat even non-idempotent calls
 
-# Jobs
+# Jobs and readiness
 DEFAULT_POLL_INTERVAL = 1.0
+DEFAULT_READY_TIMEOUT = 600.0  # seconds `wait_until_ready` waits by default: a 7B pair or vLLM servers load for minutes
 MAX_POLL_INTERVAL = 10.0
 
 REQUEST_ID_HEADER = "X-Request-ID"

@@ -5,7 +5,7 @@ RLAIFVError
 │   └── ImageInputError         an image argument the SDK cannot read or encode
 ├── ClientClosedError           a call on a client after its close() / aclose() (also a RuntimeError)
 ├── JobError                    `Job.raise_for_status()` on a failed or cancelled job
-├── WaitTimeoutError            `jobs.wait` gave up before the job finished (also a builtin TimeoutError)
+├── WaitTimeoutError            `jobs.wait` / `wait_until_ready` gave up (also a builtin TimeoutError)
 └── APIError                    anything the server or the network did
     ├── APIStatusError          non-2xx answer: status_code, request_id, type, code, param, body
     │   ├── InvalidRequestError 400, 413, 422: bad input; `param` and `field_errors` name the field
@@ -98,7 +98,8 @@ class JobError(RLAIFVError):
 
 
 class WaitTimeoutError(RLAIFVError, builtins.TimeoutError):
-    """`jobs.wait(timeout=...)` ran out of time; the job itself goes on (see `.job`)."""
+    """`jobs.wait(timeout=...)` ran out of time; the job itself goes on (see `.job`). Also `wait_until_ready` at its
+    deadline (`.job` None), naming what the server was still waiting for."""
 
     def __init__(self, message: str, *, job: Any) -> None:
         super().__init__(message)
@@ -106,12 +107,22 @@ class WaitTimeoutError(RLAIFVError, builtins.TimeoutError):
 
 
 class APIError(RLAIFVError):
-    """The server answered with an error, or could not be reached."""
+    """The server answered with an error, or could not be reached.
 
-    def __init__(self, message: str, *, request: httpx.Request | None = None) -> None:
+    `note` says why the SDK stopped retrying where that is not plain (the retries spent, or a wait the server asked
+    for that would end past the call's timeout); it ends `str(error)`. None when the call was not retried."""
+
+    def __init__(self, message: str, *, request: httpx.Request | None = None, note: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.request = request
+        self.note = note
+
+    def __str__(self) -> str:
+        return self._noted(super().__str__())
+
+    def _noted(self, text: str) -> str:
+        return f"{text}; {self.note}" if self.note else text
 
 
 @dataclass(frozen=True)
@@ -142,7 +153,8 @@ class APIStatusError(APIError):
 
     def __str__(self) -> str:
         where = f", request_id={self.request_id}" if self.request_id else ""
-        return f"{self.status_code} {self.message} (type={self.type}, code={self.code}, param={self.param}{where})"
+        text = f"{self.status_code} {self.message} (type={self.type}, code={self.code}, param={self.param}{where})"
+        return self._noted(text)
 
 
 class InvalidRequestError(APIStatusError):
@@ -228,7 +240,7 @@ _STATUS_ERRORS: dict[int, type[APIStatusError]] = {
 }
 
 
-def make_status_error(response: httpx.Response) -> APIStatusError:
+def make_status_error(response: httpx.Response, note: str | None = None) -> APIStatusError:
     """The one mapping from an error response to its exception. Reads the body; call after `read()`."""
     try:
         body: Any = response.json()
@@ -244,4 +256,6 @@ def make_status_error(response: httpx.Response) -> APIStatusError:
     cls = _STATUS_ERRORS.get(response.status_code)
     if cls is None:
         cls = ServerError if response.status_code >= 500 else APIStatusError
-    return cls(message, response=response, body=body)
+    raised = cls(message, response=response, body=body)
+    raised.note = note
+    return raised
