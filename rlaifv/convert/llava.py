@@ -7,7 +7,11 @@ the auto classes cannot load. The converter reproduces what the original code do
   from there and ignores tower weights saved in the checkpoint, unless `unfreeze_mm_vision_tower` was set;
 * `image_aspect_ratio: pad` pads to a square filled with the CLIP mean colour before the CLIP preprocessing;
 * features are CLIP hidden_states[mm_vision_select_layer] without CLS, through Linear-GELU-Linear;
-* prompts follow the `llava_v1` conversation template, assistant turns closed by `</s>`.
+* prompts follow the `llava_v1` conversation template, assistant turns closed by `</s>`;
+* token ids are those of the original's slow `LlamaTokenizer` (transformers 4.3x, `use_fast=False`) and
+  `tokenizer_image_token`: the fast tokenizer gets the folder's `legacy` flag as 4.3x read it (absent means True;
+  transformers 5 would take False) and always its "▁" prefix, and the template writes the text the fast
+  tokenizer needs to give the same ids (`LLAVA_V1_CHAT_TEMPLATE`).
 
 The original splices features at a negative placeholder id (-200); the HF format needs a real `<image>` token, so
 one is appended to the vocabulary and the embedding and LM-head matrices grow by one row (the mean of the others:
@@ -47,6 +51,9 @@ LLAVA_V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 
+# Written so that the fast tokenizer gives the original's ids: `tokenizer_image_token` tokenizes the text after an
+# image on its own, so it starts with SentencePiece's "▁" (written as '<image> \n'), and SentencePiece prefixes "▁"
+# to a text even when it starts with a space, where the fast Metaspace prefixes nothing (a leading space is doubled).
 LLAVA_V1_CHAT_TEMPLATE = (
     """{%- if messages and messages[0]['role'] == 'system' -%}
     {%- if messages[0]['content'] is string -%}
@@ -61,6 +68,9 @@ LLAVA_V1_CHAT_TEMPLATE = (
     + LLAVA_V1_SYSTEM.replace("'", "\\'")
     + """' -%}
     {%- set turns = messages -%}
+{%- endif -%}
+{%- if (system + ' ')[:1] in [' ', '\u2581'] -%}
+    {{- ' ' -}}
 {%- endif -%}
 {{- system + ' ' -}}
 {%- for message in turns -%}
@@ -188,6 +198,7 @@ def convert_llava(original: Path, vision: Path, output: Path, *, dtype: str = "a
         llava_config.save_pretrained(str(partial))
         processor = _build_processor(tokenizer, image_settings, vision_config, config)
         processor.save_pretrained(str(partial))
+        _keep_prefix_rule(partial, legacy=tokenizer_notes["legacy"])
         if (original / "generation_config.json").is_file():  # its eos and sampling defaults, as OmniLMM's is kept
             shutil.copyfile(original / "generation_config.json", partial / "generation_config.json")
         record = {
@@ -395,13 +406,16 @@ def _load_tokenizer(original: Path) -> tuple[Any, int, dict[str, Any]]:
             )
     from transformers.utils import logging as hf_logging
 
+    legacy = _slow_legacy(original)
     # AutoTokenizer reads config.json and complains, harmlessly, about the llava_llama model type and rope_scaling.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
-            tokenizer = AutoTokenizer.from_pretrained(str(original), use_fast=True)
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(original), use_fast=True, legacy=legacy, add_prefix_space=True
+            )
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
         raise ModelLoadError(f"cannot load the tokenizer of {original}: {exc}") from exc
     finally:
@@ -416,6 +430,7 @@ def _load_tokenizer(original: Path) -> tuple[Any, int, dict[str, Any]]:
     notes: dict[str, Any] = {
         "source": "tokenizer.json" if "tokenizer.json" in names else "tokenizer.model (converted to a fast tokenizer)",
         "add_bos_token_forced": False,
+        "legacy": legacy,
     }
     if tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
         tokenizer.add_bos_token = True
@@ -426,6 +441,25 @@ def _load_tokenizer(original: Path) -> tuple[Any, int, dict[str, Any]]:
         tokenizer.pad_token = tokenizer.unk_token
     notes["pad_token"] = tokenizer.pad_token
     return tokenizer, int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)), notes
+
+
+def _slow_legacy(original: Path) -> bool:
+    """The `legacy` flag the original slow LlamaTokenizer ran with: tokenizer_config.json's, where a missing or null
+    one meant True in transformers 4.3x (and False in transformers 5). It decides whether text after `</s>` (the
+    next turn) starts with SentencePiece's "▁" (True) or not (False)."""
+    path = original / "tokenizer_config.json"
+    config = _read_json(path, what="original folder") if path.is_file() else {}
+    return config.get("legacy") is not False
+
+
+def _keep_prefix_rule(folder: Path, *, legacy: bool) -> None:
+    """Write the converted tokenizer's "▁" rule into its tokenizer_config.json: a loader that rebuilds a Llama
+    tokenizer from it (transformers 5 does for every model type it has no tokenizer class for, OmniLMM's included)
+    otherwise takes legacy=False and drops the "▁" the original put before the text after a special token."""
+    path = folder / "tokenizer_config.json"
+    config = _read_json(path, what="converted folder")
+    config.update(legacy=legacy, add_prefix_space=True)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _has_module(util: Any, name: str) -> bool:

@@ -4,7 +4,8 @@ The weights need no conversion: `rlaifv.reward.omnilmm` implements the architect
 published parameter names. What the published folders lack is everything around them:
 
 * a fast tokenizer (`tokenizer.json`): they ship only the sentencepiece `tokenizer.model`, which
-  transformers converts with the `sentencepiece` and `protobuf` packages;
+  transformers converts with the `sentencepiece` and `protobuf` packages, keeping the "▁" rule of the
+  conversion the original code ran (transformers 4.36: a "▁" before the text after every special token);
 * a processor (the 448 px image transform, the image-token block, OmniLMM's chat template), which
   the original code built in Python (`chat.py`);
 * the ids of `<im_start>`, `<im_end>` and `<im_patch>` in config.json (the original looked them up
@@ -30,6 +31,7 @@ from rlaifv.convert.llava import (
     _absolute,
     _check_output,
     _has_module,
+    _keep_prefix_rule,
     _list_tensors,
     _read_json,
     _replace,
@@ -85,6 +87,7 @@ def convert_omnilmm(original: str | Path, output: str | Path, *, force: bool = F
             num_query=config.num_query,
         )
         processor.save_pretrained(str(partial))
+        _keep_prefix_rule(partial, legacy=True)
         record = {
             "converter": "rlaifv.convert.omnilmm",
             "source_format": "published OmniLMM folder (OmniLMMForCausalLM, timm EVA tower)",
@@ -127,7 +130,9 @@ def _load_tokenizer(original: Path) -> tuple[Any, dict[str, Any]]:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
-            tokenizer = AutoTokenizer.from_pretrained(str(original), use_fast=True)
+            # OmniLMM's code had transformers 4.36 convert tokenizer.model, whose fast Llama tokenizer puts
+            # SentencePiece's "▁" before the text after every special token, whatever the folder's `legacy` says.
+            tokenizer = AutoTokenizer.from_pretrained(str(original), use_fast=True, legacy=True, add_prefix_space=True)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
         raise ModelLoadError(f"cannot load the tokenizer of {original}: {exc}") from exc
     finally:
