@@ -35,7 +35,10 @@ by configuration, not code:
     torchrun --standalone --nproc_per_node 8 -m rlaifv.cli.main train dpo ...
 
 Pairs are sharded across processes; metrics are averaged over them; rank 0
-writes the policy, the report and the bundle. The model is wrapped in
+writes the policy, the report and the bundle. Ranks meet after each load or
+save (`interrupt.together`): one that fails there (a full disk, a read-only
+folder) ends every rank, each naming its error, instead of leaving the others
+waiting in the next collective. The model is wrapped in
 `PairScorer` so a data-parallel wrapper sees one forward per backward even
 though scoring runs the prefix and the answers separately. (Each process
 computes the reference log-probs of all pairs once; the cache makes that a
@@ -63,7 +66,7 @@ from rlaifv.reward.models import write_text_atomically
 from rlaifv.trainer.data import PreferenceRow, write_json
 from rlaifv.trainer.dpo_config import DPOConfig
 from rlaifv.trainer.errors import ConfigError, DataError, RunStateError, TrainerError, TrainingInterrupted
-from rlaifv.trainer.interrupt import agreed, stop_on_sigterm
+from rlaifv.trainer.interrupt import agreed, stop_on_sigterm, together
 from rlaifv.trainer.user_cache import cache_root
 
 if TYPE_CHECKING:
@@ -758,7 +761,10 @@ def _train_dpo(
     show = progress and accelerator.is_local_main_process
     set_seed(config.seed)
 
-    processor = load_processor(model_path)
+    # Every rank loads the model: one that cannot (a node without the files, a GPU out of memory) ends them all,
+    # which otherwise waited for it in the next collective (the fingerprints' broadcast).
+    with together(accelerator, "loading the model"):
+        processor = load_processor(model_path)
     tokenizer = processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     read = len(rows)
@@ -784,7 +790,8 @@ def _train_dpo(
     if not pairs:
         raise DataError(f"no usable pairs of {read} rows (dropped: {_dropped_text(dropped)})")
 
-    policy = _load_policy(config, model_path, accelerator.device, init_adapter)
+    with together(accelerator, "loading the model"):
+        policy = _load_policy(config, model_path, accelerator.device, init_adapter)
     _trainable_parameters(policy, config)
     limit = max_positions(policy)
 
@@ -839,15 +846,17 @@ def _train_dpo(
     accelerator.wait_for_everyone()
     saved_under = read_reference_cache(cache, keys, pairs)
     hit = saved_under is not None
-    if saved_under not in (None, key) and accelerator.is_main_process:
-        write_reference_cache(cache, pairs, key)  # made by an earlier version: kept under this one's key from now on
+    partial = output_dir / REFERENCE_PARTIAL
     if not hit:
-        partial = output_dir / REFERENCE_PARTIAL
         start = read_partial_reference(partial, keys, pairs)
 
         def keep(done: int) -> None:
-            if accelerator.is_main_process:
-                write_partial_reference(partial, pairs[:done], key)
+            with together(accelerator, "keeping the reference sums"):
+                if accelerator.is_main_process:
+                    try:
+                        write_partial_reference(partial, pairs[:done], key)
+                    except _save_errors() as exc:
+                        raise _save_failed(partial, "reference sums", exc, remove=False) from None
 
         reference_pass = {
             "batch_size": config.ref_batch_size,
@@ -864,22 +873,27 @@ def _train_dpo(
             with nullcontext() if reference_is_start else policy.disable_adapter(), accelerator.autocast():
                 done = compute_reference_logprobs(policy, processor, pairs, **reference_pass)
         else:
-            reference = load_model(reference_path, device=str(accelerator.device), dtype=config.dtype)
+            with together(accelerator, "loading the reference"):
+                reference = load_model(reference_path, device=str(accelerator.device), dtype=config.dtype)
             with accelerator.autocast():
                 done = compute_reference_logprobs(reference, processor, pairs, **reference_pass)
             del reference
         if done < len(pairs):
             keep(done)
-            accelerator.wait_for_everyone()
             raise TrainingInterrupted(
                 f"in the reference pass after {done} of {len(pairs)} pairs; their sums are saved"
                 f" in {partial}: rerun the same command to resume",
                 step=0,
             )
-        if accelerator.is_main_process:
-            write_reference_cache(cache, pairs, key)
-            partial.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()  # the cache is written before any rank goes on
+    # The cache is written before any rank goes on; one an earlier version made is kept under this one's key.
+    with together(accelerator, "writing the reference cache"):
+        if accelerator.is_main_process and saved_under != key:
+            try:
+                write_reference_cache(cache, pairs, key)
+            except _save_errors() as exc:
+                raise _save_failed(cache, "reference log-probs", exc, remove=False) from None
+            if not hit:
+                partial.unlink(missing_ok=True)
     pairs, too_long = fitting(pairs)
     dropped["over_model_positions"] = len(too_long)
     if too_long and accelerator.is_main_process:
@@ -895,7 +909,8 @@ def _train_dpo(
     # shapes recipe's round no longer reproduced), so fold the two loads together with the next recipe change.
     kl_reference = None
     if config.token_kl > 0 and not config.lora:
-        kl_reference = load_model(reference_path, device=str(accelerator.device), dtype=config.dtype)
+        with together(accelerator, "loading the reference"):
+            kl_reference = load_model(reference_path, device=str(accelerator.device), dtype=config.dtype)
         kl_reference.requires_grad_(False)
 
     scorer = _pair_scorer_class()(policy, pad_id)
@@ -944,14 +959,15 @@ def _train_dpo(
             stacklevel=2,
         )
     if resumed is not None:
-        try:
-            accelerator.load_state(str(resumed.folder), **({"strict": False} if trainable_only else {}))
-        except (*_save_errors(), EOFError, ValueError, pickle.UnpicklingError) as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RunStateError(
-                f"checkpoint {resumed.folder} cannot be read ({detail}): delete it to resume from an earlier"
-                " checkpoint or start over"
-            ) from None
+        with together(accelerator, f"reading checkpoint {resumed.folder.name}"):  # each rank reads its RNG state
+            try:
+                accelerator.load_state(str(resumed.folder), **({"strict": False} if trainable_only else {}))
+            except (*_save_errors(), EOFError, ValueError, pickle.UnpicklingError) as exc:
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise RunStateError(
+                    f"checkpoint {resumed.folder} cannot be read ({detail}): delete it to resume from an earlier"
+                    " checkpoint or start over"
+                ) from None
         state = resumed.state
         start_epoch, updates, epoch_updates = state["epoch"], state["updates"], state["epoch_updates"]
         history = state["history"]
@@ -1064,52 +1080,59 @@ def _train_dpo(
     policy_dir = output_dir / "policy"
     model = accelerator.unwrap_model(scorer).model
     metrics = {f"train_{k}": _mean(v) for k, v in epoch_stats.items()}
-    if accelerator.is_main_process:
-        (output_dir / DPO_REPORT).unlink(missing_ok=True)  # it names a finished run: not until this policy is saved
-        if policy_dir.exists():  # an earlier run's files (a LoRA adapter beside a full model) must not mix in
-            shutil.rmtree(policy_dir)
-        try:
-            model.save_pretrained(policy_dir, safe_serialization=True)
-            if not config.lora:
-                save_processor(processor, model_path, policy_dir)
-        except _save_errors() as exc:
-            raise _save_failed(policy_dir, "policy", exc) from None
-        report = {
-            "kind": "dpo",
-            "run_key": run_key,  # the policy beside it is this run's, whole: a rerun of it goes on from here
-            "config": config.to_dict(),
-            "effective_learning_rate": config.lr,
-            "model": _where(model_path),
-            "reference": (
-                f"{_where(init_adapter)} over {_where(model_path)}" if reference_is_start else _where(reference_path)
-            ),
-            "init_adapter": str(init_adapter) if init_adapter else None,
-            "rows_read": read,
-            "num_pairs": len(pairs),
-            "markup_removed_rows": markup_rows,
-            "dropped_pairs": sum(dropped.values()),
-            "dropped": dropped,
-            "optimizer_steps": updates,
-            "resumed_from_epoch": start_epoch,
-            "resumed_from_step": resumed.state["updates"] if resumed is not None else 0,
-            "num_processes": accelerator.num_processes,
-            "reference_cache": {"path": cache.name, "key": key, "hit": hit},
-            "metrics": metrics,
-            "history": history,
-            "seconds": time.time() - started,
-        }
-        write_json(output_dir / DPO_REPORT, report)
-        kept = [c.folder for c in checkpoints.complete()]
-        if kept and clear_checkpoints:  # a caller that never reruns a finished run (iterate's DONE rounds)
-            shutil.rmtree(checkpoints.root, ignore_errors=True)
-        elif kept:  # what a rerun of this command would resume from (and train the steps after it again)
-            warnings.warn(
-                f"the run is done and its policy saved; {len(kept)} checkpoint(s) stay in {checkpoints.root}"
-                f" ({_size_gb(kept):.1f} GB): a rerun of the same command uses the saved policy, and resumes from"
-                " the newest only if the policy is removed; delete them when the policy is all you need",
-                stacklevel=2,
-            )
-    accelerator.wait_for_everyone()
+    with together(accelerator, "saving the policy"):  # the others waited for a main process that had failed
+        if accelerator.is_main_process:
+            try:
+                (output_dir / DPO_REPORT).unlink(
+                    missing_ok=True
+                )  # it names a finished run: not until this policy is saved
+                if policy_dir.exists():  # an earlier run's files (a LoRA adapter beside a full model) must not mix in
+                    shutil.rmtree(policy_dir)
+                model.save_pretrained(policy_dir, safe_serialization=True)
+                if not config.lora:
+                    save_processor(processor, model_path, policy_dir)
+            except _save_errors() as exc:
+                raise _save_failed(policy_dir, "policy", exc) from None
+            report = {
+                "kind": "dpo",
+                "run_key": run_key,  # the policy beside it is this run's, whole: a rerun of it goes on from here
+                "config": config.to_dict(),
+                "effective_learning_rate": config.lr,
+                "model": _where(model_path),
+                "reference": (
+                    f"{_where(init_adapter)} over {_where(model_path)}"
+                    if reference_is_start
+                    else _where(reference_path)
+                ),
+                "init_adapter": str(init_adapter) if init_adapter else None,
+                "rows_read": read,
+                "num_pairs": len(pairs),
+                "markup_removed_rows": markup_rows,
+                "dropped_pairs": sum(dropped.values()),
+                "dropped": dropped,
+                "optimizer_steps": updates,
+                "resumed_from_epoch": start_epoch,
+                "resumed_from_step": resumed.state["updates"] if resumed is not None else 0,
+                "num_processes": accelerator.num_processes,
+                "reference_cache": {"path": cache.name, "key": key, "hit": hit},
+                "metrics": metrics,
+                "history": history,
+                "seconds": time.time() - started,
+            }
+            try:
+                write_json(output_dir / DPO_REPORT, report)
+            except OSError as exc:
+                raise _save_failed(output_dir / DPO_REPORT, "report", exc, remove=False) from None
+            kept = [c.folder for c in checkpoints.complete()]
+            if kept and clear_checkpoints:  # a caller that never reruns a finished run (iterate's DONE rounds)
+                shutil.rmtree(checkpoints.root, ignore_errors=True)
+            elif kept:  # what a rerun of this command would resume from (and train the steps after it again)
+                warnings.warn(
+                    f"the run is done and its policy saved; {len(kept)} checkpoint(s) stay in {checkpoints.root}"
+                    f" ({_size_gb(kept):.1f} GB): a rerun of the same command uses the saved policy, and resumes from"
+                    " the newest only if the policy is removed; delete them when the policy is all you need",
+                    stacklevel=2,
+                )
     accelerator.free_memory()
     return DPOResult(
         policy_dir=policy_dir,
@@ -1285,24 +1308,31 @@ class CheckpointStore:
         return [f for f in sorted(self.root.glob("step-*")) if f not in mine] if self.root.is_dir() else []
 
     def save(self, accelerator: Any, updates: int, state: dict[str, Any]) -> Path:
+        """Every rank writes its files (its RNG state) before the main process marks the folder complete; a rank
+        that cannot ends them all, and the folder is removed once none writes there."""
         folder = self.root / f"step-{updates:07d}"
-        if accelerator.is_main_process:  # a folder being overwritten is incomplete until the new state is written
-            (folder / TRAINER_STATE).unlink(missing_ok=True)
         try:
-            accelerator.save_state(str(folder))
-        except _save_errors() as exc:
-            raise _save_failed(folder, "checkpoint", exc) from None
-        accelerator.wait_for_everyone()  # every rank's files (its RNG state) are written before the folder is complete
-        if accelerator.is_main_process:
-            recorded = state | {"key": self.run_key, "settings": self.settings}
-            try:
-                write_json(folder / TRAINER_STATE, recorded)
-            except OSError as exc:
-                raise _save_failed(folder, "checkpoint", exc) from None
-            if self.keep:
-                for old in self.complete()[: -self.keep]:
-                    shutil.rmtree(old.folder, ignore_errors=True)
-        accelerator.wait_for_everyone()
+            with together(accelerator, "saving a checkpoint"):
+                try:
+                    if accelerator.is_main_process:  # a folder being overwritten is incomplete until the state is new
+                        (folder / TRAINER_STATE).unlink(missing_ok=True)
+                    accelerator.save_state(str(folder))
+                except _save_errors() as exc:
+                    raise _save_failed(folder, "checkpoint", exc, remove=False) from None
+        except Exception:
+            if accelerator.is_main_process:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        with together(accelerator, "saving a checkpoint"):
+            if accelerator.is_main_process:
+                recorded = state | {"key": self.run_key, "settings": self.settings}
+                try:
+                    write_json(folder / TRAINER_STATE, recorded)
+                except OSError as exc:
+                    raise _save_failed(folder, "checkpoint", exc) from None
+                if self.keep:
+                    for old in self.complete()[: -self.keep]:
+                        shutil.rmtree(old.folder, ignore_errors=True)
         return folder
 
 
@@ -1349,14 +1379,16 @@ def _save_errors() -> tuple[type[BaseException], ...]:
     return (OSError, RuntimeError, SafetensorError)
 
 
-def _save_failed(folder: Path, what: str, exc: BaseException) -> RunStateError:
-    """The error of a save that failed, once the part it wrote is removed: a partial folder looked saved to a rerun,
-    and the traceback said nothing of where."""
-    shutil.rmtree(folder, ignore_errors=True)
+def _save_failed(path: Path, what: str, exc: BaseException, *, remove: bool = True) -> RunStateError:
+    """The error of a save that failed, once the folder it wrote is removed: a partial folder looked saved to a
+    rerun, and the traceback said nothing of where. `remove=False`: the caller removes it (once no other rank writes
+    there), or it is a file written whole or not at all."""
+    if remove:
+        shutil.rmtree(path, ignore_errors=True)
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return RunStateError(
-        f"cannot save the {what} in {folder} ({detail}): is the disk full or the folder read-only? The part written"
-        " was removed; rerun the same command once there is room"
+        f"cannot save the {what} in {path} ({detail}): is the disk full or the folder read-only? No part of it is"
+        " kept; rerun the same command once there is room"
     )
 
 

@@ -1,7 +1,8 @@
 """Stopping long trainer work where it can be kept: SIGTERM (a pod evicted, a preemptible node reclaimed) and a
 first Ctrl-C only ask; the work checks between units it can save (a batch of prompts, a reference batch, an
 optimizer step), saves and raises `TrainingInterrupted`, and the same command resumes. A second Ctrl-C stops at
-once, as Python's default does."""
+once, as Python's default does. Under several processes the ranks agree on stopping (`agreed`) and a failure of
+one rank's files ends them all (`together`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from rlaifv.trainer.errors import TrainingInterrupted
+from rlaifv.trainer.errors import RunStateError, TrainerError, TrainingInterrupted
 
 NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 CTRL_C_NOTE = b"\nCtrl-C: stopping where the work is saved (the next step or batch); Ctrl-C again stops at once\n"
@@ -77,3 +78,42 @@ def agreed(accelerator: Any, asked: bool) -> bool:
     import torch
 
     return bool(accelerator.reduce(torch.tensor([float(asked)], device=accelerator.device), "sum").item() > 0)
+
+
+@contextmanager
+def together(accelerator: Any, what: str) -> Iterator[None]:
+    """Run the block on this rank, then meet every other rank: an error on any of them (a full disk, a read-only
+    folder, a model file a node lacks) is raised on all, the others' `RunStateError` naming the rank and its error.
+
+    Without it the ranks that did not fail went on into the next collective and waited there for the one that had
+    left: for ever where a peer's exit is not seen (NCCL until its timeout, ranks on another node), or, on gloo, to
+    end with "Connection closed by peer" and nothing of why. The meeting is itself the barrier that followed such
+    I/O; every rank must enter the block, whether it has work there or not."""
+    if accelerator.num_processes == 1:
+        yield
+        return
+    from accelerate.utils import gather_object
+
+    failure: Exception | None = None
+    try:
+        yield
+    except Exception as exc:  # sent to the others before it is raised here
+        failure = exc
+    detail = None
+    if failure is not None:
+        detail = str(failure) if isinstance(failure, TrainerError) else f"{type(failure).__name__}: {failure}"
+    try:
+        reports = gather_object([detail])
+    except Exception:
+        if failure is not None:  # the others are gone too (a peer's exit seen): this rank's error is the news
+            raise failure from None
+        raise
+    if failure is not None:
+        raise failure
+    failed = [(rank, text) for rank, text in enumerate(reports) if text is not None]
+    if failed:
+        rank, text = failed[0]
+        also = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise RunStateError(
+            f"process {rank} of {accelerator.num_processes}{also} failed {what}, so every process stopped: {text}"
+        )
