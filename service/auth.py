@@ -70,11 +70,12 @@ async def require_api_key(
     With rate limits on, refused keys count against their client address's own quota: 300 wrong keys a second
     were all answered 401, never slowed."""
     try:
-        request.state.key_id = _authenticate(request, credentials, header_key)
+        key_id = _authenticate(request, credentials, header_key)
     except Unauthorized:
         await _count_refusal(request)
         raise
-    return request.state.key_id
+    request.state.key_id = key_id
+    return key_id
 
 
 async def _count_refusal(request: Request) -> None:

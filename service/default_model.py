@@ -32,4 +32,5 @@ def default_bundle() -> Path:
 
 def shipped_provenance() -> dict[str, Any]:
     """What `rlaifv demo build --ship` recorded about the shipped bundle."""
-    return json.loads((default_bundle() / SHIPPED_FILE).read_text())
+    provenance: dict[str, Any] = json.loads((default_bundle() / SHIPPED_FILE).read_text())
+    return provenance

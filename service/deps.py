@@ -12,7 +12,7 @@ from rlaifv.service.serving import Serving
 
 
 def get_serving(request: Request) -> Serving:
-    serving = getattr(request.app.state, "serving", None)
+    serving: Serving | None = getattr(request.app.state, "serving", None)
     if serving is None:
         raise Unavailable("the model is not loaded yet", code="not_ready", headers={"Retry-After": "5"})
     return serving

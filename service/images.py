@@ -25,7 +25,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from ipaddress import ip_address
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import httpcore
@@ -269,10 +269,11 @@ class ImageLoader:
             raise ImageError(f"image is {len(data)} bytes, over the limit of {self.limits.max_bytes}", param=param)
         return data
 
-    async def load(self, refs: list[tuple[str, str]]) -> tuple[list, list[bytes]]:
+    async def load(self, refs: list[tuple[str, str]]) -> tuple[list[Any], list[bytes]]:
         """Decoded images and their bytes, in order, each decoded before the next is read: the first bad one
         ends the request (and no later URL is fetched for nothing). Decoding runs off the event loop."""
-        images, raw = [], []
+        images: list[Any] = []
+        raw: list[bytes] = []
         reserved = 0
         held = _HOLD.get()
         try:

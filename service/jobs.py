@@ -55,10 +55,25 @@ from rlaifv.service.errors import (
 )
 from rlaifv.service.protocol import BestOfNRequest, Job, JobItem, JobRequest, RewardsRequest
 from rlaifv.service.redis_conn import REDIS_DOWN
+from rlaifv.service.redis_replies import (
+    as_bool,
+    as_bytes,
+    as_bytes_list,
+    as_hash,
+    as_int,
+    as_list,
+    as_optional_bytes,
+    as_pairs,
+    as_sized_list,
+    pending,
+    read_group_entries,
+    stream_entries,
+)
 from rlaifv.service.validation_errors import FieldProblem, Problems, field_problems
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.typing import EncodableT, StreamIdT
 
     from rlaifv.service.metrics import Metrics
     from rlaifv.service.serving import Serving
@@ -76,7 +91,10 @@ OWNERS = PREFIX + "owner:"
 # Entries are of jobs expired for sure once older than the TTL and this: the score is read in the MULTI that sets
 # the job hash's TTL, on the same clock (EXPIRE counts whole seconds from a moment a little before).
 INDEX_GRACE_MS = 1_000
-REQUEST_MODELS = {"best_of_n": BestOfNRequest, "rewards": RewardsRequest}
+REQUEST_MODELS: dict[str, type[BestOfNRequest | RewardsRequest]] = {
+    "best_of_n": BestOfNRequest,
+    "rewards": RewardsRequest,
+}
 ENQUEUE_CHUNK = 1000
 # An item is stored as JSON and hashed with pydantic for its Idempotency-Key: past ~255 levels pydantic refuses,
 # past ~1000 json does (its limit moves with the recursion limit the process has). Requests nest ~10 levels.
@@ -352,7 +370,7 @@ class JobStore:
                     if await self.redis.set(key, f"{job_id} {digest}", nx=True, ex=CLAIM_PENDING_S):
                         claim = (key, f"{job_id} {digest}")
                         break
-                    raw = await self.redis.get(key)
+                    raw = as_optional_bytes(await self.redis.get(key))
                     if raw is not None:
                         digests = {d for d in (digest, _legacy_digest(request)) if d is not None}
                         return await self._replay(key, raw.decode(), digests, owner)
@@ -412,7 +430,7 @@ class JobStore:
         key = PREFIX + job_id
         for start in range(0, len(items), ENQUEUE_CHUNK):
             chunk = items[start : start + ENQUEUE_CHUNK]
-            mapping = {str(start + i): text for i, text in enumerate(chunk)}
+            mapping: dict[EncodableT, EncodableT] = {str(start + i): text for i, text in enumerate(chunk)}
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(key + ":items", mapping=mapping)
             pipe.expire(key + ":items", self.ttl_s)
@@ -420,7 +438,7 @@ class JobStore:
                 pipe.expire(claim[0], CLAIM_PENDING_S)
             await pipe.execute()
         now = int(time.time())
-        meta = {
+        meta: dict[EncodableT, EncodableT] = {
             "kind": request.kind,
             "status": "queued",
             "total": len(items),
@@ -497,11 +515,12 @@ class JobStore:
         jobs: list[Job] = []
         anchor, size = after or "", want
         while len(jobs) < want:
-            ids = await self.redis.eval(PAGE, 1, index, anchor, size, self.index_window_ms)
-            if ids is None:
+            reply = await self.redis.eval(PAGE, 1, index, anchor, size, self.index_window_ms)
+            if reply is None:
                 if anchor == (after or ""):
                     return None
                 raise _AnchorGone
+            ids = as_bytes_list(reply)
             if not ids:
                 break
             pipe = self.redis.pipeline(transaction=False)
@@ -509,7 +528,7 @@ class JobStore:
                 pipe.hgetall(PREFIX + raw_id.decode())
             gone: list[str] = []
             for raw_id, raw in zip(ids, await pipe.execute(), strict=True):
-                job = _job(raw_id.decode(), raw, owner)
+                job = _job(raw_id.decode(), as_hash(raw), owner)
                 if job is None:
                     gone.append(raw_id.decode())
                 elif len(jobs) < want:
@@ -541,7 +560,7 @@ class JobStore:
         shares the prefix)."""
         if JOB_ID.fullmatch(job_id) is None:
             return None
-        return _job(job_id, await self.redis.hgetall(PREFIX + job_id), owner)
+        return _job(job_id, as_hash(await self.redis.hgetall(PREFIX + job_id)), owner)
 
     async def result_lines(self, job: Job) -> AsyncIterator[str]:
         """The stored results as JSON texts (`{"index", "custom_id"?, "status", ...}`) in item order, read
@@ -552,7 +571,8 @@ class JobStore:
             fields = [str(i) for i in range(start, min(start + self.page_size, job.total))]
             with self.guard():
                 values = await self.redis.hmget(key, fields)
-            for i, raw in enumerate(values, start=start):
+            for i, value in enumerate(values, start=start):
+                raw = as_optional_bytes(value)
                 if raw is not None:
                     yield f'{{"index":{i},{raw.decode()[1:]}'
 
@@ -575,11 +595,13 @@ class JobStore:
         pipe.hmget(key, ["kind", "status"])
         pipe.hexists(key + ":results", str(index))
         pipe.hget(key + ":items", str(index))
-        (kind, status), has_result, raw = await pipe.execute()
+        fields, has_result, item = await pipe.execute()
+        kind, status = (as_optional_bytes(value) for value in as_sized_list(fields, 2))
+        raw = as_optional_bytes(item)
         return (
             kind.decode() if kind else None,
             status.decode() if status else None,
-            bool(has_result),
+            as_bool(has_result),
             json.loads(raw) if raw is not None else None,
         )
 
@@ -593,7 +615,7 @@ class JobStore:
         stored = await self.redis.eval(
             RECORD, 3, key, key + ":results", key + ":items", str(index), json.dumps(entry), field, int(time.time())
         )
-        return bool(stored == 1)
+        return as_int(stored) == 1
 
     async def ack(self, entry_id: bytes) -> None:
         pipe = self.redis.pipeline(transaction=True)
@@ -675,11 +697,13 @@ class JobWorkers:
 
     async def _held(self, consumer: str, entry_ids: list[bytes] | None = None) -> dict[bytes, int]:
         """The entries this consumer holds (of `entry_ids`, or all), with how often each was delivered."""
-        pending = await self.store.redis.xpending_range(
-            self.store.stream, GROUP, "-", "+", 10 * self.batch + len(entry_ids or ()), consumer
+        held = pending(
+            await self.store.redis.xpending_range(
+                self.store.stream, GROUP, "-", "+", 10 * self.batch + len(entry_ids or ()), consumer
+            )
         )
         wanted = None if entry_ids is None else set(entry_ids)
-        return {p["message_id"]: p["times_delivered"] for p in pending if wanted is None or p["message_id"] in wanted}
+        return {p.entry_id: p.deliveries for p in held if wanted is None or p.entry_id in wanted}
 
     async def _hand_back(self, consumer: str, counts: dict[bytes, int]) -> None:
         """Entries this consumer holds but will not run (it is stopping; `counts`: their deliveries, `_held`): still
@@ -688,7 +712,7 @@ class JobWorkers:
         RLAIFV_JOBS_MAX_DELIVERIES)."""
         redis, stream = self.store.redis, self.store.stream
         for times in sorted(set(counts.values())):
-            ids = [entry_id for entry_id, n in counts.items() if n == times]
+            ids: list[StreamIdT] = [entry_id for entry_id, n in counts.items() if n == times]
             await redis.xclaim(
                 stream, GROUP, consumer, 0, ids, idle=self.claim_idle_ms, retrycount=max(0, times - 1), justid=True
             )
@@ -702,7 +726,7 @@ class JobWorkers:
         if reclaimed:
             return await self._without_abandoned(reclaimed)
         reply = await redis.xreadgroup(GROUP, consumer, {self.store.stream: ">"}, count=self.batch, block=250)
-        return [(entry_id, fields, 1) for entry_id, fields in reply[0][1]] if reply else []
+        return [(entry_id, fields, 1) for entry_id, fields in read_group_entries(reply, self.store.stream)]
 
     async def _resume(self, consumer: str, interrupted: _Interrupted) -> list[Entry]:
         """After a Redis outage, the entries this consumer still holds, taken up again as the deliveries they were
@@ -717,10 +741,11 @@ class JobWorkers:
         batch = {entry_id: times for entry_id, times in (interrupted.batch or {}).items() if entry_id not in leave}
         pairs = [value for entry_id, times in batch.items() for value in (entry_id, times)]
         limit = 10 * self.batch + len(batch)
-        taken, left = await self.store.redis.eval(
-            RESUME, 1, self.store.stream, GROUP, consumer, limit, len(leave), *leave, *pairs
+        entries, left = _resumed(
+            await self.store.redis.eval(
+                RESUME, 1, self.store.stream, GROUP, consumer, limit, len(leave), *leave, *pairs
+            )
         )
-        entries = [(e, dict(zip(fields[::2], fields[1::2], strict=True)), int(times)) for e, fields, times in taken]
         kept = await self._without_abandoned(entries)
         interrupted.resumed([entry_id for entry_id, _, _ in entries], left, self.max_deliveries)
         if entries:
@@ -734,14 +759,15 @@ class JobWorkers:
         and run together again every entry of it would reach the delivery bound with the item that did it. Each
         comes with its deliveries, this one included (XCLAIM counts one more than XPENDING said)."""
         redis, stream = self.store.redis, self.store.stream
-        stale = await redis.xpending_range(stream, GROUP, "-", "+", self.batch, idle=self.claim_idle_ms)
+        stale = pending(await redis.xpending_range(stream, GROUP, "-", "+", self.batch, idle=self.claim_idle_ms))
         if not stale:
             return []
-        taken = stale[:1] if stale[0]["times_delivered"] > 1 else [p for p in stale if p["times_delivered"] <= 1]
-        deliveries = {p["message_id"]: p["times_delivered"] + 1 for p in taken}
-        claimed = await redis.xclaim(stream, GROUP, consumer, self.claim_idle_ms, list(deliveries))
+        taken = stale[:1] if stale[0].deliveries > 1 else [p for p in stale if p.deliveries <= 1]
+        deliveries = {p.entry_id: p.deliveries + 1 for p in taken}
+        ids: list[StreamIdT] = list(deliveries)
+        claimed = stream_entries(await redis.xclaim(stream, GROUP, consumer, self.claim_idle_ms, ids))
         await self._forget_dead_consumers()
-        return [(e[0], e[1], deliveries[e[0]]) for e in claimed if e and e[1]]
+        return [(entry_id, fields, deliveries[entry_id]) for entry_id, fields in claimed if fields]
 
     async def _forget_dead_consumers(self) -> None:
         """Remove the group's consumers that stopped without leaving it (killed: out of memory, a node lost) once
@@ -750,8 +776,10 @@ class JobWorkers:
         effort: a failure here must not keep the claimed entries from running (they would wait another claim-idle
         time, a delivery nearer the bound)."""
         try:
-            removed = await self.store.redis.eval(FORGET_CONSUMERS, 1, self.store.stream, GROUP, self.forget_after_ms)
-        except (*REDIS_DOWN, ResponseError) as exc:
+            removed = as_int(
+                await self.store.redis.eval(FORGET_CONSUMERS, 1, self.store.stream, GROUP, self.forget_after_ms)
+            )
+        except _DOWN_OR_REFUSED as exc:
             log.debug("stopped consumers not removed: %s", type(exc).__name__)
             return
         if removed:
@@ -761,7 +789,7 @@ class JobWorkers:
         """The entries to run; those every earlier delivery of which ended with its worker (a process killed while
         running it, out of memory or by a crash the item itself causes) get a failed result and leave the stream:
         reclaimed for ever, such an item took down worker after worker until its job expired."""
-        kept = []
+        kept: list[Entry] = []
         for entry_id, fields, times in entries:
             if times <= self.max_deliveries:
                 kept.append((entry_id, fields, times))
@@ -848,8 +876,10 @@ class JobWorkers:
                 if done.is_set():
                     return
                 try:  # only the entries still ours: one another worker took (Redis was away) stays theirs
-                    pending = await redis.xpending_range(stream, GROUP, "-", "+", 4 * len(entry_ids) + 100, consumer)
-                    ours = [p["message_id"] for p in pending if p["message_id"] in entry_ids]
+                    held = pending(
+                        await redis.xpending_range(stream, GROUP, "-", "+", 4 * len(entry_ids) + 100, consumer)
+                    )
+                    ours: list[StreamIdT] = [p.entry_id for p in held if p.entry_id in entry_ids]
                     if ours:
                         await redis.xclaim(stream, GROUP, consumer, 0, ours, justid=True)
                 except Exception as exc:  # a lapse costs at most a rerun elsewhere; the batch goes on
@@ -868,11 +898,11 @@ class JobWorkers:
                 await asyncio.wait_for(renewing, timeout=5.0)
 
     async def _process(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        item = _parse_entry(entry_id, fields)
-        if item is None:
+        named = _parse_entry(entry_id, fields)
+        if named is None:
             await self.store.ack(entry_id)
             return
-        job_id, index = item
+        job_id, index = named
         kind, status, has_result, item = await self.store.load(job_id, index)
         if kind is not None and status != "cancelled" and not has_result:
             if status == "queued":
@@ -963,6 +993,10 @@ def _parse_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[str, int]
         return None
 
 
+# What a best-effort clean-up shrugs off: Redis away, or the command refused (`_forget_dead_consumers`).
+_DOWN_OR_REFUSED: tuple[type[Exception], ...] = (*REDIS_DOWN, ResponseError)
+
+
 def _write_refused(exc: ResponseError) -> bool:
     """A write refused to this user or connection (ACL, a read-only replica), also from inside a script, where
     Redis words it its own way ("The user executing the script can't run this command")."""
@@ -981,8 +1015,8 @@ def _job(job_id: str, raw: dict[bytes, bytes], owner: str | None) -> Job | None:
         return None
     return Job(
         id=job_id,
-        kind=d["kind"],  # type: ignore[arg-type]
-        status=d["status"],  # type: ignore[arg-type]
+        kind=d["kind"],
+        status=d["status"],
         created=int(d["created"]),
         updated=int(d["updated"]),
         total=int(d["total"]),
@@ -990,6 +1024,16 @@ def _job(job_id: str, raw: dict[bytes, bytes], owner: str | None) -> Job | None:
         failed=int(d["failed"]),
         metadata=json.loads(d.get("metadata", "{}")),
     )
+
+
+def _resumed(reply: object) -> tuple[list[Entry], list[bytes]]:
+    """`RESUME`'s reply: the entries taken up ({id, flat fields, deliveries}) and the ids left alone."""
+    taken, left = as_sized_list(reply, 2)
+    entries: list[Entry] = []
+    for entry in as_list(taken):
+        entry_id, fields, times = as_sized_list(entry, 3)
+        entries.append((as_bytes(entry_id), as_pairs(fields), as_int(times)))
+    return entries, as_bytes_list(left)
 
 
 class _AnchorGone(Exception):

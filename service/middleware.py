@@ -11,7 +11,7 @@ import time
 import uuid
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlaifv.service.errors import ClientDisconnected, error_body, internal_error_body, log_unhandled
@@ -162,10 +162,10 @@ class RequestContextMiddleware:
         await _send_json(send, 413, body, close=True)
 
 
-def _matched_route(scope: Scope) -> object | None:
+def _matched_route(scope: Scope) -> BaseRoute | None:
     """The route a request refused before routing (a 413 for its declared size) would have reached, so that its
     metrics keep the route."""
-    routes = list(getattr(getattr(scope.get("app"), "router", None), "routes", []))
+    routes: list[BaseRoute] = list(getattr(getattr(scope.get("app"), "router", None), "routes", []))
     while routes:
         route = routes.pop(0)
         included = getattr(getattr(route, "original_router", None), "routes", None)

@@ -14,6 +14,7 @@ import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
 
 from rlaifv.reward.results import ClaimCheck
@@ -431,7 +432,7 @@ class BestOfNRequest(PromptFields):
     )
 
 
-_CANDIDATE_EXAMPLE = {
+_CANDIDATE_EXAMPLE: JsonDict = {
     "index": 0,
     "text": "a red circle.",
     "reward": 0.0123,
@@ -440,8 +441,8 @@ _CANDIDATE_EXAMPLE = {
     "num_tokens": 5,
     "finish_reason": "stop",
 }
-_USAGE_EXAMPLE = {"prompt_tokens": 26, "completion_tokens": 5, "total_tokens": 31}
-_TIMINGS_EXAMPLE = {"queue_s": 0.004, "generate_s": 0.05, "score_s": 0.01, "total_s": 0.07}
+_USAGE_EXAMPLE: JsonDict = {"prompt_tokens": 26, "completion_tokens": 5, "total_tokens": 31}
+_TIMINGS_EXAMPLE: JsonDict = {"queue_s": 0.004, "generate_s": 0.05, "score_s": 0.01, "total_s": 0.07}
 
 
 class BestOfNResponse(BaseModel):
@@ -945,6 +946,13 @@ class ImageLimitsInfo(BaseModel):
     max_aspect: float = Field(description="Largest long side / short side ratio (RLAIFV_MAX_IMAGE_ASPECT).")
 
 
+Modality = Literal["text", "image"]
+
+
+def _text_and_images() -> list[Modality]:
+    return ["text", "image"]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -952,8 +960,8 @@ class ModelCard(BaseModel):
     owned_by: str = "rlaifv"
     reward: RewardInfo
     max_positions: int | None = None
-    input_modalities: list[Literal["text", "image"]] = Field(
-        default_factory=lambda: ["text", "image"],
+    input_modalities: list[Modality] = Field(
+        default_factory=_text_and_images,
         description='What a prompt may hold: ["text", "image"], or ["text"] for a text-only model, whose requests '
         "take no images (400 naming `images`). Images are optional either way, except for the `claims` reward, "
         "which needs one (a text-only model cannot use it).",

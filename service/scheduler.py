@@ -42,7 +42,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from rlaifv.service.engines import Engine, EngineResult, Request
 from rlaifv.service.errors import ClientDisconnected, DeadlineExceeded, Overloaded, QueuedTooLong, Unavailable
@@ -61,7 +61,7 @@ def _now() -> float:
 class _Item:
     request: Request
     deadline: float
-    future: asyncio.Future = field(repr=False)
+    future: asyncio.Future[EngineResult] = field(repr=False)
     enqueued: float = field(default_factory=_now)
     started: float | None = None
     pixels: int = 0  # decoded image pixels it holds, counted in `Scheduler.pixels_held` until the batcher is done
@@ -130,10 +130,10 @@ class Scheduler:
         self._arrived = asyncio.Event()
         self._held: _Item | None = None  # an item of another kind, first in the next batch
         self._forming: list[_Item] = []  # the batch being collected: out of the queue, not yet running
-        self._batches: dict[asyncio.Task, tuple[float, list[_Item]]] = {}  # running: task -> (start, items)
+        self._batches: dict[asyncio.Task[None], tuple[float, list[_Item]]] = {}  # running: task -> (start, items)
         self._slot_freed = asyncio.Event()
         self._expected = 0  # how many requests the next batch may count on (see `_collect`)
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._drained = asyncio.Event()  # set, once closing, when nothing waits, forms or runs (`close` awaits it)
         self.in_flight = 0
@@ -269,6 +269,12 @@ class Scheduler:
 
     # -- the batching loop ---------------------------------------------------------
 
+    @overload
+    async def _next(self, timeout: None) -> _Item: ...
+
+    @overload
+    async def _next(self, timeout: float) -> _Item | None: ...
+
     async def _next(self, timeout: float | None) -> _Item | None:
         """The next waiting item, waiting up to `timeout` (None: for ever) for one to arrive."""
         if self._held is not None:
@@ -345,7 +351,7 @@ class Scheduler:
             self._batches[task] = (now, batch)
             task.add_done_callback(self._batch_done)
 
-    def _batch_done(self, task: asyncio.Task) -> None:
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
         if self._batches.pop(task, None) is not None:
             self._slot_freed.set()
 

@@ -13,12 +13,15 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
 import uvicorn
 
 from rlaifv.service.http_protocol import HeadDeadlineH11Protocol
+
+if TYPE_CHECKING:
+    from rlaifv.service.settings import Settings
 
 log = logging.getLogger("rlaifv.service")
 MAX_HEADER_BYTES = 64 * 1024
@@ -129,7 +132,7 @@ def fallback_bundle() -> Path:
         raise typer.Exit(1) from None
 
 
-def build_settings(**overrides: Any):
+def build_settings(**overrides: Any) -> Settings:
     """Settings from the environment, with the flags that were given on top; a bad value exits 2 naming the flag
     and the variable (a pydantic traceback named only the field)."""
     from pydantic import ValidationError
@@ -224,9 +227,11 @@ def serve(**given: Any) -> None:
 
     settings = build_settings(**given)
     configure_logging(settings.log_level)
-    if settings.bundle is None:
-        settings = settings.model_copy(update={"bundle": fallback_bundle()})
-    check_bundle(settings.bundle, **bundle_checks(settings))
+    bundle = settings.bundle
+    if bundle is None:
+        bundle = fallback_bundle()
+        settings = settings.model_copy(update={"bundle": bundle})
+    check_bundle(bundle, **bundle_checks(settings))
     sockets = bind(settings.host, settings.port, "--port / RLAIFV_PORT")
     app = create_app(settings, load_in_background=True)
     config = uvicorn.Config(

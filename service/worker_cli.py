@@ -169,9 +169,11 @@ def worker(**given: Any) -> None:
     if settings.jobs_workers < 1:
         typer.secho("error: --jobs-workers must be at least 1 for a worker", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    if settings.bundle is None:
-        settings = settings.model_copy(update={"bundle": fallback_bundle()})
-    check_bundle(settings.bundle, **bundle_checks(settings))
+    bundle = settings.bundle
+    if bundle is None:
+        bundle = fallback_bundle()
+        settings = settings.model_copy(update={"bundle": bundle})
+    check_bundle(bundle, **bundle_checks(settings))
     from rlaifv.reward.errors import RewardError
     from rlaifv.service.engines.vllm import VllmStartupError
     from rlaifv.service.generator import GeneratorStartupError

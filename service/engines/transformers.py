@@ -34,6 +34,14 @@ T = TypeVar("T")
 log = logging.getLogger("rlaifv.service")
 
 
+def _every_answered(results: list[Ranking | Exception | None]) -> list[Ranking | Exception]:
+    """Each request ends with a ranking or its own error; a gap is a bug in `run_batch`, not a result."""
+    answered = [r for r in results if r is not None]
+    if len(answered) != len(results):
+        raise RuntimeError(f"{len(results) - len(answered)} of {len(results)} requests got no outcome")
+    return answered
+
+
 class TransformersEngine:
     """Owns the model pair and the one thread allowed to touch it (implements `service.engines.base.Engine`)."""
 
@@ -91,7 +99,7 @@ class TransformersEngine:
         """Encode each request, then run all valid ones in one batched pass."""
         from rlaifv.reward.model_pair import GenerateTask, ScoreTask
 
-        results: list[EngineResult | Exception | None] = [None] * len(requests)
+        results: list[Ranking | Exception | None] = [None] * len(requests)
         tasks: list[Any] = []
         index: list[int] = []
         lengths: list[int] = []
@@ -143,8 +151,8 @@ class TransformersEngine:
                 results[i] = outcome
         prompt_len = dict(zip(index, lengths, strict=True))
         return [
-            EngineResult(r, prompt_len[i], len(tasks)) if not isinstance(r, Exception) else r  # type: ignore[arg-type]
-            for i, r in enumerate(results)
+            EngineResult(r, prompt_len[i], len(tasks)) if not isinstance(r, Exception) else r
+            for i, r in enumerate(_every_answered(results))
         ]
 
     def _run_tasks(self, tasks: list[Any]) -> list[Ranking | Exception]:

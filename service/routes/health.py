@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -24,6 +24,13 @@ router = APIRouter(route_class=JsonBodyRoute, tags=["operations"])
 log = logging.getLogger("rlaifv.service")
 # A readiness check answers within this (kubelet gives up at the probe's timeoutSeconds: 5 in deploy/k8s).
 READY_PROBE_S = 3.0
+
+
+@runtime_checkable
+class _Probed(Protocol):
+    """An engine that serves from other processes (vLLM): readiness asks them, not only whether it was loaded."""
+
+    async def probe(self) -> str: ...
 
 
 @router.head("/healthz", include_in_schema=False)  # load balancers and uptime checkers probe with HEAD
@@ -82,7 +89,7 @@ async def readyz(request: Request) -> Response:
             required.append("redis")
         probes["redis"] = _ping(redis, settings.redis_connect_timeout_s)
     engine = getattr(state, "engine", None)
-    if checks["model"] == "ok" and hasattr(engine, "probe"):  # the vLLM servers of the pair: the model itself
+    if checks["model"] == "ok" and isinstance(engine, _Probed):  # the vLLM servers of the pair: the model itself
         probes["engine"] = _bounded(engine.probe(), READY_PROBE_S)
         required.append("engine")
     generator = getattr(state, "generator", None)

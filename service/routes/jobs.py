@@ -50,7 +50,7 @@ def _prefers_jsonl(accept: str) -> bool:
 
 def get_store(request: Request) -> JobStore:
     state = request.app.state
-    store = state.job_store
+    store: JobStore | None = state.job_store
     if store is None:
         if state.settings.redis_url and not state.ready:  # set up with the model (`rlaifv serve` answers meanwhile)
             raise Unavailable("the model is not loaded yet", code="not_ready", headers={"Retry-After": "5"})
