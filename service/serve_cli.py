@@ -222,17 +222,20 @@ def _shown(address: tuple[Any, ...]) -> str:
 def serve(**given: Any) -> None:
     """Serve best-of-N and rewards over HTTP (FastAPI + uvicorn). Every setting is an RLAIFV_* environment variable
     and the same-named flag (flags win)."""
-    from rlaifv.service.app import create_app
     from rlaifv.service.log_format import configure_logging
 
     settings = build_settings(**given)
     configure_logging(settings.log_level)
+    # The port first, before the seconds of imports and bundle checks: a restarting server's clients then wait in
+    # the listen backlog (then get 503 not_ready while it loads, which the SDK waits out) instead of being refused.
+    sockets = bind(settings.host, settings.port, "--port / RLAIFV_PORT")
     bundle = settings.bundle
     if bundle is None:
         bundle = fallback_bundle()
         settings = settings.model_copy(update={"bundle": bundle})
     check_bundle(bundle, **bundle_checks(settings))
-    sockets = bind(settings.host, settings.port, "--port / RLAIFV_PORT")
+    from rlaifv.service.app import create_app
+
     app = create_app(settings, load_in_background=True)
     config = uvicorn.Config(
         app,

@@ -154,11 +154,12 @@ def test_serve_refuses_a_broken_bundle_in_one_line_before_loading(kind, bundle, 
         monkeypatch.delenv(name)
     started: list[bool] = []
 
-    def bind(*args, **kwargs):
+    def create_app(*args, **kwargs):
         started.append(True)
         raise SystemExit(9)
 
-    monkeypatch.setattr("rlaifv.service.serve_cli.bind", bind)
+    monkeypatch.setattr("rlaifv.service.serve_cli.bind", lambda *args, **kwargs: [])  # the port is taken first
+    monkeypatch.setattr("rlaifv.service.app.create_app", create_app)
     result = CliRunner().invoke(app, ["serve", "--bundle", str(folder)])
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
@@ -559,3 +560,28 @@ def test_the_output_is_checked_again_after_the_copy(models, tmp_path, monkeypatc
     with pytest.raises(BundleError, match=r"is not a bundle \(no rlaifv.json; it holds 'notes.txt'\)"):
         create_bundle(out, policy=models["policy"], reference=models["reference"], force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and _tree(out) == ["notes.txt"]
+
+
+def test_serve_listens_before_checking_and_loading_the_bundle(bundle, monkeypatch):
+    """The port is taken before the seconds of imports and bundle checks: a restarting server's clients wait in
+    the listen backlog for its 503 not_ready (which the SDK waits out) instead of being refused."""
+    import os
+    import socket
+
+    from rlaifv.cli.main import app
+    from rlaifv.testing.server import free_port
+
+    for name in [n for n in os.environ if n.startswith("RLAIFV_")]:
+        monkeypatch.delenv(name)
+    port = free_port()
+    connected: list[bool] = []
+
+    def check_bundle(*args, **kwargs):
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            connected.append(True)
+        raise SystemExit(9)
+
+    monkeypatch.setattr("rlaifv.service.serve_cli.check_bundle", check_bundle)
+    result = CliRunner().invoke(app, ["serve", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port)])
+    assert result.exit_code == 9, result.output
+    assert connected == [True]
