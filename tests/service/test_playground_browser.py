@@ -1117,6 +1117,26 @@ def test_the_cards_image_limits_decide_what_is_taken(page: Any, open_server: Liv
 
 @pytest.mark.slow
 @pytest.mark.integration
+def test_an_image_taken_before_the_card_is_checked_against_it(page: Any, open_server: LiveServer) -> None:
+    """The sample scene (a PNG) loads while the server still loads its model (503): checked against the defaults
+    then, it is checked again when the card comes, which takes JPEG only, and dropped with the reason; a submit then
+    sends nothing."""
+    card = _card(["text", "image"], "jpeg-only")
+    card["data"][0]["image_limits"] = {"formats": ["JPEG"], "max_bytes": 0, "max_pixels": 0, "max_aspect": 0}
+    _cards(page, [(503, NOT_READY, {"Retry-After": "1"}), (200, card, {})])
+    sent = _mock(page)
+    _open(page, open_server)
+    _wait_model(page, "jpeg-only")
+    page.wait_for_selector('#error[data-status="client"]', timeout=FAST_MS)
+    assert "is image/png, which the server does not take: send JPEG." in page.inner_text("#error-message")
+    assert page.inner_text("#image-info") == "no image"
+    page.click("#submit")
+    page.wait_for_selector('#error[data-status="client"]', timeout=FAST_MS)
+    assert sent == []
+
+
+@pytest.mark.slow
+@pytest.mark.integration
 def test_results_show_the_question_and_image_they_answer(page: Any, open_server: LiveServer, tmp_path: Path) -> None:
     """Inputs changed while a request runs: the results still say which question and image they answer."""
     held: list[Any] = []

@@ -114,10 +114,11 @@ let cardFetch = null; // the card fetch in flight, if any, which a submit withou
 let cardSeq = 0; // number of the newest card fetch: an older one (another key's) that ends later is dropped
 let cardRetry = 0; // the timer of the next card fetch while the server loads its model
 let request = null; // the AbortController of the running submit: Cancel, Escape and the time limit abort it
-// The image limits of the served model's card (0: not known, checked by the server alone). `imageTypes`: the
-// data-URL types this page sends, those of the card's formats it can tell (see PAGE_FORMATS).
+// The image limits of the served model's card (0: not known, checked by the server alone); until a card comes, the
+// defaults. An image taken before the card is checked again against the card's (`recheckImage`).
 let imageLimits = DEFAULT_LIMITS;
-let imageTypes = new Set(DEFAULT_LIMITS.formats.map((format) => PAGE_FORMATS.get(format).type));
+let imageBlob = null; // the checked blob of the image on show, to check again against other limits
+let imageCheckedWith = null; // the limits it was checked against
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -148,6 +149,8 @@ function setImage(dataUrl, label) {
 function clearImage(info) {
   loadSeq++;
   image = null;
+  imageBlob = null;
+  imageCheckedWith = null;
   imageLabel = "";
   inputFile = null;
   noImage = false;
@@ -199,16 +202,42 @@ function applyImageLimits(card) {
     max_pixels: number(limits.max_pixels),
     max_aspect: number(limits.max_aspect),
   };
-  imageTypes = new Set([...PAGE_FORMATS].filter(([f]) => imageLimits.formats.includes(f)).map(([, { type }]) => type));
-  $("file").setAttribute("accept", [...imageTypes].join(","));
+  $("file").setAttribute("accept", [...sendableTypes(imageLimits)].join(","));
+  const previous = imageLoad;
+  const check = recheckImage();
+  imageLoad = Promise.all([previous, check]); // a submit waits for the check as for a load
+}
+
+// The data-URL types this page sends under `limits`: those of its formats the limits name, in the page's order.
+function sendableTypes(limits) {
+  return new Set([...PAGE_FORMATS].filter(([f]) => limits.formats.includes(f)).map(([, { type }]) => type));
+}
+
+// The image on show checked again when it was checked against other limits (taken before the card came): a submit
+// never sends what the server refuses. True if it passes; else it is dropped, the reason shown.
+async function recheckImage() {
+  const blob = imageBlob;
+  const limits = imageLimits;
+  if (!blob || imageCheckedWith === limits) return true;
+  const seq = loadSeq; // a load started meanwhile replaces the image: this check then drops nothing
+  const label = imageLabel;
+  try {
+    await checkedImage(blob, label, limits);
+  } catch (exc) {
+    if (seq === loadSeq) dropImage(exc instanceof InputError ? exc.message : `could not read ${label}: ${exc.message}`);
+    return false;
+  }
+  if (seq === loadSeq) imageCheckedWith = limits;
+  return true;
 }
 
 // What to send instead, for the message about a file the server does not take (the formats the server takes
 // that this page cannot send are named as the API's), in the page's order: PNG first.
-function formatsToSend() {
+function formatsToSend(limits) {
   const names = (list) => (list.length > 1 ? `${list.slice(0, -1).join(", ")} or ${list[list.length - 1]}` : list[0]);
-  const sendable = [...PAGE_FORMATS.values()].filter(({ type }) => imageTypes.has(type)).map(({ name }) => name);
-  const others = imageLimits.formats.filter((f) => !PAGE_FORMATS.has(f));
+  const types = sendableTypes(limits);
+  const sendable = [...PAGE_FORMATS.values()].filter(({ type }) => types.has(type)).map(({ name }) => name);
+  const others = limits.formats.filter((f) => !PAGE_FORMATS.has(f));
   const api = others.length
     ? ` (the server also takes ${names(others)}, which this page cannot show: use the API)`
     : "";
@@ -233,15 +262,15 @@ function formatOf(type) {
 // The blob as an image the server takes, typed by its content (the browser guesses by the file's extension:
 // a PNG named .heic is a PNG, a text file named .png is no image), within the card's size limits. A blob that does
 // not decode is refused here, not sent for the server's 400.
-async function checkedImage(blob, label) {
+async function checkedImage(blob, label, limits) {
   const sniffed = sniffType(new Uint8Array(await blob.slice(0, 16).arrayBuffer()));
   const type = sniffed || blob.type;
   if (!type.startsWith("image/")) throw new InputError(`${label} is not an image (${blob.type || "unknown type"}).`);
   const known = formatOf(type);
-  if (!known || !imageTypes.has(type)) {
-    throw new InputError(`${label} is ${type}, which the server does not take: ${formatsToSend()}`);
+  if (!known || !sendableTypes(limits).has(type)) {
+    throw new InputError(`${label} is ${type}, which the server does not take: ${formatsToSend(limits)}`);
   }
-  const { max_bytes: maxBytes, max_pixels: maxPixels, max_aspect: maxAspect } = imageLimits;
+  const { max_bytes: maxBytes, max_pixels: maxPixels, max_aspect: maxAspect } = limits;
   if (maxBytes && blob.size > maxBytes) {
     const size = blob.size.toLocaleString("en");
     throw new InputError(`${label} is ${size} bytes, over the server's limit of ${maxBytes.toLocaleString("en")}.`);
@@ -286,17 +315,25 @@ function loadImage(source, label, fromInput) {
   if (!fromInput) $("file").value = "";
   const task = (async () => {
     let dataUrl;
+    let limits;
+    let typed;
     try {
       const blob = await source;
       if (seq !== loadSeq) return;
-      dataUrl = await readDataUrl(await checkedImage(blob, label));
+      limits = imageLimits;
+      typed = await checkedImage(blob, label, limits);
+      dataUrl = await readDataUrl(typed);
     } catch (exc) {
       if (seq === loadSeq) {
         dropImage(exc instanceof InputError ? exc.message : `could not read ${label}: ${exc.message}`);
       }
       return;
     }
-    if (seq === loadSeq) setImage(dataUrl, label);
+    if (seq !== loadSeq) return;
+    setImage(dataUrl, label);
+    imageBlob = typed;
+    imageCheckedWith = limits;
+    if (limits !== imageLimits) await recheckImage(); // the card came while this image was checked
   })();
   imageLoad = task;
   return task;
@@ -691,6 +728,10 @@ async function send(signal) {
   }
   setStatus("Reading the image…");
   const dataUrl = await abortable(currentImage(), signal);
+  if (dataUrl && !(await abortable(recheckImage(), signal))) {
+    setStatus(""); // dropped, the reason shown: the image was taken before the card and the server refuses it
+    return;
+  }
   const sentImage = { dataUrl: readsImages ? dataUrl : null, label: imageLabel };
   const problems = [];
   const { body, seed } = requestBody(dataUrl, problems);
