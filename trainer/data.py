@@ -44,7 +44,7 @@ import re
 import warnings
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -547,7 +547,7 @@ def _read_rows(
     build: Callable[[dict[str, Any], Path, str, int, bytes, bool], T],
     workers: int,
     spill: ImageSpill,
-) -> Iterator[tuple[T, int]]:
+) -> Generator[tuple[T, int], None, None]:
     """Rows of `files` in order, built by `build` from each record (image `_LATER`), with their image's index in
     `spill`. Images are checked by `workers` threads (1: on this one) while later rows are read; the first bad
     row in file order raises, whatever finished first. Identical images are stored and checked once."""

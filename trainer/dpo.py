@@ -152,7 +152,9 @@ def without_markup_rows(rows: Sequence[PreferenceRow], processor: Any) -> tuple[
             changed += 1
             if not (texts["chosen"] and texts["rejected"]):  # an answer of markup only: nothing to learn from
                 continue
-            row = dataclasses.replace(row, **texts)
+            row = dataclasses.replace(
+                row, question=texts["question"], chosen=texts["chosen"], rejected=texts["rejected"]
+            )
         out.append(row)
     return out, changed
 
@@ -201,7 +203,7 @@ def _pair_sums(
     pairs: Sequence[EncodedPair],
     pad_id: int,
     reference: list[list[torch.Tensor]] | None = None,
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Summed answer log-probs (B, 2) [chosen, rejected] and lengths (B, 2), prefix shared per pair.
 
     With `reference` (its `answer_distributions` of the same pairs) also the mean per-token KL(model || reference)
@@ -252,7 +254,7 @@ def _inference(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-def _pair_scorer_class():
+def _pair_scorer_class() -> type[torch.nn.Module]:
     import torch
 
     class PairScorer(torch.nn.Module):
@@ -263,7 +265,12 @@ def _pair_scorer_class():
             self.model = model
             self.pad_id = pad_id
 
-        def forward(self, prompts: list, pairs: list, reference: list | None = None) -> torch.Tensor:
+        def forward(
+            self,
+            prompts: list[EncodedPrompt],
+            pairs: list[EncodedPair],
+            reference: list[list[torch.Tensor]] | None = None,
+        ) -> torch.Tensor:
             """(B, 2) summed log-probs, or (B, 4) with the per-token KL of both answers when `reference` is given."""
             sums, _, kl = _pair_sums(self.model, prompts, pairs, self.pad_id, reference)
             return sums if kl is None else torch.cat([sums, kl], dim=1)
@@ -474,6 +481,7 @@ def compute_reference_logprobs(
 
     with _inference(reference):
         starts = range(start, len(pairs), batch_size)
+        begin: int
         for index, begin in enumerate(tqdm(starts, desc="reference log-probs", disable=not progress, unit="batch")):
             if stop is not None and stop():
                 return begin
@@ -547,7 +555,7 @@ def read_partial_reference(path: Path, key: str | Sequence[str], pairs: Sequence
         return 0
     if _saved_key(table, key) is None or table.num_rows > len(pairs):
         return 0
-    done = table.num_rows
+    done: int = table.num_rows
     for pair, chosen, rejected in zip(
         pairs[:done], table["ref_chosen"].to_pylist(), table["ref_rejected"].to_pylist(), strict=True
     ):
@@ -640,10 +648,11 @@ def _trainable_parameters(model: Any, config: DPOConfig) -> None:
         )
 
 
-def _optimizer(model: Any, config: DPOConfig):
+def _optimizer(model: Any, config: DPOConfig) -> torch.optim.Optimizer:
     import torch
 
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -654,7 +663,7 @@ def _optimizer(model: Any, config: DPOConfig):
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
 
 
-def _load_policy(config: DPOConfig, model_path: Path, device: Any, init_adapter: Path | None):
+def _load_policy(config: DPOConfig, model_path: Path, device: Any, init_adapter: Path | None) -> Any:
     from rlaifv.reward.models import load_model
 
     model = load_model(model_path, device=str(device), dtype=config.dtype)
@@ -858,25 +867,30 @@ def _train_dpo(
                     except _save_errors() as exc:
                         raise _save_failed(partial, "reference sums", exc, remove=False) from None
 
-        reference_pass = {
-            "batch_size": config.ref_batch_size,
-            "pad_id": pad_id,
-            "progress": show,
-            "start": start,
-            "stop": lambda: agreed(accelerator, stop_asked()),
-            "keep": keep,
-            "max_positions": limit,
-        }
+        def reference_pass(model: Any) -> int:
+            return compute_reference_logprobs(
+                model,
+                processor,
+                pairs,
+                batch_size=config.ref_batch_size,
+                pad_id=pad_id,
+                progress=show,
+                start=start,
+                stop=lambda: agreed(accelerator, stop_asked()),
+                keep=keep,
+                max_positions=limit,
+            )
+
         # Under the policy's autocast, so that both sides of the log-ratio round alike (a margin of 0 at step 0).
         if config.lora:
             # The base (adapter off), or the starting policy itself: before step 1 the adapter is the start's.
             with nullcontext() if reference_is_start else policy.disable_adapter(), accelerator.autocast():
-                done = compute_reference_logprobs(policy, processor, pairs, **reference_pass)
+                done = reference_pass(policy)
         else:
             with together(accelerator, "loading the reference"):
                 reference = load_model(reference_path, device=str(accelerator.device), dtype=config.dtype)
             with accelerator.autocast():
-                done = compute_reference_logprobs(reference, processor, pairs, **reference_pass)
+                done = reference_pass(reference)
             del reference
         if done < len(pairs):
             keep(done)
@@ -962,7 +976,7 @@ def _train_dpo(
         with together(accelerator, f"reading checkpoint {resumed.folder.name}"):  # each rank reads its RNG state
             try:
                 accelerator.load_state(str(resumed.folder), **({"strict": False} if trainable_only else {}))
-            except (*_save_errors(), EOFError, ValueError, pickle.UnpicklingError) as exc:
+            except _load_errors() as exc:
                 detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise RunStateError(
                     f"checkpoint {resumed.folder} cannot be read ({detail}): delete it to resume from an earlier"
@@ -1217,7 +1231,9 @@ def _dropped_text(dropped: dict[str, int]) -> str:
     return ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in dropped.items() if count) or "none"
 
 
-def _reference_for_kl(policy: Any, reference: Any | None, prompts: list, pairs: list, pad_id: int):
+def _reference_for_kl(
+    policy: Any, reference: Any | None, prompts: Sequence[EncodedPrompt], pairs: Sequence[EncodedPair], pad_id: int
+) -> list[list[torch.Tensor]]:
     """The KL term's reference distributions: the separate reference, or (LoRA) the base with the adapter off."""
     if reference is not None:
         return reference_distributions(reference, prompts, pairs, pad_id)
@@ -1237,7 +1253,7 @@ class EpochSampler:
     def __len__(self) -> int:
         return self.size
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         import torch
 
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -1377,6 +1393,11 @@ def _save_errors() -> tuple[type[BaseException], ...]:
     from safetensors import SafetensorError
 
     return (OSError, RuntimeError, SafetensorError)
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged or cut-short checkpoint raises: a save's errors, or a truncated or foreign pickle."""
+    return (*_save_errors(), EOFError, ValueError, pickle.UnpicklingError)
 
 
 def _save_failed(path: Path, what: str, exc: BaseException, *, remove: bool = True) -> RunStateError:

@@ -204,11 +204,10 @@ def collect_feedback(
     from rlaifv.reward.images import decode_image
 
     seed = config.seed if seed is None else seed
-    default_splitter, default_writer = (
-        make_splitter_and_writer(config) if splitter is None or writer is None else (None, None)
-    )
-    splitter = splitter or default_splitter
-    writer = writer or default_writer
+    if splitter is None or writer is None:
+        default_splitter, default_writer = make_splitter_and_writer(config)
+        splitter = splitter or default_splitter
+        writer = writer or default_writer
     labeler = labeler or make_labeler(config, policy, processor)
     pair = sampling_pair(policy, processor, end_of_turn)
     policy.eval()

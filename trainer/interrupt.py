@@ -11,7 +11,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from rlaifv.trainer.errors import RunStateError, TrainerError, TrainingInterrupted
 
@@ -28,7 +28,7 @@ def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
     signalled again then, so the process still stops, with everything saved, before the next stage begins. Off
     the main thread (which alone may take signals) the flag stays unset."""
     asked = threading.Event()
-    by: list[int] = []
+    by: list[signal.Signals] = []
     if threading.current_thread() is not threading.main_thread():
         yield asked.is_set
         return
@@ -38,7 +38,7 @@ def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
             raise KeyboardInterrupt
         if signum == signal.SIGINT:  # os.write: a print here can re-enter a buffered write it interrupted
             os.write(2, CTRL_C_NOTE)
-        by.append(signum)
+        by.append(signal.Signals(signum))
         asked.set()
 
     # A SIGINT ignored by the caller (a job started in the background by a shell) stays ignored.
@@ -103,7 +103,7 @@ def together(accelerator: Any, what: str) -> Iterator[None]:
     if failure is not None:
         detail = str(failure) if isinstance(failure, TrainerError) else f"{type(failure).__name__}: {failure}"
     try:
-        reports = gather_object([detail])
+        reports = cast(list[str | None], gather_object([detail]))  # accelerate is untyped: one entry per rank
     except Exception:
         if failure is not None:  # the others are gone too (a peer's exit seen): this rank's error is the news
             raise failure from None

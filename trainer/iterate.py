@@ -74,11 +74,9 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
     from rlaifv.trainer.dpo import model_fingerprint
 
     path = output_dir / RUN_FILE
-    current = {
-        "config": config.to_dict(),
-        "prompt_source": source.describe(),
-        "model_fingerprint": model_fingerprint(config.model) if Path(config.model).is_dir() else None,
-    }
+    settings = config.to_dict()
+    fingerprint = model_fingerprint(config.model) if Path(config.model).is_dir() else None
+    current = {"config": settings, "prompt_source": source.describe(), "model_fingerprint": fingerprint}
     if not path.is_file():
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json(path, current)
@@ -91,14 +89,14 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
         ) from None
     if not isinstance(previous, dict):
         raise RunStateError(f"{path} is not a run file: restore it, or use a new output folder")
-    old, new = dict(previous.get("config", {})), dict(current["config"])
-    for settings in (old, new):
+    old, new = dict(previous.get("config", {})), dict(settings)
+    for compared in (old, new):
         for key in RESUMABLE_CHANGES:
-            settings.pop(key, None)
+            compared.pop(key, None)
         for section, bookkeeping in (("dpo", DPOConfig.BOOKKEEPING), ("feedback", FeedbackConfig.BOOKKEEPING)):
-            if isinstance(settings.get(section), dict):
-                settings[section] = {k: v for k, v in settings[section].items() if k not in bookkeeping}
-    same_model = _same_model(previous.get("model_fingerprint"), current["model_fingerprint"], Path(config.model))
+            if isinstance(compared.get(section), dict):
+                compared[section] = {k: v for k, v in compared[section].items() if k not in bookkeeping}
+    same_model = _same_model(previous.get("model_fingerprint"), fingerprint, Path(config.model))
     if same_model:
         old.pop("model", None)
         new.pop("model", None)
@@ -258,7 +256,7 @@ def _free() -> None:
         pass
 
 
-def _load_policy(config: IterateConfig, initial: Path, previous: dict[str, Any] | None):
+def _load_policy(config: IterateConfig, initial: Path, previous: dict[str, Any] | None) -> Any:
     """The round's starting policy, for sampling and self-feedback."""
     from rlaifv.reward.models import load_adapter, load_model
 
@@ -459,9 +457,10 @@ def _evaluate(report: dict[str, Any], rdir: Path, initial: Path, eval_hook: Eval
 
 def choose_round(config: IterateConfig, reports: list[dict[str, Any]]) -> int:
     if config.export_round == "last":
-        return reports[-1]["round"]
+        last: int = reports[-1]["round"]
+        return last
     if config.export_round == "best":
-        scored = [
+        scored: list[tuple[float, int]] = [
             (r["eval"][config.best_metric], r["round"])
             for r in reports
             if (r.get("eval") or {}).get(config.best_metric) is not None  # None: the round's eval could not say

@@ -9,7 +9,7 @@ import typing
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import pydantic
 
@@ -17,6 +17,11 @@ from rlaifv.trainer.dpo_config import DPOConfig
 from rlaifv.trainer.errors import ConfigError
 from rlaifv.trainer.feedback_config import FeedbackConfig
 from rlaifv.trainer.preference_pairs import PairConfig
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
 
 # Settings that may change when resuming an output folder (everything else must match).
 RESUMABLE_CHANGES = (
@@ -103,7 +108,11 @@ class IterateConfig:
                 raise ConfigError(f"export_round {number} is outside 1..{self.rounds}")
         if self.export_round == "best" and not self.best_metric:
             raise ConfigError("export_round 'best' needs best_metric")
-        sections = {"feedback": self.feedback, "pairs": self.pairs, "dpo": self.dpo}
+        sections: dict[str, FeedbackConfig | PairConfig | DPOConfig] = {
+            "feedback": self.feedback,
+            "pairs": self.pairs,
+            "dpo": self.dpo,
+        }
         unused = [
             f"{name}.seed={section.seed}" for name, section in sections.items() if section.seed not in (0, self.seed)
         ]
@@ -144,7 +153,7 @@ def read_settings_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(kind: type, data: dict[str, Any], prefix: str) -> Any:
+def build_config(kind: type[ConfigT], data: dict[str, Any], prefix: str) -> ConfigT:
     """The config `kind` from `data`, each value checked against its field's type first: a dataclass takes any
     value, and `"False"` (a string) turned LoRA on, `1.5` epochs failed mid-run."""
     names = {f.name for f in dataclasses.fields(kind)}

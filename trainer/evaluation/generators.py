@@ -16,11 +16,14 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlaifv.trainer.errors import DataError
 from rlaifv.trainer.evaluation.candidates import Prompt, Sampled, Sampling, image_bytes, prompt_seed
 from rlaifv.trainer.evaluation.store import digest
+
+if TYPE_CHECKING:
+    from rlaifv.reward.model_pair import ModelPair
 
 
 def bundle_fingerprint(folder: str | Path) -> str:
@@ -49,7 +52,7 @@ def bundle_fingerprint(folder: str | Path) -> str:
 class BundleGenerator:
     """Samples with a `ModelPair` in process; the 'claims' reward is computed in the same batch."""
 
-    def __init__(self, pair: Any, fingerprint: str) -> None:
+    def __init__(self, pair: ModelPair, fingerprint: str) -> None:
         self.pair = pair
         self.fingerprint = fingerprint
 

@@ -108,14 +108,15 @@ class LLMObjectExtractor:
                     [{"role": "user", "content": prompt}], accept=lambda t: parse_object_list(t) is not None
                 )
                 listed = parse_object_list(result.content or "") if result.ok else None
-                out[i] = Extraction(
+                extraction = Extraction(
                     status="listed" if listed is not None else "failed",
                     listed=listed or [],
                     mentions=self.objects.listed(listed or []),
                     replies=result.replies,
                     errors=result.errors,
                 )
-                self.store.put(key, out[i].model_dump(exclude={"mentions"}))
+                out[i] = extraction
+                self.store.put(key, extraction.model_dump(exclude={"mentions"}))
                 bar.update(1)
 
             await asyncio.gather(*(one(*job) for job in todo))

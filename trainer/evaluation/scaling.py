@@ -105,7 +105,7 @@ def run_scaling(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Sample max(ns) candidates per prompt once (or take them from the cache), then the curve of every rule."""
-    rules: list[Rule] = [m for m in ("dpo", "claims") if m in modes] + ["random"]  # type: ignore[misc]
+    rules: list[Rule] = [m for m in ("dpo", "claims") if m in modes] + ["random"]
     sampled, fresh = sample_all(
         generator, prompts, max(ns), sampling, claims="claims" in modes, cache=cache, batch=batch, progress=progress
     )

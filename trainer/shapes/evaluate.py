@@ -29,7 +29,8 @@ from rlaifv.reward.claims import answer_score
 from rlaifv.reward.model_pair import GenerateTask, ModelPair
 from rlaifv.reward.sampling import SamplingParams
 from rlaifv.reward.scoring import RewardConfig, select_best
-from rlaifv.trainer.evaluation.chair import chair, yes_no
+from rlaifv.reward.yes_no import YesNoJudge
+from rlaifv.trainer.evaluation.chair import YesNoReport, chair, yes_no
 from rlaifv.trainer.shapes.world import (
     CAPTION_QUESTION,
     Scene,
@@ -112,15 +113,19 @@ def evaluate_pair(
     return report
 
 
-def evaluate_yes_no(pair: ModelPair, held_out: Sequence[Scene], per_image: int, *, seed: int = 0):
+def evaluate_yes_no(pair: ModelPair, held_out: Sequence[Scene], per_image: int, *, seed: int = 0) -> YesNoReport:
     """The policy as a yes/no labeler on held-out scenes (half present, half absent objects)."""
+    judge = pair.labeler
+    if not isinstance(judge, YesNoJudge):  # a pair given another labeler would measure that one, not the policy
+        raise TypeError(f"evaluate_yes_no needs the pair's own YesNoJudge, not {type(judge).__name__}")
     rng = random.Random(seed + 17)
-    items, truth = [], []
+    items: list[tuple[list[Any], list[str]]] = []
+    truth: list[bool] = []
     for scene in held_out:
         asked = [sample_yes_no(scene, rng) for _ in range(per_image)]
         items.append(([scene.render()], [q for q, _, _ in asked]))
         truth.extend(t for _, _, t in asked)
-    predicted = [p > 0.5 for group in pair.labeler.p_yes_batch(items) for p in group]
+    predicted = [p > 0.5 for group in judge.p_yes_batch(items) for p in group]
     return yes_no(predicted, truth)
 
 

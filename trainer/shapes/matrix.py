@@ -61,7 +61,9 @@ def _commands(folder: Path, cell: Cell, eval_seeds: str, eval_images: int, overr
     return [build, [*evaluate, "--output", str(report)]]
 
 
-def _run_cell(folder: Path, cell: Cell, eval_seeds: str, eval_images: int, overrides: list[str]) -> subprocess.Popen:
+def _run_cell(
+    folder: Path, cell: Cell, eval_seeds: str, eval_images: int, overrides: list[str]
+) -> subprocess.Popen[bytes]:
     """Start the cell's build-then-eval as one shell-free process chain (logs in the cell folder)."""
     folder.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"OMP_NUM_THREADS": str(cell.threads), "MKL_NUM_THREADS": str(cell.threads)}
@@ -94,7 +96,7 @@ def run_matrix(
     overrides = overrides or []
     cells = [Cell(s, t) for t in threads for s in seeds]
     todo = [c for c in cells if not (output / c.name / "report.json").is_file()]
-    running: dict[Cell, subprocess.Popen] = {}
+    running: dict[Cell, subprocess.Popen[bytes]] = {}
     failed: list[str] = []
     while todo or running:
         for cell in list(todo):
@@ -179,12 +181,12 @@ def render_matrix(result: dict[str, Any]) -> str:
     lines += ["", "| target | limit | worst | mean | std | cells met |", "|---|---|---|---|---|---|"]
     names = [c["name"] for c in next(iter(result.values()))["targets"]]
     for name in names:
-        checks = [next(c for c in cell["targets"] if c["name"] == name) for cell in result.values()]
-        values = [c["value"] for c in checks]
-        lower_is_better = checks[0]["limit"] >= 0
+        per_cell = [next(c for c in cell["targets"] if c["name"] == name) for cell in result.values()]
+        values = [c["value"] for c in per_cell]
+        lower_is_better = per_cell[0]["limit"] >= 0
         worst = max(values) if lower_is_better else min(values)
         lines.append(
-            f"| {name} | {checks[0]['limit']:+.2f} | {worst:+.3f} | {statistics.fmean(values):+.3f} | "
-            f"{statistics.pstdev(values):.3f} | {sum(c['ok'] for c in checks)}/{len(checks)} |"
+            f"| {name} | {per_cell[0]['limit']:+.2f} | {worst:+.3f} | {statistics.fmean(values):+.3f} | "
+            f"{statistics.pstdev(values):.3f} | {sum(c['ok'] for c in per_cell)}/{len(per_cell)} |"
         )
     return "\n".join(lines)

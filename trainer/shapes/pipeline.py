@@ -13,9 +13,12 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from rlaifv.trainer.shapes.reference import ReferenceConfig
+
+if TYPE_CHECKING:
+    from rlaifv.trainer.iterate_config import IterateConfig
 
 # 2: dpo_lr 3e-5, expected-claims feedback. 3: dense patch labels and a same-colour-heavy yes/no mix (the judge
 # binds colour and shape for every seed), one round of 1000 images, counted claims, NLL weight 8 (recall kept).
@@ -129,7 +132,7 @@ def demo_config(seed: int = 0, overrides: list[str] | None = None) -> DemoConfig
     return build_config(DemoConfig, data, "")
 
 
-def iterate_config(config: DemoConfig, reference_dir: Path, run_dir: Path, progress: bool = True):
+def iterate_config(config: DemoConfig, reference_dir: Path, run_dir: Path, progress: bool = True) -> IterateConfig:
     from rlaifv.trainer.dpo_config import DPOConfig
     from rlaifv.trainer.feedback_config import FeedbackConfig
     from rlaifv.trainer.iterate_config import IterateConfig

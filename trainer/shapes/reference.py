@@ -22,7 +22,7 @@ import math
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, TypedDict
 
 import torch
 from tqdm.auto import tqdm
@@ -188,7 +188,7 @@ class ReferenceConfig:
             raise ValueError("steps, batches and train_images must be positive")
 
 
-def pixel_values(processor: Any, images: list) -> torch.Tensor:
+def pixel_values(processor: Any, images: list[Any]) -> torch.Tensor:
     return processor.image_processor(images, return_tensors="pt")["pixel_values"]
 
 
@@ -348,6 +348,13 @@ def one_answer(accuracy: dict[str, float], margin: float = 0.02) -> bool:
     return all(y >= 1.0 - margin for y in yes) or all(y <= margin for y in yes)
 
 
+class _ParamGroup(TypedDict):
+    """An SFT optimizer group: its parameters and its share of the scheduled learning rate."""
+
+    params: list[torch.nn.Parameter]
+    scale: float
+
+
 def sft(
     model: Any, data: SFTData, config: ReferenceConfig, pad_id: int, *, attempt: int = 0, probe: Any = None
 ) -> dict[str, Any]:
@@ -362,7 +369,7 @@ def sft(
     tower = list(model.model.vision_tower.parameters())
     tower_ids = {id(p) for p in tower}
     rest = [p for p in model.parameters() if id(p) not in tower_ids]
-    groups = [{"params": rest, "scale": 1.0}]
+    groups: list[_ParamGroup] = [{"params": rest, "scale": 1.0}]
     if config.tower_lr_scale > 0:
         groups.append({"params": tower, "scale": config.tower_lr_scale})
     else:

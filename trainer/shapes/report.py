@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from rlaifv.trainer.shapes.evaluate import EvalConfig, evaluate_seeds
+
+if TYPE_CHECKING:
+    from rlaifv.reward.model_pair import ModelPair
 
 RULES = {
     "model": "all samples (T=1)",
@@ -22,12 +25,14 @@ RULES = {
 METRICS = ("chair_i", "chair_s", "recall", "repeats")
 
 
-def pair_from_folders(policy_dir: Path, reference_dir: Path, policy_type: str, beta: float, normalize: str):
+def pair_from_folders(
+    policy_dir: Path, reference_dir: Path, policy_type: str, beta: float, normalize: str
+) -> ModelPair:
     """One evaluated model against the run's reference, with the bundle's reward settings."""
     from rlaifv.reward.bundle import load_pair
     from rlaifv.reward.scoring import RewardConfig
 
-    reward = RewardConfig(beta=beta, normalize=normalize)  # type: ignore[arg-type]
+    reward = RewardConfig(beta=beta, normalize=normalize)
     return load_pair(policy_dir, reference_dir, policy_type=policy_type, reward=reward)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -125,7 +126,7 @@ class TinyVLMSpec:
 PHRASE_JOINER = "ˍ"  # U+02CD, a letter to the pre-tokenizer (an underscore is punctuation)
 
 
-def build_tokenizer(words: tuple[str, ...] | list[str], phrases: tuple[str, ...] | list[str] = ()):
+def build_tokenizer(words: tuple[str, ...] | list[str], phrases: tuple[str, ...] | list[str] = ()) -> Any:
     """A word-level fast tokenizer whose pieces decode back to readable text.
 
     Metaspace marks word starts ("▁red") and punctuation is split off, so
@@ -138,8 +139,8 @@ def build_tokenizer(words: tuple[str, ...] | list[str], phrases: tuple[str, ...]
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
-    for tok in SPECIAL_TOKENS:
-        vocab[tok] = len(vocab)
+    for special in SPECIAL_TOKENS:
+        vocab[special] = len(vocab)
     for piece in PUNCTUATION + tuple(TEMPLATE_WORDS):
         vocab.setdefault(piece, len(vocab))
     joined = [phrase.replace(" ", PHRASE_JOINER) for phrase in phrases]
@@ -174,7 +175,7 @@ def build_tokenizer(words: tuple[str, ...] | list[str], phrases: tuple[str, ...]
     return fast
 
 
-def build_processor(spec: TinyVLMSpec):
+def build_processor(spec: TinyVLMSpec) -> Any:
     """A LlavaProcessor pairing the word tokenizer with a CLIP image processor."""
     from transformers import LlavaProcessor
     from transformers.models.clip import CLIPImageProcessorPil
@@ -196,7 +197,7 @@ def build_processor(spec: TinyVLMSpec):
     )
 
 
-def build_model(spec: TinyVLMSpec, tokenizer):
+def build_model(spec: TinyVLMSpec, tokenizer: Any) -> Any:
     """A randomly initialised LlavaForConditionalGeneration sized by `spec`."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration

@@ -70,7 +70,7 @@ class Scene:
                 counts: dict[int, int] = {}
                 for y in range(top, top + patch):
                     for x in range(left, left + patch):
-                        value = int(pixels[x, y])  # type: ignore[index]
+                        value = int(pixels[x, y])
                         counts[value] = counts.get(value, 0) + 1
                 if min_cover > 0:
                     objects = {k: v for k, v in counts.items() if k}
@@ -110,9 +110,9 @@ def random_scene(rng: random.Random, *, image_size: int = 64, max_objects: int =
     return Scene(tuple(placed), image_size)
 
 
-def scenes(seed: int, count: int, **kwargs) -> list[Scene]:
+def scenes(seed: int, count: int, *, image_size: int = 64, max_objects: int = 3) -> list[Scene]:
     rng = random.Random(seed)
-    return [random_scene(rng, **kwargs) for _ in range(count)]
+    return [random_scene(rng, image_size=image_size, max_objects=max_objects) for _ in range(count)]
 
 
 def caption(names: list[str]) -> str:
