@@ -87,7 +87,7 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
         raise RunStateError(
             f"{path} cannot be read ({exc}): it records the run's settings; restore it, or use a new output folder"
         ) from None
-    if not isinstance(previous, dict):
+    if not isinstance(previous, dict) or not isinstance(previous.get("config", {}), dict):
         raise RunStateError(f"{path} is not a run file: restore it, or use a new output folder")
     old, new = dict(previous.get("config", {})), dict(settings)
     for compared in (old, new):

@@ -676,3 +676,15 @@ def test_a_damaged_round_report_is_made_again_and_a_damaged_run_file_is_named(ti
     (out / "run.json").write_text('{"config": {')
     with pytest.raises(RunStateError, match=r"run.json cannot be read .*restore it, or use a new output folder"):
         run_iterate(config, _source(), labeler=_labeler())
+
+
+@pytest.mark.parametrize("damaged", [[], {"config": None}, {"config": ["model"]}])
+def test_a_run_file_of_another_shape_is_named(tiny_model: Path, tmp_path: Path, damaged: object) -> None:
+    """A run.json holding JSON of another shape (`"config": null`) ended in a TypeError traceback."""
+    from rlaifv.trainer.iterate import RUN_FILE, _check_run_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / RUN_FILE).write_text(json.dumps(damaged))
+    with pytest.raises(RunStateError, match=r"run.json is not a run file: restore it, or use a new output folder"):
+        _check_run_file(run, IterateConfig(model=str(tiny_model), output_dir=str(run)), _one_prompt())
