@@ -562,12 +562,14 @@ class JobStore:
             return None
         return _job(job_id, as_hash(await self.redis.hgetall(PREFIX + job_id)), owner)
 
-    async def result_lines(self, job: Job) -> AsyncIterator[str]:
+    async def result_lines(self, job: Job, after: int | None = None) -> AsyncIterator[str]:
         """The stored results as JSON texts (`{"index", "custom_id"?, "status", ...}`) in item order, read
         `RLAIFV_JOBS_PAGE_SIZE` at a time with HMGET, so memory stays flat for any job size. Items without a
-        result yet are skipped. The first page is read before the caller starts a response (see routes/jobs)."""
+        result yet are skipped. The first page is read before the caller starts a response (see routes/jobs).
+        `after`: only the results of the items after that index, the first page starting there (the results
+        hash is keyed by index, so a stream resumed near the end of a big job reads no page before it)."""
         key = PREFIX + job.id + ":results"
-        for start in range(0, job.total, self.page_size):
+        for start in range(0 if after is None else after + 1, job.total, self.page_size):
             fields = [str(i) for i in range(start, min(start + self.page_size, job.total))]
             with self.guard():
                 values = await self.redis.hmget(key, fields)

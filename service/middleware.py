@@ -39,6 +39,10 @@ class RequestContextMiddleware:
 
     Pure ASGI, so `receive` reaches handlers unwrapped and disconnects are seen. A refused body's connection is
     closed (`Connection: close`): kept open, the server read and threw away the rest of the upload.
+
+    A response started and never completed (its body cut short on purpose, as a job results stream is when Redis
+    fails mid-way, or by an error) is the server's failure, not the clean 200 its status line said: counted as 500,
+    its access line marked `cut` (499 when the client went away first).
     """
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics, settings: Settings) -> None:
@@ -58,12 +62,14 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         start = time.perf_counter()
         status = 500
-        started = False
-        abandoned = asyncio.Event()
+        started = completed = False
+        abandoned, gone = asyncio.Event(), asyncio.Event()
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status, started
-            if message["type"] == "http.response.start":
+            nonlocal status, started, completed
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                completed = True
+            elif message["type"] == "http.response.start":
                 started = True
                 status = message["status"]
                 headers = list(message.get("headers", []))
@@ -78,7 +84,7 @@ class RequestContextMiddleware:
             if too_big:
                 await self._reject_413(send_wrapper)
             else:
-                await self.app(scope, self._limited(receive, start, abandoned), send_wrapper)
+                await self.app(scope, self._limited(receive, start, abandoned, gone), send_wrapper)
         except _BodyTooLarge:
             if not started:
                 await self._reject_413(send_wrapper)
@@ -98,6 +104,10 @@ class RequestContextMiddleware:
         finally:
             if abandoned.is_set() and status == 400:
                 status = CLIENT_CLOSED
+            cut = False
+            if started and not completed and status != CLIENT_CLOSED:
+                cut = not gone.is_set()
+                status = 500 if cut else CLIENT_CLOSED
             route = scope.get("route") or _matched_route(scope)
             template = getattr(route, "path", None) or "unmatched"
             elapsed = time.perf_counter() - start
@@ -114,7 +124,8 @@ class RequestContextMiddleware:
                     "route": template,
                     "status": status,
                     "duration_s": round(elapsed, 5),
-                },
+                }
+                | ({"cut": True} if cut else {}),
             )
             request_id_var.reset(token)
 
@@ -127,11 +138,11 @@ class RequestContextMiddleware:
                     return False
         return False
 
-    def _limited(self, receive: Receive, start: float, abandoned: asyncio.Event) -> Receive:
+    def _limited(self, receive: Receive, start: float, abandoned: asyncio.Event, gone: asyncio.Event) -> Receive:
         """`receive` with the body's limits: its size, and its deadline while it is incomplete (after it, a
         handler waits on `receive` for the client's disconnect as long as the request runs). `abandoned` is set
         when the client goes away with its body part-sent: the failed parse of half a body then counts as nginx's
-        499, not a 400 on the client-error dashboards."""
+        499, not a 400 on the client-error dashboards. `gone` is set at any disconnect seen."""
         seen = 0
         complete = False
         limit = self.max_body_bytes
@@ -140,18 +151,21 @@ class RequestContextMiddleware:
         async def wrapped() -> Message:
             nonlocal seen, complete
             if complete:
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.perf_counter()))
-            except TimeoutError:
-                raise _BodyTooSlow(self.body_timeout_s) from None
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _BodyTooLarge(limit)
-                complete = not message.get("more_body", False)
-            elif message["type"] == "http.disconnect" and seen:  # gone with part of its body sent
-                abandoned.set()
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.perf_counter()))
+                except TimeoutError:
+                    raise _BodyTooSlow(self.body_timeout_s) from None
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > limit:
+                        raise _BodyTooLarge(limit)
+                    complete = not message.get("more_body", False)
+                elif message["type"] == "http.disconnect" and seen:  # gone with part of its body sent
+                    abandoned.set()
+            if message["type"] == "http.disconnect":
+                gone.set()
             return message
 
         return wrapped

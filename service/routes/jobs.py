@@ -4,11 +4,13 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
+from starlette.types import Receive, Scope, Send
 
 from rlaifv.service.errors import BadRequest, NotEnabled, NotFound, StoreUnavailable, Unavailable, error_responses
 from rlaifv.service.jobs import JobStore, parse_jsonl
@@ -29,6 +31,50 @@ IdempotencyKey = Annotated[
         "job the first one created (same body required, else 409). The SDK sends one per submit.",
     ),
 ]
+
+
+class StreamCut(Exception):
+    """Raised by the body iterator of a `CuttableStreamingResponse` to leave the response incomplete."""
+
+
+# Set in the task that serves a response cut on purpose: uvicorn's "returned without completing" error line is
+# then dropped (`_CutOnPurpose`); the cut was logged already, as a warning naming its job.
+_cut_on_purpose: ContextVar[bool] = ContextVar("rlaifv_response_cut", default=False)
+_UVICORN_INCOMPLETE = "ASGI callable returned without completing response"
+
+
+class _CutOnPurpose(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_cut_on_purpose.get() and record.getMessage().startswith(_UVICORN_INCOMPLETE))
+
+
+logging.getLogger("uvicorn.error").addFilter(_CutOnPurpose())
+
+
+class CuttableStreamingResponse(StreamingResponse):
+    """A stream that its iterator can end *incomplete* by raising `StreamCut`: the final body message is never sent,
+    so the server closes the connection without the terminating chunk and every HTTP client sees an error (httpx:
+    RemoteProtocolError, incomplete chunked read). A body that merely ended early was taken for a whole one (by our
+    SDK too: results were lost unnoticed); raising another error from the iterator did the same as this, but uvicorn
+    logged it as an unhandled exception with its traceback."""
+
+    cut = False
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            async for chunk in self.body_iterator:
+                body = chunk.encode(self.charset) if isinstance(chunk, str) else chunk
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+        except StreamCut:
+            self.cut = True
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(scope, receive, send)
+        if self.cut:  # here, not in `stream_response`: Starlette may run that in a task of its own
+            _cut_on_purpose.set(True)
 
 
 def _prefers_jsonl(accept: str) -> bool:
@@ -190,13 +236,22 @@ async def get_job_results(
         Literal["json", "jsonl"] | None,
         Query(description="jsonl: one result per line (also chosen by `Accept: application/x-ndjson`)."),
     ] = None,
+    after: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            description="An item index: only the results of the items after it, still in item order. Resumes a "
+            "stream that was cut: pass the `index` of the last result read.",
+        ),
+    ] = None,
 ) -> StreamingResponse:
     """Both forms are streamed from Redis a page at a time, so a 10,000-item job costs the server one page of
-    memory. Items without a result yet are left out. Should Redis fail mid-stream the body ends early (a
-    JSON body is then invalid, a JSONL one short): compare the count with the job's `completed + failed`."""
+    memory. Items without a result yet are left out. Should Redis fail mid-stream the response is left
+    incomplete (the connection closes without the body's end: every HTTP client sees an error, never a body that
+    looks whole): read on with `after` set to the index of the last result read."""
     job = _found(await store.get(job_id, _owner(request)), job_id)
     jsonl = format == "jsonl" or (format is None and _prefers_jsonl(request.headers.get("accept", "")))
-    lines = store.result_lines(job)
+    lines = store.result_lines(job, after)
     first = await anext(lines, None)  # Redis failing here is still a 503, not a cut-off 200
 
     async def body() -> AsyncIterator[str]:
@@ -207,13 +262,13 @@ async def get_job_results(
             try:
                 async for line in lines:
                     yield (line + "\n") if jsonl else ("," + line)
-            except StoreUnavailable as exc:  # the status line is sent: the body ends early, as documented
+            except StoreUnavailable as exc:  # the status line is sent: only an incomplete body can say it failed
                 log.warning("job results cut short: %s", exc.message, extra={"job": job.id})
-                return
+                raise StreamCut from None
         if not jsonl:
             yield "]}"
 
-    return StreamingResponse(body(), media_type=JSONL if jsonl else "application/json")
+    return CuttableStreamingResponse(body(), media_type=JSONL if jsonl else "application/json")
 
 
 @router.delete(

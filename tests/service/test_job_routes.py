@@ -1,10 +1,14 @@
-"""The job routes against a store that fails on cue (no Redis): a results stream cut by an outage, content
-negotiation, uploads' encodings and the bounds of a job's labels."""
+"""The job routes against a store that fails on cue (no Redis): a results stream cut by an outage (under real
+uvicorn: the body left incomplete, and the SDK reading on from its last result), content negotiation, uploads'
+encodings and the bounds of a job's labels; `after` and the job list against a real Redis."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -12,28 +16,36 @@ import pytest
 from fastapi import FastAPI
 
 from rlaifv.service.errors import StoreUnavailable, install_error_handlers
+from rlaifv.service.metrics import Metrics
 from rlaifv.service.protocol import Job, JobRequest
 from rlaifv.service.routes import jobs as job_routes
 
+JOB_ID = "job-" + "0" * 32
+RESULTS = f"/v1/jobs/{JOB_ID}/results"
+
 
 class FlakyStore:
-    """Two results, then Redis goes away; `create` records what it was given."""
+    """A job of `total` results; Redis goes away after `fail_after` results of a stream, for the first `outages`
+    streams (for every one by default). `create` records what it was given."""
 
     max_items = 10_000
 
-    def __init__(self) -> None:
+    def __init__(self, total: int = 3, fail_after: int = 2, outages: int | None = None) -> None:
         now = int(time.time())
-        self.job = Job(id="job-" + "0" * 32, kind="rewards", status="succeeded", created=now, updated=now,
-                       total=3, completed=3, failed=0)  # fmt: skip
+        self.job = Job(id=JOB_ID, kind="rewards", status="succeeded", created=now, updated=now,
+                       total=total, completed=total, failed=0)  # fmt: skip
+        self.fail_after, self.outages = fail_after, outages
         self.created: list[JobRequest] = []
 
     async def get(self, job_id: str, owner: str | None = None) -> Job:
         return self.job
 
-    async def result_lines(self, job: Job) -> AsyncIterator[str]:
-        for i in range(2):
+    async def result_lines(self, job: Job, after: int | None = None) -> AsyncIterator[str]:
+        for sent, i in enumerate(range(0 if after is None else after + 1, job.total)):
+            if sent == self.fail_after and self.outages != 0:
+                self.outages = None if self.outages is None else self.outages - 1
+                raise StoreUnavailable("the job store (Redis) is unavailable: ConnectionError")
             yield f'{{"index":{i},"status":"succeeded"}}'
-        raise StoreUnavailable("the job store (Redis) is unavailable: ConnectionError")
 
     async def create(self, request: JobRequest, **kwargs: Any) -> Job:
         self.created.append(request)
@@ -49,20 +61,175 @@ def client() -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=True), base_url="http://t")
 
 
+def jobs_app(store: Any) -> tuple[FastAPI, Metrics]:
+    """The job routes behind the service's request middleware (access log, metrics), on `store`."""
+    from rlaifv.service.middleware import RequestContextMiddleware
+    from rlaifv.service.settings import Settings
+
+    app, metrics = FastAPI(), Metrics()
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, settings=Settings())
+    app.include_router(job_routes.router)
+    app.state.job_store = store
+    return app, metrics
+
+
+@contextlib.contextmanager
+def served(app: FastAPI) -> Iterator[str]:
+    """`app` under uvicorn with the HTTP stack `rlaifv serve` runs, on a free port, in a thread; yields its URL."""
+    import uvicorn
+
+    from rlaifv.service.serve_cli import HTTP_OPTIONS
+    from rlaifv.testing.server import free_port
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off", **HTTP_OPTIONS)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True, name=f"uvicorn-{port}")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert not thread.is_alive(), "uvicorn did not stop"
+
+
+@pytest.fixture
+def records() -> Iterator[list[logging.LogRecord]]:
+    """Every record of our loggers and uvicorn's, whatever an earlier test in this process made of their
+    propagation (`configure_logging` turns it off)."""
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = seen.append
+    loggers = [logging.getLogger(name) for name in ("rlaifv", "uvicorn.error")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    yield seen
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def requests_counted(metrics: Metrics, status: str) -> float:
+    labels = {"route": "/v1/jobs/{job_id}/results", "method": "GET", "status": status}
+    return metrics.registry.get_sample_value("rlaifv_http_requests_total", labels) or 0.0
+
+
 @pytest.mark.parametrize("format", ["jsonl", "json"])
-async def test_a_results_stream_cut_by_an_outage_ends_early_and_is_not_an_error(
-    client: httpx.AsyncClient, format: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """It was aborted mid-chunk ("peer closed connection without sending complete message body") and logged as an
-    unhandled error under a 200; the docs promise a body that ends early."""
-    async with client:
-        response = await client.get(f"/v1/jobs/{'job-' + '0' * 32}/results", params={"format": format})
-    assert response.status_code == 200
+def test_a_results_stream_cut_by_an_outage_is_left_incomplete(format: str, records: list[logging.LogRecord]) -> None:
+    """Ending the body cleanly let every client take a cut stream for a whole one (results were lost unnoticed);
+    raising from the body made uvicorn log an unhandled error with a traceback. Now the body has no end (no last
+    chunk): an error to any HTTP client, one warning naming the job in the logs, and a failure in the metrics."""
+    app, metrics = jobs_app(FlakyStore())
+    received = b""
+    with served(app) as url, httpx.Client(base_url=url) as http:
+        with (
+            pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"),
+            http.stream("GET", RESULTS, params={"format": format}) as response,
+        ):
+            assert response.status_code == 200
+            for chunk in response.iter_bytes():
+                received += chunk
+        assert http.get("/v1/jobs/" + JOB_ID).status_code == 200  # the server serves on
+    first, second = '{"index":0,"status":"succeeded"}', '{"index":1,"status":"succeeded"}'
     if format == "jsonl":
-        assert response.text.splitlines() == ['{"index":0,"status":"succeeded"}', '{"index":1,"status":"succeeded"}']
+        assert received.decode().splitlines() == [first, second]
     else:
-        assert response.text.endswith('{"index":1,"status":"succeeded"}')  # invalid JSON: the count tells
-    assert "job results cut short" in caplog.text
+        assert received.decode().endswith(f"[{first},{second}")
+    (cut,) = [r for r in records if r.getMessage().startswith("job results cut short")]
+    assert cut.levelno == logging.WARNING and cut.job == JOB_ID
+    assert not [r for r in records if r.levelno >= logging.ERROR or r.exc_info], [r.getMessage() for r in records]
+    (access,) = [r for r in records if r.name == "rlaifv.access" and r.route == "/v1/jobs/{job_id}/results"]
+    assert (access.status, access.cut) == (500, True)
+    assert (requests_counted(metrics, "500"), requests_counted(metrics, "200")) == (1.0, 0.0)
+
+
+def test_a_whole_results_stream_is_complete_and_counted_200(records: list[logging.LogRecord]) -> None:
+    app, metrics = jobs_app(FlakyStore(fail_after=3))
+    with served(app) as url:
+        response = httpx.get(url + RESULTS, params={"format": "jsonl"})
+    assert response.status_code == 200 and len(response.text.splitlines()) == 3
+    (access,) = [r for r in records if r.name == "rlaifv.access"]
+    assert access.status == 200 and not hasattr(access, "cut")
+    assert requests_counted(metrics, "200") == 1.0
+
+
+class StallingStore(FlakyStore):
+    """One result, then a Redis that never answers (until the request is cancelled)."""
+
+    async def result_lines(self, job: Job, after: int | None = None) -> AsyncIterator[str]:
+        import asyncio
+
+        yield '{"index":0,"status":"succeeded"}'
+        await asyncio.Event().wait()
+        yield '{"index":1,"status":"succeeded"}'
+
+
+def test_a_client_leaving_a_stream_is_counted_499_not_a_cut(records: list[logging.LogRecord]) -> None:
+    """A response left unfinished because its client went away is the client's doing, as nginx counts it."""
+    app, metrics = jobs_app(StallingStore())
+    with served(app) as url:
+        with httpx.Client(base_url=url) as http, http.stream("GET", RESULTS, params={"format": "jsonl"}) as response:
+            assert next(response.iter_lines()) == '{"index":0,"status":"succeeded"}'
+        deadline = time.monotonic() + 10
+        while requests_counted(metrics, "499") == 0:
+            assert time.monotonic() < deadline, "the disconnect was not counted"
+            time.sleep(0.01)
+    assert requests_counted(metrics, "500") == requests_counted(metrics, "200") == 0
+    (access,) = [r for r in records if r.name == "rlaifv.access"]
+    assert access.status == 499 and not hasattr(access, "cut")
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+async def test_the_sdk_reads_on_across_a_cut_stream_of_the_real_server(asynchronous: bool) -> None:
+    """Two outages mid-stream, each after two results: the SDK asks for the rest after the last result it read and
+    yields every result once, in order."""
+    from rlaifv_client import AsyncClient, Backoff, Client
+
+    app, metrics = jobs_app(FlakyStore(total=7, fail_after=2, outages=2))
+    seen: list[str | None] = []
+    fast = Backoff(initial=0.01, max=0.01)
+    with served(app) as url:
+        if asynchronous:
+
+            async def on_request(request: httpx.Request) -> None:
+                seen.append(request.url.params.get("after"))
+
+            hooks: dict[str, Any] = {"request": [on_request]}
+            async with AsyncClient(base_url=url, backoff=fast, http_client=httpx.AsyncClient(event_hooks=hooks)) as ac:
+                indices = [r.index async for r in ac.jobs.results(JOB_ID)]
+        else:
+            hooks = {"request": [lambda request: seen.append(request.url.params.get("after"))]}
+            with Client(base_url=url, backoff=fast, http_client=httpx.Client(event_hooks=hooks)) as client:
+                indices = [r.index for r in client.jobs.results(JOB_ID)]
+    assert indices == list(range(7)) and seen == [None, "1", "3"]
+    assert (requests_counted(metrics, "500"), requests_counted(metrics, "200")) == (2.0, 1.0)
+
+
+def test_the_sdk_without_retries_raises_at_a_cut_saying_how_far_it_read() -> None:
+    from rlaifv_client import APIConnectionError, APITimeoutError, Client
+
+    app, _ = jobs_app(FlakyStore(total=7, fail_after=2))
+    read: list[int] = []
+    with (
+        served(app) as url,
+        Client(base_url=url, max_retries=0) as client,
+        pytest.raises(APIConnectionError) as info,
+    ):
+        for result in client.jobs.results(JOB_ID):
+            read.append(result.index)
+    assert read == [0, 1] and not isinstance(info.value, APITimeoutError)
+    assert isinstance(info.value.__cause__, httpx.RemoteProtocolError)
+    assert f"the results stream of job {JOB_ID} was cut after 2 results; jobs.results(job, after=1) reads on" in str(
+        info.value
+    )
 
 
 @pytest.mark.parametrize(
@@ -292,3 +459,80 @@ def test_the_job_list_is_in_the_schema() -> None:
     op = schema["paths"]["/v1/jobs"]["get"]
     assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/JobList")
     assert {p["name"] for p in op["parameters"]} == {"limit", "after"} and "422" not in op["responses"]
+
+
+# -- GET /v1/jobs/{id}/results?after= ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("after", ["-1", "x", "1.5", ""])
+async def test_a_bad_results_after_is_a_400_naming_it(client: httpx.AsyncClient, after: str) -> None:
+    async with client:
+        r = await client.get(RESULTS, params={"after": after, "format": "jsonl"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == ("after", "invalid_value") and "after" in error["message"], error
+
+
+async def test_results_after_an_index_start_past_it_reading_from_there(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against a real Redis: only results of items after `after`, in item order, items without a result left out;
+    the first page read starts at `after + 1` (the results hash is keyed by index), not at item 0."""
+    import json
+    import uuid
+
+    from rlaifv.service.app import create_app
+    from rlaifv.service.jobs import JobStore
+    from rlaifv.service.redis_conn import connect
+    from rlaifv.service.settings import Settings
+
+    settings = Settings(redis_url=redis_url, jobs_page_size=2, jobs_stream=f"rlaifv:jobs:after-{uuid.uuid4().hex}")
+    app = create_app(settings)
+    redis = connect(settings)
+    store = app.state.job_store = JobStore(redis, settings)
+    job = await store.create(JobRequest(kind="rewards", items=[ITEM] * 8))
+    for i in (0, 1, 2, 4, 5, 7):  # 3 and 6 have no result yet
+        await store.record(job.id, i, {"custom_id": f"c{i}", "status": "failed", "error": {"message": "m"}})
+    asked: list[list[str]] = []
+    real = redis.hmget
+
+    async def hmget(key: str, fields: list[str]) -> Any:
+        asked.append(list(fields))
+        return await real(key, fields)
+
+    monkeypatch.setattr(redis, "hmget", hmget)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            for after, expected in [
+                (None, [0, 1, 2, 4, 5, 7]),
+                (0, [1, 2, 4, 5, 7]),
+                (2, [4, 5, 7]),
+                (3, [4, 5, 7]),
+                (5, [7]),
+                (7, []),
+                (1000, []),
+            ]:
+                params: dict[str, Any] = {} if after is None else {"after": after}
+                asked.clear()
+                lines = await client.get(f"/v1/jobs/{job.id}/results", params=params | {"format": "jsonl"})
+                whole = await client.get(f"/v1/jobs/{job.id}/results", params=params)
+                assert lines.status_code == whole.status_code == 200, (lines.text, whole.text)
+                assert [json.loads(line)["index"] for line in lines.text.splitlines()] == expected, after
+                assert [item["index"] for item in whole.json()["data"]] == expected, after
+                assert whole.json()["data"][:1] == [json.loads(line) for line in lines.text.splitlines()][:1]
+                start = 0 if after is None else after + 1
+                assert (asked[0][0] if asked else None) == (str(start) if start < 8 else None), (after, asked)
+    finally:
+        await redis.aclose()
+
+
+def test_results_after_is_in_the_schema() -> None:
+    from rlaifv.service.app import create_app
+    from rlaifv.service.settings import Settings
+
+    op = create_app(Settings()).openapi()["paths"]["/v1/jobs/{job_id}/results"]["get"]
+    (after,) = [p for p in op["parameters"] if p["name"] == "after"]
+    assert after["in"] == "query" and not after.get("required") and "last result read" in after["description"]
+    assert {"type": "integer", "minimum": 0} in after["schema"].get("anyOf", [after["schema"]])
+    assert "422" not in op["responses"]

@@ -14,7 +14,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Literal, NoReturn, SupportsIndex, TypeVar
 from urllib.parse import quote
 
@@ -454,6 +454,15 @@ def results_call(path: str, timeout: Any) -> APICall[JobResult]:
     return APICall("GET", path, JobResult, params={"format": "jsonl"}, timeout=timeout, headers={"Accept": JSONL})
 
 
+class BodyCut(Exception):
+    """A streamed response body that broke off after it began (the connection closed or stalled before its end):
+    raised by the clients' `_stream_lines`, for `jobs.results` to read on (`ResultsReading`)."""
+
+    def __init__(self, error: httpx.TransportError, request: httpx.Request) -> None:
+        super().__init__(str(error))
+        self.error, self.request = error, request
+
+
 def readiness_call(timeout: Any) -> APICall[Health]:
     """GET /readyz once (no retries): 503 means "not ready" (also when an ingress answers it with its own page)."""
     return APICall(
@@ -579,6 +588,61 @@ class Waiting:
             assert self.timeout is not None
             raise wait_timed_out(self.name, self.timeout, self.job, self.error) from self.error
         return min(pause, left)
+
+
+class ResultsReading:
+    """The reading of one job's results (`jobs.results`), shared by both clients (they only send and sleep).
+
+    A stream cut part-way (the server leaves it unfinished when Redis fails mid-way; the network breaks) is read on
+    with `after=` the index of the last result yielded, so no result comes twice (one at or before it is dropped,
+    should a server ignore `after`) and none is skipped. Reading on is a retry of the call: counted against
+    `max_retries` and made only within its timeout (`Retrying`, one per call: the X-Request-ID stays). A stream that
+    brought new results since it started begins the count and the timeout afresh, from its cut: the time the caller
+    spends on results is not the server's, and a big job read through several cuts, each after progress, is read to
+    its end. Giving up raises an `APIConnectionError` (`APITimeoutError` for a stalled stream) saying how many
+    results were read and the `after` to read on with."""
+
+    def __init__(self, client: BaseClient, job_id: str | Job, after: int | None, timeout: Any) -> None:
+        if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
+            raise InvalidArgumentError(f"after must be an item index (an int >= 0), got {after!r}", param="after")
+        self.client, self.job = client, _job_id(job_id)
+        self.first = results_call(_job_path(job_id, "/results"), timeout)
+        self.retrying = client._retrying(self.first)
+        self.last = after  # the index of the last result yielded (or the caller's `after`)
+        self.read = 0
+        self.progressed = False  # new results since the stream (re)started
+
+    def call(self) -> APICall[JobResult]:
+        """The next stream's call: the first one's (its request id kept), after the last result yielded."""
+        params = dict(self.first.params or {})
+        if self.last is not None:
+            params["after"] = self.last
+        return replace(self.first, params=params)
+
+    def take(self, call: APICall[JobResult], line: str) -> JobResult | None:
+        """The result of a line, or None for a blank line or a result already yielded."""
+        if not line:
+            return None
+        result = self.client._parse_line(call, line)
+        if self.last is not None and result.index <= self.last:
+            return None
+        self.last, self.read, self.progressed = result.index, self.read + 1, True
+        return result
+
+    def cut(self, cut: BodyCut) -> float | None:
+        """Seconds to wait before reading on, or None to give up (then raise `gave_up(cut)`)."""
+        if self.progressed:
+            self.retrying, self.progressed = self.client._retrying(self.first), False
+        return self.retrying.delay(None, cut.error)
+
+    def gave_up(self, cut: BodyCut) -> APIConnectionError:
+        plural = "" if self.read == 1 else "s"
+        resume = "" if self.last is None else f"; jobs.results(job, after={self.last}) reads on from there"
+        message = f"the results stream of job {self.job} was cut after {self.read} result{plural}{resume}: {cut}"
+        cls = APITimeoutError if isinstance(cut.error, httpx.TimeoutException) else APIConnectionError
+        error = cls(message, request=cut.request)
+        error.note = self.retrying.note
+        return error
 
 
 class Readiness:

@@ -23,9 +23,12 @@ from ._base_client import (
     APICall,
     Backoff,
     BaseClient,
+    BodyCut,
     JobKind,
     NotGiven,
     Readiness,
+    ResultsReading,
+    Retrying,
     T,
     TimeoutTypes,
     Waiting,
@@ -37,7 +40,6 @@ from ._base_client import (
     liveness_call,
     progress_line,
     readiness_call,
-    results_call,
     score_body,
     split_lines,
     submission_headers,
@@ -162,9 +164,9 @@ class Client(BaseClient):
                 response.close()
             time.sleep(delay)
 
-    def _stream_lines(self, call: APICall[Any]) -> Generator[str, None, None]:
-        """The response body's lines as they arrive; retried like `_request` until the response starts."""
-        retrying = self._retrying(call)
+    def _stream_lines(self, call: APICall[Any], retrying: Retrying) -> Generator[str, None, None]:
+        """The response body's lines as they arrive; retried like `_request` until the response starts, then
+        `BodyCut` if the body breaks off."""
         while True:
             request = self._build_request(self._http, call, retrying)
             try:
@@ -178,7 +180,7 @@ class Client(BaseClient):
                     try:
                         yield from split_lines(response.iter_text())
                     except httpx.TransportError as exc:
-                        raise self._connection_error(exc, request) from exc
+                        raise BodyCut(exc, request) from exc
                     finally:
                         response.close()
                     return
@@ -431,16 +433,30 @@ class Jobs:
         )
 
     def results(
-        self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN
+        self, job_id: str | Job, *, after: int | None = None, timeout: TimeoutTypes | NotGiven = NOT_GIVEN
     ) -> Generator[JobResult, None, None]:
         """Iterate over the job's results so far, in item order (each a ``BestOfN``/``Rewards`` or an error, with
         the item's ``custom_id``). Streamed as JSONL and parsed line by line, so a job of any size costs the memory
         of one result; items without a result yet are left out, so call after ``wait`` for all of them. A
-        generator: ``close()`` it (``contextlib.closing``) to release the stream when stopping early."""
-        call = results_call(_job_path(job_id, "/results"), timeout)
-        for line in self._client._stream_lines(call):
-            if line:
-                yield self._client._parse_line(call, line)
+        generator: ``close()`` it (``contextlib.closing``) to release the stream when stopping early.
+
+        ``after``: only the results of items after this index. A stream cut part-way is read on from the last
+        result yielded, within the retries and the timeout; ``APIConnectionError`` says how many were read."""
+        reading = ResultsReading(self._client, job_id, after, timeout)
+        while True:
+            call = reading.call()
+            try:
+                with contextlib.closing(self._client._stream_lines(call, reading.retrying)) as lines:
+                    for line in lines:
+                        result = reading.take(call, line)
+                        if result is not None:
+                            yield result
+                return
+            except BodyCut as cut:
+                delay = reading.cut(cut)
+                if delay is None:
+                    raise reading.gave_up(cut) from cut.error
+            time.sleep(delay)
 
 
 class AsyncClient(BaseClient):
@@ -518,9 +534,9 @@ class AsyncClient(BaseClient):
                 await response.aclose()
             await asyncio.sleep(delay)
 
-    async def _stream_lines(self, call: APICall[Any]) -> AsyncGenerator[str, None]:
-        """The response body's lines as they arrive; retried like `_request` until the response starts."""
-        retrying = self._retrying(call)
+    async def _stream_lines(self, call: APICall[Any], retrying: Retrying) -> AsyncGenerator[str, None]:
+        """The response body's lines as they arrive; retried like `_request` until the response starts, then
+        `BodyCut` if the body breaks off."""
         while True:
             request = self._build_request(self._http, call, retrying)
             try:
@@ -535,7 +551,7 @@ class AsyncClient(BaseClient):
                         async for line in asplit_lines(response.aiter_text()):
                             yield line
                     except httpx.TransportError as exc:
-                        raise self._connection_error(exc, request) from exc
+                        raise BodyCut(exc, request) from exc
                     finally:
                         await response.aclose()
                     return
@@ -747,14 +763,25 @@ class AsyncJobs:
             await asyncio.sleep(waiting.pause())
 
     async def results(
-        self, job_id: str | Job, *, timeout: TimeoutTypes | NotGiven = NOT_GIVEN
+        self, job_id: str | Job, *, after: int | None = None, timeout: TimeoutTypes | NotGiven = NOT_GIVEN
     ) -> AsyncGenerator[JobResult, None]:
-        """Iterate (``async for``) over the job's results so far, in item order, streamed. See ``Jobs.results``.
+        """Iterate (``async for``) over the job's results so far, in item order, streamed, read on across a cut
+        stream. See ``Jobs.results``.
 
         To stop early, close it (``async with contextlib.aclosing(client.jobs.results(job)) as results:``): the
         stream's connection is released at once, not when the event loop finalizes the abandoned generator."""
-        call = results_call(_job_path(job_id, "/results"), timeout)
-        async with contextlib.aclosing(self._client._stream_lines(call)) as lines:
-            async for line in lines:
-                if line:
-                    yield self._client._parse_line(call, line)
+        reading = ResultsReading(self._client, job_id, after, timeout)
+        while True:
+            call = reading.call()
+            try:
+                async with contextlib.aclosing(self._client._stream_lines(call, reading.retrying)) as lines:
+                    async for line in lines:
+                        result = reading.take(call, line)
+                        if result is not None:
+                            yield result
+                return
+            except BodyCut as cut:
+                delay = reading.cut(cut)
+                if delay is None:
+                    raise reading.gave_up(cut) from cut.error
+            await asyncio.sleep(delay)
