@@ -86,8 +86,24 @@ def test_a_server_still_loading_at_the_deadline_fails_then_naming_why(monkeypatc
     assert caught.value.code == "not_ready"
     assert caught.value.note == (
         "not retried: the server asked to retry after 5 s (Retry-After), past this call's timeout of 12 s "
-        "(2.0 s left after 3 attempts)"
+        "(2.0 s left after 3 attempts, and a retry needs 1 s after its wait)"
     )
+
+
+def test_a_retry_with_too_little_time_left_after_its_wait_is_not_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Retry-After of 9 s with 10 s left: the retry would have had 0.01 s and failed as a timeout, hiding the
+    server's 503; it needs a second (a quarter of a shorter timeout) after its wait."""
+    clock, slept = fake_clock(monkeypatch)
+    seen: list[tuple[float, httpx.Request]] = []
+    busy = lambda: httpx.Response(503, headers={"Retry-After": "9.5"}, json={"error": {"code": "queue_full"}})  # noqa: E731
+    http = httpx.Client(transport=httpx.MockTransport(scripted([busy], seen, clock)))
+    with (
+        Client(base_url="http://svc", http_client=http, timeout=10, max_retries=3, backoff=Backoff(jitter=0)) as c,
+        pytest.raises(ServerError) as caught,
+    ):
+        c.score(question=QUESTION, answers=["a"])
+    assert len(seen) == 1 and slept == []
+    assert caught.value.status_code == 503 and "a retry needs 1 s after its wait" in (caught.value.note or "")
     assert str(caught.value).endswith(caught.value.note)
 
 

@@ -234,12 +234,14 @@ class Retrying:
         if self.budget is not None:
             left = self.budget - elapsed
             due = delay if retry_after is None else retry_after  # the server's own wait, not the capped one
-            if due >= left:
+            room = min(C.MIN_RETRY_ATTEMPT_S, self.budget / 4)  # what the retry itself needs
+            if due + room > left:
                 wait = "the next retry was due in" if retry_after is None else "the server asked to retry after"
                 header = "" if retry_after is None else " (Retry-After)"
                 self.note = (
                     f"not retried: {wait} {due:.3g} s{header}, past this call's timeout of {self.budget:g} s "
-                    f"({max(left, 0.0):.1f} s left after {self.attempt + 1} attempt{'s' if self.attempt else ''})"
+                    f"({max(left, 0.0):.1f} s left after {self.attempt + 1} attempt{'s' if self.attempt else ''},"
+                    f" and a retry needs {room:.2g} s after its wait)"
                 )
                 return None
             if delay >= left:  # the jitter added to a Retry-After that fits: not past the deadline

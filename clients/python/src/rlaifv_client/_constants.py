@@ -31,3 +31,6 @@ REQUEST_ID_HEADER = "X-Request-ID"
 RETRY_COUNT_HEADER = "X-RLAIFV-Retry-Count"
 USER_AGENT_NAME = "rlaifv-client"
 MIN_POLL_TIMEOUT = 1.0  # seconds: the shortest timeout of a `jobs.wait` poll near its deadline
+# seconds a retry must have left after its wait (a quarter of the call's timeout if that is less): a retry given
+# 0.01 s timed out, and the caller saw a timeout instead of the server's answer
+MIN_RETRY_ATTEMPT_S = 1.0
