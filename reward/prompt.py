@@ -3,7 +3,10 @@
 The prompt (image + question, rendered by the model's chat template) and each
 answer are tokenized *separately* and concatenated. Generation, service
 scoring and DPO training all go through these two functions, so the same
-answer text always becomes the same tokens wherever it is scored.
+answer text always becomes the same tokens wherever it is scored. An answer
+given as text is tokenized as it reads in the model's own rendered turn, after
+the generation prompt and what the template puts between it and the answer
+(`answer_seam`), not alone: the ids the model was trained on.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ def encode_prompt(
         )
     text = render_chat(processor, messages, continue_final=continue_final, param=text_param)
     tokenizer = processor.tokenizer
+    answer_seam(processor)  # found with the processor's own template, before any answer is tokenized
     has_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
     try:
         batch = processor(
@@ -191,7 +195,8 @@ def decoded_after(tokenizer: Any, ids: Sequence[int], context: Sequence[int] = (
 
 
 def continuation_ids(tokenizer: Any, text: str, context: Sequence[int] = ()) -> list[int]:
-    """`text`'s token ids; with `context` (the prompt's last tokens), as `text` tokenizes where it continues them.
+    """`text`'s token ids; with `context` (the prompt's last tokens), as `text` tokenizes where it continues them;
+    without, as an answer in a new assistant turn tokenizes there (`answer_ids`).
 
     A continuation's leading space belongs to its first token in some tokenizers (byte-level BPE: " red" is one
     token) and is implied by a word-start marker in others (SentencePiece adds "▁" itself; a literal space there
@@ -199,13 +204,88 @@ def continuation_ids(tokenizer: Any, text: str, context: Sequence[int] = ()) -> 
     context's own tokens, is right for both; where the two disagree at the seam (a merge across it), `text` is
     tokenized alone, its leading space left out."""
     if not context:
-        return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+        return answer_ids(tokenizer, text)
     head = str(tokenizer.decode(list(context), skip_special_tokens=True))
     head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
     both = tokenizer(head + text, add_special_tokens=False)["input_ids"]
     if head and list(both[: len(head_ids)]) == list(head_ids):
         return [int(t) for t in both[len(head_ids) :]]
     return [int(t) for t in tokenizer(text.lstrip(), add_special_tokens=False)["input_ids"]]
+
+
+@dataclass(frozen=True)
+class AnswerSeam:
+    """Where an assistant's answer starts in the chat template's text: `prompt`, a conversation rendered with the
+    generation prompt (`prompt_ids` its tokens), and `seam`, the whitespace the template writes between that and
+    the answer's text (LLaVA's "ASSISTANT:" + " " + answer; "" after ChatML's "<|im_start|>assistant\n")."""
+
+    prompt: str
+    seam: str
+    prompt_ids: tuple[int, ...]
+
+
+_MARKER = "Zq7 xylophone"
+"""Text no template changes, to find where a message's content lands in the template's rendering."""
+
+
+def answer_seam(owner: Any) -> AnswerSeam | None:
+    """The `AnswerSeam` of `owner`'s chat template (a processor's, else its tokenizer's); None where the template
+    cannot tell: no template, a rendering of the answered turn that does not extend the generation prompt, or
+    anything but whitespace between them (a reasoning block the answer's text does not spell).
+
+    Cached on the tokenizer, so that every caller (scoring, stop-cut samples, DPO pairs) tokenizes an answer
+    alike; `encode_prompt` finds it with the processor's template first (a folder whose template only the
+    processor has). A tokenizer without a template caches nothing: its processor may still come."""
+    tokenizer = getattr(owner, "tokenizer", owner)
+    cached = getattr(tokenizer, "_rlaifv_answer_seam", False)
+    if cached is not False:
+        return cached if isinstance(cached, AnswerSeam) else None
+    renderer = owner if getattr(owner, "chat_template", None) else tokenizer
+    if not getattr(renderer, "chat_template", None):
+        return None
+    found = _find_answer_seam(renderer, tokenizer)
+    with contextlib.suppress(AttributeError):  # a tokenizer that refuses new attributes: found again each time
+        tokenizer._rlaifv_answer_seam = found
+    return found
+
+
+def _find_answer_seam(renderer: Any, tokenizer: Any) -> AnswerSeam | None:
+    from jinja2 import TemplateError
+
+    for content in ([{"type": "text", "text": _MARKER}], _MARKER):  # parts (vision templates), or a plain string
+        question = [{"type": "text", "text": "Hi."}] if isinstance(content, list) else "Hi."
+        user = {"role": "user", "content": question}
+        try:
+            prompt = str(renderer.apply_chat_template([user], add_generation_prompt=True, tokenize=False))
+            turn = str(
+                renderer.apply_chat_template(
+                    [user, {"role": "assistant", "content": content}], add_generation_prompt=False, tokenize=False
+                )
+            )
+        except (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError):  # its own rules
+            continue
+        at = turn.find(_MARKER, len(prompt))
+        if at < 0 or not turn.startswith(prompt) or turn[len(prompt) : at].strip():
+            continue
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return AnswerSeam(prompt, turn[len(prompt) : at], tuple(int(t) for t in ids))
+    return None
+
+
+def answer_ids(tokenizer: Any, text: str) -> list[int]:
+    """`text`'s ids as an answer opening a new assistant turn: the template's seam and `text` tokenized after its
+    generation prompt, as in the whole rendered conversation the model was trained on (and RLAIF-V's log-probs
+    were read from). Tokenized alone, an answer can differ at its start: a fast Metaspace tokenizer gives "A" a
+    "▁" it has no room for after OmniLMM's "<|assistant|>\n" (or ChatML's), and " A" one "▁" fewer than LLaVA's
+    "ASSISTANT: " + " A"; byte-level BPE loses the space that Idefics' "Assistant:" + " " gives the first word.
+    Alone where the seam is unknown (`answer_seam`) or where the prompt's own tokens would change (a merge across
+    it: ChatML's "assistant\n" before an answer starting with a newline, in byte-level BPE)."""
+    seam = answer_seam(tokenizer)
+    if seam is not None:
+        both = tokenizer(seam.prompt + seam.seam + text, add_special_tokens=False)["input_ids"]
+        if tuple(both[: len(seam.prompt_ids)]) == seam.prompt_ids:
+            return [int(t) for t in both[len(seam.prompt_ids) :]]
+    return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
 CONTEXT_TOKENS = 4
@@ -333,7 +413,7 @@ def template_end_of_turn(processor: Any) -> str | None:
     from jinja2 import TemplateError
 
     tokenizer = getattr(processor, "tokenizer", processor)
-    marker = "Zq7 xylophone"
+    marker = _MARKER
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
     for content in ([{"type": "text", "text": marker}], marker):  # parts (vision templates), or a plain string
         first = [{"type": "text", "text": "Hi."}] if isinstance(content, list) else "Hi."
