@@ -213,6 +213,11 @@ def continuation_ids(tokenizer: Any, text: str, context: Sequence[int] = ()) -> 
     return [int(t) for t in tokenizer(text.lstrip(), add_special_tokens=False)["input_ids"]]
 
 
+ANSWER_TOKENIZATION_VERSION = 2
+"""What text answers tokenize to changed in version 2 (`answer_ids`: as inside the model's own rendered turn):
+rewards cached for the same text carry it."""
+
+
 @dataclass(frozen=True)
 class AnswerSeam:
     """Where an assistant's answer starts in the chat template's text: `prompt`, a conversation rendered with the

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from rlaifv.reward.images import PREPROCESSING_VERSION
+from rlaifv.reward.prompt import ANSWER_TOKENIZATION_VERSION
 from rlaifv.service.redis_conn import Breaker, RedisSkipped
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class RewardCache:
         h = hashlib.sha256()
         parts = [
             f"images-v{PREPROCESSING_VERSION}",
+            f"answers-v{ANSWER_TOKENIZATION_VERSION}",
             model,
             config.model_dump_json(),
             question or "",

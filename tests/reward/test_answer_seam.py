@@ -297,3 +297,14 @@ def test_the_shapes_world_answers_tokenize_as_before() -> None:
     for _ in range(300):
         text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) + rng.choice(["", ".", "?", " .", ","])
         assert continuation_ids(tok, text) == tok(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_cached_rewards_are_keyed_by_the_answer_tokenization_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rewards cached for the same text under the earlier tokenization (answers alone) are misses."""
+    from rlaifv.reward.scoring import RewardConfig
+    from rlaifv.service import cache
+
+    args = ("m", RewardConfig(), [b"image"], "q", None, ["a"])
+    now = cache.RewardCache.key(*args)
+    monkeypatch.setattr(cache, "ANSWER_TOKENIZATION_VERSION", cache.ANSWER_TOKENIZATION_VERSION - 1)
+    assert cache.RewardCache.key(*args) != now
