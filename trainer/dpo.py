@@ -160,13 +160,21 @@ def without_markup_rows(rows: Sequence[PreferenceRow], processor: Any) -> tuple[
 
 
 def encode_pairs(
-    rows: Sequence[PreferenceRow], tokenizer: Any, *, eot_id: int, max_answer_tokens: int | None = None
+    rows: Sequence[PreferenceRow],
+    tokenizer: Any,
+    *,
+    eot_id: int,
+    max_answer_tokens: int | None = None,
+    processor: Any = None,
 ) -> tuple[list[EncodedPair], dict[str, int]]:
-    """Tokenize answers with `reward.prompt.encode_answer`. Dropped, and counted by reason: pairs with an answer
-    over `max_answer_tokens`, and pairs whose answers are the same tokens (their DPO margin is 0 whatever the
-    weights: no gradient, only a lower reported accuracy)."""
-    from rlaifv.reward.prompt import encode_answer
+    """Tokenize answers with `reward.prompt.encode_answer`, as inside the turn the chat template renders (the
+    processor's template where only it has one: a legacy chat_template.json). Dropped, and counted by reason:
+    pairs with an answer over `max_answer_tokens`, and pairs whose answers are the same tokens (their DPO margin
+    is 0 whatever the weights: no gradient, only a lower reported accuracy)."""
+    from rlaifv.reward.prompt import answer_seam, encode_answer
 
+    if processor is not None:
+        answer_seam(processor)  # found with the processor's template, kept for every answer of the tokenizer
     pairs: list[EncodedPair] = []
     dropped = {"over_max_answer_tokens": 0, "identical_answers": 0}
     for row in rows:
@@ -790,6 +798,7 @@ def _train_dpo(
         tokenizer,
         eot_id=end_of_turn_id(tokenizer, config.end_of_turn, processor),
         max_answer_tokens=config.max_answer_tokens,
+        processor=processor,
     )
     dropped = {"markup_only_answers": read - len(rows), **dropped}
     if dropped["identical_answers"] and accelerator.is_main_process:

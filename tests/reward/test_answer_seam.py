@@ -308,3 +308,33 @@ def test_cached_rewards_are_keyed_by_the_answer_tokenization_version(monkeypatch
     now = cache.RewardCache.key(*args)
     monkeypatch.setattr(cache, "ANSWER_TOKENIZATION_VERSION", cache.ANSWER_TOKENIZATION_VERSION - 1)
     assert cache.RewardCache.key(*args) != now
+
+
+def test_dpo_pairs_read_answers_as_the_processors_template_renders_them() -> None:
+    """`train dpo` encoded its pairs before any prompt: with a template only the processor has (a legacy
+    chat_template.json), the answers were tokenized alone while scoring read them inside the turn."""
+    from rlaifv.trainer.data import PreferenceRow
+    from rlaifv.trainer.dpo import encode_pairs
+
+    def tokenizer_without_template() -> Any:
+        tok = _chatml_byte_level(IDEFICS)
+        tok.chat_template = None
+        return tok
+
+    class Processor:
+        chat_template = IDEFICS
+
+        def __init__(self, tokenizer: Any) -> None:
+            self.tokenizer = tokenizer
+
+        def apply_chat_template(self, messages: Any, **kwargs: Any) -> Any:
+            return self.tokenizer.apply_chat_template(messages, chat_template=IDEFICS, **kwargs)
+
+    rows = [PreferenceRow("r0", b"", "what is this", "Yes, a red box.", "No.")]
+    tok = tokenizer_without_template()
+    eot = tok.eos_token_id
+    (pair,), _ = encode_pairs(rows, tok, eot_id=eot, processor=Processor(tok))
+    assert pair.chosen_ids[:-1] == tok(" Yes, a red box.")["input_ids"]
+    tok = tokenizer_without_template()
+    (alone,), _ = encode_pairs(rows, tok, eot_id=eot)
+    assert alone.chosen_ids[:-1] == tok("Yes, a red box.")["input_ids"]
