@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import ssl
@@ -28,6 +29,7 @@ from ipaddress import ip_address
 from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
+import anyio
 import httpcore
 import httpx
 
@@ -116,9 +118,25 @@ def pinned() -> Iterator[dict[tuple[str, int], tuple[str, ...]]]:
         _PINS.reset(token)
 
 
+def interleaved(addresses: Sequence[str]) -> list[str]:
+    """`addresses` in the order RFC 8305 (section 4) dials them: IPv6 and IPv4 alternating, the first address's
+    family first, each family in the resolver's order (which sorted them by RFC 6724)."""
+    first = ip_address(addresses[0]).version
+    same = [a for a in addresses if ip_address(a).version == first]
+    other = [a for a in addresses if ip_address(a).version != first]
+    return [a for pair in itertools.zip_longest(same, other) for a in pair if a is not None]
+
+
 class PinnedBackend(httpcore.AsyncNetworkBackend):
     """httpcore's AnyIO backend connecting to the addresses pinned for a host and port, never to the name itself
-    (a second resolution could answer differently). A host with no pin is refused: fails closed."""
+    (a second resolution could answer differently). A host with no pin is refused: fails closed.
+
+    The pinned addresses are raced as happy eyeballs does (RFC 8305): `interleaved`, the next started `delay_s` after
+    the last or as soon as one fails, the first connection kept and the others cancelled or closed, all within the
+    connect timeout. Tried one after another, each with the whole timeout (the fetch's), a black-holed first address
+    left none to the second. anyio races only the addresses it resolves itself: given an IP it makes one attempt."""
+
+    delay_s = 0.25  # RFC 8305's Connection Attempt Delay, anyio's happy_eyeballs_delay
 
     def __init__(self) -> None:
         self._inner = httpcore.AnyIOBackend()
@@ -134,14 +152,55 @@ class PinnedBackend(httpcore.AsyncNetworkBackend):
         addresses = (_PINS.get() or {}).get((host, port))
         if not addresses:
             raise httpcore.ConnectError(f"no checked address for {host}:{port}")
-        error: Exception | None = None
-        for address in addresses:
+        options = list(socket_options or ())
+        try:
+            with anyio.fail_after(timeout):
+                return await self._race(interleaved(addresses), port, local_address, options)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"no connection to {host}:{port} within {timeout:g} s") from None
+
+    async def _race(
+        self,
+        addresses: list[str],
+        port: int,
+        local_address: str | None,
+        socket_options: list[httpcore.SOCKET_OPTION],
+    ) -> httpcore.AsyncNetworkStream:
+        winner: httpcore.AsyncNetworkStream | None = None
+        errors: list[tuple[str, Exception]] = []
+
+        async def attempt(address: str) -> None:
+            nonlocal winner
             try:
-                return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+                stream = await self._inner.connect_tcp(address, port, None, local_address, socket_options)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                error = exc
-        assert error is not None
-        raise error
+                errors.append((address, exc))
+                failed.set()
+                return
+            if winner is None:
+                winner = stream
+                attempts.cancel_scope.cancel()
+            else:
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+
+        try:
+            async with anyio.create_task_group() as attempts:
+                for address in addresses:
+                    failed = anyio.Event()  # set by a failing attempt: the next starts without waiting out the delay
+                    attempts.start_soon(attempt, address)
+                    with anyio.move_on_after(self.delay_s):
+                        await failed.wait()
+        except BaseException:
+            if winner is not None:
+                with anyio.CancelScope(shield=True):
+                    await winner.aclose()
+            raise
+        if winner is not None:
+            return winner
+        if len(errors) == 1:
+            raise errors[0][1]
+        raise httpcore.ConnectError("; ".join(f"{address}: {exc}" for address, exc in errors)) from errors[0][1]
 
     async def connect_unix_socket(
         self,

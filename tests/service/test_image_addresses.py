@@ -2,28 +2,33 @@
 private, link-local or cloud metadata address is refused unless the operator allowed that address (an IP or CIDR
 entry, or RLAIFV_ALLOW_PRIVATE_IMAGE_ADDRESSES for the private ranges), and the connection goes to the address
 checked, so a second DNS answer (rebinding) cannot swap it. An entry like `*.example.com` let a caller point a
-subdomain at 169.254.169.254 or 127.0.0.1 and the server fetched it."""
+subdomain at 169.254.169.254 or 127.0.0.1 and the server fetched it. A name's checked addresses are raced as happy
+eyeballs does (RFC 8305): tried one after another, each with the fetch's whole time limit, they left no time after
+a black-holed first address for the second."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import select
 import shutil
 import socket
 import ssl
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import ip_address
 from pathlib import Path
 
+import anyio
 import httpcore
 import httpx
 import pytest
 
 from rlaifv.reward.errors import ImageError
-from rlaifv.service.images import ImageLoader, PinnedBackend, PinnedTransport, pinned
+from rlaifv.service.images import ImageLoader, PinnedBackend, PinnedTransport, interleaved, pinned
 from rlaifv.service.settings import Settings
 from rlaifv.service.urls import address_kind, address_refusal, url_allowed
 from tests.service.conftest import png_bytes
@@ -358,6 +363,165 @@ async def test_a_connection_without_a_checked_address_is_refused() -> None:
     with pinned() as pins, pytest.raises(httpcore.ConnectError, match="no checked address"):
         pins[("img.test", 8080)] = ("127.0.0.1",)
         await backend.connect_tcp("img.test", 80)
+
+
+class FakeStream(httpcore.AsyncNetworkStream):
+    def __init__(self, address: str) -> None:
+        self.address, self.closed = address, False
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return b""
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class Dialer:
+    """httpcore's AnyIO backend as the pinned backend dials it, faked per address: "refuse" fails at once, "hang"
+    never answers (SYNs dropped), a number connects after that many seconds, an event connects when it is set (even
+    if the attempt was cancelled meanwhile: both answered at once), a function is called and connects at once; a
+    connect timeout given is kept, as the real backend does. Every dial (loop time, address, port), every stream and
+    every cancelled attempt is kept."""
+
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, plan: dict[str, str | float | anyio.Event | Callable[[], None]]
+    ) -> None:
+        self.plan = plan
+        self.dialled: list[tuple[float, str, int]] = []
+        self.streams: list[FakeStream] = []
+        self.cancelled: list[str] = []
+        self.start = asyncio.get_running_loop().time()
+        monkeypatch.setattr(httpcore.AnyIOBackend, "connect_tcp", self.connect_tcp)
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, *args, **kwargs) -> FakeStream:
+        self.dialled.append((self.now(), host, port))
+        how = self.plan[host]
+        try:
+            with anyio.fail_after(timeout):
+                if how == "refuse":
+                    raise httpcore.ConnectError("[Errno 111] Connection refused")
+                if how == "hang":
+                    await anyio.sleep_forever()
+                if isinstance(how, anyio.Event):
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(60):  # a guard: set in time, or a hang
+                        await how.wait()
+                elif isinstance(how, float):
+                    await anyio.sleep(how)
+                elif callable(how):
+                    how()
+        except anyio.get_cancelled_exc_class():
+            self.cancelled.append(host)
+            raise
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"timed out after {timeout} s") from None
+        self.streams.append(FakeStream(host))
+        return self.streams[-1]
+
+    def now(self) -> float:
+        return round(asyncio.get_running_loop().time() - self.start, 6)
+
+
+async def connect(addresses: Sequence[str], timeout: float = 5.0) -> httpcore.AsyncNetworkStream:
+    with pinned() as pins:
+        pins[("img.test", 443)] = tuple(addresses)
+        return await PinnedBackend().connect_tcp("img.test", 443, timeout=timeout)
+
+
+def test_addresses_are_tried_with_the_families_interleaved_the_first_ones_first() -> None:
+    assert interleaved(["2001:db8::1", "2001:db8::2", "2001:db8::3", "192.0.2.1", "192.0.2.2"]) == [
+        *("2001:db8::1", "192.0.2.1", "2001:db8::2", "192.0.2.2", "2001:db8::3"),
+    ]
+    assert interleaved(["192.0.2.1", "192.0.2.2", "::ffff:192.0.2.3", "2001:db8::1"]) == [
+        *("192.0.2.1", "::ffff:192.0.2.3", "192.0.2.2", "2001:db8::1"),
+    ]
+    assert interleaved(["192.0.2.2", "192.0.2.1"]) == ["192.0.2.2", "192.0.2.1"]
+
+
+@pytest.mark.looptime
+async def test_the_next_address_is_dialled_250_ms_after_the_last_and_the_first_connection_is_kept(
+    monkeypatch,
+) -> None:
+    """A black-holed address holds no other up: each one after it is dialled 250 ms after the one before, in the
+    interleaved order, and the first to connect is kept; the attempts still running are cancelled, and only the
+    pinned addresses are dialled (the fifth never: a connection came first)."""
+    pinned_ = ["2001:db8::1", "2001:db8::2", "2001:db8::3", "192.0.2.1", "192.0.2.2"]
+    dialer = Dialer(monkeypatch, dict.fromkeys(pinned_[:4], "hang") | {"192.0.2.2": 0.1})
+    stream = await connect(pinned_)
+    assert isinstance(stream, FakeStream) and stream.address == "192.0.2.2" and not stream.closed
+    assert dialer.dialled == [
+        *((0.0, "2001:db8::1", 443), (0.25, "192.0.2.1", 443), (0.5, "2001:db8::2", 443), (0.75, "192.0.2.2", 443)),
+    ]
+    assert dialer.now() == 0.85
+    assert sorted(dialer.cancelled) == ["192.0.2.1", "2001:db8::1", "2001:db8::2"]
+
+
+@pytest.mark.looptime
+async def test_a_refused_address_moves_on_at_once(monkeypatch) -> None:
+    dialer = Dialer(monkeypatch, {"192.0.2.1": "refuse", "192.0.2.2": "refuse", "192.0.2.3": 0.0})
+    stream = await connect(["192.0.2.1", "192.0.2.2", "192.0.2.3"])
+    assert isinstance(stream, FakeStream) and stream.address == "192.0.2.3"
+    assert dialer.dialled == [(0.0, "192.0.2.1", 443), (0.0, "192.0.2.2", 443), (0.0, "192.0.2.3", 443)]
+    dialer.plan["192.0.2.3"] = "refuse"
+    with pytest.raises(httpcore.ConnectError, match=r"192\.0\.2\.1: .*refused; 192\.0\.2\.2: .*; 192\.0\.2\.3: "):
+        await connect(["192.0.2.1", "192.0.2.2", "192.0.2.3"])
+    assert dialer.now() == 0.0
+
+
+@pytest.mark.looptime
+async def test_a_loser_that_connected_too_is_closed(monkeypatch) -> None:
+    """Both connect at the same moment (dialling the second completes the first): one is kept, the other closed."""
+    both = anyio.Event()
+    dialer = Dialer(monkeypatch, {"192.0.2.1": both, "192.0.2.2": both.set})
+    stream = await connect(["192.0.2.1", "192.0.2.2"])
+    assert [s.address for s in dialer.streams] == ["192.0.2.2", "192.0.2.1"]
+    assert stream is dialer.streams[0] and not stream.closed and dialer.streams[1].closed
+
+
+@pytest.mark.looptime
+async def test_the_race_ends_within_the_connect_timeout(monkeypatch) -> None:
+    dialer = Dialer(
+        monkeypatch, dict.fromkeys(["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4", "192.0.2.5"], "hang")
+    )
+    with pytest.raises(httpcore.ConnectTimeout, match=r"no connection to img\.test:443 within 0\.6 s"):
+        await connect(["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4", "192.0.2.5"], timeout=0.6)
+    assert dialer.now() == 0.6
+    assert [a for _, a, _ in dialer.dialled] == ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+    assert sorted(dialer.cancelled) == ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+
+
+@pytest.fixture
+def black_hole(hosts) -> Iterator[None]:
+    """127.0.0.3 on the 'checked' server's port dropping every SYN: a listener that never accepts, its queue full."""
+    listener = socket.socket()
+    filler = socket.socket()
+    try:
+        try:
+            listener.bind(("127.0.0.3", hosts["checked"].port))
+        except OSError:
+            pytest.skip("127.0.0.3 not usable on the test port")
+        listener.listen(0)
+        filler.connect(("127.0.0.3", hosts["checked"].port))  # the one connection the queue holds
+        assert select.select([listener], [], [], 10)[0], "the filler connection never reached the queue"
+        yield
+    finally:
+        filler.close()
+        listener.close()
+
+
+@pytest.mark.integration
+async def test_a_black_holed_first_address_leaves_time_for_the_second(hosts, black_hole) -> None:
+    """The reviewer's case: the name's first address drops SYNs, the second serves; tried one after another, the
+    first took the whole 5 s limit and the fetch failed."""
+    port, loop = hosts["checked"].port, asyncio.get_running_loop()
+    resolver = Resolver({"img.test": [["127.0.0.3", "127.0.0.2"]]})
+    start = loop.time()
+    assert await fetch(f"http://img.test:{port}/a.png", resolver, f"img.test:{port},127.0.0.0/8:{port}") == (
+        PUBLIC_IMAGE
+    )
+    assert loop.time() - start < 2.5  # 250 ms in all, the limit being 5 s
 
 
 @pytest.fixture(scope="module")
