@@ -20,7 +20,8 @@ Processing is at-least-once, results exactly-once:
 
 While Redis is unreachable, the store raises `StoreUnavailable` (503 with Retry-After at the HTTP edge) and
 workers back off up to RLAIFV_JOBS_BACKOFF_MAX_S, then resume by themselves: first the entries they held, taken
-up as the deliveries they were (an outage ended them, not the item: it must not count towards the bound).
+up as the deliveries they were (an outage ended them, not the item: it must not count towards the bound; up to
+RLAIFV_JOBS_MAX_DELIVERIES outages of an item go uncounted so).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, KeysView
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -163,27 +164,46 @@ for _, info in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
 end
 return removed
 """
+# Per stream entry, how often a Redis outage went uncounted (hash field `uncounted`: `RESUME`'s takings up and
+# deliveries given back, by any worker) and which interrupted deliveries (fields `{consumer}@{deliveries}`) got theirs
+# back. Created by `RESUME`, expiring after the jobs' TTL (the entry's job, created before it, is gone by then: its
+# item no longer runs), deleted with the entry's XACK. "outages:" is no job id either.
+OUTAGES = PREFIX + "outages:"
 # A consumer back from a Redis outage (KEYS[1] the stream; ARGV[1] the group, ARGV[2] the consumer, ARGV[3] how many
-# of its entries to read, ARGV[4] how many entry ids follow that it leaves alone, those ids, then pairs of (entry id,
-# deliveries) of the batch the outage interrupted). The outage ended its deliveries, not the items: it takes up
-# again the entries it still holds, each still on its delivery (XCLAIM with RETRYCOUNT as it was: no new one counted),
-# and an entry of that batch another worker took meanwhile gets back the delivery the taking counted (holder and
-# idle time kept), unless more takings followed. Idempotent, so a reply lost to another outage can be asked again.
+# of its entries to read, ARGV[4] the key prefix of the entries' outage records (`OUTAGES`), ARGV[5] how many outages
+# of one entry may go uncounted, ARGV[6] the records' lifetime in ms, ARGV[7] how many entry ids follow that it leaves
+# alone, those ids, then pairs of (entry id, deliveries) of the batch the outage interrupted). The outage ended its
+# deliveries, not the items: it takes up again the entries it still holds, each still on its delivery (XCLAIM with
+# RETRYCOUNT as it was: no new one counted), and an entry of that batch another worker took meanwhile gets back the
+# delivery the taking counted (holder and idle time kept), unless more takings followed. A delivery is given back
+# once ever (its `{consumer}@{deliveries}` field): asked again after its reply was lost to another outage, with another
+# taking in between, `p[4] == times + 1` cannot tell that taking from the one undone, and a worker death went
+# uncounted. Each taking up or giving back spends one of the entry's uncounted outages; once ARGV[5] are spent, the
+# entry is neither taken up nor given a delivery back: its outages count (a reclaim takes it, counting one).
 # Returns the entries taken up ({id, fields, deliveries}) and the ids left alone that it still holds.
 RESUME = """
 local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
-local leave, n = {}, tonumber(ARGV[4])
-for i = 5, 4 + n do leave[ARGV[i]] = true end
-for i = 5 + n, #ARGV, 2 do
+local prefix, bound, lifetime = ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local leave, n = {}, tonumber(ARGV[7])
+for i = 8, 7 + n do leave[ARGV[i]] = true end
+local function uncounted(id, delivery)
+  local key = prefix .. id
+  if tonumber(redis.call('HGET', key, 'uncounted') or 0) >= bound then return false end
+  if delivery and redis.call('HSETNX', key, delivery, 1) == 0 then return false end
+  redis.call('HINCRBY', key, 'uncounted', 1)
+  if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, lifetime) end
+  return true
+end
+for i = 8 + n, #ARGV, 2 do
   local p = redis.call('XPENDING', stream, group, ARGV[i], ARGV[i], 1)[1]
   local times = tonumber(ARGV[i + 1])
-  if p and p[2] ~= consumer and p[4] == times + 1 then
+  if p and p[2] ~= consumer and p[4] == times + 1 and uncounted(p[1], consumer .. '@' .. times) then
     redis.call('XCLAIM', stream, group, p[2], 0, p[1], 'IDLE', p[3], 'RETRYCOUNT', times, 'JUSTID')
   end
 end
 local taken, left = {}, {}
 for _, p in ipairs(redis.call('XPENDING', stream, group, '-', '+', tonumber(ARGV[3]), consumer)) do
-  if leave[p[1]] then
+  if leave[p[1]] or not uncounted(p[1]) then
     left[#left + 1] = p[1]
   else
     local e = redis.call('XCLAIM', stream, group, consumer, 0, p[1], 'RETRYCOUNT', p[4])[1]
@@ -294,6 +314,7 @@ class JobStore:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.stream = settings.jobs_stream
+        self.outages = f"{OUTAGES}{self.stream}:"  # + an entry id: the entry's outage record (`RESUME`)
         self.ttl_s = settings.jobs_ttl_s
         self.max_items = settings.jobs_max_items
         self.page_size = settings.jobs_page_size
@@ -623,6 +644,7 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=True)
         pipe.xack(self.stream, GROUP, entry_id)
         pipe.xdel(self.stream, entry_id)
+        pipe.delete(self.outages.encode() + entry_id)
         await pipe.execute()
 
 
@@ -736,20 +758,34 @@ class JobWorkers:
         that was fine. Only a consumer that lives through the outage knows that; deliveries whose worker died
         (the item killed it) still count. An entry of the interrupted batch that another worker took meanwhile (the
         outage outlasted `RLAIFV_JOBS_CLAIM_IDLE_MS`) gets back the delivery the taking counted, for its next
-        reclaim: the taking itself judged it with that delivery. Not taken up: entries taken up
-        `RLAIFV_JOBS_MAX_DELIVERIES` times in a row (an item whose result Redis refuses, too large for its memory,
-        must not run for ever) and those whose run failed otherwise: the reclaim that takes them counts."""
-        leave = interrupted.leave(self.max_deliveries)
+        reclaim, once however often this is asked: the taking itself judged it with that delivery. At most
+        `RLAIFV_JOBS_MAX_DELIVERIES` outages of an entry go uncounted so, by all workers together (an item whose
+        result Redis refuses, too large for its memory, reads as an outage each time: it ran max x (max + 1) times
+        with a bound per worker); the entry is then left where it is, as is one whose run failed otherwise: the
+        reclaim that takes it counts."""
+        leave = interrupted.leave
         batch = {entry_id: times for entry_id, times in (interrupted.batch or {}).items() if entry_id not in leave}
         pairs = [value for entry_id, times in batch.items() for value in (entry_id, times)]
         limit = 10 * self.batch + len(batch)
+        store = self.store
         entries, left = _resumed(
-            await self.store.redis.eval(
-                RESUME, 1, self.store.stream, GROUP, consumer, limit, len(leave), *leave, *pairs
+            await store.redis.eval(
+                RESUME,
+                1,
+                store.stream,
+                GROUP,
+                consumer,
+                limit,
+                store.outages,
+                self.max_deliveries,
+                store.ttl_s * 1000,
+                len(leave),
+                *leave,
+                *pairs,
             )
         )
         kept = await self._without_abandoned(entries)
-        interrupted.resumed([entry_id for entry_id, _, _ in entries], left, self.max_deliveries)
+        interrupted.resumed(left)
         if entries:
             log.info("job worker %s takes up %d items a Redis outage interrupted", consumer, len(entries))
         return kept
@@ -855,11 +891,11 @@ class JobWorkers:
                 if "NOGROUP" in str(exc):  # the stream was lost (a Redis without persistence restarted)
                     group_ready = False
                     continue
-                interrupted.failed(entries, self.max_deliveries)
+                interrupted.failed(entries)
                 log.exception("job worker error; retrying")
                 await asyncio.sleep(1.0)
             except Exception:
-                interrupted.failed(entries, self.max_deliveries)
+                interrupted.failed(entries)
                 log.exception("job worker error; retrying")
                 await asyncio.sleep(1.0)
 
@@ -955,34 +991,33 @@ class _Interrupted:
     """What one consumer knows of the deliveries a Redis outage ended, to take them up again (`JobWorkers._resume`).
 
     `batch`: the entries it was running when Redis went away, with their deliveries ({} when it knows none: a reply
-    lost with the connection), or None when no outage awaits taking up. `taken_up`: how often in a row each entry was
-    taken up again; one at the bound is left to another worker's reclaim, as is one whose run failed otherwise (a
-    bug, a refused command: that delivery counts, or such an item would go round for ever)."""
+    lost with the connection), or None when no outage awaits taking up. `leave`: entries it holds but leaves to
+    another worker's reclaim, which counts a delivery: those whose run failed otherwise (a bug, a refused command:
+    that delivery counts, or such an item would go round for ever), and those the last taking up left alone."""
 
-    KEEP = 1000  # entries whose run failed otherwise, remembered until the next taking up reads what is left
+    KEEP = 1000  # entries left alone, remembered until the next taking up reads what is left
 
     def __init__(self) -> None:
         self.batch: dict[bytes, int] | None = None
-        self.taken_up: dict[bytes, int] = {}
+        self._leave: dict[bytes, None] = {}  # a dict for its order: the oldest go first past KEEP
+
+    @property
+    def leave(self) -> KeysView[bytes]:
+        return self._leave.keys()
 
     def outage(self, entries: list[Entry]) -> None:
         self.batch = (self.batch or {}) | {entry_id: times for entry_id, _, times in entries}
 
-    def failed(self, entries: list[Entry], bound: int) -> None:
+    def failed(self, entries: list[Entry]) -> None:
         """A taking up that failed so is given up too: a consumer must not try it for ever instead of reading."""
         self.batch = None
-        self.taken_up |= {entry_id: bound for entry_id, _, _ in entries}
-        while len(self.taken_up) > self.KEEP:
-            del self.taken_up[next(iter(self.taken_up))]
+        self._leave |= {entry_id: None for entry_id, _, _ in entries}
+        while len(self._leave) > self.KEEP:
+            del self._leave[next(iter(self._leave))]
 
-    def leave(self, bound: int) -> set[bytes]:
-        return {entry_id for entry_id, times in self.taken_up.items() if times >= bound}
-
-    def resumed(self, taken: list[bytes], left: list[bytes], bound: int) -> None:
-        """Only entries still held stay counted: one finished, or taken by another worker, starts afresh."""
-        self.taken_up = {entry_id: self.taken_up.get(entry_id, 0) + 1 for entry_id in taken} | dict.fromkeys(
-            left, bound
-        )
+    def resumed(self, left: list[bytes]) -> None:
+        """Only entries still held stay left alone: one finished, or taken by another worker, starts afresh."""
+        self._leave = dict.fromkeys(left)
 
 
 def _parse_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[str, int] | None:

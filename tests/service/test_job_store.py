@@ -1083,8 +1083,8 @@ async def test_a_worker_back_from_a_redis_outage_takes_up_its_items_as_the_deliv
 
 async def test_an_item_taken_up_after_outages_again_and_again_is_left_to_a_reclaim_that_counts(store: JobStore) -> None:
     """An item whose result Redis refuses each time (a result too large for its memory reads as an outage) must not
-    run for ever in one worker: once taken up RLAIFV_JOBS_MAX_DELIVERIES times in a row it is left where it is, and
-    the reclaim that takes it once idle counts a delivery. So is at once an entry whose run failed otherwise."""
+    run for ever in one worker: once RLAIFV_JOBS_MAX_DELIVERIES of its outages went uncounted it is left where it is,
+    and the reclaim that takes it once idle counts a delivery. So is at once an entry whose run failed otherwise."""
     from rlaifv.service.jobs import GROUP, JobWorkers, _Interrupted
     from rlaifv.service.metrics import Metrics
 
@@ -1097,7 +1097,7 @@ async def test_an_item_taken_up_after_outages_again_and_again_is_left_to_a_recla
     refused, failed = await pending_ids(store)
     interrupted = _Interrupted()
     interrupted.outage([])
-    interrupted.failed([(failed, {}, 1)], settings.jobs_max_deliveries)
+    interrupted.failed([(failed, {}, 1)])
     assert interrupted.batch is None  # a taking up that failed otherwise is given up, not tried for ever
     for expected in ([refused], [refused], []):
         interrupted.outage([(refused, {}, 1)])
@@ -1105,3 +1105,79 @@ async def test_an_item_taken_up_after_outages_again_and_again_is_left_to_a_recla
     assert await pending_state(store) == {refused: (b"back", 1), failed: (b"back", 1)}
     await store.redis.xclaim(store.stream, GROUP, "back", 0, [refused, failed], idle=100_000, justid=True)
     assert [times for _, _, times in await workers._reclaim("next")] == [2, 2]
+
+
+async def test_a_delivery_is_given_back_once_however_often_its_taking_up_is_asked(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's outage outlasted the claim-idle time: B reclaimed its item (delivery 2), and A, back, gave that delivery
+    back (B's, 1), but the reply was lost to another outage. B then died running the item and C reclaimed it (2).
+    A, asking again, read C's taking as the one to undo and gave back a second delivery (C's, 1): B's death went
+    uncounted, and each lost reply followed by a death let the item run once more than RLAIFV_JOBS_MAX_DELIVERIES
+    allows. The delivery given back is marked in the entry's outage record, which expires with the jobs' TTL and
+    goes with the entry's XACK."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from rlaifv.service.jobs import GROUP, JobWorkers, _Interrupted
+    from rlaifv.service.metrics import Metrics
+
+    settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=1, jobs_claim_idle_ms=100)
+    workers = JobWorkers(store, None, settings, Metrics())  # type: ignore[arg-type]
+    await store.create(request(1))
+    await store.ensure_group()
+    await store.redis.xreadgroup(GROUP, "A", {store.stream: ">"}, count=10)  # delivery 1
+    (entry_id,) = await pending_ids(store)
+    real_eval = store.redis.eval
+
+    async def reply_lost(*args: Any) -> Any:
+        await real_eval(*args)
+        raise RedisConnectionError("Connection reset by peer")
+
+    interrupted = _Interrupted()
+    interrupted.outage([(entry_id, {}, 1)])
+    await store.redis.xclaim(store.stream, GROUP, "B", 0, [entry_id])  # A is away: B takes it (2)
+    with monkeypatch.context() as patched:
+        patched.setattr(store.redis, "eval", reply_lost)
+        with pytest.raises(RedisConnectionError):
+            await workers._resume("A", interrupted)
+    assert await pending_state(store) == {entry_id: (b"B", 1)}
+    await store.redis.xclaim(store.stream, GROUP, "C", 0, [entry_id])  # B died running it: C takes it (2)
+    for _ in range(2):
+        assert await workers._resume("A", interrupted) == []
+        assert await pending_state(store) == {entry_id: (b"C", 2)}
+    record = store.outages.encode() + entry_id
+    assert await store.redis.hgetall(record) == {b"A@1": b"1", b"uncounted": b"1"}
+    assert 0 < await store.redis.pttl(record) <= store.ttl_s * 1000
+    await store.ack(entry_id)
+    assert await store.redis.exists(record) == 0
+
+
+async def test_an_item_whose_every_run_reads_as_an_outage_runs_at_most_twice_the_bound(store: JobStore) -> None:
+    """An item whose result Redis refuses each time (it reads as an outage) was taken up RLAIFV_JOBS_MAX_DELIVERIES
+    times in a row by each worker that held it, then reclaimed by the next: max x (max + 1) runs (30 at the default
+    5). Its outages now go uncounted max times in all workers together: max counted deliveries and max takings up,
+    then it fails as abandoned."""
+    from rlaifv.service.jobs import GROUP, JobWorkers, _Interrupted
+    from rlaifv.service.metrics import Metrics
+
+    bound = 3
+    settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=1, jobs_claim_idle_ms=100)
+    settings = settings.model_copy(update={"jobs_max_deliveries": bound})
+    workers = JobWorkers(store, None, settings, Metrics())  # type: ignore[arg-type]
+    job = await store.create(request(1))
+    await store.ensure_group()
+    runs, holders = 0, 0
+    entries = await workers._next("worker-0")
+    while entries:
+        consumer, interrupted = f"worker-{holders}", _Interrupted()
+        while entries:  # each run's result meets an "outage": taken up again while that may go uncounted
+            runs += len(entries)
+            interrupted.outage(entries)
+            entries = await workers._resume(consumer, interrupted)
+        ids = await pending_ids(store)
+        await store.redis.xclaim(store.stream, GROUP, consumer, 0, ids, idle=100_000, justid=True)  # left idle
+        holders += 1
+        entries = await workers._without_abandoned(await workers._reclaim(f"worker-{holders}"))
+    state = await store.get(job.id)
+    assert state is not None and state.status == "failed"
+    assert (runs, holders) == (2 * bound, bound)
