@@ -26,9 +26,11 @@ but no weights are loaded: the policy runs in one `vllm serve <bundle>/policy`, 
   a 4xx about the input -> 400, anything malformed -> 502 `engine_error`; each counted in
   `rlaifv_vllm_errors_total`, every request timed in `rlaifv_vllm_request_duration_seconds`. `probe` (each server's
   /health) feeds `/readyz`. A server that stops answering without closing its connections (a stopped process, a
-  lost host) is found by /health: checked while requests are in flight, it ends them with 503 within seconds, and
-  requests to a server found down fail at once until /health answers again. When one call of a request fails,
-  its other calls are cancelled (`_all`): no vLLM work is left running for an answer no one reads.
+  lost host) is found by /health: checked while requests are in flight, a server that answers nothing for
+  `silent_s` (15 s at the default timeout) is down and its requests end with 503; refused, reset or a /health other
+  than 200 is down at once. A slow /health (a busy server) is never down. Requests to a server found down fail at
+  once until /health answers again. When one call of a request fails, its other calls are cancelled (`_all`): no
+  vLLM work is left running for an answer no one reads.
 
 The tokenizer and processor are not re-entrant, so every call to them (prompts, answers, decoding, claim planning)
 runs on one worker thread, never on the event loop.
@@ -72,11 +74,14 @@ log = logging.getLogger("rlaifv.service")
 
 T = TypeVar("T")
 U = TypeVar("U")
-PROBE_TIMEOUT_S = 2.0
-# While requests are in flight each server's /health is checked this often; DOWN_AFTER failures in a row (the second
-# at once after the first) and the server is down: its requests end with 503 then, not at RLAIFV_VLLM_TIMEOUT_S.
+PROBE_TIMEOUT_S = 2.0  # what /readyz and a request to a server found down wait for /health (the check runs on)
+# While requests are in flight each server's /health is checked this often. A check may take up to the server's
+# silence bound, max(SILENT_MIN_S, SILENT_SHARE * RLAIFV_VLLM_TIMEOUT_S): a busy server answers /health late (its
+# API process prepares images on the event loop), and only a server that answers nothing that long is down.
 WATCH_S = 5.0
-DOWN_AFTER = 2
+SILENT_MIN_S = 10.0
+SILENT_SHARE = 0.125
+MAX_CHECKS = 8  # /health checks outstanding at once (each its own connection): one never answered hides no other
 RECHECK_S = 1.0  # a server found down gets one /health check at most this often, shared by the requests meanwhile
 ENGINE_ERROR = "engine_error"  # the code of a 502 from a vLLM server (BadGateway's own names the generator)
 # What reading a malformed answer raises (a field missing, null, or of another type): the server's fault, a 502.
@@ -155,6 +160,13 @@ class _InFlight:
     cut: str | None = None
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """What the server said to one /health check: `problem` None for a 200, else why it is down."""
+
+    problem: str | None
+
+
 @dataclass
 class Prompt:
     """One prompt as the servers get it, and as we score it."""
@@ -196,10 +208,17 @@ class VllmServer:
         self._client: httpx.AsyncClient | None = None
         self._probe_client: httpx.AsyncClient | None = None
         self._flights: set[_InFlight] = set()
-        self._down: str | None = None  # why the server was last found unusable; None while it answers
+        self._down: str | None = None  # why the server was last found down; None while it answers
         self._watcher: asyncio.Task[None] | None = None
-        self._check: asyncio.Task[str | None] | None = None  # the last /health check for requests while it was down
-        self._checked_at = -math.inf
+        self._checks: set[asyncio.Task[_Answer | None]] = set()  # the /health checks outstanding
+        self._newest: asyncio.Task[_Answer | None] | None = None  # the last /health check sent
+        self._sent_at = -math.inf  # when it was sent (the loop's clock)
+        self._heard_at = -math.inf  # the server's last answer to anything (a /health check, a request)
+
+    @property
+    def silent_s(self) -> float:
+        """How long the server may answer nothing at all (no /health, no request) before it is down."""
+        return max(SILENT_MIN_S, SILENT_SHARE * self.timeout_s)
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -220,19 +239,24 @@ class VllmServer:
 
     @property
     def probe_client(self) -> httpx.AsyncClient:
-        """Readiness has a client of its own: under load the requests hold every pooled connection, and a probe
-        waiting for one timed out, taking a busy replica out of the Service."""
+        """/health has a client of its own: under load the requests hold every pooled connection, and a probe
+        waiting for one timed out, taking a busy replica out of the Service. No connection is kept: a check sent on
+        one the server just closed while idle would fail as if the server were gone. `_health` bounds each check."""
         if self._probe_client is None:
             self._probe_client = httpx.AsyncClient(
-                headers=self.headers, timeout=PROBE_TIMEOUT_S, limits=httpx.Limits(max_connections=2)
+                headers=self.headers,
+                timeout=None,
+                limits=httpx.Limits(max_connections=MAX_CHECKS, max_keepalive_connections=0),
             )
         return self._probe_client
 
     async def aclose(self) -> None:
-        for task in (self._watcher, self._check):
-            if task is not None:
-                task.cancel()
-        self._watcher = self._check = None
+        tasks = [task for task in (self._watcher, *self._checks) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._watcher = self._newest = None
+        self._checks.clear()
         for client in (self._client, self._probe_client):
             if client is not None:
                 await client.aclose()
@@ -339,63 +363,94 @@ class VllmServer:
     # -- serving ------------------------------------------------------------------
 
     async def probe(self) -> str:
-        """'ok', or why the server is not usable now (readiness; not counted in the metrics)."""
-        problem = await self._health()
-        return "ok" if problem is None else f"unavailable: {self.shown} {problem}"
+        """'ok', or why the server is not usable now (readiness; not counted in the metrics). A /health slower than
+        PROBE_TIMEOUT_S makes the replica not ready but the server is not down for it: requests still go to it."""
+        answer = await self._asked()
+        if self._down is not None:
+            return f"unavailable: {self.shown} {self._down}"
+        if answer is None:
+            return f"unavailable: {self.shown} no answer to /health within {PROBE_TIMEOUT_S:g} s"
+        return "ok"
 
-    async def _health(self) -> str | None:
-        """Why /health says the server is not usable now, or None. Readiness, the watch of the requests in flight
-        and requests to a server found down ask it, and its answer is the server's state for the requests: a
-        problem makes the next request check /health before it is sent, None lets them through again."""
+    async def _asked(self) -> _Answer | None:
+        """The answer to a /health check (one shared by the callers of the last RECHECK_S), or None when it gives
+        none within PROBE_TIMEOUT_S of being sent; the check runs on, and its answer still counts."""
+        check = self._ask(RECHECK_S)
+        wait = self._sent_at + PROBE_TIMEOUT_S - asyncio.get_running_loop().time()
+        await asyncio.wait({check}, timeout=max(0.0, wait))
+        return check.result() if check.done() and not check.cancelled() else None
+
+    def _ask(self, every: float) -> asyncio.Task[_Answer | None]:
+        """The last /health check, or a new one when it was sent `every` s ago or more. Checks overlap (up to
+        MAX_CHECKS): one that is never answered (its connection lost) does not hide a server that answers the next."""
+        loop = asyncio.get_running_loop()
+        check, now = self._newest, loop.time()
+        if check is None or (now - self._sent_at >= every and len(self._checks) < MAX_CHECKS):
+            check = loop.create_task(self._health(), name=f"vllm-{self.role}-health")
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+            self._newest, self._sent_at = check, now
+        return check
+
+    async def _health(self) -> _Answer | None:
+        """One /health check, which may take up to `silent_s`; it sets the server's state for the requests. An
+        answer other than 200, or a connection refused or reset, is down at once. No answer is down only when the
+        server answered nothing else either (no other check, no request) for `silent_s`: a paused process, a lost
+        host. A slow answer is a busy server, not a down one."""
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
         try:
-            async with asyncio.timeout(PROBE_TIMEOUT_S):  # the client's timeout bounds each phase, not the sum
+            async with asyncio.timeout(self.silent_s):
                 response = await self.probe_client.get(self.root + "/health")
         except (httpx.TimeoutException, TimeoutError):
-            self._down = f"no answer to /health within {PROBE_TIMEOUT_S:g} s"
+            if self._heard_at < sent and loop.time() - sent >= self.silent_s:
+                self._found_down(f"no answer to /health for {self.silent_s:g} s")
+            return None
         except httpx.HTTPError as exc:
-            self._down = f"unreachable ({type(exc).__name__})"
+            answer = _Answer(f"unreachable ({type(exc).__name__})")
         else:
-            self._down = None if response.status_code == 200 else f"/health HTTP {response.status_code}"
-        return self._down
+            answer = _Answer(None if response.status_code == 200 else f"/health HTTP {response.status_code}")
+        self._heard_at = loop.time()
+        if answer.problem is None:
+            self._down = None
+        else:
+            self._found_down(answer.problem)
+        return answer
+
+    def _found_down(self, problem: str) -> None:
+        """The server is down: its requests in flight end now with 503, not at RLAIFV_VLLM_TIMEOUT_S."""
+        was, self._down = self._down, problem
+        now = asyncio.get_running_loop().time()
+        cut = [flight for flight in self._flights if not flight.bound.expired()]
+        for flight in cut:
+            flight.cut = problem
+            flight.bound.reschedule(now)
+        if cut or was is None:
+            log.warning("vllm server down", extra={"server": self.role, "problem": problem, "requests_cut": len(cut)})
 
     def _watch(self) -> None:
         if self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch_health(), name=f"vllm-{self.role}-watch")
 
     async def _watch_health(self) -> None:
-        """While requests are in flight, /health every WATCH_S: a server that fails it DOWN_AFTER times in a row is
-        down (SIGSTOP, a lost host: its connections stay open and silent), and its requests end now with 503 instead
-        of each at RLAIFV_VLLM_TIMEOUT_S."""
-        failures = 0
+        """While requests are in flight, a /health check every WATCH_S (SIGSTOP, a lost host: the connections stay
+        open and silent, and only /health tells): `_health` ends the requests when the server is found down."""
         while True:
-            await asyncio.sleep(0 if failures else WATCH_S)
+            await asyncio.sleep(WATCH_S)
             if not self._flights:
                 self._watcher = None  # no await since the check: a request added meanwhile starts a new watch
                 return
-            problem = await self._health()
-            failures = 0 if problem is None else failures + 1
-            if problem is None or failures < DOWN_AFTER:
-                continue
-            failures = 0
-            now = asyncio.get_running_loop().time()
-            cut = [flight for flight in self._flights if not flight.bound.expired()]
-            for flight in cut:
-                flight.cut = problem
-                flight.bound.reschedule(now)
-            log.warning("vllm server down", extra={"server": self.role, "problem": problem, "requests_cut": len(cut)})
+            self._ask(WATCH_S)
 
     async def _usable(self) -> None:
-        """A server last found down gets a /health check before a request goes to it (one check shared by the
-        requests arriving meanwhile, at most every RECHECK_S): while it stays down they fail at once."""
+        """A request to a server found down (refused, /health not 200, or silent for `silent_s`) waits for a /health
+        check first (shared, see `_asked`): it is sent when the check answers 200, and fails at once while the
+        server stays down. A server not found down is not checked: a slow /health is no reason to fail a request."""
         if self._down is None:
             return
-        loop = asyncio.get_running_loop()
-        if self._check is None or (self._check.done() and loop.time() - self._checked_at >= RECHECK_S):
-            self._checked_at = loop.time()
-            self._check = loop.create_task(self._health(), name=f"vllm-{self.role}-check")
-        problem = await asyncio.shield(self._check)
-        if problem is not None:
-            raise self._fail("down", self._unavailable(f"is down ({problem})"))
+        await self._asked()
+        if self._down is not None:
+            raise self._fail("down", self._unavailable(f"is down ({self._down})"))
 
     def _unavailable(self, what: str) -> EngineUnavailable:
         return EngineUnavailable(
@@ -443,6 +498,7 @@ class VllmServer:
                 self._watch()
                 try:
                     response = await self._send(url, body)
+                    self._heard_at = asyncio.get_running_loop().time()
                 finally:
                     self._flights.discard(flight)
         except (TimeoutError, httpx.TimeoutException):

@@ -1,8 +1,9 @@
 """The vllm engine under faults, against fakes of vLLM (no server): a malformed answer is a 502 naming the server,
 never a 500; a failed call cancels its request's other calls; a server that stops answering without closing its
-connections (SIGSTOP, a lost host) is found down by its /health, its requests end with 503 within seconds and the
-next ones fail at once, until /health answers again; one request is bounded as a whole. The timing tests run in
-virtual time (looptime). `tests/service/test_vllm_engine.py` kills and pauses real vLLM servers."""
+connections (SIGSTOP, a lost host) is found down by its /health, its requests end with 503 within the documented
+bound and the next ones fail at once, until /health answers again, while a busy server whose /health is slow is
+never down; one request is bounded as a whole. The timing tests run in virtual time (looptime).
+`tests/service/test_vllm_engine.py` kills and pauses real vLLM servers."""
 
 from __future__ import annotations
 
@@ -167,48 +168,106 @@ async def test_a_failed_call_cancels_the_other_calls_of_its_request(text_bundle:
     await engine.aclose()
 
 
+class Pausable:
+    """A vLLM server that can be paused (SIGSTOP: connections accepted by the kernel, nothing answered) and resumed
+    (SIGCONT: what it held is answered then). Requests take `work_s`, /health `health_s`; `sent` counts requests."""
+
+    def __init__(self, work_s: float = 0.0, health_s: float = 0.0) -> None:
+        self.work_s, self.health_s = work_s, health_s
+        self.running = asyncio.Event()
+        self.running.set()
+        self.sent = 0
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        health = request.url.path == "/health"
+        if not health:
+            self.sent += 1
+        await self.running.wait()
+        await asyncio.sleep(self.health_s if health else self.work_s)
+        await self.running.wait()
+        return httpx.Response(200) if health else httpx.Response(200, json={"choices": []})
+
+
 @pytest.mark.looptime
-async def test_a_server_that_stops_answering_is_found_down_and_used_again(text_bundle: Path) -> None:
+@pytest.mark.parametrize("paused_after_s", [0.0, 7.0, 23.0])
+async def test_a_paused_server_is_found_down_within_the_bound_and_used_again(
+    text_bundle: Path, paused_after_s: float
+) -> None:
     """SIGSTOP: connections open, no answers. Each request waited RLAIFV_VLLM_TIMEOUT_S (120 s; the request deadline,
-    also 120 s, often came first: a 504), and so did every request after it, while /readyz knew in 2 s."""
-    from rlaifv.service.engines.vllm import DOWN_AFTER, PROBE_TIMEOUT_S, WATCH_S
+    also 120 s, often came first: a 504), and so did every request after it. Now the request in flight ends at most
+    WATCH_S + silent_s after the server stopped (20 s at the default timeout, docs/vllm.md), the next ones fail within
+    PROBE_TIMEOUT_S without being sent, and the server is used again once it answers."""
+    from rlaifv.service.engines.vllm import PROBE_TIMEOUT_S, WATCH_S
 
-    up, sent = [False], [0]
-
-    async def silent_unless_up(request: httpx.Request) -> httpx.Response:
-        if request.url.path != "/health":
-            sent[0] += 1
-        if not up[0]:
-            await asyncio.Event().wait()
-        return httpx.Response(200, json={"choices": []}) if request.url.path != "/health" else httpx.Response(200)
-
-    engine = _engine(text_bundle, silent_unless_up, health=silent_unless_up)
+    fake = Pausable(work_s=60)
+    engine = _engine(text_bundle, fake, health=fake)
     server, loop = engine.policy, asyncio.get_running_loop()
-    assert server.timeout_s == 120
+    assert server.timeout_s == 120 and server.silent_s == 15
     start = loop.time()
-    with pytest.raises(EngineUnavailable, match="stopped answering") as down:
+    loop.call_later(paused_after_s, fake.running.clear)
+    with pytest.raises(EngineUnavailable, match=r"stopped answering \(no answer to /health for 15 s\)") as down:
         await server.complete({"prompt": [1]})
-    assert loop.time() - start <= WATCH_S + DOWN_AFTER * PROBE_TIMEOUT_S + 0.1
+    found = loop.time() - start - paused_after_s
+    assert server.silent_s <= found <= WATCH_S + server.silent_s
     assert down.value.headers["Retry-After"].isdigit()
-    start, before = loop.time(), sent[0]
+    start, before = loop.time(), fake.sent
     with pytest.raises(EngineUnavailable, match="is down"):  # one /health check, nothing sent
         await server.complete({"prompt": [1]})
-    assert loop.time() - start <= PROBE_TIMEOUT_S + 0.1 and sent[0] == before
+    assert loop.time() - start <= PROBE_TIMEOUT_S and fake.sent == before
     assert (await engine.probe()).startswith("policy unavailable")
     assert _errors(engine, "down") == 2
 
-    up[0] = True  # SIGCONT, or a restart on the same port: used again without restarting the service
+    fake.running.set()  # SIGCONT, or a restart on the same port: used again without restarting the service
+    fake.work_s = 0
     assert await server.complete({"prompt": [1]}) == {"choices": []}
     assert await engine.probe() == "ok"
     if server._watcher is not None:
         await server._watcher  # the watch ends with the last request: no task left behind
-    assert server._watcher is None and not server._flights
+    assert server._watcher is None and not server._flights and not server._checks
     await engine.aclose()
 
 
 @pytest.mark.looptime
-async def test_one_slow_health_answer_ends_no_request(text_bundle: Path) -> None:
-    """A busy server that misses one /health check is not down: only DOWN_AFTER misses in a row are."""
+@pytest.mark.parametrize("health_s", [2.5, 9.0])
+async def test_a_slow_health_ends_no_request(text_bundle: Path, health_s: float) -> None:
+    """A busy server (its API process preparing images for N requests) answers /health late while the work goes
+    on: two checks past 2 s cut every request in flight with 503, and each next request failed whenever its own
+    2 s check ran late too."""
+    fake = Pausable(work_s=20, health_s=health_s)
+    engine = _engine(text_bundle, fake, health=fake)
+    server, loop = engine.policy, asyncio.get_running_loop()
+    start = loop.time()
+    results = await asyncio.gather(*(server.complete({"prompt": [i]}) for i in range(4)))
+    assert results == [{"choices": []}] * 4 and loop.time() - start == pytest.approx(20)
+    start = loop.time()
+    assert await server.complete({"prompt": [1]}) == {"choices": []}
+    assert loop.time() - start == pytest.approx(20) and server._down is None
+    assert _errors(engine, "down") == 0
+    await engine.aclose()
+
+
+@pytest.mark.looptime
+async def test_a_health_never_answered_is_no_failure_while_requests_are(text_bundle: Path) -> None:
+    """The server answers requests (it is alive) while /health does not: only a server that answers nothing is
+    down."""
+    fake = Pausable(work_s=4)
+
+    async def never(request: httpx.Request) -> httpx.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    engine = _engine(text_bundle, fake, health=never)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while loop.time() - start < 60:
+        assert await engine.policy.complete({"prompt": [1]}) == {"choices": []}
+    assert _errors(engine, "down") == 0
+    await engine.aclose()
+
+
+@pytest.mark.looptime
+async def test_one_lost_health_check_ends_no_request(text_bundle: Path) -> None:
+    """A check that never gets an answer (its connection lost) while the next ones do is not silence."""
     checks = [0]
 
     async def health(request: httpx.Request) -> httpx.Response:
@@ -224,6 +283,66 @@ async def test_one_slow_health_answer_ends_no_request(text_bundle: Path) -> None
     engine = _engine(text_bundle, slow, health=health)
     assert await engine.policy.complete({"prompt": [1]}) == {"choices": []}
     assert checks[0] >= 4
+    await engine.aclose()
+
+
+@pytest.mark.looptime
+async def test_a_slow_readiness_probe_fails_no_request(text_bundle: Path) -> None:
+    """/readyz may say not ready when /health is slow, but the server is not down for it: a probe that missed 2 s
+    marked the server down, and the next request failed at once if its own check was slow too."""
+    fake = Pausable(health_s=2.5)
+    engine = _engine(text_bundle, fake, health=fake)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    state = await engine.probe()
+    assert state.startswith("policy unavailable") and "no answer to /health within 2 s" in state
+    assert loop.time() - start == pytest.approx(2)
+    start = loop.time()
+    assert await engine.policy.complete({"prompt": [1]}) == {"choices": []}
+    assert loop.time() - start == 0  # not checked first: the server is not down
+    assert engine.policy._down is None and _errors(engine, "down") == 0
+    await engine.aclose()
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("failure", ["refused", "http503"])
+async def test_a_refused_or_failing_server_is_down_at_once(text_bundle: Path, failure: str) -> None:
+    """A refused connection, or a /health other than 200 (vLLM's engine core died): the requests in flight end at
+    the next check, new ones fail at once without being sent, and the server is used again when /health says 200."""
+    from rlaifv.service.engines.vllm import RECHECK_S, WATCH_S
+
+    broken, sent = [False], [0]
+
+    async def requests(request: httpx.Request) -> httpx.Response:
+        sent[0] += 1
+        if broken[0] and failure == "refused":
+            raise httpx.ConnectError("connection refused")
+        await asyncio.sleep(60)
+        return httpx.Response(200, json={"choices": []})
+
+    def health(request: httpx.Request) -> httpx.Response:
+        if not broken[0]:
+            return httpx.Response(200)
+        if failure == "refused":
+            raise httpx.ConnectError("connection refused")
+        return httpx.Response(503)
+
+    engine = _engine(text_bundle, requests, health=health)
+    server, loop = engine.policy, asyncio.get_running_loop()
+    start = loop.time()
+    loop.call_later(1, broken.__setitem__, 0, True)
+    with pytest.raises(EngineUnavailable, match="stopped answering"):
+        await server.complete({"prompt": [1]})
+    assert loop.time() - start == pytest.approx(WATCH_S)
+    start, before = loop.time(), sent[0]
+    with pytest.raises(EngineUnavailable, match="is down"):
+        await server.complete({"prompt": [1]})
+    assert loop.time() - start == 0 and sent[0] == before
+    broken[0] = False
+    await asyncio.sleep(RECHECK_S)
+    start = loop.time()
+    assert await server.complete({"prompt": [1]}) == {"choices": []}
+    assert loop.time() - start == pytest.approx(60)
     await engine.aclose()
 
 
