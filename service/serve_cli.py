@@ -229,14 +229,19 @@ def serve(**given: Any) -> None:
     # The port first, before the seconds of imports and bundle checks: a restarting server's clients then wait in
     # the listen backlog (then get 503 not_ready while it loads, which the SDK waits out) instead of being refused.
     sockets = bind(settings.host, settings.port, "--port / RLAIFV_PORT")
-    bundle = settings.bundle
-    if bundle is None:
-        bundle = fallback_bundle()
-        settings = settings.model_copy(update={"bundle": bundle})
-    check_bundle(bundle, **bundle_checks(settings))
-    from rlaifv.service.app import create_app
+    try:
+        bundle = settings.bundle
+        if bundle is None:
+            bundle = fallback_bundle()
+            settings = settings.model_copy(update={"bundle": bundle})
+        check_bundle(bundle, **bundle_checks(settings))
+        from rlaifv.service.app import create_app
 
-    app = create_app(settings, load_in_background=True)
+        app = create_app(settings, load_in_background=True)
+    except BaseException:  # a refused bundle exits 2: the port is given back at once, not at the process's end
+        for sock in sockets:
+            sock.close()
+        raise
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -585,3 +585,5 @@ def test_serve_listens_before_checking_and_loading_the_bundle(bundle, monkeypatc
     result = CliRunner().invoke(app, ["serve", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port)])
     assert result.exit_code == 9, result.output
     assert connected == [True]
+    with pytest.raises(ConnectionRefusedError):  # given back when the check failed, not held until the exit
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()

@@ -1137,6 +1137,46 @@ def test_an_image_taken_before_the_card_is_checked_against_it(page: Any, open_se
 
 @pytest.mark.slow
 @pytest.mark.integration
+def test_a_card_arriving_while_a_new_image_loads_keeps_the_new_one(
+    page: Any, open_server: LiveServer, tmp_path: Path
+) -> None:
+    """The card came while the sample was loading in place of a large picked PNG: the re-check of the PNG (over the
+    card's byte limit) dropped it, and with it the sample's load, which the page then threw away."""
+    card = _card(["text", "image"], "small-images")
+    card["data"][0]["image_limits"] = {"formats": ["PNG"], "max_bytes": 5000, "max_pixels": 0, "max_aspect": 0}
+    cards: list[Any] = []
+
+    def answer(route: Any) -> None:
+        if not cards:
+            cards.append(route)
+            route.fulfill(status=503, headers={"Retry-After": "1"}, content_type="application/json",
+                          body=json.dumps(NOT_READY))  # fmt: skip
+        else:
+            cards.append(route)  # held until released below
+
+    page.route("**/v1/models", answer)
+    _open(page, open_server)
+    _upload(page, _noise_png(tmp_path / "large.png"))  # 96 x 96 noise: ~27 KB
+    samples: list[Any] = []
+    page.route("**/playground/sample.png", lambda route: samples.append(route))
+    page.click("#sample")
+    for _ in range(FAST_MS // 50):  # polled: the page's next card fetch (after Retry-After) and the sample request
+        if len(cards) > 1 and samples:
+            break
+        page.wait_for_timeout(50)
+    assert len(cards) > 1 and samples
+    cards[1].fulfill(status=200, content_type="application/json", body=json.dumps(card))
+    _wait_model(page, "small-images")
+    page.evaluate("() => recheckImage()")  # the check the card started, settled
+    samples[0].fulfill(path=str(SAMPLE))
+    page.wait_for_function(
+        "() => document.getElementById('image-info').textContent.startsWith('sample scene')", timeout=FAST_MS
+    )
+    assert page.locator("#error").is_hidden()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
 def test_results_show_the_question_and_image_they_answer(page: Any, open_server: LiveServer, tmp_path: Path) -> None:
     """Inputs changed while a request runs: the results still say which question and image they answer."""
     held: list[Any] = []

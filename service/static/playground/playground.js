@@ -119,6 +119,7 @@ let request = null; // the AbortController of the running submit: Cancel, Escape
 let imageLimits = DEFAULT_LIMITS;
 let imageBlob = null; // the checked blob of the image on show, to check again against other limits
 let imageCheckedWith = null; // the limits it was checked against
+let imageSeq = 0; // the number of the load that set the image on show
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -219,6 +220,7 @@ async function recheckImage() {
   const blob = imageBlob;
   const limits = imageLimits;
   if (!blob || imageCheckedWith === limits) return true;
+  if (imageSeq !== loadSeq) return true; // a load running now replaces the image, checked against these limits
   const seq = loadSeq; // a load started meanwhile replaces the image: this check then drops nothing
   const label = imageLabel;
   try {
@@ -331,6 +333,7 @@ function loadImage(source, label, fromInput) {
     }
     if (seq !== loadSeq) return;
     setImage(dataUrl, label);
+    imageSeq = seq;
     imageBlob = typed;
     imageCheckedWith = limits;
     if (limits !== imageLimits) await recheckImage(); // the card came while this image was checked
