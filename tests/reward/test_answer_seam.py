@@ -10,7 +10,6 @@ trained here: byte-level BPE (Qwen2's and GPT-2's pre-tokenizers), SentencePiece
 from __future__ import annotations
 
 import functools
-import io
 import json
 import random
 from collections.abc import Callable
@@ -106,30 +105,11 @@ def _byte_level(kind: str) -> Any:
 def _sentencepiece(kind: str, folder: Path) -> Path:
     """A folder with a SentencePiece model trained with Llama's settings (`gemma`: without the dummy prefix, read by
     GemmaTokenizer), converted by transformers on each load."""
-    import sentencepiece as spm
+    from rlaifv.testing.sentencepiece_models import train_llama_like
 
-    out = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()),
-        model_writer=out,
-        model_type="bpe",
-        vocab_size=700,
-        character_coverage=1.0,
-        byte_fallback=True,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=kind != "gemma",
-        normalization_rule_name="identity",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
+    model = train_llama_like(_corpus(), 700, dummy_prefix=kind != "gemma")
     folder.mkdir(parents=True)
-    (folder / "tokenizer.model").write_bytes(out.getvalue())
+    (folder / "tokenizer.model").write_bytes(model)
     config = {
         "tokenizer_class": "GemmaTokenizer" if kind == "gemma" else "LlamaTokenizer",
         "legacy": kind == "metaspace-always",

@@ -13,7 +13,6 @@ SentencePiece itself encoding. Prompts and answers go through the service's own 
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections.abc import Sequence
@@ -86,30 +85,9 @@ def spm_model() -> bytes:
 
 def _train_llama_like_model() -> bytes:
     """A SentencePiece BPE model trained with the settings of Llama's tokenizer.model (its trainer_spec)."""
-    import sentencepiece as spm
+    from rlaifv.testing.sentencepiece_models import train_llama_like
 
-    out = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()),
-        model_writer=out,
-        model_type="bpe",
-        vocab_size=520,
-        character_coverage=1.0,
-        byte_fallback=True,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
-        normalization_rule_name="identity",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        shuffle_input_sentence=False,
-        minloglevel=2,
-    )
-    return out.getvalue()
+    return train_llama_like(_corpus(), 520, shuffle=False)
 
 
 class SlowLlamaTokenizer:
