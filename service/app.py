@@ -214,6 +214,7 @@ def create_app(settings: Settings | None = None, *, load_in_background: bool = F
         app.include_router(module.router, dependencies=v1)
     app.include_router(health.router)
     app.include_router(playground.router)
+    jobs.install_cut_filter()
     _tidy_openapi(app)
     return app
 

@@ -183,6 +183,16 @@ def bundle_checks(settings: Any) -> dict[str, Any]:
     return {"weights": settings.engine == "transformers", "device": settings.device, "loads_here": loads_here}
 
 
+def checked_bundle_settings(settings: Settings) -> Settings:
+    """`settings` naming the bundle to serve (the shipped one when none is given), checked before anything loads."""
+    bundle = settings.bundle
+    if bundle is None:
+        bundle = fallback_bundle()
+        settings = settings.model_copy(update={"bundle": bundle})
+    check_bundle(bundle, **bundle_checks(settings))
+    return settings
+
+
 def bind(host: str, port: int, what: str) -> list[socket.socket]:
     """The listening sockets, bound and listening before the model loads: a port in use exits 2 at once (it was
     found after the whole load and warm-up). Every address `host` resolves to, as uvicorn binds them (`localhost`:
@@ -230,11 +240,7 @@ def serve(**given: Any) -> None:
     # the listen backlog (then get 503 not_ready while it loads, which the SDK waits out) instead of being refused.
     sockets = bind(settings.host, settings.port, "--port / RLAIFV_PORT")
     try:
-        bundle = settings.bundle
-        if bundle is None:
-            bundle = fallback_bundle()
-            settings = settings.model_copy(update={"bundle": bundle})
-        check_bundle(bundle, **bundle_checks(settings))
+        settings = checked_bundle_settings(settings)
         from rlaifv.service.app import create_app
 
         app = create_app(settings, load_in_background=True)

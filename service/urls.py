@@ -11,6 +11,7 @@ the server's own ports and the cloud's credential endpoints do.
 
 from __future__ import annotations
 
+import functools
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from urllib.parse import urlsplit
 
@@ -28,6 +29,7 @@ def without_credentials(url: str) -> tuple[str, str]:
     return host, f"{parts.scheme}://{host}{parts.path}"
 
 
+@functools.lru_cache(maxsize=1024)
 def _entry(entry: str) -> tuple[str, str | None]:
     """An allowed-hosts entry as (host, port): `host`, `*.domain`, `host:8080`, `host:*`, `[::1]:8080`, `10.0.0.0/8`,
     `[fd00::/8]:*`."""
@@ -73,6 +75,7 @@ def as_address(host: str) -> Address | None:
         return None
 
 
+@functools.lru_cache(maxsize=1024)
 def _network(name: str) -> Network | None:
     """An entry's host as an IP network (an address is a /32 or /128), None for a name."""
     try:

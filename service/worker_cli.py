@@ -25,9 +25,7 @@ import uvicorn
 from rlaifv.service.serve_cli import (
     HTTP_OPTIONS,
     build_settings,
-    bundle_checks,
-    check_bundle,
-    fallback_bundle,
+    checked_bundle_settings,
     with_settings_flags,
 )
 
@@ -169,11 +167,7 @@ def worker(**given: Any) -> None:
     if settings.jobs_workers < 1:
         typer.secho("error: --jobs-workers must be at least 1 for a worker", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    bundle = settings.bundle
-    if bundle is None:
-        bundle = fallback_bundle()
-        settings = settings.model_copy(update={"bundle": bundle})
-    check_bundle(bundle, **bundle_checks(settings))
+    settings = checked_bundle_settings(settings)
     from rlaifv.reward.errors import RewardError
     from rlaifv.service.engines.vllm import VllmStartupError
     from rlaifv.service.generator import GeneratorStartupError

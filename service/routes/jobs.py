@@ -48,7 +48,13 @@ class _CutOnPurpose(logging.Filter):
         return not (_cut_on_purpose.get() and record.getMessage().startswith(_UVICORN_INCOMPLETE))
 
 
-logging.getLogger("uvicorn.error").addFilter(_CutOnPurpose())
+_CUT_FILTER = _CutOnPurpose()
+
+
+def install_cut_filter() -> None:
+    """Drops uvicorn's error line for responses this module cut on purpose (called by `create_app`; adding the same
+    filter again does nothing)."""
+    logging.getLogger("uvicorn.error").addFilter(_CUT_FILTER)
 
 
 class CuttableStreamingResponse(StreamingResponse):
@@ -61,15 +67,10 @@ class CuttableStreamingResponse(StreamingResponse):
     cut = False
 
     async def stream_response(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        try:
-            async for chunk in self.body_iterator:
-                body = chunk.encode(self.charset) if isinstance(chunk, str) else chunk
-                await send({"type": "http.response.body", "body": body, "more_body": True})
+        try:  # Starlette sends the final message after its loop over the body: a cut raised in the loop skips it
+            await super().stream_response(send)
         except StreamCut:
             self.cut = True
-            return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await super().__call__(scope, receive, send)

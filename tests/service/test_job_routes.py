@@ -70,6 +70,7 @@ def jobs_app(store: Any) -> tuple[FastAPI, Metrics]:
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, settings=Settings())
     app.include_router(job_routes.router)
+    job_routes.install_cut_filter()  # as create_app does
     app.state.job_store = store
     return app, metrics
 
