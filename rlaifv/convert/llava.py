@@ -383,12 +383,13 @@ def _image_settings(pre: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def _load_tokenizer(original: Path) -> tuple[Any, int, dict[str, Any]]:
-    """The original tokenizer as a fast tokenizer with `<image>`, BOS and a pad token; also the id and what changed."""
+def fast_tokenizer(original: Path, *, legacy: bool) -> tuple[Any, str]:
+    """`original`'s tokenizer as a fast one (a SentencePiece-only folder converted, with `legacy` and the "▁" prefix
+    rule of the originals' transformers), and where it came from; every load error a `ModelLoadError`."""
     import importlib.util
 
-    from tokenizers import AddedToken
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     names = {p.name for p in original.iterdir()}
     if "tokenizer.json" not in names:
@@ -404,10 +405,7 @@ def _load_tokenizer(original: Path) -> tuple[Any, int, dict[str, Any]]:
                 f"{original} has only a slow sentencepiece tokenizer (tokenizer.model); converting it to a fast "
                 f"tokenizer needs the {' and '.join(missing)} package(s): pip install {' '.join(missing)}"
             )
-    from transformers.utils import logging as hf_logging
-
-    legacy = _slow_legacy(original)
-    # AutoTokenizer reads config.json and complains, harmlessly, about the llava_llama model type and rope_scaling.
+    # AutoTokenizer reads config.json and complains, harmlessly, about the original model type and rope_scaling.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -420,6 +418,16 @@ def _load_tokenizer(original: Path) -> tuple[Any, int, dict[str, Any]]:
         raise ModelLoadError(f"cannot load the tokenizer of {original}: {exc}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
+    source = "tokenizer.json" if "tokenizer.json" in names else "tokenizer.model (converted to a fast tokenizer)"
+    return tokenizer, source
+
+
+def _load_tokenizer(original: Path) -> tuple[Any, int, dict[str, Any]]:
+    """The original tokenizer as a fast tokenizer with `<image>`, BOS and a pad token; also the id and what changed."""
+    from tokenizers import AddedToken
+
+    legacy = _slow_legacy(original)
+    tokenizer, source = fast_tokenizer(original, legacy=legacy)
     if tokenizer.eos_token != "</s>" or tokenizer.convert_tokens_to_ids("</s>") in (None, tokenizer.unk_token_id):
         raise ModelLoadError(
             f"the tokenizer of {original} has EOS {tokenizer.eos_token!r}; the llava_v1 template closes answers "
@@ -428,7 +436,7 @@ def _load_tokenizer(original: Path) -> tuple[Any, int, dict[str, Any]]:
     if tokenizer.bos_token is None:
         raise ModelLoadError(f"the tokenizer of {original} has no BOS token; LLaVA prompts start with <s>")
     notes: dict[str, Any] = {
-        "source": "tokenizer.json" if "tokenizer.json" in names else "tokenizer.model (converted to a fast tokenizer)",
+        "source": source,
         "add_bos_token_forced": False,
         "legacy": legacy,
     }

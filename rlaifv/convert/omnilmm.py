@@ -20,23 +20,21 @@ architecture the config describes (no missing, unexpected or mis-shaped tensor).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
 from rlaifv.convert.llava import (
     _absolute,
     _check_output,
-    _has_module,
     _keep_prefix_rule,
     _list_tensors,
     _read_json,
     _replace,
     _Source,
     _weight_files,
+    fast_tokenizer,
 )
 from rlaifv.reward.errors import ModelLoadError
 
@@ -107,43 +105,16 @@ def convert_omnilmm(original: str | Path, output: str | Path, *, force: bool = F
 
 
 def _load_tokenizer(original: Path) -> tuple[Any, dict[str, Any]]:
-    """The folder's tokenizer as a fast tokenizer, unchanged (the original code added nothing to the published one)."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    names = {p.name for p in original.iterdir()}
-    if "tokenizer.json" not in names:
-        if "tokenizer.model" not in names:
-            raise ModelLoadError(f"{original} has no tokenizer (tokenizer.json or tokenizer.model)")
-        missing = [
-            pkg
-            for pkg, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf"))
-            if not _has_module(importlib.util, module)
-        ]
-        if missing:
-            raise ModelLoadError(
-                f"{original} has only a slow sentencepiece tokenizer (tokenizer.model); converting it to a fast "
-                f"tokenizer needs the {' and '.join(missing)} package(s): pip install {' '.join(missing)}"
-            )
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            # OmniLMM's code had transformers 4.36 convert tokenizer.model, whose fast Llama tokenizer puts
-            # SentencePiece's "▁" before the text after every special token, whatever the folder's `legacy` says.
-            tokenizer = AutoTokenizer.from_pretrained(str(original), use_fast=True, legacy=True, add_prefix_space=True)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
-        raise ModelLoadError(f"cannot load the tokenizer of {original}: {exc}") from exc
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    """The folder's tokenizer as a fast tokenizer, unchanged (the original code added nothing to the published one).
+    OmniLMM's code had transformers 4.36 convert tokenizer.model, whose fast Llama tokenizer puts SentencePiece's "▁"
+    before the text after every special token, whatever the folder's `legacy` says: legacy, then."""
+    tokenizer, source = fast_tokenizer(original, legacy=True)
     if tokenizer.eos_token != "</s>":
         raise ModelLoadError(
             f"the tokenizer of {original} has EOS {tokenizer.eos_token!r}; OmniLMM turns end with </s>"
         )
     if tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
         raise ModelLoadError(f"the tokenizer of {original} does not add <s>; OmniLMM prompts start with it")
-    source = "tokenizer.json" if "tokenizer.json" in names else "tokenizer.model (converted to a fast tokenizer)"
     return tokenizer, {"source": source, "size": len(tokenizer)}
 
 

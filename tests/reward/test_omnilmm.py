@@ -371,7 +371,7 @@ def test_a_slow_only_tokenizer_names_the_missing_packages(tmp_path: Path, monkey
     dependencies, so faked missing here)."""
     from rlaifv.convert.omnilmm import convert_omnilmm
 
-    monkeypatch.setattr("rlaifv.convert.omnilmm._has_module", lambda util, name: name != "sentencepiece")
+    monkeypatch.setattr("rlaifv.convert.llava._has_module", lambda util, name: name != "sentencepiece")  # shared check
     original = build_tiny_omnilmm_original(tmp_path / "original")
     (original / "tokenizer.json").unlink()
     (original / "tokenizer.model").write_bytes(b"not read: the packages are checked first")
