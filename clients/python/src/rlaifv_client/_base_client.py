@@ -514,8 +514,32 @@ def poll_call(path: str, client_timeout: TimeoutTypes, left: float | None) -> AP
     after a failure worth it (`worth_polling_again`)."""
     if left is None:
         return APICall("GET", path, Job)
-    timeout = cut_timeout(client_timeout, max(left, C.MIN_POLL_TIMEOUT))
-    return APICall("GET", path, Job, timeout=timeout, max_retries=0)
+    return APICall("GET", path, Job, timeout=poll_timeout(client_timeout, left), max_retries=0)
+
+
+def poll_timeout(client_timeout: TimeoutTypes, left: float) -> TimeoutTypes:
+    """A poll's timeout `left` seconds before its loop's deadline: cut to them, but at least `MIN_POLL_TIMEOUT`, so
+    the poll at the deadline can still see the state it waits for."""
+    return cut_timeout(client_timeout, max(left, C.MIN_POLL_TIMEOUT))
+
+
+class Polling:
+    """The deadline of a poll loop (`jobs.wait`, `wait_until_ready`): `timeout` seconds from its start, or none."""
+
+    def __init__(self, poll_interval: float, timeout: float | None) -> None:
+        check_polling(poll_interval, timeout)
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+
+    def left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def cut_to_deadline(self, pause: float) -> float | None:
+        """`pause`, no longer than what is left; None once the deadline has passed."""
+        left = self.left()
+        if left is None:
+            return pause
+        return None if left <= 0 else min(pause, left)
 
 
 def _job_id(job: str | Job) -> str:
@@ -539,7 +563,7 @@ def check_polling(poll_interval: float, timeout: float | None) -> None:
         raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
 
 
-class Waiting:
+class Waiting(Polling):
     """The loop of `jobs.wait`, shared by the sync and the async client (they differ only in how they request and
     sleep): the next poll's call, what a failed poll means, and how long to pause before the next.
 
@@ -547,17 +571,13 @@ class Waiting:
     sooner would only be refused again, and each poll counts against the key's rate limit)."""
 
     def __init__(self, job_id: str | Job, poll_interval: float, timeout: float | None, client_timeout: Any) -> None:
-        check_polling(poll_interval, timeout)
+        super().__init__(poll_interval, timeout)
         self.interval = min(float(poll_interval), C.MAX_POLL_INTERVAL)
-        self.timeout, self.client_timeout = timeout, client_timeout
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.client_timeout = client_timeout
         self.name = _job_id(job_id)
         self.path = _job_path(self.name)
         self.job: Job | None = job_id if isinstance(job_id, Job) else None
         self.error: APIError | None = None
-
-    def left(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
 
     def call(self) -> APICall[Job]:
         self.error = None
@@ -583,13 +603,11 @@ class Waiting:
             retry_after = parse_retry_after(self.error.response.headers)
             if retry_after is not None:
                 pause = max(pause, min(retry_after, C.MAX_RETRY_AFTER))
-        left = self.left()
-        if left is None:
-            return pause
-        if left <= 0:
+        cut = self.cut_to_deadline(pause)
+        if cut is None:
             assert self.timeout is not None
             raise wait_timed_out(self.name, self.timeout, self.job, self.error) from self.error
-        return min(pause, left)
+        return cut
 
 
 class ResultsReading:
@@ -647,29 +665,21 @@ class ResultsReading:
         return error
 
 
-class Readiness:
+class Readiness(Polling):
     """The loop of `wait_until_ready`, shared by both clients: GET /readyz until it answers 200. A poll that finds
     the server not ready (503: loading, shutting down), gets no answer (not started yet, restarting) or a 502/504
     (an ingress without a ready pod) is polled again; another answer (a 404: no such route there) is raised."""
 
     def __init__(self, base_url: httpx.URL, poll_interval: float, timeout: float | None, client_timeout: Any) -> None:
-        check_polling(poll_interval, timeout)
-        self.interval, self.timeout, self.client_timeout = float(poll_interval), timeout, client_timeout
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        super().__init__(poll_interval, timeout)
+        self.interval, self.client_timeout = float(poll_interval), client_timeout
         self.url = base_url
         self.state = "no poll answered"
 
-    def left(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
-
     def call(self) -> APICall[Health]:
-        """One poll, its timeout cut to what is left (at least `MIN_POLL_TIMEOUT`, so a poll at the deadline
-        can still find the server ready)."""
+        """One poll, its timeout cut to what is left (`poll_timeout`)."""
         left = self.left()
-        timeout = (
-            self.client_timeout if left is None else cut_timeout(self.client_timeout, max(left, C.MIN_POLL_TIMEOUT))
-        )
-        return readiness_call(timeout)
+        return readiness_call(self.client_timeout if left is None else poll_timeout(self.client_timeout, left))
 
     def answered(self, health: Health) -> bool:
         """True when the server is ready; else remembers what it is waiting for (`model: loading`)."""
@@ -686,13 +696,11 @@ class Readiness:
 
     def pause(self) -> float:
         """Seconds to sleep before the next poll; `WaitTimeoutError` once the deadline has passed."""
-        left = self.left()
-        if left is None:
-            return self.interval
-        if left <= 0:
+        cut = self.cut_to_deadline(self.interval)
+        if cut is None:
             assert self.timeout is not None
             raise WaitTimeoutError(f"server {self.url} not ready within {self.timeout:g} s ({self.state})", job=None)
-        return min(self.interval, left)
+        return cut
 
 
 def worth_polling_again(exc: APIError) -> bool:
