@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Depends, FastAPI
 
 from rlaifv.service.auth import KeyRing
+from rlaifv.service.daemon_threads import in_daemon_thread
 from rlaifv.service.deps import enforce_limits
 from rlaifv.service.errors import install_error_handlers
 from rlaifv.service.metrics import Metrics
@@ -21,7 +20,6 @@ from rlaifv.service.redis_conn import Breaker
 from rlaifv.service.settings import Settings
 
 log = logging.getLogger("rlaifv.service")
-T = TypeVar("T")
 
 DESCRIPTION = """Best-of-N selection and reranking for multimodal LLMs by the RLAIF-V self-reward
 r(x, y) = beta/T * sum_t [log pi_theta(y_t|x, y_<t) - log pi_ref(y_t|x, y_<t)].
@@ -71,33 +69,6 @@ async def _load(app: FastAPI) -> None:
         app.state.on_load_failure()
 
 
-async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
-    """`asyncio.to_thread` on a daemon thread: a process stopped while a model loads exits at once (the executor's
-    threads are joined at exit: a stop during a 10-minute load waited for it)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():  # the awaiting task was cancelled
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    def run() -> None:
-        result, error = None, None
-        try:
-            result = function(*args)
-        except BaseException as exc:  # handed to the awaiting task, as to_thread does
-            error = exc
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=run, daemon=True, name="rlaifv-model-load").start()
-    return await future
-
-
 async def _start(app: FastAPI) -> None:
     """Everything the app holds, made and loaded in the order failures are cheapest to find."""
     from rlaifv.service.engines import load_engine
@@ -118,7 +89,7 @@ async def _start(app: FastAPI) -> None:
         app.state.redis = redis
     generator = await open_generator(settings, metrics)  # before the model: a wrong URL fails start-up at once
     app.state.generator = generator
-    engine, load_s = await in_daemon_thread(load_engine, settings, metrics)
+    engine, load_s = await in_daemon_thread(load_engine, settings, metrics, name="rlaifv-model-load")
     app.state.engine = engine
     metrics.model_load.set(load_s)
     if settings.warmup:

@@ -35,6 +35,7 @@ import httpx
 
 from rlaifv.reward.errors import ImageError
 from rlaifv.reward.images import ImageLimits, declared_pixels, decode_base64, decode_image
+from rlaifv.service.daemon_threads import in_daemon_thread
 from rlaifv.service.errors import Overloaded
 from rlaifv.service.settings import Settings
 from rlaifv.service.urls import (
@@ -88,10 +89,25 @@ def inflated(body: bytes, encodings: str, limit: int, param: str) -> bytes:
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 
 
-async def system_resolver(host: str, port: int) -> list[str]:
-    """`host`'s addresses as the operating system resolves them, on the loop's executor (never blocking the loop)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [str(info[4][0]) for info in infos]
+DNS_LOOKUPS = 8
+"""Lookups of image hosts running at once; more wait for one to end (each fetch within its own timeout)."""
+
+
+class SystemResolver:
+    """`host`'s addresses as the operating system resolves them, off the loop on threads of its own.
+
+    `loop.getaddrinfo` runs on the default executor: a DNS server that stopped answering (glibc tries for 10 s and
+    more per name) held all its threads, and with them image decoding, job files and /metrics, for every request.
+    Here a lookup holds one of `DNS_LOOKUPS` daemon threads until it ends, even after its fetch timed out."""
+
+    def __init__(self, lookups: int = DNS_LOOKUPS) -> None:
+        self.slots = asyncio.Semaphore(lookups)
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        infos = await in_daemon_thread(
+            socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, name="rlaifv-dns", slots=self.slots
+        )
+        return [str(info[4][0]) for info in infos]
 
 
 # (host, port) as the connection pool names an origin -> the addresses checked for it by the fetch in hand
@@ -290,12 +306,12 @@ class ImageLoader:
     addresses (tests answer as a rebinding DNS server would)."""
 
     def __init__(
-        self, settings: Settings, *, rejected: Callable[[], None] = _none, resolve: Resolver = system_resolver
+        self, settings: Settings, *, rejected: Callable[[], None] = _none, resolve: Resolver | None = None
     ) -> None:
         self.settings = settings
         self.limits = settings.image_limits()
         self.rejected = rejected
-        self.resolve = resolve
+        self.resolve = resolve if resolve is not None else SystemResolver()
         self.in_hand = 0  # pixels of the images being decoded or held by requests not yet ended
         self._client: httpx.AsyncClient | None = None
 
@@ -401,12 +417,15 @@ class ImageLoader:
                 headers={"Accept-Encoding": "identity"},  # images are compressed already; gzip is still taken
             )
         limit = self.settings.image_fetch_timeout_s
+        addresses: tuple[Address, ...] = ()
         try:  # httpx's timeout bounds each read: a host sending a byte at a time held the request for ever
             async with asyncio.timeout(limit):
                 addresses = await self._addresses(url, origin, param)
                 with pinned() as pins:
                     return await self._follow(self._client, url, origin, addresses, pins, param)
         except TimeoutError:
+            if not addresses:
+                raise ImageError(f"image host '{origin}' not resolved within {limit:g} s", param=param) from None
             raise ImageError(f"image URL not fetched within {limit:g} s", param=param) from None
 
     async def _addresses(self, url: str, origin: str, param: str) -> tuple[Address, ...]:

@@ -41,7 +41,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
 
     /healthz, /readyz and /metrics answer on RLAIFV_WORKER_PORT from before the model loads (alive while
     loading, ready once consuming) until the items in hand have drained."""
-    from rlaifv.service.app import create_worker_app, in_daemon_thread
+    from rlaifv.service.app import create_worker_app
+    from rlaifv.service.daemon_threads import in_daemon_thread
     from rlaifv.service.engines import load_engine
     from rlaifv.service.generator import open_generator
     from rlaifv.service.jobs import JobStore, JobWorkers
@@ -60,7 +61,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     try:
         app.state.redis = redis = connect(settings)
         app.state.generator = generator = await open_generator(settings, metrics)
-        loaded = await _unless_stopped(in_daemon_thread(load_engine, settings, metrics), stop)
+        loaded = await _unless_stopped(in_daemon_thread(load_engine, settings, metrics, name="rlaifv-model-load"), stop)
         if loaded is None:  # stopped while loading: the load thread is abandoned, nothing was taken
             if generator is not None:
                 await generator.aclose()
