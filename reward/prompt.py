@@ -213,24 +213,36 @@ def continuation_ids(tokenizer: Any, text: str, context: Sequence[int] = ()) -> 
     return [int(t) for t in tokenizer(text.lstrip(), add_special_tokens=False)["input_ids"]]
 
 
-ANSWER_TOKENIZATION_VERSION = 2
-"""What text answers tokenize to changed in version 2 (`answer_ids`: as inside the model's own rendered turn):
-rewards cached for the same text carry it."""
+ANSWER_TOKENIZATION_VERSION = 3
+"""What text answers tokenize to changed in version 2 (`answer_ids`: as inside the model's own rendered turn) and
+3 (the whitespace a template trims off a message left off): rewards cached for the same text carry it."""
 
 
 @dataclass(frozen=True)
 class AnswerSeam:
     """Where an assistant's answer starts in the chat template's text: `prompt`, a conversation rendered with the
     generation prompt (`prompt_ids` its tokens), and `seam`, the whitespace the template writes between that and
-    the answer's text (LLaVA's "ASSISTANT:" + " " + answer; "" after ChatML's "<|im_start|>assistant\n")."""
+    the answer's text (LLaVA's "ASSISTANT:" + " " + answer; "" after ChatML's "<|im_start|>assistant\n").
+    `trims_start`/`trims_end`: the template strips whitespace off that end of a message (Gemma 3's and Llama 3's
+    `| trim`), so no turn the model saw had it there."""
 
     prompt: str
     seam: str
     prompt_ids: tuple[int, ...]
+    trims_start: bool = False
+    trims_end: bool = False
+
+    def as_rendered(self, text: str) -> str:
+        """`text` as the template writes it into a turn."""
+        text = text.lstrip() if self.trims_start else text
+        return text.rstrip() if self.trims_end else text
 
 
 _MARKER = "Zq7 xylophone"
 """Text no template changes, to find where a message's content lands in the template's rendering."""
+
+_PAD = " \n"
+"""Whitespace put around `_MARKER` to see whether a template trims a message's ends."""
 
 
 def answer_seam(owner: Any) -> AnswerSeam | None:
@@ -257,23 +269,35 @@ def answer_seam(owner: Any) -> AnswerSeam | None:
 def _find_answer_seam(renderer: Any, tokenizer: Any) -> AnswerSeam | None:
     from jinja2 import TemplateError
 
-    for content in ([{"type": "text", "text": _MARKER}], _MARKER):  # parts (vision templates), or a plain string
-        question = [{"type": "text", "text": "Hi."}] if isinstance(content, list) else "Hi."
+    for parts in (True, False):  # parts (vision templates), or a plain string
+        question: Any = [{"type": "text", "text": "Hi."}] if parts else "Hi."
         user = {"role": "user", "content": question}
+
+        def answered(text: str, parts: bool = parts, user: dict[str, Any] = user) -> str:
+            content = [{"type": "text", "text": text}] if parts else text
+            turns = [user, {"role": "assistant", "content": content}]
+            return str(renderer.apply_chat_template(turns, add_generation_prompt=False, tokenize=False))
+
         try:
             prompt = str(renderer.apply_chat_template([user], add_generation_prompt=True, tokenize=False))
-            turn = str(
-                renderer.apply_chat_template(
-                    [user, {"role": "assistant", "content": content}], add_generation_prompt=False, tokenize=False
-                )
-            )
+            turn = answered(_MARKER)
+            padded = answered(_PAD + _MARKER + _PAD)
         except (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError):  # its own rules
             continue
         at = turn.find(_MARKER, len(prompt))
         if at < 0 or not turn.startswith(prompt) or turn[len(prompt) : at].strip():
             continue
+        seam, tail = turn[len(prompt) : at], turn[at + len(_MARKER) :]
+        at_padded = padded.find(_MARKER, len(prompt))
+        seen = at_padded >= 0 and padded.startswith(prompt)
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return AnswerSeam(prompt, turn[len(prompt) : at], tuple(int(t) for t in ids))
+        return AnswerSeam(
+            prompt,
+            seam,
+            tuple(int(t) for t in ids),
+            trims_start=seen and padded[len(prompt) : at_padded] == seam,
+            trims_end=seen and padded[at_padded + len(_MARKER) :] == tail,
+        )
     return None
 
 
@@ -283,10 +307,13 @@ def answer_ids(tokenizer: Any, text: str) -> list[int]:
     were read from). Tokenized alone, an answer can differ at its start: a fast Metaspace tokenizer gives "A" a
     "▁" it has no room for after OmniLMM's "<|assistant|>\n" (or ChatML's), and " A" one "▁" fewer than LLaVA's
     "ASSISTANT: " + " A"; byte-level BPE loses the space that Idefics' "Assistant:" + " " gives the first word.
-    Alone where the seam is unknown (`answer_seam`) or where the prompt's own tokens would change (a merge across
-    it: ChatML's "assistant\n" before an answer starting with a newline, in byte-level BPE)."""
+    Whitespace the template trims off a message is left off (Gemma 3, Llama 3: another model's answer ending in
+    "\n" was scored with a newline before the end of turn that no turn of the model's has). Alone where the seam
+    is unknown (`answer_seam`) or where the prompt's own tokens would change (a merge across it: ChatML's
+    "assistant\n" before an answer starting with a newline, in byte-level BPE)."""
     seam = answer_seam(tokenizer)
     if seam is not None:
+        text = seam.as_rendered(text)
         both = tokenizer(seam.prompt + seam.seam + text, add_special_tokens=False)["input_ids"]
         if tuple(both[: len(seam.prompt_ids)]) == seam.prompt_ids:
             return [int(t) for t in both[len(seam.prompt_ids) :]]

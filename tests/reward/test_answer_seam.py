@@ -237,6 +237,65 @@ def test_where_the_seam_is_unknown_or_merges_the_answer_tokenizes_alone() -> Non
     assert continuation_ids(tok, "Yes") == tok("Yes")["input_ids"]
 
 
+TRIMMING = CHATML.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")
+
+
+@pytest.mark.parametrize(
+    ("template", "start", "end"),
+    [
+        (TRIMMING, True, True),
+        (CHATML.replace("{{ m['content'] }}", "{{ m['content'] | trim }}\n"), True, True),
+        (CHATML.replace("{{ m['content'] }}", "{{ m['content'].lstrip() }}"), True, False),
+        (CHATML.replace("{{ m['content'] }}", "{{ m['content'].rstrip() }}"), False, True),
+        (CHATML, False, False),
+        (IDEFICS, False, False),
+    ],
+)
+def test_whitespace_a_template_trims_off_a_message_is_left_off_the_answer(
+    template: str, start: bool, end: bool
+) -> None:
+    """Gemma 3 and Llama 3 trim every message: another model's answer ending in a newline was scored with a
+    newline before the end of turn, a token no turn of the model's has there."""
+    tok = _chatml_byte_level(template)
+    seam = answer_seam(tok)
+    assert seam is not None and (seam.trims_start, seam.trims_end) == (start, end)
+    text = "\n A red box. \n\n"
+    kept = text.lstrip() if start else text
+    kept = kept.rstrip() if end else kept
+    assert continuation_ids(tok, text) == continuation_ids(tok, kept)
+    if start or end:
+        assert continuation_ids(tok, text) != tok(text)["input_ids"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_answers_in_a_trimming_template_have_the_ids_of_the_rendered_turn(
+    kind: str, templates: dict[str, Any], bases: dict[str, Callable[[], Any]]
+) -> None:
+    """Gemma 3's and Mllama's templates over every tokenizer kind: each answer, whitespace around it included, has
+    the ids the whole rendered conversation gives it, up to the end of turn."""
+    answers = ANSWERS + _random_answers(60, seed=2) + [f"{a}\n" for a in ("Yes", "A red box.", " x ")]
+    checked = 0
+    for name in ("gemma3", "mllama"):
+        tok = _as_family(bases[kind](), templates[name])
+        seam = answer_seam(tok)
+        assert seam is not None and seam.trims_start and seam.trims_end, name
+        user = {"role": "user", "content": _turn("What is this?")}
+        prompt_text = tok.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
+        add = not (tok.bos_token and prompt_text.startswith(tok.bos_token))
+        prompt = list(tok(prompt_text, add_special_tokens=add)["input_ids"])
+        for answer in answers:
+            turn = [user, {"role": "assistant", "content": _turn(answer)}]
+            whole = list(tok(tok.apply_chat_template(turn, tokenize=False), add_special_tokens=add)["input_ids"])
+            if whole[: len(prompt)] != prompt:
+                continue
+            ours = continuation_ids(tok, answer)
+            assert whole[len(prompt) : len(prompt) + len(ours) + 1] == [*ours, whole[len(prompt) + len(ours)]]
+            assert whole[len(prompt) + len(ours)] in tok.all_special_ids, (name, answer)
+            checked += 1
+    assert checked > len(answers)
+
+
 def test_the_seam_is_found_once_per_tokenizer() -> None:
     tok = _chatml_byte_level(IDEFICS)
     calls = []
