@@ -984,6 +984,7 @@ def _train_dpo(
     if resumed is not None:
         with together(accelerator, f"reading checkpoint {resumed.folder.name}"):  # each rank reads its RNG state
             try:
+                _check_random_states(resumed.folder, accelerator.process_index)
                 accelerator.load_state(str(resumed.folder), **({"strict": False} if trainable_only else {}))
             except _load_errors() as exc:
                 detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -1402,6 +1403,22 @@ def _save_errors() -> tuple[type[BaseException], ...]:
     from safetensors import SafetensorError
 
     return (OSError, RuntimeError, SafetensorError)
+
+
+def _check_random_states(folder: Path, rank: int) -> None:
+    """This rank's RNG state in a checkpoint can be read. accelerate resumes without one it cannot read (it logs
+    "Could not load random states" at info level and goes on), so dropout after the resume silently differed from
+    the run's own; every checkpoint of this run has one per rank (the run key holds the number of ranks)."""
+    from accelerate.utils import load
+
+    file = folder / f"random_states_{rank}.pkl"
+    try:
+        states = load(file)
+    except _load_errors() as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{file.name}: {detail}") from None
+    if not isinstance(states, dict) or "torch_manual_seed" not in states:
+        raise ValueError(f"{file.name} holds no random state")
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:

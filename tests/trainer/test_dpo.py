@@ -1184,6 +1184,15 @@ def test_a_damaged_reference_cache_is_computed_again_and_a_damaged_checkpoint_is
     with pytest.raises(RunStateError, match=r"checkpoint .*step-0000002 cannot be read \(.*\): delete it"):
         train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / "b", progress=False)
 
+    # accelerate resumed without an RNG state it could not read, logging at info level only
+    for copy, damage in (("c", b""), ("d", None)):
+        _killed_after(tmp_path / "a", tmp_path / copy, "step-0000002")
+        states = tmp_path / copy / "checkpoints" / "step-0000002" / "random_states_0.pkl"
+        states.write_bytes(damage) if damage is not None else states.unlink()
+        unread = r"checkpoint .*step-0000002 cannot be read \(random_states_0.pkl: .*\): delete it"
+        with pytest.raises(RunStateError, match=unread):
+            train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path / copy, progress=False)
+
 
 def _counting_hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """The files `dpo._file_digest` reads and hashes from now on, in order."""
