@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -122,6 +122,11 @@ def _serialised(method: CallT) -> CallT:
 
 def _is_withdrawn(task: GenerateTask | ScoreTask) -> bool:
     return task.withdrawn is not None and task.withdrawn.is_set()
+
+
+def _wanted(tasks: Sequence[GenerateTask | ScoreTask], among: Iterable[int]) -> list[int]:
+    """The positions in `among` of tasks not withdrawn by now: checked before each pass of a batch."""
+    return [i for i in among if not _is_withdrawn(tasks[i])]
 
 
 def is_peft_model(model: Any) -> bool:
@@ -455,7 +460,9 @@ class ModelPair:
         return _unless_withdrawn(tasks, self._generate)
 
     def _generate(self, tasks: Sequence[GenerateTask]) -> list[Ranking | None]:
-        """Rankings of the tasks still wanted once sampled (None for those withdrawn meanwhile)."""
+        """Rankings of the tasks still wanted once sampled (None for those withdrawn meanwhile). A task withdrawn
+        later leaves the passes after it (teacher forcing, reference, claims): the claims labeller was most of a
+        'claims' request's time, and it ran on for a client that had left after sampling."""
         start = time.perf_counter()
         samples = self.sample(
             [task.prompt for task in tasks],
@@ -467,22 +474,20 @@ class ModelPair:
         )
         sampled = time.perf_counter()
         rankings: list[Ranking | None] = [None] * len(tasks)
-        live = [i for i, task in enumerate(tasks) if not _is_withdrawn(task)]
+        contexts = [continuation_context(task.prompt.input_ids, task.continue_final) for task in tasks]
+        live = _wanted(tasks, range(len(tasks)))
+        answers = {i: [self._answer(s, tasks[i].sampling.stop, contexts[i]) for s in samples[i]] for i in live}
+        self._finish_answers([tasks[i].prompt for i in live], [answers[i] for i in live])
+        live = _wanted(tasks, live)
         if not live:
             return rankings
-        tasks, samples = [tasks[i] for i in live], [samples[i] for i in live]
-        prompts = [task.prompt for task in tasks]
-        contexts = [continuation_context(task.prompt.input_ids, task.continue_final) for task in tasks]
-        answers = [
-            [self._answer(s, task.sampling.stop, context) for s in group]
-            for task, group, context in zip(tasks, samples, contexts, strict=True)
-        ]
-        self._finish_answers(prompts, answers)
-        ref = self.sequence_logprobs(prompts, [[a.ids for a in group] for group in answers], reference=True)
-        groups = []
-        for task, group, ref_group, context in zip(tasks, answers, ref, contexts, strict=True):
-            candidates = []
-            for a, r in zip(group, ref_group, strict=True):
+        ref = self.sequence_logprobs(
+            [tasks[i].prompt for i in live], [[a.ids for a in answers[i]] for i in live], reference=True
+        )
+        groups: dict[int, list[Candidate]] = {}
+        for i, ref_group in zip(live, ref, strict=True):
+            task, candidates = tasks[i], []
+            for a, r in zip(answers[i], ref_group, strict=True):
                 assert a.policy is not None
                 reason = "stop" if a.truncated else a.sample.finish_reason
                 candidates.append(
@@ -490,17 +495,20 @@ class ModelPair:
                 )
             if task.top_logprobs is not None:
                 for candidate, tokens in zip(
-                    candidates, self._token_logprobs(task.prompt, group, task.top_logprobs, context), strict=True
+                    candidates,
+                    self._token_logprobs(task.prompt, answers[i], task.top_logprobs, contexts[i]),
+                    strict=True,
                 ):
                     candidate.token_logprobs = tokens
-            groups.append(candidates)
+            groups[i] = candidates
         scored = time.perf_counter()
-        self._apply_claims(tasks, groups)
+        live = _wanted(tasks, live)
+        self._apply_claims([tasks[i] for i in live], [groups[i] for i in live])
         timings = {"generate_s": sampled - start, "score_s": scored - sampled}
-        if any(task.reward.mode == "claims" for task in tasks):
+        if any(tasks[i].reward.mode == "claims" for i in live):
             timings["claims_s"] = time.perf_counter() - scored
-        for i, ranked in zip(live, groups, strict=True):
-            rankings[i] = Ranking.of(ranked, timings)
+        for i in live:
+            rankings[i] = Ranking.of(groups[i], timings)
         return rankings
 
     def score_batch(self, tasks: Sequence[ScoreTask]) -> list[Ranking]:
@@ -512,25 +520,31 @@ class ModelPair:
         """`score_batch` leaving out the tasks withdrawn before their passes (`ScoreTask.withdrawn`)."""
         return _unless_withdrawn(tasks, self._score)
 
-    def _score(self, tasks: Sequence[ScoreTask]) -> list[Ranking]:
+    def _score(self, tasks: Sequence[ScoreTask]) -> list[Ranking | None]:
+        """Rankings of the given answers (None for a task withdrawn before its reference pass or its claims)."""
         start = time.perf_counter()
-        prompts = [task.prompt for task in tasks]
-        answers = [task.answers for task in tasks]
-        pol = self.sequence_logprobs(prompts, answers, reference=False)
-        ref = self.sequence_logprobs(prompts, answers, reference=True)
-        groups = [
-            [
-                self._candidate(text, ids, p, r, task.reward, "given")
-                for text, ids, p, r in zip(task.texts, task.answers, pol_group, ref_group, strict=True)
+        pol = self.sequence_logprobs([t.prompt for t in tasks], [t.answers for t in tasks], reference=False)
+        live = _wanted(tasks, range(len(tasks)))
+        rankings: list[Ranking | None] = [None] * len(tasks)
+        if not live:
+            return rankings
+        ref = self.sequence_logprobs([tasks[i].prompt for i in live], [tasks[i].answers for i in live], reference=True)
+        groups = {
+            i: [
+                self._candidate(text, ids, p, r, tasks[i].reward, "given")
+                for text, ids, p, r in zip(tasks[i].texts, tasks[i].answers, pol[i], ref_group, strict=True)
             ]
-            for task, pol_group, ref_group in zip(tasks, pol, ref, strict=True)
-        ]
+            for i, ref_group in zip(live, ref, strict=True)
+        }
         scored = time.perf_counter()
-        self._apply_claims(tasks, groups)
+        live = _wanted(tasks, live)
+        self._apply_claims([tasks[i] for i in live], [groups[i] for i in live])
         timings = {"score_s": scored - start}
-        if any(task.reward.mode == "claims" for task in tasks):
+        if any(tasks[i].reward.mode == "claims" for i in live):
             timings["claims_s"] = time.perf_counter() - scored
-        return [Ranking.of(group, timings) for group in groups]
+        for i in live:
+            rankings[i] = Ranking.of(groups[i], timings)
+        return rankings
 
     def _apply_claims(self, tasks: Sequence[GenerateTask | ScoreTask], groups: list[list[Candidate]]) -> None:
         """Replace the ranking reward by claim verification for tasks in 'claims' mode (one labeler batch)."""

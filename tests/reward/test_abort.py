@@ -106,3 +106,57 @@ def test_a_task_withdrawn_while_sampling_stops_its_rows_and_is_not_scored(
         pair.generate_batch(tasks)
     staying.set()
     assert all(isinstance(o, Withdrawn) for o in pair.generate_or_withdraw(tasks)) and rows
+
+
+@pytest.mark.parametrize("kind", ["generate", "score"])
+def test_a_task_withdrawn_between_passes_leaves_the_passes_after_it(
+    kind: str, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Withdrawal was read once, after sampling: the reference pass and the claims labeller (most of a 'claims'
+    request's time) ran on for a client that had left after it."""
+    import threading
+
+    from rlaifv.reward import load_bundle
+    from rlaifv.reward.model_pair import GenerateTask, ScoreTask
+
+    pair = load_bundle(tiny_bundle)
+    image = Image.new("RGB", (32, 32), (200, 0, 0))
+    leaving, staying = threading.Event(), threading.Event()
+    prompts = [pair.encode([image], "What is in the image?"), pair.encode([image], "What colour is it?")]
+    pairs = list(zip(prompts, (leaving, staying), strict=True))
+    if kind == "generate":
+        params = SamplingParams(max_tokens=6, seed=0)
+        tasks: list = [GenerateTask(p, 2, params, pair.reward, withdrawn=w) for p, w in pairs]
+        run = pair.generate_or_withdraw
+    else:
+        answers = pair.encode_answers(["a red circle.", "a blue square."])
+        texts = ["a red circle.", "a blue square."]
+        tasks = [ScoreTask(p, answers, texts, pair.reward, withdrawn=w) for p, w in pairs]
+        run = pair.score_or_withdraw
+    passes, claimed = [], []
+    real_logprobs, real_claims = pair.sequence_logprobs, pair._apply_claims
+
+    def sequence_logprobs(prompts, answers, *, reference):
+        passes.append((reference, len(answers)))
+        if not reference:  # the client leaves during the policy pass of given answers
+            leaving.set()
+        return real_logprobs(prompts, answers, reference=reference)
+
+    def apply_claims(tasks, groups):
+        claimed.append(len(tasks))
+        return real_claims(tasks, groups)
+
+    monkeypatch.setattr(pair, "sequence_logprobs", sequence_logprobs)
+    monkeypatch.setattr(pair, "_apply_claims", apply_claims)
+    if kind == "generate":
+        real_finish = pair._finish_answers
+
+        def finish_answers(prompts, answers):  # the client leaves once its answers were sampled and read
+            leaving.set()
+            return real_finish(prompts, answers)
+
+        monkeypatch.setattr(pair, "_finish_answers", finish_answers)
+    withdrawn, ranking = run(tasks)
+    assert isinstance(withdrawn, Withdrawn) and len(ranking.candidates) == 2
+    assert (True, 1) in passes and (True, 2) not in passes  # the reference pass ran for the staying task only
+    assert claimed == [1]
