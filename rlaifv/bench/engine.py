@@ -31,13 +31,26 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from rlaifv.bench.engine_models import SHAPES, Shape
 from rlaifv.reward.cpu_info import cpu_name
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from rlaifv.reward.model_pair import ModelPair
+    from rlaifv.reward.packed_weights import PackMode
+    from rlaifv.reward.prompt import EncodedPrompt
+    from rlaifv.reward.results import Ranking
+    from rlaifv.reward.sampling import Sample, SamplingParams
+    from rlaifv.reward.scoring import RewardMode
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -146,13 +159,14 @@ class _PhaseTimer:
 
             return wrapper
 
+        # sampling's own name for logprobs.prefill (imported, not re-exported), which is what it calls
         sampling.prefill = timed("policy")  # type: ignore[attr-defined]
-        logprobs.prefill = timed("reference")  # type: ignore[attr-defined]
+        logprobs.prefill = timed("reference")
         try:
             yield self
         finally:
             sampling.prefill = original  # type: ignore[attr-defined]
-            logprobs.prefill = original  # type: ignore[attr-defined]
+            logprobs.prefill = original
 
 
 @dataclass
@@ -171,7 +185,7 @@ class EngineBench:
     claims: bool = True
     concurrency: int = 0
     compare_fp32: bool = True
-    pack_weights: str = "auto"
+    pack_weights: PackMode = "auto"
     log: Callable[[str], None] = print
 
     def sync(self) -> None:
@@ -182,7 +196,7 @@ class EngineBench:
 
     # -- set-up ---------------------------------------------------------------------------------------
 
-    def load(self, *, lora: bool, dtype: str | None = None, pack: str | None = None) -> Any:
+    def load(self, *, lora: bool, dtype: str | None = None, pack: PackMode | None = None) -> ModelPair:
         """The pair as the service would serve it (weights packed per `pack_weights`), end of sequence blocked."""
         dtype = dtype or self.dtype
         if self.device == "cpu" and self.shape.name == "cpu":
@@ -200,25 +214,25 @@ class EngineBench:
         # Block end of sequence: every answer runs to answer_tokens, in every path.
         pair.stop_ids = [-1]
         pair.blocked_ids = sorted(set(pair.tokenizer.all_special_ids))
-        pair.pack_weights(pack or self.pack_weights)  # type: ignore[arg-type]
+        pair.pack_weights(pack or self.pack_weights)
         return pair
 
-    def image(self) -> Any:
+    def image(self) -> Image.Image:
         from PIL import Image
 
         return Image.new("RGB", (self.shape.image_size, self.shape.image_size), (120, 60, 200))
 
-    def prompt(self, pair: Any) -> Any:
+    def prompt(self, pair: ModelPair) -> EncodedPrompt:
         return pair.encode([self.image()], self.shape.question)
 
-    def params(self, seed: int = 0) -> Any:
+    def params(self, seed: int = 0) -> SamplingParams:
         from rlaifv.reward.sampling import SamplingParams
 
         return SamplingParams(temperature=1.0, max_tokens=self.answer_tokens, seed=seed)
 
     # -- the paths ------------------------------------------------------------------------------------
 
-    def _timed(self, result: PathResult, fn: Callable[[], Any], timer: _PhaseTimer | None = None) -> Any:
+    def _timed(self, result: PathResult, fn: Callable[[], T], timer: _PhaseTimer | None = None) -> T:
         memory = _Memory(self.device)
         if timer is not None:
             timer.seconds.clear()
@@ -235,12 +249,16 @@ class EngineBench:
         result.peak_mb.append(memory.peak_mb)
         return out
 
-    def hf_generate(self, pair: Any, prompt: Any, seed: int) -> list[int]:
+    def single(self, pair: ModelPair, prompt: EncodedPrompt, seed: int) -> list[list[Sample]]:
+        """Our engine, one answer, no scoring."""
+        return pair.sample([prompt], [1], [self.params(seed)])
+
+    def hf_generate(self, pair: ModelPair, prompt: EncodedPrompt, seed: int) -> list[int]:
         """`generate` as a caller without this engine runs it: on the plain weights."""
         with pair.plain_weights():
             return self._hf_generate(pair, prompt, seed)
 
-    def _hf_generate(self, pair: Any, prompt: Any, seed: int) -> list[int]:
+    def _hf_generate(self, pair: ModelPair, prompt: EncodedPrompt, seed: int) -> list[int]:
         import torch
 
         from rlaifv.reward.families import stack_vision
@@ -267,7 +285,7 @@ class EngineBench:
             )
         return [int(t) for t in out[0, ids.shape[1] :]]
 
-    def naive(self, pair: Any, prompt: Any, n: int, *, packed: bool = False) -> list[float]:
+    def naive(self, pair: ModelPair, prompt: EncodedPrompt, n: int, *, packed: bool = False) -> list[float]:
         """N generate calls, then 2N full forwards: the reward as one would write it without this engine.
 
         On the plain weights unless `packed` (the packed weights' share of the speed-up, apart from the engine's).
@@ -275,7 +293,7 @@ class EngineBench:
         with contextlib.nullcontext() if packed else pair.plain_weights():
             return self._naive(pair, prompt, n)
 
-    def _naive(self, pair: Any, prompt: Any, n: int) -> list[float]:
+    def _naive(self, pair: ModelPair, prompt: EncodedPrompt, n: int) -> list[float]:
         import torch
 
         from rlaifv.reward.logprobs import full_forward_logprobs
@@ -290,11 +308,13 @@ class EngineBench:
             rewards.append(pair.reward.beta * (pol - ref) / len(answer))
         return rewards
 
-    def best_of_n(self, pair: Any, prompt: Any, n: int, concurrency: int = 1, mode: str = "dpo") -> Any:
+    def best_of_n(
+        self, pair: ModelPair, prompt: EncodedPrompt, n: int, concurrency: int = 1, mode: RewardMode = "dpo"
+    ) -> list[Ranking]:
         from rlaifv.reward.model_pair import GenerateTask
         from rlaifv.reward.scoring import RewardConfig
 
-        reward = RewardConfig(mode=mode)  # type: ignore[arg-type]
+        reward = RewardConfig(mode=mode)
         tasks = [
             GenerateTask(prompt, n, self.params(seed=c), reward, images=[self.image()]) for c in range(concurrency)
         ]
@@ -363,11 +383,11 @@ class EngineBench:
             for round_ in range(self.repeats):
                 self.log(f"round {round_ + 1}/{self.repeats}")
                 seed = round_
-                self._timed(paths["hf_generate"], lambda seed=seed: self.hf_generate(pair, prompt, seed=seed))
-                self._timed(paths["single"], lambda seed=seed: pair.sample([prompt], [1], [self.params(seed)]))
+                self._timed(paths["hf_generate"], partial(self.hf_generate, pair, prompt, seed=seed))
+                self._timed(paths["single"], partial(self.single, pair, prompt, seed))
                 for n in self.ns:
                     result = paths[f"best_of_{n}"]
-                    ranking = self._timed(result, lambda n=n: self.best_of_n(pair, prompt, n)[0], timer)
+                    ranking = self._timed(result, partial(self.best_of_n, pair, prompt, n), timer)[0]
                     for key, value in self._split(ranking.timings, timer.seconds).items():
                         result.split.setdefault(key, []).append(value)
                     if n == self.headline:
@@ -424,7 +444,7 @@ class EngineBench:
             "request_s": generate + score,
         }
 
-    def _exactness(self, pair: Any, prompt: Any, ranking: Any) -> dict[str, float]:
+    def _exactness(self, pair: ModelPair, prompt: EncodedPrompt, ranking: Ranking) -> dict[str, float]:
         """Our engine's log-prob sums against plain full forwards over prefix ++ answer (both models)."""
         import torch
 
@@ -440,7 +460,7 @@ class EngineBench:
             worst_ref = max(worst_ref, abs(ref - c.reference_logprob) / len(c.token_ids))
         return {"policy_per_token": worst_pol, "reference_per_token": worst_ref}
 
-    def _compare_fp32(self, prompt: Any, ranking: Any) -> dict[str, Any]:
+    def _compare_fp32(self, prompt: EncodedPrompt, ranking: Ranking) -> dict[str, Any]:
         """Score the headline answers with the float32 pair: how far the reduced-precision reward moves."""
         pair = self.load(lora=False, dtype="float32", pack="off")
         answers = [c.token_ids for c in ranking.candidates]
@@ -473,7 +493,7 @@ class EngineBench:
         return {"path": result.as_dict(), "model_mb": _param_mb(pair)}
 
 
-def _param_mb(pair: Any) -> float:
+def _param_mb(pair: ModelPair) -> float:
     """Bytes of the pair's weights (a LoRA pair's base counted once)."""
     seen: set[int] = set()
     total = 0
@@ -652,7 +672,9 @@ def bench_engine(
         dtype = "bfloat16" if on_cuda else "float32"
     if dtype not in ("float32", "bfloat16"):
         raise typer.BadParameter("float32 or bfloat16", param_hint="--dtype")
-    if pack_weights not in ("auto", "on", "off"):
+    pack_modes: dict[str, PackMode] = {"auto": "auto", "on": "on", "off": "off"}  # the option, checked and typed
+    pack = pack_modes.get(pack_weights)
+    if pack is None:
         raise typer.BadParameter("auto, on or off", param_hint="--pack-weights")
     try:
         ns = tuple(int(x) for x in n.split(","))
@@ -680,7 +702,7 @@ def bench_engine(
             lora=lora,
             claims=claims,
             concurrency=concurrency,
-            pack_weights=pack_weights,
+            pack_weights=pack,
             compare_fp32=not on_cuda,  # a float32 copy of a 7B pair costs more device time than it tells
             log=lambda s: print(s, flush=True),
         )

@@ -20,12 +20,25 @@ import json
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
     from rlaifv.reward.model_pair import ModelPair
+    from rlaifv.trainer.shapes.tiny_vlm import TinyVLMSpec
 
-CPU_TEXT = {"hidden": 512, "layers": 8, "heads": 8, "kv_heads": 8, "intermediate": 1408, "vocab": 32000}
+
+class TextSizes(TypedDict):
+    """A shape's decoder sizes, as `Shape` keywords."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+
+
+CPU_TEXT: TextSizes = {"hidden": 512, "layers": 8, "heads": 8, "kv_heads": 8, "intermediate": 1408, "vocab": 32000}
 
 
 @dataclass(frozen=True)
@@ -54,7 +67,7 @@ class Shape:
 
 SHAPES: dict[str, Shape] = {
     "cpu": Shape(
-        "cpu", "llava", **{k: v for k, v in CPU_TEXT.items()}, image_size=192, patch=8,
+        "cpu", "llava", **CPU_TEXT, image_size=192, patch=8,
         vision={"hidden": 128, "layers": 2, "heads": 4}, max_positions=2048,
     ),
     "llava-7b": Shape(  # llava-hf/llava-1.5-7b-hf: Llama-2-7B + CLIP ViT-L/14-336
@@ -79,7 +92,7 @@ SHAPES: dict[str, Shape] = {
 def filler_words(count: int) -> list[str]:
     """Distinct lowercase words that pad a word-level vocabulary to a real model's size."""
     letters = "abcdefghijklmnopqrstuvwxyz"
-    words = []
+    words: list[str] = []
     i = 0
     while len(words) < count:
         n, word = i, ""
@@ -96,7 +109,7 @@ def filler_words(count: int) -> list[str]:
 # -- the CPU model: saved and loaded through load_bundle ---------------------------------------------------
 
 
-def cpu_spec(shape: Shape) -> Any:
+def cpu_spec(shape: Shape) -> TinyVLMSpec:
     """The TinyVLMSpec of a LLaVA shape, its word list padded so the vocabulary is ~shape.vocab."""
     from rlaifv.trainer.shapes.tiny_vlm import DEFAULT_WORDS, TinyVLMSpec
 
@@ -296,4 +309,5 @@ def built_pair(shape: Shape, device: str, dtype: Any, *, lora: bool = False) -> 
 
 
 def describe(shape: Shape) -> dict[str, Any]:
-    return json.loads(json.dumps(shape.__dict__))
+    described: dict[str, Any] = json.loads(json.dumps(shape.__dict__))
+    return described

@@ -12,15 +12,17 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
 from rlaifv.reward.logprobs import answer_logprobs, full_forward_logprobs
 from rlaifv.reward.model_pair import ModelPair
 from rlaifv.reward.sampling import SamplingParams
-from rlaifv.reward.scoring import implicit_reward
+from rlaifv.reward.scoring import RewardConfig, implicit_reward
 from rlaifv.trainer.shapes.tiny_vlm import TinyVLMSpec, build_tiny_bundle
 
 
@@ -33,6 +35,24 @@ class BenchResult:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds
+
+
+class RewardBenchReport(TypedDict):
+    """What `run_reward_benchmark` measured, as `rlaifv bench reward` prints it."""
+
+    n: int
+    prefix_tokens: int
+    answer_tokens: int
+    params_m: float
+    naive: BenchResult
+    shared: BenchResult
+    speedup: float
+    generation_s: float
+    end_to_end_speedup: float
+    max_abs_sum_diff: float
+    max_abs_reward_diff: float
+    reward: RewardConfig
+    threads: int
 
 
 def bench_spec(hidden: int = 384, layers: int = 4, image_size: int = 192, patch: int = 8) -> TinyVLMSpec:
@@ -52,8 +72,8 @@ def bench_spec(hidden: int = 384, layers: int = 4, image_size: int = 192, patch:
     )
 
 
-def _time(fn, repeats: int) -> float:
-    times = []
+def _time(fn: Callable[[], object], repeats: int) -> float:
+    times: list[float] = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
@@ -63,7 +83,7 @@ def _time(fn, repeats: int) -> float:
 
 def run_reward_benchmark(
     n: int = 8, answer_tokens: int = 64, repeats: int = 3, hidden: int = 384, layers: int = 4
-) -> dict:
+) -> RewardBenchReport:
     """Return timings and ratios, and how far apart the two paths' results are: the policy-minus-reference
     log-prob sums, and the rewards they make at the bundle's beta and normalisation."""
     from PIL import Image

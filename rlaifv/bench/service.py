@@ -1,6 +1,6 @@
 """`rlaifv bench service`: throughput and latency of best-of-N over HTTP, micro-batching off vs on.
 
-The benchmark starts one `python -m service.serve_cli` per mode on free ports
+The benchmark starts one `python -m rlaifv.service.serve_cli` per mode on free ports
 (off: RLAIFV_MAX_BATCH=1; on: RLAIFV_MAX_BATCH=--max-batch with a --window-ms
 window), then at each concurrency level runs closed-loop clients against each
 server in turn (every client sends its next request as soon as the previous
@@ -35,7 +35,7 @@ import typer
 
 from rlaifv.testing.server import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: its `rlaifv` is importable there uninstalled too
 ENGINES = ("transformers", "vllm")
 # The benchmark's requests are a few dozen tokens; a longer context than this only asks vLLM for KV cache to hold one
 # such sequence (`VLLM_CPU_KVCACHE_SPACE`, 1 GiB on the CPU: a real model's 32k positions would not start).
@@ -80,8 +80,17 @@ def benchmark_bundle(folder: Path | None = None) -> Path:
 
     folder = folder or Path.home() / ".cache" / "rlaifv" / "bench-256x4"
     if not (folder / "rlaifv.json").is_file():
-        sizes = {"vision_hidden": 64, "vision_layers": 2, "text_heads": 4, "text_kv_heads": 4, "intermediate": 1024}
-        spec = TinyVLMSpec(image_size=64, patch_size=8, text_hidden=256, text_layers=4, **sizes)
+        spec = TinyVLMSpec(
+            image_size=64,
+            patch_size=8,
+            text_hidden=256,
+            text_layers=4,
+            vision_hidden=64,
+            vision_layers=2,
+            text_heads=4,
+            text_kv_heads=4,
+            intermediate=1024,
+        )
         build_tiny_bundle(folder, spec=spec)
     return folder
 
@@ -100,7 +109,14 @@ def _image_url() -> str:
 
 
 async def _run_level(
-    url: str, mode: str, concurrency: int, total: int, n: int, max_tokens: int, headers: dict, text_only: bool = False
+    url: str,
+    mode: str,
+    concurrency: int,
+    total: int,
+    n: int,
+    max_tokens: int,
+    headers: dict[str, str],
+    text_only: bool = False,
 ) -> LevelResult:
     import httpx
 
@@ -140,11 +156,11 @@ async def _run_level(
 TEXT_QUESTION = "Describe a red circle left of a blue square, and what is above the green triangle on the right."
 
 
-async def _warm(url: str, n: int, max_tokens: int, headers: dict, text_only: bool = False) -> None:
+async def _warm(url: str, n: int, max_tokens: int, headers: dict[str, str], text_only: bool = False) -> None:
     await _run_level(url, "warm", 2, 4, n, max_tokens, headers, text_only)
 
 
-def _batch_totals(url: str, headers: dict) -> tuple[float, float] | None:
+def _batch_totals(url: str, headers: dict[str, str]) -> tuple[float, float] | None:
     """(sum, count) of the server's `rlaifv_batch_size` histogram for generate batches."""
     import httpx
 
@@ -166,7 +182,7 @@ def _batch_totals(url: str, headers: dict) -> tuple[float, float] | None:
     return totals["rlaifv_batch_size_sum"], totals["rlaifv_batch_size_count"]
 
 
-def _start_server(bundle: Path, port: int, env_overrides: dict[str, str]) -> subprocess.Popen:
+def _start_server(bundle: Path, port: int, env_overrides: dict[str, str]) -> subprocess.Popen[bytes]:
     env = os.environ | {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")} | env_overrides
     cmd = [
         sys.executable,
@@ -182,7 +198,7 @@ def _start_server(bundle: Path, port: int, env_overrides: dict[str, str]) -> sub
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float = 300) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout

@@ -21,10 +21,14 @@ import random
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from rlaifv.service.engines.vllm import VllmServer as Client
 
 BENCH_SIZES = {
     "hidden_size": 256,
@@ -65,7 +69,7 @@ async def _median_async(fn: Callable[[], Awaitable[object]], repeats: int) -> fl
 
 
 async def _time_vllm(
-    client: Any, prompt: list[int], answers: list[list[int]], repeats: int
+    client: Client, prompt: list[int], answers: list[list[int]], repeats: int
 ) -> tuple[list[float], float, float]:
     """The answers' log-prob sums from the server, and the median seconds of one batched request and of N requests.
 
@@ -115,9 +119,7 @@ def run(prompt_tokens: list[int], n: int, answer_tokens: int, repeats: int) -> l
                 "prompt_tokens": p,
                 "vllm batched": batched_s,
                 "vllm one per answer": one_each_s,
-                "in process": _median_s(
-                    lambda e=encoded, a=answers: pair.sequence_logprobs([e], [a], reference=True), repeats
-                ),
+                "in process": _median_s(partial(pair.sequence_logprobs, [encoded], [answers], reference=True), repeats),
                 "max |sum diff|": gap,
             }
             rows.append(row)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -34,6 +34,9 @@ from rlaifv.cli.eval_run import (
     write_scaling,
 )
 from rlaifv.trainer.evaluation.candidates import Rule, Sampling
+
+if TYPE_CHECKING:
+    from rlaifv.trainer.evaluation.report import Report
 
 eval_app = typer.Typer(
     help="Object HalBench, AMBER, MMHal-Bench and best-of-N scaling curves, on local benchmark files.",
@@ -158,7 +161,7 @@ def _cause(causes: list[str]) -> str:
     return f"; first error: {causes[0]}" if causes else ""
 
 
-def _finish(report: Any, output: Path, *, incomplete: int = 0) -> None:
+def _finish(report: Report, output: Path, *, incomplete: int = 0) -> None:
     from rlaifv.trainer.evaluation.report import report_markdown, write_report
 
     json_path, md_path = write_report(report, output)
@@ -168,7 +171,7 @@ def _finish(report: Any, output: Path, *, incomplete: int = 0) -> None:
         raise _incomplete(report, incomplete)
 
 
-def _incomplete(report: Any, failed: int) -> typer.Exit:
+def _incomplete(report: Report, failed: int) -> typer.Exit:
     from rlaifv.trainer.evaluation.report import failure_causes
 
     return fail(
@@ -324,6 +327,7 @@ def objhal(
         objects = CocoObjects(synonyms)
         if coco is not None:
             instances, captions = find_annotation_files(coco)
+        assert instances is not None and captions is not None  # --coco, else both files: checked above
         llm = None
         if extractor == "llm":
             assert llm_url is not None and llm_model is not None  # checked above

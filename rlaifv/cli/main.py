@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Any
+from typing import Any, TextIO
 
 import typer
 
@@ -40,7 +40,12 @@ class Command(typer.Typer):
 
 
 def _show_warning(
-    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
 ) -> None:
     """A warning as one line for the people running the command, not Python's file:line and source line."""
     kind = "" if category is UserWarning else f" ({category.__name__})"

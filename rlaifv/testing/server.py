@@ -10,6 +10,7 @@ Keyword arguments are `Settings` fields; the host is loopback and the port a fre
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,10 +20,13 @@ from typing import Any
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]  # (host, port) for AF_INET
+        return port
 
 
-def wait_until_ready(url: str, process: Any = None, timeout_s: float = 120) -> None:
+def wait_until_ready(
+    url: str, process: subprocess.Popen[bytes] | subprocess.Popen[str] | None = None, timeout_s: float = 120
+) -> None:
     """Poll `url`/readyz until it answers 200 (the model is loaded and warm); fail fast if `process` exits."""
     import httpx
 
@@ -44,7 +48,7 @@ class LiveServer:
     """`service.app.create_app(settings)` under uvicorn in a daemon thread, on a free loopback port."""
 
     def __init__(
-        self, bundle: Path | None, *, graceful_shutdown_s: float = 5, port: int | None = None, **settings: Any
+        self, bundle: Path | None, *, graceful_shutdown_s: int = 5, port: int | None = None, **settings: Any
     ) -> None:
         import uvicorn
 
@@ -87,7 +91,8 @@ class LiveServer:
     def openapi(self) -> dict[str, Any]:
         import httpx
 
-        return httpx.get(self.url + "/openapi.json", timeout=30).raise_for_status().json()
+        spec: dict[str, Any] = httpx.get(self.url + "/openapi.json", timeout=30).raise_for_status().json()
+        return spec
 
     def __enter__(self) -> LiveServer:
         return self.start()

@@ -17,8 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from rlaifv.trainer.shapes.tiny_vlm import DEFAULT_WORDS, PUNCTUATION
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
+if TYPE_CHECKING:  # transformers is untyped here (follow_imports=skip): these names document, mypy sees Any
+    from transformers import (
+        BaseImageProcessor,
+        PreTrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerFast,
+        ProcessorMixin,
+    )
 
 FAMILIES: tuple[str, ...] = (
     "qwen2_vl",
@@ -125,16 +131,16 @@ def build_word_tokenizer(
     return fast
 
 
-def _ids(tokenizer, *tokens: str) -> list[int]:
+def _ids(tokenizer: PreTrainedTokenizerFast, *tokens: str) -> list[int]:
     """Token ids that must exist: a typo in a special token should fail the build, not yield unk."""
-    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    ids: list[int | None] = tokenizer.convert_tokens_to_ids(list(tokens))
     missing = [t for t, i in zip(tokens, ids, strict=True) if i is None or i == tokenizer.unk_token_id]
     if missing:
         raise ValueError(f"tokens missing from the tiny vocabulary: {missing}")
-    return ids
+    return [i for i in ids if i is not None]  # every one: the check ruled None out
 
 
-def _text_ids(tokenizer) -> dict[str, int | None]:
+def _text_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int | None]:
     """Text-config kwargs tying the decoder's vocabulary and bos/eos/pad ids to the tokenizer."""
     return {
         "vocab_size": len(tokenizer),
@@ -144,7 +150,13 @@ def _text_ids(tokenizer) -> dict[str, int | None]:
     }
 
 
-def _save_pieces(folder: Path, tokenizer, image_processor, processor_class: str, **init_kwargs: Any) -> None:
+def _save_pieces(
+    folder: Path,
+    tokenizer: PreTrainedTokenizerFast,
+    image_processor: BaseImageProcessor,
+    processor_class: str,
+    **init_kwargs: Any,
+) -> None:
     """Save a processor piece by piece, for processors that cannot be built or saved here.
 
     Their video processors (or, for Pixtral, the processor module itself) need torchvision and
@@ -158,7 +170,9 @@ def _save_pieces(folder: Path, tokenizer, image_processor, processor_class: str,
     )
 
 
-def _model(model_cls: type, config, tokenizer, seed: int):
+def _model(
+    model_cls: type[PreTrainedModel], config: PreTrainedConfig, tokenizer: PreTrainedTokenizerFast, seed: int
+) -> PreTrainedModel:
     """The model with weights fixed by `seed`, and generation stopping at the tokenizer's eos."""
     import torch
 
@@ -210,7 +224,7 @@ QWEN_VISION: dict[str, dict[str, Any]] = {
 }
 
 
-def _qwen(family: str, folder: Path, seed: int):
+def _qwen(family: str, folder: Path, seed: int) -> PreTrainedModel:
     """Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense or MoE): ChatML prompts, 8 px patches merged 2x2, M-RoPE over a
     16-wide head.
 
@@ -286,7 +300,7 @@ GLM4V_SPECIALS = (
 )
 
 
-def _glm4v(folder: Path, seed: int):
+def _glm4v(folder: Path, seed: int) -> PreTrainedModel:
     """GLM-4.1V layout: "[gMASK]<sop><|user|>\n<|begin_of_image|><|image|>...", 8 px patches merged 2x2 like
     Qwen2-VL's, M-RoPE on half of each head (partial rotary), positions from the model's own get_rope_index."""
     from transformers import Glm4vConfig, Glm4vForConditionalGeneration
@@ -349,7 +363,7 @@ LLAVA_NEXT_TEMPLATE = (
 )
 
 
-def _llava_next(folder: Path, seed: int):
+def _llava_next(folder: Path, seed: int) -> PreTrainedModel:
     """llava-v1.6-mistral layout: "[INST] <image>\\n...[/INST]", the tokenizer (not the template) adds <s>."""
     from transformers import (
         CLIPVisionConfig,
@@ -392,7 +406,7 @@ def _llava_next(folder: Path, seed: int):
     return model
 
 
-def _llava_onevision(folder: Path, seed: int):
+def _llava_onevision(folder: Path, seed: int) -> PreTrainedModel:
     """llava-onevision-qwen2 layout: ChatML, a SigLIP tower over a 32 px base view plus 32 px crops of the
     image's best pinpoint grid (the processor counts each crop's tokens and a newline per row). Its processor
     cannot be built here (its video part needs torchvision): saved piece by piece."""
@@ -445,7 +459,7 @@ IDEFICS3_SPECIALS = (
 )
 
 
-def idefics3_parts(text: dict[str, Any], **config_kwargs: Any) -> tuple[Any, Any]:
+def idefics3_parts(text: dict[str, Any], **config_kwargs: Any) -> tuple[ProcessorMixin, PreTrainedConfig]:
     """(processor, config) of the Idefics3-8B-Llama3 layout: 32 px crops of a <=64 px image, 4 tokens per crop
     after pixel shuffle. `text` sizes the Llama (the families' tests use TEXT; vLLM needs head size >= 32)."""
     from transformers import Idefics3Config, Idefics3Processor
@@ -475,7 +489,7 @@ def idefics3_parts(text: dict[str, Any], **config_kwargs: Any) -> tuple[Any, Any
     return processor, config
 
 
-def _idefics3(folder: Path, seed: int):
+def _idefics3(folder: Path, seed: int) -> PreTrainedModel:
     from transformers import Idefics3ForConditionalGeneration
 
     processor, config = idefics3_parts(TEXT)
@@ -484,7 +498,7 @@ def _idefics3(folder: Path, seed: int):
     return model
 
 
-def _idefics2(folder: Path, seed: int):
+def _idefics2(folder: Path, seed: int) -> PreTrainedModel:
     """Idefics2-8B layout (Idefics3's template and tokens): a perceiver resampler turns each 32 px crop into 4
     latents; a wide image is split into crops plus the whole image, a square one is not split."""
     from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor
@@ -533,7 +547,7 @@ GEMMA3_TEMPLATE = (
 )
 
 
-def _gemma3(folder: Path, seed: int):
+def _gemma3(folder: Path, seed: int) -> PreTrainedModel:
     """Gemma 3 layout: a 32 px SigLIP image pooled to 4 soft tokens between <start_of_image>/<end_of_image>."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, SiglipVisionConfig
     from transformers.models.gemma3 import Gemma3ImageProcessorPil
@@ -594,7 +608,7 @@ PIXTRAL_PROCESSOR_KWARGS = {
 }
 
 
-def _mistral3(folder: Path, seed: int):
+def _mistral3(folder: Path, seed: int) -> PreTrainedModel:
     """Mistral-Small-3.1 layout: "<s>[INST][IMG]...[/INST]"; Pixtral rows of [IMG] ended by [IMG_BREAK]/[IMG_END].
 
     The processor object is not built: `transformers.models.pixtral.processing_pixtral` imports
@@ -625,7 +639,7 @@ def _mistral3(folder: Path, seed: int):
     return model
 
 
-def _smolvlm(folder: Path, seed: int):
+def _smolvlm(folder: Path, seed: int) -> PreTrainedModel:
     """SmolVLM-Instruct layout (Idefics3 prompt, SmolLM2 tokens: <|im_start|> is bos, nothing added by the tokenizer).
 
     The processor object is not built: SmolVLMProcessor refuses to start without num2words.
@@ -654,7 +668,7 @@ def _smolvlm(folder: Path, seed: int):
     return model
 
 
-def _internvl(folder: Path, seed: int):
+def _internvl(folder: Path, seed: int) -> PreTrainedModel:
     """InternVL3-hf layout: ChatML with "<img><IMG_CONTEXT>*n</img>" per 32 px tile, 4 tokens a tile."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
     from transformers.models.got_ocr2 import GotOcr2ImageProcessorPil
@@ -700,7 +714,9 @@ LLAVA_TEMPLATE = (
 )
 
 
-def _llava_processor(chat_template: str, plain: Sequence[str] = ("\n",)) -> tuple[Any, Any]:
+def _llava_processor(
+    chat_template: str, plain: Sequence[str] = ("\n",)
+) -> tuple[PreTrainedTokenizerFast, ProcessorMixin]:
     """LLaVA-1.5's tokenizer and processor (VipLLaVA's too): <s>/</s>, "<image>" for a 32 px CLIP tile of 16 tokens."""
     from transformers import LlavaProcessor
     from transformers.models.clip import CLIPImageProcessorPil
@@ -726,7 +742,7 @@ def _llava_processor(chat_template: str, plain: Sequence[str] = ("\n",)) -> tupl
     return tokenizer, processor
 
 
-def _llava(folder: Path, seed: int):
+def _llava(folder: Path, seed: int) -> PreTrainedModel:
     """llava-1.5-hf layout: "USER: <image>\\n... ASSISTANT:", a 32 px CLIP tile = 16 tokens; <s> from the tokenizer."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -757,7 +773,7 @@ MLLAMA_TEMPLATE = (
 MLLAMA_SPECIALS = ("<|start_header_id|>", "<|end_header_id|>", "<|image|>", "<|python_tag|>", "<|end_of_text|>")
 
 
-def _mllama(folder: Path, seed: int):
+def _mllama(folder: Path, seed: int) -> PreTrainedModel:
     """Llama 3.2 Vision layout: one `<|image|>` token per image, read by cross-attention layers (here the second
     of three) over up to 4 tiles of 32 px, 16 patches + 1 class token each; a wide image fills two tiles."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
@@ -861,7 +877,7 @@ OMNILMM_WORDS = (
 )  # fmt: skip
 
 
-def omnilmm_tiny_parts(seed: int = 0) -> tuple[Any, Any]:
+def omnilmm_tiny_parts(seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:
     """A tiny random OmniLMM (published config keys and checkpoint layout) and its processor."""
     from rlaifv.reward.omnilmm import register
     from rlaifv.reward.omnilmm.configuration import OmniLMMConfig
@@ -930,7 +946,7 @@ def build_tiny_omnilmm_original(folder: str | Path, *, seed: int = 0, weights: s
     return folder
 
 
-def _omnilmm(folder: Path, seed: int):
+def _omnilmm(folder: Path, seed: int) -> PreTrainedModel:
     """OmniLMM-12B / RLAIF-V-12B layout: Zephyr turns after OmniLMM's system turn; an image -> 16 resampled tokens."""
     model, processor = omnilmm_tiny_parts(seed)
     processor.save_pretrained(folder)
@@ -951,7 +967,7 @@ VIPLLAVA_TEMPLATE = (
 )
 
 
-def _vipllava(folder: Path, seed: int):
+def _vipllava(folder: Path, seed: int) -> PreTrainedModel:
     """VipLLaVA layout: "###Human: <image>\\n...###Assistant:", a CLIP tile read from several of its layers."""
     from transformers import (
         CLIPVisionConfig,
@@ -987,7 +1003,7 @@ AYA_TEMPLATE = (
 AYA_TILES = ("TILE_1", "TILE_2", "TILE_3", "TILE_GLOBAL")
 
 
-def _aya_vision(folder: Path, seed: int):
+def _aya_vision(folder: Path, seed: int) -> PreTrainedModel:
     """Aya Vision layout: Cohere turns; an image as up to 3 tiles of 32 px + a global view, each a SigLIP grid
     pixel-shuffled 2x2 into 4 <|IMG_PATCH|> tokens, behind its tile marker; a Cohere2 decoder."""
     from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor
@@ -1025,7 +1041,7 @@ def _aya_vision(folder: Path, seed: int):
     return model
 
 
-BUILDERS: dict[str, Callable[[Path, int], Any]] = {
+BUILDERS: dict[str, Callable[[Path, int], PreTrainedModel]] = {
     "qwen2_vl": partial(_qwen, "qwen2_vl"),
     "qwen2_5_vl": partial(_qwen, "qwen2_5_vl"),
     "qwen3_vl": partial(_qwen, "qwen3_vl"),
