@@ -301,11 +301,13 @@ class Serving:
         assert self.generator is not None
         started = time.perf_counter()
         prompt = openai_messages(question, messages, raw)
-        answers = [a for a in await self.generator.generate(prompt, n, sampling, continue_final) if a.text.strip()]
+        generate = self.generator.generate
+        answers = await self._while_client_stays(generate(prompt, n, sampling, continue_final), request)
+        answers = [a for a in answers if a.text.strip()]
         if len(answers) < need:
             missing = n - len(answers)
             again = sampling if sampling.seed is None else sampling.model_copy(update={"seed": sampling.seed + n})
-            more = await self.generator.generate(prompt, missing, again, continue_final)
+            more = await self._while_client_stays(generate(prompt, missing, again, continue_final), request)
             answers += [a for a in more if a.text.strip()][:missing]
         generate_s = time.perf_counter() - started
         if len(answers) < need:
@@ -316,6 +318,23 @@ class Serving:
         max_tokens = self.settings.max_tokens * GENERATED_TOKEN_SLACK
         score = ScoreRequest(images, question, messages, [a.text for a in answers], config, max_tokens, continue_final)
         return await self._run(score, request), answers, generate_s
+
+    async def _while_client_stays(self, work: Awaitable[T], request: Request | None) -> T:
+        """`work`, cancelled if the client leaves first: a generator's answers were waited for (up to
+        RLAIFV_GENERATOR_TIMEOUT_S, twice with the top-up) for a client long gone, its tokens paid for by nobody
+        and the request's images held against the pixel budget. Cancelling closes the generator's connection,
+        which vLLM and our own server take as an abort."""
+        if request is None:
+            return await work
+        task = asyncio.ensure_future(work)
+        try:
+            return await wait_for_result(
+                task, left_s=float("inf"), limit_s=0.0, disconnected=_departure(request), metrics=self.metrics
+            )
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})  # its connection closed before the 499 is logged
 
     def _timings(self, outcome: Outcome, arrived: float, generate_s: float | None = None) -> Timings:
         t = outcome.result.ranking.timings

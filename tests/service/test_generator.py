@@ -5,6 +5,7 @@ and their rewards exactly what the scorer's /v1/rewards gives for those texts.""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,3 +292,92 @@ def test_empty_answers_are_topped_up_so_a_chat_gets_its_n_choices(service_bundle
         assert short.status_code == 502, short.text
         assert short.json()["error"]["code"] == "generator_empty"
         assert "returned 0 non-empty answers, 2 needed" in short.json()["error"]["message"]
+
+
+class HeldGenerator:
+    """An OpenAI-compatible generator that holds every chat request open until released, and records a caller
+    that closes its connection meanwhile (what an abort looks like to vLLM)."""
+
+    def __init__(self) -> None:
+        import json
+        import select
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.asked, self.dropped, self.release = threading.Event(), threading.Event(), threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                data = json.dumps({"object": "list", "data": [{"id": "held", "object": "model"}]}).encode()
+                self.send_response(200)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                outer.asked.set()
+                while not outer.release.is_set():
+                    readable, _, _ = select.select([self.connection], [], [], 0.5)
+                    if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                        outer.dropped.set()
+                        return
+                self.send_response(503)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> HeldGenerator:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("route", ["/v1/best-of-n", "/v1/chat/completions"])
+def test_a_client_leaving_while_the_generator_writes_closes_the_generators_request(
+    route: str, service_bundle: Path, red_url: str
+) -> None:
+    """The generator's answers were waited for to the end (up to RLAIFV_GENERATOR_TIMEOUT_S, twice with the
+    top-up) for a client already gone: its tokens paid for by nobody, the request's images held meanwhile."""
+    import json
+
+    if route == "/v1/best-of-n":
+        body: dict[str, Any] = {"images": [red_url], "question": QUESTION, "n": 2}
+    else:
+        body = {"model": "tiny-llava", "messages": user_turn(red_url), "n": 2, "stream": True}
+    payload = json.dumps(body).encode()
+    with HeldGenerator() as held, LiveServer(service_bundle, generator_url=held.url, generator_timeout_s=120) as scorer:
+        port = int(scorer.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            head = f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            client.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            assert held.asked.wait(30), "the generator was never asked"
+        assert held.dropped.wait(30), "the scorer kept the generator's request open for a client gone"
+        labels = {"route": route, "method": "POST", "status": "499"}
+        deadline = time.monotonic() + 30
+        while not sample(scorer, "rlaifv_http_requests_total", labels):  # logged once the handler has ended
+            assert time.monotonic() < deadline, "the departure was not counted as 499"
+        assert sample(scorer, "rlaifv_requests_rejected_total", {"reason": "client_disconnected"}) == 1
+
+
+def sample(server: LiveServer, name: str, labels: dict[str, str]) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url + "/metrics").text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return 0.0
