@@ -32,6 +32,12 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("rlaifv_queue_depth", "Requests waiting for the model.", registry=r)
+        self.in_flight = Gauge("rlaifv_requests_in_flight", "Requests in batches the model is running.", registry=r)
+        self.image_pixels = Gauge(
+            "rlaifv_image_pixels_held",
+            "Decoded image pixels held by requests not yet ended (the RLAIFV_MAX_QUEUED_IMAGE_PIXELS budget).",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "rlaifv_batch_size",
             "Requests sharing one forward pass, by kind.",

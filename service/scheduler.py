@@ -137,6 +137,7 @@ class Scheduler:
         self._closing = False
         self._drained = asyncio.Event()  # set, once closing, when nothing waits, forms or runs (`close` awaits it)
         self.in_flight = 0
+        metrics.in_flight.set_function(lambda: self.in_flight)
 
     @property
     def depth(self) -> int:

@@ -231,6 +231,7 @@ class Serving:
             else None
         )
         images = ImageLoader(settings, rejected=metrics.rejected.labels(reason="queue_full").inc)
+        metrics.image_pixels.set_function(lambda: images.in_hand)
         return cls(settings, engine, scheduler, images, metrics, cache, generator)
 
     def liveness(self) -> str | None:

@@ -211,6 +211,7 @@ def test_models_health_ready_metrics(client: httpx.Client, red_url: str) -> None
         assert name in text, name
     # `api`, not `endpoint`: the Prometheus Operator's own label on every scraped series would rename ours
     assert 'rlaifv_reward_count{api="best_of_n"}' in text and "endpoint=" not in text
+    assert "rlaifv_requests_in_flight 0.0" in text and "rlaifv_image_pixels_held 0.0" in text  # all ended
 
 
 def test_request_id_echoed(client: httpx.Client) -> None:

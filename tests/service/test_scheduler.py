@@ -602,3 +602,29 @@ async def test_a_short_request_in_a_long_ones_batch_is_answered_when_it_is_done(
     outcome = await long
     assert engine.batches == [["long"], ["short"]] and outcome.queue_s == pytest.approx(0.05, abs=0.01)
     await sched.close(1)
+
+
+async def test_requests_in_flight_are_a_gauge() -> None:
+    """The scheduler's running requests were visible only in-process: a probe of clients leaving had nothing on
+    /metrics to see the work end by."""
+
+    class Gated(FakeEngine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.entered, self.release = asyncio.Event(), asyncio.Event()
+
+        async def run(self, requests: Sequence[Request]) -> list[EngineResult | Exception]:
+            self.entered.set()
+            await self.release.wait()
+            return await super().run(requests)
+
+    engine, metrics = Gated(), Metrics()
+    sched = make(engine, metrics=metrics)
+    tasks = [asyncio.create_task(sched.submit(score(str(i)), timeout_s=30)) for i in range(3)]
+    sched.start()
+    await engine.entered.wait()
+    assert metrics.registry.get_sample_value("rlaifv_requests_in_flight") == 3
+    engine.release.set()
+    await asyncio.gather(*tasks)
+    assert metrics.registry.get_sample_value("rlaifv_requests_in_flight") == 0
+    await sched.close(1)
