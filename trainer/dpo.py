@@ -18,8 +18,8 @@ sums are computed once (no grad) and cached in the output folder, in
 reruns and later epochs never recompute them; a pass cut short keeps the sums
 done so far in `reference_logprobs.partial.parquet` and the rerun goes on.
 
-KL_tokens (off by default) is the mean over both answers' positions of
-KL(pi(.|context) || ref(.|context)) over the whole vocabulary. DPO only says
+KL_tokens (off by default) is KL(pi(.|context) || ref(.|context)) over the
+whole vocabulary, averaged over each answer's positions, then over the two answers. DPO only says
 "this token up, that one down"; where the freed probability lands is left to
 the network, and some lands on tokens neither model would say. A sampled
 answer holding such a token then has the largest log-ratio of its group, so
@@ -890,7 +890,8 @@ def _train_dpo(
                 max_positions=limit,
             )
 
-        # Under the policy's autocast, so that both sides of the log-ratio round alike (a margin of 0 at step 0).
+        # Under the policy's autocast, so that both sides of the log-ratio round alike (a margin of 0 at step 0, up
+        # to float rounding: this pass's attention shares the prompt, the training pass's does not).
         if config.lora:
             # The base (adapter off), or the starting policy itself: before step 1 the adapter is the start's.
             with nullcontext() if reference_is_start else policy.disable_adapter(), accelerator.autocast():
@@ -1025,6 +1026,7 @@ def _train_dpo(
         batches = accelerator.skip_first_batches(loader, skipped) if skipped else loader
         if epoch != start_epoch or not skipped:
             epoch_stats, epoch_updates = {}, 0
+        sizes = [len(b) for b in loader.batch_sampler]  # this rank's micro-batches of the epoch (index lists)
         for batch_index, indices in enumerate(batches, start=skipped):
             batch = [pairs[int(i)] for i in indices]
             prompts = encode_prompts(processor, batch)
@@ -1049,7 +1051,12 @@ def _train_dpo(
                     token_kl=kl,
                     token_kl_weight=config.token_kl,
                 )
-                accelerator.backward(terms.loss)
+                # Over the window's pairs, not its micro-batches: accelerate divides every micro-batch's loss by
+                # the accumulation steps, also in an epoch's last window, which may hold fewer micro-batches,
+                # and an epoch's last micro-batch may hold fewer pairs (the step's gradient was 1/4 of the mean
+                # with 4 steps and 1 micro-batch left, 1.1 times it with micro-batches of 4 and 2).
+                weight = _window_weight(sizes, batch_index, len(batch), config.gradient_accumulation_steps)
+                accelerator.backward(terms.loss * weight)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(scorer.parameters(), config.max_grad_norm)
                 applied_lr = optimizer.param_groups[0]["lr"]  # this update's rate (the scheduler then moves on)
@@ -1067,6 +1074,7 @@ def _train_dpo(
             }
             if terms.token_kl is not None:
                 stats["token_kl"] = float(terms.token_kl.detach().mean())
+            stats[PAIRS] = float(len(batch))
             for name, value in stats.items():
                 running.setdefault(name, []).append(value)
                 epoch_stats.setdefault(name, []).append(value)
@@ -1075,7 +1083,7 @@ def _train_dpo(
                 epoch_updates += 1
                 bar.update(1)
                 if updates % config.log_every == 0 or updates == total_updates:
-                    means = {k: _mean(v) for k, v in running.items()}
+                    means = _pair_means(running)
                     reduced = {
                         k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
                         for k, v in means.items()
@@ -1103,7 +1111,7 @@ def _train_dpo(
     accelerator.wait_for_everyone()
     policy_dir = output_dir / "policy"
     model = accelerator.unwrap_model(scorer).model
-    metrics = {f"train_{k}": _mean(v) for k, v in epoch_stats.items()}
+    metrics = {f"train_{k}": v for k, v in _pair_means(epoch_stats).items()}
     with together(accelerator, "saving the policy"):  # the others waited for a main process that had failed
         if accelerator.is_main_process:
             try:
@@ -1445,3 +1453,33 @@ def _size_gb(folders: Sequence[Path]) -> float:
 
 def _mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
+
+
+PAIRS = "pairs"
+"""The statistics' entry holding each micro-batch's number of pairs, the weights of its means."""
+
+
+def _pair_means(stats: dict[str, list[float]]) -> dict[str, float]:
+    """Each statistic's mean over pairs: a micro-batch's mean counts once per pair it holds (an epoch's last
+    micro-batch may hold fewer). Statistics a checkpoint saved without the pair counts count once per micro-batch."""
+    weights = stats.get(PAIRS, [])
+    means = {}
+    for name, values in stats.items():
+        if name == PAIRS:
+            continue
+        if len(weights) != len(values) or not sum(weights):
+            means[name] = _mean(values)
+        else:
+            means[name] = float(sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights))
+    return means
+
+
+def _window_weight(sizes: Sequence[int], index: int, pairs: int, steps: int) -> float:
+    """What a micro-batch's mean loss is multiplied by so that its accumulation window's gradient is the mean over
+    the window's pairs, once accelerate has divided it by `steps`: `sizes` are the epoch's micro-batch sizes
+    (read from the batch sampler, not by reading batches ahead, which would end accelerate's window early)."""
+    first = index - index % steps
+    window = sum(sizes[first : first + steps])
+    if index >= len(sizes) or sizes[index] != pairs or not window:  # not the batches the sampler said: as before
+        return 1.0
+    return pairs * steps / window

@@ -20,7 +20,9 @@ class DPOConfig:
     """Sigmoid DPO on summed answer log-probs, optionally plus an NLL term on the chosen answer.
 
     loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) + nll_weight * (-pi_c / T_c)
-           + token_kl * mean over both answers' positions of KL(pi(.|context) || ref(.|context))
+           + token_kl * (KL_c + KL_r) / 2, KL_a = mean over answer a's positions of KL(pi(.|context) || ref(.|context))
+
+    each term averaged over the pairs of an optimizer step (however they are split into micro-batches).
     """
 
     beta: float = field(
@@ -28,15 +30,18 @@ class DPOConfig:
     )
     nll_weight: float = field(
         default=0.0,
-        metadata={"help": "Weight of the per-token NLL of the chosen answer (RLAIF-V's SFT weight); keeps recall up."},
+        metadata={
+            "help": "Weight of the chosen answer's NLL per token (-pi_c / T_c); keeps recall up. RLAIF-V's SFT"
+            " weight multiplies the summed NLL (-pi_c): its weight w is about w * T_c here (T_c: 100-300 tokens)."
+        },
     )
     token_kl: float = field(
         default=0.0,
         metadata={
-            "help": "Weight of a per-token KL(policy || reference) over the whole vocabulary at every answer "
-            "position of both answers; keeps DPO from moving probability onto tokens the reference finds "
-            "unlikely (stray words, where the implicit reward is least reliable). Costs a reference forward "
-            "per step."
+            "help": "Weight of a per-token KL(policy || reference) over the whole vocabulary, averaged over each "
+            "answer's positions, then over the two answers; keeps DPO from moving probability onto tokens the "
+            "reference finds unlikely (stray words, where the implicit reward is least reliable). Costs a "
+            "reference forward per step."
         },
     )
     learning_rate: float | None = field(

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -1352,3 +1353,45 @@ def test_under_several_processes_only_the_main_one_fingerprints(monkeypatch: pyt
         _on_main_process(main, fails)
     with pytest.raises(TrainerError, match=r"the main process failed: FileNotFoundError: model\.safetensors"):
         _on_main_process(other, lambda: "never")
+
+
+@pytest.mark.slow
+def test_a_step_gradient_is_the_mean_over_its_pairs_however_they_are_batched(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """6 pairs in one step: as one micro-batch, as 4 + 2, or as 2 + 2 + 2 in a window of 4. accelerate divides
+    each micro-batch's loss by the accumulation steps also in an epoch's short last window, and an epoch's last
+    micro-batch is smaller: the step got 1.1 times (4 + 2) or 0.75 times (3 of 4) the mean gradient, and the
+    logged loss was a mean of micro-batch means."""
+    from rlaifv.trainer import dpo as dpo_module
+
+    real = dpo_module._optimizer
+    gradients: list[torch.Tensor] = []
+
+    def recording(scorer, config):
+        optimizer = real(scorer, config)
+        step = optimizer.step
+
+        def recorded(self, *args, **kwargs):
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            gradients.append(torch.cat([p.grad.detach().flatten().double() for p in params]))
+            return step(*args, **kwargs)
+
+        optimizer.step = types.MethodType(recorded, optimizer)  # a bound method, as accelerate wraps it
+        return optimizer
+
+    monkeypatch.setattr(dpo_module, "_optimizer", recording)
+    rows = _toy_rows(6)
+    losses = []
+    for batch_size, steps in ((6, 1), (4, 2), (2, 4)):
+        config = DPOConfig(
+            learning_rate=1e-8, batch_size=batch_size, gradient_accumulation_steps=steps, max_grad_norm=0, cpu=True
+        )
+        out = tmp_path / f"{batch_size}x{steps}"
+        result = train_dpo(config, rows, model_path=tiny_model, output_dir=out, progress=False)
+        assert result.optimizer_steps == 1
+        losses.append(result.metrics["train_loss"])
+    assert len(gradients) == 3
+    for other in gradients[1:]:
+        assert float((other - gradients[0]).norm() / gradients[0].norm()) < 1e-5  # float32 rounding
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
