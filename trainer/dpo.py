@@ -805,6 +805,12 @@ def _train_dpo(
         warnings.warn(
             f"{dropped['identical_answers']} pairs with the same chosen and rejected answer dropped", stacklevel=2
         )
+    if dropped["over_max_answer_tokens"] and accelerator.is_main_process:
+        warnings.warn(
+            f"{dropped['over_max_answer_tokens']} pairs with an answer over max_answer_tokens"
+            f" ({config.max_answer_tokens}) dropped",
+            stacklevel=2,
+        )
     if not pairs:
         raise DataError(f"no usable pairs of {read} rows (dropped: {_dropped_text(dropped)})")
 

@@ -1395,3 +1395,13 @@ def test_a_step_gradient_is_the_mean_over_its_pairs_however_they_are_batched(
     for other in gradients[1:]:
         assert float((other - gradients[0]).norm() / gradients[0].norm()) < 1e-5  # float32 rounding
     assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_pairs_over_max_answer_tokens_are_dropped_with_a_warning(tiny_model: Path, tmp_path: Path) -> None:
+    """They were counted in the report only, while the other drops warned."""
+    rows = _toy_rows(2)
+    rows.append(dataclasses.replace(rows[0], id="long", chosen="a red circle . " * 10))
+    config = DPOConfig(learning_rate=1e-3, epochs=1, batch_size=2, cpu=True, max_answer_tokens=16)
+    with pytest.warns(UserWarning, match=r"^1 pairs with an answer over max_answer_tokens \(16\) dropped"):
+        result = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path, progress=False)
+    assert result.num_pairs == 2
