@@ -1,31 +1,53 @@
-"""uvicorn's h11 HTTP/1.1 protocol with a deadline on each request head.
+"""uvicorn's h11 HTTP/1.1 protocol with a deadline on each request head and on a response its client stops reading.
 
 uvicorn times a connection only between requests (its keep-alive timer, armed after a response, cancelled by
 any byte): a connection that sends nothing, or trickles its headers a byte at a time, stayed open for ever, and
 a few hundred of them used up the process's file descriptors (slowloris). Here every request head must be
 complete within `RLAIFV_HEADER_TIMEOUT_S` of the connection opening or of the previous response; the body has
 its own bound (`RLAIFV_BODY_TIMEOUT_S`, in the middleware).
+
+Nor does uvicorn time a response: a client that stopped reading a big stream held its handler (and the whole
+answer in memory: a chat completion of 16 choices with logprobs, 5 MB) and its connection for ever, and past the
+shutdown grace uvicorn cancelled the handler with an error and a traceback. Here a connection whose writes are
+paused (its socket's buffers full), or that is closing with bytes still unsent, and whose client takes nothing
+for `RLAIFV_STREAM_WRITE_TIMEOUT_S` is aborted (a close waits for the unsent rest to be read): the handler's
+pending `send` returns as for a client gone, the response is left incomplete and counted 499 by the middleware.
+Once the server stops, a response its client took nothing of since the stop is aborted the same way when the
+drain answers what is left (`service.shutdown.answer_deadline_s`), before uvicorn's own cancel.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from rlaifv.service.shutdown import answer_deadline_s
+
 DEFAULT_HEADER_TIMEOUT_S = 30.0
+DEFAULT_WRITE_TIMEOUT_S = 60.0
+log = logging.getLogger("rlaifv.http")
 
 
 class HeadDeadlineH11Protocol(H11Protocol):
-    """The deadline is the served app's `state.settings.header_timeout_s` (the default for another app)."""
+    """The deadlines are the served app's `state.settings.header_timeout_s` and `stream_write_timeout_s` (the
+    defaults for another app)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         settings = getattr(getattr(self.config.app, "state", None), "settings", None)
         self.header_timeout_s = float(getattr(settings, "header_timeout_s", DEFAULT_HEADER_TIMEOUT_S))
+        self.write_timeout_s = float(getattr(settings, "stream_write_timeout_s", DEFAULT_WRITE_TIMEOUT_S))
         self._head_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._unsent = 0  # bytes the transport held when the write timer was armed
+        self._resumes = 0  # times writing resumed: the client took enough to bring the transport under its low mark
+        self._paused_at, self._paused_unsent = 0.0, 0  # the last pause: when, and what the transport held
+        self._stop_timer: asyncio.TimerHandle | None = None
+        self._stopped_at, self._stop_resumes, self._stop_unsent = 0.0, 0, 0  # at the server's stop
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -38,10 +60,98 @@ class HeadDeadlineH11Protocol(H11Protocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._watch_head()
+        self._watch_closing()  # a `Connection: close` response: closed as soon as complete
+
+    def timeout_keep_alive_handler(self) -> None:
+        super().timeout_keep_alive_handler()
+        self._watch_closing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._stop_write_timer()
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+            self._stop_timer = None
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._paused_at, self._paused_unsent = self.loop.time(), self.transport.get_write_buffer_size()
+        self._watch_writes()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._resumes += 1
+        self._stop_write_timer()
+        self._watch_closing()
+
+    def shutdown(self) -> None:
+        """uvicorn's (close an idle connection, end a busy one after its response), and at the drain's deadline a
+        cut of what the client took nothing of since the server began stopping: uvicorn cancelled such a handler
+        at the end of the grace, logging an error and a traceback, or waited the grace out on a finished
+        response's unread rest."""
+        super().shutdown()
+        grace = self.config.timeout_graceful_shutdown
+        if grace is not None and self._stop_timer is None:
+            self._stopped_at, self._stop_resumes = self.loop.time(), self._resumes
+            self._stop_unsent = self.transport.get_write_buffer_size()
+            self._stop_timer = self.loop.call_later(answer_deadline_s(grace), self._stop_deadline)
+
+    def _stop_deadline(self) -> None:
+        self._stop_timer = None
+        unsent = self.transport.get_write_buffer_size()
+        finished = self.cycle is None or self.cycle.response_complete
+        if not (self.flow.write_paused or (finished and unsent)) or self._resumes != self._stop_resumes:
+            return  # nothing waits on the client, or it took some during the drain: uvicorn's grace decides
+        # Without a resume since the stop, writes paused after it were not paused at it; while paused, what the
+        # transport holds only shrinks as the client reads.
+        paused_since = self.flow.write_paused and self._paused_at > self._stopped_at
+        if unsent >= (self._paused_unsent if paused_since else self._stop_unsent):
+            self._cut("the server is stopping and the client took nothing of the response meanwhile")
+
+    def _watch_writes(self) -> None:
+        """Armed when the transport pauses writing (over its high-water mark: the socket's buffers are full)."""
+        if self.write_timeout_s > 0 and self._write_timer is None:
+            self._unsent = self.transport.get_write_buffer_size()
+            self._write_timer = self.loop.call_later(self.write_timeout_s, self._write_expired)
+
+    def _watch_closing(self) -> None:
+        """Armed too while a closing connection still holds unsent bytes: a close waits for them to be read, and
+        the rest of a response (under the high-water mark: writes never paused) held the connection for ever."""
+        if self.transport.is_closing() and self.transport.get_write_buffer_size():
+            self._watch_writes()
+
+    def _stop_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_expired(self) -> None:
+        """Writes still paused: a client that took some of what waits reads on for another period (a slow link
+        reading one big message is not cut); one that took nothing is cut."""
+        self._write_timer = None
+        if not (self.flow.write_paused or self.transport.is_closing()):  # (closing: nothing more is written)
+            return
+        if self.transport.get_write_buffer_size() < self._unsent:
+            self._watch_writes()
+            return
+        self._cut(f"the client read nothing for {self.write_timeout_s:g} s (RLAIFV_STREAM_WRITE_TIMEOUT_S)")
+
+    def _cut(self, why: str) -> None:
+        """Abort the connection (a close waits for the unsent rest to be read): the handler's pending send returns
+        as for a client gone, and the middleware counts the response 499."""
+        scope = self.cycle.scope if self.cycle is not None else {}
+        state = scope.get("state") or {}
+        log.warning(
+            "response cut: %s; connection closed",
+            why,
+            extra={
+                "request_id": state.get("request_id"),
+                "path": scope.get("path"),
+                "unsent_bytes": self.transport.get_write_buffer_size(),
+            },
+        )
+        self.transport.abort()
 
     def _owes(self) -> bool:
         """The peer owes a request head (h11's IDLE), or a body that its answer no longer waits for (a 404 or 405
@@ -66,3 +176,4 @@ class HeadDeadlineH11Protocol(H11Protocol):
         self._head_timer = None
         if self._owes() and not self.transport.is_closing():
             self.transport.close()
+            self._watch_closing()

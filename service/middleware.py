@@ -10,7 +10,9 @@ import re
 import time
 import uuid
 
+import anyio
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,6 +24,7 @@ from rlaifv.service.settings import Settings
 REQUEST_ID_HEADER = "x-request-id"
 CLOSE = {"Connection": "close"}  # a refused body's connection: the rest of the upload is never read
 CLIENT_CLOSED = 499
+YIELD_BYTES = 64 * 1024  # of a streamed body, after which its task lets the others run (a departure is seen)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -43,6 +46,12 @@ class RequestContextMiddleware:
     A response started and never completed (its body cut short on purpose, as a job results stream is when Redis
     fails mid-way, or by an error) is the server's failure, not the clean 200 its status line said: counted as 500,
     its access line marked `cut` (499 when the client went away first).
+
+    A client gone before the end of its response is looked for when the response's last message goes out: uvicorn
+    drops what is sent to a closed connection without a word, so a stream abandoned part-way (or cut for not being
+    read, `service.http_protocol`) ran to its end and was counted 200. A streamed body also lets the other tasks
+    run every `YIELD_BYTES`: Starlette's disconnect listener then stops the stream (the rest is not serialised for
+    nobody), and a stream does not hold the event loop for the whole of a big answer.
     """
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics, settings: Settings) -> None:
@@ -64,11 +73,16 @@ class RequestContextMiddleware:
         status = 500
         started = completed = False
         abandoned, gone = asyncio.Event(), asyncio.Event()
+        unyielded = 0  # body bytes sent since the task last let others run
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status, started, completed
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                completed = True
+            nonlocal status, started, completed, unyielded
+            last = message["type"] == "http.response.body" and not message.get("more_body", False)
+            if last and started:
+                await asyncio.sleep(0)  # a connection lost meanwhile is told to the server first
+                if await _client_left(receive):
+                    gone.set()
+                    return  # nobody reads the end: the response stays incomplete (499)
             elif message["type"] == "http.response.start":
                 started = True
                 status = message["status"]
@@ -77,7 +91,18 @@ class RequestContextMiddleware:
                 if not any(name.lower() == b"x-content-type-options" for name, _ in headers):
                     headers.append((b"x-content-type-options", b"nosniff"))  # JSON holding model text is no page
                 message = {**message, "headers": headers}
-            await send(message)
+            try:
+                await send(message)
+            except OSError:  # ASGI 2.4: a server may raise it for a closed connection instead of dropping the message
+                gone.set()
+                raise
+            if last:
+                completed = True
+            elif message["type"] == "http.response.body":
+                unyielded += len(message.get("body", b""))
+                if unyielded >= YIELD_BYTES:
+                    unyielded = 0
+                    await asyncio.sleep(0)
 
         try:
             too_big = self._declared_too_big(scope)
@@ -92,9 +117,12 @@ class RequestContextMiddleware:
             if not started:
                 body = error_body("invalid_request_error", str(exc.detail), None, "body_timeout")
                 await _send_json(send_wrapper, 408, body, close=True)
-        except ClientDisconnected:
+        except (ClientDisconnected, ClientDisconnect):  # ours, or Starlette's (a stream's send raised OSError)
             status = CLIENT_CLOSED  # nginx's 499: nobody to answer, and not a server error for the dashboards
         except Exception as exc:
+            if isinstance(exc, OSError) and gone.is_set():
+                status = CLIENT_CLOSED  # raised by a send to the closed connection (ASGI 2.4)
+                return
             # Answered here rather than by Starlette's outermost handler, which re-raises after its 500: uvicorn
             # then drops the keep-alive connection and the client's next request on it fails too.
             if started:
@@ -102,8 +130,8 @@ class RequestContextMiddleware:
             log_unhandled(exc)
             await _send_json(send_wrapper, 500, internal_error_body())
         finally:
-            if abandoned.is_set() and status == 400:
-                status = CLIENT_CLOSED
+            if (abandoned.is_set() and status == 400) or (not started and gone.is_set()):
+                status = CLIENT_CLOSED  # (not started: Starlette's disconnect listener stopped a stream before it)
             cut = False
             if started and not completed and status != CLIENT_CLOSED:
                 cut = not gone.is_set()
@@ -174,6 +202,17 @@ class RequestContextMiddleware:
         message = f"request body is over the limit of {self.max_body_bytes} bytes"
         body = error_body("invalid_request_error", message, None, "body_too_large")
         await _send_json(send, 413, body, close=True)
+
+
+async def _client_left(receive: Receive) -> bool:
+    """Whether the client has gone, without waiting: `receive` is asked under a cancelled scope, so it answers only
+    what it has at once (as Starlette's `Request.is_disconnected`). Asked as the last message of a response goes
+    out, when no handler reads the request body any more."""
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        message = await receive()
+        return bool(message["type"] == "http.disconnect")
+    return False
 
 
 def _matched_route(scope: Scope) -> BaseRoute | None:

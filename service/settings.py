@@ -217,6 +217,13 @@ class Settings(BaseSettings):
         description="A connection whose request head (line and headers) is not complete this long after it opened"
         " or after its last response is closed: idle or trickling connections used up file descriptors.",
     )
+    stream_write_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="A response whose client takes none of it for this long (the socket's buffers full) is cut, its"
+        " connection closed and the request counted 499: a client that stopped reading a stream held the answer in"
+        " memory and a connection for ever. A client still reading, however slowly, is not cut. 0: no limit.",
+    )
     allowed_image_hosts: CommaList = Field(
         default_factory=list,
         description="Hosts remote http(s) image URLs may come from ('*.example.com' for subdomains; 'host:8080' or"

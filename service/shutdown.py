@@ -7,6 +7,8 @@ less a margin, every request still without an answer (queued, or in a batch stil
 `shutting_down` with Retry-After, so that its handler answers before uvicorn's own timeout cancels it (a bare
 500). `finish`, at the lifespan's end, closes the scheduler in what is left of the grace (all of it when no
 signal came: tests, a plain uvicorn) and releases the engine, whose model thread stops at its next decoding step.
+At the same deadline the HTTP protocol cuts the responses whose clients took nothing of them since the signal
+(`service.http_protocol`): uvicorn's timeout cancelled those handlers with an error and a traceback.
 
 Begun only at the lifespan's end, as it was, the drain let job consumers take new work throughout the HTTP
 drain, and nothing answered the requests the grace could not finish.
@@ -20,6 +22,13 @@ from typing import Any
 
 MARGIN_S = 1.0  # of the grace, kept for the handlers to write their 503s; at most a fifth of it
 log = logging.getLogger("rlaifv.service")
+
+
+def answer_deadline_s(grace_s: float) -> float:
+    """Seconds after the stop signal at which what is left gets its answer (the grace less the margin): the
+    requests still waiting get 503, and responses their clients took nothing of meanwhile are cut
+    (`service.http_protocol`), before uvicorn's own timeout cancels their handlers."""
+    return grace_s - min(MARGIN_S, grace_s / 5)
 
 
 class Drain:
@@ -38,7 +47,7 @@ class Drain:
 
     def _start(self, signalled: float) -> None:
         if self._task is None:
-            self._deadline = signalled + self.grace_s - min(MARGIN_S, self.grace_s / 5)
+            self._deadline = signalled + answer_deadline_s(self.grace_s)
             self._task = self.loop.create_task(self._run(), name="rlaifv-drain")
 
     async def _run(self) -> None:
