@@ -28,6 +28,8 @@ from rlaifv.trainer.image_spill import ImageSpill
 from rlaifv.trainer.interrupt import stop_on_sigterm
 
 TRUNCATED_WARNING = 0.2  # share of candidates dropped as truncated above which a run is warned
+NO_CLAIMS_WARNING = 0.5  # share of answers the LLM splitter finds no claim in above which a run is warned...
+NO_CLAIMS_MIN_ANSWERS = 8  # ...once it has split this many
 
 if TYPE_CHECKING:
     from rlaifv.reward.claims import ClaimSplitter, QuestionWriter
@@ -196,8 +198,10 @@ def collect_feedback(
     """Sample `config.num_samples` candidates per prompt from `policy` and score them by verification.
 
     With `shards`, each batch of prompts is saved as it is done and a rerun goes on after the last saved one;
-    SIGTERM then stops between batches (`TrainingInterrupted`). The batches are the same in a resumed run, and
-    each prompt's samples depend on its seed only, so the result is that of a run never stopped.
+    SIGTERM then stops between batches (`TrainingInterrupted`), or at once while the batch waits on the LLM
+    splitter/writer's server (its calls cancelled, the batch sampled again on resuming). The batches are the same
+    in a resumed run, and each prompt's samples depend on its seed only, so the result is that of a run never
+    stopped.
     """
     from tqdm.auto import tqdm
 
@@ -214,15 +218,20 @@ def collect_feedback(
     prompts = fitting_prompts(pair, prompts, progress=progress)
     results, sampled_total, truncated = ([], 0, 0) if shards is None else shards.resume(prompts, config.prompt_batch)
     bar = tqdm(total=len(prompts), initial=len(results), desc="feedback", unit="prompt", disable=not progress)
+
+    def stopped(start: int, how: str = "") -> TrainingInterrupted:
+        assert shards is not None
+        bar.close()
+        return TrainingInterrupted(
+            f"after {start} of {len(prompts)} prompts{how}; their feedback is saved in {shards.folder}: rerun the"
+            " same command to resume",
+            step=0,
+        )
+
     with stop_on_sigterm() if shards is not None else nullcontext(_never) as stop_asked:
         for start in range(len(results), len(prompts), config.prompt_batch):
             if shards is not None and stop_asked():
-                bar.close()
-                raise TrainingInterrupted(
-                    f"after {start} of {len(prompts)} prompts; their feedback is saved in"
-                    f" {shards.folder}: rerun the same command to resume",
-                    step=0,
-                )
+                raise stopped(start)
             batch = prompts[start : start + config.prompt_batch]
             sampled = sample_candidates(pair, batch, config, seed=seed)
             counts = (
@@ -236,7 +245,14 @@ def collect_feedback(
             ]
             data = [image_bytes(item.image) for item in batch]
             images = [decode_image(d) for d in data]
-            scored = score_batch(images, [[c[0] for c in group] for group in kept], labeler, splitter, writer, config)
+            try:
+                scored = score_batch(
+                    images, [[c[0] for c in group] for group in kept], labeler, splitter, writer, config
+                )
+            except TrainingInterrupted:  # the LLM's calls, cancelled by the stop (it waited out their every retry)
+                if shards is None:
+                    raise
+                raise stopped(start, " (the next batch's LLM calls cancelled)") from None
             done = []
             for item, raw, answers, group, blob in zip(batch, sampled, scored, kept, data, strict=True):
                 for answer, (_, tokens, reason) in zip(answers, group, strict=True):
@@ -253,7 +269,26 @@ def collect_feedback(
             " the pairs then favour short answers; raise max_tokens (RLAIF-V: 512) or set drop_truncated=false",
             stacklevel=2,
         )
+    if config.splitter == "llm" or hasattr(splitter, "split_many"):
+        _warn_without_claims(results, config)
     return results
+
+
+def _warn_without_claims(results: Sequence[PromptFeedback], config: FeedbackConfig) -> None:
+    """An LLM splitter that finds no claim in most answers (a server answering [] to each) made every score 0 and
+    the run passed, with mean_claims 0 and "no pairs: raise the temperature" as the only sign."""
+    from rlaifv.trainer.credentials import shown_url
+
+    answers = [a for f in results for a in f.answers if a.text.strip()]
+    without = sum(a.num_claims == 0 for a in answers)
+    if len(answers) >= NO_CLAIMS_MIN_ANSWERS and without > NO_CLAIMS_WARNING * len(answers):
+        where = shown_url(config.llm_url) if config.llm_url else config.llm_model or "its backend"
+        warnings.warn(
+            f"the LLM claim splitter (feedback.splitter=llm) found no claims in {without} of {len(answers)} answers,"
+            " so they all score 0: check that its model (feedback.llm_name"
+            f"={config.llm_name!r} at {where}) follows the splitting instruction, or use feedback.splitter=spacy",
+            stacklevel=3,
+        )
 
 
 def score_batch(
@@ -483,7 +518,9 @@ class FeedbackShards:
         if saved.get("key") in self.keys:
             return None
         old = saved.get("settings") or {}
-        changed = sorted(k for k in self.settings.keys() | old.keys() if self.settings.get(k) != old.get(k))
+        # bookkeeping settings (llm_retries, llm_url...) are in no key: naming them said the wrong thing changed
+        names = (self.settings.keys() | old.keys()) - set(FeedbackConfig.BOOKKEEPING)
+        changed = sorted(k for k in names if self.settings.get(k) != old.get(k))
         if changed:
             return "made with other settings (" + ", ".join(f"feedback.{k}" for k in changed) + ")"
         return "sampled from other models (or the models changed)"
@@ -524,12 +561,19 @@ def feedback_key(config: FeedbackConfig, models: Sequence[str | Path]) -> str:
 
 
 def feedback_keys(config: FeedbackConfig, models: Sequence[str | Path]) -> list[str]:
-    """The keys a run's feedback may have been saved under: `feedback_key` (what saves use), then the key an
-    earlier version made while the models' files are as they were then (`saved_identities`)."""
+    """The keys a run's feedback may have been saved under: `feedback_key` (what saves use), then the keys an
+    earlier version made: while the models' files are as they were then (`saved_identities`), and with llm_url and
+    llm_max_tokens in the key (before they were bookkeeping: the same values then resume)."""
     from rlaifv.trainer.dpo import saved_identities
 
     named = [*models, *([config.labeler] if config.labeler != "self" else [])]
-    return [
-        hashlib.sha256(json.dumps([config.result_settings(), identities]).encode()).hexdigest()
+    settings = [config.result_settings()]
+    earlier = config.result_settings(FeedbackConfig.EARLIER_BOOKKEEPING)
+    if earlier != settings[0]:
+        settings.append(earlier)
+    keys = [
+        hashlib.sha256(json.dumps([values, identities]).encode()).hexdigest()
         for identities in saved_identities(named)
+        for values in settings
     ]
+    return list(dict.fromkeys(keys))

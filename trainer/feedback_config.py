@@ -2,32 +2,48 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
+from rlaifv.trainer.credentials import key_problem, shown_url
 from rlaifv.trainer.errors import ConfigError
 
 LLM_URL_ONLY = ("llm_name", "llm_timeout_s", "llm_retries", "llm_concurrency")
 """Settings of the OpenAI-compatible client, which a local `llm_model` would ignore."""
+API_KEY_VARIABLE = "RLAIFV_LLM_API_KEY"
 
 
 def check_llm_url(url: str, setting: str = "llm_url") -> None:
-    """Refuse a URL the client could never reach, before any model is loaded or sampled."""
+    """Refuse a URL the client could never reach, before any model is loaded or sampled. Messages show it without
+    its credentials (user, password, query)."""
+    shown = repr(shown_url(url.strip()))
+    if url != url.strip() or any(c.isspace() or not c.isprintable() for c in url):
+        # urlsplit drops them without a word; the request then failed at run time, after the models had loaded
+        raise ConfigError(f"{setting} {shown} has whitespace or control characters in it: give the URL alone")
     try:
         parts = urlsplit(url)
         _ = parts.port  # a port that is no number, or out of range, raises ValueError here
     except ValueError as exc:
-        raise ConfigError(f"{setting} {url!r} is not a valid URL: {exc}") from None
+        raise ConfigError(f"{setting} {shown} is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
-            f"{setting} {url!r} is not an http(s) URL: give the server's OpenAI-compatible base URL,"
+            f"{setting} {shown} is not an http(s) URL: give the server's OpenAI-compatible base URL,"
             " e.g. http://127.0.0.1:8000/v1"
         )
     if parts.path.rstrip("/").endswith("/chat/completions"):
         raise ConfigError(
-            f"{setting} {url!r} is the chat route itself: give its base URL (…/v1); /chat/completions is added"
+            f"{setting} {shown} is the chat route itself: give its base URL (…/v1); /chat/completions is added"
         )
+
+
+def check_api_key(key: str | None, name: str = API_KEY_VARIABLE) -> None:
+    """Refuse a key no HTTP header can carry, naming where it came from and never showing it: the request failed
+    only once the models had loaded, with the whole header (key included) in the error, and was retried."""
+    problem = key_problem(key) if key else None
+    if problem:
+        raise ConfigError(f"{name} {problem}: set it to the key alone")
 
 
 @dataclass
@@ -61,27 +77,35 @@ class FeedbackConfig:
     llm_url: str | None = field(
         default=None,
         metadata={
-            "help": "OpenAI-compatible base URL (…/v1) for the LLM splitter/writer; its API key from the environment"
-            " variable RLAIFV_LLM_API_KEY, if it needs one."
+            "help": "OpenAI-compatible base URL (…/v1, a query such as ?api-version=… kept) for the LLM"
+            " splitter/writer; its API key from the environment variable RLAIFV_LLM_API_KEY, if it needs one. The same"
+            " server at another address resumes a run; reports and run files show it without credentials."
         },
     )
-    llm_name: str = field(default="default", metadata={"help": "Model name sent to the OpenAI-compatible URL."})
+    llm_name: str = field(
+        default="default",
+        metadata={
+            "help": "Model name sent to the OpenAI-compatible URL; another name is another feedback model (a run"
+            " does not resume with it)."
+        },
+    )
     llm_timeout_s: float = field(
         default=60.0, metadata={"help": "Deadline of one request to the LLM URL, in seconds (then retried)."}
     )
     llm_retries: int = field(
         default=3,
         metadata={
-            "help": "Attempts after the first at the LLM URL, with backoff, on a timeout, a connection error, HTTP"
-            " 408/409/429/5xx or a reply not in the asked format (empty, a refusal, no JSON array); then the run"
-            " stops with an error naming the answer or claim."
+            "help": "Attempts after the first at the LLM URL, on a timeout, a connection error, HTTP 408/409/425/429"
+            " or 5xx (not 501/505), or a reply not in the asked format (empty, a refusal, no JSON array); each after a"
+            " backoff (1 s, doubling, with jitter) or the server's Retry-After if longer (at most 120 s: one longer"
+            " ends the call); then the run stops with an error naming the answer or claim."
         },
     )
     llm_max_tokens: int = field(
         default=1024,
         metadata={
             "help": "Maximum tokens of one LLM reply (URL or local model); a reply cut at this limit stops the run"
-            " (its last claims would be lost), so raise it for long answers."
+            " (its last claims would be lost), so raise it for long answers: the run goes on from its saved batches."
         },
     )
     llm_concurrency: int = field(
@@ -114,6 +138,11 @@ class FeedbackConfig:
             (self.llm_retries >= 0, "llm_retries must be >= 0"),
             (self.llm_max_tokens >= 1, "llm_max_tokens must be >= 1"),
             (self.llm_concurrency >= 1, "llm_concurrency must be >= 1"),
+            # "" failed in the client after the models had loaded, in a pydantic traceback
+            (
+                bool(self.llm_name) and self.llm_name == self.llm_name.strip(),
+                "llm_name must name the server's model (it is empty, or has spaces around it)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -130,6 +159,7 @@ class FeedbackConfig:
             raise ConfigError("the 'llm' splitter/question writer needs exactly one of llm_model or llm_url")
         if self.llm_url is not None:
             check_llm_url(self.llm_url)
+            check_api_key(os.environ.get(API_KEY_VARIABLE))
         elif ignored := [name for name in changed if name in LLM_URL_ONLY]:
             raise ConfigError(f"{', '.join(ignored)} would be ignored: they configure llm_url's client, not llm_model")
 
@@ -137,13 +167,28 @@ class FeedbackConfig:
         return [f.name for f in fields(self) if f.name.startswith("llm_") and getattr(self, f.name) != f.default]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings as reports, run files and bundles keep them: llm_url without its credentials."""
+        data = asdict(self)
+        if self.llm_url is not None:
+            data["llm_url"] = shown_url(self.llm_url)
+        return data
 
-    # How the LLM URL is waited on and retried decides no answer's score: a run may resume with other values (a
-    # run stopped by "LLM reply failed" is rerun with more retries, keeping what it sampled).
-    BOOKKEEPING: ClassVar[tuple[str, ...]] = ("llm_timeout_s", "llm_retries", "llm_concurrency")
+    # Where the LLM server is reached and how it is waited on and retried decide no answer's score, nor does the
+    # reply limit (a reply that fitted is the same reply; one cut off stops the run): a run may resume with other
+    # values (a run stopped by "LLM reply failed" or "cut off" is rerun with more retries or tokens, or the server
+    # moved, keeping what it sampled). llm_name is not among them: another name is another model.
+    BOOKKEEPING: ClassVar[tuple[str, ...]] = (
+        "llm_url",
+        "llm_timeout_s",
+        "llm_retries",
+        "llm_max_tokens",
+        "llm_concurrency",
+    )
+    EARLIER_BOOKKEEPING: ClassVar[tuple[str, ...]] = ("llm_timeout_s", "llm_retries", "llm_concurrency")
+    """BOOKKEEPING before llm_url and llm_max_tokens joined it: the run keys saved batches of that version have."""
 
-    def result_settings(self) -> dict[str, Any]:
+    def result_settings(self, bookkeeping: tuple[str, ...] | None = None) -> dict[str, Any]:
         """The settings with the bookkeeping ones at their defaults: what decides the feedback (its run key)."""
-        defaults = {f.name: f.default for f in fields(self) if f.name in self.BOOKKEEPING}
+        names = self.BOOKKEEPING if bookkeeping is None else bookkeeping
+        defaults = {f.name: f.default for f in fields(self) if f.name in names}
         return asdict(self) | defaults

@@ -2,7 +2,8 @@
 first Ctrl-C only ask; the work checks between units it can save (a batch of prompts, a reference batch, an
 optimizer step), saves and raises `TrainingInterrupted`, and the same command resumes. A second Ctrl-C stops at
 once, as Python's default does. Under several processes the ranks agree on stopping (`agreed`) and a failure of
-one rank's files ends them all (`together`)."""
+one rank's files ends them all (`together`). Work that waits on others (the feedback's calls to an LLM server,
+retried for minutes) asks to be told at once instead (`active_stop().notify`)."""
 
 from __future__ import annotations
 
@@ -19,18 +20,54 @@ NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 CTRL_C_NOTE = b"\nCtrl-C: stopping where the work is saved (the next step or batch); Ctrl-C again stops at once\n"
 
 
+class StopFlag:
+    """Whether a stop was asked (call it), and who to tell when one is: `notify(callback)` runs the callback in
+    the signal handler (or at once, if the stop came first), so it must only schedule (`call_soon_threadsafe`)."""
+
+    def __init__(self) -> None:
+        self._asked = threading.Event()
+        self._callbacks: list[Callable[[], object]] = []
+
+    def __call__(self) -> bool:
+        return self._asked.is_set()
+
+    def set(self) -> None:
+        self._asked.set()
+        for callback in list(self._callbacks):
+            callback()
+
+    @contextmanager
+    def notify(self, callback: Callable[[], object]) -> Iterator[None]:
+        self._callbacks.append(callback)
+        try:
+            if self():
+                callback()
+            yield
+        finally:
+            self._callbacks.remove(callback)
+
+
+_ACTIVE: list[StopFlag] = []
+
+
+def active_stop() -> StopFlag | None:
+    """The flag of the innermost `stop_on_sigterm` the main thread is in (None outside one): deep work the flag is
+    not passed to (an LLM call inside claim splitting) stops on it too."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
 @contextmanager
-def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
+def stop_on_sigterm() -> Iterator[StopFlag]:
     """While inside, SIGTERM and a first SIGINT set a flag (the yielded function reads it) instead of ending the
     process; a second SIGINT raises KeyboardInterrupt at once; the previous handlers come back on exit. The
     `TrainingInterrupted` the work raises names the signal that asked and exits with 128 + it (a Ctrl-C lost the
     steps since the last checkpoint). A stop the work inside never acted on (it came during its last unit) is
     signalled again then, so the process still stops, with everything saved, before the next stage begins. Off
     the main thread (which alone may take signals) the flag stays unset."""
-    asked = threading.Event()
+    asked = StopFlag()
     by: list[signal.Signals] = []
     if threading.current_thread() is not threading.main_thread():
-        yield asked.is_set
+        yield asked
         return
 
     def note(signum: int, frame: Any) -> None:
@@ -46,11 +83,13 @@ def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
     previous = {signum: signal.signal(signum, note) for signum in taken}
 
     def restore() -> None:
+        _ACTIVE.remove(asked)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
+    _ACTIVE.append(asked)
     try:
-        yield asked.is_set
+        yield asked
     except TrainingInterrupted as exc:
         restore()
         if by:

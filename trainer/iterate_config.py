@@ -124,7 +124,9 @@ class IterateConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as run.json and the bundle's provenance keep them (feedback.llm_url without credentials)."""
         data = asdict(self)
+        data["feedback"] = self.feedback.to_dict()
         data["dpo"] = self.dpo.to_dict()
         return data
 

@@ -17,7 +17,9 @@ refused, cut-off or unparseable reply is retried (URL) and then raises
 `LLMReplyError`, naming the answer or claim: read as claims it would score the
 answer as if it had none (a perfect score), or count chat filler as claims.
 Each distinct answer and claim is sent once per run (memoised), and the
-questions of an answer's new claims go out together.
+questions of an answer's new claims go out together. A stop asked for while
+calls are in flight or waiting to be retried (SIGTERM in a feedback run)
+cancels them at once: `TrainingInterrupted`.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from rlaifv.reward.claims import YES_NO_SUFFIX
-from rlaifv.trainer.errors import ConfigError, LLMReplyError
-from rlaifv.trainer.evaluation.llm import ChatClient, ChatResult, ChatSettings, Sleep
-from rlaifv.trainer.feedback_config import check_llm_url
+from rlaifv.trainer.credentials import shown_url
+from rlaifv.trainer.errors import ConfigError, LLMReplyError, TrainingInterrupted
+from rlaifv.trainer.evaluation.llm import ChatClient, ChatResult, ChatSettings, Sleep, chat_url
+from rlaifv.trainer.feedback_config import API_KEY_VARIABLE, check_api_key, check_llm_url
+from rlaifv.trainer.interrupt import StopFlag, active_stop
 
 if TYPE_CHECKING:
     from rlaifv.trainer.feedback_config import FeedbackConfig
@@ -103,7 +107,10 @@ class OpenAIChatBackend:
         sleep: Sleep = asyncio.sleep,
     ):
         check_llm_url(base_url)
-        key = api_key if api_key is not None else os.environ.get("RLAIFV_LLM_API_KEY")
+        if not model or model != model.strip():
+            raise ConfigError(f"llm_name {model!r} must name the server's model")
+        key = api_key if api_key is not None else os.environ.get(API_KEY_VARIABLE)
+        check_api_key(key, API_KEY_VARIABLE if api_key is None else "api_key")
         self.settings = ChatSettings(
             url=base_url,
             model=model,
@@ -115,21 +122,42 @@ class OpenAIChatBackend:
             max_tokens=max_tokens,
             refuse_cut_off=True,
         )
-        self.where = base_url.rstrip("/") + "/chat/completions"
+        self.where = shown_url(chat_url(base_url))  # messages show no user, password or query
         self._sleep = sleep
 
     def ask(self, prompts: Sequence[str], accept: Callable[[str], bool]) -> list[ChatResult]:
         return _run(self._ask(list(prompts), accept))
 
     async def _ask(self, prompts: list[str], accept: Callable[[str], bool]) -> list[ChatResult]:
+        """Every prompt's outcome; a stop asked for (`interrupt.active_stop`) cancels the calls in flight and their
+        retries' waits: SIGTERM waited for them, up to (retries + 1) x timeout and the backoffs."""
+        loop, stop = asyncio.get_running_loop(), active_stop()
         async with ChatClient(self.settings, sleep=self._sleep) as chat:
-            results = await asyncio.gather(
-                *(chat.complete([{"role": "user", "content": p}], accept=accept) for p in prompts)
-            )
+            calls = asyncio.gather(*(chat.complete([{"role": "user", "content": p}], accept=accept) for p in prompts))
+            if stop is None:
+                results = await calls
+            else:
+                results = await _unless_stopped(calls, stop, loop, f"while the LLM at {self.where} was asked")
         for result in results:
-            if result.errors and "cut off at max_tokens" in result.errors[-1]:
-                result.errors[-1] += ": raise feedback.llm_max_tokens"
+            hint = None if result.ok else self._hint(result)
+            if hint and result.errors:
+                result.errors[-1] += f": {hint}"
         return list(results)
+
+    def _hint(self, result: ChatResult) -> str | None:
+        """Which setting a failure points at (the messages named no setting)."""
+        last = result.errors[-1] if result.errors else ""
+        if "cut off at max_tokens" in last:
+            return "raise feedback.llm_max_tokens"
+        if result.status == 404:
+            return f"check feedback.llm_name ({self.settings.model!r}: a model the server serves) and feedback.llm_url"
+        if result.status in (401, 403):
+            return f"check the key in {API_KEY_VARIABLE}" + ("" if self.settings.api_key else " (it is not set)")
+        if result.status in (400, 422) and "max_tokens" in last.lower():
+            return f"check feedback.llm_max_tokens ({self.settings.max_tokens}: more than the server allows?)"
+        if result.exception in ("ConnectError", "ConnectTimeout"):
+            return "check feedback.llm_url (is the server up, and reachable from here?)"
+        return None
 
 
 class LocalChatBackend:
@@ -367,6 +395,33 @@ class _Memo(OrderedDict[str, T]):
         self.move_to_end(key)
         while len(self) > self.size:
             self.popitem(last=False)
+
+
+STOP_POLL_S = 1.0
+"""How often calls in flight look at the stop flag themselves: a signal that lands on another thread runs its
+handler only once the main thread runs Python again, and the event loop may wait in its selector until then."""
+
+
+async def _unless_stopped(
+    calls: asyncio.Future[list[ChatResult]], stop: StopFlag, loop: asyncio.AbstractEventLoop, where: str
+) -> list[ChatResult]:
+    """The calls' results; `TrainingInterrupted` (the calls cancelled) as soon as `stop` is set."""
+
+    async def watch() -> None:
+        while not stop():
+            await asyncio.sleep(STOP_POLL_S)
+        calls.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        with stop.notify(lambda: loop.call_soon_threadsafe(calls.cancel)):
+            return await calls
+    except asyncio.CancelledError:
+        if not stop():
+            raise
+        raise TrainingInterrupted(f"{where}: its calls were cancelled", step=0) from None
+    finally:
+        watcher.cancel()
 
 
 def _ask(backend: ChatBackend, prompts: list[str], parse: Callable[[str], T], texts: list[str], what: str) -> list[T]:

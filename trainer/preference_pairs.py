@@ -80,6 +80,8 @@ class PairConfig:
 @dataclass
 class PairStats:
     prompts: int = 0
+    answers: int = 0
+    answers_without_claims: int = 0  # scored 0 with nothing verified: a claim splitter that found none
     prompts_with_pairs: int = 0
     candidate_pairs: int = 0
     near_duplicates: int = 0
@@ -99,6 +101,12 @@ class PairStats:
 def why_no_pairs(stats: PairStats, config: PairConfig) -> str:
     """What removed every pair, and which setting would keep some (it said "raise the temperature" when the
     length filter had removed them)."""
+    if not stats.candidate_pairs and stats.answers and stats.answers_without_claims * 2 > stats.answers:
+        return (
+            f"{stats.answers_without_claims} of the {stats.answers} answers have no claims, so they all score 0:"
+            " the claim splitter found none in them (with feedback.splitter=llm, check what feedback.llm_name"
+            " replies: [] for every answer?)"
+        )
     if not stats.candidate_pairs:
         return (
             f"no two answers to one of the {stats.prompts} prompts differ in score by pairs.min_score_gap="
@@ -153,6 +161,8 @@ def build_pairs(
     selected: list[tuple[PromptFeedback, int, int]] = []
     for item in feedback:
         answers = item.answers
+        stats.answers += len(answers)
+        stats.answers_without_claims += sum(a.num_claims == 0 for a in answers if a.text.strip())
         candidates = []
         for i, a in enumerate(answers):
             for j, b in enumerate(answers):

@@ -29,6 +29,7 @@ class Reply:
     status: int = 200
     raw: str | None = None  # a body that is not a chat completion
     hang: bool = False
+    headers: dict[str, str] | None = None  # sent with an error or a raw body (Retry-After)
 
 
 class ChatServer:
@@ -37,6 +38,7 @@ class ChatServer:
         self.hits: Counter[str] = Counter()
         self.models: list[str] = []
         self.auth: list[str | None] = []
+        self.queries: list[str] = []
         self.in_flight = 0
         self.max_in_flight = 0
         self.release = threading.Event()  # set on stop: hanging handlers return
@@ -51,6 +53,7 @@ class ChatServer:
             self.hits[prompt] += 1
             self.models.append(body["model"])
             self.auth.append(request.headers.get("authorization"))
+            self.queries.append(request.url.query)
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             try:
@@ -63,9 +66,11 @@ class ChatServer:
                 if answer.hang:
                     await asyncio.to_thread(self.release.wait)
                 if answer.raw is not None:
-                    return PlainTextResponse(answer.raw, status_code=answer.status)
+                    return PlainTextResponse(answer.raw, status_code=answer.status, headers=answer.headers)
                 if answer.status != 200:
-                    return JSONResponse({"error": {"message": "unavailable"}}, status_code=answer.status)
+                    return JSONResponse(
+                        {"error": {"message": "unavailable"}}, status_code=answer.status, headers=answer.headers
+                    )
                 return {
                     "id": "chatcmpl-test",
                     "object": "chat.completion",

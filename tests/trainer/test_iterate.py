@@ -372,11 +372,11 @@ def test_a_run_written_before_a_setting_existed_resumes_while_that_setting_keeps
     assert _check_run_file(run, config(), source) is False
     _written_before(run, "feedback", "llm_timeout_s", "llm_max_tokens")
     assert _check_run_file(run, config(), source) is True
-    _written_before(run, "feedback", "llm_timeout_s", "llm_max_tokens")
+    _written_before(run, "feedback", "llm_timeout_s", "llm_name")
     _finish_a_round(run)
     llm = {"question_writer": "llm", "llm_url": "http://127.0.0.1:9/v1"}
-    with pytest.raises(RunStateError, match=r"feedback\.llm_max_tokens"):  # not at its default: another run, named
-        _check_run_file(run, config(llm_max_tokens=7, **llm), source)
+    with pytest.raises(RunStateError, match=r"feedback\.llm_name"):  # not at its default: another run, named
+        _check_run_file(run, config(llm_name="other-8b", **llm), source)
 
 
 def test_a_run_stopped_by_its_llm_goes_on_with_more_retries(tiny_model: Path, tmp_path: Path) -> None:
@@ -400,7 +400,7 @@ def test_a_run_stopped_by_its_llm_goes_on_with_more_retries(tiny_model: Path, tm
     patient = config(llm_retries=7, llm_timeout_s=300, llm_concurrency=2)
     assert _check_run_file(run, iterate(patient), source) is True
     assert feedback_key(patient, [tiny_model]) == feedback_key(config(), [tiny_model])  # its saved batches resume
-    assert feedback_key(config(llm_max_tokens=7), [tiny_model]) != feedback_key(config(), [tiny_model])
+    assert feedback_key(config(llm_name="other-8b"), [tiny_model]) != feedback_key(config(), [tiny_model])
 
 
 def test_best_round_skips_rounds_whose_eval_could_not_say() -> None:

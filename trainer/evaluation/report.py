@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field, ValidationError
 
 from rlaifv.reward.cpu_info import cpu_name
+from rlaifv.trainer.credentials import shown_url
 from rlaifv.trainer.errors import DataError
 
 
@@ -33,17 +33,6 @@ def machine() -> str:
 
 # --judge-key, --api-key, --llm-key and any later --*-key/-token/-secret/-password (not --max-tokens).
 SECRET_OPTION = re.compile(r"--(?:[a-z0-9]+-)*(?:key|token|secret|password)", re.IGNORECASE)
-URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)
-
-
-def shown_url(text: str) -> str:
-    """A URL without its user, password and query (where keys travel), each `***`; any other text as it is."""
-    if not URL.match(text):
-        return text
-    parts = urlsplit(text)
-    host = parts.netloc.rpartition("@")[2]
-    netloc = f"***@{host}" if "@" in parts.netloc else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", parts.fragment))
 
 
 def shown_command(argv: Sequence[str]) -> str:

@@ -1,0 +1,53 @@
+"""Credentials out of what is shown or kept: URLs in messages, reports, run files and bundle provenance carry no
+user, password or query (where keys travel), and an API key that no HTTP header can carry is refused by the name
+of its setting, never printed (httpx put the whole header, key included, in its error)."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+_URL_IN_TEXT = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.IGNORECASE)
+_HEADER_SAFE = re.compile(r"[!-~]+")  # printable ASCII, no space: what a bearer token may hold
+
+
+def shown_url(text: str) -> str:
+    """A URL without its user, password and query (where keys travel), each `***`; any other text as it is."""
+    if not URL.match(text):
+        return text
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # an unclosed IPv6 bracket: nothing of it is shown
+        return text.partition("://")[0] + "://***"
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"***@{host}" if "@" in parts.netloc else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", parts.fragment))
+
+
+def url_secrets(url: str) -> list[str]:
+    """What `shown_url` leaves out of a URL, to hide wherever else it shows up (a server echoing the request's path
+    and query in its 404): user, password, query and each query value."""
+    try:
+        parts = urlsplit(url)
+        values = [value for _, value in parse_qsl(parts.query)]
+    except ValueError:
+        return []
+    return [s for s in (parts.username, parts.password, parts.query, *values) if s and len(s) >= 4]
+
+
+def hidden(text: str, *secrets: str | None) -> str:
+    """`text` (an error message, a server's reply) with its URLs as `shown_url` shows them and each of `secrets`
+    (an API key, `url_secrets`) as `***`."""
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return _URL_IN_TEXT.sub(lambda found: shown_url(found.group()), text)
+
+
+def key_problem(key: str) -> str | None:
+    """What keeps `key` out of an HTTP header, described without any of its characters; None when nothing does."""
+    if _HEADER_SAFE.fullmatch(key):
+        return None
+    if key != key.strip():
+        return "has whitespace at its start or end (a newline read from a file?)"
+    return "holds a space, a control character or a non-ASCII character, which no HTTP header can carry"
