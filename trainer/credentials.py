@@ -13,16 +13,20 @@ _HEADER_SAFE = re.compile(r"[!-~]+")  # printable ASCII, no space: what a bearer
 
 
 def shown_url(text: str) -> str:
-    """A URL without its user, password and query (where keys travel), each `***`; any other text as it is."""
+    """A URL without its user, password, query and fragment (where keys travel), each `***`; any other text as it
+    is. Everything up to the last "@" goes, not only what `urlsplit` takes for the user: a password holding an
+    unencoded "#", "/" or "?" ends the host part there, and the rest of it was shown as a fragment or a path."""
     if not URL.match(text):
         return text
+    scheme, _, rest = text.partition("://")
+    user = "@" in rest
+    rest = rest.rpartition("@")[2]
     try:
-        parts = urlsplit(text)
+        parts = urlsplit(f"{scheme}://{rest}")
     except ValueError:  # an unclosed IPv6 bracket: nothing of it is shown
-        return text.partition("://")[0] + "://***"
-    host = parts.netloc.rpartition("@")[2]
-    netloc = f"***@{host}" if "@" in parts.netloc else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", parts.fragment))
+        return f"{scheme}://***"
+    netloc = f"***@{parts.netloc}" if user else parts.netloc
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", "***" if parts.fragment else ""))
 
 
 def url_secrets(url: str) -> list[str]:

@@ -25,8 +25,15 @@ def check_llm_url(url: str, setting: str = "llm_url") -> None:
     try:
         parts = urlsplit(url)
         _ = parts.port  # a port that is no number, or out of range, raises ValueError here
-    except ValueError as exc:
-        raise ConfigError(f"{setting} {shown} is not a valid URL: {exc}") from None
+    except ValueError:  # its message quotes the URL's parts: a password's, where it holds an unencoded "/"
+        raise ConfigError(
+            f"{setting} {shown} is not a valid URL (its port, or an unclosed IPv6 bracket; percent-encode '#', '/'"
+            " and '?' in a user or password)"
+        ) from None
+    if "@" in url.partition("://")[2] and "@" not in parts.netloc:
+        raise ConfigError(
+            f"{setting} {shown} has an '@' after its host: percent-encode '#', '/' and '?' in a user or password"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
             f"{setting} {shown} is not an http(s) URL: give the server's OpenAI-compatible base URL,"

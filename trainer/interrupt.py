@@ -7,6 +7,7 @@ retried for minutes) asks to be told at once instead (`active_stop().notify`).""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -21,26 +22,32 @@ CTRL_C_NOTE = b"\nCtrl-C: stopping where the work is saved (the next step or bat
 
 
 class StopFlag:
-    """Whether a stop was asked (call it), and who to tell when one is: `notify(callback)` runs the callback in
-    the signal handler (or at once, if the stop came first), so it must only schedule (`call_soon_threadsafe`)."""
+    """Whether a stop was asked (call it), and who to tell when one must not wait for the work in hand (`urgent`:
+    SIGTERM, whose grace is short): `notify(callback)` runs the callback in the signal handler (or at once, if such
+    a stop came first), so it must only schedule (`call_soon_threadsafe`). A Ctrl-C stops where the work is saved,
+    as it says: the batch in hand finishes first."""
 
     def __init__(self) -> None:
         self._asked = threading.Event()
+        self.urgent = False
         self._callbacks: list[Callable[[], object]] = []
 
     def __call__(self) -> bool:
         return self._asked.is_set()
 
-    def set(self) -> None:
+    def set(self, *, urgent: bool = True) -> None:
+        self.urgent = self.urgent or urgent
         self._asked.set()
-        for callback in list(self._callbacks):
-            callback()
+        if self.urgent:
+            for callback in list(self._callbacks):
+                with contextlib.suppress(RuntimeError):  # its loop closed meanwhile (the work ended)
+                    callback()
 
     @contextmanager
     def notify(self, callback: Callable[[], object]) -> Iterator[None]:
         self._callbacks.append(callback)
         try:
-            if self():
+            if self.urgent:
                 callback()
             yield
         finally:
@@ -76,7 +83,7 @@ def stop_on_sigterm() -> Iterator[StopFlag]:
         if signum == signal.SIGINT:  # os.write: a print here can re-enter a buffered write it interrupted
             os.write(2, CTRL_C_NOTE)
         by.append(signal.Signals(signum))
-        asked.set()
+        asked.set(urgent=signum != signal.SIGINT)
 
     # A SIGINT ignored by the caller (a job started in the background by a shell) stays ignored.
     taken = [s for s in NAMES if s != signal.SIGINT or signal.getsignal(s) is not signal.SIG_IGN]

@@ -129,7 +129,7 @@ class OpenAIChatBackend:
         return _run(self._ask(list(prompts), accept))
 
     async def _ask(self, prompts: list[str], accept: Callable[[str], bool]) -> list[ChatResult]:
-        """Every prompt's outcome; a stop asked for (`interrupt.active_stop`) cancels the calls in flight and their
+        """Every prompt's outcome; a SIGTERM (`interrupt.active_stop`, urgent) cancels the calls in flight and their
         retries' waits: SIGTERM waited for them, up to (retries + 1) x timeout and the backoffs."""
         loop, stop = asyncio.get_running_loop(), active_stop()
         async with ChatClient(self.settings, sleep=self._sleep) as chat:
@@ -405,10 +405,11 @@ handler only once the main thread runs Python again, and the event loop may wait
 async def _unless_stopped(
     calls: asyncio.Future[list[ChatResult]], stop: StopFlag, loop: asyncio.AbstractEventLoop, where: str
 ) -> list[ChatResult]:
-    """The calls' results; `TrainingInterrupted` (the calls cancelled) as soon as `stop` is set."""
+    """The calls' results; `TrainingInterrupted` (the calls cancelled) as soon as an urgent stop (SIGTERM) is
+    asked. A Ctrl-C lets them finish: the batch is saved, and the run stops before the next one."""
 
-    async def watch() -> None:
-        while not stop():
+    async def watch() -> None:  # also where the signal came on another thread than the loop's
+        while not stop.urgent:
             await asyncio.sleep(STOP_POLL_S)
         calls.cancel()
 
@@ -417,7 +418,7 @@ async def _unless_stopped(
         with stop.notify(lambda: loop.call_soon_threadsafe(calls.cancel)):
             return await calls
     except asyncio.CancelledError:
-        if not stop():
+        if not stop.urgent:
             raise
         raise TrainingInterrupted(f"{where}: its calls were cancelled", step=0) from None
     finally:

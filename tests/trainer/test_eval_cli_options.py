@@ -210,3 +210,16 @@ def test_command_line_mistakes_are_usage_errors_before_any_work(
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     assert "Invalid value for '--" in result.output and "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_judge_url_is_shown_without_its_password() -> None:
+    """The refusal quoted the URL whole, and a password with an unencoded '#', '/' or '?' passed the check and was
+    shown by the URL parser's own error."""
+    import typer
+
+    from rlaifv.cli.eval_run import http_url
+
+    for url in ("htps://judge:s3cret@llm.example/v1", "http://admin:123#s3cret@x.example/v1", "http://b:s3cret/y@x.io"):
+        with pytest.raises(typer.BadParameter) as refused:
+            http_url(url)
+        assert "s3cret" not in str(refused.value), refused.value

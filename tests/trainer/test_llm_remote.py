@@ -421,3 +421,76 @@ def test_feedback_stopped_while_its_llm_is_asked_keeps_the_saved_batches(
         )
     assert [p.name for p in sorted((tmp_path / "partial").glob("batch-*.parquet"))] == ["batch-000000000.parquet"]
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_ctrl_c_lets_the_llm_calls_in_hand_finish(serve) -> None:
+    """Ctrl-C says it stops "where the work is saved (the next step or batch)": a first one cancelled the batch's
+    calls, even before any was sent, and the batch was sampled again on the rerun. SIGTERM alone cancels them."""
+    from rlaifv.trainer.interrupt import stop_on_sigterm
+
+    sent = threading.Event()
+
+    def reply(prompt: str) -> Reply:
+        if not sent.is_set():
+            sent.set()
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+        return Reply(SPLIT)
+
+    server = serve(reply)
+    splitter = splitter_at(server.url)
+    results: list[Any] = []
+    with pytest.raises(TrainingInterrupted) as caught, stop_on_sigterm():
+        results = splitter.split_many(["a cat", "a dog"])
+    assert caught.value.exit_code == 130 and "as the work finished" in str(caught.value)
+    assert [claims for claims in results] == [["There is a cat."], ["There is a cat."]]
+
+
+def test_a_stop_flag_whose_listener_loop_closed_does_not_raise_in_the_signal_handler() -> None:
+    from rlaifv.trainer.interrupt import StopFlag
+
+    flag, loop = StopFlag(), asyncio.new_event_loop()
+    loop.close()
+    with flag.notify(lambda: loop.call_soon_threadsafe(print)):
+        flag.set()  # raised "Event loop is closed" from inside the handler
+    assert flag() and flag.urgent
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("http://admin:123#s3cretpw@llm.example/v1", "s3cretpw"),
+        ("http://bob:hunter2/xyz@llm.example/v1", "hunter2"),
+        ("http://bob:pa?ss@llm.example/v1", "pa?ss"),
+        ("https://u:pw@llm.example/v1?api-key=k3y#frag", "k3y"),
+    ],
+)
+def test_a_password_with_an_unencoded_delimiter_is_never_shown(url: str, secret: str) -> None:
+    """urlsplit ends the host part at the first '#', '/' or '?': the rest of such a password came back as a
+    fragment or a path, and urlsplit's own error quoted it."""
+    from rlaifv.trainer.credentials import shown_url
+    from rlaifv.trainer.feedback_config import check_llm_url
+
+    shown = shown_url(url)
+    assert secret not in shown and shown.startswith(url.split(":")[0] + "://***@llm.example"), shown
+    if "api-key" not in url:
+        with pytest.raises(ConfigError) as refused:
+            check_llm_url(url)
+        assert secret not in str(refused.value) and "percent-encode" in str(refused.value)
+
+
+def test_a_key_echoed_across_the_cut_of_an_error_body_is_hidden() -> None:
+    """The body was cut to 300 characters before the key was hidden: a key that straddled the cut kept its head."""
+    import httpx
+
+    key = "sk-live-0123456789abcdef"
+    echo = " /v1/chat/completions?api-key="
+    body = "x" * (294 - len(echo)) + echo + key  # the key's first 6 characters inside the first 300
+
+    async def main() -> ChatResult:
+        settings = ChatSettings(url=f"http://llm.example/v1?api-key={key}", model="m", retries=0)
+        async with ChatClient(settings) as chat:
+            chat._http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(404, text=body)))
+            return await chat.complete([{"role": "user", "content": "hi"}])
+
+    result = asyncio.run(main())
+    assert result.errors and not any(key[:6] in error for error in result.errors), result.errors

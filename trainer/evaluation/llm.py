@@ -184,7 +184,7 @@ class ChatClient:
                 continue
             result.status = response.status_code
             if response.status_code != 200:
-                result.errors.append(f"HTTP {response.status_code}: {hidden(response.text[:300], *self._secrets)}")
+                result.errors.append(f"HTTP {response.status_code}: {hidden(response.text, *self._secrets)[:300]}")
                 if not retryable(response.status_code):
                     return result  # 400/401/404/501...: the same request would fail again
                 asked = retry_after_s(response.headers, self._clock())
@@ -198,7 +198,7 @@ class ChatClient:
             try:
                 content = response.json()["choices"][0]["message"]["content"]
             except (ValueError, KeyError, IndexError, TypeError):
-                result.errors.append(f"not a chat completion: {hidden(response.text[:300], *self._secrets)}")
+                result.errors.append(f"not a chat completion: {hidden(response.text, *self._secrets)[:300]}")
                 continue
             if not isinstance(content, str):
                 result.errors.append(f"message content is not text: {content!r:.300}")
