@@ -33,6 +33,12 @@ class Metrics:
         )
         self.queue_depth = Gauge("rlaifv_queue_depth", "Requests waiting for the model.", registry=r)
         self.in_flight = Gauge("rlaifv_requests_in_flight", "Requests in batches the model is running.", registry=r)
+        self.responses_cut = Counter(
+            "rlaifv_http_responses_cut",
+            "Responses whose connection was aborted, by reason: unread (RLAIFV_STREAM_WRITE_TIMEOUT_S) or shutdown.",
+            ["reason"],
+            registry=r,
+        )
         self.image_pixels = Gauge(
             "rlaifv_image_pixels_held",
             "Decoded image pixels held by requests not yet ended (the RLAIFV_MAX_QUEUED_IMAGE_PIXELS budget).",

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import uvicorn
 from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.types import Message
 
 from rlaifv.service.errors import install_error_handlers
@@ -82,7 +82,8 @@ class StreamApp:
     """The service's middleware before `/big` (a 26 MB stream whose generator awaits nothing, as the chat stream's)
     and `/after-lost` (a JSON answer given once the server has seen its connection lost)."""
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, send_buffer: int = 65536, **settings: Any) -> None:
+        self.send_buffer = send_buffer
         self.settings = Settings(**settings)
         self.metrics = Metrics()
         self.produced = 0
@@ -90,10 +91,25 @@ class StreamApp:
         self.lost = threading.Event()  # the server saw a connection close
         self.app = FastAPI()
         self.app.state.settings = self.settings  # read by the protocol (its timeouts)
+        self.app.state.metrics = self.metrics  # and its cuts counted there
         install_error_handlers(self.app)
         self.app.add_middleware(RequestContextMiddleware, metrics=self.metrics, settings=self.settings)
         self.app.get("/big")(self.big)
         self.app.get("/after-lost")(self.after_lost)
+        self.app.get("/one-chunk")(self.one_chunk)
+        self.app.get("/whole")(self.whole)
+
+    async def one_chunk(self) -> StreamingResponse:
+        """One 5 MB chunk: the body's (empty) end then waits on the paused transport."""
+
+        async def body() -> AsyncIterator[bytes]:
+            yield CHUNK * (5 * 2**20 // len(CHUNK))
+
+        return StreamingResponse(body(), media_type="application/octet-stream")
+
+    async def whole(self) -> Response:
+        """A 5 MB answer in one message (a chat completion of many choices with logprobs, not streamed)."""
+        return Response(CHUNK * (5 * 2**20 // len(CHUNK)), media_type="application/json")
 
     async def big(self) -> StreamingResponse:
         async def body() -> AsyncIterator[bytes]:
@@ -114,7 +130,7 @@ class StreamApp:
             def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
                 # A fixed send buffer: the kernel does not grow it later (autotuning), which would resume writes
                 # paused for a client that reads nothing.
-                transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+                transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, app.send_buffer)
                 super().connection_made(transport)
 
             def pause_writing(self) -> None:
@@ -128,7 +144,7 @@ class StreamApp:
         return Watched
 
     def counted(self, status: int) -> float:
-        for route in ("/big", "/after-lost"):
+        for route in ("/big", "/after-lost", "/one-chunk", "/whole"):
             labels = {"route": route, "method": "GET", "status": str(status)}
             value = self.metrics.registry.get_sample_value("rlaifv_http_requests_total", labels)
             if value:
@@ -215,6 +231,38 @@ def test_a_client_that_reads_nothing_is_cut_after_the_write_timeout(records: Rec
     assert (cut.request_id, cut.path) == ("stalled-reader", "/big") and cut.unsent_bytes > 0
     assert access.status == 499 and (app.counted(499), app.counted(200)) == (1.0, 0.0)
     assert app.produced < CHUNKS
+    assert not records.errors()
+
+
+def test_a_response_whose_end_waited_on_a_cut_client_is_499_and_every_cut_is_counted(records: Records) -> None:
+    """The end of a stream waiting on the paused transport returned silently once the client was cut, and the
+    response was counted 200; a one-message answer the server had taken whole keeps its status (it was logged
+    before the cut), and the cut shows in `rlaifv_http_responses_cut_total`."""
+    app = StreamApp(stream_write_timeout_s=0.3)
+    with app.served() as (port, _):
+        for path in ("/one-chunk", "/whole"):
+            with request(port, path, f"unread{path}") as sock:
+                records.wait_for(lambda r, p=path: r.getMessage().startswith("response cut") and r.path == p, "cut")
+                assert closed_by_server(sock)
+        accesses = {r.path: r.status for r in records.seen if r.name == "rlaifv.access"}
+    assert accesses == {"/one-chunk": 499, "/whole": 200}
+    cut = app.metrics.registry.get_sample_value("rlaifv_http_responses_cut_total", {"reason": "unread"})
+    assert cut == 2
+    assert not records.errors()
+
+
+@pytest.mark.slow
+def test_a_client_reading_slowly_is_not_cut(records: Records) -> None:
+    """Progress was read from the transport's buffer alone, which shrinks only once the kernel's send queue (MBs,
+    autotuned) has drained a third: a client reading 100 KB/s was cut as one reading nothing."""
+    app = StreamApp(send_buffer=4 * 2**20, stream_write_timeout_s=1.5)
+    with app.served() as (port, _), request(port, "/big", "slow-reader") as sock:
+        assert app.paused.wait(DEADLINE_S), "the server's writes never paused"
+        until = time.monotonic() + 5
+        while time.monotonic() < until:  # about 80 KB/s
+            assert sock.recv(4096), "the server closed the connection"
+            time.sleep(0.05)
+        assert not any(r.getMessage().startswith("response cut") for r in records.seen)
     assert not records.errors()
 
 
