@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import socket
@@ -43,6 +44,7 @@ from rlaifv.service.urls import (
     Address,
     address_kind,
     address_refusal,
+    allowing_entry,
     as_address,
     host_listed,
     url_allowed,
@@ -108,6 +110,72 @@ class SystemResolver:
             socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, name="rlaifv-dns", slots=self.slots
         )
         return [str(info[4][0]) for info in infos]
+
+
+DNS_LOOKUPS_PER_ENTRY = 2
+"""Lookups running at once for the hosts of one RLAIFV_ALLOWED_IMAGE_HOSTS entry (of `DNS_LOOKUPS` in all)."""
+
+
+class _Lookup:
+    """One name's lookup in flight and the fetches waiting for it."""
+
+    def __init__(self) -> None:
+        self.waiters = 0
+        self.resolving = False  # past its entry's slot, in the resolver (for `SystemResolver`, maybe in a thread)
+        self.task: asyncio.Task[Sequence[str]] | None = None
+
+
+class HostLookups:
+    """`resolve(host, port)` as image fetches share it: one lookup in flight per (host, port), whose result every
+    fetch waiting for it takes, and at most `per_entry` lookups at once per allowed-hosts entry.
+
+    Every lookup holding one of `SystemResolver`'s `DNS_LOOKUPS` threads, callers naming `a1.x.example`,
+    `a2.x.example`, ... under an entry `*.x.example` whose DNS server does not answer held all of them, and every
+    other allowed host was 'not resolved within' the fetch timeout. A lookup is a task of its own: a fetch that
+    times out leaves it to the others (and to a retry, which joins it rather than starting another thread). It holds
+    its entry's slot until the resolver returns, which for `SystemResolver` is when its thread ends, not when its
+    fetches stop waiting. One still waiting for its entry's slot when its last fetch leaves is dropped; one
+    already in the resolver is not (it may be in a thread), so an entry has at most `per_entry` of those."""
+
+    def __init__(self, resolve: Resolver, per_entry: int = DNS_LOOKUPS_PER_ENTRY) -> None:
+        self.resolve = resolve
+        self.per_entry = per_entry
+        self._slots: dict[str, asyncio.Semaphore] = {}  # per entry: as many as the operator listed
+        self._running: dict[tuple[str, int], _Lookup] = {}
+
+    async def __call__(self, host: str, port: int, entry: str) -> Sequence[str]:
+        key = (host, port)
+        lookup = self._running.get(key)
+        if lookup is None:
+            lookup = self._running[key] = _Lookup()
+            lookup.task = asyncio.create_task(self._run(lookup, key, entry), name=f"rlaifv-dns {host}:{port}")
+            lookup.task.add_done_callback(functools.partial(self._ended, key, lookup))
+        assert lookup.task is not None
+        lookup.waiters += 1
+        try:
+            return await asyncio.shield(lookup.task)  # a waiter cancelled (its fetch timed out) leaves the lookup be
+        finally:
+            lookup.waiters -= 1
+            if not lookup.waiters and not lookup.resolving:
+                lookup.task.cancel()
+
+    async def _run(self, lookup: _Lookup, key: tuple[str, int], entry: str) -> Sequence[str]:
+        slots = self._slots.setdefault(entry, asyncio.Semaphore(self.per_entry))
+        async with slots:
+            lookup.resolving = True
+            return await self.resolve(*key)
+
+    def _ended(self, key: tuple[str, int], lookup: _Lookup, task: asyncio.Task[Sequence[str]]) -> None:
+        if self._running.get(key) is lookup:
+            del self._running[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: the fetches that waited for it (if any did) have it
+
+    def drop_unwaited(self) -> None:
+        """Cancels the lookups that no fetch waits for (the loader closes): their threads, if any, end on their own."""
+        for lookup in list(self._running.values()):
+            if not lookup.waiters and lookup.task is not None:
+                lookup.task.cancel()
 
 
 # (host, port) as the connection pool names an origin -> the addresses checked for it by the fetch in hand
@@ -312,6 +380,7 @@ class ImageLoader:
         self.limits = settings.image_limits()
         self.rejected = rejected
         self.resolve = resolve if resolve is not None else SystemResolver()
+        self._lookups = HostLookups(self.resolve)
         self.in_hand = 0  # pixels of the images being decoded or held by requests not yet ended
         self._client: httpx.AsyncClient | None = None
 
@@ -328,6 +397,7 @@ class ImageLoader:
             self.in_hand -= sum(held)
 
     async def aclose(self) -> None:
+        self._lookups.drop_unwaited()
         if self._client is not None:
             await self._client.aclose()
 
@@ -396,10 +466,10 @@ class ImageLoader:
             raise ImageError("remote image URLs are not allowed on this server; send a data URL", param=param)
         try:
             origin = urlsplit(url).hostname or ""
-            allowed_url = url_allowed(url, allowed)
+            entry = allowing_entry(url, allowed)
         except ValueError:
             raise ImageError("malformed image URL", param=param) from None
-        if not allowed_url:
+        if entry is None:
             if host_listed(origin, allowed):
                 raise ImageError(
                     f"image URL port not allowed for host '{origin}' (an entry without a port allows the scheme's"
@@ -420,7 +490,7 @@ class ImageLoader:
         addresses: tuple[Address, ...] = ()
         try:  # httpx's timeout bounds each read: a host sending a byte at a time held the request for ever
             async with asyncio.timeout(limit):
-                addresses = await self._addresses(url, origin, param)
+                addresses = await self._addresses(url, origin, entry, param)
                 with pinned() as pins:
                     return await self._follow(self._client, url, origin, addresses, pins, param)
         except TimeoutError:
@@ -428,14 +498,15 @@ class ImageLoader:
                 raise ImageError(f"image host '{origin}' not resolved within {limit:g} s", param=param) from None
             raise ImageError(f"image URL not fetched within {limit:g} s", param=param) from None
 
-    async def _addresses(self, url: str, origin: str, param: str) -> tuple[Address, ...]:
-        """The URL host's addresses: looked up once for the whole fetch, redirects included."""
+    async def _addresses(self, url: str, origin: str, entry: str, param: str) -> tuple[Address, ...]:
+        """The URL host's addresses: looked up once for the whole fetch, redirects included, within the lookups
+        of `entry` (the allowed-hosts entry the URL matched)."""
         host, port, _ = _origin(url, param)
         literal = as_address(host)
         if literal is not None:
             return (literal,)
         try:
-            addresses = tuple(dict.fromkeys(ip_address(a) for a in await self.resolve(host, port)))
+            addresses = tuple(dict.fromkeys(ip_address(a) for a in await self._lookups(host, port, entry)))
         except (OSError, ValueError, UnicodeError) as exc:
             reason = f" ({exc.strerror})" if isinstance(exc, OSError) and exc.strerror else ""
             raise ImageError(f"image host '{origin}' could not be resolved{reason}", param=param) from None

@@ -113,10 +113,35 @@ def host_allowed(host: str, allowed: list[str], port: int | None = None, scheme:
     return any(_names(host, name) and _port_allowed(p, port, scheme) for name, p in map(_entry, allowed))
 
 
-def url_allowed(url: str, allowed: list[str]) -> bool:
+def _specificity(name: str) -> tuple[int, int]:
+    """Sorts an entry's host before less specific ones: an exact name or address, then the longest wildcard (for a
+    network, the longest prefix)."""
+    network = _network(name.rstrip("."))
+    if network is not None:
+        return 0, -network.prefixlen
+    return (1, -len(name)) if name.startswith("*.") else (0, 0)
+
+
+def allowing_entry(url: str, allowed: list[str]) -> str | None:
+    """The entry that allows `url` (its host, on its port or the scheme's own), the most specific where several do
+    (`images.example.com` before `*.example.com`); None if none does. Image host lookups are capped per entry, so
+    that names under one wildcard cannot take the lookups of the other entries' hosts."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    return scheme in DEFAULT_PORTS and host_allowed(parts.hostname or "", allowed, parts.port, scheme)
+    if scheme not in DEFAULT_PORTS:
+        return None
+    host, port = parts.hostname or "", parts.port
+    matching = [
+        (_specificity(name), entry.strip())
+        for entry in allowed
+        for name, entry_port in [_entry(entry)]
+        if _names(host, name) and _port_allowed(entry_port, port, scheme)
+    ]
+    return min(matching)[1] if matching else None
+
+
+def url_allowed(url: str, allowed: list[str]) -> bool:
+    return allowing_entry(url, allowed) is not None
 
 
 def _nets(kind: str, *networks: str) -> list[tuple[Network, str]]:

@@ -1,10 +1,12 @@
 """Image hosts are looked up on threads of their own, a bounded number at once: on the loop's default executor, a
 DNS server that stopped answering held every thread that image decoding, job files and /metrics run on, so one
-caller's URL stalled every request with an image and the readiness probes' /metrics."""
+caller's URL stalled every request with an image and the readiness probes' /metrics. Those threads are shared
+out: one lookup per name, at most `DNS_LOOKUPS_PER_ENTRY` per allowed-hosts entry."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import threading
 from collections.abc import AsyncIterator
@@ -14,13 +16,14 @@ from typing import Any
 import pytest
 
 from rlaifv.reward.errors import ImageError
-from rlaifv.service.images import SystemResolver
+from rlaifv.service.images import DNS_LOOKUPS, DNS_LOOKUPS_PER_ENTRY, ImageLoader, SystemResolver
 from rlaifv.service.settings import Settings
 
 
 class StuckDNS:
-    """`socket.getaddrinfo` for "stuck.test" that answers only when `answer` is set, as a dead DNS server does
-    until glibc gives up; it counts the threads inside it."""
+    """`socket.getaddrinfo` for "stuck.test" and the names under it that answers only when `answer` is set, as a
+    dead DNS server does until glibc gives up; it counts the threads inside it and keeps the names asked. It answers
+    "good.test" with 127.0.0.1 at once."""
 
     def __init__(self, real: Any) -> None:
         self.real = real
@@ -28,13 +31,17 @@ class StuckDNS:
         self.lock = threading.Lock()
         self.inside = 0
         self.most_inside = 0
+        self.asked: list[str] = []
         self.entered: asyncio.Queue[int] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
 
-    def __call__(self, host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host != "stuck.test":
-            return self.real(host, *args, **kwargs)
+    def __call__(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "good.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port))]
+        if host != "stuck.test" and not str(host).endswith(".stuck.test"):
+            return self.real(host, port, *args, **kwargs)
         with self.lock:
+            self.asked.append(host)
             self.inside += 1
             self.most_inside = max(self.most_inside, self.inside)
         self.loop.call_soon_threadsafe(self.entered.put_nowait, 1)
@@ -97,8 +104,6 @@ async def test_a_real_name_still_resolves() -> None:
 
 
 async def test_a_fetch_whose_host_is_not_resolved_in_time_says_so(stuck_dns: StuckDNS) -> None:
-    from rlaifv.service.images import ImageLoader
-
     loader = ImageLoader(Settings(allowed_image_hosts=["stuck.test"], image_fetch_timeout_s=0.2))
     try:
         with pytest.raises(ImageError, match=r"image host 'stuck.test' not resolved within 0\.2 s") as info:
@@ -106,3 +111,126 @@ async def test_a_fetch_whose_host_is_not_resolved_in_time_says_so(stuck_dns: Stu
     finally:
         await loader.aclose()
     assert info.value.param == "images[0]"
+
+
+NOT_KNOWN = r"could not be resolved \(Name or service not known\)"
+
+
+async def test_names_under_a_stuck_wildcard_leave_other_hosts_their_lookups(stuck_dns: StuckDNS) -> None:
+    """Callers name any host under a wildcard entry: `a0.stuck.test`, `a1.stuck.test`, ..., whose DNS server does
+    not answer, took all `DNS_LOOKUPS` threads, and every other allowed host was 'not resolved within' meanwhile."""
+    loader = ImageLoader(Settings(allowed_image_hosts=["*.stuck.test", "good.test"], image_fetch_timeout_s=5))
+    stuck = [
+        asyncio.create_task(loader.read(f"http://a{i}.stuck.test/a.png", f"images[{i}]")) for i in range(DNS_LOOKUPS)
+    ]
+    try:
+        async with asyncio.timeout(30):  # a guard
+            for _ in range(DNS_LOOKUPS_PER_ENTRY):
+                await stuck_dns.entered.get()
+        # looked up at once (before, it waited for a thread until its timeout), then refused for its address
+        with pytest.raises(ImageError, match=r"image host 'good.test' resolves to a non-public address \(loopback\)"):
+            await loader.read("http://good.test/a.png", "images[9]")
+        assert stuck_dns.inside == DNS_LOOKUPS_PER_ENTRY and not any(task.done() for task in stuck)
+
+        stuck_dns.answer.set()
+        results = await asyncio.gather(*stuck, return_exceptions=True)
+    finally:
+        await loader.aclose()
+    assert all(isinstance(r, ImageError) and re.search(NOT_KNOWN, str(r)) for r in results), results
+    assert stuck_dns.most_inside == DNS_LOOKUPS_PER_ENTRY
+
+
+async def test_concurrent_fetches_of_one_name_share_its_lookup(stuck_dns: StuckDNS) -> None:
+    """Each took a thread of its own: a few requests naming one stuck host took every lookup thread."""
+    loader = ImageLoader(Settings(allowed_image_hosts=["stuck.test"], image_fetch_timeout_s=30))
+    fetches = [asyncio.create_task(loader.read("http://stuck.test/a.png", f"images[{i}]")) for i in range(3)]
+    try:
+        async with asyncio.timeout(30):  # a guard
+            await stuck_dns.entered.get()
+        stuck_dns.answer.set()
+        results = await asyncio.gather(*fetches, return_exceptions=True)
+    finally:
+        await loader.aclose()
+    assert all(isinstance(r, ImageError) and re.search(NOT_KNOWN, str(r)) for r in results), results
+    assert stuck_dns.asked == ["stuck.test"]
+
+
+async def test_a_fetch_given_up_on_leaves_the_shared_lookup_to_the_others(stuck_dns: StuckDNS) -> None:
+    """A fetch that timed out (here: cancelled) stops waiting; the lookup goes on for the fetches still waiting,
+    and one arriving later joins it rather than starting another thread for the same name."""
+    loader = ImageLoader(Settings(allowed_image_hosts=["stuck.test"], image_fetch_timeout_s=30))
+    first = asyncio.create_task(loader.read("http://stuck.test/a.png", "images[0]"))
+    second = asyncio.create_task(loader.read("http://stuck.test/a.png", "images[1]"))
+    try:
+        async with asyncio.timeout(30):  # a guard
+            await stuck_dns.entered.get()
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert not second.done()
+        second.cancel()  # every fetch has left the lookup: it is in its thread, and goes on
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        later = asyncio.create_task(loader.read("http://stuck.test/b.png", "images[2]"))
+        await asyncio.sleep(0)  # one pass of the loop: `later` starts, and joins the lookup in flight
+        assert not later.done()
+
+        stuck_dns.answer.set()
+        with pytest.raises(ImageError, match=NOT_KNOWN):
+            await later
+    finally:
+        stuck_dns.answer.set()
+        await loader.aclose()
+    assert stuck_dns.asked == ["stuck.test"]
+
+
+class HeldResolver:
+    """A resolver (as `ImageLoader` takes one) whose every lookup waits for `release`, keeping the names asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.entered: asyncio.Queue[str] = asyncio.Queue()
+        self.release = asyncio.Event()
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.asked.append(host)
+        self.entered.put_nowait(host)
+        await self.release.wait()
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
+async def test_a_fetch_over_its_entrys_lookups_waits_within_its_timeout_and_its_lookup_is_dropped() -> None:
+    """The entry's lookups stay taken after their fetches timed out (their threads go on); a fetch that finds none
+    free fails as a stuck lookup does, and its lookup, never started, does not take a thread later for nobody."""
+    resolver = HeldResolver()
+    loader = ImageLoader(Settings(allowed_image_hosts=["*.stuck.test"], image_fetch_timeout_s=0.2), resolve=resolver)
+    try:
+        held = [asyncio.create_task(loader.read(f"http://a{i}.stuck.test/a.png", "images[0]")) for i in range(2)]
+        async with asyncio.timeout(30):  # a guard
+            for _ in held:
+                await resolver.entered.get()
+        with pytest.raises(ImageError, match=r"image host 'over.stuck.test' not resolved within 0\.2 s"):
+            await loader.read("http://over.stuck.test/a.png", "images[0]")
+        for task in held:
+            with pytest.raises(ImageError, match="not resolved within"):
+                await task
+
+        resolver.release.set()  # the entry's lookups end; the next fetch's lookup is the next to run
+        with pytest.raises(ImageError, match=NOT_KNOWN):
+            await loader.read("http://next.stuck.test/a.png", "images[0]")
+    finally:
+        await loader.aclose()
+    assert resolver.asked == ["a0.stuck.test", "a1.stuck.test", "next.stuck.test"]
+
+
+def test_a_url_counts_against_its_most_specific_entry() -> None:
+    """Lookups are capped per entry: names under `*.example.com` must not take those of `images.example.com`."""
+    from rlaifv.service.urls import allowing_entry
+
+    allowed = ["*.example.com", " Images.example.com ", "*.cdn.example.com", "store.example.com:8080"]
+    assert allowing_entry("https://images.example.com/a.png", allowed) == "Images.example.com"
+    assert allowing_entry("https://x.cdn.example.com/a.png", allowed) == "*.cdn.example.com"
+    assert allowing_entry("https://a1.example.com/a.png", allowed) == "*.example.com"
+    assert allowing_entry("http://store.example.com:8080/a.png", allowed) == "store.example.com:8080"
+    assert allowing_entry("http://store.example.com:8081/a.png", allowed) is None
+    assert allowing_entry("ftp://images.example.com/a.png", allowed) is None
