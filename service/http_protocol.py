@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import socket
 import struct
 import termios
 from typing import Any
@@ -158,22 +159,23 @@ class HeadDeadlineH11Protocol(H11Protocol):
         return queued
 
     def _cut(self, why: str, reason: str) -> None:
-        """Abort the connection (a close waits for the unsent rest to be read): the handler's pending send returns
-        as for a client gone, and the middleware counts the response 499. A response whose last message the
-        server had already taken was logged with its status: `rlaifv_http_responses_cut_total` counts every cut."""
+        """Reset the connection (a close waits for the unsent rest to be read, and an abort left it queued in the
+        kernel, the socket in FIN-WAIT-1 for minutes): the handler's pending send returns as for a client gone,
+        and the middleware counts the response 499. A response whose end the server had already taken was logged
+        with its status: `rlaifv_http_responses_cut_total` counts every cut."""
         if self.metrics is not None:
             self.metrics.responses_cut.labels(reason=reason).inc()
         scope = self.cycle.scope if self.cycle is not None else {}
         state = scope.get("state") or {}
         log.warning(
-            "response cut: %s; connection closed",
+            "response cut: %s; connection reset",
             why,
-            extra={
-                "request_id": state.get("request_id"),
-                "path": scope.get("path"),
-                "unsent_bytes": self.transport.get_write_buffer_size(),
-            },
+            extra={"request_id": state.get("request_id"), "path": scope.get("path"), "unsent_bytes": self._queued()},
         )
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:  # a reset, not a close: the kernel kept the unsent queue (MBs) for minutes
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
 
     def _owes(self) -> bool:

@@ -221,9 +221,9 @@ class Settings(BaseSettings):
         60.0,
         ge=0,
         description="A response whose client takes none of it for this long (the socket's buffers full) is cut, its"
-        " connection closed and the request counted 499: a client that stopped reading a stream held the answer in"
-        " memory and a connection for ever. A client still reading, however slowly, is not cut (the socket's send"
-        " queue counts). 0: no limit.",
+        " connection reset and the request counted 499: a client that stopped reading a stream held the answer in"
+        " memory and a connection for ever. A slow reader that keeps reading is not cut (the socket's send queue"
+        " counts). 0: no limit.",
     )
     allowed_image_hosts: CommaList = Field(
         default_factory=list,

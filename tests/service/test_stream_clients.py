@@ -251,6 +251,19 @@ def test_a_response_whose_end_waited_on_a_cut_client_is_499_and_every_cut_is_cou
     assert not records.errors()
 
 
+def test_a_cut_resets_the_connection_and_drops_what_the_kernel_still_held(records: Records) -> None:
+    """An abort without SO_LINGER left the socket in FIN-WAIT-1 with its send queue (MBs) for minutes, and the
+    client read on through it long after the cut."""
+    app = StreamApp(send_buffer=4 * 2**20, stream_write_timeout_s=0.3)
+    with app.served() as (port, _), request(port, "/big", "reset") as sock:
+        records.wait_for(lambda r: r.getMessage().startswith("response cut"), "cut warning")
+        taken = 0
+        with pytest.raises(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                taken += len(chunk)
+    assert taken < 2**20, f"{taken} bytes read after the cut"
+
+
 @pytest.mark.slow
 def test_a_client_reading_slowly_is_not_cut(records: Records) -> None:
     """Progress was read from the transport's buffer alone, which shrinks only once the kernel's send queue (MBs,
