@@ -158,6 +158,27 @@ def _turn(text: str) -> list[dict[str, Any]]:
     return [{"type": "text", "text": text}]
 
 
+USER = {"role": "user", "content": _turn("What is this?")}
+
+
+def _answered(answer: str) -> list[dict[str, Any]]:
+    return [USER, {"role": "assistant", "content": _turn(answer)}]
+
+
+def _conversation(tok: Any) -> tuple[str, list[int], Callable[[str], list[int]]]:
+    """The oracle: the generation prompt's text and ids, and a function giving the whole answered conversation's
+    ids, rendered by the template and tokenized at once (a BOS the template writes is not added again)."""
+    prompt_text = tok.apply_chat_template([USER], add_generation_prompt=True, tokenize=False)
+    add = not (tok.bos_token and prompt_text.startswith(tok.bos_token))
+    prompt = list(tok(prompt_text, add_special_tokens=add)["input_ids"])
+
+    def whole(answer: str) -> list[int]:
+        text = tok.apply_chat_template(_answered(answer), tokenize=False)
+        return list(tok(text, add_special_tokens=add)["input_ids"])
+
+    return prompt_text, prompt, whole
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_text_answers_have_the_ids_of_the_rendered_turn_for_every_family(
@@ -172,19 +193,15 @@ def test_text_answers_have_the_ids_of_the_rendered_turn_for_every_family(
     checked = 0
     for name in FAMILIES:
         tok = _as_family(bases[kind](), templates[name])
-        user = {"role": "user", "content": _turn("What is this?")}
-        prompt_text = tok.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
-        add = not (tok.bos_token and prompt_text.startswith(tok.bos_token))
-        prompt = list(tok(prompt_text, add_special_tokens=add)["input_ids"])
+        prompt_text, prompt, whole_ids = _conversation(tok)
         for answer in answers:
-            turn = [user, {"role": "assistant", "content": _turn(answer)}]
-            whole = list(tok(tok.apply_chat_template(turn, tokenize=False), add_special_tokens=add)["input_ids"])
+            whole = whole_ids(answer)
             ours = continuation_ids(tok, answer)
             alone = list(tok(answer, add_special_tokens=False)["input_ids"])
             after = whole[len(prompt) :]
             if after[: len(alone)] == alone and whole[: len(prompt)] == prompt:
                 assert after[: len(ours)] == ours, (name, answer)
-            rendered = tok.apply_chat_template(turn, tokenize=False)
+            rendered = tok.apply_chat_template(_answered(answer), tokenize=False)
             verbatim = rendered.startswith(prompt_text) and answer in rendered[len(prompt_text) :]
             if whole[: len(prompt)] == prompt and verbatim and answer == answer.rstrip():
                 assert after[: len(ours)] == ours, (name, answer, tok.convert_ids_to_tokens(after[:6]))
@@ -280,13 +297,9 @@ def test_answers_in_a_trimming_template_have_the_ids_of_the_rendered_turn(
         tok = _as_family(bases[kind](), templates[name])
         seam = answer_seam(tok)
         assert seam is not None and seam.trims_start and seam.trims_end, name
-        user = {"role": "user", "content": _turn("What is this?")}
-        prompt_text = tok.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
-        add = not (tok.bos_token and prompt_text.startswith(tok.bos_token))
-        prompt = list(tok(prompt_text, add_special_tokens=add)["input_ids"])
+        _, prompt, whole_ids = _conversation(tok)
         for answer in answers:
-            turn = [user, {"role": "assistant", "content": _turn(answer)}]
-            whole = list(tok(tok.apply_chat_template(turn, tokenize=False), add_special_tokens=add)["input_ids"])
+            whole = whole_ids(answer)
             if whole[: len(prompt)] != prompt:
                 continue
             ours = continuation_ids(tok, answer)
