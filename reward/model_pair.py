@@ -493,7 +493,7 @@ class ModelPair:
                 candidates.append(
                     self._candidate(a.text, a.ids, float(a.policy.double().sum()), r, task.reward, reason)
                 )
-            if task.top_logprobs is not None:
+            if task.top_logprobs is not None and not _is_withdrawn(task):  # a forward pass per answer: not for nobody
                 for candidate, tokens in zip(
                     candidates,
                     self._token_logprobs(task.prompt, answers[i], task.top_logprobs, contexts[i]),

@@ -160,3 +160,40 @@ def test_a_task_withdrawn_between_passes_leaves_the_passes_after_it(
     assert isinstance(withdrawn, Withdrawn) and len(ranking.candidates) == 2
     assert (True, 1) in passes and (True, 2) not in passes  # the reference pass ran for the staying task only
     assert claimed == [1]
+
+
+def test_a_task_withdrawn_during_the_reference_pass_gets_no_token_logprobs_pass(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`logprobs` answers need a forward pass each (`_token_logprobs`): it ran for a client gone meanwhile."""
+    import threading
+
+    from rlaifv.reward import load_bundle
+    from rlaifv.reward.model_pair import GenerateTask
+
+    pair = load_bundle(tiny_bundle)
+    image = Image.new("RGB", (32, 32), (200, 0, 0))
+    leaving, staying = threading.Event(), threading.Event()
+    params = SamplingParams(max_tokens=6, seed=0)
+    prompts = [pair.encode([image], "What is in the image?"), pair.encode([image], "What colour is it?")]
+    tasks = [
+        GenerateTask(p, 2, params, pair.reward, top_logprobs=2, withdrawn=w)
+        for p, w in zip(prompts, (leaving, staying), strict=True)
+    ]
+    real_logprobs, real_tokens = pair.sequence_logprobs, pair._token_logprobs
+    asked: list[object] = []
+
+    def sequence_logprobs(prompts, answers, *, reference):
+        out = real_logprobs(prompts, answers, reference=reference)
+        leaving.set()  # the client leaves during the reference pass
+        return out
+
+    def token_logprobs(prompt, *args, **kwargs):
+        asked.append(prompt)
+        return real_tokens(prompt, *args, **kwargs)
+
+    monkeypatch.setattr(pair, "sequence_logprobs", sequence_logprobs)
+    monkeypatch.setattr(pair, "_token_logprobs", token_logprobs)
+    withdrawn, ranking = pair.generate_or_withdraw(tasks)
+    assert isinstance(withdrawn, Withdrawn) and ranking.candidates[0].token_logprobs
+    assert asked == [prompts[1]]
