@@ -433,12 +433,16 @@ def test_a_ctrl_c_lets_the_llm_calls_in_hand_finish(serve) -> None:
     server = serve(lambda prompt: Reply(SPLIT))
     splitter = splitter_at(server.url)
     results: list[Any] = []
-    with pytest.raises(TrainingInterrupted) as caught, stop_on_sigterm():
-        handler = signal.getsignal(signal.SIGINT)
-        if not callable(handler):
-            pytest.skip("SIGINT is ignored in this process: no Ctrl-C to take")
-        handler(signal.SIGINT, None)
-        results = splitter.split_many(["a cat", "a dog"])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal (a background job's is
+    # ignored, and `stop_on_sigterm` leaves an ignored SIGINT alone)
+    try:
+        with pytest.raises(TrainingInterrupted) as caught, stop_on_sigterm():
+            handler = signal.getsignal(signal.SIGINT)
+            assert callable(handler)
+            handler(signal.SIGINT, None)
+            results = splitter.split_many(["a cat", "a dog"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert caught.value.exit_code == 130 and "as the work finished" in str(caught.value)
     assert results == [["There is a cat."], ["There is a cat."]] and sum(server.hits.values()) == 2
 
