@@ -77,11 +77,9 @@ class HeadDeadlineH11Protocol(H11Protocol):
         self._watch_closing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_head_timer()
-        self._stop_write_timer()
-        if self._stop_timer is not None:
-            self._stop_timer.cancel()
-            self._stop_timer = None
+        self._head_timer = _cancelled(self._head_timer)
+        self._write_timer = _cancelled(self._write_timer)
+        self._stop_timer = _cancelled(self._stop_timer)
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -92,7 +90,7 @@ class HeadDeadlineH11Protocol(H11Protocol):
     def resume_writing(self) -> None:
         super().resume_writing()
         self._resumes += 1
-        self._stop_write_timer()
+        self._write_timer = _cancelled(self._write_timer)
         self._watch_closing()
 
     def shutdown(self) -> None:
@@ -130,11 +128,6 @@ class HeadDeadlineH11Protocol(H11Protocol):
         the rest of a response (under the high-water mark: writes never paused) held the connection for ever."""
         if self.transport.is_closing() and self.transport.get_write_buffer_size():
             self._watch_writes()
-
-    def _stop_write_timer(self) -> None:
-        if self._write_timer is not None:
-            self._write_timer.cancel()
-            self._write_timer = None
 
     def _write_expired(self) -> None:
         """Writes still paused: a client that took some of what waits reads on for another period (a slow link
@@ -190,15 +183,17 @@ class HeadDeadlineH11Protocol(H11Protocol):
             if self._head_timer is None:
                 self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_expired)
         else:
-            self._stop_head_timer()
-
-    def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+            self._head_timer = _cancelled(self._head_timer)
 
     def _head_expired(self) -> None:
         self._head_timer = None
         if self._owes() and not self.transport.is_closing():
             self.transport.close()
             self._watch_closing()
+
+
+def _cancelled(timer: asyncio.TimerHandle | None) -> asyncio.TimerHandle | None:
+    """Cancels `timer` if armed; None, for the field that held it."""
+    if timer is not None:
+        timer.cancel()
+    return None
