@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import logging
 import shutil
 import subprocess
 import time
@@ -128,3 +130,20 @@ def redis_url() -> Iterator[str]:
     yield url
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def logs_to(handler: logging.Handler) -> Iterator[logging.Handler]:
+    """`handler` takes every record of our loggers and uvicorn's, whatever an earlier test in this process made of
+    their propagation (`configure_logging` turns it off); their levels come back afterwards."""
+    loggers = [logging.getLogger(name) for name in ("rlaifv", "uvicorn.error")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)

@@ -5,11 +5,15 @@ and their rewards exactly what the scorer's /v1/rewards gives for those texts.""
 
 from __future__ import annotations
 
+import json
+import select
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import pytest
@@ -225,56 +229,66 @@ def test_start_up_fails_clearly_when_the_generator_is_unusable(service_bundle: P
         pass
 
 
-class ScriptedGenerator:
-    """An OpenAI-compatible generator over real HTTP whose answers are scripted per request, in order (empty
-    answers included: what our own tiny generator cannot be made to write)."""
+class GeneratorStub:
+    """An OpenAI-compatible generator over real HTTP on a free loopback port, in a thread of its own: `Handler`
+    (a subclass of `StubHandler`) answers its chat requests."""
 
-    def __init__(self, script: list[list[str]]) -> None:
-        import json
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.script, self.requests = list(script), []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _reply(self, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                self._reply({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
-
-            def do_POST(self) -> None:
-                request = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                outer.requests.append(request)
-                texts = outer.script.pop(0) if outer.script else [""] * request["n"]
-                choices = [
-                    {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
-                    for i, t in enumerate(texts[: request["n"]])
-                ]
-                self._reply(
-                    {"id": "x", "object": "chat.completion", "created": 0, "model": "scripted", "choices": choices}
-                )
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    def __init__(self, handler: type[StubHandler]) -> None:
+        handler.stub = self
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> ScriptedGenerator:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class StubHandler(BaseHTTPRequestHandler):
+    """A stub's requests: its model list on GET, quietly."""
+
+    stub: Any
+
+    def reply(self, status: int, body: dict[str, Any] | None = None) -> None:
+        data = json.dumps(body).encode() if body is not None else b""
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self.reply(200, {"object": "list", "data": [{"id": "stub", "object": "model"}]})
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class ScriptedGenerator(GeneratorStub):
+    """Answers scripted per request, in order (empty answers included: what our own tiny generator cannot be made
+    to write)."""
+
+    def __init__(self, script: list[list[str]]) -> None:
+        self.script, self.requests = list(script), []
+
+        class Handler(StubHandler):
+            def do_POST(self) -> None:
+                request = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                self.stub.requests.append(request)
+                texts = self.stub.script.pop(0) if self.stub.script else [""] * request["n"]
+                choices = [
+                    {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+                    for i, t in enumerate(texts[: request["n"]])
+                ]
+                body = {"id": "x", "object": "chat.completion", "created": 0, "model": "stub", "choices": choices}
+                self.reply(200, body)
+
+        super().__init__(Handler)
 
 
 def test_empty_answers_are_topped_up_so_a_chat_gets_its_n_choices(service_bundle: Path, red_url: str) -> None:
@@ -294,55 +308,29 @@ def test_empty_answers_are_topped_up_so_a_chat_gets_its_n_choices(service_bundle
         assert "returned 0 non-empty answers, 2 needed" in short.json()["error"]["message"]
 
 
-class HeldGenerator:
-    """An OpenAI-compatible generator that holds every chat request open until released, and records a caller
-    that closes its connection meanwhile (what an abort looks like to vLLM)."""
+class HeldGenerator(GeneratorStub):
+    """Holds every chat request open until released, and records a caller that closes its connection meanwhile
+    (what an abort looks like to vLLM)."""
 
     def __init__(self) -> None:
-        import json
-        import select
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
         self.asked, self.dropped, self.release = threading.Event(), threading.Event(), threading.Event()
-        outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                data = json.dumps({"object": "list", "data": [{"id": "held", "object": "model"}]}).encode()
-                self.send_response(200)
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(StubHandler):
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["content-length"]))
-                outer.asked.set()
-                while not outer.release.is_set():
+                self.stub.asked.set()
+                while not self.stub.release.is_set():
                     readable, _, _ = select.select([self.connection], [], [], 0.5)
                     if readable and not self.connection.recv(1, socket.MSG_PEEK):
-                        outer.dropped.set()
+                        self.stub.dropped.set()
                         return
-                self.send_response(503)
-                self.send_header("content-length", "0")
-                self.end_headers()
+                self.reply(503)
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> HeldGenerator:
-        self.thread.start()
-        return self
+        super().__init__(Handler)
 
     def __exit__(self, *exc: object) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().__exit__(*exc)
 
 
 @pytest.mark.parametrize("route", ["/v1/best-of-n", "/v1/chat/completions"])

@@ -19,6 +19,7 @@ from rlaifv.service.errors import StoreUnavailable, install_error_handlers
 from rlaifv.service.metrics import Metrics
 from rlaifv.service.protocol import Job, JobRequest
 from rlaifv.service.routes import jobs as job_routes
+from tests.service.conftest import logs_to
 
 JOB_ID = "job-" + "0" * 32
 RESULTS = f"/v1/jobs/{JOB_ID}/results"
@@ -107,15 +108,8 @@ def records() -> Iterator[list[logging.LogRecord]]:
     seen: list[logging.LogRecord] = []
     handler = logging.Handler(logging.DEBUG)
     handler.emit = seen.append
-    loggers = [logging.getLogger(name) for name in ("rlaifv", "uvicorn.error")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
-    yield seen
-    for logger, level in zip(loggers, levels, strict=True):
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    with logs_to(handler):
+        yield seen
 
 
 def requests_counted(metrics: Metrics, status: str) -> float:

@@ -27,6 +27,7 @@ from rlaifv.service.middleware import RequestContextMiddleware
 from rlaifv.service.serve_cli import HTTP_OPTIONS
 from rlaifv.service.settings import Settings
 from rlaifv.testing.server import free_port
+from tests.service.conftest import logs_to
 
 pytestmark = pytest.mark.integration
 
@@ -65,17 +66,9 @@ class Records(logging.Handler):
 
 @pytest.fixture
 def records() -> Iterator[Records]:
-    """Whatever an earlier test in this process made of the loggers' propagation (`configure_logging` turns it off)."""
     handler = Records()
-    loggers = [logging.getLogger(name) for name in ("rlaifv", "uvicorn.error")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
-    yield handler
-    for logger, level in zip(loggers, levels, strict=True):
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    with logs_to(handler):
+        yield handler
 
 
 class StreamApp:
