@@ -25,7 +25,7 @@ import logging
 import socket
 import struct
 import termios
-from typing import Any
+from typing import Any, cast
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -53,14 +53,13 @@ class HeadDeadlineH11Protocol(H11Protocol):
         self.metrics = getattr(getattr(self.config.app, "state", None), "metrics", None)
         self._head_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
-        self._unsent = 0  # bytes the transport held when the write timer was armed
-        self._resumes = 0  # times writing resumed: the client took enough to bring the transport under its low mark
-        self._paused_at, self._paused_unsent = 0.0, 0  # the last pause: when, and what the transport held
+        self._taken_at_pause = 0  # `_taken()` when the write timer was armed
         self._stop_timer: asyncio.TimerHandle | None = None
-        self._stopped_at, self._stop_resumes, self._stop_unsent = 0.0, 0, 0  # at the server's stop
+        self._taken_at_stop = 0  # `_taken()` when the server began stopping
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self.counted = _Counted(transport)
+        super().connection_made(cast(asyncio.Transport, self.counted))
         self._watch_head()
 
     def data_received(self, data: bytes) -> None:
@@ -84,12 +83,10 @@ class HeadDeadlineH11Protocol(H11Protocol):
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        self._paused_at, self._paused_unsent = self.loop.time(), self._queued()
         self._watch_writes()
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self._resumes += 1
         self._write_timer = _cancelled(self._write_timer)
         self._watch_closing()
 
@@ -101,26 +98,20 @@ class HeadDeadlineH11Protocol(H11Protocol):
         super().shutdown()
         grace = self.grace_s
         if grace is not None and self._stop_timer is None:
-            self._stopped_at, self._stop_resumes = self.loop.time(), self._resumes
-            self._stop_unsent = self._queued()
+            self._taken_at_stop = self._taken()
             self._stop_timer = self.loop.call_later(answer_deadline_s(grace), self._stop_deadline)
 
     def _stop_deadline(self) -> None:
         self._stop_timer = None
-        unsent = self._queued()
         finished = self.cycle is None or self.cycle.response_complete
-        if not (self.flow.write_paused or (finished and unsent)) or self._resumes != self._stop_resumes:
+        if not (self.flow.write_paused or (finished and self._queued())) or self._taken() > self._taken_at_stop:
             return  # nothing waits on the client, or it took some during the drain: uvicorn's grace decides
-        # Without a resume since the stop, writes paused after it were not paused at it; while paused, what the
-        # transport holds only shrinks as the client reads.
-        paused_since = self.flow.write_paused and self._paused_at > self._stopped_at
-        if unsent >= (self._paused_unsent if paused_since else self._stop_unsent):
-            self._cut("the server is stopping and the client took nothing of the response meanwhile", "shutdown")
+        self._cut("the server is stopping and the client took nothing of the response meanwhile", "shutdown")
 
     def _watch_writes(self) -> None:
         """Armed when the transport pauses writing (over its high-water mark: the socket's buffers are full)."""
         if self.write_timeout_s > 0 and self._write_timer is None:
-            self._unsent = self._queued()
+            self._taken_at_pause = self._taken()
             self._write_timer = self.loop.call_later(self.write_timeout_s, self._write_expired)
 
     def _watch_closing(self) -> None:
@@ -135,10 +126,14 @@ class HeadDeadlineH11Protocol(H11Protocol):
         self._write_timer = None
         if not (self.flow.write_paused or self.transport.is_closing()):  # (closing: nothing more is written)
             return
-        if self._queued() < self._unsent:
+        if self._taken() > self._taken_at_pause:
             self._watch_writes()
             return
         self._cut(f"the client read nothing for {self.write_timeout_s:g} s (RLAIFV_STREAM_WRITE_TIMEOUT_S)", "unread")
+
+    def _taken(self) -> int:
+        """Bytes of this connection's responses the client has taken: written, less what is still queued."""
+        return self.counted.written - self._queued()
 
     def _queued(self) -> int:
         """Bytes not yet taken by the client: the transport's buffer and the socket's send queue (unsent and
@@ -197,3 +192,20 @@ def _cancelled(timer: asyncio.TimerHandle | None) -> asyncio.TimerHandle | None:
     if timer is not None:
         timer.cancel()
     return None
+
+
+class _Counted:
+    """A transport that counts the bytes written to it: what a client took since a point is the growth of the
+    bytes written less those still queued, whatever the handler wrote meanwhile (a response written after the
+    server's stop and partly read was cut as one the client took nothing of)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.written = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += len(data)
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)

@@ -428,7 +428,7 @@ class FakeTransport:
         self.aborted = True
 
     def write(self, data: bytes) -> None:
-        pass
+        self.unsent += len(data)
 
     def pause_reading(self) -> None:
         pass
@@ -509,6 +509,7 @@ def test_the_unread_rest_of_a_closed_connections_response_is_cut_after_the_timeo
         ("idle", "paused after", True),
         ("finished with an unread rest", "nothing", True),
         ("idle", "nothing", False),
+        ("idle", "answered after the stop, partly read", False),
     ],
 )
 def test_at_the_drains_deadline_what_the_client_took_nothing_of_since_the_stop_is_cut(
@@ -533,6 +534,9 @@ def test_at_the_drains_deadline_what_the_client_took_nothing_of_since_the_stop_i
     elif during == "paused after":
         transport.unsent = 80_000
         protocol.pause_writing()
+    elif during.startswith("answered after"):  # under the pause mark: written whole, the response complete
+        protocol.transport.write(b"\0" * 1_000_000)
+        transport.unsent -= 800_000
     loop.advance(3.9)
     assert not transport.aborted
     loop.advance(0.1)
