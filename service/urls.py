@@ -22,8 +22,10 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def without_credentials(url: str) -> tuple[str, str]:
-    """(host[:port], the URL without its user and password)."""
-    parts = urlsplit(url)
+    """(host[:port], the URL without its user and password). Everything up to the last "@" is the user part: a
+    password holding an unencoded "#", "/" or "?" ends `urlsplit`'s host part there, and its rest was shown."""
+    scheme, sep, rest = url.partition("://")
+    parts = urlsplit(f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url)
     name = parts.hostname or ""
     host = (f"[{name}]" if ":" in name else name) + (f":{parts.port}" if parts.port else "")  # IPv6 in brackets
     return host, f"{parts.scheme}://{host}{parts.path}"

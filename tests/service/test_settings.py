@@ -391,6 +391,10 @@ def test_urls_are_shown_without_credentials_and_ipv6_hosts_in_brackets() -> None
 
     assert without_credentials("http://u:pw@[::1]:8000/v1") == ("[::1]:8000", "http://[::1]:8000/v1")
     assert without_credentials("https://u:pw@gen.example:443/v1") == ("gen.example:443", "https://gen.example:443/v1")
+    # a password with an unencoded '#' or '/' ended urlsplit's host part there: its rest was shown, or quoted by
+    # urlsplit's own error as a port
+    assert without_credentials("http://admin:12#s3cret@x.example/v1") == ("x.example", "http://x.example/v1")
+    assert without_credentials("http://bob:s3cret/xyz@gen.example/v1") == ("gen.example", "http://gen.example/v1")
 
 
 def test_the_device_is_checked_wherever_a_model_loads_in_the_process(tiny_bundle) -> None:
