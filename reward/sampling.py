@@ -151,8 +151,8 @@ class _Chooser:
     own generator draws one uniform number per row of that prompt, and tokens
     come from inverse-CDF sampling. A prompt's samples therefore depend only on
     its seed, not on what else shares the batch, as far as its logits do: in
-    float32 a batch's padding moves log-probs by about 1e-6 (no token changed in
-    56,000 steps, though a draw that close to a boundary could flip one); in
+    float32 a batch's padding moves log-probs by about 1e-6 (a probe saw no token
+    change: docs/handover.md, though a draw that close to a boundary could flip one); in
     bfloat16 by rounding, and a near tie can flip a token (the rewards move at the
     noise level, about 1e-4). The N samples of a request share its generator: a
     seed fixes the whole group, not each sample alone (n=1 is not the first of n=4).

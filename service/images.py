@@ -379,8 +379,7 @@ class ImageLoader:
         self.settings = settings
         self.limits = settings.image_limits()
         self.rejected = rejected
-        self.resolve = resolve if resolve is not None else SystemResolver()
-        self._lookups = HostLookups(self.resolve)
+        self._lookups = HostLookups(resolve if resolve is not None else SystemResolver())
         self.in_hand = 0  # pixels of the images being decoded or held by requests not yet ended
         self._client: httpx.AsyncClient | None = None
 

@@ -1025,6 +1025,7 @@ def _train_dpo(
             step=updates,
         )
     batches_per_epoch = len(loader)
+    sizes = [len(b) for b in loader.batch_sampler]  # this rank's micro-batches of an epoch (each epoch's alike)
     bar = tqdm(total=total_updates, initial=updates, desc="DPO", disable=not show, unit="step")
     for epoch in range(start_epoch, config.epochs):
         loader.set_epoch(epoch)
@@ -1032,7 +1033,6 @@ def _train_dpo(
         batches = accelerator.skip_first_batches(loader, skipped) if skipped else loader
         if epoch != start_epoch or not skipped:
             epoch_stats, epoch_updates = {}, 0
-        sizes = [len(b) for b in loader.batch_sampler]  # this rank's micro-batches of the epoch (index lists)
         for batch_index, indices in enumerate(batches, start=skipped):
             batch = [pairs[int(i)] for i in indices]
             prompts = encode_prompts(processor, batch)

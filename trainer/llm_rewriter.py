@@ -155,7 +155,7 @@ class OpenAIChatBackend:
             return f"check the key in {API_KEY_VARIABLE}" + ("" if self.settings.api_key else " (it is not set)")
         if result.status in (400, 422) and "max_tokens" in last.lower():
             return f"check feedback.llm_max_tokens ({self.settings.max_tokens}: more than the server allows?)"
-        if result.exception in ("ConnectError", "ConnectTimeout"):
+        if result.exception == "ConnectError":  # (a connect timeout is a timeout: it has its own line)
             return "check feedback.llm_url (is the server up, and reachable from here?)"
         return None
 
