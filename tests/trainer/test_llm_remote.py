@@ -320,19 +320,15 @@ def test_a_server_out_of_reach_or_hanging_up_says_so() -> None:
 # 6: an LLM splitter that finds no claims
 
 
-def test_an_llm_splitter_finding_no_claims_in_most_answers_is_warned_and_named_when_no_pairs(tiny_model: Path) -> None:
+def test_an_llm_splitter_finding_no_claims_in_most_answers_is_warned_and_named_when_no_pairs(
+    tiny_model: Path, serve
+) -> None:
     """A server answering [] to every answer passed silently (mean_claims 0), then "no pairs: sample more candidates
     or prompts, or raise the temperature"."""
     from rlaifv.reward.claims import RuleQuestionWriter
     from rlaifv.reward.models import load_model, load_processor
     from rlaifv.trainer.feedback import collect_feedback
     from rlaifv.trainer.preference_pairs import PairConfig, build_pairs, why_no_pairs
-
-    class Empty:
-        where = "memory"
-
-        def ask(self, prompts, accept):
-            return [ChatResult(ok=accept("[]"), content="[]", attempts=1, replies=["[]"]) for _ in prompts]
 
     model, processor = load_model(tiny_model), load_processor(tiny_model)
     prompts = [PromptItem(f"p{i}", png((60 * i, 9, 9)), "describe the image") for i in range(3)]
@@ -344,7 +340,7 @@ def test_an_llm_splitter_finding_no_claims_in_most_answers_is_warned_and_named_w
             prompts,
             config,
             labeler=ControlledLabeler(bool),
-            splitter=LLMClaimSplitter(Empty()),  # type: ignore[arg-type]
+            splitter=splitter_at(serve(lambda _: Reply("[]")).url),
             writer=RuleQuestionWriter(),
             progress=False,
         )
@@ -480,19 +476,18 @@ def test_a_password_with_an_unencoded_delimiter_is_never_shown(url: str, secret:
         assert secret not in str(refused.value) and "percent-encode" in str(refused.value)
 
 
-def test_a_key_echoed_across_the_cut_of_an_error_body_is_hidden() -> None:
+def test_a_key_echoed_across_the_cut_of_an_error_body_is_hidden(serve) -> None:
     """The body was cut to 300 characters before the key was hidden: a key that straddled the cut kept its head."""
-    import httpx
-
     key = "sk-live-0123456789abcdef"
     echo = " /v1/chat/completions?api-key="
     body = "x" * (294 - len(echo)) + echo + key  # the key's first 6 characters inside the first 300
+    server = serve(lambda _: Reply(status=404, raw=body))
 
     async def main() -> ChatResult:
-        settings = ChatSettings(url=f"http://llm.example/v1?api-key={key}", model="m", retries=0)
+        settings = ChatSettings(url=f"{server.url}?api-key={key}", model="m", retries=0)
         async with ChatClient(settings) as chat:
-            chat._http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(404, text=body)))
             return await chat.complete([{"role": "user", "content": "hi"}])
 
     result = asyncio.run(main())
+    assert server.queries == [f"api-key={key}"]  # the server saw the key: its echo is what must be hidden
     assert result.errors and not any(key[:6] in error for error in result.errors), result.errors
