@@ -24,7 +24,8 @@ from rlaifv.testing.server import free_port
 from rlaifv.trainer.errors import RunStateError
 from rlaifv.trainer.interrupt import together
 
-# Runs `python -m rlaifv.trainer.cli ...` in this process, writes its exit code to $RANKS_DONE/<rank>, then stays
+# Runs `python -m rlaifv.trainer.cli ...` in this process, writes its exit code to $RANKS_DONE/<rank> (whole, by a
+# rename: the test reads it as soon as the name exists), then stays
 # until $RANKS_DONE/release exists. With $FAIL_READING=<rank>:<function>, that rank's `function` fails as a read of
 # a disk only it has would (one shared disk gives no real way to fail one rank's read).
 CHILD = """
@@ -50,7 +51,9 @@ except SystemExit as exc:
 sys.stdout.flush()
 sys.stderr.flush()
 done = Path(os.environ["RANKS_DONE"])
-(done / os.environ["RANK"]).write_text(str(code))
+(done / "partial").mkdir(exist_ok=True)
+(done / "partial" / os.environ["RANK"]).write_text(str(code))
+(done / "partial" / os.environ["RANK"]).rename(done / os.environ["RANK"])
 deadline = time.monotonic() + 600
 while not (done / "release").exists() and time.monotonic() < deadline:
     time.sleep(0.1)
