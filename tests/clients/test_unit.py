@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import builtins
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -171,10 +172,22 @@ def test_backoff_schedule(attempt: int, retry_after: float | None, rand: float, 
         ({"retry-after": "soon"}, None),
         ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),
         ({"retry-after": "Thu, 01 Jan 1970 00:00:10 GMT"}, 7.0),  # HTTP date, relative to now=3
+        ({"retry-after": "Thu, 01 Jan 1970 00:00:10 -0000"}, 7.0),  # zone unknown: UTC, not the machine's zone
+        ({"retry-after": "Thu, 01 Jan 1970 01:00:10 +0100"}, 7.0),
+        ({"retry-after": "inf"}, None),
+        ({"retry-after": "nan"}, None),
+        ({"retry-after-ms": "inf", "retry-after": "9"}, 9.0),
+        ({"retry-after-ms": "soon", "retry-after": "9"}, 9.0),
     ],
 )
-def test_parse_retry_after(headers: dict[str, str], expected: float | None) -> None:
-    assert parse_retry_after(httpx.Headers(headers), now=3.0) == expected
+def test_parse_retry_after(headers: dict[str, str], expected: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "EST5")  # a local zone that is not UTC (POSIX form: no tzdata needed)
+    time.tzset()
+    try:
+        assert parse_retry_after(httpx.Headers(headers), now=3.0) == expected
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 @pytest.mark.parametrize(

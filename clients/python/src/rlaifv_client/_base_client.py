@@ -4,6 +4,7 @@ schedule, response parsing and the error mapping. The two clients only send and 
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import inspect
 import logging
@@ -88,25 +89,34 @@ class Backoff:
 
 
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
-    """Seconds from `retry-after-ms`, or `Retry-After` as seconds or an HTTP date; None when absent or invalid."""
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
+    """Seconds from `retry-after-ms`, or `Retry-After` as seconds or an HTTP date; None when absent or invalid
+    (non-finite numbers included: "inf" is no wait a client can keep)."""
+    try:
+        ms = float(headers.get("retry-after-ms", "nan"))
+    except ValueError:
+        ms = math.nan
+    if math.isfinite(ms):
+        return max(0.0, ms / 1000.0)
     value = headers.get("retry-after")
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
+        return _seconds_until(value, time.time() if now is None else now)
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _seconds_until(http_date: str, now: float) -> float | None:
+    """An HTTP date in `-0000` (RFC 5322's "zone unknown") is read as UTC: the standard library returns it without a
+    zone, which `timestamp()` would take as this machine's local time."""
     try:
-        parsed = email.utils.parsedate_to_datetime(value)
+        when = email.utils.parsedate_to_datetime(http_date)
     except (TypeError, ValueError, IndexError):
         return None
-    return max(0.0, parsed.timestamp() - (time.time() if now is None else now))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - now)
 
 
 class LineSplitter:
