@@ -25,8 +25,9 @@ from rlaifv.trainer.errors import RunStateError
 from rlaifv.trainer.interrupt import together
 
 # Runs `python -m rlaifv.trainer.cli ...` in this process, writes its exit code to $RANKS_DONE/<rank> (whole, by a
-# rename: the test reads it as soon as the name exists), then stays until $RANKS_DONE/release exists. With $FAIL_READING=<rank>:<function>, that rank's `function` fails as a read of
-# a disk only it has would (one shared disk gives no real way to fail one rank's read).
+# rename: the test reads it as soon as the name exists), then stays until $RANKS_DONE/release exists. With
+# $FAIL_READING=<rank>:<function>, that rank's `function` fails as a read of a disk only it has would (one shared disk
+# gives no real way to fail one rank's read).
 CHILD = """
 import os, runpy, sys, time
 from pathlib import Path
