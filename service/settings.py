@@ -7,6 +7,7 @@ or a comma-separated string (`a,b`).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -390,6 +391,18 @@ class Settings(BaseSettings):
         if kind not in ("cpu", "cuda", "mps", "xpu") or (index and not index.isdigit()):
             raise ValueError(f"must be auto, cpu, cuda, cuda:N, mps, xpu or xpu:N, got {value!r}")
         return value
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """Settings printed in a log line or a traceback's locals keep secrets out: the Redis password hidden as
+        the keys are (SecretStr), URLs without their user, password and query."""
+        from rlaifv.service.urls import without_credentials
+
+        for name, value in super().__repr_args__():
+            if name == "redis_password" and value is not None:
+                value = SecretStr(value)
+            elif name in ("generator_url", "vllm_policy_url", "vllm_reference_url", "redis_url") and value:
+                value = without_credentials(value)[1]
+            yield name, value
 
     @field_validator("generator_url", "vllm_policy_url", "vllm_reference_url")
     @classmethod

@@ -173,6 +173,10 @@ class FeedbackConfig:
     def _changed_llm_settings(self) -> list[str]:
         return [f.name for f in fields(self) if f.name.startswith("llm_") and getattr(self, f.name) != f.default]
 
+    def __repr__(self) -> str:
+        """As `to_dict` shows them: a config printed in a log line or a traceback keeps llm_url's credentials out."""
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
     def to_dict(self) -> dict[str, Any]:
         """The settings as reports, run files and bundles keep them: llm_url without its credentials."""
         data = asdict(self)

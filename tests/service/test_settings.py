@@ -98,6 +98,21 @@ def test_a_url_that_does_not_parse_never_echoes_its_password() -> None:
     assert "Sup3r" not in str(info.value)
 
 
+def test_printed_settings_keep_passwords_and_keys_out() -> None:
+    """repr showed the Redis password and URLs whole (the keys alone were hidden, as SecretStr)."""
+    settings = Settings(
+        redis_url="redis://u:pw1@redis:6379/0",
+        redis_password="pw2",
+        generator_url="http://a:pw3@gen:8000/v1",
+        vllm_policy_url="http://b:pw4@vllm:8000/v1?key=pw5",
+        generator_api_key="sk-0123456789abcdef",
+    )
+    shown = repr(settings)
+    assert not [secret for secret in ("pw1", "pw2", "pw3", "pw4", "pw5", "sk-0123") if secret in shown], shown
+    assert "redis://redis:6379/0" in shown and "http://gen:8000/v1" in shown and "http://vllm:8000/v1" in shown
+    assert settings.redis_password == "pw2"  # what the client gets is unchanged
+
+
 def test_redis_settings_that_would_be_dropped_are_refused(tmp_path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("not checked here")

@@ -476,6 +476,19 @@ def test_a_password_with_an_unencoded_delimiter_is_never_shown(url: str, secret:
         assert secret not in str(refused.value) and "percent-encode" in str(refused.value)
 
 
+def test_printed_settings_keep_the_url_credentials_out() -> None:
+    """A config in a log line or a traceback's locals showed llm_url whole."""
+    from rlaifv.trainer.feedback_config import FeedbackConfig
+
+    url = "https://bob:s3cretpw@llm.example/v1?api-key=k3y"
+    config = FeedbackConfig(splitter="llm", llm_url=url, llm_name="m")
+    settings = ChatSettings(url=url, model="m", api_key="sk-0123456789")
+    for shown in (repr(config), str(config), repr(settings), str(settings)):
+        assert "s3cretpw" not in shown and "k3y" not in shown and "sk-0123" not in shown, shown
+        assert "llm.example" in shown, shown
+    assert "splitter='llm'" in repr(config) and "model='m'" in repr(settings)
+
+
 def test_a_key_echoed_across_the_cut_of_an_error_body_is_hidden(serve) -> None:
     """The body was cut to 300 characters before the key was hidden: a key that straddled the cut kept its head."""
     key = "sk-live-0123456789abcdef"

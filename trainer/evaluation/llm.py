@@ -17,7 +17,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from rlaifv.trainer.credentials import hidden, key_problem, url_secrets
+from rlaifv.trainer.credentials import hidden, key_problem, shown_url, url_secrets
 
 RETRIED = frozenset({408, 409, 425, 429})
 """Besides 5xx: timeout, conflict, too early, rate limited."""
@@ -92,6 +92,11 @@ class ChatSettings(BaseModel):
         description="A reply that stopped at max_tokens (finish_reason 'length') fails the call at once: at "
         "temperature 0 a retry stops at the same place, and a list read from it would lose its end.",
     )
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """url as reports show it: settings printed in a log line or a traceback keep its credentials out."""
+        for name, value in super().__repr_args__():
+            yield name, shown_url(value) if name == "url" else value
 
     @field_validator("api_key")
     @classmethod
