@@ -656,6 +656,46 @@ def _trainable_parameters(model: Any, config: DPOConfig) -> None:
         )
 
 
+def disable_dropout(model: Any) -> int:
+    """Dropout off in `model` while it stays in train mode (`DPOConfig.disable_dropout`); how many dropouts were on.
+
+    As TRL's `disable_dropout_in_model`, every dropout module's p is set to 0, and also each module's dropout
+    probability kept as a number (transformers' attention modules pass `attention_dropout`, CLIP's and SigLIP's
+    `dropout`, to the attention function in train mode: TRL's leaves those on). peft's `lora_dropout` modules keep
+    their p: LoRA's dropout is a setting of its own. 0: the model trains as it would with its dropout left on."""
+    import torch
+
+    kinds = (
+        torch.nn.Dropout,
+        torch.nn.Dropout1d,
+        torch.nn.Dropout2d,
+        torch.nn.Dropout3d,
+        torch.nn.AlphaDropout,
+        torch.nn.FeatureAlphaDropout,
+    )
+    adapters = [
+        m.lora_dropout for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.Module)
+    ]
+    kept = {id(m) for adapter in adapters for m in adapter.modules()}
+    changed = 0
+    for module in model.modules():
+        if id(module) in kept:
+            continue
+        if isinstance(module, kinds):
+            changed += int(module.p > 0)
+            module.p = 0.0
+            continue
+        rates = [
+            name
+            for name, value in vars(module).items()
+            if name.endswith("dropout") and isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+        ]
+        for name in rates:
+            setattr(module, name, 0.0)
+        changed += len(rates)
+    return changed
+
+
 def _optimizer(model: Any, config: DPOConfig) -> torch.optim.Optimizer:
     import torch
 
@@ -817,6 +857,7 @@ def _train_dpo(
     with together(accelerator, "loading the model"):
         policy = _load_policy(config, model_path, accelerator.device, init_adapter)
     _trainable_parameters(policy, config)
+    zeroed = disable_dropout(policy) if config.disable_dropout else 0
     limit = max_positions(policy)
 
     # Reference log-probs: once, cached in the output folder.
@@ -837,15 +878,16 @@ def _train_dpo(
     keys = reference_cache_keys(reference_ids, pairs)
     key = keys[0]
     # The policy trained is part of the run: a checkpoint of another --model (the same output folder, the model
-    # corrected after a stop) resumed its weights under this model's name.
+    # corrected after a stop) resumed its weights under this model's name. A run of a version before
+    # disable_dropout (its checkpoints, its finished policy) is this run where the setting turned no dropout off.
+    settings = [config.training_settings(), *([] if zeroed else [config.earlier_training_settings()])]
     run_keys = [
-        hashlib.sha256(
-            json.dumps([k, config.training_settings(), accelerator.num_processes, ids[2:]]).encode()
-        ).hexdigest()
+        hashlib.sha256(json.dumps([k, values, accelerator.num_processes, ids[2:]]).encode()).hexdigest()
         for k, ids in zip(keys, identities, strict=True)
+        for values in settings
     ]
     run_key = run_keys[0]
-    finished = _finished_run(output_dir, run_key)
+    finished = _finished_run(output_dir, run_keys)
     if finished is not None:
         if accelerator.is_main_process:
             warnings.warn(
@@ -1208,15 +1250,15 @@ def _on_main_process(accelerator: Any, compute: Callable[[], Any]) -> Any:
     return sent[0]
 
 
-def _finished_run(output_dir: Path, run_key: str) -> dict[str, Any] | None:
-    """The report of this very run when it finished in `output_dir` (the report is removed before its policy is
-    written again, and written after it is whole): a stop after the last step (Ctrl-C in it, SIGTERM or a full disk
-    in the export that follows) trained the whole run again on the rerun."""
+def _finished_run(output_dir: Path, run_keys: Sequence[str]) -> dict[str, Any] | None:
+    """The report of this very run (saved under one of its keys) when it finished in `output_dir` (the report is
+    removed before its policy is written again, and written after it is whole): a stop after the last step (Ctrl-C
+    in it, SIGTERM or a full disk in the export that follows) trained the whole run again on the rerun."""
     try:
         report = json.loads((output_dir / DPO_REPORT).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(report, dict) or report.get("run_key") != run_key or not (output_dir / "policy").is_dir():
+    if not isinstance(report, dict) or report.get("run_key") not in run_keys or not (output_dir / "policy").is_dir():
         return None
     return report
 

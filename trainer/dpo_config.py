@@ -59,12 +59,25 @@ class DPOConfig:
         default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms)."}
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 disables clipping."})
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Train the policy with its dropout off, as TRL's DPOTrainer does by default: the reference"
+            " log-probs are taken in eval mode, so a policy scored with dropout on has noisy log-ratios (margins"
+            " away from 0 at step 0, a loss partly fitting the noise). Zeroes every dropout module and the"
+            " attention's dropout probability (attention_dropout, which TRL's leaves on); LoRA's own lora_dropout"
+            " stays as set (an explicit choice for the adapter; TRL zeroes it too). RLAIF-V's models have no"
+            " dropout: for them this changes nothing."
+        },
+    )
     lora: bool = field(
         default=False, metadata={"help": "Train a LoRA adapter (reference = adapter disabled) instead of all weights."}
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "LoRA dropout on the adapter's input (kept by disable_dropout)."}
+    )
     lora_targets: str = field(default=DEFAULT_LORA_TARGETS, metadata={"help": "Regex of module names LoRA wraps."})
     freeze_vision: bool = field(
         default=True,
@@ -177,3 +190,8 @@ class DPOConfig:
     def training_settings(self) -> dict[str, Any]:
         """The settings that decide the trained weights (what a resumed run must share with the first)."""
         return {k: v for k, v in asdict(self).items() if k not in self.BOOKKEEPING}
+
+    def earlier_training_settings(self) -> dict[str, Any]:
+        """`training_settings` as versions before `disable_dropout` recorded them: they trained with the model's
+        dropout on, so their runs are this one where dropout is left on or the model has none."""
+        return {k: v for k, v in asdict(self).items() if k not in (*self.BOOKKEEPING, "disable_dropout")}

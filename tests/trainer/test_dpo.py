@@ -430,8 +430,11 @@ def test_a_mid_epoch_resume_under_dropout_draws_the_same_masks(tiny_model: Path,
     settings = json.loads(config_file.read_text())
     settings["text_config"]["attention_dropout"] = 0.5
     config_file.write_text(json.dumps(settings))
-    rows = _toy_rows(4)
-    config = DPOConfig(learning_rate=1e-3, epochs=1, batch_size=1, cpu=True, checkpoint_every_steps=2)
+    # one pair four times: another seed then changes the masks only, not the order of what is trained on
+    rows = [dataclasses.replace(_toy_rows(1)[0], id=f"r{k}") for k in range(4)]
+    config = DPOConfig(
+        learning_rate=1e-3, epochs=1, batch_size=1, cpu=True, checkpoint_every_steps=2, disable_dropout=False
+    )
     full = train_dpo(config, rows, model_path=model, output_dir=tmp_path / "a", progress=False)
     _killed_after(tmp_path / "a", tmp_path / "b", "step-0000002")
     resumed = train_dpo(config, rows, model_path=model, output_dir=tmp_path / "b", progress=False)
