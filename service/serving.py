@@ -47,6 +47,7 @@ from rlaifv.service.protocol import (
 )
 from rlaifv.service.redis_conn import Breaker
 from rlaifv.service.scheduler import Outcome, wait_for_result
+from rlaifv.service.shared_work import SharedWork
 
 if TYPE_CHECKING:
     from rlaifv.reward.results import Candidate, Ranking, TopToken
@@ -186,7 +187,7 @@ class Serving:
         self.cache = cache
         self.generator = generator
         self.model_name = settings.model_name or engine.name
-        self._scoring: dict[str, asyncio.Future[RewardsResponse | None]] = {}  # cache key -> its scoring now
+        self._scoring: dict[str, SharedWork[RewardsResponse]] = {}  # cache key -> its scoring now
 
     @classmethod
     def open(
@@ -429,62 +430,67 @@ class Serving:
         checks.done()
         images, raw = await self.images.load(refs)
         started = time.perf_counter()  # RLAIFV_REQUEST_TIMEOUT_S runs from here, after the images (docs/service.md)
-        key = None
-        if self.cache is not None:
-            key = self.cache.key(
-                self.model_name, config, raw, question, messages, body.answers, body.continue_final_message
+        scoring = functools.partial(self._score_rewards, body, arrived, started, images, question, messages, config)
+        if self.cache is None:
+            return await scoring(request)
+        key = self.cache.key(
+            self.model_name, config, raw, question, messages, body.answers, body.continue_final_message
+        )
+        cached = _cached_response(await self.cache.get(key))
+        if cached is None:
+            cached = await self._scored_meanwhile(key, started, request)
+        self.metrics.cache.labels(result="hit" if cached else "miss").inc()
+        if cached is not None:
+            return cached.model_copy(
+                update={"id": f"rwd-{uuid.uuid4().hex}", "cached": True, "created": int(time.time())}
             )
-            cached = _cached_response(await self.cache.get(key))
-            if cached is None:
-                cached = await self._scored_meanwhile(key, started, request)
-            self.metrics.cache.labels(result="hit" if cached else "miss").inc()
-            if cached is not None:
-                return cached.model_copy(
-                    update={"id": f"rwd-{uuid.uuid4().hex}", "cached": True, "created": int(time.time())}
-                )
-            self._scoring[key] = asyncio.get_running_loop().create_future()
-        response = None
-        try:
-            response = await self._score_rewards(body, request, arrived, started, images, question, messages, config)
-            if self.cache is not None and key is not None:
-                await self.cache.set(key, response.model_dump_json())
-        finally:  # after the cache has it: a request arriving in between found neither and scored it again
-            self._done_scoring(key, response)
+        shared = self._scoring[key] = SharedWork(self._score_and_keep(self.cache, key, scoring), self.metrics)
+        shared.task.add_done_callback(functools.partial(self._done_scoring, key, shared))
+        # Its deadline is its scoring's (the scheduler's: QueuedTooLong when nothing ran, which batch jobs wait out).
+        return await shared.result(
+            left_s=float("inf"), limit_s=self.settings.request_timeout_s, disconnected=_departure(request)
+        )
+
+    @staticmethod
+    async def _score_and_keep(
+        cache: RewardCache, key: str, scoring: Callable[[Request | None], Awaitable[RewardsResponse]]
+    ) -> RewardsResponse:
+        """The scoring that identical requests share, tied to no client (`SharedWork` cancels it when none is left
+        waiting), and its cache entry: written before the scoring leaves `_scoring`, or a request arriving in
+        between found neither and scored it again."""
+        response = await scoring(None)
+        await cache.set(key, response.model_dump_json())
         return response
+
+    def _done_scoring(self, key: str, shared: SharedWork[RewardsResponse], _: object) -> None:
+        if self._scoring.get(key) is shared:
+            del self._scoring[key]
 
     async def _scored_meanwhile(self, key: str, started: float, request: Request | None) -> RewardsResponse | None:
         """The response of an identical request being scored now, once it is done (None: none is, or it failed):
         16 identical concurrent requests were 16 scorings, all cache misses. The wait is the request's own: within
         its deadline and only while its client stays (a chain of identical requests each waited for the one before
-        with no deadline, then scored afresh with a whole one: the last of six answered a 2 s deadline at 12 s)."""
+        with no deadline, then scored afresh with a whole one: the last of six answered a 2 s deadline at 12 s).
+        Its departure leaves the scoring to those still waiting (`SharedWork`)."""
         timeout = self.settings.request_timeout_s
-        while (leader := self._scoring.get(key)) is not None:
-            response = await wait_for_result(
-                asyncio.shield(leader),
-                left_s=started + timeout - time.perf_counter(),
-                limit_s=timeout,
-                disconnected=_departure(request),
-                metrics=self.metrics,
+        while (shared := self._scoring.get(key)) is not None:
+            response = await shared.result_if_any(
+                left_s=started + timeout - time.perf_counter(), limit_s=timeout, disconnected=_departure(request)
             )
             if response is not None:
                 return response
         return None
 
-    def _done_scoring(self, key: str | None, response: RewardsResponse | None) -> None:
-        future = self._scoring.pop(key, None) if key is not None else None
-        if future is not None and not future.done():
-            future.set_result(response)
-
     async def _score_rewards(
         self,
         body: RewardsRequest,
-        request: Request | None,
         arrived: float,
         started: float,
         images: list[Any],
         question: str | None,
         messages: list[dict[str, Any]] | None,
         config: RewardConfig,
+        request: Request | None,
     ) -> RewardsResponse:
         score = ScoreRequest(
             images,

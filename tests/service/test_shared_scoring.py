@@ -1,0 +1,193 @@
+"""Identical concurrent /v1/rewards requests share one scoring (reward cache on), which goes on while any of them
+still waits: the first request's client leaving cancelled it, and the others scored again from scratch (200 at
+about twice the latency, a second scoring on the engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.service.conftest import logs_to
+
+pytestmark = pytest.mark.integration
+
+WAIT_S = 30.0
+
+
+class HeldEngine:
+    """The server's engine, each run held at a gate the test opens, and its reward cache's lookups and writes
+    counted: the test knows when the scoring is in the engine and when each request has looked in the cache (a
+    request that found nothing waits for the identical one's scoring from there on, with no await between)."""
+
+    def __init__(self, server: Any) -> None:
+        serving = server.app.state.serving
+        self.loop = serving.scheduler._task.get_loop()
+        self.engine, self.cache = serving.scheduler.engine, serving.cache
+        self.runs: list[list[Any]] = []  # the requests of each engine run
+        self.entered = threading.Event()
+        self.gate = asyncio.Event()  # waited for on the server's loop
+        self.lookups, self.writes = 0, 0
+        self.looked = threading.Condition()
+        real_run, real_get, real_set = self.engine.run, self.cache.get, self.cache.set
+
+        async def run(requests: list[Any]) -> Any:
+            self.runs.append(requests)
+            self.entered.set()
+            await self.gate.wait()
+            return await real_run(requests)
+
+        async def get(key: str) -> str | None:
+            value = await real_get(key)
+            with self.looked:
+                self.lookups += 1
+                self.looked.notify_all()
+            return value
+
+        async def set_(key: str, value: str) -> None:
+            self.writes += 1
+            await real_set(key, value)
+
+        self.engine.run, self.cache.get, self.cache.set = run, get, set_
+
+    def open(self) -> None:
+        self.loop.call_soon_threadsafe(self.gate.set)
+
+    async def scoring_started(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, WAIT_S), "the scoring never reached the engine"
+
+    async def looked_up(self, count: int) -> None:
+        def wait() -> bool:
+            with self.looked:
+                return self.looked.wait_for(lambda: self.lookups >= count, WAIT_S)
+
+        assert await asyncio.to_thread(wait), f"{self.lookups} cache lookups, {count} expected"
+
+
+class AccessLines(logging.Handler):
+    """The statuses of the server's access lines, as the middleware logs them (after each handler has ended)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.statuses: queue.Queue[int] = queue.Queue()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "rlaifv.access" and getattr(record, "path", None) == "/v1/rewards":
+            self.statuses.put(record.__dict__["status"])
+
+    async def next(self) -> int:
+        return await asyncio.to_thread(self.statuses.get, timeout=WAIT_S)
+
+
+@pytest.fixture
+def access() -> Iterator[AccessLines]:
+    with logs_to(AccessLines()) as handler:
+        assert isinstance(handler, AccessLines)
+        yield handler
+
+
+def body(image: str, question: str) -> dict[str, Any]:
+    return {"images": [image], "question": question, "answers": ["yes", "no"]}
+
+
+async def leaving_client(server: Any, request: dict[str, Any]) -> asyncio.StreamWriter:
+    """A client that sends its request and can leave without reading the answer (close the writer)."""
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    payload = json.dumps(request).encode()
+    head = f"POST /v1/rewards HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}"
+    writer.write(head.encode() + b"\r\n\r\n" + payload)
+    await writer.drain()
+    return writer
+
+
+async def leave(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    await writer.wait_closed()
+
+
+def counted(server: Any, name: str, labels: dict[str, str]) -> float:
+    return server.app.state.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_the_first_clients_departure_leaves_the_scoring_to_the_identical_request_waiting(
+    make_server: Any, access: AccessLines, red_url: str
+) -> None:
+    """The leader's client leaves mid-scoring: its request is a 499 (counted once), the follower gets the same
+    scoring's response (cached), the engine scores once and the cache is written once."""
+    server = make_server()
+    held = HeldEngine(server)
+    request = body(red_url, "Is there a cat, shared?")
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
+        leader = await leaving_client(server, request)
+        await held.scoring_started()
+        follower = asyncio.ensure_future(client.post("/v1/rewards", json=request))
+        await held.looked_up(2)
+        await leave(leader)
+        assert await access.next() == 499  # the leader's request ended before the scoring did
+        assert not held.runs[0][0].withdrawal.is_set(), "the engine was told to drop the shared scoring"
+        held.open()
+        response = await follower
+        assert response.status_code == 200, response.text
+        assert response.json()["cached"] is True, "the follower scored again"
+        again = await client.post("/v1/rewards", json=request)
+        assert again.status_code == 200 and again.json()["cached"] is True
+    assert [len(run) for run in held.runs] == [1] and held.writes == 1
+    assert counted(server, "rlaifv_requests_rejected_total", {"reason": "client_disconnected"}) == 1
+    http = {"route": "/v1/rewards", "method": "POST"}
+    assert counted(server, "rlaifv_http_requests_total", http | {"status": "499"}) == 1
+    assert counted(server, "rlaifv_http_requests_total", http | {"status": "200"}) == 2
+
+
+async def test_a_waiting_identical_requests_departure_leaves_the_scoring_alone(
+    make_server: Any, access: AccessLines, red_url: str
+) -> None:
+    server = make_server()
+    held = HeldEngine(server)
+    request = body(red_url, "Is there a cat, still shared?")
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
+        leader = asyncio.ensure_future(client.post("/v1/rewards", json=request))
+        await held.scoring_started()
+        follower = await leaving_client(server, request)
+        await held.looked_up(2)
+        await leave(follower)
+        assert await access.next() == 499
+        held.open()
+        response = await leader
+    assert response.status_code == 200 and response.json()["cached"] is False, response.text
+    assert [len(run) for run in held.runs] == [1] and not held.runs[0][0].withdrawal.is_set()
+    assert held.writes == 1
+
+
+@pytest.mark.parametrize("followers", [0, 2])
+async def test_the_scoring_stops_at_once_when_the_last_waiting_client_leaves(
+    make_server: Any, access: AccessLines, red_url: str, followers: int
+) -> None:
+    """A lone request's departure stops the engine's work before its 499 is logged, as before the scoring was
+    shared; with identical requests waiting, the last of them to leave does it. Nothing is cached."""
+    server = make_server()
+    held = HeldEngine(server)
+    request = body(red_url, f"Is there a cat, {followers} waiting?")
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
+        clients = [await leaving_client(server, request)]
+        await held.scoring_started()
+        clients += [await leaving_client(server, request) for _ in range(followers)]
+        await held.looked_up(1 + followers)
+        for writer in clients[:-1]:
+            await leave(writer)
+            assert await access.next() == 499
+            assert not held.runs[0][0].withdrawal.is_set(), "a client left while another still waited"
+        await leave(clients[-1])
+        assert await access.next() == 499
+        assert held.runs[0][0].withdrawal.is_set(), "the engine went on scoring for nobody"
+        held.open()
+        after = await client.post("/v1/rewards", json=request)
+    assert after.status_code == 200 and after.json()["cached"] is False
+    assert len(held.runs) == 2 and held.writes == 1
+    assert counted(server, "rlaifv_requests_rejected_total", {"reason": "client_disconnected"}) == 1 + followers
