@@ -395,6 +395,20 @@ class ImageLoader:
             _HOLD.reset(token)
             self.in_hand -= sum(held)
 
+    def hand_over(self, work: asyncio.Future[Any]) -> None:
+        """The images this request holds stay counted until `work` ends instead: work shared with other requests
+        (`SharedWork`) goes on with them after this request has left."""
+        held = _HOLD.get()
+        if held is None or work.done():
+            return
+        pixels = sum(held)
+        held.clear()
+
+        def release(_: object) -> None:
+            self.in_hand -= pixels
+
+        work.add_done_callback(release)
+
     async def aclose(self) -> None:
         self._lookups.drop_unwaited()
         if self._client is not None:

@@ -446,6 +446,7 @@ class Serving:
             )
         shared = self._scoring[key] = SharedWork(self._score_and_keep(self.cache, key, scoring), self.metrics)
         shared.task.add_done_callback(functools.partial(self._done_scoring, key, shared))
+        self.images.hand_over(shared.task)  # its images, scored for those still waiting after this client left
         # Its deadline is its scoring's (the scheduler's: QueuedTooLong when nothing ran, which batch jobs wait out).
         return await shared.result(
             left_s=float("inf"), limit_s=self.settings.request_timeout_s, disconnected=_departure(request)

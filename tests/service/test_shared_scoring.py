@@ -129,13 +129,17 @@ async def test_the_first_clients_departure_leaves_the_scoring_to_the_identical_r
         await held.scoring_started()
         follower = asyncio.ensure_future(client.post("/v1/rewards", json=request))
         await held.looked_up(2)
+        images = server.app.state.serving.images
+        both = images.in_hand
         await leave(leader)
         assert await access.next() == 499  # the leader's request ended before the scoring did
         assert not held.runs[0][0].withdrawal.is_set(), "the engine was told to drop the shared scoring"
+        assert images.in_hand == both > 0, "the images still being scored left the pixel budget with the leader"
         held.open()
         response = await follower
         assert response.status_code == 200, response.text
         assert response.json()["cached"] is True, "the follower scored again"
+        assert images.in_hand == 0
         again = await client.post("/v1/rewards", json=request)
         assert again.status_code == 200 and again.json()["cached"] is True
     assert [len(run) for run in held.runs] == [1] and held.writes == 1
