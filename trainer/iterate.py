@@ -76,7 +76,13 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
     path = output_dir / RUN_FILE
     settings = config.to_dict()
     fingerprint = model_fingerprint(config.model) if Path(config.model).is_dir() else None
-    current = {"config": settings, "prompt_source": source.describe(), "model_fingerprint": fingerprint}
+    folders = _model_folders(config)
+    current = {
+        "config": settings,
+        "prompt_source": source.describe(),
+        "model_fingerprint": fingerprint,
+        "folder_fingerprints": {name: model_fingerprint(folder) for name, folder in folders.items()},
+    }
     if not path.is_file():
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json(path, current)
@@ -100,10 +106,23 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
     if same_model:
         old.pop("model", None)
         new.pop("model", None)
+    previous_folders = previous.get("folder_fingerprints")
+    replaced = []
+    for name, folder in folders.items():
+        known = previous_folders.get(name) if isinstance(previous_folders, dict) else None
+        same = _same_model(known, current["folder_fingerprints"][name], folder)
+        if same:  # the same model moved or copied elsewhere: the path is no setting of its own
+            section, _, key = name.partition(".")
+            for compared in (old, new):
+                if isinstance(compared.get(section), dict):
+                    compared[section].pop(key, None)
+        elif same is False:
+            replaced.append(name)
     new = _without_added_defaults(old, new, config)
     changed = _changed(old, new)
     if same_model is False and "model" not in changed:  # retrained or replaced in place: the path alone is the same
         changed = sorted([*changed, "model"])
+    changed = sorted({*changed, *replaced})
     same_source = json.loads(json.dumps(current["prompt_source"], default=str))
     old_source = previous.get("prompt_source")
     if isinstance(old_source, dict) and isinstance(same_source, dict) and "prompts" not in old_source:
@@ -120,6 +139,14 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
         _discard_stale(output_dir, changed)
     write_json(path, current)
     return True
+
+
+def _model_folders(config: IterateConfig) -> dict[str, Path]:
+    """The model folders named in the settings besides `model` (a labeler, a local claims LLM), by setting: each is
+    known by its content, as `model` is, not by the path's text (a copy elsewhere is the same model; one replaced
+    in place another)."""
+    named = {"feedback.labeler": config.feedback.labeler, "feedback.llm_model": config.feedback.llm_model}
+    return {name: Path(value) for name, value in named.items() if value and value != "self" and Path(value).is_dir()}
 
 
 def _same_model(previous: Any, current: str | None, model: Path) -> bool | None:

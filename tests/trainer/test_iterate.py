@@ -560,6 +560,36 @@ def test_a_model_replaced_at_the_same_path_is_another_model(tiny_model: Path, tm
         assert _check_run_file(run, config, source) is True
 
 
+@pytest.mark.parametrize("setting", ["labeler", "llm_model"])
+def test_a_labeler_or_claims_model_is_known_by_its_content_not_its_path(
+    tiny_model: Path, tmp_path: Path, setting: str
+) -> None:
+    """feedback.labeler and feedback.llm_model were compared as text: one replaced in place resumed silently (later
+    rounds labelled by another model), while the same model copied elsewhere, or named by an absolute path, was
+    refused as another."""
+    import shutil
+
+    from rlaifv.trainer.feedback_config import FeedbackConfig
+    from rlaifv.trainer.iterate import _check_run_file
+
+    def config(folder: Path) -> IterateConfig:
+        feedback = {"labeler": str(folder)} if setting == "labeler" else {"splitter": "llm", "llm_model": str(folder)}
+        return IterateConfig(model=str(tiny_model), output_dir=str(run), feedback=FeedbackConfig(**feedback))
+
+    first = shutil.copytree(tiny_model, tmp_path / "first")
+    source = _one_prompt()
+    run = tmp_path / "run"
+    assert _check_run_file(run, config(first), source) is False
+    _finish_a_round(run)
+    copy = shutil.copytree(first, tmp_path / "copy")
+    assert _check_run_file(run, config(copy), source) is True  # the same model elsewhere
+    assert _check_run_file(run, config(first.resolve()), source) is True
+    _replace_weights_in_place(copy)
+    with pytest.raises(RunStateError, match=rf"different settings \(feedback\.{setting}\)"):
+        _check_run_file(run, config(copy), source)
+    assert _check_run_file(run, config(first), source) is True
+
+
 def test_a_moved_run_folder_resumes_from_its_own_policies(tiny_model: Path, tmp_path: Path) -> None:
     """Round reports held absolute policy paths: a run folder moved (a change a run resumes from) loaded round 2's
     starting policy and the exported reference from where it had been: gone, or another run's files by then."""
