@@ -29,6 +29,12 @@ def shown_url(text: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", "***" if parts.fragment else ""))
 
 
+def has_user(url: str) -> bool:
+    """Whether a URL holds a user (and password), also one whose password holds an unencoded '?' or '#' (which
+    `urlsplit` leaves out of the host part)."""
+    return "@" in url.partition("://")[2].partition("/")[0]
+
+
 def url_secrets(url: str) -> list[str]:
     """What `shown_url` leaves out of a URL, to hide wherever else it shows up (a server echoing the request's path
     and query in its 404): user, password, query and each query value."""

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from rlaifv.trainer.credentials import key_problem, shown_url
+from rlaifv.trainer.credentials import has_user, key_problem, shown_url
 from rlaifv.trainer.errors import ConfigError
 
 LLM_URL_ONLY = ("llm_name", "llm_timeout_s", "llm_retries", "llm_concurrency")
@@ -45,12 +45,19 @@ def check_llm_url(url: str, setting: str = "llm_url") -> None:
         )
 
 
-def check_api_key(key: str | None, name: str = API_KEY_VARIABLE) -> None:
+def check_api_key(key: str | None, name: str = API_KEY_VARIABLE, url: str | None = None) -> None:
     """Refuse a key no HTTP header can carry, naming where it came from and never showing it: the request failed
-    only once the models had loaded, with the whole header (key included) in the error, and was retried."""
+    only once the models had loaded, with the whole header (key included) in the error, and was retried. With the
+    `url` it is sent to: refuse a key beside a user and password in the URL (sent as Basic authorization, which
+    replaced the key's header: the key never went, and the 401 blamed it)."""
     problem = key_problem(key) if key else None
     if problem:
         raise ConfigError(f"{name} {problem}: set it to the key alone")
+    if key and url is not None and has_user(url):
+        raise ConfigError(
+            f"llm_url holds a user and password and {name} is set: both would go in the Authorization header, the"
+            " URL's replacing the key; give one of them"
+        )
 
 
 @dataclass
@@ -166,7 +173,7 @@ class FeedbackConfig:
             raise ConfigError("the 'llm' splitter/question writer needs exactly one of llm_model or llm_url")
         if self.llm_url is not None:
             check_llm_url(self.llm_url)
-            check_api_key(os.environ.get(API_KEY_VARIABLE))
+            check_api_key(os.environ.get(API_KEY_VARIABLE), url=self.llm_url)
         elif ignored := [name for name in changed if name in LLM_URL_ONLY]:
             raise ConfigError(f"{', '.join(ignored)} would be ignored: they configure llm_url's client, not llm_model")
 

@@ -110,7 +110,7 @@ class OpenAIChatBackend:
         if not model or model != model.strip():
             raise ConfigError(f"llm_name {model!r} must name the server's model")
         key = api_key if api_key is not None else os.environ.get(API_KEY_VARIABLE)
-        check_api_key(key, API_KEY_VARIABLE if api_key is None else "api_key")
+        check_api_key(key, API_KEY_VARIABLE if api_key is None else "api_key", url=base_url)
         self.settings = ChatSettings(
             url=base_url,
             model=model,

@@ -105,7 +105,8 @@ def why_no_pairs(stats: PairStats, config: PairConfig) -> str:
         return (
             f"{stats.answers_without_claims} of the {stats.answers} answers have no claims, so they all score 0:"
             " the claim splitter found none in them (with feedback.splitter=llm, check what feedback.llm_name"
-            " replies: [] for every answer?)"
+            " replies: [] for every answer? A rerun reads the saved feedback.parquet again, as the server's address"
+            " decides no score: delete it to ask the mended server again)"
         )
     if not stats.candidate_pairs:
         return (

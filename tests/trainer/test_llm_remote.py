@@ -243,6 +243,38 @@ def test_an_api_key_no_header_can_carry_is_refused_by_name_before_anything_loads
     assert "0123" not in result.output
 
 
+def test_a_key_beside_a_user_and_password_in_the_url_is_refused_before_anything_loads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """httpx sends a URL's user and password as Basic authorization, replacing the key's Bearer header: the key was
+    never sent, and the server's 401 was reported as "check the key in RLAIFV_LLM_API_KEY"."""
+    from typer import Typer
+    from typer.testing import CliRunner
+
+    from rlaifv.trainer.cli import feedback
+    from rlaifv.trainer.feedback_config import FeedbackConfig
+
+    url = "http://alice:pw12@127.0.0.1:9/v1"
+    monkeypatch.setenv("RLAIFV_LLM_API_KEY", "sk-envsecret123")
+    with pytest.raises(ConfigError, match="user and password and RLAIFV_LLM_API_KEY is set") as caught:
+        FeedbackConfig(splitter="llm", llm_url=url)
+    assert "pw12" not in str(caught.value) and "envsecret" not in str(caught.value)
+    with pytest.raises(ConfigError, match="RLAIFV_LLM_API_KEY"):
+        OpenAIChatBackend(url)
+    with pytest.raises(ValueError, match="give one of them"):
+        ChatSettings(url=url, model="m", api_key="sk-envsecret123")
+    app = Typer()
+    app.command()(feedback)
+    absent = tmp_path / "absent"
+    args = [str(absent / "p.jsonl"), "--model", str(absent), "-o", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, [*args, "--set", "feedback.splitter=llm", "--set", f"feedback.llm_url={url}"])
+    assert result.exit_code == 2 and "give one of them" in result.output, result.output
+
+    monkeypatch.delenv("RLAIFV_LLM_API_KEY")  # either alone is taken
+    assert FeedbackConfig(splitter="llm", llm_url=url).llm_url == url
+    assert ChatSettings(url="http://127.0.0.1:9/v1?x=a@b", model="m", api_key="sk-envsecret123").api_key
+
+
 def test_a_request_that_cannot_be_written_is_not_retried_nor_shown(serve) -> None:
     from pydantic import ValidationError
 
@@ -348,6 +380,7 @@ def test_an_llm_splitter_finding_no_claims_in_most_answers_is_warned_and_named_w
     assert not rows and (stats.answers, stats.answers_without_claims) == (12, 12)
     said = why_no_pairs(stats, PairConfig())
     assert "12 of the 12 answers have no claims" in said and "temperature" not in said
+    assert "A rerun reads the saved feedback.parquet again" in said  # a mended server was never asked again
 
 
 # 7: SIGTERM while the LLM's calls are in flight
@@ -482,8 +515,9 @@ def test_printed_settings_keep_the_url_credentials_out() -> None:
 
     url = "https://bob:s3cretpw@llm.example/v1?api-key=k3y"
     config = FeedbackConfig(splitter="llm", llm_url=url, llm_name="m")
-    settings = ChatSettings(url=url, model="m", api_key="sk-0123456789")
-    for shown in (repr(config), str(config), repr(settings), str(settings)):
+    settings = ChatSettings(url=url, model="m")
+    keyed = ChatSettings(url="https://llm.example/v1?api-key=k3y", model="m", api_key="sk-0123456789")
+    for shown in (repr(config), str(config), repr(settings), str(settings), repr(keyed)):
         assert "s3cretpw" not in shown and "k3y" not in shown and "sk-0123" not in shown, shown
         assert "llm.example" in shown, shown
     assert "splitter='llm'" in repr(config) and "model='m'" in repr(settings)
