@@ -77,11 +77,12 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
     settings = config.to_dict()
     fingerprint = model_fingerprint(config.model) if Path(config.model).is_dir() else None
     folders = _model_folders(config)
+    folder_fingerprints = {name: model_fingerprint(folder) for name, folder in folders.items()}
     current = {
         "config": settings,
         "prompt_source": source.describe(),
         "model_fingerprint": fingerprint,
-        "folder_fingerprints": {name: model_fingerprint(folder) for name, folder in folders.items()},
+        "folder_fingerprints": folder_fingerprints,
     }
     if not path.is_file():
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +111,7 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
     replaced = []
     for name, folder in folders.items():
         known = previous_folders.get(name) if isinstance(previous_folders, dict) else None
-        same = _same_model(known, current["folder_fingerprints"][name], folder)
+        same = _same_model(known, folder_fingerprints[name], folder)
         if same:  # the same model moved or copied elsewhere: the path is no setting of its own
             section, _, key = name.partition(".")
             for compared in (old, new):
