@@ -145,7 +145,7 @@ def test_secret_values_are_not_recorded(monkeypatch: pytest.MonkeyPatch, tmp_pat
     """--judge-key, --api-key and --llm-key values were in the report's command, its .md and the console header."""
     out = tmp_path / "mmhal.json"
     with ChatServer(lambda _: Reply("Rating: 4")) as server:
-        judge_url = server.url.replace("http://", "http://judge:pw-3@")
+        judge_url = f"{server.url}?api-version=pw-3"  # a user and password beside --judge-key are refused
         args = ["eval", "mmhal", "--records", str(DATA / "mmhal_records.json"), "--judge-model", "j"]
         args += ["--judge-url", judge_url, "--judge-key", "sk-1", "--api-key=sk-2", "-o", str(out)]
         monkeypatch.setattr(sys, "argv", ["rlaifv", *args])
@@ -155,7 +155,7 @@ def test_secret_values_are_not_recorded(monkeypatch: pytest.MonkeyPatch, tmp_pat
     for secret in ("sk-1", "sk-2", "pw-3"):
         assert not any(secret in text for text in texts), secret
     command = json.loads(out.read_text())["command"]
-    assert "--judge-key '***'" in command and "'--api-key=***'" in command and "***@127.0.0.1" in command
+    assert "--judge-key '***'" in command and "'--api-key=***'" in command and "?***" in command
 
 
 def test_shown_command_forms() -> None:
