@@ -393,15 +393,21 @@ class Settings(BaseSettings):
         return value
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
-        """Settings printed in a log line or a traceback's locals keep secrets out: the Redis password hidden as
-        the keys are (SecretStr), URLs without their user, password and query."""
+        """Settings printed in a log line or a traceback's locals keep secrets out: the Redis password and the API
+        keys hidden as the other keys are (SecretStr), URLs without their user, password and query (one that does
+        not parse as host and port, such as a unix:// socket path, shows its scheme only)."""
         from rlaifv.service.urls import without_credentials
 
         for name, value in super().__repr_args__():
             if name == "redis_password" and value is not None:
                 value = SecretStr(value)
+            elif name == "api_keys":
+                value = [SecretStr(key) for key in value]
             elif name in ("generator_url", "vllm_policy_url", "vllm_reference_url", "redis_url") and value:
-                value = without_credentials(value)[1]
+                try:
+                    value = without_credentials(value)[1]
+                except ValueError:
+                    value = f"{value.partition(':')[0]}://***"
             yield name, value
 
     @field_validator("generator_url", "vllm_policy_url", "vllm_reference_url")

@@ -106,11 +106,14 @@ def test_printed_settings_keep_passwords_and_keys_out() -> None:
         generator_url="http://a:pw3@gen:8000/v1",
         vllm_policy_url="http://b:pw4@vllm:8000/v1?key=pw5",
         generator_api_key="sk-0123456789abcdef",
+        api_keys=["sk-live-0123456789", "sk-live-abcdefghij"],
     )
     shown = repr(settings)
-    assert not [secret for secret in ("pw1", "pw2", "pw3", "pw4", "pw5", "sk-0123") if secret in shown], shown
+    secrets = ("pw1", "pw2", "pw3", "pw4", "pw5", "sk-0123", "sk-live")
+    assert not [secret for secret in secrets if secret in shown], shown
     assert "redis://redis:6379/0" in shown and "http://gen:8000/v1" in shown and "http://vllm:8000/v1" in shown
     assert settings.redis_password == "pw2"  # what the client gets is unchanged
+    assert "redis_url='unix://***'" in repr(Settings(redis_url="unix://x:abc/run/redis.sock"))  # was a ValueError
 
 
 def test_redis_settings_that_would_be_dropped_are_refused(tmp_path) -> None:
