@@ -79,10 +79,11 @@ async def wait_for_result(
     left_s: float,
     limit_s: float,
     disconnected: Callable[[], Awaitable[Any]] | None,
-    metrics: Metrics,
+    metrics: Metrics | None,
 ) -> _T:
     """`future`'s result, waited for within a request's deadline and only while its client stays: a queued request
-    and one waiting for an identical request's scores give up alike, counted alike. The future is left as it is."""
+    and one waiting for an identical request's scores give up alike, counted alike (`metrics` None: counted by the
+    caller). The future is left as it is."""
     watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
     try:
         done, _ = await asyncio.wait(
@@ -94,9 +95,11 @@ async def wait_for_result(
     if future in done:
         return future.result()
     if watcher is not None and watcher in done:
-        metrics.rejected.labels(reason="client_disconnected").inc()
+        if metrics is not None:
+            metrics.rejected.labels(reason="client_disconnected").inc()
         raise ClientDisconnected()
-    metrics.rejected.labels(reason="deadline").inc()
+    if metrics is not None:
+        metrics.rejected.labels(reason="deadline").inc()
     raise DeadlineExceeded(f"request not served within {limit_s:g} s", code="deadline_exceeded")
 
 
@@ -206,8 +209,10 @@ class Scheduler:
         *,
         timeout_s: float,
         disconnected: Callable[[], Awaitable[Any]] | None = None,
+        count_deadline: bool = True,
     ) -> Outcome:
-        """Queue `request` and wait for its result, its deadline, or the client leaving."""
+        """Queue `request` and wait for its result, its deadline, or the client leaving. `count_deadline` False:
+        the work is shared by requests that count their own (`SharedWork`)."""
         if self._closing:
             raise self._shutting_down()
         pixels = sum(image.width * image.height for image in request.images)
@@ -243,7 +248,7 @@ class Scheduler:
                 left_s=item.deadline - _now(),
                 limit_s=timeout_s,
                 disconnected=disconnected,
-                metrics=self.metrics,
+                metrics=self.metrics if count_deadline else None,
             )
             return Outcome(result, (item.started or item.enqueued) - item.enqueued)
         except DeadlineExceeded as exc:

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fastapi import Request
 from pydantic import ValidationError
 
+from rlaifv.reward.errors import InvalidInputError
 from rlaifv.reward.scoring import top_k
 from rlaifv.service.engines import GenerateRequest, ScoreRequest
-from rlaifv.service.errors import BadGateway, BadRequest, Checks, NotFound
+from rlaifv.service.errors import BadGateway, BadRequest, Checks, NotFound, ServiceError
 from rlaifv.service.generator import Generated, openai_messages
 from rlaifv.service.protocol import (
     BestOfNRequest,
@@ -147,6 +148,15 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
+def _same_for_identical(error: BaseException) -> bool:
+    """A scoring's failure that an identical request would meet too (an answer over the token limit: its 400), so
+    the requests waiting for it get it at once instead of scoring again one after another; a full queue, a
+    deadline or an engine fault may pass, and they try again."""
+    if isinstance(error, InvalidInputError):
+        return True
+    return isinstance(error, ServiceError) and 400 <= error.status < 500 and error.status not in (408, 429)
+
+
 def _departure(request: Request | None) -> Callable[[], Awaitable[None]] | None:
     """What a wait watches for the client leaving (batch-job items have no client)."""
     return (lambda: _wait_for_disconnect(request)) if request is not None else None
@@ -273,12 +283,18 @@ class Serving:
             raise BadRequest(f"{param} must be <= {self.settings.max_n}, got {n}", param=param)
 
     async def _run(
-        self, engine_request: GenerateRequest | ScoreRequest, request: Request | None, timeout_s: float | None = None
+        self,
+        engine_request: GenerateRequest | ScoreRequest,
+        request: Request | None,
+        timeout_s: float | None = None,
+        count_deadline: bool = True,
     ) -> Outcome:
         """Through the scheduler; `request` (absent for batch-job items) lets a client's departure cancel the work.
         `timeout_s`: what is left of the request's deadline (all of RLAIFV_REQUEST_TIMEOUT_S by default)."""
         timeout = self.settings.request_timeout_s if timeout_s is None else timeout_s
-        return await self.scheduler.submit(engine_request, timeout_s=timeout, disconnected=_departure(request))
+        return await self.scheduler.submit(
+            engine_request, timeout_s=timeout, disconnected=_departure(request), count_deadline=count_deadline
+        )
 
     async def _generate_elsewhere(
         self,
@@ -444,7 +460,9 @@ class Serving:
             return cached.model_copy(
                 update={"id": f"rwd-{uuid.uuid4().hex}", "cached": True, "created": int(time.time())}
             )
-        shared = self._scoring[key] = SharedWork(self._score_and_keep(self.cache, key, scoring), self.metrics)
+        shared = self._scoring[key] = SharedWork(
+            self._score_and_keep(self.cache, key, scoring), self.metrics, shares=_same_for_identical
+        )
         shared.task.add_done_callback(functools.partial(self._done_scoring, key, shared))
         self.images.hand_over(shared.task)  # its images, scored for those still waiting after this client left
         # Its deadline is its scoring's (the scheduler's: QueuedTooLong when nothing ran, which batch jobs wait out).
@@ -454,12 +472,12 @@ class Serving:
 
     @staticmethod
     async def _score_and_keep(
-        cache: RewardCache, key: str, scoring: Callable[[Request | None], Awaitable[RewardsResponse]]
+        cache: RewardCache, key: str, scoring: Callable[..., Awaitable[RewardsResponse]]
     ) -> RewardsResponse:
         """The scoring that identical requests share, tied to no client (`SharedWork` cancels it when none is left
-        waiting), and its cache entry: written before the scoring leaves `_scoring`, or a request arriving in
-        between found neither and scored it again."""
-        response = await scoring(None)
+        waiting; its deadline is counted by the first request, if still there), and its cache entry: written before
+        the scoring leaves `_scoring`, or a request arriving in between found neither and scored it again."""
+        response = await scoring(None, count_deadline=False)
         await cache.set(key, response.model_dump_json())
         return response
 
@@ -492,6 +510,7 @@ class Serving:
         messages: list[dict[str, Any]] | None,
         config: RewardConfig,
         request: Request | None,
+        count_deadline: bool = True,
     ) -> RewardsResponse:
         score = ScoreRequest(
             images,
@@ -503,7 +522,7 @@ class Serving:
             continue_final=body.continue_final_message,
         )
         left = started + self.settings.request_timeout_s - time.perf_counter()  # a wait for an identical one counts
-        outcome = await self._run(score, request, max(0.0, left))
+        outcome = await self._run(score, request, max(0.0, left), count_deadline)
         ranking = outcome.result.ranking
         candidates = _candidates(ranking)
         scored = sum(c.num_tokens for c in candidates)

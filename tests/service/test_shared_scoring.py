@@ -195,3 +195,44 @@ async def test_the_scoring_stops_at_once_when_the_last_waiting_client_leaves(
     assert after.status_code == 200 and after.json()["cached"] is False
     assert len(held.runs) == 2 and held.writes == 1
     assert counted(server, "rlaifv_requests_rejected_total", {"reason": "client_disconnected"}) == 1 + followers
+
+
+async def test_a_request_that_left_is_not_counted_again_when_the_scoring_it_started_runs_out_of_time(
+    make_server: Any, access: AccessLines, red_url: str
+) -> None:
+    """The shared scoring's deadline is its first request's: it was counted as `deadline` inside the scoring too,
+    so a first request that had left was counted twice (gone and late), three rejections for two requests."""
+    server = make_server(request_timeout_s=1.0)
+    held = HeldEngine(server)  # never opened: every scoring runs out of time
+    request = body(red_url, "Is there a cat, too late?")
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
+        leader = await leaving_client(server, request)
+        await held.scoring_started()
+        follower = asyncio.ensure_future(client.post("/v1/rewards", json=request))
+        await held.looked_up(2)
+        await leave(leader)
+        assert await access.next() == 499
+        response = await follower
+    assert response.status_code == 504, response.text
+    assert counted(server, "rlaifv_requests_rejected_total", {"reason": "client_disconnected"}) == 1
+    assert counted(server, "rlaifv_requests_rejected_total", {"reason": "deadline"}) == 1
+
+
+async def test_a_scoring_refused_for_its_input_is_refused_to_the_identical_requests_waiting(
+    make_server: Any, red_url: str
+) -> None:
+    """Each identical request waiting scored again after the first one's 400, one after another: the last of
+    four waited four scorings for the same 400."""
+    server = make_server(max_tokens=2)
+    held = HeldEngine(server)
+    request = {"images": [red_url], "question": "Is there a cat?", "answers": ["an answer over two tokens " * 3]}
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
+        first = asyncio.ensure_future(client.post("/v1/rewards", json=request))
+        await held.scoring_started()
+        waiting = [asyncio.ensure_future(client.post("/v1/rewards", json=request)) for _ in range(3)]
+        await held.looked_up(4)
+        held.open()
+        responses = [await first, *[await each for each in waiting]]
+    assert [r.status_code for r in responses] == [400] * 4, [r.text for r in responses]
+    assert {r.json()["error"]["code"] for r in responses} == {"invalid_answer"}
+    assert len(held.runs) == 1, "the identical requests scored again"
