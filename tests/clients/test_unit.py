@@ -181,13 +181,15 @@ def test_backoff_schedule(attempt: int, retry_after: float | None, rand: float, 
     ],
 )
 def test_parse_retry_after(headers: dict[str, str], expected: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TZ", "EST5")  # a local zone that is not UTC (POSIX form: no tzdata needed)
-    time.tzset()
+    if hasattr(time, "tzset"):  # POSIX only
+        monkeypatch.setenv("TZ", "EST5")  # a local zone that is not UTC (POSIX form: no tzdata needed)
+        time.tzset()
     try:
         assert parse_retry_after(httpx.Headers(headers), now=3.0) == expected
     finally:
         monkeypatch.undo()
-        time.tzset()
+        if hasattr(time, "tzset"):
+            time.tzset()
 
 
 @pytest.mark.parametrize(
