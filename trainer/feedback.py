@@ -562,18 +562,30 @@ def feedback_key(config: FeedbackConfig, models: Sequence[str | Path]) -> str:
 
 def feedback_keys(config: FeedbackConfig, models: Sequence[str | Path]) -> list[str]:
     """The keys a run's feedback may have been saved under: `feedback_key` (what saves use), then the keys an
-    earlier version made: while the models' files are as they were then (`saved_identities`), and with llm_url and
-    llm_max_tokens in the key (before they were bookkeeping: the same values then resume)."""
-    from rlaifv.trainer.dpo import saved_identities
+    earlier version made: while the models' files are as they were then (`saved_identities`), with llm_url and
+    llm_max_tokens in the key (before they were bookkeeping: the same values then resume), and with the labeler's
+    and the claims LLM's folders by path.
+
+    The key holds those two folders by content, as the models sampled from: a copy elsewhere (or the same folder
+    by another path) resumes, and one replaced in place does not (a claims LLM was known by its path alone, so
+    one retrained in place went on from batches the earlier one had split)."""
+    from rlaifv.trainer.dpo import model_identity, saved_identities
 
     named = [*models, *([config.labeler] if config.labeler != "self" else [])]
+    by_content = config.result_settings()
+    for name in ("labeler", "llm_model"):
+        folder = by_content[name]
+        if folder and folder != "self" and Path(folder).is_dir():
+            by_content[name] = model_identity(folder)
     settings = [config.result_settings()]
     earlier = config.result_settings(FeedbackConfig.EARLIER_BOOKKEEPING)
     if earlier != settings[0]:
         settings.append(earlier)
-    keys = [
-        hashlib.sha256(json.dumps([values, identities]).encode()).hexdigest()
-        for identities in saved_identities(named)
-        for values in settings
-    ]
+    current = saved_identities(named)[0]
+    keys = [_key(by_content, current)]
+    keys += [_key(values, identities) for identities in saved_identities(named) for values in settings]
     return list(dict.fromkeys(keys))
+
+
+def _key(settings: dict[str, Any], identities: Sequence[str | None]) -> str:
+    return hashlib.sha256(json.dumps([settings, identities]).encode()).hexdigest()

@@ -439,6 +439,38 @@ def test_a_hub_model_id_names_its_feedback_run() -> None:
     assert feedback_key(config, ["llava-hf/llava-1.5-7b-hf"]) != feedback_key(config, ["other/model"])
 
 
+@pytest.mark.parametrize("setting", ["labeler", "llm_model"])
+def test_the_labeler_and_the_claims_llm_name_the_feedback_by_content(
+    tiny_model: Path, tmp_path: Path, setting: str
+) -> None:
+    """Both were in the key by path: a copy elsewhere (which run.json resumes) started the round's feedback over,
+    and a claims LLM retrained in place went on from batches the earlier one had split."""
+    import hashlib
+    import json
+    import shutil
+
+    from rlaifv.trainer.dpo import saved_identities
+    from rlaifv.trainer.feedback import feedback_key, feedback_keys
+
+    def config(folder: Path) -> FeedbackConfig:
+        return FeedbackConfig(
+            **({"labeler": str(folder)} if setting == "labeler" else {"splitter": "llm", "llm_model": str(folder)})
+        )
+
+    first = shutil.copytree(tiny_model, tmp_path / "first")
+    copy = shutil.copytree(first, tmp_path / "copy")
+    key = feedback_key(config(first), [tiny_model])
+    assert feedback_key(config(copy), [tiny_model]) == key
+    named = [tiny_model, *([first] if setting == "labeler" else [])]
+    by_path = [config(first).result_settings(), saved_identities([str(p) for p in named])[0]]
+    assert hashlib.sha256(json.dumps(by_path).encode()).hexdigest() in feedback_keys(config(first), [tiny_model])
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))  # retrained in place
+    assert key not in feedback_keys(config(copy), [tiny_model])
+
+
 def _sampled_batches(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """The prompt ids of every batch sampled from now on (the batches a run did not reuse), in order."""
     from rlaifv.trainer import feedback as feedback_module
