@@ -27,6 +27,7 @@ from rlaifv.cli.eval_run import (
     default_cache,
     fail,
     http_url,
+    one_authorization,
     reward_modes,
     set_threads,
     user_error,
@@ -320,6 +321,7 @@ def objhal(
         raise bad_option("--coco", "give --coco DIR, or --instances and --captions files")
     if extractor == "llm" and not (llm_url and llm_model):
         raise bad_option("--extractor", "llm needs --llm-url and --llm-model")
+    one_authorization(llm_url, llm_key, "--llm-url", "--llm-key", "RLAIFV_EVAL_LLM_KEY")
     if answers is None and (prompts is None or not src.generates):
         raise bad_option("--answers", "give --answers FILE, or --prompts FILE with --bundle or --service")
     causes: list[str] = []
@@ -521,6 +523,7 @@ def mmhal(
     src = _source(output, locals())
     if src.generates and images is None:
         raise bad_option("--images", "generating MMHal answers needs --images DIR (MMHal-Bench's images folder)")
+    one_authorization(judge_url, judge_key, "--judge-url", "--judge-key", "RLAIFV_EVAL_JUDGE_KEY")
     store_path = results or sibling(output, ".judged.jsonl")
     store = JsonlStore(store_path)
     causes: list[str] = []
