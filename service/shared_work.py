@@ -68,7 +68,7 @@ class SharedWork(Generic[T]):
         result = await self._wait(self._settled, left_s, limit_s, disconnected)
         error = self._error()
         if result is None and error is not None and self._shares(error):
-            raise error
+            raise error.with_traceback(None)  # raised in every waiter: its traceback would grow with each
         return result
 
     def _error(self) -> BaseException | None:

@@ -32,7 +32,7 @@ def shown_url(text: str) -> str:
 def has_user(url: str) -> bool:
     """Whether a URL holds a user (and password), also one whose password holds an unencoded '?' or '#' (which
     `urlsplit` leaves out of the host part)."""
-    return "@" in url.partition("://")[2].partition("/")[0]
+    return bool(url.partition("://")[2].partition("/")[0].rpartition("@")[0])
 
 
 def url_secrets(url: str) -> list[str]:
