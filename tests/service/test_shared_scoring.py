@@ -112,6 +112,18 @@ async def leave(writer: asyncio.StreamWriter) -> None:
     await writer.wait_closed()
 
 
+async def a_first_request_and_one_waiting(
+    server: Any, held: HeldEngine, client: httpx.AsyncClient, request: dict[str, Any]
+) -> tuple[asyncio.StreamWriter, asyncio.Future[httpx.Response]]:
+    """A first request (its client able to leave) whose scoring is held in the engine, and an identical one
+    waiting for it."""
+    leader = await leaving_client(server, request)
+    await held.scoring_started()
+    follower = asyncio.ensure_future(client.post("/v1/rewards", json=request))
+    await held.looked_up(2)
+    return leader, follower
+
+
 def counted(server: Any, name: str, labels: dict[str, str]) -> float:
     return server.app.state.metrics.registry.get_sample_value(name, labels) or 0.0
 
@@ -125,10 +137,7 @@ async def test_the_first_clients_departure_leaves_the_scoring_to_the_identical_r
     held = HeldEngine(server)
     request = body(red_url, "Is there a cat, shared?")
     async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
-        leader = await leaving_client(server, request)
-        await held.scoring_started()
-        follower = asyncio.ensure_future(client.post("/v1/rewards", json=request))
-        await held.looked_up(2)
+        leader, follower = await a_first_request_and_one_waiting(server, held, client, request)
         images = server.app.state.serving.images
         both = images.in_hand
         await leave(leader)
@@ -206,10 +215,7 @@ async def test_a_request_that_left_is_not_counted_again_when_the_scoring_it_star
     held = HeldEngine(server)  # never opened: every scoring runs out of time
     request = body(red_url, "Is there a cat, too late?")
     async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
-        leader = await leaving_client(server, request)
-        await held.scoring_started()
-        follower = asyncio.ensure_future(client.post("/v1/rewards", json=request))
-        await held.looked_up(2)
+        leader, follower = await a_first_request_and_one_waiting(server, held, client, request)
         await leave(leader)
         assert await access.next() == 499
         response = await follower
