@@ -19,7 +19,15 @@ from pydantic import ValidationError
 from rlaifv.reward.errors import InvalidInputError
 from rlaifv.reward.scoring import top_k
 from rlaifv.service.engines import GenerateRequest, ScoreRequest
-from rlaifv.service.errors import BadGateway, BadRequest, Checks, NotFound, ServiceError
+from rlaifv.service.errors import (
+    BadGateway,
+    BadRequest,
+    Checks,
+    DeadlineExceeded,
+    NotFound,
+    QueuedTooLong,
+    ServiceError,
+)
 from rlaifv.service.generator import Generated, openai_messages
 from rlaifv.service.protocol import (
     BestOfNRequest,
@@ -490,12 +498,17 @@ class Serving:
         16 identical concurrent requests were 16 scorings, all cache misses. The wait is the request's own: within
         its deadline and only while its client stays (a chain of identical requests each waited for the one before
         with no deadline, then scored afresh with a whole one: the last of six answered a 2 s deadline at 12 s).
-        Its departure leaves the scoring to those still waiting (`SharedWork`)."""
+        Its departure leaves the scoring to those still waiting (`SharedWork`). Its deadline passing is a
+        QueuedTooLong: nothing of this request ran, so a batch job sends its item again (identical items of one job
+        start together, and one whose deadline passed while it waited on another failed for good)."""
         timeout = self.settings.request_timeout_s
         while (shared := self._scoring.get(key)) is not None:
-            response = await shared.result_if_any(
-                left_s=started + timeout - time.perf_counter(), limit_s=timeout, disconnected=_departure(request)
-            )
+            try:
+                response = await shared.result_if_any(
+                    left_s=started + timeout - time.perf_counter(), limit_s=timeout, disconnected=_departure(request)
+                )
+            except DeadlineExceeded as exc:
+                raise QueuedTooLong(exc.message, code=exc.code) from None
             if response is not None:
                 return response
         return None

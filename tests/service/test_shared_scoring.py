@@ -242,3 +242,28 @@ async def test_a_scoring_refused_for_its_input_is_refused_to_the_identical_reque
     assert [r.status_code for r in responses] == [400] * 4, [r.text for r in responses]
     assert {r.json()["error"]["code"] for r in responses} == {"invalid_answer"}
     assert len(held.runs) == 1, "the identical requests scored again"
+
+
+async def test_a_job_item_whose_time_ends_while_it_waits_on_an_identical_scoring_is_sent_again(
+    make_server: Any,
+) -> None:
+    """Identical items of one batch job start together: one whose deadline passed while it waited on another's
+    scoring failed for good (`deadline_exceeded`), though nothing of it had run; a QueuedTooLong is retried."""
+    import time
+
+    from rlaifv.service.errors import QueuedTooLong
+    from rlaifv.service.shared_work import SharedWork
+
+    server = make_server(request_timeout_s=1.0)
+    serving = server.app.state.serving
+    loop = serving.scheduler._task.get_loop()
+
+    async def wait_on_a_scoring_that_never_ends() -> Any:
+        serving._scoring["k"] = SharedWork(asyncio.Event().wait(), serving.metrics)
+        try:
+            return await serving._scored_meanwhile("k", time.perf_counter() - 0.95, None)  # 50 ms of 1 s left
+        finally:
+            assert serving._scoring.pop("k").task.cancelled()  # its last waiter gone: stopped
+
+    with pytest.raises(QueuedTooLong):
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(wait_on_a_scoring_that_never_ends(), loop))
