@@ -206,6 +206,7 @@ class Serving:
         self.generator = generator
         self.model_name = settings.model_name or engine.name
         self._scoring: dict[str, SharedWork[RewardsResponse]] = {}  # cache key -> its scoring now
+        self._writes: set[asyncio.Task[None]] = set()  # cache writes of shared scorings, not yet done
 
     @classmethod
     def open(
@@ -261,6 +262,8 @@ class Serving:
         """Drain the queue (up to `grace_s`, the shutdown grace by default), then release images, the generator
         and the engine."""
         await self.scheduler.close(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        if self._writes:  # bounded by the Redis timeouts; the client closes after this
+            await asyncio.wait(set(self._writes))
         await self.images.aclose()
         if self.generator is not None:
             await self.generator.aclose()
@@ -468,28 +471,37 @@ class Serving:
             return cached.model_copy(
                 update={"id": f"rwd-{uuid.uuid4().hex}", "cached": True, "created": int(time.time())}
             )
+        # Tied to no client (`SharedWork` cancels it when no one waits); its deadline is counted by this request.
         shared = self._scoring[key] = SharedWork(
-            self._score_and_keep(self.cache, key, scoring), self.metrics, shares=_same_for_identical
+            scoring(None, count_deadline=False), self.metrics, shares=_same_for_identical
         )
-        shared.task.add_done_callback(functools.partial(self._done_scoring, key, shared))
+        shared.task.add_done_callback(functools.partial(self._keep, self.cache, key, shared))
         self.images.hand_over(shared.task)  # its images, scored for those still waiting after this client left
         # Its deadline is its scoring's (the scheduler's: QueuedTooLong when nothing ran, which batch jobs wait out).
         return await shared.result(
             left_s=float("inf"), limit_s=self.settings.request_timeout_s, disconnected=_departure(request)
         )
 
-    @staticmethod
-    async def _score_and_keep(
-        cache: RewardCache, key: str, scoring: Callable[..., Awaitable[RewardsResponse]]
-    ) -> RewardsResponse:
-        """The scoring that identical requests share, tied to no client (`SharedWork` cancels it when none is left
-        waiting; its deadline is counted by the first request, if still there), and its cache entry: written before
-        the scoring leaves `_scoring`, or a request arriving in between found neither and scored it again."""
-        response = await scoring(None, count_deadline=False)
-        await cache.set(key, response.model_dump_json())
-        return response
+    def _keep(
+        self, cache: RewardCache, key: str, shared: SharedWork[RewardsResponse], scored: asyncio.Task[Any]
+    ) -> None:
+        """The response goes into the cache while its requests already have it (they waited for the write too: a
+        slow Redis pushed them past their deadlines); the scoring stays in `_scoring` until the cache holds it, or a
+        request arriving in between would find neither and score it again."""
+        if scored.cancelled() or scored.exception() is not None:
+            self._done_scoring(key, shared)
+            return
+        write = asyncio.get_running_loop().create_task(cache.set(key, scored.result().model_dump_json()))
+        self._writes.add(write)
+        write.add_done_callback(functools.partial(self._written, key, shared))
 
-    def _done_scoring(self, key: str, shared: SharedWork[RewardsResponse], _: object) -> None:
+    def _written(self, key: str, shared: SharedWork[RewardsResponse], write: asyncio.Task[None]) -> None:
+        self._writes.discard(write)
+        if not write.cancelled() and (error := write.exception()) is not None:  # Redis's own are a miss already
+            log.warning("reward cache write failed: %s", error, extra={"error_type": type(error).__name__})
+        self._done_scoring(key, shared)
+
+    def _done_scoring(self, key: str, shared: SharedWork[RewardsResponse]) -> None:
         if self._scoring.get(key) is shared:
             del self._scoring[key]
 
