@@ -156,6 +156,10 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
+async def _cache_write(cache: RewardCache, key: str, response: RewardsResponse) -> None:
+    await cache.set(key, response.model_dump_json())
+
+
 def _same_for_identical(error: BaseException) -> bool:
     """A scoring's failure that an identical request would meet too (an answer over the token limit: its 400), so
     the requests waiting for it get it at once instead of scoring again one after another; a full queue, a
@@ -262,6 +266,9 @@ class Serving:
         """Drain the queue (up to `grace_s`, the shutdown grace by default), then release images, the generator
         and the engine."""
         await self.scheduler.close(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        scoring = [shared.task for shared in self._scoring.values() if not shared.task.done()]
+        if scoring:  # ended by the scheduler's close: their cache writes start as they end (`_keep`)
+            await asyncio.wait(scoring)
         if self._writes:  # bounded by the Redis timeouts; the client closes after this
             await asyncio.wait(set(self._writes))
         await self.images.aclose()
@@ -491,7 +498,7 @@ class Serving:
         if scored.cancelled() or scored.exception() is not None:
             self._done_scoring(key, shared)
             return
-        write = asyncio.get_running_loop().create_task(cache.set(key, scored.result().model_dump_json()))
+        write = asyncio.get_running_loop().create_task(_cache_write(cache, key, scored.result()))
         self._writes.add(write)
         write.add_done_callback(functools.partial(self._written, key, shared))
 
@@ -510,19 +517,20 @@ class Serving:
         16 identical concurrent requests were 16 scorings, all cache misses. The wait is the request's own: within
         its deadline and only while its client stays (a chain of identical requests each waited for the one before
         with no deadline, then scored afresh with a whole one: the last of six answered a 2 s deadline at 12 s).
-        Its departure leaves the scoring to those still waiting (`SharedWork`). Its deadline passing is a
-        QueuedTooLong: nothing of this request ran, so a batch job sends its item again (identical items of one job
-        start together, and one whose deadline passed while it waited on another failed for good)."""
+        Its departure leaves the scoring to those still waiting (`SharedWork`).
+
+        A batch job's item (no client) waits for the scoring as long as it runs (its deadline bounds the wait) and
+        fails as it does when it ran past its deadline: identical items of one job start together, and each one
+        whose own deadline passed first scored again, ran past it again, one after another."""
         timeout = self.settings.request_timeout_s
         while (shared := self._scoring.get(key)) is not None:
-            try:
-                response = await shared.result_if_any(
-                    left_s=started + timeout - time.perf_counter(), limit_s=timeout, disconnected=_departure(request)
-                )
-            except DeadlineExceeded as exc:
-                raise QueuedTooLong(exc.message, code=exc.code) from None
+            left = float("inf") if request is None else started + timeout - time.perf_counter()
+            response = await shared.result_if_any(left_s=left, limit_s=timeout, disconnected=_departure(request))
             if response is not None:
                 return response
+            error = shared.error()
+            if request is None and isinstance(error, DeadlineExceeded) and not isinstance(error, QueuedTooLong):
+                raise error.with_traceback(None)  # it ran: the same work would run past the deadline again
         return None
 
     async def _score_rewards(

@@ -56,7 +56,7 @@ class SharedWork(Generic[T]):
         try:
             return await self._wait(self.task, left_s, limit_s, disconnected)
         except DeadlineExceeded as error:
-            if self._error() is error:
+            if self.error() is error:
                 self._metrics.rejected.labels(reason="deadline").inc()
             raise
 
@@ -66,12 +66,13 @@ class SharedWork(Generic[T]):
         """The work's result, None when it failed or was cancelled, so that the waiter does the work itself; raised:
         this waiter's own ClientDisconnected or DeadlineExceeded, and a failure `shares` says it would meet too."""
         result = await self._wait(self._settled, left_s, limit_s, disconnected)
-        error = self._error()
+        error = self.error()
         if result is None and error is not None and self._shares(error):
             raise error.with_traceback(None)  # raised in every waiter: its traceback would grow with each
         return result
 
-    def _error(self) -> BaseException | None:
+    def error(self) -> BaseException | None:
+        """The work's failure, once it has ended with one (None: running, done, or cancelled)."""
         return self.task.exception() if self.task.done() and not self.task.cancelled() else None
 
     async def _wait(

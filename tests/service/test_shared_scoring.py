@@ -244,29 +244,57 @@ async def test_a_scoring_refused_for_its_input_is_refused_to_the_identical_reque
     assert len(held.runs) == 1, "the identical requests scored again"
 
 
-async def test_a_job_item_whose_time_ends_while_it_waits_on_an_identical_scoring_is_sent_again(
-    make_server: Any,
-) -> None:
-    """Identical items of one batch job start together: one whose deadline passed while it waited on another's
-    scoring failed for good (`deadline_exceeded`), though nothing of it had run; a QueuedTooLong is retried."""
+@pytest.mark.parametrize("ending", ["scored", "ran past", "never ran"])
+async def test_a_job_item_waits_on_an_identical_scoring_as_long_as_it_runs(make_server: Any, ending: str) -> None:
+    """Identical items of one batch job start together: one whose own deadline passed while it waited on another's
+    scoring failed for good, or (sent again) scored afresh and ran past it again, one after another. It now waits as
+    long as the scoring runs, and fails as that did when it ran past its deadline; one that never ran (a
+    QueuedTooLong) leaves the item to score again, as a job sends it again."""
     import time
 
-    from rlaifv.service.errors import QueuedTooLong
+    from rlaifv.service.errors import DeadlineExceeded, QueuedTooLong
     from rlaifv.service.shared_work import SharedWork
 
     server = make_server(request_timeout_s=1.0)
     serving = server.app.state.serving
     loop = serving.scheduler._task.get_loop()
+    response = object()
 
-    async def wait_on_a_scoring_that_never_ends() -> Any:
-        serving._scoring["k"] = SharedWork(asyncio.Event().wait(), serving.metrics)
+    async def scoring(gate: asyncio.Event) -> Any:
+        await gate.wait()
+        if ending == "ran past":
+            raise DeadlineExceeded("request not served within 1 s", code="deadline_exceeded")
+        if ending == "never ran":
+            raise QueuedTooLong("request not served within 1 s", code="deadline_exceeded")
+        return response
+
+    async def wait_as_a_job_item() -> Any:
+        gate, entered = asyncio.Event(), asyncio.Event()
+        serving._scoring["k"] = shared = SharedWork(scoring(gate), serving.metrics)
+        shared.task.add_done_callback(lambda _: serving._scoring.pop("k", None))
+        real, waits = shared.result_if_any, []
+
+        async def noted(**wait: Any) -> Any:
+            waits.append(wait["left_s"])
+            entered.set()
+            return await real(**wait)
+
+        shared.result_if_any = noted  # type: ignore[method-assign]
+        waiting = asyncio.ensure_future(serving._scored_meanwhile("k", time.perf_counter() - 5.0, None))  # 1 s gone
+        await entered.wait()  # the item waits on the scoring: now it ends
+        gate.set()
         try:
-            return await serving._scored_meanwhile("k", time.perf_counter() - 0.95, None)  # 50 ms of 1 s left
+            return await waiting
         finally:
-            assert serving._scoring.pop("k").task.cancelled()  # its last waiter gone: stopped
+            assert waits == [float("inf")], "the item gave up on the scoring before it ended"
 
-    with pytest.raises(QueuedTooLong):
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(wait_on_a_scoring_that_never_ends(), loop))
+    done = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(wait_as_a_job_item(), loop))
+    if ending == "ran past":
+        with pytest.raises(DeadlineExceeded) as failed:
+            await done
+        assert not isinstance(failed.value, QueuedTooLong)
+    else:
+        assert await done is (response if ending == "scored" else None)
 
 
 async def test_the_waiting_requests_have_the_response_before_the_cache_does(make_server: Any, red_url: str) -> None:
