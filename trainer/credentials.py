@@ -30,9 +30,9 @@ def shown_url(text: str) -> str:
 
 
 def has_user(url: str) -> bool:
-    """Whether a URL holds a user (and password), also one whose password holds an unencoded '?' or '#' (which
-    `urlsplit` leaves out of the host part)."""
-    return bool(url.partition("://")[2].partition("/")[0].rpartition("@")[0])
+    """Whether a URL holds a user (and password) httpx sends as Basic authorization, also one whose password holds
+    an unencoded '?' or '#' (which `urlsplit` leaves out of the host part)."""
+    return url.partition("://")[2].partition("/")[0].rpartition("@")[0] not in ("", ":")  # empty: httpx sends none
 
 
 def url_secrets(url: str) -> list[str]:

@@ -131,6 +131,7 @@ def _source(output: Path, options: dict[str, Any]) -> Source:
     o: dict[str, Any] = {"n": 1, "select": "first", "service_max_n": 16} | {
         key: options[key] for key in SOURCE_OPTIONS if key in options
     }
+    one_authorization(o.get("service"), o.get("api_key"), "--service", "--api-key", "RLAIFV_EVAL_API_KEY")
     src = Source(
         bundle=o.get("bundle"),
         service=o.get("service"),
@@ -321,7 +322,8 @@ def objhal(
         raise bad_option("--coco", "give --coco DIR, or --instances and --captions files")
     if extractor == "llm" and not (llm_url and llm_model):
         raise bad_option("--extractor", "llm needs --llm-url and --llm-model")
-    one_authorization(llm_url, llm_key, "--llm-url", "--llm-key", "RLAIFV_EVAL_LLM_KEY")
+    if extractor == "llm":
+        one_authorization(llm_url, llm_key, "--llm-url", "--llm-key", "RLAIFV_EVAL_LLM_KEY")
     if answers is None and (prompts is None or not src.generates):
         raise bad_option("--answers", "give --answers FILE, or --prompts FILE with --bundle or --service")
     causes: list[str] = []

@@ -192,6 +192,7 @@ ANSWERS = ["--answers", str(DATA / "objhal_answers.jsonl")]
         [*MMHAL, "--bundle", "default"],  # no --images
         [*MMHAL, "--answers", "a.jsonl", "--service", "http://127.0.0.1:9"],
         [*MMHAL, *ANSWERS, "--judge-url", "http://u:p@127.0.0.1:9/v1", "--judge-key", "k"],  # a key never sent
+        [*OBJHAL, "--prompts", "p.jsonl", "--service", "http://u:p@127.0.0.1:9", "--api-key", "k"],
         [*OBJHAL, *ANSWERS, "--extractor", "llm", "--llm-url", "http://u:p@h:9/v1", "--llm-model", "m", "--llm-key=k"],
         ["eval", "shapes", "--modes", "dpo,foo"],
     ],
