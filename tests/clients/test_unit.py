@@ -378,6 +378,27 @@ def test_api_keys_are_stripped_and_must_fit_a_header() -> None:
         Client(base_url="http://svc", api_key="sk-\u00e9")
 
 
+def test_a_key_beside_a_user_and_password_in_the_url_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx sends a URL's user and password as Basic authorization, replacing the key's Bearer header: the key was
+    never sent and the server answered 401."""
+    with pytest.raises(ValueError, match="give one of them"):
+        Client(base_url="http://u:p@svc", api_key="sk-1")
+    monkeypatch.setenv("RLAIFV_API_KEY", "sk-2")
+    with pytest.raises(ValueError, match="RLAIFV_API_KEY"):
+        AsyncClient(base_url="http://u:p@svc")
+    monkeypatch.delenv("RLAIFV_API_KEY")
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200, json={"status": "ok"})
+
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    with Client(base_url="http://u:p@svc", http_client=http) as client:  # the URL's alone: a proxy's Basic auth
+        client.health()
+    assert seen == ["Basic dTpw"]
+
+
 def test_a_request_httpx_cannot_even_send_is_not_retried() -> None:
     seen: list[httpx.Request] = []
 

@@ -760,6 +760,11 @@ class BaseClient:
         self.api_key = key.strip() or None if key is not None else None  # a key read from a file ends in "\\n"
         if self.api_key is not None and not all(" " <= c <= "~" for c in self.api_key):
             raise ValueError("api_key holds characters an HTTP header cannot carry (only printable ASCII)")
+        if self.api_key and (url.username or url.password):  # httpx sends the URL's as Basic, replacing the key's
+            raise ValueError(
+                f"base_url holds a user and password and an API key is set (api_key or {C.API_KEY_ENV}): both go in"
+                " the Authorization header and the URL's would replace the key; give one of them"
+            )
         self.timeout = timeout
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
