@@ -445,7 +445,16 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch) -> tuple[list[float], list[float
         slept.append(seconds)
         clock[0] += seconds
 
-    async def async_sleep(seconds: float) -> None:
+    import asyncio
+    import threading
+
+    real_async_sleep, owner = asyncio.sleep, threading.get_ident()
+
+    async def async_sleep(seconds: float, *args: Any, **kwargs: Any) -> Any:
+        """asyncio.sleep is patched for the whole process: a server left running on a thread by an earlier test
+        (uvicorn ticks with asyncio.sleep(0.1)) spun on the fake one and filled `slept`."""
+        if threading.get_ident() != owner:
+            return await real_async_sleep(seconds, *args, **kwargs)
         sleep(seconds)
 
     fake = types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep, time=lambda: clock[0])
