@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import builtins
 import io
+import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -268,7 +271,7 @@ def test_429_waits_the_servers_retry_after_sync(monkeypatch: pytest.MonkeyPatch)
     import rlaifv_client._client as client_module
 
     slept: list[float] = []
-    monkeypatch.setattr(client_module.time, "sleep", slept.append)
+    monkeypatch.setattr(client_module.time, "sleep", _sleep_here(slept.append))
     seen, transport = _rate_limited_twice()
     backoff = Backoff(initial=0.001, max=0.001, jitter=0.25)
     with Client(
@@ -285,10 +288,7 @@ async def test_429_waits_the_servers_retry_after_async(monkeypatch: pytest.Monke
 
     slept: list[float] = []
 
-    async def record(delay: float) -> None:
-        slept.append(delay)
-
-    monkeypatch.setattr(client_module.asyncio, "sleep", record)
+    monkeypatch.setattr(client_module.asyncio, "sleep", _async_sleep_here(slept.append))
     seen, transport = _rate_limited_twice()
     backoff = Backoff(initial=0.001, max=0.001, jitter=0.25)
     http = httpx.AsyncClient(transport=transport)
@@ -431,6 +431,25 @@ def test_jsonl_lines_split_at_newlines_only() -> None:
     assert list(split_lines(chunks)) == ['{"a": "x\u2028y"}', '{"b": "\u0085"}', '{"c": 1}']
 
 
+def _sleep_here(fake: Callable[[float], None]) -> Callable[[float], None]:
+    """time.sleep is patched for the whole process: `fake` for the test's own thread, the real one for the others."""
+    real, owner = time.sleep, threading.get_ident()
+    return lambda seconds: (fake if threading.get_ident() == owner else real)(seconds)
+
+
+def _async_sleep_here(fake: Callable[[float], None]) -> Callable[..., Awaitable[Any]]:
+    """asyncio.sleep is patched for the whole process: a server left running on a thread by an earlier test
+    (uvicorn ticks with asyncio.sleep(0.1)) spun on a fake that does not wait, and filled the test's sleeps."""
+    real, owner = asyncio.sleep, threading.get_ident()
+
+    async def sleep(seconds: float, *args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() != owner:
+            return await real(seconds, *args, **kwargs)
+        fake(seconds)
+
+    return sleep
+
+
 def fake_clock(monkeypatch: pytest.MonkeyPatch) -> tuple[list[float], list[float]]:
     """A clock at 100 s that only sleeps move, for both clients: `jobs.wait` reads it where its loop lives
     (`Waiting`) and sleeps where it requests (time.sleep, asyncio.sleep). Returns the clock and the sleeps."""
@@ -445,22 +464,10 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch) -> tuple[list[float], list[float
         slept.append(seconds)
         clock[0] += seconds
 
-    import asyncio
-    import threading
-
-    real_async_sleep, owner = asyncio.sleep, threading.get_ident()
-
-    async def async_sleep(seconds: float, *args: Any, **kwargs: Any) -> Any:
-        """asyncio.sleep is patched for the whole process: a server left running on a thread by an earlier test
-        (uvicorn ticks with asyncio.sleep(0.1)) spun on the fake one and filled `slept`."""
-        if threading.get_ident() != owner:
-            return await real_async_sleep(seconds, *args, **kwargs)
-        sleep(seconds)
-
     fake = types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep, time=lambda: clock[0])
     monkeypatch.setattr(client_module, "time", fake)
     monkeypatch.setattr(base_module, "time", fake)
-    monkeypatch.setattr(client_module.asyncio, "sleep", async_sleep)
+    monkeypatch.setattr(client_module.asyncio, "sleep", _async_sleep_here(sleep))
     return clock, slept
 
 
