@@ -3,18 +3,19 @@ Redis for jobs, an image host the server may fetch from, and images in every for
 
 from __future__ import annotations
 
+import contextlib
 import io
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from rlaifv.testing.http_stub import serving
 from rlaifv.testing.server import LiveServer as _LiveServer
 from rlaifv.testing.server import free_port
 
@@ -68,17 +69,15 @@ class ImageHost:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/red.png"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._handler, self._served = Handler, contextlib.ExitStack()
 
     def __enter__(self) -> ImageHost:
-        self.thread.start()
+        server = self._served.enter_context(serving(self._handler))
+        self.url = f"http://127.0.0.1:{server.server_port}/red.png"
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._served.close()
 
 
 @pytest.fixture(scope="session")

@@ -5,19 +5,21 @@ and their rewards exactly what the scorer's /v1/rewards gives for those texts.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Self
 
 import httpx
 import pytest
 
+from rlaifv.testing.http_stub import serving
 from tests.service.conftest import TEST_LIMITS, LiveServer
 
 pytestmark = pytest.mark.integration
@@ -235,18 +237,15 @@ class GeneratorStub:
 
     def __init__(self, handler: type[StubHandler]) -> None:
         handler.stub = self
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._handler, self._served = handler, contextlib.ExitStack()
 
     def __enter__(self) -> Self:
-        self.thread.start()
+        server = self._served.enter_context(serving(self._handler, daemon_threads=True))
+        self.url = f"http://127.0.0.1:{server.server_port}/v1"
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._served.close()
 
 
 class StubHandler(BaseHTTPRequestHandler):

@@ -6,11 +6,12 @@ import gzip
 import threading
 import tracemalloc
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
 
+from rlaifv.testing.http_stub import serving
 from tests.service.conftest import png_bytes
 
 pytestmark = pytest.mark.integration
@@ -61,12 +62,9 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def image_host():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    STOP_TRICKLING.set()
-    httpd.shutdown()
+    with serving(Handler) as httpd:
+        yield f"http://127.0.0.1:{httpd.server_port}"
+        STOP_TRICKLING.set()
 
 
 @pytest.fixture(scope="module")
@@ -130,14 +128,9 @@ def test_a_listed_name_resolving_to_a_loopback_address_is_refused(remote_server)
     """`localhost` stands for any allowed name a caller can point at an internal address (a wildcard over names
     anyone can register, e.g. `*.ngrok.app`): the server fetched from 127.0.0.1 or 169.254.169.254 through it. (The
     list's `127.0.0.1:port` entry allows the other tests' host, on its port only.)"""
-    internal = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=internal.serve_forever, daemon=True).start()
-    try:
-        body = {"images": [f"http://localhost:{internal.server_address[1]}/red.png"], "question": "q", "answers": ["a"]}
+    with serving(Handler) as internal:
+        body = {"images": [f"http://localhost:{internal.server_port}/red.png"], "question": "q", "answers": ["a"]}
         r = httpx.post(remote_server.url + "/v1/rewards", json=body, timeout=60)
-    finally:
-        internal.shutdown()
-        internal.server_close()
     assert r.status_code == 400 and r.json()["error"]["param"] == "images[0]"
     assert "image host 'localhost' resolves to a non-public address (" in r.json()["error"]["message"]
     assert "loopback" in r.json()["error"]["message"]

@@ -6,9 +6,8 @@ import collections.abc
 import json
 import subprocess
 import sys
-import threading
 import typing
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import ClassVar
 
@@ -16,6 +15,7 @@ import pytest
 from trainer_testkit import ControlledLabeler
 
 from rlaifv import trainer
+from rlaifv.testing.http_stub import serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,12 +87,9 @@ class _ChatHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def chat_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     _ChatHandler.requests = []
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
+    with serving(_ChatHandler) as server:
+        yield f"http://127.0.0.1:{server.server_port}/v1"
 
 
 def test_llm_splitter_and_writer_over_an_openai_compatible_url(chat_server: str) -> None:
