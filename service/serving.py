@@ -156,15 +156,14 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def _cache_write(cache: RewardCache, key: str, response: RewardsResponse) -> None:
-    await cache.set(key, response.model_dump_json())
-
-
-def _same_for_identical(error: BaseException) -> bool:
+def _same_for_identical(error: BaseException, *, job_item: bool = False) -> bool:
     """A scoring's failure that an identical request would meet too (an answer over the token limit: its 400), so
     the requests waiting for it get it at once instead of scoring again one after another; a full queue, a
-    deadline or an engine fault may pass, and they try again."""
+    deadline or an engine fault may pass, and they try again. A batch job's item also meets a scoring that ran past
+    its deadline: it would run past it again (identical items of one job start together)."""
     if isinstance(error, InvalidInputError):
+        return True
+    if job_item and isinstance(error, DeadlineExceeded) and not isinstance(error, QueuedTooLong):
         return True
     return isinstance(error, ServiceError) and 400 <= error.status < 500 and error.status not in (408, 429)
 
@@ -479,15 +478,11 @@ class Serving:
                 update={"id": f"rwd-{uuid.uuid4().hex}", "cached": True, "created": int(time.time())}
             )
         # Tied to no client (`SharedWork` cancels it when no one waits); its deadline is counted by this request.
-        shared = self._scoring[key] = SharedWork(
-            scoring(None, count_deadline=False), self.metrics, shares=_same_for_identical
-        )
+        shared = self._scoring[key] = SharedWork(scoring(None, count_deadline=False), self.metrics)
         shared.task.add_done_callback(functools.partial(self._keep, self.cache, key, shared))
         self.images.hand_over(shared.task)  # its images, scored for those still waiting after this client left
         # Its deadline is its scoring's (the scheduler's: QueuedTooLong when nothing ran, which batch jobs wait out).
-        return await shared.result(
-            left_s=float("inf"), limit_s=self.settings.request_timeout_s, disconnected=_departure(request)
-        )
+        return await shared.result(disconnected=_departure(request))
 
     def _keep(
         self, cache: RewardCache, key: str, shared: SharedWork[RewardsResponse], scored: asyncio.Task[Any]
@@ -498,15 +493,19 @@ class Serving:
         if scored.cancelled() or scored.exception() is not None:
             self._done_scoring(key, shared)
             return
-        write = asyncio.get_running_loop().create_task(_cache_write(cache, key, scored.result()))
+        write = asyncio.get_running_loop().create_task(self._write(cache, key, shared, scored.result()))
         self._writes.add(write)
-        write.add_done_callback(functools.partial(self._written, key, shared))
+        write.add_done_callback(self._writes.discard)
 
-    def _written(self, key: str, shared: SharedWork[RewardsResponse], write: asyncio.Task[None]) -> None:
-        self._writes.discard(write)
-        if not write.cancelled() and (error := write.exception()) is not None:  # Redis's own are a miss already
+    async def _write(
+        self, cache: RewardCache, key: str, shared: SharedWork[RewardsResponse], response: RewardsResponse
+    ) -> None:
+        try:
+            await cache.set(key, response.model_dump_json())
+        except Exception as error:  # Redis's own are a miss already
             log.warning("reward cache write failed: %s", error, extra={"error_type": type(error).__name__})
-        self._done_scoring(key, shared)
+        finally:
+            self._done_scoring(key, shared)
 
     def _done_scoring(self, key: str, shared: SharedWork[RewardsResponse]) -> None:
         if self._scoring.get(key) is shared:
@@ -523,14 +522,14 @@ class Serving:
         fails as it does when it ran past its deadline: identical items of one job start together, and each one
         whose own deadline passed first scored again, ran past it again, one after another."""
         timeout = self.settings.request_timeout_s
+        shares = functools.partial(_same_for_identical, job_item=request is None)
         while (shared := self._scoring.get(key)) is not None:
             left = float("inf") if request is None else started + timeout - time.perf_counter()
-            response = await shared.result_if_any(left_s=left, limit_s=timeout, disconnected=_departure(request))
+            response = await shared.result_if_any(
+                left_s=left, limit_s=timeout, disconnected=_departure(request), shares=shares
+            )
             if response is not None:
                 return response
-            error = shared.error()
-            if request is None and isinstance(error, DeadlineExceeded) and not isinstance(error, QueuedTooLong):
-                raise error.with_traceback(None)  # it ran: the same work would run past the deadline again
         return None
 
     async def _score_rewards(

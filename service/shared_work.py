@@ -29,18 +29,12 @@ class SharedWork(Generic[T]):
     The first waiter must start waiting before the loop runs anything else (no `await` between the constructor
     and its `result`): until then nobody waits, and a waiter leaving meanwhile would cancel the work."""
 
-    def __init__(
-        self,
-        work: Coroutine[Any, Any, T],
-        metrics: Metrics,
-        shares: Callable[[BaseException], bool] = lambda error: False,
-    ) -> None:
+    def __init__(self, work: Coroutine[Any, Any, T], metrics: Metrics) -> None:
         loop = asyncio.get_running_loop()
         self.task: asyncio.Task[T] = loop.create_task(work)
         self._settled: asyncio.Future[T | None] = loop.create_future()
         self.task.add_done_callback(self._settle)
         self._metrics = metrics
-        self._shares = shares
         self._waiting = 0
 
     def _settle(self, task: asyncio.Task[T]) -> None:
@@ -49,31 +43,31 @@ class SharedWork(Generic[T]):
         failed = task.cancelled() or task.exception() is not None
         self._settled.set_result(None if failed else task.result())
 
-    async def result(self, *, left_s: float, limit_s: float, disconnected: Callable[[], Awaitable[Any]] | None) -> T:
-        """The work's result or its error; or this waiter's own ClientDisconnected or DeadlineExceeded. The work's
-        own deadline is counted here, for the request that started it, only while it waits: the work counts none
-        (a request that had left was counted twice, as gone and as late)."""
+    async def result(self, *, disconnected: Callable[[], Awaitable[Any]] | None) -> T:
+        """The work's result or its error (its own deadline bounds the wait), or this waiter's ClientDisconnected.
+        The work's deadline is counted here, for the request that started it, only while it waits: the work counts
+        none (a request that had left was counted twice, as gone and as late)."""
         try:
-            return await self._wait(self.task, left_s, limit_s, disconnected)
-        except DeadlineExceeded as error:
-            if self.error() is error:
-                self._metrics.rejected.labels(reason="deadline").inc()
+            return await self._wait(self.task, float("inf"), 0.0, disconnected)
+        except DeadlineExceeded:
+            self._metrics.rejected.labels(reason="deadline").inc()
             raise
 
     async def result_if_any(
-        self, *, left_s: float, limit_s: float, disconnected: Callable[[], Awaitable[Any]] | None
+        self,
+        *,
+        left_s: float,
+        limit_s: float,
+        disconnected: Callable[[], Awaitable[Any]] | None,
+        shares: Callable[[BaseException], bool],
     ) -> T | None:
         """The work's result, None when it failed or was cancelled, so that the waiter does the work itself; raised:
         this waiter's own ClientDisconnected or DeadlineExceeded, and a failure `shares` says it would meet too."""
         result = await self._wait(self._settled, left_s, limit_s, disconnected)
-        error = self.error()
-        if result is None and error is not None and self._shares(error):
+        error = self.task.exception() if self.task.done() and not self.task.cancelled() else None
+        if result is None and error is not None and shares(error):
             raise error.with_traceback(None)  # raised in every waiter: its traceback would grow with each
         return result
-
-    def error(self) -> BaseException | None:
-        """The work's failure, once it has ended with one (None: running, done, or cancelled)."""
-        return self.task.exception() if self.task.done() and not self.task.cancelled() else None
 
     async def _wait(
         self,

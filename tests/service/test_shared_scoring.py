@@ -244,6 +244,28 @@ async def test_a_scoring_refused_for_its_input_is_refused_to_the_identical_reque
     assert len(held.runs) == 1, "the identical requests scored again"
 
 
+async def test_identical_job_items_share_a_scoring_that_runs_past_their_deadline(
+    make_server: Any, red_url: str
+) -> None:
+    """Identical items of one batch job start together: one whose own deadline passed while it waited on another's
+    scoring failed for good, or (sent again as a QueuedTooLong) scored afresh and ran past it again, one after
+    another. Each now waits as long as the scoring runs and fails as it did: it ran, so no job sends it again."""
+    from rlaifv.service.errors import DeadlineExceeded, QueuedTooLong
+    from rlaifv.service.protocol import RewardsRequest
+
+    server = make_server(request_timeout_s=1.0)
+    held = HeldEngine(server)  # never opened: the scoring runs past the deadline
+    serving = server.app.state.serving
+    item = RewardsRequest(**body(red_url, "Is there a cat, in a job twice?"))
+
+    async def two_items() -> list[Any]:
+        return await asyncio.gather(*(serving.rewards(item, None) for _ in range(2)), return_exceptions=True)
+
+    outcomes = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(two_items(), held.loop))
+    assert all(isinstance(o, DeadlineExceeded) and not isinstance(o, QueuedTooLong) for o in outcomes), outcomes
+    assert len(held.runs) == 1 and held.lookups == 2
+
+
 @pytest.mark.parametrize("ending", ["scored", "ran past", "never ran"])
 async def test_a_job_item_waits_on_an_identical_scoring_as_long_as_it_runs(make_server: Any, ending: str) -> None:
     """Identical items of one batch job start together: one whose own deadline passed while it waited on another's
