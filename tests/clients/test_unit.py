@@ -6,10 +6,10 @@ import asyncio
 import base64
 import builtins
 import io
-import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -268,10 +268,9 @@ def _rate_limited_twice() -> tuple[list[httpx.Request], httpx.MockTransport]:
 
 def test_429_waits_the_servers_retry_after_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     """No real waiting: the client's sleep is recorded. Retry-After (2 s) replaces the 1 ms backoff."""
-    import rlaifv_client._client as client_module
 
     slept: list[float] = []
-    monkeypatch.setattr(client_module.time, "sleep", _sleep_here(slept.append))
+    _client_sleeps(monkeypatch, slept.append)
     seen, transport = _rate_limited_twice()
     backoff = Backoff(initial=0.001, max=0.001, jitter=0.25)
     with Client(
@@ -284,11 +283,10 @@ def test_429_waits_the_servers_retry_after_sync(monkeypatch: pytest.MonkeyPatch)
 
 
 async def test_429_waits_the_servers_retry_after_async(monkeypatch: pytest.MonkeyPatch) -> None:
-    import rlaifv_client._client as client_module
 
     slept: list[float] = []
 
-    monkeypatch.setattr(client_module.asyncio, "sleep", _async_sleep_here(slept.append))
+    _client_sleeps(monkeypatch, slept.append)
     seen, transport = _rate_limited_twice()
     backoff = Backoff(initial=0.001, max=0.001, jitter=0.25)
     http = httpx.AsyncClient(transport=transport)
@@ -431,23 +429,19 @@ def test_jsonl_lines_split_at_newlines_only() -> None:
     assert list(split_lines(chunks)) == ['{"a": "x\u2028y"}', '{"b": "\u0085"}', '{"c": 1}']
 
 
-def _sleep_here(fake: Callable[[float], None]) -> Callable[[float], None]:
-    """time.sleep is patched for the whole process: `fake` for the test's own thread, the real one for the others."""
-    real, owner = time.sleep, threading.get_ident()
-    return lambda seconds: (fake if threading.get_ident() == owner else real)(seconds)
+def _client_sleeps(
+    monkeypatch: pytest.MonkeyPatch, sleep: Callable[[float], None], **time_functions: Callable[[], float]
+) -> None:
+    """`sleep` as the sync and async clients' only sleep, in their module alone: patched on the `time` and `asyncio`
+    modules themselves, a server left running on a thread by an earlier test (uvicorn ticks with
+    asyncio.sleep(0.1)) spun on the fake and filled the test's sleeps."""
+    import rlaifv_client._client as client_module
 
+    async def async_sleep(seconds: float) -> None:
+        sleep(seconds)
 
-def _async_sleep_here(fake: Callable[[float], None]) -> Callable[..., Awaitable[Any]]:
-    """asyncio.sleep is patched for the whole process: a server left running on a thread by an earlier test
-    (uvicorn ticks with asyncio.sleep(0.1)) spun on a fake that does not wait, and filled the test's sleeps."""
-    real, owner = asyncio.sleep, threading.get_ident()
-
-    async def sleep(seconds: float, *args: Any, **kwargs: Any) -> Any:
-        if threading.get_ident() != owner:
-            return await real(seconds, *args, **kwargs)
-        fake(seconds)
-
-    return sleep
+    monkeypatch.setattr(client_module, "time", SimpleNamespace(sleep=sleep, **time_functions))
+    monkeypatch.setattr(client_module, "asyncio", SimpleNamespace(sleep=async_sleep, iscoroutine=asyncio.iscoroutine))
 
 
 def fake_clock(monkeypatch: pytest.MonkeyPatch) -> tuple[list[float], list[float]]:
@@ -456,7 +450,6 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch) -> tuple[list[float], list[float
     import types
 
     import rlaifv_client._base_client as base_module
-    import rlaifv_client._client as client_module
 
     clock, slept = [100.0], []
 
@@ -464,10 +457,11 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch) -> tuple[list[float], list[float
         slept.append(seconds)
         clock[0] += seconds
 
-    fake = types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep, time=lambda: clock[0])
-    monkeypatch.setattr(client_module, "time", fake)
-    monkeypatch.setattr(base_module, "time", fake)
-    monkeypatch.setattr(client_module.asyncio, "sleep", _async_sleep_here(sleep))
+    def now() -> float:
+        return clock[0]
+
+    monkeypatch.setattr(base_module, "time", types.SimpleNamespace(monotonic=now, sleep=sleep, time=now))
+    _client_sleeps(monkeypatch, sleep, monotonic=now, time=now)
     return clock, slept
 
 
