@@ -273,7 +273,7 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="redis://... (rediss:// for TLS) for jobs, reward cache and rate limits; memory when unset."
     )
-    redis_password: str | None = Field(None, description="Redis password (AUTH); overrides one in the URL.")
+    redis_password: SecretStr | None = Field(None, description="Redis password (AUTH); overrides one in the URL.")
     redis_username: str | None = Field(None, description="Redis ACL user name (with redis_password).")
     redis_tls: bool = Field(False, description="Use TLS even when the URL says redis:// (rediss:// implies TLS).")
     redis_tls_ca_file: Path | None = Field(None, description="CA bundle that signs the Redis server's certificate.")
@@ -393,15 +393,13 @@ class Settings(BaseSettings):
         return value
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
-        """Settings printed in a log line or a traceback's locals keep secrets out: the Redis password and the API
-        keys hidden as the other keys are (SecretStr), URLs without their user, password and query (one that does
-        not parse as host and port, such as a unix:// socket path, shows its scheme only)."""
+        """Settings printed in a log line or a traceback's locals keep secrets out: the API keys hidden as the other
+        keys are (SecretStr), URLs without their user, password and query (one that does not parse as host and port,
+        such as a unix:// socket path, shows its scheme only)."""
         from rlaifv.service.urls import without_credentials
 
         for name, value in super().__repr_args__():
-            if name == "redis_password" and value is not None:
-                value = SecretStr(value)
-            elif name == "api_keys":
+            if name == "api_keys":
                 value = [SecretStr(key) for key in value]
             elif name in ("generator_url", "vllm_policy_url", "vllm_reference_url", "redis_url") and value:
                 try:
@@ -567,7 +565,7 @@ class Settings(BaseSettings):
             "health_check_interval": 10,
         }
         if self.redis_password is not None:
-            options["password"] = self.redis_password
+            options["password"] = self.redis_password.get_secret_value()
         if self.redis_username is not None:
             options["username"] = self.redis_username
         tls = self.redis_tls or (self.redis_url or "").startswith("rediss://")

@@ -110,11 +110,6 @@ def host_listed(host: str, allowed: list[str]) -> bool:
     return any(_names(host, _entry(entry)[0]) for entry in allowed)
 
 
-def host_allowed(host: str, allowed: list[str], port: int | None = None, scheme: str = "https") -> bool:
-    """`host` (and `port`, else the scheme's own) matched by an entry."""
-    return any(_names(host, name) and _port_allowed(p, port, scheme) for name, p in map(_entry, allowed))
-
-
 def _specificity(name: str) -> tuple[int, int]:
     """Sorts an entry's host before less specific ones: an exact name or address, then the longest wildcard (for a
     network, the longest prefix)."""

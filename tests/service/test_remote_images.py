@@ -137,12 +137,12 @@ def test_a_listed_name_resolving_to_a_loopback_address_is_refused(remote_server)
 
 
 def test_host_matching() -> None:
-    from rlaifv.service.urls import host_allowed
+    from rlaifv.service.urls import url_allowed
 
-    assert host_allowed("img.example.org", ["*.example.org"])
-    assert host_allowed("EXAMPLE.org.", ["example.org"])
-    assert not host_allowed("example.org.evil.com", ["*.example.org", "example.org"])
-    assert not host_allowed("evilexample.org", ["*.example.org"])
+    assert url_allowed("https://img.example.org/a.png", ["*.example.org"])
+    assert url_allowed("https://EXAMPLE.org./a.png", ["example.org"])
+    assert not url_allowed("https://example.org.evil.com/a.png", ["*.example.org", "example.org"])
+    assert not url_allowed("https://evilexample.org/a.png", ["*.example.org"])
 
 
 def test_an_entry_without_a_port_allows_the_schemes_default_port_only() -> None:

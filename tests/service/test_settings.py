@@ -112,7 +112,7 @@ def test_printed_settings_keep_passwords_and_keys_out() -> None:
     secrets = ("pw1", "pw2", "pw3", "pw4", "pw5", "sk-0123", "sk-live")
     assert not [secret for secret in secrets if secret in shown], shown
     assert "redis://redis:6379/0" in shown and "http://gen:8000/v1" in shown and "http://vllm:8000/v1" in shown
-    assert settings.redis_password == "pw2"  # what the client gets is unchanged
+    assert settings.redis_options()["password"] == "pw2"  # what the client gets is unchanged
     assert "redis_url='unix://***'" in repr(Settings(redis_url="unix://x:abc/run/redis.sock"))  # was a ValueError
 
 
