@@ -877,15 +877,7 @@ def _train_dpo(
         reference_ids.append(reference_id)
     keys = reference_cache_keys(reference_ids, pairs)
     key = keys[0]
-    # The policy trained is part of the run: a checkpoint of another --model (the same output folder, the model
-    # corrected after a stop) resumed its weights under this model's name. A run of a version before
-    # disable_dropout (its checkpoints, its finished policy) is this run where the setting turned no dropout off.
-    settings = [config.training_settings(), *([] if zeroed else [config.earlier_training_settings()])]
-    run_keys = [
-        hashlib.sha256(json.dumps([k, values, accelerator.num_processes, ids[2:]]).encode()).hexdigest()
-        for k, ids in zip(keys, identities, strict=True)
-        for values in settings
-    ]
+    run_keys = _run_keys(config, keys, identities, accelerator.num_processes, dropout_turned_off=zeroed > 0)
     run_key = run_keys[0]
     finished = _finished_run(output_dir, run_keys)
     if finished is not None:
@@ -1248,6 +1240,29 @@ def _on_main_process(accelerator: Any, compute: Callable[[], Any]) -> Any:
     if sent[1] is not None:
         raise TrainerError(f"the main process failed: {sent[1]}")
     return sent[0]
+
+
+def _run_keys(
+    config: DPOConfig,
+    cache_keys: Sequence[str],
+    identities: Sequence[Sequence[Any]],
+    processes: int,
+    *,
+    dropout_turned_off: bool,
+) -> list[str]:
+    """The keys this run's checkpoints and finished policy may carry, the first the one saves use: its data and
+    reference (`cache_keys`), settings, process count and models. The policy trained is part of the run: a
+    checkpoint of another --model (the same output folder, the model corrected after a stop) resumed its weights
+    under this model's name. A run of a version before disable_dropout is this run where the setting turned no
+    dropout off."""
+    settings = [config.training_settings()]
+    if not dropout_turned_off:
+        settings.append(config.training_settings(DPOConfig.EARLIER_LEFT_OUT))
+    return [
+        hashlib.sha256(json.dumps([k, values, processes, ids[2:]]).encode()).hexdigest()
+        for k, ids in zip(cache_keys, identities, strict=True)
+        for values in settings
+    ]
 
 
 def _finished_run(output_dir: Path, run_keys: Sequence[str]) -> dict[str, Any] | None:

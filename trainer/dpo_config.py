@@ -187,11 +187,11 @@ class DPOConfig:
         "ref_batch_size",  # how many rows the reference pass scores at once (its cache is shared across sizes too)
     )
 
-    def training_settings(self) -> dict[str, Any]:
-        """The settings that decide the trained weights (what a resumed run must share with the first)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.BOOKKEEPING}
+    EARLIER_LEFT_OUT: ClassVar[tuple[str, ...]] = (*BOOKKEEPING, "disable_dropout")
+    """What `training_settings` leaves out as versions before `disable_dropout` recorded them: they trained with the
+    model's dropout on, so their runs are this one where dropout is left on or the model has none."""
 
-    def earlier_training_settings(self) -> dict[str, Any]:
-        """`training_settings` as versions before `disable_dropout` recorded them: they trained with the model's
-        dropout on, so their runs are this one where dropout is left on or the model has none."""
-        return {k: v for k, v in asdict(self).items() if k not in (*self.BOOKKEEPING, "disable_dropout")}
+    def training_settings(self, left_out: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """The settings that decide the trained weights (what a resumed run must share with the first)."""
+        names = self.BOOKKEEPING if left_out is None else left_out
+        return {k: v for k, v in asdict(self).items() if k not in names}

@@ -581,9 +581,9 @@ def feedback_keys(config: FeedbackConfig, models: Sequence[str | Path]) -> list[
     earlier = config.result_settings(FeedbackConfig.EARLIER_BOOKKEEPING)
     if earlier != settings[0]:
         settings.append(earlier)
-    current = saved_identities(named)[0]
-    keys = [_key(by_content, current)]
-    keys += [_key(values, identities) for identities in saved_identities(named) for values in settings]
+    identities = saved_identities(named)
+    keys = [_key(by_content, identities[0])]
+    keys += [_key(values, each) for each in identities for values in settings]
     return list(dict.fromkeys(keys))
 
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from trainer_testkit import COLOURS, png
 
 from rlaifv.trainer.data import PreferenceRow
-from rlaifv.trainer.dpo import TRAINER_STATE, CheckpointStore, _load_policy, disable_dropout, train_dpo
+from rlaifv.trainer.dpo import TRAINER_STATE, CheckpointStore, _load_policy, _run_keys, disable_dropout, train_dpo
 from rlaifv.trainer.dpo_config import DPOConfig
 
 
@@ -98,8 +101,30 @@ def test_disable_dropout_decides_the_weights_so_changing_it_is_not_resumed(tmp_p
         json.dumps({"key": "dropout left on", "updates": 2, "settings": off.training_settings()})
     )
     store = CheckpointStore(tmp_path / "checkpoints", "dropout off", keep=1, settings=on.training_settings())
-    assert store.latest() is None
-    assert store.changed_settings(store.others()) == ["disable_dropout"]
+    assert store.changed_settings(store.others()) == ["disable_dropout"]  # what the warning names
+
+    identities = [["policy", "reference", "model-a"]]
+    keys = {flag: _run_keys(config, ["data"], identities, 1, dropout_turned_off=False) for flag, config in
+            (("on", on), ("off", off))}  # fmt: skip
+    assert keys["on"][0] != keys["off"][0]  # another setting, another run
+    before = _as_before_the_setting(on)
+    earlier = hashlib.sha256(json.dumps(["data", before, 1, identities[0][2:]]).encode()).hexdigest()
+    assert keys["on"][1] == keys["off"][1] == earlier  # the earlier version's key, where nothing was turned off
+    assert _run_keys(on, ["data"], identities, 1, dropout_turned_off=True) == keys["on"][:1]
+
+
+# The settings that keyed a run before disable_dropout (DPOConfig's fields less BOOKKEEPING at 4d30879), pinned here:
+# the run keys of that version are what a resume must still match.
+BEFORE_THE_SETTING = (
+    "beta", "nll_weight", "token_kl", "learning_rate", "epochs", "batch_size", "gradient_accumulation_steps",
+    "warmup_ratio", "lr_scheduler", "weight_decay", "max_grad_norm", "lora", "lora_r", "lora_alpha", "lora_dropout",
+    "lora_targets", "freeze_vision", "freeze_projector", "max_answer_tokens", "dtype", "mixed_precision", "cpu",
+    "seed", "end_of_turn",
+)  # fmt: skip
+
+
+def _as_before_the_setting(config: DPOConfig, left_out: tuple[str, ...] | None = None) -> dict[str, Any]:
+    return {name: value for name, value in dataclasses.asdict(config).items() if name in BEFORE_THE_SETTING}
 
 
 def _killed_after_step_2(run: Path, copy: Path) -> None:
@@ -122,7 +147,7 @@ def test_a_run_of_a_version_before_the_setting_resumes_where_it_turns_no_dropout
     dropping = _with_dropout(tiny_model, tmp_path / "dropout-model")
     config = DPOConfig(learning_rate=1e-3, batch_size=1, cpu=True, checkpoint_every_steps=2)
     with monkeypatch.context() as earlier:  # the earlier version: its settings, its dropout left on
-        earlier.setattr(DPOConfig, "training_settings", DPOConfig.earlier_training_settings)
+        earlier.setattr(DPOConfig, "training_settings", _as_before_the_setting)
         earlier.setattr("rlaifv.trainer.dpo.disable_dropout", lambda model: 0)
         for model, name in ((tiny_model, "plain"), (dropping, "dropping")):
             with pytest.warns(UserWarning, match="the run is done"):

@@ -146,6 +146,30 @@ def test_a_retry_waits_for_retry_after_in_seconds_or_as_a_date_and_backs_off_wit
     assert low == [0.5] and high == [1.25]  # calls that failed together come back apart: 0.5-1.5 x the backoff
 
 
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({}, None),
+        ({"retry-after": "2"}, 2.0),
+        ({"retry-after": "-4"}, 0.0),
+        ({"retry-after": "soon"}, None),
+        ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),
+        ({"retry-after": "Thu, 01 Jan 1970 00:00:10 GMT"}, 7.0),
+        ({"retry-after": "Thu, 01 Jan 1970 00:00:10 -0000"}, 7.0),
+        ({"retry-after": "inf"}, None),
+        ({"retry-after": "nan"}, None),
+        ({"retry-after-ms": "inf", "retry-after": "9"}, 9.0),
+        ({"retry-after-ms": "soon", "retry-after": "9"}, 9.0),
+    ],
+)  # the SDK's cases (tests/clients/test_unit.py test_parse_retry_after): the two readings agree
+def test_retry_after_is_read_as_the_sdk_reads_it(headers: dict[str, str], expected: float | None) -> None:
+    import httpx
+
+    from rlaifv.trainer.evaluation.llm import retry_after_s
+
+    assert retry_after_s(httpx.Headers(headers), now=3.0) == expected
+
+
 def test_a_retry_after_longer_than_a_retry_may_wait_ends_the_call_saying_so(serve) -> None:
     server = serve(lambda _: Reply(status=429, headers={"Retry-After": "3600"}))
     result, waits = asyncio.run(_complete(ChatSettings(url=server.url, model="m", retries=3, max_wait_s=120)))
