@@ -35,6 +35,17 @@ def has_user(url: str) -> bool:
     return url.partition("://")[2].partition("/")[0].rpartition("@")[0] not in ("", ":")  # empty: httpx sends none
 
 
+def authorization_clash(url: str | None, key: str | None, url_name: str, key_name: str) -> str | None:
+    """Why a key cannot go with `url` (None: it can): httpx sends a URL's user and password as Basic authorization,
+    replacing the key's Bearer header, so the key was never sent and the server's 401 blamed it."""
+    if not (url and key and has_user(url)):
+        return None
+    return (
+        f"{url_name} holds a user and password and {key_name} is set: both would go in the Authorization header, the"
+        " URL's replacing the key; give one of them"
+    )
+
+
 def url_secrets(url: str) -> list[str]:
     """What `shown_url` leaves out of a URL, to hide wherever else it shows up (a server echoing the request's path
     and query in its 404): user, password, query and each query value."""

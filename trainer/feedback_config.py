@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from rlaifv.trainer.credentials import has_user, key_problem, shown_url
+from rlaifv.trainer.credentials import authorization_clash, key_problem, shown_url
 from rlaifv.trainer.errors import ConfigError
 
 LLM_URL_ONLY = ("llm_name", "llm_timeout_s", "llm_retries", "llm_concurrency")
@@ -53,11 +53,8 @@ def check_api_key(key: str | None, name: str = API_KEY_VARIABLE, url: str | None
     problem = key_problem(key) if key else None
     if problem:
         raise ConfigError(f"{name} {problem}: set it to the key alone")
-    if key and url is not None and has_user(url):
-        raise ConfigError(
-            f"llm_url holds a user and password and {name} is set: both would go in the Authorization header, the"
-            " URL's replacing the key; give one of them"
-        )
+    if clash := authorization_clash(url, key, "llm_url", name):
+        raise ConfigError(clash)
 
 
 @dataclass

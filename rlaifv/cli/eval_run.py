@@ -45,16 +45,11 @@ def bad_option(flag: str, message: str) -> typer.BadParameter:
 
 
 def one_authorization(url: str | None, key: str | None, url_flag: str, key_flag: str, variable: str) -> None:
-    """A key beside a user and password in the URL: both are the Authorization header and the URL's replaced the
-    key (httpx's rule), so the server's 401 blamed a key never sent. Refused as a usage error, naming both."""
-    from rlaifv.trainer.credentials import has_user
+    """A key beside a user and password in the URL (`authorization_clash`), refused as a usage error naming both."""
+    from rlaifv.trainer.credentials import authorization_clash
 
-    if url and key and has_user(url):
-        raise bad_option(
-            key_flag,
-            f"a key is set ({key_flag} or {variable}) and {url_flag} holds a user and password: both would go in"
-            " the Authorization header, the URL's replacing the key; give one of them",
-        )
+    if clash := authorization_clash(url, key, url_flag, f"a key ({key_flag} or {variable})"):
+        raise bad_option(key_flag, clash)
 
 
 def user_error(exc: Exception) -> typer.Exit:

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from rlaifv.trainer.credentials import has_user, hidden, key_problem, shown_url, url_secrets
+from rlaifv.trainer.credentials import authorization_clash, hidden, key_problem, shown_url, url_secrets
 
 RETRIED = frozenset({408, 409, 425, 429})
 """Besides 5xx: timeout, conflict, too early, rate limited."""
@@ -103,13 +103,8 @@ class ChatSettings(BaseModel):
 
     @model_validator(mode="after")
     def _one_authorization(self) -> ChatSettings:
-        """A user and password in the URL are sent as Basic authorization, which replaced the key's Bearer header
-        (httpx's rule): the key was never sent, and the 401 that followed blamed it."""
-        if self.api_key and has_user(self.url):
-            raise ValueError(
-                "the URL holds a user and password and an API key is set: both go in the Authorization header, and"
-                " the URL's would replace the key; give one of them"
-            )
+        if clash := authorization_clash(self.url, self.api_key, "the URL", "an API key"):
+            raise ValueError(clash)
         return self
 
     @field_validator("api_key")
