@@ -29,6 +29,26 @@ def shown_url(text: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", "***" if parts.fragment else ""))
 
 
+def url_problem(url: str) -> str | None:
+    """Why an OpenAI-compatible base URL could never be called (None: it could), said of it without quoting it:
+    refused before any model loads or any item runs, where it failed at run time, request after request."""
+    if url != url.strip() or any(c.isspace() or not c.isprintable() for c in url):
+        return "has whitespace or control characters in it: give the URL alone"  # urlsplit drops them silently
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a port that is no number, or out of range, raises ValueError here
+    except ValueError:  # its message quotes the URL's parts: a password's, where it holds an unencoded "/"
+        return (
+            "is not a valid URL (its port, or an unclosed IPv6 bracket; percent-encode '#', '/' and '?' in a user or"
+            " password)"
+        )
+    if "@" in url.partition("://")[2] and "@" not in parts.netloc:
+        return "has an '@' after its host: percent-encode '#', '/' and '?' in a user or password"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "is not an http(s) URL: give the server's base URL, http:// or https://, e.g. http://127.0.0.1:8000/v1"
+    return None
+
+
 def has_user(url: str) -> bool:
     """Whether a URL holds a user (and password) httpx sends as Basic authorization, also one whose password holds
     an unencoded '?' or '#' (which `urlsplit` leaves out of the host part)."""

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from rlaifv.trainer.credentials import authorization_clash, key_problem, shown_url
+from rlaifv.trainer.credentials import authorization_clash, key_problem, shown_url, url_problem
 from rlaifv.trainer.errors import ConfigError
 
 LLM_URL_ONLY = ("llm_name", "llm_timeout_s", "llm_retries", "llm_concurrency")
@@ -19,27 +19,9 @@ def check_llm_url(url: str, setting: str = "llm_url") -> None:
     """Refuse a URL the client could never reach, before any model is loaded or sampled. Messages show it without
     its credentials (user, password, query)."""
     shown = repr(shown_url(url.strip()))
-    if url != url.strip() or any(c.isspace() or not c.isprintable() for c in url):
-        # urlsplit drops them without a word; the request then failed at run time, after the models had loaded
-        raise ConfigError(f"{setting} {shown} has whitespace or control characters in it: give the URL alone")
-    try:
-        parts = urlsplit(url)
-        _ = parts.port  # a port that is no number, or out of range, raises ValueError here
-    except ValueError:  # its message quotes the URL's parts: a password's, where it holds an unencoded "/"
-        raise ConfigError(
-            f"{setting} {shown} is not a valid URL (its port, or an unclosed IPv6 bracket; percent-encode '#', '/'"
-            " and '?' in a user or password)"
-        ) from None
-    if "@" in url.partition("://")[2] and "@" not in parts.netloc:
-        raise ConfigError(
-            f"{setting} {shown} has an '@' after its host: percent-encode '#', '/' and '?' in a user or password"
-        )
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(
-            f"{setting} {shown} is not an http(s) URL: give the server's OpenAI-compatible base URL,"
-            " e.g. http://127.0.0.1:8000/v1"
-        )
-    if parts.path.rstrip("/").endswith("/chat/completions"):
+    if problem := url_problem(url):
+        raise ConfigError(f"{setting} {shown} {problem}")
+    if urlsplit(url).path.rstrip("/").endswith("/chat/completions"):
         raise ConfigError(
             f"{setting} {shown} is the chat route itself: give its base URL (…/v1); /chat/completions is added"
         )

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import typer
 from pydantic import ValidationError
@@ -100,18 +99,10 @@ def http_url(value: str | None) -> str | None:
     it without its credentials (`shown_url`): a password with an unencoded '#', '/' or '?' came back whole."""
     if value is None:
         return value
-    from rlaifv.trainer.credentials import shown_url
+    from rlaifv.trainer.credentials import shown_url, url_problem
 
-    shown = repr(shown_url(value))
-    if not re.match(r"https?://[^/\s]+", value, re.IGNORECASE):
-        raise typer.BadParameter(f"must be an http:// or https:// URL, got {shown}")
-    try:
-        parts = urlsplit(value)
-        _ = parts.port
-    except ValueError:  # its message quotes the URL's parts
-        raise typer.BadParameter(f"{shown} is not a valid URL (its port, or an unclosed IPv6 bracket)") from None
-    if "@" in value.partition("://")[2] and "@" not in parts.netloc:
-        raise typer.BadParameter(f"{shown} has an '@' after its host: percent-encode '#', '/' and '?' in a password")
+    if problem := url_problem(value):
+        raise typer.BadParameter(f"{shown_url(value.strip())!r} {problem}")
     return value
 
 
