@@ -572,11 +572,9 @@ def feedback_keys(config: FeedbackConfig, models: Sequence[str | Path]) -> list[
     from rlaifv.trainer.dpo import model_identity, saved_identities
 
     named = [*models, *([config.labeler] if config.labeler != "self" else [])]
-    by_content = config.result_settings()
-    for name in ("labeler", "llm_model"):
-        folder = by_content[name]
-        if folder and folder != "self" and Path(folder).is_dir():
-            by_content[name] = model_identity(folder)
+    by_content = config.result_settings() | {
+        name: model_identity(folder) for name, folder in config.model_folders().items()
+    }
     settings = [config.result_settings()]
     earlier = config.result_settings(FeedbackConfig.EARLIER_BOOKKEEPING)
     if earlier != settings[0]:

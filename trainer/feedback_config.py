@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
@@ -162,6 +163,15 @@ class FeedbackConfig:
     def __repr__(self) -> str:
         """As `to_dict` shows them: a config printed in a log line or a traceback keeps llm_url's credentials out."""
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
+    def model_folders(self) -> dict[str, Path]:
+        """The local model folders these settings name (a labeler, a claims LLM), by setting: each is known by its
+        content, as the models sampled from are, not by the path's text (a copy elsewhere is the same model; one
+        replaced in place another)."""
+        named = {"labeler": self.labeler, "llm_model": self.llm_model}
+        return {
+            name: Path(value) for name, value in named.items() if value and value != "self" and Path(value).is_dir()
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as reports, run files and bundles keep them: llm_url without its credentials."""

@@ -76,7 +76,7 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
     path = output_dir / RUN_FILE
     settings = config.to_dict()
     fingerprint = model_fingerprint(config.model) if Path(config.model).is_dir() else None
-    folders = _model_folders(config)
+    folders = {f"feedback.{name}": folder for name, folder in config.feedback.model_folders().items()}
     folder_fingerprints = {name: model_fingerprint(folder) for name, folder in folders.items()}
     current = {
         "config": settings,
@@ -140,14 +140,6 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
         _discard_stale(output_dir, changed)
     write_json(path, current)
     return True
-
-
-def _model_folders(config: IterateConfig) -> dict[str, Path]:
-    """The model folders named in the settings besides `model` (a labeler, a local claims LLM), by setting: each is
-    known by its content, as `model` is, not by the path's text (a copy elsewhere is the same model; one replaced
-    in place another)."""
-    named = {"feedback.labeler": config.feedback.labeler, "feedback.llm_model": config.feedback.llm_model}
-    return {name: Path(value) for name, value in named.items() if value and value != "self" and Path(value).is_dir()}
 
 
 def _same_model(previous: Any, current: str | None, model: Path) -> bool | None:
