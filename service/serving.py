@@ -209,7 +209,6 @@ class Serving:
         self.generator = generator
         self.model_name = settings.model_name or engine.name
         self._scoring: dict[str, SharedWork[RewardsResponse]] = {}  # cache key -> its scoring now
-        self._writes: set[asyncio.Task[None]] = set()  # cache writes of shared scorings, not yet done
 
     @classmethod
     def open(
@@ -266,10 +265,8 @@ class Serving:
         and the engine."""
         await self.scheduler.close(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         scoring = [shared.task for shared in self._scoring.values() if not shared.task.done()]
-        if scoring:  # ended by the scheduler's close: their cache writes start as they end (`_keep`)
+        if scoring:  # ended by the scheduler's close, writing their cache entries: before the Redis client closes
             await asyncio.wait(scoring)
-        if self._writes:  # bounded by the Redis timeouts; the client closes after this
-            await asyncio.wait(set(self._writes))
         await self.images.aclose()
         if self.generator is not None:
             await self.generator.aclose()
@@ -478,34 +475,23 @@ class Serving:
                 update={"id": f"rwd-{uuid.uuid4().hex}", "cached": True, "created": int(time.time())}
             )
         # Tied to no client (`SharedWork` cancels it when no one waits); its deadline is counted by this request.
-        shared = self._scoring[key] = SharedWork(scoring(None, count_deadline=False), self.metrics)
-        shared.task.add_done_callback(functools.partial(self._keep, self.cache, key, shared))
+        shared = self._scoring[key] = SharedWork(self._score_and_keep(self.cache, key, scoring), self.metrics)
+        shared.task.add_done_callback(lambda _: self._done_scoring(key, shared))
         self.images.hand_over(shared.task)  # its images, scored for those still waiting after this client left
         # Its deadline is its scoring's (the scheduler's: QueuedTooLong when nothing ran, which batch jobs wait out).
         return await shared.result(disconnected=_departure(request))
 
-    def _keep(
-        self, cache: RewardCache, key: str, shared: SharedWork[RewardsResponse], scored: asyncio.Task[Any]
-    ) -> None:
-        """The response goes into the cache while its requests already have it (they waited for the write too: a
-        slow Redis pushed them past their deadlines); the scoring stays in `_scoring` until the cache holds it, or a
-        request arriving in between would find neither and score it again."""
-        if scored.cancelled() or scored.exception() is not None:
-            self._done_scoring(key, shared)
-            return
-        write = asyncio.get_running_loop().create_task(self._write(cache, key, shared, scored.result()))
-        self._writes.add(write)
-        write.add_done_callback(self._writes.discard)
-
-    async def _write(
-        self, cache: RewardCache, key: str, shared: SharedWork[RewardsResponse], response: RewardsResponse
-    ) -> None:
-        try:
-            await cache.set(key, response.model_dump_json())
-        except Exception as error:  # Redis's own are a miss already
-            log.warning("reward cache write failed: %s", error, extra={"error_type": type(error).__name__})
-        finally:
-            self._done_scoring(key, shared)
+    @staticmethod
+    async def _score_and_keep(
+        cache: RewardCache, key: str, scoring: Callable[..., Awaitable[RewardsResponse]]
+    ) -> RewardsResponse:
+        """The scoring identical requests share and its cache entry, written before any of them has the response:
+        a client's next request, to any replica, finds it (written after the response, a replica asked at once
+        missed and scored again). Waiting for the write is bounded by RLAIFV_REDIS_OPTIONAL_TIMEOUT_S. The scoring
+        leaves `_scoring` only then: a request arriving in between found neither and scored it again."""
+        response = await scoring(None, count_deadline=False)
+        await cache.set(key, response.model_dump_json())
+        return response
 
     def _done_scoring(self, key: str, shared: SharedWork[RewardsResponse]) -> None:
         if self._scoring.get(key) is shared:
