@@ -42,12 +42,12 @@ from rlaifv.reward.packed_weights import PackedLinears, PackMode, pack_linears
 from rlaifv.reward.prompt import (
     EncodedPrompt,
     continuation_context,
-    continuation_ids,
     decoded_after,
     encode_answers,
     encode_prompt,
     end_of_turn_id,
     markup_ids,
+    stop_cut_ids,
     token_text,
 )
 from rlaifv.reward.results import Candidate, ClaimCheck, Ranking, TokenLogprob, TopToken
@@ -359,15 +359,18 @@ class ModelPair:
         The cut text is re-tokenized with end-of-turn appended (a finished turn, exactly what /v1/rewards
         scores for it): the sampled tokens may straddle the cut, so no token prefix spells the text. A
         continuation (`context`: the prompt's last tokens) keeps its leading space, as the message it joins
-        needs it.
+        needs it. A tokenizer that cannot spell the cut text (a word-level vocabulary, the cut inside a word: its
+        unknown token) cuts at the last whole sampled token before the stop string instead: the reward scores
+        what the client receives, never the unknown token.
         """
         raw = self.raw_text(sample.token_ids, context)
         tidy = str.rstrip if context else str.strip
         cuts = [i for i in (raw.find(s) for s in stop) if i >= 0]
         if not cuts:
             return _Answer(sample, tidy(raw), list(sample.token_ids), False, sample.logprobs)
-        text = tidy(raw[: min(cuts)])
-        ids = [*continuation_ids(self.tokenizer, text, context), self.eot_id] if text.strip() else [self.eot_id]
+        text, ids = stop_cut_ids(
+            self.tokenizer, tidy(raw[: min(cuts)]), sample.token_ids, eot_id=self.eot_id, context=context, tidy=tidy
+        )
         return _Answer(sample, text, ids, True)
 
     @torch.no_grad()

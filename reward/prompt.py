@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,19 @@ class EncodedPrompt:
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
+
+
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def blank(text: str) -> bool:
+    """Whether `text` shows nothing: whitespace, control and format characters only. `str.strip` keeps the latter
+    (a zero-width space, a byte-order mark, a soft hyphen, NUL): an answer of one zero-width space scored as one
+    unknown token and outranked every real answer."""
+    return not text.strip() or all(ch.isspace() or unicodedata.category(ch) in _INVISIBLE for ch in text)
+
+
+BLANK_ANSWER = "answers must be non-empty strings (not only whitespace or invisible characters)"
 
 
 def user_message(question: str, num_images: int) -> list[dict[str, Any]]:
@@ -90,8 +104,10 @@ def encode_prompt(
     if continue_final and messages is None:
         raise InvalidInputError("continuing a message needs messages ending with an assistant turn", param="question")
     if messages is None:
-        if not question or not question.strip():
-            raise InvalidInputError("question must not be empty", param="question")
+        if not question or blank(question):
+            raise InvalidInputError(
+                "question must not be empty (nothing but whitespace or invisible characters)", param="question"
+            )
         messages = user_message(question, len(images))
     elif count_image_parts(messages) != len(images):
         raise InvalidInputError(
@@ -211,6 +227,34 @@ def continuation_ids(tokenizer: Any, text: str, context: Sequence[int] = ()) -> 
     if head and list(both[: len(head_ids)]) == list(head_ids):
         return [int(t) for t in both[len(head_ids) :]]
     return [int(t) for t in tokenizer(text.lstrip(), add_special_tokens=False)["input_ids"]]
+
+
+def stop_cut_ids(
+    tokenizer: Any,
+    text: str,
+    sampled: Sequence[int],
+    *,
+    eot_id: int,
+    context: Sequence[int] = (),
+    tidy: Callable[[str], str] = str.strip,
+) -> tuple[str, list[int]]:
+    """A sampled answer cut at a stop string (`text`, tidied) and its ids as a finished turn (end-of-turn
+    appended), as /v1/rewards scores that text. A tokenizer that cannot spell the cut text (a word-level
+    vocabulary cut inside a word gives its unknown token, which the sample never had) cuts at the last whole
+    sampled token instead: the reward and the log-probs score what the client receives, not the unknown token."""
+
+    def turn(words: str) -> list[int]:
+        return [*continuation_ids(tokenizer, words, context), eot_id] if words.strip() else [eot_id]
+
+    ids = turn(text)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or ids.count(unk) <= list(sampled).count(unk):
+        return text, ids
+    for end in range(len(sampled), -1, -1):
+        whole = tidy(decoded_after(tokenizer, sampled[:end], context))
+        if text.startswith(whole):
+            return whole, turn(whole)
+    return "", [eot_id]  # unreachable: the empty prefix starts every text
 
 
 ANSWER_TOKENIZATION_VERSION = 3
@@ -487,8 +531,8 @@ def encode_answer(
 ) -> list[int]:
     """Answer text -> token ids, the end-of-turn token appended (a complete turn); `param` names it in errors;
     `context` as in `continuation_ids`."""
-    if not isinstance(text, str) or not text.strip():
-        raise AnswerError("answers must be non-empty strings", param=param)
+    if not isinstance(text, str) or blank(text):
+        raise AnswerError(BLANK_ANSWER, param=param)
     ids = [*continuation_ids(tokenizer, text, context), eot_id]
     if max_tokens is not None and len(ids) > max_tokens:
         raise AnswerError(f"{param} is {len(ids)} tokens, over the limit of {max_tokens}", param=param)

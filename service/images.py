@@ -568,8 +568,8 @@ class ImageLoader:
             pins.update(self._checked(url, origin, addresses, param))
             try:
                 async with client.stream("GET", url) as response:
-                    if response.is_redirect:
-                        target = urljoin(url, response.headers.get("location", ""))
+                    if response.has_redirect_location:  # a 3xx without one is an answer, not a redirect to itself
+                        target = urljoin(url, response.headers["location"])
                         if (urlsplit(target).hostname or "") != origin or not url_allowed(
                             target, self.settings.allowed_image_hosts
                         ):

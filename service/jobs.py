@@ -277,8 +277,10 @@ def _legacy_digest(request: JobRequest) -> str | None:
 
 
 def is_envelope(item: dict[str, Any]) -> bool:
-    """An item is either a bare request body or a `{"custom_id", "body"}` envelope."""
-    return "body" in item and "custom_id" in item
+    """An item is either a bare request body or a `{"custom_id", "body"}` envelope; one with either key is an
+    envelope (no request has fields of those names), so one missing the other is named as missing, not its
+    own key as unknown."""
+    return "body" in item or "custom_id" in item
 
 
 def parse_jsonl(lines: Iterable[bytes], limit: int | None = None) -> list[dict[str, Any]]:
@@ -343,13 +345,14 @@ class JobStore:
         seen: set[str] = set()
         for i, item in enumerate(request.items):
             where = f"items[{i}]"
-            custom_id, body = None, item
+            custom_id: Any = None
+            body: Any = item
             if is_envelope(item):  # the envelope and its body both checked: one round trip shows every problem
                 try:
                     JobItem.model_validate(item)
                 except ValidationError as exc:
                     problems += _problems(problems, exc, item, where)
-                custom_id, body = item["custom_id"], item["body"]
+                custom_id, body = item.get("custom_id"), item.get("body")
                 where_body = f"{where}.body"
             else:
                 where_body = where

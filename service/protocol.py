@@ -13,10 +13,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
 
+from rlaifv.reward.prompt import blank
 from rlaifv.reward.results import ClaimCheck
 from rlaifv.reward.sampling import SamplingParams
 from rlaifv.reward.scoring import RewardConfig
@@ -33,6 +34,10 @@ MIN_SEED = -(2**63)
 MAX_METADATA_KEYS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
+MAX_MESSAGE_ITEMS = 4096
+"""Most messages and content parts one conversation may hold together. Each costs validation and chat-template
+time however short its text, and the character bound counts nothing of an empty one: one body under the size
+limit held 480,000 empty messages and stalled every other request for 20 s."""
 
 
 def _bounded_metadata(labels: dict[str, str] | None) -> dict[str, str] | None:
@@ -213,7 +218,14 @@ class ImagePart(_Part):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class RefusalPart(_Part):
+    """An assistant turn's refusal as a content part (OpenAI's assistant messages may hold them): its text."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
+ContentPart = Annotated[TextPart | ImagePart | RefusalPart, Field(discriminator="type")]
 
 
 class ChatMessage(Strict):
@@ -223,8 +235,9 @@ class ChatMessage(Strict):
     )
     content: str | list[ContentPart] | None = Field(
         None,
-        description="Text, or OpenAI content parts (text and image_url). Null only in an assistant message with a"
-        " `refusal` (its text is the turn) or with `tool_calls` (refused).",
+        description="Text, or OpenAI content parts (text, image_url in user messages, refusal in assistant ones)."
+        " Null only in an assistant message with a `refusal` (its text is the turn) or with `tool_calls`"
+        " (refused).",
     )
     name: str | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
     # The fields of an OpenAI reply's `message`: the official client's multi-turn pattern appends that object to
@@ -239,6 +252,24 @@ class ChatMessage(Strict):
     function_call: Any = Field(None, description="Refused unless null: no function calling.")
     audio: Any = Field(None, description="Refused unless null: the model produces text only.")
     tool_call_id: str | None = Field(None, description="Of a 'tool' message, which is refused.")
+
+
+def _bounded_conversation(messages: Any) -> Any:
+    """`messages` (as sent) when it holds at most MAX_MESSAGE_ITEMS messages and content parts; checked before
+    each message is validated, which is where the time went."""
+    if isinstance(messages, list):
+        items = len(messages) + sum(
+            len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+        )
+        if items > MAX_MESSAGE_ITEMS:
+            raise ValueError(
+                f"the conversation holds {items} messages and content parts together, over the limit of"
+                f" {MAX_MESSAGE_ITEMS}"
+            )
+    return messages
+
+
+Conversation = Annotated[list[ChatMessage], BeforeValidator(_bounded_conversation)]
 
 
 MESSAGE_UNSUPPORTED = {"tool_calls": "tools", "function_call": "function_call", "audio": "audio"}
@@ -279,7 +310,7 @@ def convert_messages(
             if message.role != "assistant" or not message.refusal:
                 needs = " (an assistant message may have a refusal instead)" if message.role == "assistant" else ""
                 raise BadRequest(
-                    f"a {message.role} message needs content{needs}",
+                    f"{'an' if message.role == 'assistant' else 'a'} {message.role} message needs content{needs}",
                     param=f"{param}[{i}].content",
                     code="missing_field",
                 )
@@ -291,6 +322,12 @@ def convert_messages(
         for j, part in enumerate(content):
             if isinstance(part, TextPart):
                 parts.append({"type": "text", "text": part.text})
+            elif isinstance(part, RefusalPart):
+                if message.role != "assistant":
+                    raise BadRequest(
+                        "only assistant messages may carry refusal parts", param=f"{param}[{i}].content[{j}]"
+                    )
+                parts.append({"type": "text", "text": part.refusal})  # what the assistant said, as with `refusal`
             else:
                 if message.role != "user":
                     raise BadRequest("only user messages may carry images", param=f"{param}[{i}].content[{j}]")
@@ -299,7 +336,7 @@ def convert_messages(
         out.append({"role": role, "content": parts})
     # An image alone is a prompt (OpenAI and vLLM take it: the chat template places it); nothing at all is not.
     if not images and not any(
-        part.get("type") == "text" and part["text"].strip() for m in out for part in m["content"]
+        part.get("type") == "text" and not blank(part["text"]) for m in out for part in m["content"]
     ):
         raise BadRequest("messages contain neither text nor an image", param=param)
     chars = sum(len(part["text"]) for m in out for part in m["content"] if part.get("type") == "text")
@@ -374,7 +411,7 @@ class PromptFields(Strict):
         description="Images as data URLs or bare base64 (or http(s) URLs from allowed hosts). Used with `question`.",
     )
     question: str | None = Field(None, description="The question about the images. Give this or `messages`.")
-    messages: list[ChatMessage] | None = Field(
+    messages: Conversation | None = Field(
         None, description="A conversation in the OpenAI format, images as image_url parts. Give this or `question`."
     )
     continue_final_message: bool = Field(
@@ -399,8 +436,10 @@ class PromptFields(Strict):
             question = None
         else:
             question, messages = self.question, None
-            if question is None or not question.strip():
-                raise BadRequest("question must not be empty", param="question")
+            if question is None or blank(question):
+                raise BadRequest(
+                    "question must not be empty (nothing but whitespace or invisible characters)", param="question"
+                )
             if len(question) > settings.max_question_chars:
                 raise BadRequest(f"question is over {settings.max_question_chars} characters", param="question")
             images = [(ref, f"images[{i}]") for i, ref in enumerate(self.images)]
@@ -619,7 +658,7 @@ class ChatCompletionRequest(Strict):
     """OpenAI chat completions, plus `best_of`: sample best_of answers and return the n with the highest reward."""
 
     model: str = Field(description="Model name from /v1/models.")
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Conversation = Field(min_length=1)
     n: int = Field(1, ge=1, description="Choices returned (the top n by reward); null means 1, as in OpenAI's API.")
     best_of: int | None = Field(None, ge=1, description="Extension: candidates sampled (>= n); n when omitted.")
 

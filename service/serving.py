@@ -17,6 +17,7 @@ from fastapi import Request
 from pydantic import ValidationError
 
 from rlaifv.reward.errors import InvalidInputError
+from rlaifv.reward.prompt import BLANK_ANSWER, blank
 from rlaifv.reward.scoring import top_k
 from rlaifv.service.engines import GenerateRequest, ScoreRequest
 from rlaifv.service.errors import (
@@ -335,12 +336,12 @@ class Serving:
         prompt = openai_messages(question, messages, raw)
         generate = self.generator.generate
         answers = await self._while_client_stays(generate(prompt, n, sampling, continue_final), request)
-        answers = [a for a in answers if a.text.strip()]
+        answers = [a for a in answers if not blank(a.text)]
         if len(answers) < need:
             missing = n - len(answers)
             again = sampling if sampling.seed is None else sampling.model_copy(update={"seed": sampling.seed + n})
             more = await self._while_client_stays(generate(prompt, missing, again, continue_final), request)
-            answers += [a for a in more if a.text.strip()][:missing]
+            answers += [a for a in more if not blank(a.text)][:missing]
         generate_s = time.perf_counter() - started
         if len(answers) < need:
             raise BadGateway(
@@ -451,8 +452,8 @@ class Serving:
                     raise BadRequest(
                         f"answer is over {self.settings.max_answer_chars} characters", param=f"answers[{i}]"
                     )
-                if not answer.strip():
-                    raise BadRequest("answers must be non-empty strings", param=f"answers[{i}]")
+                if blank(answer):
+                    raise BadRequest(BLANK_ANSWER, param=f"answers[{i}]")
         with checks.one():
             config = body.reward.to_config(self.engine.reward)
         with checks.one():

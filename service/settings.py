@@ -261,7 +261,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         120.0, gt=0, description="Deadline of a request, queueing included (504 after it)."
     )
-    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429 responses.")
+    retry_after_s: int = Field(
+        1,
+        ge=1,
+        description="Retry-After of a 429 `queue_full` and of the 503s of a stopping server, a vLLM server down"
+        " and a generator down (unless it gave one); a 429 `rate_limited` gives the seconds left in its minute.",
+    )
 
     # -- auth -------------------------------------------------------------------
     api_keys: CommaList = Field(default_factory=list, description="API keys; when any is set, /v1 routes need one.")

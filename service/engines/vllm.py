@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 import httpx
 
 from rlaifv.reward.errors import ContextLengthError, InvalidInputError
-from rlaifv.reward.prompt import continuation_context, decoded_after, markup_ids, token_text
+from rlaifv.reward.prompt import continuation_context, decoded_after, markup_ids, stop_cut_ids, token_text
 from rlaifv.reward.results import Ranking
 from rlaifv.reward.token_bytes import TokenBytes
 from rlaifv.service.engines import vllm_payload
@@ -990,8 +990,6 @@ class VllmEngine:
         return {"prompt": prompt, **self._sampling_params(request), "return_tokens_as_token_ids": True}
 
     async def _generate(self, prompt: Prompt, request: GenerateRequest) -> Ranking:
-        from rlaifv.reward.prompt import encode_answer
-
         if request.n < 1:
             raise InvalidInputError("n must be at least 1", param="n")
         request = dataclasses.replace(request, sampling=request.fitted(len(prompt.ids), self._max_positions, reserve=1))
@@ -1026,11 +1024,10 @@ class VllmEngine:
             tidy = str.rstrip if context else str.strip  # a continuation keeps its leading space (in process too)
             for s in samples:
                 if s.cut:  # trimmed before it is tokenized, as in process: the text the client gets is what is scored
-                    text = tidy(s.text)
-                    eot = self.eot_id
-                    ids.append(
-                        encode_answer(self.tokenizer, text, eot_id=eot, context=context) if text.strip() else [eot]
+                    text, cut_ids = stop_cut_ids(
+                        self.tokenizer, tidy(s.text), s.ids, eot_id=self.eot_id, context=context, tidy=tidy
                     )
+                    ids.append(cut_ids)
                     texts.append(text)
                 else:
                     ids.append(s.ids)

@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from rlaifv.reward.prompt import continuation_ids, decoded_after
+from rlaifv.reward.prompt import continuation_ids, decoded_after, stop_cut_ids
 
 CORPUS = ["The image shows a red square and a blue circle.", "a red circle, two blue squares", "The answer is yes"] * 20
 
@@ -77,3 +77,34 @@ def test_stop_strings_are_found_in_a_continuation_as_it_reads_after_the_prefill(
     [[sample]] = pair.sample([prompt], [1], [params], contexts=[prompt.input_ids[-4:].tolist()])
     assert len(sample.token_ids) == 1  # stopped at the first token, not after max_tokens
     assert ranking.candidates[0].finish_reason == "stop" and ranking.candidates[0].text == ""
+
+
+def _word_level() -> PreTrainedTokenizerFast:
+    """A vocabulary of whole words, as the shapes world's: a word cut in two is its unknown token."""
+    words = sorted({w for line in CORPUS for w in line.replace(",", " ,").replace(".", " .").split()})
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "</s>", *words])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_a_stop_cut_inside_a_word_the_vocabulary_lacks_ends_at_the_whole_word_before(context: bool) -> None:
+    """'a red squ' re-tokenized to 'a red <unk>': the reward scored the unknown token, not the text given."""
+    tok = _word_level()
+    lead = tok("The image shows", add_special_tokens=False)["input_ids"] if context else []
+    sampled = tok("a red square and", add_special_tokens=False)["input_ids"]
+    tidy = str.rstrip if context else str.strip
+    cut = tidy(decoded_after(tok, sampled, lead).split(" and")[0][:-3])  # "a red squ" (as it reads after the lead)
+    text, ids = stop_cut_ids(tok, cut, sampled, eot_id=1, context=lead, tidy=tidy)
+    assert text.strip() == "a red" and tok.unk_token_id not in ids
+    assert ids == [*continuation_ids(tok, text, lead), 1]
+    whole = tidy(decoded_after(tok, sampled[:3], lead))  # a cut at a word's end is kept as it is
+    assert stop_cut_ids(tok, whole, sampled, eot_id=1, context=lead, tidy=tidy)[0] == whole
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_a_stop_cut_inside_a_word_a_subword_vocabulary_spells_is_kept(kind: str) -> None:
+    tok = _tokenizer(kind)
+    sampled = tok("a red square", add_special_tokens=False)["input_ids"]
+    text, ids = stop_cut_ids(tok, "a red squ", sampled, eot_id=1)
+    assert text == "a red squ" and ids == [*continuation_ids(tok, "a red squ"), 1]

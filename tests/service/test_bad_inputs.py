@@ -116,6 +116,18 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
     ),
     ("missing-question", "/v1/best-of-n", {"images": [OK_IMAGE], "n": 2}, 400, "question", "invalid_value"),
     ("empty-question", "/v1/best-of-n", bon(question="  "), 400, "question", "invalid_value"),
+    # str.strip keeps format and control characters: an answer of one zero-width space outranked every real answer
+    ("invisible-question", "/v1/best-of-n", bon(question="\u200b\ufeff"), 400, "question", "invalid_value"),
+    ("invisible-answer", "/v1/rewards", rwd(answers=["a red circle.", "\u200b"]), 400, "answers[1]", "invalid_value"),
+    ("control-answer", "/v1/rewards", rwd(answers=["\x00\u00ad\u2060"]), 400, "answers[0]", "invalid_value"),
+    (
+        "invisible-messages",
+        "/v1/chat/completions",
+        chat(messages=[{"role": "user", "content": "\u200b"}]),
+        400,
+        "messages",
+        "invalid_value",
+    ),
     (
         "base64-not-image",
         "/v1/best-of-n",
@@ -350,6 +362,23 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
         "max_completion_tokens",
         "invalid_value",
     ),
+    # Empty messages cost nothing against the character bound; 480,000 of them stalled the server for 20 s.
+    (
+        "messages-past-the-item-limit",
+        "/v1/chat/completions",
+        chat(messages=[{"role": "user", "content": ""}] * 4096 + [{"role": "user", "content": Q}]),
+        400,
+        "messages",
+        "invalid_value",
+    ),
+    (
+        "content-parts-past-the-item-limit",
+        "/v1/best-of-n",
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}] * 4096}], "n": 2},
+        400,
+        "messages",
+        "invalid_value",
+    ),
 ]
 
 
@@ -533,8 +562,8 @@ def test_a_refused_body_closes_its_connection(live_server) -> None:
 def test_a_header_past_64_kib_is_refused(live_server) -> None:
     """The httptools parser took a 100 MB header (~200 MB of memory) while bodies were capped."""
     answer = _raw(live_server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1024 * 1024) + b"\r\n\r\n")
-    assert answer.startswith(b"HTTP/1.1 4") or answer == b""  # refused (h11: 400) and closed, never served
-    assert b"200 OK" not in answer
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]  # refused, answered (no reset) and closed
+    assert b'"headers_too_large"' in answer
 
 
 def test_a_body_trickling_past_its_deadline_is_408_and_closed(make_server) -> None:

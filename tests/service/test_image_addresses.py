@@ -110,6 +110,7 @@ def hosts() -> Iterator[dict[str, Server]]:
         "/same-host-redirect": (302, {"Location": "/a.png"}, b""),
         "/other-port-redirect": (302, {"Location": f"http://img.test:{other_port.port}/a.png"}, b""),
         "/other-name-redirect": (302, {"Location": f"http://internal.test:{checked.port}/a.png"}, b""),
+        "/redirect-to-nowhere": (302, {}, b""),
     }
     servers = {"checked": checked, "internal": internal, "other_port": other_port}
     yield servers
@@ -217,6 +218,17 @@ async def test_redirects_are_checked_like_the_first_url(hosts) -> None:
     allowed = "*.test:*,127.0.0.2:*"
     assert await fetch(f"http://img.test:{port}/other-port-redirect", resolver, allowed) == PUBLIC_IMAGE
     assert resolver.asked.count("img.test") == 3  # once per fetch
+
+
+@pytest.mark.integration
+async def test_a_3xx_without_a_location_is_its_own_answer_fetched_once(hosts) -> None:
+    """httpx calls every 3xx a redirect: one without a Location was fetched again as a redirect to itself until
+    the redirect limit, and the error blamed too many redirects."""
+    port, seen = hosts["checked"].port, len(hosts["checked"].seen)
+    resolver = Resolver({"img.test": [["127.0.0.2"]]})
+    with pytest.raises(ImageError, match="image URL answered HTTP 302"):
+        await fetch(f"http://img.test:{port}/redirect-to-nowhere", resolver, f"img.test:{port},127.0.0.2:*")
+    assert len(hosts["checked"].seen) == seen + 1
 
 
 async def test_the_private_address_setting_opens_private_ranges_only(monkeypatch) -> None:

@@ -113,6 +113,12 @@ def test_cancel_and_errors(make_server, redis_url, red_url) -> None:
             ("items[3].custom_id", "invalid_value"),  # "a" twice
         ], several
         assert several["param"] == "items[0].body.answers" and "(and 5 more problems)" in several["message"]
+        half = [{"custom_id": "a"}, {"body": item}]  # each key's partner was missing, not the key unknown
+        halves = client.post("/v1/jobs", json={"kind": "rewards", "items": half}).json()["error"]
+        assert [(e["param"], e["code"]) for e in halves["errors"]] == [
+            ("items[0].body", "missing_field"),
+            ("items[1].custom_id", "missing_field"),
+        ], halves
         too_many = client.post("/v1/jobs", json={"kind": "rewards", "items": [item] * 5})
         assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "items"
 

@@ -69,6 +69,28 @@ def test_stop_cuts_the_text_like_openai_and_the_reward_scores_the_cut_text(
     assert cut["num_tokens"] == given["num_tokens"]
 
 
+def test_a_stop_string_inside_a_word_the_tokenizer_cannot_spell_cuts_at_the_whole_word_before(
+    client: httpx.Client, messages, no_eot
+) -> None:
+    """The default model's vocabulary is words: 'a red triang' re-tokenized to 'a red <unk>', so the reward and the
+    log-probs scored the unknown token, not the text the client got."""
+    one = {"n": 1, "best_of": 1, "max_tokens": 12, "temperature": 0, "logit_bias": no_eot}
+    text = chat(client, messages, **one)["choices"][0]["message"]["content"]
+    word = next(w for w in text.split(" ")[1:] if len(w) >= 3)
+    stop = word[1:] + " "  # the first match may fall inside an earlier word: what is kept is decided by it
+    at = (text + " ").find(stop)
+    assert at > 0 and text[at - 1] != " "
+    kept = text[:at].rsplit(" ", 1)[0].strip()
+
+    cut = chat(client, messages, **one, stop=stop, logprobs=True)["choices"][0]
+    assert cut["finish_reason"] == "stop"
+    assert cut["message"]["content"] == kept
+    tokens = [t["token"] for t in cut["logprobs"]["content"]]
+    assert "".join(tokens).strip() == kept and "<unk>" not in tokens
+    given = client.post("/v1/rewards", json={"model": "tiny-llava", "messages": messages, "answers": [kept]}).json()
+    assert cut["reward"] == pytest.approx(given["rewards"][0], abs=1e-5)
+
+
 def test_a_single_stop_string_cuts_every_answer_that_contains_it(client: httpx.Client, messages, no_eot) -> None:
     body = chat(client, messages, n=4, max_tokens=12, seed=2, logit_bias=no_eot, stop=" ")
     for choice in body["choices"]:
@@ -677,6 +699,24 @@ def test_a_refusal_sent_back_with_null_content_is_the_assistants_turn(client: ht
         r = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": [*messages, turn]})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
         assert r.json()["error"]["code"] == "missing_field"
+
+
+def test_a_refusal_content_part_is_the_assistants_text(client: httpx.Client, messages) -> None:
+    """OpenAI's assistant messages may hold `{"type": "refusal"}` parts; they were refused as an unknown tag."""
+    said = "I can't help with that."
+    as_part = [*messages, {"role": "assistant", "content": [{"type": "refusal", "refusal": said}]},
+               {"role": "user", "content": "What colour is it?"}]  # fmt: skip
+    as_field = [*as_part[:-2], {"role": "assistant", "content": None, "refusal": said}, as_part[-1]]
+    rewards = [
+        client.post("/v1/rewards", json={"messages": turns, "answers": ["red."]}).json()["rewards"][0]
+        for turns in (as_part, as_field)
+    ]
+    assert rewards[0] == rewards[1]
+    r = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": as_part, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    user_refusal = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "refusal", "refusal": "no"}]}]
+    r = client.post("/v1/chat/completions", json={"model": "tiny-llava", "messages": user_refusal})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[1]", r.text
 
 
 def test_tool_choice_other_than_none_is_named_even_with_tools(client: httpx.Client, messages) -> None:
