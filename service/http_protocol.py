@@ -14,6 +14,15 @@ for `RLAIFV_STREAM_WRITE_TIMEOUT_S` is aborted (a close waits for the unsent res
 pending `send` returns as for a client gone, the response is left incomplete and counted 499 by the middleware.
 Once the server stops, a response its client took nothing of since the stop is aborted the same way when the
 drain answers what is left (`service.shutdown.answer_deadline_s`), before uvicorn's own cancel.
+
+h11 refuses less than it should (`_StrictConnection`): its bound on a request head (`h11_max_incomplete_event_size`)
+is checked only while the head is incomplete, so a 200 KB head that came in one read (asyncio reads 256 KiB at a
+time) was served; and a request with both Content-Length and Transfer-Encoding was read as chunked, the
+request-smuggling shape behind a proxy that frames by Content-Length (RFC 9112 section 6.3). Both are refused
+here, and every request h11 refuses is answered in the service's JSON error shape (uvicorn's was a text/plain
+400) with its own status (431 for a head over the bound), then the connection is closed once the client has had
+the answer: closed at once, with the rest of the request unread, the kernel reset the connection and the client
+saw a reset, not the answer.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import socket
 import struct
@@ -28,14 +38,86 @@ import termios
 from typing import Any, cast
 
 import h11
+from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
+from uvicorn.protocols.http import h11_impl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from rlaifv.service.errors import error_body
 from rlaifv.service.shutdown import answer_deadline_s
 
 DEFAULT_HEADER_TIMEOUT_S = 30.0
 DEFAULT_WRITE_TIMEOUT_S = 60.0
 log = logging.getLogger("rlaifv.http")
 _TIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
+# After a refusal the connection is closed once the client has closed its side, or has sent this many more bytes
+# (read and dropped), or at this deadline: closed with the rest of a request unread, the kernel sends a reset, which
+# can destroy the answer before the client reads it (RFC 9112 section 9.6).
+REFUSAL_LINGER_S = 2.0
+REFUSAL_LINGER_BYTES = 4 * 1024 * 1024
+
+
+class _StrictConnection(h11.Connection):
+    """h11's server side, refusing two requests more, as h11 refuses its own (the peer's state ERROR, the
+    `RemoteProtocolError` raised from `next_event`):
+
+    - a request head over the bound that came complete in one read: h11 compares the bound with its buffer only
+      while an event is incomplete (`next_event` returning NEED_DATA), so a head of 70 KB, or 250 KB, read at once
+      was served;
+    - a request with both Content-Length and Transfer-Encoding (h11 reads it as chunked; RFC 9112 section 6.3 lets a
+      server refuse it, and it must close the connection). Differing Content-Lengths h11 refuses itself.
+
+    `refusal` is the answer to the last refused request: status, error type, code and message."""
+
+    def __init__(self, max_head_bytes: int) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=max_head_bytes)
+        self.max_head_bytes = max_head_bytes
+        self.refusal: tuple[int, str, str, str] | None = None
+        self._ours: tuple[int, str, str, str] | None = None  # the refusal `_extract_next_receive_event` raised
+
+    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        reading_head = self.their_state is h11.IDLE
+        self._ours = None
+        try:
+            return super().next_event()
+        except h11.RemoteProtocolError as exc:
+            self.refusal = self._ours or self._answer(exc, reading_head)
+            raise
+
+    def _extract_next_receive_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        """h11's (private, called before the event changes any state: what it raises is handled as h11's own
+        refusals are), and the two checks on a request head read complete."""
+        buffered = len(self._receive_buffer)
+        event = super()._extract_next_receive_event()
+        if isinstance(event, h11.Request):
+            head_bytes = buffered - len(self._receive_buffer)  # what the head took of the buffer: its raw size
+            if head_bytes > self.max_head_bytes:
+                self._ours = self._head_too_large()
+                raise h11.LocalProtocolError(self._ours[3], error_status_hint=431)
+            names = {name for name, _ in event.headers}  # (lower-cased by h11)
+            if b"content-length" in names and b"transfer-encoding" in names:
+                message = (
+                    "a request may not have both Content-Length and Transfer-Encoding (RFC 9112 section 6.3): "
+                    "send one of them"
+                )
+                self._ours = (400, "invalid_request_error", "invalid_http", message)
+                raise h11.LocalProtocolError(message)
+        return event
+
+    def _head_too_large(self) -> tuple[int, str, str, str]:
+        message = f"the request line and headers are over the limit of {self.max_head_bytes} bytes"
+        return 431, "invalid_request_error", "headers_too_large", message
+
+    def _answer(self, exc: h11.RemoteProtocolError, reading_head: bool) -> tuple[int, str, str, str]:
+        """The answer to a refusal of h11's own, by its status hint (431: the buffer over the bound, 501: a
+        transfer coding other than chunked; 400 otherwise)."""
+        status = exc.error_status_hint
+        if status == 431 and reading_head:
+            return self._head_too_large()
+        reason = str(exc)
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."  # (h11's can quote a whole header line)
+        if status == 501:
+            return 501, "not_implemented_error", "unsupported_transfer_encoding", reason
+        return 400 if status == 431 else status, "invalid_request_error", "invalid_http", f"invalid HTTP: {reason}"
 
 
 class HeadDeadlineH11Protocol(H11Protocol):
@@ -44,6 +126,7 @@ class HeadDeadlineH11Protocol(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.conn = _StrictConnection(self.config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE)
         settings = getattr(getattr(self.config.app, "state", None), "settings", None)
         self.header_timeout_s = float(getattr(settings, "header_timeout_s", DEFAULT_HEADER_TIMEOUT_S))
         self.write_timeout_s = float(getattr(settings, "stream_write_timeout_s", DEFAULT_WRITE_TIMEOUT_S))
@@ -56,6 +139,9 @@ class HeadDeadlineH11Protocol(H11Protocol):
         self._taken_at_pause = 0  # `_taken()` when the write timer was armed
         self._stop_timer: asyncio.TimerHandle | None = None
         self._taken_at_stop = 0  # `_taken()` when the server began stopping
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self._lingering = False  # a refusal was answered: what comes now is dropped until the close
+        self._dropped = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.counted = _Counted(transport)
@@ -63,8 +149,60 @@ class HeadDeadlineH11Protocol(H11Protocol):
         self._watch_head()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:  # the rest of a refused request (not given to h11, whose buffer would keep it)
+            self._dropped += len(data)
+            if self._dropped > REFUSAL_LINGER_BYTES:
+                self._end_linger()
+            return
         super().data_received(data)
         self._watch_head()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 refused (a text/plain 400 whatever the reason, then a close that
+        could reset the connection before the client read it): the refusal's status in the service's JSON error
+        shape, then the close once the client has had it (`_linger`)."""
+        refusal = getattr(self.conn, "refusal", None) or (400, "invalid_request_error", "invalid_http", msg)
+        status, type_, code, message = refusal
+        log.info(
+            "request refused by the HTTP parser: %s",
+            message,
+            extra={"status": status, "code": code, "client": _shown_client(self.client)},
+        )
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):  # a response begun: nothing more can be said
+            self.transport.close()
+            return
+        body = json.dumps(error_body(type_, message, None, code)).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-content-type-options", b"nosniff"),
+            (b"connection", b"close"),
+        ]
+        reason = h11_impl.STATUS_PHRASES.get(status, b"")
+        for event in (h11.Response(status_code=status, headers=headers, reason=reason), h11.Data(data=body)):
+            self.transport.write(self.conn.send(event))
+        self.transport.write(self.conn.send(h11.EndOfMessage()))
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after the answer to a refusal: at once where a handler runs (an error in its body: the close tells
+        it the client went, as uvicorn did), else once the client closes its side or has had its time
+        (`REFUSAL_LINGER_S`, `REFUSAL_LINGER_BYTES`), our side half-closed meanwhile (the client reads the answer
+        and its end). Closed with the rest of the request unread, the kernel sent a reset, and a client still
+        sending (a head over the bound: 200 KB) got a broken pipe or a reset instead of the answer."""
+        busy = self.cycle is not None and not self.cycle.response_complete
+        if busy or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self._lingering = True
+        self.transport.write_eof()
+        self._linger_timer = self.loop.call_later(REFUSAL_LINGER_S, self._end_linger)
+
+    def _end_linger(self) -> None:
+        self._linger_timer = _cancelled(self._linger_timer)
+        if not self.transport.is_closing():
+            self.transport.close()
+            self._watch_closing()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -79,6 +217,7 @@ class HeadDeadlineH11Protocol(H11Protocol):
         self._head_timer = _cancelled(self._head_timer)
         self._write_timer = _cancelled(self._write_timer)
         self._stop_timer = _cancelled(self._stop_timer)
+        self._linger_timer = _cancelled(self._linger_timer)
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -185,6 +324,10 @@ class HeadDeadlineH11Protocol(H11Protocol):
         if self._owes() and not self.transport.is_closing():
             self.transport.close()
             self._watch_closing()
+
+
+def _shown_client(client: tuple[str, int] | None) -> str | None:
+    return None if client is None else f"{client[0]}:{client[1]}"
 
 
 def _cancelled(timer: asyncio.TimerHandle | None) -> asyncio.TimerHandle | None:

@@ -28,8 +28,9 @@ MAX_HEADER_BYTES = 64 * 1024
 
 # uvicorn's HTTP/1.1 options for every server of ours: h11, whose request line and headers are bounded (the
 # httptools parser took a 100 MB header, some 200 MB of memory, while bodies were capped at RLAIFV_MAX_BODY_BYTES);
-# a request past the bound is refused (400) and its connection closed, and a head not complete within
-# RLAIFV_HEADER_TIMEOUT_S closes it too (`service.http_protocol`). The model, not HTTP parsing, is the cost.
+# a head over MAX_HEADER_BYTES in all is refused (431; h11 alone checked only a head still incomplete after a read)
+# and its connection closed, and a head not complete within RLAIFV_HEADER_TIMEOUT_S closes it too
+# (`service.http_protocol`). The model, not HTTP parsing, is the cost.
 HTTP_OPTIONS: dict[str, Any] = {
     "http": HeadDeadlineH11Protocol,
     "h11_max_incomplete_event_size": MAX_HEADER_BYTES,

@@ -108,6 +108,15 @@ def get_store(request: Request) -> JobStore:
 StoreDep = Annotated[JobStore, Depends(get_store)]
 
 
+def _given_once(request: Request, *names: str) -> None:
+    """A 400 naming a query parameter given more than once: FastAPI takes the last value of a repeated one, so
+    `?kind=rewards&kind=best_of_n` ran every line as a best-of-n request."""
+    for name in names:
+        given = len(request.query_params.getlist(name))
+        if given > 1:
+            raise BadRequest(f"query parameter '{name}' is given {given} times: give it once", param=name)
+
+
 def _owner(request: Request) -> str | None:
     """The API key (its id) that owns what this request creates or reads; None without keys configured."""
     return getattr(request.state, "key_id", None)
@@ -160,6 +169,7 @@ async def upload_job(
 ) -> Job:
     """The body is a JSONL file: one item per line, as in the `items` of POST /v1/jobs (a request body, or
     `{"custom_id": "...", "body": {...}}`). A line that is not a JSON object is a 400 naming `items[i]`."""
+    _given_once(request, "kind", "metadata")
     body = await request.body()  # parsed off the loop: a large upload held /healthz for seconds
     items = await asyncio.to_thread(parse_jsonl, body.splitlines(), store.max_items)
     try:
