@@ -955,6 +955,17 @@ def test_messages_take_pydantic_models_such_as_an_openai_reply() -> None:
         best_of_n_body(messages=["hi"])  # type: ignore[list-item]
 
 
+def test_images_beside_messages_are_refused_before_anything_is_sent() -> None:
+    """The README said every method takes image= with messages=: the server refused it (400 `images`) after the
+    SDK had read and sent the image."""
+    messages = [{"role": "user", "content": "Describe the image."}]
+    for given in ({"image": PNG}, {"images": [PNG]}):
+        with pytest.raises(InvalidArgumentError, match="image_url parts") as refused:
+            best_of_n_body(messages=messages, **given)
+        assert refused.value.param == "images"
+    assert "images" not in best_of_n_body(messages=messages, images=[])
+
+
 # -- images: base64, schemes, long values, PIL modes ----------------------------------------
 
 

@@ -33,6 +33,7 @@ from ._exceptions import (
     WaitTimeoutError,
     make_status_error,
 )
+from ._files import read_regular_file
 from ._images import ImageInput, MessageInput, encode_images, encode_message_images
 from ._version import __version__
 from .types import BaseType, Health, Job, JobList, JobResult
@@ -188,6 +189,13 @@ class APICall(Generic[T]):
     idempotent: bool = True
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
+    def __post_init__(self) -> None:
+        """Every call's JSON body and query parameters are checked here, before anything is sent (`check_json`)."""
+        if self.json is not None:
+            check_json(self.json)
+        if self.params:
+            check_json(dict(self.params))
+
 
 def is_not_ready(response: httpx.Response) -> bool:
     """A 503 `not_ready`: the server answers while its model loads (`rlaifv serve`), and will serve once loaded."""
@@ -269,17 +277,38 @@ def _drop_none(mapping: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in mapping.items() if v is not None}
 
 
-def _check_finite(value: Any, path: str = "") -> None:
-    """Refuse a NaN or infinity anywhere in a JSON body, by its path (`sampling.temperature`): JSON has no such
-    numbers, and httpx's encoder would otherwise fail at send time with a message naming no argument."""
-    if isinstance(value, float) and not math.isfinite(value):
+def check_json(value: Any, path: str = "") -> None:
+    """Refuse what JSON cannot carry anywhere in a request body, by its path (`sampling.temperature`, `answers[1]`):
+    a NaN or infinity (JSON has no such numbers), and text holding a lone surrogate (`"\\ud800"`, as text decoded
+    with `errors="surrogateescape"` holds: not Unicode, so not UTF-8). httpx's encoder would otherwise fail at send
+    time, with a `ValueError` or `UnicodeEncodeError` naming no argument. Every call's body passes here (`APICall`)."""
+    if isinstance(value, str):
+        _check_text(value, path)
+    elif isinstance(value, float) and not math.isfinite(value):
         raise InvalidArgumentError(f"{path} must be a finite number, got {value!r}", param=path)
-    if isinstance(value, Mapping):
+    elif isinstance(value, Mapping):
         for key, item in value.items():
-            _check_finite(item, f"{path}.{key}" if path else str(key))
+            if isinstance(key, str):
+                _check_text(key, path, key=True)
+            check_json(item, f"{path}.{key}" if path else str(key))
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            _check_finite(item, f"{path}[{i}]")
+            check_json(item, f"{path}[{i}]")
+
+
+def _check_text(text: str, path: str, *, key: bool = False) -> None:
+    """Refuse `text` holding a lone surrogate (cheap for ASCII text, as a base64 image is: `isascii` reads a flag)."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        where = (f"a key of {path}" if path else "a key") if key else path
+        raise InvalidArgumentError(
+            f"{where} is not valid Unicode: it holds a lone surrogate {text[exc.start]!r} at index {exc.start}, which"
+            " UTF-8 cannot encode (text decoded with errors='surrogateescape', or half of a JSON \\u escape pair?)",
+            param=path or None,
+        ) from None
 
 
 def prompt_body(
@@ -297,6 +326,11 @@ def prompt_body(
     repeat_penalty: float | None = None,
 ) -> dict[str, Any]:
     """The fields /v1/best-of-n and /v1/rewards share. Only given fields are sent (the server has the defaults)."""
+    if messages is not None and (image is not None or images not in (None, [], ())):
+        raise InvalidArgumentError(
+            "with messages=, give images as image_url parts of a user message, not as image= or images=",
+            param="images",
+        )
     body: dict[str, Any] = {"model": model, "question": question}
     body["messages"] = None if messages is None else encode_message_images(messages)
     body["continue_final_message"] = continue_final_message
@@ -344,7 +378,7 @@ def best_of_n_body(
     )
     if sampling:
         body["sampling"] = sampling
-    _check_finite(body)
+    check_json(body)
     return body
 
 
@@ -354,7 +388,7 @@ def score_body(*, answers: Iterable[str], **prompt: Any) -> dict[str, Any]:
         raise TypeError("answers= takes a list of strings, not one string")
     body = prompt_body(**prompt)
     body["answers"] = list(answers)
-    _check_finite(body)
+    check_json(body)
     return body
 
 
@@ -370,6 +404,8 @@ def submission_headers(
     key = idempotency_key if idempotency_key is not None else (given[0] if given else uuid.uuid4().hex)
     if not key.strip():
         raise ValueError("idempotency_key must not be empty")
+    if not all(" " <= c <= "~" for c in key):  # httpx would raise UnicodeEncodeError at send time
+        raise ValueError(f"idempotency_key must be printable ASCII (an HTTP header carries it), got {key!r}")
     return headers | {"Idempotency-Key": key}
 
 
@@ -430,6 +466,12 @@ def job_body(kind: JobKind, items: Iterable[Mapping[str, Any]], metadata: Mappin
     return body
 
 
+_UPLOAD_TOO_BIG = (
+    ": a server at its defaults takes no upload over 16 MiB (RLAIFV_MAX_BODY_BYTES); split it into several jobs,"
+    " or read it yourself and pass its bytes to a server whose operator raised that limit"
+)
+
+
 def upload_call(
     path: str | os.PathLike[str] | bytes,
     kind: JobKind,
@@ -438,16 +480,20 @@ def upload_call(
     given_headers: Mapping[str, str],
 ) -> APICall[Job]:
     """POST /v1/jobs/upload of a JSONL file (a path, or its bytes): one request body or `{"custom_id", "body"}`
-    per line, sent as is (images already encoded in the lines). A Content-Type in `given_headers` wins."""
+    per line, sent as is (images already encoded in the lines). A Content-Type in `given_headers` wins. A path must
+    name a regular file of at most `MAX_UPLOAD_FILE_BYTES` (`InvalidArgumentError` otherwise, before it is read
+    whole; an `OSError` such as `FileNotFoundError` when it cannot be opened)."""
     import json
 
     if kind not in ("best_of_n", "rewards"):
         raise ValueError(f"kind must be 'best_of_n' or 'rewards', got {kind!r}")
-    from pathlib import Path
-
-    data = path if isinstance(path, bytes) else Path(path).read_bytes()
+    if isinstance(path, bytes):
+        data = path
+    else:
+        data = read_regular_file(path, C.MAX_UPLOAD_FILE_BYTES, "job file", InvalidArgumentError, _UPLOAD_TOO_BIG)
     params: dict[str, str] = {"kind": kind}
     if metadata is not None:
+        check_json(dict(metadata), "metadata")  # json.dumps would escape a lone surrogate, for the server to refuse
         params["metadata"] = json.dumps(dict(metadata))
     headers = httpx.Headers({"Content-Type": JSONL})
     headers.update(given_headers)
@@ -557,6 +603,8 @@ def _job_id(job: str | Job) -> str:
     job_id = job.id if isinstance(job, Job) else job
     if job_id in ("", ".", "..") or "/" in job_id:
         raise ValueError(f"invalid job id {job_id!r}")
+    if not job_id.isascii():
+        _check_text(job_id, "job_id")  # a lone surrogate: no URL can carry it
     return job_id
 
 

@@ -427,7 +427,8 @@ class Jobs:
         extra_headers: Mapping[str, str] | None = None,
     ) -> Job:
         """Submit a JSONL file (a path, or its bytes) as a job: one request body per line, exactly as the server
-        takes it, or ``{"custom_id": "...", "body": {...}}``. Safe to retry, like ``submit``."""
+        takes it, or ``{"custom_id": "...", "body": {...}}``. Safe to retry, like ``submit``. A path must name a
+        regular file of at most 16 MiB, the server's default upload limit (``InvalidArgumentError`` otherwise)."""
         return self._client._request(
             upload_call(path, kind, metadata, timeout, submission_headers(idempotency_key, extra_headers))
         )

@@ -34,3 +34,12 @@ MIN_POLL_TIMEOUT = 1.0  # seconds: the shortest timeout of a `jobs.wait` poll ne
 # seconds a retry must have left after its wait (a quarter of the call's timeout if that is less): a retry given
 # 0.01 s timed out, and the caller saw a timeout instead of the server's answer
 MIN_RETRY_ATTEMPT_S = 1.0
+
+# Files the SDK reads itself (an image given as a path or a file object, a JSONL file given to `jobs.submit_file`)
+# are read up to these sizes, and only when they are regular files: "/dev/zero" grew until the kernel killed the
+# process, a FIFO blocked for ever. Both are the server's default request body limit (RLAIFV_MAX_BODY_BYTES, 16 MiB):
+# no larger file can reach a server at its defaults (an image travels base64-encoded, 4/3 of its size, inside the JSON
+# body, and its own limit, RLAIFV_MAX_IMAGE_BYTES, is 10 MiB; an upload is the body). Bytes you pass are not bounded:
+# you read them yourself, for a server whose operator raised its limits.
+MAX_IMAGE_FILE_BYTES = 16 * 1024 * 1024
+MAX_UPLOAD_FILE_BYTES = 16 * 1024 * 1024

@@ -3,7 +3,8 @@
 Accepted: a path (str or os.PathLike), raw bytes, a binary file object, a PIL image (encoded as PNG, or as JPEG
 when it was read from one; Pillow is never imported here, the image encodes itself), a `data:` URL, bare base64,
 or an `http(s)://` URL that the server fetches itself when its operator allowed the host. `file://` URLs are read
-like paths.
+like paths. A path must name a regular file (not a FIFO, device or directory), and a path or file object is read up
+to `MAX_IMAGE_FILE_BYTES` (16 MiB, the server's default request body limit), refused past it (`_files`).
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ from pathlib import Path
 from typing import IO, Any, Protocol, TypeAlias
 from urllib.parse import unquote, urlparse
 
+from . import _constants as C
 from ._exceptions import ImageInputError
+from ._files import read_object, read_regular_file
+from ._files import short as _short
 
 
 class BinaryReader(Protocol):
-    """A binary file object (`open(path, "rb")`, `BytesIO`, an HTTP response...): its `read()` gives the image."""
+    """A binary file object (`open(path, "rb")`, `BytesIO`, an HTTP response...): its `read()` gives the image (read
+    in pieces, `read(size)`, up to `MAX_IMAGE_FILE_BYTES`, where it takes a size)."""
 
     def read(self) -> bytes: ...
 
@@ -77,14 +82,17 @@ def _is_pil_image(obj: Any) -> bool:
     return pil is not None and isinstance(obj, pil.Image)
 
 
-def _short(value: str, limit: int = 60) -> str:
-    """`value` quoted and cut to `limit` characters: an error must not repeat a megabyte of base64."""
-    return repr(value if len(value) <= limit else value[:limit] + "…")
+_TOO_BIG = (
+    ": a server at its defaults takes no request body over 16 MiB (RLAIFV_MAX_BODY_BYTES), and the image goes in one"
+    " base64-encoded, 4/3 of its size; make it smaller, or read it yourself and pass its bytes to a server whose"
+    " operator raised its limits"
+)
 
 
 def _read_path(path: str | os.PathLike[str]) -> bytes:
+    """The image file's bytes: a regular file of at most `MAX_IMAGE_FILE_BYTES` (`_files.read_regular_file`)."""
     try:
-        return Path(path).expanduser().read_bytes()
+        return read_regular_file(path, C.MAX_IMAGE_FILE_BYTES, "image file", ImageInputError, _TOO_BIG)
     except FileNotFoundError:
         raise ImageInputError(f"image file not found: {_short(os.fspath(path))}") from None
     except OSError as exc:
@@ -194,9 +202,9 @@ def encode_image(image: ImageInput) -> str:
     if _is_pil_image(image):
         return _encode_pil(image)
     if hasattr(image, "read"):
-        data = image.read()
-        if isinstance(data, (bytes, bytearray)):
-            return encode_image(bytes(data))
+        read = read_object(image, C.MAX_IMAGE_FILE_BYTES, "the image file object", ImageInputError, _TOO_BIG)
+        if isinstance(read, bytes):
+            return encode_image(read)
         raise ImageInputError("file objects must be opened in binary mode ('rb')")
     raise ImageInputError(
         f"unsupported image type {type(image).__name__}: give a path, bytes, a binary file, a PIL image, "
