@@ -100,6 +100,15 @@ class PreferenceRow:
         return (type(self), (self.id, _portable(self.image), *fields))
 
 
+def names_a_file(path: Path) -> bool:
+    """Whether `path` is a file; False for a name no filesystem holds (a short base64 image, tried as a file name
+    first, raised "File name too long" from `Path.is_file` on Python 3.11)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _portable(image: Any) -> Any:
     """What pickling (multiprocessing, deepcopy) sends of a row's image: a view into the spill cannot travel, so
     its bytes do."""
@@ -292,11 +301,7 @@ def _image_bytes(value: Any, base: Path, *, source: str, row: int, column: str) 
         )
     path = Path(text).expanduser()
     path = path if path.is_absolute() else base / path
-    try:
-        is_file = path.is_file()
-    except OSError:  # a name too long for the filesystem: not a path
-        is_file = False
-    if is_file:
+    if names_a_file(path):
         return path.read_bytes()
     # A hashed file name (`images/<64 hex>`) is base64 too: a "/" and no image format in its bytes make it a path.
     path_like = "/" in text and len(text) < 4096

@@ -187,7 +187,11 @@ class DPOConfig:
         "ref_batch_size",  # how many rows the reference pass scores at once (its cache is shared across sizes too)
     )
 
-    EARLIER_LEFT_OUT: ClassVar[tuple[str, ...]] = (*BOOKKEEPING, "disable_dropout")
+    EARLIER_VALUES: ClassVar[dict[str, Any]] = {"disable_dropout": False}
+    """How versions before each of these settings trained: a run they started goes on so (`iterate`'s later rounds
+    train as its first did)."""
+
+    EARLIER_LEFT_OUT: ClassVar[tuple[str, ...]] = (*BOOKKEEPING, *EARLIER_VALUES)
     """What `training_settings` leaves out as versions before `disable_dropout` recorded them: they trained with the
     model's dropout on, so their runs are this one where dropout is left on or the model has none."""
 

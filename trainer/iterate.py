@@ -69,6 +69,35 @@ def round_dir(output_dir: Path, index: int) -> Path:
     return output_dir / f"round-{index:02d}"
 
 
+def _as_started(output_dir: Path, config: IterateConfig) -> IterateConfig:
+    """`config` with each DPO setting its run file lacks at the value the version that wrote it trained with
+    (`DPOConfig.EARLIER_VALUES`), once a round of the run is finished: its later rounds train as its first did (a
+    model with dropout mixed rounds trained with and without it). Before any round finishes a run takes new
+    settings, these too."""
+    if not any(output_dir.glob(f"round-*/{DONE_FILE}")):
+        return config
+    try:
+        recorded = json.loads((output_dir / RUN_FILE).read_text())["config"]["dpo"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return config  # `_check_run_file` says what is wrong with it
+    if not isinstance(recorded, dict):
+        return config
+    earlier = {
+        name: value
+        for name, value in DPOConfig.EARLIER_VALUES.items()
+        if name not in recorded and getattr(config.dpo, name) != value
+    }
+    if not earlier:
+        return config
+    shown = ", ".join(f"dpo.{name}={json.dumps(value)}" for name, value in earlier.items())
+    warnings.warn(
+        f"{output_dir} was started by a version before {', '.join(f'dpo.{n}' for n in earlier)}: its later rounds"
+        f" train as its first did ({shown}); use a new output folder to train with the newer settings",
+        stacklevel=3,
+    )
+    return dataclasses.replace(config, dpo=dataclasses.replace(config.dpo, **earlier))
+
+
 def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSource) -> bool:
     """Write run.json, or compare with the existing one; returns True when resuming."""
     from rlaifv.trainer.dpo import model_fingerprint
@@ -124,6 +153,10 @@ def _check_run_file(output_dir: Path, config: IterateConfig, source: PromptSourc
     if same_model is False and "model" not in changed:  # retrained or replaced in place: the path alone is the same
         changed = sorted([*changed, "model"])
     changed = sorted({*changed, *replaced})
+    recorded = previous.get("config", {}).get("dpo")
+    if isinstance(recorded, dict):  # a setting `_as_started` held at its earlier value stays unrecorded, as it was
+        kept = {k for k, v in DPOConfig.EARLIER_VALUES.items() if k not in recorded and settings["dpo"].get(k) == v}
+        current["config"] = {**settings, "dpo": {k: v for k, v in settings["dpo"].items() if k not in kept}}
     same_source = json.loads(json.dumps(current["prompt_source"], default=str))
     old_source = previous.get("prompt_source")
     if isinstance(old_source, dict) and isinstance(same_source, dict) and "prompts" not in old_source:
@@ -227,7 +260,9 @@ def _without_added_defaults(old: dict[str, Any], new: dict[str, Any], config: An
         section = getattr(config, key, None)
         if isinstance(value, dict) and isinstance(old.get(key), dict) and dataclasses.is_dataclass(section):
             value = _without_added_defaults(old[key], value, section)
-        elif key not in old and key in defaults and value == defaults[key]:
+        elif key not in old and (
+            (key in defaults and value == defaults[key]) or value == getattr(config, "EARLIER_VALUES", {}).get(key, ...)
+        ):  # a setting added since at its default, or at the value the version before it trained with
             continue
         kept[key] = value
     return kept
@@ -520,6 +555,7 @@ def run_iterate(
     if not isinstance(source, PromptSource):
         raise TrainerError("source must have prompts(round_index, count, seed) and describe() methods")
     started = time.time()
+    config = _as_started(output_dir, config)
     _check_run_file(output_dir, config, source)
     reports: list[dict[str, Any]] = []
     resumed: list[int] = []

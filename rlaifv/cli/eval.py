@@ -24,6 +24,7 @@ from rlaifv.cli.eval_run import (
     above_zero,
     bad_option,
     best_of_list,
+    check_block,
     default_cache,
     fail,
     http_url,
@@ -147,6 +148,10 @@ def _source(output: Path, options: dict[str, Any]) -> Source:
         random_draws=o.get("random_draws") or 1,
     )
     src.check(answers=options.get("answers") is not None)
+    if options.get("doc") is not None:
+        from rlaifv.trainer.evaluation.report import report_name
+
+        check_block(options["doc"], options.get("name") or report_name(output))
     set_threads(o["threads"])
     return src
 

@@ -231,12 +231,34 @@ def default_cache(output: Path) -> Path:
     return sibling(output, ".candidates.jsonl")
 
 
-def replace_block(doc: Path, name: str, text: str) -> None:
-    """Replace what lies between `<!-- begin: name -->` and `<!-- end: name -->` in a Markdown file."""
-    source = doc.read_text()
+def _block(doc: Path, name: str) -> tuple[str, re.Pattern[str]]:
+    """The Markdown file's text and the pattern of its `<!-- begin: name -->` ... `<!-- end: name -->` block; a
+    ValueError saying which is missing."""
+    try:
+        source = doc.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{doc} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
     pattern = re.compile(rf"(<!-- begin: {re.escape(name)} -->\n).*?(<!-- end: {re.escape(name)} -->)", re.DOTALL)
     if not pattern.search(source):
-        raise fail(f"{doc} has no '<!-- begin: {name} -->' ... '<!-- end: {name} -->' block to fill")
+        raise ValueError(f"{doc} has no '<!-- begin: {name} -->' ... '<!-- end: {name} -->' block to fill")
+    return source, pattern
+
+
+def check_block(doc: Path, name: str) -> None:
+    """`replace_block`'s checks as a usage error before any work: a missing file or block was found after the
+    sampling."""
+    try:
+        _block(doc, name)
+    except ValueError as exc:
+        raise bad_option("--doc", str(exc)) from None
+
+
+def replace_block(doc: Path, name: str, text: str) -> None:
+    """Replace what lies between `<!-- begin: name -->` and `<!-- end: name -->` in a Markdown file."""
+    try:
+        source, pattern = _block(doc, name)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
     doc.write_text(pattern.sub(lambda m: m.group(1) + text.rstrip("\n") + "\n" + m.group(2), source, count=1))
 
 

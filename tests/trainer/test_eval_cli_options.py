@@ -195,6 +195,8 @@ ANSWERS = ["--answers", str(DATA / "objhal_answers.jsonl")]
         [*OBJHAL, "--prompts", "p.jsonl", "--service", "http://u:p@127.0.0.1:9", "--api-key", "k"],
         [*OBJHAL, *ANSWERS, "--extractor", "llm", "--llm-url", "http://u:p@h:9/v1", "--llm-model", "m", "--llm-key=k"],
         ["eval", "shapes", "--modes", "dpo,foo"],
+        ["eval", "shapes", "--doc", "missing.md"],  # found after the sampling (34 s for 500 images)
+        [*OBJHAL, *ANSWERS, "--best-of", "1,2", "--doc", "/dev/null", "--name", "x"],  # no block named x
     ],
 )
 def test_command_line_mistakes_are_usage_errors_before_any_work(

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from rlaifv.cli.main import app
 from rlaifv.trainer.errors import DataError
+from rlaifv.trainer.evaluation.candidates import image_bytes
 from rlaifv.trainer.evaluation.chair import chair, chair_items, chair_totals
 from rlaifv.trainer.evaluation.coco_objects import CocoObjects, read_table
 from rlaifv.trainer.evaluation.coco_truth import find_annotation_files, ground_truth
@@ -315,7 +316,7 @@ def test_an_image_path_that_is_not_there_is_named_at_read_time(tmp_path: Path) -
     import base64
     import io
 
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 40, 40)).save(buf, "PNG")
@@ -324,9 +325,16 @@ def test_an_image_path_that_is_not_there_is_named_at_read_time(tmp_path: Path) -
     prompts = tmp_path / "prompts.jsonl"
     good = [{"image_id": 101, "question": "Describe.", "image": "img/cat0.png"}]
     good.append({"image_id": 102, "question": "Describe.", "image": base64.b64encode(buf.getvalue()).decode()})
+    noise = io.BytesIO()  # base64 with a run of over 255 characters without "/": as a file name, ENAMETOOLONG
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Comment", "a" * 600)
+    Image.new("RGB", (8, 8), (40, 200, 40)).save(noise, "PNG", pnginfo=text)
+    assert max(len(part) for part in base64.b64encode(noise.getvalue()).split(b"/")) > 255
+    good.append({"image_id": 103, "question": "Describe.", "image": base64.b64encode(noise.getvalue()).decode()})
     prompts.write_text("".join(json.dumps(r) + "\n" for r in good))
-    [(first, _), (second, _)] = read_prompts(prompts)
+    [(first, _), (second, _), (third, _)] = read_prompts(prompts)
     assert first.image == tmp_path / "img" / "cat0.png" and second.image == buf.getvalue()
+    assert third.image == noise.getvalue() and image_bytes(base64.b64encode(noise.getvalue()).decode()) == third.image
     for image, message in [
         ("img/cat1", "image file 'img/cat1' not found"),
         ("cat1.jpg", "image file 'cat1.jpg' not found"),

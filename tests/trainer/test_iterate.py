@@ -379,6 +379,39 @@ def test_a_run_written_before_a_setting_existed_resumes_while_that_setting_keeps
         _check_run_file(run, config(llm_name="other-8b", **llm), source)
 
 
+def test_a_run_started_before_disable_dropout_trains_its_later_rounds_as_its_first(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Its later rounds took the new default (dropout off) while its first trained with dropout on: a model with
+    dropout mixed the two in one run."""
+    from rlaifv.trainer.iterate import RUN_FILE, _as_started, _check_run_file
+
+    source = _one_prompt()
+    run = tmp_path / "run"
+    config = IterateConfig(model=str(tiny_model), output_dir=str(run))
+    assert config.dpo.disable_dropout is True
+    assert _check_run_file(run, config, source) is False
+    _written_before(run, "dpo", "disable_dropout")
+    assert _as_started(run, config) == config  # no round finished: a run takes new settings
+    _finish_a_round(run)
+    for _ in range(2):  # and again on the next resume: the run file still says nothing of it
+        with pytest.warns(UserWarning, match=r"before dpo\.disable_dropout.*dpo\.disable_dropout=false"):
+            resumed = _as_started(run, config)
+        assert resumed.dpo.disable_dropout is False and resumed.dpo.beta == config.dpo.beta
+        assert _check_run_file(run, resumed, source) is True
+        assert "disable_dropout" not in json.loads((run / RUN_FILE).read_text())["config"]["dpo"]
+    with pytest.warns(UserWarning, match="before dpo"):  # the other settings are compared as ever
+        other = _as_started(run, IterateConfig(model=str(tiny_model), output_dir=str(run), dpo=DPOConfig(beta=0.3)))
+    with pytest.raises(RunStateError, match=r"dpo\.beta"):
+        _check_run_file(run, other, source)
+    fresh = tmp_path / "fresh"  # a run of this version records the setting and keeps it
+    config = IterateConfig(model=str(tiny_model), output_dir=str(fresh))
+    assert _check_run_file(fresh, config, source) is False
+    _finish_a_round(fresh)
+    assert _as_started(fresh, config) == config
+    assert json.loads((fresh / RUN_FILE).read_text())["config"]["dpo"]["disable_dropout"] is True
+
+
 def test_a_run_stopped_by_its_llm_goes_on_with_more_retries(tiny_model: Path, tmp_path: Path) -> None:
     """How the LLM URL is waited on decides no score: a run stopped by "LLM reply failed" was refused in its folder
     with more retries (or, before its first round finished, would have sampled its feedback again)."""

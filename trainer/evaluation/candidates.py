@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from rlaifv.reward.scoring import select_best
+from rlaifv.trainer.data import names_a_file
 from rlaifv.trainer.errors import DataError
 from rlaifv.trainer.evaluation.store import JsonlStore, digest
 
@@ -87,7 +88,7 @@ def image_bytes(image: Any) -> bytes:
     """The image's bytes: read a path, decode base64 / a data URL, or save a PIL image as PNG."""
     if isinstance(image, bytes | bytearray | memoryview):
         return bytes(image)
-    if isinstance(image, Path) or (isinstance(image, str) and len(image) < 4096 and Path(image).is_file()):
+    if isinstance(image, Path) or (isinstance(image, str) and len(image) < 4096 and names_a_file(Path(image))):
         return Path(image).read_bytes()
     if isinstance(image, str):
         data = image.split(",", 1)[1] if image.startswith("data:") else image

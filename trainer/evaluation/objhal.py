@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rlaifv.trainer.data import names_a_file
 from rlaifv.trainer.errors import DataError
 from rlaifv.trainer.evaluation.candidates import Prompt
 from rlaifv.trainer.evaluation.chair import chair_totals, items_from_mentions
@@ -92,7 +93,7 @@ def _image(value: str, roots: Sequence[Path]) -> Path | bytes:
         raise ValueError("image is empty")
     short = len(value) < 4096
     if short:
-        found = next((root / value for root in roots if (root / value).is_file()), None)
+        found = next((root / value for root in roots if names_a_file(root / value)), None)
         if found is not None:
             return found
     encoded = value.split(",", 1)[1] if value.startswith("data:") else value
