@@ -42,7 +42,6 @@ from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http import h11_impl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from rlaifv.service.errors import error_body
 from rlaifv.service.shutdown import answer_deadline_s
 
 DEFAULT_HEADER_TIMEOUT_S = 30.0
@@ -161,6 +160,8 @@ class HeadDeadlineH11Protocol(H11Protocol):
         """uvicorn's answer to a request h11 refused (a text/plain 400 whatever the reason, then a close that
         could reset the connection before the client read it): the refusal's status in the service's JSON error
         shape, then the close once the client has had it (`_linger`)."""
+        from rlaifv.service.errors import error_body  # (FastAPI's: `rlaifv serve --help` imports this module)
+
         refusal = getattr(self.conn, "refusal", None) or (400, "invalid_request_error", "invalid_http", msg)
         status, type_, code, message = refusal
         log.info(
@@ -171,7 +172,7 @@ class HeadDeadlineH11Protocol(H11Protocol):
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):  # a response begun: nothing more can be said
             self.transport.close()
             return
-        body = json.dumps(error_body(type_, message, None, code)).encode()
+        body = json.dumps(error_body(type_, message, None, code), separators=(",", ":")).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
