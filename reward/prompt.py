@@ -43,13 +43,32 @@ class EncodedPrompt:
 
 
 _INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+_SHOWN_AS_NOTHING = frozenset(
+    chr(c)
+    for first, last in (
+        (0x034F, 0x034F),  # combining grapheme joiner
+        (0x115F, 0x1160),  # Hangul fillers
+        (0x17B4, 0x17B5),  # Khmer inherent vowels
+        (0x180B, 0x180F),  # Mongolian variation selectors
+        (0x2800, 0x2800),  # braille blank
+        (0x3164, 0x3164),  # Hangul filler
+        (0xFE00, 0xFE0F),  # variation selectors
+        (0xFFA0, 0xFFA0),  # halfwidth Hangul filler
+        (0xE0100, 0xE01EF),  # variation selectors supplement
+    )
+    for c in range(first, last + 1)
+)
+"""Unicode's default-ignorable characters that are letters or marks (the rest are format characters), and the
+braille blank: characters that show nothing."""
 
 
 def blank(text: str) -> bool:
-    """Whether `text` shows nothing: whitespace, control and format characters only. `str.strip` keeps the latter
-    (a zero-width space, a byte-order mark, a soft hyphen, NUL): an answer of one zero-width space scored as one
-    unknown token and outranked every real answer."""
-    return not text.strip() or all(ch.isspace() or unicodedata.category(ch) in _INVISIBLE for ch in text)
+    """Whether `text` shows nothing: whitespace, control, format and other default-ignorable characters only.
+    `str.strip` keeps all but whitespace (a zero-width space, a byte-order mark, a Hangul filler, NUL): an answer
+    of one zero-width space scored as one unknown token and outranked every real answer."""
+    return not text.strip() or all(
+        ch.isspace() or ch in _SHOWN_AS_NOTHING or unicodedata.category(ch) in _INVISIBLE for ch in text
+    )
 
 
 BLANK_ANSWER = "answers must be non-empty strings (not only whitespace or invisible characters)"

@@ -379,7 +379,7 @@ class JobStore:
     async def create(self, request: JobRequest, *, idempotency_key: str | None = None, owner: str | None = None) -> Job:
         """Queue a job. With an `idempotency_key`, a repeat of the same request (a client retrying after a
         timeout) gets the job the first one created instead of a duplicate, for as long as jobs live."""
-        items = self.validate(request)
+        items = await asyncio.to_thread(self.validate, request)  # item by item: other requests go on meanwhile
         with self.guard():
             await self.ensure_group()
             job_id = f"job-{uuid.uuid4().hex}"

@@ -15,9 +15,16 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
 UTF8 = ("utf-8", "utf-8-sig")  # a byte-order mark is tolerated, as RFC 8259 allows a parser to
+MAX_JSON_MARKS = 200_000
+"""Most '{', '[' and ',' in one request's body: a bound on its JSON values (marks inside strings count too), each
+of which costs microseconds of validation on the event loop, where every other request waits. A 16 MB body of
+5.5 million empty objects in a free-form field (a message's `annotations`) held it 35 s. Counted in C before the
+body is parsed; a batch job (`BatchBodyRoute`) checks its items in a worker thread instead."""
 
 
 class JsonBodyRequest(Request):
+    max_marks: int | None = MAX_JSON_MARKS
+
     async def json(self) -> Any:
         """The body as JSON; a ValueError that FastAPI turns into our 400 `invalid_json` otherwise (its message is
         what the client reads: see errors._http_exception_handler)."""
@@ -26,6 +33,14 @@ class JsonBodyRequest(Request):
             encoding = json.detect_encoding(body)
             if encoding not in UTF8:
                 raise ValueError(f"the body is {encoding.upper()}; JSON must be UTF-8")
+            if self.max_marks is not None:
+                marks = body.count(b"{") + body.count(b"[") + body.count(b",")
+                if marks > self.max_marks:
+                    raise ValueError(
+                        f"the body holds {marks:,} of '{{', '[' and ',', over the limit of {self.max_marks:,} per"
+                        " request (each a JSON value to check): send less, or many requests as a batch job"
+                        " (/v1/jobs)"
+                    )
             try:
                 self._json = json.loads(body)
             except json.JSONDecodeError:
@@ -38,11 +53,25 @@ class JsonBodyRequest(Request):
         return self._json
 
 
+class BatchBodyRequest(JsonBodyRequest):
+    max_marks = None
+
+
 class JsonBodyRoute(APIRoute):
+    request_class: type[JsonBodyRequest] = JsonBodyRequest
+
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        request_class = self.request_class
 
         async def handle(request: Request) -> Response:
-            return await handler(JsonBodyRequest(request.scope, request.receive))
+            return await handler(request_class(request.scope, request.receive))
 
         return handle
+
+
+class BatchBodyRoute(JsonBodyRoute):
+    """A batch job's routes: any number of values the body limit allows (`MAX_JSON_MARKS`), as its items are
+    checked one by one in a worker thread (`JobStore.create`)."""
+
+    request_class = BatchBodyRequest

@@ -183,7 +183,7 @@ def _problem(path: tuple[Any, ...], err: Mapping[str, Any], prefix: str) -> Fiel
     elif kind in _NOT_AN_OBJECT and not path:
         message = f"{where} must be a JSON object, sent as Content-Type: application/json"
     else:
-        text = str(err.get("msg", "invalid value"))
+        text = str(err.get("msg", "invalid value")).removeprefix("Value error, ")  # (pydantic's, for our checks)
         message = f"{param}: {text}" if param else text
     return FieldProblem(message=message, param=param, code=_CODES.get(kind, "invalid_value"))
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
+from rlaifv.reward.prompt import blank
 from rlaifv.trainer.errors import ConfigError, DataError, EmptyAnswerError, ImageDecodeError, MissingColumnError
 from rlaifv.trainer.image_spill import ImageSpill
 
@@ -249,7 +250,7 @@ def describe_files(files: Sequence[Path]) -> list[dict[str, str]]:
 
 
 def _text(value: Any, *, source: str, row: int, column: str) -> str:
-    if value is None or not isinstance(value, str) or not value.strip():
+    if value is None or not isinstance(value, str) or blank(value):
         got = "missing" if value is None else ("empty" if isinstance(value, str) else f"a {type(value).__name__}")
         raise EmptyAnswerError(f"must be non-empty text, got {got}", source=source, row=row, column=column)
     return value

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlaifv.reward.prompt import blank
 from rlaifv.trainer.data import PromptItem, image_bytes, prompt_text, write_json
 from rlaifv.trainer.errors import DataError, TrainingInterrupted
 from rlaifv.trainer.feedback_config import FeedbackConfig
@@ -240,7 +241,7 @@ def collect_feedback(
             )
             sampled_total, truncated = sampled_total + counts[0], truncated + counts[1]
             kept = [
-                [c for c in candidates if c[0].strip() and not (config.drop_truncated and c[2] == "length")]
+                [c for c in candidates if not blank(c[0]) and not (config.drop_truncated and c[2] == "length")]
                 for candidates in sampled
             ]
             data = [image_bytes(item.image) for item in batch]

@@ -14,10 +14,10 @@ from starlette.types import Receive, Scope, Send
 
 from rlaifv.service.errors import BadRequest, NotEnabled, NotFound, StoreUnavailable, Unavailable, error_responses
 from rlaifv.service.jobs import JobStore, parse_jsonl
-from rlaifv.service.json_body import JsonBodyRoute
+from rlaifv.service.json_body import BatchBodyRoute
 from rlaifv.service.protocol import Job, JobList, JobRequest, JobResults
 
-router = APIRouter(route_class=JsonBodyRoute, tags=["jobs"])
+router = APIRouter(route_class=BatchBodyRoute, tags=["jobs"])
 log = logging.getLogger("rlaifv.jobs")
 JobId = Annotated[str, Path(description="Job id returned by POST /v1/jobs.", max_length=64)]
 JSONL = "application/x-ndjson"

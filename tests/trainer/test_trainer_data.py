@@ -227,6 +227,7 @@ def test_missing_column_is_named(tmp_path: Path, column: str) -> None:
     [
         ("chosen", "", EmptyAnswerError, "chosen"),
         ("rejected", "   ", EmptyAnswerError, "rejected"),
+        ("rejected", "\u200b", EmptyAnswerError, "rejected"),  # passed, then DPO's tokenizing refused it, no row named
         ("question", None, EmptyAnswerError, "question"),
         ("image", {"bytes": b"not an image at all", "path": "x.png"}, ImageDecodeError, "image"),
         ("image", {"bytes": png((1, 1, 1))[:40], "path": "x.png"}, ImageDecodeError, "image"),
