@@ -30,6 +30,7 @@ from rlaifv.service.errors import (
     ServiceError,
 )
 from rlaifv.service.generator import Generated, openai_messages
+from rlaifv.service.log_format import request_id_var
 from rlaifv.service.protocol import (
     BestOfNRequest,
     BestOfNResponse,
@@ -469,14 +470,19 @@ class Serving:
         )
         cached = _cached_response(await self.cache.get(key))
         if cached is None:
-            cached = await self._scored_meanwhile(key, started, request)
+            try:
+                cached = await self._scored_meanwhile(key, started, request)
+            except BaseException:  # a refusal shared (or a departure while waiting): scored, not from the cache
+                self.metrics.cache.labels(result="miss").inc()
+                raise
         self.metrics.cache.labels(result="hit" if cached else "miss").inc()
         if cached is not None:
             return cached.model_copy(
                 update={"id": f"rwd-{uuid.uuid4().hex}", "cached": True, "created": int(time.time())}
             )
         # Tied to no client (`SharedWork` cancels it when no one waits); its deadline is counted by this request.
-        shared = self._scoring[key] = SharedWork(self._score_and_keep(self.cache, key, scoring), self.metrics)
+        work = self._score_and_keep(self.cache, key, scoring)
+        shared = self._scoring[key] = SharedWork(work, self.metrics, owner=request_id_var.get())
         shared.task.add_done_callback(lambda _: self._done_scoring(key, shared))
         self.images.hand_over(shared.task)  # its images, scored for those still waiting after this client left
         # Its deadline is its scoring's (the scheduler's: QueuedTooLong when nothing ran, which batch jobs wait out).
@@ -511,6 +517,9 @@ class Serving:
         timeout = self.settings.request_timeout_s
         shares = functools.partial(_same_for_identical, job_item=request is None)
         while (shared := self._scoring.get(key)) is not None:
+            log.info(
+                "waiting on the scoring of identical request %s", shared.owner, extra={"shared_with": shared.owner}
+            )
             left = float("inf") if request is None else started + timeout - time.perf_counter()
             response = await shared.result_if_any(
                 left_s=left, limit_s=timeout, disconnected=_departure(request), shares=shares

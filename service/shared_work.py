@@ -29,8 +29,9 @@ class SharedWork(Generic[T]):
     The first waiter must start waiting before the loop runs anything else (no `await` between the constructor
     and its `result`): until then nobody waits, and a waiter leaving meanwhile would cancel the work."""
 
-    def __init__(self, work: Coroutine[Any, Any, T], metrics: Metrics) -> None:
+    def __init__(self, work: Coroutine[Any, Any, T], metrics: Metrics, owner: str | None = None) -> None:
         loop = asyncio.get_running_loop()
+        self.owner = owner  # the request that started it: its log lines carry that id (the task copies the context)
         self.task: asyncio.Task[T] = loop.create_task(work)
         self._settled: asyncio.Future[T | None] = loop.create_future()
         self.task.add_done_callback(self._settle)

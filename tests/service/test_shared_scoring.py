@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from rlaifv.service.log_format import request_id_var
 from tests.service.conftest import logs_to
 
 pytestmark = pytest.mark.integration
@@ -84,6 +85,18 @@ class AccessLines(logging.Handler):
 
     async def next(self) -> int:
         return await asyncio.to_thread(self.statuses.get, timeout=WAIT_S)
+
+
+class Waits(logging.Handler):
+    """(request id, the id of the request whose scoring it waits on) of each wait logged."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seen: list[tuple[str | None, str | None]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("waiting on the scoring"):
+            self.seen.append((request_id_var.get(), getattr(record, "shared_with", None)))
 
 
 @pytest.fixture
@@ -232,16 +245,24 @@ async def test_a_scoring_refused_for_its_input_is_refused_to_the_identical_reque
     server = make_server(max_tokens=2)
     held = HeldEngine(server)
     request = {"images": [red_url], "question": "Is there a cat?", "answers": ["an answer over two tokens " * 3]}
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
-        first = asyncio.ensure_future(client.post("/v1/rewards", json=request))
-        await held.scoring_started()
-        waiting = [asyncio.ensure_future(client.post("/v1/rewards", json=request)) for _ in range(3)]
-        await held.looked_up(4)
-        held.open()
-        responses = [await first, *[await each for each in waiting]]
+    misses = counted(server, "rlaifv_reward_cache_total", {"result": "miss"})
+    with logs_to(Waits()) as waits:
+        async with httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client:
+            first = asyncio.ensure_future(client.post("/v1/rewards", json=request, headers={"X-Request-ID": "first"}))
+            await held.scoring_started()
+            waiting = [
+                asyncio.ensure_future(client.post("/v1/rewards", json=request, headers={"X-Request-ID": f"w{i}"}))
+                for i in range(3)
+            ]
+            await held.looked_up(4)
+            held.open()
+            responses = [await first, *[await each for each in waiting]]
     assert [r.status_code for r in responses] == [400] * 4, [r.text for r in responses]
     assert {r.json()["error"]["code"] for r in responses} == {"invalid_answer"}
     assert len(held.runs) == 1, "the identical requests scored again"
+    # Each waiting request was counted neither hit nor miss, and its log did not say whose scoring it waited on.
+    assert counted(server, "rlaifv_reward_cache_total", {"result": "miss"}) == misses + 4
+    assert sorted(waits.seen) == [("w0", "first"), ("w1", "first"), ("w2", "first")]  # type: ignore[attr-defined]
 
 
 async def test_identical_job_items_share_a_scoring_that_runs_past_their_deadline(
