@@ -50,16 +50,18 @@ _SHOWN_AS_NOTHING = frozenset(
         (0x115F, 0x1160),  # Hangul fillers
         (0x17B4, 0x17B5),  # Khmer inherent vowels
         (0x180B, 0x180F),  # Mongolian variation selectors
+        (0x2065, 0x2065),  # unassigned, default-ignorable
         (0x2800, 0x2800),  # braille blank
         (0x3164, 0x3164),  # Hangul filler
         (0xFE00, 0xFE0F),  # variation selectors
         (0xFFA0, 0xFFA0),  # halfwidth Hangul filler
-        (0xE0100, 0xE01EF),  # variation selectors supplement
+        (0xFFF0, 0xFFF8),  # unassigned, default-ignorable
+        (0xE0000, 0xE0FFF),  # tags, variation selectors supplement, and unassigned default-ignorables
     )
     for c in range(first, last + 1)
 )
-"""Unicode's default-ignorable characters that are letters or marks (the rest are format characters), and the
-braille blank: characters that show nothing."""
+"""Unicode's default-ignorable code points that are not format characters (letters, marks, unassigned ones), and
+the braille blank: characters that show nothing."""
 
 
 def blank(text: str) -> bool:

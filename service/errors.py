@@ -315,7 +315,11 @@ async def _http_exception_handler(request: Request, exc: StarletteHTTPException)
     if exc.status_code == 400 and message == FASTAPI_BODY_ERROR and exc.__cause__ is not None:
         # JSON that is not UTF-8, a compressed body, an integer past Python's digit limit: FastAPI's parse
         # failures other than a JSONDecodeError, raised from the cause
-        code, message = "invalid_json", f"request body is not valid JSON (UTF-8 text): {exc.__cause__}"[:300]
+        code = getattr(exc.__cause__, "code", None)  # a refusal of valid JSON names itself (`TooManyValues`)
+        if code is None:
+            code, message = "invalid_json", f"request body is not valid JSON (UTF-8 text): {exc.__cause__}"[:300]
+        else:
+            message = str(exc.__cause__)
     return error_response(exc.status_code, type_, _sanitise(message), None, code, headers=getattr(exc, "headers", None))
 
 

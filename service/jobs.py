@@ -54,6 +54,7 @@ from rlaifv.service.errors import (
     error_body,
     invalid_input_code,
 )
+from rlaifv.service.json_body import MAX_JSON_MARKS, TooManyValues, json_marks, over_marks
 from rlaifv.service.protocol import BestOfNRequest, Job, JobItem, JobRequest, RewardsRequest
 from rlaifv.service.redis_conn import REDIS_DOWN
 from rlaifv.service.redis_replies import (
@@ -345,6 +346,11 @@ class JobStore:
         seen: set[str] = set()
         for i, item in enumerate(request.items):
             where = f"items[{i}]"
+            if (marks := _marks(item)) > MAX_JSON_MARKS:  # bounded as a request is: its run checks it on the loop
+                problems += Problems(
+                    [FieldProblem(message=over_marks(marks, where), param=where, code=TooManyValues.code)]
+                )
+                continue
             custom_id: Any = None
             body: Any = item
             if is_envelope(item):  # the envelope and its body both checked: one round trip shows every problem
@@ -1078,6 +1084,14 @@ def _resumed(reply: object) -> tuple[list[Entry], list[bytes]]:
 
 class _AnchorGone(Exception):
     """The job a page was being read after left the index meanwhile (it expired): the page is read again."""
+
+
+def _marks(item: Any) -> int:
+    """`json_marks` of an item as stored (0 for one too deep to write: the depth check names it)."""
+    try:
+        return json_marks(json.dumps(item))
+    except (RecursionError, ValueError):
+        return 0
 
 
 def _depth(value: Any) -> int:

@@ -19,7 +19,27 @@ MAX_JSON_MARKS = 200_000
 """Most '{', '[' and ',' in one request's body: a bound on its JSON values (marks inside strings count too), each
 of which costs microseconds of validation on the event loop, where every other request waits. A 16 MB body of
 5.5 million empty objects in a free-form field (a message's `annotations`) held it 35 s. Counted in C before the
-body is parsed; a batch job (`BatchBodyRoute`) checks its items in a worker thread instead."""
+body is parsed; a batch job (`BatchBodyRoute`) bounds each item so, in a worker thread."""
+
+
+class TooManyValues(ValueError):
+    """A body over `MAX_JSON_MARKS`; `code` is its error's (`errors._http_exception_handler`)."""
+
+    code = "too_many_values"
+
+
+def json_marks(text: str | bytes) -> int:
+    """The '{', '[' and ',' in JSON text: at least its containers and values less one (marks in strings count)."""
+    if isinstance(text, str):
+        return text.count("{") + text.count("[") + text.count(",")
+    return text.count(b"{") + text.count(b"[") + text.count(b",")
+
+
+def over_marks(marks: int, what: str = "the body") -> str:
+    return (
+        f"{what} holds {marks:,} of '{{', '[' and ',', over the limit of {MAX_JSON_MARKS:,} per request (each a"
+        " JSON value to check): send less, or many requests as a batch job (/v1/jobs)"
+    )
 
 
 class JsonBodyRequest(Request):
@@ -33,14 +53,8 @@ class JsonBodyRequest(Request):
             encoding = json.detect_encoding(body)
             if encoding not in UTF8:
                 raise ValueError(f"the body is {encoding.upper()}; JSON must be UTF-8")
-            if self.max_marks is not None:
-                marks = body.count(b"{") + body.count(b"[") + body.count(b",")
-                if marks > self.max_marks:
-                    raise ValueError(
-                        f"the body holds {marks:,} of '{{', '[' and ',', over the limit of {self.max_marks:,} per"
-                        " request (each a JSON value to check): send less, or many requests as a batch job"
-                        " (/v1/jobs)"
-                    )
+            if self.max_marks is not None and (marks := json_marks(body)) > self.max_marks:
+                raise TooManyValues(over_marks(marks))
             try:
                 self._json = json.loads(body)
             except json.JSONDecodeError:
@@ -71,7 +85,7 @@ class JsonBodyRoute(APIRoute):
 
 
 class BatchBodyRoute(JsonBodyRoute):
-    """A batch job's routes: any number of values the body limit allows (`MAX_JSON_MARKS`), as its items are
-    checked one by one in a worker thread (`JobStore.create`)."""
+    """A batch job's routes: any number of values the body limit allows, as each item is bounded as a request is
+    (`MAX_JSON_MARKS`) and they are checked one by one in a worker thread (`JobStore.validate`)."""
 
     request_class = BatchBodyRequest

@@ -334,14 +334,14 @@ def convert_messages(
                 parts.append({"type": "image"})
                 images.append((part.image_url.url, f"{param}[{i}].content[{j}].image_url.url"))
         out.append({"role": role, "content": parts})
+    chars = sum(len(part["text"]) for m in out for part in m["content"] if part.get("type") == "text")
+    if chars > max_chars:  # first: `blank` reads every character
+        raise BadRequest(f"messages hold {chars} characters of text, over the limit of {max_chars}", param=param)
     # An image alone is a prompt (OpenAI and vLLM take it: the chat template places it); nothing at all is not.
     if not images and not any(
         part.get("type") == "text" and not blank(part["text"]) for m in out for part in m["content"]
     ):
         raise BadRequest("messages contain neither text nor an image", param=param)
-    chars = sum(len(part["text"]) for m in out for part in m["content"] if part.get("type") == "text")
-    if chars > max_chars:
-        raise BadRequest(f"messages hold {chars} characters of text, over the limit of {max_chars}", param=param)
     return out, images
 
 
@@ -436,12 +436,12 @@ class PromptFields(Strict):
             question = None
         else:
             question, messages = self.question, None
+            if question is not None and len(question) > settings.max_question_chars:  # first: `blank` reads it all
+                raise BadRequest(f"question is over {settings.max_question_chars} characters", param="question")
             if question is None or blank(question):
                 raise BadRequest(
                     "question must not be empty (nothing but whitespace or invisible characters)", param="question"
                 )
-            if len(question) > settings.max_question_chars:
-                raise BadRequest(f"question is over {settings.max_question_chars} characters", param="question")
             images = [(ref, f"images[{i}]") for i, ref in enumerate(self.images)]
         if len(images) > settings.max_images:
             where = "messages" if self.messages is not None else "images"

@@ -517,9 +517,8 @@ class Serving:
         timeout = self.settings.request_timeout_s
         shares = functools.partial(_same_for_identical, job_item=request is None)
         while (shared := self._scoring.get(key)) is not None:
-            log.info(
-                "waiting on the scoring of identical request %s", shared.owner, extra={"shared_with": shared.owner}
-            )
+            owner = f"request {shared.owner}" if shared.owner else "batch-job item"  # (a job item has no request id)
+            log.info("waiting on the scoring of an identical %s", owner, extra={"shared_with": shared.owner})
             left = float("inf") if request is None else started + timeout - time.perf_counter()
             response = await shared.result_if_any(
                 left_s=left, limit_s=timeout, disconnected=_departure(request), shares=shares

@@ -120,7 +120,14 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
     ("invisible-question", "/v1/best-of-n", bon(question="\u200b\ufeff"), 400, "question", "invalid_value"),
     ("invisible-answer", "/v1/rewards", rwd(answers=["a red circle.", "\u200b"]), 400, "answers[1]", "invalid_value"),
     ("control-answer", "/v1/rewards", rwd(answers=["\x00\u00ad\u2060"]), 400, "answers[0]", "invalid_value"),
-    ("filler-answer", "/v1/rewards", rwd(answers=["\u3164\u2800\ufe0f\u034f"]), 400, "answers[0]", "invalid_value"),
+    (
+        "filler-answer",
+        "/v1/rewards",
+        rwd(answers=["\u3164\u2800\ufe0f\u034f\u2065\U000e0080"]),
+        400,
+        "answers[0]",
+        "invalid_value",
+    ),
     (
         "invisible-messages",
         "/v1/chat/completions",
@@ -370,9 +377,9 @@ CASES: list[tuple[str, str, Any, int, str | None, str]] = [
         chat(messages=[{"role": "user", "content": Q, "annotations": [{}] * 100_001}]),
         400,
         None,
-        "invalid_json",
+        "too_many_values",
     ),
-    ("answers-past-the-body-limit", "/v1/rewards", rwd(answers=["a"] * 200_001), 400, None, "invalid_json"),
+    ("answers-past-the-body-limit", "/v1/rewards", rwd(answers=["a"] * 200_001), 400, None, "too_many_values"),
     # Empty messages cost nothing against the character bound; 480,000 of them stalled the server for 20 s.
     (
         "messages-past-the-item-limit",
@@ -640,6 +647,17 @@ def test_invented_http_methods_share_one_metric_label(make_server) -> None:
     assert registry.get_sample_value(
         "rlaifv_http_requests_total", {"route": "/healthz", "method": "GET", "status": "200"}
     )
+
+
+def test_text_over_its_length_is_refused_before_it_is_read_for_anything_visible(client: httpx.Client) -> None:
+    """16 MB of DEL (one byte each in JSON, invisible) was read whole for a visible character before the length
+    check: 2 s of the event loop."""
+    for path, body, param in (
+        ("/v1/rewards", rwd(question="\x7f" * 20_001), "question"),
+        ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "\x7f" * 20_001}]), "messages"),
+    ):
+        error = client.post(path, json=body).json()["error"]
+        assert error["param"] == param and " over " in error["message"], error
 
 
 def test_answers_past_the_limit_are_one_problem_not_one_each(client: httpx.Client, red_url: str) -> None:
