@@ -35,10 +35,12 @@ def json_marks(text: str | bytes) -> int:
     return text.count(b"{") + text.count(b"[") + text.count(b",")
 
 
-def over_marks(marks: int, what: str = "the body") -> str:
+def over_marks(marks: int, item: str | None = None) -> str:
+    """Why a body (or a batch job's `item`) over `MAX_JSON_MARKS` is refused, and what to do instead."""
+    what, instead = (item, "send less in one item") if item else ("the body", "send many as a batch job (/v1/jobs)")
     return (
         f"{what} holds {marks:,} of '{{', '[' and ',', over the limit of {MAX_JSON_MARKS:,} per request (each a"
-        " JSON value to check): send less, or many requests as a batch job (/v1/jobs)"
+        f" JSON value to check): {instead}"
     )
 
 
