@@ -9,12 +9,44 @@ Keyword arguments are `Settings` fields; the host is loopback and the port a fre
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+@contextlib.contextmanager
+def uvicorn_thread(
+    app: Any, *, deadline_s: float = 30.0, must_stop: bool = False, **options: Any
+) -> Iterator[tuple[int, Any]]:
+    """`app` (any ASGI app) under uvicorn with `rlaifv serve`'s HTTP stack (`HTTP_OPTIONS`, overridden by
+    `options`) on a free loopback port, in a thread; yields the port and the `uvicorn.Server`, stopped and joined
+    (within `deadline_s`; `must_stop`: an AssertionError where it has not stopped by then) at the end."""
+    import uvicorn
+
+    from rlaifv.service.serve_cli import HTTP_OPTIONS
+
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, lifespan="off", **(HTTP_OPTIONS | options)
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True, name=f"uvicorn-{port}")
+    thread.start()
+    deadline = time.monotonic() + deadline_s
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield port, server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=deadline_s)
+    assert not (must_stop and thread.is_alive()), "uvicorn did not stop"
 
 
 def free_port() -> int:

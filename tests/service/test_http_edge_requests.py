@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +17,8 @@ import pytest
 from fastapi import FastAPI, Request
 
 from rlaifv.service.errors import install_error_handlers
-from rlaifv.service.serve_cli import HTTP_OPTIONS, MAX_HEADER_BYTES
+from rlaifv.service.serve_cli import MAX_HEADER_BYTES
+from rlaifv.testing.server import uvicorn_thread
 
 
 class Echo:
@@ -43,24 +43,9 @@ class Echo:
 @pytest.fixture
 def echo() -> Iterator[tuple[Echo, int]]:
     """`Echo` under uvicorn with `rlaifv serve`'s HTTP options, on a free port; yields it and its port."""
-    import uvicorn
-
-    from rlaifv.testing.server import free_port
-
-    app, port = Echo(), free_port()
-    config = uvicorn.Config(app.app, host="127.0.0.1", port=port, log_config=None, lifespan="off", **HTTP_OPTIONS)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True, name=f"uvicorn-{port}")
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
+    app = Echo()
+    with uvicorn_thread(app.app) as (port, _):
         yield app, port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def exchange(port: int, request: bytes, piece: int | None = None) -> bytes:

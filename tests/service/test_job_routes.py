@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -19,6 +18,7 @@ from rlaifv.service.errors import StoreUnavailable, install_error_handlers
 from rlaifv.service.metrics import Metrics
 from rlaifv.service.protocol import Job, JobRequest
 from rlaifv.service.routes import jobs as job_routes
+from rlaifv.testing.server import uvicorn_thread
 from tests.service.conftest import logs_to
 
 JOB_ID = "job-" + "0" * 32
@@ -79,26 +79,8 @@ def jobs_app(store: Any) -> tuple[FastAPI, Metrics]:
 @contextlib.contextmanager
 def served(app: FastAPI) -> Iterator[str]:
     """`app` under uvicorn with the HTTP stack `rlaifv serve` runs, on a free port, in a thread; yields its URL."""
-    import uvicorn
-
-    from rlaifv.service.serve_cli import HTTP_OPTIONS
-    from rlaifv.testing.server import free_port
-
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off", **HTTP_OPTIONS)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True, name=f"uvicorn-{port}")
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
+    with uvicorn_thread(app, must_stop=True) as (port, _):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-    assert not thread.is_alive(), "uvicorn did not stop"
 
 
 @pytest.fixture

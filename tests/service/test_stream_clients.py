@@ -26,7 +26,7 @@ from rlaifv.service.metrics import Metrics
 from rlaifv.service.middleware import RequestContextMiddleware
 from rlaifv.service.serve_cli import HTTP_OPTIONS
 from rlaifv.service.settings import Settings
-from rlaifv.testing.server import free_port
+from rlaifv.testing.server import uvicorn_thread
 from tests.service.conftest import logs_to
 
 pytestmark = pytest.mark.integration
@@ -147,22 +147,9 @@ class StreamApp:
     @contextlib.contextmanager
     def served(self, grace_s: int | None = None) -> Iterator[tuple[int, uvicorn.Server]]:
         """Under uvicorn on a free port, in a thread; yields the port and the server. Joined at the end."""
-        port = free_port()
-        options = HTTP_OPTIONS | {"http": self.protocol(), "timeout_graceful_shutdown": grace_s}
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_config=None, lifespan="off", **options)
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True, name=f"uvicorn-{port}")
-        thread.start()
-        deadline = time.monotonic() + DEADLINE_S
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        try:
+        options = {"http": self.protocol(), "timeout_graceful_shutdown": grace_s}
+        with uvicorn_thread(self.app, deadline_s=DEADLINE_S, must_stop=True, **options) as (port, server):
             yield port, server
-        finally:
-            server.should_exit = True
-            thread.join(timeout=DEADLINE_S)
-        assert not thread.is_alive(), "uvicorn did not stop"
 
 
 def request(port: int, path: str, request_id: str) -> socket.socket:
