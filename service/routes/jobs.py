@@ -206,6 +206,7 @@ async def list_jobs(
     """The jobs of the calling API key (all jobs without keys configured) that have not expired, newest first,
     paginated as OpenAI's `GET /v1/batches`: follow `last_id` as `after` while `has_more`. An `after` that is not
     one of the caller's jobs (unknown, expired, another key's) is a 400 naming `after`."""
+    _given_once(request, "limit", "after")
     jobs, has_more = await store.list_jobs(_owner(request), limit=limit, after=after)
     return JobList(
         data=jobs,
@@ -260,6 +261,7 @@ async def get_job_results(
     memory. Items without a result yet are left out. Should Redis fail mid-stream the response is left
     incomplete (the connection closes without the body's end: every HTTP client sees an error, never a body that
     looks whole): read on with `after` set to the index of the last result read."""
+    _given_once(request, "format", "after")
     job = _found(await store.get(job_id, _owner(request)), job_id)
     jsonl = format == "jsonl" or (format is None and _prefers_jsonl(request.headers.get("accept", "")))
     lines = store.result_lines(job, after)

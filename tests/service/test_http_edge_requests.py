@@ -214,3 +214,27 @@ async def test_a_query_parameter_given_twice_to_the_upload_is_refused(query: str
         once = await client.post("/v1/jobs/upload?kind=rewards&metadata=%7B%7D", content=body)
     assert once.status_code == 202, once.text
     assert [job.kind for job in store.created] == ["rewards"]
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/v1/jobs?limit=1&limit=100", "limit"),
+        ("/v1/jobs?after=job-a&after=job-b", "after"),
+        ("/v1/jobs/job-1/results?format=json&format=jsonl", "format"),
+        ("/v1/jobs/job-1/results?after=3&after=0", "after"),
+    ],
+)
+async def test_a_query_parameter_given_twice_to_a_job_read_is_refused(path: str, name: str) -> None:
+    """The last of each was taken: `?after=3&after=0` read the results after item 0, not 3."""
+    from rlaifv.service.routes import jobs as job_routes
+
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(job_routes.router)
+    app.state.job_store = UploadStore()  # never reached: the repeat is refused first
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        response = await client.get(path)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == name and "given 2 times" in error["message"]
