@@ -48,6 +48,7 @@ from rlaifv.reward.prompt import (
     end_of_turn_id,
     markup_ids,
     stop_cut_ids,
+    tidy_answer,
     token_text,
 )
 from rlaifv.reward.results import Candidate, ClaimCheck, Ranking, TokenLogprob, TopToken
@@ -364,12 +365,11 @@ class ModelPair:
         what the client receives, never the unknown token.
         """
         raw = self.raw_text(sample.token_ids, context)
-        tidy = str.rstrip if context else str.strip
         cuts = [i for i in (raw.find(s) for s in stop) if i >= 0]
         if not cuts:
-            return _Answer(sample, tidy(raw), list(sample.token_ids), False, sample.logprobs)
+            return _Answer(sample, tidy_answer(raw, context), list(sample.token_ids), False, sample.logprobs)
         text, ids = stop_cut_ids(
-            self.tokenizer, tidy(raw[: min(cuts)]), sample.token_ids, eot_id=self.eot_id, context=context, tidy=tidy
+            self.tokenizer, raw[: min(cuts)], sample.token_ids, eot_id=self.eot_id, context=context
         )
         return _Answer(sample, text, ids, True)
 

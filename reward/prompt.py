@@ -74,6 +74,7 @@ def blank(text: str) -> bool:
 
 
 BLANK_ANSWER = "answers must be non-empty strings (not only whitespace or invisible characters)"
+BLANK_QUESTION = "question must not be empty (nothing but whitespace or invisible characters)"
 
 
 def user_message(question: str, num_images: int) -> list[dict[str, Any]]:
@@ -125,10 +126,8 @@ def encode_prompt(
     if continue_final and messages is None:
         raise InvalidInputError("continuing a message needs messages ending with an assistant turn", param="question")
     if messages is None:
-        if not question or blank(question):
-            raise InvalidInputError(
-                "question must not be empty (nothing but whitespace or invisible characters)", param="question"
-            )
+        if question is None or blank(question):
+            raise InvalidInputError(BLANK_QUESTION, param="question")
         messages = user_message(question, len(images))
     elif count_image_parts(messages) != len(images):
         raise InvalidInputError(
@@ -250,32 +249,34 @@ def continuation_ids(tokenizer: Any, text: str, context: Sequence[int] = ()) -> 
     return [int(t) for t in tokenizer(text.lstrip(), add_special_tokens=False)["input_ids"]]
 
 
+def tidy_answer(text: str, context: Sequence[int] = ()) -> str:
+    """An answer's text as returned: stripped, or for a continuation (`context`) only on the right, as the
+    message it joins needs its leading space."""
+    return text.rstrip() if context else text.strip()
+
+
 def stop_cut_ids(
-    tokenizer: Any,
-    text: str,
-    sampled: Sequence[int],
-    *,
-    eot_id: int,
-    context: Sequence[int] = (),
-    tidy: Callable[[str], str] = str.strip,
+    tokenizer: Any, raw: str, sampled: Sequence[int], *, eot_id: int, context: Sequence[int] = ()
 ) -> tuple[str, list[int]]:
-    """A sampled answer cut at a stop string (`text`, tidied) and its ids as a finished turn (end-of-turn
-    appended), as /v1/rewards scores that text. A tokenizer that cannot spell the cut text (a word-level
-    vocabulary cut inside a word gives its unknown token, which the sample never had) cuts at the last whole
-    sampled token instead: the reward and the log-probs score what the client receives, not the unknown token."""
+    """A sampled answer cut at a stop string (`raw`: its text before the stop string) as returned
+    (`tidy_answer`), and its ids as a finished turn (end-of-turn appended), as /v1/rewards scores that text. A
+    tokenizer that cannot spell the cut text (a word-level vocabulary cut inside a word gives its unknown token,
+    which the sample never had) cuts at the last whole sampled token instead: the reward and the log-probs score
+    what the client receives, not the unknown token."""
 
     def turn(words: str) -> list[int]:
         return [*continuation_ids(tokenizer, words, context), eot_id] if words.strip() else [eot_id]
 
+    text = tidy_answer(raw, context)
     ids = turn(text)
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is None or ids.count(unk) <= list(sampled).count(unk):
         return text, ids
-    for end in range(len(sampled), -1, -1):
-        whole = tidy(decoded_after(tokenizer, sampled[:end], context))
+    for end in range(len(sampled), 0, -1):
+        whole = tidy_answer(decoded_after(tokenizer, sampled[:end], context), context)
         if text.startswith(whole):
             return whole, turn(whole)
-    return "", [eot_id]  # unreachable: the empty prefix starts every text
+    return "", [eot_id]
 
 
 ANSWER_TOKENIZATION_VERSION = 3

@@ -180,9 +180,13 @@ class HeadDeadlineH11Protocol(H11Protocol):
             (b"connection", b"close"),
         ]
         reason = h11_impl.STATUS_PHRASES.get(status, b"")
-        for event in (h11.Response(status_code=status, headers=headers, reason=reason), h11.Data(data=body)):
+        answer = (
+            h11.Response(status_code=status, headers=headers, reason=reason),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        )
+        for event in answer:
             self.transport.write(self.conn.send(event))
-        self.transport.write(self.conn.send(h11.EndOfMessage()))
         self._linger()
 
     def _linger(self) -> None:

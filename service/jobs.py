@@ -346,22 +346,25 @@ class JobStore:
         seen: set[str] = set()
         for i, item in enumerate(request.items):
             where = f"items[{i}]"
-            if (marks := _marks(item)) > MAX_JSON_MARKS:  # bounded as a request is: its run checks it on the loop
+            envelope = is_envelope(item)
+            custom_id: Any = item.get("custom_id") if envelope else None
+            body: Any = item.get("body") if envelope else item
+            try:  # the item as stored, written once: its size is counted on it
+                stored: str | None = json.dumps({"custom_id": custom_id, "body": body} if envelope else {"body": body})
+            except (RecursionError, ValueError):
+                stored = None  # too deep to write: the depth check below names it
+            if stored is not None and (marks := json_marks(stored)) > MAX_JSON_MARKS:
+                # bounded as a request is: its run checks it on the event loop
                 problems += Problems(
                     [FieldProblem(message=over_marks(marks, where), param=where, code=TooManyValues.code)]
                 )
                 continue
-            custom_id: Any = None
-            body: Any = item
-            if is_envelope(item):  # the envelope and its body both checked: one round trip shows every problem
+            if envelope:  # the envelope and its body both checked: one round trip shows every problem
                 try:
                     JobItem.model_validate(item)
                 except ValidationError as exc:
                     problems += _problems(problems, exc, item, where)
-                custom_id, body = item.get("custom_id"), item.get("body")
-                where_body = f"{where}.body"
-            else:
-                where_body = where
+            where_body = f"{where}.body" if envelope else where
             if isinstance(body, dict):
                 try:
                     model.model_validate(body)
@@ -374,10 +377,10 @@ class JobStore:
                     problems += Problems([twice])
                 seen.add(custom_id)
             depth = _depth(item)
-            if depth > MAX_ITEM_DEPTH:
+            if stored is None or depth > MAX_ITEM_DEPTH:
                 problems += Problems([_too_deep(where, depth)])
                 continue
-            out.append(json.dumps({"custom_id": custom_id, "body": body} if custom_id is not None else {"body": body}))
+            out.append(stored)
         if problems.listed:
             raise BadRequest.listing(problems)
         return out
@@ -1084,14 +1087,6 @@ def _resumed(reply: object) -> tuple[list[Entry], list[bytes]]:
 
 class _AnchorGone(Exception):
     """The job a page was being read after left the index meanwhile (it expired): the page is read again."""
-
-
-def _marks(item: Any) -> int:
-    """`json_marks` of an item as stored (0 for one too deep to write: the depth check names it)."""
-    try:
-        return json_marks(json.dumps(item))
-    except (RecursionError, ValueError):
-        return 0
 
 
 def _depth(value: Any) -> int:

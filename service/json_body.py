@@ -45,7 +45,9 @@ def over_marks(marks: int, item: str | None = None) -> str:
 
 
 class JsonBodyRequest(Request):
-    max_marks: int | None = MAX_JSON_MARKS
+    def __init__(self, scope: Any, receive: Any, max_marks: int | None = MAX_JSON_MARKS) -> None:
+        super().__init__(scope, receive)
+        self.max_marks = max_marks
 
     async def json(self) -> Any:
         """The body as JSON; a ValueError that FastAPI turns into our 400 `invalid_json` otherwise (its message is
@@ -69,19 +71,15 @@ class JsonBodyRequest(Request):
         return self._json
 
 
-class BatchBodyRequest(JsonBodyRequest):
-    max_marks = None
-
-
 class JsonBodyRoute(APIRoute):
-    request_class: type[JsonBodyRequest] = JsonBodyRequest
+    max_marks: int | None = MAX_JSON_MARKS
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        request_class = self.request_class
+        max_marks = self.max_marks
 
         async def handle(request: Request) -> Response:
-            return await handler(request_class(request.scope, request.receive))
+            return await handler(JsonBodyRequest(request.scope, request.receive, max_marks))
 
         return handle
 
@@ -90,4 +88,4 @@ class BatchBodyRoute(JsonBodyRoute):
     """A batch job's routes: any number of values the body limit allows, as each item is bounded as a request is
     (`MAX_JSON_MARKS`) and they are checked one by one in a worker thread (`JobStore.validate`)."""
 
-    request_class = BatchBodyRequest
+    max_marks = None

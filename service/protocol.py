@@ -17,7 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationIn
 from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
 
-from rlaifv.reward.prompt import blank
+from rlaifv.reward.prompt import BLANK_QUESTION, blank
 from rlaifv.reward.results import ClaimCheck
 from rlaifv.reward.sampling import SamplingParams
 from rlaifv.reward.scoring import RewardConfig
@@ -439,9 +439,7 @@ class PromptFields(Strict):
             if question is not None and len(question) > settings.max_question_chars:  # first: `blank` reads it all
                 raise BadRequest(f"question is over {settings.max_question_chars} characters", param="question")
             if question is None or blank(question):
-                raise BadRequest(
-                    "question must not be empty (nothing but whitespace or invisible characters)", param="question"
-                )
+                raise BadRequest(BLANK_QUESTION, param="question")
             images = [(ref, f"images[{i}]") for i, ref in enumerate(self.images)]
         if len(images) > settings.max_images:
             where = "messages" if self.messages is not None else "images"

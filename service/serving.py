@@ -469,13 +469,11 @@ class Serving:
             self.model_name, config, raw, question, messages, body.answers, body.continue_final_message
         )
         cached = _cached_response(await self.cache.get(key))
-        if cached is None:
-            try:
+        try:
+            if cached is None:
                 cached = await self._scored_meanwhile(key, started, request)
-            except BaseException:  # a refusal shared (or a departure while waiting): scored, not from the cache
-                self.metrics.cache.labels(result="miss").inc()
-                raise
-        self.metrics.cache.labels(result="hit" if cached else "miss").inc()
+        finally:  # a refusal shared (or a departure while waiting) is a miss: scored, not from the cache
+            self.metrics.cache.labels(result="hit" if cached else "miss").inc()
         if cached is not None:
             return cached.model_copy(
                 update={"id": f"rwd-{uuid.uuid4().hex}", "cached": True, "created": int(time.time())}

@@ -573,10 +573,8 @@ def feedback_keys(config: FeedbackConfig, models: Sequence[str | Path]) -> list[
     from rlaifv.trainer.dpo import model_identity, saved_identities
 
     named = [*models, *([config.labeler] if config.labeler != "self" else [])]
-    by_content = config.result_settings() | {
-        name: model_identity(folder) for name, folder in config.model_folders().items()
-    }
     settings = [config.result_settings()]
+    by_content = settings[0] | {name: model_identity(folder) for name, folder in config.model_folders().items()}
     earlier = config.result_settings(FeedbackConfig.EARLIER_BOOKKEEPING)
     if earlier != settings[0]:
         settings.append(earlier)

@@ -325,9 +325,9 @@ def objhal(
     src = _source(output, locals())
     if coco is None and not (instances and captions):
         raise bad_option("--coco", "give --coco DIR, or --instances and --captions files")
-    if extractor == "llm" and not (llm_url and llm_model):
-        raise bad_option("--extractor", "llm needs --llm-url and --llm-model")
     if extractor == "llm":
+        if not (llm_url and llm_model):
+            raise bad_option("--extractor", "llm needs --llm-url and --llm-model")
         one_authorization(llm_url, llm_key, "--llm-url", "--llm-key", "RLAIFV_EVAL_LLM_KEY")
     if answers is None and (prompts is None or not src.generates):
         raise bad_option("--answers", "give --answers FILE, or --prompts FILE with --bundle or --service")

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 import httpx
 
 from rlaifv.reward.errors import ContextLengthError, InvalidInputError
-from rlaifv.reward.prompt import continuation_context, decoded_after, markup_ids, stop_cut_ids, token_text
+from rlaifv.reward.prompt import continuation_context, decoded_after, markup_ids, stop_cut_ids, tidy_answer, token_text
 from rlaifv.reward.results import Ranking
 from rlaifv.reward.token_bytes import TokenBytes
 from rlaifv.service.engines import vllm_payload
@@ -1021,17 +1021,14 @@ class VllmEngine:
             """The ids scored and the text returned; a stop-cut text is a finished turn, scored as /v1/rewards
             would score it (re-tokenized, end-of-turn appended)."""
             ids, texts = [], []
-            tidy = str.rstrip if context else str.strip  # a continuation keeps its leading space (in process too)
             for s in samples:
                 if s.cut:  # trimmed before it is tokenized, as in process: the text the client gets is what is scored
-                    text, cut_ids = stop_cut_ids(
-                        self.tokenizer, tidy(s.text), s.ids, eot_id=self.eot_id, context=context, tidy=tidy
-                    )
+                    text, cut_ids = stop_cut_ids(self.tokenizer, s.text, s.ids, eot_id=self.eot_id, context=context)
                     ids.append(cut_ids)
                     texts.append(text)
                 else:
                     ids.append(s.ids)
-                    texts.append(tidy(self._decode(s.ids, context)))
+                    texts.append(tidy_answer(self._decode(s.ids, context), context))
             return ids, texts
 
         answers, texts = await self._cpu(answers_of)

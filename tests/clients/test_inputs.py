@@ -312,8 +312,9 @@ def test_valid_non_ascii_text_is_sent_as_utf8() -> None:
     seen, http, _ = recording()
     text = "café 😀 \U0001f600 中文"
     with Client(base_url="http://svc", http_client=http, max_retries=0) as client:
-        with pytest.raises(Exception):  # noqa: B017 - the stub's answer is no Rewards; the body is what counts
+        with pytest.raises(Exception) as answered:
             client.score(question=text, answers=[text])
+        assert not isinstance(answered.value, InvalidArgumentError), answered.value  # sent, not refused
         client.jobs.submit([{"question": text, "answers": [text], "custom_id": text}], kind="rewards",
                            metadata={text: text})  # fmt: skip
     assert text.encode() in seen[0].content and seen[1].content.count(text.encode()) == 5

@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from rlaifv.reward.prompt import continuation_ids, decoded_after, stop_cut_ids
+from rlaifv.reward.prompt import continuation_ids, decoded_after, stop_cut_ids, tidy_answer
 
 CORPUS = ["The image shows a red square and a blue circle.", "a red circle, two blue squares", "The answer is yes"] * 20
 
@@ -93,13 +93,12 @@ def test_a_stop_cut_inside_a_word_the_vocabulary_lacks_ends_at_the_whole_word_be
     tok = _word_level()
     lead = tok("The image shows", add_special_tokens=False)["input_ids"] if context else []
     sampled = tok("a red square and", add_special_tokens=False)["input_ids"]
-    tidy = str.rstrip if context else str.strip
-    cut = tidy(decoded_after(tok, sampled, lead).split(" and")[0][:-3])  # "a red squ" (as it reads after the lead)
-    text, ids = stop_cut_ids(tok, cut, sampled, eot_id=1, context=lead, tidy=tidy)
+    cut = decoded_after(tok, sampled, lead).split(" and")[0][:-3]  # "a red squ" (as it reads after the lead)
+    text, ids = stop_cut_ids(tok, cut, sampled, eot_id=1, context=lead)
     assert text.strip() == "a red" and tok.unk_token_id not in ids
     assert ids == [*continuation_ids(tok, text, lead), 1]
-    whole = tidy(decoded_after(tok, sampled[:3], lead))  # a cut at a word's end is kept as it is
-    assert stop_cut_ids(tok, whole, sampled, eot_id=1, context=lead, tidy=tidy)[0] == whole
+    whole = tidy_answer(decoded_after(tok, sampled[:3], lead), lead)  # a cut at a word's end is kept as it is
+    assert stop_cut_ids(tok, whole, sampled, eot_id=1, context=lead)[0] == whole
 
 
 @pytest.mark.parametrize("kind", ["byte-level", "metaspace"])

@@ -64,9 +64,7 @@ def retry_after_s(headers: httpx.Headers, now: float) -> float | None:
             seconds = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp() - now
         if math.isfinite(seconds):
             return max(0.0, seconds)
-        if scale == 1.0:
-            return None  # "inf" or "nan": no wait (an unusable retry-after-ms leaves it to Retry-After, as the SDK)
-    return None
+    return None  # none, or "inf"/"nan": no wait (an unusable retry-after-ms leaves it to Retry-After, as the SDK)
 
 
 class ChatSettings(BaseModel):

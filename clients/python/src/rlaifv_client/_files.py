@@ -71,7 +71,7 @@ def _takes_a_size(read: Any) -> bool:
     except TypeError:
         return False
     except ValueError:  # no signature to inspect (a builtin's): a file object's read takes a size
-        return True
+        pass
     return True
 
 
