@@ -35,6 +35,7 @@ import logging
 import socket
 import struct
 import termios
+import uuid
 from typing import Any, cast
 
 import h11
@@ -42,6 +43,7 @@ from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http import h11_impl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from rlaifv.service.log_format import request_id_var
 from rlaifv.service.shutdown import answer_deadline_s
 
 DEFAULT_HEADER_TIMEOUT_S = 30.0
@@ -53,6 +55,7 @@ _TIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 # can destroy the answer before the client reads it (RFC 9112 section 9.6).
 REFUSAL_LINGER_S = 2.0
 REFUSAL_LINGER_BYTES = 4 * 1024 * 1024
+UNPARSED_ROUTE = "unparsed"  # the route label of a request the parser refused (no route was matched)
 
 
 class _StrictConnection(h11.Connection):
@@ -161,14 +164,22 @@ class HeadDeadlineH11Protocol(H11Protocol):
         could reset the connection before the client read it): the refusal's status in the service's JSON error
         shape, then the close once the client has had it (`_linger`)."""
         from rlaifv.service.errors import error_body  # (FastAPI's: `rlaifv serve --help` imports this module)
+        from rlaifv.service.middleware import REQUEST_ID_HEADER
 
         refusal = getattr(self.conn, "refusal", None) or (400, "invalid_request_error", "invalid_http", msg)
         status, type_, code, message = refusal
-        log.info(
-            "request refused by the HTTP parser: %s",
-            message,
-            extra={"status": status, "code": code, "client": _shown_client(self.client)},
-        )
+        request_id = uuid.uuid4().hex  # the head was not read (or not trusted): the client's id is not taken
+        token = request_id_var.set(request_id)
+        try:
+            log.info(
+                "request refused by the HTTP parser: %s",
+                message,
+                extra={"status": status, "code": code, "client": _shown_client(self.client)},
+            )
+        finally:
+            request_id_var.reset(token)
+        if self.metrics is not None:  # beside the app's requests: a dashboard's error rate sees a broken client
+            self.metrics.requests.labels(route=UNPARSED_ROUTE, method="other", status=str(status)).inc()
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):  # a response begun: nothing more can be said
             self.transport.close()
             return
@@ -176,6 +187,7 @@ class HeadDeadlineH11Protocol(H11Protocol):
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
+            (REQUEST_ID_HEADER.encode(), request_id.encode()),
             (b"x-content-type-options", b"nosniff"),
             (b"connection", b"close"),
         ]

@@ -948,9 +948,17 @@ class ChunkDelta(BaseModel):
     content: str | None = Field(None, exclude_if=_is_none)
 
 
+class RoleDelta(BaseModel):
+    """A choice's first delta, as OpenAI sends it: the role, empty content and a null refusal."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str = ""
+    refusal: None = None
+
+
 class ChunkChoice(BaseModel):
     index: int
-    delta: ChunkDelta
+    delta: RoleDelta | ChunkDelta
     finish_reason: Literal["stop", "length"] | None = None
     logprobs: ChoiceLogprobs | None = None
     reward: float | None = Field(

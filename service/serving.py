@@ -50,6 +50,7 @@ from rlaifv.service.protocol import (
     RewardOptions,
     RewardsRequest,
     RewardsResponse,
+    RoleDelta,
     Timings,
     TokenLogprobOut,
     TopLogprobOut,
@@ -138,7 +139,7 @@ def chat_chunks(completion: ChatCompletionResponse, *, include_usage: bool) -> I
     base |= {"service_tier": completion.service_tier}
     for choice in completion.choices:
         deltas = (
-            ChunkChoice(index=choice.index, delta=ChunkDelta(role="assistant", content="")),
+            ChunkChoice(index=choice.index, delta=RoleDelta()),
             ChunkChoice(index=choice.index, delta=ChunkDelta(content=choice.message.content), logprobs=choice.logprobs),
             ChunkChoice(
                 index=choice.index, delta=ChunkDelta(), finish_reason=choice.finish_reason, reward=choice.reward

@@ -17,6 +17,8 @@ import pytest
 from fastapi import FastAPI, Request
 
 from rlaifv.service.errors import install_error_handlers
+from rlaifv.service.http_protocol import UNPARSED_ROUTE
+from rlaifv.service.metrics import Metrics
 from rlaifv.service.serve_cli import MAX_HEADER_BYTES
 from rlaifv.testing.server import uvicorn_thread
 
@@ -27,6 +29,7 @@ class Echo:
     def __init__(self) -> None:
         self.served: list[bytes] = []
         self.app = FastAPI()
+        self.app.state.metrics = Metrics()
         install_error_handlers(self.app)
 
         @self.app.post("/echo")
@@ -135,7 +138,15 @@ def test_differing_content_lengths_are_refused_in_the_error_shape_and_closed(
 def test_every_request_h11_refuses_is_answered_in_the_error_shape(
     echo: tuple[Echo, int], request_bytes: bytes, status: int, code: str
 ) -> None:
-    assert refused(exchange(echo[1], request_bytes), status)["code"] == code
+    """With a request id to quote (X-Request-ID, as every other answer has) and counted in the HTTP requests
+    metric (route `unparsed`): a client's broken requests showed in neither."""
+    app, port = echo
+    received = exchange(port, request_bytes)
+    assert refused(received, status)["code"] == code
+    request_id = responses(received)[0][1]["x-request-id"]
+    assert len(request_id) == 32 and int(request_id, 16) >= 0
+    labels = {"route": UNPARSED_ROUTE, "method": "other", "status": str(status)}
+    assert app.app.state.metrics.registry.get_sample_value("rlaifv_http_requests_total", labels) == 1
 
 
 def head_of(size: int) -> bytes:

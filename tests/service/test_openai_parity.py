@@ -398,7 +398,7 @@ def test_raw_sse_stream(live_server, messages) -> None:
     chunks = [json.loads(line.removeprefix("data: ")) for line in events[:-1]]
     assert len(chunks) == 3  # role, content, finish_reason
     assert [c["object"] for c in chunks] == ["chat.completion.chunk"] * 3
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
     assert chunks[2]["choices"][0]["finish_reason"] in ("stop", "length")
     assert isinstance(chunks[2]["choices"][0]["reward"], float)
     assert all("usage" not in c for c in chunks)  # as OpenAI: the key only when stream_options asked for it
@@ -626,7 +626,7 @@ def test_stream_deltas_carry_only_their_own_keys(live_server, messages) -> None:
     chunks = [json.loads(e.removeprefix("data: ")) for e in text.split("\n\n") if e and e != "data: [DONE]"]
     for index in (0, 1):
         role, content, last = (c["choices"][0] for c in chunks if c["choices"][0]["index"] == index)
-        assert role["delta"] == {"role": "assistant", "content": ""}
+        assert role["delta"] == {"role": "assistant", "content": "", "refusal": None}
         assert set(content["delta"]) == {"content"} and isinstance(content["delta"]["content"], str)
         assert last["delta"] == {} and last["finish_reason"] in ("stop", "length")
         assert "reward" not in role and "reward" not in content and isinstance(last["reward"], float)
