@@ -179,6 +179,8 @@ def compare_with_generate(
         with _failures_named(model, "could not run the model's own generate, its ground truth"):
             truths = [generate_truth(model, prompt, pad_id) for prompt in prompts]
             tolerance = TOLERANCE[dtype] if dtype in TOLERANCE else half_tolerance(model, prompts, truths, pad_id)
+        with _failures_named(model, "could not run one forward pass"):
+            refuse_unforkable_cache(model, prompts[0])
         with _failures_named(model, "could not run it through the shared-prefix engine"):
             scored = answer_logprobs(model, prompts, [[tokens] for tokens, _ in truths], pad_id)
             # Two greedy samples per prompt exercise the prefix fork. Up to the first token where a sample leaves
@@ -198,6 +200,33 @@ def compare_with_generate(
             got.append(sample.logprobs[:seen])
             want.append(_gathered(rows[:seen], sample.token_ids[:seen]))
     return ProbeResult(kind, scoring, _worst(got, want), tolerance)
+
+
+class UnforkableCacheError(ModelLoadError):
+    """The model's cache holds states the engine cannot copy for N samples: it cannot be served at all, so
+    `family_check=warn` refuses it too (it failed at warm-up with a bare AttributeError)."""
+
+
+def refuse_unforkable_cache(model: Any, prompt: EncodedPrompt) -> None:
+    """Raise `UnforkableCacheError` when one forward pass over `prompt` leaves recurrent or convolution states in
+    the cache (LFM2's hybrid layers, transformers' `LinearAttentionCacheLayerMixin`): the shared-prefix engine
+    forks a prefix's keys and values, which such a state is not."""
+    from transformers import cache_utils
+
+    stateful = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
+    if stateful is None:  # a transformers without such layers
+        return
+    device, dtype = model_device(model), next(model.parameters()).dtype
+    ids = prompt.input_ids[None].to(device)
+    vision = stack_vision([prompt], ids.shape[1], device, dtype)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **vision, use_cache=True)
+    layers = getattr(getattr(out, "past_key_values", None), "layers", None) or []
+    kinds = sorted({type(layer).__name__ for layer in layers if isinstance(layer, stateful)})
+    if kinds:
+        raise UnforkableCacheError(
+            f"{_unknown(model)}, and its cache holds recurrent or convolution states ({', '.join(kinds)}, as a"
+            " hybrid model's), which the shared-prefix engine cannot fork for N samples: it cannot serve this model"
+        )
 
 
 @contextmanager
@@ -260,7 +289,7 @@ def check_unverified_family(
             model, probe(model, processor, accepts_images=accepts_images, pad_id=pad_id, stop_ids=stop_ids)
         )
     except ModelLoadError as exc:
-        if on_failure == "refuse":
+        if on_failure == "refuse" or isinstance(exc, UnforkableCacheError):
             raise
         log.warning("serving a model the load-time check refused (family_check=warn): %s", exc)
         return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -200,6 +201,8 @@ def render_chat(
                 "continue_final_message needs the last message to be an assistant turn with text to continue",
                 param=f"{param}[{len(messages) - 1}]",
             )
+    if content_format(processor) == "string":
+        messages = _as_strings(messages, param)
     try:
         return str(
             processor.apply_chat_template(
@@ -215,6 +218,62 @@ def render_chat(
         if not continue_final:
             raise
         raise InvalidInputError(f"the last message cannot be continued: {exc}", param=param) from None
+
+
+def content_format(processor: Any) -> str:
+    """How the chat template reads a message's content: "parts" (a list of typed parts, as every vision template
+    and the templates of HF's recent chat models) or "string" (text-only models' templates written for a plain
+    string: Qwen2-Instruct's, Llama-3's, Mistral's). Told by rendering a probe both ways, once per processor (vLLM's
+    `chat_template_content_format=auto` reads the template's source for the same answer). Given parts, a string
+    template failed (`str + list`) or, worse, rendered the list's Python repr as the prompt: every reward scored a
+    wrong prompt, and the engine check agreed with `generate` on it."""
+    cached = getattr(processor, "_rlaifv_content_format", None)
+    if cached is not None:
+        return str(cached)
+    found = _probe_content_format(processor)
+    with contextlib.suppress(AttributeError):
+        processor._rlaifv_content_format = found
+    return found
+
+
+def _probe_content_format(processor: Any) -> str:
+    from jinja2 import TemplateError
+
+    failures = (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError)
+
+    def rendered(content: Any) -> str | None:
+        try:
+            turns = [{"role": "user", "content": content}]
+            return str(processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False))
+        except failures:
+            return None
+
+    as_parts = rendered([{"type": "text", "text": _MARKER}])
+    as_repr = re.compile(r"""['"]text['"]: *['"]""" + re.escape(_MARKER))  # `{{ message['content'] }}` of a list
+    if as_parts is not None and _MARKER in as_parts and not as_repr.search(as_parts):
+        return "parts"
+    as_string = rendered(_MARKER)
+    return "string" if as_string is not None and _MARKER in as_string else "parts"
+
+
+def _as_strings(messages: Sequence[dict[str, Any]], param: str) -> list[dict[str, Any]]:
+    """Each message's text parts joined by newlines (vLLM's rule for a string template); an image part is refused:
+    such a template has no place for one."""
+    out = []
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.get("type") != "text":
+                    raise InvalidInputError(
+                        "this model's chat template takes text only: it has no place for an image",
+                        param=f"{param}[{i}].content[{j}]" if param == "messages" else "images",
+                    )
+                texts.append(str(part.get("text", "")))
+            message = {**message, "content": "\n".join(texts)}
+        out.append(message)
+    return out
 
 
 def decoded_after(tokenizer: Any, ids: Sequence[int], context: Sequence[int] = ()) -> str:

@@ -228,7 +228,7 @@ def attention_configs(model: Any) -> list[Any]:
 def _full_attention(layer: Any, length: int) -> bool:
     """The layer attends to every earlier token of a `length`-token sequence: full attention, or a sliding
     window longer than the sequence (Mistral's 4096, OmniLMM / RLAIF-V-12B's: nothing ever slides out)."""
-    if not layer.is_initialized:
+    if not getattr(layer, "is_initialized", False):  # (a hybrid model's state layer has none)
         return False
     if type(layer) is DynamicLayer:
         return True

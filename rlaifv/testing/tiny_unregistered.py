@@ -251,8 +251,8 @@ SURVEY: dict[str, Callable[[], tuple[Any, list[EncodedPrompt]]]] = {
     "lfm2_vl": _survey_lfm2_vl,
 }
 SERVED_EXACTLY = ("paligemma", "cohere2_vision")
-REFUSED = {  # what the engine trips on: no top-level cache in BLIP-2's output, LFM2's cache of convolution states
-    # that the engine cannot fork
-    "blip-2": "past_key_values",
-    "lfm2_vl": "batch_select_indices",
+REFUSED = {  # why the engine cannot run them: no top-level cache in BLIP-2's output, LFM2's cache of convolution
+    # states that the engine cannot fork
+    "blip-2": "could not run it through the shared-prefix engine: AttributeError: 'Blip2",
+    "lfm2_vl": "its cache holds recurrent or convolution states (LinearAttentionLayer",
 }

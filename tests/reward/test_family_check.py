@@ -159,9 +159,23 @@ def test_other_transformers_families_the_default_rules_serve_exactly(name: str) 
 def test_other_transformers_families_the_engine_cannot_run_are_refused_for_their_reason(name: str) -> None:
     """`generate` runs them (the truth is computed first); the engine fails on each for the reason REFUSED names."""
     model, prompts = SURVEY[name]()
-    with pytest.raises(ModelLoadError, match=f"{name}.*could not run it through the shared-prefix engine") as info:
+    with pytest.raises(ModelLoadError, match=name) as info:
         compare_with_generate(model, prompts, pad_id=0, stop_ids=[2])
     assert REFUSED[name] in str(info.value)
+
+
+def test_a_model_whose_cache_holds_states_is_refused_even_when_the_check_only_warns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LFM2's convolution states cannot be forked for N samples: with family_check=warn it loaded, then failed
+    at warm-up with a bare `AttributeError` ('LinearAttentionLayer' has no 'is_initialized')."""
+    from rlaifv.reward import family_check
+    from rlaifv.reward.family_check import UnforkableCacheError
+
+    model, prompts = SURVEY["lfm2_vl"]()
+    monkeypatch.setattr(family_check, "probe_prompts", lambda processor, accepts_images: prompts)
+    with pytest.raises(UnforkableCacheError, match="cannot fork for N samples"):
+        check_unverified_family(model, None, accepts_images=True, pad_id=0, stop_ids=[2], on_failure="warn")
 
 
 def _as(cls_body: dict, folder: Path, **kwargs):
