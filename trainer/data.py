@@ -209,11 +209,14 @@ GZIP_MAGIC = b"\x1f\x8b"
 def open_text(file: Path) -> IO[str]:
     """A UTF-8 text file, gzip-compressed or not (told by its first bytes, whatever its name); a byte-order mark
     (Notepad, PowerShell) is not part of the text."""
-    with open(file, "rb") as handle:
-        compressed = handle.read(2) == GZIP_MAGIC
-    if compressed:
+    if _gzipped(file):
         return gzip.open(file, "rt", encoding="utf-8-sig")
     return open(file, encoding="utf-8-sig")
+
+
+def _gzipped(file: Path) -> bool:
+    with open(file, "rb") as handle:
+        return handle.read(2) == GZIP_MAGIC
 
 
 @contextlib.contextmanager
@@ -462,8 +465,27 @@ def _jsonl_records(file: Path, required: Sequence[str]) -> Iterator[tuple[int, i
                 yield from _json_array(file, required)
             else:
                 yield from _jsonl_lines(file, required)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"not UTF-8 text (byte {exc.start}): JSON and JSONL must be UTF-8", source=str(file)) from None
+    except UnicodeDecodeError:
+        offset, line, row = _first_bad_utf8(file)
+        raise DataError(
+            f"not UTF-8 text (byte {offset}, line {line}): JSON and JSONL must be UTF-8", source=str(file), row=row
+        ) from None
+
+
+def _first_bad_utf8(file: Path) -> tuple[int, int, int]:
+    """Where the file stops being UTF-8: the byte's offset (of the uncompressed text), its line and the record
+    row that line is in (JSONL's count of non-blank lines before it). The decoder's own position is within one of
+    its chunks (byte 6992 was said of a byte at 326480)."""
+    offset, line, row = 0, 0, 0
+    with damaged_gzip_named(file), gzip.open(file) if _gzipped(file) else open(file, "rb") as handle:
+        for line, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return offset + exc.start, line, row
+            offset += len(raw)
+            row += bool(text.strip())
+    return offset, line, row  # (not reached: the text decoder found one)
 
 
 def _first_char(file: Path) -> str:
@@ -516,9 +538,59 @@ def _jsonl_lines(file: Path, required: Sequence[str]) -> Iterator[tuple[int, int
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
+                hint = _whole_file_hint(file, required) if row == 0 else None
+                if hint:
+                    raise DataError(hint, source=str(file)) from None
                 raise DataError(f"line {lineno} is not valid JSON: {exc.msg}", source=str(file), row=row) from None
+            if row == 0 and (hint := _table_hint(record, required)):
+                raise DataError(hint, source=str(file))
             yield row, lineno, _checked(record, required, source=str(file), row=row, where=f"line {lineno}")
             row += 1
+
+
+_HINT_MAX_BYTES = 64 * 1024 * 1024
+"""A file whose first line is not JSON is read whole, for a better error, only up to this size."""
+
+
+def _whole_file_hint(file: Path, required: Sequence[str]) -> str | None:
+    """Why a file whose first line is not JSON is no JSONL, where the whole file says it: one JSON object written
+    over several lines (a wrapper of the records, or pandas' table by columns), or records each written over
+    several lines (pretty-printed). Else None: the line's own error stands."""
+    if file.stat().st_size > _HINT_MAX_BYTES:
+        return None
+    with contextlib.suppress(OSError, UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error), open_text(file) as f:
+        text = f.read().lstrip()
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            try:
+                first, end = json.JSONDecoder().raw_decode(text)
+            except json.JSONDecodeError:
+                return None
+            if isinstance(first, dict) and "\n" in text[:end]:
+                return "records written over several lines (pretty-printed JSON): JSONL holds one record per line"
+            return None
+        return _table_hint(whole, required)
+    return None
+
+
+def _table_hint(value: Any, required: Sequence[str]) -> str | None:
+    """Why a file's first JSON object is a whole table rather than one record, or None: its records under one key
+    (`{"data": [...]}`), or pandas' default `to_json()` (columns of {row index: value})."""
+    if not isinstance(value, dict) or not value:
+        return None
+    lists = [k for k, v in value.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+    if lists and not any(column in value for column in required):
+        return (
+            f"the file is one JSON object holding its records under {lists[0]!r}: give that list (a JSON array of"
+            " records, or JSONL with one record per line)"
+        )
+    if all(isinstance(v, dict) and v and all(str(k).isdigit() for k in v) for v in value.values()):
+        return (
+            "the file is a table by columns ({column: {row: value}}, pandas' default to_json()): write it with"
+            " orient='records' (and lines=True for JSONL)"
+        )
+    return None
 
 
 # -- reading in file order, images checked on threads -----------------------------------------
@@ -702,6 +774,13 @@ def read_preferences(
                 bar.update()
                 if limit is not None and len(rows) >= limit:
                     break
+        repeated = len(rows) - len({(image, r.question, r.chosen, r.rejected) for r, image in rows})
+        if repeated:  # kept: a pair given twice counts twice in DPO's loss, as a user who repeats it may want
+            warnings.warn(
+                f"{repeated} rows of {path} repeat an (image, question, chosen, rejected) row: each copy trains,"
+                " as one more pair",
+                stacklevel=2,
+            )
         return _mapped(rows, spill, "no preference rows", path)
 
 

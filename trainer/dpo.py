@@ -190,6 +190,15 @@ def encode_pairs(
     return pairs, dropped
 
 
+def _mostly_unknown(pairs: Sequence[EncodedPair], tokenizer: Any) -> int:
+    """Pairs with an answer more than half made of the unknown token (a word-level vocabulary given other
+    words); byte-level and SentencePiece-with-fallback tokenizers have none to give."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return 0
+    return sum(any(2 * ids.count(unk) > len(ids) for ids in (p.chosen_ids, p.rejected_ids)) for p in pairs)
+
+
 def encode_prompts(processor: Any, pairs: Sequence[EncodedPair], max_length: int | None = None) -> list[EncodedPrompt]:
     """Image + question -> model prefix, via `reward.prompt.encode_prompt` (what `ModelPair.encode` does)."""
     from rlaifv.reward.images import decode_image
@@ -843,7 +852,15 @@ def _train_dpo(
     dropped = {"markup_only_answers": read - len(rows), **dropped}
     if dropped["identical_answers"] and accelerator.is_main_process:
         warnings.warn(
-            f"{dropped['identical_answers']} pairs with the same chosen and rejected answer dropped", stacklevel=2
+            f"{dropped['identical_answers']} pairs dropped whose chosen and rejected answers are the same tokens"
+            " (the same text, or texts this tokenizer reads alike: words outside its vocabulary)",
+            stacklevel=2,
+        )
+    if accelerator.is_main_process and (unknown := _mostly_unknown(pairs, tokenizer)):
+        warnings.warn(
+            f"{unknown} of {len(pairs)} pairs have an answer that is mostly the tokenizer's unknown token"
+            f" ({tokenizer.unk_token}): words outside its vocabulary, which DPO cannot tell apart",
+            stacklevel=2,
         )
     if dropped["over_max_answer_tokens"] and accelerator.is_main_process:
         warnings.warn(

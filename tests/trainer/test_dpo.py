@@ -1408,3 +1408,17 @@ def test_pairs_over_max_answer_tokens_are_dropped_with_a_warning(tiny_model: Pat
     with pytest.warns(UserWarning, match=r"^1 pairs with an answer over max_answer_tokens \(16\) dropped"):
         result = train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path, progress=False)
     assert result.num_pairs == 2
+
+
+def test_answers_the_tokenizer_cannot_spell_are_warned_of(tiny_model: Path, tmp_path: Path) -> None:
+    """Texts that differ but tokenize alike (unknown words) were dropped as "the same chosen and rejected answer";
+    answers mostly of the unknown token trained without a word."""
+    rows = _toy_rows(4)
+    rows.append(dataclasses.replace(rows[0], id="alike", chosen="zebra quokka", rejected="walrus narwhal"))
+    rows.append(dataclasses.replace(rows[1], id="unknown", chosen="a zebra quokka walrus ."))
+    config = DPOConfig(learning_rate=1e-3, epochs=1, batch_size=2, cpu=True)
+    with pytest.warns(UserWarning) as caught:
+        train_dpo(config, rows, model_path=tiny_model, output_dir=tmp_path, progress=False)
+    said = [str(w.message) for w in caught]
+    assert any(m.startswith("1 pairs dropped whose chosen and rejected answers are the same tokens") for m in said)
+    assert any(m.startswith("1 of 5 pairs have an answer that is mostly the tokenizer's unknown token") for m in said)

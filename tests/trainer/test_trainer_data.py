@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -204,6 +205,68 @@ def test_jsonl_with_a_byte_order_mark_reads_and_non_utf8_is_named(tmp_path: Path
         read_preferences(tmp_path / "latin1.jsonl")
     upper = write_rlaifv_parquet(tmp_path / "TRAIN.PARQUET", preference_rows(PAIRS))
     assert len(read_preferences(upper)) == len(PAIRS)
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
+def test_a_non_utf8_byte_deep_in_a_file_is_named_by_its_offset_line_and_row(tmp_path: Path, compressed: bool) -> None:
+    """The decoder's position is within one of its chunks: a byte at 326480 was said to be at 6992, with no row."""
+    import gzip
+
+    (tmp_path / "a.png").write_bytes(png((9, 9, 9)))
+    line = json.dumps({"id": "q", "image": "a.png", "question": "what", "chosen": "a cat", "rejected": "a dog"})
+    text = "\n".join([line] * 2499 + ["", line.replace("a cat", "caf\u00e9")]) + "\n"
+    data = text.encode("latin-1")
+    offset = data.index(b"caf\xe9") + 3
+    path = tmp_path / "late.jsonl"
+    path.write_bytes(gzip.compress(data) if compressed else data)
+    with pytest.raises(DataError, match=rf"not UTF-8 text \(byte {offset}, line 2501\)") as info:
+        read_preferences(path)
+    assert info.value.row == 2499  # the blank line is no row
+
+
+@pytest.mark.parametrize(
+    ("shape", "says"),
+    [
+        ("wrapper", "one JSON object holding its records under 'data'"),
+        ("wrapper-one-line", "one JSON object holding its records under 'data'"),
+        ("pandas", "pandas' default to_json"),
+        ("pretty-jsonl", "JSONL holds one record per line"),
+    ],
+)
+def test_a_json_file_that_is_a_table_not_records_says_so(tmp_path: Path, shape: str, says: str) -> None:
+    """A wrapper object was "line 1 is not valid JSON", pandas' default output "no image bytes and no image path"."""
+    (tmp_path / "a.png").write_bytes(png((9, 9, 9)))
+    row = {"image": "a.png", "question": "what", "chosen": "a cat", "rejected": "a dog"}
+    rows = [{"id": str(i), **row} for i in (0, 1)]
+    text = {
+        "wrapper": json.dumps({"data": rows}, indent=2),
+        "wrapper-one-line": json.dumps({"data": rows}),
+        "pandas": json.dumps({k: {str(i): r[k] for i, r in enumerate(rows)} for k in rows[0]}),
+        "pretty-jsonl": "\n".join(json.dumps(r, indent=2) for r in rows),
+    }[shape]
+    (tmp_path / "x.json").write_text(text)
+    with pytest.raises(DataError, match=re.escape(says)):
+        read_preferences(tmp_path / "x.json")
+
+
+def test_a_jsonl_file_whose_later_line_is_broken_keeps_the_lines_error(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(png((9, 9, 9)))
+    line = json.dumps({"id": "q", "image": "a.png", "question": "what", "chosen": "a cat", "rejected": "a dog"})
+    (tmp_path / "x.jsonl").write_text(f"{line}\n{{\n")
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
+        read_preferences(tmp_path / "x.jsonl")
+
+
+def test_repeated_preference_rows_are_kept_with_a_warning(tmp_path: Path) -> None:
+    """The same pair twice (RLAIF-V shards repeat some) trains twice; it was silent."""
+    rows = preference_rows([PAIRS[0], PAIRS[1], PAIRS[0]])
+    rows[2]["image"] = rows[0]["image"]
+    with pytest.warns(UserWarning, match="1 rows of .* repeat an \\(image, question, chosen, rejected\\) row"):
+        read = read_preferences(write_rlaifv_parquet(tmp_path / "x.parquet", rows))
+    assert [r.chosen for r in read] == [PAIRS[0][0], PAIRS[1][0], PAIRS[0][0]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_preferences(write_rlaifv_parquet(tmp_path / "y.parquet", preference_rows(PAIRS)))
 
 
 def _drop_column(table: pa.Table, name: str) -> pa.Table:
