@@ -338,9 +338,10 @@ def stop_cut_ids(
     return "", [eot_id]
 
 
-ANSWER_TOKENIZATION_VERSION = 3
+ANSWER_TOKENIZATION_VERSION = 4
 """What text answers tokenize to changed in version 2 (`answer_ids`: as inside the model's own rendered turn) and
-3 (the whitespace a template trims off a message left off): rewards cached for the same text carry it."""
+3 (the whitespace a template trims off a message left off), and what a prompt renders to in 4 (a string-content
+template's prompt was the repr of its parts, `content_format`): rewards cached for the same text carry it."""
 
 
 @dataclass(frozen=True)
