@@ -259,7 +259,7 @@ def _text(value: Any, *, source: str, row: int, column: str) -> str:
     return value
 
 
-def _check_image(data: bytes, *, source: str, row: int, column: str, line: int | None = None) -> None:
+def check_row_image(data: bytes, *, source: str, row: int, column: str, line: int | None = None) -> None:
     from rlaifv.reward.errors import ImageError
     from rlaifv.reward.images import check_image
 
@@ -279,7 +279,7 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
 _URLSAFE_BASE64 = re.compile(r"[A-Za-z0-9\-_\s]+={0,2}\s*")
 
 
-def _image_bytes(value: Any, base: Path, *, source: str, row: int, column: str) -> bytes:
+def row_image_bytes(value: Any, base: Path, *, source: str, row: int, column: str) -> bytes:
     """An image given as bytes, a {bytes, path} struct (bytes or base64 text), a path (relative to `base`), a
     data URL or bare base64 text; not yet checked. A path that exists wins; text that is not one but is base64
     is decoded, so that an image that then fails says why (format, size), not "not found"."""
@@ -677,7 +677,7 @@ def _pend(
 ) -> _Pending[T]:
     source = str(file)
     try:
-        image = _image_bytes(_image_field(record), file.parent, source=source, row=row, column="image")
+        image = row_image_bytes(_image_field(record), file.parent, source=source, row=row, column="image")
     except DataError as exc:
         return _Pending(None, exc.at_line(line))
     index, new = spill.add(image)
@@ -692,10 +692,10 @@ def _pend(
 
 def _submit(pool: ThreadPoolExecutor | None, image: bytes, *, source: str, row: int, line: int | None) -> Future[None]:
     if pool is not None:
-        return pool.submit(_check_image, image, source=source, row=row, column="image", line=line)
+        return pool.submit(check_row_image, image, source=source, row=row, column="image", line=line)
     done: Future[None] = Future()
     try:
-        _check_image(image, source=source, row=row, column="image", line=line)
+        check_row_image(image, source=source, row=row, column="image", line=line)
     except DataError as exc:
         done.set_exception(exc)
     else:

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from eval_images import truncated_jpeg
+from PIL import Image
 from typer.testing import CliRunner
 
 from rlaifv.cli.eval_run import Source, default_cache
@@ -90,8 +92,33 @@ def test_unknown_question_ids_are_refused() -> None:
 def test_a_question_answered_twice_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "answers.jsonl"
     path.write_text('{"id": 2, "response": "Yes"}\n{"id": 2, "response": "No"}\n')
-    with pytest.raises(DataError, match="twice"):
+    with pytest.raises(DataError, match="row 2: question id 2 is answered twice in rows 1 and 2"):
         read_responses(path)
+
+
+def test_a_bad_image_or_a_repeated_query_is_named_before_any_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the image's existence was checked: a truncated one failed at its batch, after the model loaded and
+    earlier batches were sampled, as "image could not be decoded" naming no file, row or question. A query id given
+    twice was sampled twice and scored twice."""
+    monkeypatch.setattr(Source, "generator", lambda self: pytest.fail("a model was loaded"))
+    (tmp_path / "AMBER_1.jpg").write_bytes(truncated_jpeg())
+    queries = DATA / "amber_queries.json"
+    args = ["eval", "amber", "--annotations", str(DATA / "amber_annotations.json"), "--images", str(tmp_path)]
+    args += ["--service", "http://x", "-o", str(tmp_path / "r.json")]
+    result = CliRunner().invoke(app, [*args, "--queries", str(queries)])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    image = tmp_path / "AMBER_1.jpg"
+    expected = f"error: {queries}, row 1: image {image}: undecodable image: image could not be decoded: image file is"
+    assert result.output.replace("\n", "").startswith(expected), result.output
+    Image.new("RGB", (8, 8)).save(image)
+    repeated = tmp_path / "queries.json"
+    rows = json.loads(queries.read_text())
+    repeated.write_text(json.dumps([*rows, rows[1]]))
+    result = CliRunner().invoke(app, [*args, "--queries", str(repeated)])
+    assert result.exit_code == 1, result.output
+    assert "row 10: question id 3 is asked twice in rows 2 and 10" in result.output.replace("\n", "")
 
 
 def test_cli(tmp_path: Path) -> None:
@@ -109,8 +136,6 @@ def test_cli(tmp_path: Path) -> None:
 def test_cli_generates_with_a_bundle_in_scaling_mode(tmp_path: Path) -> None:
     """Queries + images -> answers from the shipped bundle, best-of-1 and 2 by each rule, AMBER per point. The
     shapes world captions rather than says yes or no: the curve is written, and the run fails saying so."""
-    from PIL import Image
-
     Image.new("RGB", (64, 64), (40, 80, 220)).save(tmp_path / "AMBER_1.jpg")
     out = tmp_path / "amber.json"
     args = ["eval", "amber", "--annotations", str(DATA / "amber_annotations.json")]
@@ -151,7 +176,7 @@ class SaysYesOrNo:
 def generate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The CLI's generation arguments, answered by `SaysYesOrNo` through the real sampling and caching path."""
     monkeypatch.setattr(Source, "generator", lambda self: SaysYesOrNo())
-    (tmp_path / "AMBER_1.jpg").write_bytes(b"not decoded by the fake generator")
+    Image.new("RGB", (8, 8), (40, 80, 220)).save(tmp_path / "AMBER_1.jpg")  # decoded when the queries are read
     args = ["eval", "amber", "--annotations", str(DATA / "amber_annotations.json")]
     return [*args, "--queries", str(DATA / "amber_queries.json"), "--images", str(tmp_path), "--service", "http://x"]
 
@@ -349,7 +374,7 @@ def test_the_service_key_comes_from_the_python_clients_variable_too(
     monkeypatch.setattr(Source, "generator", generator)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    (tmp_path / "AMBER_1.jpg").write_bytes(b"not decoded by the fake generator")
+    Image.new("RGB", (8, 8), (40, 80, 220)).save(tmp_path / "AMBER_1.jpg")  # decoded when the queries are read
     args = ["eval", "amber", "--annotations", str(DATA / "amber_annotations.json"), "--service", "http://x"]
     args += ["--queries", str(DATA / "amber_queries.json"), "--images", str(tmp_path), "-o", str(tmp_path / "r.json")]
     result = CliRunner().invoke(app, args)

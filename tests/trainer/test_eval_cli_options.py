@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from chat_server import ChatServer, Reply
+from eval_images import truncated_jpeg
 from typer.testing import CliRunner
 
 from rlaifv.cli.eval_run import Source
@@ -139,6 +141,35 @@ def test_in_process_answers_are_fitted_to_the_model_positions() -> None:
     assert pair.asked == [14, 8]
     with pytest.raises(DataError, match=r"prompt p \(64 tokens\) leaves no room for an answer in the model's 64"):
         BundleGenerator(FakePair(prompt_tokens=64), "bundle:fake").sample([prompt], 1, Sampling(), claims=False)
+
+
+def test_an_image_that_fails_at_sampling_names_its_prompt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readers decode every image, but a file can change after it was read: the sampler's error named no prompt or
+    image ("image could not be decoded: image file is truncated"), in process or from a service."""
+    from rlaifv.reward.images import load_image
+
+    class Decoding(FakePair):
+        def load_images(self, images: list[Any]) -> list[Any]:
+            return [load_image(image) for image in images]
+
+    (tmp_path / "cut.jpg").write_bytes(truncated_jpeg())
+    generator = BundleGenerator(Decoding(), "bundle:fake")
+    cut = "image could not be decoded: image file is truncated"
+    inline = Prompt("262148-0a1b2c3d4e5f", truncated_jpeg(), "Describe.")
+    with pytest.raises(DataError, match=rf"^prompt 262148-0a1b2c3d4e5f \(image inline, \d+ bytes\): {cut}"):
+        generator.sample([inline], 1, Sampling(), claims=False)
+    with pytest.raises(DataError, match=rf"^prompt 7 \(image {re.escape(str(tmp_path / 'cut.jpg'))}\): {cut}"):
+        generator.sample([Prompt("7", tmp_path / "cut.jpg", "Describe.")], 1, Sampling(), claims=False)
+
+    def refused(self: ServiceGenerator, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        if method == "GET":
+            return {"data": [{"id": "shapes-rlaifv"}]}
+        raise DataError(f"service {path} failed: HTTP 400: {cut}")
+
+    monkeypatch.setattr(ServiceGenerator, "_call", refused)
+    served = ServiceGenerator("http://127.0.0.1:9")
+    with pytest.raises(DataError, match=r"^prompt 7 \(image .*cut.jpg\): service /v1/best-of-n failed: HTTP 400"):
+        served.sample([Prompt("7", tmp_path / "cut.jpg", "Describe.")], 1, Sampling(), claims=False)
 
 
 def test_secret_values_are_not_recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 from chat_server import ChatServer, Reply
+from eval_images import truncated_jpeg
+from PIL import Image
 from typer.testing import CliRunner
 
 from rlaifv.cli.eval_run import Source
@@ -35,6 +37,7 @@ from rlaifv.trainer.evaluation.mmhal import (
     evaluate_mmhal,
     judge_key,
     judge_prompt,
+    mmhal_prompts,
     parse_rating,
     read_records,
     read_template,
@@ -190,8 +193,6 @@ def test_cli_reports_failures_with_exit_code_2(judge: Judge, tmp_path: Path) -> 
 @pytest.mark.slow
 def test_cli_generates_answers_with_a_bundle(tmp_path: Path) -> None:
     """Images named after image_src -> answers from the shipped bundle -> judged."""
-    from PIL import Image
-
     for i in range(10):
         Image.new("RGB", (64, 64), (200, 40 + 10 * i, 40)).save(tmp_path / f"img{i}.jpg")
     with ChatServer(lambda _: Reply("Rating: 4")) as server:
@@ -248,7 +249,7 @@ def test_an_empty_generated_answer_is_judged(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(Source, "generator", lambda self: Generator())
     for i in range(10):
-        (tmp_path / f"img{i}.jpg").write_bytes(b"an image")
+        Image.new("RGB", (8, 8), (200, 40 + 10 * i, 40)).save(tmp_path / f"img{i}.jpg")
     with ChatServer(_rate_or_zero) as server:
         args = ["eval", "mmhal", "--records", str(RECORDS), "--judge-url", server.url, "--judge-model", "j"]
         args += ["--images", str(tmp_path), "--service", "http://x", "-o", str(tmp_path / "mmhal.json")]
@@ -429,7 +430,7 @@ def test_a_curve_of_unrated_judgements_fails_and_a_rerun_says_where_ratings_come
 
     monkeypatch.setattr(Source, "generator", lambda self: Generator())
     for i in range(10):
-        (tmp_path / f"img{i}.jpg").write_bytes(b"an image")
+        Image.new("RGB", (8, 8), (200, 40 + 10 * i, 40)).save(tmp_path / f"img{i}.jpg")
     args = ["eval", "mmhal", "--records", str(RECORDS), "--judge-model", "j", "--retries", "0", "--modes", "dpo"]
     args += ["--images", str(tmp_path), "--service", "http://x", "--best-of", "1,2", "-o", str(tmp_path / "c.json")]
     with ChatServer(lambda _: Reply("No idea.")) as server:
@@ -443,3 +444,15 @@ def test_a_curve_of_unrated_judgements_fails_and_a_rerun_says_where_ratings_come
         result = CliRunner().invoke(app, [*args, "--judge-url", server.url])
         assert sum(server.hits.values()) == judged
     assert result.exit_code == 0 and f"{judged} judgement(s) taken from {tmp_path / 'c.judged.jsonl'}" in result.output
+
+
+def test_a_bad_image_is_named_before_any_model_loads(tmp_path: Path) -> None:
+    """Only the image's existence was checked: a truncated one failed at its batch, after the model loaded and
+    earlier batches were sampled, naming no record or file."""
+    for i in range(10):
+        Image.new("RGB", (8, 8), (200, 40 + 10 * i, 40)).save(tmp_path / f"img{i}.jpg")
+    assert [p.id for p in mmhal_prompts(read_records(RECORDS), tmp_path)] == [str(i) for i in range(10)]
+    (tmp_path / "img3.jpg").write_bytes(truncated_jpeg())
+    message = f"record 3: image {tmp_path / 'img3.jpg'}: undecodable image: image could not be decoded: image file is"
+    with pytest.raises(DataError, match=re.escape(message)):
+        mmhal_prompts(read_records(RECORDS), tmp_path)

@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from chat_server import ChatServer, Reply
+from eval_images import b64, good_png, png_declaring, truncated_jpeg
 from typer.testing import CliRunner
 
+from rlaifv.cli.eval_run import Source
 from rlaifv.cli.main import app
 from rlaifv.trainer.errors import DataError
-from rlaifv.trainer.evaluation.candidates import image_bytes
+from rlaifv.trainer.evaluation.candidates import Prompt, Sampled, Sampling, image_bytes
 from rlaifv.trainer.evaluation.chair import chair, chair_items, chair_totals
 from rlaifv.trainer.evaluation.coco_objects import CocoObjects, read_table
 from rlaifv.trainer.evaluation.coco_truth import find_annotation_files, ground_truth
@@ -338,10 +342,10 @@ def test_an_image_path_that_is_not_there_is_named_at_read_time(tmp_path: Path) -
     for image, message in [
         ("img/cat1", "image file 'img/cat1' not found"),
         ("cat1.jpg", "image file 'cat1.jpg' not found"),
-        (base64.b64encode(b"not an image").decode(), "is base64 of something that is no image"),
-        ("not base64!", "is neither a file nor base64"),
+        (base64.b64encode(b"not an image" * 8).decode(), "base64 that is no usable image: .*not a recognised image"),
+        ("not base64!", r"is neither a file \(looked in .*\) nor base64 of an image"),
     ]:
-        row = {"image_id": 101, "question": "Describe.", "image": image}
+        row = {"image_id": 104, "question": "Describe.", "image": image}
         prompts.write_text(json.dumps(good[0]) + "\n" + json.dumps(row) + "\n")
         with pytest.raises(DataError, match=f"{prompts}, row 2, column 'image': .*{message}"):
             read_prompts(prompts)
@@ -361,3 +365,94 @@ def test_answers_holding_a_unicode_line_separator_are_one_row_and_a_null_image_t
     assert [r["text"] for r in read_rows(path)] == ["a cat\u2028on a mat\u0085", "x"]
     row = PromptRow.model_validate({"image_id": 1, "question": "q", "image": None, "image_path": "COCO_1.jpg"})
     assert row.image == "COCO_1.jpg"
+
+
+def _no_model(self: Source) -> None:
+    pytest.fail("a model was loaded: the prompts file should have been refused first")
+
+
+def test_a_bad_image_is_named_by_its_row_before_any_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decompression bomb was a traceback (Pillow's DecompressionBombError is no OSError); base64 of a damaged
+    JPEG ("/9j/...") was a missing file; a 5000x5000 PNG or a truncated file failed at its batch, after the model
+    loaded and earlier batches were sampled, naming no file or row. Each is one error line naming the row when the
+    file is read, in the trainer's words."""
+    monkeypatch.setattr(Source, "generator", _no_model)
+    (tmp_path / "cut.jpg").write_bytes(truncated_jpeg())
+    (tmp_path / "COCO_val2014_000000000102.jpg").write_bytes(truncated_jpeg())
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "r.json"
+    good = {"image_id": 101, "question": "Describe.", "image": b64(good_png())}
+    cut = "undecodable image: image could not be decoded: image file is truncated"
+    for image, message in [
+        (b64(png_declaring(30000, 30000)), "column 'image': base64 that is no usable image: image too large: .*bomb"),
+        (b64(truncated_jpeg()), f"column 'image': base64 that is no usable image: {cut}"),
+        (b64(png_declaring(5000, 5000)), "column 'image': base64 .*: image is 5000x5000 = 25000000 pixels, over the"),
+        ("cut.jpg", f"column 'image': image {re.escape(str(tmp_path / 'cut.jpg'))}: {cut}"),
+        (None, f"image {re.escape(str(tmp_path / 'COCO_val2014_000000000102.jpg'))}: {cut}"),  # found by its COCO id
+    ]:
+        bad = {"image_id": 102, "question": "Describe."} | ({"image": image} if image else {})
+        prompts.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        args = ["eval", "objhal", "--coco", str(COCO), "--prompts", str(prompts), "--images", str(tmp_path)]
+        result = CliRunner().invoke(app, [*args, "--service", "http://127.0.0.1:9", "-o", str(out)])
+        assert result.exit_code == 1 and result.output.startswith("error: "), result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert re.search(f"{re.escape(str(prompts))}, row 2(, |: ){message}", result.output), result.output
+        assert not out.exists()
+
+
+class Counting:
+    """A generator that answers every prompt with one sentence and counts the prompts it was asked to sample."""
+
+    fingerprint = "fake:counting"
+
+    def __init__(self) -> None:
+        self.sampled: list[str] = []
+
+    def sample(self, prompts: Sequence[Prompt], n: int, sampling: Sampling, claims: bool) -> list[Sampled]:
+        self.sampled += [p.question for p in prompts]
+        return [Sampled(texts=["A dog on the grass."] * n, dpo=[0.0] * n) for _ in prompts]
+
+
+def test_a_rerun_of_an_edited_prompts_file_samples_only_what_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompt ids were `<line>:<image id>`: deleting line 1 sampled every later prompt again (and with N > 1 under
+    new seeds). Ids are the image id and the question now, so the rerun samples nothing; the same question about one
+    image twice is refused naming both rows."""
+    generator = Counting()
+    monkeypatch.setattr(Source, "generator", lambda self: generator)
+    rows = [{"image_id": i, "question": q, "image": b64(good_png((i, 40, 40)))} for i, q in
+            [(101, "Describe."), (102, "Describe."), (101, "What is there?"), (103, "Describe.")]]  # fmt: skip
+    prompts, cache = tmp_path / "prompts.jsonl", tmp_path / "candidates.jsonl"
+    args = ["eval", "objhal", "--coco", str(COCO), "--prompts", str(prompts), "--service", "http://127.0.0.1:9"]
+    args += ["--cache", str(cache), "-n", "2", "--select", "random"]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = [p.id for p, _ in read_prompts(prompts)]
+    assert len(set(first)) == 4 and not any(":" in i for i in first)  # never an id of the old form
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a.json")])
+    assert result.exit_code == 0, result.output
+    assert len(generator.sampled) == 4
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
+    assert [p.id for p, _ in read_prompts(prompts)] == first[1:]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    assert len(generator.sampled) == 4  # nothing sampled again
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in [*rows, rows[2]]))
+    with pytest.raises(
+        DataError, match=r"row 5: image_id 101 is asked the question 'What is there\?' twice in rows 3 and 5"
+    ):
+        read_prompts(prompts)
+
+
+def test_an_answer_given_twice_is_refused_naming_both_rows(tmp_path: Path) -> None:
+    """A repeated answer was scored twice without a word (6 answers reported for 4); `eval amber` refuses one."""
+    lines = (DATA / "objhal_answers.jsonl").read_text().splitlines()
+    answers, out = tmp_path / "answers.jsonl", tmp_path / "r.json"
+    answers.write_text("\n".join([*lines, lines[1]]) + "\n")
+    result = CliRunner().invoke(app, ["eval", "objhal", "--coco", str(COCO), "--answers", str(answers), "-o", str(out)])
+    assert result.exit_code == 1 and not out.exists(), result.output
+    assert f"{answers}, row 6: image_id 102 is answered twice for the question 'Describe the image in detail.'" in (
+        result.output.replace("\n", "")
+    )
+    assert "in rows 2 and 6" in result.output.replace("\n", "")

@@ -479,7 +479,7 @@ def test_the_first_bad_row_in_file_order_fails_even_when_a_later_one_fails_first
     rows[20]["rejected"] = " "
     rows[27]["image"] = {"bytes": png((1, 1, 1))[:40], "path": "y.png"}
     path = write_rlaifv_parquet(tmp_path / "bad.parquet", rows)
-    later_failed, check = threading.Event(), data._check_image
+    later_failed, check = threading.Event(), data.check_row_image
 
     def ordered_check(image: bytes, *, source: str, row: int, column: str, line: int | None = None) -> None:
         if row == 13 and workers > 1:  # hold row 13 until row 27 has failed on another thread
@@ -490,7 +490,7 @@ def test_the_first_bad_row_in_file_order_fails_even_when_a_later_one_fails_first
             if row == 27:
                 later_failed.set()
 
-    monkeypatch.setattr(data, "_check_image", ordered_check)
+    monkeypatch.setattr(data, "check_row_image", ordered_check)
     with pytest.raises(ImageDecodeError) as info:
         read_preferences(path, workers=workers)
     assert str(info.value) == f"{path}, row 13, column 'image': undecodable image: data is not a recognised image"
@@ -516,13 +516,13 @@ def test_identical_images_are_stored_once_and_checked_once(tmp_path: Path, monke
     from rlaifv.trainer import data
 
     checked: list[int] = []
-    check = data._check_image
+    check = data.check_row_image
 
     def counting_check(image: bytes, *, source: str, row: int, column: str, line: int | None = None) -> None:
         checked.append(row)
         check(image, source=source, row=row, column=column, line=line)
 
-    monkeypatch.setattr(data, "_check_image", counting_check)
+    monkeypatch.setattr(data, "check_row_image", counting_check)
     rows = preference_rows(PAIRS * 4)  # six colours: rows 0-5 differ, rows 6-11 repeat them
     read = read_preferences(write_rlaifv_parquet(tmp_path / "p.parquet", rows), workers=2)
     assert sorted(checked) == list(range(6))
@@ -789,24 +789,24 @@ def test_an_image_of_an_unusable_shape_is_named_so_not_undecodable() -> None:
 
     from PIL import Image
 
-    from rlaifv.trainer.data import _check_image
+    from rlaifv.trainer.data import check_row_image
     from rlaifv.trainer.errors import ImageDecodeError
 
     buffer = io.BytesIO()
     Image.new("RGB", (1, 100)).save(buffer, "PNG")
     with pytest.raises(ImageDecodeError, match="unusable shape: image is 1x100: aspect ratio over 20"):
-        _check_image(buffer.getvalue(), source="d.jsonl", row=3, column="image")
+        check_row_image(buffer.getvalue(), source="d.jsonl", row=3, column="image")
 
 
 def test_a_hashed_image_name_that_is_not_there_is_named_as_a_missing_file(tmp_path: Path) -> None:
     """`images/<65 hex>` is valid base64: it was decoded and reported as "undecodable image"."""
-    from rlaifv.trainer.data import _image_bytes
+    from rlaifv.trainer.data import row_image_bytes
 
     name = "images/" + "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881a"
     with pytest.raises(ImageDecodeError, match=r"image file images/2d71.* not found"):
-        _image_bytes(name, tmp_path, source="d.jsonl", row=0, column="image")
+        row_image_bytes(name, tmp_path, source="d.jsonl", row=0, column="image")
     with pytest.raises(ImageDecodeError, match="not valid base64"):  # base64 that is only broken stays so
-        _image_bytes("A" * 65, tmp_path, source="d.jsonl", row=0, column="image")
+        row_image_bytes("A" * 65, tmp_path, source="d.jsonl", row=0, column="image")
 
 
 class _DiskWithRoom(io.RawIOBase):

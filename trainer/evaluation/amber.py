@@ -28,9 +28,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from rlaifv.trainer.errors import DataError
+from rlaifv.trainer.errors import DataError, ImageDecodeError
 from rlaifv.trainer.evaluation.candidates import Prompt
-from rlaifv.trainer.evaluation.files import read_models
+from rlaifv.trainer.evaluation.files import read_models, read_numbered_models, refuse_repeats
+from rlaifv.trainer.evaluation.images import first_problem, problem_detail
 
 Match = Literal["exact", "first-word"]
 DIMENSIONS = ("existence", "attribute", "relation")
@@ -79,22 +80,26 @@ def read_annotations(path: str | Path) -> dict[int, Annotation]:
 
 
 def read_responses(path: str | Path) -> list[Response]:
-    responses = read_models(path, Response)
-    seen: set[int] = set()
-    for number, r in enumerate(responses, 1):
-        if r.id in seen:
-            raise DataError(f"question id {r.id} is answered twice", source=str(path), row=number)
-        seen.add(r.id)
-    return responses
+    numbered = read_numbered_models(path, Response)
+    refuse_repeats([(number, r.id) for number, r in numbered], path, "question id {key} is answered twice")
+    return [r for _, r in numbered]
 
 
 def read_queries(path: str | Path, images: str | Path) -> list[Prompt]:
+    """Generation prompts; every image is decoded here, so a bad one is named by its row before any model loads (it
+    failed at its batch, after the earlier ones were sampled, naming nothing), and a repeated id is refused."""
+    numbered = read_numbered_models(path, Query)
+    refuse_repeats([(number, q.id) for number, q in numbered], path, "question id {key} is asked twice")
     prompts = []
-    for number, q in enumerate(read_models(path, Query), 1):
+    for number, q in numbered:
         image = Path(images) / q.image
         if not image.is_file():
             raise DataError(f"image {image} not found", source=str(path), row=number)
         prompts.append(Prompt(str(q.id), image, q.query))
+    bad = first_problem([p.image for p in prompts])
+    if bad is not None:
+        index, problem = bad
+        raise ImageDecodeError(problem_detail(prompts[index].image, problem), source=str(path), row=numbered[index][0])
     return prompts
 
 

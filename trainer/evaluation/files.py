@@ -7,7 +7,7 @@ field, so a malformed line in a 300-line answers file is found without a debugge
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -101,5 +101,23 @@ def validate_rows(
 
 
 def read_models(path: str | Path, model: type[Row]) -> list[Row]:
+    return [row for _, row in read_numbered_models(path, model)]
+
+
+def read_numbered_models(path: str | Path, model: type[Row]) -> list[tuple[int, Row]]:
+    """`read_models` with each row's number (its JSONL line, or its place in a JSON list), for errors about it."""
     numbered = numbered_rows(path)
-    return validate_rows([row for _, row in numbered], model, path, [number for number, _ in numbered])
+    numbers = [number for number, _ in numbered]
+    return list(zip(numbers, validate_rows([row for _, row in numbered], model, path, numbers), strict=True))
+
+
+def refuse_repeats(keys: Sequence[tuple[int, Hashable]], source: str | Path, what: str) -> None:
+    """Refuse a key given in two rows, naming both: scored twice, a repeated answer weighs double; sampled twice, a
+    repeated prompt costs twice and counts double. `what` says what repeats, with `{key}` for the key."""
+    first: dict[Hashable, int] = {}
+    for number, key in keys:
+        if key in first:
+            raise DataError(
+                f"{what.format(key=key)} in rows {first[key]} and {number}: remove one", source=str(source), row=number
+            )
+        first[key] = number

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlaifv.trainer.errors import DataError
 from rlaifv.trainer.evaluation.candidates import Prompt, Sampled, Sampling, image_bytes, prompt_seed
+from rlaifv.trainer.evaluation.images import describe_image
 from rlaifv.trainer.evaluation.store import digest
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class BundleGenerator:
         reward = self.pair.reward.model_copy(update={"mode": "claims"}) if claims else self.pair.reward
         tasks = []
         for p in prompts:
-            images = self.pair.load_images([p.image])
+            images = self._images(p)
             encoded = self.pair.encode(images, p.question)
             params = SamplingParams(
                 temperature=sampling.temperature,
@@ -89,6 +90,16 @@ class BundleGenerator:
                 )
             )
         return out
+
+    def _images(self, prompt: Prompt) -> list[Any]:
+        """The prompt's image decoded, or an error naming the prompt and its image: the readers check images, but a
+        file can change after it was read (the error named neither, after earlier batches were sampled)."""
+        from rlaifv.reward.errors import ImageError
+
+        try:
+            return self.pair.load_images([prompt.image])
+        except ImageError as exc:
+            raise DataError(f"prompt {prompt.id} (image {describe_image(prompt.image)}): {exc.message}") from None
 
     def _fitted(self, max_tokens: int | None, prompt_tokens: int, prompt_id: str) -> int:
         """`max_tokens` (None: all the room left) cut to what the prompt leaves of the model's positions, as
@@ -158,6 +169,14 @@ class ServiceGenerator:
         raise DataError(f"service {path} failed: {error}")
 
     def _one(self, prompt: Prompt, n: int, sampling: Sampling, claims: bool) -> Sampled:
+        """One prompt's candidates; a failure names the prompt and its image (a 400 for an image the service
+        refuses named neither, among hundreds of prompts)."""
+        try:
+            return self._sampled(prompt, n, sampling, claims)
+        except (DataError, OSError) as exc:
+            raise DataError(f"prompt {prompt.id} (image {describe_image(prompt.image)}): {exc}") from None
+
+    def _sampled(self, prompt: Prompt, n: int, sampling: Sampling, claims: bool) -> Sampled:
         image = "data:image/png;base64," + base64.b64encode(image_bytes(prompt.image)).decode()
         texts: list[str] = []
         dpo: list[float] = []

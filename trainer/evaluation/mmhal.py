@@ -39,9 +39,10 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from rlaifv.trainer.errors import DataError
+from rlaifv.trainer.errors import DataError, ImageDecodeError
 from rlaifv.trainer.evaluation.candidates import Prompt
 from rlaifv.trainer.evaluation.files import read_models
+from rlaifv.trainer.evaluation.images import first_problem, problem_detail
 from rlaifv.trainer.evaluation.llm import ChatClient, ChatSettings, Sleep
 from rlaifv.trainer.evaluation.report import failure_causes
 from rlaifv.trainer.evaluation.store import JsonlStore, digest
@@ -198,7 +199,8 @@ def judge_prompt(record: Record, template: str = RUBRIC) -> str:
 
 
 def mmhal_prompts(records: Sequence[Record], images: str | Path) -> list[Prompt]:
-    """Generation prompts: each record's image is `images/<basename of image_src>` (MMHal's images folder)."""
+    """Generation prompts: each record's image is `images/<basename of image_src>` (MMHal's images folder), decoded
+    here so that a bad one is named before any model loads (it failed at its batch, naming nothing)."""
     prompts = []
     for i, record in enumerate(records):
         name = Path(record.image_src or "").name or getattr(record, "image_path", None)
@@ -206,6 +208,10 @@ def mmhal_prompts(records: Sequence[Record], images: str | Path) -> list[Prompt]
         if not name or not path.is_file():
             raise DataError(f"record {i}: image {path} not found (MMHal images are named after image_src)")
         prompts.append(Prompt(str(i), path, record.question))
+    bad = first_problem([p.image for p in prompts])
+    if bad is not None:
+        index, problem = bad
+        raise ImageDecodeError(f"record {index}: {problem_detail(prompts[index].image, problem)}")
     return prompts
 
 

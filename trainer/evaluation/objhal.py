@@ -15,23 +15,21 @@ recall, answers with repeated objects, average words per answer, and per answer 
 
 from __future__ import annotations
 
-import base64
-import io
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from rlaifv.trainer.data import names_a_file
-from rlaifv.trainer.errors import DataError
+from rlaifv.trainer.errors import DataError, ImageDecodeError
 from rlaifv.trainer.evaluation.candidates import Prompt
 from rlaifv.trainer.evaluation.chair import chair_totals, items_from_mentions
 from rlaifv.trainer.evaluation.coco_objects import CocoObjects
-from rlaifv.trainer.evaluation.files import read_models
+from rlaifv.trainer.evaluation.files import read_numbered_models, refuse_repeats
+from rlaifv.trainer.evaluation.images import first_problem, image_in_file, problem_detail
 from rlaifv.trainer.evaluation.llm_objects import SHORT_ANSWER_WORDS, LLMObjectExtractor
 from rlaifv.trainer.evaluation.report import failure_causes
+from rlaifv.trainer.evaluation.store import digest
 
 
 class Answer(BaseModel):
@@ -67,10 +65,6 @@ class PromptRow(BaseModel):
         return data
 
 
-def read_answers(path: str | Path) -> list[Answer]:
-    return read_models(path, Answer)
-
-
 def coco_image(folder: Path, image_id: int) -> Path | None:
     for name in (f"COCO_val2014_{image_id:012d}.jpg", f"COCO_train2014_{image_id:012d}.jpg", f"{image_id:012d}.jpg"):
         if (folder / name).is_file():
@@ -78,61 +72,41 @@ def coco_image(folder: Path, image_id: int) -> Path | None:
     return None
 
 
-# A value that names a file: a folder separator or a file extension (base64 has no ".", and an image's base64 that
-# holds "/" decodes to an image first).
-PATH_LIKE = re.compile(r"[/\\]|\.[A-Za-z][A-Za-z0-9]{1,4}$")
+def read_answers(path: str | Path) -> list[Answer]:
+    """The answers; one COCO image asked the same question twice is refused, naming both rows, as `eval amber`
+    refuses a question answered twice (it was scored twice without a word)."""
+    numbered = read_numbered_models(path, Answer)
+    refuse_repeats(
+        [(number, (a.image_id, a.question)) for number, a in numbered],
+        path,
+        "image_id {key[0]} is answered twice for the question {key[1]!r}",
+    )
+    return [a for _, a in numbered]
 
 
-def _image(value: str, roots: Sequence[Path]) -> Path | bytes:
-    """A file under one of `roots`, else the bytes of a base64 image (RLAIF-V's file embeds them).
-
-    A ValueError says what the value is instead: a path that is not there ("img/cat1" is valid base64 too, and
-    read as such it failed at generation as "data is not a recognised image", naming neither file nor row),
-    base64 of something that is no image, or neither."""
-    if not value.strip():
-        raise ValueError("image is empty")
-    short = len(value) < 4096
-    if short:
-        found = next((root / value for root in roots if names_a_file(root / value)), None)
-        if found is not None:
-            return found
-    encoded = value.split(",", 1)[1] if value.startswith("data:") else value
-    try:
-        data: bytes | None = base64.b64decode(encoded, validate=True)
-    except ValueError:
-        data = None
-    if data is not None and _is_image(data):
-        return data
-    if short and PATH_LIKE.search(value):
-        raise ValueError(f"image file {value!r} not found (looked in {', '.join(str(r) for r in roots)})")
-    if data is not None:
-        raise ValueError(f"image {value[:60]!r} is base64 of something that is no image")
-    raise ValueError(f"image {value[:60]!r} is neither a file nor base64")
-
-
-def _is_image(data: bytes) -> bool:
-    """Whether Pillow recognises `data` as an image (it reads the header only; the generator decodes with it)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)):
-            return True
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return False
+def prompt_id(image_id: int, question: str) -> str:
+    """`<image id>-<digest of the question>`: what the prompt is, not where it is in the file, so a rerun of an
+    edited file samples only what changed (ids were `<line>:<image id>`: deleting a line re-sampled every later
+    prompt). A `-` where the old ids had `:` keeps old cache entries from ever being read under a new id."""
+    return f"{image_id}-{digest('objhal-question', question)[:12]}"
 
 
 def read_prompts(path: str | Path, images: str | Path | None = None) -> list[tuple[Prompt, int]]:
-    """Prompts to generate for, each with its COCO image id; the prompt id is `<line>:<image id>`."""
+    """Prompts to generate for, each with its COCO image id (ids: `prompt_id`). Every image is decoded here, so a
+    bad one is named by its row before any model loads; the same question about one image twice is refused."""
     path = Path(path)
     roots = [*([Path(images)] if images else []), path.parent]
+    numbered = read_numbered_models(path, PromptRow)
+    refuse_repeats(
+        [(number, (row.image_id, row.question)) for number, row in numbered],
+        path,
+        "image_id {key[0]} is asked the question {key[1]!r} twice",
+    )
     out = []
-    for number, row in enumerate(read_models(path, PromptRow), 1):
-        image: Any
+    for number, row in numbered:
+        image: Path | bytes | None
         if row.image is not None:
-            try:
-                image = _image(row.image, roots)
-            except ValueError as exc:
-                raise DataError(str(exc), source=str(path), row=number, column="image") from None
+            image = image_in_file(row.image, roots, source=path, row=number, column="image")
         else:
             image = coco_image(Path(images), row.image_id) if images else None
             if image is None:
@@ -142,7 +116,13 @@ def read_prompts(path: str | Path, images: str | Path | None = None) -> list[tup
                     source=str(path),
                     row=number,
                 )
-        out.append((Prompt(f"{number}:{row.image_id}", image, row.question), row.image_id))
+        out.append((Prompt(prompt_id(row.image_id, row.question), image, row.question), row.image_id))
+    bad = first_problem([p.image for p, _ in out])
+    if bad is not None:
+        index, problem = bad
+        number, row = numbered[index]
+        detail = problem_detail(out[index][0].image, problem)
+        raise ImageDecodeError(detail, source=str(path), row=number, column="image" if row.image is not None else None)
     return out
 
 
