@@ -201,8 +201,9 @@ def render_chat(
                 "continue_final_message needs the last message to be an assistant turn with text to continue",
                 param=f"{param}[{len(messages) - 1}]",
             )
-    if content_format(processor) == "string":
-        messages = _as_strings(messages, param)
+    formats = content_formats(processor)
+    if "string" in formats.values():
+        messages = _as_strings(messages, formats, param)
     try:
         return str(
             processor.apply_chat_template(
@@ -214,60 +215,84 @@ def render_chat(
         )
     except TemplateError as exc:  # the template's own rules (e.g. roles must alternate): the caller's input
         raise InvalidInputError(f"the model's chat template refused these messages: {exc}", param=param) from None
+    except TypeError as exc:  # a template that adds strings to a shape of message it was not written for (a 500)
+        raise InvalidInputError(
+            f"the model's chat template cannot render these messages: {type(exc).__name__}: {exc}", param=param
+        ) from None
     except ValueError as exc:  # transformers: a template that drops the text to continue
         if not continue_final:
             raise
         raise InvalidInputError(f"the last message cannot be continued: {exc}", param=param) from None
 
 
-def content_format(processor: Any) -> str:
-    """How the chat template reads a message's content: "parts" (a list of typed parts, as every vision template
-    and the templates of HF's recent chat models) or "string" (text-only models' templates written for a plain
-    string: Qwen2-Instruct's, Llama-3's, Mistral's). Told by rendering a probe both ways, once per processor (vLLM's
-    `chat_template_content_format=auto` reads the template's source for the same answer). Given parts, a string
-    template failed (`str + list`) or, worse, rendered the list's Python repr as the prompt: every reward scored a
-    wrong prompt, and the engine check agreed with `generate` on it."""
-    cached = getattr(processor, "_rlaifv_content_format", None)
-    if cached is not None:
-        return str(cached)
-    found = _probe_content_format(processor)
+ROLES = ("user", "system", "assistant")
+"""The roles a template's content format is probed for, the user's first (the others are probed beside a user turn
+in its format)."""
+
+
+def content_formats(processor: Any) -> dict[str, str]:
+    """How the chat template reads each role's content: "parts" (a list of typed parts, as every vision template
+    and the templates of HF's recent chat models) or "string" (templates written for a plain string:
+    Qwen2-Instruct's, Llama-3's, Mistral's; Llama-3.2-Vision's and Pixtral's for the system and assistant turns
+    only). Told by rendering a probe of each role both ways, once per processor (vLLM's
+    `chat_template_content_format=auto` reads the template's source for one answer). Given parts, a string
+    template failed (`str + list`: a 500) or, worse, rendered the list's Python repr into the prompt: every reward
+    scored a wrong prompt, and the engine check agreed with `generate` on it."""
+    cached = getattr(processor, "_rlaifv_content_formats", None)
+    if isinstance(cached, dict):
+        return cached
+    found = _probe_content_formats(processor)
     with contextlib.suppress(AttributeError):
-        processor._rlaifv_content_format = found
+        processor._rlaifv_content_formats = found
     return found
 
 
-def _probe_content_format(processor: Any) -> str:
+def _probe_content_formats(processor: Any) -> dict[str, str]:
     from jinja2 import TemplateError
 
     failures = (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError)
+    as_repr = re.compile(r"""['"]text['"]: *['"]""" + re.escape(_MARKER))  # `{{ message['content'] }}` of a list
 
-    def rendered(content: Any) -> str | None:
+    def rendered(turns: list[dict[str, Any]], opened: bool) -> str | None:
         try:
-            turns = [{"role": "user", "content": content}]
-            return str(processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False))
+            return str(processor.apply_chat_template(turns, add_generation_prompt=opened, tokenize=False))
         except failures:
             return None
 
-    as_parts = rendered([{"type": "text", "text": _MARKER}])
-    as_repr = re.compile(r"""['"]text['"]: *['"]""" + re.escape(_MARKER))  # `{{ message['content'] }}` of a list
-    if as_parts is not None and _MARKER in as_parts and not as_repr.search(as_parts):
-        return "parts"
-    as_string = rendered(_MARKER)
-    return "string" if as_string is not None and _MARKER in as_string else "parts"
+    def conversation(role: str, content: Any, user: Any) -> tuple[list[dict[str, Any]], bool]:
+        probe = {"role": role, "content": content}
+        if role == "system":
+            return [probe, {"role": "user", "content": user}], True
+        if role == "assistant":
+            return [{"role": "user", "content": user}, probe], False
+        return [probe], True
+
+    formats: dict[str, str] = {}
+    for role in ROLES:
+        user_format = formats.get("user", "parts")
+        user: Any = [{"type": "text", "text": "Hi."}] if user_format == "parts" else "Hi."
+        as_parts = rendered(*conversation(role, [{"type": "text", "text": _MARKER}], user))
+        if as_parts is not None and _MARKER in as_parts and not as_repr.search(as_parts):
+            formats[role] = "parts"
+            continue
+        as_string = rendered(*conversation(role, _MARKER, user))
+        formats[role] = "string" if as_string is not None and _MARKER in as_string else "parts"
+    return formats
 
 
-def _as_strings(messages: Sequence[dict[str, Any]], param: str) -> list[dict[str, Any]]:
-    """Each message's text parts joined by newlines (vLLM's rule for a string template); an image part is refused:
-    such a template has no place for one."""
+def _as_strings(messages: Sequence[dict[str, Any]], formats: dict[str, str], param: str) -> list[dict[str, Any]]:
+    """The messages of the roles a template reads as strings with their text parts joined by newlines (vLLM's
+    rule for a string template); an image part there is refused: such a turn has no place for one."""
     out = []
     for i, message in enumerate(messages):
         content = message.get("content")
-        if isinstance(content, list):
+        if isinstance(content, list) and formats.get(str(message.get("role")), "parts") == "string":
             texts = []
             for j, part in enumerate(content):
                 if part.get("type") != "text":
                     raise InvalidInputError(
-                        "this model's chat template takes text only: it has no place for an image",
+                        f"this model's chat template takes text only in a {message.get('role')} message: it has no"
+                        " place for an image",
                         param=f"{param}[{i}].content[{j}]" if param == "messages" else "images",
                     )
                 texts.append(str(part.get("text", "")))
@@ -341,7 +366,7 @@ def stop_cut_ids(
 ANSWER_TOKENIZATION_VERSION = 4
 """What text answers tokenize to changed in version 2 (`answer_ids`: as inside the model's own rendered turn) and
 3 (the whitespace a template trims off a message left off), and what a prompt renders to in 4 (a string-content
-template's prompt was the repr of its parts, `content_format`): rewards cached for the same text carry it."""
+template's prompt was the repr of its parts, `content_formats`): rewards cached for the same text carry it."""
 
 
 @dataclass(frozen=True)
