@@ -74,6 +74,7 @@ class _StrictConnection(h11.Connection):
         super().__init__(h11.SERVER, max_incomplete_event_size=max_head_bytes)
         self.max_head_bytes = max_head_bytes
         self.refusal: tuple[int, str, str, str] | None = None
+        self.refused_head = True  # whether the last refusal came before a request head was read (else: its body)
         self._ours: tuple[int, str, str, str] | None = None  # the refusal `_extract_next_receive_event` raised
 
     def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
@@ -83,6 +84,7 @@ class _StrictConnection(h11.Connection):
             return super().next_event()
         except h11.RemoteProtocolError as exc:
             self.refusal = self._ours or self._answer(exc, reading_head)
+            self.refused_head = reading_head
             raise
 
     def _extract_next_receive_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
@@ -168,7 +170,11 @@ class HeadDeadlineH11Protocol(H11Protocol):
 
         refusal = getattr(self.conn, "refusal", None) or (400, "invalid_request_error", "invalid_http", msg)
         status, type_, code, message = refusal
-        request_id = uuid.uuid4().hex  # the head was not read (or not trusted): the client's id is not taken
+        # A refused head has no request (nor a trusted id: a new one); a refused body's request is the app's,
+        # counted by its middleware under its route, with the id its access line has.
+        head = getattr(self.conn, "refused_head", True) or self.cycle is None
+        request_id = uuid.uuid4().hex if head else str(self.cycle.scope.get("state", {}).get("request_id", ""))
+        request_id = request_id or uuid.uuid4().hex
         token = request_id_var.set(request_id)
         try:
             log.info(
@@ -178,7 +184,7 @@ class HeadDeadlineH11Protocol(H11Protocol):
             )
         finally:
             request_id_var.reset(token)
-        if self.metrics is not None:  # beside the app's requests: a dashboard's error rate sees a broken client
+        if self.metrics is not None and head:  # beside the app's requests: a dashboard's error rate sees it
             self.metrics.requests.labels(route=UNPARSED_ROUTE, method="other", status=str(status)).inc()
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):  # a response begun: nothing more can be said
             self.transport.close()

@@ -33,6 +33,7 @@ with `prompts(round_index, count, seed) -> list[PromptItem]` and
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import gzip
 import hashlib
@@ -459,33 +460,55 @@ def _jsonl_records(file: Path, required: Sequence[str]) -> Iterator[tuple[int, i
     """JSONL, or a JSON file holding one array of records (LLaVA-style datasets), told apart by the first
     character that is not white space; either may be gzip-compressed. Each record comes with its row and its
     JSONL line."""
+    array = False
     try:
         with damaged_gzip_named(file):
-            if _first_char(file) == "[":
+            array = _first_char(file) == "["
+            if array:
                 yield from _json_array(file, required)
             else:
                 yield from _jsonl_lines(file, required)
     except UnicodeDecodeError:
         offset, line, row = _first_bad_utf8(file)
         raise DataError(
-            f"not UTF-8 text (byte {offset}, line {line}): JSON and JSONL must be UTF-8", source=str(file), row=row
+            f"not UTF-8 text (byte {offset}, line {line}): JSON and JSONL must be UTF-8",
+            source=str(file),
+            row=None if array else row,  # (an array's items are not its lines)
         ) from None
 
 
 def _first_bad_utf8(file: Path) -> tuple[int, int, int]:
     """Where the file stops being UTF-8: the byte's offset (of the uncompressed text), its line and the record
     row that line is in (JSONL's count of non-blank lines before it). The decoder's own position is within one of
-    its chunks (byte 6992 was said of a byte at 326480)."""
-    offset, line, row = 0, 0, 0
+    its chunks (byte 6992 was said of a byte at 326480). Read in pieces: a line may be a gigabyte."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = newlines = rows = 0  # bytes decoded; lines and non-blank lines ended before the current line
+    shown = False  # whether the current line has shown anything yet
+
+    def count(text: str) -> None:
+        nonlocal newlines, rows, shown
+        *ended, last = text.split("\n")
+        for piece in ended:
+            rows += shown or bool(piece.strip())
+            shown = False
+        newlines += len(ended)
+        shown = shown or bool(last.strip())
+
     with damaged_gzip_named(file), gzip.open(file) if _gzipped(file) else open(file, "rb") as handle:
-        for line, raw in enumerate(handle, start=1):
+        while chunk := handle.read(1 << 20):
+            pending = len(decoder.getstate()[0])
             try:
-                text = raw.decode("utf-8")
+                count(decoder.decode(chunk))
             except UnicodeDecodeError as exc:
-                return offset + exc.start, line, row
-            offset += len(raw)
-            row += bool(text.strip())
-    return offset, line, row  # (not reached: the text decoder found one)
+                count(exc.object[: exc.start].decode("utf-8", errors="replace"))
+                return offset - pending + exc.start, newlines + 1, rows
+            offset += len(chunk)
+        pending = len(decoder.getstate()[0])
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:  # a character cut off by the end of the file
+            return offset - pending + exc.start, newlines + 1, rows
+    return offset, newlines + 1, rows  # (not reached: the text decoder found one)
 
 
 def _first_char(file: Path) -> str:
@@ -548,18 +571,18 @@ def _jsonl_lines(file: Path, required: Sequence[str]) -> Iterator[tuple[int, int
             row += 1
 
 
-_HINT_MAX_BYTES = 64 * 1024 * 1024
-"""A file whose first line is not JSON is read whole, for a better error, only up to this size."""
+_HINT_MAX_CHARS = 64 * 1024 * 1024
+"""A file whose first line is not JSON is read whole, for a better error, only up to this many characters."""
 
 
 def _whole_file_hint(file: Path, required: Sequence[str]) -> str | None:
     """Why a file whose first line is not JSON is no JSONL, where the whole file says it: one JSON object written
     over several lines (a wrapper of the records, or pandas' table by columns), or records each written over
     several lines (pretty-printed). Else None: the line's own error stands."""
-    if file.stat().st_size > _HINT_MAX_BYTES:
-        return None
     with contextlib.suppress(OSError, UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error), open_text(file) as f:
-        text = f.read().lstrip()
+        text = f.read(_HINT_MAX_CHARS + 1).lstrip()  # (a bound on what is read: a gzip's size on disk is no bound)
+        if len(text) > _HINT_MAX_CHARS:
+            return None
         try:
             whole = json.loads(text)
         except json.JSONDecodeError:
@@ -580,7 +603,8 @@ def _table_hint(value: Any, required: Sequence[str]) -> str | None:
     if not isinstance(value, dict) or not value:
         return None
     lists = [k for k, v in value.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
-    if lists and not any(column in value for column in required):
+    columns = {*required, "image_path", "conversations"}  # (a LLaVA record's names for the image and question)
+    if lists and not columns & set(value):
         return (
             f"the file is one JSON object holding its records under {lists[0]!r}: give that list (a JSON array of"
             " records, or JSONL with one record per line)"

@@ -249,3 +249,36 @@ async def test_a_query_parameter_given_twice_to_a_job_read_is_refused(path: str,
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == name and "given 2 times" in error["message"]
+
+
+def test_a_refused_body_keeps_its_request_id_and_is_counted_once() -> None:
+    """h11 refuses a bad chunk after the app began the request: the answer is that request's (its id, as in its
+    access line), counted by the middleware under its route, not again as route `unparsed` with a new id."""
+    import threading
+    import types
+
+    from rlaifv.service.middleware import RequestContextMiddleware
+
+    app, metrics, began = FastAPI(), Metrics(), threading.Event()
+    app.state.metrics = metrics
+    install_error_handlers(app)
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, int]:
+        began.set()
+        return {"n": len(await request.body())}
+
+    settings = types.SimpleNamespace(max_body_bytes=10**6, body_timeout_s=30.0)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, settings=settings)
+    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nX-Request-ID: client-id-123\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with uvicorn_thread(app) as (port, _), socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head + b"3\r\nabc\r\n")
+        assert began.wait(30)
+        sock.sendall(b"ZZ\r\nabc\r\n0\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    (answer,) = responses(received)
+    assert answer[0] == 400 and answer[1]["x-request-id"] == "client-id-123", received[:300]
+    unparsed = {"route": UNPARSED_ROUTE, "method": "other", "status": "400"}
+    assert metrics.registry.get_sample_value("rlaifv_http_requests_total", unparsed) is None

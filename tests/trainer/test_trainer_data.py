@@ -224,6 +224,49 @@ def test_a_non_utf8_byte_deep_in_a_file_is_named_by_its_offset_line_and_row(tmp_
     assert info.value.row == 2499  # the blank line is no row
 
 
+def test_a_non_utf8_byte_is_found_within_a_line_of_megabytes_and_an_arrays_row_is_not_guessed(
+    tmp_path: Path,
+) -> None:
+    """Read in pieces (one line may be a gigabyte); a JSON array's lines are not its rows, so none is named."""
+    (tmp_path / "a.png").write_bytes(png((9, 9, 9)))
+    record = {"id": "q", "image": "a.png", "question": "what " * 700_000, "chosen": "a cat", "rejected": "a dog"}
+    data = (json.dumps(record) + "\n").encode() + json.dumps(record).replace("a cat", "caf\u00e9").encode("latin-1")
+    (tmp_path / "long.jsonl").write_bytes(data + b"\n")
+    with pytest.raises(DataError, match=rf"byte {data.index(b'caf') + 3}, line 2\)"):
+        read_preferences(tmp_path / "long.jsonl")
+    items = json.dumps([record, record], indent=1).replace("a cat", "caf\u00e9", 1).encode("latin-1")
+    (tmp_path / "array.json").write_bytes(items)
+    with pytest.raises(DataError, match="not UTF-8") as info:
+        read_preferences(tmp_path / "array.json")
+    assert info.value.row is None
+
+
+def test_llava_records_in_jsonl_are_records_not_a_wrapper(tmp_path: Path) -> None:
+    """A LLaVA record names its image `image_path` and its question in `conversations` (a list of objects): the
+    wrapper hint took it for a table and refused the file."""
+    (tmp_path / "a.png").write_bytes(png((9, 9, 9)))
+    turns = [{"from": "human", "value": "<image>\nwhat is this"}, {"from": "gpt", "value": "a cat"}]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "1", "image_path": "a.png", "conversations": turns}) + "\n")
+    (prompt,) = read_prompts(tmp_path / "p.jsonl")
+    assert prompt.question.endswith("what is this")
+
+
+def test_the_whole_file_hint_reads_a_bounded_amount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound was the size on disk: 3.5 MB of gzip held 1 GB of text, all read for an error message."""
+    import gzip
+
+    from rlaifv.trainer import data
+
+    monkeypatch.setattr(data, "_HINT_MAX_CHARS", 1000)
+    text = '{\n"data": [' + ",".join(['{"a": 1}'] * 500) + "]}"
+    (tmp_path / "x.json.gz").write_bytes(gzip.compress(text.encode()))
+    with pytest.raises(DataError, match="line 1 is not valid JSON"):
+        read_preferences(tmp_path / "x.json.gz")
+    monkeypatch.setattr(data, "_HINT_MAX_CHARS", 10_000)
+    with pytest.raises(DataError, match="holding its records under 'data'"):
+        read_preferences(tmp_path / "x.json.gz")
+
+
 @pytest.mark.parametrize(
     ("shape", "says"),
     [
