@@ -22,6 +22,12 @@ While Redis is unreachable, the store raises `StoreUnavailable` (503 with Retry-
 workers back off up to RLAIFV_JOBS_BACKOFF_MAX_S, then resume by themselves: first the entries they held, taken
 up as the deliveries they were (an outage ended them, not the item: it must not count towards the bound; up to
 RLAIFV_JOBS_MAX_DELIVERIES outages of an item go uncounted so).
+
+A full Redis (`maxmemory` under `noeviction`: writes refused with OOM) is no outage: a worker whose result is
+refused keeps it and its entries (their claims renewed: XCLAIM is allowed then) and writes it once Redis takes
+writes again, so the item neither runs again nor counts a delivery. New jobs are refused (503 `jobs_store_full`)
+while used_memory is past RLAIFV_JOBS_ADMIT_MEMORY_FRACTION of maxmemory, and each item's body is deleted as its
+result is stored: the room left goes to the results of the jobs accepted.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, KeysVi
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from redis.exceptions import NoPermissionError, ReadOnlyError, ResponseError
+from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError, ResponseError
 
 from rlaifv.reward.errors import InvalidInputError
 from rlaifv.service.errors import (
@@ -56,7 +62,7 @@ from rlaifv.service.errors import (
 )
 from rlaifv.service.json_body import MAX_JSON_MARKS, TooManyValues, json_marks, over_marks
 from rlaifv.service.protocol import BestOfNRequest, Job, JobItem, JobRequest, RewardsRequest
-from rlaifv.service.redis_conn import REDIS_DOWN
+from rlaifv.service.redis_conn import FULL_HINT, REDIS_DOWN, memory_use, over_fraction
 from rlaifv.service.redis_replies import (
     as_bool,
     as_bytes,
@@ -106,12 +112,15 @@ MAX_ITEM_DEPTH = 128
 # lost with a Redis restarted without persistence): then nothing is written, so no half job hash outlives it;
 # -2 when the job was cancelled while the item ran: its results and counts stay as the cancel left them.
 # Results expire with their job (in milliseconds: TTL's whole seconds read 0 in a job's last half second, and a
-# result stored then never expired); the items go once every item has a result (nothing is left to run).
+# result stored then never expired). An item's body goes with its result: nothing reads it once the result is there
+# (a rerun checks for the result first: `JobWorkers._process`), and with images it can be most of a job's memory; the
+# whole items hash also goes once every item has a result (bodies a version before this one kept).
 RECORD = """
 local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
 if not total then return -1 end
 if redis.call('HGET', KEYS[1], 'status') == 'cancelled' then return -2 end
 local stored = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HDEL', KEYS[3], ARGV[1])
 if stored == 1 then
   redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
   local ttl = redis.call('PTTL', KEYS[1])
@@ -148,6 +157,19 @@ KEEP_CLAIM = """
 local current = redis.call('GET', KEYS[1])
 if current == false or current == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
 """
+# An entry done with: acknowledged, deleted and its outage record dropped in one step. A script, not a MULTI: a full
+# Redis refuses every command queued in a MULTI, but none of these (they free memory).
+ACK = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[2])
+"""
+# The items of a submission whose job was not created (KEYS[1] the job hash, KEYS[2] its items): dropped at once,
+# not left to their short TTL.
+DROP_ITEMS = "if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('DEL', KEYS[2]) end"
+# How often `JobStore.create` reads Redis's memory (INFO memory) for its admission check; in between it counts the
+# bytes it admitted on the last reading.
+MEMORY_READ_S = 2.0
 RELEASE_CLAIM = """
 if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('EXISTS', KEYS[2]) == 0 then redis.call('DEL', KEYS[1]) end
 """
@@ -255,6 +277,12 @@ def redis_guard(retry_after_s: int) -> Iterator[None]:
     """Turn "Redis is down" into the typed `StoreUnavailable` that the HTTP edge answers with 503."""
     try:
         yield
+    except OutOfMemoryError:
+        raise StoreUnavailable(
+            f"the job store (Redis) is full: it refuses writes (maxmemory reached); {FULL_HINT}",
+            code="jobs_store_full",
+            headers={"Retry-After": str(retry_after_s)},
+        ) from None
     except REDIS_DOWN as exc:
         raise StoreUnavailable(
             f"the job store (Redis) is unavailable: {type(exc).__name__}",
@@ -322,6 +350,11 @@ class JobStore:
         self.max_items = settings.jobs_max_items
         self.page_size = settings.jobs_page_size
         self.retry_after_s = settings.redis_retry_after_s
+        self.admit_fraction = settings.jobs_admit_memory_fraction
+        self.clock = time.monotonic
+        # (used_memory, maxmemory) as last read plus the bytes admitted since, and when it was read (`_admit`)
+        self._memory: tuple[int, int] | None = None
+        self._memory_read = float("-inf")
 
     def guard(self) -> contextlib.AbstractContextManager[None]:
         return redis_guard(self.retry_after_s)
@@ -414,18 +447,52 @@ class JobStore:
                         headers={"Retry-After": "1"},
                     )
             try:
+                await self._admit(sum(map(len, items)))
                 await self._enqueue(job_id, request, items, claim, owner)
-            except BaseException:
+            except BaseException as exc:
                 # Freed only while it is still ours and its job was not created: a lost EXEC reply (the job
                 # exists) must keep the key, or the client's retry would create the job twice.
                 if claim is not None:
                     with contextlib.suppress(*REDIS_DOWN):
                         await self.redis.eval(RELEASE_CLAIM, 2, claim[0], PREFIX + job_id, claim[1])
+                if isinstance(exc, ResponseError):  # refused (a full Redis): no job, so its items go now
+                    with contextlib.suppress(*_DOWN_OR_REFUSED):
+                        await self.redis.eval(DROP_ITEMS, 2, PREFIX + job_id, PREFIX + job_id + ":items")
                 raise
             job = await self._get(job_id, owner)
             if job is None:  # expired at once: a TTL shorter than a round trip
                 raise StoreUnavailable("the job expired as it was created", headers={"Retry-After": "1"})
             return job
+
+    async def _admit(self, size: int) -> None:
+        """Refuse a new job (503 `jobs_store_full`) while Redis's used_memory is past RLAIFV_JOBS_ADMIT_MEMORY_FRACTION
+        of its maxmemory: under `noeviction` a full Redis refuses every write, the results of the jobs already
+        accepted included, and every job stalls. INFO memory is read at most every `MEMORY_READ_S`; in between, the
+        bytes of the items admitted are added to the last reading, so a burst cannot pass on one old reading. No
+        maxmemory, or INFO refused (an ACL user): no check."""
+        now = self.clock()
+        if now - self._memory_read >= MEMORY_READ_S:
+            try:
+                self._memory = memory_use(await self.redis.info("memory"))
+            except ResponseError as exc:
+                if isinstance(exc, OutOfMemoryError):
+                    raise
+                log.debug("Redis memory not read for the admission of jobs: %s", exc)
+                self._memory = None
+            self._memory_read = now
+        if self._memory is None:
+            return
+        used, maxmemory = self._memory
+        if over_fraction(used + size, maxmemory, self.admit_fraction):
+            percent = 100 * used / maxmemory
+            raise StoreUnavailable(
+                f"the job store (Redis) is full: used_memory is {percent:.0f}% of its maxmemory, past"
+                f" RLAIFV_JOBS_ADMIT_MEMORY_FRACTION ({self.admit_fraction:g}) with this job; new jobs are refused"
+                f" until the jobs accepted make room ({FULL_HINT})",
+                code="jobs_store_full",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+        self._memory = (used + size, maxmemory)
 
     async def _replay(self, key: str, claimed: str, digests: set[str], owner: str | None) -> Job:
         """The job an earlier request with the same Idempotency-Key created (it may still be being written).
@@ -457,16 +524,18 @@ class JobStore:
         owner: str | None = None,
     ) -> None:
         """Items first, then the job hash, every stream entry and the Idempotency-Key's claim for the jobs' TTL in
-        one MULTI: a worker never sees an entry without its item, and a submission cut short leaves no job (stray
-        items expire with the TTL) and a claim that expires in `CLAIM_PENDING_S`. The owner's index (`GET /v1/jobs`)
-        gets the job in that MULTI too, so a job listed exists and a job created is listed."""
+        one MULTI: a worker never sees an entry without its item, and a submission cut short leaves no job and a
+        claim that expires in `CLAIM_PENDING_S`. The items, too, live `CLAIM_PENDING_S` (renewed per chunk) until
+        that MULTI gives them the jobs' TTL: a submission refused or killed half-way left its images for the TTL
+        (7 days). The owner's index (`GET /v1/jobs`) gets the job in that MULTI too, so a job listed exists and a
+        job created is listed."""
         key = PREFIX + job_id
         for start in range(0, len(items), ENQUEUE_CHUNK):
             chunk = items[start : start + ENQUEUE_CHUNK]
             mapping: dict[EncodableT, EncodableT] = {str(start + i): text for i, text in enumerate(chunk)}
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(key + ":items", mapping=mapping)
-            pipe.expire(key + ":items", self.ttl_s)
+            pipe.expire(key + ":items", CLAIM_PENDING_S)
             if claim is not None:
                 pipe.expire(claim[0], CLAIM_PENDING_S)
             await pipe.execute()
@@ -486,6 +555,7 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=meta)
         pipe.expire(key, self.ttl_s)
+        pipe.expire(key + ":items", self.ttl_s)
         pipe.eval(INDEX_ADD, 1, index, job_id, self.index_window_ms)
         pipe.expire(index, self.ttl_s + INDEX_GRACE_MS // 1000)  # outlives the newest job: the index goes with it
         for i in range(len(items)):
@@ -653,11 +723,7 @@ class JobStore:
         return as_int(stored) == 1
 
     async def ack(self, entry_id: bytes) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xack(self.stream, GROUP, entry_id)
-        pipe.xdel(self.stream, entry_id)
-        pipe.delete(self.outages.encode() + entry_id)
-        await pipe.execute()
+        await self.redis.eval(ACK, 2, self.stream, self.outages.encode() + entry_id, GROUP, entry_id)
 
 
 class JobWorkers:
@@ -674,6 +740,7 @@ class JobWorkers:
         self.metrics = metrics
         self.batch = max(1, min(settings.max_batch, 16))
         self.redis_ok = True
+        self.store_full = False  # a result was refused for Redis's memory and is waited with (`_record`)
         self._tasks: list[asyncio.Task[None]] = []
         self._consumers: list[str] = []
         self._draining = False
@@ -772,8 +839,8 @@ class JobWorkers:
         outage outlasted `RLAIFV_JOBS_CLAIM_IDLE_MS`) gets back the delivery the taking counted, for its next
         reclaim, once however often this is asked: the taking itself judged it with that delivery. At most
         `RLAIFV_JOBS_MAX_DELIVERIES` outages of an entry go uncounted so, by all workers together (an item whose
-        result Redis refuses, too large for its memory, reads as an outage each time: it ran max x (max + 1) times
-        with a bound per worker); the entry is then left where it is, as is one whose run failed otherwise: the
+        every run met an outage ran max x (max + 1) times with a bound per worker; a refusal for memory is no outage:
+        `_record` waits it out); the entry is then left where it is, as is one whose run failed otherwise: the
         reclaim that takes it counts."""
         leave = interrupted.leave
         batch = {entry_id: times for entry_id, times in (interrupted.batch or {}).items() if entry_id not in leave}
@@ -852,7 +919,7 @@ class JobWorkers:
                 )
                 entry = _failed(message, None, "item_abandoned", "internal_error")
                 log.error("job item abandoned", extra={"job": item[0], "index": item[1], "deliveries": times - 1})
-                if await self.store.record(*item, entry):
+                if await self._record(*item, entry):
                     self.metrics.jobs.labels(outcome="failed").inc()
             await self.store.ack(entry_id)
         return kept
@@ -894,7 +961,9 @@ class JobWorkers:
                 raise
             except REDIS_DOWN as exc:
                 interrupted.outage(entries)
-                if not delay:
+                if not delay and isinstance(exc, OutOfMemoryError):  # no delivery ended: nothing written (RESUME)
+                    log.warning("redis is full (writes refused); job worker %s backs off; %s", consumer, FULL_HINT)
+                elif not delay:
                     log.warning("redis unreachable (%s); job worker %s backs off", type(exc).__name__, consumer)
                 self.redis_ok = False
                 delay = min(max(delay * 2, 0.05), self.backoff_max_s)
@@ -956,11 +1025,41 @@ class JobWorkers:
         kind, status, has_result, item = await self.store.load(job_id, index)
         if kind is not None and status != "cancelled" and not has_result:
             if status == "queued":
-                await self.store.mark_running(job_id)
+                with contextlib.suppress(OutOfMemoryError):  # a label only: the result sets the final status
+                    await self.store.mark_running(job_id)
             entry = await self._run(kind, item)
-            if await self.store.record(job_id, index, entry):  # a rerun of a reclaimed item is not counted again
+            if await self._record(job_id, index, entry):  # a rerun of a reclaimed item is not counted again
                 self.metrics.jobs.labels(outcome=entry["status"]).inc()
         await self.store.ack(entry_id)
+
+    async def _record(self, job_id: str, index: int, entry: dict[str, Any]) -> bool:
+        """`JobStore.record`, waited out while Redis is full: a refusal for memory ends neither the item nor its
+        delivery, so the result is kept and written once Redis takes writes again (backing off up to
+        RLAIFV_JOBS_BACKOFF_MAX_S; the entry stays this worker's meanwhile, `_claimed` renewing it). Taken for an
+        outage, it cost a model run each time, spent the entry's uncounted outages, and then the reclaims between
+        workers counted deliveries until the item failed as `item_abandoned`."""
+        delay = 0.0
+        while True:
+            try:
+                stored = await self.store.record(job_id, index, entry)
+            except OutOfMemoryError:
+                if not self.store_full:
+                    log.warning(
+                        "redis is full (used_memory at maxmemory under noeviction: writes refused); job workers hold"
+                        " their results and write them once it takes writes again, retrying every %g s at most;"
+                        " %s",
+                        self.backoff_max_s,
+                        FULL_HINT,
+                        extra={"job": job_id, "index": index},
+                    )
+                self.store_full = True
+                delay = min(max(delay * 2, 0.05), self.backoff_max_s)
+                await asyncio.sleep(delay)
+                continue
+            if self.store_full:
+                log.warning("redis takes writes again; job workers write their results")
+                self.store_full = False
+            return stored
 
     async def _run(self, kind: str, item: dict[str, Any] | None) -> dict[str, Any]:
         entry: dict[str, Any] = {}

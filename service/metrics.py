@@ -125,6 +125,17 @@ class Metrics:
             "Redis's maxmemory (INFO memory; 0: no limit), read at each scrape.",
             registry=r,
         )
+        self.redis_up = Gauge(
+            "rlaifv_redis_up",
+            "1 when Redis answered this process's last look (a scrape, a readiness check), else 0.",
+            registry=r,
+        )
+        self.jobs_store_full = Gauge(
+            "rlaifv_jobs_store_full",
+            "1 while Redis's used_memory is past RLAIFV_JOBS_ADMIT_MEMORY_FRACTION of its maxmemory: new jobs are"
+            " refused (503 jobs_store_full); at maxmemory every write is, and job workers hold their results.",
+            registry=r,
+        )
 
     def observe_ranking(self, endpoint: str, rewards: list[float]) -> None:
         for value in rewards:

@@ -3,7 +3,9 @@
 Commands retry once, quickly, after a connection error (a pooled connection may be stale after a Redis restart),
 and give up after `RLAIFV_REDIS_TIMEOUT_S` (a timeout is not retried: a hung Redis would double every wait);
 callers then degrade (cache, rate limits) or answer 503 (jobs) instead of hanging. A Redis that refuses writes
-(out of memory under `noeviction`, a read-only replica) counts as down too: the same 503, not a 500.
+(out of memory under `noeviction`, a read-only replica) counts as down too: the same 503, not a 500 (a full one
+with its own code, `jobs_store_full`). The job workers tell a full Redis apart (`OutOfMemoryError`): its refusal
+ends no delivery, so they wait with the result in hand instead of taking the item up again (`service/jobs.py`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,29 @@ REDIS_DOWN: tuple[type[Exception], ...] = (
     ReadOnlyError,
     OSError,
 )
+
+
+FULL_HINT = (
+    "free memory: wait for running jobs to finish (each item's body goes with its result), cancel jobs, or raise"
+    " Redis's maxmemory (redis-cli CONFIG SET maxmemory <bytes>; the Redis container's --maxmemory in deploy/k8s)"
+)
+"""What frees a full job store, in every message that says it is full (log lines, 503s, /readyz)."""
+
+
+def memory_use(info: object) -> tuple[int, int] | None:
+    """(used_memory, maxmemory) of an `INFO memory` reply as redis-py parses it; None when it holds no such fields
+    (INFO refused to an ACL user: the caller cannot tell, and does not refuse for it)."""
+    if not isinstance(info, dict):
+        return None
+    used, bound = info.get("used_memory"), info.get("maxmemory", 0)
+    if not isinstance(used, int) or not isinstance(bound, int):
+        return None
+    return used, bound
+
+
+def over_fraction(used: int, maxmemory: int, fraction: float) -> bool:
+    """Whether `used` bytes are past `fraction` of Redis's maxmemory; never with no maxmemory (0: unbounded)."""
+    return maxmemory > 0 and used > fraction * maxmemory
 
 
 REDIS_FAILED: tuple[type[Exception], ...] = (RedisError, OSError)

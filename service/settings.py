@@ -330,6 +330,13 @@ class Settings(BaseSettings):
     jobs_ttl_s: int = Field(
         7 * 24 * 3600, ge=60, le=TEN_YEARS_S, description="How long job status and results are kept."
     )
+    jobs_admit_memory_fraction: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="New jobs are refused (503 jobs_store_full) while Redis's used_memory is above this fraction of"
+        " its maxmemory (no check without a maxmemory): the rest is left to the results of the jobs accepted.",
+    )
 
     @field_validator("allowed_image_formats", "allowed_image_hosts", "api_keys", "forwarded_allow_ips", mode="before")
     @classmethod

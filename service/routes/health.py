@@ -13,6 +13,7 @@ from rlaifv.service.auth import require_metrics_key
 from rlaifv.service.errors import error_responses
 from rlaifv.service.json_body import JsonBodyRoute
 from rlaifv.service.protocol import Health
+from rlaifv.service.redis_conn import FULL_HINT, memory_use, over_fraction
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -67,7 +68,7 @@ async def healthz(request: Request) -> Response:
             "unhealthy: checks.engine). A generator's state is reported in checks.generator.",
         }
     },
-    summary="Readiness: model loaded and warm; Redis state reported",
+    summary="Readiness: model loaded and warm; Redis state reported (unreachable, full)",
 )
 async def readyz(request: Request) -> Response:
     """Ready means the model answers. Redis is checked and reported (`checks.redis`) but, unless
@@ -75,7 +76,9 @@ async def readyz(request: Request) -> Response:
     so failing readiness on it would pull all of them out of the load balancer at once and turn an outage of
     jobs (503 with Retry-After) into an outage of the synchronous endpoints, which work without Redis.
     A generator (RLAIFV_GENERATOR_URL) is reported (`checks.generator`) for the same reason: it was checked at
-    start-up, and while it is down best-of-N answers 503 but /v1/rewards still works."""
+    start-up, and while it is down best-of-N answers 503 but /v1/rewards still works. A full Redis (`checks.redis`
+    "full: ...": new jobs are refused) is reported, never unready: it still serves job status and results, and
+    leaving the load balancer frees no memory."""
     state = request.app.state
     checks = {"model": "ok" if getattr(state, "ready", False) else "loading"}
     if getattr(state, "shutting_down", False):
@@ -87,7 +90,7 @@ async def readyz(request: Request) -> Response:
     if redis is not None:
         if settings.ready_requires_redis:
             required.append("redis")
-        probes["redis"] = _ping(redis, settings.redis_connect_timeout_s)
+        probes["redis"] = _probe_redis(redis, settings, state.metrics)
     engine = getattr(state, "engine", None)
     if checks["model"] == "ok" and isinstance(engine, _Probed):  # the vLLM servers of the pair: the model itself
         probes["engine"] = _bounded(engine.probe(), READY_PROBE_S)
@@ -97,17 +100,43 @@ async def readyz(request: Request) -> Response:
         probes["generator"] = _bounded(generator.probe(), READY_PROBE_S)
     # Side by side: one slow dependency costs its own bound, not the sum of all (kubelet's timeoutSeconds is 5).
     checks.update(zip(probes, await asyncio.gather(*probes.values()), strict=True))
-    ok = all(checks[name] == "ok" for name in required)
+    ok = all(checks[name] == "ok" or (name == "redis" and checks[name].startswith("full")) for name in required)
     body = Health(status="ok" if ok else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
-async def _ping(redis: Redis, timeout_s: float) -> str:
+async def _probe_redis(redis: Redis, settings: Settings, metrics: Metrics) -> str:
+    """ "ok", "unreachable: ..." or "full: ..." (past RLAIFV_JOBS_ADMIT_MEMORY_FRACTION of maxmemory): PING and INFO
+    memory in one round trip; INFO refused (an ACL user) reads as not full."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.ping()
+    pipe.info("memory")
     try:
-        await asyncio.wait_for(redis.ping(), timeout=timeout_s)
+        _, memory = await asyncio.wait_for(pipe.execute(raise_on_error=False), timeout=settings.redis_connect_timeout_s)
     except Exception as exc:  # any failure means Redis is not usable now
+        metrics.redis_up.set(0)
         return f"unreachable: {type(exc).__name__}"
-    return "ok"
+    metrics.redis_up.set(1)
+    return _memory_state(memory, settings, metrics) or "ok"
+
+
+def _memory_state(memory: object, settings: Settings, metrics: Metrics) -> str | None:
+    """The memory gauges from an INFO memory reply; a "full: ..." state past the admission fraction, else None."""
+    use = memory_use(memory)
+    if use is None:
+        return None
+    used, maxmemory = use
+    metrics.redis_used_memory.set(used)
+    metrics.redis_maxmemory.set(maxmemory)
+    full = over_fraction(used, maxmemory, settings.jobs_admit_memory_fraction)
+    metrics.jobs_store_full.set(int(full))
+    if not full:
+        return None
+    refused = "every write is refused" if used >= maxmemory else "new jobs are refused"
+    return (
+        f"full: used_memory {used} of maxmemory {maxmemory} bytes, past RLAIFV_JOBS_ADMIT_MEMORY_FRACTION"
+        f" ({settings.jobs_admit_memory_fraction:g}): {refused}; {FULL_HINT}"
+    )
 
 
 async def _bounded(probe: Awaitable[str], timeout_s: float) -> str:
@@ -150,9 +179,9 @@ async def _read_redis(redis: Redis, settings: Settings, metrics: Metrics) -> Non
         )
     except Exception as exc:
         log.debug("Redis not read for the metrics: %s", type(exc).__name__)
+        metrics.redis_up.set(0)
         return
+    metrics.redis_up.set(1)
     if not isinstance(backlog, Exception):
         metrics.jobs_backlog.set(backlog)
-    if isinstance(memory, dict) and "used_memory" in memory:
-        metrics.redis_used_memory.set(memory["used_memory"])
-        metrics.redis_maxmemory.set(memory.get("maxmemory", 0))
+    _memory_state(memory, settings, metrics)

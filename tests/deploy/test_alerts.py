@@ -12,7 +12,13 @@ from deploy_helpers import Series, exported_series, find
 
 METRIC = re.compile(r"\brlaifv_[A-Za-z0-9_:]+")
 LABEL = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)\s*\"")
-ALERTS = {"RlaifvRedisMemoryHigh", "RlaifvRedisMemoryFull", "RlaifvJobsNotDraining", "RlaifvServerErrors"}
+ALERTS = {
+    "RlaifvRedisMemoryHigh",
+    "RlaifvRedisMemoryFull",
+    "RlaifvJobsStoreFull",
+    "RlaifvJobsNotDraining",
+    "RlaifvServerErrors",
+}
 
 
 @pytest.fixture(scope="module")
