@@ -114,11 +114,15 @@ MAX_ITEM_DEPTH = 128
 # Results expire with their job (in milliseconds: TTL's whole seconds read 0 in a job's last half second, and a
 # result stored then never expired). An item's body goes with its result: nothing reads it once the result is there
 # (a rerun checks for the result first: `JobWorkers._process`), and with images it can be most of a job's memory; the
-# whole items hash also goes once every item has a result (bodies a version before this one kept).
+# whole items hash also goes once every item has a result (bodies a version before this one kept). A body at least
+# as large as its result goes first: Redis refuses a script for memory only at its first growing write, so at
+# maxmemory a result that replaces a larger body is taken (the job moves on and memory falls), one that would grow
+# memory waits (`JobWorkers._record`).
 RECORD = """
 local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
 if not total then return -1 end
 if redis.call('HGET', KEYS[1], 'status') == 'cancelled' then return -2 end
+if redis.call('HSTRLEN', KEYS[3], ARGV[1]) >= #ARGV[2] then redis.call('HDEL', KEYS[3], ARGV[1]) end
 local stored = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HDEL', KEYS[3], ARGV[1])
 if stored == 1 then
@@ -142,8 +146,8 @@ CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or not redis.call('HGET', KEYS[1], 'total') then return false end
 if status == 'queued' or status == 'running' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'updated', ARGV[1])
   redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'updated', ARGV[1])
 end
 return status
 """
@@ -355,6 +359,7 @@ class JobStore:
         # (used_memory, maxmemory) as last read plus the bytes admitted since, and when it was read (`_admit`)
         self._memory: tuple[int, int] | None = None
         self._memory_read = float("-inf")
+        self._admitting = asyncio.Lock()
 
     def guard(self) -> contextlib.AbstractContextManager[None]:
         return redis_guard(self.retry_after_s)
@@ -468,18 +473,23 @@ class JobStore:
         """Refuse a new job (503 `jobs_store_full`) while Redis's used_memory is past RLAIFV_JOBS_ADMIT_MEMORY_FRACTION
         of its maxmemory: under `noeviction` a full Redis refuses every write, the results of the jobs already
         accepted included, and every job stalls. INFO memory is read at most every `MEMORY_READ_S`; in between, the
-        bytes of the items admitted are added to the last reading, so a burst cannot pass on one old reading. No
-        maxmemory, or INFO refused (an ACL user): no check."""
-        now = self.clock()
-        if now - self._memory_read >= MEMORY_READ_S:
-            try:
-                self._memory = memory_use(await self.redis.info("memory"))
-            except ResponseError as exc:
-                if isinstance(exc, OutOfMemoryError):
-                    raise
-                log.debug("Redis memory not read for the admission of jobs: %s", exc)
-                self._memory = None
-            self._memory_read = now
+        bytes of the items admitted are added to the last reading, so a burst cannot pass on one old reading (one
+        check at a time: submissions arriving during a reading's round trip each read again and dropped the bytes
+        the others had admitted). No maxmemory, or INFO refused (an ACL user): no check."""
+        async with self._admitting:
+            now = self.clock()
+            if now - self._memory_read >= MEMORY_READ_S:
+                try:
+                    self._memory = memory_use(await self.redis.info("memory"))
+                except ResponseError as exc:
+                    if isinstance(exc, OutOfMemoryError):
+                        raise
+                    log.debug("Redis memory not read for the admission of jobs: %s", exc)
+                    self._memory = None
+                self._memory_read = now
+            self._check_room(size)
+
+    def _check_room(self, size: int) -> None:
         if self._memory is None:
             return
         used, maxmemory = self._memory

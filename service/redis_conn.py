@@ -37,8 +37,9 @@ REDIS_DOWN: tuple[type[Exception], ...] = (
 
 
 FULL_HINT = (
-    "free memory: wait for running jobs to finish (each item's body goes with its result), cancel jobs, or raise"
-    " Redis's maxmemory (redis-cli CONFIG SET maxmemory <bytes>; the Redis container's --maxmemory in deploy/k8s)"
+    "free memory: cancel jobs (DELETE /v1/jobs/{id}: their waiting items go), let finished jobs expire"
+    " (RLAIFV_JOBS_TTL_S), or raise Redis's maxmemory (redis-cli CONFIG SET maxmemory <bytes>; the Redis"
+    " container's --maxmemory in deploy/k8s); results that replace larger items are still stored"
 )
 """What frees a full job store, in every message that says it is full (log lines, 503s, /readyz)."""
 

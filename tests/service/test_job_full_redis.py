@@ -131,7 +131,7 @@ class Scored:
             rewards: list[float]
 
         self.calls += 1
-        return Result(rewards=[0.5])
+        return Result(rewards=[0.5] * 100)  # a result larger than its item: storing it grows memory
 
 
 async def until(condition: Callable[[], Any], what: str) -> None:
@@ -385,3 +385,50 @@ async def test_an_entry_is_acknowledged_while_redis_is_full(
     await store.ack(entry_id)
     assert (await store.redis.xpending(store.stream, GROUP))["pending"] == 0
     assert await store.redis.xlen(store.stream) == 0
+
+
+async def test_at_maxmemory_a_result_replacing_a_larger_body_is_stored_and_a_cancel_frees_memory(
+    full_redis: FullRedis, make_store: Callable[..., JobStore]
+) -> None:
+    """Redis refuses a script for memory at its first write that can grow memory: RECORD wrote the result before
+    dropping the body, CANCEL the status before the items, so at maxmemory neither ran and the "let jobs finish,
+    cancel jobs" the messages advise freed nothing. A result that would grow memory still waits."""
+    store = make_store(jobs_admit_memory_fraction=1.0)
+    job = await store.create(request(3))
+    items = PREFIX + job.id + ":items"
+    full_redis.client.hset(items, mapping={"0": b"x" * 200_000, "1": b"{}"})
+    full_redis.fill()
+    ok = {"status": "succeeded", "result": {"rewards": [0.0]}}
+    assert await store.record(job.id, 0, ok)
+    assert sorted(full_redis.client.hkeys(items)) == [b"1", b"2"]
+    full_redis.fill()
+    with pytest.raises(OutOfMemoryError):
+        await store.record(job.id, 1, {"status": "succeeded", "result": {"rewards": [0.0] * 50_000}})
+    full_redis.fill()
+    cancelled = await store.cancel(job.id)
+    assert cancelled is not None and cancelled.status == "cancelled"
+    assert full_redis.client.exists(items) == 0
+
+
+async def test_submissions_checked_at_once_count_each_others_bytes(
+    full_redis: FullRedis, make_store: Callable[..., JobStore]
+) -> None:
+    """Each submission arriving during a reading's round trip read INFO again and replaced the running total with
+    the fresh reading, dropping the bytes the others had just admitted: ten jobs of 1 MB passed against 3 MB."""
+    store = make_store(jobs_admit_memory_fraction=0.5)
+    info, reading = store.redis.info, asyncio.Event()
+
+    async def slow_info(section: str) -> Any:
+        await reading.wait()  # every submission is waiting on a reading when it comes
+        return await info(section)
+
+    store.redis.info = slow_info  # type: ignore[method-assign]
+    room = 0.5 * MAXMEMORY - full_redis.client.info("memory")["used_memory"]
+    size = 1_000_000
+    admits = [asyncio.create_task(store._admit(size)) for _ in range(10)]
+    await asyncio.sleep(0)
+    reading.set()
+    outcomes = await asyncio.gather(*admits, return_exceptions=True)
+    admitted = sum(outcome is None for outcome in outcomes)
+    assert admitted == int(room // size), outcomes
+    assert all(isinstance(o, StoreUnavailable) for o in outcomes if o is not None)
