@@ -179,9 +179,9 @@ def compare_with_generate(
         with _failures_named(model, "could not run the model's own generate, its ground truth"):
             truths = [generate_truth(model, prompt, pad_id) for prompt in prompts]
             tolerance = TOLERANCE[dtype] if dtype in TOLERANCE else half_tolerance(model, prompts, truths, pad_id)
-        with _failures_named(model, "could not run one forward pass"):
+        with _failures_named(model, "could not run one forward pass", cannot_run=True):
             refuse_unforkable_cache(model, prompts[0])
-        with _failures_named(model, "could not run it through the shared-prefix engine"):
+        with _failures_named(model, "could not run it through the shared-prefix engine", cannot_run=True):
             scored = answer_logprobs(model, prompts, [[tokens] for tokens, _ in truths], pad_id)
             # Two greedy samples per prompt exercise the prefix fork. Up to the first token where a sample leaves
             # `generate`'s path (a stop token, or in half precision a near tie) it sees the same context, so each
@@ -202,9 +202,14 @@ def compare_with_generate(
     return ProbeResult(kind, scoring, _worst(got, want), tolerance)
 
 
-class UnforkableCacheError(ModelLoadError):
-    """The model's cache holds states the engine cannot copy for N samples: it cannot be served at all, so
-    `family_check=warn` refuses it too (it failed at warm-up with a bare AttributeError)."""
+class EngineCannotRunError(ModelLoadError):
+    """The engine cannot run the model at all (its forward or the shared-prefix engine fails on it): it cannot be
+    served, so `family_check=warn`, meant for log-probs that differ, refuses it too (served, it failed at warm-up
+    or at the first request with a bare AttributeError)."""
+
+
+class UnforkableCacheError(EngineCannotRunError):
+    """The model's cache holds states the engine cannot copy for N samples."""
 
 
 def refuse_unforkable_cache(model: Any, prompt: EncodedPrompt) -> None:
@@ -230,13 +235,14 @@ def refuse_unforkable_cache(model: Any, prompt: EncodedPrompt) -> None:
 
 
 @contextmanager
-def _failures_named(model: Any, what: str) -> Iterator[None]:
+def _failures_named(model: Any, what: str, *, cannot_run: bool = False) -> Iterator[None]:
     try:
         yield
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"{_unknown(model)} and the load-time check {what}: {type(exc).__name__}: {exc}") from exc
+        error = EngineCannotRunError if cannot_run else ModelLoadError
+        raise error(f"{_unknown(model)} and the load-time check {what}: {type(exc).__name__}: {exc}") from exc
 
 
 @torch.no_grad()
@@ -289,7 +295,7 @@ def check_unverified_family(
             model, probe(model, processor, accepts_images=accepts_images, pad_id=pad_id, stop_ids=stop_ids)
         )
     except ModelLoadError as exc:
-        if on_failure == "refuse" or isinstance(exc, UnforkableCacheError):
+        if on_failure == "refuse" or isinstance(exc, EngineCannotRunError):
             raise
         log.warning("serving a model the load-time check refused (family_check=warn): %s", exc)
         return None

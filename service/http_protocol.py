@@ -55,6 +55,7 @@ _TIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 # can destroy the answer before the client reads it (RFC 9112 section 9.6).
 REFUSAL_LINGER_S = 2.0
 REFUSAL_LINGER_BYTES = 4 * 1024 * 1024
+PARSER_STATUS = "parser_status"  # the request state's key for the status the parser answered a request's body with
 UNPARSED_ROUTE = "unparsed"  # the route label of a request the parser refused (no route was matched)
 
 
@@ -189,6 +190,8 @@ class HeadDeadlineH11Protocol(H11Protocol):
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):  # a response begun: nothing more can be said
             self.transport.close()
             return
+        if not head and self.cycle is not None:  # the app's request: its access line and metric say this status
+            self.cycle.scope.setdefault("state", {})[PARSER_STATUS] = status
         body = json.dumps(error_body(type_, message, None, code), separators=(",", ":")).encode()
         headers = [
             (b"content-type", b"application/json"),

@@ -1,7 +1,7 @@
 """Durable batch jobs on Redis Streams with a consumer group.
 
     rlaifv:job:{id}            hash: kind, status, total, completed, failed, created, updated, metadata
-    rlaifv:job:{id}:items      hash: index -> {"custom_id"?, "body"} (JSON)
+    rlaifv:job:{id}:items      hash: index -> {"custom_id"?, "body"} (JSON), each deleted with its result
     rlaifv:job:{id}:results    hash: index -> {"custom_id"?, "status", "result" | "error"} (JSON)
     rlaifv:job:owner:{owner}   sorted set: the owner's job ids, score = creation time in ms (GET /v1/jobs)
     {RLAIFV_JOBS_STREAM}       stream: one entry {job, index} per item; group "rlaifv-workers"
@@ -479,14 +479,12 @@ class JobStore:
         async with self._admitting:
             now = self.clock()
             if now - self._memory_read >= MEMORY_READ_S:
+                self._memory_read = now  # a failed reading too: the submissions queued behind it do not each wait one
+                self._memory = None
                 try:
                     self._memory = memory_use(await self.redis.info("memory"))
-                except ResponseError as exc:
-                    if isinstance(exc, OutOfMemoryError):
-                        raise
+                except ResponseError as exc:  # refused to an ACL user
                     log.debug("Redis memory not read for the admission of jobs: %s", exc)
-                    self._memory = None
-                self._memory_read = now
             self._check_room(size)
 
     def _check_room(self, size: int) -> None:
@@ -929,7 +927,11 @@ class JobWorkers:
                 )
                 entry = _failed(message, None, "item_abandoned", "internal_error")
                 log.error("job item abandoned", extra={"job": item[0], "index": item[1], "deliveries": times - 1})
-                if await self._record(*item, entry):
+                try:
+                    stored = await self.store.record(*item, entry)
+                except OutOfMemoryError:  # left pending for a later reclaim (waited for here, unclaimed, it ran again)
+                    continue
+                if stored:
                     self.metrics.jobs.labels(outcome="failed").inc()
             await self.store.ack(entry_id)
         return kept

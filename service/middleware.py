@@ -17,6 +17,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlaifv.service.errors import ClientDisconnected, error_body, internal_error_body, log_unhandled
+from rlaifv.service.http_protocol import PARSER_STATUS
 from rlaifv.service.log_format import request_id_var
 from rlaifv.service.metrics import Metrics
 from rlaifv.service.settings import Settings
@@ -142,6 +143,8 @@ class RequestContextMiddleware:
             if started and not completed and status != CLIENT_CLOSED:
                 cut = not gone.is_set()
                 status = 500 if cut else CLIENT_CLOSED
+            if not started and (answered := scope.get("state", {}).get(PARSER_STATUS)):
+                status = answered  # the parser refused the body and answered (`service.http_protocol`): not a 499
             route = scope.get("route") or _matched_route(scope)
             template = getattr(route, "path", None) or "unmatched"
             elapsed = time.perf_counter() - start

@@ -951,7 +951,7 @@ class ChunkDelta(BaseModel):
 class RoleDelta(BaseModel):
     """A choice's first delta, as OpenAI sends it: the role, empty content and a null refusal."""
 
-    role: Literal["assistant"] = "assistant"
+    role: Literal["assistant"]  # required: a chunk read back is a `RoleDelta` only when it is one
     content: str = ""
     refusal: None = None
 

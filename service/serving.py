@@ -139,7 +139,7 @@ def chat_chunks(completion: ChatCompletionResponse, *, include_usage: bool) -> I
     base |= {"service_tier": completion.service_tier}
     for choice in completion.choices:
         deltas = (
-            ChunkChoice(index=choice.index, delta=RoleDelta()),
+            ChunkChoice(index=choice.index, delta=RoleDelta(role="assistant")),
             ChunkChoice(index=choice.index, delta=ChunkDelta(content=choice.message.content), logprobs=choice.logprobs),
             ChunkChoice(
                 index=choice.index, delta=ChunkDelta(), finish_reason=choice.finish_reason, reward=choice.reward

@@ -108,7 +108,7 @@ class Settings(BaseSettings):
         "refuse",
         description="A model type without rules in the engine (reward/families.py) is compared at start-up with its "
         "own generate (reward/family_check.py). refuse: start-up fails where they disagree; warn: log it and serve "
-        "(for a model checked otherwise).",
+        "(for a model checked otherwise; one the engine cannot run at all is refused either way).",
     )
     warmup: bool = Field(True, description="Run one tiny best-of-N before reporting ready.")
 
@@ -325,7 +325,10 @@ class Settings(BaseSettings):
         500, ge=1, le=10_000, description="Results read from Redis per round trip while streaming a job's results."
     )
     jobs_backoff_max_s: float = Field(
-        5.0, gt=0, description="Longest pause of a job worker between attempts while Redis is unreachable."
+        5.0,
+        gt=0,
+        description="Longest pause of a job worker between attempts while Redis is unreachable, or full (a result it"
+        " refused is held and retried).",
     )
     jobs_ttl_s: int = Field(
         7 * 24 * 3600, ge=60, le=TEN_YEARS_S, description="How long job status and results are kept."

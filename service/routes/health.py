@@ -168,8 +168,8 @@ async def metrics(request: Request) -> Response:
 
 async def _read_redis(redis: Redis, settings: Settings, metrics: Metrics) -> None:
     """The job stream's length and Redis's memory now, in one round trip: a scrape is the only reader, so no loop
-    polls Redis between scrapes. Redis away (or INFO refused to an ACL user): the last values stand and the
-    scrape still answers."""
+    polls Redis between scrapes. Redis away (or INFO refused to an ACL user): the last values stand
+    (`rlaifv_redis_up` 0 tells them apart) and the scrape still answers."""
     pipe = redis.pipeline(transaction=False)
     pipe.xlen(settings.jobs_stream)
     pipe.info("memory")

@@ -282,3 +282,11 @@ def test_a_refused_body_keeps_its_request_id_and_is_counted_once() -> None:
     assert answer[0] == 400 and answer[1]["x-request-id"] == "client-id-123", received[:300]
     unparsed = {"route": UNPARSED_ROUTE, "method": "other", "status": "400"}
     assert metrics.registry.get_sample_value("rlaifv_http_requests_total", unparsed) is None
+    counted = {"route": "/echo", "method": "POST", "status": "400"}  # (was 499, a client gone, in the access line too)
+    deadline = time.monotonic() + 30
+    while metrics.registry.get_sample_value("rlaifv_http_requests_total", counted) is None:  # the app ends after
+        assert time.monotonic() < deadline, metrics.registry.get_sample_value(
+            "rlaifv_http_requests_total", {**counted, "status": "499"}
+        )
+        time.sleep(0.01)
+    assert metrics.registry.get_sample_value("rlaifv_http_requests_total", counted) == 1

@@ -432,3 +432,41 @@ async def test_submissions_checked_at_once_count_each_others_bytes(
     admitted = sum(outcome is None for outcome in outcomes)
     assert admitted == int(room // size), outcomes
     assert all(isinstance(o, StoreUnavailable) for o in outcomes if o is not None)
+
+
+async def test_a_failed_memory_reading_is_not_repeated_by_each_waiting_submission(
+    full_redis: FullRedis, make_store: Callable[..., JobStore]
+) -> None:
+    """Submissions queued behind a reading that timed out each read again, one after another: the tenth waited ten
+    timeouts before its 503."""
+    store = make_store()
+    readings = 0
+
+    async def hung_info(section: str) -> Any:
+        nonlocal readings
+        readings += 1
+        raise RedisConnectionError("timed out")
+
+    store.redis.info = hung_info  # type: ignore[method-assign]
+    outcomes = await asyncio.gather(*(store._admit(1000) for _ in range(5)), return_exceptions=True)
+    assert readings == 1 and isinstance(outcomes[0], RedisConnectionError) and outcomes[1:] == [None] * 4
+
+
+async def test_an_abandoned_item_whose_failure_redis_refuses_is_left_pending_not_waited_for(
+    full_redis: FullRedis, make_store: Callable[..., JobStore]
+) -> None:
+    """Waited for (`_record`) outside the claims' renewal, its entry went idle and other workers reran it."""
+    store = make_store()
+    workers = JobWorkers(store, Scored(), settings_for(full_redis), Metrics())  # type: ignore[arg-type]
+    acked: list[bytes] = []
+
+    async def refused(*args: Any) -> bool:
+        raise OutOfMemoryError("OOM command not allowed")
+
+    async def ack(entry_id: bytes) -> None:
+        acked.append(entry_id)
+
+    store.record, store.ack = refused, ack  # type: ignore[method-assign]
+    entries = [(b"1-0", {b"job": b"job-x", b"index": b"0"}, 99), (b"2-0", {b"job": b"job-x", b"index": b"1"}, 1)]
+    kept = await asyncio.wait_for(workers._without_abandoned(entries), timeout=5)
+    assert [entry_id for entry_id, _, _ in kept] == [b"2-0"] and acked == []

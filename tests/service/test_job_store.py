@@ -1113,9 +1113,10 @@ async def test_a_worker_back_from_a_redis_outage_takes_up_its_items_as_the_deliv
 
 
 async def test_an_item_taken_up_after_outages_again_and_again_is_left_to_a_reclaim_that_counts(store: JobStore) -> None:
-    """An item whose result Redis refuses each time (a result too large for its memory reads as an outage) must not
-    run for ever in one worker: once RLAIFV_JOBS_MAX_DELIVERIES of its outages went uncounted it is left where it is,
-    and the reclaim that takes it once idle counts a delivery. So is at once an entry whose run failed otherwise."""
+    """An item whose every run meets an outage (the connection lost as its result is written; a refusal for memory
+    is waited out instead, `JobWorkers._record`) must not run for ever in one worker: once
+    RLAIFV_JOBS_MAX_DELIVERIES of its outages went uncounted it is left where it is, and the reclaim that takes it
+    once idle counts a delivery. So is at once an entry whose run failed otherwise."""
     from rlaifv.service.jobs import GROUP, JobWorkers, _Interrupted
     from rlaifv.service.metrics import Metrics
 
@@ -1184,7 +1185,8 @@ async def test_a_delivery_is_given_back_once_however_often_its_taking_up_is_aske
 
 
 async def test_an_item_whose_every_run_reads_as_an_outage_runs_at_most_twice_the_bound(store: JobStore) -> None:
-    """An item whose result Redis refuses each time (it reads as an outage) was taken up RLAIFV_JOBS_MAX_DELIVERIES
+    """An item whose every run meets an outage (the connection lost as its result is written) was taken up
+    RLAIFV_JOBS_MAX_DELIVERIES
     times in a row by each worker that held it, then reclaimed by the next: max x (max + 1) runs (30 at the default
     5). Its outages now go uncounted max times in all workers together: max counted deliveries and max takings up,
     then it fails as abandoned."""

@@ -241,6 +241,16 @@ def test_a_non_utf8_byte_is_found_within_a_line_of_megabytes_and_an_arrays_row_i
     assert info.value.row is None
 
 
+def test_a_non_utf8_byte_after_a_character_split_by_a_read_is_placed_right(tmp_path: Path) -> None:
+    """The scan reads 1 MiB at a time: a character cut by a read's end is held over, and counted from its start."""
+    from rlaifv.trainer.data import _first_bad_utf8
+
+    head = b"a" * (1024 * 1024 - 1) + "\u00e9".encode()  # its two bytes either side of the first read's end
+    data = head + b"\n\nx\n" + b"\xff"
+    (tmp_path / "x.jsonl").write_bytes(data)
+    assert _first_bad_utf8(tmp_path / "x.jsonl") == (len(data) - 1, 4, 2)
+
+
 def test_llava_records_in_jsonl_are_records_not_a_wrapper(tmp_path: Path) -> None:
     """A LLaVA record names its image `image_path` and its question in `conversations` (a list of objects): the
     wrapper hint took it for a table and refused the file."""
