@@ -219,16 +219,22 @@ def test_the_stall_limit_must_outlast_a_healthy_vllm_batch() -> None:
 
 
 def test_rlaifv_family_check_reaches_the_model_load(tmp_path, monkeypatch) -> None:
-    """A bundle the load-time family check refuses fails start-up; RLAIFV_FAMILY_CHECK=warn serves it."""
+    """A bundle the load-time family check refuses (its log-probs differ: made so here) fails start-up;
+    RLAIFV_FAMILY_CHECK=warn serves it. (One the engine cannot run at all, BLIP-2, is refused either way.)"""
+    from rlaifv.reward import family_check
     from rlaifv.reward.bundle_create import create_bundle
     from rlaifv.reward.errors import ModelLoadError
     from rlaifv.service.engines import load_engine
     from rlaifv.service.settings import Settings
-    from rlaifv.testing.tiny_unregistered import build_tiny_blip2
+    from rlaifv.testing.tiny_unregistered import build_tiny_paligemma
 
-    blip2 = build_tiny_blip2(tmp_path / "blip2")
-    create_bundle(tmp_path / "bundle", policy=blip2, reference=blip2)
-    with pytest.raises(ModelLoadError, match="'blip-2' has no rules"):
+    def disagrees(model, result):
+        raise ModelLoadError(f"{family_check._unknown(model)} and the shared-prefix engine disagrees (made so)")
+
+    monkeypatch.setattr(family_check, "require_exact", disagrees)
+    paligemma = build_tiny_paligemma(tmp_path / "paligemma")
+    create_bundle(tmp_path / "bundle", policy=paligemma, reference=paligemma)
+    with pytest.raises(ModelLoadError, match="'paligemma' has no rules"):
         load_engine(Settings(bundle=tmp_path / "bundle", device="cpu"))
     monkeypatch.setenv("RLAIFV_FAMILY_CHECK", "warn")
     engine, _ = load_engine(Settings(bundle=tmp_path / "bundle", device="cpu"))
