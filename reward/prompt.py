@@ -247,10 +247,16 @@ def content_formats(processor: Any) -> dict[str, str]:
     return found
 
 
-def _probe_content_formats(processor: Any) -> dict[str, str]:
+def _template_failures() -> tuple[type[Exception], ...]:
+    """What a chat template raises on a probe it was not written for (its own rules, a shape of message it cannot
+    read): the probes of `content_formats`, `answer_seam` and `template_end_of_turn` move on to another shape."""
     from jinja2 import TemplateError
 
-    failures = (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError)
+    return (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError)
+
+
+def _probe_content_formats(processor: Any) -> dict[str, str]:
+    failures = _template_failures()
     as_repr = re.compile(r"""['"]text['"]: *['"]""" + re.escape(_MARKER))  # `{{ message['content'] }}` of a list
 
     def rendered(turns: list[dict[str, Any]], opened: bool) -> str | None:
@@ -418,7 +424,6 @@ def answer_seam(owner: Any) -> AnswerSeam | None:
 
 
 def _find_answer_seam(renderer: Any, tokenizer: Any) -> AnswerSeam | None:
-    from jinja2 import TemplateError
 
     for parts in (True, False):  # parts (vision templates), or a plain string
         question: Any = [{"type": "text", "text": "Hi."}] if parts else "Hi."
@@ -433,7 +438,7 @@ def _find_answer_seam(renderer: Any, tokenizer: Any) -> AnswerSeam | None:
             prompt = str(renderer.apply_chat_template([user], add_generation_prompt=True, tokenize=False))
             turn = answered(_MARKER)
             padded = answered(_PAD + _MARKER + _PAD)
-        except (TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError):  # its own rules
+        except _template_failures():  # its own rules
             continue
         at = turn.find(_MARKER, len(prompt))
         if at < 0 or not turn.startswith(prompt) or turn[len(prompt) : at].strip():
@@ -593,7 +598,6 @@ def template_end_of_turn(processor: Any) -> str | None:
     """The special token the chat template writes right after an assistant message's text, if any: the token a
     chat model ends its turns with. Gemma-3-it's EOS is `<eos>` but its turns end with `<end_of_turn>`, so given
     answers closed by EOS scored otherwise than the same text sampled (which stops at either)."""
-    from jinja2 import TemplateError
 
     tokenizer = getattr(processor, "tokenizer", processor)
     marker = _MARKER
@@ -603,7 +607,7 @@ def template_end_of_turn(processor: Any) -> str | None:
         turns = [{"role": "user", "content": first}, {"role": "assistant", "content": content}]
         try:
             text = str(processor.apply_chat_template(turns, add_generation_prompt=False, tokenize=False))
-        except (TemplateError, ValueError, TypeError, KeyError, AttributeError):  # no template, or its own rules
+        except _template_failures():  # no template, or its own rules
             continue
         at = text.rfind(marker)
         ids = tokenizer(text[at + len(marker) :], add_special_tokens=False)["input_ids"] if at >= 0 else []

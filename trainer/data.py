@@ -52,7 +52,14 @@ from pathlib import Path
 from typing import IO, Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from rlaifv.reward.prompt import blank
-from rlaifv.trainer.errors import ConfigError, DataError, EmptyAnswerError, ImageDecodeError, MissingColumnError
+from rlaifv.trainer.errors import (
+    ConfigError,
+    DataError,
+    EmptyAnswerError,
+    ImageDecodeError,
+    ImageNotFoundError,
+    MissingColumnError,
+)
 from rlaifv.trainer.image_spill import ImageSpill
 
 RLAIFV_COLUMNS = (
@@ -322,7 +329,7 @@ def row_image_bytes(value: Any, base: Path, *, source: str, row: int, column: st
     if data is not None and (not path_like or data.startswith(IMAGE_MAGIC)):
         return data
     shown = text if len(text) <= 200 else text[:200] + "..."
-    raise ImageDecodeError(f"image file {shown} not found (in {base})", source=source, row=row, column=column)
+    raise ImageNotFoundError(f"image file {shown} not found (in {base})", source=source, row=row, column=column)
 
 
 # The first bytes of the formats images come in (PNG, JPEG, GIF, WebP/RIFF, BMP, TIFF both byte orders).

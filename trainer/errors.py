@@ -69,6 +69,10 @@ class ImageDecodeError(DataError):
     """An image could not be found, read or decoded."""
 
 
+class ImageNotFoundError(ImageDecodeError):
+    """A value read as an image's path names no file (and is no base64 of an image)."""
+
+
 class EmptyAnswerError(DataError):
     """A question or answer is empty or not a string."""
 

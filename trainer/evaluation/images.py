@@ -8,6 +8,7 @@ value in a file is told apart as a path or base64 by the trainer's rule, so the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rlaifv.trainer.data import check_row_image, names_a_file, row_image_bytes
-from rlaifv.trainer.errors import ImageDecodeError
+from rlaifv.trainer.errors import ImageDecodeError, ImageNotFoundError
 
 
 def image_in_file(value: str, roots: Sequence[Path], *, source: str | Path, row: int, column: str) -> Path | bytes:
@@ -27,17 +28,14 @@ def image_in_file(value: str, roots: Sequence[Path], *, source: str | Path, row:
         found = next((root / value for root in roots if names_a_file(root / value)), None)
         if found is not None:
             return found
-    try:
+    with contextlib.suppress(ImageNotFoundError):  # said below, naming every folder looked in
         return row_image_bytes(value, roots[0], source=str(source), row=row, column=column)
-    except ImageDecodeError as exc:
-        if "not found" not in exc.detail:
-            raise
     shown = repr(value if len(value) <= 200 else value[:200] + "...")
     looked = ", ".join(str(r) for r in roots)
     if "/" in value or "\\" in value or Path(value).suffix[1:].isalnum():
         message = f"image file {shown} not found (looked in {looked})"
-    else:
-        message = f"image {shown} is neither a file (looked in {looked}) nor base64 of an image"
+        raise ImageNotFoundError(message, source=str(source), row=row, column=column) from None
+    message = f"image {shown} is neither a file (looked in {looked}) nor base64 of an image"
     raise ImageDecodeError(message, source=str(source), row=row, column=column) from None
 
 
