@@ -26,6 +26,7 @@ from rlaifv.service.metrics import Metrics
 from rlaifv.service.protocol import JobRequest
 from rlaifv.service.redis_conn import connect
 from rlaifv.service.settings import Settings
+from rlaifv.testing.job_worker import StubServing, until
 from rlaifv.testing.server import free_port
 
 pytestmark = pytest.mark.integration
@@ -120,29 +121,6 @@ def request(items: int = 2, body: dict[str, Any] | None = None) -> JobRequest:
     return JobRequest(kind="rewards", items=[body or BODY] * items)
 
 
-class Scored:
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def rewards(self, request: Any, http_request: Any) -> Any:
-        from pydantic import BaseModel
-
-        class Result(BaseModel):
-            rewards: list[float]
-
-        self.calls += 1
-        return Result(rewards=[0.5] * 100)  # a result larger than its item: storing it grows memory
-
-
-async def until(condition: Callable[[], Any], what: str) -> None:
-    """Await `condition()` turning true, checked every 20 ms; fail after 30 s of wall time."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 30
-    while not await condition():
-        assert loop.time() < end, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 def items_keys(server: FullRedis) -> list[bytes]:
     return list(server.client.scan_iter(match=PREFIX + "job-*:items"))
 
@@ -160,7 +138,7 @@ async def test_a_result_refused_for_memory_is_written_once_redis_takes_writes_ag
     job = await store.create(request(3))
     full_redis.fill()
     metrics, settings = Metrics(), settings_for(full_redis, **fields | {"jobs_stream": store.stream})
-    serving, other_serving = Scored(), Scored()
+    serving, other_serving = StubServing(rewards=100), StubServing(rewards=100)
     workers = JobWorkers(store, serving, settings, metrics)  # type: ignore[arg-type]
     other = JobWorkers(other_store, other_serving, settings, Metrics())  # type: ignore[arg-type]
     refused = 0
@@ -457,7 +435,7 @@ async def test_an_abandoned_item_whose_failure_redis_refuses_is_left_pending_not
 ) -> None:
     """Waited for (`_record`) outside the claims' renewal, its entry went idle and other workers reran it."""
     store = make_store()
-    workers = JobWorkers(store, Scored(), settings_for(full_redis), Metrics())  # type: ignore[arg-type]
+    workers = JobWorkers(store, StubServing(), settings_for(full_redis), Metrics())  # type: ignore[arg-type]
     acked: list[bytes] = []
 
     async def refused(*args: Any) -> bool:

@@ -15,6 +15,7 @@ from rlaifv.service.errors import BadRequest, Conflict, StoreUnavailable, Submis
 from rlaifv.service.jobs import CLAIM_PENDING_S, PREFIX, JobStore
 from rlaifv.service.protocol import JobRequest
 from rlaifv.service.settings import Settings
+from rlaifv.testing.job_worker import StubServing, until
 
 pytestmark = pytest.mark.integration
 BODY = {"question": "What is in the image?", "answers": ["a red circle."]}
@@ -895,29 +896,6 @@ async def test_a_reader_without_write_access_lists_and_skips_expired_entries(sto
     assert await store.redis.zscore(OWNERS + owner, ids[0]) is None
 
 
-class _Scored:
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def rewards(self, request: Any, http_request: Any) -> Any:
-        from pydantic import BaseModel
-
-        class Scored(BaseModel):
-            rewards: list[float]
-
-        self.calls += 1
-        return Scored(rewards=[0.5])
-
-
-async def _until(condition: Any, what: str) -> None:
-    """Await `condition()` turning true, checking on each event-loop turn; fail after 30 s of wall time."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 30
-    while not await condition():
-        assert loop.time() < end, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 async def test_a_stream_entry_that_names_no_item_is_dropped_not_retried_for_ever(store: JobStore) -> None:
     """An entry without an index (written by hand, by another program) raised in the consumer, was reclaimed every
     claim-idle period for ever and held the backlog (KEDA's signal) above zero."""
@@ -927,7 +905,7 @@ async def test_a_stream_entry_that_names_no_item_is_dropped_not_retried_for_ever
     await store.ensure_group()
     for fields in ({"job": "job-0000"}, {"foo": "bar"}, {"job": "job-x", "index": "not a number"}):
         await store.redis.xadd(store.stream, fields)
-    serving = _Scored()
+    serving = StubServing()
     settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=1)
     workers = JobWorkers(store, serving, settings, Metrics())  # type: ignore[arg-type]
     job = await store.create(request(1))
@@ -937,7 +915,7 @@ async def test_a_stream_entry_that_names_no_item_is_dropped_not_retried_for_ever
         state = await store.get(job.id)
         return state is not None and state.status == "succeeded"
 
-    await _until(done, "the job after the bad entries")
+    await until(done, "the job after the bad entries")
     await workers.stop(grace_s=5)
     assert (await store.redis.xpending(store.stream, GROUP))["pending"] == 0 and serving.calls == 1
 
@@ -958,7 +936,7 @@ async def test_an_item_whose_workers_all_died_fails_after_the_most_deliveries(st
     (entry_id,) = [p["message_id"] for p in await store.redis.xpending_range(store.stream, GROUP, "-", "+", 10)]
     for k in range(deliveries - 1):  # taken again by workers that died in turn
         await store.redis.xclaim(store.stream, GROUP, f"dead-{k + 1}", 0, [entry_id], idle=100_000)
-    serving = _Scored()
+    serving = StubServing()
     workers = JobWorkers(store, serving, settings, Metrics())  # type: ignore[arg-type]
     workers.start()  # its own taking makes deliveries + 1
 
@@ -966,7 +944,7 @@ async def test_an_item_whose_workers_all_died_fails_after_the_most_deliveries(st
         state = await store.get(job.id)
         return state is not None and state.status in ("succeeded", "failed")
 
-    await _until(finished, "the reclaimed item's outcome")
+    await until(finished, "the reclaimed item's outcome")
     await workers.stop(grace_s=5)
     state = await store.get(job.id)
     assert state is not None
@@ -986,7 +964,7 @@ async def test_items_read_while_the_worker_is_told_to_stop_are_handed_back_not_r
     from rlaifv.service.jobs import GROUP, JobWorkers
     from rlaifv.service.metrics import Metrics
 
-    serving = _Scored()
+    serving = StubServing()
     settings = Settings(bundle="unused", jobs_stream=store.stream, jobs_workers=1)
     workers = JobWorkers(store, serving, settings, Metrics())  # type: ignore[arg-type]
     job = await store.create(request(2))
